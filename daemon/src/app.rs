@@ -1,0 +1,151 @@
+//! Composition root: configuration → registry → capture (eBPF or iptables) → listeners → relay.
+//! [`build`] returns a [`Bound`] that knows what it bound and how to shut it down gracefully.
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    config::{self, source::ConfigSet},
+    proxy::{self, Proxy},
+    redirect::{CaptureMode, Kernel, OriginalDst, SoOriginalDst, netns::NetNs},
+    registry::{Registry, RegistryHandle},
+};
+
+/// Settings of `drover run`.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    pub config_paths: Vec<PathBuf>,
+    pub cgroups: Vec<PathBuf>,
+    pub netns: Vec<String>,
+    pub fail_open: bool,
+    pub capture: CaptureMode,
+    pub pin_dir: PathBuf,
+    pub drain_timeout: Duration,
+}
+
+/// A running daemon.
+pub struct Bound {
+    /// (namespace name, listener address) of every capture listener.
+    pub listeners: Vec<(String, std::net::SocketAddr)>,
+    pub registry: RegistryHandle,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    drain_timeout: Duration,
+    _kernel: Option<Arc<Kernel>>,
+}
+
+/// Configuration could not be loaded: every problem, one per line.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigRejected(pub config::Error);
+
+/// Loads and validates the configuration into a registry snapshot.
+pub fn load_registry(paths: &[PathBuf]) -> Result<Registry, config::Error> {
+    let set = ConfigSet::load(paths)?;
+    Registry::build(&set).map_err(config::Error::Invalid)
+}
+
+/// Starts the daemon.
+pub async fn build(cfg: RunConfig) -> anyhow::Result<Bound> {
+    let registry = load_registry(&cfg.config_paths).map_err(ConfigRejected)?;
+    let home = NetNs::current().context("reading the daemon's network namespace")?;
+    let mut namespaces = Vec::new();
+    for name in &cfg.netns {
+        let ns = NetNs::open(name, &home).map_err(|source| crate::redirect::Error::Netns {
+            name: name.clone(),
+            source,
+        })?;
+        namespaces.push(ns);
+    }
+    let vips: Vec<_> = registry.vips().map(|(a, id)| (a, id as u32)).collect();
+
+    let (original, kernel): (Arc<dyn OriginalDst>, Option<Arc<Kernel>>) = match cfg.capture {
+        CaptureMode::Ebpf => {
+            let kernel = Arc::new(Kernel::load(&cfg.pin_dir, cfg.fail_open)?);
+            for cg in &cfg.cgroups {
+                kernel.enrol_cgroup(cg)?;
+            }
+            if !namespaces.is_empty() {
+                kernel.attach_root()?;
+            }
+            kernel.set_enrolled_netns(&namespaces.iter().map(|n| n.cookie).collect::<Vec<_>>())?;
+            kernel.set_vips(&vips)?;
+            kernel.prune_links()?;
+            (kernel.clone(), Some(kernel))
+        }
+        CaptureMode::Iptables => (Arc::new(SoOriginalDst), None),
+    };
+
+    // Cgroup enrolment (and iptables capture without namespaces) serve the daemon's own namespace.
+    if !cfg.cgroups.is_empty() || (cfg.capture == CaptureMode::Iptables && namespaces.is_empty()) {
+        namespaces.insert(0, home);
+    }
+
+    let registry = RegistryHandle::new(registry);
+    let proxy = Arc::new(Proxy::new(registry.clone(), original));
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let mut listeners = Vec::new();
+    for ns in namespaces {
+        let ns = Arc::new(ns);
+        for l in proxy::bind_listeners(&ns)? {
+            listeners.push((ns.name.clone(), l.local_addr()?));
+            tokio::spawn(
+                proxy
+                    .clone()
+                    .serve(ns.clone(), l, shutdown.clone(), tracker.clone()),
+            );
+        }
+    }
+    tracing::info!(
+        services = registry.load().services().len(),
+        vips = vips.len(),
+        listeners = listeners.len(),
+        capture = ?cfg.capture,
+        fail_open = cfg.fail_open,
+        "drover ready"
+    );
+    Ok(Bound {
+        listeners,
+        registry,
+        shutdown,
+        tracker,
+        drain_timeout: cfg.drain_timeout,
+        _kernel: kernel,
+    })
+}
+
+// === impl Bound ===
+
+impl Bound {
+    /// Waits for SIGTERM or SIGINT, then drains.
+    pub async fn wait_termination(self) -> anyhow::Result<()> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: draining"),
+            _ = int.recv() => tracing::info!("SIGINT: draining"),
+        }
+        self.drain().await;
+        Ok(())
+    }
+
+    /// Stops accepting, waits for open connections up to the drain deadline, then returns (open
+    /// connections still left are closed when the runtime shuts down).
+    pub async fn drain(self) {
+        self.shutdown.cancel();
+        self.tracker.close();
+        let open = self.tracker.len();
+        if tokio::time::timeout(self.drain_timeout, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(open = self.tracker.len(), deadline = ?self.drain_timeout, "drain deadline reached; closing remaining connections");
+        } else {
+            tracing::info!(drained = open, "all connections drained");
+        }
+    }
+}

@@ -1,0 +1,67 @@
+//! Istio configuration as Drover reads it: the serde mirror of the CRDs ([`crd`]), the loader
+//! for YAML files and directories ([`source`]) and the map from field paths to file positions
+//! ([`locate`]).
+//!
+//! Invariant: every error this module reports names a file and, where the document parsed, the
+//! line and column of the offending node plus its field path.
+
+pub mod crd;
+pub mod locate;
+pub mod source;
+
+use std::{fmt, path::PathBuf};
+
+/// Where in a file a problem sits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Location {
+    pub file: PathBuf,
+    /// 1-based; 0 when unknown.
+    pub line: usize,
+    /// 1-based; 0 when unknown.
+    pub col: usize,
+}
+
+/// One located configuration problem: `file:line:col: field: message`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct Problem {
+    pub location: Location,
+    /// Field path inside the document (`spec.ports[0].number`), empty for whole-document errors.
+    pub field: String,
+    pub message: String,
+}
+
+/// Errors of the configuration layer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<Problem>),
+}
+
+// === impl Location ===
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.line, self.col) {
+            (0, _) => write!(f, "{}", self.file.display()),
+            (l, 0) => write!(f, "{}:{l}", self.file.display()),
+            (l, c) => write!(f, "{}:{l}:{c}", self.file.display()),
+        }
+    }
+}
+
+// === impl Problem ===
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{}: {}", self.location, self.message)
+        } else {
+            write!(f, "{}: {}: {}", self.location, self.field, self.message)
+        }
+    }
+}

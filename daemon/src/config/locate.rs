@@ -1,0 +1,193 @@
+//! Maps a field path inside a YAML document (`spec.ports[0].number`) to the line and column where
+//! that node starts, using yaml-rust2's marked parser events. serde_yaml's values carry no
+//! positions, so validation errors are located after the fact through this index.
+//!
+//! Invariant: documents are numbered as the YAML stream numbers them (the first is 0), the same
+//! order serde_yaml's multi-document deserializer yields them in.
+
+use std::collections::HashMap;
+
+use yaml_rust2::{
+    parser::{Event, MarkedEventReceiver, Parser},
+    scanner::Marker,
+};
+
+/// Positions of every mapping key and sequence item of every document in one file.
+#[derive(Debug, Default)]
+pub struct Locator {
+    positions: HashMap<(usize, String), (usize, usize)>,
+}
+
+enum Frame {
+    Map { path: String, key: Option<String> },
+    Seq { path: String, index: usize },
+}
+
+struct Builder {
+    doc: Option<usize>,
+    stack: Vec<Frame>,
+    positions: HashMap<(usize, String), (usize, usize)>,
+}
+
+// === impl Locator ===
+
+impl Locator {
+    /// Indexes `text`; a text that fails to parse yields a partial index (serde_yaml reports the
+    /// syntax error itself, with its own position).
+    pub fn new(text: &str) -> Self {
+        let mut builder = Builder {
+            doc: None,
+            stack: Vec::new(),
+            positions: HashMap::new(),
+        };
+        let _ = Parser::new_from_str(text).load(&mut builder, true);
+        Self {
+            positions: builder.positions,
+        }
+    }
+
+    /// Line and column (1-based) of `path` in document `doc`, or of its nearest located ancestor.
+    pub fn locate(&self, doc: usize, path: &str) -> Option<(usize, usize)> {
+        let mut path = path.to_string();
+        loop {
+            if let Some(pos) = self.positions.get(&(doc, path.clone())) {
+                return Some(*pos);
+            }
+            if path.is_empty() {
+                return None;
+            }
+            let cut = path.rfind(['.', '[']).unwrap_or(0);
+            path.truncate(cut);
+        }
+    }
+}
+
+// === impl Builder ===
+
+impl Builder {
+    fn record(&mut self, path: String, mark: Marker) {
+        if let Some(doc) = self.doc {
+            // Columns from the scanner are 0-based; report 1-based like editors do.
+            self.positions
+                .entry((doc, path))
+                .or_insert((mark.line(), mark.col() + 1));
+        }
+    }
+
+    /// Path of the node that starts now, recording its position; `None` when it is a mapping key.
+    fn node_path(&mut self, scalar: Option<&str>, mark: Marker) -> Option<String> {
+        let (path, record) = match self.stack.last_mut() {
+            None => (String::new(), true),
+            Some(Frame::Map {
+                path,
+                key: key @ None,
+            }) => {
+                let k = scalar.unwrap_or("?").to_string();
+                let full = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                *key = Some(k);
+                self.record_owned(full, mark);
+                return None;
+            }
+            Some(Frame::Map { path, key: Some(k) }) => (
+                if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                },
+                false,
+            ),
+            Some(Frame::Seq { path, index }) => (format!("{path}[{index}]"), true),
+        };
+        if record {
+            self.record(path.clone(), mark);
+        }
+        Some(path)
+    }
+
+    fn record_owned(&mut self, path: String, mark: Marker) {
+        self.record(path, mark);
+    }
+
+    /// A value node finished: advance the parent frame.
+    fn value_done(&mut self) {
+        match self.stack.last_mut() {
+            Some(Frame::Map { key, .. }) => *key = None,
+            Some(Frame::Seq { index, .. }) => *index += 1,
+            None => {}
+        }
+    }
+}
+
+impl MarkedEventReceiver for Builder {
+    fn on_event(&mut self, ev: Event, mark: Marker) {
+        match ev {
+            Event::DocumentStart => {
+                self.doc = Some(self.doc.map_or(0, |d| d + 1));
+                self.stack.clear();
+                self.record(String::new(), mark);
+            }
+            Event::Scalar(value, ..) => {
+                if self.node_path(Some(&value), mark).is_some() {
+                    self.value_done();
+                }
+            }
+            Event::Alias(_) => {
+                if self.node_path(None, mark).is_some() {
+                    self.value_done();
+                }
+            }
+            Event::MappingStart(..) => {
+                let path = self.node_path(None, mark).unwrap_or_default();
+                self.stack.push(Frame::Map { path, key: None });
+            }
+            Event::SequenceStart(..) => {
+                let path = self.node_path(None, mark).unwrap_or_default();
+                self.stack.push(Frame::Seq { path, index: 0 });
+            }
+            Event::MappingEnd | Event::SequenceEnd => {
+                self.stack.pop();
+                self.value_done();
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEXT: &str = "\
+apiVersion: v1
+kind: A
+spec:
+  ports:
+  - number: 80
+    name: http
+  - number: 90000
+---
+kind: B
+spec:
+  hosts: [a, b]
+";
+
+    #[test]
+    fn locates_keys_and_items_across_documents() {
+        let l = Locator::new(TEXT);
+        assert_eq!(l.locate(0, "kind"), Some((2, 1)));
+        assert_eq!(l.locate(0, "spec.ports[0].name"), Some((6, 5)));
+        assert_eq!(l.locate(0, "spec.ports[1].number"), Some((7, 5)));
+        assert_eq!(l.locate(1, "spec.hosts[1]"), Some((11, 14)));
+    }
+
+    #[test]
+    fn falls_back_to_nearest_ancestor() {
+        let l = Locator::new(TEXT);
+        assert_eq!(l.locate(0, "spec.ports[1].targetPort"), Some((7, 5)));
+        assert_eq!(l.locate(1, "spec.missing"), Some((10, 1)));
+    }
+}

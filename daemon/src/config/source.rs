@@ -1,0 +1,331 @@
+//! Loads Istio resources from YAML files and directories (multi-document, recursive, sorted).
+//!
+//! Kinds Drover uses are parsed into [`crd`] types; other Kubernetes and Istio kinds are skipped
+//! with an info line; a document that is not a resource, an unknown `networking.istio.io` kind
+//! or version, and malformed YAML are problems. All problems of all files are collected, so a
+//! user sees every mistake at once.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use serde::Deserialize;
+
+use super::{Error, Location, Problem, crd, locate::Locator};
+
+/// API versions of `networking.istio.io` that Drover accepts.
+pub const ISTIO_VERSIONS: [&str; 3] = ["v1", "v1beta1", "v1alpha3"];
+/// `networking.istio.io` kinds that exist but that this version of Drover does not act on yet.
+const KNOWN_UNUSED: [&str; 7] = [
+    "DestinationRule",
+    "VirtualService",
+    "Gateway",
+    "Sidecar",
+    "WorkloadGroup",
+    "EnvoyFilter",
+    "ProxyConfig",
+];
+
+/// Where a resource came from; turns field paths into located [`Problem`]s.
+#[derive(Clone, Debug)]
+pub struct Origin {
+    pub file: Arc<PathBuf>,
+    pub doc: usize,
+    locator: Arc<Locator>,
+}
+
+/// One parsed resource.
+#[derive(Clone, Debug)]
+pub struct Resource<T> {
+    pub origin: Origin,
+    pub meta: crd::ObjectMeta,
+    pub spec: T,
+}
+
+/// Everything loaded from a set of paths.
+#[derive(Clone, Debug, Default)]
+pub struct ConfigSet {
+    pub service_entries: Vec<Resource<crd::ServiceEntrySpec>>,
+    pub workload_entries: Vec<Resource<crd::WorkloadEntrySpec>>,
+    /// Documents of other kinds, with where they are and what they are.
+    pub skipped: Vec<(Location, String)>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Header {
+    #[serde(default)]
+    api_version: Option<String>,
+    #[serde(default)]
+    kind: Option<String>,
+}
+
+// === impl Origin ===
+
+impl Origin {
+    /// A problem at `field` (a path such as `spec.ports[0].number`) of this document.
+    pub fn problem(&self, field: impl Into<String>, message: impl Into<String>) -> Problem {
+        let field = field.into();
+        let (line, col) = self.locator.locate(self.doc, &field).unwrap_or((0, 0));
+        Problem {
+            location: Location {
+                file: self.file.as_ref().clone(),
+                line,
+                col,
+            },
+            field,
+            message: message.into(),
+        }
+    }
+}
+
+// === impl ConfigSet ===
+
+impl ConfigSet {
+    /// Loads every YAML file named or found (recursively) under `paths`.
+    pub fn load(paths: &[PathBuf]) -> Result<Self, Error> {
+        let mut files = Vec::new();
+        for path in paths {
+            collect_files(path, &mut files)?;
+        }
+        let mut set = ConfigSet::default();
+        let mut problems = Vec::new();
+        for file in files {
+            let text = fs::read_to_string(&file).map_err(|source| Error::Read {
+                path: file.clone(),
+                source,
+            })?;
+            set.add_text(Arc::new(file), &text, &mut problems);
+        }
+        if problems.is_empty() {
+            Ok(set)
+        } else {
+            Err(Error::Invalid(problems))
+        }
+    }
+
+    /// Parses one file's text, appending its resources to `self` and its problems to `problems`.
+    pub fn add_text(&mut self, file: Arc<PathBuf>, text: &str, problems: &mut Vec<Problem>) {
+        let locator = Arc::new(Locator::new(text));
+        for (doc, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
+            let origin = Origin {
+                file: file.clone(),
+                doc,
+                locator: locator.clone(),
+            };
+            let value = match serde_yaml::Value::deserialize(de) {
+                Ok(v) => v,
+                Err(e) => {
+                    let (line, col) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
+                    let message = format!("malformed YAML: {}", strip_location(&e.to_string()));
+                    problems.push(Problem {
+                        location: Location {
+                            file: file.as_ref().clone(),
+                            line,
+                            col,
+                        },
+                        field: String::new(),
+                        message,
+                    });
+                    // The stream cannot be resynchronised after a syntax error.
+                    return;
+                }
+            };
+            if value.is_null() {
+                continue;
+            }
+            if let Err(p) = self.add_document(origin, value) {
+                problems.push(p);
+            }
+        }
+    }
+
+    fn add_document(&mut self, origin: Origin, value: serde_yaml::Value) -> Result<(), Problem> {
+        if !value.is_mapping() {
+            return Err(origin.problem(
+                "",
+                "document is not a Kubernetes resource (expected a mapping)",
+            ));
+        }
+        let header: Header = serde_yaml::from_value(value.clone())
+            .map_err(|e| origin.problem("", format!("bad resource header: {e}")))?;
+        let api_version = header
+            .api_version
+            .ok_or_else(|| origin.problem("", "missing apiVersion"))?;
+        let kind = header
+            .kind
+            .ok_or_else(|| origin.problem("", "missing kind"))?;
+        let (group, version) = api_version
+            .rsplit_once('/')
+            .unwrap_or(("", api_version.as_str()));
+        if group != "networking.istio.io" {
+            let at = origin.problem("kind", "");
+            tracing::info!(location = %at.location, kind = %kind, api_version = %api_version, "skipping resource of a kind drover does not use");
+            self.skipped.push((at.location, kind));
+            return Ok(());
+        }
+        if !ISTIO_VERSIONS.contains(&version) {
+            return Err(origin.problem(
+                "apiVersion",
+                format!("unsupported version {api_version:?} (expected one of networking.istio.io/v1, v1beta1, v1alpha3)"),
+            ));
+        }
+        match kind.as_str() {
+            "ServiceEntry" => {
+                let (meta, spec) = parse_typed(&origin, value)?;
+                self.service_entries.push(Resource { origin, meta, spec });
+            }
+            "WorkloadEntry" => {
+                let (meta, spec) = parse_typed(&origin, value)?;
+                self.workload_entries.push(Resource { origin, meta, spec });
+            }
+            k if KNOWN_UNUSED.contains(&k) => {
+                let at = origin.problem("kind", "");
+                tracing::info!(location = %at.location, kind = %kind, "skipping resource: not enforced by this version of drover");
+                self.skipped.push((at.location, kind));
+            }
+            _ => {
+                return Err(
+                    origin.problem("kind", format!("unknown networking.istio.io kind {kind:?}"))
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses `metadata` and `spec` of a resource, naming the failing field.
+fn parse_typed<T: serde::de::DeserializeOwned + Default>(
+    origin: &Origin,
+    value: serde_yaml::Value,
+) -> Result<(crd::ObjectMeta, T), Problem> {
+    #[derive(Deserialize)]
+    struct Typed<T> {
+        #[serde(default)]
+        metadata: crd::ObjectMeta,
+        #[serde(default)]
+        spec: Option<T>,
+    }
+    let typed: Typed<T> = serde_path_to_error::deserialize(value).map_err(|e| {
+        let field = e.path().to_string();
+        let field = if field == "." { String::new() } else { field };
+        origin.problem(field, strip_location(&e.into_inner().to_string()))
+    })?;
+    Ok((typed.metadata, typed.spec.unwrap_or_default()))
+}
+
+/// serde_yaml appends "at line L column C"; the location is reported separately.
+fn strip_location(message: &str) -> String {
+    match message.find(" at line ") {
+        Some(i) => message[..i].to_string(),
+        None => message.to_string(),
+    }
+}
+
+fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), Error> {
+    let meta = fs::metadata(path).map_err(|source| Error::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if meta.is_file() {
+        out.push(path.to_path_buf());
+        return Ok(());
+    }
+    let mut entries: Vec<PathBuf> = fs::read_dir(path)
+        .map_err(|source| Error::Read {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    entries.sort();
+    for entry in entries {
+        if entry.is_dir() {
+            collect_files(&entry, out)?;
+        } else if entry.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+            out.push(entry);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> (ConfigSet, Vec<Problem>) {
+        let mut set = ConfigSet::default();
+        let mut problems = Vec::new();
+        set.add_text(Arc::new(PathBuf::from("f.yaml")), text, &mut problems);
+        (set, problems)
+    }
+
+    #[test]
+    fn parses_kinds_and_skips_others() {
+        let (set, problems) = load(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: a}\nspec:\n  hosts: [a.example]\n\
+             ---\napiVersion: v1\nkind: ConfigMap\n---\napiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\n\
+             ---\napiVersion: networking.istio.io/v1alpha3\nkind: WorkloadEntry\nspec: {address: 198.18.0.1}\n",
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(set.service_entries.len(), 1);
+        assert_eq!(set.service_entries[0].spec.hosts, ["a.example"]);
+        assert_eq!(set.workload_entries[0].spec.address, "198.18.0.1");
+        assert_eq!(
+            set.skipped.iter().map(|s| s.1.as_str()).collect::<Vec<_>>(),
+            ["ConfigMap", "DestinationRule"]
+        );
+        assert_eq!(set.skipped[0].0.line, 8);
+    }
+
+    #[test]
+    fn type_errors_are_located_with_field_path() {
+        let (_, problems) = load(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nspec:\n  hosts: [a]\n  ports:\n  - number: eighty\n    name: http\n",
+        );
+        assert_eq!(problems.len(), 1);
+        let p = &problems[0];
+        assert_eq!(p.field, "spec.ports[0].number");
+        assert_eq!((p.location.line, p.location.col), (6, 5));
+        assert!(p.message.contains("invalid type"), "{}", p.message);
+        assert!(
+            p.to_string()
+                .starts_with("f.yaml:6:5: spec.ports[0].number: "),
+            "{p}"
+        );
+    }
+
+    #[test]
+    fn malformed_yaml_and_unknown_kinds_are_problems() {
+        let (_, problems) = load("apiVersion: networking.istio.io/v1\nkind: ServiceEntri\n");
+        assert_eq!(problems[0].field, "kind");
+        assert_eq!(problems[0].location.line, 2);
+        assert!(
+            problems[0]
+                .message
+                .contains("unknown networking.istio.io kind")
+        );
+
+        let (_, problems) = load("kind: ServiceEntry\nspec: [\n");
+        assert!(
+            problems[0].message.starts_with("malformed YAML"),
+            "{:?}",
+            problems[0]
+        );
+        assert!(problems[0].location.line > 0);
+
+        let (_, problems) = load("apiVersion: networking.istio.io/v2\nkind: ServiceEntry\n");
+        assert!(problems[0].message.contains("unsupported version"));
+
+        let (_, problems) = load("- a\n- b\n");
+        assert!(problems[0].message.contains("not a Kubernetes resource"));
+
+        let (_, problems) = load(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nspec:\n  resolution: STATICC\n",
+        );
+        assert_eq!(problems[0].field, "spec.resolution");
+        assert!(problems[0].message.contains("unknown variant"));
+    }
+}

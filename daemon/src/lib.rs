@@ -1,0 +1,9 @@
+//! Drover: an eBPF-accelerated transparent proxy that applies Istio's `DestinationRule` semantics.
+//! See `README.md` and the module docs; `app` is where the pieces meet.
+
+pub mod app;
+pub mod balance;
+pub mod config;
+pub mod proxy;
+pub mod redirect;
+pub mod registry;

@@ -1,0 +1,251 @@
+//! The data path: outbound listeners inside each enrolled network namespace, and the L4 relay
+//! that takes a captured connection to an endpoint.
+//!
+//! Invariants: every socket Drover opens towards an endpoint carries `SO_MARK` 0x4452 (so capture
+//! never takes it again) and is created in the application's network namespace; a connection
+//! whose original destination or route is unknown is closed, never guessed; every accepted
+//! connection is tracked so that shutdown can drain it.
+
+use std::{
+    io,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use drover_common::{DROVER_MARK, PROXY_PORT};
+use tokio::{
+    io::AsyncWriteExt,
+    net::{TcpListener, TcpSocket, TcpStream},
+    time::Instant,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    redirect::{self, OriginalDst, netns::NetNs},
+    registry::{RegistryHandle, Target},
+};
+
+/// Istio's default connect timeout (mesh `connectTimeout`, 10 s).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a captured connection was not relayed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("original destination: {0}")]
+    Original(#[from] redirect::Error),
+    #[error("no service captures {0}")]
+    NoRoute(SocketAddr),
+    #[error("no healthy upstream for {host}")]
+    NoEndpoint { host: String },
+    #[error("connect to {addr}: {source}")]
+    Connect { addr: SocketAddr, source: io::Error },
+    #[error("connect to {addr} timed out after {timeout:?}")]
+    ConnectTimeout { addr: SocketAddr, timeout: Duration },
+    #[error("upstream socket in namespace {netns}: {source}")]
+    Socket { netns: String, source: io::Error },
+    #[error("io: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Shared state of the outbound proxy.
+pub struct Proxy {
+    registry: RegistryHandle,
+    original: Arc<dyn OriginalDst>,
+    connect_timeout: Duration,
+}
+
+// === impl Error ===
+
+impl Error {
+    /// Envoy-style response flag for the access log.
+    pub fn response_flag(&self) -> &'static str {
+        match self {
+            Error::Original(_) | Error::NoRoute(_) => "NR",
+            Error::NoEndpoint { .. } => "UH",
+            Error::Connect { .. } | Error::ConnectTimeout { .. } | Error::Socket { .. } => "UF",
+            Error::Io(_) => "UC",
+        }
+    }
+}
+
+// === impl Proxy ===
+
+impl Proxy {
+    pub fn new(registry: RegistryHandle, original: Arc<dyn OriginalDst>) -> Self {
+        Self {
+            registry,
+            original,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+        }
+    }
+
+    /// Accepts on `listener` until `shutdown`, relaying each connection on its own task.
+    pub async fn serve(
+        self: Arc<Self>,
+        ns: Arc<NetNs>,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+    ) {
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                a = listener.accept() => a,
+            };
+            match accepted {
+                Ok((stream, _)) => {
+                    let proxy = self.clone();
+                    let ns = ns.clone();
+                    tracker.spawn(async move { proxy.handle(&ns, stream).await });
+                }
+                Err(e) => {
+                    tracing::warn!(netns = %ns.name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    async fn handle(&self, ns: &NetNs, mut client: TcpStream) {
+        let start = Instant::now();
+        let src = client.peer_addr().ok();
+        let orig = match self.original.original_dst(ns.cookie, &client) {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(netns = %ns.name, src = ?src, error = %e, "closing connection without original destination");
+                return;
+            }
+        };
+        let _ = client.set_nodelay(true);
+        let (host, endpoint, result) = self.relay(ns, orig, &mut client).await;
+        let duration_ms = start.elapsed().as_secs_f64() * 1000.0;
+        match result {
+            Ok((sent, received)) => tracing::info!(
+                target: "drover::access",
+                netns = %ns.name, src = ?src, dst = %orig, host = %host, endpoint = %endpoint,
+                bytes_sent = sent, bytes_received = received, duration_ms, flag = "-", "tcp"
+            ),
+            Err(e) => {
+                tracing::info!(
+                    target: "drover::access",
+                    netns = %ns.name, src = ?src, dst = %orig, host = %host, endpoint = %endpoint,
+                    duration_ms, flag = e.response_flag(), reason = %e, "tcp"
+                );
+                let _ = client.shutdown().await;
+            }
+        }
+    }
+
+    /// Returns (host, endpoint label, bytes sent upstream and received back, or the failure).
+    async fn relay(
+        &self,
+        ns: &NetNs,
+        orig: SocketAddr,
+        client: &mut TcpStream,
+    ) -> (String, String, Result<(u64, u64), Error>) {
+        let registry = self.registry.load();
+        let Some((svc, _port, target)) = registry.pick(orig) else {
+            return ("-".into(), "-".into(), Err(Error::NoRoute(orig)));
+        };
+        let host = svc.host.clone();
+        let (label, addr) = match target {
+            Some(Target::Endpoint { index, addr }) => {
+                (format!("{}@{addr}", svc.endpoints[index].name), addr)
+            }
+            Some(Target::Passthrough(addr)) => (format!("passthrough@{addr}"), addr),
+            None => return (host.clone(), "-".into(), Err(Error::NoEndpoint { host })),
+        };
+        drop(registry);
+        let upstream = match self.connect(ns, addr).await {
+            Ok(s) => s,
+            Err(e) => return (host, label, Err(e)),
+        };
+        let mut upstream = upstream;
+        let result = tokio::io::copy_bidirectional(client, &mut upstream)
+            .await
+            .map_err(Error::Io);
+        (host, label, result)
+    }
+
+    /// Opens a marked upstream connection from inside `ns`.
+    async fn connect(&self, ns: &NetNs, addr: SocketAddr) -> Result<TcpStream, Error> {
+        let socket = ns
+            .enter(|| marked_socket(addr))
+            .and_then(|r| r)
+            .map_err(|source| Error::Socket {
+                netns: ns.name.clone(),
+                source,
+            })?;
+        match tokio::time::timeout(self.connect_timeout, socket.connect(addr)).await {
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                Ok(s)
+            }
+            Ok(Err(source)) => Err(Error::Connect { addr, source }),
+            Err(_) => Err(Error::ConnectTimeout {
+                addr,
+                timeout: self.connect_timeout,
+            }),
+        }
+    }
+}
+
+/// A non-blocking TCP socket for `addr`'s family, carrying Drover's mark.
+fn marked_socket(addr: SocketAddr) -> io::Result<TcpSocket> {
+    let domain = if addr.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let sock = socket2::Socket::new(
+        domain,
+        socket2::Type::STREAM.nonblocking(),
+        Some(socket2::Protocol::TCP),
+    )?;
+    sock.set_mark(DROVER_MARK)?;
+    Ok(TcpSocket::from_std_stream(sock.into()))
+}
+
+/// Binds the capture listeners (`127.0.0.1:15001` and, where IPv6 is up, `[::1]:15001`) in `ns`.
+pub fn bind_listeners(ns: &NetNs) -> io::Result<Vec<TcpListener>> {
+    let addrs = [
+        SocketAddr::from((Ipv4Addr::LOCALHOST, PROXY_PORT)),
+        SocketAddr::from((Ipv6Addr::LOCALHOST, PROXY_PORT)),
+    ];
+    let mut out = Vec::new();
+    for addr in addrs {
+        match ns.enter(|| listen(addr))? {
+            Ok(l) => out.push(TcpListener::from_std(l)?),
+            Err(e) if addr.is_ipv6() => {
+                tracing::warn!(netns = %ns.name, error = %e, "no IPv6 listener; IPv6 services in this namespace are refused");
+            }
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("bind {addr} in {}: {e}", ns.name),
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn listen(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let domain = if addr.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let sock = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(true)?;
+    }
+    sock.set_reuse_address(true)?;
+    // Lets a new daemon bind while the old one drains.
+    sock.set_reuse_port(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(1024)?;
+    Ok(sock.into())
+}

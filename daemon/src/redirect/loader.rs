@@ -1,0 +1,451 @@
+//! Loads Drover's eBPF object, pins its maps and links under the versioned pin directory, attaches
+//! the programs to enrolled cgroups (and to the cgroup v2 root for enrolled network namespaces),
+//! and gives typed access to the maps the daemon writes or reads.
+//!
+//! Re-use rules (what a restart does): maps found pinned are re-used with their contents; a link
+//! already pinned for the same program and cgroup is kept, not attached again; pinned links this
+//! run does not want are unpinned (which detaches them). `uninstall` removes the whole directory.
+
+use std::{
+    collections::HashSet,
+    fs::{self, File},
+    net::SocketAddr,
+    os::{fd::AsFd, unix::fs::MetadataExt},
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, SockOps,
+        links::{FdLink, PinnedLink},
+    },
+};
+use drover_common::{
+    Config, DROVER_MARK, Enrolment, OrigDst, PROXY_PORT, TupleKey, VipKey, VipValue, flags, maps,
+};
+use tokio::{io::unix::AsyncFd, net::TcpStream};
+
+use super::{Error, OriginalDst, addr_words, tuple_key, words_addr};
+
+/// The object built by `daemon/build.rs` (empty when built with `DROVER_SKIP_EBPF=1`).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/drover"));
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+/// Programs attached to an enrolled cgroup (capture everything its processes dial).
+const CGROUP_PROGRAMS: [&str; 5] = [
+    "drover_connect4",
+    "drover_connect6",
+    "drover_getpeername4",
+    "drover_getpeername6",
+    "drover_sockops",
+];
+/// Programs attached to the cgroup v2 root for enrolled network namespaces (gated by `ENROLLED`).
+const ROOT_PROGRAMS: [&str; 5] = [
+    "drover_connect4_netns",
+    "drover_connect6_netns",
+    "drover_getpeername4",
+    "drover_getpeername6",
+    "drover_sockops",
+];
+
+/// The loaded kernel side.
+pub struct Kernel {
+    pin_dir: PathBuf,
+    ebpf: Mutex<Ebpf>,
+    svc_vips: Mutex<HashMap<MapData, VipKey, VipValue>>,
+    enrolled: Mutex<HashMap<MapData, u64, Enrolment>>,
+    orig_by_tuple: Mutex<HashMap<MapData, TupleKey, OrigDst>>,
+    links: Mutex<Vec<PinnedLink>>,
+    wanted_links: Mutex<HashSet<String>>,
+}
+
+// === impl Kernel ===
+
+impl Kernel {
+    /// Checks privileges and bpffs, loads the object with its maps pinned in `pin_dir`, writes the
+    /// runtime config and starts forwarding `aya-log` records to `tracing` (debug level).
+    /// Must be called inside a tokio runtime.
+    pub fn load(pin_dir: &Path, fail_open: bool) -> Result<Self, Error> {
+        if OBJECT.is_empty() {
+            return Err(Error::ProgramNotBuilt);
+        }
+        check_capabilities()?;
+        ensure_bpffs(pin_dir)?;
+        fs::create_dir_all(pin_dir.join("links"))
+            .map_err(|e| Error::Bpffs(format!("cannot create {}: {e}", pin_dir.display())))?;
+
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .load(OBJECT)?;
+        match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => spawn_log_pump(logger),
+            Err(e) => tracing::warn!(error = %e, "kernel log forwarding unavailable"),
+        }
+        for name in CGROUP_PROGRAMS.iter().chain(ROOT_PROGRAMS.iter()) {
+            let prog = ebpf.program_mut(name).ok_or(Error::Pin {
+                path: (*name).into(),
+                reason: "program missing from object".into(),
+            })?;
+            let loaded = prog.fd().is_ok();
+            if loaded {
+                continue;
+            }
+            let res = match prog {
+                aya::programs::Program::CgroupSockAddr(p) => p.load(),
+                aya::programs::Program::SockOps(p) => p.load(),
+                _ => continue,
+            };
+            res.map_err(|source| Error::Program { name, source })?;
+        }
+
+        let mut config: Array<MapData, Config> = take_map(&mut ebpf, maps::CONFIG)?;
+        let cfg = Config {
+            proxy_port: PROXY_PORT,
+            _pad0: 0,
+            flags: if fail_open { flags::FAIL_OPEN } else { 0 },
+            mark: DROVER_MARK,
+            ready: 1,
+        };
+        config.set(0, cfg, 0).map_err(|source| Error::Map {
+            name: maps::CONFIG,
+            source,
+        })?;
+
+        Ok(Self {
+            pin_dir: pin_dir.to_path_buf(),
+            svc_vips: Mutex::new(take_map(&mut ebpf, maps::SVC_VIPS)?),
+            enrolled: Mutex::new(take_map(&mut ebpf, maps::ENROLLED)?),
+            orig_by_tuple: Mutex::new(take_map(&mut ebpf, maps::ORIG_BY_TUPLE)?),
+            ebpf: Mutex::new(ebpf),
+            links: Mutex::new(Vec::new()),
+            wanted_links: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// Captures every process in the cgroup v2 directory `dir` (and its children).
+    pub fn enrol_cgroup(&self, dir: &Path) -> Result<(), Error> {
+        let cg_err = |reason: String| Error::Cgroup {
+            path: dir.display().to_string(),
+            reason,
+        };
+        let meta = fs::metadata(dir).map_err(|e| cg_err(e.to_string()))?;
+        if fs_magic(dir).map_err(|e| cg_err(e.to_string()))? != CGROUP2_SUPER_MAGIC {
+            return Err(cg_err("not a cgroup v2 directory".into()));
+        }
+        self.attach_all(dir, &CGROUP_PROGRAMS, &format!("cg{}", meta.ino()))
+    }
+
+    /// Attaches the namespace-gated programs at the cgroup v2 root (once per daemon).
+    pub fn attach_root(&self) -> Result<(), Error> {
+        let root = cgroup2_root()?;
+        self.attach_all(&root, &ROOT_PROGRAMS, "root")
+    }
+
+    /// Marks the network namespaces (by cookie) whose connects are captured; replaces the set.
+    pub fn set_enrolled_netns(&self, cookies: &[u64]) -> Result<(), Error> {
+        let mut map = self.enrolled.lock().expect("enrolled map lock");
+        let wanted: HashSet<u64> = cookies.iter().copied().collect();
+        let stale: Vec<u64> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !wanted.contains(k))
+            .collect();
+        for k in stale {
+            let _ = map.remove(&k);
+        }
+        for (i, c) in cookies.iter().enumerate() {
+            map.insert(
+                c,
+                Enrolment {
+                    workload_id: i as u32,
+                    flags: 0,
+                },
+                0,
+            )
+            .map_err(|source| Error::Map {
+                name: maps::ENROLLED,
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Makes the captured (VIP, port) set exactly `vips`.
+    pub fn set_vips(&self, vips: &[(SocketAddr, u32)]) -> Result<(), Error> {
+        let mut map = self.svc_vips.lock().expect("svc_vips map lock");
+        let wanted: std::collections::HashMap<VipKey, u32> = vips
+            .iter()
+            .map(|(a, id)| {
+                (
+                    VipKey {
+                        addr: addr_words(*a),
+                        port_be: a.port().to_be(),
+                        proto: 6,
+                        _pad: 0,
+                    },
+                    *id,
+                )
+            })
+            .collect();
+        let stale: Vec<VipKey> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !wanted.contains_key(k))
+            .collect();
+        for k in stale {
+            let _ = map.remove(&k);
+        }
+        for (k, id) in wanted {
+            map.insert(
+                k,
+                VipValue {
+                    svc_id: id,
+                    flags: 0,
+                },
+                0,
+            )
+            .map_err(|source| Error::Map {
+                name: maps::SVC_VIPS,
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Unpins links this run did not ask for (left by an earlier run with another enrolment).
+    pub fn prune_links(&self) -> Result<(), Error> {
+        let wanted = self.wanted_links.lock().expect("links lock");
+        let dir = self.pin_dir.join("links");
+        for entry in fs::read_dir(&dir)? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().to_string();
+            if !wanted.contains(&name) {
+                tracing::info!(link = %name, "unpinning link not wanted by this configuration");
+                fs::remove_file(entry.path())?;
+            }
+        }
+        Ok(())
+    }
+
+    fn attach_all(
+        &self,
+        cgroup: &Path,
+        programs: &[&'static str],
+        scope: &str,
+    ) -> Result<(), Error> {
+        let file = File::open(cgroup).map_err(|e| Error::Cgroup {
+            path: cgroup.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let mut ebpf = self.ebpf.lock().expect("ebpf lock");
+        for name in programs {
+            let link_name = format!("{name}@{scope}");
+            let path = self.pin_dir.join("links").join(&link_name);
+            self.wanted_links
+                .lock()
+                .expect("links lock")
+                .insert(link_name.clone());
+            if path.exists() {
+                match PinnedLink::from_pin(&path) {
+                    Ok(link) => {
+                        tracing::debug!(link = %link_name, "re-using pinned link");
+                        self.links.lock().expect("links lock").push(link);
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(link = %link_name, error = %e, "stale link pin; attaching again");
+                        fs::remove_file(&path)?;
+                    }
+                }
+            }
+            let prog = ebpf.program_mut(name).expect("program checked at load");
+            let fd_link: FdLink = match prog {
+                aya::programs::Program::CgroupSockAddr(p) => {
+                    let id = attach_sock_addr(p, &file)
+                        .map_err(|source| Error::Program { name, source })?;
+                    let link = p
+                        .take_link(id)
+                        .map_err(|source| Error::Program { name, source })?;
+                    FdLink::try_from(link).map_err(|e| Error::Pin {
+                        path: link_name.clone(),
+                        reason: e.to_string(),
+                    })?
+                }
+                aya::programs::Program::SockOps(p) => {
+                    let id = attach_sock_ops(p, &file)
+                        .map_err(|source| Error::Program { name, source })?;
+                    let link = p
+                        .take_link(id)
+                        .map_err(|source| Error::Program { name, source })?;
+                    FdLink::try_from(link).map_err(|e| Error::Pin {
+                        path: link_name.clone(),
+                        reason: e.to_string(),
+                    })?
+                }
+                _ => unreachable!("only sock_addr and sockops programs are attached"),
+            };
+            let pinned = fd_link.pin(&path).map_err(|e| Error::Pin {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+            tracing::debug!(link = %link_name, cgroup = %cgroup.display(), "attached");
+            self.links.lock().expect("links lock").push(pinned);
+        }
+        Ok(())
+    }
+}
+
+impl OriginalDst for Kernel {
+    fn original_dst(&self, netns_cookie: u64, stream: &TcpStream) -> Result<SocketAddr, Error> {
+        let peer = stream.peer_addr()?;
+        let key = tuple_key(netns_cookie, peer, stream.local_addr()?);
+        let mut map = self.orig_by_tuple.lock().expect("orig_by_tuple map lock");
+        let orig = map.get(&key, 0).map_err(|_| Error::NoOriginal { peer })?;
+        // Read once: the record is of no further use and the LRU map stays small.
+        let _ = map.remove(&key);
+        Ok(words_addr(orig.addr, orig.port_be))
+    }
+}
+
+fn attach_sock_addr(
+    p: &mut CgroupSockAddr,
+    cgroup: &File,
+) -> Result<aya::programs::cgroup_sock_addr::CgroupSockAddrLinkId, aya::programs::ProgramError> {
+    p.attach(cgroup.as_fd(), CgroupAttachMode::Single)
+}
+
+fn attach_sock_ops(
+    p: &mut SockOps,
+    cgroup: &File,
+) -> Result<aya::programs::sock_ops::SockOpsLinkId, aya::programs::ProgramError> {
+    p.attach(cgroup.as_fd(), CgroupAttachMode::Single)
+}
+
+fn take_map<M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<M, Error> {
+    let map = ebpf.take_map(name).ok_or(Error::Map {
+        name,
+        source: aya::maps::MapError::InvalidName { name: name.into() },
+    })?;
+    M::try_from(map).map_err(|source| Error::Map { name, source })
+}
+
+/// Forwards kernel log records into `tracing` (through the `log` bridge) whenever they arrive.
+fn spawn_log_pump(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    #[expect(
+        unsafe_code,
+        reason = "tokio's AsyncFd registration is unsafe since 1.52"
+    )]
+    // SAFETY: the logger owns its ring-buffer fd for as long as it lives, and `as_raw_fd` always
+    // returns that same fd; the AsyncFd owns the logger, so the fd outlives the registration.
+    let registered =
+        unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+    let Ok(mut fd) = registered else {
+        tracing::warn!("kernel log forwarding unavailable: cannot poll the log ring");
+        return;
+    };
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+}
+
+/// Names the capabilities the loader needs that this process lacks.
+fn check_capabilities() -> Result<(), Error> {
+    const NEEDED: [(u32, &str); 4] = [
+        (39, "CAP_BPF"),
+        (12, "CAP_NET_ADMIN"),
+        (21, "CAP_SYS_ADMIN"),
+        (38, "CAP_PERFMON"),
+    ];
+    let status = fs::read_to_string("/proc/self/status")?;
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    let missing: Vec<&str> = NEEDED
+        .iter()
+        .filter(|(bit, _)| eff & (1 << bit) == 0)
+        .map(|(_, n)| *n)
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Privilege(format!(
+            "{} (run drover as root, or grant these capabilities)",
+            missing.join(", ")
+        )))
+    }
+}
+
+/// Mounts bpffs at `/sys/fs/bpf` if the pin directory lives there and nothing is mounted.
+fn ensure_bpffs(pin_dir: &Path) -> Result<(), Error> {
+    let base = Path::new("/sys/fs/bpf");
+    if pin_dir.starts_with(base)
+        && fs_magic(base).map_err(|e| Error::Bpffs(e.to_string()))? != BPF_FS_MAGIC
+    {
+        nix::mount::mount(
+            Some("bpf"),
+            base,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| Error::Bpffs(format!("mount bpffs at {}: {e}", base.display())))?;
+        tracing::info!("mounted bpffs at /sys/fs/bpf");
+    }
+    let mut probe = pin_dir.to_path_buf();
+    while !probe.exists() {
+        probe.pop();
+    }
+    if fs_magic(&probe).map_err(|e| Error::Bpffs(e.to_string()))? != BPF_FS_MAGIC {
+        return Err(Error::Bpffs(format!(
+            "{} is not on a bpf filesystem",
+            pin_dir.display()
+        )));
+    }
+    Ok(())
+}
+
+fn fs_magic(path: &Path) -> std::io::Result<i64> {
+    let st = nix::sys::statfs::statfs(path).map_err(std::io::Error::from)?;
+    Ok(st.filesystem_type().0 as i64)
+}
+
+/// The cgroup v2 mount point (`/sys/fs/cgroup` on pure v2, `/sys/fs/cgroup/unified` on hybrid).
+pub fn cgroup2_root() -> Result<PathBuf, Error> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
+    mountinfo
+        .lines()
+        .find_map(|line| {
+            let (pre, post) = line.split_once(" - ")?;
+            let mount_point = pre.split_whitespace().nth(4)?;
+            (post.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(mount_point))
+        })
+        .ok_or_else(|| Error::Cgroup {
+            path: "/proc/self/mountinfo".into(),
+            reason: "no cgroup v2 mount found".into(),
+        })
+}
+
+/// Removes every pin (links detach, maps are freed once no program uses them).
+pub fn uninstall(pin_dir: &Path) -> Result<bool, Error> {
+    if !pin_dir.exists() {
+        return Ok(false);
+    }
+    fs::remove_dir_all(pin_dir)?;
+    Ok(true)
+}

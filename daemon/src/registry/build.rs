@@ -1,0 +1,489 @@
+//! Builds a [`Registry`] from loaded resources, applying Istio's rules for these kinds and the
+//! checks Drover needs to capture safely (no VIP that is also an endpoint, no (VIP, port) claimed
+//! twice). Every violation becomes a located [`Problem`]; all of them are reported together.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::{IpAddr, SocketAddr},
+};
+
+use super::{Endpoint, Registry, Resolution, Service, ServicePort};
+use crate::{
+    balance::RoundRobin,
+    config::{
+        Problem,
+        crd::{ServiceEntrySpec, WorkloadEntrySpec},
+        source::{ConfigSet, Origin, Resource},
+    },
+};
+
+/// Warnings are logged, not fatal: the service is loaded without the unsupported part.
+impl Registry {
+    /// Validates `set` and builds the snapshot, or returns every problem found.
+    pub fn build(set: &ConfigSet) -> Result<Registry, Vec<Problem>> {
+        let mut problems = Vec::new();
+        let mut services = Vec::new();
+        let mut by_vip: HashMap<SocketAddr, (usize, usize)> = HashMap::new();
+        let mut hosts_seen: HashSet<(String, String)> = HashSet::new();
+
+        let workload_entries: Vec<(&Resource<WorkloadEntrySpec>, Option<Endpoint>)> = set
+            .workload_entries
+            .iter()
+            .map(|we| {
+                let name = we.meta.name.clone();
+                (
+                    we,
+                    endpoint(&we.origin, "spec", &name, &we.spec, &mut problems),
+                )
+            })
+            .collect();
+
+        for se in &set.service_entries {
+            let namespace = se
+                .meta
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into());
+            let Some(mut proto) = service_entry(se, &namespace, &workload_entries, &mut problems)
+            else {
+                continue;
+            };
+            let endpoint_addrs: HashSet<IpAddr> =
+                proto.endpoints.iter().map(|e| e.address).collect();
+            for (i, vip) in proto.vips.iter().enumerate() {
+                if endpoint_addrs.contains(vip) {
+                    problems.push(se.origin.problem(
+                        format!("spec.addresses[{i}]"),
+                        format!("address {vip} is also an endpoint address; capture would loop"),
+                    ));
+                }
+            }
+            for (h, host) in se.spec.hosts.iter().enumerate() {
+                if !hosts_seen.insert((namespace.clone(), host.clone())) {
+                    problems.push(se.origin.problem(
+                        format!("spec.hosts[{h}]"),
+                        format!("host {host:?} is already defined by another ServiceEntry in namespace {namespace:?}"),
+                    ));
+                    continue;
+                }
+                let index = services.len();
+                for vip in &proto.vips {
+                    for (p, port) in proto.ports.iter().enumerate() {
+                        let key = SocketAddr::new(*vip, port.number);
+                        if let Some((other, _)) = by_vip.insert(key, (index, p)) {
+                            let other: &Service = &services[other];
+                            problems.push(se.origin.problem(
+                                "spec.addresses",
+                                format!("{key} is already captured for host {:?}", other.host),
+                            ));
+                        }
+                    }
+                }
+                services.push(Service {
+                    host: host.clone(),
+                    namespace: namespace.clone(),
+                    entry: se.meta.name.clone(),
+                    resolution: proto.resolution,
+                    location: proto.location,
+                    vips: proto.vips.clone(),
+                    ports: proto.ports.iter().map(ServicePort::duplicate).collect(),
+                    endpoints: proto.endpoints.clone(),
+                });
+            }
+            proto.endpoints.clear();
+        }
+        if problems.is_empty() {
+            Ok(Registry { services, by_vip })
+        } else {
+            Err(problems)
+        }
+    }
+}
+
+/// The parts of a `ServiceEntry` shared by all of its hosts (hosts are filled in by the caller).
+struct ServiceProto {
+    resolution: Resolution,
+    location: super::MeshLocation,
+    vips: Vec<IpAddr>,
+    ports: Vec<ServicePort>,
+    endpoints: Vec<Endpoint>,
+}
+
+fn service_entry(
+    se: &Resource<ServiceEntrySpec>,
+    namespace: &str,
+    workload_entries: &[(&Resource<WorkloadEntrySpec>, Option<Endpoint>)],
+    problems: &mut Vec<Problem>,
+) -> Option<ServiceProto> {
+    let o = &se.origin;
+    let spec = &se.spec;
+    let before = problems.len();
+    if spec.hosts.is_empty() {
+        problems.push(o.problem("spec.hosts", "at least one host is required"));
+    }
+    for (i, h) in spec.hosts.iter().enumerate() {
+        if h.is_empty() {
+            problems.push(o.problem(format!("spec.hosts[{i}]"), "host must not be empty"));
+        } else if h == "*" {
+            problems.push(o.problem(format!("spec.hosts[{i}]"), "host \"*\" is not allowed"));
+        }
+    }
+    match spec.resolution {
+        Resolution::Dns | Resolution::DnsRoundRobin | Resolution::DynamicDns => {
+            tracing::warn!(location = %o.problem("spec.resolution", "").location, resolution = ?spec.resolution,
+                "resolution not supported yet; service {:?} is not captured", spec.hosts);
+            return None;
+        }
+        Resolution::None if !spec.endpoints.is_empty() => {
+            problems.push(o.problem("spec.endpoints", "resolution NONE takes no endpoints"));
+        }
+        _ => {}
+    }
+    if !spec.endpoints.is_empty() && spec.workload_selector.is_some() {
+        problems.push(o.problem(
+            "spec.workloadSelector",
+            "workloadSelector and endpoints are mutually exclusive",
+        ));
+    }
+
+    let mut vips = Vec::new();
+    for (i, a) in spec.addresses.iter().enumerate() {
+        match a.parse::<IpAddr>() {
+            Ok(ip) => vips.push(ip.to_canonical()),
+            Err(_) if a.contains('/') => {
+                tracing::warn!(location = %o.problem(format!("spec.addresses[{i}]"), "").location,
+                "CIDR addresses are not captured yet: {a}")
+            }
+            Err(_) => problems.push(o.problem(
+                format!("spec.addresses[{i}]"),
+                format!("{a:?} is not an IP address or CIDR"),
+            )),
+        }
+    }
+
+    let mut ports = Vec::new();
+    let mut names = HashSet::new();
+    let mut numbers = HashSet::new();
+    for (i, p) in spec.ports.iter().enumerate() {
+        let field = format!("spec.ports[{i}]");
+        let Some(number) = port_number(o, &format!("{field}.number"), p.number, problems) else {
+            continue;
+        };
+        let target_port = match p.target_port {
+            Some(t) => {
+                port_number(o, &format!("{field}.targetPort"), t, problems).unwrap_or(number)
+            }
+            None => number,
+        };
+        if p.name.is_empty() {
+            problems.push(o.problem(format!("{field}.name"), "port name is required"));
+        } else if !names.insert(p.name.clone()) {
+            problems.push(o.problem(
+                format!("{field}.name"),
+                format!("duplicate port name {:?}", p.name),
+            ));
+        }
+        if !numbers.insert(number) {
+            problems.push(o.problem(
+                format!("{field}.number"),
+                format!("duplicate port number {number}"),
+            ));
+        }
+        ports.push(ServicePort {
+            name: p.name.clone(),
+            number,
+            protocol: p.protocol.as_ref().map(|s| s.to_ascii_uppercase()),
+            target_port,
+            targets: Vec::new(),
+            balancer: RoundRobin::default(),
+        });
+    }
+    if ports.is_empty() && !spec.ports.is_empty() {
+        return None;
+    }
+
+    let mut endpoints = Vec::new();
+    for (i, ep) in spec.endpoints.iter().enumerate() {
+        let name = format!("{}/endpoints[{i}]", se.meta.name);
+        if let Some(e) = endpoint(o, &format!("spec.endpoints[{i}]"), &name, ep, problems) {
+            endpoints.push(e);
+        }
+    }
+    if let Some(sel) = &spec.workload_selector {
+        for (we, ep) in workload_entries {
+            let same_ns = we.meta.namespace.as_deref().unwrap_or("default") == namespace;
+            if let Some(ep) = ep
+                && same_ns
+                && sel.labels.iter().all(|(k, v)| ep.labels.get(k) == Some(v))
+            {
+                endpoints.push(ep.clone());
+            }
+        }
+    }
+    for port in &mut ports {
+        port.targets = endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                (
+                    i,
+                    SocketAddr::new(
+                        e.address,
+                        *e.ports.get(&port.name).unwrap_or(&port.target_port),
+                    ),
+                )
+            })
+            .collect();
+    }
+    if problems.len() > before {
+        return None;
+    }
+    Some(ServiceProto {
+        resolution: spec.resolution,
+        location: spec.location,
+        vips,
+        ports,
+        endpoints,
+    })
+}
+
+fn endpoint(
+    o: &Origin,
+    field: &str,
+    name: &str,
+    spec: &WorkloadEntrySpec,
+    problems: &mut Vec<Problem>,
+) -> Option<Endpoint> {
+    let address = match spec.address.parse::<IpAddr>() {
+        Ok(a) => a.to_canonical(),
+        Err(_) => {
+            let msg = if spec.address.is_empty() {
+                "address is required".to_string()
+            } else {
+                format!(
+                    "{:?} is not an IP address (DNS and unix addresses are not supported yet)",
+                    spec.address
+                )
+            };
+            problems.push(o.problem(format!("{field}.address"), msg));
+            return None;
+        }
+    };
+    let mut ports = BTreeMap::new();
+    for (k, v) in &spec.ports {
+        if let Some(p) = port_number(o, &format!("{field}.ports.{k}"), *v, problems) {
+            ports.insert(k.clone(), p);
+        }
+    }
+    Some(Endpoint {
+        name: name.to_string(),
+        address,
+        ports,
+        labels: spec.labels.clone(),
+        weight: spec.weight.filter(|w| *w > 0).unwrap_or(1),
+        locality: spec.locality.clone(),
+        service_account: spec.service_account.clone(),
+    })
+}
+
+fn port_number(o: &Origin, field: &str, n: i64, problems: &mut Vec<Problem>) -> Option<u16> {
+    match u16::try_from(n) {
+        Ok(p) if p > 0 => Some(p),
+        _ => {
+            problems.push(o.problem(field, format!("port {n} is out of range 1-65535")));
+            None
+        }
+    }
+}
+
+// === impl ServicePort ===
+
+impl ServicePort {
+    /// A copy with its own balancer state (each host of a ServiceEntry balances independently).
+    fn duplicate(&self) -> Self {
+        Self {
+            name: self.name.clone(),
+            number: self.number,
+            protocol: self.protocol.clone(),
+            target_port: self.target_port,
+            targets: self.targets.clone(),
+            balancer: RoundRobin::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{path::PathBuf, sync::Arc};
+
+    use super::*;
+    use crate::registry::Target;
+
+    fn build(text: &str) -> Result<Registry, Vec<Problem>> {
+        let mut set = ConfigSet::default();
+        let mut problems = Vec::new();
+        set.add_text(Arc::new(PathBuf::from("t.yaml")), text, &mut problems);
+        assert!(problems.is_empty(), "{problems:?}");
+        Registry::build(&set)
+    }
+
+    const REVIEWS: &str = "\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: reviews, namespace: demo}
+spec:
+  hosts: [reviews.demo.svc.cluster.local]
+  addresses: [127.77.0.10]
+  ports:
+  - {number: 9080, name: http, protocol: http, targetPort: 8080}
+  resolution: STATIC
+  workloadSelector:
+    labels: {app: reviews}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: reviews-v1, namespace: demo}
+spec: {address: 198.18.1.2, labels: {app: reviews, version: v1}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: reviews-v2, namespace: demo}
+spec: {address: 198.18.2.2, labels: {app: reviews, version: v2}, ports: {http: 9999}, weight: 0}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: other-ns, namespace: elsewhere}
+spec: {address: 198.18.3.2, labels: {app: reviews}}
+";
+
+    #[test]
+    fn selects_workload_entries_and_resolves_ports() {
+        let r = build(REVIEWS).unwrap();
+        let vip: SocketAddr = "127.77.0.10:9080".parse().unwrap();
+        let (svc, port) = r.lookup(vip).unwrap();
+        assert_eq!(svc.host, "reviews.demo.svc.cluster.local");
+        assert_eq!(port.protocol.as_deref(), Some("HTTP"));
+        let names: Vec<_> = svc.endpoints.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["reviews-v1", "reviews-v2"]);
+        assert_eq!(svc.endpoints[1].weight, 1);
+        let targets: Vec<_> = port.targets.iter().map(|t| t.1.to_string()).collect();
+        assert_eq!(targets, ["198.18.1.2:8080", "198.18.2.2:9999"]);
+        // A v4-mapped original destination finds the same service.
+        assert!(
+            r.lookup("[::ffff:127.77.0.10]:9080".parse().unwrap())
+                .is_some()
+        );
+        assert!(r.lookup("127.77.0.10:80".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn round_robin_alternates_endpoints() {
+        let r = build(REVIEWS).unwrap();
+        let vip: SocketAddr = "127.77.0.10:9080".parse().unwrap();
+        let picks: Vec<_> = (0..4)
+            .map(|_| match r.pick(vip).unwrap().2 {
+                Some(Target::Endpoint { index, .. }) => index,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(picks, [0, 1, 0, 1]);
+    }
+
+    #[test]
+    fn resolution_none_passes_through_with_target_port() {
+        let r = build(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: x}\nspec:\n  hosts: [x.example]\n  addresses: [127.77.0.9]\n  ports: [{number: 80, name: tcp, targetPort: 8080}]\n",
+        )
+        .unwrap();
+        let (_, _, t) = r.pick("127.77.0.9:80".parse().unwrap()).unwrap();
+        assert_eq!(
+            t,
+            Some(Target::Passthrough("127.77.0.9:8080".parse().unwrap()))
+        );
+    }
+
+    fn problems(text: &str) -> Vec<String> {
+        build(text)
+            .unwrap_err()
+            .into_iter()
+            .map(|p| p.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn rejects_bad_services_with_locations() {
+        let head =
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: x}\nspec:\n";
+        let p = problems(&format!(
+            "{head}  hosts: [x]\n  addresses: [198.18.1.2]\n  resolution: STATIC\n  ports: [{{number: 80, name: tcp}}]\n  endpoints: [{{address: 198.18.1.2}}]\n"
+        ));
+        assert_eq!(
+            p,
+            [
+                "t.yaml:6:16: spec.addresses[0]: address 198.18.1.2 is also an endpoint address; capture would loop"
+            ]
+        );
+
+        let p = problems(&format!(
+            "{head}  hosts: [x]\n  ports:\n  - {{number: 70000, name: a}}\n  - {{number: 0, name: a}}\n"
+        ));
+        assert!(
+            p[0].starts_with("t.yaml:7:5: spec.ports[0].number: port 70000 is out of range"),
+            "{p:?}"
+        );
+        assert!(
+            p[1].contains("spec.ports[1].number: port 0 is out of range"),
+            "{p:?}"
+        );
+
+        let p = problems(&format!(
+            "{head}  hosts: [x]\n  ports: [{{number: 80, name: a}}, {{number: 80, name: a}}]\n"
+        ));
+        assert!(p.iter().any(|m| m.contains("duplicate port name")), "{p:?}");
+        assert!(
+            p.iter().any(|m| m.contains("duplicate port number 80")),
+            "{p:?}"
+        );
+
+        let p = problems(&format!("{head}  hosts: []\n"));
+        assert!(
+            p[0].contains("spec.hosts: at least one host is required"),
+            "{p:?}"
+        );
+
+        let p = problems(&format!(
+            "{head}  hosts: [x]\n  resolution: NONE\n  endpoints: [{{address: 198.18.0.1}}]\n"
+        ));
+        assert!(p[0].contains("resolution NONE takes no endpoints"), "{p:?}");
+
+        let p = problems(&format!(
+            "{head}  hosts: [x]\n  resolution: STATIC\n  endpoints: [{{address: not-an-ip}}]\n"
+        ));
+        assert!(
+            p[0].contains("spec.endpoints[0].address: \"not-an-ip\" is not an IP address"),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn rejects_duplicate_hosts_and_shared_vips() {
+        let se = |name: &str, host: &str, vip: &str| {
+            format!(
+                "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}}}\nspec:\n  hosts: [{host}]\n  addresses: [{vip}]\n  ports: [{{number: 80, name: tcp}}]\n"
+            )
+        };
+        let p =
+            problems(&(se("a", "x.example", "127.77.0.1") + &se("b", "x.example", "127.77.0.2")));
+        assert_eq!(p.len(), 1);
+        assert!(
+            p[0].contains("t.yaml:14:12: spec.hosts[0]: host \"x.example\" is already defined"),
+            "{p:?}"
+        );
+        let p =
+            problems(&(se("a", "x.example", "127.77.0.1") + &se("b", "y.example", "127.77.0.1")));
+        assert!(
+            p[0].contains("127.77.0.1:80 is already captured for host \"x.example\""),
+            "{p:?}"
+        );
+    }
+}

@@ -1,0 +1,35 @@
+//! Every map of the object, in one place. Pinned ones are pinned by the daemon under the versioned
+//! pin directory (`/sys/fs/bpf/drover/v1/<NAME>`), so a restarted daemon finds the same state.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap},
+};
+use drover_common::{
+    Config, Enrolment, OrigDst, TupleKey, VipKey, VipValue,
+    capacity::{
+        ENROLLED, ORIG_BY_COOKIE as ORIG_BY_COOKIE_CAP, ORIG_BY_TUPLE as ORIG_BY_TUPLE_CAP,
+        SVC_VIPS as SVC_VIPS_CAP,
+    },
+};
+
+/// Single entry: runtime settings written by the daemon.
+#[map]
+pub static CONFIG: Array<Config> = Array::pinned(1, 0);
+
+/// Captured service addresses (VIP, port, protocol).
+#[map]
+pub static SVC_VIPS: HashMap<VipKey, VipValue> = HashMap::pinned(SVC_VIPS_CAP, 0);
+
+/// Network namespaces (by cookie) whose connects are captured when the programs are attached at
+/// the cgroup root; cgroup-scoped attachments capture without consulting it.
+#[map(name = "ENROLLED")]
+pub static ENROLLED_NETNS: HashMap<u64, Enrolment> = HashMap::pinned(ENROLLED, 0);
+
+/// Original destination by application socket cookie (for sockops and getpeername).
+#[map]
+pub static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::pinned(ORIG_BY_COOKIE_CAP, 0);
+
+/// Original destination by the connection's 4-tuple + netns cookie (read and deleted by the daemon).
+#[map]
+pub static ORIG_BY_TUPLE: LruHashMap<TupleKey, OrigDst> = LruHashMap::pinned(ORIG_BY_TUPLE_CAP, 0);
