@@ -19,8 +19,17 @@ pub struct Locator {
 }
 
 enum Frame {
-    Map { path: String, key: Option<String> },
-    Seq { path: String, index: usize },
+    /// `pending`: the mapping's own position is recorded at its first key (the scanner's mark
+    /// for a block mapping's start is not where the user sees it begin).
+    Map {
+        path: String,
+        key: Option<String>,
+        pending: bool,
+    },
+    Seq {
+        path: String,
+        index: usize,
+    },
 }
 
 struct Builder {
@@ -108,8 +117,12 @@ impl Builder {
         Some(path)
     }
 
-    fn record_owned(&mut self, path: String, mark: Marker) {
-        self.record(path, mark);
+    /// Path of the sequence item that starts now (position recorded later, at its first key).
+    fn item_path(&self) -> String {
+        match self.stack.last() {
+            Some(Frame::Seq { path, index }) => format!("{path}[{index}]"),
+            _ => String::new(),
+        }
     }
 
     /// A value node finished: advance the parent frame.
@@ -141,8 +154,17 @@ impl MarkedEventReceiver for Builder {
                 }
             }
             Event::MappingStart(..) => {
-                let path = self.node_path(None, mark).unwrap_or_default();
-                self.stack.push(Frame::Map { path, key: None });
+                let in_seq = matches!(self.stack.last(), Some(Frame::Seq { .. }));
+                let path = if in_seq {
+                    self.item_path()
+                } else {
+                    self.node_path(None, mark).unwrap_or_default()
+                };
+                self.stack.push(Frame::Map {
+                    path,
+                    key: None,
+                    pending: in_seq,
+                });
             }
             Event::SequenceStart(..) => {
                 let path = self.node_path(None, mark).unwrap_or_default();

@@ -31,7 +31,7 @@ use tokio::{io::unix::AsyncFd, net::TcpStream};
 use super::{Error, OriginalDst, addr_words, tuple_key, words_addr};
 
 /// The object built by `daemon/build.rs` (empty when built with `DROVER_SKIP_EBPF=1`).
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/drover"));
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/drover-ebpf"));
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;

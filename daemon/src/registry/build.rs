@@ -420,7 +420,7 @@ spec: {address: 198.18.3.2, labels: {app: reviews}}
         assert_eq!(
             p,
             [
-                "t.yaml:6:16: spec.addresses[0]: address 198.18.1.2 is also an endpoint address; capture would loop"
+                "t.yaml:6:15: spec.addresses[0]: address 198.18.1.2 is also an endpoint address; capture would loop"
             ]
         );
 

@@ -1,0 +1,96 @@
+//! Test and demo upstreams. `echo`: greets each connection with `hello from NAME peer=ADDR\n`, then
+//! echoes. `sink`: counts bytes until EOF and answers with the count. `http`: an HTTP/1.1 server
+//! (hyper) answering every request with JSON naming the server. Prints `listening ADDR` when ready.
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+
+use clap::{Parser, ValueEnum};
+use http_body_util::Full;
+use hyper::{Request, Response, body::Bytes, server::conn::http1, service::service_fn};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+};
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Mode {
+    Echo,
+    Sink,
+    Http,
+}
+
+#[derive(Parser)]
+struct Args {
+    #[arg(value_enum)]
+    mode: Mode,
+    #[arg(long)]
+    listen: Vec<SocketAddr>,
+    #[arg(long, default_value = "server")]
+    name: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let name: Arc<str> = args.name.into();
+    for addr in &args.listen {
+        let listener = TcpListener::bind(addr).await?;
+        #[expect(clippy::print_stdout, reason = "the harness waits for this line")]
+        {
+            println!("listening {}", listener.local_addr()?);
+        }
+        tokio::spawn(serve(listener, args.mode, name.clone()));
+    }
+    std::future::pending::<()>().await;
+    Ok(())
+}
+
+async fn serve(listener: TcpListener, mode: Mode, name: Arc<str>) {
+    loop {
+        let Ok((mut stream, peer)) = listener.accept().await else {
+            continue;
+        };
+        let name = name.clone();
+        tokio::spawn(async move {
+            match mode {
+                Mode::Echo => {
+                    let greeting = format!("hello from {name} peer={peer}\n");
+                    if stream.write_all(greeting.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let (mut r, mut w) = stream.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                }
+                Mode::Sink => {
+                    let mut buf = vec![0u8; 256 * 1024];
+                    let mut total: u64 = 0;
+                    while let Ok(n) = stream.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        total += n as u64;
+                    }
+                    let _ = stream.write_all(format!("{total}\n").as_bytes()).await;
+                }
+                Mode::Http => {
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let body = format!(
+                            "{{\"podname\":\"{name}\",\"path\":\"{}\",\"peer\":\"{peer}\"}}\n",
+                            req.uri().path()
+                        );
+                        async move {
+                            Ok::<_, Infallible>(
+                                Response::builder()
+                                    .header("content-type", "application/json")
+                                    .body(Full::new(Bytes::from(body)))
+                                    .expect("static response"),
+                            )
+                        }
+                    });
+                    let _ = http1::Builder::new().serve_connection(io, svc).await;
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,527 @@
+//! Integration harness: network namespaces joined by veth pairs as test hosts, real servers in
+//! them, the real `drover` binary, and guards that tear everything down even when a test panics.
+//!
+//! Address plan (nothing here is reachable from outside the namespaces this harness creates):
+//! endpoint namespace `i` (1-based) is `198.18.i.2` / `fd00:d7:i::2`, reached from the client
+//! namespace's `198.18.i.1` / `fd00:d7:i::1`; service VIPs are `127.77.0.0/16` (loopback inside
+//! the client namespace) and `fd00:77::/64` (unrouted there). If capture failed, a connection to a
+//! VIP would stay inside the client namespace.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, Ordering},
+        mpsc,
+    },
+    time::{Duration, Instant},
+};
+
+/// Whether privileged tests can run. Without root they are skipped with a loud line, except when
+/// `CI` or `REQUIRE_PRIVILEGED` is set: then a missing privilege fails the test.
+pub fn require_privileged() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() || std::env::var_os("REQUIRE_PRIVILEGED").is_some() {
+        panic!(
+            "privileged test needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN) and CI/REQUIRE_PRIVILEGED is set"
+        );
+    }
+    eprintln!("SKIPPED (needs root): run `cargo xtask test` as root");
+    false
+}
+
+/// A short id unique to this process and call, for namespace, link and cgroup names.
+pub fn unique_id() -> u32 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    (std::process::id() % 10_000) * 100 + NEXT.fetch_add(1, Ordering::Relaxed) % 100
+}
+
+/// Runs a command to completion, panicking with its output on failure.
+pub fn sh(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Directory holding the workspace's built binaries (the test's own profile directory).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+/// Path of a workspace binary, failing with a hint when it was not built.
+pub fn bin(name: &str) -> PathBuf {
+    if name == "drover"
+        && let Some(p) = std::env::var_os("DROVER_BIN")
+    {
+        return PathBuf::from(p);
+    }
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build it first (`cargo xtask test` does)",
+        p.display()
+    );
+    p
+}
+
+// === Netns ===
+
+/// A network namespace that is deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(name: String) -> Self {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
+        sh(&["ip", "netns", "add", &name]);
+        sh(&["ip", "-n", &name, "link", "set", "lo", "up"]);
+        Self { name }
+    }
+
+    /// A command run inside this namespace (`ip netns exec`).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).arg(program);
+        c
+    }
+
+    /// Runs `ip ARGS` against this namespace.
+    pub fn ip(&self, args: &[&str]) {
+        let mut full = vec!["ip", "-n", &self.name];
+        full.extend_from_slice(args);
+        sh(&full);
+    }
+
+    /// Opens a TCP connection from a socket created inside this namespace (optionally marked).
+    pub fn connect(
+        &self,
+        addr: SocketAddr,
+        mark: Option<u32>,
+    ) -> std::io::Result<std::net::TcpStream> {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let f = std::fs::File::open(&path)?;
+                nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(std::io::Error::from)?;
+                let domain = if addr.is_ipv4() {
+                    socket2::Domain::IPV4
+                } else {
+                    socket2::Domain::IPV6
+                };
+                let sock = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
+                if let Some(m) = mark {
+                    sock.set_mark(m)?;
+                }
+                sock.connect_timeout(&addr.into(), Duration::from_secs(5))?;
+                let s: std::net::TcpStream = sock.into();
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                Ok(s)
+            })
+            .join()
+            .expect("connect thread")
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+// === Topology ===
+
+/// A client namespace joined to `n` endpoint namespaces by one veth pair each.
+pub struct Topology {
+    pub id: u32,
+    pub client: Netns,
+    pub endpoints: Vec<Netns>,
+}
+
+impl Topology {
+    pub fn new(n: usize) -> Self {
+        let id = unique_id();
+        let client = Netns::new(format!("drv{id}c"));
+        let mut endpoints = Vec::new();
+        for i in 1..=n {
+            let ep = Netns::new(format!("drv{id}e{i}"));
+            let (a, b) = (format!("d{id}a{i}"), format!("d{id}b{i}"));
+            sh(&[
+                "ip",
+                "link",
+                "add",
+                &a,
+                "netns",
+                &client.name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &b,
+                "netns",
+                &ep.name,
+            ]);
+            client.ip(&["addr", "add", &format!("198.18.{i}.1/24"), "dev", &a]);
+            client.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("fd00:d7:{i}::1/64"),
+                "dev",
+                &a,
+                "nodad",
+            ]);
+            client.ip(&["link", "set", &a, "up"]);
+            ep.ip(&["addr", "add", &format!("198.18.{i}.2/24"), "dev", &b]);
+            ep.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("fd00:d7:{i}::2/64"),
+                "dev",
+                &b,
+                "nodad",
+            ]);
+            ep.ip(&["link", "set", &b, "up"]);
+            endpoints.push(ep);
+        }
+        Self {
+            id,
+            client,
+            endpoints,
+        }
+    }
+
+    /// IPv4 address of endpoint `i` (1-based).
+    pub fn ep4(i: usize) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(198, 18, i as u8, 2))
+    }
+
+    /// IPv6 address of endpoint `i` (1-based).
+    pub fn ep6(i: usize) -> IpAddr {
+        IpAddr::V6(Ipv6Addr::new(0xfd00, 0xd7, i as u16, 0, 0, 0, 0, 2))
+    }
+
+    /// Client-side IPv4 address facing endpoint `i`.
+    pub fn client4(i: usize) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(198, 18, i as u8, 1))
+    }
+}
+
+// === Proc ===
+
+/// A child process killed on drop.
+pub struct Proc {
+    pub child: Child,
+}
+
+impl Proc {
+    /// Starts a `drover-testsrv` (in `ns`, or here) and waits until every listener is up.
+    pub fn server(ns: Option<&Netns>, mode: &str, listen: &[SocketAddr], name: &str) -> Self {
+        let exe = bin("drover-testsrv");
+        let mut cmd = match ns {
+            Some(ns) => ns.command(&exe),
+            None => Command::new(&exe),
+        };
+        cmd.arg(mode).args(["--name", name]);
+        for l in listen {
+            cmd.arg("--listen").arg(l.to_string());
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn drover-testsrv");
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        for _ in listen {
+            match lines.next() {
+                Some(Ok(l)) if l.starts_with("listening") => {}
+                other => {
+                    let _ = child.kill();
+                    panic!("server {name} did not start: {other:?}");
+                }
+            }
+        }
+        Self { child }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// === PinDir ===
+
+/// A private pin directory for one test's maps and links; removing it detaches everything.
+pub struct PinDir {
+    pub path: PathBuf,
+}
+
+impl PinDir {
+    pub fn new() -> Self {
+        Self {
+            path: PathBuf::from(format!("/sys/fs/bpf/drover-test-{}", unique_id())),
+        }
+    }
+}
+
+impl Default for PinDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+// === Cgroup ===
+
+/// A cgroup v2 directory (under the v2 mount) removed on drop.
+pub struct Cgroup {
+    pub path: PathBuf,
+}
+
+impl Cgroup {
+    pub fn new() -> Self {
+        let root = drover::redirect::loader::cgroup2_root().expect("cgroup v2 mount");
+        let path = root.join(format!("drover-test-{}", unique_id()));
+        std::fs::create_dir_all(&path).expect("create cgroup");
+        Self { path }
+    }
+
+    /// A shell command line that joins this cgroup and then runs `program args…`.
+    pub fn command(&self, program: &Path, args: &[&str]) -> Command {
+        let mut c = Command::new("sh");
+        c.arg("-c")
+            .arg(format!(
+                "echo $$ > {}/cgroup.procs && exec \"$0\" \"$@\"",
+                self.path.display()
+            ))
+            .arg(program)
+            .args(args);
+        c
+    }
+}
+
+impl Default for Cgroup {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.path).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+// === probe ===
+
+/// Runs `drover-probe ARGS` (in `ns` and/or `cgroup`) and parses its JSON answer.
+pub fn probe(ns: Option<&Netns>, cgroup: Option<&Cgroup>, args: &[&str]) -> serde_json::Value {
+    let exe = bin("drover-probe");
+    let mut cmd = match (ns, cgroup) {
+        (Some(ns), Some(cg)) => {
+            let mut c = ns.command("sh");
+            c.arg("-c")
+                .arg(format!(
+                    "echo $$ > {}/cgroup.procs && exec \"$0\" \"$@\"",
+                    cg.path.display()
+                ))
+                .arg(&exe)
+                .args(args);
+            c
+        }
+        (Some(ns), None) => {
+            let mut c = ns.command(&exe);
+            c.args(args);
+            c
+        }
+        (None, Some(cg)) => cg.command(&exe, args),
+        (None, None) => {
+            let mut c = Command::new(&exe);
+            c.args(args);
+            c
+        }
+    };
+    let out = cmd.output().expect("run drover-probe");
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| {
+        panic!(
+            "probe output {text:?} ({e}); stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+// === Daemon ===
+
+/// The real `drover` binary, started with `drover run ARGS`; its log is kept for assertions.
+pub struct Daemon {
+    child: Option<Child>,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Daemon {
+    /// Starts `drover run` and waits for it to be ready; on failure returns its exit status and log.
+    pub fn start(args: &[String]) -> Result<Self, (Option<i32>, String)> {
+        let mut child = Command::new(bin("drover"))
+            .arg("run")
+            .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("DROVER_TEST_LOG").unwrap_or_else(|_| "info,drover=debug".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn drover");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let stderr = child.stderr.take().expect("stderr");
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[drover] {line}");
+                if line.contains("drover ready") {
+                    let _ = ready_tx.send(());
+                }
+                sink.lock().expect("log lock").push(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if ready_rx.recv_timeout(Duration::from_millis(50)).is_ok() {
+                return Ok(Self {
+                    child: Some(child),
+                    log,
+                });
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                std::thread::sleep(Duration::from_millis(100));
+                return Err((status.code(), log.lock().expect("log lock").join("\n")));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return Err((None, log.lock().expect("log lock").join("\n")));
+            }
+        }
+    }
+
+    /// Everything the daemon logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().expect("log lock").join("\n")
+    }
+
+    /// Waits (bounded) until the log contains `needle`.
+    pub fn wait_log(&self, needle: &str, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if self.log().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// Sends SIGTERM without waiting.
+    pub fn terminate(&self) {
+        if let Some(c) = &self.child {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::SIGTERM,
+            );
+        }
+    }
+
+    /// SIGTERM, then waits (bounded) for exit; returns the exit code.
+    pub fn stop(&mut self) -> Option<i32> {
+        self.terminate();
+        let mut child = self.child.take()?;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Writes `yaml` to a fresh file under the system temp dir and returns its path.
+pub fn write_config(yaml: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("drover-test-{}", unique_id()));
+    std::fs::create_dir_all(&dir).expect("config dir");
+    let path = dir.join("config.yaml");
+    std::fs::write(&path, yaml).expect("write config");
+    path
+}
+
+/// A `ServiceEntry` with STATIC endpoints, for tests.
+pub fn service_entry(
+    name: &str,
+    vips: &[&str],
+    port: u16,
+    target_port: u16,
+    endpoints: &[IpAddr],
+) -> String {
+    let eps: Vec<String> = endpoints
+        .iter()
+        .map(|e| format!("{{address: \"{e}\"}}"))
+        .collect();
+    format!(
+        "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}, namespace: test}}\nspec:\n  hosts: [{name}.test.svc]\n  addresses: [{}]\n  ports: [{{number: {port}, name: tcp, protocol: TCP, targetPort: {target_port}}}]\n  resolution: STATIC\n  endpoints: [{}]\n",
+        vips.iter()
+            .map(|v| format!("\"{v}\""))
+            .collect::<Vec<_>>()
+            .join(", "),
+        eps.join(", ")
+    )
+}

@@ -1,0 +1,523 @@
+//! Integration tests through the real kernel capture path: real eBPF programs, real namespaces and
+//! veth pairs, real servers, the real `drover` binary. They need root; under `CI` they fail rather
+//! than skip. Run serially (`--test-threads=1`): they attach programs at the cgroup v2 root.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::SocketAddr,
+    time::Duration,
+};
+
+use drover_tests::{
+    Cgroup, Daemon, PinDir, Proc, Topology, probe, require_privileged, service_entry, sh,
+    write_config,
+};
+
+const VIP: &str = "127.77.0.10";
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn args(config: &std::path::Path, pins: &PinDir, extra: &[&str]) -> Vec<String> {
+    let mut a = vec![
+        "--config".into(),
+        config.display().to_string(),
+        "--pin-dir".into(),
+        pins.path.display().to_string(),
+    ];
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+/// Echo servers named `ep1..epN` on port 7000 of each endpoint namespace (v4 and v6).
+fn echo_servers(t: &Topology) -> Vec<Proc> {
+    t.endpoints
+        .iter()
+        .enumerate()
+        .map(|(i, ns)| {
+            let listen = [
+                SocketAddr::new(Topology::ep4(i + 1), 7000),
+                SocketAddr::new(Topology::ep6(i + 1), 7000),
+            ];
+            Proc::server(Some(ns), "echo", &listen, &format!("ep{}", i + 1))
+        })
+        .collect()
+}
+
+fn greeting_of(v: &serde_json::Value) -> &str {
+    v["greeting"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no greeting: {v}"))
+}
+
+#[test]
+fn netns_capture_relays_round_robin_and_keeps_vip_as_peer() {
+    if !require_privileged() {
+        return;
+    }
+    let t = Topology::new(2);
+    let _servers = echo_servers(&t);
+    let pins = PinDir::new();
+    let cfg = write_config(&service_entry(
+        "echo",
+        &[VIP],
+        80,
+        7000,
+        &[Topology::ep4(1), Topology::ep4(2)],
+    ));
+    let daemon =
+        Daemon::start(&args(&cfg, &pins, &["--netns", &t.client.name])).expect("daemon starts");
+
+    let mut served = Vec::new();
+    for _ in 0..4 {
+        let r = probe(
+            Some(&t.client),
+            None,
+            &["connect", &format!("{VIP}:80"), "--send", "hello"],
+        );
+        assert_eq!(
+            r["peer"],
+            format!("{VIP}:80"),
+            "getpeername must show the VIP: {r}"
+        );
+        assert_eq!(r["echo"], "hello", "{r}");
+        let g = greeting_of(&r);
+        // The upstream socket is created in the client namespace: the endpoint sees the client's
+        // veth address, not a loopback one.
+        let (name, peer) = g
+            .trim_start_matches("hello from ")
+            .split_once(" peer=")
+            .unwrap();
+        let peer: SocketAddr = peer.parse().unwrap();
+        let idx: usize = name.trim_start_matches("ep").parse().unwrap();
+        assert_eq!(peer.ip(), Topology::client4(idx), "{g}");
+        served.push(idx);
+    }
+    assert_eq!(
+        served.iter().filter(|&&i| i == 1).count(),
+        2,
+        "round robin: {served:?}"
+    );
+    assert_eq!(
+        served.iter().filter(|&&i| i == 2).count(),
+        2,
+        "round robin: {served:?}"
+    );
+    assert!(
+        daemon.wait_log("captured connect", Duration::from_secs(2)),
+        "kernel log records reach the daemon log"
+    );
+    assert!(
+        daemon.log().contains("host=echo.test.svc"),
+        "access log names the service"
+    );
+}
+
+#[test]
+fn non_vip_destinations_and_marked_sockets_are_untouched() {
+    if !require_privileged() {
+        return;
+    }
+    let t = Topology::new(1);
+    let _servers = echo_servers(&t);
+    let pins = PinDir::new();
+    let cfg = write_config(&service_entry(
+        "echo",
+        &[VIP],
+        80,
+        7000,
+        &[Topology::ep4(1)],
+    ));
+    let _daemon =
+        Daemon::start(&args(&cfg, &pins, &["--netns", &t.client.name])).expect("daemon starts");
+
+    // Direct connection to the endpoint: the server sees the probe's own socket.
+    let r = probe(Some(&t.client), None, &["connect", "198.18.1.2:7000"]);
+    let seen = greeting_of(&r).split(" peer=").nth(1).unwrap().to_string();
+    assert_eq!(
+        seen,
+        r["local"].as_str().unwrap(),
+        "non-VIP traffic must not pass through drover: {r}"
+    );
+
+    // A socket carrying drover's mark dialling the VIP is not captured: nothing listens on the
+    // VIP itself inside the client namespace, so it is refused.
+    let r = probe(
+        Some(&t.client),
+        None,
+        &["connect", &format!("{VIP}:80"), "--mark", "17490"],
+    );
+    assert_eq!(r["kind"], "ConnectionRefused", "{r}");
+    // The same connect without the mark is captured.
+    let r = probe(Some(&t.client), None, &["connect", &format!("{VIP}:80")]);
+    assert!(greeting_of(&r).starts_with("hello from ep1"), "{r}");
+}
+
+#[test]
+fn daemon_upstream_connects_are_not_recaptured() {
+    if !require_privileged() {
+        return;
+    }
+    let t = Topology::new(1);
+    let _servers = echo_servers(&t);
+    let pins = PinDir::new();
+    // Service "front" points at the VIP of service "back". If drover's own upstream connect were
+    // captured, it would be steered to back's endpoint; it must instead dial the address itself,
+    // where nothing listens.
+    let yaml = service_entry("back", &[VIP], 80, 7000, &[Topology::ep4(1)])
+        + &service_entry(
+            "front",
+            &["127.77.0.20"],
+            80,
+            80,
+            &["127.77.0.10".parse().unwrap()],
+        );
+    let cfg = write_config(&yaml);
+    let daemon =
+        Daemon::start(&args(&cfg, &pins, &["--netns", &t.client.name])).expect("daemon starts");
+    let r = probe(Some(&t.client), None, &["connect", "127.77.0.20:80"]);
+    assert!(
+        r.get("error").is_some(),
+        "front must fail, not reach back's endpoint: {r}"
+    );
+    assert!(
+        daemon.wait_log("flag=\"UF\"", Duration::from_secs(3)),
+        "upstream failure logged with UF"
+    );
+    assert!(
+        daemon.log().contains("127.77.0.10:80: Connection refused")
+            || daemon.log().contains("Connection refused")
+    );
+}
+
+#[test]
+fn fail_closed_refuses_and_fail_open_goes_direct_while_daemon_is_down() {
+    if !require_privileged() {
+        return;
+    }
+    let t = Topology::new(1);
+    let _servers = echo_servers(&t);
+    // A server on the VIP itself inside the client namespace stands for "the direct path".
+    let _direct = Proc::server(
+        Some(&t.client),
+        "echo",
+        &[sa(&format!("{VIP}:80"))],
+        "direct",
+    );
+    let cfg = write_config(&service_entry(
+        "echo",
+        &[VIP],
+        80,
+        7000,
+        &[Topology::ep4(1)],
+    ));
+
+    let pins = PinDir::new();
+    let mut daemon =
+        Daemon::start(&args(&cfg, &pins, &["--netns", &t.client.name])).expect("daemon starts");
+    let r = probe(Some(&t.client), None, &["connect", &format!("{VIP}:80")]);
+    assert!(
+        greeting_of(&r).starts_with("hello from ep1"),
+        "captured while running: {r}"
+    );
+    assert_eq!(daemon.stop(), Some(0), "clean exit on SIGTERM");
+    // Links stay pinned after exit: capture continues and, with no listener, connects are refused.
+    let r = probe(Some(&t.client), None, &["connect", &format!("{VIP}:80")]);
+    assert_eq!(
+        r["kind"], "ConnectionRefused",
+        "fail-closed while the daemon is down: {r}"
+    );
+    drop(pins);
+    // Removing the pins (uninstall) detaches the programs: the direct path works again.
+    let r = probe(Some(&t.client), None, &["connect", &format!("{VIP}:80")]);
+    assert!(
+        greeting_of(&r).starts_with("hello from direct"),
+        "after uninstall: {r}"
+    );
+
+    let pins = PinDir::new();
+    let mut daemon = Daemon::start(&args(
+        &cfg,
+        &pins,
+        &["--netns", &t.client.name, "--fail-open"],
+    ))
+    .expect("daemon starts");
+    let r = probe(Some(&t.client), None, &["connect", &format!("{VIP}:80")]);
+    assert!(
+        greeting_of(&r).starts_with("hello from ep1"),
+        "fail-open still captures while running: {r}"
+    );
+    daemon.stop();
+    let r = probe(Some(&t.client), None, &["connect", &format!("{VIP}:80")]);
+    assert!(
+        greeting_of(&r).starts_with("hello from direct"),
+        "fail-open goes direct while down: {r}"
+    );
+}
+
+fn pinned_ids(pins: &PinDir) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for sub in ["", "links"] {
+        let dir = pins.path.join(sub);
+        let mut names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.is_file())
+            .collect();
+        names.sort();
+        for p in names {
+            let kind = if sub.is_empty() { "map" } else { "link" };
+            let json = sh(&["bpftool", "-j", kind, "show", "pinned", p.to_str().unwrap()]);
+            let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+            out.push((
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                v["id"].to_string(),
+            ));
+        }
+    }
+    out
+}
+
+#[test]
+fn restart_reuses_pinned_maps_and_links() {
+    if !require_privileged() {
+        return;
+    }
+    let t = Topology::new(1);
+    let _servers = echo_servers(&t);
+    let pins = PinDir::new();
+    let cfg = write_config(&service_entry(
+        "echo",
+        &[VIP],
+        80,
+        7000,
+        &[Topology::ep4(1)],
+    ));
+    let a = args(&cfg, &pins, &["--netns", &t.client.name]);
+    let mut daemon = Daemon::start(&a).expect("daemon starts");
+    let before = pinned_ids(&pins);
+    assert!(before.iter().any(|(n, _)| n == "SVC_VIPS"), "{before:?}");
+    assert_eq!(
+        before.iter().filter(|(n, _)| n.contains('@')).count(),
+        5,
+        "five links pinned: {before:?}"
+    );
+    daemon.stop();
+
+    let daemon = Daemon::start(&a).expect("daemon restarts");
+    assert_eq!(
+        pinned_ids(&pins),
+        before,
+        "same map and link objects after restart (no duplicates, no leaks)"
+    );
+    assert!(daemon.log().contains("re-using pinned link"));
+    let r = probe(Some(&t.client), None, &["connect", &format!("{VIP}:80")]);
+    assert!(
+        greeting_of(&r).starts_with("hello from ep1"),
+        "captures after restart: {r}"
+    );
+}
+
+#[test]
+fn ipv6_and_v4_mapped_destinations_are_captured() {
+    if !require_privileged() {
+        return;
+    }
+    let t = Topology::new(1);
+    let _servers = echo_servers(&t);
+    let pins = PinDir::new();
+    let yaml = service_entry("echo4", &[VIP], 80, 7000, &[Topology::ep4(1)])
+        + &service_entry("echo6", &["fd00:77::10"], 80, 7000, &[Topology::ep6(1)]);
+    let cfg = write_config(&yaml);
+    let _daemon =
+        Daemon::start(&args(&cfg, &pins, &["--netns", &t.client.name])).expect("daemon starts");
+
+    let r = probe(Some(&t.client), None, &["connect", "[fd00:77::10]:80"]);
+    assert_eq!(r["peer"], "[fd00:77::10]:80", "{r}");
+    assert!(
+        greeting_of(&r).contains("peer=[fd00:d7:1::1]"),
+        "IPv6 upstream from the client namespace: {r}"
+    );
+
+    // An IPv4 service dialled through an AF_INET6 socket arrives in connect6 as v4-mapped.
+    let r = probe(
+        Some(&t.client),
+        None,
+        &["connect", &format!("[::ffff:{VIP}]:80")],
+    );
+    assert_eq!(r["peer"], format!("[::ffff:{VIP}]:80"), "{r}");
+    assert!(greeting_of(&r).starts_with("hello from ep1"), "{r}");
+}
+
+#[test]
+fn cgroup_enrolment_captures_only_member_processes() {
+    if !require_privileged() {
+        return;
+    }
+    // Host namespace, loopback only: endpoints on 127.0.0.x, VIP in 127.77/16.
+    let port = 20_000 + (drover_tests::unique_id() % 20_000) as u16;
+    let _servers = [
+        Proc::server(
+            None,
+            "echo",
+            &[SocketAddr::from(([127, 0, 0, 2], port))],
+            "lo2",
+        ),
+        Proc::server(
+            None,
+            "echo",
+            &[SocketAddr::from(([127, 0, 0, 3], port))],
+            "lo3",
+        ),
+    ];
+    let vip = "127.77.0.30";
+    let cfg = write_config(&service_entry(
+        "loecho",
+        &[vip],
+        80,
+        port,
+        &["127.0.0.2".parse().unwrap(), "127.0.0.3".parse().unwrap()],
+    ));
+    let cg = Cgroup::new();
+    let pins = PinDir::new();
+    let _daemon = Daemon::start(&args(&cfg, &pins, &["--cgroup", cg.path.to_str().unwrap()]))
+        .expect("daemon starts");
+
+    let mut names = Vec::new();
+    for _ in 0..2 {
+        let r = probe(None, Some(&cg), &["connect", &format!("{vip}:80")]);
+        assert_eq!(r["peer"], format!("{vip}:80"), "{r}");
+        names.push(greeting_of(&r).split(' ').nth(2).unwrap().to_string());
+    }
+    names.sort();
+    assert_eq!(names, ["lo2", "lo3"]);
+    let r = probe(None, None, &["connect", &format!("{vip}:80")]);
+    assert_eq!(
+        r["kind"], "ConnectionRefused",
+        "a process outside the cgroup is not captured: {r}"
+    );
+}
+
+#[test]
+fn sigterm_drains_open_connections_then_closes_them() {
+    if !require_privileged() {
+        return;
+    }
+    let t = Topology::new(1);
+    let _servers = echo_servers(&t);
+    let pins = PinDir::new();
+    let cfg = write_config(&service_entry(
+        "echo",
+        &[VIP],
+        80,
+        7000,
+        &[Topology::ep4(1)],
+    ));
+    let mut daemon = Daemon::start(&args(
+        &cfg,
+        &pins,
+        &["--netns", &t.client.name, "--drain-timeout", "2"],
+    ))
+    .expect("daemon starts");
+    let mut conn = t
+        .client
+        .connect(sa(&format!("{VIP}:80")), None)
+        .expect("captured connect");
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.starts_with("hello from ep1"), "{line}");
+
+    daemon.terminate();
+    assert!(daemon.wait_log("SIGTERM: draining", Duration::from_secs(3)));
+    // During the drain the open connection keeps working, while new connects are refused.
+    conn.write_all(b"still-here").unwrap();
+    let mut buf = [0u8; 10];
+    reader.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"still-here");
+    let refused = t.client.connect(sa(&format!("{VIP}:80")), None);
+    assert!(
+        refused.is_err(),
+        "new connections are refused while draining"
+    );
+    // After the deadline the daemon exits and the connection is closed (EOF), not left hanging.
+    conn.set_read_timeout(Some(Duration::from_secs(6))).unwrap();
+    let n = reader
+        .read(&mut buf)
+        .expect("closed cleanly, not timed out");
+    assert_eq!(n, 0, "EOF after the drain deadline");
+    assert_eq!(daemon.stop(), Some(0));
+    assert!(daemon.log().contains("drain deadline reached"));
+}
+
+#[test]
+fn bad_input_exits_1_with_located_errors() {
+    if !require_privileged() {
+        return;
+    }
+    let pins = PinDir::new();
+    let bad = write_config(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: x}\nspec:\n  hosts: [x]\n  ports:\n  - {number: 70000, name: tcp}\n",
+    );
+    let (code, log) = Daemon::start(&args(&bad, &pins, &["--netns", "whatever"]))
+        .err()
+        .expect("must fail");
+    assert_eq!(code, Some(1));
+    assert!(
+        log.contains(&format!(
+            "{}:7:6: spec.ports[0].number: port 70000 is out of range",
+            bad.display()
+        )),
+        "{log}"
+    );
+
+    let good = write_config(&service_entry(
+        "echo",
+        &[VIP],
+        80,
+        7000,
+        &[Topology::ep4(1)],
+    ));
+    let (code, log) = Daemon::start(&args(&good, &pins, &["--netns", "drover-no-such-ns"]))
+        .err()
+        .expect("must fail");
+    assert_eq!(code, Some(1));
+    assert!(log.contains("network namespace drover-no-such-ns"), "{log}");
+
+    let (code, log) = Daemon::start(&args(
+        &good,
+        &pins,
+        &["--cgroup", "/sys/fs/cgroup/unified/drover-no-such-cgroup"],
+    ))
+    .err()
+    .expect("must fail");
+    assert_eq!(code, Some(1));
+    assert!(
+        log.contains("cgroup /sys/fs/cgroup/unified/drover-no-such-cgroup"),
+        "{log}"
+    );
+
+    // Without capabilities the daemon names what is missing.
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ])
+        .arg(drover_tests::bin("drover"))
+        .args([
+            "run",
+            "--config",
+            good.to_str().unwrap(),
+            "--pin-dir",
+            pins.path.to_str().unwrap(),
+        ])
+        .output()
+        .expect("setpriv");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("missing privilege: CAP_BPF"), "{stderr}");
+}
