@@ -90,6 +90,7 @@ impl Builder {
             Some(Frame::Map {
                 path,
                 key: key @ None,
+                pending,
             }) => {
                 let k = scalar.unwrap_or("?").to_string();
                 let full = if path.is_empty() {
@@ -98,10 +99,16 @@ impl Builder {
                     format!("{path}.{k}")
                 };
                 *key = Some(k);
-                self.record_owned(full, mark);
+                let own = std::mem::take(pending).then(|| path.clone());
+                if let Some(own) = own {
+                    self.record(own, mark);
+                }
+                self.record(full, mark);
                 return None;
             }
-            Some(Frame::Map { path, key: Some(k) }) => (
+            Some(Frame::Map {
+                path, key: Some(k), ..
+            }) => (
                 if path.is_empty() {
                     k.clone()
                 } else {

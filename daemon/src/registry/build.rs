@@ -428,7 +428,7 @@ spec: {address: 198.18.3.2, labels: {app: reviews}}
             "{head}  hosts: [x]\n  ports:\n  - {{number: 70000, name: a}}\n  - {{number: 0, name: a}}\n"
         ));
         assert!(
-            p[0].starts_with("t.yaml:7:5: spec.ports[0].number: port 70000 is out of range"),
+            p[0].starts_with("t.yaml:7:6: spec.ports[0].number: port 70000 is out of range"),
             "{p:?}"
         );
         assert!(
@@ -476,7 +476,7 @@ spec: {address: 198.18.3.2, labels: {app: reviews}}
             problems(&(se("a", "x.example", "127.77.0.1") + &se("b", "x.example", "127.77.0.2")));
         assert_eq!(p.len(), 1);
         assert!(
-            p[0].contains("t.yaml:14:12: spec.hosts[0]: host \"x.example\" is already defined"),
+            p[0].contains("t.yaml:14:11: spec.hosts[0]: host \"x.example\" is already defined"),
             "{p:?}"
         );
         let p =
