@@ -414,9 +414,12 @@ impl Daemon {
         let (ready_tx, ready_rx) = mpsc::channel();
         let stderr = child.stderr.take().expect("stderr");
         let sink = log.clone();
+        let echo = std::env::var_os("DROVER_ECHO_LOG").is_none_or(|v| v != "0");
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[drover] {line}");
+                if echo {
+                    eprintln!("[drover] {line}");
+                }
                 if line.contains("drover ready") {
                     let _ = ready_tx.send(());
                 }

@@ -1,1 +1,278 @@
-fn main() {}
+//! `cargo xtask setup | test | demo | bench | lint`: everything a fresh machine needs, in commands.
+//!
+//! `setup` is idempotent and fast when nothing is missing; `test`, `demo` and `bench` run it first.
+#![expect(
+    clippy::print_stdout,
+    reason = "xtask talks to the developer on stdout"
+)]
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+/// Debian packages the project uses (tests, demo, bench).
+const APT_PACKAGES: [&str; 7] = [
+    "iproute2",
+    "iptables",
+    "bpftool",
+    "iputils-ping",
+    "curl",
+    "hey",
+    "util-linux",
+];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and testing need (Debian packages, rust-src, bpf-linker, bpffs).
+    Setup,
+    /// Unit tests, then the privileged integration tests through the real kernel path.
+    Test,
+    /// The bookinfo `reviews` demo: namespaces, endpoints, the daemon, traffic, a summary.
+    Demo {
+        /// Seconds of traffic (Ctrl-C ends it early).
+        #[arg(long, default_value = "10")]
+        duration: u64,
+    },
+    /// L4 latency and throughput: direct vs Drover (eBPF) vs Drover (iptables REDIRECT).
+    Bench {
+        #[arg(long, default_value = "10000")]
+        count: u32,
+    },
+    /// rustfmt check and clippy with warnings denied.
+    Lint,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Setup => setup(),
+        Cmd::Test => test(),
+        Cmd::Demo { duration } => {
+            setup()?;
+            cargo(&["build", "--release", "--bins"])?;
+            run_harness_bin(
+                "release",
+                "drover-demo",
+                &["--duration", &duration.to_string()],
+            )
+        }
+        Cmd::Bench { count } => {
+            setup()?;
+            cargo(&["build", "--release", "--bins"])?;
+            run_harness_bin("release", "drover-bench", &["--count", &count.to_string()])
+        }
+        Cmd::Lint => {
+            cargo(&["fmt", "--all", "--", "--check"])?;
+            cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    status(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(args)
+            .current_dir(root()),
+    )
+}
+
+fn status(cmd: &mut Command) -> Result<()> {
+    let st = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed with {st}");
+    }
+    Ok(())
+}
+
+fn ok(cmd: &mut Command) -> bool {
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+// === setup ===
+
+fn setup() -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "setup needs root: it installs Debian packages and mounts bpffs, and the tests load eBPF programs \
+             (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN). Run it as root."
+        );
+    }
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !ok(Command::new("dpkg").args(["-s", p])))
+        .collect();
+    if !missing.is_empty() {
+        println!("setup: installing Debian packages {missing:?}");
+        status(Command::new("apt-get").args(["update", "-qq"]))?;
+        status(
+            Command::new("apt-get")
+                .args(["install", "-y", "-qq", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+
+    if !ok(Command::new("rustc").args(["+nightly", "--version"])) {
+        bail!(
+            "the `nightly` Rust toolchain is missing: it builds the eBPF programs (see ../shared/notes/toolchain.md)"
+        );
+    }
+    let sysroot = String::from_utf8(
+        Command::new("rustc")
+            .args(["+nightly", "--print", "sysroot"])
+            .output()?
+            .stdout,
+    )?
+    .trim()
+    .to_string();
+    if !Path::new(&sysroot)
+        .join("lib/rustlib/src/rust/library/core")
+        .exists()
+    {
+        println!("setup: adding rust-src to nightly");
+        status(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+
+    if !bpf_linker_ok() {
+        install_bpf_linker(&sysroot)?;
+    }
+
+    let bpffs = Path::new("/sys/fs/bpf");
+    if !ok(Command::new("mountpoint").args(["-q", "/sys/fs/bpf"])) {
+        std::fs::create_dir_all(bpffs)?;
+        status(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+        println!("setup: mounted bpffs at /sys/fs/bpf");
+    }
+    println!("setup: ok");
+    Ok(())
+}
+
+fn bpf_linker_ok() -> bool {
+    Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
+        })
+}
+
+/// Builds bpf-linker against the nightly toolchain's own libLLVM (Debian has no matching LLVM).
+fn install_bpf_linker(sysroot: &str) -> Result<()> {
+    println!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against nightly's LLVM (takes about 2 minutes)"
+    );
+    let lib = Path::new(sysroot).join("lib");
+    let llvm = std::fs::read_dir(&lib)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("libLLVM.so."))
+        })
+        .with_context(|| format!("no libLLVM.so.* in {}", lib.display()))?;
+    let prefix = root().join("target/llvm-from-rustc");
+    std::fs::create_dir_all(prefix.join("lib"))?;
+    let link = prefix.join("lib/libLLVM.so");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&llvm, &link)?;
+    status(
+        Command::new("cargo")
+            .args([
+                "+stable",
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--locked",
+            ])
+            .args(["--no-default-features", "--features", "llvm-22", "--force"])
+            .env("LLVM_PREFIX", &prefix)
+            .env(
+                "RUSTFLAGS",
+                format!("-C link-arg=-Wl,-rpath,{}", lib.display()),
+            ),
+    )?;
+    if !bpf_linker_ok() {
+        bail!("bpf-linker installed but does not run; is ~/.cargo/bin on PATH?");
+    }
+    Ok(())
+}
+
+// === test ===
+
+fn test() -> Result<()> {
+    setup()?;
+    // Build once: every binary the integration tests start, then the tests themselves.
+    cargo(&["build", "--bins"])?;
+    cargo(&["test", "--no-run"])?;
+    println!("xtask: unit tests");
+    cargo(&[
+        "test",
+        "--exclude",
+        "drover-tests",
+        "--workspace",
+        "--exclude",
+        "drover-ebpf",
+    ])?;
+    println!("xtask: privileged integration tests (real eBPF, network namespaces)");
+    let drover = root().join("target/debug/drover");
+    status(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["test", "-p", "drover-tests", "--", "--test-threads=1"])
+            .env("REQUIRE_PRIVILEGED", "1")
+            .env("DROVER_BIN", drover)
+            .current_dir(root()),
+    )
+}
+
+// === demo / bench ===
+
+fn run_harness_bin(profile: &str, name: &str, args: &[&str]) -> Result<()> {
+    let dir = root().join("target").join(profile);
+    // Ctrl-C goes to the whole process group: outlive it so the child can clean up and report. A
+    // handler (unlike SIG_IGN) is reset to the default in the child at exec.
+    extern "C" fn ignore(_: std::ffi::c_int) {}
+
+    let action = nix::sys::signal::SigAction::new(
+        nix::sys::signal::SigHandler::Handler(ignore),
+        nix::sys::signal::SaFlags::empty(),
+        nix::sys::signal::SigSet::empty(),
+    );
+    #[expect(unsafe_code, reason = "installing a signal handler")]
+    // SAFETY: the handler does nothing, so it is async-signal-safe.
+    let _ = unsafe { nix::sys::signal::sigaction(nix::sys::signal::SIGINT, &action) };
+    status(
+        Command::new(dir.join(name))
+            .args(args)
+            .env("DROVER_BIN", dir.join("drover"))
+            .env_remove("DROVER_ECHO_LOG")
+            .env("DROVER_ECHO_LOG", "0")
+            .current_dir(root()),
+    )
+}
