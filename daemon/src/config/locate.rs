@@ -150,16 +150,10 @@ impl MarkedEventReceiver for Builder {
                 self.stack.clear();
                 self.record(String::new(), mark);
             }
-            Event::Scalar(value, ..) => {
-                if self.node_path(Some(&value), mark).is_some() {
-                    self.value_done();
-                }
+            Event::Scalar(value, ..) if self.node_path(Some(&value), mark).is_some() => {
+                self.value_done()
             }
-            Event::Alias(_) => {
-                if self.node_path(None, mark).is_some() {
-                    self.value_done();
-                }
-            }
+            Event::Alias(_) if self.node_path(None, mark).is_some() => self.value_done(),
             Event::MappingStart(..) => {
                 let in_seq = matches!(self.stack.last(), Some(Frame::Seq { .. }));
                 let path = if in_seq {
