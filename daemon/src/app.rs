@@ -1,5 +1,6 @@
-//! Composition root: configuration → registry → capture (eBPF or iptables) → listeners → relay.
-//! [`build`] returns a [`Bound`] that knows what it bound and how to shut it down gracefully.
+//! Composition root: configuration → registry → capture (eBPF or iptables) → listeners → relay,
+//! plus the config watcher that hot-reloads the registry. [`build`] returns a [`Bound`] that knows
+//! what it bound and how to shut it down gracefully.
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
@@ -7,10 +8,11 @@ use anyhow::Context as _;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    config::{self, source::ConfigSet},
+    config,
     proxy::{self, Proxy},
     redirect::{CaptureMode, Kernel, OriginalDst, SoOriginalDst, netns::NetNs},
-    registry::{Registry, RegistryHandle},
+    registry::{Client, RegistryHandle},
+    reload::{self, Reloader},
 };
 
 /// Settings of `drover run`.
@@ -23,6 +25,10 @@ pub struct RunConfig {
     pub capture: CaptureMode,
     pub pin_dir: PathBuf,
     pub drain_timeout: Duration,
+    /// Namespace and labels of the enrolled workloads.
+    pub client: Client,
+    /// Watch the config paths and reload on change.
+    pub watch: bool,
 }
 
 /// A running daemon.
@@ -41,15 +47,12 @@ pub struct Bound {
 #[error("{0}")]
 pub struct ConfigRejected(pub config::Error);
 
-/// Loads and validates the configuration into a registry snapshot.
-pub fn load_registry(paths: &[PathBuf]) -> Result<Registry, config::Error> {
-    let set = ConfigSet::load(paths)?;
-    Registry::build(&set).map_err(config::Error::Invalid)
-}
-
 /// Starts the daemon.
 pub async fn build(cfg: RunConfig) -> anyhow::Result<Bound> {
-    let registry = load_registry(&cfg.config_paths).map_err(ConfigRejected)?;
+    let registry = reload::load(&cfg.config_paths, &cfg.client).map_err(ConfigRejected)?;
+    for w in registry.warnings() {
+        tracing::warn!("{w}");
+    }
     let home = NetNs::current().context("reading the daemon's network namespace")?;
     let mut namespaces = Vec::new();
     for name in &cfg.netns {
@@ -98,6 +101,15 @@ pub async fn build(cfg: RunConfig) -> anyhow::Result<Bound> {
                     .serve(ns.clone(), l, shutdown.clone(), tracker.clone()),
             );
         }
+    }
+    if cfg.watch {
+        Reloader {
+            paths: cfg.config_paths.clone(),
+            client: cfg.client.clone(),
+            registry: registry.clone(),
+            kernel: kernel.clone(),
+        }
+        .spawn(shutdown.clone())?;
     }
     tracing::info!(
         services = registry.load().services().len(),

@@ -1,13 +1,16 @@
 //! Istio configuration as Drover reads it: the serde mirror of the CRDs ([`crd`]), the loader
-//! for YAML files and directories ([`source`]) and the map from field paths to file positions
-//! ([`locate`]).
+//! for YAML files and directories ([`source`]), the map from field paths to file positions
+//! ([`locate`]), Istio's validation rules ([`validate`]) and the validated types they produce
+//! ([`policy`]).
 //!
 //! Invariant: every error this module reports names a file and, where the document parsed, the
 //! line and column of the offending node plus its field path.
 
 pub mod crd;
 pub mod locate;
+pub mod policy;
 pub mod source;
+pub mod validate;
 
 use std::{fmt, path::PathBuf};
 

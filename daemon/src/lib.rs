@@ -7,3 +7,4 @@ pub mod config;
 pub mod proxy;
 pub mod redirect;
 pub mod registry;
+pub mod reload;

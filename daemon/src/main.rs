@@ -2,8 +2,13 @@
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use clap::{Parser, Subcommand};
-use drover::{app, redirect::CaptureMode};
+use clap::{Args, Parser, Subcommand};
+use drover::{
+    app,
+    config::source::ConfigSet,
+    redirect::CaptureMode,
+    registry::{Client, Registry, explain},
+};
 
 #[derive(Parser)]
 #[command(
@@ -17,6 +22,17 @@ struct Cli {
     log_level: String,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Who the enrolled workloads are: decides `exportTo`, `workloadSelector` and route `sourceLabels`.
+#[derive(Args, Clone)]
+struct ClientArgs {
+    /// Namespace of the enrolled workloads.
+    #[arg(long, default_value = "default")]
+    client_namespace: String,
+    /// Label of the enrolled workloads, `key=value` (repeatable).
+    #[arg(long = "client-label", value_parser = parse_label)]
+    client_labels: Vec<(String, String)>,
 }
 
 #[derive(Subcommand)]
@@ -44,11 +60,35 @@ enum Command {
         /// How long SIGTERM waits for open connections before closing them.
         #[arg(long, default_value = "5", value_name = "SECS")]
         drain_timeout: f64,
+        /// Do not watch the config paths (by default a valid change is applied live).
+        #[arg(long)]
+        no_watch: bool,
+        #[command(flatten)]
+        client: ClientArgs,
     },
-    /// Check configuration files; prints every problem as `file:line:col: field: message`.
+    /// Check configuration files; prints every error and warning as
+    /// `file:line:col: field: message` and exits 1 if there is any error.
     Validate {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Print the effective policy for one destination and where every value comes from.
+    Explain {
+        #[arg(long = "config", required = true)]
+        config: Vec<PathBuf>,
+        /// Service host (FQDN, or a short name qualified with the client namespace).
+        #[arg(long)]
+        host: String,
+        /// Service port (required when the service has several).
+        #[arg(long)]
+        port: Option<u16>,
+        /// Subset, as a VirtualService route would name it.
+        #[arg(long)]
+        subset: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
     },
     /// Remove drover's pinned maps and links: capture stops, applications connect directly again.
     Uninstall {
@@ -68,16 +108,29 @@ fn main() -> ExitCode {
         .init();
 
     match cli.command {
-        Command::Validate { paths } => match app::load_registry(&paths) {
-            Ok(r) => {
-                eprintln!("ok: {} services", r.services().len());
-                ExitCode::SUCCESS
+        Command::Validate { paths, client } => validate(&paths, &client.into()),
+        Command::Explain {
+            config,
+            host,
+            port,
+            subset,
+            client,
+        } => {
+            let registry = match drover::reload::load(&config, &client.into()) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match explain::explain(&registry, &host, port, subset.as_deref()) {
+                Ok(text) => report(&text),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
             }
-            Err(e) => {
-                eprintln!("{e}");
-                ExitCode::FAILURE
-            }
-        },
+        }
         Command::Uninstall { pin_dir } => match drover::redirect::loader::uninstall(&pin_dir) {
             Ok(true) => {
                 eprintln!("removed {}", pin_dir.display());
@@ -100,6 +153,8 @@ fn main() -> ExitCode {
             capture,
             pin_dir,
             drain_timeout,
+            no_watch,
+            client,
         } => {
             let cfg = app::RunConfig {
                 config_paths: config,
@@ -109,6 +164,8 @@ fn main() -> ExitCode {
                 capture,
                 pin_dir,
                 drain_timeout: Duration::from_secs_f64(drain_timeout.max(0.0)),
+                client: client.into(),
+                watch: !no_watch,
             };
             let rt = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
@@ -136,4 +193,64 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// `drover validate`: every error and warning, one per line; exit 1 on any error.
+fn validate(paths: &[PathBuf], client: &Client) -> ExitCode {
+    let set = match ConfigSet::load(paths) {
+        Ok(s) => s,
+        Err(e) => {
+            for line in e.to_string().lines() {
+                eprintln!("error: {line}");
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    let (errors, warnings, summary) = match Registry::build(&set, client) {
+        Ok(r) => (
+            Vec::new(),
+            r.warnings().to_vec(),
+            format!(
+                "ok: {} services, {} DestinationRules, {} VirtualServices",
+                r.services().len(),
+                set.destination_rules.len(),
+                set.virtual_services.len()
+            ),
+        ),
+        Err(r) => (r.errors, r.warnings, String::new()),
+    };
+    for w in &warnings {
+        eprintln!("warning: {w}");
+    }
+    for e in &errors {
+        eprintln!("error: {e}");
+    }
+    if errors.is_empty() {
+        eprintln!("{summary}, {} warnings", warnings.len());
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("{} errors, {} warnings", errors.len(), warnings.len());
+        ExitCode::FAILURE
+    }
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("expected key=value, got {s:?}"))
+}
+
+impl From<ClientArgs> for Client {
+    fn from(a: ClientArgs) -> Self {
+        Client {
+            namespace: a.client_namespace,
+            labels: a.client_labels.into_iter().collect(),
+        }
+    }
+}
+
+#[expect(clippy::print_stdout, reason = "the report is explain's output")]
+fn report(text: &str) -> ExitCode {
+    print!("{text}");
+    ExitCode::SUCCESS
 }

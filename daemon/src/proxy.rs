@@ -3,7 +3,8 @@
 //!
 //! Invariants: every socket Drover opens towards an endpoint carries `SO_MARK` 0x4452 (so capture
 //! never takes it again) and is created in the application's network namespace; a connection
-//! whose original destination or route is unknown is closed, never guessed; every accepted
+//! whose original destination or route is unknown is closed, never guessed (on HTTP ports the
+//! client first gets Envoy's status for the failure: 404 `NR`, 503 `NC`/`UH`); every accepted
 //! connection is tracked so that shutdown can drain it.
 
 use std::{
@@ -23,7 +24,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     redirect::{self, OriginalDst, netns::NetNs},
-    registry::{RegistryHandle, Target},
+    registry::{RegistryHandle, RouteError, Target, route::is_http},
 };
 
 /// Istio's default connect timeout (mesh `connectTimeout`, 10 s).
@@ -34,10 +35,8 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum Error {
     #[error("original destination: {0}")]
     Original(#[from] redirect::Error),
-    #[error("no service captures {0}")]
-    NoRoute(SocketAddr),
-    #[error("no healthy upstream for {host}")]
-    NoEndpoint { host: String },
+    #[error(transparent)]
+    Route(#[from] RouteError),
     #[error("connect to {addr}: {source}")]
     Connect { addr: SocketAddr, source: io::Error },
     #[error("connect to {addr} timed out after {timeout:?}")]
@@ -61,8 +60,8 @@ impl Error {
     /// Envoy-style response flag for the access log.
     pub fn response_flag(&self) -> &'static str {
         match self {
-            Error::Original(_) | Error::NoRoute(_) => "NR",
-            Error::NoEndpoint { .. } => "UH",
+            Error::Original(_) => "NR",
+            Error::Route(e) => e.response_flag(),
             Error::Connect { .. } | Error::ConnectTimeout { .. } | Error::Socket { .. } => "UF",
             Error::Io(_) => "UC",
         }
@@ -118,58 +117,88 @@ impl Proxy {
             }
         };
         let _ = client.set_nodelay(true);
-        let (host, endpoint, result) = self.relay(ns, orig, &mut client).await;
+        let mut log = AccessLog::default();
+        let result = self.relay(ns, orig, &mut client, &mut log).await;
         let duration_ms = start.elapsed().as_secs_f64() * 1000.0;
+        let AccessLog {
+            host,
+            cluster,
+            endpoint,
+            route,
+            http,
+        } = log;
         match result {
             Ok((sent, received)) => tracing::info!(
                 target: "drover::access",
-                netns = %ns.name, src = ?src, dst = %orig, host = %host, endpoint = %endpoint,
+                netns = %ns.name, src = ?src, dst = %orig, host = %host, cluster = %cluster,
+                route = %route, endpoint = %endpoint,
                 bytes_sent = sent, bytes_received = received, duration_ms, flag = "-", "tcp"
             ),
             Err(e) => {
                 tracing::info!(
                     target: "drover::access",
-                    netns = %ns.name, src = ?src, dst = %orig, host = %host, endpoint = %endpoint,
+                    netns = %ns.name, src = ?src, dst = %orig, host = %host, cluster = %cluster,
+                    route = %route, endpoint = %endpoint,
                     duration_ms, flag = e.response_flag(), reason = %e, "tcp"
                 );
-                let _ = client.shutdown().await;
+                match e {
+                    Error::Route(ref r) if http => local_reply(client, r).await,
+                    _ => {
+                        let _ = client.shutdown().await;
+                    }
+                }
             }
         }
     }
 
-    /// Returns (host, endpoint label, bytes sent upstream and received back, or the failure).
+    /// Routes and relays one connection; fills `log` as it learns.
     async fn relay(
         &self,
         ns: &NetNs,
         orig: SocketAddr,
         client: &mut TcpStream,
-    ) -> (String, String, Result<(u64, u64), Error>) {
+        log: &mut AccessLog,
+    ) -> Result<(u64, u64), Error> {
         let registry = self.registry.load();
-        let Some((svc, _port, target)) = registry.pick(orig) else {
-            return ("-".into(), "-".into(), Err(Error::NoRoute(orig)));
-        };
-        let host = svc.host.clone();
-        let (label, addr) = match target {
-            Some(Target::Endpoint { index, addr }) => {
-                (format!("{}@{addr}", svc.endpoints[index].name), addr)
+        if let Some((svc, port)) = registry.lookup(orig) {
+            log.host = svc.host.clone();
+            log.http = is_http(port.protocol.as_deref());
+        }
+        let d = registry.route(orig)?;
+        log.cluster = d.cluster.name.clone();
+        log.route = d.route.clone().unwrap_or_else(|| "-".into());
+        let connect_timeout = d
+            .cluster
+            .policy
+            .connection_pool
+            .value
+            .as_ref()
+            .map_or(self.connect_timeout, |p| p.connect_timeout);
+        let addr = match d.target {
+            Target::Endpoint { index, addr } => {
+                let svc = &registry.services()[d.cluster.service];
+                log.endpoint = format!("{}@{addr}", svc.endpoints[index].name);
+                addr
             }
-            Some(Target::Passthrough(addr)) => (format!("passthrough@{addr}"), addr),
-            None => return (host.clone(), "-".into(), Err(Error::NoEndpoint { host })),
+            Target::Passthrough(addr) => {
+                log.endpoint = format!("passthrough@{addr}");
+                addr
+            }
         };
         drop(registry);
-        let upstream = match self.connect(ns, addr).await {
-            Ok(s) => s,
-            Err(e) => return (host, label, Err(e)),
-        };
-        let mut upstream = upstream;
-        let result = tokio::io::copy_bidirectional(client, &mut upstream)
+        let mut upstream = self.connect(ns, addr, connect_timeout).await?;
+        tokio::io::copy_bidirectional(client, &mut upstream)
             .await
-            .map_err(Error::Io);
-        (host, label, result)
+            .map_err(Error::Io)
     }
 
     /// Opens a marked upstream connection from inside `ns`.
-    async fn connect(&self, ns: &NetNs, addr: SocketAddr) -> Result<TcpStream, Error> {
+    async fn connect(
+        &self,
+        ns: &NetNs,
+        addr: SocketAddr,
+        connect_timeout: Duration,
+    ) -> Result<TcpStream, Error> {
         let socket = ns
             .enter(|| marked_socket(addr))
             .and_then(|r| r)
@@ -177,7 +206,7 @@ impl Proxy {
                 netns: ns.name.clone(),
                 source,
             })?;
-        match tokio::time::timeout(self.connect_timeout, socket.connect(addr)).await {
+        match tokio::time::timeout(connect_timeout, socket.connect(addr)).await {
             Ok(Ok(s)) => {
                 let _ = s.set_nodelay(true);
                 Ok(s)
@@ -185,10 +214,64 @@ impl Proxy {
             Ok(Err(source)) => Err(Error::Connect { addr, source }),
             Err(_) => Err(Error::ConnectTimeout {
                 addr,
-                timeout: self.connect_timeout,
+                timeout: connect_timeout,
             }),
         }
     }
+}
+
+/// What the access log line says about a connection.
+struct AccessLog {
+    host: String,
+    cluster: String,
+    endpoint: String,
+    route: String,
+    /// The port speaks HTTP, so failures can be answered with a status.
+    http: bool,
+}
+
+impl Default for AccessLog {
+    fn default() -> Self {
+        Self {
+            host: "-".into(),
+            cluster: "-".into(),
+            endpoint: "-".into(),
+            route: "-".into(),
+            http: false,
+        }
+    }
+}
+
+/// Answers every request on an HTTP connection with the status Envoy gives for `err` (404 for no
+/// route, 503 otherwise) and a body stating the reason, then closes. Bounded to 5 s.
+async fn local_reply(client: TcpStream, err: &RouteError) {
+    use http_body_util::Full;
+    use hyper::{Response, body::Bytes};
+    use hyper_util::{
+        rt::{TokioExecutor, TokioIo},
+        server::conn::auto,
+    };
+    let status = err.http_status();
+    let body = Bytes::from(match err {
+        RouteError::NoEndpoint { .. } => "no healthy upstream".to_string(),
+        RouteError::NoRouteMatched { .. } | RouteError::NotCaptured(_) => String::new(),
+        other => format!("{other}"),
+    });
+    let flag = err.response_flag();
+    let service = hyper::service::service_fn(move |_req| {
+        let body = body.clone();
+        async move {
+            Response::builder()
+                .status(status)
+                .header("content-type", "text/plain")
+                .header("x-drover-response-flag", flag)
+                .body(Full::new(body))
+        }
+    });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().keep_alive(false);
+    let serve = builder.serve_connection(TokioIo::new(client), service);
+    let _ = tokio::time::timeout(Duration::from_secs(5), serve).await;
 }
 
 /// A non-blocking TCP socket for `addr`'s family, carrying Drover's mark.

@@ -1,10 +1,15 @@
 //! The service registry: `ServiceEntry` and `WorkloadEntry` resources turned into services,
-//! ports and endpoints, indexed by the (VIP, port) that capture hands the proxy.
+//! ports and endpoints, indexed by the (VIP, port) that capture hands the proxy, together with the
+//! `DestinationRule`s and `VirtualService`s that shape them, resolved for the daemon's client into
+//! clusters `(host, port, subset)` that each carry their endpoints and effective policy.
 //!
 //! A [`Registry`] is an immutable snapshot, validated as a whole when it is built; the proxy
 //! reads the current one through [`RegistryHandle`] and never sees a half-applied change.
 
 mod build;
+pub mod explain;
+pub mod resolve;
+pub mod route;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -14,8 +19,13 @@ use std::{
 
 use arc_swap::ArcSwap;
 
-use crate::balance::RoundRobin;
 pub use crate::config::crd::{Location as MeshLocation, Resolution};
+use crate::{
+    balance::RoundRobin,
+    config::{Problem, policy},
+};
+pub use resolve::{Client, EffectivePolicy, RuleEntry, RuleRef};
+pub use route::{Decision, RouteError, Target};
 
 /// A service: one host of a `ServiceEntry`.
 #[derive(Debug)]
@@ -32,8 +42,8 @@ pub struct Service {
     pub endpoints: Vec<Endpoint>,
 }
 
-/// A port of a service, with its per-port endpoint set.
-#[derive(Debug)]
+/// A port of a service, with its per-port endpoint addresses.
+#[derive(Clone, Debug)]
 pub struct ServicePort {
     pub name: String,
     pub number: u16,
@@ -43,7 +53,6 @@ pub struct ServicePort {
     pub target_port: u16,
     /// (index into `Service::endpoints`, address to dial) for every endpoint of this port.
     pub targets: Vec<(usize, SocketAddr)>,
-    pub balancer: RoundRobin,
 }
 
 /// One workload instance behind a service.
@@ -60,26 +69,58 @@ pub struct Endpoint {
     pub service_account: String,
 }
 
-/// Where a captured connection goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Target {
-    /// Dial this endpoint.
-    Endpoint { index: usize, addr: SocketAddr },
-    /// `resolution: NONE`: dial the original destination (port possibly overridden by `targetPort`).
-    Passthrough(SocketAddr),
+/// Istio's unit of policy: `outbound|<port>|<subset>|<host>`, with its own endpoints, balancer
+/// state and effective policy.
+#[derive(Debug)]
+pub struct Cluster {
+    pub name: String,
+    pub service: usize,
+    pub port: u16,
+    pub subset: Option<String>,
+    pub policy: EffectivePolicy,
+    /// Endpoints of the service port selected by the subset's labels.
+    pub targets: Vec<(usize, SocketAddr)>,
+    pub balancer: RoundRobin,
 }
 
-/// An immutable, validated snapshot of all services.
-#[derive(Debug, Default)]
+/// A validated VirtualService with where it came from.
+#[derive(Clone, Debug)]
+pub struct VsEntry {
+    pub vs: policy::VirtualService,
+    pub source: RuleRef,
+    pub namespace: String,
+}
+
+type ClusterKey = (usize, u16, Option<String>);
+
+/// An immutable, validated snapshot of all services and their policy, for one [`Client`].
+#[derive(Debug)]
 pub struct Registry {
     services: Vec<Service>,
     by_vip: HashMap<SocketAddr, (usize, usize)>,
+    by_host: HashMap<String, usize>,
+    rules: Vec<RuleEntry>,
+    virtual_services: Vec<VsEntry>,
+    client: Client,
+    clusters: HashMap<ClusterKey, Cluster>,
+    warnings: Vec<Problem>,
 }
 
 /// Cloneable handle to the current [`Registry`] snapshot.
 #[derive(Clone, Debug)]
 pub struct RegistryHandle {
     current: Arc<ArcSwap<Registry>>,
+}
+
+// === impl Client ===
+
+impl Default for Client {
+    fn default() -> Self {
+        Self {
+            namespace: "default".into(),
+            labels: BTreeMap::new(),
+        }
+    }
 }
 
 // === impl Registry ===
@@ -95,6 +136,22 @@ impl Registry {
         self.by_vip.iter().map(|(addr, (svc, _))| (*addr, *svc))
     }
 
+    /// Non-fatal findings of the build (unknown fields, deprecated spellings, routes to
+    /// undefined subsets), located.
+    pub fn warnings(&self) -> &[Problem] {
+        &self.warnings
+    }
+
+    /// The client this snapshot was resolved for.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Every validated DestinationRule.
+    pub fn rules(&self) -> &[RuleEntry] {
+        &self.rules
+    }
+
     /// The service and port that own a captured original destination.
     pub fn lookup(&self, orig: SocketAddr) -> Option<(&Service, &ServicePort)> {
         let orig = SocketAddr::new(orig.ip().to_canonical(), orig.port());
@@ -103,20 +160,20 @@ impl Registry {
         Some((svc, &svc.ports[p]))
     }
 
-    /// Picks where a new connection to `orig` goes (round robin over the port's endpoints).
-    pub fn pick(&self, orig: SocketAddr) -> Option<(&Service, &ServicePort, Option<Target>)> {
-        let (svc, port) = self.lookup(orig)?;
-        let target = match svc.resolution {
-            Resolution::None => Some(Target::Passthrough(SocketAddr::new(
-                orig.ip().to_canonical(),
-                port.target_port,
-            ))),
-            _ => port.balancer.pick(port.targets.len()).map(|i| {
-                let (index, addr) = port.targets[i];
-                Target::Endpoint { index, addr }
-            }),
-        };
-        Some((svc, port, target))
+    /// A service by host name.
+    pub fn service(&self, host: &str) -> Option<(usize, &Service)> {
+        self.by_host.get(host).map(|i| (*i, &self.services[*i]))
+    }
+
+    /// The cluster `(service, port, subset)`, if it exists for this client.
+    pub fn cluster(&self, service: usize, port: u16, subset: Option<&str>) -> Option<&Cluster> {
+        self.clusters
+            .get(&(service, port, subset.map(str::to_string)))
+    }
+
+    /// The DestinationRule this snapshot's client uses for a service.
+    pub fn rule_for(&self, svc: &Service) -> Option<resolve::MergedRule> {
+        resolve::rule_for(&self.rules, &self.client, &svc.host, &svc.namespace)
     }
 }
 

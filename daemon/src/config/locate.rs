@@ -55,6 +55,11 @@ impl Locator {
         }
     }
 
+    /// Line and column (1-based) of exactly `path` in document `doc`, if the document has it.
+    pub fn exact(&self, doc: usize, path: &str) -> Option<(usize, usize)> {
+        self.positions.get(&(doc, path.to_string())).copied()
+    }
+
     /// Line and column (1-based) of `path` in document `doc`, or of its nearest located ancestor.
     pub fn locate(&self, doc: usize, path: &str) -> Option<(usize, usize)> {
         let mut path = path.to_string();

@@ -2,8 +2,9 @@
 //!
 //! Kinds Drover uses are parsed into [`crd`] types; other Kubernetes and Istio kinds are skipped
 //! with an info line; a document that is not a resource, an unknown `networking.istio.io` kind
-//! or version, and malformed YAML are problems. All problems of all files are collected, so a
-//! user sees every mistake at once.
+//! or version, and malformed YAML are problems. Fields the CRD mirror does not know become
+//! warnings naming the field. All problems of all files are collected, so a user sees every
+//! mistake at once.
 
 use std::{
     fs,
@@ -18,9 +19,7 @@ use super::{Error, Location, Problem, crd, locate::Locator};
 /// API versions of `networking.istio.io` that Drover accepts.
 pub const ISTIO_VERSIONS: [&str; 3] = ["v1", "v1beta1", "v1alpha3"];
 /// `networking.istio.io` kinds that exist but that this version of Drover does not act on yet.
-const KNOWN_UNUSED: [&str; 7] = [
-    "DestinationRule",
-    "VirtualService",
+const KNOWN_UNUSED: [&str; 5] = [
     "Gateway",
     "Sidecar",
     "WorkloadGroup",
@@ -49,8 +48,12 @@ pub struct Resource<T> {
 pub struct ConfigSet {
     pub service_entries: Vec<Resource<crd::ServiceEntrySpec>>,
     pub workload_entries: Vec<Resource<crd::WorkloadEntrySpec>>,
+    pub destination_rules: Vec<Resource<crd::DestinationRuleSpec>>,
+    pub virtual_services: Vec<Resource<crd::VirtualServiceSpec>>,
     /// Documents of other kinds, with where they are and what they are.
     pub skipped: Vec<(Location, String)>,
+    /// Non-fatal findings (unknown fields), located.
+    pub warnings: Vec<Problem>,
 }
 
 #[derive(Deserialize)]
@@ -78,6 +81,28 @@ impl Origin {
             field,
             message: message.into(),
         }
+    }
+}
+
+impl Origin {
+    /// `file:line:col` of `path` when the document spells out exactly that field.
+    pub fn position(&self, path: &str) -> Option<String> {
+        let (line, col) = self.locator.exact(self.doc, path)?;
+        Some(format!("{}:{line}:{col}", self.file.display()))
+    }
+}
+
+// === impl Resource ===
+
+impl<T> Resource<T> {
+    /// The resource's namespace (`default` when the metadata names none, as `kubectl` would).
+    pub fn namespace(&self) -> &str {
+        self.meta.namespace.as_deref().unwrap_or("default")
+    }
+
+    /// `namespace/name`, as Istio names resources in messages.
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.namespace(), self.meta.name)
     }
 }
 
@@ -172,14 +197,23 @@ impl ConfigSet {
                 format!("unsupported version {api_version:?} (expected one of networking.istio.io/v1, v1beta1, v1alpha3)"),
             ));
         }
+        let warnings = &mut self.warnings;
         match kind.as_str() {
             "ServiceEntry" => {
-                let (meta, spec) = parse_typed(&origin, value)?;
+                let (meta, spec) = parse_typed(&origin, value, warnings)?;
                 self.service_entries.push(Resource { origin, meta, spec });
             }
             "WorkloadEntry" => {
-                let (meta, spec) = parse_typed(&origin, value)?;
+                let (meta, spec) = parse_typed(&origin, value, warnings)?;
                 self.workload_entries.push(Resource { origin, meta, spec });
+            }
+            "DestinationRule" => {
+                let (meta, spec) = parse_typed(&origin, value, warnings)?;
+                self.destination_rules.push(Resource { origin, meta, spec });
+            }
+            "VirtualService" => {
+                let (meta, spec) = parse_typed(&origin, value, warnings)?;
+                self.virtual_services.push(Resource { origin, meta, spec });
             }
             k if KNOWN_UNUSED.contains(&k) => {
                 let at = origin.problem("kind", "");
@@ -196,10 +230,12 @@ impl ConfigSet {
     }
 }
 
-/// Parses `metadata` and `spec` of a resource, naming the failing field.
+/// Parses `metadata` and `spec` of a resource, naming the failing field; fields under `spec`
+/// that the mirror does not know are added to `warnings`.
 fn parse_typed<T: serde::de::DeserializeOwned + Default>(
     origin: &Origin,
     value: serde_yaml::Value,
+    warnings: &mut Vec<Problem>,
 ) -> Result<(crd::ObjectMeta, T), Problem> {
     #[derive(Deserialize)]
     struct Typed<T> {
@@ -208,12 +244,43 @@ fn parse_typed<T: serde::de::DeserializeOwned + Default>(
         #[serde(default)]
         spec: Option<T>,
     }
-    let typed: Typed<T> = serde_path_to_error::deserialize(value).map_err(|e| {
+    let mut unknown = Vec::new();
+    let mut note = |p: serde_ignored::Path<'_>| unknown.push(field_path(&p));
+    let de = serde_ignored::Deserializer::new(value, &mut note);
+    let typed: Typed<T> = serde_path_to_error::deserialize(de).map_err(|e| {
         let field = e.path().to_string();
         let field = if field == "." { String::new() } else { field };
         origin.problem(field, strip_location(&e.into_inner().to_string()))
     })?;
+    for field in unknown {
+        if field.starts_with("spec") {
+            warnings.push(origin.problem(
+                field,
+                "unknown field (ignored; check the spelling against the Istio API)",
+            ));
+        }
+    }
     Ok((typed.metadata, typed.spec.unwrap_or_default()))
+}
+
+/// `spec.ports[0].foo` from serde_ignored's path.
+fn field_path(p: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path as P;
+    match p {
+        P::Root => String::new(),
+        P::Seq { parent, index } => format!("{}[{index}]", field_path(parent)),
+        P::Map { parent, key } => {
+            let parent = field_path(parent);
+            if parent.is_empty() {
+                key.clone()
+            } else {
+                format!("{parent}.{key}")
+            }
+        }
+        P::Some { parent } | P::NewtypeStruct { parent } | P::NewtypeVariant { parent } => {
+            field_path(parent)
+        }
+    }
 }
 
 /// serde_yaml appends "at line L column C"; the location is reported separately.
@@ -266,7 +333,7 @@ mod tests {
     fn parses_kinds_and_skips_others() {
         let (set, problems) = load(
             "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: a}\nspec:\n  hosts: [a.example]\n\
-             ---\napiVersion: v1\nkind: ConfigMap\n---\napiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\n\
+             ---\napiVersion: v1\nkind: ConfigMap\n---\napiVersion: networking.istio.io/v1beta1\nkind: Gateway\n\
              ---\napiVersion: networking.istio.io/v1alpha3\nkind: WorkloadEntry\nspec: {address: 198.18.0.1}\n",
         );
         assert!(problems.is_empty(), "{problems:?}");
@@ -275,9 +342,30 @@ mod tests {
         assert_eq!(set.workload_entries[0].spec.address, "198.18.0.1");
         assert_eq!(
             set.skipped.iter().map(|s| s.1.as_str()).collect::<Vec<_>>(),
-            ["ConfigMap", "DestinationRule"]
+            ["ConfigMap", "Gateway"]
         );
         assert_eq!(set.skipped[0].0.line, 8);
+    }
+
+    #[test]
+    fn unknown_fields_are_located_warnings() {
+        let (set, problems) = load(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: r, uid: x}\nspec:\n  host: a\n  trafficPolicy:\n    connectionPool:\n      tcp: {maxConnection: 1}\n  subsets:\n  - name: v1\n    lables: {a: b}\nstatus: {}\n",
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(set.destination_rules.len(), 1);
+        let w: Vec<String> = set.warnings.iter().map(ToString::to_string).collect();
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w[0].starts_with(
+                "f.yaml:8:13: spec.trafficPolicy.connectionPool.tcp.maxConnection: unknown field"
+            ),
+            "{w:?}"
+        );
+        assert!(
+            w[1].starts_with("f.yaml:11:5: spec.subsets[0].lables: unknown field"),
+            "{w:?}"
+        );
     }
 
     #[test]

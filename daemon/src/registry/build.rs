@@ -1,30 +1,44 @@
 //! Builds a [`Registry`] from loaded resources, applying Istio's rules for these kinds and the
 //! checks Drover needs to capture safely (no VIP that is also an endpoint, no (VIP, port) claimed
-//! twice). Every violation becomes a located [`Problem`]; all of them are reported together.
+//! twice), then resolves DestinationRules and VirtualServices into clusters for the client.
+//! Every violation becomes a located [`Problem`]; all of them are reported together.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
 };
 
-use super::{Endpoint, Registry, Resolution, Service, ServicePort};
+use super::{
+    Client, Cluster, Endpoint, Registry, Resolution, RuleEntry, RuleRef, Service, ServicePort,
+    VsEntry, resolve, route,
+};
 use crate::{
     balance::RoundRobin,
     config::{
         Problem,
         crd::{ServiceEntrySpec, WorkloadEntrySpec},
+        policy,
         source::{ConfigSet, Origin, Resource},
+        validate::{Invalid, Validated},
     },
 };
 
-/// Warnings are logged, not fatal: the service is loaded without the unsupported part.
+/// Configuration that cannot be served: every error, plus the warnings found on the way.
+#[derive(Debug)]
+pub struct Rejected {
+    pub errors: Vec<Problem>,
+    pub warnings: Vec<Problem>,
+}
+
 impl Registry {
-    /// Validates `set` and builds the snapshot, or returns every problem found.
-    pub fn build(set: &ConfigSet) -> Result<Registry, Vec<Problem>> {
+    /// Validates `set` and builds the snapshot as seen by `client`, or returns every problem.
+    pub fn build(set: &ConfigSet, client: &Client) -> Result<Registry, Rejected> {
         let mut problems = Vec::new();
+        let mut warnings = set.warnings.clone();
         let mut services = Vec::new();
         let mut by_vip: HashMap<SocketAddr, (usize, usize)> = HashMap::new();
         let mut hosts_seen: HashSet<(String, String)> = HashSet::new();
+        let mut by_host: HashMap<String, usize> = HashMap::new();
 
         let workload_entries: Vec<(&Resource<WorkloadEntrySpec>, Option<Endpoint>)> = set
             .workload_entries
@@ -67,6 +81,7 @@ impl Registry {
                     continue;
                 }
                 let index = services.len();
+                by_host.entry(host.clone()).or_insert(index);
                 for vip in &proto.vips {
                     for (p, port) in proto.ports.iter().enumerate() {
                         let key = SocketAddr::new(*vip, port.number);
@@ -86,18 +101,234 @@ impl Registry {
                     resolution: proto.resolution,
                     location: proto.location,
                     vips: proto.vips.clone(),
-                    ports: proto.ports.iter().map(ServicePort::duplicate).collect(),
+                    ports: proto.ports.clone(),
                     endpoints: proto.endpoints.clone(),
                 });
             }
             proto.endpoints.clear();
         }
-        if problems.is_empty() {
-            Ok(Registry { services, by_vip })
-        } else {
-            Err(problems)
+
+        let rules = destination_rules(set, &mut problems, &mut warnings);
+        let virtual_services = virtual_services(set, &mut problems, &mut warnings);
+        check_references(&rules, &virtual_services, &by_host, &mut warnings);
+        if !problems.is_empty() {
+            return Err(Rejected {
+                errors: problems,
+                warnings,
+            });
+        }
+        let mut registry = Registry {
+            services,
+            by_vip,
+            by_host,
+            rules,
+            virtual_services,
+            client: client.clone(),
+            clusters: HashMap::new(),
+            warnings,
+        };
+        registry.clusters = clusters(&registry);
+        Ok(registry)
+    }
+}
+
+fn destination_rules(
+    set: &ConfigSet,
+    problems: &mut Vec<Problem>,
+    warnings: &mut Vec<Problem>,
+) -> Vec<RuleEntry> {
+    let mut out = Vec::new();
+    for r in &set.destination_rules {
+        match Validated::<policy::DestinationRule>::try_from(r) {
+            Ok(v) => {
+                warnings.extend(v.warnings);
+                out.push(RuleEntry {
+                    rule: v.value,
+                    source: RuleRef {
+                        id: r.id(),
+                        origin: r.origin.clone(),
+                    },
+                    namespace: r.namespace().to_string(),
+                    age: (
+                        r.meta.creation_timestamp.clone().unwrap_or_default(),
+                        r.meta.name.clone(),
+                    ),
+                });
+            }
+            Err(Invalid {
+                errors,
+                warnings: w,
+            }) => {
+                problems.extend(errors);
+                warnings.extend(w);
+            }
         }
     }
+    out
+}
+
+fn virtual_services(
+    set: &ConfigSet,
+    problems: &mut Vec<Problem>,
+    warnings: &mut Vec<Problem>,
+) -> Vec<VsEntry> {
+    let mut out: Vec<VsEntry> = Vec::new();
+    let mut claimed: HashMap<String, String> = HashMap::new();
+    for r in &set.virtual_services {
+        let v = match Validated::<policy::VirtualService>::try_from(r) {
+            Ok(v) => v,
+            Err(Invalid {
+                errors,
+                warnings: w,
+            }) => {
+                problems.extend(errors);
+                warnings.extend(w);
+                continue;
+            }
+        };
+        warnings.extend(v.warnings);
+        let vs = v.value;
+        if !vs.applies_to_mesh {
+            let at = r.origin.problem("spec.gateways", "");
+            tracing::info!(location = %at.location, vs = %r.id(), "VirtualService is bound to gateways only; not applied by drover");
+        } else {
+            for (i, h) in vs.hosts.iter().enumerate() {
+                if let Some(other) = claimed.insert(h.clone(), r.id()) {
+                    problems.push(r.origin.problem(
+                        format!("spec.hosts[{i}]"),
+                        format!("host {h:?} is already claimed by VirtualService {other}; sidecars take one VirtualService per host"),
+                    ));
+                }
+            }
+            for route in &vs.http {
+                if !route.matches.is_empty() && route.matches.iter().all(route::needs_request) {
+                    warnings.push(r.origin.problem(
+                        format!("spec.http[{}].match", route.index),
+                        "request conditions (uri, headers, …) need the HTTP data path; the L4 path skips this route",
+                    ));
+                }
+            }
+        }
+        out.push(VsEntry {
+            vs,
+            source: RuleRef {
+                id: r.id(),
+                origin: r.origin.clone(),
+            },
+            namespace: r.namespace().to_string(),
+        });
+    }
+    out
+}
+
+/// Cross-resource checks that Istio does not make but a user wants to hear about.
+fn check_references(
+    rules: &[RuleEntry],
+    vss: &[VsEntry],
+    hosts: &HashMap<String, usize>,
+    warnings: &mut Vec<Problem>,
+) {
+    for r in rules {
+        if !hosts
+            .keys()
+            .any(|h| resolve::host_match(&r.rule.host, h).is_some())
+        {
+            warnings.push(r.source.origin.problem(
+                "spec.host",
+                format!(
+                    "host {:?} matches no known service; the rule is ignored",
+                    r.rule.host
+                ),
+            ));
+        }
+    }
+    for vs in vss.iter().filter(|v| v.vs.applies_to_mesh) {
+        let routes = vs
+            .vs
+            .http
+            .iter()
+            .map(|r| ("http", r.index, &r.destinations))
+            .chain(vs.vs.tcp.iter().map(|r| ("tcp", r.index, &r.destinations)))
+            .chain(vs.vs.tls.iter().map(|r| ("tls", r.index, &r.destinations)));
+        for (kind, i, dests) in routes {
+            for d in dests {
+                let field = format!("spec.{kind}[{i}].route[{}].destination", d.index);
+                if !hosts.contains_key(&d.host) {
+                    warnings.push(vs.source.origin.problem(
+                        format!("{field}.host"),
+                        format!(
+                            "{:?} is not a known service; requests routed here get 503 (NC)",
+                            d.host
+                        ),
+                    ));
+                    continue;
+                }
+                let Some(subset) = &d.subset else { continue };
+                let defined = rules.iter().any(|r| {
+                    resolve::host_match(&r.rule.host, &d.host).is_some()
+                        && r.rule.subsets.iter().any(|s| &s.name == subset)
+                });
+                if !defined {
+                    warnings.push(vs.source.origin.problem(
+                        format!("{field}.subset"),
+                        format!("subset {subset:?} of {} is not defined by any DestinationRule; requests routed here get 503 (NC)", d.host),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// Every cluster the client can reach: each service port's default cluster plus one per subset
+/// of the DestinationRule that applies to the client.
+fn clusters(reg: &Registry) -> HashMap<super::ClusterKey, Cluster> {
+    let mut out = HashMap::new();
+    for (s, svc) in reg.services.iter().enumerate() {
+        let rule = reg.rule_for(svc);
+        let subsets: Vec<Option<&policy::Subset>> = std::iter::once(None)
+            .chain(
+                rule.iter()
+                    .flat_map(|r| r.subsets.iter().map(|(s, _)| Some(s))),
+            )
+            .collect();
+        for port in &svc.ports {
+            for subset in &subsets {
+                let name = subset.map(|s| s.name.as_str());
+                let Ok(policy) = resolve::effective(rule.as_ref(), &svc.host, port.number, name)
+                else {
+                    continue;
+                };
+                let targets = port
+                    .targets
+                    .iter()
+                    .filter(|(i, _)| {
+                        subset.is_none_or(|sub| {
+                            resolve::selects(&sub.labels, &svc.endpoints[*i].labels)
+                        })
+                    })
+                    .copied()
+                    .collect();
+                out.insert(
+                    (s, port.number, name.map(str::to_string)),
+                    Cluster {
+                        name: format!(
+                            "outbound|{}|{}|{}",
+                            port.number,
+                            name.unwrap_or(""),
+                            svc.host
+                        ),
+                        service: s,
+                        port: port.number,
+                        subset: name.map(str::to_string),
+                        policy,
+                        targets,
+                        balancer: RoundRobin::default(),
+                    },
+                );
+            }
+        }
+    }
+    out
 }
 
 /// The parts of a `ServiceEntry` shared by all of its hosts (hosts are filled in by the caller).
@@ -195,7 +426,6 @@ fn service_entry(
             protocol: p.protocol.as_ref().map(|s| s.to_ascii_uppercase()),
             target_port,
             targets: Vec::new(),
-            balancer: RoundRobin::default(),
         });
     }
     if ports.is_empty() && !spec.ports.is_empty() {
@@ -296,22 +526,6 @@ fn port_number(o: &Origin, field: &str, n: i64, problems: &mut Vec<Problem>) -> 
     }
 }
 
-// === impl ServicePort ===
-
-impl ServicePort {
-    /// A copy with its own balancer state (each host of a ServiceEntry balances independently).
-    fn duplicate(&self) -> Self {
-        Self {
-            name: self.name.clone(),
-            number: self.number,
-            protocol: self.protocol.clone(),
-            target_port: self.target_port,
-            targets: self.targets.clone(),
-            balancer: RoundRobin::default(),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::{path::PathBuf, sync::Arc};
@@ -319,12 +533,12 @@ mod tests {
     use super::*;
     use crate::registry::Target;
 
-    fn build(text: &str) -> Result<Registry, Vec<Problem>> {
+    pub(crate) fn build(text: &str) -> Result<Registry, Vec<Problem>> {
         let mut set = ConfigSet::default();
         let mut problems = Vec::new();
         set.add_text(Arc::new(PathBuf::from("t.yaml")), text, &mut problems);
         assert!(problems.is_empty(), "{problems:?}");
-        Registry::build(&set)
+        Registry::build(&set, &Client::default()).map_err(|r| r.errors)
     }
 
     const REVIEWS: &str = "\
@@ -381,8 +595,8 @@ spec: {address: 198.18.3.2, labels: {app: reviews}}
         let r = build(REVIEWS).unwrap();
         let vip: SocketAddr = "127.77.0.10:9080".parse().unwrap();
         let picks: Vec<_> = (0..4)
-            .map(|_| match r.pick(vip).unwrap().2 {
-                Some(Target::Endpoint { index, .. }) => index,
+            .map(|_| match r.route(vip).unwrap().target {
+                Target::Endpoint { index, .. } => index,
                 other => panic!("{other:?}"),
             })
             .collect();
@@ -395,11 +609,8 @@ spec: {address: 198.18.3.2, labels: {app: reviews}}
             "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: x}\nspec:\n  hosts: [x.example]\n  addresses: [127.77.0.9]\n  ports: [{number: 80, name: tcp, targetPort: 8080}]\n",
         )
         .unwrap();
-        let (_, _, t) = r.pick("127.77.0.9:80".parse().unwrap()).unwrap();
-        assert_eq!(
-            t,
-            Some(Target::Passthrough("127.77.0.9:8080".parse().unwrap()))
-        );
+        let t = r.route("127.77.0.9:80".parse().unwrap()).unwrap().target;
+        assert_eq!(t, Target::Passthrough("127.77.0.9:8080".parse().unwrap()));
     }
 
     fn problems(text: &str) -> Vec<String> {

@@ -1,0 +1,420 @@
+//! Validated policy: what a `DestinationRule` or `VirtualService` means once checked, with Istio's
+//! defaults applied inside every block that is present. Built only by [`super::validate`].
+//!
+//! Invariant: a block is `None` exactly when the user did not write it. Presence is meaningful
+//! (Istio merges subset and port-level policy block by block, and an absent `outlierDetection`
+//! means no detector at all), so only values *inside* a block are defaulted.
+
+use std::{collections::BTreeMap, time::Duration};
+
+/// Istio's "no limit" for connection-pool thresholds (2³²−1).
+pub const UNLIMITED: u32 = u32::MAX;
+
+/// A validated `DestinationRule`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DestinationRule {
+    /// Fully qualified host (short names expanded with the rule's namespace), or a wildcard.
+    pub host: String,
+    pub traffic_policy: Option<TrafficPolicy>,
+    pub subsets: Vec<Subset>,
+    pub export_to: ExportTo,
+    /// `workloadSelector.matchLabels`; `None` when the rule applies to every client.
+    pub workload_selector: Option<BTreeMap<String, String>>,
+}
+
+/// Where a resource is visible.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExportTo {
+    /// `*` or nothing (mesh default).
+    All,
+    /// Listed namespaces (`.` already replaced by the resource's own namespace).
+    Namespaces(Vec<String>),
+}
+
+/// A validated `trafficPolicy` (top level or subset level).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TrafficPolicy {
+    pub blocks: Blocks,
+    /// `portLevelSettings`, in order; `(index in the YAML list, port, blocks)`.
+    pub port_level: Vec<(usize, u16, Blocks)>,
+    pub tunnel: Option<Tunnel>,
+    pub proxy_protocol: Option<ProxyProtocolVersion>,
+    pub retry_budget: Option<RetryBudget>,
+}
+
+/// The four blocks that port-level settings can carry and that merge as units.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Blocks {
+    pub load_balancer: Option<LoadBalancer>,
+    pub connection_pool: Option<ConnectionPool>,
+    pub outlier_detection: Option<OutlierDetection>,
+    pub tls: Option<ClientTls>,
+}
+
+/// A named subset.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Subset {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub traffic_policy: Option<TrafficPolicy>,
+    /// Index in the rule's `subsets` list (for locating its fields).
+    pub index: usize,
+}
+
+/// `loadBalancer`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoadBalancer {
+    pub algorithm: Algorithm,
+    pub locality: Option<LocalityLb>,
+    pub warmup: Option<Warmup>,
+}
+
+/// Endpoint selection algorithm.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Algorithm {
+    /// Istio's default since 1.14 (`UNSPECIFIED`, `LEAST_REQUEST` and the deprecated `LEAST_CONN`).
+    LeastRequest,
+    RoundRobin,
+    Random,
+    /// Connect to the original destination.
+    Passthrough,
+    ConsistentHash(ConsistentHash),
+}
+
+/// `consistentHash`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConsistentHash {
+    pub key: HashKey,
+    pub ring: HashRing,
+}
+
+/// Where the hash input comes from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum HashKey {
+    Header(String),
+    Cookie {
+        name: String,
+        path: Option<String>,
+        /// `None`: no cookie is generated when absent.
+        ttl: Option<Duration>,
+        attributes: Vec<(String, Option<String>)>,
+    },
+    SourceIp,
+    QueryParameter(String),
+}
+
+/// Hash table kind.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HashRing {
+    /// Defaults to 1024 entries, as Istio writes it.
+    RingHash {
+        minimum_ring_size: u64,
+    },
+    Maglev {
+        table_size: u64,
+    },
+}
+
+/// `localityLbSetting`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalityLb {
+    pub enabled: Option<bool>,
+    pub distribute: Vec<(String, BTreeMap<String, u32>)>,
+    pub failover: Vec<(String, String)>,
+    pub failover_priority: Vec<String>,
+}
+
+/// Slow start.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Warmup {
+    pub duration: Duration,
+    /// Defaults to 10.
+    pub minimum_percent: f64,
+    /// Defaults to 1.0.
+    pub aggression: f64,
+}
+
+/// `connectionPool`, with Istio's defaults for every unset field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectionPool {
+    /// Cluster-wide, per client; defaults to [`UNLIMITED`].
+    pub max_connections: u32,
+    /// Defaults to 10 s (mesh `connectTimeout`).
+    pub connect_timeout: Duration,
+    pub tcp_keepalive: Option<TcpKeepalive>,
+    pub max_connection_duration: Option<Duration>,
+    /// TCP idle timeout; defaults to 1 h; zero disables.
+    pub tcp_idle_timeout: Duration,
+    /// Defaults to [`UNLIMITED`].
+    pub http1_max_pending_requests: u32,
+    /// Defaults to [`UNLIMITED`].
+    pub http2_max_requests: u32,
+    /// `None` = unlimited.
+    pub max_requests_per_connection: Option<u32>,
+    /// Concurrent retries across the cluster; defaults to [`UNLIMITED`].
+    pub max_retries: u32,
+    /// Upstream HTTP idle timeout; defaults to the TCP idle timeout (1 h).
+    pub http_idle_timeout: Duration,
+    pub h2_upgrade: H2Upgrade,
+    pub use_client_protocol: bool,
+    /// Defaults to 2³¹−1.
+    pub max_concurrent_streams: u32,
+    /// (interval, timeout).
+    pub http2_keepalive: Option<(Duration, Duration)>,
+}
+
+/// `tcpKeepalive`; unset fields use the OS defaults.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TcpKeepalive {
+    pub probes: Option<u32>,
+    pub time: Option<Duration>,
+    pub interval: Option<Duration>,
+}
+
+/// `h2UpgradePolicy`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum H2Upgrade {
+    /// Mesh default (`DO_NOT_UPGRADE`).
+    Default,
+    DoNotUpgrade,
+    Upgrade,
+}
+
+/// `outlierDetection` as Envoy runs it when the block is present.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutlierDetection {
+    /// Defaults to 5; 0 disables.
+    pub consecutive_5xx: u32,
+    /// Defaults to 0 (not enforced).
+    pub consecutive_gateway: u32,
+    pub split_local_origin: bool,
+    /// Used only when split; defaults to 5.
+    pub consecutive_local_origin: u32,
+    /// Defaults to 10 s.
+    pub interval: Duration,
+    /// Defaults to 30 s.
+    pub base_ejection_time: Duration,
+    /// Defaults to 10 (%).
+    pub max_ejection_percent: u32,
+    /// Panic threshold; defaults to 0 (disabled).
+    pub min_health_percent: u32,
+    /// Empty: any 5xx is an error.
+    pub http_error_codes: Vec<u16>,
+}
+
+/// `tls`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientTls {
+    pub mode: TlsMode,
+    pub client_certificate: Option<String>,
+    pub private_key: Option<String>,
+    pub ca_certificates: Option<String>,
+    pub ca_crl: Option<String>,
+    pub credential_name: Option<String>,
+    pub subject_alt_names: Vec<String>,
+    pub sni: Option<String>,
+    pub insecure_skip_verify: bool,
+}
+
+/// `tls.mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsMode {
+    Disable,
+    Simple,
+    Mutual,
+    IstioMutual,
+}
+
+/// `tunnel`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tunnel {
+    /// `CONNECT` (default) or `POST`.
+    pub protocol: String,
+    pub target_host: String,
+    pub target_port: u16,
+}
+
+/// `proxyProtocol.version`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyProtocolVersion {
+    V1,
+    V2,
+}
+
+/// `retryBudget`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RetryBudget {
+    /// Defaults to 20.
+    pub percent: f64,
+    /// Defaults to 3.
+    pub min_retry_concurrency: u32,
+    pub budget_interval: Option<Duration>,
+}
+
+/// A validated `VirtualService` (the parts that apply to sidecars, i.e. gateway `mesh`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct VirtualService {
+    /// Qualified hosts.
+    pub hosts: Vec<String>,
+    /// False when `gateways` is set and does not list `mesh`: the rule is for gateways only.
+    pub applies_to_mesh: bool,
+    pub http: Vec<HttpRoute>,
+    pub tcp: Vec<L4Route>,
+    pub tls: Vec<L4Route>,
+    pub export_to: ExportTo,
+}
+
+/// `http[]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HttpRoute {
+    pub index: usize,
+    pub name: Option<String>,
+    /// ORed; empty = matches everything.
+    pub matches: Vec<HttpMatch>,
+    pub destinations: Vec<WeightedDestination>,
+    /// `None`: no timeout (Istio's default).
+    pub timeout: Option<Duration>,
+    pub retries: Option<Retries>,
+}
+
+/// `http[].match[]`: all conditions ANDed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HttpMatch {
+    pub uri: Option<StringMatch>,
+    pub scheme: Option<StringMatch>,
+    pub method: Option<StringMatch>,
+    pub authority: Option<StringMatch>,
+    /// Lower-cased names; `None` = header must be present.
+    pub headers: BTreeMap<String, Option<StringMatch>>,
+    pub without_headers: BTreeMap<String, Option<StringMatch>>,
+    pub query_params: BTreeMap<String, Option<StringMatch>>,
+    pub ignore_uri_case: bool,
+    /// Config-time conditions: decide whether the route exists for a client at all.
+    pub port: Option<u16>,
+    pub source_labels: BTreeMap<String, String>,
+    pub source_namespace: Option<String>,
+}
+
+/// `StringMatch`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StringMatch {
+    Exact(String),
+    Prefix(String),
+    /// RE2 syntax, anchored; checked to compile.
+    Regex(String),
+}
+
+/// A weighted route destination.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WeightedDestination {
+    /// Qualified host.
+    pub host: String,
+    pub subset: Option<String>,
+    pub port: Option<u16>,
+    /// Relative weight; a single destination gets everything.
+    pub weight: u32,
+    /// Index in the route's `route` list.
+    pub index: usize,
+}
+
+/// `retries`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Retries {
+    pub attempts: u32,
+    pub per_try_timeout: Option<Duration>,
+    pub retry_on: Option<String>,
+}
+
+/// A `tcp[]` or `tls[]` route.
+#[derive(Clone, Debug, PartialEq)]
+pub struct L4Route {
+    pub index: usize,
+    /// ORed; empty = matches everything.
+    pub matches: Vec<L4Match>,
+    pub destinations: Vec<WeightedDestination>,
+}
+
+/// `tcp[].match[]` / `tls[].match[]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct L4Match {
+    pub sni_hosts: Vec<String>,
+    pub destination_subnets: Vec<(std::net::IpAddr, u8)>,
+    pub port: Option<u16>,
+    pub source_labels: BTreeMap<String, String>,
+    pub source_namespace: Option<String>,
+}
+
+// === impl ExportTo ===
+
+impl ExportTo {
+    /// Whether a client in `namespace` may see the resource.
+    pub fn visible_to(&self, namespace: &str) -> bool {
+        match self {
+            ExportTo::All => true,
+            ExportTo::Namespaces(list) => list.iter().any(|n| n == namespace),
+        }
+    }
+}
+
+// === impl Algorithm ===
+
+impl Algorithm {
+    /// Istio's spelling.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Algorithm::LeastRequest => "LEAST_REQUEST",
+            Algorithm::RoundRobin => "ROUND_ROBIN",
+            Algorithm::Random => "RANDOM",
+            Algorithm::Passthrough => "PASSTHROUGH",
+            Algorithm::ConsistentHash(_) => "consistentHash",
+        }
+    }
+}
+
+// === impl ConnectionPool ===
+
+impl Default for ConnectionPool {
+    fn default() -> Self {
+        Self {
+            max_connections: UNLIMITED,
+            connect_timeout: Duration::from_secs(10),
+            tcp_keepalive: None,
+            max_connection_duration: None,
+            tcp_idle_timeout: Duration::from_secs(3600),
+            http1_max_pending_requests: UNLIMITED,
+            http2_max_requests: UNLIMITED,
+            max_requests_per_connection: None,
+            max_retries: UNLIMITED,
+            http_idle_timeout: Duration::from_secs(3600),
+            h2_upgrade: H2Upgrade::Default,
+            use_client_protocol: false,
+            max_concurrent_streams: i32::MAX as u32,
+            http2_keepalive: None,
+        }
+    }
+}
+
+// === impl OutlierDetection ===
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        Self {
+            consecutive_5xx: 5,
+            consecutive_gateway: 0,
+            split_local_origin: false,
+            consecutive_local_origin: 5,
+            interval: Duration::from_secs(10),
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_percent: 10,
+            min_health_percent: 0,
+            http_error_codes: Vec::new(),
+        }
+    }
+}
+
+impl OutlierDetection {
+    /// Envoy's cap on one ejection: `max(300 s, baseEjectionTime)`.
+    pub fn max_ejection_time(&self) -> Duration {
+        self.base_ejection_time.max(Duration::from_secs(300))
+    }
+}

@@ -1,0 +1,453 @@
+//! Renders the effective policy of one destination for `drover explain`: which rule applies to
+//! the client, the cluster's endpoints, and for every value the resource field (with its
+//! `file:line:col`) that set it, or that it is Istio's default.
+//!
+//! Invariant: read-only over a [`Registry`] snapshot; the text is for people, not for parsing.
+
+use std::{fmt::Write as _, time::Duration};
+
+use super::{Registry, resolve::Sourced, route::is_http};
+use crate::config::{
+    policy::{self, Algorithm, HashKey, HashRing, UNLIMITED},
+    validate::qualify,
+};
+
+/// Why a destination cannot be explained.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no service with host {0:?} (hosts: {1})")]
+    UnknownHost(String, String),
+    #[error("service {host} has no port {port} (ports: {ports})")]
+    UnknownPort {
+        host: String,
+        port: u16,
+        ports: String,
+    },
+    #[error("service {host} has several ports ({ports}); choose one with --port")]
+    AmbiguousPort { host: String, ports: String },
+    #[error(transparent)]
+    Subset(#[from] super::resolve::UnknownSubset),
+}
+
+/// The explanation of `(host, port, subset)` as seen by the registry's client.
+pub fn explain(
+    reg: &Registry,
+    host: &str,
+    port: Option<u16>,
+    subset: Option<&str>,
+) -> Result<String, Error> {
+    let (s, svc) = reg
+        .service(host)
+        .or_else(|| reg.service(&qualify(host, &reg.client().namespace)))
+        .ok_or_else(|| {
+            let hosts: Vec<_> = reg.services().iter().map(|s| s.host.as_str()).collect();
+            Error::UnknownHost(host.to_string(), hosts.join(", "))
+        })?;
+    let ports = svc
+        .ports
+        .iter()
+        .map(|p| format!("{} {}", p.number, p.name))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let port = match (port, svc.ports.as_slice()) {
+        (Some(p), _) => svc
+            .ports
+            .iter()
+            .find(|sp| sp.number == p)
+            .ok_or(Error::UnknownPort {
+                host: svc.host.clone(),
+                port: p,
+                ports: ports.clone(),
+            })?,
+        (None, [only]) => only,
+        (None, _) => {
+            return Err(Error::AmbiguousPort {
+                host: svc.host.clone(),
+                ports,
+            });
+        }
+    };
+    let rule = reg.rule_for(svc);
+    let cluster = match reg.cluster(s, port.number, subset) {
+        Some(c) => c,
+        None => {
+            return Err(Error::Subset(super::resolve::UnknownSubset {
+                host: svc.host.clone(),
+                subset: subset.unwrap_or_default().to_string(),
+            }));
+        }
+    };
+    let client = reg.client();
+    let mut o = String::new();
+    let _ = writeln!(o, "cluster    {}", cluster.name);
+    let _ = writeln!(
+        o,
+        "service    {} (ServiceEntry {}/{}, resolution {:?}, port {} {} {})",
+        svc.host,
+        svc.namespace,
+        svc.entry,
+        svc.resolution,
+        port.number,
+        port.name,
+        port.protocol.as_deref().unwrap_or("(sniffed)")
+    );
+    let labels: Vec<_> = client
+        .labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    let _ = writeln!(
+        o,
+        "client     namespace {} labels {{{}}}",
+        client.namespace,
+        labels.join(",")
+    );
+    match &rule {
+        None => {
+            let _ = writeln!(o, "rule       none applies (Istio defaults everywhere)");
+        }
+        Some(r) => {
+            for (i, src) in r.sources.iter().enumerate() {
+                let _ = writeln!(
+                    o,
+                    "{}DestinationRule {} ({})",
+                    if i == 0 {
+                        "rule       "
+                    } else {
+                        "           + merged "
+                    },
+                    src.id,
+                    src.position("kind")
+                        .unwrap_or_else(|| src.origin.file.display().to_string())
+                );
+            }
+        }
+    }
+    if let Some(name) = subset
+        && let Some((sub, src)) = rule.as_ref().and_then(|r| r.subset(name))
+    {
+        let sel: Vec<_> = sub.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let _ = writeln!(
+            o,
+            "subset     {name} selects {{{}}} ({} spec.subsets[{}])",
+            sel.join(","),
+            src.id,
+            sub.index
+        );
+    }
+    let _ = writeln!(o, "endpoints  {}", cluster.targets.len());
+    for (i, addr) in &cluster.targets {
+        let ep = &svc.endpoints[*i];
+        let l: Vec<_> = ep.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let _ = writeln!(o, "  {} {addr} {{{}}}", ep.name, l.join(","));
+    }
+    if let Some(vs) = reg.virtual_service_for(&svc.host) {
+        let _ = writeln!(o, "routes     VirtualService {}", vs.source.id);
+        let routes = if is_http(port.protocol.as_deref()) {
+            vs.vs
+                .http
+                .iter()
+                .map(|r| {
+                    (
+                        format!("http[{}]", r.index),
+                        r.matches.is_empty(),
+                        &r.destinations,
+                    )
+                })
+                .collect::<Vec<_>>()
+        } else {
+            vs.vs
+                .tcp
+                .iter()
+                .map(|r| {
+                    (
+                        format!("tcp[{}]", r.index),
+                        r.matches.is_empty(),
+                        &r.destinations,
+                    )
+                })
+                .collect()
+        };
+        for (name, all, dests) in routes {
+            let d: Vec<_> = dests
+                .iter()
+                .map(|d| {
+                    format!(
+                        "{}{}{} weight {}",
+                        d.host,
+                        d.subset
+                            .as_deref()
+                            .map(|s| format!(" subset {s}"))
+                            .unwrap_or_default(),
+                        d.port.map(|p| format!(" port {p}")).unwrap_or_default(),
+                        d.weight
+                    )
+                })
+                .collect();
+            let _ = writeln!(
+                o,
+                "  {name}{} → {}",
+                if all {
+                    " (all traffic)"
+                } else {
+                    " (with match)"
+                },
+                d.join("; ")
+            );
+        }
+    }
+    let p = &cluster.policy;
+    block(
+        &mut o,
+        "loadBalancer",
+        &p.load_balancer,
+        lb_fields,
+        "LEAST_REQUEST (Istio default since 1.14)",
+    );
+    block(
+        &mut o,
+        "connectionPool",
+        &p.connection_pool,
+        pool_fields,
+        "every limit 4294967295 (unlimited), connectTimeout 10s, idleTimeout 1h",
+    );
+    block(
+        &mut o,
+        "outlierDetection",
+        &p.outlier_detection,
+        od_fields,
+        "no outlier detection",
+    );
+    block(
+        &mut o,
+        "tls",
+        &p.tls,
+        tls_fields,
+        "auto mTLS (plaintext to endpoints without an Istio identity)",
+    );
+    block(
+        &mut o,
+        "tunnel",
+        &p.tunnel,
+        |t| {
+            vec![
+                ("protocol", t.protocol.clone()),
+                ("targetHost", t.target_host.clone()),
+                ("targetPort", t.target_port.to_string()),
+            ]
+        },
+        "none",
+    );
+    block(
+        &mut o,
+        "proxyProtocol",
+        &p.proxy_protocol,
+        |v| vec![("version", format!("{v:?}"))],
+        "none",
+    );
+    block(
+        &mut o,
+        "retryBudget",
+        &p.retry_budget,
+        |r| {
+            vec![
+                ("percent", r.percent.to_string()),
+                ("minRetryConcurrency", r.min_retry_concurrency.to_string()),
+            ]
+        },
+        "none (maxRetries applies)",
+    );
+    Ok(o)
+}
+
+fn block<T>(
+    o: &mut String,
+    name: &str,
+    b: &Sourced<T>,
+    fields: impl Fn(&T) -> Vec<(&'static str, String)>,
+    default: &str,
+) {
+    match (&b.value, &b.from) {
+        (Some(v), Some((src, path))) => {
+            let at = src.position(path).unwrap_or_default();
+            let _ = writeln!(o, "{name}  from {} {path} {at}", src.id);
+            for (field, value) in fields(v) {
+                let full = format!("{path}.{field}");
+                let origin = match src.position(&full) {
+                    Some(pos) => format!("set at {pos}"),
+                    None => "default".to_string(),
+                };
+                let _ = writeln!(o, "  {field:<36} {value:<24} {origin}");
+            }
+        }
+        (None, Some((src, path))) => {
+            let _ = writeln!(
+                o,
+                "{name}  unset by {} {path} (port-level/subset override): {default}",
+                src.id
+            );
+        }
+        _ => {
+            let _ = writeln!(o, "{name}  not configured: {default}");
+        }
+    }
+}
+
+fn lb_fields(lb: &policy::LoadBalancer) -> Vec<(&'static str, String)> {
+    let mut v = Vec::new();
+    match &lb.algorithm {
+        Algorithm::ConsistentHash(ch) => {
+            v.push(match &ch.key {
+                HashKey::Header(h) => ("consistentHash.httpHeaderName", h.clone()),
+                HashKey::Cookie { name, ttl, .. } => (
+                    "consistentHash.httpCookie",
+                    format!(
+                        "{name} ttl {}",
+                        ttl.map_or("unset (no cookie generated)".into(), dur)
+                    ),
+                ),
+                HashKey::SourceIp => ("consistentHash.useSourceIp", "true".into()),
+                HashKey::QueryParameter(q) => ("consistentHash.httpQueryParameterName", q.clone()),
+            });
+            v.push(match ch.ring {
+                HashRing::RingHash { minimum_ring_size } => (
+                    "consistentHash.ringHash.minimumRingSize",
+                    minimum_ring_size.to_string(),
+                ),
+                HashRing::Maglev { table_size } => {
+                    ("consistentHash.maglev.tableSize", table_size.to_string())
+                }
+            });
+        }
+        a => v.push(("simple", a.name().to_string())),
+    }
+    if let Some(l) = &lb.locality {
+        v.push((
+            "localityLbSetting",
+            format!(
+                "enabled {:?}, {} distribute, {} failover, {} failoverPriority",
+                l.enabled,
+                l.distribute.len(),
+                l.failover.len(),
+                l.failover_priority.len()
+            ),
+        ));
+    }
+    if let Some(w) = &lb.warmup {
+        v.push(("warmup.duration", dur(w.duration)));
+        v.push(("warmup.minimumPercent", w.minimum_percent.to_string()));
+        v.push(("warmup.aggression", w.aggression.to_string()));
+    }
+    v
+}
+
+fn pool_fields(p: &policy::ConnectionPool) -> Vec<(&'static str, String)> {
+    vec![
+        ("tcp.maxConnections", limit(p.max_connections)),
+        ("tcp.connectTimeout", dur(p.connect_timeout)),
+        (
+            "tcp.tcpKeepalive",
+            p.tcp_keepalive
+                .as_ref()
+                .map_or("off".into(), |k| format!("{k:?}")),
+        ),
+        (
+            "tcp.maxConnectionDuration",
+            p.max_connection_duration.map_or("none".into(), dur),
+        ),
+        ("tcp.idleTimeout", dur(p.tcp_idle_timeout)),
+        (
+            "http.http1MaxPendingRequests",
+            limit(p.http1_max_pending_requests),
+        ),
+        ("http.http2MaxRequests", limit(p.http2_max_requests)),
+        (
+            "http.maxRequestsPerConnection",
+            p.max_requests_per_connection
+                .map_or("unlimited".into(), |n| n.to_string()),
+        ),
+        ("http.maxRetries", limit(p.max_retries)),
+        ("http.idleTimeout", dur(p.http_idle_timeout)),
+        ("http.h2UpgradePolicy", format!("{:?}", p.h2_upgrade)),
+        ("http.useClientProtocol", p.use_client_protocol.to_string()),
+        (
+            "http.maxConcurrentStreams",
+            p.max_concurrent_streams.to_string(),
+        ),
+        (
+            "http.http2KeepAlive",
+            p.http2_keepalive.map_or("off".into(), |(i, t)| {
+                format!("interval {} timeout {}", dur(i), dur(t))
+            }),
+        ),
+    ]
+}
+
+fn od_fields(od: &policy::OutlierDetection) -> Vec<(&'static str, String)> {
+    vec![
+        ("consecutive5xxErrors", od.consecutive_5xx.to_string()),
+        (
+            "consecutiveGatewayErrors",
+            od.consecutive_gateway.to_string(),
+        ),
+        (
+            "splitExternalLocalOriginErrors",
+            od.split_local_origin.to_string(),
+        ),
+        (
+            "consecutiveLocalOriginFailures",
+            od.consecutive_local_origin.to_string(),
+        ),
+        ("interval", dur(od.interval)),
+        ("baseEjectionTime", dur(od.base_ejection_time)),
+        ("maxEjectionPercent", od.max_ejection_percent.to_string()),
+        ("minHealthPercent", od.min_health_percent.to_string()),
+        (
+            "outlierDetectionHttpErrorCodes",
+            if od.http_error_codes.is_empty() {
+                "any 5xx".into()
+            } else {
+                format!("{:?}", od.http_error_codes)
+            },
+        ),
+    ]
+}
+
+fn tls_fields(t: &policy::ClientTls) -> Vec<(&'static str, String)> {
+    let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    vec![
+        ("mode", format!("{:?}", t.mode)),
+        ("clientCertificate", opt(&t.client_certificate)),
+        ("privateKey", opt(&t.private_key)),
+        ("caCertificates", opt(&t.ca_certificates)),
+        ("caCrl", opt(&t.ca_crl)),
+        ("credentialName", opt(&t.credential_name)),
+        ("subjectAltNames", format!("{:?}", t.subject_alt_names)),
+        ("sni", opt(&t.sni)),
+        ("insecureSkipVerify", t.insecure_skip_verify.to_string()),
+    ]
+}
+
+fn limit(n: u32) -> String {
+    if n == UNLIMITED {
+        format!("{n} (unlimited)")
+    } else {
+        n.to_string()
+    }
+}
+
+/// `1h`, `90s`, `1500ms`.
+pub fn dur(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms == 0 {
+        "0s".into()
+    } else if ms % 3_600_000 == 0 {
+        format!("{}h", ms / 3_600_000)
+    } else if ms % 60_000 == 0 {
+        format!("{}m", ms / 60_000)
+    } else if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}

@@ -1,0 +1,288 @@
+//! Per-connection routing: captured (VIP, port) → service → VirtualService route (first match
+//! wins, weighted destination) → cluster `(host, port, subset)` → endpoint.
+//!
+//! This is the L4 path: a connection is routed once, before any byte is read, so only the
+//! conditions known at that point are evaluated (route `port`, `sourceLabels`,
+//! `sourceNamespace`, TCP `destinationSubnets`). HTTP routes whose every match needs request data
+//! (uri, headers, …) are skipped here; validation warns about them.
+
+use std::net::{IpAddr, SocketAddr};
+
+use super::{Cluster, Registry, Resolution, Service, VsEntry, resolve};
+use crate::config::policy::{self, Algorithm, WeightedDestination};
+
+/// Where a captured connection goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// Dial this endpoint (index into the cluster's service's endpoints).
+    Endpoint { index: usize, addr: SocketAddr },
+    /// `resolution: NONE` or `PASSTHROUGH`: dial the original destination (port possibly
+    /// overridden by `targetPort`).
+    Passthrough(SocketAddr),
+}
+
+/// A routing decision.
+#[derive(Debug)]
+pub struct Decision<'a> {
+    /// The service the client dialed.
+    pub service: &'a Service,
+    pub cluster: &'a Cluster,
+    pub target: Target,
+    /// `namespace/name http[i]` of the VirtualService route used, if any.
+    pub route: Option<String>,
+}
+
+/// Why a connection could not be routed, with Envoy's response flag.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    #[error("{0} is not a captured service address")]
+    NotCaptured(SocketAddr),
+    #[error("no route of VirtualService {vs} matches this connection")]
+    NoRouteMatched { vs: String },
+    #[error(transparent)]
+    UnknownSubset(#[from] resolve::UnknownSubset),
+    #[error("route destination {host}:{port} is not a known service port")]
+    UnknownDestination { host: String, port: u16 },
+    #[error("no healthy upstream in {cluster}")]
+    NoEndpoint { cluster: String },
+}
+
+// === impl RouteError ===
+
+impl RouteError {
+    /// Envoy's access-log response flag.
+    pub fn response_flag(&self) -> &'static str {
+        match self {
+            RouteError::NotCaptured(_) | RouteError::NoRouteMatched { .. } => "NR",
+            RouteError::UnknownSubset(_) | RouteError::UnknownDestination { .. } => "NC",
+            RouteError::NoEndpoint { .. } => "UH",
+        }
+    }
+
+    /// The status Envoy answers an HTTP request with.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            RouteError::NotCaptured(_) | RouteError::NoRouteMatched { .. } => 404,
+            _ => 503,
+        }
+    }
+}
+
+// === impl Registry ===
+
+impl Registry {
+    /// Routes a new connection to `orig`, picking the endpoint.
+    pub fn route(&self, orig: SocketAddr) -> Result<Decision<'_>, RouteError> {
+        let orig = SocketAddr::new(orig.ip().to_canonical(), orig.port());
+        let &(s, p) = self
+            .by_vip
+            .get(&orig)
+            .ok_or(RouteError::NotCaptured(orig))?;
+        let service = &self.services[s];
+        let port = &service.ports[p];
+        let (dest, route) = match self.virtual_service_for(&service.host) {
+            None => (None, None),
+            Some(vs) => match self.l4_route(vs, port.number, port.protocol.as_deref(), orig.ip()) {
+                Routed::Default => (None, None),
+                Routed::To(d, name) => (Some(d), Some(name)),
+                Routed::NoMatch => {
+                    return Err(RouteError::NoRouteMatched {
+                        vs: vs.source.id.clone(),
+                    });
+                }
+            },
+        };
+        let cluster = match dest {
+            None => self
+                .cluster(s, port.number, None)
+                .expect("every service port has a default cluster"),
+            Some(d) => self.destination_cluster(d, port.number)?,
+        };
+        let dsvc = &self.services[cluster.service];
+        let passthrough = dsvc.resolution == Resolution::None
+            || matches!(
+                cluster.policy.load_balancer.value,
+                Some(policy::LoadBalancer {
+                    algorithm: Algorithm::Passthrough,
+                    ..
+                })
+            );
+        let target = if passthrough {
+            let tp = dsvc
+                .ports
+                .iter()
+                .find(|p| p.number == cluster.port)
+                .map_or(orig.port(), |p| p.target_port);
+            Target::Passthrough(SocketAddr::new(orig.ip(), tp))
+        } else {
+            let i = cluster
+                .balancer
+                .pick(cluster.targets.len())
+                .ok_or_else(|| RouteError::NoEndpoint {
+                    cluster: cluster.name.clone(),
+                })?;
+            let (index, addr) = cluster.targets[i];
+            Target::Endpoint { index, addr }
+        };
+        Ok(Decision {
+            service,
+            cluster,
+            target,
+            route,
+        })
+    }
+
+    /// The VirtualService that applies to `host` for this client: visible, bound to `mesh`, most
+    /// specific host match (first in configuration order on a tie).
+    pub fn virtual_service_for(&self, host: &str) -> Option<&VsEntry> {
+        let mut best: Option<(&VsEntry, usize)> = None;
+        for vs in &self.virtual_services {
+            if !vs.vs.applies_to_mesh || !vs.vs.export_to.visible_to(&self.client.namespace) {
+                continue;
+            }
+            let score = vs
+                .vs
+                .hosts
+                .iter()
+                .filter_map(|h| resolve::host_match(h, host))
+                .max();
+            if let Some(score) = score
+                && best.is_none_or(|(_, b)| score > b)
+            {
+                best = Some((vs, score));
+            }
+        }
+        best.map(|b| b.0)
+    }
+
+    /// The cluster a route destination names; `arrival` is the port the client dialed.
+    pub fn destination_cluster(
+        &self,
+        d: &WeightedDestination,
+        arrival: u16,
+    ) -> Result<&Cluster, RouteError> {
+        let unknown = |port| RouteError::UnknownDestination {
+            host: d.host.clone(),
+            port,
+        };
+        let (ds, dsvc) = self.service(&d.host).ok_or_else(|| unknown(arrival))?;
+        let port = d.port.unwrap_or(match dsvc.ports.as_slice() {
+            [only] => only.number,
+            _ => arrival,
+        });
+        if !dsvc.ports.iter().any(|p| p.number == port) {
+            return Err(unknown(port));
+        }
+        match self.cluster(ds, port, d.subset.as_deref()) {
+            Some(c) => Ok(c),
+            None => Err(RouteError::UnknownSubset(resolve::UnknownSubset {
+                host: d.host.clone(),
+                subset: d.subset.clone().unwrap_or_default(),
+            })),
+        }
+    }
+
+    fn l4_route<'v>(
+        &self,
+        vs: &'v VsEntry,
+        port: u16,
+        protocol: Option<&str>,
+        dst: IpAddr,
+    ) -> Routed<'v> {
+        let client = &self.client;
+        let source_ok = |labels: &std::collections::BTreeMap<String, String>,
+                         ns: &Option<String>| {
+            resolve::selects(labels, &client.labels)
+                && ns.as_ref().is_none_or(|n| *n == client.namespace)
+        };
+        if is_http(protocol) {
+            for r in &vs.vs.http {
+                let applies = r.matches.is_empty()
+                    || r.matches.iter().any(|m| {
+                        m.port.is_none_or(|p| p == port)
+                            && source_ok(&m.source_labels, &m.source_namespace)
+                            && !needs_request(m)
+                    });
+                if applies {
+                    return match weighted(&r.destinations) {
+                        Some(d) => Routed::To(d, format!("{} http[{}]", vs.source.id, r.index)),
+                        None => Routed::NoMatch,
+                    };
+                }
+            }
+            return if vs.vs.http.is_empty() {
+                Routed::Default
+            } else {
+                Routed::NoMatch
+            };
+        }
+        for r in &vs.vs.tcp {
+            let applies = r.matches.is_empty()
+                || r.matches.iter().any(|m| {
+                    m.port.is_none_or(|p| p == port)
+                        && source_ok(&m.source_labels, &m.source_namespace)
+                        && (m.destination_subnets.is_empty()
+                            || m.destination_subnets.iter().any(|n| in_subnet(dst, *n)))
+                });
+            if applies && let Some(d) = weighted(&r.destinations) {
+                return Routed::To(d, format!("{} tcp[{}]", vs.source.id, r.index));
+            }
+        }
+        Routed::Default
+    }
+}
+
+enum Routed<'v> {
+    /// No route applies to this kind of traffic: the service's default cluster.
+    Default,
+    To(&'v WeightedDestination, String),
+    /// The VirtualService claims the host but no route matches (Envoy: 404, `NR`).
+    NoMatch,
+}
+
+/// Ports whose traffic Istio routes with `http` routes.
+pub fn is_http(protocol: Option<&str>) -> bool {
+    matches!(protocol, Some("HTTP" | "HTTP2" | "GRPC" | "GRPC-WEB"))
+}
+
+/// Whether a match has conditions only a request can answer.
+pub fn needs_request(m: &policy::HttpMatch) -> bool {
+    m.uri.is_some()
+        || m.scheme.is_some()
+        || m.method.is_some()
+        || m.authority.is_some()
+        || !m.headers.is_empty()
+        || !m.without_headers.is_empty()
+        || !m.query_params.is_empty()
+}
+
+/// Random choice proportional to weight (weights are relative, as in Istio ≥ 1.15).
+fn weighted(dests: &[WeightedDestination]) -> Option<&WeightedDestination> {
+    let total: u64 = dests.iter().map(|d| u64::from(d.weight)).sum();
+    if total == 0 {
+        return dests.first();
+    }
+    let mut roll = fastrand::u64(0..total);
+    for d in dests {
+        let w = u64::from(d.weight);
+        if roll < w {
+            return Some(d);
+        }
+        roll -= w;
+    }
+    None
+}
+
+fn in_subnet(ip: IpAddr, (net, len): (IpAddr, u8)) -> bool {
+    match (ip.to_canonical(), net) {
+        (IpAddr::V4(a), IpAddr::V4(n)) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            u32::from(a) & mask == u32::from(n) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(n)) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+            u128::from(a) & mask == u128::from(n) & mask
+        }
+        _ => false,
+    }
+}
