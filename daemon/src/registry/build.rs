@@ -35,6 +35,10 @@ impl Registry {
     pub fn build(set: &ConfigSet, client: &Client) -> Result<Registry, Rejected> {
         let mut problems = Vec::new();
         let mut warnings = set.warnings.clone();
+        unique_names("ServiceEntry", &set.service_entries, &mut problems);
+        unique_names("WorkloadEntry", &set.workload_entries, &mut problems);
+        unique_names("DestinationRule", &set.destination_rules, &mut problems);
+        unique_names("VirtualService", &set.virtual_services, &mut problems);
         let mut services = Vec::new();
         let mut by_vip: HashMap<SocketAddr, (usize, usize)> = HashMap::new();
         let mut hosts_seen: HashSet<(String, String)> = HashSet::new();
@@ -129,6 +133,22 @@ impl Registry {
         };
         registry.clusters = clusters(&registry);
         Ok(registry)
+    }
+}
+
+/// Kubernetes keeps one object per (kind, namespace, name); a second definition is a mistake
+/// (usually two versions of the same file), not a second rule.
+fn unique_names<T>(kind: &str, list: &[Resource<T>], problems: &mut Vec<Problem>) {
+    let mut seen: HashMap<String, String> = HashMap::new();
+    for r in list.iter().filter(|r| !r.meta.name.is_empty()) {
+        let here = r.origin.problem("metadata.name", "").location.to_string();
+        if let Some(first) = seen.insert(r.id(), here.clone()) {
+            seen.insert(r.id(), first.clone());
+            problems.push(r.origin.problem(
+                "metadata.name",
+                format!("{kind} {} is already defined at {first}", r.id()),
+            ));
+        }
     }
 }
 
@@ -694,6 +714,129 @@ spec: {address: 198.18.3.2, labels: {app: reviews}}
             problems(&(se("a", "x.example", "127.77.0.1") + &se("b", "y.example", "127.77.0.1")));
         assert!(
             p[0].contains("127.77.0.1:80 is already captured for host \"x.example\""),
+            "{p:?}"
+        );
+    }
+
+    fn routed(extra: &str) -> Registry {
+        build(&format!("{REVIEWS}---\n{extra}")).unwrap()
+    }
+
+    const SUBSETS: &str = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: demo}
+spec:
+  host: reviews.demo.svc.cluster.local
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+  - {name: v3, labels: {version: v3}}
+";
+
+    fn vs(http: &str) -> String {
+        format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews, namespace: demo}}\nspec:\n  hosts: [reviews]\n{http}"
+        )
+    }
+
+    fn endpoint_name(r: &Registry) -> String {
+        let d = r.route("127.77.0.10:9080".parse().unwrap()).unwrap();
+        match d.target {
+            Target::Endpoint { index, .. } => r.services()[d.cluster.service].endpoints[index]
+                .name
+                .clone(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn virtual_service_weights_pick_subsets() {
+        let r = routed(
+            &(SUBSETS.to_string()
+                + &vs(
+                    "  http:\n  - route:\n    - {destination: {host: reviews, subset: v1}, weight: 30}\n    - {destination: {host: reviews, subset: v2}, weight: 10}\n",
+                )),
+        );
+        let n = 4000;
+        let v1 = (0..n).filter(|_| endpoint_name(&r) == "reviews-v1").count();
+        // Relative weights 30:10 → 75 % (binomial sd ≈ 0.7 %; ±4 % is > 5 sd).
+        let share = v1 as f64 / n as f64;
+        assert!((0.71..0.79).contains(&share), "v1 share {share}");
+        let d = r.route("127.77.0.10:9080".parse().unwrap()).unwrap();
+        assert_eq!(d.route.as_deref(), Some("demo/reviews http[0]"));
+        assert!(d.cluster.name.starts_with("outbound|9080|v"));
+    }
+
+    #[test]
+    fn route_failures_map_to_envoy_flags() {
+        let vip: SocketAddr = "127.77.0.10:9080".parse().unwrap();
+        // A subset no DestinationRule defines: cluster not found.
+        let r = routed(&vs(
+            "  http:\n  - route: [{destination: {host: reviews, subset: v9}}]\n",
+        ));
+        let e = r.route(vip).unwrap_err();
+        assert_eq!((e.response_flag(), e.http_status()), ("NC", 503));
+        assert!(e.to_string().contains("subset \"v9\""), "{e}");
+        assert!(
+            r.warnings()
+                .iter()
+                .any(|w| w.field == "spec.http[0].route[0].destination.subset"),
+            "{:?}",
+            r.warnings()
+        );
+        // A subset whose labels match no endpoint: no healthy upstream.
+        let r = routed(
+            &(SUBSETS.to_string()
+                + &vs("  http:\n  - route: [{destination: {host: reviews, subset: v3}}]\n")),
+        );
+        let e = r.route(vip).unwrap_err();
+        assert_eq!((e.response_flag(), e.http_status()), ("UH", 503));
+        // The VirtualService claims the host but no route applies on the L4 path: 404 NR.
+        let r = routed(&vs(
+            "  http:\n  - match: [{uri: {prefix: /api}}]\n    route: [{destination: {host: reviews}}]\n",
+        ));
+        let e = r.route(vip).unwrap_err();
+        assert_eq!((e.response_flag(), e.http_status()), ("NR", 404));
+        // Without a VirtualService the default cluster serves every endpoint.
+        let r = routed(SUBSETS);
+        let d = r.route(vip).unwrap();
+        assert_eq!(
+            d.cluster.name,
+            "outbound|9080||reviews.demo.svc.cluster.local"
+        );
+        assert_eq!(d.cluster.targets.len(), 2);
+    }
+
+    #[test]
+    fn passthrough_balancer_dials_the_original_destination() {
+        let r = routed(&SUBSETS.replace(
+            "  subsets:",
+            "  trafficPolicy: {loadBalancer: {simple: PASSTHROUGH}}\n  subsets:",
+        ));
+        let d = r.route("127.77.0.10:9080".parse().unwrap()).unwrap();
+        assert_eq!(
+            d.target,
+            Target::Passthrough("127.77.0.10:8080".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn duplicate_resources_and_vs_hosts_are_errors() {
+        let p = problems(&format!("{REVIEWS}---\n{SUBSETS}---\n{SUBSETS}"));
+        assert!(
+            p.iter().any(|m| m.contains(
+                "metadata.name: DestinationRule demo/reviews is already defined at t.yaml:"
+            )),
+            "{p:?}"
+        );
+        let twice = vs("  http:\n  - route: [{destination: {host: reviews}}]\n");
+        let p = problems(&format!(
+            "{REVIEWS}{twice}{}",
+            twice.replace("name: reviews,", "name: reviews2,")
+        ));
+        assert!(
+            p.iter()
+                .any(|m| m.contains("is already claimed by VirtualService demo/reviews")),
             "{p:?}"
         );
     }

@@ -94,10 +94,16 @@ impl<T> Default for Sourced<T> {
 }
 
 impl<T: Clone> Sourced<T> {
-    fn set(value: &Option<T>, source: &RuleRef, path: String) -> Self {
+    /// `value` as set at `path`; an absent value keeps its provenance only when `record_unset`
+    /// (a port-level entry that resets a block is worth naming).
+    fn set(value: &Option<T>, source: &RuleRef, path: String, record_unset: bool) -> Self {
         match value {
             Some(v) => Self {
                 value: Some(v.clone()),
+                from: Some((source.clone(), path)),
+            },
+            None if record_unset => Self {
+                value: None,
                 from: Some((source.clone(), path)),
             },
             None => Self::default(),
@@ -293,7 +299,12 @@ fn apply(
     macro_rules! block {
         ($field:ident, $name:literal) => {
             if blocks.$field.is_some() || replace_all {
-                out.$field = Sourced::set(&blocks.$field, src, format!("{bpath}.{}", $name));
+                out.$field = Sourced::set(
+                    &blocks.$field,
+                    src,
+                    format!("{bpath}.{}", $name),
+                    port_level.is_some(),
+                );
             }
         };
     }
@@ -304,14 +315,19 @@ fn apply(
     // Port-level entries cannot carry these three: a matching entry drops them.
     if port_level.is_none() {
         if tp.tunnel.is_some() || !subset_level {
-            out.tunnel = Sourced::set(&tp.tunnel, src, format!("{path}.tunnel"));
+            out.tunnel = Sourced::set(&tp.tunnel, src, format!("{path}.tunnel"), false);
         }
         if tp.proxy_protocol.is_some() || !subset_level {
-            out.proxy_protocol =
-                Sourced::set(&tp.proxy_protocol, src, format!("{path}.proxyProtocol"));
+            out.proxy_protocol = Sourced::set(
+                &tp.proxy_protocol,
+                src,
+                format!("{path}.proxyProtocol"),
+                false,
+            );
         }
         if tp.retry_budget.is_some() || !subset_level {
-            out.retry_budget = Sourced::set(&tp.retry_budget, src, format!("{path}.retryBudget"));
+            out.retry_budget =
+                Sourced::set(&tp.retry_budget, src, format!("{path}.retryBudget"), false);
         }
     }
 }

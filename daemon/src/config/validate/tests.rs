@@ -1,1 +1,759 @@
-//! Table-driven tests of the validation rules.
+//! Table-driven tests of every validation rule: each case is a `spec` fragment and the error or
+//! warning it must produce (field path and message), or none.
+
+use std::{path::PathBuf, sync::Arc};
+
+use super::*;
+use crate::config::source::ConfigSet;
+
+#[derive(Debug)]
+enum Expect {
+    Valid,
+    /// An error whose `field: message` contains this text.
+    Error(&'static str),
+    /// A warning (and no error) whose `field: message` contains this text.
+    Warn(&'static str),
+}
+use Expect::{Error, Valid, Warn};
+
+fn doc(kind: &str, spec: &str) -> String {
+    let spec: String = spec.lines().map(|l| format!("  {l}\n")).collect();
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: {kind}\nmetadata: {{name: t, namespace: ns1}}\nspec:\n{spec}"
+    )
+}
+
+fn load(kind: &str, spec: &str) -> ConfigSet {
+    let mut set = ConfigSet::default();
+    let mut problems = Vec::new();
+    set.add_text(
+        Arc::new(PathBuf::from("t.yaml")),
+        &doc(kind, spec),
+        &mut problems,
+    );
+    assert!(problems.is_empty(), "{spec}: {problems:?}");
+    set
+}
+
+/// (errors, warnings) as `field: message` strings, each checked to carry a line number.
+fn check(kind: &str, spec: &str) -> (Vec<String>, Vec<String>) {
+    let set = load(kind, spec);
+    let (errors, warnings) = match kind {
+        "DestinationRule" => {
+            match Validated::<policy::DestinationRule>::try_from(&set.destination_rules[0]) {
+                Ok(v) => (Vec::new(), v.warnings),
+                Err(i) => (i.errors, i.warnings),
+            }
+        }
+        _ => match Validated::<policy::VirtualService>::try_from(&set.virtual_services[0]) {
+            Ok(v) => (Vec::new(), v.warnings),
+            Err(i) => (i.errors, i.warnings),
+        },
+    };
+    let fmt = |ps: Vec<Problem>| {
+        ps.into_iter()
+            .map(|p| {
+                assert!(p.location.line > 0, "{spec}: unlocated {p}");
+                format!("{}: {}", p.field, p.message)
+            })
+            .collect::<Vec<_>>()
+    };
+    (fmt(errors), fmt(warnings))
+}
+
+fn run(kind: &str, cases: &[(&str, &str, Expect)]) {
+    let mut failures = Vec::new();
+    for (name, spec, expect) in cases {
+        let (errors, warnings) = check(kind, spec);
+        let ok = match expect {
+            Valid => errors.is_empty(),
+            Error(text) => errors.iter().any(|e| e.contains(text)),
+            Warn(text) => errors.is_empty() && warnings.iter().any(|w| w.contains(text)),
+        };
+        if !ok {
+            failures.push(format!(
+                "{name}: expected {expect:?}\n  errors: {errors:?}\n  warnings: {warnings:?}"
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+}
+
+#[test]
+fn destination_rule_rules() {
+    run(
+        "DestinationRule",
+        &[
+            ("minimal rule", "host: reviews", Valid),
+            (
+                "host required",
+                "host: ''",
+                Error("spec.host: host is required"),
+            ),
+            (
+                "host not an IP",
+                "host: 10.0.0.1",
+                Error("spec.host: \"10.0.0.1\" is an IP address"),
+            ),
+            (
+                "host labels",
+                "host: a..b",
+                Error("spec.host: \"a..b\" is not a valid host"),
+            ),
+            ("wildcard host", "host: '*.foo.com'", Valid),
+            ("mesh-wide host", "host: '*'", Valid),
+            (
+                "wildcard only first",
+                "host: 'a.*.com'",
+                Error("is not a valid host"),
+            ),
+            (
+                "empty trafficPolicy",
+                "host: a\ntrafficPolicy: {}",
+                Error("spec.trafficPolicy: trafficPolicy must set at least one field"),
+            ),
+            (
+                "empty subset policy",
+                "host: a\nsubsets: [{name: v1, trafficPolicy: {}}]",
+                Error("spec.subsets[0].trafficPolicy: trafficPolicy must set"),
+            ),
+            (
+                "pool needs tcp or http",
+                "host: a\ntrafficPolicy: {connectionPool: {}}",
+                Error("connectionPool: connectionPool must set tcp or http"),
+            ),
+            (
+                "negative maxConnections",
+                "host: a\ntrafficPolicy: {connectionPool: {tcp: {maxConnections: -1}}}",
+                Error("connectionPool.tcp.maxConnections: -1 must not be negative"),
+            ),
+            (
+                "negative pending",
+                "host: a\ntrafficPolicy: {connectionPool: {http: {http1MaxPendingRequests: -5}}}",
+                Error("http.http1MaxPendingRequests: -5 must not be negative"),
+            ),
+            (
+                "int32 overflow",
+                "host: a\ntrafficPolicy: {connectionPool: {http: {http2MaxRequests: 4294967296}}}",
+                Error("is larger than"),
+            ),
+            (
+                "unparseable duration",
+                "host: a\ntrafficPolicy: {connectionPool: {tcp: {connectTimeout: 10 seconds}}}",
+                Error("tcp.connectTimeout: \"10 seconds\" is not a duration"),
+            ),
+            (
+                "negative duration",
+                "host: a\ntrafficPolicy: {connectionPool: {tcp: {connectTimeout: -1s}}}",
+                Error("connectTimeout: duration \"-1s\" must not be negative"),
+            ),
+            (
+                "sub-millisecond duration",
+                "host: a\ntrafficPolicy: {connectionPool: {tcp: {connectTimeout: 500us}}}",
+                Error("must be at least 1ms"),
+            ),
+            (
+                "millisecond precision",
+                "host: a\ntrafficPolicy: {connectionPool: {tcp: {connectTimeout: 1.0005s}}}",
+                Error("more than millisecond precision"),
+            ),
+            (
+                "durations in every unit",
+                "host: a\ntrafficPolicy: {connectionPool: {tcp: {connectTimeout: 100ms, maxConnectionDuration: 1.5s, idleTimeout: 1h30m}, http: {idleTimeout: 1m}}}",
+                Valid,
+            ),
+            (
+                "tcp idleTimeout 0s disables",
+                "host: a\ntrafficPolicy: {connectionPool: {tcp: {idleTimeout: 0s}}}",
+                Valid,
+            ),
+            (
+                "http idleTimeout 0s rejected",
+                "host: a\ntrafficPolicy: {connectionPool: {http: {idleTimeout: 0s}}}",
+                Error("http.idleTimeout: duration \"0s\" must be at least 1ms"),
+            ),
+            (
+                "useClientProtocol with UPGRADE",
+                "host: a\ntrafficPolicy: {connectionPool: {http: {useClientProtocol: true, h2UpgradePolicy: UPGRADE}}}",
+                Error("useClientProtocol cannot be combined"),
+            ),
+            (
+                "http2KeepAlive needs both",
+                "host: a\ntrafficPolicy: {connectionPool: {http: {http2KeepAlive: {interval: 10s}}}}",
+                Error("http2KeepAlive: http2KeepAlive needs both interval and timeout"),
+            ),
+            (
+                "duplicate subsets",
+                "host: a\nsubsets: [{name: v1}, {name: v1}]",
+                Error("spec.subsets[1].name: duplicate subset name \"v1\""),
+            ),
+            (
+                "subset name DNS label",
+                "host: a\nsubsets: [{name: V1}]",
+                Error("spec.subsets[0].name: subset name \"V1\" is not a DNS-1123 label"),
+            ),
+            (
+                "subset name required",
+                "host: a\nsubsets: [{labels: {a: b}}]",
+                Error("spec.subsets[0].name: subset name is required"),
+            ),
+            (
+                "null subset",
+                "host: a\nsubsets: [~]",
+                Error("spec.subsets[0]: subset must not be null"),
+            ),
+            (
+                "subset label key",
+                "host: a\nsubsets: [{name: v1, labels: {'bad key': x}}]",
+                Error("is not a valid label key"),
+            ),
+            (
+                "subset label value",
+                "host: a\nsubsets: [{name: v1, labels: {k: 'bad value'}}]",
+                Error("is not a valid label value"),
+            ),
+            (
+                "maglev needs tableSize",
+                "host: a\ntrafficPolicy: {loadBalancer: {consistentHash: {useSourceIp: true, maglev: {}}}}",
+                Error("maglev.tableSize: maglev.tableSize is required"),
+            ),
+            (
+                "maglev prime",
+                "host: a\ntrafficPolicy: {loadBalancer: {consistentHash: {useSourceIp: true, maglev: {tableSize: 65536}}}}",
+                Error("tableSize 65536 must be a prime number"),
+            ),
+            (
+                "maglev bound",
+                "host: a\ntrafficPolicy: {loadBalancer: {consistentHash: {useSourceIp: true, maglev: {tableSize: 5000011}}}}",
+                Error("must be a prime number below 5000011"),
+            ),
+            (
+                "maglev 65537",
+                "host: a\ntrafficPolicy: {loadBalancer: {consistentHash: {useSourceIp: true, maglev: {tableSize: 65537}}}}",
+                Valid,
+            ),
+            (
+                "ringHash empty",
+                "host: a\ntrafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: x-user, ringHash: {}}}}",
+                Valid,
+            ),
+            (
+                "minimumRingSize with ringHash",
+                "host: a\ntrafficPolicy: {loadBalancer: {consistentHash: {useSourceIp: true, minimumRingSize: 10, ringHash: {}}}}",
+                Error("cannot be combined with ringHash or maglev"),
+            ),
+            (
+                "minimumRingSize deprecated",
+                "host: a\ntrafficPolicy: {loadBalancer: {consistentHash: {useSourceIp: true, minimumRingSize: 2048}}}",
+                Warn("minimumRingSize is deprecated"),
+            ),
+            (
+                "hash with no key",
+                "host: a\ntrafficPolicy: {loadBalancer: {consistentHash: {ringHash: {}}}}",
+                Error(
+                    "consistentHash needs exactly one of httpHeaderName, httpCookie, useSourceIp, httpQueryParameterName (found 0)",
+                ),
+            ),
+            (
+                "hash with two keys",
+                "host: a\ntrafficPolicy: {loadBalancer: {consistentHash: {useSourceIp: true, httpHeaderName: x}}}",
+                Error("(found 2)"),
+            ),
+            (
+                "cookie name required",
+                "host: a\ntrafficPolicy: {loadBalancer: {consistentHash: {httpCookie: {ttl: 10s}}}}",
+                Error("httpCookie.name: cookie name is required"),
+            ),
+            (
+                "cookie attributes unique",
+                "host: a\ntrafficPolicy: {loadBalancer: {consistentHash: {httpCookie: {name: s, attributes: [{name: Secure}, {name: secure}]}}}}",
+                Error("attributes[1].name: duplicate cookie attribute"),
+            ),
+            (
+                "cookie attribute name",
+                "host: a\ntrafficPolicy: {loadBalancer: {consistentHash: {httpCookie: {name: s, attributes: [{value: x}]}}}}",
+                Error("attributes[0].name: cookie attribute name is required"),
+            ),
+            (
+                "cookie ttl 0s",
+                "host: a\ntrafficPolicy: {loadBalancer: {consistentHash: {httpCookie: {name: s, ttl: 0s}}}}",
+                Valid,
+            ),
+            (
+                "simple and hash",
+                "host: a\ntrafficPolicy: {loadBalancer: {simple: RANDOM, consistentHash: {useSourceIp: true}}}",
+                Error("simple and consistentHash are mutually exclusive"),
+            ),
+            (
+                "LEAST_CONN accepted",
+                "host: a\ntrafficPolicy: {loadBalancer: {simple: LEAST_CONN}}",
+                Valid,
+            ),
+            (
+                "locality and zone aware",
+                "host: a\ntrafficPolicy: {loadBalancer: {localityLbSetting: {enabled: true}, zoneAwareLbSetting: {enabled: true}}}",
+                Error("localityLbSetting and zoneAwareLbSetting are mutually exclusive"),
+            ),
+            (
+                "distribute and failover",
+                "host: a\ntrafficPolicy: {outlierDetection: {}, loadBalancer: {localityLbSetting: {distribute: [{from: r1/*, to: {r1/*: 100}}], failover: [{from: r1, to: r2}]}}}",
+                Error("distribute and failover are mutually exclusive"),
+            ),
+            (
+                "distribute sum",
+                "host: a\ntrafficPolicy: {loadBalancer: {localityLbSetting: {distribute: [{from: r1/*, to: {r1/*: 80, r2/*: 10}}]}}}",
+                Error("distribute[0].to: weights must add up to 100, not 90"),
+            ),
+            (
+                "distribute weight range",
+                "host: a\ntrafficPolicy: {loadBalancer: {localityLbSetting: {distribute: [{from: r1/*, to: {r1/*: 100, r2/*: 0}}]}}}",
+                Error("weight 0 must be between 1 and 100"),
+            ),
+            (
+                "distribute wildcard",
+                "host: a\ntrafficPolicy: {loadBalancer: {localityLbSetting: {distribute: [{from: r1/*/a, to: {r1/*: 100}}]}}}",
+                Error("a wildcard is allowed only once, as the last segment"),
+            ),
+            (
+                "failover same region",
+                "host: a\ntrafficPolicy: {outlierDetection: {}, loadBalancer: {localityLbSetting: {failover: [{from: r1, to: r1}]}}}",
+                Error("failover from and to are the same region"),
+            ),
+            (
+                "failover regions only",
+                "host: a\ntrafficPolicy: {outlierDetection: {}, loadBalancer: {localityLbSetting: {failover: [{from: r1/z1, to: r2}]}}}",
+                Error("failover[0].from: failover takes regions only"),
+            ),
+            (
+                "failoverPriority locality labels with failover",
+                "host: a\ntrafficPolicy: {outlierDetection: {}, loadBalancer: {localityLbSetting: {failover: [{from: r1, to: r2}], failoverPriority: [topology.kubernetes.io/zone]}}}",
+                Error("failoverPriority[0]: topology.kubernetes.io/zone cannot be used"),
+            ),
+            (
+                "failover without outlier detection",
+                "host: a\ntrafficPolicy: {loadBalancer: {localityLbSetting: {failover: [{from: r1, to: r2}]}}}",
+                Warn("locality failover has no effect without outlierDetection"),
+            ),
+            (
+                "warmup needs duration",
+                "host: a\ntrafficPolicy: {loadBalancer: {simple: ROUND_ROBIN, warmup: {minimumPercent: 20}}}",
+                Error("warmup.duration: warmup.duration is required"),
+            ),
+            (
+                "warmup percent",
+                "host: a\ntrafficPolicy: {loadBalancer: {warmup: {duration: 10s, minimumPercent: 150}}}",
+                Error("minimumPercent 150 must be between 0 and 100"),
+            ),
+            (
+                "warmup aggression",
+                "host: a\ntrafficPolicy: {loadBalancer: {warmup: {duration: 10s, aggression: 0}}}",
+                Error("aggression 0 must be greater than 0"),
+            ),
+            (
+                "warmup twice",
+                "host: a\ntrafficPolicy: {loadBalancer: {warmup: {duration: 10s}, warmupDurationSecs: 10s}}",
+                Error("warmup and warmupDurationSecs are mutually exclusive"),
+            ),
+            (
+                "warmup ignored for RANDOM",
+                "host: a\ntrafficPolicy: {loadBalancer: {simple: RANDOM, warmupDurationSecs: 10s}}",
+                Warn("warmup only applies to ROUND_ROBIN and LEAST_REQUEST"),
+            ),
+            (
+                "local origin needs split",
+                "host: a\ntrafficPolicy: {outlierDetection: {consecutiveLocalOriginFailures: 2}}",
+                Error(
+                    "consecutiveLocalOriginFailures requires splitExternalLocalOriginErrors: true",
+                ),
+            ),
+            (
+                "local origin with split",
+                "host: a\ntrafficPolicy: {outlierDetection: {splitExternalLocalOriginErrors: true, consecutiveLocalOriginFailures: 2}}",
+                Valid,
+            ),
+            (
+                "max ejection percent",
+                "host: a\ntrafficPolicy: {outlierDetection: {maxEjectionPercent: 150}}",
+                Error("maxEjectionPercent: percentage 150 must be between 0 and 100"),
+            ),
+            (
+                "min health percent",
+                "host: a\ntrafficPolicy: {outlierDetection: {minHealthPercent: -1}}",
+                Error("minHealthPercent: percentage -1 must be between 0 and 100"),
+            ),
+            (
+                "outlier interval",
+                "host: a\ntrafficPolicy: {outlierDetection: {interval: 0s}}",
+                Error("interval: duration \"0s\" must be at least 1ms"),
+            ),
+            (
+                "consecutiveErrors deprecated",
+                "host: a\ntrafficPolicy: {outlierDetection: {consecutiveErrors: 5}}",
+                Warn("consecutiveErrors is deprecated and ignored"),
+            ),
+            (
+                "error codes range",
+                "host: a\ntrafficPolicy: {outlierDetection: {outlierDetectionHttpErrorCodes: [503, 600]}}",
+                Error("outlierDetectionHttpErrorCodes[1]: 600 is not an HTTP status code"),
+            ),
+            (
+                "MUTUAL needs cert and key",
+                "host: a\ntrafficPolicy: {tls: {mode: MUTUAL}}",
+                Error("tls.clientCertificate: MUTUAL requires clientCertificate"),
+            ),
+            (
+                "MUTUAL needs key",
+                "host: a\ntrafficPolicy: {tls: {mode: MUTUAL, clientCertificate: /c.pem}}",
+                Error("tls.privateKey: MUTUAL requires privateKey"),
+            ),
+            (
+                "MUTUAL with files",
+                "host: a\ntrafficPolicy: {tls: {mode: MUTUAL, clientCertificate: /c.pem, privateKey: /k.pem}}",
+                Valid,
+            ),
+            (
+                "MUTUAL with credentialName",
+                "host: a\ntrafficPolicy: {tls: {mode: MUTUAL, credentialName: client-cred}}",
+                Valid,
+            ),
+            (
+                "credentialName excludes files",
+                "host: a\ntrafficPolicy: {tls: {mode: SIMPLE, credentialName: c, caCertificates: /ca.pem}}",
+                Error(
+                    "tls.caCertificates: caCertificates must be empty when credentialName is set",
+                ),
+            ),
+            (
+                "configmap credential namespace",
+                "host: a\ntrafficPolicy: {tls: {mode: SIMPLE, credentialName: 'configmap://other/ca'}}",
+                Error("configmap credentials must be in the rule's namespace"),
+            ),
+            (
+                "insecureSkipVerify with CA",
+                "host: a\ntrafficPolicy: {tls: {mode: SIMPLE, insecureSkipVerify: true, caCertificates: /ca.pem}}",
+                Error("caCertificates cannot be set together with insecureSkipVerify"),
+            ),
+            (
+                "insecureSkipVerify with SANs",
+                "host: a\ntrafficPolicy: {tls: {mode: SIMPLE, insecureSkipVerify: true, subjectAltNames: [a]}}",
+                Error("subjectAltNames cannot be set together with insecureSkipVerify"),
+            ),
+            (
+                "tunnel protocol",
+                "host: a\ntrafficPolicy: {tunnel: {protocol: GET, targetHost: x.com, targetPort: 443}}",
+                Error("tunnel.protocol: tunnel protocol must be CONNECT or POST"),
+            ),
+            (
+                "tunnel target host",
+                "host: a\ntrafficPolicy: {tunnel: {targetPort: 443}}",
+                Error("tunnel.targetHost: targetHost is required"),
+            ),
+            (
+                "tunnel target port",
+                "host: a\ntrafficPolicy: {tunnel: {targetHost: 10.0.0.1, targetPort: 0}}",
+                Error("tunnel.targetPort: port 0 is out of range"),
+            ),
+            (
+                "tunnel and proxy protocol",
+                "host: a\ntrafficPolicy: {tunnel: {targetHost: x.com, targetPort: 443}, proxyProtocol: {version: V2}}",
+                Error("proxyProtocol and tunnel are mutually exclusive"),
+            ),
+            (
+                "proxy protocol",
+                "host: a\ntrafficPolicy: {proxyProtocol: {}}",
+                Valid,
+            ),
+            (
+                "retry budget percent",
+                "host: a\ntrafficPolicy: {retryBudget: {percent: 120}}",
+                Error("retryBudget.percent: percent 120 must be between 0 and 100"),
+            ),
+            (
+                "exportTo tilde",
+                "host: a\nexportTo: ['~']",
+                Error("spec.exportTo[0]: \"~\" is not allowed here"),
+            ),
+            (
+                "exportTo duplicate",
+                "host: a\nexportTo: [., ns1]",
+                Error("spec.exportTo[1]: namespace \"ns1\" is listed twice"),
+            ),
+            (
+                "exportTo star mixed",
+                "host: a\nexportTo: ['*', b]",
+                Error("\"*\" cannot be combined"),
+            ),
+            (
+                "exportTo invalid",
+                "host: a\nexportTo: [Bad_NS]",
+                Error("\"Bad_NS\" is not a valid namespace name"),
+            ),
+            (
+                "selector rule exported",
+                "host: a\nworkloadSelector: {matchLabels: {app: x}}\nexportTo: ['*']",
+                Error(
+                    "spec.exportTo: a rule with workloadSelector can only be exported to its own namespace",
+                ),
+            ),
+            (
+                "selector rule private",
+                "host: a\nworkloadSelector: {matchLabels: {app: x}}\nexportTo: [.]",
+                Valid,
+            ),
+            (
+                "selector wildcard",
+                "host: a\nworkloadSelector: {matchLabels: {app: '*'}}",
+                Error("empty keys and wildcards are not allowed"),
+            ),
+            (
+                "selector empty",
+                "host: a\nworkloadSelector: {matchLabels: {}}",
+                Warn("empty matchLabels selects every workload"),
+            ),
+            (
+                "port-level needs port",
+                "host: a\ntrafficPolicy: {portLevelSettings: [{loadBalancer: {simple: RANDOM}}]}",
+                Error("portLevelSettings[0].port: port.number is required"),
+            ),
+            (
+                "port-level needs a block",
+                "host: a\ntrafficPolicy: {portLevelSettings: [{port: {number: 80}}]}",
+                Error("port traffic policy must set loadBalancer"),
+            ),
+            (
+                "port-level range",
+                "host: a\ntrafficPolicy: {portLevelSettings: [{port: {number: 70000}, tls: {mode: DISABLE}}]}",
+                Error("port.number: port 70000 is out of range"),
+            ),
+            (
+                "port-level duplicate",
+                "host: a\ntrafficPolicy: {portLevelSettings: [{port: {number: 80}, tls: {}}, {port: {number: 80}, tls: {}}]}",
+                Error("portLevelSettings[1].port.number: port 80 already has portLevelSettings"),
+            ),
+        ],
+    );
+}
+
+#[test]
+fn virtual_service_rules() {
+    run(
+        "VirtualService",
+        &[
+            (
+                "minimal",
+                "hosts: [reviews]\nhttp: [{route: [{destination: {host: reviews}}]}]",
+                Valid,
+            ),
+            (
+                "hosts required",
+                "http: [{route: [{destination: {host: a}}]}]",
+                Error("spec.hosts: at least one host is required"),
+            ),
+            (
+                "star host for mesh",
+                "hosts: ['*']\nhttp: [{route: [{destination: {host: a}}]}]",
+                Error("spec.hosts[0]: host \"*\" is not allowed"),
+            ),
+            (
+                "empty host",
+                "hosts: ['']\nhttp: [{route: [{destination: {host: a}}]}]",
+                Error("spec.hosts[0]: host must not be empty"),
+            ),
+            (
+                "routes required",
+                "hosts: [a]",
+                Error("needs at least one http, tcp or tls route"),
+            ),
+            (
+                "route action required",
+                "hosts: [a]\nhttp: [{name: x}]",
+                Error("spec.http[0]: an HTTP route needs route"),
+            ),
+            (
+                "destination host",
+                "hosts: [a]\nhttp: [{route: [{destination: {subset: v1}}]}]",
+                Error("route[0].destination.host: destination host is required"),
+            ),
+            (
+                "destination required",
+                "hosts: [a]\nhttp: [{route: [{weight: 100}]}]",
+                Error("route[0].destination: destination is required"),
+            ),
+            (
+                "negative weight",
+                "hosts: [a]\nhttp: [{route: [{destination: {host: a}, weight: -1}, {destination: {host: b}, weight: 10}]}]",
+                Error("route[0].weight: weight -1 must not be negative"),
+            ),
+            (
+                "weights all zero",
+                "hosts: [a]\nhttp: [{route: [{destination: {host: a}, weight: 0}, {destination: {host: b}, weight: 0}]}]",
+                Error("spec.http[0].route: weights of a multi-destination route must not all be 0"),
+            ),
+            (
+                "relative weights",
+                "hosts: [a]\nhttp: [{route: [{destination: {host: a, subset: v1}, weight: 30}, {destination: {host: a, subset: v2}, weight: 10}]}]",
+                Valid,
+            ),
+            (
+                "subset DNS label",
+                "hosts: [a]\nhttp: [{route: [{destination: {host: a, subset: V1}}]}]",
+                Error("destination.subset: subset name \"V1\" is not a DNS-1123 label"),
+            ),
+            (
+                "destination port",
+                "hosts: [a]\nhttp: [{route: [{destination: {host: a, port: {number: 0}}}]}]",
+                Error("destination.port.number: port 0 is out of range"),
+            ),
+            (
+                "empty header prefix",
+                "hosts: [a]\nhttp: [{match: [{headers: {x-user: {prefix: ''}}}], route: [{destination: {host: a}}]}]",
+                Error("headers.x-user.prefix: prefix must not be empty"),
+            ),
+            (
+                "empty uri prefix allowed",
+                "hosts: [a]\nhttp: [{match: [{uri: {prefix: ''}}], route: [{destination: {host: a}}]}]",
+                Valid,
+            ),
+            (
+                "string match needs one",
+                "hosts: [a]\nhttp: [{match: [{uri: {exact: /a, prefix: /b}}], route: [{destination: {host: a}}]}]",
+                Error("match[0].uri: exactly one of exact, prefix or regex is required"),
+            ),
+            (
+                "bad regex",
+                "hosts: [a]\nhttp: [{match: [{uri: {regex: '(unclosed'}}], route: [{destination: {host: a}}]}]",
+                Error("uri.regex: invalid regex"),
+            ),
+            (
+                "header name",
+                "hosts: [a]\nhttp: [{match: [{headers: {'bad header': {exact: x}}}], route: [{destination: {host: a}}]}]",
+                Error("is not a valid header name"),
+            ),
+            (
+                "header presence",
+                "hosts: [a]\nhttp: [{match: [{headers: {x-user: {}}}], route: [{destination: {host: a}}]}]",
+                Valid,
+            ),
+            (
+                "match port",
+                "hosts: [a]\nhttp: [{match: [{port: 0}], route: [{destination: {host: a}}]}]",
+                Error("match[0].port: port 0 is out of range"),
+            ),
+            (
+                "unreachable after catch-all",
+                "hosts: [a]\nhttp: [{route: [{destination: {host: a}}]}, {match: [{uri: {prefix: /x}}], route: [{destination: {host: a}}]}]",
+                Warn("spec.http[1]: unreachable: route http[0] before it matches every request"),
+            ),
+            (
+                "mirror percentage",
+                "hosts: [a]\nhttp: [{route: [{destination: {host: a}}], mirrorPercentage: {value: 150}}]",
+                Error("mirrorPercentage.value: percentage 150 must be between 0 and 100"),
+            ),
+            (
+                "fault accepted, not enforced",
+                "hosts: [a]\nhttp: [{route: [{destination: {host: a}}], fault: {abort: {httpStatus: 500}}}]",
+                Warn("spec.http[0].fault: fault is accepted but not enforced"),
+            ),
+            (
+                "route timeout",
+                "hosts: [a]\nhttp: [{route: [{destination: {host: a}}], timeout: soon}]",
+                Error("spec.http[0].timeout: \"soon\" is not a duration"),
+            ),
+            (
+                "retries attempts",
+                "hosts: [a]\nhttp: [{route: [{destination: {host: a}}], retries: {attempts: -1}}]",
+                Error("retries.attempts: -1 must not be negative"),
+            ),
+            (
+                "tls route needs sni",
+                "hosts: [a]\ntls: [{match: [{port: 443}], route: [{destination: {host: a}}]}]",
+                Error("match[0].sniHosts: sniHosts is required for TLS routes"),
+            ),
+            (
+                "tcp subnets",
+                "hosts: [a]\ntcp: [{match: [{destinationSubnets: [10.0.0.0/33]}], route: [{destination: {host: a}}]}]",
+                Error("destinationSubnets[0]: \"10.0.0.0/33\" is not an IP address or CIDR"),
+            ),
+            (
+                "tcp route destination",
+                "hosts: [a]\ntcp: [{route: []}]",
+                Error("spec.tcp[0].route: at least one route destination is required"),
+            ),
+        ],
+    );
+}
+
+#[test]
+fn durations_follow_go_syntax() {
+    let ms = |s: &str| parse_duration(s).map(|d| d.as_millis());
+    assert_eq!(ms("100ms"), Ok(100));
+    assert_eq!(ms("1.5s"), Ok(1500));
+    assert_eq!(ms("10s"), Ok(10_000));
+    assert_eq!(ms("1m"), Ok(60_000));
+    assert_eq!(ms("1h"), Ok(3_600_000));
+    assert_eq!(ms("1h30m"), Ok(5_400_000));
+    assert_eq!(ms("0"), Ok(0));
+    for bad in ["", "10", "s", "1x", "1.2.3s", "-5s", "ms10", "1e3s"] {
+        assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
+    }
+}
+
+#[test]
+fn defaults_are_applied_inside_present_blocks() {
+    let set = load(
+        "DestinationRule",
+        "host: reviews\ntrafficPolicy:\n  connectionPool: {tcp: {maxConnections: 0}}\n  outlierDetection: {maxEjectionPercent: 0}\n  loadBalancer: {simple: LEAST_CONN}",
+    );
+    let v = Validated::<policy::DestinationRule>::try_from(&set.destination_rules[0]).unwrap();
+    let dr = v.value;
+    assert_eq!(dr.host, "reviews.ns1.svc.cluster.local");
+    let b = &dr.traffic_policy.unwrap().blocks;
+    let pool = b.connection_pool.as_ref().unwrap();
+    // 0 means unset: Istio's "unlimited".
+    assert_eq!(pool.max_connections, policy::UNLIMITED);
+    assert_eq!(pool.connect_timeout, Duration::from_secs(10));
+    let od = b.outlier_detection.as_ref().unwrap();
+    assert_eq!(
+        (
+            od.consecutive_5xx,
+            od.consecutive_gateway,
+            od.max_ejection_percent
+        ),
+        (5, 0, 10)
+    );
+    assert_eq!(od.interval, Duration::from_secs(10));
+    assert_eq!(od.base_ejection_time, Duration::from_secs(30));
+    assert_eq!(od.max_ejection_time(), Duration::from_secs(300));
+    assert_eq!(
+        b.load_balancer.as_ref().unwrap().algorithm,
+        policy::Algorithm::LeastRequest
+    );
+    assert!(b.tls.is_none(), "absent blocks stay absent");
+}
+
+#[test]
+fn hosts_are_qualified_with_the_resource_namespace() {
+    assert_eq!(qualify("reviews", "demo"), "reviews.demo.svc.cluster.local");
+    // Names with a dot are never expanded.
+    assert_eq!(qualify("reviews.prod", "demo"), "reviews.prod");
+    assert_eq!(qualify("*.foo.com", "demo"), "*.foo.com");
+    assert_eq!(qualify("*", "demo"), "*");
+}
+
+#[test]
+fn single_destination_takes_everything_and_zero_weights_drop() {
+    let set = load(
+        "VirtualService",
+        "hosts: [a]\nhttp:\n- route: [{destination: {host: a}, weight: 0}]\n- route: [{destination: {host: a, subset: v1}, weight: 0}, {destination: {host: a, subset: v2}, weight: 5}]",
+    );
+    let vs = Validated::<policy::VirtualService>::try_from(&set.virtual_services[0])
+        .unwrap()
+        .value;
+    assert_eq!(vs.http[0].destinations[0].weight, 1);
+    let subsets: Vec<_> = vs.http[1]
+        .destinations
+        .iter()
+        .map(|d| d.subset.as_deref())
+        .collect();
+    assert_eq!(subsets, [Some("v2")]);
+}
