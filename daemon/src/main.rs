@@ -197,7 +197,7 @@ fn main() -> ExitCode {
 
 /// `drover validate`: every error and warning, one per line; exit 1 on any error.
 fn validate(paths: &[PathBuf], client: &Client) -> ExitCode {
-    let set = match ConfigSet::load(paths) {
+    let (set, parse_errors) = match ConfigSet::load_all(paths) {
         Ok(s) => s,
         Err(e) => {
             for line in e.to_string().lines() {
@@ -206,7 +206,7 @@ fn validate(paths: &[PathBuf], client: &Client) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let (errors, warnings, summary) = match Registry::build(&set, client) {
+    let (mut errors, warnings, summary) = match Registry::build(&set, client) {
         Ok(r) => (
             Vec::new(),
             r.warnings().to_vec(),
@@ -219,6 +219,7 @@ fn validate(paths: &[PathBuf], client: &Client) -> ExitCode {
         ),
         Err(r) => (r.errors, r.warnings, String::new()),
     };
+    errors.splice(0..0, parse_errors);
     for w in &warnings {
         eprintln!("warning: {w}");
     }

@@ -521,3 +521,189 @@ fn bad_input_exits_1_with_located_errors() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("missing privilege: CAP_BPF"), "{stderr}");
 }
+
+/// A service with three labelled endpoints (v1..v3): port 80 TCP → 7000, port 8080 HTTP → 7000.
+fn versioned_service(extra: &str) -> String {
+    let eps: Vec<String> = (1..=3)
+        .map(|i| {
+            format!(
+                "  - {{address: \"{}\", labels: {{version: v{i}}}}}",
+                Topology::ep4(i)
+            )
+        })
+        .collect();
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: echo, namespace: test}}
+spec:
+  hosts: [echo.test.svc]
+  addresses: [\"{VIP}\"]
+  ports:
+  - {{number: 80, name: tcp, protocol: TCP, targetPort: 7000}}
+  - {{number: 8080, name: http, protocol: HTTP, targetPort: 7000}}
+  resolution: STATIC
+  endpoints:
+{}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: echo, namespace: test}}
+spec:
+  host: echo.test.svc
+  subsets:
+  - {{name: v1, labels: {{version: v1}}}}
+  - {{name: v2, labels: {{version: v2}}}}
+  - {{name: v3, labels: {{version: v3}}}}
+{extra}",
+        eps.join("\n")
+    )
+}
+
+/// Replaces the config file atomically, as editors and ConfigMap mounts do.
+fn replace_config(path: &std::path::Path, yaml: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, yaml).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// The endpoint (`ep1`..) that serves a new captured connection to port 80.
+fn served_by(t: &Topology) -> String {
+    let conn = t
+        .client
+        .connect(sa(&format!("{VIP}:80")), None)
+        .expect("captured connect");
+    let mut line = String::new();
+    BufReader::new(conn).read_line(&mut line).unwrap();
+    line.trim_start_matches("hello from ")
+        .split(' ')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn hot_reload_swaps_valid_config_and_keeps_serving_on_invalid() {
+    if !require_privileged() {
+        return;
+    }
+    let t = Topology::new(3);
+    let _servers = echo_servers(&t);
+    let pins = PinDir::new();
+    let cfg = write_config(&versioned_service(""));
+    let daemon =
+        Daemon::start(&args(&cfg, &pins, &["--netns", &t.client.name])).expect("daemon starts");
+
+    // No VirtualService: the default cluster balances over all three endpoints.
+    let mut seen: Vec<String> = (0..6).map(|_| served_by(&t)).collect();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen, ["ep1", "ep2", "ep3"]);
+
+    // A connection opened before the change must survive it.
+    let mut open = t
+        .client
+        .connect(sa(&format!("{VIP}:80")), None)
+        .expect("captured connect");
+    let mut open_reader = BufReader::new(open.try_clone().unwrap());
+    let mut greeting = String::new();
+    open_reader.read_line(&mut greeting).unwrap();
+
+    // Route everything to subset v2: measure from the write to the first connection it routes.
+    let to_v2 = "---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: echo, namespace: test}
+spec:
+  hosts: [echo.test.svc]
+  tcp:
+  - route:
+    - destination: {host: echo.test.svc, subset: v2}
+";
+    let written = std::time::Instant::now();
+    replace_config(&cfg, &versioned_service(to_v2));
+    let deadline = written + Duration::from_secs(10);
+    loop {
+        // Three in a row on ep2 rules out a lucky round-robin pick.
+        if (0..3).all(|_| served_by(&t) == "ep2") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reload not applied within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let applied = written.elapsed();
+    eprintln!("hot reload: file write → new snapshot serving in {applied:?}");
+    assert!(daemon.wait_log("configuration reloaded", Duration::from_secs(2)));
+    for _ in 0..10 {
+        assert_eq!(served_by(&t), "ep2");
+    }
+    open.write_all(b"undisturbed").unwrap();
+    let mut buf = [0u8; 11];
+    open_reader.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"undisturbed", "open connection survives the reload");
+
+    // An invalid change is refused with located errors; the v2 snapshot keeps serving.
+    let invalid = to_v2.replace("subset: v2}", "subset: v2}\n      weight: -1");
+    replace_config(
+        &cfg,
+        &versioned_service(&format!(
+            "  trafficPolicy:\n    connectionPool: {{tcp: {{connectTimeout: soon}}}}\n{invalid}"
+        )),
+    );
+    assert!(
+        daemon.wait_log("configuration rejected", Duration::from_secs(5)),
+        "{}",
+        daemon.log()
+    );
+    let log = daemon.log();
+    let file = cfg.display().to_string();
+    assert!(
+        log.contains(&format!(
+            ": spec.tcp[0].route[0].weight: weight -1 must not be negative"
+        )) && log.contains(&file),
+        "{log}"
+    );
+    assert!(
+        log.contains(
+            "spec.trafficPolicy.connectionPool.tcp.connectTimeout: \"soon\" is not a duration"
+        ),
+        "{log}"
+    );
+    for _ in 0..6 {
+        assert_eq!(served_by(&t), "ep2", "previous snapshot keeps serving");
+    }
+
+    // An HTTP route to a subset no rule defines: 503 with the reason, flag NC.
+    let undefined = format!(
+        "{to_v2}  http:\n  - route:\n    - destination: {{host: echo.test.svc, subset: v9, port: {{number: 8080}}}}\n"
+    );
+    replace_config(&cfg, &versioned_service(&undefined));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (code, body) = loop {
+        let out = t
+            .client
+            .command("curl")
+            .args(["-s", "-m", "5", "-w", "\n%{http_code}"])
+            .arg(format!("http://{VIP}:8080/"))
+            .output()
+            .expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+        if code == "503" || std::time::Instant::now() > deadline {
+            break (code.to_string(), body.to_string());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(code, "503", "{body}");
+    assert!(body.contains("subset \"v9\""), "{body}");
+    assert!(
+        daemon.wait_log("flag=\"NC\"", Duration::from_secs(2)) || daemon.log().contains("flag=NC"),
+        "{}",
+        daemon.log()
+    );
+    // The TCP port still routes to v2 under the same snapshot.
+    assert_eq!(served_by(&t), "ep2");
+}

@@ -51,6 +51,12 @@ enum Cmd {
     },
     /// rustfmt check and clippy with warnings denied.
     Lint,
+    /// Fuzz YAML → validated policy with cargo-fuzz (nightly); not part of CI.
+    Fuzz {
+        /// How long to run.
+        #[arg(long, default_value = "60")]
+        secs: u64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -71,6 +77,7 @@ fn main() -> Result<()> {
             cargo(&["build", "--release", "--bins"])?;
             run_harness_bin("release", "drover-bench", &["--count", &count.to_string()])
         }
+        Cmd::Fuzz { secs } => fuzz(secs),
         Cmd::Lint => {
             cargo(&["fmt", "--all", "--", "--check"])?;
             cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])
@@ -83,6 +90,56 @@ fn root() -> PathBuf {
         .parent()
         .expect("workspace root")
         .to_path_buf()
+}
+
+/// Runs the `config` fuzz target for `secs`, seeded with every YAML fixture; libFuzzer reports
+/// the executions ("Done N runs in S second(s)") when it stops.
+fn fuzz(secs: u64) -> Result<()> {
+    let have_fuzz = Command::new("cargo")
+        .args(["+nightly", "fuzz", "--version"])
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have_fuzz {
+        status(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+    let corpus = root().join("target/fuzz-corpus/config");
+    std::fs::create_dir_all(&corpus)?;
+    let mut seeds = Vec::new();
+    for dir in ["tests/fixtures", "deploy/examples"] {
+        collect_yaml(&root().join(dir), &mut seeds)?;
+    }
+    for (i, seed) in seeds.iter().enumerate() {
+        std::fs::copy(seed, corpus.join(format!("seed-{i}.yaml")))?;
+    }
+    status(
+        Command::new("cargo")
+            .args([
+                "+nightly",
+                "fuzz",
+                "run",
+                "--fuzz-dir",
+                "daemon/fuzz",
+                "config",
+            ])
+            .arg(&corpus)
+            .args(["--", &format!("-max_total_time={secs}"), "-max_len=8192"])
+            .env("DROVER_SKIP_EBPF", "1")
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .current_dir(root()),
+    )
+}
+
+fn collect_yaml(dir: &std::path::Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            collect_yaml(&path, out)?;
+        } else if path.extension().is_some_and(|e| e == "yaml") {
+            out.push(path);
+        }
+    }
+    Ok(())
 }
 
 fn cargo(args: &[&str]) -> Result<()> {

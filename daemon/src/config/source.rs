@@ -109,8 +109,19 @@ impl<T> Resource<T> {
 // === impl ConfigSet ===
 
 impl ConfigSet {
-    /// Loads every YAML file named or found (recursively) under `paths`.
+    /// Loads every YAML file named or found (recursively) under `paths`; any problem fails.
     pub fn load(paths: &[PathBuf]) -> Result<Self, Error> {
+        let (set, problems) = Self::load_all(paths)?;
+        if problems.is_empty() {
+            Ok(set)
+        } else {
+            Err(Error::Invalid(problems))
+        }
+    }
+
+    /// Like [`ConfigSet::load`], but keeps every document that did parse next to the problems of
+    /// those that did not, so that validation can report the rest too.
+    pub fn load_all(paths: &[PathBuf]) -> Result<(Self, Vec<Problem>), Error> {
         let mut files = Vec::new();
         for path in paths {
             collect_files(path, &mut files)?;
@@ -124,11 +135,7 @@ impl ConfigSet {
             })?;
             set.add_text(Arc::new(file), &text, &mut problems);
         }
-        if problems.is_empty() {
-            Ok(set)
-        } else {
-            Err(Error::Invalid(problems))
-        }
+        Ok((set, problems))
     }
 
     /// Parses one file's text, appending its resources to `self` and its problems to `problems`.

@@ -1594,3 +1594,6 @@ pub fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod proptests;
