@@ -1,6 +1,8 @@
 //! `cargo xtask demo`: the bookinfo `reviews` endpoints (v1, v2, v3) in network namespaces, the
-//! daemon capturing a client namespace, HTTP requests to the service VIP, and which endpoint
-//! served each one. Everything it creates is removed when it ends (duration or Ctrl-C).
+//! daemon capturing a client namespace and enforcing the walkthrough's DestinationRule subsets and
+//! 50/50 VirtualService split, HTTP requests to the service VIP, and which endpoint served each
+//! one. Halfway through, the VirtualService is rewritten to send everything to v2 and the daemon
+//! hot-reloads it. Everything it creates is removed when it ends (duration or Ctrl-C).
 #![expect(clippy::print_stdout, reason = "the demo reports on stdout")]
 
 use std::{
@@ -59,9 +61,22 @@ fn main() -> anyhow::Result<()> {
         topo.id
     );
     let pins = PinDir::new();
+    // Work on a copy: the second phase edits it.
+    let config_dir = std::env::temp_dir().join(format!("drover-demo-{}", topo.id));
+    std::fs::create_dir_all(&config_dir)?;
+    let config = config_dir.join("reviews.yaml");
+    let mut original = String::new();
+    for entry in std::fs::read_dir(&args.config)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            original.push_str(&std::fs::read_to_string(&path)?);
+            original.push_str("\n---\n");
+        }
+    }
+    std::fs::write(&config, &original)?;
     let daemon_args: Vec<String> = vec![
         "--config".into(),
-        args.config.display().to_string(),
+        config.display().to_string(),
         "--netns".into(),
         topo.client.name.clone(),
         "--pin-dir".into(),
@@ -76,14 +91,46 @@ fn main() -> anyhow::Result<()> {
         topo.client.name
     );
 
+    let half = Duration::from_secs(args.duration) / 2;
+    println!("phase 1 ({half:?}): VirtualService reviews-traffic-split, subsets v1 50 / v2 50");
+    let phase1 = requests(&topo, half);
+    let promoted = original.replace("subset: v1}", "subset: v2}");
+    let tmp = config.with_extension("tmp");
+    std::fs::write(&tmp, promoted)?;
+    std::fs::rename(&tmp, &config)?;
+    if !daemon.wait_log("configuration reloaded", Duration::from_secs(5)) {
+        anyhow::bail!("drover did not reload:\n{}", daemon.log());
+    }
+    println!("\nphase 2 ({half:?}): VirtualService rewritten to v2 100 (hot reload, no restart)");
+    let phase2 = requests(&topo, half);
+
+    for (name, (n, failures, counts)) in [("phase 1", phase1), ("phase 2", phase2)] {
+        println!("\n== {name}: {n} requests, {failures} failed ==");
+        for (pod, c) in &counts {
+            println!(
+                "  {pod:<12} {c:>4}  ({:.0}%)",
+                f64::from(*c) * 100.0 / f64::from(n.max(1))
+            );
+        }
+    }
+    daemon.stop();
+    let log = daemon.log();
+    if let Some(line) = log.lines().find(|l| l.contains("configuration reloaded")) {
+        println!("\ndrover: {}", line.trim());
+    }
+    let access = log.lines().filter(|l| l.contains("drover::access")).count();
+    println!("drover logged {access} access lines; cleaning up namespaces and pins");
+    let _ = std::fs::remove_dir_all(&config_dir);
+    Ok(())
+}
+
+/// Sends requests for `len` (bounded to 10 000), returning (sent, failed, served by endpoint).
+fn requests(topo: &Topology, len: Duration) -> (u32, u32, BTreeMap<String, u32>) {
     let mut counts: BTreeMap<String, u32> = BTreeMap::new();
     let mut failures = 0u32;
     let start = Instant::now();
     let mut n = 0u32;
-    while start.elapsed() < Duration::from_secs(args.duration)
-        && !STOP.load(Ordering::SeqCst)
-        && n < 10_000
-    {
+    while start.elapsed() < len && !STOP.load(Ordering::SeqCst) && n < 10_000 {
         n += 1;
         let out = topo
             .client
@@ -94,7 +141,11 @@ fn main() -> anyhow::Result<()> {
                 "3",
                 "http://127.77.0.10:9080/reviews/123",
             ])
-            .output()?;
+            .output();
+        let Ok(out) = out else {
+            failures += 1;
+            continue;
+        };
         let body = String::from_utf8_lossy(&out.stdout);
         match serde_json::from_str::<serde_json::Value>(body.trim())
             .ok()
@@ -114,20 +165,5 @@ fn main() -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-
-    println!("\n== summary: {n} requests, {failures} failed ==");
-    for (pod, c) in &counts {
-        println!(
-            "  {pod:<12} {c:>4}  ({:.0}%)",
-            f64::from(*c) * 100.0 / f64::from(n.max(1))
-        );
-    }
-    daemon.stop();
-    let access = daemon
-        .log()
-        .lines()
-        .filter(|l| l.contains("drover::access"))
-        .count();
-    println!("drover logged {access} access lines; cleaning up namespaces and pins");
-    Ok(())
+    (n, failures, counts)
 }
