@@ -33,6 +33,10 @@ struct ClientArgs {
     /// Label of the enrolled workloads, `key=value` (repeatable).
     #[arg(long = "client-label", value_parser = parse_label)]
     client_labels: Vec<(String, String)>,
+    /// `namespace/name` of a WorkloadEntry in the configuration that describes the enrolled
+    /// workloads (its namespace and labels are used; `--client-label` adds to them).
+    #[arg(long)]
+    client_workload: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -246,6 +250,7 @@ impl From<ClientArgs> for Client {
         Client {
             namespace: a.client_namespace,
             labels: a.client_labels.into_iter().collect(),
+            workload: a.client_workload,
         }
     }
 }

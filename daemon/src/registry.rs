@@ -119,6 +119,7 @@ impl Default for Client {
         Self {
             namespace: "default".into(),
             labels: BTreeMap::new(),
+            workload: None,
         }
     }
 }

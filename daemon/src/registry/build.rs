@@ -23,6 +23,11 @@ use crate::{
     },
 };
 
+/// Port protocols Istio accepts on a ServiceEntry (case-insensitive; absent = sniffed).
+const PROTOCOLS: [&str; 11] = [
+    "HTTP", "HTTPS", "GRPC", "GRPC-WEB", "HTTP2", "MONGO", "REDIS", "MYSQL", "TCP", "TLS", "UDP",
+];
+
 /// Configuration that cannot be served: every error, plus the warnings found on the way.
 #[derive(Debug)]
 pub struct Rejected {
@@ -35,6 +40,7 @@ impl Registry {
     pub fn build(set: &ConfigSet, client: &Client) -> Result<Registry, Rejected> {
         let mut problems = Vec::new();
         let mut warnings = set.warnings.clone();
+        let client = &resolve_client(set, client, &mut problems);
         unique_names("ServiceEntry", &set.service_entries, &mut problems);
         unique_names("WorkloadEntry", &set.workload_entries, &mut problems);
         unique_names("DestinationRule", &set.destination_rules, &mut problems);
@@ -86,7 +92,12 @@ impl Registry {
                 }
                 let index = services.len();
                 by_host.entry(host.clone()).or_insert(index);
-                for vip in &proto.vips {
+                let visible = exported_to(&se.spec.export_to, &namespace, &client.namespace);
+                if !visible {
+                    tracing::info!(service = %host, client_namespace = %client.namespace,
+                        "ServiceEntry not exported to the client namespace; not captured");
+                }
+                for vip in proto.vips.iter().filter(|_| visible) {
                     for (p, port) in proto.ports.iter().enumerate() {
                         let key = SocketAddr::new(*vip, port.number);
                         if let Some((other, _)) = by_vip.insert(key, (index, p)) {
@@ -150,6 +161,45 @@ fn unique_names<T>(kind: &str, list: &[Resource<T>], problems: &mut Vec<Problem>
             ));
         }
     }
+}
+
+/// The client as configured, with namespace and labels taken from its WorkloadEntry when one
+/// is named (labels given on the command line win).
+fn resolve_client(set: &ConfigSet, client: &Client, problems: &mut Vec<Problem>) -> Client {
+    let Some(id) = &client.workload else {
+        return client.clone();
+    };
+    match set.workload_entries.iter().find(|we| &we.id() == id) {
+        Some(we) => {
+            let mut labels = we.spec.labels.clone();
+            labels.extend(client.labels.clone());
+            Client {
+                namespace: we.namespace().to_string(),
+                labels,
+                workload: client.workload.clone(),
+            }
+        }
+        None => {
+            problems.push(Problem {
+                location: crate::config::Location {
+                    file: "--client-workload".into(),
+                    line: 0,
+                    col: 0,
+                },
+                field: String::new(),
+                message: format!("no WorkloadEntry {id} in the configuration"),
+            });
+            client.clone()
+        }
+    }
+}
+
+/// ServiceEntry `exportTo`: empty or `*` = everyone, `.` = own namespace, `~` = nobody.
+fn exported_to(export_to: &[String], own: &str, client: &str) -> bool {
+    export_to.is_empty()
+        || export_to
+            .iter()
+            .any(|e| e == "*" || e == client || (e == "." && own == client))
 }
 
 fn destination_rules(
@@ -438,6 +488,17 @@ fn service_entry(
             problems.push(o.problem(
                 format!("{field}.number"),
                 format!("duplicate port number {number}"),
+            ));
+        }
+        if let Some(proto) = &p.protocol
+            && !PROTOCOLS.contains(&proto.to_ascii_uppercase().as_str())
+        {
+            problems.push(o.problem(
+                format!("{field}.protocol"),
+                format!(
+                    "unknown protocol {proto:?} (expected one of {})",
+                    PROTOCOLS.join(", ")
+                ),
             ));
         }
         ports.push(ServicePort {
@@ -837,6 +898,43 @@ spec:
         assert!(
             p.iter()
                 .any(|m| m.contains("is already claimed by VirtualService demo/reviews")),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn client_identity_from_workload_entry_and_export_to() {
+        let mut set = ConfigSet::default();
+        let mut parse_problems = Vec::new();
+        let text = format!(
+            "{REVIEWS}---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: private, namespace: demo}}\nspec:\n  hosts: [private.demo]\n  addresses: [127.77.0.11]\n  exportTo: [.]\n  ports: [{{number: 80, name: tcp, protocol: TCP}}]\n"
+        );
+        set.add_text(
+            Arc::new(PathBuf::from("t.yaml")),
+            &text,
+            &mut parse_problems,
+        );
+        assert!(parse_problems.is_empty());
+        let client = Client {
+            workload: Some("demo/reviews-v1".into()),
+            ..Client::default()
+        };
+        let r = Registry::build(&set, &client).unwrap();
+        assert_eq!(r.client().namespace, "demo");
+        assert_eq!(r.client().labels["version"], "v1");
+        // Exported to "." (demo): captured for a demo client, not for one in default.
+        assert!(r.lookup("127.77.0.11:80".parse().unwrap()).is_some());
+        let r = Registry::build(&set, &Client::default()).unwrap();
+        assert!(r.lookup("127.77.0.11:80".parse().unwrap()).is_none());
+        let missing = Client {
+            workload: Some("demo/nope".into()),
+            ..Client::default()
+        };
+        let e = Registry::build(&set, &missing).unwrap_err();
+        assert!(e.errors[0].message.contains("no WorkloadEntry demo/nope"));
+        let p = problems(&REVIEWS.replace("protocol: http", "protocol: htp"));
+        assert!(
+            p.iter().any(|m| m.contains("unknown protocol \"htp\"")),
             "{p:?}"
         );
     }

@@ -23,6 +23,9 @@ pub const ROOT_NAMESPACE: &str = "istio-system";
 pub struct Client {
     pub namespace: String,
     pub labels: BTreeMap<String, String>,
+    /// `namespace/name` of a WorkloadEntry that describes the client (namespace and labels
+    /// are taken from it when the registry is built).
+    pub workload: Option<String>,
 }
 
 /// A validated DestinationRule with where it came from.

@@ -54,6 +54,7 @@ fn registry(rules: &str, namespace: &str, labels: &[(&str, &str)]) -> Registry {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
+        workload: None,
     };
     match Registry::build(&set, &client) {
         Ok(r) => r,
