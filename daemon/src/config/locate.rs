@@ -153,15 +153,17 @@ impl MarkedEventReceiver for Builder {
             Event::DocumentStart => {
                 self.doc = Some(self.doc.map_or(0, |d| d + 1));
                 self.stack.clear();
-                self.record(String::new(), mark);
             }
             Event::Scalar(value, ..) if self.node_path(Some(&value), mark).is_some() => {
                 self.value_done()
             }
             Event::Alias(_) if self.node_path(None, mark).is_some() => self.value_done(),
             Event::MappingStart(..) => {
-                let in_seq = matches!(self.stack.last(), Some(Frame::Seq { .. }));
-                let path = if in_seq {
+                // Sequence items and the document's root mapping are located at their first key
+                // (the scanner's start marks for them are not where the user sees them begin).
+                let pending = self.stack.is_empty()
+                    || matches!(self.stack.last(), Some(Frame::Seq { .. }));
+                let path = if pending {
                     self.item_path()
                 } else {
                     self.node_path(None, mark).unwrap_or_default()
@@ -169,7 +171,7 @@ impl MarkedEventReceiver for Builder {
                 self.stack.push(Frame::Map {
                     path,
                     key: None,
-                    pending: in_seq,
+                    pending,
                 });
             }
             Event::SequenceStart(..) => {
