@@ -125,24 +125,31 @@ impl Netns {
                 let f = std::fs::File::open(&path)?;
                 nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
                     .map_err(std::io::Error::from)?;
-                let domain = if addr.is_ipv4() {
-                    socket2::Domain::IPV4
-                } else {
-                    socket2::Domain::IPV6
-                };
-                let sock = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
-                if let Some(m) = mark {
-                    sock.set_mark(m)?;
-                }
-                sock.connect_timeout(&addr.into(), Duration::from_secs(5))?;
-                let s: std::net::TcpStream = sock.into();
-                s.set_read_timeout(Some(Duration::from_secs(5)))?;
-                Ok(s)
+                dial(addr, mark)
             })
             .join()
             .expect("connect thread")
         })
     }
+}
+
+/// A blocking TCP connection to `addr` from the calling thread's namespace, optionally with
+/// `SO_MARK`; connect and read time out after 5 s, Nagle is off.
+pub fn dial(addr: SocketAddr, mark: Option<u32>) -> std::io::Result<std::net::TcpStream> {
+    let domain = if addr.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let sock = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
+    if let Some(m) = mark {
+        sock.set_mark(m)?;
+    }
+    sock.connect_timeout(&addr.into(), Duration::from_secs(5))?;
+    let s: std::net::TcpStream = sock.into();
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.set_nodelay(true)?;
+    Ok(s)
 }
 
 impl Drop for Netns {

@@ -45,6 +45,35 @@ fn echo_servers(t: &Topology) -> Vec<Proc> {
         .collect()
 }
 
+/// `n` echo endpoints (`ep1..`), a daemon capturing the client namespace with `yaml` (by default
+/// one service `echo` at `VIP:80` → port 7000 of every endpoint) and `extra` arguments.
+struct Captured {
+    t: Topology,
+    /// Kept alive for the test: the servers and pins go when it is dropped.
+    _servers: Vec<Proc>,
+    cfg: std::path::PathBuf,
+    daemon: Daemon,
+    _pins: PinDir,
+}
+
+fn captured(n: usize, yaml: Option<String>, extra: &[&str]) -> Captured {
+    let t = Topology::new(n);
+    let servers = echo_servers(&t);
+    let pins = PinDir::new();
+    let eps: Vec<_> = (1..=n).map(Topology::ep4).collect();
+    let cfg = write_config(&yaml.unwrap_or_else(|| service_entry("echo", &[VIP], 80, 7000, &eps)));
+    let mut a = args(&cfg, &pins, &["--netns", &t.client.name]);
+    a.extend(extra.iter().map(|s| s.to_string()));
+    let daemon = Daemon::start(&a).expect("daemon starts");
+    Captured {
+        t,
+        _servers: servers,
+        cfg,
+        daemon,
+        _pins: pins,
+    }
+}
+
 fn greeting_of(v: &serde_json::Value) -> &str {
     v["greeting"]
         .as_str()
@@ -56,18 +85,13 @@ fn netns_capture_relays_round_robin_and_keeps_vip_as_peer() {
     if !require_privileged() {
         return;
     }
-    let t = Topology::new(2);
-    let _servers = echo_servers(&t);
-    let pins = PinDir::new();
-    let cfg = write_config(&service_entry(
-        "echo",
-        &[VIP],
-        80,
-        7000,
-        &[Topology::ep4(1), Topology::ep4(2)],
-    ));
-    let daemon =
-        Daemon::start(&args(&cfg, &pins, &["--netns", &t.client.name])).expect("daemon starts");
+    let Captured {
+        t,
+        daemon,
+        _servers,
+        _pins,
+        ..
+    } = captured(2, None, &[]);
 
     let mut served = Vec::new();
     for _ in 0..4 {
@@ -119,18 +143,9 @@ fn non_vip_destinations_and_marked_sockets_are_untouched() {
     if !require_privileged() {
         return;
     }
-    let t = Topology::new(1);
-    let _servers = echo_servers(&t);
-    let pins = PinDir::new();
-    let cfg = write_config(&service_entry(
-        "echo",
-        &[VIP],
-        80,
-        7000,
-        &[Topology::ep4(1)],
-    ));
-    let _daemon =
-        Daemon::start(&args(&cfg, &pins, &["--netns", &t.client.name])).expect("daemon starts");
+    let Captured {
+        t, _servers, _pins, ..
+    } = captured(1, None, &[]);
 
     // Direct connection to the endpoint: the server sees the probe's own socket.
     let r = probe(Some(&t.client), None, &["connect", "198.18.1.2:7000"]);
@@ -159,9 +174,6 @@ fn daemon_upstream_connects_are_not_recaptured() {
     if !require_privileged() {
         return;
     }
-    let t = Topology::new(1);
-    let _servers = echo_servers(&t);
-    let pins = PinDir::new();
     // Service "front" points at the VIP of service "back". If drover's own upstream connect were
     // captured, it would be steered to back's endpoint; it must instead dial the address itself,
     // where nothing listens.
@@ -173,9 +185,13 @@ fn daemon_upstream_connects_are_not_recaptured() {
             80,
             &["127.77.0.10".parse().unwrap()],
         );
-    let cfg = write_config(&yaml);
-    let daemon =
-        Daemon::start(&args(&cfg, &pins, &["--netns", &t.client.name])).expect("daemon starts");
+    let Captured {
+        t,
+        daemon,
+        _servers,
+        _pins,
+        ..
+    } = captured(1, Some(yaml), &[]);
     let r = probe(Some(&t.client), None, &["connect", "127.77.0.20:80"]);
     assert!(
         r.get("error").is_some(),
@@ -324,14 +340,11 @@ fn ipv6_and_v4_mapped_destinations_are_captured() {
     if !require_privileged() {
         return;
     }
-    let t = Topology::new(1);
-    let _servers = echo_servers(&t);
-    let pins = PinDir::new();
     let yaml = service_entry("echo4", &[VIP], 80, 7000, &[Topology::ep4(1)])
         + &service_entry("echo6", &["fd00:77::10"], 80, 7000, &[Topology::ep6(1)]);
-    let cfg = write_config(&yaml);
-    let _daemon =
-        Daemon::start(&args(&cfg, &pins, &["--netns", &t.client.name])).expect("daemon starts");
+    let Captured {
+        t, _servers, _pins, ..
+    } = captured(1, Some(yaml), &[]);
 
     let r = probe(Some(&t.client), None, &["connect", "[fd00:77::10]:80"]);
     assert_eq!(r["peer"], "[fd00:77::10]:80", "{r}");
@@ -404,22 +417,13 @@ fn sigterm_drains_open_connections_then_closes_them() {
     if !require_privileged() {
         return;
     }
-    let t = Topology::new(1);
-    let _servers = echo_servers(&t);
-    let pins = PinDir::new();
-    let cfg = write_config(&service_entry(
-        "echo",
-        &[VIP],
-        80,
-        7000,
-        &[Topology::ep4(1)],
-    ));
-    let mut daemon = Daemon::start(&args(
-        &cfg,
-        &pins,
-        &["--netns", &t.client.name, "--drain-timeout", "2"],
-    ))
-    .expect("daemon starts");
+    let Captured {
+        t,
+        mut daemon,
+        _servers,
+        _pins,
+        ..
+    } = captured(1, None, &["--drain-timeout", "2"]);
     let mut conn = t
         .client
         .connect(sa(&format!("{VIP}:80")), None)
@@ -587,12 +591,14 @@ fn hot_reload_swaps_valid_config_and_keeps_serving_on_invalid() {
     if !require_privileged() {
         return;
     }
-    let t = Topology::new(3);
-    let _servers = echo_servers(&t);
-    let pins = PinDir::new();
-    let cfg = write_config(&versioned_service(""));
-    let daemon =
-        Daemon::start(&args(&cfg, &pins, &["--netns", &t.client.name])).expect("daemon starts");
+    let Captured {
+        t,
+        daemon,
+        cfg,
+        _servers,
+        _pins,
+        ..
+    } = captured(3, Some(versioned_service("")), &[]);
 
     // No VirtualService: the default cluster balances over all three endpoints.
     let mut seen: Vec<String> = (0..6).map(|_| served_by(&t)).collect();

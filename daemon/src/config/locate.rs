@@ -161,8 +161,8 @@ impl MarkedEventReceiver for Builder {
             Event::MappingStart(..) => {
                 // Sequence items and the document's root mapping are located at their first key
                 // (the scanner's start marks for them are not where the user sees them begin).
-                let pending = self.stack.is_empty()
-                    || matches!(self.stack.last(), Some(Frame::Seq { .. }));
+                let pending =
+                    self.stack.is_empty() || matches!(self.stack.last(), Some(Frame::Seq { .. }));
                 let path = if pending {
                     self.item_path()
                 } else {

@@ -202,39 +202,51 @@ fn exported_to(export_to: &[String], own: &str, client: &str) -> bool {
             .any(|e| e == "*" || e == client || (e == "." && own == client))
 }
 
+/// Validates one resource, moving its warnings and errors into the build's lists.
+fn validate<'r, S, T>(
+    r: &'r Resource<S>,
+    problems: &mut Vec<Problem>,
+    warnings: &mut Vec<Problem>,
+) -> Option<T>
+where
+    Validated<T>: TryFrom<&'r Resource<S>, Error = Invalid>,
+{
+    match Validated::<T>::try_from(r) {
+        Ok(v) => {
+            warnings.extend(v.warnings);
+            Some(v.value)
+        }
+        Err(i) => {
+            problems.extend(i.errors);
+            warnings.extend(i.warnings);
+            None
+        }
+    }
+}
+
 fn destination_rules(
     set: &ConfigSet,
     problems: &mut Vec<Problem>,
     warnings: &mut Vec<Problem>,
 ) -> Vec<RuleEntry> {
-    let mut out = Vec::new();
-    for r in &set.destination_rules {
-        match Validated::<policy::DestinationRule>::try_from(r) {
-            Ok(v) => {
-                warnings.extend(v.warnings);
-                out.push(RuleEntry {
-                    rule: v.value,
-                    source: RuleRef {
-                        id: r.id(),
-                        origin: r.origin.clone(),
-                    },
-                    namespace: r.namespace().to_string(),
-                    age: (
-                        r.meta.creation_timestamp.clone().unwrap_or_default(),
-                        r.meta.name.clone(),
-                    ),
-                });
-            }
-            Err(Invalid {
-                errors,
-                warnings: w,
-            }) => {
-                problems.extend(errors);
-                warnings.extend(w);
-            }
-        }
-    }
-    out
+    set.destination_rules
+        .iter()
+        .filter_map(|r| {
+            let rule: policy::DestinationRule = validate(r, problems, warnings)?;
+            Some(RuleEntry {
+                rule,
+                source: RuleRef {
+                    id: r.id(),
+                    origin: r.origin.clone(),
+                },
+                namespace: r.namespace().to_string(),
+                age: (
+                    r.meta.creation_timestamp.clone().unwrap_or_default(),
+                    r.meta.name.clone(),
+                ),
+            })
+        })
+        .collect()
 }
 
 fn virtual_services(
@@ -245,19 +257,9 @@ fn virtual_services(
     let mut out: Vec<VsEntry> = Vec::new();
     let mut claimed: HashMap<String, String> = HashMap::new();
     for r in &set.virtual_services {
-        let v = match Validated::<policy::VirtualService>::try_from(r) {
-            Ok(v) => v,
-            Err(Invalid {
-                errors,
-                warnings: w,
-            }) => {
-                problems.extend(errors);
-                warnings.extend(w);
-                continue;
-            }
+        let Some(vs) = validate::<_, policy::VirtualService>(r, problems, warnings) else {
+            continue;
         };
-        warnings.extend(v.warnings);
-        let vs = v.value;
         if !vs.applies_to_mesh {
             let at = r.origin.problem("spec.gateways", "");
             tracing::info!(location = %at.location, vs = %r.id(), "VirtualService is bound to gateways only; not applied by drover");

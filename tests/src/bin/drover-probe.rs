@@ -10,6 +10,7 @@ use std::{
 };
 
 use clap::{Parser, Subcommand};
+use drover_tests::dial;
 use serde_json::json;
 
 #[derive(Parser)]
@@ -53,8 +54,6 @@ enum Cmd {
     },
 }
 
-const TIMEOUT: Duration = Duration::from_secs(5);
-
 fn main() {
     let out = match Args::parse().cmd {
         Cmd::Connect { addr, mark, send } => connect(addr, mark, &send),
@@ -84,23 +83,6 @@ fn main() {
     {
         println!("{out}");
     }
-}
-
-fn dial(addr: SocketAddr, mark: Option<u32>) -> std::io::Result<TcpStream> {
-    let domain = if addr.is_ipv4() {
-        socket2::Domain::IPV4
-    } else {
-        socket2::Domain::IPV6
-    };
-    let sock = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
-    if let Some(m) = mark {
-        sock.set_mark(m)?;
-    }
-    sock.connect_timeout(&addr.into(), TIMEOUT)?;
-    let s: TcpStream = sock.into();
-    s.set_read_timeout(Some(TIMEOUT))?;
-    s.set_nodelay(true)?;
-    Ok(s)
 }
 
 fn greeting(s: &TcpStream) -> std::io::Result<String> {
