@@ -47,6 +47,8 @@ fn echo_servers(t: &Topology) -> Vec<Proc> {
 
 /// `n` echo endpoints (`ep1..`), a daemon capturing the client namespace with `yaml` (by default
 /// one service `echo` at `VIP:80` → port 7000 of every endpoint) and `extra` arguments.
+/// Destructure it binding `daemon`, `_servers` and `_pins` by name: fields left to `..` are
+/// dropped at once, which would stop the daemon or the servers.
 struct Captured {
     t: Topology,
     /// Kept alive for the test: the servers and pins go when it is dropped.
@@ -144,7 +146,11 @@ fn non_vip_destinations_and_marked_sockets_are_untouched() {
         return;
     }
     let Captured {
-        t, _servers, _pins, ..
+        t,
+        daemon: _daemon,
+        _servers,
+        _pins,
+        ..
     } = captured(1, None, &[]);
 
     // Direct connection to the endpoint: the server sees the probe's own socket.
@@ -343,7 +349,11 @@ fn ipv6_and_v4_mapped_destinations_are_captured() {
     let yaml = service_entry("echo4", &[VIP], 80, 7000, &[Topology::ep4(1)])
         + &service_entry("echo6", &["fd00:77::10"], 80, 7000, &[Topology::ep6(1)]);
     let Captured {
-        t, _servers, _pins, ..
+        t,
+        daemon: _daemon,
+        _servers,
+        _pins,
+        ..
     } = captured(1, Some(yaml), &[]);
 
     let r = probe(Some(&t.client), None, &["connect", "[fd00:77::10]:80"]);
