@@ -164,7 +164,7 @@ impl Proxy {
             log.host = svc.host.clone();
             log.http = is_http(port.protocol.as_deref());
         }
-        let d = registry.route(orig)?;
+        let d = registry.route(orig, client.peer_addr().ok().map(|a| a.ip()))?;
         log.cluster = d.cluster.name.clone();
         log.route = d.route.clone().unwrap_or_else(|| "-".into());
         let connect_timeout = d

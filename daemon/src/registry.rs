@@ -21,7 +21,7 @@ use arc_swap::ArcSwap;
 
 pub use crate::config::crd::{Location as MeshLocation, Resolution};
 use crate::{
-    balance::RoundRobin,
+    balance::Balancer,
     config::{Problem, policy},
 };
 pub use resolve::{Client, EffectivePolicy, RuleEntry, RuleRef};
@@ -80,7 +80,8 @@ pub struct Cluster {
     pub policy: EffectivePolicy,
     /// Endpoints of the service port selected by the subset's labels.
     pub targets: Vec<(usize, SocketAddr)>,
-    pub balancer: RoundRobin,
+    /// Selection over `targets`, built from the effective `loadBalancer`.
+    pub balancer: Balancer,
 }
 
 /// A validated VirtualService with where it came from.

@@ -144,6 +144,7 @@ fn explain_names_the_source_of_every_value() {
         "cluster    outbound|9080|v2|reviews.demo.svc.cluster.local",
         "rule       DestinationRule demo/reviews-destination (fixtures/seeds/walkthrough-scenario1.yaml:37:1)",
         "subset     v2 selects {version=v2} (demo/reviews-destination spec.subsets[1])",
+        "balancer   LEAST_REQUEST (Istio default)",
         "endpoints  1\n  reviews-v2 198.18.2.2:9080",
         "routes     VirtualService demo/reviews-traffic-split",
         "loadBalancer  not configured: LEAST_REQUEST",

@@ -87,13 +87,27 @@ fn netns_capture_relays_round_robin_and_keeps_vip_as_peer() {
     if !require_privileged() {
         return;
     }
+    let yaml = service_entry(
+        "echo",
+        &[VIP],
+        80,
+        7000,
+        &[Topology::ep4(1), Topology::ep4(2)],
+    ) + "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: echo, namespace: test}
+spec:
+  host: echo.test.svc
+  trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}
+";
     let Captured {
         t,
         daemon,
         _servers,
         _pins,
         ..
-    } = captured(2, None, &[]);
+    } = captured(2, Some(yaml), &[]);
 
     let mut served = Vec::new();
     for _ in 0..4 {
@@ -407,13 +421,16 @@ fn cgroup_enrolment_captures_only_member_processes() {
     let _daemon = Daemon::start(&args(&cfg, &pins, &["--cgroup", cg.path.to_str().unwrap()]))
         .expect("daemon starts");
 
+    // The default balancer picks at random among idle endpoints: 20 connections reach both
+    // (a miss has probability 2·2^-20).
     let mut names = Vec::new();
-    for _ in 0..2 {
+    for _ in 0..20 {
         let r = probe(None, Some(&cg), &["connect", &format!("{vip}:80")]);
         assert_eq!(r["peer"], format!("{vip}:80"), "{r}");
         names.push(greeting_of(&r).split(' ').nth(2).unwrap().to_string());
     }
     names.sort();
+    names.dedup();
     assert_eq!(names, ["lo2", "lo3"]);
     let r = probe(None, None, &["connect", &format!("{vip}:80")]);
     assert_eq!(
@@ -610,8 +627,9 @@ fn hot_reload_swaps_valid_config_and_keeps_serving_on_invalid() {
         ..
     } = captured(3, Some(versioned_service("")), &[]);
 
-    // No VirtualService: the default cluster balances over all three endpoints.
-    let mut seen: Vec<String> = (0..6).map(|_| served_by(&t)).collect();
+    // No VirtualService: the default cluster (LEAST_REQUEST, random among idle endpoints) reaches
+    // all three; 30 connections miss one with probability 3·(2/3)^30 ≈ 2e-5.
+    let mut seen: Vec<String> = (0..30).map(|_| served_by(&t)).collect();
     seen.sort();
     seen.dedup();
     assert_eq!(seen, ["ep1", "ep2", "ep3"]);

@@ -21,7 +21,7 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Ok(registry) = Registry::build(&set, &Client::default()) {
         for (vip, _) in registry.vips() {
-            let _ = registry.route(vip);
+            let _ = registry.route(vip, None);
         }
     }
 });

@@ -13,7 +13,7 @@ use super::{
     VsEntry, resolve, route,
 };
 use crate::{
-    balance::RoundRobin,
+    balance::Balancer,
     config::{
         Problem,
         crd::{ServiceEntrySpec, WorkloadEntrySpec},
@@ -370,7 +370,7 @@ fn clusters(reg: &Registry) -> HashMap<super::ClusterKey, Cluster> {
                 else {
                     continue;
                 };
-                let targets = port
+                let targets: Vec<(usize, SocketAddr)> = port
                     .targets
                     .iter()
                     .filter(|(i, _)| {
@@ -380,6 +380,12 @@ fn clusters(reg: &Registry) -> HashMap<super::ClusterKey, Cluster> {
                     })
                     .copied()
                     .collect();
+                let weights: Vec<u32> = targets
+                    .iter()
+                    .map(|(i, _)| svc.endpoints[*i].weight)
+                    .collect();
+                let keys: Vec<String> = targets.iter().map(|(_, a)| a.to_string()).collect();
+                let balancer = Balancer::new(policy.load_balancer.value.as_ref(), &weights, &keys);
                 out.insert(
                     (s, port.number, name.map(str::to_string)),
                     Cluster {
@@ -394,7 +400,7 @@ fn clusters(reg: &Registry) -> HashMap<super::ClusterKey, Cluster> {
                         subset: name.map(str::to_string),
                         policy,
                         targets,
-                        balancer: RoundRobin::default(),
+                        balancer,
                     },
                 );
             }
@@ -675,10 +681,13 @@ spec: {address: 198.18.3.2, labels: {app: reviews}}
 
     #[test]
     fn round_robin_alternates_endpoints() {
-        let r = build(REVIEWS).unwrap();
+        let r = build(&format!(
+            "{REVIEWS}---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: rr, namespace: demo}}\nspec:\n  host: reviews\n  trafficPolicy: {{loadBalancer: {{simple: ROUND_ROBIN}}}}\n"
+        ))
+        .unwrap();
         let vip: SocketAddr = "127.77.0.10:9080".parse().unwrap();
         let picks: Vec<_> = (0..4)
-            .map(|_| match r.route(vip).unwrap().target {
+            .map(|_| match r.route(vip, None).unwrap().target {
                 Target::Endpoint { index, .. } => index,
                 other => panic!("{other:?}"),
             })
@@ -692,7 +701,10 @@ spec: {address: 198.18.3.2, labels: {app: reviews}}
             "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: x}\nspec:\n  hosts: [x.example]\n  addresses: [127.77.0.9]\n  ports: [{number: 80, name: tcp, targetPort: 8080}]\n",
         )
         .unwrap();
-        let t = r.route("127.77.0.9:80".parse().unwrap()).unwrap().target;
+        let t = r
+            .route("127.77.0.9:80".parse().unwrap(), None)
+            .unwrap()
+            .target;
         assert_eq!(t, Target::Passthrough("127.77.0.9:8080".parse().unwrap()));
     }
 
@@ -803,7 +815,7 @@ spec:
     }
 
     fn endpoint_name(r: &Registry) -> String {
-        let d = r.route("127.77.0.10:9080".parse().unwrap()).unwrap();
+        let d = r.route("127.77.0.10:9080".parse().unwrap(), None).unwrap();
         match d.target {
             Target::Endpoint { index, .. } => r.services()[d.cluster.service].endpoints[index]
                 .name
@@ -825,7 +837,7 @@ spec:
         // Relative weights 30:10 → 75 % (binomial sd ≈ 0.7 %; ±4 % is > 5 sd).
         let share = v1 as f64 / n as f64;
         assert!((0.71..0.79).contains(&share), "v1 share {share}");
-        let d = r.route("127.77.0.10:9080".parse().unwrap()).unwrap();
+        let d = r.route("127.77.0.10:9080".parse().unwrap(), None).unwrap();
         assert_eq!(d.route.as_deref(), Some("demo/reviews http[0]"));
         assert!(d.cluster.name.starts_with("outbound|9080|v"));
     }
@@ -837,7 +849,7 @@ spec:
         let r = routed(&vs(
             "  http:\n  - route: [{destination: {host: reviews, subset: v9}}]\n",
         ));
-        let e = r.route(vip).unwrap_err();
+        let e = r.route(vip, None).unwrap_err();
         assert_eq!((e.response_flag(), e.http_status()), ("NC", 503));
         assert!(e.to_string().contains("subset \"v9\""), "{e}");
         assert!(
@@ -852,17 +864,17 @@ spec:
             &(SUBSETS.to_string()
                 + &vs("  http:\n  - route: [{destination: {host: reviews, subset: v3}}]\n")),
         );
-        let e = r.route(vip).unwrap_err();
+        let e = r.route(vip, None).unwrap_err();
         assert_eq!((e.response_flag(), e.http_status()), ("UH", 503));
         // The VirtualService claims the host but no route applies on the L4 path: 404 NR.
         let r = routed(&vs(
             "  http:\n  - match: [{uri: {prefix: /api}}]\n    route: [{destination: {host: reviews}}]\n",
         ));
-        let e = r.route(vip).unwrap_err();
+        let e = r.route(vip, None).unwrap_err();
         assert_eq!((e.response_flag(), e.http_status()), ("NR", 404));
         // Without a VirtualService the default cluster serves every endpoint.
         let r = routed(SUBSETS);
-        let d = r.route(vip).unwrap();
+        let d = r.route(vip, None).unwrap();
         assert_eq!(
             d.cluster.name,
             "outbound|9080||reviews.demo.svc.cluster.local"
@@ -876,7 +888,7 @@ spec:
             "  subsets:",
             "  trafficPolicy: {loadBalancer: {simple: PASSTHROUGH}}\n  subsets:",
         ));
-        let d = r.route("127.77.0.10:9080".parse().unwrap()).unwrap();
+        let d = r.route("127.77.0.10:9080".parse().unwrap(), None).unwrap();
         assert_eq!(
             d.target,
             Target::Passthrough("127.77.0.10:8080".parse().unwrap())

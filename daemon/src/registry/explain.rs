@@ -135,6 +135,16 @@ pub fn explain(
             sub.index
         );
     }
+    let _ = writeln!(
+        o,
+        "balancer   {}{}",
+        cluster.balancer.name(),
+        if cluster.policy.load_balancer.value.is_none() {
+            " (Istio default)"
+        } else {
+            ""
+        }
+    );
     let _ = writeln!(o, "endpoints  {}", cluster.targets.len());
     for (i, addr) in &cluster.targets {
         let ep = &svc.endpoints[*i];

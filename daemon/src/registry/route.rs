@@ -9,7 +9,10 @@
 use std::net::{IpAddr, SocketAddr};
 
 use super::{Cluster, Registry, Resolution, Service, VsEntry, resolve};
-use crate::config::policy::{self, Algorithm, WeightedDestination};
+use crate::{
+    balance::{PickContext, key_hash},
+    config::policy::{self, Algorithm, HashKey, WeightedDestination},
+};
 
 /// Where a captured connection goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,8 +74,9 @@ impl RouteError {
 // === impl Registry ===
 
 impl Registry {
-    /// Routes a new connection to `orig`, picking the endpoint.
-    pub fn route(&self, orig: SocketAddr) -> Result<Decision<'_>, RouteError> {
+    /// Routes a new connection from `src` to `orig`, picking the endpoint (per connection: only a
+    /// `useSourceIp` hash key exists at this point; other hash keys fall back to random).
+    pub fn route(&self, orig: SocketAddr, src: Option<IpAddr>) -> Result<Decision<'_>, RouteError> {
         let orig = SocketAddr::new(orig.ip().to_canonical(), orig.port());
         let &(s, p) = self
             .by_vip
@@ -115,12 +119,17 @@ impl Registry {
                 .map_or(orig.port(), |p| p.target_port);
             Target::Passthrough(SocketAddr::new(orig.ip(), tp))
         } else {
-            let i = cluster
-                .balancer
-                .pick(cluster.targets.len())
-                .ok_or_else(|| RouteError::NoEndpoint {
+            let hash = match (cluster.hash_key(), src) {
+                (Some(HashKey::SourceIp), Some(ip)) => {
+                    Some(key_hash(ip.to_canonical().to_string().as_bytes()))
+                }
+                _ => None,
+            };
+            let i = cluster.balancer.pick(PickContext { hash }).ok_or_else(|| {
+                RouteError::NoEndpoint {
                     cluster: cluster.name.clone(),
-                })?;
+                }
+            })?;
             let (index, addr) = cluster.targets[i];
             Target::Endpoint { index, addr }
         };
@@ -229,6 +238,18 @@ impl Registry {
             }
         }
         Routed::Default
+    }
+}
+
+// === impl Cluster ===
+
+impl Cluster {
+    /// The consistent-hash key of the effective balancer, if it hashes.
+    pub fn hash_key(&self) -> Option<&HashKey> {
+        match &self.policy.load_balancer.value.as_ref()?.algorithm {
+            Algorithm::ConsistentHash(ch) => Some(&ch.key),
+            _ => None,
+        }
     }
 }
 
