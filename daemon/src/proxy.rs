@@ -22,6 +22,8 @@ use tokio::{
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+mod http;
+
 use crate::{
     redirect::{self, OriginalDst, netns::NetNs},
     registry::{RegistryHandle, RouteError, Target, route::is_http},
@@ -87,6 +89,7 @@ impl Proxy {
         shutdown: CancellationToken,
         tracker: TaskTracker,
     ) {
+        let upstreams = Arc::new(http::Upstreams::new(ns.clone()));
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -96,7 +99,8 @@ impl Proxy {
                 Ok((stream, _)) => {
                     let proxy = self.clone();
                     let ns = ns.clone();
-                    tracker.spawn(async move { proxy.handle(&ns, stream).await });
+                    let upstreams = upstreams.clone();
+                    tracker.spawn(async move { proxy.handle(ns, upstreams, stream).await });
                 }
                 Err(e) => {
                     tracing::warn!(netns = %ns.name, error = %e, "accept failed");
@@ -106,7 +110,7 @@ impl Proxy {
         }
     }
 
-    async fn handle(&self, ns: &NetNs, mut client: TcpStream) {
+    async fn handle(&self, ns: Arc<NetNs>, upstreams: Arc<http::Upstreams>, mut client: TcpStream) {
         let start = Instant::now();
         let src = client.peer_addr().ok();
         let orig = match self.original.original_dst(ns.cookie, &client) {
@@ -117,6 +121,16 @@ impl Proxy {
             }
         };
         let _ = client.set_nodelay(true);
+        let http_port = self
+            .registry
+            .load()
+            .lookup(orig)
+            .is_some_and(|(_, p)| is_http(p.protocol.as_deref()));
+        if http_port {
+            http::serve(self.registry.clone(), upstreams, ns, client, orig).await;
+            return;
+        }
+        let ns = &*ns;
         let mut log = AccessLog::default();
         let result = self.relay(ns, orig, &mut client, &mut log).await;
         let duration_ms = start.elapsed().as_secs_f64() * 1000.0;
@@ -125,7 +139,6 @@ impl Proxy {
             cluster,
             endpoint,
             route,
-            http,
         } = log;
         match result {
             Ok((sent, received)) => tracing::info!(
@@ -141,12 +154,7 @@ impl Proxy {
                     route = %route, endpoint = %endpoint,
                     duration_ms, flag = e.response_flag(), reason = %e, "tcp"
                 );
-                match e {
-                    Error::Route(ref r) if http => local_reply(client, r).await,
-                    _ => {
-                        let _ = client.shutdown().await;
-                    }
-                }
+                let _ = client.shutdown().await;
             }
         }
     }
@@ -160,9 +168,8 @@ impl Proxy {
         log: &mut AccessLog,
     ) -> Result<(u64, u64), Error> {
         let registry = self.registry.load();
-        if let Some((svc, port)) = registry.lookup(orig) {
+        if let Some((svc, _)) = registry.lookup(orig) {
             log.host = svc.host.clone();
-            log.http = is_http(port.protocol.as_deref());
         }
         let d = registry.route(orig, client.peer_addr().ok().map(|a| a.ip()))?;
         log.cluster = d.cluster.name.clone();
@@ -186,37 +193,36 @@ impl Proxy {
             }
         };
         drop(registry);
-        let mut upstream = self.connect(ns, addr, connect_timeout).await?;
+        let mut upstream = connect(ns, addr, connect_timeout).await?;
         tokio::io::copy_bidirectional(client, &mut upstream)
             .await
             .map_err(Error::Io)
     }
+}
 
-    /// Opens a marked upstream connection from inside `ns`.
-    async fn connect(
-        &self,
-        ns: &NetNs,
-        addr: SocketAddr,
-        connect_timeout: Duration,
-    ) -> Result<TcpStream, Error> {
-        let socket = ns
-            .enter(|| marked_socket(addr))
-            .and_then(|r| r)
-            .map_err(|source| Error::Socket {
-                netns: ns.name.clone(),
-                source,
-            })?;
-        match tokio::time::timeout(connect_timeout, socket.connect(addr)).await {
-            Ok(Ok(s)) => {
-                let _ = s.set_nodelay(true);
-                Ok(s)
-            }
-            Ok(Err(source)) => Err(Error::Connect { addr, source }),
-            Err(_) => Err(Error::ConnectTimeout {
-                addr,
-                timeout: connect_timeout,
-            }),
+/// Opens a marked upstream connection from inside `ns`, within `connect_timeout`.
+pub(crate) async fn connect(
+    ns: &NetNs,
+    addr: SocketAddr,
+    connect_timeout: Duration,
+) -> Result<TcpStream, Error> {
+    let socket = ns
+        .enter(|| marked_socket(addr))
+        .and_then(|r| r)
+        .map_err(|source| Error::Socket {
+            netns: ns.name.clone(),
+            source,
+        })?;
+    match tokio::time::timeout(connect_timeout, socket.connect(addr)).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Ok(s)
         }
+        Ok(Err(source)) => Err(Error::Connect { addr, source }),
+        Err(_) => Err(Error::ConnectTimeout {
+            addr,
+            timeout: connect_timeout,
+        }),
     }
 }
 
@@ -226,8 +232,6 @@ struct AccessLog {
     cluster: String,
     endpoint: String,
     route: String,
-    /// The port speaks HTTP, so failures can be answered with a status.
-    http: bool,
 }
 
 impl Default for AccessLog {
@@ -237,41 +241,8 @@ impl Default for AccessLog {
             cluster: "-".into(),
             endpoint: "-".into(),
             route: "-".into(),
-            http: false,
         }
     }
-}
-
-/// Answers every request on an HTTP connection with the status Envoy gives for `err` (404 for no
-/// route, 503 otherwise) and a body stating the reason, then closes. Bounded to 5 s.
-async fn local_reply(client: TcpStream, err: &RouteError) {
-    use http_body_util::Full;
-    use hyper::{Response, body::Bytes};
-    use hyper_util::{
-        rt::{TokioExecutor, TokioIo},
-        server::conn::auto,
-    };
-    let status = err.http_status();
-    let body = Bytes::from(match err {
-        RouteError::NoEndpoint { .. } => "no healthy upstream".to_string(),
-        RouteError::NoRouteMatched { .. } | RouteError::NotCaptured(_) => String::new(),
-        other => format!("{other}"),
-    });
-    let flag = err.response_flag();
-    let service = hyper::service::service_fn(move |_req| {
-        let body = body.clone();
-        async move {
-            Response::builder()
-                .status(status)
-                .header("content-type", "text/plain")
-                .header("x-drover-response-flag", flag)
-                .body(Full::new(body))
-        }
-    });
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().keep_alive(false);
-    let serve = builder.serve_connection(TokioIo::new(client), service);
-    let _ = tokio::time::timeout(Duration::from_secs(5), serve).await;
 }
 
 /// A non-blocking TCP socket for `addr`'s family, carrying Drover's mark.

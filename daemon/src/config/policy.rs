@@ -300,8 +300,15 @@ pub struct HttpMatch {
 pub enum StringMatch {
     Exact(String),
     Prefix(String),
-    /// RE2 syntax, anchored; checked to compile.
-    Regex(String),
+    /// RE2 syntax, matched against the whole value.
+    Regex(Pattern),
+}
+
+/// A compiled, anchored regular expression; equal when the source text is.
+#[derive(Clone, Debug)]
+pub struct Pattern {
+    source: String,
+    anchored: regex::Regex,
 }
 
 /// A weighted route destination.
@@ -342,6 +349,53 @@ pub struct L4Match {
     pub port: Option<u16>,
     pub source_labels: BTreeMap<String, String>,
     pub source_namespace: Option<String>,
+}
+
+// === impl Pattern ===
+
+impl Pattern {
+    /// Compiles `source` so that it must match the entire value, as Envoy's `safe_regex` does.
+    pub fn new(source: &str) -> Result<Self, regex::Error> {
+        Ok(Self {
+            source: source.to_string(),
+            anchored: regex::Regex::new(&format!("^(?:{source})$"))?,
+        })
+    }
+
+    /// Whether the whole of `value` matches.
+    pub fn is_match(&self, value: &str) -> bool {
+        self.anchored.is_match(value)
+    }
+
+    /// The expression as written.
+    pub fn as_str(&self) -> &str {
+        &self.source
+    }
+}
+
+impl PartialEq for Pattern {
+    fn eq(&self, other: &Self) -> bool {
+        self.source == other.source
+    }
+}
+
+impl Eq for Pattern {}
+
+// === impl StringMatch ===
+
+impl StringMatch {
+    /// Whether `value` matches; `ignore_case` applies to exact and prefix only (as in Istio).
+    pub fn matches(&self, value: &str, ignore_case: bool) -> bool {
+        match self {
+            StringMatch::Exact(e) if ignore_case => e.eq_ignore_ascii_case(value),
+            StringMatch::Exact(e) => e == value,
+            StringMatch::Prefix(p) if ignore_case => value
+                .get(..p.len())
+                .is_some_and(|v| v.eq_ignore_ascii_case(p)),
+            StringMatch::Prefix(p) => value.starts_with(p.as_str()),
+            StringMatch::Regex(r) => r.is_match(value),
+        }
+    }
 }
 
 // === impl ExportTo ===

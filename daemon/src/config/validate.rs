@@ -1188,10 +1188,15 @@ impl<'a> Checker<'a> {
         let re = sm.regex.clone().unwrap_or_default();
         if re.len() > 1024 {
             self.err(format!("{path}.regex"), "regex longer than 1024 characters");
-        } else if let Err(e) = regex::Regex::new(&re) {
-            self.err(format!("{path}.regex"), format!("invalid regex: {e}"));
+            return None;
         }
-        Some(policy::StringMatch::Regex(re))
+        match policy::Pattern::new(&re) {
+            Ok(p) => Some(policy::StringMatch::Regex(p)),
+            Err(e) => {
+                self.err(format!("{path}.regex"), format!("invalid regex: {e}"));
+                None
+            }
+        }
     }
 
     fn l4_route(

@@ -10,7 +10,7 @@ use std::{
 
 use super::{
     Client, Cluster, Endpoint, Registry, Resolution, RuleEntry, RuleRef, Service, ServicePort,
-    VsEntry, resolve, route,
+    VsEntry, resolve,
 };
 use crate::{
     balance::Balancer,
@@ -269,14 +269,6 @@ fn virtual_services(
                     problems.push(r.origin.problem(
                         format!("spec.hosts[{i}]"),
                         format!("host {h:?} is already claimed by VirtualService {other}; sidecars take one VirtualService per host"),
-                    ));
-                }
-            }
-            for route in &vs.http {
-                if !route.matches.is_empty() && route.matches.iter().all(route::needs_request) {
-                    warnings.push(r.origin.problem(
-                        format!("spec.http[{}].match", route.index),
-                        "request conditions (uri, headers, …) need the HTTP data path; the L4 path skips this route",
                     ));
                 }
             }

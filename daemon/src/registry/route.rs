@@ -1,10 +1,10 @@
-//! Per-connection routing: captured (VIP, port) → service → VirtualService route (first match
-//! wins, weighted destination) → cluster `(host, port, subset)` → endpoint.
+//! Routing: captured (VIP, port) → service → VirtualService route (first match wins, weighted
+//! destination) → cluster `(host, port, subset)` → endpoint.
 //!
-//! This is the L4 path: a connection is routed once, before any byte is read, so only the
-//! conditions known at that point are evaluated (route `port`, `sourceLabels`,
-//! `sourceNamespace`, TCP `destinationSubnets`). HTTP routes whose every match needs request data
-//! (uri, headers, …) are skipped here; validation warns about them.
+//! HTTP ports are routed per request ([`Registry::route_request`]): every `HTTPMatchRequest`
+//! condition is evaluated and hash keys come from the request. Other ports are routed once per
+//! connection ([`Registry::route`]) before any byte is read, so only `port`, `sourceLabels`,
+//! `sourceNamespace` and TCP `destinationSubnets` apply there.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -24,6 +24,19 @@ pub enum Target {
     Passthrough(SocketAddr),
 }
 
+/// The parts of an HTTP request that routing and hashing look at.
+pub struct Request<'a> {
+    pub method: &'a str,
+    pub scheme: &'a str,
+    pub authority: &'a str,
+    /// Path without the query string.
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub headers: &'a hyper::HeaderMap,
+    /// `remote+local` addresses of the downstream connection: the seed of generated cookies.
+    pub connection: &'a str,
+}
+
 /// A routing decision.
 #[derive(Debug)]
 pub struct Decision<'a> {
@@ -33,6 +46,10 @@ pub struct Decision<'a> {
     pub target: Target,
     /// `namespace/name http[i]` of the VirtualService route used, if any.
     pub route: Option<String>,
+    /// `Set-Cookie` value to add to the response (a hash cookie with a `ttl` was absent).
+    pub set_cookie: Option<String>,
+    /// Index of the pick in the cluster's balancer (for its active-request count).
+    pub pick: Option<usize>,
 }
 
 /// Why a connection could not be routed, with Envoy's response flag.
@@ -77,6 +94,25 @@ impl Registry {
     /// Routes a new connection from `src` to `orig`, picking the endpoint (per connection: only a
     /// `useSourceIp` hash key exists at this point; other hash keys fall back to random).
     pub fn route(&self, orig: SocketAddr, src: Option<IpAddr>) -> Result<Decision<'_>, RouteError> {
+        self.route_with(orig, src, None)
+    }
+
+    /// Routes one HTTP request on a connection from `src` to `orig`.
+    pub fn route_request(
+        &self,
+        orig: SocketAddr,
+        src: Option<IpAddr>,
+        req: &Request<'_>,
+    ) -> Result<Decision<'_>, RouteError> {
+        self.route_with(orig, src, Some(req))
+    }
+
+    fn route_with(
+        &self,
+        orig: SocketAddr,
+        src: Option<IpAddr>,
+        req: Option<&Request<'_>>,
+    ) -> Result<Decision<'_>, RouteError> {
         let orig = SocketAddr::new(orig.ip().to_canonical(), orig.port());
         let &(s, p) = self
             .by_vip
@@ -86,15 +122,17 @@ impl Registry {
         let port = &service.ports[p];
         let (dest, route) = match self.virtual_service_for(&service.host) {
             None => (None, None),
-            Some(vs) => match self.l4_route(vs, port.number, port.protocol.as_deref(), orig.ip()) {
-                Routed::Default => (None, None),
-                Routed::To(d, name) => (Some(d), Some(name)),
-                Routed::NoMatch => {
-                    return Err(RouteError::NoRouteMatched {
-                        vs: vs.source.id.clone(),
-                    });
+            Some(vs) => {
+                match self.l4_route(vs, port.number, port.protocol.as_deref(), orig.ip(), req) {
+                    Routed::Default => (None, None),
+                    Routed::To(d, name) => (Some(d), Some(name)),
+                    Routed::NoMatch => {
+                        return Err(RouteError::NoRouteMatched {
+                            vs: vs.source.id.clone(),
+                        });
+                    }
                 }
-            },
+            }
         };
         let cluster = match dest {
             None => self
@@ -111,6 +149,8 @@ impl Registry {
                     ..
                 })
             );
+        let mut set_cookie = None;
+        let mut pick = None;
         let target = if passthrough {
             let tp = dsvc
                 .ports
@@ -119,10 +159,11 @@ impl Registry {
                 .map_or(orig.port(), |p| p.target_port);
             Target::Passthrough(SocketAddr::new(orig.ip(), tp))
         } else {
-            let hash = match (cluster.hash_key(), src) {
-                (Some(HashKey::SourceIp), Some(ip)) => {
+            let hash = match (cluster.hash_key(), src, req) {
+                (Some(HashKey::SourceIp), Some(ip), _) => {
                     Some(key_hash(ip.to_canonical().to_string().as_bytes()))
                 }
+                (Some(key), _, Some(req)) => request_hash(key, req, &mut set_cookie),
                 _ => None,
             };
             let i = cluster.balancer.pick(PickContext { hash }).ok_or_else(|| {
@@ -130,6 +171,7 @@ impl Registry {
                     cluster: cluster.name.clone(),
                 }
             })?;
+            pick = Some(i);
             let (index, addr) = cluster.targets[i];
             Target::Endpoint { index, addr }
         };
@@ -138,6 +180,8 @@ impl Registry {
             cluster,
             target,
             route,
+            set_cookie,
+            pick,
         })
     }
 
@@ -197,6 +241,7 @@ impl Registry {
         port: u16,
         protocol: Option<&str>,
         dst: IpAddr,
+        req: Option<&Request<'_>>,
     ) -> Routed<'v> {
         let client = &self.client;
         let source_ok = |labels: &std::collections::BTreeMap<String, String>,
@@ -210,7 +255,10 @@ impl Registry {
                     || r.matches.iter().any(|m| {
                         m.port.is_none_or(|p| p == port)
                             && source_ok(&m.source_labels, &m.source_namespace)
-                            && !needs_request(m)
+                            && match req {
+                                Some(req) => request_matches(m, req),
+                                None => !needs_request(m),
+                            }
                     });
                 if applies {
                     return match weighted(&r.destinations) {
@@ -266,6 +314,11 @@ pub fn is_http(protocol: Option<&str>) -> bool {
     matches!(protocol, Some("HTTP" | "HTTP2" | "GRPC" | "GRPC-WEB"))
 }
 
+/// Ports whose upstream speaks HTTP/2 (prior knowledge) without any DestinationRule.
+pub fn is_h2(protocol: Option<&str>) -> bool {
+    matches!(protocol, Some("HTTP2" | "GRPC" | "GRPC-WEB"))
+}
+
 /// Whether a match has conditions only a request can answer.
 pub fn needs_request(m: &policy::HttpMatch) -> bool {
     m.uri.is_some()
@@ -275,6 +328,95 @@ pub fn needs_request(m: &policy::HttpMatch) -> bool {
         || !m.headers.is_empty()
         || !m.without_headers.is_empty()
         || !m.query_params.is_empty()
+}
+
+/// Whether the request-time conditions of a match hold (all ANDed).
+fn request_matches(m: &policy::HttpMatch, req: &Request<'_>) -> bool {
+    let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok());
+    let opt = |sm: &Option<policy::StringMatch>, v: &str| {
+        sm.as_ref().is_none_or(|sm| sm.matches(v, false))
+    };
+    m.uri
+        .as_ref()
+        .is_none_or(|u| u.matches(req.path, m.ignore_uri_case))
+        && opt(&m.scheme, req.scheme)
+        && opt(&m.method, req.method)
+        && opt(&m.authority, req.authority)
+        && m.headers.iter().all(|(name, sm)| match (header(name), sm) {
+            (Some(_), None) => true,
+            (Some(v), Some(sm)) => sm.matches(v, false),
+            (None, _) => false,
+        })
+        && m.without_headers.iter().all(|(name, sm)| match sm {
+            None => header(name).is_none(),
+            Some(sm) => !sm.matches(header(name).unwrap_or(""), false),
+        })
+        && m.query_params
+            .iter()
+            .all(|(name, sm)| match (query_param(req.query, name), sm) {
+                (Some(_), None) => true,
+                (Some(v), Some(sm)) => sm.matches(&v, false),
+                (None, _) => false,
+            })
+}
+
+fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    form_urlencoded::parse(query?.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}
+
+/// The hash of the request's consistent-hash key. A cookie key with a `ttl` that the request
+/// lacks is generated (from the connection's addresses, as Envoy does) and returned in
+/// `set_cookie`; other absent keys give `None` (random pick).
+fn request_hash(key: &HashKey, req: &Request<'_>, set_cookie: &mut Option<String>) -> Option<u64> {
+    match key {
+        HashKey::Header(name) => req
+            .headers
+            .get(name.as_str())
+            .map(|v| key_hash(v.as_bytes())),
+        HashKey::QueryParameter(name) => {
+            query_param(req.query, name).map(|v| key_hash(v.as_bytes()))
+        }
+        HashKey::SourceIp => None,
+        HashKey::Cookie {
+            name,
+            path,
+            ttl,
+            attributes,
+        } => {
+            let present = req
+                .headers
+                .get_all(hyper::header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(cookie::Cookie::split_parse)
+                .filter_map(Result::ok)
+                .find(|c| c.name() == name)
+                .map(|c| c.value().trim_matches('"').to_string());
+            if let Some(v) = present {
+                return Some(key_hash(v.as_bytes()));
+            }
+            let ttl = (*ttl)?;
+            let value = format!("{:016x}", key_hash(req.connection.as_bytes()));
+            let mut header = format!("{name}=\"{value}\"");
+            if !ttl.is_zero() {
+                header.push_str(&format!("; Max-Age={}", ttl.as_secs()));
+            }
+            if let Some(p) = path {
+                header.push_str(&format!("; Path={p}"));
+            }
+            for (k, v) in attributes {
+                match v {
+                    Some(v) => header.push_str(&format!("; {k}={v}")),
+                    None => header.push_str(&format!("; {k}")),
+                }
+            }
+            header.push_str("; HttpOnly");
+            *set_cookie = Some(header);
+            Some(key_hash(value.as_bytes()))
+        }
+    }
 }
 
 /// Random choice proportional to weight (weights are relative, as in Istio ≥ 1.15).

@@ -1,0 +1,319 @@
+//! The L7 path for HTTP ports: hyper serves the captured connection (HTTP/1.1 with keep-alive, or
+//! HTTP/2 by prior knowledge), every request is routed on its own (VirtualService match, weighted
+//! subset, balancer pick with the request's hash key) and sent over a pooled upstream connection
+//! created in the application's namespace and marked.
+//!
+//! Invariants: the proxy adds no header to requests or responses except a generated hash cookie
+//! (`Set-Cookie`, as Envoy) and, on locally generated replies, Envoy's response shape; hop-by-hop
+//! headers are not forwarded; every request gets one access-log line; a failure is a status, never
+//! a hang or a panic.
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::{
+    Request, Response, StatusCode, Uri, Version,
+    body::{Bytes, Incoming},
+    header::{self, HeaderMap, HeaderValue},
+};
+use hyper_util::{
+    client::legacy::Client,
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
+use tokio::{net::TcpStream, time::Instant};
+
+use super::{DEFAULT_CONNECT_TIMEOUT, Error};
+use crate::{
+    redirect::netns::NetNs,
+    registry::{RegistryHandle, RouteError, Target, route},
+};
+
+/// Body type of everything the proxy answers with.
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Envoy's body for a connection failure before response headers.
+const CONNECT_FAILURE: &str =
+    "upstream connect error or disconnect/reset before headers. reset reason: connection failure";
+const RESET: &str = "upstream connect error or disconnect/reset before headers. reset reason: connection termination";
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) that a proxy must not forward.
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "te",
+    "trailer",
+];
+
+/// Pooled upstream clients for one namespace: HTTP/1.1 and HTTP/2 (prior knowledge).
+pub struct Upstreams {
+    h1: Client<Connector, Incoming>,
+    h2: Client<Connector, Incoming>,
+}
+
+/// Opens marked upstream sockets inside the application's namespace for hyper's pool.
+#[derive(Clone)]
+pub struct Connector {
+    ns: Arc<NetNs>,
+}
+
+// === impl Upstreams ===
+
+impl Upstreams {
+    pub fn new(ns: Arc<NetNs>) -> Self {
+        let connector = Connector { ns };
+        let mut h1 = Client::builder(TokioExecutor::new());
+        // Istio's default upstream idle timeout is 1 h; keep pooled connections that long.
+        h1.pool_idle_timeout(Duration::from_secs(3600))
+            .set_host(false);
+        let mut h2 = h1.clone();
+        h2.http2_only(true);
+        Self {
+            h1: h1.build(connector.clone()),
+            h2: h2.build(connector),
+        }
+    }
+}
+
+// === impl Connector ===
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = TokioIo<TcpStream>;
+    type Error = Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let ns = self.ns.clone();
+        Box::pin(async move {
+            let addr: SocketAddr = uri
+                .authority()
+                .and_then(|a| a.as_str().parse().ok())
+                .ok_or_else(|| Error::Io(std::io::Error::other(format!("bad upstream {uri}"))))?;
+            let stream = super::connect(&ns, addr, DEFAULT_CONNECT_TIMEOUT).await?;
+            Ok(TokioIo::new(stream))
+        })
+    }
+}
+
+/// Serves one captured HTTP connection until the client closes it.
+pub async fn serve(
+    registry: RegistryHandle,
+    upstreams: Arc<Upstreams>,
+    ns: Arc<NetNs>,
+    client: TcpStream,
+    orig: SocketAddr,
+) {
+    let src = client.peer_addr().ok();
+    let connection = format!("{}{}", src.map(|a| a.to_string()).unwrap_or_default(), orig);
+    let service = hyper::service::service_fn(move |req| {
+        let registry = registry.clone();
+        let upstreams = upstreams.clone();
+        let ns = ns.clone();
+        let connection = connection.clone();
+        async move {
+            Ok::<_, Infallible>(
+                handle(&registry, &upstreams, &ns, orig, src, &connection, req).await,
+            )
+        }
+    });
+    let builder = auto::Builder::new(TokioExecutor::new());
+    if let Err(e) = builder
+        .serve_connection(TokioIo::new(client), service)
+        .await
+    {
+        tracing::debug!(error = %e, "http connection ended with an error");
+    }
+}
+
+/// Routes and forwards one request; always produces a response.
+async fn handle(
+    registry: &RegistryHandle,
+    upstreams: &Upstreams,
+    ns: &NetNs,
+    orig: SocketAddr,
+    src: Option<SocketAddr>,
+    connection: &str,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let start = Instant::now();
+    let (mut parts, body) = req.into_parts();
+    let method = parts.method.clone();
+    let path = parts.uri.path().to_string();
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
+    let snapshot = registry.load();
+    let request = route::Request {
+        method: method.as_str(),
+        scheme: parts.uri.scheme_str().unwrap_or("http"),
+        authority: &authority,
+        path: &path,
+        query: parts.uri.query(),
+        headers: &parts.headers,
+        connection,
+    };
+    let log = |status: u16, cluster: &str, route: &str, endpoint: &str, flag: &str| {
+        tracing::info!(
+            target: "drover::access",
+            netns = %ns.name, src = ?src, dst = %orig, method = %method, path = %path,
+            authority = %authority, status, cluster = %cluster, route = %route,
+            endpoint = %endpoint, duration_ms = start.elapsed().as_secs_f64() * 1000.0,
+            flag = %flag, "http"
+        );
+    };
+    let decision = match snapshot.route_request(orig, src.map(|s| s.ip()), &request) {
+        Ok(d) => d,
+        Err(e) => {
+            let reply = route_failure(&e);
+            log(reply.status().as_u16(), "-", "-", "-", e.response_flag());
+            return reply;
+        }
+    };
+    let cluster = decision.cluster.name.clone();
+    let route_name = decision.route.clone().unwrap_or_else(|| "-".into());
+    let set_cookie = decision.set_cookie.clone();
+    let (addr, endpoint, _active) = match decision.target {
+        Target::Endpoint { index, addr } => {
+            let svc = &snapshot.services()[decision.cluster.service];
+            let pick = decision.pick.map(|i| decision.cluster.balancer.start(i));
+            (addr, format!("{}@{addr}", svc.endpoints[index].name), pick)
+        }
+        Target::Passthrough(addr) => (addr, format!("passthrough@{addr}"), None),
+    };
+    let h2 = route::is_h2(
+        snapshot
+            .lookup(orig)
+            .and_then(|(_, p)| p.protocol.as_deref()),
+    );
+    drop(snapshot);
+
+    // Forward: same method, path, headers (minus hop-by-hop), body; to the chosen endpoint.
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    parts.uri = match format!("http://{addr}{path_and_query}").parse() {
+        Ok(u) => u,
+        Err(_) => return local(StatusCode::BAD_REQUEST, "", "-"),
+    };
+    strip_hop_by_hop(&mut parts.headers);
+    if !parts.headers.contains_key(header::HOST)
+        && let Ok(v) = HeaderValue::from_str(&authority)
+    {
+        parts.headers.insert(header::HOST, v);
+    }
+    parts.version = if h2 {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
+    let upstream = if h2 { &upstreams.h2 } else { &upstreams.h1 };
+    match upstream.request(Request::from_parts(parts, body)).await {
+        Ok(resp) => {
+            let (mut rparts, rbody) = resp.into_parts();
+            strip_hop_by_hop(&mut rparts.headers);
+            if let Some(c) = set_cookie
+                && let Ok(v) = HeaderValue::from_str(&c)
+            {
+                rparts.headers.append(header::SET_COOKIE, v);
+            }
+            log(
+                rparts.status.as_u16(),
+                &cluster,
+                &route_name,
+                &endpoint,
+                "-",
+            );
+            Response::from_parts(rparts, rbody.boxed())
+        }
+        Err(e) => {
+            let (flag, body) = if e.is_connect() {
+                ("UF", CONNECT_FAILURE)
+            } else {
+                ("UC", RESET)
+            };
+            tracing::debug!(error = %e, endpoint = %endpoint, "upstream request failed");
+            log(503, &cluster, &route_name, &endpoint, flag);
+            local(StatusCode::SERVICE_UNAVAILABLE, body, flag)
+        }
+    }
+}
+
+/// Envoy's local reply for a routing failure.
+fn route_failure(e: &RouteError) -> Response<Body> {
+    let status = StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    let body = match e {
+        RouteError::NoEndpoint { .. } => "no healthy upstream".to_string(),
+        RouteError::NoRouteMatched { .. } | RouteError::NotCaptured(_) => String::new(),
+        other => other.to_string(),
+    };
+    local(status, &body, e.response_flag())
+}
+
+/// A locally generated response (plain text body).
+pub fn local(status: StatusCode, body: &str, flag: &str) -> Response<Body> {
+    let mut resp = Response::new(
+        Full::new(Bytes::from(body.to_string()))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    if let Ok(v) = HeaderValue::from_str(flag) {
+        h.insert("x-drover-response-flag", v);
+    }
+    resp
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Headers named by `Connection` are hop-by-hop too.
+    let named: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|s| s.trim().to_ascii_lowercase())
+        .filter(|s| !s.is_empty())
+        .collect();
+    for name in HOP_BY_HOP
+        .iter()
+        .copied()
+        .chain(named.iter().map(String::as_str))
+    {
+        // gRPC needs `te: trailers` end to end.
+        if name == "te"
+            && headers
+                .get(header::TE)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"))
+        {
+            continue;
+        }
+        headers.remove(name);
+    }
+}
