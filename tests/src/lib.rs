@@ -249,12 +249,23 @@ pub struct Proc {
 impl Proc {
     /// Starts a `drover-testsrv` (in `ns`, or here) and waits until every listener is up.
     pub fn server(ns: Option<&Netns>, mode: &str, listen: &[SocketAddr], name: &str) -> Self {
+        Self::server_with(ns, mode, listen, name, &[])
+    }
+
+    /// [`Proc::server`] with extra arguments (`--delay-ms N`).
+    pub fn server_with(
+        ns: Option<&Netns>,
+        mode: &str,
+        listen: &[SocketAddr],
+        name: &str,
+        extra: &[&str],
+    ) -> Self {
         let exe = bin("drover-testsrv");
         let mut cmd = match ns {
             Some(ns) => ns.command(&exe),
             None => Command::new(&exe),
         };
-        cmd.arg(mode).args(["--name", name]);
+        cmd.arg(mode).args(["--name", name]).args(extra);
         for l in listen {
             cmd.arg("--listen").arg(l.to_string());
         }

@@ -1,7 +1,9 @@
 //! A client for tests, the demo and benchmarks; run it inside a namespace or cgroup. Prints one
 //! JSON object. `connect`: one connection (greeting, peer name, local address, or the error).
 //! `rr`/`crr`/`bulk`: request-response latency on one connection, connect+request+close latency,
-//! and bulk throughput, each bounded by a count and a deadline.
+//! and bulk throughput, each bounded by a count and a deadline. `http`: `count` HTTP requests
+//! over keep-alive (or one h2c connection with `--h2`), `concurrency` at a time, counting which
+//! server (`podname`) answered and the statuses; `--cookie-jar` replays the first `Set-Cookie`.
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -52,6 +54,24 @@ enum Cmd {
         #[arg(long, default_value = "20")]
         max_secs: u64,
     },
+    Http {
+        url: String,
+        #[arg(long, default_value = "1")]
+        count: u32,
+        #[arg(long, default_value = "1")]
+        concurrency: u32,
+        /// `name: value` (repeatable).
+        #[arg(long)]
+        header: Vec<String>,
+        /// HTTP/2 with prior knowledge, all requests multiplexed on one connection.
+        #[arg(long)]
+        h2: bool,
+        /// Send back the first `Set-Cookie` received on every later request.
+        #[arg(long)]
+        cookie_jar: bool,
+        #[arg(long, default_value = "30")]
+        max_secs: u64,
+    },
 }
 
 fn main() {
@@ -73,6 +93,15 @@ fn main() {
             bytes,
             max_secs,
         } => bulk(addr, bytes, max_secs),
+        Cmd::Http {
+            url,
+            count,
+            concurrency,
+            header,
+            h2,
+            cookie_jar,
+            max_secs,
+        } => http::run(&url, count, concurrency, &header, h2, cookie_jar, max_secs),
     };
     let out = out
         .unwrap_or_else(|e| json!({ "error": e.to_string(), "kind": format!("{:?}", e.kind()) }));
@@ -176,4 +205,130 @@ fn bulk(addr: SocketAddr, bytes: u64, max_secs: u64) -> std::io::Result<serde_js
     Ok(
         json!({ "sent": sent, "received_by_server": received, "secs": secs, "gbit_per_s": received as f64 * 8.0 / secs / 1e9 }),
     )
+}
+
+mod http {
+    //! The `http` subcommand: a hyper client with a bounded request count and deadline.
+
+    use std::{
+        collections::BTreeMap,
+        sync::{Arc, Mutex},
+        time::{Duration, Instant},
+    };
+
+    use http_body_util::{BodyExt, Empty};
+    use hyper::{Request, body::Bytes};
+    use hyper_util::{
+        client::legacy::{Client, connect::HttpConnector},
+        rt::TokioExecutor,
+    };
+    use serde_json::{Value, json};
+
+    #[derive(Default)]
+    struct Tally {
+        served: BTreeMap<String, u64>,
+        status: BTreeMap<u16, u64>,
+        peers: BTreeMap<String, u64>,
+        errors: u64,
+        set_cookie: Option<String>,
+        first: Option<Value>,
+    }
+
+    pub fn run(
+        url: &str,
+        count: u32,
+        concurrency: u32,
+        headers: &[String],
+        h2: bool,
+        cookie_jar: bool,
+        max_secs: u64,
+    ) -> std::io::Result<Value> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async move {
+            let mut builder = Client::builder(TokioExecutor::new());
+            builder.http2_only(h2);
+            let client: Client<HttpConnector, Empty<Bytes>> = builder.build_http();
+            let tally = Arc::new(Mutex::new(Tally::default()));
+            let deadline = Instant::now() + Duration::from_secs(max_secs);
+            let next = Arc::new(std::sync::atomic::AtomicU32::new(0));
+            let start = Instant::now();
+            let mut tasks = Vec::new();
+            for _ in 0..concurrency.max(1) {
+                let (client, tally, next) = (client.clone(), tally.clone(), next.clone());
+                let url = url.to_string();
+                let headers = headers.to_vec();
+                tasks.push(tokio::spawn(async move {
+                    while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < count
+                        && Instant::now() < deadline
+                    {
+                        let mut req = Request::get(&url);
+                        for h in &headers {
+                            if let Some((k, v)) = h.split_once(':') {
+                                req = req.header(k.trim(), v.trim());
+                            }
+                        }
+                        let jar = tally.lock().expect("tally").set_cookie.clone();
+                        if cookie_jar && let Some(c) = jar {
+                            let pair = c.split(';').next().unwrap_or("").to_string();
+                            req = req.header("cookie", pair);
+                        }
+                        let Ok(req) = req.body(Empty::new()) else {
+                            tally.lock().expect("tally").errors += 1;
+                            continue;
+                        };
+                        let outcome = tokio::time::timeout(Duration::from_secs(10), async {
+                            let resp = client.request(req).await?;
+                            let status = resp.status().as_u16();
+                            let cookie = resp
+                                .headers()
+                                .get("set-cookie")
+                                .and_then(|v| v.to_str().ok())
+                                .map(str::to_string);
+                            let body = resp.into_body().collect().await?.to_bytes();
+                            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((status, cookie, body))
+                        })
+                        .await;
+                        let mut t = tally.lock().expect("tally");
+                        match outcome {
+                            Ok(Ok((status, cookie, body))) => {
+                                *t.status.entry(status).or_default() += 1;
+                                if t.set_cookie.is_none() {
+                                    t.set_cookie = cookie;
+                                }
+                                if let Ok(v) = serde_json::from_slice::<Value>(&body) {
+                                    if let Some(p) = v["podname"].as_str() {
+                                        *t.served.entry(p.to_string()).or_default() += 1;
+                                    }
+                                    if let Some(p) = v["peer"].as_str() {
+                                        *t.peers.entry(p.to_string()).or_default() += 1;
+                                    }
+                                    if t.first.is_none() {
+                                        t.first = Some(v);
+                                    }
+                                } else if t.first.is_none() {
+                                    t.first = Some(json!(String::from_utf8_lossy(&body)));
+                                }
+                            }
+                            _ => t.errors += 1,
+                        }
+                    }
+                }));
+            }
+            for t in tasks {
+                let _ = t.await;
+            }
+            let t = tally.lock().expect("tally");
+            Ok(json!({
+                "served": t.served,
+                "status": t.status.iter().map(|(k, v)| (k.to_string(), *v)).collect::<BTreeMap<_, _>>(),
+                "peers": t.peers.len(),
+                "errors": t.errors,
+                "set_cookie": t.set_cookie,
+                "first": t.first,
+                "elapsed_ms": start.elapsed().as_secs_f64() * 1000.0,
+            }))
+        })
+    }
 }

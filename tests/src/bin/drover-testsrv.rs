@@ -1,12 +1,15 @@
 //! Test and demo upstreams. `echo`: greets each connection with `hello from NAME peer=ADDR\n`, then
-//! echoes. `sink`: counts bytes until EOF and answers with the count. `http`: an HTTP/1.1 server
-//! (hyper) answering every request with JSON naming the server. Prints `listening ADDR` when ready.
+//! echoes. `sink`: counts bytes until EOF and answers with the count. `http`: an HTTP/1.1 and h2c
+//! server (hyper) answering every request, after `--delay-ms`, with JSON naming the server, the
+//! path, the peer, the protocol version and the request's header names. Prints `listening ADDR`
+//! when ready.
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use clap::{Parser, ValueEnum};
 use http_body_util::Full;
-use hyper::{Request, Response, body::Bytes, server::conn::http1, service::service_fn};
+use hyper::{Request, Response, body::Bytes, service::service_fn};
+use hyper_util::{rt::TokioExecutor, server::conn::auto};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpListener,
@@ -27,6 +30,9 @@ struct Args {
     listen: Vec<SocketAddr>,
     #[arg(long, default_value = "server")]
     name: String,
+    /// `http` mode: wait this long before answering.
+    #[arg(long, default_value = "0")]
+    delay_ms: u64,
 }
 
 #[tokio::main]
@@ -39,13 +45,13 @@ async fn main() -> anyhow::Result<()> {
         {
             println!("listening {}", listener.local_addr()?);
         }
-        tokio::spawn(serve(listener, args.mode, name.clone()));
+        tokio::spawn(serve(listener, args.mode, name.clone(), args.delay_ms));
     }
     std::future::pending::<()>().await;
     Ok(())
 }
 
-async fn serve(listener: TcpListener, mode: Mode, name: Arc<str>) {
+async fn serve(listener: TcpListener, mode: Mode, name: Arc<str>, delay_ms: u64) {
     loop {
         let Ok((mut stream, peer)) = listener.accept().await else {
             continue;
@@ -75,11 +81,19 @@ async fn serve(listener: TcpListener, mode: Mode, name: Arc<str>) {
                 Mode::Http => {
                     let io = hyper_util::rt::TokioIo::new(stream);
                     let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let headers: Vec<String> =
+                            req.headers().keys().map(|k| format!("\"{k}\"")).collect();
                         let body = format!(
-                            "{{\"podname\":\"{name}\",\"path\":\"{}\",\"peer\":\"{peer}\"}}\n",
-                            req.uri().path()
+                            "{{\"podname\":\"{name}\",\"path\":\"{}\",\"peer\":\"{peer}\",\"version\":\"{:?}\",\"headers\":[{}]}}\n",
+                            req.uri().path(),
+                            req.version(),
+                            headers.join(",")
                         );
                         async move {
+                            if delay_ms > 0 {
+                                tokio::time::sleep(std::time::Duration::from_millis(delay_ms))
+                                    .await;
+                            }
                             Ok::<_, Infallible>(
                                 Response::builder()
                                     .header("content-type", "application/json")
@@ -88,7 +102,9 @@ async fn serve(listener: TcpListener, mode: Mode, name: Arc<str>) {
                             )
                         }
                     });
-                    let _ = http1::Builder::new().serve_connection(io, svc).await;
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(io, svc)
+                        .await;
                 }
             }
         });

@@ -1,0 +1,358 @@
+//! The L7 path through the real capture path: HTTP services in namespaces, the walkthrough's
+//! scenarios, weighted canaries, balancers under a slow endpoint, hash stickiness, cookies, route
+//! matching and HTTP/2. Root needed; under `CI` the tests fail rather than skip.
+
+use std::net::SocketAddr;
+
+use drover_tests::{Daemon, PinDir, Proc, Topology, probe, require_privileged, write_config};
+use serde_json::Value;
+
+const URL: &str = "http://127.77.0.10:9080";
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/seeds");
+
+/// `reviews` in namespace `demo`: VIP 127.77.0.10:9080, one endpoint per version (`reviews-vN`
+/// answering on 198.18.N.2:9080), port protocol `protocol`.
+fn reviews_service(n: usize, protocol: &str) -> String {
+    let mut out = format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: reviews, namespace: demo}}
+spec:
+  hosts: [reviews.demo.svc.cluster.local]
+  addresses: [127.77.0.10]
+  ports: [{{number: 9080, name: http, protocol: {protocol}}}]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  workloadSelector: {{labels: {{app: reviews}}}}
+"
+    );
+    for i in 1..=n {
+        out.push_str(&format!(
+            "---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: reviews-v{i}, namespace: demo}}
+spec: {{address: {}, labels: {{app: reviews, version: v{i}}}}}
+",
+            Topology::ep4(i)
+        ));
+    }
+    out
+}
+
+/// Subsets v1..v3 and an optional top-level traffic policy (flow YAML).
+fn subsets(policy: &str) -> String {
+    format!(
+        "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: reviews, namespace: demo}}
+spec:
+  host: reviews.demo.svc.cluster.local
+  subsets:
+  - {{name: v1, labels: {{version: v1}}}}
+  - {{name: v2, labels: {{version: v2}}}}
+  - {{name: v3, labels: {{version: v3}}}}
+{policy}"
+    )
+}
+
+fn split(routes: &[(&str, u32)]) -> String {
+    let dests: String = routes
+        .iter()
+        .map(|(subset, w)| {
+            format!(
+                "    - destination: {{host: reviews.demo.svc.cluster.local, subset: {subset}}}\n      weight: {w}\n"
+            )
+        })
+        .collect();
+    format!(
+        "---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: reviews, namespace: demo}}
+spec:
+  hosts: [reviews.demo.svc.cluster.local]
+  http:
+  - route:
+{dests}"
+    )
+}
+
+/// HTTP endpoints `reviews-v1..n` (endpoint i answers after `delays[i-1]` ms) and the daemon.
+struct Mesh {
+    t: Topology,
+    _servers: Vec<Proc>,
+    _pins: PinDir,
+    daemon: Daemon,
+}
+
+fn mesh(n: usize, delays: &[u64], yaml: &str) -> Mesh {
+    let t = Topology::new(n);
+    let servers = (1..=n)
+        .map(|i| {
+            let delay = delays.get(i - 1).copied().unwrap_or(0).to_string();
+            Proc::server_with(
+                Some(&t.endpoints[i - 1]),
+                "http",
+                &[SocketAddr::new(Topology::ep4(i), 9080)],
+                &format!("reviews-v{i}"),
+                &["--delay-ms", &delay],
+            )
+        })
+        .collect();
+    let pins = PinDir::new();
+    let cfg = write_config(yaml);
+    let daemon = Daemon::start(&[
+        "--config".into(),
+        cfg.display().to_string(),
+        "--pin-dir".into(),
+        pins.path.display().to_string(),
+        "--netns".into(),
+        t.client.name.clone(),
+    ])
+    .expect("daemon starts");
+    Mesh {
+        t,
+        _servers: servers,
+        _pins: pins,
+        daemon,
+    }
+}
+
+impl Mesh {
+    fn http(&self, args: &[&str]) -> Value {
+        let mut a = vec!["http"];
+        a.extend_from_slice(args);
+        probe(Some(&self.t.client), None, &a)
+    }
+}
+
+fn served(v: &Value, pod: &str) -> u64 {
+    v["served"][pod].as_u64().unwrap_or(0)
+}
+
+fn ok_count(v: &Value) -> u64 {
+    v["status"]["200"].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn walkthrough_scenario1_splits_50_50_across_subsets() {
+    if !require_privileged() {
+        return;
+    }
+    // The walkthrough's own YAML (Gateway, VirtualService 50/50, DestinationRule v1/v2).
+    let scenario =
+        std::fs::read_to_string(format!("{FIXTURES}/walkthrough-scenario1.yaml")).unwrap();
+    let m = mesh(3, &[], &(reviews_service(3, "HTTP") + "---\n" + &scenario));
+    let n = 1000;
+    let r = m.http(&[
+        &format!("{URL}/reviews/1"),
+        "--count",
+        &n.to_string(),
+        "--concurrency",
+        "4",
+    ]);
+    assert_eq!(ok_count(&r), n, "{r}");
+    let v1 = served(&r, "reviews-v1") as f64 / n as f64;
+    // Binomial sd for p=0.5, n=1000 is 0.016; ±0.06 is more than 3.5 sd.
+    assert!((0.44..=0.56).contains(&v1), "v1 share {v1}: {r}");
+    assert_eq!(served(&r, "reviews-v3"), 0, "v3 is in no route: {r}");
+    let log = m.daemon.log();
+    assert!(
+        log.contains("cluster=outbound|9080|v1|reviews.demo.svc.cluster.local")
+            && log.contains("route=demo/reviews-traffic-split http[0]"),
+        "per-request access log names cluster and route"
+    );
+}
+
+#[test]
+fn canary_90_10_and_transparency() {
+    if !require_privileged() {
+        return;
+    }
+    let m = mesh(
+        3,
+        &[],
+        &(reviews_service(3, "HTTP") + &subsets("") + &split(&[("v1", 90), ("v2", 10)])),
+    );
+    let n = 1000;
+    let r = m.http(&[
+        &format!("{URL}/"),
+        "--count",
+        &n.to_string(),
+        "--concurrency",
+        "4",
+    ]);
+    assert_eq!(ok_count(&r), n, "{r}");
+    let v2 = served(&r, "reviews-v2") as f64 / n as f64;
+    // sd for p=0.1, n=1000 is 0.0095; ±0.04 is over 4 sd.
+    assert!((0.06..=0.14).contains(&v2), "v2 share {v2}: {r}");
+    // The proxy adds no header: the server sees only what the client sent.
+    let headers: Vec<&str> = r["first"]["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h.as_str().unwrap())
+        .collect();
+    assert_eq!(headers, ["host"], "{r}");
+}
+
+#[test]
+fn least_request_avoids_a_slow_endpoint_round_robin_does_not() {
+    if !require_privileged() {
+        return;
+    }
+    // Scenario 2's DestinationRule: LEAST_CONN (an alias of LEAST_REQUEST).
+    let scenario =
+        std::fs::read_to_string(format!("{FIXTURES}/walkthrough-scenario2.yaml")).unwrap();
+    let share_of_slow = |yaml: String| {
+        let m = mesh(3, &[150, 0, 0], &yaml);
+        let n = 300;
+        let r = m.http(&[
+            &format!("{URL}/"),
+            "--count",
+            &n.to_string(),
+            "--concurrency",
+            "8",
+        ]);
+        assert_eq!(ok_count(&r), n, "{r}");
+        served(&r, "reviews-v1") as f64 / n as f64
+    };
+    let least = share_of_slow(reviews_service(3, "HTTP") + "---\n" + &scenario);
+    let round_robin = share_of_slow(
+        reviews_service(3, "HTTP")
+            + &subsets("  trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}\n"),
+    );
+    eprintln!("slow endpoint share: LEAST_REQUEST {least:.3}, ROUND_ROBIN {round_robin:.3}");
+    assert!(
+        (0.28..=0.39).contains(&round_robin),
+        "round robin ignores load: {round_robin}"
+    );
+    assert!(
+        least < 0.15,
+        "least request avoids the slow endpoint: {least}"
+    );
+}
+
+#[test]
+fn consistent_hash_on_header_and_generated_cookie() {
+    if !require_privileged() {
+        return;
+    }
+    let m = mesh(
+        3,
+        &[],
+        &(reviews_service(3, "HTTP")
+            + &subsets(
+                "  trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: x-user}}}\n",
+            )),
+    );
+    let url = format!("{URL}/");
+    for user in ["alice", "bob", "carol"] {
+        let r = m.http(&[
+            &url,
+            "--count",
+            "100",
+            "--header",
+            &format!("x-user: {user}"),
+        ]);
+        assert_eq!(
+            r["served"].as_object().unwrap().len(),
+            1,
+            "sticky for {user}: {r}"
+        );
+    }
+    // Without the key Envoy picks at random: several endpoints serve.
+    let r = m.http(&[&url, "--count", "200"]);
+    assert!(r["served"].as_object().unwrap().len() >= 2, "{r}");
+    drop(m);
+
+    let m = mesh(
+        3,
+        &[],
+        &(reviews_service(3, "HTTP")
+            + &subsets(
+                "  trafficPolicy: {loadBalancer: {consistentHash: {httpCookie: {name: s, path: /, ttl: 60s}}}}\n",
+            )),
+    );
+    let r = m.http(&[&url, "--count", "50", "--cookie-jar"]);
+    let cookie = r["set_cookie"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no Set-Cookie: {r}"));
+    let re = regex::Regex::new(r#"^s="[0-9a-f]{16}"; Max-Age=60; Path=/; HttpOnly$"#).unwrap();
+    assert!(re.is_match(cookie), "{cookie}");
+    assert_eq!(
+        r["served"].as_object().unwrap().len(),
+        1,
+        "cookie replay sticks: {r}"
+    );
+}
+
+#[test]
+fn route_matching_no_route_and_unknown_subset() {
+    if !require_privileged() {
+        return;
+    }
+    let vs = "---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: demo}
+spec:
+  hosts: [reviews.demo.svc.cluster.local]
+  http:
+  - match: [{headers: {x-canary: {exact: 'yes'}}, uri: {prefix: /api}}]
+    route: [{destination: {host: reviews.demo.svc.cluster.local, subset: v2}}]
+  - match: [{uri: {regex: '/api/v[0-9]+/.*'}, method: {exact: GET}}]
+    route: [{destination: {host: reviews.demo.svc.cluster.local, subset: v1}}]
+  - match: [{uri: {exact: /missing}}]
+    route: [{destination: {host: reviews.demo.svc.cluster.local, subset: v9}}]
+";
+    let m = mesh(3, &[], &(reviews_service(3, "HTTP") + &subsets("") + vs));
+    let r = m.http(&[
+        &format!("{URL}/api/v1/x"),
+        "--count",
+        "20",
+        "--header",
+        "x-canary: yes",
+    ]);
+    assert_eq!(served(&r, "reviews-v2"), 20, "{r}");
+    let r = m.http(&[&format!("{URL}/api/v1/x"), "--count", "20"]);
+    assert_eq!(served(&r, "reviews-v1"), 20, "{r}");
+    // No route matches: Envoy's 404 (NR).
+    let r = m.http(&[&format!("{URL}/other"), "--count", "3"]);
+    assert_eq!(r["status"]["404"], 3, "{r}");
+    // A route to an undefined subset: 503 naming the subset (NC).
+    let r = m.http(&[&format!("{URL}/missing"), "--count", "1"]);
+    assert_eq!(r["status"]["503"], 1, "{r}");
+    assert!(
+        r["first"].as_str().unwrap_or("").contains("subset \"v9\""),
+        "{r}"
+    );
+    assert!(m.daemon.log().contains("flag=NR") && m.daemon.log().contains("flag=NC"));
+}
+
+#[test]
+fn http2_streams_share_one_connection() {
+    if !require_privileged() {
+        return;
+    }
+    let m = mesh(1, &[20], &reviews_service(1, "HTTP2"));
+    let n = 200;
+    let r = m.http(&[
+        &format!("{URL}/"),
+        "--count",
+        &n.to_string(),
+        "--concurrency",
+        "50",
+        "--h2",
+    ]);
+    assert_eq!(ok_count(&r), n, "{r}");
+    assert_eq!(r["first"]["version"], "HTTP/2.0", "h2c upstream: {r}");
+    // 50 concurrent streams from one client connection reach the endpoint multiplexed on few
+    // upstream connections (the pool's), not one connection per stream.
+    let peers = r["peers"].as_u64().unwrap();
+    assert!(peers <= 2, "upstream connections: {peers}: {r}");
+    // With a 20 ms server delay, 200 requests 50 at a time take about 4 × 20 ms, not 200 × 20.
+    assert!(r["elapsed_ms"].as_f64().unwrap() < 2000.0, "{r}");
+}
