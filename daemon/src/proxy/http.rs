@@ -5,8 +5,9 @@
 //!
 //! Invariants: the proxy adds no header to requests or responses except a generated hash cookie
 //! (`Set-Cookie`, as Envoy) and, on locally generated replies, Envoy's response shape; hop-by-hop
-//! headers are not forwarded; every request gets one access-log line; a failure is a status, never
-//! a hang or a panic.
+//! headers are not forwarded (except `Connection`/`Upgrade` on an HTTP/1.1 upgrade, which is then
+//! bridged byte for byte once the endpoint answers 101); every request gets one access-log line;
+//! a failure is a status, never a hang or a panic.
 
 use std::{
     convert::Infallible,
@@ -133,7 +134,7 @@ pub async fn serve(
     });
     let builder = auto::Builder::new(TokioExecutor::new());
     if let Err(e) = builder
-        .serve_connection(TokioIo::new(client), service)
+        .serve_connection_with_upgrades(TokioIo::new(client), service)
         .await
     {
         tracing::debug!(error = %e, "http connection ended with an error");
@@ -148,9 +149,12 @@ async fn handle(
     orig: SocketAddr,
     src: Option<SocketAddr>,
     connection: &str,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Response<Body> {
     let start = Instant::now();
+    let upgrade = (req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE))
+    .then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     let method = parts.method.clone();
     let path = parts.uri.path().to_string();
@@ -221,12 +225,13 @@ async fn handle(
         Ok(u) => u,
         Err(_) => return local(StatusCode::BAD_REQUEST, "", "-"),
     };
-    strip_hop_by_hop(&mut parts.headers);
+    strip_hop_by_hop(&mut parts.headers, upgrade.is_some());
     if !parts.headers.contains_key(header::HOST)
         && let Ok(v) = HeaderValue::from_str(&authority)
     {
         parts.headers.insert(header::HOST, v);
     }
+    let h2 = h2 && upgrade.is_none();
     parts.version = if h2 {
         Version::HTTP_2
     } else {
@@ -234,9 +239,26 @@ async fn handle(
     };
     let upstream = if h2 { &upstreams.h2 } else { &upstreams.h1 };
     match upstream.request(Request::from_parts(parts, body)).await {
-        Ok(resp) => {
+        Ok(mut resp) => {
+            let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+            if switching && let Some(downstream) = upgrade {
+                let upstream = hyper::upgrade::on(&mut resp);
+                tokio::spawn(async move {
+                    match (downstream.await, upstream.await) {
+                        (Ok(d), Ok(u)) => {
+                            let (mut d, mut u) = (TokioIo::new(d), TokioIo::new(u));
+                            let _ = tokio::io::copy_bidirectional(&mut d, &mut u).await;
+                        }
+                        (d, u) => tracing::debug!(
+                            downstream = ?d.err(),
+                            upstream = ?u.err(),
+                            "upgrade failed"
+                        ),
+                    }
+                });
+            }
             let (mut rparts, rbody) = resp.into_parts();
-            strip_hop_by_hop(&mut rparts.headers);
+            strip_hop_by_hop(&mut rparts.headers, switching);
             if let Some(c) = set_cookie
                 && let Ok(v) = HeaderValue::from_str(&c)
             {
@@ -291,7 +313,9 @@ pub fn local(status: StatusCode, body: &str, flag: &str) -> Response<Body> {
     resp
 }
 
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+/// Removes hop-by-hop headers; `upgrading` keeps `Connection` and `Upgrade`, which an HTTP/1.1
+/// upgrade needs on both hops.
+fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
     // Headers named by `Connection` are hop-by-hop too.
     let named: Vec<String> = headers
         .get_all(header::CONNECTION)
@@ -306,6 +330,9 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .copied()
         .chain(named.iter().map(String::as_str))
     {
+        if upgrading && (name == "connection" || name == "upgrade") {
+            continue;
+        }
         // gRPC needs `te: trailers` end to end.
         if name == "te"
             && headers

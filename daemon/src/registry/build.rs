@@ -28,6 +28,20 @@ const PROTOCOLS: [&str; 11] = [
     "HTTP", "HTTPS", "GRPC", "GRPC-WEB", "HTTP2", "MONGO", "REDIS", "MYSQL", "TCP", "TLS", "UDP",
 ];
 
+/// Istio's port-naming convention, `<protocol>[-<suffix>]`, for ports that declare no protocol
+/// (`grpc-web` is checked before splitting on `-`). Unknown names stay unknown (opaque TCP).
+fn protocol_from_name(name: &str) -> Option<String> {
+    let name = name.to_ascii_lowercase();
+    if name == "grpc-web" || name.starts_with("grpc-web-") {
+        return Some("GRPC-WEB".into());
+    }
+    let prefix = name.split('-').next().unwrap_or("");
+    PROTOCOLS
+        .iter()
+        .find(|p| p.eq_ignore_ascii_case(prefix))
+        .map(|p| p.to_string())
+}
+
 /// Configuration that cannot be served: every error, plus the warnings found on the way.
 #[derive(Debug)]
 pub struct Rejected {
@@ -504,7 +518,11 @@ fn service_entry(
         ports.push(ServicePort {
             name: p.name.clone(),
             number,
-            protocol: p.protocol.as_ref().map(|s| s.to_ascii_uppercase()),
+            protocol: p
+                .protocol
+                .as_ref()
+                .map(|s| s.to_ascii_uppercase())
+                .or_else(|| protocol_from_name(&p.name)),
             target_port,
             targets: Vec::new(),
         });
@@ -943,5 +961,25 @@ spec:
             p.iter().any(|m| m.contains("unknown protocol \"htp\"")),
             "{p:?}"
         );
+    }
+
+    #[test]
+    fn protocol_follows_port_names_when_not_declared() {
+        let cases = [
+            ("http", Some("HTTP")),
+            ("http-web", Some("HTTP")),
+            ("http2", Some("HTTP2")),
+            ("grpc", Some("GRPC")),
+            ("grpc-web", Some("GRPC-WEB")),
+            ("grpc-web-x", Some("GRPC-WEB")),
+            ("grpc-x", Some("GRPC")),
+            ("TCP-db", Some("TCP")),
+            ("tls", Some("TLS")),
+            ("web", None),
+            ("httpx", None),
+        ];
+        for (name, want) in cases {
+            assert_eq!(protocol_from_name(name).as_deref(), want, "{name}");
+        }
     }
 }

@@ -1,8 +1,8 @@
 //! Test and demo upstreams. `echo`: greets each connection with `hello from NAME peer=ADDR\n`, then
 //! echoes. `sink`: counts bytes until EOF and answers with the count. `http`: an HTTP/1.1 and h2c
 //! server (hyper) answering every request, after `--delay-ms`, with JSON naming the server, the
-//! path, the peer, the protocol version and the request's header names. Prints `listening ADDR`
-//! when ready.
+//! path, the peer, the protocol version and the request's header names (`Upgrade: echo` switches
+//! protocols and echoes raw bytes). Prints `listening ADDR` when ready.
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
@@ -80,7 +80,13 @@ async fn serve(listener: TcpListener, mode: Mode, name: Arc<str>, delay_ms: u64)
                 }
                 Mode::Http => {
                     let io = hyper_util::rt::TokioIo::new(stream);
-                    let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let svc = service_fn(move |mut req: Request<hyper::body::Incoming>| {
+                        // `Upgrade: echo`: switch protocols, then echo raw bytes.
+                        let upgrade = req
+                            .headers()
+                            .get("upgrade")
+                            .is_some_and(|v| v == "echo")
+                            .then(|| hyper::upgrade::on(&mut req));
                         let headers: Vec<String> =
                             req.headers().keys().map(|k| format!("\"{k}\"")).collect();
                         let body = format!(
@@ -90,6 +96,21 @@ async fn serve(listener: TcpListener, mode: Mode, name: Arc<str>, delay_ms: u64)
                             headers.join(",")
                         );
                         async move {
+                            if let Some(on) = upgrade {
+                                tokio::spawn(async move {
+                                    if let Ok(up) = on.await {
+                                        let mut io = hyper_util::rt::TokioIo::new(up);
+                                        let (mut r, mut w) = tokio::io::split(&mut io);
+                                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                                    }
+                                });
+                                return Ok(Response::builder()
+                                    .status(101)
+                                    .header("connection", "upgrade")
+                                    .header("upgrade", "echo")
+                                    .body(Full::new(Bytes::new()))
+                                    .expect("static response"));
+                            }
                             if delay_ms > 0 {
                                 tokio::time::sleep(std::time::Duration::from_millis(delay_ms))
                                     .await;
@@ -103,7 +124,7 @@ async fn serve(listener: TcpListener, mode: Mode, name: Arc<str>, delay_ms: u64)
                         }
                     });
                     let _ = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(io, svc)
+                        .serve_connection_with_upgrades(io, svc)
                         .await;
                 }
             }
