@@ -20,8 +20,18 @@ struct Cli {
     /// Log filter (tracing `EnvFilter` syntax); RUST_LOG overrides it.
     #[arg(long, global = true, default_value = "info")]
     log_level: String,
+    /// Log line format, for the access log (`drover::access`) and everything else.
+    #[arg(long, global = true, value_enum, default_value = "plain")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Plain,
+    /// One JSON object per line.
+    Json,
 }
 
 /// Who the enrolled workloads are: decides `exportTo`, `workloadSelector` and route `sourceLabels`.
@@ -105,11 +115,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log_level));
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Plain => fmt
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => fmt.json().with_ansi(false).init(),
+    }
 
     match cli.command {
         Command::Validate { paths, client } => validate(&paths, &client.into()),

@@ -88,6 +88,10 @@ struct Mesh {
 }
 
 fn mesh(n: usize, delays: &[u64], yaml: &str) -> Mesh {
+    mesh_with(n, delays, yaml, &[])
+}
+
+fn mesh_with(n: usize, delays: &[u64], yaml: &str, extra: &[&str]) -> Mesh {
     let t = Topology::new(n);
     let servers = (1..=n)
         .map(|i| {
@@ -103,15 +107,16 @@ fn mesh(n: usize, delays: &[u64], yaml: &str) -> Mesh {
         .collect();
     let pins = PinDir::new();
     let cfg = write_config(yaml);
-    let daemon = Daemon::start(&[
+    let mut args: Vec<String> = vec![
         "--config".into(),
         cfg.display().to_string(),
         "--pin-dir".into(),
         pins.path.display().to_string(),
         "--netns".into(),
         t.client.name.clone(),
-    ])
-    .expect("daemon starts");
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let daemon = Daemon::start(&args).expect("daemon starts");
     Mesh {
         t,
         _servers: servers,
@@ -384,4 +389,39 @@ fn http_upgrade_is_bridged() {
     let mut buf = [0u8; 27];
     reader.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"raw bytes after the upgrade");
+}
+
+#[test]
+fn json_access_log_has_one_object_per_request() {
+    if !require_privileged() {
+        return;
+    }
+    let m = mesh_with(
+        1,
+        &[],
+        &reviews_service(1, "HTTP"),
+        &["--log-format", "json"],
+    );
+    let r = m.http(&[&format!("{URL}/json"), "--count", "3"]);
+    assert_eq!(ok_count(&r), 3, "{r}");
+    assert!(
+        m.daemon
+            .wait_log("\"path\":\"/json\"", std::time::Duration::from_secs(2))
+    );
+    let lines: Vec<Value> = m
+        .daemon
+        .log()
+        .lines()
+        .filter(|l| l.contains("drover::access"))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    let f = &lines[0]["fields"];
+    assert_eq!(f["status"], 200);
+    assert_eq!(f["endpoint"], "reviews-v1@198.18.1.2:9080");
+    assert_eq!(
+        f["cluster"],
+        "outbound|9080||reviews.demo.svc.cluster.local"
+    );
+    assert_eq!(f["flag"], "-");
 }
