@@ -44,7 +44,8 @@ enum Cmd {
         #[arg(long, default_value = "10")]
         duration: u64,
     },
-    /// L4 latency and throughput: direct vs Drover (eBPF) vs Drover (iptables REDIRECT).
+    /// Selection cost per balancer (criterion), then L4 latency and throughput: direct vs Drover
+    /// (eBPF) vs Drover (iptables REDIRECT).
     Bench {
         #[arg(long, default_value = "10000")]
         count: u32,
@@ -74,6 +75,7 @@ fn main() -> Result<()> {
         }
         Cmd::Bench { count } => {
             setup()?;
+            cargo(&["bench", "-p", "drover", "--bench", "balance"])?;
             cargo(&["build", "--release", "--bins"])?;
             run_harness_bin("release", "drover-bench", &["--count", &count.to_string()])
         }
