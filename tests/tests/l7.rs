@@ -425,3 +425,41 @@ fn json_access_log_has_one_object_per_request() {
     );
     assert_eq!(f["flag"], "-");
 }
+
+#[test]
+fn malformed_requests_and_dead_endpoints_get_statuses() {
+    if !require_privileged() {
+        return;
+    }
+    use std::io::{Read, Write};
+    // A second endpoint, subset `dead`, where nothing listens (port 9999).
+    let yaml = reviews_service(1, "HTTP")
+        + "---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: reviews-dead, namespace: demo}
+spec: {address: 198.18.1.2, ports: {http: 9999}, labels: {app: reviews, version: dead}}
+" + &subsets("  - {name: dead, labels: {version: dead}}\n")
+        + &split(&[("dead", 1)]);
+    let m = mesh(1, &[], &yaml);
+    // Garbage instead of HTTP: 400, then the connection is closed.
+    let mut conn =
+        m.t.client
+            .connect("127.77.0.10:9080".parse().unwrap(), None)
+            .expect("captured connect");
+    conn.write_all(b"NOT HTTP AT ALL\r\n\r\n").unwrap();
+    let mut reply = String::new();
+    conn.read_to_string(&mut reply).unwrap();
+    assert!(reply.starts_with("HTTP/1.1 400"), "{reply:?}");
+    // Connection refused by the endpoint: 503 with Envoy's reason, flag UF in the log.
+    let r = m.http(&[&format!("{URL}/"), "--count", "2"]);
+    assert_eq!(r["status"]["503"], 2, "{r}");
+    assert!(
+        r["first"]
+            .as_str()
+            .unwrap_or("")
+            .contains("reset reason: connection failure"),
+        "{r}"
+    );
+    assert!(m.daemon.log().contains("flag=UF"), "{}", m.daemon.log());
+}
