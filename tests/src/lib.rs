@@ -20,6 +20,12 @@ use std::{
     time::{Duration, Instant},
 };
 
+/// The gRPC test service (`proto/echo.proto`).
+#[allow(clippy::all, clippy::pedantic, reason = "generated code")]
+pub mod pb {
+    tonic::include_proto!("drover.test");
+}
+
 /// Whether privileged tests can run. Without root they are skipped with a loud line, except when
 /// `CI` or `REQUIRE_PRIVILEGED` is set: then a missing privilege fails the test.
 pub fn require_privileged() -> bool {

@@ -92,13 +92,18 @@ fn mesh(n: usize, delays: &[u64], yaml: &str) -> Mesh {
 }
 
 fn mesh_with(n: usize, delays: &[u64], yaml: &str, extra: &[&str]) -> Mesh {
+    mesh_of("http", n, delays, yaml, extra)
+}
+
+/// Endpoints running `drover-testsrv MODE` (`http` or `grpc`) on port 9080, and the daemon.
+fn mesh_of(mode: &str, n: usize, delays: &[u64], yaml: &str, extra: &[&str]) -> Mesh {
     let t = Topology::new(n);
     let servers = (1..=n)
         .map(|i| {
             let delay = delays.get(i - 1).copied().unwrap_or(0).to_string();
             Proc::server_with(
                 Some(&t.endpoints[i - 1]),
-                "http",
+                mode,
                 &[SocketAddr::new(Topology::ep4(i), 9080)],
                 &format!("reviews-v{i}"),
                 &["--delay-ms", &delay],
@@ -462,4 +467,35 @@ spec: {address: 198.18.1.2, ports: {http: 9999}, labels: {app: reviews, version:
         "{r}"
     );
     assert!(m.daemon.log().contains("flag=UF"), "{}", m.daemon.log());
+}
+
+#[test]
+fn grpc_unary_streaming_and_status_through_the_proxy() {
+    if !require_privileged() {
+        return;
+    }
+    let yaml = reviews_service(2, "GRPC")
+        + &subsets("  trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}\n");
+    let m = mesh_of("grpc", 2, &[], &yaml, &[]);
+    let grpc = |call: &str, count: &str| {
+        probe(
+            Some(&m.t.client),
+            None,
+            &["grpc", URL, "--call", call, "--count", count],
+        )
+    };
+    // Unary calls on one channel are balanced per request (HTTP/2 streams, not connections).
+    let r = grpc("unary", "10");
+    assert_eq!(r["messages"], 10, "{r}");
+    assert_eq!(r["servers"]["reviews-v1"], 5, "{r}");
+    assert_eq!(r["servers"]["reviews-v2"], 5, "{r}");
+    // Server streaming and bidirectional streaming keep order and complete with trailers.
+    let r = grpc("stream", "500");
+    assert_eq!(r["messages"], 500, "{r}");
+    let r = grpc("chat", "200");
+    assert_eq!(r["messages"], 200, "{r}");
+    // A gRPC error status travels in the trailers-only response.
+    let r = grpc("fail", "1");
+    assert_eq!(r["code"], "Unavailable", "{r}");
+    assert_eq!(r["message"], "asked to fail", "{r}");
 }

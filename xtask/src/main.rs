@@ -15,7 +15,8 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 /// Debian packages the project uses (tests, demo, bench).
-const APT_PACKAGES: [&str; 7] = [
+const APT_PACKAGES: [&str; 8] = [
+    "protobuf-compiler",
     "iproute2",
     "iptables",
     "bpftool",

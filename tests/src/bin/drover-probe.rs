@@ -72,6 +72,15 @@ enum Cmd {
         #[arg(long, default_value = "30")]
         max_secs: u64,
     },
+    /// gRPC calls to `drover.test.Echo` over one HTTP/2 channel.
+    Grpc {
+        url: String,
+        #[arg(long, value_enum, default_value = "unary")]
+        call: grpc::Call,
+        /// Calls (unary), or messages per call (streams).
+        #[arg(long, default_value = "1")]
+        count: u32,
+    },
 }
 
 fn main() {
@@ -102,6 +111,7 @@ fn main() {
             cookie_jar,
             max_secs,
         } => http::run(&url, count, concurrency, &header, h2, cookie_jar, max_secs),
+        Cmd::Grpc { url, call, count } => grpc::run(url, call, count),
     };
     let out = out
         .unwrap_or_else(|e| json!({ "error": e.to_string(), "kind": format!("{:?}", e.kind()) }));
@@ -330,5 +340,91 @@ mod http {
                 "elapsed_ms": start.elapsed().as_secs_f64() * 1000.0,
             }))
         })
+    }
+}
+
+mod grpc {
+    //! The `grpc` subcommand: unary, server-streaming and bidirectional calls with tonic.
+
+    use std::{collections::BTreeMap, time::Duration};
+
+    use drover_tests::pb::{Msg, echo_client::EchoClient};
+    use serde_json::{Value, json};
+
+    #[derive(Clone, Copy, clap::ValueEnum)]
+    pub enum Call {
+        Unary,
+        Stream,
+        Chat,
+        /// A unary call the server answers with UNAVAILABLE.
+        Fail,
+    }
+
+    pub fn run(url: String, call: Call, count: u32) -> std::io::Result<Value> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async move {
+            let outcome =
+                tokio::time::timeout(Duration::from_secs(20), calls(url, call, count)).await;
+            Ok(match outcome {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => json!({ "error": e.to_string() }),
+                Err(_) => json!({ "error": "timed out" }),
+            })
+        })
+    }
+
+    async fn calls(
+        url: String,
+        call: Call,
+        count: u32,
+    ) -> Result<Value, Box<dyn std::error::Error + Send + Sync>> {
+        let mut client = EchoClient::connect(url).await?;
+        let mut servers: BTreeMap<String, u32> = BTreeMap::new();
+        let mut messages = 0u32;
+        let msg = |seq| Msg {
+            text: "hi".into(),
+            server: String::new(),
+            seq,
+        };
+        match call {
+            Call::Unary => {
+                for i in 0..count {
+                    let r = client.unary(msg(i)).await?.into_inner();
+                    *servers.entry(r.server).or_default() += 1;
+                    messages += 1;
+                }
+            }
+            Call::Stream => {
+                let mut s = client.server_stream(msg(count)).await?.into_inner();
+                while let Some(m) = s.message().await? {
+                    assert_eq!(m.seq, messages, "messages arrive in order");
+                    *servers.entry(m.server).or_default() += 1;
+                    messages += 1;
+                }
+            }
+            Call::Chat => {
+                let out = tokio_stream::iter((0..count).map(msg));
+                let mut s = client.chat(out).await?.into_inner();
+                while let Some(m) = s.message().await? {
+                    *servers.entry(m.server).or_default() += 1;
+                    messages += 1;
+                }
+            }
+            Call::Fail => {
+                let mut m = msg(0);
+                m.text = "fail".into();
+                let status = client
+                    .unary(m)
+                    .await
+                    .expect_err("the server fails this call");
+                return Ok(json!({
+                    "code": format!("{:?}", status.code()),
+                    "message": status.message(),
+                }));
+            }
+        }
+        Ok(json!({ "servers": servers, "messages": messages }))
     }
 }

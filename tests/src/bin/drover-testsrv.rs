@@ -20,6 +20,8 @@ enum Mode {
     Echo,
     Sink,
     Http,
+    /// The gRPC `drover.test.Echo` service (h2c).
+    Grpc,
 }
 
 #[derive(Parser)]
@@ -41,6 +43,20 @@ async fn main() -> anyhow::Result<()> {
     let name: Arc<str> = args.name.into();
     for addr in &args.listen {
         let listener = TcpListener::bind(addr).await?;
+        if let Mode::Grpc = args.mode {
+            #[expect(clippy::print_stdout, reason = "the harness waits for this line")]
+            {
+                println!("listening {}", listener.local_addr()?);
+            }
+            let svc = grpc::EchoService { name: name.clone() };
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(drover_tests::pb::echo_server::EchoServer::new(svc))
+                    .serve_with_incoming(incoming),
+            );
+            continue;
+        }
         #[expect(clippy::print_stdout, reason = "the harness waits for this line")]
         {
             println!("listening {}", listener.local_addr()?);
@@ -127,7 +143,67 @@ async fn serve(listener: TcpListener, mode: Mode, name: Arc<str>, delay_ms: u64)
                         .serve_connection_with_upgrades(io, svc)
                         .await;
                 }
+                // Served by tonic in `main`.
+                Mode::Grpc => {}
             }
         });
+    }
+}
+
+mod grpc {
+    //! The gRPC test service: stamps replies with the server name.
+
+    use std::{pin::Pin, sync::Arc};
+
+    use drover_tests::pb::{Msg, echo_server::Echo};
+    use tokio_stream::{Stream, StreamExt};
+    use tonic::{Request, Response, Status, Streaming};
+
+    pub struct EchoService {
+        pub name: Arc<str>,
+    }
+
+    type MsgStream = Pin<Box<dyn Stream<Item = Result<Msg, Status>> + Send>>;
+
+    #[tonic::async_trait]
+    impl Echo for EchoService {
+        async fn unary(&self, req: Request<Msg>) -> Result<Response<Msg>, Status> {
+            let m = req.into_inner();
+            if m.text == "fail" {
+                return Err(Status::unavailable("asked to fail"));
+            }
+            Ok(Response::new(Msg {
+                server: self.name.to_string(),
+                ..m
+            }))
+        }
+
+        type ServerStreamStream = MsgStream;
+
+        async fn server_stream(&self, req: Request<Msg>) -> Result<Response<MsgStream>, Status> {
+            let m = req.into_inner();
+            let name = self.name.to_string();
+            let items = (0..m.seq).map(move |i| {
+                Ok(Msg {
+                    text: m.text.clone(),
+                    server: name.clone(),
+                    seq: i,
+                })
+            });
+            Ok(Response::new(Box::pin(tokio_stream::iter(items))))
+        }
+
+        type ChatStream = MsgStream;
+
+        async fn chat(&self, req: Request<Streaming<Msg>>) -> Result<Response<MsgStream>, Status> {
+            let name = self.name.to_string();
+            let out = req.into_inner().map(move |m| {
+                m.map(|m| Msg {
+                    server: name.clone(),
+                    ..m
+                })
+            });
+            Ok(Response::new(Box::pin(out)))
+        }
     }
 }
