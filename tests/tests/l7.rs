@@ -283,6 +283,42 @@ fn consistent_hash_on_header_and_generated_cookie() {
         &[],
         &(reviews_service(3, "HTTP")
             + &subsets(
+                "  trafficPolicy: {loadBalancer: {consistentHash: {httpQueryParameterName: user}}}\n",
+            )),
+    );
+    for user in ["alice", "bob"] {
+        let r = m.http(&[&format!("{URL}/?user={user}&x=1"), "--count", "60"]);
+        assert_eq!(
+            r["served"].as_object().unwrap().len(),
+            1,
+            "sticky on ?user={user}: {r}"
+        );
+    }
+    let r = m.http(&[&url, "--count", "200"]);
+    assert!(
+        r["served"].as_object().unwrap().len() >= 2,
+        "no parameter: random: {r}"
+    );
+    drop(m);
+
+    // useSourceIp: every request of this client (one source address) lands on one endpoint.
+    let m = mesh(
+        3,
+        &[],
+        &(reviews_service(3, "HTTP")
+            + &subsets(
+                "  trafficPolicy: {loadBalancer: {consistentHash: {useSourceIp: true, maglev: {tableSize: 65537}}}}\n",
+            )),
+    );
+    let r = m.http(&[&url, "--count", "100", "--concurrency", "4"]);
+    assert_eq!(r["served"].as_object().unwrap().len(), 1, "{r}");
+    drop(m);
+
+    let m = mesh(
+        3,
+        &[],
+        &(reviews_service(3, "HTTP")
+            + &subsets(
                 "  trafficPolicy: {loadBalancer: {consistentHash: {httpCookie: {name: s, path: /, ttl: 60s}}}}\n",
             )),
     );
