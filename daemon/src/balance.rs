@@ -27,8 +27,8 @@ pub struct Balancer {
     kind: Kind,
     /// In-flight requests (or connections) per endpoint, for `LEAST_REQUEST`.
     active: Arc<[AtomicUsize]>,
-    /// Cumulative weights, for weighted random choices.
-    cumulative: Vec<u64>,
+    /// Walker/Vose alias table for O(1) weighted random choices: `(threshold, alias)` per slot.
+    alias: Vec<(u32, u32)>,
 }
 
 #[derive(Debug)]
@@ -86,18 +86,10 @@ impl Balancer {
                 weights: weights.clone(),
             },
         };
-        let mut sum = 0u64;
-        let cumulative = weights
-            .iter()
-            .map(|w| {
-                sum += u64::from(*w);
-                sum
-            })
-            .collect();
         Self {
             kind,
             active: (0..weights.len()).map(|_| AtomicUsize::new(0)).collect(),
-            cumulative,
+            alias: alias_table(&weights),
         }
     }
 
@@ -182,9 +174,13 @@ impl Balancer {
     }
 
     fn weighted_random(&self) -> usize {
-        let total = *self.cumulative.last().unwrap_or(&1);
-        let roll = fastrand::u64(0..total);
-        self.cumulative.partition_point(|c| *c <= roll)
+        let i = fastrand::usize(0..self.alias.len());
+        let (threshold, alias) = self.alias[i];
+        if fastrand::u32(..) < threshold {
+            i
+        } else {
+            alias as usize
+        }
     }
 }
 
@@ -220,6 +216,35 @@ fn schedule(weights: &[u32]) -> Vec<u32> {
         out.push(best as u32);
     }
     out
+}
+
+/// Vose's alias method: slot `i` keeps itself with probability `threshold / 2³²`, else its alias,
+/// so that every index comes out in proportion to its weight.
+fn alias_table(weights: &[u32]) -> Vec<(u32, u32)> {
+    let n = weights.len();
+    if n == 0 {
+        return Vec::new();
+    }
+    let total: f64 = weights.iter().map(|w| f64::from(*w)).sum();
+    let mut scaled: Vec<f64> = weights
+        .iter()
+        .map(|w| f64::from(*w) * n as f64 / total)
+        .collect();
+    let mut table = vec![(u32::MAX, 0u32); n];
+    let (mut small, mut large): (Vec<usize>, Vec<usize>) = (0..n).partition(|i| scaled[*i] < 1.0);
+    while let (Some(s), Some(&l)) = (small.pop(), large.last()) {
+        table[s] = ((scaled[s] * f64::from(u32::MAX)) as u32, l as u32);
+        scaled[l] -= 1.0 - scaled[s];
+        if scaled[l] < 1.0 {
+            large.pop();
+            small.push(l);
+        }
+    }
+    // Leftovers are 1.0 up to rounding: they keep themselves.
+    for i in small.into_iter().chain(large) {
+        table[i] = (u32::MAX, i as u32);
+    }
+    table
 }
 
 fn gcd(a: u32, b: u32) -> u32 {

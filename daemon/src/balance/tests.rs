@@ -164,3 +164,15 @@ fn removing_one_of_n_endpoints_remaps_about_one_nth_of_keys() {
         );
     }
 }
+
+#[test]
+fn alias_sampling_matches_uneven_weights() {
+    let b = Balancer::new(Some(&lb(Algorithm::Random)), &[1, 2, 7], &keys(3));
+    let n = 60_000.0;
+    let c = counts(&b, n as usize, PickContext::default());
+    // sd of each share is at most 0.002 here; ±0.015 is over 7 sd.
+    for (got, want) in c.iter().zip([0.1, 0.2, 0.7]) {
+        let share = *got as f64 / n;
+        assert!((share - want).abs() < 0.015, "{c:?}");
+    }
+}
