@@ -1,11 +1,12 @@
-//! The data path: outbound listeners inside each enrolled network namespace, and the L4 relay
-//! that takes a captured connection to an endpoint.
+//! The data path: outbound listeners inside each enrolled network namespace; connections to
+//! HTTP ports go to the L7 path ([`http`]), all others to the L4 relay here, which routes once per
+//! connection and copies bytes both ways.
 //!
 //! Invariants: every socket Drover opens towards an endpoint carries `SO_MARK` 0x4452 (so capture
 //! never takes it again) and is created in the application's network namespace; a connection
 //! whose original destination or route is unknown is closed, never guessed (on HTTP ports the
-//! client first gets Envoy's status for the failure: 404 `NR`, 503 `NC`/`UH`); every accepted
-//! connection is tracked so that shutdown can drain it.
+//! client gets Envoy's status for the failure instead: 404 `NR`, 503 `NC`/`UH`/`UF`); every
+//! accepted connection is tracked so that shutdown can drain it.
 
 use std::{
     io,
