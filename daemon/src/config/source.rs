@@ -237,6 +237,18 @@ impl ConfigSet {
     }
 }
 
+#[cfg(test)]
+impl ConfigSet {
+    /// Parses `text` as file `name`, panicking on any problem (tests only).
+    pub(crate) fn parse_ok(name: &str, text: &str) -> ConfigSet {
+        let mut set = ConfigSet::default();
+        let mut problems = Vec::new();
+        set.add_text(Arc::new(PathBuf::from(name)), text, &mut problems);
+        assert!(problems.is_empty(), "{problems:?}\n{text}");
+        set
+    }
+}
+
 /// Parses `metadata` and `spec` of a resource, naming the failing field; fields under `spec`
 /// that the mirror does not know are added to `warnings`.
 fn parse_typed<T: serde::de::DeserializeOwned + Default>(

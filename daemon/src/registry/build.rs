@@ -633,10 +633,7 @@ mod tests {
     use crate::registry::Target;
 
     pub(crate) fn build(text: &str) -> Result<Registry, Vec<Problem>> {
-        let mut set = ConfigSet::default();
-        let mut problems = Vec::new();
-        set.add_text(Arc::new(PathBuf::from("t.yaml")), text, &mut problems);
-        assert!(problems.is_empty(), "{problems:?}");
+        let set = ConfigSet::parse_ok("t.yaml", text);
         Registry::build(&set, &Client::default()).map_err(|r| r.errors)
     }
 

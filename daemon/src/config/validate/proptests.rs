@@ -1,8 +1,6 @@
 //! Property: a valid DestinationRule survives a serde round trip (CRD mirror → YAML → CRD mirror)
 //! unchanged, and validates to the same policy both times.
 
-use std::{path::PathBuf, sync::Arc};
-
 use proptest::{collection::vec, option, prelude::*};
 
 use super::*;
@@ -184,10 +182,7 @@ fn document(spec: &crd::DestinationRuleSpec) -> String {
 }
 
 fn parse(text: &str) -> Resource<crd::DestinationRuleSpec> {
-    let mut set = ConfigSet::default();
-    let mut problems = Vec::new();
-    set.add_text(Arc::new(PathBuf::from("p.yaml")), text, &mut problems);
-    assert!(problems.is_empty(), "{problems:?}\n{text}");
+    let mut set = ConfigSet::parse_ok("p.yaml", text);
     assert!(set.warnings.is_empty(), "{:?}\n{text}", set.warnings);
     set.destination_rules.remove(0)
 }

@@ -1,8 +1,6 @@
 //! Table-driven tests of every validation rule: each case is a `spec` fragment and the error or
 //! warning it must produce (field path and message), or none.
 
-use std::{path::PathBuf, sync::Arc};
-
 use super::*;
 use crate::config::source::ConfigSet;
 
@@ -24,15 +22,7 @@ fn doc(kind: &str, spec: &str) -> String {
 }
 
 fn load(kind: &str, spec: &str) -> ConfigSet {
-    let mut set = ConfigSet::default();
-    let mut problems = Vec::new();
-    set.add_text(
-        Arc::new(PathBuf::from("t.yaml")),
-        &doc(kind, spec),
-        &mut problems,
-    );
-    assert!(problems.is_empty(), "{spec}: {problems:?}");
-    set
+    ConfigSet::parse_ok("t.yaml", &doc(kind, spec))
 }
 
 /// (errors, warnings) as `field: message` strings, each checked to carry a line number.

@@ -1,7 +1,5 @@
 //! Precedence and merge rules, one table row per rule of §2–§3 of the semantics reference.
 
-use std::{path::PathBuf, sync::Arc};
-
 use super::*;
 use crate::{
     config::{policy::Algorithm, source::ConfigSet},
@@ -40,14 +38,7 @@ spec:
 ";
 
 fn registry(rules: &str, namespace: &str, labels: &[(&str, &str)]) -> Registry {
-    let mut set = ConfigSet::default();
-    let mut problems = Vec::new();
-    set.add_text(
-        Arc::new(PathBuf::from("t.yaml")),
-        &format!("{SERVICES}---\n{rules}"),
-        &mut problems,
-    );
-    assert!(problems.is_empty(), "{problems:?}");
+    let set = ConfigSet::parse_ok("t.yaml", &format!("{SERVICES}---\n{rules}"));
     let client = Client {
         namespace: namespace.into(),
         labels: labels
