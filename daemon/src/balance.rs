@@ -159,6 +159,22 @@ impl Balancer {
         })
     }
 
+    /// Picks an endpoint that `accept` takes (not ejected): a few fresh picks as Envoy retries host
+    /// selection, then the first acceptable endpoint after the last pick; `None` when no endpoint
+    /// is acceptable.
+    pub fn pick_with(&self, cx: PickContext, accept: impl Fn(usize) -> bool) -> Option<usize> {
+        let mut last = self.pick(cx)?;
+        for _ in 0..5 {
+            if accept(last) {
+                return Some(last);
+            }
+            // A hash key would map to the same endpoint again: retry with random candidates.
+            last = self.pick(PickContext::default())?;
+        }
+        let n = self.len();
+        (1..=n).map(|k| (last + k) % n).find(|i| accept(*i))
+    }
+
     /// Counts a request in flight on `index` until the guard drops.
     pub fn start(&self, index: usize) -> Active {
         self.active[index].fetch_add(1, Ordering::Relaxed);

@@ -9,7 +9,7 @@
 //! endpoints never exceeds what `maxEjectionPercent` allows; ejection never removes an endpoint
 //! from the registry, it only makes [`Detector::eligible`] skip it.
 
-use std::time::Duration;
+use std::{sync::Mutex, time::Duration};
 
 use tokio::time::Instant;
 
@@ -68,6 +68,60 @@ pub struct Detector {
     ejected: usize,
     /// Ejections refused by `maxEjectionPercent` (Envoy's `ejections_overflow`).
     pub overflows: u64,
+}
+
+/// A cluster's detector as the data path shares it: the periodic sweep is run lazily, catching
+/// up every missed `interval` tick before each use, so that no timer task is needed and the
+/// timeline is the same as with one.
+#[derive(Debug)]
+pub struct Shared {
+    inner: Mutex<(Detector, Instant)>,
+}
+
+// === impl Shared ===
+
+impl Shared {
+    pub fn new(policy: OutlierDetection, endpoints: usize) -> Self {
+        let next = Instant::now() + policy.interval;
+        Self {
+            inner: Mutex::new((Detector::new(policy, endpoints), next)),
+        }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Detector) -> T) -> T {
+        let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let (d, next) = &mut *guard;
+        let now = Instant::now();
+        // Bounded catch-up: after a long idle period only the last 1000 ticks matter.
+        let mut ticks = 0;
+        while *next <= now && ticks < 1000 {
+            for i in d.sweep(*next) {
+                tracing::info!(endpoint = i, "outlier detection: endpoint back in rotation");
+            }
+            *next += d.interval().max(Duration::from_millis(1));
+            ticks += 1;
+        }
+        if *next <= now {
+            *next = now + d.interval();
+        }
+        f(d)
+    }
+
+    /// Records an outcome for endpoint `i` (index into the cluster's targets).
+    pub fn observe(&self, i: usize, outcome: Outcome) -> Verdict {
+        self.with(|d| {
+            let v = d.observe(i, outcome, Instant::now());
+            if let Verdict::Ejected(t) = v {
+                tracing::info!(endpoint = i, duration = ?t, times = d.times_ejected(i), "outlier detection: endpoint ejected");
+            }
+            v
+        })
+    }
+
+    /// Which endpoints may be picked now.
+    pub fn eligibility(&self) -> Vec<bool> {
+        self.with(|d| (0..d.hosts.len()).map(|i| d.eligible(i)).collect())
+    }
 }
 
 // === impl Detector ===

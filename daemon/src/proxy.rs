@@ -193,8 +193,19 @@ impl Proxy {
                 addr
             }
         };
+        let connected = connect(ns, addr, connect_timeout).await;
+        if let (Some(od), Some(i)) = (&d.cluster.outlier, d.pick) {
+            od.observe(
+                i,
+                if connected.is_ok() {
+                    crate::outlier::Outcome::Connected
+                } else {
+                    crate::outlier::Outcome::LocalFailure
+                },
+            );
+        }
         drop(registry);
-        let mut upstream = connect(ns, addr, connect_timeout).await?;
+        let mut upstream = connected?;
         tokio::io::copy_bidirectional(client, &mut upstream)
             .await
             .map_err(Error::Io)

@@ -82,6 +82,8 @@ pub struct Cluster {
     pub targets: Vec<(usize, SocketAddr)>,
     /// Selection over `targets`, built from the effective `loadBalancer`.
     pub balancer: Balancer,
+    /// Outlier detection over `targets`, when the effective policy has the block.
+    pub outlier: Option<crate::outlier::Shared>,
 }
 
 /// A validated VirtualService with where it came from.

@@ -97,16 +97,28 @@ fn mesh_with(n: usize, delays: &[u64], yaml: &str, extra: &[&str]) -> Mesh {
 
 /// Endpoints running `drover-testsrv MODE` (`http` or `grpc`) on port 9080, and the daemon.
 fn mesh_of(mode: &str, n: usize, delays: &[u64], yaml: &str, extra: &[&str]) -> Mesh {
+    let args: Vec<Vec<String>> = (0..n)
+        .map(|i| {
+            let delay = delays.get(i).copied().unwrap_or(0);
+            vec!["--delay-ms".to_string(), delay.to_string()]
+        })
+        .collect();
+    mesh_full(mode, &args, yaml, extra)
+}
+
+/// Endpoint `i` (0-based) gets `server_args[i]` (e.g. `--status 500`).
+fn mesh_full(mode: &str, server_args: &[Vec<String>], yaml: &str, extra: &[&str]) -> Mesh {
+    let n = server_args.len();
     let t = Topology::new(n);
     let servers = (1..=n)
         .map(|i| {
-            let delay = delays.get(i - 1).copied().unwrap_or(0).to_string();
+            let a: Vec<&str> = server_args[i - 1].iter().map(String::as_str).collect();
             Proc::server_with(
                 Some(&t.endpoints[i - 1]),
                 mode,
                 &[SocketAddr::new(Topology::ep4(i), 9080)],
                 &format!("reviews-v{i}"),
-                &["--delay-ms", &delay],
+                &a,
             )
         })
         .collect();
@@ -534,4 +546,70 @@ fn grpc_unary_streaming_and_status_through_the_proxy() {
     let r = grpc("fail", "1");
     assert_eq!(r["code"], "Unavailable", "{r}");
     assert_eq!(r["message"], "asked to fail", "{r}");
+}
+
+#[test]
+fn outlier_detection_ejects_after_n_errors_and_backs_off() {
+    if !require_privileged() {
+        return;
+    }
+    // reviews-v1 answers 500; the others 200. Round robin makes every third request hit v1.
+    let servers = vec![
+        vec!["--status".to_string(), "500".to_string()],
+        Vec::new(),
+        Vec::new(),
+    ];
+    let yaml = reviews_service(3, "HTTP")
+        + &subsets(
+            "  trafficPolicy:
+    loadBalancer: {simple: ROUND_ROBIN}
+    outlierDetection: {consecutive5xxErrors: 3, interval: 1s, baseEjectionTime: 2s, maxEjectionPercent: 50}
+",
+        );
+    let m = mesh_full("http", &servers, &yaml, &[]);
+    let errors = |count: u32| {
+        let r = m.http(&[&format!("{URL}/"), "--count", &count.to_string()]);
+        assert_eq!(r["errors"], 0, "{r}");
+        r["status"]["500"].as_u64().unwrap_or(0)
+    };
+    // Exactly three 500s reach the client, then v1 is ejected at once.
+    assert_eq!(errors(9), 3);
+    let ejected = std::time::Instant::now();
+    assert_eq!(errors(9), 0, "ejected endpoints get no traffic");
+    // Poll until v1 serves again (bounded), then make it fail again immediately.
+    let back_after = |since: std::time::Instant| loop {
+        if errors(3) > 0 {
+            return since.elapsed();
+        }
+        assert!(
+            since.elapsed() < std::time::Duration::from_secs(12),
+            "never came back"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let first = back_after(ejected);
+    // The second ejection: two more errors complete the run of three.
+    let mut seen = 1;
+    while seen < 3 {
+        seen += errors(3);
+    }
+    let ejected = std::time::Instant::now();
+    let second = back_after(ejected);
+    eprintln!("ejection 1 lasted {first:?}, ejection 2 lasted {second:?}");
+    // base 2 s, then 2 × base; unejection waits for the next 1 s sweep tick.
+    assert!(
+        first >= std::time::Duration::from_millis(1500)
+            && first <= std::time::Duration::from_millis(3600),
+        "{first:?}"
+    );
+    assert!(
+        second >= std::time::Duration::from_millis(3500)
+            && second <= std::time::Duration::from_millis(5600),
+        "{second:?}"
+    );
+    assert!(
+        m.daemon
+            .log()
+            .contains("outlier detection: endpoint ejected")
+    );
 }

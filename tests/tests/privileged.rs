@@ -725,7 +725,9 @@ spec:
             .expect("curl");
         let text = String::from_utf8_lossy(&out.stdout).to_string();
         let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-        if code == "503" || std::time::Instant::now() > deadline {
+        // Before the reload lands, port 8080 reaches the (non-HTTP) echo servers and gets a 503
+        // for the garbled upstream response instead: wait for the new rule's answer.
+        if body.contains("v9") || std::time::Instant::now() > deadline {
             break (code.to_string(), body.to_string());
         }
         std::thread::sleep(Duration::from_millis(20));

@@ -34,6 +34,7 @@ use tokio::{net::TcpStream, time::Instant};
 
 use super::{DEFAULT_CONNECT_TIMEOUT, Error};
 use crate::{
+    outlier::Outcome,
     redirect::netns::NetNs,
     registry::{RegistryHandle, RouteError, Target, route},
 };
@@ -198,6 +199,12 @@ async fn handle(
         }
     };
     let cluster = decision.cluster.name.clone();
+    // Outcomes feed the cluster's outlier detector (of the snapshot this request was routed by).
+    let observe = |outcome| {
+        if let (Some(od), Some(i)) = (&decision.cluster.outlier, decision.pick) {
+            od.observe(i, outcome);
+        }
+    };
     let route_name = decision.route.clone().unwrap_or_else(|| "-".into());
     let set_cookie = decision.set_cookie.clone();
     let (addr, endpoint, _active) = match decision.target {
@@ -213,7 +220,6 @@ async fn handle(
             .lookup(orig)
             .and_then(|(_, p)| p.protocol.as_deref()),
     );
-    drop(snapshot);
 
     // Forward: same method, path, headers (minus hop-by-hop), body; to the chosen endpoint.
     let path_and_query = parts
@@ -240,6 +246,7 @@ async fn handle(
     let upstream = if h2 { &upstreams.h2 } else { &upstreams.h1 };
     match upstream.request(Request::from_parts(parts, body)).await {
         Ok(mut resp) => {
+            observe(Outcome::Http(resp.status().as_u16()));
             let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
             if switching && let Some(downstream) = upgrade {
                 let upstream = hyper::upgrade::on(&mut resp);
@@ -280,6 +287,7 @@ async fn handle(
                 ("UC", RESET)
             };
             tracing::debug!(error = %e, endpoint = %endpoint, "upstream request failed");
+            observe(Outcome::LocalFailure);
             log(503, &cluster, &route_name, &endpoint, flag);
             local(StatusCode::SERVICE_UNAVAILABLE, body, flag)
         }

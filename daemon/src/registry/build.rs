@@ -404,6 +404,11 @@ fn clusters(reg: &Registry) -> HashMap<super::ClusterKey, Cluster> {
                         service: s,
                         port: port.number,
                         subset: name.map(str::to_string),
+                        outlier: policy
+                            .outlier_detection
+                            .value
+                            .clone()
+                            .map(|od| crate::outlier::Shared::new(od, targets.len())),
                         policy,
                         targets,
                         balancer,

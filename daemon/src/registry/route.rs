@@ -166,10 +166,17 @@ impl Registry {
                 (Some(key), _, Some(req)) => request_hash(key, req, &mut set_cookie),
                 _ => None,
             };
-            let i = cluster.balancer.pick(PickContext { hash }).ok_or_else(|| {
-                RouteError::NoEndpoint {
-                    cluster: cluster.name.clone(),
+            let picked = match &cluster.outlier {
+                None => cluster.balancer.pick(PickContext { hash }),
+                Some(od) => {
+                    let eligible = od.eligibility();
+                    cluster
+                        .balancer
+                        .pick_with(PickContext { hash }, |i| eligible[i])
                 }
+            };
+            let i = picked.ok_or_else(|| RouteError::NoEndpoint {
+                cluster: cluster.name.clone(),
             })?;
             pick = Some(i);
             let (index, addr) = cluster.targets[i];

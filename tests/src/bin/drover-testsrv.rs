@@ -35,6 +35,9 @@ struct Args {
     /// `http` mode: wait this long before answering.
     #[arg(long, default_value = "0")]
     delay_ms: u64,
+    /// `http` mode: the status every answer carries.
+    #[arg(long, default_value = "200")]
+    status: u16,
 }
 
 #[tokio::main]
@@ -61,13 +64,19 @@ async fn main() -> anyhow::Result<()> {
         {
             println!("listening {}", listener.local_addr()?);
         }
-        tokio::spawn(serve(listener, args.mode, name.clone(), args.delay_ms));
+        tokio::spawn(serve(
+            listener,
+            args.mode,
+            name.clone(),
+            args.delay_ms,
+            args.status,
+        ));
     }
     std::future::pending::<()>().await;
     Ok(())
 }
 
-async fn serve(listener: TcpListener, mode: Mode, name: Arc<str>, delay_ms: u64) {
+async fn serve(listener: TcpListener, mode: Mode, name: Arc<str>, delay_ms: u64, status: u16) {
     loop {
         let Ok((mut stream, peer)) = listener.accept().await else {
             continue;
@@ -133,6 +142,7 @@ async fn serve(listener: TcpListener, mode: Mode, name: Arc<str>, delay_ms: u64)
                             }
                             Ok::<_, Infallible>(
                                 Response::builder()
+                                    .status(status)
                                     .header("content-type", "application/json")
                                     .body(Full::new(Bytes::from(body)))
                                     .expect("static response"),
