@@ -5,6 +5,7 @@ pub mod app;
 pub mod balance;
 pub mod config;
 pub mod outlier;
+pub mod pool;
 pub mod proxy;
 pub mod redirect;
 pub mod registry;

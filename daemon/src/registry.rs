@@ -84,6 +84,8 @@ pub struct Cluster {
     pub balancer: Balancer,
     /// Outlier detection over `targets`, when the effective policy has the block.
     pub outlier: Option<crate::outlier::Shared>,
+    /// Cluster-wide circuit breakers from the effective `connectionPool`.
+    pub limits: crate::pool::Limits,
 }
 
 /// A validated VirtualService with where it came from.

@@ -613,3 +613,52 @@ fn outlier_detection_ejects_after_n_errors_and_backs_off() {
             .contains("outlier detection: endpoint ejected")
     );
 }
+
+#[test]
+fn walkthrough_scenario3_pool_limits_overflow_with_503() {
+    if !require_privileged() {
+        return;
+    }
+    // The walkthrough's own rule: maxConnections 1, http1MaxPendingRequests 1.
+    let scenario =
+        std::fs::read_to_string(format!("{FIXTURES}/walkthrough-scenario3.yaml")).unwrap();
+    let m = mesh(
+        1,
+        &[20],
+        &(reviews_service(1, "HTTP") + "---\n" + &scenario),
+    );
+    let out =
+        m.t.client
+            .command("hey")
+            .args(["-z", "3s", "-c", "20", &format!("{URL}/")])
+            .output()
+            .expect("hey");
+    let report = String::from_utf8_lossy(&out.stdout).to_string();
+    let count = |code: &str| -> u64 {
+        report
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("[{code}]")))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    let (ok, overflow) = (count("200"), count("503"));
+    eprintln!("scenario 3: {ok} × 200, {overflow} × 503");
+    assert!(
+        !report.contains("Error distribution"),
+        "no request failed or hung: {report}"
+    );
+    assert!(ok > 0 && overflow > ok, "mostly 503: {report}");
+    // Every 503 is a circuit-breaker overflow, logged as UO.
+    assert!(
+        m.daemon
+            .wait_log("flag=UO", std::time::Duration::from_secs(2))
+    );
+    let uo = m
+        .daemon
+        .log()
+        .lines()
+        .filter(|l| l.contains("flag=UO"))
+        .count() as u64;
+    assert_eq!(uo, overflow, "{report}");
+}

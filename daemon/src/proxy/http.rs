@@ -45,6 +45,8 @@ pub type Body = BoxBody<Bytes, hyper::Error>;
 /// Envoy's body for a connection failure before response headers.
 const CONNECT_FAILURE: &str =
     "upstream connect error or disconnect/reset before headers. reset reason: connection failure";
+const OVERFLOW: &str =
+    "upstream connect error or disconnect/reset before headers. reset reason: overflow";
 const RESET: &str = "upstream connect error or disconnect/reset before headers. reset reason: connection termination";
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) that a proxy must not forward.
@@ -244,6 +246,31 @@ async fn handle(
         Version::HTTP_11
     };
     let upstream = if h2 { &upstreams.h2 } else { &upstreams.h1 };
+    // Circuit breakers: overflow is answered at once, as Envoy does (503 UO, not retried, not
+    // reported to outlier detection).
+    let admission = match decision
+        .cluster
+        .limits
+        .admit(!h2, DEFAULT_CONNECT_TIMEOUT)
+        .await
+    {
+        Ok(a) => a,
+        Err(e) => {
+            let (flag, body) = match e {
+                crate::pool::Error::PendingTimeout(_) => ("UT", "upstream request timeout"),
+                _ => ("UO", OVERFLOW),
+            };
+            tracing::debug!(reason = %e, cluster = %cluster, "circuit breaker");
+            log(503, &cluster, &route_name, &endpoint, flag);
+            let mut reply = local(StatusCode::SERVICE_UNAVAILABLE, body, flag);
+            if flag == "UO" {
+                reply
+                    .headers_mut()
+                    .insert("x-envoy-overloaded", HeaderValue::from_static("true"));
+            }
+            return reply;
+        }
+    };
     match upstream.request(Request::from_parts(parts, body)).await {
         Ok(mut resp) => {
             observe(Outcome::Http(resp.status().as_u16()));
@@ -278,6 +305,11 @@ async fn handle(
                 &endpoint,
                 "-",
             );
+            // The request holds its connection slot until the response body is done.
+            let rbody = rbody.map_frame(move |f| {
+                let _held = &admission;
+                f
+            });
             Response::from_parts(rparts, rbody.boxed())
         }
         Err(e) => {

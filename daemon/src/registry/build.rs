@@ -404,6 +404,7 @@ fn clusters(reg: &Registry) -> HashMap<super::ClusterKey, Cluster> {
                         service: s,
                         port: port.number,
                         subset: name.map(str::to_string),
+                        limits: crate::pool::Limits::new(policy.connection_pool.value.as_ref()),
                         outlier: policy
                             .outlier_detection
                             .value

@@ -1,0 +1,192 @@
+//! Circuit breakers of one cluster, as Istio programs Envoy's cluster-wide thresholds: shared by
+//! every endpoint of the cluster (not per endpoint), for this client only.
+//! `http2MaxRequests` caps requests in flight (overflow answered at once); for HTTP/1.1
+//! `maxConnections` caps requests holding an upstream connection and `http1MaxPendingRequests`
+//! bounds the queue of requests waiting for one (overflow answered at once, never queued without
+//! bound).
+//!
+//! Invariants: every admission is released by dropping its [`Admission`]; no wait is unbounded
+//! (the pending queue is capped and each wait times out); overflow is counted, never retried, and
+//! not reported to outlier detection.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU32, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::config::policy::{ConnectionPool, UNLIMITED};
+
+/// Why a request was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    #[error("http2MaxRequests {0} reached")]
+    RequestOverflow(u32),
+    #[error("http1MaxPendingRequests {0} reached")]
+    PendingOverflow(u32),
+    #[error("no connection became free within {0:?}")]
+    PendingTimeout(Duration),
+}
+
+/// The thresholds and live counts of one cluster.
+#[derive(Debug)]
+pub struct Limits {
+    max_requests: u32,
+    max_pending: u32,
+    active: Arc<AtomicU32>,
+    pending: AtomicU32,
+    connections: Arc<Semaphore>,
+    /// Envoy's `upstream_rq_pending_overflow` + `upstream_rq_overflow` (answered 503 UO).
+    pub overflows: AtomicU64,
+}
+
+/// One admitted request; releases its slots when dropped.
+#[derive(Debug)]
+pub struct Admission {
+    active: Arc<AtomicU32>,
+    _connection: Option<OwnedSemaphorePermit>,
+}
+
+// === impl Limits ===
+
+impl Limits {
+    /// Istio's defaults (every limit 2³²−1) when the cluster has no `connectionPool`.
+    pub fn new(pool: Option<&ConnectionPool>) -> Self {
+        let (max_requests, max_pending, max_connections) =
+            pool.map_or((UNLIMITED, UNLIMITED, UNLIMITED), |p| {
+                (
+                    p.http2_max_requests,
+                    p.http1_max_pending_requests,
+                    p.max_connections,
+                )
+            });
+        let permits = (max_connections as usize).min(Semaphore::MAX_PERMITS);
+        Self {
+            max_requests,
+            max_pending,
+            active: Arc::new(AtomicU32::new(0)),
+            pending: AtomicU32::new(0),
+            connections: Arc::new(Semaphore::new(permits)),
+            overflows: AtomicU64::new(0),
+        }
+    }
+
+    /// Admits one request: `http1` requests also need a connection slot, waiting (bounded by the
+    /// pending limit and `wait`) when all are busy.
+    pub async fn admit(&self, http1: bool, wait: Duration) -> Result<Admission, Error> {
+        if self.active.fetch_add(1, Ordering::AcqRel) >= self.max_requests {
+            self.active.fetch_sub(1, Ordering::AcqRel);
+            self.overflows.fetch_add(1, Ordering::Relaxed);
+            return Err(Error::RequestOverflow(self.max_requests));
+        }
+        let admission = |connection| Admission {
+            active: self.active.clone(),
+            _connection: connection,
+        };
+        if !http1 {
+            return Ok(admission(None));
+        }
+        if let Ok(p) = self.connections.clone().try_acquire_owned() {
+            return Ok(admission(Some(p)));
+        }
+        if self.pending.fetch_add(1, Ordering::AcqRel) >= self.max_pending {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            self.active.fetch_sub(1, Ordering::AcqRel);
+            self.overflows.fetch_add(1, Ordering::Relaxed);
+            return Err(Error::PendingOverflow(self.max_pending));
+        }
+        let waited = tokio::time::timeout(wait, self.connections.clone().acquire_owned()).await;
+        self.pending.fetch_sub(1, Ordering::AcqRel);
+        match waited {
+            Ok(Ok(p)) => Ok(admission(Some(p))),
+            _ => {
+                self.active.fetch_sub(1, Ordering::AcqRel);
+                Err(Error::PendingTimeout(wait))
+            }
+        }
+    }
+}
+
+// === impl Admission ===
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(f: impl FnOnce(&mut ConnectionPool)) -> ConnectionPool {
+        let mut p = ConnectionPool::default();
+        f(&mut p);
+        p
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn pending_queue_is_bounded_and_overflow_is_immediate() {
+        let l = Limits::new(Some(&pool(|p| {
+            p.max_connections = 1;
+            p.http1_max_pending_requests = 1;
+        })));
+        let wait = Duration::from_secs(5);
+        let first = l.admit(true, wait).await.unwrap();
+        // The second waits as pending; the third overflows at once.
+        let second = tokio::spawn({
+            let l = Arc::new(l);
+            let l2 = l.clone();
+            async move {
+                let r = l2.admit(true, wait).await.map(|_| ());
+                (r, l2)
+            }
+        });
+        tokio::task::yield_now().await;
+        drop(first);
+        let (r, l) = second.await.unwrap();
+        assert!(r.is_ok(), "the pending request got the freed connection");
+        let _a = l.admit(true, wait).await.unwrap();
+        let pending = tokio::spawn({
+            let l = l.clone();
+            async move { l.admit(true, wait).await.map(|_| ()) }
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(
+            l.admit(true, wait).await.unwrap_err(),
+            Error::PendingOverflow(1)
+        );
+        assert_eq!(l.overflows.load(Ordering::Relaxed), 1);
+        // The queued one times out instead of waiting forever.
+        tokio::time::advance(wait).await;
+        assert_eq!(
+            pending.await.unwrap().unwrap_err(),
+            Error::PendingTimeout(wait)
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn max_requests_is_not_queued_and_defaults_are_unlimited() {
+        let l = Limits::new(Some(&pool(|p| p.http2_max_requests = 1)));
+        let _a = l.admit(false, Duration::from_secs(1)).await.unwrap();
+        assert_eq!(
+            l.admit(false, Duration::from_secs(1)).await.unwrap_err(),
+            Error::RequestOverflow(1)
+        );
+        let l = Limits::new(None);
+        let held: Vec<_> = futures_admit(&l, 1000).await;
+        assert_eq!(held.len(), 1000);
+    }
+
+    async fn futures_admit(l: &Limits, n: usize) -> Vec<Admission> {
+        let mut v = Vec::new();
+        for _ in 0..n {
+            v.push(l.admit(true, Duration::from_secs(1)).await.unwrap());
+        }
+        v
+    }
+}
