@@ -118,9 +118,14 @@ impl Shared {
         })
     }
 
-    /// Which endpoints may be picked now.
-    pub fn eligibility(&self) -> Vec<bool> {
-        self.with(|d| (0..d.hosts.len()).map(|i| d.eligible(i)).collect())
+    /// Picks with `balancer` among the endpoints that may take traffic now (one lock, no
+    /// allocation: this runs per request).
+    pub fn pick(
+        &self,
+        balancer: &crate::balance::Balancer,
+        cx: crate::balance::PickContext,
+    ) -> Option<usize> {
+        self.with(|d| balancer.pick_with(cx, |i| d.eligible(i)))
     }
 }
 

@@ -168,12 +168,7 @@ impl Registry {
             };
             let picked = match &cluster.outlier {
                 None => cluster.balancer.pick(PickContext { hash }),
-                Some(od) => {
-                    let eligible = od.eligibility();
-                    cluster
-                        .balancer
-                        .pick_with(PickContext { hash }, |i| eligible[i])
-                }
+                Some(od) => od.pick(&cluster.balancer, PickContext { hash }),
             };
             let i = picked.ok_or_else(|| RouteError::NoEndpoint {
                 cluster: cluster.name.clone(),
