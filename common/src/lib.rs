@@ -22,8 +22,20 @@ pub mod maps {
     pub const ENROLLED: &str = "ENROLLED";
     pub const ORIG_BY_COOKIE: &str = "ORIG_BY_COOKIE";
     pub const ORIG_BY_TUPLE: &str = "ORIG_BY_TUPLE";
+    /// Kernel-written per-endpoint TCP counters (BTF, per-CPU).
+    pub const EP_KSTATS: &str = "EP_KSTATS";
+    /// Daemon-written per-(cluster, endpoint) policy state (BTF).
+    pub const EP_DSTATS: &str = "EP_DSTATS";
     /// Every map, for pinning and cleanup.
-    pub const ALL: [&str; 5] = [CONFIG, SVC_VIPS, ENROLLED, ORIG_BY_COOKIE, ORIG_BY_TUPLE];
+    pub const ALL: [&str; 7] = [
+        CONFIG,
+        SVC_VIPS,
+        ENROLLED,
+        ORIG_BY_COOKIE,
+        ORIG_BY_TUPLE,
+        EP_KSTATS,
+        EP_DSTATS,
+    ];
 }
 
 /// Capacities of the maps.
@@ -32,6 +44,8 @@ pub mod capacity {
     pub const ENROLLED: u32 = 16_384;
     pub const ORIG_BY_COOKIE: u32 = 262_144;
     pub const ORIG_BY_TUPLE: u32 = 262_144;
+    pub const EP_KSTATS: usize = 65_536;
+    pub const EP_DSTATS: usize = 65_536;
 }
 
 /// Bits of [`Config::flags`].
@@ -128,6 +142,87 @@ pub struct TupleKey {
 }
 const _: () = assert!(core::mem::size_of::<TupleKey>() == 48);
 
+/// Key of `EP_KSTATS`: one upstream endpoint as the daemon's sockets dial it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EpKey {
+    /// IPv6 or v4-mapped IPv4, network order.
+    pub addr: [u32; 4],
+    /// Port in network byte order.
+    pub port_be: u16,
+    /// IP protocol number (6 = TCP).
+    pub proto: u8,
+    /// 4 or 6.
+    pub family: u8,
+}
+const _: () = assert!(core::mem::size_of::<EpKey>() == 20);
+
+/// Value of `EP_KSTATS` (one per CPU; readers sum them): what the kernel saw on Drover's upstream
+/// sockets to one endpoint. Active connections = `established - closed`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
+pub struct EpKStats {
+    /// `connect()` attempts (TCP_CONNECT_CB).
+    pub attempts: u64,
+    /// Handshakes completed.
+    pub established: u64,
+    /// Attempts that closed before being established (refused, unreachable, timed out).
+    pub connect_failures: u64,
+    /// Established connections that have closed.
+    pub closed: u64,
+    /// Bytes acknowledged by the endpoint and received from it, over closed connections.
+    pub bytes_acked: u64,
+    pub bytes_received: u64,
+    /// Smoothed RTT samples (µs), taken at establishment and at close.
+    pub srtt_us_sum: u64,
+    pub srtt_samples: u64,
+    /// Retransmitted segments, over closed connections.
+    pub retrans: u64,
+}
+const _: () = assert!(core::mem::size_of::<EpKStats>() == 72);
+
+/// Key of `EP_DSTATS`: one endpoint of one cluster (the id is listed by the admin API's
+/// `/clusters`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EpDKey {
+    pub cluster_id: u32,
+    /// IPv6 or v4-mapped IPv4, network order.
+    pub addr: [u32; 4],
+    /// Port in network byte order.
+    pub port_be: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+const _: () = assert!(core::mem::size_of::<EpDKey>() == 24);
+
+/// Value of `EP_DSTATS`, written by the daemon only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
+pub struct EpDStats {
+    /// Upstream connections open to the endpoint's address (pooled per address).
+    pub cx_active: u64,
+    /// Requests (HTTP) or connections (TCP) sent to the endpoint.
+    pub rq_total: u64,
+    pub rq_active: u64,
+    /// Requests waiting for a connection slot.
+    pub rq_pending: u64,
+    /// Responses 500–599 (gateway errors included).
+    pub rq_5xx: u64,
+    /// Responses 502, 503, 504.
+    pub gateway_errors: u64,
+    /// Connect failures, timeouts and resets before a response.
+    pub local_origin_failures: u64,
+    /// CLOCK_MONOTONIC nanoseconds at which the current ejection ends (0 when not ejected).
+    pub ejection_deadline_ns: u64,
+    pub times_ejected: u32,
+    /// 1 while ejected by outlier detection.
+    pub ejected: u32,
+}
+const _: () = assert!(core::mem::size_of::<EpDStats>() == 72);
+
 /// IPv4 address (as the raw network-order `u32` the kernel hands out) → v4-mapped 16-byte form.
 #[inline(always)]
 pub const fn v4_mapped(ip4_raw: u32) -> [u32; 4] {
@@ -159,6 +254,10 @@ mod pod {
     unsafe impl aya::Pod for super::Enrolment {}
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::TupleKey {}
+    unsafe impl aya::Pod for super::EpKey {}
+    unsafe impl aya::Pod for super::EpKStats {}
+    unsafe impl aya::Pod for super::EpDKey {}
+    unsafe impl aya::Pod for super::EpDStats {}
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use crate::{
 };
 
 /// Settings of `drover run`.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct RunConfig {
     pub config_paths: Vec<PathBuf>,
     pub cgroups: Vec<PathBuf>,
@@ -29,6 +29,10 @@ pub struct RunConfig {
     pub client: Client,
     /// Watch the config paths and reload on change.
     pub watch: bool,
+    /// Where the admin API listens (`None`: no admin API).
+    pub admin: Option<std::net::SocketAddr>,
+    /// Lets `/logging?level=` change the log filter.
+    pub log: Option<crate::admin::LogControl>,
 }
 
 /// A running daemon.
@@ -36,6 +40,8 @@ pub struct Bound {
     /// (namespace name, listener address) of every capture listener.
     pub listeners: Vec<(String, std::net::SocketAddr)>,
     pub registry: RegistryHandle,
+    /// Where the admin API listens, when it does.
+    pub admin: Option<std::net::SocketAddr>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     drain_timeout: Duration,
@@ -75,6 +81,7 @@ pub async fn build(cfg: RunConfig) -> anyhow::Result<Bound> {
             }
             kernel.set_enrolled_netns(&namespaces.iter().map(|n| n.cookie).collect::<Vec<_>>())?;
             kernel.set_vips(&vips)?;
+            kernel.attach_upstream_counters()?;
             kernel.prune_links()?;
             (kernel.clone(), Some(kernel))
         }
@@ -102,6 +109,18 @@ pub async fn build(cfg: RunConfig) -> anyhow::Result<Bound> {
             );
         }
     }
+    let admin = match cfg.admin {
+        Some(addr) => Some(
+            crate::admin::Admin {
+                registry: registry.clone(),
+                kernel: kernel.clone(),
+                log: cfg.log.clone(),
+            }
+            .spawn(addr, shutdown.clone())
+            .await?,
+        ),
+        None => None,
+    };
     if cfg.watch {
         Reloader {
             paths: cfg.config_paths.clone(),
@@ -122,6 +141,7 @@ pub async fn build(cfg: RunConfig) -> anyhow::Result<Bound> {
     Ok(Bound {
         listeners,
         registry,
+        admin,
         shutdown,
         tracker,
         drain_timeout: cfg.drain_timeout,

@@ -1,6 +1,7 @@
 //! Drover: an eBPF-accelerated transparent proxy that applies Istio's `DestinationRule` semantics.
 //! See `README.md` and the module docs; `app` is where the pieces meet.
 
+pub mod admin;
 pub mod app;
 pub mod balance;
 pub mod config;
@@ -10,3 +11,5 @@ pub mod proxy;
 pub mod redirect;
 pub mod registry;
 pub mod reload;
+pub mod stats;
+pub mod status;

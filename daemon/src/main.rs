@@ -77,6 +77,10 @@ enum Command {
         /// Do not watch the config paths (by default a valid change is applied live).
         #[arg(long)]
         no_watch: bool,
+        /// Admin API address (`/clusters`, `/stats/prometheus`, `/config_dump`, `/ready`,
+        /// `/logging`); `off` disables it.
+        #[arg(long, default_value = "127.0.0.1:15000", value_parser = parse_admin)]
+        admin: Admin,
         /// Data-plane worker threads (0: one per CPU).
         #[arg(long, default_value = "0")]
         workers: usize,
@@ -107,11 +111,36 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Per-endpoint counters and health, from the pinned maps (kernel and daemon) named with the
+    /// admin API; works from the maps alone when the admin API is unreachable.
+    Status {
+        #[arg(long, default_value = drover_common::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// Admin API to name clusters with (`off`: maps only).
+        #[arg(long, default_value = "127.0.0.1:15000", value_parser = parse_admin)]
+        admin: Admin,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove drover's pinned maps and links: capture stops, applications connect directly again.
     Uninstall {
         #[arg(long, default_value = drover_common::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
+}
+
+/// `--admin`: an address, or `off`.
+#[derive(Clone, Copy)]
+struct Admin(Option<std::net::SocketAddr>);
+
+fn parse_admin(s: &str) -> Result<Admin, String> {
+    if s == "off" {
+        return Ok(Admin(None));
+    }
+    s.parse()
+        .map(|a| Admin(Some(a)))
+        .map_err(|e| format!("{e} (expected ADDRESS:PORT or off)"))
 }
 
 fn main() -> ExitCode {
@@ -121,12 +150,29 @@ fn main() -> ExitCode {
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    match cli.log_format {
-        LogFormat::Plain => fmt
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
-        LogFormat::Json => fmt.json().with_ansi(false).init(),
-    }
+    let log_control: drover::admin::LogControl = match cli.log_format {
+        LogFormat::Plain => {
+            let fmt = fmt
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_filter_reloading();
+            let handle = fmt.reload_handle();
+            fmt.init();
+            std::sync::Arc::new(move |level: &str| {
+                let filter = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+                handle.reload(filter).map_err(|e| e.to_string())
+            })
+        }
+        LogFormat::Json => {
+            let fmt = fmt.json().with_ansi(false).with_filter_reloading();
+            let handle = fmt.reload_handle();
+            fmt.init();
+            std::sync::Arc::new(move |level: &str| {
+                let filter = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+                handle.reload(filter).map_err(|e| e.to_string())
+            })
+        }
+    };
+    let log_control = Some(log_control);
 
     match cli.command {
         Command::Validate { paths, client } => validate(&paths, &client.into()),
@@ -152,6 +198,11 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Status {
+            pin_dir,
+            admin,
+            json,
+        } => status(&pin_dir, admin.0, json),
         Command::Uninstall { pin_dir } => match drover::redirect::loader::uninstall(&pin_dir) {
             Ok(true) => {
                 eprintln!("removed {}", pin_dir.display());
@@ -175,6 +226,7 @@ fn main() -> ExitCode {
             pin_dir,
             drain_timeout,
             no_watch,
+            admin,
             workers,
             client,
         } => {
@@ -188,6 +240,8 @@ fn main() -> ExitCode {
                 drain_timeout: Duration::from_secs_f64(drain_timeout.max(0.0)),
                 client: client.into(),
                 watch: !no_watch,
+                admin: admin.0,
+                log: log_control,
             };
             let mut builder = tokio::runtime::Builder::new_multi_thread();
             if workers > 0 {
@@ -281,4 +335,28 @@ impl From<ClientArgs> for Client {
 fn report(text: &str) -> ExitCode {
     print!("{text}");
     ExitCode::SUCCESS
+}
+
+fn status(pin_dir: &std::path::Path, admin: Option<std::net::SocketAddr>, json: bool) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(drover::status::collect(pin_dir, admin)) {
+        Ok(r) if json => match serde_json::to_string_pretty(&r) {
+            Ok(s) => report(&(s + "\n")),
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Ok(r) => report(&drover::status::render(&r, drover::stats::monotonic_ns())),
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

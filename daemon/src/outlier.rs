@@ -118,6 +118,19 @@ impl Shared {
         })
     }
 
+    /// The published state of endpoint `i`.
+    pub fn health(&self, i: usize) -> crate::stats::Health {
+        self.with(|d| d.health(i, Instant::now(), crate::stats::monotonic_ns()))
+    }
+
+    /// `(ejections_active, ejections_overflow, ejections_enforced_total)` of the cluster.
+    pub fn summary(&self) -> (usize, u64, u64) {
+        self.with(|d| {
+            let enforced = d.hosts.iter().map(|h| h.times_ejected as u64).sum();
+            (d.ejected, d.overflows, enforced)
+        })
+    }
+
     /// Picks with `balancer` among the endpoints that may take traffic now (one lock, no
     /// allocation: this runs per request).
     pub fn pick(
@@ -266,6 +279,26 @@ impl Detector {
             }
         }
         back
+    }
+
+    /// Endpoint `i`'s counters and ejection, with the ejection deadline on CLOCK_MONOTONIC
+    /// (`now_ns` is that clock at `now`).
+    pub fn health(&self, i: usize, now: Instant, now_ns: u64) -> crate::stats::Health {
+        let h = &self.hosts[i];
+        let deadline_ns = h.ejected_at.map_or(0, |at| {
+            let length = (self.policy.base_ejection_time * h.backoff)
+                .min(self.policy.max_ejection_time());
+            let ends = at + length;
+            now_ns + ends.saturating_duration_since(now).as_nanos() as u64
+        });
+        crate::stats::Health {
+            ejected: h.ejected_at.is_some(),
+            times_ejected: h.times_ejected,
+            deadline_ns,
+            consecutive_5xx: h.consecutive_5xx,
+            consecutive_gateway: h.consecutive_gateway,
+            consecutive_local_origin: h.consecutive_local,
+        }
     }
 
     /// Whether endpoint `i` is ejected.

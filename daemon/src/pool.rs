@@ -12,14 +12,17 @@
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicU32, AtomicU64, Ordering},
+        atomic::{AtomicU32, Ordering},
     },
     time::Duration,
 };
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::config::policy::{ConnectionPool, UNLIMITED};
+use crate::{
+    config::policy::{ConnectionPool, UNLIMITED},
+    stats::ClusterStats,
+};
 
 /// Why a request was not admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -37,11 +40,12 @@ pub enum Error {
 pub struct Limits {
     max_requests: u32,
     max_pending: u32,
+    max_connections: u32,
     active: Arc<AtomicU32>,
     pending: AtomicU32,
     connections: Arc<Semaphore>,
-    /// Envoy's `upstream_rq_pending_overflow` + `upstream_rq_overflow` (answered 503 UO).
-    pub overflows: AtomicU64,
+    /// Where overflows and waits are counted (survives reloads).
+    stats: Arc<ClusterStats>,
 }
 
 /// One admitted request; releases its slots when dropped.
@@ -55,7 +59,7 @@ pub struct Admission {
 
 impl Limits {
     /// Istio's defaults (every limit 2³²−1) when the cluster has no `connectionPool`.
-    pub fn new(pool: Option<&ConnectionPool>) -> Self {
+    pub fn new(pool: Option<&ConnectionPool>, stats: Arc<ClusterStats>) -> Self {
         let (max_requests, max_pending, max_connections) =
             pool.map_or((UNLIMITED, UNLIMITED, UNLIMITED), |p| {
                 (
@@ -68,10 +72,59 @@ impl Limits {
         Self {
             max_requests,
             max_pending,
+            max_connections,
             active: Arc::new(AtomicU32::new(0)),
             pending: AtomicU32::new(0),
             connections: Arc::new(Semaphore::new(permits)),
-            overflows: AtomicU64::new(0),
+            stats,
+        }
+    }
+
+    /// Requests in flight, requests waiting for a connection slot, connection slots in use.
+    pub fn gauges(&self) -> (u32, u32, u32) {
+        let permits = (self.max_connections as usize).min(Semaphore::MAX_PERMITS);
+        (
+            self.active.load(Ordering::Relaxed),
+            self.pending.load(Ordering::Relaxed),
+            (permits - self.connections.available_permits()) as u32,
+        )
+    }
+
+    /// `(http2MaxRequests, http1MaxPendingRequests, maxConnections)`.
+    pub fn thresholds(&self) -> (u32, u32, u32) {
+        (self.max_requests, self.max_pending, self.max_connections)
+    }
+
+    /// Admits one TCP-proxy connection: it needs a connection slot and, when all are busy, waits
+    /// as a pending connection (bounded by the pending limit and `wait`), as Envoy's TCP proxy.
+    pub async fn admit_connection(&self, wait: Duration) -> Result<OwnedSemaphorePermit, Error> {
+        self.slot(wait).await
+    }
+
+    /// A connection slot: at once when one is free, else a bounded, timed wait in the queue.
+    async fn slot(&self, wait: Duration) -> Result<OwnedSemaphorePermit, Error> {
+        if let Ok(p) = self.connections.clone().try_acquire_owned() {
+            return Ok(p);
+        }
+        self.stats.cx_overflow.fetch_add(1, Ordering::Relaxed);
+        if self.pending.fetch_add(1, Ordering::AcqRel) >= self.max_pending {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            self.stats
+                .rq_pending_overflow
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(Error::PendingOverflow(self.max_pending));
+        }
+        self.stats.rq_pending_total.fetch_add(1, Ordering::Relaxed);
+        let waited = tokio::time::timeout(wait, self.connections.clone().acquire_owned()).await;
+        self.pending.fetch_sub(1, Ordering::AcqRel);
+        match waited {
+            Ok(Ok(p)) => Ok(p),
+            _ => {
+                self.stats
+                    .rq_pending_timeout
+                    .fetch_add(1, Ordering::Relaxed);
+                Err(Error::PendingTimeout(wait))
+            }
         }
     }
 
@@ -80,7 +133,7 @@ impl Limits {
     pub async fn admit(&self, http1: bool, wait: Duration) -> Result<Admission, Error> {
         if self.active.fetch_add(1, Ordering::AcqRel) >= self.max_requests {
             self.active.fetch_sub(1, Ordering::AcqRel);
-            self.overflows.fetch_add(1, Ordering::Relaxed);
+            self.stats.rq_overflow.fetch_add(1, Ordering::Relaxed);
             return Err(Error::RequestOverflow(self.max_requests));
         }
         let admission = |connection| Admission {
@@ -90,22 +143,11 @@ impl Limits {
         if !http1 {
             return Ok(admission(None));
         }
-        if let Ok(p) = self.connections.clone().try_acquire_owned() {
-            return Ok(admission(Some(p)));
-        }
-        if self.pending.fetch_add(1, Ordering::AcqRel) >= self.max_pending {
-            self.pending.fetch_sub(1, Ordering::AcqRel);
-            self.active.fetch_sub(1, Ordering::AcqRel);
-            self.overflows.fetch_add(1, Ordering::Relaxed);
-            return Err(Error::PendingOverflow(self.max_pending));
-        }
-        let waited = tokio::time::timeout(wait, self.connections.clone().acquire_owned()).await;
-        self.pending.fetch_sub(1, Ordering::AcqRel);
-        match waited {
-            Ok(Ok(p)) => Ok(admission(Some(p))),
-            _ => {
+        match self.slot(wait).await {
+            Ok(p) => Ok(admission(Some(p))),
+            Err(e) => {
                 self.active.fetch_sub(1, Ordering::AcqRel);
-                Err(Error::PendingTimeout(wait))
+                Err(e)
             }
         }
     }
@@ -131,10 +173,13 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread", start_paused = true)]
     async fn pending_queue_is_bounded_and_overflow_is_immediate() {
-        let l = Limits::new(Some(&pool(|p| {
-            p.max_connections = 1;
-            p.http1_max_pending_requests = 1;
-        })));
+        let l = Limits::new(
+            Some(&pool(|p| {
+                p.max_connections = 1;
+                p.http1_max_pending_requests = 1;
+            })),
+            Arc::default(),
+        );
         let wait = Duration::from_secs(5);
         let first = l.admit(true, wait).await.unwrap();
         // The second waits as pending; the third overflows at once.
@@ -160,7 +205,8 @@ mod tests {
             l.admit(true, wait).await.unwrap_err(),
             Error::PendingOverflow(1)
         );
-        assert_eq!(l.overflows.load(Ordering::Relaxed), 1);
+        assert_eq!(l.stats.rq_pending_overflow.load(Ordering::Relaxed), 1);
+        assert_eq!(l.stats.rq_pending_total.load(Ordering::Relaxed), 2);
         // The queued one times out instead of waiting forever.
         tokio::time::advance(wait).await;
         assert_eq!(
@@ -171,13 +217,14 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread", start_paused = true)]
     async fn max_requests_is_not_queued_and_defaults_are_unlimited() {
-        let l = Limits::new(Some(&pool(|p| p.http2_max_requests = 1)));
+        let l = Limits::new(Some(&pool(|p| p.http2_max_requests = 1)), Arc::default());
         let _a = l.admit(false, Duration::from_secs(1)).await.unwrap();
         assert_eq!(
             l.admit(false, Duration::from_secs(1)).await.unwrap_err(),
             Error::RequestOverflow(1)
         );
-        let l = Limits::new(None);
+        assert_eq!(l.stats.rq_overflow.load(Ordering::Relaxed), 1);
+        let l = Limits::new(None, Arc::default());
         let held: Vec<_> = futures_admit(&l, 1000).await;
         assert_eq!(held.len(), 1000);
     }

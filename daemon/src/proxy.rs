@@ -25,6 +25,8 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 mod http;
 
+pub use http::Body;
+
 use crate::{
     redirect::{self, OriginalDst, netns::NetNs},
     registry::{RegistryHandle, RouteError, Target, route::is_http},
@@ -46,6 +48,8 @@ pub enum Error {
     ConnectTimeout { addr: SocketAddr, timeout: Duration },
     #[error("upstream socket in namespace {netns}: {source}")]
     Socket { netns: String, source: io::Error },
+    #[error("circuit breaker: {0}")]
+    Overflow(crate::pool::Error),
     #[error("io: {0}")]
     Io(#[from] io::Error),
 }
@@ -66,6 +70,8 @@ impl Error {
             Error::Original(_) => "NR",
             Error::Route(e) => e.response_flag(),
             Error::Connect { .. } | Error::ConnectTimeout { .. } | Error::Socket { .. } => "UF",
+            Error::Overflow(crate::pool::Error::PendingTimeout(_)) => "UT",
+            Error::Overflow(_) => "UO",
             Error::Io(_) => "UC",
         }
     }
@@ -193,7 +199,22 @@ impl Proxy {
                 addr
             }
         };
+        let stats = d.cluster.stats.clone();
+        let ep = d.pick.and_then(|i| d.cluster.endpoint_stats.get(i)).cloned();
+        // Circuit breaker: a connection slot, waiting as a pending connection when all are
+        // taken (bounded by http1MaxPendingRequests and the connect timeout), as Envoy's TCP
+        // proxy does; overflow closes the connection at once.
+        let slot = {
+            let _pending = ep.as_ref().map(|e| e.pending());
+            d.cluster.limits.admit_connection(connect_timeout).await
+        };
+        let _slot = slot.map_err(Error::Overflow)?;
+        let _active = d.pick.map(|i| d.cluster.balancer.start(i));
+        stats.request(ep.as_deref());
         let connected = connect(ns, addr, connect_timeout).await;
+        if connected.is_err() {
+            stats.local_failure(ep.as_deref(), true);
+        }
         if let (Some(od), Some(i)) = (&d.cluster.outlier, d.pick) {
             od.observe(
                 i,
@@ -206,6 +227,7 @@ impl Proxy {
         }
         drop(registry);
         let mut upstream = connected?;
+        let _counted = crate::stats::store().connection(addr);
         tokio::io::copy_bidirectional(client, &mut upstream)
             .await
             .map_err(Error::Io)

@@ -86,6 +86,10 @@ pub struct Cluster {
     pub outlier: Option<crate::outlier::Shared>,
     /// Cluster-wide circuit breakers from the effective `connectionPool`.
     pub limits: crate::pool::Limits,
+    /// Counters of the cluster (kept across reloads by name).
+    pub stats: std::sync::Arc<crate::stats::ClusterStats>,
+    /// Counters of each target, parallel to `targets`.
+    pub endpoint_stats: Vec<std::sync::Arc<crate::stats::EndpointStats>>,
 }
 
 /// A validated VirtualService with where it came from.
@@ -109,6 +113,7 @@ pub struct Registry {
     client: Client,
     clusters: HashMap<ClusterKey, Cluster>,
     warnings: Vec<Problem>,
+    config: crate::config::source::ConfigSet,
 }
 
 /// Cloneable handle to the current [`Registry`] snapshot.
@@ -169,6 +174,16 @@ impl Registry {
     /// A service by host name.
     pub fn service(&self, host: &str) -> Option<(usize, &Service)> {
         self.by_host.get(host).map(|i| (*i, &self.services[*i]))
+    }
+
+    /// Every cluster of this snapshot (unordered).
+    pub fn clusters(&self) -> impl Iterator<Item = &Cluster> + '_ {
+        self.clusters.values()
+    }
+
+    /// The configuration this snapshot was built from.
+    pub fn config(&self) -> &crate::config::source::ConfigSet {
+        &self.config
     }
 
     /// The cluster `(service, port, subset)`, if it exists for this client.

@@ -10,6 +10,7 @@ mod connect;
 mod maps;
 mod peername;
 mod sockops;
+mod upstream;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -2,13 +2,14 @@
 //! pin directory (`/sys/fs/bpf/drover/v1/<NAME>`), so a restarted daemon finds the same state.
 
 use aya_ebpf::{
-    macros::map,
+    btf_maps,
+    macros::{btf_map, map},
     maps::{Array, HashMap, LruHashMap},
 };
 use drover_common::{
-    Config, Enrolment, OrigDst, TupleKey, VipKey, VipValue,
+    Config, EpDKey, EpDStats, EpKStats, EpKey, Enrolment, OrigDst, TupleKey, VipKey, VipValue,
     capacity::{
-        ENROLLED, ORIG_BY_COOKIE as ORIG_BY_COOKIE_CAP, ORIG_BY_TUPLE as ORIG_BY_TUPLE_CAP,
+        self, ENROLLED, ORIG_BY_COOKIE as ORIG_BY_COOKIE_CAP, ORIG_BY_TUPLE as ORIG_BY_TUPLE_CAP,
         SVC_VIPS as SVC_VIPS_CAP,
     },
 };
@@ -33,3 +34,15 @@ pub static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::pinned(ORIG_BY
 /// Original destination by the connection's 4-tuple + netns cookie (read and deleted by the daemon).
 #[map]
 pub static ORIG_BY_TUPLE: LruHashMap<TupleKey, OrigDst> = LruHashMap::pinned(ORIG_BY_TUPLE_CAP, 0);
+
+/// Per-endpoint TCP counters of the daemon's upstream sockets, one value per CPU (BTF, so
+/// `bpftool map dump` prints field names). LRU: endpoints that went away age out.
+#[btf_map]
+pub static EP_KSTATS: btf_maps::LruPerCpuHashMap<EpKey, EpKStats, { capacity::EP_KSTATS }> =
+    btf_maps::LruPerCpuHashMap::new();
+
+/// Per-(cluster, endpoint) policy state, written by the daemon only; declared here so that it is
+/// created with BTF and pinned beside the kernel's counters.
+#[btf_map]
+pub static EP_DSTATS: btf_maps::HashMap<EpDKey, EpDStats, { capacity::EP_DSTATS }> =
+    btf_maps::HashMap::new();

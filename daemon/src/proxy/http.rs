@@ -93,7 +93,7 @@ impl Upstreams {
 // === impl Connector ===
 
 impl tower_service::Service<Uri> for Connector {
-    type Response = TokioIo<TcpStream>;
+    type Response = Tracked;
     type Error = Error;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Error>> + Send>>;
 
@@ -109,8 +109,65 @@ impl tower_service::Service<Uri> for Connector {
                 .and_then(|a| a.as_str().parse().ok())
                 .ok_or_else(|| Error::Io(std::io::Error::other(format!("bad upstream {uri}"))))?;
             let stream = super::connect(&ns, addr, DEFAULT_CONNECT_TIMEOUT).await?;
-            Ok(TokioIo::new(stream))
+            Ok(Tracked {
+                io: TokioIo::new(stream),
+                _counted: crate::stats::store().connection(addr),
+            })
         })
+    }
+}
+
+/// A pooled upstream connection, counted in its address's `cx_active` while open.
+pub struct Tracked {
+    io: TokioIo<TcpStream>,
+    _counted: crate::stats::Connection,
+}
+
+// === impl Tracked ===
+
+impl hyper::rt::Read for Tracked {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for Tracked {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+}
+
+impl hyper_util::client::legacy::connect::Connection for Tracked {
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        self.io.inner().connected()
     }
 }
 
@@ -201,6 +258,11 @@ async fn handle(
         }
     };
     let cluster = decision.cluster.name.clone();
+    let stats = &decision.cluster.stats;
+    let ep = decision
+        .pick
+        .and_then(|i| decision.cluster.endpoint_stats.get(i))
+        .map(|e| &**e);
     // Outcomes feed the cluster's outlier detector (of the snapshot this request was routed by).
     let observe = |outcome| {
         if let (Some(od), Some(i)) = (&decision.cluster.outlier, decision.pick) {
@@ -248,12 +310,14 @@ async fn handle(
     let upstream = if h2 { &upstreams.h2 } else { &upstreams.h1 };
     // Circuit breakers: overflow is answered at once, as Envoy does (503 UO, not retried, not
     // reported to outlier detection).
-    let admission = match decision
+    let pending = ep.map(|e| e.pending());
+    let admitted = decision
         .cluster
         .limits
         .admit(!h2, DEFAULT_CONNECT_TIMEOUT)
-        .await
-    {
+        .await;
+    drop(pending);
+    let admission = match admitted {
         Ok(a) => a,
         Err(e) => {
             let (flag, body) = match e {
@@ -271,8 +335,10 @@ async fn handle(
             return reply;
         }
     };
+    stats.request(ep);
     match upstream.request(Request::from_parts(parts, body)).await {
         Ok(mut resp) => {
+            stats.response(ep, resp.status().as_u16());
             observe(Outcome::Http(resp.status().as_u16()));
             let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
             if switching && let Some(downstream) = upgrade {
@@ -319,6 +385,7 @@ async fn handle(
                 ("UC", RESET)
             };
             tracing::debug!(error = %e, endpoint = %endpoint, "upstream request failed");
+            stats.local_failure(ep, e.is_connect());
             observe(Outcome::LocalFailure);
             log(503, &cluster, &route_name, &endpoint, flag);
             local(StatusCode::SERVICE_UNAVAILABLE, body, flag)

@@ -24,7 +24,7 @@ use aya::{
     },
 };
 use drover_common::{
-    Config, DROVER_MARK, Enrolment, OrigDst, PROXY_PORT, TupleKey, VipKey, VipValue, flags, maps,
+    Config, DROVER_MARK, Enrolment, EpDKey, EpDStats, OrigDst, PROXY_PORT, TupleKey, VipKey, VipValue, flags, maps,
 };
 use tokio::{io::unix::AsyncFd, net::TcpStream};
 
@@ -53,6 +53,9 @@ const ROOT_PROGRAMS: [&str; 5] = [
     "drover_sockops",
 ];
 
+/// Counts the daemon's own (marked) upstream sockets per endpoint; attached to the daemon's cgroup.
+const UPSTREAM_PROGRAM: &str = "drover_upstream_sockops";
+
 /// The loaded kernel side.
 pub struct Kernel {
     pin_dir: PathBuf,
@@ -60,6 +63,7 @@ pub struct Kernel {
     svc_vips: Mutex<HashMap<MapData, VipKey, VipValue>>,
     enrolled: Mutex<HashMap<MapData, u64, Enrolment>>,
     orig_by_tuple: Mutex<HashMap<MapData, TupleKey, OrigDst>>,
+    ep_dstats: Mutex<HashMap<MapData, EpDKey, EpDStats>>,
     links: Mutex<Vec<PinnedLink>>,
     wanted_links: Mutex<HashSet<String>>,
 }
@@ -79,14 +83,23 @@ impl Kernel {
         fs::create_dir_all(pin_dir.join("links"))
             .map_err(|e| Error::Bpffs(format!("cannot create {}: {e}", pin_dir.display())))?;
 
+        // BTF maps carry no pinning attribute; name their pins explicitly (re-used when present).
+        let kstats_pin = pin_dir.join(maps::EP_KSTATS);
+        let dstats_pin = pin_dir.join(maps::EP_DSTATS);
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
+            .map_pin_path(maps::EP_KSTATS, kstats_pin.as_path())
+            .map_pin_path(maps::EP_DSTATS, dstats_pin.as_path())
             .load(OBJECT)?;
         match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => spawn_log_pump(logger),
             Err(e) => tracing::warn!(error = %e, "kernel log forwarding unavailable"),
         }
-        for name in CGROUP_PROGRAMS.iter().chain(ROOT_PROGRAMS.iter()) {
+        for name in CGROUP_PROGRAMS
+            .iter()
+            .chain(ROOT_PROGRAMS.iter())
+            .chain([UPSTREAM_PROGRAM].iter())
+        {
             let prog = ebpf.program_mut(name).ok_or(Error::Pin {
                 path: (*name).into(),
                 reason: "program missing from object".into(),
@@ -121,6 +134,7 @@ impl Kernel {
             svc_vips: Mutex::new(take_map(&mut ebpf, maps::SVC_VIPS)?),
             enrolled: Mutex::new(take_map(&mut ebpf, maps::ENROLLED)?),
             orig_by_tuple: Mutex::new(take_map(&mut ebpf, maps::ORIG_BY_TUPLE)?),
+            ep_dstats: Mutex::new(take_map(&mut ebpf, maps::EP_DSTATS)?),
             ebpf: Mutex::new(ebpf),
             links: Mutex::new(Vec::new()),
             wanted_links: Mutex::new(HashSet::new()),
@@ -144,6 +158,38 @@ impl Kernel {
     pub fn attach_root(&self) -> Result<(), Error> {
         let root = cgroup2_root()?;
         self.attach_all(&root, &ROOT_PROGRAMS, "root")
+    }
+
+    /// Counts this daemon's upstream sockets per endpoint (`EP_KSTATS`): attaches the upstream
+    /// `sockops` program to the cgroup the daemon runs in.
+    pub fn attach_upstream_counters(&self) -> Result<(), Error> {
+        let own = own_cgroup()?;
+        let meta = fs::metadata(&own).map_err(|e| Error::Cgroup {
+            path: own.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        self.attach_all(&own, &[UPSTREAM_PROGRAM], &format!("cg{}", meta.ino()))
+    }
+
+    /// Makes `EP_DSTATS` hold exactly `rows` (the daemon is its only writer).
+    pub fn publish_endpoint_stats(&self, rows: &[(EpDKey, EpDStats)]) -> Result<(), Error> {
+        let mut map = self.ep_dstats.lock().expect("ep_dstats map lock");
+        let wanted: HashSet<EpDKey> = rows.iter().map(|(k, _)| *k).collect();
+        let stale: Vec<EpDKey> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !wanted.contains(k))
+            .collect();
+        for k in stale {
+            let _ = map.remove(&k);
+        }
+        for (k, v) in rows {
+            map.insert(k, v, 0).map_err(|source| Error::Map {
+                name: maps::EP_DSTATS,
+                source,
+            })?;
+        }
+        Ok(())
     }
 
     /// Marks the network namespaces (by cookie) whose connects are captured; replaces the set.
@@ -439,6 +485,20 @@ pub fn cgroup2_root() -> Result<PathBuf, Error> {
             path: "/proc/self/mountinfo".into(),
             reason: "no cgroup v2 mount found".into(),
         })
+}
+
+/// The cgroup v2 directory this process runs in.
+fn own_cgroup() -> Result<PathBuf, Error> {
+    let root = cgroup2_root()?;
+    let text = fs::read_to_string("/proc/self/cgroup")?;
+    let rel = text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or_else(|| Error::Cgroup {
+            path: "/proc/self/cgroup".into(),
+            reason: "no cgroup v2 entry".into(),
+        })?;
+    Ok(root.join(rel.trim_start_matches('/')))
 }
 
 /// Removes every pin (links detach, maps are freed once no program uses them).

@@ -155,6 +155,7 @@ impl Registry {
             client: client.clone(),
             clusters: HashMap::new(),
             warnings,
+            config: set.clone(),
         };
         registry.clusters = clusters(&registry);
         Ok(registry)
@@ -392,19 +393,26 @@ fn clusters(reg: &Registry) -> HashMap<super::ClusterKey, Cluster> {
                     .collect();
                 let keys: Vec<String> = targets.iter().map(|(_, a)| a.to_string()).collect();
                 let balancer = Balancer::new(policy.load_balancer.value.as_ref(), &weights, &keys);
+                let cluster_name = format!(
+                    "outbound|{}|{}|{}",
+                    port.number,
+                    name.unwrap_or(""),
+                    svc.host
+                );
+                let stats = crate::stats::store().cluster(&cluster_name);
                 out.insert(
                     (s, port.number, name.map(str::to_string)),
                     Cluster {
-                        name: format!(
-                            "outbound|{}|{}|{}",
-                            port.number,
-                            name.unwrap_or(""),
-                            svc.host
-                        ),
+                        name: cluster_name,
+                        endpoint_stats: targets.iter().map(|(_, a)| stats.endpoint(*a)).collect(),
                         service: s,
                         port: port.number,
                         subset: name.map(str::to_string),
-                        limits: crate::pool::Limits::new(policy.connection_pool.value.as_ref()),
+                        limits: crate::pool::Limits::new(
+                            policy.connection_pool.value.as_ref(),
+                            stats.clone(),
+                        ),
+                        stats,
                         outlier: policy
                             .outlier_detection
                             .value

@@ -1,0 +1,379 @@
+//! The localhost admin API (Envoy's admin port, 15000): `/clusters` (JSON), `/stats/prometheus`,
+//! `/config_dump`, `/ready` and `/logging?level=`; and the publisher that mirrors per-endpoint
+//! state into the daemon-written `EP_DSTATS` map every second (and before every `/clusters`
+//! answer, so that the map and the answer show the same numbers).
+//!
+//! Invariants: read-only except `/logging`; every answer is computed from one registry snapshot
+//! plus the counters of [`crate::stats`]; binds to the address it is given (loopback by default).
+
+use std::{collections::BTreeMap, convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, Response, StatusCode, body::Bytes, header};
+use hyper_util::rt::TokioIo;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{MetricType, gauge::ConstGauge},
+    registry::Registry as PromRegistry,
+};
+use serde::Serialize;
+use std::sync::atomic::Ordering;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::{crd::ObjectMeta, source::Origin},
+    redirect::Kernel,
+    registry::{Cluster, Registry, RegistryHandle},
+    stats::Health,
+};
+
+/// Changes the log filter at run time (`/logging?level=`); returns why it could not.
+pub type LogControl = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// Errors of the admin listener.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("admin API cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// What the admin API serves from.
+#[derive(Clone)]
+pub struct Admin {
+    pub registry: RegistryHandle,
+    pub kernel: Option<Arc<Kernel>>,
+    pub log: Option<LogControl>,
+}
+
+/// `/clusters`: one entry per cluster of the current snapshot.
+#[derive(Debug, Serialize)]
+pub struct ClusterView {
+    pub name: String,
+    /// The `cluster_id` of this cluster's `EP_DSTATS` keys.
+    pub id: u32,
+    pub host: String,
+    pub port: u16,
+    pub subset: Option<String>,
+    pub lb: &'static str,
+    pub circuit_breakers: Thresholds,
+    /// Envoy's cluster statistics (counters and gauges) by their Envoy names.
+    pub stats: BTreeMap<&'static str, u64>,
+    pub outlier_detection: bool,
+    pub endpoints: Vec<EndpointView>,
+}
+
+/// The cluster-wide thresholds (2³²−1 = unlimited, Istio's default).
+#[derive(Debug, Serialize)]
+pub struct Thresholds {
+    pub max_connections: u32,
+    pub max_pending_requests: u32,
+    pub max_requests: u32,
+}
+
+/// One endpoint of a cluster.
+#[derive(Debug, Serialize)]
+pub struct EndpointView {
+    pub name: String,
+    pub address: SocketAddr,
+    /// `healthy`, or `ejected` while outlier detection keeps it out of rotation.
+    pub health: &'static str,
+    pub weight: u32,
+    pub cx_active: u64,
+    pub rq_total: u64,
+    pub rq_active: u64,
+    pub rq_pending: u64,
+    pub rq_5xx: u64,
+    pub gateway_errors: u64,
+    pub local_origin_failures: u64,
+    pub outlier: Health,
+}
+
+// === impl Admin ===
+
+impl Admin {
+    /// Binds `addr` and serves until `shutdown`; also starts the `EP_DSTATS` publisher.
+    pub async fn spawn(self, addr: SocketAddr, shutdown: CancellationToken) -> Result<SocketAddr, Error> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| Error::Bind { addr, source })?;
+        let bound = listener.local_addr().map_err(|source| Error::Bind { addr, source })?;
+        let admin = Arc::new(self);
+        if admin.kernel.is_some() {
+            let admin = admin.clone();
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tick.tick() => admin.publish(&admin.registry.load()),
+                    }
+                }
+            });
+        }
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    a = listener.accept() => match a {
+                        Ok(a) => a,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "admin accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                };
+                let admin = admin.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let admin = admin.clone();
+                        async move { Ok::<_, Infallible>(admin.answer(req)) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        tracing::info!(%bound, "admin API listening");
+        Ok(bound)
+    }
+
+    fn answer<B>(&self, req: Request<B>) -> Response<crate::proxy::Body> {
+        let query = req.uri().query().unwrap_or("");
+        match (req.method(), req.uri().path()) {
+            (&Method::GET, "/ready") => text(StatusCode::OK, "LIVE\n", "text/plain"),
+            (&Method::GET, "/clusters") => {
+                let snapshot = self.registry.load();
+                self.publish(&snapshot);
+                json(&serde_json::json!({ "clusters": clusters(&snapshot) }))
+            }
+            (&Method::GET, "/stats/prometheus") => {
+                let mut reg = PromRegistry::default();
+                reg.register_collector(Box::new(Prometheus(self.registry.load())));
+                let mut out = String::new();
+                match prometheus_client::encoding::text::encode(&mut out, &reg) {
+                    Ok(()) => text(StatusCode::OK, &out, "text/plain; version=0.0.4"),
+                    Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), "text/plain"),
+                }
+            }
+            (&Method::GET, "/config_dump") => json(&config_dump(&self.registry.load())),
+            (&Method::POST | &Method::GET, "/logging") => {
+                let level = form_urlencoded::parse(query.as_bytes())
+                    .find(|(k, _)| k == "level")
+                    .map(|(_, v)| v.to_string());
+                match (level, &self.log) {
+                    (Some(level), Some(set)) => match set(&level) {
+                        Ok(()) => {
+                            tracing::info!(%level, "log level changed");
+                            text(StatusCode::OK, &format!("level: {level}\n"), "text/plain")
+                        }
+                        Err(e) => text(StatusCode::BAD_REQUEST, &format!("{e}\n"), "text/plain"),
+                    },
+                    (None, _) => text(
+                        StatusCode::BAD_REQUEST,
+                        "usage: /logging?level=<tracing filter, e.g. debug or info,drover=trace>\n",
+                        "text/plain",
+                    ),
+                    (Some(_), None) => {
+                        text(StatusCode::NOT_IMPLEMENTED, "log level is fixed\n", "text/plain")
+                    }
+                }
+            }
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "endpoints: /clusters /stats/prometheus /config_dump /ready /logging?level=\n",
+                "text/plain",
+            ),
+        }
+    }
+
+    /// Mirrors every endpoint of `snapshot` into `EP_DSTATS` (rows of other clusters removed).
+    fn publish(&self, snapshot: &Registry) {
+        let Some(kernel) = &self.kernel else { return };
+        let mut rows = Vec::new();
+        for c in snapshot.clusters() {
+            for (i, ep) in c.endpoint_stats.iter().enumerate() {
+                let health = c.outlier.as_ref().map(|o| o.health(i)).unwrap_or_default();
+                rows.extend(ep.row(c.stats.id, c.balancer.active(i) as u64, &health));
+            }
+        }
+        if let Err(e) = kernel.publish_endpoint_stats(&rows) {
+            tracing::warn!(error = %e, "cannot publish endpoint counters");
+        }
+    }
+}
+
+/// The `/clusters` view of a snapshot, sorted by cluster name.
+pub fn clusters(snapshot: &Registry) -> Vec<ClusterView> {
+    let mut out: Vec<ClusterView> = snapshot.clusters().map(|c| cluster(snapshot, c)).collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+fn cluster(snapshot: &Registry, c: &Cluster) -> ClusterView {
+    let svc = &snapshot.services()[c.service];
+    let s = &c.stats;
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let (rq_active, rq_pending, cx_slots) = c.limits.gauges();
+    let (max_requests, max_pending, max_connections) = c.limits.thresholds();
+    let (ejected, overflow, enforced) = c.outlier.as_ref().map_or((0, 0, 0), |o| o.summary());
+    let stats = BTreeMap::from([
+        ("upstream_rq_total", get(&s.rq_total)),
+        ("upstream_rq_active", rq_active as u64),
+        ("upstream_rq_pending_active", rq_pending as u64),
+        ("upstream_rq_pending_total", get(&s.rq_pending_total)),
+        ("upstream_rq_pending_overflow", get(&s.rq_pending_overflow)),
+        ("upstream_rq_pending_failure_eject", get(&s.rq_pending_timeout)),
+        ("upstream_rq_overflow", get(&s.rq_overflow)),
+        ("upstream_cx_overflow", get(&s.cx_overflow)),
+        ("upstream_cx_connect_fail", get(&s.cx_connect_fail)),
+        ("upstream_cx_pool_slots_active", cx_slots as u64),
+        ("upstream_rq_1xx", get(&s.rq_xx[0])),
+        ("upstream_rq_2xx", get(&s.rq_xx[1])),
+        ("upstream_rq_3xx", get(&s.rq_xx[2])),
+        ("upstream_rq_4xx", get(&s.rq_xx[3])),
+        ("upstream_rq_5xx", get(&s.rq_xx[4])),
+        ("outlier_detection_ejections_active", ejected as u64),
+        ("outlier_detection_ejections_overflow", overflow),
+        ("outlier_detection_ejections_enforced_total", enforced),
+        ("membership_total", c.targets.len() as u64),
+    ]);
+    let endpoints = c
+        .targets
+        .iter()
+        .enumerate()
+        .map(|(i, (e, addr))| {
+            let ep = &c.endpoint_stats[i];
+            let health = c.outlier.as_ref().map(|o| o.health(i)).unwrap_or_default();
+            EndpointView {
+                name: svc.endpoints[*e].name.clone(),
+                address: *addr,
+                health: if health.ejected { "ejected" } else { "healthy" },
+                weight: svc.endpoints[*e].weight,
+                cx_active: get(&ep.cx_active),
+                rq_total: get(&ep.rq_total),
+                rq_active: c.balancer.active(i) as u64,
+                rq_pending: get(&ep.rq_pending),
+                rq_5xx: get(&ep.rq_5xx),
+                gateway_errors: get(&ep.gateway_errors),
+                local_origin_failures: get(&ep.local_origin_failures),
+                outlier: health,
+            }
+        })
+        .collect();
+    ClusterView {
+        name: c.name.clone(),
+        id: s.id,
+        host: svc.host.clone(),
+        port: c.port,
+        subset: c.subset.clone(),
+        lb: c.balancer.name(),
+        circuit_breakers: Thresholds {
+            max_connections,
+            max_pending_requests: max_pending,
+            max_requests,
+        },
+        stats,
+        outlier_detection: c.outlier.is_some(),
+        endpoints,
+    }
+}
+
+/// `/config_dump`: the client identity and every resource of the loaded configuration, as the
+/// CRD mirror read it, with the file it came from.
+fn config_dump(snapshot: &Registry) -> serde_json::Value {
+    let set = snapshot.config();
+    let mut resources = Vec::new();
+    let mut add = |kind: &str, origin: &Origin, meta: &ObjectMeta, spec: serde_json::Value| {
+        resources.push(serde_json::json!({
+            "kind": kind,
+            "file": origin.file.display().to_string(),
+            "document": origin.doc,
+            "metadata": to_json(meta),
+            "spec": spec,
+        }));
+    };
+    for r in &set.service_entries {
+        add("ServiceEntry", &r.origin, &r.meta, to_json(&r.spec));
+    }
+    for r in &set.workload_entries {
+        add("WorkloadEntry", &r.origin, &r.meta, to_json(&r.spec));
+    }
+    for r in &set.destination_rules {
+        add("DestinationRule", &r.origin, &r.meta, to_json(&r.spec));
+    }
+    for r in &set.virtual_services {
+        add("VirtualService", &r.origin, &r.meta, to_json(&r.spec));
+    }
+    let client = snapshot.client();
+    serde_json::json!({
+        "client": {
+            "namespace": client.namespace,
+            "labels": client.labels,
+            "workload": client.workload,
+        },
+        "resources": resources,
+        "clusters": snapshot.clusters().map(|c| c.name.clone()).collect::<std::collections::BTreeSet<_>>(),
+        "warnings": snapshot.warnings().iter().map(|w| w.to_string()).collect::<Vec<_>>(),
+    })
+}
+
+fn to_json(v: &impl Serialize) -> serde_json::Value {
+    serde_json::to_value(v).unwrap_or(serde_json::Value::Null)
+}
+
+/// Cluster statistics in Prometheus text, named as Envoy names them
+/// (`envoy_cluster_<stat>{envoy_cluster_name="…"}`). Counters are written with type `unknown` so
+/// that the names stay Envoy's exactly (the encoder would add `_total` to a `counter`).
+#[derive(Debug)]
+struct Prometheus(Arc<Registry>);
+
+impl Collector for Prometheus {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let views = clusters(&self.0);
+        let Some(first) = views.first() else {
+            return Ok(());
+        };
+        for stat in first.stats.keys() {
+            let name = format!("envoy_cluster_{stat}");
+            let kind = if stat.ends_with("_active") {
+                MetricType::Gauge
+            } else {
+                MetricType::Unknown
+            };
+            let mut family = encoder.encode_descriptor(&name, stat, None, kind)?;
+            for v in &views {
+                let labels = [("envoy_cluster_name", v.name.as_str())];
+                let value = v.stats.get(stat).copied().unwrap_or(0) as i64;
+                ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn text(status: StatusCode, body: &str, content_type: &'static str) -> Response<crate::proxy::Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(body.to_string()))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    r
+}
+
+fn json(v: &impl Serialize) -> Response<crate::proxy::Body> {
+    match serde_json::to_string_pretty(v) {
+        Ok(s) => text(StatusCode::OK, &(s + "\n"), "application/json"),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), "text/plain"),
+    }
+}

@@ -1,0 +1,234 @@
+//! Counters of the data path, per cluster and per (cluster, endpoint), kept outside the registry
+//! snapshots so that they survive hot reloads: a rebuilt cluster with the same name finds its
+//! counters (and its id) again. Read by the admin API, Prometheus, `drover status` (through the
+//! daemon-written `EP_DSTATS` map) and the tests.
+//!
+//! Invariants: counters only grow; gauges are released by drop guards; the data path touches
+//! only atomics (the store's locks are taken when a registry is built or a connection opens, never
+//! per request); cluster ids are unique for the life of the process.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc, LazyLock, Mutex,
+        atomic::{AtomicU32, AtomicU64, Ordering},
+    },
+};
+
+use drover_common::{EpDKey, EpDStats};
+
+/// Every cluster's counters and the per-address connection gauges, for this process.
+#[derive(Debug, Default)]
+pub struct Store {
+    clusters: Mutex<HashMap<String, Arc<ClusterStats>>>,
+    next_id: AtomicU32,
+    connections: Mutex<HashMap<SocketAddr, Arc<AtomicU64>>>,
+}
+
+/// Counters of one cluster (Envoy's `cluster.<name>.*` statistics where one exists).
+#[derive(Debug, Default)]
+pub struct ClusterStats {
+    /// Stable id, the `cluster_id` of `EP_DSTATS` keys.
+    pub id: u32,
+    pub name: String,
+    /// `upstream_rq_total`: requests (HTTP) or connections (TCP) sent upstream.
+    pub rq_total: AtomicU64,
+    /// `upstream_rq_pending_total`: requests that had to wait for a connection slot.
+    pub rq_pending_total: AtomicU64,
+    /// `upstream_rq_pending_overflow`: refused because the pending queue was full.
+    pub rq_pending_overflow: AtomicU64,
+    /// `upstream_rq_pending_failure_eject`-like: waited too long for a slot (answered 503 UT).
+    pub rq_pending_timeout: AtomicU64,
+    /// `upstream_rq_overflow`: refused by `http2MaxRequests`.
+    pub rq_overflow: AtomicU64,
+    /// `upstream_cx_overflow`: a connection was wanted while `maxConnections` were in use.
+    pub cx_overflow: AtomicU64,
+    /// `upstream_cx_connect_fail`: connect failures and timeouts.
+    pub cx_connect_fail: AtomicU64,
+    /// `upstream_rq_5xx` and the 2xx/3xx/4xx classes of upstream responses.
+    pub rq_xx: [AtomicU64; 5],
+    endpoints: Mutex<HashMap<SocketAddr, Arc<EndpointStats>>>,
+}
+
+/// Counters of one endpoint of one cluster.
+#[derive(Debug, Default)]
+pub struct EndpointStats {
+    pub addr: Option<SocketAddr>,
+    pub rq_total: AtomicU64,
+    /// Requests that picked this endpoint and wait for a connection slot (gauge).
+    pub rq_pending: AtomicU64,
+    pub rq_5xx: AtomicU64,
+    /// 502, 503 and 504 responses.
+    pub gateway_errors: AtomicU64,
+    /// Connect failures, timeouts and resets before a response.
+    pub local_origin_failures: AtomicU64,
+    /// Upstream connections open to this address (shared by every cluster containing it).
+    pub cx_active: Arc<AtomicU64>,
+}
+
+/// Keeps one upstream connection counted until dropped.
+#[derive(Debug)]
+pub struct Connection(Arc<AtomicU64>);
+
+/// Keeps one request counted as pending until dropped.
+#[derive(Debug)]
+pub struct Pending<'a>(&'a AtomicU64);
+
+static STORE: LazyLock<Store> = LazyLock::new(Store::default);
+
+/// The process-wide store.
+pub fn store() -> &'static Store {
+    &STORE
+}
+
+// === impl Store ===
+
+impl Store {
+    /// The counters of cluster `name`, created on first use.
+    pub fn cluster(&self, name: &str) -> Arc<ClusterStats> {
+        let mut clusters = self.clusters.lock().unwrap_or_else(|e| e.into_inner());
+        clusters
+            .entry(name.to_string())
+            .or_insert_with(|| {
+                Arc::new(ClusterStats {
+                    id: self.next_id.fetch_add(1, Ordering::Relaxed) + 1,
+                    name: name.to_string(),
+                    ..ClusterStats::default()
+                })
+            })
+            .clone()
+    }
+
+    /// The open-connection gauge of an upstream address.
+    fn address(&self, addr: SocketAddr) -> Arc<AtomicU64> {
+        let mut map = self.connections.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(addr).or_default().clone()
+    }
+
+    /// Counts one open upstream connection to `addr` until the guard drops.
+    pub fn connection(&self, addr: SocketAddr) -> Connection {
+        let gauge = self.address(addr);
+        gauge.fetch_add(1, Ordering::Relaxed);
+        Connection(gauge)
+    }
+}
+
+// === impl ClusterStats ===
+
+impl ClusterStats {
+    /// The counters of endpoint `addr` in this cluster, created on first use.
+    pub fn endpoint(&self, addr: SocketAddr) -> Arc<EndpointStats> {
+        let mut eps = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+        eps.entry(addr)
+            .or_insert_with(|| {
+                Arc::new(EndpointStats {
+                    addr: Some(addr),
+                    cx_active: store().address(addr),
+                    ..EndpointStats::default()
+                })
+            })
+            .clone()
+    }
+
+    /// Counts one request (or TCP connection) sent upstream, to `ep` when there is one.
+    pub fn request(&self, ep: Option<&EndpointStats>) {
+        self.rq_total.fetch_add(1, Ordering::Relaxed);
+        if let Some(ep) = ep {
+            ep.rq_total.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts an upstream response status (class and, for `ep`, 5xx and gateway errors).
+    pub fn response(&self, ep: Option<&EndpointStats>, status: u16) {
+        let class = (status / 100).clamp(1, 5) as usize - 1;
+        self.rq_xx[class].fetch_add(1, Ordering::Relaxed);
+        if let Some(ep) = ep
+            && status >= 500
+        {
+            ep.rq_5xx.fetch_add(1, Ordering::Relaxed);
+            if matches!(status, 502..=504) {
+                ep.gateway_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Counts a connect failure or timeout (`connect`) or a reset before a response.
+    pub fn local_failure(&self, ep: Option<&EndpointStats>, connect: bool) {
+        if connect {
+            self.cx_connect_fail.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(ep) = ep {
+            ep.local_origin_failures.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+// === impl EndpointStats ===
+
+impl EndpointStats {
+    /// Marks a request as waiting for a connection slot until the guard drops.
+    pub fn pending(&self) -> Pending<'_> {
+        self.rq_pending.fetch_add(1, Ordering::Relaxed);
+        Pending(&self.rq_pending)
+    }
+
+    /// This endpoint's row of `EP_DSTATS`; `health` comes from the cluster's outlier detector.
+    pub fn row(&self, cluster_id: u32, rq_active: u64, health: &Health) -> Option<(EpDKey, EpDStats)> {
+        let addr = self.addr?;
+        let key = EpDKey {
+            cluster_id,
+            addr: crate::redirect::addr_words(addr),
+            port_be: addr.port().to_be(),
+            proto: 6,
+            family: if addr.is_ipv4() { 4 } else { 6 },
+        };
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Some((
+            key,
+            EpDStats {
+                cx_active: get(&self.cx_active),
+                rq_total: get(&self.rq_total),
+                rq_active,
+                rq_pending: get(&self.rq_pending),
+                rq_5xx: get(&self.rq_5xx),
+                gateway_errors: get(&self.gateway_errors),
+                local_origin_failures: get(&self.local_origin_failures),
+                ejection_deadline_ns: health.deadline_ns,
+                times_ejected: health.times_ejected,
+                ejected: health.ejected as u32,
+            },
+        ))
+    }
+}
+
+/// Outlier-detection state of one endpoint, as published.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Health {
+    pub ejected: bool,
+    pub times_ejected: u32,
+    /// CLOCK_MONOTONIC ns at which the current ejection may end (0 when not ejected).
+    pub deadline_ns: u64,
+    pub consecutive_5xx: u32,
+    pub consecutive_gateway: u32,
+    pub consecutive_local_origin: u32,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// CLOCK_MONOTONIC now, in nanoseconds (the clock of `bpf_ktime_get_ns`).
+pub fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
