@@ -418,14 +418,27 @@ pub fn probe(ns: Option<&Netns>, cgroup: Option<&Cgroup>, args: &[&str]) -> serd
 pub struct Daemon {
     child: Option<Child>,
     log: Arc<Mutex<Vec<String>>>,
+    /// The admin API (a free loopback port unless the arguments name one).
+    pub admin: Option<SocketAddr>,
 }
 
 impl Daemon {
     /// Starts `drover run` and waits for it to be ready; on failure returns its exit status and log.
     pub fn start(args: &[String]) -> Result<Self, (Option<i32>, String)> {
+        let mut args = args.to_vec();
+        let admin = match args.iter().position(|a| a == "--admin") {
+            Some(i) => args.get(i + 1).and_then(|a| a.parse().ok()),
+            None => {
+                let free = std::net::TcpListener::bind("127.0.0.1:0")
+                    .and_then(|l| l.local_addr())
+                    .expect("free loopback port");
+                args.extend(["--admin".to_string(), free.to_string()]);
+                Some(free)
+            }
+        };
         let mut child = Command::new(bin("drover"))
             .arg("run")
-            .args(args)
+            .args(&args)
             .env(
                 "RUST_LOG",
                 std::env::var("DROVER_TEST_LOG").unwrap_or_else(|_| "info,drover=debug".into()),
@@ -456,6 +469,7 @@ impl Daemon {
                 return Ok(Self {
                     child: Some(child),
                     log,
+                    admin,
                 });
             }
             if let Ok(Some(status)) = child.try_wait() {
@@ -467,6 +481,27 @@ impl Daemon {
                 return Err((None, log.lock().expect("log lock").join("\n")));
             }
         }
+    }
+
+    /// `GET` on the admin API (through curl, bounded to 5 s); the body.
+    pub fn admin_get(&self, path: &str) -> String {
+        let addr = self.admin.expect("daemon started with an admin API");
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "5", &format!("http://{addr}{path}")])
+            .output()
+            .expect("run curl");
+        assert!(
+            out.status.success(),
+            "GET {path}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `/clusters` as JSON.
+    pub fn clusters(&self) -> serde_json::Value {
+        let body = self.admin_get("/clusters");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("/clusters is not JSON ({e}): {body}"))
     }
 
     /// Everything the daemon logged so far.

@@ -742,3 +742,189 @@ spec:
     // The TCP port still routes to v2 under the same snapshot.
     assert_eq!(served_by(&t), "ep2");
 }
+
+/// `bpftool map dump pinned … -j` of a BTF map: `(key, value)` pairs of the formatted entries,
+/// per-CPU values summed field by field.
+fn bpftool_dump(path: &std::path::Path) -> Vec<(serde_json::Value, serde_json::Value)> {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(path)
+        .output()
+        .expect("run bpftool");
+    assert!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    v.as_array()
+        .expect("array of entries")
+        .iter()
+        .map(|e| {
+            let f = &e["formatted"];
+            let value = match f.get("values") {
+                Some(per_cpu) => {
+                    let mut sum = serde_json::Map::new();
+                    for cpu in per_cpu.as_array().unwrap() {
+                        for (k, n) in cpu["value"].as_object().unwrap() {
+                            let acc = sum.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+                            sum.insert(k.clone(), (acc + n.as_u64().unwrap_or(0)).into());
+                        }
+                    }
+                    serde_json::Value::Object(sum)
+                }
+                None => f["value"].clone(),
+            };
+            (f["key"].clone(), value)
+        })
+        .collect()
+}
+
+/// The IPv4 address of a BTF-printed `addr` (four network-order words, v4-mapped).
+fn key_addr(key: &serde_json::Value) -> std::net::IpAddr {
+    let words: Vec<u32> = key["addr"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w.as_u64().unwrap() as u32)
+        .collect();
+    std::net::IpAddr::from(words[3].to_ne_bytes())
+}
+
+#[test]
+fn counters_agree_between_bpftool_status_and_admin_api() {
+    if !require_privileged() {
+        return;
+    }
+    // `echo` balances over two live endpoints; `dead` points at a port nobody listens on.
+    let yaml = service_entry("echo", &[VIP], 80, 7000, &[Topology::ep4(1), Topology::ep4(2)])
+        + &service_entry("dead", &["127.77.0.11"], 81, 7999, &[Topology::ep4(1)]);
+    let Captured {
+        t,
+        daemon,
+        _servers,
+        _pins,
+        ..
+    } = captured(2, Some(yaml), &[]);
+    for _ in 0..6 {
+        let r = probe(Some(&t.client), None, &["connect", &format!("{VIP}:80"), "--send", "hello"]);
+        assert_eq!(r["echo"], "hello", "{r}");
+    }
+    for _ in 0..3 {
+        let _ = probe(Some(&t.client), None, &["connect", "127.77.0.11:81", "--send", "x"]);
+    }
+    // Let the relays finish and close (bounded).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let clusters = loop {
+        let c = daemon.clusters();
+        let busy = c["clusters"].as_array().unwrap().iter().any(|c| {
+            c["endpoints"].as_array().unwrap().iter().any(|e| e["cx_active"] != 0)
+        });
+        if !busy || std::time::Instant::now() > deadline {
+            break c;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let cluster = |name: &str| {
+        clusters["clusters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("{name} in {clusters}"))
+            .clone()
+    };
+    let echo = cluster("outbound|80||echo.test.svc");
+    let dead = cluster("outbound|81||dead.test.svc");
+    assert_eq!(echo["stats"]["upstream_rq_total"], 6, "{echo}");
+    assert_eq!(dead["stats"]["upstream_cx_connect_fail"], 3, "{dead}");
+    let admin_eps: Vec<(u64, std::net::IpAddr, u64, u64)> = [&echo, &dead]
+        .iter()
+        .flat_map(|c| {
+            let id = c["id"].as_u64().unwrap();
+            c["endpoints"].as_array().unwrap().iter().map(move |e| {
+                let addr: SocketAddr = e["address"].as_str().unwrap().parse().unwrap();
+                (
+                    id,
+                    addr.ip(),
+                    e["rq_total"].as_u64().unwrap(),
+                    e["local_origin_failures"].as_u64().unwrap(),
+                )
+            })
+        })
+        .collect();
+    assert_eq!(admin_eps.iter().map(|e| e.2).sum::<u64>(), 9, "{admin_eps:?}");
+
+    // The daemon-written map shows the same numbers (published before /clusters answered).
+    let dstats = bpftool_dump(&_pins.path.join("EP_DSTATS"));
+    assert_eq!(dstats.len(), 3, "{dstats:?}");
+    for (id, ip, rq, local) in &admin_eps {
+        let (_, v) = dstats
+            .iter()
+            .find(|(k, _)| k["cluster_id"] == *id && key_addr(k) == *ip)
+            .unwrap_or_else(|| panic!("no EP_DSTATS row for cluster {id} {ip}: {dstats:?}"));
+        assert_eq!(v["rq_total"], *rq, "{v}");
+        assert_eq!(v["local_origin_failures"], *local, "{v}");
+    }
+
+    // The kernel saw every upstream connect: established to the live endpoints, refused to the dead
+    // port; the same endpoint address with another port is another key.
+    let kstats = bpftool_dump(&_pins.path.join("EP_KSTATS"));
+    let port_of = |k: &serde_json::Value| u16::from_be(k["port_be"].as_u64().unwrap() as u16);
+    let live: u64 = kstats
+        .iter()
+        .filter(|(k, _)| port_of(k) == 7000)
+        .map(|(_, v)| v["established"].as_u64().unwrap())
+        .sum();
+    assert_eq!(live, 6, "{kstats:?}");
+    let (_, refused) = kstats
+        .iter()
+        .find(|(k, _)| port_of(k) == 7999)
+        .unwrap_or_else(|| panic!("no kernel row for the dead port: {kstats:?}"));
+    assert_eq!(refused["attempts"], 3, "{refused}");
+    assert_eq!(refused["connect_failures"], 3, "{refused}");
+    assert_eq!(refused["established"], 0, "{refused}");
+
+    // `drover status` prints the same numbers, named by the admin API.
+    let status = |admin: &str| {
+        let out = std::process::Command::new(drover_tests::bin("drover"))
+            .args(["status", "--json", "--pin-dir"])
+            .arg(&_pins.path)
+            .args(["--admin", admin])
+            .output()
+            .expect("run drover status");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("status JSON")
+    };
+    let s = status(&daemon.admin.unwrap().to_string());
+    let rows = s["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 3, "{s}");
+    for (id, ip, rq, _) in &admin_eps {
+        let row = rows
+            .iter()
+            .find(|r| r["cluster_id"] == *id && r["endpoint"].as_str().unwrap().starts_with(&ip.to_string()))
+            .unwrap_or_else(|| panic!("status row {id} {ip}: {s}"));
+        assert_eq!(row["daemon"]["rq_total"], *rq, "{row}");
+        assert!(row["cluster"].as_str().unwrap().starts_with("outbound|"), "{row}");
+    }
+    // Maps only when the admin API is unreachable.
+    let s = status("127.0.0.1:1");
+    assert!(s["admin_error"].is_string(), "{s}");
+    assert_eq!(s["rows"].as_array().unwrap().len(), 3, "{s}");
+    // The table form names clusters too.
+    let out = std::process::Command::new(drover_tests::bin("drover"))
+        .args(["status", "--pin-dir"])
+        .arg(&_pins.path)
+        .args(["--admin", &daemon.admin.unwrap().to_string()])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{table}");
+    assert!(table.contains("outbound|81||dead.test.svc"), "{table}");
+
+    // Prometheus text with Envoy's names.
+    let prom = daemon.admin_get("/stats/prometheus");
+    assert!(
+        prom.contains("envoy_cluster_upstream_cx_connect_fail{envoy_cluster_name=\"outbound|81||dead.test.svc\"} 3"),
+        "{prom}"
+    );
+    assert_eq!(daemon.admin_get("/ready"), "LIVE\n");
+    let dump: serde_json::Value = serde_json::from_str(&daemon.admin_get("/config_dump")).unwrap();
+    assert_eq!(dump["resources"].as_array().unwrap().len(), 2, "{dump}");
+}
