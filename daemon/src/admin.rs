@@ -97,11 +97,17 @@ pub struct EndpointView {
 
 impl Admin {
     /// Binds `addr` and serves until `shutdown`; also starts the `EP_DSTATS` publisher.
-    pub async fn spawn(self, addr: SocketAddr, shutdown: CancellationToken) -> Result<SocketAddr, Error> {
+    pub async fn spawn(
+        self,
+        addr: SocketAddr,
+        shutdown: CancellationToken,
+    ) -> Result<SocketAddr, Error> {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| Error::Bind { addr, source })?;
-        let bound = listener.local_addr().map_err(|source| Error::Bind { addr, source })?;
+        let bound = listener
+            .local_addr()
+            .map_err(|source| Error::Bind { addr, source })?;
         let admin = Arc::new(self);
         if admin.kernel.is_some() {
             let admin = admin.clone();
@@ -160,7 +166,11 @@ impl Admin {
                 let mut out = String::new();
                 match prometheus_client::encoding::text::encode(&mut out, &reg) {
                     Ok(()) => text(StatusCode::OK, &out, "text/plain; version=0.0.4"),
-                    Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), "text/plain"),
+                    Err(e) => text(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        &e.to_string(),
+                        "text/plain",
+                    ),
                 }
             }
             (&Method::GET, "/config_dump") => json(&config_dump(&self.registry.load())),
@@ -181,9 +191,11 @@ impl Admin {
                         "usage: /logging?level=<tracing filter, e.g. debug or info,drover=trace>\n",
                         "text/plain",
                     ),
-                    (Some(_), None) => {
-                        text(StatusCode::NOT_IMPLEMENTED, "log level is fixed\n", "text/plain")
-                    }
+                    (Some(_), None) => text(
+                        StatusCode::NOT_IMPLEMENTED,
+                        "log level is fixed\n",
+                        "text/plain",
+                    ),
                 }
             }
             _ => text(
@@ -230,7 +242,10 @@ fn cluster(snapshot: &Registry, c: &Cluster) -> ClusterView {
         ("upstream_rq_pending_active", rq_pending as u64),
         ("upstream_rq_pending_total", get(&s.rq_pending_total)),
         ("upstream_rq_pending_overflow", get(&s.rq_pending_overflow)),
-        ("upstream_rq_pending_failure_eject", get(&s.rq_pending_timeout)),
+        (
+            "upstream_rq_pending_failure_eject",
+            get(&s.rq_pending_timeout),
+        ),
         ("upstream_rq_overflow", get(&s.rq_overflow)),
         ("upstream_cx_overflow", get(&s.cx_overflow)),
         ("upstream_cx_connect_fail", get(&s.cx_connect_fail)),
@@ -359,21 +374,31 @@ impl Collector for Prometheus {
     }
 }
 
-fn text(status: StatusCode, body: &str, content_type: &'static str) -> Response<crate::proxy::Body> {
+fn text(
+    status: StatusCode,
+    body: &str,
+    content_type: &'static str,
+) -> Response<crate::proxy::Body> {
     let mut r = Response::new(
         Full::new(Bytes::from(body.to_string()))
             .map_err(|never| match never {})
             .boxed(),
     );
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
     r
 }
 
 fn json(v: &impl Serialize) -> Response<crate::proxy::Body> {
     match serde_json::to_string_pretty(v) {
         Ok(s) => text(StatusCode::OK, &(s + "\n"), "application/json"),
-        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string(), "text/plain"),
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &e.to_string(),
+            "text/plain",
+        ),
     }
 }

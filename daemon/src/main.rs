@@ -158,7 +158,8 @@ fn main() -> ExitCode {
             let handle = fmt.reload_handle();
             fmt.init();
             std::sync::Arc::new(move |level: &str| {
-                let filter = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+                let filter =
+                    tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;
                 handle.reload(filter).map_err(|e| e.to_string())
             })
         }
@@ -167,7 +168,8 @@ fn main() -> ExitCode {
             let handle = fmt.reload_handle();
             fmt.init();
             std::sync::Arc::new(move |level: &str| {
-                let filter = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+                let filter =
+                    tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;
                 handle.reload(filter).map_err(|e| e.to_string())
             })
         }
@@ -338,7 +340,10 @@ fn report(text: &str) -> ExitCode {
 }
 
 fn status(pin_dir: &std::path::Path, admin: Option<std::net::SocketAddr>, json: bool) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: starting runtime: {e}");

@@ -286,8 +286,8 @@ impl Detector {
     pub fn health(&self, i: usize, now: Instant, now_ns: u64) -> crate::stats::Health {
         let h = &self.hosts[i];
         let deadline_ns = h.ejected_at.map_or(0, |at| {
-            let length = (self.policy.base_ejection_time * h.backoff)
-                .min(self.policy.max_ejection_time());
+            let length =
+                (self.policy.base_ejection_time * h.backoff).min(self.policy.max_ejection_time());
             let ends = at + length;
             now_ns + ends.saturating_duration_since(now).as_nanos() as u64
         });

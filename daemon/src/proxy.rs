@@ -200,7 +200,10 @@ impl Proxy {
             }
         };
         let stats = d.cluster.stats.clone();
-        let ep = d.pick.and_then(|i| d.cluster.endpoint_stats.get(i)).cloned();
+        let ep = d
+            .pick
+            .and_then(|i| d.cluster.endpoint_stats.get(i))
+            .cloned();
         // Circuit breaker: a connection slot, waiting as a pending connection when all are
         // taken (bounded by http1MaxPendingRequests and the connect timeout), as Envoy's TCP
         // proxy does; overflow closes the connection at once.

@@ -174,7 +174,12 @@ impl EndpointStats {
     }
 
     /// This endpoint's row of `EP_DSTATS`; `health` comes from the cluster's outlier detector.
-    pub fn row(&self, cluster_id: u32, rq_active: u64, health: &Health) -> Option<(EpDKey, EpDStats)> {
+    pub fn row(
+        &self,
+        cluster_id: u32,
+        rq_active: u64,
+        health: &Health,
+    ) -> Option<(EpDKey, EpDStats)> {
         let addr = self.addr?;
         let key = EpDKey {
             cluster_id,

@@ -18,7 +18,9 @@ use crate::redirect::words_addr;
 /// Why the status could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("pinned map {path}: {reason} (is drover running with eBPF capture, and --pin-dir right?)")]
+    #[error(
+        "pinned map {path}: {reason} (is drover running with eBPF capture, and --pin-dir right?)"
+    )]
     Map { path: String, reason: String },
 }
 
@@ -128,7 +130,10 @@ fn sum<'a>(values: impl Iterator<Item = &'a EpKStats>) -> EpKStats {
     })
 }
 
-fn open<M: TryFrom<Map, Error = aya::maps::MapError>>(pin_dir: &Path, name: &str) -> Result<M, Error> {
+fn open<M: TryFrom<Map, Error = aya::maps::MapError>>(
+    pin_dir: &Path,
+    name: &str,
+) -> Result<M, Error> {
     let path = pin_dir.join(name);
     let err = |reason: String| Error::Map {
         path: path.display().to_string(),

@@ -7,7 +7,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap},
 };
 use drover_common::{
-    Config, EpDKey, EpDStats, EpKStats, EpKey, Enrolment, OrigDst, TupleKey, VipKey, VipValue,
+    Config, Enrolment, EpDKey, EpDStats, EpKStats, EpKey, OrigDst, TupleKey, VipKey, VipValue,
     capacity::{
         self, ENROLLED, ORIG_BY_COOKIE as ORIG_BY_COOKIE_CAP, ORIG_BY_TUPLE as ORIG_BY_TUPLE_CAP,
         SVC_VIPS as SVC_VIPS_CAP,

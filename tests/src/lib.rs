@@ -501,7 +501,8 @@ impl Daemon {
     /// `/clusters` as JSON.
     pub fn clusters(&self) -> serde_json::Value {
         let body = self.admin_get("/clusters");
-        serde_json::from_str(&body).unwrap_or_else(|e| panic!("/clusters is not JSON ({e}): {body}"))
+        serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("/clusters is not JSON ({e}): {body}"))
     }
 
     /// Everything the daemon logged so far.
@@ -586,4 +587,54 @@ pub fn service_entry(
             .join(", "),
         eps.join(", ")
     )
+}
+
+// === BPF maps ===
+
+/// `bpftool map dump pinned … -j` of a BTF map: `(key, value)` pairs of the formatted entries,
+/// per-CPU values summed field by field.
+pub fn bpftool_dump(path: &std::path::Path) -> Vec<(serde_json::Value, serde_json::Value)> {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(path)
+        .output()
+        .expect("run bpftool");
+    assert!(
+        out.status.success(),
+        "bpftool: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    v.as_array()
+        .expect("array of entries")
+        .iter()
+        .map(|e| {
+            let f = &e["formatted"];
+            let value = match f.get("values") {
+                Some(per_cpu) => {
+                    let mut sum = serde_json::Map::new();
+                    for cpu in per_cpu.as_array().unwrap() {
+                        for (k, n) in cpu["value"].as_object().unwrap() {
+                            let acc = sum.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+                            sum.insert(k.clone(), (acc + n.as_u64().unwrap_or(0)).into());
+                        }
+                    }
+                    serde_json::Value::Object(sum)
+                }
+                None => f["value"].clone(),
+            };
+            (f["key"].clone(), value)
+        })
+        .collect()
+}
+
+/// The IPv4 address of a BTF-printed `addr` (four network-order words, v4-mapped).
+pub fn key_addr(key: &serde_json::Value) -> std::net::IpAddr {
+    let words: Vec<u32> = key["addr"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w.as_u64().unwrap() as u32)
+        .collect();
+    std::net::IpAddr::from(words[3].to_ne_bytes())
 }

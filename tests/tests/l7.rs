@@ -4,7 +4,9 @@
 
 use std::net::SocketAddr;
 
-use drover_tests::{Daemon, PinDir, Proc, Topology, probe, require_privileged, write_config};
+use drover_tests::{
+    Daemon, PinDir, Proc, Topology, bpftool_dump, probe, require_privileged, write_config,
+};
 use serde_json::Value;
 
 const URL: &str = "http://127.77.0.10:9080";
@@ -630,7 +632,7 @@ fn walkthrough_scenario3_pool_limits_overflow_with_503() {
     let out =
         m.t.client
             .command("hey")
-            .args(["-z", "3s", "-c", "20", &format!("{URL}/")])
+            .args(["-z", "5s", "-c", "20", &format!("{URL}/")])
             .output()
             .expect("hey");
     let report = String::from_utf8_lossy(&out.stdout).to_string();
@@ -661,4 +663,188 @@ fn walkthrough_scenario3_pool_limits_overflow_with_503() {
         .filter(|l| l.contains("flag=UO"))
         .count() as u64;
     assert_eq!(uo, overflow, "{report}");
+    // The overflow counters of /clusters count exactly the 503s.
+    let c = &m.daemon.clusters()["clusters"][0];
+    let counted = c["stats"]["upstream_rq_pending_overflow"].as_u64().unwrap()
+        + c["stats"]["upstream_rq_overflow"].as_u64().unwrap();
+    assert_eq!(counted, overflow, "{c}");
+    assert!(
+        c["stats"]["upstream_cx_overflow"].as_u64().unwrap() >= overflow,
+        "{c}"
+    );
+    assert_eq!(c["circuit_breakers"]["max_connections"], 1, "{c}");
+    // maxRequestsPerConnection 1: one upstream connection per request that got through.
+    let k = bpftool_dump(&m._pins.path.join("EP_KSTATS"));
+    let attempts: u64 = k.iter().map(|(_, v)| v["attempts"].as_u64().unwrap()).sum();
+    assert_eq!(attempts, ok, "{k:?}");
+}
+
+/// Endpoints `reviews-v1..n` each answering `statuses[i]`, one cluster with `policy` (flow YAML
+/// under `trafficPolicy:`), round robin.
+fn failing(statuses: &[u16], policy: &str) -> Mesh {
+    let servers: Vec<Vec<String>> = statuses
+        .iter()
+        .map(|s| vec!["--status".to_string(), s.to_string()])
+        .collect();
+    let yaml = reviews_service(statuses.len(), "HTTP")
+        + &subsets(&format!(
+            "  trafficPolicy:\n    loadBalancer: {{simple: ROUND_ROBIN}}\n    {policy}\n"
+        ));
+    mesh_full("http", &servers, &yaml, &[])
+}
+
+/// The `/clusters` entry of the service's subset-less cluster.
+fn whole_cluster(m: &Mesh) -> Value {
+    let c = m.daemon.clusters();
+    c["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["subset"].is_null())
+        .unwrap_or_else(|| panic!("{c}"))
+        .clone()
+}
+
+fn endpoints(m: &Mesh) -> Vec<Value> {
+    whole_cluster(m)["endpoints"].as_array().unwrap().clone()
+}
+
+#[test]
+fn max_requests_per_connection_retires_upstream_connections() {
+    if !require_privileged() {
+        return;
+    }
+    for (policy, conns) in [
+        ("connectionPool: {http: {maxRequestsPerConnection: 2}}", 5),
+        ("connectionPool: {tcp: {connectTimeout: 1s}}", 1),
+    ] {
+        let m = failing(&[200], policy);
+        let r = m.http(&[&format!("{URL}/"), "--count", "10", "--concurrency", "1"]);
+        assert_eq!(ok_count(&r), 10, "{r}");
+        assert_eq!(r["peers"], conns, "{policy}: {r}");
+        let k = bpftool_dump(&m._pins.path.join("EP_KSTATS"));
+        let attempts: u64 = k.iter().map(|(_, v)| v["attempts"].as_u64().unwrap()).sum();
+        assert_eq!(attempts, conns, "{policy}: {k:?}");
+    }
+}
+
+#[test]
+fn max_ejection_percent_holds_with_four_bad_endpoints_of_five() {
+    if !require_privileged() {
+        return;
+    }
+    let m = failing(
+        &[500, 500, 500, 500, 200],
+        "outlierDetection: {consecutive5xxErrors: 2, interval: 30s, baseEjectionTime: 30s, maxEjectionPercent: 40}",
+    );
+    let r = m.http(&[&format!("{URL}/"), "--count", "60", "--concurrency", "1"]);
+    assert_eq!(r["errors"], 0, "{r}");
+    let eps = endpoints(&m);
+    let ejected = eps.iter().filter(|e| e["health"] == "ejected").count();
+    // 40 % of 5 = 2: a third ejection would exceed the cap and is refused.
+    assert_eq!(ejected, 2, "{eps:?}");
+    let c = whole_cluster(&m);
+    let stats = &c["stats"];
+    assert_eq!(stats["outlier_detection_ejections_active"], 2, "{stats}");
+    assert!(
+        stats["outlier_detection_ejections_overflow"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "{stats}"
+    );
+    // The healthy endpoint is never ejected.
+    assert!(
+        eps.iter()
+            .any(|e| e["name"] == "reviews-v5" && e["health"] == "healthy"),
+        "{eps:?}"
+    );
+}
+
+#[test]
+fn min_health_percent_panic_balances_across_all_endpoints() {
+    if !require_privileged() {
+        return;
+    }
+    // Two of three fail; with maxEjectionPercent 100 both are ejected. minHealthPercent 50: one
+    // healthy of three (33 %) is below it, so the cluster panics and all three get traffic again.
+    for (min_health, expect_errors) in [(0, false), (50, true)] {
+        let m = failing(
+            &[500, 500, 200],
+            &format!(
+                "outlierDetection: {{consecutive5xxErrors: 1, interval: 30s, baseEjectionTime: 30s, maxEjectionPercent: 100, minHealthPercent: {min_health}}}"
+            ),
+        );
+        let _ = m.http(&[&format!("{URL}/"), "--count", "6", "--concurrency", "1"]);
+        let eps = endpoints(&m);
+        assert_eq!(
+            eps.iter().filter(|e| e["health"] == "ejected").count(),
+            2,
+            "{eps:?}"
+        );
+        let r = m.http(&[&format!("{URL}/"), "--count", "30", "--concurrency", "1"]);
+        let errors = r["status"]["500"].as_u64().unwrap_or(0);
+        assert_eq!(
+            errors > 0,
+            expect_errors,
+            "minHealthPercent {min_health}: {r}"
+        );
+        if expect_errors {
+            // Panic mode spreads over all endpoints (round robin: about two thirds fail).
+            assert!((15..=25).contains(&errors), "{r}");
+        }
+    }
+}
+
+#[test]
+fn gateway_errors_eject_on_their_own_counter_and_500_only_counts_as_5xx() {
+    if !require_privileged() {
+        return;
+    }
+    // consecutive5xxErrors 0 disables the 5xx rule; only 502/503/504 runs eject.
+    let policy = "outlierDetection: {consecutive5xxErrors: 0, consecutiveGatewayErrors: 3, interval: 30s, baseEjectionTime: 30s, maxEjectionPercent: 100}";
+    let m = failing(&[500, 503, 200], policy);
+    let r = m.http(&[&format!("{URL}/"), "--count", "30", "--concurrency", "1"]);
+    assert_eq!(r["errors"], 0, "{r}");
+    let eps = endpoints(&m);
+    let by = |name: &str| eps.iter().find(|e| e["name"] == name).unwrap().clone();
+    let (v1, v2) = (by("reviews-v1"), by("reviews-v2"));
+    assert_eq!(v1["health"], "healthy", "500 is not a gateway error: {v1}");
+    assert_eq!(v2["health"], "ejected", "{v2}");
+    // Exactly three 503s reached v2 before its ejection.
+    assert_eq!(v2["rq_5xx"], 3, "{v2}");
+    assert_eq!(v2["gateway_errors"], 3, "{v2}");
+    assert_eq!(v1["gateway_errors"], 0, "{v1}");
+    assert_eq!(v1["rq_5xx"], v1["rq_total"], "{v1}");
+    assert_eq!(v1["outlier"]["consecutive_gateway"], 0, "{v1}");
+}
+
+#[test]
+fn refusing_endpoint_is_ejected_by_local_origin_failures() {
+    if !require_privileged() {
+        return;
+    }
+    // reviews-v3's workload port has no listener: connects are refused. With split local-origin
+    // errors its own counter ejects it after 2 refusals; the clients see 503 UF only until then.
+    let v3 = format!("spec: {{address: {},", Topology::ep4(3));
+    let yaml = reviews_service(3, "HTTP").replace(&v3, &format!("{v3} ports: {{http: 9999}},"))
+        + &subsets(
+            "  trafficPolicy:
+    loadBalancer: {simple: ROUND_ROBIN}
+    outlierDetection: {splitExternalLocalOriginErrors: true, consecutiveLocalOriginFailures: 2, interval: 30s, baseEjectionTime: 30s, maxEjectionPercent: 100}
+",
+        );
+    assert!(yaml.contains("9999"), "{yaml}");
+    let m = mesh_full("http", &[Vec::new(), Vec::new(), Vec::new()], &yaml, &[]);
+    let r = m.http(&[&format!("{URL}/"), "--count", "30", "--concurrency", "1"]);
+    assert_eq!(r["status"]["503"], 2, "{r}");
+    assert_eq!(ok_count(&r), 28, "{r}");
+    let eps = endpoints(&m);
+    let v3 = eps.iter().find(|e| e["name"] == "reviews-v3").unwrap();
+    assert_eq!(v3["health"], "ejected", "{v3}");
+    assert_eq!(v3["local_origin_failures"], 2, "{v3}");
+    assert_eq!(
+        v3["rq_5xx"], 0,
+        "local-origin failures are not upstream 5xx: {v3}"
+    );
 }

@@ -9,8 +9,8 @@ use std::{
 };
 
 use drover_tests::{
-    Cgroup, Daemon, PinDir, Proc, Topology, probe, require_privileged, service_entry, sh,
-    write_config,
+    Cgroup, Daemon, PinDir, Proc, Topology, bpftool_dump, key_addr, probe, require_privileged,
+    service_entry, sh, write_config,
 };
 
 const VIP: &str = "127.77.0.10";
@@ -743,58 +743,19 @@ spec:
     assert_eq!(served_by(&t), "ep2");
 }
 
-/// `bpftool map dump pinned … -j` of a BTF map: `(key, value)` pairs of the formatted entries,
-/// per-CPU values summed field by field.
-fn bpftool_dump(path: &std::path::Path) -> Vec<(serde_json::Value, serde_json::Value)> {
-    let out = std::process::Command::new("bpftool")
-        .args(["-j", "map", "dump", "pinned"])
-        .arg(path)
-        .output()
-        .expect("run bpftool");
-    assert!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
-    v.as_array()
-        .expect("array of entries")
-        .iter()
-        .map(|e| {
-            let f = &e["formatted"];
-            let value = match f.get("values") {
-                Some(per_cpu) => {
-                    let mut sum = serde_json::Map::new();
-                    for cpu in per_cpu.as_array().unwrap() {
-                        for (k, n) in cpu["value"].as_object().unwrap() {
-                            let acc = sum.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
-                            sum.insert(k.clone(), (acc + n.as_u64().unwrap_or(0)).into());
-                        }
-                    }
-                    serde_json::Value::Object(sum)
-                }
-                None => f["value"].clone(),
-            };
-            (f["key"].clone(), value)
-        })
-        .collect()
-}
-
-/// The IPv4 address of a BTF-printed `addr` (four network-order words, v4-mapped).
-fn key_addr(key: &serde_json::Value) -> std::net::IpAddr {
-    let words: Vec<u32> = key["addr"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|w| w.as_u64().unwrap() as u32)
-        .collect();
-    std::net::IpAddr::from(words[3].to_ne_bytes())
-}
-
 #[test]
 fn counters_agree_between_bpftool_status_and_admin_api() {
     if !require_privileged() {
         return;
     }
     // `echo` balances over two live endpoints; `dead` points at a port nobody listens on.
-    let yaml = service_entry("echo", &[VIP], 80, 7000, &[Topology::ep4(1), Topology::ep4(2)])
-        + &service_entry("dead", &["127.77.0.11"], 81, 7999, &[Topology::ep4(1)]);
+    let yaml = service_entry(
+        "echo",
+        &[VIP],
+        80,
+        7000,
+        &[Topology::ep4(1), Topology::ep4(2)],
+    ) + &service_entry("dead", &["127.77.0.11"], 81, 7999, &[Topology::ep4(1)]);
     let Captured {
         t,
         daemon,
@@ -803,18 +764,30 @@ fn counters_agree_between_bpftool_status_and_admin_api() {
         ..
     } = captured(2, Some(yaml), &[]);
     for _ in 0..6 {
-        let r = probe(Some(&t.client), None, &["connect", &format!("{VIP}:80"), "--send", "hello"]);
+        let r = probe(
+            Some(&t.client),
+            None,
+            &["connect", &format!("{VIP}:80"), "--send", "hello"],
+        );
         assert_eq!(r["echo"], "hello", "{r}");
     }
     for _ in 0..3 {
-        let _ = probe(Some(&t.client), None, &["connect", "127.77.0.11:81", "--send", "x"]);
+        let _ = probe(
+            Some(&t.client),
+            None,
+            &["connect", "127.77.0.11:81", "--send", "x"],
+        );
     }
     // Let the relays finish and close (bounded).
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     let clusters = loop {
         let c = daemon.clusters();
         let busy = c["clusters"].as_array().unwrap().iter().any(|c| {
-            c["endpoints"].as_array().unwrap().iter().any(|e| e["cx_active"] != 0)
+            c["endpoints"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["cx_active"] != 0)
         });
         if !busy || std::time::Instant::now() > deadline {
             break c;
@@ -849,7 +822,11 @@ fn counters_agree_between_bpftool_status_and_admin_api() {
             })
         })
         .collect();
-    assert_eq!(admin_eps.iter().map(|e| e.2).sum::<u64>(), 9, "{admin_eps:?}");
+    assert_eq!(
+        admin_eps.iter().map(|e| e.2).sum::<u64>(),
+        9,
+        "{admin_eps:?}"
+    );
 
     // The daemon-written map shows the same numbers (published before /clusters answered).
     let dstats = bpftool_dump(&_pins.path.join("EP_DSTATS"));
@@ -889,7 +866,11 @@ fn counters_agree_between_bpftool_status_and_admin_api() {
             .args(["--admin", admin])
             .output()
             .expect("run drover status");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("status JSON")
     };
     let s = status(&daemon.admin.unwrap().to_string());
@@ -898,10 +879,16 @@ fn counters_agree_between_bpftool_status_and_admin_api() {
     for (id, ip, rq, _) in &admin_eps {
         let row = rows
             .iter()
-            .find(|r| r["cluster_id"] == *id && r["endpoint"].as_str().unwrap().starts_with(&ip.to_string()))
+            .find(|r| {
+                r["cluster_id"] == *id
+                    && r["endpoint"].as_str().unwrap().starts_with(&ip.to_string())
+            })
             .unwrap_or_else(|| panic!("status row {id} {ip}: {s}"));
         assert_eq!(row["daemon"]["rq_total"], *rq, "{row}");
-        assert!(row["cluster"].as_str().unwrap().starts_with("outbound|"), "{row}");
+        assert!(
+            row["cluster"].as_str().unwrap().starts_with("outbound|"),
+            "{row}"
+        );
     }
     // Maps only when the admin API is unreachable.
     let s = status("127.0.0.1:1");

@@ -26,7 +26,10 @@ use hyper::{
     header::{self, HeaderMap, HeaderValue},
 };
 use hyper_util::{
-    client::legacy::Client,
+    client::legacy::{
+        Client,
+        connect::{CaptureConnection, capture_connection},
+    },
     rt::{TokioExecutor, TokioIo},
     server::conn::auto,
 };
@@ -111,6 +114,7 @@ impl tower_service::Service<Uri> for Connector {
             let stream = super::connect(&ns, addr, DEFAULT_CONNECT_TIMEOUT).await?;
             Ok(Tracked {
                 io: TokioIo::new(stream),
+                uses: Uses::default(),
                 _counted: crate::stats::store().connection(addr),
             })
         })
@@ -120,8 +124,14 @@ impl tower_service::Service<Uri> for Connector {
 /// A pooled upstream connection, counted in its address's `cx_active` while open.
 pub struct Tracked {
     io: TokioIo<TcpStream>,
+    uses: Uses,
     _counted: crate::stats::Connection,
 }
+
+/// Requests sent over one upstream connection (for `maxRequestsPerConnection`), reachable from
+/// a request through hyper-util's connection metadata.
+#[derive(Clone, Debug, Default)]
+struct Uses(Arc<std::sync::atomic::AtomicU32>);
 
 // === impl Tracked ===
 
@@ -167,7 +177,7 @@ impl hyper::rt::Write for Tracked {
 
 impl hyper_util::client::legacy::connect::Connection for Tracked {
     fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
-        self.io.inner().connected()
+        self.io.inner().connected().extra(self.uses.clone())
     }
 }
 
@@ -336,8 +346,20 @@ async fn handle(
         }
     };
     stats.request(ep);
-    match upstream.request(Request::from_parts(parts, body)).await {
+    let mut upstream_req = Request::from_parts(parts, body);
+    let per_connection = decision
+        .cluster
+        .policy
+        .connection_pool
+        .value
+        .as_ref()
+        .and_then(|p| p.max_requests_per_connection);
+    let captured = per_connection.map(|_| capture_connection(&mut upstream_req));
+    match upstream.request(upstream_req).await {
         Ok(mut resp) => {
+            if let (Some(max), Some(captured)) = (per_connection, &captured) {
+                retire_after(captured, max);
+            }
             stats.response(ep, resp.status().as_u16());
             observe(Outcome::Http(resp.status().as_u16()));
             let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
@@ -389,6 +411,20 @@ async fn handle(
             observe(Outcome::LocalFailure);
             log(503, &cluster, &route_name, &endpoint, flag);
             local(StatusCode::SERVICE_UNAVAILABLE, body, flag)
+        }
+    }
+}
+
+/// `maxRequestsPerConnection`: once the connection that carried this request has carried `max`,
+/// it is not reused (closed once the response ends, as Envoy does).
+fn retire_after(captured: &CaptureConnection, max: u32) {
+    if let Some(meta) = captured.connection_metadata().as_ref() {
+        let mut extras = hyper::http::Extensions::new();
+        meta.get_extras(&mut extras);
+        if let Some(uses) = extras.get::<Uses>()
+            && uses.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 >= max
+        {
+            meta.poison();
         }
     }
 }

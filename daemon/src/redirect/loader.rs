@@ -24,7 +24,8 @@ use aya::{
     },
 };
 use drover_common::{
-    Config, DROVER_MARK, Enrolment, EpDKey, EpDStats, OrigDst, PROXY_PORT, TupleKey, VipKey, VipValue, flags, maps,
+    Config, DROVER_MARK, Enrolment, EpDKey, EpDStats, OrigDst, PROXY_PORT, TupleKey, VipKey,
+    VipValue, flags, maps,
 };
 use tokio::{io::unix::AsyncFd, net::TcpStream};
 
