@@ -29,6 +29,8 @@ use crate::{
 pub enum Error {
     #[error("http2MaxRequests {0} reached")]
     RequestOverflow(u32),
+    #[error("maxConnections {0} reached")]
+    ConnectionOverflow(u32),
     #[error("http1MaxPendingRequests {0} reached")]
     PendingOverflow(u32),
     #[error("no connection became free within {0:?}")]
@@ -95,10 +97,15 @@ impl Limits {
         (self.max_requests, self.max_pending, self.max_connections)
     }
 
-    /// Admits one TCP-proxy connection: it needs a connection slot and, when all are busy, waits
-    /// as a pending connection (bounded by the pending limit and `wait`), as Envoy's TCP proxy.
-    pub async fn admit_connection(&self, wait: Duration) -> Result<OwnedSemaphorePermit, Error> {
-        self.slot(wait).await
+    /// Admits one TCP-proxy connection: it needs a connection slot; when all are busy it is
+    /// refused at once and counted as `upstream_cx_overflow`. Envoy 1.40's TCP proxy does exactly
+    /// this (measured: with `max_connections: 1` and `max_pending_requests: 1` the second and
+    /// third downstream connections were reset at once, `upstream_cx_overflow` 2, nothing queued).
+    pub fn admit_connection(&self) -> Result<OwnedSemaphorePermit, Error> {
+        self.connections.clone().try_acquire_owned().map_err(|_| {
+            self.stats.cx_overflow.fetch_add(1, Ordering::Relaxed);
+            Error::ConnectionOverflow(self.max_connections)
+        })
     }
 
     /// A connection slot: at once when one is free, else a bounded, timed wait in the queue.
@@ -213,6 +220,25 @@ mod tests {
             pending.await.unwrap().unwrap_err(),
             Error::PendingTimeout(wait)
         );
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn tcp_connections_over_the_cap_are_refused_at_once() {
+        let l = Limits::new(
+            Some(&pool(|p| {
+                p.max_connections = 1;
+                p.http1_max_pending_requests = 5;
+            })),
+            Arc::default(),
+        );
+        let held = l.admit_connection().unwrap();
+        assert_eq!(
+            l.admit_connection().unwrap_err(),
+            Error::ConnectionOverflow(1)
+        );
+        assert_eq!(l.stats.cx_overflow.load(Ordering::Relaxed), 1);
+        drop(held);
+        assert!(l.admit_connection().is_ok(), "a freed slot is reusable");
     }
 
     #[tokio::test(flavor = "current_thread", start_paused = true)]

@@ -152,14 +152,14 @@ impl Proxy {
                 target: "drover::access",
                 netns = %ns.name, src = ?src, dst = %orig, host = %host, cluster = %cluster,
                 route = %route, endpoint = %endpoint,
-                bytes_sent = sent, bytes_received = received, duration_ms, flag = "-", "tcp"
+                bytes_sent = sent, bytes_received = received, duration_ms, flag = %"-", "tcp"
             ),
             Err(e) => {
                 tracing::info!(
                     target: "drover::access",
                     netns = %ns.name, src = ?src, dst = %orig, host = %host, cluster = %cluster,
                     route = %route, endpoint = %endpoint,
-                    duration_ms, flag = e.response_flag(), reason = %e, "tcp"
+                    duration_ms, flag = %e.response_flag(), reason = %e, "tcp"
                 );
                 let _ = client.shutdown().await;
             }
@@ -204,14 +204,13 @@ impl Proxy {
             .pick
             .and_then(|i| d.cluster.endpoint_stats.get(i))
             .cloned();
-        // Circuit breaker: a connection slot, waiting as a pending connection when all are
-        // taken (bounded by http1MaxPendingRequests and the connect timeout), as Envoy's TCP
-        // proxy does; overflow closes the connection at once.
-        let slot = {
-            let _pending = ep.as_ref().map(|e| e.pending());
-            d.cluster.limits.admit_connection(connect_timeout).await
-        };
-        let _slot = slot.map_err(Error::Overflow)?;
+        // Circuit breaker: a connection slot, or the connection is closed at once (UO), as
+        // Envoy's TCP proxy does.
+        let _slot = d
+            .cluster
+            .limits
+            .admit_connection()
+            .map_err(Error::Overflow)?;
         let _active = d.pick.map(|i| d.cluster.balancer.start(i));
         stats.request(ep.as_deref());
         let connected = connect(ns, addr, connect_timeout).await;

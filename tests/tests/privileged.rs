@@ -218,7 +218,7 @@ fn daemon_upstream_connects_are_not_recaptured() {
         "front must fail, not reach back's endpoint: {r}"
     );
     assert!(
-        daemon.wait_log("flag=\"UF\"", Duration::from_secs(3)),
+        daemon.wait_log("flag=UF", Duration::from_secs(3)),
         "upstream failure logged with UF"
     );
     assert!(
@@ -336,9 +336,10 @@ fn restart_reuses_pinned_maps_and_links() {
     assert!(before.iter().any(|(n, _)| n == "SVC_VIPS"), "{before:?}");
     assert_eq!(
         before.iter().filter(|(n, _)| n.contains('@')).count(),
-        5,
-        "five links pinned: {before:?}"
+        6,
+        "five capture links and the upstream counters' link pinned: {before:?}"
     );
+    assert!(before.iter().any(|(n, _)| n == "EP_KSTATS"), "{before:?}");
     daemon.stop();
 
     let daemon = Daemon::start(&a).expect("daemon restarts");
@@ -735,7 +736,7 @@ spec:
     assert_eq!(code, "503", "{body}");
     assert!(body.contains("subset \"v9\""), "{body}");
     assert!(
-        daemon.wait_log("flag=\"NC\"", Duration::from_secs(2)) || daemon.log().contains("flag=NC"),
+        daemon.wait_log("flag=NC", Duration::from_secs(2)),
         "{}",
         daemon.log()
     );
@@ -914,4 +915,66 @@ fn counters_agree_between_bpftool_status_and_admin_api() {
     assert_eq!(daemon.admin_get("/ready"), "LIVE\n");
     let dump: serde_json::Value = serde_json::from_str(&daemon.admin_get("/config_dump")).unwrap();
     assert_eq!(dump["resources"].as_array().unwrap().len(), 2, "{dump}");
+}
+
+#[test]
+fn tcp_max_connections_closes_overflow_at_once_like_envoy() {
+    if !require_privileged() {
+        return;
+    }
+    let yaml = service_entry("echo", &[VIP], 80, 7000, &[Topology::ep4(1)])
+        + "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: echo, namespace: test}
+spec:
+  host: echo.test.svc
+  trafficPolicy:
+    connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 5}}
+";
+    let Captured {
+        t,
+        daemon,
+        _servers,
+        _pins,
+        ..
+    } = captured(1, Some(yaml), &[]);
+    let greet = |c: &std::net::TcpStream| {
+        let mut reader = BufReader::new(c.try_clone().unwrap());
+        c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut line = String::new();
+        reader.read_line(&mut line).map(|_| line)
+    };
+    let held = t.client.connect(sa(&format!("{VIP}:80")), None).unwrap();
+    assert!(greet(&held).unwrap().starts_with("hello from ep1"));
+    // The second connection is accepted by the capture listener, then closed at once (no
+    // greeting, EOF or reset well before the 3 s read timeout).
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        let extra = t.client.connect(sa(&format!("{VIP}:80")), None).unwrap();
+        match greet(&extra) {
+            Ok(line) => assert!(line.is_empty(), "overflow must not be relayed: {line}"),
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(1), "closed at once");
+    }
+    let c = daemon.clusters();
+    let stats = &c["clusters"][0]["stats"];
+    assert_eq!(stats["upstream_cx_overflow"], 3, "{stats}");
+    assert_eq!(stats["upstream_rq_total"], 1, "{stats}");
+    assert!(daemon.log().contains("flag=UO"));
+    // Once the held connection closes, its slot serves the next one.
+    drop(held);
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let next = t.client.connect(sa(&format!("{VIP}:80")), None).unwrap();
+        if greet(&next).is_ok_and(|l| l.starts_with("hello from ep1")) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the freed slot is reused"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
