@@ -24,6 +24,7 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 mod http;
+pub mod relay;
 
 pub use http::Body;
 
@@ -34,6 +35,8 @@ use crate::{
 
 /// Istio's default connect timeout (mesh `connectTimeout`, 10 s).
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Envoy's TCP proxy idle timeout when no `idleTimeout` is set (1 h).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// Why a captured connection was not relayed.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +51,10 @@ pub enum Error {
     ConnectTimeout { addr: SocketAddr, timeout: Duration },
     #[error("upstream socket in namespace {netns}: {source}")]
     Socket { netns: String, source: io::Error },
+    #[error("no byte either way for {0:?} (idleTimeout)")]
+    IdleTimeout(Duration),
+    #[error("maxConnectionDuration {0:?} reached")]
+    MaxDuration(Duration),
     #[error("circuit breaker: {0}")]
     Overflow(crate::pool::Error),
     #[error("io: {0}")]
@@ -73,6 +80,8 @@ impl Error {
             Error::Overflow(crate::pool::Error::PendingTimeout(_)) => "UT",
             Error::Overflow(_) => "UO",
             Error::Io(_) => "UC",
+            Error::IdleTimeout(_) => "UT",
+            Error::MaxDuration(_) => "DT",
         }
     }
 }
@@ -227,12 +236,43 @@ impl Proxy {
                 },
             );
         }
+        let pool = d.cluster.policy.connection_pool.value.clone();
         drop(registry);
         let mut upstream = connected?;
         let _counted = crate::stats::store().connection(addr);
-        tokio::io::copy_bidirectional(client, &mut upstream)
-            .await
-            .map_err(Error::Io)
+        let (idle, max) = pool.as_ref().map_or((DEFAULT_IDLE_TIMEOUT, None), |p| {
+            if let Some(k) = &p.tcp_keepalive {
+                set_keepalive(&upstream, k);
+            }
+            (p.tcp_idle_timeout, p.max_connection_duration)
+        });
+        match relay::bounded(client, &mut upstream, idle, max).await? {
+            relay::End::Closed(up, down) => Ok((up, down)),
+            relay::End::IdleTimeout(d) => Err(Error::IdleTimeout(d)),
+            relay::End::MaxDuration(d) => Err(Error::MaxDuration(d)),
+        }
+    }
+}
+
+/// `tcpKeepalive` on an upstream socket: keepalive on, and the fields given (whole seconds, as
+/// Envoy truncates them; a field that truncates to 0 keeps the OS default).
+fn set_keepalive(stream: &TcpStream, k: &crate::config::policy::TcpKeepalive) {
+    let secs = |d: Option<Duration>| {
+        d.map(|d| Duration::from_secs(d.as_secs()))
+            .filter(|d| !d.is_zero())
+    };
+    let mut ka = socket2::TcpKeepalive::new();
+    if let Some(t) = secs(k.time) {
+        ka = ka.with_time(t);
+    }
+    if let Some(i) = secs(k.interval) {
+        ka = ka.with_interval(i);
+    }
+    if let Some(p) = k.probes.filter(|p| *p > 0) {
+        ka = ka.with_retries(p);
+    }
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&ka) {
+        tracing::warn!(error = %e, "cannot set tcpKeepalive on an upstream socket");
     }
 }
 

@@ -978,3 +978,57 @@ spec:
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn tcp_keepalive_and_idle_timeout_apply_to_proxied_connections() {
+    if !require_privileged() {
+        return;
+    }
+    let yaml = service_entry("echo", &[VIP], 80, 7000, &[Topology::ep4(1)])
+        + "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: echo, namespace: test}
+spec:
+  host: echo.test.svc
+  trafficPolicy:
+    connectionPool: {tcp: {tcpKeepalive: {time: 7s, interval: 3s, probes: 2}, idleTimeout: 1500ms}}
+";
+    let Captured {
+        t,
+        daemon,
+        _servers,
+        _pins,
+        ..
+    } = captured(1, Some(yaml), &[]);
+    let conn = t.client.connect(sa(&format!("{VIP}:80")), None).unwrap();
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.starts_with("hello from ep1"), "{line}");
+    // The daemon's upstream socket (in the client namespace, towards the endpoint) has the
+    // keepalive timer armed with `time`.
+    let ss = t
+        .client
+        .command("ss")
+        .args(["-tno", "dst", &format!("{}:7000", Topology::ep4(1))])
+        .output()
+        .unwrap();
+    let ss = String::from_utf8_lossy(&ss.stdout);
+    assert!(ss.contains("keepalive"), "{ss}");
+    // Idle for 1.5 s: the proxy closes the connection (EOF) within a bounded wait.
+    let started = std::time::Instant::now();
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 8];
+    let n = reader.read(&mut buf).expect("closed, not timed out");
+    assert_eq!(n, 0);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1200) && waited < Duration::from_secs(4),
+        "{waited:?}"
+    );
+    assert!(
+        daemon.wait_log("idleTimeout", Duration::from_secs(2)),
+        "logged with its cause"
+    );
+}
