@@ -81,11 +81,11 @@ pub struct Cluster {
     /// Endpoints of the service port selected by the subset's labels.
     pub targets: Vec<(usize, SocketAddr)>,
     /// Selection over `targets`, built from the effective `loadBalancer`.
-    pub balancer: Balancer,
+    pub balancer: Arc<Balancer>,
     /// Outlier detection over `targets`, when the effective policy has the block.
-    pub outlier: Option<crate::outlier::Shared>,
+    pub outlier: Option<Arc<crate::outlier::Shared>>,
     /// Cluster-wide circuit breakers from the effective `connectionPool`.
-    pub limits: crate::pool::Limits,
+    pub limits: Arc<crate::pool::Limits>,
     /// Counters of the cluster (kept across reloads by name).
     pub stats: std::sync::Arc<crate::stats::ClusterStats>,
     /// Counters of each target, parallel to `targets`.
@@ -179,6 +179,29 @@ impl Registry {
     /// Every cluster of this snapshot (unordered).
     pub fn clusters(&self) -> impl Iterator<Item = &Cluster> + '_ {
         self.clusters.values()
+    }
+
+    /// Keeps the live state of clusters that a reload did not change: a cluster with the same
+    /// name, endpoints and `loadBalancer`/`connectionPool`/`outlierDetection` values takes over
+    /// the previous snapshot's balancer (in-flight counts), circuit breakers (slots held by open
+    /// connections) and outlier detector (ejections). Changed clusters start afresh, as Envoy
+    /// rebuilds a cluster whose configuration changed.
+    pub fn inherit(&mut self, prev: &Registry) {
+        for (key, c) in self.clusters.iter_mut() {
+            let Some(old) = prev.clusters.get(key) else {
+                continue;
+            };
+            let same = old.name == c.name
+                && old.targets == c.targets
+                && old.policy.load_balancer.value == c.policy.load_balancer.value
+                && old.policy.connection_pool.value == c.policy.connection_pool.value
+                && old.policy.outlier_detection.value == c.policy.outlier_detection.value;
+            if same {
+                c.balancer = old.balancer.clone();
+                c.limits = old.limits.clone();
+                c.outlier = old.outlier.clone();
+            }
+        }
     }
 
     /// The configuration this snapshot was built from.

@@ -115,7 +115,8 @@ impl Reloader {
         let client = self.client.clone();
         let built = tokio::task::spawn_blocking(move || load(&paths, &client)).await;
         match built {
-            Ok(Ok(registry)) => {
+            Ok(Ok(mut registry)) => {
+                registry.inherit(&self.registry.load());
                 for w in registry.warnings() {
                     tracing::warn!("{w}");
                 }

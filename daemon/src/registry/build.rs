@@ -6,6 +6,7 @@
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
+    sync::Arc,
 };
 
 use super::{
@@ -408,19 +409,19 @@ fn clusters(reg: &Registry) -> HashMap<super::ClusterKey, Cluster> {
                         service: s,
                         port: port.number,
                         subset: name.map(str::to_string),
-                        limits: crate::pool::Limits::new(
+                        limits: Arc::new(crate::pool::Limits::new(
                             policy.connection_pool.value.as_ref(),
                             stats.clone(),
-                        ),
+                        )),
                         stats,
                         outlier: policy
                             .outlier_detection
                             .value
                             .clone()
-                            .map(|od| crate::outlier::Shared::new(od, targets.len())),
+                            .map(|od| Arc::new(crate::outlier::Shared::new(od, targets.len()))),
                         policy,
                         targets,
-                        balancer,
+                        balancer: Arc::new(balancer),
                     },
                 );
             }

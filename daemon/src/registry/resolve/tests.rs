@@ -356,3 +356,51 @@ fn unknown_subsets_are_not_clusters() {
             .contains("not defined by any DestinationRule")
     );
 }
+
+#[test]
+fn reload_keeps_live_state_of_unchanged_clusters_only() {
+    let od = "host: reviews.b.svc.cluster.local\ntrafficPolicy:\n  outlierDetection: {consecutive5xxErrors: 1, maxEjectionPercent: 100}\n";
+    let old = registry(&dr("b", "r", od), "b", &[]);
+    let key = |r: &Registry| {
+        let (s, _) = r.service("reviews.b.svc.cluster.local").unwrap();
+        let c = r.cluster(s, 9080, None).unwrap();
+        (
+            c.outlier.clone().unwrap(),
+            c.limits.clone(),
+            c.balancer.clone(),
+        )
+    };
+    let (od_old, limits_old, lb_old) = key(&old);
+    od_old.observe(0, crate::outlier::Outcome::Http(500));
+    // An unrelated change (another rule for another host): the cluster keeps its detector,
+    // breakers and balancer, so the ejection survives.
+    let mut same = registry(
+        &(dr("b", "r", od)
+            + &dr(
+                "ext",
+                "api",
+                "host: api.v1.foo.com\ntrafficPolicy: {loadBalancer: {simple: RANDOM}}",
+            )),
+        "b",
+        &[],
+    );
+    same.inherit(&old);
+    let (od_same, limits_same, lb_same) = key(&same);
+    assert!(Arc::ptr_eq(&od_old, &od_same) && Arc::ptr_eq(&limits_old, &limits_same));
+    assert!(Arc::ptr_eq(&lb_old, &lb_same));
+    assert!(od_same.health(0).ejected);
+    // A changed outlierDetection starts a fresh detector, as Envoy rebuilds the cluster.
+    let mut changed = registry(
+        &dr(
+            "b",
+            "r",
+            &od.replace("consecutive5xxErrors: 1", "consecutive5xxErrors: 2"),
+        ),
+        "b",
+        &[],
+    );
+    changed.inherit(&old);
+    let (od_new, _, _) = key(&changed);
+    assert!(!Arc::ptr_eq(&od_old, &od_new));
+    assert!(!od_new.health(0).ejected);
+}
