@@ -483,6 +483,11 @@ impl Daemon {
         }
     }
 
+    /// The daemon's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// `GET` on the admin API (through curl, bounded to 5 s); the body.
     pub fn admin_get(&self, path: &str) -> String {
         let addr = self.admin.expect("daemon started with an admin API");

@@ -31,6 +31,12 @@ struct Args {
     /// Skip the L4 part.
     #[arg(long)]
     http_only: bool,
+    /// Idle connections held open for the memory measurement.
+    #[arg(long, default_value = "1000")]
+    idle_conns: usize,
+    /// Rounds of the interleaved policy-overhead comparison.
+    #[arg(long, default_value = "3")]
+    rounds: usize,
 }
 
 const VIP: &str = "127.77.0.10";
@@ -111,10 +117,172 @@ fn main() {
         std::env::set_var("DROVER_TEST_LOG", "warn,drover::app=info");
     }
 
+    raise_nofile();
     if !args.http_only {
         l4(&args, &t, ep, quiet);
     }
     http(&args, &t, ep);
+    policy_overhead_and_idle_memory(&args, &t, ep);
+}
+
+/// Lifts this process's open-file limit to its hard limit (thousands of idle sockets).
+fn raise_nofile() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// One daemon, two services on the same endpoint: `plain` (no DestinationRule) and `policy`
+/// (connection-pool caps high enough never to trip, plus outlier detection). Closed-loop rps on
+/// each, interleaved over several rounds; then daemon RSS per idle proxied connection (TCP relay
+/// and HTTP keep-alive).
+fn policy_overhead_and_idle_memory(args: &Args, t: &Topology, ep: std::net::IpAddr) {
+    const POLICY_VIP: &str = "127.77.0.11";
+    let _http = Proc::server(
+        Some(&t.endpoints[0]),
+        "http",
+        &[SocketAddr::new(ep, 9080)],
+        "bench",
+    );
+    let _echo = Proc::server(
+        Some(&t.endpoints[0]),
+        "echo",
+        &[SocketAddr::new(ep, 7000)],
+        "bench",
+    );
+    let se = |name: &str, vip: &str| {
+        format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}}}\nspec:\n  hosts: [{name}.svc]\n  addresses: [{vip}]\n  ports: [{{number: 9080, name: http, protocol: HTTP}}, {{number: 7000, name: tcp}}]\n  resolution: STATIC\n  endpoints: [{{address: {ep}}}]\n"
+        )
+    };
+    let cfg = write_config(&format!(
+        "{}{}---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: policy}}
+spec:
+  host: policy.svc
+  trafficPolicy:
+    connectionPool:
+      tcp: {{maxConnections: 100000, connectTimeout: 5s}}
+      http: {{http1MaxPendingRequests: 100000, http2MaxRequests: 100000}}
+    outlierDetection: {{consecutive5xxErrors: 5, interval: 10s, baseEjectionTime: 30s}}
+",
+        se("plain", VIP),
+        se("policy", POLICY_VIP)
+    ));
+    let pins = PinDir::new();
+    let mut d = Daemon::start(&[
+        "--config".into(),
+        cfg.display().to_string(),
+        "--netns".into(),
+        t.client.name.clone(),
+        "--pin-dir".into(),
+        pins.path.display().to_string(),
+        "--workers".into(),
+        "1".into(),
+    ])
+    .expect("drover starts");
+    let rps = |vip: &str| {
+        let v = probe(
+            Some(&t.client),
+            None,
+            &[
+                "http",
+                &format!("http://{vip}:9080/"),
+                "--count",
+                &args.http_count.to_string(),
+                "--concurrency",
+                "16",
+                "--max-secs",
+                "30",
+            ],
+        );
+        assert!(v["errors"].as_u64() == Some(0), "{vip}: {v}");
+        v["rps"].as_f64().unwrap_or(f64::NAN)
+    };
+    let (mut plain, mut policy) = (Vec::new(), Vec::new());
+    for _ in 0..args.rounds.max(1) {
+        plain.push(rps(VIP));
+        policy.push(rps(POLICY_VIP));
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (p, q) = (median(&mut plain), median(&mut policy));
+    println!(
+        "\nPolicy overhead: HTTP/1.1 rps, {} requests × {} interleaved rounds, 16 in flight, 1 worker",
+        args.http_count, args.rounds
+    );
+    println!("{:<34} {:>10}", "destination", "median rps");
+    println!("{:<34} {:>10.0}", "no DestinationRule", p);
+    println!("{:<34} {:>10.0}", "caps + outlier detection", q);
+    println!("policy / plain: {:.3} (rounds: {plain:.0?} vs {policy:.0?})", q / p);
+
+    // Idle connections: RSS before and after opening them, per connection.
+    let pid = d.pid().expect("daemon pid");
+    let mut idle_rows = Vec::new();
+    for (kind, addr) in [
+        ("TCP relay", format!("{VIP}:7000")),
+        ("HTTP/1.1 keep-alive", format!("{VIP}:9080")),
+    ] {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let before = rss_kib(pid);
+        let mut held = Vec::with_capacity(args.idle_conns);
+        for _ in 0..args.idle_conns {
+            let c = t
+                .client
+                .connect(addr.parse().unwrap(), None)
+                .expect("idle connection");
+            let mut r = std::io::BufReader::new(c.try_clone().unwrap());
+            let mut line = String::new();
+            if kind.starts_with("HTTP") {
+                use std::io::Write;
+                (&c).write_all(b"GET / HTTP/1.1\r\nhost: plain.svc\r\n\r\n").unwrap();
+            }
+            // First line of the greeting or of the response: the connection is proxied.
+            std::io::BufRead::read_line(&mut r, &mut line).unwrap();
+            assert!(!line.is_empty(), "{kind}: no answer");
+            held.push((c, r));
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let after = rss_kib(pid);
+        idle_rows.push((kind, before, after));
+        drop(held);
+    }
+    println!(
+        "\nIdle proxied connections: {} held open per kind, daemon RSS (1 worker)",
+        args.idle_conns
+    );
+    println!(
+        "{:<22} {:>12} {:>12} {:>16}",
+        "kind", "before KiB", "after KiB", "KiB/connection"
+    );
+    for (kind, before, after) in idle_rows {
+        println!(
+            "{:<22} {:>12} {:>12} {:>16.1}",
+            kind,
+            before,
+            after,
+            after.saturating_sub(before) as f64 / args.idle_conns as f64
+        );
+    }
+    println!("reproduce: cargo xtask bench --http-only (this part runs last)");
+    d.stop();
 }
 
 fn l4(args: &Args, t: &Topology, ep: std::net::IpAddr, quiet: impl Fn(&mut Vec<String>, &PinDir)) {
