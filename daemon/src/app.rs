@@ -56,10 +56,12 @@ pub struct ConfigRejected(pub config::Error);
 /// Starts the daemon.
 pub async fn build(cfg: RunConfig) -> anyhow::Result<Bound> {
     // Every proxied connection costs two descriptors; use all the hard limit allows.
-    if let Ok((soft, hard)) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+    if let Ok((soft, hard)) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
         && soft < hard
     {
-        let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
+        let _ =
+            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
     }
     let registry = reload::load(&cfg.config_paths, &cfg.client).map_err(ConfigRejected)?;
     for w in registry.warnings() {

@@ -848,3 +848,38 @@ fn refusing_endpoint_is_ejected_by_local_origin_failures() {
         "local-origin failures are not upstream 5xx: {v3}"
     );
 }
+
+#[test]
+fn h2_upgrade_policy_and_use_client_protocol_pick_the_upstream_protocol() {
+    if !require_privileged() {
+        return;
+    }
+    let version = |policy: &str, h2_client: bool| {
+        let m = failing(&[200], policy);
+        let mut a = vec![format!("{URL}/"), "--count".into(), "1".into()];
+        if h2_client {
+            a.push("--h2".into());
+        }
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        let r = m.http(&a);
+        assert_eq!(ok_count(&r), 1, "{r}");
+        r["first"]["version"].as_str().unwrap().to_string()
+    };
+    // An `http` port speaks HTTP/1.1 upstream by default, whatever the client speaks.
+    assert_eq!(
+        version("connectionPool: {tcp: {connectTimeout: 1s}}", true),
+        "HTTP/1.1"
+    );
+    assert_eq!(
+        version("connectionPool: {http: {h2UpgradePolicy: UPGRADE}}", false),
+        "HTTP/2.0"
+    );
+    assert_eq!(
+        version("connectionPool: {http: {useClientProtocol: true}}", true),
+        "HTTP/2.0"
+    );
+    assert_eq!(
+        version("connectionPool: {http: {useClientProtocol: true}}", false),
+        "HTTP/1.1"
+    );
+}

@@ -37,6 +37,7 @@ use tokio::{net::TcpStream, time::Instant};
 
 use super::{DEFAULT_CONNECT_TIMEOUT, Error};
 use crate::{
+    config::policy::H2Upgrade,
     outlier::Outcome,
     redirect::netns::NetNs,
     registry::{RegistryHandle, RouteError, Target, route},
@@ -289,11 +290,18 @@ async fn handle(
         }
         Target::Passthrough(addr) => (addr, format!("passthrough@{addr}"), None),
     };
-    let h2 = route::is_h2(
-        snapshot
-            .lookup(orig)
-            .and_then(|(_, p)| p.protocol.as_deref()),
-    );
+    let pool = decision.cluster.policy.connection_pool.value.as_ref();
+    // Upstream protocol: the port's (http2/grpc → h2), unless the rule mirrors the client's
+    // (`useClientProtocol`) or upgrades (`h2UpgradePolicy: UPGRADE`).
+    let h2 = match pool {
+        Some(p) if p.use_client_protocol => parts.version == Version::HTTP_2,
+        Some(p) if p.h2_upgrade == H2Upgrade::Upgrade => true,
+        _ => route::is_h2(
+            snapshot
+                .lookup(orig)
+                .and_then(|(_, p)| p.protocol.as_deref()),
+        ),
+    };
 
     // Forward: same method, path, headers (minus hop-by-hop), body; to the chosen endpoint.
     let path_and_query = parts
@@ -347,13 +355,7 @@ async fn handle(
     };
     stats.request(ep);
     let mut upstream_req = Request::from_parts(parts, body);
-    let per_connection = decision
-        .cluster
-        .policy
-        .connection_pool
-        .value
-        .as_ref()
-        .and_then(|p| p.max_requests_per_connection);
+    let per_connection = pool.and_then(|p| p.max_requests_per_connection);
     let captured = per_connection.map(|_| capture_connection(&mut upstream_req));
     match upstream.request(upstream_req).await {
         Ok(mut resp) => {

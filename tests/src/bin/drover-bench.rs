@@ -231,7 +231,10 @@ spec:
     println!("{:<34} {:>10}", "destination", "median rps");
     println!("{:<34} {:>10.0}", "no DestinationRule", p);
     println!("{:<34} {:>10.0}", "caps + outlier detection", q);
-    println!("policy / plain: {:.3} (rounds: {plain:.0?} vs {policy:.0?})", q / p);
+    println!(
+        "policy / plain: {:.3} (rounds: {plain:.0?} vs {policy:.0?})",
+        q / p
+    );
 
     // Idle connections: RSS before and after opening them, per connection.
     let pid = d.pid().expect("daemon pid");
@@ -252,7 +255,8 @@ spec:
             let mut line = String::new();
             if kind.starts_with("HTTP") {
                 use std::io::Write;
-                (&c).write_all(b"GET / HTTP/1.1\r\nhost: plain.svc\r\n\r\n").unwrap();
+                (&c).write_all(b"GET / HTTP/1.1\r\nhost: plain.svc\r\n\r\n")
+                    .unwrap();
             }
             // First line of the greeting or of the response: the connection is proxied.
             std::io::BufRead::read_line(&mut r, &mut line).unwrap();
