@@ -3,15 +3,13 @@
 //! `maxConnectionDuration` (the proxied connection is closed when it expires).
 //!
 //! Invariants: driven by tokio time only (unit-tested with a paused clock); whichever bound ends
-//! the relay is reported, and both streams are simply dropped by the caller (closed).
+//! the relay is reported, and both streams are simply dropped by the caller (closed); an idle
+//! connection holds no copy buffer (see [`Pump`]).
 
 use std::{
     io,
     pin::Pin,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::atomic::{AtomicU64, Ordering},
     task::{Context, Poll},
     time::Duration,
 };
@@ -30,50 +28,83 @@ pub enum End {
     MaxDuration(Duration),
 }
 
-/// A stream that stamps the time of the last byte it moved.
-struct Stamped<'a, S> {
-    inner: &'a mut S,
-    base: Instant,
-    last_ms: Arc<AtomicU64>,
+/// Bytes moved per read; a buffer exists only while its direction has data in flight.
+const BUF: usize = 16 * 1024;
+
+/// One direction of the relay. Unlike `tokio::io::copy_bidirectional`, which keeps two 8 KiB
+/// buffers for a connection's whole life, the buffer is dropped whenever the reader has nothing
+/// more and everything read was written, so an idle connection holds no buffer at all.
+#[derive(Default)]
+struct Pump {
+    buf: Option<Box<[u8]>>,
+    pos: usize,
+    cap: usize,
+    eof: bool,
+    done: bool,
+    unflushed: bool,
+    moved: u64,
 }
 
-impl<S> Stamped<'_, S> {
-    fn touch(&self) {
-        self.last_ms
-            .store(self.base.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Stamped<'_, S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
+impl Pump {
+    /// Copies from `r` to `w` until `r` ends (then shuts `w` down); stamps `last_ms` on input.
+    fn poll<R, W>(
+        &mut self,
         cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut *self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.touch();
+        mut r: Pin<&mut R>,
+        mut w: Pin<&mut W>,
+        stamp: &dyn Fn(),
+    ) -> Poll<io::Result<u64>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        if self.done {
+            return Poll::Ready(Ok(self.moved));
         }
-        r
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Stamped<'_, S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.inner).poll_shutdown(cx)
+        loop {
+            if self.pos == self.cap && !self.eof {
+                let buf = self.buf.get_or_insert_with(|| vec![0u8; BUF].into_boxed_slice());
+                let mut rb = ReadBuf::new(buf);
+                match r.as_mut().poll_read(cx, &mut rb) {
+                    Poll::Pending => {
+                        // Nothing buffered: give the memory back while the reader is idle.
+                        self.buf = None;
+                        if self.unflushed {
+                            std::task::ready!(w.as_mut().poll_flush(cx))?;
+                            self.unflushed = false;
+                        }
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Ready(Ok(())) => {
+                        let n = rb.filled().len();
+                        if n == 0 {
+                            self.eof = true;
+                        } else {
+                            stamp();
+                            self.pos = 0;
+                            self.cap = n;
+                        }
+                    }
+                }
+            }
+            while self.pos < self.cap {
+                let buf = self.buf.as_deref().expect("buffered data has a buffer");
+                let n = std::task::ready!(w.as_mut().poll_write(cx, &buf[self.pos..self.cap]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.pos += n;
+                self.moved += n as u64;
+                self.unflushed = true;
+            }
+            if self.eof {
+                self.buf = None;
+                std::task::ready!(w.as_mut().poll_shutdown(cx))?;
+                self.done = true;
+                return Poll::Ready(Ok(self.moved));
+            }
+        }
     }
 }
 
@@ -90,18 +121,18 @@ where
     B: AsyncRead + AsyncWrite + Unpin,
 {
     let base = Instant::now();
-    let last_ms = Arc::new(AtomicU64::new(0));
-    let mut a = Stamped {
-        inner: client,
-        base,
-        last_ms: last_ms.clone(),
-    };
-    let mut b = Stamped {
-        inner: upstream,
-        base,
-        last_ms: last_ms.clone(),
-    };
-    let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
+    let last_ms = AtomicU64::new(0);
+    let stamp = || last_ms.store(base.elapsed().as_millis() as u64, Ordering::Relaxed);
+    let (mut up, mut down) = (Pump::default(), Pump::default());
+    let copy = std::future::poll_fn(|cx| {
+        let a = up.poll(cx, Pin::new(&mut *client), Pin::new(&mut *upstream), &stamp);
+        let b = down.poll(cx, Pin::new(&mut *upstream), Pin::new(&mut *client), &stamp);
+        match (a, b) {
+            (Poll::Ready(Err(e)), _) | (_, Poll::Ready(Err(e))) => Poll::Ready(Err(e)),
+            (Poll::Ready(Ok(a)), Poll::Ready(Ok(b))) => Poll::Ready(Ok((a, b))),
+            _ => Poll::Pending,
+        }
+    });
     let idle_watch = async {
         if idle.is_zero() {
             return std::future::pending().await;
@@ -130,6 +161,8 @@ where
 #[cfg(test)]
 mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
+
+    use super::Pump;
 
     use super::*;
 
@@ -204,5 +237,45 @@ mod tests {
             (&b"hello"[..], &b"ok"[..])
         );
         assert_eq!(relay.await.unwrap().unwrap(), End::Closed(5, 2));
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn both_directions_survive_backpressure_and_idle_pumps_hold_no_buffer() {
+        // 64-byte pipes force partial writes; 300 KiB each way, concurrently.
+        let (app, mut client) = duplex(64);
+        let (mut upstream, server) = duplex(64);
+        let data: Vec<u8> = (0..300 * 1024).map(|i| (i % 251) as u8).collect();
+        let relay = tokio::spawn(async move {
+            bounded(&mut client, &mut upstream, Duration::from_secs(60), None).await
+        });
+        let (d1, d2) = (data.clone(), data.clone());
+        let (mut app_r, mut app_w) = tokio::io::split(app);
+        let (mut srv_r, mut srv_w) = tokio::io::split(server);
+        let up = tokio::spawn(async move {
+            app_w.write_all(&d1).await.unwrap();
+            app_w.shutdown().await.unwrap();
+        });
+        let down = tokio::spawn(async move {
+            srv_w.write_all(&d2).await.unwrap();
+            srv_w.shutdown().await.unwrap();
+        });
+        let (mut at_server, mut at_app) = (Vec::new(), Vec::new());
+        srv_r.read_to_end(&mut at_server).await.unwrap();
+        app_r.read_to_end(&mut at_app).await.unwrap();
+        up.await.unwrap();
+        down.await.unwrap();
+        assert!(at_server == data && at_app == data);
+        let n = data.len() as u64;
+        assert_eq!(relay.await.unwrap().unwrap(), End::Closed(n, n));
+
+        // A pump whose reader has nothing frees its buffer.
+        let (mut idle_r, _keep) = duplex(64);
+        let (mut sink, _keep2) = duplex(64);
+        let mut pump = Pump::default();
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let r = pump.poll(&mut cx, Pin::new(&mut idle_r), Pin::new(&mut sink), &|| {});
+        assert!(r.is_pending());
+        assert!(pump.buf.is_none());
     }
 }

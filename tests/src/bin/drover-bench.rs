@@ -151,21 +151,16 @@ fn rss_kib(pid: u32) -> u64 {
 /// and HTTP keep-alive).
 fn policy_overhead_and_idle_memory(args: &Args, t: &Topology, ep: std::net::IpAddr) {
     const POLICY_VIP: &str = "127.77.0.11";
+    // The echo server of port 7000 (started by `main`) serves the TCP part.
     let _http = Proc::server(
         Some(&t.endpoints[0]),
         "http",
-        &[SocketAddr::new(ep, 9080)],
-        "bench",
-    );
-    let _echo = Proc::server(
-        Some(&t.endpoints[0]),
-        "echo",
-        &[SocketAddr::new(ep, 7000)],
+        &[SocketAddr::new(ep, 9081)],
         "bench",
     );
     let se = |name: &str, vip: &str| {
         format!(
-            "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}}}\nspec:\n  hosts: [{name}.svc]\n  addresses: [{vip}]\n  ports: [{{number: 9080, name: http, protocol: HTTP}}, {{number: 7000, name: tcp}}]\n  resolution: STATIC\n  endpoints: [{{address: {ep}}}]\n"
+            "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}}}\nspec:\n  hosts: [{name}.svc]\n  addresses: [{vip}]\n  ports: [{{number: 9080, name: http, protocol: HTTP, targetPort: 9081}}, {{number: 7000, name: tcp}}]\n  resolution: STATIC\n  endpoints: [{{address: {ep}}}]\n"
         )
     };
     let cfg = write_config(&format!(
