@@ -19,7 +19,7 @@ struct Args {
     /// Bytes per throughput measurement.
     #[arg(long, default_value = "2147483648")]
     bytes: u64,
-    /// HTTP requests per throughput measurement.
+    /// HTTP requests per throughput measurement (and per round of the policy comparison).
     #[arg(long, default_value = "20000")]
     http_count: u32,
     /// Request rate of the fixed-rate latency measurement.
@@ -35,7 +35,7 @@ struct Args {
     #[arg(long, default_value = "1000")]
     idle_conns: usize,
     /// Rounds of the interleaved policy-overhead comparison.
-    #[arg(long, default_value = "3")]
+    #[arg(long, default_value = "7")]
     rounds: usize,
 }
 
@@ -133,6 +133,17 @@ fn raise_nofile() {
     }
 }
 
+/// CPU time a process has used so far (all threads), in nanoseconds.
+fn cpu_ns(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
 /// Resident memory of a process, in KiB.
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -191,7 +202,10 @@ spec:
         "1".into(),
     ])
     .expect("drover starts");
+    let pid = d.pid().expect("daemon pid");
+    // (requests per second, daemon CPU µs per request) of one closed-loop run.
     let rps = |vip: &str| {
+        let cpu = cpu_ns(pid);
         let v = probe(
             Some(&t.client),
             None,
@@ -207,32 +221,55 @@ spec:
             ],
         );
         assert!(v["errors"].as_u64() == Some(0), "{vip}: {v}");
-        v["rps"].as_f64().unwrap_or(f64::NAN)
+        let cpu_us = (cpu_ns(pid) - cpu) as f64 / 1e3 / args.http_count as f64;
+        (v["rps"].as_f64().unwrap_or(f64::NAN), cpu_us)
     };
-    let (mut plain, mut policy) = (Vec::new(), Vec::new());
-    for _ in 0..args.rounds.max(1) {
-        plain.push(rps(VIP));
-        policy.push(rps(POLICY_VIP));
+    // Pairs run back to back (order alternating) so that drift on a noisy machine hits both
+    // sides of a pair alike; the ratio reported is the median of the per-pair ratios.
+    let (mut plain, mut policy, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut plain_cpu, mut policy_cpu) = (Vec::new(), Vec::new());
+    for round in 0..args.rounds.max(1) {
+        let (a, b) = if round % 2 == 0 {
+            let a = rps(VIP);
+            (a, rps(POLICY_VIP))
+        } else {
+            let b = rps(POLICY_VIP);
+            (rps(VIP), b)
+        };
+        plain.push(a.0);
+        policy.push(b.0);
+        ratios.push(b.0 / a.0);
+        plain_cpu.push(a.1);
+        policy_cpu.push(b.1);
     }
-    let median = |v: &mut Vec<f64>| {
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let (p, q) = (median(&mut plain), median(&mut policy));
+    let (p, q) = (median(&plain), median(&policy));
     println!(
         "\nPolicy overhead: HTTP/1.1 rps, {} requests × {} interleaved rounds, 16 in flight, 1 worker",
         args.http_count, args.rounds
     );
-    println!("{:<34} {:>10}", "destination", "median rps");
-    println!("{:<34} {:>10.0}", "no DestinationRule", p);
-    println!("{:<34} {:>10.0}", "caps + outlier detection", q);
+    let (pc, qc) = (median(&plain_cpu), median(&policy_cpu));
     println!(
-        "policy / plain: {:.3} (rounds: {plain:.0?} vs {policy:.0?})",
-        q / p
+        "{:<34} {:>10} {:>22}",
+        "destination", "median rps", "daemon CPU µs/request"
+    );
+    println!("{:<34} {:>10.0} {:>22.2}", "no DestinationRule", p, pc);
+    println!("{:<34} {:>10.0} {:>22.2}", "caps + outlier detection", q, qc);
+    println!(
+        "policy / plain CPU per request: {:.3} (the rps ratio below is noisier on a shared 2-core VM)",
+        qc / pc
+    );
+    println!(
+        "policy / plain, median of per-pair ratios: {:.3} (pairs: {:.3?})",
+        median(&ratios),
+        ratios
     );
 
     // Idle connections: RSS before and after opening them, per connection.
-    let pid = d.pid().expect("daemon pid");
     let mut idle_rows = Vec::new();
     for (kind, addr) in [
         ("TCP relay", format!("{VIP}:7000")),
