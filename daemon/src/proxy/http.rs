@@ -197,11 +197,13 @@ pub async fn serve(
         let upstreams = upstreams.clone();
         let ns = ns.clone();
         let connection = connection.clone();
-        async move {
+        // Boxed: the connection keeps its service future inline for its whole life, so an idle
+        // keep-alive connection would otherwise carry the (large) request state machine.
+        Box::pin(async move {
             Ok::<_, Infallible>(
                 handle(&registry, &upstreams, &ns, orig, src, &connection, req).await,
             )
-        }
+        })
     });
     let builder = auto::Builder::new(TokioExecutor::new());
     if let Err(e) = builder

@@ -63,7 +63,9 @@ impl Pump {
         }
         loop {
             if self.pos == self.cap && !self.eof {
-                let buf = self.buf.get_or_insert_with(|| vec![0u8; BUF].into_boxed_slice());
+                let buf = self
+                    .buf
+                    .get_or_insert_with(|| vec![0u8; BUF].into_boxed_slice());
                 let mut rb = ReadBuf::new(buf);
                 match r.as_mut().poll_read(cx, &mut rb) {
                     Poll::Pending => {

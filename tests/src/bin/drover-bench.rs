@@ -258,7 +258,10 @@ spec:
         "destination", "median rps", "daemon CPU µs/request"
     );
     println!("{:<34} {:>10.0} {:>22.2}", "no DestinationRule", p, pc);
-    println!("{:<34} {:>10.0} {:>22.2}", "caps + outlier detection", q, qc);
+    println!(
+        "{:<34} {:>10.0} {:>22.2}",
+        "caps + outlier detection", q, qc
+    );
     println!(
         "policy / plain CPU per request: {:.3} (the rps ratio below is noisier on a shared 2-core VM)",
         qc / pc
