@@ -73,7 +73,7 @@ pub async fn collect(pin_dir: &Path, admin: Option<SocketAddr>) -> Result<Report
             kernel,
         });
     }
-    rows.sort_by(|a, b| (a.cluster_id, a.endpoint).cmp(&(b.cluster_id, b.endpoint)));
+    rows.sort_by_key(|r| (r.cluster_id, r.endpoint));
     Ok(Report { rows, admin_error })
 }
 
