@@ -130,6 +130,16 @@ enum Command {
     },
 }
 
+/// `/logging?level=` for the admin API: replaces the log filter through `handle`.
+fn log_control<S: 'static>(
+    handle: tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, S>,
+) -> drover::admin::LogControl {
+    std::sync::Arc::new(move |level: &str| {
+        let filter = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        handle.reload(filter).map_err(|e| e.to_string())
+    })
+}
+
 /// `--admin`: an address, or `off`.
 #[derive(Clone, Copy)]
 struct Admin(Option<std::net::SocketAddr>);
@@ -155,23 +165,15 @@ fn main() -> ExitCode {
             let fmt = fmt
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .with_filter_reloading();
-            let handle = fmt.reload_handle();
+            let control = log_control(fmt.reload_handle());
             fmt.init();
-            std::sync::Arc::new(move |level: &str| {
-                let filter =
-                    tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;
-                handle.reload(filter).map_err(|e| e.to_string())
-            })
+            control
         }
         LogFormat::Json => {
             let fmt = fmt.json().with_ansi(false).with_filter_reloading();
-            let handle = fmt.reload_handle();
+            let control = log_control(fmt.reload_handle());
             fmt.init();
-            std::sync::Arc::new(move |level: &str| {
-                let filter =
-                    tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;
-                handle.reload(filter).map_err(|e| e.to_string())
-            })
+            control
         }
     };
     let log_control = Some(log_control);

@@ -76,6 +76,23 @@ fn captured(n: usize, yaml: Option<String>, extra: &[&str]) -> Captured {
     }
 }
 
+/// `echo` (VIP:80 → port 7000 of ep1) with a DestinationRule whose `trafficPolicy` is `policy`
+/// (one flow-style line).
+fn echo_with_policy(policy: &str) -> String {
+    service_entry("echo", &[VIP], 80, 7000, &[Topology::ep4(1)])
+        + &format!(
+            "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: echo, namespace: test}}
+spec:
+  host: echo.test.svc
+  trafficPolicy:
+    {policy}
+"
+        )
+}
+
 fn greeting_of(v: &serde_json::Value) -> &str {
     v["greeting"]
         .as_str()
@@ -922,16 +939,9 @@ fn tcp_max_connections_closes_overflow_at_once_like_envoy() {
     if !require_privileged() {
         return;
     }
-    let yaml = service_entry("echo", &[VIP], 80, 7000, &[Topology::ep4(1)])
-        + "---
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: echo, namespace: test}
-spec:
-  host: echo.test.svc
-  trafficPolicy:
-    connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 5}}
-";
+    let yaml = echo_with_policy(
+        "connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 5}}",
+    );
     let Captured {
         t,
         daemon,
@@ -984,16 +994,9 @@ fn tcp_keepalive_and_idle_timeout_apply_to_proxied_connections() {
     if !require_privileged() {
         return;
     }
-    let yaml = service_entry("echo", &[VIP], 80, 7000, &[Topology::ep4(1)])
-        + "---
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: echo, namespace: test}
-spec:
-  host: echo.test.svc
-  trafficPolicy:
-    connectionPool: {tcp: {tcpKeepalive: {time: 7s, interval: 3s, probes: 2}, idleTimeout: 1500ms}}
-";
+    let yaml = echo_with_policy(
+        "connectionPool: {tcp: {tcpKeepalive: {time: 7s, interval: 3s, probes: 2}, idleTimeout: 1500ms}}",
+    );
     let Captured {
         t,
         daemon,

@@ -175,93 +175,42 @@ impl Kernel {
     /// Makes `EP_DSTATS` hold exactly `rows` (the daemon is its only writer).
     pub fn publish_endpoint_stats(&self, rows: &[(EpDKey, EpDStats)]) -> Result<(), Error> {
         let mut map = self.ep_dstats.lock().expect("ep_dstats map lock");
-        let wanted: HashSet<EpDKey> = rows.iter().map(|(k, _)| *k).collect();
-        let stale: Vec<EpDKey> = map
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !wanted.contains(k))
-            .collect();
-        for k in stale {
-            let _ = map.remove(&k);
-        }
-        for (k, v) in rows {
-            map.insert(k, v, 0).map_err(|source| Error::Map {
-                name: maps::EP_DSTATS,
-                source,
-            })?;
-        }
-        Ok(())
+        replace_all(&mut map, rows.iter().copied().collect(), maps::EP_DSTATS)
     }
 
     /// Marks the network namespaces (by cookie) whose connects are captured; replaces the set.
     pub fn set_enrolled_netns(&self, cookies: &[u64]) -> Result<(), Error> {
-        let mut map = self.enrolled.lock().expect("enrolled map lock");
-        let wanted: HashSet<u64> = cookies.iter().copied().collect();
-        let stale: Vec<u64> = map
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !wanted.contains(k))
-            .collect();
-        for k in stale {
-            let _ = map.remove(&k);
-        }
-        for (i, c) in cookies.iter().enumerate() {
-            map.insert(
-                c,
+        let wanted = cookies.iter().enumerate().map(|(i, c)| {
+            (
+                *c,
                 Enrolment {
                     workload_id: i as u32,
                     flags: 0,
                 },
-                0,
             )
-            .map_err(|source| Error::Map {
-                name: maps::ENROLLED,
-                source,
-            })?;
-        }
-        Ok(())
+        });
+        let mut map = self.enrolled.lock().expect("enrolled map lock");
+        replace_all(&mut map, wanted.collect(), maps::ENROLLED)
     }
 
     /// Makes the captured (VIP, port) set exactly `vips`.
     pub fn set_vips(&self, vips: &[(SocketAddr, u32)]) -> Result<(), Error> {
-        let mut map = self.svc_vips.lock().expect("svc_vips map lock");
-        let wanted: std::collections::HashMap<VipKey, u32> = vips
-            .iter()
-            .map(|(a, id)| {
-                (
-                    VipKey {
-                        addr: addr_words(*a),
-                        port_be: a.port().to_be(),
-                        proto: 6,
-                        _pad: 0,
-                    },
-                    *id,
-                )
-            })
-            .collect();
-        let stale: Vec<VipKey> = map
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !wanted.contains_key(k))
-            .collect();
-        for k in stale {
-            let _ = map.remove(&k);
-        }
-        for (k, id) in wanted {
-            map.insert(
-                k,
+        let wanted = vips.iter().map(|(a, id)| {
+            (
+                VipKey {
+                    addr: addr_words(*a),
+                    port_be: a.port().to_be(),
+                    proto: 6,
+                    _pad: 0,
+                },
                 VipValue {
-                    svc_id: id,
+                    svc_id: *id,
                     flags: 0,
                 },
-                0,
             )
-            .map_err(|source| Error::Map {
-                name: maps::SVC_VIPS,
-                source,
-            })?;
-        }
-        Ok(())
+        });
+        let mut map = self.svc_vips.lock().expect("svc_vips map lock");
+        replace_all(&mut map, wanted.collect(), maps::SVC_VIPS)
     }
 
     /// Unpins links this run did not ask for (left by an earlier run with another enrolment).
@@ -371,6 +320,27 @@ fn attach_sock_ops(
     cgroup: &File,
 ) -> Result<aya::programs::sock_ops::SockOpsLinkId, aya::programs::ProgramError> {
     p.attach(cgroup.as_fd(), CgroupAttachMode::Single)
+}
+
+/// Makes a daemon-owned hash map hold exactly `wanted`: stale keys removed, the rest written.
+fn replace_all<K: aya::Pod + Eq + std::hash::Hash, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    wanted: std::collections::HashMap<K, V>,
+    name: &'static str,
+) -> Result<(), Error> {
+    let stale: Vec<K> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !wanted.contains_key(k))
+        .collect();
+    for k in stale {
+        let _ = map.remove(&k);
+    }
+    for (k, v) in wanted {
+        map.insert(k, v, 0)
+            .map_err(|source| Error::Map { name, source })?;
+    }
+    Ok(())
 }
 
 fn take_map<M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(

@@ -125,6 +125,21 @@ fn main() {
     policy_overhead_and_idle_memory(&args, &t, ep);
 }
 
+/// A daemon with one data-plane worker capturing the client namespace.
+fn one_worker(t: &Topology, cfg: &std::path::Path, pins: &PinDir) -> Daemon {
+    Daemon::start(&[
+        "--config".into(),
+        cfg.display().to_string(),
+        "--netns".into(),
+        t.client.name.clone(),
+        "--pin-dir".into(),
+        pins.path.display().to_string(),
+        "--workers".into(),
+        "1".into(),
+    ])
+    .expect("drover starts")
+}
+
 /// Lifts this process's open-file limit to its hard limit (thousands of idle sockets).
 fn raise_nofile() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
@@ -191,17 +206,7 @@ spec:
         se("policy", POLICY_VIP)
     ));
     let pins = PinDir::new();
-    let mut d = Daemon::start(&[
-        "--config".into(),
-        cfg.display().to_string(),
-        "--netns".into(),
-        t.client.name.clone(),
-        "--pin-dir".into(),
-        pins.path.display().to_string(),
-        "--workers".into(),
-        "1".into(),
-    ])
-    .expect("drover starts");
+    let mut d = one_worker(t, &cfg, &pins);
     let pid = d.pid().expect("daemon pid");
     // (requests per second, daemon CPU µs per request) of one closed-loop run.
     let rps = |vip: &str| {
@@ -459,17 +464,7 @@ fn http(args: &Args, t: &Topology, ep: std::net::IpAddr) {
         "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: web}}\nspec:\n  hosts: [web.svc]\n  addresses: [{VIP}]\n  ports: [{{number: 9080, name: http, protocol: HTTP}}]\n  resolution: STATIC\n  endpoints: [{{address: {ep}}}]\n"
     ));
     let pins = PinDir::new();
-    let mut d = Daemon::start(&[
-        "--config".into(),
-        cfg.display().to_string(),
-        "--netns".into(),
-        t.client.name.clone(),
-        "--pin-dir".into(),
-        pins.path.display().to_string(),
-        "--workers".into(),
-        "1".into(),
-    ])
-    .expect("drover starts");
+    let mut d = one_worker(t, &cfg, &pins);
     rows.push(run("drover (1 worker)", &format!("http://{VIP}:9080/")));
     d.stop();
 
