@@ -259,6 +259,10 @@ fn cluster(snapshot: &Registry, c: &Cluster) -> ClusterView {
         ("outlier_detection_ejections_overflow", overflow),
         ("outlier_detection_ejections_enforced_total", enforced),
         ("membership_total", c.targets.len() as u64),
+        ("ssl.handshake", get(&s.ssl_handshake)),
+        ("ssl.fail_verify_san", get(&s.ssl_fail_verify_san)),
+        ("ssl.fail_verify_error", get(&s.ssl_fail_verify_error)),
+        ("ssl.connection_error", get(&s.ssl_connection_error)),
     ]);
     let endpoints = c
         .targets
@@ -357,7 +361,8 @@ impl Collector for Prometheus {
             return Ok(());
         };
         for stat in first.stats.keys() {
-            let name = format!("envoy_cluster_{stat}");
+            // Envoy's Prometheus names: dots become underscores.
+            let name = format!("envoy_cluster_{}", stat.replace('.', "_"));
             let kind = if stat.ends_with("_active") {
                 MetricType::Gauge
             } else {

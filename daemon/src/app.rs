@@ -31,6 +31,8 @@ pub struct RunConfig {
     pub watch: bool,
     /// Where the admin API listens (`None`: no admin API).
     pub admin: Option<std::net::SocketAddr>,
+    /// Where `credentialName` secrets are looked up.
+    pub credentials: crate::tls::Credentials,
     /// Lets `/logging?level=` change the log filter.
     pub log: Option<crate::admin::LogControl>,
 }
@@ -63,7 +65,8 @@ pub async fn build(cfg: RunConfig) -> anyhow::Result<Bound> {
         let _ =
             nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
     }
-    let registry = reload::load(&cfg.config_paths, &cfg.client).map_err(ConfigRejected)?;
+    let registry =
+        reload::load(&cfg.config_paths, &cfg.client, &cfg.credentials).map_err(ConfigRejected)?;
     for w in registry.warnings() {
         tracing::warn!("{w}");
     }
@@ -133,6 +136,7 @@ pub async fn build(cfg: RunConfig) -> anyhow::Result<Bound> {
         Reloader {
             paths: cfg.config_paths.clone(),
             client: cfg.client.clone(),
+            credentials: cfg.credentials.clone(),
             registry: registry.clone(),
             kernel: kernel.clone(),
         }

@@ -13,3 +13,4 @@ pub mod registry;
 pub mod reload;
 pub mod stats;
 pub mod status;
+pub mod tls;

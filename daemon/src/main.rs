@@ -81,6 +81,10 @@ enum Command {
         /// `/logging`); `off` disables it.
         #[arg(long, default_value = "127.0.0.1:15000", value_parser = parse_admin)]
         admin: Admin,
+        /// Directory of `credentialName` secrets: `DIR/<name>/` with `tls.crt`|`cert`,
+        /// `tls.key`|`key`, `ca.crt`|`cacert`, `ca.crl`|`crl`.
+        #[arg(long, value_name = "DIR")]
+        credentials: Option<PathBuf>,
         /// Data-plane worker threads (0: one per CPU).
         #[arg(long, default_value = "0")]
         workers: usize,
@@ -187,7 +191,12 @@ fn main() -> ExitCode {
             subset,
             client,
         } => {
-            let registry = match drover::reload::load(&config, &client.into()) {
+            // Explains the configuration; TLS files are not read (they may live on another host).
+            let built = ConfigSet::load(&config).and_then(|set| {
+                Registry::build(&set, &client.into())
+                    .map_err(|r| drover::config::Error::Invalid(r.errors))
+            });
+            let registry = match built {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("{e}");
@@ -231,6 +240,7 @@ fn main() -> ExitCode {
             drain_timeout,
             no_watch,
             admin,
+            credentials,
             workers,
             client,
         } => {
@@ -245,6 +255,7 @@ fn main() -> ExitCode {
                 client: client.into(),
                 watch: !no_watch,
                 admin: admin.0,
+                credentials: drover::tls::Credentials { dir: credentials },
                 log: log_control,
             };
             let mut builder = tokio::runtime::Builder::new_multi_thread();

@@ -51,6 +51,8 @@ pub enum Error {
     ConnectTimeout { addr: SocketAddr, timeout: Duration },
     #[error("upstream socket in namespace {netns}: {source}")]
     Socket { netns: String, source: io::Error },
+    #[error(transparent)]
+    Tls(crate::tls::HandshakeError),
     #[error("no byte either way for {0:?} (idleTimeout)")]
     IdleTimeout(Duration),
     #[error("maxConnectionDuration {0:?} reached")]
@@ -76,7 +78,10 @@ impl Error {
         match self {
             Error::Original(_) => "NR",
             Error::Route(e) => e.response_flag(),
-            Error::Connect { .. } | Error::ConnectTimeout { .. } | Error::Socket { .. } => "UF",
+            Error::Connect { .. }
+            | Error::ConnectTimeout { .. }
+            | Error::Socket { .. }
+            | Error::Tls(_) => "UF",
             Error::Overflow(crate::pool::Error::PendingTimeout(_)) => "UT",
             Error::Overflow(_) => "UO",
             Error::Io(_) => "UC",
@@ -209,10 +214,7 @@ impl Proxy {
             }
         };
         let stats = d.cluster.stats.clone();
-        let ep = d
-            .pick
-            .and_then(|i| d.cluster.endpoint_stats.get(i))
-            .cloned();
+        let ep = d.pick.and_then(|i| d.cluster.endpoint_stats.get(i)).cloned();
         // Circuit breaker: a connection slot, or the connection is closed at once (UO), as
         // Envoy's TCP proxy does.
         let _slot = d
@@ -222,36 +224,67 @@ impl Proxy {
             .map_err(Error::Overflow)?;
         let _active = d.pick.map(|i| d.cluster.balancer.start(i));
         stats.request(ep.as_deref());
-        let connected = connect(ns, addr, connect_timeout).await;
-        if connected.is_err() {
-            stats.local_failure(ep.as_deref(), true);
-        }
+        let pool = d.cluster.policy.connection_pool.value.clone();
+        let tls = d.cluster.tls.clone();
+        let upstream = match connect(ns, addr, connect_timeout).await {
+            Err(e) => {
+                stats.local_failure(ep.as_deref(), true);
+                Err(e)
+            }
+            Ok(tcp) => {
+                if let Some(k) = pool.as_ref().and_then(|p| p.tcp_keepalive.as_ref()) {
+                    set_keepalive(&tcp, k);
+                }
+                // A TLS cluster's connection is up once the handshake is done (as Envoy counts).
+                match &tls {
+                    None => Ok(Upstream::Plain(tcp)),
+                    Some(o) => {
+                        match crate::tls::handshake(o, tcp, None, addr, connect_timeout).await {
+                            Ok(s) => {
+                                stats.handshake(None);
+                                Ok(Upstream::Tls(Box::new(s)))
+                            }
+                            Err(e) => {
+                                stats.handshake(Some(e.kind()));
+                                stats.local_failure(ep.as_deref(), false);
+                                Err(Error::Tls(e))
+                            }
+                        }
+                    }
+                }
+            }
+        };
         if let (Some(od), Some(i)) = (&d.cluster.outlier, d.pick) {
             od.observe(
                 i,
-                if connected.is_ok() {
+                if upstream.is_ok() {
                     crate::outlier::Outcome::Connected
                 } else {
                     crate::outlier::Outcome::LocalFailure
                 },
             );
         }
-        let pool = d.cluster.policy.connection_pool.value.clone();
         drop(registry);
-        let mut upstream = connected?;
         let _counted = crate::stats::store().connection(addr);
         let (idle, max) = pool.as_ref().map_or((DEFAULT_IDLE_TIMEOUT, None), |p| {
-            if let Some(k) = &p.tcp_keepalive {
-                set_keepalive(&upstream, k);
-            }
             (p.tcp_idle_timeout, p.max_connection_duration)
         });
-        match relay::bounded(client, &mut upstream, idle, max).await? {
+        let end = match upstream? {
+            Upstream::Plain(mut s) => relay::bounded(client, &mut s, idle, max).await?,
+            Upstream::Tls(mut s) => relay::bounded(client, &mut *s, idle, max).await?,
+        };
+        match end {
             relay::End::Closed(up, down) => Ok((up, down)),
             relay::End::IdleTimeout(d) => Err(Error::IdleTimeout(d)),
             relay::End::MaxDuration(d) => Err(Error::MaxDuration(d)),
         }
     }
+}
+
+/// An upstream connection of the TCP proxy: plaintext, or TLS originated by Drover.
+enum Upstream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
 /// `tcpKeepalive` on an upstream socket: keepalive on, and the fields given (whole seconds, as

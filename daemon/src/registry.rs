@@ -88,6 +88,8 @@ pub struct Cluster {
     pub limits: Arc<crate::pool::Limits>,
     /// Counters of the cluster (kept across reloads by name).
     pub stats: std::sync::Arc<crate::stats::ClusterStats>,
+    /// TLS origination (`tls` other than `DISABLE`), set by [`Registry::originate`].
+    pub tls: Option<Arc<crate::tls::Origination>>,
     /// Counters of each target, parallel to `targets`.
     pub endpoint_stats: Vec<std::sync::Arc<crate::stats::EndpointStats>>,
 }
@@ -202,6 +204,48 @@ impl Registry {
                 c.outlier = old.outlier.clone();
             }
         }
+    }
+
+    /// Reads every cluster's TLS files (certificates, keys, CA bundles, CRLs, `credentialName`
+    /// secrets) and builds its origination; every problem is reported with the DestinationRule
+    /// field that asked for it.
+    pub fn originate(&mut self, credentials: &crate::tls::Credentials) -> Result<(), Vec<Problem>> {
+        let mut problems = std::collections::BTreeMap::new();
+        for c in self.clusters.values_mut() {
+            let (Some(tls), Some((rule, path))) = (&c.policy.tls.value, &c.policy.tls.from) else {
+                continue;
+            };
+            let protocol = self.services[c.service]
+                .ports
+                .iter()
+                .find(|p| p.number == c.port)
+                .and_then(|p| p.protocol.clone());
+            let (h2, http) = (
+                route::is_h2(protocol.as_deref()),
+                route::is_http(protocol.as_deref()),
+            );
+            match crate::tls::Origination::new(tls, h2, http, credentials) {
+                Ok(o) => c.tls = o.map(Arc::new),
+                Err(e) => {
+                    let p = rule.origin.problem(path.clone(), e.to_string());
+                    problems.insert(p.to_string(), p);
+                }
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.into_values().collect())
+        }
+    }
+
+    /// Every file a cluster's TLS origination was read from.
+    pub fn tls_files(&self) -> std::collections::BTreeSet<std::path::PathBuf> {
+        self.clusters
+            .values()
+            .filter_map(|c| c.tls.as_ref())
+            .flat_map(|t| t.files.iter().cloned())
+            .collect()
     }
 
     /// The configuration this snapshot was built from.

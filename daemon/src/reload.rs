@@ -6,8 +6,9 @@
 //! snapshot they were routed with; bursts of file events are coalesced into one rebuild.
 
 use std::{
+    collections::HashSet,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -38,14 +39,24 @@ pub enum Error {
 pub struct Reloader {
     pub paths: Vec<PathBuf>,
     pub client: Client,
+    pub credentials: crate::tls::Credentials,
     pub registry: RegistryHandle,
     pub kernel: Option<Arc<Kernel>>,
 }
 
-/// Loads and validates `paths` into a snapshot for `client`.
-pub fn load(paths: &[PathBuf], client: &Client) -> Result<Registry, config::Error> {
+/// Loads and validates `paths` into a snapshot for `client`, with every TLS file read.
+pub fn load(
+    paths: &[PathBuf],
+    client: &Client,
+    credentials: &crate::tls::Credentials,
+) -> Result<Registry, config::Error> {
     let set = ConfigSet::load(paths)?;
-    Registry::build(&set, client).map_err(|r| config::Error::Invalid(r.errors))
+    let mut registry =
+        Registry::build(&set, client).map_err(|r| config::Error::Invalid(r.errors))?;
+    registry
+        .originate(credentials)
+        .map_err(config::Error::Invalid)?;
+    Ok(registry)
 }
 
 // === impl Reloader ===
@@ -54,46 +65,40 @@ impl Reloader {
     /// Starts watching; rebuilds run on the returned task until `shutdown`.
     pub fn spawn(self, shutdown: CancellationToken) -> Result<tokio::task::JoinHandle<()>, Error> {
         let (tx, rx) = mpsc::unbounded_channel();
-        let wanted: Vec<PathBuf> = self
-            .paths
-            .iter()
-            .map(|p| p.canonicalize().unwrap_or_else(|_| p.clone()))
-            .collect();
-        let filter = wanted.clone();
-        let mut watcher =
+        let filter: Arc<Mutex<Vec<PathBuf>>> = Arc::default();
+        let seen = filter.clone();
+        let watcher =
             notify::recommended_watcher(move |ev: notify::Result<notify::Event>| match ev {
-                Ok(ev) if ev.paths.iter().any(|p| concerns(&filter, p)) => {
-                    let _ = tx.send(());
+                Ok(ev) => {
+                    let wanted = seen.lock().unwrap_or_else(|e| e.into_inner());
+                    if ev.paths.iter().any(|p| concerns(&wanted, p)) {
+                        let _ = tx.send(());
+                    }
                 }
-                Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "config watch error"),
             })
             .map_err(|source| Error::Watch {
                 path: PathBuf::new(),
                 source,
             })?;
-        for p in &wanted {
-            // Files are watched through their directory: editors and ConfigMap mounts replace
-            // files by renaming, which a watch on the file itself would lose.
-            let (target, mode) = if p.is_dir() {
-                (p.clone(), RecursiveMode::Recursive)
-            } else {
-                let parent = p.parent().unwrap_or(Path::new("/")).to_path_buf();
-                (parent, RecursiveMode::NonRecursive)
-            };
-            watcher
-                .watch(&target, mode)
-                .map_err(|source| Error::Watch {
-                    path: target.clone(),
-                    source,
-                })?;
+        let mut watch = Watch {
+            watcher,
+            filter,
+            dirs: HashSet::new(),
+        };
+        for p in &self.paths {
+            watch.add(p)?;
         }
-        Ok(tokio::spawn(self.run(watcher, rx, shutdown)))
+        // Certificate files: a rotation is a reload (new handshakes use the new files).
+        for p in self.registry.load().tls_files() {
+            watch.add(&p)?;
+        }
+        Ok(tokio::spawn(self.run(watch, rx, shutdown)))
     }
 
     async fn run(
         self,
-        _watcher: notify::RecommendedWatcher,
+        mut watch: Watch,
         mut rx: mpsc::UnboundedReceiver<()>,
         shutdown: CancellationToken,
     ) {
@@ -106,6 +111,11 @@ impl Reloader {
             // Coalesce the burst a single save produces.
             while let Ok(Some(())) = tokio::time::timeout(SETTLE, rx.recv()).await {}
             self.reload(first).await;
+            for p in self.registry.load().tls_files() {
+                if let Err(e) = watch.add(&p) {
+                    tracing::warn!(error = %e, "cannot watch a certificate file; rotation of it needs a config change");
+                }
+            }
         }
     }
 
@@ -113,7 +123,8 @@ impl Reloader {
     pub async fn reload(&self, since: Instant) {
         let paths = self.paths.clone();
         let client = self.client.clone();
-        let built = tokio::task::spawn_blocking(move || load(&paths, &client)).await;
+        let credentials = self.credentials.clone();
+        let built = tokio::task::spawn_blocking(move || load(&paths, &client, &credentials)).await;
         match built {
             Ok(Ok(mut registry)) => {
                 registry.inherit(&self.registry.load());
@@ -147,6 +158,41 @@ impl Reloader {
 }
 
 /// Whether a changed path is (or is inside) one of the configured paths.
+/// The file watcher, what it reports and the directories it watches.
+struct Watch {
+    watcher: notify::RecommendedWatcher,
+    filter: Arc<Mutex<Vec<PathBuf>>>,
+    dirs: HashSet<PathBuf>,
+}
+
+impl Watch {
+    /// Reports changes of `p` (a file, through its directory: editors and ConfigMap mounts
+    /// replace files by renaming, which a watch on the file itself would lose; or a directory).
+    fn add(&mut self, p: &Path) -> Result<(), Error> {
+        let p = p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+        let mut filter = self.filter.lock().unwrap_or_else(|e| e.into_inner());
+        if filter.contains(&p) {
+            return Ok(());
+        }
+        let (target, mode) = if p.is_dir() {
+            (p.clone(), RecursiveMode::Recursive)
+        } else {
+            let parent = p.parent().unwrap_or(Path::new("/")).to_path_buf();
+            (parent, RecursiveMode::NonRecursive)
+        };
+        if self.dirs.insert(target.clone()) {
+            self.watcher
+                .watch(&target, mode)
+                .map_err(|source| Error::Watch {
+                    path: target.clone(),
+                    source,
+                })?;
+        }
+        filter.push(p);
+        Ok(())
+    }
+}
+
 fn concerns(wanted: &[PathBuf], changed: &Path) -> bool {
     wanted.iter().any(|w| changed.starts_with(w))
 }

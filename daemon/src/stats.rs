@@ -46,6 +46,11 @@ pub struct ClusterStats {
     pub cx_overflow: AtomicU64,
     /// `upstream_cx_connect_fail`: connect failures and timeouts.
     pub cx_connect_fail: AtomicU64,
+    /// `ssl.handshake`, `ssl.fail_verify_san`, `ssl.fail_verify_error`, `ssl.connection_error`.
+    pub ssl_handshake: AtomicU64,
+    pub ssl_fail_verify_san: AtomicU64,
+    pub ssl_fail_verify_error: AtomicU64,
+    pub ssl_connection_error: AtomicU64,
     /// `upstream_rq_5xx` and the 2xx/3xx/4xx classes of upstream responses.
     pub rq_xx: [AtomicU64; 5],
     endpoints: Mutex<HashMap<SocketAddr, Arc<EndpointStats>>>,
@@ -151,6 +156,18 @@ impl ClusterStats {
                 ep.gateway_errors.fetch_add(1, Ordering::Relaxed);
             }
         }
+    }
+
+    /// Counts one upstream TLS handshake and how it ended.
+    pub fn handshake(&self, failure: Option<crate::tls::FailureKind>) {
+        use crate::tls::FailureKind;
+        let c = match failure {
+            None => &self.ssl_handshake,
+            Some(FailureKind::VerifySan) => &self.ssl_fail_verify_san,
+            Some(FailureKind::VerifyError) => &self.ssl_fail_verify_error,
+            Some(FailureKind::Connection) => &self.ssl_connection_error,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a connect failure or timeout (`connect`) or a reset before a response.

@@ -10,6 +10,7 @@
 //! a failure is a status, never a hang or a panic.
 
 use std::{
+    collections::HashMap,
     convert::Infallible,
     future::Future,
     net::SocketAddr,
@@ -38,6 +39,7 @@ use tokio::{net::TcpStream, time::Instant};
 use super::{DEFAULT_CONNECT_TIMEOUT, Error};
 use crate::{
     config::policy::H2Upgrade,
+    tls::Origination,
     outlier::Outcome,
     redirect::netns::NetNs,
     registry::{RegistryHandle, RouteError, Target, route},
@@ -64,34 +66,97 @@ const HOP_BY_HOP: [&str; 7] = [
     "trailer",
 ];
 
-/// Pooled upstream clients for one namespace: HTTP/1.1 and HTTP/2 (prior knowledge).
+/// Pooled upstream clients for one namespace: HTTP/1.1 and HTTP/2 (prior knowledge), plaintext,
+/// plus one pair per TLS origination and handshake name.
 pub struct Upstreams {
+    ns: Arc<NetNs>,
     h1: Client<Connector, Incoming>,
     h2: Client<Connector, Incoming>,
+    tls: std::sync::Mutex<HashMap<TlsKey, (Arc<Origination>, Client<Connector, Incoming>)>>,
 }
 
-/// Opens marked upstream sockets inside the application's namespace for hyper's pool.
+/// (origination identity, request host used for SNI/verification, HTTP/2).
+type TlsKey = (usize, Option<String>, bool);
+
+/// Opens marked upstream sockets inside the application's namespace for hyper's pool, with
+/// TLS when the cluster originates it.
 #[derive(Clone)]
 pub struct Connector {
     ns: Arc<NetNs>,
+    tls: Option<TlsTarget>,
+}
+
+/// What a TLS connector needs: the origination, the request host (auto SNI) and where to count.
+#[derive(Clone)]
+struct TlsTarget {
+    origination: Arc<Origination>,
+    host: Option<String>,
+    stats: Arc<crate::stats::ClusterStats>,
 }
 
 // === impl Upstreams ===
 
 impl Upstreams {
     pub fn new(ns: Arc<NetNs>) -> Self {
-        let connector = Connector { ns };
-        let mut h1 = Client::builder(TokioExecutor::new());
-        // Istio's default upstream idle timeout is 1 h; keep pooled connections that long.
-        h1.pool_idle_timeout(Duration::from_secs(3600))
-            .set_host(false);
-        let mut h2 = h1.clone();
-        h2.http2_only(true);
+        let connector = Connector {
+            ns: ns.clone(),
+            tls: None,
+        };
         Self {
-            h1: h1.build(connector.clone()),
-            h2: h2.build(connector),
+            h1: client(false).build(connector.clone()),
+            h2: client(true).build(connector),
+            ns,
+            tls: Default::default(),
         }
     }
+
+    /// The client for a request: plaintext, or the pool of this TLS origination and host.
+    fn pick(
+        &self,
+        tls: Option<(&Arc<Origination>, &Arc<crate::stats::ClusterStats>)>,
+        host: Option<&str>,
+        h2: bool,
+    ) -> Client<Connector, Incoming> {
+        let Some((origination, stats)) = tls else {
+            return if h2 { self.h2.clone() } else { self.h1.clone() };
+        };
+        // Auto SNI only uses the host when no `sni` is configured.
+        let host = origination
+            .sni
+            .is_none()
+            .then(|| host.map(str::to_string))
+            .flatten();
+        let key = (Arc::as_ptr(origination) as usize, host.clone(), h2);
+        let mut pools = self.tls.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, c)) = pools.get(&key) {
+            return c.clone();
+        }
+        // Forget pools of originations no snapshot uses any more (only this map holds them).
+        pools.retain(|_, (o, _)| Arc::strong_count(o) > 1);
+        let connector = Connector {
+            ns: self.ns.clone(),
+            tls: Some(TlsTarget {
+                origination: origination.clone(),
+                host,
+                stats: stats.clone(),
+            }),
+        };
+        let c = client(h2).build(connector);
+        pools.insert(key, (origination.clone(), c.clone()));
+        c
+    }
+}
+
+/// A pooled client builder: Istio's default upstream idle timeout is 1 h; the `Host` header is
+/// the client's, never rewritten.
+fn client(h2: bool) -> hyper_util::client::legacy::Builder {
+    let mut b = Client::builder(TokioExecutor::new());
+    b.pool_idle_timeout(Duration::from_secs(3600))
+        .set_host(false);
+    if h2 {
+        b.http2_only(true);
+    }
+    b
 }
 
 // === impl Connector ===
@@ -107,14 +172,32 @@ impl tower_service::Service<Uri> for Connector {
 
     fn call(&mut self, uri: Uri) -> Self::Future {
         let ns = self.ns.clone();
+        let tls = self.tls.clone();
         Box::pin(async move {
             let addr: SocketAddr = uri
                 .authority()
                 .and_then(|a| a.as_str().parse().ok())
                 .ok_or_else(|| Error::Io(std::io::Error::other(format!("bad upstream {uri}"))))?;
             let stream = super::connect(&ns, addr, DEFAULT_CONNECT_TIMEOUT).await?;
+            let io = match tls {
+                None => Io::Plain(TokioIo::new(stream)),
+                Some(t) => {
+                    let host = t.host.as_deref();
+                    match crate::tls::handshake(&t.origination, stream, host, addr, DEFAULT_CONNECT_TIMEOUT).await {
+                        Ok(s) => {
+                            t.stats.handshake(None);
+                            Io::Tls(Box::new(TokioIo::new(s)))
+                        }
+                        Err(e) => {
+                            t.stats.handshake(Some(e.kind()));
+                            tracing::warn!(cluster = %t.stats.name, error = %e, "upstream TLS failed");
+                            return Err(Error::Tls(e));
+                        }
+                    }
+                }
+            };
             Ok(Tracked {
-                io: TokioIo::new(stream),
+                io,
                 uses: Uses::default(),
                 _counted: crate::stats::store().connection(addr),
             })
@@ -124,9 +207,31 @@ impl tower_service::Service<Uri> for Connector {
 
 /// A pooled upstream connection, counted in its address's `cx_active` while open.
 pub struct Tracked {
-    io: TokioIo<TcpStream>,
+    io: Io,
     uses: Uses,
     _counted: crate::stats::Connection,
+}
+
+/// The transport of a pooled connection.
+enum Io {
+    Plain(TokioIo<TcpStream>),
+    Tls(Box<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>),
+}
+
+/// Runs `$e` on whichever transport `$io` holds (pinned).
+macro_rules! with_io {
+    ($io:expr, |$s:ident| $e:expr) => {
+        match $io {
+            Io::Plain(s) => {
+                let $s = Pin::new(s);
+                $e
+            }
+            Io::Tls(s) => {
+                let $s = Pin::new(&mut **s);
+                $e
+            }
+        }
+    };
 }
 
 /// Requests sent over one upstream connection (for `maxRequestsPerConnection`), reachable from
@@ -142,7 +247,7 @@ impl hyper::rt::Read for Tracked {
         cx: &mut Context<'_>,
         buf: hyper::rt::ReadBufCursor<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        with_io!(&mut self.io, |s| s.poll_read(cx, buf))
     }
 }
 
@@ -152,19 +257,22 @@ impl hyper::rt::Write for Tracked {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        with_io!(&mut self.io, |s| s.poll_write(cx, buf))
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        with_io!(&mut self.io, |s| s.poll_flush(cx))
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+        with_io!(&mut self.io, |s| s.poll_shutdown(cx))
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        match &self.io {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+        }
     }
 
     fn poll_write_vectored(
@@ -172,13 +280,25 @@ impl hyper::rt::Write for Tracked {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        with_io!(&mut self.io, |s| s.poll_write_vectored(cx, bufs))
     }
 }
 
 impl hyper_util::client::legacy::connect::Connection for Tracked {
     fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
-        self.io.inner().connected().extra(self.uses.clone())
+        let connected = match &self.io {
+            Io::Plain(s) => s.inner().connected(),
+            Io::Tls(s) => {
+                let (tcp, session) = s.inner().get_ref();
+                let c = tcp.connected();
+                if session.alpn_protocol() == Some(b"h2") {
+                    c.negotiated_h2()
+                } else {
+                    c
+                }
+            }
+        };
+        connected.extra(self.uses.clone())
     }
 }
 
@@ -327,7 +447,20 @@ async fn handle(
     } else {
         Version::HTTP_11
     };
-    let upstream = if h2 { &upstreams.h2 } else { &upstreams.h1 };
+    let host = authority
+        .rsplit_once(':')
+        .filter(|(_, port)| port.parse::<u16>().is_ok())
+        .map_or(authority.as_str(), |(h, _)| h)
+        .trim_matches(|c| c == '[' || c == ']');
+    let upstream = upstreams.pick(
+        decision
+            .cluster
+            .tls
+            .as_ref()
+            .map(|o| (o, &decision.cluster.stats)),
+        Some(host).filter(|h| !h.is_empty()),
+        h2,
+    );
     // Circuit breakers: overflow is answered at once, as Envoy does (503 UO, not retried, not
     // reported to outlier detection).
     let pending = ep.map(|e| e.pending());

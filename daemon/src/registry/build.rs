@@ -406,6 +406,7 @@ fn clusters(reg: &Registry) -> HashMap<super::ClusterKey, Cluster> {
                     Cluster {
                         name: cluster_name,
                         endpoint_stats: targets.iter().map(|(_, a)| stats.endpoint(*a)).collect(),
+                        tls: None,
                         service: s,
                         port: port.number,
                         subset: name.map(str::to_string),

@@ -1,0 +1,537 @@
+//! TLS origination for a cluster's `tls` block (ClientTLSSettings), with rustls: `DISABLE`,
+//! `SIMPLE` and `MUTUAL` (files or `credentialName` from `--credentials DIR`); `ISTIO_MUTUAL`
+//! needs the mesh identity, which this daemon does not have yet, so such clusters refuse to
+//! connect rather than send plaintext.
+//!
+//! Verification follows §7.3 of the semantics reference: the chain to `caCertificates` (or the
+//! system roots), plus `caCrl`; then, with `subjectAltNames`, an exact match against the
+//! certificate's DNS, URI or IP names; without them and without `sni`, on HTTP, the request's
+//! host (Envoy's auto SAN validation); otherwise the chain only. `insecureSkipVerify` is the only
+//! way to skip verification.
+//!
+//! Invariants: every file is read when the registry is built (at start and on every reload), so a
+//! bad file is a located configuration error and the previous snapshot keeps serving; a built
+//! [`Origination`] never changes; nothing here falls back to plaintext or to no verification.
+
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use rustls::{
+    ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+    client::{
+        WebPkiServerVerifier,
+        danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    },
+    crypto::CryptoProvider,
+    pki_types::{
+        CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName, UnixTime,
+        pem::PemObject,
+    },
+    sign::CertifiedKey,
+};
+
+use crate::config::policy::{ClientTls, TlsMode};
+
+/// Why a cluster's TLS settings cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: cannot read: {reason}")]
+    Read { path: PathBuf, reason: String },
+    #[error("{path}: no PEM certificate in the file")]
+    NoCertificates { path: PathBuf },
+    #[error("{path}: no PEM private key in the file")]
+    NoKey { path: PathBuf },
+    #[error("{key}: private key does not match the certificate in {cert}: {reason}")]
+    KeyMismatch {
+        cert: PathBuf,
+        key: PathBuf,
+        reason: String,
+    },
+    #[error("{path}: certificate revocation list: {reason}")]
+    Crl { path: PathBuf, reason: String },
+    #[error("credentialName {name:?}: {reason}")]
+    Credential { name: String, reason: String },
+    #[error("no system CA certificates found (set caCertificates)")]
+    NoSystemRoots,
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// How a cluster's upstream connections are encrypted and verified.
+pub struct Origination {
+    pub mode: TlsMode,
+    /// `None` for `ISTIO_MUTUAL` without a mesh identity: connections are refused.
+    pub config: Option<Arc<ClientConfig>>,
+    /// Explicit `sni`.
+    pub sni: Option<String>,
+    /// Whether the server certificate is checked against the request host (HTTP, no `sni`, no
+    /// `subjectAltNames`, verification on).
+    pub auto_san: bool,
+    /// Files the configuration was read from (watched for rotation).
+    pub files: Vec<PathBuf>,
+}
+
+/// Where `credentialName` secrets live in standalone mode.
+#[derive(Clone, Debug, Default)]
+pub struct Credentials {
+    pub dir: Option<PathBuf>,
+}
+
+// === impl Origination ===
+
+impl fmt::Debug for Origination {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Origination")
+            .field("mode", &self.mode)
+            .field("sni", &self.sni)
+            .field("auto_san", &self.auto_san)
+            .field("files", &self.files)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Origination {
+    /// Builds the origination for `tls`, or `None` for plaintext (`DISABLE`). `h2` offers ALPN
+    /// `h2` (explicit HTTP/2 clusters); `http` enables auto SAN validation.
+    pub fn new(
+        tls: &ClientTls,
+        h2: bool,
+        http: bool,
+        credentials: &Credentials,
+    ) -> Result<Option<Self>, Error> {
+        let mut files = Vec::new();
+        let config = match tls.mode {
+            TlsMode::Disable => return Ok(None),
+            TlsMode::IstioMutual => None,
+            TlsMode::Simple | TlsMode::Mutual => {
+                Some(Arc::new(client_config(tls, h2, credentials, &mut files)?))
+            }
+        };
+        Ok(Some(Self {
+            mode: tls.mode,
+            config,
+            sni: tls.sni.clone(),
+            auto_san: http
+                && tls.sni.is_none()
+                && tls.subject_alt_names.is_empty()
+                && !tls.insecure_skip_verify,
+            files,
+        }))
+    }
+
+    /// The name the handshake is made for: explicit `sni`, else (auto SNI, HTTP only) the request
+    /// host when it is a DNS name, else the endpoint address (no SNI is sent for an address).
+    pub fn server_name(
+        &self,
+        request_host: Option<&str>,
+        endpoint: std::net::IpAddr,
+    ) -> ServerName<'static> {
+        self.sni
+            .as_deref()
+            .or(request_host)
+            .and_then(|h| ServerName::try_from(h.to_string()).ok())
+            .unwrap_or(ServerName::IpAddress(endpoint.into()))
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn client_config(
+    tls: &ClientTls,
+    h2: bool,
+    credentials: &Credentials,
+    files: &mut Vec<PathBuf>,
+) -> Result<ClientConfig, Error> {
+    let secret = match &tls.credential_name {
+        Some(name) => Some(Secret::find(name, credentials)?),
+        None => None,
+    };
+    let ca = secret
+        .as_ref()
+        .and_then(|s| s.ca.clone())
+        .or_else(|| tls.ca_certificates.as_ref().map(PathBuf::from));
+    let crl = secret
+        .as_ref()
+        .and_then(|s| s.crl.clone())
+        .or_else(|| tls.ca_crl.as_ref().map(PathBuf::from));
+    let provider = provider();
+    let verifier: Arc<dyn ServerCertVerifier> = if tls.insecure_skip_verify {
+        Arc::new(SkipVerify(provider.clone()))
+    } else {
+        let mut roots = RootCertStore::empty();
+        match &ca {
+            Some(path) => {
+                files.push(path.clone());
+                for cert in certificates(path)? {
+                    roots.add(cert).map_err(|e| Error::Read {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    })?;
+                }
+            }
+            None => {
+                let native = rustls_native_certs::load_native_certs();
+                let (added, _) = roots.add_parsable_certificates(native.certs);
+                if added == 0 {
+                    return Err(Error::NoSystemRoots);
+                }
+            }
+        }
+        let mut builder =
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+        if let Some(path) = &crl {
+            files.push(path.clone());
+            let crls = CertificateRevocationListDer::pem_file_iter(path)
+                .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| Error::Crl {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+            builder = builder.with_crls(crls);
+        }
+        let webpki = builder.build().map_err(|e| Error::Read {
+            path: ca.clone().unwrap_or_default(),
+            reason: e.to_string(),
+        })?;
+        Arc::new(Verifier {
+            webpki,
+            subject_alt_names: tls.subject_alt_names.clone(),
+            chain_only: tls.sni.is_some() || !tls.subject_alt_names.is_empty(),
+        })
+    };
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let cert = secret
+        .as_ref()
+        .and_then(|s| s.cert.clone())
+        .or_else(|| tls.client_certificate.as_ref().map(PathBuf::from));
+    let key = secret
+        .as_ref()
+        .and_then(|s| s.key.clone())
+        .or_else(|| tls.private_key.as_ref().map(PathBuf::from));
+    let mut config = match (tls.mode, cert, key) {
+        (TlsMode::Mutual, Some(cert), Some(key)) => {
+            files.extend([cert.clone(), key.clone()]);
+            let chain = certificates(&cert)?;
+            let der = PrivateKeyDer::from_pem_file(&key).map_err(|e| match e {
+                rustls::pki_types::pem::Error::NoItemsFound => Error::NoKey { path: key.clone() },
+                other => Error::Read {
+                    path: key.clone(),
+                    reason: other.to_string(),
+                },
+            })?;
+            let mismatch = |e: rustls::Error| Error::KeyMismatch {
+                cert: cert.clone(),
+                key: key.clone(),
+                reason: e.to_string(),
+            };
+            CertifiedKey::from_der(chain.clone(), der.clone_key(), &provider).map_err(mismatch)?;
+            builder
+                .with_client_auth_cert(chain, der)
+                .map_err(mismatch)?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    if h2 {
+        config.alpn_protocols = vec![b"h2".to_vec()];
+    }
+    Ok(config)
+}
+
+/// Every certificate of a PEM file; at least one.
+fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| Error::Read {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(Error::NoCertificates {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(certs)
+}
+
+/// A `credentialName` secret as files in `DIR/<name>/`: `tls.crt`|`cert`, `tls.key`|`key`,
+/// `ca.crt`|`cacert`, `ca.crl`|`crl` (Kubernetes secret key names).
+struct Secret {
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    ca: Option<PathBuf>,
+    crl: Option<PathBuf>,
+}
+
+impl Secret {
+    fn find(name: &str, credentials: &Credentials) -> Result<Self, Error> {
+        let err = |reason: String| Error::Credential {
+            name: name.to_string(),
+            reason,
+        };
+        let dir = credentials
+            .dir
+            .as_ref()
+            .ok_or_else(|| err("no --credentials DIR was given".into()))?
+            .join(name.trim_start_matches("kubernetes://"));
+        if !dir.is_dir() {
+            return Err(err(format!("{} is not a directory", dir.display())));
+        }
+        let pick = |names: [&str; 2]| {
+            names
+                .iter()
+                .map(|n| dir.join(n))
+                .find(|p| p.is_file())
+        };
+        Ok(Self {
+            cert: pick(["tls.crt", "cert"]),
+            key: pick(["tls.key", "key"]),
+            ca: pick(["ca.crt", "cacert"]),
+            crl: pick(["ca.crl", "crl"]),
+        })
+    }
+}
+
+/// Chain (and CRL) through webpki; then the configured names, the request host, or nothing.
+#[derive(Debug)]
+struct Verifier {
+    webpki: Arc<WebPkiServerVerifier>,
+    subject_alt_names: Vec<String>,
+    /// `sni` or `subjectAltNames` set: the handshake name is not checked against the certificate.
+    chain_only: bool,
+}
+
+impl ServerCertVerifier for Verifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        // webpki checks the chain (and revocation) before the name: a name mismatch means the
+        // chain was good. Without a DNS name to check (an address), only the chain counts.
+        let name_checked = !self.chain_only && matches!(server_name, ServerName::DnsName(_));
+        match self
+            .webpki
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
+            Ok(v) => Ok(v),
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName
+                | rustls::CertificateError::NotValidForNameContext { .. },
+            )) if !name_checked => Ok(ServerCertVerified::assertion()),
+            Err(e) => Err(e),
+        }?;
+        if self.subject_alt_names.is_empty() {
+            return Ok(ServerCertVerified::assertion());
+        }
+        let names = certificate_names(end_entity);
+        if self.subject_alt_names.iter().any(|want| names.contains(want)) {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Other(rustls::OtherError(Arc::new(SanMismatch {
+                    want: self.subject_alt_names.clone(),
+                    got: names,
+                }))),
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
+}
+
+/// The server certificate names none of `subjectAltNames`.
+#[derive(Debug)]
+struct SanMismatch {
+    want: Vec<String>,
+    got: Vec<String>,
+}
+
+impl fmt::Display for SanMismatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "server certificate names {:?}, none of subjectAltNames {:?}",
+            self.got, self.want
+        )
+    }
+}
+
+impl std::error::Error for SanMismatch {}
+
+/// DNS, URI and IP subject alternative names of a certificate, as strings.
+pub fn certificate_names(cert: &CertificateDer<'_>) -> Vec<String> {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let Ok((_, parsed)) = X509Certificate::from_der(cert.as_ref()) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = parsed.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::DNSName(d) => Some(d.to_string()),
+            GeneralName::URI(u) => Some(u.to_string()),
+            GeneralName::IPAddress(b) => match b.len() {
+                4 => Some(std::net::IpAddr::from(<[u8; 4]>::try_from(*b).ok()?).to_string()),
+                16 => Some(std::net::IpAddr::from(<[u8; 16]>::try_from(*b).ok()?).to_string()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
+/// `insecureSkipVerify: true`: no certificate checks; handshake signatures are still verified.
+#[derive(Debug)]
+struct SkipVerify(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for SkipVerify {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Why an upstream TLS connection could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("ISTIO_MUTUAL needs a mesh workload identity, which this daemon does not have (no --mesh-ca)")]
+    NoMeshIdentity,
+    #[error("TLS handshake with {addr} timed out after {timeout:?}")]
+    Timeout {
+        addr: std::net::SocketAddr,
+        timeout: std::time::Duration,
+    },
+    #[error("TLS handshake with {addr}: {source}")]
+    Failed {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Which of Envoy's `ssl.*` cluster counters a failed handshake belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureKind {
+    /// `ssl.fail_verify_san`: the certificate does not name what was expected.
+    VerifySan,
+    /// `ssl.fail_verify_error`: unknown issuer, expired, revoked, bad signature.
+    VerifyError,
+    /// `ssl.connection_error`: anything else (alert from the peer, protocol error, reset).
+    Connection,
+}
+
+impl HandshakeError {
+    /// The counter this failure increments.
+    pub fn kind(&self) -> FailureKind {
+        let HandshakeError::Failed { source, .. } = self else {
+            return FailureKind::Connection;
+        };
+        match source
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<rustls::Error>())
+        {
+            Some(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName
+                | rustls::CertificateError::NotValidForNameContext { .. }
+                | rustls::CertificateError::Other(_),
+            )) => FailureKind::VerifySan,
+            Some(rustls::Error::InvalidCertificate(_)) => FailureKind::VerifyError,
+            _ => FailureKind::Connection,
+        }
+    }
+}
+
+/// Runs the client handshake on `tcp` for `origination`, within `timeout`.
+pub async fn handshake<S>(
+    origination: &Origination,
+    tcp: S,
+    request_host: Option<&str>,
+    addr: std::net::SocketAddr,
+    timeout: std::time::Duration,
+) -> Result<tokio_rustls::client::TlsStream<S>, HandshakeError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let config = origination
+        .config
+        .clone()
+        .ok_or(HandshakeError::NoMeshIdentity)?;
+    let name = origination.server_name(request_host, addr.ip());
+    let connect = tokio_rustls::TlsConnector::from(config).connect(name, tcp);
+    match tokio::time::timeout(timeout, connect).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(source)) => Err(HandshakeError::Failed { addr, source }),
+        Err(_) => Err(HandshakeError::Timeout { addr, timeout }),
+    }
+}
