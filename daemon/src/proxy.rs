@@ -214,7 +214,10 @@ impl Proxy {
             }
         };
         let stats = d.cluster.stats.clone();
-        let ep = d.pick.and_then(|i| d.cluster.endpoint_stats.get(i)).cloned();
+        let ep = d
+            .pick
+            .and_then(|i| d.cluster.endpoint_stats.get(i))
+            .cloned();
         // Circuit breaker: a connection slot, or the connection is closed at once (UO), as
         // Envoy's TCP proxy does.
         let _slot = d

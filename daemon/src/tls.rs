@@ -284,12 +284,7 @@ impl Secret {
         if !dir.is_dir() {
             return Err(err(format!("{} is not a directory", dir.display())));
         }
-        let pick = |names: [&str; 2]| {
-            names
-                .iter()
-                .map(|n| dir.join(n))
-                .find(|p| p.is_file())
-        };
+        let pick = |names: [&str; 2]| names.iter().map(|n| dir.join(n)).find(|p| p.is_file());
         Ok(Self {
             cert: pick(["tls.crt", "cert"]),
             key: pick(["tls.key", "key"]),
@@ -335,7 +330,11 @@ impl ServerCertVerifier for Verifier {
             return Ok(ServerCertVerified::assertion());
         }
         let names = certificate_names(end_entity);
-        if self.subject_alt_names.iter().any(|want| names.contains(want)) {
+        if self
+            .subject_alt_names
+            .iter()
+            .any(|want| names.contains(want))
+        {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::InvalidCertificate(
@@ -466,17 +465,20 @@ impl ServerCertVerifier for SkipVerify {
 /// Why an upstream TLS connection could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum HandshakeError {
-    #[error("ISTIO_MUTUAL needs a mesh workload identity, which this daemon does not have (no --mesh-ca)")]
+    #[error(
+        "ISTIO_MUTUAL needs a mesh workload identity, which this daemon does not have (no --mesh-ca)"
+    )]
     NoMeshIdentity,
     #[error("TLS handshake with {addr} timed out after {timeout:?}")]
     Timeout {
         addr: std::net::SocketAddr,
         timeout: std::time::Duration,
     },
-    #[error("TLS handshake with {addr}: {source}")]
+    #[error("TLS handshake with {addr}: {reason}")]
     Failed {
         addr: std::net::SocketAddr,
-        source: std::io::Error,
+        reason: String,
+        kind: FailureKind,
     },
 }
 
@@ -494,13 +496,15 @@ pub enum FailureKind {
 impl HandshakeError {
     /// The counter this failure increments.
     pub fn kind(&self) -> FailureKind {
-        let HandshakeError::Failed { source, .. } = self else {
-            return FailureKind::Connection;
-        };
-        match source
-            .get_ref()
-            .and_then(|e| e.downcast_ref::<rustls::Error>())
-        {
+        match self {
+            HandshakeError::Failed { kind, .. } => *kind,
+            _ => FailureKind::Connection,
+        }
+    }
+
+    fn failed(addr: std::net::SocketAddr, e: std::io::Error) -> Self {
+        let rustls_error = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
+        let kind = match rustls_error {
             Some(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::NotValidForName
                 | rustls::CertificateError::NotValidForNameContext { .. }
@@ -508,7 +512,16 @@ impl HandshakeError {
             )) => FailureKind::VerifySan,
             Some(rustls::Error::InvalidCertificate(_)) => FailureKind::VerifyError,
             _ => FailureKind::Connection,
-        }
+        };
+        // Our own verification failures carry their explanation; say it in words.
+        let reason = match rustls_error {
+            Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(o))) => {
+                format!("invalid peer certificate: {}", o.0)
+            }
+            Some(r) => r.to_string(),
+            None => e.to_string(),
+        };
+        HandshakeError::Failed { addr, reason, kind }
     }
 }
 
@@ -531,7 +544,7 @@ where
     let connect = tokio_rustls::TlsConnector::from(config).connect(name, tcp);
     match tokio::time::timeout(timeout, connect).await {
         Ok(Ok(s)) => Ok(s),
-        Ok(Err(source)) => Err(HandshakeError::Failed { addr, source }),
+        Ok(Err(e)) => Err(HandshakeError::failed(addr, e)),
         Err(_) => Err(HandshakeError::Timeout { addr, timeout }),
     }
 }

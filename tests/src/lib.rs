@@ -643,3 +643,107 @@ pub fn key_addr(key: &serde_json::Value) -> std::net::IpAddr {
         .collect();
     std::net::IpAddr::from(words[3].to_ne_bytes())
 }
+
+// === PKI for TLS tests ===
+
+/// A short identity of a DER certificate (hex of a fixed-key hash), as `drover-testsrv` reports
+/// the client certificate it saw.
+pub fn der_id(der: &[u8]) -> String {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut h = DefaultHasher::new();
+    der.hash(&mut h);
+    format!("{:016x}", h.finish())
+}
+
+/// [`der_id`] of the first certificate of a PEM file.
+pub fn pem_id(path: &Path) -> String {
+    use tokio_rustls::rustls::pki_types::{CertificateDer, pem::PemObject};
+    der_id(
+        CertificateDer::from_pem_file(path)
+            .expect("PEM certificate")
+            .as_ref(),
+    )
+}
+
+/// A throwaway PKI in a temporary directory (rcgen, ECDSA P-256): a CA, server certificates it
+/// signs, an unrelated CA, and client certificates from a client CA. Removed when dropped.
+pub struct Pki {
+    pub dir: PathBuf,
+    ca: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+    client_ca: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl Pki {
+    pub fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!("drover-pki-{}", unique_id()));
+        std::fs::create_dir_all(&dir).expect("pki dir");
+        let ca = Self::authority("drover test CA");
+        let client_ca = Self::authority("drover test client CA");
+        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(dir.join("client-ca.pem"), client_ca.pem()).unwrap();
+        let other = Self::authority("unrelated CA");
+        std::fs::write(dir.join("other-ca.pem"), other.pem()).unwrap();
+        std::fs::write(dir.join("empty.pem"), "").unwrap();
+        Self { dir, ca, client_ca }
+    }
+
+    fn authority(name: &str) -> rcgen::CertifiedIssuer<'static, rcgen::KeyPair> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap()
+    }
+
+    /// Writes `<stem>.pem` and `<stem>-key.pem`: a leaf for `sans`, signed by the CA (or the
+    /// client CA), optionally already expired. Returns (certificate, key) paths.
+    pub fn leaf(
+        &self,
+        stem: &str,
+        sans: &[&str],
+        client: bool,
+        expired: bool,
+    ) -> (PathBuf, PathBuf) {
+        let mut params =
+            rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, stem);
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        }
+        let key = rcgen::KeyPair::generate().unwrap();
+        let issuer = if client { &self.client_ca } else { &self.ca };
+        let cert = params.signed_by(&key, issuer).unwrap();
+        let (c, k) = (
+            self.dir.join(format!("{stem}.pem")),
+            self.dir.join(format!("{stem}-key.pem")),
+        );
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+
+    pub fn path(&self, name: &str) -> String {
+        self.dir.join(name).display().to_string()
+    }
+}
+
+impl Default for Pki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

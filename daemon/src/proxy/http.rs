@@ -39,10 +39,10 @@ use tokio::{net::TcpStream, time::Instant};
 use super::{DEFAULT_CONNECT_TIMEOUT, Error};
 use crate::{
     config::policy::H2Upgrade,
-    tls::Origination,
     outlier::Outcome,
     redirect::netns::NetNs,
     registry::{RegistryHandle, RouteError, Target, route},
+    tls::Origination,
 };
 
 /// Body type of everything the proxy answers with.
@@ -72,11 +72,13 @@ pub struct Upstreams {
     ns: Arc<NetNs>,
     h1: Client<Connector, Incoming>,
     h2: Client<Connector, Incoming>,
-    tls: std::sync::Mutex<HashMap<TlsKey, (Arc<Origination>, Client<Connector, Incoming>)>>,
+    tls: std::sync::Mutex<HashMap<TlsKey, TlsPool>>,
 }
 
 /// (origination identity, request host used for SNI/verification, HTTP/2).
 type TlsKey = (usize, Option<String>, bool);
+/// A TLS pool and the origination it keeps alive (so its identity is not reused).
+type TlsPool = (Arc<Origination>, Client<Connector, Incoming>);
 
 /// Opens marked upstream sockets inside the application's namespace for hyper's pool, with
 /// TLS when the cluster originates it.
@@ -183,7 +185,15 @@ impl tower_service::Service<Uri> for Connector {
                 None => Io::Plain(TokioIo::new(stream)),
                 Some(t) => {
                     let host = t.host.as_deref();
-                    match crate::tls::handshake(&t.origination, stream, host, addr, DEFAULT_CONNECT_TIMEOUT).await {
+                    match crate::tls::handshake(
+                        &t.origination,
+                        stream,
+                        host,
+                        addr,
+                        DEFAULT_CONNECT_TIMEOUT,
+                    )
+                    .await
+                    {
                         Ok(s) => {
                             t.stats.handshake(None);
                             Io::Tls(Box::new(TokioIo::new(s)))

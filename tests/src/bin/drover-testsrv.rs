@@ -2,7 +2,10 @@
 //! echoes. `sink`: counts bytes until EOF and answers with the count. `http`: an HTTP/1.1 and h2c
 //! server (hyper) answering every request, after `--delay-ms`, with JSON naming the server, the
 //! path, the peer, the protocol version and the request's header names (`Upgrade: echo` switches
-//! protocols and echoes raw bytes). Prints `listening ADDR` when ready.
+//! protocols and echoes raw bytes). Prints `listening ADDR` when ready. With `--tls-cert` and
+//! `--tls-key` every connection is TLS first (`--tls-client-ca` requires a client certificate);
+//! the SNI received and whether a client certificate was shown are reported (greeting suffix
+//! ` sni=NAME client_cert=BOOL`, or the JSON fields `sni` and `client_cert`).
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
@@ -38,12 +41,62 @@ struct Args {
     /// `http` mode: the status every answer carries.
     #[arg(long, default_value = "200")]
     status: u16,
+    /// Serve TLS with this certificate chain (PEM)…
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// …and this private key (PEM).
+    #[arg(long)]
+    tls_key: Option<std::path::PathBuf>,
+    /// Require client certificates issued by this CA (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<std::path::PathBuf>,
 }
+
+/// The server side of TLS, when asked for.
+fn acceptor(args: &Args) -> anyhow::Result<Option<tokio_rustls::TlsAcceptor>> {
+    use tokio_rustls::rustls::{
+        self,
+        pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+    };
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        return Ok(None);
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let chain = CertificateDer::pem_file_iter(cert)?.collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_file(key)?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let mut config = match &args.tls_client_ca {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_file_iter(ca)? {
+                roots.add(c?)?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()?;
+            builder
+                .with_client_cert_verifier(verifier)
+                .with_single_cert(chain, key)?
+        }
+        None => builder.with_no_client_auth().with_single_cert(chain, key)?,
+    };
+    if matches!(args.mode, Mode::Http) {
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    }
+    Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))))
+}
+
+/// Anything a connection can be served over.
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> Stream for T {}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let name: Arc<str> = args.name.into();
+    let name: Arc<str> = args.name.clone().into();
     for addr in &args.listen {
         let listener = TcpListener::bind(addr).await?;
         if let Mode::Grpc = args.mode {
@@ -66,6 +119,7 @@ async fn main() -> anyhow::Result<()> {
         }
         tokio::spawn(serve(
             listener,
+            acceptor(&args)?,
             args.mode,
             name.clone(),
             args.delay_ms,
@@ -76,87 +130,144 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve(listener: TcpListener, mode: Mode, name: Arc<str>, delay_ms: u64, status: u16) {
+async fn serve(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    mode: Mode,
+    name: Arc<str>,
+    delay_ms: u64,
+    status: u16,
+) {
     loop {
-        let Ok((mut stream, peer)) = listener.accept().await else {
+        let Ok((stream, peer)) = listener.accept().await else {
             continue;
         };
         let name = name.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            match mode {
-                Mode::Echo => {
-                    let greeting = format!("hello from {name} peer={peer}\n");
-                    if stream.write_all(greeting.as_bytes()).await.is_err() {
+            match tls {
+                None => handle(stream, None, mode, name, peer, delay_ms, status).await,
+                Some(acceptor) => {
+                    let Ok(s) = acceptor.accept(stream).await else {
                         return;
-                    }
-                    let (mut r, mut w) = stream.split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    };
+                    let (_, session) = s.get_ref();
+                    let info = TlsInfo {
+                        sni: session.server_name().map(str::to_string),
+                        client_cert: session.peer_certificates().is_some_and(|c| !c.is_empty()),
+                        client_cert_id: session
+                            .peer_certificates()
+                            .and_then(|c| c.first())
+                            .map(|c| drover_tests::der_id(c.as_ref())),
+                    };
+                    handle(s, Some(info), mode, name, peer, delay_ms, status).await
                 }
-                Mode::Sink => {
-                    let mut buf = vec![0u8; 256 * 1024];
-                    let mut total: u64 = 0;
-                    while let Ok(n) = stream.read(&mut buf).await {
-                        if n == 0 {
-                            break;
-                        }
-                        total += n as u64;
-                    }
-                    let _ = stream.write_all(format!("{total}\n").as_bytes()).await;
-                }
-                Mode::Http => {
-                    let io = hyper_util::rt::TokioIo::new(stream);
-                    let svc = service_fn(move |mut req: Request<hyper::body::Incoming>| {
-                        // `Upgrade: echo`: switch protocols, then echo raw bytes.
-                        let upgrade = req
-                            .headers()
-                            .get("upgrade")
-                            .is_some_and(|v| v == "echo")
-                            .then(|| hyper::upgrade::on(&mut req));
-                        let headers: Vec<String> =
-                            req.headers().keys().map(|k| format!("\"{k}\"")).collect();
-                        let body = format!(
-                            "{{\"podname\":\"{name}\",\"path\":\"{}\",\"peer\":\"{peer}\",\"version\":\"{:?}\",\"headers\":[{}]}}\n",
-                            req.uri().path(),
-                            req.version(),
-                            headers.join(",")
-                        );
-                        async move {
-                            if let Some(on) = upgrade {
-                                tokio::spawn(async move {
-                                    if let Ok(up) = on.await {
-                                        let mut io = hyper_util::rt::TokioIo::new(up);
-                                        let (mut r, mut w) = tokio::io::split(&mut io);
-                                        let _ = tokio::io::copy(&mut r, &mut w).await;
-                                    }
-                                });
-                                return Ok(Response::builder()
-                                    .status(101)
-                                    .header("connection", "upgrade")
-                                    .header("upgrade", "echo")
-                                    .body(Full::new(Bytes::new()))
-                                    .expect("static response"));
-                            }
-                            if delay_ms > 0 {
-                                tokio::time::sleep(std::time::Duration::from_millis(delay_ms))
-                                    .await;
-                            }
-                            Ok::<_, Infallible>(
-                                Response::builder()
-                                    .status(status)
-                                    .header("content-type", "application/json")
-                                    .body(Full::new(Bytes::from(body)))
-                                    .expect("static response"),
-                            )
-                        }
-                    });
-                    let _ = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection_with_upgrades(io, svc)
-                        .await;
-                }
-                // Served by tonic in `main`.
-                Mode::Grpc => {}
             }
         });
+    }
+}
+
+/// What the server learnt from a TLS handshake.
+struct TlsInfo {
+    sni: Option<String>,
+    client_cert: bool,
+    /// Hash of the client certificate's DER (`DefaultHasher`, hex), to tell certificates apart.
+    client_cert_id: Option<String>,
+}
+
+async fn handle(
+    mut stream: impl Stream,
+    tls: Option<TlsInfo>,
+    mode: Mode,
+    name: Arc<str>,
+    peer: SocketAddr,
+    delay_ms: u64,
+    status: u16,
+) {
+    let (sni, client_cert) = tls
+        .as_ref()
+        .map_or((None, false), |t| (t.sni.clone(), t.client_cert));
+    let quoted = |v: Option<&String>| v.map_or("null".to_string(), |s| format!("\"{s}\""));
+    let sni_json = quoted(sni.as_ref());
+    let cert_json = quoted(tls.as_ref().and_then(|t| t.client_cert_id.as_ref()));
+    match mode {
+        Mode::Echo => {
+            let suffix = match &tls {
+                Some(_) => format!(
+                    " sni={} client_cert={client_cert}",
+                    sni.as_deref().unwrap_or("-")
+                ),
+                None => String::new(),
+            };
+            let greeting = format!("hello from {name} peer={peer}{suffix}\n");
+            if stream.write_all(greeting.as_bytes()).await.is_err() {
+                return;
+            }
+            let (mut r, mut w) = tokio::io::split(stream);
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        }
+        Mode::Sink => {
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut total: u64 = 0;
+            while let Ok(n) = stream.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                total += n as u64;
+            }
+            let _ = stream.write_all(format!("{total}\n").as_bytes()).await;
+        }
+        Mode::Http => {
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let svc = service_fn(move |mut req: Request<hyper::body::Incoming>| {
+                // `Upgrade: echo`: switch protocols, then echo raw bytes.
+                let upgrade = req
+                    .headers()
+                    .get("upgrade")
+                    .is_some_and(|v| v == "echo")
+                    .then(|| hyper::upgrade::on(&mut req));
+                let headers: Vec<String> =
+                    req.headers().keys().map(|k| format!("\"{k}\"")).collect();
+                let body = format!(
+                    "{{\"podname\":\"{name}\",\"path\":\"{}\",\"peer\":\"{peer}\",\"version\":\"{:?}\",\"sni\":{sni_json},\"client_cert\":{client_cert},\"client_cert_id\":{cert_json},\"headers\":[{}]}}\n",
+                    req.uri().path(),
+                    req.version(),
+                    headers.join(",")
+                );
+                async move {
+                    if let Some(on) = upgrade {
+                        tokio::spawn(async move {
+                            if let Ok(up) = on.await {
+                                let mut io = hyper_util::rt::TokioIo::new(up);
+                                let (mut r, mut w) = tokio::io::split(&mut io);
+                                let _ = tokio::io::copy(&mut r, &mut w).await;
+                            }
+                        });
+                        return Ok(Response::builder()
+                            .status(101)
+                            .header("connection", "upgrade")
+                            .header("upgrade", "echo")
+                            .body(Full::new(Bytes::new()))
+                            .expect("static response"));
+                    }
+                    if delay_ms > 0 {
+                        tokio::time::sleep(std::time::Duration::from_millis(delay_ms)).await;
+                    }
+                    Ok::<_, Infallible>(
+                        Response::builder()
+                            .status(status)
+                            .header("content-type", "application/json")
+                            .body(Full::new(Bytes::from(body)))
+                            .expect("static response"),
+                    )
+                }
+            });
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection_with_upgrades(io, svc)
+                .await;
+        }
+        // Served by tonic in `main`.
+        Mode::Grpc => {}
     }
 }
 

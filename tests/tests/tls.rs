@@ -1,0 +1,477 @@
+//! TLS origination through the real capture path: the application speaks plaintext to the VIP,
+//! Drover originates TLS (SIMPLE, MUTUAL) to a real rustls server in an endpoint namespace, with
+//! certificates made by rcgen for the test. Root needed; under `CI` the tests fail rather than
+//! skip.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    time::Duration,
+};
+
+use drover_tests::{
+    Daemon, PinDir, Pki, Proc, Topology, pem_id, probe, require_privileged, write_config,
+};
+use serde_json::Value;
+
+const VIP: &str = "127.77.0.10";
+
+/// `secure` in namespace `test`: VIP:80 (`tcp`) → 7443 and VIP:9080 (`http`) → 9443 on ep1.
+fn service() -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: secure, namespace: test}}
+spec:
+  hosts: [secure.test.svc]
+  addresses: [{VIP}]
+  ports:
+  - {{number: 80, name: tcp, protocol: TCP, targetPort: 7443}}
+  - {{number: 9080, name: http, protocol: HTTP, targetPort: 9443}}
+  resolution: STATIC
+  endpoints: [{{address: {}}}]
+",
+        Topology::ep4(1)
+    )
+}
+
+/// A DestinationRule for `secure` with `tls` (one flow-style mapping).
+fn rule(tls: &str) -> String {
+    format!(
+        "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: secure, namespace: test}}
+spec:
+  host: secure.test.svc
+  trafficPolicy:
+    tls: {tls}
+"
+    )
+}
+
+/// TLS servers on ep1 (echo on 7443, http on 9443) with `server_args`, and a daemon for `yaml`.
+struct Setup {
+    t: Topology,
+    _servers: Vec<Proc>,
+    _pins: PinDir,
+    cfg: std::path::PathBuf,
+    daemon: Daemon,
+}
+
+fn setup(server_args: &[String], yaml: &str, extra: &[&str]) -> Setup {
+    let t = Topology::new(1);
+    let args: Vec<&str> = server_args.iter().map(String::as_str).collect();
+    let ep = Topology::ep4(1);
+    let servers = vec![
+        Proc::server_with(
+            Some(&t.endpoints[0]),
+            "echo",
+            &[SocketAddr::new(ep, 7443)],
+            "ep1",
+            &args,
+        ),
+        Proc::server_with(
+            Some(&t.endpoints[0]),
+            "http",
+            &[SocketAddr::new(ep, 9443)],
+            "ep1",
+            &args,
+        ),
+    ];
+    let pins = PinDir::new();
+    let cfg = write_config(yaml);
+    let mut a: Vec<String> = vec![
+        "--config".into(),
+        cfg.display().to_string(),
+        "--pin-dir".into(),
+        pins.path.display().to_string(),
+        "--netns".into(),
+        t.client.name.clone(),
+    ];
+    a.extend(extra.iter().map(|s| s.to_string()));
+    let daemon = Daemon::start(&a).expect("daemon starts");
+    Setup {
+        t,
+        _servers: servers,
+        _pins: pins,
+        cfg,
+        daemon,
+    }
+}
+
+fn server_tls(pki: &Pki, cert: &(std::path::PathBuf, std::path::PathBuf)) -> Vec<String> {
+    let _ = pki;
+    vec![
+        "--tls-cert".into(),
+        cert.0.display().to_string(),
+        "--tls-key".into(),
+        cert.1.display().to_string(),
+    ]
+}
+
+impl Setup {
+    /// The greeting line of one TCP connection through the VIP, or `None` when the proxy closed it.
+    fn greeting(&self) -> Option<String> {
+        let c = self
+            .t
+            .client
+            .connect(format!("{VIP}:80").parse().unwrap(), None)
+            .ok()?;
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut line = String::new();
+        BufReader::new(c).read_line(&mut line).ok()?;
+        (!line.is_empty()).then_some(line)
+    }
+
+    fn http(&self, args: &[&str]) -> Value {
+        let mut a = vec!["http", "http://127.77.0.10:9080/"];
+        a.extend_from_slice(args);
+        probe(Some(&self.t.client), None, &a)
+    }
+
+    fn stat(&self, name: &str) -> u64 {
+        let c = self.daemon.clusters();
+        c["clusters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["name"].as_str().unwrap().contains("secure.test.svc"))
+            .map(|c| c["stats"][name].as_u64().unwrap_or(0))
+            .sum()
+    }
+}
+
+#[test]
+fn simple_origination_verifies_ca_san_expiry_and_sends_sni() {
+    if !require_privileged() {
+        return;
+    }
+    let pki = Pki::new();
+    let good = pki.leaf("server", &["secure.test.svc"], false, false);
+    let expired = pki.leaf("expired", &["secure.test.svc"], false, true);
+    let ca = pki.path("ca.pem");
+
+    // Right CA, explicit SNI: the server sees the SNI; the application spoke plaintext.
+    let s = setup(
+        &server_tls(&pki, &good),
+        &(service()
+            + &rule(&format!(
+                "{{mode: SIMPLE, caCertificates: {ca}, sni: secure.test.svc}}"
+            ))),
+        &[],
+    );
+    let g = s.greeting().expect("relayed over TLS");
+    assert!(
+        g.starts_with("hello from ep1") && g.contains("sni=secure.test.svc client_cert=false"),
+        "{g}"
+    );
+    assert_eq!(s.stat("ssl.handshake"), 1);
+    drop(s);
+
+    // Unknown CA: no connection, counted as a verification error, logged with its cause.
+    let s = setup(
+        &server_tls(&pki, &good),
+        &(service()
+            + &rule(&format!(
+                "{{mode: SIMPLE, caCertificates: {}}}",
+                pki.path("other-ca.pem")
+            ))),
+        &[],
+    );
+    assert_eq!(s.greeting(), None, "an unverified server gets no bytes");
+    assert_eq!(s.stat("ssl.fail_verify_error"), 1);
+    assert!(
+        s.daemon.wait_log("UnknownIssuer", Duration::from_secs(2)),
+        "{}",
+        s.daemon.log()
+    );
+    drop(s);
+
+    // subjectAltNames that the certificate does not carry.
+    let s = setup(
+        &server_tls(&pki, &good),
+        &(service()
+            + &rule(&format!(
+                "{{mode: SIMPLE, caCertificates: {ca}, subjectAltNames: [other.test.svc]}}"
+            ))),
+        &[],
+    );
+    assert_eq!(s.greeting(), None);
+    assert_eq!(s.stat("ssl.fail_verify_san"), 1);
+    assert!(
+        s.daemon
+            .wait_log("none of subjectAltNames", Duration::from_secs(2))
+    );
+    drop(s);
+
+    // The right SAN listed: accepted.
+    let s = setup(
+        &server_tls(&pki, &good),
+        &(service()
+            + &rule(&format!(
+                "{{mode: SIMPLE, caCertificates: {ca}, subjectAltNames: [secure.test.svc]}}"
+            ))),
+        &[],
+    );
+    assert!(s.greeting().is_some());
+    drop(s);
+
+    // An expired server certificate.
+    let s = setup(
+        &server_tls(&pki, &expired),
+        &(service() + &rule(&format!("{{mode: SIMPLE, caCertificates: {ca}}}"))),
+        &[],
+    );
+    assert_eq!(s.greeting(), None);
+    assert_eq!(s.stat("ssl.fail_verify_error"), 1);
+    assert!(
+        s.daemon
+            .wait_log("certificate expired", Duration::from_secs(2)),
+        "{}",
+        s.daemon.log()
+    );
+    drop(s);
+
+    // insecureSkipVerify is the one way to accept it anyway.
+    let s = setup(
+        &server_tls(&pki, &expired),
+        &(service() + &rule("{mode: SIMPLE, insecureSkipVerify: true}")),
+        &[],
+    );
+    assert!(s.greeting().is_some());
+}
+
+#[test]
+fn mutual_presents_the_client_certificate_and_simple_is_refused_by_that_server() {
+    if !require_privileged() {
+        return;
+    }
+    let pki = Pki::new();
+    let server = pki.leaf("server", &["secure.test.svc"], false, false);
+    let client = pki.leaf("client", &["client.test.svc"], true, false);
+    let mut args = server_tls(&pki, &server);
+    args.extend(["--tls-client-ca".into(), pki.path("client-ca.pem")]);
+    let ca = pki.path("ca.pem");
+    let mutual = format!(
+        "{{mode: MUTUAL, caCertificates: {ca}, clientCertificate: {}, privateKey: {}}}",
+        client.0.display(),
+        client.1.display()
+    );
+    let s = setup(&args, &(service() + &rule(&mutual)), &[]);
+    let g = s.greeting().expect("mutual TLS relayed");
+    assert!(g.contains("client_cert=true"), "{g}");
+    // HTTP over the same origination: ALPN-less HTTP/1.1 with the client certificate.
+    let r = s.http(&["--count", "3"]);
+    assert_eq!(r["status"]["200"], 3, "{r}");
+    assert_eq!(r["first"]["client_cert_id"], pem_id(&client.0), "{r}");
+    drop(s);
+
+    let s = setup(
+        &args,
+        &(service() + &rule(&format!("{{mode: SIMPLE, caCertificates: {ca}}}"))),
+        &[],
+    );
+    assert_eq!(
+        s.greeting(),
+        None,
+        "the server demands a client certificate"
+    );
+    let r = s.http(&["--count", "1"]);
+    assert_eq!(r["status"]["503"], 1, "{r}");
+}
+
+#[test]
+fn http_auto_sni_and_san_follow_the_request_host() {
+    if !require_privileged() {
+        return;
+    }
+    let pki = Pki::new();
+    let server = pki.leaf("server", &["secure.test.svc"], false, false);
+    let ca = pki.path("ca.pem");
+    let s = setup(
+        &server_tls(&pki, &server),
+        &(service() + &rule(&format!("{{mode: SIMPLE, caCertificates: {ca}}}"))),
+        &[],
+    );
+    // No `sni`, no `subjectAltNames`: the Host names the handshake and is checked (Envoy's
+    // auto SNI and auto SAN validation).
+    let r = s.http(&["--count", "2", "--header", "host: secure.test.svc"]);
+    assert_eq!(r["status"]["200"], 2, "{r}");
+    assert_eq!(r["first"]["sni"], "secure.test.svc", "{r}");
+    let r = s.http(&["--count", "1", "--header", "host: impostor.test.svc"]);
+    assert_eq!(
+        r["status"]["503"], 1,
+        "the certificate does not name this host: {r}"
+    );
+    assert_eq!(s.stat("ssl.fail_verify_san"), 1);
+}
+
+#[test]
+fn bad_tls_files_are_refused_at_start_naming_the_file() {
+    if !require_privileged() {
+        return;
+    }
+    let pki = Pki::new();
+    let client = pki.leaf("client", &["client.test.svc"], true, false);
+    let other = pki.leaf("other", &["other.test.svc"], true, false);
+    let ca = pki.path("ca.pem");
+    let cases = [
+        (
+            format!(
+                "{{mode: SIMPLE, caCertificates: {}}}",
+                pki.path("missing.pem")
+            ),
+            "missing.pem: cannot read",
+        ),
+        (
+            format!(
+                "{{mode: SIMPLE, caCertificates: {}}}",
+                pki.path("empty.pem")
+            ),
+            "empty.pem: no PEM certificate",
+        ),
+        (
+            format!(
+                "{{mode: MUTUAL, caCertificates: {ca}, clientCertificate: {}, privateKey: {}}}",
+                client.0.display(),
+                other.1.display()
+            ),
+            "other-key.pem: private key does not match the certificate",
+        ),
+        (
+            "{mode: SIMPLE, credentialName: nowhere}".to_string(),
+            "credentialName \"nowhere\": no --credentials DIR",
+        ),
+    ];
+    for (tls, message) in cases {
+        let pins = PinDir::new();
+        let cfg = write_config(&(service() + &rule(&tls)));
+        let err = Daemon::start(&[
+            "--config".into(),
+            cfg.display().to_string(),
+            "--pin-dir".into(),
+            pins.path.display().to_string(),
+            "--admin".into(),
+            "off".into(),
+        ])
+        .err()
+        .unwrap_or_else(|| panic!("{tls}: must not start"));
+        assert_eq!(err.0, Some(1), "{tls}: {}", err.1);
+        assert!(err.1.contains(message), "{tls}: {}", err.1);
+        assert!(
+            err.1.contains("spec.trafficPolicy.tls"),
+            "located: {}",
+            err.1
+        );
+    }
+}
+
+#[test]
+fn rotation_applies_to_new_handshakes_and_a_bad_file_keeps_the_old_one() {
+    if !require_privileged() {
+        return;
+    }
+    let pki = Pki::new();
+    let server = pki.leaf("server", &["secure.test.svc"], false, false);
+    let first = pki.leaf("client-a", &["client.test.svc"], true, false);
+    let second = pki.leaf("client-b", &["client.test.svc"], true, false);
+    // The files the rule names; rotated by renaming new content over them.
+    let (cert, key) = (pki.dir.join("live.pem"), pki.dir.join("live-key.pem"));
+    let install = |from: &(std::path::PathBuf, std::path::PathBuf)| {
+        for (src, dst) in [(&from.0, &cert), (&from.1, &key)] {
+            let tmp = dst.with_extension("tmp");
+            std::fs::copy(src, &tmp).unwrap();
+            std::fs::rename(&tmp, dst).unwrap();
+        }
+    };
+    install(&first);
+    let mut args = server_tls(&pki, &server);
+    args.extend(["--tls-client-ca".into(), pki.path("client-ca.pem")]);
+    // One connection per request, so every request makes a handshake.
+    let yaml = service()
+        + &rule(&format!(
+            "{{mode: MUTUAL, caCertificates: {}, clientCertificate: {}, privateKey: {}}}",
+            pki.path("ca.pem"),
+            cert.display(),
+            key.display()
+        ))
+        .replace(
+            "    tls:",
+            "    connectionPool: {http: {maxRequestsPerConnection: 1}}\n    tls:",
+        );
+    let s = setup(&args, &yaml, &[]);
+    assert_eq!(
+        s.http(&["--count", "1"])["first"]["client_cert_id"],
+        pem_id(&first.0)
+    );
+
+    // Steady load across the rotation: no request may fail.
+    let r = std::thread::scope(|scope| {
+        let load = scope.spawn(|| {
+            probe(
+                Some(&s.t.client),
+                None,
+                &[
+                    "http",
+                    "http://127.77.0.10:9080/",
+                    "--count",
+                    "600",
+                    "--rate",
+                    "300",
+                    "--max-secs",
+                    "20",
+                ],
+            )
+        });
+        std::thread::sleep(Duration::from_millis(700));
+        install(&second);
+        load.join().unwrap()
+    });
+    assert_eq!(
+        r["status"]["200"], 600,
+        "zero failed requests during rotation: {r}"
+    );
+    assert!(
+        s.daemon
+            .wait_log("configuration reloaded", Duration::from_secs(3))
+    );
+    assert_eq!(
+        s.http(&["--count", "1"])["first"]["client_cert_id"],
+        pem_id(&second.0)
+    );
+
+    // A broken key: the reload is refused with the file named, the previous certificate keeps
+    // serving.
+    std::fs::write(&key, "not a key").unwrap();
+    assert!(
+        s.daemon.wait_log("live-key.pem", Duration::from_secs(3)),
+        "{}",
+        s.daemon.log()
+    );
+    let r = s.http(&["--count", "3"]);
+    assert_eq!(r["status"]["200"], 3, "{r}");
+    assert_eq!(r["first"]["client_cert_id"], pem_id(&second.0));
+    let _ = &s.cfg;
+}
+
+#[test]
+fn istio_mutual_without_a_mesh_identity_refuses_instead_of_plaintext() {
+    if !require_privileged() {
+        return;
+    }
+    let pki = Pki::new();
+    let server = pki.leaf("server", &["secure.test.svc"], false, false);
+    let s = setup(
+        &server_tls(&pki, &server),
+        &(service() + &rule("{mode: ISTIO_MUTUAL}")),
+        &[],
+    );
+    assert_eq!(s.greeting(), None);
+    let r = s.http(&["--count", "1"]);
+    assert_eq!(r["status"]["503"], 1, "{r}");
+    assert!(
+        s.daemon
+            .wait_log("mesh workload identity", Duration::from_secs(2))
+    );
+}
