@@ -15,6 +15,15 @@ use crate::{
     reload::{self, Reloader},
 };
 
+/// `--mesh-ca` and friends.
+#[derive(Clone, Debug)]
+pub struct MeshConfig {
+    pub ca_dir: PathBuf,
+    pub trust_domain: String,
+    pub service_account: String,
+    pub identity_dir: PathBuf,
+}
+
 /// Settings of `drover run`.
 #[derive(Clone)]
 pub struct RunConfig {
@@ -33,6 +42,8 @@ pub struct RunConfig {
     pub admin: Option<std::net::SocketAddr>,
     /// Where `credentialName` secrets are looked up.
     pub credentials: crate::tls::Credentials,
+    /// Issue the enrolled workloads a mesh identity.
+    pub mesh: Option<MeshConfig>,
     /// Lets `/logging?level=` change the log filter.
     pub log: Option<crate::admin::LogControl>,
 }
@@ -56,7 +67,25 @@ pub struct Bound {
 pub struct ConfigRejected(pub config::Error);
 
 /// Starts the daemon.
-pub async fn build(cfg: RunConfig) -> anyhow::Result<Bound> {
+pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
+    if let Some(mesh) = &cfg.mesh {
+        let ca = crate::mesh::Ca::load(&mesh.ca_dir)?;
+        let spiffe = crate::mesh::spiffe_id(
+            &mesh.trust_domain,
+            &cfg.client.namespace,
+            &mesh.service_account,
+        );
+        let lifetime = crate::mesh::WORKLOAD_LIFETIME;
+        let files = ca.issue_into(&mesh.identity_dir, &spiffe, &mesh.trust_domain, lifetime)?;
+        tracing::info!(identity = %spiffe, cert = %files.cert.display(), "workload identity issued");
+        cfg.credentials.mesh = Some(files.clone());
+        tokio::spawn(crate::mesh::renew(
+            ca,
+            mesh.identity_dir.clone(),
+            files,
+            lifetime,
+        ));
+    }
     // Every proxied connection costs two descriptors; use all the hard limit allows.
     if let Ok((soft, hard)) =
         nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)

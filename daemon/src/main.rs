@@ -85,6 +85,19 @@ enum Command {
         /// `tls.key`|`key`, `ca.crt`|`cacert`, `ca.crl`|`crl`.
         #[arg(long, value_name = "DIR")]
         credentials: Option<PathBuf>,
+        /// Mesh CA directory (`drover ca init`): issue the enrolled workloads a SPIFFE identity for
+        /// `ISTIO_MUTUAL` (24 h certificates renewed at half-life).
+        #[arg(long, value_name = "DIR")]
+        mesh_ca: Option<PathBuf>,
+        /// Trust domain of the mesh identities.
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+        /// Service account of the enrolled workloads (their identity's `sa`).
+        #[arg(long, default_value = "default")]
+        service_account: String,
+        /// Where the workload certificate is written (default: a directory under the temp dir).
+        #[arg(long, value_name = "DIR")]
+        identity_dir: Option<PathBuf>,
         /// Data-plane worker threads (0: one per CPU).
         #[arg(long, default_value = "0")]
         workers: usize,
@@ -115,6 +128,11 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// The mesh CA: `ca init --dir DIR` creates a root; `ca issue` signs a workload certificate.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
     /// Per-endpoint counters and health, from the pinned maps (kernel and daemon) named with the
     /// admin API; works from the maps alone when the admin API is unreachable.
     Status {
@@ -142,6 +160,73 @@ fn log_control<S: 'static>(
         let filter = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;
         handle.reload(filter).map_err(|e| e.to_string())
     })
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create a root CA (ECDSA P-256, ten years) in DIR; never overwrites one.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Issue a certificate for a SPIFFE identity (for servers that are not drover).
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        /// `spiffe://TRUST-DOMAIN/ns/NAMESPACE/sa/ACCOUNT`.
+        #[arg(long)]
+        spiffe: String,
+        /// Extra DNS names.
+        #[arg(long)]
+        dns: Vec<String>,
+        #[arg(long, default_value = "24")]
+        hours: u64,
+        /// Output certificate (PEM); the key goes to the same name with `-key` before `.pem`.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn ca(command: CaCommand) -> ExitCode {
+    let result = match command {
+        CaCommand::Init { dir } => {
+            drover::mesh::init(&dir).map(|p| format!("created {}\n", p.display()))
+        }
+        CaCommand::Issue {
+            dir,
+            spiffe,
+            dns,
+            hours,
+            out,
+        } => drover::mesh::Ca::load(&dir)
+            .and_then(|ca| ca.issue(&spiffe, &dns, Duration::from_secs(hours * 3600)))
+            .and_then(|(cert, key)| {
+                let key_path = out.with_file_name(format!(
+                    "{}-key.pem",
+                    out.file_stem().and_then(|s| s.to_str()).unwrap_or("cert")
+                ));
+                let write = |p: &std::path::Path, s: &str| {
+                    std::fs::write(p, s).map_err(|e| drover::mesh::Error::File {
+                        path: p.to_path_buf(),
+                        reason: e.to_string(),
+                    })
+                };
+                write(&out, &cert)?;
+                write(&key_path, &key)?;
+                Ok(format!(
+                    "wrote {} and {}\n",
+                    out.display(),
+                    key_path.display()
+                ))
+            }),
+    };
+    match result {
+        Ok(text) => report(&text),
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// `--admin`: an address, or `off`.
@@ -211,6 +296,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Ca { command } => ca(command),
         Command::Status {
             pin_dir,
             admin,
@@ -241,6 +327,10 @@ fn main() -> ExitCode {
             no_watch,
             admin,
             credentials,
+            mesh_ca,
+            trust_domain,
+            service_account,
+            identity_dir,
             workers,
             client,
         } => {
@@ -255,7 +345,18 @@ fn main() -> ExitCode {
                 client: client.into(),
                 watch: !no_watch,
                 admin: admin.0,
-                credentials: drover::tls::Credentials { dir: credentials },
+                credentials: drover::tls::Credentials {
+                    dir: credentials,
+                    mesh: None,
+                },
+                mesh: mesh_ca.map(|ca_dir| app::MeshConfig {
+                    ca_dir,
+                    trust_domain,
+                    service_account,
+                    identity_dir: identity_dir.unwrap_or_else(|| {
+                        std::env::temp_dir().join(format!("drover-identity-{}", std::process::id()))
+                    }),
+                }),
                 log: log_control,
             };
             let mut builder = tokio::runtime::Builder::new_multi_thread();

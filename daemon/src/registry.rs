@@ -224,7 +224,33 @@ impl Registry {
                 route::is_h2(protocol.as_deref()),
                 route::is_http(protocol.as_deref()),
             );
-            match crate::tls::Origination::new(tls, h2, http, credentials) {
+            let svc = &self.services[c.service];
+            let mesh = crate::tls::MeshTarget {
+                sni: format!(
+                    "outbound_.{}_.{}_.{}",
+                    c.port,
+                    c.subset.as_deref().unwrap_or(""),
+                    svc.host
+                ),
+                identities: credentials.mesh.as_ref().map_or_else(Vec::new, |m| {
+                    let mut ids: Vec<String> = svc
+                        .endpoints
+                        .iter()
+                        .filter(|e| !e.service_account.is_empty())
+                        .map(|e| {
+                            crate::mesh::spiffe_id(
+                                &m.trust_domain,
+                                &svc.namespace,
+                                &e.service_account,
+                            )
+                        })
+                        .collect();
+                    ids.sort();
+                    ids.dedup();
+                    ids
+                }),
+            };
+            match crate::tls::Origination::new(tls, h2, http, credentials, &mesh) {
                 Ok(o) => c.tls = o.map(Arc::new),
                 Err(e) => {
                     let p = rule.origin.problem(path.clone(), e.to_string());

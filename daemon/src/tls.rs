@@ -74,10 +74,21 @@ pub struct Origination {
     pub files: Vec<PathBuf>,
 }
 
-/// Where `credentialName` secrets live in standalone mode.
+/// Where `credentialName` secrets live in standalone mode, and the mesh identity of the enrolled
+/// workloads (for `ISTIO_MUTUAL`), when the daemon has one.
 #[derive(Clone, Debug, Default)]
 pub struct Credentials {
     pub dir: Option<PathBuf>,
+    pub mesh: Option<crate::mesh::IdentityFiles>,
+}
+
+/// What `ISTIO_MUTUAL` needs to know about the cluster (§7.2 of the semantics reference).
+#[derive(Clone, Debug, Default)]
+pub struct MeshTarget {
+    /// `outbound_.<port>_.<subset>_.<host>`.
+    pub sni: String,
+    /// SPIFFE identities of the service's endpoints (their service accounts).
+    pub identities: Vec<String>,
 }
 
 // === impl Origination ===
@@ -101,23 +112,38 @@ impl Origination {
         h2: bool,
         http: bool,
         credentials: &Credentials,
+        mesh: &MeshTarget,
     ) -> Result<Option<Self>, Error> {
         let mut files = Vec::new();
-        let config = match tls.mode {
+        let (config, sni, auto_san) = match tls.mode {
             TlsMode::Disable => return Ok(None),
-            TlsMode::IstioMutual => None,
-            TlsMode::Simple | TlsMode::Mutual => {
-                Some(Arc::new(client_config(tls, h2, credentials, &mut files)?))
-            }
+            TlsMode::IstioMutual => match &credentials.mesh {
+                // Without an identity: refuse to connect (never plaintext).
+                None => (None, tls.sni.clone(), false),
+                Some(identity) => {
+                    let alpn: &[&[u8]] = match (h2, http) {
+                        (true, _) => &[b"istio-h2", b"istio", b"h2"],
+                        (false, true) => &[b"istio-http/1.1", b"istio", b"http/1.1"],
+                        (false, false) => &[b"istio-peer-exchange", b"istio"],
+                    };
+                    let config = istio_config(tls, identity, mesh, alpn, &mut files)?;
+                    let sni = tls.sni.clone().or_else(|| Some(mesh.sni.clone()));
+                    (Some(Arc::new(config)), sni, false)
+                }
+            },
+            TlsMode::Simple | TlsMode::Mutual => (
+                Some(Arc::new(client_config(tls, h2, credentials, &mut files)?)),
+                tls.sni.clone(),
+                http && tls.sni.is_none()
+                    && tls.subject_alt_names.is_empty()
+                    && !tls.insecure_skip_verify,
+            ),
         };
         Ok(Some(Self {
             mode: tls.mode,
             config,
-            sni: tls.sni.clone(),
-            auto_san: http
-                && tls.sni.is_none()
-                && tls.subject_alt_names.is_empty()
-                && !tls.insecure_skip_verify,
+            sni,
+            auto_san,
             files,
         }))
     }
@@ -219,23 +245,8 @@ fn client_config(
     let mut config = match (tls.mode, cert, key) {
         (TlsMode::Mutual, Some(cert), Some(key)) => {
             files.extend([cert.clone(), key.clone()]);
-            let chain = certificates(&cert)?;
-            let der = PrivateKeyDer::from_pem_file(&key).map_err(|e| match e {
-                rustls::pki_types::pem::Error::NoItemsFound => Error::NoKey { path: key.clone() },
-                other => Error::Read {
-                    path: key.clone(),
-                    reason: other.to_string(),
-                },
-            })?;
-            let mismatch = |e: rustls::Error| Error::KeyMismatch {
-                cert: cert.clone(),
-                key: key.clone(),
-                reason: e.to_string(),
-            };
-            CertifiedKey::from_der(chain.clone(), der.clone_key(), &provider).map_err(mismatch)?;
-            builder
-                .with_client_auth_cert(chain, der)
-                .map_err(mismatch)?
+            let (chain, der) = key_pair(&cert, &key, &provider)?;
+            builder.with_client_auth_cert(chain, der)?
         }
         _ => builder.with_no_client_auth(),
     };
@@ -243,6 +254,84 @@ fn client_config(
         config.alpn_protocols = vec![b"h2".to_vec()];
     }
     Ok(config)
+}
+
+/// `ISTIO_MUTUAL`: the workload identity as client certificate, the mesh root as the only trust
+/// anchor, and the server's certificate must name one of the expected identities
+/// (`subjectAltNames` replaces them; none at all → the chain only).
+fn istio_config(
+    tls: &ClientTls,
+    identity: &crate::mesh::IdentityFiles,
+    mesh: &MeshTarget,
+    alpn: &[&[u8]],
+    files: &mut Vec<PathBuf>,
+) -> Result<ClientConfig, Error> {
+    let provider = provider();
+    files.extend([
+        identity.root.clone(),
+        identity.cert.clone(),
+        identity.key.clone(),
+    ]);
+    let verifier: Arc<dyn ServerCertVerifier> = if tls.insecure_skip_verify {
+        Arc::new(SkipVerify(provider.clone()))
+    } else {
+        let mut roots = RootCertStore::empty();
+        for cert in certificates(&identity.root)? {
+            roots.add(cert).map_err(|e| Error::Read {
+                path: identity.root.clone(),
+                reason: e.to_string(),
+            })?;
+        }
+        let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .build()
+            .map_err(|e| Error::Read {
+                path: identity.root.clone(),
+                reason: e.to_string(),
+            })?;
+        Arc::new(Verifier {
+            webpki,
+            subject_alt_names: if tls.subject_alt_names.is_empty() {
+                mesh.identities.clone()
+            } else {
+                tls.subject_alt_names.clone()
+            },
+            chain_only: true,
+        })
+    };
+    let (chain, key) = key_pair(&identity.cert, &identity.key, &provider)?;
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(chain, key)?;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(config)
+}
+
+/// A certificate chain and its private key, checked to belong together.
+fn key_pair(
+    cert: &Path,
+    key: &Path,
+    provider: &Arc<CryptoProvider>,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), Error> {
+    let chain = certificates(cert)?;
+    let der = PrivateKeyDer::from_pem_file(key).map_err(|e| match e {
+        rustls::pki_types::pem::Error::NoItemsFound => Error::NoKey {
+            path: key.to_path_buf(),
+        },
+        other => Error::Read {
+            path: key.to_path_buf(),
+            reason: other.to_string(),
+        },
+    })?;
+    CertifiedKey::from_der(chain.clone(), der.clone_key(), provider).map_err(|e| {
+        Error::KeyMismatch {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            reason: e.to_string(),
+        }
+    })?;
+    Ok((chain, der))
 }
 
 /// Every certificate of a PEM file; at least one.

@@ -35,6 +35,31 @@ spec:
     )
 }
 
+/// `secure` whose endpoint runs as service account `sa` (its SPIFFE identity in namespace `test`).
+fn service_with_account(sa: &str) -> String {
+    service().replace(
+        &format!("endpoints: [{{address: {}}}]", Topology::ep4(1)),
+        &format!(
+            "endpoints: [{{address: {}, serviceAccount: {sa}}}]",
+            Topology::ep4(1)
+        ),
+    )
+}
+
+/// Runs `drover ARGS` to completion; its stdout (asserting success).
+fn drover(args: &[&str]) -> String {
+    let out = std::process::Command::new(drover_tests::bin("drover"))
+        .args(args)
+        .output()
+        .expect("run drover");
+    assert!(
+        out.status.success(),
+        "drover {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A DestinationRule for `secure` with `tls` (one flow-style mapping).
 fn rule(tls: &str) -> String {
     format!(
@@ -474,4 +499,77 @@ fn istio_mutual_without_a_mesh_identity_refuses_instead_of_plaintext() {
         s.daemon
             .wait_log("mesh workload identity", Duration::from_secs(2))
     );
+}
+
+#[test]
+fn istio_mutual_with_the_mesh_ca_presents_and_checks_spiffe_identities() {
+    if !require_privileged() {
+        return;
+    }
+    let pki = Pki::new();
+    let mesh = pki.dir.join("mesh");
+    let mesh_s = mesh.display().to_string();
+    drover(&["ca", "init", "--dir", &mesh_s]);
+    let issue = |sa: &str| {
+        let out = pki.dir.join(format!("{sa}.pem"));
+        drover(&[
+            "ca",
+            "issue",
+            "--dir",
+            &mesh_s,
+            "--spiffe",
+            &format!("spiffe://cluster.local/ns/test/sa/{sa}"),
+            "--out",
+            &out.display().to_string(),
+        ]);
+        (out, pki.dir.join(format!("{sa}-key.pem")))
+    };
+    let server = issue("secure-sa");
+    let impostor = issue("impostor");
+    let identity_dir = pki.dir.join("identity");
+    let extra = [
+        "--mesh-ca",
+        mesh_s.as_str(),
+        "--client-namespace",
+        "test",
+        "--service-account",
+        "client-sa",
+        "--identity-dir",
+        identity_dir.to_str().unwrap(),
+    ];
+    let root = mesh.join("root-cert.pem").display().to_string();
+    let mut args = server_tls(&pki, &server);
+    args.extend(["--tls-client-ca".into(), root.clone()]);
+    let yaml = service_with_account("secure-sa") + &rule("{mode: ISTIO_MUTUAL}");
+    let s = setup(&args, &yaml, &extra);
+    let g = s.greeting().expect("mesh mTLS relayed");
+    assert!(
+        g.contains("sni=outbound_.80_._.secure.test.svc client_cert=true"),
+        "{g}"
+    );
+    let r = s.http(&["--count", "2"]);
+    assert_eq!(r["status"]["200"], 2, "{r}");
+    assert_eq!(
+        r["first"]["sni"], "outbound_.9080_._.secure.test.svc",
+        "{r}"
+    );
+    // The client presented the workload certificate drover issued for itself.
+    let workload = identity_dir.join("workload.pem");
+    assert_eq!(r["first"]["client_cert_id"], pem_id(&workload), "{r}");
+    let der = std::fs::read_to_string(&workload).unwrap();
+    assert!(!der.is_empty());
+    assert!(
+        s.daemon
+            .log()
+            .contains("spiffe://cluster.local/ns/test/sa/client-sa")
+    );
+    drop(s);
+
+    // A server holding another identity of the same mesh is refused.
+    let mut args = server_tls(&pki, &impostor);
+    args.extend(["--tls-client-ca".into(), root]);
+    let s = setup(&args, &yaml, &extra);
+    assert_eq!(s.greeting(), None);
+    assert_eq!(s.stat("ssl.fail_verify_san"), 1);
+    assert!(s.daemon.wait_log("secure-sa", Duration::from_secs(2)));
 }
