@@ -14,6 +14,8 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/drover/v1";
 pub const DROVER_MARK: u32 = 0x4452;
 /// Port of the outbound capture listener inside every enrolled network namespace.
 pub const PROXY_PORT: u16 = 15001;
+/// Port of the inbound mTLS termination listener in a namespace that hosts workloads.
+pub const INBOUND_PORT: u16 = 15006;
 
 /// Map names, as they appear in the object and under the pin directory.
 pub mod maps {
@@ -26,6 +28,9 @@ pub mod maps {
     pub const EP_KSTATS: &str = "EP_KSTATS";
     /// Daemon-written per-(cluster, endpoint) policy state (BTF).
     pub const EP_DSTATS: &str = "EP_DSTATS";
+    /// Inbound steering (not pinned: they live as long as the daemon that fills them).
+    pub const INBOUND_PORTS: &str = "INBOUND_PORTS";
+    pub const INBOUND_LISTENER: &str = "INBOUND_LISTENER";
     /// Every map, for pinning and cleanup.
     pub const ALL: [&str; 7] = [
         CONFIG,

@@ -44,6 +44,8 @@ pub struct RunConfig {
     pub credentials: crate::tls::Credentials,
     /// Issue the enrolled workloads a mesh identity.
     pub mesh: Option<MeshConfig>,
+    /// Terminate mesh mTLS for the workloads of this namespace (name) on these ports.
+    pub inbound: Option<(String, Vec<u16>, crate::inbound::PeerAuthentication)>,
     /// Lets `/logging?level=` change the log filter.
     pub log: Option<crate::admin::LogControl>,
 }
@@ -148,6 +150,29 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
                     .serve(ns.clone(), l, shutdown.clone(), tracker.clone()),
             );
         }
+    }
+    if let Some((name, ports, mode)) = &cfg.inbound {
+        let (Some(kernel), Some(identity)) = (&kernel, &cfg.credentials.mesh) else {
+            anyhow::bail!(
+                "--inbound-netns needs eBPF capture and --mesh-ca (the workloads' identity)"
+            );
+        };
+        let ns = Arc::new(NetNs::open(name, &NetNs::current()?).map_err(|source| {
+            crate::redirect::Error::Netns {
+                name: name.clone(),
+                source,
+            }
+        })?);
+        let inbound = Arc::new(crate::inbound::Inbound::new(
+            ns.clone(),
+            identity.clone(),
+            *mode,
+        ));
+        inbound.server_config()?;
+        let listener = inbound.bind()?;
+        kernel.attach_inbound(&ns, &listener, ports)?;
+        tracing::info!(netns = %name, ports = ?ports, mode = ?mode, "inbound mTLS termination on 15006");
+        tokio::spawn(inbound.serve(listener, shutdown.clone(), tracker.clone()));
     }
     let admin = match cfg.admin {
         Some(addr) => Some(

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod app;
 pub mod balance;
 pub mod config;
+pub mod inbound;
 pub mod mesh;
 pub mod outlier;
 pub mod pool;

@@ -98,6 +98,16 @@ enum Command {
         /// Where the workload certificate is written (default: a directory under the temp dir).
         #[arg(long, value_name = "DIR")]
         identity_dir: Option<PathBuf>,
+        /// Terminate mesh mTLS for the workloads of this network namespace (an `ip netns` name or
+        /// a path): inbound TCP to `--inbound-port`s is steered to drover by `sk_lookup`.
+        #[arg(long, value_name = "NETNS", requires = "mesh_ca")]
+        inbound_netns: Option<String>,
+        /// Workload port whose inbound connections are terminated (repeatable).
+        #[arg(long = "inbound-port", requires = "inbound_netns")]
+        inbound_ports: Vec<u16>,
+        /// Inbound clients: STRICT (mTLS only) or PERMISSIVE (plaintext passes through).
+        #[arg(long, value_enum, default_value = "strict")]
+        peer_authentication: drover::inbound::PeerAuthentication,
         /// Data-plane worker threads (0: one per CPU).
         #[arg(long, default_value = "0")]
         workers: usize,
@@ -331,6 +341,9 @@ fn main() -> ExitCode {
             trust_domain,
             service_account,
             identity_dir,
+            inbound_netns,
+            inbound_ports,
+            peer_authentication,
             workers,
             client,
         } => {
@@ -349,6 +362,7 @@ fn main() -> ExitCode {
                     dir: credentials,
                     mesh: None,
                 },
+                inbound: inbound_netns.map(|n| (n, inbound_ports, peer_authentication)),
                 mesh: mesh_ca.map(|ca_dir| app::MeshConfig {
                     ca_dir,
                     trust_domain,

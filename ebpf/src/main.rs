@@ -7,6 +7,7 @@
 #![no_main]
 
 mod connect;
+mod inbound;
 mod maps;
 mod peername;
 mod sockops;

@@ -4,7 +4,7 @@
 use aya_ebpf::{
     btf_maps,
     macros::{btf_map, map},
-    maps::{Array, HashMap, LruHashMap},
+    maps::{Array, HashMap, LruHashMap, SockMap},
 };
 use drover_common::{
     Config, Enrolment, EpDKey, EpDStats, EpKStats, EpKey, OrigDst, TupleKey, VipKey, VipValue,
@@ -46,3 +46,11 @@ pub static EP_KSTATS: btf_maps::LruPerCpuHashMap<EpKey, EpKStats, { capacity::EP
 #[btf_map]
 pub static EP_DSTATS: btf_maps::HashMap<EpDKey, EpDStats, { capacity::EP_DSTATS }> =
     btf_maps::HashMap::new();
+
+/// Workload ports (host order) whose inbound connections go to Drover (written by the daemon).
+#[map]
+pub static INBOUND_PORTS: HashMap<u16, u32> = HashMap::with_max_entries(1024, 0);
+
+/// Index 0: Drover's inbound listener in the namespace the `sk_lookup` program is attached to.
+#[map]
+pub static INBOUND_LISTENER: SockMap = SockMap::with_max_entries(1, 0);

@@ -573,3 +573,137 @@ fn istio_mutual_with_the_mesh_ca_presents_and_checks_spiffe_identities() {
     assert_eq!(s.stat("ssl.fail_verify_san"), 1);
     assert!(s.daemon.wait_log("secure-sa", Duration::from_secs(2)));
 }
+
+#[test]
+fn two_daemons_speak_istio_mutual_and_strict_refuses_plaintext() {
+    if !require_privileged() {
+        return;
+    }
+    let pki = Pki::new();
+    let mesh = pki.dir.join("mesh").display().to_string();
+    drover(&["ca", "init", "--dir", &mesh]);
+    let t = Topology::new(1);
+    let ep = Topology::ep4(1);
+    // The workload: a plaintext echo server on 7000 in the endpoint namespace.
+    let _echo = Proc::server(
+        Some(&t.endpoints[0]),
+        "echo",
+        &[SocketAddr::new(ep, 7000)],
+        "ep1",
+    );
+    let yaml = format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: secure, namespace: test}}
+spec:
+  hosts: [secure.test.svc]
+  addresses: [{VIP}]
+  ports: [{{number: 80, name: tcp, protocol: TCP, targetPort: 7000}}]
+  resolution: STATIC
+  endpoints: [{{address: {ep}, serviceAccount: server-sa}}]
+"
+    ) + &rule("{mode: ISTIO_MUTUAL}");
+    let cfg = write_config(&yaml);
+    let start = |args: &[&str], mode: &str| {
+        let pins = PinDir::new();
+        let mut a: Vec<String> = vec![
+            "--config".into(),
+            cfg.display().to_string(),
+            "--pin-dir".into(),
+            pins.path.display().to_string(),
+            "--mesh-ca".into(),
+            mesh.clone(),
+            "--client-namespace".into(),
+            "test".into(),
+            "--peer-authentication".into(),
+            mode.into(),
+        ];
+        a.extend(args.iter().map(|s| s.to_string()));
+        (Daemon::start(&a).expect("daemon starts"), pins)
+    };
+    // Server node: terminates mTLS for the endpoint namespace's port 7000.
+    let (server, _server_pins) = start(
+        &[
+            "--inbound-netns",
+            &t.endpoints[0].name,
+            "--inbound-port",
+            "7000",
+            "--service-account",
+            "server-sa",
+        ],
+        "strict",
+    );
+    // Client node: captures the client namespace and originates ISTIO_MUTUAL.
+    let (client, _client_pins) = start(
+        &["--netns", &t.client.name, "--service-account", "client-sa"],
+        "strict",
+    );
+
+    // Through both daemons: the workload sees the server node's forward connection (source =
+    // its own address), not the client.
+    let c = t
+        .client
+        .connect(format!("{VIP}:80").parse().unwrap(), None)
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(c).read_line(&mut line).unwrap();
+    assert!(line.starts_with("hello from ep1 peer="), "{line}");
+    let peer: SocketAddr = line.trim().rsplit("peer=").next().unwrap().parse().unwrap();
+    assert_eq!(
+        peer.ip(),
+        ep,
+        "forwarded by the server node from inside the namespace: {line}"
+    );
+    assert!(
+        server.wait_log(
+            "mTLS from spiffe://cluster.local/ns/test/sa/client-sa",
+            Duration::from_secs(3)
+        ),
+        "{}",
+        server.log()
+    );
+    assert!(
+        client.clusters()["clusters"][0]["stats"]["ssl.handshake"]
+            .as_u64()
+            .unwrap()
+            >= 1
+    );
+
+    // A plaintext client straight to the workload (not via a VIP, so not captured) that speaks
+    // first is refused by STRICT at once: EOF, no greeting.
+    let direct = t.client.connect(SocketAddr::new(ep, 7000), None).unwrap();
+    direct
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let started = std::time::Instant::now();
+    std::io::Write::write_all(&mut &direct, b"ping\n").unwrap();
+    let mut line = String::new();
+    // Closed with the unread "ping" still queued: EOF or a reset, never a greeting or a timeout.
+    match BufReader::new(direct).read_line(&mut line) {
+        Ok(n) => assert_eq!(n, 0, "plaintext refused: {line}"),
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(server.wait_log("plaintext client refused", Duration::from_secs(3)));
+    drop(server);
+
+    // PERMISSIVE lets the same plaintext client through.
+    let (_server, _pins) = start(
+        &[
+            "--inbound-netns",
+            &t.endpoints[0].name,
+            "--inbound-port",
+            "7000",
+            "--service-account",
+            "server-sa",
+        ],
+        "permissive",
+    );
+    let direct = t.client.connect(SocketAddr::new(ep, 7000), None).unwrap();
+    direct
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(direct).read_line(&mut line).unwrap();
+    assert!(line.starts_with("hello from ep1"), "{line}");
+}

@@ -57,6 +57,9 @@ const ROOT_PROGRAMS: [&str; 5] = [
 /// Counts the daemon's own (marked) upstream sockets per endpoint; attached to the daemon's cgroup.
 const UPSTREAM_PROGRAM: &str = "drover_upstream_sockops";
 
+/// Steers inbound connections to workload ports to the inbound listener (per namespace).
+const INBOUND_PROGRAM: &str = "drover_inbound";
+
 /// The loaded kernel side.
 pub struct Kernel {
     pin_dir: PathBuf,
@@ -99,7 +102,7 @@ impl Kernel {
         for name in CGROUP_PROGRAMS
             .iter()
             .chain(ROOT_PROGRAMS.iter())
-            .chain([UPSTREAM_PROGRAM].iter())
+            .chain([UPSTREAM_PROGRAM, INBOUND_PROGRAM].iter())
         {
             let prog = ebpf.program_mut(name).ok_or(Error::Pin {
                 path: (*name).into(),
@@ -112,6 +115,7 @@ impl Kernel {
             let res = match prog {
                 aya::programs::Program::CgroupSockAddr(p) => p.load(),
                 aya::programs::Program::SockOps(p) => p.load(),
+                aya::programs::Program::SkLookup(p) => p.load(),
                 _ => continue,
             };
             res.map_err(|source| Error::Program { name, source })?;
@@ -170,6 +174,67 @@ impl Kernel {
             reason: e.to_string(),
         })?;
         self.attach_all(&own, &[UPSTREAM_PROGRAM], &format!("cg{}", meta.ino()))
+    }
+
+    /// Inbound termination in `ns`: connections to `ports` go to `listener` (which must live in
+    /// `ns`). The steering lasts as long as this daemon (the link is not pinned: with no daemon,
+    /// inbound traffic reaches the workloads directly again).
+    pub fn attach_inbound(
+        &self,
+        ns: &crate::redirect::netns::NetNs,
+        listener: &tokio::net::TcpListener,
+        ports: &[u16],
+    ) -> Result<(), Error> {
+        let mut ebpf = self.ebpf.lock().expect("ebpf lock");
+        {
+            let mut map: aya::maps::SockMap<&mut MapData> = ebpf
+                .map_mut(maps::INBOUND_LISTENER)
+                .ok_or(Error::Map {
+                    name: maps::INBOUND_LISTENER,
+                    source: aya::maps::MapError::InvalidName {
+                        name: maps::INBOUND_LISTENER.into(),
+                    },
+                })?
+                .try_into()
+                .map_err(|source| Error::Map {
+                    name: maps::INBOUND_LISTENER,
+                    source,
+                })?;
+            map.set(0, listener, 0).map_err(|source| Error::Map {
+                name: maps::INBOUND_LISTENER,
+                source,
+            })?;
+        }
+        {
+            let mut map: HashMap<&mut MapData, u16, u32> = ebpf
+                .map_mut(maps::INBOUND_PORTS)
+                .ok_or(Error::Map {
+                    name: maps::INBOUND_PORTS,
+                    source: aya::maps::MapError::InvalidName {
+                        name: maps::INBOUND_PORTS.into(),
+                    },
+                })?
+                .try_into()
+                .map_err(|source| Error::Map {
+                    name: maps::INBOUND_PORTS,
+                    source,
+                })?;
+            for p in ports {
+                map.insert(p, 1, 0).map_err(|source| Error::Map {
+                    name: maps::INBOUND_PORTS,
+                    source,
+                })?;
+            }
+        }
+        let name = INBOUND_PROGRAM;
+        let prog: &mut aya::programs::SkLookup = ebpf
+            .program_mut(name)
+            .expect("program checked at load")
+            .try_into()
+            .map_err(|source| Error::Program { name, source })?;
+        prog.attach(ns.as_fd())
+            .map_err(|source| Error::Program { name, source })?;
+        Ok(())
     }
 
     /// Makes `EP_DSTATS` hold exactly `rows` (the daemon is its only writer).

@@ -31,6 +31,12 @@ const SO_NETNS_COOKIE: libc::c_int = 71;
 
 // === impl NetNs ===
 
+impl AsFd for NetNs {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
 impl NetNs {
     /// The daemon's own namespace.
     pub fn current() -> io::Result<Self> {

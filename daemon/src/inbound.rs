@@ -1,0 +1,269 @@
+//! Inbound termination on a node that hosts workloads: connections that the `sk_lookup` program
+//! steered to the inbound listener (15006, in the workloads' namespace) keep their original
+//! destination as local address. Mesh mTLS is terminated with the workloads' identity, the
+//! client certificate must chain to the mesh root and name an identity of the trust domain, and
+//! the plaintext goes to the workload. `--peer-authentication STRICT` refuses plaintext clients;
+//! `PERMISSIVE` passes a client that does not start with a TLS ClientHello (or stays silent for
+//! 100 ms, as server-first protocols do) through unchanged.
+//!
+//! Invariants: the forward connection is made from inside the namespace to the original
+//! destination, so its source equals its destination and `sk_lookup` leaves it alone; the
+//! server certificate is re-read when the identity file changes (renewal), never mid-handshake.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use rustls::{
+    ServerConfig,
+    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+    server::WebPkiClientVerifier,
+};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{mesh::IdentityFiles, redirect::netns::NetNs};
+
+/// PeerAuthentication mode of the inbound listener.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PeerAuthentication {
+    /// Only mesh mTLS clients.
+    Strict,
+    /// mTLS when the client speaks TLS, plaintext otherwise.
+    Permissive,
+}
+
+/// Why an inbound connection was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("plaintext client refused (peer authentication STRICT)")]
+    PlaintextRefused,
+    #[error("client sent nothing within {0:?}")]
+    Silent(Duration),
+    #[error("TLS: {0}")]
+    Tls(std::io::Error),
+    #[error("client identity {0:?} is not in trust domain {1}")]
+    ForeignIdentity(Vec<String>, String),
+    #[error("server identity {path}: {reason}")]
+    Identity { path: String, reason: String },
+    #[error("forwarding to {addr}: {source}")]
+    Forward {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// The inbound side of one namespace.
+pub struct Inbound {
+    pub ns: Arc<NetNs>,
+    pub identity: IdentityFiles,
+    pub mode: PeerAuthentication,
+    /// (modification time of the certificate file, config built from it).
+    config: Mutex<Option<(SystemTime, Arc<ServerConfig>)>>,
+}
+
+/// How long a client may stay silent before the first byte (protocol detection).
+const FIRST_BYTE: Duration = Duration::from_secs(10);
+/// PERMISSIVE: a client silent this long is plaintext (server-speaks-first protocols such as
+/// SMTP or MySQL; Istio's old `protocolDetectionTimeout` default).
+const DETECTION: Duration = Duration::from_millis(100);
+
+// === impl Inbound ===
+
+impl Inbound {
+    pub fn new(ns: Arc<NetNs>, identity: IdentityFiles, mode: PeerAuthentication) -> Self {
+        Self {
+            ns,
+            identity,
+            mode,
+            config: Mutex::new(None),
+        }
+    }
+
+    /// Binds `0.0.0.0:15006` inside the namespace.
+    pub fn bind(&self) -> std::io::Result<TcpListener> {
+        let addr = SocketAddr::from(([0, 0, 0, 0], drover_common::INBOUND_PORT));
+        let std = self.ns.enter(|| std::net::TcpListener::bind(addr))??;
+        std.set_nonblocking(true)?;
+        TcpListener::from_std(std)
+    }
+
+    /// The TLS server configuration, rebuilt when the identity file changed (renewal); the
+    /// previous one stays when the new files cannot be used.
+    pub fn server_config(&self) -> Result<Arc<ServerConfig>, Error> {
+        let mtime = std::fs::metadata(&self.identity.cert)
+            .and_then(|m| m.modified())
+            .ok();
+        let mut current = self.config.lock().unwrap_or_else(|e| e.into_inner());
+        if let (Some((at, c)), Some(m)) = (current.as_ref(), mtime)
+            && *at == m
+        {
+            return Ok(c.clone());
+        }
+        match build_config(&self.identity) {
+            Ok(c) => {
+                let c = Arc::new(c);
+                *current = Some((mtime.unwrap_or(SystemTime::UNIX_EPOCH), c.clone()));
+                Ok(c)
+            }
+            Err(e) => match current.as_ref() {
+                Some((_, c)) => {
+                    tracing::warn!(error = %e, "inbound identity unusable; keeping the previous one");
+                    Ok(c.clone())
+                }
+                None => Err(e),
+            },
+        }
+    }
+
+    /// Accepts until `shutdown`, one task per connection.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+    ) {
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                a = listener.accept() => a,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    let me = self.clone();
+                    tracker.spawn(async move {
+                        let target = stream.local_addr().ok();
+                        match me.handle(stream).await {
+                            Ok(how) => tracing::info!(
+                                target: "drover::access", netns = %me.ns.name, src = %peer,
+                                dst = ?target, how = %how, "inbound"
+                            ),
+                            Err(e) => tracing::warn!(
+                                target: "drover::access", netns = %me.ns.name, src = %peer,
+                                dst = ?target, reason = %e, "inbound refused"
+                            ),
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "inbound accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    /// Terminates (or, PERMISSIVE, passes) one connection and relays it to its original
+    /// destination; says how it was served.
+    async fn handle(&self, stream: TcpStream) -> Result<String, Error> {
+        let target = stream.local_addr().map_err(Error::Tls)?;
+        let mut first = [0u8; 1];
+        let wait = match self.mode {
+            PeerAuthentication::Strict => FIRST_BYTE,
+            PeerAuthentication::Permissive => DETECTION,
+        };
+        let tls = match tokio::time::timeout(wait, stream.peek(&mut first)).await {
+            // A TLS record of type handshake (22) opens every ClientHello.
+            Ok(Ok(n)) => n == 1 && first[0] == 0x16,
+            Ok(Err(e)) => return Err(Error::Tls(e)),
+            Err(_) if self.mode == PeerAuthentication::Permissive => false,
+            Err(_) => return Err(Error::Silent(FIRST_BYTE)),
+        };
+        if !tls {
+            if self.mode == PeerAuthentication::Strict {
+                return Err(Error::PlaintextRefused);
+            }
+            let mut client = stream;
+            let mut upstream = self.forward(target).await?;
+            let _ = crate::proxy::relay::bounded(
+                &mut client,
+                &mut upstream,
+                crate::proxy::DEFAULT_IDLE_TIMEOUT,
+                None,
+            )
+            .await;
+            return Ok("plaintext (PERMISSIVE)".into());
+        }
+        let config = self.server_config()?;
+        let mut tls = tokio_rustls::TlsAcceptor::from(config)
+            .accept(stream)
+            .await
+            .map_err(Error::Tls)?;
+        let names = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(crate::tls::certificate_names)
+            .unwrap_or_default();
+        let domain = format!("spiffe://{}/", self.identity.trust_domain);
+        let Some(client) = names.iter().find(|n| n.starts_with(&domain)).cloned() else {
+            return Err(Error::ForeignIdentity(
+                names,
+                self.identity.trust_domain.clone(),
+            ));
+        };
+        let mut upstream = self.forward(target).await?;
+        let _ = crate::proxy::relay::bounded(
+            &mut tls,
+            &mut upstream,
+            crate::proxy::DEFAULT_IDLE_TIMEOUT,
+            None,
+        )
+        .await;
+        Ok(format!("mTLS from {client}"))
+    }
+
+    /// A connection to the workload, from inside its namespace.
+    async fn forward(&self, addr: SocketAddr) -> Result<TcpStream, Error> {
+        let s = crate::proxy::connect(&self.ns, addr, crate::proxy::DEFAULT_CONNECT_TIMEOUT)
+            .await
+            .map_err(|e| Error::Forward {
+                addr,
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        Ok(s)
+    }
+}
+
+fn build_config(identity: &IdentityFiles) -> Result<ServerConfig, Error> {
+    let err = |path: &std::path::Path, e: &dyn std::fmt::Display| Error::Identity {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let chain = CertificateDer::pem_file_iter(&identity.cert)
+        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| err(&identity.cert, &e))?;
+    let key = PrivateKeyDer::from_pem_file(&identity.key).map_err(|e| err(&identity.key, &e))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(&identity.root).map_err(|e| err(&identity.root, &e))? {
+        roots
+            .add(c.map_err(|e| err(&identity.root, &e))?)
+            .map_err(|e| err(&identity.root, &e))?;
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| err(&identity.root, &e))?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])
+        .map_err(|e| err(&identity.cert, &e))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| err(&identity.cert, &e))?;
+    // Whatever a mesh client offers (Istio's TCP and HTTP ALPN values, then plain ones).
+    config.alpn_protocols = [
+        "istio-peer-exchange",
+        "istio-h2",
+        "istio-http/1.1",
+        "istio",
+        "h2",
+        "http/1.1",
+    ]
+    .iter()
+    .map(|p| p.as_bytes().to_vec())
+    .collect();
+    Ok(config)
+}
