@@ -50,6 +50,10 @@ struct ClientArgs {
 }
 
 #[derive(Subcommand)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once at start-up; boxing would only add noise"
+)]
 enum Command {
     /// Capture the enrolled workloads' connections and relay them to service endpoints.
     Run {
