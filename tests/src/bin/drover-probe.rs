@@ -192,7 +192,8 @@ fn rr(
 }
 
 fn crr(addr: SocketAddr, count: u32, max_secs: u64) -> std::io::Result<serde_json::Value> {
-    let deadline = Instant::now() + Duration::from_secs(max_secs);
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(max_secs);
     let mut lat = Vec::with_capacity(count as usize);
     let mut buf = [0u8; 4];
     for _ in 0..count {
@@ -207,7 +208,10 @@ fn crr(addr: SocketAddr, count: u32, max_secs: u64) -> std::io::Result<serde_jso
         drop(s);
         lat.push(t.elapsed());
     }
-    Ok(percentiles(lat))
+    let per_s = lat.len() as f64 / start.elapsed().as_secs_f64();
+    let mut v = percentiles(lat);
+    v["per_s"] = json!(per_s);
+    Ok(v)
 }
 
 fn bulk(addr: SocketAddr, bytes: u64, max_secs: u64) -> std::io::Result<serde_json::Value> {

@@ -142,6 +142,9 @@ async fn serve(
         let Ok((stream, peer)) = listener.accept().await else {
             continue;
         };
+        // Small writes back to back (a TLS session ticket, then the greeting) must not wait for
+        // a delayed ACK.
+        let _ = stream.set_nodelay(true);
         let name = name.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
