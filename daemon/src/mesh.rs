@@ -268,4 +268,33 @@ mod tests {
         assert!(err.to_string().contains(ROOT_CERT), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn renewal_rewrites_the_identity_at_half_life() {
+        let dir = std::env::temp_dir().join(format!("drover-mesh-renew-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        init(&dir).unwrap();
+        let ca = Ca::load(&dir).unwrap();
+        let id = spiffe_id("cluster.local", "demo", "reviews");
+        let lifetime = Duration::from_secs(3600);
+        let files = ca
+            .issue_into(&dir.join("id"), &id, "cluster.local", lifetime)
+            .unwrap();
+        let before = std::fs::read_to_string(&files.cert).unwrap();
+        let task = tokio::spawn(renew(ca, dir.join("id"), files.clone(), lifetime));
+        // Paused clock: nothing before half-life, a new certificate right after it.
+        tokio::time::sleep(Duration::from_secs(1790)).await;
+        assert_eq!(std::fs::read_to_string(&files.cert).unwrap(), before);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let now = std::fs::read_to_string(&files.cert).unwrap_or_default();
+            if !now.is_empty() && now != before {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "not renewed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        task.abort();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

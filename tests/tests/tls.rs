@@ -707,3 +707,38 @@ spec:
     BufReader::new(direct).read_line(&mut line).unwrap();
     assert!(line.starts_with("hello from ep1"), "{line}");
 }
+
+#[test]
+fn disable_is_plaintext_and_credential_name_reads_the_credentials_dir() {
+    if !require_privileged() {
+        return;
+    }
+    // DISABLE: plaintext to a plaintext server (the greeting has no TLS suffix).
+    let s = setup(&[], &(service() + &rule("{mode: DISABLE}")), &[]);
+    let g = s.greeting().expect("plaintext relayed");
+    assert!(
+        g.starts_with("hello from ep1") && !g.contains("sni="),
+        "{g}"
+    );
+    drop(s);
+
+    // MUTUAL through credentialName: DIR/<name>/{tls.crt,tls.key,ca.crt}.
+    let pki = Pki::new();
+    let server = pki.leaf("server", &["secure.test.svc"], false, false);
+    let client = pki.leaf("client", &["client.test.svc"], true, false);
+    let secret = pki.dir.join("creds").join("secure-client");
+    std::fs::create_dir_all(&secret).unwrap();
+    std::fs::copy(&client.0, secret.join("tls.crt")).unwrap();
+    std::fs::copy(&client.1, secret.join("tls.key")).unwrap();
+    std::fs::copy(pki.dir.join("ca.pem"), secret.join("ca.crt")).unwrap();
+    let mut args = server_tls(&pki, &server);
+    args.extend(["--tls-client-ca".into(), pki.path("client-ca.pem")]);
+    let creds = pki.dir.join("creds").display().to_string();
+    let s = setup(
+        &args,
+        &(service() + &rule("{mode: MUTUAL, credentialName: secure-client, sni: secure.test.svc}")),
+        &["--credentials", &creds],
+    );
+    let g = s.greeting().expect("mutual TLS with the secret's files");
+    assert!(g.contains("client_cert=true"), "{g}");
+}
