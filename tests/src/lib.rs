@@ -734,6 +734,40 @@ impl Pki {
     pub fn path(&self, name: &str) -> String {
         self.dir.join(name).display().to_string()
     }
+
+    /// A server leaf for `sans` (serial 4242) and `crl.pem`, a CRL of the CA revoking it.
+    pub fn revoked_leaf(&self, sans: &[&str]) -> (PathBuf, PathBuf) {
+        let serial = rcgen::SerialNumber::from_slice(&[0x10, 0x92]);
+        let mut params =
+            rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params.serial_number = Some(serial.clone());
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.ca).unwrap();
+        let (c, k) = (
+            self.dir.join("revoked.pem"),
+            self.dir.join("revoked-key.pem"),
+        );
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        let crl = rcgen::CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2024, 1, 1),
+            next_update: rcgen::date_time_ymd(2100, 1, 1),
+            crl_number: rcgen::SerialNumber::from_slice(&[1]),
+            issuing_distribution_point: None,
+            revoked_certs: vec![rcgen::RevokedCertParams {
+                serial_number: serial,
+                revocation_time: rcgen::date_time_ymd(2024, 1, 1),
+                reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                invalidity_date: None,
+            }],
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        }
+        .signed_by(&self.ca)
+        .unwrap();
+        std::fs::write(self.dir.join("crl.pem"), crl.pem().unwrap()).unwrap();
+        (c, k)
+    }
 }
 
 impl Default for Pki {

@@ -742,3 +742,34 @@ fn disable_is_plaintext_and_credential_name_reads_the_credentials_dir() {
     let g = s.greeting().expect("mutual TLS with the secret's files");
     assert!(g.contains("client_cert=true"), "{g}");
 }
+
+#[test]
+fn ca_crl_rejects_a_revoked_server_certificate() {
+    if !require_privileged() {
+        return;
+    }
+    let pki = Pki::new();
+    let revoked = pki.revoked_leaf(&["secure.test.svc"]);
+    let ca = pki.path("ca.pem");
+    let base = format!("mode: SIMPLE, caCertificates: {ca}, sni: secure.test.svc");
+    // Without the CRL the certificate is fine; with it, the handshake fails as revoked.
+    let s = setup(
+        &server_tls(&pki, &revoked),
+        &(service() + &rule(&format!("{{{base}}}"))),
+        &[],
+    );
+    assert!(s.greeting().is_some());
+    drop(s);
+    let s = setup(
+        &server_tls(&pki, &revoked),
+        &(service() + &rule(&format!("{{{base}, caCrl: {}}}", pki.path("crl.pem")))),
+        &[],
+    );
+    assert_eq!(s.greeting(), None);
+    assert_eq!(s.stat("ssl.fail_verify_error"), 1);
+    assert!(
+        s.daemon.wait_log("Revoked", Duration::from_secs(2)),
+        "{}",
+        s.daemon.log()
+    );
+}
