@@ -158,7 +158,10 @@ impl Admin {
             (&Method::GET, "/clusters") => {
                 let snapshot = self.registry.load();
                 self.publish(&snapshot);
-                json(&serde_json::json!({ "clusters": clusters(&snapshot) }))
+                json(&serde_json::json!({
+                    "clusters": clusters(&snapshot),
+                    "inbound": &crate::stats::store().inbound,
+                }))
             }
             (&Method::GET, "/stats/prometheus") => {
                 let mut reg = PromRegistry::default();
@@ -356,6 +359,26 @@ struct Prometheus(Arc<Registry>);
 
 impl Collector for Prometheus {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let inbound = &crate::stats::store().inbound;
+        let mut family = encoder.encode_descriptor(
+            "drover_inbound_connections",
+            "inbound connections by outcome (mTLS terminated, plaintext passed or refused, …)",
+            None,
+            MetricType::Unknown,
+        )?;
+        let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as i64;
+        for (result, n) in [
+            ("mtls", get(&inbound.mtls)),
+            ("plaintext_passed", get(&inbound.plaintext_passed)),
+            ("plaintext_refused", get(&inbound.plaintext_refused)),
+            ("foreign_identity", get(&inbound.foreign_identity)),
+            ("tls_error", get(&inbound.tls_error)),
+            ("silent", get(&inbound.silent)),
+            ("forward_failed", get(&inbound.forward_failed)),
+        ] {
+            ConstGauge::new(n).encode(family.encode_family(&[("result", result)])?)?;
+        }
+        drop(family);
         let views = clusters(&self.0);
         let Some(first) = views.first() else {
             return Ok(());

@@ -64,6 +64,24 @@ pub struct Inbound {
     config: Mutex<Option<(SystemTime, Arc<ServerConfig>)>>,
 }
 
+/// How an inbound connection was served.
+#[derive(Debug)]
+enum Served {
+    /// mTLS terminated for this client identity.
+    Mtls(String),
+    /// PERMISSIVE plaintext pass-through.
+    Plaintext,
+}
+
+impl std::fmt::Display for Served {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Served::Mtls(id) => write!(f, "mTLS from {id}"),
+            Served::Plaintext => f.write_str("plaintext (PERMISSIVE)"),
+        }
+    }
+}
+
 /// How long a client may stay silent before the first byte (protocol detection).
 const FIRST_BYTE: Duration = Duration::from_secs(10);
 /// PERMISSIVE: a client silent this long is plaintext (server-speaks-first protocols such as
@@ -135,7 +153,19 @@ impl Inbound {
                     let me = self.clone();
                     tracker.spawn(async move {
                         let target = stream.local_addr().ok();
-                        match me.handle(stream).await {
+                        let outcome = me.handle(stream).await;
+                        let s = &crate::stats::store().inbound;
+                        let counter = match &outcome {
+                            Ok(Served::Mtls(_)) => &s.mtls,
+                            Ok(Served::Plaintext) => &s.plaintext_passed,
+                            Err(Error::PlaintextRefused) => &s.plaintext_refused,
+                            Err(Error::ForeignIdentity(..)) => &s.foreign_identity,
+                            Err(Error::Silent(_)) => &s.silent,
+                            Err(Error::Forward { .. }) => &s.forward_failed,
+                            Err(Error::Tls(_) | Error::Identity { .. }) => &s.tls_error,
+                        };
+                        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        match outcome {
                             Ok(how) => tracing::info!(
                                 target: "drover::access", netns = %me.ns.name, src = %peer,
                                 dst = ?target, how = %how, "inbound"
@@ -157,7 +187,7 @@ impl Inbound {
 
     /// Terminates (or, PERMISSIVE, passes) one connection and relays it to its original
     /// destination; says how it was served.
-    async fn handle(&self, stream: TcpStream) -> Result<String, Error> {
+    async fn handle(&self, stream: TcpStream) -> Result<Served, Error> {
         let target = stream.local_addr().map_err(Error::Tls)?;
         let mut first = [0u8; 1];
         let wait = match self.mode {
@@ -184,7 +214,7 @@ impl Inbound {
                 None,
             )
             .await;
-            return Ok("plaintext (PERMISSIVE)".into());
+            return Ok(Served::Plaintext);
         }
         let config = self.server_config()?;
         let mut tls = tokio_rustls::TlsAcceptor::from(config)
@@ -213,7 +243,7 @@ impl Inbound {
             None,
         )
         .await;
-        Ok(format!("mTLS from {client}"))
+        Ok(Served::Mtls(client))
     }
 
     /// A connection to the workload, from inside its namespace.

@@ -24,6 +24,20 @@ pub struct Store {
     clusters: Mutex<HashMap<String, Arc<ClusterStats>>>,
     next_id: AtomicU32,
     connections: Mutex<HashMap<SocketAddr, Arc<AtomicU64>>>,
+    /// Inbound termination outcomes.
+    pub inbound: InboundStats,
+}
+
+/// How inbound connections (15006) ended, one counter per outcome.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct InboundStats {
+    pub mtls: AtomicU64,
+    pub plaintext_passed: AtomicU64,
+    pub plaintext_refused: AtomicU64,
+    pub foreign_identity: AtomicU64,
+    pub tls_error: AtomicU64,
+    pub silent: AtomicU64,
+    pub forward_failed: AtomicU64,
 }
 
 /// Counters of one cluster (Envoy's `cluster.<name>.*` statistics where one exists).

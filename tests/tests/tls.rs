@@ -685,6 +685,14 @@ spec:
     }
     assert!(started.elapsed() < Duration::from_secs(2));
     assert!(server.wait_log("plaintext client refused", Duration::from_secs(3)));
+    let inbound = &server.clusters()["inbound"];
+    assert_eq!(inbound["mtls"], 1, "{inbound}");
+    assert_eq!(inbound["plaintext_refused"], 1, "{inbound}");
+    assert!(
+        server
+            .admin_get("/stats/prometheus")
+            .contains("drover_inbound_connections{result=\"plaintext_refused\"} 1")
+    );
     drop(server);
 
     // PERMISSIVE lets the same plaintext client through.
