@@ -359,6 +359,34 @@ struct Prometheus(Arc<Registry>);
 
 impl Collector for Prometheus {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        self.encode_inbound(&mut encoder)?;
+        let views = clusters(&self.0);
+        let Some(first) = views.first() else {
+            return Ok(());
+        };
+
+        for stat in first.stats.keys() {
+            // Envoy's Prometheus names: dots become underscores.
+            let name = format!("envoy_cluster_{}", stat.replace('.', "_"));
+            let kind = if stat.ends_with("_active") {
+                MetricType::Gauge
+            } else {
+                MetricType::Unknown
+            };
+            let mut family = encoder.encode_descriptor(&name, stat, None, kind)?;
+            for v in &views {
+                let labels = [("envoy_cluster_name", v.name.as_str())];
+                let value = v.stats.get(stat).copied().unwrap_or(0) as i64;
+                ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Prometheus {
+    /// `drover_inbound_connections{result="…"}`.
+    fn encode_inbound(&self, encoder: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let inbound = &crate::stats::store().inbound;
         let mut family = encoder.encode_descriptor(
             "drover_inbound_connections",
@@ -377,26 +405,6 @@ impl Collector for Prometheus {
             ("forward_failed", get(&inbound.forward_failed)),
         ] {
             ConstGauge::new(n).encode(family.encode_family(&[("result", result)])?)?;
-        }
-        drop(family);
-        let views = clusters(&self.0);
-        let Some(first) = views.first() else {
-            return Ok(());
-        };
-        for stat in first.stats.keys() {
-            // Envoy's Prometheus names: dots become underscores.
-            let name = format!("envoy_cluster_{}", stat.replace('.', "_"));
-            let kind = if stat.ends_with("_active") {
-                MetricType::Gauge
-            } else {
-                MetricType::Unknown
-            };
-            let mut family = encoder.encode_descriptor(&name, stat, None, kind)?;
-            for v in &views {
-                let labels = [("envoy_cluster_name", v.name.as_str())];
-                let value = v.stats.get(stat).copied().unwrap_or(0) as i64;
-                ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
-            }
         }
         Ok(())
     }
