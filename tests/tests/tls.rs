@@ -135,6 +135,30 @@ fn server_tls(pki: &Pki, cert: &(std::path::PathBuf, std::path::PathBuf)) -> Vec
     ]
 }
 
+/// A rule whose handshake must fail: no byte reaches the application, `counter` counts it once
+/// and the daemon's log names `cause`.
+fn assert_refused(server: &[String], tls: &str, counter: &str, cause: &str) {
+    let s = setup(server, &(service() + &rule(tls)), &[]);
+    assert_eq!(
+        s.greeting(),
+        None,
+        "{tls}: an unverified server gets no bytes"
+    );
+    assert_eq!(s.stat(counter), 1, "{tls}");
+    assert!(
+        s.daemon.wait_log(cause, Duration::from_secs(2)),
+        "{tls}: {}",
+        s.daemon.log()
+    );
+}
+
+/// The greeting through a rule that must work.
+fn greeting_with(server: &[String], tls: &str) -> String {
+    setup(server, &(service() + &rule(tls)), &[])
+        .greeting()
+        .unwrap_or_else(|| panic!("{tls}: relayed"))
+}
+
 impl Setup {
     /// The greeting line of one TCP connection through the VIP, or `None` when the proxy closed it.
     fn greeting(&self) -> Option<String> {
@@ -194,77 +218,35 @@ fn simple_origination_verifies_ca_san_expiry_and_sends_sni() {
     assert_eq!(s.stat("ssl.handshake"), 1);
     drop(s);
 
-    // Unknown CA: no connection, counted as a verification error, logged with its cause.
-    let s = setup(
-        &server_tls(&pki, &good),
-        &(service()
-            + &rule(&format!(
-                "{{mode: SIMPLE, caCertificates: {}}}",
-                pki.path("other-ca.pem")
-            ))),
-        &[],
+    // Unknown CA, certificate names that are not the listed ones, expiry: refused, counted and
+    // logged with the cause.
+    let server = server_tls(&pki, &good);
+    let other = pki.path("other-ca.pem");
+    assert_refused(
+        &server,
+        &format!("{{mode: SIMPLE, caCertificates: {other}}}"),
+        "ssl.fail_verify_error",
+        "UnknownIssuer",
     );
-    assert_eq!(s.greeting(), None, "an unverified server gets no bytes");
-    assert_eq!(s.stat("ssl.fail_verify_error"), 1);
-    assert!(
-        s.daemon.wait_log("UnknownIssuer", Duration::from_secs(2)),
-        "{}",
-        s.daemon.log()
+    assert_refused(
+        &server,
+        &format!("{{mode: SIMPLE, caCertificates: {ca}, subjectAltNames: [other.test.svc]}}"),
+        "ssl.fail_verify_san",
+        "none of subjectAltNames",
     );
-    drop(s);
-
-    // subjectAltNames that the certificate does not carry.
-    let s = setup(
-        &server_tls(&pki, &good),
-        &(service()
-            + &rule(&format!(
-                "{{mode: SIMPLE, caCertificates: {ca}, subjectAltNames: [other.test.svc]}}"
-            ))),
-        &[],
+    greeting_with(
+        &server,
+        &format!("{{mode: SIMPLE, caCertificates: {ca}, subjectAltNames: [secure.test.svc]}}"),
     );
-    assert_eq!(s.greeting(), None);
-    assert_eq!(s.stat("ssl.fail_verify_san"), 1);
-    assert!(
-        s.daemon
-            .wait_log("none of subjectAltNames", Duration::from_secs(2))
+    let stale = server_tls(&pki, &expired);
+    assert_refused(
+        &stale,
+        &format!("{{mode: SIMPLE, caCertificates: {ca}}}"),
+        "ssl.fail_verify_error",
+        "certificate expired",
     );
-    drop(s);
-
-    // The right SAN listed: accepted.
-    let s = setup(
-        &server_tls(&pki, &good),
-        &(service()
-            + &rule(&format!(
-                "{{mode: SIMPLE, caCertificates: {ca}, subjectAltNames: [secure.test.svc]}}"
-            ))),
-        &[],
-    );
-    assert!(s.greeting().is_some());
-    drop(s);
-
-    // An expired server certificate.
-    let s = setup(
-        &server_tls(&pki, &expired),
-        &(service() + &rule(&format!("{{mode: SIMPLE, caCertificates: {ca}}}"))),
-        &[],
-    );
-    assert_eq!(s.greeting(), None);
-    assert_eq!(s.stat("ssl.fail_verify_error"), 1);
-    assert!(
-        s.daemon
-            .wait_log("certificate expired", Duration::from_secs(2)),
-        "{}",
-        s.daemon.log()
-    );
-    drop(s);
-
     // insecureSkipVerify is the one way to accept it anyway.
-    let s = setup(
-        &server_tls(&pki, &expired),
-        &(service() + &rule("{mode: SIMPLE, insecureSkipVerify: true}")),
-        &[],
-    );
-    assert!(s.greeting().is_some());
+    greeting_with(&stale, "{mode: SIMPLE, insecureSkipVerify: true}");
 }
 
 #[test]
@@ -761,23 +743,12 @@ fn ca_crl_rejects_a_revoked_server_certificate() {
     let ca = pki.path("ca.pem");
     let base = format!("mode: SIMPLE, caCertificates: {ca}, sni: secure.test.svc");
     // Without the CRL the certificate is fine; with it, the handshake fails as revoked.
-    let s = setup(
-        &server_tls(&pki, &revoked),
-        &(service() + &rule(&format!("{{{base}}}"))),
-        &[],
-    );
-    assert!(s.greeting().is_some());
-    drop(s);
-    let s = setup(
-        &server_tls(&pki, &revoked),
-        &(service() + &rule(&format!("{{{base}, caCrl: {}}}", pki.path("crl.pem")))),
-        &[],
-    );
-    assert_eq!(s.greeting(), None);
-    assert_eq!(s.stat("ssl.fail_verify_error"), 1);
-    assert!(
-        s.daemon.wait_log("Revoked", Duration::from_secs(2)),
-        "{}",
-        s.daemon.log()
+    let server = server_tls(&pki, &revoked);
+    greeting_with(&server, &format!("{{{base}}}"));
+    assert_refused(
+        &server,
+        &format!("{{{base}, caCrl: {}}}", pki.path("crl.pem")),
+        "ssl.fail_verify_error",
+        "Revoked",
     );
 }
