@@ -1,6 +1,7 @@
 //! The data path: outbound listeners inside each enrolled network namespace; connections to
 //! HTTP ports go to the L7 path ([`http`]), all others to the L4 relay here, which routes once per
-//! connection and copies bytes both ways.
+//! connection, applies the cluster's connection slot, keepalive and TLS origination, and copies
+//! bytes both ways within the TCP bounds of [`relay`].
 //!
 //! Invariants: every socket Drover opens towards an endpoint carries `SO_MARK` 0x4452 (so capture
 //! never takes it again) and is created in the application's network namespace; a connection

@@ -1,7 +1,8 @@
 //! The L7 path for HTTP ports: hyper serves the captured connection (HTTP/1.1 with keep-alive, or
 //! HTTP/2 by prior knowledge), every request is routed on its own (VirtualService match, weighted
 //! subset, balancer pick with the request's hash key) and sent over a pooled upstream connection
-//! created in the application's namespace and marked.
+//! created in the application's namespace and marked — with TLS originated per the cluster's `tls`
+//! (one pool per origination and request host, so auto SNI names the right host).
 //!
 //! Invariants: the proxy adds no header to requests or responses except a generated hash cookie
 //! (`Set-Cookie`, as Envoy) and, on locally generated replies, Envoy's response shape; hop-by-hop
