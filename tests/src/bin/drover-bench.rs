@@ -555,6 +555,10 @@ fn l4(args: &Args, t: &Topology, ep: std::net::IpAddr, quiet: impl Fn(&mut Vec<S
     let mut d = Daemon::start(&a).expect("drover (iptables) starts");
     rows.push(measure(t, "drover-iptables", VIP, args.count, args.bytes));
     d.stop();
+    // Remove the rule (and with it NAT connection tracking) before the next measurements.
+    let mut cmd = vec!["ip", "netns", "exec", &ns, "iptables"];
+    cmd.extend(rule.map(|a| if a == "-A" { "-D" } else { a }));
+    sh(&cmd);
 
     let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
     let direct = (

@@ -271,6 +271,8 @@ mod http {
         errors: u64,
         set_cookie: Option<String>,
         first: Option<Value>,
+        /// The first failure, in words (with its source chain).
+        first_error: Option<String>,
     }
 
     pub fn run(
@@ -362,7 +364,22 @@ mod http {
                                     t.first = Some(json!(String::from_utf8_lossy(&body)));
                                 }
                             }
-                            _ => t.errors += 1,
+                            Ok(Err(e)) => {
+                                t.errors += 1;
+                                if t.first_error.is_none() {
+                                    let mut msg = e.to_string();
+                                    let mut src = e.source();
+                                    while let Some(s) = src {
+                                        msg.push_str(&format!(": {s}"));
+                                        src = s.source();
+                                    }
+                                    t.first_error = Some(msg);
+                                }
+                            }
+                            Err(_) => {
+                                t.errors += 1;
+                                t.first_error.get_or_insert_with(|| "timed out after 10 s".into());
+                            }
                         }
                     }
                 }));
@@ -390,6 +407,7 @@ mod http {
                 "status": t.status.iter().map(|(k, v)| (k.to_string(), *v)).collect::<BTreeMap<_, _>>(),
                 "peers": t.peers.len(),
                 "errors": t.errors,
+                "first_error": t.first_error,
                 "set_cookie": t.set_cookie,
                 "first": t.first,
                 "elapsed_ms": start.elapsed().as_secs_f64() * 1000.0,
