@@ -26,6 +26,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 mod http;
 pub mod relay;
+mod streams;
 
 pub use http::Body;
 
@@ -293,7 +294,7 @@ enum Upstream {
 
 /// `tcpKeepalive` on an upstream socket: keepalive on, and the fields given (whole seconds, as
 /// Envoy truncates them; a field that truncates to 0 keeps the OS default).
-fn set_keepalive(stream: &TcpStream, k: &crate::config::policy::TcpKeepalive) {
+pub(crate) fn set_keepalive(stream: &TcpStream, k: &crate::config::policy::TcpKeepalive) {
     let secs = |d: Option<Duration>| {
         d.map(|d| Duration::from_secs(d.as_secs()))
             .filter(|d| !d.is_zero())

@@ -883,3 +883,135 @@ fn h2_upgrade_policy_and_use_client_protocol_pick_the_upstream_protocol() {
         "HTTP/1.1"
     );
 }
+
+/// One endpoint (0 ms delay unless given) behind `reviews` on a `protocol` port, with `policy`
+/// as the top-level traffic policy.
+fn one_endpoint(protocol: &str, delay_ms: u64, policy: &str) -> Mesh {
+    let yaml =
+        reviews_service(1, protocol) + &subsets(&format!("  trafficPolicy:\n    {policy}\n"));
+    mesh(1, &[delay_ms], &yaml)
+}
+
+/// Established connections the endpoint holds on its port (seen from its own namespace).
+fn established(m: &Mesh) -> usize {
+    let out = m.t.endpoints[0]
+        .command("ss")
+        .args(["-Htn", "state", "established", "( sport = :9080 )"])
+        .output()
+        .expect("run ss");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count()
+}
+
+#[test]
+fn http_idle_timeout_closes_idle_upstream_connections() {
+    if !require_privileged() {
+        return;
+    }
+    for (protocol, policy, closes) in [
+        ("HTTP", "connectionPool: {http: {idleTimeout: 1s}}", true),
+        ("HTTP2", "connectionPool: {http: {idleTimeout: 1s}}", true),
+        // `tcp.idleTimeout` is the fallback when `http.idleTimeout` is unset.
+        ("HTTP", "connectionPool: {tcp: {idleTimeout: 1s}}", true),
+        // Istio's default: 1 h.
+        ("HTTP", "connectionPool: {tcp: {connectTimeout: 1s}}", false),
+    ] {
+        let m = one_endpoint(protocol, 0, policy);
+        let url = format!("{URL}/");
+        let first = m.http(&[&url, "--count", "1"]);
+        let start = std::time::Instant::now();
+        assert_eq!(ok_count(&first), 1, "{first}");
+        assert_eq!(established(&m), 1, "{protocol} {policy}: pooled connection");
+        // Bounded wait: the pooled connection should go between 1 s and 3 s later.
+        while established(&m) > 0 && start.elapsed() < std::time::Duration::from_secs(3) {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let gone = established(&m) == 0;
+        assert_eq!(gone, closes, "{protocol} {policy}");
+        if closes {
+            assert!(
+                start.elapsed() >= std::time::Duration::from_millis(900),
+                "{protocol} {policy}: closed after {:?}, before the idle timeout",
+                start.elapsed()
+            );
+        }
+        let second = m.http(&[&url, "--count", "1"]);
+        assert_eq!(ok_count(&second), 1, "{second}");
+        let reused = first["first"]["peer"] == second["first"]["peer"];
+        assert_eq!(reused, !closes, "{protocol} {policy}: {first} {second}");
+    }
+}
+
+#[test]
+fn max_concurrent_streams_spreads_http2_requests_over_connections() {
+    if !require_privileged() {
+        return;
+    }
+    for (protocol, policy, conns) in [
+        // 20 streams at once, 5 per connection: 4 connections.
+        (
+            "HTTP2",
+            "connectionPool: {http: {maxConcurrentStreams: 5}}",
+            4,
+        ),
+        ("HTTP2", "connectionPool: {tcp: {connectTimeout: 1s}}", 1),
+        // Ignored unless the upstream is explicitly HTTP/2, as Istio does.
+        (
+            "HTTP",
+            "connectionPool: {http: {maxConcurrentStreams: 5, useClientProtocol: true}}",
+            1,
+        ),
+        // Each HTTP/2 connection takes 5 requests over its life.
+        (
+            "HTTP2",
+            "connectionPool: {http: {maxRequestsPerConnection: 5}}",
+            4,
+        ),
+    ] {
+        // Every answer takes 300 ms, so all 20 requests are in flight together.
+        let m = one_endpoint(protocol, 300, policy);
+        let r = m.http(&[
+            &format!("{URL}/"),
+            "--count",
+            "20",
+            "--concurrency",
+            "20",
+            "--h2",
+        ]);
+        assert_eq!(ok_count(&r), 20, "{protocol} {policy}: {r}");
+        assert_eq!(
+            r["first"]["version"], "HTTP/2.0",
+            "{protocol} {policy}: {r}"
+        );
+        assert_eq!(r["peers"], conns, "{protocol} {policy}: {r}");
+    }
+}
+
+#[test]
+fn http_connect_timeout_is_the_clusters() {
+    if !require_privileged() {
+        return;
+    }
+    let m = one_endpoint("HTTP", 0, "connectionPool: {tcp: {connectTimeout: 300ms}}");
+    // The endpoint drops SYNs: only the connect timeout ends an attempt (the mesh default would
+    // wait 10 s).
+    let mut drop = m.t.endpoints[0].command("iptables");
+    drop.args(["-A", "INPUT", "-p", "tcp", "--dport", "9080", "-j", "DROP"]);
+    assert!(drop.status().expect("run iptables").success());
+    let start = std::time::Instant::now();
+    let r = m.http(&[&format!("{URL}/"), "--count", "1"]);
+    let took = start.elapsed();
+    assert_eq!(r["status"]["503"], 1, "{r}");
+    assert!(
+        took >= std::time::Duration::from_millis(300) && took < std::time::Duration::from_secs(3),
+        "answered after {took:?}: {r}"
+    );
+    assert!(
+        m.daemon
+            .wait_log("flag=UF", std::time::Duration::from_secs(2)),
+        "{}",
+        m.daemon.log()
+    );
+}

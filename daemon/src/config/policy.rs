@@ -164,7 +164,7 @@ pub struct ConnectionPool {
 }
 
 /// `tcpKeepalive`; unset fields use the OS defaults.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct TcpKeepalive {
     pub probes: Option<u32>,
     pub time: Option<Duration>,

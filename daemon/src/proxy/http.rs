@@ -32,14 +32,17 @@ use hyper_util::{
         Client,
         connect::{CaptureConnection, capture_connection},
     },
-    rt::{TokioExecutor, TokioIo},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
 };
 use tokio::{net::TcpStream, time::Instant};
 
-use super::{DEFAULT_CONNECT_TIMEOUT, Error};
+use super::{
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT, Error,
+    streams::{self, StreamPool},
+};
 use crate::{
-    config::policy::H2Upgrade,
+    config::policy::{ConnectionPool, H2Upgrade, TcpKeepalive},
     outlier::Outcome,
     redirect::netns::NetNs,
     registry::{RegistryHandle, RouteError, Target, route},
@@ -67,25 +70,52 @@ const HOP_BY_HOP: [&str; 7] = [
     "trailer",
 ];
 
-/// Pooled upstream clients for one namespace: HTTP/1.1 and HTTP/2 (prior knowledge), plaintext,
-/// plus one pair per TLS origination and handshake name.
+/// The upstream pools of one namespace, one per (TLS origination, request host, connection
+/// settings): clusters whose settings are equal share connections.
 pub struct Upstreams {
     ns: Arc<NetNs>,
-    h1: Client<Connector, Incoming>,
-    h2: Client<Connector, Incoming>,
-    tls: std::sync::Mutex<HashMap<TlsKey, TlsPool>>,
+    pools: std::sync::Mutex<HashMap<PoolKey, KeptPool>>,
 }
 
-/// (origination identity, request host used for SNI/verification, HTTP/2).
-type TlsKey = (usize, Option<String>, bool);
-/// A TLS pool and the origination it keeps alive (so its identity is not reused).
-type TlsPool = (Arc<Origination>, Client<Connector, Incoming>);
+/// (origination identity or 0, request host used for SNI/verification, settings).
+type PoolKey = (usize, Option<String>, Settings);
+/// A pool and the origination it keeps alive (so that its identity is not reused).
+type KeptPool = (Option<Arc<Origination>>, Pool);
+
+/// HTTP/1.1 connections in hyper-util's pool, or HTTP/2 connections in a stream-capped pool.
+#[derive(Clone)]
+enum Pool {
+    /// With `maxRequestsPerConnection`.
+    H1(Arc<Client<Connector, Incoming>>, Option<u32>),
+    H2(Arc<StreamPool>),
+}
+
+/// How a cluster's upstream HTTP connections are opened and kept.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Settings {
+    h2: bool,
+    connect_timeout: Duration,
+    keepalive: Option<TcpKeepalive>,
+    /// HTTP/2 only.
+    streams: streams::Policy,
+}
+
+/// Why an upstream request failed.
+#[derive(Debug, thiserror::Error)]
+enum SendError {
+    #[error(transparent)]
+    H1(#[from] hyper_util::client::legacy::Error),
+    #[error(transparent)]
+    H2(#[from] streams::Error),
+}
 
 /// Opens marked upstream sockets inside the application's namespace for hyper's pool, with
 /// TLS when the cluster originates it.
 #[derive(Clone)]
 pub struct Connector {
     ns: Arc<NetNs>,
+    timeout: Duration,
+    keepalive: Option<TcpKeepalive>,
     tls: Option<TlsTarget>,
 }
 
@@ -101,65 +131,122 @@ struct TlsTarget {
 
 impl Upstreams {
     pub fn new(ns: Arc<NetNs>) -> Self {
-        let connector = Connector {
-            ns: ns.clone(),
-            tls: None,
-        };
         Self {
-            h1: client(false).build(connector.clone()),
-            h2: client(true).build(connector),
             ns,
-            tls: Default::default(),
+            pools: Default::default(),
         }
     }
 
-    /// The client for a request: plaintext, or the pool of this TLS origination and host.
+    /// The pool for a request: per TLS origination and host (auto SNI) and settings.
     fn pick(
         &self,
         tls: Option<(&Arc<Origination>, &Arc<crate::stats::ClusterStats>)>,
         host: Option<&str>,
-        h2: bool,
-    ) -> Client<Connector, Incoming> {
-        let Some((origination, stats)) = tls else {
-            return if h2 { self.h2.clone() } else { self.h1.clone() };
-        };
-        // Auto SNI only uses the host when no `sni` is configured.
-        let host = origination
-            .sni
-            .is_none()
-            .then(|| host.map(str::to_string))
-            .flatten();
-        let key = (Arc::as_ptr(origination) as usize, host.clone(), h2);
-        let mut pools = self.tls.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, c)) = pools.get(&key) {
-            return c.clone();
+        settings: Settings,
+    ) -> Pool {
+        // Auto SNI only uses the host when no `sni` is configured; plaintext ignores it.
+        let host = tls
+            .filter(|(o, _)| o.sni.is_none())
+            .and(host)
+            .map(str::to_string);
+        let key = (
+            tls.map_or(0, |(o, _)| Arc::as_ptr(o) as usize),
+            host.clone(),
+            settings.clone(),
+        );
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, p)) = pools.get(&key) {
+            return p.clone();
         }
         // Forget pools of originations no snapshot uses any more (only this map holds them).
-        pools.retain(|_, (o, _)| Arc::strong_count(o) > 1);
+        pools.retain(|_, (o, _)| o.as_ref().is_none_or(|o| Arc::strong_count(o) > 1));
         let connector = Connector {
             ns: self.ns.clone(),
-            tls: Some(TlsTarget {
+            timeout: settings.connect_timeout,
+            keepalive: settings.keepalive.clone(),
+            tls: tls.map(|(origination, stats)| TlsTarget {
                 origination: origination.clone(),
                 host,
                 stats: stats.clone(),
             }),
         };
-        let c = client(h2).build(connector);
-        pools.insert(key, (origination.clone(), c.clone()));
-        c
+        let pool = if settings.h2 {
+            Pool::H2(Arc::new(StreamPool::new(connector, settings.streams)))
+        } else {
+            // The `Host` header is the client's, never rewritten; idle connections are closed
+            // by the pool's timer.
+            let mut b = Client::builder(TokioExecutor::new());
+            b.pool_idle_timeout(settings.streams.idle_timeout)
+                .pool_timer(TokioTimer::new())
+                .set_host(false);
+            Pool::H1(Arc::new(b.build(connector)), settings.streams.max_requests)
+        };
+        pools.insert(key, (tls.map(|(o, _)| o.clone()), pool.clone()));
+        pool
     }
 }
 
-/// A pooled client builder: Istio's default upstream idle timeout is 1 h; the `Host` header is
-/// the client's, never rewritten.
-fn client(h2: bool) -> hyper_util::client::legacy::Builder {
-    let mut b = Client::builder(TokioExecutor::new());
-    b.pool_idle_timeout(Duration::from_secs(3600))
-        .set_host(false);
-    if h2 {
-        b.http2_only(true);
+// === impl Settings ===
+
+impl Settings {
+    /// The cluster's connection settings (Istio's defaults without a `connectionPool`).
+    /// `maxConcurrentStreams` and `http2KeepAlive` apply only to an explicitly HTTP/2 upstream,
+    /// not to one that follows the client's protocol, as Istio programs them.
+    fn of(pool: Option<&ConnectionPool>, h2: bool) -> Self {
+        let explicit_h2 = h2 && !pool.is_some_and(|p| p.use_client_protocol);
+        let idle = pool.map_or(DEFAULT_IDLE_TIMEOUT, |p| p.http_idle_timeout);
+        Self {
+            h2,
+            connect_timeout: pool.map_or(DEFAULT_CONNECT_TIMEOUT, |p| p.connect_timeout),
+            keepalive: pool.and_then(|p| p.tcp_keepalive.clone()),
+            streams: streams::Policy {
+                max_streams: pool
+                    .filter(|_| explicit_h2)
+                    .map_or(u32::MAX, |p| p.max_concurrent_streams),
+                max_requests: pool.and_then(|p| p.max_requests_per_connection),
+                idle_timeout: Some(idle).filter(|d| !d.is_zero()),
+                keepalive: pool.filter(|_| explicit_h2).and_then(|p| p.http2_keepalive),
+            },
+        }
     }
-    b
+}
+
+// === impl Pool ===
+
+impl Pool {
+    /// Sends one request to `addr`; the returned guard holds its HTTP/2 stream until dropped.
+    async fn send(
+        &self,
+        addr: SocketAddr,
+        mut req: Request<Incoming>,
+    ) -> Result<(Response<Incoming>, Option<streams::Stream>), SendError> {
+        match self {
+            Pool::H2(p) => {
+                let (resp, stream) = p.send(addr, req).await?;
+                Ok((resp, Some(stream)))
+            }
+            Pool::H1(c, max) => {
+                let captured = max.map(|_| capture_connection(&mut req));
+                let resp = c.request(req).await?;
+                if let (Some(max), Some(captured)) = (max, &captured) {
+                    retire_after(captured, *max);
+                }
+                Ok((resp, None))
+            }
+        }
+    }
+}
+
+// === impl SendError ===
+
+impl SendError {
+    /// The connection never became usable (Envoy's `UF`, a local-origin failure).
+    fn is_connect(&self) -> bool {
+        match self {
+            SendError::H1(e) => e.is_connect(),
+            SendError::H2(e) => matches!(e, streams::Error::Connect(_)),
+        }
+    }
 }
 
 // === impl Connector ===
@@ -176,25 +263,22 @@ impl tower_service::Service<Uri> for Connector {
     fn call(&mut self, uri: Uri) -> Self::Future {
         let ns = self.ns.clone();
         let tls = self.tls.clone();
+        let timeout = self.timeout;
+        let keepalive = self.keepalive.clone();
         Box::pin(async move {
             let addr: SocketAddr = uri
                 .authority()
                 .and_then(|a| a.as_str().parse().ok())
                 .ok_or_else(|| Error::Io(std::io::Error::other(format!("bad upstream {uri}"))))?;
-            let stream = super::connect(&ns, addr, DEFAULT_CONNECT_TIMEOUT).await?;
+            let stream = super::connect(&ns, addr, timeout).await?;
+            if let Some(k) = &keepalive {
+                super::set_keepalive(&stream, k);
+            }
             let io = match tls {
                 None => Io::Plain(TokioIo::new(stream)),
                 Some(t) => {
                     let host = t.host.as_deref();
-                    match crate::tls::handshake(
-                        &t.origination,
-                        stream,
-                        host,
-                        addr,
-                        DEFAULT_CONNECT_TIMEOUT,
-                    )
-                    .await
-                    {
+                    match crate::tls::handshake(&t.origination, stream, host, addr, timeout).await {
                         Ok(s) => {
                             t.stats.handshake(None);
                             Io::Tls(Box::new(TokioIo::new(s)))
@@ -470,7 +554,7 @@ async fn handle(
             .as_ref()
             .map(|o| (o, &decision.cluster.stats)),
         Some(host).filter(|h| !h.is_empty()),
-        h2,
+        Settings::of(pool, h2),
     );
     // Circuit breakers: overflow is answered at once, as Envoy does (503 UO, not retried, not
     // reported to outlier detection).
@@ -478,7 +562,10 @@ async fn handle(
     let admitted = decision
         .cluster
         .limits
-        .admit(!h2, DEFAULT_CONNECT_TIMEOUT)
+        .admit(
+            !h2,
+            pool.map_or(DEFAULT_CONNECT_TIMEOUT, |p| p.connect_timeout),
+        )
         .await;
     drop(pending);
     let admission = match admitted {
@@ -500,14 +587,8 @@ async fn handle(
         }
     };
     stats.request(ep);
-    let mut upstream_req = Request::from_parts(parts, body);
-    let per_connection = pool.and_then(|p| p.max_requests_per_connection);
-    let captured = per_connection.map(|_| capture_connection(&mut upstream_req));
-    match upstream.request(upstream_req).await {
-        Ok(mut resp) => {
-            if let (Some(max), Some(captured)) = (per_connection, &captured) {
-                retire_after(captured, max);
-            }
+    match upstream.send(addr, Request::from_parts(parts, body)).await {
+        Ok((mut resp, stream)) => {
             stats.response(ep, resp.status().as_u16());
             observe(Outcome::Http(resp.status().as_u16()));
             let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
@@ -541,9 +622,10 @@ async fn handle(
                 &endpoint,
                 "-",
             );
-            // The request holds its connection slot until the response body is done.
+            // The request holds its connection slot (and its HTTP/2 stream) until the response
+            // body is done.
             let rbody = rbody.map_frame(move |f| {
-                let _held = &admission;
+                let _held = (&admission, &stream);
                 f
             });
             Response::from_parts(rparts, rbody.boxed())
