@@ -250,6 +250,13 @@ fn cluster(snapshot: &Registry, c: &Cluster) -> ClusterView {
             get(&s.rq_pending_timeout),
         ),
         ("upstream_rq_overflow", get(&s.rq_overflow)),
+        ("upstream_rq_retry", get(&s.rq_retry)),
+        ("upstream_rq_retry_success", get(&s.rq_retry_success)),
+        ("upstream_rq_retry_overflow", get(&s.rq_retry_overflow)),
+        (
+            "upstream_rq_retry_limit_exceeded",
+            get(&s.rq_retry_limit_exceeded),
+        ),
         ("upstream_cx_overflow", get(&s.cx_overflow)),
         ("upstream_cx_connect_fail", get(&s.cx_connect_fail)),
         ("upstream_cx_pool_slots_active", cx_slots as u64),

@@ -140,6 +140,16 @@ impl Shared {
     ) -> Option<usize> {
         self.with(|d| balancer.pick_with(cx, |i| d.eligible(i)))
     }
+
+    /// Like [`Shared::pick`], among the endpoints `accept` also takes.
+    pub fn pick_where(
+        &self,
+        balancer: &crate::balance::Balancer,
+        cx: crate::balance::PickContext,
+        accept: impl Fn(usize) -> bool,
+    ) -> Option<usize> {
+        self.with(|d| balancer.pick_with(cx, |i| d.eligible(i) && accept(i)))
+    }
 }
 
 // === impl Detector ===

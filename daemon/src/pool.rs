@@ -20,7 +20,7 @@ use std::{
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::{
-    config::policy::{ConnectionPool, UNLIMITED},
+    config::policy::{ConnectionPool, RetryBudget, UNLIMITED},
     stats::ClusterStats,
 };
 
@@ -46,9 +46,17 @@ pub struct Limits {
     active: Arc<AtomicU32>,
     pending: AtomicU32,
     connections: Arc<Semaphore>,
+    /// `maxRetries`, unless a `retryBudget` (percent, minimum concurrency) overrides it.
+    max_retries: u32,
+    retry_budget: Option<(f64, u32)>,
+    retries: Arc<AtomicU32>,
     /// Where overflows and waits are counted (survives reloads).
     stats: Arc<ClusterStats>,
 }
+
+/// One retry in flight; releases its slot when dropped.
+#[derive(Debug)]
+pub struct RetrySlot(Arc<AtomicU32>);
 
 /// One admitted request; releases its slots when dropped.
 #[derive(Debug)]
@@ -61,7 +69,11 @@ pub struct Admission {
 
 impl Limits {
     /// Istio's defaults (every limit 2³²−1) when the cluster has no `connectionPool`.
-    pub fn new(pool: Option<&ConnectionPool>, stats: Arc<ClusterStats>) -> Self {
+    pub fn new(
+        pool: Option<&ConnectionPool>,
+        retry_budget: Option<&RetryBudget>,
+        stats: Arc<ClusterStats>,
+    ) -> Self {
         let (max_requests, max_pending, max_connections) =
             pool.map_or((UNLIMITED, UNLIMITED, UNLIMITED), |p| {
                 (
@@ -78,8 +90,31 @@ impl Limits {
             active: Arc::new(AtomicU32::new(0)),
             pending: AtomicU32::new(0),
             connections: Arc::new(Semaphore::new(permits)),
+            max_retries: pool.map_or(UNLIMITED, |p| p.max_retries),
+            retry_budget: retry_budget.map(|b| (b.percent, b.min_retry_concurrency)),
+            retries: Arc::default(),
             stats,
         }
+    }
+
+    /// Admits one retry: at most `maxRetries` retries in flight across the cluster, or with a
+    /// `retryBudget` max(minRetryConcurrency, percent × (active + pending requests)). A refused
+    /// retry is counted as `upstream_rq_retry_overflow` and simply not sent.
+    pub fn admit_retry(&self) -> Option<RetrySlot> {
+        let limit = match self.retry_budget {
+            Some((percent, min)) => {
+                let load =
+                    self.active.load(Ordering::Relaxed) + self.pending.load(Ordering::Relaxed);
+                ((percent / 100.0 * f64::from(load)) as u32).max(min)
+            }
+            None => self.max_retries,
+        };
+        if self.retries.fetch_add(1, Ordering::AcqRel) >= limit {
+            self.retries.fetch_sub(1, Ordering::AcqRel);
+            self.stats.rq_retry_overflow.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(RetrySlot(self.retries.clone()))
     }
 
     /// Requests in flight, requests waiting for a connection slot, connection slots in use.
@@ -160,6 +195,14 @@ impl Limits {
     }
 }
 
+// === impl RetrySlot ===
+
+impl Drop for RetrySlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 // === impl Admission ===
 
 impl Drop for Admission {
@@ -185,6 +228,7 @@ mod tests {
                 p.max_connections = 1;
                 p.http1_max_pending_requests = 1;
             })),
+            None,
             Arc::default(),
         );
         let wait = Duration::from_secs(5);
@@ -229,6 +273,7 @@ mod tests {
                 p.max_connections = 1;
                 p.http1_max_pending_requests = 5;
             })),
+            None,
             Arc::default(),
         );
         let held = l.admit_connection().unwrap();
@@ -243,16 +288,51 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread", start_paused = true)]
     async fn max_requests_is_not_queued_and_defaults_are_unlimited() {
-        let l = Limits::new(Some(&pool(|p| p.http2_max_requests = 1)), Arc::default());
+        let l = Limits::new(
+            Some(&pool(|p| p.http2_max_requests = 1)),
+            None,
+            Arc::default(),
+        );
         let _a = l.admit(false, Duration::from_secs(1)).await.unwrap();
         assert_eq!(
             l.admit(false, Duration::from_secs(1)).await.unwrap_err(),
             Error::RequestOverflow(1)
         );
         assert_eq!(l.stats.rq_overflow.load(Ordering::Relaxed), 1);
-        let l = Limits::new(None, Arc::default());
+        let l = Limits::new(None, None, Arc::default());
         let held: Vec<_> = futures_admit(&l, 1000).await;
         assert_eq!(held.len(), 1000);
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn retries_in_flight_are_capped_by_max_retries_or_the_budget() {
+        let l = Limits::new(Some(&pool(|p| p.max_retries = 2)), None, Arc::default());
+        let (a, b) = (l.admit_retry().unwrap(), l.admit_retry().unwrap());
+        assert!(
+            l.admit_retry().is_none(),
+            "a third concurrent retry overflows"
+        );
+        assert_eq!(l.stats.rq_retry_overflow.load(Ordering::Relaxed), 1);
+        drop(a);
+        assert!(l.admit_retry().is_some(), "a finished retry frees its slot");
+        drop(b);
+        // A budget overrides maxRetries: max(3, 50 % of 10 active requests) = 5.
+        let budget = RetryBudget {
+            percent: 50.0,
+            min_retry_concurrency: 3,
+            budget_interval: None,
+        };
+        let l = Limits::new(
+            Some(&pool(|p| p.max_retries = 1)),
+            Some(&budget),
+            Arc::default(),
+        );
+        let slots: Vec<_> = (0..3).map_while(|_| l.admit_retry()).collect();
+        assert_eq!(slots.len(), 3, "the minimum concurrency with no load");
+        assert!(l.admit_retry().is_none());
+        let _active = futures_admit(&l, 10).await;
+        let more: Vec<_> = (0..10).map_while(|_| l.admit_retry()).collect();
+        assert_eq!(slots.len() + more.len(), 5, "50 % of 10 active requests");
     }
 
     async fn futures_admit(l: &Limits, n: usize) -> Vec<Admission> {

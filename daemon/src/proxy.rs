@@ -26,6 +26,8 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 mod http;
 pub mod relay;
+mod replay;
+mod retry;
 mod streams;
 
 pub use http::Body;

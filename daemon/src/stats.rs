@@ -56,6 +56,14 @@ pub struct ClusterStats {
     pub rq_pending_timeout: AtomicU64,
     /// `upstream_rq_overflow`: refused by `http2MaxRequests`.
     pub rq_overflow: AtomicU64,
+    /// `upstream_rq_retry`: retries sent.
+    pub rq_retry: AtomicU64,
+    /// `upstream_rq_retry_success`: retries that got a response not retried again.
+    pub rq_retry_success: AtomicU64,
+    /// `upstream_rq_retry_overflow`: retries refused by `maxRetries` / `retryBudget`.
+    pub rq_retry_overflow: AtomicU64,
+    /// `upstream_rq_retry_limit_exceeded`: retriable failures with no attempt left.
+    pub rq_retry_limit_exceeded: AtomicU64,
     /// `upstream_cx_overflow`: a connection was wanted while `maxConnections` were in use.
     pub cx_overflow: AtomicU64,
     /// `upstream_cx_connect_fail`: connect failures and timeouts.

@@ -516,7 +516,8 @@ spec: {address: 198.18.1.2, ports: {http: 9999}, labels: {app: reviews, version:
             .contains("reset reason: connection failure"),
         "{r}"
     );
-    assert!(m.daemon.log().contains("flag=UF"), "{}", m.daemon.log());
+    // Istio's default retries went back to the only endpoint, twice, and gave up.
+    assert!(m.daemon.log().contains("flag=UF,URX"), "{}", m.daemon.log());
 }
 
 #[test]
@@ -820,33 +821,178 @@ fn gateway_errors_eject_on_their_own_counter_and_500_only_counts_as_5xx() {
 }
 
 #[test]
-fn refusing_endpoint_is_ejected_by_local_origin_failures() {
+fn default_retries_hide_a_refusing_endpoint_which_is_still_ejected() {
     if !require_privileged() {
         return;
     }
     // reviews-v3's workload port has no listener: connects are refused. With split local-origin
-    // errors its own counter ejects it after 2 refusals; the clients see 503 UF only until then.
+    // errors its own counter ejects it after 2 refusals. Istio's default retries (2, on
+    // connect-failure, to another endpoint) hide them from clients; with `attempts: 0` the
+    // clients see 503 UF until the ejection.
     let v3 = format!("spec: {{address: {},", Topology::ep4(3));
-    let yaml = reviews_service(3, "HTTP").replace(&v3, &format!("{v3} ports: {{http: 9999}},"))
-        + &subsets(
-            "  trafficPolicy:
+    for (retries, failures) in [("", 0), ("    retries: {attempts: 0}\n", 2)] {
+        let yaml = reviews_service(3, "HTTP")
+            .replace(&v3, &format!("{v3} ports: {{http: 9999}},"))
+            + &subsets(
+                "  trafficPolicy:
     loadBalancer: {simple: ROUND_ROBIN}
     outlierDetection: {splitExternalLocalOriginErrors: true, consecutiveLocalOriginFailures: 2, interval: 30s, baseEjectionTime: 30s, maxEjectionPercent: 100}
 ",
+            )
+            + &whole_service_route(retries);
+        assert!(yaml.contains("9999"), "{yaml}");
+        let m = mesh_full("http", &[Vec::new(), Vec::new(), Vec::new()], &yaml, &[]);
+        let r = m.http(&[&format!("{URL}/"), "--count", "30", "--concurrency", "1"]);
+        assert_eq!(
+            r["status"]["503"].as_u64().unwrap_or(0),
+            failures,
+            "{retries}: {r}"
         );
-    assert!(yaml.contains("9999"), "{yaml}");
-    let m = mesh_full("http", &[Vec::new(), Vec::new(), Vec::new()], &yaml, &[]);
-    let r = m.http(&[&format!("{URL}/"), "--count", "30", "--concurrency", "1"]);
-    assert_eq!(r["status"]["503"], 2, "{r}");
-    assert_eq!(ok_count(&r), 28, "{r}");
-    let eps = endpoints(&m);
-    let v3 = eps.iter().find(|e| e["name"] == "reviews-v3").unwrap();
-    assert_eq!(v3["health"], "ejected", "{v3}");
-    assert_eq!(v3["local_origin_failures"], 2, "{v3}");
-    assert_eq!(
-        v3["rq_5xx"], 0,
-        "local-origin failures are not upstream 5xx: {v3}"
+        assert_eq!(ok_count(&r), 30 - failures, "{retries}: {r}");
+        let c = whole_cluster(&m);
+        let v3 = c["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "reviews-v3")
+            .unwrap()
+            .clone();
+        assert_eq!(v3["health"], "ejected", "{v3}");
+        assert_eq!(v3["local_origin_failures"], 2, "{v3}");
+        assert_eq!(
+            v3["rq_5xx"], 0,
+            "local-origin failures are not upstream 5xx: {v3}"
+        );
+        let retried = 2 - failures;
+        assert_eq!(c["stats"]["upstream_rq_retry"], retried, "{c}");
+        assert_eq!(c["stats"]["upstream_rq_retry_success"], retried, "{c}");
+    }
+}
+
+/// A VirtualService sending all of `reviews` to its default cluster, with extra route fields
+/// (indented four spaces, e.g. `    retries: {attempts: 0}\n`).
+fn whole_service_route(extra: &str) -> String {
+    format!(
+        "---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: reviews, namespace: demo}}
+spec:
+  hosts: [reviews.demo.svc.cluster.local]
+  http:
+  - route: [{{destination: {{host: reviews.demo.svc.cluster.local}}}}]
+{extra}"
+    )
+}
+
+/// Endpoints started with `server_args` (e.g. `--status 503`), a round-robin rule and a
+/// VirtualService route with `route_extra`.
+fn routed(server_args: &[&[&str]], route_extra: &str) -> Mesh {
+    let args: Vec<Vec<String>> = server_args
+        .iter()
+        .map(|a| a.iter().map(|s| s.to_string()).collect())
+        .collect();
+    let yaml = reviews_service(args.len(), "HTTP")
+        + &subsets("  trafficPolicy:\n    loadBalancer: {simple: ROUND_ROBIN}\n")
+        + &whole_service_route(route_extra);
+    mesh_full("http", &args, &yaml, &[])
+}
+
+#[test]
+fn retry_on_per_try_timeout_and_route_timeout() {
+    if !require_privileged() {
+        return;
+    }
+    let url = format!("{URL}/");
+    // `retryOn: 5xx` retries an endpoint's 503 on the other endpoint; Istio's default does not.
+    for (extra, retries) in [
+        ("    retries: {attempts: 2, retryOn: 5xx}\n", true),
+        ("    retries: {attempts: 2, retryOn: gateway-error}\n", true),
+        ("", false),
+    ] {
+        let m = routed(&[&["--status", "503"], &[]], extra);
+        let r = m.http(&[&url, "--count", "10", "--concurrency", "1"]);
+        let c = whole_cluster(&m);
+        let s = &c["stats"];
+        let errors = s["upstream_rq_5xx"].as_u64().unwrap();
+        assert!(errors >= 1, "{extra}: the 503 endpoint was tried: {c}");
+        if retries {
+            assert_eq!(ok_count(&r), 10, "{extra}: {r}");
+            assert_eq!(s["upstream_rq_retry"], errors, "every 503 retried: {c}");
+            assert_eq!(s["upstream_rq_retry_success"], errors, "{c}");
+        } else {
+            assert_eq!(r["status"]["503"], errors, "{r}");
+            assert_eq!(s["upstream_rq_retry"], 0, "{c}");
+        }
+    }
+    // A slow endpoint (2 s): `perTryTimeout` gives up on it after 200 ms and retries elsewhere.
+    let m = routed(
+        &[&["--delay-ms", "2000"], &[]],
+        "    retries: {attempts: 1, perTryTimeout: 200ms, retryOn: reset}\n",
     );
+    let start = std::time::Instant::now();
+    let r = m.http(&[&url, "--count", "4", "--concurrency", "1"]);
+    assert_eq!(ok_count(&r), 4, "{r}");
+    assert_eq!(served(&r, "reviews-v2"), 4, "{r}");
+    let took = start.elapsed();
+    assert!(
+        took >= std::time::Duration::from_millis(400) && took < std::time::Duration::from_secs(3),
+        "two tries timed out after 200 ms each: {took:?}"
+    );
+    // The route `timeout` bounds the whole request: 504 UT.
+    let m = routed(
+        &[&["--delay-ms", "2000"], &[]],
+        "    timeout: 300ms\n    retries: {attempts: 0}\n",
+    );
+    let r = m.http(&[&url, "--count", "4", "--concurrency", "1"]);
+    assert_eq!(ok_count(&r), 2, "{r}");
+    assert_eq!(r["status"]["504"], 2, "{r}");
+    assert!(m.daemon.log().contains("flag=UT"), "{}", m.daemon.log());
+}
+
+#[test]
+fn max_retries_caps_concurrent_retries_across_the_cluster() {
+    if !require_privileged() {
+        return;
+    }
+    // Endpoint v1 refuses connections; v2 answers after 400 ms. Round robin sends half of 10
+    // concurrent requests to v1; each is retried on v2 — but with `maxRetries: 1` only one retry
+    // may be in flight, the others fail at once (503, counted as retry overflow).
+    let v1 = format!("spec: {{address: {},", Topology::ep4(1));
+    for (policy, min_failures) in [
+        ("    connectionPool: {http: {maxRetries: 1}}\n", 1),
+        ("", 0),
+    ] {
+        let yaml = reviews_service(2, "HTTP").replace(&v1, &format!("{v1} ports: {{http: 9999}},"))
+            + &subsets(&format!(
+                "  trafficPolicy:\n    loadBalancer: {{simple: ROUND_ROBIN}}\n{policy}"
+            ));
+        let m = mesh_of("http", 2, &[0, 400], &yaml, &[]);
+        let r = m.http(&[&format!("{URL}/"), "--count", "10", "--concurrency", "10"]);
+        let failed = r["status"]["503"].as_u64().unwrap_or(0);
+        let c = whole_cluster(&m);
+        let s = &c["stats"];
+        assert_eq!(ok_count(&r) + failed, 10, "{r}");
+        assert!(failed >= min_failures, "{policy}: {r}");
+        if min_failures == 0 {
+            assert_eq!(failed, 0, "unlimited retries: {r}");
+        }
+        assert_eq!(s["upstream_rq_retry_overflow"], failed, "{c}");
+        let v1 = c["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "reviews-v1")
+            .unwrap()
+            .clone();
+        let refused = v1["local_origin_failures"].as_u64().unwrap();
+        assert!(refused >= 3, "round robin sent about half to v1: {c}");
+        assert_eq!(
+            s["upstream_rq_retry"].as_u64().unwrap() + failed,
+            refused,
+            "every refused try was retried or overflowed: {c}"
+        );
+    }
 }
 
 #[test]

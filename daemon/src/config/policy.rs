@@ -327,9 +327,90 @@ pub struct WeightedDestination {
 /// `retries`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Retries {
+    /// Retries after the first try; 0 disables retries.
     pub attempts: u32,
     pub per_try_timeout: Option<Duration>,
-    pub retry_on: Option<String>,
+    /// Istio's default conditions when `retryOn` is unset.
+    pub retry_on: RetryOn,
+}
+
+/// `retryOn`: the conditions under which Envoy retries a request.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RetryOn {
+    /// `5xx`: any 5xx response, a reset or a connect failure.
+    pub server_error: bool,
+    /// `gateway-error`: 502, 503, 504, a reset or a connect failure.
+    pub gateway_error: bool,
+    /// `reset`: no response (disconnect, reset, per-try timeout), connect failure included.
+    pub reset: bool,
+    /// `connect-failure`.
+    pub connect_failure: bool,
+    /// `retriable-4xx`: 409.
+    pub conflict: bool,
+    /// `refused-stream`: the HTTP/2 stream was refused (REFUSED_STREAM).
+    pub refused_stream: bool,
+    /// `retriable-status-codes` with the integers listed in `retryOn`.
+    pub status_codes: Vec<u16>,
+    /// gRPC statuses in the response headers: `cancelled` 1, `deadline-exceeded` 4,
+    /// `resource-exhausted` 8, `internal` 13, `unavailable` 14.
+    pub grpc: Vec<u16>,
+}
+
+/// Istio's retry policy for a route without `retries` (2 retries on
+/// `connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes`).
+pub const DEFAULT_RETRY_ON: &str =
+    "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes";
+
+// === impl RetryOn ===
+
+impl RetryOn {
+    /// Parses a comma-separated `retryOn` list; the error names the first token that is neither an
+    /// Envoy retry condition nor an HTTP status code. `retriable-headers`,
+    /// `envoy-ratelimited`, `http3-post-connect-failure` and `reset-before-request` are accepted
+    /// and have no effect here (Drover adds no rate limiting and speaks no HTTP/3).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut out = Self::default();
+        for token in s.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            match token {
+                "5xx" => out.server_error = true,
+                "gateway-error" => out.gateway_error = true,
+                "reset" => out.reset = true,
+                "connect-failure" => out.connect_failure = true,
+                "retriable-4xx" => out.conflict = true,
+                "refused-stream" => out.refused_stream = true,
+                "retriable-status-codes" => {}
+                "cancelled" => out.grpc.push(1),
+                "deadline-exceeded" => out.grpc.push(4),
+                "resource-exhausted" => out.grpc.push(8),
+                "internal" => out.grpc.push(13),
+                "unavailable" => out.grpc.push(14),
+                "retriable-headers"
+                | "envoy-ratelimited"
+                | "http3-post-connect-failure"
+                | "reset-before-request" => {}
+                other => match other.parse::<u16>() {
+                    Ok(code) if (100..=599).contains(&code) => out.status_codes.push(code),
+                    _ => {
+                        return Err(format!(
+                            "{other:?} is not a retry condition or a status code"
+                        ));
+                    }
+                },
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Retries {
+    /// Istio's retry policy for routes without `retries`.
+    pub fn istio_default() -> Self {
+        Self {
+            attempts: 2,
+            per_try_timeout: None,
+            retry_on: RetryOn::parse(DEFAULT_RETRY_ON).unwrap_or_default(),
+        }
+    }
 }
 
 /// A `tcp[]` or `tls[]` route.

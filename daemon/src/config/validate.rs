@@ -1092,7 +1092,15 @@ impl<'a> Checker<'a> {
                     rt.per_try_timeout.as_ref(),
                     false,
                 ),
-                retry_on: rt.retry_on.clone(),
+                retry_on: match policy::RetryOn::parse(
+                    rt.retry_on.as_deref().unwrap_or(policy::DEFAULT_RETRY_ON),
+                ) {
+                    Ok(on) => on,
+                    Err(e) => {
+                        self.err(format!("{rp}.retryOn"), e);
+                        policy::RetryOn::default()
+                    }
+                },
             }
         });
         policy::HttpRoute {

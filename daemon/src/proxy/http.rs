@@ -16,7 +16,7 @@ use std::{
     future::Future,
     net::SocketAddr,
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, atomic::Ordering},
     task::{Context, Poll},
     time::Duration,
 };
@@ -39,10 +39,12 @@ use tokio::{net::TcpStream, time::Instant};
 
 use super::{
     DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT, Error,
+    replay::{Attempt, Replay},
+    retry,
     streams::{self, StreamPool},
 };
 use crate::{
-    config::policy::{ConnectionPool, H2Upgrade, TcpKeepalive},
+    config::policy::{ConnectionPool, H2Upgrade, Retries, TcpKeepalive},
     outlier::Outcome,
     redirect::netns::NetNs,
     registry::{RegistryHandle, RouteError, Target, route},
@@ -51,6 +53,8 @@ use crate::{
 
 /// Body type of everything the proxy answers with.
 pub type Body = BoxBody<Bytes, hyper::Error>;
+/// Body type of upstream requests: one try's view of the client's body.
+pub type UpstreamBody = Attempt<Incoming>;
 
 /// Envoy's body for a connection failure before response headers.
 const CONNECT_FAILURE: &str =
@@ -86,7 +90,7 @@ type KeptPool = (Option<Arc<Origination>>, Pool);
 #[derive(Clone)]
 enum Pool {
     /// With `maxRequestsPerConnection`.
-    H1(Arc<Client<Connector, Incoming>>, Option<u32>),
+    H1(Arc<Client<Connector, UpstreamBody>>, Option<u32>),
     H2(Arc<StreamPool>),
 }
 
@@ -100,13 +104,23 @@ pub struct Settings {
     streams: streams::Policy,
 }
 
-/// Why an upstream request failed.
+/// Why an upstream try failed.
 #[derive(Debug, thiserror::Error)]
 enum SendError {
     #[error(transparent)]
     H1(#[from] hyper_util::client::legacy::Error),
     #[error(transparent)]
     H2(#[from] streams::Error),
+    #[error("no response within perTryTimeout {0:?}")]
+    Timeout(Duration),
+}
+
+/// Why a request got no upstream response.
+#[derive(Debug)]
+enum TryError {
+    Send(SendError),
+    /// The route's `timeout` expired.
+    RouteTimeout,
 }
 
 /// Opens marked upstream sockets inside the application's namespace for hyper's pool, with
@@ -218,7 +232,7 @@ impl Pool {
     async fn send(
         &self,
         addr: SocketAddr,
-        mut req: Request<Incoming>,
+        mut req: Request<UpstreamBody>,
     ) -> Result<(Response<Incoming>, Option<streams::Stream>), SendError> {
         match self {
             Pool::H2(p) => {
@@ -240,11 +254,47 @@ impl Pool {
 // === impl SendError ===
 
 impl SendError {
-    /// The connection never became usable (Envoy's `UF`, a local-origin failure).
-    fn is_connect(&self) -> bool {
+    /// How the try ended, for retries and counters.
+    fn outcome(&self) -> retry::Outcome {
         match self {
-            SendError::H1(e) => e.is_connect(),
-            SendError::H2(e) => matches!(e, streams::Error::Connect(_)),
+            SendError::H1(e) if e.is_connect() => retry::Outcome::ConnectFailure,
+            SendError::H2(streams::Error::Connect(_)) => retry::Outcome::ConnectFailure,
+            SendError::H2(streams::Error::Http(e)) if refused_stream(e) => {
+                retry::Outcome::RefusedStream
+            }
+            SendError::Timeout(_) => retry::Outcome::Timeout,
+            SendError::H1(_) | SendError::H2(_) => retry::Outcome::Reset,
+        }
+    }
+}
+
+/// An HTTP/2 stream reset with REFUSED_STREAM (safe to retry: the endpoint did not process it).
+fn refused_stream(e: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        source = s.source();
+    }
+    false
+}
+
+// === impl TryError ===
+
+impl TryError {
+    /// Envoy's local reply: status, response flag, body.
+    fn reply(&self) -> (StatusCode, &'static str, &'static str) {
+        match self {
+            TryError::Send(SendError::Timeout(_)) | TryError::RouteTimeout => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "UT",
+                "upstream request timeout",
+            ),
+            TryError::Send(e) if e.outcome() == retry::Outcome::ConnectFailure => {
+                (StatusCode::SERVICE_UNAVAILABLE, "UF", CONNECT_FAILURE)
+            }
+            TryError::Send(_) => (StatusCode::SERVICE_UNAVAILABLE, "UC", RESET),
         }
     }
 }
@@ -486,28 +536,27 @@ async fn handle(
         }
     };
     let cluster = decision.cluster.name.clone();
-    let stats = &decision.cluster.stats;
-    let ep = decision
-        .pick
-        .and_then(|i| decision.cluster.endpoint_stats.get(i))
-        .map(|e| &**e);
+    let c = decision.cluster;
+    let stats = &c.stats;
+    let endpoint_of =
+        |pick: Option<usize>| pick.and_then(|i| c.endpoint_stats.get(i)).map(|e| &**e);
     // Outcomes feed the cluster's outlier detector (of the snapshot this request was routed by).
-    let observe = |outcome| {
-        if let (Some(od), Some(i)) = (&decision.cluster.outlier, decision.pick) {
+    let observe = |pick: Option<usize>, outcome| {
+        if let (Some(od), Some(i)) = (&c.outlier, pick) {
             od.observe(i, outcome);
         }
     };
+    let describe = |target: Target| match target {
+        Target::Endpoint { index, addr } => {
+            let svc = &snapshot.services()[c.service];
+            (addr, format!("{}@{addr}", svc.endpoints[index].name))
+        }
+        Target::Passthrough(addr) => (addr, format!("passthrough@{addr}")),
+    };
     let route_name = decision.route.clone().unwrap_or_else(|| "-".into());
     let set_cookie = decision.set_cookie.clone();
-    let (addr, endpoint, _active) = match decision.target {
-        Target::Endpoint { index, addr } => {
-            let svc = &snapshot.services()[decision.cluster.service];
-            let pick = decision.pick.map(|i| decision.cluster.balancer.start(i));
-            (addr, format!("{}@{addr}", svc.endpoints[index].name), pick)
-        }
-        Target::Passthrough(addr) => (addr, format!("passthrough@{addr}"), None),
-    };
-    let pool = decision.cluster.policy.connection_pool.value.as_ref();
+    let (first_addr, first_endpoint) = describe(decision.target);
+    let pool = c.policy.connection_pool.value.as_ref();
     // Upstream protocol: the port's (http2/grpc → h2), unless the rule mirrors the client's
     // (`useClientProtocol`) or upgrades (`h2UpgradePolicy: UPGRADE`).
     let h2 = match pool {
@@ -526,10 +575,10 @@ async fn handle(
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .to_string();
-    parts.uri = match format!("http://{addr}{path_and_query}").parse() {
-        Ok(u) => u,
-        Err(_) => return local(StatusCode::BAD_REQUEST, "", "-"),
-    };
+    let uri_for = |addr: SocketAddr| format!("http://{addr}{path_and_query}").parse::<Uri>();
+    if uri_for(first_addr).is_err() {
+        return local(StatusCode::BAD_REQUEST, "", "-");
+    }
     strip_hop_by_hop(&mut parts.headers, upgrade.is_some());
     if !parts.headers.contains_key(header::HOST)
         && let Ok(v) = HeaderValue::from_str(&authority)
@@ -548,19 +597,14 @@ async fn handle(
         .map_or(authority.as_str(), |(h, _)| h)
         .trim_matches(|c| c == '[' || c == ']');
     let upstream = upstreams.pick(
-        decision
-            .cluster
-            .tls
-            .as_ref()
-            .map(|o| (o, &decision.cluster.stats)),
+        c.tls.as_ref().map(|o| (o, &c.stats)),
         Some(host).filter(|h| !h.is_empty()),
         Settings::of(pool, h2),
     );
     // Circuit breakers: overflow is answered at once, as Envoy does (503 UO, not retried, not
     // reported to outlier detection).
-    let pending = ep.map(|e| e.pending());
-    let admitted = decision
-        .cluster
+    let pending = endpoint_of(decision.pick).map(|e| e.pending());
+    let admitted = c
         .limits
         .admit(
             !h2,
@@ -576,7 +620,7 @@ async fn handle(
                 _ => ("UO", OVERFLOW),
             };
             tracing::debug!(reason = %e, cluster = %cluster, "circuit breaker");
-            log(503, &cluster, &route_name, &endpoint, flag);
+            log(503, &cluster, &route_name, &first_endpoint, flag);
             let mut reply = local(StatusCode::SERVICE_UNAVAILABLE, body, flag);
             if flag == "UO" {
                 reply
@@ -586,11 +630,103 @@ async fn handle(
             return reply;
         }
     };
-    stats.request(ep);
-    match upstream.send(addr, Request::from_parts(parts, body)).await {
+
+    // Tries: the first to the routed endpoint, retries (the route's `retries`, else Istio's
+    // default) to other endpoints, each reported to outlier detection.
+    let retries = decision
+        .http_route
+        .and_then(|r| r.retries.as_ref())
+        .unwrap_or_else(|| default_retries());
+    let body = Replay::new(body);
+    let (method, version, headers) = (parts.method, parts.version, parts.headers);
+    let tries = async {
+        let (mut target, mut pick) = (decision.target, decision.pick);
+        let mut tried = Vec::new();
+        let mut _retry_slot = None;
+        let mut flags = Vec::new();
+        let mut n = 0;
+        loop {
+            let (addr, endpoint) = describe(target);
+            let ep = endpoint_of(pick);
+            let _active = pick.map(|i| c.balancer.start(i));
+            stats.request(ep);
+            let mut req = Request::new(body.attempt());
+            *req.method_mut() = method.clone();
+            *req.version_mut() = version;
+            *req.headers_mut() = headers.clone();
+            if let Ok(uri) = uri_for(addr) {
+                *req.uri_mut() = uri;
+            }
+            let sent = upstream.send(addr, req);
+            let result = match retries.per_try_timeout {
+                None => sent.await,
+                Some(t) => tokio::time::timeout(t, sent)
+                    .await
+                    .unwrap_or(Err(SendError::Timeout(t))),
+            };
+            let outcome = match &result {
+                Ok((resp, _)) => {
+                    let status = resp.status().as_u16();
+                    stats.response(ep, status);
+                    observe(pick, Outcome::Http(status));
+                    retry::Outcome::Response {
+                        status,
+                        grpc: resp
+                            .headers()
+                            .get("grpc-status")
+                            .and_then(|v| v.to_str().ok()?.parse().ok()),
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, endpoint = %endpoint, "upstream request failed");
+                    let outcome = e.outcome();
+                    stats.local_failure(ep, outcome == retry::Outcome::ConnectFailure);
+                    observe(pick, Outcome::LocalFailure);
+                    outcome
+                }
+            };
+            let retriable = retry::retriable(&retries.retry_on, outcome);
+            if retriable && n < retries.attempts && body.replayable() {
+                if let Some(slot) = c.limits.admit_retry() {
+                    stats.rq_retry.fetch_add(1, Ordering::Relaxed);
+                    drop(result);
+                    tokio::time::sleep(retry::backoff(n + 1, fastrand::f64())).await;
+                    _retry_slot = Some(slot);
+                    if let Some(i) = pick {
+                        tried.push(i);
+                        pick = c.repick(&tried);
+                        target = pick.map_or(target, |i| c.target(i));
+                    }
+                    n += 1;
+                    continue;
+                }
+                flags.push("UO");
+            } else if retriable && retries.attempts > 0 && n >= retries.attempts {
+                stats
+                    .rq_retry_limit_exceeded
+                    .fetch_add(1, Ordering::Relaxed);
+                flags.push("URX");
+            }
+            if n > 0 && !retriable {
+                stats.rq_retry_success.fetch_add(1, Ordering::Relaxed);
+            }
+            return (result.map_err(TryError::Send), endpoint, flags);
+        }
+    };
+    let route_timeout = decision.http_route.and_then(|r| r.timeout);
+    let (result, endpoint, mut flags) = match route_timeout {
+        None => tries.await,
+        Some(t) => match tokio::time::timeout(t, tries).await {
+            Ok(r) => r,
+            Err(_) => (
+                Err(TryError::RouteTimeout),
+                first_endpoint.clone(),
+                Vec::new(),
+            ),
+        },
+    };
+    match result {
         Ok((mut resp, stream)) => {
-            stats.response(ep, resp.status().as_u16());
-            observe(Outcome::Http(resp.status().as_u16()));
             let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
             if switching && let Some(downstream) = upgrade {
                 let upstream = hyper::upgrade::on(&mut resp);
@@ -615,12 +751,17 @@ async fn handle(
             {
                 rparts.headers.append(header::SET_COOKIE, v);
             }
+            let flag = if flags.is_empty() {
+                "-".to_string()
+            } else {
+                flags.join(",")
+            };
             log(
                 rparts.status.as_u16(),
                 &cluster,
                 &route_name,
                 &endpoint,
-                "-",
+                &flag,
             );
             // The request holds its connection slot (and its HTTP/2 stream) until the response
             // body is done.
@@ -631,18 +772,19 @@ async fn handle(
             Response::from_parts(rparts, rbody.boxed())
         }
         Err(e) => {
-            let (flag, body) = if e.is_connect() {
-                ("UF", CONNECT_FAILURE)
-            } else {
-                ("UC", RESET)
-            };
-            tracing::debug!(error = %e, endpoint = %endpoint, "upstream request failed");
-            stats.local_failure(ep, e.is_connect());
-            observe(Outcome::LocalFailure);
-            log(503, &cluster, &route_name, &endpoint, flag);
-            local(StatusCode::SERVICE_UNAVAILABLE, body, flag)
+            let (status, flag, body) = e.reply();
+            flags.insert(0, flag);
+            let flag = flags.join(",");
+            log(status.as_u16(), &cluster, &route_name, &endpoint, &flag);
+            local(status, body, &flag)
         }
     }
+}
+
+/// Istio's retry policy for routes that set none.
+fn default_retries() -> &'static Retries {
+    static DEFAULT: std::sync::OnceLock<Retries> = std::sync::OnceLock::new();
+    DEFAULT.get_or_init(Retries::istio_default)
 }
 
 /// `maxRequestsPerConnection`: once the connection that carried this request has carried `max`,

@@ -33,7 +33,7 @@ use tokio::{
 };
 use tower_service::Service;
 
-use super::http::Connector;
+use super::http::{Connector, UpstreamBody};
 
 /// Marks a connection that is closing for idleness: no reservation can succeed on it.
 const CLOSING: u32 = u32::MAX;
@@ -88,7 +88,7 @@ struct Conn {
 #[derive(Clone)]
 enum State {
     Connecting,
-    Ready(SendRequest<Incoming>),
+    Ready(SendRequest<UpstreamBody>),
     Failed(Arc<str>),
     Closed,
 }
@@ -114,7 +114,7 @@ impl StreamPool {
     pub async fn send(
         &self,
         addr: SocketAddr,
-        req: Request<Incoming>,
+        req: Request<UpstreamBody>,
     ) -> Result<(Response<Incoming>, Stream), Error> {
         let (conn, opener) = self.reserve(addr);
         let stream = Stream(conn.clone());

@@ -412,6 +412,7 @@ fn clusters(reg: &Registry) -> HashMap<super::ClusterKey, Cluster> {
                         subset: name.map(str::to_string),
                         limits: Arc::new(crate::pool::Limits::new(
                             policy.connection_pool.value.as_ref(),
+                            policy.retry_budget.value.as_ref(),
                             stats.clone(),
                         )),
                         stats,

@@ -46,6 +46,8 @@ pub struct Decision<'a> {
     pub target: Target,
     /// `namespace/name http[i]` of the VirtualService route used, if any.
     pub route: Option<String>,
+    /// The HTTP route used, if any (its `retries` and `timeout` apply).
+    pub http_route: Option<&'a policy::HttpRoute>,
     /// `Set-Cookie` value to add to the response (a hash cookie with a `ttl` was absent).
     pub set_cookie: Option<String>,
     /// Index of the pick in the cluster's balancer (for its active-request count).
@@ -120,12 +122,12 @@ impl Registry {
             .ok_or(RouteError::NotCaptured(orig))?;
         let service = &self.services[s];
         let port = &service.ports[p];
-        let (dest, route) = match self.virtual_service_for(&service.host) {
-            None => (None, None),
+        let (dest, route, http_route) = match self.virtual_service_for(&service.host) {
+            None => (None, None, None),
             Some(vs) => {
                 match self.l4_route(vs, port.number, port.protocol.as_deref(), orig.ip(), req) {
-                    Routed::Default => (None, None),
-                    Routed::To(d, name) => (Some(d), Some(name)),
+                    Routed::Default => (None, None, None),
+                    Routed::To(d, name, r) => (Some(d), Some(name), r),
                     Routed::NoMatch => {
                         return Err(RouteError::NoRouteMatched {
                             vs: vs.source.id.clone(),
@@ -174,14 +176,14 @@ impl Registry {
                 cluster: cluster.name.clone(),
             })?;
             pick = Some(i);
-            let (index, addr) = cluster.targets[i];
-            Target::Endpoint { index, addr }
+            cluster.target(i)
         };
         Ok(Decision {
             service,
             cluster,
             target,
             route,
+            http_route,
             set_cookie,
             pick,
         })
@@ -264,7 +266,9 @@ impl Registry {
                     });
                 if applies {
                     return match weighted(&r.destinations) {
-                        Some(d) => Routed::To(d, format!("{} http[{}]", vs.source.id, r.index)),
+                        Some(d) => {
+                            Routed::To(d, format!("{} http[{}]", vs.source.id, r.index), Some(r))
+                        }
                         None => Routed::NoMatch,
                     };
                 }
@@ -284,7 +288,7 @@ impl Registry {
                             || m.destination_subnets.iter().any(|n| in_subnet(dst, *n)))
                 });
             if applies && let Some(d) = weighted(&r.destinations) {
-                return Routed::To(d, format!("{} tcp[{}]", vs.source.id, r.index));
+                return Routed::To(d, format!("{} tcp[{}]", vs.source.id, r.index), None);
             }
         }
         Routed::Default
@@ -301,12 +305,40 @@ impl Cluster {
             _ => None,
         }
     }
+
+    /// The endpoint for a retry after the endpoints in `tried` failed: another one when the
+    /// cluster has one that may take traffic (Envoy's previous-hosts predicate, which Istio sets
+    /// unless the cluster hashes — then the retry goes back to the hashed endpoint).
+    pub fn repick(&self, tried: &[usize]) -> Option<usize> {
+        let last = *tried.last()?;
+        if self.hash_key().is_some() {
+            return Some(last);
+        }
+        let fresh = |i: usize| !tried.contains(&i);
+        let cx = PickContext::default();
+        let picked = match &self.outlier {
+            None => self.balancer.pick_with(cx, fresh),
+            Some(od) => od.pick_where(&self.balancer, cx, fresh),
+        };
+        Some(picked.unwrap_or(last))
+    }
+
+    /// Where endpoint `i` of the balancer is: (endpoint index in the service, address).
+    pub fn target(&self, i: usize) -> Target {
+        let (index, addr) = self.targets[i];
+        Target::Endpoint { index, addr }
+    }
 }
 
 enum Routed<'v> {
     /// No route applies to this kind of traffic: the service's default cluster.
     Default,
-    To(&'v WeightedDestination, String),
+    /// A destination, the route's name and, for HTTP, the route (retries, timeout).
+    To(
+        &'v WeightedDestination,
+        String,
+        Option<&'v policy::HttpRoute>,
+    ),
     /// The VirtualService claims the host but no route matches (Envoy: 404, `NR`).
     NoMatch,
 }
