@@ -402,6 +402,35 @@ impl RetryOn {
     }
 }
 
+impl std::fmt::Display for RetryOn {
+    /// The conditions as `retryOn` tokens.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let flags = [
+            (self.server_error, "5xx"),
+            (self.gateway_error, "gateway-error"),
+            (self.reset, "reset"),
+            (self.connect_failure, "connect-failure"),
+            (self.conflict, "retriable-4xx"),
+            (self.refused_stream, "refused-stream"),
+        ];
+        let grpc = |code| match code {
+            1 => "cancelled",
+            4 => "deadline-exceeded",
+            8 => "resource-exhausted",
+            13 => "internal",
+            _ => "unavailable",
+        };
+        let tokens: Vec<String> = flags
+            .iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, t)| t.to_string())
+            .chain(self.grpc.iter().map(|g| grpc(*g).to_string()))
+            .chain(self.status_codes.iter().map(u16::to_string))
+            .collect();
+        f.write_str(&tokens.join(","))
+    }
+}
+
 impl Retries {
     /// Istio's retry policy for routes without `retries`.
     pub fn istio_default() -> Self {

@@ -162,6 +162,7 @@ pub fn explain(
                         format!("http[{}]", r.index),
                         r.matches.is_empty(),
                         &r.destinations,
+                        Some(http_route_policy(r)),
                     )
                 })
                 .collect::<Vec<_>>()
@@ -174,11 +175,12 @@ pub fn explain(
                         format!("tcp[{}]", r.index),
                         r.matches.is_empty(),
                         &r.destinations,
+                        None,
                     )
                 })
                 .collect()
         };
-        for (name, all, dests) in routes {
+        for (name, all, dests, policy) in routes {
             let d: Vec<_> = dests
                 .iter()
                 .map(|d| {
@@ -204,6 +206,9 @@ pub fn explain(
                 },
                 d.join("; ")
             );
+            if let Some(policy) = policy {
+                let _ = writeln!(o, "    {policy}");
+            }
         }
     }
     let p = &cluster.policy;
@@ -460,4 +465,25 @@ pub fn dur(d: Duration) -> String {
     } else {
         format!("{ms}ms")
     }
+}
+
+/// An HTTP route's retries and timeout as they apply.
+fn http_route_policy(r: &crate::config::policy::HttpRoute) -> String {
+    let retries = match &r.retries {
+        None => "retries 2 on connect-failure,refused-stream,unavailable,cancelled (Istio default)"
+            .to_string(),
+        Some(rt) if rt.attempts == 0 => "retries off".to_string(),
+        Some(rt) => format!(
+            "retries {}{} on {}",
+            rt.attempts,
+            rt.per_try_timeout
+                .map(|t| format!(", perTryTimeout {t:?}"))
+                .unwrap_or_default(),
+            rt.retry_on
+        ),
+    };
+    let timeout = r
+        .timeout
+        .map_or("no timeout".to_string(), |t| format!("timeout {t:?}"));
+    format!("{retries}; {timeout}")
 }

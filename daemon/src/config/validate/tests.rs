@@ -655,6 +655,13 @@ fn virtual_service_rules() {
                 Error("retries.attempts: -1 must not be negative"),
             ),
             (
+                "retryOn token",
+                "hosts: [a]\nhttp: [{route: [{destination: {host: a}}], retries: {attempts: 2, retryOn: \"5xx,sometimes\"}}]",
+                Error(
+                    "spec.http[0].retries.retryOn: \"sometimes\" is not a retry condition or a status code",
+                ),
+            ),
+            (
                 "tls route needs sni",
                 "hosts: [a]\ntls: [{match: [{port: 443}], route: [{destination: {host: a}}]}]",
                 Error("match[0].sniHosts: sniHosts is required for TLS routes"),
