@@ -68,6 +68,11 @@ fn split(routes: &[(&str, u32)]) -> String {
             )
         })
         .collect();
+    virtual_service(&format!("  - route:\n{dests}"))
+}
+
+/// The `reviews` VirtualService with these `http` routes (YAML indented two spaces).
+fn virtual_service(http: &str) -> String {
     format!(
         "---
 apiVersion: networking.istio.io/v1
@@ -76,8 +81,7 @@ metadata: {{name: reviews, namespace: demo}}
 spec:
   hosts: [reviews.demo.svc.cluster.local]
   http:
-  - route:
-{dests}"
+{http}"
     )
 }
 
@@ -850,13 +854,7 @@ fn default_retries_hide_a_refusing_endpoint_which_is_still_ejected() {
         );
         assert_eq!(ok_count(&r), 30 - failures, "{retries}: {r}");
         let c = whole_cluster(&m);
-        let v3 = c["endpoints"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|e| e["name"] == "reviews-v3")
-            .unwrap()
-            .clone();
+        let v3 = endpoint_named(&c, "reviews-v3");
         assert_eq!(v3["health"], "ejected", "{v3}");
         assert_eq!(v3["local_origin_failures"], 2, "{v3}");
         assert_eq!(
@@ -872,17 +870,20 @@ fn default_retries_hide_a_refusing_endpoint_which_is_still_ejected() {
 /// A VirtualService sending all of `reviews` to its default cluster, with extra route fields
 /// (indented four spaces, e.g. `    retries: {attempts: 0}\n`).
 fn whole_service_route(extra: &str) -> String {
-    format!(
-        "---
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: reviews, namespace: demo}}
-spec:
-  hosts: [reviews.demo.svc.cluster.local]
-  http:
-  - route: [{{destination: {{host: reviews.demo.svc.cluster.local}}}}]
-{extra}"
-    )
+    virtual_service(&format!(
+        "  - route: [{{destination: {{host: reviews.demo.svc.cluster.local}}}}]\n{extra}"
+    ))
+}
+
+/// The `/clusters` view of the endpoint `name` in cluster view `c`.
+fn endpoint_named(c: &Value, name: &str) -> Value {
+    c["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == name)
+        .unwrap_or_else(|| panic!("no {name} in {c}"))
+        .clone()
 }
 
 /// Endpoints started with `server_args` (e.g. `--status 503`), a round-robin rule and a
@@ -978,13 +979,7 @@ fn max_retries_caps_concurrent_retries_across_the_cluster() {
             assert_eq!(failed, 0, "unlimited retries: {r}");
         }
         assert_eq!(s["upstream_rq_retry_overflow"], failed, "{c}");
-        let v1 = c["endpoints"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|e| e["name"] == "reviews-v1")
-            .unwrap()
-            .clone();
+        let v1 = endpoint_named(&c, "reviews-v1");
         let refused = v1["local_origin_failures"].as_u64().unwrap();
         assert!(refused >= 3, "round robin sent about half to v1: {c}");
         assert_eq!(
