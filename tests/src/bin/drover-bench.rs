@@ -462,16 +462,18 @@ spec:
         ratios
     );
 
-    // Idle connections: RSS before and after opening them, per connection.
+    // Idle connections: RSS before and after opening them, per connection. Each kind gets a
+    // fresh daemon, warmed by one connection of that kind, so that neither kind measures what
+    // the other (or the throughput runs above) left in the allocator.
+    d.stop();
     let mut idle_rows = Vec::new();
     for (kind, addr) in [
         ("TCP relay", format!("{VIP}:7000")),
         ("HTTP/1.1 keep-alive", format!("{VIP}:9080")),
     ] {
-        std::thread::sleep(std::time::Duration::from_millis(500));
-        let before = rss_kib(pid);
-        let mut held = Vec::with_capacity(args.idle_conns);
-        for _ in 0..args.idle_conns {
+        let mut d = one_worker(t, &cfg, &pins);
+        let pid = d.pid().expect("daemon pid");
+        let open = || {
             let c = t
                 .client
                 .connect(addr.parse().unwrap(), None)
@@ -486,12 +488,17 @@ spec:
             // First line of the greeting or of the response: the connection is proxied.
             std::io::BufRead::read_line(&mut r, &mut line).unwrap();
             assert!(!line.is_empty(), "{kind}: no answer");
-            held.push((c, r));
-        }
+            (c, r)
+        };
+        let warm = open();
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let before = rss_kib(pid);
+        let held: Vec<_> = (0..args.idle_conns).map(|_| open()).collect();
         std::thread::sleep(std::time::Duration::from_secs(1));
         let after = rss_kib(pid);
         idle_rows.push((kind, before, after));
-        drop(held);
+        drop((held, warm));
+        d.stop();
     }
     println!(
         "\nIdle proxied connections: {} held open per kind, daemon RSS (1 worker)",
@@ -511,7 +518,6 @@ spec:
         );
     }
     println!("reproduce: cargo xtask bench --http-only (this part runs last)");
-    d.stop();
 }
 
 fn l4(args: &Args, t: &Topology, ep: std::net::IpAddr, quiet: impl Fn(&mut Vec<String>, &PinDir)) {
