@@ -356,6 +356,34 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// RSS of process `pid` (KiB) before and after `n` idle connections to `addr` are opened from
+/// the client namespace and held; each gets one answer first (the greeting, or with `http_host`
+/// the status line of one keep-alive request), so it is proxied. A warm-up connection is opened
+/// first, so that one-time set-up is not counted.
+fn idle_rss(t: &Topology, pid: u32, addr: &str, http_host: Option<&str>, n: usize) -> (u64, u64) {
+    let open = || {
+        let c = t
+            .client
+            .connect(addr.parse().unwrap(), None)
+            .expect("idle connection");
+        let mut r = std::io::BufReader::new(c.try_clone().unwrap());
+        if let Some(host) = http_host {
+            use std::io::Write;
+            write!(&c, "GET / HTTP/1.1\r\nhost: {host}\r\n\r\n").unwrap();
+        }
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut r, &mut line).unwrap();
+        assert!(!line.is_empty(), "{addr}: no answer");
+        (c, r)
+    };
+    let _warm = open();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let before = rss_kib(pid);
+    let _held: Vec<_> = (0..n).map(|_| open()).collect();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    (before, rss_kib(pid))
+}
+
 /// One daemon, two services on the same endpoint: `plain` (no DestinationRule) and `policy`
 /// (connection-pool caps high enough never to trip, plus outlier detection). Closed-loop rps on
 /// each, interleaved over several rounds; then daemon RSS per idle proxied connection (TCP relay
@@ -467,37 +495,18 @@ spec:
     // the other (or the throughput runs above) left in the allocator.
     d.stop();
     let mut idle_rows = Vec::new();
-    for (kind, addr) in [
-        ("TCP relay", format!("{VIP}:7000")),
-        ("HTTP/1.1 keep-alive", format!("{VIP}:9080")),
+    for (kind, addr, host) in [
+        ("TCP relay", format!("{VIP}:7000"), None),
+        (
+            "HTTP/1.1 keep-alive",
+            format!("{VIP}:9080"),
+            Some("plain.svc"),
+        ),
     ] {
         let mut d = one_worker(t, &cfg, &pins);
         let pid = d.pid().expect("daemon pid");
-        let open = || {
-            let c = t
-                .client
-                .connect(addr.parse().unwrap(), None)
-                .expect("idle connection");
-            let mut r = std::io::BufReader::new(c.try_clone().unwrap());
-            let mut line = String::new();
-            if kind.starts_with("HTTP") {
-                use std::io::Write;
-                (&c).write_all(b"GET / HTTP/1.1\r\nhost: plain.svc\r\n\r\n")
-                    .unwrap();
-            }
-            // First line of the greeting or of the response: the connection is proxied.
-            std::io::BufRead::read_line(&mut r, &mut line).unwrap();
-            assert!(!line.is_empty(), "{kind}: no answer");
-            (c, r)
-        };
-        let warm = open();
-        std::thread::sleep(std::time::Duration::from_millis(500));
-        let before = rss_kib(pid);
-        let held: Vec<_> = (0..args.idle_conns).map(|_| open()).collect();
-        std::thread::sleep(std::time::Duration::from_secs(1));
-        let after = rss_kib(pid);
+        let (before, after) = idle_rss(t, pid, &addr, host, args.idle_conns);
         idle_rows.push((kind, before, after));
-        drop((held, warm));
         d.stop();
     }
     println!(
@@ -663,6 +672,7 @@ fn http(args: &Args, t: &Topology, ep: std::net::IpAddr) {
     rows.push(run("drover (1 worker)", &format!("http://{VIP}:9080/")));
     d.stop();
 
+    let mut envoy_idle = None;
     let _envoy = args.envoy.as_ref().map(|envoy| {
         let cfg = write_config(&format!(
             "static_resources:
@@ -702,6 +712,7 @@ fn http(args: &Args, t: &Topology, ep: std::net::IpAddr) {
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("spawn envoy");
+        let pid = child.id();
         let guard = Proc { child };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         while probe(Some(&t.client), None, &["http", "http://127.0.0.1:10000/"])["status"]["200"]
@@ -710,6 +721,9 @@ fn http(args: &Args, t: &Topology, ep: std::net::IpAddr) {
             assert!(std::time::Instant::now() < deadline, "envoy did not start");
             std::thread::sleep(std::time::Duration::from_millis(200));
         }
+        // Idle keep-alive memory first, in the fresh process, as the Drover figure is taken.
+        let (before, after) = idle_rss(t, pid, "127.0.0.1:10000", Some("web.svc"), args.idle_conns);
+        envoy_idle = Some(after.saturating_sub(before) as f64 / args.idle_conns as f64);
         rows.push(run("envoy 1.40 (1 worker)", "http://127.0.0.1:10000/"));
         guard
     });
@@ -734,6 +748,13 @@ fn http(args: &Args, t: &Topology, ep: std::net::IpAddr) {
             f(lat, "p50_us"),
             f(lat, "p99_us"),
             f(lat, "p99_us") - direct_p99
+        );
+    }
+    if let Some(kib) = envoy_idle {
+        println!(
+            "envoy 1.40 idle HTTP/1.1 keep-alive: {kib:.1} KiB/connection ({} held, fresh process; \
+             Drover's figure is under \"Idle proxied connections\")",
+            args.idle_conns
         );
     }
     println!(
