@@ -2,13 +2,16 @@
 //! HTTP/2 by prior knowledge), every request is routed on its own (VirtualService match, weighted
 //! subset, balancer pick with the request's hash key) and sent over a pooled upstream connection
 //! created in the application's namespace and marked — with TLS originated per the cluster's `tls`
-//! (one pool per origination and request host, so auto SNI names the right host).
+//! (one pool per origination, request host and connection settings, so auto SNI names the right
+//! host and each cluster's timeouts and stream caps apply). Failed tries are retried per the
+//! route's `retries` (Istio's default without), the body replayed from what was kept.
 //!
 //! Invariants: the proxy adds no header to requests or responses except a generated hash cookie
 //! (`Set-Cookie`, as Envoy) and, on locally generated replies, Envoy's response shape; hop-by-hop
 //! headers are not forwarded (except `Connection`/`Upgrade` on an HTTP/1.1 upgrade, which is then
-//! bridged byte for byte once the endpoint answers 101); every request gets one access-log line;
-//! a failure is a status, never a hang or a panic.
+//! bridged byte for byte once the endpoint answers 101); every request gets one access-log line
+//! (its last try); a failure is a status, never a hang or a panic; a retry is sent only under the
+//! cluster's retry cap and never after an overflow.
 
 use std::{
     collections::HashMap,
