@@ -168,13 +168,14 @@ impl Upstreams {
             .map(str::to_string);
         let key = (
             tls.map_or(0, |(o, _)| Arc::as_ptr(o) as usize),
-            host.clone(),
-            settings.clone(),
+            host,
+            settings,
         );
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((_, p)) = pools.get(&key) {
             return p.clone();
         }
+        let (_, host, settings) = &key;
         // Forget pools of originations no snapshot uses any more (only this map holds them).
         pools.retain(|_, (o, _)| o.as_ref().is_none_or(|o| Arc::strong_count(o) > 1));
         let connector = Connector {
@@ -183,7 +184,7 @@ impl Upstreams {
             keepalive: settings.keepalive.clone(),
             tls: tls.map(|(origination, stats)| TlsTarget {
                 origination: origination.clone(),
-                host,
+                host: host.clone(),
                 stats: stats.clone(),
             }),
         };
@@ -579,9 +580,9 @@ async fn handle(
         .map_or("/", |p| p.as_str())
         .to_string();
     let uri_for = |addr: SocketAddr| format!("http://{addr}{path_and_query}").parse::<Uri>();
-    if uri_for(first_addr).is_err() {
+    let Ok(first_uri) = uri_for(first_addr) else {
         return local(StatusCode::BAD_REQUEST, "", "-");
-    }
+    };
     strip_hop_by_hop(&mut parts.headers, upgrade.is_some());
     if !parts.headers.contains_key(header::HOST)
         && let Ok(v) = HeaderValue::from_str(&authority)
@@ -657,9 +658,11 @@ async fn handle(
             *req.method_mut() = method.clone();
             *req.version_mut() = version;
             *req.headers_mut() = headers.clone();
-            if let Ok(uri) = uri_for(addr) {
-                *req.uri_mut() = uri;
-            }
+            // The first try's URI was built above; a retry's differs only in the endpoint.
+            *req.uri_mut() = match n {
+                0 => first_uri.clone(),
+                _ => uri_for(addr).unwrap_or_else(|_| first_uri.clone()),
+            };
             let sent = upstream.send(addr, req);
             let result = match retries.per_try_timeout {
                 None => sent.await,

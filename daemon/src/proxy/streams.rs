@@ -275,13 +275,9 @@ async fn drive(
 // === impl Conn ===
 
 impl Conn {
-    /// Still open or opening.
+    /// Still open or opening, and not about to close.
     fn alive(&self) -> bool {
-        match &*self.state.borrow() {
-            State::Connecting => true,
-            State::Ready(s) => !s.is_closed() && !self.spent(),
-            State::Failed(_) | State::Closed => false,
-        }
+        self.usable() && !self.spent()
     }
 
     /// Retired and without a stream: about to close.
