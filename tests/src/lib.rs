@@ -633,6 +633,15 @@ pub fn bpftool_dump(path: &std::path::Path) -> Vec<(serde_json::Value, serde_jso
         .collect()
 }
 
+/// The object whose `name` is `name` in the JSON array `list` (an admin `/clusters` list of
+/// clusters or endpoints); panics naming what was searched.
+pub fn named(list: &serde_json::Value, name: &str) -> serde_json::Value {
+    list.as_array()
+        .and_then(|l| l.iter().find(|e| e["name"] == name))
+        .unwrap_or_else(|| panic!("no {name} in {list}"))
+        .clone()
+}
+
 /// The IPv4 address of a BTF-printed `addr` (four network-order words, v4-mapped).
 pub fn key_addr(key: &serde_json::Value) -> std::net::IpAddr {
     let words: Vec<u32> = key["addr"]

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 
 use drover_tests::{
-    Daemon, PinDir, Proc, Topology, bpftool_dump, probe, require_privileged, write_config,
+    Daemon, PinDir, Proc, Topology, bpftool_dump, named, probe, require_privileged, write_config,
 };
 use serde_json::Value;
 
@@ -811,9 +811,8 @@ fn gateway_errors_eject_on_their_own_counter_and_500_only_counts_as_5xx() {
     let m = failing(&[500, 503, 200], policy);
     let r = m.http(&[&format!("{URL}/"), "--count", "30", "--concurrency", "1"]);
     assert_eq!(r["errors"], 0, "{r}");
-    let eps = endpoints(&m);
-    let by = |name: &str| eps.iter().find(|e| e["name"] == name).unwrap().clone();
-    let (v1, v2) = (by("reviews-v1"), by("reviews-v2"));
+    let eps = whole_cluster(&m)["endpoints"].clone();
+    let (v1, v2) = (named(&eps, "reviews-v1"), named(&eps, "reviews-v2"));
     assert_eq!(v1["health"], "healthy", "500 is not a gateway error: {v1}");
     assert_eq!(v2["health"], "ejected", "{v2}");
     // Exactly three 503s reached v2 before its ejection.
@@ -854,7 +853,7 @@ fn default_retries_hide_a_refusing_endpoint_which_is_still_ejected() {
         );
         assert_eq!(ok_count(&r), 30 - failures, "{retries}: {r}");
         let c = whole_cluster(&m);
-        let v3 = endpoint_named(&c, "reviews-v3");
+        let v3 = named(&c["endpoints"], "reviews-v3");
         assert_eq!(v3["health"], "ejected", "{v3}");
         assert_eq!(v3["local_origin_failures"], 2, "{v3}");
         assert_eq!(
@@ -873,17 +872,6 @@ fn whole_service_route(extra: &str) -> String {
     virtual_service(&format!(
         "  - route: [{{destination: {{host: reviews.demo.svc.cluster.local}}}}]\n{extra}"
     ))
-}
-
-/// The `/clusters` view of the endpoint `name` in cluster view `c`.
-fn endpoint_named(c: &Value, name: &str) -> Value {
-    c["endpoints"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["name"] == name)
-        .unwrap_or_else(|| panic!("no {name} in {c}"))
-        .clone()
 }
 
 /// Endpoints started with `server_args` (e.g. `--status 503`), a round-robin rule and a
@@ -979,7 +967,7 @@ fn max_retries_caps_concurrent_retries_across_the_cluster() {
             assert_eq!(failed, 0, "unlimited retries: {r}");
         }
         assert_eq!(s["upstream_rq_retry_overflow"], failed, "{c}");
-        let v1 = endpoint_named(&c, "reviews-v1");
+        let v1 = named(&c["endpoints"], "reviews-v1");
         let refused = v1["local_origin_failures"].as_u64().unwrap();
         assert!(refused >= 3, "round robin sent about half to v1: {c}");
         assert_eq!(

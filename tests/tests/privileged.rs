@@ -812,15 +812,7 @@ fn counters_agree_between_bpftool_status_and_admin_api() {
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    let cluster = |name: &str| {
-        clusters["clusters"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["name"] == name)
-            .unwrap_or_else(|| panic!("{name} in {clusters}"))
-            .clone()
-    };
+    let cluster = |name: &str| drover_tests::named(&clusters["clusters"], name);
     let echo = cluster("outbound|80||echo.test.svc");
     let dead = cluster("outbound|81||dead.test.svc");
     assert_eq!(echo["stats"]["upstream_rq_total"], 6, "{echo}");
