@@ -1,10 +1,13 @@
 //! The localhost admin API (Envoy's admin port, 15000): `/clusters` (JSON), `/stats/prometheus`,
-//! `/config_dump`, `/ready` and `/logging?level=`; and the publisher that mirrors per-endpoint
+//! `/config_dump`, `/ready` and `POST /logging?level=`; and the publisher that mirrors per-endpoint
 //! state into the daemon-written `EP_DSTATS` map every second (and before every `/clusters`
 //! answer, so that the map and the answer show the same numbers).
 //!
-//! Invariants: read-only except `/logging`; every answer is computed from one registry snapshot
-//! plus the counters of [`crate::stats`]; binds to the address it is given (loopback by default).
+//! Invariants: read-only except `POST /logging`, whose level is one of [`LEVELS`]; every request
+//! must name this API by a loopback `Host` (or the address it reached) and come from no foreign
+//! browser origin, so neither a cross-site page nor DNS rebinding can use it; every answer is
+//! computed from one registry snapshot plus the counters of [`crate::stats`]; binds to the
+//! address it is given (loopback by default).
 
 use std::{collections::BTreeMap, convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -96,18 +99,24 @@ pub struct EndpointView {
 // === impl Admin ===
 
 impl Admin {
-    /// Binds `addr` and serves until `shutdown`; also starts the `EP_DSTATS` publisher.
-    pub async fn spawn(
+    /// Binds the admin address (done before anything is attached, so a busy port fails the start
+    /// cleanly).
+    pub async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| Error::Bind { addr, source })
+    }
+
+    /// Serves on `listener` until `shutdown`; also starts the `EP_DSTATS` publisher.
+    pub fn serve(
         self,
-        addr: SocketAddr,
+        listener: TcpListener,
         shutdown: CancellationToken,
     ) -> Result<SocketAddr, Error> {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| Error::Bind { addr, source })?;
-        let bound = listener
-            .local_addr()
-            .map_err(|source| Error::Bind { addr, source })?;
+        let bound = listener.local_addr().map_err(|source| Error::Bind {
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            source,
+        })?;
         let admin = Arc::new(self);
         if admin.kernel.is_some() {
             let admin = admin.clone();
@@ -136,10 +145,16 @@ impl Admin {
                     },
                 };
                 let admin = admin.clone();
+                let local = stream.local_addr().ok();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
                         let admin = admin.clone();
-                        async move { Ok::<_, Infallible>(admin.answer(req)) }
+                        async move {
+                            Ok::<_, Infallible>(match refuse(&req, local) {
+                                Some(r) => r,
+                                None => admin.answer(req),
+                            })
+                        }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
@@ -177,12 +192,17 @@ impl Admin {
                 }
             }
             (&Method::GET, "/config_dump") => json(&config_dump(&self.registry.load())),
-            (&Method::POST | &Method::GET, "/logging") => {
+            (&Method::POST, "/logging") => {
                 let level = form_urlencoded::parse(query.as_bytes())
                     .find(|(k, _)| k == "level")
                     .map(|(_, v)| v.to_string());
-                match (level, &self.log) {
-                    (Some(level), Some(set)) => match set(&level) {
+                match (level.as_deref().map(log_level), &self.log) {
+                    (Some(None), _) => text(
+                        StatusCode::BAD_REQUEST,
+                        &format!("unknown level {:?}; one of: {}\n", level.unwrap_or_default(), LEVELS.join(" ")),
+                        "text/plain",
+                    ),
+                    (Some(Some(level)), Some(set)) => match set(level) {
                         Ok(()) => {
                             tracing::info!(%level, "log level changed");
                             text(StatusCode::OK, &format!("level: {level}\n"), "text/plain")
@@ -191,25 +211,35 @@ impl Admin {
                     },
                     (None, _) => text(
                         StatusCode::BAD_REQUEST,
-                        "usage: /logging?level=<tracing filter, e.g. debug or info,drover=trace>\n",
+                        &format!("usage: POST /logging?level=<{}>\n", LEVELS.join("|")),
                         "text/plain",
                     ),
-                    (Some(_), None) => text(
+                    (Some(Some(_)), None) => text(
                         StatusCode::NOT_IMPLEMENTED,
                         "log level is fixed\n",
                         "text/plain",
                     ),
                 }
             }
+            (_, "/logging") => {
+                let mut r = text(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "changing the log level takes POST /logging?level=\n",
+                    "text/plain",
+                );
+                r.headers_mut()
+                    .insert(header::ALLOW, header::HeaderValue::from_static("POST"));
+                r
+            }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "endpoints: /clusters /stats/prometheus /config_dump /ready /logging?level=\n",
+                "endpoints: GET /clusters /stats/prometheus /config_dump /ready, POST /logging?level=\n",
                 "text/plain",
             ),
         }
     }
 
-    /// Mirrors every endpoint of `snapshot` into `EP_DSTATS` (rows of other clusters removed).
+        /// Mirrors every endpoint of `snapshot` into `EP_DSTATS` (rows of other clusters removed).
     fn publish(&self, snapshot: &Registry) {
         let Some(kernel) = &self.kernel else { return };
         let mut rows = Vec::new();
@@ -444,4 +474,69 @@ fn json(v: &impl Serialize) -> Response<crate::proxy::Body> {
             "text/plain",
         ),
     }
+}
+
+/// The levels `/logging` accepts (Envoy's names; `warning` and `critical` are aliases).
+pub const LEVELS: [&str; 8] = [
+    "trace", "debug", "info", "warn", "warning", "error", "critical", "off",
+];
+
+/// The tracing filter for an admin log level, if it is one of [`LEVELS`].
+fn log_level(level: &str) -> Option<&'static str> {
+    Some(match level {
+        "trace" => "trace",
+        "debug" => "debug",
+        "info" => "info",
+        "warn" | "warning" => "warn",
+        "error" | "critical" => "error",
+        "off" => "off",
+        _ => return None,
+    })
+}
+
+/// Why a request is refused before it is looked at, if it is: its `Host` must name a loopback
+/// address, `localhost` or the address the connection reached (so a DNS name rebound to this
+/// address is refused), and a browser's cross-origin request (`Origin` of a non-loopback page,
+/// `Sec-Fetch-Site: cross-site`) is refused.
+fn refuse<B>(req: &Request<B>, local: Option<SocketAddr>) -> Option<Response<crate::proxy::Body>> {
+    let forbidden = |why: &str| Some(text(StatusCode::FORBIDDEN, &format!("{why}\n"), "text/plain"));
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()));
+    match host {
+        Some(h) if local_name(&h, local) => {}
+        Some(h) => return forbidden(&format!("Host {h:?} is not this admin API's address")),
+        None => return forbidden("a Host header is required"),
+    }
+    if let Some(origin) = req.headers().get(header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or("");
+        let authority = origin.split_once("://").map_or("", |(_, a)| a);
+        if !local_name(authority, local) {
+            return forbidden(&format!("cross-origin request from {origin:?}"));
+        }
+    }
+    if req
+        .headers()
+        .get("sec-fetch-site")
+        .is_some_and(|v| v.as_bytes() == b"cross-site")
+    {
+        return forbidden("cross-site request");
+    }
+    None
+}
+
+/// Whether `authority` (`host[:port]`) is `localhost`, a loopback address or `local`'s address.
+fn local_name(authority: &str, local: Option<SocketAddr>) -> bool {
+    let host = match authority.parse::<hyper::http::uri::Authority>() {
+        Ok(a) => a.host().trim_start_matches('[').trim_end_matches(']').to_string(),
+        Err(_) => return false,
+    };
+    if host.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    host.parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.is_loopback() || local.is_some_and(|l| l.ip() == ip))
 }

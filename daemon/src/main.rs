@@ -112,6 +112,27 @@ enum Command {
         /// Inbound clients: STRICT (mTLS only) or PERMISSIVE (plaintext passes through).
         #[arg(long, value_enum, default_value = "strict")]
         peer_authentication: drover::inbound::PeerAuthentication,
+        /// Close a captured HTTP connection whose request headers are not complete this long after
+        /// accept (first request) or after the request's first byte; counted as
+        /// `downstream_rq_header_timeout`.
+        #[arg(long, default_value = "10", value_name = "SECS")]
+        request_headers_timeout: f64,
+        /// Close a captured HTTP connection with no request in flight for this long (Envoy's
+        /// default, 1 h); counted as `downstream_cx_idle_timeout`.
+        #[arg(long, default_value = "3600", value_name = "SECS")]
+        downstream_idle_timeout: f64,
+        /// Overload: refuse new captured connections beyond this many open at once (0: no cap);
+        /// counted as `downstream_cx_overflow`.
+        #[arg(long, default_value = "0", value_name = "N")]
+        max_downstream_connections: u64,
+        /// Overload: refuse new captured connections while the daemon's resident memory is above
+        /// this (0: no limit); counted as `downstream_cx_overload_memory`.
+        #[arg(long, default_value = "0", value_name = "MIB")]
+        max_memory_mb: u64,
+        /// Accept a configuration that defines no service (at start and on reload); by default it
+        /// is refused, since an empty or truncated file would otherwise stop all capture.
+        #[arg(long)]
+        allow_empty: bool,
         /// Data-plane worker threads (0: one per CPU).
         #[arg(long, default_value = "0")]
         workers: usize,
@@ -348,6 +369,11 @@ fn main() -> ExitCode {
             inbound_netns,
             inbound_ports,
             peer_authentication,
+            allow_empty,
+            request_headers_timeout,
+            downstream_idle_timeout,
+            max_downstream_connections,
+            max_memory_mb,
             workers,
             client,
         } => {
@@ -358,7 +384,7 @@ fn main() -> ExitCode {
                 fail_open,
                 capture,
                 pin_dir,
-                drain_timeout: Duration::from_secs_f64(drain_timeout.max(0.0)),
+                drain_timeout: secs(drain_timeout),
                 client: client.into(),
                 watch: !no_watch,
                 admin: admin.0,
@@ -376,6 +402,13 @@ fn main() -> ExitCode {
                     }),
                 }),
                 log: log_control,
+                downstream: drover::proxy::downstream::Timeouts {
+                    request_headers: secs(request_headers_timeout),
+                    idle: secs(downstream_idle_timeout),
+                },
+                max_downstream_connections,
+                max_memory_bytes: max_memory_mb.saturating_mul(1024 * 1024),
+                allow_empty,
             };
             let mut builder = tokio::runtime::Builder::new_multi_thread();
             if workers > 0 {
@@ -400,13 +433,27 @@ fn main() -> ExitCode {
                     if let Some(c) = e.downcast_ref::<app::ConfigRejected>() {
                         eprintln!("{c}");
                     } else {
-                        eprintln!("error: {e:#}");
+                        eprintln!("error: {}", chain(&e));
                     }
                     ExitCode::FAILURE
                 }
             }
         }
     }
+}
+
+/// An error and its causes on one line, each cause once: errors that already print their source
+/// (`…: {source}`) are not followed by it again.
+fn chain(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !out.contains(&cause) {
+            out.push_str(": ");
+            out.push_str(&cause);
+        }
+    }
+    out
 }
 
 /// `drover validate`: every error and warning, one per line; exit 1 on any error.
@@ -447,6 +494,11 @@ fn validate(paths: &[PathBuf], client: &Client) -> ExitCode {
         eprintln!("{} errors, {} warnings", errors.len(), warnings.len());
         ExitCode::FAILURE
     }
+}
+
+/// A duration from a `SECS` flag (negative: 0; not a number: the maximum).
+fn secs(s: f64) -> Duration {
+    Duration::try_from_secs_f64(s.max(0.0)).unwrap_or(Duration::MAX)
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {

@@ -24,6 +24,7 @@ use tokio::{
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+pub mod downstream;
 mod http;
 pub mod relay;
 mod replay;
@@ -72,6 +73,8 @@ pub struct Proxy {
     registry: RegistryHandle,
     original: Arc<dyn OriginalDst>,
     connect_timeout: Duration,
+    timeouts: downstream::Timeouts,
+    overload: Arc<downstream::Overload>,
 }
 
 // === impl Error ===
@@ -98,11 +101,19 @@ impl Error {
 // === impl Proxy ===
 
 impl Proxy {
-    pub fn new(registry: RegistryHandle, original: Arc<dyn OriginalDst>) -> Self {
+    /// The proxy, with the downstream limits it applies to every captured connection.
+    pub fn new(
+        registry: RegistryHandle,
+        original: Arc<dyn OriginalDst>,
+        timeouts: downstream::Timeouts,
+        overload: Arc<downstream::Overload>,
+    ) -> Self {
         Self {
             registry,
             original,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            timeouts,
+            overload,
         }
     }
 
@@ -122,10 +133,17 @@ impl Proxy {
             };
             match accepted {
                 Ok((stream, _)) => {
+                    // Over the overload limits the connection is closed before a byte is read.
+                    let Ok(slot) = self.overload.admit() else {
+                        continue;
+                    };
                     let proxy = self.clone();
                     let ns = ns.clone();
                     let upstreams = upstreams.clone();
-                    tracker.spawn(async move { proxy.handle(ns, upstreams, stream).await });
+                    tracker.spawn(async move {
+                        proxy.handle(ns, upstreams, stream).await;
+                        drop(slot);
+                    });
                 }
                 Err(e) => {
                     tracing::warn!(netns = %ns.name, error = %e, "accept failed");
@@ -152,7 +170,15 @@ impl Proxy {
             .lookup(orig)
             .is_some_and(|(_, p)| is_http(p.protocol.as_deref()));
         if http_port {
-            http::serve(self.registry.clone(), upstreams, ns, client, orig).await;
+            http::serve(
+                self.registry.clone(),
+                upstreams,
+                ns,
+                client,
+                orig,
+                self.timeouts,
+            )
+            .await;
             return;
         }
         let ns = &*ns;

@@ -14,7 +14,7 @@ use std::{io, net::SocketAddr};
 use drover_common::TupleKey;
 use tokio::net::TcpStream;
 
-pub use loader::Kernel;
+pub use loader::{Kernel, PinLock};
 
 /// Errors of capture set-up and original-destination lookup.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +38,10 @@ pub enum Error {
         name: &'static str,
         source: aya::programs::ProgramError,
     },
+    #[error(
+        "pin directory {path} is owned by {owner}: one daemon per pin directory (stop it, or pass another --pin-dir)"
+    )]
+    Locked { path: String, owner: String },
     #[error("pinning {path}: {reason}")]
     Pin { path: String, reason: String },
     #[error("eBPF map {name}: {source}")]

@@ -1,9 +1,13 @@
-//! Hot reload: watches the configuration paths and swaps in a new registry snapshot when a valid
-//! change lands.
+//! Hot reload: watches the configuration paths (and SIGHUP, through [`Trigger`]) and swaps in a new
+//! registry snapshot when a valid change lands.
 //!
 //! Invariants: a snapshot is replaced only by a fully validated one (an invalid change is logged
 //! with every located problem and the previous snapshot keeps serving); open connections keep the
-//! snapshot they were routed with; bursts of file events are coalesced into one rebuild.
+//! snapshot they were routed with; one change is one rebuild: bursts of file events are coalesced,
+//! the daemon's own reads of the files (inotify `OPEN`/`CLOSE_NOWRITE`) are not changes, and a file
+//! that was written to is read only once its writer closed it (bounded by [`WRITER_WAIT`]), so a
+//! writer that truncates and then writes is never seen half-way; a configuration with no service
+//! at all never replaces one that had services unless `allow_empty` says so.
 
 use std::{
     collections::HashSet,
@@ -12,7 +16,10 @@ use std::{
     time::Duration,
 };
 
-use notify::{RecursiveMode, Watcher as _};
+use notify::{
+    EventKind, RecursiveMode, Watcher as _,
+    event::{AccessKind, AccessMode, ModifyKind},
+};
 use tokio::{sync::mpsc, time::Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -24,8 +31,10 @@ use crate::{
 
 /// How long the watcher waits for more events before rebuilding.
 pub const SETTLE: Duration = Duration::from_millis(20);
+/// How long a reload waits for a file that was written to be closed by its writer.
+pub const WRITER_WAIT: Duration = Duration::from_secs(2);
 
-/// Errors setting up the watch.
+/// Errors setting up the watch, or a configuration refused as a whole.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("watching {path}: {source}")]
@@ -33,6 +42,13 @@ pub enum Error {
         path: PathBuf,
         source: notify::Error,
     },
+    #[error(
+        "{paths}: the configuration defines no service, so nothing would be captured (pass \
+         --allow-empty to accept that)"
+    )]
+    Empty { paths: String },
+    #[error(transparent)]
+    Config(#[from] config::Error),
 }
 
 /// What a reload needs.
@@ -42,78 +58,130 @@ pub struct Reloader {
     pub credentials: crate::tls::Credentials,
     pub registry: RegistryHandle,
     pub kernel: Option<Arc<Kernel>>,
+    /// Accept a configuration without services (otherwise refused: see the module doc).
+    pub allow_empty: bool,
 }
 
-/// Loads and validates `paths` into a snapshot for `client`, with every TLS file read.
+/// Asks the running reloader for a reload (SIGHUP).
+#[derive(Clone)]
+pub struct Trigger(mpsc::UnboundedSender<Signal>);
+
+/// What the reloader's task hears.
+enum Signal {
+    /// A file event about a configured path: `writing` when its content changed (a writer may
+    /// still hold it open), `closed` when a writer closed it.
+    File {
+        path: PathBuf,
+        writing: bool,
+        closed: bool,
+    },
+    /// An explicit request (SIGHUP).
+    Reload,
+}
+
+/// Loads and validates `paths` into a snapshot for `client`, with every TLS file read; refuses a
+/// configuration without services unless `allow_empty`.
 pub fn load(
     paths: &[PathBuf],
     client: &Client,
     credentials: &crate::tls::Credentials,
-) -> Result<Registry, config::Error> {
+    allow_empty: bool,
+) -> Result<Registry, Error> {
     let set = ConfigSet::load(paths)?;
     let mut registry =
         Registry::build(&set, client).map_err(|r| config::Error::Invalid(r.errors))?;
+    if registry.services().is_empty() && !allow_empty {
+        return Err(Error::Empty {
+            paths: paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        });
+    }
     registry
         .originate(credentials)
         .map_err(config::Error::Invalid)?;
     Ok(registry)
 }
 
+// === impl Trigger ===
+
+impl Trigger {
+    /// Requests a reload; false when the reloader is gone.
+    pub fn reload(&self) -> bool {
+        self.0.send(Signal::Reload).is_ok()
+    }
+}
+
 // === impl Reloader ===
 
 impl Reloader {
-    /// Starts watching; rebuilds run on the returned task until `shutdown`.
-    pub fn spawn(self, shutdown: CancellationToken) -> Result<tokio::task::JoinHandle<()>, Error> {
+    /// Starts the reloader: with `watch`, file changes reload; the returned trigger always does.
+    pub fn spawn(self, watch: bool, shutdown: CancellationToken) -> Result<Trigger, Error> {
         let (tx, rx) = mpsc::unbounded_channel();
-        let filter: Arc<Mutex<Vec<PathBuf>>> = Arc::default();
-        let seen = filter.clone();
-        let watcher =
-            notify::recommended_watcher(move |ev: notify::Result<notify::Event>| match ev {
-                Ok(ev) => {
-                    let wanted = seen.lock().unwrap_or_else(|e| e.into_inner());
-                    if ev.paths.iter().any(|p| concerns(&wanted, p)) {
-                        let _ = tx.send(());
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "config watch error"),
-            })
-            .map_err(|source| Error::Watch {
-                path: PathBuf::new(),
-                source,
-            })?;
-        let mut watch = Watch {
-            watcher,
-            filter,
-            dirs: HashSet::new(),
+        let trigger = Trigger(tx.clone());
+        let watcher = if watch {
+            let mut w = Watch::new(tx)?;
+            for p in &self.paths {
+                w.add(p)?;
+            }
+            // Certificate files: a rotation is a reload (new handshakes use the new files).
+            for p in self.registry.load().tls_files() {
+                w.add(&p)?;
+            }
+            Some(w)
+        } else {
+            None
         };
-        for p in &self.paths {
-            watch.add(p)?;
-        }
-        // Certificate files: a rotation is a reload (new handshakes use the new files).
-        for p in self.registry.load().tls_files() {
-            watch.add(&p)?;
-        }
-        Ok(tokio::spawn(self.run(watch, rx, shutdown)))
+        tokio::spawn(self.run(watcher, rx, shutdown));
+        Ok(trigger)
     }
 
     async fn run(
         self,
-        mut watch: Watch,
-        mut rx: mpsc::UnboundedReceiver<()>,
+        mut watch: Option<Watch>,
+        mut rx: mpsc::UnboundedReceiver<Signal>,
         shutdown: CancellationToken,
     ) {
+        let mut writing = HashSet::new();
         loop {
-            tokio::select! {
+            let signal = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                ev = rx.recv() => if ev.is_none() { return },
-            }
+                s = rx.recv() => match s { Some(s) => s, None => return },
+            };
             let first = Instant::now();
-            // Coalesce the burst a single save produces.
-            while let Ok(Some(())) = tokio::time::timeout(SETTLE, rx.recv()).await {}
+            let explicit = matches!(signal, Signal::Reload);
+            note(&mut writing, signal);
+            // Coalesce the burst a single save produces, and wait (bounded) for writers to close.
+            loop {
+                let wait = if writing.is_empty() {
+                    SETTLE
+                } else {
+                    WRITER_WAIT.saturating_sub(first.elapsed()).max(SETTLE)
+                };
+                match tokio::time::timeout(wait, rx.recv()).await {
+                    Ok(Some(s)) => note(&mut writing, s),
+                    Ok(None) => return,
+                    Err(_) => break,
+                }
+                if first.elapsed() >= WRITER_WAIT && !writing.is_empty() {
+                    break;
+                }
+            }
+            if !writing.is_empty() {
+                tracing::warn!(files = ?writing, waited = ?WRITER_WAIT, "a config file is still open for writing; reading it anyway");
+                writing.clear();
+            }
+            if explicit {
+                tracing::info!("SIGHUP: reloading the configuration");
+            }
             self.reload(first).await;
-            for p in self.registry.load().tls_files() {
-                if let Err(e) = watch.add(&p) {
-                    tracing::warn!(error = %e, "cannot watch a certificate file; rotation of it needs a config change");
+            if let Some(w) = &mut watch {
+                for p in self.registry.load().tls_files() {
+                    if let Err(e) = w.add(&p) {
+                        tracing::warn!(error = %e, "cannot watch a certificate file; rotation of it needs a config change");
+                    }
                 }
             }
         }
@@ -124,7 +192,10 @@ impl Reloader {
         let paths = self.paths.clone();
         let client = self.client.clone();
         let credentials = self.credentials.clone();
-        let built = tokio::task::spawn_blocking(move || load(&paths, &client, &credentials)).await;
+        let allow_empty = self.allow_empty;
+        let built =
+            tokio::task::spawn_blocking(move || load(&paths, &client, &credentials, allow_empty))
+                .await;
         match built {
             Ok(Ok(mut registry)) => {
                 registry.inherit(&self.registry.load());
@@ -157,7 +228,22 @@ impl Reloader {
     }
 }
 
-/// Whether a changed path is (or is inside) one of the configured paths.
+/// Tracks which files a writer has changed and not yet closed.
+fn note(writing: &mut HashSet<PathBuf>, signal: Signal) {
+    if let Signal::File {
+        path,
+        writing: w,
+        closed,
+    } = signal
+    {
+        if closed {
+            writing.remove(&path);
+        } else if w {
+            writing.insert(path);
+        }
+    }
+}
+
 /// The file watcher, what it reports and the directories it watches.
 struct Watch {
     watcher: notify::RecommendedWatcher,
@@ -166,6 +252,42 @@ struct Watch {
 }
 
 impl Watch {
+    /// A watcher that sends the events about watched paths to `tx`; reads (`OPEN`,
+    /// `CLOSE_NOWRITE`) are not reported, so the reload's own reading cannot trigger a reload.
+    fn new(tx: mpsc::UnboundedSender<Signal>) -> Result<Self, Error> {
+        let filter: Arc<Mutex<Vec<PathBuf>>> = Arc::default();
+        let seen = filter.clone();
+        let watcher =
+            notify::recommended_watcher(move |ev: notify::Result<notify::Event>| match ev {
+                Ok(ev) => {
+                    let (writing, closed) = match ev.kind {
+                        EventKind::Access(AccessKind::Close(AccessMode::Write)) => (false, true),
+                        EventKind::Access(_) => return,
+                        EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any) => (true, false),
+                        _ => (false, false),
+                    };
+                    let wanted = seen.lock().unwrap_or_else(|e| e.into_inner());
+                    for path in ev.paths.iter().filter(|p| concerns(&wanted, p)) {
+                        let _ = tx.send(Signal::File {
+                            path: path.clone(),
+                            writing,
+                            closed,
+                        });
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "config watch error"),
+            })
+            .map_err(|source| Error::Watch {
+                path: PathBuf::new(),
+                source,
+            })?;
+        Ok(Self {
+            watcher,
+            filter,
+            dirs: HashSet::new(),
+        })
+    }
+
     /// Reports changes of `p` (a file, through its directory: editors and ConfigMap mounts
     /// replace files by renaming, which a watch on the file itself would lose; or a directory).
     fn add(&mut self, p: &Path) -> Result<(), Error> {
@@ -193,6 +315,7 @@ impl Watch {
     }
 }
 
+/// Whether a changed path is (or is inside) one of the configured paths.
 fn concerns(wanted: &[PathBuf], changed: &Path) -> bool {
     wanted.iter().any(|w| changed.starts_with(w))
 }

@@ -26,6 +26,25 @@ pub struct Store {
     connections: Mutex<HashMap<SocketAddr, Arc<AtomicU64>>>,
     /// Inbound termination outcomes.
     pub inbound: InboundStats,
+    /// Captured (downstream) connections: limits and timeouts.
+    pub downstream: DownstreamStats,
+}
+
+/// Downstream connection counters, by Envoy's names (`downstream_*` of the HTTP connection
+/// manager and the listener).
+#[derive(Debug, Default, serde::Serialize)]
+pub struct DownstreamStats {
+    pub cx_total: AtomicU64,
+    /// Gauge: admitted and still open.
+    pub cx_active: AtomicU64,
+    /// Refused at accept: `--max-downstream-connections` reached.
+    pub cx_overflow: AtomicU64,
+    /// Refused at accept: resident memory above `--max-memory-mb`.
+    pub cx_overload_memory: AtomicU64,
+    /// Closed: request headers incomplete after `--request-headers-timeout`.
+    pub rq_header_timeout: AtomicU64,
+    /// Closed: no request for `--downstream-idle-timeout`.
+    pub cx_idle_timeout: AtomicU64,
 }
 
 /// How inbound connections (15006) ended, one counter per outcome.

@@ -65,6 +65,36 @@ struct Header {
     kind: Option<String>,
 }
 
+/// Line and column (1-based) of the first alias (`*name`) in document `doc` of `text`.
+fn first_alias(text: &str, doc: usize) -> Option<(usize, usize)> {
+    let mut current = 0;
+    let mut seen_content = false;
+    for (i, line) in text.lines().enumerate() {
+        if line.starts_with("---") {
+            if seen_content {
+                current += 1;
+            }
+            seen_content = true;
+            continue;
+        }
+        if !line.trim().is_empty() && !line.trim_start().starts_with('#') {
+            seen_content = true;
+        }
+        if current != doc {
+            continue;
+        }
+        let bytes = line.as_bytes();
+        for (j, &b) in bytes.iter().enumerate() {
+            let starts_node = j == 0 || matches!(bytes[j - 1], b' ' | b'[' | b',' | b'{' | b'-' | b':');
+            let named = bytes.get(j + 1).is_some_and(|c| c.is_ascii_alphanumeric() || *c == b'_');
+            if b == b'*' && starts_node && named {
+                return Some((i + 1, j + 1));
+            }
+        }
+    }
+    None
+}
+
 // === impl Origin ===
 
 impl Origin {
@@ -150,7 +180,13 @@ impl ConfigSet {
             let value = match serde_yaml::Value::deserialize(de) {
                 Ok(v) => v,
                 Err(e) => {
-                    let (line, col) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
+                    // Limits (alias expansion) carry no position: point at the first alias of the
+                    // document, where the expansion starts.
+                    let (line, col) = e
+                        .location()
+                        .map(|l| (l.line(), l.column()))
+                        .or_else(|| first_alias(text, doc))
+                        .unwrap_or((0, 0));
                     let message = format!("malformed YAML: {}", strip_location(&e.to_string()));
                     problems.push(Problem {
                         location: Location {
@@ -402,6 +438,19 @@ mod tests {
                 .starts_with("f.yaml:6:5: spec.ports[0].number: "),
             "{p}"
         );
+    }
+
+    #[test]
+    fn alias_bomb_is_refused_at_its_first_alias() {
+        let mut text = String::from("kind: Service\n---\nkind: ServiceEntry\nspec:\n  a0: &a0 [x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..9 {
+            let p = i - 1;
+            text.push_str(&format!("  a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"));
+        }
+        let (_, problems) = load(&text);
+        let p = problems.last().expect("a problem");
+        assert!(p.message.contains("limit exceeded"), "{p}");
+        assert_eq!((p.location.line, p.location.col), (6, 12), "{p}");
     }
 
     #[test]

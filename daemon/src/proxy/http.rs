@@ -41,7 +41,7 @@ use hyper_util::{
 use tokio::{net::TcpStream, time::Instant};
 
 use super::{
-    DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT, Error,
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT, Error, downstream,
     replay::{Attempt, Replay},
     retry,
     streams::{self, StreamPool},
@@ -451,35 +451,75 @@ impl hyper_util::client::legacy::connect::Connection for Tracked {
     }
 }
 
-/// Serves one captured HTTP connection until the client closes it.
+/// Serves one captured HTTP connection until the client closes it, or until its request headers
+/// or its idleness outlast `timeouts` (then it is closed and counted, as Envoy does).
 pub async fn serve(
     registry: RegistryHandle,
     upstreams: Arc<Upstreams>,
     ns: Arc<NetNs>,
     client: TcpStream,
     orig: SocketAddr,
+    timeouts: downstream::Timeouts,
 ) {
     let src = client.peer_addr().ok();
     let connection = format!("{}{}", src.map(|a| a.to_string()).unwrap_or_default(), orig);
+    let state = downstream::State::new(timeouts);
+    let watch = state.clone();
     let service = hyper::service::service_fn(move |req| {
         let registry = registry.clone();
         let upstreams = upstreams.clone();
         let ns = ns.clone();
         let connection = connection.clone();
+        let active = state.request();
         // Boxed: the connection keeps its service future inline for its whole life, so an idle
         // keep-alive connection would otherwise carry the (large) request state machine.
         Box::pin(async move {
-            Ok::<_, Infallible>(
-                handle(&registry, &upstreams, &ns, orig, src, &connection, req).await,
-            )
+            let response = handle(&registry, &upstreams, &ns, orig, src, &connection, req).await;
+            // In flight until the response body is finished.
+            Ok::<_, Infallible>(response.map(|body| Guarded { body, _active: active }.boxed()))
         })
     });
     let builder = auto::Builder::new(TokioExecutor::new());
-    if let Err(e) = builder
-        .serve_connection_with_upgrades(TokioIo::new(client), service)
-        .await
-    {
-        tracing::debug!(error = %e, "http connection ended with an error");
+    let io = TokioIo::new(downstream::Watched::new(client, watch.clone()));
+    let stats = &crate::stats::store().downstream;
+    tokio::select! {
+        r = builder.serve_connection_with_upgrades(io, service) => if let Err(e) = r {
+            tracing::debug!(error = %e, "http connection ended with an error");
+        },
+        why = watch.expired() => {
+            let counter = match why {
+                downstream::Expired::RequestHeaders => &stats.rq_header_timeout,
+                downstream::Expired::Idle => &stats.cx_idle_timeout,
+            };
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::debug!(src = ?src, dst = %orig, reason = ?why, "closing downstream connection");
+        }
+    }
+}
+
+/// A response body that keeps its request counted as in flight until it is finished or dropped.
+struct Guarded {
+    body: Body,
+    _active: downstream::Active,
+}
+
+impl hyper::body::Body for Guarded {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 

@@ -148,15 +148,8 @@ impl Kernel {
 
     /// Captures every process in the cgroup v2 directory `dir` (and its children).
     pub fn enrol_cgroup(&self, dir: &Path) -> Result<(), Error> {
-        let cg_err = |reason: String| Error::Cgroup {
-            path: dir.display().to_string(),
-            reason,
-        };
-        let meta = fs::metadata(dir).map_err(|e| cg_err(e.to_string()))?;
-        if fs_magic(dir).map_err(|e| cg_err(e.to_string()))? != CGROUP2_SUPER_MAGIC {
-            return Err(cg_err("not a cgroup v2 directory".into()));
-        }
-        self.attach_all(dir, &CGROUP_PROGRAMS, &format!("cg{}", meta.ino()))
+        let ino = check_cgroup(dir)?;
+        self.attach_all(dir, &CGROUP_PROGRAMS, &format!("cg{ino}"))
     }
 
     /// Attaches the namespace-gated programs at the cgroup v2 root (once per daemon).
@@ -473,6 +466,19 @@ fn check_capabilities() -> Result<(), Error> {
     }
 }
 
+/// Checks that `dir` is a cgroup v2 directory; its inode number.
+pub fn check_cgroup(dir: &Path) -> Result<u64, Error> {
+    let cg_err = |reason: String| Error::Cgroup {
+        path: dir.display().to_string(),
+        reason,
+    };
+    let meta = fs::metadata(dir).map_err(|e| cg_err(e.to_string()))?;
+    if fs_magic(dir).map_err(|e| cg_err(e.to_string()))? != CGROUP2_SUPER_MAGIC {
+        return Err(cg_err("not a cgroup v2 directory".into()));
+    }
+    Ok(meta.ino())
+}
+
 /// Mounts bpffs at `/sys/fs/bpf` if the pin directory lives there and nothing is mounted.
 fn ensure_bpffs(pin_dir: &Path) -> Result<(), Error> {
     let base = Path::new("/sys/fs/bpf");
@@ -537,11 +543,73 @@ fn own_cgroup() -> Result<PathBuf, Error> {
     Ok(root.join(rel.trim_start_matches('/')))
 }
 
-/// Removes every pin (links detach, maps are freed once no program uses them).
+/// Removes every pin (links detach, maps are freed once no program uses them); refused while a
+/// daemon owns the directory.
 pub fn uninstall(pin_dir: &Path) -> Result<bool, Error> {
     if !pin_dir.exists() {
         return Ok(false);
     }
+    let _lock = PinLock::acquire(pin_dir)?;
     fs::remove_dir_all(pin_dir)?;
     Ok(true)
+}
+
+/// Exclusive ownership of a pin directory for the life of the process: an advisory `flock` on the
+/// directory itself (bpffs holds no regular files), released by the kernel when the process
+/// exits, however it exits.
+#[derive(Debug)]
+pub struct PinLock {
+    _dir: nix::fcntl::Flock<File>,
+    /// Whether the directory was created by this lock (nothing was pinned before).
+    pub created: bool,
+}
+
+impl PinLock {
+    /// Checks bpffs, creates `pin_dir` if needed and locks it; if another process holds it, the
+    /// error names that process.
+    pub fn acquire(pin_dir: &Path) -> Result<Self, Error> {
+        check_capabilities()?;
+        ensure_bpffs(pin_dir)?;
+        let created = !pin_dir.exists();
+        fs::create_dir_all(pin_dir)
+            .map_err(|e| Error::Bpffs(format!("cannot create {}: {e}", pin_dir.display())))?;
+        let dir = File::open(pin_dir)?;
+        match nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(dir) => Ok(Self { _dir: dir, created }),
+            Err((dir, nix::errno::Errno::EWOULDBLOCK)) => Err(Error::Locked {
+                path: pin_dir.display().to_string(),
+                owner: lock_owner(&dir).map_or_else(
+                    || "another process".to_string(),
+                    |pid| format!("{} (pid {pid})", process_name(pid)),
+                ),
+            }),
+            Err((_, e)) => Err(Error::Io(e.into())),
+        }
+    }
+}
+
+/// The pid holding a `flock` on `file`, from `/proc/locks` (`… FLOCK ADVISORY WRITE PID
+/// MAJ:MIN:INODE …`, major and minor in hex).
+fn lock_owner(file: &File) -> Option<u32> {
+    let meta = file.metadata().ok()?;
+    let dev = meta.dev();
+    let id = format!(
+        "{:02x}:{:02x}:{}",
+        nix::sys::stat::major(dev),
+        nix::sys::stat::minor(dev),
+        meta.ino()
+    );
+    let locks = fs::read_to_string("/proc/locks").ok()?;
+    locks.lines().find_map(|line| {
+        let f: Vec<_> = line.split_whitespace().collect();
+        // A blocked waiter's line starts with `N: ->`; only holders are wanted.
+        (f.get(1) == Some(&"FLOCK") && f.get(5) == Some(&id.as_str()))
+            .then(|| f.get(4)?.parse().ok())
+            .flatten()
+    })
+}
+
+fn process_name(pid: u32) -> String {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map_or_else(|_| "process".into(), |s| s.trim().to_string())
 }
