@@ -176,6 +176,7 @@ impl Admin {
                 json(&serde_json::json!({
                     "clusters": clusters(&snapshot),
                     "inbound": &crate::stats::store().inbound,
+                    "downstream": &crate::stats::store().downstream,
                 }))
             }
             (&Method::GET, "/stats/prometheus") => {
@@ -199,7 +200,11 @@ impl Admin {
                 match (level.as_deref().map(log_level), &self.log) {
                     (Some(None), _) => text(
                         StatusCode::BAD_REQUEST,
-                        &format!("unknown level {:?}; one of: {}\n", level.unwrap_or_default(), LEVELS.join(" ")),
+                        &format!(
+                            "unknown level {:?}; one of: {}\n",
+                            level.unwrap_or_default(),
+                            LEVELS.join(" ")
+                        ),
                         "text/plain",
                     ),
                     (Some(Some(level)), Some(set)) => match set(level) {
@@ -239,7 +244,7 @@ impl Admin {
         }
     }
 
-        /// Mirrors every endpoint of `snapshot` into `EP_DSTATS` (rows of other clusters removed).
+    /// Mirrors every endpoint of `snapshot` into `EP_DSTATS` (rows of other clusters removed).
     fn publish(&self, snapshot: &Registry) {
         let Some(kernel) = &self.kernel else { return };
         let mut rows = Vec::new();
@@ -397,6 +402,7 @@ struct Prometheus(Arc<Registry>);
 impl Collector for Prometheus {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         self.encode_inbound(&mut encoder)?;
+        encode_downstream(&mut encoder)?;
         let views = clusters(&self.0);
         let Some(first) = views.first() else {
             return Ok(());
@@ -445,6 +451,29 @@ impl Prometheus {
         }
         Ok(())
     }
+}
+
+/// The downstream counters as Envoy names them (`envoy_http_downstream_*`, `_active` a gauge).
+fn encode_downstream(encoder: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+    let d = &crate::stats::store().downstream;
+    for (stat, v) in [
+        ("cx_total", &d.cx_total),
+        ("cx_active", &d.cx_active),
+        ("cx_overflow", &d.cx_overflow),
+        ("cx_overload_memory", &d.cx_overload_memory),
+        ("rq_header_timeout", &d.rq_header_timeout),
+        ("cx_idle_timeout", &d.cx_idle_timeout),
+    ] {
+        let kind = if stat.ends_with("_active") {
+            MetricType::Gauge
+        } else {
+            MetricType::Unknown
+        };
+        let name = format!("envoy_http_downstream_{stat}");
+        let family = encoder.encode_descriptor(&name, stat, None, kind)?;
+        ConstGauge::new(v.load(Ordering::Relaxed) as i64).encode(family)?;
+    }
+    Ok(())
 }
 
 fn text(
@@ -499,7 +528,13 @@ fn log_level(level: &str) -> Option<&'static str> {
 /// address is refused), and a browser's cross-origin request (`Origin` of a non-loopback page,
 /// `Sec-Fetch-Site: cross-site`) is refused.
 fn refuse<B>(req: &Request<B>, local: Option<SocketAddr>) -> Option<Response<crate::proxy::Body>> {
-    let forbidden = |why: &str| Some(text(StatusCode::FORBIDDEN, &format!("{why}\n"), "text/plain"));
+    let forbidden = |why: &str| {
+        Some(text(
+            StatusCode::FORBIDDEN,
+            &format!("{why}\n"),
+            "text/plain",
+        ))
+    };
     let host = req
         .headers()
         .get(header::HOST)
@@ -531,7 +566,11 @@ fn refuse<B>(req: &Request<B>, local: Option<SocketAddr>) -> Option<Response<cra
 /// Whether `authority` (`host[:port]`) is `localhost`, a loopback address or `local`'s address.
 fn local_name(authority: &str, local: Option<SocketAddr>) -> bool {
     let host = match authority.parse::<hyper::http::uri::Authority>() {
-        Ok(a) => a.host().trim_start_matches('[').trim_end_matches(']').to_string(),
+        Ok(a) => a
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string(),
         Err(_) => return false,
     };
     if host.eq_ignore_ascii_case("localhost") {

@@ -126,7 +126,11 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
         CaptureMode::Iptables => None,
     };
     // Removes what this start pinned if it fails from here on (disarmed on success).
-    let mut rollback = Rollback(lock.as_ref().filter(|l| l.created).map(|_| cfg.pin_dir.clone()));
+    let mut rollback = Rollback(
+        lock.as_ref()
+            .filter(|l| l.created)
+            .map(|_| cfg.pin_dir.clone()),
+    );
     let home = NetNs::current().context("reading the daemon's network namespace")?;
     let mut namespaces = Vec::new();
     for name in &cfg.netns {
@@ -161,7 +165,11 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
                 );
             };
             let ns = Arc::new(open_netns(name, &NetNs::current()?)?);
-            let inbound = Arc::new(crate::inbound::Inbound::new(ns.clone(), identity.clone(), *mode));
+            let inbound = Arc::new(crate::inbound::Inbound::new(
+                ns.clone(),
+                identity.clone(),
+                *mode,
+            ));
             inbound.server_config()?;
             let listener = inbound.bind()?;
             Some((inbound, ns, listener, ports.clone(), *mode, name.clone()))
@@ -214,7 +222,9 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
         );
     }
     if let Some((inbound, ns, listener, ports, mode, name)) = inbound {
-        let kernel = kernel.as_ref().expect("checked: inbound needs eBPF capture");
+        let kernel = kernel
+            .as_ref()
+            .expect("checked: inbound needs eBPF capture");
         kernel.attach_inbound(&ns, &listener, &ports)?;
         tracing::info!(netns = %name, ports = ?ports, mode = ?mode, "inbound mTLS termination on 15006");
         tokio::spawn(inbound.serve(listener, shutdown.clone(), tracker.clone()));
@@ -291,8 +301,12 @@ impl Drop for Rollback {
     fn drop(&mut self) {
         if let Some(dir) = self.0.take() {
             match std::fs::remove_dir_all(&dir) {
-                Ok(()) => tracing::info!(pins = %dir.display(), "start failed: removed what it pinned"),
-                Err(e) => tracing::error!(pins = %dir.display(), error = %e, "start failed and its pins could not be removed; run drover uninstall"),
+                Ok(()) => {
+                    tracing::info!(pins = %dir.display(), "start failed: removed what it pinned")
+                }
+                Err(e) => {
+                    tracing::error!(pins = %dir.display(), error = %e, "start failed and its pins could not be removed; run drover uninstall")
+                }
             }
         }
     }
@@ -315,9 +329,7 @@ impl Bound {
         for (name, kind) in IGNORED_SIGNALS {
             let mut s = signal(SignalKind::from_raw(kind))?;
             let tx = ignored_tx.clone();
-            tokio::spawn(async move {
-                while s.recv().await.is_some() && tx.send(name).is_ok() {}
-            });
+            tokio::spawn(async move { while s.recv().await.is_some() && tx.send(name).is_ok() {} });
         }
         loop {
             tokio::select! {

@@ -300,6 +300,68 @@ impl Drop for Proc {
     }
 }
 
+// === A captured client namespace ===
+
+/// The service VIP of the single-service fixtures (loopback inside the client namespace).
+pub const VIP: &str = "127.77.0.10";
+
+pub fn args(config: &std::path::Path, pins: &PinDir, extra: &[&str]) -> Vec<String> {
+    let mut a = vec![
+        "--config".into(),
+        config.display().to_string(),
+        "--pin-dir".into(),
+        pins.path.display().to_string(),
+    ];
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+/// Echo servers named `ep1..epN` on port 7000 of each endpoint namespace (v4 and v6).
+pub fn echo_servers(t: &Topology) -> Vec<Proc> {
+    t.endpoints
+        .iter()
+        .enumerate()
+        .map(|(i, ns)| {
+            let listen = [
+                SocketAddr::new(Topology::ep4(i + 1), 7000),
+                SocketAddr::new(Topology::ep6(i + 1), 7000),
+            ];
+            Proc::server(Some(ns), "echo", &listen, &format!("ep{}", i + 1))
+        })
+        .collect()
+}
+
+/// `n` echo endpoints (`ep1..`), a daemon capturing the client namespace with `yaml` (by default
+/// one service `echo` at `VIP:80` → port 7000 of every endpoint) and `extra` arguments.
+/// Destructure it binding `daemon`, `_servers` and `_pins` by name: fields left to `..` are
+/// dropped at once, which would stop the daemon or the servers.
+pub struct Captured {
+    pub t: Topology,
+    /// Kept alive for the test: the servers and pins go when it is dropped.
+    pub _servers: Vec<Proc>,
+    pub cfg: std::path::PathBuf,
+    pub daemon: Daemon,
+    pub _pins: PinDir,
+}
+
+pub fn captured(n: usize, yaml: Option<String>, extra: &[&str]) -> Captured {
+    let t = Topology::new(n);
+    let servers = echo_servers(&t);
+    let pins = PinDir::new();
+    let eps: Vec<_> = (1..=n).map(Topology::ep4).collect();
+    let cfg = write_config(&yaml.unwrap_or_else(|| service_entry("echo", &[VIP], 80, 7000, &eps)));
+    let mut a = args(&cfg, &pins, &["--netns", &t.client.name]);
+    a.extend(extra.iter().map(|s| s.to_string()));
+    let daemon = Daemon::start(&a).expect("daemon starts");
+    Captured {
+        t,
+        _servers: servers,
+        cfg,
+        daemon,
+        _pins: pins,
+    }
+}
+
 // === PinDir ===
 
 /// A private pin directory for one test's maps and links; removing it detaches everything.

@@ -9,71 +9,12 @@ use std::{
 };
 
 use drover_tests::{
-    Cgroup, Daemon, PinDir, Proc, Topology, bpftool_dump, key_addr, probe, require_privileged,
-    service_entry, sh, write_config,
+    Captured, Cgroup, Daemon, PinDir, Proc, Topology, VIP, args, bpftool_dump, captured,
+    echo_servers, key_addr, probe, require_privileged, service_entry, sh, write_config,
 };
-
-const VIP: &str = "127.77.0.10";
 
 fn sa(s: &str) -> SocketAddr {
     s.parse().unwrap()
-}
-
-fn args(config: &std::path::Path, pins: &PinDir, extra: &[&str]) -> Vec<String> {
-    let mut a = vec![
-        "--config".into(),
-        config.display().to_string(),
-        "--pin-dir".into(),
-        pins.path.display().to_string(),
-    ];
-    a.extend(extra.iter().map(|s| s.to_string()));
-    a
-}
-
-/// Echo servers named `ep1..epN` on port 7000 of each endpoint namespace (v4 and v6).
-fn echo_servers(t: &Topology) -> Vec<Proc> {
-    t.endpoints
-        .iter()
-        .enumerate()
-        .map(|(i, ns)| {
-            let listen = [
-                SocketAddr::new(Topology::ep4(i + 1), 7000),
-                SocketAddr::new(Topology::ep6(i + 1), 7000),
-            ];
-            Proc::server(Some(ns), "echo", &listen, &format!("ep{}", i + 1))
-        })
-        .collect()
-}
-
-/// `n` echo endpoints (`ep1..`), a daemon capturing the client namespace with `yaml` (by default
-/// one service `echo` at `VIP:80` → port 7000 of every endpoint) and `extra` arguments.
-/// Destructure it binding `daemon`, `_servers` and `_pins` by name: fields left to `..` are
-/// dropped at once, which would stop the daemon or the servers.
-struct Captured {
-    t: Topology,
-    /// Kept alive for the test: the servers and pins go when it is dropped.
-    _servers: Vec<Proc>,
-    cfg: std::path::PathBuf,
-    daemon: Daemon,
-    _pins: PinDir,
-}
-
-fn captured(n: usize, yaml: Option<String>, extra: &[&str]) -> Captured {
-    let t = Topology::new(n);
-    let servers = echo_servers(&t);
-    let pins = PinDir::new();
-    let eps: Vec<_> = (1..=n).map(Topology::ep4).collect();
-    let cfg = write_config(&yaml.unwrap_or_else(|| service_entry("echo", &[VIP], 80, 7000, &eps)));
-    let mut a = args(&cfg, &pins, &["--netns", &t.client.name]);
-    a.extend(extra.iter().map(|s| s.to_string()));
-    let daemon = Daemon::start(&a).expect("daemon starts");
-    Captured {
-        t,
-        _servers: servers,
-        cfg,
-        daemon,
-        _pins: pins,
-    }
 }
 
 /// `echo` (VIP:80 → port 7000 of ep1) with a DestinationRule whose `trafficPolicy` is `policy`

@@ -85,8 +85,11 @@ fn first_alias(text: &str, doc: usize) -> Option<(usize, usize)> {
         }
         let bytes = line.as_bytes();
         for (j, &b) in bytes.iter().enumerate() {
-            let starts_node = j == 0 || matches!(bytes[j - 1], b' ' | b'[' | b',' | b'{' | b'-' | b':');
-            let named = bytes.get(j + 1).is_some_and(|c| c.is_ascii_alphanumeric() || *c == b'_');
+            let starts_node =
+                j == 0 || matches!(bytes[j - 1], b' ' | b'[' | b',' | b'{' | b'-' | b':');
+            let named = bytes
+                .get(j + 1)
+                .is_some_and(|c| c.is_ascii_alphanumeric() || *c == b'_');
             if b == b'*' && starts_node && named {
                 return Some((i + 1, j + 1));
             }
@@ -442,10 +445,14 @@ mod tests {
 
     #[test]
     fn alias_bomb_is_refused_at_its_first_alias() {
-        let mut text = String::from("kind: Service\n---\nkind: ServiceEntry\nspec:\n  a0: &a0 [x, x, x, x, x, x, x, x, x]\n");
+        let mut text = String::from(
+            "kind: Service\n---\nkind: ServiceEntry\nspec:\n  a0: &a0 [x, x, x, x, x, x, x, x, x]\n",
+        );
         for i in 1..9 {
             let p = i - 1;
-            text.push_str(&format!("  a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"));
+            text.push_str(&format!(
+                "  a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"
+            ));
         }
         let (_, problems) = load(&text);
         let p = problems.last().expect("a problem");

@@ -283,21 +283,20 @@ impl Overload {
     /// second).
     pub fn admit(self: &Arc<Self>) -> Result<Slot, Refused> {
         let stats = &crate::stats::store().downstream;
-        let refused = if self.max_rss_bytes > 0
-            && self.rss.load(Ordering::Relaxed) > self.max_rss_bytes
-        {
-            Some(Refused::Memory)
-        } else if self.max_connections > 0
-            && self.open.fetch_add(1, Ordering::Relaxed) >= self.max_connections
-        {
-            self.open.fetch_sub(1, Ordering::Relaxed);
-            Some(Refused::Connections)
-        } else {
-            if self.max_connections == 0 {
-                self.open.fetch_add(1, Ordering::Relaxed);
-            }
-            None
-        };
+        let refused =
+            if self.max_rss_bytes > 0 && self.rss.load(Ordering::Relaxed) > self.max_rss_bytes {
+                Some(Refused::Memory)
+            } else if self.max_connections > 0
+                && self.open.fetch_add(1, Ordering::Relaxed) >= self.max_connections
+            {
+                self.open.fetch_sub(1, Ordering::Relaxed);
+                Some(Refused::Connections)
+            } else {
+                if self.max_connections == 0 {
+                    self.open.fetch_add(1, Ordering::Relaxed);
+                }
+                None
+            };
         match refused {
             None => {
                 stats.cx_total.fetch_add(1, Ordering::Relaxed);

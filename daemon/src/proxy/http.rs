@@ -476,7 +476,13 @@ pub async fn serve(
         Box::pin(async move {
             let response = handle(&registry, &upstreams, &ns, orig, src, &connection, req).await;
             // In flight until the response body is finished.
-            Ok::<_, Infallible>(response.map(|body| Guarded { body, _active: active }.boxed()))
+            Ok::<_, Infallible>(response.map(|body| {
+                Guarded {
+                    body,
+                    _active: active,
+                }
+                .boxed()
+            }))
         })
     });
     let builder = auto::Builder::new(TokioExecutor::new());
@@ -802,20 +808,38 @@ async fn handle(
             } else {
                 flags.join(",")
             };
-            log(
-                rparts.status.as_u16(),
-                &cluster,
-                &route_name,
-                &endpoint,
-                &flag,
-            );
+            // Logged when the body ends, with the flag of a body cut short (as Envoy logs at
+            // stream end).
+            let line = AccessLine {
+                netns: ns.name.clone(),
+                src,
+                dst: orig,
+                method: method.clone(),
+                path: path.clone(),
+                authority: authority.clone(),
+                status: rparts.status.as_u16(),
+                cluster,
+                route: route_name,
+                endpoint,
+                flag,
+                start,
+            };
             // The request holds its connection slot (and its HTTP/2 stream) until the response
             // body is done.
             let rbody = rbody.map_frame(move |f| {
                 let _held = (&admission, &stream);
                 f
             });
-            Response::from_parts(rparts, rbody.boxed())
+            Response::from_parts(
+                rparts,
+                Logged {
+                    body: rbody.boxed(),
+                    line,
+                    cut: None,
+                    ended: false,
+                }
+                .boxed(),
+            )
         }
         Err(e) => {
             let (status, flag, body) = e.reply();
@@ -824,6 +848,90 @@ async fn handle(
             log(status.as_u16(), &cluster, &route_name, &endpoint, &flag);
             local(status, body, &flag)
         }
+    }
+}
+
+/// The access-log line of a proxied response, completed when its body ends.
+struct AccessLine {
+    netns: String,
+    src: Option<SocketAddr>,
+    dst: SocketAddr,
+    method: hyper::Method,
+    path: String,
+    authority: String,
+    status: u16,
+    cluster: String,
+    route: String,
+    endpoint: String,
+    flag: String,
+    start: Instant,
+}
+
+/// A proxied response body that writes its access-log line once, when it ends or is dropped:
+/// `UC` when the upstream connection ended mid-body, `UR` when the upstream reset the stream,
+/// `DC` when the client went away first (Envoy's flags); the flags of the tries before stay.
+struct Logged {
+    body: Body,
+    line: AccessLine,
+    cut: Option<&'static str>,
+    ended: bool,
+}
+
+impl hyper::body::Body for Logged {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
+        match &polled {
+            std::task::Poll::Ready(None) => self.ended = true,
+            std::task::Poll::Ready(Some(Err(e))) => {
+                let reset = std::error::Error::source(e)
+                    .and_then(|s| s.downcast_ref::<h2::Error>())
+                    .is_some_and(h2::Error::is_reset);
+                self.cut = Some(if reset { "UR" } else { "UC" });
+            }
+            std::task::Poll::Ready(Some(Ok(_))) if self.body.is_end_stream() => self.ended = true,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        let l = &self.line;
+        let cut = match (
+            self.cut,
+            self.ended || hyper::body::Body::is_end_stream(&self.body),
+        ) {
+            (Some(flag), _) => Some(flag),
+            (None, false) => Some("DC"),
+            (None, true) => None,
+        };
+        let flag = match cut {
+            None => l.flag.clone(),
+            Some(c) if l.flag == "-" => c.to_string(),
+            Some(c) => format!("{},{c}", l.flag),
+        };
+        tracing::info!(
+            target: "drover::access",
+            netns = %l.netns, src = ?l.src, dst = %l.dst, method = %l.method, path = %l.path,
+            authority = %l.authority, status = l.status, cluster = %l.cluster, route = %l.route,
+            endpoint = %l.endpoint, duration_ms = l.start.elapsed().as_secs_f64() * 1000.0,
+            flag = %flag, "http"
+        );
     }
 }
 
