@@ -205,6 +205,7 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
     let overload =
         proxy::downstream::Overload::new(cfg.max_downstream_connections, cfg.max_memory_bytes);
     tokio::spawn(overload.clone().watch_memory(shutdown.clone()));
+    tokio::spawn(crate::memory::trim_after_load(shutdown.clone()));
     let proxy = Arc::new(Proxy::new(
         registry.clone(),
         original,
@@ -250,6 +251,8 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
         None => None,
     };
     rollback.0 = None;
+    // What parsing the configuration freed goes back to the OS.
+    crate::memory::trim();
     tracing::info!(
         services = registry.load().services().len(),
         vips = vips.len(),

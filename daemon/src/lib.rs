@@ -6,6 +6,7 @@ pub mod app;
 pub mod balance;
 pub mod config;
 pub mod inbound;
+pub mod memory;
 pub mod mesh;
 pub mod outlier;
 pub mod pool;

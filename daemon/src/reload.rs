@@ -216,6 +216,8 @@ impl Reloader {
                     elapsed_ms = since.elapsed().as_secs_f64() * 1000.0,
                     "configuration reloaded"
                 );
+                // The parse and the previous snapshot's unshared parts are garbage now.
+                let _ = tokio::task::spawn_blocking(crate::memory::trim).await;
             }
             Ok(Err(e)) => {
                 for line in e.to_string().lines() {

@@ -62,6 +62,12 @@ enum Cmd {
         #[arg(long, default_value = "60")]
         secs: u64,
     },
+    /// The reliability suite (not in CI): mixed HTTP/TCP/TLS load with endpoint churn, config
+    /// rewrites, a SIGHUP and a restart; fails on failed requests or unbounded RSS/fd growth.
+    Soak {
+        #[arg(long, default_value = "30")]
+        minutes: f64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -75,6 +81,15 @@ fn main() -> Result<()> {
                 "release",
                 "drover-demo",
                 &["--duration", &duration.to_string()],
+            )
+        }
+        Cmd::Soak { minutes } => {
+            setup()?;
+            cargo(&["build", "--release", "--bins"])?;
+            run_harness_bin(
+                "release",
+                "drover-soak",
+                &["--minutes", &minutes.to_string()],
             )
         }
         Cmd::Bench { count, http_only } => {

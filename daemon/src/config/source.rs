@@ -98,6 +98,12 @@ fn first_alias(text: &str, doc: usize) -> Option<(usize, usize)> {
     None
 }
 
+/// The most YAML one configuration may hold, all files together (16 MiB). Parsing keeps the
+/// YAML tree, the position index and the typed resources at once, about 16 times the text in
+/// resident memory, so this bounds a configuration's cost to a few hundred MiB; Istio
+/// configurations of thousands of services stay well below it.
+pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
+
 // === impl Origin ===
 
 impl Origin {
@@ -158,6 +164,17 @@ impl ConfigSet {
         let mut files = Vec::new();
         for path in paths {
             collect_files(path, &mut files)?;
+        }
+        let mut total = 0u64;
+        for file in &files {
+            total += fs::metadata(file).map_or(0, |m| m.len());
+            if total > MAX_CONFIG_BYTES {
+                return Err(Error::TooLarge {
+                    path: file.clone(),
+                    bytes: total,
+                    limit: MAX_CONFIG_BYTES,
+                });
+            }
         }
         let mut set = ConfigSet::default();
         let mut problems = Vec::new();

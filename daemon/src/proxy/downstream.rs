@@ -300,7 +300,8 @@ impl Overload {
         match refused {
             None => {
                 stats.cx_total.fetch_add(1, Ordering::Relaxed);
-                stats.cx_active.fetch_add(1, Ordering::Relaxed);
+                let open = stats.cx_active.fetch_add(1, Ordering::Relaxed) + 1;
+                crate::memory::note_open(open);
                 Ok(Slot(self.clone()))
             }
             Some(why) => {

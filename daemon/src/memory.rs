@@ -1,0 +1,61 @@
+//! Gives freed heap back to the operating system after load: glibc's allocator keeps what a
+//! burst of connections freed in its per-thread arenas, so resident memory would otherwise stay
+//! at the burst's high-water mark (and creep up over repeated bursts). The trimmer watches the
+//! downstream connection high-water mark and calls `malloc_trim` once load has fallen, and after
+//! each configuration reload (a rebuild frees a whole parse's worth of memory at once).
+//!
+//! Invariant: trimming never runs on the data path — only on its own task, at most once per
+//! [`INTERVAL`] for load, so its cost (a walk over the arenas' free lists) is not paid per
+//! request.
+
+use std::{
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
+
+use tokio_util::sync::CancellationToken;
+
+/// How often the trimmer looks at the connection high-water mark.
+pub const INTERVAL: Duration = Duration::from_secs(2);
+/// Connections that must have closed since the last look before a trim is worth it.
+pub const CLOSED_BEFORE_TRIM: u64 = 256;
+
+/// The highest number of open downstream connections since the trimmer last looked.
+static PEAK: AtomicU64 = AtomicU64::new(0);
+
+/// Records `open` downstream connections (called at accept).
+pub fn note_open(open: u64) {
+    PEAK.fetch_max(open, Ordering::Relaxed);
+}
+
+/// Returns freed heap pages to the OS now; resident bytes before and after, when known.
+pub fn trim() -> (Option<u64>, Option<u64>) {
+    let before = crate::proxy::downstream::resident_bytes();
+    #[cfg(target_env = "gnu")]
+    #[expect(unsafe_code, reason = "malloc_trim has no safe wrapper")]
+    // SAFETY: malloc_trim only walks and releases the allocator's own free memory.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+    (before, crate::proxy::downstream::resident_bytes())
+}
+
+/// Trims whenever at least [`CLOSED_BEFORE_TRIM`] connections closed since the last look.
+pub async fn trim_after_load(shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(INTERVAL);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let open = crate::stats::store()
+            .downstream
+            .cx_active
+            .load(Ordering::Relaxed);
+        let peak = PEAK.swap(open, Ordering::Relaxed);
+        if peak >= open + CLOSED_BEFORE_TRIM {
+            let (before, after) = tokio::task::spawn_blocking(trim).await.unwrap_or_default();
+            tracing::debug!(peak, open, rss_before = ?before, rss_after = ?after, "heap trimmed after load");
+        }
+    }
+}
