@@ -37,9 +37,25 @@ struct Args {
     /// Rounds of the interleaved policy-overhead comparison.
     #[arg(long, default_value = "7")]
     rounds: usize,
+    /// Run only this part.
+    #[arg(long, value_enum)]
+    only: Option<Part>,
+    /// Rounds of the memory-after-load measurement.
+    #[arg(long, default_value = "3")]
+    memory_rounds: usize,
 }
 
 const VIP: &str = "127.77.0.10";
+
+/// The parts of the bench, for `--only`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Part {
+    L4,
+    Http,
+    Policy,
+    Memory,
+    Tls,
+}
 
 struct Row {
     name: &'static str,
@@ -118,12 +134,73 @@ fn main() {
     }
 
     raise_nofile();
-    if !args.http_only {
+    let run = |part: Part| args.only.is_none_or(|o| o == part);
+    if run(Part::L4) && !args.http_only {
         l4(&args, &t, ep, quiet);
     }
-    http(&args, &t, ep);
-    policy_overhead_and_idle_memory(&args, &t, ep);
-    tls(&args, &t, ep);
+    if run(Part::Http) {
+        http(&args, &t, ep);
+    }
+    if run(Part::Policy) {
+        policy_overhead_and_idle_memory(&args, &t, ep);
+    }
+    if run(Part::Memory) {
+        memory_after_load(&args, &t, ep);
+    }
+    if run(Part::Tls) {
+        tls(&args, &t, ep);
+    }
+}
+
+/// Does memory come back after load? Rounds of `--idle-conns` HTTP keep-alive connections
+/// (each with one request) held open, then all closed; the daemon's RSS at start, with the
+/// connections held, and 5 s after they closed (the trimmer looks every 2 s).
+fn memory_after_load(args: &Args, t: &Topology, ep: std::net::IpAddr) {
+    let _http = Proc::server(
+        Some(&t.endpoints[0]),
+        "http",
+        &[SocketAddr::new(ep, 9081)],
+        "bench",
+    );
+    let cfg = write_config(&format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: plain}}\nspec:\n  hosts: [plain.svc]\n  addresses: [{VIP}]\n  ports: [{{number: 9080, name: http, protocol: HTTP, targetPort: 9081}}]\n  resolution: STATIC\n  endpoints: [{{address: {ep}}}]\n"
+    ));
+    let pins = PinDir::new();
+    let mut d = Daemon::start(&[
+        "--config".into(),
+        cfg.display().to_string(),
+        "--netns".into(),
+        t.client.name.clone(),
+        "--pin-dir".into(),
+        pins.path.display().to_string(),
+    ])
+    .expect("drover starts");
+    let pid = d.pid().expect("daemon pid");
+    let start = rss_kib(pid);
+    println!(
+        "\nMemory after load: {} HTTP/1.1 keep-alive connections per round, daemon RSS (KiB; default workers)",
+        args.idle_conns
+    );
+    println!(
+        "{:<8} {:>12} {:>12} {:>16}",
+        "round", "start", "held", "5 s after close"
+    );
+    for round in 1..=args.memory_rounds {
+        let (before, held) = idle_rss(
+            t,
+            pid,
+            &format!("{VIP}:9080"),
+            Some("plain.svc"),
+            args.idle_conns,
+        );
+        std::thread::sleep(std::time::Duration::from_secs(5));
+        println!("{round:<8} {before:>12} {held:>12} {:>16}", rss_kib(pid));
+    }
+    println!("(daemon RSS when it was ready: {start} KiB)");
+    println!(
+        "reproduce: target/release/drover-bench --only memory --idle-conns 8000 --memory-rounds 5"
+    );
+    d.stop();
 }
 
 /// Mutual TLS origination vs plaintext, through Drover and through Envoy (both one worker, both
