@@ -25,7 +25,7 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 pub mod downstream;
-mod http;
+pub mod http;
 pub mod relay;
 mod replay;
 mod retry;
@@ -175,7 +175,7 @@ impl Proxy {
                 upstreams,
                 ns,
                 client,
-                orig,
+                (src, orig),
                 self.timeouts,
             )
             .await;

@@ -56,11 +56,16 @@ enum Cmd {
     },
     /// rustfmt check and clippy with warnings denied.
     Lint,
-    /// Fuzz YAML → validated policy with cargo-fuzz (nightly); not part of CI.
+    /// Fuzz with cargo-fuzz (nightly; not part of CI): `config` (YAML → validated policy),
+    /// `config_dir` (the loader's file and directory handling), `http` (the HTTP request path,
+    /// in-process; needs root for the marked upstream sockets), each for `--secs`.
     Fuzz {
-        /// How long to run.
+        /// How long to run each target.
         #[arg(long, default_value = "60")]
         secs: u64,
+        /// Only this target.
+        #[arg(long)]
+        target: Option<String>,
     },
     /// The reliability suite (not in CI): mixed HTTP/TCP/TLS load with endpoint churn, config
     /// rewrites, a SIGHUP and a restart; fails on failed requests or unbounded RSS/fd growth.
@@ -109,7 +114,7 @@ fn main() -> Result<()> {
             let a: Vec<&str> = a.iter().map(String::as_str).collect();
             run_harness_bin("release", "drover-bench", &a)
         }
-        Cmd::Fuzz { secs } => fuzz(secs),
+        Cmd::Fuzz { secs, target } => fuzz(secs, target.as_deref()),
         Cmd::Lint => {
             cargo(&["fmt", "--all", "--", "--check"])?;
             cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])
@@ -142,7 +147,10 @@ fn envoy() -> Result<PathBuf> {
 
 /// Runs the `config` fuzz target for `secs`, seeded with every YAML fixture; libFuzzer reports
 /// the executions ("Done N runs in S second(s)") when it stops.
-fn fuzz(secs: u64) -> Result<()> {
+/// The fuzz targets and their committed seed directories (under `daemon/fuzz/seeds/`).
+const FUZZ_TARGETS: [&str; 3] = ["config", "config_dir", "http"];
+
+fn fuzz(secs: u64, only: Option<&str>) -> Result<()> {
     let have_fuzz = Command::new("cargo")
         .args(["+nightly", "fuzz", "--version"])
         .env_remove("RUSTUP_TOOLCHAIN")
@@ -151,31 +159,44 @@ fn fuzz(secs: u64) -> Result<()> {
     if !have_fuzz {
         status(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
     }
-    let corpus = root().join("target/fuzz-corpus/config");
-    std::fs::create_dir_all(&corpus)?;
-    let mut seeds = Vec::new();
-    for dir in ["tests/fixtures", "deploy/examples"] {
-        collect_yaml(&root().join(dir), &mut seeds)?;
+    for target in FUZZ_TARGETS
+        .iter()
+        .filter(|t| only.is_none_or(|o| o == **t))
+    {
+        let corpus = root().join("target/fuzz-corpus").join(target);
+        std::fs::create_dir_all(&corpus)?;
+        let mut seeds = Vec::new();
+        if *target == "config" {
+            for dir in ["tests/fixtures", "deploy/examples"] {
+                collect_yaml(&root().join(dir), &mut seeds)?;
+            }
+        } else {
+            for e in std::fs::read_dir(root().join("daemon/fuzz/seeds").join(target))? {
+                seeds.push(e?.path());
+            }
+        }
+        for (i, seed) in seeds.iter().enumerate() {
+            std::fs::copy(seed, corpus.join(format!("seed-{i}")))?;
+        }
+        println!("xtask: fuzzing {target} for {secs} s");
+        status(
+            Command::new("cargo")
+                .args([
+                    "+nightly",
+                    "fuzz",
+                    "run",
+                    "--fuzz-dir",
+                    "daemon/fuzz",
+                    target,
+                ])
+                .arg(&corpus)
+                .args(["--", &format!("-max_total_time={secs}"), "-max_len=8192"])
+                .env("DROVER_SKIP_EBPF", "1")
+                .env_remove("RUSTUP_TOOLCHAIN")
+                .current_dir(root()),
+        )?;
     }
-    for (i, seed) in seeds.iter().enumerate() {
-        std::fs::copy(seed, corpus.join(format!("seed-{i}.yaml")))?;
-    }
-    status(
-        Command::new("cargo")
-            .args([
-                "+nightly",
-                "fuzz",
-                "run",
-                "--fuzz-dir",
-                "daemon/fuzz",
-                "config",
-            ])
-            .arg(&corpus)
-            .args(["--", &format!("-max_total_time={secs}"), "-max_len=8192"])
-            .env("DROVER_SKIP_EBPF", "1")
-            .env_remove("RUSTUP_TOOLCHAIN")
-            .current_dir(root()),
-    )
+    Ok(())
 }
 
 fn collect_yaml(dir: &std::path::Path, out: &mut Vec<PathBuf>) -> Result<()> {

@@ -451,17 +451,19 @@ impl hyper_util::client::legacy::connect::Connection for Tracked {
     }
 }
 
-/// Serves one captured HTTP connection until the client closes it, or until its request headers
-/// or its idleness outlast `timeouts` (then it is closed and counted, as Envoy does).
-pub async fn serve(
+/// Serves one captured HTTP connection (from `src`, dialled to `orig`) until the client closes
+/// it, or until its request headers or its idleness outlast `timeouts` (then it is closed and
+/// counted, as Envoy does). Any byte stream will do as the client (the fuzz target feeds one).
+pub async fn serve<T>(
     registry: RegistryHandle,
     upstreams: Arc<Upstreams>,
     ns: Arc<NetNs>,
-    client: TcpStream,
-    orig: SocketAddr,
+    client: T,
+    (src, orig): (Option<SocketAddr>, SocketAddr),
     timeouts: downstream::Timeouts,
-) {
-    let src = client.peer_addr().ok();
+) where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let connection = format!("{}{}", src.map(|a| a.to_string()).unwrap_or_default(), orig);
     let state = downstream::State::new(timeouts);
     let watch = state.clone();
