@@ -476,15 +476,10 @@ pub async fn serve<T>(
         // Boxed: the connection keeps its service future inline for its whole life, so an idle
         // keep-alive connection would otherwise carry the (large) request state machine.
         Box::pin(async move {
-            let response = handle(&registry, &upstreams, &ns, orig, src, &connection, req).await;
-            // In flight until the response body is finished.
-            Ok::<_, Infallible>(response.map(|body| {
-                Guarded {
-                    body,
-                    _active: active,
-                }
-                .boxed()
-            }))
+            let peers = (src, orig);
+            Ok::<_, Infallible>(
+                handle(&registry, &upstreams, &ns, peers, &connection, req, active).await,
+            )
         })
     });
     let builder = auto::Builder::new(TokioExecutor::new());
@@ -505,41 +500,17 @@ pub async fn serve<T>(
     }
 }
 
-/// A response body that keeps its request counted as in flight until it is finished or dropped.
-struct Guarded {
-    body: Body,
-    _active: downstream::Active,
-}
-
-impl hyper::body::Body for Guarded {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
-        std::pin::Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.body.size_hint()
-    }
-}
-
 /// Routes and forwards one request; always produces a response.
+/// `active` counts the request as in flight (for the downstream timeouts) until a proxied
+/// response's body ends; a local reply is written at once.
 async fn handle(
     registry: &RegistryHandle,
     upstreams: &Upstreams,
     ns: &NetNs,
-    orig: SocketAddr,
-    src: Option<SocketAddr>,
+    (src, orig): (Option<SocketAddr>, SocketAddr),
     connection: &str,
     mut req: Request<Incoming>,
+    active: downstream::Active,
 ) -> Response<Body> {
     let start = Instant::now();
     let upgrade = (req.version() == Version::HTTP_11
@@ -835,10 +806,11 @@ async fn handle(
             Response::from_parts(
                 rparts,
                 Logged {
-                    body: rbody.boxed(),
+                    body: rbody,
                     line,
                     cut: None,
                     ended: false,
+                    _active: active,
                 }
                 .boxed(),
             )
@@ -872,14 +844,19 @@ struct AccessLine {
 /// A proxied response body that writes its access-log line once, when it ends or is dropped:
 /// `UC` when the upstream connection ended mid-body, `UR` when the upstream reset the stream,
 /// `DC` when the client went away first (Envoy's flags); the flags of the tries before stay.
-struct Logged {
-    body: Body,
+/// It also keeps the request counted as in flight until then.
+struct Logged<B: hyper::body::Body> {
+    body: B,
     line: AccessLine,
     cut: Option<&'static str>,
     ended: bool,
+    _active: downstream::Active,
 }
 
-impl hyper::body::Body for Logged {
+impl<B> hyper::body::Body for Logged<B>
+where
+    B: hyper::body::Body<Data = Bytes, Error = hyper::Error> + Unpin,
+{
     type Data = Bytes;
     type Error = hyper::Error;
 
@@ -911,7 +888,7 @@ impl hyper::body::Body for Logged {
     }
 }
 
-impl Drop for Logged {
+impl<B: hyper::body::Body> Drop for Logged<B> {
     fn drop(&mut self) {
         let l = &self.line;
         let cut = match (
