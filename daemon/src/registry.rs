@@ -113,7 +113,7 @@ pub struct Registry {
     rules: Vec<RuleEntry>,
     virtual_services: Vec<VsEntry>,
     client: Client,
-    clusters: HashMap<ClusterKey, Cluster>,
+    clusters: HashMap<ClusterKey, Box<Cluster>>,
     warnings: Vec<Problem>,
     config: crate::config::source::ConfigSet,
 }
@@ -180,7 +180,7 @@ impl Registry {
 
     /// Every cluster of this snapshot (unordered).
     pub fn clusters(&self) -> impl Iterator<Item = &Cluster> + '_ {
-        self.clusters.values()
+        self.clusters.values().map(|c| &**c)
     }
 
     /// Keeps the live state of clusters that a reload did not change: a cluster with the same
@@ -283,6 +283,7 @@ impl Registry {
     pub fn cluster(&self, service: usize, port: u16, subset: Option<&str>) -> Option<&Cluster> {
         self.clusters
             .get(&(service, port, subset.map(str::to_string)))
+            .map(|c| &**c)
     }
 
     /// The DestinationRule this snapshot's client uses for a service.

@@ -361,8 +361,16 @@ fn check_references(
 
 /// Every cluster the client can reach: each service port's default cluster plus one per subset
 /// of the DestinationRule that applies to the client.
-fn clusters(reg: &Registry) -> HashMap<super::ClusterKey, Cluster> {
-    let mut out = HashMap::new();
+fn clusters(reg: &Registry) -> HashMap<super::ClusterKey, Box<Cluster>> {
+    // Boxed and sized once: a cluster is a few KiB (its effective policy, every value with its
+    // origin), so a table of clusters inline would carry that much per empty slot too, and
+    // growing it by doubling would hold the old and the new table at once.
+    let count: usize = reg
+        .services
+        .iter()
+        .map(|svc| svc.ports.len() * (1 + reg.rule_for(svc).map_or(0, |r| r.subsets.len())))
+        .sum();
+    let mut out = HashMap::with_capacity(count);
     for (s, svc) in reg.services.iter().enumerate() {
         let rule = reg.rule_for(svc);
         let subsets: Vec<Option<&policy::Subset>> = std::iter::once(None)
@@ -403,7 +411,7 @@ fn clusters(reg: &Registry) -> HashMap<super::ClusterKey, Cluster> {
                 let stats = crate::stats::store().cluster(&cluster_name);
                 out.insert(
                     (s, port.number, name.map(str::to_string)),
-                    Cluster {
+                    Box::new(Cluster {
                         name: cluster_name,
                         endpoint_stats: targets.iter().map(|(_, a)| stats.endpoint(*a)).collect(),
                         tls: None,
@@ -424,7 +432,7 @@ fn clusters(reg: &Registry) -> HashMap<super::ClusterKey, Cluster> {
                         policy,
                         targets,
                         balancer: Arc::new(balancer),
-                    },
+                    }),
                 );
             }
         }
