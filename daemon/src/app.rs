@@ -85,31 +85,9 @@ pub struct ConfigRejected(pub reload::Error);
 /// behind (a restart's pre-existing pins are left as the previous daemon left them).
 pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
     if let Some(mesh) = &cfg.mesh {
-        let ca = crate::mesh::Ca::load(&mesh.ca_dir)?;
-        let spiffe = crate::mesh::spiffe_id(
-            &mesh.trust_domain,
-            &cfg.client.namespace,
-            &mesh.service_account,
-        );
-        let lifetime = crate::mesh::WORKLOAD_LIFETIME;
-        let files = ca.issue_into(&mesh.identity_dir, &spiffe, &mesh.trust_domain, lifetime)?;
-        tracing::info!(identity = %spiffe, cert = %files.cert.display(), "workload identity issued");
-        cfg.credentials.mesh = Some(files.clone());
-        tokio::spawn(crate::mesh::renew(
-            ca,
-            mesh.identity_dir.clone(),
-            files,
-            lifetime,
-        ));
+        cfg.credentials.mesh = Some(issue_identity(mesh, &cfg.client.namespace)?);
     }
-    // Every proxied connection costs two descriptors; use all the hard limit allows.
-    if let Ok((soft, hard)) =
-        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-        && soft < hard
-    {
-        let _ =
-            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
-    }
+    raise_nofile();
     let registry = reload::load(
         &cfg.config_paths,
         &cfg.client,
@@ -131,74 +109,9 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
             .filter(|l| l.created)
             .map(|_| cfg.pin_dir.clone()),
     );
-    let home = NetNs::current().context("reading the daemon's network namespace")?;
-    let mut namespaces = Vec::new();
-    for name in &cfg.netns {
-        namespaces.push(open_netns(name, &home)?);
-    }
-    for cg in &cfg.cgroups {
-        crate::redirect::loader::check_cgroup(cg)?;
-    }
-    // Cgroup enrolment (and iptables capture without namespaces) serve the daemon's own namespace.
-    let cookies: Vec<u64> = namespaces.iter().map(|n| n.cookie).collect();
-    let mut served = namespaces;
-    if !cfg.cgroups.is_empty() || (cfg.capture == CaptureMode::Iptables && cookies.is_empty()) {
-        served.insert(0, home);
-    }
-    let mut bound_listeners = Vec::new();
-    for ns in served {
-        let ns = Arc::new(ns);
-        for l in proxy::bind_listeners(&ns)? {
-            bound_listeners.push((ns.clone(), l));
-        }
-    }
-    let inbound = match &cfg.inbound {
-        Some((name, ports, mode)) => {
-            let Some(identity) = cfg
-                .credentials
-                .mesh
-                .as_ref()
-                .filter(|_| cfg.capture == CaptureMode::Ebpf)
-            else {
-                anyhow::bail!(
-                    "--inbound-netns needs eBPF capture and --mesh-ca (the workloads' identity)"
-                );
-            };
-            let ns = Arc::new(open_netns(name, &NetNs::current()?)?);
-            let inbound = Arc::new(crate::inbound::Inbound::new(
-                ns.clone(),
-                identity.clone(),
-                *mode,
-            ));
-            inbound.server_config()?;
-            let listener = inbound.bind()?;
-            Some((inbound, ns, listener, ports.clone(), *mode, name.clone()))
-        }
-        None => None,
-    };
-    let admin_listener = match cfg.admin {
-        Some(addr) => Some(crate::admin::Admin::bind(addr).await?),
-        None => None,
-    };
-
+    let bindings = Bindings::bind(&cfg).await?;
     let vips: Vec<_> = registry.vips().map(|(a, id)| (a, id as u32)).collect();
-    let (original, kernel): (Arc<dyn OriginalDst>, Option<Arc<Kernel>>) = match cfg.capture {
-        CaptureMode::Ebpf => {
-            let kernel = Arc::new(Kernel::load(&cfg.pin_dir, cfg.fail_open)?);
-            for cg in &cfg.cgroups {
-                kernel.enrol_cgroup(cg)?;
-            }
-            if !cookies.is_empty() {
-                kernel.attach_root()?;
-            }
-            kernel.set_enrolled_netns(&cookies)?;
-            kernel.set_vips(&vips)?;
-            kernel.attach_upstream_counters()?;
-            kernel.prune_links()?;
-            (kernel.clone(), Some(kernel))
-        }
-        CaptureMode::Iptables => (Arc::new(SoOriginalDst), None),
-    };
+    let (original, kernel) = attach(&cfg, &bindings.cookies, &vips)?;
 
     let registry = RegistryHandle::new(registry);
     let shutdown = CancellationToken::new();
@@ -214,7 +127,7 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
     ));
     let tracker = TaskTracker::new();
     let mut listeners = Vec::new();
-    for (ns, l) in bound_listeners {
+    for (ns, l) in bindings.listeners {
         listeners.push((ns.name.clone(), l.local_addr()?));
         tokio::spawn(
             proxy
@@ -222,13 +135,14 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
                 .serve(ns, l, shutdown.clone(), tracker.clone()),
         );
     }
-    if let Some((inbound, ns, listener, ports, mode, name)) = inbound {
-        let kernel = kernel
-            .as_ref()
-            .expect("checked: inbound needs eBPF capture");
-        kernel.attach_inbound(&ns, &listener, &ports)?;
-        tracing::info!(netns = %name, ports = ?ports, mode = ?mode, "inbound mTLS termination on 15006");
-        tokio::spawn(inbound.serve(listener, shutdown.clone(), tracker.clone()));
+    if let (Some(inbound), Some(kernel)) = (bindings.inbound, &kernel) {
+        kernel.attach_inbound(&inbound.ns, &inbound.listener, &inbound.ports)?;
+        tracing::info!(netns = %inbound.ns.name, ports = ?inbound.ports, "inbound mTLS termination on 15006");
+        tokio::spawn(
+            inbound
+                .server
+                .serve(inbound.listener, shutdown.clone(), tracker.clone()),
+        );
     }
     let reload = Reloader {
         paths: cfg.config_paths.clone(),
@@ -239,7 +153,7 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
         allow_empty: cfg.allow_empty,
     }
     .spawn(cfg.watch, shutdown.clone())?;
-    let admin = match admin_listener {
+    let admin = match bindings.admin {
         Some(l) => Some(
             crate::admin::Admin {
                 registry: registry.clone(),
@@ -271,6 +185,145 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
         drain_timeout: cfg.drain_timeout,
         _kernel: kernel,
         _lock: lock,
+    })
+}
+
+/// Issues the enrolled workloads' mesh identity and keeps renewing it.
+fn issue_identity(
+    mesh: &MeshConfig,
+    namespace: &str,
+) -> anyhow::Result<crate::mesh::IdentityFiles> {
+    let ca = crate::mesh::Ca::load(&mesh.ca_dir)?;
+    let spiffe = crate::mesh::spiffe_id(&mesh.trust_domain, namespace, &mesh.service_account);
+    let lifetime = crate::mesh::WORKLOAD_LIFETIME;
+    let files = ca.issue_into(&mesh.identity_dir, &spiffe, &mesh.trust_domain, lifetime)?;
+    tracing::info!(identity = %spiffe, cert = %files.cert.display(), "workload identity issued");
+    tokio::spawn(crate::mesh::renew(
+        ca,
+        mesh.identity_dir.clone(),
+        files.clone(),
+        lifetime,
+    ));
+    Ok(files)
+}
+
+/// Every proxied connection costs two descriptors; use all the hard limit allows.
+fn raise_nofile() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+    {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
+/// What a start opens and binds before anything is attached: namespaces, listeners, the inbound
+/// listener and its certificates, the admin port. Any failure here leaves the kernel untouched.
+struct Bindings {
+    /// Cookies of the enrolled network namespaces.
+    cookies: Vec<u64>,
+    listeners: Vec<(Arc<NetNs>, tokio::net::TcpListener)>,
+    inbound: Option<InboundBinding>,
+    admin: Option<tokio::net::TcpListener>,
+}
+
+struct InboundBinding {
+    server: Arc<crate::inbound::Inbound>,
+    ns: Arc<NetNs>,
+    listener: tokio::net::TcpListener,
+    ports: Vec<u16>,
+}
+
+impl Bindings {
+    async fn bind(cfg: &RunConfig) -> anyhow::Result<Self> {
+        let home = NetNs::current().context("reading the daemon's network namespace")?;
+        let mut served = Vec::new();
+        for name in &cfg.netns {
+            served.push(open_netns(name, &home)?);
+        }
+        for cg in &cfg.cgroups {
+            crate::redirect::loader::check_cgroup(cg)?;
+        }
+        let cookies: Vec<u64> = served.iter().map(|n| n.cookie).collect();
+        // Cgroup enrolment (and iptables capture without namespaces) serve the daemon's own
+        // namespace.
+        if !cfg.cgroups.is_empty() || (cfg.capture == CaptureMode::Iptables && cookies.is_empty()) {
+            served.insert(0, home);
+        }
+        let mut listeners = Vec::new();
+        for ns in served {
+            let ns = Arc::new(ns);
+            for l in proxy::bind_listeners(&ns)? {
+                listeners.push((ns.clone(), l));
+            }
+        }
+        let inbound = match &cfg.inbound {
+            Some((name, ports, mode)) => {
+                let Some(identity) = cfg
+                    .credentials
+                    .mesh
+                    .as_ref()
+                    .filter(|_| cfg.capture == CaptureMode::Ebpf)
+                else {
+                    anyhow::bail!(
+                        "--inbound-netns needs eBPF capture and --mesh-ca (the workloads' identity)"
+                    );
+                };
+                let ns = Arc::new(open_netns(name, &NetNs::current()?)?);
+                let server = Arc::new(crate::inbound::Inbound::new(
+                    ns.clone(),
+                    identity.clone(),
+                    *mode,
+                ));
+                server.server_config()?;
+                let listener = server.bind()?;
+                Some(InboundBinding {
+                    server,
+                    ns,
+                    listener,
+                    ports: ports.clone(),
+                })
+            }
+            None => None,
+        };
+        let admin = match cfg.admin {
+            Some(addr) => Some(crate::admin::Admin::bind(addr).await?),
+            None => None,
+        };
+        Ok(Self {
+            cookies,
+            listeners,
+            inbound,
+            admin,
+        })
+    }
+}
+
+/// Where original destinations come from, and the kernel side when capture is eBPF.
+type Capture = (Arc<dyn OriginalDst>, Option<Arc<Kernel>>);
+
+/// Loads and attaches the kernel side (eBPF capture), or takes `SO_ORIGINAL_DST` (iptables).
+fn attach(
+    cfg: &RunConfig,
+    cookies: &[u64],
+    vips: &[(std::net::SocketAddr, u32)],
+) -> anyhow::Result<Capture> {
+    Ok(match cfg.capture {
+        CaptureMode::Ebpf => {
+            let kernel = Arc::new(Kernel::load(&cfg.pin_dir, cfg.fail_open)?);
+            for cg in &cfg.cgroups {
+                kernel.enrol_cgroup(cg)?;
+            }
+            if !cookies.is_empty() {
+                kernel.attach_root()?;
+            }
+            kernel.set_enrolled_netns(cookies)?;
+            kernel.set_vips(vips)?;
+            kernel.attach_upstream_counters()?;
+            kernel.prune_links()?;
+            (kernel.clone(), Some(kernel))
+        }
+        CaptureMode::Iptables => (Arc::new(SoOriginalDst), None),
     })
 }
 

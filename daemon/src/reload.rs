@@ -165,7 +165,8 @@ impl Reloader {
                     Ok(None) => return,
                     Err(_) => break,
                 }
-                if first.elapsed() >= WRITER_WAIT && !writing.is_empty() {
+                // A directory that never goes quiet still gets its reload.
+                if first.elapsed() >= WRITER_WAIT {
                     break;
                 }
             }
