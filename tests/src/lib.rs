@@ -345,11 +345,12 @@ pub struct Captured {
 }
 
 pub fn captured(n: usize, yaml: Option<String>, extra: &[&str]) -> Captured {
-    let t = Topology::new(n);
-    let servers = echo_servers(&t);
-    let pins = PinDir::new();
-    let eps: Vec<_> = (1..=n).map(Topology::ep4).collect();
-    let cfg = write_config(&yaml.unwrap_or_else(|| service_entry("echo", &[VIP], 80, 7000, &eps)));
+    let Prepared {
+        t,
+        servers,
+        pins,
+        cfg,
+    } = prepared(n, yaml);
     let mut a = args(&cfg, &pins, &["--netns", &t.client.name]);
     a.extend(extra.iter().map(|s| s.to_string()));
     let daemon = Daemon::start(&a).expect("daemon starts");
@@ -359,6 +360,29 @@ pub fn captured(n: usize, yaml: Option<String>, extra: &[&str]) -> Captured {
         cfg,
         daemon,
         _pins: pins,
+    }
+}
+
+/// What [`captured`] sets up before it starts the daemon, for tests that start it themselves.
+pub struct Prepared {
+    pub t: Topology,
+    pub servers: Vec<Proc>,
+    pub pins: PinDir,
+    pub cfg: std::path::PathBuf,
+}
+
+/// `n` echo endpoints, a pin directory and the config file (`yaml`, or service `echo` at
+/// `VIP:80` → port 7000 of every endpoint).
+pub fn prepared(n: usize, yaml: Option<String>) -> Prepared {
+    let t = Topology::new(n);
+    let servers = echo_servers(&t);
+    let eps: Vec<_> = (1..=n).map(Topology::ep4).collect();
+    let cfg = write_config(&yaml.unwrap_or_else(|| service_entry("echo", &[VIP], 80, 7000, &eps)));
+    Prepared {
+        t,
+        servers,
+        pins: PinDir::new(),
+        cfg,
     }
 }
 

@@ -10,7 +10,7 @@ use std::{
 };
 
 use drover_tests::{
-    Captured, Daemon, PinDir, Proc, Topology, VIP, args, captured, echo_servers,
+    Captured, Daemon, PinDir, Prepared, Proc, Topology, VIP, args, captured, prepared,
     require_privileged, service_entry, write_config,
 };
 
@@ -207,16 +207,13 @@ fn sighup_reloads_and_unhandled_signals_do_not_kill_the_daemon() {
     if !require_privileged() {
         return;
     }
-    let t = Topology::new(2);
-    let _servers = echo_servers(&t);
-    let pins = PinDir::new();
-    let cfg = write_config(&service_entry(
-        "echo",
-        &[VIP],
-        80,
-        7000,
-        &[Topology::ep4(1)],
-    ));
+    let one = service_entry("echo", &[VIP], 80, 7000, &[Topology::ep4(1)]);
+    let Prepared {
+        t,
+        servers: _servers,
+        pins,
+        cfg,
+    } = prepared(2, Some(one));
     let mut daemon = Daemon::start(&args(
         &cfg,
         &pins,
@@ -260,17 +257,13 @@ fn a_failed_start_leaves_no_capture_and_prints_its_error_once() {
     if !require_privileged() {
         return;
     }
-    let t = Topology::new(1);
-    let _servers = echo_servers(&t);
+    let Prepared {
+        t,
+        servers: _servers,
+        pins,
+        cfg,
+    } = prepared(1, None);
     let _direct = direct_server(&t);
-    let pins = PinDir::new();
-    let cfg = write_config(&service_entry(
-        "echo",
-        &[VIP],
-        80,
-        7000,
-        &[Topology::ep4(1)],
-    ));
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = busy.local_addr().unwrap().to_string();
     let (code, log) = Daemon::start(&args(
@@ -545,5 +538,63 @@ fn an_upstream_that_closes_mid_body_is_logged_with_uc() {
     assert!(
         line.contains("status=200") && line.contains("flag=UC"),
         "{line}"
+    );
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn memory_comes_back_after_a_burst_of_keep_alive_connections() {
+    if !require_privileged() {
+        return;
+    }
+    let t = Topology::new(1);
+    let _server = Proc::server(
+        Some(&t.endpoints[0]),
+        "http",
+        &[SocketAddr::new(Topology::ep4(1), 9080)],
+        "web",
+    );
+    let pins = PinDir::new();
+    let cfg = write_config(&http_service());
+    let daemon = Daemon::start(&args(&cfg, &pins, &["--netns", &t.client.name])).unwrap();
+    let pid = daemon.pid().unwrap();
+    let vip: SocketAddr = format!("{VIP}:80").parse().unwrap();
+    let open = || {
+        let mut c = t.client.connect(vip, None).unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\nHost: web.test.svc\r\n\r\n")
+            .unwrap();
+        let mut head = [0u8; 12];
+        c.read_exact(&mut head).unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200");
+        c
+    };
+    drop(open());
+    std::thread::sleep(Duration::from_millis(500));
+    let base = rss_kib(pid);
+    let held: Vec<_> = (0..2000).map(|_| open()).collect();
+    let peak = rss_kib(pid);
+    assert!(
+        peak > base + 10 * 1024,
+        "2000 connections cost memory: {base} → {peak} KiB"
+    );
+    drop(held);
+    // The trimmer looks every 2 s; allow a few looks.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut now = rss_kib(pid);
+    while now > base + (peak - base) / 4 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        now = rss_kib(pid);
+    }
+    assert!(
+        now <= base + (peak - base) / 4,
+        "RSS after the burst closed: {now} KiB (before {base}, held {peak})"
     );
 }

@@ -166,15 +166,7 @@ fn memory_after_load(args: &Args, t: &Topology, ep: std::net::IpAddr) {
         "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: plain}}\nspec:\n  hosts: [plain.svc]\n  addresses: [{VIP}]\n  ports: [{{number: 9080, name: http, protocol: HTTP, targetPort: 9081}}]\n  resolution: STATIC\n  endpoints: [{{address: {ep}}}]\n"
     ));
     let pins = PinDir::new();
-    let mut d = Daemon::start(&[
-        "--config".into(),
-        cfg.display().to_string(),
-        "--netns".into(),
-        t.client.name.clone(),
-        "--pin-dir".into(),
-        pins.path.display().to_string(),
-    ])
-    .expect("drover starts");
+    let mut d = daemon(t, &cfg, &pins, &[]);
     let pid = d.pid().expect("daemon pid");
     let start = rss_kib(pid);
     println!(
@@ -389,17 +381,14 @@ spec:
 
 /// A daemon with one data-plane worker capturing the client namespace.
 fn one_worker(t: &Topology, cfg: &std::path::Path, pins: &PinDir) -> Daemon {
-    Daemon::start(&[
-        "--config".into(),
-        cfg.display().to_string(),
-        "--netns".into(),
-        t.client.name.clone(),
-        "--pin-dir".into(),
-        pins.path.display().to_string(),
-        "--workers".into(),
-        "1".into(),
-    ])
-    .expect("drover starts")
+    daemon(t, cfg, pins, &["--workers", "1"])
+}
+
+/// Drover capturing the client namespace with `cfg`, plus `extra` arguments.
+fn daemon(t: &Topology, cfg: &std::path::Path, pins: &PinDir, extra: &[&str]) -> Daemon {
+    let mut a = drover_tests::args(cfg, pins, &["--netns", &t.client.name]);
+    a.extend(extra.iter().map(|s| s.to_string()));
+    Daemon::start(&a).expect("drover starts")
 }
 
 /// Lifts this process's open-file limit to its hard limit (thousands of idle sockets).
