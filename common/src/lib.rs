@@ -6,10 +6,18 @@
 //! layout here requires bumping [`PIN_VERSION`], because aya reuses pinned maps without checking sizes.
 #![no_std]
 
-/// Layout version of the pinned maps; part of the pin directory (`/sys/fs/bpf/drover/v1`).
-pub const PIN_VERSION: &str = "v1";
-/// Default pin directory for maps; links live in its `links/` child.
-pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/drover/v1";
+/// The layout version as a literal, so that the pin directory can be built from it at compile time.
+macro_rules! pin_version {
+    () => {
+        "v1"
+    };
+}
+
+/// Layout version of the pinned maps; the last component of [`DEFAULT_PIN_DIR`].
+pub const PIN_VERSION: &str = pin_version!();
+/// Default pin directory for maps (`/sys/fs/bpf/drover/<PIN_VERSION>`); links live in its
+/// `links/` child.
+pub const DEFAULT_PIN_DIR: &str = concat!("/sys/fs/bpf/drover/", pin_version!());
 /// `SO_MARK` carried by every socket the daemon creates; the kernel programs never capture them.
 pub const DROVER_MARK: u32 = 0x4452;
 /// Port of the outbound capture listener inside every enrolled network namespace.

@@ -34,6 +34,7 @@ mod streams;
 pub use http::Body;
 
 use crate::{
+    access::ResponseFlag,
     redirect::{self, OriginalDst, netns::NetNs},
     registry::{RegistryHandle, RouteError, Target, route::is_http},
 };
@@ -63,7 +64,7 @@ pub enum Error {
     #[error("maxConnectionDuration {0:?} reached")]
     MaxDuration(Duration),
     #[error("circuit breaker: {0}")]
-    Overflow(crate::pool::Error),
+    Overflow(crate::breakers::Error),
     #[error("io: {0}")]
     Io(#[from] io::Error),
 }
@@ -80,20 +81,21 @@ pub struct Proxy {
 // === impl Error ===
 
 impl Error {
-    /// Envoy-style response flag for the access log.
-    pub fn response_flag(&self) -> &'static str {
+    /// Envoy's response flag for the access log.
+    pub fn response_flag(&self) -> ResponseFlag {
         match self {
-            Error::Original(_) => "NR",
+            Error::Original(_) => ResponseFlag::NoRoute,
             Error::Route(e) => e.response_flag(),
             Error::Connect { .. }
             | Error::ConnectTimeout { .. }
             | Error::Socket { .. }
-            | Error::Tls(_) => "UF",
-            Error::Overflow(crate::pool::Error::PendingTimeout(_)) => "UT",
-            Error::Overflow(_) => "UO",
-            Error::Io(_) => "UC",
-            Error::IdleTimeout(_) => "UT",
-            Error::MaxDuration(_) => "DT",
+            | Error::Tls(_) => ResponseFlag::UpstreamConnectionFailure,
+            Error::Overflow(crate::breakers::Error::PendingTimeout(_)) | Error::IdleTimeout(_) => {
+                ResponseFlag::UpstreamRequestTimeout
+            }
+            Error::Overflow(_) => ResponseFlag::UpstreamOverflow,
+            Error::Io(_) => ResponseFlag::UpstreamConnectionTermination,
+            Error::MaxDuration(_) => ResponseFlag::DurationTimeout,
         }
     }
 }

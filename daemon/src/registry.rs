@@ -85,7 +85,7 @@ pub struct Cluster {
     /// Outlier detection over `targets`, when the effective policy has the block.
     pub outlier: Option<Arc<crate::outlier::Shared>>,
     /// Cluster-wide circuit breakers from the effective `connectionPool`.
-    pub limits: Arc<crate::pool::Limits>,
+    pub limits: Arc<crate::breakers::Limits>,
     /// Counters of the cluster (kept across reloads by name).
     pub stats: std::sync::Arc<crate::stats::ClusterStats>,
     /// TLS origination (`tls` other than `DISABLE`), set by [`Registry::originate`].

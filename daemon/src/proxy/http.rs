@@ -47,6 +47,7 @@ use super::{
     streams::{self, StreamPool},
 };
 use crate::{
+    access::{self, ResponseFlag},
     config::policy::{ConnectionPool, H2Upgrade, Retries, TcpKeepalive},
     outlier::Outcome,
     redirect::netns::NetNs,
@@ -288,17 +289,23 @@ fn refused_stream(e: &hyper::Error) -> bool {
 
 impl TryError {
     /// Envoy's local reply: status, response flag, body.
-    fn reply(&self) -> (StatusCode, &'static str, &'static str) {
+    fn reply(&self) -> (StatusCode, ResponseFlag, &'static str) {
         match self {
             TryError::Send(SendError::Timeout(_)) | TryError::RouteTimeout => (
                 StatusCode::GATEWAY_TIMEOUT,
-                "UT",
+                ResponseFlag::UpstreamRequestTimeout,
                 "upstream request timeout",
             ),
-            TryError::Send(e) if e.outcome() == retry::Outcome::ConnectFailure => {
-                (StatusCode::SERVICE_UNAVAILABLE, "UF", CONNECT_FAILURE)
-            }
-            TryError::Send(_) => (StatusCode::SERVICE_UNAVAILABLE, "UC", RESET),
+            TryError::Send(e) if e.outcome() == retry::Outcome::ConnectFailure => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                ResponseFlag::UpstreamConnectionFailure,
+                CONNECT_FAILURE,
+            ),
+            TryError::Send(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                ResponseFlag::UpstreamConnectionTermination,
+                RESET,
+            ),
         }
     }
 }
@@ -541,20 +548,20 @@ async fn handle(
         headers: &parts.headers,
         connection,
     };
-    let log = |status: u16, cluster: &str, route: &str, endpoint: &str, flag: &str| {
+    let log = |status: u16, cluster: &str, route: &str, endpoint: &str, flags: &[ResponseFlag]| {
         tracing::info!(
             target: "drover::access",
             netns = %ns.name, src = ?src, dst = %orig, method = %method, path = %path,
             authority = %authority, status, cluster = %cluster, route = %route,
             endpoint = %endpoint, duration_ms = start.elapsed().as_secs_f64() * 1000.0,
-            flag = %flag, "http"
+            flag = %access::render(flags), "http"
         );
     };
     let decision = match snapshot.route_request(orig, src.map(|s| s.ip()), &request) {
         Ok(d) => d,
         Err(e) => {
             let reply = route_failure(&e);
-            log(reply.status().as_u16(), "-", "-", "-", e.response_flag());
+            log(reply.status().as_u16(), "-", "-", "-", &[e.response_flag()]);
             return reply;
         }
     };
@@ -600,7 +607,7 @@ async fn handle(
         .to_string();
     let uri_for = |addr: SocketAddr| format!("http://{addr}{path_and_query}").parse::<Uri>();
     let Ok(first_uri) = uri_for(first_addr) else {
-        return local(StatusCode::BAD_REQUEST, "", "-");
+        return local(StatusCode::BAD_REQUEST, "", &[]);
     };
     strip_hop_by_hop(&mut parts.headers, upgrade.is_some());
     if !parts.headers.contains_key(header::HOST)
@@ -639,13 +646,16 @@ async fn handle(
         Ok(a) => a,
         Err(e) => {
             let (flag, body) = match e {
-                crate::pool::Error::PendingTimeout(_) => ("UT", "upstream request timeout"),
-                _ => ("UO", OVERFLOW),
+                crate::breakers::Error::PendingTimeout(_) => (
+                    ResponseFlag::UpstreamRequestTimeout,
+                    "upstream request timeout",
+                ),
+                _ => (ResponseFlag::UpstreamOverflow, OVERFLOW),
             };
             tracing::debug!(reason = %e, cluster = %cluster, "circuit breaker");
-            log(503, &cluster, &route_name, &first_endpoint, flag);
-            let mut reply = local(StatusCode::SERVICE_UNAVAILABLE, body, flag);
-            if flag == "UO" {
+            log(503, &cluster, &route_name, &first_endpoint, &[flag]);
+            let mut reply = local(StatusCode::SERVICE_UNAVAILABLE, body, &[flag]);
+            if flag == ResponseFlag::UpstreamOverflow {
                 reply
                     .headers_mut()
                     .insert("x-envoy-overloaded", HeaderValue::from_static("true"));
@@ -725,12 +735,12 @@ async fn handle(
                     n += 1;
                     continue;
                 }
-                flags.push("UO");
+                flags.push(ResponseFlag::UpstreamOverflow);
             } else if retriable && retries.attempts > 0 && n >= retries.attempts {
                 stats
                     .rq_retry_limit_exceeded
                     .fetch_add(1, Ordering::Relaxed);
-                flags.push("URX");
+                flags.push(ResponseFlag::UpstreamRetryLimitExceeded);
             }
             if n > 0 && !retriable {
                 stats.rq_retry_success.fetch_add(1, Ordering::Relaxed);
@@ -776,11 +786,6 @@ async fn handle(
             {
                 rparts.headers.append(header::SET_COOKIE, v);
             }
-            let flag = if flags.is_empty() {
-                "-".to_string()
-            } else {
-                flags.join(",")
-            };
             // Logged when the body ends, with the flag of a body cut short (as Envoy logs at
             // stream end).
             let line = AccessLine {
@@ -794,7 +799,7 @@ async fn handle(
                 cluster,
                 route: route_name,
                 endpoint,
-                flag,
+                flags,
                 start,
             };
             // The request holds its connection slot (and its HTTP/2 stream) until the response
@@ -818,9 +823,8 @@ async fn handle(
         Err(e) => {
             let (status, flag, body) = e.reply();
             flags.insert(0, flag);
-            let flag = flags.join(",");
-            log(status.as_u16(), &cluster, &route_name, &endpoint, &flag);
-            local(status, body, &flag)
+            log(status.as_u16(), &cluster, &route_name, &endpoint, &flags);
+            local(status, body, &flags)
         }
     }
 }
@@ -837,7 +841,8 @@ struct AccessLine {
     cluster: String,
     route: String,
     endpoint: String,
-    flag: String,
+    /// The flags of the tries so far.
+    flags: Vec<ResponseFlag>,
     start: Instant,
 }
 
@@ -848,7 +853,7 @@ struct AccessLine {
 struct Logged<B: hyper::body::Body> {
     body: B,
     line: AccessLine,
-    cut: Option<&'static str>,
+    cut: Option<ResponseFlag>,
     ended: bool,
     _active: downstream::Active,
 }
@@ -871,7 +876,11 @@ where
                 let reset = std::error::Error::source(e)
                     .and_then(|s| s.downcast_ref::<h2::Error>())
                     .is_some_and(h2::Error::is_reset);
-                self.cut = Some(if reset { "UR" } else { "UC" });
+                self.cut = Some(if reset {
+                    ResponseFlag::UpstreamRemoteReset
+                } else {
+                    ResponseFlag::UpstreamConnectionTermination
+                });
             }
             std::task::Poll::Ready(Some(Ok(_))) if self.body.is_end_stream() => self.ended = true,
             _ => {}
@@ -890,26 +899,20 @@ where
 
 impl<B: hyper::body::Body> Drop for Logged<B> {
     fn drop(&mut self) {
-        let l = &self.line;
-        let cut = match (
-            self.cut,
-            self.ended || hyper::body::Body::is_end_stream(&self.body),
-        ) {
+        let ended = self.ended || hyper::body::Body::is_end_stream(&self.body);
+        let cut = match (self.cut, ended) {
             (Some(flag), _) => Some(flag),
-            (None, false) => Some("DC"),
+            (None, false) => Some(ResponseFlag::DownstreamConnectionTermination),
             (None, true) => None,
         };
-        let flag = match cut {
-            None => l.flag.clone(),
-            Some(c) if l.flag == "-" => c.to_string(),
-            Some(c) => format!("{},{c}", l.flag),
-        };
+        let l = &mut self.line;
+        l.flags.extend(cut);
         tracing::info!(
             target: "drover::access",
             netns = %l.netns, src = ?l.src, dst = %l.dst, method = %l.method, path = %l.path,
             authority = %l.authority, status = l.status, cluster = %l.cluster, route = %l.route,
             endpoint = %l.endpoint, duration_ms = l.start.elapsed().as_secs_f64() * 1000.0,
-            flag = %flag, "http"
+            flag = %access::render(&l.flags), "http"
         );
     }
 }
@@ -942,11 +945,11 @@ fn route_failure(e: &RouteError) -> Response<Body> {
         RouteError::NoRouteMatched { .. } | RouteError::NotCaptured(_) => String::new(),
         other => other.to_string(),
     };
-    local(status, &body, e.response_flag())
+    local(status, &body, &[e.response_flag()])
 }
 
 /// A locally generated response (plain text body).
-pub fn local(status: StatusCode, body: &str, flag: &str) -> Response<Body> {
+pub fn local(status: StatusCode, body: &str, flags: &[ResponseFlag]) -> Response<Body> {
     let mut resp = Response::new(
         Full::new(Bytes::from(body.to_string()))
             .map_err(|never| match never {})
@@ -955,7 +958,7 @@ pub fn local(status: StatusCode, body: &str, flag: &str) -> Response<Body> {
     *resp.status_mut() = status;
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    if let Ok(v) = HeaderValue::from_str(flag) {
+    if let Ok(v) = HeaderValue::from_str(&access::render(flags)) {
         h.insert("x-drover-response-flag", v);
     }
     resp

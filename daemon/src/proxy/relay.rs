@@ -4,7 +4,7 @@
 //!
 //! Invariants: driven by tokio time only (unit-tested with a paused clock); whichever bound ends
 //! the relay is reported, and both streams are simply dropped by the caller (closed); an idle
-//! connection holds no copy buffer (see [`Pump`]).
+//! connection holds no copy buffer (see `Pump`).
 
 use std::{
     io,

@@ -418,7 +418,7 @@ fn clusters(reg: &Registry) -> HashMap<super::ClusterKey, Box<Cluster>> {
                         service: s,
                         port: port.number,
                         subset: name.map(str::to_string),
-                        limits: Arc::new(crate::pool::Limits::new(
+                        limits: Arc::new(crate::breakers::Limits::new(
                             policy.connection_pool.value.as_ref(),
                             policy.retry_budget.value.as_ref(),
                             stats.clone(),
@@ -882,7 +882,7 @@ spec:
             "  http:\n  - route: [{destination: {host: reviews, subset: v9}}]\n",
         ));
         let e = r.route(vip, None).unwrap_err();
-        assert_eq!((e.response_flag(), e.http_status()), ("NC", 503));
+        assert_eq!((e.response_flag().code(), e.http_status()), ("NC", 503));
         assert!(e.to_string().contains("subset \"v9\""), "{e}");
         assert!(
             r.warnings()
@@ -897,13 +897,13 @@ spec:
                 + &vs("  http:\n  - route: [{destination: {host: reviews, subset: v3}}]\n")),
         );
         let e = r.route(vip, None).unwrap_err();
-        assert_eq!((e.response_flag(), e.http_status()), ("UH", 503));
+        assert_eq!((e.response_flag().code(), e.http_status()), ("UH", 503));
         // The VirtualService claims the host but no route applies on the L4 path: 404 NR.
         let r = routed(&vs(
             "  http:\n  - match: [{uri: {prefix: /api}}]\n    route: [{destination: {host: reviews}}]\n",
         ));
         let e = r.route(vip, None).unwrap_err();
-        assert_eq!((e.response_flag(), e.http_status()), ("NR", 404));
+        assert_eq!((e.response_flag().code(), e.http_status()), ("NR", 404));
         // Without a VirtualService the default cluster serves every endpoint.
         let r = routed(SUBSETS);
         let d = r.route(vip, None).unwrap();

@@ -6,6 +6,7 @@
 //! connection ([`Registry::route`]) before any byte is read, so only `port`, `sourceLabels`,
 //! `sourceNamespace` and TCP `destinationSubnets` apply there.
 
+use crate::access::ResponseFlag;
 use std::net::{IpAddr, SocketAddr};
 
 use super::{Cluster, Registry, Resolution, Service, VsEntry, resolve};
@@ -73,11 +74,13 @@ pub enum RouteError {
 
 impl RouteError {
     /// Envoy's access-log response flag.
-    pub fn response_flag(&self) -> &'static str {
+    pub fn response_flag(&self) -> ResponseFlag {
         match self {
-            RouteError::NotCaptured(_) | RouteError::NoRouteMatched { .. } => "NR",
-            RouteError::UnknownSubset(_) | RouteError::UnknownDestination { .. } => "NC",
-            RouteError::NoEndpoint { .. } => "UH",
+            RouteError::NotCaptured(_) | RouteError::NoRouteMatched { .. } => ResponseFlag::NoRoute,
+            RouteError::UnknownSubset(_) | RouteError::UnknownDestination { .. } => {
+                ResponseFlag::NoClusterFound
+            }
+            RouteError::NoEndpoint { .. } => ResponseFlag::NoHealthyUpstream,
         }
     }
 
