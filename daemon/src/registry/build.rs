@@ -83,8 +83,13 @@ impl Registry {
                 .namespace
                 .clone()
                 .unwrap_or_else(|| "default".into());
-            let Some(mut proto) = service_entry(se, &namespace, &workload_entries, &mut problems)
-            else {
+            let Some(mut proto) = service_entry(
+                se,
+                &namespace,
+                &workload_entries,
+                &mut problems,
+                &mut warnings,
+            ) else {
                 continue;
             };
             let endpoint_addrs: HashSet<IpAddr> =
@@ -454,6 +459,7 @@ fn service_entry(
     namespace: &str,
     workload_entries: &[(&Resource<WorkloadEntrySpec>, Option<Endpoint>)],
     problems: &mut Vec<Problem>,
+    warnings: &mut Vec<Problem>,
 ) -> Option<ServiceProto> {
     let o = &se.origin;
     let spec = &se.spec;
@@ -470,8 +476,18 @@ fn service_entry(
     }
     match spec.resolution {
         Resolution::Dns | Resolution::DnsRoundRobin | Resolution::DynamicDns => {
-            tracing::warn!(location = %o.problem("spec.resolution", "").location, resolution = ?spec.resolution,
-                "resolution not supported yet; service {:?} is not captured", spec.hosts);
+            let name = match spec.resolution {
+                Resolution::Dns => "DNS",
+                Resolution::DnsRoundRobin => "DNS_ROUND_ROBIN",
+                _ => "DYNAMIC_DNS",
+            };
+            warnings.push(o.problem(
+                "spec.resolution",
+                format!(
+                    "resolution {name} is not built yet; service {:?} is not captured",
+                    spec.hosts
+                ),
+            ));
             return None;
         }
         Resolution::None if !spec.endpoints.is_empty() => {
@@ -490,10 +506,10 @@ fn service_entry(
     for (i, a) in spec.addresses.iter().enumerate() {
         match a.parse::<IpAddr>() {
             Ok(ip) => vips.push(ip.to_canonical()),
-            Err(_) if a.contains('/') => {
-                tracing::warn!(location = %o.problem(format!("spec.addresses[{i}]"), "").location,
-                "CIDR addresses are not captured yet: {a}")
-            }
+            Err(_) if a.contains('/') => warnings.push(o.problem(
+                format!("spec.addresses[{i}]"),
+                format!("CIDR address {a} is not captured (not built yet)"),
+            )),
             Err(_) => problems.push(o.problem(
                 format!("spec.addresses[{i}]"),
                 format!("{a:?} is not an IP address or CIDR"),
@@ -660,6 +676,43 @@ mod tests {
     pub(crate) fn build(text: &str) -> Result<Registry, Vec<Problem>> {
         let set = ConfigSet::parse_ok("t.yaml", text);
         Registry::build(&set, &Client::default()).map_err(|r| r.errors)
+    }
+
+    #[test]
+    fn unbuilt_service_entry_fields_are_located_warnings() {
+        let r = build(
+            "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: cidr, namespace: demo}
+spec:
+  hosts: [cidr.example]
+  addresses: [127.77.0.10, 10.9.0.0/16]
+  ports: [{number: 80, name: tcp}]
+  resolution: STATIC
+  endpoints: [{address: 198.18.1.2}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: dns, namespace: demo}
+spec:
+  hosts: [dns.example]
+  ports: [{number: 80, name: tcp}]
+  resolution: DNS
+",
+        )
+        .expect("valid");
+        let w: Vec<String> = r.warnings().iter().map(ToString::to_string).collect();
+        assert!(
+            w.iter().any(|w| w.starts_with("t.yaml:6:")
+                && w.contains("spec.addresses[1]: CIDR address 10.9.0.0/16 is not captured")),
+            "{w:?}"
+        );
+        assert!(
+            w.iter().any(|w| w.starts_with("t.yaml:17:")
+                && w.contains("spec.resolution: resolution DNS is not built yet")),
+            "{w:?}"
+        );
+        assert_eq!(r.services().len(), 1, "the DNS service is not captured");
     }
 
     const REVIEWS: &str = "\
