@@ -210,7 +210,7 @@ impl Inbound {
             let _ = crate::proxy::relay::bounded(
                 &mut client,
                 &mut upstream,
-                crate::proxy::DEFAULT_IDLE_TIMEOUT,
+                crate::config::policy::ConnectionPool::istio_defaults().tcp_idle_timeout,
                 None,
             )
             .await;
@@ -239,7 +239,7 @@ impl Inbound {
         let _ = crate::proxy::relay::bounded(
             &mut tls,
             &mut upstream,
-            crate::proxy::DEFAULT_IDLE_TIMEOUT,
+            crate::config::policy::ConnectionPool::istio_defaults().tcp_idle_timeout,
             None,
         )
         .await;
@@ -248,12 +248,16 @@ impl Inbound {
 
     /// A connection to the workload, from inside its namespace.
     async fn forward(&self, addr: SocketAddr) -> Result<TcpStream, Error> {
-        let s = crate::proxy::connect(&self.ns, addr, crate::proxy::DEFAULT_CONNECT_TIMEOUT)
-            .await
-            .map_err(|e| Error::Forward {
-                addr,
-                source: std::io::Error::other(e.to_string()),
-            })?;
+        let s = crate::proxy::connect(
+            &self.ns,
+            addr,
+            crate::config::policy::ConnectionPool::istio_defaults().connect_timeout,
+        )
+        .await
+        .map_err(|e| Error::Forward {
+            addr,
+            source: std::io::Error::other(e.to_string()),
+        })?;
         Ok(s)
     }
 }

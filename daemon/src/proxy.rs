@@ -35,14 +35,10 @@ pub use http::Body;
 
 use crate::{
     access::ResponseFlag,
+    config::policy::ConnectionPool,
     redirect::{self, OriginalDst, netns::NetNs},
     registry::{RegistryHandle, RouteError, Target, route::is_http},
 };
-
-/// Istio's default connect timeout (mesh `connectTimeout`, 10 s).
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Envoy's TCP proxy idle timeout when no `idleTimeout` is set (1 h).
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// Why a captured connection was not relayed.
 #[derive(Debug, thiserror::Error)]
@@ -73,7 +69,6 @@ pub enum Error {
 pub struct Proxy {
     registry: RegistryHandle,
     original: Arc<dyn OriginalDst>,
-    connect_timeout: Duration,
     timeouts: downstream::Timeouts,
     overload: Arc<downstream::Overload>,
 }
@@ -113,7 +108,6 @@ impl Proxy {
         Self {
             registry,
             original,
-            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             timeouts,
             overload,
         }
@@ -227,13 +221,14 @@ impl Proxy {
         let d = registry.route(orig, client.peer_addr().ok().map(|a| a.ip()))?;
         log.cluster = d.cluster.name.clone();
         log.route = d.route.clone().unwrap_or_else(|| "-".into());
-        let connect_timeout = d
+        let pool = d
             .cluster
             .policy
             .connection_pool
             .value
-            .as_ref()
-            .map_or(self.connect_timeout, |p| p.connect_timeout);
+            .clone()
+            .unwrap_or_else(|| ConnectionPool::istio_defaults().clone());
+        let connect_timeout = pool.connect_timeout;
         let addr = match d.target {
             Target::Endpoint { index, addr } => {
                 let svc = &registry.services()[d.cluster.service];
@@ -259,7 +254,6 @@ impl Proxy {
             .map_err(Error::Overflow)?;
         let _active = d.pick.map(|i| d.cluster.balancer.start(i));
         stats.request(ep.as_deref());
-        let pool = d.cluster.policy.connection_pool.value.clone();
         let tls = d.cluster.tls.clone();
         let upstream = match connect(ns, addr, connect_timeout).await {
             Err(e) => {
@@ -267,7 +261,7 @@ impl Proxy {
                 Err(e)
             }
             Ok(tcp) => {
-                if let Some(k) = pool.as_ref().and_then(|p| p.tcp_keepalive.as_ref()) {
+                if let Some(k) = &pool.tcp_keepalive {
                     set_keepalive(&tcp, k);
                 }
                 // A TLS cluster's connection is up once the handshake is done (as Envoy counts).
@@ -301,9 +295,7 @@ impl Proxy {
         }
         drop(registry);
         let _counted = crate::stats::store().connection(addr);
-        let (idle, max) = pool.as_ref().map_or((DEFAULT_IDLE_TIMEOUT, None), |p| {
-            (p.tcp_idle_timeout, p.max_connection_duration)
-        });
+        let (idle, max) = (pool.tcp_idle_timeout, pool.max_connection_duration);
         let end = match upstream? {
             Upstream::Plain(mut s) => relay::bounded(client, &mut s, idle, max).await?,
             Upstream::Tls(mut s) => relay::bounded(client, &mut *s, idle, max).await?,

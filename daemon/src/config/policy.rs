@@ -537,6 +537,16 @@ impl Algorithm {
 
 // === impl ConnectionPool ===
 
+impl ConnectionPool {
+    /// Istio's defaults, for a cluster whose rule sets no `connectionPool`: the only place the
+    /// data path takes them from.
+    pub fn istio_defaults() -> &'static ConnectionPool {
+        static DEFAULTS: std::sync::LazyLock<ConnectionPool> =
+            std::sync::LazyLock::new(ConnectionPool::default);
+        &DEFAULTS
+    }
+}
+
 impl Default for ConnectionPool {
     fn default() -> Self {
         Self {

@@ -41,7 +41,7 @@ use hyper_util::{
 use tokio::{net::TcpStream, time::Instant};
 
 use super::{
-    DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT, Error, downstream,
+    Error, downstream,
     replay::{Attempt, Replay},
     retry,
     streams::{self, StreamPool},
@@ -211,20 +211,21 @@ impl Settings {
     /// The cluster's connection settings (Istio's defaults without a `connectionPool`).
     /// `maxConcurrentStreams` and `http2KeepAlive` apply only to an explicitly HTTP/2 upstream,
     /// not to one that follows the client's protocol, as Istio programs them.
-    fn of(pool: Option<&ConnectionPool>, h2: bool) -> Self {
-        let explicit_h2 = h2 && !pool.is_some_and(|p| p.use_client_protocol);
-        let idle = pool.map_or(DEFAULT_IDLE_TIMEOUT, |p| p.http_idle_timeout);
+    fn of(pool: &ConnectionPool, h2: bool) -> Self {
+        let explicit_h2 = h2 && !pool.use_client_protocol;
         Self {
             h2,
-            connect_timeout: pool.map_or(DEFAULT_CONNECT_TIMEOUT, |p| p.connect_timeout),
-            keepalive: pool.and_then(|p| p.tcp_keepalive.clone()),
+            connect_timeout: pool.connect_timeout,
+            keepalive: pool.tcp_keepalive.clone(),
             streams: streams::Policy {
-                max_streams: pool
-                    .filter(|_| explicit_h2)
-                    .map_or(u32::MAX, |p| p.max_concurrent_streams),
-                max_requests: pool.and_then(|p| p.max_requests_per_connection),
-                idle_timeout: Some(idle).filter(|d| !d.is_zero()),
-                keepalive: pool.filter(|_| explicit_h2).and_then(|p| p.http2_keepalive),
+                max_streams: if explicit_h2 {
+                    pool.max_concurrent_streams
+                } else {
+                    u32::MAX
+                },
+                max_requests: pool.max_requests_per_connection,
+                idle_timeout: Some(pool.http_idle_timeout).filter(|d| !d.is_zero()),
+                keepalive: pool.http2_keepalive.filter(|_| explicit_h2),
             },
         }
     }
@@ -586,12 +587,17 @@ async fn handle(
     let route_name = decision.route.clone().unwrap_or_else(|| "-".into());
     let set_cookie = decision.set_cookie.clone();
     let (first_addr, first_endpoint) = describe(decision.target);
-    let pool = c.policy.connection_pool.value.as_ref();
+    let pool = c
+        .policy
+        .connection_pool
+        .value
+        .as_ref()
+        .unwrap_or(ConnectionPool::istio_defaults());
     // Upstream protocol: the port's (http2/grpc → h2), unless the rule mirrors the client's
     // (`useClientProtocol`) or upgrades (`h2UpgradePolicy: UPGRADE`).
     let h2 = match pool {
-        Some(p) if p.use_client_protocol => parts.version == Version::HTTP_2,
-        Some(p) if p.h2_upgrade == H2Upgrade::Upgrade => true,
+        p if p.use_client_protocol => parts.version == Version::HTTP_2,
+        p if p.h2_upgrade == H2Upgrade::Upgrade => true,
         _ => route::is_h2(
             snapshot
                 .lookup(orig)
@@ -634,13 +640,7 @@ async fn handle(
     // Circuit breakers: overflow is answered at once, as Envoy does (503 UO, not retried, not
     // reported to outlier detection).
     let pending = endpoint_of(decision.pick).map(|e| e.pending());
-    let admitted = c
-        .limits
-        .admit(
-            !h2,
-            pool.map_or(DEFAULT_CONNECT_TIMEOUT, |p| p.connect_timeout),
-        )
-        .await;
+    let admitted = c.limits.admit(!h2, pool.connect_timeout).await;
     drop(pending);
     let admission = match admitted {
         Ok(a) => a,
