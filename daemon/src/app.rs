@@ -67,6 +67,7 @@ pub struct Bound {
     pub admin: Option<std::net::SocketAddr>,
     /// Reloads the configuration (SIGHUP).
     pub reload: reload::Trigger,
+    signals: Option<Signals>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     drain_timeout: Duration,
@@ -164,6 +165,7 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
         ),
         None => None,
     };
+    let signals = Signals::install()?;
     rollback.0 = None;
     // What parsing the configuration freed goes back to the OS.
     crate::memory::trim();
@@ -180,6 +182,7 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
         registry,
         admin,
         reload,
+        signals: Some(signals),
         shutdown,
         tracker,
         drain_timeout: cfg.drain_timeout,
@@ -334,6 +337,36 @@ fn open_netns(name: &str, home: &NetNs) -> Result<NetNs, crate::redirect::Error>
     })
 }
 
+/// The signals the daemon handles, registered before it reports ready (so that a signal sent
+/// right after "drover ready" never finds the default action, which would end the process).
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    quit: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+    /// Names of the ignored signals as they arrive.
+    ignored: tokio::sync::mpsc::UnboundedReceiver<&'static str>,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (ignored_tx, ignored) = tokio::sync::mpsc::unbounded_channel();
+        for (name, kind) in IGNORED_SIGNALS {
+            let mut s = signal(SignalKind::from_raw(kind))?;
+            let tx = ignored_tx.clone();
+            tokio::spawn(async move { while s.recv().await.is_some() && tx.send(name).is_ok() {} });
+        }
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            quit: signal(SignalKind::quit())?,
+            hup: signal(SignalKind::hangup())?,
+            ignored,
+        })
+    }
+}
+
 /// Signals whose default action ends the process and that the daemon has no use for.
 const IGNORED_SIGNALS: [(&str, i32); 11] = [
     ("SIGUSR1", libc::SIGUSR1),
@@ -375,18 +408,17 @@ impl Bound {
     /// configuration; the other signals whose default action would end the process (SIGUSR1,
     /// SIGUSR2, SIGALRM, SIGPIPE, …) are logged and ignored, so none of them kills the daemon
     /// silently.
-    pub async fn wait_termination(self) -> anyhow::Result<()> {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut quit = signal(SignalKind::quit())?;
-        let mut hup = signal(SignalKind::hangup())?;
-        let (ignored_tx, mut ignored) = tokio::sync::mpsc::unbounded_channel();
-        for (name, kind) in IGNORED_SIGNALS {
-            let mut s = signal(SignalKind::from_raw(kind))?;
-            let tx = ignored_tx.clone();
-            tokio::spawn(async move { while s.recv().await.is_some() && tx.send(name).is_ok() {} });
-        }
+    pub async fn wait_termination(mut self) -> anyhow::Result<()> {
+        let Some(Signals {
+            mut term,
+            mut int,
+            mut quit,
+            mut hup,
+            mut ignored,
+        }) = self.signals.take()
+        else {
+            anyhow::bail!("signals already taken");
+        };
         loop {
             tokio::select! {
                 _ = term.recv() => { tracing::info!("SIGTERM: draining"); break }

@@ -248,7 +248,7 @@ impl Inbound {
 
     /// A connection to the workload, from inside its namespace.
     async fn forward(&self, addr: SocketAddr) -> Result<TcpStream, Error> {
-        let s = crate::proxy::connect(
+        let s = crate::proxy::upstream::connect(
             &self.ns,
             addr,
             crate::config::policy::ConnectionPool::istio_defaults().connect_timeout,

@@ -16,10 +16,10 @@ use std::{
     time::Duration,
 };
 
-use drover_common::{DROVER_MARK, PROXY_PORT};
+use drover_common::PROXY_PORT;
 use tokio::{
     io::AsyncWriteExt,
-    net::{TcpListener, TcpSocket, TcpStream},
+    net::{TcpListener, TcpStream},
     time::Instant,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -30,6 +30,7 @@ pub mod relay;
 mod replay;
 mod retry;
 mod streams;
+pub mod upstream;
 
 pub use http::Body;
 
@@ -47,14 +48,8 @@ pub enum Error {
     Original(#[from] redirect::Error),
     #[error(transparent)]
     Route(#[from] RouteError),
-    #[error("connect to {addr}: {source}")]
-    Connect { addr: SocketAddr, source: io::Error },
-    #[error("connect to {addr} timed out after {timeout:?}")]
-    ConnectTimeout { addr: SocketAddr, timeout: Duration },
-    #[error("upstream socket in namespace {netns}: {source}")]
-    Socket { netns: String, source: io::Error },
     #[error(transparent)]
-    Tls(crate::tls::HandshakeError),
+    Upstream(#[from] upstream::Error),
     #[error("no byte either way for {0:?} (idleTimeout)")]
     IdleTimeout(Duration),
     #[error("maxConnectionDuration {0:?} reached")]
@@ -81,10 +76,7 @@ impl Error {
         match self {
             Error::Original(_) => ResponseFlag::NoRoute,
             Error::Route(e) => e.response_flag(),
-            Error::Connect { .. }
-            | Error::ConnectTimeout { .. }
-            | Error::Socket { .. }
-            | Error::Tls(_) => ResponseFlag::UpstreamConnectionFailure,
+            Error::Upstream(_) => ResponseFlag::UpstreamConnectionFailure,
             Error::Overflow(crate::breakers::Error::PendingTimeout(_)) | Error::IdleTimeout(_) => {
                 ResponseFlag::UpstreamRequestTimeout
             }
@@ -177,9 +169,8 @@ impl Proxy {
             .await;
             return;
         }
-        let ns = &*ns;
         let mut log = AccessLog::default();
-        let result = self.relay(ns, orig, &mut client, &mut log).await;
+        let result = self.relay(&ns, orig, &mut client, &mut log).await;
         let duration_ms = start.elapsed().as_secs_f64() * 1000.0;
         let AccessLog {
             host,
@@ -209,7 +200,7 @@ impl Proxy {
     /// Routes and relays one connection; fills `log` as it learns.
     async fn relay(
         &self,
-        ns: &NetNs,
+        ns: &Arc<NetNs>,
         orig: SocketAddr,
         client: &mut TcpStream,
         log: &mut AccessLog,
@@ -228,7 +219,6 @@ impl Proxy {
             .value
             .clone()
             .unwrap_or_else(|| ConnectionPool::istio_defaults().clone());
-        let connect_timeout = pool.connect_timeout;
         let addr = match d.target {
             Target::Endpoint { index, addr } => {
                 let svc = &registry.services()[d.cluster.service];
@@ -254,35 +244,25 @@ impl Proxy {
             .map_err(Error::Overflow)?;
         let _active = d.pick.map(|i| d.cluster.balancer.start(i));
         stats.request(ep.as_deref());
-        let tls = d.cluster.tls.clone();
-        let upstream = match connect(ns, addr, connect_timeout).await {
-            Err(e) => {
-                stats.local_failure(ep.as_deref(), true);
-                Err(e)
-            }
-            Ok(tcp) => {
-                if let Some(k) = &pool.tcp_keepalive {
-                    set_keepalive(&tcp, k);
-                }
-                // A TLS cluster's connection is up once the handshake is done (as Envoy counts).
-                match &tls {
-                    None => Ok(Upstream::Plain(tcp)),
-                    Some(o) => {
-                        match crate::tls::handshake(o, tcp, None, addr, connect_timeout).await {
-                            Ok(s) => {
-                                stats.handshake(None);
-                                Ok(Upstream::Tls(Box::new(s)))
-                            }
-                            Err(e) => {
-                                stats.handshake(Some(e.kind()));
-                                stats.local_failure(ep.as_deref(), false);
-                                Err(Error::Tls(e))
-                            }
-                        }
-                    }
-                }
-            }
+        let dialer = upstream::Dialer {
+            ns: ns.clone(),
+            connect_timeout: pool.connect_timeout,
+            keepalive: pool.tcp_keepalive.clone(),
+            tls: d
+                .cluster
+                .tls
+                .clone()
+                .map(|origination| upstream::TlsTarget {
+                    origination,
+                    host: None,
+                    stats: stats.clone(),
+                }),
         };
+        // A TLS cluster's connection is up once the handshake is done (as Envoy counts).
+        let upstream = dialer.dial(addr).await.inspect_err(|e| {
+            let connect = !matches!(e, upstream::Error::Tls(_));
+            stats.local_failure(ep.as_deref(), connect);
+        });
         if let (Some(od), Some(i)) = (&d.cluster.outlier, d.pick) {
             od.observe(
                 i,
@@ -297,68 +277,14 @@ impl Proxy {
         let _counted = crate::stats::store().connection(addr);
         let (idle, max) = (pool.tcp_idle_timeout, pool.max_connection_duration);
         let end = match upstream? {
-            Upstream::Plain(mut s) => relay::bounded(client, &mut s, idle, max).await?,
-            Upstream::Tls(mut s) => relay::bounded(client, &mut *s, idle, max).await?,
+            upstream::Stream::Plain(mut s) => relay::bounded(client, &mut s, idle, max).await?,
+            upstream::Stream::Tls(mut s) => relay::bounded(client, &mut *s, idle, max).await?,
         };
         match end {
             relay::End::Closed(up, down) => Ok((up, down)),
             relay::End::IdleTimeout(d) => Err(Error::IdleTimeout(d)),
             relay::End::MaxDuration(d) => Err(Error::MaxDuration(d)),
         }
-    }
-}
-
-/// An upstream connection of the TCP proxy: plaintext, or TLS originated by Drover.
-enum Upstream {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
-
-/// `tcpKeepalive` on an upstream socket: keepalive on, and the fields given (whole seconds, as
-/// Envoy truncates them; a field that truncates to 0 keeps the OS default).
-pub(crate) fn set_keepalive(stream: &TcpStream, k: &crate::config::policy::TcpKeepalive) {
-    let secs = |d: Option<Duration>| {
-        d.map(|d| Duration::from_secs(d.as_secs()))
-            .filter(|d| !d.is_zero())
-    };
-    let mut ka = socket2::TcpKeepalive::new();
-    if let Some(t) = secs(k.time) {
-        ka = ka.with_time(t);
-    }
-    if let Some(i) = secs(k.interval) {
-        ka = ka.with_interval(i);
-    }
-    if let Some(p) = k.probes.filter(|p| *p > 0) {
-        ka = ka.with_retries(p);
-    }
-    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&ka) {
-        tracing::warn!(error = %e, "cannot set tcpKeepalive on an upstream socket");
-    }
-}
-
-/// Opens a marked upstream connection from inside `ns`, within `connect_timeout`.
-pub(crate) async fn connect(
-    ns: &NetNs,
-    addr: SocketAddr,
-    connect_timeout: Duration,
-) -> Result<TcpStream, Error> {
-    let socket = ns
-        .enter(|| marked_socket(addr))
-        .and_then(|r| r)
-        .map_err(|source| Error::Socket {
-            netns: ns.name.clone(),
-            source,
-        })?;
-    match tokio::time::timeout(connect_timeout, socket.connect(addr)).await {
-        Ok(Ok(s)) => {
-            let _ = s.set_nodelay(true);
-            Ok(s)
-        }
-        Ok(Err(source)) => Err(Error::Connect { addr, source }),
-        Err(_) => Err(Error::ConnectTimeout {
-            addr,
-            timeout: connect_timeout,
-        }),
     }
 }
 
@@ -382,21 +308,6 @@ impl Default for AccessLog {
 }
 
 /// A non-blocking TCP socket for `addr`'s family, carrying Drover's mark.
-fn marked_socket(addr: SocketAddr) -> io::Result<TcpSocket> {
-    let domain = if addr.is_ipv4() {
-        socket2::Domain::IPV4
-    } else {
-        socket2::Domain::IPV6
-    };
-    let sock = socket2::Socket::new(
-        domain,
-        socket2::Type::STREAM.nonblocking(),
-        Some(socket2::Protocol::TCP),
-    )?;
-    sock.set_mark(DROVER_MARK)?;
-    Ok(TcpSocket::from_std_stream(sock.into()))
-}
-
 /// Binds the capture listeners (`127.0.0.1:15001` and, where IPv6 is up, `[::1]:15001`) in `ns`.
 pub fn bind_listeners(ns: &NetNs) -> io::Result<Vec<TcpListener>> {
     let addrs = [

@@ -16,11 +16,8 @@
 use std::{
     collections::HashMap,
     convert::Infallible,
-    future::Future,
     net::SocketAddr,
-    pin::Pin,
     sync::{Arc, atomic::Ordering},
-    task::{Context, Poll},
     time::Duration,
 };
 
@@ -38,13 +35,14 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
 };
-use tokio::{net::TcpStream, time::Instant};
+use tokio::time::Instant;
 
 use super::{
-    Error, downstream,
-    replay::{Attempt, Replay},
+    downstream,
+    replay::Replay,
     retry,
     streams::{self, StreamPool},
+    upstream::{Connector, Dialer, TlsTarget, Uses},
 };
 use crate::{
     access::{self, ResponseFlag},
@@ -57,8 +55,7 @@ use crate::{
 
 /// Body type of everything the proxy answers with.
 pub type Body = BoxBody<Bytes, hyper::Error>;
-/// Body type of upstream requests: one try's view of the client's body.
-pub type UpstreamBody = Attempt<Incoming>;
+pub use super::replay::UpstreamBody;
 
 /// Envoy's body for a connection failure before response headers.
 const CONNECT_FAILURE: &str =
@@ -127,24 +124,6 @@ enum TryError {
     RouteTimeout,
 }
 
-/// Opens marked upstream sockets inside the application's namespace for hyper's pool, with
-/// TLS when the cluster originates it.
-#[derive(Clone)]
-pub struct Connector {
-    ns: Arc<NetNs>,
-    timeout: Duration,
-    keepalive: Option<TcpKeepalive>,
-    tls: Option<TlsTarget>,
-}
-
-/// What a TLS connector needs: the origination, the request host (auto SNI) and where to count.
-#[derive(Clone)]
-struct TlsTarget {
-    origination: Arc<Origination>,
-    host: Option<String>,
-    stats: Arc<crate::stats::ClusterStats>,
-}
-
 // === impl Upstreams ===
 
 impl Upstreams {
@@ -179,16 +158,16 @@ impl Upstreams {
         let (_, host, settings) = &key;
         // Forget pools of originations no snapshot uses any more (only this map holds them).
         pools.retain(|_, (o, _)| o.as_ref().is_none_or(|o| Arc::strong_count(o) > 1));
-        let connector = Connector {
+        let connector = Connector(Dialer {
             ns: self.ns.clone(),
-            timeout: settings.connect_timeout,
+            connect_timeout: settings.connect_timeout,
             keepalive: settings.keepalive.clone(),
             tls: tls.map(|(origination, stats)| TlsTarget {
                 origination: origination.clone(),
                 host: host.clone(),
                 stats: stats.clone(),
             }),
-        };
+        });
         let pool = if settings.h2 {
             Pool::H2(Arc::new(StreamPool::new(connector, settings.streams)))
         } else {
@@ -308,154 +287,6 @@ impl TryError {
                 RESET,
             ),
         }
-    }
-}
-
-// === impl Connector ===
-
-impl tower_service::Service<Uri> for Connector {
-    type Response = Tracked;
-    type Error = Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Error>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let ns = self.ns.clone();
-        let tls = self.tls.clone();
-        let timeout = self.timeout;
-        let keepalive = self.keepalive.clone();
-        Box::pin(async move {
-            let addr: SocketAddr = uri
-                .authority()
-                .and_then(|a| a.as_str().parse().ok())
-                .ok_or_else(|| Error::Io(std::io::Error::other(format!("bad upstream {uri}"))))?;
-            let stream = super::connect(&ns, addr, timeout).await?;
-            if let Some(k) = &keepalive {
-                super::set_keepalive(&stream, k);
-            }
-            let io = match tls {
-                None => Io::Plain(TokioIo::new(stream)),
-                Some(t) => {
-                    let host = t.host.as_deref();
-                    match crate::tls::handshake(&t.origination, stream, host, addr, timeout).await {
-                        Ok(s) => {
-                            t.stats.handshake(None);
-                            Io::Tls(Box::new(TokioIo::new(s)))
-                        }
-                        Err(e) => {
-                            t.stats.handshake(Some(e.kind()));
-                            tracing::warn!(cluster = %t.stats.name, error = %e, "upstream TLS failed");
-                            return Err(Error::Tls(e));
-                        }
-                    }
-                }
-            };
-            Ok(Tracked {
-                io,
-                uses: Uses::default(),
-                _counted: crate::stats::store().connection(addr),
-            })
-        })
-    }
-}
-
-/// A pooled upstream connection, counted in its address's `cx_active` while open.
-pub struct Tracked {
-    io: Io,
-    uses: Uses,
-    _counted: crate::stats::Connection,
-}
-
-/// The transport of a pooled connection.
-enum Io {
-    Plain(TokioIo<TcpStream>),
-    Tls(Box<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>),
-}
-
-/// Runs `$e` on whichever transport `$io` holds (pinned).
-macro_rules! with_io {
-    ($io:expr, |$s:ident| $e:expr) => {
-        match $io {
-            Io::Plain(s) => {
-                let $s = Pin::new(s);
-                $e
-            }
-            Io::Tls(s) => {
-                let $s = Pin::new(&mut **s);
-                $e
-            }
-        }
-    };
-}
-
-/// Requests sent over one upstream connection (for `maxRequestsPerConnection`), reachable from
-/// a request through hyper-util's connection metadata.
-#[derive(Clone, Debug, Default)]
-struct Uses(Arc<std::sync::atomic::AtomicU32>);
-
-// === impl Tracked ===
-
-impl hyper::rt::Read for Tracked {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        with_io!(&mut self.io, |s| s.poll_read(cx, buf))
-    }
-}
-
-impl hyper::rt::Write for Tracked {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        with_io!(&mut self.io, |s| s.poll_write(cx, buf))
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        with_io!(&mut self.io, |s| s.poll_flush(cx))
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        with_io!(&mut self.io, |s| s.poll_shutdown(cx))
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match &self.io {
-            Io::Plain(s) => s.is_write_vectored(),
-            Io::Tls(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        with_io!(&mut self.io, |s| s.poll_write_vectored(cx, bufs))
-    }
-}
-
-impl hyper_util::client::legacy::connect::Connection for Tracked {
-    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
-        let connected = match &self.io {
-            Io::Plain(s) => s.inner().connected(),
-            Io::Tls(s) => {
-                let (tcp, session) = s.inner().get_ref();
-                let c = tcp.connected();
-                if session.alpn_protocol() == Some(b"h2") {
-                    c.negotiated_h2()
-                } else {
-                    c
-                }
-            }
-        };
-        connected.extra(self.uses.clone())
     }
 }
 

@@ -40,6 +40,9 @@ pub struct Attempt<B> {
     next: usize,
 }
 
+/// Body type of upstream requests: one try's view of the client's body.
+pub type UpstreamBody = Attempt<hyper::body::Incoming>;
+
 // === impl Replay ===
 
 impl<B: Body<Data = Bytes> + Unpin> Replay<B> {

@@ -33,7 +33,7 @@ use tokio::{
 };
 use tower_service::Service;
 
-use super::http::{Connector, UpstreamBody};
+use super::{replay::UpstreamBody, upstream::Connector};
 
 /// Marks a connection that is closing for idleness: no reservation can succeed on it.
 const CLOSING: u32 = u32::MAX;
