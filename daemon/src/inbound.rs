@@ -252,6 +252,7 @@ impl Inbound {
             &self.ns,
             addr,
             crate::config::policy::ConnectionPool::istio_defaults().connect_timeout,
+            true,
         )
         .await
         .map_err(|e| Error::Forward {

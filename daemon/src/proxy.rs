@@ -246,6 +246,7 @@ impl Proxy {
         stats.request(ep.as_deref());
         let dialer = upstream::Dialer {
             ns: ns.clone(),
+            mark: true,
             connect_timeout: pool.connect_timeout,
             keepalive: pool.tcp_keepalive.clone(),
             tls: d

@@ -58,7 +58,7 @@ enum Cmd {
     Lint,
     /// Fuzz with cargo-fuzz (nightly; not part of CI): `config` (YAML → validated policy),
     /// `config_dir` (the loader's file and directory handling), `http` (the HTTP request path,
-    /// in-process; needs root for the marked upstream sockets), each for `--secs`.
+    /// in-process, no root needed), each for `--secs`.
     Fuzz {
         /// How long to run each target.
         #[arg(long, default_value = "60")]

@@ -95,7 +95,7 @@ spec:
     Mesh {
         rt,
         registry: RegistryHandle::new(registry),
-        upstreams: Arc::new(http::Upstreams::new(ns.clone())),
+        upstreams: Arc::new(http::Upstreams::unmarked(ns.clone())),
         ns,
     }
 });

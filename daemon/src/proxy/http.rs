@@ -79,6 +79,7 @@ const HOP_BY_HOP: [&str; 7] = [
 /// settings): clusters whose settings are equal share connections.
 pub struct Upstreams {
     ns: Arc<NetNs>,
+    mark: bool,
     pools: std::sync::Mutex<HashMap<PoolKey, KeptPool>>,
 }
 
@@ -130,7 +131,18 @@ impl Upstreams {
     pub fn new(ns: Arc<NetNs>) -> Self {
         Self {
             ns,
+            mark: true,
             pools: Default::default(),
+        }
+    }
+
+    /// Pools whose sockets are not marked: for running the HTTP path in-process without capture
+    /// (the unprivileged tests, fuzzing), where nothing could take them again and no privilege
+    /// is at hand.
+    pub fn unmarked(ns: Arc<NetNs>) -> Self {
+        Self {
+            mark: false,
+            ..Self::new(ns)
         }
     }
 
@@ -160,6 +172,7 @@ impl Upstreams {
         pools.retain(|_, (o, _)| o.as_ref().is_none_or(|o| Arc::strong_count(o) > 1));
         let connector = Connector(Dialer {
             ns: self.ns.clone(),
+            mark: self.mark,
             connect_timeout: settings.connect_timeout,
             keepalive: settings.keepalive.clone(),
             tls: tls.map(|(origination, stats)| TlsTarget {
@@ -826,3 +839,6 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
         headers.remove(name);
     }
 }
+
+#[cfg(test)]
+mod tests;

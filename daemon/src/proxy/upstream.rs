@@ -4,7 +4,8 @@
 //! handshake (counted per cluster) when the cluster originates TLS. [`Stream`] is the one
 //! connection type; [`Connector`] is how hyper's pools dial it.
 //!
-//! Invariants: every socket made here carries `SO_MARK` 0x4452, so capture never takes it again;
+//! Invariants: every socket made here under capture carries `SO_MARK` 0x4452, so capture never
+//! takes it again;
 //! a TLS cluster's connection exists only once its handshake succeeded (as Envoy counts it);
 //! nothing here depends on the proxy modules above it.
 
@@ -55,6 +56,9 @@ pub enum Stream {
 #[derive(Clone)]
 pub struct Dialer {
     pub ns: Arc<NetNs>,
+    /// Mark the socket (always, under capture; in-process use without capture need not, and
+    /// needs no privilege then).
+    pub mark: bool,
     pub connect_timeout: Duration,
     pub keepalive: Option<TcpKeepalive>,
     pub tls: Option<TlsTarget>,
@@ -75,7 +79,7 @@ impl Dialer {
     /// A connection to `addr`: connected, kept alive as configured, and TLS-wrapped when the
     /// cluster originates TLS (the handshake counted as `ssl.*`).
     pub async fn dial(&self, addr: SocketAddr) -> Result<Stream, Error> {
-        let tcp = connect(&self.ns, addr, self.connect_timeout).await?;
+        let tcp = connect(&self.ns, addr, self.connect_timeout, self.mark).await?;
         if let Some(k) = &self.keepalive {
             set_keepalive(&tcp, k);
         }
@@ -298,14 +302,16 @@ pub fn set_keepalive(stream: &TcpStream, k: &TcpKeepalive) {
     }
 }
 
-/// Opens a marked upstream connection from inside `ns`, within `connect_timeout`.
+/// Opens an upstream connection (marked when `mark`) from inside `ns`, within
+/// `connect_timeout`.
 pub async fn connect(
     ns: &NetNs,
     addr: SocketAddr,
     connect_timeout: Duration,
+    mark: bool,
 ) -> Result<TcpStream, Error> {
     let socket = ns
-        .enter(|| marked_socket(addr))
+        .enter(|| socket(addr, mark))
         .and_then(|r| r)
         .map_err(|source| Error::Socket {
             netns: ns.name.clone(),
@@ -324,7 +330,7 @@ pub async fn connect(
     }
 }
 
-fn marked_socket(addr: SocketAddr) -> io::Result<TcpSocket> {
+fn socket(addr: SocketAddr, mark: bool) -> io::Result<TcpSocket> {
     let domain = if addr.is_ipv4() {
         socket2::Domain::IPV4
     } else {
@@ -335,6 +341,8 @@ fn marked_socket(addr: SocketAddr) -> io::Result<TcpSocket> {
         socket2::Type::STREAM.nonblocking(),
         Some(socket2::Protocol::TCP),
     )?;
-    sock.set_mark(DROVER_MARK)?;
+    if mark {
+        sock.set_mark(DROVER_MARK)?;
+    }
     Ok(TcpSocket::from_std_stream(sock.into()))
 }

@@ -1,0 +1,230 @@
+//! The HTTP path in-process, as a normal user: the proxy's own `serve` on an in-memory client
+//! stream, against HTTP endpoints in this process on 127.0.0.2 and 127.0.0.3 (unmarked upstream
+//! sockets, no capture, no namespaces). The privileged tier covers the same path through the
+//! kernel; this one is fast and needs no root.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use http_body_util::{BodyExt, Full};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::{Upstreams, serve};
+use crate::{
+    config::source::ConfigSet,
+    proxy::downstream::Timeouts,
+    redirect::netns::NetNs,
+    registry::{Client, Registry, RegistryHandle},
+};
+
+const VIP: &str = "127.77.0.10:80";
+
+/// Endpoint `name`: 503 when the path contains `fail-<name>`, else 200 with `<name>:<body bytes>`.
+async fn endpoint(listener: tokio::net::TcpListener, name: &'static str) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            return;
+        };
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(
+                move |req: hyper::Request<hyper::body::Incoming>| async move {
+                    let fail = req.uri().path().contains(&format!("fail-{name}"));
+                    let n = req
+                        .into_body()
+                        .collect()
+                        .await
+                        .map_or(0, |b| b.to_bytes().len());
+                    let mut resp = hyper::Response::new(Full::new(hyper::body::Bytes::from(
+                        format!("{name}:{n}"),
+                    )));
+                    if fail {
+                        *resp.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+                    }
+                    Ok::<_, std::convert::Infallible>(resp)
+                },
+            );
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+struct Mesh {
+    registry: RegistryHandle,
+    upstreams: Arc<Upstreams>,
+    ns: Arc<NetNs>,
+}
+
+/// Endpoints `one` (127.0.0.2) and `two` (127.0.0.3) on one port behind `web` at [`VIP`], with
+/// `rules` (YAML documents) appended.
+async fn mesh(rules: &str) -> Mesh {
+    let first = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let port = first.local_addr().unwrap().port();
+    let second = tokio::net::TcpListener::bind(("127.0.0.3", port))
+        .await
+        .unwrap();
+    tokio::spawn(endpoint(first, "one"));
+    tokio::spawn(endpoint(second, "two"));
+    let yaml = format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: web, namespace: default}}
+spec:
+  hosts: [web.default.svc]
+  addresses: [127.77.0.10]
+  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: {port}}}]
+  resolution: STATIC
+  endpoints:
+  - {{address: 127.0.0.2, labels: {{v: one}}}}
+  - {{address: 127.0.0.3, labels: {{v: two}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: web, namespace: default}}
+spec:
+  host: web.default.svc
+  trafficPolicy: {{loadBalancer: {{simple: ROUND_ROBIN}}}}
+  subsets:
+  - {{name: one, labels: {{v: one}}}}
+  - {{name: two, labels: {{v: two}}}}
+{rules}"
+    );
+    let set = ConfigSet::parse_ok("mesh.yaml", &yaml);
+    let registry = Registry::build(&set, &Client::default()).expect("valid mesh");
+    let ns = Arc::new(NetNs::current().expect("own netns"));
+    Mesh {
+        registry: RegistryHandle::new(registry),
+        upstreams: Arc::new(Upstreams::unmarked(ns.clone())),
+        ns,
+    }
+}
+
+impl Mesh {
+    /// Sends `raw` on one client connection (then half-closes it) and returns all it got back.
+    async fn exchange(&self, raw: &str, timeouts: Timeouts) -> String {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let src: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        tokio::spawn(serve(
+            self.registry.clone(),
+            self.upstreams.clone(),
+            self.ns.clone(),
+            server,
+            (Some(src), VIP.parse().unwrap()),
+            timeouts,
+        ));
+        client.write_all(raw.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut out))
+            .await
+            .expect("the connection ends")
+            .unwrap();
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    async fn request(&self, raw: &str) -> String {
+        self.exchange(raw, Timeouts::default()).await
+    }
+}
+
+fn virtual_service(http: &str) -> String {
+    format!(
+        "---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: web, namespace: default}}
+spec:
+  hosts: [web.default.svc]
+  http:
+{http}"
+    )
+}
+
+#[tokio::test]
+async fn header_match_routes_to_its_subset() {
+    let m = mesh(&virtual_service(
+        "  - match: [{headers: {x-route: {exact: two}}}]
+    route: [{destination: {host: web.default.svc, subset: two}}]
+  - route: [{destination: {host: web.default.svc, subset: one}}]
+",
+    ))
+    .await;
+    for _ in 0..4 {
+        let r = m
+            .request("GET / HTTP/1.1\r\nHost: web\r\nx-route: two\r\nConnection: close\r\n\r\n")
+            .await;
+        assert!(r.starts_with("HTTP/1.1 200") && r.ends_with("two:0"), "{r}");
+        let r = m
+            .request("GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
+            .await;
+        assert!(r.ends_with("one:0"), "{r}");
+    }
+}
+
+#[tokio::test]
+async fn a_503_is_retried_on_the_other_endpoint_with_the_same_body() {
+    let m = mesh(&virtual_service(
+        "  - route: [{destination: {host: web.default.svc}}]
+    retries: {attempts: 2, retryOn: 5xx}
+",
+    ))
+    .await;
+    for _ in 0..4 {
+        let r = m
+            .request(
+                "POST /fail-one HTTP/1.1\r\nHost: web\r\nContent-Length: 11\r\nConnection: close\r\n\r\nhello world",
+            )
+            .await;
+        assert!(
+            r.starts_with("HTTP/1.1 200") && r.ends_with("two:11"),
+            "{r}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn no_matching_route_is_404_nr() {
+    let m = mesh(&virtual_service(
+        "  - match: [{uri: {prefix: /api}}]
+    route: [{destination: {host: web.default.svc}}]
+",
+    ))
+    .await;
+    let r = m
+        .request("GET /other HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
+        .await;
+    assert!(r.starts_with("HTTP/1.1 404"), "{r}");
+    assert!(r.contains("x-drover-response-flag: NR"), "{r}");
+}
+
+#[tokio::test]
+async fn a_silent_client_is_closed_by_the_header_timeout() {
+    let m = mesh("").await;
+    let counter = &crate::stats::store().downstream.rq_header_timeout;
+    let before = counter.load(std::sync::atomic::Ordering::Relaxed);
+    let (mut client, server) = tokio::io::duplex(1024);
+    let src: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+    tokio::spawn(serve(
+        m.registry.clone(),
+        m.upstreams.clone(),
+        m.ns.clone(),
+        server,
+        (Some(src), VIP.parse().unwrap()),
+        Timeouts {
+            request_headers: Duration::from_millis(200),
+            idle: Duration::from_secs(60),
+        },
+    ));
+    client.write_all(b"GET / HT").await.unwrap();
+    let start = std::time::Instant::now();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut out))
+        .await
+        .expect("closed by the header timeout")
+        .unwrap();
+    assert!(
+        start.elapsed() >= Duration::from_millis(150),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(counter.load(std::sync::atomic::Ordering::Relaxed) > before);
+}
