@@ -412,25 +412,9 @@ async fn handle(
     };
     let cluster = decision.cluster.name.clone();
     let c = decision.cluster;
-    let stats = &c.stats;
-    let endpoint_of =
-        |pick: Option<usize>| pick.and_then(|i| c.endpoint_stats.get(i)).map(|e| &**e);
-    // Outcomes feed the cluster's outlier detector (of the snapshot this request was routed by).
-    let observe = |pick: Option<usize>, outcome| {
-        if let (Some(od), Some(i)) = (&c.outlier, pick) {
-            od.observe(i, outcome);
-        }
-    };
-    let describe = |target: Target| match target {
-        Target::Endpoint { index, addr } => {
-            let svc = &snapshot.services()[c.service];
-            (addr, format!("{}@{addr}", svc.endpoints[index].name))
-        }
-        Target::Passthrough(addr) => (addr, format!("passthrough@{addr}")),
-    };
     let route_name = decision.route.clone().unwrap_or_else(|| "-".into());
     let set_cookie = decision.set_cookie.clone();
-    let (first_addr, first_endpoint) = describe(decision.target);
+    let (first_addr, first_endpoint) = describe(&snapshot, c, decision.target);
     let pool = c
         .policy
         .connection_pool
@@ -455,8 +439,7 @@ async fn handle(
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .to_string();
-    let uri_for = |addr: SocketAddr| format!("http://{addr}{path_and_query}").parse::<Uri>();
-    let Ok(first_uri) = uri_for(first_addr) else {
+    let Ok(first_uri) = uri_for(first_addr, &path_and_query) else {
         return local(StatusCode::BAD_REQUEST, "", &[]);
     };
     strip_hop_by_hop(&mut parts.headers, upgrade.is_some());
@@ -483,27 +466,15 @@ async fn handle(
     );
     // Circuit breakers: overflow is answered at once, as Envoy does (503 UO, not retried, not
     // reported to outlier detection).
-    let pending = endpoint_of(decision.pick).map(|e| e.pending());
+    let pending = endpoint_of(c, decision.pick).map(|e| e.pending());
     let admitted = c.limits.admit(!h2, pool.connect_timeout).await;
     drop(pending);
     let admission = match admitted {
         Ok(a) => a,
         Err(e) => {
-            let (flag, body) = match e {
-                crate::breakers::Error::PendingTimeout(_) => (
-                    ResponseFlag::UpstreamRequestTimeout,
-                    "upstream request timeout",
-                ),
-                _ => (ResponseFlag::UpstreamOverflow, OVERFLOW),
-            };
             tracing::debug!(reason = %e, cluster = %cluster, "circuit breaker");
+            let (flag, reply) = breaker_reply(&e);
             log(503, &cluster, &route_name, &first_endpoint, &[flag]);
-            let mut reply = local(StatusCode::SERVICE_UNAVAILABLE, body, &[flag]);
-            if flag == ResponseFlag::UpstreamOverflow {
-                reply
-                    .headers_mut()
-                    .insert("x-envoy-overloaded", HeaderValue::from_static("true"));
-            }
             return reply;
         }
     };
@@ -516,82 +487,19 @@ async fn handle(
         .unwrap_or_else(|| default_retries());
     let body = Replay::new(body);
     let (method, version, headers) = (parts.method, parts.version, parts.headers);
-    let tries = async {
-        let (mut target, mut pick) = (decision.target, decision.pick);
-        let mut tried = Vec::new();
-        let mut _retry_slot = None;
-        let mut flags = Vec::new();
-        let mut n = 0;
-        loop {
-            let (addr, endpoint) = describe(target);
-            let ep = endpoint_of(pick);
-            let _active = pick.map(|i| c.balancer.start(i));
-            stats.request(ep);
-            let mut req = Request::new(body.attempt());
-            *req.method_mut() = method.clone();
-            *req.version_mut() = version;
-            *req.headers_mut() = headers.clone();
-            // The first try's URI was built above; a retry's differs only in the endpoint.
-            *req.uri_mut() = match n {
-                0 => first_uri.clone(),
-                _ => uri_for(addr).unwrap_or_else(|_| first_uri.clone()),
-            };
-            let sent = upstream.send(addr, req);
-            let result = match retries.per_try_timeout {
-                None => sent.await,
-                Some(t) => tokio::time::timeout(t, sent)
-                    .await
-                    .unwrap_or(Err(SendError::Timeout(t))),
-            };
-            let outcome = match &result {
-                Ok((resp, _)) => {
-                    let status = resp.status().as_u16();
-                    stats.response(ep, status);
-                    observe(pick, Outcome::Http(status));
-                    retry::Outcome::Response {
-                        status,
-                        grpc: resp
-                            .headers()
-                            .get("grpc-status")
-                            .and_then(|v| v.to_str().ok()?.parse().ok()),
-                    }
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, endpoint = %endpoint, "upstream request failed");
-                    let outcome = e.outcome();
-                    stats.local_failure(ep, outcome == retry::Outcome::ConnectFailure);
-                    observe(pick, Outcome::LocalFailure);
-                    outcome
-                }
-            };
-            let retriable = retry::retriable(&retries.retry_on, outcome);
-            if retriable && n < retries.attempts && body.replayable() {
-                if let Some(slot) = c.limits.admit_retry() {
-                    stats.rq_retry.fetch_add(1, Ordering::Relaxed);
-                    drop(result);
-                    tokio::time::sleep(retry::backoff(n + 1, fastrand::f64())).await;
-                    _retry_slot = Some(slot);
-                    if let Some(i) = pick {
-                        tried.push(i);
-                        pick = c.repick(&tried);
-                        target = pick.map_or(target, |i| c.target(i));
-                    }
-                    n += 1;
-                    continue;
-                }
-                flags.push(ResponseFlag::UpstreamOverflow);
-            } else if retriable && retries.attempts > 0 && n >= retries.attempts {
-                stats
-                    .rq_retry_limit_exceeded
-                    .fetch_add(1, Ordering::Relaxed);
-                flags.push(ResponseFlag::UpstreamRetryLimitExceeded);
-            }
-            if n > 0 && !retriable {
-                stats.rq_retry_success.fetch_add(1, Ordering::Relaxed);
-            }
-            return (result.map_err(TryError::Send), endpoint, flags);
-        }
+    let tries = Tries {
+        snapshot: &snapshot,
+        cluster: c,
+        upstream: &upstream,
+        retries,
+        body: &body,
+        method: &method,
+        version,
+        headers: &headers,
+        path_and_query: &path_and_query,
+        first_uri: &first_uri,
     };
+    let tries = tries.run(decision.target, decision.pick);
     let route_timeout = decision.http_route.and_then(|r| r.timeout);
     let (result, endpoint, mut flags) = match route_timeout {
         None => tries.await,
@@ -608,20 +516,7 @@ async fn handle(
         Ok((mut resp, stream)) => {
             let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
             if switching && let Some(downstream) = upgrade {
-                let upstream = hyper::upgrade::on(&mut resp);
-                tokio::spawn(async move {
-                    match (downstream.await, upstream.await) {
-                        (Ok(d), Ok(u)) => {
-                            let (mut d, mut u) = (TokioIo::new(d), TokioIo::new(u));
-                            let _ = tokio::io::copy_bidirectional(&mut d, &mut u).await;
-                        }
-                        (d, u) => tracing::debug!(
-                            downstream = ?d.err(),
-                            upstream = ?u.err(),
-                            "upgrade failed"
-                        ),
-                    }
-                });
+                bridge(downstream, hyper::upgrade::on(&mut resp));
             }
             let (mut rparts, rbody) = resp.into_parts();
             strip_hop_by_hop(&mut rparts.headers, switching);
@@ -671,6 +566,191 @@ async fn handle(
             local(status, body, &flags)
         }
     }
+}
+
+/// One request's tries: the first to the routed endpoint, retries (the route's `retries`, else
+/// Istio's default) to other endpoints, each reported to outlier detection (of the snapshot the
+/// request was routed by) and the counters.
+struct Tries<'a> {
+    snapshot: &'a crate::registry::Registry,
+    cluster: &'a crate::registry::Cluster,
+    upstream: &'a Pool,
+    retries: &'a Retries,
+    body: &'a Replay<Incoming>,
+    method: &'a hyper::Method,
+    version: Version,
+    headers: &'a HeaderMap,
+    path_and_query: &'a str,
+    first_uri: &'a Uri,
+}
+
+/// What the tries came to: the response (or why none), the last endpoint tried, the flags.
+type Tried = (
+    Result<(Response<Incoming>, Option<streams::Stream>), TryError>,
+    String,
+    Vec<ResponseFlag>,
+);
+
+impl Tries<'_> {
+    async fn run(&self, mut target: Target, mut pick: Option<usize>) -> Tried {
+        let (c, stats, retries) = (self.cluster, &self.cluster.stats, self.retries);
+        let mut tried = Vec::new();
+        let mut _retry_slot = None;
+        let mut flags = Vec::new();
+        let mut n = 0;
+        loop {
+            let (addr, endpoint) = describe(self.snapshot, c, target);
+            let ep = endpoint_of(c, pick);
+            let _active = pick.map(|i| c.balancer.start(i));
+            stats.request(ep);
+            let mut req = Request::new(self.body.attempt());
+            *req.method_mut() = self.method.clone();
+            *req.version_mut() = self.version;
+            *req.headers_mut() = self.headers.clone();
+            // The first try's URI was built before; a retry's differs only in the endpoint.
+            *req.uri_mut() = match n {
+                0 => self.first_uri.clone(),
+                _ => uri_for(addr, self.path_and_query).unwrap_or_else(|_| self.first_uri.clone()),
+            };
+            let sent = self.upstream.send(addr, req);
+            let result = match retries.per_try_timeout {
+                None => sent.await,
+                Some(t) => tokio::time::timeout(t, sent)
+                    .await
+                    .unwrap_or(Err(SendError::Timeout(t))),
+            };
+            let outcome = self.observe(&result, pick, ep, &endpoint);
+            let retriable = retry::retriable(&retries.retry_on, outcome);
+            if retriable && n < retries.attempts && self.body.replayable() {
+                if let Some(slot) = c.limits.admit_retry() {
+                    stats.rq_retry.fetch_add(1, Ordering::Relaxed);
+                    drop(result);
+                    tokio::time::sleep(retry::backoff(n + 1, fastrand::f64())).await;
+                    _retry_slot = Some(slot);
+                    if let Some(i) = pick {
+                        tried.push(i);
+                        pick = c.repick(&tried);
+                        target = pick.map_or(target, |i| c.target(i));
+                    }
+                    n += 1;
+                    continue;
+                }
+                flags.push(ResponseFlag::UpstreamOverflow);
+            } else if retriable && retries.attempts > 0 && n >= retries.attempts {
+                stats
+                    .rq_retry_limit_exceeded
+                    .fetch_add(1, Ordering::Relaxed);
+                flags.push(ResponseFlag::UpstreamRetryLimitExceeded);
+            }
+            if n > 0 && !retriable {
+                stats.rq_retry_success.fetch_add(1, Ordering::Relaxed);
+            }
+            return (result.map_err(TryError::Send), endpoint, flags);
+        }
+    }
+
+    /// Counts one try's result and reports it to outlier detection; how it ended, for retries.
+    fn observe(
+        &self,
+        result: &Result<(Response<Incoming>, Option<streams::Stream>), SendError>,
+        pick: Option<usize>,
+        ep: Option<&crate::stats::EndpointStats>,
+        endpoint: &str,
+    ) -> retry::Outcome {
+        let c = self.cluster;
+        let report = |outcome| {
+            if let (Some(od), Some(i)) = (&c.outlier, pick) {
+                od.observe(i, outcome);
+            }
+        };
+        match result {
+            Ok((resp, _)) => {
+                let status = resp.status().as_u16();
+                c.stats.response(ep, status);
+                report(Outcome::Http(status));
+                retry::Outcome::Response {
+                    status,
+                    grpc: resp
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok()?.parse().ok()),
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, endpoint = %endpoint, "upstream request failed");
+                let outcome = e.outcome();
+                c.stats
+                    .local_failure(ep, outcome == retry::Outcome::ConnectFailure);
+                report(Outcome::LocalFailure);
+                outcome
+            }
+        }
+    }
+}
+
+/// The endpoint a target names, for the upstream request and the access log.
+fn describe(
+    snapshot: &crate::registry::Registry,
+    c: &crate::registry::Cluster,
+    target: Target,
+) -> (SocketAddr, String) {
+    match target {
+        Target::Endpoint { index, addr } => {
+            let svc = &snapshot.services()[c.service];
+            (addr, format!("{}@{addr}", svc.endpoints[index].name))
+        }
+        Target::Passthrough(addr) => (addr, format!("passthrough@{addr}")),
+    }
+}
+
+/// The counters of the picked endpoint.
+fn endpoint_of(
+    c: &crate::registry::Cluster,
+    pick: Option<usize>,
+) -> Option<&crate::stats::EndpointStats> {
+    pick.and_then(|i| c.endpoint_stats.get(i)).map(|e| &**e)
+}
+
+/// The upstream URI of a try to `addr`.
+fn uri_for(addr: SocketAddr, path_and_query: &str) -> Result<Uri, hyper::http::uri::InvalidUri> {
+    format!("http://{addr}{path_and_query}").parse()
+}
+
+/// Envoy's answer when a circuit breaker refuses a request: 503 with `UO` and
+/// `x-envoy-overloaded` on overflow, `UT` when the pending queue timed out.
+fn breaker_reply(e: &crate::breakers::Error) -> (ResponseFlag, Response<Body>) {
+    let (flag, body) = match e {
+        crate::breakers::Error::PendingTimeout(_) => (
+            ResponseFlag::UpstreamRequestTimeout,
+            "upstream request timeout",
+        ),
+        _ => (ResponseFlag::UpstreamOverflow, OVERFLOW),
+    };
+    let mut reply = local(StatusCode::SERVICE_UNAVAILABLE, body, &[flag]);
+    if flag == ResponseFlag::UpstreamOverflow {
+        reply
+            .headers_mut()
+            .insert("x-envoy-overloaded", HeaderValue::from_static("true"));
+    }
+    (flag, reply)
+}
+
+/// Copies bytes both ways between an upgraded client connection and the upgraded upstream one
+/// (WebSocket and other HTTP/1.1 `Upgrade`s), on its own task.
+fn bridge(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    tokio::spawn(async move {
+        match (downstream.await, upstream.await) {
+            (Ok(d), Ok(u)) => {
+                let (mut d, mut u) = (TokioIo::new(d), TokioIo::new(u));
+                let _ = tokio::io::copy_bidirectional(&mut d, &mut u).await;
+            }
+            (d, u) => tracing::debug!(
+                downstream = ?d.err(),
+                upstream = ?u.err(),
+                "upgrade failed"
+            ),
+        }
+    });
 }
 
 /// The access-log line of a proxied response, completed when its body ends.
