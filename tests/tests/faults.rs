@@ -344,6 +344,35 @@ spec:
     )
 }
 
+/// The HTTP service of [`http_service`] with its test server and a daemon (`extra` arguments).
+struct Web {
+    t: Topology,
+    daemon: Daemon,
+    _server: Proc,
+    _pins: PinDir,
+}
+
+fn web(extra: &[&str]) -> Web {
+    let t = Topology::new(1);
+    let server = Proc::server(
+        Some(&t.endpoints[0]),
+        "http",
+        &[SocketAddr::new(Topology::ep4(1), 9080)],
+        "web",
+    );
+    let pins = PinDir::new();
+    let cfg = write_config(&http_service());
+    let mut a = vec!["--netns", t.client.name.as_str()];
+    a.extend_from_slice(extra);
+    let daemon = Daemon::start(&args(&cfg, &pins, &a)).unwrap();
+    Web {
+        t,
+        daemon,
+        _server: server,
+        _pins: pins,
+    }
+}
+
 /// Seconds until the server closes `conn` (reads until EOF; at most `limit`).
 fn closed_after(mut conn: std::net::TcpStream, limit: Duration) -> Option<Duration> {
     let start = Instant::now();
@@ -366,28 +395,17 @@ fn stalled_http_clients_are_closed_by_header_and_idle_timeouts() {
     if !require_privileged() {
         return;
     }
-    let t = Topology::new(1);
-    let _server = Proc::server(
-        Some(&t.endpoints[0]),
-        "http",
-        &[SocketAddr::new(Topology::ep4(1), 9080)],
-        "web",
-    );
-    let pins = PinDir::new();
-    let cfg = write_config(&http_service());
-    let daemon = Daemon::start(&args(
-        &cfg,
-        &pins,
-        &[
-            "--netns",
-            &t.client.name,
-            "--request-headers-timeout",
-            "1",
-            "--downstream-idle-timeout",
-            "2",
-        ],
-    ))
-    .unwrap();
+    let Web {
+        t,
+        daemon,
+        _server,
+        _pins,
+    } = web(&[
+        "--request-headers-timeout",
+        "1",
+        "--downstream-idle-timeout",
+        "2",
+    ]);
     let vip: SocketAddr = format!("{VIP}:80").parse().unwrap();
     let limit = Duration::from_secs(6);
 
@@ -555,16 +573,12 @@ fn memory_comes_back_after_a_burst_of_keep_alive_connections() {
     if !require_privileged() {
         return;
     }
-    let t = Topology::new(1);
-    let _server = Proc::server(
-        Some(&t.endpoints[0]),
-        "http",
-        &[SocketAddr::new(Topology::ep4(1), 9080)],
-        "web",
-    );
-    let pins = PinDir::new();
-    let cfg = write_config(&http_service());
-    let daemon = Daemon::start(&args(&cfg, &pins, &["--netns", &t.client.name])).unwrap();
+    let Web {
+        t,
+        daemon,
+        _server,
+        _pins,
+    } = web(&[]);
     let pid = daemon.pid().unwrap();
     let vip: SocketAddr = format!("{VIP}:80").parse().unwrap();
     let open = || {
