@@ -24,6 +24,7 @@ use tokio::{
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+mod attempt;
 pub mod downstream;
 pub mod http;
 pub mod relay;
@@ -231,10 +232,6 @@ impl Proxy {
             }
         };
         let stats = d.cluster.stats.clone();
-        let ep = d
-            .pick
-            .and_then(|i| d.cluster.endpoint_stats.get(i))
-            .cloned();
         // Circuit breaker: a connection slot, or the connection is closed at once (UO), as
         // Envoy's TCP proxy does.
         let _slot = d
@@ -242,8 +239,8 @@ impl Proxy {
             .limits
             .admit_connection()
             .map_err(Error::Overflow)?;
-        let _active = d.pick.map(|i| d.cluster.balancer.start(i));
-        stats.request(ep.as_deref());
+        // Held for the whole connection: the balancer counts it in flight until it closes.
+        let mut attempt = attempt::Attempt::start(d.cluster, d.pick);
         let dialer = upstream::Dialer {
             ns: ns.clone(),
             mark: true,
@@ -260,19 +257,10 @@ impl Proxy {
                 }),
         };
         // A TLS cluster's connection is up once the handshake is done (as Envoy counts).
-        let upstream = dialer.dial(addr).await.inspect_err(|e| {
-            let connect = !matches!(e, upstream::Error::Tls(_));
-            stats.local_failure(ep.as_deref(), connect);
-        });
-        if let (Some(od), Some(i)) = (&d.cluster.outlier, d.pick) {
-            od.observe(
-                i,
-                if upstream.is_ok() {
-                    crate::outlier::Outcome::Connected
-                } else {
-                    crate::outlier::Outcome::LocalFailure
-                },
-            );
+        let upstream = dialer.dial(addr).await;
+        match &upstream {
+            Ok(_) => attempt.connected(),
+            Err(e) => attempt.failed(!matches!(e, upstream::Error::Tls(_))),
         }
         drop(registry);
         let _counted = crate::stats::store().connection(addr);

@@ -38,6 +38,7 @@ use hyper_util::{
 use tokio::time::Instant;
 
 use super::{
+    attempt::Attempt,
     downstream,
     replay::Replay,
     retry,
@@ -47,7 +48,6 @@ use super::{
 use crate::{
     access::{self, ResponseFlag},
     config::policy::{ConnectionPool, H2Upgrade, Retries, TcpKeepalive},
-    outlier::Outcome,
     redirect::netns::NetNs,
     registry::{RegistryHandle, RouteError, Target, route},
     tls::Origination,
@@ -600,9 +600,7 @@ impl Tries<'_> {
         let mut n = 0;
         loop {
             let (addr, endpoint) = describe(self.snapshot, c, target);
-            let ep = endpoint_of(c, pick);
-            let _active = pick.map(|i| c.balancer.start(i));
-            stats.request(ep);
+            let mut attempt = Attempt::start(c, pick);
             let mut req = Request::new(self.body.attempt());
             *req.method_mut() = self.method.clone();
             *req.version_mut() = self.version;
@@ -619,7 +617,7 @@ impl Tries<'_> {
                     .await
                     .unwrap_or(Err(SendError::Timeout(t))),
             };
-            let outcome = self.observe(&result, pick, ep, &endpoint);
+            let outcome = observe(&result, &mut attempt, &endpoint);
             let retriable = retry::retriable(&retries.retry_on, outcome);
             if retriable && n < retries.attempts && self.body.replayable() {
                 if let Some(slot) = c.limits.admit_retry() {
@@ -648,42 +646,31 @@ impl Tries<'_> {
             return (result.map_err(TryError::Send), endpoint, flags);
         }
     }
+}
 
-    /// Counts one try's result and reports it to outlier detection; how it ended, for retries.
-    fn observe(
-        &self,
-        result: &Result<(Response<Incoming>, Option<streams::Stream>), SendError>,
-        pick: Option<usize>,
-        ep: Option<&crate::stats::EndpointStats>,
-        endpoint: &str,
-    ) -> retry::Outcome {
-        let c = self.cluster;
-        let report = |outcome| {
-            if let (Some(od), Some(i)) = (&c.outlier, pick) {
-                od.observe(i, outcome);
+/// Reports one try's result through its attempt; how it ended, for retries.
+fn observe(
+    result: &Result<(Response<Incoming>, Option<streams::Stream>), SendError>,
+    attempt: &mut Attempt,
+    endpoint: &str,
+) -> retry::Outcome {
+    match result {
+        Ok((resp, _)) => {
+            let status = resp.status().as_u16();
+            attempt.response(status);
+            retry::Outcome::Response {
+                status,
+                grpc: resp
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok()?.parse().ok()),
             }
-        };
-        match result {
-            Ok((resp, _)) => {
-                let status = resp.status().as_u16();
-                c.stats.response(ep, status);
-                report(Outcome::Http(status));
-                retry::Outcome::Response {
-                    status,
-                    grpc: resp
-                        .headers()
-                        .get("grpc-status")
-                        .and_then(|v| v.to_str().ok()?.parse().ok()),
-                }
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, endpoint = %endpoint, "upstream request failed");
-                let outcome = e.outcome();
-                c.stats
-                    .local_failure(ep, outcome == retry::Outcome::ConnectFailure);
-                report(Outcome::LocalFailure);
-                outcome
-            }
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, endpoint = %endpoint, "upstream request failed");
+            let outcome = e.outcome();
+            attempt.failed(outcome == retry::Outcome::ConnectFailure);
+            outcome
         }
     }
 }
