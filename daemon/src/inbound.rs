@@ -152,6 +152,7 @@ impl Inbound {
                 Ok((stream, peer)) => {
                     let me = self.clone();
                     tracker.spawn(async move {
+                        let start = tokio::time::Instant::now();
                         let target = stream.local_addr().ok();
                         let outcome = me.handle(stream).await;
                         let s = &crate::stats::store().inbound;
@@ -165,16 +166,18 @@ impl Inbound {
                             Err(Error::Tls(_) | Error::Identity { .. }) => &s.tls_error,
                         };
                         counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        match outcome {
-                            Ok(how) => tracing::info!(
-                                target: "drover::access", netns = %me.ns.name, src = %peer,
-                                dst = ?target, how = %how, "inbound"
-                            ),
-                            Err(e) => tracing::warn!(
-                                target: "drover::access", netns = %me.ns.name, src = %peer,
-                                dst = ?target, reason = %e, "inbound refused"
-                            ),
+                        crate::access::Record {
+                            netns: me.ns.name.clone(),
+                            src: Some(peer),
+                            dst: target.unwrap_or(peer),
+                            start,
+                            kind: crate::access::Kind::Inbound {
+                                outcome: outcome
+                                    .map(|how| how.to_string())
+                                    .map_err(|e| e.to_string()),
+                            },
                         }
+                        .emit();
                     });
                 }
                 Err(e) => {

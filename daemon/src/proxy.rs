@@ -172,29 +172,34 @@ impl Proxy {
         }
         let mut log = AccessLog::default();
         let result = self.relay(&ns, orig, &mut client, &mut log).await;
-        let duration_ms = start.elapsed().as_secs_f64() * 1000.0;
         let AccessLog {
             host,
             cluster,
             endpoint,
             route,
         } = log;
-        match result {
-            Ok((sent, received)) => tracing::info!(
-                target: "drover::access",
-                netns = %ns.name, src = ?src, dst = %orig, host = %host, cluster = %cluster,
-                route = %route, endpoint = %endpoint,
-                bytes_sent = sent, bytes_received = received, duration_ms, flag = %"-", "tcp"
-            ),
-            Err(e) => {
-                tracing::info!(
-                    target: "drover::access",
-                    netns = %ns.name, src = ?src, dst = %orig, host = %host, cluster = %cluster,
-                    route = %route, endpoint = %endpoint,
-                    duration_ms, flag = %e.response_flag(), reason = %e, "tcp"
-                );
-                let _ = client.shutdown().await;
-            }
+        let (bytes, flags, reason) = match &result {
+            Ok(bytes) => (Some(*bytes), Vec::new(), None),
+            Err(e) => (None, vec![e.response_flag()], Some(e.to_string())),
+        };
+        crate::access::Record {
+            netns: ns.name.clone(),
+            src,
+            dst: orig,
+            start,
+            kind: crate::access::Kind::Tcp {
+                host,
+                cluster,
+                route,
+                endpoint,
+                bytes,
+                flags,
+                reason,
+            },
+        }
+        .emit();
+        if result.is_err() {
+            let _ = client.shutdown().await;
         }
     }
 
@@ -296,7 +301,6 @@ impl Default for AccessLog {
     }
 }
 
-/// A non-blocking TCP socket for `addr`'s family, carrying Drover's mark.
 /// Binds the capture listeners (`127.0.0.1:15001` and, where IPv6 is up, `[::1]:15001`) in `ns`.
 pub fn bind_listeners(ns: &NetNs) -> io::Result<Vec<TcpListener>> {
     let addrs = [

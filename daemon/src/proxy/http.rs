@@ -393,14 +393,25 @@ async fn handle(
         headers: &parts.headers,
         connection,
     };
-    let log = |status: u16, cluster: &str, route: &str, endpoint: &str, flags: &[ResponseFlag]| {
-        tracing::info!(
-            target: "drover::access",
-            netns = %ns.name, src = ?src, dst = %orig, method = %method, path = %path,
-            authority = %authority, status, cluster = %cluster, route = %route,
-            endpoint = %endpoint, duration_ms = start.elapsed().as_secs_f64() * 1000.0,
-            flag = %access::render(flags), "http"
-        );
+    let record =
+        |status: u16, cluster: &str, route: &str, endpoint: &str, flags: Vec<_>| access::Record {
+            netns: ns.name.clone(),
+            src,
+            dst: orig,
+            start,
+            kind: access::Kind::Http {
+                method: method.clone(),
+                path: path.clone(),
+                authority: authority.clone(),
+                status,
+                cluster: cluster.to_string(),
+                route: route.to_string(),
+                endpoint: endpoint.to_string(),
+                flags,
+            },
+        };
+    let log = |status, cluster: &str, route: &str, endpoint: &str, flags: &[ResponseFlag]| {
+        record(status, cluster, route, endpoint, flags.to_vec()).emit();
     };
     let decision = match snapshot.route_request(orig, src.map(|s| s.ip()), &request) {
         Ok(d) => d,
@@ -527,20 +538,13 @@ async fn handle(
             }
             // Logged when the body ends, with the flag of a body cut short (as Envoy logs at
             // stream end).
-            let line = AccessLine {
-                netns: ns.name.clone(),
-                src,
-                dst: orig,
-                method: method.clone(),
-                path: path.clone(),
-                authority: authority.clone(),
-                status: rparts.status.as_u16(),
-                cluster,
-                route: route_name,
-                endpoint,
+            let line = record(
+                rparts.status.as_u16(),
+                &cluster,
+                &route_name,
+                &endpoint,
                 flags,
-                start,
-            };
+            );
             // The request holds its connection slot (and its HTTP/2 stream) until the response
             // body is done.
             let rbody = rbody.map_frame(move |f| {
@@ -740,30 +744,13 @@ fn bridge(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpg
     });
 }
 
-/// The access-log line of a proxied response, completed when its body ends.
-struct AccessLine {
-    netns: String,
-    src: Option<SocketAddr>,
-    dst: SocketAddr,
-    method: hyper::Method,
-    path: String,
-    authority: String,
-    status: u16,
-    cluster: String,
-    route: String,
-    endpoint: String,
-    /// The flags of the tries so far.
-    flags: Vec<ResponseFlag>,
-    start: Instant,
-}
-
 /// A proxied response body that writes its access-log line once, when it ends or is dropped:
 /// `UC` when the upstream connection ended mid-body, `UR` when the upstream reset the stream,
 /// `DC` when the client went away first (Envoy's flags); the flags of the tries before stay.
 /// It also keeps the request counted as in flight until then.
 struct Logged<B: hyper::body::Body> {
     body: B,
-    line: AccessLine,
+    line: access::Record,
     cut: Option<ResponseFlag>,
     ended: bool,
     _active: downstream::Active,
@@ -816,15 +803,10 @@ impl<B: hyper::body::Body> Drop for Logged<B> {
             (None, false) => Some(ResponseFlag::DownstreamConnectionTermination),
             (None, true) => None,
         };
-        let l = &mut self.line;
-        l.flags.extend(cut);
-        tracing::info!(
-            target: "drover::access",
-            netns = %l.netns, src = ?l.src, dst = %l.dst, method = %l.method, path = %l.path,
-            authority = %l.authority, status = l.status, cluster = %l.cluster, route = %l.route,
-            endpoint = %l.endpoint, duration_ms = l.start.elapsed().as_secs_f64() * 1000.0,
-            flag = %access::render(&l.flags), "http"
-        );
+        if let access::Kind::Http { flags, .. } = &mut self.line.kind {
+            flags.extend(cut);
+        }
+        self.line.emit();
     }
 }
 
