@@ -271,9 +271,13 @@ impl Watch {
                     };
                     let wanted = seen.lock().unwrap_or_else(|e| e.into_inner());
                     for path in ev.paths.iter().filter(|p| concerns(&wanted, p)) {
+                        // Only files that are read count as being written: an editor's swap
+                        // file stays open for the whole session and must not hold reloads back.
+                        let read = wanted.iter().any(|w| w == path)
+                            || path.extension().is_some_and(|e| e == "yaml" || e == "yml");
                         let _ = tx.send(Signal::File {
                             path: path.clone(),
-                            writing,
+                            writing: writing && read,
                             closed,
                         });
                     }
