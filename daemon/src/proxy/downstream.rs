@@ -99,7 +99,9 @@ impl State {
         if self.first_read.swap(false, Ordering::Relaxed) && head.starts_with(b"PRI * HTTP/2") {
             self.h2.store(true, Ordering::Relaxed);
         }
+        // Most reads happen mid-request or with a deadline already running: no clock read then.
         if self.active.load(Ordering::Relaxed) == 0
+            && self.headers_since.load(Ordering::Relaxed) == NONE
             && !(self.h2.load(Ordering::Relaxed) && self.idle_since.load(Ordering::Relaxed) != 0)
         {
             let _ = self.headers_since.compare_exchange(
