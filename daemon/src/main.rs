@@ -49,6 +49,92 @@ struct ClientArgs {
     client_workload: Option<String>,
 }
 
+/// `drover run`.
+#[derive(Args)]
+struct RunArgs {
+    /// YAML file or directory with ServiceEntry / WorkloadEntry (and other Istio) resources.
+    #[arg(long = "config", required = true)]
+    config: Vec<PathBuf>,
+    /// cgroup v2 directory whose processes are captured (listener in drover's own netns).
+    #[arg(long = "cgroup")]
+    cgroup: Vec<PathBuf>,
+    /// Network namespace (an `ip netns` name or a path) whose processes are captured.
+    #[arg(long = "netns")]
+    netns: Vec<String>,
+    /// Leave captured connects alone while no drover listener exists (default: refuse them).
+    #[arg(long)]
+    fail_open: bool,
+    /// How connections reach drover.
+    #[arg(long, value_enum, default_value = "ebpf")]
+    capture: CaptureMode,
+    /// Where maps and links are pinned.
+    #[arg(long, default_value = drover_common::DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    /// How long SIGTERM waits for open connections before closing them.
+    #[arg(long, default_value = "5", value_name = "SECS")]
+    drain_timeout: f64,
+    /// Do not watch the config paths (by default a valid change is applied live).
+    #[arg(long)]
+    no_watch: bool,
+    /// Admin API address (`/clusters`, `/stats/prometheus`, `/config_dump`, `/ready`,
+    /// `/logging`); `off` disables it.
+    #[arg(long, default_value = "127.0.0.1:15000", value_parser = parse_admin)]
+    admin: Admin,
+    /// Directory of `credentialName` secrets: `DIR/<name>/` with `tls.crt`|`cert`,
+    /// `tls.key`|`key`, `ca.crt`|`cacert`, `ca.crl`|`crl`.
+    #[arg(long, value_name = "DIR")]
+    credentials: Option<PathBuf>,
+    /// Mesh CA directory (`drover ca init`): issue the enrolled workloads a SPIFFE identity for
+    /// `ISTIO_MUTUAL` (24 h certificates renewed at half-life).
+    #[arg(long, value_name = "DIR")]
+    mesh_ca: Option<PathBuf>,
+    /// Trust domain of the mesh identities.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// Service account of the enrolled workloads (their identity's `sa`).
+    #[arg(long, default_value = "default")]
+    service_account: String,
+    /// Where the workload certificate is written (default: a directory under the temp dir).
+    #[arg(long, value_name = "DIR")]
+    identity_dir: Option<PathBuf>,
+    /// Terminate mesh mTLS for the workloads of this network namespace (an `ip netns` name or
+    /// a path): inbound TCP to `--inbound-port`s is steered to drover by `sk_lookup`.
+    #[arg(long, value_name = "NETNS", requires = "mesh_ca")]
+    inbound_netns: Option<String>,
+    /// Workload port whose inbound connections are terminated (repeatable).
+    #[arg(long = "inbound-port", requires = "inbound_netns")]
+    inbound_ports: Vec<u16>,
+    /// Inbound clients: STRICT (mTLS only) or PERMISSIVE (plaintext passes through).
+    #[arg(long, value_enum, default_value = "strict")]
+    peer_authentication: drover::inbound::PeerAuthentication,
+    /// Close a captured HTTP connection whose request headers are not complete this long after
+    /// accept (first request) or after the request's first byte; counted as
+    /// `downstream_rq_header_timeout`.
+    #[arg(long, default_value = "10", value_name = "SECS")]
+    request_headers_timeout: f64,
+    /// Close a captured HTTP connection with no request in flight for this long (Envoy's
+    /// default, 1 h); counted as `downstream_cx_idle_timeout`.
+    #[arg(long, default_value = "3600", value_name = "SECS")]
+    downstream_idle_timeout: f64,
+    /// Overload: refuse new captured connections beyond this many open at once (0: no cap);
+    /// counted as `downstream_cx_overflow`.
+    #[arg(long, default_value = "0", value_name = "N")]
+    max_downstream_connections: u64,
+    /// Overload: refuse new captured connections while the daemon's resident memory is above
+    /// this (0: no limit); counted as `downstream_cx_overload_memory`.
+    #[arg(long, default_value = "0", value_name = "MIB")]
+    max_memory_mb: u64,
+    /// Accept a configuration that defines no service (at start and on reload); by default it
+    /// is refused, since an empty or truncated file would otherwise stop all capture.
+    #[arg(long)]
+    allow_empty: bool,
+    /// Data-plane worker threads (0: one per CPU).
+    #[arg(long, default_value = "0")]
+    workers: usize,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
 #[derive(Subcommand)]
 #[expect(
     clippy::large_enum_variant,
@@ -56,89 +142,7 @@ struct ClientArgs {
 )]
 enum Command {
     /// Capture the enrolled workloads' connections and relay them to service endpoints.
-    Run {
-        /// YAML file or directory with ServiceEntry / WorkloadEntry (and other Istio) resources.
-        #[arg(long = "config", required = true)]
-        config: Vec<PathBuf>,
-        /// cgroup v2 directory whose processes are captured (listener in drover's own netns).
-        #[arg(long = "cgroup")]
-        cgroup: Vec<PathBuf>,
-        /// Network namespace (an `ip netns` name or a path) whose processes are captured.
-        #[arg(long = "netns")]
-        netns: Vec<String>,
-        /// Leave captured connects alone while no drover listener exists (default: refuse them).
-        #[arg(long)]
-        fail_open: bool,
-        /// How connections reach drover.
-        #[arg(long, value_enum, default_value = "ebpf")]
-        capture: CaptureMode,
-        /// Where maps and links are pinned.
-        #[arg(long, default_value = drover_common::DEFAULT_PIN_DIR)]
-        pin_dir: PathBuf,
-        /// How long SIGTERM waits for open connections before closing them.
-        #[arg(long, default_value = "5", value_name = "SECS")]
-        drain_timeout: f64,
-        /// Do not watch the config paths (by default a valid change is applied live).
-        #[arg(long)]
-        no_watch: bool,
-        /// Admin API address (`/clusters`, `/stats/prometheus`, `/config_dump`, `/ready`,
-        /// `/logging`); `off` disables it.
-        #[arg(long, default_value = "127.0.0.1:15000", value_parser = parse_admin)]
-        admin: Admin,
-        /// Directory of `credentialName` secrets: `DIR/<name>/` with `tls.crt`|`cert`,
-        /// `tls.key`|`key`, `ca.crt`|`cacert`, `ca.crl`|`crl`.
-        #[arg(long, value_name = "DIR")]
-        credentials: Option<PathBuf>,
-        /// Mesh CA directory (`drover ca init`): issue the enrolled workloads a SPIFFE identity for
-        /// `ISTIO_MUTUAL` (24 h certificates renewed at half-life).
-        #[arg(long, value_name = "DIR")]
-        mesh_ca: Option<PathBuf>,
-        /// Trust domain of the mesh identities.
-        #[arg(long, default_value = "cluster.local")]
-        trust_domain: String,
-        /// Service account of the enrolled workloads (their identity's `sa`).
-        #[arg(long, default_value = "default")]
-        service_account: String,
-        /// Where the workload certificate is written (default: a directory under the temp dir).
-        #[arg(long, value_name = "DIR")]
-        identity_dir: Option<PathBuf>,
-        /// Terminate mesh mTLS for the workloads of this network namespace (an `ip netns` name or
-        /// a path): inbound TCP to `--inbound-port`s is steered to drover by `sk_lookup`.
-        #[arg(long, value_name = "NETNS", requires = "mesh_ca")]
-        inbound_netns: Option<String>,
-        /// Workload port whose inbound connections are terminated (repeatable).
-        #[arg(long = "inbound-port", requires = "inbound_netns")]
-        inbound_ports: Vec<u16>,
-        /// Inbound clients: STRICT (mTLS only) or PERMISSIVE (plaintext passes through).
-        #[arg(long, value_enum, default_value = "strict")]
-        peer_authentication: drover::inbound::PeerAuthentication,
-        /// Close a captured HTTP connection whose request headers are not complete this long after
-        /// accept (first request) or after the request's first byte; counted as
-        /// `downstream_rq_header_timeout`.
-        #[arg(long, default_value = "10", value_name = "SECS")]
-        request_headers_timeout: f64,
-        /// Close a captured HTTP connection with no request in flight for this long (Envoy's
-        /// default, 1 h); counted as `downstream_cx_idle_timeout`.
-        #[arg(long, default_value = "3600", value_name = "SECS")]
-        downstream_idle_timeout: f64,
-        /// Overload: refuse new captured connections beyond this many open at once (0: no cap);
-        /// counted as `downstream_cx_overflow`.
-        #[arg(long, default_value = "0", value_name = "N")]
-        max_downstream_connections: u64,
-        /// Overload: refuse new captured connections while the daemon's resident memory is above
-        /// this (0: no limit); counted as `downstream_cx_overload_memory`.
-        #[arg(long, default_value = "0", value_name = "MIB")]
-        max_memory_mb: u64,
-        /// Accept a configuration that defines no service (at start and on reload); by default it
-        /// is refused, since an empty or truncated file would otherwise stop all capture.
-        #[arg(long)]
-        allow_empty: bool,
-        /// Data-plane worker threads (0: one per CPU).
-        #[arg(long, default_value = "0")]
-        workers: usize,
-        #[command(flatten)]
-        client: ClientArgs,
-    },
+    Run(RunArgs),
     /// Check configuration files; prints every error and warning as
     /// `file:line:col: field: message` and exits 1 if there is any error.
     Validate {
@@ -351,93 +355,81 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Run {
-            config,
-            cgroup,
-            netns,
-            fail_open,
-            capture,
-            pin_dir,
-            drain_timeout,
-            no_watch,
-            admin,
-            credentials,
-            mesh_ca,
-            trust_domain,
-            service_account,
-            identity_dir,
-            inbound_netns,
-            inbound_ports,
-            peer_authentication,
-            allow_empty,
-            request_headers_timeout,
-            downstream_idle_timeout,
-            max_downstream_connections,
-            max_memory_mb,
-            workers,
-            client,
-        } => {
-            let cfg = app::RunConfig {
-                config_paths: config,
-                cgroups: cgroup,
-                netns,
-                fail_open,
-                capture,
-                pin_dir,
-                drain_timeout: secs(drain_timeout),
-                client: client.into(),
-                watch: !no_watch,
-                admin: admin.0,
-                credentials: drover::tls::Credentials {
-                    dir: credentials,
-                    mesh: None,
-                },
-                inbound: inbound_netns.map(|n| (n, inbound_ports, peer_authentication)),
-                mesh: mesh_ca.map(|ca_dir| app::MeshConfig {
-                    ca_dir,
-                    trust_domain,
-                    service_account,
-                    identity_dir: identity_dir.unwrap_or_else(|| {
-                        std::env::temp_dir().join(format!("drover-identity-{}", std::process::id()))
-                    }),
+        Command::Run(args) => run(args, log_control),
+    }
+}
+
+/// `drover run`: the daemon on a multi-threaded runtime until SIGTERM/SIGINT/SIGQUIT drains it.
+fn run(a: RunArgs, log: Option<drover::admin::LogControl>) -> ExitCode {
+    let workers = a.workers;
+    let cfg = a.into_config(log);
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if workers > 0 {
+        builder.worker_threads(workers);
+    }
+    let rt = match builder.enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        let bound = app::build(cfg).await?;
+        bound.wait_termination().await
+    });
+    // Do not wait for connections left after the drain deadline.
+    rt.shutdown_timeout(Duration::from_millis(100));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if let Some(c) = e.downcast_ref::<app::ConfigRejected>() {
+                eprintln!("{c}");
+            } else {
+                eprintln!("error: {}", chain(&e));
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+impl RunArgs {
+    /// The daemon's settings from the flags.
+    fn into_config(self, log: Option<drover::admin::LogControl>) -> app::RunConfig {
+        app::RunConfig {
+            config_paths: self.config,
+            cgroups: self.cgroup,
+            netns: self.netns,
+            fail_open: self.fail_open,
+            capture: self.capture,
+            pin_dir: self.pin_dir,
+            drain_timeout: secs(self.drain_timeout),
+            client: self.client.into(),
+            watch: !self.no_watch,
+            admin: self.admin.0,
+            credentials: drover::tls::Credentials {
+                dir: self.credentials,
+                mesh: None,
+            },
+            inbound: self
+                .inbound_netns
+                .map(|n| (n, self.inbound_ports, self.peer_authentication)),
+            mesh: self.mesh_ca.map(|ca_dir| app::MeshConfig {
+                ca_dir,
+                trust_domain: self.trust_domain,
+                service_account: self.service_account,
+                identity_dir: self.identity_dir.unwrap_or_else(|| {
+                    std::env::temp_dir().join(format!("drover-identity-{}", std::process::id()))
                 }),
-                log: log_control,
-                downstream: drover::proxy::downstream::Timeouts {
-                    request_headers: secs(request_headers_timeout),
-                    idle: secs(downstream_idle_timeout),
-                },
-                max_downstream_connections,
-                max_memory_bytes: max_memory_mb.saturating_mul(1024 * 1024),
-                allow_empty,
-            };
-            let mut builder = tokio::runtime::Builder::new_multi_thread();
-            if workers > 0 {
-                builder.worker_threads(workers);
-            }
-            let rt = match builder.enable_all().build() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("error: starting runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            let result = rt.block_on(async {
-                let bound = app::build(cfg).await?;
-                bound.wait_termination().await
-            });
-            // Do not wait for connections left after the drain deadline.
-            rt.shutdown_timeout(Duration::from_millis(100));
-            match result {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    if let Some(c) = e.downcast_ref::<app::ConfigRejected>() {
-                        eprintln!("{c}");
-                    } else {
-                        eprintln!("error: {}", chain(&e));
-                    }
-                    ExitCode::FAILURE
-                }
-            }
+            }),
+            log,
+            downstream: drover::proxy::downstream::Timeouts {
+                request_headers: secs(self.request_headers_timeout),
+                idle: secs(self.downstream_idle_timeout),
+            },
+            max_downstream_connections: self.max_downstream_connections,
+            max_memory_bytes: self.max_memory_mb.saturating_mul(1024 * 1024),
+            allow_empty: self.allow_empty,
         }
     }
 }
