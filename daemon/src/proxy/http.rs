@@ -26,6 +26,7 @@ use hyper::{
     Request, Response, StatusCode, Uri, Version,
     body::{Bytes, Incoming},
     header::{self, HeaderMap, HeaderValue},
+    http::request::Parts,
 };
 use hyper_util::{
     client::legacy::{
@@ -352,223 +353,351 @@ pub async fn serve<T>(
     }
 }
 
-/// Routes and forwards one request; always produces a response.
-/// `active` counts the request as in flight (for the downstream timeouts) until a proxied
-/// response's body ends; a local reply is written at once.
+/// Routes and forwards one request, top to bottom: route → admit → tries → respond. Always
+/// produces a response. `active` counts the request as in flight (for the downstream timeouts)
+/// until a proxied response's body ends; a local reply is written at once.
 async fn handle(
     registry: &RegistryHandle,
     upstreams: &Upstreams,
     ns: &NetNs,
-    (src, orig): (Option<SocketAddr>, SocketAddr),
+    peers: (Option<SocketAddr>, SocketAddr),
     connection: &str,
     mut req: Request<Incoming>,
     active: downstream::Active,
 ) -> Response<Body> {
-    let start = Instant::now();
     let upgrade = (req.version() == Version::HTTP_11
         && req.headers().contains_key(header::UPGRADE))
     .then(|| hyper::upgrade::on(&mut req));
-    let (mut parts, body) = req.into_parts();
-    let method = parts.method.clone();
-    let path = parts.uri.path().to_string();
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.to_string())
-        .or_else(|| {
-            parts
-                .headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        })
-        .unwrap_or_default();
+    let (parts, body) = req.into_parts();
+    let exchange = Exchange::new(ns, peers, &parts);
     let snapshot = registry.load();
-    let request = route::Request {
-        method: method.as_str(),
-        scheme: parts.uri.scheme_str().unwrap_or("http"),
-        authority: &authority,
-        path: &path,
-        query: parts.uri.query(),
-        headers: &parts.headers,
-        connection,
+    let routed = match exchange.route(&snapshot, &parts, connection) {
+        Ok(r) => r,
+        Err(reply) => return reply,
     };
-    let record =
-        |status: u16, cluster: &str, route: &str, endpoint: &str, flags: Vec<_>| access::Record {
+    let Some(forward) = Forward::new(&exchange, &routed, parts, upgrade.is_some(), upstreams)
+    else {
+        return local(StatusCode::BAD_REQUEST, "", &[]);
+    };
+    let admission = match exchange.admit(&routed, &forward).await {
+        Ok(a) => a,
+        Err(reply) => return reply,
+    };
+    let tried = routed.tries(&forward, Replay::new(body)).await;
+    exchange.respond(&routed, tried, upgrade, admission, active)
+}
+
+/// One request as it arrived: what routing, the access log and the reply need of it.
+struct Exchange {
+    start: Instant,
+    netns: String,
+    peers: (Option<SocketAddr>, SocketAddr),
+    method: hyper::Method,
+    path: String,
+    /// The URI's authority, else the `Host` header.
+    authority: String,
+}
+
+/// A routed request: the routing decision (in the snapshot it was made by), the names the
+/// access log gives it, and the first endpoint.
+struct Routed<'s> {
+    snapshot: &'s crate::registry::Registry,
+    decision: route::Decision<'s>,
+    route_name: String,
+    first: (SocketAddr, String),
+}
+
+/// The upstream request every try sends (to its own endpoint), and the pool it goes through.
+struct Forward {
+    pool: Pool,
+    h2: bool,
+    connect_timeout: Duration,
+    method: hyper::Method,
+    version: Version,
+    headers: HeaderMap,
+    path_and_query: String,
+    first_uri: Uri,
+}
+
+// === impl Exchange ===
+
+impl Exchange {
+    fn new(ns: &NetNs, peers: (Option<SocketAddr>, SocketAddr), parts: &Parts) -> Self {
+        let authority = parts
+            .uri
+            .authority()
+            .map(|a| a.to_string())
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_string)
+            })
+            .unwrap_or_default();
+        Self {
+            start: Instant::now(),
             netns: ns.name.clone(),
-            src,
-            dst: orig,
-            start,
+            peers,
+            method: parts.method.clone(),
+            path: parts.uri.path().to_string(),
+            authority,
+        }
+    }
+
+    /// The access-log record of this request.
+    fn record(
+        &self,
+        status: u16,
+        (cluster, route): (&str, &str),
+        endpoint: &str,
+        flags: Vec<ResponseFlag>,
+    ) -> access::Record {
+        access::Record {
+            netns: self.netns.clone(),
+            src: self.peers.0,
+            dst: self.peers.1,
+            start: self.start,
             kind: access::Kind::Http {
-                method: method.clone(),
-                path: path.clone(),
-                authority: authority.clone(),
+                method: self.method.clone(),
+                path: self.path.clone(),
+                authority: self.authority.clone(),
                 status,
                 cluster: cluster.to_string(),
                 route: route.to_string(),
                 endpoint: endpoint.to_string(),
                 flags,
             },
-        };
-    let log = |status, cluster: &str, route: &str, endpoint: &str, flags: &[ResponseFlag]| {
-        record(status, cluster, route, endpoint, flags.to_vec()).emit();
-    };
-    let decision = match snapshot.route_request(orig, src.map(|s| s.ip()), &request) {
-        Ok(d) => d,
-        Err(e) => {
-            let reply = route_failure(&e);
-            log(reply.status().as_u16(), "-", "-", "-", &[e.response_flag()]);
-            return reply;
         }
-    };
-    let cluster = decision.cluster.name.clone();
-    let c = decision.cluster;
-    let route_name = decision.route.clone().unwrap_or_else(|| "-".into());
-    let set_cookie = decision.set_cookie.clone();
-    let (first_addr, first_endpoint) = describe(&snapshot, c, decision.target);
-    let pool = c
-        .policy
-        .connection_pool
-        .value
-        .as_ref()
-        .unwrap_or(ConnectionPool::istio_defaults());
-    // Upstream protocol: the port's (http2/grpc → h2), unless the rule mirrors the client's
-    // (`useClientProtocol`) or upgrades (`h2UpgradePolicy: UPGRADE`).
-    let h2 = match pool {
-        p if p.use_client_protocol => parts.version == Version::HTTP_2,
+    }
+
+    /// Route: the VirtualService route, subset and endpoint (or Envoy's reply when none).
+    fn route<'s>(
+        &self,
+        snapshot: &'s crate::registry::Registry,
+        parts: &Parts,
+        connection: &str,
+    ) -> Result<Routed<'s>, Response<Body>> {
+        let (src, orig) = self.peers;
+        let request = route::Request {
+            method: self.method.as_str(),
+            scheme: parts.uri.scheme_str().unwrap_or("http"),
+            authority: &self.authority,
+            path: &self.path,
+            query: parts.uri.query(),
+            headers: &parts.headers,
+            connection,
+        };
+        match snapshot.route_request(orig, src.map(|s| s.ip()), &request) {
+            Ok(decision) => Ok(Routed {
+                snapshot,
+                route_name: decision.route.clone().unwrap_or_else(|| "-".into()),
+                first: describe(snapshot, decision.cluster, decision.target),
+                decision,
+            }),
+            Err(e) => {
+                let reply = route_failure(&e);
+                let status = reply.status().as_u16();
+                self.record(status, ("-", "-"), "-", vec![e.response_flag()])
+                    .emit();
+                Err(reply)
+            }
+        }
+    }
+
+    /// Admit: the cluster's circuit breakers. Overflow is answered at once, as Envoy does (503
+    /// `UO`, not retried, not reported to outlier detection).
+    async fn admit(
+        &self,
+        routed: &Routed<'_>,
+        forward: &Forward,
+    ) -> Result<crate::breakers::Admission, Response<Body>> {
+        let c = routed.decision.cluster;
+        let pending = endpoint_of(c, routed.decision.pick).map(|e| e.pending());
+        let admitted = c.limits.admit(!forward.h2, forward.connect_timeout).await;
+        drop(pending);
+        admitted.map_err(|e| {
+            tracing::debug!(reason = %e, cluster = %c.name, "circuit breaker");
+            let (flag, reply) = breaker_reply(&e);
+            self.record(503, routed.names(), &routed.first.1, vec![flag])
+                .emit();
+            reply
+        })
+    }
+
+    /// Respond: the endpoint's response (its body logged when it ends, holding the request's
+    /// breaker slot and stream until then), or Envoy's local reply for why there is none.
+    fn respond(
+        &self,
+        routed: &Routed<'_>,
+        (result, endpoint, mut flags): Tried,
+        upgrade: Option<hyper::upgrade::OnUpgrade>,
+        admission: crate::breakers::Admission,
+        active: downstream::Active,
+    ) -> Response<Body> {
+        let (mut resp, stream) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                let (status, flag, body) = e.reply();
+                flags.insert(0, flag);
+                self.record(status.as_u16(), routed.names(), &endpoint, flags.clone())
+                    .emit();
+                return local(status, body, &flags);
+            }
+        };
+        let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+        if switching && let Some(downstream) = upgrade {
+            bridge(downstream, hyper::upgrade::on(&mut resp));
+        }
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers, switching);
+        if let Some(c) = &routed.decision.set_cookie
+            && let Ok(v) = HeaderValue::from_str(c)
+        {
+            parts.headers.append(header::SET_COOKIE, v);
+        }
+        let line = self.record(parts.status.as_u16(), routed.names(), &endpoint, flags);
+        let body = body.map_frame(move |f| {
+            let _held = (&admission, &stream);
+            f
+        });
+        let logged = Logged {
+            body,
+            line,
+            cut: None,
+            ended: false,
+            _active: active,
+        };
+        Response::from_parts(parts, logged.boxed())
+    }
+}
+
+// === impl Routed ===
+
+impl Routed<'_> {
+    /// (cluster, route) as the access log names them.
+    fn names(&self) -> (&str, &str) {
+        (&self.decision.cluster.name, &self.route_name)
+    }
+
+    /// Tries: the first to the routed endpoint, retries (the route's `retries`, else Istio's
+    /// default) to other endpoints, all within the route's `timeout`.
+    async fn tries(&self, forward: &Forward, body: Replay<Incoming>) -> Tried {
+        let d = &self.decision;
+        let tries = Tries {
+            snapshot: self.snapshot,
+            cluster: d.cluster,
+            forward,
+            retries: d
+                .http_route
+                .and_then(|r| r.retries.as_ref())
+                .unwrap_or_else(|| default_retries()),
+            body: &body,
+        };
+        let tries = tries.run(d.target, d.pick);
+        match d.http_route.and_then(|r| r.timeout) {
+            None => tries.await,
+            Some(t) => tokio::time::timeout(t, tries).await.unwrap_or_else(|_| {
+                (
+                    Err(TryError::RouteTimeout),
+                    self.first.1.clone(),
+                    Vec::new(),
+                )
+            }),
+        }
+    }
+}
+
+// === impl Forward ===
+
+impl Forward {
+    /// The request as forwarded: same method, path, headers (minus hop-by-hop; `Host` set from
+    /// the authority when absent) and body, in the upstream protocol, through the pool of the
+    /// cluster's origination and settings. `None` when the first endpoint's URI is invalid.
+    fn new(
+        exchange: &Exchange,
+        routed: &Routed<'_>,
+        mut parts: Parts,
+        upgrading: bool,
+        upstreams: &Upstreams,
+    ) -> Option<Self> {
+        let c = routed.decision.cluster;
+        let pool = c
+            .policy
+            .connection_pool
+            .value
+            .as_ref()
+            .unwrap_or(ConnectionPool::istio_defaults());
+        let h2 = !upgrading && upstream_h2(routed.snapshot, exchange.peers.1, pool, parts.version);
+        let path_and_query = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        let first_uri = uri_for(routed.first.0, &path_and_query).ok()?;
+        strip_hop_by_hop(&mut parts.headers, upgrading);
+        let authority = &exchange.authority;
+        if !parts.headers.contains_key(header::HOST)
+            && let Ok(v) = HeaderValue::from_str(authority)
+        {
+            parts.headers.insert(header::HOST, v);
+        }
+        let host = authority
+            .rsplit_once(':')
+            .filter(|(_, port)| port.parse::<u16>().is_ok())
+            .map_or(authority.as_str(), |(h, _)| h)
+            .trim_matches(|c| c == '[' || c == ']');
+        Some(Self {
+            pool: upstreams.pick(
+                c.tls.as_ref().map(|o| (o, &c.stats)),
+                Some(host).filter(|h| !h.is_empty()),
+                Settings::of(pool, h2),
+            ),
+            h2,
+            connect_timeout: pool.connect_timeout,
+            method: parts.method,
+            version: if h2 {
+                Version::HTTP_2
+            } else {
+                Version::HTTP_11
+            },
+            headers: parts.headers,
+            path_and_query,
+            first_uri,
+        })
+    }
+
+    /// The request of one try to `addr` (the `n`th try).
+    fn request(&self, n: u32, addr: SocketAddr, body: UpstreamBody) -> Request<UpstreamBody> {
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method.clone();
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers.clone();
+        // The first try's URI was built before; a retry's differs only in the endpoint.
+        *req.uri_mut() = match n {
+            0 => self.first_uri.clone(),
+            _ => uri_for(addr, &self.path_and_query).unwrap_or_else(|_| self.first_uri.clone()),
+        };
+        req
+    }
+}
+
+/// Upstream protocol: the port's (http2/grpc → h2), unless the rule mirrors the client's
+/// (`useClientProtocol`) or upgrades (`h2UpgradePolicy: UPGRADE`).
+fn upstream_h2(
+    snapshot: &crate::registry::Registry,
+    orig: SocketAddr,
+    pool: &ConnectionPool,
+    client: Version,
+) -> bool {
+    match pool {
+        p if p.use_client_protocol => client == Version::HTTP_2,
         p if p.h2_upgrade == H2Upgrade::Upgrade => true,
         _ => route::is_h2(
             snapshot
                 .lookup(orig)
                 .and_then(|(_, p)| p.protocol.as_deref()),
         ),
-    };
-
-    // Forward: same method, path, headers (minus hop-by-hop), body; to the chosen endpoint.
-    let path_and_query = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_string();
-    let Ok(first_uri) = uri_for(first_addr, &path_and_query) else {
-        return local(StatusCode::BAD_REQUEST, "", &[]);
-    };
-    strip_hop_by_hop(&mut parts.headers, upgrade.is_some());
-    if !parts.headers.contains_key(header::HOST)
-        && let Ok(v) = HeaderValue::from_str(&authority)
-    {
-        parts.headers.insert(header::HOST, v);
-    }
-    let h2 = h2 && upgrade.is_none();
-    parts.version = if h2 {
-        Version::HTTP_2
-    } else {
-        Version::HTTP_11
-    };
-    let host = authority
-        .rsplit_once(':')
-        .filter(|(_, port)| port.parse::<u16>().is_ok())
-        .map_or(authority.as_str(), |(h, _)| h)
-        .trim_matches(|c| c == '[' || c == ']');
-    let upstream = upstreams.pick(
-        c.tls.as_ref().map(|o| (o, &c.stats)),
-        Some(host).filter(|h| !h.is_empty()),
-        Settings::of(pool, h2),
-    );
-    // Circuit breakers: overflow is answered at once, as Envoy does (503 UO, not retried, not
-    // reported to outlier detection).
-    let pending = endpoint_of(c, decision.pick).map(|e| e.pending());
-    let admitted = c.limits.admit(!h2, pool.connect_timeout).await;
-    drop(pending);
-    let admission = match admitted {
-        Ok(a) => a,
-        Err(e) => {
-            tracing::debug!(reason = %e, cluster = %cluster, "circuit breaker");
-            let (flag, reply) = breaker_reply(&e);
-            log(503, &cluster, &route_name, &first_endpoint, &[flag]);
-            return reply;
-        }
-    };
-
-    // Tries: the first to the routed endpoint, retries (the route's `retries`, else Istio's
-    // default) to other endpoints, each reported to outlier detection.
-    let retries = decision
-        .http_route
-        .and_then(|r| r.retries.as_ref())
-        .unwrap_or_else(|| default_retries());
-    let body = Replay::new(body);
-    let (method, version, headers) = (parts.method, parts.version, parts.headers);
-    let tries = Tries {
-        snapshot: &snapshot,
-        cluster: c,
-        upstream: &upstream,
-        retries,
-        body: &body,
-        method: &method,
-        version,
-        headers: &headers,
-        path_and_query: &path_and_query,
-        first_uri: &first_uri,
-    };
-    let tries = tries.run(decision.target, decision.pick);
-    let route_timeout = decision.http_route.and_then(|r| r.timeout);
-    let (result, endpoint, mut flags) = match route_timeout {
-        None => tries.await,
-        Some(t) => match tokio::time::timeout(t, tries).await {
-            Ok(r) => r,
-            Err(_) => (
-                Err(TryError::RouteTimeout),
-                first_endpoint.clone(),
-                Vec::new(),
-            ),
-        },
-    };
-    match result {
-        Ok((mut resp, stream)) => {
-            let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-            if switching && let Some(downstream) = upgrade {
-                bridge(downstream, hyper::upgrade::on(&mut resp));
-            }
-            let (mut rparts, rbody) = resp.into_parts();
-            strip_hop_by_hop(&mut rparts.headers, switching);
-            if let Some(c) = set_cookie
-                && let Ok(v) = HeaderValue::from_str(&c)
-            {
-                rparts.headers.append(header::SET_COOKIE, v);
-            }
-            // Logged when the body ends, with the flag of a body cut short (as Envoy logs at
-            // stream end).
-            let line = record(
-                rparts.status.as_u16(),
-                &cluster,
-                &route_name,
-                &endpoint,
-                flags,
-            );
-            // The request holds its connection slot (and its HTTP/2 stream) until the response
-            // body is done.
-            let rbody = rbody.map_frame(move |f| {
-                let _held = (&admission, &stream);
-                f
-            });
-            Response::from_parts(
-                rparts,
-                Logged {
-                    body: rbody,
-                    line,
-                    cut: None,
-                    ended: false,
-                    _active: active,
-                }
-                .boxed(),
-            )
-        }
-        Err(e) => {
-            let (status, flag, body) = e.reply();
-            flags.insert(0, flag);
-            log(status.as_u16(), &cluster, &route_name, &endpoint, &flags);
-            local(status, body, &flags)
-        }
     }
 }
 
@@ -578,14 +707,9 @@ async fn handle(
 struct Tries<'a> {
     snapshot: &'a crate::registry::Registry,
     cluster: &'a crate::registry::Cluster,
-    upstream: &'a Pool,
+    forward: &'a Forward,
     retries: &'a Retries,
     body: &'a Replay<Incoming>,
-    method: &'a hyper::Method,
-    version: Version,
-    headers: &'a HeaderMap,
-    path_and_query: &'a str,
-    first_uri: &'a Uri,
 }
 
 /// What the tries came to: the response (or why none), the last endpoint tried, the flags.
@@ -605,16 +729,8 @@ impl Tries<'_> {
         loop {
             let (addr, endpoint) = describe(self.snapshot, c, target);
             let mut attempt = Attempt::start(c, pick);
-            let mut req = Request::new(self.body.attempt());
-            *req.method_mut() = self.method.clone();
-            *req.version_mut() = self.version;
-            *req.headers_mut() = self.headers.clone();
-            // The first try's URI was built before; a retry's differs only in the endpoint.
-            *req.uri_mut() = match n {
-                0 => self.first_uri.clone(),
-                _ => uri_for(addr, self.path_and_query).unwrap_or_else(|_| self.first_uri.clone()),
-            };
-            let sent = self.upstream.send(addr, req);
+            let req = self.forward.request(n, addr, self.body.attempt());
+            let sent = self.forward.pool.send(addr, req);
             let result = match retries.per_try_timeout {
                 None => sent.await,
                 Some(t) => tokio::time::timeout(t, sent)
