@@ -373,7 +373,7 @@ async fn handle(
     let snapshot = registry.load();
     let routed = match exchange.route(&snapshot, &parts, connection) {
         Ok(r) => r,
-        Err(reply) => return reply,
+        Err(e) => return exchange.unrouted(&e),
     };
     let Some(forward) = Forward::new(&exchange, &routed, parts, upgrade.is_some(), upstreams)
     else {
@@ -381,7 +381,7 @@ async fn handle(
     };
     let admission = match exchange.admit(&routed, &forward).await {
         Ok(a) => a,
-        Err(reply) => return reply,
+        Err(e) => return exchange.refused(&routed, &e),
     };
     let tried = routed.tries(&forward, Replay::new(body)).await;
     exchange.respond(&routed, tried, upgrade, admission, active)
@@ -471,13 +471,13 @@ impl Exchange {
         }
     }
 
-    /// Route: the VirtualService route, subset and endpoint (or Envoy's reply when none).
+    /// Route: the VirtualService route, subset and endpoint.
     fn route<'s>(
         &self,
         snapshot: &'s crate::registry::Registry,
         parts: &Parts,
         connection: &str,
-    ) -> Result<Routed<'s>, Response<Body>> {
+    ) -> Result<Routed<'s>, RouteError> {
         let (src, orig) = self.peers;
         let request = route::Request {
             method: self.method.as_str(),
@@ -488,41 +488,44 @@ impl Exchange {
             headers: &parts.headers,
             connection,
         };
-        match snapshot.route_request(orig, src.map(|s| s.ip()), &request) {
-            Ok(decision) => Ok(Routed {
-                snapshot,
-                route_name: decision.route.clone().unwrap_or_else(|| "-".into()),
-                first: describe(snapshot, decision.cluster, decision.target),
-                decision,
-            }),
-            Err(e) => {
-                let reply = route_failure(&e);
-                let status = reply.status().as_u16();
-                self.record(status, ("-", "-"), "-", vec![e.response_flag()])
-                    .emit();
-                Err(reply)
-            }
-        }
+        let decision = snapshot.route_request(orig, src.map(|s| s.ip()), &request)?;
+        Ok(Routed {
+            snapshot,
+            route_name: decision.route.clone().unwrap_or_else(|| "-".into()),
+            first: describe(snapshot, decision.cluster, decision.target),
+            decision,
+        })
     }
 
-    /// Admit: the cluster's circuit breakers. Overflow is answered at once, as Envoy does (503
-    /// `UO`, not retried, not reported to outlier detection).
+    /// Envoy's reply when routing failed, logged.
+    fn unrouted(&self, e: &RouteError) -> Response<Body> {
+        let reply = route_failure(e);
+        let status = reply.status().as_u16();
+        self.record(status, ("-", "-"), "-", vec![e.response_flag()])
+            .emit();
+        reply
+    }
+
+    /// Admit: the cluster's circuit breakers.
     async fn admit(
         &self,
         routed: &Routed<'_>,
         forward: &Forward,
-    ) -> Result<crate::breakers::Admission, Response<Body>> {
+    ) -> Result<crate::breakers::Admission, crate::breakers::Error> {
         let c = routed.decision.cluster;
-        let pending = endpoint_of(c, routed.decision.pick).map(|e| e.pending());
-        let admitted = c.limits.admit(!forward.h2, forward.connect_timeout).await;
-        drop(pending);
-        admitted.map_err(|e| {
-            tracing::debug!(reason = %e, cluster = %c.name, "circuit breaker");
-            let (flag, reply) = breaker_reply(&e);
-            self.record(503, routed.names(), &routed.first.1, vec![flag])
-                .emit();
-            reply
-        })
+        // Counted as pending on its endpoint while it waits for a slot.
+        let _pending = endpoint_of(c, routed.decision.pick).map(|e| e.pending());
+        c.limits.admit(!forward.h2, forward.connect_timeout).await
+    }
+
+    /// A breaker's refusal, answered at once as Envoy does (503 `UO`, not retried, not reported
+    /// to outlier detection), logged.
+    fn refused(&self, routed: &Routed<'_>, e: &crate::breakers::Error) -> Response<Body> {
+        tracing::debug!(reason = %e, cluster = %routed.decision.cluster.name, "circuit breaker");
+        let (flag, reply) = breaker_reply(e);
+        self.record(503, routed.names(), &routed.first.1, vec![flag])
+            .emit();
+        reply
     }
 
     /// Respond: the endpoint's response (its body logged when it ends, holding the request's
