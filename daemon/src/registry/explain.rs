@@ -36,6 +36,30 @@ pub fn explain(
     port: Option<u16>,
     subset: Option<&str>,
 ) -> Result<String, Error> {
+    let (s, svc, port) = locate(reg, host, port)?;
+    let rule = reg.rule_for(svc);
+    let cluster = match reg.cluster(s, port.number, subset) {
+        Some(c) => c,
+        None => {
+            return Err(Error::Subset(super::resolve::UnknownSubset {
+                host: svc.host.clone(),
+                subset: subset.unwrap_or_default().to_string(),
+            }));
+        }
+    };
+    let mut o = String::new();
+    summary(&mut o, reg, (svc, port), cluster, rule.as_ref(), subset);
+    routes(&mut o, reg, svc, port);
+    policy_blocks(&mut o, &cluster.policy);
+    Ok(o)
+}
+
+/// The service (index and value) and port that `host` and `port` name.
+fn locate<'r>(
+    reg: &'r Registry,
+    host: &str,
+    port: Option<u16>,
+) -> Result<(usize, &'r super::Service, &'r super::ServicePort), Error> {
     let (s, svc) = reg
         .service(host)
         .or_else(|| reg.service(&qualify(host, &reg.client().namespace)))
@@ -67,18 +91,19 @@ pub fn explain(
             });
         }
     };
-    let rule = reg.rule_for(svc);
-    let cluster = match reg.cluster(s, port.number, subset) {
-        Some(c) => c,
-        None => {
-            return Err(Error::Subset(super::resolve::UnknownSubset {
-                host: svc.host.clone(),
-                subset: subset.unwrap_or_default().to_string(),
-            }));
-        }
-    };
+    Ok((s, svc, port))
+}
+
+/// Cluster, service, client, rule, subset, balancer and endpoints.
+fn summary(
+    o: &mut String,
+    reg: &Registry,
+    (svc, port): (&super::Service, &super::ServicePort),
+    cluster: &super::Cluster,
+    rule: Option<&super::resolve::MergedRule>,
+    subset: Option<&str>,
+) {
     let client = reg.client();
-    let mut o = String::new();
     let _ = writeln!(o, "cluster    {}", cluster.name);
     let _ = writeln!(
         o,
@@ -102,6 +127,27 @@ pub fn explain(
         client.namespace,
         labels.join(",")
     );
+    rule_lines(o, rule, subset);
+    let _ = writeln!(
+        o,
+        "balancer   {}{}",
+        cluster.balancer.name(),
+        if cluster.policy.load_balancer.value.is_none() {
+            " (Istio default)"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(o, "endpoints  {}", cluster.targets.len());
+    for (i, addr) in &cluster.targets {
+        let ep = &svc.endpoints[*i];
+        let l: Vec<_> = ep.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let _ = writeln!(o, "  {} {addr} {{{}}}", ep.name, l.join(","));
+    }
+}
+
+/// The DestinationRules that apply (merged in order) and the subset's selector.
+fn rule_lines(o: &mut String, rule: Option<&super::resolve::MergedRule>, subset: Option<&str>) {
     match &rule {
         None => {
             let _ = writeln!(o, "rule       none applies (Istio defaults everywhere)");
@@ -124,7 +170,7 @@ pub fn explain(
         }
     }
     if let Some(name) = subset
-        && let Some((sub, src)) = rule.as_ref().and_then(|r| r.subset(name))
+        && let Some((sub, src)) = rule.and_then(|r| r.subset(name))
     {
         let sel: Vec<_> = sub.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let _ = writeln!(
@@ -135,23 +181,14 @@ pub fn explain(
             sub.index
         );
     }
-    let _ = writeln!(
-        o,
-        "balancer   {}{}",
-        cluster.balancer.name(),
-        if cluster.policy.load_balancer.value.is_none() {
-            " (Istio default)"
-        } else {
-            ""
-        }
-    );
-    let _ = writeln!(o, "endpoints  {}", cluster.targets.len());
-    for (i, addr) in &cluster.targets {
-        let ep = &svc.endpoints[*i];
-        let l: Vec<_> = ep.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        let _ = writeln!(o, "  {} {addr} {{{}}}", ep.name, l.join(","));
-    }
-    if let Some(vs) = reg.virtual_service_for(&svc.host) {
+}
+
+/// The VirtualService routes of the service's port, with their destinations and policies.
+fn routes(o: &mut String, reg: &Registry, svc: &super::Service, port: &super::ServicePort) {
+    let Some(vs) = reg.virtual_service_for(&svc.host) else {
+        return;
+    };
+    {
         let _ = writeln!(o, "routes     VirtualService {}", vs.source.id);
         let routes = if is_http(port.protocol.as_deref()) {
             vs.vs
@@ -211,37 +248,40 @@ pub fn explain(
             }
         }
     }
-    let p = &cluster.policy;
+}
+
+/// Every traffic-policy block: where it was set, each field's value and origin.
+fn policy_blocks(o: &mut String, p: &super::EffectivePolicy) {
     block(
-        &mut o,
+        o,
         "loadBalancer",
         &p.load_balancer,
         lb_fields,
         "LEAST_REQUEST (Istio default since 1.14)",
     );
     block(
-        &mut o,
+        o,
         "connectionPool",
         &p.connection_pool,
         pool_fields,
         "every limit 4294967295 (unlimited), connectTimeout 10s, idleTimeout 1h",
     );
     block(
-        &mut o,
+        o,
         "outlierDetection",
         &p.outlier_detection,
         od_fields,
         "no outlier detection",
     );
     block(
-        &mut o,
+        o,
         "tls",
         &p.tls,
         tls_fields,
         "auto mTLS (plaintext to endpoints without an Istio identity)",
     );
     block(
-        &mut o,
+        o,
         "tunnel",
         &p.tunnel,
         |t| {
@@ -254,14 +294,14 @@ pub fn explain(
         "none",
     );
     block(
-        &mut o,
+        o,
         "proxyProtocol",
         &p.proxy_protocol,
         |v| vec![("version", format!("{v:?}"))],
         "none",
     );
     block(
-        &mut o,
+        o,
         "retryBudget",
         &p.retry_budget,
         |r| {
@@ -272,7 +312,6 @@ pub fn explain(
         },
         "none (maxRetries applies)",
     );
-    Ok(o)
 }
 
 fn block<T>(
