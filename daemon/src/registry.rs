@@ -19,7 +19,10 @@ use std::{
 
 use arc_swap::ArcSwap;
 
-pub use crate::config::crd::{Location as MeshLocation, Resolution};
+pub use crate::config::{
+    crd::{Location as MeshLocation, Resolution},
+    policy::Endpoint,
+};
 use crate::{
     balance::Balancer,
     config::{Problem, policy},
@@ -53,20 +56,6 @@ pub struct ServicePort {
     pub target_port: u16,
     /// (index into `Service::endpoints`, address to dial) for every endpoint of this port.
     pub targets: Vec<(usize, SocketAddr)>,
-}
-
-/// One workload instance behind a service.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Endpoint {
-    /// `WorkloadEntry` name, or `<serviceentry>/endpoints[i]` for inline endpoints.
-    pub name: String,
-    pub address: IpAddr,
-    pub ports: BTreeMap<String, u16>,
-    pub labels: BTreeMap<String, String>,
-    /// Load-balancing weight (0 in the YAML becomes 1).
-    pub weight: u32,
-    pub locality: String,
-    pub service_account: String,
 }
 
 /// Istio's unit of policy: `outbound|<port>|<subset>|<host>`, with its own endpoints, balancer

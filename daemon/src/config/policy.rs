@@ -1,11 +1,14 @@
-//! Validated policy: what a `DestinationRule` or `VirtualService` means once checked, with Istio's
-//! defaults applied inside every block that is present. Built only by [`super::validate`].
+//! Validated policy: what a `DestinationRule`, `VirtualService`, `ServiceEntry` or
+//! `WorkloadEntry` means once checked, with Istio's defaults applied inside every block that is
+//! present. Built only by [`super::validate`].
 //!
 //! Invariant: a block is `None` exactly when the user did not write it. Presence is meaningful
 //! (Istio merges subset and port-level policy block by block, and an absent `outlierDetection`
 //! means no detector at all), so only values *inside* a block are defaulted.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{collections::BTreeMap, net::IpAddr, time::Duration};
+
+use super::crd::{Location, Resolution};
 
 /// Istio's "no limit" for connection-pool thresholds (2³²−1).
 pub const UNLIMITED: u32 = u32::MAX;
@@ -20,6 +23,48 @@ pub struct DestinationRule {
     pub export_to: ExportTo,
     /// `workloadSelector.matchLabels`; `None` when the rule applies to every client.
     pub workload_selector: Option<BTreeMap<String, String>>,
+}
+
+/// A validated `ServiceEntry`. One with a DNS resolution (not built yet) is kept as written
+/// (hosts and resolution) with a warning, and is not captured.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServiceEntry {
+    pub hosts: Vec<String>,
+    pub resolution: Resolution,
+    pub location: Location,
+    /// Exact VIPs (canonical form); CIDRs are warned about and left out.
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<Port>,
+    /// Inline `endpoints`.
+    pub endpoints: Vec<Endpoint>,
+    /// `workloadSelector.labels`: WorkloadEntries in the entry's namespace that match.
+    pub workload_selector: Option<BTreeMap<String, String>>,
+}
+
+/// A port of a `ServiceEntry`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Port {
+    pub name: String,
+    pub number: u16,
+    /// Upper-cased protocol as written, else the one the port's name implies (`http-web` →
+    /// `HTTP`); `None` when neither says (sniffed, treated as opaque TCP).
+    pub protocol: Option<String>,
+    /// Port on the endpoint when the endpoint does not name one; defaults to `number`.
+    pub target_port: u16,
+}
+
+/// One workload instance: a `WorkloadEntry`, or an endpoint inline in a `ServiceEntry`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    /// `WorkloadEntry` name, or `<serviceentry>/endpoints[i]` for inline endpoints.
+    pub name: String,
+    pub address: IpAddr,
+    pub ports: BTreeMap<String, u16>,
+    pub labels: BTreeMap<String, String>,
+    /// Load-balancing weight (0 in the YAML becomes 1).
+    pub weight: u32,
+    pub locality: String,
+    pub service_account: String,
 }
 
 /// Where a resource is visible.

@@ -1,9 +1,10 @@
-//! Istio's validation rules for `DestinationRule` and `VirtualService`, turning [`crd`] mirrors
-//! into [`policy`] types. Every check names the field path and reports the position of the YAML
-//! node through the resource's [`Origin`]; all problems of a resource are collected, not only the
-//! first. Warnings (deprecated or ignored fields) do not stop a resource from loading. Each
-//! resource's rules live in their own file (`destination_rule.rs`, `virtual_service.rs`); this
-//! one holds the checker, the scalar rules they share and the free helpers.
+//! Istio's validation rules for `DestinationRule`, `VirtualService`, `ServiceEntry` and
+//! `WorkloadEntry`, turning [`crd`] mirrors into [`policy`] types. Every check names the field
+//! path and reports the position of the YAML node through the resource's [`Origin`]; all
+//! problems of a resource are collected, not only the first. Warnings (deprecated, ignored or
+//! not yet built fields) do not stop a resource from loading. Each resource's rules live in
+//! their own file (`destination_rule.rs`, `virtual_service.rs`, `service_entry.rs`); this one
+//! holds the checker, the scalar rules they share and the free helpers.
 //!
 //! Invariant: this module never panics on any input that deserialized into the [`crd`] types.
 
@@ -100,6 +101,14 @@ impl<'a> Checker<'a> {
                 errors: self.errors,
                 warnings: self.warnings,
             })
+        }
+    }
+
+    /// The problems found, for a resource that yielded no value.
+    fn invalid(self) -> Invalid {
+        Invalid {
+            errors: self.errors,
+            warnings: self.warnings,
         }
     }
 
@@ -425,6 +434,8 @@ pub fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
 }
 
 mod destination_rule;
+mod service_entry;
+pub use service_entry::is_dns;
 mod virtual_service;
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 //! Every violation becomes a located [`Problem`]; all of them are reported together.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     sync::Arc,
 };
@@ -17,31 +17,12 @@ use crate::{
     balance::Balancer,
     config::{
         Problem,
-        crd::{ServiceEntrySpec, WorkloadEntrySpec},
+        crd::WorkloadEntrySpec,
         policy,
-        source::{ConfigSet, Origin, Resource},
-        validate::{Invalid, Validated},
+        source::{ConfigSet, Resource},
+        validate::{Invalid, Validated, is_dns},
     },
 };
-
-/// Port protocols Istio accepts on a ServiceEntry (case-insensitive; absent = sniffed).
-const PROTOCOLS: [&str; 11] = [
-    "HTTP", "HTTPS", "GRPC", "GRPC-WEB", "HTTP2", "MONGO", "REDIS", "MYSQL", "TCP", "TLS", "UDP",
-];
-
-/// Istio's port-naming convention, `<protocol>[-<suffix>]`, for ports that declare no protocol
-/// (`grpc-web` is checked before splitting on `-`). Unknown names stay unknown (opaque TCP).
-fn protocol_from_name(name: &str) -> Option<String> {
-    let name = name.to_ascii_lowercase();
-    if name == "grpc-web" || name.starts_with("grpc-web-") {
-        return Some("GRPC-WEB".into());
-    }
-    let prefix = name.split('-').next().unwrap_or("");
-    PROTOCOLS
-        .iter()
-        .find(|p| p.eq_ignore_ascii_case(prefix))
-        .map(|p| p.to_string())
-}
 
 /// Configuration that cannot be served: every error, plus the warnings found on the way.
 #[derive(Debug)]
@@ -68,13 +49,7 @@ impl Registry {
         let workload_entries: Vec<(&Resource<WorkloadEntrySpec>, Option<Endpoint>)> = set
             .workload_entries
             .iter()
-            .map(|we| {
-                let name = we.meta.name.clone();
-                (
-                    we,
-                    endpoint(&we.origin, "spec", &name, &we.spec, &mut problems),
-                )
-            })
+            .map(|we| (we, validate(we, &mut problems, &mut warnings)))
             .collect();
 
         for se in &set.service_entries {
@@ -83,15 +58,14 @@ impl Registry {
                 .namespace
                 .clone()
                 .unwrap_or_else(|| "default".into());
-            let Some(mut proto) = service_entry(
-                se,
-                &namespace,
-                &workload_entries,
-                &mut problems,
-                &mut warnings,
-            ) else {
+            let Some(entry) = validate::<_, policy::ServiceEntry>(se, &mut problems, &mut warnings)
+            else {
                 continue;
             };
+            if is_dns(entry.resolution) {
+                continue;
+            }
+            let mut proto = service_entry(entry, &namespace, &workload_entries);
             let endpoint_addrs: HashSet<IpAddr> =
                 proto.endpoints.iter().map(|e| e.address).collect();
             for (i, vip) in proto.vips.iter().enumerate() {
@@ -454,215 +428,48 @@ struct ServiceProto {
     endpoints: Vec<Endpoint>,
 }
 
+/// The service parts of a valid entry: its inline endpoints, then the WorkloadEntries of its
+/// namespace that its `workloadSelector` matches, and each port's endpoint addresses.
 fn service_entry(
-    se: &Resource<ServiceEntrySpec>,
+    entry: policy::ServiceEntry,
     namespace: &str,
     workload_entries: &[(&Resource<WorkloadEntrySpec>, Option<Endpoint>)],
-    problems: &mut Vec<Problem>,
-    warnings: &mut Vec<Problem>,
-) -> Option<ServiceProto> {
-    let o = &se.origin;
-    let spec = &se.spec;
-    let before = problems.len();
-    if spec.hosts.is_empty() {
-        problems.push(o.problem("spec.hosts", "at least one host is required"));
-    }
-    for (i, h) in spec.hosts.iter().enumerate() {
-        if h.is_empty() {
-            problems.push(o.problem(format!("spec.hosts[{i}]"), "host must not be empty"));
-        } else if h == "*" {
-            problems.push(o.problem(format!("spec.hosts[{i}]"), "host \"*\" is not allowed"));
-        }
-    }
-    match spec.resolution {
-        Resolution::Dns | Resolution::DnsRoundRobin | Resolution::DynamicDns => {
-            let name = match spec.resolution {
-                Resolution::Dns => "DNS",
-                Resolution::DnsRoundRobin => "DNS_ROUND_ROBIN",
-                _ => "DYNAMIC_DNS",
-            };
-            warnings.push(o.problem(
-                "spec.resolution",
-                format!(
-                    "resolution {name} is not built yet; service {:?} is not captured",
-                    spec.hosts
-                ),
-            ));
-            return None;
-        }
-        Resolution::None if !spec.endpoints.is_empty() => {
-            problems.push(o.problem("spec.endpoints", "resolution NONE takes no endpoints"));
-        }
-        _ => {}
-    }
-    if !spec.endpoints.is_empty() && spec.workload_selector.is_some() {
-        problems.push(o.problem(
-            "spec.workloadSelector",
-            "workloadSelector and endpoints are mutually exclusive",
-        ));
-    }
-
-    let mut vips = Vec::new();
-    for (i, a) in spec.addresses.iter().enumerate() {
-        match a.parse::<IpAddr>() {
-            Ok(ip) => vips.push(ip.to_canonical()),
-            Err(_) if a.contains('/') => warnings.push(o.problem(
-                format!("spec.addresses[{i}]"),
-                format!("CIDR address {a} is not captured (not built yet)"),
-            )),
-            Err(_) => problems.push(o.problem(
-                format!("spec.addresses[{i}]"),
-                format!("{a:?} is not an IP address or CIDR"),
-            )),
-        }
-    }
-
-    let mut ports = Vec::new();
-    let mut names = HashSet::new();
-    let mut numbers = HashSet::new();
-    for (i, p) in spec.ports.iter().enumerate() {
-        let field = format!("spec.ports[{i}]");
-        let Some(number) = port_number(o, &format!("{field}.number"), p.number, problems) else {
-            continue;
-        };
-        let target_port = match p.target_port {
-            Some(t) => {
-                port_number(o, &format!("{field}.targetPort"), t, problems).unwrap_or(number)
-            }
-            None => number,
-        };
-        if p.name.is_empty() {
-            problems.push(o.problem(format!("{field}.name"), "port name is required"));
-        } else if !names.insert(p.name.clone()) {
-            problems.push(o.problem(
-                format!("{field}.name"),
-                format!("duplicate port name {:?}", p.name),
-            ));
-        }
-        if !numbers.insert(number) {
-            problems.push(o.problem(
-                format!("{field}.number"),
-                format!("duplicate port number {number}"),
-            ));
-        }
-        if let Some(proto) = &p.protocol
-            && !PROTOCOLS.contains(&proto.to_ascii_uppercase().as_str())
-        {
-            problems.push(o.problem(
-                format!("{field}.protocol"),
-                format!(
-                    "unknown protocol {proto:?} (expected one of {})",
-                    PROTOCOLS.join(", ")
-                ),
-            ));
-        }
-        ports.push(ServicePort {
-            name: p.name.clone(),
-            number,
-            protocol: p
-                .protocol
-                .as_ref()
-                .map(|s| s.to_ascii_uppercase())
-                .or_else(|| protocol_from_name(&p.name)),
-            target_port,
-            targets: Vec::new(),
-        });
-    }
-    if ports.is_empty() && !spec.ports.is_empty() {
-        return None;
-    }
-
-    let mut endpoints = Vec::new();
-    for (i, ep) in spec.endpoints.iter().enumerate() {
-        let name = format!("{}/endpoints[{i}]", se.meta.name);
-        if let Some(e) = endpoint(o, &format!("spec.endpoints[{i}]"), &name, ep, problems) {
-            endpoints.push(e);
-        }
-    }
-    if let Some(sel) = &spec.workload_selector {
+) -> ServiceProto {
+    let mut endpoints = entry.endpoints;
+    if let Some(sel) = &entry.workload_selector {
         for (we, ep) in workload_entries {
-            let same_ns = we.meta.namespace.as_deref().unwrap_or("default") == namespace;
             if let Some(ep) = ep
-                && same_ns
-                && sel.labels.iter().all(|(k, v)| ep.labels.get(k) == Some(v))
+                && we.namespace() == namespace
+                && sel.iter().all(|(k, v)| ep.labels.get(k) == Some(v))
             {
                 endpoints.push(ep.clone());
             }
         }
     }
-    for port in &mut ports {
-        port.targets = endpoints
-            .iter()
-            .enumerate()
-            .map(|(i, e)| {
-                (
-                    i,
-                    SocketAddr::new(
-                        e.address,
-                        *e.ports.get(&port.name).unwrap_or(&port.target_port),
-                    ),
-                )
-            })
-            .collect();
-    }
-    if problems.len() > before {
-        return None;
-    }
-    Some(ServiceProto {
-        resolution: spec.resolution,
-        location: spec.location,
-        vips,
+    let ports = entry
+        .ports
+        .into_iter()
+        .map(|p| ServicePort {
+            targets: endpoints
+                .iter()
+                .enumerate()
+                .map(|(i, e)| {
+                    let port = *e.ports.get(&p.name).unwrap_or(&p.target_port);
+                    (i, SocketAddr::new(e.address, port))
+                })
+                .collect(),
+            name: p.name,
+            number: p.number,
+            protocol: p.protocol,
+            target_port: p.target_port,
+        })
+        .collect();
+    ServiceProto {
+        resolution: entry.resolution,
+        location: entry.location,
+        vips: entry.vips,
         ports,
         endpoints,
-    })
-}
-
-fn endpoint(
-    o: &Origin,
-    field: &str,
-    name: &str,
-    spec: &WorkloadEntrySpec,
-    problems: &mut Vec<Problem>,
-) -> Option<Endpoint> {
-    let address = match spec.address.parse::<IpAddr>() {
-        Ok(a) => a.to_canonical(),
-        Err(_) => {
-            let msg = if spec.address.is_empty() {
-                "address is required".to_string()
-            } else {
-                format!(
-                    "{:?} is not an IP address (DNS and unix addresses are not supported yet)",
-                    spec.address
-                )
-            };
-            problems.push(o.problem(format!("{field}.address"), msg));
-            return None;
-        }
-    };
-    let mut ports = BTreeMap::new();
-    for (k, v) in &spec.ports {
-        if let Some(p) = port_number(o, &format!("{field}.ports.{k}"), *v, problems) {
-            ports.insert(k.clone(), p);
-        }
-    }
-    Some(Endpoint {
-        name: name.to_string(),
-        address,
-        ports,
-        labels: spec.labels.clone(),
-        weight: spec.weight.filter(|w| *w > 0).unwrap_or(1),
-        locality: spec.locality.clone(),
-        service_account: spec.service_account.clone(),
-    })
-}
-
-fn port_number(o: &Origin, field: &str, n: i64, problems: &mut Vec<Problem>) -> Option<u16> {
-    match u16::try_from(n) {
-        Ok(p) if p > 0 => Some(p),
-        _ => {
-            problems.push(o.problem(field, format!("port {n} is out of range 1-65535")));
-            None
-        }
     }
 }
 
@@ -1036,25 +843,5 @@ spec:
             p.iter().any(|m| m.contains("unknown protocol \"htp\"")),
             "{p:?}"
         );
-    }
-
-    #[test]
-    fn protocol_follows_port_names_when_not_declared() {
-        let cases = [
-            ("http", Some("HTTP")),
-            ("http-web", Some("HTTP")),
-            ("http2", Some("HTTP2")),
-            ("grpc", Some("GRPC")),
-            ("grpc-web", Some("GRPC-WEB")),
-            ("grpc-web-x", Some("GRPC-WEB")),
-            ("grpc-x", Some("GRPC")),
-            ("TCP-db", Some("TCP")),
-            ("tls", Some("TLS")),
-            ("web", None),
-            ("httpx", None),
-        ];
-        for (name, want) in cases {
-            assert_eq!(protocol_from_name(name).as_deref(), want, "{name}");
-        }
     }
 }

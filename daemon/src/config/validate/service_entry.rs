@@ -1,0 +1,258 @@
+//! Istio's rules for `ServiceEntry` and `WorkloadEntry`: hosts, resolution, addresses, ports and
+//! endpoints, each problem located at its field. What needs other resources (a workload
+//! selector's matches, VIPs shared between entries) is checked when the registry is built.
+
+use std::{collections::HashSet, net::IpAddr};
+
+use super::{Checker, Invalid, Validated};
+use crate::config::{
+    crd::{self, Resolution},
+    policy,
+    source::Resource,
+};
+
+/// Port protocols Istio accepts on a ServiceEntry (case-insensitive; absent = sniffed).
+pub const PROTOCOLS: [&str; 11] = [
+    "HTTP", "HTTPS", "GRPC", "GRPC-WEB", "HTTP2", "MONGO", "REDIS", "MYSQL", "TCP", "TLS", "UDP",
+];
+
+impl TryFrom<&Resource<crd::ServiceEntrySpec>> for Validated<policy::ServiceEntry> {
+    type Error = Invalid;
+
+    fn try_from(res: &Resource<crd::ServiceEntrySpec>) -> Result<Self, Invalid> {
+        let mut c = Checker::new(res);
+        let value = c.service_entry(&res.meta.name, &res.spec);
+        c.finish(value)
+    }
+}
+
+impl TryFrom<&Resource<crd::WorkloadEntrySpec>> for Validated<policy::Endpoint> {
+    type Error = Invalid;
+
+    fn try_from(res: &Resource<crd::WorkloadEntrySpec>) -> Result<Self, Invalid> {
+        let mut c = Checker::new(res);
+        match c.endpoint("spec", &res.meta.name, &res.spec) {
+            Some(value) => c.finish(value),
+            None => Err(c.invalid()),
+        }
+    }
+}
+
+impl Checker<'_> {
+    fn service_entry(&mut self, name: &str, spec: &crd::ServiceEntrySpec) -> policy::ServiceEntry {
+        self.hosts(&spec.hosts);
+        let mut entry = policy::ServiceEntry {
+            hosts: spec.hosts.clone(),
+            resolution: spec.resolution,
+            location: spec.location,
+            vips: Vec::new(),
+            ports: Vec::new(),
+            endpoints: Vec::new(),
+            workload_selector: spec.workload_selector.as_ref().map(|s| s.labels.clone()),
+        };
+        if let Some(dns) = dns_name(spec.resolution) {
+            self.warn(
+                "spec.resolution",
+                format!(
+                    "resolution {dns} is not built yet; service {:?} is not captured",
+                    spec.hosts
+                ),
+            );
+            return entry;
+        }
+        if spec.resolution == Resolution::None && !spec.endpoints.is_empty() {
+            self.err("spec.endpoints", "resolution NONE takes no endpoints");
+        }
+        if !spec.endpoints.is_empty() && spec.workload_selector.is_some() {
+            self.err(
+                "spec.workloadSelector",
+                "workloadSelector and endpoints are mutually exclusive",
+            );
+        }
+        entry.vips = self.addresses(&spec.addresses);
+        entry.ports = self.ports(&spec.ports);
+        entry.endpoints = spec
+            .endpoints
+            .iter()
+            .enumerate()
+            .filter_map(|(i, ep)| {
+                let name = format!("{name}/endpoints[{i}]");
+                self.endpoint(&format!("spec.endpoints[{i}]"), &name, ep)
+            })
+            .collect();
+        entry
+    }
+
+    fn hosts(&mut self, hosts: &[String]) {
+        if hosts.is_empty() {
+            self.err("spec.hosts", "at least one host is required");
+        }
+        for (i, h) in hosts.iter().enumerate() {
+            if h.is_empty() {
+                self.err(format!("spec.hosts[{i}]"), "host must not be empty");
+            } else if h == "*" {
+                self.err(format!("spec.hosts[{i}]"), "host \"*\" is not allowed");
+            }
+        }
+    }
+
+    /// Exact VIPs; a CIDR is accepted by Istio but not captured yet (a warning).
+    fn addresses(&mut self, addresses: &[String]) -> Vec<IpAddr> {
+        let mut vips = Vec::new();
+        for (i, a) in addresses.iter().enumerate() {
+            let field = format!("spec.addresses[{i}]");
+            match a.parse::<IpAddr>() {
+                Ok(ip) => vips.push(ip.to_canonical()),
+                Err(_) if a.contains('/') => self.warn(
+                    field,
+                    format!("CIDR address {a} is not captured (not built yet)"),
+                ),
+                Err(_) => self.err(field, format!("{a:?} is not an IP address or CIDR")),
+            }
+        }
+        vips
+    }
+
+    fn ports(&mut self, ports: &[crd::ServicePort]) -> Vec<policy::Port> {
+        let mut out = Vec::new();
+        let mut names = HashSet::new();
+        let mut numbers = HashSet::new();
+        for (i, p) in ports.iter().enumerate() {
+            let field = format!("spec.ports[{i}]");
+            let Some(number) = self.port(&format!("{field}.number"), p.number) else {
+                continue;
+            };
+            let target_port = p.target_port.map_or(Some(number), |t| {
+                self.port(&format!("{field}.targetPort"), t)
+            });
+            if p.name.is_empty() {
+                self.err(format!("{field}.name"), "port name is required");
+            } else if !names.insert(p.name.clone()) {
+                self.err(
+                    format!("{field}.name"),
+                    format!("duplicate port name {:?}", p.name),
+                );
+            }
+            if !numbers.insert(number) {
+                self.err(
+                    format!("{field}.number"),
+                    format!("duplicate port number {number}"),
+                );
+            }
+            if let Some(proto) = &p.protocol
+                && !PROTOCOLS.contains(&proto.to_ascii_uppercase().as_str())
+            {
+                self.err(
+                    format!("{field}.protocol"),
+                    format!(
+                        "unknown protocol {proto:?} (expected one of {})",
+                        PROTOCOLS.join(", ")
+                    ),
+                );
+            }
+            out.push(policy::Port {
+                name: p.name.clone(),
+                number,
+                protocol: p
+                    .protocol
+                    .as_ref()
+                    .map(|s| s.to_ascii_uppercase())
+                    .or_else(|| protocol_from_name(&p.name)),
+                target_port: target_port.unwrap_or(number),
+            });
+        }
+        out
+    }
+
+    /// A `WorkloadEntry` spec (of a `WorkloadEntry` or inline in a `ServiceEntry`) at `field`.
+    fn endpoint(
+        &mut self,
+        field: &str,
+        name: &str,
+        spec: &crd::WorkloadEntrySpec,
+    ) -> Option<policy::Endpoint> {
+        let address = match spec.address.parse::<IpAddr>() {
+            Ok(a) => a.to_canonical(),
+            Err(_) => {
+                let msg = if spec.address.is_empty() {
+                    "address is required".to_string()
+                } else {
+                    format!(
+                        "{:?} is not an IP address (DNS and unix addresses are not supported yet)",
+                        spec.address
+                    )
+                };
+                self.err(format!("{field}.address"), msg);
+                return None;
+            }
+        };
+        let ports = spec
+            .ports
+            .iter()
+            .filter_map(|(k, v)| Some((k.clone(), self.port(&format!("{field}.ports.{k}"), *v)?)))
+            .collect();
+        Some(policy::Endpoint {
+            name: name.to_string(),
+            address,
+            ports,
+            labels: spec.labels.clone(),
+            weight: spec.weight.filter(|w| *w > 0).unwrap_or(1),
+            locality: spec.locality.clone(),
+            service_account: spec.service_account.clone(),
+        })
+    }
+}
+
+/// The name of a DNS resolution (not built yet), `None` for the others.
+fn dns_name(r: Resolution) -> Option<&'static str> {
+    match r {
+        Resolution::Dns => Some("DNS"),
+        Resolution::DnsRoundRobin => Some("DNS_ROUND_ROBIN"),
+        Resolution::DynamicDns => Some("DYNAMIC_DNS"),
+        _ => None,
+    }
+}
+
+/// Whether a resolution is one of the DNS ones (not built yet: such services are not captured).
+pub fn is_dns(r: Resolution) -> bool {
+    dns_name(r).is_some()
+}
+
+/// Istio's port-naming convention, `<protocol>[-<suffix>]`, for ports that declare no protocol
+/// (`grpc-web` is checked before splitting on `-`). Unknown names stay unknown (opaque TCP).
+fn protocol_from_name(name: &str) -> Option<String> {
+    let name = name.to_ascii_lowercase();
+    if name == "grpc-web" || name.starts_with("grpc-web-") {
+        return Some("GRPC-WEB".into());
+    }
+    let prefix = name.split('-').next().unwrap_or("");
+    PROTOCOLS
+        .iter()
+        .find(|p| p.eq_ignore_ascii_case(prefix))
+        .map(|p| p.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protocol_follows_port_names_when_not_declared() {
+        let cases = [
+            ("http", Some("HTTP")),
+            ("http-web", Some("HTTP")),
+            ("http2", Some("HTTP2")),
+            ("grpc", Some("GRPC")),
+            ("grpc-web", Some("GRPC-WEB")),
+            ("grpc-web-x", Some("GRPC-WEB")),
+            ("grpc-x", Some("GRPC")),
+            ("TCP-db", Some("TCP")),
+            ("tls", Some("TLS")),
+            ("web", None),
+            ("httpx", None),
+        ];
+        for (name, want) in cases {
+            assert_eq!(protocol_from_name(name).as_deref(), want, "{name}");
+        }
+    }
+}
