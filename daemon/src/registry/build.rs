@@ -17,7 +17,7 @@ use crate::{
     balance::Balancer,
     config::{
         Problem,
-        crd::WorkloadEntrySpec,
+        crd::{ServiceEntrySpec, WorkloadEntrySpec},
         policy,
         source::{ConfigSet, Resource},
         validate::{Invalid, Validated, is_dns},
@@ -41,85 +41,10 @@ impl Registry {
         unique_names("WorkloadEntry", &set.workload_entries, &mut problems);
         unique_names("DestinationRule", &set.destination_rules, &mut problems);
         unique_names("VirtualService", &set.virtual_services, &mut problems);
-        let mut services = Vec::new();
-        let mut by_vip: HashMap<SocketAddr, (usize, usize)> = HashMap::new();
-        let mut hosts_seen: HashSet<(String, String)> = HashSet::new();
-        let mut by_host: HashMap<String, usize> = HashMap::new();
-
-        let workload_entries: Vec<(&Resource<WorkloadEntrySpec>, Option<Endpoint>)> = set
-            .workload_entries
-            .iter()
-            .map(|we| (we, validate(we, &mut problems, &mut warnings)))
-            .collect();
-
-        for se in &set.service_entries {
-            let namespace = se
-                .meta
-                .namespace
-                .clone()
-                .unwrap_or_else(|| "default".into());
-            let Some(entry) = validate::<_, policy::ServiceEntry>(se, &mut problems, &mut warnings)
-            else {
-                continue;
-            };
-            if is_dns(entry.resolution) {
-                continue;
-            }
-            let mut proto = service_entry(entry, &namespace, &workload_entries);
-            let endpoint_addrs: HashSet<IpAddr> =
-                proto.endpoints.iter().map(|e| e.address).collect();
-            for (i, vip) in proto.vips.iter().enumerate() {
-                if endpoint_addrs.contains(vip) {
-                    problems.push(se.origin.problem(
-                        format!("spec.addresses[{i}]"),
-                        format!("address {vip} is also an endpoint address; capture would loop"),
-                    ));
-                }
-            }
-            for (h, host) in se.spec.hosts.iter().enumerate() {
-                if !hosts_seen.insert((namespace.clone(), host.clone())) {
-                    problems.push(se.origin.problem(
-                        format!("spec.hosts[{h}]"),
-                        format!("host {host:?} is already defined by another ServiceEntry in namespace {namespace:?}"),
-                    ));
-                    continue;
-                }
-                let index = services.len();
-                by_host.entry(host.clone()).or_insert(index);
-                let visible = exported_to(&se.spec.export_to, &namespace, &client.namespace);
-                if !visible {
-                    tracing::info!(service = %host, client_namespace = %client.namespace,
-                        "ServiceEntry not exported to the client namespace; not captured");
-                }
-                for vip in proto.vips.iter().filter(|_| visible) {
-                    for (p, port) in proto.ports.iter().enumerate() {
-                        let key = SocketAddr::new(*vip, port.number);
-                        if let Some((other, _)) = by_vip.insert(key, (index, p)) {
-                            let other: &Service = &services[other];
-                            problems.push(se.origin.problem(
-                                "spec.addresses",
-                                format!("{key} is already captured for host {:?}", other.host),
-                            ));
-                        }
-                    }
-                }
-                services.push(Service {
-                    host: host.clone(),
-                    namespace: namespace.clone(),
-                    entry: se.meta.name.clone(),
-                    resolution: proto.resolution,
-                    location: proto.location,
-                    vips: proto.vips.clone(),
-                    ports: proto.ports.clone(),
-                    endpoints: proto.endpoints.clone(),
-                });
-            }
-            proto.endpoints.clear();
-        }
-
+        let services = services(set, client, &mut problems, &mut warnings);
         let rules = destination_rules(set, &mut problems, &mut warnings);
         let virtual_services = virtual_services(set, &mut problems, &mut warnings);
-        check_references(&rules, &virtual_services, &by_host, &mut warnings);
+        check_references(&rules, &virtual_services, &services.by_host, &mut warnings);
         if !problems.is_empty() {
             return Err(Rejected {
                 errors: problems,
@@ -127,9 +52,9 @@ impl Registry {
             });
         }
         let mut registry = Registry {
-            services,
-            by_vip,
-            by_host,
+            services: services.list,
+            by_vip: services.by_vip,
+            by_host: services.by_host,
             rules,
             virtual_services,
             client: client.clone(),
@@ -139,6 +64,111 @@ impl Registry {
         };
         registry.clusters = clusters(&registry);
         Ok(registry)
+    }
+}
+
+/// The services of a configuration, one per host of each valid `ServiceEntry`, with the
+/// (VIP, port) pairs they capture.
+#[derive(Default)]
+struct Services {
+    list: Vec<Service>,
+    /// (VIP, port) → (service, port index).
+    by_vip: HashMap<SocketAddr, (usize, usize)>,
+    /// Host → first service with it.
+    by_host: HashMap<String, usize>,
+    /// (namespace, host) already defined.
+    hosts_seen: HashSet<(String, String)>,
+}
+
+/// Validates the ServiceEntries and WorkloadEntries of `set` and builds their services.
+fn services(
+    set: &ConfigSet,
+    client: &Client,
+    problems: &mut Vec<Problem>,
+    warnings: &mut Vec<Problem>,
+) -> Services {
+    let workload_entries: Vec<(&Resource<WorkloadEntrySpec>, Option<Endpoint>)> = set
+        .workload_entries
+        .iter()
+        .map(|we| (we, validate(we, problems, warnings)))
+        .collect();
+    let mut services = Services::default();
+    for se in &set.service_entries {
+        let Some(entry) = validate::<_, policy::ServiceEntry>(se, problems, warnings) else {
+            continue;
+        };
+        if is_dns(entry.resolution) {
+            continue;
+        }
+        let proto = service_entry(entry, se.namespace(), &workload_entries);
+        for (i, vip) in proto.vips.iter().enumerate() {
+            if proto.endpoints.iter().any(|e| e.address == *vip) {
+                problems.push(se.origin.problem(
+                    format!("spec.addresses[{i}]"),
+                    format!("address {vip} is also an endpoint address; capture would loop"),
+                ));
+            }
+        }
+        for (h, host) in se.spec.hosts.iter().enumerate() {
+            services.add(se, (h, host), &proto, client, problems);
+        }
+    }
+    services
+}
+
+impl Services {
+    /// Adds the service of `host` (the `h`th host of `se`) unless its namespace has it already,
+    /// claiming its (VIP, port) pairs when the entry is exported to the client.
+    fn add(
+        &mut self,
+        se: &Resource<ServiceEntrySpec>,
+        (h, host): (usize, &String),
+        proto: &ServiceProto,
+        client: &Client,
+        problems: &mut Vec<Problem>,
+    ) {
+        let namespace = se.namespace();
+        if !self
+            .hosts_seen
+            .insert((namespace.to_string(), host.clone()))
+        {
+            problems.push(se.origin.problem(
+                format!("spec.hosts[{h}]"),
+                format!("host {host:?} is already defined by another ServiceEntry in namespace {namespace:?}"),
+            ));
+            return;
+        }
+        let index = self.list.len();
+        self.by_host.entry(host.clone()).or_insert(index);
+        let visible = exported_to(&se.spec.export_to, namespace, &client.namespace);
+        if !visible {
+            tracing::info!(service = %host, client_namespace = %client.namespace,
+                "ServiceEntry not exported to the client namespace; not captured");
+        }
+        for vip in proto.vips.iter().filter(|_| visible) {
+            for (p, port) in proto.ports.iter().enumerate() {
+                let key = SocketAddr::new(*vip, port.number);
+                if let Some((other, _)) = self.by_vip.insert(key, (index, p)) {
+                    problems.push(se.origin.problem(
+                        "spec.addresses",
+                        format!(
+                            "{key} is already captured for host {:?}",
+                            self.list[other].host
+                        ),
+                    ));
+                }
+            }
+        }
+        self.list.push(Service {
+            host: host.clone(),
+            namespace: namespace.to_string(),
+            entry: se.meta.name.clone(),
+            resolution: proto.resolution,
+            location: proto.location,
+            vips: proto.vips.clone(),
+            ports: proto.ports.clone(),
+            endpoints: proto.endpoints.clone(),
+        });
     }
 }
 
