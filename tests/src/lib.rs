@@ -331,11 +331,11 @@ pub fn echo_servers(t: &Topology) -> Vec<Proc> {
         .collect()
 }
 
-/// `n` echo endpoints (`ep1..`), a daemon capturing the client namespace with `yaml` (by default
-/// one service `echo` at `VIP:80` → port 7000 of every endpoint) and `extra` arguments.
+/// A mesh for one test: endpoint namespaces with their servers, a pin directory, the
+/// configuration file and a daemon capturing the client namespace. Built by [`MeshBuilder`].
 /// Destructure it binding `daemon`, `_servers` and `_pins` by name: fields left to `..` are
 /// dropped at once, which would stop the daemon or the servers.
-pub struct Captured {
+pub struct Mesh {
     pub t: Topology,
     /// Kept alive for the test: the servers and pins go when it is dropped.
     pub _servers: Vec<Proc>,
@@ -344,26 +344,10 @@ pub struct Captured {
     pub _pins: PinDir,
 }
 
-pub fn captured(n: usize, yaml: Option<String>, extra: &[&str]) -> Captured {
-    let Prepared {
-        t,
-        servers,
-        pins,
-        cfg,
-    } = prepared(n, yaml);
-    let mut a = args(&cfg, &pins, &["--netns", &t.client.name]);
-    a.extend(extra.iter().map(|s| s.to_string()));
-    let daemon = Daemon::start(&a).expect("daemon starts");
-    Captured {
-        t,
-        _servers: servers,
-        cfg,
-        daemon,
-        _pins: pins,
-    }
-}
+/// The fixture of [`captured`]: a mesh of echo endpoints.
+pub type Captured = Mesh;
 
-/// What [`captured`] sets up before it starts the daemon, for tests that start it themselves.
+/// What [`MeshBuilder::prepare`] sets up before a daemon, for tests that start it themselves.
 pub struct Prepared {
     pub t: Topology,
     pub servers: Vec<Proc>,
@@ -371,19 +355,141 @@ pub struct Prepared {
     pub cfg: std::path::PathBuf,
 }
 
+/// "A mesh with these services, endpoints and rules": `n` endpoint namespaces, the servers on
+/// them, the configuration and the daemon's arguments.
+pub struct MeshBuilder {
+    n: usize,
+    /// (endpoint 1.., mode, ports, name, arguments); none = echo servers on 7000 (v4 and v6).
+    servers: Vec<(usize, String, Vec<u16>, String, Vec<String>)>,
+    yaml: Option<String>,
+    extra: Vec<String>,
+}
+
+impl MeshBuilder {
+    /// `n` endpoint namespaces (`ep1..epN`), by default running echo servers on port 7000 behind
+    /// service `echo` at `VIP:80`.
+    pub fn new(n: usize) -> Self {
+        Self {
+            n,
+            servers: Vec::new(),
+            yaml: None,
+            extra: Vec::new(),
+        }
+    }
+
+    /// A `drover-testsrv MODE` named `name` on `ports` of endpoint `i` (1-based), with `args`.
+    pub fn server(
+        mut self,
+        i: usize,
+        mode: &str,
+        ports: &[u16],
+        name: &str,
+        args: &[String],
+    ) -> Self {
+        self.servers
+            .push((i, mode.into(), ports.to_vec(), name.into(), args.to_vec()));
+        self
+    }
+
+    /// The configuration (instead of the default `echo` service).
+    pub fn yaml(mut self, yaml: impl Into<String>) -> Self {
+        self.yaml = Some(yaml.into());
+        self
+    }
+
+    /// More daemon arguments.
+    pub fn args(mut self, extra: &[&str]) -> Self {
+        self.extra.extend(extra.iter().map(|s| s.to_string()));
+        self
+    }
+
+    /// Everything but the daemon.
+    pub fn prepare(self) -> Prepared {
+        self.prepared().0
+    }
+
+    fn prepared(self) -> (Prepared, Vec<String>) {
+        let t = Topology::new(self.n);
+        let servers = if self.servers.is_empty() {
+            echo_servers(&t)
+        } else {
+            self.servers
+                .iter()
+                .map(|(i, mode, ports, name, args)| {
+                    let listen: Vec<_> = ports
+                        .iter()
+                        .map(|p| SocketAddr::new(Topology::ep4(*i), *p))
+                        .collect();
+                    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                    Proc::server_with(Some(&t.endpoints[i - 1]), mode, &listen, name, &args)
+                })
+                .collect()
+        };
+        let eps: Vec<_> = (1..=self.n).map(Topology::ep4).collect();
+        let yaml = self
+            .yaml
+            .unwrap_or_else(|| service_entry("echo", &[VIP], 80, 7000, &eps));
+        let prepared = Prepared {
+            t,
+            servers,
+            pins: PinDir::new(),
+            cfg: write_config(&yaml),
+        };
+        (prepared, self.extra)
+    }
+
+    /// The mesh with its daemon capturing the client namespace (panics if it does not start).
+    pub fn start(self) -> Mesh {
+        let (
+            Prepared {
+                t,
+                servers,
+                pins,
+                cfg,
+            },
+            extra,
+        ) = self.prepared();
+        let mut a = args(&cfg, &pins, &["--netns", &t.client.name]);
+        a.extend(extra);
+        let daemon = Daemon::start(&a).expect("daemon starts");
+        Mesh {
+            t,
+            _servers: servers,
+            cfg,
+            daemon,
+            _pins: pins,
+        }
+    }
+}
+
+impl Mesh {
+    /// `drover-probe http ARGS` from the client namespace.
+    pub fn http(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = vec!["http"];
+        a.extend_from_slice(args);
+        probe(Some(&self.t.client), None, &a)
+    }
+}
+
+/// `n` echo endpoints (`ep1..`), a daemon capturing the client namespace with `yaml` (by default
+/// one service `echo` at `VIP:80` → port 7000 of every endpoint) and `extra` arguments.
+pub fn captured(n: usize, yaml: Option<String>, extra: &[&str]) -> Captured {
+    let b = MeshBuilder::new(n).args(extra);
+    match yaml {
+        Some(y) => b.yaml(y),
+        None => b,
+    }
+    .start()
+}
+
 /// `n` echo endpoints, a pin directory and the config file (`yaml`, or service `echo` at
 /// `VIP:80` → port 7000 of every endpoint).
 pub fn prepared(n: usize, yaml: Option<String>) -> Prepared {
-    let t = Topology::new(n);
-    let servers = echo_servers(&t);
-    let eps: Vec<_> = (1..=n).map(Topology::ep4).collect();
-    let cfg = write_config(&yaml.unwrap_or_else(|| service_entry("echo", &[VIP], 80, 7000, &eps)));
-    Prepared {
-        t,
-        servers,
-        pins: PinDir::new(),
-        cfg,
+    match yaml {
+        Some(y) => MeshBuilder::new(n).yaml(y),
+        None => MeshBuilder::new(n),
     }
+    .prepare()
 }
 
 // === PinDir ===

@@ -2,11 +2,7 @@
 //! scenarios, weighted canaries, balancers under a slow endpoint, hash stickiness, cookies, route
 //! matching and HTTP/2. Root needed; under `CI` the tests fail rather than skip.
 
-use std::net::SocketAddr;
-
-use drover_tests::{
-    Daemon, PinDir, Proc, Topology, bpftool_dump, named, probe, require_privileged, write_config,
-};
+use drover_tests::{Mesh, MeshBuilder, Topology, bpftool_dump, named, probe, require_privileged};
 use serde_json::Value;
 
 const URL: &str = "http://127.77.0.10:9080";
@@ -85,14 +81,6 @@ spec:
     )
 }
 
-/// HTTP endpoints `reviews-v1..n` (endpoint i answers after `delays[i-1]` ms) and the daemon.
-struct Mesh {
-    t: Topology,
-    _servers: Vec<Proc>,
-    _pins: PinDir,
-    daemon: Daemon,
-}
-
 fn mesh(n: usize, delays: &[u64], yaml: &str) -> Mesh {
     mesh_with(n, delays, yaml, &[])
 }
@@ -101,7 +89,8 @@ fn mesh_with(n: usize, delays: &[u64], yaml: &str, extra: &[&str]) -> Mesh {
     mesh_of("http", n, delays, yaml, extra)
 }
 
-/// Endpoints running `drover-testsrv MODE` (`http` or `grpc`) on port 9080, and the daemon.
+/// Endpoints `reviews-v1..n` running `drover-testsrv MODE` (`http` or `grpc`) on port 9080
+/// (endpoint i answers after `delays[i-1]` ms), and the daemon.
 fn mesh_of(mode: &str, n: usize, delays: &[u64], yaml: &str, extra: &[&str]) -> Mesh {
     let args: Vec<Vec<String>> = (0..n)
         .map(|i| {
@@ -114,46 +103,15 @@ fn mesh_of(mode: &str, n: usize, delays: &[u64], yaml: &str, extra: &[&str]) -> 
 
 /// Endpoint `i` (0-based) gets `server_args[i]` (e.g. `--status 500`).
 fn mesh_full(mode: &str, server_args: &[Vec<String>], yaml: &str, extra: &[&str]) -> Mesh {
-    let n = server_args.len();
-    let t = Topology::new(n);
-    let servers = (1..=n)
-        .map(|i| {
-            let a: Vec<&str> = server_args[i - 1].iter().map(String::as_str).collect();
-            Proc::server_with(
-                Some(&t.endpoints[i - 1]),
-                mode,
-                &[SocketAddr::new(Topology::ep4(i), 9080)],
-                &format!("reviews-v{i}"),
-                &a,
-            )
+    server_args
+        .iter()
+        .enumerate()
+        .fold(MeshBuilder::new(server_args.len()), |b, (i, a)| {
+            b.server(i + 1, mode, &[9080], &format!("reviews-v{}", i + 1), a)
         })
-        .collect();
-    let pins = PinDir::new();
-    let cfg = write_config(yaml);
-    let mut args: Vec<String> = vec![
-        "--config".into(),
-        cfg.display().to_string(),
-        "--pin-dir".into(),
-        pins.path.display().to_string(),
-        "--netns".into(),
-        t.client.name.clone(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let daemon = Daemon::start(&args).expect("daemon starts");
-    Mesh {
-        t,
-        _servers: servers,
-        _pins: pins,
-        daemon,
-    }
-}
-
-impl Mesh {
-    fn http(&self, args: &[&str]) -> Value {
-        let mut a = vec!["http"];
-        a.extend_from_slice(args);
-        probe(Some(&self.t.client), None, &a)
-    }
+        .yaml(yaml)
+        .args(extra)
+        .start()
 }
 
 fn served(v: &Value, pod: &str) -> u64 {

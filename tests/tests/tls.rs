@@ -10,7 +10,8 @@ use std::{
 };
 
 use drover_tests::{
-    Daemon, PinDir, Pki, Proc, Topology, pem_id, probe, require_privileged, write_config,
+    Daemon, Mesh, MeshBuilder, PinDir, Pki, Proc, Topology, pem_id, probe, require_privileged,
+    write_config,
 };
 use serde_json::Value;
 
@@ -76,53 +77,13 @@ spec:
 }
 
 /// TLS servers on ep1 (echo on 7443, http on 9443) with `server_args`, and a daemon for `yaml`.
-struct Setup {
-    t: Topology,
-    _servers: Vec<Proc>,
-    _pins: PinDir,
-    cfg: std::path::PathBuf,
-    daemon: Daemon,
-}
-
-fn setup(server_args: &[String], yaml: &str, extra: &[&str]) -> Setup {
-    let t = Topology::new(1);
-    let args: Vec<&str> = server_args.iter().map(String::as_str).collect();
-    let ep = Topology::ep4(1);
-    let servers = vec![
-        Proc::server_with(
-            Some(&t.endpoints[0]),
-            "echo",
-            &[SocketAddr::new(ep, 7443)],
-            "ep1",
-            &args,
-        ),
-        Proc::server_with(
-            Some(&t.endpoints[0]),
-            "http",
-            &[SocketAddr::new(ep, 9443)],
-            "ep1",
-            &args,
-        ),
-    ];
-    let pins = PinDir::new();
-    let cfg = write_config(yaml);
-    let mut a: Vec<String> = vec![
-        "--config".into(),
-        cfg.display().to_string(),
-        "--pin-dir".into(),
-        pins.path.display().to_string(),
-        "--netns".into(),
-        t.client.name.clone(),
-    ];
-    a.extend(extra.iter().map(|s| s.to_string()));
-    let daemon = Daemon::start(&a).expect("daemon starts");
-    Setup {
-        t,
-        _servers: servers,
-        _pins: pins,
-        cfg,
-        daemon,
-    }
+fn setup(server_args: &[String], yaml: &str, extra: &[&str]) -> Mesh {
+    MeshBuilder::new(1)
+        .server(1, "echo", &[7443], "ep1", server_args)
+        .server(1, "http", &[9443], "ep1", server_args)
+        .yaml(yaml)
+        .args(extra)
+        .start()
 }
 
 fn server_tls(pki: &Pki, cert: &(std::path::PathBuf, std::path::PathBuf)) -> Vec<String> {
@@ -159,7 +120,14 @@ fn greeting_with(server: &[String], tls: &str) -> String {
         .unwrap_or_else(|| panic!("{tls}: relayed"))
 }
 
-impl Setup {
+/// What the TLS tests ask of their mesh.
+trait Secure {
+    fn greeting(&self) -> Option<String>;
+    fn web(&self, args: &[&str]) -> Value;
+    fn stat(&self, name: &str) -> u64;
+}
+
+impl Secure for Mesh {
     /// The greeting line of one TCP connection through the VIP, or `None` when the proxy closed it.
     fn greeting(&self) -> Option<String> {
         let c = self
@@ -173,10 +141,11 @@ impl Setup {
         (!line.is_empty()).then_some(line)
     }
 
-    fn http(&self, args: &[&str]) -> Value {
-        let mut a = vec!["http", "http://127.77.0.10:9080/"];
+    /// `drover-probe http` to the service's HTTP port.
+    fn web(&self, args: &[&str]) -> Value {
+        let mut a = vec!["http://127.77.0.10:9080/"];
         a.extend_from_slice(args);
-        probe(Some(&self.t.client), None, &a)
+        self.http(&a)
     }
 
     fn stat(&self, name: &str) -> u64 {
@@ -269,7 +238,7 @@ fn mutual_presents_the_client_certificate_and_simple_is_refused_by_that_server()
     let g = s.greeting().expect("mutual TLS relayed");
     assert!(g.contains("client_cert=true"), "{g}");
     // HTTP over the same origination: ALPN-less HTTP/1.1 with the client certificate.
-    let r = s.http(&["--count", "3"]);
+    let r = s.web(&["--count", "3"]);
     assert_eq!(r["status"]["200"], 3, "{r}");
     assert_eq!(r["first"]["client_cert_id"], pem_id(&client.0), "{r}");
     drop(s);
@@ -284,7 +253,7 @@ fn mutual_presents_the_client_certificate_and_simple_is_refused_by_that_server()
         None,
         "the server demands a client certificate"
     );
-    let r = s.http(&["--count", "1"]);
+    let r = s.web(&["--count", "1"]);
     assert_eq!(r["status"]["503"], 1, "{r}");
 }
 
@@ -303,10 +272,10 @@ fn http_auto_sni_and_san_follow_the_request_host() {
     );
     // No `sni`, no `subjectAltNames`: the Host names the handshake and is checked (Envoy's
     // auto SNI and auto SAN validation).
-    let r = s.http(&["--count", "2", "--header", "host: secure.test.svc"]);
+    let r = s.web(&["--count", "2", "--header", "host: secure.test.svc"]);
     assert_eq!(r["status"]["200"], 2, "{r}");
     assert_eq!(r["first"]["sni"], "secure.test.svc", "{r}");
-    let r = s.http(&["--count", "1", "--header", "host: impostor.test.svc"]);
+    let r = s.web(&["--count", "1", "--header", "host: impostor.test.svc"]);
     assert_eq!(
         r["status"]["503"], 1,
         "the certificate does not name this host: {r}"
@@ -410,7 +379,7 @@ fn rotation_applies_to_new_handshakes_and_a_bad_file_keeps_the_old_one() {
         );
     let s = setup(&args, &yaml, &[]);
     assert_eq!(
-        s.http(&["--count", "1"])["first"]["client_cert_id"],
+        s.web(&["--count", "1"])["first"]["client_cert_id"],
         pem_id(&first.0)
     );
 
@@ -445,7 +414,7 @@ fn rotation_applies_to_new_handshakes_and_a_bad_file_keeps_the_old_one() {
             .wait_log("configuration reloaded", Duration::from_secs(3))
     );
     assert_eq!(
-        s.http(&["--count", "1"])["first"]["client_cert_id"],
+        s.web(&["--count", "1"])["first"]["client_cert_id"],
         pem_id(&second.0)
     );
 
@@ -457,7 +426,7 @@ fn rotation_applies_to_new_handshakes_and_a_bad_file_keeps_the_old_one() {
         "{}",
         s.daemon.log()
     );
-    let r = s.http(&["--count", "3"]);
+    let r = s.web(&["--count", "3"]);
     assert_eq!(r["status"]["200"], 3, "{r}");
     assert_eq!(r["first"]["client_cert_id"], pem_id(&second.0));
     let _ = &s.cfg;
@@ -476,7 +445,7 @@ fn istio_mutual_without_a_mesh_identity_refuses_instead_of_plaintext() {
         &[],
     );
     assert_eq!(s.greeting(), None);
-    let r = s.http(&["--count", "1"]);
+    let r = s.web(&["--count", "1"]);
     assert_eq!(r["status"]["503"], 1, "{r}");
     assert!(
         s.daemon
@@ -530,7 +499,7 @@ fn istio_mutual_with_the_mesh_ca_presents_and_checks_spiffe_identities() {
         g.contains("sni=outbound_.80_._.secure.test.svc client_cert=true"),
         "{g}"
     );
-    let r = s.http(&["--count", "2"]);
+    let r = s.web(&["--count", "2"]);
     assert_eq!(r["status"]["200"], 2, "{r}");
     assert_eq!(
         r["first"]["sni"], "outbound_.9080_._.secure.test.svc",
