@@ -355,12 +355,15 @@ pub struct Prepared {
     pub cfg: std::path::PathBuf,
 }
 
+/// A `drover-testsrv` on an endpoint: (endpoint 1.., mode, ports, name, arguments).
+type ServerSpec = (usize, String, Vec<u16>, String, Vec<String>);
+
 /// "A mesh with these services, endpoints and rules": `n` endpoint namespaces, the servers on
 /// them, the configuration and the daemon's arguments.
 pub struct MeshBuilder {
     n: usize,
-    /// (endpoint 1.., mode, ports, name, arguments); none = echo servers on 7000 (v4 and v6).
-    servers: Vec<(usize, String, Vec<u16>, String, Vec<String>)>,
+    /// None = echo servers on 7000 (v4 and v6).
+    servers: Vec<ServerSpec>,
     yaml: Option<String>,
     extra: Vec<String>,
 }
