@@ -115,27 +115,22 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
     let (original, kernel) = attach(&cfg, &bindings.cookies, &vips)?;
 
     let registry = RegistryHandle::new(registry);
-    let shutdown = CancellationToken::new();
-    let overload =
-        proxy::downstream::Overload::new(cfg.max_downstream_connections, cfg.max_memory_bytes);
-    tokio::spawn(overload.clone().watch_memory(shutdown.clone()));
-    tokio::spawn(crate::memory::trim_after_load(shutdown.clone()));
-    let proxy = Arc::new(Proxy::new(
-        registry.clone(),
+    let Serving {
+        listeners,
+        shutdown,
+        tracker,
+    } = DataPath {
+        registry: registry.clone(),
         original,
-        cfg.downstream,
-        overload,
-    ));
-    let tracker = TaskTracker::new();
-    let mut listeners = Vec::new();
-    for (ns, l) in bindings.listeners {
-        listeners.push((ns.name.clone(), l.local_addr()?));
-        tokio::spawn(
-            proxy
-                .clone()
-                .serve(ns, l, shutdown.clone(), tracker.clone()),
-        );
+        listeners: bindings.listeners,
+        downstream: cfg.downstream,
+        overload: proxy::downstream::Overload::new(
+            cfg.max_downstream_connections,
+            cfg.max_memory_bytes,
+        ),
+        mark: true,
     }
+    .serve()?;
     if let (Some(inbound), Some(kernel)) = (bindings.inbound, &kernel) {
         kernel.attach_inbound(&inbound.ns, &inbound.listener, &inbound.ports)?;
         tracing::info!(netns = %inbound.ns.name, ports = ?inbound.ports, "inbound mTLS termination on 15006");
@@ -189,6 +184,55 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
         _kernel: kernel,
         _lock: lock,
     })
+}
+
+/// The data path without capture: `listeners` (any address, port 0 included) whose connections
+/// get their original destination from `original`, served by the proxy over `registry` with
+/// the downstream limits. [`build`] composes it over the kernel's capture; the in-process tests
+/// compose it over loopback listeners and a [`crate::redirect::ByListener`].
+pub struct DataPath {
+    pub registry: RegistryHandle,
+    pub original: Arc<dyn OriginalDst>,
+    pub listeners: Vec<(Arc<NetNs>, tokio::net::TcpListener)>,
+    pub downstream: proxy::downstream::Timeouts,
+    pub overload: Arc<proxy::downstream::Overload>,
+    /// Mark upstream sockets so that capture never takes them again (needs `CAP_NET_ADMIN`;
+    /// only serving without capture may go without).
+    pub mark: bool,
+}
+
+/// A data path being served: stop it with `shutdown`, wait for its connections on `tracker`.
+pub struct Serving {
+    /// (namespace name, address) of every listener.
+    pub listeners: Vec<(String, std::net::SocketAddr)>,
+    pub shutdown: CancellationToken,
+    pub tracker: TaskTracker,
+}
+
+impl DataPath {
+    /// Serves every listener on its own task, with the memory watch of the overload limits.
+    pub fn serve(self) -> std::io::Result<Serving> {
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        tokio::spawn(self.overload.clone().watch_memory(shutdown.clone()));
+        tokio::spawn(crate::memory::trim_after_load(shutdown.clone()));
+        let proxy = Proxy::new(self.registry, self.original, self.downstream, self.overload);
+        let proxy = Arc::new(if self.mark { proxy } else { proxy.unmarked() });
+        let mut listeners = Vec::new();
+        for (ns, l) in self.listeners {
+            listeners.push((ns.name.clone(), l.local_addr()?));
+            tokio::spawn(
+                proxy
+                    .clone()
+                    .serve(ns, l, shutdown.clone(), tracker.clone()),
+            );
+        }
+        Ok(Serving {
+            listeners,
+            shutdown,
+            tracker,
+        })
+    }
 }
 
 /// Issues the enrolled workloads' mesh identity and keeps renewing it.
@@ -450,3 +494,6 @@ impl Bound {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -67,6 +67,8 @@ pub struct Proxy {
     original: Arc<dyn OriginalDst>,
     timeouts: downstream::Timeouts,
     overload: Arc<downstream::Overload>,
+    /// Upstream sockets carry `SO_MARK` (always, when anything captures).
+    mark: bool,
 }
 
 // === impl Error ===
@@ -103,6 +105,16 @@ impl Proxy {
             original,
             timeouts,
             overload,
+            mark: true,
+        }
+    }
+
+    /// The proxy with unmarked upstream sockets: for serving without capture (nothing could
+    /// take them again) and without the privilege marking needs.
+    pub fn unmarked(self) -> Self {
+        Self {
+            mark: false,
+            ..self
         }
     }
 
@@ -114,7 +126,10 @@ impl Proxy {
         shutdown: CancellationToken,
         tracker: TaskTracker,
     ) {
-        let upstreams = Arc::new(http::Upstreams::new(ns.clone()));
+        let upstreams = Arc::new(match self.mark {
+            true => http::Upstreams::new(ns.clone()),
+            false => http::Upstreams::unmarked(ns.clone()),
+        });
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -248,7 +263,7 @@ impl Proxy {
         let mut attempt = attempt::Attempt::start(d.cluster, d.pick);
         let dialer = upstream::Dialer {
             ns: ns.clone(),
-            mark: true,
+            mark: self.mark,
             connect_timeout: pool.connect_timeout,
             keepalive: pool.tcp_keepalive.clone(),
             tls: d

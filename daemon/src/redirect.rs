@@ -96,6 +96,23 @@ impl OriginalDst for SoOriginalDst {
     }
 }
 
+/// A listener per destination: a connection's original destination is the one its listener
+/// (the connection's local address) stands for. Nothing is captured; the application dials the
+/// listener. This is how the in-process tests drive the data path without privileges.
+#[derive(Debug, Default)]
+pub struct ByListener(pub std::collections::HashMap<SocketAddr, SocketAddr>);
+
+impl OriginalDst for ByListener {
+    fn original_dst(&self, _netns_cookie: u64, stream: &TcpStream) -> Result<SocketAddr, Error> {
+        let local = stream.local_addr()?;
+        self.0.get(&local).copied().ok_or_else(|| {
+            Error::OriginalDst(io::Error::other(format!(
+                "no destination for listener {local}"
+            )))
+        })
+    }
+}
+
 /// The `ORIG_BY_TUPLE` key for a connection accepted in `netns_cookie` (src = the application).
 pub fn tuple_key(netns_cookie: u64, peer: SocketAddr, local: SocketAddr) -> TupleKey {
     TupleKey {
