@@ -486,3 +486,272 @@ fn in_subnet(ip: IpAddr, (net, len): (IpAddr, u8)) -> bool {
         _ => false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Per-request routing and hashing over a built snapshot, no I/O.
+
+    use super::*;
+    use crate::config::source::ConfigSet;
+
+    const VIP: &str = "127.77.0.10:80";
+
+    /// `web` (HTTP, endpoints `one` at .2 and `two` at .3, subsets by `v`), with `rules`.
+    fn registry(rules: &str) -> Registry {
+        let yaml = format!(
+            "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: web, namespace: default}}
+spec:
+  hosts: [web.default.svc]
+  addresses: [127.77.0.10]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints:
+  - {{address: 127.0.0.2, labels: {{v: one}}}}
+  - {{address: 127.0.0.3, labels: {{v: two}}}}
+---
+{rules}"
+        );
+        Registry::build(&ConfigSet::parse_ok("t.yaml", &yaml), &Default::default()).expect("valid")
+    }
+
+    const SUBSETS: &str = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: default}
+spec:
+  host: web.default.svc
+  subsets: [{name: one, labels: {v: one}}, {name: two, labels: {v: two}}]
+";
+
+    /// A request `method path?query` with `headers`.
+    fn request<'a>(
+        method: &'a str,
+        path: &'a str,
+        query: Option<&'a str>,
+        headers: &'a hyper::HeaderMap,
+    ) -> Request<'a> {
+        Request {
+            method,
+            scheme: "http",
+            authority: "web.default.svc",
+            path,
+            query,
+            headers,
+            connection: "127.0.0.1:40000127.77.0.10:80",
+        }
+    }
+
+    fn headers(pairs: &[(&'static str, &str)]) -> hyper::HeaderMap {
+        pairs
+            .iter()
+            .map(|(k, v)| {
+                (
+                    hyper::header::HeaderName::from_static(k),
+                    v.parse().unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    /// The cluster and route a request goes to.
+    fn routed(reg: &Registry, req: &Request<'_>) -> Result<(String, Option<String>), RouteError> {
+        let d = reg.route_request(VIP.parse().unwrap(), None, req)?;
+        Ok((d.cluster.name.clone(), d.route))
+    }
+
+    #[test]
+    fn first_matching_http_route_wins_with_every_condition_anded() {
+        let reg = registry(&format!(
+            "{SUBSETS}---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: web, namespace: default}}
+spec:
+  hosts: [web.default.svc]
+  http:
+  - match: [{{uri: {{prefix: /api}}, method: {{exact: POST}}, headers: {{x-canary: {{exact: 'yes'}}}}}}]
+    route: [{{destination: {{host: web.default.svc, subset: two}}}}]
+  - match: [{{queryParams: {{v: {{regex: 't.*'}}}}}}, {{withoutHeaders: {{cookie: {{}}}}, uri: {{exact: /login}}}}]
+    route: [{{destination: {{host: web.default.svc, subset: two}}}}]
+  - match: [{{uri: {{prefix: /}}}}]
+    route: [{{destination: {{host: web.default.svc, subset: one}}}}]
+"
+        ));
+        let (one, two) = (
+            "outbound|80|one|web.default.svc",
+            "outbound|80|two|web.default.svc",
+        );
+        let canary = headers(&[("x-canary", "yes")]);
+        let none = headers(&[]);
+        let cookie = headers(&[("cookie", "a=b")]);
+        let cases = [
+            (request("POST", "/api/x", None, &canary), two, 0),
+            // One condition short: the next route.
+            (request("GET", "/api/x", None, &canary), one, 2),
+            (request("POST", "/api/x", None, &none), one, 2),
+            (request("GET", "/x", Some("v=two"), &none), two, 1),
+            (request("GET", "/x", Some("v=one"), &none), one, 2),
+            (request("GET", "/login", None, &none), two, 1),
+            (request("GET", "/login", None, &cookie), one, 2),
+        ];
+        for (req, cluster, index) in cases {
+            let (c, route) = routed(&reg, &req).unwrap();
+            assert_eq!(c, cluster, "{} {} {:?}", req.method, req.path, req.query);
+            assert_eq!(route.unwrap(), format!("default/web http[{index}]"));
+        }
+    }
+
+    #[test]
+    fn no_matching_route_and_unknown_subset_are_envoy_errors() {
+        let reg = registry(
+            "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: default}
+spec:
+  hosts: [web.default.svc]
+  http:
+  - match: [{uri: {exact: /only}}]
+    route: [{destination: {host: web.default.svc, subset: missing}}]
+",
+        );
+        let none = headers(&[]);
+        let e = routed(&reg, &request("GET", "/other", None, &none)).unwrap_err();
+        assert_eq!(
+            e,
+            RouteError::NoRouteMatched {
+                vs: "default/web".into()
+            }
+        );
+        assert_eq!(
+            (e.http_status(), e.response_flag()),
+            (404, ResponseFlag::NoRoute)
+        );
+        let e = routed(&reg, &request("GET", "/only", None, &none)).unwrap_err();
+        assert!(matches!(e, RouteError::UnknownSubset(_)), "{e:?}");
+        assert_eq!(
+            (e.http_status(), e.response_flag()),
+            (503, ResponseFlag::NoClusterFound)
+        );
+    }
+
+    /// The endpoint indexes `n` requests with `headers` and `query` are sent to.
+    fn picks(
+        reg: &Registry,
+        headers: &hyper::HeaderMap,
+        query: Option<&str>,
+        n: usize,
+    ) -> Vec<usize> {
+        (0..n)
+            .map(|_| {
+                let d = reg
+                    .route_request(
+                        VIP.parse().unwrap(),
+                        None,
+                        &request("GET", "/", query, headers),
+                    )
+                    .unwrap();
+                match d.target {
+                    Target::Endpoint { index, .. } => index,
+                    Target::Passthrough(_) => panic!("not a passthrough service"),
+                }
+            })
+            .collect()
+    }
+
+    fn hashing(key: &str) -> Registry {
+        registry(&format!(
+            "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: web, namespace: default}}
+spec:
+  host: web.default.svc
+  trafficPolicy: {{loadBalancer: {{consistentHash: {{{key}}}}}}}
+"
+        ))
+    }
+
+    #[test]
+    fn hash_keys_come_from_the_request() {
+        let reg = hashing("httpHeaderName: x-user");
+        let spread = |v: &[usize]| v.iter().collect::<std::collections::HashSet<_>>().len();
+        for user in ["ann", "bob", "cy"] {
+            let h = headers(&[("x-user", user)]);
+            assert_eq!(
+                spread(&picks(&reg, &h, None, 20)),
+                1,
+                "x-user {user} sticks"
+            );
+        }
+        let users: Vec<usize> = (0..40)
+            .map(|i| picks(&reg, &headers(&[("x-user", &format!("u{i}"))]), None, 1)[0])
+            .collect();
+        assert_eq!(spread(&users), 2, "different users reach both endpoints");
+
+        let reg = hashing("httpQueryParameterName: id");
+        let none = headers(&[]);
+        assert_eq!(spread(&picks(&reg, &none, Some("id=7&x=1"), 20)), 1);
+    }
+
+    #[test]
+    fn a_missing_cookie_with_ttl_is_generated_and_then_sticks() {
+        let reg = hashing("httpCookie: {name: sticky, ttl: 60s, path: /}");
+        let none = headers(&[]);
+        let d = reg
+            .route_request(
+                VIP.parse().unwrap(),
+                None,
+                &request("GET", "/", None, &none),
+            )
+            .unwrap();
+        let set = d.set_cookie.expect("a cookie is generated");
+        assert!(
+            set.starts_with("sticky=\"")
+                && set.contains("; Max-Age=60; Path=/")
+                && set.ends_with("; HttpOnly"),
+            "{set}"
+        );
+        let value = set.split(';').next().unwrap().trim_start_matches("sticky=");
+        let first = match d.target {
+            Target::Endpoint { index, .. } => index,
+            Target::Passthrough(_) => unreachable!(),
+        };
+        let with = headers(&[("cookie", &format!("a=b; sticky={value}"))]);
+        assert_eq!(picks(&reg, &with, None, 10), vec![first; 10]);
+        let d = reg
+            .route_request(
+                VIP.parse().unwrap(),
+                None,
+                &request("GET", "/", None, &with),
+            )
+            .unwrap();
+        assert_eq!(d.set_cookie, None, "a present cookie is not set again");
+
+        // Without a ttl nothing is generated (Envoy: random pick).
+        let reg = hashing("httpCookie: {name: sticky}");
+        let d = reg
+            .route_request(
+                VIP.parse().unwrap(),
+                None,
+                &request("GET", "/", None, &none),
+            )
+            .unwrap();
+        assert_eq!(d.set_cookie, None);
+    }
+
+    #[test]
+    fn subnets_and_query_params() {
+        let v4 = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(in_subnet(v4("10.1.2.3"), (v4("10.1.0.0"), 16)));
+        assert!(!in_subnet(v4("10.2.0.1"), (v4("10.1.0.0"), 16)));
+        assert!(in_subnet(v4("::ffff:10.1.2.3"), (v4("10.1.0.0"), 16)));
+        assert!(in_subnet(v4("1.2.3.4"), (v4("0.0.0.0"), 0)));
+        assert!(in_subnet(v4("fd00::1"), (v4("fd00::"), 8)));
+        assert_eq!(
+            query_param(Some("a=1&b=x%20y"), "b").as_deref(),
+            Some("x y")
+        );
+        assert_eq!(query_param(Some("a=1"), "b"), None);
+        assert_eq!(query_param(None, "a"), None);
+    }
+}
