@@ -85,20 +85,7 @@ pub struct ConfigRejected(pub reload::Error);
 /// a start that fails after attaching removes what it pinned, so a failed start leaves no capture
 /// behind (a restart's pre-existing pins are left as the previous daemon left them).
 pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
-    if let Some(mesh) = &cfg.mesh {
-        cfg.credentials.mesh = Some(issue_identity(mesh, &cfg.client.namespace)?);
-    }
-    raise_nofile();
-    let registry = reload::load(
-        &cfg.config_paths,
-        &cfg.client,
-        &cfg.credentials,
-        cfg.allow_empty,
-    )
-    .map_err(ConfigRejected)?;
-    for w in registry.warnings() {
-        tracing::warn!("{w}");
-    }
+    let registry = configure(&mut cfg)?;
     // One daemon per pin directory, decided before anything in it is touched.
     let lock = match cfg.capture {
         CaptureMode::Ebpf => Some(PinLock::acquire(&cfg.pin_dir)?),
@@ -140,26 +127,7 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
                 .serve(inbound.listener, shutdown.clone(), tracker.clone()),
         );
     }
-    let reload = Reloader {
-        paths: cfg.config_paths.clone(),
-        client: cfg.client.clone(),
-        credentials: cfg.credentials.clone(),
-        registry: registry.clone(),
-        kernel: kernel.clone(),
-        allow_empty: cfg.allow_empty,
-    }
-    .spawn(cfg.watch, shutdown.clone())?;
-    let admin = match bindings.admin {
-        Some(l) => Some(
-            crate::admin::Admin {
-                registry: registry.clone(),
-                kernel: kernel.clone(),
-                log: cfg.log.clone(),
-            }
-            .serve(l, shutdown.clone())?,
-        ),
-        None => None,
-    };
+    let (reload, admin) = control(&cfg, &registry, &kernel, bindings.admin, &shutdown)?;
     let signals = Signals::install()?;
     rollback.0 = None;
     // What parsing the configuration freed goes back to the OS.
@@ -184,6 +152,58 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
         _kernel: kernel,
         _lock: lock,
     })
+}
+
+/// The workloads' identity (when the daemon issues one), the process limits and the first
+/// configuration, whose warnings are logged.
+fn configure(cfg: &mut RunConfig) -> anyhow::Result<crate::registry::Registry> {
+    if let Some(mesh) = &cfg.mesh {
+        cfg.credentials.mesh = Some(issue_identity(mesh, &cfg.client.namespace)?);
+    }
+    raise_nofile();
+    let registry = reload::load(
+        &cfg.config_paths,
+        &cfg.client,
+        &cfg.credentials,
+        cfg.allow_empty,
+    )
+    .map_err(ConfigRejected)?;
+    for w in registry.warnings() {
+        tracing::warn!("{w}");
+    }
+    Ok(registry)
+}
+
+/// The control plane of a running daemon: the reloader (watcher and SIGHUP) and, when bound,
+/// the admin API.
+fn control(
+    cfg: &RunConfig,
+    registry: &RegistryHandle,
+    kernel: &Option<Arc<Kernel>>,
+    admin: Option<tokio::net::TcpListener>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<(reload::Trigger, Option<std::net::SocketAddr>)> {
+    let reload = Reloader {
+        paths: cfg.config_paths.clone(),
+        client: cfg.client.clone(),
+        credentials: cfg.credentials.clone(),
+        registry: registry.clone(),
+        kernel: kernel.clone(),
+        allow_empty: cfg.allow_empty,
+    }
+    .spawn(cfg.watch, shutdown.clone())?;
+    let admin = match admin {
+        Some(l) => Some(
+            crate::admin::Admin {
+                registry: registry.clone(),
+                kernel: kernel.clone(),
+                log: cfg.log.clone(),
+            }
+            .serve(l, shutdown.clone())?,
+        ),
+        None => None,
+    };
+    Ok((reload, admin))
 }
 
 /// The data path without capture: `listeners` (any address, port 0 included) whose connections
