@@ -17,57 +17,11 @@ impl Checker<'_> {
             .traffic_policy
             .as_ref()
             .map(|tp| self.traffic_policy("spec.trafficPolicy", tp));
-        let mut subsets = Vec::new();
-        let mut names = HashSet::new();
-        for (i, s) in spec.subsets.iter().enumerate() {
-            let path = format!("spec.subsets[{i}]");
-            let Some(s) = s else {
-                self.err(path, "subset must not be null");
-                continue;
-            };
-            if s.name.is_empty() {
-                self.err(format!("{path}.name"), "subset name is required");
-            } else if !is_dns_label(&s.name) {
-                self.err(
-                    format!("{path}.name"),
-                    format!("subset name {:?} is not a DNS-1123 label", s.name),
-                );
-            } else if !names.insert(s.name.clone()) {
-                self.err(
-                    format!("{path}.name"),
-                    format!("duplicate subset name {:?}", s.name),
-                );
-            }
-            self.labels(&format!("{path}.labels"), &s.labels);
-            let traffic_policy = s
-                .traffic_policy
-                .as_ref()
-                .map(|tp| self.traffic_policy(&format!("{path}.trafficPolicy"), tp));
-            subsets.push(policy::Subset {
-                name: s.name.clone(),
-                labels: s.labels.clone(),
-                traffic_policy,
-                index: i,
-            });
-        }
-        let workload_selector = spec.workload_selector.as_ref().map(|ws| {
-            if ws.match_labels.is_empty() {
-                self.warn(
-                    "spec.workloadSelector.matchLabels",
-                    "empty matchLabels selects every workload in the namespace",
-                );
-            }
-            for (k, v) in &ws.match_labels {
-                let field = format!("spec.workloadSelector.matchLabels.{k}");
-                if k.is_empty() || k.contains('*') || v.contains('*') {
-                    self.err(
-                        field,
-                        "empty keys and wildcards are not allowed in matchLabels",
-                    );
-                }
-            }
-            ws.match_labels.clone()
-        });
+        let subsets = self.subsets(&spec.subsets);
+        let workload_selector = spec
+            .workload_selector
+            .as_ref()
+            .map(|ws| self.match_labels(&ws.match_labels));
         let export_to = self.export_to(&spec.export_to, false);
         if workload_selector.is_some()
             && !matches!(&export_to, ExportTo::Namespaces(l) if l == std::slice::from_ref(&self.namespace))
@@ -99,6 +53,66 @@ impl Checker<'_> {
         }
     }
 
+    fn subsets(&mut self, list: &[Option<crd::Subset>]) -> Vec<policy::Subset> {
+        let mut subsets = Vec::new();
+        let mut names = HashSet::new();
+        for (i, s) in list.iter().enumerate() {
+            let path = format!("spec.subsets[{i}]");
+            let Some(s) = s else {
+                self.err(path, "subset must not be null");
+                continue;
+            };
+            if s.name.is_empty() {
+                self.err(format!("{path}.name"), "subset name is required");
+            } else if !is_dns_label(&s.name) {
+                self.err(
+                    format!("{path}.name"),
+                    format!("subset name {:?} is not a DNS-1123 label", s.name),
+                );
+            } else if !names.insert(s.name.clone()) {
+                self.err(
+                    format!("{path}.name"),
+                    format!("duplicate subset name {:?}", s.name),
+                );
+            }
+            self.labels(&format!("{path}.labels"), &s.labels);
+            let traffic_policy = s
+                .traffic_policy
+                .as_ref()
+                .map(|tp| self.traffic_policy(&format!("{path}.trafficPolicy"), tp));
+            subsets.push(policy::Subset {
+                name: s.name.clone(),
+                labels: s.labels.clone(),
+                traffic_policy,
+                index: i,
+            });
+        }
+        subsets
+    }
+
+    /// A rule's `workloadSelector.matchLabels`.
+    fn match_labels(
+        &mut self,
+        match_labels: &BTreeMap<String, String>,
+    ) -> BTreeMap<String, String> {
+        if match_labels.is_empty() {
+            self.warn(
+                "spec.workloadSelector.matchLabels",
+                "empty matchLabels selects every workload in the namespace",
+            );
+        }
+        for (k, v) in match_labels {
+            let field = format!("spec.workloadSelector.matchLabels.{k}");
+            if k.is_empty() || k.contains('*') || v.contains('*') {
+                self.err(
+                    field,
+                    "empty keys and wildcards are not allowed in matchLabels",
+                );
+            }
+        }
+        match_labels.clone()
+    }
+
     fn traffic_policy(&mut self, path: &str, tp: &crd::TrafficPolicy) -> policy::TrafficPolicy {
         if tp == &crd::TrafficPolicy::default() {
             self.err(path, "trafficPolicy must set at least one field");
@@ -110,7 +124,35 @@ impl Checker<'_> {
             tp.outlier_detection.as_ref(),
             tp.tls.as_ref(),
         );
-        if tp.port_level_settings.len() > MAX_PORT_LEVEL {
+        let port_level = self.port_level_settings(path, &tp.port_level_settings);
+        let tunnel = tp.tunnel.as_ref().map(|t| self.tunnel(path, t));
+        let proxy_protocol = tp.proxy_protocol.as_ref().map(|p| match p.version {
+            Some(crd::ProxyProtocolVersion::V2) => policy::ProxyProtocolVersion::V2,
+            _ => policy::ProxyProtocolVersion::V1,
+        });
+        if tunnel.is_some() && proxy_protocol.is_some() {
+            self.err(
+                format!("{path}.proxyProtocol"),
+                "proxyProtocol and tunnel are mutually exclusive",
+            );
+        }
+        let retry_budget = tp.retry_budget.as_ref().map(|r| self.retry_budget(path, r));
+        policy::TrafficPolicy {
+            blocks,
+            port_level,
+            tunnel,
+            proxy_protocol,
+            retry_budget,
+        }
+    }
+
+    /// `portLevelSettings`: (index, port, blocks) of each entry with a valid, unique port.
+    fn port_level_settings(
+        &mut self,
+        path: &str,
+        settings: &[crd::PortTrafficPolicy],
+    ) -> Vec<(usize, u16, Blocks)> {
+        if settings.len() > MAX_PORT_LEVEL {
             self.err(
                 format!("{path}.portLevelSettings"),
                 format!("at most {MAX_PORT_LEVEL} entries are allowed"),
@@ -118,7 +160,7 @@ impl Checker<'_> {
         }
         let mut port_level = Vec::new();
         let mut seen = HashSet::new();
-        for (i, p) in tp.port_level_settings.iter().enumerate() {
+        for (i, p) in settings.iter().enumerate() {
             let pp = format!("{path}.portLevelSettings[{i}]");
             let port = match p.port.as_ref().and_then(|p| p.number) {
                 None => {
@@ -156,78 +198,62 @@ impl Checker<'_> {
                 port_level.push((i, port, b));
             }
         }
-        let tunnel = tp.tunnel.as_ref().map(|t| {
-            let tpath = format!("{path}.tunnel");
-            let protocol = match t.protocol.as_deref().unwrap_or("") {
-                "" | "CONNECT" => "CONNECT".to_string(),
-                "POST" => "POST".to_string(),
-                other => {
-                    self.err(
-                        format!("{tpath}.protocol"),
-                        format!("tunnel protocol must be CONNECT or POST, not {other:?}"),
-                    );
-                    other.to_string()
-                }
-            };
-            if t.target_host.is_empty() {
-                self.err(format!("{tpath}.targetHost"), "targetHost is required");
-            } else if t.target_host.parse::<IpAddr>().is_err()
-                && check_fqdn(&t.target_host).is_err()
-            {
+        port_level
+    }
+
+    fn tunnel(&mut self, path: &str, t: &crd::TunnelSettings) -> policy::Tunnel {
+        let tpath = format!("{path}.tunnel");
+        let protocol = match t.protocol.as_deref().unwrap_or("") {
+            "" | "CONNECT" => "CONNECT".to_string(),
+            "POST" => "POST".to_string(),
+            other => {
                 self.err(
-                    format!("{tpath}.targetHost"),
-                    format!("{:?} is not an FQDN or IP address", t.target_host),
+                    format!("{tpath}.protocol"),
+                    format!("tunnel protocol must be CONNECT or POST, not {other:?}"),
                 );
+                other.to_string()
             }
-            let target_port = self
-                .port(&format!("{tpath}.targetPort"), t.target_port)
-                .unwrap_or(0);
-            policy::Tunnel {
-                protocol,
-                target_host: t.target_host.clone(),
-                target_port,
-            }
-        });
-        let proxy_protocol = tp.proxy_protocol.as_ref().map(|p| match p.version {
-            Some(crd::ProxyProtocolVersion::V2) => policy::ProxyProtocolVersion::V2,
-            _ => policy::ProxyProtocolVersion::V1,
-        });
-        if tunnel.is_some() && proxy_protocol.is_some() {
+        };
+        if t.target_host.is_empty() {
+            self.err(format!("{tpath}.targetHost"), "targetHost is required");
+        } else if t.target_host.parse::<IpAddr>().is_err() && check_fqdn(&t.target_host).is_err() {
             self.err(
-                format!("{path}.proxyProtocol"),
-                "proxyProtocol and tunnel are mutually exclusive",
+                format!("{tpath}.targetHost"),
+                format!("{:?} is not an FQDN or IP address", t.target_host),
             );
         }
-        let retry_budget = tp.retry_budget.as_ref().map(|r| {
-            let rp = format!("{path}.retryBudget");
-            let percent = r.percent.unwrap_or(20.0);
-            if !(0.0..=100.0).contains(&percent) {
-                self.err(
-                    format!("{rp}.percent"),
-                    format!("percent {percent} must be between 0 and 100"),
-                );
-            }
-            policy::RetryBudget {
-                percent,
-                min_retry_concurrency: self
-                    .count(
-                        &format!("{rp}.minRetryConcurrency"),
-                        r.min_retry_concurrency,
-                    )
-                    .unwrap_or(3),
-                budget_interval: self.duration(
-                    &format!("{rp}.budgetInterval"),
-                    r.budget_interval.as_ref(),
-                    false,
-                ),
-            }
-        });
-        policy::TrafficPolicy {
-            blocks,
-            port_level,
-            tunnel,
-            proxy_protocol,
-            retry_budget,
+        let target_port = self
+            .port(&format!("{tpath}.targetPort"), t.target_port)
+            .unwrap_or(0);
+        policy::Tunnel {
+            protocol,
+            target_host: t.target_host.clone(),
+            target_port,
+        }
+    }
+
+    fn retry_budget(&mut self, path: &str, r: &crd::RetryBudget) -> policy::RetryBudget {
+        let rp = format!("{path}.retryBudget");
+        let percent = r.percent.unwrap_or(20.0);
+        if !(0.0..=100.0).contains(&percent) {
+            self.err(
+                format!("{rp}.percent"),
+                format!("percent {percent} must be between 0 and 100"),
+            );
+        }
+        policy::RetryBudget {
+            percent,
+            min_retry_concurrency: self
+                .count(
+                    &format!("{rp}.minRetryConcurrency"),
+                    r.min_retry_concurrency,
+                )
+                .unwrap_or(3),
+            budget_interval: self.duration(
+                &format!("{rp}.budgetInterval"),
+                r.budget_interval.as_ref(),
+                false,
+            ),
         }
     }
 
@@ -284,7 +310,28 @@ impl Checker<'_> {
             .locality_lb_setting
             .as_ref()
             .map(|l| self.locality(&format!("{path}.localityLbSetting"), l));
-        let warmup = match (&lb.warmup, &lb.warmup_duration_secs) {
+        let warmup = self.warmup(path, lb);
+        if warmup.is_some()
+            && matches!(algorithm, A::Random | A::Passthrough | A::ConsistentHash(_))
+        {
+            self.warn(
+                format!("{path}.warmup"),
+                format!(
+                    "warmup only applies to ROUND_ROBIN and LEAST_REQUEST; ignored for {}",
+                    algorithm.name()
+                ),
+            );
+        }
+        policy::LoadBalancer {
+            algorithm,
+            locality,
+            warmup,
+        }
+    }
+
+    /// `warmup` (or the older `warmupDurationSecs`), with Istio's defaults inside.
+    fn warmup(&mut self, path: &str, lb: &crd::LoadBalancerSettings) -> Option<policy::Warmup> {
+        match (&lb.warmup, &lb.warmup_duration_secs) {
             (Some(_), Some(_)) => {
                 self.err(
                     format!("{path}.warmupDurationSecs"),
@@ -331,22 +378,36 @@ impl Checker<'_> {
                     aggression: 1.0,
                 }),
             (None, None) => None,
-        };
-        if warmup.is_some()
-            && matches!(algorithm, A::Random | A::Passthrough | A::ConsistentHash(_))
-        {
-            self.warn(
-                format!("{path}.warmup"),
-                format!(
-                    "warmup only applies to ROUND_ROBIN and LEAST_REQUEST; ignored for {}",
-                    algorithm.name()
-                ),
-            );
         }
-        policy::LoadBalancer {
-            algorithm,
-            locality,
-            warmup,
+    }
+
+    fn hash_cookie(&mut self, cp: &str, c: &crd::HttpCookie) -> policy::HashKey {
+        if c.name.is_empty() {
+            self.err(format!("{cp}.name"), "cookie name is required");
+        }
+        let mut seen = HashSet::new();
+        for (i, a) in c.attributes.iter().enumerate() {
+            if a.name.is_empty() {
+                self.err(
+                    format!("{cp}.attributes[{i}].name"),
+                    "cookie attribute name is required",
+                );
+            } else if !seen.insert(a.name.to_ascii_lowercase()) {
+                self.err(
+                    format!("{cp}.attributes[{i}].name"),
+                    format!("duplicate cookie attribute {:?}", a.name),
+                );
+            }
+        }
+        policy::HashKey::Cookie {
+            name: c.name.clone(),
+            path: c.path.clone(),
+            ttl: self.duration(&format!("{cp}.ttl"), c.ttl.as_ref(), true),
+            attributes: c
+                .attributes
+                .iter()
+                .map(|a| (a.name.clone(), a.value.clone()))
+                .collect(),
         }
     }
 
@@ -360,34 +421,7 @@ impl Checker<'_> {
             keys.push(K::Header(h.to_ascii_lowercase()));
         }
         if let Some(c) = &ch.http_cookie {
-            let cp = format!("{path}.httpCookie");
-            if c.name.is_empty() {
-                self.err(format!("{cp}.name"), "cookie name is required");
-            }
-            let mut seen = HashSet::new();
-            for (i, a) in c.attributes.iter().enumerate() {
-                if a.name.is_empty() {
-                    self.err(
-                        format!("{cp}.attributes[{i}].name"),
-                        "cookie attribute name is required",
-                    );
-                } else if !seen.insert(a.name.to_ascii_lowercase()) {
-                    self.err(
-                        format!("{cp}.attributes[{i}].name"),
-                        format!("duplicate cookie attribute {:?}", a.name),
-                    );
-                }
-            }
-            keys.push(K::Cookie {
-                name: c.name.clone(),
-                path: c.path.clone(),
-                ttl: self.duration(&format!("{cp}.ttl"), c.ttl.as_ref(), true),
-                attributes: c
-                    .attributes
-                    .iter()
-                    .map(|a| (a.name.clone(), a.value.clone()))
-                    .collect(),
-            });
+            keys.push(self.hash_cookie(&format!("{path}.httpCookie"), c));
         }
         if ch.use_source_ip == Some(true) {
             keys.push(K::SourceIp);
@@ -410,6 +444,15 @@ impl Checker<'_> {
                 ),
             );
         }
+        let ring = self.hash_ring(path, ch);
+        policy::ConsistentHash {
+            key: keys.into_iter().next().unwrap_or(K::SourceIp),
+            ring,
+        }
+    }
+
+    /// The hash ring: `ringHash` (Istio's default, 1024 entries at least) or `maglev`.
+    fn hash_ring(&mut self, path: &str, ch: &crd::ConsistentHash) -> policy::HashRing {
         if ch.minimum_ring_size.is_some() && (ch.ring_hash.is_some() || ch.maglev.is_some()) {
             self.err(
                 format!("{path}.minimumRingSize"),
@@ -421,7 +464,7 @@ impl Checker<'_> {
                 "minimumRingSize is deprecated; use ringHash.minimumRingSize",
             );
         }
-        let ring = match (&ch.ring_hash, &ch.maglev) {
+        match (&ch.ring_hash, &ch.maglev) {
             (Some(_), Some(_)) => {
                 self.err(path, "ringHash and maglev are mutually exclusive");
                 policy::HashRing::RingHash {
@@ -461,10 +504,6 @@ impl Checker<'_> {
                     minimum_ring_size: u64::from(n),
                 }
             }
-        };
-        policy::ConsistentHash {
-            key: keys.into_iter().next().unwrap_or(K::SourceIp),
-            ring,
         }
     }
 
