@@ -594,89 +594,95 @@ impl Checker<'_> {
             self.err(path, "connectionPool must set tcp or http");
         }
         if let Some(t) = &p.tcp {
-            let tp = format!("{path}.tcp");
-            if let Some(n) = self.limit(&format!("{tp}.maxConnections"), t.max_connections) {
-                out.max_connections = n;
-            }
-            if let Some(d) = self.duration(
-                &format!("{tp}.connectTimeout"),
-                t.connect_timeout.as_ref(),
-                false,
-            ) {
-                out.connect_timeout = d;
-            }
-            out.max_connection_duration = self.duration(
-                &format!("{tp}.maxConnectionDuration"),
-                t.max_connection_duration.as_ref(),
-                false,
-            );
-            if let Some(d) =
-                self.duration(&format!("{tp}.idleTimeout"), t.idle_timeout.as_ref(), true)
-            {
-                out.tcp_idle_timeout = d;
-                out.http_idle_timeout = d;
-            }
-            out.tcp_keepalive = t.tcp_keepalive.as_ref().map(|k| {
-                let kp = format!("{tp}.tcpKeepalive");
-                policy::TcpKeepalive {
-                    probes: self.count(&format!("{kp}.probes"), k.probes),
-                    time: self.duration(&format!("{kp}.time"), k.time.as_ref(), false),
-                    interval: self.duration(&format!("{kp}.interval"), k.interval.as_ref(), false),
-                }
-            });
+            self.pool_tcp(&format!("{path}.tcp"), t, &mut out);
         }
         if let Some(h) = &p.http {
-            let hp = format!("{path}.http");
-            if let Some(n) = self.limit(
-                &format!("{hp}.http1MaxPendingRequests"),
-                h.http1_max_pending_requests,
-            ) {
-                out.http1_max_pending_requests = n;
-            }
-            if let Some(n) = self.limit(&format!("{hp}.http2MaxRequests"), h.http2_max_requests) {
-                out.http2_max_requests = n;
-            }
-            out.max_requests_per_connection = self.limit(
-                &format!("{hp}.maxRequestsPerConnection"),
-                h.max_requests_per_connection,
-            );
-            if let Some(n) = self.limit(&format!("{hp}.maxRetries"), h.max_retries) {
-                out.max_retries = n;
-            }
-            if let Some(n) = self.limit(
-                &format!("{hp}.maxConcurrentStreams"),
-                h.max_concurrent_streams,
-            ) {
-                out.max_concurrent_streams = n;
-            }
-            if let Some(d) =
-                self.duration(&format!("{hp}.idleTimeout"), h.idle_timeout.as_ref(), false)
-            {
-                out.http_idle_timeout = d;
-            }
-            out.h2_upgrade = match h.h2_upgrade_policy {
-                None | Some(crd::H2UpgradePolicy::Default) => policy::H2Upgrade::Default,
-                Some(crd::H2UpgradePolicy::DoNotUpgrade) => policy::H2Upgrade::DoNotUpgrade,
-                Some(crd::H2UpgradePolicy::Upgrade) => policy::H2Upgrade::Upgrade,
-            };
-            out.use_client_protocol = h.use_client_protocol.unwrap_or(false);
-            if out.use_client_protocol && out.h2_upgrade == policy::H2Upgrade::Upgrade {
-                self.err(
-                    format!("{hp}.useClientProtocol"),
-                    "useClientProtocol cannot be combined with h2UpgradePolicy UPGRADE",
-                );
-            }
-            if let Some(k) = &h.http2_keep_alive {
-                let kp = format!("{hp}.http2KeepAlive");
-                let interval = self.duration(&format!("{kp}.interval"), k.interval.as_ref(), false);
-                let timeout = self.duration(&format!("{kp}.timeout"), k.timeout.as_ref(), false);
-                if k.interval.is_none() || k.timeout.is_none() {
-                    self.err(kp, "http2KeepAlive needs both interval and timeout");
-                }
-                out.http2_keepalive = interval.zip(timeout);
-            }
+            self.pool_http(&format!("{path}.http"), h, &mut out);
         }
         out
+    }
+
+    /// `connectionPool.tcp` at `tp`, into `out`.
+    fn pool_tcp(&mut self, tp: &str, t: &crd::TcpSettings, out: &mut policy::ConnectionPool) {
+        if let Some(n) = self.limit(&format!("{tp}.maxConnections"), t.max_connections) {
+            out.max_connections = n;
+        }
+        if let Some(d) = self.duration(
+            &format!("{tp}.connectTimeout"),
+            t.connect_timeout.as_ref(),
+            false,
+        ) {
+            out.connect_timeout = d;
+        }
+        out.max_connection_duration = self.duration(
+            &format!("{tp}.maxConnectionDuration"),
+            t.max_connection_duration.as_ref(),
+            false,
+        );
+        if let Some(d) = self.duration(&format!("{tp}.idleTimeout"), t.idle_timeout.as_ref(), true)
+        {
+            out.tcp_idle_timeout = d;
+            out.http_idle_timeout = d;
+        }
+        out.tcp_keepalive = t.tcp_keepalive.as_ref().map(|k| {
+            let kp = format!("{tp}.tcpKeepalive");
+            policy::TcpKeepalive {
+                probes: self.count(&format!("{kp}.probes"), k.probes),
+                time: self.duration(&format!("{kp}.time"), k.time.as_ref(), false),
+                interval: self.duration(&format!("{kp}.interval"), k.interval.as_ref(), false),
+            }
+        });
+    }
+
+    /// `connectionPool.http` at `hp`, into `out`.
+    fn pool_http(&mut self, hp: &str, h: &crd::HttpSettings, out: &mut policy::ConnectionPool) {
+        if let Some(n) = self.limit(
+            &format!("{hp}.http1MaxPendingRequests"),
+            h.http1_max_pending_requests,
+        ) {
+            out.http1_max_pending_requests = n;
+        }
+        if let Some(n) = self.limit(&format!("{hp}.http2MaxRequests"), h.http2_max_requests) {
+            out.http2_max_requests = n;
+        }
+        out.max_requests_per_connection = self.limit(
+            &format!("{hp}.maxRequestsPerConnection"),
+            h.max_requests_per_connection,
+        );
+        if let Some(n) = self.limit(&format!("{hp}.maxRetries"), h.max_retries) {
+            out.max_retries = n;
+        }
+        if let Some(n) = self.limit(
+            &format!("{hp}.maxConcurrentStreams"),
+            h.max_concurrent_streams,
+        ) {
+            out.max_concurrent_streams = n;
+        }
+        if let Some(d) = self.duration(&format!("{hp}.idleTimeout"), h.idle_timeout.as_ref(), false)
+        {
+            out.http_idle_timeout = d;
+        }
+        out.h2_upgrade = match h.h2_upgrade_policy {
+            None | Some(crd::H2UpgradePolicy::Default) => policy::H2Upgrade::Default,
+            Some(crd::H2UpgradePolicy::DoNotUpgrade) => policy::H2Upgrade::DoNotUpgrade,
+            Some(crd::H2UpgradePolicy::Upgrade) => policy::H2Upgrade::Upgrade,
+        };
+        out.use_client_protocol = h.use_client_protocol.unwrap_or(false);
+        if out.use_client_protocol && out.h2_upgrade == policy::H2Upgrade::Upgrade {
+            self.err(
+                format!("{hp}.useClientProtocol"),
+                "useClientProtocol cannot be combined with h2UpgradePolicy UPGRADE",
+            );
+        }
+        if let Some(k) = &h.http2_keep_alive {
+            let kp = format!("{hp}.http2KeepAlive");
+            let interval = self.duration(&format!("{kp}.interval"), k.interval.as_ref(), false);
+            let timeout = self.duration(&format!("{kp}.timeout"), k.timeout.as_ref(), false);
+            if k.interval.is_none() || k.timeout.is_none() {
+                self.err(kp, "http2KeepAlive needs both interval and timeout");
+            }
+            out.http2_keepalive = interval.zip(timeout);
+        }
     }
 
     fn outlier(&mut self, path: &str, o: &crd::OutlierDetection) -> policy::OutlierDetection {
@@ -768,6 +774,16 @@ impl Checker<'_> {
             sni: nonempty(&t.sni),
             insecure_skip_verify: t.insecure_skip_verify.unwrap_or(false),
         };
+        self.tls_files(path, &out);
+        if out.insecure_skip_verify {
+            self.insecure_skip_verify(path, &out);
+        }
+        out
+    }
+    /// Where the certificates come from: `credentialName` excludes the file fields; `MUTUAL`
+    /// without it needs a client certificate and key.
+    fn tls_files(&mut self, path: &str, out: &policy::ClientTls) {
+        let mode = out.mode;
         let origination = matches!(mode, policy::TlsMode::Simple | policy::TlsMode::Mutual);
         if let Some(cred) = &out.credential_name
             && origination
@@ -811,23 +827,25 @@ impl Checker<'_> {
                 );
             }
         }
-        if out.insecure_skip_verify {
-            let mut conflicts = vec![
-                ("caCertificates", out.ca_certificates.is_some()),
-                ("subjectAltNames", !out.subject_alt_names.is_empty()),
-            ];
-            if mode == policy::TlsMode::Simple {
-                conflicts.push(("credentialName", out.credential_name.is_some()));
-            }
-            for (field, set) in conflicts {
-                if set {
-                    self.err(
-                        format!("{path}.{field}"),
-                        format!("{field} cannot be set together with insecureSkipVerify"),
-                    );
-                }
+    }
+
+    /// `insecureSkipVerify` cannot be combined with what it would skip.
+    fn insecure_skip_verify(&mut self, path: &str, out: &policy::ClientTls) {
+        let mode = out.mode;
+        let mut conflicts = vec![
+            ("caCertificates", out.ca_certificates.is_some()),
+            ("subjectAltNames", !out.subject_alt_names.is_empty()),
+        ];
+        if mode == policy::TlsMode::Simple {
+            conflicts.push(("credentialName", out.credential_name.is_some()));
+        }
+        for (field, set) in conflicts {
+            if set {
+                self.err(
+                    format!("{path}.{field}"),
+                    format!("{field} cannot be set together with insecureSkipVerify"),
+                );
             }
         }
-        out
     }
 }
