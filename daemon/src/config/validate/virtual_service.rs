@@ -76,6 +76,35 @@ impl Checker<'_> {
     }
 
     fn http_route(&mut self, path: &str, index: usize, r: &crd::HttpRoute) -> policy::HttpRoute {
+        self.http_actions(path, r);
+        let matches = r
+            .matches
+            .iter()
+            .enumerate()
+            .map(|(i, m)| self.http_match(&format!("{path}.match[{i}]"), m))
+            .collect();
+        let weights: Vec<(Option<&crd::Destination>, Option<i64>)> = r
+            .route
+            .iter()
+            .map(|d| (d.destination.as_ref(), d.weight))
+            .collect();
+        let destinations = self.destinations(path, &weights);
+        let retries = r.retries.as_ref().map(|rt| self.retries(path, rt));
+        policy::HttpRoute {
+            index,
+            name: r.name.clone(),
+            matches,
+            destinations,
+            timeout: self
+                .duration(&format!("{path}.timeout"), r.timeout.as_ref(), true)
+                .filter(|d| !d.is_zero()),
+            retries,
+        }
+    }
+
+    /// What a route does besides routing: redirect, direct response, delegate and the fields
+    /// accepted but not enforced (warned about, located).
+    fn http_actions(&mut self, path: &str, r: &crd::HttpRoute) {
         let actions = [
             r.redirect.is_some(),
             r.direct_response.is_some(),
@@ -126,49 +155,28 @@ impl Checker<'_> {
                 format!("percentage {p} must be between 0 and 100"),
             );
         }
-        let matches = r
-            .matches
-            .iter()
-            .enumerate()
-            .map(|(i, m)| self.http_match(&format!("{path}.match[{i}]"), m))
-            .collect();
-        let weights: Vec<(Option<&crd::Destination>, Option<i64>)> = r
-            .route
-            .iter()
-            .map(|d| (d.destination.as_ref(), d.weight))
-            .collect();
-        let destinations = self.destinations(path, &weights);
-        let retries = r.retries.as_ref().map(|rt| {
-            let rp = format!("{path}.retries");
-            policy::Retries {
-                attempts: self
-                    .count(&format!("{rp}.attempts"), rt.attempts)
-                    .unwrap_or(0),
-                per_try_timeout: self.duration(
-                    &format!("{rp}.perTryTimeout"),
-                    rt.per_try_timeout.as_ref(),
-                    false,
-                ),
-                retry_on: match policy::RetryOn::parse(
-                    rt.retry_on.as_deref().unwrap_or(policy::DEFAULT_RETRY_ON),
-                ) {
-                    Ok(on) => on,
-                    Err(e) => {
-                        self.err(format!("{rp}.retryOn"), e);
-                        policy::RetryOn::default()
-                    }
-                },
-            }
-        });
-        policy::HttpRoute {
-            index,
-            name: r.name.clone(),
-            matches,
-            destinations,
-            timeout: self
-                .duration(&format!("{path}.timeout"), r.timeout.as_ref(), true)
-                .filter(|d| !d.is_zero()),
-            retries,
+    }
+
+    fn retries(&mut self, path: &str, rt: &crd::HttpRetry) -> policy::Retries {
+        let rp = format!("{path}.retries");
+        policy::Retries {
+            attempts: self
+                .count(&format!("{rp}.attempts"), rt.attempts)
+                .unwrap_or(0),
+            per_try_timeout: self.duration(
+                &format!("{rp}.perTryTimeout"),
+                rt.per_try_timeout.as_ref(),
+                false,
+            ),
+            retry_on: match policy::RetryOn::parse(
+                rt.retry_on.as_deref().unwrap_or(policy::DEFAULT_RETRY_ON),
+            ) {
+                Ok(on) => on,
+                Err(e) => {
+                    self.err(format!("{rp}.retryOn"), e);
+                    policy::RetryOn::default()
+                }
+            },
         }
     }
 
