@@ -186,50 +186,7 @@ fn client_config(
         .and_then(|s| s.crl.clone())
         .or_else(|| tls.ca_crl.as_ref().map(PathBuf::from));
     let provider = provider();
-    let verifier: Arc<dyn ServerCertVerifier> = if tls.insecure_skip_verify {
-        Arc::new(SkipVerify(provider.clone()))
-    } else {
-        let mut roots = RootCertStore::empty();
-        match &ca {
-            Some(path) => {
-                files.push(path.clone());
-                for cert in certificates(path)? {
-                    roots.add(cert).map_err(|e| Error::Read {
-                        path: path.clone(),
-                        reason: e.to_string(),
-                    })?;
-                }
-            }
-            None => {
-                let native = rustls_native_certs::load_native_certs();
-                let (added, _) = roots.add_parsable_certificates(native.certs);
-                if added == 0 {
-                    return Err(Error::NoSystemRoots);
-                }
-            }
-        }
-        let mut builder =
-            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone());
-        if let Some(path) = &crl {
-            files.push(path.clone());
-            let crls = CertificateRevocationListDer::pem_file_iter(path)
-                .and_then(|i| i.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| Error::Crl {
-                    path: path.clone(),
-                    reason: e.to_string(),
-                })?;
-            builder = builder.with_crls(crls);
-        }
-        let webpki = builder.build().map_err(|e| Error::Read {
-            path: ca.clone().unwrap_or_default(),
-            reason: e.to_string(),
-        })?;
-        Arc::new(Verifier {
-            webpki,
-            subject_alt_names: tls.subject_alt_names.clone(),
-            chain_only: tls.sni.is_some() || !tls.subject_alt_names.is_empty(),
-        })
-    };
+    let verifier = server_verifier(tls, (ca, crl), &provider, files)?;
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])?
         .dangerous()
@@ -254,6 +211,60 @@ fn client_config(
         config.alpn_protocols = vec![b"h2".to_vec()];
     }
     Ok(config)
+}
+
+/// How a `SIMPLE`/`MUTUAL` client verifies the server: the CA file (else the system roots),
+/// the CRL, and `subjectAltNames`; nothing with `insecureSkipVerify`. Files read are pushed to
+/// `files` (watched for rotation).
+fn server_verifier(
+    tls: &ClientTls,
+    (ca, crl): (Option<PathBuf>, Option<PathBuf>),
+    provider: &Arc<rustls::crypto::CryptoProvider>,
+    files: &mut Vec<PathBuf>,
+) -> Result<Arc<dyn ServerCertVerifier>, Error> {
+    if tls.insecure_skip_verify {
+        return Ok(Arc::new(SkipVerify(provider.clone())));
+    }
+    let mut roots = RootCertStore::empty();
+    match &ca {
+        Some(path) => {
+            files.push(path.clone());
+            for cert in certificates(path)? {
+                roots.add(cert).map_err(|e| Error::Read {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+            }
+        }
+        None => {
+            let native = rustls_native_certs::load_native_certs();
+            let (added, _) = roots.add_parsable_certificates(native.certs);
+            if added == 0 {
+                return Err(Error::NoSystemRoots);
+            }
+        }
+    }
+    let mut builder =
+        WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+    if let Some(path) = &crl {
+        files.push(path.clone());
+        let crls = CertificateRevocationListDer::pem_file_iter(path)
+            .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| Error::Crl {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        builder = builder.with_crls(crls);
+    }
+    let webpki = builder.build().map_err(|e| Error::Read {
+        path: ca.clone().unwrap_or_default(),
+        reason: e.to_string(),
+    })?;
+    Ok(Arc::new(Verifier {
+        webpki,
+        subject_alt_names: tls.subject_alt_names.clone(),
+        chain_only: tls.sni.is_some() || !tls.subject_alt_names.is_empty(),
+    }))
 }
 
 /// `ISTIO_MUTUAL`: the workload identity as client certificate, the mesh root as the only trust
