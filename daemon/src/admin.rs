@@ -269,12 +269,32 @@ pub fn clusters(snapshot: &Registry) -> Vec<ClusterView> {
 
 fn cluster(snapshot: &Registry, c: &Cluster) -> ClusterView {
     let svc = &snapshot.services()[c.service];
+    let (max_requests, max_pending, max_connections) = c.limits.thresholds();
+    ClusterView {
+        name: c.name.clone(),
+        id: c.stats.id,
+        host: svc.host.clone(),
+        port: c.port,
+        subset: c.subset.clone(),
+        lb: c.balancer.name(),
+        circuit_breakers: Thresholds {
+            max_connections,
+            max_pending_requests: max_pending,
+            max_requests,
+        },
+        stats: cluster_stats(c),
+        outlier_detection: c.outlier.is_some(),
+        endpoints: endpoints(svc, c),
+    }
+}
+
+/// A cluster's counters and gauges, by Envoy's names.
+fn cluster_stats(c: &Cluster) -> BTreeMap<&'static str, u64> {
     let s = &c.stats;
     let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let (rq_active, rq_pending, cx_slots) = c.limits.gauges();
-    let (max_requests, max_pending, max_connections) = c.limits.thresholds();
     let (ejected, overflow, enforced) = c.outlier.as_ref().map_or((0, 0, 0), |o| o.summary());
-    let stats = BTreeMap::from([
+    BTreeMap::from([
         ("upstream_rq_total", get(&s.rq_total)),
         ("upstream_rq_active", rq_active as u64),
         ("upstream_rq_pending_active", rq_pending as u64),
@@ -308,9 +328,13 @@ fn cluster(snapshot: &Registry, c: &Cluster) -> ClusterView {
         ("ssl.fail_verify_san", get(&s.ssl_fail_verify_san)),
         ("ssl.fail_verify_error", get(&s.ssl_fail_verify_error)),
         ("ssl.connection_error", get(&s.ssl_connection_error)),
-    ]);
-    let endpoints = c
-        .targets
+    ])
+}
+
+/// Each endpoint of a cluster with its counters and outlier state.
+fn endpoints(svc: &crate::registry::Service, c: &Cluster) -> Vec<EndpointView> {
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    c.targets
         .iter()
         .enumerate()
         .map(|(i, (e, addr))| {
@@ -331,23 +355,7 @@ fn cluster(snapshot: &Registry, c: &Cluster) -> ClusterView {
                 outlier: health,
             }
         })
-        .collect();
-    ClusterView {
-        name: c.name.clone(),
-        id: s.id,
-        host: svc.host.clone(),
-        port: c.port,
-        subset: c.subset.clone(),
-        lb: c.balancer.name(),
-        circuit_breakers: Thresholds {
-            max_connections,
-            max_pending_requests: max_pending,
-            max_requests,
-        },
-        stats,
-        outlier_detection: c.outlier.is_some(),
-        endpoints,
-    }
+        .collect()
 }
 
 /// `/config_dump`: the client identity and every resource of the loaded configuration, as the
