@@ -249,9 +249,12 @@ impl Admin {
         let Some(kernel) = &self.kernel else { return };
         let mut rows = Vec::new();
         for c in snapshot.clusters() {
-            for (i, ep) in c.endpoint_stats.iter().enumerate() {
+            for (i, m) in c.members.iter().enumerate() {
                 let health = c.outlier.as_ref().map(|o| o.health(i)).unwrap_or_default();
-                rows.extend(ep.row(c.stats.id, c.balancer.active(i) as u64, &health));
+                rows.extend(
+                    m.stats
+                        .row(c.stats.id, c.balancer.active(i) as u64, &health),
+                );
             }
         }
         if let Err(e) = kernel.publish_endpoint_stats(&rows) {
@@ -323,7 +326,7 @@ fn cluster_stats(c: &Cluster) -> BTreeMap<&'static str, u64> {
         ("outlier_detection_ejections_active", ejected as u64),
         ("outlier_detection_ejections_overflow", overflow),
         ("outlier_detection_ejections_enforced_total", enforced),
-        ("membership_total", c.targets.len() as u64),
+        ("membership_total", c.members.len() as u64),
         ("ssl.handshake", get(&s.ssl_handshake)),
         ("ssl.fail_verify_san", get(&s.ssl_fail_verify_san)),
         ("ssl.fail_verify_error", get(&s.ssl_fail_verify_error)),
@@ -334,11 +337,11 @@ fn cluster_stats(c: &Cluster) -> BTreeMap<&'static str, u64> {
 /// Each endpoint of a cluster with its counters and outlier state.
 fn endpoints(svc: &crate::registry::Service, c: &Cluster) -> Vec<EndpointView> {
     let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    c.targets
+    c.members
         .iter()
         .enumerate()
-        .map(|(i, (e, addr))| {
-            let ep = &c.endpoint_stats[i];
+        .map(|(i, m)| {
+            let (ep, e, addr) = (&m.stats, &m.endpoint, &m.addr);
             let health = c.outlier.as_ref().map(|o| o.health(i)).unwrap_or_default();
             EndpointView {
                 name: svc.endpoints[*e].name.clone(),

@@ -3,7 +3,7 @@
 //! # Module map
 //!
 //! - **Composition and control:** [`app`] (composition root: start order, rollback, signals),
-//!   [`reload`] (file watch and SIGHUP → new snapshot), [`admin`] (localhost API), [`status`]
+//!   [`reload`] (file watch and SIGHUP → new snapshot), [`admin`] (localhost API), [`report`]
 //!   (`drover status`).
 //! - **Data path:** [`proxy`] (capture listeners and the L4 path, with [`proxy::relay`]);
 //!   [`proxy::http`] (the L7 path: routing per request, retries with body replay, the HTTP/2
@@ -57,6 +57,6 @@ pub mod proxy;
 pub mod redirect;
 pub mod registry;
 pub mod reload;
+pub mod report;
 pub mod stats;
-pub mod status;
 pub mod tls;

@@ -526,7 +526,7 @@ fn status(pin_dir: &std::path::Path, admin: Option<std::net::SocketAddr>, json: 
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(drover::status::collect(pin_dir, admin)) {
+    match rt.block_on(drover::report::collect(pin_dir, admin)) {
         Ok(r) if json => match serde_json::to_string_pretty(&r) {
             Ok(s) => report(&(s + "\n")),
             Err(e) => {
@@ -534,7 +534,7 @@ fn status(pin_dir: &std::path::Path, admin: Option<std::net::SocketAddr>, json: 
                 ExitCode::FAILURE
             }
         },
-        Ok(r) => report(&drover::status::render(&r, drover::stats::monotonic_ns())),
+        Ok(r) => report(&drover::report::render(&r, drover::stats::monotonic_ns())),
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE

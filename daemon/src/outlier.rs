@@ -74,13 +74,13 @@ pub struct Detector {
 /// up every missed `interval` tick before each use, so that no timer task is needed and the
 /// timeline is the same as with one.
 #[derive(Debug)]
-pub struct Shared {
+pub struct ClusterDetector {
     inner: Mutex<(Detector, Instant)>,
 }
 
-// === impl Shared ===
+// === impl ClusterDetector ===
 
-impl Shared {
+impl ClusterDetector {
     pub fn new(policy: OutlierDetection, endpoints: usize) -> Self {
         let next = Instant::now() + policy.interval;
         Self {
@@ -141,7 +141,7 @@ impl Shared {
         self.with(|d| balancer.pick_with(cx, |i| d.eligible(i)))
     }
 
-    /// Like [`Shared::pick`], among the endpoints `accept` also takes.
+    /// Like [`ClusterDetector::pick`], among the endpoints `accept` also takes.
     pub fn pick_where(
         &self,
         balancer: &crate::balance::Balancer,

@@ -67,20 +67,30 @@ pub struct Cluster {
     pub port: u16,
     pub subset: Option<String>,
     pub policy: EffectivePolicy,
-    /// Endpoints of the service port selected by the subset's labels.
-    pub targets: Vec<(usize, SocketAddr)>,
-    /// Selection over `targets`, built from the effective `loadBalancer`.
+    /// Endpoints of the service port selected by the subset's labels, in the balancer's order
+    /// (a pick is an index into this list).
+    pub members: Vec<Member>,
+    /// Selection over `members`, built from the effective `loadBalancer`.
     pub balancer: Arc<Balancer>,
-    /// Outlier detection over `targets`, when the effective policy has the block.
-    pub outlier: Option<Arc<crate::outlier::Shared>>,
+    /// Outlier detection over `members`, when the effective policy has the block.
+    pub outlier: Option<Arc<crate::outlier::ClusterDetector>>,
     /// Cluster-wide circuit breakers from the effective `connectionPool`.
     pub limits: Arc<crate::breakers::Limits>,
     /// Counters of the cluster (kept across reloads by name).
     pub stats: std::sync::Arc<crate::stats::ClusterStats>,
     /// TLS origination (`tls` other than `DISABLE`), set by [`Registry::originate`].
     pub tls: Option<Arc<crate::tls::Origination>>,
-    /// Counters of each target, parallel to `targets`.
-    pub endpoint_stats: Vec<std::sync::Arc<crate::stats::EndpointStats>>,
+}
+
+/// One endpoint of a cluster.
+#[derive(Debug)]
+pub struct Member {
+    /// Index into the service's `endpoints`.
+    pub endpoint: usize,
+    /// Where to dial it: its address, and its port for this service port.
+    pub addr: SocketAddr,
+    /// Its counters (kept across reloads by address).
+    pub stats: Arc<crate::stats::EndpointStats>,
 }
 
 /// A validated VirtualService with where it came from.
@@ -183,7 +193,11 @@ impl Registry {
                 continue;
             };
             let same = old.name == c.name
-                && old.targets == c.targets
+                && old
+                    .members
+                    .iter()
+                    .map(|m| (m.endpoint, m.addr))
+                    .eq(c.members.iter().map(|m| (m.endpoint, m.addr)))
                 && old.policy.load_balancer.value == c.policy.load_balancer.value
                 && old.policy.connection_pool.value == c.policy.connection_pool.value
                 && old.policy.outlier_detection.value == c.policy.outlier_detection.value;

@@ -20,7 +20,7 @@ use crate::{
 pub struct Attempt {
     stats: Arc<ClusterStats>,
     endpoint: Option<Arc<EndpointStats>>,
-    outlier: Option<(Arc<outlier::Shared>, usize)>,
+    outlier: Option<(Arc<outlier::ClusterDetector>, usize)>,
     _active: Option<balance::Active>,
     reported: bool,
 }
@@ -28,7 +28,9 @@ pub struct Attempt {
 impl Attempt {
     /// Starts a try on the cluster's endpoint `pick` (none for passthrough).
     pub fn start(cluster: &Cluster, pick: Option<usize>) -> Self {
-        let endpoint = pick.and_then(|i| cluster.endpoint_stats.get(i)).cloned();
+        let endpoint = pick
+            .and_then(|i| cluster.members.get(i))
+            .map(|m| m.stats.clone());
         cluster.stats.request(endpoint.as_deref());
         Self {
             stats: cluster.stats.clone(),
@@ -105,7 +107,7 @@ spec:
         );
         let registry = Registry::build(&set, &Client::default()).expect("valid");
         let c = registry.cluster(0, 80, None).expect("cluster");
-        let ep = &c.endpoint_stats[0];
+        let ep = &c.members[0].stats;
         let (requests, failures) = (
             ep.rq_total.load(Ordering::Relaxed),
             ep.local_origin_failures.load(Ordering::Relaxed),

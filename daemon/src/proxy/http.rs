@@ -818,7 +818,7 @@ fn endpoint_of(
     c: &crate::registry::Cluster,
     pick: Option<usize>,
 ) -> Option<&crate::stats::EndpointStats> {
-    pick.and_then(|i| c.endpoint_stats.get(i)).map(|e| &**e)
+    pick.and_then(|i| c.members.get(i)).map(|m| &*m.stats)
 }
 
 /// The upstream URI of a try to `addr`.

@@ -10,8 +10,8 @@ use std::{
 };
 
 use super::{
-    Client, Cluster, Endpoint, Registry, Resolution, RuleEntry, RuleRef, Service, ServicePort,
-    VsEntry, resolve,
+    Client, Cluster, Endpoint, Member, Registry, Resolution, RuleEntry, RuleRef, Service,
+    ServicePort, VsEntry, resolve,
 };
 use crate::{
     balance::Balancer,
@@ -418,11 +418,11 @@ fn clusters(reg: &Registry) -> HashMap<super::ClusterKey, Box<Cluster>> {
                     svc.host
                 );
                 let stats = crate::stats::store().cluster(&cluster_name);
+                let endpoint_stats = stats.clone();
                 out.insert(
                     (s, port.number, name.map(str::to_string)),
                     Box::new(Cluster {
                         name: cluster_name,
-                        endpoint_stats: targets.iter().map(|(_, a)| stats.endpoint(*a)).collect(),
                         tls: None,
                         service: s,
                         port: port.number,
@@ -433,13 +433,18 @@ fn clusters(reg: &Registry) -> HashMap<super::ClusterKey, Box<Cluster>> {
                             stats.clone(),
                         )),
                         stats,
-                        outlier: policy
-                            .outlier_detection
-                            .value
-                            .clone()
-                            .map(|od| Arc::new(crate::outlier::Shared::new(od, targets.len()))),
+                        outlier: policy.outlier_detection.value.clone().map(|od| {
+                            Arc::new(crate::outlier::ClusterDetector::new(od, targets.len()))
+                        }),
                         policy,
-                        targets,
+                        members: targets
+                            .iter()
+                            .map(|&(endpoint, addr)| Member {
+                                endpoint,
+                                addr,
+                                stats: endpoint_stats.endpoint(addr),
+                            })
+                            .collect(),
                         balancer: Arc::new(balancer),
                     }),
                 );
@@ -801,7 +806,7 @@ spec:
             d.cluster.name,
             "outbound|9080||reviews.demo.svc.cluster.local"
         );
-        assert_eq!(d.cluster.targets.len(), 2);
+        assert_eq!(d.cluster.members.len(), 2);
     }
 
     #[test]

@@ -138,9 +138,9 @@ fn summary(
             ""
         }
     );
-    let _ = writeln!(o, "endpoints  {}", cluster.targets.len());
-    for (i, addr) in &cluster.targets {
-        let ep = &svc.endpoints[*i];
+    let _ = writeln!(o, "endpoints  {}", cluster.members.len());
+    for m in &cluster.members {
+        let (ep, addr) = (&svc.endpoints[m.endpoint], m.addr);
         let l: Vec<_> = ep.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let _ = writeln!(o, "  {} {addr} {{{}}}", ep.name, l.join(","));
     }

@@ -328,8 +328,11 @@ impl Cluster {
 
     /// Where endpoint `i` of the balancer is: (endpoint index in the service, address).
     pub fn target(&self, i: usize) -> Target {
-        let (index, addr) = self.targets[i];
-        Target::Endpoint { index, addr }
+        let m = &self.members[i];
+        Target::Endpoint {
+            index: m.endpoint,
+            addr: m.addr,
+        }
     }
 }
 

@@ -297,8 +297,11 @@ fn same_namespace_rules_merge_oldest_first() {
     // v1 comes from the older rule (its labels), v2 from the newer.
     let (s, svc) = reg.service(REVIEWS).unwrap();
     let v1 = reg.cluster(s, 9080, Some("v1")).unwrap();
-    assert_eq!(v1.targets.len(), 1);
-    assert_eq!(svc.endpoints[v1.targets[0].0].labels["version"], "v1");
+    assert_eq!(v1.members.len(), 1);
+    assert_eq!(
+        svc.endpoints[v1.members[0].endpoint].labels["version"],
+        "v1"
+    );
     assert!(reg.cluster(s, 9080, Some("v2")).is_some());
 }
 

@@ -1,4 +1,4 @@
-//! `drover status`: a per-endpoint table read from the pinned counter maps (`EP_DSTATS`, written
+//! `drover status`: a per-endpoint report read from the pinned counter maps (`EP_DSTATS`, written
 //! by the daemon; `EP_KSTATS`, written by the kernel) and named with the admin API's `/clusters`.
 //! Without a reachable admin API it still prints what the maps hold, with cluster ids for names.
 //!
