@@ -59,4 +59,6 @@ pub mod registry;
 pub mod reload;
 pub mod report;
 pub mod stats;
+#[doc(hidden)]
+pub mod testing;
 pub mod tls;

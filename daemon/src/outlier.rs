@@ -107,7 +107,7 @@ impl ClusterDetector {
         f(d)
     }
 
-    /// Records an outcome for endpoint `i` (index into the cluster's targets).
+    /// Records an outcome for endpoint `i` (index into the cluster's members).
     pub fn observe(&self, i: usize, outcome: Outcome) -> Verdict {
         self.with(|d| {
             let v = d.observe(i, outcome, Instant::now());

@@ -8,10 +8,10 @@
 use std::{net::SocketAddr, sync::Arc, sync::LazyLock, time::Duration};
 
 use drover::{
-    config::source::ConfigSet,
     proxy::{downstream::Timeouts, http},
     redirect::netns::NetNs,
-    registry::{Client, Registry, RegistryHandle},
+    registry::RegistryHandle,
+    testing,
 };
 use http_body_util::{BodyExt, Full};
 use libfuzzer_sys::fuzz_target;
@@ -39,58 +39,38 @@ static MESH: LazyLock<Mesh> = LazyLock::new(|| {
         l.set_nonblocking(true).expect("nonblocking");
         rt.spawn(endpoint(l));
     }
-    let yaml = format!(
-        "apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: web, namespace: default}}
-spec:
-  hosts: [web.default.svc]
-  addresses: [127.77.0.10]
-  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: {port}}}]
-  resolution: STATIC
-  endpoints:
-  - {{address: 127.0.0.2, labels: {{v: one}}}}
-  - {{address: 127.0.0.3, labels: {{v: two}}}}
----
-apiVersion: networking.istio.io/v1
+    let yaml = testing::two_endpoint_service("web.default.svc", VIP, ("http", "HTTP"), port)
+        + "---\n"
+        + r#"apiVersion: networking.istio.io/v1
 kind: DestinationRule
-metadata: {{name: web, namespace: default}}
+metadata: {name: web, namespace: default}
 spec:
   host: web.default.svc
   trafficPolicy:
-    connectionPool: {{http: {{http1MaxPendingRequests: 4, maxRetries: 8}}}}
-    outlierDetection: {{consecutive5xxErrors: 3, interval: 1s, baseEjectionTime: 1s}}
+    connectionPool: {http: {http1MaxPendingRequests: 4, maxRetries: 8}}
+    outlierDetection: {consecutive5xxErrors: 3, interval: 1s, baseEjectionTime: 1s}
   subsets:
-  - {{name: one, labels: {{v: one}}}}
+  - {name: one, labels: {v: one}}
   - name: two
-    labels: {{v: two}}
-    trafficPolicy: {{loadBalancer: {{consistentHash: {{httpHeaderName: x-user}}}}}}
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: web, namespace: default}}
-spec:
-  hosts: [web.default.svc]
-  http:
-  - match: [{{headers: {{x-route: {{exact: two}}}}}}]
-    route: [{{destination: {{host: web.default.svc, subset: two}}}}]
-    retries: {{attempts: 3, retryOn: 5xx}}
-  - match: [{{uri: {{regex: \"/r/[a-z]+\"}}, queryParams: {{q: {{prefix: a}}}}}}]
+    labels: {v: two}
+    trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: x-user}}}
+"#
+        + &testing::virtual_service(
+            r#"  - match: [{headers: {x-route: {exact: two}}}]
+    route: [{destination: {host: web.default.svc, subset: two}}]
+    retries: {attempts: 3, retryOn: 5xx}
+  - match: [{uri: {regex: "/r/[a-z]+"}, queryParams: {q: {prefix: a}}}]
     route:
-    - {{destination: {{host: web.default.svc, subset: one}}, weight: 50}}
-    - {{destination: {{host: web.default.svc, subset: two}}, weight: 50}}
+    - {destination: {host: web.default.svc, subset: one}, weight: 50}
+    - {destination: {host: web.default.svc, subset: two}, weight: 50}
     timeout: 2s
-  - match: [{{method: {{exact: POST}}}}]
-    route: [{{destination: {{host: web.default.svc}}}}]
-    retries: {{attempts: 2, retryOn: \"5xx,reset,connect-failure\", perTryTimeout: 1s}}
-  - route: [{{destination: {{host: web.default.svc}}}}]
-"
-    );
-    let mut set = ConfigSet::default();
-    let mut problems = Vec::new();
-    set.add_text(Arc::new("mesh.yaml".into()), &yaml, &mut problems);
-    assert!(problems.is_empty(), "{problems:?}");
-    let registry = Registry::build(&set, &Client::default()).expect("valid mesh");
+  - match: [{method: {exact: POST}}]
+    route: [{destination: {host: web.default.svc}}]
+    retries: {attempts: 2, retryOn: "5xx,reset,connect-failure", perTryTimeout: 1s}
+  - route: [{destination: {host: web.default.svc}}]
+"#,
+        );
+    let registry = testing::registry(&yaml);
     let ns = Arc::new(NetNs::current().expect("own netns"));
     Mesh {
         rt,

@@ -23,10 +23,10 @@ use tokio::{
 
 use super::{DataPath, Serving};
 use crate::{
-    config::source::ConfigSet,
     proxy::downstream::{Overload, Timeouts},
     redirect::{ByListener, netns::NetNs},
-    registry::{Client, Registry, RegistryHandle},
+    registry::RegistryHandle,
+    testing::two_endpoint_service,
 };
 
 /// Bounds every wait of these tests.
@@ -47,8 +47,7 @@ impl Drop for InProcess {
 
 /// Serves `yaml` (TLS files resolved as the daemon does), with one loopback listener per VIP.
 async fn serve(yaml: &str, vips: &[&str]) -> InProcess {
-    let set = ConfigSet::parse_ok("in-process.yaml", yaml);
-    let mut registry = Registry::build(&set, &Client::default()).expect("valid configuration");
+    let mut registry = crate::testing::registry(yaml);
     registry
         .originate(&Default::default())
         .expect("TLS files load");
@@ -138,20 +137,9 @@ async fn greeter(name: &'static str, mut s: TcpStream) {
 
 /// A ServiceEntry `host` at `vip` → both endpoints on `port`, with a DestinationRule's `policy`.
 fn service(host: &str, vip: &str, protocol: &str, port: u16, policy: &str) -> String {
-    let (ip, number) = vip.rsplit_once(':').unwrap();
-    format!(
-        "apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: {host}, namespace: default}}
-spec:
-  hosts: [{host}]
-  addresses: [{ip}]
-  ports: [{{number: {number}, name: p, protocol: {protocol}, targetPort: {port}}}]
-  resolution: STATIC
-  endpoints:
-  - {{address: 127.0.0.2, labels: {{v: one}}}}
-  - {{address: 127.0.0.3, labels: {{v: two}}}}
----
+    two_endpoint_service(host, vip, ("p", protocol), port)
+        + &format!(
+            "---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata: {{name: {host}, namespace: default}}
@@ -159,7 +147,7 @@ spec:
   host: {host}
   trafficPolicy: {policy}
 "
-    )
+        )
 }
 
 #[tokio::test]

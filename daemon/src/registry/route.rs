@@ -495,28 +495,15 @@ mod tests {
     //! Per-request routing and hashing over a built snapshot, no I/O.
 
     use super::*;
-    use crate::config::source::ConfigSet;
+    use crate::testing::{two_endpoint_service, virtual_service};
 
     const VIP: &str = "127.77.0.10:80";
 
-    /// `web` (HTTP, endpoints `one` at .2 and `two` at .3, subsets by `v`), with `rules`.
+    /// `web` (HTTP, endpoints `one` at .2 and `two` at .3), with `rules`.
     fn registry(rules: &str) -> Registry {
-        let yaml = format!(
-            "apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: web, namespace: default}}
-spec:
-  hosts: [web.default.svc]
-  addresses: [127.77.0.10]
-  ports: [{{number: 80, name: http, protocol: HTTP}}]
-  resolution: STATIC
-  endpoints:
-  - {{address: 127.0.0.2, labels: {{v: one}}}}
-  - {{address: 127.0.0.3, labels: {{v: two}}}}
----
-{rules}"
-        );
-        Registry::build(&ConfigSet::parse_ok("t.yaml", &yaml), &Default::default()).expect("valid")
+        let service = two_endpoint_service("web.default.svc", VIP, ("http", "HTTP"), 80);
+        let rules = rules.strip_prefix("---\n").unwrap_or(rules);
+        crate::testing::registry(&format!("{service}---\n{rules}"))
     }
 
     const SUBSETS: &str = "apiVersion: networking.istio.io/v1
@@ -565,22 +552,16 @@ spec:
 
     #[test]
     fn first_matching_http_route_wins_with_every_condition_anded() {
-        let reg = registry(&format!(
-            "{SUBSETS}---
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: web, namespace: default}}
-spec:
-  hosts: [web.default.svc]
-  http:
-  - match: [{{uri: {{prefix: /api}}, method: {{exact: POST}}, headers: {{x-canary: {{exact: 'yes'}}}}}}]
-    route: [{{destination: {{host: web.default.svc, subset: two}}}}]
-  - match: [{{queryParams: {{v: {{regex: 't.*'}}}}}}, {{withoutHeaders: {{cookie: {{}}}}, uri: {{exact: /login}}}}]
-    route: [{{destination: {{host: web.default.svc, subset: two}}}}]
-  - match: [{{uri: {{prefix: /}}}}]
-    route: [{{destination: {{host: web.default.svc, subset: one}}}}]
-"
-        ));
+        let reg = registry(&(SUBSETS.to_string()
+            + &virtual_service(
+                "  - match: [{uri: {prefix: /api}, method: {exact: POST}, headers: {x-canary: {exact: 'yes'}}}]
+    route: [{destination: {host: web.default.svc, subset: two}}]
+  - match: [{queryParams: {v: {regex: 't.*'}}}, {withoutHeaders: {cookie: {}}, uri: {exact: /login}}]
+    route: [{destination: {host: web.default.svc, subset: two}}]
+  - match: [{uri: {prefix: /}}]
+    route: [{destination: {host: web.default.svc, subset: one}}]
+",
+            )));
         let (one, two) = (
             "outbound|80|one|web.default.svc",
             "outbound|80|two|web.default.svc",
@@ -607,17 +588,11 @@ spec:
 
     #[test]
     fn no_matching_route_and_unknown_subset_are_envoy_errors() {
-        let reg = registry(
-            "apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: web, namespace: default}
-spec:
-  hosts: [web.default.svc]
-  http:
-  - match: [{uri: {exact: /only}}]
+        let reg = registry(&virtual_service(
+            "  - match: [{uri: {exact: /only}}]
     route: [{destination: {host: web.default.svc, subset: missing}}]
 ",
-        );
+        ));
         let none = headers(&[]);
         let e = routed(&reg, &request("GET", "/other", None, &none)).unwrap_err();
         assert_eq!(
@@ -636,6 +611,16 @@ spec:
             (e.http_status(), e.response_flag()),
             (503, ResponseFlag::NoClusterFound)
         );
+    }
+
+    /// The decision for `GET /` with `headers`.
+    fn get<'r>(reg: &'r Registry, headers: &hyper::HeaderMap) -> Decision<'r> {
+        reg.route_request(
+            VIP.parse().unwrap(),
+            None,
+            &request("GET", "/", None, headers),
+        )
+        .unwrap()
     }
 
     /// The endpoint indexes `n` requests with `headers` and `query` are sent to.
@@ -700,13 +685,7 @@ spec:
     fn a_missing_cookie_with_ttl_is_generated_and_then_sticks() {
         let reg = hashing("httpCookie: {name: sticky, ttl: 60s, path: /}");
         let none = headers(&[]);
-        let d = reg
-            .route_request(
-                VIP.parse().unwrap(),
-                None,
-                &request("GET", "/", None, &none),
-            )
-            .unwrap();
+        let d = get(&reg, &none);
         let set = d.set_cookie.expect("a cookie is generated");
         assert!(
             set.starts_with("sticky=\"")
@@ -721,24 +700,12 @@ spec:
         };
         let with = headers(&[("cookie", &format!("a=b; sticky={value}"))]);
         assert_eq!(picks(&reg, &with, None, 10), vec![first; 10]);
-        let d = reg
-            .route_request(
-                VIP.parse().unwrap(),
-                None,
-                &request("GET", "/", None, &with),
-            )
-            .unwrap();
+        let d = get(&reg, &with);
         assert_eq!(d.set_cookie, None, "a present cookie is not set again");
 
         // Without a ttl nothing is generated (Envoy: random pick).
         let reg = hashing("httpCookie: {name: sticky}");
-        let d = reg
-            .route_request(
-                VIP.parse().unwrap(),
-                None,
-                &request("GET", "/", None, &none),
-            )
-            .unwrap();
+        let d = get(&reg, &none);
         assert_eq!(d.set_cookie, None);
     }
 

@@ -10,10 +10,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{Upstreams, serve};
 use crate::{
-    config::source::ConfigSet,
     proxy::downstream::Timeouts,
     redirect::netns::NetNs,
-    registry::{Client, Registry, RegistryHandle},
+    registry::RegistryHandle,
+    testing::{registry, two_endpoint_service, virtual_service},
 };
 
 const VIP: &str = "127.77.0.10:80";
@@ -65,19 +65,9 @@ async fn mesh(rules: &str) -> Mesh {
         .unwrap();
     tokio::spawn(endpoint(first, "one"));
     tokio::spawn(endpoint(second, "two"));
-    let yaml = format!(
-        "apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: web, namespace: default}}
-spec:
-  hosts: [web.default.svc]
-  addresses: [127.77.0.10]
-  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: {port}}}]
-  resolution: STATIC
-  endpoints:
-  - {{address: 127.0.0.2, labels: {{v: one}}}}
-  - {{address: 127.0.0.3, labels: {{v: two}}}}
----
+    let yaml = two_endpoint_service("web.default.svc", VIP, ("http", "HTTP"), port)
+        + &format!(
+            "---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata: {{name: web, namespace: default}}
@@ -88,9 +78,8 @@ spec:
   - {{name: one, labels: {{v: one}}}}
   - {{name: two, labels: {{v: two}}}}
 {rules}"
-    );
-    let set = ConfigSet::parse_ok("mesh.yaml", &yaml);
-    let registry = Registry::build(&set, &Client::default()).expect("valid mesh");
+        );
+    let registry = registry(&yaml);
     let ns = Arc::new(NetNs::current().expect("own netns"));
     Mesh {
         registry: RegistryHandle::new(registry),
@@ -124,19 +113,6 @@ impl Mesh {
     async fn request(&self, raw: &str) -> String {
         self.exchange(raw, Timeouts::default()).await
     }
-}
-
-fn virtual_service(http: &str) -> String {
-    format!(
-        "---
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: web, namespace: default}}
-spec:
-  hosts: [web.default.svc]
-  http:
-{http}"
-    )
 }
 
 #[tokio::test]
