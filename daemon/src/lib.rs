@@ -2,16 +2,21 @@
 //!
 //! # Module map
 //!
-//! - **Composition and control:** [`app`] (composition root: start order, rollback, signals),
+//! - **Composition and control:** [`app`] (composition root: start order, rollback, signals;
+//!   [`app::DataPath`] serves any listeners with any [`redirect::OriginalDst`], which is how the
+//!   in-process tests run the whole data path without privileges),
 //!   [`reload`] (file watch and SIGHUP → new snapshot), [`admin`] (localhost API), [`report`]
 //!   (`drover status`).
 //! - **Data path:** [`proxy`] (capture listeners and the L4 path, with [`proxy::relay`]);
-//!   [`proxy::http`] (the L7 path: routing per request, retries with body replay, the HTTP/2
-//!   stream pool); [`proxy::downstream`] (client-side timeouts and overload); [`inbound`] (mTLS
-//!   termination on 15006).
-//! - **Model:** [`registry`] (services, clusters, routing and `explain`, as immutable snapshots
-//!   built from the configuration), [`config`] (YAML → CRD mirror → validated policy, with
-//!   locations).
+//!   [`proxy::http`] (the L7 path, one request read top to bottom: route → admit → tries →
+//!   respond; retries with body replay, the HTTP/2 stream pool); [`proxy::upstream`] (the one
+//!   upstream transport: marked socket in the workload's namespace, connect timeout, keepalive,
+//!   TLS); [`proxy::downstream`] (client-side timeouts and overload); [`inbound`] (mTLS
+//!   termination on 15006). Inside `proxy/` dependencies point one way: `http` → `streams` →
+//!   `upstream`, `replay`; each try goes through one attempt guard.
+//! - **Model:** [`registry`] (services, clusters with their [`registry::Member`]s, routing and
+//!   `explain`, as immutable snapshots built from the configuration), [`config`] (YAML → CRD
+//!   mirror → validated policy per resource kind, with locations).
 //! - **Policy in force, per cluster** (held by the registry's clusters): [`balance`] (endpoint
 //!   selection), [`breakers`] (circuit breakers), [`outlier`] (ejection), [`tls`] (origination) with
 //!   [`mesh`] (the mesh CA and workload identities), and [`stats`] (counters that outlive
