@@ -395,21 +395,15 @@ fn clusters(reg: &Registry) -> HashMap<super::ClusterKey, Box<Cluster>> {
                 else {
                     continue;
                 };
-                let targets: Vec<(usize, SocketAddr)> = port
-                    .targets
-                    .iter()
-                    .filter(|(i, _)| {
-                        subset.is_none_or(|sub| {
-                            resolve::selects(&sub.labels, &svc.endpoints[*i].labels)
-                        })
-                    })
-                    .copied()
-                    .collect();
-                let weights: Vec<u32> = targets
-                    .iter()
+                let selected = port.targets.iter().filter(|(i, _)| {
+                    subset
+                        .is_none_or(|sub| resolve::selects(&sub.labels, &svc.endpoints[*i].labels))
+                });
+                let weights: Vec<u32> = selected
+                    .clone()
                     .map(|(i, _)| svc.endpoints[*i].weight)
                     .collect();
-                let keys: Vec<String> = targets.iter().map(|(_, a)| a.to_string()).collect();
+                let keys: Vec<String> = selected.clone().map(|(_, a)| a.to_string()).collect();
                 let balancer = Balancer::new(policy.load_balancer.value.as_ref(), &weights, &keys);
                 let cluster_name = format!(
                     "outbound|{}|{}|{}",
@@ -418,7 +412,13 @@ fn clusters(reg: &Registry) -> HashMap<super::ClusterKey, Box<Cluster>> {
                     svc.host
                 );
                 let stats = crate::stats::store().cluster(&cluster_name);
-                let endpoint_stats = stats.clone();
+                let members: Vec<Member> = selected
+                    .map(|&(endpoint, addr)| Member {
+                        endpoint,
+                        addr,
+                        stats: stats.endpoint(addr),
+                    })
+                    .collect();
                 out.insert(
                     (s, port.number, name.map(str::to_string)),
                     Box::new(Cluster {
@@ -434,17 +434,10 @@ fn clusters(reg: &Registry) -> HashMap<super::ClusterKey, Box<Cluster>> {
                         )),
                         stats,
                         outlier: policy.outlier_detection.value.clone().map(|od| {
-                            Arc::new(crate::outlier::ClusterDetector::new(od, targets.len()))
+                            Arc::new(crate::outlier::ClusterDetector::new(od, keys.len()))
                         }),
                         policy,
-                        members: targets
-                            .iter()
-                            .map(|&(endpoint, addr)| Member {
-                                endpoint,
-                                addr,
-                                stats: endpoint_stats.endpoint(addr),
-                            })
-                            .collect(),
+                        members,
                         balancer: Arc::new(balancer),
                     }),
                 );
