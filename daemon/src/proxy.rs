@@ -286,7 +286,7 @@ impl Proxy {
         let _counted = crate::stats::store().connection(addr);
         let (idle, max) = (pool.tcp_idle_timeout, pool.max_connection_duration);
         let end = match upstream? {
-            upstream::Stream::Plain(mut s) => relay::bounded(client, &mut s, idle, max).await?,
+            upstream::Stream::Plain(s) => relay::bounded_tcp(client, &s, idle, max).await?,
             upstream::Stream::Tls(mut s) => relay::bounded(client, &mut *s, idle, max).await?,
         };
         match end {

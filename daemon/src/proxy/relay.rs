@@ -1,10 +1,14 @@
 //! The TCP proxy's byte relay with Istio's connection bounds: `idleTimeout` (no byte in either
 //! direction for the duration closes both sides; 1 h by default, 0 disables) and
-//! `maxConnectionDuration` (the proxied connection is closed when it expires).
+//! `maxConnectionDuration` (the proxied connection is closed when it expires). Two movers share
+//! the bounds: [`bounded`] copies through a user-space buffer (any stream: TLS, tests), and
+//! [`bounded_tcp`] moves plain TCP socket → pipe → socket with `splice(2)` ([`splice`]), so the
+//! bytes never enter user space.
 //!
 //! Invariants: driven by tokio time only (unit-tested with a paused clock); whichever bound ends
 //! the relay is reported, and both streams are simply dropped by the caller (closed); an idle
-//! connection holds no copy buffer (see `Pump`).
+//! connection holds no copy buffer and no pipe (see `Pump` and `splice::Pump`); the byte counts
+//! are what was written to the other side.
 
 use std::{
     io,
@@ -17,9 +21,12 @@ use std::{
 use bytes::{Buf, BytesMut};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
     time::Instant,
 };
 use tokio_util::io::poll_read_buf;
+
+pub mod splice;
 
 /// How a bounded relay ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -117,19 +124,51 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
+    let (mut up, mut down) = (Pump::default(), Pump::default());
+    within_bounds(idle, max, |cx, stamp| {
+        let a = up.poll(cx, Pin::new(&mut *client), Pin::new(&mut *upstream), stamp);
+        let b = down.poll(cx, Pin::new(&mut *upstream), Pin::new(&mut *client), stamp);
+        both(a, b)
+    })
+    .await
+}
+
+/// [`bounded`] for two plain TCP sockets, with `splice(2)` through pipes.
+pub async fn bounded_tcp(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    idle: Duration,
+    max: Option<Duration>,
+) -> io::Result<End> {
+    let (mut up, mut down) = (splice::Pump::default(), splice::Pump::default());
+    within_bounds(idle, max, |cx, stamp| {
+        let a = up.poll(cx, client, upstream, stamp);
+        let b = down.poll(cx, upstream, client, stamp);
+        both(a, b)
+    })
+    .await
+}
+
+/// Both directions' result: the first error, or both counts once both are done.
+fn both(a: Poll<io::Result<u64>>, b: Poll<io::Result<u64>>) -> Poll<io::Result<(u64, u64)>> {
+    match (a, b) {
+        (Poll::Ready(Err(e)), _) | (_, Poll::Ready(Err(e))) => Poll::Ready(Err(e)),
+        (Poll::Ready(Ok(a)), Poll::Ready(Ok(b))) => Poll::Ready(Ok((a, b))),
+        _ => Poll::Pending,
+    }
+}
+
+/// Drives `relay` (both directions; it calls the stamp on every input) until it ends or a
+/// bound does.
+async fn within_bounds(
+    idle: Duration,
+    max: Option<Duration>,
+    mut relay: impl FnMut(&mut Context<'_>, &dyn Fn()) -> Poll<io::Result<(u64, u64)>>,
+) -> io::Result<End> {
     let base = Instant::now();
     let last_ms = AtomicU64::new(0);
     let stamp = || last_ms.store(base.elapsed().as_millis() as u64, Ordering::Relaxed);
-    let (mut up, mut down) = (Pump::default(), Pump::default());
-    let copy = std::future::poll_fn(|cx| {
-        let a = up.poll(cx, Pin::new(&mut *client), Pin::new(&mut *upstream), &stamp);
-        let b = down.poll(cx, Pin::new(&mut *upstream), Pin::new(&mut *client), &stamp);
-        match (a, b) {
-            (Poll::Ready(Err(e)), _) | (_, Poll::Ready(Err(e))) => Poll::Ready(Err(e)),
-            (Poll::Ready(Ok(a)), Poll::Ready(Ok(b))) => Poll::Ready(Ok((a, b))),
-            _ => Poll::Pending,
-        }
-    });
+    let copy = std::future::poll_fn(|cx| relay(cx, &stamp));
     let idle_watch = async {
         if idle.is_zero() {
             return std::future::pending().await;
