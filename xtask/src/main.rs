@@ -25,6 +25,8 @@ const APT_PACKAGES: [&str; 8] = [
     "hey",
     "util-linux",
 ];
+/// What only the bench uses: the peers it compares with and their load tools.
+const BENCH_PACKAGES: [&str; 4] = ["wrk", "haproxy", "nginx-light", "iperf3"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 #[derive(Parser)]
@@ -53,6 +55,10 @@ enum Cmd {
         /// Only the HTTP comparison (direct, Drover, Envoy).
         #[arg(long)]
         http_only: bool,
+        /// Arguments for the bench driver after `--`, e.g. `-- --only peers --peer-rounds 5`
+        /// (`drover-bench --help` lists them).
+        #[arg(last = true)]
+        extra: Vec<String>,
     },
     /// rustfmt check and clippy with warnings denied.
     Lint,
@@ -97,8 +103,13 @@ fn main() -> Result<()> {
                 &["--minutes", &minutes.to_string()],
             )
         }
-        Cmd::Bench { count, http_only } => {
+        Cmd::Bench {
+            count,
+            http_only,
+            extra,
+        } => {
             setup()?;
+            install(&BENCH_PACKAGES)?;
             cargo(&["bench", "-p", "drover", "--bench", "balance"])?;
             cargo(&["build", "--release", "--bins"])?;
             let envoy = envoy()?;
@@ -111,6 +122,11 @@ fn main() -> Result<()> {
             if http_only {
                 a.push("--http-only".into());
             }
+            a.extend([
+                "--report-dir".into(),
+                root().join("target/bench").display().to_string(),
+            ]);
+            a.extend(extra);
             let a: Vec<&str> = a.iter().map(String::as_str).collect();
             run_harness_bin("release", "drover-bench", &a)
         }
@@ -236,14 +252,9 @@ fn ok(cmd: &mut Command) -> bool {
 
 // === setup ===
 
-fn setup() -> Result<()> {
-    if !nix::unistd::geteuid().is_root() {
-        bail!(
-            "setup needs root: it installs Debian packages and mounts bpffs, and the tests load eBPF programs \
-             (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN). Run it as root."
-        );
-    }
-    let missing: Vec<&str> = APT_PACKAGES
+/// Installs the Debian packages of `packages` that are missing.
+fn install(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| !ok(Command::new("dpkg").args(["-s", p])))
@@ -258,6 +269,17 @@ fn setup() -> Result<()> {
                 .env("DEBIAN_FRONTEND", "noninteractive"),
         )?;
     }
+    Ok(())
+}
+
+fn setup() -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "setup needs root: it installs Debian packages and mounts bpffs, and the tests load eBPF programs \
+             (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN). Run it as root."
+        );
+    }
+    install(&APT_PACKAGES)?;
 
     if !ok(Command::new("rustc").args(["+nightly", "--version"])) {
         bail!(

@@ -2,8 +2,13 @@
 //! an endpoint namespace, (a) direct, (b) through Drover with eBPF capture, (c) through the same
 //! daemon fed by an iptables REDIRECT rule — in one run, printed as a table with ratios to direct.
 //! Then HTTP/1.1: requests per second (closed loop) and p50/p99 at a fixed rate, direct, through
-//! Drover and through Envoy (`--envoy PATH`), each proxy with one worker.
+//! Drover and through Envoy (`--envoy PATH`), each proxy with one worker. `--only peers` is the
+//! comparison with HAProxy and Envoy against an nginx origin, written to `--report-dir` with plots
+//! ([`peers`]).
 #![expect(clippy::print_stdout, reason = "the bench reports on stdout")]
+
+mod peers;
+mod report;
 
 use std::net::SocketAddr;
 
@@ -43,6 +48,18 @@ struct Args {
     /// Rounds of the memory-after-load measurement.
     #[arg(long, default_value = "3")]
     memory_rounds: usize,
+    /// Interleaved rounds of the peers comparison.
+    #[arg(long, default_value = "3")]
+    peer_rounds: usize,
+    /// Seconds of each closed-loop HTTP run of the peers comparison.
+    #[arg(long, default_value = "8")]
+    peer_secs: u32,
+    /// Request rate of the peers comparison's fixed-rate latency run.
+    #[arg(long, default_value = "1000")]
+    peer_rate: u32,
+    /// Where the peers report and its plots are written.
+    #[arg(long, default_value = "target/bench")]
+    report_dir: std::path::PathBuf,
 }
 
 const VIP: &str = "127.77.0.10";
@@ -55,6 +72,7 @@ enum Part {
     Policy,
     Memory,
     Tls,
+    Peers,
 }
 
 struct Row {
@@ -149,6 +167,17 @@ fn main() {
     }
     if run(Part::Tls) {
         tls(&args, &t, ep);
+    }
+    if run(Part::Peers) {
+        let setup = peers::Setup {
+            rounds: args.peer_rounds,
+            secs: args.peer_secs,
+            rate: args.peer_rate,
+            bytes: args.bytes.min(1 << 30),
+            envoy: args.envoy.clone(),
+            report_dir: args.report_dir.clone(),
+        };
+        peers::run(&setup, &t, ep);
     }
 }
 

@@ -1,0 +1,393 @@
+//! The comparison a user makes before choosing: HTTP/1.1 and L4 bulk through Drover, HAProxy
+//! and Envoy, one worker each, against the same nginx origin (1 KiB), from the same client
+//! namespace, interleaved over rounds (each round starts with the next peer), so noise falls on
+//! every peer alike. Measures closed-loop rps and p99 (`wrk -t1 -c16`), the proxy's CPU per
+//! request, p50/p99 at a fixed rate, and bulk throughput; writes the report with its plots.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    process::Stdio,
+};
+
+use drover_tests::{PinDir, Proc, Topology, probe, write_config};
+use serde_json::Value;
+
+use super::report::{self, Metric, Samples};
+
+/// What the comparison runs.
+pub struct Setup {
+    pub rounds: usize,
+    /// Seconds of each closed-loop run.
+    pub secs: u32,
+    /// Requests per second of the fixed-rate run.
+    pub rate: u32,
+    /// Bytes of each bulk transfer.
+    pub bytes: u64,
+    pub envoy: Option<PathBuf>,
+    /// Where `report.md` and the plots go.
+    pub report_dir: PathBuf,
+}
+
+/// One way from the client to the origin.
+struct Peer {
+    name: &'static str,
+    http: String,
+    /// `host:port` of the bulk sink through this peer.
+    bulk: String,
+    /// The proxy process, for its CPU time.
+    pid: Option<u32>,
+}
+
+/// The origin's body: 1 KiB.
+const BODY: usize = 1024;
+/// Drover's service address for this comparison.
+const VIP: &str = "127.77.0.10";
+
+pub fn run(setup: &Setup, t: &Topology, ep: IpAddr) {
+    let dir = scratch_dir();
+    let _origin = nginx(t, ep, &dir);
+    wait_http(t, &format!("http://{ep}:9080/"), "nginx");
+
+    let cfg = write_config(&format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: peers}}\nspec:\n  hosts: [peers.svc]\n  addresses: [{VIP}]\n  ports: [{{number: 9080, name: http, protocol: HTTP}}, {{number: 7001, name: tcp-bulk, protocol: TCP}}]\n  resolution: STATIC\n  endpoints: [{{address: {ep}}}]\n"
+    ));
+    let pins = PinDir::new();
+    let drover = super::one_worker(t, &cfg, &pins);
+    let haproxy = haproxy(t, ep, &dir);
+    wait_http(t, "http://127.0.0.1:10001/", "haproxy");
+    let envoy = setup.envoy.as_ref().map(|bin| {
+        let p = envoy(t, ep, bin);
+        wait_http(t, "http://127.0.0.1:10000/", "envoy");
+        p
+    });
+
+    let mut peers = vec![
+        Peer {
+            name: "direct",
+            http: format!("http://{ep}:9080/"),
+            bulk: format!("{ep}:7001"),
+            pid: None,
+        },
+        Peer {
+            name: "drover",
+            http: format!("http://{VIP}:9080/"),
+            bulk: format!("{VIP}:7001"),
+            pid: drover.pid(),
+        },
+        Peer {
+            name: "haproxy 2.6",
+            http: "http://127.0.0.1:10001/".into(),
+            bulk: "127.0.0.1:10002".into(),
+            pid: Some(haproxy.child.id()),
+        },
+    ];
+    if let Some(e) = &envoy {
+        peers.push(Peer {
+            name: "envoy 1.40",
+            http: "http://127.0.0.1:10000/".into(),
+            bulk: "127.0.0.1:10003".into(),
+            pid: Some(e.child.id()),
+        });
+    }
+
+    let mut samples: Vec<Samples> = peers.iter().map(|p| Samples::new(p.name)).collect();
+    for round in 0..setup.rounds {
+        for k in 0..peers.len() {
+            let i = (round + k) % peers.len();
+            measure(setup, t, &peers[i], &mut samples[i]);
+        }
+        eprintln!("peers: round {}/{} done", round + 1, setup.rounds);
+    }
+    let command = format!(
+        "cargo xtask bench -- --only peers --peer-rounds {} --peer-secs {} --peer-rate {} --bytes {}",
+        setup.rounds, setup.secs, setup.rate, setup.bytes
+    );
+    let text = report::write(&setup.report_dir, &samples, &command).expect("report written");
+    println!("\n{text}");
+    println!("report: {}", setup.report_dir.join("report.md").display());
+    drop((drover, haproxy, envoy));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// One round of every measurement through `peer`.
+fn measure(setup: &Setup, t: &Topology, peer: &Peer, s: &mut Samples) {
+    let cpu_before = peer.pid.map(super::cpu_ns);
+    let (rps, p99, requests) = wrk(t, &peer.http, setup.secs);
+    if let (Some(pid), Some(before)) = (peer.pid, cpu_before) {
+        let ns = super::cpu_ns(pid).saturating_sub(before);
+        s.add(
+            Metric::CpuPerRequest,
+            ns as f64 / 1000.0 / requests.max(1) as f64,
+        );
+    }
+    s.add(Metric::Rps, rps);
+    s.add(Metric::ClosedP99, p99);
+    let fixed = probe(
+        Some(&t.client),
+        None,
+        &[
+            "http",
+            &peer.http,
+            "--count",
+            &(setup.rate * 5).to_string(),
+            "--rate",
+            &setup.rate.to_string(),
+            "--max-secs",
+            "30",
+        ],
+    );
+    assert_eq!(fixed["errors"].as_u64(), Some(0), "{}: {fixed}", peer.name);
+    s.add(Metric::FixedP50, num(&fixed, "p50_us"));
+    s.add(Metric::FixedP99, num(&fixed, "p99_us"));
+    let bulk = probe(
+        Some(&t.client),
+        None,
+        &["bulk", &peer.bulk, "--bytes", &setup.bytes.to_string()],
+    );
+    assert!(bulk.get("error").is_none(), "{}: {bulk}", peer.name);
+    s.add(Metric::Bulk, num(&bulk, "gbit_per_s"));
+}
+
+fn num(v: &Value, k: &str) -> f64 {
+    v[k].as_f64().unwrap_or(f64::NAN)
+}
+
+/// `wrk -t1 -c16` for `secs` from the client namespace: (req/s, p99 µs, requests).
+fn wrk(t: &Topology, url: &str, secs: u32) -> (f64, f64, u64) {
+    let out = t
+        .client
+        .command("wrk")
+        .args(["-t1", "-c16", &format!("-d{secs}s"), "--latency", url])
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("wrk runs (apt install wrk)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !text.contains("Non-2xx") && !text.contains("Socket errors"),
+        "{url}: wrk saw errors\n{text}"
+    );
+    parse_wrk(&text).unwrap_or_else(|| panic!("{url}: unreadable wrk output\n{text}"))
+}
+
+/// (req/s, p99 µs, requests) from wrk's text.
+fn parse_wrk(text: &str) -> Option<(f64, f64, u64)> {
+    let rps = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))?
+        .trim()
+        .parse()
+        .ok()?;
+    let p99 = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("99%"))
+        .and_then(|v| duration_us(v.trim()))?;
+    let requests = text
+        .lines()
+        .find(|l| l.contains(" requests in "))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some((rps, p99, requests))
+}
+
+/// wrk's durations (`812.00us`, `1.23ms`, `2.00s`) in µs.
+fn duration_us(v: &str) -> Option<f64> {
+    let (n, scale) = if let Some(n) = v.strip_suffix("us") {
+        (n, 1.0)
+    } else if let Some(n) = v.strip_suffix("ms") {
+        (n, 1e3)
+    } else if let Some(n) = v.strip_suffix('m') {
+        (n, 60e6)
+    } else {
+        (v.strip_suffix('s')?, 1e6)
+    };
+    Some(n.parse::<f64>().ok()? * scale)
+}
+
+/// A private directory for the peers' files.
+fn scratch_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("drover-peers-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("www")).expect("scratch dir");
+    dir
+}
+
+/// nginx, one worker, serving a 1 KiB file on `ep:9080` in the endpoint namespace.
+fn nginx(t: &Topology, ep: IpAddr, dir: &Path) -> Proc {
+    std::fs::write(dir.join("www/index.html"), vec![b'x'; BODY]).expect("body");
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/nginx.err crit;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  keepalive_requests 100000000;
+  keepalive_timeout 3600s;
+  server {{
+    listen {addr};
+    root {d}/www;
+  }}
+}}
+",
+            d = dir.display(),
+            addr = SocketAddr::new(ep, 9080)
+        ),
+    )
+    .expect("nginx.conf");
+    spawn(
+        t.endpoints[0].command("nginx").args([
+            "-c",
+            &conf.display().to_string(),
+            "-e",
+            &dir.join("nginx.err").display().to_string(),
+        ]),
+        "nginx (apt install nginx-light)",
+    )
+}
+
+/// HAProxy with one thread: HTTP on 127.0.0.1:10001, TCP on 10002, in the client namespace.
+fn haproxy(t: &Topology, ep: IpAddr, dir: &Path) -> Proc {
+    let conf = dir.join("haproxy.cfg");
+    std::fs::write(
+        &conf,
+        format!(
+            "global
+  nbthread 1
+  maxconn 8000
+defaults
+  timeout connect 10s
+  timeout client 3600s
+  timeout server 3600s
+frontend web
+  mode http
+  bind 127.0.0.1:10001
+  default_backend web
+backend web
+  mode http
+  server origin {ep}:9080
+listen bulk
+  mode tcp
+  bind 127.0.0.1:10002
+  server sink {ep}:7001
+"
+        ),
+    )
+    .expect("haproxy.cfg");
+    spawn(
+        t.client
+            .command("haproxy")
+            .args(["-db", "-f", &conf.display().to_string()]),
+        "haproxy (apt install haproxy)",
+    )
+}
+
+/// Envoy with one worker: HTTP on 127.0.0.1:10000 (router, LEAST_REQUEST as Istio's default),
+/// `tcp_proxy` on 10003, in the client namespace.
+fn envoy(t: &Topology, ep: IpAddr, bin: &Path) -> Proc {
+    let cfg = write_config(&format!(
+        "static_resources:
+  listeners:
+  - address: {{socket_address: {{address: 127.0.0.1, port_value: 10000}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          '@type': type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: web
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ['*']
+              routes: [{{match: {{prefix: /}}, route: {{cluster: web}}}}]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              '@type': type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  - address: {{socket_address: {{address: 127.0.0.1, port_value: 10003}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          '@type': type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: bulk
+          cluster: bulk
+  clusters:
+  - name: web
+    type: STATIC
+    lb_policy: LEAST_REQUEST
+    load_assignment:
+      cluster_name: web
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{socket_address: {{address: {ep}, port_value: 9080}}}}}}
+  - name: bulk
+    type: STATIC
+    load_assignment:
+      cluster_name: bulk
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{socket_address: {{address: {ep}, port_value: 7001}}}}}}
+"
+    ));
+    spawn(
+        t.client.command(bin).args([
+            "-c",
+            &cfg.display().to_string(),
+            "--concurrency",
+            "1",
+            "--log-level",
+            "error",
+            "--base-id",
+            &(std::process::id() + 1).to_string(),
+        ]),
+        "envoy",
+    )
+}
+
+fn spawn(cmd: &mut std::process::Command, what: &str) -> Proc {
+    let child = cmd
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    Proc { child }
+}
+
+/// Waits (10 s at most) until `url` answers 200 from the client namespace.
+fn wait_http(t: &Topology, url: &str, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while probe(Some(&t.client), None, &["http", url])["status"]["200"] != 1 {
+        assert!(std::time::Instant::now() < deadline, "{what} did not start");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_wrk_output() {
+        let text = "Running 5s test @ http://x/
+  1 threads and 16 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   812.00us  100.00us   5.00ms   90.00%
+  Latency Distribution
+     50%  790.00us
+     75%  850.00us
+     90%    0.95ms
+     99%    1.23ms
+  98765 requests in 5.00s, 120.00MB read
+Requests/sec:  19753.00
+Transfer/sec:     24.00MB
+";
+        assert_eq!(parse_wrk(text), Some((19753.0, 1230.0, 98765)));
+        assert_eq!(duration_us("2.00s"), Some(2e6));
+        assert_eq!(duration_us("15.5us"), Some(15.5));
+    }
+}

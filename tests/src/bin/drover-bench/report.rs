@@ -1,0 +1,237 @@
+//! The peers report: `report.md` (tables of medians with their spread, the issue's goals as
+//! ratios measured in this run) and one SVG bar chart per metric, min–max as whiskers.
+
+use std::{collections::BTreeMap, fmt::Write as _, path::Path};
+
+use plotters::prelude::*;
+
+/// What is measured per peer and round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Metric {
+    Rps,
+    ClosedP99,
+    CpuPerRequest,
+    FixedP50,
+    FixedP99,
+    Bulk,
+}
+
+impl Metric {
+    const ALL: [Metric; 6] = [
+        Metric::Rps,
+        Metric::ClosedP99,
+        Metric::CpuPerRequest,
+        Metric::FixedP50,
+        Metric::FixedP99,
+        Metric::Bulk,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Metric::Rps => "HTTP/1.1 req/s (wrk -t1 -c16)",
+            Metric::ClosedP99 => "HTTP/1.1 p99 µs under wrk",
+            Metric::CpuPerRequest => "proxy CPU µs per request",
+            Metric::FixedP50 => "p50 µs at a fixed rate",
+            Metric::FixedP99 => "p99 µs at a fixed rate",
+            Metric::Bulk => "L4 bulk Gbit/s",
+        }
+    }
+
+    fn file(self) -> &'static str {
+        match self {
+            Metric::Rps => "rps.svg",
+            Metric::ClosedP99 => "closed_p99.svg",
+            Metric::CpuPerRequest => "cpu_per_request.svg",
+            Metric::FixedP50 => "fixed_p50.svg",
+            Metric::FixedP99 => "fixed_p99.svg",
+            Metric::Bulk => "bulk.svg",
+        }
+    }
+}
+
+/// Every round's value of every metric, for one peer.
+pub struct Samples {
+    pub name: &'static str,
+    values: BTreeMap<Metric, Vec<f64>>,
+}
+
+impl Samples {
+    pub fn new(name: &'static str) -> Self {
+        Self {
+            name,
+            values: BTreeMap::new(),
+        }
+    }
+
+    pub fn add(&mut self, m: Metric, v: f64) {
+        self.values.entry(m).or_default().push(v);
+    }
+
+    /// (median, min, max), if measured.
+    fn summary(&self, m: Metric) -> Option<(f64, f64, f64)> {
+        let mut v = self.values.get(&m)?.clone();
+        v.retain(|x| x.is_finite());
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        Some((v[v.len() / 2], v[0], v[v.len() - 1]))
+    }
+
+    fn median(&self, m: Metric) -> f64 {
+        self.summary(m).map_or(f64::NAN, |s| s.0)
+    }
+}
+
+/// Writes `report.md` and the plots into `dir`; returns the markdown.
+pub fn write(dir: &Path, samples: &[Samples], command: &str) -> std::io::Result<String> {
+    std::fs::create_dir_all(dir)?;
+    let mut md = String::new();
+    let _ = writeln!(md, "# Drover and the peers users would pick instead\n");
+    let _ = writeln!(
+        md,
+        "One run on this machine ({} CPUs, kernel {}). Each proxy has one worker; the origin is \
+         nginx (one worker) serving 1 KiB; every path runs in the same client namespace. Rounds \
+         are interleaved (each round starts with the next peer); cells are the median with \
+         [min–max] over the rounds.\n",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+    );
+    let _ = write!(md, "| |");
+    for s in samples {
+        let _ = write!(md, " {} |", s.name);
+    }
+    let _ = write!(md, "\n|---|");
+    for _ in samples {
+        let _ = write!(md, "---|");
+    }
+    let _ = writeln!(md);
+    for m in Metric::ALL {
+        let _ = write!(md, "| {} |", m.label());
+        for s in samples {
+            match s.summary(m) {
+                Some((med, lo, hi)) => {
+                    let _ = write!(md, " {} [{}–{}] |", fmt(med), fmt(lo), fmt(hi));
+                }
+                None => {
+                    let _ = write!(md, " — |");
+                }
+            }
+        }
+        let _ = writeln!(md);
+    }
+    goals(&mut md, samples);
+    let _ = writeln!(md, "\n## Plots\n");
+    for m in Metric::ALL {
+        let bars: Vec<_> = samples
+            .iter()
+            .filter_map(|s| s.summary(m).map(|v| (s.name, v)))
+            .collect();
+        if bars.is_empty() {
+            continue;
+        }
+        chart(&dir.join(m.file()), m.label(), &bars)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let _ = writeln!(md, "![{}]({})\n", m.label(), m.file());
+    }
+    let _ = writeln!(md, "Reproduce: `{command}`");
+    std::fs::write(dir.join("report.md"), &md)?;
+    Ok(md)
+}
+
+/// The issue's goals as ratios of this run's medians.
+fn goals(md: &mut String, samples: &[Samples]) {
+    let by = |name: &str| samples.iter().find(|s| s.name.starts_with(name));
+    let (Some(direct), Some(drover)) = (by("direct"), by("drover")) else {
+        return;
+    };
+    let _ = writeln!(md, "\n## Goals (ratios of medians in this run)\n");
+    let mut goal = |text: String, met: bool| {
+        let _ = writeln!(md, "- {text}: **{}**", if met { "met" } else { "missed" });
+    };
+    let m = |s: &Samples, k| s.median(k);
+    if let Some(h) = by("haproxy") {
+        let r = m(drover, Metric::Rps) / m(h, Metric::Rps);
+        goal(format!("HTTP req/s ≥ 1.1× HAProxy: {r:.2}×"), r >= 1.1);
+        let (a, b) = (
+            m(drover, Metric::CpuPerRequest),
+            m(h, Metric::CpuPerRequest),
+        );
+        goal(
+            format!("CPU per request ≤ HAProxy's: {a:.1} µs vs {b:.1} µs"),
+            a <= b,
+        );
+        let base = m(direct, Metric::FixedP99);
+        let (a, b) = (
+            m(drover, Metric::FixedP99) - base,
+            m(h, Metric::FixedP99) - base,
+        );
+        goal(
+            format!("added p99 at a fixed rate ≤ HAProxy's: +{a:.0} µs vs +{b:.0} µs"),
+            a <= b,
+        );
+    }
+    if let Some(e) = by("envoy") {
+        let r = m(drover, Metric::Bulk) / m(e, Metric::Bulk);
+        goal(format!("L4 bulk ≥ 1.2× Envoy tcp_proxy: {r:.2}×"), r >= 1.2);
+    }
+    let r = m(drover, Metric::Bulk) / m(direct, Metric::Bulk);
+    goal(format!("L4 bulk ≥ 0.8× direct: {r:.2}×"), r >= 0.8);
+}
+
+fn fmt(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// A bar per peer (median) with a min–max whisker.
+fn chart(
+    path: &Path,
+    title: &str,
+    bars: &[(&str, (f64, f64, f64))],
+) -> Result<(), Box<dyn std::error::Error>> {
+    let root = SVGBackend::new(path, (720, 360)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let top = bars.iter().map(|(_, v)| v.2).fold(0.0, f64::max) * 1.15 + f64::EPSILON;
+    let mut c = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(30)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..bars.len() as f64, 0.0..top)?;
+    c.configure_mesh()
+        .disable_x_mesh()
+        .x_labels(bars.len() * 2 + 1)
+        .x_label_formatter(&|x| {
+            let i = *x - 0.5;
+            if i.fract().abs() < 1e-9 && i >= 0.0 {
+                bars.get(i as usize)
+                    .map(|b| b.0.to_string())
+                    .unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .draw()?;
+    c.draw_series(bars.iter().enumerate().map(|(i, (name, v))| {
+        let color = if name.starts_with("drover") {
+            RGBColor(0x1f, 0x77, 0xb4)
+        } else {
+            RGBColor(0xaa, 0xaa, 0xaa)
+        };
+        Rectangle::new(
+            [(i as f64 + 0.15, 0.0), (i as f64 + 0.85, v.0)],
+            color.filled(),
+        )
+    }))?;
+    c.draw_series(bars.iter().enumerate().map(|(i, (_, v))| {
+        PathElement::new(vec![(i as f64 + 0.5, v.1), (i as f64 + 0.5, v.2)], BLACK)
+    }))?;
+    root.present()?;
+    Ok(())
+}
