@@ -20,7 +20,7 @@ use nix::fcntl::{OFlag, SpliceFFlags};
 use tokio::{io::Interest, net::TcpStream};
 
 /// Bytes asked of one `splice` call: the pipe's capacity, so a read fills what the pipe holds.
-const PIPE_BYTES: usize = 256 * 1024;
+const PIPE_BYTES: usize = 1024 * 1024;
 /// Empty pipes kept for reuse; more are closed when returned.
 const POOL_MAX: usize = 256;
 
