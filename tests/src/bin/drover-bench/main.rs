@@ -57,6 +57,9 @@ struct Args {
     /// Request rate of the peers comparison's fixed-rate latency run.
     #[arg(long, default_value = "1000")]
     peer_rate: u32,
+    /// Concurrent connections of the peers comparison's cost-growth curve.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,256,4096")]
+    peer_levels: Vec<u32>,
     /// Where the peers report and its plots are written.
     #[arg(long, default_value = "target/bench")]
     report_dir: std::path::PathBuf,
@@ -176,6 +179,8 @@ fn main() {
             bytes: args.bytes.min(1 << 30),
             envoy: args.envoy.clone(),
             report_dir: args.report_dir.clone(),
+            levels: args.peer_levels.clone(),
+            idle_conns: args.idle_conns,
         };
         peers::run(&setup, &t, ep);
     }

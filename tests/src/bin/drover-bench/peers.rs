@@ -27,6 +27,10 @@ pub struct Setup {
     pub envoy: Option<PathBuf>,
     /// Where `report.md` and the plots go.
     pub report_dir: PathBuf,
+    /// Concurrent connections of the cost-growth curve.
+    pub levels: Vec<u32>,
+    /// Idle keep-alive connections held for the memory measurement.
+    pub idle_conns: usize,
 }
 
 /// One way from the client to the origin.
@@ -92,6 +96,22 @@ pub fn run(setup: &Setup, t: &Topology, ep: IpAddr) {
     }
 
     let mut samples: Vec<Samples> = peers.iter().map(|p| Samples::new(p.name)).collect();
+    // Memory per idle keep-alive connection, each proxy measured fresh (before the load, whose
+    // buffers a proxy's own pools would keep and reuse, hiding the cost of new connections).
+    for (peer, s) in peers.iter().zip(&mut samples) {
+        if let Some(pid) = peer.pid {
+            let addr = peer
+                .http
+                .trim_start_matches("http://")
+                .trim_end_matches('/');
+            let (before, after) =
+                super::idle_rss(t, pid, addr, Some("peers.svc"), setup.idle_conns);
+            s.add(
+                Metric::IdleKib,
+                after.saturating_sub(before) as f64 / setup.idle_conns as f64,
+            );
+        }
+    }
     for round in 0..setup.rounds {
         for k in 0..peers.len() {
             let i = (round + k) % peers.len();
@@ -99,11 +119,22 @@ pub fn run(setup: &Setup, t: &Topology, ep: IpAddr) {
         }
         eprintln!("peers: round {}/{} done", round + 1, setup.rounds);
     }
+    // Cost growth: closed-loop rps and p99 as connections grow (one pass, every peer per level).
+    let mut curves: Vec<report::Curve> = peers.iter().map(|p| report::Curve::new(p.name)).collect();
+    for &c in &setup.levels {
+        for (peer, curve) in peers.iter().zip(&mut curves) {
+            let (text, parsed) = wrk_with(t, &peer.http, CURVE_SECS, c);
+            let (rps, p99, _) = parsed.unwrap_or((f64::NAN, f64::NAN, 0));
+            curve.points.push((c, rps, p99, wrk_errors(&text)));
+        }
+        eprintln!("peers: {c} connections done");
+    }
     let command = format!(
-        "cargo xtask bench -- --only peers --peer-rounds {} --peer-secs {} --peer-rate {} --bytes {}",
-        setup.rounds, setup.secs, setup.rate, setup.bytes
+        "cargo xtask bench -- --only peers --peer-rounds {} --peer-secs {} --peer-rate {} --bytes {} --idle-conns {}",
+        setup.rounds, setup.secs, setup.rate, setup.bytes, setup.idle_conns
     );
-    let text = report::write(&setup.report_dir, &samples, &command).expect("report written");
+    let text =
+        report::write(&setup.report_dir, &samples, &curves, &command).expect("report written");
     println!("\n{text}");
     println!("report: {}", setup.report_dir.join("report.md").display());
     drop((drover, haproxy, envoy));
@@ -153,21 +184,59 @@ fn num(v: &Value, k: &str) -> f64 {
     v[k].as_f64().unwrap_or(f64::NAN)
 }
 
-/// `wrk -t1 -c16` for `secs` from the client namespace: (req/s, p99 µs, requests).
+/// Seconds of each point of the cost-growth curve.
+const CURVE_SECS: u32 = 3;
+
+/// `wrk -t1 -c16` for `secs` from the client namespace, which must see no error: (req/s,
+/// p99 µs, requests).
 fn wrk(t: &Topology, url: &str, secs: u32) -> (f64, f64, u64) {
+    let (text, parsed) = wrk_with(t, url, secs, 16);
+    assert_eq!(wrk_errors(&text), 0, "{url}: wrk saw errors\n{text}");
+    parsed.unwrap_or_else(|| panic!("{url}: unreadable wrk output\n{text}"))
+}
+
+/// Socket errors and non-2xx/3xx responses wrk reports.
+fn wrk_errors(text: &str) -> u64 {
+    let numbers = |l: &str| -> u64 {
+        l.split(|c: char| !c.is_ascii_digit())
+            .filter_map(|n| n.parse::<u64>().ok())
+            .sum()
+    };
+    text.lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            l.strip_prefix("Socket errors:")
+                .or_else(|| l.strip_prefix("Non-2xx or 3xx responses:"))
+        })
+        .map(numbers)
+        .sum()
+}
+
+/// `wrk -t1 -cN`: its text and what [`parse_wrk`] reads of it.
+fn wrk_with(
+    t: &Topology,
+    url: &str,
+    secs: u32,
+    connections: u32,
+) -> (String, Option<(f64, f64, u64)>) {
     let out = t
         .client
         .command("wrk")
-        .args(["-t1", "-c16", &format!("-d{secs}s"), "--latency", url])
+        .args([
+            "-t1",
+            &format!("-c{connections}"),
+            &format!("-d{secs}s"),
+            "--timeout",
+            "10s",
+            "--latency",
+            url,
+        ])
         .stderr(Stdio::inherit())
         .output()
         .expect("wrk runs (apt install wrk)");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        !text.contains("Non-2xx") && !text.contains("Socket errors"),
-        "{url}: wrk saw errors\n{text}"
-    );
-    parse_wrk(&text).unwrap_or_else(|| panic!("{url}: unreadable wrk output\n{text}"))
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let parsed = parse_wrk(&text);
+    (text, parsed)
 }
 
 /// (req/s, p99 µs, requests) from wrk's text.
@@ -261,6 +330,7 @@ fn haproxy(t: &Topology, ep: IpAddr, dir: &Path) -> Proc {
   nbthread 1
   maxconn 8000
 defaults
+  maxconn 8000
   timeout connect 10s
   timeout client 3600s
   timeout server 3600s
@@ -387,6 +457,9 @@ Requests/sec:  19753.00
 Transfer/sec:     24.00MB
 ";
         assert_eq!(parse_wrk(text), Some((19753.0, 1230.0, 98765)));
+        assert_eq!(wrk_errors(text), 0);
+        let errors = "  Socket errors: connect 0, read 163, write 2, timeout 0\n  Non-2xx or 3xx responses: 5\n";
+        assert_eq!(wrk_errors(errors), 170);
         assert_eq!(duration_us("2.00s"), Some(2e6));
         assert_eq!(duration_us("15.5us"), Some(15.5));
     }

@@ -14,16 +14,18 @@ pub enum Metric {
     FixedP50,
     FixedP99,
     Bulk,
+    IdleKib,
 }
 
 impl Metric {
-    const ALL: [Metric; 6] = [
+    const ALL: [Metric; 7] = [
         Metric::Rps,
         Metric::ClosedP99,
         Metric::CpuPerRequest,
         Metric::FixedP50,
         Metric::FixedP99,
         Metric::Bulk,
+        Metric::IdleKib,
     ];
 
     fn label(self) -> &'static str {
@@ -34,6 +36,7 @@ impl Metric {
             Metric::FixedP50 => "p50 µs at a fixed rate",
             Metric::FixedP99 => "p99 µs at a fixed rate",
             Metric::Bulk => "L4 bulk Gbit/s",
+            Metric::IdleKib => "KiB per idle HTTP keep-alive connection",
         }
     }
 
@@ -45,6 +48,22 @@ impl Metric {
             Metric::FixedP50 => "fixed_p50.svg",
             Metric::FixedP99 => "fixed_p99.svg",
             Metric::Bulk => "bulk.svg",
+            Metric::IdleKib => "idle_kib.svg",
+        }
+    }
+}
+
+/// Closed-loop (connections, req/s, p99 µs, errors) points of one peer, as connections grow.
+pub struct Curve {
+    pub name: &'static str,
+    pub points: Vec<(u32, f64, f64, u64)>,
+}
+
+impl Curve {
+    pub fn new(name: &'static str) -> Self {
+        Self {
+            name,
+            points: Vec::new(),
         }
     }
 }
@@ -84,7 +103,12 @@ impl Samples {
 }
 
 /// Writes `report.md` and the plots into `dir`; returns the markdown.
-pub fn write(dir: &Path, samples: &[Samples], command: &str) -> std::io::Result<String> {
+pub fn write(
+    dir: &Path,
+    samples: &[Samples],
+    curves: &[Curve],
+    command: &str,
+) -> std::io::Result<String> {
     std::fs::create_dir_all(dir)?;
     let mut md = String::new();
     let _ = writeln!(md, "# Drover and the peers users would pick instead\n");
@@ -136,9 +160,105 @@ pub fn write(dir: &Path, samples: &[Samples], command: &str) -> std::io::Result<
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         let _ = writeln!(md, "![{}]({})\n", m.label(), m.file());
     }
+    growth(&mut md, dir, curves)?;
     let _ = writeln!(md, "Reproduce: `{command}`");
     std::fs::write(dir.join("report.md"), &md)?;
     Ok(md)
+}
+
+/// The cost-growth table and its two plots (req/s and p99 against connections).
+fn growth(md: &mut String, dir: &Path, curves: &[Curve]) -> std::io::Result<()> {
+    if curves.iter().all(|c| c.points.is_empty()) {
+        return Ok(());
+    }
+    let _ = writeln!(
+        md,
+        "## Cost growth (`wrk -t1 -cN`, one pass)\n\n| connections | {} |\n|---|{}",
+        curves
+            .iter()
+            .map(|c| c.name)
+            .collect::<Vec<_>>()
+            .join(" | "),
+        "---|".repeat(curves.len())
+    );
+    for (i, (n, ..)) in curves[0].points.iter().enumerate() {
+        let cells: Vec<String> = curves
+            .iter()
+            .map(|c| {
+                c.points.get(i).map_or("—".into(), |p| {
+                    format!("{} req/s, p99 {} µs", fmt(p.1), fmt(p.2))
+                })
+            })
+            .collect();
+        let _ = writeln!(md, "| {n} | {} |", cells.join(" | "));
+    }
+    let _ = writeln!(md);
+    for (file, title, pick) in [
+        ("growth_rps.svg", "req/s against connections", 1),
+        ("growth_p99.svg", "p99 µs against connections", 2),
+    ] {
+        line_chart(&dir.join(file), title, curves, pick)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let _ = writeln!(md, "![{title}]({file})\n");
+    }
+    Ok(())
+}
+
+/// One line per peer: `pick` 1 = req/s, 2 = p99, against log2(connections).
+fn line_chart(
+    path: &Path,
+    title: &str,
+    curves: &[Curve],
+    pick: usize,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let value = |p: &(u32, f64, f64, u64)| if pick == 1 { p.1 } else { p.2 };
+    let top = curves
+        .iter()
+        .flat_map(|c| c.points.iter().map(value))
+        .filter(|v| v.is_finite())
+        .fold(0.0, f64::max)
+        * 1.15
+        + f64::EPSILON;
+    let right = curves
+        .iter()
+        .flat_map(|c| c.points.iter().map(|p| f64::from(p.0.max(1)).log2()))
+        .fold(1.0, f64::max);
+    let root = SVGBackend::new(path, (720, 360)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut c = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(30)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..right, 0.0..top)?;
+    c.configure_mesh()
+        .x_desc("connections")
+        .x_label_formatter(&|x| format!("{:.0}", 2f64.powf(*x)))
+        .draw()?;
+    let palette = [
+        RGBColor(0x55, 0x55, 0x55),
+        RGBColor(0x1f, 0x77, 0xb4),
+        RGBColor(0xd6, 0x27, 0x28),
+        RGBColor(0x2c, 0xa0, 0x2c),
+    ];
+    for (i, curve) in curves.iter().enumerate() {
+        let color = palette[i % palette.len()];
+        c.draw_series(LineSeries::new(
+            curve
+                .points
+                .iter()
+                .map(|p| (f64::from(p.0.max(1)).log2(), value(p))),
+            color.stroke_width(2),
+        ))?
+        .label(curve.name)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
+    }
+    c.configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
 }
 
 /// The goals as ratios of this run's medians.
@@ -179,6 +299,13 @@ fn goals(md: &mut String, samples: &[Samples]) {
     }
     let r = m(drover, Metric::Bulk) / m(direct, Metric::Bulk);
     goal(format!("L4 bulk ≥ 0.8× direct: {r:.2}×"), r >= 0.8);
+    let k = m(drover, Metric::IdleKib);
+    if k.is_finite() {
+        goal(
+            format!("idle HTTP keep-alive ≤ 12 KiB per connection: {k:.1} KiB"),
+            k <= 12.0,
+        );
+    }
 }
 
 fn fmt(v: f64) -> String {
