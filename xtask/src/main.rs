@@ -26,7 +26,7 @@ const APT_PACKAGES: [&str; 8] = [
     "util-linux",
 ];
 /// What only the bench uses: the peers it compares with and their load tools.
-const BENCH_PACKAGES: [&str; 4] = ["wrk", "haproxy", "nginx-light", "iperf3"];
+const BENCH_PACKAGES: [&str; 5] = ["wrk", "haproxy", "nginx-light", "iperf3", "nghttp2-client"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 #[derive(Parser)]

@@ -37,6 +37,8 @@ pub struct Setup {
 struct Peer {
     name: &'static str,
     http: String,
+    /// The same origin over HTTP/2 (cleartext, prior knowledge).
+    h2: String,
     /// `host:port` of the bulk sink through this peer.
     bulk: String,
     /// The proxy process, for its CPU time.
@@ -54,7 +56,7 @@ pub fn run(setup: &Setup, t: &Topology, ep: IpAddr) {
     wait_http(t, &format!("http://{ep}:9080/"), "nginx");
 
     let cfg = write_config(&format!(
-        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: peers}}\nspec:\n  hosts: [peers.svc]\n  addresses: [{VIP}]\n  ports: [{{number: 9080, name: http, protocol: HTTP}}, {{number: 7001, name: tcp-bulk, protocol: TCP}}]\n  resolution: STATIC\n  endpoints: [{{address: {ep}}}]\n"
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: peers}}\nspec:\n  hosts: [peers.svc]\n  addresses: [{VIP}]\n  ports: [{{number: 9080, name: http, protocol: HTTP}}, {{number: 9081, name: http2, protocol: HTTP2}}, {{number: 7001, name: tcp-bulk, protocol: TCP}}]\n  resolution: STATIC\n  endpoints: [{{address: {ep}}}]\n"
     ));
     let pins = PinDir::new();
     let drover = super::one_worker(t, &cfg, &pins);
@@ -70,18 +72,21 @@ pub fn run(setup: &Setup, t: &Topology, ep: IpAddr) {
         Peer {
             name: "direct",
             http: format!("http://{ep}:9080/"),
+            h2: format!("http://{ep}:9081/"),
             bulk: format!("{ep}:7001"),
             pid: None,
         },
         Peer {
             name: "drover",
             http: format!("http://{VIP}:9080/"),
+            h2: format!("http://{VIP}:9081/"),
             bulk: format!("{VIP}:7001"),
             pid: drover.pid(),
         },
         Peer {
             name: "haproxy 2.6",
             http: "http://127.0.0.1:10001/".into(),
+            h2: "http://127.0.0.1:10011/".into(),
             bulk: "127.0.0.1:10002".into(),
             pid: Some(haproxy.child.id()),
         },
@@ -90,6 +95,7 @@ pub fn run(setup: &Setup, t: &Topology, ep: IpAddr) {
         peers.push(Peer {
             name: "envoy 1.40",
             http: "http://127.0.0.1:10000/".into(),
+            h2: "http://127.0.0.1:10010/".into(),
             bulk: "127.0.0.1:10003".into(),
             pid: Some(e.child.id()),
         });
@@ -154,6 +160,16 @@ fn measure(setup: &Setup, t: &Topology, peer: &Peer, s: &mut Samples) {
     }
     s.add(Metric::Rps, rps);
     s.add(Metric::ClosedP99, p99);
+    let cpu_before = peer.pid.map(super::cpu_ns);
+    let (h2_rps, h2_requests) = h2load(t, &peer.h2, setup.secs);
+    if let (Some(pid), Some(before)) = (peer.pid, cpu_before) {
+        let ns = super::cpu_ns(pid).saturating_sub(before);
+        s.add(
+            Metric::H2CpuPerRequest,
+            ns as f64 / 1000.0 / h2_requests.max(1) as f64,
+        );
+    }
+    s.add(Metric::H2Rps, h2_rps);
     let fixed = probe(
         Some(&t.client),
         None,
@@ -182,6 +198,42 @@ fn measure(setup: &Setup, t: &Topology, peer: &Peer, s: &mut Samples) {
 
 fn num(v: &Value, k: &str) -> f64 {
     v[k].as_f64().unwrap_or(f64::NAN)
+}
+
+/// `h2load -c16 -m1` (HTTP/2 prior knowledge, 16 streams in flight) for `secs`: (req/s,
+/// requests); every request must succeed.
+fn h2load(t: &Topology, url: &str, secs: u32) -> (f64, u64) {
+    let out = t
+        .client
+        .command("h2load")
+        .args(["-c16", "-m1", "-D", &secs.to_string(), url])
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("h2load runs (apt install nghttp2-client)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    parse_h2load(&text).unwrap_or_else(|| panic!("{url}: h2load failed\n{text}"))
+}
+
+/// (req/s, requests) from h2load's text, `None` unless every request succeeded.
+fn parse_h2load(text: &str) -> Option<(f64, u64)> {
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("finished in "))?
+        .split(", ")
+        .find_map(|p| p.strip_suffix(" req/s"))?
+        .parse()
+        .ok()?;
+    let counts = text.lines().find_map(|l| l.strip_prefix("requests: "))?;
+    let field = |name: &str| -> Option<u64> {
+        counts
+            .split(", ")
+            .find_map(|p| p.strip_suffix(name))?
+            .trim()
+            .parse()
+            .ok()
+    };
+    let (done, ok) = (field(" done")?, field(" succeeded")?);
+    (done > 0 && ok == done).then_some((rps, ok))
 }
 
 /// Seconds of each point of the cost-growth curve.
@@ -282,7 +334,8 @@ fn scratch_dir() -> PathBuf {
     dir
 }
 
-/// nginx, one worker, serving a 1 KiB file on `ep:9080` in the endpoint namespace.
+/// nginx, one worker, serving a 1 KiB file on `ep:9080` (HTTP/1.1) and `ep:9081` (HTTP/2
+/// cleartext) in the endpoint namespace.
 fn nginx(t: &Topology, ep: IpAddr, dir: &Path) -> Proc {
     std::fs::write(dir.join("www/index.html"), vec![b'x'; BODY]).expect("body");
     let conf = dir.join("nginx.conf");
@@ -302,10 +355,15 @@ http {{
     listen {addr};
     root {d}/www;
   }}
+  server {{
+    listen {addr2} http2;
+    root {d}/www;
+  }}
 }}
 ",
             d = dir.display(),
-            addr = SocketAddr::new(ep, 9080)
+            addr = SocketAddr::new(ep, 9080),
+            addr2 = SocketAddr::new(ep, 9081)
         ),
     )
     .expect("nginx.conf");
@@ -320,7 +378,8 @@ http {{
     )
 }
 
-/// HAProxy with one thread: HTTP on 127.0.0.1:10001, TCP on 10002, in the client namespace.
+/// HAProxy with one thread: HTTP/1.1 on 127.0.0.1:10001, HTTP/2 on 10011, TCP on 10002, in the
+/// client namespace.
 fn haproxy(t: &Topology, ep: IpAddr, dir: &Path) -> Proc {
     let conf = dir.join("haproxy.cfg");
     std::fs::write(
@@ -341,6 +400,13 @@ frontend web
 backend web
   mode http
   server origin {ep}:9080
+frontend web2
+  mode http
+  bind 127.0.0.1:10011 proto h2
+  default_backend web2
+backend web2
+  mode http
+  server origin {ep}:9081 proto h2
 listen bulk
   mode tcp
   bind 127.0.0.1:10002
@@ -357,8 +423,9 @@ listen bulk
     )
 }
 
-/// Envoy with one worker: HTTP on 127.0.0.1:10000 (router, LEAST_REQUEST as Istio's default),
-/// `tcp_proxy` on 10003, in the client namespace.
+/// Envoy with one worker: HTTP on 127.0.0.1:10000 and HTTP/2 on 10010 (router, LEAST_REQUEST
+/// as Istio's default; the codec detects the protocol), `tcp_proxy` on 10003, in the client
+/// namespace.
 fn envoy(t: &Topology, ep: IpAddr, bin: &Path) -> Proc {
     let cfg = write_config(&format!(
         "static_resources:
@@ -375,6 +442,22 @@ fn envoy(t: &Topology, ep: IpAddr, bin: &Path) -> Proc {
             - name: all
               domains: ['*']
               routes: [{{match: {{prefix: /}}, route: {{cluster: web}}}}]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              '@type': type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  - address: {{socket_address: {{address: 127.0.0.1, port_value: 10010}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          '@type': type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: web2
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ['*']
+              routes: [{{match: {{prefix: /}}, route: {{cluster: web2}}}}]
           http_filters:
           - name: envoy.filters.http.router
             typed_config:
@@ -396,6 +479,18 @@ fn envoy(t: &Topology, ep: IpAddr, bin: &Path) -> Proc {
       endpoints:
       - lb_endpoints:
         - endpoint: {{address: {{socket_address: {{address: {ep}, port_value: 9080}}}}}}
+  - name: web2
+    type: STATIC
+    lb_policy: LEAST_REQUEST
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        '@type': type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: web2
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{socket_address: {{address: {ep}, port_value: 9081}}}}}}
   - name: bulk
     type: STATIC
     load_assignment:
@@ -460,6 +555,12 @@ Transfer/sec:     24.00MB
         assert_eq!(wrk_errors(text), 0);
         let errors = "  Socket errors: connect 0, read 163, write 2, timeout 0\n  Non-2xx or 3xx responses: 5\n";
         assert_eq!(wrk_errors(errors), 170);
+        let h2 = "finished in 8.00s, 41234.50 req/s, 45.67MB/s
+requests: 329876 total, 329876 started, 329876 done, 329876 succeeded, 0 failed, 0 errored, 0 timeout
+";
+        assert_eq!(parse_h2load(h2), Some((41234.5, 329876)));
+        let failed = h2.replace("329876 succeeded, 0 failed", "329000 succeeded, 876 failed");
+        assert_eq!(parse_h2load(&failed), None);
         assert_eq!(duration_us("2.00s"), Some(2e6));
         assert_eq!(duration_us("15.5us"), Some(15.5));
     }

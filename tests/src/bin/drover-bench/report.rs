@@ -15,13 +15,17 @@ pub enum Metric {
     FixedP99,
     Bulk,
     IdleKib,
+    H2Rps,
+    H2CpuPerRequest,
 }
 
 impl Metric {
-    const ALL: [Metric; 7] = [
+    const ALL: [Metric; 9] = [
         Metric::Rps,
         Metric::ClosedP99,
         Metric::CpuPerRequest,
+        Metric::H2Rps,
+        Metric::H2CpuPerRequest,
         Metric::FixedP50,
         Metric::FixedP99,
         Metric::Bulk,
@@ -37,6 +41,8 @@ impl Metric {
             Metric::FixedP99 => "p99 µs at a fixed rate",
             Metric::Bulk => "L4 bulk Gbit/s",
             Metric::IdleKib => "KiB per idle HTTP keep-alive connection",
+            Metric::H2Rps => "HTTP/2 req/s (h2load -c16 -m1)",
+            Metric::H2CpuPerRequest => "proxy CPU µs per HTTP/2 request",
         }
     }
 
@@ -49,6 +55,8 @@ impl Metric {
             Metric::FixedP99 => "fixed_p99.svg",
             Metric::Bulk => "bulk.svg",
             Metric::IdleKib => "idle_kib.svg",
+            Metric::H2Rps => "h2_rps.svg",
+            Metric::H2CpuPerRequest => "h2_cpu_per_request.svg",
         }
     }
 }
