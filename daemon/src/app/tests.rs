@@ -230,7 +230,8 @@ async fn unknown_destination_and_dead_endpoints_are_closed() {
     assert_eq!(p.greeting("127.77.1.4:5000").await, None);
 }
 
-/// An HTTP/2 endpoint: answers each request after 200 ms with its name; counts connections.
+/// An HTTP/2 endpoint: answers each request after 200 ms with its name, the request's
+/// `:authority` and how many `Host` headers came beside it; counts connections.
 fn h2_endpoint(
     connections: Arc<AtomicU64>,
 ) -> impl Fn(&'static str, TcpStream) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>>
@@ -240,10 +241,13 @@ fn h2_endpoint(
     move |name, s| {
         connections.fetch_add(1, Ordering::Relaxed);
         Box::pin(async move {
-            let service = hyper::service::service_fn(move |_req| async move {
+            let service = hyper::service::service_fn(move |req: hyper::Request<_>| async move {
+                let authority = req.uri().authority().map(|a| a.to_string());
+                let hosts = req.headers().get_all(hyper::header::HOST).iter().count();
                 tokio::time::sleep(Duration::from_millis(200)).await;
+                let body = format!("{name} {} {hosts}", authority.unwrap_or_default());
                 Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
-                    hyper::body::Bytes::from(name),
+                    hyper::body::Bytes::from(body),
                 )))
             });
             let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
@@ -253,8 +257,9 @@ fn h2_endpoint(
     }
 }
 
-/// `n` concurrent HTTP/1.1 requests, one per client connection; their statuses.
-async fn concurrent_gets(p: &InProcess, vip: &str, n: usize) -> Vec<u16> {
+/// `n` concurrent HTTP/1.1 requests with `Host: h2.inproc`, one per client connection: their
+/// statuses and bodies.
+async fn concurrent_gets(p: &InProcess, vip: &str, n: usize) -> Vec<(u16, String)> {
     let at = p.dial[&vip.parse::<SocketAddr>().unwrap()];
     let mut gets = tokio::task::JoinSet::new();
     for _ in 0..n {
@@ -273,14 +278,19 @@ async fn concurrent_gets(p: &InProcess, vip: &str, n: usize) -> Vec<u16> {
                 .await
                 .unwrap()
                 .unwrap();
-            resp.status().as_u16()
+            let status = resp.status().as_u16();
+            let body = http_body_util::BodyExt::collect(resp.into_body())
+                .await
+                .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+                .unwrap_or_default();
+            (status, body)
         });
     }
     gets.join_all().await
 }
 
 #[tokio::test]
-async fn http2_upstream_multiplexes_and_max_concurrent_streams_spreads() {
+async fn http2_upstream_multiplexes_carries_the_authority_and_max_concurrent_streams_spreads() {
     let shared = Arc::new(AtomicU64::new(0));
     let port = endpoints(h2_endpoint(shared.clone())).await;
     let (vip, capped) = ("127.77.1.5:80", "127.77.1.6:80");
@@ -298,14 +308,16 @@ async fn http2_upstream_multiplexes_and_max_concurrent_streams_spreads() {
     let yaml = yaml.replace("  - {address: 127.0.0.3, labels: {v: two}}\n", "");
     let p = serve(&yaml, &[vip, capped]).await;
 
-    assert_eq!(concurrent_gets(&p, vip, 4).await, [200; 4]);
+    // The client's Host travels as :authority, with no Host header beside it (RFC 9113).
+    let ok = (200, "one h2.inproc 0".to_string());
+    assert_eq!(concurrent_gets(&p, vip, 4).await, vec![ok.clone(); 4]);
     assert_eq!(
         shared.load(Ordering::Relaxed),
         1,
         "four concurrent requests share one HTTP/2 connection"
     );
     let before = shared.load(Ordering::Relaxed);
-    assert_eq!(concurrent_gets(&p, capped, 4).await, [200; 4]);
+    assert_eq!(concurrent_gets(&p, capped, 4).await, vec![ok; 4]);
     let opened = shared.load(Ordering::Relaxed) - before;
     assert!(
         opened >= 2,

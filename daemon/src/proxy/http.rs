@@ -614,9 +614,11 @@ impl Routed<'_> {
 // === impl Forward ===
 
 impl Forward {
-    /// The request as forwarded: same method, path, headers (minus hop-by-hop; `Host` set from
-    /// the authority when absent) and body, in the upstream protocol, through the pool of the
-    /// cluster's origination and settings. `None` when the first endpoint's URI is invalid.
+    /// The request as forwarded: same method, path, headers (minus hop-by-hop) and body, in the
+    /// upstream protocol, through the pool of the cluster's origination and settings. The
+    /// client's authority travels as `Host` on HTTP/1.1 (set when absent) and as `:authority`
+    /// on HTTP/2 (with no `Host` header beside it, as RFC 9113 §8.3.1 asks and Envoy does); the
+    /// endpoint is the pool's to dial. `None` when no valid URI can be built.
     fn new(
         exchange: &Exchange,
         routed: &Routed<'_>,
@@ -637,14 +639,23 @@ impl Forward {
             .path_and_query()
             .map_or("/", |p| p.as_str())
             .to_string();
-        let first_uri = uri_for(routed.first.0, &path_and_query).ok()?;
         strip_hop_by_hop(&mut parts.headers, upgrading);
         let authority = &exchange.authority;
-        if !parts.headers.contains_key(header::HOST)
-            && let Ok(v) = HeaderValue::from_str(authority)
-        {
-            parts.headers.insert(header::HOST, v);
-        }
+        let first_uri = if h2 {
+            parts.headers.remove(header::HOST);
+            let scheme = if c.tls.is_some() { "https" } else { "http" };
+            format!("{scheme}://{authority}{path_and_query}")
+                .parse()
+                .or_else(|_| uri_for(routed.first.0, &path_and_query))
+                .ok()?
+        } else {
+            if !parts.headers.contains_key(header::HOST)
+                && let Ok(v) = HeaderValue::from_str(authority)
+            {
+                parts.headers.insert(header::HOST, v);
+            }
+            uri_for(routed.first.0, &path_and_query).ok()?
+        };
         let host = authority
             .rsplit_once(':')
             .filter(|(_, port)| port.parse::<u16>().is_ok())
@@ -676,9 +687,11 @@ impl Forward {
         *req.method_mut() = self.method.clone();
         *req.version_mut() = self.version;
         *req.headers_mut() = self.headers.clone();
-        // The first try's URI was built before; a retry's differs only in the endpoint.
+        // The first try's URI was built before. On HTTP/1.1 a retry's differs only in the
+        // endpoint (which the connector dials); on HTTP/2 it names the authority, not the
+        // endpoint, so it stays.
         *req.uri_mut() = match n {
-            0 => self.first_uri.clone(),
+            _ if n == 0 || self.h2 => self.first_uri.clone(),
             _ => uri_for(addr, &self.path_and_query).unwrap_or_else(|_| self.first_uri.clone()),
         };
         req
