@@ -1,7 +1,7 @@
 //! The localhost admin API (Envoy's admin port, 15000): `/clusters` (JSON), `/stats/prometheus`,
 //! `/config_dump`, `/ready` and `POST /logging?level=`; and the publisher that mirrors per-endpoint
-//! state into the daemon-written `EP_DSTATS` map every second (and before every `/clusters`
-//! answer, so that the map and the answer show the same numbers).
+//! state into the daemon-written `EP_DSTATS` map every second, with or without the API (and
+//! before every `/clusters` answer, so that the map and the answer show the same numbers).
 //!
 //! Invariants: read-only except `POST /logging`, whose level is one of [`LEVELS`]; every request
 //! must name this API by a loopback `Host` (or the address it reached) and come from no foreign
@@ -49,6 +49,7 @@ pub enum Error {
 #[derive(Clone)]
 pub struct Admin {
     pub registry: RegistryHandle,
+    /// With eBPF capture: `/clusters` publishes `EP_DSTATS` before it answers.
     pub kernel: Option<Arc<Kernel>>,
     pub log: Option<LogControl>,
 }
@@ -107,7 +108,7 @@ impl Admin {
             .map_err(|source| Error::Bind { addr, source })
     }
 
-    /// Serves on `listener` until `shutdown`; also starts the `EP_DSTATS` publisher.
+    /// Serves on `listener` until `shutdown`.
     pub fn serve(
         self,
         listener: TcpListener,
@@ -118,19 +119,6 @@ impl Admin {
             source,
         })?;
         let admin = Arc::new(self);
-        if admin.kernel.is_some() {
-            let admin = admin.clone();
-            let stop = shutdown.clone();
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_secs(1));
-                loop {
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tick.tick() => admin.publish(&admin.registry.load()),
-                    }
-                }
-            });
-        }
         tokio::spawn(async move {
             loop {
                 let (stream, _) = tokio::select! {
@@ -172,7 +160,9 @@ impl Admin {
             (&Method::GET, "/ready") => text(StatusCode::OK, "LIVE\n", "text/plain"),
             (&Method::GET, "/clusters") => {
                 let snapshot = self.registry.load();
-                self.publish(&snapshot);
+                if let Some(kernel) = &self.kernel {
+                    publish(kernel, &snapshot);
+                }
                 json(&serde_json::json!({
                     "clusters": clusters(&snapshot),
                     "inbound": &crate::stats::store().inbound,
@@ -243,23 +233,41 @@ impl Admin {
             ),
         }
     }
+}
 
-    /// Mirrors every endpoint of `snapshot` into `EP_DSTATS` (rows of other clusters removed).
-    fn publish(&self, snapshot: &Registry) {
-        let Some(kernel) = &self.kernel else { return };
-        let mut rows = Vec::new();
-        for c in snapshot.clusters() {
-            for (i, m) in c.members.iter().enumerate() {
-                let health = c.outlier.as_ref().map(|o| o.health(i)).unwrap_or_default();
-                rows.extend(
-                    m.stats
-                        .row(c.stats.id, c.balancer.active(i) as u64, &health),
-                );
+/// Mirrors the per-endpoint counters of the current snapshot into `EP_DSTATS` every second
+/// until `shutdown`, so that `drover status` and `bpftool` see them whether or not the admin
+/// API is served.
+pub fn publish_endpoint_stats(
+    registry: RegistryHandle,
+    kernel: Arc<Kernel>,
+    shutdown: CancellationToken,
+) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => publish(&kernel, &registry.load()),
             }
         }
-        if let Err(e) = kernel.publish_endpoint_stats(&rows) {
-            tracing::warn!(error = %e, "cannot publish endpoint counters");
+    });
+}
+
+/// Mirrors every endpoint of `snapshot` into `EP_DSTATS` (rows of other clusters removed).
+fn publish(kernel: &Kernel, snapshot: &Registry) {
+    let mut rows = Vec::new();
+    for c in snapshot.clusters() {
+        for (i, m) in c.members.iter().enumerate() {
+            let health = c.outlier.as_ref().map(|o| o.health(i)).unwrap_or_default();
+            rows.extend(
+                m.stats
+                    .row(c.stats.id, c.balancer.active(i) as u64, &health),
+            );
         }
+    }
+    if let Err(e) = kernel.publish_endpoint_stats(&rows) {
+        tracing::warn!(error = %e, "cannot publish endpoint counters");
     }
 }
 

@@ -174,8 +174,8 @@ fn configure(cfg: &mut RunConfig) -> anyhow::Result<crate::registry::Registry> {
     Ok(registry)
 }
 
-/// The control plane of a running daemon: the reloader (watcher and SIGHUP) and, when bound,
-/// the admin API.
+/// The control plane of a running daemon: the reloader (watcher and SIGHUP), the `EP_DSTATS`
+/// publisher (with eBPF capture) and, when bound, the admin API.
 fn control(
     cfg: &RunConfig,
     registry: &RegistryHandle,
@@ -192,6 +192,9 @@ fn control(
         allow_empty: cfg.allow_empty,
     }
     .spawn(cfg.watch, shutdown.clone())?;
+    if let Some(kernel) = kernel {
+        crate::admin::publish_endpoint_stats(registry.clone(), kernel.clone(), shutdown.clone());
+    }
     let admin = match admin {
         Some(l) => Some(
             crate::admin::Admin {

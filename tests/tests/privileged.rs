@@ -968,3 +968,40 @@ fn tcp_keepalive_and_idle_timeout_apply_to_proxied_connections() {
         "logged with its cause"
     );
 }
+
+#[test]
+fn endpoint_counters_reach_the_pinned_map_without_the_admin_api() {
+    if !require_privileged() {
+        return;
+    }
+    let Captured {
+        t,
+        daemon,
+        _servers,
+        _pins,
+        ..
+    } = captured(1, None, &["--admin", "off"]);
+    assert!(daemon.admin.is_none(), "started without the admin API");
+    for _ in 0..4 {
+        let r = probe(
+            Some(&t.client),
+            None,
+            &["connect", &format!("{VIP}:80"), "--send", "hello"],
+        );
+        assert_eq!(r["echo"], "hello", "{r}");
+    }
+    // The publisher runs every second on its own: the rows appear within a bounded wait.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let total = loop {
+        let rows = bpftool_dump(&_pins.path.join("EP_DSTATS"));
+        let total: u64 = rows
+            .iter()
+            .map(|(_, v)| v["rq_total"].as_u64().unwrap_or(0))
+            .sum();
+        if total >= 4 || std::time::Instant::now() > deadline {
+            break total;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(total, 4, "EP_DSTATS counts every relayed connection");
+}

@@ -278,7 +278,7 @@ fn policy_blocks(o: &mut String, p: &super::EffectivePolicy) {
         "tls",
         &p.tls,
         tls_fields,
-        "auto mTLS (plaintext to endpoints without an Istio identity)",
+        "plaintext (Istio's auto mTLS is not built in drover: no tls block means plaintext)",
     );
     block(
         o,

@@ -40,7 +40,7 @@ impl Checker<'_> {
         {
             self.warn(
                 "spec.trafficPolicy.loadBalancer.localityLbSetting",
-                "locality failover has no effect without outlierDetection",
+                "locality failover has no effect without outlierDetection (in Istio; drover does not enforce localityLbSetting at all yet)",
             );
         }
         policy::DestinationRule {
@@ -130,6 +130,17 @@ impl Checker<'_> {
             Some(crd::ProxyProtocolVersion::V2) => policy::ProxyProtocolVersion::V2,
             _ => policy::ProxyProtocolVersion::V1,
         });
+        for (field, set) in [
+            ("tunnel", tunnel.is_some()),
+            ("proxyProtocol", proxy_protocol.is_some()),
+        ] {
+            if set {
+                self.warn(
+                    format!("{path}.{field}"),
+                    format!("{field} is accepted but not enforced by drover (connections go to the endpoint directly)"),
+                );
+            }
+        }
         if tunnel.is_some() && proxy_protocol.is_some() {
             self.err(
                 format!("{path}.proxyProtocol"),
@@ -306,21 +317,28 @@ impl Checker<'_> {
                 "zoneAwareLbSetting is accepted but not enforced by drover",
             );
         }
-        let locality = lb
-            .locality_lb_setting
-            .as_ref()
-            .map(|l| self.locality(&format!("{path}.localityLbSetting"), l));
-        let warmup = self.warmup(path, lb);
-        if warmup.is_some()
-            && matches!(algorithm, A::Random | A::Passthrough | A::ConsistentHash(_))
-        {
+        let locality = lb.locality_lb_setting.as_ref().map(|l| {
+            let field = format!("{path}.localityLbSetting");
             self.warn(
-                format!("{path}.warmup"),
-                format!(
+                field.clone(),
+                "localityLbSetting is accepted but not enforced by drover (endpoints are balanced without regard to locality)",
+            );
+            self.locality(&field, l)
+        });
+        let warmup = self.warmup(path, lb);
+        if warmup.is_some() {
+            let field = match lb.warmup {
+                Some(_) => format!("{path}.warmup"),
+                None => format!("{path}.warmupDurationSecs"),
+            };
+            let why = match algorithm {
+                A::Random | A::Passthrough | A::ConsistentHash(_) => format!(
                     "warmup only applies to ROUND_ROBIN and LEAST_REQUEST; ignored for {}",
                     algorithm.name()
                 ),
-            );
+                _ => "warmup is accepted but not enforced by drover (new endpoints get their full weight at once)".to_string(),
+            };
+            self.warn(field, why);
         }
         policy::LoadBalancer {
             algorithm,

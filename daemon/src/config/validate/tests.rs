@@ -345,6 +345,26 @@ fn destination_rule_rules() {
                 Error("warmup and warmupDurationSecs are mutually exclusive"),
             ),
             (
+                "warmup is warned about",
+                "host: a\ntrafficPolicy: {loadBalancer: {simple: ROUND_ROBIN, warmupDurationSecs: 10s}}",
+                Warn("warmupDurationSecs: warmup is accepted but not enforced by drover"),
+            ),
+            (
+                "locality is warned about",
+                "host: a\ntrafficPolicy: {loadBalancer: {localityLbSetting: {enabled: true}}}",
+                Warn("localityLbSetting: localityLbSetting is accepted but not enforced by drover"),
+            ),
+            (
+                "tunnel is warned about",
+                "host: a\ntrafficPolicy: {tunnel: {targetHost: x.com, targetPort: 443}}",
+                Warn("tunnel: tunnel is accepted but not enforced by drover"),
+            ),
+            (
+                "proxy protocol is warned about",
+                "host: a\ntrafficPolicy: {proxyProtocol: {version: V2}}",
+                Warn("proxyProtocol: proxyProtocol is accepted but not enforced by drover"),
+            ),
+            (
                 "warmup ignored for RANDOM",
                 "host: a\ntrafficPolicy: {loadBalancer: {simple: RANDOM, warmupDurationSecs: 10s}}",
                 Warn("warmup only applies to ROUND_ROBIN and LEAST_REQUEST"),
@@ -660,6 +680,11 @@ fn virtual_service_rules() {
                 Error(
                     "spec.http[0].retries.retryOn: \"sometimes\" is not a retry condition or a status code",
                 ),
+            ),
+            (
+                "tls routes are warned about",
+                "hosts: [a]\ntls: [{match: [{sniHosts: [a]}], route: [{destination: {host: a}}]}]",
+                Warn("spec.tls: tls routes (sniHosts) are accepted but not enforced by drover"),
             ),
             (
                 "tls route needs sni",
