@@ -430,39 +430,7 @@ fn envoy(t: &Topology, ep: IpAddr, bin: &Path) -> Proc {
     let cfg = write_config(&format!(
         "static_resources:
   listeners:
-  - address: {{socket_address: {{address: 127.0.0.1, port_value: 10000}}}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          '@type': type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: web
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ['*']
-              routes: [{{match: {{prefix: /}}, route: {{cluster: web}}}}]
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config:
-              '@type': type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  - address: {{socket_address: {{address: 127.0.0.1, port_value: 10010}}}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          '@type': type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: web2
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ['*']
-              routes: [{{match: {{prefix: /}}, route: {{cluster: web2}}}}]
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config:
-              '@type': type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  - address: {{socket_address: {{address: 127.0.0.1, port_value: 10003}}}}
+{web}{web2}  - address: {{socket_address: {{address: 127.0.0.1, port_value: 10003}}}}
     filter_chains:
     - filters:
       - name: envoy.filters.network.tcp_proxy
@@ -498,7 +466,9 @@ fn envoy(t: &Topology, ep: IpAddr, bin: &Path) -> Proc {
       endpoints:
       - lb_endpoints:
         - endpoint: {{address: {{socket_address: {{address: {ep}, port_value: 7001}}}}}}
-"
+",
+        web = envoy_http_listener(10000, "web"),
+        web2 = envoy_http_listener(10010, "web2"),
     ));
     spawn(
         t.client.command(bin).args([
@@ -512,6 +482,29 @@ fn envoy(t: &Topology, ep: IpAddr, bin: &Path) -> Proc {
             &(std::process::id() + 1).to_string(),
         ]),
         "envoy",
+    )
+}
+
+/// An Envoy HTTP listener on `127.0.0.1:port` routing everything to `cluster`.
+fn envoy_http_listener(port: u16, cluster: &str) -> String {
+    format!(
+        "  - address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          '@type': type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: {cluster}
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ['*']
+              routes: [{{match: {{prefix: /}}, route: {{cluster: {cluster}}}}}]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              '@type': type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+"
     )
 }
 
