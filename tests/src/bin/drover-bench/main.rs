@@ -402,7 +402,7 @@ spec:
             f(bulk, "gbit_per_s")
         );
     }
-    println!("reproduce: cargo xtask bench --http-only (this part runs last)");
+    println!("reproduce: cargo xtask bench -- --only tls");
 }
 
 /// A daemon with one data-plane worker capturing the client namespace.
@@ -618,7 +618,7 @@ spec:
             after.saturating_sub(before) as f64 / args.idle_conns as f64
         );
     }
-    println!("reproduce: cargo xtask bench --http-only (this part runs last)");
+    println!("reproduce: cargo xtask bench -- --only tls");
 }
 
 fn l4(args: &Args, t: &Topology, ep: std::net::IpAddr, quiet: impl Fn(&mut Vec<String>, &PinDir)) {
