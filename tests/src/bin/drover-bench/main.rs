@@ -618,7 +618,7 @@ spec:
             after.saturating_sub(before) as f64 / args.idle_conns as f64
         );
     }
-    println!("reproduce: cargo xtask bench -- --only tls");
+    println!("reproduce: cargo xtask bench -- --only policy");
 }
 
 fn l4(args: &Args, t: &Topology, ep: std::net::IpAddr, quiet: impl Fn(&mut Vec<String>, &PinDir)) {
