@@ -1,9 +1,9 @@
 //! `cargo xtask bench`: L4 request/response latency and bulk throughput from a client namespace to
 //! an endpoint namespace, (a) direct, (b) through Drover with eBPF capture, (c) through the same
 //! daemon fed by an iptables REDIRECT rule — in one run, printed as a table with ratios to direct.
-//! Then the policy overhead, memory after load, TLS origination against Envoy (`--envoy PATH`),
-//! and the comparison with HAProxy and Envoy against an nginx origin (HTTP/1.1, HTTP/2, L4 bulk,
-//! idle memory, cost growth), written to `--report-dir` with plots ([`peers`]).
+//! Then the policy overhead, memory after load, and the comparison with HAProxy and Envoy
+//! (`--envoy PATH`) against an nginx origin (HTTP/1.1, HTTP/2, L4 bulk, mTLS origination, idle
+//! memory, cost growth), written to `--report-dir` with plots ([`peers`]).
 #![expect(clippy::print_stdout, reason = "the bench reports on stdout")]
 
 mod peers;
@@ -69,7 +69,6 @@ enum Part {
     L4,
     Policy,
     Memory,
-    Tls,
     Peers,
 }
 
@@ -160,9 +159,6 @@ fn main() {
     if run(Part::Memory) {
         memory_after_load(&args, &t, ep);
     }
-    if run(Part::Tls) {
-        tls(&args, &t, ep);
-    }
     if run(Part::Peers) {
         let setup = peers::Setup {
             rounds: args.peer_rounds,
@@ -219,190 +215,6 @@ fn memory_after_load(args: &Args, t: &Topology, ep: std::net::IpAddr) {
         "reproduce: target/release/drover-bench --only memory --idle-conns 8000 --memory-rounds 5"
     );
     d.stop();
-}
-
-/// Mutual TLS origination vs plaintext, through Drover and through Envoy (both one worker, both
-/// with session resumption on by default): connections per second where every connection makes
-/// a handshake (connect, greeting, round trip, close), and bulk throughput.
-fn tls(args: &Args, t: &Topology, ep: std::net::IpAddr) {
-    const TLS_VIP: &str = "127.77.0.12";
-    const PLAIN_VIP: &str = "127.77.0.13";
-    let pki = drover_tests::Pki::new();
-    let (cert, key) = pki.leaf("server", &["tlsb.svc"], false, false);
-    let (ccert, ckey) = pki.leaf("client", &["client.svc"], true, false);
-    let tls_args: Vec<String> = vec![
-        "--tls-cert".into(),
-        cert.display().to_string(),
-        "--tls-key".into(),
-        key.display().to_string(),
-        "--tls-client-ca".into(),
-        pki.path("client-ca.pem"),
-    ];
-    let a: Vec<&str> = tls_args.iter().map(String::as_str).collect();
-    let _echo = Proc::server_with(
-        Some(&t.endpoints[0]),
-        "echo",
-        &[SocketAddr::new(ep, 7443)],
-        "bench",
-        &a,
-    );
-    let _sink = Proc::server_with(
-        Some(&t.endpoints[0]),
-        "sink",
-        &[SocketAddr::new(ep, 7444)],
-        "bench",
-        &a,
-    );
-    let ca = pki.path("ca.pem");
-    let cfg = write_config(&format!(
-        "apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: tlsb}}
-spec:
-  hosts: [tlsb.svc]
-  addresses: [{TLS_VIP}]
-  ports: [{{number: 7000, name: tcp-rr, targetPort: 7443}}, {{number: 7001, name: tcp-bulk, targetPort: 7444}}]
-  resolution: STATIC
-  endpoints: [{{address: {ep}}}]
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: plainb}}
-spec:
-  hosts: [plainb.svc]
-  addresses: [{PLAIN_VIP}]
-  ports: [{{number: 7000, name: tcp-rr}}, {{number: 7001, name: tcp-bulk}}]
-  resolution: STATIC
-  endpoints: [{{address: {ep}}}]
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {{name: tlsb}}
-spec:
-  host: tlsb.svc
-  trafficPolicy:
-    tls: {{mode: MUTUAL, caCertificates: {ca}, clientCertificate: {}, privateKey: {}, sni: tlsb.svc, subjectAltNames: [tlsb.svc]}}
-",
-        ccert.display(),
-        ckey.display()
-    ));
-    let count = (args.count / 5).max(200);
-    let bytes = args.bytes.min(1 << 30);
-    let measure = |name: &str, host: &str, rr_port: u16, bulk_port: u16| {
-        let crr = probe(
-            Some(&t.client),
-            None,
-            &[
-                "crr",
-                &format!("{host}:{rr_port}"),
-                "--count",
-                &count.to_string(),
-            ],
-        );
-        let bulk = probe(
-            Some(&t.client),
-            None,
-            &[
-                "bulk",
-                &format!("{host}:{bulk_port}"),
-                "--bytes",
-                &bytes.to_string(),
-            ],
-        );
-        for v in [&crr, &bulk] {
-            assert!(v.get("error").is_none(), "{name}: {v}");
-        }
-        (name.to_string(), crr, bulk)
-    };
-    let mut rows = vec![measure("direct plaintext", &ep.to_string(), 7000, 7001)];
-    let pins = PinDir::new();
-    let mut d = one_worker(t, &cfg, &pins);
-    rows.push(measure("drover plaintext", PLAIN_VIP, 7000, 7001));
-    rows.push(measure("drover mTLS", TLS_VIP, 7000, 7001));
-    d.stop();
-    let _envoy = args.envoy.as_ref().map(|envoy| {
-        let cluster = |name: &str, port: u16| {
-            format!(
-                "  - name: {name}
-    type: STATIC
-    load_assignment:
-      cluster_name: {name}
-      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {ep}, port_value: {port}}}}}}}}}]}}]
-    transport_socket:
-      name: envoy.transport_sockets.tls
-      typed_config:
-        '@type': type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
-        sni: tlsb.svc
-        common_tls_context:
-          tls_certificates: [{{certificate_chain: {{filename: {}}}, private_key: {{filename: {}}}}}]
-          validation_context:
-            trusted_ca: {{filename: {ca}}}
-            match_typed_subject_alt_names: [{{san_type: DNS, matcher: {{exact: tlsb.svc}}}}]
-",
-                ccert.display(),
-                ckey.display()
-            )
-        };
-        let listener = |port: u16, cluster: &str| {
-            format!(
-                "  - address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.tcp_proxy
-        typed_config:
-          '@type': type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
-          stat_prefix: {cluster}
-          cluster: {cluster}
-"
-            )
-        };
-        let cfg = write_config(&format!(
-            "static_resources:\n  listeners:\n{}{}  clusters:\n{}{}",
-            listener(10001, "rr"),
-            listener(10002, "bulk"),
-            cluster("rr", 7443),
-            cluster("bulk", 7444)
-        ));
-        let child = t
-            .client
-            .command(envoy)
-            .args(["-c", &cfg.display().to_string(), "--concurrency", "1"])
-            .args(["--log-level", "error", "--base-id", &(std::process::id() + 1).to_string()])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("spawn envoy");
-        let guard = Proc { child };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while probe(Some(&t.client), None, &["connect", "127.0.0.1:10001"])
-            .get("error")
-            .is_some()
-        {
-            assert!(std::time::Instant::now() < deadline, "envoy did not start");
-            std::thread::sleep(std::time::Duration::from_millis(200));
-        }
-        rows.push(measure("envoy 1.40 mTLS", "127.0.0.1", 10001, 10002));
-        guard
-    });
-    let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
-    println!(
-        "\nTLS origination (MUTUAL, ECDSA P-256, resumption on): {count} connections each with a handshake, {:.1} GiB bulk; 1 worker each",
-        bytes as f64 / (1u64 << 30) as f64
-    );
-    println!(
-        "{:<20} {:>12} {:>12} {:>12} {:>10}",
-        "path", "conns/s", "crr p50 µs", "crr p99 µs", "Gbit/s"
-    );
-    for (name, crr, bulk) in &rows {
-        println!(
-            "{:<20} {:>12.0} {:>12.1} {:>12.1} {:>10.2}",
-            name,
-            f(crr, "per_s"),
-            f(crr, "p50_us"),
-            f(crr, "p99_us"),
-            f(bulk, "gbit_per_s")
-        );
-    }
-    println!("reproduce: cargo xtask bench -- --only tls");
 }
 
 /// A daemon with one data-plane worker capturing the client namespace.

@@ -10,7 +10,7 @@ use std::{
     process::Stdio,
 };
 
-use drover_tests::{PinDir, Proc, Topology, probe, write_config};
+use drover_tests::{PinDir, Pki, Proc, Topology, probe, write_config};
 use serde_json::Value;
 
 use super::report::{self, Metric, Samples};
@@ -41,6 +41,9 @@ struct Peer {
     h2: String,
     /// `host:port` of the bulk sink through this peer.
     bulk: String,
+    /// `host:port` of the TLS echo (`rr`) and sink (`bulk`): through a proxy, plaintext from the
+    /// client and MUTUAL TLS (P-256, resumption on) to the endpoint; direct, plaintext.
+    tls: (String, String),
     /// The proxy process, for its CPU time.
     pid: Option<u32>,
 }
@@ -49,21 +52,58 @@ struct Peer {
 const BODY: usize = 1024;
 /// Drover's service address for this comparison.
 const VIP: &str = "127.77.0.10";
+/// Drover's address for the same endpoint with TLS origination.
+const TLS_VIP: &str = "127.77.0.12";
+/// The name the TLS endpoint's certificate carries (SNI and SAN check).
+const TLS_NAME: &str = "tlsb.svc";
 
 pub fn run(setup: &Setup, t: &Topology, ep: IpAddr) {
     let dir = scratch_dir();
     let _origin = nginx(t, ep, &dir);
     wait_http(t, &format!("http://{ep}:9080/"), "nginx");
+    let pki = Pki::new();
+    let tls = TlsFiles::new(&pki, &dir);
+    let _tls_servers = tls_servers(t, ep, &pki);
 
     let cfg = write_config(&format!(
-        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: peers}}\nspec:\n  hosts: [peers.svc]\n  addresses: [{VIP}]\n  ports: [{{number: 9080, name: http, protocol: HTTP}}, {{number: 9081, name: http2, protocol: HTTP2}}, {{number: 7001, name: tcp-bulk, protocol: TCP}}]\n  resolution: STATIC\n  endpoints: [{{address: {ep}}}]\n"
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: peers}}
+spec:
+  hosts: [peers.svc]
+  addresses: [{VIP}]
+  ports: [{{number: 9080, name: http, protocol: HTTP}}, {{number: 9081, name: http2, protocol: HTTP2}}, {{number: 7001, name: tcp-bulk, protocol: TCP}}]
+  resolution: STATIC
+  endpoints: [{{address: {ep}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: tlsb}}
+spec:
+  hosts: [{TLS_NAME}]
+  addresses: [{TLS_VIP}]
+  ports: [{{number: 7000, name: tcp-rr, targetPort: 7443}}, {{number: 7001, name: tcp-bulk, targetPort: 7444}}]
+  resolution: STATIC
+  endpoints: [{{address: {ep}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: tlsb}}
+spec:
+  host: {TLS_NAME}
+  trafficPolicy:
+    tls: {{mode: MUTUAL, caCertificates: {ca}, clientCertificate: {cert}, privateKey: {key}, sni: {TLS_NAME}, subjectAltNames: [{TLS_NAME}]}}
+",
+        ca = tls.ca,
+        cert = tls.cert,
+        key = tls.key,
     ));
     let pins = PinDir::new();
     let drover = super::one_worker(t, &cfg, &pins);
-    let haproxy = haproxy(t, ep, &dir);
+    let haproxy = haproxy(t, ep, &dir, &tls);
     wait_http(t, "http://127.0.0.1:10001/", "haproxy");
     let envoy = setup.envoy.as_ref().map(|bin| {
-        let p = envoy(t, ep, bin);
+        let p = envoy(t, ep, bin, &tls);
         wait_http(t, "http://127.0.0.1:10000/", "envoy");
         p
     });
@@ -74,6 +114,7 @@ pub fn run(setup: &Setup, t: &Topology, ep: IpAddr) {
             http: format!("http://{ep}:9080/"),
             h2: format!("http://{ep}:9081/"),
             bulk: format!("{ep}:7001"),
+            tls: (format!("{ep}:7000"), format!("{ep}:7001")),
             pid: None,
         },
         Peer {
@@ -81,6 +122,7 @@ pub fn run(setup: &Setup, t: &Topology, ep: IpAddr) {
             http: format!("http://{VIP}:9080/"),
             h2: format!("http://{VIP}:9081/"),
             bulk: format!("{VIP}:7001"),
+            tls: (format!("{TLS_VIP}:7000"), format!("{TLS_VIP}:7001")),
             pid: drover.pid(),
         },
         Peer {
@@ -88,6 +130,7 @@ pub fn run(setup: &Setup, t: &Topology, ep: IpAddr) {
             http: "http://127.0.0.1:10001/".into(),
             h2: "http://127.0.0.1:10011/".into(),
             bulk: "127.0.0.1:10002".into(),
+            tls: ("127.0.0.1:10021".into(), "127.0.0.1:10022".into()),
             pid: Some(haproxy.child.id()),
         },
     ];
@@ -97,6 +140,7 @@ pub fn run(setup: &Setup, t: &Topology, ep: IpAddr) {
             http: "http://127.0.0.1:10000/".into(),
             h2: "http://127.0.0.1:10010/".into(),
             bulk: "127.0.0.1:10003".into(),
+            tls: ("127.0.0.1:10031".into(), "127.0.0.1:10032".into()),
             pid: Some(e.child.id()),
         });
     }
@@ -194,6 +238,75 @@ fn measure(setup: &Setup, t: &Topology, peer: &Peer, s: &mut Samples) {
     );
     assert!(bulk.get("error").is_none(), "{}: {bulk}", peer.name);
     s.add(Metric::Bulk, num(&bulk, "gbit_per_s"));
+    let crr = probe(
+        Some(&t.client),
+        None,
+        &["crr", &peer.tls.0, "--count", &TLS_CONNECTIONS.to_string()],
+    );
+    assert!(crr.get("error").is_none(), "{}: {crr}", peer.name);
+    s.add(Metric::TlsConnsPerSec, num(&crr, "per_s"));
+    let bulk = probe(
+        Some(&t.client),
+        None,
+        &["bulk", &peer.tls.1, "--bytes", &setup.bytes.to_string()],
+    );
+    assert!(bulk.get("error").is_none(), "{}: {bulk}", peer.name);
+    s.add(Metric::TlsBulk, num(&bulk, "gbit_per_s"));
+}
+
+/// Connections (each with an upstream TLS handshake) per round of the TLS measurement.
+const TLS_CONNECTIONS: u32 = 2000;
+
+/// The PEM files of the TLS comparison: the CA that signed the endpoint's certificate (and the
+/// client CA), the client certificate and key, and both in one file (HAProxy's `crt`).
+struct TlsFiles {
+    ca: String,
+    cert: String,
+    key: String,
+    bundle: String,
+}
+
+impl TlsFiles {
+    fn new(pki: &Pki, dir: &Path) -> Self {
+        let (cert, key) = pki.leaf("client", &["client.svc"], true, false);
+        let bundle = dir.join("client-bundle.pem");
+        let joined = std::fs::read_to_string(&cert).expect("client cert")
+            + &std::fs::read_to_string(&key).expect("client key");
+        std::fs::write(&bundle, joined).expect("bundle");
+        Self {
+            ca: pki.path("ca.pem"),
+            cert: cert.display().to_string(),
+            key: key.display().to_string(),
+            bundle: bundle.display().to_string(),
+        }
+    }
+}
+
+/// The TLS endpoint: echo on 7443 and sink on 7444, certificate for [`TLS_NAME`], client
+/// certificates required.
+fn tls_servers(t: &Topology, ep: IpAddr, pki: &Pki) -> Vec<Proc> {
+    let (cert, key) = pki.leaf("server", &[TLS_NAME], false, false);
+    let args = [
+        "--tls-cert".to_string(),
+        cert.display().to_string(),
+        "--tls-key".into(),
+        key.display().to_string(),
+        "--tls-client-ca".into(),
+        pki.path("client-ca.pem"),
+    ];
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    [("echo", 7443), ("sink", 7444)]
+        .into_iter()
+        .map(|(mode, port)| {
+            Proc::server_with(
+                Some(&t.endpoints[0]),
+                mode,
+                &[SocketAddr::new(ep, port)],
+                "bench",
+                &a,
+            )
+        })
+        .collect()
 }
 
 fn num(v: &Value, k: &str) -> f64 {
@@ -378,9 +491,9 @@ http {{
     )
 }
 
-/// HAProxy with one thread: HTTP/1.1 on 127.0.0.1:10001, HTTP/2 on 10011, TCP on 10002, in the
-/// client namespace.
-fn haproxy(t: &Topology, ep: IpAddr, dir: &Path) -> Proc {
+/// HAProxy with one thread: HTTP/1.1 on 127.0.0.1:10001, HTTP/2 on 10011, TCP on 10002, TCP
+/// with MUTUAL TLS to the endpoint on 10021 (echo) and 10022 (sink), in the client namespace.
+fn haproxy(t: &Topology, ep: IpAddr, dir: &Path, tls: &TlsFiles) -> Proc {
     let conf = dir.join("haproxy.cfg");
     std::fs::write(
         &conf,
@@ -411,7 +524,19 @@ listen bulk
   mode tcp
   bind 127.0.0.1:10002
   server sink {ep}:7001
-"
+listen tls_rr
+  mode tcp
+  bind 127.0.0.1:10021
+  server echo {ep}:7443 {server_tls}
+listen tls_bulk
+  mode tcp
+  bind 127.0.0.1:10022
+  server sink {ep}:7444 {server_tls}
+",
+            server_tls = format!(
+                "ssl verify required ca-file {} crt {} sni str({TLS_NAME}) verifyhost {TLS_NAME}",
+                tls.ca, tls.bundle
+            )
         ),
     )
     .expect("haproxy.cfg");
@@ -424,21 +549,13 @@ listen bulk
 }
 
 /// Envoy with one worker: HTTP on 127.0.0.1:10000 and HTTP/2 on 10010 (router, LEAST_REQUEST
-/// as Istio's default; the codec detects the protocol), `tcp_proxy` on 10003, in the client
-/// namespace.
-fn envoy(t: &Topology, ep: IpAddr, bin: &Path) -> Proc {
+/// as Istio's default; the codec detects the protocol), `tcp_proxy` on 10003, and `tcp_proxy`
+/// with MUTUAL TLS upstream on 10031 (echo) and 10032 (sink), in the client namespace.
+fn envoy(t: &Topology, ep: IpAddr, bin: &Path, tls: &TlsFiles) -> Proc {
     let cfg = write_config(&format!(
         "static_resources:
   listeners:
-{web}{web2}  - address: {{socket_address: {{address: 127.0.0.1, port_value: 10003}}}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.tcp_proxy
-        typed_config:
-          '@type': type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
-          stat_prefix: bulk
-          cluster: bulk
-  clusters:
+{web}{web2}{bulk}{tls_rr}{tls_bulk}  clusters:
   - name: web
     type: STATIC
     lb_policy: LEAST_REQUEST
@@ -466,9 +583,14 @@ fn envoy(t: &Topology, ep: IpAddr, bin: &Path) -> Proc {
       endpoints:
       - lb_endpoints:
         - endpoint: {{address: {{socket_address: {{address: {ep}, port_value: 7001}}}}}}
-",
+{tls_rr_cluster}{tls_bulk_cluster}",
         web = envoy_http_listener(10000, "web"),
         web2 = envoy_http_listener(10010, "web2"),
+        bulk = envoy_tcp_listener(10003, "bulk"),
+        tls_rr = envoy_tcp_listener(10031, "tls_rr"),
+        tls_bulk = envoy_tcp_listener(10032, "tls_bulk"),
+        tls_rr_cluster = envoy_tls_cluster("tls_rr", SocketAddr::new(ep, 7443), tls),
+        tls_bulk_cluster = envoy_tls_cluster("tls_bulk", SocketAddr::new(ep, 7444), tls),
     ));
     spawn(
         t.client.command(bin).args([
@@ -482,6 +604,49 @@ fn envoy(t: &Topology, ep: IpAddr, bin: &Path) -> Proc {
             &(std::process::id() + 1).to_string(),
         ]),
         "envoy",
+    )
+}
+
+/// An Envoy `tcp_proxy` listener on `127.0.0.1:port` to `cluster`.
+fn envoy_tcp_listener(port: u16, cluster: &str) -> String {
+    format!(
+        "  - address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          '@type': type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: {cluster}
+          cluster: {cluster}
+"
+    )
+}
+
+/// An Envoy cluster `name` of one endpoint at `addr` with MUTUAL TLS (client certificate, CA,
+/// SNI and SAN check as Drover's DestinationRule says).
+fn envoy_tls_cluster(name: &str, addr: SocketAddr, tls: &TlsFiles) -> String {
+    format!(
+        "  - name: {name}
+    type: STATIC
+    load_assignment:
+      cluster_name: {name}
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {ip}, port_value: {port}}}}}}}}}]}}]
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        '@type': type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        sni: {TLS_NAME}
+        common_tls_context:
+          tls_certificates: [{{certificate_chain: {{filename: {cert}}}, private_key: {{filename: {key}}}}}]
+          validation_context:
+            trusted_ca: {{filename: {ca}}}
+            match_typed_subject_alt_names: [{{san_type: DNS, matcher: {{exact: {TLS_NAME}}}}}]
+",
+        ip = addr.ip(),
+        port = addr.port(),
+        cert = tls.cert,
+        key = tls.key,
+        ca = tls.ca,
     )
 }
 

@@ -17,10 +17,12 @@ pub enum Metric {
     IdleKib,
     H2Rps,
     H2CpuPerRequest,
+    TlsConnsPerSec,
+    TlsBulk,
 }
 
 impl Metric {
-    const ALL: [Metric; 9] = [
+    const ALL: [Metric; 11] = [
         Metric::Rps,
         Metric::ClosedP99,
         Metric::CpuPerRequest,
@@ -29,6 +31,8 @@ impl Metric {
         Metric::FixedP50,
         Metric::FixedP99,
         Metric::Bulk,
+        Metric::TlsConnsPerSec,
+        Metric::TlsBulk,
         Metric::IdleKib,
     ];
 
@@ -43,6 +47,8 @@ impl Metric {
             Metric::IdleKib => "KiB per idle HTTP keep-alive connection",
             Metric::H2Rps => "HTTP/2 req/s (h2load -c16 -m1)",
             Metric::H2CpuPerRequest => "proxy CPU µs per HTTP/2 request",
+            Metric::TlsConnsPerSec => "mTLS origination: connections/s (one handshake each)",
+            Metric::TlsBulk => "mTLS origination: bulk Gbit/s",
         }
     }
 
@@ -57,6 +63,8 @@ impl Metric {
             Metric::IdleKib => "idle_kib.svg",
             Metric::H2Rps => "h2_rps.svg",
             Metric::H2CpuPerRequest => "h2_cpu_per_request.svg",
+            Metric::TlsConnsPerSec => "tls_conns.svg",
+            Metric::TlsBulk => "tls_bulk.svg",
         }
     }
 }
@@ -304,6 +312,10 @@ fn goals(md: &mut String, samples: &[Samples]) {
     if let Some(e) = by("envoy") {
         let r = m(drover, Metric::Bulk) / m(e, Metric::Bulk);
         goal(format!("L4 bulk ≥ 1.2× Envoy tcp_proxy: {r:.2}×"), r >= 1.2);
+        let r = m(drover, Metric::TlsConnsPerSec) / m(e, Metric::TlsConnsPerSec);
+        goal(format!("mTLS handshakes/s ≥ 1.1× Envoy: {r:.2}×"), r >= 1.1);
+        let r = m(drover, Metric::TlsBulk) / m(e, Metric::TlsBulk);
+        goal(format!("mTLS bulk ≥ 1.0× Envoy: {r:.2}×"), r >= 1.0);
     }
     let r = m(drover, Metric::Bulk) / m(direct, Metric::Bulk);
     goal(format!("L4 bulk ≥ 0.8× direct: {r:.2}×"), r >= 0.8);
