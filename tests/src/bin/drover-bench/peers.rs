@@ -64,8 +64,49 @@ pub fn run(setup: &Setup, t: &Topology, ep: IpAddr) {
     let pki = Pki::new();
     let tls = TlsFiles::new(&pki, &dir);
     let _tls_servers = tls_servers(t, ep, &pki);
+    let cfg = drover_config(ep, &tls);
+    let pins = PinDir::new();
+    let drover = super::one_worker(t, &cfg, &pins);
+    let haproxy = haproxy(t, ep, &dir, &tls);
+    wait_http(t, "http://127.0.0.1:10001/", "haproxy");
+    let envoy = setup.envoy.as_ref().map(|bin| {
+        let p = envoy(t, ep, bin, &tls);
+        wait_http(t, "http://127.0.0.1:10000/", "envoy");
+        p
+    });
+    let peers = peers(
+        ep,
+        drover.pid(),
+        haproxy.child.id(),
+        envoy.as_ref().map(|e| e.child.id()),
+    );
 
-    let cfg = write_config(&format!(
+    let mut samples: Vec<Samples> = peers.iter().map(|p| Samples::new(p.name)).collect();
+    idle_memory(setup, t, &peers, &mut samples);
+    for round in 0..setup.rounds {
+        for k in 0..peers.len() {
+            let i = (round + k) % peers.len();
+            measure(setup, t, &peers[i], &mut samples[i]);
+        }
+        eprintln!("peers: round {}/{} done", round + 1, setup.rounds);
+    }
+    let curves = growth(setup, t, &peers);
+    let command = format!(
+        "cargo xtask bench -- --only peers --peer-rounds {} --peer-secs {} --peer-rate {} --bytes {} --idle-conns {}",
+        setup.rounds, setup.secs, setup.rate, setup.bytes, setup.idle_conns
+    );
+    let text =
+        report::write(&setup.report_dir, &samples, &curves, &command).expect("report written");
+    println!("\n{text}");
+    println!("report: {}", setup.report_dir.join("report.md").display());
+    drop((drover, haproxy, envoy));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Drover's configuration: the origin's HTTP/1.1, HTTP/2 and bulk ports at [`VIP`], and the TLS
+/// endpoint at [`TLS_VIP`] with MUTUAL origination.
+fn drover_config(ep: IpAddr, tls: &TlsFiles) -> PathBuf {
+    write_config(&format!(
         "apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata: {{name: peers}}
@@ -97,17 +138,11 @@ spec:
         ca = tls.ca,
         cert = tls.cert,
         key = tls.key,
-    ));
-    let pins = PinDir::new();
-    let drover = super::one_worker(t, &cfg, &pins);
-    let haproxy = haproxy(t, ep, &dir, &tls);
-    wait_http(t, "http://127.0.0.1:10001/", "haproxy");
-    let envoy = setup.envoy.as_ref().map(|bin| {
-        let p = envoy(t, ep, bin, &tls);
-        wait_http(t, "http://127.0.0.1:10000/", "envoy");
-        p
-    });
+    ))
+}
 
+/// The paths compared: direct, then each proxy (its process for the CPU figures).
+fn peers(ep: IpAddr, drover: Option<u32>, haproxy: u32, envoy: Option<u32>) -> Vec<Peer> {
     let mut peers = vec![
         Peer {
             name: "direct",
@@ -123,7 +158,7 @@ spec:
             h2: format!("http://{VIP}:9081/"),
             bulk: format!("{VIP}:7001"),
             tls: (format!("{TLS_VIP}:7000"), format!("{TLS_VIP}:7001")),
-            pid: drover.pid(),
+            pid: drover,
         },
         Peer {
             name: "haproxy 2.6",
@@ -131,24 +166,27 @@ spec:
             h2: "http://127.0.0.1:10011/".into(),
             bulk: "127.0.0.1:10002".into(),
             tls: ("127.0.0.1:10021".into(), "127.0.0.1:10022".into()),
-            pid: Some(haproxy.child.id()),
+            pid: Some(haproxy),
         },
     ];
-    if let Some(e) = &envoy {
+    if let Some(e) = envoy {
         peers.push(Peer {
             name: "envoy 1.40",
             http: "http://127.0.0.1:10000/".into(),
             h2: "http://127.0.0.1:10010/".into(),
             bulk: "127.0.0.1:10003".into(),
             tls: ("127.0.0.1:10031".into(), "127.0.0.1:10032".into()),
-            pid: Some(e.child.id()),
+            pid: Some(e),
         });
     }
 
-    let mut samples: Vec<Samples> = peers.iter().map(|p| Samples::new(p.name)).collect();
-    // Memory per idle keep-alive connection, each proxy measured fresh (before the load, whose
-    // buffers a proxy's own pools would keep and reuse, hiding the cost of new connections).
-    for (peer, s) in peers.iter().zip(&mut samples) {
+    peers
+}
+
+/// Memory per idle keep-alive connection, each proxy measured fresh (before the load, whose
+/// buffers a proxy's own pools would keep and reuse, hiding the cost of new connections).
+fn idle_memory(setup: &Setup, t: &Topology, peers: &[Peer], samples: &mut [Samples]) {
+    for (peer, s) in peers.iter().zip(samples.iter_mut()) {
         if let Some(pid) = peer.pid {
             let addr = peer
                 .http
@@ -162,14 +200,10 @@ spec:
             );
         }
     }
-    for round in 0..setup.rounds {
-        for k in 0..peers.len() {
-            let i = (round + k) % peers.len();
-            measure(setup, t, &peers[i], &mut samples[i]);
-        }
-        eprintln!("peers: round {}/{} done", round + 1, setup.rounds);
-    }
-    // Cost growth: closed-loop rps and p99 as connections grow (one pass, every peer per level).
+}
+
+/// Cost growth: closed-loop rps and p99 as connections grow (one pass, every peer per level).
+fn growth(setup: &Setup, t: &Topology, peers: &[Peer]) -> Vec<report::Curve> {
     let mut curves: Vec<report::Curve> = peers.iter().map(|p| report::Curve::new(p.name)).collect();
     for &c in &setup.levels {
         for (peer, curve) in peers.iter().zip(&mut curves) {
@@ -179,16 +213,7 @@ spec:
         }
         eprintln!("peers: {c} connections done");
     }
-    let command = format!(
-        "cargo xtask bench -- --only peers --peer-rounds {} --peer-secs {} --peer-rate {} --bytes {} --idle-conns {}",
-        setup.rounds, setup.secs, setup.rate, setup.bytes, setup.idle_conns
-    );
-    let text =
-        report::write(&setup.report_dir, &samples, &curves, &command).expect("report written");
-    println!("\n{text}");
-    println!("report: {}", setup.report_dir.join("report.md").display());
-    drop((drover, haproxy, envoy));
-    let _ = std::fs::remove_dir_all(&dir);
+    curves
 }
 
 /// One round of every measurement through `peer`.
