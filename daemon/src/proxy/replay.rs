@@ -107,6 +107,10 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Attempt<B> {
                 Poll::Ready(Some(Err(e)))
             }
             Poll::Ready(Some(Ok(frame))) => {
+                // Known at once, so that the frame just read goes out as the last one (HTTP/2:
+                // END_STREAM on this DATA frame, not on an empty one after it, which servers
+                // count as framing overhead).
+                shared.done = shared.source.is_end_stream();
                 let size = frame.data_ref().map_or(0, Bytes::len);
                 let keep = !shared.overflowed && shared.kept_bytes + size <= LIMIT;
                 if keep {
@@ -222,6 +226,22 @@ mod tests {
         let sent = read(&mut first, 10).await;
         assert_eq!(sent.len(), LIMIT + 15, "everything is forwarded");
         assert!(!replay.replayable());
+    }
+
+    #[tokio::test]
+    async fn the_last_frame_is_known_as_last_when_it_is_read() {
+        let replay = chunks(&[3, 4]);
+        let mut first = replay.attempt();
+        assert_eq!(read(&mut first, 1).await, vec![0; 3]);
+        assert!(!first.is_end_stream());
+        assert_eq!(read(&mut first, 1).await, vec![1; 4]);
+        assert!(
+            first.is_end_stream(),
+            "the end is known with the last frame, without another poll"
+        );
+        let mut second = replay.attempt();
+        assert_eq!(read(&mut second, 2).await.len(), 7);
+        assert!(second.is_end_stream());
     }
 
     #[tokio::test]

@@ -83,6 +83,12 @@ enum Cmd {
         /// Calls (unary), or messages per call (streams).
         #[arg(long, default_value = "1")]
         count: u32,
+        /// `load` only: unary calls in flight on the channel.
+        #[arg(long, default_value = "16")]
+        concurrency: u32,
+        /// `load` only: seconds of load.
+        #[arg(long, default_value = "5")]
+        secs: u64,
     },
 }
 
@@ -126,7 +132,16 @@ fn main() {
             h2,
             cookie_jar,
         ),
-        Cmd::Grpc { url, call, count } => grpc::run(url, call, count),
+        Cmd::Grpc {
+            url,
+            call,
+            count,
+            concurrency,
+            secs,
+        } => match call {
+            grpc::Call::Load => grpc::load(url, concurrency, secs),
+            _ => grpc::run(url, call, count),
+        },
     };
     let out = out
         .unwrap_or_else(|e| json!({ "error": e.to_string(), "kind": format!("{:?}", e.kind()) }));
@@ -431,6 +446,57 @@ mod grpc {
         Chat,
         /// A unary call the server answers with UNAVAILABLE.
         Fail,
+        /// Unary calls for `--secs`, `--concurrency` in flight on one channel: calls/s and
+        /// latency percentiles.
+        Load,
+    }
+
+    /// `--call load`: closed-loop unary calls; every call must succeed.
+    pub fn load(url: String, concurrency: u32, secs: u64) -> std::io::Result<Value> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        rt.block_on(async move {
+            let client = match EchoClient::connect(url).await {
+                Ok(c) => c,
+                Err(e) => return Ok(json!({ "error": e.to_string() })),
+            };
+            let start = std::time::Instant::now();
+            let deadline = start + Duration::from_secs(secs);
+            let mut tasks = tokio::task::JoinSet::new();
+            for _ in 0..concurrency {
+                let mut client = client.clone();
+                tasks.spawn(async move {
+                    let mut lat = Vec::new();
+                    let mut failed = 0u64;
+                    while std::time::Instant::now() < deadline {
+                        let t = std::time::Instant::now();
+                        let m = Msg {
+                            text: "hi".into(),
+                            server: String::new(),
+                            seq: 0,
+                        };
+                        match client.unary(m).await {
+                            Ok(_) => lat.push(t.elapsed()),
+                            Err(_) => failed += 1,
+                        }
+                    }
+                    (lat, failed)
+                });
+            }
+            let mut lat = Vec::new();
+            let mut failed = 0;
+            for (l, f) in tasks.join_all().await {
+                lat.extend(l);
+                failed += f;
+            }
+            let calls = lat.len() as f64;
+            let mut v = super::percentiles(lat);
+            v["per_s"] = json!(calls / start.elapsed().as_secs_f64());
+            v["failed"] = json!(failed);
+            Ok(v)
+        })
     }
 
     pub fn run(url: String, call: Call, count: u32) -> std::io::Result<Value> {
@@ -462,7 +528,8 @@ mod grpc {
             seq,
         };
         match call {
-            Call::Unary => {
+            // `load` is served by [`load`]; counted calls here.
+            Call::Unary | Call::Load => {
                 for i in 0..count {
                     let r = client.unary(msg(i)).await?.into_inner();
                     *servers.entry(r.server).or_default() += 1;

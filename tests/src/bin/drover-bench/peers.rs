@@ -39,6 +39,8 @@ struct Peer {
     http: String,
     /// The same origin over HTTP/2 (cleartext, prior knowledge).
     h2: String,
+    /// The gRPC echo service (`drover.test.Echo`, h2c).
+    grpc: String,
     /// `host:port` of the bulk sink through this peer.
     bulk: String,
     /// `host:port` of the TLS echo (`rr`) and sink (`bulk`): through a proxy, plaintext from the
@@ -54,6 +56,8 @@ const BODY: usize = 1024;
 const VIP: &str = "127.77.0.10";
 /// Drover's address for the same endpoint with TLS origination.
 const TLS_VIP: &str = "127.77.0.12";
+/// The gRPC origin's port.
+const GRPC_PORT: u16 = 50051;
 /// The name the TLS endpoint's certificate carries (SNI and SAN check).
 const TLS_NAME: &str = "tlsb.svc";
 
@@ -64,6 +68,12 @@ pub fn run(setup: &Setup, t: &Topology, ep: IpAddr) {
     let pki = Pki::new();
     let tls = TlsFiles::new(&pki, &dir);
     let _tls_servers = tls_servers(t, ep, &pki);
+    let _grpc = Proc::server(
+        Some(&t.endpoints[0]),
+        "grpc",
+        &[SocketAddr::new(ep, GRPC_PORT)],
+        "bench",
+    );
     let cfg = drover_config(ep, &tls);
     let pins = PinDir::new();
     let drover = super::one_worker(t, &cfg, &pins);
@@ -113,7 +123,7 @@ metadata: {{name: peers}}
 spec:
   hosts: [peers.svc]
   addresses: [{VIP}]
-  ports: [{{number: 9080, name: http, protocol: HTTP}}, {{number: 9081, name: http2, protocol: HTTP2}}, {{number: 7001, name: tcp-bulk, protocol: TCP}}]
+  ports: [{{number: 9080, name: http, protocol: HTTP}}, {{number: 9081, name: http2, protocol: HTTP2}}, {{number: 7001, name: tcp-bulk, protocol: TCP}}, {{number: {GRPC_PORT}, name: grpc, protocol: GRPC}}]
   resolution: STATIC
   endpoints: [{{address: {ep}}}]
 ---
@@ -148,6 +158,7 @@ fn peers(ep: IpAddr, drover: Option<u32>, haproxy: u32, envoy: Option<u32>) -> V
             name: "direct",
             http: format!("http://{ep}:9080/"),
             h2: format!("http://{ep}:9081/"),
+            grpc: format!("http://{ep}:{GRPC_PORT}"),
             bulk: format!("{ep}:7001"),
             tls: (format!("{ep}:7000"), format!("{ep}:7001")),
             pid: None,
@@ -156,6 +167,7 @@ fn peers(ep: IpAddr, drover: Option<u32>, haproxy: u32, envoy: Option<u32>) -> V
             name: "drover",
             http: format!("http://{VIP}:9080/"),
             h2: format!("http://{VIP}:9081/"),
+            grpc: format!("http://{VIP}:{GRPC_PORT}"),
             bulk: format!("{VIP}:7001"),
             tls: (format!("{TLS_VIP}:7000"), format!("{TLS_VIP}:7001")),
             pid: drover,
@@ -164,6 +176,7 @@ fn peers(ep: IpAddr, drover: Option<u32>, haproxy: u32, envoy: Option<u32>) -> V
             name: "haproxy 2.6",
             http: "http://127.0.0.1:10001/".into(),
             h2: "http://127.0.0.1:10011/".into(),
+            grpc: "http://127.0.0.1:10041".into(),
             bulk: "127.0.0.1:10002".into(),
             tls: ("127.0.0.1:10021".into(), "127.0.0.1:10022".into()),
             pid: Some(haproxy),
@@ -174,6 +187,7 @@ fn peers(ep: IpAddr, drover: Option<u32>, haproxy: u32, envoy: Option<u32>) -> V
             name: "envoy 1.40",
             http: "http://127.0.0.1:10000/".into(),
             h2: "http://127.0.0.1:10010/".into(),
+            grpc: "http://127.0.0.1:10040".into(),
             bulk: "127.0.0.1:10003".into(),
             tls: ("127.0.0.1:10031".into(), "127.0.0.1:10032".into()),
             pid: Some(e),
@@ -239,6 +253,27 @@ fn measure(setup: &Setup, t: &Topology, peer: &Peer, s: &mut Samples) {
         );
     }
     s.add(Metric::H2Rps, h2_rps);
+    let grpc = probe(
+        Some(&t.client),
+        None,
+        &[
+            "grpc",
+            &peer.grpc,
+            "--call",
+            "load",
+            "--concurrency",
+            "16",
+            "--secs",
+            &setup.secs.to_string(),
+        ],
+    );
+    assert!(
+        grpc.get("error").is_none() && grpc["failed"] == 0,
+        "{}: {grpc}",
+        peer.name
+    );
+    s.add(Metric::GrpcRps, num(&grpc, "per_s"));
+    s.add(Metric::GrpcP99, num(&grpc, "p99_us"));
     let fixed = probe(
         Some(&t.client),
         None,
@@ -516,8 +551,9 @@ http {{
     )
 }
 
-/// HAProxy with one thread: HTTP/1.1 on 127.0.0.1:10001, HTTP/2 on 10011, TCP on 10002, TCP
-/// with MUTUAL TLS to the endpoint on 10021 (echo) and 10022 (sink), in the client namespace.
+/// HAProxy with one thread: HTTP/1.1 on 127.0.0.1:10001, HTTP/2 on 10011, gRPC on 10041, TCP on
+/// 10002, TCP with MUTUAL TLS to the endpoint on 10021 (echo) and 10022 (sink), in the client
+/// namespace.
 fn haproxy(t: &Topology, ep: IpAddr, dir: &Path, tls: &TlsFiles) -> Proc {
     let conf = dir.join("haproxy.cfg");
     std::fs::write(
@@ -545,6 +581,13 @@ frontend web2
 backend web2
   mode http
   server origin {ep}:9081 proto h2
+frontend grpc
+  mode http
+  bind 127.0.0.1:10041 proto h2
+  default_backend grpc
+backend grpc
+  mode http
+  server origin {ep}:{GRPC_PORT} proto h2
 listen bulk
   mode tcp
   bind 127.0.0.1:10002
@@ -573,14 +616,14 @@ listen tls_bulk
     )
 }
 
-/// Envoy with one worker: HTTP on 127.0.0.1:10000 and HTTP/2 on 10010 (router, LEAST_REQUEST
-/// as Istio's default; the codec detects the protocol), `tcp_proxy` on 10003, and `tcp_proxy`
+/// Envoy with one worker: HTTP on 127.0.0.1:10000, HTTP/2 on 10010 and gRPC on 10040 (router,
+/// LEAST_REQUEST as Istio's default; the codec detects the protocol), `tcp_proxy` on 10003, and `tcp_proxy`
 /// with MUTUAL TLS upstream on 10031 (echo) and 10032 (sink), in the client namespace.
 fn envoy(t: &Topology, ep: IpAddr, bin: &Path, tls: &TlsFiles) -> Proc {
     let cfg = write_config(&format!(
         "static_resources:
   listeners:
-{web}{web2}{bulk}{tls_rr}{tls_bulk}  clusters:
+{web}{web2}{grpc}{bulk}{tls_rr}{tls_bulk}  clusters:
   - name: web
     type: STATIC
     lb_policy: LEAST_REQUEST
@@ -589,28 +632,19 @@ fn envoy(t: &Topology, ep: IpAddr, bin: &Path, tls: &TlsFiles) -> Proc {
       endpoints:
       - lb_endpoints:
         - endpoint: {{address: {{socket_address: {{address: {ep}, port_value: 9080}}}}}}
-  - name: web2
-    type: STATIC
-    lb_policy: LEAST_REQUEST
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        '@type': type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    load_assignment:
-      cluster_name: web2
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{address: {{socket_address: {{address: {ep}, port_value: 9081}}}}}}
-  - name: bulk
+{web2_cluster}  - name: bulk
     type: STATIC
     load_assignment:
       cluster_name: bulk
       endpoints:
       - lb_endpoints:
         - endpoint: {{address: {{socket_address: {{address: {ep}, port_value: 7001}}}}}}
-{tls_rr_cluster}{tls_bulk_cluster}",
+{grpc_cluster}{tls_rr_cluster}{tls_bulk_cluster}",
         web = envoy_http_listener(10000, "web"),
         web2 = envoy_http_listener(10010, "web2"),
+        grpc = envoy_http_listener(10040, "grpc"),
+        web2_cluster = envoy_h2_cluster("web2", SocketAddr::new(ep, 9081)),
+        grpc_cluster = envoy_h2_cluster("grpc", SocketAddr::new(ep, GRPC_PORT)),
         bulk = envoy_tcp_listener(10003, "bulk"),
         tls_rr = envoy_tcp_listener(10031, "tls_rr"),
         tls_bulk = envoy_tcp_listener(10032, "tls_bulk"),
@@ -629,6 +663,25 @@ fn envoy(t: &Topology, ep: IpAddr, bin: &Path, tls: &TlsFiles) -> Proc {
             &(std::process::id() + 1).to_string(),
         ]),
         "envoy",
+    )
+}
+
+/// An Envoy cluster `name` of one endpoint at `addr` spoken to in HTTP/2 (cleartext).
+fn envoy_h2_cluster(name: &str, addr: SocketAddr) -> String {
+    format!(
+        "  - name: {name}
+    type: STATIC
+    lb_policy: LEAST_REQUEST
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        '@type': type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: {name}
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {ip}, port_value: {port}}}}}}}}}]}}]
+",
+        ip = addr.ip(),
+        port = addr.port(),
     )
 }
 

@@ -19,15 +19,19 @@ pub enum Metric {
     H2CpuPerRequest,
     TlsConnsPerSec,
     TlsBulk,
+    GrpcRps,
+    GrpcP99,
 }
 
 impl Metric {
-    const ALL: [Metric; 11] = [
+    const ALL: [Metric; 13] = [
         Metric::Rps,
         Metric::ClosedP99,
         Metric::CpuPerRequest,
         Metric::H2Rps,
         Metric::H2CpuPerRequest,
+        Metric::GrpcRps,
+        Metric::GrpcP99,
         Metric::FixedP50,
         Metric::FixedP99,
         Metric::Bulk,
@@ -49,6 +53,8 @@ impl Metric {
             Metric::H2CpuPerRequest => "proxy CPU µs per HTTP/2 request",
             Metric::TlsConnsPerSec => "mTLS origination: connections/s (one handshake each)",
             Metric::TlsBulk => "mTLS origination: bulk Gbit/s",
+            Metric::GrpcRps => "gRPC unary calls/s (16 in flight, one channel)",
+            Metric::GrpcP99 => "gRPC unary p99 µs",
         }
     }
 
@@ -65,6 +71,8 @@ impl Metric {
             Metric::H2CpuPerRequest => "h2_cpu_per_request.svg",
             Metric::TlsConnsPerSec => "tls_conns.svg",
             Metric::TlsBulk => "tls_bulk.svg",
+            Metric::GrpcRps => "grpc_rps.svg",
+            Metric::GrpcP99 => "grpc_p99.svg",
         }
     }
 }
