@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
+    kubernetes::{self, Feed},
     proxy::{self, Proxy},
     redirect::{CaptureMode, Kernel, OriginalDst, PinLock, SoOriginalDst, netns::NetNs},
     registry::{Client, RegistryHandle},
@@ -56,6 +57,8 @@ pub struct RunConfig {
     /// Accept a configuration that defines no service (refused by default: nothing to capture
     /// is more often a broken file than an intent).
     pub allow_empty: bool,
+    /// Kubernetes mode: services, endpoints and Istio resources from the API server too.
+    pub kubernetes: Option<kubernetes::Settings>,
 }
 
 /// A running daemon.
@@ -85,7 +88,14 @@ pub struct ConfigRejected(pub reload::Error);
 /// a start that fails after attaching removes what it pinned, so a failed start leaves no capture
 /// behind (a restart's pre-existing pins are left as the previous daemon left them).
 pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
-    let registry = configure(&mut cfg)?;
+    let (api, api_stop) = match &cfg.kubernetes {
+        Some(k) => {
+            let (feed, stop) = watch_api(k).await?;
+            (Some(feed), Some(stop))
+        }
+        None => (None, None),
+    };
+    let registry = configure(&mut cfg, api.as_ref())?;
     // One daemon per pin directory, decided before anything in it is touched.
     let lock = match cfg.capture {
         CaptureMode::Ebpf => Some(PinLock::acquire(&cfg.pin_dir)?),
@@ -127,7 +137,21 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
                 .serve(inbound.listener, shutdown.clone(), tracker.clone()),
         );
     }
-    let (reload, admin) = control(&cfg, &registry, &kernel, bindings.admin, &shutdown)?;
+    let (reload, admin) = control(
+        &cfg,
+        api.as_ref(),
+        &registry,
+        &kernel,
+        bindings.admin,
+        &shutdown,
+    )?;
+    if let Some(stop) = api_stop {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            stop.cancel();
+        });
+    }
     let signals = Signals::install()?;
     rollback.0 = None;
     // What parsing the configuration freed goes back to the OS.
@@ -154,15 +178,28 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
     })
 }
 
+/// Starts the Kubernetes watchers and waits until each has listed once (logging, while it
+/// waits, why it cannot yet).
+async fn watch_api(settings: &kubernetes::Settings) -> anyhow::Result<(Feed, CancellationToken)> {
+    let feed = Feed::new(&settings.cluster_domain);
+    let stop = CancellationToken::new();
+    let source = kubernetes::spawn(settings, feed.clone(), stop.clone()).await?;
+    tracing::info!(api_server = %source, node = %settings.node_name, "kubernetes: waiting for the first list of every watched kind");
+    feed.synced().await;
+    tracing::info!(api_server = %source, "kubernetes: synced");
+    Ok((feed, stop))
+}
+
 /// The workloads' identity (when the daemon issues one), the process limits and the first
 /// configuration, whose warnings are logged.
-fn configure(cfg: &mut RunConfig) -> anyhow::Result<crate::registry::Registry> {
+fn configure(cfg: &mut RunConfig, api: Option<&Feed>) -> anyhow::Result<crate::registry::Registry> {
     if let Some(mesh) = &cfg.mesh {
         cfg.credentials.mesh = Some(issue_identity(mesh, &cfg.client.namespace)?);
     }
     raise_nofile();
     let registry = reload::load(
         &cfg.config_paths,
+        api,
         &cfg.client,
         &cfg.credentials,
         cfg.allow_empty,
@@ -178,6 +215,7 @@ fn configure(cfg: &mut RunConfig) -> anyhow::Result<crate::registry::Registry> {
 /// publisher (with eBPF capture) and, when bound, the admin API.
 fn control(
     cfg: &RunConfig,
+    api: Option<&Feed>,
     registry: &RegistryHandle,
     kernel: &Option<Arc<Kernel>>,
     admin: Option<tokio::net::TcpListener>,
@@ -190,6 +228,7 @@ fn control(
         registry: registry.clone(),
         kernel: kernel.clone(),
         allow_empty: cfg.allow_empty,
+        api: api.cloned(),
     }
     .spawn(cfg.watch, shutdown.clone())?;
     if let Some(kernel) = kernel {

@@ -55,6 +55,7 @@ pub mod balance;
 pub mod breakers;
 pub mod config;
 pub mod inbound;
+pub mod kubernetes;
 pub mod memory;
 pub mod mesh;
 pub mod outlier;

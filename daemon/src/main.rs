@@ -53,8 +53,22 @@ struct ClientArgs {
 #[derive(Args)]
 struct RunArgs {
     /// YAML file or directory with ServiceEntry / WorkloadEntry (and other Istio) resources.
-    #[arg(long = "config", required = true)]
+    #[arg(long = "config", required_unless_present = "kubernetes")]
     config: Vec<PathBuf>,
+    /// Kubernetes mode: learn Services, EndpointSlices, Pods, Nodes and the Istio resources from
+    /// the API server (beside any --config files; a file resource wins over an API object of the
+    /// same kind, namespace and name).
+    #[arg(long)]
+    kubernetes: bool,
+    /// Kubeconfig file for --kubernetes (default: the in-cluster service account).
+    #[arg(long, value_name = "FILE", requires = "kubernetes")]
+    kubeconfig: Option<PathBuf>,
+    /// This node's name, for --kubernetes.
+    #[arg(long, env = "NODE_NAME", requires = "kubernetes")]
+    node_name: Option<String>,
+    /// Cluster DNS domain: Service hosts are `name.namespace.svc.<domain>`.
+    #[arg(long, default_value = "cluster.local")]
+    cluster_domain: String,
     /// cgroup v2 directory whose processes are captured (listener in drover's own netns).
     #[arg(long = "cgroup")]
     cgroup: Vec<PathBuf>,
@@ -362,7 +376,13 @@ fn main() -> ExitCode {
 /// `drover run`: the daemon on a multi-threaded runtime until SIGTERM/SIGINT/SIGQUIT drains it.
 fn run(a: RunArgs, log: Option<drover::admin::LogControl>) -> ExitCode {
     let workers = a.workers;
-    let cfg = a.into_config(log);
+    let cfg = match a.into_config(log) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if workers > 0 {
         builder.worker_threads(workers);
@@ -395,8 +415,23 @@ fn run(a: RunArgs, log: Option<drover::admin::LogControl>) -> ExitCode {
 
 impl RunArgs {
     /// The daemon's settings from the flags.
-    fn into_config(self, log: Option<drover::admin::LogControl>) -> app::RunConfig {
-        app::RunConfig {
+    fn into_config(
+        self,
+        log: Option<drover::admin::LogControl>,
+    ) -> Result<app::RunConfig, drover::kubernetes::Error> {
+        let kubernetes = if self.kubernetes {
+            Some(drover::kubernetes::Settings {
+                kubeconfig: self.kubeconfig,
+                node_name: self
+                    .node_name
+                    .filter(|n| !n.is_empty())
+                    .ok_or(drover::kubernetes::Error::NoNodeName)?,
+                cluster_domain: self.cluster_domain,
+            })
+        } else {
+            None
+        };
+        Ok(app::RunConfig {
             config_paths: self.config,
             cgroups: self.cgroup,
             netns: self.netns,
@@ -430,7 +465,8 @@ impl RunArgs {
             max_downstream_connections: self.max_downstream_connections,
             max_memory_bytes: self.max_memory_mb.saturating_mul(1024 * 1024),
             allow_empty: self.allow_empty,
-        }
+            kubernetes,
+        })
     }
 }
 

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::{self, source::ConfigSet},
+    kubernetes::Feed,
     redirect::Kernel,
     registry::{Client, Registry, RegistryHandle},
 };
@@ -60,6 +61,8 @@ pub struct Reloader {
     pub kernel: Option<Arc<Kernel>>,
     /// Accept a configuration without services (otherwise refused: see the module doc).
     pub allow_empty: bool,
+    /// The Kubernetes API's objects (Kubernetes mode): each change of them is a reload.
+    pub api: Option<Feed>,
 }
 
 /// Asks the running reloader for a reload (SIGHUP).
@@ -77,20 +80,26 @@ enum Signal {
     },
     /// An explicit request (SIGHUP).
     Reload,
+    /// The Kubernetes API's objects changed.
+    Api,
 }
 
-/// Loads and validates `paths` into a snapshot for `client`, with every TLS file read; refuses a
-/// configuration without services unless `allow_empty`.
+/// Loads and validates `paths` (and, with `api`, the objects of the Kubernetes API) into a
+/// snapshot for `client`, with every TLS file read; refuses a configuration without services
+/// unless `allow_empty` (or `api`: an empty cluster is a state, not a truncated file).
 pub fn load(
     paths: &[PathBuf],
+    api: Option<&Feed>,
     client: &Client,
     credentials: &crate::tls::Credentials,
     allow_empty: bool,
 ) -> Result<Registry, Error> {
-    let set = ConfigSet::load(paths)?;
-    let mut registry =
-        Registry::build(&set, client).map_err(|r| config::Error::Invalid(r.errors))?;
-    if registry.services().is_empty() && !allow_empty {
+    let files = ConfigSet::load(paths)?;
+    let mut registry = match api {
+        Some(feed) => build_with_api(files, feed, client)?,
+        None => Registry::build(&files, client).map_err(|r| config::Error::Invalid(r.errors))?,
+    };
+    if registry.services().is_empty() && !allow_empty && api.is_none() {
         return Err(Error::Empty {
             paths: paths
                 .iter()
@@ -104,6 +113,44 @@ pub fn load(
         .map_err(config::Error::Invalid)?;
     Ok(registry)
 }
+
+/// The snapshot of the files and the API objects. API objects with problems are rejected alone
+/// (their last valid version, if any, takes their place) and the build is retried; problems in
+/// files refuse the whole configuration, as without the API.
+fn build_with_api(files: ConfigSet, feed: &Feed, client: &Client) -> Result<Registry, Error> {
+    // Objects served in their last valid version, and objects left out (whose last valid
+    // version does not fit either); each round moves at least one object, or ends.
+    let mut rejected = HashSet::new();
+    let mut dropped = HashSet::new();
+    let mut problems = Vec::new();
+    for _ in 0..MAX_REJECTION_ROUNDS {
+        let mut set = files.clone();
+        problems.extend(feed.extend(&mut set, &mut rejected, &dropped));
+        let errors = match Registry::build(&set, client) {
+            Ok(registry) => {
+                feed.accepted(&rejected, &problems);
+                return Ok(registry);
+            }
+            Err(r) => r.errors,
+        };
+        let (api, local): (Vec<_>, Vec<_>) = errors
+            .into_iter()
+            .partition(|p| feed.object_of(p).is_some());
+        if !local.is_empty() {
+            return Err(config::Error::Invalid(local).into());
+        }
+        for id in api.iter().filter_map(|p| feed.object_of(p)) {
+            if !rejected.insert(id.clone()) {
+                dropped.insert(id);
+            }
+        }
+        problems.extend(api);
+    }
+    Err(config::Error::Invalid(problems).into())
+}
+
+/// Builds a reload may take to set invalid API objects aside before it gives up.
+const MAX_REJECTION_ROUNDS: usize = 5;
 
 // === impl Trigger ===
 
@@ -122,7 +169,7 @@ impl Reloader {
         let (tx, rx) = mpsc::unbounded_channel();
         let trigger = Trigger(tx.clone());
         let watcher = if watch {
-            let mut w = Watch::new(tx)?;
+            let mut w = Watch::new(tx.clone())?;
             for p in &self.paths {
                 w.add(p)?;
             }
@@ -134,6 +181,17 @@ impl Reloader {
         } else {
             None
         };
+        if let Some(feed) = self.api.clone() {
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = feed.changed() => if tx.send(Signal::Api).is_err() { return },
+                    }
+                }
+            });
+        }
         tokio::spawn(self.run(watcher, rx, shutdown));
         Ok(trigger)
     }
@@ -191,12 +249,14 @@ impl Reloader {
     /// Rebuilds and swaps the snapshot, or keeps the current one and logs why.
     pub async fn reload(&self, since: Instant) {
         let paths = self.paths.clone();
+        let api = self.api.clone();
         let client = self.client.clone();
         let credentials = self.credentials.clone();
         let allow_empty = self.allow_empty;
-        let built =
-            tokio::task::spawn_blocking(move || load(&paths, &client, &credentials, allow_empty))
-                .await;
+        let built = tokio::task::spawn_blocking(move || {
+            load(&paths, api.as_ref(), &client, &credentials, allow_empty)
+        })
+        .await;
         match built {
             Ok(Ok(mut registry)) => {
                 registry.inherit(&self.registry.load());

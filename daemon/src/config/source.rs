@@ -124,6 +124,16 @@ impl Origin {
 }
 
 impl Origin {
+    /// The origin of an object read from the Kubernetes API: problems name it `Kind
+    /// namespace/name` (in place of a file) and carry no line.
+    pub fn api(kind: &str, namespace: &str, name: &str) -> Self {
+        Self {
+            file: Arc::new(PathBuf::from(format!("{kind} {namespace}/{name}"))),
+            doc: 0,
+            locator: Arc::default(),
+        }
+    }
+
     /// `file:line:col` of `path` when the document spells out exactly that field.
     pub fn position(&self, path: &str) -> Option<String> {
         let (line, col) = self.locator.exact(self.doc, path)?;
@@ -230,7 +240,12 @@ impl ConfigSet {
         }
     }
 
-    fn add_document(&mut self, origin: Origin, value: serde_yaml::Value) -> Result<(), Problem> {
+    /// Adds one resource (a document, or an object read from the API) as a file document would be.
+    pub fn add_document(
+        &mut self,
+        origin: Origin,
+        value: serde_yaml::Value,
+    ) -> Result<(), Problem> {
         if !value.is_mapping() {
             return Err(origin.problem(
                 "",

@@ -1,0 +1,445 @@
+//! Kubernetes mode: the daemon learns services, endpoints and Istio resources from the API server
+//! as istiod would, and feeds them into the same validated model as file configuration.
+//!
+//! [`watch`] keeps one watcher per kind (Service, EndpointSlice, Pod, Node and the Istio kinds
+//! the API server serves) and writes what they see into a [`Feed`]; [`convert`] derives a
+//! `ServiceEntry` from each Service and its EndpointSlices; the reloader
+//! ([`crate::reload`]) renders the feed into a [`ConfigSet`] beside the files and builds one
+//! snapshot from both.
+//!
+//! Invariants: every API object is validated on its own terms: one that is malformed or
+//! invalid is rejected alone (logged once per version with `Kind namespace/name: field: reason`
+//! and counted), and its last valid version keeps serving (none, if it never had one); a
+//! watcher that restarts or relists replaces its kind's objects only once the relist is complete,
+//! so a dropped watch never empties the snapshot; the feed is "synced" only once every watcher
+//! has listed once.
+
+pub mod convert;
+mod watch;
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use tokio::sync::{Notify, watch as signal};
+
+use crate::config::{
+    Problem,
+    source::{ConfigSet, Origin},
+};
+use convert::{Derived, NodeLocality, PodInfo};
+pub use watch::spawn;
+
+/// How often the Istio kinds the API server did not serve are looked for again.
+pub const DISCOVERY_RECHECK: Duration = Duration::from_secs(5);
+
+/// `drover run --kubernetes` settings.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// `None`: the in-cluster service account.
+    pub kubeconfig: Option<PathBuf>,
+    pub node_name: String,
+    pub cluster_domain: String,
+}
+
+/// Errors reaching the API server.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("--kubernetes needs the node's name: pass --node-name or set NODE_NAME")]
+    NoNodeName,
+    #[error("kubeconfig {path}: {reason}")]
+    Kubeconfig { path: PathBuf, reason: String },
+    #[error(
+        "in-cluster configuration (service account token, KUBERNETES_SERVICE_HOST): {0}; outside a cluster pass --kubeconfig FILE"
+    )]
+    InCluster(String),
+    #[error("kubernetes client for {url} ({credentials}): {reason}")]
+    Client {
+        url: String,
+        credentials: String,
+        reason: String,
+    },
+}
+
+/// `(namespace, name)`.
+type Key = (String, String);
+
+/// What the watchers have seen, shared with the reloader. Cheap to clone.
+#[derive(Clone)]
+pub struct Feed {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    state: Mutex<State>,
+    domain: String,
+    /// Woken on every change.
+    changed: Notify,
+    /// Names of the watchers that have listed once.
+    synced: signal::Sender<HashSet<&'static str>>,
+    /// Watchers whose first list is awaited before the feed counts as synced.
+    expected: Mutex<HashSet<&'static str>>,
+    pub(crate) counters: Counters,
+}
+
+/// Counters of the API side (exported by the admin API).
+#[derive(Default)]
+pub struct Counters {
+    /// API objects rejected as invalid (each version once).
+    pub rejected: AtomicU64,
+    /// Watch errors (dropped connections, refused requests, 410 Gone) the watchers recovered from.
+    pub watch_errors: AtomicU64,
+    /// Complete relists (the first list included).
+    pub relists: AtomicU64,
+}
+
+#[derive(Default)]
+struct State {
+    services: BTreeMap<Key, Service>,
+    slices: BTreeMap<Key, EndpointSlice>,
+    pods: HashMap<Key, PodInfo>,
+    nodes: NodeLocality,
+    /// Istio resources by (kind, namespace, name), as JSON.
+    istio: BTreeMap<(&'static str, Key), serde_json::Value>,
+    /// The last version of each object (by id) that was part of a snapshot that served.
+    last_good: HashMap<String, serde_yaml::Value>,
+    /// What was last reported about an object (rejection or skip), so each is logged once.
+    reported: HashMap<String, String>,
+}
+
+/// One watched object, reduced to what the feed keeps.
+pub(crate) enum Object {
+    Service(Box<Service>),
+    Slice(Box<EndpointSlice>),
+    Pod(Key, PodInfo),
+    Node(String, BTreeMap<String, String>),
+    Istio(&'static str, Key, serde_json::Value),
+}
+
+// === impl Feed ===
+
+impl Feed {
+    pub fn new(domain: &str) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                state: Mutex::default(),
+                domain: domain.into(),
+                changed: Notify::new(),
+                synced: signal::channel(HashSet::new()).0,
+                expected: Mutex::default(),
+                counters: Counters::default(),
+            }),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The API side's counters.
+    pub fn counters(&self) -> &Counters {
+        &self.inner.counters
+    }
+
+    /// Waits for the next change (a reload is due after it).
+    pub async fn changed(&self) {
+        self.inner.changed.notified().await;
+    }
+
+    /// A watcher `name` now exists and its first list is awaited.
+    pub(crate) fn expect(&self, name: &'static str) {
+        self.inner
+            .expected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name);
+    }
+
+    /// Whether every expected watcher has listed once.
+    pub fn is_synced(&self) -> bool {
+        let expected = self
+            .inner
+            .expected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let synced = self.inner.synced.borrow();
+        expected.iter().all(|n| synced.contains(n))
+    }
+
+    /// Waits until every expected watcher has listed once.
+    pub async fn synced(&self) {
+        let mut rx = self.inner.synced.subscribe();
+        while !self.is_synced() {
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Replaces every object of watcher `name` (kind `kind`) with `objects`: a complete list.
+    pub(crate) fn relisted(&self, name: &'static str, kind: &'static str, objects: Vec<Object>) {
+        {
+            let mut s = self.state();
+            match kind {
+                "Service" => s.services.clear(),
+                "EndpointSlice" => s.slices.clear(),
+                "Pod" => s.pods.clear(),
+                "Node" => s.nodes.clear(),
+                k => s.istio.retain(|(kind, _), _| *kind != k),
+            }
+            for o in objects {
+                s.apply(o);
+            }
+        }
+        self.inner.counters.relists.fetch_add(1, Ordering::Relaxed);
+        self.mark_synced(name);
+    }
+
+    /// Watcher (or discovery) `name` has listed once.
+    pub(crate) fn mark_synced(&self, name: &'static str) {
+        self.inner.synced.send_modify(|s| {
+            s.insert(name);
+        });
+        self.inner.changed.notify_one();
+    }
+
+    /// An object was added or changed.
+    pub(crate) fn applied(&self, object: Object) {
+        self.state().apply(object);
+        self.inner.changed.notify_one();
+    }
+
+    /// An object was deleted.
+    pub(crate) fn deleted(&self, kind: &'static str, key: Key) {
+        {
+            let mut s = self.state();
+            match kind {
+                "Service" => drop(s.services.remove(&key)),
+                "EndpointSlice" => drop(s.slices.remove(&key)),
+                "Pod" => drop(s.pods.remove(&key)),
+                "Node" => drop(s.nodes.remove(&key.1)),
+                k => drop(s.istio.remove(&(k, key))),
+            }
+        }
+        self.inner.changed.notify_one();
+    }
+
+    /// Adds every API object to `set` (one whose kind, namespace and name a file also defines
+    /// is left to the file). An object in `rejected`, or one that does not parse, is added in its
+    /// last valid version, if it had one; one in `dropped` is left out; parse problems are
+    /// returned.
+    pub fn extend(
+        &self,
+        set: &mut ConfigSet,
+        rejected: &mut HashSet<String>,
+        dropped: &HashSet<String>,
+    ) -> Vec<Problem> {
+        let from_files: HashSet<String> = file_ids(set);
+        let mut problems = Vec::new();
+        let s = self.state();
+        for (id, kind, key, value) in s.documents(&self.inner.domain) {
+            if from_files.contains(&id) || dropped.contains(&id) {
+                continue;
+            }
+            let origin = || Origin::api(kind, &key.0, &key.1);
+            if !rejected.contains(&id) {
+                match set.add_document(origin(), value) {
+                    Ok(()) => continue,
+                    Err(p) => {
+                        problems.push(p);
+                        rejected.insert(id.clone());
+                    }
+                }
+            }
+            if let Some(good) = s.last_good.get(&id) {
+                let _ = set.add_document(origin(), good.clone());
+            }
+        }
+        problems
+    }
+
+    /// The id (`Kind namespace/name`) of the API object a problem is about, if it is about one.
+    pub fn object_of(&self, problem: &Problem) -> Option<String> {
+        let file = problem.location.file.to_str()?;
+        let (kind, rest) = file.split_once(' ')?;
+        let (ns, name) = rest.split_once('/')?;
+        let s = self.state();
+        let known = match kind {
+            "Service" => s.services.contains_key(&(ns.into(), name.into())),
+            _ => s
+                .istio
+                .keys()
+                .any(|(k, key)| *k == kind && key.0 == ns && key.1 == name),
+        };
+        known.then(|| file.to_string())
+    }
+
+    /// A snapshot built from the feed serves: every object not in `rejected` is now its own
+    /// last valid version; rejections (with their problems) and skips are logged once each.
+    pub fn accepted(&self, rejected: &HashSet<String>, problems: &[Problem]) {
+        let mut s = self.state();
+        let docs = s.documents(&self.inner.domain);
+        let mut reported = HashMap::new();
+        for (id, _, _, value) in docs {
+            if !rejected.contains(&id) {
+                s.last_good.insert(id, value);
+            }
+        }
+        for p in problems {
+            let id = p.location.file.display().to_string();
+            reported.insert(id, p.to_string());
+        }
+        for (id, why) in s.skipped(&self.inner.domain) {
+            reported.insert(id, why);
+        }
+        let live: HashSet<String> = s.ids();
+        s.last_good.retain(|id, _| live.contains(id));
+        for (id, what) in &reported {
+            if s.reported.get(id) == Some(what) {
+                continue;
+            }
+            if rejected.contains(id) {
+                self.inner.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                let keeps = if s.last_good.contains_key(id) {
+                    "its last valid version keeps serving"
+                } else {
+                    "it has no valid version yet"
+                };
+                tracing::error!("{what} (object rejected; {keeps})");
+            } else {
+                tracing::info!("{id}: not captured: {what}");
+            }
+        }
+        s.reported = reported;
+    }
+}
+
+/// `Kind namespace/name` of every resource of `set`.
+fn file_ids(set: &ConfigSet) -> HashSet<String> {
+    let mut ids = HashSet::new();
+    let mut add = |kind: &str, ns: &str, name: &str| ids.insert(format!("{kind} {ns}/{name}"));
+    for r in &set.service_entries {
+        add("ServiceEntry", r.namespace(), &r.meta.name);
+    }
+    for r in &set.workload_entries {
+        add("WorkloadEntry", r.namespace(), &r.meta.name);
+    }
+    for r in &set.destination_rules {
+        add("DestinationRule", r.namespace(), &r.meta.name);
+    }
+    for r in &set.virtual_services {
+        add("VirtualService", r.namespace(), &r.meta.name);
+    }
+    ids
+}
+
+// === impl State ===
+
+impl State {
+    fn apply(&mut self, object: Object) {
+        match object {
+            Object::Service(svc) => {
+                self.services.insert(key_of(&svc.metadata), *svc);
+            }
+            Object::Slice(slice) => {
+                self.slices.insert(key_of(&slice.metadata), *slice);
+            }
+            Object::Pod(key, info) => {
+                self.pods.insert(key, info);
+            }
+            Object::Node(name, labels) => {
+                self.nodes.insert(name, labels);
+            }
+            Object::Istio(kind, key, value) => {
+                self.istio.insert((kind, key), value);
+            }
+        }
+    }
+
+    /// The slices of each service, by (namespace, service name).
+    fn slices_by_service(&self) -> HashMap<Key, Vec<&EndpointSlice>> {
+        let mut by: HashMap<Key, Vec<&EndpointSlice>> = HashMap::new();
+        for ((ns, _), slice) in &self.slices {
+            let labels = slice.metadata.labels.as_ref();
+            if let Some(svc) = labels.and_then(|l| l.get(convert::SERVICE_NAME_LABEL)) {
+                by.entry((ns.clone(), svc.clone())).or_default().push(slice);
+            }
+        }
+        by
+    }
+
+    /// Every object as an Istio resource: `(id, kind, key, document)`. Services become
+    /// `ServiceEntry` documents under the id `Service namespace/name`.
+    fn documents(&self, domain: &str) -> Vec<(String, &'static str, Key, serde_yaml::Value)> {
+        let by_service = self.slices_by_service();
+        let mut out = Vec::with_capacity(self.services.len() + self.istio.len());
+        for (key, svc) in &self.services {
+            let slices = by_service.get(key).map(Vec::as_slice).unwrap_or_default();
+            if let Derived::Entry(entry) =
+                convert::service_entry(svc, slices, &self.pods, &self.nodes, domain)
+            {
+                let (meta, spec) = *entry;
+                let doc = serde_json::json!({
+                    "apiVersion": "networking.istio.io/v1",
+                    "kind": "ServiceEntry",
+                    "metadata": meta,
+                    "spec": spec,
+                });
+                let id = format!("Service {}/{}", key.0, key.1);
+                out.push((id, "Service", key.clone(), to_yaml(doc)));
+            }
+        }
+        for ((kind, key), value) in &self.istio {
+            let id = format!("{kind} {}/{}", key.0, key.1);
+            out.push((id, *kind, key.clone(), to_yaml(value.clone())));
+        }
+        out
+    }
+
+    /// Services that are not converted, with the reason.
+    fn skipped(&self, domain: &str) -> Vec<(String, String)> {
+        self.services
+            .iter()
+            .filter_map(|(key, svc)| {
+                match convert::service_entry(svc, &[], &self.pods, &self.nodes, domain) {
+                    Derived::Skipped(why) => Some((format!("Service {}/{}", key.0, key.1), why)),
+                    Derived::Entry(_) => None,
+                }
+            })
+            .collect()
+    }
+
+    fn ids(&self) -> HashSet<String> {
+        let services = self
+            .services
+            .keys()
+            .map(|k| format!("Service {}/{}", k.0, k.1));
+        let istio = self
+            .istio
+            .keys()
+            .map(|(kind, k)| format!("{kind} {}/{}", k.0, k.1));
+        services.chain(istio).collect()
+    }
+}
+
+/// `(namespace, name)` of an object (`default` namespace when it has none).
+pub(crate) fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Key {
+    (
+        meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+/// JSON → the YAML value the configuration loader parses (JSON is YAML: this cannot fail for
+/// values that came from JSON).
+fn to_yaml(value: serde_json::Value) -> serde_yaml::Value {
+    serde_yaml::to_value(value).unwrap_or(serde_yaml::Value::Null)
+}
