@@ -20,6 +20,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod apiserver;
+pub mod k8s;
+
 /// The gRPC test service (`proto/echo.proto`).
 #[allow(clippy::all, clippy::pedantic, reason = "generated code")]
 pub mod pb {

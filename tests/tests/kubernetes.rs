@@ -1,0 +1,361 @@
+//! Kubernetes mode through the real kernel capture path: the daemon's real `kube::Client` lists
+//! and watches the test API server (`drover_tests::apiserver`) on loopback, and captured
+//! connections from the client namespace reach the pods the API server says are ready, shaped
+//! by the DestinationRules and VirtualServices it serves. Needs root; under `CI` it fails rather
+//! than skips. Service VIPs are loopback addresses inside the client namespace.
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
+use drover_tests::{
+    Daemon, PinDir, Proc, Topology,
+    apiserver::{ApiServer, DESTINATION_RULE, ISTIO, Kind, POD, VIRTUAL_SERVICE},
+    echo_servers,
+    k8s::{Cluster, istio, pod},
+    probe, require_privileged, unique_id,
+};
+
+const VIP: &str = "127.77.0.30";
+/// How long a change in the API server may take to reach the data path.
+const PROPAGATION: Duration = Duration::from_secs(15);
+
+/// A cluster with service `shop/echo` (`VIP:80` → pods' port 7000), the echo servers of a
+/// topology of `n` endpoints, and a daemon in Kubernetes mode capturing the client namespace.
+struct Fixture {
+    t: Topology,
+    cluster: Cluster,
+    daemon: Daemon,
+    _servers: Vec<Proc>,
+    _pins: PinDir,
+}
+
+fn fixture(n: usize, istio_kinds: &[Kind], pods: &[(&str, &str)]) -> Fixture {
+    let t = Topology::new(n);
+    let servers = echo_servers(&t);
+    let mut cluster = Cluster::new(istio_kinds, "shop", "echo", VIP, ("tcp-echo", 80, 7000));
+    for (i, (name, version)) in pods.iter().enumerate() {
+        cluster.add_pod(
+            name,
+            &[("app", "echo"), ("version", version)],
+            &Topology::ep4(i + 1).to_string(),
+        );
+    }
+    let pins = PinDir::new();
+    let daemon = start(&cluster.api, &t, &pins).expect("daemon starts");
+    Fixture {
+        t,
+        cluster,
+        daemon,
+        _servers: servers,
+        _pins: pins,
+    }
+}
+
+fn start(api: &ApiServer, t: &Topology, pins: &PinDir) -> Result<Daemon, (Option<i32>, String)> {
+    let dir = std::env::temp_dir().join(format!("drover-kube-{}", unique_id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let kubeconfig = dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    let args: Vec<String> = [
+        "--kubernetes",
+        "--kubeconfig",
+        &kubeconfig.display().to_string(),
+        "--node-name",
+        "node1",
+        "--netns",
+        &t.client.name,
+        "--pin-dir",
+        &pins.path.display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    Daemon::start(&args)
+}
+
+/// Which endpoint answered each of `n` connections to `VIP:80` (`"refused"` for a failure).
+fn served(t: &Topology, n: usize) -> BTreeMap<String, usize> {
+    let mut seen = BTreeMap::new();
+    for _ in 0..n {
+        let r = probe(
+            Some(&t.client),
+            None,
+            &["connect", &format!("{VIP}:80"), "--send", "hi"],
+        );
+        // "hello from ep1 peer=…"
+        let who = r["greeting"]
+            .as_str()
+            .and_then(|g| g.split_whitespace().nth(2))
+            .unwrap_or("refused")
+            .to_string();
+        *seen.entry(who).or_insert(0) += 1;
+    }
+    seen
+}
+
+/// Polls (bounded by [`PROPAGATION`]) until 8 connections in a row are served by exactly the
+/// endpoints `want`; panics with what was seen.
+fn converges(t: &Topology, want: &[&str]) {
+    let deadline = Instant::now() + PROPAGATION;
+    loop {
+        let seen = served(t, 8);
+        let names: Vec<&str> = seen.keys().map(String::as_str).collect();
+        if names == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "wanted {want:?} within {PROPAGATION:?}, still served by {seen:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn services_and_endpoints_follow_the_api_server() {
+    if !require_privileged() {
+        return;
+    }
+    let Fixture {
+        t,
+        mut cluster,
+        daemon,
+        _servers,
+        _pins,
+    } = fixture(3, &ISTIO, &[("ep1", "v1"), ("ep2", "v2")]);
+    assert!(
+        daemon.log().contains("kubernetes: synced"),
+        "{}",
+        daemon.log()
+    );
+    converges(&t, &["ep1", "ep2"]);
+
+    // A pod that stops being ready (terminating) leaves the rotation.
+    cluster.set_ready("ep2", false, true);
+    converges(&t, &["ep1"]);
+    cluster.set_ready("ep2", true, false);
+    converges(&t, &["ep1", "ep2"]);
+
+    // An EndpointSlice naming a pod the daemon has not seen yet: that endpoint waits for it.
+    cluster.pods.push(drover_tests::k8s::TestPod {
+        name: "ep3".into(),
+        labels: BTreeMap::new(),
+        ip: Topology::ep4(3).to_string(),
+        ready: true,
+        terminating: false,
+    });
+    cluster.write_slice();
+    std::thread::sleep(Duration::from_secs(1));
+    converges(&t, &["ep1", "ep2"]);
+    cluster.api.apply(
+        POD,
+        pod(
+            "shop",
+            "ep3",
+            &[("app", "echo"), ("version", "v3")],
+            "default",
+            "node1",
+            &Topology::ep4(3).to_string(),
+        ),
+    );
+    converges(&t, &["ep1", "ep2", "ep3"]);
+
+    // The Service deleted: its VIP is no longer captured (nothing listens on it in the client
+    // namespace, so the connection is refused rather than proxied).
+    cluster
+        .api
+        .delete(drover_tests::apiserver::SERVICE, "shop", "echo");
+    converges(&t, &["refused"]);
+}
+
+const SUBSETS: &str = "
+metadata: {name: echo, namespace: shop}
+spec:
+  host: echo.shop.svc.cluster.local
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+";
+
+fn route_to(subset: &str) -> serde_json::Value {
+    istio(&format!(
+        "
+metadata: {{name: echo, namespace: shop}}
+spec:
+  hosts: [echo.shop.svc.cluster.local]
+  tcp:
+  - route:
+    - destination: {{host: echo.shop.svc.cluster.local, subset: {subset}}}
+"
+    ))
+}
+
+#[test]
+fn istio_resources_from_the_api_server_apply_live_and_invalid_ones_are_rejected_alone() {
+    if !require_privileged() {
+        return;
+    }
+    let Fixture {
+        t,
+        cluster,
+        daemon,
+        _servers,
+        _pins,
+    } = fixture(2, &ISTIO, &[("ep1", "v1"), ("ep2", "v2")]);
+    converges(&t, &["ep1", "ep2"]);
+    cluster.api.apply(DESTINATION_RULE, istio(SUBSETS));
+    cluster.api.apply(VIRTUAL_SERVICE, route_to("v2"));
+    converges(&t, &["ep2"]);
+    cluster.api.apply(VIRTUAL_SERVICE, route_to("v1"));
+    converges(&t, &["ep1"]);
+
+    // An invalid edit of the DestinationRule is rejected alone, with its name and field; its
+    // last valid version (the subsets the route needs) keeps serving.
+    let invalid = SUBSETS.replace(
+        "  subsets:",
+        "  trafficPolicy: {loadBalancer: {simple: BOGUS}}\n  subsets:",
+    );
+    cluster.api.apply(DESTINATION_RULE, istio(&invalid));
+    assert!(
+        daemon.wait_log("DestinationRule shop/echo: spec.trafficPolicy", PROPAGATION),
+        "{}",
+        daemon.log()
+    );
+    assert!(
+        daemon
+            .log()
+            .contains("its last valid version keeps serving")
+    );
+    converges(&t, &["ep1"]);
+
+    // Deleting the route spreads over both pods again.
+    cluster.api.delete(VIRTUAL_SERVICE, "shop", "echo");
+    converges(&t, &["ep1", "ep2"]);
+}
+
+#[test]
+fn crd_installed_later_relists_and_api_server_restarts_keep_serving() {
+    if !require_privileged() {
+        return;
+    }
+    let Fixture {
+        t,
+        mut cluster,
+        daemon,
+        _servers,
+        _pins,
+    } = fixture(2, &[], &[("ep1", "v1"), ("ep2", "v2")]);
+    assert!(
+        daemon.log().contains("CRD not installed"),
+        "{}",
+        daemon.log()
+    );
+    converges(&t, &["ep1", "ep2"]);
+
+    // The Istio CRDs are installed after the daemon started.
+    cluster.api.install(DESTINATION_RULE);
+    cluster.api.install(VIRTUAL_SERVICE);
+    cluster.api.apply(DESTINATION_RULE, istio(SUBSETS));
+    cluster.api.apply(VIRTUAL_SERVICE, route_to("v2"));
+    converges(&t, &["ep2"]);
+
+    // History compacted and every watch dropped: the watchers get 410 Gone and relist.
+    cluster.api.compact();
+    cluster.api.drop_watches();
+    assert!(
+        daemon.wait_log("kubernetes: relisted", PROPAGATION),
+        "{}",
+        daemon.log()
+    );
+    converges(&t, &["ep2"]);
+
+    // The API server goes away: the snapshot keeps serving, every connection succeeds.
+    cluster.api.stop();
+    let seen = served(&t, 20);
+    assert_eq!(seen.get("ep2"), Some(&20), "{seen:?}");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(served(&t, 10).get("ep2"), Some(&10));
+
+    // Back, with a change made meanwhile: the daemon resyncs and applies it.
+    let before = cluster
+        .api
+        .requests
+        .load(std::sync::atomic::Ordering::Relaxed);
+    cluster.api.delete(VIRTUAL_SERVICE, "shop", "echo");
+    cluster.api.restart();
+    converges(&t, &["ep1", "ep2"]);
+    assert!(
+        cluster
+            .api
+            .requests
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > before
+    );
+    cluster.set_ready("ep1", false, false);
+    converges(&t, &["ep2"]);
+}
+
+#[test]
+fn unreachable_api_server_and_missing_node_name_are_clear_errors() {
+    if !require_privileged() {
+        return;
+    }
+    let t = Topology::new(1);
+    let pins = PinDir::new();
+    // No node name.
+    let out = std::process::Command::new(drover_tests::bin("drover"))
+        .args(["run", "--kubernetes", "--netns", &t.client.name])
+        .env_remove("NODE_NAME")
+        .output()
+        .expect("run drover");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("--node-name"), "{err}");
+
+    // An API server that is down at start: the daemon says which URL and credentials, retries
+    // with backoff, and becomes ready once the server answers.
+    let mut api = ApiServer::start(&ISTIO);
+    api.stop();
+    let api_url = api.url();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (pins_path, client) = (pins.path.clone(), t.client.name.clone());
+    let dir = std::env::temp_dir().join(format!("drover-kube-{}", unique_id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let kubeconfig = dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    std::thread::spawn(move || {
+        let args: Vec<String> = [
+            "--kubernetes",
+            "--kubeconfig",
+            &kubeconfig.display().to_string(),
+            "--node-name",
+            "node1",
+            "--netns",
+            &client,
+            "--pin-dir",
+            &pins_path.display().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let _ = tx.send(Daemon::start(&args));
+    });
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(
+        rx.try_recv().is_err(),
+        "the daemon must not be ready without the API server"
+    );
+    api.restart();
+    let daemon = rx
+        .recv_timeout(Duration::from_secs(40))
+        .expect("daemon start returns")
+        .expect("daemon ready once the API server answers");
+    let log = daemon.log();
+    let failures = log.matches("kubernetes watch failed").count();
+    assert!(log.contains(&api_url), "{log}");
+    assert!(log.contains("kubeconfig"), "{log}");
+    // Retried with backoff, not in a hot loop: four watchers over ~4 s.
+    assert!((4..200).contains(&failures), "{failures} failures:\n{log}");
+}
