@@ -159,7 +159,7 @@ impl Proxy {
 
     async fn handle(&self, ns: Arc<NetNs>, upstreams: Arc<http::Upstreams>, mut client: TcpStream) {
         let start = Instant::now();
-        let src = client.peer_addr().ok();
+        let src = client.peer_addr().ok().map(|peer| ns.source(peer));
         let orig = match self.original.original_dst(ns.cookie, &client) {
             Ok(o) => o,
             Err(e) => {
@@ -186,7 +186,7 @@ impl Proxy {
             return;
         }
         let mut log = AccessLog::default();
-        let result = self.relay(&ns, orig, &mut client, &mut log).await;
+        let result = self.relay(&ns, (src, orig), &mut client, &mut log).await;
         let AccessLog {
             host,
             cluster,
@@ -222,7 +222,7 @@ impl Proxy {
     async fn relay(
         &self,
         ns: &Arc<NetNs>,
-        orig: SocketAddr,
+        (src, orig): (Option<SocketAddr>, SocketAddr),
         client: &mut TcpStream,
         log: &mut AccessLog,
     ) -> Result<(u64, u64), Error> {
@@ -230,7 +230,7 @@ impl Proxy {
         if let Some((svc, _)) = registry.lookup(orig) {
             log.host = svc.host.clone();
         }
-        let d = registry.route(orig, client.peer_addr().ok().map(|a| a.ip()))?;
+        let d = registry.route(orig, src.map(|a| a.ip()))?;
         log.cluster = d.cluster.name.clone();
         log.route = d.route.clone().unwrap_or_else(|| "-".into());
         let pool = d

@@ -232,6 +232,36 @@ impl Topology {
         }
     }
 
+    /// Another client namespace (`k` ≥ 1), joined to every endpoint by its own veth pair: on
+    /// the pair to endpoint `i` it is `198.19.(16k+i).1` and the endpoint `.2`, and it reaches
+    /// the endpoint's `198.18.i.2` through it. Its first address is `client_k4(k)`.
+    pub fn add_client(&self, k: usize) -> Netns {
+        let ns = Netns::new(format!("drv{}x{k}", self.id));
+        for (i, ep) in self.endpoints.iter().enumerate() {
+            let i = i + 1;
+            let (a, b) = (
+                format!("d{}x{k}a{i}", self.id),
+                format!("d{}x{k}b{i}", self.id),
+            );
+            sh(&[
+                "ip", "link", "add", &a, "netns", &ns.name, "type", "veth", "peer", "name", &b,
+                "netns", &ep.name,
+            ]);
+            let net = 16 * k + i;
+            ns.ip(&["addr", "add", &format!("198.19.{net}.1/24"), "dev", &a]);
+            ns.ip(&["link", "set", &a, "up"]);
+            ns.ip(&["route", "add", &format!("198.18.{i}.2/32"), "dev", &a]);
+            ep.ip(&["addr", "add", &format!("198.19.{net}.2/24"), "dev", &b]);
+            ep.ip(&["link", "set", &b, "up"]);
+        }
+        ns
+    }
+
+    /// The first address of extra client `k` (see [`Topology::add_client`]).
+    pub fn client_k4(k: usize) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(198, 19, (16 * k + 1) as u8, 1))
+    }
+
     /// IPv4 address of endpoint `i` (1-based).
     pub fn ep4(i: usize) -> IpAddr {
         IpAddr::V4(Ipv4Addr::new(198, 18, i as u8, 2))

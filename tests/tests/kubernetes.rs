@@ -10,7 +10,7 @@ use std::{
 };
 
 use drover_tests::{
-    Daemon, PinDir, Proc, Topology,
+    Daemon, Netns, PinDir, Proc, Topology,
     apiserver::{ApiServer, DESTINATION_RULE, ISTIO, Kind, POD, VIRTUAL_SERVICE},
     echo_servers,
     k8s::{Cluster, istio, pod},
@@ -25,6 +25,8 @@ const PROPAGATION: Duration = Duration::from_secs(15);
 /// topology of `n` endpoints, and a daemon in Kubernetes mode capturing the client namespace.
 struct Fixture {
     t: Topology,
+    /// More client namespaces (see `Topology::add_client`), captured too.
+    clients: Vec<Netns>,
     cluster: Cluster,
     daemon: Daemon,
     _servers: Vec<Proc>,
@@ -32,7 +34,17 @@ struct Fixture {
 }
 
 fn fixture(n: usize, istio_kinds: &[Kind], pods: &[(&str, &str)]) -> Fixture {
+    fixture_with_clients(n, 0, istio_kinds, pods)
+}
+
+fn fixture_with_clients(
+    n: usize,
+    extra_clients: usize,
+    istio_kinds: &[Kind],
+    pods: &[(&str, &str)],
+) -> Fixture {
     let t = Topology::new(n);
+    let clients: Vec<Netns> = (1..=extra_clients).map(|k| t.add_client(k)).collect();
     let servers = echo_servers(&t);
     let mut cluster = Cluster::new(istio_kinds, "shop", "echo", VIP, ("tcp-echo", 80, 7000));
     for (i, (name, version)) in pods.iter().enumerate() {
@@ -43,9 +55,12 @@ fn fixture(n: usize, istio_kinds: &[Kind], pods: &[(&str, &str)]) -> Fixture {
         );
     }
     let pins = PinDir::new();
-    let daemon = start(&cluster.api, &t, &pins).expect("daemon starts");
+    let mut netns = vec![t.client.name.as_str()];
+    netns.extend(clients.iter().map(|c| c.name.as_str()));
+    let daemon = start(&cluster.api, &netns, &pins).expect("daemon starts");
     Fixture {
         t,
+        clients,
         cluster,
         daemon,
         _servers: servers,
@@ -53,34 +68,46 @@ fn fixture(n: usize, istio_kinds: &[Kind], pods: &[(&str, &str)]) -> Fixture {
     }
 }
 
-fn start(api: &ApiServer, t: &Topology, pins: &PinDir) -> Result<Daemon, (Option<i32>, String)> {
+/// The daemon's arguments in Kubernetes mode against `api`, capturing `netns`.
+fn kube_args(api: &ApiServer, netns: &[&str], pins: &std::path::Path) -> Vec<String> {
     let dir = std::env::temp_dir().join(format!("drover-kube-{}", unique_id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let kubeconfig = dir.join("kubeconfig");
     api.write_kubeconfig(&kubeconfig);
-    let args: Vec<String> = [
+    let mut args: Vec<String> = [
         "--kubernetes",
         "--kubeconfig",
         &kubeconfig.display().to_string(),
         "--node-name",
         "node1",
-        "--netns",
-        &t.client.name,
         "--pin-dir",
-        &pins.path.display().to_string(),
+        &pins.display().to_string(),
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
-    Daemon::start(&args)
+    for ns in netns {
+        args.extend(["--netns".to_string(), ns.to_string()]);
+    }
+    args
 }
 
-/// Which endpoint answered each of `n` connections to `VIP:80` (`"refused"` for a failure).
+fn start(api: &ApiServer, netns: &[&str], pins: &PinDir) -> Result<Daemon, (Option<i32>, String)> {
+    Daemon::start(&kube_args(api, netns, &pins.path))
+}
+
+/// Which endpoint answered each of `n` connections to `VIP:80` from the topology's client.
 fn served(t: &Topology, n: usize) -> BTreeMap<String, usize> {
+    served_from(&t.client, n)
+}
+
+/// Which endpoint answered each of `n` connections to `VIP:80` from `ns` (`"refused"` for a
+/// failure).
+fn served_from(ns: &Netns, n: usize) -> BTreeMap<String, usize> {
     let mut seen = BTreeMap::new();
     for _ in 0..n {
         let r = probe(
-            Some(&t.client),
+            Some(ns),
             None,
             &["connect", &format!("{VIP}:80"), "--send", "hi"],
         );
@@ -120,6 +147,7 @@ fn services_and_endpoints_follow_the_api_server() {
     }
     let Fixture {
         t,
+        clients: _,
         mut cluster,
         daemon,
         _servers,
@@ -199,6 +227,7 @@ fn istio_resources_from_the_api_server_apply_live_and_invalid_ones_are_rejected_
     }
     let Fixture {
         t,
+        clients: _,
         cluster,
         daemon,
         _servers,
@@ -242,6 +271,7 @@ fn crd_installed_later_relists_and_api_server_restarts_keep_serving() {
     }
     let Fixture {
         t,
+        clients: _,
         mut cluster,
         daemon,
         _servers,
@@ -320,26 +350,8 @@ fn unreachable_api_server_and_missing_node_name_are_clear_errors() {
     api.stop();
     let api_url = api.url();
     let (tx, rx) = std::sync::mpsc::channel();
-    let (pins_path, client) = (pins.path.clone(), t.client.name.clone());
-    let dir = std::env::temp_dir().join(format!("drover-kube-{}", unique_id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let kubeconfig = dir.join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig);
+    let args = kube_args(&api, &[&t.client.name], &pins.path);
     std::thread::spawn(move || {
-        let args: Vec<String> = [
-            "--kubernetes",
-            "--kubeconfig",
-            &kubeconfig.display().to_string(),
-            "--node-name",
-            "node1",
-            "--netns",
-            &client,
-            "--pin-dir",
-            &pins_path.display().to_string(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
         let _ = tx.send(Daemon::start(&args));
     });
     std::thread::sleep(Duration::from_secs(4));
@@ -358,4 +370,52 @@ fn unreachable_api_server_and_missing_node_name_are_clear_errors() {
     assert!(log.contains("kubeconfig"), "{log}");
     // Retried with backoff, not in a hot loop: four watchers over ~4 s.
     assert!((4..200).contains(&failures), "{failures} failures:\n{log}");
+}
+
+#[test]
+fn use_source_ip_hashes_each_workload_address_sticky_per_workload_spread_across() {
+    if !require_privileged() {
+        return;
+    }
+    let Fixture {
+        t,
+        clients,
+        cluster,
+        daemon: _daemon,
+        _servers,
+        _pins,
+    } = fixture_with_clients(3, 5, &ISTIO, &[("ep1", "v1"), ("ep2", "v2"), ("ep3", "v3")]);
+    converges(&t, &["ep1", "ep2", "ep3"]);
+    cluster.api.apply(
+        DESTINATION_RULE,
+        istio(
+            "
+metadata: {name: echo, namespace: shop}
+spec:
+  host: echo.shop.svc.cluster.local
+  trafficPolicy: {loadBalancer: {consistentHash: {useSourceIp: true}}}
+",
+        ),
+    );
+    // Sticky: every connection of one workload reaches the same endpoint.
+    let deadline = Instant::now() + PROPAGATION;
+    while served(&t, 8).len() != 1 {
+        assert!(Instant::now() < deadline, "useSourceIp never applied");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mut picked = BTreeMap::new();
+    for ns in std::iter::once(&t.client).chain(&clients) {
+        let seen = served_from(ns, 6);
+        assert_eq!(seen.len(), 1, "{}: not sticky: {seen:?}", ns.name);
+        let ep = seen.into_keys().next().expect("one endpoint");
+        assert_ne!(ep, "refused");
+        picked.insert(ns.name.clone(), ep);
+    }
+    // Spread: the workloads' own addresses are hashed (all captured connections come from
+    // loopback, which would put every workload on one endpoint).
+    let distinct: std::collections::BTreeSet<_> = picked.values().collect();
+    assert!(
+        distinct.len() >= 2,
+        "every workload on one endpoint: {picked:?}"
+    );
 }

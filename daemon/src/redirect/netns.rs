@@ -7,6 +7,7 @@
 use std::{
     fs::File,
     io,
+    net::{IpAddr, SocketAddr},
     os::fd::{AsFd, AsRawFd, OwnedFd},
     path::{Path, PathBuf},
 };
@@ -25,6 +26,10 @@ pub struct NetNs {
     pub cookie: u64,
     /// Whether this is the daemon's own namespace (no switching needed).
     pub is_home: bool,
+    /// The namespace's own addresses (global scope, IPv4 first) when it was opened: a workload's
+    /// address, which its captured connections carry as their source (they reach drover over
+    /// loopback).
+    pub addresses: Vec<IpAddr>,
 }
 
 const SO_NETNS_COOKIE: libc::c_int = 71;
@@ -49,6 +54,7 @@ impl NetNs {
             home,
             cookie,
             is_home: true,
+            addresses: Vec::new(),
         })
     }
 
@@ -68,10 +74,26 @@ impl NetNs {
             home: home.home.clone(),
             cookie: 0,
             is_home: false,
+            addresses: Vec::new(),
         };
         ns.cookie = ns.enter(socket_netns_cookie)??;
         ns.is_home = ns.cookie == home.cookie;
+        if !ns.is_home {
+            ns.addresses = ns.enter(own_addresses)??;
+        }
         Ok(ns)
+    }
+
+    /// The source a captured connection from `peer` stands for: the workload's address when
+    /// the connection reached drover over loopback (as every connection captured in a
+    /// workload's namespace does), else `peer` itself.
+    pub fn source(&self, peer: SocketAddr) -> SocketAddr {
+        match self.addresses.first() {
+            Some(own) if peer.ip().to_canonical().is_loopback() => {
+                SocketAddr::new(*own, peer.port())
+            }
+            _ => peer,
+        }
     }
 
     /// Runs `f` on this thread inside the namespace, then returns to the daemon's namespace.
@@ -89,6 +111,29 @@ impl NetNs {
         }
         Ok(out)
     }
+}
+
+/// The global addresses of the namespace this thread is in, IPv4 first, in interface order.
+fn own_addresses() -> io::Result<Vec<IpAddr>> {
+    let mut v4 = Vec::new();
+    let mut v6 = Vec::new();
+    for ifa in nix::ifaddrs::getifaddrs().map_err(io::Error::from)? {
+        let Some(addr) = ifa.address else { continue };
+        if let Some(a) = addr.as_sockaddr_in() {
+            let ip = a.ip();
+            if !ip.is_loopback() && !ip.is_link_local() && !ip.is_unspecified() {
+                v4.push(IpAddr::V4(ip));
+            }
+        } else if let Some(a) = addr.as_sockaddr_in6() {
+            let ip = a.ip();
+            let link_local = (ip.segments()[0] & 0xffc0) == 0xfe80;
+            if !ip.is_loopback() && !link_local && !ip.is_unspecified() {
+                v6.push(IpAddr::V6(ip));
+            }
+        }
+    }
+    v4.extend(v6);
+    Ok(v4)
 }
 
 /// The cookie of the namespace this thread is in.
