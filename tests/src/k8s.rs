@@ -167,6 +167,27 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// The walkthrough's `reviews` in namespace `demo` (VIP `vip`, port `http` 9080 → 9080),
+    /// with pods `reviews-v1..n` (labels `app: reviews`, `version: vI`) at `ips`.
+    pub fn reviews(vip: &str, ips: &[std::net::IpAddr]) -> Self {
+        let mut c = Self::new(
+            &crate::apiserver::ISTIO,
+            "demo",
+            "reviews",
+            vip,
+            ("http", 9080, 9080),
+        );
+        for (i, ip) in ips.iter().enumerate() {
+            let version = format!("v{}", i + 1);
+            c.add_pod(
+                &format!("reviews-{version}"),
+                &[("app", "reviews"), ("version", &version)],
+                &ip.to_string(),
+            );
+        }
+        c
+    }
+
     /// A server (serving `istio` kinds), node `node1` and the Service with no pods yet.
     pub fn new(istio: &[Kind], ns: &str, service: &str, vip: &str, port: (&str, i32, i32)) -> Self {
         let api = ApiServer::start(istio);
@@ -209,6 +230,21 @@ impl Cluster {
         p.ready = ready;
         p.terminating = terminating;
         self.write_slice();
+    }
+
+    /// Applies every document of `yaml` whose kind the server serves (as `kubectl apply` with
+    /// those CRDs installed would); returns the kinds of the documents left out.
+    pub fn apply_yaml(&self, yaml: &str) -> Vec<String> {
+        let mut skipped = Vec::new();
+        for doc in serde_yaml::Deserializer::from_str(yaml) {
+            let value: Value = serde::Deserialize::deserialize(doc).expect("yaml document");
+            let kind = value["kind"].as_str().unwrap_or_default().to_string();
+            match crate::apiserver::ISTIO.iter().find(|k| k.kind == kind) {
+                Some(k) => self.api.apply(*k, value),
+                None => skipped.push(kind),
+            }
+        }
+        skipped
     }
 
     /// Writes the EndpointSlice from the pods, as the endpoint controller would.

@@ -399,6 +399,9 @@ pub struct MeshBuilder {
     servers: Vec<ServerSpec>,
     yaml: Option<String>,
     extra: Vec<String>,
+    /// Start the daemon without `--config` (its configuration comes from elsewhere, e.g. the
+    /// Kubernetes API in `extra`).
+    no_config: bool,
 }
 
 impl MeshBuilder {
@@ -410,7 +413,14 @@ impl MeshBuilder {
             servers: Vec::new(),
             yaml: None,
             extra: Vec::new(),
+            no_config: false,
         }
+    }
+
+    /// No `--config`: the arguments name where the configuration comes from.
+    pub fn without_config(mut self) -> Self {
+        self.no_config = true;
+        self
     }
 
     /// A `drover-testsrv MODE` named `name` on `ports` of endpoint `i` (1-based), with `args`.
@@ -444,7 +454,7 @@ impl MeshBuilder {
         self.prepared().0
     }
 
-    fn prepared(self) -> (Prepared, Vec<String>) {
+    fn prepared(self) -> (Prepared, Vec<String>, bool) {
         let t = Topology::new(self.n);
         let servers = if self.servers.is_empty() {
             echo_servers(&t)
@@ -471,7 +481,7 @@ impl MeshBuilder {
             pins: PinDir::new(),
             cfg: write_config(&yaml),
         };
-        (prepared, self.extra)
+        (prepared, self.extra, self.no_config)
     }
 
     /// The mesh with its daemon capturing the client namespace (panics if it does not start).
@@ -484,8 +494,12 @@ impl MeshBuilder {
                 cfg,
             },
             extra,
+            no_config,
         ) = self.prepared();
         let mut a = args(&cfg, &pins, &["--netns", &t.client.name]);
+        if no_config {
+            a.drain(..2);
+        }
         a.extend(extra);
         let daemon = Daemon::start(&a).expect("daemon starts");
         Mesh {

@@ -10,7 +10,7 @@ use std::{
 };
 
 use drover_tests::{
-    Daemon, Netns, PinDir, Proc, Topology,
+    Daemon, Mesh, MeshBuilder, Netns, PinDir, Proc, Topology,
     apiserver::{ApiServer, DESTINATION_RULE, ISTIO, Kind, POD, VIRTUAL_SERVICE},
     echo_servers,
     k8s::{Cluster, istio, pod},
@@ -68,24 +68,28 @@ fn fixture_with_clients(
     }
 }
 
-/// The daemon's arguments in Kubernetes mode against `api`, capturing `netns`.
-fn kube_args(api: &ApiServer, netns: &[&str], pins: &std::path::Path) -> Vec<String> {
+/// `--kubernetes` with a kubeconfig for `api` and node `node1`.
+fn kube_flags(api: &ApiServer) -> Vec<String> {
     let dir = std::env::temp_dir().join(format!("drover-kube-{}", unique_id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let kubeconfig = dir.join("kubeconfig");
     api.write_kubeconfig(&kubeconfig);
-    let mut args: Vec<String> = [
+    [
         "--kubernetes",
         "--kubeconfig",
         &kubeconfig.display().to_string(),
         "--node-name",
         "node1",
-        "--pin-dir",
-        &pins.display().to_string(),
     ]
     .iter()
     .map(|s| s.to_string())
-    .collect();
+    .collect()
+}
+
+/// The daemon's arguments in Kubernetes mode against `api`, capturing `netns`.
+fn kube_args(api: &ApiServer, netns: &[&str], pins: &std::path::Path) -> Vec<String> {
+    let mut args = kube_flags(api);
+    args.extend(["--pin-dir".to_string(), pins.display().to_string()]);
     for ns in netns {
         args.extend(["--netns".to_string(), ns.to_string()]);
     }
@@ -418,4 +422,164 @@ spec:
         distinct.len() >= 2,
         "every workload on one endpoint: {picked:?}"
     );
+}
+
+// === The walkthrough's scenarios, as Kubernetes objects ===
+
+const REVIEWS: &str = "http://127.77.0.10:9080";
+const SEEDS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/seeds");
+
+/// `reviews` in `demo` as a Service with pods `reviews-v1..n` (endpoint i runs `drover-testsrv
+/// http` with `server_args[i]`), the Istio resources of `yaml` in the API server, and a daemon
+/// in Kubernetes mode.
+fn reviews_mesh(server_args: &[Vec<String>], yaml: &str) -> (Cluster, Mesh) {
+    let ips: Vec<_> = (1..=server_args.len()).map(Topology::ep4).collect();
+    let cluster = Cluster::reviews("127.77.0.10", &ips);
+    let skipped = cluster.apply_yaml(yaml);
+    assert!(skipped.iter().all(|k| k == "Gateway"), "{skipped:?}");
+    let flags = kube_flags(&cluster.api);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let m = server_args
+        .iter()
+        .enumerate()
+        .fold(MeshBuilder::new(server_args.len()), |b, (i, a)| {
+            b.server(i + 1, "http", &[9080], &format!("reviews-v{}", i + 1), a)
+        })
+        .without_config()
+        .args(&flags)
+        .start();
+    (cluster, m)
+}
+
+fn delays(ms: &[u64]) -> Vec<Vec<String>> {
+    ms.iter()
+        .map(|d| vec!["--delay-ms".to_string(), d.to_string()])
+        .collect()
+}
+
+fn share(r: &serde_json::Value, pod: &str, n: u64) -> f64 {
+    r["served"][pod].as_u64().unwrap_or(0) as f64 / n as f64
+}
+
+#[test]
+fn walkthrough_scenario1_from_kubernetes_objects_splits_50_50() {
+    if !require_privileged() {
+        return;
+    }
+    let scenario = std::fs::read_to_string(format!("{SEEDS}/walkthrough-scenario1.yaml")).unwrap();
+    let (_cluster, m) = reviews_mesh(&delays(&[0, 0, 0]), &scenario);
+    let n = 1000;
+    let r = m.http(&[
+        &format!("{REVIEWS}/reviews/1"),
+        "--count",
+        "1000",
+        "--concurrency",
+        "4",
+    ]);
+    assert_eq!(r["status"]["200"].as_u64(), Some(n), "{r}");
+    let v1 = share(&r, "reviews-v1", n);
+    // Binomial sd for p=0.5, n=1000 is 0.016; ±0.06 is more than 3.5 sd.
+    assert!((0.44..=0.56).contains(&v1), "v1 share {v1}: {r}");
+    assert_eq!(share(&r, "reviews-v3", n), 0.0, "v3 is in no route: {r}");
+    assert!(
+        m.daemon
+            .log()
+            .contains("cluster=outbound|9080|v1|reviews.demo.svc.cluster.local"),
+        "access log names the subset cluster"
+    );
+}
+
+#[test]
+fn walkthrough_scenario2_from_kubernetes_objects_least_conn_avoids_the_slow_pod() {
+    if !require_privileged() {
+        return;
+    }
+    let scenario = std::fs::read_to_string(format!("{SEEDS}/walkthrough-scenario2.yaml")).unwrap();
+    let (_cluster, m) = reviews_mesh(&delays(&[150, 0, 0]), &scenario);
+    let n = 300;
+    let r = m.http(&[
+        &format!("{REVIEWS}/"),
+        "--count",
+        "300",
+        "--concurrency",
+        "8",
+    ]);
+    assert_eq!(r["status"]["200"].as_u64(), Some(n), "{r}");
+    let slow = share(&r, "reviews-v1", n);
+    assert!(slow < 0.15, "least request avoids the slow pod: {slow}");
+}
+
+#[test]
+fn walkthrough_scenario3_from_kubernetes_objects_overflows_with_503() {
+    if !require_privileged() {
+        return;
+    }
+    let scenario = std::fs::read_to_string(format!("{SEEDS}/walkthrough-scenario3.yaml")).unwrap();
+    let (_cluster, m) = reviews_mesh(&delays(&[20]), &scenario);
+    let out =
+        m.t.client
+            .command("hey")
+            .args(["-z", "3s", "-c", "20", &format!("{REVIEWS}/")])
+            .output()
+            .expect("hey");
+    let report = String::from_utf8_lossy(&out.stdout).to_string();
+    let count = |code: &str| -> u64 {
+        report
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("[{code}]")))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    let (ok, overflow) = (count("200"), count("503"));
+    assert!(!report.contains("Error distribution"), "{report}");
+    assert!(ok > 0 && overflow > ok, "mostly 503: {report}");
+    let c = &m.daemon.clusters()["clusters"][0];
+    assert_eq!(c["circuit_breakers"]["max_connections"], 1, "{c}");
+}
+
+#[test]
+fn service_port_renamed_from_tcp_to_http_switches_to_the_l7_path() {
+    if !require_privileged() {
+        return;
+    }
+    let ips = [Topology::ep4(1)];
+    let mut cluster = Cluster::reviews("127.77.0.10", &ips);
+    let rename = |cluster: &mut Cluster, name: &str| {
+        cluster.port.0 = name.into();
+        cluster.api.apply(
+            drover_tests::apiserver::SERVICE,
+            drover_tests::k8s::service("demo", "reviews", &["127.77.0.10"], &[(name, 9080, 9080)]),
+        );
+        cluster.write_slice();
+    };
+    rename(&mut cluster, "tcp-web");
+    let flags = kube_flags(&cluster.api);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let m = MeshBuilder::new(1)
+        .server(1, "http", &[9080], "reviews-v1", &[])
+        .without_config()
+        .args(&flags)
+        .start();
+    let r = m.http(&[&format!("{REVIEWS}/tcp"), "--count", "3"]);
+    assert_eq!(r["status"]["200"].as_u64(), Some(3), "{r}");
+    assert!(
+        !m.daemon.log().contains("path=/tcp"),
+        "TCP port: relayed as bytes"
+    );
+    rename(&mut cluster, "http-web");
+    let deadline = Instant::now() + PROPAGATION;
+    loop {
+        let r = m.http(&[&format!("{REVIEWS}/http"), "--count", "1"]);
+        assert_eq!(r["status"]["200"].as_u64(), Some(1), "{r}");
+        if m.daemon.log().contains("path=/http") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never switched to HTTP:\n{}",
+            m.daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
