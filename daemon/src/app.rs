@@ -13,6 +13,7 @@ use crate::{
     redirect::{CaptureMode, Kernel, OriginalDst, PinLock, SoOriginalDst, netns::NetNs},
     registry::{Client, RegistryHandle},
     reload::{self, Reloader},
+    workload::{Views, Workload},
 };
 
 /// `--mesh-ca` and friends.
@@ -59,6 +60,9 @@ pub struct RunConfig {
     pub allow_empty: bool,
     /// Kubernetes mode: services, endpoints and Istio resources from the API server too.
     pub kubernetes: Option<kubernetes::Settings>,
+    /// `--netns NAME=namespace/name`: the WorkloadEntry describing the workload of namespace
+    /// NAME.
+    pub netns_workloads: std::collections::BTreeMap<String, String>,
 }
 
 /// A running daemon.
@@ -95,7 +99,7 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
         }
         None => (None, None),
     };
-    let registry = configure(&mut cfg, api.as_ref())?;
+    prepare(&mut cfg)?;
     // One daemon per pin directory, decided before anything in it is touched.
     let lock = match cfg.capture {
         CaptureMode::Ebpf => Some(PinLock::acquire(&cfg.pin_dir)?),
@@ -108,16 +112,30 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
             .map(|_| cfg.pin_dir.clone()),
     );
     let bindings = Bindings::bind(&cfg).await?;
-    let vips: Vec<_> = registry.vips().map(|(a, id)| (a, id as u32)).collect();
+    let sources = reload::Sources {
+        paths: cfg.config_paths.clone(),
+        api: api.clone(),
+        client: cfg.client.clone(),
+        workloads: bindings.workloads(&cfg),
+        credentials: cfg.credentials.clone(),
+        allow_empty: cfg.allow_empty,
+    };
+    let snapshots = reload::load(&sources).map_err(ConfigRejected)?;
+    for w in snapshots.primary.warnings() {
+        tracing::warn!("{w}");
+    }
+    let vips = snapshots.vips();
+    let identities = snapshots.identities();
+    let views = snapshots.into_views(&sources.workloads);
     let (original, kernel) = attach(&cfg, &bindings.cookies, &vips)?;
 
-    let registry = RegistryHandle::new(registry);
+    let registry = views.primary.clone();
     let Serving {
         listeners,
         shutdown,
         tracker,
     } = DataPath {
-        registry: registry.clone(),
+        views: views.clone(),
         original,
         listeners: bindings.listeners,
         downstream: cfg.downstream,
@@ -139,8 +157,8 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
     }
     let (reload, admin) = control(
         &cfg,
-        api.as_ref(),
-        &registry,
+        (sources, identities),
+        &views,
         &kernel,
         bindings.admin,
         &shutdown,
@@ -190,45 +208,31 @@ async fn watch_api(settings: &kubernetes::Settings) -> anyhow::Result<(Feed, Can
     Ok((feed, stop))
 }
 
-/// The workloads' identity (when the daemon issues one), the process limits and the first
-/// configuration, whose warnings are logged.
-fn configure(cfg: &mut RunConfig, api: Option<&Feed>) -> anyhow::Result<crate::registry::Registry> {
+/// The workloads' mesh identity (when the daemon issues one) and the process limits.
+fn prepare(cfg: &mut RunConfig) -> anyhow::Result<()> {
     if let Some(mesh) = &cfg.mesh {
         cfg.credentials.mesh = Some(issue_identity(mesh, &cfg.client.namespace)?);
     }
     raise_nofile();
-    let registry = reload::load(
-        &cfg.config_paths,
-        api,
-        &cfg.client,
-        &cfg.credentials,
-        cfg.allow_empty,
-    )
-    .map_err(ConfigRejected)?;
-    for w in registry.warnings() {
-        tracing::warn!("{w}");
-    }
-    Ok(registry)
+    Ok(())
 }
 
 /// The control plane of a running daemon: the reloader (watcher and SIGHUP), the `EP_DSTATS`
 /// publisher (with eBPF capture) and, when bound, the admin API.
 fn control(
     cfg: &RunConfig,
-    api: Option<&Feed>,
-    registry: &RegistryHandle,
+    (sources, identities): (reload::Sources, Vec<crate::workload::Source>),
+    views: &Views,
     kernel: &Option<Arc<Kernel>>,
     admin: Option<tokio::net::TcpListener>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<(reload::Trigger, Option<std::net::SocketAddr>)> {
+    let registry = &views.primary;
     let reload = Reloader {
-        paths: cfg.config_paths.clone(),
-        client: cfg.client.clone(),
-        credentials: cfg.credentials.clone(),
-        registry: registry.clone(),
+        sources,
+        views: views.clone(),
         kernel: kernel.clone(),
-        allow_empty: cfg.allow_empty,
-        api: api.cloned(),
+        identities: std::sync::Mutex::new(identities),
     }
     .spawn(cfg.watch, shutdown.clone())?;
     if let Some(kernel) = kernel {
@@ -253,7 +257,8 @@ fn control(
 /// the downstream limits. [`build`] composes it over the kernel's capture; the in-process tests
 /// compose it over loopback listeners and a [`crate::redirect::ByListener`].
 pub struct DataPath {
-    pub registry: RegistryHandle,
+    /// The snapshots the listeners read: each namespace's workload identity has its own.
+    pub views: Views,
     pub original: Arc<dyn OriginalDst>,
     pub listeners: Vec<(Arc<NetNs>, tokio::net::TcpListener)>,
     pub downstream: proxy::downstream::Timeouts,
@@ -278,16 +283,17 @@ impl DataPath {
         let tracker = TaskTracker::new();
         tokio::spawn(self.overload.clone().watch_memory(shutdown.clone()));
         tokio::spawn(crate::memory::trim_after_load(shutdown.clone()));
-        let proxy = Proxy::new(self.registry, self.original, self.downstream, self.overload);
-        let proxy = Arc::new(if self.mark { proxy } else { proxy.unmarked() });
         let mut listeners = Vec::new();
         for (ns, l) in self.listeners {
             listeners.push((ns.name.clone(), l.local_addr()?));
-            tokio::spawn(
-                proxy
-                    .clone()
-                    .serve(ns, l, shutdown.clone(), tracker.clone()),
+            let proxy = Proxy::new(
+                self.views.for_netns(&ns.name),
+                self.original.clone(),
+                self.downstream,
+                self.overload.clone(),
             );
+            let proxy = Arc::new(if self.mark { proxy } else { proxy.unmarked() });
+            tokio::spawn(proxy.serve(ns, l, shutdown.clone(), tracker.clone()));
         }
         Ok(Serving {
             listeners,
@@ -344,6 +350,22 @@ struct InboundBinding {
 }
 
 impl Bindings {
+    /// The enrolled workload namespaces (not the daemon's own), each once.
+    fn workloads(&self, cfg: &RunConfig) -> Vec<Workload> {
+        let mut out: Vec<Workload> = Vec::new();
+        for (ns, _) in &self.listeners {
+            if ns.is_home || out.iter().any(|w| w.netns == ns.name) {
+                continue;
+            }
+            out.push(Workload {
+                netns: ns.name.clone(),
+                addresses: ns.addresses.clone(),
+                entry: cfg.netns_workloads.get(&ns.name).cloned(),
+            });
+        }
+        out
+    }
+
     async fn bind(cfg: &RunConfig) -> anyhow::Result<Self> {
         let home = NetNs::current().context("reading the daemon's network namespace")?;
         let mut served = Vec::new();

@@ -266,6 +266,28 @@ impl Feed {
         problems
     }
 
+    /// The pod (namespace, name, labels) that holds one of `addresses`: a workload's identity.
+    /// Pods that ended (`Succeeded`, `Failed`) and host-network pods (which share the node's
+    /// addresses) are not candidates.
+    pub fn pod_with_address(
+        &self,
+        addresses: &[std::net::IpAddr],
+    ) -> Option<(String, String, BTreeMap<String, String>)> {
+        let s = self.state();
+        s.pods
+            .iter()
+            .filter(|(_, p)| {
+                !p.host_network && !matches!(p.phase.as_deref(), Some("Succeeded" | "Failed"))
+            })
+            .find(|(_, p)| {
+                p.ips
+                    .iter()
+                    .filter_map(|ip| ip.parse::<std::net::IpAddr>().ok())
+                    .any(|ip| addresses.contains(&ip))
+            })
+            .map(|((ns, name), p)| (ns.clone(), name.clone(), p.labels.clone()))
+    }
+
     /// The id (`Kind namespace/name`) of the API object a problem is about, if it is about one.
     pub fn object_of(&self, problem: &Problem) -> Option<String> {
         let file = problem.location.file.to_str()?;

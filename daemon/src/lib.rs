@@ -68,3 +68,4 @@ pub mod stats;
 #[doc(hidden)]
 pub mod testing;
 pub mod tls;
+pub mod workload;

@@ -72,7 +72,9 @@ struct RunArgs {
     /// cgroup v2 directory whose processes are captured (listener in drover's own netns).
     #[arg(long = "cgroup")]
     cgroup: Vec<PathBuf>,
-    /// Network namespace (an `ip netns` name or a path) whose processes are captured.
+    /// Network namespace (an `ip netns` name or a path) whose processes are captured;
+    /// `NAME=namespace/name` also names the WorkloadEntry that describes its workload (by
+    /// default: the Pod in Kubernetes mode, or a WorkloadEntry, holding one of its addresses).
     #[arg(long = "netns")]
     netns: Vec<String>,
     /// Leave captured connects alone while no drover listener exists (default: refuse them).
@@ -431,10 +433,22 @@ impl RunArgs {
         } else {
             None
         };
+        let mut netns = Vec::new();
+        let mut netns_workloads = std::collections::BTreeMap::new();
+        for n in self.netns {
+            match n.split_once('=') {
+                Some((name, entry)) => {
+                    netns_workloads.insert(name.to_string(), entry.to_string());
+                    netns.push(name.to_string());
+                }
+                None => netns.push(n),
+            }
+        }
         Ok(app::RunConfig {
             config_paths: self.config,
             cgroups: self.cgroup,
-            netns: self.netns,
+            netns,
+            netns_workloads,
             fail_open: self.fail_open,
             capture: self.capture,
             pin_dir: self.pin_dir,

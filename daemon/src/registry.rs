@@ -304,6 +304,13 @@ impl RegistryHandle {
         }
     }
 
+    /// A handle whose first snapshot is shared with others.
+    pub fn from_arc(registry: Arc<Registry>) -> Self {
+        Self {
+            current: Arc::new(ArcSwap::new(registry)),
+        }
+    }
+
     /// The current snapshot.
     pub fn load(&self) -> Arc<Registry> {
         self.current.load_full()
@@ -312,5 +319,10 @@ impl RegistryHandle {
     /// Replaces the snapshot atomically; readers holding the old one keep it until they drop it.
     pub fn store(&self, registry: Registry) {
         self.current.store(Arc::new(registry));
+    }
+
+    /// Replaces the snapshot with one shared with other handles.
+    pub fn store_arc(&self, registry: Arc<Registry>) {
+        self.current.store(registry);
     }
 }

@@ -28,6 +28,7 @@ use crate::{
     kubernetes::Feed,
     redirect::Kernel,
     registry::{Client, Registry, RegistryHandle},
+    workload::{Source, Views, Workload},
 };
 
 /// How long the watcher waits for more events before rebuilding.
@@ -54,15 +55,11 @@ pub enum Error {
 
 /// What a reload needs.
 pub struct Reloader {
-    pub paths: Vec<PathBuf>,
-    pub client: Client,
-    pub credentials: crate::tls::Credentials,
-    pub registry: RegistryHandle,
+    pub sources: Sources,
+    pub views: Views,
     pub kernel: Option<Arc<Kernel>>,
-    /// Accept a configuration without services (otherwise refused: see the module doc).
-    pub allow_empty: bool,
-    /// The Kubernetes API's objects (Kubernetes mode): each change of them is a reload.
-    pub api: Option<Feed>,
+    /// Where each workload's identity came from at the last reload (changes are logged).
+    pub identities: Mutex<Vec<Source>>,
 }
 
 /// Asks the running reloader for a reload (SIGHUP).
@@ -84,22 +81,50 @@ enum Signal {
     Api,
 }
 
-/// Loads and validates `paths` (and, with `api`, the objects of the Kubernetes API) into a
-/// snapshot for `client`, with every TLS file read; refuses a configuration without services
-/// unless `allow_empty` (or `api`: an empty cluster is a state, not a truncated file).
-pub fn load(
-    paths: &[PathBuf],
-    api: Option<&Feed>,
-    client: &Client,
-    credentials: &crate::tls::Credentials,
-    allow_empty: bool,
-) -> Result<Registry, Error> {
+/// What to load: the configuration paths, the API's objects (Kubernetes mode), the daemon's
+/// client and its enrolled workloads, where secrets are, and whether no service is acceptable.
+#[derive(Clone)]
+pub struct Sources {
+    pub paths: Vec<PathBuf>,
+    pub api: Option<Feed>,
+    pub client: Client,
+    pub workloads: Vec<Workload>,
+    pub credentials: crate::tls::Credentials,
+    /// Accept a configuration without services (otherwise refused: see the module doc).
+    pub allow_empty: bool,
+}
+
+/// A loaded configuration: the primary snapshot and one per distinct workload identity.
+pub struct Snapshots {
+    pub primary: Registry,
+    /// Snapshots of the identities that differ from the primary one.
+    extra: Vec<Registry>,
+    /// For each workload (in [`Sources::workloads`] order): its snapshot in `extra`, or `None`
+    /// for the primary one, with where its identity came from.
+    assignment: Vec<(Option<usize>, Source)>,
+}
+
+/// Loads and validates the configuration of `sources` into snapshots, with every TLS file read;
+/// refuses a configuration without services unless `allow_empty` (or Kubernetes mode: an empty
+/// cluster is a state, not a truncated file).
+pub fn load(sources: &Sources) -> Result<Snapshots, Error> {
+    let Sources {
+        paths,
+        api,
+        client,
+        credentials,
+        ..
+    } = sources;
     let files = ConfigSet::load(paths)?;
-    let mut registry = match api {
+    let (mut primary, set) = match api {
         Some(feed) => build_with_api(files, feed, client)?,
-        None => Registry::build(&files, client).map_err(|r| config::Error::Invalid(r.errors))?,
+        None => {
+            let r =
+                Registry::build(&files, client).map_err(|r| config::Error::Invalid(r.errors))?;
+            (r, files)
+        }
     };
-    if registry.services().is_empty() && !allow_empty && api.is_none() {
+    if primary.services().is_empty() && !sources.allow_empty && api.is_none() {
         return Err(Error::Empty {
             paths: paths
                 .iter()
@@ -108,16 +133,132 @@ pub fn load(
                 .join(", "),
         });
     }
-    registry
+    primary
         .originate(credentials)
         .map_err(config::Error::Invalid)?;
-    Ok(registry)
+    let mut clients: Vec<Client> = Vec::new();
+    let mut extra = Vec::new();
+    let mut assignment = Vec::new();
+    for w in &sources.workloads {
+        let (c, source) = w.client(client, &set, api.as_ref());
+        if c == *client {
+            assignment.push((None, source));
+        } else if let Some(i) = clients.iter().position(|k| *k == c) {
+            assignment.push((Some(i), source));
+        } else {
+            match build_for(&set, &c, credentials) {
+                Ok(r) => {
+                    clients.push(c);
+                    extra.push(r);
+                    assignment.push((Some(extra.len() - 1), source));
+                }
+                Err(problems) => {
+                    tracing::error!(netns = %w.netns, identity = ?source, "the configuration does not resolve for this workload's identity; it is served with the daemon's client identity");
+                    for p in problems {
+                        tracing::error!("{p}");
+                    }
+                    assignment.push((None, source));
+                }
+            }
+        }
+    }
+    Ok(Snapshots {
+        primary,
+        extra,
+        assignment,
+    })
+}
+
+/// The snapshot of `set` for `client`, TLS files read.
+fn build_for(
+    set: &ConfigSet,
+    client: &Client,
+    credentials: &crate::tls::Credentials,
+) -> Result<Registry, Vec<config::Problem>> {
+    let mut r = Registry::build(set, client).map_err(|r| r.errors)?;
+    r.originate(credentials)?;
+    Ok(r)
+}
+
+// === impl Snapshots ===
+
+impl Snapshots {
+    /// Every captured (VIP, port) of every snapshot, with the service id of the first that has it.
+    pub fn vips(&self) -> Vec<(std::net::SocketAddr, u32)> {
+        let mut seen = HashSet::new();
+        std::iter::once(&self.primary)
+            .chain(&self.extra)
+            .flat_map(|r| r.vips())
+            .filter(|(a, _)| seen.insert(*a))
+            .map(|(a, id)| (a, id as u32))
+            .collect()
+    }
+
+    /// Where each workload's identity came from.
+    pub fn identities(&self) -> Vec<Source> {
+        self.assignment.iter().map(|(_, s)| s.clone()).collect()
+    }
+
+    /// Fresh views over these snapshots, for `workloads` (the order they were loaded for).
+    pub fn into_views(self, workloads: &[Workload]) -> Views {
+        let views = Views {
+            primary: RegistryHandle::new(self.primary),
+            workloads: Vec::new(),
+        };
+        let extra: Vec<Arc<Registry>> = self.extra.into_iter().map(Arc::new).collect();
+        let workloads = workloads
+            .iter()
+            .zip(&self.assignment)
+            .map(|(w, (i, source))| {
+                log_identity(w, source);
+                let snapshot = i.map_or_else(|| views.primary.load(), |i| extra[i].clone());
+                (w.clone(), RegistryHandle::from_arc(snapshot))
+            })
+            .collect();
+        Views { workloads, ..views }
+    }
+
+    /// Swaps these snapshots into `views`; each takes over the state of the snapshot it replaces
+    /// (see [`Registry::inherit`]).
+    pub fn install(self, views: &Views) {
+        let mut primary = self.primary;
+        primary.inherit(&views.primary.load());
+        let primary = Arc::new(primary);
+        views.primary.store_arc(primary.clone());
+        let mut extra: Vec<Option<Registry>> = self.extra.into_iter().map(Some).collect();
+        let mut installed: Vec<Option<Arc<Registry>>> = vec![None; extra.len()];
+        for ((_, handle), (i, _)) in views.workloads.iter().zip(&self.assignment) {
+            let snapshot = match i {
+                None => primary.clone(),
+                Some(i) => match (&installed[*i], extra[*i].take()) {
+                    (Some(a), _) => a.clone(),
+                    (None, Some(mut r)) => {
+                        r.inherit(&handle.load());
+                        let a = Arc::new(r);
+                        installed[*i] = Some(a.clone());
+                        a
+                    }
+                    (None, None) => primary.clone(),
+                },
+            };
+            handle.store_arc(snapshot);
+        }
+    }
+}
+
+/// Says who a workload namespace's connections come from.
+fn log_identity(w: &Workload, source: &Source) {
+    tracing::info!(netns = %w.netns, addresses = ?w.addresses, identity = ?source, "workload identity");
 }
 
 /// The snapshot of the files and the API objects. API objects with problems are rejected alone
 /// (their last valid version, if any, takes their place) and the build is retried; problems in
 /// files refuse the whole configuration, as without the API.
-fn build_with_api(files: ConfigSet, feed: &Feed, client: &Client) -> Result<Registry, Error> {
+fn build_with_api(
+    files: ConfigSet,
+    feed: &Feed,
+    client: &Client,
+) -> Result<(Registry, ConfigSet), Error> {
     // Objects served in their last valid version, and objects left out (whose last valid
     // version does not fit either); each round moves at least one object, or ends.
     let mut rejected = HashSet::new();
@@ -129,7 +270,7 @@ fn build_with_api(files: ConfigSet, feed: &Feed, client: &Client) -> Result<Regi
         let errors = match Registry::build(&set, client) {
             Ok(registry) => {
                 feed.accepted(&rejected, &problems);
-                return Ok(registry);
+                return Ok((registry, set));
             }
             Err(r) => r.errors,
         };
@@ -170,18 +311,18 @@ impl Reloader {
         let trigger = Trigger(tx.clone());
         let watcher = if watch {
             let mut w = Watch::new(tx.clone())?;
-            for p in &self.paths {
+            for p in &self.sources.paths {
                 w.add(p)?;
             }
             // Certificate files: a rotation is a reload (new handshakes use the new files).
-            for p in self.registry.load().tls_files() {
+            for p in self.views.primary.load().tls_files() {
                 w.add(&p)?;
             }
             Some(w)
         } else {
             None
         };
-        if let Some(feed) = self.api.clone() {
+        if let Some(feed) = self.sources.api.clone() {
             let stop = shutdown.clone();
             tokio::spawn(async move {
                 loop {
@@ -237,7 +378,7 @@ impl Reloader {
             }
             self.reload(first).await;
             if let Some(w) = &mut watch {
-                for p in self.registry.load().tls_files() {
+                for p in self.views.primary.load().tls_files() {
                     if let Err(e) = w.add(&p) {
                         tracing::warn!(error = %e, "cannot watch a certificate file; rotation of it needs a config change");
                     }
@@ -247,25 +388,34 @@ impl Reloader {
     }
 
     /// Rebuilds and swaps the snapshot, or keeps the current one and logs why.
+    /// Logs the workloads whose identity changed.
+    fn note_identities(&self, snapshots: &Snapshots) {
+        let mut last = self.identities.lock().unwrap_or_else(|e| e.into_inner());
+        let now: Vec<Source> = snapshots
+            .assignment
+            .iter()
+            .map(|(_, s)| s.clone())
+            .collect();
+        for (i, w) in self.sources.workloads.iter().enumerate() {
+            if last.get(i) != now.get(i) {
+                log_identity(w, &now[i]);
+            }
+        }
+        *last = now;
+    }
+
     pub async fn reload(&self, since: Instant) {
-        let paths = self.paths.clone();
-        let api = self.api.clone();
-        let client = self.client.clone();
-        let credentials = self.credentials.clone();
-        let allow_empty = self.allow_empty;
-        let built = tokio::task::spawn_blocking(move || {
-            load(&paths, api.as_ref(), &client, &credentials, allow_empty)
-        })
-        .await;
+        let sources = self.sources.clone();
+        let built = tokio::task::spawn_blocking(move || load(&sources)).await;
         match built {
-            Ok(Ok(mut registry)) => {
-                registry.inherit(&self.registry.load());
-                for w in registry.warnings() {
+            Ok(Ok(snapshots)) => {
+                for w in snapshots.primary.warnings() {
                     tracing::warn!("{w}");
                 }
-                let vips: Vec<_> = registry.vips().map(|(a, id)| (a, id as u32)).collect();
-                let services = registry.services().len();
-                self.registry.store(registry);
+                let vips = snapshots.vips();
+                let services = snapshots.primary.services().len();
+                self.note_identities(&snapshots);
+                snapshots.install(&self.views);
                 if let Some(kernel) = &self.kernel
                     && let Err(e) = kernel.set_vips(&vips)
                 {

@@ -583,3 +583,82 @@ fn service_port_renamed_from_tcp_to_http_switches_to_the_l7_path() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+#[test]
+fn each_client_pod_gets_its_own_source_labels_routes_and_workload_selector_rules() {
+    if !require_privileged() {
+        return;
+    }
+    let Fixture {
+        t,
+        clients,
+        cluster,
+        daemon,
+        _servers,
+        _pins,
+    } = fixture_with_clients(2, 1, &ISTIO, &[("ep1", "v1"), ("ep2", "v2")]);
+    let b = &clients[0];
+    // The client namespaces' pods, known only after the daemon started: identity follows.
+    for (name, role, ip) in [
+        ("client-a", "a", Topology::client4(1)),
+        ("client-b", "b", Topology::client_k4(1)),
+    ] {
+        cluster.api.apply(
+            POD,
+            pod(
+                "shop",
+                name,
+                &[("app", "frontend"), ("role", role)],
+                name,
+                "node1",
+                &ip.to_string(),
+            ),
+        );
+    }
+    cluster.api.apply(DESTINATION_RULE, istio(SUBSETS));
+    cluster.api.apply(
+        VIRTUAL_SERVICE,
+        istio(
+            "
+metadata: {name: echo, namespace: shop}
+spec:
+  hosts: [echo.shop.svc.cluster.local]
+  tcp:
+  - match: [{sourceLabels: {role: a}}]
+    route: [{destination: {host: echo.shop.svc.cluster.local, subset: v1}}]
+  - match: [{sourceLabels: {role: b}}]
+    route: [{destination: {host: echo.shop.svc.cluster.local, subset: v2}}]
+",
+        ),
+    );
+    converges(&t, &["ep1"]);
+    let deadline = Instant::now() + PROPAGATION;
+    while served_from(b, 8).keys().collect::<Vec<_>>() != ["ep2"] {
+        assert!(
+            Instant::now() < deadline,
+            "role b never routed to v2:\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(daemon.log().contains("shop/client-a"), "identity logged");
+
+    // A DestinationRule selecting role b redefines subset v1 for it alone.
+    cluster.api.apply(VIRTUAL_SERVICE, route_to("v1"));
+    cluster.api.apply(
+        DESTINATION_RULE,
+        istio(
+            "
+metadata: {name: echo-for-b, namespace: shop}
+spec:
+  host: echo.shop.svc.cluster.local
+  workloadSelector: {matchLabels: {role: b}}
+  subsets:
+  - {name: v1, labels: {version: v2}}
+",
+        ),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    converges(&t, &["ep1"]);
+    assert_eq!(served_from(b, 8).keys().collect::<Vec<_>>(), ["ep2"]);
+}

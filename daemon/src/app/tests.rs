@@ -62,7 +62,7 @@ async fn serve(yaml: &str, vips: &[&str]) -> InProcess {
     }
     let registry = RegistryHandle::new(registry);
     let serving = DataPath {
-        registry: registry.clone(),
+        views: crate::workload::Views::single(registry.clone()),
         original: Arc::new(ByListener(routes)),
         listeners,
         downstream: Timeouts::default(),
