@@ -100,6 +100,19 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
         None => (None, None),
     };
     prepare(&mut cfg)?;
+    let mut sources = reload::Sources {
+        paths: cfg.config_paths.clone(),
+        api: api.clone(),
+        client: cfg.client.clone(),
+        workloads: Vec::new(),
+        credentials: cfg.credentials.clone(),
+        allow_empty: cfg.allow_empty,
+    };
+    // The configuration is validated before anything is opened or bound.
+    let loaded = reload::load_config(&sources).map_err(ConfigRejected)?;
+    for w in loaded.primary.warnings() {
+        tracing::warn!("{w}");
+    }
     // One daemon per pin directory, decided before anything in it is touched.
     let lock = match cfg.capture {
         CaptureMode::Ebpf => Some(PinLock::acquire(&cfg.pin_dir)?),
@@ -112,18 +125,8 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
             .map(|_| cfg.pin_dir.clone()),
     );
     let bindings = Bindings::bind(&cfg).await?;
-    let sources = reload::Sources {
-        paths: cfg.config_paths.clone(),
-        api: api.clone(),
-        client: cfg.client.clone(),
-        workloads: bindings.workloads(&cfg),
-        credentials: cfg.credentials.clone(),
-        allow_empty: cfg.allow_empty,
-    };
-    let snapshots = reload::load(&sources).map_err(ConfigRejected)?;
-    for w in snapshots.primary.warnings() {
-        tracing::warn!("{w}");
-    }
+    sources.workloads = bindings.workloads(&cfg);
+    let snapshots = loaded.resolve(&sources);
     let vips = snapshots.vips();
     let identities = snapshots.identities();
     let views = snapshots.into_views(&sources.workloads);

@@ -104,10 +104,22 @@ pub struct Snapshots {
     assignment: Vec<(Option<usize>, Source)>,
 }
 
-/// Loads and validates the configuration of `sources` into snapshots, with every TLS file read;
-/// refuses a configuration without services unless `allow_empty` (or Kubernetes mode: an empty
-/// cluster is a state, not a truncated file).
+/// A validated configuration and its primary snapshot, before the workloads' snapshots.
+pub struct Loaded {
+    pub primary: Registry,
+    set: ConfigSet,
+}
+
+/// Loads and validates the configuration of `sources` into snapshots (see [`load_config`] and
+/// [`Loaded::resolve`]).
 pub fn load(sources: &Sources) -> Result<Snapshots, Error> {
+    Ok(load_config(sources)?.resolve(sources))
+}
+
+/// Loads and validates the configuration of `sources` into the primary snapshot, with every TLS
+/// file read; refuses a configuration without services unless `allow_empty` (or Kubernetes mode:
+/// an empty cluster is a state, not a truncated file).
+pub fn load_config(sources: &Sources) -> Result<Loaded, Error> {
     let Sources {
         paths,
         api,
@@ -136,37 +148,50 @@ pub fn load(sources: &Sources) -> Result<Snapshots, Error> {
     primary
         .originate(credentials)
         .map_err(config::Error::Invalid)?;
-    let mut clients: Vec<Client> = Vec::new();
-    let mut extra = Vec::new();
-    let mut assignment = Vec::new();
-    for w in &sources.workloads {
-        let (c, source) = w.client(client, &set, api.as_ref());
-        if c == *client {
-            assignment.push((None, source));
-        } else if let Some(i) = clients.iter().position(|k| *k == c) {
-            assignment.push((Some(i), source));
-        } else {
-            match build_for(&set, &c, credentials) {
-                Ok(r) => {
-                    clients.push(c);
-                    extra.push(r);
-                    assignment.push((Some(extra.len() - 1), source));
-                }
-                Err(problems) => {
-                    tracing::error!(netns = %w.netns, identity = ?source, "the configuration does not resolve for this workload's identity; it is served with the daemon's client identity");
-                    for p in problems {
-                        tracing::error!("{p}");
+    Ok(Loaded { primary, set })
+}
+
+// === impl Loaded ===
+
+impl Loaded {
+    /// The snapshots of `sources.workloads`: one per identity that differs from the primary
+    /// one (a workload whose identity the configuration cannot serve gets the primary one, and
+    /// an error line).
+    pub fn resolve(self, sources: &Sources) -> Snapshots {
+        let Loaded { primary, set } = self;
+        let (client, credentials) = (&sources.client, &sources.credentials);
+        let mut clients: Vec<Client> = Vec::new();
+        let mut extra = Vec::new();
+        let mut assignment = Vec::new();
+        for w in &sources.workloads {
+            let (c, source) = w.client(client, &set, sources.api.as_ref());
+            if c == *client {
+                assignment.push((None, source));
+            } else if let Some(i) = clients.iter().position(|k| *k == c) {
+                assignment.push((Some(i), source));
+            } else {
+                match build_for(&set, &c, credentials) {
+                    Ok(r) => {
+                        clients.push(c);
+                        extra.push(r);
+                        assignment.push((Some(extra.len() - 1), source));
                     }
-                    assignment.push((None, source));
+                    Err(problems) => {
+                        tracing::error!(netns = %w.netns, identity = ?source, "the configuration does not resolve for this workload's identity; it is served with the daemon's client identity");
+                        for p in problems {
+                            tracing::error!("{p}");
+                        }
+                        assignment.push((None, source));
+                    }
                 }
             }
         }
+        Snapshots {
+            primary,
+            extra,
+            assignment,
+        }
     }
-    Ok(Snapshots {
-        primary,
-        extra,
-        assignment,
-    })
 }
 
 /// The snapshot of `set` for `client`, TLS files read.
