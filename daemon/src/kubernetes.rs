@@ -465,3 +465,6 @@ pub(crate) fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Obje
 fn to_yaml(value: serde_json::Value) -> serde_yaml::Value {
     serde_yaml::to_value(value).unwrap_or(serde_yaml::Value::Null)
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,158 @@
+//! The feed and the reloader's per-object rejection, without an API server: objects are fed as
+//! the watchers would feed them.
+
+use std::collections::HashSet;
+
+use serde_json::json;
+
+use super::*;
+use crate::reload::{Sources, load};
+
+fn feed() -> Feed {
+    let feed = Feed::new("cluster.local");
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": {"name": "echo", "namespace": "shop"},
+        "spec": {"clusterIP": "127.77.0.40", "ports": [{"name": "tcp", "port": 80}]},
+    }))
+    .unwrap();
+    let slice: EndpointSlice = serde_json::from_value(json!({
+        "metadata": {"name": "echo-1", "namespace": "shop",
+                     "labels": {"kubernetes.io/service-name": "echo"}},
+        "addressType": "IPv4",
+        "endpoints": [
+            {"addresses": ["198.18.1.2"], "targetRef": {"kind": "Pod", "name": "p1", "namespace": "shop"}},
+            {"addresses": ["198.18.2.2"], "targetRef": {"kind": "Pod", "name": "p2", "namespace": "shop"}},
+        ],
+        "ports": [{"name": "tcp", "port": 7000}],
+    }))
+    .unwrap();
+    feed.relisted("Service", "Service", vec![Object::Service(Box::new(svc))]);
+    feed.relisted("EndpointSlice", "EndpointSlice", vec![Object::Slice(Box::new(slice))]);
+    let pods = [("p1", "v1"), ("p2", "v2")].map(|(name, version)| {
+        let info = PodInfo {
+            labels: [("version".to_string(), version.to_string())].into(),
+            service_account: "default".into(),
+            ..Default::default()
+        };
+        Object::Pod(("shop".into(), name.into()), info)
+    });
+    feed.relisted("Pod", "Pod", pods.into());
+    feed
+}
+
+fn rule(spec: serde_json::Value) -> Object {
+    let value = json!({
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "DestinationRule",
+        "metadata": {"name": "echo", "namespace": "shop"},
+        "spec": spec,
+    });
+    Object::Istio("DestinationRule", ("shop".into(), "echo".into()), value)
+}
+
+fn sources(feed: &Feed) -> Sources {
+    Sources {
+        paths: Vec::new(),
+        api: Some(feed.clone()),
+        client: Default::default(),
+        workloads: Vec::new(),
+        credentials: Default::default(),
+        allow_empty: false,
+    }
+}
+
+/// The subsets the snapshot's DestinationRule for `echo` defines.
+fn subsets(feed: &Feed) -> Vec<String> {
+    let snapshot = load(&sources(feed)).expect("loads").primary;
+    let (_, svc) = snapshot
+        .service("echo.shop.svc.cluster.local")
+        .expect("the Service became a service");
+    assert_eq!(svc.endpoints.len(), 2);
+    snapshot
+        .rule_for(svc)
+        .map(|r| r.subsets.iter().map(|(s, _)| s.name.clone()).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn invalid_and_malformed_objects_are_rejected_alone_and_keep_their_last_valid_version() {
+    let feed = feed();
+    assert!(feed.is_synced(), "nothing expected yet");
+    assert!(subsets(&feed).is_empty());
+    feed.applied(rule(json!({"host": "echo.shop.svc.cluster.local",
+        "subsets": [{"name": "v1", "labels": {"version": "v1"}}]})));
+    assert_eq!(subsets(&feed), ["v1"]);
+
+    // Invalid (validation): the service keeps serving with the last valid rule.
+    feed.applied(rule(json!({"host": "echo.shop.svc.cluster.local",
+        "trafficPolicy": {"loadBalancer": {"simple": "BOGUS"}},
+        "subsets": [{"name": "v2", "labels": {"version": "v2"}}]})));
+    assert_eq!(subsets(&feed), ["v1"]);
+    assert_eq!(feed.counters().rejected.load(Ordering::Relaxed), 1);
+
+    // Malformed (does not parse): the same.
+    feed.applied(rule(json!({"host": "echo.shop.svc.cluster.local", "subsets": "v3"})));
+    assert_eq!(subsets(&feed), ["v1"]);
+    assert_eq!(feed.counters().rejected.load(Ordering::Relaxed), 2);
+
+    // Fixed: the new version serves.
+    feed.applied(rule(json!({"host": "echo.shop.svc.cluster.local",
+        "subsets": [{"name": "v2", "labels": {"version": "v2"}}]})));
+    assert_eq!(subsets(&feed), ["v2"]);
+}
+
+#[test]
+fn an_object_invalid_from_the_start_is_left_out_and_the_rest_serves() {
+    let feed = feed();
+    feed.applied(rule(json!({"host": "echo.shop.svc.cluster.local",
+        "trafficPolicy": {"connectionPool": {"tcp": {"maxConnections": -1}}}})));
+    let snapshot = load(&sources(&feed)).expect("the rest loads").primary;
+    let (_, svc) = snapshot.service("echo.shop.svc.cluster.local").unwrap();
+    assert!(snapshot.rule_for(svc).is_none(), "the invalid rule is left out");
+    assert_eq!(feed.counters().rejected.load(Ordering::Relaxed), 1);
+    let problem = crate::config::Problem {
+        location: crate::config::Location {
+            file: "DestinationRule shop/echo".into(),
+            line: 0,
+            col: 0,
+        },
+        field: String::new(),
+        message: String::new(),
+    };
+    assert_eq!(
+        feed.object_of(&problem).as_deref(),
+        Some("DestinationRule shop/echo")
+    );
+}
+
+#[test]
+fn a_relist_replaces_only_its_kind_and_a_file_resource_wins_over_the_api() {
+    let feed = feed();
+    feed.applied(rule(json!({"host": "echo.shop.svc.cluster.local",
+        "subsets": [{"name": "v1", "labels": {"version": "v1"}}]})));
+    // The Pod watcher relists with one pod gone: its endpoint is left out (not yet seen).
+    feed.relisted(
+        "Pod",
+        "Pod",
+        vec![Object::Pod(("shop".into(), "p1".into()), PodInfo::default())],
+    );
+    let snapshot = load(&sources(&feed)).unwrap().primary;
+    let (_, svc) = snapshot.service("echo.shop.svc.cluster.local").unwrap();
+    assert_eq!(svc.endpoints.len(), 1);
+    assert!(snapshot.rule_for(svc).is_some(), "other kinds untouched");
+
+    // A file defining DestinationRule shop/echo takes its place.
+    let mut set = ConfigSet::parse_ok(
+        "f.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: echo, namespace: shop}\n\
+         spec: {host: echo.shop.svc.cluster.local, subsets: [{name: file, labels: {version: v2}}]}\n",
+    );
+    let problems = feed.extend(&mut set, &mut HashSet::new(), &HashSet::new());
+    assert!(problems.is_empty());
+    assert_eq!(set.destination_rules.len(), 1);
+    assert_eq!(
+        set.destination_rules[0].spec.subsets[0].as_ref().map(|s| s.name.as_str()),
+        Some("file")
+    );
+    assert_eq!(set.service_entries.len(), 1);
+}
