@@ -17,7 +17,7 @@ use hyper_util::rt::TokioIo;
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},
-    metrics::{MetricType, gauge::ConstGauge},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
     registry::Registry as PromRegistry,
 };
 use serde::Serialize;
@@ -52,6 +52,8 @@ pub struct Admin {
     /// With eBPF capture: `/clusters` publishes `EP_DSTATS` before it answers.
     pub kernel: Option<Arc<Kernel>>,
     pub log: Option<LogControl>,
+    /// Kubernetes mode: `/ready` waits for the watchers' first lists; their counters.
+    pub api: Option<crate::kubernetes::Feed>,
 }
 
 /// `/clusters`: one entry per cluster of the current snapshot.
@@ -119,45 +121,35 @@ impl Admin {
             source,
         })?;
         let admin = Arc::new(self);
-        tokio::spawn(async move {
-            loop {
-                let (stream, _) = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    a = listener.accept() => match a {
-                        Ok(a) => a,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "admin accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    },
-                };
-                let admin = admin.clone();
-                let local = stream.local_addr().ok();
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req| {
-                        let admin = admin.clone();
-                        async move {
-                            Ok::<_, Infallible>(match refuse(&req, local) {
-                                Some(r) => r,
-                                None => admin.answer(req),
-                            })
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
+        accept_loop(
+            listener,
+            shutdown,
+            "admin",
+            move |req, local| match refuse(&req, local) {
+                Some(r) => r,
+                None => admin.answer(req),
+            },
+        );
         tracing::info!(%bound, "admin API listening");
         Ok(bound)
+    }
+
+    /// Ready once serving, and in Kubernetes mode once every watcher has listed.
+    fn ready(&self) -> Response<crate::proxy::Body> {
+        match &self.api {
+            Some(feed) if !feed.is_synced() => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "NOT READY: kubernetes watchers not synced\n",
+                "text/plain",
+            ),
+            _ => text(StatusCode::OK, "LIVE\n", "text/plain"),
+        }
     }
 
     fn answer<B>(&self, req: Request<B>) -> Response<crate::proxy::Body> {
         let query = req.uri().query().unwrap_or("");
         match (req.method(), req.uri().path()) {
-            (&Method::GET, "/ready") => text(StatusCode::OK, "LIVE\n", "text/plain"),
+            (&Method::GET, "/ready" | "/healthz/ready") => self.ready(),
             (&Method::GET, "/clusters") => {
                 let snapshot = self.registry.load();
                 if let Some(kernel) = &self.kernel {
@@ -167,11 +159,15 @@ impl Admin {
                     "clusters": clusters(&snapshot),
                     "inbound": &crate::stats::store().inbound,
                     "downstream": &crate::stats::store().downstream,
+                    "kubernetes": self.api.as_ref().map(|f| f.counters()),
                 }))
             }
             (&Method::GET, "/stats/prometheus") => {
                 let mut reg = PromRegistry::default();
-                reg.register_collector(Box::new(Prometheus(self.registry.load())));
+                reg.register_collector(Box::new(Prometheus(
+                    self.registry.load(),
+                    self.api.clone(),
+                )));
                 let mut out = String::new();
                 match prometheus_client::encoding::text::encode(&mut out, &reg) {
                     Ok(()) => text(StatusCode::OK, &out, "text/plain; version=0.0.4"),
@@ -233,6 +229,66 @@ impl Admin {
             ),
         }
     }
+}
+
+/// Serves only `GET /healthz/ready` on `listener` (the readiness port a kubelet probes,
+/// reachable from the node) until `shutdown`: 503 until `ready` is set, 200 after.
+pub fn serve_readiness(
+    listener: TcpListener,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+    shutdown: CancellationToken,
+) {
+    let bound = listener.local_addr().ok();
+    accept_loop(listener, shutdown, "readiness", move |req, _| {
+        match (req.method(), req.uri().path()) {
+            (&Method::GET, "/healthz/ready") if ready.load(Ordering::Relaxed) => {
+                text(StatusCode::OK, "LIVE\n", "text/plain")
+            }
+            (&Method::GET, "/healthz/ready") => {
+                text(StatusCode::SERVICE_UNAVAILABLE, "NOT READY\n", "text/plain")
+            }
+            _ => text(StatusCode::NOT_FOUND, "GET /healthz/ready\n", "text/plain"),
+        }
+    });
+    tracing::info!(bound = ?bound, "readiness endpoint listening");
+}
+
+/// Accepts HTTP/1.1 connections on `listener` until `shutdown`, answering each request with
+/// `answer(request, local address)`.
+fn accept_loop<F>(listener: TcpListener, shutdown: CancellationToken, what: &'static str, answer: F)
+where
+    F: Fn(Request<hyper::body::Incoming>, Option<SocketAddr>) -> Response<crate::proxy::Body>
+        + Send
+        + Sync
+        + 'static,
+{
+    let answer = Arc::new(answer);
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                a = listener.accept() => match a {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, what, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let answer = answer.clone();
+            let local = stream.local_addr().ok();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let answer = answer.clone();
+                    async move { Ok::<_, Infallible>(answer(req, local)) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
 }
 
 /// Mirrors the per-endpoint counters of the current snapshot into `EP_DSTATS` every second
@@ -416,12 +472,15 @@ fn to_json(v: &impl Serialize) -> serde_json::Value {
 /// (`envoy_cluster_<stat>{envoy_cluster_name="…"}`). Counters are written with type `unknown` so
 /// that the names stay Envoy's exactly (the encoder would add `_total` to a `counter`).
 #[derive(Debug)]
-struct Prometheus(Arc<Registry>);
+struct Prometheus(Arc<Registry>, Option<crate::kubernetes::Feed>);
 
 impl Collector for Prometheus {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         self.encode_inbound(&mut encoder)?;
         encode_downstream(&mut encoder)?;
+        if let Some(feed) = &self.1 {
+            encode_kubernetes(feed.counters(), &mut encoder)?;
+        }
         let views = clusters(&self.0);
         let Some(first) = views.first() else {
             return Ok(());
@@ -470,6 +529,34 @@ impl Prometheus {
         }
         Ok(())
     }
+}
+
+/// `drover_kubernetes_{rejected_objects,watch_errors,relists}`.
+fn encode_kubernetes(
+    c: &crate::kubernetes::Counters,
+    encoder: &mut DescriptorEncoder<'_>,
+) -> Result<(), std::fmt::Error> {
+    for (name, help, v) in [
+        (
+            "drover_kubernetes_rejected_objects",
+            "API objects rejected as invalid (each version once)",
+            &c.rejected,
+        ),
+        (
+            "drover_kubernetes_watch_errors",
+            "watch failures recovered from (dropped connections, 410 Gone, API server down)",
+            &c.watch_errors,
+        ),
+        (
+            "drover_kubernetes_relists",
+            "complete lists of a watched kind (the first included)",
+            &c.relists,
+        ),
+    ] {
+        let family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+        ConstCounter::new(v.load(Ordering::Relaxed)).encode(family)?;
+    }
+    Ok(())
 }
 
 /// The downstream counters as Envoy names them (`envoy_http_downstream_*`, `_active` a gauge).

@@ -41,6 +41,8 @@ pub struct RunConfig {
     pub watch: bool,
     /// Where the admin API listens (`None`: no admin API).
     pub admin: Option<std::net::SocketAddr>,
+    /// Where `GET /healthz/ready` is served for a kubelet's readiness probe (`None`: not).
+    pub readiness: Option<std::net::SocketAddr>,
     /// Where `credentialName` secrets are looked up.
     pub credentials: crate::tls::Credentials,
     /// Issue the enrolled workloads a mesh identity.
@@ -92,6 +94,15 @@ pub struct ConfigRejected(pub reload::Error);
 /// a start that fails after attaching removes what it pinned, so a failed start leaves no capture
 /// behind (a restart's pre-existing pins are left as the previous daemon left them).
 pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
+    // The readiness endpoint answers (503) from the start, so a probe sees "not ready" rather
+    // than nothing while the watchers sync.
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readiness_stop = CancellationToken::new();
+    let readiness_guard = readiness_stop.clone().drop_guard();
+    if let Some(addr) = cfg.readiness {
+        let l = crate::admin::Admin::bind(addr).await?;
+        crate::admin::serve_readiness(l, ready.clone(), readiness_stop.clone());
+    }
     let (api, api_stop) = match &cfg.kubernetes {
         Some(k) => {
             let (feed, stop) = watch_api(k).await?;
@@ -166,13 +177,16 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
         bindings.admin,
         &shutdown,
     )?;
-    if let Some(stop) = api_stop {
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            shutdown.cancelled().await;
+    // The watchers and the readiness endpoint stop with the data path.
+    let _ = readiness_guard.disarm();
+    let stops = [Some(readiness_stop), api_stop];
+    let until = shutdown.clone();
+    tokio::spawn(async move {
+        until.cancelled().await;
+        for stop in stops.into_iter().flatten() {
             stop.cancel();
-        });
-    }
+        }
+    });
     let signals = Signals::install()?;
     rollback.0 = None;
     // What parsing the configuration freed goes back to the OS.
@@ -185,6 +199,7 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
         fail_open = cfg.fail_open,
         "drover ready"
     );
+    ready.store(true, std::sync::atomic::Ordering::Relaxed);
     Ok(Bound {
         listeners,
         registry,
@@ -231,6 +246,7 @@ fn control(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<(reload::Trigger, Option<std::net::SocketAddr>)> {
     let registry = &views.primary;
+    let api = sources.api.clone();
     let reload = Reloader {
         sources,
         views: views.clone(),
@@ -241,15 +257,14 @@ fn control(
     if let Some(kernel) = kernel {
         crate::admin::publish_endpoint_stats(registry.clone(), kernel.clone(), shutdown.clone());
     }
+    let server = crate::admin::Admin {
+        registry: registry.clone(),
+        kernel: kernel.clone(),
+        log: cfg.log.clone(),
+        api,
+    };
     let admin = match admin {
-        Some(l) => Some(
-            crate::admin::Admin {
-                registry: registry.clone(),
-                kernel: kernel.clone(),
-                log: cfg.log.clone(),
-            }
-            .serve(l, shutdown.clone())?,
-        ),
+        Some(l) => Some(server.serve(l, shutdown.clone())?),
         None => None,
     };
     Ok((reload, admin))

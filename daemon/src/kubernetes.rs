@@ -90,7 +90,7 @@ struct Inner {
 }
 
 /// Counters of the API side (exported by the admin API).
-#[derive(Default)]
+#[derive(Default, serde::Serialize)]
 pub struct Counters {
     /// API objects rejected as invalid (each version once).
     pub rejected: AtomicU64,
@@ -124,6 +124,15 @@ pub(crate) enum Object {
 }
 
 // === impl Feed ===
+
+impl std::fmt::Debug for Feed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Feed")
+            .field("domain", &self.inner.domain)
+            .field("synced", &self.is_synced())
+            .finish_non_exhaustive()
+    }
+}
 
 impl Feed {
     pub fn new(domain: &str) -> Self {

@@ -96,6 +96,10 @@ struct RunArgs {
     /// `/logging`); `off` disables it.
     #[arg(long, default_value = "127.0.0.1:15000", value_parser = parse_admin)]
     admin: Admin,
+    /// Serve `GET /healthz/ready` here for a kubelet's readiness probe (Istio's port is
+    /// 15021): 200 once the daemon serves (in Kubernetes mode: once every watcher has listed).
+    #[arg(long, value_name = "ADDR")]
+    readiness: Option<std::net::SocketAddr>,
     /// Directory of `credentialName` secrets: `DIR/<name>/` with `tls.crt`|`cert`,
     /// `tls.key`|`key`, `ca.crt`|`cacert`, `ca.crl`|`crl`.
     #[arg(long, value_name = "DIR")]
@@ -456,6 +460,7 @@ impl RunArgs {
             client: self.client.into(),
             watch: !self.no_watch,
             admin: self.admin.0,
+            readiness: self.readiness,
             credentials: drover::tls::Credentials {
                 dir: self.credentials,
                 mesh: None,

@@ -329,6 +329,21 @@ fn crd_installed_later_relists_and_api_server_restarts_keep_serving() {
     );
     cluster.set_ready("ep1", false, false);
     converges(&t, &["ep2"]);
+    // The watch's troubles are counted: every kind relisted at least twice, errors seen.
+    let metrics = daemon.admin_get("/stats/prometheus");
+    let value = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing:\n{metrics}"))
+    };
+    assert!(value("drover_kubernetes_relists_total") >= 12, "{metrics}");
+    assert!(
+        value("drover_kubernetes_watch_errors_total") >= 1,
+        "{metrics}"
+    );
+    assert_eq!(value("drover_kubernetes_rejected_objects_total"), 0);
 }
 
 #[test]
@@ -354,7 +369,27 @@ fn unreachable_api_server_and_missing_node_name_are_clear_errors() {
     api.stop();
     let api_url = api.url();
     let (tx, rx) = std::sync::mpsc::channel();
-    let args = kube_args(&api, &[&t.client.name], &pins.path);
+    let readiness = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port");
+    let mut args = kube_args(&api, &[&t.client.name], &pins.path);
+    args.extend(["--readiness".to_string(), readiness.to_string()]);
+    let probe_ready = || {
+        let out = std::process::Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "3",
+            ])
+            .arg(format!("http://{readiness}/healthz/ready"))
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
     std::thread::spawn(move || {
         let _ = tx.send(Daemon::start(&args));
     });
@@ -363,6 +398,7 @@ fn unreachable_api_server_and_missing_node_name_are_clear_errors() {
         rx.try_recv().is_err(),
         "the daemon must not be ready without the API server"
     );
+    assert_eq!(probe_ready(), "503", "the readiness probe says not ready");
     api.restart();
     let daemon = rx
         .recv_timeout(Duration::from_secs(40))
@@ -370,6 +406,7 @@ fn unreachable_api_server_and_missing_node_name_are_clear_errors() {
         .expect("daemon ready once the API server answers");
     let log = daemon.log();
     let failures = log.matches("kubernetes watch failed").count();
+    assert_eq!(probe_ready(), "200");
     assert!(log.contains(&api_url), "{log}");
     assert!(log.contains("kubeconfig"), "{log}");
     // Retried with backoff, not in a hot loop: four watchers over ~4 s.

@@ -27,7 +27,11 @@ fn feed() -> Feed {
     }))
     .unwrap();
     feed.relisted("Service", "Service", vec![Object::Service(Box::new(svc))]);
-    feed.relisted("EndpointSlice", "EndpointSlice", vec![Object::Slice(Box::new(slice))]);
+    feed.relisted(
+        "EndpointSlice",
+        "EndpointSlice",
+        vec![Object::Slice(Box::new(slice))],
+    );
     let pods = [("p1", "v1"), ("p2", "v2")].map(|(name, version)| {
         let info = PodInfo {
             labels: [("version".to_string(), version.to_string())].into(),
@@ -91,7 +95,9 @@ fn invalid_and_malformed_objects_are_rejected_alone_and_keep_their_last_valid_ve
     assert_eq!(feed.counters().rejected.load(Ordering::Relaxed), 1);
 
     // Malformed (does not parse): the same.
-    feed.applied(rule(json!({"host": "echo.shop.svc.cluster.local", "subsets": "v3"})));
+    feed.applied(rule(
+        json!({"host": "echo.shop.svc.cluster.local", "subsets": "v3"}),
+    ));
     assert_eq!(subsets(&feed), ["v1"]);
     assert_eq!(feed.counters().rejected.load(Ordering::Relaxed), 2);
 
@@ -108,7 +114,10 @@ fn an_object_invalid_from_the_start_is_left_out_and_the_rest_serves() {
         "trafficPolicy": {"connectionPool": {"tcp": {"maxConnections": -1}}}})));
     let snapshot = load(&sources(&feed)).expect("the rest loads").primary;
     let (_, svc) = snapshot.service("echo.shop.svc.cluster.local").unwrap();
-    assert!(snapshot.rule_for(svc).is_none(), "the invalid rule is left out");
+    assert!(
+        snapshot.rule_for(svc).is_none(),
+        "the invalid rule is left out"
+    );
     assert_eq!(feed.counters().rejected.load(Ordering::Relaxed), 1);
     let problem = crate::config::Problem {
         location: crate::config::Location {
@@ -134,7 +143,10 @@ fn a_relist_replaces_only_its_kind_and_a_file_resource_wins_over_the_api() {
     feed.relisted(
         "Pod",
         "Pod",
-        vec![Object::Pod(("shop".into(), "p1".into()), PodInfo::default())],
+        vec![Object::Pod(
+            ("shop".into(), "p1".into()),
+            PodInfo::default(),
+        )],
     );
     let snapshot = load(&sources(&feed)).unwrap().primary;
     let (_, svc) = snapshot.service("echo.shop.svc.cluster.local").unwrap();
@@ -151,7 +163,9 @@ fn a_relist_replaces_only_its_kind_and_a_file_resource_wins_over_the_api() {
     assert!(problems.is_empty());
     assert_eq!(set.destination_rules.len(), 1);
     assert_eq!(
-        set.destination_rules[0].spec.subsets[0].as_ref().map(|s| s.name.as_str()),
+        set.destination_rules[0].spec.subsets[0]
+            .as_ref()
+            .map(|s| s.name.as_str()),
         Some("file")
     );
     assert_eq!(set.service_entries.len(), 1);
