@@ -433,6 +433,8 @@ fn config_dump(snapshot: &Registry) -> serde_json::Value {
     let mut add = |kind: &str, origin: &Origin, meta: &ObjectMeta, spec: serde_json::Value| {
         resources.push(serde_json::json!({
             "kind": kind,
+            // A file, or `Kind namespace/name` for an object read from the Kubernetes API.
+            "source": origin.file.display().to_string(),
             "file": origin.file.display().to_string(),
             "document": origin.doc,
             "metadata": to_json(meta),

@@ -275,6 +275,14 @@ impl Feed {
         problems
     }
 
+    /// What the feed knows of pod `namespace/name`.
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<PodInfo> {
+        self.state()
+            .pods
+            .get(&(namespace.to_string(), name.to_string()))
+            .cloned()
+    }
+
     /// The pod (namespace, name, labels) that holds one of `addresses`: a workload's identity.
     /// Pods that ended (`Succeeded`, `Failed`) and host-network pods (which share the node's
     /// addresses) are not candidates.

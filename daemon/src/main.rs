@@ -173,8 +173,22 @@ enum Command {
     },
     /// Print the effective policy for one destination and where every value comes from.
     Explain {
-        #[arg(long = "config", required = true)]
+        #[arg(long = "config", required_unless_present = "kubernetes")]
         config: Vec<PathBuf>,
+        /// Read Services, EndpointSlices, Pods and the Istio resources from the API server too
+        /// (as `drover run --kubernetes` does).
+        #[arg(long)]
+        kubernetes: bool,
+        /// Kubeconfig file for --kubernetes (default: the in-cluster service account).
+        #[arg(long, value_name = "FILE", requires = "kubernetes")]
+        kubeconfig: Option<PathBuf>,
+        /// Cluster DNS domain: Service hosts are `name.namespace.svc.<domain>`.
+        #[arg(long, default_value = "cluster.local")]
+        cluster_domain: String,
+        /// `namespace/pod`: explain as that pod sees it (its namespace and labels decide which
+        /// rules apply), with --kubernetes.
+        #[arg(long, value_name = "NAMESPACE/POD", requires = "kubernetes")]
+        workload: Option<String>,
         /// Service host (FQDN, or a short name qualified with the client namespace).
         #[arg(long)]
         host: String,
@@ -330,30 +344,27 @@ fn main() -> ExitCode {
         Command::Validate { paths, client } => validate(&paths, &client.into()),
         Command::Explain {
             config,
+            kubernetes,
+            kubeconfig,
+            cluster_domain,
+            workload,
             host,
             port,
             subset,
             client,
         } => {
-            // Explains the configuration; TLS files are not read (they may live on another host).
-            let built = ConfigSet::load(&config).and_then(|set| {
-                Registry::build(&set, &client.into())
-                    .map_err(|r| drover::config::Error::Invalid(r.errors))
+            let api = kubernetes.then(|| drover::kubernetes::Settings {
+                kubeconfig,
+                node_name: String::new(),
+                cluster_domain,
             });
-            let registry = match built {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("{e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match explain::explain(&registry, &host, port, subset.as_deref()) {
-                Ok(text) => report(&text),
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            explain_cmd(
+                &config,
+                api,
+                workload.as_deref(),
+                client.into(),
+                (&host, port, subset.as_deref()),
+            )
         }
         Command::Ca { command } => ca(command),
         Command::Status {
@@ -501,6 +512,79 @@ fn chain(e: &anyhow::Error) -> String {
         }
     }
     out
+}
+
+/// `drover explain`: the effective policy of one destination, for the configured client or (in
+/// Kubernetes mode) for a pod. TLS files are not read (they may live on another host).
+fn explain_cmd(
+    config: &[PathBuf],
+    api: Option<drover::kubernetes::Settings>,
+    workload: Option<&str>,
+    mut client: Client,
+    (host, port, subset): (&str, Option<u16>, Option<&str>),
+) -> ExitCode {
+    let feed = match api {
+        None => None,
+        Some(settings) => match sync_api(&settings) {
+            Ok(feed) => Some(feed),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    if let (Some(id), Some(feed)) = (workload, &feed) {
+        let pod = id
+            .split_once('/')
+            .and_then(|(ns, name)| feed.pod(ns, name).map(|p| (ns, p)));
+        let Some((ns, pod)) = pod else {
+            eprintln!("error: no pod {id:?} in the API server (expected namespace/name)");
+            return ExitCode::FAILURE;
+        };
+        println!(
+            "workload   pod {id} (service account {}, node {}, addresses {})",
+            pod.service_account,
+            pod.node.as_deref().unwrap_or("-"),
+            pod.ips.join(", ")
+        );
+        client = Client {
+            namespace: ns.to_string(),
+            labels: pod.labels,
+            workload: None,
+        };
+    }
+    let registry = match drover::reload::snapshot(config, feed.as_ref(), &client) {
+        Ok((r, _)) => r,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match explain::explain(&registry, host, port, subset) {
+        Ok(text) => report(&text),
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Lists everything once from the API server (bounded by 30 s).
+fn sync_api(settings: &drover::kubernetes::Settings) -> anyhow::Result<drover::kubernetes::Feed> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let feed = drover::kubernetes::Feed::new(&settings.cluster_domain);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let source = drover::kubernetes::spawn(settings, feed.clone(), stop.clone()).await?;
+        let synced = tokio::time::timeout(Duration::from_secs(30), feed.synced()).await;
+        stop.cancel();
+        synced.map_err(|_| {
+            anyhow::anyhow!("the API server at {source} did not list everything within 30 s")
+        })?;
+        Ok(feed)
+    })
 }
 
 /// `drover validate`: every error and warning, one per line; exit 1 on any error.

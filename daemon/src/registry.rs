@@ -37,6 +37,9 @@ pub struct Service {
     pub namespace: String,
     /// Name of the `ServiceEntry` it came from.
     pub entry: String,
+    /// Where that entry was defined: `file:line:col`, or `Service namespace/name` for one
+    /// derived from a Kubernetes Service (and its EndpointSlices and Pods).
+    pub source: String,
     pub resolution: Resolution,
     pub location: MeshLocation,
     /// Exact VIPs captured for this service.

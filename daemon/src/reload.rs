@@ -151,6 +151,24 @@ pub fn load_config(sources: &Sources) -> Result<Loaded, Error> {
     Ok(Loaded { primary, set })
 }
 
+/// The snapshot of the files at `paths` and the API's objects for `client`, and the
+/// configuration it was built from (TLS files are not read).
+pub fn snapshot(
+    paths: &[PathBuf],
+    api: Option<&Feed>,
+    client: &Client,
+) -> Result<(Registry, ConfigSet), Error> {
+    let files = ConfigSet::load(paths)?;
+    match api {
+        Some(feed) => build_with_api(files, feed, client),
+        None => {
+            let r =
+                Registry::build(&files, client).map_err(|r| config::Error::Invalid(r.errors))?;
+            Ok((r, files))
+        }
+    }
+}
+
 // === impl Loaded ===
 
 impl Loaded {

@@ -698,4 +698,46 @@ spec:
     std::thread::sleep(Duration::from_secs(1));
     converges(&t, &["ep1"]);
     assert_eq!(served_from(b, 8).keys().collect::<Vec<_>>(), ["ep2"]);
+
+    // `drover explain --workload` shows the pod's identity and the rule it gets, and where the
+    // service came from.
+    let explain = |pod: &str| {
+        let mut args = vec!["explain".to_string()];
+        args.extend(
+            kube_flags(&cluster.api)
+                .into_iter()
+                .filter(|a| a != "--node-name" && a != "node1"),
+        );
+        args.extend(
+            [
+                "--host",
+                "echo.shop.svc.cluster.local",
+                "--subset",
+                "v1",
+                "--workload",
+                pod,
+            ]
+            .map(String::from),
+        );
+        let out = std::process::Command::new(drover_tests::bin("drover"))
+            .args(&args)
+            .output()
+            .expect("drover explain");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let for_b = explain("shop/client-b");
+    assert!(
+        for_b.contains("workload   pod shop/client-b (service account client-b"),
+        "{for_b}"
+    );
+    assert!(for_b.contains("from Service shop/echo"), "{for_b}");
+    assert!(for_b.contains("DestinationRule shop/echo-for-b"), "{for_b}");
+    let for_a = explain("shop/client-a");
+    assert!(!for_a.contains("echo-for-b"), "{for_a}");
+    assert!(for_a.contains("DestinationRule shop/echo"), "{for_a}");
 }

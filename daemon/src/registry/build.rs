@@ -163,6 +163,7 @@ impl Services {
             host: host.clone(),
             namespace: namespace.to_string(),
             entry: se.meta.name.clone(),
+            source: se.origin.problem("", "").location.to_string(),
             resolution: proto.resolution,
             location: proto.location,
             vips: proto.vips.clone(),

@@ -107,10 +107,11 @@ fn summary(
     let _ = writeln!(o, "cluster    {}", cluster.name);
     let _ = writeln!(
         o,
-        "service    {} (ServiceEntry {}/{}, resolution {:?}, port {} {} {})",
+        "service    {} (ServiceEntry {}/{} from {}, resolution {:?}, port {} {} {})",
         svc.host,
         svc.namespace,
         svc.entry,
+        svc.source,
         svc.resolution,
         port.number,
         port.name,
