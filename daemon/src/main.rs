@@ -533,6 +533,7 @@ fn explain_cmd(
             }
         },
     };
+    let mut heading = String::new();
     if let (Some(id), Some(feed)) = (workload, &feed) {
         let pod = id
             .split_once('/')
@@ -541,8 +542,8 @@ fn explain_cmd(
             eprintln!("error: no pod {id:?} in the API server (expected namespace/name)");
             return ExitCode::FAILURE;
         };
-        println!(
-            "workload   pod {id} (service account {}, node {}, addresses {})",
+        heading = format!(
+            "workload   pod {id} (service account {}, node {}, addresses {})\n",
             pod.service_account,
             pod.node.as_deref().unwrap_or("-"),
             pod.ips.join(", ")
@@ -561,7 +562,7 @@ fn explain_cmd(
         }
     };
     match explain::explain(&registry, host, port, subset) {
-        Ok(text) => report(&text),
+        Ok(text) => report(&(heading + &text)),
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
