@@ -31,8 +31,8 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use tokio::sync::{Notify, watch as signal};
 
 use crate::config::{
-    Problem,
-    source::{ConfigSet, Origin},
+    Problem, crd,
+    source::{ConfigSet, Origin, Resource},
 };
 use convert::{Derived, NodeLocality, PodInfo};
 pub use watch::spawn;
@@ -109,9 +109,46 @@ struct State {
     /// Istio resources by (kind, namespace, name), as JSON.
     istio: BTreeMap<(&'static str, Key), serde_json::Value>,
     /// The last version of each object (by id) that was part of a snapshot that served.
-    last_good: HashMap<String, serde_yaml::Value>,
+    last_good: HashMap<String, Body>,
     /// What was last reported about an object (rejection or skip), so each is logged once.
     reported: HashMap<String, String>,
+}
+
+/// The feed rendered for one load: every object as a resource, and the Services not captured
+/// (with the reason).
+pub struct Documents {
+    docs: Vec<Doc>,
+    skipped: Vec<(String, String)>,
+}
+
+/// One object as a resource.
+struct Doc {
+    /// `Kind namespace/name`, as problems name it.
+    id: String,
+    kind: &'static str,
+    key: Key,
+    body: Body,
+}
+
+/// A resource: a ServiceEntry derived from a Service (already typed: no parse), or an Istio
+/// object as the loader parses it.
+#[derive(Clone)]
+enum Body {
+    Entry(Arc<(crd::ObjectMeta, crd::ServiceEntrySpec)>),
+    Yaml(Arc<serde_yaml::Value>),
+}
+
+impl Body {
+    fn add_to(&self, set: &mut ConfigSet, origin: Origin) -> Result<(), Problem> {
+        match self {
+            Body::Entry(e) => {
+                let (meta, spec) = e.as_ref().clone();
+                set.service_entries.push(Resource { origin, meta, spec });
+                Ok(())
+            }
+            Body::Yaml(v) => set.add_document(origin, v.as_ref().clone()),
+        }
+    }
 }
 
 /// One watched object, reduced to what the feed keeps.
@@ -241,12 +278,18 @@ impl Feed {
         self.inner.changed.notify_one();
     }
 
-    /// Adds every API object to `set` (one whose kind, namespace and name a file also defines
-    /// is left to the file). An object in `rejected`, or one that does not parse, is added in its
-    /// last valid version, if it had one; one in `dropped` is left out; parse problems are
-    /// returned.
+    /// Every object rendered as an Istio resource, once per load (see [`Documents`]).
+    pub fn documents(&self) -> Documents {
+        self.state().documents(&self.inner.domain)
+    }
+
+    /// Adds every object of `docs` to `set` (one whose kind, namespace and name a file also
+    /// defines is left to the file). An object in `rejected`, or one that does not parse, is
+    /// added in its last valid version, if it had one; one in `dropped` is left out; parse
+    /// problems are returned.
     pub fn extend(
         &self,
+        docs: &Documents,
         set: &mut ConfigSet,
         rejected: &mut HashSet<String>,
         dropped: &HashSet<String>,
@@ -254,22 +297,22 @@ impl Feed {
         let from_files: HashSet<String> = file_ids(set);
         let mut problems = Vec::new();
         let s = self.state();
-        for (id, kind, key, value) in s.documents(&self.inner.domain) {
-            if from_files.contains(&id) || dropped.contains(&id) {
+        for doc in &docs.docs {
+            if from_files.contains(&doc.id) || dropped.contains(&doc.id) {
                 continue;
             }
-            let origin = || Origin::api(kind, &key.0, &key.1);
-            if !rejected.contains(&id) {
-                match set.add_document(origin(), value) {
+            let origin = || Origin::api(doc.kind, &doc.key.0, &doc.key.1);
+            if !rejected.contains(&doc.id) {
+                match doc.body.add_to(set, origin()) {
                     Ok(()) => continue,
                     Err(p) => {
                         problems.push(p);
-                        rejected.insert(id.clone());
+                        rejected.insert(doc.id.clone());
                     }
                 }
             }
-            if let Some(good) = s.last_good.get(&id) {
-                let _ = set.add_document(origin(), good.clone());
+            if let Some(good) = s.last_good.get(&doc.id) {
+                let _ = good.add_to(set, origin());
             }
         }
         problems
@@ -323,21 +366,20 @@ impl Feed {
 
     /// A snapshot built from the feed serves: every object not in `rejected` is now its own
     /// last valid version; rejections (with their problems) and skips are logged once each.
-    pub fn accepted(&self, rejected: &HashSet<String>, problems: &[Problem]) {
+    pub fn accepted(&self, docs: &Documents, rejected: &HashSet<String>, problems: &[Problem]) {
         let mut s = self.state();
-        let docs = s.documents(&self.inner.domain);
         let mut reported = HashMap::new();
-        for (id, _, _, value) in docs {
-            if !rejected.contains(&id) {
-                s.last_good.insert(id, value);
+        for doc in &docs.docs {
+            if !rejected.contains(&doc.id) {
+                s.last_good.insert(doc.id.clone(), doc.body.clone());
             }
         }
         for p in problems {
             let id = p.location.file.display().to_string();
             reported.insert(id, p.to_string());
         }
-        for (id, why) in s.skipped(&self.inner.domain) {
-            reported.insert(id, why);
+        for (id, why) in &docs.skipped {
+            reported.insert(id.clone(), why.clone());
         }
         let live: HashSet<String> = s.ids();
         s.last_good.retain(|id, _| live.contains(id));
@@ -415,45 +457,34 @@ impl State {
         by
     }
 
-    /// Every object as an Istio resource: `(id, kind, key, document)`. Services become
-    /// `ServiceEntry` documents under the id `Service namespace/name`.
-    fn documents(&self, domain: &str) -> Vec<(String, &'static str, Key, serde_yaml::Value)> {
+    /// Every object as an Istio resource; Services become `ServiceEntry`s under the id
+    /// `Service namespace/name` (or are skipped, with the reason).
+    fn documents(&self, domain: &str) -> Documents {
         let by_service = self.slices_by_service();
-        let mut out = Vec::with_capacity(self.services.len() + self.istio.len());
+        let mut docs = Vec::with_capacity(self.services.len() + self.istio.len());
+        let mut skipped = Vec::new();
         for (key, svc) in &self.services {
             let slices = by_service.get(key).map(Vec::as_slice).unwrap_or_default();
-            if let Derived::Entry(entry) =
-                convert::service_entry(svc, slices, &self.pods, &self.nodes, domain)
-            {
-                let (meta, spec) = *entry;
-                let doc = serde_json::json!({
-                    "apiVersion": "networking.istio.io/v1",
-                    "kind": "ServiceEntry",
-                    "metadata": meta,
-                    "spec": spec,
-                });
-                let id = format!("Service {}/{}", key.0, key.1);
-                out.push((id, "Service", key.clone(), to_yaml(doc)));
+            let id = format!("Service {}/{}", key.0, key.1);
+            match convert::service_entry(svc, slices, &self.pods, &self.nodes, domain) {
+                Derived::Entry(entry) => docs.push(Doc {
+                    id,
+                    kind: "Service",
+                    key: key.clone(),
+                    body: Body::Entry(Arc::from(entry)),
+                }),
+                Derived::Skipped(why) => skipped.push((id, why)),
             }
         }
         for ((kind, key), value) in &self.istio {
-            let id = format!("{kind} {}/{}", key.0, key.1);
-            out.push((id, *kind, key.clone(), to_yaml(value.clone())));
+            docs.push(Doc {
+                id: format!("{kind} {}/{}", key.0, key.1),
+                kind,
+                key: key.clone(),
+                body: Body::Yaml(Arc::new(to_yaml(value.clone()))),
+            });
         }
-        out
-    }
-
-    /// Services that are not converted, with the reason.
-    fn skipped(&self, domain: &str) -> Vec<(String, String)> {
-        self.services
-            .iter()
-            .filter_map(|(key, svc)| {
-                match convert::service_entry(svc, &[], &self.pods, &self.nodes, domain) {
-                    Derived::Skipped(why) => Some((format!("Service {}/{}", key.0, key.1), why)),
-                    Derived::Entry(_) => None,
-                }
-            })
-            .collect()
+        Documents { docs, skipped }
     }
 
     fn ids(&self) -> HashSet<String> {
@@ -485,3 +516,4 @@ fn to_yaml(value: serde_json::Value) -> serde_yaml::Value {
 
 #[cfg(test)]
 mod tests;
+

@@ -307,12 +307,13 @@ fn build_with_api(
     let mut rejected = HashSet::new();
     let mut dropped = HashSet::new();
     let mut problems = Vec::new();
+    let docs = feed.documents();
     for _ in 0..MAX_REJECTION_ROUNDS {
         let mut set = files.clone();
-        problems.extend(feed.extend(&mut set, &mut rejected, &dropped));
+        problems.extend(feed.extend(&docs, &mut set, &mut rejected, &dropped));
         let errors = match Registry::build(&set, client) {
             Ok(registry) => {
-                feed.accepted(&rejected, &problems);
+                feed.accepted(&docs, &rejected, &problems);
                 return Ok((registry, set));
             }
             Err(r) => r.errors,

@@ -665,8 +665,14 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts `drover run` and waits for it to be ready; on failure returns its exit status and log.
+    /// Starts `drover run` and waits (30 s at most) for it to be ready; on failure returns its
+    /// exit status and log.
     pub fn start(args: &[String]) -> Result<Self, (Option<i32>, String)> {
+        Self::start_within(args, Duration::from_secs(30))
+    }
+
+    /// [`Daemon::start`], waiting at most `within` for readiness.
+    pub fn start_within(args: &[String], within: Duration) -> Result<Self, (Option<i32>, String)> {
         let mut args = args.to_vec();
         let admin = match args.iter().position(|a| a == "--admin") {
             Some(i) => args.get(i + 1).and_then(|a| a.parse().ok()),
@@ -705,7 +711,7 @@ impl Daemon {
                 sink.lock().expect("log lock").push(line);
             }
         });
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + within;
         loop {
             if ready_rx.recv_timeout(Duration::from_millis(50)).is_ok() {
                 return Ok(Self {

@@ -159,7 +159,8 @@ fn a_relist_replaces_only_its_kind_and_a_file_resource_wins_over_the_api() {
         "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: echo, namespace: shop}\n\
          spec: {host: echo.shop.svc.cluster.local, subsets: [{name: file, labels: {version: v2}}]}\n",
     );
-    let problems = feed.extend(&mut set, &mut HashSet::new(), &HashSet::new());
+    let docs = feed.documents();
+    let problems = feed.extend(&docs, &mut set, &mut HashSet::new(), &HashSet::new());
     assert!(problems.is_empty());
     assert_eq!(set.destination_rules.len(), 1);
     assert_eq!(

@@ -181,6 +181,7 @@ async fn watch<K: Watched>(
                 }
             }
             Ok(Event::Apply(o)) => {
+                tracing::debug!(kind, name = %o.name_any(), "kubernetes: applied");
                 if let Some(o) = o.reduce(kind, ar.as_ref()) {
                     feed.applied(o);
                 }

@@ -6,6 +6,7 @@
 //! memory, cost growth), written to `--report-dir` with plots ([`peers`]).
 #![expect(clippy::print_stdout, reason = "the bench reports on stdout")]
 
+mod kube;
 mod peers;
 mod report;
 
@@ -56,6 +57,15 @@ struct Args {
     /// Concurrent connections of the peers comparison's cost-growth curve.
     #[arg(long, value_delimiter = ',', default_value = "1,16,256,4096")]
     peer_levels: Vec<u32>,
+    /// Services in the test API server of the Kubernetes-mode measurement (10 endpoints each).
+    #[arg(long, default_value = "10000")]
+    kube_services: usize,
+    /// Pods in the test API server of the Kubernetes-mode measurement.
+    #[arg(long, default_value = "50000")]
+    kube_pods: usize,
+    /// EndpointSlice changes timed in the Kubernetes-mode measurement.
+    #[arg(long, default_value = "100")]
+    kube_changes: usize,
     /// Where the peers report and its plots are written.
     #[arg(long, default_value = "target/bench")]
     report_dir: std::path::PathBuf,
@@ -70,6 +80,7 @@ enum Part {
     Policy,
     Memory,
     Peers,
+    Kube,
 }
 
 struct Row {
@@ -145,7 +156,10 @@ fn main() {
     // SAFETY: single-threaded at this point; the variable is read by child processes only.
     #[expect(unsafe_code, reason = "set_var before any thread is spawned")]
     unsafe {
-        std::env::set_var("DROVER_TEST_LOG", "warn,drover::app=info");
+        std::env::set_var(
+            "DROVER_TEST_LOG",
+            std::env::var("DROVER_BENCH_LOG").unwrap_or_else(|_| "warn,drover::app=info".into()),
+        );
     }
 
     raise_nofile();
@@ -158,6 +172,16 @@ fn main() {
     }
     if run(Part::Memory) {
         memory_after_load(&args, &t, ep);
+    }
+    if run(Part::Kube) {
+        let t = Topology::new(2);
+        let _echo = drover_tests::echo_servers(&t);
+        let scale = kube::Scale {
+            services: args.kube_services,
+            pods: args.kube_pods,
+            changes: args.kube_changes,
+        };
+        kube::run(&t, &scale, rss_kib);
     }
     if run(Part::Peers) {
         let setup = peers::Setup {

@@ -1,0 +1,235 @@
+//! Kubernetes mode at scale: the test API server holds `--kube-services` Services (10 endpoints
+//! each, in EndpointSlices) over `--kube-pods` Pods; the daemon lists and watches everything.
+//! Measured: time from start to ready, the daemon's RSS once ready, and the time from an
+//! EndpointSlice change to the first connection routed by it (p50/p99 over `--kube-changes`
+//! changes of one probe service that flips between two live endpoints).
+//!
+//! Only the probe service's endpoints are ever dialled (live echo servers in the topology's
+//! endpoint namespaces); the other endpoints' addresses (`198.19.0.0/16`) are never connected to.
+
+use std::{
+    io::Read,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use drover_tests::{
+    Daemon, PinDir, Topology,
+    apiserver::{ApiServer, ENDPOINT_SLICE, ISTIO, NODE, POD, SERVICE},
+    k8s::{endpoint_slice, node, pod, service},
+};
+
+/// The probe service's VIP (loopback inside the client namespace).
+const PROBE_VIP: &str = "127.77.1.1";
+/// Endpoints per Service.
+const PER_SERVICE: usize = 10;
+
+/// What to build and how often to change it.
+pub struct Scale {
+    pub services: usize,
+    pub pods: usize,
+    pub changes: usize,
+}
+
+/// The address of pod `p` (never dialled).
+fn pod_ip(p: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 19, (p / 256) as u8, (p % 256) as u8)
+}
+
+/// The VIP of service `s` (loopback inside the client namespace, never reached).
+fn vip(s: usize) -> Ipv4Addr {
+    Ipv4Addr::new(127, 78, (s / 256) as u8, (s % 256) as u8)
+}
+
+fn populate(api: &ApiServer, scale: &Scale) {
+    api.apply(NODE, node("node1", "region1", "zone1"));
+    for p in 0..scale.pods {
+        let name = format!("pod-{p}");
+        let ns = format!("ns-{}", p % 100);
+        let ip = pod_ip(p).to_string();
+        api.apply(
+            POD,
+            pod(
+                &ns,
+                &name,
+                &[("app", "a"), ("version", "v1")],
+                "default",
+                "node1",
+                &ip,
+            ),
+        );
+    }
+    for s in 0..scale.services {
+        let ns = format!("ns-{}", s % 100);
+        let name = format!("svc-{s}");
+        api.apply(
+            SERVICE,
+            service(&ns, &name, &[&vip(s).to_string()], &[("tcp-web", 80, 7000)]),
+        );
+        // Pods of the Service's namespace, spread so that each pod serves about
+        // services × 10 / pods Services.
+        let ips: Vec<(String, String)> = (0..PER_SERVICE)
+            .map(|j| {
+                let p = ((s / 100 * PER_SERVICE + j) * 100 + s % 100) % scale.pods.max(1);
+                (pod_ip(p).to_string(), format!("pod-{p}"))
+            })
+            .collect();
+        let eps: Vec<_> = ips
+            .iter()
+            .map(|(ip, n)| (ip.as_str(), n.as_str(), true, false))
+            .collect();
+        api.apply(
+            ENDPOINT_SLICE,
+            endpoint_slice(&ns, &format!("{name}-1"), &name, &eps, &[("tcp-web", 7000)]),
+        );
+    }
+}
+
+/// Points the probe service at endpoint `i` (1-based) of the topology.
+fn probe_slice(api: &ApiServer, i: usize) {
+    let ip = Topology::ep4(i).to_string();
+    let pod_name = format!("ep{i}");
+    api.apply(
+        ENDPOINT_SLICE,
+        endpoint_slice(
+            "bench",
+            "probe-1",
+            "probe",
+            &[(&ip, &pod_name, true, false)],
+            &[("tcp-web", 7000)],
+        ),
+    );
+}
+
+/// Which echo server answers a connection to the probe VIP (None on failure).
+fn answer(t: &Topology) -> Option<String> {
+    let mut s = t
+        .client
+        .connect(SocketAddr::new(PROBE_VIP.parse().ok()?, 80), None)
+        .ok()?;
+    s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).ok()?;
+    // "hello from ep1 peer=…"
+    String::from_utf8_lossy(&buf[..n])
+        .split_whitespace()
+        .nth(2)
+        .map(str::to_string)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Runs the measurement; `t` has two endpoint namespaces with echo servers `ep1`, `ep2` on 7000.
+pub fn run(t: &Topology, scale: &Scale, rss_kib: fn(u32) -> u64) {
+    let api = ApiServer::start(&ISTIO);
+    let filled = Instant::now();
+    populate(&api, scale);
+    for (i, ip) in [(1, Topology::ep4(1)), (2, Topology::ep4(2))] {
+        let IpAddr::V4(ip) = ip else { unreachable!() };
+        api.apply(
+            POD,
+            pod(
+                "bench",
+                &format!("ep{i}"),
+                &[("app", "probe")],
+                "default",
+                "node1",
+                &ip.to_string(),
+            ),
+        );
+    }
+    api.apply(
+        SERVICE,
+        service("bench", "probe", &[PROBE_VIP], &[("tcp-web", 80, 7000)]),
+    );
+    probe_slice(&api, 1);
+    println!(
+        "\nKubernetes mode: {} Services × {PER_SERVICE} endpoints over {} Pods in the test API server (filled in {:.1} s)",
+        scale.services,
+        scale.pods,
+        filled.elapsed().as_secs_f64()
+    );
+    let dir = std::env::temp_dir().join(format!("drover-bench-kube-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let kubeconfig = dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    let pins = PinDir::new();
+    let args: Vec<String> = [
+        "--kubernetes",
+        "--kubeconfig",
+        &kubeconfig.display().to_string(),
+        "--node-name",
+        "node1",
+        "--netns",
+        &t.client.name,
+        "--pin-dir",
+        &pins.path.display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let started = Instant::now();
+    let mut daemon = Daemon::start_within(&args, Duration::from_secs(600)).expect("drover starts");
+    let ready = started.elapsed();
+    let pid = daemon.pid().expect("pid");
+    std::thread::sleep(Duration::from_secs(3));
+    let rss = rss_kib(pid);
+    assert_eq!(
+        answer(t).as_deref(),
+        Some("ep1"),
+        "the probe service routes"
+    );
+
+    let mut lags = Vec::new();
+    for c in 0..scale.changes {
+        let target = if c % 2 == 0 { 2 } else { 1 };
+        probe_slice(&api, target);
+        let changed = Instant::now();
+        let want = format!("ep{target}");
+        loop {
+            if answer(t).as_deref() == Some(want.as_str()) {
+                lags.push(changed.elapsed().as_secs_f64() * 1000.0);
+                break;
+            }
+            assert!(
+                changed.elapsed() < Duration::from_secs(60),
+                "change {c} never applied"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    lags.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "{:<44} {:>12}",
+        "start → ready (listed, built, attached)",
+        format!("{:.1} s", ready.as_secs_f64())
+    );
+    println!(
+        "{:<44} {:>12}",
+        "daemon RSS once ready",
+        format!("{} MiB", rss / 1024)
+    );
+    println!(
+        "{:<44} {:>12}",
+        format!(
+            "EndpointSlice change → routed, p50 ({} changes)",
+            lags.len()
+        ),
+        format!("{:.0} ms", percentile(&lags, 0.5))
+    );
+    println!(
+        "{:<44} {:>12}",
+        "EndpointSlice change → routed, p99",
+        format!("{:.0} ms", percentile(&lags, 0.99))
+    );
+    println!(
+        "reproduce: cargo xtask bench -- --only kube --kube-services {} --kube-pods {} --kube-changes {}",
+        scale.services, scale.pods, scale.changes
+    );
+    daemon.stop();
+}
