@@ -94,22 +94,8 @@ pub struct ConfigRejected(pub reload::Error);
 /// a start that fails after attaching removes what it pinned, so a failed start leaves no capture
 /// behind (a restart's pre-existing pins are left as the previous daemon left them).
 pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
-    // The readiness endpoint answers (503) from the start, so a probe sees "not ready" rather
-    // than nothing while the watchers sync.
-    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let readiness_stop = CancellationToken::new();
-    let readiness_guard = readiness_stop.clone().drop_guard();
-    if let Some(addr) = cfg.readiness {
-        let l = crate::admin::Admin::bind(addr).await?;
-        crate::admin::serve_readiness(l, ready.clone(), readiness_stop.clone());
-    }
-    let (api, api_stop) = match &cfg.kubernetes {
-        Some(k) => {
-            let (feed, stop) = watch_api(k).await?;
-            (Some(feed), Some(stop))
-        }
-        None => (None, None),
-    };
+    let early = Early::start(&cfg).await?;
+    let api = early.api.clone();
     prepare(&mut cfg)?;
     let mut sources = reload::Sources {
         paths: cfg.config_paths.clone(),
@@ -161,13 +147,7 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
     }
     .serve()?;
     if let (Some(inbound), Some(kernel)) = (bindings.inbound, &kernel) {
-        kernel.attach_inbound(&inbound.ns, &inbound.listener, &inbound.ports)?;
-        tracing::info!(netns = %inbound.ns.name, ports = ?inbound.ports, "inbound mTLS termination on 15006");
-        tokio::spawn(
-            inbound
-                .server
-                .serve(inbound.listener, shutdown.clone(), tracker.clone()),
-        );
+        inbound.serve(kernel, &shutdown, &tracker)?;
     }
     let (reload, admin) = control(
         &cfg,
@@ -177,16 +157,7 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
         bindings.admin,
         &shutdown,
     )?;
-    // The watchers and the readiness endpoint stop with the data path.
-    let _ = readiness_guard.disarm();
-    let stops = [Some(readiness_stop), api_stop];
-    let until = shutdown.clone();
-    tokio::spawn(async move {
-        until.cancelled().await;
-        for stop in stops.into_iter().flatten() {
-            stop.cancel();
-        }
-    });
+    let ready = early.stop_with(&shutdown);
     let signals = Signals::install()?;
     rollback.0 = None;
     // What parsing the configuration freed goes back to the OS.
@@ -214,16 +185,59 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
     })
 }
 
+/// What runs before the configuration is loaded: the readiness endpoint (answering 503 from the
+/// start, so a probe sees "not ready" rather than nothing while the watchers sync) and the
+/// Kubernetes watchers. Both stop if the start fails.
+struct Early {
+    ready: Arc<std::sync::atomic::AtomicBool>,
+    api: Option<Feed>,
+    stop: tokio_util::sync::DropGuard,
+}
+
+impl Early {
+    async fn start(cfg: &RunConfig) -> anyhow::Result<Self> {
+        let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = CancellationToken::new();
+        let guard = stop.clone().drop_guard();
+        if let Some(addr) = cfg.readiness {
+            let l = crate::admin::Admin::bind(addr).await?;
+            crate::admin::serve_readiness(l, ready.clone(), stop.clone());
+        }
+        let api = match &cfg.kubernetes {
+            Some(k) => Some(watch_api(k, stop.clone()).await?),
+            None => None,
+        };
+        Ok(Self {
+            ready,
+            api,
+            stop: guard,
+        })
+    }
+
+    /// From now on they stop with the data path's `shutdown`; returns the readiness flag.
+    fn stop_with(self, shutdown: &CancellationToken) -> Arc<std::sync::atomic::AtomicBool> {
+        let stop = self.stop.disarm();
+        let until = shutdown.clone();
+        tokio::spawn(async move {
+            until.cancelled().await;
+            stop.cancel();
+        });
+        self.ready
+    }
+}
+
 /// Starts the Kubernetes watchers and waits until each has listed once (logging, while it
 /// waits, why it cannot yet).
-async fn watch_api(settings: &kubernetes::Settings) -> anyhow::Result<(Feed, CancellationToken)> {
+async fn watch_api(
+    settings: &kubernetes::Settings,
+    stop: CancellationToken,
+) -> anyhow::Result<Feed> {
     let feed = Feed::new(&settings.cluster_domain);
-    let stop = CancellationToken::new();
-    let source = kubernetes::spawn(settings, feed.clone(), stop.clone()).await?;
+    let source = kubernetes::spawn(settings, feed.clone(), stop).await?;
     tracing::info!(api_server = %source, node = %settings.node_name, "kubernetes: waiting for the first list of every watched kind");
     feed.synced().await;
     tracing::info!(api_server = %source, "kubernetes: synced");
-    Ok((feed, stop))
+    Ok(feed)
 }
 
 /// The workloads' mesh identity (when the daemon issues one) and the process limits.
@@ -365,6 +379,24 @@ struct InboundBinding {
     ns: Arc<NetNs>,
     listener: tokio::net::TcpListener,
     ports: Vec<u16>,
+}
+
+impl InboundBinding {
+    /// Steers the namespace's inbound ports to the listener and serves it.
+    fn serve(
+        self,
+        kernel: &Kernel,
+        shutdown: &CancellationToken,
+        tracker: &TaskTracker,
+    ) -> anyhow::Result<()> {
+        kernel.attach_inbound(&self.ns, &self.listener, &self.ports)?;
+        tracing::info!(netns = %self.ns.name, ports = ?self.ports, "inbound mTLS termination on 15006");
+        tokio::spawn(
+            self.server
+                .serve(self.listener, shutdown.clone(), tracker.clone()),
+        );
+        Ok(())
+    }
 }
 
 impl Bindings {

@@ -516,4 +516,3 @@ fn to_yaml(value: serde_json::Value) -> serde_yaml::Value {
 
 #[cfg(test)]
 mod tests;
-

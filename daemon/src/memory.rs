@@ -40,6 +40,20 @@ pub fn trim() -> (Option<u64>, Option<u64>) {
     (before, crate::proxy::downstream::resident_bytes())
 }
 
+/// Trims on a blocking thread without waiting for it, unless a trim is already running (a
+/// reload must not wait for the trim of the previous one: on a large heap a trim takes longer
+/// than the next change takes to arrive).
+pub fn trim_in_background() {
+    static RUNNING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if RUNNING.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    tokio::task::spawn_blocking(|| {
+        trim();
+        RUNNING.store(false, Ordering::Release);
+    });
+}
+
 /// Trims whenever at least [`CLOSED_BEFORE_TRIM`] connections closed since the last look.
 pub async fn trim_after_load(shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(INTERVAL);

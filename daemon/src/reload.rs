@@ -472,7 +472,7 @@ impl Reloader {
                     "configuration reloaded"
                 );
                 // The parse and the previous snapshot's unshared parts are garbage now.
-                let _ = tokio::task::spawn_blocking(crate::memory::trim).await;
+                crate::memory::trim_in_background();
             }
             Ok(Err(e)) => {
                 for line in e.to_string().lines() {

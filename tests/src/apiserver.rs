@@ -157,7 +157,7 @@ impl ApiServer {
         let drops = self.drops.clone();
         let requests = self.requests.clone();
         self.serving = Some(self.rt.spawn(async move {
-            let conns = tokio_util_like::Tasks::default();
+            let conns = Connections::default();
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
@@ -299,26 +299,23 @@ impl Drop for ApiServer {
     }
 }
 
-/// A handful of spawned tasks aborted together when dropped (the server's connections).
-mod tokio_util_like {
-    use std::sync::Mutex;
+/// The server's connection tasks, aborted together when the accept loop ends (a stop cuts
+/// every connection, as a killed API server would).
+#[derive(Default)]
+struct Connections(Mutex<Vec<tokio::task::JoinHandle<()>>>);
 
-    #[derive(Default)]
-    pub struct Tasks(Mutex<Vec<tokio::task::JoinHandle<()>>>);
-
-    impl Tasks {
-        pub fn spawn(&self, f: impl std::future::Future<Output = ()> + Send + 'static) {
-            let mut tasks = self.0.lock().expect("tasks");
-            tasks.retain(|t| !t.is_finished());
-            tasks.push(tokio::spawn(f));
-        }
+impl Connections {
+    fn spawn(&self, f: impl std::future::Future<Output = ()> + Send + 'static) {
+        let mut tasks = self.0.lock().expect("tasks");
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(tokio::spawn(f));
     }
+}
 
-    impl Drop for Tasks {
-        fn drop(&mut self) {
-            for t in self.0.lock().expect("tasks").drain(..) {
-                t.abort();
-            }
+impl Drop for Connections {
+    fn drop(&mut self) {
+        for t in self.0.lock().expect("tasks").drain(..) {
+            t.abort();
         }
     }
 }
@@ -496,6 +493,82 @@ fn list(s: &State, kind: Kind, ns: Option<&str>, query: &BTreeMap<String, String
            "metadata": metadata, "items": page})
 }
 
+/// The task behind one watch response.
+struct WatchStream {
+    state: Arc<Mutex<State>>,
+    kind: Kind,
+    ns: Option<String>,
+    bookmarks: bool,
+    timeout: Duration,
+}
+
+impl WatchStream {
+    fn matches(&self, c: &Change) -> bool {
+        c.plural == self.kind.plural
+            && self
+                .ns
+                .as_deref()
+                .is_none_or(|n| c.object["metadata"]["namespace"].as_str() == Some(n))
+    }
+
+    /// Sends 410 if `gone`, else the backlog after `from`, then live changes and bookmarks
+    /// until the timeout, a drop, or the client leaves.
+    async fn run(
+        self,
+        tx: mpsc::Sender<Bytes>,
+        (backlog, mut live, mut dropped): (
+            Vec<Change>,
+            broadcast::Receiver<Change>,
+            watch::Receiver<u64>,
+        ),
+        from: u64,
+        gone: bool,
+    ) {
+        let line = |v: Value| Bytes::from(format!("{v}\n"));
+        if gone {
+            let err = status(410, "Expired", "too old resource version");
+            let _ = tx.send(line(json!({"type": "ERROR", "object": err}))).await;
+            return;
+        }
+        let mut last = from;
+        for c in backlog.into_iter().filter(|c| self.matches(c)) {
+            last = c.rv;
+            let event = json!({"type": c.kind, "object": c.object});
+            if tx.send(line(event)).await.is_err() {
+                return;
+            }
+        }
+        let deadline = tokio::time::sleep(self.timeout);
+        tokio::pin!(deadline);
+        let mut tick = tokio::time::interval(BOOKMARK_EVERY);
+        loop {
+            let event = tokio::select! {
+                _ = &mut deadline => return,
+                _ = dropped.changed() => return,
+                _ = tick.tick(), if self.bookmarks => self.bookmark(),
+                c = live.recv() => match c {
+                    Ok(c) if c.rv > last && self.matches(&c) => {
+                        last = c.rv;
+                        json!({"type": c.kind, "object": c.object})
+                    }
+                    Ok(_) => continue,
+                    // Lagged or closed: end the stream; the client re-watches.
+                    Err(_) => return,
+                },
+            };
+            if tx.send(line(event)).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn bookmark(&self) -> Value {
+        let rv = self.state.lock().expect("state").rv;
+        json!({"type": "BOOKMARK", "object": {"kind": self.kind.kind,
+               "apiVersion": api_version(self.kind), "metadata": {"resourceVersion": rv.to_string()}}})
+    }
+}
+
 /// A chunked watch from version `from`: the logged changes after it, then live ones, with
 /// bookmarks; 410 Gone if `from` was compacted; ends on `timeoutSeconds` or a drop.
 fn watch_stream(
@@ -514,8 +587,8 @@ fn watch_stream(
         .get("timeoutSeconds")
         .and_then(|t| t.parse().ok())
         .map_or(Duration::from_secs(290), Duration::from_secs);
-    let mut dropped = drops.subscribe();
-    let (backlog, mut live, gone) = {
+    let dropped = drops.subscribe();
+    let (backlog, live, gone) = {
         let s = state.lock().expect("state");
         let gone = from < s.compacted;
         let backlog: Vec<Change> = s
@@ -526,58 +599,14 @@ fn watch_stream(
             .collect();
         (backlog, s.changes.subscribe(), gone)
     };
-    let state = state.clone();
-    let matches = move |c: &Change| {
-        c.plural == kind.plural
-            && ns
-                .as_deref()
-                .is_none_or(|n| c.object["metadata"]["namespace"].as_str() == Some(n))
+    let stream = WatchStream {
+        state: state.clone(),
+        kind,
+        ns,
+        bookmarks,
+        timeout,
     };
-    tokio::spawn(async move {
-        let line = |v: Value| Bytes::from(format!("{v}\n"));
-        if gone {
-            let err = status(410, "Expired", "too old resource version");
-            let _ = tx.send(line(json!({"type": "ERROR", "object": err}))).await;
-            return;
-        }
-        let mut last = from;
-        for c in backlog.into_iter().filter(|c| matches(c)) {
-            last = c.rv;
-            if tx
-                .send(line(json!({"type": c.kind, "object": c.object})))
-                .await
-                .is_err()
-            {
-                return;
-            }
-        }
-        let deadline = tokio::time::sleep(timeout);
-        tokio::pin!(deadline);
-        let mut tick = tokio::time::interval(BOOKMARK_EVERY);
-        loop {
-            let event = tokio::select! {
-                _ = &mut deadline => return,
-                _ = dropped.changed() => return,
-                _ = tick.tick(), if bookmarks => {
-                    let rv = state.lock().expect("state").rv;
-                    json!({"type": "BOOKMARK", "object": {"kind": kind.kind, "apiVersion": api_version(kind),
-                           "metadata": {"resourceVersion": rv.to_string()}}})
-                }
-                c = live.recv() => match c {
-                    Ok(c) if c.rv > last && matches(&c) => {
-                        last = c.rv;
-                        json!({"type": c.kind, "object": c.object})
-                    }
-                    Ok(_) => continue,
-                    // Lagged or closed: end the stream; the client re-watches.
-                    Err(_) => return,
-                },
-            };
-            if tx.send(line(event)).await.is_err() {
-                return;
-            }
-        }
-    });
+    tokio::spawn(stream.run(tx, (backlog, live, dropped), from, gone));
     let body = {
         use tokio_stream::StreamExt;
         let frames = tokio_stream::wrappers::ReceiverStream::new(rx)

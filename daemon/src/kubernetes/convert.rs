@@ -149,27 +149,10 @@ pub fn service_entry(
                 .into(),
         );
     }
-    let ports: Vec<crd::ServicePort> = spec
-        .ports
-        .iter()
-        .flatten()
-        .filter(|p| p.protocol.as_deref().is_none_or(|p| p == "TCP"))
-        .map(|p| crd::ServicePort {
-            number: p.port.into(),
-            protocol: app_protocol(p),
-            name: port_name(p.name.as_deref(), p.port),
-            target_port: None,
-        })
-        .collect();
+    let (ports, unnamed) = tcp_ports(spec.ports.as_deref().unwrap_or_default());
     if ports.is_empty() {
         return Derived::Skipped("no TCP port".into());
     }
-    let unnamed = spec.ports.iter().flatten().find_map(|p| {
-        p.name
-            .as_deref()
-            .is_none_or(str::is_empty)
-            .then(|| port_name(None, p.port))
-    });
     let endpoints = slices
         .iter()
         .flat_map(|s| endpoints(s, &namespace, unnamed.as_deref(), pods, nodes))
@@ -203,6 +186,28 @@ pub fn service_entry(
         subject_alt_names: Vec::new(),
     };
     Derived::Entry(Box::new((meta, spec)))
+}
+
+/// A Service's TCP ports as ServiceEntry ports, and the name given to its unnamed port (the
+/// single port Kubernetes allows without a name), if it has one.
+fn tcp_ports(ports: &[ServicePort]) -> (Vec<crd::ServicePort>, Option<String>) {
+    let tcp = ports
+        .iter()
+        .filter(|p| p.protocol.as_deref().is_none_or(|p| p == "TCP"))
+        .map(|p| crd::ServicePort {
+            number: p.port.into(),
+            protocol: app_protocol(p),
+            name: port_name(p.name.as_deref(), p.port),
+            target_port: None,
+        })
+        .collect();
+    let unnamed = ports.iter().find_map(|p| {
+        p.name
+            .as_deref()
+            .is_none_or(str::is_empty)
+            .then(|| port_name(None, p.port))
+    });
+    (tcp, unnamed)
 }
 
 /// The ready endpoints of one slice, with their pods' identity; `unnamed` is the ServiceEntry

@@ -403,7 +403,11 @@ impl<K: aya::Pod + Eq + std::hash::Hash, V: aya::Pod + PartialEq> Mirror<K, V> {
         name: &'static str,
     ) -> Result<(), Error> {
         let stale: Vec<K> = match &self.written {
-            Some(w) => w.keys().filter(|k| !wanted.contains_key(*k)).copied().collect(),
+            Some(w) => w
+                .keys()
+                .filter(|k| !wanted.contains_key(*k))
+                .copied()
+                .collect(),
             None => self
                 .map
                 .keys()

@@ -124,6 +124,31 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+/// Milliseconds from each of `changes` EndpointSlice changes of the probe service (flipping it
+/// between the two endpoints) to the first connection the new endpoint answers, sorted.
+fn change_lags(api: &ApiServer, t: &Topology, changes: usize) -> Vec<f64> {
+    let mut lags = Vec::new();
+    for c in 0..changes {
+        let target = if c % 2 == 0 { 2 } else { 1 };
+        probe_slice(api, target);
+        let changed = Instant::now();
+        let want = format!("ep{target}");
+        loop {
+            if answer(t).as_deref() == Some(want.as_str()) {
+                lags.push(changed.elapsed().as_secs_f64() * 1000.0);
+                break;
+            }
+            assert!(
+                changed.elapsed() < Duration::from_secs(60),
+                "change {c} never applied"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    lags.sort_by(|a, b| a.total_cmp(b));
+    lags
+}
+
 /// Runs the measurement; `t` has two endpoint namespaces with echo servers `ep1`, `ep2` on 7000.
 pub fn run(t: &Topology, scale: &Scale, rss_kib: fn(u32) -> u64) {
     let api = ApiServer::start(&ISTIO);
@@ -185,25 +210,7 @@ pub fn run(t: &Topology, scale: &Scale, rss_kib: fn(u32) -> u64) {
         "the probe service routes"
     );
 
-    let mut lags = Vec::new();
-    for c in 0..scale.changes {
-        let target = if c % 2 == 0 { 2 } else { 1 };
-        probe_slice(&api, target);
-        let changed = Instant::now();
-        let want = format!("ep{target}");
-        loop {
-            if answer(t).as_deref() == Some(want.as_str()) {
-                lags.push(changed.elapsed().as_secs_f64() * 1000.0);
-                break;
-            }
-            assert!(
-                changed.elapsed() < Duration::from_secs(60),
-                "change {c} never applied"
-            );
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
-    lags.sort_by(|a, b| a.total_cmp(b));
+    let lags = change_lags(&api, t, scale.changes);
     println!(
         "{:<44} {:>12}",
         "start → ready (listed, built, attached)",
