@@ -173,16 +173,6 @@ fn main() {
     if run(Part::Memory) {
         memory_after_load(&args, &t, ep);
     }
-    if run(Part::Kube) {
-        let t = Topology::new(2);
-        let _echo = drover_tests::echo_servers(&t);
-        let scale = kube::Scale {
-            services: args.kube_services,
-            pods: args.kube_pods,
-            changes: args.kube_changes,
-        };
-        kube::run(&t, &scale, rss_kib);
-    }
     if run(Part::Peers) {
         let setup = peers::Setup {
             rounds: args.peer_rounds,
@@ -195,6 +185,16 @@ fn main() {
             idle_conns: args.idle_conns,
         };
         peers::run(&setup, &t, ep);
+    }
+    if run(Part::Kube) {
+        let t = Topology::new(2);
+        let _echo = drover_tests::echo_servers(&t);
+        let scale = kube::Scale {
+            services: args.kube_services,
+            pods: args.kube_pods,
+            changes: args.kube_changes,
+        };
+        kube::run(&t, &scale, rss_kib);
     }
 }
 
