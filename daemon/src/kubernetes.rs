@@ -112,6 +112,17 @@ struct State {
     last_good: HashMap<String, Body>,
     /// What was last reported about an object (rejection or skip), so each is logged once.
     reported: HashMap<String, String>,
+    /// Each Service's derivation, until something it was derived from changes.
+    derived: HashMap<Key, Derivation>,
+    /// The Services whose slices name each pod (seen or not yet): its change invalidates them.
+    pod_refs: HashMap<Key, HashSet<Key>>,
+}
+
+/// What a Service derives to.
+#[derive(Clone)]
+enum Derivation {
+    Entry(Arc<(crd::ObjectMeta, crd::ServiceEntrySpec)>),
+    Skipped(String),
 }
 
 /// The feed rendered for one load: every object as a resource, and the Services not captured
@@ -139,6 +150,15 @@ enum Body {
 }
 
 impl Body {
+    /// The same version (a cached derivation, or the same parse).
+    fn same(&self, other: &Body) -> bool {
+        match (self, other) {
+            (Body::Entry(a), Body::Entry(b)) => Arc::ptr_eq(a, b),
+            (Body::Yaml(a), Body::Yaml(b)) => Arc::ptr_eq(a, b) || a == b,
+            _ => false,
+        }
+    }
+
     fn add_to(&self, set: &mut ConfigSet, origin: Origin) -> Result<(), Problem> {
         match self {
             Body::Entry(e) => {
@@ -241,6 +261,10 @@ impl Feed {
                 "Node" => s.nodes.clear(),
                 k => s.istio.retain(|(kind, _), _| *kind != k),
             }
+            if matches!(kind, "Service" | "EndpointSlice" | "Pod" | "Node") {
+                s.derived.clear();
+                s.pod_refs.clear();
+            }
             for o in objects {
                 s.apply(o);
             }
@@ -268,10 +292,22 @@ impl Feed {
         {
             let mut s = self.state();
             match kind {
-                "Service" => drop(s.services.remove(&key)),
-                "EndpointSlice" => drop(s.slices.remove(&key)),
-                "Pod" => drop(s.pods.remove(&key)),
-                "Node" => drop(s.nodes.remove(&key.1)),
+                "Service" => {
+                    s.derived.remove(&key);
+                    s.services.remove(&key);
+                }
+                "EndpointSlice" => {
+                    let old = s.slices.remove(&key);
+                    s.invalidate_slice(old.as_ref());
+                }
+                "Pod" => {
+                    s.invalidate_pod(&key);
+                    s.pods.remove(&key);
+                }
+                "Node" => {
+                    s.derived.clear();
+                    s.nodes.remove(&key.1);
+                }
                 k => drop(s.istio.remove(&(k, key))),
             }
         }
@@ -370,7 +406,8 @@ impl Feed {
         let mut s = self.state();
         let mut reported = HashMap::new();
         for doc in &docs.docs {
-            if !rejected.contains(&doc.id) {
+            let unchanged = s.last_good.get(&doc.id).is_some_and(|b| b.same(&doc.body));
+            if !rejected.contains(&doc.id) && !unchanged {
                 s.last_good.insert(doc.id.clone(), doc.body.clone());
             }
         }
@@ -381,8 +418,8 @@ impl Feed {
         for (id, why) in &docs.skipped {
             reported.insert(id.clone(), why.clone());
         }
-        let live: HashSet<String> = s.ids();
-        s.last_good.retain(|id, _| live.contains(id));
+        let live: HashSet<&str> = docs.docs.iter().map(|d| d.id.as_str()).collect();
+        s.last_good.retain(|id, _| live.contains(id.as_str()));
         for (id, what) in &reported {
             if s.reported.get(id) == Some(what) {
                 continue;
@@ -428,15 +465,21 @@ impl State {
     fn apply(&mut self, object: Object) {
         match object {
             Object::Service(svc) => {
-                self.services.insert(key_of(&svc.metadata), *svc);
+                let key = key_of(&svc.metadata);
+                self.derived.remove(&key);
+                self.services.insert(key, *svc);
             }
             Object::Slice(slice) => {
-                self.slices.insert(key_of(&slice.metadata), *slice);
+                self.invalidate_slice(Some(&slice));
+                let old = self.slices.insert(key_of(&slice.metadata), *slice);
+                self.invalidate_slice(old.as_ref());
             }
             Object::Pod(key, info) => {
+                self.invalidate_pod(&key);
                 self.pods.insert(key, info);
             }
             Object::Node(name, labels) => {
+                self.derived.clear();
                 self.nodes.insert(name, labels);
             }
             Object::Istio(kind, key, value) => {
@@ -445,37 +488,85 @@ impl State {
         }
     }
 
-    /// The slices of each service, by (namespace, service name).
-    fn slices_by_service(&self) -> HashMap<Key, Vec<&EndpointSlice>> {
-        let mut by: HashMap<Key, Vec<&EndpointSlice>> = HashMap::new();
-        for ((ns, _), slice) in &self.slices {
-            let labels = slice.metadata.labels.as_ref();
-            if let Some(svc) = labels.and_then(|l| l.get(convert::SERVICE_NAME_LABEL)) {
-                by.entry((ns.clone(), svc.clone())).or_default().push(slice);
+    /// Forgets the derivation of the Service `slice` belongs to.
+    fn invalidate_slice(&mut self, slice: Option<&EndpointSlice>) {
+        let Some(slice) = slice else { return };
+        let labels = slice.metadata.labels.as_ref();
+        if let Some(svc) = labels.and_then(|l| l.get(convert::SERVICE_NAME_LABEL)) {
+            let ns = key_of(&slice.metadata).0;
+            self.derived.remove(&(ns, svc.clone()));
+        }
+    }
+
+    /// Forgets the derivations that read pod `key` (or waited for it).
+    fn invalidate_pod(&mut self, key: &Key) {
+        for svc in self.pod_refs.remove(key).into_iter().flatten() {
+            self.derived.remove(&svc);
+        }
+    }
+
+    /// The derivation of Service `key`, from the cache or computed (recording the pods its
+    /// slices name, whose changes invalidate it).
+    fn derive(
+        &mut self,
+        key: &Key,
+        by_service: &HashMap<Key, Vec<&EndpointSlice>>,
+        domain: &str,
+    ) -> Derivation {
+        if let Some(d) = self.derived.get(key) {
+            return d.clone();
+        }
+        let Some(svc) = self.services.get(key) else {
+            return Derivation::Skipped("deleted".into());
+        };
+        let slices = by_service.get(key).map(Vec::as_slice).unwrap_or_default();
+        let d = match convert::service_entry(svc, slices, &self.pods, &self.nodes, domain) {
+            Derived::Entry(entry) => Derivation::Entry(Arc::from(entry)),
+            Derived::Skipped(why) => Derivation::Skipped(why),
+        };
+        for slice in slices {
+            for ep in &slice.endpoints {
+                if let Some(r) = ep
+                    .target_ref
+                    .as_ref()
+                    .filter(|r| r.kind.as_deref() == Some("Pod"))
+                {
+                    let pod = (
+                        r.namespace.clone().unwrap_or_else(|| key.0.clone()),
+                        r.name.clone().unwrap_or_default(),
+                    );
+                    self.pod_refs.entry(pod).or_default().insert(key.clone());
+                }
             }
         }
-        by
+        self.derived.insert(key.clone(), d.clone());
+        d
     }
 
     /// Every object as an Istio resource; Services become `ServiceEntry`s under the id
-    /// `Service namespace/name` (or are skipped, with the reason).
-    fn documents(&self, domain: &str) -> Documents {
-        let by_service = self.slices_by_service();
-        let mut docs = Vec::with_capacity(self.services.len() + self.istio.len());
+    /// `Service namespace/name` (or are skipped, with the reason). Derivations are cached until
+    /// their Service, one of its slices, a pod those name, or a node changes.
+    fn documents(&mut self, domain: &str) -> Documents {
+        let slices = std::mem::take(&mut self.slices);
+        let keys: Vec<Key> = self.services.keys().cloned().collect();
+        let mut docs = Vec::with_capacity(keys.len() + self.istio.len());
         let mut skipped = Vec::new();
-        for (key, svc) in &self.services {
-            let slices = by_service.get(key).map(Vec::as_slice).unwrap_or_default();
-            let id = format!("Service {}/{}", key.0, key.1);
-            match convert::service_entry(svc, slices, &self.pods, &self.nodes, domain) {
-                Derived::Entry(entry) => docs.push(Doc {
-                    id,
-                    kind: "Service",
-                    key: key.clone(),
-                    body: Body::Entry(Arc::from(entry)),
-                }),
-                Derived::Skipped(why) => skipped.push((id, why)),
+        {
+            let by_service = slices_by_service(&slices);
+            for key in keys {
+                let id = format!("Service {}/{}", key.0, key.1);
+                match self.derive(&key, &by_service, domain) {
+                    Derivation::Entry(entry) => docs.push(Doc {
+                        id,
+                        kind: "Service",
+                        key,
+                        body: Body::Entry(entry),
+                    }),
+                    Derivation::Skipped(why) => skipped.push((id, why)),
+                }
             }
         }
+        self.slices = slices;
         for ((kind, key), value) in &self.istio {
             docs.push(Doc {
                 id: format!("{kind} {}/{}", key.0, key.1),
@@ -486,18 +577,18 @@ impl State {
         }
         Documents { docs, skipped }
     }
+}
 
-    fn ids(&self) -> HashSet<String> {
-        let services = self
-            .services
-            .keys()
-            .map(|k| format!("Service {}/{}", k.0, k.1));
-        let istio = self
-            .istio
-            .keys()
-            .map(|(kind, k)| format!("{kind} {}/{}", k.0, k.1));
-        services.chain(istio).collect()
+/// The slices of each service, by (namespace, service name).
+fn slices_by_service(slices: &BTreeMap<Key, EndpointSlice>) -> HashMap<Key, Vec<&EndpointSlice>> {
+    let mut by: HashMap<Key, Vec<&EndpointSlice>> = HashMap::new();
+    for ((ns, _), slice) in slices {
+        let labels = slice.metadata.labels.as_ref();
+        if let Some(svc) = labels.and_then(|l| l.get(convert::SERVICE_NAME_LABEL)) {
+            by.entry((ns.clone(), svc.clone())).or_default().push(slice);
+        }
     }
+    by
 }
 
 /// `(namespace, name)` of an object (`default` namespace when it has none).

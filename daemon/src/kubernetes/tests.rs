@@ -171,3 +171,57 @@ fn a_relist_replaces_only_its_kind_and_a_file_resource_wins_over_the_api() {
     );
     assert_eq!(set.service_entries.len(), 1);
 }
+
+/// The endpoints (address, locality) the snapshot has for `echo`.
+fn endpoints(feed: &Feed) -> Vec<(String, String)> {
+    let snapshot = load(&sources(feed)).expect("loads").primary;
+    let (_, svc) = snapshot.service("echo.shop.svc.cluster.local").unwrap();
+    svc.endpoints
+        .iter()
+        .map(|e| (e.address.to_string(), e.locality.clone()))
+        .collect()
+}
+
+#[test]
+fn cached_derivations_follow_every_object_they_were_derived_from() {
+    let feed = feed();
+    assert_eq!(endpoints(&feed).len(), 2);
+    // A slice now names a third pod, not seen yet: left out until it arrives.
+    let slice: EndpointSlice = serde_json::from_value(json!({
+        "metadata": {"name": "echo-1", "namespace": "shop",
+                     "labels": {"kubernetes.io/service-name": "echo"}},
+        "addressType": "IPv4",
+        "endpoints": [
+            {"addresses": ["198.18.1.2"], "targetRef": {"kind": "Pod", "name": "p1", "namespace": "shop"}},
+            {"addresses": ["198.18.3.2"], "targetRef": {"kind": "Pod", "name": "p3", "namespace": "shop"},
+             "nodeName": "n1"},
+        ],
+        "ports": [{"name": "tcp", "port": 7000}],
+    }))
+    .unwrap();
+    feed.applied(Object::Slice(Box::new(slice)));
+    let addrs = |feed: &Feed| -> Vec<String> { endpoints(feed).into_iter().map(|e| e.0).collect() };
+    assert_eq!(addrs(&feed), ["198.18.1.2"]);
+    feed.applied(Object::Pod(
+        ("shop".into(), "p3".into()),
+        PodInfo::default(),
+    ));
+    assert_eq!(addrs(&feed), ["198.18.1.2", "198.18.3.2"]);
+    // Its node's topology labels arrive: the endpoint's locality follows.
+    let zone = [(convert::REGION_LABEL, "r1"), (convert::ZONE_LABEL, "z1")]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+    feed.applied(Object::Node("n1".into(), zone.into()));
+    assert_eq!(endpoints(&feed)[1].1, "r1/z1");
+    // The pod goes away: its endpoint too.
+    feed.deleted("Pod", ("shop".into(), "p3".into()));
+    assert_eq!(addrs(&feed), ["198.18.1.2"]);
+    // The Service goes away: so does the service.
+    feed.deleted("Service", ("shop".into(), "echo".into()));
+    let snapshot = load(&Sources {
+        allow_empty: true,
+        ..sources(&feed)
+    })
+    .unwrap()
+    .primary;
+    assert!(snapshot.service("echo.shop.svc.cluster.local").is_none());
+}
