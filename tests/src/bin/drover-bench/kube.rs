@@ -211,6 +211,8 @@ pub fn run(t: &Topology, scale: &Scale, rss_kib: fn(u32) -> u64) {
     );
 
     let lags = change_lags(&api, t, scale.changes);
+    std::thread::sleep(Duration::from_secs(5));
+    let rss_after = rss_kib(pid);
     println!(
         "{:<44} {:>12}",
         "start → ready (listed, built, attached)",
@@ -220,6 +222,11 @@ pub fn run(t: &Topology, scale: &Scale, rss_kib: fn(u32) -> u64) {
         "{:<44} {:>12}",
         "daemon RSS once ready",
         format!("{} MiB", rss / 1024)
+    );
+    println!(
+        "{:<44} {:>12}",
+        "daemon RSS 5 s after the changes",
+        format!("{} MiB", rss_after / 1024)
     );
     println!(
         "{:<44} {:>12}",
