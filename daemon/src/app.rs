@@ -103,6 +103,13 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
         client: cfg.client.clone(),
         workloads: Vec::new(),
         credentials: cfg.credentials.clone(),
+        issuer: cfg.mesh.as_ref().map(|m| {
+            Arc::new(crate::mesh::Issuer::new(
+                m.ca_dir.clone(),
+                m.trust_domain.clone(),
+                m.identity_dir.clone(),
+            ))
+        }),
         allow_empty: cfg.allow_empty,
     };
     // The configuration is validated before anything is opened or bound.

@@ -362,13 +362,13 @@ impl Feed {
             .cloned()
     }
 
-    /// The pod (namespace, name, labels) that holds one of `addresses`: a workload's identity.
+    /// The pod (namespace, name, what is known of it) that holds one of `addresses`: a workload's identity.
     /// Pods that ended (`Succeeded`, `Failed`) and host-network pods (which share the node's
     /// addresses) are not candidates.
     pub fn pod_with_address(
         &self,
         addresses: &[std::net::IpAddr],
-    ) -> Option<(String, String, BTreeMap<String, String>)> {
+    ) -> Option<(String, String, PodInfo)> {
         let s = self.state();
         s.pods
             .iter()
@@ -381,7 +381,7 @@ impl Feed {
                     .filter_map(|ip| ip.parse::<std::net::IpAddr>().ok())
                     .any(|ip| addresses.contains(&ip))
             })
-            .map(|((ns, name), p)| (ns.clone(), name.clone(), p.labels.clone()))
+            .map(|((ns, name), p)| (ns.clone(), name.clone(), p.clone()))
     }
 
     /// The id (`Kind namespace/name`) of the API object a problem is about, if it is about one.

@@ -188,6 +188,45 @@ pub fn spiffe_id(trust_domain: &str, namespace: &str, service_account: &str) -> 
     )
 }
 
+/// Issues (once) and renews the mesh identity of each (namespace, service account) the daemon's
+/// workloads run as, under `dir/<namespace>/<service account>/`.
+#[derive(Debug)]
+pub struct Issuer {
+    pub ca_dir: PathBuf,
+    pub trust_domain: String,
+    pub dir: PathBuf,
+    issued: std::sync::Mutex<std::collections::HashMap<(String, String), IdentityFiles>>,
+}
+
+impl Issuer {
+    pub fn new(ca_dir: PathBuf, trust_domain: String, dir: PathBuf) -> Self {
+        Self {
+            ca_dir,
+            trust_domain,
+            dir,
+            issued: Default::default(),
+        }
+    }
+
+    /// The identity of service account `sa` in `namespace`: issued the first time (and renewed
+    /// from then on, which needs a tokio runtime), the same files afterwards.
+    pub fn identity(&self, namespace: &str, sa: &str) -> Result<IdentityFiles, Error> {
+        let key = (namespace.to_string(), sa.to_string());
+        let mut issued = self.issued.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(files) = issued.get(&key) {
+            return Ok(files.clone());
+        }
+        let ca = Ca::load(&self.ca_dir)?;
+        let spiffe = spiffe_id(&self.trust_domain, namespace, sa);
+        let dir = self.dir.join(namespace).join(sa);
+        let files = ca.issue_into(&dir, &spiffe, &self.trust_domain, WORKLOAD_LIFETIME)?;
+        tracing::info!(identity = %spiffe, cert = %files.cert.display(), "workload identity issued");
+        tokio::spawn(renew(ca, dir, files.clone(), WORKLOAD_LIFETIME));
+        issued.insert(key, files.clone());
+        Ok(files)
+    }
+}
+
 /// Keeps `files` fresh: re-issues at half of `lifetime`, forever (until the task is dropped).
 pub async fn renew(ca: Ca, dir: PathBuf, files: IdentityFiles, lifetime: Duration) {
     loop {

@@ -90,6 +90,8 @@ pub struct Sources {
     pub client: Client,
     pub workloads: Vec<Workload>,
     pub credentials: crate::tls::Credentials,
+    /// Issues each workload's own mesh identity (with `--mesh-ca`).
+    pub issuer: Option<Arc<crate::mesh::Issuer>>,
     /// Accept a configuration without services (otherwise refused: see the module doc).
     pub allow_empty: bool,
 }
@@ -177,29 +179,33 @@ impl Loaded {
     /// an error line).
     pub fn resolve(self, sources: &Sources) -> Snapshots {
         let Loaded { primary, set } = self;
-        let (client, credentials) = (&sources.client, &sources.credentials);
-        let mut clients: Vec<Client> = Vec::new();
+        let client = &sources.client;
+        // Distinct (client, service account) pairs with their snapshot in `extra`.
+        let mut seen: Vec<(Client, Option<(String, String)>)> = Vec::new();
         let mut extra = Vec::new();
         let mut assignment = Vec::new();
         for w in &sources.workloads {
-            let (c, source) = w.client(client, &set, sources.api.as_ref());
-            if c == *client {
-                assignment.push((None, source));
-            } else if let Some(i) = clients.iter().position(|k| *k == c) {
-                assignment.push((Some(i), source));
+            let id = w.identity(client, &set, sources.api.as_ref());
+            // A workload's own certificate only matters with a mesh CA.
+            let sa = id.service_account.filter(|_| sources.issuer.is_some());
+            let key = (id.client, sa);
+            if key.0 == *client && key.1.is_none() {
+                assignment.push((None, id.source));
+            } else if let Some(i) = seen.iter().position(|k| *k == key) {
+                assignment.push((Some(i), id.source));
             } else {
-                match build_for(&set, &c, credentials) {
+                match build_for(&set, &key, sources) {
                     Ok(r) => {
-                        clients.push(c);
+                        seen.push(key);
                         extra.push(r);
-                        assignment.push((Some(extra.len() - 1), source));
+                        assignment.push((Some(extra.len() - 1), id.source));
                     }
                     Err(problems) => {
-                        tracing::error!(netns = %w.netns, identity = ?source, "the configuration does not resolve for this workload's identity; it is served with the daemon's client identity");
+                        tracing::error!(netns = %w.netns, identity = ?id.source, "the configuration does not resolve for this workload's identity; it is served with the daemon's client identity");
                         for p in problems {
                             tracing::error!("{p}");
                         }
-                        assignment.push((None, source));
+                        assignment.push((None, id.source));
                     }
                 }
             }
@@ -212,14 +218,25 @@ impl Loaded {
     }
 }
 
-/// The snapshot of `set` for `client`, TLS files read.
+/// The snapshot of `set` for a workload's client, TLS files read, originating `ISTIO_MUTUAL` with
+/// the workload's own identity when it has a service account (and the daemon a mesh CA).
 fn build_for(
     set: &ConfigSet,
-    client: &Client,
-    credentials: &crate::tls::Credentials,
+    (client, sa): &(Client, Option<(String, String)>),
+    sources: &Sources,
 ) -> Result<Registry, Vec<config::Problem>> {
+    let mut credentials = sources.credentials.clone();
+    if let (Some((ns, sa)), Some(issuer)) = (sa, &sources.issuer) {
+        match issuer.identity(ns, sa) {
+            Ok(files) => credentials.mesh = Some(files),
+            Err(e) => {
+                tracing::error!(namespace = %ns, service_account = %sa, error = %e, "cannot issue the workload's mesh identity; ISTIO_MUTUAL refuses its connections");
+                credentials.mesh = None;
+            }
+        }
+    }
     let mut r = Registry::build(set, client).map_err(|r| r.errors)?;
-    r.originate(credentials)?;
+    r.originate(&credentials)?;
     Ok(r)
 }
 

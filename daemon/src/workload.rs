@@ -3,7 +3,8 @@
 //! `workloadSelector` rules and `sourceLabels`/`sourceNamespace` route matches) come from the
 //! `Pod` holding one of those addresses in Kubernetes mode, else from a `WorkloadEntry` with one of
 //! them (or the one `--netns NAME=namespace/name` names), else from the daemon's `--client-*`
-//! flags. Each distinct identity gets its own registry snapshot ([`Views`]).
+//! flags. Each distinct identity gets its own registry snapshot ([`Views`]), and, with a mesh CA,
+//! its own `ISTIO_MUTUAL` certificate (one SPIFFE identity per namespace and service account).
 //!
 //! Invariants: a workload's identity is resolved again on every reload (a pod's labels may
 //! change); workloads with the same identity share one snapshot, and the primary snapshot (the
@@ -48,26 +49,46 @@ pub enum Source {
 
 // === impl Workload ===
 
+/// Who a workload is: the client identity its rules are resolved for, the service account its
+/// mesh certificate names (`None`: the daemon's own, `--service-account`), and where that came
+/// from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub client: Client,
+    pub service_account: Option<(String, String)>,
+    pub source: Source,
+}
+
 impl Workload {
     /// The identity of this workload: see the module doc for the order.
-    pub fn client(&self, flags: &Client, set: &ConfigSet, api: Option<&Feed>) -> (Client, Source) {
-        if let Some(id) = &self.entry {
-            return (
-                Client {
+    pub fn identity(&self, flags: &Client, set: &ConfigSet, api: Option<&Feed>) -> Identity {
+        let from_entry = |id: String| {
+            let we = set.workload_entries.iter().find(|we| we.id() == id);
+            let service_account = we
+                .filter(|we| !we.spec.service_account.is_empty())
+                .map(|we| (we.namespace().to_string(), we.spec.service_account.clone()));
+            Identity {
+                client: Client {
                     workload: Some(id.clone()),
                     ..flags.clone()
                 },
-                Source::WorkloadEntry(id.clone()),
-            );
+                service_account,
+                source: Source::WorkloadEntry(id),
+            }
+        };
+        if let Some(id) = &self.entry {
+            return from_entry(id.clone());
         }
-        if let Some((ns, name, labels)) = api.and_then(|f| f.pod_with_address(&self.addresses)) {
-            let id = format!("{ns}/{name}");
-            let client = Client {
-                namespace: ns,
-                labels,
-                workload: None,
+        if let Some((ns, name, pod)) = api.and_then(|f| f.pod_with_address(&self.addresses)) {
+            return Identity {
+                service_account: Some((ns.clone(), pod.service_account)),
+                source: Source::Pod(format!("{ns}/{name}")),
+                client: Client {
+                    namespace: ns,
+                    labels: pod.labels,
+                    workload: None,
+                },
             };
-            return (client, Source::Pod(id));
         }
         let entry = set.workload_entries.iter().find(|we| {
             we.spec
@@ -76,14 +97,12 @@ impl Workload {
                 .is_ok_and(|a| self.addresses.contains(&a))
         });
         match entry {
-            Some(we) => (
-                Client {
-                    workload: Some(we.id()),
-                    ..flags.clone()
-                },
-                Source::WorkloadEntry(we.id()),
-            ),
-            None => (flags.clone(), Source::Flags),
+            Some(we) => from_entry(we.id()),
+            None => Identity {
+                client: flags.clone(),
+                service_account: None,
+                source: Source::Flags,
+            },
         }
     }
 }

@@ -742,3 +742,113 @@ spec:
     assert!(!for_a.contains("echo-for-b"), "{for_a}");
     assert!(for_a.contains("DestinationRule shop/echo"), "{for_a}");
 }
+
+#[test]
+fn istio_mutual_presents_the_client_pods_own_service_account_identity() {
+    if !require_privileged() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("drover-kube-mesh-{}", unique_id()));
+    let mesh = dir.join("mesh");
+    let identity_dir = dir.join("identity");
+    let path = |p: &std::path::Path| p.display().to_string();
+    let drover = |args: &[&str]| {
+        let out = std::process::Command::new(drover_tests::bin("drover"))
+            .args(args)
+            .output()
+            .expect("drover");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    drover(&["ca", "init", "--dir", &path(&mesh)]);
+    // The server is pod reviews-v1, service account `default` in `demo`.
+    let cert = dir.join("server.pem");
+    drover(&[
+        "ca",
+        "issue",
+        "--dir",
+        &path(&mesh),
+        "--spiffe",
+        "spiffe://cluster.local/ns/demo/sa/default",
+        "--out",
+        &path(&cert),
+    ]);
+    let cluster = Cluster::reviews("127.77.0.10", &[Topology::ep4(1)]);
+    // The client namespace's pod runs as service account `frontend`.
+    cluster.api.apply(
+        POD,
+        pod(
+            "demo",
+            "frontend-1",
+            &[("app", "frontend")],
+            "frontend",
+            "node1",
+            &Topology::client4(1).to_string(),
+        ),
+    );
+    cluster.api.apply(
+        DESTINATION_RULE,
+        istio(
+            "
+metadata: {name: reviews, namespace: demo}
+spec:
+  host: reviews.demo.svc.cluster.local
+  trafficPolicy: {tls: {mode: ISTIO_MUTUAL}}
+",
+        ),
+    );
+    let mut flags = kube_flags(&cluster.api);
+    flags.extend([
+        "--mesh-ca".into(),
+        path(&mesh),
+        "--identity-dir".into(),
+        path(&identity_dir),
+    ]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let server_args: Vec<String> = [
+        "--tls-cert",
+        &path(&cert),
+        "--tls-key",
+        &path(&dir.join("server-key.pem")),
+        "--tls-client-ca",
+        &path(&mesh.join("root-cert.pem")),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let m = MeshBuilder::new(1)
+        .server(1, "http", &[9080], "reviews-v1", &server_args)
+        .without_config()
+        .args(&flags)
+        .start();
+    let r = m.http(&[&format!("{REVIEWS}/"), "--count", "2"]);
+    assert_eq!(
+        r["status"]["200"].as_u64(),
+        Some(2),
+        "{r}\n{}",
+        m.daemon.log()
+    );
+    // The certificate presented is the pod's own (ns demo, sa frontend), not the daemon's.
+    let own = identity_dir
+        .join("demo")
+        .join("frontend")
+        .join("workload.pem");
+    assert_eq!(
+        r["first"]["client_cert_id"],
+        drover_tests::pem_id(&own),
+        "{r}"
+    );
+    assert_ne!(
+        drover_tests::pem_id(&own),
+        drover_tests::pem_id(&identity_dir.join("workload.pem"))
+    );
+    assert!(
+        m.daemon
+            .log()
+            .contains("spiffe://cluster.local/ns/demo/sa/frontend")
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

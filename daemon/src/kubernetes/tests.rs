@@ -61,6 +61,7 @@ fn sources(feed: &Feed) -> Sources {
         client: Default::default(),
         workloads: Vec::new(),
         credentials: Default::default(),
+        issuer: None,
         allow_empty: false,
     }
 }
