@@ -50,6 +50,17 @@ pub fn unique_id() -> u32 {
     (std::process::id() % 10_000) * 100 + NEXT.fetch_add(1, Ordering::Relaxed) % 100
 }
 
+/// How many responses with status `code` a `hey` report counts (its `[200]  N responses`
+/// lines); 0 when none.
+pub fn hey_responses(report: &str, code: &str) -> u64 {
+    report
+        .lines()
+        .find(|l| l.trim_start().starts_with(&format!("[{code}]")))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Runs a command to completion, panicking with its output on failure.
 pub fn sh(args: &[&str]) -> String {
     let out = Command::new(args[0])

@@ -561,14 +561,7 @@ fn walkthrough_scenario3_from_kubernetes_objects_overflows_with_503() {
             .output()
             .expect("hey");
     let report = String::from_utf8_lossy(&out.stdout).to_string();
-    let count = |code: &str| -> u64 {
-        report
-            .lines()
-            .find(|l| l.trim_start().starts_with(&format!("[{code}]")))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0)
-    };
+    let count = |code: &str| drover_tests::hey_responses(&report, code);
     let (ok, overflow) = (count("200"), count("503"));
     assert!(!report.contains("Error distribution"), "{report}");
     assert!(ok > 0 && overflow > ok, "mostly 503: {report}");

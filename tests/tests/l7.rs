@@ -599,14 +599,7 @@ fn walkthrough_scenario3_pool_limits_overflow_with_503() {
             .output()
             .expect("hey");
     let report = String::from_utf8_lossy(&out.stdout).to_string();
-    let count = |code: &str| -> u64 {
-        report
-            .lines()
-            .find(|l| l.trim_start().starts_with(&format!("[{code}]")))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0)
-    };
+    let count = |code: &str| drover_tests::hey_responses(&report, code);
     let (ok, overflow) = (count("200"), count("503"));
     eprintln!("scenario 3: {ok} × 200, {overflow} × 503");
     assert!(

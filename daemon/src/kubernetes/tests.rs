@@ -8,6 +8,18 @@ use serde_json::json;
 use super::*;
 use crate::reload::{Sources, load};
 
+/// Slice `shop/echo-1` of service `echo` with `endpoints` on port `tcp` 7000.
+fn slice(endpoints: serde_json::Value) -> EndpointSlice {
+    serde_json::from_value(json!({
+        "metadata": {"name": "echo-1", "namespace": "shop",
+                     "labels": {"kubernetes.io/service-name": "echo"}},
+        "addressType": "IPv4",
+        "endpoints": endpoints,
+        "ports": [{"name": "tcp", "port": 7000}],
+    }))
+    .unwrap()
+}
+
 fn feed() -> Feed {
     let feed = Feed::new("cluster.local");
     let svc: Service = serde_json::from_value(json!({
@@ -15,18 +27,7 @@ fn feed() -> Feed {
         "spec": {"clusterIP": "127.77.0.40", "ports": [{"name": "tcp", "port": 80}]},
     }))
     .unwrap();
-    let slice: EndpointSlice = serde_json::from_value(json!({
-        "metadata": {"name": "echo-1", "namespace": "shop",
-                     "labels": {"kubernetes.io/service-name": "echo"}},
-        "addressType": "IPv4",
-        "endpoints": [
-            {"addresses": ["198.18.1.2"], "targetRef": {"kind": "Pod", "name": "p1", "namespace": "shop"}},
-            {"addresses": ["198.18.2.2"], "targetRef": {"kind": "Pod", "name": "p2", "namespace": "shop"}},
-        ],
-        "ports": [{"name": "tcp", "port": 7000}],
-    }))
-    .unwrap();
-    feed.relisted("Service", "Service", vec![Object::Service(Box::new(svc))]);
+XX, "Service", vec![Object::Service(Box::new(svc))]);
     feed.relisted(
         "EndpointSlice",
         "EndpointSlice",
@@ -188,18 +189,11 @@ fn cached_derivations_follow_every_object_they_were_derived_from() {
     let feed = feed();
     assert_eq!(endpoints(&feed).len(), 2);
     // A slice now names a third pod, not seen yet: left out until it arrives.
-    let slice: EndpointSlice = serde_json::from_value(json!({
-        "metadata": {"name": "echo-1", "namespace": "shop",
-                     "labels": {"kubernetes.io/service-name": "echo"}},
-        "addressType": "IPv4",
-        "endpoints": [
-            {"addresses": ["198.18.1.2"], "targetRef": {"kind": "Pod", "name": "p1", "namespace": "shop"}},
-            {"addresses": ["198.18.3.2"], "targetRef": {"kind": "Pod", "name": "p3", "namespace": "shop"},
-             "nodeName": "n1"},
-        ],
-        "ports": [{"name": "tcp", "port": 7000}],
-    }))
-    .unwrap();
+    let slice = slice(json!([
+        {"addresses": ["198.18.1.2"], "targetRef": {"kind": "Pod", "name": "p1", "namespace": "shop"}},
+        {"addresses": ["198.18.3.2"], "targetRef": {"kind": "Pod", "name": "p3", "namespace": "shop"},
+         "nodeName": "n1"},
+    ]));
     feed.applied(Object::Slice(Box::new(slice)));
     let addrs = |feed: &Feed| -> Vec<String> { endpoints(feed).into_iter().map(|e| e.0).collect() };
     assert_eq!(addrs(&feed), ["198.18.1.2"]);
