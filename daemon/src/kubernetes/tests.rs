@@ -27,7 +27,11 @@ fn feed() -> Feed {
         "spec": {"clusterIP": "127.77.0.40", "ports": [{"name": "tcp", "port": 80}]},
     }))
     .unwrap();
-XX, "Service", vec![Object::Service(Box::new(svc))]);
+    let slice = slice(json!([
+        {"addresses": ["198.18.1.2"], "targetRef": {"kind": "Pod", "name": "p1", "namespace": "shop"}},
+        {"addresses": ["198.18.2.2"], "targetRef": {"kind": "Pod", "name": "p2", "namespace": "shop"}},
+    ]));
+    feed.relisted("Service", "Service", vec![Object::Service(Box::new(svc))]);
     feed.relisted(
         "EndpointSlice",
         "EndpointSlice",
