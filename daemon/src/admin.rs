@@ -146,6 +146,41 @@ impl Admin {
         }
     }
 
+    /// `POST /logging?level=`: changes the log filter, when the daemon lets it.
+    fn set_log_level(&self, query: &str) -> Response<crate::proxy::Body> {
+        let level = form_urlencoded::parse(query.as_bytes())
+            .find(|(k, _)| k == "level")
+            .map(|(_, v)| v.to_string());
+        match (level.as_deref().map(log_level), &self.log) {
+            (Some(None), _) => text(
+                StatusCode::BAD_REQUEST,
+                &format!(
+                    "unknown level {:?}; one of: {}\n",
+                    level.unwrap_or_default(),
+                    LEVELS.join(" ")
+                ),
+                "text/plain",
+            ),
+            (Some(Some(level)), Some(set)) => match set(level) {
+                Ok(()) => {
+                    tracing::info!(%level, "log level changed");
+                    text(StatusCode::OK, &format!("level: {level}\n"), "text/plain")
+                }
+                Err(e) => text(StatusCode::BAD_REQUEST, &format!("{e}\n"), "text/plain"),
+            },
+            (None, _) => text(
+                StatusCode::BAD_REQUEST,
+                &format!("usage: POST /logging?level=<{}>\n", LEVELS.join("|")),
+                "text/plain",
+            ),
+            (Some(Some(_)), None) => text(
+                StatusCode::NOT_IMPLEMENTED,
+                "log level is fixed\n",
+                "text/plain",
+            ),
+        }
+    }
+
     fn answer<B>(&self, req: Request<B>) -> Response<crate::proxy::Body> {
         let query = req.uri().query().unwrap_or("");
         match (req.method(), req.uri().path()) {
@@ -179,39 +214,7 @@ impl Admin {
                 }
             }
             (&Method::GET, "/config_dump") => json(&config_dump(&self.registry.load())),
-            (&Method::POST, "/logging") => {
-                let level = form_urlencoded::parse(query.as_bytes())
-                    .find(|(k, _)| k == "level")
-                    .map(|(_, v)| v.to_string());
-                match (level.as_deref().map(log_level), &self.log) {
-                    (Some(None), _) => text(
-                        StatusCode::BAD_REQUEST,
-                        &format!(
-                            "unknown level {:?}; one of: {}\n",
-                            level.unwrap_or_default(),
-                            LEVELS.join(" ")
-                        ),
-                        "text/plain",
-                    ),
-                    (Some(Some(level)), Some(set)) => match set(level) {
-                        Ok(()) => {
-                            tracing::info!(%level, "log level changed");
-                            text(StatusCode::OK, &format!("level: {level}\n"), "text/plain")
-                        }
-                        Err(e) => text(StatusCode::BAD_REQUEST, &format!("{e}\n"), "text/plain"),
-                    },
-                    (None, _) => text(
-                        StatusCode::BAD_REQUEST,
-                        &format!("usage: POST /logging?level=<{}>\n", LEVELS.join("|")),
-                        "text/plain",
-                    ),
-                    (Some(Some(_)), None) => text(
-                        StatusCode::NOT_IMPLEMENTED,
-                        "log level is fixed\n",
-                        "text/plain",
-                    ),
-                }
-            }
+            (&Method::POST, "/logging") => self.set_log_level(query),
             (_, "/logging") => {
                 let mut r = text(
                     StatusCode::METHOD_NOT_ALLOWED,

@@ -95,23 +95,8 @@ pub struct ConfigRejected(pub reload::Error);
 /// behind (a restart's pre-existing pins are left as the previous daemon left them).
 pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
     let early = Early::start(&cfg).await?;
-    let api = early.api.clone();
     prepare(&mut cfg)?;
-    let mut sources = reload::Sources {
-        paths: cfg.config_paths.clone(),
-        api: api.clone(),
-        client: cfg.client.clone(),
-        workloads: Vec::new(),
-        credentials: cfg.credentials.clone(),
-        issuer: cfg.mesh.as_ref().map(|m| {
-            Arc::new(crate::mesh::Issuer::new(
-                m.ca_dir.clone(),
-                m.trust_domain.clone(),
-                m.identity_dir.clone(),
-            ))
-        }),
-        allow_empty: cfg.allow_empty,
-    };
+    let mut sources = cfg.sources(early.api.clone());
     // The configuration is validated before anything is opened or bound.
     let loaded = reload::load_config(&sources).map_err(ConfigRejected)?;
     for w in loaded.primary.warnings() {
@@ -146,10 +131,7 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
         original,
         listeners: bindings.listeners,
         downstream: cfg.downstream,
-        overload: proxy::downstream::Overload::new(
-            cfg.max_downstream_connections,
-            cfg.max_memory_bytes,
-        ),
+        overload: cfg.overload(),
         mark: true,
     }
     .serve()?;
@@ -190,6 +172,33 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
         _kernel: kernel,
         _lock: lock,
     })
+}
+
+impl RunConfig {
+    /// What a load reads: the files, the API's objects (`api`), the client, the credentials and
+    /// the issuer of the workloads' own mesh identities.
+    fn sources(&self, api: Option<Feed>) -> reload::Sources {
+        reload::Sources {
+            paths: self.config_paths.clone(),
+            api,
+            client: self.client.clone(),
+            workloads: Vec::new(),
+            credentials: self.credentials.clone(),
+            issuer: self.mesh.as_ref().map(|m| {
+                Arc::new(crate::mesh::Issuer::new(
+                    m.ca_dir.clone(),
+                    m.trust_domain.clone(),
+                    m.identity_dir.clone(),
+                ))
+            }),
+            allow_empty: self.allow_empty,
+        }
+    }
+
+    /// The downstream overload limits.
+    fn overload(&self) -> Arc<proxy::downstream::Overload> {
+        proxy::downstream::Overload::new(self.max_downstream_connections, self.max_memory_bytes)
+    }
 }
 
 /// What runs before the configuration is loaded: the readiness endpoint (answering 503 from the

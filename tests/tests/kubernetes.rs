@@ -495,6 +495,26 @@ fn delays(ms: &[u64]) -> Vec<Vec<String>> {
         .collect()
 }
 
+/// `reviews_mesh` with the walkthrough's scenario `k` YAML; endpoint i answers after
+/// `delays_ms[i]`.
+fn scenario(k: u32, delays_ms: &[u64]) -> (Cluster, Mesh) {
+    let yaml = std::fs::read_to_string(format!("{SEEDS}/walkthrough-scenario{k}.yaml")).unwrap();
+    reviews_mesh(&delays(delays_ms), &yaml)
+}
+
+/// `n` requests to `path` of `reviews` (`concurrency` at once), every one answered 200.
+fn all_ok(m: &Mesh, path: &str, n: u64, concurrency: u32) -> serde_json::Value {
+    let r = m.http(&[
+        &format!("{REVIEWS}{path}"),
+        "--count",
+        &n.to_string(),
+        "--concurrency",
+        &concurrency.to_string(),
+    ]);
+    assert_eq!(r["status"]["200"].as_u64(), Some(n), "{r}");
+    r
+}
+
 fn share(r: &serde_json::Value, pod: &str, n: u64) -> f64 {
     r["served"][pod].as_u64().unwrap_or(0) as f64 / n as f64
 }
@@ -504,17 +524,9 @@ fn walkthrough_scenario1_from_kubernetes_objects_splits_50_50() {
     if !require_privileged() {
         return;
     }
-    let scenario = std::fs::read_to_string(format!("{SEEDS}/walkthrough-scenario1.yaml")).unwrap();
-    let (_cluster, m) = reviews_mesh(&delays(&[0, 0, 0]), &scenario);
+    let (_cluster, m) = scenario(1, &[0, 0, 0]);
     let n = 1000;
-    let r = m.http(&[
-        &format!("{REVIEWS}/reviews/1"),
-        "--count",
-        "1000",
-        "--concurrency",
-        "4",
-    ]);
-    assert_eq!(r["status"]["200"].as_u64(), Some(n), "{r}");
+    let r = all_ok(&m, "/reviews/1", n, 4);
     let v1 = share(&r, "reviews-v1", n);
     // Binomial sd for p=0.5, n=1000 is 0.016; ±0.06 is more than 3.5 sd.
     assert!((0.44..=0.56).contains(&v1), "v1 share {v1}: {r}");
@@ -532,17 +544,9 @@ fn walkthrough_scenario2_from_kubernetes_objects_least_conn_avoids_the_slow_pod(
     if !require_privileged() {
         return;
     }
-    let scenario = std::fs::read_to_string(format!("{SEEDS}/walkthrough-scenario2.yaml")).unwrap();
-    let (_cluster, m) = reviews_mesh(&delays(&[150, 0, 0]), &scenario);
+    let (_cluster, m) = scenario(2, &[150, 0, 0]);
     let n = 300;
-    let r = m.http(&[
-        &format!("{REVIEWS}/"),
-        "--count",
-        "300",
-        "--concurrency",
-        "8",
-    ]);
-    assert_eq!(r["status"]["200"].as_u64(), Some(n), "{r}");
+    let r = all_ok(&m, "/", n, 8);
     let slow = share(&r, "reviews-v1", n);
     assert!(slow < 0.15, "least request avoids the slow pod: {slow}");
 }
@@ -552,8 +556,7 @@ fn walkthrough_scenario3_from_kubernetes_objects_overflows_with_503() {
     if !require_privileged() {
         return;
     }
-    let scenario = std::fs::read_to_string(format!("{SEEDS}/walkthrough-scenario3.yaml")).unwrap();
-    let (_cluster, m) = reviews_mesh(&delays(&[20]), &scenario);
+    let (_cluster, m) = scenario(3, &[20]);
     let out =
         m.t.client
             .command("hey")
