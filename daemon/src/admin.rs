@@ -456,12 +456,21 @@ fn config_dump(snapshot: &Registry) -> serde_json::Value {
     for r in &set.virtual_services {
         add("VirtualService", &r.origin, &r.meta, to_json(&r.spec));
     }
+    for r in &set.peer_authentications {
+        add("PeerAuthentication", &r.origin, &r.meta, to_json(&r.spec));
+    }
     let client = snapshot.client();
+    let inbound = snapshot.inbound_mtls();
     serde_json::json!({
         "client": {
             "namespace": client.namespace,
             "labels": client.labels,
             "workload": client.workload,
+            "inbound_mtls": {
+                "mode": inbound.mode.map(|m| m.to_string()),
+                "ports": inbound.ports.iter().map(|(p, m)| (p.to_string(), m.to_string())).collect::<BTreeMap<_, _>>(),
+                "from": inbound.from,
+            },
         },
         "resources": resources,
         "clusters": snapshot.clusters().map(|c| c.name.clone()).collect::<std::collections::BTreeSet<_>>(),

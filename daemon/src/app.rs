@@ -48,7 +48,7 @@ pub struct RunConfig {
     /// Issue the enrolled workloads a mesh identity.
     pub mesh: Option<MeshConfig>,
     /// Terminate mesh mTLS for the workloads of this namespace (name) on these ports.
-    pub inbound: Option<(String, Vec<u16>, crate::inbound::PeerAuthentication)>,
+    pub inbound: Option<(String, Vec<u16>, crate::config::policy::MtlsMode)>,
     /// Lets `/logging?level=` change the log filter.
     pub log: Option<crate::admin::LogControl>,
     /// Request-header and idle timeouts of captured HTTP connections.
@@ -136,7 +136,7 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
     }
     .serve()?;
     if let (Some(inbound), Some(kernel)) = (bindings.inbound, &kernel) {
-        inbound.serve(kernel, &shutdown, &tracker)?;
+        inbound.serve(kernel, &views, &shutdown, &tracker)?;
     }
     let (reload, admin) = control(
         &cfg,
@@ -398,28 +398,33 @@ struct InboundBinding {
 }
 
 impl InboundBinding {
-    /// Steers the namespace's inbound ports to the listener and serves it.
+    /// Steers the namespace's inbound ports to the listener and serves it, with the
+    /// `PeerAuthentication`s of the namespace's workload.
     fn serve(
         self,
         kernel: &Kernel,
+        views: &Views,
         shutdown: &CancellationToken,
         tracker: &TaskTracker,
     ) -> anyhow::Result<()> {
         kernel.attach_inbound(&self.ns, &self.listener, &self.ports)?;
         tracing::info!(netns = %self.ns.name, ports = ?self.ports, "inbound mTLS termination on 15006");
-        tokio::spawn(
-            self.server
-                .serve(self.listener, shutdown.clone(), tracker.clone()),
-        );
+        tokio::spawn(self.server.serve(
+            self.listener,
+            views.for_netns(&self.ns.name),
+            shutdown.clone(),
+            tracker.clone(),
+        ));
         Ok(())
     }
 }
 
 impl Bindings {
-    /// The enrolled workload namespaces (not the daemon's own), each once.
+    /// The enrolled workload namespaces (not the daemon's own) and the inbound one, each once.
     fn workloads(&self, cfg: &RunConfig) -> Vec<Workload> {
         let mut out: Vec<Workload> = Vec::new();
-        for (ns, _) in &self.listeners {
+        let inbound = self.inbound.as_ref().map(|i| &i.ns);
+        for ns in self.listeners.iter().map(|(ns, _)| ns).chain(inbound) {
             if ns.is_home || out.iter().any(|w| w.netns == ns.name) {
                 continue;
             }

@@ -2,9 +2,11 @@
 //! steered to the inbound listener (15006, in the workloads' namespace) keep their original
 //! destination as local address. Mesh mTLS is terminated with the workloads' identity, the
 //! client certificate must chain to the mesh root and name an identity of the trust domain, and
-//! the plaintext goes to the workload. `--peer-authentication STRICT` refuses plaintext clients;
-//! `PERMISSIVE` passes a client that does not start with a TLS ClientHello (or stays silent for
-//! 100 ms, as server-first protocols do) through unchanged.
+//! the plaintext goes to the workload. The mode of each connection is the workload's
+//! `PeerAuthentication` for the destination port (see [`crate::registry::peer`]), read from the
+//! current snapshot, else `--peer-authentication`: STRICT refuses plaintext clients; PERMISSIVE
+//! passes a client that does not start with a TLS ClientHello (or stays silent for 100 ms, as
+//! server-first protocols do) through unchanged; DISABLE passes every connection through.
 //!
 //! Invariants: the forward connection is made from inside the namespace to the original
 //! destination, so its source equals its destination and `sk_lookup` leaves it alone; the
@@ -24,16 +26,9 @@ use rustls::{
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{mesh::IdentityFiles, redirect::netns::NetNs};
-
-/// PeerAuthentication mode of the inbound listener.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum PeerAuthentication {
-    /// Only mesh mTLS clients.
-    Strict,
-    /// mTLS when the client speaks TLS, plaintext otherwise.
-    Permissive,
-}
+use crate::{
+    config::policy::MtlsMode, mesh::IdentityFiles, redirect::netns::NetNs, registry::RegistryHandle,
+};
 
 /// Why an inbound connection was refused.
 #[derive(Debug, thiserror::Error)]
@@ -59,7 +54,8 @@ pub enum Error {
 pub struct Inbound {
     pub ns: Arc<NetNs>,
     pub identity: IdentityFiles,
-    pub mode: PeerAuthentication,
+    /// The mode when no `PeerAuthentication` sets one (`--peer-authentication`).
+    pub default_mode: MtlsMode,
     /// (modification time of the certificate file, config built from it).
     config: Mutex<Option<(SystemTime, Arc<ServerConfig>)>>,
 }
@@ -69,15 +65,16 @@ pub struct Inbound {
 enum Served {
     /// mTLS terminated for this client identity.
     Mtls(String),
-    /// PERMISSIVE plaintext pass-through.
-    Plaintext,
+    /// Plaintext passed through (PERMISSIVE or DISABLE).
+    Plaintext(MtlsMode),
 }
 
 impl std::fmt::Display for Served {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Served::Mtls(id) => write!(f, "mTLS from {id}"),
-            Served::Plaintext => f.write_str("plaintext (PERMISSIVE)"),
+            Served::Plaintext(MtlsMode::Disable) => f.write_str("passed through (DISABLE)"),
+            Served::Plaintext(_) => f.write_str("plaintext (PERMISSIVE)"),
         }
     }
 }
@@ -91,11 +88,11 @@ const DETECTION: Duration = Duration::from_millis(100);
 // === impl Inbound ===
 
 impl Inbound {
-    pub fn new(ns: Arc<NetNs>, identity: IdentityFiles, mode: PeerAuthentication) -> Self {
+    pub fn new(ns: Arc<NetNs>, identity: IdentityFiles, default_mode: MtlsMode) -> Self {
         Self {
             ns,
             identity,
-            mode,
+            default_mode,
             config: Mutex::new(None),
         }
     }
@@ -136,10 +133,12 @@ impl Inbound {
         }
     }
 
-    /// Accepts until `shutdown`, one task per connection.
+    /// Accepts until `shutdown`, one task per connection; `policy` is the snapshot of the
+    /// namespace's workload (its `PeerAuthentication`s).
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
+        policy: RegistryHandle,
         shutdown: CancellationToken,
         tracker: TaskTracker,
     ) {
@@ -151,14 +150,18 @@ impl Inbound {
             match accepted {
                 Ok((stream, peer)) => {
                     let me = self.clone();
+                    let policy = policy.clone();
                     tracker.spawn(async move {
                         let start = tokio::time::Instant::now();
                         let target = stream.local_addr().ok();
-                        let outcome = me.handle(stream).await;
+                        let mode = target
+                            .and_then(|t| policy.load().inbound_mtls().mode(t.port()))
+                            .unwrap_or(me.default_mode);
+                        let outcome = me.handle(stream, mode).await;
                         let s = &crate::stats::store().inbound;
                         let counter = match &outcome {
                             Ok(Served::Mtls(_)) => &s.mtls,
-                            Ok(Served::Plaintext) => &s.plaintext_passed,
+                            Ok(Served::Plaintext(_)) => &s.plaintext_passed,
                             Err(Error::PlaintextRefused) => &s.plaintext_refused,
                             Err(Error::ForeignIdentity(..)) => &s.foreign_identity,
                             Err(Error::Silent(_)) => &s.silent,
@@ -188,24 +191,27 @@ impl Inbound {
         }
     }
 
-    /// Terminates (or, PERMISSIVE, passes) one connection and relays it to its original
-    /// destination; says how it was served.
-    async fn handle(&self, stream: TcpStream) -> Result<Served, Error> {
+    /// Terminates (or, PERMISSIVE and DISABLE, passes) one connection in `mode` and relays it to
+    /// its original destination; says how it was served.
+    async fn handle(&self, stream: TcpStream, mode: MtlsMode) -> Result<Served, Error> {
         let target = stream.local_addr().map_err(Error::Tls)?;
         let mut first = [0u8; 1];
-        let wait = match self.mode {
-            PeerAuthentication::Strict => FIRST_BYTE,
-            PeerAuthentication::Permissive => DETECTION,
+        let wait = if mode == MtlsMode::Strict {
+            FIRST_BYTE
+        } else {
+            DETECTION
         };
-        let tls = match tokio::time::timeout(wait, stream.peek(&mut first)).await {
-            // A TLS record of type handshake (22) opens every ClientHello.
-            Ok(Ok(n)) => n == 1 && first[0] == 0x16,
-            Ok(Err(e)) => return Err(Error::Tls(e)),
-            Err(_) if self.mode == PeerAuthentication::Permissive => false,
-            Err(_) => return Err(Error::Silent(FIRST_BYTE)),
+        let tls = match mode {
+            MtlsMode::Disable => false,
+            _ => match tokio::time::timeout(wait, stream.peek(&mut first)).await {
+                Ok(Ok(n)) => is_client_hello(&first[..n]),
+                Ok(Err(e)) => return Err(Error::Tls(e)),
+                Err(_) if mode == MtlsMode::Permissive => false,
+                Err(_) => return Err(Error::Silent(FIRST_BYTE)),
+            },
         };
         if !tls {
-            if self.mode == PeerAuthentication::Strict {
+            if mode == MtlsMode::Strict {
                 return Err(Error::PlaintextRefused);
             }
             let mut client = stream;
@@ -217,7 +223,7 @@ impl Inbound {
                 None,
             )
             .await;
-            return Ok(Served::Plaintext);
+            return Ok(Served::Plaintext(mode));
         }
         let config = self.server_config()?;
         let mut tls = tokio_rustls::TlsAcceptor::from(config)
@@ -264,6 +270,11 @@ impl Inbound {
         })?;
         Ok(s)
     }
+}
+
+/// A TLS record of type handshake (22) opens every ClientHello.
+fn is_client_hello(first: &[u8]) -> bool {
+    first.first() == Some(&0x16)
 }
 
 fn build_config(identity: &IdentityFiles) -> Result<ServerConfig, Error> {

@@ -456,6 +456,9 @@ fn file_ids(set: &ConfigSet) -> HashSet<String> {
     for r in &set.virtual_services {
         add("VirtualService", r.namespace(), &r.meta.name);
     }
+    for r in &set.peer_authentications {
+        add("PeerAuthentication", r.namespace(), &r.meta.name);
+    }
     ids
 }
 

@@ -124,9 +124,10 @@ struct RunArgs {
     /// Workload port whose inbound connections are terminated (repeatable).
     #[arg(long = "inbound-port", requires = "inbound_netns")]
     inbound_ports: Vec<u16>,
-    /// Inbound clients: STRICT (mTLS only) or PERMISSIVE (plaintext passes through).
+    /// Inbound clients when no `PeerAuthentication` resource sets a mode for the workload: STRICT
+    /// (mTLS only), PERMISSIVE (plaintext passes through) or DISABLE (everything passes through).
     #[arg(long, value_enum, default_value = "strict")]
-    peer_authentication: drover::inbound::PeerAuthentication,
+    peer_authentication: drover::config::policy::MtlsMode,
     /// Close a captured HTTP connection whose request headers are not complete this long after
     /// accept (first request) or after the request's first byte; counted as
     /// `downstream_rq_header_timeout`.

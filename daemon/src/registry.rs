@@ -8,6 +8,7 @@
 
 mod build;
 pub mod explain;
+pub mod peer;
 pub mod resolve;
 pub mod route;
 
@@ -115,6 +116,8 @@ pub struct Registry {
     rules: Vec<RuleEntry>,
     virtual_services: Vec<VsEntry>,
     client: Client,
+    /// The inbound mTLS of the client (its `PeerAuthentication`s composed).
+    inbound: peer::InboundMtls,
     clusters: HashMap<ClusterKey, Box<Cluster>>,
     warnings: Vec<Problem>,
     config: crate::config::source::ConfigSet,
@@ -160,6 +163,11 @@ impl Registry {
     /// The client this snapshot was resolved for.
     pub fn client(&self) -> &Client {
         &self.client
+    }
+
+    /// The client's inbound mTLS (its `PeerAuthentication`s composed).
+    pub fn inbound_mtls(&self) -> &peer::InboundMtls {
+        &self.inbound
     }
 
     /// Every validated DestinationRule.

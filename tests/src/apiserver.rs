@@ -53,12 +53,20 @@ pub const DESTINATION_RULE: Kind = istio("destinationrules", "DestinationRule");
 pub const VIRTUAL_SERVICE: Kind = istio("virtualservices", "VirtualService");
 pub const SERVICE_ENTRY: Kind = istio("serviceentries", "ServiceEntry");
 pub const WORKLOAD_ENTRY: Kind = istio("workloadentries", "WorkloadEntry");
+pub const PEER_AUTHENTICATION: Kind = Kind {
+    group: "security.istio.io",
+    version: "v1",
+    plural: "peerauthentications",
+    kind: "PeerAuthentication",
+    namespaced: true,
+};
 /// Every Istio kind this server can serve.
-pub const ISTIO: [Kind; 4] = [
+pub const ISTIO: [Kind; 5] = [
     DESTINATION_RULE,
     VIRTUAL_SERVICE,
     SERVICE_ENTRY,
     WORKLOAD_ENTRY,
+    PEER_AUTHENTICATION,
 ];
 
 const fn core(plural: &'static str, kind: &'static str, namespaced: bool) -> Kind {

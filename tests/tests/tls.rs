@@ -722,3 +722,116 @@ fn ca_crl_rejects_a_revoked_server_certificate() {
         "Revoked",
     );
 }
+
+/// A plaintext client in the client namespace straight to `ep:port` (not captured) that speaks
+/// first: the greeting it gets, or `None` when the inbound side closed it.
+fn plaintext_greeting(t: &Topology, ep: std::net::IpAddr, port: u16) -> Option<String> {
+    let direct = t.client.connect(SocketAddr::new(ep, port), None).unwrap();
+    direct
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    std::io::Write::write_all(&mut &direct, b"ping\n").unwrap();
+    let mut line = String::new();
+    match BufReader::new(direct).read_line(&mut line) {
+        Ok(0) => None,
+        Ok(_) => Some(line),
+        Err(e) => {
+            assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+            None
+        }
+    }
+}
+
+#[test]
+fn peer_authentication_resources_set_the_inbound_mode_per_port_and_follow_edits() {
+    if !require_privileged() {
+        return;
+    }
+    let pki = Pki::new();
+    let mesh = pki.dir.join("mesh").display().to_string();
+    drover(&["ca", "init", "--dir", &mesh]);
+    let t = Topology::new(1);
+    let ep = Topology::ep4(1);
+    let _echo = Proc::server(
+        Some(&t.endpoints[0]),
+        "echo",
+        &[SocketAddr::new(ep, 7000), SocketAddr::new(ep, 7001)],
+        "ep1",
+    );
+    let peer = |name: &str, spec: &str| {
+        format!(
+            "---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: {name}, namespace: test}}\nspec: {spec}\n"
+        )
+    };
+    // Namespace-wide PERMISSIVE beats the daemon's --peer-authentication STRICT.
+    let cfg = write_config(&(service() + &peer("default", "{mtls: {mode: PERMISSIVE}}")));
+    let pins = PinDir::new();
+    let cfg_s = cfg.display().to_string();
+    let server = Daemon::start(&drover_tests::args(
+        &cfg,
+        &pins,
+        &[
+            "--mesh-ca",
+            &mesh,
+            "--client-namespace",
+            "test",
+            "--client-label",
+            "app=ep",
+            "--peer-authentication",
+            "strict",
+            "--inbound-netns",
+            &t.endpoints[0].name,
+            "--inbound-port",
+            "7000",
+            "--inbound-port",
+            "7001",
+        ],
+    ))
+    .expect("daemon starts");
+    let line = plaintext_greeting(&t, ep, 7000).expect("PERMISSIVE passes plaintext");
+    assert!(line.starts_with("hello from ep1"), "{line}");
+    assert!(server.wait_log("plaintext (PERMISSIVE)", Duration::from_secs(3)));
+
+    // Edited live: the namespace goes STRICT, and a workload policy (selecting app=ep, mode
+    // UNSET: inherited) disables mTLS on port 7001 only.
+    let workload = "{selector: {matchLabels: {app: ep}}, mtls: {mode: UNSET}, portLevelMtls: {7001: {mode: DISABLE}}}";
+    std::fs::write(
+        &cfg,
+        service() + &peer("default", "{mtls: {mode: STRICT}}") + &peer("ep", workload),
+    )
+    .unwrap();
+    assert!(server.wait_log("configuration reloaded", Duration::from_secs(5)));
+    assert_eq!(plaintext_greeting(&t, ep, 7000), None, "STRICT refuses");
+    let line = plaintext_greeting(&t, ep, 7001).expect("DISABLE passes through");
+    assert!(line.starts_with("hello from ep1"), "{line}");
+    assert!(server.wait_log("passed through (DISABLE)", Duration::from_secs(3)));
+    let inbound = &server.clusters()["inbound"];
+    assert_eq!(inbound["plaintext_refused"], 1, "{inbound}");
+    assert_eq!(inbound["plaintext_passed"], 2, "{inbound}");
+
+    // `explain` and `/config_dump` say which policies made the mode.
+    let text = drover(&[
+        "explain",
+        "--config",
+        &cfg_s,
+        "--client-namespace",
+        "test",
+        "--client-label",
+        "app=ep",
+        "--host",
+        "secure.test.svc",
+        "--port",
+        "80",
+    ]);
+    assert!(
+        text.contains(
+            "inbound    mTLS STRICT ports {7001: DISABLE} (PeerAuthentication test/default, test/ep)"
+        ),
+        "{text}"
+    );
+    let dump: Value = serde_json::from_str(&server.admin_get("/config_dump")).unwrap();
+    assert_eq!(
+        dump["client"]["inbound_mtls"]["ports"]["7001"], "DISABLE",
+        "{dump}"
+    );
+}

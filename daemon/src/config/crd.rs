@@ -1,4 +1,5 @@
-//! Serde mirror of the `networking.istio.io` resources Drover reads, in `v1`, `v1beta1` and
+//! Serde mirror of the `networking.istio.io` (and `security.istio.io` `PeerAuthentication`)
+//! resources Drover reads, in `v1`, `v1beta1` and
 //! `v1alpha3` (identical shapes for these kinds). Field names follow the CRDs (camelCase); values
 //! are kept as the user wrote them and checked later by [`super::validate`], so that every check
 //! can name its field: integers are wide (a negative count is a located range error, not a type
@@ -138,6 +139,46 @@ pub struct PortSelector {
 pub struct MatchLabels {
     #[serde(default)]
     pub match_labels: BTreeMap<String, String>,
+}
+
+/// `PeerAuthentication.spec` (`security.istio.io` `v1`, `v1beta1`).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerAuthenticationSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<MatchLabels>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<MutualTls>,
+    /// Workload port → mode. Keys are numbers in YAML and strings in the API's JSON.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub port_level_mtls: BTreeMap<MapKey, MutualTls>,
+}
+
+/// `PeerAuthentication.MutualTLS`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub struct MutualTls {
+    #[serde(default)]
+    pub mode: MtlsMode,
+}
+
+/// `PeerAuthentication.MutualTLS.Mode`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum MtlsMode {
+    /// Inherit from the parent scope.
+    #[default]
+    Unset,
+    Disable,
+    Permissive,
+    Strict,
+}
+
+/// A map key written as a number or as a string.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(untagged)]
+pub enum MapKey {
+    Number(i64),
+    Text(String),
 }
 
 /// `DestinationRule.spec`.

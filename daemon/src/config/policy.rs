@@ -1,5 +1,5 @@
-//! Validated policy: what a `DestinationRule`, `VirtualService`, `ServiceEntry` or
-//! `WorkloadEntry` means once checked, with Istio's defaults applied inside every block that is
+//! Validated policy: what a `DestinationRule`, `VirtualService`, `ServiceEntry`,
+//! `WorkloadEntry` or `PeerAuthentication` means once checked, with Istio's defaults applied inside every block that is
 //! present. Built only by [`super::validate`].
 //!
 //! Invariant: a block is `None` exactly when the user did not write it. Presence is meaningful
@@ -23,6 +23,40 @@ pub struct DestinationRule {
     pub export_to: ExportTo,
     /// `workloadSelector.matchLabels`; `None` when the rule applies to every client.
     pub workload_selector: Option<BTreeMap<String, String>>,
+}
+
+/// Inbound mTLS mode of a workload (`PeerAuthentication`'s mode, `UNSET` being `None` where it
+/// appears).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum MtlsMode {
+    /// Only mesh mTLS clients.
+    Strict,
+    /// mTLS when the client speaks TLS, plaintext otherwise.
+    Permissive,
+    /// No termination: every connection passes through as it is.
+    Disable,
+}
+
+impl std::fmt::Display for MtlsMode {
+    /// As Istio spells it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MtlsMode::Strict => "STRICT",
+            MtlsMode::Permissive => "PERMISSIVE",
+            MtlsMode::Disable => "DISABLE",
+        })
+    }
+}
+
+/// A validated `PeerAuthentication`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerAuthentication {
+    /// `selector.matchLabels`; `None`: the whole namespace (the mesh, in the root namespace).
+    pub selector: Option<BTreeMap<String, String>>,
+    /// `mtls.mode`; `None` (`UNSET` or absent) inherits the parent scope's mode.
+    pub mode: Option<MtlsMode>,
+    /// `portLevelMtls`: workload port → mode (`None` inherits the policy's own mode).
+    pub ports: BTreeMap<u16, Option<MtlsMode>>,
 }
 
 /// A validated `ServiceEntry`. One with a DNS resolution (not built yet) is kept as written

@@ -27,6 +27,11 @@ const KNOWN_UNUSED: [&str; 5] = [
     "ProxyConfig",
 ];
 
+/// API versions of `security.istio.io` that Drover accepts.
+pub const SECURITY_VERSIONS: [&str; 2] = ["v1", "v1beta1"];
+/// `security.istio.io` kinds that exist but that this version of Drover does not act on yet.
+const SECURITY_UNUSED: [&str; 2] = ["AuthorizationPolicy", "RequestAuthentication"];
+
 /// Where a resource came from; turns field paths into located [`Problem`]s.
 #[derive(Clone, Debug)]
 pub struct Origin {
@@ -50,6 +55,7 @@ pub struct ConfigSet {
     pub workload_entries: Vec<Resource<crd::WorkloadEntrySpec>>,
     pub destination_rules: Vec<Resource<crd::DestinationRuleSpec>>,
     pub virtual_services: Vec<Resource<crd::VirtualServiceSpec>>,
+    pub peer_authentications: Vec<Resource<crd::PeerAuthenticationSpec>>,
     /// Documents of other kinds, with where they are and what they are.
     pub skipped: Vec<(Location, String)>,
     /// Non-fatal findings (unknown fields), located.
@@ -263,6 +269,9 @@ impl ConfigSet {
         let (group, version) = api_version
             .rsplit_once('/')
             .unwrap_or(("", api_version.as_str()));
+        if group == "security.istio.io" {
+            return self.add_security(origin, value, &kind, &api_version);
+        }
         if group != "networking.istio.io" {
             let at = origin.problem("kind", "");
             tracing::info!(location = %at.location, kind = %kind, api_version = %api_version, "skipping resource of a kind drover does not use");
@@ -301,6 +310,46 @@ impl ConfigSet {
             _ => {
                 return Err(
                     origin.problem("kind", format!("unknown networking.istio.io kind {kind:?}"))
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ConfigSet {
+    /// Adds a `security.istio.io` resource: `PeerAuthentication` is read, the other kinds are
+    /// skipped (not enforced yet).
+    fn add_security(
+        &mut self,
+        origin: Origin,
+        value: serde_yaml::Value,
+        kind: &str,
+        api_version: &str,
+    ) -> Result<(), Problem> {
+        let version = api_version.rsplit('/').next().unwrap_or_default();
+        if !SECURITY_VERSIONS.contains(&version) {
+            return Err(origin.problem(
+                "apiVersion",
+                format!(
+                    "unsupported version {api_version:?} (expected security.istio.io/v1 or v1beta1)"
+                ),
+            ));
+        }
+        match kind {
+            "PeerAuthentication" => {
+                let (meta, spec) = parse_typed(&origin, value, &mut self.warnings)?;
+                self.peer_authentications
+                    .push(Resource { origin, meta, spec });
+            }
+            k if SECURITY_UNUSED.contains(&k) => {
+                let at = origin.problem("kind", "");
+                tracing::warn!(location = %at.location, kind, "skipping resource: not enforced by this version of drover");
+                self.skipped.push((at.location, kind.to_string()));
+            }
+            _ => {
+                return Err(
+                    origin.problem("kind", format!("unknown security.istio.io kind {kind:?}"))
                 );
             }
         }

@@ -1,9 +1,10 @@
-//! Istio's validation rules for `DestinationRule`, `VirtualService`, `ServiceEntry` and
-//! `WorkloadEntry`, turning [`crd`] mirrors into [`policy`] types. Every check names the field
+//! Istio's validation rules for `DestinationRule`, `VirtualService`, `ServiceEntry`,
+//! `WorkloadEntry` and `PeerAuthentication`, turning [`crd`] mirrors into [`policy`] types. Every check names the field
 //! path and reports the position of the YAML node through the resource's [`Origin`]; all
 //! problems of a resource are collected, not only the first. Warnings (deprecated, ignored or
 //! not yet built fields) do not stop a resource from loading. Each resource's rules live in
-//! their own file (`destination_rule.rs`, `virtual_service.rs`, `service_entry.rs`); this one
+//! their own file (`destination_rule.rs`, `virtual_service.rs`, `service_entry.rs`,
+//! `peer_authentication.rs`); this one
 //! holds the checker, the scalar rules they share and the free helpers.
 //!
 //! Invariant: this module never panics on any input that deserialized into the [`crd`] types.
@@ -434,6 +435,7 @@ pub fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
 }
 
 mod destination_rule;
+pub mod peer_authentication;
 mod service_entry;
 pub use service_entry::is_dns;
 mod virtual_service;

@@ -25,13 +25,13 @@ use tokio_util::sync::CancellationToken;
 
 use super::{DISCOVERY_RECHECK, Error, Feed, Object, Settings, convert, key_of};
 
-/// The Istio API group whose kinds Drover reads, and those kinds.
-const ISTIO_GROUP: &str = "networking.istio.io";
-const ISTIO_KINDS: [&str; 4] = [
-    "ServiceEntry",
-    "WorkloadEntry",
-    "DestinationRule",
-    "VirtualService",
+/// The Istio kinds Drover reads, with their API group.
+const ISTIO_KINDS: [(&str, &str); 5] = [
+    ("networking.istio.io", "ServiceEntry"),
+    ("networking.istio.io", "WorkloadEntry"),
+    ("networking.istio.io", "DestinationRule"),
+    ("networking.istio.io", "VirtualService"),
+    ("security.istio.io", "PeerAuthentication"),
 ];
 
 /// Connects to the API server and starts every watcher; the feed fills as they list (wait for
@@ -204,18 +204,16 @@ async fn discover(client: Client, feed: Feed, shutdown: CancellationToken, sourc
     let mut first = true;
     loop {
         match Discovery::new(client.clone())
-            .filter(&[ISTIO_GROUP])
+            .filter(&["networking.istio.io", "security.istio.io"])
             .run()
             .await
         {
             Ok(discovery) => {
-                for kind in ISTIO_KINDS {
+                for (group, kind) in ISTIO_KINDS {
                     if started.contains(kind) {
                         continue;
                     }
-                    let found = discovery
-                        .get(ISTIO_GROUP)
-                        .and_then(|g| g.recommended_kind(kind));
+                    let found = discovery.get(group).and_then(|g| g.recommended_kind(kind));
                     if let Some((ar, _)) = found {
                         tracing::info!(kind, version = %ar.version, "kubernetes: watching Istio kind");
                         feed.expect(kind);

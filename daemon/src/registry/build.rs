@@ -11,7 +11,9 @@ use std::{
 
 use super::{
     Client, Cluster, Endpoint, Member, Registry, Resolution, RuleEntry, RuleRef, Service,
-    ServicePort, VsEntry, resolve,
+    ServicePort, VsEntry,
+    peer::{InboundMtls, PeerEntry},
+    resolve,
 };
 use crate::{
     balance::Balancer,
@@ -41,9 +43,15 @@ impl Registry {
         unique_names("WorkloadEntry", &set.workload_entries, &mut problems);
         unique_names("DestinationRule", &set.destination_rules, &mut problems);
         unique_names("VirtualService", &set.virtual_services, &mut problems);
+        unique_names(
+            "PeerAuthentication",
+            &set.peer_authentications,
+            &mut problems,
+        );
         let services = services(set, client, &mut problems, &mut warnings);
         let rules = destination_rules(set, &mut problems, &mut warnings);
         let virtual_services = virtual_services(set, &mut problems, &mut warnings);
+        let peers = peer_authentications(set, &mut problems, &mut warnings);
         check_references(&rules, &virtual_services, &services.by_host, &mut warnings);
         if !problems.is_empty() {
             return Err(Rejected {
@@ -57,6 +65,7 @@ impl Registry {
             by_host: services.by_host,
             rules,
             virtual_services,
+            inbound: InboundMtls::resolve(&peers, client),
             client: client.clone(),
             clusters: HashMap::new(),
             warnings,
@@ -265,6 +274,27 @@ fn destination_rules(
                     id: r.id(),
                     origin: r.origin.clone(),
                 },
+                namespace: r.namespace().to_string(),
+                age: (
+                    r.meta.creation_timestamp.clone().unwrap_or_default(),
+                    r.meta.name.clone(),
+                ),
+            })
+        })
+        .collect()
+}
+
+fn peer_authentications(
+    set: &ConfigSet,
+    problems: &mut Vec<Problem>,
+    warnings: &mut Vec<Problem>,
+) -> Vec<PeerEntry> {
+    set.peer_authentications
+        .iter()
+        .filter_map(|r| {
+            Some(PeerEntry {
+                policy: validate(r, problems, warnings)?,
+                id: r.id(),
                 namespace: r.namespace().to_string(),
                 age: (
                     r.meta.creation_timestamp.clone().unwrap_or_default(),

@@ -128,6 +128,7 @@ fn summary(
         client.namespace,
         labels.join(",")
     );
+    inbound_line(o, reg.inbound_mtls());
     rule_lines(o, rule, subset);
     let _ = writeln!(
         o,
@@ -145,6 +146,26 @@ fn summary(
         let l: Vec<_> = ep.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let _ = writeln!(o, "  {} {addr} {{{}}}", ep.name, l.join(","));
     }
+}
+
+/// The client's own inbound mTLS: the composed mode, its port-level modes and the
+/// PeerAuthentications they came from.
+fn inbound_line(o: &mut String, m: &super::peer::InboundMtls) {
+    let mode = m
+        .mode
+        .map_or_else(|| "--peer-authentication".to_string(), |m| m.to_string());
+    let ports: Vec<_> = m.ports.iter().map(|(p, m)| format!("{p}: {m}")).collect();
+    let from = if m.from.is_empty() {
+        "no PeerAuthentication applies".to_string()
+    } else {
+        format!("PeerAuthentication {}", m.from.join(", "))
+    };
+    let ports = if ports.is_empty() {
+        String::new()
+    } else {
+        format!(" ports {{{}}}", ports.join(", "))
+    };
+    let _ = writeln!(o, "inbound    mTLS {mode}{ports} ({from})");
 }
 
 /// The DestinationRules that apply (merged in order) and the subset's selector.

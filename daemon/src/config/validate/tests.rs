@@ -16,8 +16,12 @@ use Expect::{Error, Valid, Warn};
 
 fn doc(kind: &str, spec: &str) -> String {
     let spec: String = spec.lines().map(|l| format!("  {l}\n")).collect();
+    let group = match kind {
+        "PeerAuthentication" => "security.istio.io",
+        _ => "networking.istio.io",
+    };
     format!(
-        "apiVersion: networking.istio.io/v1\nkind: {kind}\nmetadata: {{name: t, namespace: ns1}}\nspec:\n{spec}"
+        "apiVersion: {group}/v1\nkind: {kind}\nmetadata: {{name: t, namespace: ns1}}\nspec:\n{spec}"
     )
 }
 
@@ -31,6 +35,12 @@ fn check(kind: &str, spec: &str) -> (Vec<String>, Vec<String>) {
     let (errors, warnings) = match kind {
         "DestinationRule" => {
             match Validated::<policy::DestinationRule>::try_from(&set.destination_rules[0]) {
+                Ok(v) => (Vec::new(), v.warnings),
+                Err(i) => (i.errors, i.warnings),
+            }
+        }
+        "PeerAuthentication" => {
+            match Validated::<policy::PeerAuthentication>::try_from(&set.peer_authentications[0]) {
                 Ok(v) => (Vec::new(), v.warnings),
                 Err(i) => (i.errors, i.warnings),
             }
@@ -778,4 +788,87 @@ fn single_destination_takes_everything_and_zero_weights_drop() {
         .map(|d| d.subset.as_deref())
         .collect();
     assert_eq!(subsets, [Some("v2")]);
+}
+
+#[test]
+fn peer_authentication_rules() {
+    run(
+        "PeerAuthentication",
+        &[
+            ("namespace-wide", "mtls: {mode: STRICT}", Valid),
+            ("empty spec", "{}", Valid),
+            (
+                "workload with ports",
+                "selector: {matchLabels: {app: finance}}\nmtls: {mode: UNSET}\nportLevelMtls:\n  8080: {mode: DISABLE}",
+                Valid,
+            ),
+            (
+                "ports need a selector",
+                "mtls: {mode: STRICT}\nportLevelMtls:\n  8080: {mode: DISABLE}",
+                Error("spec.portLevelMtls: portLevelMtls needs a workload selector"),
+            ),
+            (
+                "port zero",
+                "selector: {matchLabels: {app: a}}\nportLevelMtls:\n  0: {mode: DISABLE}",
+                Error("spec.portLevelMtls.0: port \"0\" is not in 1..=65535"),
+            ),
+            (
+                "port as a name",
+                "selector: {matchLabels: {app: a}}\nportLevelMtls:\n  http: {mode: STRICT}",
+                Error("spec.portLevelMtls.http: port \"http\" is not in"),
+            ),
+            (
+                "bad label",
+                "selector: {matchLabels: {'a b': x}}",
+                Error("spec.selector.matchLabels.a b"),
+            ),
+        ],
+    );
+}
+
+#[test]
+fn peer_authentication_reads_json_port_keys_and_warns_on_root_selectors() {
+    let text = "apiVersion: security.istio.io/v1beta1
+kind: PeerAuthentication
+metadata: {name: fin, namespace: istio-system}
+spec:
+  selector: {matchLabels: {app: finance}}
+  portLevelMtls: {\"8080\": {mode: PERMISSIVE}}
+";
+    let set = ConfigSet::parse_ok("pa.yaml", text);
+    let v = Validated::<policy::PeerAuthentication>::try_from(&set.peer_authentications[0])
+        .expect("valid");
+    assert_eq!(
+        v.value.ports.get(&8080),
+        Some(&Some(policy::MtlsMode::Permissive))
+    );
+    assert_eq!(v.warnings.len(), 1, "{:?}", v.warnings);
+    let w = v.warnings[0].to_string();
+    assert!(w.contains("pa.yaml:5") && w.contains("is ignored"), "{w}");
+}
+
+#[test]
+fn other_security_kinds_are_skipped_and_unknown_modes_rejected() {
+    let mut set = ConfigSet::default();
+    let mut problems = Vec::new();
+    set.add_text(
+        std::sync::Arc::new("s.yaml".into()),
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny, namespace: foo}
+spec: {}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: bad, namespace: foo}
+spec:
+  mtls: {mode: STRICTEST}
+",
+        &mut problems,
+    );
+    assert_eq!(set.skipped.len(), 1);
+    assert_eq!(set.skipped[0].1, "AuthorizationPolicy");
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    let p = problems[0].to_string();
+    assert!(p.contains("s.yaml:10") && p.contains("STRICTEST"), "{p}");
 }
