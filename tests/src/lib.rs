@@ -151,6 +151,22 @@ impl Netns {
             .expect("connect thread")
         })
     }
+    /// A plaintext client from this namespace to `addr` that speaks first (`ping`): the line it
+    /// gets back, or `None` when the server side closed or reset it unread.
+    pub fn greeting(&self, addr: SocketAddr) -> Option<String> {
+        use std::io::{BufRead, Write};
+        let mut c = self.connect(addr, None).expect("connect");
+        c.write_all(b"ping\n").expect("send");
+        let mut line = String::new();
+        match std::io::BufReader::new(c).read_line(&mut line) {
+            Ok(0) => None,
+            Ok(_) => Some(line),
+            Err(e) => {
+                assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+                None
+            }
+        }
+    }
 }
 
 /// A blocking TCP connection to `addr` from the calling thread's namespace, optionally with

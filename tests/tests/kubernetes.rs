@@ -11,7 +11,9 @@ use std::{
 
 use drover_tests::{
     Daemon, Mesh, MeshBuilder, Netns, PinDir, Proc, Topology,
-    apiserver::{ApiServer, DESTINATION_RULE, ISTIO, Kind, POD, VIRTUAL_SERVICE},
+    apiserver::{
+        ApiServer, DESTINATION_RULE, ISTIO, Kind, PEER_AUTHENTICATION, POD, VIRTUAL_SERVICE,
+    },
     echo_servers,
     k8s::{Cluster, istio, pod},
     probe, require_privileged, unique_id,
@@ -846,5 +848,67 @@ spec:
             .log()
             .contains("spiffe://cluster.local/ns/demo/sa/frontend")
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn peer_authentication_from_the_api_server_applies_to_the_inbound_pods_labels() {
+    if !require_privileged() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("drover-kube-peer-{}", unique_id()));
+    let mesh = dir.join("mesh").display().to_string();
+    let out = std::process::Command::new(drover_tests::bin("drover"))
+        .args(["ca", "init", "--dir", &mesh])
+        .output()
+        .expect("drover ca init");
+    assert!(out.status.success());
+    let t = Topology::new(1);
+    let _servers = echo_servers(&t);
+    let mut cluster = Cluster::new(&ISTIO, "shop", "echo", VIP, ("tcp-echo", 80, 7000));
+    // The inbound namespace holds pod shop/ep1 (app=echo): its identity comes from the Pod.
+    cluster.add_pod("ep1", &[("app", "echo")], &Topology::ep4(1).to_string());
+    let pins = PinDir::new();
+    let mut args = kube_args(&cluster.api, &[], &pins.path);
+    args.extend(
+        [
+            "--mesh-ca",
+            &mesh,
+            "--inbound-netns",
+            &t.endpoints[0].name,
+            "--inbound-port",
+            "7000",
+            "--peer-authentication",
+            "permissive",
+        ]
+        .map(String::from),
+    );
+    let daemon = Daemon::start(&args).expect("daemon starts");
+    let workload = std::net::SocketAddr::new(Topology::ep4(1), 7000);
+    let passes = || t.client.greeting(workload).is_some();
+    assert!(passes(), "no policy: the daemon's PERMISSIVE");
+    let policy = |app: &str| {
+        istio(&format!(
+            "
+metadata: {{name: echo-strict, namespace: shop}}
+spec:
+  selector: {{matchLabels: {{app: {app}}}}}
+  mtls: {{mode: STRICT}}
+"
+        ))
+    };
+    let until = |want: bool, what: &str| {
+        let deadline = Instant::now() + PROPAGATION;
+        while passes() != want {
+            assert!(Instant::now() < deadline, "{what}\n{}", daemon.log());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    // A policy selecting the pod's labels makes it STRICT; one selecting other labels does not.
+    cluster.api.apply(PEER_AUTHENTICATION, policy("echo"));
+    until(false, "STRICT selecting app=echo refuses plaintext");
+    cluster.api.apply(PEER_AUTHENTICATION, policy("other"));
+    until(true, "a selector that misses the pod leaves it PERMISSIVE");
+    assert!(daemon.log().contains("plaintext client refused"));
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -723,25 +723,6 @@ fn ca_crl_rejects_a_revoked_server_certificate() {
     );
 }
 
-/// A plaintext client in the client namespace straight to `ep:port` (not captured) that speaks
-/// first: the greeting it gets, or `None` when the inbound side closed it.
-fn plaintext_greeting(t: &Topology, ep: std::net::IpAddr, port: u16) -> Option<String> {
-    let direct = t.client.connect(SocketAddr::new(ep, port), None).unwrap();
-    direct
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    std::io::Write::write_all(&mut &direct, b"ping\n").unwrap();
-    let mut line = String::new();
-    match BufReader::new(direct).read_line(&mut line) {
-        Ok(0) => None,
-        Ok(_) => Some(line),
-        Err(e) => {
-            assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
-            None
-        }
-    }
-}
-
 #[test]
 fn peer_authentication_resources_set_the_inbound_mode_per_port_and_follow_edits() {
     if !require_privileged() {
@@ -788,7 +769,10 @@ fn peer_authentication_resources_set_the_inbound_mode_per_port_and_follow_edits(
         ],
     ))
     .expect("daemon starts");
-    let line = plaintext_greeting(&t, ep, 7000).expect("PERMISSIVE passes plaintext");
+    let line = t
+        .client
+        .greeting(SocketAddr::new(ep, 7000))
+        .expect("PERMISSIVE passes plaintext");
     assert!(line.starts_with("hello from ep1"), "{line}");
     assert!(server.wait_log("plaintext (PERMISSIVE)", Duration::from_secs(3)));
 
@@ -801,8 +785,15 @@ fn peer_authentication_resources_set_the_inbound_mode_per_port_and_follow_edits(
     )
     .unwrap();
     assert!(server.wait_log("configuration reloaded", Duration::from_secs(5)));
-    assert_eq!(plaintext_greeting(&t, ep, 7000), None, "STRICT refuses");
-    let line = plaintext_greeting(&t, ep, 7001).expect("DISABLE passes through");
+    assert_eq!(
+        t.client.greeting(SocketAddr::new(ep, 7000)),
+        None,
+        "STRICT refuses"
+    );
+    let line = t
+        .client
+        .greeting(SocketAddr::new(ep, 7001))
+        .expect("DISABLE passes through");
     assert!(line.starts_with("hello from ep1"), "{line}");
     assert!(server.wait_log("passed through (DISABLE)", Duration::from_secs(3)));
     let inbound = &server.clusters()["inbound"];
