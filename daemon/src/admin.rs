@@ -84,6 +84,9 @@ pub struct Thresholds {
 /// One endpoint of a cluster.
 #[derive(Debug, Serialize)]
 pub struct EndpointView {
+    /// Where an endpoint from the Kubernetes API came from (Pod, EndpointSlice).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
     pub name: String,
     pub address: SocketAddr,
     /// `healthy`, or `ejected` while outlier detection keeps it out of rotation.
@@ -412,6 +415,7 @@ fn endpoints(svc: &crate::registry::Service, c: &Cluster) -> Vec<EndpointView> {
             let health = c.outlier.as_ref().map(|o| o.health(i)).unwrap_or_default();
             EndpointView {
                 name: svc.endpoints[*e].name.clone(),
+                origin: svc.endpoints[*e].origin.clone(),
                 address: *addr,
                 health: if health.ejected { "ejected" } else { "healthy" },
                 weight: svc.endpoints[*e].weight,

@@ -1,8 +1,8 @@
 //! Kubernetes mode: the daemon learns services, endpoints and Istio resources from the API server
 //! as istiod would, and feeds them into the same validated model as file configuration.
 //!
-//! [`watch`] keeps one watcher per kind (Service, EndpointSlice, Pod, Node and the Istio kinds
-//! the API server serves) and writes what they see into a [`Feed`]; [`convert`] derives a
+//! [`watch`] keeps one watcher per kind (Service, EndpointSlice, Pod, Node, Namespace and the
+//! Istio kinds the API server serves) and writes what they see into a [`Feed`]; [`convert`] derives a
 //! `ServiceEntry` from each Service and its EndpointSlices; the reloader
 //! ([`crate::reload`]) renders the feed into a [`ConfigSet`] beside the files and builds one
 //! snapshot from both.
@@ -106,6 +106,8 @@ struct State {
     slices: BTreeMap<Key, EndpointSlice>,
     pods: HashMap<Key, PodInfo>,
     nodes: NodeLocality,
+    /// Namespace → its labels (shown with a workload's identity; no snapshot reads them).
+    namespaces: HashMap<String, BTreeMap<String, String>>,
     /// Istio resources by (kind, namespace, name), as JSON.
     istio: BTreeMap<(&'static str, Key), serde_json::Value>,
     /// The last version of each object (by id) that was part of a snapshot that served.
@@ -177,6 +179,7 @@ pub(crate) enum Object {
     Slice(Box<EndpointSlice>),
     Pod(Key, PodInfo),
     Node(String, BTreeMap<String, String>),
+    Namespace(String, BTreeMap<String, String>),
     Istio(&'static str, Key, serde_json::Value),
 }
 
@@ -259,6 +262,7 @@ impl Feed {
                 "EndpointSlice" => s.slices.clear(),
                 "Pod" => s.pods.clear(),
                 "Node" => s.nodes.clear(),
+                "Namespace" => s.namespaces.clear(),
                 k => s.istio.retain(|(kind, _), _| *kind != k),
             }
             if matches!(kind, "Service" | "EndpointSlice" | "Pod" | "Node") {
@@ -283,8 +287,12 @@ impl Feed {
 
     /// An object was added or changed.
     pub(crate) fn applied(&self, object: Object) {
+        // Nothing a snapshot holds depends on a namespace's labels: no reload for them.
+        let reload = !matches!(object, Object::Namespace(..));
         self.state().apply(object);
-        self.inner.changed.notify_one();
+        if reload {
+            self.inner.changed.notify_one();
+        }
     }
 
     /// An object was deleted.
@@ -308,6 +316,7 @@ impl Feed {
                     s.derived.clear();
                     s.nodes.remove(&key.1);
                 }
+                "Namespace" => drop(s.namespaces.remove(&key.1)),
                 k => drop(s.istio.remove(&(k, key))),
             }
         }
@@ -360,6 +369,11 @@ impl Feed {
             .pods
             .get(&(namespace.to_string(), name.to_string()))
             .cloned()
+    }
+
+    /// The labels of namespace `name`, if the API server has it.
+    pub fn namespace_labels(&self, name: &str) -> Option<BTreeMap<String, String>> {
+        self.state().namespaces.get(name).cloned()
     }
 
     /// The pod (namespace, name, what is known of it) that holds one of `addresses`: a workload's identity.
@@ -484,6 +498,9 @@ impl State {
             Object::Node(name, labels) => {
                 self.derived.clear();
                 self.nodes.insert(name, labels);
+            }
+            Object::Namespace(name, labels) => {
+                self.namespaces.insert(name, labels);
             }
             Object::Istio(kind, key, value) => {
                 self.istio.insert((kind, key), value);

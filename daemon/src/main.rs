@@ -543,11 +543,15 @@ fn explain_cmd(
             eprintln!("error: no pod {id:?} in the API server (expected namespace/name)");
             return ExitCode::FAILURE;
         };
+        let ns_labels: Vec<String> = (feed.namespace_labels(ns).unwrap_or_default().iter())
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         heading = format!(
-            "workload   pod {id} (service account {}, node {}, addresses {})\n",
+            "workload   pod {id} (service account {}, node {}, addresses {})\nnamespace  {ns} labels {{{}}}\n",
             pod.service_account,
             pod.node.as_deref().unwrap_or("-"),
-            pod.ips.join(", ")
+            pod.ips.join(", "),
+            ns_labels.join(",")
         );
         client = Client {
             namespace: ns.to_string(),

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::{
     api::{
         core::v1::{
-            Node, ObjectReference, Pod, PodIP, PodSpec, PodStatus, Service, ServicePort,
+            Namespace, Node, ObjectReference, Pod, PodIP, PodSpec, PodStatus, Service, ServicePort,
             ServiceSpec,
         },
         discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
@@ -76,6 +76,14 @@ pub fn pod(ns: &str, name: &str, labels: &[(&str, &str)], sa: &str, node: &str, 
             pod_ips: Some(vec![PodIP { ip: ip.into() }]),
             ..Default::default()
         }),
+    })
+}
+
+/// A namespace with `labels`.
+pub fn namespace(name: &str, labels: &[(&str, &str)]) -> Value {
+    json(&Namespace {
+        metadata: meta(None, name, labels),
+        ..Default::default()
     })
 }
 

@@ -12,10 +12,11 @@ use std::{
 use drover_tests::{
     Daemon, Mesh, MeshBuilder, Netns, PinDir, Proc, Topology,
     apiserver::{
-        ApiServer, DESTINATION_RULE, ISTIO, Kind, PEER_AUTHENTICATION, POD, VIRTUAL_SERVICE,
+        ApiServer, DESTINATION_RULE, ISTIO, Kind, NAMESPACE, PEER_AUTHENTICATION, POD,
+        VIRTUAL_SERVICE,
     },
     echo_servers,
-    k8s::{Cluster, istio, pod},
+    k8s::{Cluster, istio, namespace, pod},
     probe, require_privileged, unique_id,
 };
 
@@ -698,8 +699,11 @@ spec:
     converges(&t, &["ep1"]);
     assert_eq!(served_from(b, 8).keys().collect::<Vec<_>>(), ["ep2"]);
 
-    // `drover explain --workload` shows the pod's identity and the rule it gets, and where the
-    // service came from.
+    // `drover explain --workload` shows the pod's identity (and its namespace's labels), the
+    // rule it gets, and where the service and each endpoint came from.
+    cluster
+        .api
+        .apply(NAMESPACE, namespace("shop", &[("team", "shop")]));
     let explain = |pod: &str| {
         let mut args = vec!["explain".to_string()];
         args.extend(
@@ -735,6 +739,14 @@ spec:
         "{for_b}"
     );
     assert!(for_b.contains("from Service shop/echo"), "{for_b}");
+    assert!(
+        for_b.contains("namespace  shop labels {team=shop}"),
+        "{for_b}"
+    );
+    assert!(
+        for_b.contains("from Pod shop/ep2 via EndpointSlice shop/echo-slice"),
+        "{for_b}"
+    );
     assert!(for_b.contains("DestinationRule shop/echo-for-b"), "{for_b}");
     let for_a = explain("shop/client-a");
     assert!(!for_a.contains("echo-for-b"), "{for_a}");

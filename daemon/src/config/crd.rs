@@ -1,11 +1,12 @@
-//! Serde mirror of the `networking.istio.io` (and `security.istio.io` `PeerAuthentication`)
-//! resources Drover reads, in `v1`, `v1beta1` and
-//! `v1alpha3` (identical shapes for these kinds). Field names follow the CRDs (camelCase); values
+//! Serde mirror of the `networking.istio.io` resources Drover reads, in `v1`, `v1beta1` and
+//! `v1alpha3` (identical shapes for these kinds), and of `security.istio.io`'s
+//! `PeerAuthentication` (`v1`, `v1beta1`). Field names follow the CRDs (camelCase); values
 //! are kept as the user wrote them and checked later by [`super::validate`], so that every check
 //! can name its field: integers are wide (a negative count is a located range error, not a type
 //! error), durations are strings, and nested blocks Drover does not enforce are kept opaque.
 //!
-//! Invariant: every type here round-trips through serde unchanged (absent stays absent).
+//! Invariant: every type here round-trips through serde unchanged (absent stays absent); the one
+//! field that is written but never read is a derived endpoint's `origin`.
 
 use std::collections::BTreeMap;
 
@@ -119,6 +120,10 @@ pub struct WorkloadEntrySpec {
     pub weight: Option<u32>,
     #[serde(default)]
     pub service_account: String,
+    /// Where an endpoint derived from the Kubernetes API came from (`Pod ns/name via
+    /// EndpointSlice ns/name`): set by the conversion and shown by `/config_dump`, never read.
+    #[serde(skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }
 
 /// An Istio duration as written (`100ms`, `1.5s`, `1m`, `1h30m`); parsed by validation.

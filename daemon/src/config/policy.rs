@@ -99,6 +99,8 @@ pub struct Endpoint {
     pub weight: u32,
     pub locality: String,
     pub service_account: String,
+    /// `Pod ns/name via EndpointSlice ns/name` for an endpoint from the Kubernetes API.
+    pub origin: Option<String>,
 }
 
 /// Where a resource is visible.

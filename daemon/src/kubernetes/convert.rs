@@ -235,6 +235,10 @@ fn endpoints(
             Some((name, i64::from(p.port?)))
         })
         .collect();
+    let from = format!(
+        "EndpointSlice {namespace}/{}",
+        slice.metadata.name.as_deref().unwrap_or_default()
+    );
     let mut out = Vec::new();
     for ep in &slice.endpoints {
         let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
@@ -260,6 +264,14 @@ fn endpoints(
             .clone()
             .or_else(|| pod.and_then(|p| p.node.clone()));
         let (labels, locality) = endpoint_labels(pod, node.as_deref(), nodes);
+        let origin = match &ep.target_ref {
+            Some(r) if pod.is_some() => format!(
+                "Pod {}/{} via {from}",
+                r.namespace.as_deref().unwrap_or(namespace),
+                r.name.as_deref().unwrap_or_default()
+            ),
+            _ => from.clone(),
+        };
         for address in &ep.addresses {
             out.push(crd::WorkloadEntrySpec {
                 address: address.clone(),
@@ -269,6 +281,7 @@ fn endpoints(
                 locality: locality.clone(),
                 weight: None,
                 service_account: pod.map(|p| p.service_account.clone()).unwrap_or_default(),
+                origin: Some(origin.clone()),
             });
         }
     }

@@ -224,3 +224,28 @@ fn cached_derivations_follow_every_object_they_were_derived_from() {
     .primary;
     assert!(snapshot.service("echo.shop.svc.cluster.local").is_none());
 }
+
+#[tokio::test(start_paused = true)]
+async fn namespace_labels_are_kept_without_a_reload() {
+    let feed = feed();
+    let labels = |l: &str| [("team".to_string(), l.to_string())].into();
+    feed.relisted(
+        "Namespace",
+        "Namespace",
+        vec![Object::Namespace("shop".into(), labels("a"))],
+    );
+    assert_eq!(feed.namespace_labels("shop"), Some(labels("a")));
+    // The relist's notification is consumed; a label change alone wakes no reload.
+    tokio::time::timeout(Duration::from_millis(1), feed.changed())
+        .await
+        .unwrap();
+    feed.applied(Object::Namespace("shop".into(), labels("b")));
+    assert_eq!(feed.namespace_labels("shop"), Some(labels("b")));
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), feed.changed())
+            .await
+            .is_err()
+    );
+    feed.deleted("Namespace", (String::new(), "shop".into()));
+    assert_eq!(feed.namespace_labels("shop"), None);
+}

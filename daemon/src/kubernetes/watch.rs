@@ -10,7 +10,7 @@ use std::{collections::HashSet, fmt::Debug};
 
 use futures::StreamExt;
 use k8s_openapi::api::{
-    core::v1::{Node, Pod, Service},
+    core::v1::{Namespace, Node, Pod, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
@@ -83,6 +83,14 @@ pub async fn spawn(
     tokio::spawn(run(Api::<Pod>::all(client.clone()), "Pod", f, s, u));
     let (f, s, u) = typed("Node");
     tokio::spawn(run(Api::<Node>::all(client.clone()), "Node", f, s, u));
+    let (f, s, u) = typed("Namespace");
+    tokio::spawn(run(
+        Api::<Namespace>::all(client.clone()),
+        "Namespace",
+        f,
+        s,
+        u,
+    ));
     feed.expect("discovery");
     tokio::spawn(discover(client, feed, shutdown, source.clone()));
     Ok(source)
@@ -119,6 +127,13 @@ impl Watched for Pod {
 impl Watched for Node {
     fn reduce(self, _: &'static str, _: Option<&ApiResource>) -> Option<Object> {
         Some(Object::Node(self.name_any(), convert::node_locality(&self)))
+    }
+}
+
+impl Watched for Namespace {
+    fn reduce(self, _: &'static str, _: Option<&ApiResource>) -> Option<Object> {
+        let labels = self.metadata.labels.clone().unwrap_or_default();
+        Some(Object::Namespace(self.name_any(), labels))
     }
 }
 

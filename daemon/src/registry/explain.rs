@@ -144,7 +144,11 @@ fn summary(
     for m in &cluster.members {
         let (ep, addr) = (&svc.endpoints[m.endpoint], m.addr);
         let l: Vec<_> = ep.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        let _ = writeln!(o, "  {} {addr} {{{}}}", ep.name, l.join(","));
+        let from = ep
+            .origin
+            .as_ref()
+            .map_or_else(String::new, |o| format!(" from {o}"));
+        let _ = writeln!(o, "  {} {addr} {{{}}}{from}", ep.name, l.join(","));
     }
 }
 

@@ -199,6 +199,7 @@ impl Checker<'_> {
             weight: spec.weight.filter(|w| *w > 0).unwrap_or(1),
             locality: spec.locality.clone(),
             service_account: spec.service_account.clone(),
+            origin: spec.origin.clone(),
         })
     }
 }
