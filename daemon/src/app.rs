@@ -269,7 +269,10 @@ fn prepare(cfg: &mut RunConfig) -> anyhow::Result<()> {
 /// publisher (with eBPF capture) and, when bound, the admin API.
 fn control(
     cfg: &RunConfig,
-    (sources, identities): (reload::Sources, Vec<crate::workload::Source>),
+    (sources, identities): (
+        reload::Sources,
+        std::collections::HashMap<String, crate::workload::Source>,
+    ),
     views: &Views,
     kernel: &Option<Arc<Kernel>>,
     admin: Option<tokio::net::TcpListener>,

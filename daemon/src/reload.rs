@@ -10,7 +10,7 @@
 //! at all never replaces one that had services unless `allow_empty` says so.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
@@ -58,8 +58,9 @@ pub struct Reloader {
     pub sources: Sources,
     pub views: Views,
     pub kernel: Option<Arc<Kernel>>,
-    /// Where each workload's identity came from at the last reload (changes are logged).
-    pub identities: Mutex<Vec<Source>>,
+    /// Where each workload's identity came from at the last reload, by network namespace
+    /// (changes are logged).
+    pub identities: Mutex<HashMap<String, Source>>,
 }
 
 /// Asks the running reloader for a reload (SIGHUP).
@@ -79,6 +80,8 @@ enum Signal {
     Reload,
     /// The Kubernetes API's objects changed.
     Api,
+    /// The enrolled workloads changed; the sender hears when a reload has covered the change.
+    Workloads(tokio::sync::oneshot::Sender<()>),
 }
 
 /// What to load: the configuration paths, the API's objects (Kubernetes mode), the daemon's
@@ -101,9 +104,9 @@ pub struct Snapshots {
     pub primary: Registry,
     /// Snapshots of the identities that differ from the primary one.
     extra: Vec<Registry>,
-    /// For each workload (in [`Sources::workloads`] order): its snapshot in `extra`, or `None`
-    /// for the primary one, with where its identity came from.
-    assignment: Vec<(Option<usize>, Source)>,
+    /// For each workload (in [`Sources::workloads`] order): its network namespace, its snapshot
+    /// in `extra` (`None`: the primary one) and where its identity came from.
+    assignment: Vec<(String, Option<usize>, Source)>,
 }
 
 /// A validated configuration and its primary snapshot, before the workloads' snapshots.
@@ -189,23 +192,24 @@ impl Loaded {
             // A workload's own certificate only matters with a mesh CA.
             let sa = id.service_account.filter(|_| sources.issuer.is_some());
             let key = (id.client, sa);
+            let netns = w.netns.clone();
             if key.0 == *client && key.1.is_none() {
-                assignment.push((None, id.source));
+                assignment.push((netns, None, id.source));
             } else if let Some(i) = seen.iter().position(|k| *k == key) {
-                assignment.push((Some(i), id.source));
+                assignment.push((netns, Some(i), id.source));
             } else {
                 match build_for(&set, &key, sources) {
                     Ok(r) => {
                         seen.push(key);
                         extra.push(r);
-                        assignment.push((Some(extra.len() - 1), id.source));
+                        assignment.push((netns, Some(extra.len() - 1), id.source));
                     }
                     Err(problems) => {
                         tracing::error!(netns = %w.netns, identity = ?id.source, "the configuration does not resolve for this workload's identity; it is served with the daemon's client identity");
                         for p in problems {
                             tracing::error!("{p}");
                         }
-                        assignment.push((None, id.source));
+                        assignment.push((netns, None, id.source));
                     }
                 }
             }
@@ -254,28 +258,27 @@ impl Snapshots {
             .collect()
     }
 
-    /// Where each workload's identity came from.
-    pub fn identities(&self) -> Vec<Source> {
-        self.assignment.iter().map(|(_, s)| s.clone()).collect()
+    /// Where each workload's identity came from, by network namespace.
+    pub fn identities(&self) -> HashMap<String, Source> {
+        (self.assignment.iter())
+            .map(|(netns, _, s)| (netns.clone(), s.clone()))
+            .collect()
     }
 
     /// Fresh views over these snapshots, for `workloads` (the order they were loaded for).
     pub fn into_views(self, workloads: &[Workload]) -> Views {
-        let views = Views {
-            primary: RegistryHandle::new(self.primary),
-            workloads: Vec::new(),
-        };
+        let primary = RegistryHandle::new(self.primary);
         let extra: Vec<Arc<Registry>> = self.extra.into_iter().map(Arc::new).collect();
         let workloads = workloads
             .iter()
             .zip(&self.assignment)
-            .map(|(w, (i, source))| {
+            .map(|(w, (_, i, source))| {
                 log_identity(w, source);
-                let snapshot = i.map_or_else(|| views.primary.load(), |i| extra[i].clone());
+                let snapshot = i.map_or_else(|| primary.load(), |i| extra[i].clone());
                 (w.clone(), RegistryHandle::from_arc(snapshot))
             })
             .collect();
-        Views { workloads, ..views }
+        Views::new(primary, workloads)
     }
 
     /// Swaps these snapshots into `views`; each takes over the state of the snapshot it replaces
@@ -287,7 +290,11 @@ impl Snapshots {
         views.primary.store_arc(primary.clone());
         let mut extra: Vec<Option<Registry>> = self.extra.into_iter().map(Some).collect();
         let mut installed: Vec<Option<Arc<Registry>>> = vec![None; extra.len()];
-        for ((_, handle), (i, _)) in views.workloads.iter().zip(&self.assignment) {
+        // By namespace: a workload enrolled during the build keeps its handle until the next.
+        views.each(|w, handle| {
+            let Some((_, i, _)) = self.assignment.iter().find(|(n, ..)| *n == w.netns) else {
+                return;
+            };
             let snapshot = match i {
                 None => primary.clone(),
                 Some(i) => match (&installed[*i], extra[*i].take()) {
@@ -302,7 +309,7 @@ impl Snapshots {
                 },
             };
             handle.store_arc(snapshot);
-        }
+        });
     }
 }
 
@@ -361,6 +368,13 @@ impl Trigger {
     pub fn reload(&self) -> bool {
         self.0.send(Signal::Reload).is_ok()
     }
+
+    /// Reloads for a changed set of workloads and waits until the reload is done (whether it
+    /// was accepted or not); false when the reloader is gone.
+    pub async fn workloads_changed(&self) -> bool {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.0.send(Signal::Workloads(tx)).is_ok() && rx.await.is_ok()
+    }
 }
 
 // === impl Reloader ===
@@ -405,6 +419,7 @@ impl Reloader {
         shutdown: CancellationToken,
     ) {
         let mut writing = HashSet::new();
+        let mut waiting = Vec::new();
         loop {
             let signal = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -412,7 +427,7 @@ impl Reloader {
             };
             let first = Instant::now();
             let explicit = matches!(signal, Signal::Reload);
-            note(&mut writing, signal);
+            note(&mut writing, &mut waiting, signal);
             // Coalesce the burst a single save produces, and wait (bounded) for writers to close.
             loop {
                 let wait = if writing.is_empty() {
@@ -421,7 +436,7 @@ impl Reloader {
                     WRITER_WAIT.saturating_sub(first.elapsed()).max(SETTLE)
                 };
                 match tokio::time::timeout(wait, rx.recv()).await {
-                    Ok(Some(s)) => note(&mut writing, s),
+                    Ok(Some(s)) => note(&mut writing, &mut waiting, s),
                     Ok(None) => return,
                     Err(_) => break,
                 }
@@ -438,6 +453,9 @@ impl Reloader {
                 tracing::info!("SIGHUP: reloading the configuration");
             }
             self.reload(first).await;
+            for done in waiting.drain(..) {
+                let _ = done.send(());
+            }
             if let Some(w) = &mut watch {
                 for p in self.views.primary.load().tls_files() {
                     if let Err(e) = w.add(&p) {
@@ -450,23 +468,23 @@ impl Reloader {
 
     /// Rebuilds and swaps the snapshot, or keeps the current one and logs why.
     /// Logs the workloads whose identity changed.
-    fn note_identities(&self, snapshots: &Snapshots) {
+    fn note_identities(&self, workloads: &[Workload], snapshots: &Snapshots) {
         let mut last = self.identities.lock().unwrap_or_else(|e| e.into_inner());
-        let now: Vec<Source> = snapshots
-            .assignment
-            .iter()
-            .map(|(_, s)| s.clone())
-            .collect();
-        for (i, w) in self.sources.workloads.iter().enumerate() {
-            if last.get(i) != now.get(i) {
-                log_identity(w, &now[i]);
+        let now = snapshots.identities();
+        for w in workloads {
+            if let Some(source) = now.get(&w.netns)
+                && last.get(&w.netns) != Some(source)
+            {
+                log_identity(w, source);
             }
         }
         *last = now;
     }
 
     pub async fn reload(&self, since: Instant) {
-        let sources = self.sources.clone();
+        let mut sources = self.sources.clone();
+        sources.workloads = self.views.workloads();
+        let workloads = sources.workloads.clone();
         let built = tokio::task::spawn_blocking(move || load(&sources)).await;
         match built {
             Ok(Ok(snapshots)) => {
@@ -475,7 +493,7 @@ impl Reloader {
                 }
                 let vips = snapshots.vips();
                 let services = snapshots.primary.services().len();
-                self.note_identities(&snapshots);
+                self.note_identities(&workloads, &snapshots);
                 snapshots.install(&self.views);
                 if let Some(kernel) = &self.kernel
                     && let Err(e) = kernel.set_vips(&vips)
@@ -502,19 +520,26 @@ impl Reloader {
     }
 }
 
-/// Tracks which files a writer has changed and not yet closed.
-fn note(writing: &mut HashSet<PathBuf>, signal: Signal) {
-    if let Signal::File {
-        path,
-        writing: w,
-        closed,
-    } = signal
-    {
-        if closed {
-            writing.remove(&path);
-        } else if w {
-            writing.insert(path);
+/// Tracks which files a writer has changed and not yet closed, and who waits for the reload.
+fn note(
+    writing: &mut HashSet<PathBuf>,
+    waiting: &mut Vec<tokio::sync::oneshot::Sender<()>>,
+    signal: Signal,
+) {
+    match signal {
+        Signal::File {
+            path,
+            writing: w,
+            closed,
+        } => {
+            if closed {
+                writing.remove(&path);
+            } else if w {
+                writing.insert(path);
+            }
         }
+        Signal::Workloads(done) => waiting.push(done),
+        Signal::Reload | Signal::Api => {}
     }
 }
 

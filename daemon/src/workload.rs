@@ -11,7 +11,10 @@
 //! `--client-*` identity) serves the admin API, `drover explain`, cgroup capture and every
 //! namespace whose workload is not identified.
 
-use std::net::IpAddr;
+use std::{
+    net::IpAddr,
+    sync::{Arc, Mutex},
+};
 
 use crate::{
     config::source::ConfigSet,
@@ -30,13 +33,14 @@ pub struct Workload {
     pub entry: Option<String>,
 }
 
-/// The snapshots of every identity the daemon serves.
+/// The snapshots of every identity the daemon serves. Cheap to clone (shared).
 #[derive(Clone, Debug)]
 pub struct Views {
     /// The `--client-*` identity's snapshot.
     pub primary: RegistryHandle,
-    /// Each enrolled workload namespace with the handle its listeners read.
-    pub workloads: Vec<(Workload, RegistryHandle)>,
+    /// Each enrolled workload namespace with the handle its listeners read; namespaces enrolled
+    /// while running (CNI) are added and removed.
+    workloads: Arc<Mutex<Vec<(Workload, RegistryHandle)>>>,
 }
 
 /// Where a workload's identity came from (logged when it changes).
@@ -110,19 +114,55 @@ impl Workload {
 // === impl Views ===
 
 impl Views {
-    /// One snapshot for everyone (no workload namespace has its own).
-    pub fn single(primary: RegistryHandle) -> Self {
+    /// `primary` and the handles of `workloads`.
+    pub fn new(primary: RegistryHandle, workloads: Vec<(Workload, RegistryHandle)>) -> Self {
         Self {
             primary,
-            workloads: Vec::new(),
+            workloads: Arc::new(Mutex::new(workloads)),
         }
+    }
+
+    /// One snapshot for everyone (no workload namespace has its own).
+    pub fn single(primary: RegistryHandle) -> Self {
+        Self::new(primary, Vec::new())
+    }
+
+    fn locked(&self) -> std::sync::MutexGuard<'_, Vec<(Workload, RegistryHandle)>> {
+        self.workloads.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The handle the listeners of network namespace `netns` read.
     pub fn for_netns(&self, netns: &str) -> RegistryHandle {
-        self.workloads
+        self.locked()
             .iter()
             .find(|(w, _)| w.netns == netns)
             .map_or_else(|| self.primary.clone(), |(_, h)| h.clone())
+    }
+
+    /// Every workload, in enrolment order.
+    pub fn workloads(&self) -> Vec<Workload> {
+        self.locked().iter().map(|(w, _)| w.clone()).collect()
+    }
+
+    /// Adds a workload enrolled while running; it reads the primary snapshot until the next
+    /// reload gives it its own. Returns its handle.
+    pub fn add(&self, workload: Workload) -> RegistryHandle {
+        let handle = RegistryHandle::from_arc(self.primary.load());
+        let mut all = self.locked();
+        all.retain(|(w, _)| w.netns != workload.netns);
+        all.push((workload, handle.clone()));
+        handle
+    }
+
+    /// Forgets the workload of `netns`.
+    pub fn remove(&self, netns: &str) {
+        self.locked().retain(|(w, _)| w.netns != netns);
+    }
+
+    /// Runs `f` on every (workload, handle) while holding the list.
+    pub fn each(&self, mut f: impl FnMut(&Workload, &RegistryHandle)) {
+        for (w, h) in self.locked().iter() {
+            f(w, h);
+        }
     }
 }
