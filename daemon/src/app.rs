@@ -65,6 +65,8 @@ pub struct RunConfig {
     /// `--netns NAME=namespace/name`: the WorkloadEntry describing the workload of namespace
     /// NAME.
     pub netns_workloads: std::collections::BTreeMap<String, String>,
+    /// Enrol pods as they start, through the `drover-cni` plugin on this socket.
+    pub cni_socket: Option<PathBuf>,
 }
 
 /// A running daemon.
@@ -128,7 +130,7 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
         tracker,
     } = DataPath {
         views: views.clone(),
-        original,
+        original: original.clone(),
         listeners: bindings.listeners,
         downstream: cfg.downstream,
         overload: cfg.overload(),
@@ -146,6 +148,27 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
         bindings.admin,
         &shutdown,
     )?;
+    if let (Some(socket), Some(kernel)) = (bindings.cni, &kernel) {
+        let enroller = crate::cni::Enroller::new(
+            kernel.clone(),
+            views.clone(),
+            reload.clone(),
+            crate::cni::Serve {
+                original,
+                downstream: cfg.downstream,
+                overload: cfg.overload(),
+                shutdown: shutdown.clone(),
+                tracker: tracker.clone(),
+            },
+            bindings.cookies.clone(),
+        )?;
+        tokio::spawn(crate::cni::serve(
+            socket,
+            Arc::new(enroller),
+            shutdown.clone(),
+        ));
+        tracing::info!(socket = ?cfg.cni_socket, "enrolling pods through drover-cni");
+    }
     let ready = early.stop_with(&shutdown);
     let signals = Signals::install()?;
     rollback.0 = None;
@@ -391,6 +414,8 @@ struct Bindings {
     listeners: Vec<(Arc<NetNs>, tokio::net::TcpListener)>,
     inbound: Option<InboundBinding>,
     admin: Option<tokio::net::TcpListener>,
+    /// The `drover-cni` plugin's socket.
+    cni: Option<tokio::net::UnixListener>,
 }
 
 struct InboundBinding {
@@ -495,11 +520,19 @@ impl Bindings {
             Some(addr) => Some(crate::admin::Admin::bind(addr).await?),
             None => None,
         };
+        let cni = match &cfg.cni_socket {
+            Some(_) if cfg.capture != CaptureMode::Ebpf => {
+                anyhow::bail!("--cni-socket needs eBPF capture")
+            }
+            Some(path) => Some(crate::cni::bind(path)?),
+            None => None,
+        };
         Ok(Self {
             cookies,
             listeners,
             inbound,
             admin,
+            cni,
         })
     }
 }
@@ -519,7 +552,7 @@ fn attach(
             for cg in &cfg.cgroups {
                 kernel.enrol_cgroup(cg)?;
             }
-            if !cookies.is_empty() {
+            if !cookies.is_empty() || cfg.cni_socket.is_some() {
                 kernel.attach_root()?;
             }
             kernel.set_enrolled_netns(cookies)?;

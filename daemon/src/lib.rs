@@ -53,6 +53,7 @@ pub mod admin;
 pub mod app;
 pub mod balance;
 pub mod breakers;
+pub mod cni;
 pub mod config;
 pub mod inbound;
 pub mod kubernetes;

@@ -124,6 +124,10 @@ struct RunArgs {
     /// Workload port whose inbound connections are terminated (repeatable).
     #[arg(long = "inbound-port", requires = "inbound_netns")]
     inbound_ports: Vec<u16>,
+    /// Enrol pods as they start: serve the `drover-cni` plugin on this Unix socket (eBPF
+    /// capture only; the plugin's default is /var/run/drover/cni.sock).
+    #[arg(long, value_name = "PATH")]
+    cni_socket: Option<PathBuf>,
     /// Inbound clients when no `PeerAuthentication` resource sets a mode for the workload: STRICT
     /// (mTLS only), PERMISSIVE (plaintext passes through) or DISABLE (everything passes through).
     #[arg(long, value_enum, default_value = "strict")]
@@ -497,6 +501,7 @@ impl RunArgs {
             max_memory_bytes: self.max_memory_mb.saturating_mul(1024 * 1024),
             allow_empty: self.allow_empty,
             kubernetes,
+            cni_socket: self.cni_socket,
         })
     }
 }

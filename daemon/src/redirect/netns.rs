@@ -68,6 +68,11 @@ impl NetNs {
         let fd: OwnedFd = File::open(&path)
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?
             .into();
+        Self::from_fd(name, fd, home)
+    }
+
+    /// The namespace of `fd` (one handed over by the CNI plugin), called `name`.
+    pub fn from_fd(name: &str, fd: OwnedFd, home: &NetNs) -> io::Result<Self> {
         let mut ns = Self {
             name: name.to_string(),
             fd,

@@ -1,0 +1,448 @@
+//! Pods enrolled while the daemon runs, through the `drover-cni` chained plugin: the plugin hands
+//! the pod's network namespace (the fd, passed with `SCM_RIGHTS`) and its name and addresses to
+//! the daemon over a Unix socket, and the daemon enrols it before it answers — listeners bound
+//! inside the namespace, its own registry snapshot (the pod's identity: see
+//! [`crate::workload`]), its cookie in the kernel's `ENROLLED` map — so the pod's very first
+//! connect is captured. DEL stops its listeners, un-enrols the cookie and drops the fd.
+//!
+//! Protocol (one exchange per connection, both ways one JSON line): the plugin sends a
+//! [`Request`] (the namespace fd attached to its first byte for ADD), the daemon answers a
+//! [`Reply`]. [`plugin`] is the plugin's side.
+//!
+//! Invariants: the daemon's own namespace (a `hostNetwork` pod) is never enrolled; an ADD for a
+//! container already enrolled answers OK without a second enrolment; the enrolled set in the
+//! kernel is always the start-time namespaces plus the live CNI pods; a reply is sent only once
+//! the enrolment is complete or has failed (and a failed one leaves nothing behind).
+
+pub mod plugin;
+
+use std::{
+    collections::BTreeMap,
+    io::{IoSlice, IoSliceMut, Read, Write},
+    net::IpAddr,
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+        unix::net::UnixStream,
+    },
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    proxy::{self, Proxy},
+    redirect::{Kernel, OriginalDst, netns::NetNs},
+    reload::Trigger,
+    workload::{Views, Workload},
+};
+
+/// Where the daemon listens for the plugin by default.
+pub const DEFAULT_SOCKET: &str = "/var/run/drover/cni.sock";
+/// How long either side waits for the other (Istio's CNI plugin waits 5 s for its agent too).
+pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest request the daemon reads.
+const MAX_REQUEST: usize = 64 << 10;
+
+/// What the plugin asks.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Command {
+    Add,
+    Del,
+    Check,
+}
+
+/// One request from the plugin.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Request {
+    pub command: Command,
+    /// `CNI_CONTAINERID`: the key of an enrolment.
+    pub container_id: String,
+    /// `K8S_POD_NAMESPACE` (empty when the runtime does not say).
+    #[serde(default)]
+    pub pod_namespace: String,
+    /// `K8S_POD_NAME` (empty when the runtime does not say).
+    #[serde(default)]
+    pub pod_name: String,
+    /// The pod's addresses, from the previous plugin's result.
+    #[serde(default)]
+    pub ips: Vec<IpAddr>,
+    /// `CNI_NETNS`, for messages.
+    #[serde(default)]
+    pub netns: String,
+}
+
+/// The daemon's answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Reply {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Why an exchange or an enrolment failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("CNI socket {path}: {reason}")]
+    Socket { path: PathBuf, reason: String },
+    #[error("reading the request: {0}")]
+    Read(String),
+    #[error("malformed request: {0}")]
+    Malformed(String),
+    #[error("ADD for {0} carries no network namespace fd")]
+    NoNamespace(String),
+    #[error("network namespace {netns}: {source}")]
+    Netns {
+        netns: String,
+        source: std::io::Error,
+    },
+    #[error("binding the capture listeners in {netns}: {source}")]
+    Listen {
+        netns: String,
+        source: std::io::Error,
+    },
+    #[error("enrolling the namespace in the kernel: {0}")]
+    Kernel(String),
+    #[error("container {0} is not enrolled")]
+    NotEnrolled(String),
+}
+
+/// What serving an enrolled pod's listeners needs (the data path's parts).
+#[derive(Clone)]
+pub struct Serve {
+    pub original: Arc<dyn OriginalDst>,
+    pub downstream: proxy::downstream::Timeouts,
+    pub overload: Arc<proxy::downstream::Overload>,
+    pub shutdown: CancellationToken,
+    pub tracker: tokio_util::task::TaskTracker,
+}
+
+/// Enrols and un-enrols pods.
+pub struct Enroller {
+    pub kernel: Arc<Kernel>,
+    pub views: Views,
+    pub reload: Trigger,
+    pub serve: Serve,
+    /// Cookies of the namespaces enrolled at start (never removed).
+    pub fixed: Vec<u64>,
+    home: NetNs,
+    pods: Mutex<BTreeMap<String, Enrolled>>,
+}
+
+/// One enrolled pod.
+struct Enrolled {
+    /// The workload's name (`namespace/pod`, or the container id).
+    name: String,
+    cookie: u64,
+    stop: CancellationToken,
+}
+
+// === impl Enroller ===
+
+impl Enroller {
+    pub fn new(
+        kernel: Arc<Kernel>,
+        views: Views,
+        reload: Trigger,
+        serve: Serve,
+        fixed: Vec<u64>,
+    ) -> std::io::Result<Self> {
+        Ok(Self {
+            kernel,
+            views,
+            reload,
+            serve,
+            fixed,
+            home: NetNs::current()?,
+            pods: Mutex::default(),
+        })
+    }
+
+    fn pods(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Enrolled>> {
+        self.pods.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Answers one request (`fd`: the namespace, for ADD).
+    pub async fn handle(&self, req: Request, fd: Option<OwnedFd>) -> Result<(), Error> {
+        match req.command {
+            Command::Add => {
+                let fd = fd.ok_or_else(|| Error::NoNamespace(req.container_id.clone()))?;
+                self.add(&req, fd).await
+            }
+            Command::Del => {
+                self.del(&req.container_id).await;
+                Ok(())
+            }
+            Command::Check if self.pods().contains_key(&req.container_id) => Ok(()),
+            Command::Check => Err(Error::NotEnrolled(req.container_id)),
+        }
+    }
+
+    /// Enrols the pod of `req` whose namespace is `fd`.
+    async fn add(&self, req: &Request, fd: OwnedFd) -> Result<(), Error> {
+        if self.pods().contains_key(&req.container_id) {
+            return Ok(());
+        }
+        let name = workload_name(req);
+        let ns = NetNs::from_fd(&name, fd, &self.home).map_err(|source| Error::Netns {
+            netns: req.netns.clone(),
+            source,
+        })?;
+        if ns.is_home {
+            tracing::info!(pod = %name, "host-network pod: not enrolled");
+            return Ok(());
+        }
+        let listeners = proxy::bind_listeners(&ns).map_err(|source| Error::Listen {
+            netns: name.clone(),
+            source,
+        })?;
+        let ns = Arc::new(ns);
+        let handle = self.views.add(Workload {
+            netns: name.clone(),
+            addresses: ns.addresses.clone(),
+            entry: None,
+        });
+        // Its own snapshot (identity) before its first connect is captured.
+        self.reload.workloads_changed().await;
+        let stop = self.serve.shutdown.child_token();
+        for l in listeners {
+            let proxy = Proxy::new(
+                handle.clone(),
+                self.serve.original.clone(),
+                self.serve.downstream,
+                self.serve.overload.clone(),
+            );
+            tokio::spawn(Arc::new(proxy).serve(
+                ns.clone(),
+                l,
+                stop.clone(),
+                self.serve.tracker.clone(),
+            ));
+        }
+        let enrolled = Enrolled {
+            name: name.clone(),
+            cookie: ns.cookie,
+            stop,
+        };
+        self.pods().insert(req.container_id.clone(), enrolled);
+        if let Err(e) = self.sync_kernel() {
+            self.del(&req.container_id).await;
+            return Err(e);
+        }
+        tracing::info!(pod = %name, container = %req.container_id, addresses = ?ns.addresses, "pod enrolled");
+        Ok(())
+    }
+
+    /// Un-enrols the pod of container `id` (nothing when it is not enrolled).
+    async fn del(&self, id: &str) {
+        let Some(gone) = self.pods().remove(id) else {
+            return;
+        };
+        gone.stop.cancel();
+        self.views.remove(&gone.name);
+        if let Err(e) = self.sync_kernel() {
+            tracing::error!(pod = %gone.name, error = %e, "un-enrolling the namespace failed");
+        }
+        tracing::info!(pod = %gone.name, container = %id, cookie = gone.cookie, "pod un-enrolled");
+        self.reload.workloads_changed().await;
+    }
+
+    /// Makes the kernel's enrolled set the fixed namespaces plus the live pods.
+    fn sync_kernel(&self) -> Result<(), Error> {
+        let mut cookies = self.fixed.clone();
+        cookies.extend(self.pods().values().map(|p| p.cookie));
+        self.kernel
+            .set_enrolled_netns(&cookies)
+            .map_err(|e| Error::Kernel(e.to_string()))
+    }
+
+    /// The enrolled pods' names, in container-id order.
+    pub fn enrolled(&self) -> Vec<String> {
+        self.pods().values().map(|p| p.name.clone()).collect()
+    }
+}
+
+/// `namespace/pod` when the runtime says, else the container id.
+fn workload_name(req: &Request) -> String {
+    match (req.pod_namespace.as_str(), req.pod_name.as_str()) {
+        (_, "") => req.container_id.clone(),
+        ("", pod) => format!("default/{pod}"),
+        (ns, pod) => format!("{ns}/{pod}"),
+    }
+}
+
+// === the socket ===
+
+/// Binds the plugin's socket at `path`. A socket file nobody answers on (a previous daemon's)
+/// is replaced; one a live daemon answers on is refused.
+pub fn bind(path: &Path) -> Result<tokio::net::UnixListener, Error> {
+    let err = |reason: String| Error::Socket {
+        path: path.to_path_buf(),
+        reason,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(err(
+                "another daemon is listening on it (stop it, or pass another --cni-socket)".into(),
+            ));
+        }
+        std::fs::remove_file(path).map_err(|e| err(format!("removing the stale socket: {e}")))?;
+    }
+    tokio::net::UnixListener::bind(path).map_err(|e| err(e.to_string()))
+}
+
+/// Serves the plugin until `shutdown`: one blocking exchange per connection.
+pub async fn serve(
+    listener: tokio::net::UnixListener,
+    enroller: Arc<Enroller>,
+    shutdown: CancellationToken,
+) {
+    let rt = tokio::runtime::Handle::current();
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            a = listener.accept() => match a {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "CNI socket accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let (enroller, rt) = (enroller.clone(), rt.clone());
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = exchange(stream, &enroller, &rt) {
+                tracing::warn!(error = %e, "CNI request failed");
+            }
+        });
+    }
+}
+
+/// Reads one request, has it handled and writes the reply.
+fn exchange(
+    stream: tokio::net::UnixStream,
+    enroller: &Enroller,
+    rt: &tokio::runtime::Handle,
+) -> Result<(), Error> {
+    let mut stream = stream.into_std().map_err(|e| Error::Read(e.to_string()))?;
+    let io = |e: std::io::Error| Error::Read(e.to_string());
+    stream.set_nonblocking(false).map_err(io)?;
+    stream.set_read_timeout(Some(EXCHANGE_TIMEOUT)).map_err(io)?;
+    stream
+        .set_write_timeout(Some(EXCHANGE_TIMEOUT))
+        .map_err(io)?;
+    let (line, fd) = receive(&mut stream)?;
+    let outcome = match serde_json::from_slice::<Request>(&line) {
+        Ok(req) => {
+            tracing::debug!(?req, "CNI request");
+            rt.block_on(enroller.handle(req, fd))
+        }
+        Err(e) => Err(Error::Malformed(e.to_string())),
+    };
+    let reply = match &outcome {
+        Ok(()) => Reply {
+            ok: true,
+            error: None,
+        },
+        Err(e) => Reply {
+            ok: false,
+            error: Some(e.to_string()),
+        },
+    };
+    let mut out = serde_json::to_vec(&reply).unwrap_or_default();
+    out.push(b'\n');
+    stream.write_all(&out).map_err(io)?;
+    outcome
+}
+
+/// One newline-terminated message and the fd attached to it, if any.
+fn receive(stream: &mut UnixStream) -> Result<(Vec<u8>, Option<OwnedFd>), Error> {
+    let mut buf = vec![0u8; 8192];
+    let mut cmsg = nix::cmsg_space!([RawFd; 1]);
+    let (n, fd) = {
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let msg = recvmsg::<()>(
+            stream.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .map_err(|e| Error::Read(e.to_string()))?;
+        let mut fd = None;
+        for c in msg.cmsgs().map_err(|e| Error::Read(e.to_string()))? {
+            if let ControlMessageOwned::ScmRights(fds) = c {
+                for raw in fds {
+                    // SAFETY: the kernel just installed `raw` in this process for us; nothing
+                    // else owns it.
+                    #[expect(unsafe_code, reason = "SCM_RIGHTS yields raw descriptors")]
+                    let owned = unsafe { OwnedFd::from_raw_fd(raw) };
+                    fd.get_or_insert(owned);
+                }
+            }
+        }
+        (msg.bytes, fd)
+    };
+    buf.truncate(n);
+    while !buf.ends_with(b"\n") {
+        if buf.len() > MAX_REQUEST {
+            return Err(Error::Read(format!("request over {MAX_REQUEST} bytes")));
+        }
+        let mut more = [0u8; 4096];
+        let n = stream
+            .read(&mut more)
+            .map_err(|e| Error::Read(e.to_string()))?;
+        if n == 0 {
+            return Err(Error::Read("the plugin closed before a full request".into()));
+        }
+        buf.extend_from_slice(&more[..n]);
+    }
+    buf.pop();
+    Ok((buf, fd))
+}
+
+/// Sends one request (with `fd` attached) over `stream` and reads the reply (the plugin side).
+pub fn request(
+    stream: &mut UnixStream,
+    req: &Request,
+    fd: Option<&OwnedFd>,
+) -> std::io::Result<Reply> {
+    let mut line = serde_json::to_vec(req).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    let raw: Vec<RawFd> = fd.iter().map(|f| f.as_raw_fd()).collect();
+    let cmsgs: Vec<ControlMessage<'_>> = if raw.is_empty() {
+        Vec::new()
+    } else {
+        vec![ControlMessage::ScmRights(&raw)]
+    };
+    let sent = sendmsg::<()>(
+        stream.as_raw_fd(),
+        &[IoSlice::new(&line)],
+        &cmsgs,
+        MsgFlags::empty(),
+        None,
+    )
+    .map_err(std::io::Error::from)?;
+    stream.write_all(&line[sent..])?;
+    let mut reply = Vec::new();
+    let mut byte = [0u8; 1];
+    while stream.read(&mut byte)? == 1 && byte[0] != b'\n' {
+        reply.push(byte[0]);
+        if reply.len() > MAX_REQUEST {
+            return Err(std::io::Error::other("reply too long"));
+        }
+    }
+    serde_json::from_slice(&reply).map_err(|e| {
+        std::io::Error::other(format!(
+            "unreadable reply {:?}: {e}",
+            String::from_utf8_lossy(&reply)
+        ))
+    })
+}
