@@ -149,25 +149,15 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
         &shutdown,
     )?;
     if let (Some(socket), Some(kernel)) = (bindings.cni, &kernel) {
-        let enroller = crate::cni::Enroller::new(
-            kernel.clone(),
-            views.clone(),
-            reload.clone(),
-            crate::cni::Serve {
-                original,
-                downstream: cfg.downstream,
-                overload: cfg.overload(),
-                shutdown: shutdown.clone(),
-                tracker: tracker.clone(),
-            },
-            bindings.cookies.clone(),
-        )?;
-        tokio::spawn(crate::cni::serve(
-            socket,
-            Arc::new(enroller),
-            shutdown.clone(),
-        ));
-        tracing::info!(socket = ?cfg.cni_socket, "enrolling pods through drover-cni");
+        let serve = crate::cni::Serve {
+            original,
+            downstream: cfg.downstream,
+            overload: cfg.overload(),
+            shutdown: shutdown.clone(),
+            tracker: tracker.clone(),
+        };
+        crate::cni::Enroller::new(kernel.clone(), views.clone(), reload.clone(), serve)?
+            .spawn(socket, bindings.cookies.clone());
     }
     let ready = early.stop_with(&shutdown);
     let signals = Signals::install()?;

@@ -149,17 +149,25 @@ impl Enroller {
         views: Views,
         reload: Trigger,
         serve: Serve,
-        fixed: Vec<u64>,
     ) -> std::io::Result<Self> {
         Ok(Self {
             kernel,
             views,
             reload,
             serve,
-            fixed,
+            fixed: Vec::new(),
             home: NetNs::current()?,
             pods: Mutex::default(),
         })
+    }
+
+    /// Serves the plugin on `socket` until the data path shuts down; `fixed` are the cookies
+    /// of the namespaces enrolled at start.
+    pub fn spawn(mut self, socket: tokio::net::UnixListener, fixed: Vec<u64>) {
+        self.fixed = fixed;
+        let shutdown = self.serve.shutdown.clone();
+        tracing::info!(socket = ?socket.local_addr().ok(), "enrolling pods through drover-cni");
+        tokio::spawn(serve(socket, Arc::new(self), shutdown));
     }
 
     fn pods(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Enrolled>> {
@@ -335,7 +343,9 @@ fn exchange(
     let mut stream = stream.into_std().map_err(|e| Error::Read(e.to_string()))?;
     let io = |e: std::io::Error| Error::Read(e.to_string());
     stream.set_nonblocking(false).map_err(io)?;
-    stream.set_read_timeout(Some(EXCHANGE_TIMEOUT)).map_err(io)?;
+    stream
+        .set_read_timeout(Some(EXCHANGE_TIMEOUT))
+        .map_err(io)?;
     stream
         .set_write_timeout(Some(EXCHANGE_TIMEOUT))
         .map_err(io)?;
@@ -400,7 +410,9 @@ fn receive(stream: &mut UnixStream) -> Result<(Vec<u8>, Option<OwnedFd>), Error>
             .read(&mut more)
             .map_err(|e| Error::Read(e.to_string()))?;
         if n == 0 {
-            return Err(Error::Read("the plugin closed before a full request".into()));
+            return Err(Error::Read(
+                "the plugin closed before a full request".into(),
+            ));
         }
         buf.extend_from_slice(&more[..n]);
     }

@@ -22,6 +22,7 @@ use std::{
 
 pub mod apiserver;
 pub mod k8s;
+pub mod podman;
 
 /// The gRPC test service (`proto/echo.proto`).
 #[allow(clippy::all, clippy::pedantic, reason = "generated code")]

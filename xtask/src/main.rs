@@ -15,7 +15,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 /// Debian packages the project uses (tests, demo, bench).
-const APT_PACKAGES: [&str; 8] = [
+const APT_PACKAGES: [&str; 13] = [
     "protobuf-compiler",
     "iproute2",
     "iptables",
@@ -24,6 +24,13 @@ const APT_PACKAGES: [&str; 8] = [
     "curl",
     "hey",
     "util-linux",
+    // The kubelet's stand-in for the CNI tests: a container runtime, its image builder, the
+    // reference CNI plugins, and `strip` for the test image.
+    "podman",
+    "buildah",
+    "containernetworking-plugins",
+    "runc",
+    "binutils",
 ];
 /// What only the bench uses: the peers it compares with and their load tools.
 const BENCH_PACKAGES: [&str; 5] = ["wrk", "haproxy", "nginx-light", "iperf3", "nghttp2-client"];

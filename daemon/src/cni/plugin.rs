@@ -82,8 +82,9 @@ pub fn run(env: &dyn Fn(&str) -> Option<String>, stdin: &[u8]) -> Outcome {
             status: 0,
         },
         Err(f) => Outcome {
-            stdout: json!({"cniVersion": version, "code": f.code, "msg": f.msg, "details": f.details})
-                .to_string(),
+            stdout:
+                json!({"cniVersion": version, "code": f.code, "msg": f.msg, "details": f.details})
+                    .to_string(),
             status: 1,
         },
     }
@@ -116,7 +117,10 @@ fn dispatch(
     };
     let container_id = need("CNI_CONTAINERID")?;
     let args = cni_args(&env("CNI_ARGS").unwrap_or_default());
-    let pod_namespace = args.get("K8S_POD_NAMESPACE").cloned().unwrap_or_default();
+    // As Kubernetes: a pod the runtime names no namespace for is in `default`.
+    let pod_namespace = (args.get("K8S_POD_NAMESPACE").cloned())
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "default".into());
     let excluded = excluded(conf);
     let prev = conf.get("prevResult").cloned();
     if excluded.contains(&pod_namespace) {
@@ -170,7 +174,9 @@ fn dispatch(
 fn ask(socket: &str, req: &Request, fd: Option<&std::os::fd::OwnedFd>) -> Result<(), Failure> {
     let unreachable = |e: std::io::Error| Failure {
         code: TRY_AGAIN,
-        msg: format!("the drover daemon is not reachable at {socket}; pods cannot start on this node until it is (is the drover DaemonSet pod running?)"),
+        msg: format!(
+            "the drover daemon is not reachable at {socket}; pods cannot start on this node until it is (is the drover DaemonSet pod running?)"
+        ),
         details: e.to_string(),
     };
     let mut stream = connect(&PathBuf::from(socket)).map_err(unreachable)?;
@@ -283,7 +289,10 @@ mod tests {
             ("CNI_COMMAND", "ADD"),
             ("CNI_CONTAINERID", "c1"),
             ("CNI_NETNS", "/proc/self/ns/net"),
-            ("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=p"),
+            (
+                "CNI_ARGS",
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=p",
+            ),
         ];
         let e = error(&run(&env(&vars), c.as_bytes()));
         assert_eq!(e["code"], 11);
@@ -337,7 +346,10 @@ mod tests {
         .unwrap();
         assert_eq!(
             addresses(&prev),
-            ["198.19.0.5".parse::<std::net::IpAddr>().unwrap(), "fd00::5".parse().unwrap()]
+            [
+                "198.19.0.5".parse::<std::net::IpAddr>().unwrap(),
+                "fd00::5".parse().unwrap()
+            ]
         );
         assert_eq!(cni_args("A=1;K8S_POD_NAME=x;junk")["K8S_POD_NAME"], "x");
     }

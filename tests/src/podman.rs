@@ -1,0 +1,193 @@
+//! The kubelet's stand-in: Debian's `podman` (CNI backend, `runc`) starts "pods" on a CNI network
+//! of the test's own (a bridge on 198.19.0.0/16, no masquerading, no default route) whose
+//! conflist chains `drover-cni` after `bridge`, so the real runtime calls the real plugin with
+//! the real CNI environment. The pods run an image built here with `buildah` from the test
+//! binaries (`drover-probe`, `drover-testsrv`) and their shared libraries: nothing is pulled.
+//!
+//! Everything a bed creates (containers, the network and its bridge, the image, the IPAM state,
+//! its directory) is removed when it is dropped.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output},
+};
+
+use crate::{bin, sh, unique_id};
+
+/// One CNI network with `drover-cni` chained, and the image its pods run.
+pub struct Bed {
+    pub dir: PathBuf,
+    /// The network's name (also the conflist's).
+    pub network: String,
+    bridge: String,
+    /// The /24 of the network, as `198.19.N.`; the bridge (gateway) is `.1`.
+    pub prefix: String,
+    /// Where the conflist tells `drover-cni` the daemon listens.
+    pub socket: PathBuf,
+    pub image: String,
+    containers: std::sync::Mutex<Vec<String>>,
+}
+
+impl Bed {
+    /// A bed on `198.19.<n>.0/24`; `exclude` replaces the plugin's excluded namespaces.
+    pub fn new(n: u8, exclude: Option<&[&str]>) -> Self {
+        let id = unique_id();
+        let dir = std::env::temp_dir().join(format!("drover-bed-{id}"));
+        std::fs::create_dir_all(dir.join("net.d")).expect("bed dir");
+        std::fs::create_dir_all(dir.join("cni")).expect("bed dir");
+        std::fs::copy(bin("drover-cni"), dir.join("cni/drover-cni")).expect("copy drover-cni");
+        let network = format!("drvbed{id}");
+        let bridge = format!("drvbr{}", id % 100_000);
+        let prefix = format!("198.19.{n}.");
+        let socket = dir.join("cni.sock");
+        std::fs::write(
+            dir.join("containers.conf"),
+            format!(
+                "[network]\nnetwork_backend = \"cni\"\nnetwork_config_dir = \"{}\"\ncni_plugin_dirs = [\"{}\", \"/usr/lib/cni\"]\n\
+                 [engine]\nruntime = \"runc\"\n[containers]\ndefault_ulimits = [\"nofile=1024:1024\", \"nproc=1024:1024\"]\n",
+                dir.join("net.d").display(),
+                dir.join("cni").display()
+            ),
+        )
+        .expect("containers.conf");
+        let mut drover = serde_json::json!({"type": "drover-cni", "socket": socket});
+        if let Some(list) = exclude {
+            drover["excludeNamespaces"] = list.into();
+        }
+        let conflist = serde_json::json!({
+            "cniVersion": "0.4.0",
+            "name": network,
+            "plugins": [
+                {
+                    "type": "bridge", "bridge": bridge, "isGateway": true, "ipMasq": false,
+                    "ipam": {"type": "host-local", "ranges": [[{
+                        "subnet": format!("{prefix}0/24"), "gateway": format!("{prefix}1"),
+                    }]]},
+                },
+                drover,
+            ],
+        });
+        std::fs::write(
+            dir.join("net.d").join(format!("{network}.conflist")),
+            conflist.to_string(),
+        )
+        .expect("conflist");
+        let image = format!("localhost/drover-test-pod:{id}");
+        build_image(&dir, &image);
+        Self {
+            dir,
+            network,
+            bridge,
+            prefix,
+            socket,
+            image,
+            containers: std::sync::Mutex::default(),
+        }
+    }
+
+    /// `podman ARGS` with this bed's configuration.
+    pub fn podman(&self, args: &[&str]) -> Output {
+        Command::new("podman")
+            .args(args)
+            .env("CONTAINERS_CONF", self.dir.join("containers.conf"))
+            .output()
+            .expect("podman")
+    }
+
+    /// Starts pod `name` at address `.host` running `cmd` in the background.
+    pub fn start(&self, name: &str, host: u8, cmd: &[&str]) -> Output {
+        self.track(name);
+        let ip = format!("{}{host}", self.prefix);
+        let mut args = vec![
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            &self.network,
+            "--ip",
+            &ip,
+            &self.image,
+        ];
+        args.extend_from_slice(cmd);
+        self.podman(&args)
+    }
+
+    /// Runs pod `name` at `.host` to completion (`--rm`): what it printed, or the runtime's
+    /// error.
+    pub fn run(&self, name: &str, host: u8, cmd: &[&str]) -> Output {
+        self.track(name);
+        let ip = format!("{}{host}", self.prefix);
+        let mut args = vec![
+            "run",
+            "--rm",
+            "--name",
+            name,
+            "--network",
+            &self.network,
+            "--ip",
+            &ip,
+            &self.image,
+        ];
+        args.extend_from_slice(cmd);
+        self.podman(&args)
+    }
+
+    /// Removes pod `name` at once.
+    pub fn remove(&self, name: &str) {
+        let _ = self.podman(&["rm", "-f", "-t", "0", name]);
+    }
+
+    fn track(&self, name: &str) {
+        self.containers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(name.to_string());
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        let names = std::mem::take(&mut *self.containers.lock().unwrap_or_else(|e| e.into_inner()));
+        for name in names {
+            self.remove(&name);
+        }
+        let _ = self.podman(&["rmi", "-f", &self.image]);
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .output();
+        let _ = std::fs::remove_dir_all(Path::new("/var/lib/cni/networks").join(&self.network));
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Builds `image` from scratch: the test binaries (stripped) and the libraries they load.
+fn build_image(dir: &Path, image: &str) {
+    let root = dir.join("rootfs");
+    for sub in ["bin", "lib/x86_64-linux-gnu", "lib64"] {
+        std::fs::create_dir_all(root.join(sub)).expect("rootfs");
+    }
+    for b in ["drover-probe", "drover-testsrv"] {
+        let out = root.join("bin").join(b);
+        sh(&[
+            "strip",
+            "-o",
+            &out.display().to_string(),
+            &bin(b).display().to_string(),
+        ]);
+        let libs = Command::new("ldd").arg(&out).output().expect("ldd");
+        for lib in String::from_utf8_lossy(&libs.stdout)
+            .split_whitespace()
+            .filter(|w| w.starts_with('/'))
+        {
+            let target = root.join(lib.trim_start_matches('/'));
+            std::fs::create_dir_all(target.parent().expect("lib dir")).expect("lib dir");
+            std::fs::copy(lib, &target).expect("copy library");
+        }
+    }
+    let ctr = sh(&["buildah", "from", "scratch"]);
+    let ctr = ctr.trim();
+    sh(&["buildah", "copy", ctr, &root.display().to_string(), "/"]);
+    sh(&["buildah", "commit", "-q", ctr, image]);
+    sh(&["buildah", "rm", ctr]);
+}

@@ -1,0 +1,173 @@
+//! Pods enrolled through the `drover-cni` chained plugin, with the real container runtime as the
+//! kubelet's stand-in (`drover_tests::podman`): podman calls the real plugin with the real CNI
+//! environment, the plugin hands the pod's network namespace to the daemon, and the pod's very
+//! first connect — made by its entrypoint the moment it starts — is captured. Needs root,
+//! podman, buildah and the CNI plugins (`cargo xtask setup` installs them); under `CI` it fails
+//! rather than skips. The service VIP is a loopback address inside the pod, so nothing leaves
+//! the pod if capture fails: the connect is refused.
+
+use std::time::Duration;
+
+use drover_tests::{Daemon, PinDir, podman::Bed, require_privileged, write_config};
+
+const VIP: &str = "127.77.0.60";
+
+/// Service `echo` (`VIP:80`) served by the pod at `.10` of `bed`, port 7000.
+fn service(bed: &Bed) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: echo, namespace: default}}
+spec:
+  hosts: [echo.default.svc]
+  addresses: [{VIP}]
+  ports: [{{number: 80, name: tcp, protocol: TCP, targetPort: 7000}}]
+  resolution: STATIC
+  endpoints: [{{address: {}10}}]
+",
+        bed.prefix
+    )
+}
+
+/// The daemon serving `bed`'s plugin socket.
+fn daemon(bed: &Bed, pins: &PinDir) -> Daemon {
+    let cfg = write_config(&service(bed));
+    Daemon::start(&drover_tests::args(
+        &cfg,
+        pins,
+        &["--cni-socket", &bed.socket.display().to_string()],
+    ))
+    .expect("daemon starts")
+}
+
+/// A client pod whose entrypoint connects to the VIP at once: what it printed.
+fn first_connect(bed: &Bed, name: &str, host: u8) -> std::process::Output {
+    bed.run(
+        name,
+        host,
+        &[
+            "/bin/drover-probe",
+            "connect",
+            &format!("{VIP}:80"),
+            "--send",
+            "hi",
+        ],
+    )
+}
+
+fn text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Network namespaces the process `pid` holds open.
+fn netns_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .filter(|l| l.to_string_lossy().starts_with("net:["))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_new_pods_first_connect_is_captured_and_a_deleted_pod_is_unenrolled() {
+    if !require_privileged() {
+        return;
+    }
+    let bed = Bed::new(241, None);
+    let pins = PinDir::new();
+    let d = daemon(&bed, &pins);
+    let pid = d.pid().expect("daemon pid");
+    let before = netns_fds(pid);
+    let server = bed.start(
+        "srv",
+        10,
+        &[
+            "/bin/drover-testsrv",
+            "echo",
+            "--listen",
+            &format!("{}10:7000", bed.prefix),
+            "--name",
+            "srvpod",
+        ],
+    );
+    assert!(server.status.success(), "{}", text(&server));
+    assert!(d.wait_log("pod enrolled pod=default/srv", Duration::from_secs(5)));
+    let out = first_connect(&bed, "cli", 11);
+    let printed = text(&out);
+    assert!(out.status.success(), "{printed}\n{}", d.log());
+    assert!(
+        printed.contains("hello from srvpod"),
+        "the first connect went through drover: {printed}"
+    );
+    let log = d.log();
+    assert!(log.contains("pod enrolled pod=default/cli"), "{log}");
+    assert!(
+        log.contains(&format!("tcp netns=default/cli src=Some({}11:", bed.prefix)),
+        "the access log names the pod and its address: {log}"
+    );
+    // The `--rm` pod's DEL un-enrolled it and released its namespace.
+    assert!(d.wait_log("pod un-enrolled pod=default/cli", Duration::from_secs(5)));
+    bed.remove("srv");
+    assert!(d.wait_log("pod un-enrolled pod=default/srv", Duration::from_secs(5)));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while netns_fds(pid) > before && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(netns_fds(pid), before, "no pod namespace held after DEL");
+}
+
+#[test]
+fn without_the_daemon_pods_fail_to_start_with_the_plugins_message_then_start_once_it_is_back() {
+    if !require_privileged() {
+        return;
+    }
+    let bed = Bed::new(242, None);
+    let out = first_connect(&bed, "early", 11);
+    assert!(!out.status.success());
+    let printed = text(&out);
+    assert!(
+        printed.contains("the drover daemon is not reachable at")
+            && printed.contains(&bed.socket.display().to_string()),
+        "{printed}"
+    );
+    let pins = PinDir::new();
+    let _d = daemon(&bed, &pins);
+    let _server = bed.start(
+        "srv",
+        10,
+        &[
+            "/bin/drover-testsrv",
+            "echo",
+            "--listen",
+            &format!("{}10:7000", bed.prefix),
+        ],
+    );
+    let out = first_connect(&bed, "late", 12);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("hello from"), "{}", text(&out));
+}
+
+#[test]
+fn pods_of_excluded_namespaces_are_not_handed_to_the_daemon() {
+    if !require_privileged() {
+        return;
+    }
+    // podman names no namespace: its pods are in `default`, excluded here.
+    let bed = Bed::new(243, Some(&["default"]));
+    let pins = PinDir::new();
+    let d = daemon(&bed, &pins);
+    let out = first_connect(&bed, "outside", 11);
+    let printed = text(&out);
+    assert!(out.status.success(), "the pod starts: {printed}");
+    assert!(
+        printed.contains("refused"),
+        "not captured: the loopback VIP refuses: {printed}"
+    );
+    assert!(!d.log().contains("pod enrolled"), "{}", d.log());
+}
