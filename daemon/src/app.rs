@@ -156,8 +156,13 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
             shutdown: shutdown.clone(),
             tracker: tracker.clone(),
         };
+        let path = cfg
+            .cni_socket
+            .as_deref()
+            .unwrap_or(std::path::Path::new(""));
         crate::cni::Enroller::new(kernel.clone(), views.clone(), reload.clone(), serve)?
-            .spawn(socket, bindings.cookies.clone());
+            .start((socket, path), bindings.cookies.clone())
+            .await?;
     }
     let ready = early.stop_with(&shutdown);
     let signals = Signals::install()?;
@@ -545,7 +550,11 @@ fn attach(
             if !cookies.is_empty() || cfg.cni_socket.is_some() {
                 kernel.attach_root()?;
             }
-            kernel.set_enrolled_netns(cookies)?;
+            if cfg.cni_socket.is_some() {
+                kernel.add_enrolled_netns(cookies)?;
+            } else {
+                kernel.set_enrolled_netns(cookies)?;
+            }
             kernel.set_vips(vips)?;
             kernel.attach_upstream_counters()?;
             kernel.prune_links()?;

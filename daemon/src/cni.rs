@@ -131,6 +131,8 @@ pub struct Enroller {
     pub fixed: Vec<u64>,
     home: NetNs,
     pods: Mutex<BTreeMap<String, Enrolled>>,
+    /// Where the enrolments are kept for the next daemon (beside the socket).
+    state: Option<PathBuf>,
 }
 
 /// One enrolled pod.
@@ -139,6 +141,17 @@ struct Enrolled {
     name: String,
     cookie: u64,
     stop: CancellationToken,
+    /// The ADD it was enrolled by (kept in the state file).
+    req: Request,
+}
+
+/// A pod's namespace opened and its listeners bound, not serving yet.
+struct Prepared {
+    req: Request,
+    name: String,
+    ns: Arc<NetNs>,
+    listeners: Vec<tokio::net::TcpListener>,
+    handle: crate::registry::RegistryHandle,
 }
 
 // === impl Enroller ===
@@ -158,16 +171,62 @@ impl Enroller {
             fixed: Vec::new(),
             home: NetNs::current()?,
             pods: Mutex::default(),
+            state: None,
         })
     }
 
-    /// Serves the plugin on `socket` until the data path shuts down; `fixed` are the cookies
-    /// of the namespaces enrolled at start.
-    pub fn spawn(mut self, socket: tokio::net::UnixListener, fixed: Vec<u64>) {
+    /// Restores the pods a previous daemon enrolled (kept in `pods.json` beside `path`), then
+    /// serves the plugin on `socket` until the data path shuts down; `fixed` are the cookies of
+    /// the namespaces enrolled at start. Returns once the restored pods are served.
+    pub async fn start(
+        mut self,
+        (socket, path): (tokio::net::UnixListener, &Path),
+        fixed: Vec<u64>,
+    ) -> Result<(), Error> {
         self.fixed = fixed;
+        self.state = Some(path.with_file_name("pods.json"));
+        self.restore().await?;
         let shutdown = self.serve.shutdown.clone();
-        tracing::info!(socket = ?socket.local_addr().ok(), "enrolling pods through drover-cni");
+        tracing::info!(socket = %path.display(), "enrolling pods through drover-cni");
         tokio::spawn(serve(socket, Arc::new(self), shutdown));
+        Ok(())
+    }
+
+    /// Re-enrols the pods of the state file whose namespace still exists, in one reload, and
+    /// makes the kernel's enrolled set exact (a vanished pod's cookie goes).
+    async fn restore(&self) -> Result<(), Error> {
+        let Some(path) = &self.state else {
+            return Ok(());
+        };
+        let saved: Vec<Request> = match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                tracing::warn!(file = %path.display(), error = %e, "unreadable CNI state; no pod restored");
+                Vec::new()
+            }),
+            Err(_) => Vec::new(),
+        };
+        let mut ready = Vec::new();
+        for req in saved {
+            let opened = std::fs::File::open(&req.netns).map_err(|e| e.to_string());
+            match opened.and_then(|f| self.prepare(&req, f.into()).map_err(|e| e.to_string())) {
+                Ok(Some(p)) => ready.push(p),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::info!(pod = %workload_name(&req), error = %e, "not restored (gone)")
+                }
+            }
+        }
+        if !ready.is_empty() {
+            self.reload.workloads_changed().await;
+        }
+        let restored = ready.len();
+        for p in ready {
+            self.activate(p);
+        }
+        self.sync_kernel()?;
+        self.save();
+        tracing::info!(restored, "CNI enrolments restored");
+        Ok(())
     }
 
     fn pods(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Enrolled>> {
@@ -195,6 +254,23 @@ impl Enroller {
         if self.pods().contains_key(&req.container_id) {
             return Ok(());
         }
+        let Some(prepared) = self.prepare(req, fd)? else {
+            return Ok(());
+        };
+        // Its own snapshot (identity) before its first connect is captured.
+        self.reload.workloads_changed().await;
+        self.activate(prepared);
+        if let Err(e) = self.sync_kernel() {
+            self.del(&req.container_id).await;
+            return Err(e);
+        }
+        self.save();
+        Ok(())
+    }
+
+    /// Opens the namespace of `fd` and binds its listeners; the workload is added to the views
+    /// (its snapshot comes with the next reload). `None`: the host's namespace, never enrolled.
+    fn prepare(&self, req: &Request, fd: OwnedFd) -> Result<Option<Prepared>, Error> {
         let name = workload_name(req);
         let ns = NetNs::from_fd(&name, fd, &self.home).map_err(|source| Error::Netns {
             netns: req.netns.clone(),
@@ -202,7 +278,7 @@ impl Enroller {
         })?;
         if ns.is_home {
             tracing::info!(pod = %name, "host-network pod: not enrolled");
-            return Ok(());
+            return Ok(None);
         }
         let listeners = proxy::bind_listeners(&ns).map_err(|source| Error::Listen {
             netns: name.clone(),
@@ -214,35 +290,55 @@ impl Enroller {
             addresses: ns.addresses.clone(),
             entry: None,
         });
-        // Its own snapshot (identity) before its first connect is captured.
-        self.reload.workloads_changed().await;
+        Ok(Some(Prepared {
+            req: req.clone(),
+            name,
+            ns,
+            listeners,
+            handle,
+        }))
+    }
+
+    /// Serves a prepared pod's listeners and records it.
+    fn activate(&self, p: Prepared) {
         let stop = self.serve.shutdown.child_token();
-        for l in listeners {
+        for l in p.listeners {
             let proxy = Proxy::new(
-                handle.clone(),
+                p.handle.clone(),
                 self.serve.original.clone(),
                 self.serve.downstream,
                 self.serve.overload.clone(),
             );
             tokio::spawn(Arc::new(proxy).serve(
-                ns.clone(),
+                p.ns.clone(),
                 l,
                 stop.clone(),
                 self.serve.tracker.clone(),
             ));
         }
+        tracing::info!(pod = %p.name, container = %p.req.container_id, addresses = ?p.ns.addresses, "pod enrolled");
         let enrolled = Enrolled {
-            name: name.clone(),
-            cookie: ns.cookie,
+            name: p.name,
+            cookie: p.ns.cookie,
             stop,
+            req: p.req,
         };
-        self.pods().insert(req.container_id.clone(), enrolled);
-        if let Err(e) = self.sync_kernel() {
-            self.del(&req.container_id).await;
-            return Err(e);
+        self.pods()
+            .insert(enrolled.req.container_id.clone(), enrolled);
+    }
+
+    /// Writes the enrolments for the next daemon (atomically; a failure is logged).
+    fn save(&self) {
+        let Some(path) = &self.state else { return };
+        let all: Vec<Request> = self.pods().values().map(|p| p.req.clone()).collect();
+        let tmp = path.with_extension("json.tmp");
+        let written = serde_json::to_vec(&all)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = written {
+            tracing::warn!(file = %path.display(), error = %e, "cannot save the CNI enrolments; a restart will not restore them");
         }
-        tracing::info!(pod = %name, container = %req.container_id, addresses = ?ns.addresses, "pod enrolled");
-        Ok(())
     }
 
     /// Un-enrols the pod of container `id` (nothing when it is not enrolled).
@@ -256,6 +352,7 @@ impl Enroller {
             tracing::error!(pod = %gone.name, error = %e, "un-enrolling the namespace failed");
         }
         tracing::info!(pod = %gone.name, container = %id, cookie = gone.cookie, "pod un-enrolled");
+        self.save();
         self.reload.workloads_changed().await;
     }
 

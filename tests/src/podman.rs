@@ -16,6 +16,7 @@ use crate::{bin, sh, unique_id};
 
 /// One CNI network with `drover-cni` chained, and the image its pods run.
 pub struct Bed {
+    id: u32,
     pub dir: PathBuf,
     /// The network's name (also the conflist's).
     pub network: String,
@@ -75,6 +76,7 @@ impl Bed {
         let image = format!("localhost/drover-test-pod:{id}");
         build_image(&dir, &image);
         Self {
+            id,
             dir,
             network,
             bridge,
@@ -94,15 +96,35 @@ impl Bed {
             .expect("podman")
     }
 
+    /// The container (and pod) name of this bed's pod `name`: container names are global to
+    /// the runtime, so each bed's carry its id.
+    pub fn pod(&self, name: &str) -> String {
+        format!("{name}-{}", self.id)
+    }
+
     /// Starts pod `name` at address `.host` running `cmd` in the background.
     pub fn start(&self, name: &str, host: u8, cmd: &[&str]) -> Output {
-        self.track(name);
+        self.launch("-d", name, host, cmd)
+    }
+
+    /// Runs pod `name` at `.host` to completion (`--rm`): what it printed, or the runtime's
+    /// error.
+    pub fn run(&self, name: &str, host: u8, cmd: &[&str]) -> Output {
+        self.launch("--rm", name, host, cmd)
+    }
+
+    fn launch(&self, mode: &str, name: &str, host: u8, cmd: &[&str]) -> Output {
+        let name = self.pod(name);
+        self.containers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(name.clone());
         let ip = format!("{}{host}", self.prefix);
         let mut args = vec![
             "run",
-            "-d",
+            mode,
             "--name",
-            name,
+            &name,
             "--network",
             &self.network,
             "--ip",
@@ -113,36 +135,21 @@ impl Bed {
         self.podman(&args)
     }
 
-    /// Runs pod `name` at `.host` to completion (`--rm`): what it printed, or the runtime's
-    /// error.
-    pub fn run(&self, name: &str, host: u8, cmd: &[&str]) -> Output {
-        self.track(name);
-        let ip = format!("{}{host}", self.prefix);
-        let mut args = vec![
-            "run",
-            "--rm",
-            "--name",
-            name,
-            "--network",
-            &self.network,
-            "--ip",
-            &ip,
-            &self.image,
-        ];
+    /// `cmd` inside running pod `name`.
+    pub fn exec(&self, name: &str, cmd: &[&str]) -> Output {
+        let name = self.pod(name);
+        let mut args = vec!["exec", name.as_str()];
         args.extend_from_slice(cmd);
         self.podman(&args)
     }
 
     /// Removes pod `name` at once.
     pub fn remove(&self, name: &str) {
-        let _ = self.podman(&["rm", "-f", "-t", "0", name]);
+        self.remove_container(&self.pod(name));
     }
 
-    fn track(&self, name: &str) {
-        self.containers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(name.to_string());
+    fn remove_container(&self, container: &str) {
+        let _ = self.podman(&["rm", "-f", "-t", "0", container]);
     }
 }
 
@@ -150,7 +157,7 @@ impl Drop for Bed {
     fn drop(&mut self) {
         let names = std::mem::take(&mut *self.containers.lock().unwrap_or_else(|e| e.into_inner()));
         for name in names {
-            self.remove(&name);
+            self.remove_container(&name);
         }
         let _ = self.podman(&["rmi", "-f", &self.image]);
         let _ = Command::new("ip")

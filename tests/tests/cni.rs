@@ -97,7 +97,10 @@ fn a_new_pods_first_connect_is_captured_and_a_deleted_pod_is_unenrolled() {
         ],
     );
     assert!(server.status.success(), "{}", text(&server));
-    assert!(d.wait_log("pod enrolled pod=default/srv", Duration::from_secs(5)));
+    assert!(d.wait_log(
+        &format!("pod enrolled pod=default/{}", bed.pod("srv")),
+        Duration::from_secs(5)
+    ));
     let out = first_connect(&bed, "cli", 11);
     let printed = text(&out);
     assert!(out.status.success(), "{printed}\n{}", d.log());
@@ -106,15 +109,23 @@ fn a_new_pods_first_connect_is_captured_and_a_deleted_pod_is_unenrolled() {
         "the first connect went through drover: {printed}"
     );
     let log = d.log();
-    assert!(log.contains("pod enrolled pod=default/cli"), "{log}");
+    let cli = bed.pod("cli");
     assert!(
-        log.contains(&format!("tcp netns=default/cli src=Some({}11:", bed.prefix)),
+        log.contains(&format!("pod enrolled pod=default/{cli}")),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!(
+            "tcp netns=default/{cli} src=Some({}11:",
+            bed.prefix
+        )),
         "the access log names the pod and its address: {log}"
     );
     // The `--rm` pod's DEL un-enrolled it and released its namespace.
-    assert!(d.wait_log("pod un-enrolled pod=default/cli", Duration::from_secs(5)));
+    let gone = |pod: &str| format!("pod un-enrolled pod=default/{}", bed.pod(pod));
+    assert!(d.wait_log(&gone("cli"), Duration::from_secs(5)));
     bed.remove("srv");
-    assert!(d.wait_log("pod un-enrolled pod=default/srv", Duration::from_secs(5)));
+    assert!(d.wait_log(&gone("srv"), Duration::from_secs(5)));
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while netns_fds(pid) > before && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
@@ -170,4 +181,113 @@ fn pods_of_excluded_namespaces_are_not_handed_to_the_daemon() {
         "not captured: the loopback VIP refuses: {printed}"
     );
     assert!(!d.log().contains("pod enrolled"), "{}", d.log());
+}
+
+/// `drover-probe connect VIP:80` run inside running pod `name` (`podman exec`): its output.
+fn connect_from(bed: &Bed, name: &str) -> String {
+    text(&bed.exec(
+        name,
+        &[
+            "/bin/drover-probe",
+            "connect",
+            &format!("{VIP}:80"),
+            "--send",
+            "hi",
+        ],
+    ))
+}
+
+/// Like [`connect_from`], retried (bounded, 5 s) until the server pod answers: its process may
+/// still be starting when `podman run -d` returns.
+fn greeted_from(bed: &Bed, name: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let out = connect_from(bed, name);
+        if out.contains("hello from") || std::time::Instant::now() > deadline {
+            return out;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_restarted_daemon_restores_its_pods_and_forgets_the_ones_deleted_meanwhile() {
+    if !require_privileged() {
+        return;
+    }
+    let bed = Bed::new(244, None);
+    let pins = PinDir::new();
+    let first = daemon(&bed, &pins);
+    let listen = |host: u8, port: u16| format!("{}{host}:{port}", bed.prefix);
+    let srv = bed.start(
+        "srv",
+        10,
+        &[
+            "/bin/drover-testsrv",
+            "echo",
+            "--listen",
+            &listen(10, 7000),
+            "--name",
+            "srvpod",
+        ],
+    );
+    assert!(srv.status.success(), "{}", text(&srv));
+    // A long-running client pod (its process only keeps it alive).
+    let cli = bed.start(
+        "cli",
+        11,
+        &["/bin/drover-testsrv", "echo", "--listen", &listen(11, 7001)],
+    );
+    assert!(cli.status.success(), "{}", text(&cli));
+    let out = greeted_from(&bed, "cli");
+    assert!(out.contains("hello from srvpod"), "{out}");
+    drop(first);
+
+    let second = daemon(&bed, &pins);
+    assert!(
+        second.wait_log("CNI enrolments restored restored=2", Duration::from_secs(5)),
+        "{}",
+        second.log()
+    );
+    let out = connect_from(&bed, "cli");
+    assert!(
+        out.contains("hello from srvpod"),
+        "restored: {out}\n{}",
+        second.log()
+    );
+    assert!(
+        second
+            .log()
+            .contains(&format!("tcp netns=default/{}", bed.pod("cli"))),
+        "{}",
+        second.log()
+    );
+    drop(second);
+
+    // Deleted while no daemon runs (the plugin's DEL cannot be delivered; it succeeds anyway).
+    bed.remove("srv");
+    let third = daemon(&bed, &pins);
+    assert!(
+        third.wait_log("CNI enrolments restored restored=1", Duration::from_secs(5)),
+        "{}",
+        third.log()
+    );
+    assert!(
+        third
+            .log()
+            .contains(&format!("pod=default/{}", bed.pod("srv"))),
+        "{}",
+        third.log()
+    );
+    let out = connect_from(&bed, "cli");
+    assert!(
+        out.contains("refused") || out.contains("reset") || out.contains("error"),
+        "the service's only pod is gone: {out}"
+    );
+    let captured = format!("netns=default/{}", bed.pod("cli"));
+    assert!(
+        third.wait_log(&captured, Duration::from_secs(3)),
+        "captured by the restarted daemon: {}",
+        third.log()
+    );
 }

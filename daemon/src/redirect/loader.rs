@@ -251,6 +251,21 @@ impl Kernel {
         map.replace_all(wanted.collect(), maps::ENROLLED)
     }
 
+    /// Adds the namespaces of `cookies` to those already enrolled (a previous daemon's pods stay
+    /// captured until the CNI enrolments are restored and the set is made exact).
+    pub fn add_enrolled_netns(&self, cookies: &[u64]) -> Result<(), Error> {
+        let mut all: Vec<u64> = {
+            let map = self.enrolled.lock().expect("enrolled map lock");
+            map.map.keys().filter_map(Result::ok).collect()
+        };
+        for c in cookies {
+            if !all.contains(c) {
+                all.push(*c);
+            }
+        }
+        self.set_enrolled_netns(&all)
+    }
+
     /// Makes the captured (VIP, port) set exactly `vips`.
     pub fn set_vips(&self, vips: &[(SocketAddr, u32)]) -> Result<(), Error> {
         let wanted = vips.iter().map(|(a, id)| {
