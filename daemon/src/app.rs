@@ -67,6 +67,8 @@ pub struct RunConfig {
     pub netns_workloads: std::collections::BTreeMap<String, String>,
     /// Enrol pods as they start, through the `drover-cni` plugin on this socket.
     pub cni_socket: Option<PathBuf>,
+    /// (CNI bin dir, CNI conf dir): install the plugin there and keep it chained.
+    pub cni_install: Option<(PathBuf, PathBuf)>,
 }
 
 /// A running daemon.
@@ -156,13 +158,9 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
             shutdown: shutdown.clone(),
             tracker: tracker.clone(),
         };
-        let path = cfg
-            .cni_socket
-            .as_deref()
-            .unwrap_or(std::path::Path::new(""));
-        crate::cni::Enroller::new(kernel.clone(), views.clone(), reload.clone(), serve)?
-            .start((socket, path), bindings.cookies.clone())
-            .await?;
+        let enroller =
+            crate::cni::Enroller::new(kernel.clone(), views.clone(), reload.clone(), serve)?;
+        start_cni(&cfg, enroller, socket, bindings.cookies.clone()).await?;
     }
     let ready = early.stop_with(&shutdown);
     let signals = Signals::install()?;
@@ -530,6 +528,35 @@ impl Bindings {
             cni,
         })
     }
+}
+
+/// Enrols pods through `drover-cni`: restores the previous daemon's pods, serves the plugin on
+/// `socket` and, with `--cni-conf-dir`, installs the plugin and keeps it chained.
+async fn start_cni(
+    cfg: &RunConfig,
+    enroller: crate::cni::Enroller,
+    socket: tokio::net::UnixListener,
+    fixed: Vec<u64>,
+) -> anyhow::Result<()> {
+    use crate::cni::install;
+    let path = cfg.cni_socket.clone().unwrap_or_default();
+    let shutdown = enroller.serve.shutdown.clone();
+    enroller.start((socket, &path), fixed).await?;
+    if let Some((bin_dir, conf_dir)) = &cfg.cni_install {
+        let entry = install::Entry {
+            socket: path,
+            exclude_namespaces: None,
+        };
+        let done = install::install(
+            &install::beside_this_executable(),
+            bin_dir,
+            conf_dir,
+            &entry,
+        )?;
+        tracing::info!(outcome = ?done, "drover-cni installed");
+        tokio::spawn(install::keep_chained(conf_dir.clone(), entry, shutdown));
+    }
+    Ok(())
 }
 
 /// Where original destinations come from, and the kernel side when capture is eBPF.

@@ -14,6 +14,7 @@
 //! kernel is always the start-time namespaces plus the live CNI pods; a reply is sent only once
 //! the enrolment is complete or has failed (and a failed one leaves nothing behind).
 
+pub mod install;
 pub mod plugin;
 
 use std::{

@@ -128,6 +128,14 @@ struct RunArgs {
     /// capture only; the plugin's default is /var/run/drover/cni.sock).
     #[arg(long, value_name = "PATH")]
     cni_socket: Option<PathBuf>,
+    /// With --cni-socket: install `drover-cni` (beside this executable) into --cni-bin-dir and
+    /// keep it chained to the primary network of this CNI conf directory (re-added within 2 s
+    /// when the network's own plugin rewrites the file). Not removed on exit (an upgrade
+    /// restart must not open a window): `drover cni uninstall` removes it.
+    #[arg(long, value_name = "DIR", requires = "cni_socket")]
+    cni_conf_dir: Option<PathBuf>,
+    #[arg(long, value_name = "DIR", default_value = "/opt/cni/bin")]
+    cni_bin_dir: PathBuf,
     /// Inbound clients when no `PeerAuthentication` resource sets a mode for the workload: STRICT
     /// (mTLS only), PERMISSIVE (plaintext passes through) or DISABLE (everything passes through).
     #[arg(long, value_enum, default_value = "strict")]
@@ -223,6 +231,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Install or remove the `drover-cni` chained plugin on this node.
+    Cni {
+        #[command(subcommand)]
+        command: CniCommand,
+    },
     /// Remove drover's pinned maps and links: capture stops, applications connect directly again.
     Uninstall {
         #[arg(long, default_value = drover_common::DEFAULT_PIN_DIR)]
@@ -238,6 +251,86 @@ fn log_control<S: 'static>(
         let filter = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;
         handle.reload(filter).map_err(|e| e.to_string())
     })
+}
+
+#[derive(Subcommand)]
+enum CniCommand {
+    /// Copy `drover-cni` into the CNI bin directory and chain it to the primary network (the
+    /// first configuration of the conf directory; a `.conf` becomes a `.conflist`).
+    Install {
+        #[command(flatten)]
+        dirs: CniDirs,
+        /// The plugin binary to install (default: `drover-cni` beside this executable).
+        #[arg(long, value_name = "FILE")]
+        binary: Option<PathBuf>,
+        /// The daemon's socket, written into the plugin's entry.
+        #[arg(long, value_name = "PATH", default_value = drover::cni::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Namespaces whose pods the plugin passes through (repeatable; default: kube-system
+        /// and drover-system).
+        #[arg(long = "exclude-namespace", value_name = "NAMESPACE")]
+        exclude_namespaces: Vec<String>,
+    },
+    /// Remove the plugin's entry from every network configuration, and the binary.
+    Uninstall {
+        #[command(flatten)]
+        dirs: CniDirs,
+    },
+}
+
+/// Where the node's CNI files are.
+#[derive(Args, Clone)]
+struct CniDirs {
+    #[arg(long, value_name = "DIR", default_value = "/opt/cni/bin")]
+    cni_bin_dir: PathBuf,
+    #[arg(long, value_name = "DIR", default_value = "/etc/cni/net.d")]
+    cni_conf_dir: PathBuf,
+}
+
+/// `drover cni install|uninstall`.
+fn cni(command: CniCommand) -> ExitCode {
+    use drover::cni::install;
+    let result = match command {
+        CniCommand::Install {
+            dirs,
+            binary,
+            socket,
+            exclude_namespaces,
+        } => {
+            let entry = install::Entry {
+                socket,
+                exclude_namespaces: (!exclude_namespaces.is_empty()).then_some(exclude_namespaces),
+            };
+            let binary = binary.unwrap_or_else(install::beside_this_executable);
+            install::install(&binary, &dirs.cni_bin_dir, &dirs.cni_conf_dir, &entry).map(
+                |o| match o {
+                    install::Outcome::Written(p) => {
+                        format!("chained drover-cni in {}", p.display())
+                    }
+                    install::Outcome::Unchanged(p) => {
+                        format!("drover-cni already chained in {}", p.display())
+                    }
+                },
+            )
+        }
+        CniCommand::Uninstall { dirs } => install::uninstall(&dirs.cni_bin_dir, &dirs.cni_conf_dir)
+            .map(|changed| {
+                format!(
+                    "removed drover-cni from {changed:?} and {}",
+                    dirs.cni_bin_dir.display()
+                )
+            }),
+    };
+    match result {
+        Ok(line) => {
+            eprintln!("{line}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -372,6 +465,7 @@ fn main() -> ExitCode {
             )
         }
         Command::Ca { command } => ca(command),
+        Command::Cni { command } => cni(command),
         Command::Status {
             pin_dir,
             admin,
@@ -501,6 +595,7 @@ impl RunArgs {
             max_memory_bytes: self.max_memory_mb.saturating_mul(1024 * 1024),
             allow_empty: self.allow_empty,
             kubernetes,
+            cni_install: self.cni_conf_dir.map(|conf| (self.cni_bin_dir, conf)),
             cni_socket: self.cni_socket,
         })
     }

@@ -1,7 +1,7 @@
 //! The kubelet's stand-in: Debian's `podman` (CNI backend, `runc`) starts "pods" on a CNI network
-//! of the test's own (a bridge on 198.19.0.0/16, no masquerading, no default route) whose
-//! conflist chains `drover-cni` after `bridge`, so the real runtime calls the real plugin with
-//! the real CNI environment. The pods run an image built here with `buildah` from the test
+//! of the test's own (a bridge on 198.19.0.0/16, no masquerading, no default route) to which
+//! `drover cni install` chains `drover-cni` after `bridge`, so the real runtime calls the real
+//! plugin with the real CNI environment. The pods run an image built here with `buildah` from the test
 //! binaries (`drover-probe`, `drover-testsrv`) and their shared libraries: nothing is pulled.
 //!
 //! Everything a bed creates (containers, the network and its bridge, the image, the IPAM state,
@@ -36,7 +36,6 @@ impl Bed {
         let dir = std::env::temp_dir().join(format!("drover-bed-{id}"));
         std::fs::create_dir_all(dir.join("net.d")).expect("bed dir");
         std::fs::create_dir_all(dir.join("cni")).expect("bed dir");
-        std::fs::copy(bin("drover-cni"), dir.join("cni/drover-cni")).expect("copy drover-cni");
         let network = format!("drvbed{id}");
         let bridge = format!("drvbr{}", id % 100_000);
         let prefix = format!("198.19.{n}.");
@@ -51,31 +50,9 @@ impl Bed {
             ),
         )
         .expect("containers.conf");
-        let mut drover = serde_json::json!({"type": "drover-cni", "socket": socket});
-        if let Some(list) = exclude {
-            drover["excludeNamespaces"] = list.into();
-        }
-        let conflist = serde_json::json!({
-            "cniVersion": "0.4.0",
-            "name": network,
-            "plugins": [
-                {
-                    "type": "bridge", "bridge": bridge, "isGateway": true, "ipMasq": false,
-                    "ipam": {"type": "host-local", "ranges": [[{
-                        "subnet": format!("{prefix}0/24"), "gateway": format!("{prefix}1"),
-                    }]]},
-                },
-                drover,
-            ],
-        });
-        std::fs::write(
-            dir.join("net.d").join(format!("{network}.conflist")),
-            conflist.to_string(),
-        )
-        .expect("conflist");
         let image = format!("localhost/drover-test-pod:{id}");
         build_image(&dir, &image);
-        Self {
+        let bed = Self {
             id,
             dir,
             network,
@@ -84,7 +61,59 @@ impl Bed {
             socket,
             image,
             containers: std::sync::Mutex::default(),
+        };
+        bed.write_network();
+        // `drover cni install` chains the plugin, as the DaemonSet's daemon does.
+        let mut install = vec![
+            "cni".to_string(),
+            "install".into(),
+            "--cni-bin-dir".into(),
+            bed.dir.join("cni").display().to_string(),
+            "--cni-conf-dir".into(),
+            bed.dir.join("net.d").display().to_string(),
+            "--socket".into(),
+            bed.socket.display().to_string(),
+        ];
+        for ns in exclude.unwrap_or_default() {
+            install.extend(["--exclude-namespace".to_string(), ns.to_string()]);
         }
+        let args: Vec<&str> = install.iter().map(String::as_str).collect();
+        bed.drover(&args);
+        bed
+    }
+
+    /// The network's conflist.
+    pub fn conflist(&self) -> PathBuf {
+        self.dir
+            .join("net.d")
+            .join(format!("{}.conflist", self.network))
+    }
+
+    /// (Re)writes the network's conflist with the bridge plugin alone, as a primary network's
+    /// own installer would.
+    pub fn write_network(&self) {
+        let conflist = serde_json::json!({
+            "cniVersion": "0.4.0",
+            "name": self.network,
+            "plugins": [{
+                "type": "bridge", "bridge": self.bridge, "isGateway": true, "ipMasq": false,
+                "ipam": {"type": "host-local", "ranges": [[{
+                    "subnet": format!("{}0/24", self.prefix), "gateway": format!("{}1", self.prefix),
+                }]]},
+            }],
+        });
+        std::fs::write(self.conflist(), conflist.to_string()).expect("conflist");
+    }
+
+    /// `drover ARGS` to completion (asserting success): its stderr.
+    pub fn drover(&self, args: &[&str]) -> String {
+        let out = Command::new(bin("drover"))
+            .args(args)
+            .output()
+            .expect("drover");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "drover {args:?}: {err}");
+        err
     }
 
     /// `podman ARGS` with this bed's configuration.

@@ -291,3 +291,73 @@ fn a_restarted_daemon_restores_its_pods_and_forgets_the_ones_deleted_meanwhile()
         third.log()
     );
 }
+
+#[test]
+fn the_daemon_keeps_the_plugin_chained_and_uninstall_removes_it() {
+    if !require_privileged() {
+        return;
+    }
+    let bed = Bed::new(245, None);
+    let pins = PinDir::new();
+    let cfg = write_config(&service(&bed));
+    let (bin_dir, conf_dir) = (bed.dir.join("cni"), bed.dir.join("net.d"));
+    let d = Daemon::start(&drover_tests::args(
+        &cfg,
+        &pins,
+        &[
+            "--cni-socket",
+            &bed.socket.display().to_string(),
+            "--cni-conf-dir",
+            &conf_dir.display().to_string(),
+            "--cni-bin-dir",
+            &bin_dir.display().to_string(),
+        ],
+    ))
+    .expect("daemon starts");
+    let _srv = bed.start(
+        "srv",
+        10,
+        &[
+            "/bin/drover-testsrv",
+            "echo",
+            "--listen",
+            &format!("{}10:7000", bed.prefix),
+        ],
+    );
+    // The network's installer rewrites its file without drover-cni: the daemon chains it again,
+    // and the next pod is captured.
+    bed.write_network();
+    assert!(
+        d.wait_log("chained again", Duration::from_secs(5)),
+        "{}",
+        d.log()
+    );
+    assert!(
+        std::fs::read_to_string(bed.conflist())
+            .unwrap()
+            .contains("drover-cni")
+    );
+    let out = first_connect(&bed, "after-rewrite", 11);
+    assert!(text(&out).contains("hello from"), "{}", text(&out));
+    drop(d);
+
+    // Uninstalled: the entry and the binary are gone, pods start without any daemon and are
+    // not captured.
+    bed.drover(&[
+        "cni",
+        "uninstall",
+        "--cni-bin-dir",
+        &bin_dir.display().to_string(),
+        "--cni-conf-dir",
+        &conf_dir.display().to_string(),
+    ]);
+    assert!(
+        !std::fs::read_to_string(bed.conflist())
+            .unwrap()
+            .contains("drover-cni")
+    );
+    assert!(!bin_dir.join("drover-cni").exists());
+    let out = first_connect(&bed, "uninstalled", 12);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("refused"), "{}", text(&out));
+}
