@@ -35,7 +35,7 @@ use crate::config::{
     source::{ConfigSet, Origin, Resource},
 };
 use convert::{Derived, NodeLocality, PodInfo};
-pub use watch::spawn;
+pub use watch::{spawn, watched};
 
 /// How often the Istio kinds the API server did not serve are looked for again.
 pub const DISCOVERY_RECHECK: Duration = Duration::from_secs(5);

@@ -68,7 +68,8 @@ enum Cmd {
         #[arg(last = true)]
         extra: Vec<String>,
     },
-    /// rustfmt check and clippy with warnings denied.
+    /// rustfmt check, clippy with warnings denied, and the Kubernetes manifests validated
+    /// against the Kubernetes schemas (strict: unknown fields are errors).
     Lint,
     /// Fuzz with cargo-fuzz (nightly; not part of CI): `config` (YAML → validated policy),
     /// `config_dir` (the loader's file and directory handling), `http` (the HTTP request path,
@@ -141,7 +142,8 @@ fn main() -> Result<()> {
         Cmd::Fuzz { secs, target } => fuzz(secs, target.as_deref()),
         Cmd::Lint => {
             cargo(&["fmt", "--all", "--", "--check"])?;
-            cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])
+            cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
+            validate_manifests()
         }
     }
 }
@@ -167,6 +169,31 @@ fn envoy() -> Result<PathBuf> {
         )?;
     }
     Ok(bin)
+}
+
+/// Validates `deploy/kubernetes/*.yaml` with `kubernetes-validate` (from PyPI, installed once
+/// under `target/kubernetes-validate`) against the Kubernetes 1.34 schemas, strictly.
+fn validate_manifests() -> Result<()> {
+    let dir = root().join("target/kubernetes-validate");
+    if !dir.join("kubernetes_validate").exists() {
+        status(
+            Command::new("python3")
+                .args(["-m", "pip", "install", "--quiet", "--target"])
+                .arg(&dir)
+                .arg("kubernetes-validate==1.37.0"),
+        )?;
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(root().join("deploy/kubernetes"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    status(
+        Command::new("python3")
+            .args(["-m", "kubernetes_validate", "--strict", "-k", "1.34.0"])
+            .args(&files)
+            .env("PYTHONPATH", &dir),
+    )
 }
 
 /// Runs the `config` fuzz target for `secs`, seeded with every YAML fixture; libFuzzer reports

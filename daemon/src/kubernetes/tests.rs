@@ -249,3 +249,42 @@ async fn namespace_labels_are_kept_without_a_reload() {
     feed.deleted("Namespace", (String::new(), "shop".into()));
     assert_eq!(feed.namespace_labels("shop"), None);
 }
+
+#[test]
+fn rbac_grants_every_watched_resource() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/kubernetes/rbac.yaml"
+    );
+    let text = std::fs::read_to_string(path).expect("rbac.yaml");
+    let role = serde_yaml::Deserializer::from_str(&text)
+        .map(|d| <serde_yaml::Value as serde::Deserialize>::deserialize(d).expect("yaml"))
+        .find(|d| d["kind"] == "ClusterRole")
+        .expect("a ClusterRole");
+    let rules = role["rules"].as_sequence().expect("rules");
+    let strings = |v: &serde_yaml::Value| -> Vec<String> {
+        (v.as_sequence().into_iter().flatten())
+            .filter_map(|s| s.as_str().map(String::from))
+            .collect()
+    };
+    for (group, resource) in crate::kubernetes::watched() {
+        let granted = rules.iter().any(|r| {
+            let verbs = strings(&r["verbs"]);
+            strings(&r["apiGroups"]).iter().any(|g| g == group)
+                && strings(&r["resources"]).iter().any(|x| x == resource)
+                && ["get", "list", "watch"]
+                    .iter()
+                    .all(|v| verbs.iter().any(|x| x == v))
+        });
+        assert!(
+            granted,
+            "rbac.yaml does not grant get/list/watch on {group}/{resource}"
+        );
+    }
+    // Nothing is written.
+    for r in rules {
+        for v in strings(&r["verbs"]) {
+            assert!(["get", "list", "watch"].contains(&v.as_str()), "verb {v}");
+        }
+    }
+}

@@ -25,14 +25,35 @@ use tokio_util::sync::CancellationToken;
 
 use super::{DISCOVERY_RECHECK, Error, Feed, Object, Settings, convert, key_of};
 
-/// The Istio kinds Drover reads, with their API group.
-const ISTIO_KINDS: [(&str, &str); 5] = [
-    ("networking.istio.io", "ServiceEntry"),
-    ("networking.istio.io", "WorkloadEntry"),
-    ("networking.istio.io", "DestinationRule"),
-    ("networking.istio.io", "VirtualService"),
-    ("security.istio.io", "PeerAuthentication"),
+/// The Istio kinds Drover reads: (API group, kind, resource).
+const ISTIO_KINDS: [(&str, &str, &str); 5] = [
+    ("networking.istio.io", "ServiceEntry", "serviceentries"),
+    ("networking.istio.io", "WorkloadEntry", "workloadentries"),
+    ("networking.istio.io", "DestinationRule", "destinationrules"),
+    ("networking.istio.io", "VirtualService", "virtualservices"),
+    (
+        "security.istio.io",
+        "PeerAuthentication",
+        "peerauthentications",
+    ),
 ];
+
+/// Every (API group, resource) the watchers list and watch: what the daemon's RBAC role must
+/// grant (`deploy/kubernetes/rbac.yaml`).
+pub fn watched() -> Vec<(&'static str, &'static str)> {
+    fn typed<K: k8s_openapi::Resource>() -> (&'static str, &'static str) {
+        (K::GROUP, K::URL_PATH_SEGMENT)
+    }
+    let mut all = vec![
+        typed::<Service>(),
+        typed::<EndpointSlice>(),
+        typed::<Pod>(),
+        typed::<Node>(),
+        typed::<Namespace>(),
+    ];
+    all.extend(ISTIO_KINDS.iter().map(|(g, _, r)| (*g, *r)));
+    all
+}
 
 /// Connects to the API server and starts every watcher; the feed fills as they list (wait for
 /// [`Feed::synced`]). Returns the API server's URL and where the credentials came from.
@@ -224,7 +245,7 @@ async fn discover(client: Client, feed: Feed, shutdown: CancellationToken, sourc
             .await
         {
             Ok(discovery) => {
-                for (group, kind) in ISTIO_KINDS {
+                for (group, kind, _) in ISTIO_KINDS {
                     if started.contains(kind) {
                         continue;
                     }
