@@ -82,6 +82,13 @@ enum Cmd {
         #[arg(long)]
         target: Option<String>,
     },
+    /// Build the OCI image of the node agent (`drover` and `drover-cni`, release) with buildah,
+    /// from scratch: the binaries, the shared libraries they load and the CA bundle; nothing is
+    /// pulled. Tagged `localhost/drover:<version>`; `--tag` overrides.
+    Image {
+        #[arg(long)]
+        tag: Option<String>,
+    },
     /// The reliability suite (not in CI): mixed HTTP/TCP/TLS load with endpoint churn, config
     /// rewrites, a SIGHUP and a restart; fails on failed requests or unbounded RSS/fd growth.
     Soak {
@@ -102,6 +109,11 @@ fn main() -> Result<()> {
                 "drover-demo",
                 &["--duration", &duration.to_string()],
             )
+        }
+        Cmd::Image { tag } => {
+            setup()?;
+            cargo(&["build", "--release", "-p", "drover", "--bins"])?;
+            image(&tag.unwrap_or_else(|| format!("localhost/drover:{}", env!("CARGO_PKG_VERSION"))))
         }
         Cmd::Soak { minutes } => {
             setup()?;
@@ -169,6 +181,79 @@ fn envoy() -> Result<PathBuf> {
         )?;
     }
     Ok(bin)
+}
+
+/// Builds image `tag` from the release binaries (see `Cmd::Image`), then checks that the daemon
+/// runs in it.
+fn image(tag: &str) -> Result<()> {
+    let root_fs = root().join("target/image-rootfs");
+    let _ = std::fs::remove_dir_all(&root_fs);
+    let bin = root_fs.join("usr/local/bin");
+    std::fs::create_dir_all(&bin)?;
+    for name in ["drover", "drover-cni"] {
+        let out = bin.join(name);
+        status(
+            Command::new("strip")
+                .arg("-o")
+                .arg(&out)
+                .arg(root().join("target/release").join(name)),
+        )?;
+        let libs = Command::new("ldd").arg(&out).output()?;
+        for lib in String::from_utf8_lossy(&libs.stdout)
+            .split_whitespace()
+            .filter(|w| w.starts_with('/'))
+        {
+            let target = root_fs.join(lib.trim_start_matches('/'));
+            std::fs::create_dir_all(target.parent().expect("library directory"))?;
+            std::fs::copy(lib, &target)?;
+        }
+    }
+    // System roots, for `tls.mode: SIMPLE` without a `caCertificates` file.
+    let bundle = Path::new("/etc/ssl/certs/ca-certificates.crt");
+    if bundle.exists() {
+        let dir = root_fs.join("etc/ssl/certs");
+        std::fs::create_dir_all(&dir)?;
+        std::fs::copy(bundle, dir.join("ca-certificates.crt"))?;
+    }
+    // The previous build of this tag would be left dangling.
+    let _ = Command::new("podman").args(["rmi", "-f", tag]).output();
+    let ctr = Command::new("buildah").args(["from", "scratch"]).output()?;
+    anyhow::ensure!(ctr.status.success(), "buildah from scratch failed");
+    let ctr = String::from_utf8_lossy(&ctr.stdout).trim().to_string();
+    let built = (|| -> Result<()> {
+        status(Command::new("buildah").args(["copy", &ctr]).arg(&root_fs).arg("/"))?;
+        status(Command::new("buildah").args([
+            "config",
+            "--entrypoint",
+            r#"["/usr/local/bin/drover"]"#,
+            "--cmd",
+            "run --kubernetes",
+            "--label",
+            &format!("org.opencontainers.image.version={}", env!("CARGO_PKG_VERSION")),
+            &ctr,
+        ]))?;
+        status(Command::new("buildah").args(["commit", "-q", &ctr, tag]))
+    })();
+    let _ = Command::new("buildah").args(["rm", &ctr]).output();
+    built?;
+    // The binaries run from the image alone.
+    // (runc and these limits: what podman needs on these machines, see the CNI bed.)
+    status(Command::new("podman").args([
+        "--runtime",
+        "runc",
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--ulimit",
+        "nofile=1024:1024",
+        "--ulimit",
+        "nproc=1024:1024",
+        tag,
+        "--version",
+    ]))?;
+    println!("xtask: built {tag} (push it with `podman push {tag} docker://REGISTRY/drover:TAG`)");
+    Ok(())
 }
 
 /// Validates `deploy/kubernetes/*.yaml` with `kubernetes-validate` (from PyPI, installed once
