@@ -242,7 +242,7 @@ impl Enroller {
                 self.add(&req, fd).await
             }
             Command::Del => {
-                self.del(&req.container_id).await;
+                self.del(&req.container_id);
                 Ok(())
             }
             Command::Check if self.pods().contains_key(&req.container_id) => Ok(()),
@@ -262,7 +262,7 @@ impl Enroller {
         self.reload.workloads_changed().await;
         self.activate(prepared);
         if let Err(e) = self.sync_kernel() {
-            self.del(&req.container_id).await;
+            self.del(&req.container_id);
             return Err(e);
         }
         self.save();
@@ -343,7 +343,7 @@ impl Enroller {
     }
 
     /// Un-enrols the pod of container `id` (nothing when it is not enrolled).
-    async fn del(&self, id: &str) {
+    fn del(&self, id: &str) {
         let Some(gone) = self.pods().remove(id) else {
             return;
         };
@@ -354,7 +354,8 @@ impl Enroller {
         }
         tracing::info!(pod = %gone.name, container = %id, cookie = gone.cookie, "pod un-enrolled");
         self.save();
-        self.reload.workloads_changed().await;
+        // Nothing waits for the gone pod's snapshot to go.
+        self.reload.workloads_changed_later();
     }
 
     /// Makes the kernel's enrolled set the fixed namespaces plus the live pods.

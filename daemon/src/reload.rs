@@ -369,6 +369,12 @@ impl Trigger {
         self.0.send(Signal::Reload).is_ok()
     }
 
+    /// Reloads for a changed set of workloads, without waiting.
+    pub fn workloads_changed_later(&self) {
+        let (tx, _) = tokio::sync::oneshot::channel();
+        let _ = self.0.send(Signal::Workloads(tx));
+    }
+
     /// Reloads for a changed set of workloads and waits until the reload is done (whether it
     /// was accepted or not); false when the reloader is gone.
     pub async fn workloads_changed(&self) -> bool {

@@ -221,7 +221,12 @@ fn image(tag: &str) -> Result<()> {
     anyhow::ensure!(ctr.status.success(), "buildah from scratch failed");
     let ctr = String::from_utf8_lossy(&ctr.stdout).trim().to_string();
     let built = (|| -> Result<()> {
-        status(Command::new("buildah").args(["copy", &ctr]).arg(&root_fs).arg("/"))?;
+        status(
+            Command::new("buildah")
+                .args(["copy", &ctr])
+                .arg(&root_fs)
+                .arg("/"),
+        )?;
         status(Command::new("buildah").args([
             "config",
             "--entrypoint",
@@ -229,7 +234,10 @@ fn image(tag: &str) -> Result<()> {
             "--cmd",
             "run --kubernetes",
             "--label",
-            &format!("org.opencontainers.image.version={}", env!("CARGO_PKG_VERSION")),
+            &format!(
+                "org.opencontainers.image.version={}",
+                env!("CARGO_PKG_VERSION")
+            ),
             &ctr,
         ]))?;
         status(Command::new("buildah").args(["commit", "-q", &ctr, tag]))

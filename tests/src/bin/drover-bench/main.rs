@@ -6,6 +6,7 @@
 //! memory, cost growth), written to `--report-dir` with plots ([`peers`]).
 #![expect(clippy::print_stdout, reason = "the bench reports on stdout")]
 
+mod cni;
 mod kube;
 mod peers;
 mod report;
@@ -66,6 +67,9 @@ struct Args {
     /// EndpointSlice changes timed in the Kubernetes-mode measurement.
     #[arg(long, default_value = "100")]
     kube_changes: usize,
+    /// Pods started per chain in the drover-cni pod-start measurement.
+    #[arg(long, default_value = "100")]
+    cni_pods: usize,
     /// Where the peers report and its plots are written.
     #[arg(long, default_value = "target/bench")]
     report_dir: std::path::PathBuf,
@@ -81,6 +85,7 @@ enum Part {
     Memory,
     Peers,
     Kube,
+    Cni,
 }
 
 struct Row {
@@ -195,6 +200,9 @@ fn main() {
             changes: args.kube_changes,
         };
         kube::run(&t, &scale, rss_kib);
+    }
+    if run(Part::Cni) {
+        cni::run(args.cni_pods);
     }
 }
 
