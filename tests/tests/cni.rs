@@ -361,3 +361,89 @@ fn the_daemon_keeps_the_plugin_chained_and_uninstall_removes_it() {
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("refused"), "{}", text(&out));
 }
+
+#[test]
+fn in_kubernetes_mode_an_enrolled_pod_gets_its_pods_identity_and_the_apis_services() {
+    if !require_privileged() {
+        return;
+    }
+    use drover_tests::{
+        apiserver::{ISTIO, POD},
+        k8s::{Cluster, pod},
+    };
+    let bed = Bed::new(246, None);
+    let ip = |host: u8| format!("{}{host}", bed.prefix);
+    // Service shop/echo (VIP:80 → 7000) backed by the server pod; the client pod's Pod object
+    // is what the daemon finds by the enrolled namespace's address.
+    let mut cluster = Cluster::new(&ISTIO, "shop", "echo", VIP, ("tcp-echo", 80, 7000));
+    cluster.add_pod("srv", &[("app", "echo")], &ip(10));
+    cluster.api.apply(
+        POD,
+        pod(
+            "shop",
+            "cli",
+            &[("role", "canary")],
+            "cli-sa",
+            "node1",
+            &ip(11),
+        ),
+    );
+    let dir = bed.dir.join("kube");
+    std::fs::create_dir_all(&dir).unwrap();
+    cluster.api.write_kubeconfig(&dir.join("kubeconfig"));
+    let pins = PinDir::new();
+    let d = Daemon::start(&[
+        "--kubernetes".to_string(),
+        "--kubeconfig".into(),
+        dir.join("kubeconfig").display().to_string(),
+        "--node-name".into(),
+        "node1".into(),
+        "--pin-dir".into(),
+        pins.path.display().to_string(),
+        "--cni-socket".into(),
+        bed.socket.display().to_string(),
+    ])
+    .expect("daemon starts");
+    let srv = bed.start(
+        "srv",
+        10,
+        &[
+            "/bin/drover-testsrv",
+            "echo",
+            "--listen",
+            &format!("{}:7000", ip(10)),
+            "--name",
+            "srvpod",
+        ],
+    );
+    assert!(srv.status.success(), "{}", text(&srv));
+    let canary = first_connect(&bed, "cli", 11);
+    assert!(
+        text(&canary).contains("hello from srvpod"),
+        "{}\n{}",
+        text(&canary),
+        d.log()
+    );
+    assert!(
+        d.log().contains(&format!(
+            "netns=default/{} addresses=[{}] identity=Pod(\"shop/cli\")",
+            bed.pod("cli"),
+            ip(11)
+        )),
+        "{}",
+        d.log()
+    );
+    // A pod the API server does not know has the daemon's own identity.
+    let other = first_connect(&bed, "other", 12);
+    assert!(
+        text(&other).contains("hello from srvpod"),
+        "{}",
+        text(&other)
+    );
+    let flags = format!(
+        "netns=default/{} addresses=[{}] identity=Flags",
+        bed.pod("other"),
+        ip(12)
+    );
+    assert!(d.log().contains(&flags), "{}", d.log());
+}
