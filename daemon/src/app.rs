@@ -69,6 +69,8 @@ pub struct RunConfig {
     pub cni_socket: Option<PathBuf>,
     /// (CNI bin dir, CNI conf dir): install the plugin there and keep it chained.
     pub cni_install: Option<(PathBuf, PathBuf)>,
+    /// The host's `/proc` (reconciling pods in Kubernetes mode).
+    pub proc_dir: PathBuf,
 }
 
 /// A running daemon.
@@ -160,7 +162,8 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
         };
         let enroller =
             crate::cni::Enroller::new(kernel.clone(), views.clone(), reload.clone(), serve)?;
-        start_cni(&cfg, enroller, socket, bindings.cookies.clone()).await?;
+        let api = early.api.clone();
+        start_cni(&cfg, enroller, (socket, bindings.cookies.clone()), api).await?;
     }
     let ready = early.stop_with(&shutdown);
     let signals = Signals::install()?;
@@ -535,13 +538,19 @@ impl Bindings {
 async fn start_cni(
     cfg: &RunConfig,
     enroller: crate::cni::Enroller,
-    socket: tokio::net::UnixListener,
-    fixed: Vec<u64>,
+    (socket, fixed): (tokio::net::UnixListener, Vec<u64>),
+    api: Option<Feed>,
 ) -> anyhow::Result<()> {
-    use crate::cni::install;
+    use crate::cni::{install, plugin::DEFAULT_EXCLUDED, reconcile::Reconcile};
     let path = cfg.cni_socket.clone().unwrap_or_default();
     let shutdown = enroller.serve.shutdown.clone();
-    enroller.start((socket, &path), fixed).await?;
+    let reconcile = api.zip(cfg.kubernetes.as_ref()).map(|(feed, k)| Reconcile {
+        feed,
+        node: k.node_name.clone(),
+        proc_dir: cfg.proc_dir.clone(),
+        excluded: DEFAULT_EXCLUDED.iter().map(|s| s.to_string()).collect(),
+    });
+    enroller.start((socket, &path), fixed, reconcile).await?;
     if let Some((bin_dir, conf_dir)) = &cfg.cni_install {
         let entry = install::Entry {
             socket: path,

@@ -16,6 +16,7 @@
 
 pub mod install;
 pub mod plugin;
+pub mod reconcile;
 
 use std::{
     collections::BTreeMap,
@@ -144,6 +145,11 @@ struct Enrolled {
     stop: CancellationToken,
     /// The ADD it was enrolled by (kept in the state file).
     req: Request,
+    /// The namespace's own addresses.
+    addresses: Vec<IpAddr>,
+    since: std::time::Instant,
+    /// Kept in the state file (not for pods reconciliation found: it finds them again).
+    persist: bool,
 }
 
 /// A pod's namespace opened and its listeners bound, not serving yet.
@@ -179,17 +185,25 @@ impl Enroller {
     /// Restores the pods a previous daemon enrolled (kept in `pods.json` beside `path`), then
     /// serves the plugin on `socket` until the data path shuts down; `fixed` are the cookies of
     /// the namespaces enrolled at start. Returns once the restored pods are served.
+    /// With `reconcile` (Kubernetes mode), the node's pods the plugin never reported are found
+    /// and enrolled too, before it returns and then periodically.
     pub async fn start(
         mut self,
         (socket, path): (tokio::net::UnixListener, &Path),
         fixed: Vec<u64>,
+        reconcile: Option<reconcile::Reconcile>,
     ) -> Result<(), Error> {
         self.fixed = fixed;
         self.state = Some(path.with_file_name("pods.json"));
         self.restore().await?;
         let shutdown = self.serve.shutdown.clone();
         tracing::info!(socket = %path.display(), "enrolling pods through drover-cni");
-        tokio::spawn(serve(socket, Arc::new(self), shutdown));
+        let me = Arc::new(self);
+        if let Some(r) = reconcile {
+            me.reconcile(&r).await?;
+            tokio::spawn(me.clone().keep_reconciling(r));
+        }
+        tokio::spawn(serve(socket, me, shutdown));
         Ok(())
     }
 
@@ -222,7 +236,7 @@ impl Enroller {
         }
         let restored = ready.len();
         for p in ready {
-            self.activate(p);
+            self.activate(p, true);
         }
         self.sync_kernel()?;
         self.save();
@@ -242,7 +256,17 @@ impl Enroller {
                 self.add(&req, fd).await
             }
             Command::Del => {
-                self.del(&req.container_id);
+                // A pod reconciliation enrolled is known by its name, not its container.
+                let name = workload_name(&req);
+                let id = match self.pods().contains_key(&req.container_id) {
+                    true => Some(req.container_id.clone()),
+                    false => (self.pods().iter())
+                        .find(|(_, p)| p.name == name)
+                        .map(|(id, _)| id.clone()),
+                };
+                if let Some(id) = id {
+                    self.del(&id);
+                }
                 Ok(())
             }
             Command::Check if self.pods().contains_key(&req.container_id) => Ok(()),
@@ -260,7 +284,7 @@ impl Enroller {
         };
         // Its own snapshot (identity) before its first connect is captured.
         self.reload.workloads_changed().await;
-        self.activate(prepared);
+        self.activate(prepared, true);
         if let Err(e) = self.sync_kernel() {
             self.del(&req.container_id);
             return Err(e);
@@ -300,8 +324,8 @@ impl Enroller {
         }))
     }
 
-    /// Serves a prepared pod's listeners and records it.
-    fn activate(&self, p: Prepared) {
+    /// Serves a prepared pod's listeners and records it (`persist`: in the state file too).
+    fn activate(&self, p: Prepared, persist: bool) {
         let stop = self.serve.shutdown.child_token();
         for l in p.listeners {
             let proxy = Proxy::new(
@@ -323,6 +347,9 @@ impl Enroller {
             cookie: p.ns.cookie,
             stop,
             req: p.req,
+            addresses: p.ns.addresses.clone(),
+            since: std::time::Instant::now(),
+            persist,
         };
         self.pods()
             .insert(enrolled.req.container_id.clone(), enrolled);
@@ -331,7 +358,10 @@ impl Enroller {
     /// Writes the enrolments for the next daemon (atomically; a failure is logged).
     fn save(&self) {
         let Some(path) = &self.state else { return };
-        let all: Vec<Request> = self.pods().values().map(|p| p.req.clone()).collect();
+        let all: Vec<Request> = (self.pods().values())
+            .filter(|p| p.persist)
+            .map(|p| p.req.clone())
+            .collect();
         let tmp = path.with_extension("json.tmp");
         let written = serde_json::to_vec(&all)
             .map_err(std::io::Error::other)

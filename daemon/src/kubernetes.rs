@@ -398,6 +398,24 @@ impl Feed {
             .map(|((ns, name), p)| (ns.clone(), name.clone(), p.clone()))
     }
 
+    /// The live pods of node `node` that have their own network (not host-network, not ended),
+    /// as (namespace, name, addresses).
+    pub fn pods_on_node(&self, node: &str) -> Vec<(String, String, Vec<std::net::IpAddr>)> {
+        let s = self.state();
+        s.pods
+            .iter()
+            .filter(|(_, p)| {
+                p.node.as_deref() == Some(node)
+                    && !p.host_network
+                    && !matches!(p.phase.as_deref(), Some("Succeeded" | "Failed"))
+            })
+            .map(|((ns, name), p)| {
+                let ips = p.ips.iter().filter_map(|ip| ip.parse().ok()).collect();
+                (ns.clone(), name.clone(), ips)
+            })
+            .collect()
+    }
+
     /// The id (`Kind namespace/name`) of the API object a problem is about, if it is about one.
     pub fn object_of(&self, problem: &Problem) -> Option<String> {
         let file = problem.location.file.to_str()?;

@@ -136,6 +136,10 @@ struct RunArgs {
     cni_conf_dir: Option<PathBuf>,
     #[arg(long, value_name = "DIR", default_value = "/opt/cni/bin")]
     cni_bin_dir: PathBuf,
+    /// The host's /proc (`/host/proc` in a container without the host's PID namespace): with
+    /// --kubernetes and --cni-socket, the node's pods the plugin never reported are found there.
+    #[arg(long, value_name = "DIR", default_value = "/proc")]
+    proc_dir: PathBuf,
     /// Inbound clients when no `PeerAuthentication` resource sets a mode for the workload: STRICT
     /// (mTLS only), PERMISSIVE (plaintext passes through) or DISABLE (everything passes through).
     #[arg(long, value_enum, default_value = "strict")]
@@ -596,6 +600,7 @@ impl RunArgs {
             allow_empty: self.allow_empty,
             kubernetes,
             cni_install: self.cni_conf_dir.map(|conf| (self.cni_bin_dir, conf)),
+            proc_dir: self.proc_dir,
             cni_socket: self.cni_socket,
         })
     }

@@ -447,3 +447,101 @@ fn in_kubernetes_mode_an_enrolled_pod_gets_its_pods_identity_and_the_apis_servic
     );
     assert!(d.log().contains(&flags), "{}", d.log());
 }
+
+#[test]
+fn pods_that_started_before_the_daemon_are_found_through_proc_and_enrolled() {
+    if !require_privileged() {
+        return;
+    }
+    use drover_tests::{
+        apiserver::{ISTIO, POD},
+        k8s::{Cluster, pod},
+    };
+    let bed = Bed::new(247, None);
+    // The plugin is not chained yet (as before the first daemon): pods start uncaptured.
+    bed.write_network();
+    let ip = |host: u8| format!("{}{host}", bed.prefix);
+    let (srv, cli) = (bed.pod("srv"), bed.pod("cli"));
+    let started = bed.start(
+        "srv",
+        10,
+        &[
+            "/bin/drover-testsrv",
+            "echo",
+            "--listen",
+            &format!("{}:7000", ip(10)),
+            "--name",
+            "srvpod",
+        ],
+    );
+    assert!(started.status.success(), "{}", text(&started));
+    let started = bed.start(
+        "cli",
+        11,
+        &[
+            "/bin/drover-testsrv",
+            "echo",
+            "--listen",
+            &format!("{}:7001", ip(11)),
+        ],
+    );
+    assert!(started.status.success(), "{}", text(&started));
+    assert!(
+        connect_from(&bed, "cli").contains("refused"),
+        "not captured yet"
+    );
+    // Their Pod objects on this node (podman names them in namespace `default`).
+    let mut cluster = Cluster::new(&ISTIO, "default", "echo", VIP, ("tcp-echo", 80, 7000));
+    cluster.add_pod(&srv, &[("app", "echo")], &ip(10));
+    cluster.api.apply(
+        POD,
+        pod(
+            "default",
+            &cli,
+            &[("app", "cli")],
+            "default",
+            "node1",
+            &ip(11),
+        ),
+    );
+    let kubeconfig = bed.dir.join("kubeconfig");
+    cluster.api.write_kubeconfig(&kubeconfig);
+    let pins = PinDir::new();
+    let d = Daemon::start(&[
+        "--kubernetes".to_string(),
+        "--kubeconfig".into(),
+        kubeconfig.display().to_string(),
+        "--node-name".into(),
+        "node1".into(),
+        "--pin-dir".into(),
+        pins.path.display().to_string(),
+        "--cni-socket".into(),
+        bed.socket.display().to_string(),
+        "--cni-conf-dir".into(),
+        bed.dir.join("net.d").display().to_string(),
+        "--cni-bin-dir".into(),
+        bed.dir.join("cni").display().to_string(),
+    ])
+    .expect("daemon starts");
+    // Found before the daemon said ready.
+    assert!(
+        d.log()
+            .contains("reconciled: pods found through /proc enrolled pods=2"),
+        "{}",
+        d.log()
+    );
+    let out = connect_from(&bed, "cli");
+    assert!(out.contains("hello from srvpod"), "{out}\n{}", d.log());
+    // Gone from the API server (the runtime's DEL never reaches the plugin for a pod set up
+    // without it): the next pass un-enrols it.
+    bed.remove("cli");
+    cluster.api.delete(POD, "default", &cli);
+    assert!(
+        d.wait_log(
+            &format!("pod un-enrolled pod=default/{cli}"),
+            drover::cni::reconcile::EVERY + Duration::from_secs(5)
+        ),
+        "{}",
+        d.log()
+    );
+}

@@ -1,0 +1,168 @@
+//! Reconciliation (Kubernetes mode): the pods of this node that the plugin never handed over
+//! (they started before the first daemon ran, or while the plugin was not chained) are found
+//! through `/proc` — the network namespace of a process that holds one of the pod's addresses,
+//! never the host's — and enrolled; enrolments whose pod has left the API server are removed.
+//! Runs once before the daemon reports ready, then every [`EVERY`].
+//!
+//! Invariants: a namespace is opened once per pass however many processes share it; pods of the
+//! excluded namespaces and host-network pods are never touched; an enrolment the plugin made is
+//! not removed before it is [`GRACE`] old (the kubelet writes a new pod's addresses to the API
+//! server only after the plugin's ADD). A pod enrolled here is removed by a pass, not by the
+//! plugin: runtimes tear a pod down with the network configuration it was set up with, which
+//! did not chain the plugin.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    os::unix::fs::MetadataExt,
+    path::PathBuf,
+    time::Duration,
+};
+
+use super::{Command, Enroller, Error, Request};
+use crate::{kubernetes::Feed, redirect::netns::NetNs};
+
+/// How often the node's pods are reconciled.
+pub const EVERY: Duration = Duration::from_secs(5);
+/// How old an enrolment must be before a missing Pod object removes it.
+pub const GRACE: Duration = Duration::from_secs(120);
+
+/// What a pass compares.
+pub struct Reconcile {
+    pub feed: Feed,
+    pub node: String,
+    /// The host's `/proc` (`/host/proc` in the DaemonSet).
+    pub proc_dir: PathBuf,
+    /// Namespaces never enrolled (the plugin's defaults).
+    pub excluded: Vec<String>,
+}
+
+impl Enroller {
+    /// One pass; the number of pods enrolled by it.
+    pub async fn reconcile(&self, r: &Reconcile) -> Result<usize, Error> {
+        let pods: Vec<_> = (r.feed.pods_on_node(&r.node).into_iter())
+            .filter(|(ns, _, ips)| !ips.is_empty() && !r.excluded.contains(ns))
+            .collect();
+        let live: HashSet<IpAddr> = pods.iter().flat_map(|(_, _, ips)| ips.clone()).collect();
+        self.forget_gone(&live);
+        let enrolled: HashSet<IpAddr> = self
+            .pods()
+            .values()
+            .flat_map(|p| p.addresses.clone())
+            .collect();
+        let missing: Vec<_> = pods
+            .into_iter()
+            .filter(|(_, _, ips)| !ips.iter().any(|ip| enrolled.contains(ip)))
+            .collect();
+        if missing.is_empty() {
+            return Ok(0);
+        }
+        let mut ready = Vec::new();
+        for (path, ns) in namespaces(r)? {
+            let Some((pod_ns, name, ips)) = missing
+                .iter()
+                .find(|(_, _, ips)| ips.iter().any(|ip| ns.addresses.contains(ip)))
+            else {
+                continue;
+            };
+            let req = Request {
+                command: Command::Add,
+                container_id: format!("reconciled:{pod_ns}/{name}"),
+                pod_namespace: pod_ns.clone(),
+                pod_name: name.clone(),
+                ips: ips.clone(),
+                netns: path.display().to_string(),
+            };
+            let fd = std::fs::File::open(&path).map_err(|source| Error::Netns {
+                netns: req.netns.clone(),
+                source,
+            })?;
+            if let Some(p) = self.prepare(&req, fd.into())? {
+                ready.push(p);
+            }
+        }
+        let found = ready.len();
+        if found > 0 {
+            self.reload.workloads_changed().await;
+            for p in ready {
+                self.activate(p, false);
+            }
+            self.sync_kernel()?;
+            tracing::info!(
+                pods = found,
+                "reconciled: pods found through /proc enrolled"
+            );
+        }
+        Ok(found)
+    }
+
+    /// Un-enrols the pods none of whose addresses a live pod has (the plugin's once older than
+    /// [`GRACE`]).
+    fn forget_gone(&self, live: &HashSet<IpAddr>) {
+        let gone: Vec<String> = self
+            .pods()
+            .iter()
+            .filter(|(_, p)| !p.persist || p.since.elapsed() > GRACE)
+            .filter(|(_, p)| !p.addresses.iter().any(|ip| live.contains(ip)))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in gone {
+            tracing::info!(container = %id, "reconciled: its pod is gone from the API server");
+            self.del(&id);
+        }
+    }
+
+    /// Reconciles every [`EVERY`] until the data path shuts down.
+    pub async fn keep_reconciling(self: std::sync::Arc<Self>, r: Reconcile) {
+        let shutdown = self.serve.shutdown.clone();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(EVERY) => {}
+            }
+            if let Err(e) = self.reconcile(&r).await {
+                tracing::warn!(error = %e, "reconciling the node's pods failed");
+            }
+        }
+    }
+}
+
+/// Every network namespace of the host's processes but the host's own, once each, opened.
+fn namespaces(r: &Reconcile) -> Result<Vec<(PathBuf, NetNs)>, Error> {
+    let home = NetNs::current().map_err(|source| Error::Netns {
+        netns: "host".into(),
+        source,
+    })?;
+    let host = std::fs::metadata(r.proc_dir.join("1/ns/net")).map(|m| (m.dev(), m.ino()));
+    let entries = std::fs::read_dir(&r.proc_dir).map_err(|source| Error::Netns {
+        netns: r.proc_dir.display().to_string(),
+        source,
+    })?;
+    let mut seen: HashMap<(u64, u64), ()> = HashMap::new();
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        if !e
+            .file_name()
+            .to_string_lossy()
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+        {
+            continue;
+        }
+        let path = e.path().join("ns/net");
+        // Processes come and go during the scan: a vanished one is skipped.
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        let key = (meta.dev(), meta.ino());
+        if host.as_ref().is_ok_and(|h| *h == key) || seen.insert(key, ()).is_some() {
+            continue;
+        }
+        if let Ok(ns) = NetNs::open(&path.display().to_string(), &home)
+            && !ns.is_home
+        {
+            out.push((path, ns));
+        }
+    }
+    Ok(out)
+}
