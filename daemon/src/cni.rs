@@ -587,3 +587,40 @@ pub fn request(
         ))
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_stale_socket_is_replaced_and_a_live_one_refused() {
+        let dir = std::env::temp_dir().join(format!("drover-cni-sock-{}", std::process::id()));
+        let path = dir.join("sub/cni.sock");
+        let first = bind(&path).expect("created with its directory");
+        // Another daemon listening: refused, and its socket left alone.
+        let e = bind(&path).unwrap_err().to_string();
+        assert!(e.contains("another daemon is listening"), "{e}");
+        assert!(UnixStream::connect(&path).is_ok());
+        // A socket file nobody answers on (a daemon that died): replaced.
+        drop(first);
+        assert!(path.exists());
+        let _second = bind(&path).expect("stale socket replaced");
+        assert!(UnixStream::connect(&path).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn workload_names_follow_kubernetes() {
+        let req = |ns: &str, pod: &str| Request {
+            command: Command::Add,
+            container_id: "c0ffee".into(),
+            pod_namespace: ns.into(),
+            pod_name: pod.into(),
+            ips: Vec::new(),
+            netns: String::new(),
+        };
+        assert_eq!(workload_name(&req("shop", "web-1")), "shop/web-1");
+        assert_eq!(workload_name(&req("", "web-1")), "default/web-1");
+        assert_eq!(workload_name(&req("shop", "")), "c0ffee");
+    }
+}

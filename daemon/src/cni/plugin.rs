@@ -325,6 +325,28 @@ mod tests {
     }
 
     #[test]
+    fn a_vanished_namespace_is_a_cni_error_naming_it() {
+        let vars = [
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "c1"),
+            ("CNI_NETNS", "/run/netns/gone-for-good"),
+        ];
+        let e = error(&run(&env(&vars), conf("").as_bytes()));
+        assert_eq!(e["code"], 999);
+        assert!(
+            e["msg"]
+                .as_str()
+                .unwrap()
+                .contains("/run/netns/gone-for-good"),
+            "{e}"
+        );
+        assert!(
+            e["details"].as_str().unwrap().contains("No such file"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn unchained_add_is_refused() {
         let vars = [
             ("CNI_COMMAND", "ADD"),
