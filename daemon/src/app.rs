@@ -87,7 +87,8 @@ pub struct Bound {
     tracker: TaskTracker,
     drain_timeout: Duration,
     _kernel: Option<Arc<Kernel>>,
-    _lock: Option<PinLock>,
+    /// Released early when a new daemon takes over (see [`crate::cni::handover`]).
+    _lock: Arc<std::sync::Mutex<Option<PinLock>>>,
 }
 
 /// Configuration could not be loaded: every problem, one per line.
@@ -108,6 +109,11 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
     for w in loaded.primary.warnings() {
         tracing::warn!("{w}");
     }
+    // A running daemon of the same CNI socket hands its sockets over and releases the lock.
+    let handed = match (&cfg.cni_socket, cfg.capture) {
+        (Some(path), CaptureMode::Ebpf) => crate::cni::handover::take(path)?,
+        _ => None,
+    };
     // One daemon per pin directory, decided before anything in it is touched.
     let lock = match cfg.capture {
         CaptureMode::Ebpf => Some(PinLock::acquire(&cfg.pin_dir)?),
@@ -119,7 +125,12 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
             .filter(|l| l.created)
             .map(|_| cfg.pin_dir.clone()),
     );
-    let bindings = Bindings::bind(&cfg).await?;
+    let shared_lock = Arc::new(std::sync::Mutex::new(lock));
+    let (handed_cni, handed_pods) = match handed {
+        Some(h) => (Some(h.cni), Some(h.pods)),
+        None => (None, None),
+    };
+    let bindings = Bindings::bind(&cfg, handed_cni).await?;
     sources.workloads = bindings.workloads(&cfg);
     let snapshots = loaded.resolve(&sources);
     let vips = snapshots.vips();
@@ -160,10 +171,12 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
             shutdown: shutdown.clone(),
             tracker: tracker.clone(),
         };
-        let enroller =
+        let mut enroller =
             crate::cni::Enroller::new(kernel.clone(), views.clone(), reload.clone(), serve)?;
+        enroller.lock = Some(shared_lock.clone());
         let api = early.api.clone();
-        start_cni(&cfg, enroller, (socket, bindings.cookies.clone()), api).await?;
+        let fixed = bindings.cookies.clone();
+        start_cni(&cfg, enroller, (socket, fixed), (api, handed_pods)).await?;
     }
     let ready = early.stop_with(&shutdown);
     let signals = Signals::install()?;
@@ -189,7 +202,7 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
         tracker,
         drain_timeout: cfg.drain_timeout,
         _kernel: kernel,
-        _lock: lock,
+        _lock: shared_lock,
     })
 }
 
@@ -235,8 +248,24 @@ impl Early {
         let stop = CancellationToken::new();
         let guard = stop.clone().drop_guard();
         if let Some(addr) = cfg.readiness {
-            let l = crate::admin::Admin::bind(addr).await?;
-            crate::admin::serve_readiness(l, ready.clone(), stop.clone());
+            match crate::admin::Admin::bind(addr).await {
+                Ok(l) => crate::admin::serve_readiness(l, ready.clone(), stop.clone()),
+                // The daemon this one takes over from holds it (host network): served once it
+                // retires; until then the probe is refused, which reads as not ready.
+                Err(_) if cfg.cni_socket.is_some() => {
+                    let (ready, stop) = (ready.clone(), stop.clone());
+                    tokio::spawn(async move {
+                        while !stop.is_cancelled() {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            if let Ok(l) = crate::admin::Admin::bind(addr).await {
+                                crate::admin::serve_readiness(l, ready, stop);
+                                return;
+                            }
+                        }
+                    });
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         let api = match &cfg.kubernetes {
             Some(k) => Some(watch_api(k, stop.clone()).await?),
@@ -461,7 +490,11 @@ impl Bindings {
         out
     }
 
-    async fn bind(cfg: &RunConfig) -> anyhow::Result<Self> {
+    /// `handed_cni`: the CNI socket a previous daemon handed over.
+    async fn bind(
+        cfg: &RunConfig,
+        handed_cni: Option<std::os::fd::OwnedFd>,
+    ) -> anyhow::Result<Self> {
         let home = NetNs::current().context("reading the daemon's network namespace")?;
         let mut served = Vec::new();
         for name in &cfg.netns {
@@ -513,15 +546,20 @@ impl Bindings {
             None => None,
         };
         let admin = match cfg.admin {
-            Some(addr) => Some(crate::admin::Admin::bind(addr).await?),
+            Some(addr) => Some(bind_when_free(addr, cfg.cni_socket.is_some()).await?),
             None => None,
         };
-        let cni = match &cfg.cni_socket {
-            Some(_) if cfg.capture != CaptureMode::Ebpf => {
+        let cni = match (&cfg.cni_socket, handed_cni) {
+            (Some(_), _) if cfg.capture != CaptureMode::Ebpf => {
                 anyhow::bail!("--cni-socket needs eBPF capture")
             }
-            Some(path) => Some(crate::cni::bind(path)?),
-            None => None,
+            (Some(_), Some(fd)) => {
+                let l = std::os::unix::net::UnixListener::from(fd);
+                l.set_nonblocking(true)?;
+                Some(tokio::net::UnixListener::from_std(l)?)
+            }
+            (Some(path), None) => Some(crate::cni::bind(path)?),
+            (None, _) => None,
         };
         Ok(Self {
             cookies,
@@ -539,7 +577,7 @@ async fn start_cni(
     cfg: &RunConfig,
     enroller: crate::cni::Enroller,
     (socket, fixed): (tokio::net::UnixListener, Vec<u64>),
-    api: Option<Feed>,
+    (api, handed): (Option<Feed>, Option<Vec<crate::cni::handover::HandedPod>>),
 ) -> anyhow::Result<()> {
     use crate::cni::{install, plugin::DEFAULT_EXCLUDED, reconcile::Reconcile};
     let path = cfg.cni_socket.clone().unwrap_or_default();
@@ -550,7 +588,9 @@ async fn start_cni(
         proc_dir: cfg.proc_dir.clone(),
         excluded: DEFAULT_EXCLUDED.iter().map(|s| s.to_string()).collect(),
     });
-    enroller.start((socket, &path), fixed, reconcile).await?;
+    enroller
+        .start((socket, &path), fixed, reconcile, handed)
+        .await?;
     if let Some((bin_dir, conf_dir)) = &cfg.cni_install {
         let entry = install::Entry {
             socket: path,
@@ -566,6 +606,23 @@ async fn start_cni(
         tokio::spawn(install::keep_chained(conf_dir.clone(), entry, shutdown));
     }
     Ok(())
+}
+
+/// Binds `addr`; with a handover (`retry`), waits up to 5 s for the retiring daemon to free it.
+async fn bind_when_free(
+    addr: std::net::SocketAddr,
+    retry: bool,
+) -> anyhow::Result<tokio::net::TcpListener> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match crate::admin::Admin::bind(addr).await {
+            Ok(l) => return Ok(l),
+            Err(_) if retry && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// Where original destinations come from, and the kernel side when capture is eBPF.

@@ -14,6 +14,7 @@
 //! kernel is always the start-time namespaces plus the live CNI pods; a reply is sent only once
 //! the enrolment is complete or has failed (and a failed one leaves nothing behind).
 
+pub mod handover;
 pub mod install;
 pub mod plugin;
 pub mod reconcile;
@@ -135,6 +136,10 @@ pub struct Enroller {
     pods: Mutex<BTreeMap<String, Enrolled>>,
     /// Where the enrolments are kept for the next daemon (beside the socket).
     state: Option<PathBuf>,
+    /// The pin directory's lock, released when this daemon hands over to a new one.
+    pub lock: Option<Arc<Mutex<Option<crate::redirect::loader::PinLock>>>>,
+    /// A copy of the CNI socket's fd, for a handover.
+    cni_fd: Mutex<Option<OwnedFd>>,
 }
 
 /// One enrolled pod.
@@ -150,6 +155,8 @@ struct Enrolled {
     since: std::time::Instant,
     /// Kept in the state file (not for pods reconciliation found: it finds them again).
     persist: bool,
+    /// Copies of the namespace's fd and its listeners' fds, for a handover.
+    fds: Vec<OwnedFd>,
 }
 
 /// A pod's namespace opened and its listeners bound, not serving yet.
@@ -179,6 +186,8 @@ impl Enroller {
             home: NetNs::current()?,
             pods: Mutex::default(),
             state: None,
+            lock: None,
+            cni_fd: Mutex::default(),
         })
     }
 
@@ -187,18 +196,35 @@ impl Enroller {
     /// the namespaces enrolled at start. Returns once the restored pods are served.
     /// With `reconcile` (Kubernetes mode), the node's pods the plugin never reported are found
     /// and enrolled too, before it returns and then periodically.
+    /// `handed`: the pods a previous daemon handed over (see [`handover`]), restored in place of
+    /// the state file's.
     pub async fn start(
         mut self,
         (socket, path): (tokio::net::UnixListener, &Path),
         fixed: Vec<u64>,
         reconcile: Option<reconcile::Reconcile>,
+        handed: Option<Vec<handover::HandedPod>>,
     ) -> Result<(), Error> {
+        use std::os::fd::AsFd;
         self.fixed = fixed;
         self.state = Some(path.with_file_name("pods.json"));
-        self.restore().await?;
+        let fd = socket
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| Error::Socket {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+        *self.cni_fd.lock().unwrap_or_else(|e| e.into_inner()) = Some(fd);
+        match handed {
+            Some(pods) => self.take_over(pods).await?,
+            None => self.restore().await?,
+        }
+        let handover = bind(&handover::path(path))?;
         let shutdown = self.serve.shutdown.clone();
         tracing::info!(socket = %path.display(), "enrolling pods through drover-cni");
         let me = Arc::new(self);
+        tokio::spawn(handover::serve(handover, me.clone()));
         if let Some(r) = reconcile {
             me.reconcile(&r).await?;
             tokio::spawn(me.clone().keep_reconciling(r));
@@ -223,7 +249,11 @@ impl Enroller {
         let mut ready = Vec::new();
         for req in saved {
             let opened = std::fs::File::open(&req.netns).map_err(|e| e.to_string());
-            match opened.and_then(|f| self.prepare(&req, f.into()).map_err(|e| e.to_string())) {
+            let prepared = opened.and_then(|f| {
+                self.prepare(&req, f.into(), None)
+                    .map_err(|e| e.to_string())
+            });
+            match prepared {
                 Ok(Some(p)) => ready.push(p),
                 Ok(None) => {}
                 Err(e) => {
@@ -279,7 +309,7 @@ impl Enroller {
         if self.pods().contains_key(&req.container_id) {
             return Ok(());
         }
-        let Some(prepared) = self.prepare(req, fd)? else {
+        let Some(prepared) = self.prepare(req, fd, None)? else {
             return Ok(());
         };
         // Its own snapshot (identity) before its first connect is captured.
@@ -293,9 +323,15 @@ impl Enroller {
         Ok(())
     }
 
-    /// Opens the namespace of `fd` and binds its listeners; the workload is added to the views
-    /// (its snapshot comes with the next reload). `None`: the host's namespace, never enrolled.
-    fn prepare(&self, req: &Request, fd: OwnedFd) -> Result<Option<Prepared>, Error> {
+    /// Opens the namespace of `fd` and binds its listeners (or takes `listeners`, handed over);
+    /// the workload is added to the views (its snapshot comes with the next reload). `None`: the
+    /// host's namespace, never enrolled.
+    fn prepare(
+        &self,
+        req: &Request,
+        fd: OwnedFd,
+        listeners: Option<Vec<tokio::net::TcpListener>>,
+    ) -> Result<Option<Prepared>, Error> {
         let name = workload_name(req);
         let ns = NetNs::from_fd(&name, fd, &self.home).map_err(|source| Error::Netns {
             netns: req.netns.clone(),
@@ -305,10 +341,13 @@ impl Enroller {
             tracing::info!(pod = %name, "host-network pod: not enrolled");
             return Ok(None);
         }
-        let listeners = proxy::bind_listeners(&ns).map_err(|source| Error::Listen {
-            netns: name.clone(),
-            source,
-        })?;
+        let listeners = match listeners {
+            Some(l) => l,
+            None => proxy::bind_listeners(&ns).map_err(|source| Error::Listen {
+                netns: name.clone(),
+                source,
+            })?,
+        };
         let ns = Arc::new(ns);
         let handle = self.views.add(Workload {
             netns: name.clone(),
@@ -326,7 +365,12 @@ impl Enroller {
 
     /// Serves a prepared pod's listeners and records it (`persist`: in the state file too).
     fn activate(&self, p: Prepared, persist: bool) {
+        use std::os::fd::AsFd;
         let stop = self.serve.shutdown.child_token();
+        let copies = std::iter::once(p.ns.as_fd())
+            .chain(p.listeners.iter().map(AsFd::as_fd))
+            .filter_map(|fd| fd.try_clone_to_owned().ok())
+            .collect();
         for l in p.listeners {
             let proxy = Proxy::new(
                 p.handle.clone(),
@@ -350,9 +394,64 @@ impl Enroller {
             addresses: p.ns.addresses.clone(),
             since: std::time::Instant::now(),
             persist,
+            fds: copies,
         };
         self.pods()
             .insert(enrolled.req.container_id.clone(), enrolled);
+    }
+
+    /// Re-enrols the pods a previous daemon handed over, on the sockets it used, in one reload.
+    async fn take_over(&self, pods: Vec<handover::HandedPod>) -> Result<(), Error> {
+        let mut ready = Vec::new();
+        for pod in pods {
+            let listeners = (pod.listeners.into_iter())
+                .map(|fd| {
+                    let l = std::net::TcpListener::from(fd);
+                    l.set_nonblocking(true)?;
+                    tokio::net::TcpListener::from_std(l)
+                })
+                .collect::<std::io::Result<Vec<_>>>()
+                .map_err(|source| Error::Listen {
+                    netns: workload_name(&pod.req),
+                    source,
+                })?;
+            if let Some(p) = self.prepare(&pod.req, pod.netns, Some(listeners))? {
+                ready.push((p, pod.persist));
+            }
+        }
+        let n = ready.len();
+        self.reload.workloads_changed().await;
+        for (p, persist) in ready {
+            self.activate(p, persist);
+        }
+        self.sync_kernel()?;
+        self.save();
+        tracing::info!(pods = n, "pods taken over on their sockets");
+        Ok(())
+    }
+
+    /// Every pod with copies of its namespace's and listeners' fds (for a handover).
+    fn handover_list(&self) -> std::io::Result<Vec<(Request, bool, Vec<OwnedFd>)>> {
+        (self.pods().values())
+            .map(|p| {
+                let fds = (p.fds.iter())
+                    .map(OwnedFd::try_clone)
+                    .collect::<std::io::Result<Vec<_>>>()?;
+                Ok((p.req.clone(), p.persist, fds))
+            })
+            .collect()
+    }
+
+    /// Stops serving (the data path's listeners close, open connections finish) and releases
+    /// the pin directory's lock; the CNI socket's fd for the new daemon.
+    fn retire(&self) -> std::io::Result<OwnedFd> {
+        let cni = (self.cni_fd.lock().unwrap_or_else(|e| e.into_inner()).take())
+            .ok_or_else(|| std::io::Error::other("no CNI socket to hand over"))?;
+        self.serve.shutdown.cancel();
+        if let Some(lock) = &self.lock {
+            drop(lock.lock().unwrap_or_else(|e| e.into_inner()).take());
+        }
+        Ok(cni)
     }
 
     /// Writes the enrolments for the next daemon (atomically; a failure is logged).
@@ -478,7 +577,8 @@ fn exchange(
     stream
         .set_write_timeout(Some(EXCHANGE_TIMEOUT))
         .map_err(io)?;
-    let (line, fd) = receive(&mut stream)?;
+    let (line, fds) = read_message(&mut stream)?;
+    let fd = fds.into_iter().next();
     let outcome = match serde_json::from_slice::<Request>(&line) {
         Ok(req) => {
             tracing::debug!(?req, "CNI request");
@@ -496,17 +596,19 @@ fn exchange(
             error: Some(e.to_string()),
         },
     };
-    let mut out = serde_json::to_vec(&reply).unwrap_or_default();
-    out.push(b'\n');
-    stream.write_all(&out).map_err(io)?;
+    send_message(&mut stream, &reply, &[]).map_err(io)?;
     outcome
 }
 
-/// One newline-terminated message and the fd attached to it, if any.
-fn receive(stream: &mut UnixStream) -> Result<(Vec<u8>, Option<OwnedFd>), Error> {
+/// The most descriptors one message carries (a pod's namespace and its listeners).
+const MAX_FDS: usize = 4;
+
+/// Reads one newline-terminated message and the descriptors attached to it. Senders never send
+/// a message before the previous one was answered, so a read never takes the next one's bytes.
+pub fn read_message(stream: &mut UnixStream) -> Result<(Vec<u8>, Vec<OwnedFd>), Error> {
     let mut buf = vec![0u8; 8192];
-    let mut cmsg = nix::cmsg_space!([RawFd; 1]);
-    let (n, fd) = {
+    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let (n, fds) = {
         let mut iov = [IoSliceMut::new(&mut buf)];
         let msg = recvmsg::<()>(
             stream.as_raw_fd(),
@@ -515,53 +617,49 @@ fn receive(stream: &mut UnixStream) -> Result<(Vec<u8>, Option<OwnedFd>), Error>
             MsgFlags::MSG_CMSG_CLOEXEC,
         )
         .map_err(|e| Error::Read(e.to_string()))?;
-        let mut fd = None;
+        let mut fds = Vec::new();
         for c in msg.cmsgs().map_err(|e| Error::Read(e.to_string()))? {
-            if let ControlMessageOwned::ScmRights(fds) = c {
-                for raw in fds {
+            if let ControlMessageOwned::ScmRights(raw) = c {
+                for raw in raw {
                     // SAFETY: the kernel just installed `raw` in this process for us; nothing
                     // else owns it.
                     #[expect(unsafe_code, reason = "SCM_RIGHTS yields raw descriptors")]
-                    let owned = unsafe { OwnedFd::from_raw_fd(raw) };
-                    fd.get_or_insert(owned);
+                    fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
                 }
             }
         }
-        (msg.bytes, fd)
+        (msg.bytes, fds)
     };
     buf.truncate(n);
     while !buf.ends_with(b"\n") {
         if buf.len() > MAX_REQUEST {
-            return Err(Error::Read(format!("request over {MAX_REQUEST} bytes")));
+            return Err(Error::Read(format!("message over {MAX_REQUEST} bytes")));
         }
         let mut more = [0u8; 4096];
         let n = stream
             .read(&mut more)
             .map_err(|e| Error::Read(e.to_string()))?;
         if n == 0 {
-            return Err(Error::Read(
-                "the plugin closed before a full request".into(),
-            ));
+            return Err(Error::Read("the peer closed before a full message".into()));
         }
         buf.extend_from_slice(&more[..n]);
     }
     buf.pop();
-    Ok((buf, fd))
+    Ok((buf, fds))
 }
 
-/// Sends one request (with `fd` attached) over `stream` and reads the reply (the plugin side).
-pub fn request(
+/// Sends `value` as one JSON line with `fds` attached.
+pub fn send_message(
     stream: &mut UnixStream,
-    req: &Request,
-    fd: Option<&OwnedFd>,
-) -> std::io::Result<Reply> {
-    let mut line = serde_json::to_vec(req).map_err(std::io::Error::other)?;
+    value: &impl Serialize,
+    fds: &[RawFd],
+) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(value).map_err(std::io::Error::other)?;
     line.push(b'\n');
-    let raw: Vec<RawFd> = fd.iter().map(|f| f.as_raw_fd()).collect();
-    let cmsgs: Vec<ControlMessage<'_>> = if raw.is_empty() {
+    let cmsgs: Vec<ControlMessage<'_>> = if fds.is_empty() {
         Vec::new()
     } else {
-        vec![ControlMessage::ScmRights(&raw)]
+        vec![ControlMessage::ScmRights(fds)]
     };
     let sent = sendmsg::<()>(
         stream.as_raw_fd(),
@@ -571,15 +669,18 @@ pub fn request(
         None,
     )
     .map_err(std::io::Error::from)?;
-    stream.write_all(&line[sent..])?;
-    let mut reply = Vec::new();
-    let mut byte = [0u8; 1];
-    while stream.read(&mut byte)? == 1 && byte[0] != b'\n' {
-        reply.push(byte[0]);
-        if reply.len() > MAX_REQUEST {
-            return Err(std::io::Error::other("reply too long"));
-        }
-    }
+    stream.write_all(&line[sent..])
+}
+
+/// Sends one request (with `fd` attached) over `stream` and reads the reply (the plugin side).
+pub fn request(
+    stream: &mut UnixStream,
+    req: &Request,
+    fd: Option<&OwnedFd>,
+) -> std::io::Result<Reply> {
+    let raw: Vec<RawFd> = fd.iter().map(|f| f.as_raw_fd()).collect();
+    send_message(stream, req, &raw)?;
+    let (reply, _) = read_message(stream).map_err(std::io::Error::other)?;
     serde_json::from_slice(&reply).map_err(|e| {
         std::io::Error::other(format!(
             "unreadable reply {:?}: {e}",

@@ -545,3 +545,74 @@ fn pods_that_started_before_the_daemon_are_found_through_proc_and_enrolled() {
         d.log()
     );
 }
+
+#[test]
+fn an_upgrade_hands_the_sockets_over_without_a_failed_connection() {
+    if !require_privileged() {
+        return;
+    }
+    let bed = Bed::new(248, None);
+    let pins = PinDir::new();
+    let old = daemon(&bed, &pins);
+    let listen = |host: u8, port: u16| format!("{}{host}:{port}", bed.prefix);
+    let srv = bed.start(
+        "srv",
+        10,
+        &[
+            "/bin/drover-testsrv",
+            "echo",
+            "--listen",
+            &listen(10, 7000),
+            "--name",
+            "srvpod",
+        ],
+    );
+    assert!(srv.status.success(), "{}", text(&srv));
+    let cli = bed.start(
+        "cli",
+        11,
+        &["/bin/drover-testsrv", "echo", "--listen", &listen(11, 7001)],
+    );
+    assert!(cli.status.success(), "{}", text(&cli));
+    assert!(greeted_from(&bed, "cli").contains("hello from srvpod"));
+    // Load from the pod (connect, request, close, one after the other; the probe stops at the
+    // first failure) while the new daemon takes over and the old one is stopped.
+    let load = std::thread::scope(|s| {
+        let load = s.spawn(|| {
+            text(&bed.exec(
+                "cli",
+                &[
+                    "/bin/drover-probe",
+                    "crr",
+                    &format!("{VIP}:80"),
+                    "--count",
+                    "1000000",
+                    "--max-secs",
+                    "6",
+                ],
+            ))
+        });
+        std::thread::sleep(Duration::from_secs(1));
+        let new = daemon(&bed, &pins);
+        assert!(
+            new.log()
+                .contains("took over from the running daemon pods=2"),
+            "{}",
+            new.log()
+        );
+        assert!(old.wait_log("handed over to the new daemon", Duration::from_secs(5)));
+        std::thread::sleep(Duration::from_secs(1));
+        drop(old);
+        let out = load.join().expect("load thread");
+        (out, new)
+    });
+    let (out, new) = load;
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_default();
+    assert!(
+        v.get("error").is_none() && v["n"].as_u64() > Some(100),
+        "{out}\n{}",
+        new.log()
+    );
+    // The new daemon serves the pods on the sockets it was handed.
+    assert!(connect_from(&bed, "cli").contains("hello from srvpod"));
+}

@@ -77,7 +77,7 @@ impl Enroller {
                 netns: req.netns.clone(),
                 source,
             })?;
-            if let Some(p) = self.prepare(&req, fd.into())? {
+            if let Some(p) = self.prepare(&req, fd.into(), None)? {
                 ready.push(p);
             }
         }
