@@ -109,16 +109,7 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
     for w in loaded.primary.warnings() {
         tracing::warn!("{w}");
     }
-    // A running daemon of the same CNI socket hands its sockets over and releases the lock.
-    let handed = match (&cfg.cni_socket, cfg.capture) {
-        (Some(path), CaptureMode::Ebpf) => crate::cni::handover::take(path)?,
-        _ => None,
-    };
-    // One daemon per pin directory, decided before anything in it is touched.
-    let lock = match cfg.capture {
-        CaptureMode::Ebpf => Some(PinLock::acquire(&cfg.pin_dir)?),
-        CaptureMode::Iptables => None,
-    };
+    let (lock, handed) = lock_pins(&cfg)?;
     // Removes what this start pinned if it fails from here on (disarmed on success).
     let mut rollback = Rollback(
         lock.as_ref()
@@ -126,10 +117,7 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
             .map(|_| cfg.pin_dir.clone()),
     );
     let shared_lock = Arc::new(std::sync::Mutex::new(lock));
-    let (handed_cni, handed_pods) = match handed {
-        Some(h) => (Some(h.cni), Some(h.pods)),
-        None => (None, None),
-    };
+    let (handed_cni, handed_pods) = handed.map(|h| (h.cni, h.pods)).unzip();
     let bindings = Bindings::bind(&cfg, handed_cni).await?;
     sources.workloads = bindings.workloads(&cfg);
     let snapshots = loaded.resolve(&sources);
@@ -606,6 +594,21 @@ async fn start_cni(
         tokio::spawn(install::keep_chained(conf_dir.clone(), entry, shutdown));
     }
     Ok(())
+}
+
+/// One daemon per pin directory, decided before anything in it is touched; a running daemon of
+/// the same CNI socket first hands its sockets over and releases the lock.
+fn lock_pins(
+    cfg: &RunConfig,
+) -> anyhow::Result<(Option<PinLock>, Option<crate::cni::handover::Handed>)> {
+    if cfg.capture != CaptureMode::Ebpf {
+        return Ok((None, None));
+    }
+    let handed = match &cfg.cni_socket {
+        Some(path) => crate::cni::handover::take(path)?,
+        None => None,
+    };
+    Ok((Some(PinLock::acquire(&cfg.pin_dir)?), handed))
 }
 
 /// Binds `addr`; with a handover (`retry`), waits up to 5 s for the retiring daemon to free it.
