@@ -712,13 +712,26 @@ impl Daemon {
                 Some(free)
             }
         };
-        let mut child = Command::new(bin("drover"))
-            .arg("run")
+        let mut cmd = Command::new(bin("drover"));
+        cmd.arg("run")
             .args(&args)
-            .env(
-                "RUST_LOG",
-                std::env::var("DROVER_TEST_LOG").unwrap_or_else(|_| "info,drover=debug".into()),
-            )
+            .env("RUST_LOG", Self::log_filter());
+        Self::spawn(cmd, admin, within)
+    }
+
+    /// The daemon's log filter in tests (`DROVER_TEST_LOG`).
+    pub fn log_filter() -> String {
+        std::env::var("DROVER_TEST_LOG").unwrap_or_else(|_| "info,drover=debug".into())
+    }
+
+    /// Starts `cmd` (a daemon, however it is run: its log on stderr) and waits at most `within`
+    /// for it to be ready; `admin` is where its admin API listens.
+    pub fn spawn(
+        mut cmd: Command,
+        admin: Option<SocketAddr>,
+        within: Duration,
+    ) -> Result<Self, (Option<i32>, String)> {
+        let mut child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

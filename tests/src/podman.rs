@@ -27,6 +27,8 @@ pub struct Bed {
     pub socket: PathBuf,
     pub image: String,
     containers: std::sync::Mutex<Vec<String>>,
+    /// Images built beside the pods' own.
+    images: std::sync::Mutex<Vec<String>>,
 }
 
 impl Bed {
@@ -61,6 +63,7 @@ impl Bed {
             socket,
             image,
             containers: std::sync::Mutex::default(),
+            images: std::sync::Mutex::default(),
         };
         bed.write_network();
         // `drover cni install` chains the plugin, as the DaemonSet's daemon does.
@@ -189,6 +192,9 @@ impl Drop for Bed {
             self.remove_container(&name);
         }
         let _ = self.podman(&["rmi", "-f", &self.image]);
+        for image in std::mem::take(&mut *self.images.lock().unwrap_or_else(|e| e.into_inner())) {
+            let _ = self.podman(&["rmi", "-f", &image]);
+        }
         let _ = Command::new("ip")
             .args(["link", "del", &self.bridge])
             .output();
@@ -197,14 +203,79 @@ impl Drop for Bed {
     }
 }
 
+impl Bed {
+    /// `drover run ARGS` from an image of the daemon (as `cargo xtask image` lays it out) in a
+    /// container set up as `deploy/kubernetes/daemonset.yaml` sets up the pod: host network,
+    /// read-only root, every capability dropped but the DaemonSet's, bpffs (shared), cgroup2,
+    /// the host's `/proc` at `/host/proc`, the network namespaces, and `shared` (paths mounted
+    /// at the same place, so that the socket path the daemon writes into the conflist and the
+    /// state file's paths mean the same inside and out).
+    pub fn daemon_in_container(&self, args: &[String], shared: &[&Path]) -> Command {
+        let image = format!("localhost/drover-test-daemon:{}", self.id);
+        build_image_of(
+            &self.dir.join("daemon-rootfs"),
+            &image,
+            &["drover", "drover-cni"],
+            "/usr/local/bin",
+        );
+        self.containers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(format!("drover-{}", self.id));
+        self.images
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(image.clone());
+        let mut c = Command::new("podman");
+        c.env("CONTAINERS_CONF", self.dir.join("containers.conf"));
+        c.args(["run", "--rm", "--name", &format!("drover-{}", self.id)]);
+        c.args(["--entrypoint", "/usr/local/bin/drover"]);
+        c.args(["--network", "host", "--read-only", "--cap-drop", "ALL"]);
+        for cap in [
+            "BPF",
+            "PERFMON",
+            "NET_ADMIN",
+            "SYS_ADMIN",
+            "SYS_PTRACE",
+            "SYS_RESOURCE",
+        ] {
+            c.args(["--cap-add", cap]);
+        }
+        c.args(["-v", "/sys/fs/bpf:/sys/fs/bpf:rshared"]);
+        c.args(["-v", "/sys/fs/cgroup:/sys/fs/cgroup"]);
+        c.args(["-v", "/proc:/host/proc:ro"]);
+        c.args(["-v", "/run/netns:/run/netns:rslave"]);
+        for p in shared {
+            c.args(["-v", &format!("{0}:{0}", p.display())]);
+        }
+        c.args(["-e", &format!("RUST_LOG={}", crate::Daemon::log_filter())]);
+        c.args([image.as_str(), "run", "--proc-dir", "/host/proc"]);
+        c.args(args);
+        c
+    }
+}
+
 /// Builds `image` from scratch: the test binaries (stripped) and the libraries they load.
 fn build_image(dir: &Path, image: &str) {
-    let root = dir.join("rootfs");
-    for sub in ["bin", "lib/x86_64-linux-gnu", "lib64"] {
+    build_image_of(
+        &dir.join("rootfs"),
+        image,
+        &["drover-probe", "drover-testsrv"],
+        "/bin",
+    );
+}
+
+/// Builds `image` from scratch: `binaries` (stripped) in `bin`, and the libraries they load.
+fn build_image_of(root: &Path, image: &str, binaries: &[&str], bin_dir: &str) {
+    for sub in [
+        bin_dir.trim_start_matches('/'),
+        "lib/x86_64-linux-gnu",
+        "lib64",
+    ] {
         std::fs::create_dir_all(root.join(sub)).expect("rootfs");
     }
-    for b in ["drover-probe", "drover-testsrv"] {
-        let out = root.join("bin").join(b);
+    for b in binaries {
+        let out = root.join(bin_dir.trim_start_matches('/')).join(b);
         sh(&[
             "strip",
             "-o",

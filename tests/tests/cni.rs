@@ -616,3 +616,57 @@ fn an_upgrade_hands_the_sockets_over_without_a_failed_connection() {
     // The new daemon serves the pods on the sockets it was handed.
     assert!(connect_from(&bed, "cli").contains("hello from srvpod"));
 }
+
+#[test]
+fn the_daemon_runs_from_its_image_with_the_daemonsets_capabilities_and_mounts() {
+    if !require_privileged() {
+        return;
+    }
+    let bed = Bed::new(249, None);
+    let pins = PinDir::new();
+    let cfg = write_config(&service(&bed));
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap();
+    let dir = |p: &str| bed.dir.join(p).display().to_string();
+    let mut args = drover_tests::args(
+        &cfg,
+        &pins,
+        &[
+            "--cni-socket",
+            &bed.socket.display().to_string(),
+            "--cni-conf-dir",
+            &dir("net.d"),
+            "--cni-bin-dir",
+            &dir("cni"),
+        ],
+    );
+    args.extend(["--admin".to_string(), admin.to_string()]);
+    let cmd = bed.daemon_in_container(&args, &[&bed.dir, cfg.parent().unwrap()]);
+    let d = Daemon::spawn(cmd, Some(admin), Duration::from_secs(60)).expect("daemon starts");
+    let _srv = bed.start(
+        "srv",
+        10,
+        &[
+            "/bin/drover-testsrv",
+            "echo",
+            "--listen",
+            &format!("{}10:7000", bed.prefix),
+            "--name",
+            "srvpod",
+        ],
+    );
+    let out = first_connect(&bed, "cli", 11);
+    assert!(
+        text(&out).contains("hello from srvpod"),
+        "{}\n{}",
+        text(&out),
+        d.log()
+    );
+    assert!(
+        d.log()
+            .contains(&format!("pod enrolled pod=default/{}", bed.pod("cli"))),
+        "{}",
+        d.log()
+    );
+}
