@@ -670,3 +670,45 @@ fn the_daemon_runs_from_its_image_with_the_daemonsets_capabilities_and_mounts() 
         d.log()
     );
 }
+
+#[test]
+fn a_host_network_namespace_is_never_enrolled() {
+    if !require_privileged() {
+        return;
+    }
+    use drover::cni::{Command, Request, request};
+    let dir = std::env::temp_dir().join(format!("drover-hostnet-{}", drover_tests::unique_id()));
+    let socket = dir.join("cni.sock");
+    let pins = PinDir::new();
+    let cfg = write_config("");
+    let d = Daemon::start(&drover_tests::args(
+        &cfg,
+        &pins,
+        &[
+            "--allow-empty",
+            "--cni-socket",
+            &socket.display().to_string(),
+        ],
+    ))
+    .expect("daemon starts");
+    // What a runtime would send for a host-network pod: the host's own namespace.
+    let ask = |command: Command| {
+        let mut stream = std::os::unix::net::UnixStream::connect(&socket).expect("socket");
+        let fd: std::os::fd::OwnedFd = std::fs::File::open("/proc/self/ns/net").unwrap().into();
+        let req = Request {
+            command,
+            container_id: "hostnet".into(),
+            pod_namespace: "shop".into(),
+            pod_name: "on-the-host".into(),
+            ips: Vec::new(),
+            netns: "/proc/self/ns/net".into(),
+        };
+        request(&mut stream, &req, Some(&fd)).expect("reply")
+    };
+    assert!(ask(Command::Add).ok, "ADD succeeds (the pod may start)");
+    assert!(d.wait_log("host-network pod: not enrolled", Duration::from_secs(3)));
+    let check = ask(Command::Check);
+    assert!(!check.ok, "nothing enrolled: {check:?}");
+    assert!(!d.log().contains("pod enrolled"), "{}", d.log());
+    let _ = std::fs::remove_dir_all(&dir);
+}
