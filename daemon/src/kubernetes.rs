@@ -71,6 +71,15 @@ pub enum Error {
 /// `(namespace, name)`.
 type Key = (String, String);
 
+/// A pod of this node, as reconciliation needs it.
+#[derive(Clone, Debug)]
+pub struct NodePod {
+    pub namespace: String,
+    pub name: String,
+    pub ips: Vec<std::net::IpAddr>,
+    pub uid: Option<String>,
+}
+
 /// What the watchers have seen, shared with the reloader. Cheap to clone.
 #[derive(Clone)]
 pub struct Feed {
@@ -398,9 +407,8 @@ impl Feed {
             .map(|((ns, name), p)| (ns.clone(), name.clone(), p.clone()))
     }
 
-    /// The live pods of node `node` that have their own network (not host-network, not ended),
-    /// as (namespace, name, addresses).
-    pub fn pods_on_node(&self, node: &str) -> Vec<(String, String, Vec<std::net::IpAddr>)> {
+    /// The live pods of node `node` that have their own network (not host-network, not ended).
+    pub fn pods_on_node(&self, node: &str) -> Vec<NodePod> {
         let s = self.state();
         s.pods
             .iter()
@@ -409,9 +417,11 @@ impl Feed {
                     && !p.host_network
                     && !matches!(p.phase.as_deref(), Some("Succeeded" | "Failed"))
             })
-            .map(|((ns, name), p)| {
-                let ips = p.ips.iter().filter_map(|ip| ip.parse().ok()).collect();
-                (ns.clone(), name.clone(), ips)
+            .map(|((ns, name), p)| NodePod {
+                namespace: ns.clone(),
+                name: name.clone(),
+                ips: p.ips.iter().filter_map(|ip| ip.parse().ok()).collect(),
+                uid: p.uid.clone(),
             })
             .collect()
     }

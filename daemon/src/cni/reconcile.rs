@@ -1,7 +1,8 @@
 //! Reconciliation (Kubernetes mode): the pods of this node that the plugin never handed over
 //! (they started before the first daemon ran, or while the plugin was not chained) are found
 //! through `/proc` — the network namespace of a process that holds one of the pod's addresses,
-//! never the host's — and enrolled; enrolments whose pod has left the API server are removed.
+//! never the host's, and whose cgroup names no other pod (the kubelet names a pod's cgroup
+//! `pod<uid>`; a runtime that does not is trusted on the address) — and enrolled; enrolments whose pod has left the API server are removed.
 //! Runs once before the daemon reports ready, then every [`EVERY`].
 //!
 //! Invariants: a namespace is opened once per pass however many processes share it; pods of the
@@ -15,7 +16,7 @@ use std::{
     collections::{HashMap, HashSet},
     net::IpAddr,
     os::unix::fs::MetadataExt,
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::Duration,
 };
 
@@ -41,9 +42,9 @@ impl Enroller {
     /// One pass; the number of pods enrolled by it.
     pub async fn reconcile(&self, r: &Reconcile) -> Result<usize, Error> {
         let pods: Vec<_> = (r.feed.pods_on_node(&r.node).into_iter())
-            .filter(|(ns, _, ips)| !ips.is_empty() && !r.excluded.contains(ns))
+            .filter(|p| !p.ips.is_empty() && !r.excluded.contains(&p.namespace))
             .collect();
-        let live: HashSet<IpAddr> = pods.iter().flat_map(|(_, _, ips)| ips.clone()).collect();
+        let live: HashSet<IpAddr> = pods.iter().flat_map(|p| p.ips.clone()).collect();
         self.forget_gone(&live);
         let enrolled: HashSet<IpAddr> = self
             .pods()
@@ -52,25 +53,33 @@ impl Enroller {
             .collect();
         let missing: Vec<_> = pods
             .into_iter()
-            .filter(|(_, _, ips)| !ips.iter().any(|ip| enrolled.contains(ip)))
+            .filter(|p| !p.ips.iter().any(|ip| enrolled.contains(ip)))
             .collect();
         if missing.is_empty() {
             return Ok(0);
         }
         let mut ready = Vec::new();
         for (path, ns) in namespaces(r)? {
-            let Some((pod_ns, name, ips)) = missing
+            let Some(pod) = missing
                 .iter()
-                .find(|(_, _, ips)| ips.iter().any(|ip| ns.addresses.contains(ip)))
+                .find(|p| p.ips.iter().any(|ip| ns.addresses.contains(ip)))
             else {
                 continue;
             };
+            let process = path.parent().and_then(Path::parent);
+            let cgroup = process
+                .and_then(|p| std::fs::read_to_string(p.join("cgroup")).ok())
+                .unwrap_or_default();
+            if names_another_pod(&cgroup, pod.uid.as_deref()) {
+                tracing::warn!(pod = %format!("{}/{}", pod.namespace, pod.name), netns = %path.display(), "a namespace holds the pod's address but its process belongs to another pod; not enrolled");
+                continue;
+            }
             let req = Request {
                 command: Command::Add,
-                container_id: format!("reconciled:{pod_ns}/{name}"),
-                pod_namespace: pod_ns.clone(),
-                pod_name: name.clone(),
-                ips: ips.clone(),
+                container_id: format!("reconciled:{}/{}", pod.namespace, pod.name),
+                pod_namespace: pod.namespace.clone(),
+                pod_name: pod.name.clone(),
+                ips: pod.ips.clone(),
                 netns: path.display().to_string(),
             };
             let fd = std::fs::File::open(&path).map_err(|source| Error::Netns {
@@ -127,6 +136,27 @@ impl Enroller {
     }
 }
 
+/// Whether `cgroup` (a `/proc/<pid>/cgroup`) names a kubelet pod other than the one of `uid`:
+/// the kubelet's cgroups carry `pod<uid>`, with `_` for `-` under the systemd driver. A cgroup
+/// that names no pod (another runtime) or a pod without a uid says nothing.
+fn names_another_pod(cgroup: &str, uid: Option<&str>) -> bool {
+    let Some(uid) = uid else { return false };
+    // Every `pod` that starts a path or name component (`/pod…`, `-pod…`) followed by a uid's
+    // 36 characters (hex and dashes, or underscores).
+    let named: Vec<String> = cgroup
+        .match_indices("pod")
+        .filter(|(i, _)| *i == 0 || matches!(cgroup.as_bytes()[i - 1], b'/' | b'-'))
+        .filter_map(|(i, _)| cgroup.get(i + 3..i + 3 + 36))
+        .filter(|w| w.as_bytes()[0].is_ascii_hexdigit())
+        .filter(|w| {
+            w.bytes()
+                .all(|b| b.is_ascii_hexdigit() || b == b'-' || b == b'_')
+        })
+        .map(|w| w.replace('_', "-"))
+        .collect();
+    !named.is_empty() && !named.iter().any(|w| w == uid)
+}
+
 /// Every network namespace of the host's processes but the host's own, once each, opened.
 fn namespaces(r: &Reconcile) -> Result<Vec<(PathBuf, NetNs)>, Error> {
     let home = NetNs::current().map_err(|source| Error::Netns {
@@ -165,4 +195,29 @@ fn namespaces(r: &Reconcile) -> Result<Vec<(PathBuf, NetNs)>, Error> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::names_another_pod;
+
+    const UID: &str = "6a1f4e5c-7b2d-4c3e-9f10-0123456789ab";
+
+    #[test]
+    fn the_kubelets_cgroup_names_decide_and_others_say_nothing() {
+        let cgroupfs = format!("0::/kubepods/burstable/pod{UID}/0123abcd\n");
+        let systemd = format!(
+            "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-0123.scope\n",
+            UID.replace('-', "_")
+        );
+        assert!(!names_another_pod(&cgroupfs, Some(UID)));
+        assert!(!names_another_pod(&systemd, Some(UID)));
+        let other = "6a1f4e5c-7b2d-4c3e-9f10-ffffffffffff";
+        assert!(names_another_pod(&cgroupfs, Some(other)));
+        assert!(names_another_pod(&systemd, Some(other)));
+        // podman's (no pod named) and a pod without a uid: the address decides.
+        let podman = "0::/machine.slice/libpod-0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef.scope\n";
+        assert!(!names_another_pod(podman, Some(UID)));
+        assert!(!names_another_pod(&cgroupfs, None));
+    }
 }

@@ -38,6 +38,8 @@ pub struct PodInfo {
     pub ips: Vec<String>,
     pub phase: Option<String>,
     pub host_network: bool,
+    /// `metadata.uid` (the kubelet names the pod's cgroup after it).
+    pub uid: Option<String>,
 }
 
 /// A `ServiceEntry` derived from a `Service`, or why none is.
@@ -69,6 +71,7 @@ pub fn pod_info(pod: &Pod) -> PodInfo {
             .unwrap_or_default(),
         phase: status.and_then(|s| s.phase.clone()),
         host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+        uid: pod.metadata.uid.clone(),
     }
 }
 
