@@ -63,6 +63,35 @@ fn text(out: &std::process::Output) -> String {
     )
 }
 
+/// Starts the service's server pod at `.10`: an echo server on 7000 that greets as `srvpod`.
+fn start_server(bed: &Bed) {
+    let listen = format!("{}10:7000", bed.prefix);
+    let out = bed.start(
+        "srv",
+        10,
+        &[
+            "/bin/drover-testsrv",
+            "echo",
+            "--listen",
+            &listen,
+            "--name",
+            "srvpod",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+/// Starts pod `name` at `.host` that only stays up (a server nobody calls).
+fn start_idle(bed: &Bed, name: &str, host: u8) {
+    let listen = format!("{}{host}:7001", bed.prefix);
+    let out = bed.start(
+        name,
+        host,
+        &["/bin/drover-testsrv", "echo", "--listen", &listen],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+}
+
 /// Network namespaces the process `pid` holds open.
 fn netns_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -84,19 +113,7 @@ fn a_new_pods_first_connect_is_captured_and_a_deleted_pod_is_unenrolled() {
     let d = daemon(&bed, &pins);
     let pid = d.pid().expect("daemon pid");
     let before = netns_fds(pid);
-    let server = bed.start(
-        "srv",
-        10,
-        &[
-            "/bin/drover-testsrv",
-            "echo",
-            "--listen",
-            &format!("{}10:7000", bed.prefix),
-            "--name",
-            "srvpod",
-        ],
-    );
-    assert!(server.status.success(), "{}", text(&server));
+    start_server(&bed);
     assert!(d.wait_log(
         &format!("pod enrolled pod=default/{}", bed.pod("srv")),
         Duration::from_secs(5)
@@ -149,16 +166,7 @@ fn without_the_daemon_pods_fail_to_start_with_the_plugins_message_then_start_onc
     );
     let pins = PinDir::new();
     let _d = daemon(&bed, &pins);
-    let _server = bed.start(
-        "srv",
-        10,
-        &[
-            "/bin/drover-testsrv",
-            "echo",
-            "--listen",
-            &format!("{}10:7000", bed.prefix),
-        ],
-    );
+    start_server(&bed);
     let out = first_connect(&bed, "late", 12);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("hello from"), "{}", text(&out));
@@ -218,27 +226,9 @@ fn a_restarted_daemon_restores_its_pods_and_forgets_the_ones_deleted_meanwhile()
     let bed = Bed::new(244, None);
     let pins = PinDir::new();
     let first = daemon(&bed, &pins);
-    let listen = |host: u8, port: u16| format!("{}{host}:{port}", bed.prefix);
-    let srv = bed.start(
-        "srv",
-        10,
-        &[
-            "/bin/drover-testsrv",
-            "echo",
-            "--listen",
-            &listen(10, 7000),
-            "--name",
-            "srvpod",
-        ],
-    );
-    assert!(srv.status.success(), "{}", text(&srv));
+    start_server(&bed);
     // A long-running client pod (its process only keeps it alive).
-    let cli = bed.start(
-        "cli",
-        11,
-        &["/bin/drover-testsrv", "echo", "--listen", &listen(11, 7001)],
-    );
-    assert!(cli.status.success(), "{}", text(&cli));
+    start_idle(&bed, "cli", 11);
     let out = greeted_from(&bed, "cli");
     assert!(out.contains("hello from srvpod"), "{out}");
     drop(first);
@@ -314,16 +304,7 @@ fn the_daemon_keeps_the_plugin_chained_and_uninstall_removes_it() {
         ],
     ))
     .expect("daemon starts");
-    let _srv = bed.start(
-        "srv",
-        10,
-        &[
-            "/bin/drover-testsrv",
-            "echo",
-            "--listen",
-            &format!("{}10:7000", bed.prefix),
-        ],
-    );
+    start_server(&bed);
     // The network's installer rewrites its file without drover-cni: the daemon chains it again,
     // and the next pod is captured.
     bed.write_network();
@@ -404,19 +385,7 @@ fn in_kubernetes_mode_an_enrolled_pod_gets_its_pods_identity_and_the_apis_servic
         bed.socket.display().to_string(),
     ])
     .expect("daemon starts");
-    let srv = bed.start(
-        "srv",
-        10,
-        &[
-            "/bin/drover-testsrv",
-            "echo",
-            "--listen",
-            &format!("{}:7000", ip(10)),
-            "--name",
-            "srvpod",
-        ],
-    );
-    assert!(srv.status.success(), "{}", text(&srv));
+    start_server(&bed);
     let canary = first_connect(&bed, "cli", 11);
     assert!(
         text(&canary).contains("hello from srvpod"),
@@ -462,30 +431,8 @@ fn pods_that_started_before_the_daemon_are_found_through_proc_and_enrolled() {
     bed.write_network();
     let ip = |host: u8| format!("{}{host}", bed.prefix);
     let (srv, cli) = (bed.pod("srv"), bed.pod("cli"));
-    let started = bed.start(
-        "srv",
-        10,
-        &[
-            "/bin/drover-testsrv",
-            "echo",
-            "--listen",
-            &format!("{}:7000", ip(10)),
-            "--name",
-            "srvpod",
-        ],
-    );
-    assert!(started.status.success(), "{}", text(&started));
-    let started = bed.start(
-        "cli",
-        11,
-        &[
-            "/bin/drover-testsrv",
-            "echo",
-            "--listen",
-            &format!("{}:7001", ip(11)),
-        ],
-    );
-    assert!(started.status.success(), "{}", text(&started));
+    start_server(&bed);
+    start_idle(&bed, "cli", 11);
     assert!(
         connect_from(&bed, "cli").contains("refused"),
         "not captured yet"
@@ -554,26 +501,8 @@ fn an_upgrade_hands_the_sockets_over_without_a_failed_connection() {
     let bed = Bed::new(248, None);
     let pins = PinDir::new();
     let old = daemon(&bed, &pins);
-    let listen = |host: u8, port: u16| format!("{}{host}:{port}", bed.prefix);
-    let srv = bed.start(
-        "srv",
-        10,
-        &[
-            "/bin/drover-testsrv",
-            "echo",
-            "--listen",
-            &listen(10, 7000),
-            "--name",
-            "srvpod",
-        ],
-    );
-    assert!(srv.status.success(), "{}", text(&srv));
-    let cli = bed.start(
-        "cli",
-        11,
-        &["/bin/drover-testsrv", "echo", "--listen", &listen(11, 7001)],
-    );
-    assert!(cli.status.success(), "{}", text(&cli));
+    start_server(&bed);
+    start_idle(&bed, "cli", 11);
     assert!(greeted_from(&bed, "cli").contains("hello from srvpod"));
     // Load from the pod (connect, request, close, one after the other; the probe stops at the
     // first failure) while the new daemon takes over and the old one is stopped.
@@ -644,18 +573,7 @@ fn the_daemon_runs_from_its_image_with_the_daemonsets_capabilities_and_mounts() 
     args.extend(["--admin".to_string(), admin.to_string()]);
     let cmd = bed.daemon_in_container(&args, &[&bed.dir, cfg.parent().unwrap()]);
     let d = Daemon::spawn(cmd, Some(admin), Duration::from_secs(60)).expect("daemon starts");
-    let _srv = bed.start(
-        "srv",
-        10,
-        &[
-            "/bin/drover-testsrv",
-            "echo",
-            "--listen",
-            &format!("{}10:7000", bed.prefix),
-            "--name",
-            "srvpod",
-        ],
-    );
+    start_server(&bed);
     let out = first_connect(&bed, "cli", 11);
     assert!(
         text(&out).contains("hello from srvpod"),
