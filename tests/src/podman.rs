@@ -267,6 +267,12 @@ fn build_image(dir: &Path, image: &str) {
 
 /// Builds `image` from scratch: `binaries` (stripped) in `bin`, and the libraries they load.
 fn build_image_of(root: &Path, image: &str, binaries: &[&str], bin_dir: &str) {
+    // The pods' image also carries the load generator (Debian's `hey`, as it is).
+    let extra: &[&str] = if bin_dir == "/bin" {
+        &["/usr/bin/hey"]
+    } else {
+        &[]
+    };
     for sub in [
         bin_dir.trim_start_matches('/'),
         "lib/x86_64-linux-gnu",
@@ -274,14 +280,19 @@ fn build_image_of(root: &Path, image: &str, binaries: &[&str], bin_dir: &str) {
     ] {
         std::fs::create_dir_all(root.join(sub)).expect("rootfs");
     }
-    for b in binaries {
-        let out = root.join(bin_dir.trim_start_matches('/')).join(b);
-        sh(&[
-            "strip",
-            "-o",
-            &out.display().to_string(),
-            &bin(b).display().to_string(),
-        ]);
+    for b in binaries.iter().chain(extra) {
+        let name = Path::new(b).file_name().expect("binary name");
+        let out = root.join(bin_dir.trim_start_matches('/')).join(name);
+        if b.starts_with('/') {
+            std::fs::copy(b, &out).expect("copy binary");
+        } else {
+            sh(&[
+                "strip",
+                "-o",
+                &out.display().to_string(),
+                &bin(b).display().to_string(),
+            ]);
+        }
         let libs = Command::new("ldd").arg(&out).output().expect("ldd");
         for lib in String::from_utf8_lossy(&libs.stdout)
             .split_whitespace()

@@ -31,7 +31,12 @@ spec:
 
 /// The daemon serving `bed`'s plugin socket.
 fn daemon(bed: &Bed, pins: &PinDir) -> Daemon {
-    let cfg = write_config(&service(bed));
+    daemon_with(bed, pins, &service(bed))
+}
+
+/// The daemon serving `bed`'s plugin socket with configuration `yaml`.
+fn daemon_with(bed: &Bed, pins: &PinDir, yaml: &str) -> Daemon {
+    let cfg = write_config(yaml);
     Daemon::start(&drover_tests::args(
         &cfg,
         pins,
@@ -500,47 +505,83 @@ fn an_upgrade_hands_the_sockets_over_without_a_failed_connection() {
     }
     let bed = Bed::new(248, None);
     let pins = PinDir::new();
-    let old = daemon(&bed, &pins);
+    // Beside `echo` (TCP), `web`: HTTP on 127.77.0.61:80, served by the pod at .13.
+    let web = service(&bed)
+        .replace("name: echo", "name: web")
+        .replace("echo.default.svc", "web.default.svc")
+        .replace(VIP, "127.77.0.61")
+        .replace(
+            "name: tcp, protocol: TCP, targetPort: 7000",
+            "name: http, protocol: HTTP, targetPort: 7080",
+        )
+        .replace(
+            &format!("{}10}}", bed.prefix),
+            &format!("{}13}}", bed.prefix),
+        );
+    let yaml = format!("{}---\n{web}", service(&bed));
+    let old = daemon_with(&bed, &pins, &yaml);
     start_server(&bed);
+    let listen = format!("{}13:7080", bed.prefix);
+    let http = bed.start(
+        "web",
+        13,
+        &["/bin/drover-testsrv", "http", "--listen", &listen],
+    );
+    assert!(http.status.success(), "{}", text(&http));
     start_idle(&bed, "cli", 11);
+    start_idle(&bed, "cli2", 12);
     assert!(greeted_from(&bed, "cli").contains("hello from srvpod"));
-    // Load from the pod (connect, request, close, one after the other; the probe stops at the
-    // first failure) while the new daemon takes over and the old one is stopped.
-    let load = std::thread::scope(|s| {
-        let load = s.spawn(|| {
+    // Load from two pods while the new daemon takes over and the old one is stopped: TCP
+    // connect-request-close back to back (the probe stops at its first failure), and `hey` with
+    // 4 HTTP/1.1 keep-alive connections.
+    let (tcp, hey, new) = std::thread::scope(|s| {
+        let tcp = s.spawn(|| {
+            let vip = format!("{VIP}:80");
+            let crr = [
+                "/bin/drover-probe",
+                "crr",
+                &vip,
+                "--count",
+                "1000000",
+                "--max-secs",
+                "6",
+            ];
+            text(&bed.exec("cli", &crr))
+        });
+        let hey = s.spawn(|| {
             text(&bed.exec(
-                "cli",
-                &[
-                    "/bin/drover-probe",
-                    "crr",
-                    &format!("{VIP}:80"),
-                    "--count",
-                    "1000000",
-                    "--max-secs",
-                    "6",
-                ],
+                "cli2",
+                &["/bin/hey", "-z", "6s", "-c", "4", "http://127.77.0.61/"],
             ))
         });
         std::thread::sleep(Duration::from_secs(1));
-        let new = daemon(&bed, &pins);
+        let new = daemon_with(&bed, &pins, &yaml);
         assert!(
             new.log()
-                .contains("took over from the running daemon pods=2"),
+                .contains("took over from the running daemon pods=4"),
             "{}",
             new.log()
         );
         assert!(old.wait_log("handed over to the new daemon", Duration::from_secs(5)));
         std::thread::sleep(Duration::from_secs(1));
         drop(old);
-        let out = load.join().expect("load thread");
-        (out, new)
+        (tcp.join().expect("tcp load"), hey.join().expect("hey"), new)
     });
-    let (out, new) = load;
-    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(tcp.trim()).unwrap_or_default();
     assert!(
         v.get("error").is_none() && v["n"].as_u64() > Some(100),
-        "{out}\n{}",
+        "{tcp}\n{}",
         new.log()
+    );
+    let codes: Vec<&str> = hey
+        .lines()
+        .skip_while(|l| !l.starts_with("Status code distribution"))
+        .skip(1)
+        .take_while(|l| l.trim_start().starts_with('['))
+        .collect();
+    assert!(
+        codes.len() == 1 && codes[0].contains("[200]") && !hey.contains("Error distribution"),
+        "every request answered 200: {hey}"
     );
     // The new daemon serves the pods on the sockets it was handed.
     assert!(connect_from(&bed, "cli").contains("hello from srvpod"));
