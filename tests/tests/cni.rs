@@ -37,12 +37,33 @@ fn daemon(bed: &Bed, pins: &PinDir) -> Daemon {
 /// The daemon serving `bed`'s plugin socket with configuration `yaml`.
 fn daemon_with(bed: &Bed, pins: &PinDir, yaml: &str) -> Daemon {
     let cfg = write_config(yaml);
-    Daemon::start(&drover_tests::args(
-        &cfg,
-        pins,
-        &["--cni-socket", &bed.socket.display().to_string()],
-    ))
-    .expect("daemon starts")
+    start_daemon(&drover_tests::args(&cfg, pins, &[]), bed, false)
+}
+
+/// `drover run ARGS` serving `bed`'s plugin socket; with `install`, it also installs the plugin
+/// into the bed's CNI directories and keeps it chained.
+fn start_daemon(args: &[String], bed: &Bed, install: bool) -> Daemon {
+    let mut args = args.to_vec();
+    args.extend(["--cni-socket".to_string(), bed.socket.display().to_string()]);
+    if install {
+        for (flag, dir) in [("--cni-conf-dir", "net.d"), ("--cni-bin-dir", "cni")] {
+            args.extend([flag.to_string(), bed.dir.join(dir).display().to_string()]);
+        }
+    }
+    Daemon::start(&args).expect("daemon starts")
+}
+
+/// The arguments of a daemon in Kubernetes mode against `cluster`'s API server, node `node1`.
+fn kube_args(bed: &Bed, cluster: &drover_tests::k8s::Cluster, pins: &PinDir) -> Vec<String> {
+    let kubeconfig = bed.dir.join("kubeconfig");
+    cluster.api.write_kubeconfig(&kubeconfig);
+    ["--kubernetes", "--kubeconfig"]
+        .map(String::from)
+        .into_iter()
+        .chain([kubeconfig.display().to_string()])
+        .chain(["--node-name", "node1", "--pin-dir"].map(String::from))
+        .chain([pins.path.display().to_string()])
+        .collect()
 }
 
 /// A client pod whose entrypoint connects to the VIP at once: what it printed.
@@ -296,19 +317,7 @@ fn the_daemon_keeps_the_plugin_chained_and_uninstall_removes_it() {
     let pins = PinDir::new();
     let cfg = write_config(&service(&bed));
     let (bin_dir, conf_dir) = (bed.dir.join("cni"), bed.dir.join("net.d"));
-    let d = Daemon::start(&drover_tests::args(
-        &cfg,
-        &pins,
-        &[
-            "--cni-socket",
-            &bed.socket.display().to_string(),
-            "--cni-conf-dir",
-            &conf_dir.display().to_string(),
-            "--cni-bin-dir",
-            &bin_dir.display().to_string(),
-        ],
-    ))
-    .expect("daemon starts");
+    let d = start_daemon(&drover_tests::args(&cfg, &pins, &[]), &bed, true);
     start_server(&bed);
     // The network's installer rewrites its file without drover-cni: the daemon chains it again,
     // and the next pod is captured.
@@ -374,22 +383,8 @@ fn in_kubernetes_mode_an_enrolled_pod_gets_its_pods_identity_and_the_apis_servic
             &ip(11),
         ),
     );
-    let dir = bed.dir.join("kube");
-    std::fs::create_dir_all(&dir).unwrap();
-    cluster.api.write_kubeconfig(&dir.join("kubeconfig"));
     let pins = PinDir::new();
-    let d = Daemon::start(&[
-        "--kubernetes".to_string(),
-        "--kubeconfig".into(),
-        dir.join("kubeconfig").display().to_string(),
-        "--node-name".into(),
-        "node1".into(),
-        "--pin-dir".into(),
-        pins.path.display().to_string(),
-        "--cni-socket".into(),
-        bed.socket.display().to_string(),
-    ])
-    .expect("daemon starts");
+    let d = start_daemon(&kube_args(&bed, &cluster, &pins), &bed, false);
     start_server(&bed);
     let canary = first_connect(&bed, "cli", 11);
     assert!(
@@ -456,25 +451,8 @@ fn pods_that_started_before_the_daemon_are_found_through_proc_and_enrolled() {
             &ip(11),
         ),
     );
-    let kubeconfig = bed.dir.join("kubeconfig");
-    cluster.api.write_kubeconfig(&kubeconfig);
     let pins = PinDir::new();
-    let d = Daemon::start(&[
-        "--kubernetes".to_string(),
-        "--kubeconfig".into(),
-        kubeconfig.display().to_string(),
-        "--node-name".into(),
-        "node1".into(),
-        "--pin-dir".into(),
-        pins.path.display().to_string(),
-        "--cni-socket".into(),
-        bed.socket.display().to_string(),
-        "--cni-conf-dir".into(),
-        bed.dir.join("net.d").display().to_string(),
-        "--cni-bin-dir".into(),
-        bed.dir.join("cni").display().to_string(),
-    ])
-    .expect("daemon starts");
+    let d = start_daemon(&kube_args(&bed, &cluster, &pins), &bed, true);
     // Found before the daemon said ready.
     assert!(
         d.log()

@@ -61,6 +61,13 @@ fn drover(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A mesh CA made with `drover ca init` under `pki`'s directory: its path.
+fn mesh_ca(pki: &Pki) -> String {
+    let mesh = pki.dir.join("mesh").display().to_string();
+    drover(&["ca", "init", "--dir", &mesh]);
+    mesh
+}
+
 /// A DestinationRule for `secure` with `tls` (one flow-style mapping).
 fn rule(tls: &str) -> String {
     format!(
@@ -532,8 +539,7 @@ fn two_daemons_speak_istio_mutual_and_strict_refuses_plaintext() {
         return;
     }
     let pki = Pki::new();
-    let mesh = pki.dir.join("mesh").display().to_string();
-    drover(&["ca", "init", "--dir", &mesh]);
+    let mesh = mesh_ca(&pki);
     let t = Topology::new(1);
     let ep = Topology::ep4(1);
     // The workload: a plaintext echo server on 7000 in the endpoint namespace.
@@ -729,8 +735,7 @@ fn peer_authentication_resources_set_the_inbound_mode_per_port_and_follow_edits(
         return;
     }
     let pki = Pki::new();
-    let mesh = pki.dir.join("mesh").display().to_string();
-    drover(&["ca", "init", "--dir", &mesh]);
+    let mesh = mesh_ca(&pki);
     let t = Topology::new(1);
     let ep = Topology::ep4(1);
     let _echo = Proc::server(

@@ -155,6 +155,15 @@ impl<T> Resource<T> {
         self.meta.namespace.as_deref().unwrap_or("default")
     }
 
+    /// (creation timestamp, name): orders competing resources oldest first, as Istio does
+    /// (a resource without a timestamp, from a file, counts as oldest).
+    pub fn age(&self) -> (String, String) {
+        (
+            self.meta.creation_timestamp.clone().unwrap_or_default(),
+            self.meta.name.clone(),
+        )
+    }
+
     /// `namespace/name`, as Istio names resources in messages.
     pub fn id(&self) -> String {
         format!("{}/{}", self.namespace(), self.meta.name)

@@ -275,10 +275,7 @@ fn destination_rules(
                     origin: r.origin.clone(),
                 },
                 namespace: r.namespace().to_string(),
-                age: (
-                    r.meta.creation_timestamp.clone().unwrap_or_default(),
-                    r.meta.name.clone(),
-                ),
+                age: r.age(),
             })
         })
         .collect()
@@ -296,10 +293,7 @@ fn peer_authentications(
                 policy: validate(r, problems, warnings)?,
                 id: r.id(),
                 namespace: r.namespace().to_string(),
-                age: (
-                    r.meta.creation_timestamp.clone().unwrap_or_default(),
-                    r.meta.name.clone(),
-                ),
+                age: r.age(),
             })
         })
         .collect()
