@@ -407,6 +407,12 @@ impl Feed {
             .map(|((ns, name), p)| (ns.clone(), name.clone(), p.clone()))
     }
 
+    /// A pod's labels with the topology labels istiod adds, and its locality
+    /// `region/zone/subzone` (its own `topology.istio.io/locality` label, else its node's).
+    pub fn pod_placement(&self, pod: &PodInfo) -> (BTreeMap<String, String>, String) {
+        convert::endpoint_labels(Some(pod), pod.node.as_deref(), &self.state().nodes)
+    }
+
     /// The live pods of node `node` that have their own network (not host-network, not ended).
     pub fn pods_on_node(&self, node: &str) -> Vec<NodePod> {
         let s = self.state();

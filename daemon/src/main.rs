@@ -47,6 +47,10 @@ struct ClientArgs {
     /// workloads (its namespace and labels are used; `--client-label` adds to them).
     #[arg(long)]
     client_workload: Option<String>,
+    /// Locality of the enrolled workloads, `region/zone/subzone`, for locality load balancing
+    /// (default: the --client-workload entry's `locality`; unknown turns locality off).
+    #[arg(long, default_value = "")]
+    client_locality: String,
 }
 
 /// `drover run`.
@@ -658,10 +662,12 @@ fn explain_cmd(
             pod.ips.join(", "),
             ns_labels.join(",")
         );
+        let (labels, locality) = feed.pod_placement(&pod);
         client = Client {
             namespace: ns.to_string(),
-            labels: pod.labels,
+            labels,
             workload: None,
+            locality,
         };
     }
     let registry = match drover::reload::snapshot(config, feed.as_ref(), &client) {
@@ -755,6 +761,7 @@ impl From<ClientArgs> for Client {
             namespace: a.client_namespace,
             labels: a.client_labels.into_iter().collect(),
             workload: a.client_workload,
+            locality: a.client_locality,
         }
     }
 }

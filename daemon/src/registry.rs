@@ -137,6 +137,7 @@ impl Default for Client {
             namespace: "default".into(),
             labels: BTreeMap::new(),
             workload: None,
+            locality: String::new(),
         }
     }
 }
@@ -194,28 +195,34 @@ impl Registry {
     }
 
     /// Keeps the live state of clusters that a reload did not change: a cluster with the same
-    /// name, endpoints and `loadBalancer`/`connectionPool`/`outlierDetection` values takes over
-    /// the previous snapshot's balancer (in-flight counts), circuit breakers (slots held by open
-    /// connections) and outlier detector (ejections). Changed clusters start afresh, as Envoy
-    /// rebuilds a cluster whose configuration changed.
+    /// name, endpoints, locality plan and `loadBalancer`/`connectionPool`/`outlierDetection`
+    /// values takes over the previous snapshot's balancer (in-flight counts), circuit breakers
+    /// (slots held by open connections) and outlier detector (ejections). Changed clusters start
+    /// afresh, as Envoy rebuilds a cluster whose configuration changed; when only the endpoints
+    /// changed (an EDS update in Envoy), the endpoints that stay keep when they joined, so only
+    /// new ones warm up.
     pub fn inherit(&mut self, prev: &Registry) {
         for (key, c) in self.clusters.iter_mut() {
             let Some(old) = prev.clusters.get(key) else {
                 continue;
             };
-            let same = old.name == c.name
-                && old
-                    .members
-                    .iter()
-                    .map(|m| (m.endpoint, m.addr))
-                    .eq(c.members.iter().map(|m| (m.endpoint, m.addr)))
+            let same_policy = old.name == c.name
                 && old.policy.load_balancer.value == c.policy.load_balancer.value
                 && old.policy.connection_pool.value == c.policy.connection_pool.value
                 && old.policy.outlier_detection.value == c.policy.outlier_detection.value;
-            if same {
+            let same_members = old
+                .members
+                .iter()
+                .map(|m| (m.endpoint, m.addr))
+                .eq(c.members.iter().map(|m| (m.endpoint, m.addr)))
+                && old.balancer.plan() == c.balancer.plan();
+            if same_policy && same_members {
                 c.balancer = old.balancer.clone();
                 c.limits = old.limits.clone();
                 c.outlier = old.outlier.clone();
+            } else if same_policy {
+                let was = |i: usize| old.members.iter().position(|m| m.addr == c.members[i].addr);
+                c.balancer.inherit_joined(&old.balancer, was);
             }
         }
     }

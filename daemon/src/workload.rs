@@ -83,14 +83,18 @@ impl Workload {
         if let Some(id) = &self.entry {
             return from_entry(id.clone());
         }
-        if let Some((ns, name, pod)) = api.and_then(|f| f.pod_with_address(&self.addresses)) {
+        if let Some(feed) = api
+            && let Some((ns, name, pod)) = feed.pod_with_address(&self.addresses)
+        {
+            let (labels, locality) = feed.pod_placement(&pod);
             return Identity {
                 service_account: Some((ns.clone(), pod.service_account)),
                 source: Source::Pod(format!("{ns}/{name}")),
                 client: Client {
                     namespace: ns,
-                    labels: pod.labels,
+                    labels,
                     workload: None,
+                    locality,
                 },
             };
         }

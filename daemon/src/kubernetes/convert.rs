@@ -294,7 +294,7 @@ fn endpoints(
 /// An endpoint's labels (its pod's, plus the locality and node labels istiod adds, which
 /// subsets may select on) and its locality `region/zone/subzone`: the pod label
 /// `topology.istio.io/locality` (dots for slashes) wins over the node's topology labels.
-fn endpoint_labels(
+pub fn endpoint_labels(
     pod: Option<&PodInfo>,
     node: Option<&str>,
     nodes: &NodeLocality,

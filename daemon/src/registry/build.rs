@@ -16,7 +16,7 @@ use super::{
     resolve,
 };
 use crate::{
-    balance::Balancer,
+    balance::{Balancer, Plan, locality::Place},
     config::{
         Problem,
         crd::{ServiceEntrySpec, WorkloadEntrySpec},
@@ -208,10 +208,18 @@ fn resolve_client(set: &ConfigSet, client: &Client, problems: &mut Vec<Problem>)
         Some(we) => {
             let mut labels = we.spec.labels.clone();
             labels.extend(client.labels.clone());
+            // The flag wins, then the entry's `locality`, then its `istio-locality` label.
+            let locality = [&client.locality, &we.spec.locality]
+                .into_iter()
+                .find(|l| !l.is_empty())
+                .cloned()
+                .or_else(|| labels.get("istio-locality").map(|l| l.replace('.', "/")))
+                .unwrap_or_default();
             Client {
                 namespace: we.namespace().to_string(),
                 labels,
                 workload: client.workload.clone(),
+                locality,
             }
         }
         None => {
@@ -429,7 +437,30 @@ fn clusters(reg: &Registry) -> HashMap<super::ClusterKey, Box<Cluster>> {
                     .map(|(i, _)| svc.endpoints[*i].weight)
                     .collect();
                 let keys: Vec<String> = selected.clone().map(|(_, a)| a.to_string()).collect();
-                let balancer = Balancer::new(policy.load_balancer.value.as_ref(), &weights, &keys);
+                let lb = policy.load_balancer.value.as_ref();
+                let places: Vec<Place<'_>> = selected
+                    .clone()
+                    .map(|(i, _)| {
+                        let e = &svc.endpoints[*i];
+                        Place {
+                            locality: &e.locality,
+                            labels: &e.labels,
+                            weight: e.weight,
+                        }
+                    })
+                    .collect();
+                let client = Place {
+                    locality: &reg.client.locality,
+                    labels: &reg.client.labels,
+                    weight: 1,
+                };
+                let plan = Plan::new(
+                    lb.and_then(|lb| lb.locality.as_ref()),
+                    policy.outlier_detection.value.is_some(),
+                    client,
+                    &places,
+                );
+                let balancer = Balancer::with_plan(lb, &weights, &keys, plan);
                 let cluster_name = format!(
                     "outbound|{}|{}|{}",
                     port.number,

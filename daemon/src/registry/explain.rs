@@ -122,9 +122,14 @@ fn summary(
         .iter()
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
+    let locality = if client.locality.is_empty() {
+        "unknown".to_string()
+    } else {
+        client.locality.clone()
+    };
     let _ = writeln!(
         o,
-        "client     namespace {} labels {{{}}}",
+        "client     namespace {} labels {{{}}} locality {locality}",
         client.namespace,
         labels.join(",")
     );
@@ -140,16 +145,59 @@ fn summary(
             ""
         }
     );
+    let plan = cluster.balancer.plan();
+    let _ = writeln!(o, "locality   {}", locality_line(cluster, client));
     let _ = writeln!(o, "endpoints  {}", cluster.members.len());
-    for m in &cluster.members {
+    for (i, m) in cluster.members.iter().enumerate() {
         let (ep, addr) = (&svc.endpoints[m.endpoint], m.addr);
         let l: Vec<_> = ep.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let from = ep
             .origin
             .as_ref()
             .map_or_else(String::new, |o| format!(" from {o}"));
-        let _ = writeln!(o, "  {} {addr} {{{}}}{from}", ep.name, l.join(","));
+        let place = match plan.map(|p| (p.weighted, p.placement(i))) {
+            None => String::new(),
+            Some((_, None)) => " [no traffic: not in distribute]".to_string(),
+            Some((true, Some((_, w)))) => format!(" [locality weight {w}]"),
+            Some((false, Some((p, _)))) => format!(" [priority {p}]"),
+        };
+        let loc = if ep.locality.is_empty() {
+            String::new()
+        } else {
+            format!(" locality {}", ep.locality)
+        };
+        let _ = writeln!(
+            o,
+            "  {} {addr} {{{}}}{loc}{place}{from}",
+            ep.name,
+            l.join(",")
+        );
     }
+}
+
+/// What locality does for this cluster and client, and why.
+fn locality_line(cluster: &super::Cluster, client: &super::Client) -> String {
+    let lb = cluster.policy.load_balancer.value.as_ref();
+    let setting = lb.and_then(|lb| lb.locality.as_ref());
+    let warmup = lb
+        .and_then(|lb| lb.warmup.as_ref())
+        .map_or_else(String::new, |w| {
+            format!(
+                "; warmup {:?} from {}% (aggression {})",
+                w.duration, w.minimum_percent, w.aggression
+            )
+        });
+    let what = match cluster.balancer.plan() {
+        Some(p) if p.weighted => format!("weighted by {}", p.reason),
+        Some(p) => format!("{} failover priorities by {}", p.levels.len(), p.reason),
+        None if setting.is_some_and(|s| s.enabled == Some(false)) => "off (enabled: false)".into(),
+        None if client.locality.is_empty() => "not used: the client's locality is unknown".into(),
+        None if cluster.outlier.is_none() && setting.is_none_or(|s| s.distribute.is_empty()) => {
+            "one priority: failover needs outlierDetection".into()
+        }
+        None => "one priority: every endpoint is alike for this client".into(),
+    };
+    what + &warmup
 }
 
 /// The client's own inbound mTLS: the composed mode, its port-level modes and the

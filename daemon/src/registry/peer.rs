@@ -118,6 +118,7 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             workload: None,
+            locality: String::new(),
         }
     }
 

@@ -26,6 +26,9 @@ pub struct Client {
     /// `namespace/name` of a WorkloadEntry that describes the client (namespace and labels
     /// are taken from it when the registry is built).
     pub workload: Option<String>,
+    /// `region/zone/subzone` of the client, for locality load balancing (empty: unknown, and
+    /// locality is not used).
+    pub locality: String,
 }
 
 /// A validated DestinationRule with where it came from.

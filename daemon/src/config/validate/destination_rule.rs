@@ -40,7 +40,7 @@ impl Checker<'_> {
         {
             self.warn(
                 "spec.trafficPolicy.loadBalancer.localityLbSetting",
-                "locality failover has no effect without outlierDetection (in Istio; drover does not enforce localityLbSetting at all yet)",
+                "locality failover needs outlierDetection (as in Istio): without it every endpoint stays in one priority and failover never happens",
             );
         }
         policy::DestinationRule {
@@ -317,28 +317,25 @@ impl Checker<'_> {
                 "zoneAwareLbSetting is accepted but not enforced by drover",
             );
         }
-        let locality = lb.locality_lb_setting.as_ref().map(|l| {
-            let field = format!("{path}.localityLbSetting");
-            self.warn(
-                field.clone(),
-                "localityLbSetting is accepted but not enforced by drover (endpoints are balanced without regard to locality)",
-            );
-            self.locality(&field, l)
-        });
+        let locality = lb
+            .locality_lb_setting
+            .as_ref()
+            .map(|l| self.locality(&format!("{path}.localityLbSetting"), l));
         let warmup = self.warmup(path, lb);
-        if warmup.is_some() {
+        if warmup.is_some()
+            && matches!(algorithm, A::Random | A::Passthrough | A::ConsistentHash(_))
+        {
             let field = match lb.warmup {
                 Some(_) => format!("{path}.warmup"),
                 None => format!("{path}.warmupDurationSecs"),
             };
-            let why = match algorithm {
-                A::Random | A::Passthrough | A::ConsistentHash(_) => format!(
-                    "warmup only applies to ROUND_ROBIN and LEAST_REQUEST; ignored for {}",
+            self.warn(
+                field,
+                format!(
+                    "warmup only applies to ROUND_ROBIN and LEAST_REQUEST (as in Envoy); ignored for {}",
                     algorithm.name()
                 ),
-                _ => "warmup is accepted but not enforced by drover (new endpoints get their full weight at once)".to_string(),
-            };
-            self.warn(field, why);
+            );
         }
         policy::LoadBalancer {
             algorithm,
@@ -583,6 +580,7 @@ impl Checker<'_> {
             }
             failover.push((f.from.clone(), f.to.clone()));
         }
+        self.failover_priority_keys(path, &l.failover_priority);
         if !l.failover.is_empty() {
             for (i, p) in l.failover_priority.iter().enumerate() {
                 let key = p.split('=').next().unwrap_or("");
@@ -599,6 +597,22 @@ impl Checker<'_> {
             distribute,
             failover,
             failover_priority: l.failover_priority.clone(),
+        }
+    }
+
+    /// `failoverPriority` keys drover compares as plain labels where Istio has a special rule.
+    fn failover_priority_keys(&mut self, path: &str, keys: &[String]) {
+        for (i, p) in keys.iter().enumerate() {
+            let key = p.split('=').next().unwrap_or("");
+            if matches!(
+                key,
+                "topology.istio.io/network" | "topology.istio.io/cluster"
+            ) {
+                self.warn(
+                    format!("{path}.failoverPriority[{i}]"),
+                    format!("{key} is compared as a plain label: drover has no multi-network or multi-cluster endpoints, so Istio's network ordering does not apply"),
+                );
+            }
         }
     }
 

@@ -7,12 +7,14 @@ use crate::config::source::ConfigSet;
 #[derive(Debug)]
 enum Expect {
     Valid,
+    /// No error and no warning: the fields are accepted and enforced.
+    Clean,
     /// An error whose `field: message` contains this text.
     Error(&'static str),
     /// A warning (and no error) whose `field: message` contains this text.
     Warn(&'static str),
 }
-use Expect::{Error, Valid, Warn};
+use Expect::{Clean, Error, Valid, Warn};
 
 fn doc(kind: &str, spec: &str) -> String {
     let spec: String = spec.lines().map(|l| format!("  {l}\n")).collect();
@@ -67,6 +69,7 @@ fn run(kind: &str, cases: &[(&str, &str, Expect)]) {
         let (errors, warnings) = check(kind, spec);
         let ok = match expect {
             Valid => errors.is_empty(),
+            Clean => errors.is_empty() && warnings.is_empty(),
             Error(text) => errors.iter().any(|e| e.contains(text)),
             Warn(text) => errors.is_empty() && warnings.iter().any(|w| w.contains(text)),
         };
@@ -332,7 +335,7 @@ fn destination_rule_rules() {
             (
                 "failover without outlier detection",
                 "host: a\ntrafficPolicy: {loadBalancer: {localityLbSetting: {failover: [{from: r1, to: r2}]}}}",
-                Warn("locality failover has no effect without outlierDetection"),
+                Warn("locality failover needs outlierDetection (as in Istio)"),
             ),
             (
                 "warmup needs duration",
@@ -355,14 +358,19 @@ fn destination_rule_rules() {
                 Error("warmup and warmupDurationSecs are mutually exclusive"),
             ),
             (
-                "warmup is warned about",
-                "host: a\ntrafficPolicy: {loadBalancer: {simple: ROUND_ROBIN, warmupDurationSecs: 10s}}",
-                Warn("warmupDurationSecs: warmup is accepted but not enforced by drover"),
+                "locality and warmup are enforced",
+                "host: a\ntrafficPolicy: {outlierDetection: {}, loadBalancer: {simple: ROUND_ROBIN, warmup: {duration: 10s}, localityLbSetting: {enabled: true, failover: [{from: r1, to: r2}], failoverPriority: [tier]}}}",
+                Clean,
             ),
             (
-                "locality is warned about",
-                "host: a\ntrafficPolicy: {loadBalancer: {localityLbSetting: {enabled: true}}}",
-                Warn("localityLbSetting: localityLbSetting is accepted but not enforced by drover"),
+                "distribute is enforced",
+                "host: a\ntrafficPolicy: {loadBalancer: {warmupDurationSecs: 10s, localityLbSetting: {distribute: [{from: r1/*, to: {r1/*: 80, r2/*: 20}}]}}}",
+                Clean,
+            ),
+            (
+                "network key in failoverPriority is warned about",
+                "host: a\ntrafficPolicy: {outlierDetection: {}, loadBalancer: {localityLbSetting: {failoverPriority: [topology.istio.io/network, topology.kubernetes.io/zone]}}}",
+                Warn("failoverPriority[0]: topology.istio.io/network is compared as a plain label"),
             ),
             (
                 "tunnel is warned about",

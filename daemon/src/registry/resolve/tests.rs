@@ -46,6 +46,7 @@ fn registry(rules: &str, namespace: &str, labels: &[(&str, &str)]) -> Registry {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
         workload: None,
+        locality: String::new(),
     };
     match Registry::build(&set, &client) {
         Ok(r) => r,
