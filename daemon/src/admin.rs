@@ -92,6 +92,17 @@ pub struct EndpointView {
     /// `healthy`, or `ejected` while outlier detection keeps it out of rotation.
     pub health: &'static str,
     pub weight: u32,
+    /// `region/zone/subzone`, when known.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub locality: String,
+    /// Failover priority for this client (0 = most preferred); `null` when the endpoint gets no
+    /// traffic (its locality is not in `distribute`).
+    pub priority: Option<usize>,
+    /// Locality weight under `distribute`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub locality_weight: Option<u32>,
+    /// Slow-start weight in percent (100 outside the `warmup` window).
+    pub warmup_percent: f64,
     pub cx_active: u64,
     pub rq_total: u64,
     pub rq_active: u64,
@@ -419,6 +430,18 @@ fn endpoints(svc: &crate::registry::Service, c: &Cluster) -> Vec<EndpointView> {
                 address: *addr,
                 health: if health.ejected { "ejected" } else { "healthy" },
                 weight: svc.endpoints[*e].weight,
+                locality: svc.endpoints[*e].locality.clone(),
+                priority: match c.balancer.plan() {
+                    Some(p) => p.placement(i).map(|(p, _)| p),
+                    None => Some(0),
+                },
+                locality_weight: c
+                    .balancer
+                    .plan()
+                    .filter(|p| p.weighted)
+                    .and_then(|p| p.placement(i))
+                    .map(|(_, w)| w),
+                warmup_percent: c.balancer.warmup_percent(i),
                 cx_active: get(&ep.cx_active),
                 rq_total: get(&ep.rq_total),
                 rq_active: c.balancer.active(i) as u64,

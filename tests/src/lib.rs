@@ -861,6 +861,14 @@ pub fn write_config(yaml: &str) -> PathBuf {
     path
 }
 
+/// Replaces the configuration file at `path` atomically (write aside, rename), as an operator's
+/// tooling would, so the daemon never reads half a file.
+pub fn replace_config(path: &Path, yaml: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, yaml).expect("write config");
+    std::fs::rename(&tmp, path).expect("rename config");
+}
+
 /// A `ServiceEntry` with STATIC endpoints, for tests.
 pub fn service_entry(
     name: &str,

@@ -2,7 +2,9 @@
 //! scenarios, weighted canaries, balancers under a slow endpoint, hash stickiness, cookies, route
 //! matching and HTTP/2. Root needed; under `CI` the tests fail rather than skip.
 
-use drover_tests::{Mesh, MeshBuilder, Topology, bpftool_dump, named, probe, require_privileged};
+use drover_tests::{
+    Mesh, MeshBuilder, Topology, bpftool_dump, named, probe, replace_config, require_privileged,
+};
 use serde_json::Value;
 
 const URL: &str = "http://127.77.0.10:9080";
@@ -1094,4 +1096,199 @@ fn http_connect_timeout_is_the_clusters() {
         "{}",
         m.daemon.log()
     );
+}
+
+/// `reviews` with endpoint `i` (1-based) in `localities[i-1]`, and a DestinationRule with this
+/// top-level traffic policy (flow YAML, indented four spaces).
+fn zoned(localities: &[&str], policy: &str) -> String {
+    let mut out = reviews_service(0, "HTTP");
+    for (i, l) in localities.iter().enumerate() {
+        out.push_str(&format!(
+            "---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: reviews-v{n}, namespace: demo}}
+spec: {{address: {}, locality: {l}, labels: {{app: reviews, version: v{n}}}}}
+",
+            Topology::ep4(i + 1),
+            n = i + 1
+        ));
+    }
+    out + &format!(
+        "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: reviews, namespace: demo}}
+spec:
+  host: reviews.demo.svc.cluster.local
+  trafficPolicy:
+{policy}"
+    )
+}
+
+/// Requests served per endpoint name for `n` sequential requests, all of which must succeed.
+fn spread(m: &Mesh, n: u64) -> Value {
+    let r = m.http(&[
+        &format!("{URL}/"),
+        "--count",
+        &n.to_string(),
+        "--concurrency",
+        "1",
+    ]);
+    assert_eq!(ok_count(&r), n, "{r}");
+    r["served"].clone()
+}
+
+#[test]
+fn locality_keeps_traffic_local_and_fails_over_in_priority_order() {
+    if !require_privileged() {
+        return;
+    }
+    // The client is in r1/z1. With outlier detection: P0 = r1/z1 (v1, v2), P1 = r1/z2 (v3),
+    // then `failover` puts r3 (v5) before every other region (r2, v4).
+    let yaml = zoned(
+        &["r1/z1", "r1/z1", "r1/z2", "r2/z1", "r3/z1"],
+        "    loadBalancer:
+      simple: ROUND_ROBIN
+      localityLbSetting: {failover: [{from: r1, to: r3}]}
+    outlierDetection: {consecutive5xxErrors: 1, interval: 30s, baseEjectionTime: 60s, maxEjectionPercent: 100}
+",
+    );
+    let servers: Vec<Vec<String>> = (0..5).map(|_| Vec::new()).collect();
+    let mut m = mesh_full("http", &servers, &yaml, &["--client-locality", "r1/z1"]);
+    let only = |served: &Value, names: &[&str]| {
+        let total: u64 = names.iter().map(|n| served[*n].as_u64().unwrap_or(0)).sum();
+        let all: u64 = served
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_u64().unwrap())
+            .sum();
+        total == all
+    };
+    let s = spread(&m, 40);
+    assert!(only(&s, &["reviews-v1", "reviews-v2"]), "stays local: {s}");
+    assert_eq!(s["reviews-v1"], 20, "round robin inside the zone: {s}");
+    // The local zone goes down: connect failures eject v1 and v2 (retries hide them from the
+    // client), and the next priority, the other zone of the region, takes everything.
+    drop(m._servers.drain(..2));
+    let _ = m.http(&[&format!("{URL}/"), "--count", "10", "--concurrency", "1"]);
+    let s = spread(&m, 20);
+    assert!(only(&s, &["reviews-v3"]), "next: r1/z2 {s}");
+    // The region is down: `failover` names r3 before r2.
+    drop(m._servers.remove(0));
+    let _ = m.http(&[&format!("{URL}/"), "--count", "10", "--concurrency", "1"]);
+    let s = spread(&m, 20);
+    assert!(only(&s, &["reviews-v5"]), "then r3: {s}");
+    let eps = endpoints(&m);
+    let state = |name: &str| {
+        let e = named(&Value::Array(eps.clone()), name);
+        (e["priority"].as_u64().unwrap(), e["health"].clone())
+    };
+    assert_eq!(state("reviews-v1"), (0, "ejected".into()), "{eps:?}");
+    assert_eq!(state("reviews-v3"), (1, "ejected".into()), "{eps:?}");
+    assert_eq!(state("reviews-v5"), (2, "healthy".into()), "{eps:?}");
+    assert_eq!(state("reviews-v4"), (3, "healthy".into()), "{eps:?}");
+}
+
+#[test]
+fn locality_distribute_splits_by_the_given_percentages() {
+    if !require_privileged() {
+        return;
+    }
+    // From r1/z1: 70% to r1/z1 (v1, v2), 30% to any zone of r2 (v3 and v4 by their own
+    // weights); r3 (v5) is not listed and gets nothing. No outlier detection needed.
+    let yaml = zoned(
+        &["r1/z1", "r1/z1", "r2/z1", "r2/z2", "r3/z1"],
+        "    loadBalancer:
+      simple: ROUND_ROBIN
+      localityLbSetting:
+        distribute:
+        - from: r1/z1/*
+          to: {\"r1/z1/*\": 70, \"r2/*\": 30}
+",
+    );
+    let servers: Vec<Vec<String>> = (0..5).map(|_| Vec::new()).collect();
+    let m = mesh_full("http", &servers, &yaml, &["--client-locality", "r1/z1"]);
+    let n = 1000;
+    let s = spread(&m, n);
+    let share = |names: &[&str]| {
+        names
+            .iter()
+            .map(|x| s[*x].as_u64().unwrap_or(0))
+            .sum::<u64>() as f64
+            / n as f64
+    };
+    // Binomial sd at p = 0.3, n = 1000 is 0.015: ±0.06 is four sd.
+    assert!(
+        (0.64..=0.76).contains(&share(&["reviews-v1", "reviews-v2"])),
+        "{s}"
+    );
+    assert!(
+        (0.24..=0.36).contains(&share(&["reviews-v3", "reviews-v4"])),
+        "{s}"
+    );
+    assert!(
+        share(&["reviews-v3"]) > 0.08 && share(&["reviews-v4"]) > 0.08,
+        "{s}"
+    );
+    assert_eq!(share(&["reviews-v5"]), 0.0, "{s}");
+}
+
+#[test]
+fn warmup_gives_a_new_endpoint_a_small_share_that_grows_to_its_full_weight() {
+    if !require_privileged() {
+        return;
+    }
+    let policy = "    loadBalancer:
+      simple: ROUND_ROBIN
+      warmup: {duration: 4s, minimumPercent: 10}
+";
+    let one = zoned(&["r1/z1"], policy);
+    let servers: Vec<Vec<String>> = (0..2).map(|_| Vec::new()).collect();
+    let m = mesh_full("http", &servers, &one, &[]);
+    let warmup = |name: &str| {
+        let eps = endpoints(&m);
+        let e = eps.iter().find(|e| e["name"] == name)?;
+        e["warmup_percent"].as_f64()
+    };
+    assert_eq!(spread(&m, 10)["reviews-v1"], 10);
+    // As in Envoy, the endpoints a cluster starts with warm up too (all alike).
+    let started = std::time::Instant::now();
+    assert!(warmup("reviews-v1").unwrap() < 100.0);
+    let wait_warm = |name: &str, since: std::time::Instant| {
+        while warmup(name) != Some(100.0) {
+            assert!(
+                since.elapsed() < std::time::Duration::from_secs(9),
+                "{name} still warming"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    wait_warm("reviews-v1", started);
+    // v2 joins the warm v1 and starts at the 10% minimum.
+    replace_config(&m.cfg, &zoned(&["r1/z1", "r1/z1"], policy));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while warmup("reviews-v2").is_none() {
+        assert!(std::time::Instant::now() < deadline, "reload not applied");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let joined = std::time::Instant::now();
+    assert_eq!(warmup("reviews-v1"), Some(100.0), "v1 keeps its join time");
+    let s = spread(&m, 200);
+    let early = joined.elapsed().as_secs_f64();
+    let new_share = s["reviews-v2"].as_u64().unwrap_or(0) as f64 / 200.0;
+    // Its weight was at most max(10%, elapsed / 4 s) during the burst.
+    eprintln!(
+        "warmup: the new endpoint served {new_share:.3} of 200 requests in its first {early:.2} s"
+    );
+    let bound = (early / 4.0).max(0.1);
+    assert!(
+        new_share < bound / (1.0 + bound) + 0.07,
+        "share {new_share} after {early:.2} s: {s}"
+    );
+    // After the window both are equal again (round robin, exactly alternating).
+    wait_warm("reviews-v2", joined);
+    let s = spread(&m, 100);
+    assert_eq!(s["reviews-v2"], 50, "{s}");
 }

@@ -10,7 +10,8 @@ use std::{
 
 use drover_tests::{
     Captured, Cgroup, Daemon, PinDir, Proc, Topology, VIP, args, bpftool_dump, captured,
-    echo_servers, key_addr, probe, require_privileged, service_entry, sh, write_config,
+    echo_servers, key_addr, probe, replace_config, require_privileged, service_entry, sh,
+    write_config,
 };
 
 fn sa(s: &str) -> SocketAddr {
@@ -551,12 +552,6 @@ spec:
 }
 
 /// Replaces the config file atomically, as editors and ConfigMap mounts do.
-fn replace_config(path: &std::path::Path, yaml: &str) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, yaml).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
 /// The endpoint (`ep1`..) that serves a new captured connection to port 80.
 fn served_by(t: &Topology) -> String {
     let conn = t

@@ -622,7 +622,7 @@ spec:
 apiVersion: networking.istio.io/v1
 kind: WorkloadEntry
 metadata: {name: reviews-v1, namespace: demo}
-spec: {address: 198.18.1.2, labels: {app: reviews, version: v1}}
+spec: {address: 198.18.1.2, locality: us-east/zone-a, labels: {app: reviews, version: v1}}
 ---
 apiVersion: networking.istio.io/v1
 kind: WorkloadEntry
@@ -912,6 +912,13 @@ spec:
         let r = Registry::build(&set, &client).unwrap();
         assert_eq!(r.client().namespace, "demo");
         assert_eq!(r.client().labels["version"], "v1");
+        assert_eq!(r.client().locality, "us-east/zone-a", "from the entry");
+        let flagged = Client {
+            locality: "eu/zone-b".into(),
+            ..client.clone()
+        };
+        let r2 = Registry::build(&set, &flagged).unwrap();
+        assert_eq!(r2.client().locality, "eu/zone-b", "the flag wins");
         // Exported to "." (demo): captured for a demo client, not for one in default.
         assert!(r.lookup("127.77.0.11:80".parse().unwrap()).is_some());
         let r = Registry::build(&set, &Client::default()).unwrap();
