@@ -401,6 +401,38 @@ fn check_references(
     }
 }
 
+/// The balancer over a cluster's `members` (endpoint index, address) under its effective
+/// policy, with the locality plan for `client`; and the members' hash keys (their addresses).
+fn balancer(
+    client: &Client,
+    svc: &Service,
+    members: &[&(usize, SocketAddr)],
+    policy: &resolve::EffectivePolicy,
+) -> (Balancer, Vec<String>) {
+    let endpoint = |i: usize| &svc.endpoints[members[i].0];
+    let weights: Vec<u32> = (0..members.len()).map(|i| endpoint(i).weight).collect();
+    let keys: Vec<String> = members.iter().map(|(_, a)| a.to_string()).collect();
+    let places: Vec<Place<'_>> = (0..members.len())
+        .map(|i| Place {
+            locality: &endpoint(i).locality,
+            labels: &endpoint(i).labels,
+            weight: endpoint(i).weight,
+        })
+        .collect();
+    let lb = policy.load_balancer.value.as_ref();
+    let plan = Plan::new(
+        lb.and_then(|lb| lb.locality.as_ref()),
+        policy.outlier_detection.value.is_some(),
+        Place {
+            locality: &client.locality,
+            labels: &client.labels,
+            weight: 1,
+        },
+        &places,
+    );
+    (Balancer::with_plan(lb, &weights, &keys, plan), keys)
+}
+
 /// Every cluster the client can reach: each service port's default cluster plus one per subset
 /// of the DestinationRule that applies to the client.
 fn clusters(reg: &Registry) -> HashMap<super::ClusterKey, Box<Cluster>> {
@@ -432,35 +464,8 @@ fn clusters(reg: &Registry) -> HashMap<super::ClusterKey, Box<Cluster>> {
                     subset
                         .is_none_or(|sub| resolve::selects(&sub.labels, &svc.endpoints[*i].labels))
                 });
-                let weights: Vec<u32> = selected
-                    .clone()
-                    .map(|(i, _)| svc.endpoints[*i].weight)
-                    .collect();
-                let keys: Vec<String> = selected.clone().map(|(_, a)| a.to_string()).collect();
-                let lb = policy.load_balancer.value.as_ref();
-                let places: Vec<Place<'_>> = selected
-                    .clone()
-                    .map(|(i, _)| {
-                        let e = &svc.endpoints[*i];
-                        Place {
-                            locality: &e.locality,
-                            labels: &e.labels,
-                            weight: e.weight,
-                        }
-                    })
-                    .collect();
-                let client = Place {
-                    locality: &reg.client.locality,
-                    labels: &reg.client.labels,
-                    weight: 1,
-                };
-                let plan = Plan::new(
-                    lb.and_then(|lb| lb.locality.as_ref()),
-                    policy.outlier_detection.value.is_some(),
-                    client,
-                    &places,
-                );
-                let balancer = Balancer::with_plan(lb, &weights, &keys, plan);
+                let members: Vec<&(usize, SocketAddr)> = selected.clone().collect();
+                let (balancer, keys) = balancer(&reg.client, svc, &members, &policy);
                 let cluster_name = format!(
                     "outbound|{}|{}|{}",
                     port.number,

@@ -145,8 +145,14 @@ fn summary(
             ""
         }
     );
-    let plan = cluster.balancer.plan();
     let _ = writeln!(o, "locality   {}", locality_line(cluster, client));
+    endpoint_lines(o, svc, cluster);
+}
+
+/// Each endpoint of the cluster: name, address, labels, locality, its priority or locality
+/// weight, and where it came from.
+fn endpoint_lines(o: &mut String, svc: &super::Service, cluster: &super::Cluster) {
+    let plan = cluster.balancer.plan();
     let _ = writeln!(o, "endpoints  {}", cluster.members.len());
     for (i, m) in cluster.members.iter().enumerate() {
         let (ep, addr) = (&svc.endpoints[m.endpoint], m.addr);
