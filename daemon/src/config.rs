@@ -12,6 +12,9 @@ pub mod policy;
 pub mod source;
 pub mod validate;
 
+#[cfg(test)]
+mod coverage;
+
 use std::{fmt, path::PathBuf};
 
 /// Where in a file a problem sits.

@@ -406,3 +406,92 @@ async fn simple_tls_origination_verifies_the_server_and_sends_sni() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Relays each connection to the HTTP/2 endpoint at `to` until `frozen` is set, then stops
+/// forwarding (a peer that has gone silent) and sets `closed` once the daemon closes its side.
+fn freezing_relay(
+    to: SocketAddr,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+    closed: Arc<std::sync::atomic::AtomicBool>,
+) -> impl Fn(&'static str, TcpStream) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>>
++ Clone
++ Send
++ 'static {
+    move |_, mut daemon_side| {
+        let (frozen, closed) = (frozen.clone(), closed.clone());
+        Box::pin(async move {
+            let Ok(mut server) = TcpStream::connect(to).await else {
+                return;
+            };
+            let (mut a, mut b) = ([0u8; 16384], [0u8; 16384]);
+            loop {
+                if frozen.load(Ordering::Relaxed) {
+                    // Silent: read nothing more from the server, answer nothing; only notice
+                    // when the daemon gives up on the connection.
+                    let gone = matches!(daemon_side.read(&mut a).await, Ok(0) | Err(_));
+                    if gone {
+                        closed.store(true, Ordering::Relaxed);
+                        return;
+                    }
+                    continue;
+                }
+                tokio::select! {
+                    r = daemon_side.read(&mut a) => match r {
+                        Ok(n @ 1..) if !frozen.load(Ordering::Relaxed) => {
+                            let _ = server.write_all(&a[..n]).await;
+                        }
+                        Ok(1..) => {}
+                        _ => { closed.store(true, Ordering::Relaxed); return; }
+                    },
+                    r = server.read(&mut b) => match r {
+                        Ok(n @ 1..) => { let _ = daemon_side.write_all(&b[..n]).await; }
+                        _ => return,
+                    },
+                    () = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
+            }
+        })
+    }
+}
+
+#[tokio::test]
+async fn http2_keepalive_closes_a_connection_whose_peer_stops_answering() {
+    // The real HTTP/2 server, reached only through the relay.
+    let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let to = server.local_addr().unwrap();
+    let h2 = h2_endpoint(Arc::new(AtomicU64::new(0)));
+    tokio::spawn(async move {
+        while let Ok((s, _)) = server.accept().await {
+            tokio::spawn(h2("one", s));
+        }
+    });
+    let (frozen, closed) = (
+        Arc::default(),
+        Arc::<std::sync::atomic::AtomicBool>::default(),
+    );
+    let port = endpoints(freezing_relay(to, Arc::clone(&frozen), Arc::clone(&closed))).await;
+    let pinged = "127.77.1.9:80";
+    let yaml = service(
+        "keepalive.inproc",
+        pinged,
+        "HTTP2",
+        port,
+        "{connectionPool: {http: {http2KeepAlive: {interval: 200ms, timeout: 200ms}}}}",
+    )
+    .replace("  - {address: 127.0.0.3, labels: {v: two}}\n", "");
+    let p = serve(&yaml, &[pinged]).await;
+    let ok = (200, "one h2.inproc 0".to_string());
+    assert_eq!(concurrent_gets(&p, pinged, 1).await, vec![ok]);
+    frozen.store(true, Ordering::Relaxed);
+    // A ping goes unanswered: within interval + timeout (plus scheduling) the daemon closes it.
+    let start = std::time::Instant::now();
+    while !closed.load(Ordering::Relaxed) {
+        assert!(
+            start.elapsed() < WAIT,
+            "the silent connection was never closed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(2), "{took:?}");
+}

@@ -413,6 +413,11 @@ pub struct Retries {
     pub per_try_timeout: Option<Duration>,
     /// Istio's default conditions when `retryOn` is unset.
     pub retry_on: RetryOn,
+    /// `backoff`: the base interval of the jittered exponential backoff (Envoy: 25 ms), capped
+    /// at ten times it.
+    pub backoff: Option<Duration>,
+    /// `retryIgnorePreviousHosts` (default true): a retry avoids the endpoints already tried.
+    pub ignore_previous_hosts: bool,
 }
 
 /// `retryOn`: the conditions under which Envoy retries a request.
@@ -519,6 +524,8 @@ impl Retries {
             attempts: 2,
             per_try_timeout: None,
             retry_on: RetryOn::parse(DEFAULT_RETRY_ON).unwrap_or_default(),
+            backoff: None,
+            ignore_previous_hosts: true,
         }
     }
 }

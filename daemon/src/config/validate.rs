@@ -441,7 +441,7 @@ pub use service_entry::is_dns;
 mod virtual_service;
 
 #[cfg(test)]
-mod tests;
+pub(super) mod tests;
 
 #[cfg(test)]
 mod proptests;

@@ -759,11 +759,12 @@ impl Tries<'_> {
                 if let Some(slot) = c.limits.admit_retry() {
                     stats.rq_retry.fetch_add(1, Ordering::Relaxed);
                     drop(result);
-                    tokio::time::sleep(retry::backoff(n + 1, fastrand::f64())).await;
+                    let wait = retry::backoff(n + 1, fastrand::f64(), retries.backoff);
+                    tokio::time::sleep(wait).await;
                     _retry_slot = Some(slot);
                     if let Some(i) = pick {
                         tried.push(i);
-                        pick = c.repick(&tried);
+                        pick = c.repick(&tried, retries.ignore_previous_hosts);
                         target = pick.map_or(target, |i| c.target(i));
                     }
                     n += 1;

@@ -46,12 +46,14 @@ pub fn retriable(on: &RetryOn, outcome: Outcome) -> bool {
     }
 }
 
-/// The wait before retry `n` (1 for the first retry): uniform in [0, (2ⁿ − 1) × 25 ms), capped
-/// at 250 ms; `unit` is a random number in [0, 1).
-pub fn backoff(n: u32, unit: f64) -> Duration {
+/// The wait before retry `n` (1 for the first retry): uniform in [0, (2ⁿ − 1) × base), capped
+/// at 10 × base; `base` is the route's `backoff` (Envoy's default: 25 ms); `unit` is a random
+/// number in [0, 1).
+pub fn backoff(n: u32, unit: f64, base: Option<Duration>) -> Duration {
+    let (base, cap) = base.map_or((BASE, CAP), |b| (b, b.saturating_mul(10)));
     let factor = (1u32 << n.clamp(1, 16)) - 1;
-    BASE.saturating_mul(factor)
-        .min(CAP)
+    base.saturating_mul(factor)
+        .min(cap)
         .mul_f64(unit.clamp(0.0, 1.0))
 }
 
@@ -117,11 +119,19 @@ mod tests {
 
     #[test]
     fn backoff_is_jittered_exponential_and_capped() {
-        assert_eq!(backoff(1, 0.0), Duration::ZERO);
-        assert_eq!(backoff(1, 0.999_999).as_micros(), 24_999);
-        assert_eq!(backoff(2, 0.5), Duration::from_micros(37_500));
-        assert_eq!(backoff(3, 0.5), Duration::from_micros(87_500));
-        assert_eq!(backoff(4, 1.0), CAP, "(2⁴ − 1) × 25 ms is over the cap");
-        assert_eq!(backoff(30, 1.0), CAP);
+        assert_eq!(backoff(1, 0.0, None), Duration::ZERO);
+        assert_eq!(backoff(1, 0.999_999, None).as_micros(), 24_999);
+        assert_eq!(backoff(2, 0.5, None), Duration::from_micros(37_500));
+        assert_eq!(backoff(3, 0.5, None), Duration::from_micros(87_500));
+        assert_eq!(
+            backoff(4, 1.0, None),
+            CAP,
+            "(2⁴ − 1) × 25 ms is over the cap"
+        );
+        assert_eq!(backoff(30, 1.0, None), CAP);
+        // The route's `backoff` is the base, and ten times it the cap.
+        let base = Some(Duration::from_millis(100));
+        assert_eq!(backoff(2, 0.5, base), Duration::from_millis(150));
+        assert_eq!(backoff(5, 1.0, base), Duration::from_secs(1));
     }
 }

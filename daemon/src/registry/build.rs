@@ -824,6 +824,25 @@ spec:
     }
 
     #[test]
+    fn virtual_services_bound_to_gateways_only_do_not_route_the_mesh() {
+        let route = "  http:\n  - route:\n    - {destination: {host: reviews, subset: v2}}\n";
+        for (gateways, routed_by_vs) in [
+            ("  gateways: [ingress]\n", false),
+            ("  gateways: [ingress, mesh]\n", true),
+            ("", true),
+        ] {
+            let r = routed(&(SUBSETS.to_string() + &vs(&format!("{gateways}{route}"))));
+            let d = r.route("127.77.0.10:9080".parse().unwrap(), None).unwrap();
+            assert_eq!(d.route.is_some(), routed_by_vs, "{gateways:?}");
+            assert_eq!(
+                d.cluster.name.contains("|v2|"),
+                routed_by_vs,
+                "{gateways:?}"
+            );
+        }
+    }
+
+    #[test]
     fn route_failures_map_to_envoy_flags() {
         let vip: SocketAddr = "127.77.0.10:9080".parse().unwrap();
         // A subset no DestinationRule defines: cluster not found.

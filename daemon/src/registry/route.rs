@@ -310,14 +310,15 @@ impl Cluster {
     }
 
     /// The endpoint for a retry after the endpoints in `tried` failed: another one when the
-    /// cluster has one that may take traffic (Envoy's previous-hosts predicate, which Istio sets
-    /// unless the cluster hashes — then the retry goes back to the hashed endpoint).
-    pub fn repick(&self, tried: &[usize]) -> Option<usize> {
+    /// cluster has one that may take traffic and `avoid_tried` (Envoy's previous-hosts
+    /// predicate, which Istio sets unless `retryIgnorePreviousHosts: false` or the cluster
+    /// hashes — then the retry goes back to the hashed endpoint); else any endpoint.
+    pub fn repick(&self, tried: &[usize], avoid_tried: bool) -> Option<usize> {
         let last = *tried.last()?;
         if self.hash_key().is_some() {
             return Some(last);
         }
-        let fresh = |i: usize| !tried.contains(&i);
+        let fresh = |i: usize| !avoid_tried || !tried.contains(&i);
         let cx = PickContext::default();
         let picked = match &self.outlier {
             None => self.balancer.pick_with(cx, fresh),
@@ -723,5 +724,25 @@ spec:
         );
         assert_eq!(query_param(Some("a=1"), "b"), None);
         assert_eq!(query_param(None, "a"), None);
+    }
+
+    #[test]
+    fn retries_avoid_tried_endpoints_unless_retry_ignore_previous_hosts_is_false() {
+        let reg = registry(
+            "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: default}
+spec:
+  host: web.default.svc
+  trafficPolicy: {loadBalancer: {simple: RANDOM}}
+",
+        );
+        let d = reg.route(VIP.parse().unwrap(), None).unwrap();
+        let back = (0..200)
+            .filter(|_| d.cluster.repick(&[0], false) == Some(0))
+            .count();
+        assert!((0..200).all(|_| d.cluster.repick(&[0], true) == Some(1)));
+        // Random over two: about half the retries go back to the endpoint that failed.
+        assert!((60..140).contains(&back), "{back}");
     }
 }

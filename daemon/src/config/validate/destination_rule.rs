@@ -252,6 +252,12 @@ impl Checker<'_> {
                 format!("percent {percent} must be between 0 and 100"),
             );
         }
+        if r.budget_interval.is_some() {
+            self.warn(
+                format!("{rp}.budgetInterval"),
+                "budgetInterval is accepted but not enforced by drover: the budget counts the retries in flight, as Envoy's does",
+            );
+        }
         policy::RetryBudget {
             percent,
             min_retry_concurrency: self

@@ -41,6 +41,12 @@ impl TryFrom<&Resource<crd::WorkloadEntrySpec>> for Validated<policy::Endpoint> 
 impl Checker<'_> {
     fn service_entry(&mut self, name: &str, spec: &crd::ServiceEntrySpec) -> policy::ServiceEntry {
         self.hosts(&spec.hosts);
+        if !spec.subject_alt_names.is_empty() {
+            self.warn(
+                "spec.subjectAltNames",
+                "subjectAltNames is accepted but not enforced by drover: ISTIO_MUTUAL checks the SPIFFE identity of the endpoint's service account (or the DestinationRule's tls.subjectAltNames)",
+            );
+        }
         let mut entry = policy::ServiceEntry {
             hosts: spec.hosts.clone(),
             resolution: spec.resolution,
@@ -191,6 +197,12 @@ impl Checker<'_> {
             .iter()
             .filter_map(|(k, v)| Some((k.clone(), self.port(&format!("{field}.ports.{k}"), *v)?)))
             .collect();
+        if !spec.network.is_empty() {
+            self.warn(
+                format!("{field}.network"),
+                "network is accepted but not enforced by drover: every endpoint is dialed directly (no multi-network gateways)",
+            );
+        }
         Some(policy::Endpoint {
             name: name.to_string(),
             address,

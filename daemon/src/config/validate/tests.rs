@@ -32,7 +32,7 @@ fn load(kind: &str, spec: &str) -> ConfigSet {
 }
 
 /// (errors, warnings) as `field: message` strings, each checked to carry a line number.
-fn check(kind: &str, spec: &str) -> (Vec<String>, Vec<String>) {
+pub(in crate::config) fn check(kind: &str, spec: &str) -> (Vec<String>, Vec<String>) {
     let set = load(kind, spec);
     let (errors, warnings) = match kind {
         "DestinationRule" => {
@@ -43,6 +43,18 @@ fn check(kind: &str, spec: &str) -> (Vec<String>, Vec<String>) {
         }
         "PeerAuthentication" => {
             match Validated::<policy::PeerAuthentication>::try_from(&set.peer_authentications[0]) {
+                Ok(v) => (Vec::new(), v.warnings),
+                Err(i) => (i.errors, i.warnings),
+            }
+        }
+        "WorkloadEntry" => {
+            match Validated::<policy::Endpoint>::try_from(&set.workload_entries[0]) {
+                Ok(v) => (Vec::new(), v.warnings),
+                Err(i) => (i.errors, i.warnings),
+            }
+        }
+        "ServiceEntry" => {
+            match Validated::<policy::ServiceEntry>::try_from(&set.service_entries[0]) {
                 Ok(v) => (Vec::new(), v.warnings),
                 Err(i) => (i.errors, i.warnings),
             }

@@ -89,6 +89,14 @@ impl Checker<'_> {
             .enumerate()
             .map(|(i, m)| self.http_match(&format!("{path}.match[{i}]"), m))
             .collect();
+        for (i, d) in r.route.iter().enumerate() {
+            if d.headers.is_some() {
+                self.warn(
+                    format!("{path}.route[{i}].headers"),
+                    "headers is accepted but not enforced by drover",
+                );
+            }
+        }
         let weights: Vec<(Option<&crd::Destination>, Option<i64>)> = r
             .route
             .iter()
@@ -165,7 +173,7 @@ impl Checker<'_> {
 
     fn retries(&mut self, path: &str, rt: &crd::HttpRetry) -> policy::Retries {
         let rp = format!("{path}.retries");
-        policy::Retries {
+        let out = policy::Retries {
             attempts: self
                 .count(&format!("{rp}.attempts"), rt.attempts)
                 .unwrap_or(0),
@@ -183,10 +191,27 @@ impl Checker<'_> {
                     policy::RetryOn::default()
                 }
             },
+            backoff: self
+                .duration(&format!("{rp}.backoff"), rt.backoff.as_ref(), false)
+                .filter(|d| !d.is_zero()),
+            ignore_previous_hosts: rt.retry_ignore_previous_hosts.unwrap_or(true),
+        };
+        if rt.retry_remote_localities == Some(true) {
+            self.warn(
+                format!("{rp}.retryRemoteLocalities"),
+                "retryRemoteLocalities is accepted but not enforced by drover: retries follow the normal priority split",
+            );
         }
+        out
     }
 
     fn http_match(&mut self, path: &str, m: &crd::HttpMatchRequest) -> policy::HttpMatch {
+        if m.stat_prefix.is_some() {
+            self.warn(
+                format!("{path}.statPrefix"),
+                "statPrefix is accepted but not enforced by drover (no per-route statistics)",
+            );
+        }
         let mut out = policy::HttpMatch {
             uri: self.string_match(&format!("{path}.uri"), m.uri.as_ref(), true),
             scheme: self.string_match(&format!("{path}.scheme"), m.scheme.as_ref(), false),
@@ -318,6 +343,18 @@ impl Checker<'_> {
                 }
             }
             self.labels(&format!("{mp}.sourceLabels"), &m.source_labels);
+            if !tls && !m.sni_hosts.is_empty() {
+                self.warn(
+                    format!("{mp}.sniHosts"),
+                    "sniHosts belongs to tls routes (Istio's tcp match has no such field); ignored",
+                );
+            }
+            if !m.gateways.is_empty() {
+                self.warn(
+                    format!("{mp}.gateways"),
+                    "per-match gateways select gateway proxies; drover acts as gateway \"mesh\" and ignores them",
+                );
+            }
             out.push(policy::L4Match {
                 sni_hosts: m.sni_hosts.clone(),
                 destination_subnets: subnets,

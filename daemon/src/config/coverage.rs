@@ -1,0 +1,683 @@
+//! Field coverage of the CRD mirror: every field Drover parses is either enforced — and names
+//! a test that exercises it — or gives a located warning saying it is not enforced when set, or
+//! is inert in Envoy too (a name). The field list comes from the mirror itself
+//! ([`trace::fields`]), so adding a field to [`super::crd`] without deciding which fails here.
+
+mod trace;
+
+use std::collections::BTreeSet;
+
+/// How one field (or every field under a block) is covered.
+enum How {
+    /// Enforced; `file::function` is a test that exercises it.
+    Enforced(&'static str),
+    /// Accepted and not enforced: validating this spec (of the path's kind) gives a warning on a
+    /// field containing `warning`.
+    Warned {
+        spec: &'static str,
+        warning: &'static str,
+    },
+    /// Has no effect on traffic in Envoy either (names, labels for humans), with the reason.
+    Inert(&'static str),
+}
+
+use How::{Enforced, Inert, Warned};
+
+const MIRROR: &str = "hosts: [a]\nhttp: [{route: [{destination: {host: a}}], mirror: {host: b}, mirrorPercentage: {value: 5}}]";
+
+/// Field path prefix → coverage; the longest prefix applies. `subsets[].trafficPolicy` and
+/// `portLevelSettings[]` share the top-level `trafficPolicy` entries, and a ServiceEntry's
+/// inline `endpoints[]` share `WorkloadEntry`'s.
+const TABLE: &[(&str, How)] = &[
+    // DestinationRule: selection.
+    (
+        "DestinationRule.host",
+        Enforced("tests/tests/l7.rs::walkthrough_scenario1_splits_50_50_across_subsets"),
+    ),
+    (
+        "DestinationRule.exportTo",
+        Enforced(
+            "daemon/src/registry/resolve/tests.rs::export_to_hides_rules_from_other_namespaces",
+        ),
+    ),
+    (
+        "DestinationRule.workloadSelector",
+        Enforced(
+            "tests/tests/kubernetes.rs::each_client_pod_gets_its_own_source_labels_routes_and_workload_selector_rules",
+        ),
+    ),
+    (
+        "DestinationRule.subsets",
+        Enforced("tests/tests/l7.rs::walkthrough_scenario1_splits_50_50_across_subsets"),
+    ),
+    (
+        "DestinationRule.trafficPolicy.portLevelSettings[].port",
+        Enforced(
+            "daemon/src/registry/resolve/tests.rs::port_level_settings_replace_and_do_not_inherit",
+        ),
+    ),
+    // loadBalancer.
+    (
+        "DestinationRule.trafficPolicy.loadBalancer.simple",
+        Enforced("tests/tests/l7.rs::least_request_avoids_a_slow_endpoint_round_robin_does_not"),
+    ),
+    (
+        "DestinationRule.trafficPolicy.loadBalancer.consistentHash",
+        Enforced("tests/tests/l7.rs::consistent_hash_on_header_and_generated_cookie"),
+    ),
+    (
+        "DestinationRule.trafficPolicy.loadBalancer.consistentHash.httpQueryParameterName",
+        Enforced("daemon/src/registry/route.rs::hash_keys_come_from_the_request"),
+    ),
+    (
+        "DestinationRule.trafficPolicy.loadBalancer.consistentHash.useSourceIp",
+        Enforced(
+            "tests/tests/kubernetes.rs::use_source_ip_hashes_each_workload_address_sticky_per_workload_spread_across",
+        ),
+    ),
+    (
+        "DestinationRule.trafficPolicy.loadBalancer.consistentHash.maglev",
+        Enforced(
+            "daemon/src/balance/tests.rs::removing_one_of_n_endpoints_remaps_about_one_nth_of_keys",
+        ),
+    ),
+    (
+        "DestinationRule.trafficPolicy.loadBalancer.consistentHash.ringHash",
+        Enforced(
+            "daemon/src/balance/tests.rs::removing_one_of_n_endpoints_remaps_about_one_nth_of_keys",
+        ),
+    ),
+    (
+        "DestinationRule.trafficPolicy.loadBalancer.consistentHash.minimumRingSize",
+        Enforced(
+            "daemon/src/balance/tests.rs::removing_one_of_n_endpoints_remaps_about_one_nth_of_keys",
+        ),
+    ),
+    (
+        "DestinationRule.trafficPolicy.loadBalancer.localityLbSetting",
+        Enforced(
+            "tests/tests/l7.rs::locality_keeps_traffic_local_and_fails_over_in_priority_order",
+        ),
+    ),
+    (
+        "DestinationRule.trafficPolicy.loadBalancer.localityLbSetting.distribute",
+        Enforced("tests/tests/l7.rs::locality_distribute_splits_by_the_given_percentages"),
+    ),
+    (
+        "DestinationRule.trafficPolicy.loadBalancer.localityLbSetting.failoverPriority",
+        Enforced(
+            "daemon/src/balance/locality/tests.rs::failover_priority_counts_the_matching_prefix",
+        ),
+    ),
+    (
+        "DestinationRule.trafficPolicy.loadBalancer.localityLbSetting.enabled",
+        Enforced(
+            "daemon/src/balance/locality/tests.rs::default_priorities_follow_region_zone_subzone_and_need_outlier_detection",
+        ),
+    ),
+    (
+        "DestinationRule.trafficPolicy.loadBalancer.warmup",
+        Enforced(
+            "tests/tests/l7.rs::warmup_gives_a_new_endpoint_a_small_share_that_grows_to_its_full_weight",
+        ),
+    ),
+    (
+        "DestinationRule.trafficPolicy.loadBalancer.warmup.aggression",
+        Enforced("daemon/src/balance/tests.rs::warmup_ramps_new_endpoints_from_the_minimum_weight"),
+    ),
+    (
+        "DestinationRule.trafficPolicy.loadBalancer.warmupDurationSecs",
+        Enforced("daemon/src/config/validate/tests.rs::destination_rule_rules"),
+    ),
+    (
+        "DestinationRule.trafficPolicy.loadBalancer.zoneAwareLbSetting",
+        Warned {
+            spec: "host: a\ntrafficPolicy: {loadBalancer: {zoneAwareLbSetting: {enabled: true}}}",
+            warning: "zoneAwareLbSetting",
+        },
+    ),
+    // connectionPool.
+    (
+        "DestinationRule.trafficPolicy.connectionPool.tcp.maxConnections",
+        Enforced(
+            "tests/tests/privileged.rs::tcp_max_connections_closes_overflow_at_once_like_envoy",
+        ),
+    ),
+    (
+        "DestinationRule.trafficPolicy.connectionPool.tcp.connectTimeout",
+        Enforced("tests/tests/l7.rs::http_connect_timeout_is_the_clusters"),
+    ),
+    (
+        "DestinationRule.trafficPolicy.connectionPool.tcp.tcpKeepalive",
+        Enforced(
+            "tests/tests/privileged.rs::tcp_keepalive_and_idle_timeout_apply_to_proxied_connections",
+        ),
+    ),
+    (
+        "DestinationRule.trafficPolicy.connectionPool.tcp.idleTimeout",
+        Enforced(
+            "tests/tests/privileged.rs::tcp_keepalive_and_idle_timeout_apply_to_proxied_connections",
+        ),
+    ),
+    (
+        "DestinationRule.trafficPolicy.connectionPool.tcp.maxConnectionDuration",
+        Enforced(
+            "daemon/src/proxy/relay.rs::max_duration_closes_a_busy_connection_and_zero_idle_disables",
+        ),
+    ),
+    (
+        "DestinationRule.trafficPolicy.connectionPool.http.http1MaxPendingRequests",
+        Enforced("tests/tests/l7.rs::walkthrough_scenario3_pool_limits_overflow_with_503"),
+    ),
+    (
+        "DestinationRule.trafficPolicy.connectionPool.http.http2MaxRequests",
+        Enforced("daemon/src/breakers.rs::max_requests_is_not_queued_and_defaults_are_unlimited"),
+    ),
+    (
+        "DestinationRule.trafficPolicy.connectionPool.http.maxRequestsPerConnection",
+        Enforced("tests/tests/l7.rs::max_requests_per_connection_retires_upstream_connections"),
+    ),
+    (
+        "DestinationRule.trafficPolicy.connectionPool.http.maxRetries",
+        Enforced("tests/tests/l7.rs::max_retries_caps_concurrent_retries_across_the_cluster"),
+    ),
+    (
+        "DestinationRule.trafficPolicy.connectionPool.http.idleTimeout",
+        Enforced("tests/tests/l7.rs::http_idle_timeout_closes_idle_upstream_connections"),
+    ),
+    (
+        "DestinationRule.trafficPolicy.connectionPool.http.maxConcurrentStreams",
+        Enforced(
+            "tests/tests/l7.rs::max_concurrent_streams_spreads_http2_requests_over_connections",
+        ),
+    ),
+    (
+        "DestinationRule.trafficPolicy.connectionPool.http.h2UpgradePolicy",
+        Enforced(
+            "tests/tests/l7.rs::h2_upgrade_policy_and_use_client_protocol_pick_the_upstream_protocol",
+        ),
+    ),
+    (
+        "DestinationRule.trafficPolicy.connectionPool.http.useClientProtocol",
+        Enforced(
+            "tests/tests/l7.rs::h2_upgrade_policy_and_use_client_protocol_pick_the_upstream_protocol",
+        ),
+    ),
+    (
+        "DestinationRule.trafficPolicy.connectionPool.http.http2KeepAlive",
+        Enforced(
+            "daemon/src/app/tests.rs::http2_keepalive_closes_a_connection_whose_peer_stops_answering",
+        ),
+    ),
+    // outlierDetection.
+    (
+        "DestinationRule.trafficPolicy.outlierDetection",
+        Enforced("tests/tests/l7.rs::outlier_detection_ejects_after_n_errors_and_backs_off"),
+    ),
+    (
+        "DestinationRule.trafficPolicy.outlierDetection.consecutiveErrors",
+        Warned {
+            spec: "host: a\ntrafficPolicy: {outlierDetection: {consecutiveErrors: 3}}",
+            warning: "consecutiveErrors",
+        },
+    ),
+    (
+        "DestinationRule.trafficPolicy.outlierDetection.consecutiveGatewayErrors",
+        Enforced(
+            "tests/tests/l7.rs::gateway_errors_eject_on_their_own_counter_and_500_only_counts_as_5xx",
+        ),
+    ),
+    (
+        "DestinationRule.trafficPolicy.outlierDetection.consecutiveLocalOriginFailures",
+        Enforced(
+            "tests/tests/l7.rs::default_retries_hide_a_refusing_endpoint_which_is_still_ejected",
+        ),
+    ),
+    (
+        "DestinationRule.trafficPolicy.outlierDetection.splitExternalLocalOriginErrors",
+        Enforced(
+            "tests/tests/l7.rs::default_retries_hide_a_refusing_endpoint_which_is_still_ejected",
+        ),
+    ),
+    (
+        "DestinationRule.trafficPolicy.outlierDetection.maxEjectionPercent",
+        Enforced("tests/tests/l7.rs::max_ejection_percent_holds_with_four_bad_endpoints_of_five"),
+    ),
+    (
+        "DestinationRule.trafficPolicy.outlierDetection.minHealthPercent",
+        Enforced("tests/tests/l7.rs::min_health_percent_panic_balances_across_all_endpoints"),
+    ),
+    (
+        "DestinationRule.trafficPolicy.outlierDetection.outlierDetectionHttpErrorCodes",
+        Enforced("daemon/src/outlier/tests.rs::listed_error_codes_replace_the_5xx_rule"),
+    ),
+    // tls.
+    (
+        "DestinationRule.trafficPolicy.tls",
+        Enforced("tests/tests/tls.rs::simple_origination_verifies_ca_san_expiry_and_sends_sni"),
+    ),
+    (
+        "DestinationRule.trafficPolicy.tls.clientCertificate",
+        Enforced(
+            "tests/tests/tls.rs::mutual_presents_the_client_certificate_and_simple_is_refused_by_that_server",
+        ),
+    ),
+    (
+        "DestinationRule.trafficPolicy.tls.privateKey",
+        Enforced(
+            "tests/tests/tls.rs::mutual_presents_the_client_certificate_and_simple_is_refused_by_that_server",
+        ),
+    ),
+    (
+        "DestinationRule.trafficPolicy.tls.credentialName",
+        Enforced(
+            "tests/tests/tls.rs::disable_is_plaintext_and_credential_name_reads_the_credentials_dir",
+        ),
+    ),
+    (
+        "DestinationRule.trafficPolicy.tls.caCrl",
+        Enforced("tests/tests/tls.rs::ca_crl_rejects_a_revoked_server_certificate"),
+    ),
+    // Not built.
+    (
+        "DestinationRule.trafficPolicy.tunnel",
+        Warned {
+            spec: "host: a\ntrafficPolicy: {tunnel: {targetHost: x.com, targetPort: 443}}",
+            warning: "tunnel",
+        },
+    ),
+    (
+        "DestinationRule.trafficPolicy.proxyProtocol",
+        Warned {
+            spec: "host: a\ntrafficPolicy: {proxyProtocol: {version: V2}}",
+            warning: "proxyProtocol",
+        },
+    ),
+    (
+        "DestinationRule.trafficPolicy.retryBudget",
+        Enforced(
+            "daemon/src/breakers.rs::retries_in_flight_are_capped_by_max_retries_or_the_budget",
+        ),
+    ),
+    (
+        "DestinationRule.trafficPolicy.retryBudget.budgetInterval",
+        Warned {
+            spec: "host: a\ntrafficPolicy: {retryBudget: {percent: 20, budgetInterval: 10s}}",
+            warning: "budgetInterval",
+        },
+    ),
+    // VirtualService.
+    (
+        "VirtualService.hosts",
+        Enforced("tests/tests/l7.rs::walkthrough_scenario1_splits_50_50_across_subsets"),
+    ),
+    (
+        "VirtualService.exportTo",
+        Enforced(
+            "daemon/src/registry/resolve/tests.rs::export_to_hides_rules_from_other_namespaces",
+        ),
+    ),
+    (
+        "VirtualService.gateways",
+        Enforced(
+            "daemon/src/registry/build.rs::virtual_services_bound_to_gateways_only_do_not_route_the_mesh",
+        ),
+    ),
+    (
+        "VirtualService.http[].name",
+        Inert("a route's name is for logs and stats; drover's access log and explain show it"),
+    ),
+    (
+        "VirtualService.http[].match",
+        Enforced(
+            "daemon/src/registry/route.rs::first_matching_http_route_wins_with_every_condition_anded",
+        ),
+    ),
+    (
+        "VirtualService.http[].match[].name",
+        Inert("a match's name only prefixes Envoy's route name"),
+    ),
+    (
+        "VirtualService.http[].match[].gateways",
+        Warned {
+            spec: "hosts: [a]\nhttp: [{match: [{gateways: [mesh]}], route: [{destination: {host: a}}]}]",
+            warning: "gateways",
+        },
+    ),
+    (
+        "VirtualService.http[].match[].statPrefix",
+        Warned {
+            spec: "hosts: [a]\nhttp: [{match: [{statPrefix: x}], route: [{destination: {host: a}}]}]",
+            warning: "statPrefix",
+        },
+    ),
+    (
+        "VirtualService.http[].route",
+        Enforced("tests/tests/l7.rs::canary_90_10_and_transparency"),
+    ),
+    (
+        "VirtualService.http[].route[].headers",
+        Warned {
+            spec: "hosts: [a]\nhttp: [{route: [{destination: {host: a}, headers: {request: {set: {x: y}}}}]}]",
+            warning: "route[0].headers",
+        },
+    ),
+    (
+        "VirtualService.http[].timeout",
+        Enforced("tests/tests/l7.rs::retry_on_per_try_timeout_and_route_timeout"),
+    ),
+    (
+        "VirtualService.http[].retries",
+        Enforced("tests/tests/l7.rs::retry_on_per_try_timeout_and_route_timeout"),
+    ),
+    (
+        "VirtualService.http[].retries.backoff",
+        Enforced("daemon/src/proxy/retry.rs::backoff_is_jittered_exponential_and_capped"),
+    ),
+    (
+        "VirtualService.http[].retries.retryIgnorePreviousHosts",
+        Enforced(
+            "daemon/src/registry/route.rs::retries_avoid_tried_endpoints_unless_retry_ignore_previous_hosts_is_false",
+        ),
+    ),
+    (
+        "VirtualService.http[].retries.retryRemoteLocalities",
+        Warned {
+            spec: "hosts: [a]\nhttp: [{route: [{destination: {host: a}}], retries: {attempts: 1, retryRemoteLocalities: true}}]",
+            warning: "retryRemoteLocalities",
+        },
+    ),
+    (
+        "VirtualService.http[].corsPolicy",
+        Warned {
+            spec: "hosts: [a]\nhttp: [{route: [{destination: {host: a}}], corsPolicy: {allowOrigins: [{exact: x}]}}]",
+            warning: "corsPolicy",
+        },
+    ),
+    (
+        "VirtualService.http[].delegate",
+        Warned {
+            spec: "hosts: [a]\nhttp: [{delegate: {name: b}}]",
+            warning: "delegate",
+        },
+    ),
+    (
+        "VirtualService.http[].directResponse",
+        Warned {
+            spec: "hosts: [a]\nhttp: [{directResponse: {status: 503}}]",
+            warning: "directResponse",
+        },
+    ),
+    (
+        "VirtualService.http[].fault",
+        Warned {
+            spec: "hosts: [a]\nhttp: [{route: [{destination: {host: a}}], fault: {abort: {httpStatus: 500}}}]",
+            warning: "fault",
+        },
+    ),
+    (
+        "VirtualService.http[].headers",
+        Warned {
+            spec: "hosts: [a]\nhttp: [{route: [{destination: {host: a}}], headers: {request: {set: {x: y}}}}]",
+            warning: "http[0].headers",
+        },
+    ),
+    (
+        "VirtualService.http[].mirror",
+        Warned {
+            spec: MIRROR,
+            warning: "mirror",
+        },
+    ),
+    (
+        "VirtualService.http[].mirrors",
+        Warned {
+            spec: MIRROR,
+            warning: "mirror",
+        },
+    ),
+    (
+        "VirtualService.http[].mirrorPercent",
+        Warned {
+            spec: MIRROR,
+            warning: "mirror",
+        },
+    ),
+    (
+        "VirtualService.http[].mirrorPercentage",
+        Warned {
+            spec: MIRROR,
+            warning: "mirror",
+        },
+    ),
+    (
+        "VirtualService.http[].redirect",
+        Warned {
+            spec: "hosts: [a]\nhttp: [{redirect: {uri: /x}}]",
+            warning: "redirect",
+        },
+    ),
+    (
+        "VirtualService.http[].rewrite",
+        Warned {
+            spec: "hosts: [a]\nhttp: [{route: [{destination: {host: a}}], rewrite: {uri: /x}}]",
+            warning: "rewrite",
+        },
+    ),
+    (
+        "VirtualService.tcp",
+        Enforced(
+            "tests/tests/privileged.rs::hot_reload_swaps_valid_config_and_keeps_serving_on_invalid",
+        ),
+    ),
+    (
+        "VirtualService.tcp[].match",
+        Enforced("daemon/src/registry/route.rs::subnets_and_query_params"),
+    ),
+    (
+        "VirtualService.tcp[].match[].gateways",
+        Warned {
+            spec: "hosts: [a]\ntcp: [{match: [{gateways: [mesh]}], route: [{destination: {host: a}}]}]",
+            warning: "gateways",
+        },
+    ),
+    (
+        "VirtualService.tcp[].match[].sniHosts",
+        Warned {
+            spec: "hosts: [a]\ntcp: [{match: [{sniHosts: [a]}], route: [{destination: {host: a}}]}]",
+            warning: "sniHosts",
+        },
+    ),
+    (
+        "VirtualService.tls",
+        Warned {
+            spec: "hosts: [a]\ntls: [{match: [{sniHosts: [a]}], route: [{destination: {host: a}}]}]",
+            warning: "spec.tls",
+        },
+    ),
+    // ServiceEntry and WorkloadEntry.
+    (
+        "ServiceEntry.hosts",
+        Enforced("tests/tests/l7.rs::walkthrough_scenario1_splits_50_50_across_subsets"),
+    ),
+    (
+        "ServiceEntry.addresses",
+        Enforced(
+            "tests/tests/privileged.rs::netns_capture_relays_round_robin_and_keeps_vip_as_peer",
+        ),
+    ),
+    (
+        "ServiceEntry.ports",
+        Enforced(
+            "tests/tests/privileged.rs::netns_capture_relays_round_robin_and_keeps_vip_as_peer",
+        ),
+    ),
+    (
+        "ServiceEntry.resolution",
+        Enforced("daemon/src/registry/build.rs::resolution_none_passes_through_with_target_port"),
+    ),
+    (
+        "ServiceEntry.workloadSelector",
+        Enforced("daemon/src/registry/build.rs::selects_workload_entries_and_resolves_ports"),
+    ),
+    (
+        "ServiceEntry.exportTo",
+        Enforced("daemon/src/registry/build.rs::client_identity_from_workload_entry_and_export_to"),
+    ),
+    (
+        "ServiceEntry.subjectAltNames",
+        Warned {
+            spec: "hosts: [a.b]\nports: [{number: 80, name: tcp}]\nsubjectAltNames: [spiffe://x/ns/y/sa/z]",
+            warning: "subjectAltNames",
+        },
+    ),
+    (
+        "ServiceEntry.location",
+        Inert(
+            "in Envoy it only decides auto mTLS (not built: see the README) and telemetry labels",
+        ),
+    ),
+    (
+        "WorkloadEntry.address",
+        Enforced("tests/tests/l7.rs::walkthrough_scenario1_splits_50_50_across_subsets"),
+    ),
+    (
+        "WorkloadEntry.labels",
+        Enforced("tests/tests/l7.rs::walkthrough_scenario1_splits_50_50_across_subsets"),
+    ),
+    (
+        "WorkloadEntry.ports",
+        Enforced(
+            "tests/tests/l7.rs::default_retries_hide_a_refusing_endpoint_which_is_still_ejected",
+        ),
+    ),
+    (
+        "WorkloadEntry.weight",
+        Enforced("daemon/src/registry/build.rs::round_robin_alternates_endpoints"),
+    ),
+    (
+        "WorkloadEntry.locality",
+        Enforced(
+            "tests/tests/l7.rs::locality_keeps_traffic_local_and_fails_over_in_priority_order",
+        ),
+    ),
+    (
+        "WorkloadEntry.serviceAccount",
+        Enforced(
+            "tests/tests/tls.rs::istio_mutual_with_the_mesh_ca_presents_and_checks_spiffe_identities",
+        ),
+    ),
+    (
+        "WorkloadEntry.network",
+        Warned {
+            spec: "address: 198.18.0.9\nnetwork: net2",
+            warning: "network",
+        },
+    ),
+    // PeerAuthentication.
+    (
+        "PeerAuthentication",
+        Enforced(
+            "tests/tests/tls.rs::peer_authentication_resources_set_the_inbound_mode_per_port_and_follow_edits",
+        ),
+    ),
+];
+
+/// Every field of the mirror, by kind, with shared blocks folded onto one spelling.
+fn mirror_fields() -> BTreeSet<String> {
+    use super::crd;
+    let kinds = [
+        (
+            "DestinationRule",
+            trace::fields::<crd::DestinationRuleSpec>(),
+        ),
+        ("VirtualService", trace::fields::<crd::VirtualServiceSpec>()),
+        ("ServiceEntry", trace::fields::<crd::ServiceEntrySpec>()),
+        ("WorkloadEntry", trace::fields::<crd::WorkloadEntrySpec>()),
+        (
+            "PeerAuthentication",
+            trace::fields::<crd::PeerAuthenticationSpec>(),
+        ),
+    ];
+    let mut out = BTreeSet::new();
+    for (kind, fields) in kinds {
+        for f in fields {
+            let f = f.replace("subsets[].trafficPolicy", "trafficPolicy");
+            let f = match f.split_once("trafficPolicy.portLevelSettings[].") {
+                Some((head, tail)) if !tail.starts_with("port.") => {
+                    format!("{head}trafficPolicy.{tail}")
+                }
+                _ => f,
+            };
+            match f.strip_prefix("endpoints[].") {
+                Some(rest) if kind == "ServiceEntry" => out.insert(format!("WorkloadEntry.{rest}")),
+                _ => out.insert(format!("{kind}.{f}")),
+            };
+        }
+    }
+    // A derived endpoint's provenance: written by drover, never read from YAML.
+    out.remove("WorkloadEntry.origin");
+    out
+}
+
+/// The longest table prefix that covers `field` (at a segment boundary).
+fn entry(field: &str) -> Option<&'static (&'static str, How)> {
+    TABLE
+        .iter()
+        .filter(|(p, _)| {
+            field == *p
+                || field
+                    .strip_prefix(p)
+                    .is_some_and(|rest| rest.starts_with('.') || rest.starts_with('['))
+        })
+        .max_by_key(|(p, _)| p.len())
+}
+
+#[test]
+fn every_field_of_the_mirror_is_enforced_warned_or_inert() {
+    let fields = mirror_fields();
+    assert!(fields.len() > 150, "the tracer found only {}", fields.len());
+    let mut problems = Vec::new();
+    let mut used = BTreeSet::new();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for f in &fields {
+        let Some((prefix, how)) = entry(f) else {
+            problems.push(format!("{f}: neither enforced nor warned about"));
+            continue;
+        };
+        used.insert(*prefix);
+        match how {
+            Enforced(test) => {
+                let (file, function) = test.split_once("::").expect("file::function");
+                let text = std::fs::read_to_string(root.join(file)).unwrap_or_default();
+                if !text.contains(&format!("fn {function}(")) {
+                    problems.push(format!("{f}: no test {function} in {file}"));
+                }
+            }
+            Warned { spec, warning } => {
+                let kind = f.split('.').next().unwrap_or_default();
+                let (errors, warnings) = super::validate::tests::check(kind, spec);
+                let located = warnings.iter().any(|w| {
+                    w.split(": ")
+                        .next()
+                        .is_some_and(|field| field.contains(warning))
+                });
+                if !errors.is_empty() || !located {
+                    problems.push(format!(
+                        "{f}: setting it warns nothing on {warning:?}: errors {errors:?}, warnings {warnings:?}"
+                    ));
+                }
+            }
+            Inert("") => problems.push(format!("{f}: inert, but says not why")),
+            Inert(_) => {}
+        }
+    }
+    for (prefix, _) in TABLE {
+        if !used.contains(prefix) {
+            problems.push(format!(
+                "{prefix}: covers no field of the mirror (stale entry)"
+            ));
+        }
+    }
+    assert!(problems.is_empty(), "\n{}", problems.join("\n"));
+}
