@@ -135,6 +135,10 @@ pub enum ResponseFlag {
     DurationTimeout,
     /// `URX`: the retries ran out.
     UpstreamRetryLimitExceeded,
+    /// `FI`: the request was aborted by fault injection.
+    FaultInjected,
+    /// `DI`: the request was delayed by fault injection.
+    DelayInjected,
 }
 
 impl ResponseFlag {
@@ -152,6 +156,8 @@ impl ResponseFlag {
             ResponseFlag::DownstreamConnectionTermination => "DC",
             ResponseFlag::DurationTimeout => "DT",
             ResponseFlag::UpstreamRetryLimitExceeded => "URX",
+            ResponseFlag::FaultInjected => "FI",
+            ResponseFlag::DelayInjected => "DI",
         }
     }
 }

@@ -24,6 +24,7 @@ use tokio::{
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+mod actions;
 mod attempt;
 pub mod downstream;
 pub mod http;

@@ -1292,3 +1292,100 @@ fn warmup_gives_a_new_endpoint_a_small_share_that_grows_to_its_full_weight() {
     let s = spread(&m, 100);
     assert_eq!(s["reviews-v2"], 50, "{s}");
 }
+
+#[test]
+fn route_actions_rewrite_headers_redirect_direct_response_and_fault() {
+    if !require_privileged() {
+        return;
+    }
+    let dest = "reviews.demo.svc.cluster.local";
+    let yaml = reviews_service(2, "HTTP")
+        + &subsets("")
+        + &virtual_service(&format!(
+            "  - match: [{{uri: {{prefix: /old/}}}}]
+    redirect: {{uri: /new, authority: moved.example, redirectCode: 302}}
+  - match: [{{uri: {{exact: /health}}}}]
+    directResponse: {{status: 418, body: {{string: short and stout}}}}
+    headers: {{response: {{set: {{x-direct: 'yes'}}}}}}
+  - match: [{{uri: {{prefix: /api/}}}}]
+    rewrite: {{uri: /v2/, authority: internal.reviews}}
+    headers:
+      request: {{set: {{x-route: api}}, add: {{x-added: one}}, remove: [x-secret]}}
+      response: {{set: {{x-resp: route}}, remove: [content-type]}}
+    route:
+    - destination: {{host: {dest}, subset: v1}}
+      headers: {{request: {{add: {{x-added: two}}}}, response: {{add: {{x-dest: v1}}}}}}
+  - match: [{{uri: {{prefix: /abort}}}}]
+    fault: {{abort: {{httpStatus: 503, percentage: {{value: 100}}}}}}
+    route: [{{destination: {{host: {dest}, subset: v2}}}}]
+  - match: [{{uri: {{prefix: /half}}}}]
+    fault: {{abort: {{httpStatus: 500, percentage: {{value: 50}}}}}}
+    route: [{{destination: {{host: {dest}, subset: v2}}}}]
+  - match: [{{uri: {{prefix: /slow}}}}]
+    fault: {{delay: {{fixedDelay: 300ms, percentage: {{value: 100}}}}}}
+    route: [{{destination: {{host: {dest}, subset: v2}}}}]
+"
+        ));
+    let m = mesh_full("http", &[Vec::new(), Vec::new()], &yaml, &[]);
+    let get = |path: &str, extra: &[&str]| {
+        let url = format!("{URL}{path}");
+        let mut args = vec![url.as_str()];
+        args.extend_from_slice(extra);
+        m.http(&args)
+    };
+    // redirect: 302 with the new authority (its own port: none) and path; the query stays.
+    let r = get("/old/page?x=1", &[]);
+    assert_eq!(r["status"]["302"], 1, "{r}");
+    assert_eq!(
+        r["first_headers"]["location"], "http://moved.example/new?x=1",
+        "{r}"
+    );
+    assert!(
+        r["served"].as_object().unwrap().is_empty(),
+        "nothing was forwarded: {r}"
+    );
+    // directResponse: the status and body, with the route's response headers.
+    let r = get("/health", &[]);
+    assert_eq!(r["status"]["418"], 1, "{r}");
+    assert_eq!(r["first"], "short and stout", "{r}");
+    assert_eq!(r["first_headers"]["x-direct"], "yes", "{r}");
+    // rewrite and headers: what the endpoint received, and what the client got back.
+    let r = get(
+        "/api/users?id=7",
+        &["--header", "x-secret: s3", "--header", "x-added: zero"],
+    );
+    let seen = &r["first"];
+    assert_eq!(seen["podname"], "reviews-v1", "{r}");
+    assert_eq!(seen["path"], "/v2/users", "{r}");
+    assert_eq!(seen["query"], "id=7", "{r}");
+    assert_eq!(seen["authority"], "internal.reviews", "{r}");
+    let h = &seen["header_values"];
+    assert_eq!(h["x-route"], "api", "{r}");
+    assert_eq!(
+        h["x-added"], "zero, one, two",
+        "route then destination add: {r}"
+    );
+    assert!(h.get("x-secret").is_none(), "removed: {r}");
+    let back = &r["first_headers"];
+    assert_eq!(back["x-resp"], "route", "{r}");
+    assert_eq!(back["x-dest"], "v1", "{r}");
+    assert!(back.get("content-type").is_none(), "removed: {r}");
+    // fault abort at 100%: never forwarded; at 50%: about half.
+    let r = get("/abort", &["--count", "20"]);
+    assert_eq!(r["status"]["503"], 20, "{r}");
+    assert_eq!(r["first"], "fault filter abort", "{r}");
+    assert!(r["served"].as_object().unwrap().is_empty(), "{r}");
+    let r = m.http(&[&format!("{URL}/half"), "--count", "400"]);
+    let aborted = r["status"]["500"].as_u64().unwrap_or(0);
+    // Binomial sd at n = 400 is 10: ±50 is five sd.
+    assert!((150..=250).contains(&aborted), "{r}");
+    assert_eq!(served(&r, "reviews-v2"), 400 - aborted, "{r}");
+    // fault delay: every request waits the fixed delay, then is served.
+    let r = get("/slow", &["--count", "3"]);
+    assert_eq!(ok_count(&r), 3, "{r}");
+    assert!(r["p50_us"].as_f64().unwrap() >= 300_000.0, "{r}");
+    // The access log names the injected faults with Envoy's flags.
+    let log = m.daemon.log();
+    assert!(log.contains("flag=FI"), "{log}");
+    assert!(log.contains("flag=DI"), "{log}");
+}

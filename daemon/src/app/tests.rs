@@ -495,3 +495,48 @@ async fn http2_keepalive_closes_a_connection_whose_peer_stops_answering() {
     let took = start.elapsed();
     assert!(took < Duration::from_secs(2), "{took:?}");
 }
+
+#[tokio::test]
+async fn grpc_fault_abort_is_a_trailers_only_reply() {
+    let shared = Arc::new(AtomicU64::new(0));
+    let port = endpoints(h2_endpoint(shared.clone())).await;
+    let vip = "127.77.1.11:80";
+    let yaml = service(
+        "grpcfault.inproc",
+        vip,
+        "GRPC",
+        port,
+        "{loadBalancer: {simple: ROUND_ROBIN}}",
+    ) + "---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: grpcfault, namespace: default}
+spec:
+  hosts: [grpcfault.inproc]
+  http:
+  - fault: {abort: {grpcStatus: UNAVAILABLE, percentage: {value: 100}}}
+    route: [{destination: {host: grpcfault.inproc}}]
+";
+    let p = serve(&yaml, &[vip]).await;
+    let s = TcpStream::connect(p.dial[&vip.parse::<SocketAddr>().unwrap()])
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(s))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::post("/drover.test.Echo/Unary")
+        .header("host", "grpcfault.inproc")
+        .header("content-type", "application/grpc")
+        .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+        .unwrap();
+    let resp = tokio::time::timeout(WAIT, send.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    // Envoy's gRPC abort: HTTP 200, the status in grpc-status, nothing reaches the endpoint.
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["grpc-status"], "14");
+    assert_eq!(resp.headers()["content-type"], "application/grpc");
+    assert_eq!(shared.load(Ordering::Relaxed), 0);
+}

@@ -19,9 +19,15 @@ enum How {
     },
     /// Has no effect on traffic in Envoy either (names, labels for humans), with the reason.
     Inert(&'static str),
+    /// Refused when set (as Istio refuses it): validating this spec gives an error on a field
+    /// containing `error`.
+    Rejected {
+        spec: &'static str,
+        error: &'static str,
+    },
 }
 
-use How::{Enforced, Inert, Warned};
+use How::{Enforced, Inert, Rejected, Warned};
 
 const MIRROR: &str = "hosts: [a]\nhttp: [{route: [{destination: {host: a}}], mirror: {host: b}, mirrorPercentage: {value: 5}}]";
 
@@ -357,10 +363,9 @@ const TABLE: &[(&str, How)] = &[
     ),
     (
         "VirtualService.http[].route[].headers",
-        Warned {
-            spec: "hosts: [a]\nhttp: [{route: [{destination: {host: a}, headers: {request: {set: {x: y}}}}]}]",
-            warning: "route[0].headers",
-        },
+        Enforced(
+            "tests/tests/l7.rs::route_actions_rewrite_headers_redirect_direct_response_and_fault",
+        ),
     ),
     (
         "VirtualService.http[].timeout",
@@ -403,24 +408,43 @@ const TABLE: &[(&str, How)] = &[
     ),
     (
         "VirtualService.http[].directResponse",
-        Warned {
-            spec: "hosts: [a]\nhttp: [{directResponse: {status: 503}}]",
-            warning: "directResponse",
-        },
+        Enforced(
+            "tests/tests/l7.rs::route_actions_rewrite_headers_redirect_direct_response_and_fault",
+        ),
     ),
     (
         "VirtualService.http[].fault",
-        Warned {
-            spec: "hosts: [a]\nhttp: [{route: [{destination: {host: a}}], fault: {abort: {httpStatus: 500}}}]",
-            warning: "fault",
+        Enforced(
+            "tests/tests/l7.rs::route_actions_rewrite_headers_redirect_direct_response_and_fault",
+        ),
+    ),
+    (
+        "VirtualService.http[].fault.abort.grpcStatus",
+        Enforced("daemon/src/app/tests.rs::grpc_fault_abort_is_a_trailers_only_reply"),
+    ),
+    (
+        "VirtualService.http[].fault.delay.percent",
+        Enforced("daemon/src/config/validate/tests.rs::virtual_service_rules"),
+    ),
+    (
+        "VirtualService.http[].fault.delay.exponentialDelay",
+        Rejected {
+            spec: "hosts: [a]\nhttp: [{route: [{destination: {host: a}}], fault: {delay: {exponentialDelay: 1s}}}]",
+            error: "exponentialDelay",
+        },
+    ),
+    (
+        "VirtualService.http[].fault.abort.http2Error",
+        Rejected {
+            spec: "hosts: [a]\nhttp: [{route: [{destination: {host: a}}], fault: {abort: {http2Error: x}}}]",
+            error: "http2Error",
         },
     ),
     (
         "VirtualService.http[].headers",
-        Warned {
-            spec: "hosts: [a]\nhttp: [{route: [{destination: {host: a}}], headers: {request: {set: {x: y}}}}]",
-            warning: "http[0].headers",
-        },
+        Enforced(
+            "tests/tests/l7.rs::route_actions_rewrite_headers_redirect_direct_response_and_fault",
+        ),
     ),
     (
         "VirtualService.http[].mirror",
@@ -452,17 +476,33 @@ const TABLE: &[(&str, How)] = &[
     ),
     (
         "VirtualService.http[].redirect",
-        Warned {
-            spec: "hosts: [a]\nhttp: [{redirect: {uri: /x}}]",
-            warning: "redirect",
-        },
+        Enforced(
+            "tests/tests/l7.rs::route_actions_rewrite_headers_redirect_direct_response_and_fault",
+        ),
+    ),
+    (
+        "VirtualService.http[].redirect.derivePort",
+        Enforced(
+            "daemon/src/proxy/actions/tests.rs::redirect_location_replaces_only_what_it_names",
+        ),
+    ),
+    (
+        "VirtualService.http[].redirect.port",
+        Enforced(
+            "daemon/src/proxy/actions/tests.rs::redirect_location_replaces_only_what_it_names",
+        ),
     ),
     (
         "VirtualService.http[].rewrite",
-        Warned {
-            spec: "hosts: [a]\nhttp: [{route: [{destination: {host: a}}], rewrite: {uri: /x}}]",
-            warning: "rewrite",
-        },
+        Enforced(
+            "tests/tests/l7.rs::route_actions_rewrite_headers_redirect_direct_response_and_fault",
+        ),
+    ),
+    (
+        "VirtualService.http[].rewrite.uriRegexRewrite",
+        Enforced(
+            "daemon/src/proxy/actions/tests.rs::uri_rewrite_replaces_what_the_match_matched_and_keeps_the_query",
+        ),
     ),
     (
         "VirtualService.tcp",
@@ -665,6 +705,19 @@ fn every_field_of_the_mirror_is_enforced_warned_or_inert() {
                 if !errors.is_empty() || !located {
                     problems.push(format!(
                         "{f}: setting it warns nothing on {warning:?}: errors {errors:?}, warnings {warnings:?}"
+                    ));
+                }
+            }
+            Rejected { spec, error } => {
+                let kind = f.split('.').next().unwrap_or_default();
+                let (errors, _) = super::validate::tests::check(kind, spec);
+                if !errors.iter().any(|e| {
+                    e.split(": ")
+                        .next()
+                        .is_some_and(|field| field.contains(error))
+                }) {
+                    problems.push(format!(
+                        "{f}: setting it is not refused on {error:?}: {errors:?}"
                     ));
                 }
             }

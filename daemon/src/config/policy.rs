@@ -8,6 +8,11 @@
 
 use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
+use hyper::{
+    StatusCode,
+    header::{HeaderName, HeaderValue},
+};
+
 use super::crd::{Location, Resolution};
 
 /// Istio's "no limit" for connection-pool thresholds (2³²−1).
@@ -356,6 +361,87 @@ pub struct HttpRoute {
     /// `None`: no timeout (Istio's default).
     pub timeout: Option<Duration>,
     pub retries: Option<Retries>,
+    /// `headers`: operations on the request (before it is forwarded) and the response.
+    pub headers: HeaderRules,
+    pub rewrite: Option<Rewrite>,
+    /// `redirect` or `directResponse`: answered by the proxy, no destination.
+    pub local: Option<LocalReply>,
+    pub fault: Option<Fault>,
+}
+
+/// `headers`: the request's and the response's operations.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HeaderRules {
+    pub request: HeaderOps,
+    pub response: HeaderOps,
+}
+
+/// One direction's `set`, `add` and `remove` (names lower-cased, values valid).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HeaderOps {
+    pub set: Vec<(HeaderName, HeaderValue)>,
+    pub add: Vec<(HeaderName, HeaderValue)>,
+    pub remove: Vec<HeaderName>,
+}
+
+/// `rewrite`: at least one of the three; `uri` and `uri_regex` exclude each other.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rewrite {
+    pub uri: Option<String>,
+    pub authority: Option<String>,
+    pub uri_regex: Option<RegexRewrite>,
+}
+
+/// `rewrite.uriRegexRewrite`: every match of the expression in the path is replaced (Envoy's
+/// `regex_rewrite`, unanchored); `\N` in the replacement is capture group N.
+#[derive(Clone, Debug)]
+pub struct RegexRewrite {
+    source: String,
+    rewrite: String,
+    regex: regex::Regex,
+    /// The replacement in the `regex` crate's syntax (`${N}`).
+    with: String,
+}
+
+/// `redirect`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Redirect {
+    pub uri: Option<String>,
+    pub authority: Option<String>,
+    pub scheme: Option<String>,
+    pub port: Option<RedirectPort>,
+    /// `redirectCode`, 301 by default.
+    pub code: StatusCode,
+}
+
+/// `redirect.port` / `redirect.derivePort`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RedirectPort {
+    Fixed(u16),
+    FromRequest,
+    ProtocolDefault,
+}
+
+/// A reply the proxy makes itself for a route.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LocalReply {
+    Redirect(Redirect),
+    Direct { status: StatusCode, body: Vec<u8> },
+}
+
+/// `fault`: a delay and/or an abort, each for a percentage of requests.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Fault {
+    pub delay: Option<(Duration, f64)>,
+    pub abort: Option<(Abort, f64)>,
+}
+
+/// What an injected abort answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Abort {
+    Http(StatusCode),
+    /// A gRPC status code: HTTP 200 with `grpc-status` (trailers-only).
+    Grpc(u16),
 }
 
 /// `http[].match[]`: all conditions ANDed.
@@ -403,6 +489,8 @@ pub struct WeightedDestination {
     pub weight: u32,
     /// Index in the route's `route` list.
     pub index: usize,
+    /// The destination's own `headers` (applied after the route's).
+    pub headers: HeaderRules,
 }
 
 /// `retries`.
@@ -548,6 +636,52 @@ pub struct L4Match {
     pub source_labels: BTreeMap<String, String>,
     pub source_namespace: Option<String>,
 }
+
+// === impl RegexRewrite ===
+
+impl RegexRewrite {
+    /// `match` compiled unanchored, `rewrite` with its `\N` groups.
+    pub fn new(source: &str, rewrite: &str) -> Result<Self, regex::Error> {
+        let mut with = String::new();
+        let mut chars = rewrite.chars().peekable();
+        while let Some(c) = chars.next() {
+            match (c, chars.peek()) {
+                ('\\', Some(d)) if d.is_ascii_digit() => {
+                    with.push_str(&format!("${{{d}}}"));
+                    chars.next();
+                }
+                ('$', _) => with.push_str("$$"),
+                _ => with.push(c),
+            }
+        }
+        Ok(Self {
+            source: source.to_string(),
+            rewrite: rewrite.to_string(),
+            regex: regex::Regex::new(source)?,
+            with,
+        })
+    }
+
+    /// `path` with every match replaced.
+    pub fn replace_all(&self, path: &str) -> String {
+        self.regex
+            .replace_all(path, self.with.as_str())
+            .into_owned()
+    }
+
+    /// (`match`, `rewrite`) as written.
+    pub fn parts(&self) -> (&str, &str) {
+        (&self.source, &self.rewrite)
+    }
+}
+
+impl PartialEq for RegexRewrite {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts() == other.parts()
+    }
+}
+
+impl Eq for RegexRewrite {}
 
 // === impl Pattern ===
 

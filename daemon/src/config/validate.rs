@@ -438,6 +438,7 @@ mod destination_rule;
 pub mod peer_authentication;
 mod service_entry;
 pub use service_entry::is_dns;
+mod http_actions;
 mod virtual_service;
 
 #[cfg(test)]

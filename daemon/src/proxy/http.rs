@@ -39,6 +39,7 @@ use hyper_util::{
 use tokio::time::Instant;
 
 use super::{
+    actions,
     attempt::Attempt,
     downstream,
     replay::Replay,
@@ -48,7 +49,9 @@ use super::{
 };
 use crate::{
     access::{self, ResponseFlag},
-    config::policy::{ConnectionPool, H2Upgrade, Retries, TcpKeepalive},
+    config::policy::{
+        Abort, ConnectionPool, Fault, H2Upgrade, HeaderRules, LocalReply, Retries, TcpKeepalive,
+    },
     redirect::netns::NetNs,
     registry::{RegistryHandle, RouteError, Target, route},
     tls::Origination,
@@ -375,6 +378,17 @@ async fn handle(
         Ok(r) => r,
         Err(e) => return exchange.unrouted(&e),
     };
+    let mut injected = Vec::new();
+    if let Some(route) = routed.decision.http_route {
+        if let Some(reply) = &route.local {
+            return exchange.answer(&routed, reply, &parts);
+        }
+        if let Some(fault) = &route.fault
+            && let Some(reply) = exchange.inject(&routed, fault, &mut injected).await
+        {
+            return reply;
+        }
+    }
     let Some(forward) = Forward::new(&exchange, &routed, parts, upgrade.is_some(), upstreams)
     else {
         return local(StatusCode::BAD_REQUEST, "", &[]);
@@ -383,8 +397,15 @@ async fn handle(
         Ok(a) => a,
         Err(e) => return exchange.refused(&routed, &e),
     };
-    let tried = routed.tries(&forward, Replay::new(body)).await;
-    exchange.respond(&routed, tried, upgrade, admission, active)
+    let (result, endpoint, mut flags) = routed.tries(&forward, Replay::new(body)).await;
+    flags.splice(0..0, injected);
+    exchange.respond(
+        &routed,
+        (result, endpoint, flags),
+        upgrade,
+        admission,
+        active,
+    )
 }
 
 /// One request as it arrived: what routing, the access log and the reply need of it.
@@ -497,6 +518,92 @@ impl Exchange {
         })
     }
 
+    /// A route's `redirect` or `directResponse`, answered here (with the route's response
+    /// headers), logged.
+    fn answer(&self, routed: &Routed<'_>, reply: &LocalReply, parts: &Parts) -> Response<Body> {
+        let mut resp = match reply {
+            LocalReply::Redirect(r) => {
+                let scheme = parts.uri.scheme_str().unwrap_or("http");
+                let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+                let location = actions::location(r, scheme, &self.authority, path);
+                let mut resp = Response::new(Body::default());
+                *resp.status_mut() = r.code;
+                if let Ok(v) = HeaderValue::from_str(&location) {
+                    resp.headers_mut().insert(header::LOCATION, v);
+                }
+                resp
+            }
+            LocalReply::Direct { status, body } => {
+                let mut resp = Response::new(
+                    Full::new(Bytes::from(body.clone()))
+                        .map_err(|never| match never {})
+                        .boxed(),
+                );
+                *resp.status_mut() = *status;
+                if !body.is_empty() {
+                    resp.headers_mut()
+                        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+                }
+                resp
+            }
+        };
+        if let Some(route) = routed.decision.http_route {
+            actions::apply(&route.headers.response, resp.headers_mut());
+        }
+        self.record(
+            resp.status().as_u16(),
+            ("-", &routed.route_name),
+            "-",
+            Vec::new(),
+        )
+        .emit();
+        resp
+    }
+
+    /// A route's `fault`: waits out an injected delay (flag `DI`), then answers an injected
+    /// abort (flag `FI`, as Envoy's fault filter does, before any circuit breaker or endpoint).
+    async fn inject(
+        &self,
+        routed: &Routed<'_>,
+        fault: &Fault,
+        flags: &mut Vec<ResponseFlag>,
+    ) -> Option<Response<Body>> {
+        if let Some((delay, percent)) = fault.delay
+            && actions::applies(percent, fastrand::f64())
+        {
+            tokio::time::sleep(delay).await;
+            flags.push(ResponseFlag::DelayInjected);
+        }
+        let (abort, percent) = fault.abort?;
+        if !actions::applies(percent, fastrand::f64()) {
+            return None;
+        }
+        flags.push(ResponseFlag::FaultInjected);
+        let mut resp = match abort {
+            Abort::Http(status) => local(status, "fault filter abort", flags),
+            Abort::Grpc(code) => {
+                let mut resp = local(StatusCode::OK, "", flags);
+                let h = resp.headers_mut();
+                h.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/grpc"),
+                );
+                h.insert("grpc-status", HeaderValue::from(code));
+                h.insert(
+                    "grpc-message",
+                    HeaderValue::from_static("fault filter abort"),
+                );
+                resp
+            }
+        };
+        if let Some(route) = routed.decision.http_route {
+            actions::apply(&route.headers.response, resp.headers_mut());
+        }
+        self.record(resp.status().as_u16(), routed.names(), "-", flags.clone())
+            .emit();
+        Some(resp)
+    }
+
     /// Envoy's reply when routing failed, logged.
     fn unrouted(&self, e: &RouteError) -> Response<Body> {
         let reply = route_failure(e);
@@ -554,6 +661,9 @@ impl Exchange {
         }
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers, switching);
+        for rules in routed.header_rules() {
+            actions::apply(&rules.response, &mut parts.headers);
+        }
         if let Some(c) = &routed.decision.set_cookie
             && let Ok(v) = HeaderValue::from_str(c)
         {
@@ -578,6 +688,15 @@ impl Exchange {
 // === impl Routed ===
 
 impl Routed<'_> {
+    /// The route's `headers`, then its destination's, in the order Envoy applies them.
+    fn header_rules(&self) -> impl Iterator<Item = &HeaderRules> {
+        let d = &self.decision;
+        d.http_route
+            .map(|r| &r.headers)
+            .into_iter()
+            .chain(d.destination.map(|w| &w.headers))
+    }
+
     /// (cluster, route) as the access log names them.
     fn names(&self) -> (&str, &str) {
         (&self.decision.cluster.name, &self.route_name)
@@ -634,13 +753,26 @@ impl Forward {
             .as_ref()
             .unwrap_or(ConnectionPool::istio_defaults());
         let h2 = !upgrading && upstream_h2(routed.snapshot, exchange.peers.1, pool, parts.version);
-        let path_and_query = parts
+        let mut path_and_query = parts
             .uri
             .path_and_query()
             .map_or("/", |p| p.as_str())
             .to_string();
         strip_hop_by_hop(&mut parts.headers, upgrading);
-        let authority = &exchange.authority;
+        let mut authority = &exchange.authority;
+        if let Some(rw) = routed.decision.http_route.and_then(|r| r.rewrite.as_ref()) {
+            let matched = routed.decision.http_match.and_then(|m| m.uri.as_ref());
+            if rw.uri.is_some() || rw.uri_regex.is_some() {
+                path_and_query = actions::rewrite_path(&path_and_query, matched, rw);
+            }
+            if let Some(a) = &rw.authority {
+                authority = a;
+                parts.headers.remove(header::HOST);
+            }
+        }
+        for rules in routed.header_rules() {
+            actions::apply(&rules.request, &mut parts.headers);
+        }
         let first_uri = if h2 {
             parts.headers.remove(header::HOST);
             let scheme = if c.tls.is_some() { "https" } else { "http" };

@@ -47,8 +47,13 @@ pub struct Decision<'a> {
     pub target: Target,
     /// `namespace/name http[i]` of the VirtualService route used, if any.
     pub route: Option<String>,
-    /// The HTTP route used, if any (its `retries` and `timeout` apply).
+    /// The HTTP route used, if any (its `retries`, `timeout`, `headers`, `rewrite` and `fault`
+    /// apply; with a `local` reply the proxy answers itself and `target` is not dialed).
     pub http_route: Option<&'a policy::HttpRoute>,
+    /// The route's match that matched (absent: the route matches everything).
+    pub http_match: Option<&'a policy::HttpMatch>,
+    /// The route destination chosen (its `headers` apply after the route's).
+    pub destination: Option<&'a WeightedDestination>,
     /// `Set-Cookie` value to add to the response (a hash cookie with a `ttl` was absent).
     pub set_cookie: Option<String>,
     /// Index of the pick in the cluster's balancer (for its active-request count).
@@ -98,8 +103,16 @@ impl RouteError {
 impl Registry {
     /// Routes a new connection from `src` to `orig`, picking the endpoint (per connection: only a
     /// `useSourceIp` hash key exists at this point; other hash keys fall back to random).
+    /// A connection cannot be answered with an HTTP reply: a route the proxy answers itself
+    /// counts as no route here.
     pub fn route(&self, orig: SocketAddr, src: Option<IpAddr>) -> Result<Decision<'_>, RouteError> {
-        self.route_with(orig, src, None)
+        let d = self.route_with(orig, src, None)?;
+        match (d.http_route, &d.route) {
+            (Some(r), Some(name)) if r.local.is_some() => {
+                Err(RouteError::NoRouteMatched { vs: name.clone() })
+            }
+            _ => Ok(d),
+        }
     }
 
     /// Routes one HTTP request on a connection from `src` to `orig`.
@@ -125,12 +138,30 @@ impl Registry {
             .ok_or(RouteError::NotCaptured(orig))?;
         let service = &self.services[s];
         let port = &service.ports[p];
-        let (dest, route, http_route) = match self.virtual_service_for(&service.host) {
-            None => (None, None, None),
+        let default = || {
+            self.cluster(s, port.number, None)
+                .expect("every service port has a default cluster")
+        };
+        let (dest, route, http_route, http_match) = match self.virtual_service_for(&service.host) {
+            None => (None, None, None, None),
             Some(vs) => {
                 match self.l4_route(vs, port.number, port.protocol.as_deref(), orig.ip(), req) {
-                    Routed::Default => (None, None, None),
-                    Routed::To(d, name, r) => (Some(d), Some(name), r),
+                    Routed::Default => (None, None, None, None),
+                    Routed::To(d, name, r, m) => (Some(d), Some(name), r, m),
+                    Routed::Local(name, r, m) => {
+                        // Answered by the proxy: nothing is picked or dialed.
+                        return Ok(Decision {
+                            service,
+                            cluster: default(),
+                            target: Target::Passthrough(orig),
+                            route: Some(name),
+                            http_route: Some(r),
+                            http_match: m,
+                            destination: None,
+                            set_cookie: None,
+                            pick: None,
+                        });
+                    }
                     Routed::NoMatch => {
                         return Err(RouteError::NoRouteMatched {
                             vs: vs.source.id.clone(),
@@ -140,11 +171,35 @@ impl Registry {
             }
         };
         let cluster = match dest {
-            None => self
-                .cluster(s, port.number, None)
-                .expect("every service port has a default cluster"),
+            None => default(),
             Some(d) => self.destination_cluster(d, port.number)?,
         };
+        let mut set_cookie = None;
+        let (target, pick) = self.target(cluster, orig, src, req, &mut set_cookie)?;
+        Ok(Decision {
+            service,
+            cluster,
+            target,
+            route,
+            http_route,
+            http_match,
+            destination: dest,
+            set_cookie,
+            pick,
+        })
+    }
+
+    /// Where a routed request or connection goes in `cluster`: the original destination (on the
+    /// cluster's port) for `PASSTHROUGH` and `resolution: NONE`, else the endpoint the balancer
+    /// picks (with the request's hash key, generating its cookie into `set_cookie` when needed).
+    fn target(
+        &self,
+        cluster: &Cluster,
+        orig: SocketAddr,
+        src: Option<IpAddr>,
+        req: Option<&Request<'_>>,
+        set_cookie: &mut Option<String>,
+    ) -> Result<(Target, Option<usize>), RouteError> {
         let dsvc = &self.services[cluster.service];
         let passthrough = dsvc.resolution == Resolution::None
             || matches!(
@@ -154,42 +209,29 @@ impl Registry {
                     ..
                 })
             );
-        let mut set_cookie = None;
-        let mut pick = None;
-        let target = if passthrough {
+        if passthrough {
             let tp = dsvc
                 .ports
                 .iter()
                 .find(|p| p.number == cluster.port)
                 .map_or(orig.port(), |p| p.target_port);
-            Target::Passthrough(SocketAddr::new(orig.ip(), tp))
-        } else {
-            let hash = match (cluster.hash_key(), src, req) {
-                (Some(HashKey::SourceIp), Some(ip), _) => {
-                    Some(key_hash(ip.to_canonical().to_string().as_bytes()))
-                }
-                (Some(key), _, Some(req)) => request_hash(key, req, &mut set_cookie),
-                _ => None,
-            };
-            let picked = match &cluster.outlier {
-                None => cluster.balancer.pick(PickContext { hash }),
-                Some(od) => od.pick(&cluster.balancer, PickContext { hash }),
-            };
-            let i = picked.ok_or_else(|| RouteError::NoEndpoint {
-                cluster: cluster.name.clone(),
-            })?;
-            pick = Some(i);
-            cluster.target(i)
+            return Ok((Target::Passthrough(SocketAddr::new(orig.ip(), tp)), None));
+        }
+        let hash = match (cluster.hash_key(), src, req) {
+            (Some(HashKey::SourceIp), Some(ip), _) => {
+                Some(key_hash(ip.to_canonical().to_string().as_bytes()))
+            }
+            (Some(key), _, Some(req)) => request_hash(key, req, set_cookie),
+            _ => None,
         };
-        Ok(Decision {
-            service,
-            cluster,
-            target,
-            route,
-            http_route,
-            set_cookie,
-            pick,
-        })
+        let picked = match &cluster.outlier {
+            None => cluster.balancer.pick(PickContext { hash }),
+            Some(od) => od.pick(&cluster.balancer, PickContext { hash }),
+        };
+        let i = picked.ok_or_else(|| RouteError::NoEndpoint {
+            cluster: cluster.name.clone(),
+        })?;
+        Ok((cluster.target(i), Some(i)))
     }
 
     /// The VirtualService that applies to `host` for this client: visible, bound to `mesh`, most
@@ -258,20 +300,21 @@ impl Registry {
         };
         if is_http(protocol) {
             for r in &vs.vs.http {
-                let applies = r.matches.is_empty()
-                    || r.matches.iter().any(|m| {
-                        m.port.is_none_or(|p| p == port)
-                            && source_ok(&m.source_labels, &m.source_namespace)
-                            && match req {
-                                Some(req) => request_matches(m, req),
-                                None => !needs_request(m),
-                            }
-                    });
-                if applies {
-                    return match weighted(&r.destinations) {
-                        Some(d) => {
-                            Routed::To(d, format!("{} http[{}]", vs.source.id, r.index), Some(r))
+                let matched = r.matches.iter().find(|m| {
+                    m.port.is_none_or(|p| p == port)
+                        && source_ok(&m.source_labels, &m.source_namespace)
+                        && match req {
+                            Some(req) => request_matches(m, req),
+                            None => !needs_request(m),
                         }
+                });
+                if r.matches.is_empty() || matched.is_some() {
+                    let name = format!("{} http[{}]", vs.source.id, r.index);
+                    if r.local.is_some() {
+                        return Routed::Local(name, r, matched);
+                    }
+                    return match weighted(&r.destinations) {
+                        Some(d) => Routed::To(d, name, Some(r), matched),
                         None => Routed::NoMatch,
                     };
                 }
@@ -291,7 +334,7 @@ impl Registry {
                             || m.destination_subnets.iter().any(|n| in_subnet(dst, *n)))
                 });
             if applies && let Some(d) = weighted(&r.destinations) {
-                return Routed::To(d, format!("{} tcp[{}]", vs.source.id, r.index), None);
+                return Routed::To(d, format!("{} tcp[{}]", vs.source.id, r.index), None, None);
             }
         }
         Routed::Default
@@ -340,12 +383,16 @@ impl Cluster {
 enum Routed<'v> {
     /// No route applies to this kind of traffic: the service's default cluster.
     Default,
-    /// A destination, the route's name and, for HTTP, the route (retries, timeout).
+    /// A destination, the route's name and, for HTTP, the route (retries, timeout) and the
+    /// match that matched.
     To(
         &'v WeightedDestination,
         String,
         Option<&'v policy::HttpRoute>,
+        Option<&'v policy::HttpMatch>,
     ),
+    /// An HTTP route the proxy answers itself (`redirect`, `directResponse`).
+    Local(String, &'v policy::HttpRoute, Option<&'v policy::HttpMatch>),
     /// The VirtualService claims the host but no route matches (Envoy: 404, `NR`).
     NoMatch,
 }

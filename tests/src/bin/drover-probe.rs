@@ -286,6 +286,8 @@ mod http {
         errors: u64,
         set_cookie: Option<String>,
         first: Option<Value>,
+        /// The first response's headers.
+        first_headers: Option<Value>,
         /// The first failure, in words (with its source chain).
         first_error: Option<String>,
     }
@@ -353,14 +355,24 @@ mod http {
                                 .get("set-cookie")
                                 .and_then(|v| v.to_str().ok())
                                 .map(str::to_string);
+                            let mut heads = serde_json::Map::new();
+                            for (k, v) in resp.headers() {
+                                heads.insert(k.to_string(), v.to_str().unwrap_or("?").into());
+                            }
                             let body = resp.into_body().collect().await?.to_bytes();
-                            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((status, cookie, body))
+                            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((
+                                status,
+                                cookie,
+                                body,
+                                Value::Object(heads),
+                            ))
                         })
                         .await;
                         let mut t = tally.lock().expect("tally");
                         match outcome {
-                            Ok(Ok((status, cookie, body))) => {
+                            Ok(Ok((status, cookie, body, heads))) => {
                                 t.latencies_us.push(sent.elapsed().as_secs_f64() * 1e6);
+                                t.first_headers.get_or_insert(heads);
                                 *t.status.entry(status).or_default() += 1;
                                 if t.set_cookie.is_none() {
                                     t.set_cookie = cookie;
@@ -425,6 +437,7 @@ mod http {
                 "first_error": t.first_error,
                 "set_cookie": t.set_cookie,
                 "first": t.first,
+                "first_headers": t.first_headers,
                 "elapsed_ms": start.elapsed().as_secs_f64() * 1000.0,
             }))
         })

@@ -231,11 +231,34 @@ async fn handle(
                     .then(|| hyper::upgrade::on(&mut req));
                 let headers: Vec<String> =
                     req.headers().keys().map(|k| format!("\"{k}\"")).collect();
+                // Every value of every header, joined with ", " per name, as JSON.
+                let mut values = serde_json::Map::new();
+                for k in req.headers().keys() {
+                    let all: Vec<&str> = req
+                        .headers()
+                        .get_all(k)
+                        .iter()
+                        .map(|v| v.to_str().unwrap_or("?"))
+                        .collect();
+                    values.insert(k.to_string(), all.join(", ").into());
+                }
+                let authority = req
+                    .uri()
+                    .authority()
+                    .map(|a| a.to_string())
+                    .or_else(|| {
+                        let host = req.headers().get("host")?;
+                        host.to_str().ok().map(str::to_string)
+                    })
+                    .unwrap_or_default();
                 let body = format!(
-                    "{{\"podname\":\"{name}\",\"path\":\"{}\",\"peer\":\"{peer}\",\"version\":\"{:?}\",\"sni\":{sni_json},\"client_cert\":{client_cert},\"client_cert_id\":{cert_json},\"headers\":[{}]}}\n",
+                    "{{\"podname\":\"{name}\",\"path\":\"{}\",\"query\":{},\"authority\":{},\"peer\":\"{peer}\",\"version\":\"{:?}\",\"sni\":{sni_json},\"client_cert\":{client_cert},\"client_cert_id\":{cert_json},\"headers\":[{}],\"header_values\":{}}}\n",
                     req.uri().path(),
+                    serde_json::Value::from(req.uri().query().unwrap_or("")),
+                    serde_json::Value::from(authority),
                     req.version(),
-                    headers.join(",")
+                    headers.join(","),
+                    serde_json::Value::Object(values)
                 );
                 async move {
                     if let Some(on) = upgrade {

@@ -690,9 +690,98 @@ fn virtual_service_rules() {
                 Error("mirrorPercentage.value: percentage 150 must be between 0 and 100"),
             ),
             (
-                "fault accepted, not enforced",
-                "hosts: [a]\nhttp: [{route: [{destination: {host: a}}], fault: {abort: {httpStatus: 500}}}]",
-                Warn("spec.http[0].fault: fault is accepted but not enforced"),
+                "fault, rewrite and headers are enforced",
+                "hosts: [a]\nhttp: [{route: [{destination: {host: a}, headers: {response: {add: {x-d: '1'}}}}], fault: {abort: {httpStatus: 500, percentage: {value: 10}}, delay: {fixedDelay: 1s, percentage: {value: 5}}}, rewrite: {uri: /v2, authority: b}, headers: {request: {set: {x-a: b}, remove: [x-b]}}}]",
+                Clean,
+            ),
+            (
+                "fault abort status",
+                "hosts: [a]\nhttp: [{route: [{destination: {host: a}}], fault: {abort: {httpStatus: 700}}}]",
+                Error("fault.abort.httpStatus: httpStatus 700 must be between 200 and 599"),
+            ),
+            (
+                "fault grpc status name",
+                "hosts: [a]\nhttp: [{route: [{destination: {host: a}}], fault: {abort: {grpcStatus: SLEEPY}}}]",
+                Error("fault.abort.grpcStatus: \"SLEEPY\" is not a gRPC status name"),
+            ),
+            (
+                "fault delay needs fixedDelay",
+                "hosts: [a]\nhttp: [{route: [{destination: {host: a}}], fault: {delay: {percentage: {value: 5}}}}]",
+                Error("fault.delay.fixedDelay: fixedDelay is required"),
+            ),
+            (
+                "exponentialDelay is refused as Istio does",
+                "hosts: [a]\nhttp: [{route: [{destination: {host: a}}], fault: {delay: {exponentialDelay: 1s}}}]",
+                Error("fault.delay.exponentialDelay: exponentialDelay is not supported"),
+            ),
+            (
+                "fault percentage range",
+                "hosts: [a]\nhttp: [{route: [{destination: {host: a}}], fault: {abort: {httpStatus: 503, percentage: {value: 101}}}}]",
+                Error("fault.abort.percentage.value: percentage 101 must be between 0 and 100"),
+            ),
+            (
+                "redirect code",
+                "hosts: [a]\nhttp: [{redirect: {uri: /x, redirectCode: 200}}]",
+                Error("redirect.redirectCode: 200 is not a valid redirect code, must be 3xx"),
+            ),
+            (
+                "redirect needs a target",
+                "hosts: [a]\nhttp: [{redirect: {redirectCode: 302}}]",
+                Error(
+                    "spec.http[0].redirect: redirect must specify uri, authority, scheme or port",
+                ),
+            ),
+            (
+                "redirect port twice",
+                "hosts: [a]\nhttp: [{redirect: {port: 8080, derivePort: FROM_REQUEST_PORT}}]",
+                Error("port and derivePort are mutually exclusive"),
+            ),
+            (
+                "redirect and rewrite",
+                "hosts: [a]\nhttp: [{redirect: {uri: /x}, rewrite: {uri: /y}}]",
+                Error(
+                    "spec.http[0].rewrite: rewrite cannot be combined with redirect or directResponse",
+                ),
+            ),
+            (
+                "direct response status",
+                "hosts: [a]\nhttp: [{directResponse: {status: 99}}]",
+                Error("directResponse.status: status 99 must be between 200 and 599"),
+            ),
+            (
+                "direct response body",
+                "hosts: [a]\nhttp: [{directResponse: {status: 200, body: {string: a, bytes: YQ==}}}]",
+                Error("directResponse.body: string and bytes are mutually exclusive"),
+            ),
+            (
+                "direct response bytes are base64",
+                "hosts: [a]\nhttp: [{directResponse: {status: 200, body: {bytes: '!!'}}}]",
+                Error("directResponse.body.bytes: not base64"),
+            ),
+            (
+                "rewrite needs something",
+                "hosts: [a]\nhttp: [{route: [{destination: {host: a}}], rewrite: {}}]",
+                Error("rewrite must specify uri, uriRegexRewrite or authority"),
+            ),
+            (
+                "rewrite uri twice",
+                "hosts: [a]\nhttp: [{route: [{destination: {host: a}}], rewrite: {uri: /a, uriRegexRewrite: {match: a, rewrite: b}}}]",
+                Error("uri and uriRegexRewrite are mutually exclusive"),
+            ),
+            (
+                "rewrite regex",
+                "hosts: [a]\nhttp: [{route: [{destination: {host: a}}], rewrite: {uriRegexRewrite: {match: '(', rewrite: b}}}]",
+                Error("rewrite.uriRegexRewrite.match: invalid regex"),
+            ),
+            (
+                "host and pseudo-headers cannot be modified",
+                "hosts: [a]\nhttp: [{route: [{destination: {host: a}}], headers: {request: {set: {Host: b}, remove: [':path']}}}]",
+                Error("headers.request.set.Host: \"Host\" cannot be modified with headers"),
+            ),
+            (
+                "header value",
+                "hosts: [a]\nhttp: [{route: [{destination: {host: a}}], headers: {response: {add: {x-a: \"a\\nb\"}}}}]",
+                Error("headers.response.add.x-a: \"a\\nb\" is not a valid header value"),
             ),
             (
                 "route timeout",

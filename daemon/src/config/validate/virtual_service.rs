@@ -89,20 +89,12 @@ impl Checker<'_> {
             .enumerate()
             .map(|(i, m)| self.http_match(&format!("{path}.match[{i}]"), m))
             .collect();
-        for (i, d) in r.route.iter().enumerate() {
-            if d.headers.is_some() {
-                self.warn(
-                    format!("{path}.route[{i}].headers"),
-                    "headers is accepted but not enforced by drover",
-                );
-            }
-        }
-        let weights: Vec<(Option<&crd::Destination>, Option<i64>)> = r
+        let list: Vec<_> = r
             .route
             .iter()
-            .map(|d| (d.destination.as_ref(), d.weight))
+            .map(|d| (d.destination.as_ref(), d.weight, d.headers.as_ref()))
             .collect();
-        let destinations = self.destinations(path, &weights);
+        let destinations = self.destinations(path, &list);
         let retries = r.retries.as_ref().map(|rt| self.retries(path, rt));
         policy::HttpRoute {
             index,
@@ -113,11 +105,15 @@ impl Checker<'_> {
                 .duration(&format!("{path}.timeout"), r.timeout.as_ref(), true)
                 .filter(|d| !d.is_zero()),
             retries,
+            headers: self.header_rules(&format!("{path}.headers"), r.headers.as_ref()),
+            rewrite: r.rewrite.as_ref().map(|rw| self.rewrite(path, rw)),
+            local: self.local_reply(path, r),
+            fault: r.fault.as_ref().map(|f| self.fault(path, f)),
         }
     }
 
-    /// What a route does besides routing: redirect, direct response, delegate and the fields
-    /// accepted but not enforced (warned about, located).
+    /// What a route needs besides destinations (one of route, redirect, directResponse or
+    /// delegate), and the fields accepted but not enforced (warned about, located).
     fn http_actions(&mut self, path: &str, r: &crd::HttpRoute) {
         let actions = [
             r.redirect.is_some(),
@@ -137,14 +133,9 @@ impl Checker<'_> {
             );
         }
         for (field, set) in [
-            ("redirect", r.redirect.is_some()),
-            ("directResponse", r.direct_response.is_some()),
             ("delegate", r.delegate.is_some()),
-            ("rewrite", r.rewrite.is_some()),
-            ("fault", r.fault.is_some()),
             ("mirror", r.mirror.is_some() || r.mirrors.is_some()),
             ("corsPolicy", r.cors_policy.is_some()),
-            ("headers", r.headers.is_some()),
         ] {
             if set {
                 self.warn(
@@ -365,7 +356,7 @@ impl Checker<'_> {
         }
         let weights: Vec<_> = route
             .iter()
-            .map(|d| (d.destination.as_ref(), d.weight))
+            .map(|d| (d.destination.as_ref(), d.weight, None))
             .collect();
         policy::L4Route {
             index,
@@ -377,11 +368,15 @@ impl Checker<'_> {
     fn destinations(
         &mut self,
         path: &str,
-        list: &[(Option<&crd::Destination>, Option<i64>)],
+        list: &[(
+            Option<&crd::Destination>,
+            Option<i64>,
+            Option<&crd::Headers>,
+        )],
     ) -> Vec<policy::WeightedDestination> {
         let mut out = Vec::new();
         let mut sum = 0i64;
-        for (i, (dest, weight)) in list.iter().enumerate() {
+        for (i, (dest, weight, headers)) in list.iter().enumerate() {
             let dp = format!("{path}.route[{i}]");
             let weight = match weight {
                 Some(w) if *w < 0 => {
@@ -432,6 +427,7 @@ impl Checker<'_> {
                 port,
                 weight,
                 index: i,
+                headers: self.header_rules(&format!("{dp}.headers"), *headers),
             });
         }
         if list.len() > 1 && sum == 0 {

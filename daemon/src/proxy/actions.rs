@@ -1,0 +1,100 @@
+//! What an HTTP route does besides choosing a destination, as Envoy applies Istio's fields:
+//! header operations (`headers.request`/`headers.response`), path and authority rewrites
+//! (`rewrite`), redirects (`redirect`), local replies (`directResponse`) and fault injection
+//! (`fault`, whose replies `http.rs` builds).
+//!
+//! Invariants: pure functions over the request's parts and the validated policy (the fault
+//! rolls take their random number as an argument); header operations run remove, then set,
+//! then add, as Envoy's header parser does; a rewrite never drops the query string.
+
+use hyper::HeaderMap;
+
+use crate::config::policy::{HeaderOps, Redirect, RedirectPort, Rewrite, StringMatch};
+
+/// Applies `ops` to `headers`: removals, then `set` (replacing), then `add` (appending).
+pub fn apply(ops: &HeaderOps, headers: &mut HeaderMap) {
+    for name in &ops.remove {
+        headers.remove(name);
+    }
+    for (name, value) in &ops.set {
+        headers.insert(name.clone(), value.clone());
+    }
+    for (name, value) in &ops.add {
+        headers.append(name.clone(), value.clone());
+    }
+}
+
+/// The path and query after `rewrite.uri` or `rewrite.uriRegexRewrite`. `uri` replaces the part
+/// the route's `uri` match matched: its prefix, the whole path for an exact or regex match, and
+/// the leading `/` when the route matched without a `uri` (Envoy's `prefix_rewrite` over the
+/// catch-all prefix). The query string is kept.
+pub fn rewrite_path(path_and_query: &str, matched: Option<&StringMatch>, r: &Rewrite) -> String {
+    let (path, query) = match path_and_query.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (path_and_query, None),
+    };
+    let path = if let Some(re) = &r.uri_regex {
+        re.replace_all(path)
+    } else if let Some(uri) = &r.uri {
+        match matched {
+            Some(StringMatch::Prefix(p)) if path.len() >= p.len() => {
+                format!("{uri}{}", &path[p.len()..])
+            }
+            Some(StringMatch::Prefix(_) | StringMatch::Exact(_) | StringMatch::Regex(_)) => {
+                uri.clone()
+            }
+            None => format!("{uri}{}", path.strip_prefix('/').unwrap_or(path)),
+        }
+    } else {
+        path.to_string()
+    };
+    match query {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    }
+}
+
+/// The `Location` of a redirect: each part the redirect names replaces the request's.
+pub fn location(r: &Redirect, scheme: &str, authority: &str, path_and_query: &str) -> String {
+    let scheme = r.scheme.as_deref().unwrap_or(scheme);
+    let request_port = split_authority(authority).1;
+    // Envoy's `host_redirect` replaces the whole authority, port included.
+    let (host, port) = split_authority(r.authority.as_deref().unwrap_or(authority));
+    let port = match r.port {
+        Some(RedirectPort::Fixed(p)) => Some(p),
+        Some(RedirectPort::FromRequest) => request_port,
+        Some(RedirectPort::ProtocolDefault) => None,
+        // Unchanged, unless the scheme changes (then the new scheme's default).
+        None if r.scheme.is_some() => None,
+        None => port,
+    };
+    let port = port
+        .filter(|p| !matches!((scheme, *p), ("http", 80) | ("https", 443)))
+        .map_or_else(String::new, |p| format!(":{p}"));
+    // Istio: `uri` replaces the whole path whatever the match; the request's query stays unless
+    // `uri` carries its own (Envoy's `path_redirect`).
+    let path = match (&r.uri, path_and_query.split_once('?')) {
+        (Some(uri), Some((_, q))) if !uri.contains('?') => format!("{uri}?{q}"),
+        (Some(uri), _) => uri.clone(),
+        (None, _) => path_and_query.to_string(),
+    };
+    format!("{scheme}://{host}{port}{path}")
+}
+
+/// `host[:port]` (IPv6 literals in brackets) split into the host and a valid port.
+fn split_authority(a: &str) -> (&str, Option<u16>) {
+    match a.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() && !p.contains(']') => {
+            (h, p.parse().ok())
+        }
+        _ => (a, None),
+    }
+}
+
+/// Whether a fault with `percent` (0–100) applies, given a uniform `roll` in [0, 1).
+pub fn applies(percent: f64, roll: f64) -> bool {
+    roll * 100.0 < percent
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,127 @@
+//! Envoy's observable results for each action, case by case.
+
+use hyper::{
+    StatusCode,
+    header::{HeaderName, HeaderValue},
+};
+
+use super::*;
+use crate::config::policy::RegexRewrite;
+
+fn name(s: &'static str) -> HeaderName {
+    HeaderName::from_static(s)
+}
+
+fn value(s: &'static str) -> HeaderValue {
+    HeaderValue::from_static(s)
+}
+
+#[test]
+fn header_operations_remove_then_set_then_add() {
+    let ops = HeaderOps {
+        set: vec![(name("x-set"), value("new"))],
+        add: vec![
+            (name("x-add"), value("two")),
+            (name("x-gone"), value("back")),
+        ],
+        remove: vec![name("x-gone"), name("x-absent")],
+    };
+    let mut h = HeaderMap::new();
+    h.insert(name("x-set"), value("old"));
+    h.append(name("x-set"), value("older"));
+    h.insert(name("x-add"), value("one"));
+    h.insert(name("x-gone"), value("bye"));
+    apply(&ops, &mut h);
+    let all = |n: &'static str| -> Vec<&str> {
+        h.get_all(n).iter().map(|v| v.to_str().unwrap()).collect()
+    };
+    assert_eq!(all("x-set"), ["new"], "set replaces every value");
+    assert_eq!(all("x-add"), ["one", "two"], "add appends");
+    // Removal runs first, so an `add` of a removed name survives.
+    assert_eq!(all("x-gone"), ["back"]);
+}
+
+fn rewrite(uri: Option<&str>, regex: Option<(&str, &str)>) -> Rewrite {
+    Rewrite {
+        uri: uri.map(str::to_string),
+        authority: None,
+        uri_regex: regex.map(|(p, w)| RegexRewrite::new(p, w).unwrap()),
+    }
+}
+
+#[test]
+fn uri_rewrite_replaces_what_the_match_matched_and_keeps_the_query() {
+    let r = rewrite(Some("/v2/"), None);
+    let prefix = StringMatch::Prefix("/api/".into());
+    assert_eq!(
+        rewrite_path("/api/users?id=7", Some(&prefix), &r),
+        "/v2/users?id=7"
+    );
+    let exact = StringMatch::Exact("/login".into());
+    assert_eq!(
+        rewrite_path("/login?next=/", Some(&exact), &r),
+        "/v2/?next=/"
+    );
+    // No uri match: the catch-all prefix `/` is what gets replaced.
+    assert_eq!(rewrite_path("/users", None, &r), "/v2/users");
+    // uriRegexRewrite substitutes every match, with numbered groups.
+    let r = rewrite(None, Some(("^/service/([^/]+)(/.*)$", "\\2/instance/\\1")));
+    assert_eq!(
+        rewrite_path("/service/foo/v1/api?x=1", None, &r),
+        "/v1/api/instance/foo?x=1"
+    );
+}
+
+fn redirect(uri: Option<&str>, authority: Option<&str>, scheme: Option<&str>) -> Redirect {
+    Redirect {
+        uri: uri.map(str::to_string),
+        authority: authority.map(str::to_string),
+        scheme: scheme.map(str::to_string),
+        port: None,
+        code: StatusCode::MOVED_PERMANENTLY,
+    }
+}
+
+#[test]
+fn redirect_location_replaces_only_what_it_names() {
+    let r = redirect(
+        Some("/v1/bookRatings"),
+        Some("newratings.default.svc"),
+        None,
+    );
+    assert_eq!(
+        location(&r, "http", "ratings:9080", "/v1/getProductRatings?id=1"),
+        "http://newratings.default.svc/v1/bookRatings?id=1",
+        "the authority replaces host and port"
+    );
+    // A scheme change drops the old port (the new scheme's default applies).
+    let r = redirect(None, None, Some("https"));
+    assert_eq!(
+        location(&r, "http", "shop.example:80", "/cart"),
+        "https://shop.example/cart"
+    );
+    let mut r = redirect(Some("/x?y=1"), None, None);
+    r.port = Some(RedirectPort::Fixed(8443));
+    assert_eq!(
+        location(&r, "http", "a.b", "/old?q=2"),
+        "http://a.b:8443/x?y=1",
+        "a query in uri replaces the request's"
+    );
+    r.port = Some(RedirectPort::FromRequest);
+    assert_eq!(location(&r, "http", "a.b:81", "/"), "http://a.b:81/x?y=1");
+    r.port = Some(RedirectPort::ProtocolDefault);
+    assert_eq!(location(&r, "http", "a.b:81", "/"), "http://a.b/x?y=1");
+    // IPv6 literal authorities keep their brackets.
+    let r = redirect(Some("/z"), None, None);
+    assert_eq!(
+        location(&r, "http", "[::1]:8080", "/"),
+        "http://[::1]:8080/z"
+    );
+}
+
+#[test]
+fn fault_percentages_roll_against_a_uniform_number() {
+    assert!(applies(100.0, 0.999_999));
+    assert!(!applies(0.0, 0.0));
+    assert!(applies(25.0, 0.249) && !applies(25.0, 0.25));
+}
