@@ -28,6 +28,7 @@ mod actions;
 mod attempt;
 pub mod downstream;
 pub mod http;
+mod proxy_protocol;
 pub mod relay;
 mod replay;
 mod retry;
@@ -267,6 +268,12 @@ impl Proxy {
             mark: self.mark,
             connect_timeout: pool.connect_timeout,
             keepalive: pool.tcp_keepalive.clone(),
+            proxy_header: d
+                .cluster
+                .policy
+                .proxy_protocol
+                .value
+                .map(|v| proxy_protocol::header(v, src, orig)),
             tls: d
                 .cluster
                 .tls

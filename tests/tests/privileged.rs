@@ -1000,3 +1000,56 @@ fn endpoint_counters_reach_the_pinned_map_without_the_admin_api() {
     };
     assert_eq!(total, 4, "EP_DSTATS counts every relayed connection");
 }
+
+#[test]
+fn proxy_protocol_header_precedes_the_clients_bytes_upstream() {
+    if !require_privileged() {
+        return;
+    }
+    for version in ["V1", "V2"] {
+        let yaml = echo_with_policy(&format!("proxyProtocol: {{version: {version}}}"));
+        let Captured {
+            t,
+            daemon: _daemon,
+            _servers,
+            _pins,
+            ..
+        } = captured(1, Some(yaml), &[]);
+        let mut conn = t.client.connect(sa(&format!("{VIP}:80")), None).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        // The header names the workload as Envoy's would: its address in its namespace (the
+        // socket itself is connected over loopback to the capture listener) and its port.
+        let client =
+            std::net::SocketAddr::new(Topology::client4(1), conn.local_addr().unwrap().port());
+        let mut reader = BufReader::new(conn.try_clone().unwrap());
+        let mut greeting = String::new();
+        reader.read_line(&mut greeting).unwrap();
+        assert!(greeting.starts_with("hello from ep1"), "{greeting}");
+        conn.write_all(b"payload\n").unwrap();
+        // The echo server sends back everything it received: the header, then the payload.
+        if version == "V1" {
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            assert_eq!(
+                line,
+                format!("PROXY TCP4 {} {VIP} {} 80\r\n", client.ip(), client.port())
+            );
+        } else {
+            let mut head = [0u8; 28];
+            reader.read_exact(&mut head).unwrap();
+            assert_eq!(&head[..12], b"\r\n\r\n\0\r\nQUIT\n");
+            assert_eq!(&head[12..16], &[0x21, 0x11, 0, 12], "v2 PROXY over TCP4");
+            let client_ip = match client.ip() {
+                std::net::IpAddr::V4(v4) => v4.octets(),
+                other => panic!("{other}"),
+            };
+            assert_eq!(&head[16..20], &client_ip);
+            assert_eq!(&head[20..24], &[127, 77, 0, 10]);
+            assert_eq!(&head[24..26], &client.port().to_be_bytes());
+            assert_eq!(&head[26..28], &80u16.to_be_bytes());
+        }
+        let mut payload = String::new();
+        reader.read_line(&mut payload).unwrap();
+        assert_eq!(payload, "payload\n", "{version}");
+    }
+}

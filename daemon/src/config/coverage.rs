@@ -294,10 +294,9 @@ const TABLE: &[(&str, How)] = &[
     ),
     (
         "DestinationRule.trafficPolicy.proxyProtocol",
-        Warned {
-            spec: "host: a\ntrafficPolicy: {proxyProtocol: {version: V2}}",
-            warning: "proxyProtocol",
-        },
+        Enforced(
+            "tests/tests/privileged.rs::proxy_protocol_header_precedes_the_clients_bytes_upstream",
+        ),
     ),
     (
         "DestinationRule.trafficPolicy.retryBudget",

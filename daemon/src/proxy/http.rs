@@ -179,6 +179,7 @@ impl Upstreams {
             mark: self.mark,
             connect_timeout: settings.connect_timeout,
             keepalive: settings.keepalive.clone(),
+            proxy_header: None,
             tls: tls.map(|(origination, stats)| TlsTarget {
                 origination: origination.clone(),
                 host: host.clone(),

@@ -62,6 +62,9 @@ pub struct Dialer {
     pub connect_timeout: Duration,
     pub keepalive: Option<TcpKeepalive>,
     pub tls: Option<TlsTarget>,
+    /// A PROXY protocol header to send first (before any TLS), as Envoy's upstream proxy
+    /// protocol transport socket does.
+    pub proxy_header: Option<Vec<u8>>,
 }
 
 /// What a TLS dial needs: the origination, the request host (auto SNI, HTTP only) and where to
@@ -79,9 +82,14 @@ impl Dialer {
     /// A connection to `addr`: connected, kept alive as configured, and TLS-wrapped when the
     /// cluster originates TLS (the handshake counted as `ssl.*`).
     pub async fn dial(&self, addr: SocketAddr) -> Result<Stream, Error> {
-        let tcp = connect(&self.ns, addr, self.connect_timeout, self.mark).await?;
+        let mut tcp = connect(&self.ns, addr, self.connect_timeout, self.mark).await?;
         if let Some(k) = &self.keepalive {
             set_keepalive(&tcp, k);
+        }
+        if let Some(h) = &self.proxy_header {
+            tokio::io::AsyncWriteExt::write_all(&mut tcp, h)
+                .await
+                .map_err(|source| Error::Connect { addr, source })?;
         }
         let Some(t) = &self.tls else {
             return Ok(Stream::Plain(tcp));

@@ -13,7 +13,7 @@ use super::{
     Client, Cluster, Endpoint, Member, Registry, Resolution, RuleEntry, RuleRef, Service,
     ServicePort, VsEntry,
     peer::{InboundMtls, PeerEntry},
-    resolve,
+    resolve, route,
 };
 use crate::{
     balance::{Balancer, Plan, locality::Place},
@@ -72,8 +72,34 @@ impl Registry {
             config: set.clone(),
         };
         registry.clusters = clusters(&registry);
+        registry.warnings.extend(proxy_protocol_on_http(&registry));
         Ok(registry)
     }
+}
+
+/// `proxyProtocol` is written on TCP ports' connections only: one located warning per rule field
+/// that reaches an HTTP port (whose pooled upstream connections carry many clients' requests).
+fn proxy_protocol_on_http(reg: &Registry) -> Vec<Problem> {
+    let mut seen = std::collections::BTreeMap::new();
+    for c in reg.clusters.values() {
+        let (Some(_), Some((rule, path))) = (
+            &c.policy.proxy_protocol.value,
+            &c.policy.proxy_protocol.from,
+        ) else {
+            continue;
+        };
+        let svc = &reg.services[c.service];
+        let protocol = svc.ports.iter().find(|p| p.number == c.port);
+        if route::is_http(protocol.and_then(|p| p.protocol.as_deref())) {
+            seen.entry((rule.id.clone(), path.clone())).or_insert_with(|| {
+                rule.origin.problem(
+                    path.clone(),
+                    format!("proxyProtocol is not enforced on HTTP port {} of {} (drover writes it on TCP ports' connections only)", c.port, svc.host),
+                )
+            });
+        }
+    }
+    seen.into_values().collect()
 }
 
 /// The services of a configuration, one per host of each valid `ServiceEntry`, with the
@@ -609,6 +635,22 @@ spec:
             "{w:?}"
         );
         assert_eq!(r.services().len(), 1, "the DNS service is not captured");
+    }
+
+    #[test]
+    fn proxy_protocol_on_an_http_port_is_a_located_warning() {
+        let rule = "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: pp, namespace: demo}\nspec:\n  host: reviews\n  trafficPolicy: {proxyProtocol: {version: V1}}\n";
+        let r = build(&format!("{REVIEWS}{rule}")).expect("valid");
+        let w: Vec<String> = r.warnings().iter().map(ToString::to_string).collect();
+        let hits: Vec<_> = w
+            .iter()
+            .filter(|w| w.contains("spec.trafficPolicy.proxyProtocol: proxyProtocol is not enforced on HTTP port 9080"))
+            .collect();
+        assert_eq!(
+            hits.len(),
+            1,
+            "one warning per field, not per cluster: {w:?}"
+        );
     }
 
     const REVIEWS: &str = "\

@@ -130,16 +130,11 @@ impl Checker<'_> {
             Some(crd::ProxyProtocolVersion::V2) => policy::ProxyProtocolVersion::V2,
             _ => policy::ProxyProtocolVersion::V1,
         });
-        for (field, set) in [
-            ("tunnel", tunnel.is_some()),
-            ("proxyProtocol", proxy_protocol.is_some()),
-        ] {
-            if set {
-                self.warn(
-                    format!("{path}.{field}"),
-                    format!("{field} is accepted but not enforced by drover (connections go to the endpoint directly)"),
-                );
-            }
+        if tunnel.is_some() {
+            self.warn(
+                format!("{path}.tunnel"),
+                "tunnel is accepted but not enforced by drover (connections go to the endpoint directly)",
+            );
         }
         if tunnel.is_some() && proxy_protocol.is_some() {
             self.err(

@@ -390,9 +390,9 @@ fn destination_rule_rules() {
                 Warn("tunnel: tunnel is accepted but not enforced by drover"),
             ),
             (
-                "proxy protocol is warned about",
+                "proxy protocol is enforced",
                 "host: a\ntrafficPolicy: {proxyProtocol: {version: V2}}",
-                Warn("proxyProtocol: proxyProtocol is accepted but not enforced by drover"),
+                Clean,
             ),
             (
                 "warmup ignored for RANDOM",
