@@ -32,6 +32,7 @@ mod proxy_protocol;
 pub mod relay;
 mod replay;
 mod retry;
+mod sni;
 mod streams;
 pub mod upstream;
 
@@ -43,6 +44,10 @@ use crate::{
     redirect::{self, OriginalDst, netns::NetNs},
     registry::{RegistryHandle, RouteError, Target, route::is_http},
 };
+
+/// How long a connection to a port with `tls` routes may take to send its ClientHello before it
+/// is routed without a server name (Envoy's listener filter timeout is of this order).
+const SNI_WAIT: Duration = Duration::from_secs(5);
 
 /// Why a captured connection was not relayed.
 #[derive(Debug, thiserror::Error)]
@@ -232,7 +237,12 @@ impl Proxy {
         if let Some((svc, _)) = registry.lookup(orig) {
             log.host = svc.host.clone();
         }
-        let d = registry.route(orig, src.map(|a| a.ip()))?;
+        // `tls` routes match the ClientHello's server name, read without consuming it.
+        let sni = match registry.needs_sni(orig) {
+            true => sni::peek(client, SNI_WAIT).await,
+            false => None,
+        };
+        let d = registry.route_tls(orig, src.map(|a| a.ip()), sni.as_deref())?;
         log.cluster = d.cluster.name.clone();
         log.route = d.route.clone().unwrap_or_else(|| "-".into());
         let pool = d

@@ -831,3 +831,91 @@ fn peer_authentication_resources_set_the_inbound_mode_per_port_and_follow_edits(
         "{dump}"
     );
 }
+
+#[test]
+fn tls_routes_pick_the_destination_by_the_client_hellos_server_name() {
+    if !require_privileged() {
+        return;
+    }
+    // Two TLS endpoints behind one TLS port; the daemon does not terminate: it peeks the
+    // ClientHello, routes by SNI and relays the handshake untouched.
+    let pki = Pki::new();
+    let cert = pki.leaf(
+        "sni",
+        &["a.secure.test", "b.secure.test", "c.secure.test"],
+        false,
+        false,
+    );
+    let args = server_tls(&pki, &cert);
+    let eps: Vec<String> = (1..=2)
+        .map(|i| {
+            format!(
+                "  - {{address: {}, labels: {{v: ep{i}}}}}\n",
+                Topology::ep4(i)
+            )
+        })
+        .collect();
+    let yaml = format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: secure, namespace: test}}
+spec:
+  hosts: [secure.test.svc]
+  addresses: [{VIP}]
+  ports: [{{number: 443, name: tls, protocol: TLS, targetPort: 7443}}]
+  resolution: STATIC
+  endpoints:
+{}---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: secure, namespace: test}}
+spec:
+  host: secure.test.svc
+  trafficPolicy: {{loadBalancer: {{simple: ROUND_ROBIN}}}}
+  subsets: [{{name: one, labels: {{v: ep1}}}}, {{name: two, labels: {{v: ep2}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: secure, namespace: test}}
+spec:
+  hosts: [secure.test.svc]
+  tls:
+  - match: [{{sniHosts: [a.secure.test]}}]
+    route: [{{destination: {{host: secure.test.svc, subset: one}}}}]
+  - match: [{{sniHosts: ['*.secure.test'], port: 443}}]
+    route: [{{destination: {{host: secure.test.svc, subset: two}}}}]
+",
+        eps.concat()
+    );
+    let m = MeshBuilder::new(2)
+        .server(1, "echo", &[7443], "ep1", &args)
+        .server(2, "echo", &[7443], "ep2", &args)
+        .yaml(yaml)
+        .start();
+    let ca = pki.path("ca.pem");
+    let hello = |sni: &str| {
+        let v = probe(
+            Some(&m.t.client),
+            None,
+            &["tls", &format!("{VIP}:443"), "--sni", sni, "--ca", &ca],
+        );
+        v["greeting"].as_str().unwrap_or_default().to_string()
+    };
+    for _ in 0..3 {
+        let a = hello("a.secure.test");
+        assert!(
+            a.starts_with("hello from ep1") && a.contains("sni=a.secure.test"),
+            "{a}"
+        );
+        let b = hello("b.secure.test");
+        assert!(
+            b.starts_with("hello from ep2") && b.contains("sni=b.secure.test"),
+            "{b}"
+        );
+    }
+    assert!(
+        m.daemon.log().contains("test/secure tls[0]"),
+        "the access log names the tls route: {}",
+        m.daemon.log()
+    );
+}

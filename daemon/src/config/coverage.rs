@@ -529,9 +529,19 @@ const TABLE: &[(&str, How)] = &[
     ),
     (
         "VirtualService.tls",
+        Enforced(
+            "tests/tests/tls.rs::tls_routes_pick_the_destination_by_the_client_hellos_server_name",
+        ),
+    ),
+    (
+        "VirtualService.tls[].match",
+        Enforced("daemon/src/registry/route.rs::tls_routes_match_sni_then_fall_back_to_tcp_routes"),
+    ),
+    (
+        "VirtualService.tls[].match[].gateways",
         Warned {
-            spec: "hosts: [a]\ntls: [{match: [{sniHosts: [a]}], route: [{destination: {host: a}}]}]",
-            warning: "spec.tls",
+            spec: "hosts: [a]\ntls: [{match: [{sniHosts: [a], gateways: [mesh]}], route: [{destination: {host: a}}]}]",
+            warning: "gateways",
         },
     ),
     // ServiceEntry and WorkloadEntry.

@@ -106,7 +106,18 @@ impl Registry {
     /// A connection cannot be answered with an HTTP reply: a route the proxy answers itself
     /// counts as no route here.
     pub fn route(&self, orig: SocketAddr, src: Option<IpAddr>) -> Result<Decision<'_>, RouteError> {
-        let d = self.route_with(orig, src, None)?;
+        self.route_tls(orig, src, None)
+    }
+
+    /// Like [`Registry::route`], for a connection whose ClientHello named `sni`: `tls` routes
+    /// (by `sniHosts`) come before `tcp` routes on TLS and HTTPS ports.
+    pub fn route_tls(
+        &self,
+        orig: SocketAddr,
+        src: Option<IpAddr>,
+        sni: Option<&str>,
+    ) -> Result<Decision<'_>, RouteError> {
+        let d = self.route_with(orig, src, Connection { req: None, sni })?;
         match (d.http_route, &d.route) {
             (Some(r), Some(name)) if r.local.is_some() => {
                 Err(RouteError::NoRouteMatched { vs: name.clone() })
@@ -122,14 +133,21 @@ impl Registry {
         src: Option<IpAddr>,
         req: &Request<'_>,
     ) -> Result<Decision<'_>, RouteError> {
-        self.route_with(orig, src, Some(req))
+        self.route_with(
+            orig,
+            src,
+            Connection {
+                req: Some(req),
+                sni: None,
+            },
+        )
     }
 
     fn route_with(
         &self,
         orig: SocketAddr,
         src: Option<IpAddr>,
-        req: Option<&Request<'_>>,
+        Connection { req, sni }: Connection<'_, '_>,
     ) -> Result<Decision<'_>, RouteError> {
         let orig = SocketAddr::new(orig.ip().to_canonical(), orig.port());
         let &(s, p) = self
@@ -145,7 +163,8 @@ impl Registry {
         let (dest, route, http_route, http_match) = match self.virtual_service_for(&service.host) {
             None => (None, None, None, None),
             Some(vs) => {
-                match self.l4_route(vs, port.number, port.protocol.as_deref(), orig.ip(), req) {
+                let on = Connection { req, sni };
+                match self.l4_route(vs, port.number, port.protocol.as_deref(), orig.ip(), on) {
                     Routed::Default => (None, None, None, None),
                     Routed::To(d, name, r, m) => (Some(d), Some(name), r, m),
                     Routed::Local(name, r, m) => {
@@ -234,6 +253,18 @@ impl Registry {
         Ok((cluster.target(i), Some(i)))
     }
 
+    /// Whether a connection to `orig` needs its TLS server name to be routed: a TLS or HTTPS
+    /// port of a service whose VirtualService has `tls` routes.
+    pub fn needs_sni(&self, orig: SocketAddr) -> bool {
+        let Some((svc, port)) = self.lookup(orig) else {
+            return false;
+        };
+        is_tls(port.protocol.as_deref())
+            && self
+                .virtual_service_for(&svc.host)
+                .is_some_and(|vs| !vs.vs.tls.is_empty())
+    }
+
     /// The VirtualService that applies to `host` for this client: visible, bound to `mesh`, most
     /// specific host match (first in configuration order on a tie).
     pub fn virtual_service_for(&self, host: &str) -> Option<&VsEntry> {
@@ -290,7 +321,7 @@ impl Registry {
         port: u16,
         protocol: Option<&str>,
         dst: IpAddr,
-        req: Option<&Request<'_>>,
+        Connection { req, sni }: Connection<'_, '_>,
     ) -> Routed<'v> {
         let client = &self.client;
         let source_ok = |labels: &std::collections::BTreeMap<String, String>,
@@ -325,14 +356,27 @@ impl Registry {
                 Routed::NoMatch
             };
         }
+        let l4_ok = |m: &policy::L4Match| {
+            m.port.is_none_or(|p| p == port)
+                && source_ok(&m.source_labels, &m.source_namespace)
+                && (m.destination_subnets.is_empty()
+                    || m.destination_subnets.iter().any(|n| in_subnet(dst, *n)))
+        };
+        if is_tls(protocol)
+            && let Some(sni) = sni
+        {
+            for r in &vs.vs.tls {
+                let applies = r
+                    .matches
+                    .iter()
+                    .any(|m| l4_ok(m) && m.sni_hosts.iter().any(|h| sni_matches(h, sni)));
+                if applies && let Some(d) = weighted(&r.destinations) {
+                    return Routed::To(d, format!("{} tls[{}]", vs.source.id, r.index), None, None);
+                }
+            }
+        }
         for r in &vs.vs.tcp {
-            let applies = r.matches.is_empty()
-                || r.matches.iter().any(|m| {
-                    m.port.is_none_or(|p| p == port)
-                        && source_ok(&m.source_labels, &m.source_namespace)
-                        && (m.destination_subnets.is_empty()
-                            || m.destination_subnets.iter().any(|n| in_subnet(dst, *n)))
-                });
+            let applies = r.matches.is_empty() || r.matches.iter().any(l4_ok);
             if applies && let Some(d) = weighted(&r.destinations) {
                 return Routed::To(d, format!("{} tcp[{}]", vs.source.id, r.index), None, None);
             }
@@ -395,6 +439,29 @@ enum Routed<'v> {
     Local(String, &'v policy::HttpRoute, Option<&'v policy::HttpMatch>),
     /// The VirtualService claims the host but no route matches (Envoy: 404, `NR`).
     NoMatch,
+}
+
+/// What a route may look at besides the addresses: the HTTP request, or a TLS server name.
+#[derive(Clone, Copy)]
+struct Connection<'r, 'q> {
+    req: Option<&'r Request<'q>>,
+    sni: Option<&'r str>,
+}
+
+/// Ports whose traffic Istio routes with `tls` routes (by SNI) before `tcp` routes.
+pub fn is_tls(protocol: Option<&str>) -> bool {
+    matches!(protocol, Some("TLS" | "HTTPS"))
+}
+
+/// `sniHosts` matching as Envoy's `server_names`: exact (case-insensitive), or `*.suffix`
+/// for any name ending in `.suffix`; `*` alone matches every name.
+fn sni_matches(pattern: &str, sni: &str) -> bool {
+    let (p, s) = (pattern.to_ascii_lowercase(), sni.to_ascii_lowercase());
+    match p.strip_prefix('*') {
+        Some("") => true,
+        Some(suffix) => suffix.starts_with('.') && s.ends_with(suffix) && s.len() > suffix.len(),
+        None => p == s,
+    }
 }
 
 /// Ports whose traffic Istio routes with `http` routes.
@@ -791,5 +858,55 @@ spec:
         assert!((0..200).all(|_| d.cluster.repick(&[0], true) == Some(1)));
         // Random over two: about half the retries go back to the endpoint that failed.
         assert!((60..140).contains(&back), "{back}");
+    }
+
+    #[test]
+    fn tls_routes_match_sni_then_fall_back_to_tcp_routes() {
+        assert!(sni_matches("a.example", "A.Example"));
+        assert!(sni_matches("*.example", "x.y.example"));
+        assert!(!sni_matches("*.example", "example"));
+        assert!(sni_matches("*", "anything"));
+        let service =
+            two_endpoint_service("tls.default.svc", "127.77.0.12:443", ("tls", "TLS"), 8443);
+        let reg = crate::testing::registry(&format!(
+            "{service}---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: tls, namespace: default}}
+spec:
+  host: tls.default.svc
+  subsets: [{{name: one, labels: {{v: one}}}}, {{name: two, labels: {{v: two}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: tls, namespace: default}}
+spec:
+  hosts: [tls.default.svc]
+  tls:
+  - match: [{{sniHosts: [a.tls.test], port: 443}}]
+    route: [{{destination: {{host: tls.default.svc, subset: one}}}}]
+  - match: [{{sniHosts: ['*.wild.test']}}]
+    route: [{{destination: {{host: tls.default.svc, subset: two}}}}]
+  tcp:
+  - route: [{{destination: {{host: tls.default.svc, subset: two}}}}]
+"
+        ));
+        let vip = "127.77.0.12:443".parse().unwrap();
+        assert!(reg.needs_sni(vip));
+        let cluster = |sni: Option<&str>| {
+            let d = reg.route_tls(vip, None, sni).unwrap();
+            (d.cluster.subset.clone(), d.route.unwrap_or_default())
+        };
+        assert_eq!(
+            cluster(Some("a.tls.test")),
+            (Some("one".into()), "default/tls tls[0]".into())
+        );
+        assert_eq!(
+            cluster(Some("x.wild.test")),
+            (Some("two".into()), "default/tls tls[1]".into())
+        );
+        // No matching name, or none at all: the tcp routes.
+        assert_eq!(cluster(Some("b.tls.test")).1, "default/tls tcp[0]");
+        assert_eq!(cluster(None).1, "default/tls tcp[0]");
     }
 }

@@ -23,6 +23,14 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// A TLS connection with this server name, verified against `ca`: the server's greeting.
+    Tls {
+        addr: SocketAddr,
+        #[arg(long)]
+        sni: String,
+        #[arg(long)]
+        ca: std::path::PathBuf,
+    },
     Connect {
         addr: SocketAddr,
         /// SO_MARK to set before connecting.
@@ -95,6 +103,7 @@ enum Cmd {
 fn main() {
     let out = match Args::parse().cmd {
         Cmd::Connect { addr, mark, send } => connect(addr, mark, &send),
+        Cmd::Tls { addr, sni, ca } => tls(addr, &sni, &ca),
         Cmd::Rr {
             addr,
             count,
@@ -171,6 +180,36 @@ fn connect(addr: SocketAddr, mark: Option<u32>, send: &str) -> std::io::Result<s
     Ok(
         json!({ "peer": peer.to_string(), "local": local.to_string(), "greeting": hello, "echo": String::from_utf8_lossy(&echo) }),
     )
+}
+
+fn tls(addr: SocketAddr, sni: &str, ca: &std::path::Path) -> std::io::Result<serde_json::Value> {
+    use tokio_rustls::rustls::{self, pki_types::pem::PemObject};
+    let invalid = |e: &dyn std::fmt::Display| std::io::Error::other(e.to_string());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).map_err(|e| invalid(&e))? {
+        roots
+            .add(cert.map_err(|e| invalid(&e))?)
+            .map_err(|e| invalid(&e))?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| invalid(&e))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(sni.to_string()).map_err(|e| invalid(&e))?;
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name)
+        .map_err(|e| invalid(&e))?;
+    let tcp = dial(addr, None)?;
+    tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while s.read(&mut byte)? == 1 && byte[0] != b'\n' {
+        line.push(byte[0]);
+    }
+    Ok(json!({ "greeting": String::from_utf8_lossy(&line) }))
 }
 
 fn percentiles(mut v: Vec<Duration>) -> serde_json::Value {

@@ -801,9 +801,9 @@ fn virtual_service_rules() {
                 ),
             ),
             (
-                "tls routes are warned about",
-                "hosts: [a]\ntls: [{match: [{sniHosts: [a]}], route: [{destination: {host: a}}]}]",
-                Warn("spec.tls: tls routes (sniHosts) are accepted but not enforced by drover"),
+                "tls routes are enforced",
+                "hosts: [a]\ntls: [{match: [{sniHosts: [a, '*.a.b']}], route: [{destination: {host: a}}]}]",
+                Clean,
             ),
             (
                 "tls route needs sni",

@@ -65,12 +65,6 @@ impl Checker<'_> {
             .enumerate()
             .map(|(i, r)| self.l4_route(&format!("spec.tls[{i}]"), i, &r.matches, &r.route, true))
             .collect();
-        if !spec.tls.is_empty() {
-            self.warn(
-                "spec.tls",
-                "tls routes (sniHosts) are accepted but not enforced by drover: TLS ports are routed by the tcp routes, else to the service's default cluster",
-            );
-        }
         policy::VirtualService {
             hosts,
             applies_to_mesh,
