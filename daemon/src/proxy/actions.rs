@@ -56,21 +56,26 @@ pub fn rewrite_path(path_and_query: &str, matched: Option<&StringMatch>, r: &Rew
 
 /// The `Location` of a redirect: each part the redirect names replaces the request's.
 pub fn location(r: &Redirect, scheme: &str, authority: &str, path_and_query: &str) -> String {
+    let old_scheme = scheme;
     let scheme = r.scheme.as_deref().unwrap_or(scheme);
     let request_port = split_authority(authority).1;
     // Envoy's `host_redirect` replaces the whole authority, port included.
     let (host, port) = split_authority(r.authority.as_deref().unwrap_or(authority));
+    let default_port = |s: &str| match s {
+        "http" => Some(80),
+        "https" => Some(443),
+        _ => None,
+    };
     let port = match r.port {
         Some(RedirectPort::Fixed(p)) => Some(p),
         Some(RedirectPort::FromRequest) => request_port,
         Some(RedirectPort::ProtocolDefault) => None,
-        // Unchanged, unless the scheme changes (then the new scheme's default).
-        None if r.scheme.is_some() => None,
+        // A scheme change drops the old scheme's default port (as Envoy 1.40 was seen to do);
+        // any other port stays as written.
+        None if r.scheme.is_some() && port == default_port(old_scheme) => None,
         None => port,
     };
-    let port = port
-        .filter(|p| !matches!((scheme, *p), ("http", 80) | ("https", 443)))
-        .map_or_else(String::new, |p| format!(":{p}"));
+    let port = port.map_or_else(String::new, |p| format!(":{p}"));
     // Istio: `uri` replaces the whole path whatever the match; the request's query stays unless
     // `uri` carries its own (Envoy's `path_redirect`).
     let path = match (&r.uri, path_and_query.split_once('?')) {

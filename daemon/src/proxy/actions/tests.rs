@@ -94,12 +94,16 @@ fn redirect_location_replaces_only_what_it_names() {
         "http://newratings.default.svc/v1/bookRatings?id=1",
         "the authority replaces host and port"
     );
-    // A scheme change drops the old port (the new scheme's default applies).
+    // A scheme change drops the old scheme's default port only (Envoy 1.40, checked).
     let r = redirect(None, None, Some("https"));
-    assert_eq!(
-        location(&r, "http", "shop.example:80", "/cart"),
-        "https://shop.example/cart"
-    );
+    for (host, want) in [
+        ("shop.example:80", "https://shop.example/cart"),
+        ("shop.example", "https://shop.example/cart"),
+        ("shop.example:9080", "https://shop.example:9080/cart"),
+        ("shop.example:443", "https://shop.example:443/cart"),
+    ] {
+        assert_eq!(location(&r, "http", host, "/cart"), want);
+    }
     let mut r = redirect(Some("/x?y=1"), None, None);
     r.port = Some(RedirectPort::Fixed(8443));
     assert_eq!(
