@@ -1389,3 +1389,84 @@ fn route_actions_rewrite_headers_redirect_direct_response_and_fault() {
     assert!(log.contains("flag=FI"), "{log}");
     assert!(log.contains("flag=DI"), "{log}");
 }
+
+#[test]
+fn cors_preflights_are_answered_and_allowed_origins_see_their_headers() {
+    if !require_privileged() {
+        return;
+    }
+    let dest = "reviews.demo.svc.cluster.local";
+    let yaml = reviews_service(1, "HTTP")
+        + &virtual_service(&format!(
+            "  - match: [{{uri: {{prefix: /strict}}}}]
+    corsPolicy:
+      allowOrigins: [{{exact: 'https://app.example'}}]
+      allowMethods: [GET, POST]
+      unmatchedPreflights: IGNORE
+    route: [{{destination: {{host: {dest}}}}}]
+  - corsPolicy:
+      allowOrigins: [{{exact: 'https://app.example'}}, {{prefix: 'https://dev.'}}]
+      allowMethods: [GET, POST]
+      allowHeaders: [x-token]
+      exposeHeaders: [x-trace]
+      maxAge: 600s
+      allowCredentials: true
+    route: [{{destination: {{host: {dest}}}}}]
+"
+        ));
+    let m = mesh_full("http", &[Vec::new()], &yaml, &[]);
+    let call = |path: &str, method: &str, origin: &str| {
+        let url = format!("{URL}{path}");
+        let origin = format!("origin: {origin}");
+        m.http(&[
+            &url,
+            "--method",
+            method,
+            "--header",
+            &origin,
+            "--header",
+            "access-control-request-method: POST",
+        ])
+    };
+    // An allowed preflight is answered by the proxy: 200, the policy's headers, no endpoint.
+    let r = call("/", "OPTIONS", "https://app.example");
+    assert_eq!(r["status"]["200"], 1, "{r}");
+    assert!(r["served"].as_object().unwrap().is_empty(), "{r}");
+    let h = &r["first_headers"];
+    assert_eq!(
+        h["access-control-allow-origin"], "https://app.example",
+        "{r}"
+    );
+    assert_eq!(h["access-control-allow-methods"], "GET,POST", "{r}");
+    assert_eq!(h["access-control-allow-headers"], "x-token", "{r}");
+    assert_eq!(h["access-control-max-age"], "600", "{r}");
+    assert_eq!(h["access-control-allow-credentials"], "true", "{r}");
+    // An actual request from an allowed origin reaches the endpoint and gets the headers back.
+    let r = call("/", "GET", "https://dev.example");
+    assert_eq!(served(&r, "reviews-v1"), 1, "{r}");
+    let h = &r["first_headers"];
+    assert_eq!(
+        h["access-control-allow-origin"], "https://dev.example",
+        "{r}"
+    );
+    assert_eq!(h["access-control-expose-headers"], "x-trace", "{r}");
+    // Another origin: forwarded untouched (its preflight too, by default).
+    let r = call("/", "OPTIONS", "https://evil.example");
+    assert_eq!(served(&r, "reviews-v1"), 1, "{r}");
+    assert!(
+        r["first_headers"]
+            .get("access-control-allow-origin")
+            .is_none(),
+        "{r}"
+    );
+    // Under IGNORE its preflight is answered here, with no CORS headers.
+    let r = call("/strict", "OPTIONS", "https://evil.example");
+    assert_eq!(r["status"]["200"], 1, "{r}");
+    assert!(r["served"].as_object().unwrap().is_empty(), "{r}");
+    assert!(
+        r["first_headers"]
+            .get("access-control-allow-origin")
+            .is_none(),
+        "{r}"
+    );
+}

@@ -393,10 +393,13 @@ const TABLE: &[(&str, How)] = &[
     ),
     (
         "VirtualService.http[].corsPolicy",
-        Warned {
-            spec: "hosts: [a]\nhttp: [{route: [{destination: {host: a}}], corsPolicy: {allowOrigins: [{exact: x}]}}]",
-            warning: "corsPolicy",
-        },
+        Enforced(
+            "tests/tests/l7.rs::cors_preflights_are_answered_and_allowed_origins_see_their_headers",
+        ),
+    ),
+    (
+        "VirtualService.http[].corsPolicy.allowOrigin",
+        Enforced("daemon/src/config/validate/tests.rs::virtual_service_rules"),
     ),
     (
         "VirtualService.http[].delegate",

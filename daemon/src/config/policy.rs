@@ -367,6 +367,23 @@ pub struct HttpRoute {
     /// `redirect` or `directResponse`: answered by the proxy, no destination.
     pub local: Option<LocalReply>,
     pub fault: Option<Fault>,
+    pub cors: Option<Cors>,
+}
+
+/// `corsPolicy`, as Envoy's CORS filter applies it: header values prepared once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cors {
+    /// `allowOrigins` (and the deprecated exact `allowOrigin`).
+    pub origins: Vec<StringMatch>,
+    pub methods: Option<HeaderValue>,
+    pub headers: Option<HeaderValue>,
+    pub expose: Option<HeaderValue>,
+    /// Seconds.
+    pub max_age: Option<HeaderValue>,
+    pub credentials: bool,
+    /// `unmatchedPreflights: FORWARD` (the default): a preflight from another origin goes to
+    /// the endpoint; `IGNORE` answers it here without CORS headers.
+    pub forward_unmatched: bool,
 }
 
 /// `headers`: the request's and the response's operations.

@@ -1,15 +1,30 @@
 //! What an HTTP route does besides choosing a destination, as Envoy applies Istio's fields:
 //! header operations (`headers.request`/`headers.response`), path and authority rewrites
-//! (`rewrite`), redirects (`redirect`), local replies (`directResponse`) and fault injection
-//! (`fault`, whose replies `http.rs` builds).
+//! (`rewrite`), redirects (`redirect`), local replies (`directResponse`), fault injection
+//! (`fault`, whose replies `http.rs` builds) and CORS (`corsPolicy`).
 //!
 //! Invariants: pure functions over the request's parts and the validated policy (the fault
 //! rolls take their random number as an argument); header operations run remove, then set,
 //! then add, as Envoy's header parser does; a rewrite never drops the query string.
 
-use hyper::HeaderMap;
+use hyper::{
+    HeaderMap, Method,
+    header::{self, HeaderValue},
+};
 
-use crate::config::policy::{HeaderOps, Redirect, RedirectPort, Rewrite, StringMatch};
+use crate::config::policy::{Cors, HeaderOps, Redirect, RedirectPort, Rewrite, StringMatch};
+
+/// What Envoy's CORS filter does with one request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum CorsVerdict {
+    /// A preflight from an allowed origin: answered here, 200 with these headers.
+    Preflight(HeaderMap),
+    /// A preflight from another origin under `unmatchedPreflights: IGNORE`: answered here, 200
+    /// without CORS headers.
+    Ignore,
+    /// Forwarded; these headers (an allowed origin's) go on the response.
+    Forward(HeaderMap),
+}
 
 /// Applies `ops` to `headers`: removals, then `set` (replacing), then `add` (appending).
 pub fn apply(ops: &HeaderOps, headers: &mut HeaderMap) {
@@ -93,6 +108,45 @@ fn split_authority(a: &str) -> (&str, Option<u16>) {
             (h, p.parse().ok())
         }
         _ => (a, None),
+    }
+}
+
+/// The CORS filter's verdict for a request with `method` and `headers` under `c`.
+pub fn cors(c: &Cors, method: &Method, headers: &HeaderMap) -> CorsVerdict {
+    let origin = headers
+        .get(header::ORIGIN)
+        .and_then(|o| o.to_str().ok().map(|s| (o, s)));
+    let preflight = method == Method::OPTIONS
+        && origin.is_some()
+        && headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+    let allowed = origin.filter(|(_, s)| c.origins.iter().any(|m| m.matches(s, false)));
+    let mut out = HeaderMap::new();
+    let Some((value, _)) = allowed else {
+        return match preflight && !c.forward_unmatched {
+            true => CorsVerdict::Ignore,
+            false => CorsVerdict::Forward(out),
+        };
+    };
+    out.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, value.clone());
+    if c.credentials {
+        out.insert(
+            header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+            HeaderValue::from_static("true"),
+        );
+    }
+    let add = |out: &mut HeaderMap, name, v: &Option<HeaderValue>| {
+        if let Some(v) = v {
+            out.insert(name, v.clone());
+        }
+    };
+    if preflight {
+        add(&mut out, header::ACCESS_CONTROL_ALLOW_METHODS, &c.methods);
+        add(&mut out, header::ACCESS_CONTROL_ALLOW_HEADERS, &c.headers);
+        add(&mut out, header::ACCESS_CONTROL_MAX_AGE, &c.max_age);
+        CorsVerdict::Preflight(out)
+    } else {
+        add(&mut out, header::ACCESS_CONTROL_EXPOSE_HEADERS, &c.expose);
+        CorsVerdict::Forward(out)
     }
 }
 

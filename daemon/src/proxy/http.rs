@@ -39,7 +39,7 @@ use hyper_util::{
 use tokio::time::Instant;
 
 use super::{
-    actions,
+    actions::{self, CorsVerdict},
     attempt::Attempt,
     downstream,
     replay::Replay,
@@ -375,12 +375,20 @@ async fn handle(
     let (parts, body) = req.into_parts();
     let exchange = Exchange::new(ns, peers, &parts);
     let snapshot = registry.load();
-    let routed = match exchange.route(&snapshot, &parts, connection) {
+    let mut routed = match exchange.route(&snapshot, &parts, connection) {
         Ok(r) => r,
         Err(e) => return exchange.unrouted(&e),
     };
     let mut injected = Vec::new();
     if let Some(route) = routed.decision.http_route {
+        // Envoy's filter order: CORS, then fault, then the router.
+        if let Some(c) = &route.cors {
+            match actions::cors(c, &parts.method, &parts.headers) {
+                CorsVerdict::Preflight(h) => return exchange.preflight(&routed, h),
+                CorsVerdict::Ignore => return exchange.preflight(&routed, HeaderMap::new()),
+                CorsVerdict::Forward(h) => routed.cors = h,
+            }
+        }
         if let Some(reply) = &route.local {
             return exchange.answer(&routed, reply, &parts);
         }
@@ -427,6 +435,8 @@ struct Routed<'s> {
     decision: route::Decision<'s>,
     route_name: String,
     first: (SocketAddr, String),
+    /// CORS headers every response to this request carries (an allowed origin's).
+    cors: HeaderMap,
 }
 
 /// The upstream request every try sends (to its own endpoint), and the pool it goes through.
@@ -513,10 +523,21 @@ impl Exchange {
         let decision = snapshot.route_request(orig, src.map(|s| s.ip()), &request)?;
         Ok(Routed {
             snapshot,
+            cors: HeaderMap::new(),
             route_name: decision.route.clone().unwrap_or_else(|| "-".into()),
             first: describe(snapshot, decision.cluster, decision.target),
             decision,
         })
+    }
+
+    /// A CORS preflight answered here: 200, no body, `headers` (none for an origin that is not
+    /// allowed under `unmatchedPreflights: IGNORE`), logged.
+    fn preflight(&self, routed: &Routed<'_>, headers: HeaderMap) -> Response<Body> {
+        let mut resp = Response::new(Body::default());
+        *resp.headers_mut() = headers;
+        self.record(200, ("-", &routed.route_name), "-", Vec::new())
+            .emit();
+        resp
     }
 
     /// A route's `redirect` or `directResponse`, answered here (with the route's response
@@ -551,6 +572,7 @@ impl Exchange {
         if let Some(route) = routed.decision.http_route {
             actions::apply(&route.headers.response, resp.headers_mut());
         }
+        routed.add_cors(resp.headers_mut());
         self.record(
             resp.status().as_u16(),
             ("-", &routed.route_name),
@@ -600,6 +622,7 @@ impl Exchange {
         if let Some(route) = routed.decision.http_route {
             actions::apply(&route.headers.response, resp.headers_mut());
         }
+        routed.add_cors(resp.headers_mut());
         self.record(resp.status().as_u16(), routed.names(), "-", flags.clone())
             .emit();
         Some(resp)
@@ -665,6 +688,7 @@ impl Exchange {
         for rules in routed.header_rules() {
             actions::apply(&rules.response, &mut parts.headers);
         }
+        routed.add_cors(&mut parts.headers);
         if let Some(c) = &routed.decision.set_cookie
             && let Ok(v) = HeaderValue::from_str(c)
         {
@@ -689,6 +713,13 @@ impl Exchange {
 // === impl Routed ===
 
 impl Routed<'_> {
+    /// Puts the CORS filter's headers on a response (replacing any the endpoint sent).
+    fn add_cors(&self, headers: &mut HeaderMap) {
+        for (name, value) in &self.cors {
+            headers.insert(name.clone(), value.clone());
+        }
+    }
+
     /// The route's `headers`, then its destination's, in the order Envoy applies them.
     fn header_rules(&self) -> impl Iterator<Item = &HeaderRules> {
         let d = &self.decision;

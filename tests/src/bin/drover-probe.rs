@@ -71,6 +71,9 @@ enum Cmd {
         /// `name: value` (repeatable).
         #[arg(long)]
         header: Vec<String>,
+        /// The request method (an empty body is sent).
+        #[arg(long, default_value = "GET")]
+        method: String,
         /// HTTP/2 with prior knowledge, all requests multiplexed on one connection.
         #[arg(long)]
         h2: bool,
@@ -125,6 +128,7 @@ fn main() {
             count,
             concurrency,
             header,
+            method,
             h2,
             cookie_jar,
             rate,
@@ -136,6 +140,7 @@ fn main() {
                 concurrency,
                 rate,
                 max_secs,
+                method,
             },
             &header,
             h2,
@@ -314,6 +319,7 @@ mod http {
         /// Total requests per second (0: unpaced).
         pub rate: u32,
         pub max_secs: u64,
+        pub method: String,
     }
 
     #[derive(Default)]
@@ -343,6 +349,7 @@ mod http {
             concurrency,
             rate,
             max_secs,
+            method,
         } = load;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -358,7 +365,7 @@ mod http {
             let mut tasks = Vec::new();
             for _ in 0..concurrency.max(1) {
                 let (client, tally, next) = (client.clone(), tally.clone(), next.clone());
-                let url = url.to_string();
+                let (url, method) = (url.to_string(), method.clone());
                 let headers = headers.to_vec();
                 tasks.push(tokio::spawn(async move {
                     loop {
@@ -371,7 +378,7 @@ mod http {
                             tokio::time::sleep_until(due.into()).await;
                         }
                         let sent = Instant::now();
-                        let mut req = Request::get(&url);
+                        let mut req = Request::builder().method(method.as_str()).uri(&url);
                         for h in &headers {
                             if let Some((k, v)) = h.split_once(':') {
                                 req = req.header(k.trim(), v.trim());

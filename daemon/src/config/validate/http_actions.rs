@@ -333,6 +333,80 @@ impl Checker<'_> {
         policy::Fault { delay, abort }
     }
 
+    pub(super) fn cors(&mut self, path: &str, c: &crd::CorsPolicy) -> policy::Cors {
+        let cp = format!("{path}.corsPolicy");
+        let mut origins: Vec<policy::StringMatch> = c
+            .allow_origins
+            .iter()
+            .enumerate()
+            .filter_map(|(i, m)| {
+                self.string_match(&format!("{cp}.allowOrigins[{i}]"), Some(m), false)
+            })
+            .collect();
+        if !c.allow_origin.is_empty() {
+            self.warn(
+                format!("{cp}.allowOrigin"),
+                "allowOrigin is deprecated; use allowOrigins (its values are matched exactly)",
+            );
+            origins.extend(
+                c.allow_origin
+                    .iter()
+                    .cloned()
+                    .map(policy::StringMatch::Exact),
+            );
+        }
+        for (i, m) in c.allow_methods.iter().enumerate() {
+            if hyper::Method::from_bytes(m.as_bytes()).is_err() || m.is_empty() {
+                self.err(
+                    format!("{cp}.allowMethods[{i}]"),
+                    format!("{m:?} is not an HTTP method"),
+                );
+            }
+        }
+        for (field, list) in [
+            ("allowHeaders", &c.allow_headers),
+            ("exposeHeaders", &c.expose_headers),
+        ] {
+            for (i, h) in list.iter().enumerate() {
+                if h != "*" && (h.is_empty() || !h.bytes().all(is_token_byte)) {
+                    self.err(
+                        format!("{cp}.{field}[{i}]"),
+                        format!("{h:?} is not a valid header name"),
+                    );
+                }
+            }
+        }
+        let max_age = self.duration(&format!("{cp}.maxAge"), c.max_age.as_ref(), false);
+        if max_age.is_some_and(|d| d.subsec_nanos() != 0) {
+            self.err(format!("{cp}.maxAge"), "maxAge is accurate only to seconds");
+        }
+        let forward_unmatched = match c.unmatched_preflights.as_deref() {
+            None | Some("UNSPECIFIED" | "FORWARD") => true,
+            Some("IGNORE") => false,
+            Some(other) => {
+                self.err(
+                    format!("{cp}.unmatchedPreflights"),
+                    format!("{other:?} is not FORWARD or IGNORE"),
+                );
+                true
+            }
+        };
+        let joined = |l: &[String]| {
+            (!l.is_empty())
+                .then(|| l.join(","))
+                .and_then(|v| HeaderValue::from_str(&v).ok())
+        };
+        policy::Cors {
+            origins,
+            methods: joined(&c.allow_methods),
+            headers: joined(&c.allow_headers),
+            expose: joined(&c.expose_headers),
+            max_age: max_age.map(|d| HeaderValue::from(d.as_secs())),
+            credentials: c.allow_credentials == Some(true),
+            forward_unmatched,
+        }
+    }
+
     /// A fault's `percentage.value` (0–100), or the deprecated integer `percent`; absent, no
     /// request is affected (Istio's API: "if not specified, no requests will be aborted").
     fn fault_percent(&mut self, path: &str, p: Option<&crd::Percent>, old: Option<i64>) -> f64 {

@@ -695,6 +695,31 @@ fn virtual_service_rules() {
                 Clean,
             ),
             (
+                "cors is enforced",
+                "hosts: [a]\nhttp: [{route: [{destination: {host: a}}], corsPolicy: {allowOrigins: [{exact: 'https://a'}], allowMethods: [GET], maxAge: 10s, unmatchedPreflights: IGNORE}}]",
+                Clean,
+            ),
+            (
+                "cors allowOrigin is deprecated and matched exactly",
+                "hosts: [a]\nhttp: [{route: [{destination: {host: a}}], corsPolicy: {allowOrigin: ['https://a']}}]",
+                Warn("corsPolicy.allowOrigin: allowOrigin is deprecated"),
+            ),
+            (
+                "cors method",
+                "hosts: [a]\nhttp: [{route: [{destination: {host: a}}], corsPolicy: {allowMethods: ['GE T']}}]",
+                Error("corsPolicy.allowMethods[0]: \"GE T\" is not an HTTP method"),
+            ),
+            (
+                "cors max age precision",
+                "hosts: [a]\nhttp: [{route: [{destination: {host: a}}], corsPolicy: {maxAge: 1500ms}}]",
+                Error("corsPolicy.maxAge: maxAge is accurate only to seconds"),
+            ),
+            (
+                "cors unmatched preflights",
+                "hosts: [a]\nhttp: [{route: [{destination: {host: a}}], corsPolicy: {unmatchedPreflights: DROP}}]",
+                Error("corsPolicy.unmatchedPreflights: \"DROP\" is not FORWARD or IGNORE"),
+            ),
+            (
                 "fault abort status",
                 "hosts: [a]\nhttp: [{route: [{destination: {host: a}}], fault: {abort: {httpStatus: 700}}}]",
                 Error("fault.abort.httpStatus: httpStatus 700 must be between 200 and 599"),

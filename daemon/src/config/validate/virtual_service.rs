@@ -103,6 +103,7 @@ impl Checker<'_> {
             rewrite: r.rewrite.as_ref().map(|rw| self.rewrite(path, rw)),
             local: self.local_reply(path, r),
             fault: r.fault.as_ref().map(|f| self.fault(path, f)),
+            cors: r.cors_policy.as_ref().map(|c| self.cors(path, c)),
         }
     }
 
@@ -129,7 +130,6 @@ impl Checker<'_> {
         for (field, set) in [
             ("delegate", r.delegate.is_some()),
             ("mirror", r.mirror.is_some() || r.mirrors.is_some()),
-            ("corsPolicy", r.cors_policy.is_some()),
         ] {
             if set {
                 self.warn(
@@ -250,7 +250,7 @@ impl Checker<'_> {
         self.string_match(path, Some(sm), false)
     }
 
-    fn string_match(
+    pub(super) fn string_match(
         &mut self,
         path: &str,
         sm: Option<&crd::StringMatch>,

@@ -7,6 +7,7 @@ use hyper::{
 
 use super::*;
 use crate::config::policy::RegexRewrite;
+use hyper::Method;
 
 fn name(s: &'static str) -> HeaderName {
     HeaderName::from_static(s)
@@ -128,4 +129,72 @@ fn fault_percentages_roll_against_a_uniform_number() {
     assert!(applies(100.0, 0.999_999));
     assert!(!applies(0.0, 0.0));
     assert!(applies(25.0, 0.249) && !applies(25.0, 0.25));
+}
+
+fn cors_policy(forward_unmatched: bool) -> Cors {
+    Cors {
+        origins: vec![
+            StringMatch::Exact("https://app.example".into()),
+            StringMatch::Prefix("https://dev.".into()),
+        ],
+        methods: Some(value("GET,POST")),
+        headers: Some(value("x-token")),
+        expose: Some(value("x-trace")),
+        max_age: Some(value("600")),
+        credentials: true,
+        forward_unmatched,
+    }
+}
+
+fn request(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+    pairs.iter().map(|(k, v)| (name(k), value(v))).collect()
+}
+
+#[test]
+fn cors_answers_allowed_preflights_and_decorates_allowed_responses() {
+    let c = cors_policy(true);
+    let preflight = request(&[
+        ("origin", "https://app.example"),
+        ("access-control-request-method", "POST"),
+    ]);
+    let CorsVerdict::Preflight(h) = cors(&c, &Method::OPTIONS, &preflight) else {
+        panic!("an allowed preflight is answered");
+    };
+    assert_eq!(h["access-control-allow-origin"], "https://app.example");
+    assert_eq!(h["access-control-allow-methods"], "GET,POST");
+    assert_eq!(h["access-control-allow-headers"], "x-token");
+    assert_eq!(h["access-control-max-age"], "600");
+    assert_eq!(h["access-control-allow-credentials"], "true");
+    assert!(!h.contains_key("access-control-expose-headers"));
+    // An actual request from an allowed origin: origin, credentials and exposed headers.
+    let actual = request(&[("origin", "https://dev.example")]);
+    let CorsVerdict::Forward(h) = cors(&c, &Method::GET, &actual) else {
+        panic!("forwarded");
+    };
+    assert_eq!(h["access-control-allow-origin"], "https://dev.example");
+    assert_eq!(h["access-control-expose-headers"], "x-trace");
+    assert!(!h.contains_key("access-control-allow-methods"));
+    // Another origin, or none: forwarded untouched.
+    let other = request(&[("origin", "https://evil.example")]);
+    assert_eq!(
+        cors(&c, &Method::GET, &other),
+        CorsVerdict::Forward(HeaderMap::new())
+    );
+    assert_eq!(
+        cors(&c, &Method::GET, &HeaderMap::new()),
+        CorsVerdict::Forward(HeaderMap::new())
+    );
+    // A preflight from another origin: forwarded by default, answered bare under IGNORE.
+    let foreign = request(&[
+        ("origin", "https://evil.example"),
+        ("access-control-request-method", "POST"),
+    ]);
+    assert_eq!(
+        cors(&c, &Method::OPTIONS, &foreign),
+        CorsVerdict::Forward(HeaderMap::new())
+    );
+    assert_eq!(
+        cors(&cors_policy(false), &Method::OPTIONS, &foreign),
+        CorsVerdict::Ignore
+    );
 }
