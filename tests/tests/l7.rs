@@ -1470,3 +1470,52 @@ fn cors_preflights_are_answered_and_allowed_origins_see_their_headers() {
         "{r}"
     );
 }
+
+#[test]
+fn mirrors_copy_requests_to_their_subset_and_the_client_sees_only_the_route() {
+    if !require_privileged() {
+        return;
+    }
+    let dest = "reviews.demo.svc.cluster.local";
+    let yaml = reviews_service(3, "HTTP")
+        + &subsets("")
+        + &virtual_service(&format!(
+            "  - route: [{{destination: {{host: {dest}, subset: v1}}}}]
+    mirrors:
+    - destination: {{host: {dest}, subset: v2}}
+    - destination: {{host: {dest}, subset: v3}}
+      percentage: {{value: 0}}
+"
+        ));
+    let m = mesh_full("http", &[Vec::new(), Vec::new(), Vec::new()], &yaml, &[]);
+    let r = m.http(&[&format!("{URL}/"), "--count", "20"]);
+    assert_eq!(
+        served(&r, "reviews-v1"),
+        20,
+        "the client only sees the route: {r}"
+    );
+    let requests = |subset: &str| {
+        let c = m.daemon.clusters();
+        c["clusters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["subset"] == subset)
+            .map_or(0, |c| {
+                c["endpoints"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|e| e["rq_total"].as_u64().unwrap_or(0))
+                    .sum()
+            })
+    };
+    // Fire-and-forget: the copies arrive shortly after the replies.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while requests("v2") < 20 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(requests("v2"), 20, "every request mirrored to v2");
+    assert_eq!(requests("v3"), 0, "percentage 0 mirrors nothing");
+    assert_eq!(requests("v1"), 20);
+}

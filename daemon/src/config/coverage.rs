@@ -29,8 +29,6 @@ enum How {
 
 use How::{Enforced, Inert, Rejected, Warned};
 
-const MIRROR: &str = "hosts: [a]\nhttp: [{route: [{destination: {host: a}}], mirror: {host: b}, mirrorPercentage: {value: 5}}]";
-
 /// Field path prefix → coverage; the longest prefix applies. `subsets[].trafficPolicy` and
 /// `portLevelSettings[]` share the top-level `trafficPolicy` entries, and a ServiceEntry's
 /// inline `endpoints[]` share `WorkloadEntry`'s.
@@ -450,31 +448,23 @@ const TABLE: &[(&str, How)] = &[
     ),
     (
         "VirtualService.http[].mirror",
-        Warned {
-            spec: MIRROR,
-            warning: "mirror",
-        },
+        Enforced(
+            "tests/tests/l7.rs::mirrors_copy_requests_to_their_subset_and_the_client_sees_only_the_route",
+        ),
     ),
     (
         "VirtualService.http[].mirrors",
-        Warned {
-            spec: MIRROR,
-            warning: "mirror",
-        },
+        Enforced(
+            "tests/tests/l7.rs::mirrors_copy_requests_to_their_subset_and_the_client_sees_only_the_route",
+        ),
     ),
     (
         "VirtualService.http[].mirrorPercent",
-        Warned {
-            spec: MIRROR,
-            warning: "mirror",
-        },
+        Enforced("daemon/src/config/validate/tests.rs::virtual_service_rules"),
     ),
     (
         "VirtualService.http[].mirrorPercentage",
-        Warned {
-            spec: MIRROR,
-            warning: "mirror",
-        },
+        Enforced("daemon/src/config/validate/tests.rs::virtual_service_rules"),
     ),
     (
         "VirtualService.http[].redirect",

@@ -589,7 +589,7 @@ pub struct VirtualServiceSpec {
     pub export_to: Vec<String>,
 }
 
-/// `http[]`. Blocks Drover does not enforce yet (`delegate`, `mirror`) are kept
+/// `http[]`. A block Drover does not enforce yet (`delegate`) is kept
 /// opaque and reported by validation.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -615,9 +615,9 @@ pub struct HttpRoute {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<HttpFaultInjection>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mirror: Option<serde_yaml::Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mirrors: Option<serde_yaml::Value>,
+    pub mirror: Option<Destination>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mirrors: Vec<HttpMirrorPolicy>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mirror_percentage: Option<Percent>,
     /// Deprecated spellings of `mirrorPercentage`.
@@ -627,6 +627,15 @@ pub struct HttpRoute {
     pub cors_policy: Option<CorsPolicy>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub headers: Option<Headers>,
+}
+
+/// `http[].mirrors[]`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+pub struct HttpMirrorPolicy {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination: Option<Destination>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percentage: Option<Percent>,
 }
 
 /// `http[].corsPolicy`.

@@ -368,6 +368,8 @@ pub struct HttpRoute {
     pub local: Option<LocalReply>,
     pub fault: Option<Fault>,
     pub cors: Option<Cors>,
+    /// `mirror` (with `mirrorPercentage`) or `mirrors`: each destination with its percentage.
+    pub mirrors: Vec<(WeightedDestination, f64)>,
 }
 
 /// `corsPolicy`, as Envoy's CORS filter applies it: header values prepared once.

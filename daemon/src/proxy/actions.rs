@@ -101,6 +101,15 @@ pub fn location(r: &Redirect, scheme: &str, authority: &str, path_and_query: &st
     format!("{scheme}://{host}{port}{path}")
 }
 
+/// The authority of a mirrored request: `-shadow` appended to the host, before any port (as
+/// Envoy 1.40 writes it).
+pub fn shadow_authority(authority: &str) -> String {
+    match split_authority(authority) {
+        (host, Some(port)) => format!("{host}-shadow:{port}"),
+        (host, None) => format!("{host}-shadow"),
+    }
+}
+
 /// `host[:port]` (IPv6 literals in brackets) split into the host and a valid port.
 fn split_authority(a: &str) -> (&str, Option<u16>) {
     match a.rsplit_once(':') {

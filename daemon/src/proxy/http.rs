@@ -406,7 +406,9 @@ async fn handle(
         Ok(a) => a,
         Err(e) => return exchange.refused(&routed, &e),
     };
-    let (result, endpoint, mut flags) = routed.tries(&forward, Replay::new(body)).await;
+    let replay = Replay::new(body);
+    let (result, endpoint, mut flags) = routed.tries(&forward, &replay).await;
+    routed.mirror(exchange.peers.1, &forward, &replay, upstreams);
     flags.splice(0..0, injected);
     exchange.respond(
         &routed,
@@ -449,6 +451,8 @@ struct Forward {
     headers: HeaderMap,
     path_and_query: String,
     first_uri: Uri,
+    /// The authority sent upstream (after `rewrite.authority`).
+    authority: String,
 }
 
 // === impl Exchange ===
@@ -720,6 +724,61 @@ impl Routed<'_> {
         }
     }
 
+    /// The route's `mirror`/`mirrors`: for each that its percentage picks, a copy of the request
+    /// (same method, path, headers and body, the authority suffixed `-shadow` as Envoy does) to
+    /// an endpoint of the mirror's cluster, fire-and-forget: the reply is read and dropped. Sent
+    /// once the request's tries are over, so that it only replays the body they kept (a body
+    /// over the retry buffer is not mirrored).
+    fn mirror(
+        &self,
+        orig: SocketAddr,
+        forward: &Forward,
+        body: &Replay<Incoming>,
+        upstreams: &Upstreams,
+    ) {
+        let Some(route) = self.decision.http_route else {
+            return;
+        };
+        if route.mirrors.is_empty() || !body.replayable() {
+            return;
+        }
+        for (dest, percent) in &route.mirrors {
+            if !actions::applies(*percent, fastrand::f64()) {
+                continue;
+            }
+            // A passthrough mirror would dial the original destination again: not mirrored.
+            let Ok((cluster, Target::Endpoint { addr, .. }, pick)) =
+                self.snapshot.mirror_target(dest, orig)
+            else {
+                continue;
+            };
+            let settings = cluster
+                .policy
+                .connection_pool
+                .value
+                .as_ref()
+                .unwrap_or(ConnectionPool::istio_defaults());
+            let shadow = actions::shadow_authority(&forward.authority);
+            let pool = upstreams.pick(
+                cluster.tls.as_ref().map(|o| (o, &cluster.stats)),
+                Some(split_host(&shadow)).filter(|h| !h.is_empty()),
+                Settings::of(settings, forward.h2),
+            );
+            let req = forward.shadow(addr, &shadow, body.attempt());
+            // Counted in the mirror cluster's statistics, as Envoy counts shadow requests.
+            let mut attempt = Attempt::start(cluster, pick);
+            tokio::spawn(async move {
+                match pool.send(addr, req).await {
+                    Ok((resp, _stream)) => {
+                        attempt.response(resp.status().as_u16());
+                        let _ = resp.into_body().collect().await;
+                    }
+                    Err(e) => attempt.failed(e.outcome() == retry::Outcome::ConnectFailure),
+                }
+            });
+        }
+    }
+
     /// The route's `headers`, then its destination's, in the order Envoy applies them.
     fn header_rules(&self) -> impl Iterator<Item = &HeaderRules> {
         let d = &self.decision;
@@ -736,7 +795,7 @@ impl Routed<'_> {
 
     /// Tries: the first to the routed endpoint, retries (the route's `retries`, else Istio's
     /// default) to other endpoints, all within the route's `timeout`.
-    async fn tries(&self, forward: &Forward, body: Replay<Incoming>) -> Tried {
+    async fn tries(&self, forward: &Forward, body: &Replay<Incoming>) -> Tried {
         let d = &self.decision;
         let tries = Tries {
             snapshot: self.snapshot,
@@ -746,7 +805,7 @@ impl Routed<'_> {
                 .http_route
                 .and_then(|r| r.retries.as_ref())
                 .unwrap_or_else(|| default_retries()),
-            body: &body,
+            body,
         };
         let tries = tries.run(d.target, d.pick);
         match d.http_route.and_then(|r| r.timeout) {
@@ -820,12 +879,9 @@ impl Forward {
             }
             uri_for(routed.first.0, &path_and_query).ok()?
         };
-        let host = authority
-            .rsplit_once(':')
-            .filter(|(_, port)| port.parse::<u16>().is_ok())
-            .map_or(authority.as_str(), |(h, _)| h)
-            .trim_matches(|c| c == '[' || c == ']');
+        let host = split_host(authority);
         Some(Self {
+            authority: authority.clone(),
             pool: upstreams.pick(
                 c.tls.as_ref().map(|o| (o, &c.stats)),
                 Some(host).filter(|h| !h.is_empty()),
@@ -845,6 +901,27 @@ impl Forward {
         })
     }
 
+    /// The mirrored copy of the request, to `addr`, naming the `shadow` authority.
+    fn shadow(&self, addr: SocketAddr, shadow: &str, body: UpstreamBody) -> Request<UpstreamBody> {
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method.clone();
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers.clone();
+        let uri = if self.h2 {
+            let scheme = self.first_uri.scheme_str().unwrap_or("http");
+            format!("{scheme}://{shadow}{}", self.path_and_query)
+                .parse()
+                .ok()
+        } else {
+            if let Ok(v) = HeaderValue::from_str(shadow) {
+                req.headers_mut().insert(header::HOST, v);
+            }
+            uri_for(addr, &self.path_and_query).ok()
+        };
+        *req.uri_mut() = uri.unwrap_or_else(|| self.first_uri.clone());
+        req
+    }
+
     /// The request of one try to `addr` (the `n`th try).
     fn request(&self, n: u32, addr: SocketAddr, body: UpstreamBody) -> Request<UpstreamBody> {
         let mut req = Request::new(body);
@@ -860,6 +937,15 @@ impl Forward {
         };
         req
     }
+}
+
+/// The host of an authority (`host[:port]`, IPv6 brackets removed), for SNI.
+fn split_host(authority: &str) -> &str {
+    authority
+        .rsplit_once(':')
+        .filter(|(_, port)| port.parse::<u16>().is_ok())
+        .map_or(authority, |(h, _)| h)
+        .trim_matches(|c| c == '[' || c == ']')
 }
 
 /// Upstream protocol: the port's (http2/grpc → h2), unless the rule mirrors the client's

@@ -289,6 +289,18 @@ impl Registry {
     }
 
     /// The cluster a route destination names; `arrival` is the port the client dialed.
+    /// Where a mirrored copy of a request to `orig` goes: the mirror destination's cluster and
+    /// an endpoint its balancer picks (a request with no hash key: random for hash balancers).
+    pub fn mirror_target(
+        &self,
+        d: &WeightedDestination,
+        orig: SocketAddr,
+    ) -> Result<(&Cluster, Target, Option<usize>), RouteError> {
+        let cluster = self.destination_cluster(d, orig.port())?;
+        let (target, pick) = self.target(cluster, orig, None, None, &mut None)?;
+        Ok((cluster, target, pick))
+    }
+
     pub fn destination_cluster(
         &self,
         d: &WeightedDestination,

@@ -695,6 +695,26 @@ fn virtual_service_rules() {
                 Clean,
             ),
             (
+                "mirror is enforced",
+                "hosts: [a]\nhttp: [{route: [{destination: {host: a}}], mirror: {host: b}, mirrorPercentage: {value: 5}}]",
+                Clean,
+            ),
+            (
+                "mirror and mirrors",
+                "hosts: [a]\nhttp: [{route: [{destination: {host: a}}], mirror: {host: b}, mirrors: [{destination: {host: c}}]}]",
+                Error("spec.http[0]: mirror and mirrors are mutually exclusive"),
+            ),
+            (
+                "mirror percent range",
+                "hosts: [a]\nhttp: [{route: [{destination: {host: a}}], mirror: {host: b}, mirrorPercent: 150}]",
+                Error("spec.http[0].mirrorPercent: percentage 150 must be between 0 and 100"),
+            ),
+            (
+                "mirrors need a destination",
+                "hosts: [a]\nhttp: [{route: [{destination: {host: a}}], mirrors: [{percentage: {value: 5}}]}]",
+                Error("spec.http[0].mirrors[0].destination: destination is required"),
+            ),
+            (
                 "cors is enforced",
                 "hosts: [a]\nhttp: [{route: [{destination: {host: a}}], corsPolicy: {allowOrigins: [{exact: 'https://a'}], allowMethods: [GET], maxAge: 10s, unmatchedPreflights: IGNORE}}]",
                 Clean,

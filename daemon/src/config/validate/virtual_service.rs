@@ -104,6 +104,7 @@ impl Checker<'_> {
             local: self.local_reply(path, r),
             fault: r.fault.as_ref().map(|f| self.fault(path, f)),
             cors: r.cors_policy.as_ref().map(|c| self.cors(path, c)),
+            mirrors: self.mirrors(path, r),
         }
     }
 
@@ -127,33 +128,63 @@ impl Checker<'_> {
                 "route cannot be combined with redirect or directResponse",
             );
         }
-        for (field, set) in [
-            ("delegate", r.delegate.is_some()),
-            ("mirror", r.mirror.is_some() || r.mirrors.is_some()),
-        ] {
-            if set {
-                self.warn(
-                    format!("{path}.{field}"),
-                    format!("{field} is accepted but not enforced by drover"),
-                );
+        if r.delegate.is_some() {
+            self.warn(
+                format!("{path}.delegate"),
+                "delegate is accepted but not enforced by drover",
+            );
+        }
+    }
+
+    /// `mirror` (its percentage from `mirrorPercentage`, else the deprecated `mirrorPercent`,
+    /// else 100) or `mirrors` (each with its `percentage`, 100 when absent).
+    fn mirrors(
+        &mut self,
+        path: &str,
+        r: &crd::HttpRoute,
+    ) -> Vec<(policy::WeightedDestination, f64)> {
+        let check = |this: &mut Self, at: String, v: f64| {
+            if !(0.0..=100.0).contains(&v) {
+                this.err(at, format!("percentage {v} must be between 0 and 100"));
+            }
+            v.clamp(0.0, 100.0)
+        };
+        if r.mirror.is_some() && !r.mirrors.is_empty() {
+            self.err(path, "mirror and mirrors are mutually exclusive");
+        }
+        if r.mirror.is_none() {
+            // Checked even without a mirror to apply to, as Istio does.
+            if let Some(p) = &r.mirror_percentage {
+                check(self, format!("{path}.mirrorPercentage.value"), p.value);
+            }
+            if let Some(p) = r.mirror_percent {
+                check(self, format!("{path}.mirrorPercent"), p as f64);
             }
         }
-        if let Some(p) = &r.mirror_percentage
-            && !(0.0..=100.0).contains(&p.value)
-        {
-            self.err(
-                format!("{path}.mirrorPercentage.value"),
-                format!("percentage {} must be between 0 and 100", p.value),
-            );
+        if let Some(m) = &r.mirror {
+            let pct = match (&r.mirror_percentage, r.mirror_percent) {
+                (Some(p), _) => check(self, format!("{path}.mirrorPercentage.value"), p.value),
+                (None, Some(p)) => check(self, format!("{path}.mirrorPercent"), p as f64),
+                (None, None) => 100.0,
+            };
+            return self
+                .destination(&format!("{path}.mirror"), Some(m), 0)
+                .map(|d| vec![(d, pct)])
+                .unwrap_or_default();
         }
-        if let Some(p) = r.mirror_percent
-            && !(0..=100).contains(&p)
-        {
-            self.err(
-                format!("{path}.mirrorPercent"),
-                format!("percentage {p} must be between 0 and 100"),
-            );
+        let mut out = Vec::new();
+        for (i, m) in r.mirrors.iter().enumerate() {
+            let mp = format!("{path}.mirrors[{i}]");
+            let pct = m.percentage.as_ref().map_or(100.0, |p| {
+                check(self, format!("{mp}.percentage.value"), p.value)
+            });
+            if let Some(d) =
+                self.destination(&format!("{mp}.destination"), m.destination.as_ref(), i)
+            {
+                out.push((d, pct));
+            }
         }
+        out
     }
 
     fn retries(&mut self, path: &str, rt: &crd::HttpRetry) -> policy::Retries {
@@ -359,6 +390,47 @@ impl Checker<'_> {
         }
     }
 
+    /// One `destination` at `dp` (index `i` in its list), weight 0 and no headers.
+    fn destination(
+        &mut self,
+        dp: &str,
+        dest: Option<&crd::Destination>,
+        i: usize,
+    ) -> Option<policy::WeightedDestination> {
+        let Some(d) = dest else {
+            self.err(dp, "destination is required");
+            return None;
+        };
+        if d.host.is_empty() {
+            self.err(format!("{dp}.host"), "destination host is required");
+            return None;
+        }
+        if let Err(e) = check_host(&d.host) {
+            self.err(format!("{dp}.host"), e);
+        }
+        if let Some(s) = &d.subset
+            && !is_dns_label(s)
+        {
+            self.err(
+                format!("{dp}.subset"),
+                format!("subset name {s:?} is not a DNS-1123 label"),
+            );
+        }
+        let port = d
+            .port
+            .as_ref()
+            .and_then(|p| p.number)
+            .and_then(|n| self.port(&format!("{dp}.port.number"), n));
+        Some(policy::WeightedDestination {
+            host: qualify(&d.host, &self.namespace),
+            subset: d.subset.clone().filter(|s| !s.is_empty()),
+            port,
+            weight: 0,
+            index: i,
+            headers: policy::HeaderRules::default(),
+        })
+    }
+
     fn destinations(
         &mut self,
         path: &str,
@@ -388,41 +460,11 @@ impl Checker<'_> {
                 None => 0,
             };
             sum += i64::from(weight);
-            let Some(d) = dest else {
-                self.err(format!("{dp}.destination"), "destination is required");
-                continue;
-            };
-            if d.host.is_empty() {
-                self.err(
-                    format!("{dp}.destination.host"),
-                    "destination host is required",
-                );
-                continue;
+            if let Some(mut d) = self.destination(&format!("{dp}.destination"), *dest, i) {
+                d.weight = weight;
+                d.headers = self.header_rules(&format!("{dp}.headers"), *headers);
+                out.push(d);
             }
-            if let Err(e) = check_host(&d.host) {
-                self.err(format!("{dp}.destination.host"), e);
-            }
-            if let Some(s) = &d.subset
-                && !is_dns_label(s)
-            {
-                self.err(
-                    format!("{dp}.destination.subset"),
-                    format!("subset name {s:?} is not a DNS-1123 label"),
-                );
-            }
-            let port = d
-                .port
-                .as_ref()
-                .and_then(|p| p.number)
-                .and_then(|n| self.port(&format!("{dp}.destination.port.number"), n));
-            out.push(policy::WeightedDestination {
-                host: qualify(&d.host, &self.namespace),
-                subset: d.subset.clone().filter(|s| !s.is_empty()),
-                port,
-                weight,
-                index: i,
-                headers: self.header_rules(&format!("{dp}.headers"), *headers),
-            });
         }
         if list.len() > 1 && sum == 0 {
             self.err(

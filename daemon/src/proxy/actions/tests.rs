@@ -198,3 +198,12 @@ fn cors_answers_allowed_preflights_and_decorates_allowed_responses() {
         CorsVerdict::Ignore
     );
 }
+
+#[test]
+fn mirrored_requests_name_a_shadow_host() {
+    assert_eq!(
+        shadow_authority("shop.example:9080"),
+        "shop.example-shadow:9080"
+    );
+    assert_eq!(shadow_authority("reviews"), "reviews-shadow");
+}
