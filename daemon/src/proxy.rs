@@ -286,8 +286,8 @@ impl Proxy {
                 .map(|v| proxy_protocol::header(v, src, orig)),
             tls: d
                 .cluster
-                .tls
-                .clone()
+                .origination_for(d.pick)
+                .cloned()
                 .map(|origination| upstream::TlsTarget {
                     origination,
                     host: None,

@@ -84,6 +84,10 @@ pub struct Cluster {
     pub stats: std::sync::Arc<crate::stats::ClusterStats>,
     /// TLS origination (`tls` other than `DISABLE`), set by [`Registry::originate`].
     pub tls: Option<Arc<crate::tls::Origination>>,
+    /// Istio's auto mTLS: with no `tls` in the effective policy and a mesh identity, the
+    /// ISTIO_MUTUAL origination for the members marked [`Member::mesh`]; the others get
+    /// plaintext. Set by [`Registry::originate`].
+    pub auto_tls: Option<Arc<crate::tls::Origination>>,
 }
 
 /// One endpoint of a cluster.
@@ -95,6 +99,9 @@ pub struct Member {
     pub addr: SocketAddr,
     /// Its counters (kept across reloads by address).
     pub stats: Arc<crate::stats::EndpointStats>,
+    /// It has a mesh identity (`security.istio.io/tlsMode: istio`, as injected workloads are
+    /// labelled) and no PeerAuthentication `DISABLE`s its port: auto mTLS applies to it.
+    pub mesh: bool,
 }
 
 /// A validated VirtualService with where it came from.
@@ -233,8 +240,13 @@ impl Registry {
     pub fn originate(&mut self, credentials: &crate::tls::Credentials) -> Result<(), Vec<Problem>> {
         let mut problems = std::collections::BTreeMap::new();
         for c in self.clusters.values_mut() {
-            let (Some(tls), Some((rule, path))) = (&c.policy.tls.value, &c.policy.tls.from) else {
-                continue;
+            let auto = c.policy.tls.value.is_none()
+                && credentials.mesh.is_some()
+                && c.members.iter().any(|m| m.mesh);
+            let (tls, from) = match (&c.policy.tls.value, &c.policy.tls.from) {
+                (Some(tls), Some(from)) => (tls, Some(from)),
+                _ if auto => (&*AUTO_MTLS, None),
+                _ => continue,
             };
             let protocol = self.services[c.service]
                 .ports
@@ -271,11 +283,19 @@ impl Registry {
                     ids
                 }),
             };
-            match crate::tls::Origination::new(tls, h2, http, credentials, &mesh) {
-                Ok(o) => c.tls = o.map(Arc::new),
-                Err(e) => {
+            match (
+                crate::tls::Origination::new(tls, h2, http, credentials, &mesh),
+                from,
+            ) {
+                (Ok(o), Some(_)) => c.tls = o.map(Arc::new),
+                (Ok(o), None) => c.auto_tls = o.map(Arc::new),
+                (Err(e), Some((rule, path))) => {
                     let p = rule.origin.problem(path.clone(), e.to_string());
                     problems.insert(p.to_string(), p);
+                }
+                // Auto mTLS with a mesh identity cannot fail on files; if it did, plaintext.
+                (Err(e), None) => {
+                    tracing::warn!(cluster = %c.name, error = %e, "auto mTLS unavailable")
                 }
             }
         }
@@ -312,6 +332,20 @@ impl Registry {
         resolve::rule_for(&self.rules, &self.client, &svc.host, &svc.namespace)
     }
 }
+
+/// The `tls` block auto mTLS stands for: ISTIO_MUTUAL with the mesh's own material.
+static AUTO_MTLS: std::sync::LazyLock<policy::ClientTls> =
+    std::sync::LazyLock::new(|| policy::ClientTls {
+        mode: policy::TlsMode::IstioMutual,
+        client_certificate: None,
+        private_key: None,
+        ca_certificates: None,
+        ca_crl: None,
+        credential_name: None,
+        subject_alt_names: Vec::new(),
+        sni: None,
+        insecure_skip_verify: false,
+    });
 
 // === impl RegistryHandle ===
 

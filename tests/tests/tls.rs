@@ -533,6 +533,37 @@ fn istio_mutual_with_the_mesh_ca_presents_and_checks_spiffe_identities() {
     assert!(s.daemon.wait_log("secure-sa", Duration::from_secs(2)));
 }
 
+/// A daemon of the mesh `mesh` reading `cfg`, in client namespace `test`, with `args`.
+fn node(cfg: &std::path::Path, mesh: &str, mode: &str, args: &[&str]) -> (Daemon, PinDir) {
+    let pins = PinDir::new();
+    let mut a: Vec<String> = vec![
+        "--config".into(),
+        cfg.display().to_string(),
+        "--pin-dir".into(),
+        pins.path.display().to_string(),
+        "--mesh-ca".into(),
+        mesh.into(),
+        "--client-namespace".into(),
+        "test".into(),
+        "--peer-authentication".into(),
+        mode.into(),
+    ];
+    a.extend(args.iter().map(|s| s.to_string()));
+    (Daemon::start(&a).expect("daemon starts"), pins)
+}
+
+/// The arguments of the node that terminates mTLS for endpoint 1's port 7000.
+fn server_node(t: &Topology) -> Vec<&str> {
+    vec![
+        "--inbound-netns",
+        &t.endpoints[0].name,
+        "--inbound-port",
+        "7000",
+        "--service-account",
+        "server-sa",
+    ]
+}
+
 #[test]
 fn two_daemons_speak_istio_mutual_and_strict_refuses_plaintext() {
     if !require_privileged() {
@@ -562,35 +593,9 @@ spec:
 "
     ) + &rule("{mode: ISTIO_MUTUAL}");
     let cfg = write_config(&yaml);
-    let start = |args: &[&str], mode: &str| {
-        let pins = PinDir::new();
-        let mut a: Vec<String> = vec![
-            "--config".into(),
-            cfg.display().to_string(),
-            "--pin-dir".into(),
-            pins.path.display().to_string(),
-            "--mesh-ca".into(),
-            mesh.clone(),
-            "--client-namespace".into(),
-            "test".into(),
-            "--peer-authentication".into(),
-            mode.into(),
-        ];
-        a.extend(args.iter().map(|s| s.to_string()));
-        (Daemon::start(&a).expect("daemon starts"), pins)
-    };
+    let start = |args: &[&str], mode: &str| node(&cfg, &mesh, mode, args);
     // Server node: terminates mTLS for the endpoint namespace's port 7000.
-    let (server, _server_pins) = start(
-        &[
-            "--inbound-netns",
-            &t.endpoints[0].name,
-            "--inbound-port",
-            "7000",
-            "--service-account",
-            "server-sa",
-        ],
-        "strict",
-    );
+    let (server, _server_pins) = start(&server_node(&t), "strict");
     // Client node: captures the client namespace and originates ISTIO_MUTUAL.
     let (client, _client_pins) = start(
         &["--netns", &t.client.name, "--service-account", "client-sa"],
@@ -918,4 +923,148 @@ spec:
         "the access log names the tls route: {}",
         m.daemon.log()
     );
+}
+
+#[test]
+fn auto_mtls_to_mesh_endpoints_plaintext_to_the_rest_and_disable_turns_it_off() {
+    if !require_privileged() {
+        return;
+    }
+    let pki = Pki::new();
+    let mesh = mesh_ca(&pki);
+    let t = Topology::new(1);
+    let ep = Topology::ep4(1);
+    let _echo = Proc::server(
+        Some(&t.endpoints[0]),
+        "echo",
+        &[SocketAddr::new(ep, 7000)],
+        "ep1",
+    );
+    let _web = Proc::server(
+        Some(&t.endpoints[0]),
+        "http",
+        &[SocketAddr::new(ep, 9080)],
+        "ep1",
+    );
+    // No DestinationRule: Istio's auto mTLS decides from the endpoint's tlsMode label and the
+    // destination's PeerAuthentication.
+    let config = |labels: &str, disable: bool| {
+        let mut yaml = format!(
+            "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: secure, namespace: test}}
+spec:
+  hosts: [secure.test.svc]
+  addresses: [{VIP}]
+  ports:
+  - {{number: 80, name: tcp, protocol: TCP, targetPort: 7000}}
+  - {{number: 9080, name: http, protocol: HTTP, targetPort: 9080}}
+  resolution: STATIC
+  endpoints: [{{address: {ep}, serviceAccount: server-sa, labels: {{{labels}}}}}]
+"
+        );
+        if disable {
+            yaml.push_str(
+                "---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: off, namespace: test}
+spec:
+  selector: {matchLabels: {app: echo}}
+  mtls: {mode: DISABLE}
+",
+            );
+        }
+        write_config(&yaml)
+    };
+    let greeting = || {
+        let c = t
+            .client
+            .connect(format!("{VIP}:80").parse().unwrap(), None)
+            .unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        // Speak first, so that a STRICT inbound sees plaintext bytes and refuses them.
+        std::io::Write::write_all(&mut &c, b"ping\n").unwrap();
+        let mut line = String::new();
+        let _ = BufReader::new(c).read_line(&mut line);
+        line
+    };
+    let handshakes = |client: &Daemon| {
+        let c = client.clusters();
+        let tcp = c["clusters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "outbound|80||secure.test.svc")
+            .cloned();
+        tcp.and_then(|c| c["stats"]["ssl.handshake"].as_u64())
+            .unwrap_or(0)
+    };
+    let client_args = [
+        "--netns",
+        t.client.name.as_str(),
+        "--service-account",
+        "client-sa",
+    ];
+    // Each phase runs its own pair of nodes; both (and their pinned links) are gone after it.
+    let phase = |cfg: &std::path::Path| {
+        // The server node knows its workload's labels, which the PeerAuthentication selects.
+        let mut server_args = server_node(&t);
+        server_args.extend(["--inbound-port", "9080", "--client-label", "app=echo"]);
+        let server = node(cfg, &mesh, "strict", &server_args);
+        let client = node(cfg, &mesh, "strict", &client_args);
+        (server, client)
+    };
+    // 1. A mesh endpoint: mTLS, which the STRICT server node accepts.
+    {
+        let ((server, _), (client, _)) = phase(&config(
+            "app: echo, security.istio.io/tlsMode: istio",
+            false,
+        ));
+        assert!(
+            greeting().starts_with("hello from ep1"),
+            "auto mTLS reaches STRICT"
+        );
+        assert_eq!(handshakes(&client), 1);
+        // The HTTP port too: its upstream pool for mesh endpoints originates mTLS.
+        let r = probe(
+            Some(&t.client),
+            None,
+            &["http", &format!("http://{VIP}:9080/"), "--count", "3"],
+        );
+        assert_eq!(r["status"]["200"], 3, "{r}");
+        assert!(server.wait_log(
+            "mTLS from spiffe://cluster.local/ns/test/sa/client-sa",
+            Duration::from_secs(3)
+        ));
+    }
+    // 2. Not labelled: plaintext, which STRICT refuses.
+    {
+        let ((server, _), (client, _)) = phase(&config("app: echo", false));
+        assert_eq!(
+            greeting(),
+            "",
+            "plaintext to a STRICT workload gets nothing"
+        );
+        assert_eq!(handshakes(&client), 0);
+        let r = probe(
+            Some(&t.client),
+            None,
+            &["http", &format!("http://{VIP}:9080/")],
+        );
+        assert_eq!(r["status"]["200"].as_u64().unwrap_or(0), 0, "{r}");
+        assert!(
+            server.wait_log("plaintext client refused", Duration::from_secs(3)),
+            "{}",
+            server.log()
+        );
+    }
+    // 3. Labelled, but its PeerAuthentication DISABLEs mTLS: plaintext, which it accepts.
+    let ((_server, _), (client, _)) =
+        phase(&config("app: echo, security.istio.io/tlsMode: istio", true));
+    assert!(
+        greeting().starts_with("hello from ep1"),
+        "plaintext to DISABLE"
+    );
+    assert_eq!(handshakes(&client), 0);
 }

@@ -453,6 +453,8 @@ struct Forward {
     first_uri: Uri,
     /// The authority sent upstream (after `rewrite.authority`).
     authority: String,
+    /// Auto mTLS: the pool for members with a mesh identity (ISTIO_MUTUAL).
+    auto_pool: Option<Pool>,
 }
 
 // === impl Exchange ===
@@ -879,14 +881,18 @@ impl Forward {
             }
             uri_for(routed.first.0, &path_and_query).ok()?
         };
-        let host = split_host(authority);
+        let host = Some(split_host(authority)).filter(|h| !h.is_empty());
         Some(Self {
             authority: authority.clone(),
             pool: upstreams.pick(
                 c.tls.as_ref().map(|o| (o, &c.stats)),
-                Some(host).filter(|h| !h.is_empty()),
+                host,
                 Settings::of(pool, h2),
             ),
+            auto_pool: c
+                .auto_tls
+                .as_ref()
+                .map(|o| upstreams.pick(Some((o, &c.stats)), host, Settings::of(pool, h2))),
             h2,
             connect_timeout: pool.connect_timeout,
             method: parts.method,
@@ -899,6 +905,18 @@ impl Forward {
             path_and_query,
             first_uri,
         })
+    }
+
+    /// The pool a try to member `pick` of `c` goes through: auto mTLS for a member with a mesh
+    /// identity (when the cluster has no `tls` of its own), else the cluster's.
+    fn pool_for(&self, c: &crate::registry::Cluster, pick: Option<usize>) -> &Pool {
+        match (
+            &self.auto_pool,
+            c.tls.is_none() && c.origination_for(pick).is_some(),
+        ) {
+            (Some(auto), true) => auto,
+            _ => &self.pool,
+        }
     }
 
     /// The mirrored copy of the request, to `addr`, naming the `shadow` authority.
@@ -996,7 +1014,7 @@ impl Tries<'_> {
             let (addr, endpoint) = describe(self.snapshot, c, target);
             let mut attempt = Attempt::start(c, pick);
             let req = self.forward.request(n, addr, self.body.attempt());
-            let sent = self.forward.pool.send(addr, req);
+            let sent = self.forward.pool_for(c, pick).send(addr, req);
             let result = match retries.per_try_timeout {
                 None => sent.await,
                 Some(t) => tokio::time::timeout(t, sent)

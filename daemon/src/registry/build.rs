@@ -71,7 +71,7 @@ impl Registry {
             warnings,
             config: set.clone(),
         };
-        registry.clusters = clusters(&registry);
+        registry.clusters = clusters(&registry, &peers);
         registry.warnings.extend(proxy_protocol_on_http(&registry));
         Ok(registry)
     }
@@ -459,9 +459,28 @@ fn balancer(
     (Balancer::with_plan(lb, &weights, &keys, plan), keys)
 }
 
+/// The endpoint label that marks a workload with a mesh identity (Istio's injector sets it).
+pub const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
+
+/// Whether auto mTLS applies to `endpoint` on its port `port`, as istiod decides it: the
+/// endpoint carries `security.istio.io/tlsMode: istio`, and the PeerAuthentications of its own
+/// namespace and labels do not `DISABLE` mTLS on that port.
+fn in_mesh(peers: &[PeerEntry], svc: &Service, endpoint: &Endpoint, port: u16) -> bool {
+    if endpoint.labels.get(TLS_MODE_LABEL).map(String::as_str) != Some("istio") {
+        return false;
+    }
+    let workload = Client {
+        namespace: svc.namespace.clone(),
+        labels: endpoint.labels.clone(),
+        workload: None,
+        locality: String::new(),
+    };
+    InboundMtls::resolve(peers, &workload).mode(port) != Some(policy::MtlsMode::Disable)
+}
+
 /// Every cluster the client can reach: each service port's default cluster plus one per subset
 /// of the DestinationRule that applies to the client.
-fn clusters(reg: &Registry) -> HashMap<super::ClusterKey, Box<Cluster>> {
+fn clusters(reg: &Registry, peers: &[PeerEntry]) -> HashMap<super::ClusterKey, Box<Cluster>> {
     // Boxed and sized once: a cluster is a few KiB (its effective policy, every value with its
     // origin), so a table of clusters inline would carry that much per empty slot too, and
     // growing it by doubling would hold the old and the new table at once.
@@ -504,6 +523,7 @@ fn clusters(reg: &Registry) -> HashMap<super::ClusterKey, Box<Cluster>> {
                         endpoint,
                         addr,
                         stats: stats.endpoint(addr),
+                        mesh: in_mesh(peers, svc, &svc.endpoints[endpoint], addr.port()),
                     })
                     .collect();
                 out.insert(
@@ -511,6 +531,7 @@ fn clusters(reg: &Registry) -> HashMap<super::ClusterKey, Box<Cluster>> {
                     Box::new(Cluster {
                         name: cluster_name,
                         tls: None,
+                        auto_tls: None,
                         service: s,
                         port: port.number,
                         subset: name.map(str::to_string),

@@ -161,6 +161,11 @@ fn endpoint_lines(o: &mut String, svc: &super::Service, cluster: &super::Cluster
             .origin
             .as_ref()
             .map_or_else(String::new, |o| format!(" from {o}"));
+        let mesh = if m.mesh && cluster.policy.tls.value.is_none() {
+            " [auto mTLS]"
+        } else {
+            ""
+        };
         let place = match plan.map(|p| (p.weighted, p.placement(i))) {
             None => String::new(),
             Some((_, None)) => " [no traffic: not in distribute]".to_string(),
@@ -174,7 +179,7 @@ fn endpoint_lines(o: &mut String, svc: &super::Service, cluster: &super::Cluster
         };
         let _ = writeln!(
             o,
-            "  {} {addr} {{{}}}{loc}{place}{from}",
+            "  {} {addr} {{{}}}{loc}{place}{mesh}{from}",
             ep.name,
             l.join(",")
         );
@@ -358,7 +363,7 @@ fn policy_blocks(o: &mut String, p: &super::EffectivePolicy) {
         "tls",
         &p.tls,
         tls_fields,
-        "plaintext (Istio's auto mTLS is not built in drover: no tls block means plaintext)",
+        "auto mTLS: ISTIO_MUTUAL to endpoints labelled security.istio.io/tlsMode=istio whose PeerAuthentication does not DISABLE the port (with a mesh identity, --mesh-ca), plaintext to the rest",
     );
     block(
         o,

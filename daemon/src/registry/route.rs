@@ -426,6 +426,18 @@ impl Cluster {
         Some(picked.unwrap_or(last))
     }
 
+    /// The TLS to originate to member `pick`: the cluster's `tls`, else auto mTLS when the
+    /// member has a mesh identity; `None`: plaintext.
+    pub fn origination_for(
+        &self,
+        pick: Option<usize>,
+    ) -> Option<&std::sync::Arc<crate::tls::Origination>> {
+        self.tls.as_ref().or_else(|| {
+            pick.filter(|i| self.members.get(*i).is_some_and(|m| m.mesh))
+                .and(self.auto_tls.as_ref())
+        })
+    }
+
     /// Where endpoint `i` of the balancer is: (endpoint index in the service, address).
     pub fn target(&self, i: usize) -> Target {
         let m = &self.members[i];
