@@ -73,8 +73,31 @@ impl Registry {
         };
         registry.clusters = clusters(&registry, &peers);
         registry.warnings.extend(proxy_protocol_on_http(&registry));
+        registry.warnings.extend(uncaptured_hosts(&registry));
         Ok(registry)
     }
+}
+
+/// VirtualService hosts that no captured service answers to. Drover routes by the destination
+/// address (the VIP decides the service, then its VirtualService), not by the `Host` header on a
+/// shared port as Envoy's outbound route configuration does, so such a host is never reached.
+fn uncaptured_hosts(reg: &Registry) -> Vec<Problem> {
+    let mut out = Vec::new();
+    for vs in reg.virtual_services.iter().filter(|v| v.vs.applies_to_mesh) {
+        for (i, h) in vs.vs.hosts.iter().enumerate() {
+            let captured = reg
+                .services
+                .iter()
+                .any(|s| !s.vips.is_empty() && resolve::host_match(h, &s.host).is_some());
+            if !captured {
+                out.push(vs.source.origin.problem(
+                    format!("spec.hosts[{i}]"),
+                    format!("no captured service (one with an address drover captures) has host {h:?}: drover routes by destination address, not by the Host header, so requests for this host never reach this VirtualService"),
+                ));
+            }
+        }
+    }
+    out
 }
 
 /// `proxyProtocol` is written on TCP ports' connections only: one located warning per rule field
@@ -656,6 +679,22 @@ spec:
             "{w:?}"
         );
         assert_eq!(r.services().len(), 1, "the DNS service is not captured");
+    }
+
+    #[test]
+    fn virtual_service_hosts_no_captured_service_answers_to_are_located_warnings() {
+        let vs = "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: two, namespace: demo}\nspec:\n  hosts: [reviews, api.example.com]\n  http:\n  - route: [{destination: {host: reviews}}]\n";
+        let r = build(&format!("{REVIEWS}{vs}")).expect("valid");
+        let w: Vec<String> = r.warnings().iter().map(ToString::to_string).collect();
+        let hits: Vec<_> = w
+            .iter()
+            .filter(|w| w.contains("no captured service"))
+            .collect();
+        assert_eq!(hits.len(), 1, "{w:?}");
+        assert!(
+            hits[0].contains("spec.hosts[1]") && hits[0].contains("api.example.com"),
+            "{w:?}"
+        );
     }
 
     #[test]
