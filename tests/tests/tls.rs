@@ -533,6 +533,37 @@ fn istio_mutual_with_the_mesh_ca_presents_and_checks_spiffe_identities() {
     assert!(s.daemon.wait_log("secure-sa", Duration::from_secs(2)));
 }
 
+/// A mesh CA, one endpoint namespace and its workload: a plaintext echo server on 7000.
+struct MeshBed {
+    _pki: Pki,
+    mesh: String,
+    t: Topology,
+    ep: std::net::IpAddr,
+    _echo: Proc,
+}
+
+impl MeshBed {
+    fn new() -> Self {
+        let pki = Pki::new();
+        let mesh = mesh_ca(&pki);
+        let t = Topology::new(1);
+        let ep = Topology::ep4(1);
+        let echo = Proc::server(
+            Some(&t.endpoints[0]),
+            "echo",
+            &[SocketAddr::new(ep, 7000)],
+            "ep1",
+        );
+        Self {
+            _pki: pki,
+            mesh,
+            t,
+            ep,
+            _echo: echo,
+        }
+    }
+}
+
 /// A daemon of the mesh `mesh` reading `cfg`, in client namespace `test`, with `args`.
 fn node(cfg: &std::path::Path, mesh: &str, mode: &str, args: &[&str]) -> (Daemon, PinDir) {
     let pins = PinDir::new();
@@ -569,17 +600,13 @@ fn two_daemons_speak_istio_mutual_and_strict_refuses_plaintext() {
     if !require_privileged() {
         return;
     }
-    let pki = Pki::new();
-    let mesh = mesh_ca(&pki);
-    let t = Topology::new(1);
-    let ep = Topology::ep4(1);
-    // The workload: a plaintext echo server on 7000 in the endpoint namespace.
-    let _echo = Proc::server(
-        Some(&t.endpoints[0]),
-        "echo",
-        &[SocketAddr::new(ep, 7000)],
-        "ep1",
-    );
+    let MeshBed {
+        _pki,
+        mesh,
+        t,
+        ep,
+        _echo,
+    } = MeshBed::new();
     let yaml = format!(
         "apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -930,16 +957,13 @@ fn auto_mtls_to_mesh_endpoints_plaintext_to_the_rest_and_disable_turns_it_off() 
     if !require_privileged() {
         return;
     }
-    let pki = Pki::new();
-    let mesh = mesh_ca(&pki);
-    let t = Topology::new(1);
-    let ep = Topology::ep4(1);
-    let _echo = Proc::server(
-        Some(&t.endpoints[0]),
-        "echo",
-        &[SocketAddr::new(ep, 7000)],
-        "ep1",
-    );
+    let MeshBed {
+        _pki,
+        mesh,
+        t,
+        ep,
+        _echo,
+    } = MeshBed::new();
     let _web = Proc::server(
         Some(&t.endpoints[0]),
         "http",
