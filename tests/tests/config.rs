@@ -197,3 +197,66 @@ fn explain_names_the_source_of_every_value() {
     assert_eq!(code, 1);
     assert!(err.contains("subset \"v9\" is not defined"), "{err}");
 }
+
+#[test]
+fn explain_lists_each_routes_actions_and_each_endpoints_locality() {
+    let yaml = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: reviews, namespace: demo}
+spec:
+  hosts: [reviews.demo.svc.cluster.local]
+  addresses: [127.77.0.10]
+  ports: [{number: 9080, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints:
+  - {address: 198.18.1.2, locality: r1/z1}
+  - {address: 198.18.2.2, locality: r2/z1, labels: {security.istio.io/tlsMode: istio}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: demo}
+spec:
+  host: reviews.demo.svc.cluster.local
+  trafficPolicy: {outlierDetection: {}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: demo}
+spec:
+  hosts: [reviews.demo.svc.cluster.local]
+  http:
+  - match: [{uri: {prefix: /old}}]
+    redirect: {uri: /new, redirectCode: 302}
+  - route: [{destination: {host: reviews.demo.svc.cluster.local}}]
+    fault: {abort: {httpStatus: 503, percentage: {value: 5}}}
+    mirror: {host: reviews.demo.svc.cluster.local}
+    rewrite: {uri: /v2/}
+";
+    let cfg = drover_tests::write_config(yaml);
+    let (code, out, err) = drover(&[
+        "explain",
+        "--config",
+        &cfg.display().to_string(),
+        "--host",
+        "reviews.demo.svc.cluster.local",
+        "--client-locality",
+        "r1/z1",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    for expected in [
+        "client     namespace default labels {} locality r1/z1",
+        "locality   2 failover priorities by region/zone/subzone",
+        "198.18.1.2:9080 {} locality r1/z1 [priority 0]",
+        "locality r2/z1 [priority 1] [auto mTLS]",
+        "http[0] (with match) → (answered by the proxy)",
+        "    redirect 302 uri /new",
+        "    rewrite uri /v2/",
+        "    fault abort HTTP 503 for 5% (FI)",
+        "    mirror reviews.demo.svc.cluster.local for 100%",
+    ] {
+        assert!(
+            out.contains(expected),
+            "missing {expected:?}\n--- got:\n{out}"
+        );
+    }
+}

@@ -289,18 +289,21 @@ fn routes(o: &mut String, reg: &Registry, svc: &super::Service, port: &super::Se
                 })
                 .collect::<Vec<_>>()
         } else {
-            vs.vs
-                .tcp
-                .iter()
-                .map(|r| {
-                    (
-                        format!("tcp[{}]", r.index),
-                        r.matches.is_empty(),
-                        &r.destinations,
-                        None,
-                    )
-                })
-                .collect()
+            // On TLS ports the `tls` routes (by SNI) come first.
+            let tls = (super::route::is_tls(port.protocol.as_deref()))
+                .then_some(&vs.vs.tls)
+                .into_iter()
+                .flatten()
+                .map(|r| (format!("tls[{}]", r.index), false, &r.destinations, None));
+            let tcp = vs.vs.tcp.iter().map(|r| {
+                (
+                    format!("tcp[{}]", r.index),
+                    r.matches.is_empty(),
+                    &r.destinations,
+                    None,
+                )
+            });
+            tls.chain(tcp).collect()
         };
         for (name, all, dests, policy) in routes {
             let d: Vec<_> = dests
@@ -326,7 +329,11 @@ fn routes(o: &mut String, reg: &Registry, svc: &super::Service, port: &super::Se
                 } else {
                     " (with match)"
                 },
-                d.join("; ")
+                if d.is_empty() {
+                    "(answered by the proxy)".to_string()
+                } else {
+                    d.join("; ")
+                }
             );
             if let Some(policy) = policy {
                 let _ = writeln!(o, "    {policy}");
@@ -609,5 +616,84 @@ fn http_route_policy(r: &crate::config::policy::HttpRoute) -> String {
     let timeout = r
         .timeout
         .map_or("no timeout".to_string(), |t| format!("timeout {t:?}"));
-    format!("{retries}; {timeout}")
+    let mut lines = vec![format!("{retries}; {timeout}")];
+    lines.extend(http_route_actions(r));
+    lines.join("\n    ")
+}
+
+/// One line per action of an HTTP route (what it does besides choosing a destination).
+fn http_route_actions(r: &crate::config::policy::HttpRoute) -> Vec<String> {
+    use crate::config::policy::{Abort, LocalReply};
+    let mut out = Vec::new();
+    match &r.local {
+        Some(LocalReply::Redirect(x)) => out.push(format!(
+            "redirect {}{}{}{}",
+            x.code.as_u16(),
+            x.scheme
+                .as_ref()
+                .map(|s| format!(" scheme {s}"))
+                .unwrap_or_default(),
+            x.authority
+                .as_ref()
+                .map(|a| format!(" authority {a}"))
+                .unwrap_or_default(),
+            x.uri
+                .as_ref()
+                .map(|u| format!(" uri {u}"))
+                .unwrap_or_default(),
+        )),
+        Some(LocalReply::Direct { status, body }) => out.push(format!(
+            "direct response {} ({} bytes)",
+            status.as_u16(),
+            body.len()
+        )),
+        None => {}
+    }
+    if let Some(rw) = &r.rewrite {
+        let mut parts = Vec::new();
+        if let Some(u) = &rw.uri {
+            parts.push(format!("uri {u}"));
+        }
+        if let Some(re) = &rw.uri_regex {
+            let (m, w) = re.parts();
+            parts.push(format!("uriRegexRewrite {m:?} → {w:?}"));
+        }
+        if let Some(a) = &rw.authority {
+            parts.push(format!("authority {a}"));
+        }
+        out.push(format!("rewrite {}", parts.join(", ")));
+    }
+    if let Some(f) = &r.fault {
+        if let Some((d, p)) = f.delay {
+            out.push(format!("fault delay {d:?} for {p}% (DI)"));
+        }
+        if let Some((a, p)) = f.abort {
+            let what = match a {
+                Abort::Http(s) => format!("HTTP {}", s.as_u16()),
+                Abort::Grpc(c) => format!("grpc-status {c}"),
+            };
+            out.push(format!("fault abort {what} for {p}% (FI)"));
+        }
+    }
+    let ops = |o: &crate::config::policy::HeaderOps| o.set.len() + o.add.len() + o.remove.len();
+    let (req, resp) = (ops(&r.headers.request), ops(&r.headers.response));
+    if req + resp > 0 {
+        out.push(format!(
+            "headers: {req} request and {resp} response operations"
+        ));
+    }
+    for (d, p) in &r.mirrors {
+        out.push(format!(
+            "mirror {}{} for {p}%",
+            d.host,
+            d.subset
+                .as_deref()
+                .map(|s| format!(" subset {s}"))
+                .unwrap_or_default()
+        ));
+    }
+    if let Some(c) = &r.cors {
+        out.push(format!("cors: {} allowed origin patterns", c.origins.len()));
+    }
+    out
 }
