@@ -263,7 +263,6 @@ impl Proxy {
                 addr
             }
         };
-        let stats = d.cluster.stats.clone();
         // Circuit breaker: a connection slot, or the connection is closed at once (UO), as
         // Envoy's TCP proxy does.
         let _slot = d
@@ -273,27 +272,7 @@ impl Proxy {
             .map_err(Error::Overflow)?;
         // Held for the whole connection: the balancer counts it in flight until it closes.
         let mut attempt = attempt::Attempt::start(d.cluster, d.pick);
-        let dialer = upstream::Dialer {
-            ns: ns.clone(),
-            mark: self.mark,
-            connect_timeout: pool.connect_timeout,
-            keepalive: pool.tcp_keepalive.clone(),
-            proxy_header: d
-                .cluster
-                .policy
-                .proxy_protocol
-                .value
-                .map(|v| proxy_protocol::header(v, src, orig)),
-            tls: d
-                .cluster
-                .origination_for(d.pick)
-                .cloned()
-                .map(|origination| upstream::TlsTarget {
-                    origination,
-                    host: None,
-                    stats: stats.clone(),
-                }),
-        };
+        let dialer = self.dialer(ns, &d, &pool, (src, orig));
         // A TLS cluster's connection is up once the handshake is done (as Envoy counts).
         let upstream = dialer.dial(addr).await;
         match &upstream {
@@ -311,6 +290,34 @@ impl Proxy {
             relay::End::Closed(up, down) => Ok((up, down)),
             relay::End::IdleTimeout(d) => Err(Error::IdleTimeout(d)),
             relay::End::MaxDuration(d) => Err(Error::MaxDuration(d)),
+        }
+    }
+
+    /// How to dial the routed endpoint of `d`: the cluster's pool settings, its TLS (or auto
+    /// mTLS) and its PROXY protocol header for the connection `(src, orig)`.
+    fn dialer(
+        &self,
+        ns: &Arc<NetNs>,
+        d: &crate::registry::Decision<'_>,
+        pool: &ConnectionPool,
+        (src, orig): (Option<SocketAddr>, SocketAddr),
+    ) -> upstream::Dialer {
+        upstream::Dialer {
+            ns: ns.clone(),
+            mark: self.mark,
+            connect_timeout: pool.connect_timeout,
+            keepalive: pool.tcp_keepalive.clone(),
+            proxy_header: (d.cluster.policy.proxy_protocol.value)
+                .map(|v| proxy_protocol::header(v, src, orig)),
+            tls: d
+                .cluster
+                .origination_for(d.pick)
+                .cloned()
+                .map(|origination| upstream::TlsTarget {
+                    origination,
+                    host: None,
+                    stats: d.cluster.stats.clone(),
+                }),
         }
     }
 }
