@@ -29,6 +29,8 @@ pub const INBOUND_PORT: u16 = 15006;
 pub mod maps {
     pub const CONFIG: &str = "CONFIG";
     pub const SVC_VIPS: &str = "SVC_VIPS";
+    /// Captured service address ranges (ServiceEntry CIDR `addresses`), longest prefix first.
+    pub const SVC_CIDRS: &str = "SVC_CIDRS";
     pub const ENROLLED: &str = "ENROLLED";
     pub const ORIG_BY_COOKIE: &str = "ORIG_BY_COOKIE";
     pub const ORIG_BY_TUPLE: &str = "ORIG_BY_TUPLE";
@@ -40,9 +42,10 @@ pub mod maps {
     pub const INBOUND_PORTS: &str = "INBOUND_PORTS";
     pub const INBOUND_LISTENER: &str = "INBOUND_LISTENER";
     /// Every map, for pinning and cleanup.
-    pub const ALL: [&str; 7] = [
+    pub const ALL: [&str; 8] = [
         CONFIG,
         SVC_VIPS,
+        SVC_CIDRS,
         ENROLLED,
         ORIG_BY_COOKIE,
         ORIG_BY_TUPLE,
@@ -54,6 +57,7 @@ pub mod maps {
 /// Capacities of the maps.
 pub mod capacity {
     pub const SVC_VIPS: u32 = 65_536;
+    pub const SVC_CIDRS: u32 = 4_096;
     pub const ENROLLED: u32 = 16_384;
     pub const ORIG_BY_COOKIE: u32 = 262_144;
     pub const ORIG_BY_TUPLE: u32 = 262_144;
@@ -103,7 +107,25 @@ pub struct VipKey {
 }
 const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
 
-/// Value of `SVC_VIPS`.
+/// The data of a `SVC_CIDRS` key (an LPM trie key is a prefix length, then this): the port, then
+/// the address, so that a prefix covers the whole port and the address's leading bits. A range
+/// of `addr/len` on `port` has prefix length `16 + len` (IPv6) or `16 + 96 + len` (IPv4, mapped).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CidrData {
+    /// Port in network byte order, as bytes.
+    pub port_be: [u8; 2],
+    /// IPv6 or v4-mapped IPv4, network order.
+    pub addr: [u8; 16],
+    /// Never part of a prefix.
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<CidrData>() == 20);
+
+/// The full prefix length of a `SVC_CIDRS` lookup key (port and the whole address).
+pub const CIDR_FULL_PREFIX: u32 = 16 + 128;
+
+/// Value of `SVC_VIPS` (and of `SVC_CIDRS`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VipValue {
@@ -264,6 +286,7 @@ mod pod {
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::VipKey {}
     unsafe impl aya::Pod for super::VipValue {}
+    unsafe impl aya::Pod for super::CidrData {}
     unsafe impl aya::Pod for super::Enrolment {}
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::TupleKey {}

@@ -122,9 +122,10 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
     sources.workloads = bindings.workloads(&cfg);
     let snapshots = loaded.resolve(&sources);
     let vips = snapshots.vips();
+    let cidrs = snapshots.cidrs();
     let identities = snapshots.identities();
     let views = snapshots.into_views(&sources.workloads);
-    let (original, kernel) = attach(&cfg, &bindings.cookies, &vips)?;
+    let (original, kernel) = attach(&cfg, &bindings.cookies, (&vips, &cidrs))?;
 
     let registry = views.primary.clone();
     let Serving {
@@ -635,7 +636,10 @@ type Capture = (Arc<dyn OriginalDst>, Option<Arc<Kernel>>);
 fn attach(
     cfg: &RunConfig,
     cookies: &[u64],
-    vips: &[(std::net::SocketAddr, u32)],
+    (vips, cidrs): (
+        &[(std::net::SocketAddr, u32)],
+        &[crate::redirect::loader::CapturedRange],
+    ),
 ) -> anyhow::Result<Capture> {
     Ok(match cfg.capture {
         CaptureMode::Ebpf => {
@@ -652,6 +656,7 @@ fn attach(
                 kernel.set_enrolled_netns(cookies)?;
             }
             kernel.set_vips(vips)?;
+            kernel.set_cidrs(cidrs)?;
             kernel.attach_upstream_counters()?;
             kernel.prune_links()?;
             (kernel.clone(), Some(kernel))

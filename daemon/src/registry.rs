@@ -45,6 +45,8 @@ pub struct Service {
     pub location: MeshLocation,
     /// Exact VIPs captured for this service.
     pub vips: Vec<IpAddr>,
+    /// Address ranges captured for this service: (network address, prefix length).
+    pub cidrs: Vec<(IpAddr, u8)>,
     pub ports: Vec<ServicePort>,
     pub endpoints: Vec<Endpoint>,
 }
@@ -119,6 +121,8 @@ type ClusterKey = (usize, u16, Option<String>);
 pub struct Registry {
     services: Vec<Service>,
     by_vip: HashMap<SocketAddr, (usize, usize)>,
+    /// Captured ranges, longest prefix first: ((network, length), port, (service, port index)).
+    by_cidr: Vec<CidrEntry>,
     by_host: HashMap<String, usize>,
     rules: Vec<RuleEntry>,
     virtual_services: Vec<VsEntry>,
@@ -129,6 +133,9 @@ pub struct Registry {
     warnings: Vec<Problem>,
     config: crate::config::source::ConfigSet,
 }
+
+/// A captured range: ((network, prefix length), port, (service index, port index)).
+type CidrEntry = ((IpAddr, u8), u16, (usize, usize));
 
 /// Cloneable handle to the current [`Registry`] snapshot.
 #[derive(Clone, Debug)]
@@ -155,6 +162,25 @@ impl Registry {
     /// Every service, in configuration order.
     pub fn services(&self) -> &[Service] {
         &self.services
+    }
+
+    /// Every captured range: ((network, prefix length), port, index of its service).
+    pub fn cidrs(&self) -> impl Iterator<Item = ((IpAddr, u8), u16, usize)> + '_ {
+        self.by_cidr
+            .iter()
+            .map(|(net, port, (svc, _))| (*net, *port, *svc))
+    }
+
+    /// The (service, port) indices owning a captured destination: its exact VIP, else the
+    /// longest captured range that holds it on that port.
+    fn owner(&self, orig: SocketAddr) -> Option<(usize, usize)> {
+        let orig = SocketAddr::new(orig.ip().to_canonical(), orig.port());
+        self.by_vip.get(&orig).copied().or_else(|| {
+            self.by_cidr
+                .iter()
+                .find(|(net, port, _)| *port == orig.port() && route::in_subnet(orig.ip(), *net))
+                .map(|(_, _, at)| *at)
+        })
     }
 
     /// Every captured (VIP, port) with the index of its service.
@@ -185,8 +211,7 @@ impl Registry {
 
     /// The service and port that own a captured original destination.
     pub fn lookup(&self, orig: SocketAddr) -> Option<(&Service, &ServicePort)> {
-        let orig = SocketAddr::new(orig.ip().to_canonical(), orig.port());
-        let (s, p) = *self.by_vip.get(&orig)?;
+        let (s, p) = self.owner(orig)?;
         let svc = &self.services[s];
         Some((svc, &svc.ports[p]))
     }

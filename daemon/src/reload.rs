@@ -258,6 +258,18 @@ impl Snapshots {
             .collect()
     }
 
+    /// Every captured range of every snapshot: ((network, prefix length), port, service id of
+    /// the first that has it).
+    pub fn cidrs(&self) -> Vec<crate::redirect::loader::CapturedRange> {
+        let mut seen = HashSet::new();
+        std::iter::once(&self.primary)
+            .chain(&self.extra)
+            .flat_map(|r| r.cidrs())
+            .filter(|(net, port, _)| seen.insert((*net, *port)))
+            .map(|(net, port, id)| (net, port, id as u32))
+            .collect()
+    }
+
     /// Where each workload's identity came from, by network namespace.
     pub fn identities(&self) -> HashMap<String, Source> {
         (self.assignment.iter())
@@ -497,12 +509,14 @@ impl Reloader {
                 for w in snapshots.primary.warnings() {
                     tracing::warn!("{w}");
                 }
-                let vips = snapshots.vips();
+                let (vips, cidrs) = (snapshots.vips(), snapshots.cidrs());
                 let services = snapshots.primary.services().len();
                 self.note_identities(&workloads, &snapshots);
                 snapshots.install(&self.views);
                 if let Some(kernel) = &self.kernel
-                    && let Err(e) = kernel.set_vips(&vips)
+                    && let Err(e) = kernel
+                        .set_vips(&vips)
+                        .and_then(|()| kernel.set_cidrs(&cidrs))
                 {
                     tracing::error!(error = %e, "updating captured addresses failed; capture keeps the previous set");
                 }

@@ -13,14 +13,16 @@ use aya_ebpf::{
         bpf_sk_release,
     },
     macros::cgroup_sock_addr,
+    maps::lpm_trie::Key,
     programs::SockAddrContext,
 };
 use aya_log_ebpf::debug;
 use drover_common::{
-    DROVER_MARK, LOOPBACK4_RAW, LOOPBACK6_RAW, OrigDst, VipKey, as_v4, flags, orig_flags, v4_mapped,
+    CIDR_FULL_PREFIX, CidrData, DROVER_MARK, LOOPBACK4_RAW, LOOPBACK6_RAW, OrigDst, VipKey, as_v4,
+    flags, orig_flags, v4_mapped,
 };
 
-use crate::maps::{CONFIG, ENROLLED_NETNS, ORIG_BY_COOKIE, SVC_VIPS};
+use crate::maps::{CONFIG, ENROLLED_NETNS, ORIG_BY_COOKIE, SVC_CIDRS, SVC_VIPS};
 
 const ALLOW: i32 = 1;
 const IPPROTO_TCP: u32 = 6;
@@ -97,11 +99,14 @@ fn try_connect(ctx: &SockAddrContext, v6: bool, scope: Scope) -> Result<bool, ()
         proto: IPPROTO_TCP as u8,
         _pad: 0,
     };
-    let Some(vip) = SVC_VIPS.get_ptr(key) else {
-        return Ok(false);
+    let svc_id = match SVC_VIPS.get_ptr(key) {
+        // SAFETY: pointer returned by a successful map lookup.
+        Some(vip) => unsafe { (*vip).svc_id },
+        None => match cidr_service(&addr, port_be) {
+            Some(id) => id,
+            None => return Ok(false),
+        },
     };
-    // SAFETY: pointer returned by a successful map lookup.
-    let svc_id = unsafe { (*vip).svc_id };
     let v4 = as_v4(&addr);
 
     if cfg.flags & flags::FAIL_OPEN != 0
@@ -147,6 +152,28 @@ fn try_connect(ctx: &SockAddrContext, v6: bool, scope: Scope) -> Result<bool, ()
         "captured connect to svc {} (cookie {})", svc_id, cookie
     );
     Ok(true)
+}
+
+/// The service of the longest captured range that holds `addr` on port `port_be`.
+#[inline(always)]
+fn cidr_service(addr: &[u32; 4], port_be: u16) -> Option<u32> {
+    let mut bytes = [0u8; 16];
+    for (i, w) in addr.iter().enumerate() {
+        let b = w.to_ne_bytes();
+        bytes[i * 4] = b[0];
+        bytes[i * 4 + 1] = b[1];
+        bytes[i * 4 + 2] = b[2];
+        bytes[i * 4 + 3] = b[3];
+    }
+    let key = Key::new(
+        CIDR_FULL_PREFIX,
+        CidrData {
+            port_be: port_be.to_ne_bytes(),
+            addr: bytes,
+            _pad: [0; 2],
+        },
+    );
+    SVC_CIDRS.get(key).map(|v| v.svc_id)
 }
 
 /// The socket's `SO_MARK`, if it can be read.

@@ -4,13 +4,14 @@
 use aya_ebpf::{
     btf_maps,
     macros::{btf_map, map},
-    maps::{Array, HashMap, LruHashMap, SockMap},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, SockMap},
 };
 use drover_common::{
-    Config, Enrolment, EpDKey, EpDStats, EpKStats, EpKey, OrigDst, TupleKey, VipKey, VipValue,
+    CidrData, Config, Enrolment, EpDKey, EpDStats, EpKStats, EpKey, OrigDst, TupleKey, VipKey,
+    VipValue,
     capacity::{
         self, ENROLLED, ORIG_BY_COOKIE as ORIG_BY_COOKIE_CAP, ORIG_BY_TUPLE as ORIG_BY_TUPLE_CAP,
-        SVC_VIPS as SVC_VIPS_CAP,
+        SVC_CIDRS as SVC_CIDRS_CAP, SVC_VIPS as SVC_VIPS_CAP,
     },
 };
 
@@ -21,6 +22,11 @@ pub static CONFIG: Array<Config> = Array::pinned(1, 0);
 /// Captured service addresses (VIP, port, protocol).
 #[map]
 pub static SVC_VIPS: HashMap<VipKey, VipValue> = HashMap::pinned(SVC_VIPS_CAP, 0);
+
+/// Captured service address ranges: (port, address prefix) → service, longest prefix first;
+/// consulted when `SVC_VIPS` has no exact entry.
+#[map]
+pub static SVC_CIDRS: LpmTrie<CidrData, VipValue> = LpmTrie::pinned(SVC_CIDRS_CAP, 0);
 
 /// Network namespaces (by cookie) whose connects are captured when the programs are attached at
 /// the cgroup root; cgroup-scoped attachments capture without consulting it.

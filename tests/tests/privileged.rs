@@ -1053,3 +1053,47 @@ fn proxy_protocol_header_precedes_the_clients_bytes_upstream() {
         assert_eq!(payload, "payload\n", "{version}");
     }
 }
+
+#[test]
+fn cidr_addresses_are_captured_in_the_kernel_by_longest_prefix() {
+    if !require_privileged() {
+        return;
+    }
+    // Two ranges on loopback addresses of the client namespace (nothing leaves it if capture
+    // fails): the /16 goes to ep1, the /24 inside it to ep2.
+    let yaml = service_entry("wide", &["127.78.0.0/16"], 80, 7000, &[Topology::ep4(1)])
+        + &service_entry("narrow", &["127.78.9.0/24"], 80, 7000, &[Topology::ep4(2)]);
+    let Captured {
+        t,
+        daemon: _daemon,
+        _servers,
+        _pins,
+        ..
+    } = captured(2, Some(yaml), &[]);
+    let greet = |addr: &str| t.client.greeting(sa(addr)).unwrap_or_default();
+    assert!(
+        greet("127.78.200.7:80").starts_with("hello from ep1"),
+        "the /16"
+    );
+    assert!(
+        greet("127.78.9.7:80").starts_with("hello from ep2"),
+        "the /24 wins"
+    );
+    // Another port of a range, or an address outside both, is not captured (nothing listens).
+    assert!(t.client.connect(sa("127.78.200.7:81"), None).is_err());
+    assert!(t.client.connect(sa("127.79.0.1:80"), None).is_err());
+    // The pinned trie holds both ranges for an operator to read.
+    let pinned = _pins.path.join("SVC_CIDRS");
+    let out = sh(&[
+        "bpftool",
+        "map",
+        "dump",
+        "pinned",
+        &pinned.display().to_string(),
+    ]);
+    assert_eq!(
+        out.matches("key:").count() + out.matches("\"key\"").count(),
+        2,
+        "{out}"
+    );
+}

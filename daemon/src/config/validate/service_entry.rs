@@ -52,6 +52,7 @@ impl Checker<'_> {
             resolution: spec.resolution,
             location: spec.location,
             vips: Vec::new(),
+            cidrs: Vec::new(),
             ports: Vec::new(),
             endpoints: Vec::new(),
             workload_selector: spec.workload_selector.as_ref().map(|s| s.labels.clone()),
@@ -75,7 +76,7 @@ impl Checker<'_> {
                 "workloadSelector and endpoints are mutually exclusive",
             );
         }
-        entry.vips = self.addresses(&spec.addresses);
+        (entry.vips, entry.cidrs) = self.addresses(&spec.addresses);
         entry.ports = self.ports(&spec.ports);
         entry.endpoints = spec
             .endpoints
@@ -102,21 +103,23 @@ impl Checker<'_> {
         }
     }
 
-    /// Exact VIPs; a CIDR is accepted by Istio but not captured yet (a warning).
-    fn addresses(&mut self, addresses: &[String]) -> Vec<IpAddr> {
-        let mut vips = Vec::new();
+    /// Exact VIPs, and CIDR ranges (network address with its host bits cleared, prefix
+    /// length); a full-length prefix is an exact VIP.
+    fn addresses(&mut self, addresses: &[String]) -> (Vec<IpAddr>, Vec<(IpAddr, u8)>) {
+        let (mut vips, mut cidrs) = (Vec::new(), Vec::new());
         for (i, a) in addresses.iter().enumerate() {
-            let field = format!("spec.addresses[{i}]");
-            match a.parse::<IpAddr>() {
-                Ok(ip) => vips.push(ip.to_canonical()),
-                Err(_) if a.contains('/') => self.warn(
-                    field,
-                    format!("CIDR address {a} is not captured (not built yet)"),
+            match super::parse_cidr(a) {
+                Some((ip, len)) if len == if ip.is_ipv4() { 32 } else { 128 } => {
+                    vips.push(ip.to_canonical());
+                }
+                Some((ip, len)) => cidrs.push((network(ip.to_canonical(), len), len)),
+                None => self.err(
+                    format!("spec.addresses[{i}]"),
+                    format!("{a:?} is not an IP address or CIDR"),
                 ),
-                Err(_) => self.err(field, format!("{a:?} is not an IP address or CIDR")),
             }
         }
-        vips
+        (vips, cidrs)
     }
 
     fn ports(&mut self, ports: &[crd::ServicePort]) -> Vec<policy::Port> {
@@ -213,6 +216,20 @@ impl Checker<'_> {
             service_account: spec.service_account.clone(),
             origin: spec.origin.clone(),
         })
+    }
+}
+
+/// `ip` with the bits past `len` cleared.
+fn network(ip: IpAddr, len: u8) -> IpAddr {
+    match ip {
+        IpAddr::V4(a) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            IpAddr::V4((u32::from(a) & mask).into())
+        }
+        IpAddr::V6(a) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+            IpAddr::V6((u128::from(a) & mask).into())
+        }
     }
 }
 
