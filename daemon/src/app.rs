@@ -60,6 +60,8 @@ pub struct RunConfig {
     /// Accept a configuration that defines no service (refused by default: nothing to capture
     /// is more often a broken file than an intent).
     pub allow_empty: bool,
+    /// DNS servers for `resolution: DNS` ServiceEntries (empty: the system's).
+    pub dns_servers: Vec<std::net::SocketAddr>,
     /// Kubernetes mode: services, endpoints and Istio resources from the API server too.
     pub kubernetes: Option<kubernetes::Settings>,
     /// `--netns NAME=namespace/name`: the WorkloadEntry describing the workload of namespace
@@ -104,6 +106,13 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
     let early = Early::start(&cfg).await?;
     prepare(&mut cfg)?;
     let mut sources = cfg.sources(early.api.clone());
+    sources.dns = match crate::dns::Dns::spawn(&cfg.dns_servers) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            tracing::warn!(error = %e, "no DNS resolver: resolution DNS services get no endpoints");
+            None
+        }
+    };
     // The configuration is validated before anything is opened or bound.
     let loaded = reload::load_config(&sources).map_err(ConfigRejected)?;
     for w in loaded.primary.warnings() {
@@ -213,6 +222,7 @@ impl RunConfig {
                 ))
             }),
             allow_empty: self.allow_empty,
+            dns: None,
         }
     }
 
@@ -317,6 +327,7 @@ fn control(
 ) -> anyhow::Result<(reload::Trigger, Option<std::net::SocketAddr>)> {
     let registry = &views.primary;
     let api = sources.api.clone();
+    let dns = sources.dns.clone();
     let reload = Reloader {
         sources,
         views: views.clone(),
@@ -324,6 +335,12 @@ fn control(
         identities: std::sync::Mutex::new(identities),
     }
     .spawn(cfg.watch, shutdown.clone())?;
+    if let Some(dns) = &dns {
+        let trigger = reload.clone();
+        dns.on_change(move || {
+            trigger.reload();
+        });
+    }
     if let Some(kernel) = kernel {
         crate::admin::publish_endpoint_stats(registry.clone(), kernel.clone(), shutdown.clone());
     }

@@ -55,6 +55,7 @@ pub mod balance;
 pub mod breakers;
 pub mod cni;
 pub mod config;
+pub mod dns;
 pub mod inbound;
 pub mod kubernetes;
 pub mod memory;

@@ -169,6 +169,10 @@ struct RunArgs {
     /// is refused, since an empty or truncated file would otherwise stop all capture.
     #[arg(long)]
     allow_empty: bool,
+    /// DNS server (`ip:port`, repeatable) for `resolution: DNS` ServiceEntries (default: the
+    /// system's resolvers).
+    #[arg(long = "dns-server", value_name = "ADDR")]
+    dns_servers: Vec<std::net::SocketAddr>,
     /// Data-plane worker threads (0: one per CPU).
     #[arg(long, default_value = "0")]
     workers: usize,
@@ -602,6 +606,7 @@ impl RunArgs {
             max_downstream_connections: self.max_downstream_connections,
             max_memory_bytes: self.max_memory_mb.saturating_mul(1024 * 1024),
             allow_empty: self.allow_empty,
+            dns_servers: self.dns_servers,
             kubernetes,
             cni_install: self.cni_conf_dir.map(|conf| (self.cni_bin_dir, conf)),
             proc_dir: self.proc_dir,

@@ -97,6 +97,8 @@ pub struct Sources {
     pub issuer: Option<Arc<crate::mesh::Issuer>>,
     /// Accept a configuration without services (otherwise refused: see the module doc).
     pub allow_empty: bool,
+    /// Resolves the DNS ServiceEntries (their endpoints are the current answers).
+    pub dns: Option<crate::dns::Dns>,
 }
 
 /// A loaded configuration: the primary snapshot and one per distinct workload identity.
@@ -130,9 +132,13 @@ pub fn load_config(sources: &Sources) -> Result<Loaded, Error> {
         api,
         client,
         credentials,
+        dns,
         ..
     } = sources;
-    let files = ConfigSet::load(paths)?;
+    let mut files = ConfigSet::load(paths)?;
+    if let Some(dns) = dns {
+        dns.expand(&mut files);
+    }
     let (mut primary, set) = match api {
         Some(feed) => build_with_api(files, feed, client)?,
         None => {

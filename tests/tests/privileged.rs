@@ -1097,3 +1097,99 @@ fn cidr_addresses_are_captured_in_the_kernel_by_longest_prefix() {
         "{out}"
     );
 }
+
+/// A DNS server on loopback answering from `hosts` (one `ip name` line each) with a 1 s TTL,
+/// re-read on SIGHUP.
+fn dnsmasq(hosts: &std::path::Path, port: u16) -> Proc {
+    let child = std::process::Command::new("dnsmasq")
+        .args([
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--pid-file=",
+            "--listen-address=127.0.0.1",
+            "--bind-interfaces",
+            "--local-ttl=1",
+            "--user=root",
+        ])
+        .arg(format!("--port={port}"))
+        .arg(format!("--addn-hosts={}", hosts.display()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("dnsmasq (Debian's dnsmasq-base) runs");
+    std::thread::sleep(Duration::from_millis(300));
+    Proc { child }
+}
+
+#[test]
+fn dns_services_follow_their_names_answers_and_keep_the_last_good_one() {
+    if !require_privileged() {
+        return;
+    }
+    let dir = write_config("").parent().unwrap().to_path_buf();
+    let hosts = dir.join("hosts");
+    std::fs::write(&hosts, format!("{} db.internal.test\n", Topology::ep4(1))).unwrap();
+    let port = 20_000 + (drover_tests::unique_id() % 20_000) as u16;
+    let mut dns = dnsmasq(&hosts, port);
+    let yaml = format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: db, namespace: test}}
+spec:
+  hosts: [db.test.svc]
+  addresses: [{VIP}]
+  ports: [{{number: 80, name: tcp, protocol: TCP, targetPort: 7000}}]
+  resolution: DNS
+  endpoints: [{{address: db.internal.test}}]
+"
+    );
+    let server = format!("127.0.0.1:{port}");
+    let Captured {
+        t,
+        daemon,
+        _servers,
+        _pins,
+        ..
+    } = captured(2, Some(yaml), &["--dns-server", &server]);
+    let vip = sa(&format!("{VIP}:80"));
+    let served_by = |ep: &str, within: Duration| {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let g = t.client.greeting(vip).unwrap_or_default();
+            if g.starts_with(&format!("hello from {ep}")) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not {ep}: {g:?}\n{}",
+                daemon.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    // The first answer arrives just after the start.
+    served_by("ep1", Duration::from_secs(5));
+    let mut open = t.client.connect(vip, None).unwrap();
+    open.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut reader = BufReader::new(open.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.starts_with("hello from ep1"), "{line}");
+    // The name moves: once its 1 s TTL is out, new connections follow it.
+    std::fs::write(&hosts, format!("{} db.internal.test\n", Topology::ep4(2))).unwrap();
+    sh(&["kill", "-HUP", &dns.child.id().to_string()]);
+    served_by("ep2", Duration::from_secs(10));
+    assert!(daemon.log().contains("DNS answer changed"));
+    // The connection opened before is untouched by the reload.
+    open.write_all(b"still here\n").unwrap();
+    line.clear();
+    reader.read_line(&mut line).unwrap();
+    assert_eq!(line, "still here\n");
+    // The server goes away: failures keep the last good answer.
+    let _ = dns.child.kill();
+    let _ = dns.child.wait();
+    assert!(daemon.wait_log("DNS resolution failed", Duration::from_secs(10)));
+    served_by("ep2", Duration::from_secs(1));
+}

@@ -15,7 +15,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 /// Debian packages the project uses (tests, demo, bench).
-const APT_PACKAGES: [&str; 13] = [
+const APT_PACKAGES: [&str; 14] = [
     "protobuf-compiler",
     "iproute2",
     "iptables",
@@ -31,6 +31,8 @@ const APT_PACKAGES: [&str; 13] = [
     "containernetworking-plugins",
     "runc",
     "binutils",
+    // A DNS server for the `resolution: DNS` tests.
+    "dnsmasq-base",
 ];
 /// What only the bench uses: the peers it compares with and their load tools.
 const BENCH_PACKAGES: [&str; 5] = ["wrk", "haproxy", "nginx-light", "iperf3", "nghttp2-client"];

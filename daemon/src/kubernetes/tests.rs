@@ -68,6 +68,7 @@ fn sources(feed: &Feed) -> Sources {
         credentials: Default::default(),
         issuer: None,
         allow_empty: false,
+        dns: None,
     }
 }
 

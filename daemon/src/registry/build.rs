@@ -672,7 +672,7 @@ mod tests {
     }
 
     #[test]
-    fn cidr_addresses_are_captured_by_longest_prefix_and_dns_is_a_located_warning() {
+    fn cidr_addresses_are_captured_by_longest_prefix_and_dynamic_dns_is_a_located_warning() {
         let r = build(
             "apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -699,7 +699,7 @@ metadata: {name: dns, namespace: demo}
 spec:
   hosts: [dns.example]
   ports: [{number: 80, name: tcp}]
-  resolution: DNS
+  resolution: DYNAMIC_DNS
 ",
         )
         .expect("valid");
@@ -736,10 +736,14 @@ spec:
         let w: Vec<String> = r.warnings().iter().map(ToString::to_string).collect();
         assert!(
             w.iter().any(|w| w.starts_with("t.yaml:26:")
-                && w.contains("spec.resolution: resolution DNS is not built yet")),
+                && w.contains("spec.resolution: resolution DYNAMIC_DNS is not built yet")),
             "{w:?}"
         );
-        assert_eq!(r.services().len(), 2, "the DNS service is not captured");
+        assert_eq!(
+            r.services().len(),
+            2,
+            "the DYNAMIC_DNS service is not captured"
+        );
     }
 
     const REVIEWS: &str = "\

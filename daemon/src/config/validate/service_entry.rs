@@ -67,6 +67,7 @@ impl Checker<'_> {
             );
             return entry;
         }
+        let resolved = matches!(spec.resolution, Resolution::Dns | Resolution::DnsRoundRobin);
         if spec.resolution == Resolution::None && !spec.endpoints.is_empty() {
             self.err("spec.endpoints", "resolution NONE takes no endpoints");
         }
@@ -82,6 +83,9 @@ impl Checker<'_> {
             .endpoints
             .iter()
             .enumerate()
+            // Under DNS resolution a host name is resolved by the daemon (and replaced by the
+            // addresses it answers); here it is no endpoint yet.
+            .filter(|(_, ep)| !resolved || ep.address.parse::<IpAddr>().is_ok())
             .filter_map(|(i, ep)| {
                 let name = format!("{name}/endpoints[{i}]");
                 self.endpoint(&format!("spec.endpoints[{i}]"), &name, ep)
@@ -233,17 +237,16 @@ fn network(ip: IpAddr, len: u8) -> IpAddr {
     }
 }
 
-/// The name of a DNS resolution (not built yet), `None` for the others.
+/// The name of a resolution that is not built (`DYNAMIC_DNS`), `None` for the others (`DNS`
+/// and `DNS_ROUND_ROBIN` are resolved by [`crate::dns`]).
 fn dns_name(r: Resolution) -> Option<&'static str> {
     match r {
-        Resolution::Dns => Some("DNS"),
-        Resolution::DnsRoundRobin => Some("DNS_ROUND_ROBIN"),
         Resolution::DynamicDns => Some("DYNAMIC_DNS"),
         _ => None,
     }
 }
 
-/// Whether a resolution is one of the DNS ones (not built yet: such services are not captured).
+/// Whether a resolution is not built (such services are not captured).
 pub fn is_dns(r: Resolution) -> bool {
     dns_name(r).is_some()
 }
