@@ -273,8 +273,16 @@ impl Proxy {
         // Held for the whole connection: the balancer counts it in flight until it closes.
         let mut attempt = attempt::Attempt::start(d.cluster, d.pick);
         let dialer = self.dialer(ns, &d, &pool, (src, orig));
-        // A TLS cluster's connection is up once the handshake is done (as Envoy counts).
-        let upstream = dialer.dial(addr).await;
+        // A TLS cluster's connection is up once the handshake is done (as Envoy counts), a
+        // tunnelled one once the tunnel answered.
+        let upstream = match (dialer.dial(addr).await, &d.cluster.policy.tunnel.value) {
+            (Ok(s), Some(t)) if t.protocol == "CONNECT" => {
+                let target = format!("{}:{}", t.target_host, t.target_port);
+                upstream::tunnel(s, &target).await.map(Relayed::Tunnel)
+            }
+            (Ok(s), _) => Ok(Relayed::Direct(s)),
+            (Err(e), _) => Err(e),
+        };
         match &upstream {
             Ok(_) => attempt.connected(),
             Err(e) => attempt.failed(!matches!(e, upstream::Error::Tls(_))),
@@ -283,8 +291,13 @@ impl Proxy {
         let _counted = crate::stats::store().connection(addr);
         let (idle, max) = (pool.tcp_idle_timeout, pool.max_connection_duration);
         let end = match upstream? {
-            upstream::Stream::Plain(s) => relay::bounded_tcp(client, &s, idle, max).await?,
-            upstream::Stream::Tls(mut s) => relay::bounded(client, &mut *s, idle, max).await?,
+            Relayed::Direct(upstream::Stream::Plain(s)) => {
+                relay::bounded_tcp(client, &s, idle, max).await?
+            }
+            Relayed::Direct(upstream::Stream::Tls(mut s)) => {
+                relay::bounded(client, &mut *s, idle, max).await?
+            }
+            Relayed::Tunnel(mut io) => relay::bounded(client, &mut io, idle, max).await?,
         };
         match end {
             relay::End::Closed(up, down) => Ok((up, down)),
@@ -320,6 +333,12 @@ impl Proxy {
                 }),
         }
     }
+}
+
+/// The upstream side of a relayed connection: the endpoint itself, or a tunnel through it.
+enum Relayed {
+    Direct(upstream::Stream),
+    Tunnel(hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>),
 }
 
 /// What the access log line says about a connection.

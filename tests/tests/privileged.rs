@@ -9,8 +9,8 @@ use std::{
 };
 
 use drover_tests::{
-    Captured, Cgroup, Daemon, PinDir, Proc, Topology, VIP, args, bpftool_dump, captured,
-    echo_servers, key_addr, probe, replace_config, require_privileged, service_entry, sh,
+    Captured, Cgroup, Daemon, MeshBuilder, PinDir, Proc, Topology, VIP, args, bpftool_dump,
+    captured, echo_servers, key_addr, probe, replace_config, require_privileged, service_entry, sh,
     write_config,
 };
 
@@ -1192,4 +1192,42 @@ spec:
     let _ = dns.child.wait();
     assert!(daemon.wait_log("DNS resolution failed", Duration::from_secs(10)));
     served_by("ep2", Duration::from_secs(1));
+}
+
+#[test]
+fn tunnel_connect_reaches_the_target_through_the_endpoint() {
+    if !require_privileged() {
+        return;
+    }
+    // ep1 runs an HTTP CONNECT proxy on 3128 and an echo server on 7000. The service's endpoint
+    // is the proxy; the rule tunnels every connection to ep1's echo server through it.
+    let ep = Topology::ep4(1);
+    let yaml = service_entry("tunnelled", &[VIP], 80, 3128, &[ep])
+        + &format!(
+            "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: tunnelled, namespace: test}}
+spec:
+  host: tunnelled.test.svc
+  trafficPolicy:
+    tunnel: {{protocol: CONNECT, targetHost: {ep}, targetPort: 7000}}
+"
+        );
+    let m = MeshBuilder::new(1)
+        .server(1, "connect", &[3128], "proxy", &[])
+        .server(1, "echo", &[7000], "ep1", &[])
+        .yaml(yaml)
+        .start();
+    let greeting =
+        m.t.client
+            .greeting(sa(&format!("{VIP}:80")))
+            .unwrap_or_default();
+    // Through the tunnel the echo server's peer is the proxy, in ep1's own namespace; a direct
+    // connection would come from the client side of the link (198.18.1.1).
+    assert!(
+        greeting.starts_with(&format!("hello from ep1 peer={ep}:")),
+        "{greeting}\n{}",
+        m.daemon.log()
+    );
 }

@@ -285,10 +285,9 @@ const TABLE: &[(&str, How)] = &[
     // Not built.
     (
         "DestinationRule.trafficPolicy.tunnel",
-        Warned {
-            spec: "host: a\ntrafficPolicy: {tunnel: {targetHost: x.com, targetPort: 443}}",
-            warning: "tunnel",
-        },
+        Enforced(
+            "tests/tests/privileged.rs::tunnel_connect_reaches_the_target_through_the_endpoint",
+        ),
     ),
     (
         "DestinationRule.trafficPolicy.proxyProtocol",

@@ -44,6 +44,8 @@ pub enum Error {
     Tls(crate::tls::HandshakeError),
     #[error("bad upstream {0}")]
     Address(String),
+    #[error("tunnel CONNECT {target}: {reason}")]
+    Tunnel { target: String, reason: String },
 }
 
 /// An upstream connection: plaintext, or TLS originated by Drover.
@@ -106,6 +108,37 @@ impl Dialer {
             }
         }
     }
+}
+
+/// Opens an HTTP/1.1 `CONNECT target` tunnel over `stream` (DestinationRule `tunnel`, as
+/// Envoy's TCP proxy tunnels): the bytes that follow a 2xx answer go to `target`.
+pub async fn tunnel(
+    stream: Stream,
+    target: &str,
+) -> Result<TokioIo<hyper::upgrade::Upgraded>, Error> {
+    let failed = |reason: String| Error::Tunnel {
+        target: target.to_string(),
+        reason,
+    };
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    tokio::spawn(conn.with_upgrades());
+    let req = hyper::Request::connect(target)
+        .header(hyper::header::HOST, target)
+        .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+        .map_err(|e| failed(e.to_string()))?;
+    let resp = send
+        .send_request(req)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    if !resp.status().is_success() {
+        return Err(failed(format!("answered {}", resp.status())));
+    }
+    hyper::upgrade::on(resp)
+        .await
+        .map(TokioIo::new)
+        .map_err(|e| failed(e.to_string()))
 }
 
 // === impl Stream ===

@@ -73,7 +73,7 @@ impl Registry {
             config: set.clone(),
         };
         registry.clusters = clusters(&registry, &peers);
-        registry.warnings.extend(proxy_protocol_on_http(&registry));
+        registry.warnings.extend(tcp_only_on_http(&registry));
         registry.warnings.extend(uncaptured_hosts(&registry));
         Ok(registry)
     }
@@ -101,24 +101,29 @@ fn uncaptured_hosts(reg: &Registry) -> Vec<Problem> {
     out
 }
 
-/// `proxyProtocol` is written on TCP ports' connections only: one located warning per rule field
-/// that reaches an HTTP port (whose pooled upstream connections carry many clients' requests).
-fn proxy_protocol_on_http(reg: &Registry) -> Vec<Problem> {
+/// `proxyProtocol` and `tunnel` apply to TCP ports' connections only (Istio: a tunnel is for
+/// TCP and TLS routes; pooled HTTP upstream connections carry many clients' requests): one
+/// located warning per rule field that reaches an HTTP port.
+fn tcp_only_on_http(reg: &Registry) -> Vec<Problem> {
     let mut seen = std::collections::BTreeMap::new();
     for c in reg.clusters.values() {
-        let (Some(_), Some((rule, path))) = (
-            &c.policy.proxy_protocol.value,
-            &c.policy.proxy_protocol.from,
-        ) else {
-            continue;
-        };
         let svc = &reg.services[c.service];
         let protocol = svc.ports.iter().find(|p| p.number == c.port);
-        if route::is_http(protocol.and_then(|p| p.protocol.as_deref())) {
+        if !route::is_http(protocol.and_then(|p| p.protocol.as_deref())) {
+            continue;
+        }
+        let fields = [
+            ("proxyProtocol", c.policy.proxy_protocol.from.as_ref()),
+            ("tunnel", c.policy.tunnel.from.as_ref()),
+        ];
+        for (field, from) in fields {
+            let Some((rule, path)) = from else {
+                continue;
+            };
             seen.entry((rule.id.clone(), path.clone())).or_insert_with(|| {
                 rule.origin.problem(
                     path.clone(),
-                    format!("proxyProtocol is not enforced on HTTP port {} of {} (drover writes it on TCP ports' connections only)", c.port, svc.host),
+                    format!("{field} is not enforced on HTTP port {} of {} (drover applies it to TCP ports' connections only)", c.port, svc.host),
                 )
             });
         }

@@ -25,6 +25,9 @@ enum Mode {
     Http,
     /// The gRPC `drover.test.Echo` service (h2c).
     Grpc,
+    /// An HTTP CONNECT proxy (HTTP/1.1): `CONNECT host:port` answers 200 and joins the
+    /// connection to that address.
+    Connect,
 }
 
 #[derive(Parser)]
@@ -294,6 +297,41 @@ async fn handle(
         }
         // Served by tonic in `main`.
         Mode::Grpc => {}
+        Mode::Connect => {
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let svc = service_fn(|mut req: Request<hyper::body::Incoming>| async move {
+                let target = req.uri().authority().map(|a| a.to_string());
+                let (Some(target), true) = (target, req.method() == hyper::Method::CONNECT) else {
+                    return Ok::<_, Infallible>(
+                        Response::builder()
+                            .status(405)
+                            .body(Full::new(Bytes::new()))
+                            .expect("static response"),
+                    );
+                };
+                let Ok(mut upstream) = tokio::net::TcpStream::connect(&target).await else {
+                    return Ok(Response::builder()
+                        .status(502)
+                        .body(Full::new(Bytes::new()))
+                        .expect("static response"));
+                };
+                let on = hyper::upgrade::on(&mut req);
+                tokio::spawn(async move {
+                    if let Ok(up) = on.await {
+                        let mut io = hyper_util::rt::TokioIo::new(up);
+                        let _ = tokio::io::copy_bidirectional(&mut io, &mut upstream).await;
+                    }
+                });
+                Ok(Response::builder()
+                    .status(200)
+                    .body(Full::new(Bytes::new()))
+                    .expect("static response"))
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, svc)
+                .with_upgrades()
+                .await;
+        }
     }
 }
 

@@ -130,10 +130,10 @@ impl Checker<'_> {
             Some(crd::ProxyProtocolVersion::V2) => policy::ProxyProtocolVersion::V2,
             _ => policy::ProxyProtocolVersion::V1,
         });
-        if tunnel.is_some() {
+        if tunnel.as_ref().is_some_and(|t| t.protocol == "POST") {
             self.warn(
-                format!("{path}.tunnel"),
-                "tunnel is accepted but not enforced by drover (connections go to the endpoint directly)",
+                format!("{path}.tunnel.protocol"),
+                "tunnel protocol POST is not enforced by drover (CONNECT is): connections go to the endpoint directly",
             );
         }
         if tunnel.is_some() && proxy_protocol.is_some() {

@@ -385,9 +385,9 @@ fn destination_rule_rules() {
                 Warn("failoverPriority[0]: topology.istio.io/network is compared as a plain label"),
             ),
             (
-                "tunnel is warned about",
-                "host: a\ntrafficPolicy: {tunnel: {targetHost: x.com, targetPort: 443}}",
-                Warn("tunnel: tunnel is accepted but not enforced by drover"),
+                "tunnel CONNECT is enforced, POST is warned about",
+                "host: a\ntrafficPolicy: {tunnel: {protocol: POST, targetHost: x.com, targetPort: 443}}",
+                Warn("tunnel.protocol: tunnel protocol POST is not enforced by drover"),
             ),
             (
                 "proxy protocol is enforced",
