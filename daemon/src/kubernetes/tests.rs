@@ -212,6 +212,15 @@ fn cached_derivations_follow_every_object_they_were_derived_from() {
         .map(|(k, v)| (k.to_string(), v.to_string()));
     feed.applied(Object::Node("n1".into(), zone.into()));
     assert_eq!(endpoints(&feed)[1].1, "r1/z1");
+    // A client pod on that node is in r1/z1 too (the client side of locality balancing), with
+    // the topology labels failoverPriority reads.
+    let client = PodInfo {
+        node: Some("n1".into()),
+        ..PodInfo::default()
+    };
+    let (labels, locality) = feed.pod_placement(&client);
+    assert_eq!(locality, "r1/z1");
+    assert_eq!(labels[convert::ZONE_LABEL], "z1");
     // The pod goes away: its endpoint too.
     feed.deleted("Pod", ("shop".into(), "p3".into()));
     assert_eq!(addrs(&feed), ["198.18.1.2"]);

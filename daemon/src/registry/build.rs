@@ -127,6 +127,22 @@ fn tcp_only_on_http(reg: &Registry) -> Vec<Problem> {
                 )
             });
         }
+        // maxConnections bounds HTTP/1.1 upstream connections only.
+        let pool = c.policy.connection_pool.value.as_ref();
+        let h2 = route::is_h2(protocol.and_then(|p| p.protocol.as_deref()))
+            || pool.is_some_and(|p| p.h2_upgrade == policy::H2Upgrade::Upgrade);
+        if h2
+            && pool.is_some_and(|p| p.max_connections != policy::UNLIMITED)
+            && let Some((rule, path)) = &c.policy.connection_pool.from
+        {
+            let field = format!("{path}.tcp.maxConnections");
+            seen.entry((rule.id.clone(), field.clone())).or_insert_with(|| {
+                rule.origin.problem(
+                    field,
+                    format!("maxConnections is not enforced on the HTTP/2 upstream connections of port {} of {} (drover bounds HTTP/1.1 ones only)", c.port, svc.host),
+                )
+            });
+        }
     }
     seen.into_values().collect()
 }
@@ -748,6 +764,49 @@ spec:
             r.services().len(),
             2,
             "the DYNAMIC_DNS service is not captured"
+        );
+    }
+
+    #[test]
+    fn virtual_service_hosts_no_captured_service_answers_to_are_located_warnings() {
+        let vs = "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: two, namespace: demo}\nspec:\n  hosts: [reviews, api.example.com]\n  http:\n  - route: [{destination: {host: reviews}}]\n";
+        let r = build(&format!("{REVIEWS}{vs}")).expect("valid");
+        let w: Vec<String> = r.warnings().iter().map(ToString::to_string).collect();
+        let hits: Vec<_> = w
+            .iter()
+            .filter(|w| w.contains("no captured service"))
+            .collect();
+        assert_eq!(hits.len(), 1, "{w:?}");
+        assert!(
+            hits[0].contains("spec.hosts[1]") && hits[0].contains("api.example.com"),
+            "{w:?}"
+        );
+    }
+
+    #[test]
+    fn proxy_protocol_on_an_http_port_is_a_located_warning() {
+        let rule = "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: pp, namespace: demo}\nspec:\n  host: reviews\n  trafficPolicy: {proxyProtocol: {version: V1}}\n";
+        let r = build(&format!("{REVIEWS}{rule}")).expect("valid");
+        let w: Vec<String> = r.warnings().iter().map(ToString::to_string).collect();
+        let hits: Vec<_> = w
+            .iter()
+            .filter(|w| w.contains("spec.trafficPolicy.proxyProtocol: proxyProtocol is not enforced on HTTP port 9080"))
+            .collect();
+        assert_eq!(
+            hits.len(),
+            1,
+            "one warning per field, not per cluster: {w:?}"
+        );
+        // maxConnections over HTTP/2 upstreams (here by h2UpgradePolicy) is not bounded either.
+        let rule = rule.replace(
+            "{proxyProtocol: {version: V1}}",
+            "{connectionPool: {tcp: {maxConnections: 5}, http: {h2UpgradePolicy: UPGRADE}}}",
+        );
+        let r = build(&format!("{REVIEWS}{rule}")).expect("valid");
+        let w: Vec<String> = r.warnings().iter().map(ToString::to_string).collect();
+        assert!(
+            w.iter().any(|w| w.contains("connectionPool.tcp.maxConnections: maxConnections is not enforced on the HTTP/2 upstream connections of port 9080")),
+            "{w:?}"
         );
     }
 
