@@ -106,13 +106,7 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
     let early = Early::start(&cfg).await?;
     prepare(&mut cfg)?;
     let mut sources = cfg.sources(early.api.clone());
-    sources.dns = match crate::dns::Dns::spawn(&cfg.dns_servers) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            tracing::warn!(error = %e, "no DNS resolver: resolution DNS services get no endpoints");
-            None
-        }
-    };
+    sources.dns = dns_resolver(&cfg.dns_servers);
     // The configuration is validated before anything is opened or bound.
     let loaded = reload::load_config(&sources).map_err(ConfigRejected)?;
     for w in loaded.primary.warnings() {
@@ -648,6 +642,16 @@ async fn bind_when_free(
 
 /// Where original destinations come from, and the kernel side when capture is eBPF.
 type Capture = (Arc<dyn OriginalDst>, Option<Arc<Kernel>>);
+
+/// The resolver of `resolution: DNS` ServiceEntries; without one (no usable system resolver
+/// configuration) such services get no endpoints, which is logged.
+fn dns_resolver(servers: &[std::net::SocketAddr]) -> Option<crate::dns::Dns> {
+    crate::dns::Dns::spawn(servers)
+        .inspect_err(|e| {
+            tracing::warn!(error = %e, "no DNS resolver: resolution DNS services get no endpoints");
+        })
+        .ok()
+}
 
 /// Loads and attaches the kernel side (eBPF capture), or takes `SO_ORIGINAL_DST` (iptables).
 fn attach(
