@@ -797,7 +797,7 @@ fn default_retries_hide_a_refusing_endpoint_which_is_still_ejected() {
             )
             + &whole_service_route(retries);
         assert!(yaml.contains("9999"), "{yaml}");
-        let m = mesh_full("http", &[Vec::new(), Vec::new(), Vec::new()], &yaml, &[]);
+        let m = mesh(3, &[], &yaml);
         let r = m.http(&[&format!("{URL}/"), "--count", "30", "--concurrency", "1"]);
         assert_eq!(
             r["status"]["503"].as_u64().unwrap_or(0),
@@ -1154,8 +1154,7 @@ fn locality_keeps_traffic_local_and_fails_over_in_priority_order() {
     outlierDetection: {consecutive5xxErrors: 1, interval: 30s, baseEjectionTime: 60s, maxEjectionPercent: 100}
 ",
     );
-    let servers: Vec<Vec<String>> = (0..5).map(|_| Vec::new()).collect();
-    let mut m = mesh_full("http", &servers, &yaml, &["--client-locality", "r1/z1"]);
+    let mut m = mesh_with(5, &[], &yaml, &["--client-locality", "r1/z1"]);
     let only = |served: &Value, names: &[&str]| {
         let total: u64 = names.iter().map(|n| served[*n].as_u64().unwrap_or(0)).sum();
         let all: u64 = served
@@ -1208,8 +1207,7 @@ fn locality_distribute_splits_by_the_given_percentages() {
           to: {\"r1/z1/*\": 70, \"r2/*\": 30}
 ",
     );
-    let servers: Vec<Vec<String>> = (0..5).map(|_| Vec::new()).collect();
-    let m = mesh_full("http", &servers, &yaml, &["--client-locality", "r1/z1"]);
+    let m = mesh_with(5, &[], &yaml, &["--client-locality", "r1/z1"]);
     let n = 1000;
     let s = spread(&m, n);
     let share = |names: &[&str]| {
@@ -1245,8 +1243,7 @@ fn warmup_gives_a_new_endpoint_a_small_share_that_grows_to_its_full_weight() {
       warmup: {duration: 4s, minimumPercent: 10}
 ";
     let one = zoned(&["r1/z1"], policy);
-    let servers: Vec<Vec<String>> = (0..2).map(|_| Vec::new()).collect();
-    let m = mesh_full("http", &servers, &one, &[]);
+    let m = mesh(2, &[], &one);
     let warmup = |name: &str| {
         let eps = endpoints(&m);
         let e = eps.iter().find(|e| e["name"] == name)?;
@@ -1326,7 +1323,7 @@ fn route_actions_rewrite_headers_redirect_direct_response_and_fault() {
     route: [{{destination: {{host: {dest}, subset: v2}}}}]
 "
         ));
-    let m = mesh_full("http", &[Vec::new(), Vec::new()], &yaml, &[]);
+    let m = mesh(2, &[], &yaml);
     let get = |path: &str, extra: &[&str]| {
         let url = format!("{URL}{path}");
         let mut args = vec![url.as_str()];
@@ -1414,7 +1411,7 @@ fn cors_preflights_are_answered_and_allowed_origins_see_their_headers() {
     route: [{{destination: {{host: {dest}}}}}]
 "
         ));
-    let m = mesh_full("http", &[Vec::new()], &yaml, &[]);
+    let m = mesh(1, &[], &yaml);
     let call = |path: &str, method: &str, origin: &str| {
         let url = format!("{URL}{path}");
         let origin = format!("origin: {origin}");
@@ -1487,7 +1484,7 @@ fn mirrors_copy_requests_to_their_subset_and_the_client_sees_only_the_route() {
       percentage: {{value: 0}}
 "
         ));
-    let m = mesh_full("http", &[Vec::new(), Vec::new(), Vec::new()], &yaml, &[]);
+    let m = mesh(3, &[], &yaml);
     let r = m.http(&[&format!("{URL}/"), "--count", "20"]);
     assert_eq!(
         served(&r, "reviews-v1"),
