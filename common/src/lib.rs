@@ -41,8 +41,20 @@ pub mod maps {
     /// Inbound steering (not pinned: they live as long as the daemon that fills them).
     pub const INBOUND_PORTS: &str = "INBOUND_PORTS";
     pub const INBOUND_LISTENER: &str = "INBOUND_LISTENER";
+    /// Kernel fast path: endpoint tables by (VIP, port), written by the daemon.
+    pub const FAST_TABLES: &str = "FAST_TABLES";
+    /// Kernel fast path: connection slots in use per cluster (kernel-written).
+    pub const FAST_CLUSTERS: &str = "FAST_CLUSTERS";
+    /// Kernel fast path: open connections per endpoint (kernel-written, for least request).
+    pub const FAST_ACTIVE: &str = "FAST_ACTIVE";
+    /// Kernel fast path: the reservation each balanced socket holds, by socket cookie.
+    pub const FAST_SOCKS: &str = "FAST_SOCKS";
+    /// Kernel fast path: per-endpoint TCP counters of balanced sockets (BTF, per-CPU).
+    pub const EP_FSTATS: &str = "EP_FSTATS";
+    /// Kernel fast path: connect outcomes for outlier detection (ring buffer, not pinned).
+    pub const FAST_EVENTS: &str = "FAST_EVENTS";
     /// Every map, for pinning and cleanup.
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 13] = [
         CONFIG,
         SVC_VIPS,
         SVC_CIDRS,
@@ -51,6 +63,11 @@ pub mod maps {
         ORIG_BY_TUPLE,
         EP_KSTATS,
         EP_DSTATS,
+        FAST_TABLES,
+        FAST_CLUSTERS,
+        FAST_ACTIVE,
+        FAST_SOCKS,
+        EP_FSTATS,
     ];
 }
 
@@ -63,6 +80,13 @@ pub mod capacity {
     pub const ORIG_BY_TUPLE: u32 = 262_144;
     pub const EP_KSTATS: usize = 65_536;
     pub const EP_DSTATS: usize = 65_536;
+    pub const EP_FSTATS: usize = 65_536;
+    pub const FAST_TABLES: u32 = 16_384;
+    pub const FAST_CLUSTERS: u32 = 16_384;
+    pub const FAST_ACTIVE: u32 = 65_536;
+    pub const FAST_SOCKS: u32 = 262_144;
+    /// Bytes of the connect-outcome ring buffer.
+    pub const FAST_EVENTS: u32 = 256 * 1024;
 }
 
 /// Bits of [`Config::flags`].
@@ -75,6 +99,9 @@ pub mod flags {
 pub mod orig_flags {
     /// The application socket was AF_INET6 (native IPv6 or v4-mapped destination).
     pub const FAMILY_V6_SOCKET: u8 = 1 << 0;
+    /// The socket was balanced by the kernel fast path (it reached an endpoint directly; no
+    /// tuple record is needed).
+    pub const FAST: u8 = 1 << 1;
 }
 
 /// Runtime settings the daemon writes into the single-entry `CONFIG` array.
@@ -258,6 +285,146 @@ pub struct EpDStats {
 }
 const _: () = assert!(core::mem::size_of::<EpDStats>() == 72);
 
+/// The kernel fast path: plain-TCP services balanced inside `connect()` from tables the daemon
+/// writes. A table is replaced as a whole (one hash-map update), so a connect sees the old table
+/// or the new one, never a mix.
+pub mod fast {
+    /// Endpoints a table can hold.
+    pub const MAX_ENDPOINTS: usize = 128;
+    /// Slots of a table's selection ring (weighted sequence, or the consistent-hash table).
+    pub const RING: usize = 1024;
+    /// Size of the consistent-hash lookup table (a prime below [`RING`]).
+    pub const HASH_RING: u32 = 1021;
+
+    /// [`super::FastTable::lb`] values.
+    pub mod lb {
+        /// Walk the ring in order (weighted round robin).
+        pub const ROUND_ROBIN: u32 = 0;
+        /// A random ring slot (weighted random).
+        pub const RANDOM: u32 = 1;
+        /// Two random ring slots; the endpoint with fewer open connections wins.
+        pub const LEAST_REQUEST: u32 = 2;
+        /// The ring slot of the client's hash (a Maglev table of [`super::HASH_RING`] slots).
+        pub const HASH: u32 = 3;
+        /// Connect to the original destination (on endpoint 0's port); endpoint 0 carries only
+        /// the cluster and its cap.
+        pub const PASSTHROUGH: u32 = 4;
+    }
+
+    /// [`super::FastTable::flags`] bits.
+    pub mod flags {
+        /// Report connect outcomes to the daemon (the cluster has outlier detection).
+        pub const OUTCOMES: u32 = 1 << 0;
+        /// Set by the kernel on a [`super::super::FastSock`] whose connect timeout it set.
+        pub const CONNECT_TIMEOUT: u32 = 1 << 8;
+    }
+
+    /// [`super::FastEvent::kind`] values.
+    pub mod outcome {
+        pub const CONNECTED: u32 = 0;
+        pub const FAILED: u32 = 1;
+    }
+}
+
+/// One endpoint of a fast-path table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FastEndpoint {
+    /// IPv6 or v4-mapped IPv4, network order.
+    pub addr: [u32; 4],
+    /// Port in network byte order.
+    pub port_be: u16,
+    /// 4 or 6.
+    pub family: u8,
+    pub _pad: u8,
+    /// The cluster whose connection cap this endpoint counts against (`/clusters` id).
+    pub cluster_id: u32,
+    /// The cluster's `tcp.maxConnections` (0: no cap).
+    pub max_connections: u32,
+    pub _pad2: u32,
+}
+const _: () = assert!(core::mem::size_of::<FastEndpoint>() == 32);
+
+/// Value of `FAST_TABLES` (key: [`VipKey`]): how the kernel balances a connect to that VIP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FastTable {
+    /// [`fast::lb`] value.
+    pub lb: u32,
+    /// [`fast::flags`] bits.
+    pub flags: u32,
+    /// Endpoints in use (`endpoints[..n]`); 0 sends connects to the proxy.
+    pub n: u32,
+    /// Slots in use (`ring[..ring_len]`).
+    pub ring_len: u32,
+    /// `connectTimeout` in milliseconds, set as `TCP_USER_TIMEOUT` until established.
+    pub connect_timeout_ms: u32,
+    /// Round-robin position (advanced by the kernel; starts at 0 with each new table).
+    pub cursor: u32,
+    /// The daemon's generation of this table (for `explain` and tests).
+    pub generation: u32,
+    pub _pad: u32,
+    pub endpoints: [FastEndpoint; fast::MAX_ENDPOINTS],
+    /// Indices into `endpoints`.
+    pub ring: [u8; fast::RING],
+}
+const _: () = assert!(core::mem::size_of::<FastTable>() == 32 + 32 * 128 + 1024);
+
+impl Default for FastTable {
+    fn default() -> Self {
+        Self {
+            lb: 0,
+            flags: 0,
+            n: 0,
+            ring_len: 0,
+            connect_timeout_ms: 0,
+            cursor: 0,
+            generation: 0,
+            _pad: 0,
+            endpoints: [FastEndpoint::default(); fast::MAX_ENDPOINTS],
+            ring: [0; fast::RING],
+        }
+    }
+}
+
+/// Value of `FAST_SOCKS` (key: socket cookie): the slot a balanced socket holds until it closes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FastSock {
+    pub cluster_id: u32,
+    /// [`fast::flags`] of the table it was balanced by.
+    pub flags: u32,
+    pub endpoint: EpKey,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<FastSock>() == 32);
+
+/// Value of `FAST_CLUSTERS` (key: cluster id), written by the kernel only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FastCluster {
+    /// Sockets holding a connection slot (reserved in `connect`, released at close).
+    pub active: u32,
+    pub _pad: u32,
+    /// Connects refused because the cap was reached (Envoy's `upstream_cx_overflow`).
+    pub overflow: u64,
+    /// Connects balanced by the kernel.
+    pub total: u64,
+}
+const _: () = assert!(core::mem::size_of::<FastCluster>() == 24);
+
+/// A record of `FAST_EVENTS`: one connect outcome of a balanced socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FastEvent {
+    pub cluster_id: u32,
+    /// [`fast::outcome`] value.
+    pub kind: u32,
+    pub endpoint: EpKey,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<FastEvent>() == 32);
+
 /// IPv4 address (as the raw network-order `u32` the kernel hands out) → v4-mapped 16-byte form.
 #[inline(always)]
 pub const fn v4_mapped(ip4_raw: u32) -> [u32; 4] {
@@ -294,6 +461,10 @@ mod pod {
     unsafe impl aya::Pod for super::EpKStats {}
     unsafe impl aya::Pod for super::EpDKey {}
     unsafe impl aya::Pod for super::EpDStats {}
+    unsafe impl aya::Pod for super::FastTable {}
+    unsafe impl aya::Pod for super::FastSock {}
+    unsafe impl aya::Pod for super::FastCluster {}
+    unsafe impl aya::Pod for super::FastEvent {}
 }
 
 #[cfg(test)]

@@ -32,6 +32,8 @@ pub struct RunConfig {
     pub cgroups: Vec<PathBuf>,
     pub netns: Vec<String>,
     pub fail_open: bool,
+    /// Balance eligible plain-TCP services in the kernel (`--fast-path`).
+    pub fast_path: crate::fastpath::Mode,
     pub capture: CaptureMode,
     pub pin_dir: PathBuf,
     pub drain_timeout: Duration,
@@ -322,10 +324,19 @@ fn control(
     let registry = &views.primary;
     let api = sources.api.clone();
     let dns = sources.dns.clone();
+    let fast = kernel.as_ref().map(|k| {
+        crate::fastpath::run::FastPath::start(
+            k.clone(),
+            cfg.fast_path,
+            views.clone(),
+            shutdown.clone(),
+        )
+    });
     let reload = Reloader {
         sources,
         views: views.clone(),
         kernel: kernel.clone(),
+        fast,
         identities: std::sync::Mutex::new(identities),
     }
     .spawn(cfg.watch, shutdown.clone())?;

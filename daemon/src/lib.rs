@@ -56,6 +56,7 @@ pub mod breakers;
 pub mod cni;
 pub mod config;
 pub mod dns;
+pub mod fastpath;
 pub mod inbound;
 pub mod kubernetes;
 pub mod memory;

@@ -84,6 +84,10 @@ struct RunArgs {
     /// Leave captured connects alone while no drover listener exists (default: refuse them).
     #[arg(long)]
     fail_open: bool,
+    /// `auto`: the kernel balances eligible plain-TCP services inside `connect()` (no proxy hop;
+    /// `drover explain` says which and why); `off`: every captured connection is proxied.
+    #[arg(long, value_enum, default_value = "off")]
+    fast_path: drover::fastpath::Mode,
     /// How connections reach drover.
     #[arg(long, value_enum, default_value = "ebpf")]
     capture: CaptureMode,
@@ -576,6 +580,7 @@ impl RunArgs {
             netns,
             netns_workloads,
             fail_open: self.fail_open,
+            fast_path: self.fast_path,
             capture: self.capture,
             pin_dir: self.pin_dir,
             drain_timeout: secs(self.drain_timeout),

@@ -141,6 +141,12 @@ impl ClusterDetector {
         self.with(|d| balancer.pick_with(cx, |i| d.eligible(i)))
     }
 
+    /// For each endpoint, whether it may take traffic now (what [`ClusterDetector::pick`]
+    /// would consider); the kernel fast path's tables are built from it.
+    pub fn eligible_members(&self) -> Vec<bool> {
+        self.with(|d| (0..d.hosts.len()).map(|i| d.eligible(i)).collect())
+    }
+
     /// Like [`ClusterDetector::pick`], among the endpoints `accept` also takes.
     pub fn pick_where(
         &self,

@@ -58,6 +58,8 @@ pub struct Reloader {
     pub sources: Sources,
     pub views: Views,
     pub kernel: Option<Arc<Kernel>>,
+    /// The kernel fast path's publisher (with eBPF capture).
+    pub fast: Option<Arc<crate::fastpath::run::FastPath>>,
     /// Where each workload's identity came from at the last reload, by network namespace
     /// (changes are logged).
     pub identities: Mutex<HashMap<String, Source>>,
@@ -525,6 +527,9 @@ impl Reloader {
                         .and_then(|()| kernel.set_cidrs(&cidrs))
                 {
                     tracing::error!(error = %e, "updating captured addresses failed; capture keeps the previous set");
+                }
+                if let Some(fast) = &self.fast {
+                    fast.publish();
                 }
                 tracing::info!(
                     services,

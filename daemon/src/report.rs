@@ -116,7 +116,7 @@ pub fn render(report: &Report, now_ns: u64) -> String {
     out
 }
 
-fn sum<'a>(values: impl Iterator<Item = &'a EpKStats>) -> EpKStats {
+pub fn sum<'a>(values: impl Iterator<Item = &'a EpKStats>) -> EpKStats {
     values.fold(EpKStats::default(), |a, v| EpKStats {
         attempts: a.attempts + v.attempts,
         established: a.established + v.established,

@@ -2,7 +2,9 @@
 //!
 //! Order (cheap checks first): TCP only → daemon ready → not a Drover socket (`SO_MARK`) → enrolled
 //! (netns gate for root attachments; cgroup attachments are their own gate) → VIP listed in
-//! `SVC_VIPS` → (fail-open) a listener exists → record the original destination → rewrite.
+//! `SVC_VIPS` → the kernel fast path (a VIP with a published table is balanced straight to an
+//! endpoint, see `fast`) → (fail-open) a listener exists → record the original destination →
+//! rewrite to the listener.
 //! Invariant: the destination is rewritten only after the original was recorded.
 
 use aya_ebpf::{
@@ -22,9 +24,14 @@ use drover_common::{
     flags, orig_flags, v4_mapped,
 };
 
-use crate::maps::{CONFIG, ENROLLED_NETNS, ORIG_BY_COOKIE, SVC_CIDRS, SVC_VIPS};
+use crate::{
+    fast::{self, Verdict},
+    maps::{CONFIG, ENROLLED_NETNS, ORIG_BY_COOKIE, SVC_CIDRS, SVC_VIPS},
+};
 
 const ALLOW: i32 = 1;
+/// The connect fails with `EPERM` (a fast-path cluster at its connection cap).
+const DENY: i32 = 0;
 const IPPROTO_TCP: u32 = 6;
 const SOL_SOCKET: i32 = 1;
 const SO_MARK: i32 = 36;
@@ -38,47 +45,52 @@ enum Scope {
 
 #[cgroup_sock_addr(connect4)]
 pub fn drover_connect4(ctx: SockAddrContext) -> i32 {
-    let _ = try_connect(&ctx, false, Scope::Cgroup);
-    ALLOW
+    verdict(try_connect(&ctx, false, Scope::Cgroup))
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn drover_connect6(ctx: SockAddrContext) -> i32 {
-    let _ = try_connect(&ctx, true, Scope::Cgroup);
-    ALLOW
+    verdict(try_connect(&ctx, true, Scope::Cgroup))
 }
 
 #[cgroup_sock_addr(connect4)]
 pub fn drover_connect4_netns(ctx: SockAddrContext) -> i32 {
-    let _ = try_connect(&ctx, false, Scope::Root);
-    ALLOW
+    verdict(try_connect(&ctx, false, Scope::Root))
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn drover_connect6_netns(ctx: SockAddrContext) -> i32 {
-    let _ = try_connect(&ctx, true, Scope::Root);
-    ALLOW
+    verdict(try_connect(&ctx, true, Scope::Root))
 }
 
-/// Returns `Ok(true)` when the connect was captured.
+/// The program's answer: only a fast-path refusal fails the connect.
 #[inline(always)]
-fn try_connect(ctx: &SockAddrContext, v6: bool, scope: Scope) -> Result<bool, ()> {
+fn verdict(r: Result<Verdict, ()>) -> i32 {
+    match r {
+        Ok(Verdict::Refused) => DENY,
+        _ => ALLOW,
+    }
+}
+
+/// `Proxy` when the connect was captured (or left alone), `Balanced`/`Refused` from the fast path.
+#[inline(always)]
+fn try_connect(ctx: &SockAddrContext, v6: bool, scope: Scope) -> Result<Verdict, ()> {
     // SAFETY: `sock_addr` is the kernel-provided context pointer, valid for this program run.
     let sa = unsafe { &mut *ctx.sock_addr };
     if sa.protocol != IPPROTO_TCP {
-        return Ok(false);
+        return Ok(Verdict::Proxy);
     }
     let cfg = CONFIG.get(0).ok_or(())?;
     if cfg.ready == 0 {
-        return Ok(false);
+        return Ok(Verdict::Proxy);
     }
     if socket_mark(ctx) == Some(DROVER_MARK) {
-        return Ok(false);
+        return Ok(Verdict::Proxy);
     }
     // SAFETY: helper valid for sock_addr programs (kernel >= 5.7).
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     if scope == Scope::Root && ENROLLED_NETNS.get_ptr(netns_cookie).is_none() {
-        return Ok(false);
+        return Ok(Verdict::Proxy);
     }
 
     let addr = if v6 {
@@ -104,21 +116,10 @@ fn try_connect(ctx: &SockAddrContext, v6: bool, scope: Scope) -> Result<bool, ()
         Some(vip) => unsafe { (*vip).svc_id },
         None => match cidr_service(&addr, port_be) {
             Some(id) => id,
-            None => return Ok(false),
+            None => return Ok(Verdict::Proxy),
         },
     };
     let v4 = as_v4(&addr);
-
-    if cfg.flags & flags::FAIL_OPEN != 0
-        && !listener_present(ctx, v6 && v4.is_none(), cfg.proxy_port)
-    {
-        debug!(
-            ctx,
-            "fail-open: no listener, connect left alone (svc {})", svc_id
-        );
-        return Ok(false);
-    }
-
     let orig = OrigDst {
         addr,
         port_be,
@@ -127,6 +128,21 @@ fn try_connect(ctx: &SockAddrContext, v6: bool, scope: Scope) -> Result<bool, ()
         svc_id,
         netns_cookie,
     };
+    match fast::try_balance(ctx, &key, &orig, v6)? {
+        Verdict::Proxy => {}
+        done => return Ok(done),
+    }
+
+    if cfg.flags & flags::FAIL_OPEN != 0
+        && !listener_present(ctx, v6 && v4.is_none(), cfg.proxy_port)
+    {
+        debug!(
+            ctx,
+            "fail-open: no listener, connect left alone (svc {})", svc_id
+        );
+        return Ok(Verdict::Proxy);
+    }
+
     // SAFETY: helper valid for sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     ORIG_BY_COOKIE.insert(cookie, orig, 0).map_err(|_| ())?;
@@ -151,7 +167,7 @@ fn try_connect(ctx: &SockAddrContext, v6: bool, scope: Scope) -> Result<bool, ()
         ctx,
         "captured connect to svc {} (cookie {})", svc_id, cookie
     );
-    Ok(true)
+    Ok(Verdict::Proxy)
 }
 
 /// The service of the longest captured range that holds `addr` on port `port_be`.

@@ -5,8 +5,12 @@
 //! a connect (so an error can at worst leave a connection uncaptured, never unroutable).
 #![no_std]
 #![no_main]
+// Atomic read-modify-write on map values: the BPF target's `core` has no atomic types with RMW.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod connect;
+mod fast;
 mod inbound;
 mod maps;
 mod peername;

@@ -4,16 +4,20 @@
 use aya_ebpf::{
     btf_maps,
     macros::{btf_map, map},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, SockMap},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, RingBuf, SockMap},
 };
 use drover_common::{
-    CidrData, Config, Enrolment, EpDKey, EpDStats, EpKStats, EpKey, OrigDst, TupleKey, VipKey,
-    VipValue,
+    CidrData, Config, Enrolment, EpDKey, EpDStats, EpKStats, EpKey, FastCluster, FastSock,
+    FastTable, OrigDst, TupleKey, VipKey, VipValue,
     capacity::{
         self, ENROLLED, ORIG_BY_COOKIE as ORIG_BY_COOKIE_CAP, ORIG_BY_TUPLE as ORIG_BY_TUPLE_CAP,
         SVC_CIDRS as SVC_CIDRS_CAP, SVC_VIPS as SVC_VIPS_CAP,
     },
 };
+
+/// `BPF_F_NO_PREALLOC`: a replaced element is freed after an RCU grace period, never re-used
+/// while a program may still read it (a table replacement is atomic for readers).
+const NO_PREALLOC: u32 = 1;
 
 /// Single entry: runtime settings written by the daemon.
 #[map]
@@ -60,3 +64,31 @@ pub static INBOUND_PORTS: HashMap<u16, u32> = HashMap::with_max_entries(1024, 0)
 /// Index 0: Drover's inbound listener in the namespace the `sk_lookup` program is attached to.
 #[map]
 pub static INBOUND_LISTENER: SockMap = SockMap::with_max_entries(1, 0);
+
+/// Fast-path endpoint tables by VIP, written whole by the daemon (see `drover_common::fast`).
+#[map]
+pub static FAST_TABLES: HashMap<VipKey, FastTable> =
+    HashMap::pinned(capacity::FAST_TABLES, NO_PREALLOC);
+
+/// Fast-path connection slots per cluster id (kernel-written; the daemon only reads).
+#[map]
+pub static FAST_CLUSTERS: HashMap<u32, FastCluster> =
+    HashMap::pinned(capacity::FAST_CLUSTERS, 0);
+
+/// Fast-path open connections per endpoint (kernel-written; least request reads it).
+#[map]
+pub static FAST_ACTIVE: HashMap<EpKey, u64> = HashMap::pinned(capacity::FAST_ACTIVE, 0);
+
+/// The slot each balanced socket holds, by socket cookie (never evicted: a lost record would
+/// leak a slot).
+#[map]
+pub static FAST_SOCKS: HashMap<u64, FastSock> = HashMap::pinned(capacity::FAST_SOCKS, 0);
+
+/// Per-endpoint TCP counters of balanced (fast-path) sockets, beside `EP_KSTATS`.
+#[btf_map]
+pub static EP_FSTATS: btf_maps::LruPerCpuHashMap<EpKey, EpKStats, { capacity::EP_FSTATS }> =
+    btf_maps::LruPerCpuHashMap::new();
+
+/// Connect outcomes of balanced sockets, for the daemon's outlier detection.
+#[map]
+pub static FAST_EVENTS: RingBuf = RingBuf::with_byte_size(capacity::FAST_EVENTS, 0);

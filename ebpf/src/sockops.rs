@@ -1,12 +1,14 @@
 //! `sockops` on application sockets: once a captured connection is established, re-key its
 //! original destination by 4-tuple + netns cookie so the daemon can find it after `accept()`;
-//! forget the cookie entry when the socket closes.
+//! forget the cookie entry when the socket closes. Sockets the fast path balanced are counted
+//! per endpoint (`EP_FSTATS`), report their connect outcome, drop the connect timeout once
+//! established and release their connection slot when they close.
 
 use aya_ebpf::{
     EbpfContext,
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_TCP_CLOSE,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
     },
     helpers::bpf_get_socket_cookie,
     macros::sock_ops,
@@ -14,9 +16,17 @@ use aya_ebpf::{
 };
 use core::ptr::read_volatile;
 
-use drover_common::{TupleKey, v4_mapped};
+use drover_common::{
+    TupleKey,
+    fast::{flags as fast_flags, outcome},
+    v4_mapped,
+};
 
-use crate::maps::{ORIG_BY_COOKIE, ORIG_BY_TUPLE};
+use crate::{
+    fast,
+    maps::{EP_FSTATS, ORIG_BY_COOKIE, ORIG_BY_TUPLE},
+    upstream::{self, Event},
+};
 
 const AF_INET: u32 = 2;
 
@@ -28,10 +38,20 @@ pub fn drover_sockops(ctx: SockOpsContext) -> u32 {
 
 #[inline(always)]
 fn try_sockops(ctx: &SockOpsContext) -> Result<(), ()> {
-    match ctx.op() {
+    let op = ctx.op();
+    if op != BPF_SOCK_OPS_TCP_CONNECT_CB
+        && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
+        && op != BPF_SOCK_OPS_STATE_CB
+    {
+        return Ok(());
+    }
+    // SAFETY: helper valid for sockops programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if let Some(s) = fast::sock(cookie) {
+        return balanced(ctx, cookie, &s);
+    }
+    match op {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
-            // SAFETY: helper valid for sockops programs.
-            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
             let orig = ORIG_BY_COOKIE.get_ptr(cookie).ok_or(())?;
             // SAFETY: pointer returned by a successful lookup.
             let orig = unsafe { *orig };
@@ -66,12 +86,35 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), ()> {
         }
         BPF_SOCK_OPS_STATE_CB => {
             if ctx.arg(1) == BPF_TCP_CLOSE {
-                // SAFETY: helper valid for sockops programs.
-                let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
                 let _ = ORIG_BY_COOKIE.remove(cookie);
             }
         }
         _ => {}
+    }
+    Ok(())
+}
+
+/// A socket the fast path balanced: counters, outcome, connect timeout, release at close.
+#[inline(always)]
+fn balanced(ctx: &SockOpsContext, cookie: u64, s: &drover_common::FastSock) -> Result<(), ()> {
+    match upstream::count(ctx, &EP_FSTATS)? {
+        Event::Established => {
+            fast::report(s, outcome::CONNECTED);
+            if s.flags & fast_flags::CONNECT_TIMEOUT != 0 {
+                // The connect timeout must not outlive the handshake.
+                fast::set_user_timeout(ctx.as_ptr(), 0);
+            }
+        }
+        Event::ConnectFailed => {
+            fast::report(s, outcome::FAILED);
+            fast::release(cookie);
+            let _ = ORIG_BY_COOKIE.remove(cookie);
+        }
+        Event::Closed => {
+            fast::release(cookie);
+            let _ = ORIG_BY_COOKIE.remove(cookie);
+        }
+        Event::Connecting | Event::Other => {}
     }
     Ok(())
 }

@@ -4,6 +4,7 @@
 //!
 //! Invariants: only marked sockets are counted (the program is attached to the daemon's cgroup,
 //! which may hold other processes); the map is only ever incremented, so readers can sum CPUs.
+//! [`count`] is shared with the fast path, which counts balanced sockets the same way.
 
 use aya_ebpf::{
     bindings::{
@@ -18,6 +19,10 @@ use core::ptr::read_volatile;
 use drover_common::{DROVER_MARK, EpKStats, EpKey, v4_mapped};
 
 use crate::maps::EP_KSTATS;
+
+/// A per-endpoint counter map (`EP_KSTATS`, or `EP_FSTATS` for fast-path sockets).
+pub type Counters =
+    aya_ebpf::btf_maps::LruPerCpuHashMap<EpKey, EpKStats, { drover_common::capacity::EP_KSTATS }>;
 
 const AF_INET: u32 = 2;
 const IPPROTO_TCP: u8 = 6;
@@ -48,50 +53,68 @@ fn try_upstream(ctx: &SockOpsContext) -> Result<(), ()> {
     if mark != DROVER_MARK {
         return Ok(());
     }
+    count(ctx, &EP_KSTATS).map(|_| ())
+}
+
+/// A TCP event of a counted socket.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    Connecting,
+    Established,
+    ConnectFailed,
+    Closed,
+    Other,
+}
+
+/// Counts this callback's event for the socket's remote endpoint in `map` (enabling the state
+/// callback at connect time, so that failures and closes are seen).
+#[inline(always)]
+pub fn count(ctx: &SockOpsContext, map: &Counters) -> Result<Event, ()> {
+    let ops = ctx.ops;
     let key = endpoint(ctx);
-    match op {
+    match ctx.op() {
         BPF_SOCK_OPS_TCP_CONNECT_CB => {
-            bump(&key, |s| s.attempts += 1)?;
+            bump(map, &key, |s| s.attempts += 1)?;
             ctx.set_cb_flags(ctx.cb_flags() as i32 | BPF_SOCK_OPS_STATE_CB_FLAG as i32)
                 .map_err(|_| ())?;
+            Ok(Event::Connecting)
         }
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
             // SAFETY: plain u32 field of the context.
             let srtt = unsafe { read_volatile(&raw const (*ops).srtt_us) } >> 3;
-            bump(&key, |s| {
+            bump(map, &key, |s| {
                 s.established += 1;
                 s.srtt_us_sum += srtt as u64;
                 s.srtt_samples += 1;
             })?;
+            Ok(Event::Established)
         }
-        _ => {
-            if ctx.arg(1) != BPF_TCP_CLOSE {
-                return Ok(());
-            }
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
             if ctx.arg(0) == BPF_TCP_SYN_SENT {
-                bump(&key, |s| s.connect_failures += 1)?;
-            } else {
-                // SAFETY: plain fields of the context, read at fixed offsets.
-                let (acked, received, srtt, retrans) = unsafe {
-                    (
-                        read_volatile(&raw const (*ops).bytes_acked),
-                        read_volatile(&raw const (*ops).bytes_received),
-                        read_volatile(&raw const (*ops).srtt_us) >> 3,
-                        read_volatile(&raw const (*ops).total_retrans),
-                    )
-                };
-                bump(&key, |s| {
-                    s.closed += 1;
-                    s.bytes_acked += acked;
-                    s.bytes_received += received;
-                    s.srtt_us_sum += srtt as u64;
-                    s.srtt_samples += 1;
-                    s.retrans += retrans as u64;
-                })?;
+                bump(map, &key, |s| s.connect_failures += 1)?;
+                return Ok(Event::ConnectFailed);
             }
+            // SAFETY: plain fields of the context, read at fixed offsets.
+            let (acked, received, srtt, retrans) = unsafe {
+                (
+                    read_volatile(&raw const (*ops).bytes_acked),
+                    read_volatile(&raw const (*ops).bytes_received),
+                    read_volatile(&raw const (*ops).srtt_us) >> 3,
+                    read_volatile(&raw const (*ops).total_retrans),
+                )
+            };
+            bump(map, &key, |s| {
+                s.closed += 1;
+                s.bytes_acked += acked;
+                s.bytes_received += received;
+                s.srtt_us_sum += srtt as u64;
+                s.srtt_samples += 1;
+                s.retrans += retrans as u64;
+            })?;
+            Ok(Event::Closed)
         }
+        _ => Ok(Event::Other),
     }
-    Ok(())
 }
 
 /// The remote end of the socket as an `EP_KSTATS` key.
@@ -116,15 +139,15 @@ fn endpoint(ctx: &SockOpsContext) -> EpKey {
     }
 }
 
-/// Applies `f` to this CPU's value for `key`, creating it first when absent.
+/// Applies `f` to this CPU's value for `key` in `map`, creating it first when absent.
 #[inline(always)]
-fn bump(key: &EpKey, f: impl FnOnce(&mut EpKStats)) -> Result<(), ()> {
-    let ptr = match EP_KSTATS.get_ptr_mut(key) {
+fn bump(map: &Counters, key: &EpKey, f: impl FnOnce(&mut EpKStats)) -> Result<(), ()> {
+    let ptr = match map.get_ptr_mut(key) {
         Some(p) => p,
         None => {
             // BPF_NOEXIST: another CPU may have created it meanwhile; then use that one.
-            let _ = EP_KSTATS.insert(key, EpKStats::default(), 1);
-            EP_KSTATS.get_ptr_mut(key).ok_or(())?
+            let _ = map.insert(key, EpKStats::default(), 1);
+            map.get_ptr_mut(key).ok_or(())?
         }
     };
     // SAFETY: pointer from a successful lookup of this CPU's slot; per-CPU, so no other writer.

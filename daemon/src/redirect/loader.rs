@@ -18,7 +18,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        Array, HashMap, MapData,
+        Array, HashMap, MapData, PerCpuHashMap, RingBuf,
         lpm_trie::{Key as LpmKey, LpmTrie},
     },
     programs::{
@@ -27,8 +27,8 @@ use aya::{
     },
 };
 use drover_common::{
-    CidrData, Config, DROVER_MARK, Enrolment, EpDKey, EpDStats, OrigDst, PROXY_PORT, TupleKey,
-    VipKey, VipValue, flags, maps,
+    CidrData, Config, DROVER_MARK, Enrolment, EpDKey, EpDStats, EpKStats, EpKey, FastCluster,
+    FastTable, OrigDst, PROXY_PORT, TupleKey, VipKey, VipValue, flags, maps,
 };
 use tokio::{io::unix::AsyncFd, net::TcpStream};
 
@@ -41,20 +41,22 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
 /// Programs attached to an enrolled cgroup (capture everything its processes dial).
-const CGROUP_PROGRAMS: [&str; 5] = [
+const CGROUP_PROGRAMS: [&str; 6] = [
     "drover_connect4",
     "drover_connect6",
     "drover_getpeername4",
     "drover_getpeername6",
     "drover_sockops",
+    "drover_sock_release",
 ];
 /// Programs attached to the cgroup v2 root for enrolled network namespaces (gated by `ENROLLED`).
-const ROOT_PROGRAMS: [&str; 5] = [
+const ROOT_PROGRAMS: [&str; 6] = [
     "drover_connect4_netns",
     "drover_connect6_netns",
     "drover_getpeername4",
     "drover_getpeername6",
     "drover_sockops",
+    "drover_sock_release",
 ];
 
 /// Counts the daemon's own (marked) upstream sockets per endpoint; attached to the daemon's cgroup.
@@ -83,6 +85,11 @@ pub struct Kernel {
     enrolled: Mutex<Mirror<u64, Enrolment>>,
     orig_by_tuple: Mutex<HashMap<MapData, TupleKey, OrigDst>>,
     ep_dstats: Mutex<Mirror<EpDKey, EpDStats>>,
+    fast_tables: Mutex<Mirror<VipKey, FastTable>>,
+    fast_clusters: HashMap<MapData, u32, FastCluster>,
+    ep_fstats: PerCpuHashMap<MapData, EpKey, EpKStats>,
+    /// Connect outcomes of balanced sockets (taken once by the fast-path runner).
+    fast_events: Mutex<Option<RingBuf<MapData>>>,
     links: Mutex<Vec<PinnedLink>>,
     wanted_links: Mutex<HashSet<String>>,
 }
@@ -105,10 +112,12 @@ impl Kernel {
         // BTF maps carry no pinning attribute; name their pins explicitly (re-used when present).
         let kstats_pin = pin_dir.join(maps::EP_KSTATS);
         let dstats_pin = pin_dir.join(maps::EP_DSTATS);
+        let fstats_pin = pin_dir.join(maps::EP_FSTATS);
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
             .map_pin_path(maps::EP_KSTATS, kstats_pin.as_path())
             .map_pin_path(maps::EP_DSTATS, dstats_pin.as_path())
+            .map_pin_path(maps::EP_FSTATS, fstats_pin.as_path())
             .load(OBJECT)?;
         match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => spawn_log_pump(logger),
@@ -130,6 +139,7 @@ impl Kernel {
             let res = match prog {
                 aya::programs::Program::CgroupSockAddr(p) => p.load(),
                 aya::programs::Program::SockOps(p) => p.load(),
+                aya::programs::Program::CgroupSock(p) => p.load(),
                 aya::programs::Program::SkLookup(p) => p.load(),
                 _ => continue,
             };
@@ -156,6 +166,10 @@ impl Kernel {
             enrolled: Mutex::new(Mirror::new(take_map(&mut ebpf, maps::ENROLLED)?)),
             orig_by_tuple: Mutex::new(take_map(&mut ebpf, maps::ORIG_BY_TUPLE)?),
             ep_dstats: Mutex::new(Mirror::new(take_map(&mut ebpf, maps::EP_DSTATS)?)),
+            fast_tables: Mutex::new(Mirror::new(take_map(&mut ebpf, maps::FAST_TABLES)?)),
+            fast_clusters: take_map(&mut ebpf, maps::FAST_CLUSTERS)?,
+            ep_fstats: take_map(&mut ebpf, maps::EP_FSTATS)?,
+            fast_events: Mutex::new(Some(take_map(&mut ebpf, maps::FAST_EVENTS)?)),
             ebpf: Mutex::new(ebpf),
             links: Mutex::new(Vec::new()),
             wanted_links: Mutex::new(HashSet::new()),
@@ -250,6 +264,46 @@ impl Kernel {
     pub fn publish_endpoint_stats(&self, rows: &[(EpDKey, EpDStats)]) -> Result<(), Error> {
         let mut map = self.ep_dstats.lock().expect("ep_dstats map lock");
         map.replace_all(rows.iter().copied().collect(), maps::EP_DSTATS)
+    }
+
+    /// Makes the fast-path tables exactly `tables` (by VIP); only changed tables are written,
+    /// each in one map update.
+    pub fn set_fast_tables(&self, tables: &[(SocketAddr, FastTable)]) -> Result<(), Error> {
+        let wanted = tables.iter().map(|(a, t)| {
+            (
+                VipKey {
+                    addr: addr_words(*a),
+                    port_be: a.port().to_be(),
+                    proto: 6,
+                    _pad: 0,
+                },
+                *t,
+            )
+        });
+        let mut map = self.fast_tables.lock().expect("fast_tables map lock");
+        map.replace_all(wanted.collect(), maps::FAST_TABLES)
+    }
+
+    /// The kernel's fast-path slot counters of cluster `id`, if it balanced any connect.
+    pub fn fast_cluster(&self, id: u32) -> Option<FastCluster> {
+        self.fast_clusters.get(&id, 0).ok()
+    }
+
+    /// The kernel's counters of balanced sockets to `endpoint` (CPUs summed).
+    pub fn fast_endpoint(&self, endpoint: SocketAddr) -> Option<EpKStats> {
+        let key = EpKey {
+            addr: addr_words(endpoint),
+            port_be: endpoint.port().to_be(),
+            proto: 6,
+            family: if endpoint.ip().to_canonical().is_ipv4() { 4 } else { 6 },
+        };
+        let per_cpu = self.ep_fstats.get(&key, 0).ok()?;
+        Some(crate::report::sum(per_cpu.iter()))
+    }
+
+    /// The ring of connect outcomes (once: its reader owns it).
+    pub fn take_fast_events(&self) -> Option<RingBuf<MapData>> {
+        self.fast_events.lock().expect("fast events lock").take()
     }
 
     /// Marks the network namespaces (by cookie) whose connects are captured; replaces the set.
@@ -420,7 +474,19 @@ impl Kernel {
                         reason: e.to_string(),
                     })?
                 }
-                _ => unreachable!("only sock_addr and sockops programs are attached"),
+                aya::programs::Program::CgroupSock(p) => {
+                    let id = p
+                        .attach(file.as_fd(), CgroupAttachMode::Single)
+                        .map_err(|source| Error::Program { name, source })?;
+                    let link = p
+                        .take_link(id)
+                        .map_err(|source| Error::Program { name, source })?;
+                    FdLink::try_from(link).map_err(|e| Error::Pin {
+                        path: link_name.clone(),
+                        reason: e.to_string(),
+                    })?
+                }
+                _ => unreachable!("only sock_addr, sockops and sock programs are attached"),
             };
             let pinned = fd_link.pin(&path).map_err(|e| Error::Pin {
                 path: path.display().to_string(),

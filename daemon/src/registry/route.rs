@@ -384,13 +384,54 @@ impl Registry {
                 }
             }
         }
-        for r in &vs.vs.tcp {
-            let applies = r.matches.is_empty() || r.matches.iter().any(l4_ok);
-            if applies && let Some(d) = weighted(&r.destinations) {
-                return Routed::To(d, format!("{} tcp[{}]", vs.source.id, r.index), None, None);
-            }
+        match self.tcp_route(vs, port, dst) {
+            Some(r) => match weighted(&r.destinations) {
+                Some(d) => Routed::To(d, format!("{} tcp[{}]", vs.source.id, r.index), None, None),
+                None => Routed::Default,
+            },
+            None => Routed::Default,
         }
-        Routed::Default
+    }
+
+    /// The first `tcp` route of `vs` whose match holds for this client on `port` to `dst`.
+    fn tcp_route<'v>(&self, vs: &'v VsEntry, port: u16, dst: IpAddr) -> Option<&'v policy::L4Route> {
+        let client = &self.client;
+        let l4_ok = |m: &policy::L4Match| {
+            m.port.is_none_or(|p| p == port)
+                && resolve::selects(&m.source_labels, &client.labels)
+                && m.source_namespace
+                    .as_ref()
+                    .is_none_or(|n| *n == client.namespace)
+                && (m.destination_subnets.is_empty()
+                    || m.destination_subnets.iter().any(|n| in_subnet(dst, *n)))
+        };
+        vs.vs.tcp.iter().find(|r| {
+            (r.matches.is_empty() || r.matches.iter().any(l4_ok)) && !r.destinations.is_empty()
+        })
+    }
+
+    /// Every cluster a plain-TCP connection to `orig` may go to, with its route weight (the
+    /// service's default cluster with weight 1 when no `tcp` route applies). The choice among
+    /// them depends on nothing the connection carries, which is what lets the kernel make it.
+    pub fn tcp_destinations(&self, orig: SocketAddr) -> Result<Vec<(&Cluster, u32)>, RouteError> {
+        let orig = SocketAddr::new(orig.ip().to_canonical(), orig.port());
+        let (s, p) = self.owner(orig).ok_or(RouteError::NotCaptured(orig))?;
+        let port = self.services[s].ports[p].number;
+        let route = self
+            .virtual_service_for(&self.services[s].host)
+            .and_then(|vs| self.tcp_route(vs, port, orig.ip()));
+        match route {
+            None => Ok(vec![(
+                self.cluster(s, port, None)
+                    .expect("every service port has a default cluster"),
+                1,
+            )]),
+            Some(r) => r
+                .destinations
+                .iter()
+                .map(|d| Ok((self.destination_cluster(d, port)?, d.weight)))
+                .collect(),
+        }
     }
 }
 
