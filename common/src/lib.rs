@@ -395,7 +395,8 @@ pub struct FastSock {
     /// [`fast::flags`] of the table it was balanced by.
     pub flags: u32,
     pub endpoint: EpKey,
-    pub _pad: u32,
+    /// 1 while the socket holds its slot; whoever takes it from 1 releases the slot.
+    pub held: u32,
 }
 const _: () = assert!(core::mem::size_of::<FastSock>() == 32);
 

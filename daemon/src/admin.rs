@@ -111,6 +111,9 @@ pub struct EndpointView {
     pub gateway_errors: u64,
     pub local_origin_failures: u64,
     pub outlier: Health,
+    /// The kernel's counters of fast-path connections to this address (all clusters).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fastpath: Option<drover_common::EpKStats>,
 }
 
 // === impl Admin ===
@@ -205,7 +208,7 @@ impl Admin {
                     publish(kernel, &snapshot);
                 }
                 json(&serde_json::json!({
-                    "clusters": clusters(&snapshot),
+                    "clusters": clusters(&snapshot, self.kernel.as_deref()),
                     "inbound": &crate::stats::store().inbound,
                     "downstream": &crate::stats::store().downstream,
                     "kubernetes": self.api.as_ref().map(|f| f.counters()),
@@ -216,6 +219,7 @@ impl Admin {
                 reg.register_collector(Box::new(Prometheus(
                     self.registry.load(),
                     self.api.clone(),
+                    self.kernel.clone(),
                 )));
                 let mut out = String::new();
                 match prometheus_client::encoding::text::encode(&mut out, &reg) {
@@ -345,13 +349,16 @@ fn publish(kernel: &Kernel, snapshot: &Registry) {
 }
 
 /// The `/clusters` view of a snapshot, sorted by cluster name.
-pub fn clusters(snapshot: &Registry) -> Vec<ClusterView> {
-    let mut out: Vec<ClusterView> = snapshot.clusters().map(|c| cluster(snapshot, c)).collect();
+pub fn clusters(snapshot: &Registry, kernel: Option<&Kernel>) -> Vec<ClusterView> {
+    let mut out: Vec<ClusterView> = snapshot
+        .clusters()
+        .map(|c| cluster(snapshot, c, kernel))
+        .collect();
     out.sort_by(|a, b| a.name.cmp(&b.name));
     out
 }
 
-fn cluster(snapshot: &Registry, c: &Cluster) -> ClusterView {
+fn cluster(snapshot: &Registry, c: &Cluster, kernel: Option<&Kernel>) -> ClusterView {
     let svc = &snapshot.services()[c.service];
     let (max_requests, max_pending, max_connections) = c.limits.thresholds();
     ClusterView {
@@ -366,19 +373,27 @@ fn cluster(snapshot: &Registry, c: &Cluster) -> ClusterView {
             max_pending_requests: max_pending,
             max_requests,
         },
-        stats: cluster_stats(c),
+        stats: cluster_stats(c, kernel),
         outlier_detection: c.outlier.is_some(),
-        endpoints: endpoints(svc, c),
+        endpoints: endpoints(svc, c, kernel),
     }
 }
 
 /// A cluster's counters and gauges, by Envoy's names.
-fn cluster_stats(c: &Cluster) -> BTreeMap<&'static str, u64> {
+/// The kernel fast path's connections are counted apart (`fastpath_cx_*`): they never reach
+/// the proxy's counters.
+fn cluster_stats(c: &Cluster, kernel: Option<&Kernel>) -> BTreeMap<&'static str, u64> {
+    let fast = kernel
+        .and_then(|k| k.fast_cluster(c.stats.id))
+        .unwrap_or_default();
     let s = &c.stats;
     let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let (rq_active, rq_pending, cx_slots) = c.limits.gauges();
     let (ejected, overflow, enforced) = c.outlier.as_ref().map_or((0, 0, 0), |o| o.summary());
     BTreeMap::from([
+        ("fastpath_cx_total", fast.total),
+        ("fastpath_cx_active", u64::from(fast.active)),
+        ("fastpath_cx_overflow", fast.overflow),
         ("upstream_rq_total", get(&s.rq_total)),
         ("upstream_rq_active", rq_active as u64),
         ("upstream_rq_pending_active", rq_pending as u64),
@@ -416,7 +431,11 @@ fn cluster_stats(c: &Cluster) -> BTreeMap<&'static str, u64> {
 }
 
 /// Each endpoint of a cluster with its counters and outlier state.
-fn endpoints(svc: &crate::registry::Service, c: &Cluster) -> Vec<EndpointView> {
+fn endpoints(
+    svc: &crate::registry::Service,
+    c: &Cluster,
+    kernel: Option<&Kernel>,
+) -> Vec<EndpointView> {
     let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     c.members
         .iter()
@@ -450,6 +469,7 @@ fn endpoints(svc: &crate::registry::Service, c: &Cluster) -> Vec<EndpointView> {
                 gateway_errors: get(&ep.gateway_errors),
                 local_origin_failures: get(&ep.local_origin_failures),
                 outlier: health,
+                fastpath: kernel.and_then(|k| k.fast_endpoint(*addr)),
             }
         })
         .collect()
@@ -513,7 +533,11 @@ fn to_json(v: &impl Serialize) -> serde_json::Value {
 /// (`envoy_cluster_<stat>{envoy_cluster_name="…"}`). Counters are written with type `unknown` so
 /// that the names stay Envoy's exactly (the encoder would add `_total` to a `counter`).
 #[derive(Debug)]
-struct Prometheus(Arc<Registry>, Option<crate::kubernetes::Feed>);
+struct Prometheus(
+    Arc<Registry>,
+    Option<crate::kubernetes::Feed>,
+    Option<Arc<Kernel>>,
+);
 
 impl Collector for Prometheus {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
@@ -522,7 +546,7 @@ impl Collector for Prometheus {
         if let Some(feed) = &self.1 {
             encode_kubernetes(feed.counters(), &mut encoder)?;
         }
-        let views = clusters(&self.0);
+        let views = clusters(&self.0, self.2.as_deref());
         let Some(first) = views.first() else {
             return Ok(());
         };

@@ -163,7 +163,12 @@ pub fn table(reg: &Registry, vip: SocketAddr, ejections: bool) -> Result<FastTab
         lb: lb_kind(reg, first)?,
         ..FastTable::default()
     };
-    let pool = first.policy.connection_pool.value.clone().unwrap_or_default();
+    let pool = first
+        .policy
+        .connection_pool
+        .value
+        .clone()
+        .unwrap_or_default();
     t.connect_timeout_ms = pool.connect_timeout.as_millis().min(u32::MAX as u128) as u32;
     if dests.iter().any(|(c, _)| c.outlier.is_some()) {
         t.flags |= fast::flags::OUTCOMES;
@@ -264,7 +269,9 @@ pub fn schedule(weights: &[f64]) -> Vec<u8> {
     let exact: Vec<f64> = weights.iter().map(|w| w / total * spare as f64).collect();
     let mut slots: Vec<usize> = exact.iter().map(|e| 1 + e.floor() as usize).collect();
     let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by(|a, b| (exact[*b] - exact[*b].floor()).total_cmp(&(exact[*a] - exact[*a].floor())));
+    order.sort_by(|a, b| {
+        (exact[*b] - exact[*b].floor()).total_cmp(&(exact[*a] - exact[*a].floor()))
+    });
     let mut left = len - slots.iter().sum::<usize>();
     for i in order {
         if left == 0 {
@@ -281,7 +288,9 @@ pub fn schedule(weights: &[f64]) -> Vec<u8> {
             for (c, s) in current.iter_mut().zip(&slots) {
                 *c += *s as i64;
             }
-            let best = (0..n).max_by_key(|i| (current[*i], -(*i as i64))).unwrap_or(0);
+            let best = (0..n)
+                .max_by_key(|i| (current[*i], -(*i as i64)))
+                .unwrap_or(0);
             current[best] -= sum;
             best as u8
         })
@@ -337,7 +346,9 @@ pub fn maglev(weights: &[f64], keys: &[String], size: usize) -> Vec<u8> {
 /// The fast-path decision for every captured VIP of these snapshots (the first one is the
 /// primary: its detectors decide ejections): the tables to publish, and why the others stay
 /// proxied.
-pub fn plan(snapshots: &[Arc<Registry>]) -> (Vec<(SocketAddr, FastTable)>, HashMap<SocketAddr, String>) {
+pub fn plan(
+    snapshots: &[Arc<Registry>],
+) -> (Vec<(SocketAddr, FastTable)>, HashMap<SocketAddr, String>) {
     let mut tables = Vec::new();
     let mut proxied = HashMap::new();
     let Some(primary) = snapshots.first() else {

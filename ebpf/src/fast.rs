@@ -2,8 +2,11 @@
 //! to an endpoint, with the cluster's connection cap reserved before the rewrite.
 //!
 //! Invariants:
-//! - a reservation is taken with one atomic add and undone at once when over the cap, so the
-//!   number of sockets holding a slot never exceeds `max_connections`;
+//! - a reservation is taken with one atomic fetch-and-add and undone at once when over the cap,
+//!   so the number of sockets holding a slot never exceeds `max_connections`. Adds whose result
+//!   is used are sequentially consistent: LLVM 22 emits a relaxed one as the non-fetching BPF
+//!   add and keeps using the register as if it held the old value (checked with
+//!   `llvm-objdump`: `BPF_FETCH` appears only for SeqCst);
 //! - every reservation is recorded in `FAST_SOCKS` under the socket's cookie before the
 //!   destination is rewritten, and released exactly once: by whoever deletes that record first
 //!   (the `sockops` close callback, or `cgroup/sock_release` as the catch-all);
@@ -11,7 +14,10 @@
 //!   the connect to the proxied path (nothing reserved).
 
 use core::{
-    intrinsics::{AtomicOrdering::Relaxed, atomic_xadd},
+    intrinsics::{
+        AtomicOrdering::{Relaxed, SeqCst},
+        atomic_xadd,
+    },
     ptr::read_volatile,
 };
 
@@ -27,12 +33,15 @@ use drover_common::{
     orig_flags,
 };
 
-use crate::maps::{FAST_ACTIVE, FAST_CLUSTERS, FAST_EVENTS, FAST_SOCKS, FAST_TABLES, ORIG_BY_COOKIE};
+use crate::maps::{
+    FAST_ACTIVE, FAST_CLUSTERS, FAST_EVENTS, FAST_SOCKS, FAST_TABLES, ORIG_BY_COOKIE,
+};
 
 const IPPROTO_TCP: i32 = 6;
 const TCP_USER_TIMEOUT: i32 = 18;
 const BPF_NOEXIST: u64 = 1;
 const IPPROTO_TCP_U8: u8 = 6;
+const TCP_CLOSE: u32 = 7;
 
 /// What the fast path did with a connect.
 pub enum Verdict {
@@ -87,9 +96,14 @@ pub fn try_balance(
     let timeout = t.connect_timeout_ms;
     let sock = FastSock {
         cluster_id: ep.cluster_id,
-        flags: t.flags | if timeout != 0 { fast::flags::CONNECT_TIMEOUT } else { 0 },
+        flags: t.flags
+            | if timeout != 0 {
+                fast::flags::CONNECT_TIMEOUT
+            } else {
+                0
+            },
         endpoint,
-        _pad: 0,
+        held: 1,
     };
     if FAST_SOCKS.insert(cookie, sock, BPF_NOEXIST).is_err() {
         unreserve(ep.cluster_id);
@@ -103,6 +117,12 @@ pub fn try_balance(
         set_user_timeout(ctx.as_ptr(), timeout);
     }
     rewrite(ctx, &addr, port_be, v6_socket);
+    aya_log_ebpf::debug!(
+        ctx,
+        "balanced connect in cluster {} (cookie {})",
+        ep.cluster_id,
+        cookie
+    );
     Ok(Verdict::Balanced)
 }
 
@@ -114,16 +134,11 @@ fn pick(t: &mut FastTable, netns_cookie: u64) -> usize {
     match t.lb {
         lb::ROUND_ROBIN => {
             // SAFETY: the cursor is a naturally aligned u32 inside the map value.
-            slot(unsafe { atomic_xadd::<u32, u32, { Relaxed }>(&raw mut t.cursor, 1) })
+            slot(unsafe { atomic_xadd::<u32, u32, { SeqCst }>(&raw mut t.cursor, 1) })
         }
         lb::LEAST_REQUEST => {
             // SAFETY: helper without arguments.
-            let (a, b) = unsafe {
-                (
-                    slot(bpf_get_prandom_u32()),
-                    slot(bpf_get_prandom_u32()),
-                )
-            };
+            let (a, b) = unsafe { (slot(bpf_get_prandom_u32()), slot(bpf_get_prandom_u32())) };
             let load = |i: usize| {
                 let ep = &t.endpoints[i & (fast::MAX_ENDPOINTS - 1)];
                 let key = EpKey {
@@ -163,10 +178,15 @@ fn mix(mut x: u64) -> u32 {
 fn reserve(ep: &FastEndpoint) -> Result<bool, ()> {
     let c = cluster(ep.cluster_id)?;
     // SAFETY: `c` points into a map value; its fields are naturally aligned u64s.
-    let (active, overflow, total) =
-        unsafe { (&raw mut (*c).active, &raw mut (*c).overflow, &raw mut (*c).total) };
+    let (active, overflow, total) = unsafe {
+        (
+            &raw mut (*c).active,
+            &raw mut (*c).overflow,
+            &raw mut (*c).total,
+        )
+    };
     // SAFETY: `active` points into a map value, a naturally aligned u32.
-    let before = unsafe { atomic_xadd::<u32, u32, { Relaxed }>(active, 1) };
+    let before = unsafe { atomic_xadd::<u32, u32, { SeqCst }>(active, 1) };
     if ep.max_connections != 0 && before >= ep.max_connections {
         add32(active, u32::MAX);
         fetch_add(overflow, 1);
@@ -225,20 +245,24 @@ fn add32(p: *mut u32, v: u32) {
     unsafe { atomic_xadd::<u32, u32, { Relaxed }>(p, v) };
 }
 
-/// Releases the slot of the socket `cookie` if it still holds one (exactly once per socket:
-/// only the caller whose delete succeeds releases).
+/// Releases the slot the socket `cookie` holds, if it still does (exactly once per socket: the
+/// caller that takes `held` from 1 releases), and forgets the socket when `forget`.
 #[inline(always)]
-pub fn release(cookie: u64) {
-    let Some(s) = FAST_SOCKS.get_ptr(cookie) else {
+pub fn release(cookie: u64, forget: bool) {
+    let Some(s) = FAST_SOCKS.get_ptr_mut(cookie) else {
         return;
     };
-    // SAFETY: pointer from a successful lookup; copied before the delete.
-    let s = unsafe { *s };
-    if FAST_SOCKS.remove(cookie).is_err() {
-        return;
+    // SAFETY: pointer from a successful lookup; `held` is a naturally aligned u32.
+    let (held, cluster_id, endpoint) =
+        unsafe { (&raw mut (*s).held, (*s).cluster_id, (*s).endpoint) };
+    // SAFETY: see above; sequentially consistent so that the old value is fetched.
+    if unsafe { atomic_xadd::<u32, u32, { SeqCst }>(held, u32::MAX) } == 1 {
+        unreserve(cluster_id);
+        add(FAST_ACTIVE.get_ptr_mut(&endpoint), -1);
     }
-    unreserve(s.cluster_id);
-    add(FAST_ACTIVE.get_ptr_mut(&s.endpoint), -1);
+    if forget {
+        let _ = FAST_SOCKS.remove(cookie);
+    }
 }
 
 /// The reservation of a balanced socket, if `cookie` is one.
@@ -294,12 +318,15 @@ fn rewrite(ctx: &SockAddrContext, addr: &[u32; 4], port_be: u16, v6_socket: bool
     sa.user_port = port_be as u32;
 }
 
-/// `cgroup/sock_release`: the catch-all release of a balanced socket's slot (a socket closed
-/// before any TCP state change, or whose close callback was missed).
+/// `cgroup/sock_release`: the application closed a balanced socket. Its slot is released now;
+/// its record stays for the close callback to count the connection, unless the socket is
+/// already closed (it will get no more callbacks).
 #[cgroup_sock(sock_release)]
 pub fn drover_sock_release(ctx: SockContext) -> i32 {
     // SAFETY: helper valid for cgroup sock programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    release(cookie);
+    // SAFETY: `sock` is the kernel-provided context; `state` is a readable u32 field.
+    let state = unsafe { read_volatile(&raw const (*ctx.sock).state) };
+    release(cookie, state == TCP_CLOSE);
     1
 }

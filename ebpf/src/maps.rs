@@ -72,8 +72,7 @@ pub static FAST_TABLES: HashMap<VipKey, FastTable> =
 
 /// Fast-path connection slots per cluster id (kernel-written; the daemon only reads).
 #[map]
-pub static FAST_CLUSTERS: HashMap<u32, FastCluster> =
-    HashMap::pinned(capacity::FAST_CLUSTERS, 0);
+pub static FAST_CLUSTERS: HashMap<u32, FastCluster> = HashMap::pinned(capacity::FAST_CLUSTERS, 0);
 
 /// Fast-path open connections per endpoint (kernel-written; least request reads it).
 #[map]

@@ -107,11 +107,11 @@ fn balanced(ctx: &SockOpsContext, cookie: u64, s: &drover_common::FastSock) -> R
         }
         Event::ConnectFailed => {
             fast::report(s, outcome::FAILED);
-            fast::release(cookie);
+            fast::release(cookie, true);
             let _ = ORIG_BY_COOKIE.remove(cookie);
         }
         Event::Closed => {
-            fast::release(cookie);
+            fast::release(cookie, true);
             let _ = ORIG_BY_COOKIE.remove(cookie);
         }
         Event::Connecting | Event::Other => {}

@@ -9,9 +9,9 @@ use std::{
 };
 
 use drover_tests::{
-    Captured, Cgroup, Daemon, MeshBuilder, PinDir, Proc, Topology, VIP, args, bpftool_dump,
-    captured, echo_servers, key_addr, probe, replace_config, require_privileged, service_entry, sh,
-    write_config,
+    Captured, Cgroup, Daemon, Mesh, MeshBuilder, PinDir, Prepared, Proc, Topology, VIP, args,
+    bpftool_dump, captured, echo_servers, key_addr, prepared, probe, replace_config,
+    require_privileged, service_entry, sh, write_config,
 };
 
 fn sa(s: &str) -> SocketAddr {
@@ -1229,5 +1229,348 @@ spec:
         greeting.starts_with(&format!("hello from ep1 peer={ep}:")),
         "{greeting}\n{}",
         m.daemon.log()
+    );
+}
+
+// === Kernel fast path ===
+
+/// `db` (VIP:80 → port 7000 of ep1 and ep2), a DestinationRule with `policy`, balanced in the
+/// kernel (`--fast-path auto`).
+fn fast(n: usize, policy: &str) -> Captured {
+    let eps: Vec<_> = (1..=n).map(Topology::ep4).collect();
+    let yaml = service_entry("echo", &[VIP], 80, 7000, &eps)
+        + &format!(
+            "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: echo, namespace: test}}
+spec:
+  host: echo.test.svc
+  trafficPolicy: {policy}
+"
+        );
+    captured(n, Some(yaml), &["--fast-path", "auto"])
+}
+
+fn served(v: &serde_json::Value) -> Vec<String> {
+    serde_json::from_value(v["served"].clone()).unwrap()
+}
+
+fn cluster_stat(daemon: &Daemon, stat: &str) -> u64 {
+    daemon.clusters()["clusters"][0]["stats"][stat]
+        .as_u64()
+        .unwrap()
+}
+
+#[test]
+fn fast_path_balances_in_connect_without_the_proxy_and_keeps_the_vip_as_peer() {
+    if !require_privileged() {
+        return;
+    }
+    let Captured {
+        t,
+        daemon,
+        _servers,
+        _pins,
+        ..
+    } = fast(2, "{loadBalancer: {simple: ROUND_ROBIN}}");
+    let vip = format!("{VIP}:80");
+    let r = probe(Some(&t.client), None, &["connect", &vip, "--send", "hi"]);
+    assert_eq!(r["peer"], vip, "getpeername shows the VIP: {r}");
+    assert_eq!(r["echo"], "hi", "{r}");
+    let s = served(&probe(
+        Some(&t.client),
+        None,
+        &["seq", &vip, "--count", "6"],
+    ));
+    // Round robin in the kernel: strict rotation (the first connect above took one turn).
+    assert_eq!(s, ["ep2", "ep1", "ep2", "ep1", "ep2", "ep1"], "{s:?}");
+    assert_eq!(cluster_stat(&daemon, "fastpath_cx_total"), 7);
+    assert_eq!(
+        cluster_stat(&daemon, "upstream_rq_total"),
+        0,
+        "nothing went through the proxy"
+    );
+    // Per-endpoint kernel counters of the balanced sockets, beside the proxied ones.
+    let c = daemon.clusters();
+    let eps = c["clusters"][0]["endpoints"].as_array().unwrap();
+    let established: Vec<u64> = eps
+        .iter()
+        .map(|e| e["fastpath"]["established"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(established, [4, 3], "{c}");
+    let closed_by = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let c = daemon.clusters();
+        let closed: u64 = c["clusters"][0]["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["fastpath"]["closed"].as_u64().unwrap_or(0))
+            .sum();
+        if cluster_stat(&daemon, "fastpath_cx_active") == 0 && closed == 7 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < closed_by,
+            "slots released, closes counted: {c}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let prom = daemon.admin_get("/stats/prometheus");
+    assert!(
+        prom.contains(
+            "envoy_cluster_fastpath_cx_total{envoy_cluster_name=\"outbound|80||echo.test.svc\"} 7"
+        ),
+        "{prom}"
+    );
+}
+
+#[test]
+fn fast_path_caps_connections_exactly_under_64_concurrent_connectors() {
+    if !require_privileged() {
+        return;
+    }
+    let Captured {
+        t,
+        daemon,
+        _servers,
+        _pins,
+        ..
+    } = fast(2, "{connectionPool: {tcp: {maxConnections: 5}}}");
+    let vip = format!("{VIP}:80");
+    for round in 0..3 {
+        let r = probe(
+            Some(&t.client),
+            None,
+            &["hold", &vip, "--count", "64", "--hold-ms", "300"],
+        );
+        assert_eq!(r["connected"], 5, "round {round}: {r}");
+        assert_eq!(r["refused"], 59, "round {round}: {r}");
+        assert_eq!(r["errors"].as_array().unwrap().len(), 0, "{r}");
+    }
+    assert_eq!(cluster_stat(&daemon, "fastpath_cx_overflow"), 3 * 59);
+    assert_eq!(cluster_stat(&daemon, "fastpath_cx_total"), 3 * 5);
+    // Every slot came back: the next connect is served.
+    assert_eq!(cluster_stat(&daemon, "fastpath_cx_active"), 0);
+    assert!(t.client.greeting(sa(&vip)).is_some());
+}
+
+#[test]
+fn fast_path_ejects_an_endpoint_that_refuses_connects_and_takes_it_back() {
+    if !require_privileged() {
+        return;
+    }
+    let eps = [Topology::ep4(1), Topology::ep4(2)];
+    let yaml = service_entry("echo", &[VIP], 80, 7000, &eps)
+        + "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: echo, namespace: test}
+spec:
+  host: echo.test.svc
+  trafficPolicy:
+    loadBalancer: {simple: ROUND_ROBIN}
+    outlierDetection: {consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 2s, maxEjectionPercent: 100}
+";
+    // Only ep1 serves: connects to ep2 are refused.
+    let Mesh {
+        t,
+        daemon,
+        _servers,
+        _pins,
+        ..
+    } = MeshBuilder::new(2)
+        .server(1, "echo", &[7000], "ep1", &[])
+        .yaml(yaml)
+        .args(&["--fast-path", "auto"])
+        .start();
+    let vip = format!("{VIP}:80");
+    let s = served(&probe(
+        Some(&t.client),
+        None,
+        &["seq", &vip, "--count", "4", "--gap-ms", "20"],
+    ));
+    let refused = s.iter().filter(|x| x.starts_with("error")).count();
+    assert_eq!(refused, 2, "two refusals reach the threshold: {s:?}");
+    assert!(daemon.wait_log(
+        "outlier detection: endpoint ejected",
+        Duration::from_secs(2)
+    ));
+    let ejected_at = std::time::Instant::now();
+    // Ejected: the kernel table holds only ep1.
+    std::thread::sleep(Duration::from_millis(150));
+    let s = served(&probe(
+        Some(&t.client),
+        None,
+        &["seq", &vip, "--count", "8"],
+    ));
+    assert!(s.iter().all(|x| x == "ep1"), "{s:?}");
+    // Back after baseEjectionTime (2 s) at the next sweep: refusals again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(6);
+    loop {
+        let s = served(&probe(
+            Some(&t.client),
+            None,
+            &["seq", &vip, "--count", "2"],
+        ));
+        if s.iter().any(|x| x.starts_with("error")) {
+            // Not before baseEjectionTime, and by the sweep after it (interval 1 s).
+            let out = ejected_at.elapsed();
+            assert!(out >= Duration::from_millis(1900), "back after {out:?}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "ep2 comes back");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let c = daemon.clusters();
+    assert_eq!(
+        c["clusters"][0]["endpoints"][1]["outlier"]["times_ejected"], 1,
+        "{c}"
+    );
+}
+
+#[test]
+fn fast_path_keeps_balancing_and_open_connections_while_the_daemon_restarts() {
+    if !require_privileged() {
+        return;
+    }
+    let Prepared {
+        t,
+        servers: _servers,
+        pins,
+        cfg,
+    } = prepared(2, None);
+    std::fs::write(
+        &cfg,
+        service_entry(
+            "echo",
+            &[VIP],
+            80,
+            7000,
+            &[Topology::ep4(1), Topology::ep4(2)],
+        ) + "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: echo, namespace: test}
+spec:
+  host: echo.test.svc
+  trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}, connectionPool: {tcp: {maxConnections: 3}}}
+",
+    )
+    .unwrap();
+    let a = args(
+        &cfg,
+        &pins,
+        &["--netns", &t.client.name, "--fast-path", "auto"],
+    );
+    let mut daemon = Daemon::start(&a).unwrap();
+    let vip = sa(&format!("{VIP}:80"));
+    let mut held = t.client.connect(vip, None).unwrap();
+    held.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut reader = BufReader::new(held.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert_eq!(daemon.stop(), Some(0));
+    // No daemon: the kernel still balances from the pinned table, with the cap.
+    let s = served(&probe(
+        Some(&t.client),
+        None,
+        &["seq", &format!("{vip}"), "--count", "4"],
+    ));
+    assert!(s.iter().all(|x| x == "ep1" || x == "ep2"), "{s:?}");
+    let r = probe(
+        Some(&t.client),
+        None,
+        &["hold", &vip.to_string(), "--count", "8", "--hold-ms", "100"],
+    );
+    assert_eq!(
+        r["connected"], 2,
+        "one slot is held across the restart: {r}"
+    );
+    // The open connection never noticed.
+    held.write_all(b"still here\n").unwrap();
+    line.clear();
+    reader.read_line(&mut line).unwrap();
+    assert_eq!(line, "still here\n");
+    let daemon = Daemon::start(&a).unwrap();
+    drop((held, reader));
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while cluster_stat(&daemon, "fastpath_cx_active") != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the held slot is released"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(cluster_stat(&daemon, "fastpath_cx_total"), 1 + 4 + 2);
+}
+
+#[test]
+fn fast_path_table_swaps_under_load_lose_no_connect() {
+    if !require_privileged() {
+        return;
+    }
+    let Captured {
+        t,
+        daemon,
+        _servers,
+        _pins,
+        cfg,
+    } = fast(2, "{loadBalancer: {simple: RANDOM}}");
+    let vip = format!("{VIP}:80");
+    let client = std::thread::spawn({
+        let ns = t.client.name.clone();
+        let vip = vip.clone();
+        move || {
+            let out = std::process::Command::new("ip")
+                .args(["netns", "exec", &ns])
+                .arg(drover_tests::bin("drover-probe"))
+                .args(["seq", &vip, "--count", "400", "--gap-ms", "5"])
+                .output()
+                .unwrap();
+            serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+        }
+    });
+    // Swap the endpoint set back and forth while connects run.
+    for i in 0..6 {
+        std::thread::sleep(Duration::from_millis(250));
+        let eps = if i % 2 == 0 {
+            vec![Topology::ep4(2)]
+        } else {
+            vec![Topology::ep4(1), Topology::ep4(2)]
+        };
+        replace_config(
+            &cfg,
+            &(service_entry("echo", &[VIP], 80, 7000, &eps)
+                + "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: echo, namespace: test}
+spec:
+  host: echo.test.svc
+  trafficPolicy: {loadBalancer: {simple: RANDOM}}
+"),
+        );
+    }
+    let s = served(&client.join().unwrap());
+    assert_eq!(s.len(), 400);
+    assert!(
+        s.iter().all(|x| x == "ep1" || x == "ep2"),
+        "every connect served: {:?}",
+        s.iter()
+            .filter(|x| x.starts_with("error"))
+            .collect::<Vec<_>>()
+    );
+    assert!(daemon.log().matches("configuration reloaded").count() >= 6);
+    // The last configuration (both endpoints) is what the kernel balances with.
+    let last = served(&probe(
+        Some(&t.client),
+        None,
+        &["seq", &vip, "--count", "40"],
+    ));
+    assert!(
+        last.iter().any(|x| x == "ep1") && last.iter().any(|x| x == "ep2"),
+        "{last:?}"
     );
 }

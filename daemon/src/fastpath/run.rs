@@ -187,7 +187,10 @@ fn observe(reg: &Registry, ev: &FastEvent) -> bool {
     let Some(c) = reg.clusters().find(|c| c.stats.id == ev.cluster_id) else {
         return false;
     };
-    let (Some(od), addr) = (&c.outlier, words_addr(ev.endpoint.addr, ev.endpoint.port_be)) else {
+    let (Some(od), addr) = (
+        &c.outlier,
+        words_addr(ev.endpoint.addr, ev.endpoint.port_be),
+    ) else {
         return false;
     };
     let Some(i) = c.members.iter().position(|m| m.addr == addr) else {

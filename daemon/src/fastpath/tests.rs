@@ -29,7 +29,11 @@ fn maglev_fills_every_slot_in_proportion_and_moves_little_when_one_goes() {
     }
     // Remove endpoint 3: slots of the others mostly stay.
     let t3 = maglev(&[1.0; 3], &keys[..3], fast::HASH_RING as usize);
-    let kept = t.iter().zip(&t3).filter(|(a, b)| **a != 3 && a == b).count();
+    let kept = t
+        .iter()
+        .zip(&t3)
+        .filter(|(a, b)| **a != 3 && a == b)
+        .count();
     let before = t.iter().filter(|a| **a != 3).count();
     assert!(kept * 10 >= before * 8, "{kept} of {before} kept");
     let weighted = maglev(&[2.0, 1.0], &keys[..2], fast::HASH_RING as usize);
@@ -76,8 +80,14 @@ fn tables_carry_the_algorithm_weights_cap_and_connect_timeout() {
     assert_eq!(t.n, 2);
     assert_eq!(t.connect_timeout_ms, 250);
     assert_eq!(t.endpoints[0].max_connections, 7);
-    assert_eq!(endpoint_addr(&t.endpoints[1]), "127.0.0.12:7000".parse().unwrap());
-    let ones = t.ring[..t.ring_len as usize].iter().filter(|i| **i == 1).count();
+    assert_eq!(
+        endpoint_addr(&t.endpoints[1]),
+        "127.0.0.12:7000".parse().unwrap()
+    );
+    let ones = t.ring[..t.ring_len as usize]
+        .iter()
+        .filter(|i| **i == 1)
+        .count();
     assert!(
         (ones * 4).abs_diff(t.ring_len as usize * 3) <= 4,
         "weight 3 of 4: {ones} of {}",
@@ -91,14 +101,23 @@ fn policy_the_kernel_cannot_enforce_keeps_the_proxy_with_its_reason() {
     for (policy, why) in [
         ("{tls: {mode: SIMPLE}}", "tls origination"),
         ("{connectionPool: {tcp: {idleTimeout: 5s}}}", "idleTimeout"),
-        ("{connectionPool: {tcp: {maxConnectionDuration: 5s}}}", "maxConnectionDuration"),
-        ("{connectionPool: {tcp: {tcpKeepalive: {time: 5s}}}}", "tcpKeepalive"),
+        (
+            "{connectionPool: {tcp: {maxConnectionDuration: 5s}}}",
+            "maxConnectionDuration",
+        ),
+        (
+            "{connectionPool: {tcp: {tcpKeepalive: {time: 5s}}}}",
+            "tcpKeepalive",
+        ),
         ("{proxyProtocol: {version: V1}}", "proxyProtocol"),
         (
             "{loadBalancer: {consistentHash: {httpHeaderName: x-user}}}",
             "useSourceIp",
         ),
-        ("{loadBalancer: {simple: ROUND_ROBIN, warmup: {duration: 10s}}}", "warmup"),
+        (
+            "{loadBalancer: {simple: ROUND_ROBIN, warmup: {duration: 10s}}}",
+            "warmup",
+        ),
     ] {
         let reg = snapshot(policy, "");
         let err = table(&reg, VIP.parse().unwrap(), true).unwrap_err();
@@ -161,6 +180,9 @@ fn ejected_endpoints_leave_the_table_and_come_back() {
     }
     let t = table(&reg, vip, true).unwrap();
     assert_eq!(t.n, 1);
-    assert_eq!(endpoint_addr(&t.endpoints[0]), "127.0.0.12:7000".parse().unwrap());
+    assert_eq!(
+        endpoint_addr(&t.endpoints[0]),
+        "127.0.0.12:7000".parse().unwrap()
+    );
     assert_eq!(table(&reg, vip, false).unwrap().n, 2, "without ejections");
 }

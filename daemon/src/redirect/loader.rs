@@ -96,6 +96,14 @@ pub struct Kernel {
 
 // === impl Kernel ===
 
+impl std::fmt::Debug for Kernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kernel")
+            .field("pin_dir", &self.pin_dir)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Kernel {
     /// Checks privileges and bpffs, loads the object with its maps pinned in `pin_dir`, writes the
     /// runtime config and starts forwarding `aya-log` records to `tracing` (debug level).
@@ -295,7 +303,11 @@ impl Kernel {
             addr: addr_words(endpoint),
             port_be: endpoint.port().to_be(),
             proto: 6,
-            family: if endpoint.ip().to_canonical().is_ipv4() { 4 } else { 6 },
+            family: if endpoint.ip().to_canonical().is_ipv4() {
+                4
+            } else {
+                6
+            },
         };
         let per_cpu = self.ep_fstats.get(&key, 0).ok()?;
         Some(crate::report::sum(per_cpu.iter()))

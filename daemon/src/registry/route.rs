@@ -394,7 +394,12 @@ impl Registry {
     }
 
     /// The first `tcp` route of `vs` whose match holds for this client on `port` to `dst`.
-    fn tcp_route<'v>(&self, vs: &'v VsEntry, port: u16, dst: IpAddr) -> Option<&'v policy::L4Route> {
+    fn tcp_route<'v>(
+        &self,
+        vs: &'v VsEntry,
+        port: u16,
+        dst: IpAddr,
+    ) -> Option<&'v policy::L4Route> {
         let client = &self.client;
         let l4_ok = |m: &policy::L4Match| {
             m.port.is_none_or(|p| p == port)

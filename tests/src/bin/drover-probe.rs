@@ -48,6 +48,25 @@ enum Cmd {
         #[arg(long, default_value = "20")]
         max_secs: u64,
     },
+    /// `count` connections opened at once (one thread each, released together), each held
+    /// until every thread has tried: how many got a greeting, how many were refused
+    /// (`EPERM`/`ECONNREFUSED`) and which endpoints greeted.
+    Hold {
+        addr: SocketAddr,
+        #[arg(long, default_value = "64")]
+        count: usize,
+        #[arg(long, default_value = "500")]
+        hold_ms: u64,
+    },
+    /// `count` sequential connects (one greeting each): which endpoint greeted each, in order,
+    /// or the error.
+    Seq {
+        addr: SocketAddr,
+        #[arg(long, default_value = "10")]
+        count: u32,
+        #[arg(long, default_value = "0")]
+        gap_ms: u64,
+    },
     Crr {
         addr: SocketAddr,
         #[arg(long, default_value = "2000")]
@@ -107,6 +126,16 @@ fn main() {
     let out = match Args::parse().cmd {
         Cmd::Connect { addr, mark, send } => connect(addr, mark, &send),
         Cmd::Tls { addr, sni, ca } => tls(addr, &sni, &ca),
+        Cmd::Hold {
+            addr,
+            count,
+            hold_ms,
+        } => hold(addr, count, hold_ms),
+        Cmd::Seq {
+            addr,
+            count,
+            gap_ms,
+        } => Ok(seq(addr, count, gap_ms)),
         Cmd::Rr {
             addr,
             count,
@@ -185,6 +214,59 @@ fn connect(addr: SocketAddr, mark: Option<u32>, send: &str) -> std::io::Result<s
     Ok(
         json!({ "peer": peer.to_string(), "local": local.to_string(), "greeting": hello, "echo": String::from_utf8_lossy(&echo) }),
     )
+}
+
+fn hold(addr: SocketAddr, count: usize, hold_ms: u64) -> std::io::Result<serde_json::Value> {
+    let start = std::sync::Arc::new(std::sync::Barrier::new(count));
+    let tried = std::sync::Arc::new(std::sync::Barrier::new(count));
+    let threads: Vec<_> = (0..count)
+        .map(|_| {
+            let (start, tried) = (start.clone(), tried.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                let r = dial(addr, None).and_then(|s| {
+                    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                    Ok((greeting(&s)?, s))
+                });
+                tried.wait();
+                std::thread::sleep(Duration::from_millis(hold_ms));
+                r.map(|(g, _s)| g)
+            })
+        })
+        .collect();
+    let (mut greeted, mut refused, mut errors) = (Vec::new(), 0, Vec::new());
+    for t in threads {
+        match t.join().expect("hold thread") {
+            Ok(g) => greeted.push(g),
+            Err(e) if matches!(e.raw_os_error(), Some(1 | 111)) => refused += 1,
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    Ok(
+        json!({ "connected": greeted.len(), "refused": refused, "errors": errors, "greetings": greeted }),
+    )
+}
+
+fn seq(addr: SocketAddr, count: u32, gap_ms: u64) -> serde_json::Value {
+    let served: Vec<String> = (0..count)
+        .map(|_| {
+            let r = dial(addr, None).and_then(|s| {
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                greeting(&s)
+            });
+            std::thread::sleep(Duration::from_millis(gap_ms));
+            match r {
+                Ok(g) => g
+                    .trim_start_matches("hello from ")
+                    .split(' ')
+                    .next()
+                    .unwrap_or("")
+                    .to_string(),
+                Err(e) => format!("error: {e}"),
+            }
+        })
+        .collect();
+    json!({ "served": served })
 }
 
 fn tls(addr: SocketAddr, sni: &str, ca: &std::path::Path) -> std::io::Result<serde_json::Value> {
