@@ -128,6 +128,17 @@ fn cluster_eligible(c: &Cluster) -> Result<(), String> {
     Ok(())
 }
 
+/// The name of a [`lb`] value, as Istio spells the algorithm.
+pub fn lb_name(lb: u32) -> &'static str {
+    match lb {
+        lb::ROUND_ROBIN => "ROUND_ROBIN",
+        lb::RANDOM => "RANDOM",
+        lb::LEAST_REQUEST => "LEAST_REQUEST (two random choices)",
+        lb::HASH => "consistentHash useSourceIp (Maglev)",
+        _ => "PASSTHROUGH",
+    }
+}
+
 /// The kernel's algorithm for `c`.
 fn lb_kind(reg: &Registry, c: &Cluster) -> Result<u32, String> {
     if reg.services()[c.service].resolution == Resolution::None {

@@ -164,7 +164,7 @@ impl FastPath {
 }
 
 /// A `FastEvent` from its bytes (native order, the kernel's layout).
-fn decode(b: &[u8]) -> Option<FastEvent> {
+pub(super) fn decode(b: &[u8]) -> Option<FastEvent> {
     if b.len() < std::mem::size_of::<FastEvent>() {
         return None;
     }

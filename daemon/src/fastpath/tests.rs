@@ -186,3 +186,46 @@ fn ejected_endpoints_leave_the_table_and_come_back() {
     );
     assert_eq!(table(&reg, vip, false).unwrap().n, 2, "without ejections");
 }
+
+#[test]
+fn explain_names_the_path_and_why() {
+    let fast = snapshot("{loadBalancer: {simple: RANDOM}}", "");
+    let text = crate::registry::explain::explain(&fast, "db.test.svc", None, None).unwrap();
+    assert!(
+        text.contains("path       127.0.0.50:5432: kernel fast path with --fast-path auto (RANDOM over 2 endpoints"),
+        "{text}"
+    );
+    let proxied = snapshot("{connectionPool: {tcp: {idleTimeout: 5s}}}", "");
+    let text = crate::registry::explain::explain(&proxied, "db.test.svc", None, None).unwrap();
+    assert!(
+        text.contains("path       127.0.0.50:5432: proxied: outbound|5432||db.test.svc: connectionPool.tcp.idleTimeout"),
+        "{text}"
+    );
+}
+
+#[test]
+fn outcome_records_decode_as_the_kernel_lays_them_out() {
+    let ev = drover_common::FastEvent {
+        cluster_id: 7,
+        kind: fast::outcome::FAILED,
+        endpoint: drover_common::EpKey {
+            addr: [1, 2, 3, 4],
+            port_be: 80u16.to_be(),
+            proto: 6,
+            family: 4,
+        },
+        _pad: 0,
+    };
+    let mut bytes = Vec::new();
+    for w in [ev.cluster_id, ev.kind] {
+        bytes.extend_from_slice(&w.to_ne_bytes());
+    }
+    for w in ev.endpoint.addr {
+        bytes.extend_from_slice(&w.to_ne_bytes());
+    }
+    bytes.extend_from_slice(&ev.endpoint.port_be.to_ne_bytes());
+    bytes.extend_from_slice(&[6, 4, 0, 0, 0, 0]);
+    assert_eq!(bytes.len(), std::mem::size_of::<drover_common::FastEvent>());
+    assert_eq!(run::decode(&bytes), Some(ev));
+    assert_eq!(run::decode(&bytes[..31]), None);
+}

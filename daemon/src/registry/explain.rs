@@ -50,8 +50,30 @@ pub fn explain(
     let mut o = String::new();
     summary(&mut o, reg, (svc, port), cluster, rule.as_ref(), subset);
     routes(&mut o, reg, svc, port);
+    path(&mut o, reg, svc, port);
     policy_blocks(&mut o, &cluster.policy);
     Ok(o)
+}
+
+/// Which data path a connection to each VIP of the port takes: the kernel fast path (when the
+/// daemon runs with `--fast-path auto`), or the proxy, and why.
+fn path(o: &mut String, reg: &Registry, svc: &super::Service, port: &super::ServicePort) {
+    if svc.vips.is_empty() {
+        let _ = writeln!(o, "path       proxied: no exact VIP to balance in the kernel");
+    }
+    for vip in &svc.vips {
+        let addr = std::net::SocketAddr::new(*vip, port.number);
+        let _ = match crate::fastpath::table(reg, addr, false) {
+            Ok(t) => writeln!(
+                o,
+                "path       {addr}: kernel fast path with --fast-path auto ({} over {} endpoints; \
+                 over maxConnections connect() fails with EPERM)",
+                crate::fastpath::lb_name(t.lb),
+                t.n
+            ),
+            Err(why) => writeln!(o, "path       {addr}: proxied: {why}"),
+        };
+    }
 }
 
 /// The service (index and value) and port that `host` and `port` name.
