@@ -117,12 +117,6 @@ pub fn try_balance(
         set_user_timeout(ctx.as_ptr(), timeout);
     }
     rewrite(ctx, &addr, port_be, v6_socket);
-    aya_log_ebpf::debug!(
-        ctx,
-        "balanced connect in cluster {} (cookie {})",
-        ep.cluster_id,
-        cookie
-    );
     Ok(Verdict::Balanced)
 }
 

@@ -59,7 +59,10 @@ pub fn explain(
 /// daemon runs with `--fast-path auto`), or the proxy, and why.
 fn path(o: &mut String, reg: &Registry, svc: &super::Service, port: &super::ServicePort) {
     if svc.vips.is_empty() {
-        let _ = writeln!(o, "path       proxied: no exact VIP to balance in the kernel");
+        let _ = writeln!(
+            o,
+            "path       proxied: no exact VIP to balance in the kernel"
+        );
     }
     for vip in &svc.vips {
         let addr = std::net::SocketAddr::new(*vip, port.number);

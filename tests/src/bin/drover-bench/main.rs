@@ -1,6 +1,8 @@
 //! `cargo xtask bench`: L4 request/response latency and bulk throughput from a client namespace to
-//! an endpoint namespace, (a) direct, (b) through Drover with eBPF capture, (c) through the same
-//! daemon fed by an iptables REDIRECT rule — in one run, printed as a table with ratios to direct.
+//! an endpoint namespace, (a) direct, (b) through an iptables DNAT rule (kernel balancing, no
+//! proxy), (c) balanced by Drover's kernel fast path, (d) through Drover with eBPF capture, (e)
+//! through the same daemon fed by an iptables REDIRECT rule — interleaved rounds in one run,
+//! printed as a table with ratios to direct.
 //! Then the policy overhead, memory after load, and the comparison with HAProxy and Envoy
 //! (`--envoy PATH`) against an nginx origin (HTTP/1.1, HTTP/2, L4 bulk, mTLS origination, idle
 //! memory, cost growth), written to `--report-dir` with plots ([`peers`]).
@@ -43,6 +45,9 @@ struct Args {
     /// Run only this part.
     #[arg(long, value_enum)]
     only: Option<Part>,
+    /// Interleaved rounds of the L4 comparison.
+    #[arg(long, default_value = "3")]
+    l4_rounds: usize,
     /// Rounds of the memory-after-load measurement.
     #[arg(long, default_value = "3")]
     memory_rounds: usize,
@@ -89,7 +94,6 @@ enum Part {
 }
 
 struct Row {
-    name: &'static str,
     rr: Value,
     crr: Value,
     bulk: Value,
@@ -121,12 +125,7 @@ fn measure(t: &Topology, name: &'static str, host: &str, count: u32, bytes: u64)
     for v in [&rr, &crr, &bulk] {
         assert!(v.get("error").is_none(), "{name}: {v}");
     }
-    Row {
-        name,
-        rr,
-        crr,
-        bulk,
-    }
+    Row { rr, crr, bulk }
 }
 
 fn main() {
@@ -465,89 +464,155 @@ spec:
     println!("reproduce: cargo xtask bench -- --only policy");
 }
 
-fn l4(args: &Args, t: &Topology, ep: std::net::IpAddr, quiet: impl Fn(&mut Vec<String>, &PinDir)) {
-    let mut rows = vec![measure(
-        t,
-        "direct",
-        &ep.to_string(),
-        args.count,
-        args.bytes,
-    )];
+/// The L4 data paths compared, in the order of the table.
+const L4_PATHS: [&str; 5] = [
+    "direct",
+    "iptables-dnat",
+    "drover-fastpath",
+    "drover-ebpf",
+    "drover-iptables",
+];
 
-    let pins = PinDir::new();
-    let mut a = Vec::new();
-    quiet(&mut a, &pins);
-    let mut d = Daemon::start(&a).expect("drover (ebpf) starts");
-    rows.push(measure(t, "drover-ebpf", VIP, args.count, args.bytes));
-    d.stop();
-    drop(pins);
-
-    let rule = [
-        "-t",
-        "nat",
-        "-A",
-        "OUTPUT",
-        "-p",
-        "tcp",
-        "-d",
-        VIP,
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        "15001",
-    ];
+/// `iptables` in the client namespace: a `nat OUTPUT` rule for the VIP, added or deleted.
+fn nat_rule(t: &Topology, op: &str, target: &[&str]) {
     let ns = t.client.name.clone();
-    let mut cmd = vec!["ip", "netns", "exec", &ns, "iptables"];
-    cmd.extend(rule);
+    let mut cmd = vec![
+        "ip", "netns", "exec", &ns, "iptables", "-t", "nat", op, "OUTPUT", "-p", "tcp", "-d", VIP,
+        "-j",
+    ];
+    cmd.extend(target);
     sh(&cmd);
-    let pins = PinDir::new();
-    let mut a = vec!["--capture".to_string(), "iptables".to_string()];
-    quiet(&mut a, &pins);
-    let mut d = Daemon::start(&a).expect("drover (iptables) starts");
-    rows.push(measure(t, "drover-iptables", VIP, args.count, args.bytes));
-    d.stop();
-    // Remove the rule (and with it NAT connection tracking) before the next measurements.
-    let mut cmd = vec!["ip", "netns", "exec", &ns, "iptables"];
-    cmd.extend(rule.map(|a| if a == "-A" { "-D" } else { a }));
-    sh(&cmd);
+}
 
+/// One measurement of the L4 path `name`, set up and torn down around it.
+fn l4_path(
+    args: &Args,
+    t: &Topology,
+    ep: std::net::IpAddr,
+    name: &'static str,
+    quiet: &dyn Fn(&mut Vec<String>, &PinDir),
+) -> Row {
+    let ep_s = ep.to_string();
+    let dnat = ["DNAT", "--to-destination", ep_s.as_str()];
+    let redirect = ["REDIRECT", "--to-ports", "15001"];
+    let run = |host: &str| measure(t, name, host, args.count, args.bytes);
+    match name {
+        "direct" => run(&ep_s),
+        "iptables-dnat" => {
+            // The VIP is a loopback address: its connects start from 127.0.0.1, which may
+            // leave the namespace only with route_localnet and a source rewrite.
+            let ns = t.client.name.clone();
+            let sysctl = |v: &str| {
+                sh(&[
+                    "ip", "netns", "exec", &ns, "sysctl", "-qw",
+                    &format!("net.ipv4.conf.all.route_localnet={v}"),
+                ]);
+            };
+            let masq = |op: &str| {
+                sh(&[
+                    "ip", "netns", "exec", &ns, "iptables", "-t", "nat", op, "POSTROUTING",
+                    "-s", "127.0.0.0/8", "-d", &ep_s, "-j", "MASQUERADE",
+                ]);
+            };
+            sysctl("1");
+            masq("-A");
+            nat_rule(t, "-A", &dnat);
+            let r = run(VIP);
+            nat_rule(t, "-D", &dnat);
+            masq("-D");
+            sysctl("0");
+            r
+        }
+        _ => {
+            let pins = PinDir::new();
+            let mut a = match name {
+                "drover-fastpath" => vec!["--fast-path".to_string(), "auto".to_string()],
+                "drover-iptables" => vec!["--capture".to_string(), "iptables".to_string()],
+                _ => Vec::new(),
+            };
+            quiet(&mut a, &pins);
+            if name == "drover-iptables" {
+                nat_rule(t, "-A", &redirect);
+            }
+            let mut d = Daemon::start(&a).expect("drover starts");
+            let r = run(VIP);
+            d.stop();
+            if name == "drover-iptables" {
+                // Removing the rule also ends its NAT connection tracking.
+                nat_rule(t, "-D", &redirect);
+            }
+            r
+        }
+    }
+}
+
+/// Direct, iptables DNAT (kernel balancing, no proxy), the kernel fast path, and the proxy
+/// behind eBPF capture and behind iptables REDIRECT: `--l4-rounds` interleaved rounds (each
+/// starts with the next path), medians with [min–max].
+fn l4(args: &Args, t: &Topology, ep: std::net::IpAddr, quiet: impl Fn(&mut Vec<String>, &PinDir)) {
+    // Connect-heavy rounds leave tens of thousands of client TIME_WAIT sockets to the same
+    // endpoint; without reuse, finding a free port dominates the later rounds' connect times.
+    sh(&[
+        "ip", "netns", "exec", &t.client.name, "sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1",
+    ]);
+    let mut rows: Vec<Vec<Row>> = L4_PATHS.iter().map(|_| Vec::new()).collect();
+    for round in 0..args.l4_rounds {
+        for k in 0..L4_PATHS.len() {
+            let i = (round + k) % L4_PATHS.len();
+            rows[i].push(l4_path(args, t, ep, L4_PATHS[i], &quiet));
+        }
+    }
     let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
-    let direct = (
-        f(&rows[0].rr, "p50_us"),
-        f(&rows[0].crr, "p50_us"),
-        f(&rows[0].bulk, "gbit_per_s"),
-    );
+    let stat = |i: usize, pick: &dyn Fn(&Row) -> f64| {
+        let mut v: Vec<f64> = rows[i].iter().map(pick).collect();
+        v.sort_by(f64::total_cmp);
+        (v[v.len() / 2], v[0], v[v.len() - 1])
+    };
+    let rr = |r: &Row| f(&r.rr, "p50_us");
+    let rr99 = |r: &Row| f(&r.rr, "p99_us");
+    let crr = |r: &Row| f(&r.crr, "p50_us");
+    let bulk = |r: &Row| f(&r.bulk, "gbit_per_s");
+    let direct = (stat(0, &rr).0, stat(0, &crr).0, stat(0, &bulk).0);
     println!(
-        "\nL4 benchmark: {} round trips of 64 B, {} connect+round-trip+close, {:.1} GiB bulk, one client",
+        "\nL4 benchmark: {} round trips of 64 B, {} connect+round-trip+close, {:.1} GiB bulk, one client; median [min–max] of {} interleaved rounds",
         args.count,
         (args.count / 5).max(100),
-        args.bytes as f64 / (1u64 << 30) as f64
+        args.bytes as f64 / (1u64 << 30) as f64,
+        args.l4_rounds
     );
     println!(
-        "{:<16} {:>10} {:>10} {:>11} {:>11} {:>10} {:>13} {:>13} {:>10}",
+        "{:<16} {:>18} {:>10} {:>18} {:>20} {:>11} {:>12} {:>9}",
         "path",
         "rr p50 µs",
         "rr p99 µs",
         "crr p50 µs",
-        "crr p99 µs",
         "Gbit/s",
         "+rr p50 µs",
-        "+crr p50 µs",
+        "crr/direct",
         "tput/dir"
     );
-    for r in &rows {
+    for (i, name) in L4_PATHS.iter().enumerate() {
+        let (r, c, b) = (stat(i, &rr), stat(i, &crr), stat(i, &bulk));
         println!(
-            "{:<16} {:>10.1} {:>10.1} {:>11.1} {:>11.1} {:>10.2} {:>13.1} {:>13.1} {:>10.2}",
-            r.name,
-            f(&r.rr, "p50_us"),
-            f(&r.rr, "p99_us"),
-            f(&r.crr, "p50_us"),
-            f(&r.crr, "p99_us"),
-            f(&r.bulk, "gbit_per_s"),
-            f(&r.rr, "p50_us") - direct.0,
-            f(&r.crr, "p50_us") - direct.1,
-            f(&r.bulk, "gbit_per_s") / direct.2,
+            "{:<16} {:>6.1} [{:>4.1}–{:>5.1}] {:>10.1} {:>6.1} [{:>4.1}–{:>5.1}] {:>6.2} [{:>5.2}–{:>5.2}] {:>11.1} {:>12.2} {:>9.2}",
+            name,
+            r.0,
+            r.1,
+            r.2,
+            stat(i, &rr99).0,
+            c.0,
+            c.1,
+            c.2,
+            b.0,
+            b.1,
+            b.2,
+            r.0 - direct.0,
+            c.0 / direct.1,
+            b.0 / direct.2,
         );
     }
-    println!("reproduce: cargo xtask bench --count {}", args.count);
+    println!(
+        "reproduce: cargo xtask bench -- --only l4 --l4-rounds {}",
+        args.l4_rounds
+    );
 }
