@@ -504,14 +504,32 @@ fn l4_path(
             let ns = t.client.name.clone();
             let sysctl = |v: &str| {
                 sh(&[
-                    "ip", "netns", "exec", &ns, "sysctl", "-qw",
+                    "ip",
+                    "netns",
+                    "exec",
+                    &ns,
+                    "sysctl",
+                    "-qw",
                     &format!("net.ipv4.conf.all.route_localnet={v}"),
                 ]);
             };
             let masq = |op: &str| {
                 sh(&[
-                    "ip", "netns", "exec", &ns, "iptables", "-t", "nat", op, "POSTROUTING",
-                    "-s", "127.0.0.0/8", "-d", &ep_s, "-j", "MASQUERADE",
+                    "ip",
+                    "netns",
+                    "exec",
+                    &ns,
+                    "iptables",
+                    "-t",
+                    "nat",
+                    op,
+                    "POSTROUTING",
+                    "-s",
+                    "127.0.0.0/8",
+                    "-d",
+                    &ep_s,
+                    "-j",
+                    "MASQUERADE",
                 ]);
             };
             sysctl("1");
@@ -553,7 +571,13 @@ fn l4(args: &Args, t: &Topology, ep: std::net::IpAddr, quiet: impl Fn(&mut Vec<S
     // Connect-heavy rounds leave tens of thousands of client TIME_WAIT sockets to the same
     // endpoint; without reuse, finding a free port dominates the later rounds' connect times.
     sh(&[
-        "ip", "netns", "exec", &t.client.name, "sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1",
+        "ip",
+        "netns",
+        "exec",
+        &t.client.name,
+        "sysctl",
+        "-qw",
+        "net.ipv4.tcp_tw_reuse=1",
     ]);
     let mut rows: Vec<Vec<Row>> = L4_PATHS.iter().map(|_| Vec::new()).collect();
     for round in 0..args.l4_rounds {
