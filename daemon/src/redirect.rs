@@ -8,6 +8,7 @@
 
 pub mod loader;
 pub mod netns;
+pub mod sockmap;
 
 use std::{io, net::SocketAddr};
 

@@ -14,6 +14,7 @@ mod fast;
 mod inbound;
 mod maps;
 mod peername;
+mod sockmap;
 mod sockops;
 mod upstream;
 

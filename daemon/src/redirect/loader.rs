@@ -35,7 +35,8 @@ use tokio::{io::unix::AsyncFd, net::TcpStream};
 use super::{Error, OriginalDst, addr_words, tuple_key, words_addr};
 
 /// The object built by `daemon/build.rs` (empty when built with `DROVER_SKIP_EBPF=1`).
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/drover-ebpf"));
+pub(crate) static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/drover-ebpf"));
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
@@ -277,17 +278,7 @@ impl Kernel {
     /// Makes the fast-path tables exactly `tables` (by VIP); only changed tables are written,
     /// each in one map update.
     pub fn set_fast_tables(&self, tables: &[(SocketAddr, FastTable)]) -> Result<(), Error> {
-        let wanted = tables.iter().map(|(a, t)| {
-            (
-                VipKey {
-                    addr: addr_words(*a),
-                    port_be: a.port().to_be(),
-                    proto: 6,
-                    _pad: 0,
-                },
-                *t,
-            )
-        });
+        let wanted = tables.iter().map(|(a, t)| (vip_key(*a), *t));
         let mut map = self.fast_tables.lock().expect("fast_tables map lock");
         map.replace_all(wanted.collect(), maps::FAST_TABLES)
     }
@@ -352,12 +343,7 @@ impl Kernel {
     pub fn set_vips(&self, vips: &[(SocketAddr, u32)]) -> Result<(), Error> {
         let wanted = vips.iter().map(|(a, id)| {
             (
-                VipKey {
-                    addr: addr_words(*a),
-                    port_be: a.port().to_be(),
-                    proto: 6,
-                    _pad: 0,
-                },
+                vip_key(*a),
                 VipValue {
                     svc_id: *id,
                     flags: 0,
@@ -523,6 +509,16 @@ impl OriginalDst for Kernel {
     }
 }
 
+/// The `SVC_VIPS` / `FAST_TABLES` key of a captured TCP address.
+fn vip_key(a: SocketAddr) -> VipKey {
+    VipKey {
+        addr: addr_words(a),
+        port_be: a.port().to_be(),
+        proto: 6,
+        _pad: 0,
+    }
+}
+
 fn attach_sock_addr(
     p: &mut CgroupSockAddr,
     cgroup: &File,
@@ -590,7 +586,7 @@ impl<K: aya::Pod + Eq + std::hash::Hash, V: aya::Pod + PartialEq> Mirror<K, V> {
     }
 }
 
-fn take_map<M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+pub(crate) fn take_map<M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
     ebpf: &mut Ebpf,
     name: &'static str,
 ) -> Result<M, Error> {

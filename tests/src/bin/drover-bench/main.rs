@@ -12,6 +12,7 @@ mod cni;
 mod kube;
 mod peers;
 mod report;
+mod sockmap;
 
 use std::net::SocketAddr;
 
@@ -48,6 +49,9 @@ struct Args {
     /// Interleaved rounds of the L4 comparison.
     #[arg(long, default_value = "3")]
     l4_rounds: usize,
+    /// Interleaved rounds of the sockmap relay experiment.
+    #[arg(long, default_value = "3")]
+    sockmap_rounds: usize,
     /// Rounds of the memory-after-load measurement.
     #[arg(long, default_value = "3")]
     memory_rounds: usize,
@@ -91,6 +95,7 @@ enum Part {
     Peers,
     Kube,
     Cni,
+    Sockmap,
 }
 
 struct Row {
@@ -202,6 +207,9 @@ fn main() {
     }
     if run(Part::Cni) {
         cni::run(args.cni_pods);
+    }
+    if run(Part::Sockmap) {
+        sockmap::run(args.bytes.min(1 << 30), args.count, args.sockmap_rounds);
     }
 }
 
