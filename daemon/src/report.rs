@@ -1,5 +1,6 @@
 //! `drover status`: a per-endpoint report read from the pinned counter maps (`EP_DSTATS`, written
-//! by the daemon; `EP_KSTATS`, written by the kernel) and named with the admin API's `/clusters`.
+//! by the daemon; `EP_KSTATS` and, for the kernel fast path, `EP_FSTATS`, written by the kernel)
+//! and named with the admin API's `/clusters`.
 //! Without a reachable admin API it still prints what the maps hold, with cluster ids for names.
 //!
 //! Invariants: read-only; never needs the daemon to be running (pinned maps outlive it).
@@ -34,6 +35,8 @@ pub struct Row {
     pub daemon: EpDStats,
     /// Summed over CPUs; `None` when the kernel never saw a connection to the endpoint.
     pub kernel: Option<EpKStats>,
+    /// The kernel fast path's connections to the endpoint (CPUs summed), if any.
+    pub fastpath: Option<EpKStats>,
 }
 
 /// Everything `drover status` prints.
@@ -55,6 +58,8 @@ pub async fn collect(pin_dir: &Path, admin: Option<SocketAddr>) -> Result<Report
     };
     let dstats: HashMap<MapData, EpDKey, EpDStats> = open(pin_dir, maps::EP_DSTATS)?;
     let kstats: PerCpuHashMap<MapData, EpKey, EpKStats> = open(pin_dir, maps::EP_KSTATS)?;
+    let fstats: Option<PerCpuHashMap<MapData, EpKey, EpKStats>> =
+        open(pin_dir, maps::EP_FSTATS).ok();
     let mut rows = Vec::new();
     for entry in dstats.iter().filter_map(Result::ok) {
         let (k, v) = entry;
@@ -65,12 +70,16 @@ pub async fn collect(pin_dir: &Path, admin: Option<SocketAddr>) -> Result<Report
             family: k.family,
         };
         let kernel = kstats.get(&ek, 0).ok().map(|per_cpu| sum(per_cpu.iter()));
+        let fastpath = (fstats.as_ref())
+            .and_then(|f| f.get(&ek, 0).ok())
+            .map(|per_cpu| sum(per_cpu.iter()));
         rows.push(Row {
             cluster_id: k.cluster_id,
             cluster: names.get(&k.cluster_id).cloned(),
             endpoint: words_addr(k.addr, k.port_be),
             daemon: v,
             kernel,
+            fastpath,
         });
     }
     rows.sort_by_key(|r| (r.cluster_id, r.endpoint));
@@ -84,9 +93,10 @@ pub fn render(report: &Report, now_ns: u64) -> String {
         out.push_str(&format!("note: {e}; cluster names unknown, showing ids\n"));
     }
     out.push_str(&format!(
-        "{:<44} {:<22} {:<14} {:>7} {:>5} {:>5} {:>6} {:>5} {:>5} {:>4} {:>5} | {:>6} {:>6} {:>5} {:>5} {:>10} {:>10} {:>7}\n",
+        "{:<44} {:<22} {:<14} {:>7} {:>5} {:>5} {:>6} {:>5} {:>5} {:>4} {:>5} | {:>6} {:>6} {:>5} {:>5} {:>10} {:>10} {:>7} | {:>6} {:>6} {:>6}\n",
         "CLUSTER", "ENDPOINT", "HEALTH", "RQ", "ACT", "PEND", "5XX", "GW", "LOCAL", "EJ#", "CX",
-        "K_ATT", "K_EST", "K_FAIL", "K_OPEN", "K_TX_B", "K_RX_B", "SRTT_US",
+        "K_ATT", "K_EST", "K_FAIL", "K_OPEN", "K_TX_B", "K_RX_B", "SRTT_US", "F_EST", "F_FAIL",
+        "F_OPEN",
     ));
     for r in &report.rows {
         let d = &r.daemon;
@@ -102,12 +112,14 @@ pub fn render(report: &Report, now_ns: u64) -> String {
             .unwrap_or_else(|| format!("#{}", r.cluster_id));
         let k = r.kernel.unwrap_or_default();
         let srtt = k.srtt_us_sum.checked_div(k.srtt_samples).unwrap_or(0);
+        let f = r.fastpath.unwrap_or_default();
         out.push_str(&format!(
-            "{:<44} {:<22} {:<14} {:>7} {:>5} {:>5} {:>6} {:>5} {:>5} {:>4} {:>5} | {:>6} {:>6} {:>5} {:>5} {:>10} {:>10} {:>7}\n",
+            "{:<44} {:<22} {:<14} {:>7} {:>5} {:>5} {:>6} {:>5} {:>5} {:>4} {:>5} | {:>6} {:>6} {:>5} {:>5} {:>10} {:>10} {:>7} | {:>6} {:>6} {:>6}\n",
             cluster, r.endpoint.to_string(), health, d.rq_total, d.rq_active, d.rq_pending, d.rq_5xx,
             d.gateway_errors, d.local_origin_failures, d.times_ejected, d.cx_active,
             k.attempts, k.established, k.connect_failures,
             k.established.saturating_sub(k.closed), k.bytes_acked, k.bytes_received, srtt,
+            f.established, f.connect_failures, f.established.saturating_sub(f.closed),
         ));
     }
     if report.rows.is_empty() {
@@ -205,6 +217,12 @@ mod tests {
                     srtt_samples: 3,
                     ..EpKStats::default()
                 }),
+                fastpath: Some(EpKStats {
+                    established: 9,
+                    connect_failures: 2,
+                    closed: 4,
+                    ..EpKStats::default()
+                }),
             }],
             admin_error: Some("admin API at 127.0.0.1:1: refused".into()),
         };
@@ -215,8 +233,9 @@ mod tests {
         assert_eq!(cols[1], "127.0.0.1:8080");
         assert_eq!(&cols[2..4], ["ejected", "4.5s"]);
         assert_eq!(cols[4], "17");
-        // K_OPEN = established - closed; SRTT average.
-        assert_eq!(cols[cols.len() - 4], "3");
-        assert_eq!(cols[cols.len() - 1], "100");
+        // K_OPEN = established - closed; SRTT average; then the fast path's columns.
+        assert_eq!(cols[cols.len() - 8], "3");
+        assert_eq!(cols[cols.len() - 5], "100");
+        assert_eq!(&cols[cols.len() - 3..], ["9", "2", "5"]);
     }
 }

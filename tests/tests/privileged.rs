@@ -295,8 +295,8 @@ fn restart_reuses_pinned_maps_and_links() {
     assert!(before.iter().any(|(n, _)| n == "SVC_VIPS"), "{before:?}");
     assert_eq!(
         before.iter().filter(|(n, _)| n.contains('@')).count(),
-        6,
-        "five capture links and the upstream counters' link pinned: {before:?}"
+        7,
+        "six capture links (with the fast path's sock_release) and the upstream counters' link pinned: {before:?}"
     );
     assert!(before.iter().any(|(n, _)| n == "EP_KSTATS"), "{before:?}");
     daemon.stop();
@@ -1573,4 +1573,121 @@ spec:
         last.iter().any(|x| x == "ep1") && last.iter().any(|x| x == "ep2"),
         "{last:?}"
     );
+}
+
+#[test]
+fn fast_path_connect_timeout_bounds_a_silent_endpoint() {
+    if !require_privileged() {
+        return;
+    }
+    let Captured {
+        t,
+        daemon: _daemon,
+        _servers,
+        _pins,
+        ..
+    } = fast(
+        1,
+        "{connectionPool: {tcp: {connectTimeout: 500ms}}, loadBalancer: {simple: ROUND_ROBIN}}",
+    );
+    // The endpoint drops SYNs: without the timeout the connect would retry for minutes.
+    t.endpoints[0]
+        .command("iptables")
+        .args(["-A", "INPUT", "-p", "tcp", "--dport", "7000", "-j", "DROP"])
+        .status()
+        .unwrap();
+    let vip = format!("{VIP}:80");
+    let started = std::time::Instant::now();
+    let s = served(&probe(
+        Some(&t.client),
+        None,
+        &["seq", &vip, "--count", "1"],
+    ));
+    let took = started.elapsed();
+    assert!(s[0].starts_with("error"), "{s:?}");
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_millis(2500),
+        "connect failed after {took:?}: {s:?}"
+    );
+    // Once established, the timeout no longer applies: an idle connection outlives it.
+    t.endpoints[0]
+        .command("iptables")
+        .args(["-D", "INPUT", "-p", "tcp", "--dport", "7000", "-j", "DROP"])
+        .status()
+        .unwrap();
+    let mut c = t.client.connect(sa(&vip), None).unwrap();
+    std::thread::sleep(Duration::from_millis(1200));
+    c.write_all(b"late\n").unwrap();
+    let mut reader = BufReader::new(c);
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.starts_with("hello from ep1"), "{line}");
+}
+
+#[test]
+fn fast_path_spreads_by_weight_and_sticks_to_the_source_hash() {
+    if !require_privileged() {
+        return;
+    }
+    let weighted = |policy: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: echo, namespace: test}}
+spec:
+  hosts: [echo.test.svc]
+  addresses: [{VIP}]
+  ports: [{{number: 80, name: tcp, protocol: TCP, targetPort: 7000}}]
+  resolution: STATIC
+  endpoints: [{{address: {}, weight: 1}}, {{address: {}, weight: 3}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: echo, namespace: test}}
+spec:
+  host: echo.test.svc
+  trafficPolicy: {policy}
+",
+            Topology::ep4(1),
+            Topology::ep4(2)
+        )
+    };
+    let Captured {
+        t,
+        daemon,
+        _servers,
+        _pins,
+        cfg,
+    } = captured(
+        2,
+        Some(weighted("{loadBalancer: {simple: RANDOM}}")),
+        &["--fast-path", "auto"],
+    );
+    let vip = format!("{VIP}:80");
+    let s = served(&probe(
+        Some(&t.client),
+        None,
+        &["seq", &vip, "--count", "400"],
+    ));
+    let to_ep2 = s.iter().filter(|x| *x == "ep2").count();
+    assert!(
+        (250..=350).contains(&to_ep2),
+        "weight 3 of 4: {to_ep2} of 400"
+    );
+    replace_config(
+        &cfg,
+        &weighted("{loadBalancer: {consistentHash: {useSourceIp: true}}}"),
+    );
+    assert!(daemon.wait_log("configuration reloaded", Duration::from_secs(5)));
+    std::thread::sleep(Duration::from_millis(200));
+    let s = served(&probe(
+        Some(&t.client),
+        None,
+        &["seq", &vip, "--count", "30"],
+    ));
+    assert!(
+        s.iter().all(|x| *x == s[0]),
+        "one client, one endpoint: {s:?}"
+    );
+    assert_eq!(cluster_stat(&daemon, "upstream_rq_total"), 0);
 }

@@ -85,20 +85,27 @@ impl FastPath {
 
     fn write(&self, tables: Vec<(SocketAddr, FastTable)>) {
         let mut published = self.published.lock().unwrap_or_else(|e| e.into_inner());
+        self.write_locked(&mut published, tables);
+    }
+
+    fn write_locked(
+        &self,
+        published: &mut Vec<(SocketAddr, FastTable)>,
+        tables: Vec<(SocketAddr, FastTable)>,
+    ) {
         match self.kernel.set_fast_tables(&tables) {
             Ok(()) => *published = tables,
             Err(e) => tracing::error!(error = %e, "updating fast-path tables failed"),
         }
     }
 
-    /// Rebuilds the tables of clusters with outlier detection (ejections come and go).
+    /// Rebuilds the tables of clusters with outlier detection (ejections come and go). Runs
+    /// under the lock of the published set, with the snapshot current once it holds it, so a
+    /// concurrent reload's tables are never overwritten by older ones.
     fn refresh(&self) {
+        let mut published = self.published.lock().unwrap_or_else(|e| e.into_inner());
         let primary = self.views.primary.load();
-        let mut tables = self
-            .published
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let mut tables = published.clone();
         let mut changed = false;
         for (vip, t) in &mut tables {
             if t.flags & fast::flags::OUTCOMES == 0 {
@@ -112,7 +119,7 @@ impl FastPath {
             }
         }
         if changed {
-            self.write(tables);
+            self.write_locked(&mut published, tables);
         }
     }
 
