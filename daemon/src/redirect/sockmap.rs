@@ -38,7 +38,12 @@ impl SockmapRelay {
         if OBJECT.is_empty() {
             return Err(Error::ProgramNotBuilt);
         }
-        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/drover-sockmap-{}", std::process::id()));
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let pin_dir = PathBuf::from(format!(
+            "/sys/fs/bpf/drover-sockmap-{}-{n}",
+            std::process::id()
+        ));
         std::fs::create_dir_all(&pin_dir)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&pin_dir)

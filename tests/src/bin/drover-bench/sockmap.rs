@@ -34,10 +34,44 @@ enum Serve {
     Reset,
 }
 
-fn fnv(h: &mut u64, bytes: &[u8]) {
-    for b in bytes {
-        *h ^= u64::from(*b);
-        *h = h.wrapping_mul(0x100_0000_01b3);
+/// A running checksum over a byte stream, eight bytes at a time (read boundaries do not matter:
+/// a partial word waits for the next bytes).
+#[derive(Default)]
+struct Sum {
+    h: u64,
+    n: u64,
+    carry: Vec<u8>,
+}
+
+impl Sum {
+    fn add(&mut self, mut bytes: &[u8]) {
+        self.n += bytes.len() as u64;
+        if !self.carry.is_empty() {
+            let take = (8 - self.carry.len()).min(bytes.len());
+            self.carry.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            if self.carry.len() == 8 {
+                let w = u64::from_le_bytes(self.carry[..].try_into().expect("8 bytes"));
+                self.word(w);
+                self.carry.clear();
+            }
+        }
+        let mut words = bytes.chunks_exact(8);
+        for w in &mut words {
+            self.word(u64::from_le_bytes(w.try_into().expect("8 bytes")));
+        }
+        self.carry.extend_from_slice(words.remainder());
+    }
+
+    fn word(&mut self, w: u64) {
+        self.h = (self.h.rotate_left(7) ^ w).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+
+    fn done(mut self) -> String {
+        for b in std::mem::take(&mut self.carry) {
+            self.word(u64::from(b));
+        }
+        format!("{} {}", self.n, self.h)
     }
 }
 
@@ -49,15 +83,14 @@ fn server(serve: Serve) -> SocketAddr {
         let mut buf = vec![0u8; 256 * 1024];
         match serve {
             Serve::Sink => {
-                let (mut n, mut h) = (0u64, 0xcbf2_9ce4_8422_2325u64);
+                let mut sum = Sum::default();
                 while let Ok(k) = s.read(&mut buf) {
                     if k == 0 {
                         break;
                     }
-                    fnv(&mut h, &buf[..k]);
-                    n += k as u64;
+                    sum.add(&buf[..k]);
                 }
-                let _ = s.write_all(format!("{n} {h}\n").as_bytes());
+                let _ = s.write_all(format!("{}\n", sum.done()).as_bytes());
             }
             Serve::Echo => {
                 let mut m = [0u8; 64];
@@ -94,14 +127,33 @@ fn relay(kind: Relay, upstream: SocketAddr) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind relay");
     let addr = l.local_addr().expect("relay addr");
     std::thread::spawn(move || {
-        let (a, _) = l.accept().expect("accept client");
+        let (mut a, _) = l.accept().expect("accept client");
         let b = TcpStream::connect(upstream).expect("connect upstream");
         match kind {
-            Relay::Splice => splice(a, b),
-            Relay::Sockmap => sockmap(&a, &b),
+            Relay::Splice => {
+                a.write_all(b"R").expect("ready byte");
+                splice(a, b);
+            }
+            Relay::Sockmap => {
+                let mut relay = SockmapRelay::load().expect("sockmap relay loads");
+                relay.pair(&a, &b).expect("pair");
+                a.write_all(b"R").expect("ready byte");
+                sockmap(&a, &b);
+                let _ = relay.unpair(&a, &b);
+            }
         }
     });
     addr
+}
+
+/// A client of the relay at `proxy`, once the relay is ready: bytes that reach a socket before
+/// it enters the sockmap stay in its receive queue, where the verdict never sees them (a real
+/// proxy cannot hold its clients back like this; see the README).
+fn client(proxy: SocketAddr) -> TcpStream {
+    let mut c = TcpStream::connect(proxy).expect("connect relay");
+    let mut ready = [0u8; 1];
+    c.read_exact(&mut ready).expect("relay ready");
+    c
 }
 
 fn splice(a: TcpStream, b: TcpStream) {
@@ -127,8 +179,6 @@ fn rdhup() -> PollFlags {
 /// a peer that closed its sending side gets its counterpart's write side shut down; an error
 /// or hang-up ends both.
 fn sockmap(a: &TcpStream, b: &TcpStream) {
-    let mut relay = SockmapRelay::load().expect("sockmap relay loads");
-    relay.pair(a, b).expect("pair");
     let (mut a_done, mut b_done) = (false, false);
     let deadline = Instant::now() + Duration::from_secs(60);
     while !(a_done && b_done) && Instant::now() < deadline {
@@ -155,43 +205,50 @@ fn sockmap(a: &TcpStream, b: &TcpStream) {
             b_done = true;
         }
     }
-    let _ = relay.unpair(a, b);
 }
 
 /// Sends `bytes` through `kind` and checks the server's count and checksum: (Gbit/s, intact).
 fn bulk(kind: Relay, bytes: u64) -> (f64, bool) {
     let proxy = relay(kind, server(Serve::Sink));
-    let mut c = TcpStream::connect(proxy).expect("connect relay");
+    let mut c = client(proxy);
     c.set_read_timeout(Some(Duration::from_secs(30))).ok();
-    let mut chunk = vec![0u8; 256 * 1024];
-    let (mut h, mut sent, mut x) = (0xcbf2_9ce4_8422_2325u64, 0u64, 0x9e37_79b9_7f4a_7c15u64);
-    let t = Instant::now();
-    while sent < bytes {
-        for b in chunk.iter_mut() {
+    // Pseudo-random content, a different first word in every chunk.
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut chunk: Vec<u8> = (0..256 * 1024)
+        .map(|_| {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            *b = x as u8;
-        }
+            x as u8
+        })
+        .collect();
+    let (mut sum, mut sent) = (Sum::default(), 0u64);
+    let t = Instant::now();
+    while sent < bytes {
+        chunk[..8].copy_from_slice(&sent.to_le_bytes());
         let n = chunk.len().min((bytes - sent) as usize);
         if c.write_all(&chunk[..n]).is_err() {
             break;
         }
-        fnv(&mut h, &chunk[..n]);
+        sum.add(&chunk[..n]);
         sent += n as u64;
     }
     let _ = c.shutdown(Shutdown::Write);
     let mut reply = String::new();
     let _ = c.read_to_string(&mut reply);
     let secs = t.elapsed().as_secs_f64();
-    let intact = reply.trim() == format!("{sent} {h}");
+    let expected = sum.done();
+    let intact = reply.trim() == expected;
+    if !intact {
+        println!("{kind:?}: server saw {:?}, sent {expected:?}", reply.trim());
+    }
     (sent as f64 * 8.0 / secs / 1e9, intact)
 }
 
 /// 64-byte round trips: (p50 µs, p99 µs).
 fn rr(kind: Relay, count: u32) -> (f64, f64) {
     let proxy = relay(kind, server(Serve::Echo));
-    let mut c = TcpStream::connect(proxy).expect("connect relay");
+    let mut c = client(proxy);
     c.set_nodelay(true).ok();
     c.set_read_timeout(Some(Duration::from_secs(5))).ok();
     let mut m = [7u8; 64];
@@ -211,7 +268,7 @@ fn rr(kind: Relay, count: u32) -> (f64, f64) {
 /// end (write error or EOF), capped at 5 s.
 fn reset_seen_ms(kind: Relay) -> f64 {
     let proxy = relay(kind, server(Serve::Reset));
-    let mut c = TcpStream::connect(proxy).expect("connect relay");
+    let mut c = client(proxy);
     c.set_write_timeout(Some(Duration::from_millis(200))).ok();
     let chunk = vec![1u8; 64 * 1024];
     let t = Instant::now();
@@ -248,7 +305,7 @@ fn tcp_mem_pages() -> u64 {
 fn slow_reader_kib(kind: Relay) -> u64 {
     let base = tcp_mem_pages();
     let proxy = relay(kind, server(Serve::Slow(4)));
-    let mut c = TcpStream::connect(proxy).expect("connect relay");
+    let mut c = client(proxy);
     c.set_write_timeout(Some(Duration::from_millis(50))).ok();
     let chunk = vec![2u8; 64 * 1024];
     let t = Instant::now();
