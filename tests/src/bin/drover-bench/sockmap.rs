@@ -317,10 +317,13 @@ fn slow_reader_kib(kind: Relay) -> u64 {
     peak * 4
 }
 
+/// One round of one relay: (Gbit/s, intact, RR p50 µs, RR p99 µs, reset seen ms, slow-reader KiB).
+type Measured = (f64, bool, f64, f64, f64, u64);
+
 /// Runs both relays in interleaved rounds and prints the comparison and the verdict.
 pub fn run(bytes: u64, count: u32, rounds: usize) {
     let kinds = [Relay::Splice, Relay::Sockmap];
-    let mut rows: Vec<Vec<(f64, bool, f64, f64, f64, u64)>> = vec![Vec::new(), Vec::new()];
+    let mut rows: Vec<Vec<Measured>> = vec![Vec::new(), Vec::new()];
     for round in 0..rounds {
         for k in 0..2 {
             let i = (round + k) % 2;
