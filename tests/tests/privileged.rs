@@ -1691,3 +1691,55 @@ spec:
     );
     assert_eq!(cluster_stat(&daemon, "upstream_rq_total"), 0);
 }
+
+#[test]
+fn fast_path_passthrough_dials_the_original_address_on_the_target_port_with_the_cap() {
+    if !require_privileged() {
+        return;
+    }
+    // `resolution: NONE`: the address the client dials is the destination (ep1), on the
+    // service port's targetPort; the cluster's cap still applies.
+    let ep1 = Topology::ep4(1);
+    let yaml = format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: direct, namespace: test}}
+spec:
+  hosts: [direct.test.svc]
+  addresses: [{ep1}]
+  ports: [{{number: 80, name: tcp, protocol: TCP, targetPort: 7000}}]
+  resolution: NONE
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: direct, namespace: test}}
+spec:
+  host: direct.test.svc
+  trafficPolicy: {{connectionPool: {{tcp: {{maxConnections: 2}}}}}}
+"
+    );
+    let Captured {
+        t,
+        daemon,
+        _servers,
+        _pins,
+        ..
+    } = captured(1, Some(yaml), &["--fast-path", "auto"]);
+    let dst = format!("{ep1}:80");
+    let r = probe(
+        Some(&t.client),
+        None,
+        &["hold", &dst, "--count", "6", "--hold-ms", "200"],
+    );
+    assert_eq!(r["connected"], 2, "{r}");
+    assert_eq!(r["refused"], 4, "{r}");
+    assert!(
+        r["greetings"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("hello from ep1"),
+        "{r}"
+    );
+    assert_eq!(cluster_stat(&daemon, "fastpath_cx_total"), 2);
+    assert_eq!(cluster_stat(&daemon, "upstream_rq_total"), 0);
+}
