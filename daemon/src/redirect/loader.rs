@@ -22,7 +22,7 @@ use aya::{
         lpm_trie::{Key as LpmKey, LpmTrie},
     },
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SockOps,
+        CgroupAttachMode,
         links::{FdLink, PinnedLink},
     },
 };
@@ -449,41 +449,26 @@ impl Kernel {
                 }
             }
             let prog = ebpf.program_mut(name).expect("program checked at load");
-            let fd_link: FdLink = match prog {
-                aya::programs::Program::CgroupSockAddr(p) => {
-                    let id = attach_sock_addr(p, &file)
-                        .map_err(|source| Error::Program { name, source })?;
-                    let link = p
-                        .take_link(id)
-                        .map_err(|source| Error::Program { name, source })?;
-                    FdLink::try_from(link).map_err(|e| Error::Pin {
-                        path: link_name.clone(),
-                        reason: e.to_string(),
-                    })?
-                }
-                aya::programs::Program::SockOps(p) => {
-                    let id = attach_sock_ops(p, &file)
-                        .map_err(|source| Error::Program { name, source })?;
-                    let link = p
-                        .take_link(id)
-                        .map_err(|source| Error::Program { name, source })?;
-                    FdLink::try_from(link).map_err(|e| Error::Pin {
-                        path: link_name.clone(),
-                        reason: e.to_string(),
-                    })?
-                }
-                aya::programs::Program::CgroupSock(p) => {
-                    let id = p
+            // Every cgroup program type has the same attach → take_link → FdLink steps; only
+            // the program type differs.
+            macro_rules! cgroup_link {
+                ($p:expr) => {{
+                    let id = $p
                         .attach(file.as_fd(), CgroupAttachMode::Single)
                         .map_err(|source| Error::Program { name, source })?;
-                    let link = p
+                    let link = $p
                         .take_link(id)
                         .map_err(|source| Error::Program { name, source })?;
                     FdLink::try_from(link).map_err(|e| Error::Pin {
                         path: link_name.clone(),
                         reason: e.to_string(),
                     })?
-                }
+                }};
+            }
+            let fd_link: FdLink = match prog {
+                aya::programs::Program::CgroupSockAddr(p) => cgroup_link!(p),
+                aya::programs::Program::SockOps(p) => cgroup_link!(p),
+                aya::programs::Program::CgroupSock(p) => cgroup_link!(p),
                 _ => unreachable!("only sock_addr, sockops and sock programs are attached"),
             };
             let pinned = fd_link.pin(&path).map_err(|e| Error::Pin {
@@ -517,20 +502,6 @@ fn vip_key(a: SocketAddr) -> VipKey {
         proto: 6,
         _pad: 0,
     }
-}
-
-fn attach_sock_addr(
-    p: &mut CgroupSockAddr,
-    cgroup: &File,
-) -> Result<aya::programs::cgroup_sock_addr::CgroupSockAddrLinkId, aya::programs::ProgramError> {
-    p.attach(cgroup.as_fd(), CgroupAttachMode::Single)
-}
-
-fn attach_sock_ops(
-    p: &mut SockOps,
-    cgroup: &File,
-) -> Result<aya::programs::sock_ops::SockOpsLinkId, aya::programs::ProgramError> {
-    p.attach(cgroup.as_fd(), CgroupAttachMode::Single)
 }
 
 /// Makes a daemon-owned hash map hold exactly `wanted`: stale keys removed, the rest written.
