@@ -21,7 +21,13 @@ fn sa(s: &str) -> SocketAddr {
 /// `echo` (VIP:80 → port 7000 of ep1) with a DestinationRule whose `trafficPolicy` is `policy`
 /// (one flow-style line).
 fn echo_with_policy(policy: &str) -> String {
-    service_entry("echo", &[VIP], 80, 7000, &[Topology::ep4(1)])
+    echo_on(&[Topology::ep4(1)], policy)
+}
+
+/// `echo` (VIP:80 → port 7000 of `eps`) with a DestinationRule whose `trafficPolicy` is `policy`
+/// (one flow-style line).
+fn echo_on(eps: &[std::net::IpAddr], policy: &str) -> String {
+    service_entry("echo", &[VIP], 80, 7000, eps)
         + &format!(
             "---
 apiVersion: networking.istio.io/v1
@@ -1238,18 +1244,7 @@ spec:
 /// kernel (`--fast-path auto`).
 fn fast(n: usize, policy: &str) -> Captured {
     let eps: Vec<_> = (1..=n).map(Topology::ep4).collect();
-    let yaml = service_entry("echo", &[VIP], 80, 7000, &eps)
-        + &format!(
-            "---
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {{name: echo, namespace: test}}
-spec:
-  host: echo.test.svc
-  trafficPolicy: {policy}
-"
-        );
-    captured(n, Some(yaml), &["--fast-path", "auto"])
+    captured(n, Some(echo_on(&eps, policy)), &["--fast-path", "auto"])
 }
 
 fn served(v: &serde_json::Value) -> Vec<String> {
@@ -1361,18 +1356,10 @@ fn fast_path_ejects_an_endpoint_that_refuses_connects_and_takes_it_back() {
     if !require_privileged() {
         return;
     }
-    let eps = [Topology::ep4(1), Topology::ep4(2)];
-    let yaml = service_entry("echo", &[VIP], 80, 7000, &eps)
-        + "---
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: echo, namespace: test}
-spec:
-  host: echo.test.svc
-  trafficPolicy:
-    loadBalancer: {simple: ROUND_ROBIN}
-    outlierDetection: {consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 2s, maxEjectionPercent: 100}
-";
+    let yaml = echo_on(
+        &[Topology::ep4(1), Topology::ep4(2)],
+        "{loadBalancer: {simple: ROUND_ROBIN}, outlierDetection: {consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 2s, maxEjectionPercent: 100}}",
+    );
     // Only ep1 serves: connects to ep2 are refused.
     let Mesh {
         t,
@@ -1443,20 +1430,10 @@ fn fast_path_keeps_balancing_and_open_connections_while_the_daemon_restarts() {
     } = prepared(2, None);
     std::fs::write(
         &cfg,
-        service_entry(
-            "echo",
-            &[VIP],
-            80,
-            7000,
+        echo_on(
             &[Topology::ep4(1), Topology::ep4(2)],
-        ) + "---
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: echo, namespace: test}
-spec:
-  host: echo.test.svc
-  trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}, connectionPool: {tcp: {maxConnections: 3}}}
-",
+            "{loadBalancer: {simple: ROUND_ROBIN}, connectionPool: {tcp: {maxConnections: 3}}}",
+        ),
     )
     .unwrap();
     let a = args(
@@ -1540,18 +1517,7 @@ fn fast_path_table_swaps_under_load_lose_no_connect() {
         } else {
             vec![Topology::ep4(1), Topology::ep4(2)]
         };
-        replace_config(
-            &cfg,
-            &(service_entry("echo", &[VIP], 80, 7000, &eps)
-                + "---
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: echo, namespace: test}
-spec:
-  host: echo.test.svc
-  trafficPolicy: {loadBalancer: {simple: RANDOM}}
-"),
-        );
+        replace_config(&cfg, &echo_on(&eps, "{loadBalancer: {simple: RANDOM}}"));
     }
     let s = served(&client.join().unwrap());
     assert_eq!(s.len(), 400);
