@@ -181,19 +181,21 @@ impl Proxy {
             .lookup(orig)
             .is_some_and(|(_, p)| is_http(p.protocol.as_deref()));
         if http_port {
-            http::serve(
+            // Each kind of connection keeps only its own state: boxed, neither the HTTP
+            // connection nor the relay sizes the task the other one runs in.
+            Box::pin(http::serve(
                 self.registry.clone(),
                 upstreams,
                 ns,
                 client,
                 (src, orig),
                 self.timeouts,
-            )
+            ))
             .await;
             return;
         }
         let mut log = AccessLog::default();
-        let result = self.relay(&ns, (src, orig), &mut client, &mut log).await;
+        let result = Box::pin(self.relay(&ns, (src, orig), &mut client, &mut log)).await;
         let AccessLog {
             host,
             cluster,

@@ -182,6 +182,11 @@ impl<T> Watched<T> {
     pub fn new(inner: T, state: Arc<State>) -> Self {
         Self { inner, state }
     }
+
+    /// The client socket itself.
+    pub fn inner(&self) -> &T {
+        &self.inner
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {

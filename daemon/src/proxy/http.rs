@@ -319,7 +319,7 @@ pub async fn serve<T>(
     (src, orig): (Option<SocketAddr>, SocketAddr),
     timeouts: downstream::Timeouts,
 ) where
-    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: Peek + tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let connection = format!("{}{}", src.map(|a| a.to_string()).unwrap_or_default(), orig);
     let state = downstream::State::new(timeouts);
@@ -339,11 +339,10 @@ pub async fn serve<T>(
             )
         })
     });
-    let builder = auto::Builder::new(TokioExecutor::new());
-    let io = TokioIo::new(downstream::Watched::new(client, watch.clone()));
+    let io = downstream::Watched::new(client, watch.clone());
     let stats = &crate::stats::store().downstream;
     tokio::select! {
-        r = builder.serve_connection_with_upgrades(io, service) => if let Err(e) = r {
+        r = serve_sniffed(io, service) => if let Err(e) = r {
             tracing::debug!(error = %e, "http connection ended with an error");
         },
         why = watch.expired() => {
@@ -354,6 +353,62 @@ pub async fn serve<T>(
             counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::debug!(src = ?src, dst = %orig, reason = ?why, "closing downstream connection");
         }
+    }
+}
+
+/// The HTTP/2 client connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// A client stream whose first bytes can be looked at without consuming them.
+pub trait Peek {
+    /// Copies the bytes that have arrived into `buf` without consuming them (waiting for the
+    /// first one); `Ok(0)` at end of stream, or always for a stream that cannot peek.
+    fn peek(&self, buf: &mut [u8]) -> impl Future<Output = std::io::Result<usize>> + Send;
+}
+
+impl Peek for tokio::net::TcpStream {
+    fn peek(&self, buf: &mut [u8]) -> impl Future<Output = std::io::Result<usize>> + Send {
+        tokio::net::TcpStream::peek(self, buf)
+    }
+}
+
+/// In-memory streams (the fuzz target's) cannot peek: their protocol is read by hyper's
+/// detecting server.
+impl Peek for tokio::io::DuplexStream {
+    fn peek(&self, _: &mut [u8]) -> impl Future<Output = std::io::Result<usize>> + Send {
+        std::future::ready(Ok(0))
+    }
+}
+
+/// Serves `io` with the protocol its first bytes name, peeked from the socket: HTTP/1.1 or
+/// HTTP/2 by prior knowledge go straight to hyper's server for that version. Only a connection
+/// whose first bytes are a prefix of the HTTP/2 preface (or that cannot be peeked) goes through
+/// the detecting server, which reads the preface into a rewind buffer: hyper's HTTP/1 read
+/// buffer then grows from 8 to 16 KiB on the first request and keeps that for the
+/// connection's life, which doubled the memory of an idle keep-alive connection.
+async fn serve_sniffed<T, S>(
+    io: downstream::Watched<T>,
+    service: S,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    T: Peek + tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut first = [0u8; H2_PREFACE.len()];
+    let seen = io.inner().peek(&mut first).await.unwrap_or(0);
+    let first = &first[..seen];
+    let io = TokioIo::new(io);
+    if seen > 0 && !H2_PREFACE.starts_with(first) {
+        let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
+        Ok(conn.with_upgrades().await?)
+    } else if first == H2_PREFACE {
+        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        Ok(Box::pin(conn.serve_connection(io, service)).await?)
+    } else {
+        let conn = auto::Builder::new(TokioExecutor::new());
+        Box::pin(conn.serve_connection_with_upgrades(io, service)).await
     }
 }
 

@@ -204,3 +204,97 @@ async fn a_silent_client_is_closed_by_the_header_timeout() {
     );
     assert!(counter.load(std::sync::atomic::Ordering::Relaxed) > before);
 }
+
+impl Mesh {
+    /// One client connection over loopback TCP, served as a captured one is (its protocol
+    /// peeked from the socket); returns the client's end.
+    async fn tcp_client(&self, timeouts: Timeouts) -> tokio::net::TcpStream {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let connect = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(connect, listener.accept());
+        let (server, src) = accepted.unwrap();
+        tokio::spawn(serve(
+            self.registry.clone(),
+            self.upstreams.clone(),
+            self.ns.clone(),
+            server,
+            (Some(src), VIP.parse().unwrap()),
+            timeouts,
+        ));
+        client.unwrap()
+    }
+}
+
+/// Writes `parts` one by one (with a pause between them) and returns all the answer.
+async fn send_in_parts(mut client: tokio::net::TcpStream, parts: &[&str]) -> String {
+    client.set_nodelay(true).unwrap();
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        client.write_all(part.as_bytes()).await.unwrap();
+    }
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut out))
+        .await
+        .expect("the connection ends")
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn tcp_clients_are_served_by_the_version_their_first_bytes_name() {
+    let m = mesh("").await;
+    // HTTP/1.1 in one write: hyper's HTTP/1 server straight away.
+    let client = m.tcp_client(Timeouts::default()).await;
+    let r = send_in_parts(
+        client,
+        &["POST / HTTP/1.1\r\nHost: web\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi"],
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 200") && r.ends_with(":2"), "{r}");
+    // A first byte that could still start the HTTP/2 preface: the detecting server reads on.
+    let client = m.tcp_client(Timeouts::default()).await;
+    let r = send_in_parts(
+        client,
+        &[
+            "P",
+            "OST / HTTP/1.1\r\nHost: web\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc",
+        ],
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 200") && r.ends_with(":3"), "{r}");
+    // HTTP/2 by prior knowledge: the preface peeked whole.
+    let client = m.tcp_client(Timeouts::default()).await;
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(client),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::post("http://web/")
+        .body(Full::new(hyper::body::Bytes::from_static(b"four")))
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), send.send_request(req))
+        .await
+        .expect("an HTTP/2 answer")
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.version(), hyper::Version::HTTP_2);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(body.ends_with(b":4"), "{body:?}");
+}
+
+#[tokio::test]
+async fn a_silent_tcp_client_is_closed_by_the_header_timeout() {
+    let m = mesh("").await;
+    let timeouts = Timeouts {
+        request_headers: Duration::from_millis(200),
+        idle: Duration::from_secs(60),
+    };
+    let start = std::time::Instant::now();
+    let r = send_in_parts(m.tcp_client(timeouts).await, &[]).await;
+    assert!(r.is_empty(), "{r}");
+    assert!(start.elapsed() >= Duration::from_millis(150));
+}

@@ -311,8 +311,10 @@ fn idle_rss(t: &Topology, pid: u32, addr: &str, http_host: Option<&str>, n: usiz
             .expect("idle connection");
         let mut r = std::io::BufReader::new(c.try_clone().unwrap());
         if let Some(host) = http_host {
-            use std::io::Write;
-            write!(&c, "GET / HTTP/1.1\r\nhost: {host}\r\n\r\n").unwrap();
+            // One write, as HTTP clients send a request head (`write!` would send the pieces
+            // of its format string as separate segments).
+            let head = format!("GET / HTTP/1.1\r\nhost: {host}\r\n\r\n");
+            std::io::Write::write_all(&mut &c, head.as_bytes()).unwrap();
         }
         let mut line = String::new();
         std::io::BufRead::read_line(&mut r, &mut line).unwrap();
