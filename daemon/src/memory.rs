@@ -1,8 +1,9 @@
 //! Gives freed heap back to the operating system after load: glibc's allocator keeps what a
 //! burst of connections freed in its per-thread arenas, so resident memory would otherwise stay
 //! at the burst's high-water mark (and creep up over repeated bursts). The trimmer watches the
-//! downstream connection high-water mark and calls `malloc_trim` once load has fallen, and after
-//! each configuration reload (a rebuild frees a whole parse's worth of memory at once).
+//! downstream connection high-water mark and calls `malloc_trim` once load has fallen (or many
+//! idle connections were parked, giving back their buffers), and after each configuration
+//! reload (a rebuild frees a whole parse's worth of memory at once).
 //!
 //! Invariant: trimming never runs on the data path — only on its own task, at most once per
 //! [`INTERVAL`] for load, so its cost (a walk over the arenas' free lists) is not paid per
@@ -17,15 +18,28 @@ use tokio_util::sync::CancellationToken;
 
 /// How often the trimmer looks at the connection high-water mark.
 pub const INTERVAL: Duration = Duration::from_secs(2);
-/// Connections that must have closed since the last look before a trim is worth it.
+/// Connections that must have closed (or been parked) since the last look before a trim is
+/// worth it.
 pub const CLOSED_BEFORE_TRIM: u64 = 256;
 
 /// The highest number of open downstream connections since the trimmer last looked.
 static PEAK: AtomicU64 = AtomicU64::new(0);
+/// Connections parked since the process started.
+static PARKED: AtomicU64 = AtomicU64::new(0);
 
 /// Records `open` downstream connections (called at accept).
 pub fn note_open(open: u64) {
     PEAK.fetch_max(open, Ordering::Relaxed);
+}
+
+/// Records a parked connection (its buffers freed).
+pub fn note_parked() {
+    PARKED.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Connections parked since the process started.
+pub fn parked() -> u64 {
+    PARKED.load(Ordering::Relaxed)
 }
 
 /// Returns freed heap pages to the OS now; resident bytes before and after, when known.
@@ -54,9 +68,11 @@ pub fn trim_in_background() {
     });
 }
 
-/// Trims whenever at least [`CLOSED_BEFORE_TRIM`] connections closed since the last look.
+/// Trims whenever at least [`CLOSED_BEFORE_TRIM`] connections closed, or were parked, since the
+/// last look.
 pub async fn trim_after_load(shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(INTERVAL);
+    let mut parked_before = parked();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -67,7 +83,9 @@ pub async fn trim_after_load(shutdown: CancellationToken) {
             .cx_active
             .load(Ordering::Relaxed);
         let peak = PEAK.swap(open, Ordering::Relaxed);
-        if peak >= open + CLOSED_BEFORE_TRIM {
+        let parked_now = parked();
+        let parked = parked_now - std::mem::replace(&mut parked_before, parked_now);
+        if peak >= open + CLOSED_BEFORE_TRIM || parked >= CLOSED_BEFORE_TRIM {
             let (before, after) = tokio::task::spawn_blocking(trim).await.unwrap_or_default();
             tracing::debug!(peak, open, rss_before = ?before, rss_after = ?after, "heap trimmed after load");
         }

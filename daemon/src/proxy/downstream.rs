@@ -7,6 +7,12 @@
 //! HTTP/1.1 request) or idle (no request in flight) — or none while a request is in flight; the
 //! watchdog only reads atomics the connection's I/O and requests update, so the data path takes
 //! no lock. The overload guard refuses a connection before any byte is read and counts it.
+//!
+//! An HTTP/1.1 connection idle for [`PARK_AFTER`] is parked: its server gives back its buffers
+//! and the socket alone waits for the next request. [`State::parkable`] only resolves when that
+//! loses nothing and changes nothing the client sees: no request in flight or begun, and every
+//! response byte handed to the socket; bytes the server had read ahead come back and are
+//! replayed ([`Watched::unread`]).
 
 use std::{
     io,
@@ -74,7 +80,14 @@ pub struct State {
     /// window updates) do not start a header deadline.
     h2: AtomicBool,
     first_read: AtomicBool,
+    /// The last write to the client did not take everything (the server still holds bytes).
+    write_blocked: AtomicBool,
+    /// The server is being parked: its shutdown leaves the socket open.
+    parking: AtomicBool,
 }
+
+/// How long an HTTP/1.1 connection stays idle before its server's buffers are given back.
+pub const PARK_AFTER: Duration = Duration::from_millis(250);
 
 impl State {
     /// A new connection: awaiting its first request's headers.
@@ -87,6 +100,8 @@ impl State {
             idle_since: AtomicU64::new(0),
             h2: AtomicBool::new(false),
             first_read: AtomicBool::new(true),
+            write_blocked: AtomicBool::new(false),
+            parking: AtomicBool::new(false),
         })
     }
 
@@ -118,6 +133,31 @@ impl State {
         self.active.fetch_add(1, Ordering::Relaxed);
         self.headers_since.store(NONE, Ordering::Relaxed);
         Active(self.clone())
+    }
+
+    /// Resolves once the connection has been idle for `after` and can be parked now: no request
+    /// in flight, no byte of a new one seen, and no response byte still held by the server.
+    /// Must be acted on without yielding (the server could start a request meanwhile).
+    pub async fn parkable(&self, after: Duration) {
+        let after = nanos(after);
+        loop {
+            let idle = self.idle_since.load(Ordering::Relaxed);
+            let quiet = self.active.load(Ordering::Relaxed) == 0
+                && self.headers_since.load(Ordering::Relaxed) == NONE
+                && !self.write_blocked.load(Ordering::Relaxed);
+            let now = self.now();
+            let wait = match quiet {
+                true if now >= idle.saturating_add(after) => return,
+                true => idle.saturating_add(after) - now,
+                false => after,
+            };
+            tokio::time::sleep(Duration::from_nanos(wait)).await;
+        }
+    }
+
+    /// While set, the server's shutdown of the socket is skipped (it is being parked).
+    pub fn set_parking(&self, parking: bool) {
+        self.parking.store(parking, Ordering::Relaxed);
     }
 
     /// Resolves when a deadline passes; the caller closes the connection.
@@ -171,21 +211,46 @@ impl Drop for Active {
     }
 }
 
-/// The client socket, reporting reads to the connection's [`State`].
+/// The client socket, reporting reads and blocked writes to the connection's [`State`].
 #[derive(Debug)]
 pub struct Watched<T> {
     inner: T,
     state: Arc<State>,
+    /// Bytes read before (by a parked server), served again before the socket's.
+    unread: bytes::Bytes,
 }
 
 impl<T> Watched<T> {
     pub fn new(inner: T, state: Arc<State>) -> Self {
-        Self { inner, state }
+        Self {
+            inner,
+            state,
+            unread: bytes::Bytes::new(),
+        }
     }
 
     /// The client socket itself.
     pub fn inner(&self) -> &T {
         &self.inner
+    }
+
+    /// The connection's state.
+    pub fn state(&self) -> &Arc<State> {
+        &self.state
+    }
+
+    /// Puts back bytes a server read and did not use: the next reads return them first. They
+    /// begin a request (its header deadline runs, and the next server is not parked before
+    /// it has answered it).
+    pub fn unread(&mut self, bytes: bytes::Bytes) {
+        self.state.on_read(&bytes);
+        self.unread = bytes;
+    }
+
+    /// Records whether a write left bytes behind.
+    fn wrote<R>(&self, r: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
+        (self.state.write_blocked).store(r.is_pending(), Ordering::Relaxed);
+        r
     }
 }
 
@@ -195,6 +260,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if !self.unread.is_empty() {
+            let n = self.unread.len().min(buf.remaining());
+            buf.put_slice(&self.unread.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = r
@@ -212,7 +282,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.wrote(r)
     }
 
     fn poll_write_vectored(
@@ -220,7 +291,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.wrote(r)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -232,6 +304,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.state.parking.load(Ordering::Relaxed) {
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

@@ -392,8 +392,11 @@ async fn serve_sniffed<T, S>(
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 where
     T: Peek + tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>> + Send + 'static,
-    S::Future: Send + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>>
+        + Send
+        + Unpin
+        + 'static,
+    S::Future: Send + Unpin + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let mut first = [0u8; H2_PREFACE.len()];
@@ -401,14 +404,59 @@ where
     let first = &first[..seen];
     let io = TokioIo::new(io);
     if seen > 0 && !H2_PREFACE.starts_with(first) {
-        let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
-        Ok(conn.with_upgrades().await?)
+        Ok(serve_h1(io.into_inner(), service).await?)
     } else if first == H2_PREFACE {
         let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         Ok(Box::pin(conn.serve_connection(io, service)).await?)
     } else {
         let conn = auto::Builder::new(TokioExecutor::new());
         Box::pin(conn.serve_connection_with_upgrades(io, service)).await
+    }
+}
+
+/// Serves an HTTP/1.1 connection, parking it whenever it has been idle for
+/// [`downstream::PARK_AFTER`]: hyper's server closes without shutting the socket down and is
+/// dropped with its buffers (8 KiB each way); the socket alone waits for the next request, which
+/// a new server reads, after any bytes the old one had read ahead.
+async fn serve_h1<T, S>(mut io: downstream::Watched<T>, mut service: S) -> hyper::Result<()>
+where
+    T: Peek + tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>>
+        + Send
+        + Unpin
+        + 'static,
+    S::Future: Send + Unpin + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    loop {
+        let state = io.state().clone();
+        let conn =
+            hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), service);
+        // Boxed: a parked connection keeps none of the server's state.
+        let mut conn = Box::pin(conn.with_upgrades());
+        tokio::select! {
+            biased;
+            r = conn.as_mut() => return r,
+            () = state.parkable(downstream::PARK_AFTER) => {}
+        }
+        // Idle and nothing held: the server closes at once, leaving the socket open.
+        state.set_parking(true);
+        conn.as_mut().graceful_shutdown();
+        let done = conn.as_mut().await;
+        state.set_parking(false);
+        done?;
+        // `None`: upgraded meanwhile, the bridge owns the socket.
+        let Some(parts) = std::pin::Pin::into_inner(conn).into_parts() else {
+            return Ok(());
+        };
+        crate::memory::note_parked();
+        (io, service) = (parts.io.into_inner(), parts.service);
+        if !parts.read_buf.is_empty() {
+            io.unread(parts.read_buf);
+        } else if io.inner().peek(&mut [0u8]).await.unwrap_or(0) == 0 {
+            // The client closed (or the socket failed) while parked.
+            return Ok(());
+        }
     }
 }
 

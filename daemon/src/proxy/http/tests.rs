@@ -18,7 +18,11 @@ use crate::{
 
 const VIP: &str = "127.77.0.10:80";
 
-/// Endpoint `name`: 503 when the path contains `fail-<name>`, else 200 with `<name>:<body bytes>`.
+/// Size of the body an endpoint answers `/big` with: more than loopback socket buffers hold.
+const BIG: usize = 24 << 20;
+
+/// Endpoint `name`: 503 when the path contains `fail-<name>`, [`BIG`] bytes for `/big`, else 200
+/// with `<name>:<body bytes>`.
 async fn endpoint(listener: tokio::net::TcpListener, name: &'static str) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -28,6 +32,10 @@ async fn endpoint(listener: tokio::net::TcpListener, name: &'static str) {
             let service = hyper::service::service_fn(
                 move |req: hyper::Request<hyper::body::Incoming>| async move {
                     let fail = req.uri().path().contains(&format!("fail-{name}"));
+                    if req.uri().path() == "/big" {
+                        let big = hyper::body::Bytes::from(vec![b'x'; BIG]);
+                        return Ok(hyper::Response::new(Full::new(big)));
+                    }
                     let n = req
                         .into_body()
                         .collect()
@@ -297,4 +305,98 @@ async fn a_silent_tcp_client_is_closed_by_the_header_timeout() {
     let r = send_in_parts(m.tcp_client(timeouts).await, &[]).await;
     assert!(r.is_empty(), "{r}");
     assert!(start.elapsed() >= Duration::from_millis(150));
+}
+
+/// Reads one HTTP/1.1 response with a `content-length` from `client`; returns its head and body.
+async fn read_response(client: &mut tokio::net::TcpStream) -> (String, Vec<u8>) {
+    let mut buf = Vec::new();
+    let read = async {
+        loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .and_then(|v| v.trim().parse().ok())
+                    .expect("content-length");
+                while buf.len() < end + 4 + len {
+                    let mut chunk = vec![0u8; 1 << 16];
+                    let n = client.read(&mut chunk).await.unwrap();
+                    assert!(n > 0, "closed mid-response");
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                return (head, buf[end + 4..].to_vec());
+            }
+            let mut chunk = [0u8; 4096];
+            let n = client.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed before a response");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("a response")
+}
+
+/// Longer than a connection stays idle before it is parked.
+const PARKED: Duration = Duration::from_millis(600);
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_parked_and_serves_the_next_request() {
+    let m = mesh("").await;
+    let mut client = m.tcp_client(Timeouts::default()).await;
+    let parked = crate::memory::parked();
+    // The second request's first bytes come with the first one: the server reads them ahead,
+    // and parking must hand them to the next server.
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\nPOST / HTTP/1.1\r\nHost: w")
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut client).await;
+    assert!(
+        head.starts_with("http/1.1 200") && body.ends_with(b":0"),
+        "{head}"
+    );
+    tokio::time::sleep(PARKED).await;
+    assert!(crate::memory::parked() > parked, "not parked");
+    client
+        .write_all(b"eb\r\nContent-Length: 5\r\n\r\nhello")
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut client).await;
+    assert!(
+        head.starts_with("http/1.1 200") && body.ends_with(b":5"),
+        "{head}"
+    );
+    assert!(!head.contains("connection: close"), "{head}");
+    // Parked again, then the client closes: the connection ends.
+    tokio::time::sleep(PARKED).await;
+    client.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest))
+        .await
+        .expect("closed after the client")
+        .unwrap();
+    assert!(rest.is_empty());
+}
+
+#[tokio::test]
+async fn a_connection_is_not_parked_while_its_client_is_slow_to_read() {
+    let m = mesh("").await;
+    let mut client = m.tcp_client(Timeouts::default()).await;
+    client
+        .write_all(b"GET /big HTTP/1.1\r\nHost: web\r\n\r\n")
+        .await
+        .unwrap();
+    // Nothing read for a while: the response fills the socket buffers and waits.
+    tokio::time::sleep(PARKED).await;
+    let (head, body) = read_response(&mut client).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert_eq!(body.len(), BIG);
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, _) = read_response(&mut client).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
 }
