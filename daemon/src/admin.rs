@@ -634,6 +634,7 @@ fn encode_downstream(encoder: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt
         ("cx_overload_memory", &d.cx_overload_memory),
         ("rq_header_timeout", &d.rq_header_timeout),
         ("cx_idle_timeout", &d.cx_idle_timeout),
+        ("cx_parked", &d.cx_parked),
     ] {
         let kind = if stat.ends_with("_active") {
             MetricType::Gauge

@@ -24,22 +24,10 @@ pub const CLOSED_BEFORE_TRIM: u64 = 256;
 
 /// The highest number of open downstream connections since the trimmer last looked.
 static PEAK: AtomicU64 = AtomicU64::new(0);
-/// Connections parked since the process started.
-static PARKED: AtomicU64 = AtomicU64::new(0);
 
 /// Records `open` downstream connections (called at accept).
 pub fn note_open(open: u64) {
     PEAK.fetch_max(open, Ordering::Relaxed);
-}
-
-/// Records a parked connection (its buffers freed).
-pub fn note_parked() {
-    PARKED.fetch_add(1, Ordering::Relaxed);
-}
-
-/// Connections parked since the process started.
-pub fn parked() -> u64 {
-    PARKED.load(Ordering::Relaxed)
 }
 
 /// Returns freed heap pages to the OS now; resident bytes before and after, when known.
@@ -72,18 +60,16 @@ pub fn trim_in_background() {
 /// last look.
 pub async fn trim_after_load(shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(INTERVAL);
-    let mut parked_before = parked();
+    let downstream = &crate::stats::store().downstream;
+    let mut parked_before = downstream.cx_parked.load(Ordering::Relaxed);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let open = crate::stats::store()
-            .downstream
-            .cx_active
-            .load(Ordering::Relaxed);
+        let open = downstream.cx_active.load(Ordering::Relaxed);
         let peak = PEAK.swap(open, Ordering::Relaxed);
-        let parked_now = parked();
+        let parked_now = downstream.cx_parked.load(Ordering::Relaxed);
         let parked = parked_now - std::mem::replace(&mut parked_before, parked_now);
         if peak >= open + CLOSED_BEFORE_TRIM || parked >= CLOSED_BEFORE_TRIM {
             let (before, after) = tokio::task::spawn_blocking(trim).await.unwrap_or_default();

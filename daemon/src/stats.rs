@@ -45,6 +45,8 @@ pub struct DownstreamStats {
     pub rq_header_timeout: AtomicU64,
     /// Closed: no request for `--downstream-idle-timeout`.
     pub cx_idle_timeout: AtomicU64,
+    /// HTTP/1.1 connections parked while idle (their server's buffers freed; not Envoy's).
+    pub cx_parked: AtomicU64,
 }
 
 /// How inbound connections (15006) ended, one counter per outcome.

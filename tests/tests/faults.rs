@@ -390,6 +390,63 @@ fn closed_after(mut conn: std::net::TcpStream, limit: Duration) -> Option<Durati
     }
 }
 
+/// Reads one response with a `content-length` from `conn`; returns its status line and body.
+fn read_response(conn: &mut std::net::TcpStream) -> (String, Vec<u8>) {
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut r = std::io::BufReader::new(conn);
+    let mut status = String::new();
+    std::io::BufRead::read_line(&mut r, &mut status).unwrap();
+    let mut len = 0;
+    loop {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut r, &mut line).unwrap();
+        if line.trim().is_empty() {
+            break;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            len = v.trim().parse().unwrap();
+        }
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).unwrap();
+    (status, body)
+}
+
+#[test]
+fn an_idle_keep_alive_connection_is_parked_and_serves_its_next_request() {
+    if !require_privileged() {
+        return;
+    }
+    let Web {
+        t,
+        daemon,
+        _server,
+        _pins,
+    } = web(&[]);
+    let vip: SocketAddr = format!("{VIP}:80").parse().unwrap();
+    let mut conn = t.client.connect(vip, None).unwrap();
+    for round in 0..3 {
+        conn.write_all(b"GET / HTTP/1.1\r\nHost: web.test.svc\r\n\r\n")
+            .unwrap();
+        let (status, body) = read_response(&mut conn);
+        assert!(
+            status.starts_with("HTTP/1.1 200"),
+            "round {round}: {status}"
+        );
+        assert!(!body.is_empty(), "round {round}");
+        // Idle past the parking delay (250 ms).
+        std::thread::sleep(Duration::from_millis(600));
+    }
+    let d = &daemon.clusters()["downstream"];
+    assert!(d["cx_parked"].as_u64() >= Some(3), "{d}");
+    assert_eq!(d["cx_total"], 1, "{d}");
+    assert!(
+        daemon
+            .admin_get("/stats/prometheus")
+            .contains("envoy_http_downstream_cx_parked ")
+    );
+}
+
 #[test]
 fn stalled_http_clients_are_closed_by_header_and_idle_timeouts() {
     if !require_privileged() {

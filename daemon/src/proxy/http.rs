@@ -449,7 +449,7 @@ where
         let Some(parts) = std::pin::Pin::into_inner(conn).into_parts() else {
             return Ok(());
         };
-        crate::memory::note_parked();
+        (crate::stats::store().downstream.cx_parked).fetch_add(1, Ordering::Relaxed);
         (io, service) = (parts.io.into_inner(), parts.service);
         if !parts.read_buf.is_empty() {
             io.unread(parts.read_buf);
