@@ -380,6 +380,31 @@ impl Peek for tokio::io::DuplexStream {
     }
 }
 
+/// The service a downstream connection's server calls for each request.
+trait ConnService:
+    hyper::service::Service<
+        Request<Incoming>,
+        Response = Response<Body>,
+        Error = Infallible,
+        Future: Send + Unpin + 'static,
+    > + Send
+    + Unpin
+    + 'static
+{
+}
+
+impl<S> ConnService for S where
+    S: hyper::service::Service<
+            Request<Incoming>,
+            Response = Response<Body>,
+            Error = Infallible,
+            Future: Send + Unpin + 'static,
+        > + Send
+        + Unpin
+        + 'static
+{
+}
+
 /// Serves `io` with the protocol its first bytes name, peeked from the socket: HTTP/1.1 or
 /// HTTP/2 by prior knowledge go straight to hyper's server for that version. Only a connection
 /// whose first bytes are a prefix of the HTTP/2 preface (or that cannot be peeked) goes through
@@ -392,25 +417,19 @@ async fn serve_sniffed<T, S>(
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 where
     T: Peek + tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>>
-        + Send
-        + Unpin
-        + 'static,
-    S::Future: Send + Unpin + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: ConnService,
 {
     let mut first = [0u8; H2_PREFACE.len()];
     let seen = io.inner().peek(&mut first).await.unwrap_or(0);
     let first = &first[..seen];
-    let io = TokioIo::new(io);
     if seen > 0 && !H2_PREFACE.starts_with(first) {
-        Ok(serve_h1(io.into_inner(), service).await?)
+        Ok(serve_h1(io, service).await?)
     } else if first == H2_PREFACE {
         let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-        Ok(Box::pin(conn.serve_connection(io, service)).await?)
+        Ok(Box::pin(conn.serve_connection(TokioIo::new(io), service)).await?)
     } else {
         let conn = auto::Builder::new(TokioExecutor::new());
-        Box::pin(conn.serve_connection_with_upgrades(io, service)).await
+        Box::pin(conn.serve_connection_with_upgrades(TokioIo::new(io), service)).await
     }
 }
 
@@ -421,12 +440,7 @@ where
 async fn serve_h1<T, S>(mut io: downstream::Watched<T>, mut service: S) -> hyper::Result<()>
 where
     T: Peek + tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>>
-        + Send
-        + Unpin
-        + 'static,
-    S::Future: Send + Unpin + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: ConnService,
 {
     loop {
         let state = io.state().clone();
