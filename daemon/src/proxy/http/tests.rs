@@ -97,10 +97,11 @@ spec:
 }
 
 impl Mesh {
-    /// Sends `raw` on one client connection (then half-closes it) and returns all it got back.
-    async fn exchange(&self, raw: &str, timeouts: Timeouts) -> String {
-        let (mut client, server) = tokio::io::duplex(64 * 1024);
-        let src: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+    /// Serves the client connection `server` (from `src`) as captured for [`VIP`].
+    fn serve<T>(&self, server: T, src: SocketAddr, timeouts: Timeouts)
+    where
+        T: super::Peek + tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         tokio::spawn(serve(
             self.registry.clone(),
             self.upstreams.clone(),
@@ -109,6 +110,12 @@ impl Mesh {
             (Some(src), VIP.parse().unwrap()),
             timeouts,
         ));
+    }
+
+    /// Sends `raw` on one client connection (then half-closes it) and returns all it got back.
+    async fn exchange(&self, raw: &str, timeouts: Timeouts) -> String {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        self.serve(server, "127.0.0.1:40000".parse().unwrap(), timeouts);
         client.write_all(raw.as_bytes()).await.unwrap();
         let mut out = Vec::new();
         tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut out))
@@ -186,18 +193,11 @@ async fn a_silent_client_is_closed_by_the_header_timeout() {
     let counter = &crate::stats::store().downstream.rq_header_timeout;
     let before = counter.load(std::sync::atomic::Ordering::Relaxed);
     let (mut client, server) = tokio::io::duplex(1024);
-    let src: SocketAddr = "127.0.0.1:40000".parse().unwrap();
-    tokio::spawn(serve(
-        m.registry.clone(),
-        m.upstreams.clone(),
-        m.ns.clone(),
-        server,
-        (Some(src), VIP.parse().unwrap()),
-        Timeouts {
-            request_headers: Duration::from_millis(200),
-            idle: Duration::from_secs(60),
-        },
-    ));
+    let timeouts = Timeouts {
+        request_headers: Duration::from_millis(200),
+        idle: Duration::from_secs(60),
+    };
+    m.serve(server, "127.0.0.1:40000".parse().unwrap(), timeouts);
     client.write_all(b"GET / HT").await.unwrap();
     let start = std::time::Instant::now();
     let mut out = Vec::new();
@@ -221,14 +221,7 @@ impl Mesh {
         let connect = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
         let (client, accepted) = tokio::join!(connect, listener.accept());
         let (server, src) = accepted.unwrap();
-        tokio::spawn(serve(
-            self.registry.clone(),
-            self.upstreams.clone(),
-            self.ns.clone(),
-            server,
-            (Some(src), VIP.parse().unwrap()),
-            timeouts,
-        ));
+        self.serve(server, src, timeouts);
         client.unwrap()
     }
 }
