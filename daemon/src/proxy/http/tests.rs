@@ -114,15 +114,9 @@ impl Mesh {
 
     /// Sends `raw` on one client connection (then half-closes it) and returns all it got back.
     async fn exchange(&self, raw: &str, timeouts: Timeouts) -> String {
-        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let (client, server) = tokio::io::duplex(64 * 1024);
         self.serve(server, "127.0.0.1:40000".parse().unwrap(), timeouts);
-        client.write_all(raw.as_bytes()).await.unwrap();
-        let mut out = Vec::new();
-        tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut out))
-            .await
-            .expect("the connection ends")
-            .unwrap();
-        String::from_utf8_lossy(&out).into_owned()
+        send_in_parts(client, &[raw]).await
     }
 
     async fn request(&self, raw: &str) -> String {
@@ -222,13 +216,17 @@ impl Mesh {
         let (client, accepted) = tokio::join!(connect, listener.accept());
         let (server, src) = accepted.unwrap();
         self.serve(server, src, timeouts);
-        client.unwrap()
+        let client = client.unwrap();
+        client.set_nodelay(true).unwrap();
+        client
     }
 }
 
 /// Writes `parts` one by one (with a pause between them) and returns all the answer.
-async fn send_in_parts(mut client: tokio::net::TcpStream, parts: &[&str]) -> String {
-    client.set_nodelay(true).unwrap();
+async fn send_in_parts<C>(mut client: C, parts: &[&str]) -> String
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     for (i, part) in parts.iter().enumerate() {
         if i > 0 {
             tokio::time::sleep(Duration::from_millis(100)).await;
