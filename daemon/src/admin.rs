@@ -427,6 +427,7 @@ fn cluster_stats(c: &Cluster, kernel: Option<&Kernel>) -> BTreeMap<&'static str,
         ("ssl.fail_verify_san", get(&s.ssl_fail_verify_san)),
         ("ssl.fail_verify_error", get(&s.ssl_fail_verify_error)),
         ("ssl.connection_error", get(&s.ssl_connection_error)),
+        ("ssl.session_reused", get(&s.ssl_session_reused)),
     ])
 }
 

@@ -94,6 +94,8 @@ pub struct ClusterStats {
     pub ssl_fail_verify_san: AtomicU64,
     pub ssl_fail_verify_error: AtomicU64,
     pub ssl_connection_error: AtomicU64,
+    /// `ssl.session_reused`: successful handshakes that resumed an earlier session.
+    pub ssl_session_reused: AtomicU64,
     /// `upstream_rq_5xx` and the 2xx/3xx/4xx classes of upstream responses.
     pub rq_xx: [AtomicU64; 5],
     endpoints: Mutex<HashMap<SocketAddr, Arc<EndpointStats>>>,
@@ -198,6 +200,14 @@ impl ClusterStats {
             if matches!(status, 502..=504) {
                 ep.gateway_errors.fetch_add(1, Ordering::Relaxed);
             }
+        }
+    }
+
+    /// Counts one successful upstream TLS handshake, and whether it resumed a session.
+    pub fn handshake_done(&self, resumed: bool) {
+        self.handshake(None);
+        if resumed {
+            self.ssl_session_reused.fetch_add(1, Ordering::Relaxed);
         }
     }
 

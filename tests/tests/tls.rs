@@ -192,6 +192,12 @@ fn simple_origination_verifies_ca_san_expiry_and_sends_sni() {
         "{g}"
     );
     assert_eq!(s.stat("ssl.handshake"), 1);
+    assert_eq!(s.stat("ssl.session_reused"), 0);
+    // The next connection resumes the session the server gave the first one.
+    let g = s.greeting().expect("relayed over TLS again");
+    assert!(g.starts_with("hello from ep1"), "{g}");
+    assert_eq!(s.stat("ssl.handshake"), 2);
+    assert_eq!(s.stat("ssl.session_reused"), 1);
     drop(s);
 
     // Unknown CA, certificate names that are not the listed ones, expiry: refused, counted and

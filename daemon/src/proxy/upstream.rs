@@ -99,7 +99,9 @@ impl Dialer {
         let host = t.host.as_deref();
         match crate::tls::handshake(&t.origination, tcp, host, addr, self.connect_timeout).await {
             Ok(s) => {
-                t.stats.handshake(None);
+                let kind = s.get_ref().1.handshake_kind();
+                t.stats
+                    .handshake_done(kind == Some(rustls::HandshakeKind::Resumed));
                 Ok(Stream::Tls(Box::new(s)))
             }
             Err(e) => {
