@@ -67,6 +67,9 @@ struct Args {
     /// Concurrent connections of the peers comparison's cost-growth curve.
     #[arg(long, value_delimiter = ',', default_value = "1,16,256,4096")]
     peer_levels: Vec<u32>,
+    /// Scenarios of the peers comparison (all by default), to rerun one figure quickly.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    peer_scenarios: Vec<peers::Scenario>,
     /// Services in the test API server of the Kubernetes-mode measurement (10 endpoints each).
     #[arg(long, default_value = "10000")]
     kube_services: usize,
@@ -192,6 +195,7 @@ fn main() {
             report_dir: args.report_dir.clone(),
             levels: args.peer_levels.clone(),
             idle_conns: args.idle_conns,
+            scenarios: args.peer_scenarios.clone(),
         };
         peers::run(&setup, &t, ep);
     }

@@ -31,6 +31,35 @@ pub struct Setup {
     pub levels: Vec<u32>,
     /// Idle keep-alive connections held for the memory measurement.
     pub idle_conns: usize,
+    /// The scenarios to run; empty runs all.
+    pub scenarios: Vec<Scenario>,
+}
+
+impl Setup {
+    fn runs(&self, s: Scenario) -> bool {
+        self.scenarios.is_empty() || self.scenarios.contains(&s)
+    }
+}
+
+/// One scenario of the comparison (`--peer-scenarios`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+pub enum Scenario {
+    /// KiB per idle keep-alive connection.
+    Memory,
+    /// `wrk`: req/s, p99 and CPU per request.
+    Http1,
+    /// `h2load`: req/s and CPU per request.
+    H2,
+    /// gRPC unary calls.
+    Grpc,
+    /// p50/p99 at a fixed rate.
+    Fixed,
+    /// L4 bulk.
+    Bulk,
+    /// mTLS origination: handshakes and bulk.
+    Tls,
+    /// req/s and p99 against connections.
+    Growth,
 }
 
 /// One way from the client to the origin.
@@ -92,7 +121,9 @@ pub fn run(setup: &Setup, t: &Topology, ep: IpAddr) {
     );
 
     let mut samples: Vec<Samples> = peers.iter().map(|p| Samples::new(p.name)).collect();
-    idle_memory(setup, t, &peers, &mut samples);
+    if setup.runs(Scenario::Memory) {
+        idle_memory(setup, t, &peers, &mut samples);
+    }
     for round in 0..setup.rounds {
         for k in 0..peers.len() {
             let i = (round + k) % peers.len();
@@ -100,11 +131,23 @@ pub fn run(setup: &Setup, t: &Topology, ep: IpAddr) {
         }
         eprintln!("peers: round {}/{} done", round + 1, setup.rounds);
     }
-    let curves = growth(setup, t, &peers);
-    let command = format!(
+    let curves = if setup.runs(Scenario::Growth) {
+        growth(setup, t, &peers)
+    } else {
+        Vec::new()
+    };
+    let mut command = format!(
         "cargo xtask bench -- --only peers --peer-rounds {} --peer-secs {} --peer-rate {} --bytes {} --idle-conns {}",
         setup.rounds, setup.secs, setup.rate, setup.bytes, setup.idle_conns
     );
+    if !setup.scenarios.is_empty() {
+        let names: Vec<String> = setup
+            .scenarios
+            .iter()
+            .map(|s| format!("{s:?}").to_lowercase())
+            .collect();
+        command += &format!(" --peer-scenarios {}", names.join(","));
+    }
     let text =
         report::write(&setup.report_dir, &samples, &curves, &command).expect("report written");
     println!("\n{text}");
@@ -230,88 +273,95 @@ fn growth(setup: &Setup, t: &Topology, peers: &[Peer]) -> Vec<report::Curve> {
     curves
 }
 
-/// One round of every measurement through `peer`.
+/// One round of every chosen scenario through `peer`.
 fn measure(setup: &Setup, t: &Topology, peer: &Peer, s: &mut Samples) {
-    let cpu_before = peer.pid.map(super::cpu_ns);
-    let (rps, p99, requests) = wrk(t, &peer.http, setup.secs);
-    if let (Some(pid), Some(before)) = (peer.pid, cpu_before) {
-        let ns = super::cpu_ns(pid).saturating_sub(before);
-        s.add(
-            Metric::CpuPerRequest,
-            ns as f64 / 1000.0 / requests.max(1) as f64,
-        );
+    if setup.runs(Scenario::Http1) {
+        let cpu_before = peer.pid.map(super::cpu_ns);
+        let (rps, p99, requests) = wrk(t, &peer.http, setup.secs);
+        add_cpu(peer, cpu_before, requests, Metric::CpuPerRequest, s);
+        s.add(Metric::Rps, rps);
+        s.add(Metric::ClosedP99, p99);
     }
-    s.add(Metric::Rps, rps);
-    s.add(Metric::ClosedP99, p99);
-    let cpu_before = peer.pid.map(super::cpu_ns);
-    let (h2_rps, h2_requests) = h2load(t, &peer.h2, setup.secs);
-    if let (Some(pid), Some(before)) = (peer.pid, cpu_before) {
-        let ns = super::cpu_ns(pid).saturating_sub(before);
-        s.add(
-            Metric::H2CpuPerRequest,
-            ns as f64 / 1000.0 / h2_requests.max(1) as f64,
-        );
+    if setup.runs(Scenario::H2) {
+        let cpu_before = peer.pid.map(super::cpu_ns);
+        let (h2_rps, h2_requests) = h2load(t, &peer.h2, setup.secs);
+        add_cpu(peer, cpu_before, h2_requests, Metric::H2CpuPerRequest, s);
+        s.add(Metric::H2Rps, h2_rps);
     }
-    s.add(Metric::H2Rps, h2_rps);
-    let grpc = probe(
-        Some(&t.client),
-        None,
-        &[
-            "grpc",
-            &peer.grpc,
-            "--call",
-            "load",
-            "--concurrency",
-            "16",
-            "--secs",
-            &setup.secs.to_string(),
-        ],
-    );
-    assert!(
-        grpc.get("error").is_none() && grpc["failed"] == 0,
-        "{}: {grpc}",
-        peer.name
-    );
-    s.add(Metric::GrpcRps, num(&grpc, "per_s"));
-    s.add(Metric::GrpcP99, num(&grpc, "p99_us"));
-    let fixed = probe(
-        Some(&t.client),
-        None,
-        &[
-            "http",
-            &peer.http,
-            "--count",
-            &(setup.rate * 5).to_string(),
-            "--rate",
-            &setup.rate.to_string(),
-            "--max-secs",
-            "30",
-        ],
-    );
-    assert_eq!(fixed["errors"].as_u64(), Some(0), "{}: {fixed}", peer.name);
-    s.add(Metric::FixedP50, num(&fixed, "p50_us"));
-    s.add(Metric::FixedP99, num(&fixed, "p99_us"));
+    if setup.runs(Scenario::Grpc) {
+        let grpc = probe(
+            Some(&t.client),
+            None,
+            &[
+                "grpc",
+                &peer.grpc,
+                "--call",
+                "load",
+                "--concurrency",
+                "16",
+                "--secs",
+                &setup.secs.to_string(),
+            ],
+        );
+        assert!(
+            grpc.get("error").is_none() && grpc["failed"] == 0,
+            "{}: {grpc}",
+            peer.name
+        );
+        s.add(Metric::GrpcRps, num(&grpc, "per_s"));
+        s.add(Metric::GrpcP99, num(&grpc, "p99_us"));
+    }
+    if setup.runs(Scenario::Fixed) {
+        let fixed = probe(
+            Some(&t.client),
+            None,
+            &[
+                "http",
+                &peer.http,
+                "--count",
+                &(setup.rate * 5).to_string(),
+                "--rate",
+                &setup.rate.to_string(),
+                "--max-secs",
+                "30",
+            ],
+        );
+        assert_eq!(fixed["errors"].as_u64(), Some(0), "{}: {fixed}", peer.name);
+        s.add(Metric::FixedP50, num(&fixed, "p50_us"));
+        s.add(Metric::FixedP99, num(&fixed, "p99_us"));
+    }
+    if setup.runs(Scenario::Bulk) {
+        s.add(Metric::Bulk, bulk(setup, t, peer, &peer.bulk));
+    }
+    if setup.runs(Scenario::Tls) {
+        let crr = probe(
+            Some(&t.client),
+            None,
+            &["crr", &peer.tls.0, "--count", &TLS_CONNECTIONS.to_string()],
+        );
+        assert!(crr.get("error").is_none(), "{}: {crr}", peer.name);
+        s.add(Metric::TlsConnsPerSec, num(&crr, "per_s"));
+        s.add(Metric::TlsBulk, bulk(setup, t, peer, &peer.tls.1));
+    }
+}
+
+/// The proxy's CPU µs per request since `before` (its CPU ns), if it is a proxy.
+fn add_cpu(peer: &Peer, before: Option<u64>, requests: u64, m: Metric, s: &mut Samples) {
+    if let (Some(pid), Some(before)) = (peer.pid, before) {
+        let ns = super::cpu_ns(pid).saturating_sub(before);
+        s.add(m, ns as f64 / 1000.0 / requests.max(1) as f64);
+    }
+}
+
+/// Gbit/s of one bulk transfer of `setup.bytes` to `addr`.
+fn bulk(setup: &Setup, t: &Topology, peer: &Peer, addr: &str) -> f64 {
     let bulk = probe(
         Some(&t.client),
         None,
-        &["bulk", &peer.bulk, "--bytes", &setup.bytes.to_string()],
+        &["bulk", addr, "--bytes", &setup.bytes.to_string()],
     );
     assert!(bulk.get("error").is_none(), "{}: {bulk}", peer.name);
-    s.add(Metric::Bulk, num(&bulk, "gbit_per_s"));
-    let crr = probe(
-        Some(&t.client),
-        None,
-        &["crr", &peer.tls.0, "--count", &TLS_CONNECTIONS.to_string()],
-    );
-    assert!(crr.get("error").is_none(), "{}: {crr}", peer.name);
-    s.add(Metric::TlsConnsPerSec, num(&crr, "per_s"));
-    let bulk = probe(
-        Some(&t.client),
-        None,
-        &["bulk", &peer.tls.1, "--bytes", &setup.bytes.to_string()],
-    );
-    assert!(bulk.get("error").is_none(), "{}: {bulk}", peer.name);
-    s.add(Metric::TlsBulk, num(&bulk, "gbit_per_s"));
+    num(&bulk, "gbit_per_s")
 }
 
 /// Connections (each with an upstream TLS handshake) per round of the TLS measurement.
