@@ -505,7 +505,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// `drover run`: the daemon on a multi-threaded runtime until SIGTERM/SIGINT/SIGQUIT drains it.
+/// `drover run`: the daemon until SIGTERM/SIGINT/SIGQUIT drains it. With one worker, everything
+/// runs on one thread (tokio's current-thread scheduler: no work-stealing queues, no cross-thread
+/// wake-ups); otherwise on a multi-threaded runtime with `--workers` threads (0: one per CPU).
 fn run(a: RunArgs, log: Option<drover::admin::LogControl>) -> ExitCode {
     let workers = a.workers;
     let cfg = match a.into_config(log) {
@@ -515,8 +517,11 @@ fn run(a: RunArgs, log: Option<drover::admin::LogControl>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if workers > 0 {
+    let mut builder = match workers {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    if workers > 1 {
         builder.worker_threads(workers);
     }
     let rt = match builder.enable_all().build() {

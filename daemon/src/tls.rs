@@ -163,8 +163,26 @@ impl Origination {
     }
 }
 
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+/// *ring* with the cipher suites in the order Envoy's client offers them (BoringSSL's defaults
+/// on AES hardware): AES-128-GCM first. A server that follows the client's order (rustls,
+/// BoringSSL by default) then picks the suite whose hash (SHA-256) and cipher run in hardware,
+/// not rustls's default AES-256-GCM with SHA-384.
+pub fn provider() -> Arc<CryptoProvider> {
+    use rustls::crypto::ring::cipher_suite as suite;
+    Arc::new(CryptoProvider {
+        cipher_suites: vec![
+            suite::TLS13_AES_128_GCM_SHA256,
+            suite::TLS13_AES_256_GCM_SHA384,
+            suite::TLS13_CHACHA20_POLY1305_SHA256,
+            suite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+            suite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+            suite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+            suite::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+            suite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+            suite::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+        ],
+        ..rustls::crypto::ring::default_provider()
+    })
 }
 
 fn client_config(

@@ -422,7 +422,7 @@ fn an_idle_keep_alive_connection_is_parked_and_serves_its_next_request() {
         daemon,
         _server,
         _pins,
-    } = web(&[]);
+    } = web(&["--workers", "1"]); // on the one-thread runtime, as the peers bench runs it
     let vip: SocketAddr = format!("{VIP}:80").parse().unwrap();
     let mut conn = t.client.connect(vip, None).unwrap();
     for round in 0..3 {

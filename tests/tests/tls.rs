@@ -191,6 +191,11 @@ fn simple_origination_verifies_ca_san_expiry_and_sends_sni() {
         g.starts_with("hello from ep1") && g.contains("sni=secure.test.svc client_cert=false"),
         "{g}"
     );
+    // Envoy's client order: the server (following it) picks AES-128-GCM with SHA-256.
+    assert!(
+        g.trim_end().ends_with("cipher=TLS13_AES_128_GCM_SHA256"),
+        "{g}"
+    );
     assert_eq!(s.stat("ssl.handshake"), 1);
     assert_eq!(s.stat("ssl.session_reused"), 0);
     // The next connection resumes the session the server gave the first one.

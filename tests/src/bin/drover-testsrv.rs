@@ -5,7 +5,7 @@
 //! protocols and echoes raw bytes). Prints `listening ADDR` when ready. With `--tls-cert` and
 //! `--tls-key` every connection is TLS first (`--tls-client-ca` requires a client certificate);
 //! the SNI received and whether a client certificate was shown are reported (greeting suffix
-//! ` sni=NAME client_cert=BOOL`, or the JSON fields `sni` and `client_cert`).
+//! ` sni=NAME client_cert=BOOL cipher=SUITE`, or the JSON fields `sni` and `client_cert`).
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
@@ -165,6 +165,9 @@ async fn serve(
                             .peer_certificates()
                             .and_then(|c| c.first())
                             .map(|c| drover_tests::der_id(c.as_ref())),
+                        cipher: session
+                            .negotiated_cipher_suite()
+                            .map(|c| format!("{:?}", c.suite())),
                     };
                     handle(s, Some(info), mode, name, peer, delay_ms, status).await
                 }
@@ -179,6 +182,8 @@ struct TlsInfo {
     client_cert: bool,
     /// Hash of the client certificate's DER (`DefaultHasher`, hex), to tell certificates apart.
     client_cert_id: Option<String>,
+    /// The negotiated cipher suite (rustls's name).
+    cipher: Option<String>,
 }
 
 async fn handle(
@@ -199,9 +204,10 @@ async fn handle(
     match mode {
         Mode::Echo => {
             let suffix = match &tls {
-                Some(_) => format!(
-                    " sni={} client_cert={client_cert}",
-                    sni.as_deref().unwrap_or("-")
+                Some(t) => format!(
+                    " sni={} client_cert={client_cert} cipher={}",
+                    sni.as_deref().unwrap_or("-"),
+                    t.cipher.as_deref().unwrap_or("-")
                 ),
                 None => String::new(),
             };
