@@ -45,6 +45,12 @@ pub enum Kind {
     Inbound { outcome: Result<String, String> },
 }
 
+/// Whether access-log lines are written at all (the log filter lets `drover::access` at info
+/// through), so that a path can skip building records nobody reads.
+pub fn enabled() -> bool {
+    tracing::enabled!(target: "drover::access", tracing::Level::INFO)
+}
+
 impl Record {
     /// Writes the line (info; a refused inbound connection at warn).
     pub fn emit(&self) {

@@ -600,6 +600,13 @@ impl Exchange {
         }
     }
 
+    /// Writes this request's access-log line, when the access log is on.
+    fn log(&self, status: u16, names: (&str, &str), endpoint: &str, flags: Vec<ResponseFlag>) {
+        if access::enabled() {
+            self.record(status, names, endpoint, flags).emit();
+        }
+    }
+
     /// The access-log record of this request.
     fn record(
         &self,
@@ -658,8 +665,7 @@ impl Exchange {
     fn preflight(&self, routed: &Routed<'_>, headers: HeaderMap) -> Response<Body> {
         let mut resp = Response::new(Body::default());
         *resp.headers_mut() = headers;
-        self.record(200, ("-", &routed.route_name), "-", Vec::new())
-            .emit();
+        self.log(200, ("-", &routed.route_name), "-", Vec::new());
         resp
     }
 
@@ -696,13 +702,12 @@ impl Exchange {
             actions::apply(&route.headers.response, resp.headers_mut());
         }
         routed.add_cors(resp.headers_mut());
-        self.record(
+        self.log(
             resp.status().as_u16(),
             ("-", &routed.route_name),
             "-",
             Vec::new(),
-        )
-        .emit();
+        );
         resp
     }
 
@@ -746,8 +751,7 @@ impl Exchange {
             actions::apply(&route.headers.response, resp.headers_mut());
         }
         routed.add_cors(resp.headers_mut());
-        self.record(resp.status().as_u16(), routed.names(), "-", flags.clone())
-            .emit();
+        self.log(resp.status().as_u16(), routed.names(), "-", flags.clone());
         Some(resp)
     }
 
@@ -755,8 +759,7 @@ impl Exchange {
     fn unrouted(&self, e: &RouteError) -> Response<Body> {
         let reply = route_failure(e);
         let status = reply.status().as_u16();
-        self.record(status, ("-", "-"), "-", vec![e.response_flag()])
-            .emit();
+        self.log(status, ("-", "-"), "-", vec![e.response_flag()]);
         reply
     }
 
@@ -777,8 +780,7 @@ impl Exchange {
     fn refused(&self, routed: &Routed<'_>, e: &crate::breakers::Error) -> Response<Body> {
         tracing::debug!(reason = %e, cluster = %routed.decision.cluster.name, "circuit breaker");
         let (flag, reply) = breaker_reply(e);
-        self.record(503, routed.names(), &routed.first.1, vec![flag])
-            .emit();
+        self.log(503, routed.names(), &routed.first.1, vec![flag]);
         reply
     }
 
@@ -797,8 +799,7 @@ impl Exchange {
             Err(e) => {
                 let (status, flag, body) = e.reply();
                 flags.insert(0, flag);
-                self.record(status.as_u16(), routed.names(), &endpoint, flags.clone())
-                    .emit();
+                self.log(status.as_u16(), routed.names(), &endpoint, flags.clone());
                 return local(status, body, &flags);
             }
         };
@@ -817,7 +818,8 @@ impl Exchange {
         {
             parts.headers.append(header::SET_COOKIE, v);
         }
-        let line = self.record(parts.status.as_u16(), routed.names(), &endpoint, flags);
+        let line = access::enabled()
+            .then(|| self.record(parts.status.as_u16(), routed.names(), &endpoint, flags));
         let body = body.map_frame(move |f| {
             let _held = (&admission, &stream);
             f
@@ -1268,7 +1270,8 @@ fn bridge(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpg
 /// It also keeps the request counted as in flight until then.
 struct Logged<B: hyper::body::Body> {
     body: B,
-    line: access::Record,
+    /// `None` when the access log is off.
+    line: Option<access::Record>,
     cut: Option<ResponseFlag>,
     ended: bool,
     _active: downstream::Active,
@@ -1321,10 +1324,11 @@ impl<B: hyper::body::Body> Drop for Logged<B> {
             (None, false) => Some(ResponseFlag::DownstreamConnectionTermination),
             (None, true) => None,
         };
-        if let access::Kind::Http { flags, .. } = &mut self.line.kind {
+        let Some(line) = &mut self.line else { return };
+        if let access::Kind::Http { flags, .. } = &mut line.kind {
             flags.extend(cut);
         }
-        self.line.emit();
+        line.emit();
     }
 }
 
