@@ -334,18 +334,26 @@ fn measure(setup: &Setup, t: &Topology, peer: &Peer, s: &mut Samples) {
         s.add(Metric::Bulk, bulk(setup, t, peer, &peer.bulk));
     }
     if setup.runs(Scenario::Tls) {
+        let cpu_before = peer.pid.map(super::cpu_ns);
         let crr = probe(
             Some(&t.client),
             None,
             &["crr", &peer.tls.0, "--count", &TLS_CONNECTIONS.to_string()],
         );
         assert!(crr.get("error").is_none(), "{}: {crr}", peer.name);
+        add_cpu(
+            peer,
+            cpu_before,
+            TLS_CONNECTIONS.into(),
+            Metric::TlsCpuPerConn,
+            s,
+        );
         s.add(Metric::TlsConnsPerSec, num(&crr, "per_s"));
         s.add(Metric::TlsBulk, bulk(setup, t, peer, &peer.tls.1));
     }
 }
 
-/// The proxy's CPU µs per request since `before` (its CPU ns), if it is a proxy.
+/// The proxy's CPU µs per request (or connection) since `before` (its CPU ns), if it is a proxy.
 fn add_cpu(peer: &Peer, before: Option<u64>, requests: u64, m: Metric, s: &mut Samples) {
     if let (Some(pid), Some(before)) = (peer.pid, before) {
         let ns = super::cpu_ns(pid).saturating_sub(before);
@@ -559,7 +567,7 @@ fn scratch_dir() -> PathBuf {
 
 /// nginx, one worker, serving a 1 KiB file on `ep:9080` (HTTP/1.1) and `ep:9081` (HTTP/2
 /// cleartext) in the endpoint namespace.
-fn nginx(t: &Topology, ep: IpAddr, dir: &Path) -> Proc {
+fn nginx(t: &Topology, ep: IpAddr, dir: &Path) -> Origin {
     std::fs::write(dir.join("www/index.html"), vec![b'x'; BODY]).expect("body");
     let conf = dir.join("nginx.conf");
     std::fs::write(
@@ -590,7 +598,7 @@ http {{
         ),
     )
     .expect("nginx.conf");
-    spawn(
+    Origin(spawn(
         t.endpoints[0].command("nginx").args([
             "-c",
             &conf.display().to_string(),
@@ -598,7 +606,20 @@ http {{
             &dir.join("nginx.err").display().to_string(),
         ]),
         "nginx (apt install nginx-light)",
-    )
+    ))
+}
+
+/// The nginx master: stopped with SIGTERM, so that it stops its worker too (a killed master
+/// leaves the worker running).
+struct Origin(Proc);
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.0.child.id() as i32);
+        if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).is_ok() {
+            let _ = self.0.child.wait();
+        }
+    }
 }
 
 /// HAProxy with one thread: HTTP/1.1 on 127.0.0.1:10001, HTTP/2 on 10011, gRPC on 10041, TCP on

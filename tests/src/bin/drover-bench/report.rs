@@ -18,13 +18,14 @@ pub enum Metric {
     H2Rps,
     H2CpuPerRequest,
     TlsConnsPerSec,
+    TlsCpuPerConn,
     TlsBulk,
     GrpcRps,
     GrpcP99,
 }
 
 impl Metric {
-    const ALL: [Metric; 13] = [
+    const ALL: [Metric; 14] = [
         Metric::Rps,
         Metric::ClosedP99,
         Metric::CpuPerRequest,
@@ -36,6 +37,7 @@ impl Metric {
         Metric::FixedP99,
         Metric::Bulk,
         Metric::TlsConnsPerSec,
+        Metric::TlsCpuPerConn,
         Metric::TlsBulk,
         Metric::IdleKib,
     ];
@@ -52,6 +54,7 @@ impl Metric {
             Metric::H2Rps => "HTTP/2 req/s (h2load -c16 -m1)",
             Metric::H2CpuPerRequest => "proxy CPU µs per HTTP/2 request",
             Metric::TlsConnsPerSec => "mTLS origination: connections/s (one handshake each)",
+            Metric::TlsCpuPerConn => "proxy CPU µs per mTLS connection",
             Metric::TlsBulk => "mTLS origination: bulk Gbit/s",
             Metric::GrpcRps => "gRPC unary calls/s (16 in flight, one channel)",
             Metric::GrpcP99 => "gRPC unary p99 µs",
@@ -70,6 +73,7 @@ impl Metric {
             Metric::H2Rps => "h2_rps.svg",
             Metric::H2CpuPerRequest => "h2_cpu_per_request.svg",
             Metric::TlsConnsPerSec => "tls_conns.svg",
+            Metric::TlsCpuPerConn => "tls_cpu_per_conn.svg",
             Metric::TlsBulk => "tls_bulk.svg",
             Metric::GrpcRps => "grpc_rps.svg",
             Metric::GrpcP99 => "grpc_p99.svg",
