@@ -5,7 +5,7 @@
 //! request, p50/p99 at a fixed rate, and bulk throughput; writes the report with its plots.
 
 use std::{
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::Stdio,
 };
@@ -60,6 +60,8 @@ pub enum Scenario {
     Tls,
     /// req/s and p99 against connections.
     Growth,
+    /// Drover's req/s and p99 against endpoints in one cluster.
+    Endpoints,
 }
 
 /// One way from the client to the origin.
@@ -136,6 +138,13 @@ pub fn run(setup: &Setup, t: &Topology, ep: IpAddr) {
     } else {
         Vec::new()
     };
+    // Its own daemons, one per endpoint count: the comparison's daemon goes first.
+    drop(drover);
+    let endpoints = if setup.runs(Scenario::Endpoints) {
+        vec![endpoint_growth(t, &pins)]
+    } else {
+        Vec::new()
+    };
     let mut command = format!(
         "cargo xtask bench -- --only peers --peer-rounds {} --peer-secs {} --peer-rate {} --bytes {} --idle-conns {}",
         setup.rounds, setup.secs, setup.rate, setup.bytes, setup.idle_conns
@@ -148,11 +157,11 @@ pub fn run(setup: &Setup, t: &Topology, ep: IpAddr) {
             .collect();
         command += &format!(" --peer-scenarios {}", names.join(","));
     }
-    let text =
-        report::write(&setup.report_dir, &samples, &curves, &command).expect("report written");
+    let text = report::write(&setup.report_dir, &samples, (&curves, &endpoints), &command)
+        .expect("report written");
     println!("\n{text}");
     println!("report: {}", setup.report_dir.join("report.md").display());
-    drop((drover, haproxy, envoy));
+    drop((haproxy, envoy));
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -271,6 +280,52 @@ fn growth(setup: &Setup, t: &Topology, peers: &[Peer]) -> Vec<report::Curve> {
         eprintln!("peers: {c} connections done");
     }
     curves
+}
+
+/// Endpoint counts of the endpoint cost-growth curve.
+const ENDPOINT_LEVELS: [u32; 3] = [10, 1000, 10_000];
+/// The many endpoints: every address of this block is local to the first endpoint namespace (a
+/// `local` route to its loopback, where nginx listens on [`WIDE_PORT`] of any address), and the
+/// client namespace routes the block to it.
+const WIDE_NET: (Ipv4Addr, u8) = (Ipv4Addr::new(198, 19, 192, 0), 18);
+const WIDE_PORT: u16 = 9082;
+/// Drover's service address for the many endpoints.
+const WIDE_VIP: &str = "127.77.0.14";
+
+/// Drover's req/s and p99 (`wrk -c16`) with 10, 1 000 and 10 000 endpoints in the service's one
+/// cluster (Istio's default LEAST_REQUEST), each count with a fresh daemon.
+fn endpoint_growth(t: &Topology, pins: &PinDir) -> report::Curve {
+    let net = format!("{}/{}", WIDE_NET.0, WIDE_NET.1);
+    t.endpoints[0].ip(&["route", "add", "local", &net, "dev", "lo"]);
+    t.client.ip(&["route", "add", &net, "via", "198.18.1.2"]);
+    let mut curve = report::Curve::new("drover");
+    for n in ENDPOINT_LEVELS {
+        let endpoints: Vec<String> = (1..=n)
+            .map(|i| format!("{{address: {}}}", Ipv4Addr::from(u32::from(WIDE_NET.0) + i)))
+            .collect();
+        let cfg = write_config(&format!(
+            "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: wide}}
+spec:
+  hosts: [wide.svc]
+  addresses: [{WIDE_VIP}]
+  ports: [{{number: {WIDE_PORT}, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints: [{}]
+",
+            endpoints.join(", ")
+        ));
+        let daemon = super::one_worker(t, &cfg, pins);
+        let url = format!("http://{WIDE_VIP}:{WIDE_PORT}/");
+        wait_http(t, &url, "drover with many endpoints");
+        let (text, parsed) = wrk_with(t, &url, CURVE_SECS, 16);
+        let (rps, p99, _) = parsed.unwrap_or((f64::NAN, f64::NAN, 0));
+        curve.points.push((n, rps, p99, wrk_errors(&text)));
+        drop(daemon);
+        eprintln!("peers: {n} endpoints done");
+    }
+    curve
 }
 
 /// One round of every chosen scenario through `peer`.
@@ -577,7 +632,8 @@ fn nginx(t: &Topology, ep: IpAddr, dir: &Path) -> Origin {
 daemon off;
 pid {d}/nginx.pid;
 error_log {d}/nginx.err crit;
-events {{ worker_connections 8192; }}
+worker_rlimit_nofile 65536;
+events {{ worker_connections 32768; }}
 http {{
   access_log off;
   keepalive_requests 100000000;
@@ -588,6 +644,10 @@ http {{
   }}
   server {{
     listen {addr2} http2;
+    root {d}/www;
+  }}
+  server {{
+    listen {WIDE_PORT};
     root {d}/www;
   }}
 }}

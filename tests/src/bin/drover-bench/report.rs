@@ -134,7 +134,7 @@ impl Samples {
 pub fn write(
     dir: &Path,
     samples: &[Samples],
-    curves: &[Curve],
+    (curves, endpoints): (&[Curve], &[Curve]),
     command: &str,
 ) -> std::io::Result<String> {
     std::fs::create_dir_all(dir)?;
@@ -188,20 +188,47 @@ pub fn write(
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         let _ = writeln!(md, "![{}]({})\n", m.label(), m.file());
     }
-    growth(&mut md, dir, curves)?;
+    growth(&mut md, dir, curves, &CONNECTIONS)?;
+    growth(&mut md, dir, endpoints, &ENDPOINTS)?;
     let _ = writeln!(md, "Reproduce: `{command}`");
     std::fs::write(dir.join("report.md"), &md)?;
     Ok(md)
 }
 
-/// The cost-growth table and its two plots (req/s and p99 against connections).
-fn growth(md: &mut String, dir: &Path, curves: &[Curve]) -> std::io::Result<()> {
+/// What a set of curves is plotted against.
+pub struct Axis {
+    /// The section's heading.
+    pub heading: &'static str,
+    /// The x quantity (table column and axis label).
+    pub x: &'static str,
+    /// Prefix of the plot files.
+    pub file: &'static str,
+}
+
+/// Concurrent connections (`wrk -cN`) through every peer.
+pub const CONNECTIONS: Axis = Axis {
+    heading: "Cost growth (`wrk -t1 -cN`, one pass)",
+    x: "connections",
+    file: "growth",
+};
+
+/// Endpoints in Drover's one cluster (`wrk -t1 -c16`).
+pub const ENDPOINTS: Axis = Axis {
+    heading: "Cost growth with endpoints in one cluster (Drover, LEAST_REQUEST, `wrk -t1 -c16`, one pass)",
+    x: "endpoints",
+    file: "endpoints",
+};
+
+/// A cost-growth table and its two plots (req/s and p99 against the axis).
+fn growth(md: &mut String, dir: &Path, curves: &[Curve], axis: &Axis) -> std::io::Result<()> {
     if curves.iter().all(|c| c.points.is_empty()) {
         return Ok(());
     }
     let _ = writeln!(
         md,
-        "## Cost growth (`wrk -t1 -cN`, one pass)\n\n| connections | {} |\n|---|{}",
+        "## {}\n\n| {} | {} |\n|---|{}",
+        axis.heading,
+        axis.x,
         curves
             .iter()
             .map(|c| c.name)
@@ -214,30 +241,35 @@ fn growth(md: &mut String, dir: &Path, curves: &[Curve]) -> std::io::Result<()> 
             .iter()
             .map(|c| {
                 c.points.get(i).map_or("—".into(), |p| {
-                    format!("{} req/s, p99 {} µs", fmt(p.1), fmt(p.2))
+                    let errors = if p.3 > 0 {
+                        format!(", {} errors", p.3)
+                    } else {
+                        String::new()
+                    };
+                    format!("{} req/s, p99 {} µs{errors}", fmt(p.1), fmt(p.2))
                 })
             })
             .collect();
         let _ = writeln!(md, "| {n} | {} |", cells.join(" | "));
     }
     let _ = writeln!(md);
-    for (file, title, pick) in [
-        ("growth_rps.svg", "req/s against connections", 1),
-        ("growth_p99.svg", "p99 µs against connections", 2),
-    ] {
-        line_chart(&dir.join(file), title, curves, pick)
+    for (suffix, what, pick) in [("rps", "req/s", 1), ("p99", "p99 µs", 2)] {
+        let file = format!("{}_{suffix}.svg", axis.file);
+        let title = format!("{what} against {}", axis.x);
+        line_chart(&dir.join(&file), &title, curves, pick, axis.x)
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         let _ = writeln!(md, "![{title}]({file})\n");
     }
     Ok(())
 }
 
-/// One line per peer: `pick` 1 = req/s, 2 = p99, against log2(connections).
+/// One line per peer: `pick` 1 = req/s, 2 = p99, against log2(x).
 fn line_chart(
     path: &Path,
     title: &str,
     curves: &[Curve],
     pick: usize,
+    x_desc: &str,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let value = |p: &(u32, f64, f64, u64)| if pick == 1 { p.1 } else { p.2 };
     let top = curves
@@ -260,7 +292,7 @@ fn line_chart(
         .y_label_area_size(60)
         .build_cartesian_2d(0.0..right, 0.0..top)?;
     c.configure_mesh()
-        .x_desc("connections")
+        .x_desc(x_desc)
         .x_label_formatter(&|x| format!("{:.0}", 2f64.powf(*x)))
         .draw()?;
     let palette = [
