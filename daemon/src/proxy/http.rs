@@ -25,7 +25,7 @@ use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::{
     Request, Response, StatusCode, Uri, Version,
     body::{Bytes, Incoming},
-    header::{self, HeaderMap, HeaderValue},
+    header::{self, HeaderMap, HeaderName, HeaderValue},
     http::request::Parts,
 };
 use hyper_util::{
@@ -69,14 +69,14 @@ const OVERFLOW: &str =
 const RESET: &str = "upstream connect error or disconnect/reset before headers. reset reason: connection termination";
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) that a proxy must not forward.
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "upgrade",
-    "te",
-    "trailer",
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::TE,
+    header::TRAILER,
 ];
 
 /// The upstream pools of one namespace, one per (TLS origination, request host, connection
@@ -553,7 +553,7 @@ struct Routed<'s> {
     snapshot: &'s crate::registry::Registry,
     decision: route::Decision<'s>,
     route_name: String,
-    first: (SocketAddr, String),
+    first: (SocketAddr, Named<'s>),
     /// CORS headers every response to this request carries (an allowed origin's).
     cors: HeaderMap,
 }
@@ -601,7 +601,13 @@ impl Exchange {
     }
 
     /// Writes this request's access-log line, when the access log is on.
-    fn log(&self, status: u16, names: (&str, &str), endpoint: &str, flags: Vec<ResponseFlag>) {
+    fn log(
+        &self,
+        status: u16,
+        names: (&str, &str),
+        endpoint: impl std::fmt::Display,
+        flags: Vec<ResponseFlag>,
+    ) {
         if access::enabled() {
             self.record(status, names, endpoint, flags).emit();
         }
@@ -612,7 +618,7 @@ impl Exchange {
         &self,
         status: u16,
         (cluster, route): (&str, &str),
-        endpoint: &str,
+        endpoint: impl std::fmt::Display,
         flags: Vec<ResponseFlag>,
     ) -> access::Record {
         access::Record {
@@ -789,7 +795,7 @@ impl Exchange {
     fn respond(
         &self,
         routed: &Routed<'_>,
-        (result, endpoint, mut flags): Tried,
+        (result, endpoint, mut flags): Tried<'_>,
         upgrade: Option<hyper::upgrade::OnUpgrade>,
         admission: crate::breakers::Admission,
         active: downstream::Active,
@@ -837,7 +843,7 @@ impl Exchange {
 
 // === impl Routed ===
 
-impl Routed<'_> {
+impl<'s> Routed<'s> {
     /// Puts the CORS filter's headers on a response (replacing any the endpoint sent).
     fn add_cors(&self, headers: &mut HeaderMap) {
         for (name, value) in &self.cors {
@@ -916,7 +922,7 @@ impl Routed<'_> {
 
     /// Tries: the first to the routed endpoint, retries (the route's `retries`, else Istio's
     /// default) to other endpoints, all within the route's `timeout`.
-    async fn tries(&self, forward: &Forward, body: &Replay<Incoming>) -> Tried {
+    async fn tries(&self, forward: &Forward, body: &Replay<Incoming>) -> Tried<'s> {
         let d = &self.decision;
         let tries = Tries {
             snapshot: self.snapshot,
@@ -931,13 +937,9 @@ impl Routed<'_> {
         let tries = tries.run(d.target, d.pick);
         match d.http_route.and_then(|r| r.timeout) {
             None => tries.await,
-            Some(t) => tokio::time::timeout(t, tries).await.unwrap_or_else(|_| {
-                (
-                    Err(TryError::RouteTimeout),
-                    self.first.1.clone(),
-                    Vec::new(),
-                )
-            }),
+            Some(t) => tokio::time::timeout(t, tries)
+                .await
+                .unwrap_or_else(|_| (Err(TryError::RouteTimeout), self.first.1, Vec::new())),
         }
     }
 }
@@ -1107,23 +1109,23 @@ fn upstream_h2(
 /// One request's tries: the first to the routed endpoint, retries (the route's `retries`, else
 /// Istio's default) to other endpoints, each reported to outlier detection (of the snapshot the
 /// request was routed by) and the counters.
-struct Tries<'a> {
-    snapshot: &'a crate::registry::Registry,
-    cluster: &'a crate::registry::Cluster,
+struct Tries<'a, 's> {
+    snapshot: &'s crate::registry::Registry,
+    cluster: &'s crate::registry::Cluster,
     forward: &'a Forward,
     retries: &'a Retries,
     body: &'a Replay<Incoming>,
 }
 
 /// What the tries came to: the response (or why none), the last endpoint tried, the flags.
-type Tried = (
+type Tried<'s> = (
     Result<(Response<Incoming>, Option<streams::Stream>), TryError>,
-    String,
+    Named<'s>,
     Vec<ResponseFlag>,
 );
 
-impl Tries<'_> {
-    async fn run(&self, mut target: Target, mut pick: Option<usize>) -> Tried {
+impl<'s> Tries<'_, 's> {
+    async fn run(&self, mut target: Target, mut pick: Option<usize>) -> Tried<'s> {
         let (c, stats, retries) = (self.cluster, &self.cluster.stats, self.retries);
         let mut tried = Vec::new();
         let mut _retry_slot = None;
@@ -1140,7 +1142,7 @@ impl Tries<'_> {
                     .await
                     .unwrap_or(Err(SendError::Timeout(t))),
             };
-            let outcome = observe(&result, &mut attempt, &endpoint);
+            let outcome = observe(&result, &mut attempt, endpoint);
             let retriable = retry::retriable(&retries.retry_on, outcome);
             if retriable && n < retries.attempts && self.body.replayable() {
                 if let Some(slot) = c.limits.admit_retry() {
@@ -1176,7 +1178,7 @@ impl Tries<'_> {
 fn observe(
     result: &Result<(Response<Incoming>, Option<streams::Stream>), SendError>,
     attempt: &mut Attempt,
-    endpoint: &str,
+    endpoint: Named<'_>,
 ) -> retry::Outcome {
     match result {
         Ok((resp, _)) => {
@@ -1200,17 +1202,32 @@ fn observe(
 }
 
 /// The endpoint a target names, for the upstream request and the access log.
-fn describe(
-    snapshot: &crate::registry::Registry,
+fn describe<'s>(
+    snapshot: &'s crate::registry::Registry,
     c: &crate::registry::Cluster,
     target: Target,
-) -> (SocketAddr, String) {
+) -> (SocketAddr, Named<'s>) {
     match target {
         Target::Endpoint { index, addr } => {
             let svc = &snapshot.services()[c.service];
-            (addr, format!("{}@{addr}", svc.endpoints[index].name))
+            let name = Some(svc.endpoints[index].name.as_str());
+            (addr, Named { name, addr })
         }
-        Target::Passthrough(addr) => (addr, format!("passthrough@{addr}")),
+        Target::Passthrough(addr) => (addr, Named { name: None, addr }),
+    }
+}
+
+/// An endpoint as the access log names it (`name@addr`, or `passthrough@addr`), formatted only
+/// when a line is written.
+#[derive(Clone, Copy)]
+struct Named<'s> {
+    name: Option<&'s str>,
+    addr: SocketAddr,
+}
+
+impl std::fmt::Display for Named<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.name.unwrap_or("passthrough"), self.addr)
     }
 }
 
@@ -1383,24 +1400,19 @@ pub fn local(status: StatusCode, body: &str, flags: &[ResponseFlag]) -> Response
 /// upgrade needs on both hops.
 fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
     // Headers named by `Connection` are hop-by-hop too.
-    let named: Vec<String> = headers
+    let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .map(|s| s.trim().to_ascii_lowercase())
-        .filter(|s| !s.is_empty())
+        .filter_map(|s| HeaderName::from_bytes(s.trim().as_bytes()).ok())
         .collect();
-    for name in HOP_BY_HOP
-        .iter()
-        .copied()
-        .chain(named.iter().map(String::as_str))
-    {
-        if upgrading && (name == "connection" || name == "upgrade") {
+    for name in HOP_BY_HOP.iter().chain(&named) {
+        if upgrading && (name == header::CONNECTION || name == header::UPGRADE) {
             continue;
         }
         // gRPC needs `te: trailers` end to end.
-        if name == "te"
+        if name == header::TE
             && headers
                 .get(header::TE)
                 .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"))
