@@ -786,7 +786,7 @@ impl Exchange {
     fn refused(&self, routed: &Routed<'_>, e: &crate::breakers::Error) -> Response<Body> {
         tracing::debug!(reason = %e, cluster = %routed.decision.cluster.name, "circuit breaker");
         let (flag, reply) = breaker_reply(e);
-        self.log(503, routed.names(), &routed.first.1, vec![flag]);
+        self.log(503, routed.names(), routed.first.1, vec![flag]);
         reply
     }
 
@@ -805,7 +805,7 @@ impl Exchange {
             Err(e) => {
                 let (status, flag, body) = e.reply();
                 flags.insert(0, flag);
-                self.log(status.as_u16(), routed.names(), &endpoint, flags.clone());
+                self.log(status.as_u16(), routed.names(), endpoint, flags.clone());
                 return local(status, body, &flags);
             }
         };
@@ -825,7 +825,7 @@ impl Exchange {
             parts.headers.append(header::SET_COOKIE, v);
         }
         let line = access::enabled()
-            .then(|| self.record(parts.status.as_u16(), routed.names(), &endpoint, flags));
+            .then(|| self.record(parts.status.as_u16(), routed.names(), endpoint, flags));
         let body = body.map_frame(move |f| {
             let _held = (&admission, &stream);
             f
