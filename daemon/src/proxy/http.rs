@@ -1241,7 +1241,42 @@ fn endpoint_of(
 
 /// The upstream URI of a try to `addr`.
 fn uri_for(addr: SocketAddr, path_and_query: &str) -> Result<Uri, hyper::http::uri::InvalidUri> {
-    format!("http://{addr}{path_and_query}").parse()
+    let mut uri = String::with_capacity(32 + path_and_query.len());
+    uri.push_str("http://");
+    match addr {
+        // Written by hand: `Display` for addresses costs more than the rest of the URI.
+        SocketAddr::V4(a) => {
+            for (i, octet) in a.ip().octets().into_iter().enumerate() {
+                if i > 0 {
+                    uri.push('.');
+                }
+                push_decimal(&mut uri, octet.into());
+            }
+            uri.push(':');
+            push_decimal(&mut uri, a.port());
+        }
+        SocketAddr::V6(a) => {
+            use std::fmt::Write;
+            let _ = write!(uri, "{a}");
+        }
+    }
+    uri.push_str(path_and_query);
+    Uri::try_from(uri)
+}
+
+/// Appends `n` in decimal.
+fn push_decimal(out: &mut String, mut n: u16) {
+    let mut digits = [0u8; 5];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend(digits[at..].iter().map(|&d| char::from(d)));
 }
 
 /// Envoy's answer when a circuit breaker refuses a request: 503 with `UO` and
@@ -1407,18 +1442,21 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
         .flat_map(|v| v.split(','))
         .filter_map(|s| HeaderName::from_bytes(s.trim().as_bytes()).ok())
         .collect();
-    for name in HOP_BY_HOP.iter().chain(&named) {
-        if upgrading && (name == header::CONNECTION || name == header::UPGRADE) {
-            continue;
-        }
+    // One pass over the (few) headers present, rather than a lookup per hop-by-hop name.
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| HOP_BY_HOP.contains(name) || named.contains(name))
+        .filter(|name| !(upgrading && (*name == header::CONNECTION || *name == header::UPGRADE)))
         // gRPC needs `te: trailers` end to end.
-        if name == header::TE
-            && headers
-                .get(header::TE)
-                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"))
-        {
-            continue;
-        }
+        .filter(|name| {
+            *name != header::TE
+                || !headers
+                    .get(header::TE)
+                    .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"))
+        })
+        .cloned()
+        .collect();
+    for name in doomed {
         headers.remove(name);
     }
 }

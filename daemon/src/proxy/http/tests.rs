@@ -395,3 +395,54 @@ async fn a_connection_is_not_parked_while_its_client_is_slow_to_read() {
     let (head, _) = read_response(&mut client).await;
     assert!(head.starts_with("http/1.1 200"), "{head}");
 }
+
+#[test]
+fn upstream_uris_name_the_endpoint_as_display_would() {
+    for addr in [
+        "0.0.0.0:0",
+        "10.0.9.1:9",
+        "127.0.0.1:80",
+        "198.18.100.255:65535",
+        "[::1]:8080",
+        "[fd00:d7:1::2]:10",
+    ] {
+        let addr: SocketAddr = addr.parse().unwrap();
+        let uri = super::uri_for(addr, "/a/b?c=d").unwrap();
+        assert_eq!(uri.to_string(), format!("http://{addr}/a/b?c=d"));
+    }
+}
+
+#[test]
+fn hop_by_hop_headers_and_those_connection_names_are_not_forwarded() {
+    use hyper::header::{HeaderMap, HeaderValue};
+    let headers = |pairs: &[(&'static str, &'static str)]| {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        h
+    };
+    let mut h = headers(&[
+        ("connection", "keep-alive, X-Private"),
+        ("keep-alive", "timeout=5"),
+        ("x-private", "1"),
+        ("transfer-encoding", "chunked"),
+        ("te", "gzip"),
+        ("trailer", "x-sum"),
+        ("upgrade", "websocket"),
+        ("x-kept", "1"),
+    ]);
+    super::strip_hop_by_hop(&mut h, false);
+    let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+    assert_eq!(left, ["x-kept"]);
+
+    // gRPC's `te: trailers` stays; an upgrade keeps `Connection` and `Upgrade`.
+    let mut h = headers(&[
+        ("te", "trailers"),
+        ("connection", "upgrade"),
+        ("upgrade", "websocket"),
+    ]);
+    super::strip_hop_by_hop(&mut h, true);
+    let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+    assert_eq!(left, ["te", "connection", "upgrade"]);
+}
