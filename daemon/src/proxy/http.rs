@@ -1396,17 +1396,18 @@ pub fn local(status: StatusCode, body: &str, flags: &[ResponseFlag]) -> Response
 /// upgrade needs on both hops.
 fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
     // Headers named by `Connection` are hop-by-hop too.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|s| HeaderName::from_bytes(s.trim().as_bytes()).ok())
-        .collect();
+    let named = |name: &HeaderName| {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
+    };
     // One pass over the (few) headers present, rather than a lookup per hop-by-hop name.
     let doomed: Vec<HeaderName> = headers
         .keys()
-        .filter(|name| HOP_BY_HOP.contains(name) || named.contains(name))
+        .filter(|name| HOP_BY_HOP.contains(name) || named(name))
         .filter(|name| !(upgrading && (*name == header::CONNECTION || *name == header::UPGRADE)))
         // gRPC needs `te: trailers` end to end.
         .filter(|name| {
