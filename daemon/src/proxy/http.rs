@@ -29,7 +29,11 @@ use hyper::{
     http::request::Parts,
 };
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
+    client::legacy::{
+        Client,
+        connect::{CaptureConnection, capture_connection},
+    },
+    rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
 };
 use tokio::time::Instant;
@@ -40,8 +44,8 @@ use super::{
     downstream,
     replay::Replay,
     retry,
-    streams::{self, Protocol, StreamPool},
-    upstream::{Connector, Dialer, TlsTarget},
+    streams::{self, StreamPool},
+    upstream::{Connector, Dialer, TlsTarget, Uses},
 };
 use crate::{
     access::{self, ResponseFlag},
@@ -88,9 +92,13 @@ type PoolKey = (usize, Option<String>, Settings);
 /// A pool and the origination it keeps alive (so that its identity is not reused).
 type KeptPool = (Option<Arc<Origination>>, Pool);
 
-/// The upstream HTTP/1.1 or HTTP/2 connections of one pool key.
+/// HTTP/1.1 connections in hyper-util's pool, or HTTP/2 connections in a stream-capped pool.
 #[derive(Clone)]
-struct Pool(Arc<StreamPool>);
+enum Pool {
+    /// With `maxRequestsPerConnection`.
+    H1(Arc<Client<Connector, UpstreamBody>>, Option<u32>),
+    H2(Arc<StreamPool>),
+}
 
 /// How a cluster's upstream HTTP connections are opened and kept.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -106,7 +114,9 @@ pub struct Settings {
 #[derive(Debug, thiserror::Error)]
 enum SendError {
     #[error(transparent)]
-    Pool(#[from] streams::Error),
+    H1(#[from] hyper_util::client::legacy::Error),
+    #[error(transparent)]
+    H2(#[from] streams::Error),
     #[error("no response within perTryTimeout {0:?}")]
     Timeout(Duration),
 }
@@ -176,15 +186,17 @@ impl Upstreams {
                 stats: stats.clone(),
             }),
         });
-        let protocol = match settings.h2 {
-            true => Protocol::Http2,
-            false => Protocol::Http1,
+        let pool = if settings.h2 {
+            Pool::H2(Arc::new(StreamPool::new(connector, settings.streams)))
+        } else {
+            // The `Host` header is the client's, never rewritten; idle connections are closed
+            // by the pool's timer.
+            let mut b = Client::builder(TokioExecutor::new());
+            b.pool_idle_timeout(settings.streams.idle_timeout)
+                .pool_timer(TokioTimer::new())
+                .set_host(false);
+            Pool::H1(Arc::new(b.build(connector)), settings.streams.max_requests)
         };
-        let pool = Pool(Arc::new(StreamPool::new(
-            connector,
-            settings.streams,
-            protocol,
-        )));
         pools.insert(key, (tls.map(|(o, _)| o.clone()), pool.clone()));
         pool
     }
@@ -219,14 +231,26 @@ impl Settings {
 // === impl Pool ===
 
 impl Pool {
-    /// Sends one request to `addr`; the returned guard holds its stream (its connection, on
-    /// HTTP/1.1) until dropped.
+    /// Sends one request to `addr`; the returned guard holds its HTTP/2 stream until dropped.
     async fn send(
         &self,
         addr: SocketAddr,
-        req: Request<UpstreamBody>,
-    ) -> Result<(Response<Incoming>, streams::Stream), SendError> {
-        Ok(self.0.send(addr, req).await?)
+        mut req: Request<UpstreamBody>,
+    ) -> Result<(Response<Incoming>, Option<streams::Stream>), SendError> {
+        match self {
+            Pool::H2(p) => {
+                let (resp, stream) = p.send(addr, req).await?;
+                Ok((resp, Some(stream)))
+            }
+            Pool::H1(c, max) => {
+                let captured = max.map(|_| capture_connection(&mut req));
+                let resp = c.request(req).await?;
+                if let (Some(max), Some(captured)) = (max, &captured) {
+                    retire_after(captured, *max);
+                }
+                Ok((resp, None))
+            }
+        }
     }
 }
 
@@ -236,12 +260,13 @@ impl SendError {
     /// How the try ended, for retries and counters.
     fn outcome(&self) -> retry::Outcome {
         match self {
-            SendError::Pool(streams::Error::Connect(_)) => retry::Outcome::ConnectFailure,
-            SendError::Pool(streams::Error::Http(e)) if refused_stream(e) => {
+            SendError::H1(e) if e.is_connect() => retry::Outcome::ConnectFailure,
+            SendError::H2(streams::Error::Connect(_)) => retry::Outcome::ConnectFailure,
+            SendError::H2(streams::Error::Http(e)) if refused_stream(e) => {
                 retry::Outcome::RefusedStream
             }
             SendError::Timeout(_) => retry::Outcome::Timeout,
-            SendError::Pool(_) => retry::Outcome::Reset,
+            SendError::H1(_) | SendError::H2(_) => retry::Outcome::Reset,
         }
     }
 }
@@ -1094,7 +1119,7 @@ struct Tries<'a, 's> {
 
 /// What the tries came to: the response (or why none), the last endpoint tried, the flags.
 type Tried<'s> = (
-    Result<(Response<Incoming>, streams::Stream), TryError>,
+    Result<(Response<Incoming>, Option<streams::Stream>), TryError>,
     Named<'s>,
     Vec<ResponseFlag>,
 );
@@ -1151,7 +1176,7 @@ impl<'s> Tries<'_, 's> {
 
 /// Reports one try's result through its attempt; how it ended, for retries.
 fn observe(
-    result: &Result<(Response<Incoming>, streams::Stream), SendError>,
+    result: &Result<(Response<Incoming>, Option<streams::Stream>), SendError>,
     attempt: &mut Attempt,
     endpoint: Named<'_>,
 ) -> retry::Outcome {
@@ -1363,6 +1388,20 @@ impl<B: hyper::body::Body> Drop for Logged<B> {
 fn default_retries() -> &'static Retries {
     static DEFAULT: std::sync::OnceLock<Retries> = std::sync::OnceLock::new();
     DEFAULT.get_or_init(Retries::istio_default)
+}
+
+/// `maxRequestsPerConnection`: once the connection that carried this request has carried `max`,
+/// it is not reused (closed once the response ends, as Envoy does).
+fn retire_after(captured: &CaptureConnection, max: u32) {
+    if let Some(meta) = captured.connection_metadata().as_ref() {
+        let mut extras = hyper::http::Extensions::new();
+        meta.get_extras(&mut extras);
+        if let Some(uses) = extras.get::<Uses>()
+            && uses.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 >= max
+        {
+            meta.poison();
+        }
+    }
 }
 
 /// Envoy's local reply for a routing failure.

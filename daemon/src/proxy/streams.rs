@@ -1,19 +1,15 @@
-//! Upstream HTTP connections of one pool, per endpoint. HTTP/2: requests are multiplexed over as
-//! few connections as `maxConcurrentStreams` allows — when every open connection to the endpoint
-//! carries that many streams the next request opens another, as Envoy's HTTP/2 pool does —.
-//! HTTP/1.1: the same with one stream per connection, so a request takes an idle keep-alive
-//! connection to its endpoint or opens one. Either way a connection that has carried
-//! `maxRequestsPerConnection` requests takes no more and closes when its last stream ends; a
-//! connection without a stream for the idle timeout is closed; with `http2KeepAlive` an HTTP/2
-//! connection is pinged and closed when a ping goes unanswered.
+//! Upstream HTTP/2 connections of one pool, per endpoint: requests are multiplexed over as few
+//! connections as `maxConcurrentStreams` allows — when every open connection to the endpoint
+//! carries that many streams the next request opens another, as Envoy's HTTP/2 pool does —; a
+//! connection that has carried `maxRequestsPerConnection` requests takes no more and closes when
+//! its last stream ends; a connection without a stream for the idle timeout is closed; with
+//! `http2KeepAlive` it is pinged and closed when a ping goes unanswered.
 //!
 //! Invariants: a stream counts on its connection from the pick until its response body ends (the
 //! [`Stream`] guard is held by the body); a connection still being opened already counts the
 //! requests waiting for it, so a burst of N opens ⌈N / cap⌉ connections, not N; a reservation is
 //! atomic, so a connection being closed for idleness is never handed a new stream; a failed
-//! connect fails the requests waiting for it once each. The one retry here is of a request an
-//! HTTP/1.1 connection gave back unsent (the endpoint closed that keep-alive connection just
-//! before): it goes to another connection, as hyper's own pool does, never twice to the wire.
+//! connect fails the requests waiting for it once each, and nothing here retries.
 
 use std::{
     collections::HashMap,
@@ -28,7 +24,7 @@ use std::{
 use hyper::{
     Request, Response,
     body::Incoming,
-    client::conn::{http1, http2},
+    client::conn::http2::{Builder, SendRequest},
 };
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::{
@@ -55,16 +51,6 @@ pub struct Policy {
     pub keepalive: Option<(Duration, Duration)>,
 }
 
-/// The HTTP version a pool speaks to its endpoints.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Protocol {
-    Http1,
-    Http2,
-}
-
-/// Times an HTTP/1.1 request given back unsent is offered to another connection.
-const UNSENT_TRIES: usize = 3;
-
 /// Why a request could not be sent.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -78,15 +64,14 @@ pub enum Error {
     Http(#[from] hyper::Error),
 }
 
-/// The connections of one pool, per endpoint address.
+/// The HTTP/2 connections of one pool, per endpoint address.
 pub struct StreamPool {
     connector: Connector,
     policy: Policy,
-    protocol: Protocol,
     conns: Mutex<HashMap<SocketAddr, Vec<Arc<Conn>>>>,
 }
 
-/// One upstream connection (or one being opened).
+/// One upstream HTTP/2 connection (or one being opened).
 struct Conn {
     state: watch::Receiver<State>,
     /// Streams reserved on it, or [`CLOSING`].
@@ -103,24 +88,9 @@ struct Conn {
 #[derive(Clone)]
 enum State {
     Connecting,
-    Ready(Sender),
+    Ready(SendRequest<UpstreamBody>),
     Failed(Arc<str>),
     Closed,
-}
-
-/// Where a connection takes requests.
-#[derive(Clone)]
-enum Sender {
-    /// One request at a time; the connection's one stream makes the lock uncontended.
-    H1(Arc<tokio::sync::Mutex<http1::SendRequest<UpstreamBody>>>),
-    H2(http2::SendRequest<UpstreamBody>),
-}
-
-/// How sending over one connection failed.
-enum Unsent {
-    /// The connection closed before the request was written: it can go to another.
-    Back(Box<Request<UpstreamBody>>),
-    Failed(Error),
 }
 
 /// A stream reserved on a connection; released when dropped.
@@ -129,23 +99,13 @@ pub struct Stream(Arc<Conn>);
 // === impl StreamPool ===
 
 impl StreamPool {
-    /// A pool speaking `protocol`; HTTP/1.1 connections carry one stream and no pings.
-    pub fn new(connector: Connector, policy: Policy, protocol: Protocol) -> Self {
-        let policy = match protocol {
-            Protocol::Http1 => Policy {
-                max_streams: 1,
-                keepalive: None,
-                ..policy
-            },
-            Protocol::Http2 => Policy {
+    pub fn new(connector: Connector, policy: Policy) -> Self {
+        Self {
+            connector,
+            policy: Policy {
                 max_streams: policy.max_streams.clamp(1, CLOSING - 1),
                 ..policy
             },
-        };
-        Self {
-            connector,
-            policy,
-            protocol,
             conns: Mutex::default(),
         }
     }
@@ -154,24 +114,8 @@ impl StreamPool {
     pub async fn send(
         &self,
         addr: SocketAddr,
-        mut req: Request<UpstreamBody>,
+        req: Request<UpstreamBody>,
     ) -> Result<(Response<Incoming>, Stream), Error> {
-        if self.protocol == Protocol::Http1 {
-            origin_form(&mut req);
-        }
-        for _ in 0..UNSENT_TRIES {
-            let (sender, stream) = self.stream(addr).await?;
-            match sender.send(req).await {
-                Ok(resp) => return Ok((resp, stream)),
-                Err(Unsent::Back(r)) => req = *r,
-                Err(Unsent::Failed(e)) => return Err(e),
-            }
-        }
-        Err(Error::Closed)
-    }
-
-    /// A stream reserved on a connection to `addr` once that connection is ready.
-    async fn stream(&self, addr: SocketAddr) -> Result<(Sender, Stream), Error> {
         let (conn, opener) = self.reserve(addr);
         let stream = Stream(conn.clone());
         if let Some(tx) = opener {
@@ -182,7 +126,7 @@ impl StreamPool {
                 addr,
                 conn.clone(),
                 tx,
-                (self.policy, self.protocol),
+                self.policy,
             ));
         }
         let mut rx = conn.state.clone();
@@ -191,11 +135,14 @@ impl StreamPool {
             .await
             .map(|s| s.clone())
             .unwrap_or(State::Closed);
-        match state {
-            State::Ready(s) => Ok((s, stream)),
-            State::Failed(e) => Err(Error::Connect(e)),
-            State::Connecting | State::Closed => Err(Error::Closed),
-        }
+        let mut sender = match state {
+            State::Ready(s) => s,
+            State::Failed(e) => return Err(Error::Connect(e)),
+            State::Connecting | State::Closed => return Err(Error::Closed),
+        };
+        sender.ready().await?;
+        let resp = sender.send_request(req).await?;
+        Ok((resp, stream))
     }
 
     /// A stream on a usable connection to `addr`, or a new connection (with the sender that
@@ -250,7 +197,7 @@ async fn open(
     addr: SocketAddr,
     conn: Arc<Conn>,
     tx: watch::Sender<State>,
-    (policy, protocol): (Policy, Protocol),
+    policy: Policy,
 ) {
     let uri = match format!("http://{addr}").parse() {
         Ok(u) => u,
@@ -266,30 +213,18 @@ async fn open(
             return;
         }
     };
-    let handshake = match protocol {
-        Protocol::Http1 => http1::Builder::new().handshake(io).await.map(|(s, c)| {
-            let sender = Sender::H1(Arc::new(tokio::sync::Mutex::new(s)));
-            (sender, Box::pin(c.with_upgrades()) as Driven)
-        }),
-        Protocol::Http2 => {
-            let mut builder = http2::Builder::new(TokioExecutor::new());
-            builder.timer(TokioTimer::new());
-            if let Some((interval, timeout)) = policy.keepalive {
-                builder
-                    .keep_alive_interval(interval)
-                    .keep_alive_timeout(timeout)
-                    .keep_alive_while_idle(true);
-            }
-            builder
-                .handshake(io)
-                .await
-                .map(|(s, c)| (Sender::H2(s), Box::pin(c) as Driven))
-        }
-    };
-    let (sender, connection) = match handshake {
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder.timer(TokioTimer::new());
+    if let Some((interval, timeout)) = policy.keepalive {
+        builder
+            .keep_alive_interval(interval)
+            .keep_alive_timeout(timeout)
+            .keep_alive_while_idle(true);
+    }
+    let (sender, connection) = match builder.handshake(io).await {
         Ok(h) => h,
         Err(e) => {
-            tx.send_replace(State::Failed(format!("{protocol:?} handshake: {e}").into()));
+            tx.send_replace(State::Failed(format!("HTTP/2 handshake: {e}").into()));
             return;
         }
     };
@@ -297,24 +232,6 @@ async fn open(
     drive(connection, &conn, policy.idle_timeout).await;
     tx.send_replace(State::Closed);
 }
-
-/// The request target an HTTP/1.1 endpoint expects (RFC 9112 §3.2): the path and query, or the
-/// authority alone for `CONNECT`. The pool's URIs are absolute (they name the endpoint).
-fn origin_form(req: &mut Request<UpstreamBody>) {
-    let uri = req.uri();
-    let target = match (req.method() == hyper::Method::CONNECT, uri.authority()) {
-        (true, Some(a)) => hyper::Uri::from(a.clone()),
-        _ => hyper::Uri::from(
-            uri.path_and_query()
-                .cloned()
-                .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/")),
-        ),
-    };
-    *req.uri_mut() = target;
-}
-
-/// A connection's own future (hyper's), run by [`drive`].
-type Driven = std::pin::Pin<Box<dyn std::future::Future<Output = hyper::Result<()>> + Send>>;
 
 /// Runs the connection until the peer closes it, or it is retired with no stream left, or it
 /// has had no stream for `idle` (dropping the connection closes the socket).
@@ -333,7 +250,7 @@ async fn drive(
         tokio::select! {
             r = &mut connection => {
                 if let Err(e) = r {
-                    tracing::debug!(error = %e, "upstream HTTP connection ended");
+                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
                 }
                 return;
             }
@@ -347,7 +264,7 @@ async fn drive(
                 // The last stream may have ended while this deadline was computed.
                 let idle_for = conn.idle_since.lock().unwrap_or_else(|e| e.into_inner()).elapsed();
                 if idle.is_some_and(|d| idle_for >= d) && conn.try_close() {
-                    tracing::debug!("upstream HTTP connection idle, closed");
+                    tracing::debug!("upstream HTTP/2 connection idle, closed");
                     return;
                 }
             }
@@ -382,44 +299,6 @@ impl Conn {
         self.streams
             .compare_exchange(0, CLOSING, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
-    }
-}
-
-// === impl Sender ===
-
-impl Sender {
-    /// Closed by the peer (an HTTP/1.1 connection in use counts as open).
-    fn is_closed(&self) -> bool {
-        match self {
-            Sender::H1(s) => s.try_lock().is_ok_and(|s| s.is_closed()),
-            Sender::H2(s) => s.is_closed(),
-        }
-    }
-
-    /// Sends `req` once the connection can take it.
-    async fn send(&self, req: Request<UpstreamBody>) -> Result<Response<Incoming>, Unsent> {
-        match self {
-            Sender::H1(s) => {
-                let mut s = s.lock().await;
-                if s.ready().await.is_err() {
-                    return Err(Unsent::Back(Box::new(req)));
-                }
-                s.try_send_request(req)
-                    .await
-                    .map_err(|mut e| match e.take_message() {
-                        Some(req) => Unsent::Back(Box::new(req)),
-                        None => Unsent::Failed(Error::Http(e.into_error())),
-                    })
-            }
-            Sender::H2(s) => {
-                let mut s = s.clone();
-                let sent = async {
-                    s.ready().await?;
-                    s.send_request(req).await
-                };
-                sent.await.map_err(|e| Unsent::Failed(Error::Http(e)))
-            }
-        }
     }
 }
 

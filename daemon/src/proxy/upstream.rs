@@ -221,15 +221,22 @@ impl AsyncWrite for Stream {
 
 // === Connector ===
 
-/// Dials for the HTTP pools: a [`Dialer`] as a `tower` service over `http://ADDR` URIs.
+/// Dials for hyper's pools: a [`Dialer`] as a `tower` service over `http://ADDR` URIs.
 #[derive(Clone)]
 pub struct Connector(pub Dialer);
 
-/// A pooled upstream connection, counted in its address's `cx_active` while open.
+/// A pooled upstream connection, counted in its address's `cx_active` while open, with the
+/// number of requests it carried (for `maxRequestsPerConnection`).
 pub struct Tracked {
     io: TokioIo<Stream>,
+    uses: Uses,
     _counted: crate::stats::Connection,
 }
+
+/// Requests sent over one upstream connection, reachable from a request through hyper-util's
+/// connection metadata.
+#[derive(Clone, Debug, Default)]
+pub struct Uses(pub Arc<std::sync::atomic::AtomicU32>);
 
 impl tower_service::Service<Uri> for Connector {
     type Response = Tracked;
@@ -254,6 +261,7 @@ impl tower_service::Service<Uri> for Connector {
             })?;
             Ok(Tracked {
                 io: TokioIo::new(stream),
+                uses: Uses::default(),
                 _counted: crate::stats::store().connection(addr),
             })
         })
@@ -297,6 +305,19 @@ impl hyper::rt::Write for Tracked {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+}
+
+impl hyper_util::client::legacy::connect::Connection for Tracked {
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        let stream = self.io.inner();
+        let connected = stream.tcp().connected();
+        let connected = if stream.negotiated_h2() {
+            connected.negotiated_h2()
+        } else {
+            connected
+        };
+        connected.extra(self.uses.clone())
     }
 }
 
