@@ -21,35 +21,46 @@ const VIP: &str = "127.77.0.10:80";
 /// Size of the body an endpoint answers `/big` with: more than loopback socket buffers hold.
 const BIG: usize = 24 << 20;
 
-/// Endpoint `name`: 503 when the path contains `fail-<name>`, [`BIG`] bytes for `/big`, else 200
-/// with `<name>:<body bytes>`.
+/// Endpoint `name`: 503 when the path contains `fail-<name>`, [`BIG`] bytes for `/big`, the
+/// request target and the connections accepted so far for `/target`, else 200 with
+/// `<name>:<body bytes>`.
 async fn endpoint(listener: tokio::net::TcpListener, name: &'static str) {
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             return;
         };
+        accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let accepted = accepted.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(
-                move |req: hyper::Request<hyper::body::Incoming>| async move {
-                    let fail = req.uri().path().contains(&format!("fail-{name}"));
-                    if req.uri().path() == "/big" {
-                        let big = hyper::body::Bytes::from(vec![b'x'; BIG]);
-                        return Ok(hyper::Response::new(Full::new(big)));
+            let service =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let accepted = accepted.clone();
+                    async move {
+                        let fail = req.uri().path().contains(&format!("fail-{name}"));
+                        if req.uri().path() == "/big" {
+                            let big = hyper::body::Bytes::from(vec![b'x'; BIG]);
+                            return Ok(hyper::Response::new(Full::new(big)));
+                        }
+                        if req.uri().path() == "/target" {
+                            let n = accepted.load(std::sync::atomic::Ordering::Relaxed);
+                            let body = format!("{name}:{} conns={n}", req.uri());
+                            return Ok(hyper::Response::new(Full::new(body.into())));
+                        }
+                        let n = req
+                            .into_body()
+                            .collect()
+                            .await
+                            .map_or(0, |b| b.to_bytes().len());
+                        let mut resp = hyper::Response::new(Full::new(hyper::body::Bytes::from(
+                            format!("{name}:{n}"),
+                        )));
+                        if fail {
+                            *resp.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+                        }
+                        Ok::<_, std::convert::Infallible>(resp)
                     }
-                    let n = req
-                        .into_body()
-                        .collect()
-                        .await
-                        .map_or(0, |b| b.to_bytes().len());
-                    let mut resp = hyper::Response::new(Full::new(hyper::body::Bytes::from(
-                        format!("{name}:{n}"),
-                    )));
-                    if fail {
-                        *resp.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
-                    }
-                    Ok::<_, std::convert::Infallible>(resp)
-                },
-            );
+                });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                 .await;
@@ -445,4 +456,21 @@ fn hop_by_hop_headers_and_those_connection_names_are_not_forwarded() {
     super::strip_hop_by_hop(&mut h, true);
     let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
     assert_eq!(left, ["te", "connection", "upgrade"]);
+}
+
+#[tokio::test]
+async fn http1_upstream_connections_are_kept_alive_and_sent_origin_form() {
+    let m = mesh(&virtual_service(
+        "  - route: [{destination: {host: web.default.svc, subset: one}}]\n",
+    ))
+    .await;
+    // Three clients, one after another: one upstream connection carries all three requests,
+    // each with the path and query as its target (not the absolute URI the pool dials by).
+    for _ in 0..3 {
+        let r = m
+            .request("GET /target?x=1 HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
+            .await;
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        assert!(r.ends_with("one:/target?x=1 conns=1"), "{r}");
+    }
 }
