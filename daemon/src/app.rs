@@ -122,7 +122,10 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
             .map(|_| cfg.pin_dir.clone()),
     );
     let shared_lock = Arc::new(std::sync::Mutex::new(lock));
-    let (handed_cni, handed_pods) = handed.map(|h| (h.cni, h.pods)).unzip();
+    let (handed_cni, handed_pods, successor) = match handed {
+        Some(h) => (Some(h.cni), Some(h.pods), Some(h.successor)),
+        None => (None, None, None),
+    };
     let bindings = Bindings::bind(&cfg, handed_cni).await?;
     sources.workloads = bindings.workloads(&cfg);
     let snapshots = loaded.resolve(&sources);
@@ -168,6 +171,7 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
         let mut enroller =
             crate::cni::Enroller::new(kernel.clone(), views.clone(), reload.clone(), serve)?;
         enroller.lock = Some(shared_lock.clone());
+        enroller.pin_dir = cfg.pin_dir.clone();
         let api = early.api.clone();
         let fixed = bindings.cookies.clone();
         start_cni(&cfg, enroller, (socket, fixed), (api, handed_pods)).await?;
@@ -186,6 +190,10 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
         "drover ready"
     );
     ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    // Only now does the daemon this one took over from retire.
+    if let Some(s) = successor {
+        s.ready();
+    }
     Ok(Bound {
         listeners,
         registry,
@@ -318,7 +326,7 @@ fn control(
     ),
     views: &Views,
     kernel: &Option<Arc<Kernel>>,
-    admin: Option<tokio::net::TcpListener>,
+    admin: Option<AdminBinding>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<(reload::Trigger, Option<std::net::SocketAddr>)> {
     let registry = &views.primary;
@@ -356,7 +364,22 @@ fn control(
         api,
     };
     let admin = match admin {
-        Some(l) => Some(server.serve(l, shutdown.clone())?),
+        Some(AdminBinding::Bound(l)) => Some(server.serve(l, shutdown.clone())?),
+        Some(AdminBinding::WhenFree(addr)) => {
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                while !shutdown.is_cancelled() {
+                    if let Ok(l) = crate::admin::Admin::bind(addr).await {
+                        if let Err(e) = server.serve(l, shutdown) {
+                            tracing::error!(error = %e, "admin API not served");
+                        }
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            });
+            Some(addr)
+        }
         None => None,
     };
     Ok((reload, admin))
@@ -449,7 +472,7 @@ struct Bindings {
     cookies: Vec<u64>,
     listeners: Vec<(Arc<NetNs>, tokio::net::TcpListener)>,
     inbound: Option<InboundBinding>,
-    admin: Option<tokio::net::TcpListener>,
+    admin: Option<AdminBinding>,
     /// The `drover-cni` plugin's socket.
     cni: Option<tokio::net::UnixListener>,
 }
@@ -556,8 +579,15 @@ impl Bindings {
             }
             None => None,
         };
+        // After a handover the previous daemon keeps its admin port until this one is ready:
+        // it is taken once free.
+        let handover = handed_cni.is_some();
         let admin = match cfg.admin {
-            Some(addr) => Some(bind_when_free(addr, cfg.cni_socket.is_some()).await?),
+            Some(addr) => match crate::admin::Admin::bind(addr).await {
+                Ok(l) => Some(AdminBinding::Bound(l)),
+                Err(_) if handover => Some(AdminBinding::WhenFree(addr)),
+                Err(e) => return Err(e.into()),
+            },
             None => None,
         };
         let cni = match (&cfg.cni_socket, handed_cni) {
@@ -628,27 +658,16 @@ fn lock_pins(
         return Ok((None, None));
     }
     let handed = match &cfg.cni_socket {
-        Some(path) => crate::cni::handover::take(path)?,
+        Some(path) => crate::cni::handover::take(path, &cfg.pin_dir)?,
         None => None,
     };
     Ok((Some(PinLock::acquire(&cfg.pin_dir)?), handed))
 }
 
-/// Binds `addr`; with a handover (`retry`), waits up to 5 s for the retiring daemon to free it.
-async fn bind_when_free(
-    addr: std::net::SocketAddr,
-    retry: bool,
-) -> anyhow::Result<tokio::net::TcpListener> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        match crate::admin::Admin::bind(addr).await {
-            Ok(l) => return Ok(l),
-            Err(_) if retry && tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
+/// The admin port: bound, or (after a handover) taken once the previous daemon frees it.
+enum AdminBinding {
+    Bound(tokio::net::TcpListener),
+    WhenFree(std::net::SocketAddr),
 }
 
 /// Where original destinations come from, and the kernel side when capture is eBPF.

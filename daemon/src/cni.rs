@@ -45,8 +45,21 @@ use crate::{
 
 /// Where the daemon listens for the plugin by default.
 pub const DEFAULT_SOCKET: &str = "/var/run/drover/cni.sock";
-/// How long either side waits for the other (Istio's CNI plugin waits 5 s for its agent too).
+/// The plugin's bound on one whole exchange, connect to reply (Istio's CNI plugin waits 5 s for
+/// its agent too).
 pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the daemon waits for a whole request once it accepted the connection (a request is
+/// one `sendmsg` of well under a KiB).
+const READ_TIMEOUT: Duration = Duration::from_secs(1);
+/// What the daemon keeps of the plugin's deadline for the reply to reach it: an enrolment not
+/// complete by `deadline - REPLY_MARGIN` is rolled back and answered as failed.
+const REPLY_MARGIN: Duration = Duration::from_millis(500);
+/// Requests handled at once (past their read); a request beyond waits for a slot until its
+/// deadline.
+const MAX_EXCHANGES: usize = 64;
+/// Connections open at once (each costs a task and a descriptor while its request is read); a
+/// connection beyond is answered "busy" at once (the plugin reports "try again later").
+const MAX_CONNECTIONS: usize = 4096;
 /// The longest request the daemon reads.
 const MAX_REQUEST: usize = 64 << 10;
 
@@ -57,6 +70,11 @@ pub enum Command {
     Add,
     Del,
     Check,
+    /// CNI 1.1 `STATUS`: whether the daemon can enrol pods.
+    Status,
+    /// CNI 1.1 `GC`: `valid` lists the containers the runtime still has; the plugin's other
+    /// enrolments go.
+    Gc,
 }
 
 /// One request from the plugin.
@@ -77,6 +95,29 @@ pub struct Request {
     /// `CNI_NETNS`, for messages.
     #[serde(default)]
     pub netns: String,
+    /// When the plugin gives up, in ms of `CLOCK_MONOTONIC` (see [`monotonic_ms`]); the daemon
+    /// answers before it or rolls the enrolment back. Absent: [`EXCHANGE_TIMEOUT`] from accept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
+    /// GC: the container ids the runtime still has attached.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub valid: Vec<String>,
+}
+
+impl Request {
+    /// A request with nothing but its command and container.
+    pub fn new(command: Command, container_id: impl Into<String>) -> Self {
+        Self {
+            command,
+            container_id: container_id.into(),
+            pod_namespace: String::new(),
+            pod_name: String::new(),
+            ips: Vec::new(),
+            netns: String::new(),
+            deadline_ms: None,
+            valid: Vec::new(),
+        }
+    }
 }
 
 /// The daemon's answer.
@@ -112,6 +153,12 @@ pub enum Error {
     Kernel(String),
     #[error("container {0} is not enrolled")]
     NotEnrolled(String),
+    #[error("{0}: the plugin's deadline passed first (rolled back)")]
+    TimedOut(String),
+    #[error("peer {0} refused: only root (or the daemon's own user) may use this socket")]
+    Peer(String),
+    #[error("the daemon is busy (its limit of {0} is reached); try again")]
+    Busy(usize),
 }
 
 /// What serving an enrolled pod's listeners needs (the data path's parts).
@@ -140,11 +187,20 @@ pub struct Enroller {
     pub lock: Option<Arc<Mutex<Option<crate::redirect::loader::PinLock>>>>,
     /// A copy of the CNI socket's fd, for a handover.
     cni_fd: Mutex<Option<OwnedFd>>,
+    /// One operation at a time per container id (concurrent or repeated ADD and DEL).
+    busy: Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// One permit per exchange in flight (a handover takes them all).
+    slots: Arc<tokio::sync::Semaphore>,
+    /// While a handover waits for the new daemon: no exchange is accepted, no pass reconciles.
+    paused: tokio::sync::watch::Sender<bool>,
+    /// The pin directory (its lock is taken back when a new daemon fails after a handover).
+    pub pin_dir: PathBuf,
 }
 
 /// One enrolled pod.
 struct Enrolled {
-    /// The workload's name (`namespace/pod`, or the container id).
+    /// The workload's key in the views: its name (`namespace/pod`, or the container id), with
+    /// `#<container>` when another sandbox of the same pod holds the name.
     name: String,
     cookie: u64,
     stop: CancellationToken,
@@ -168,6 +224,25 @@ struct Prepared {
     handle: crate::registry::RegistryHandle,
 }
 
+/// The right to change one container's enrolment (see [`Enroller::exclusive`]).
+pub struct Exclusive<'a> {
+    enroller: &'a Enroller,
+    id: String,
+    lock: Arc<tokio::sync::Mutex<()>>,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for Exclusive<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        let mut busy = (self.enroller.busy.lock()).unwrap_or_else(|e| e.into_inner());
+        // Only the map's and this one's: nobody waits for the container any more.
+        if Arc::strong_count(&self.lock) == 2 {
+            busy.remove(&self.id);
+        }
+    }
+}
+
 // === impl Enroller ===
 
 impl Enroller {
@@ -188,6 +263,10 @@ impl Enroller {
             state: None,
             lock: None,
             cni_fd: Mutex::default(),
+            busy: Mutex::default(),
+            slots: Arc::new(tokio::sync::Semaphore::new(MAX_EXCHANGES)),
+            paused: tokio::sync::watch::channel(false).0,
+            pin_dir: PathBuf::new(),
         })
     }
 
@@ -216,15 +295,22 @@ impl Enroller {
                 reason: e.to_string(),
             })?;
         *self.cni_fd.lock().unwrap_or_else(|e| e.into_inner()) = Some(fd);
-        match handed {
-            Some(pods) => self.take_over(pods).await?,
-            None => self.restore().await?,
-        }
-        let handover = bind(&handover::path(path))?;
+        let handover_path = handover::path(path);
+        let handover = match handed {
+            Some(pods) => {
+                self.take_over(pods).await?;
+                // The old daemon's handover socket: this one's takes its path.
+                bind_replacing(&handover_path)?
+            }
+            None => {
+                self.restore().await?;
+                bind(&handover_path)?
+            }
+        };
         let shutdown = self.serve.shutdown.clone();
         tracing::info!(socket = %path.display(), "enrolling pods through drover-cni");
         let me = Arc::new(self);
-        tokio::spawn(handover::serve(handover, me.clone()));
+        tokio::spawn(handover::serve(handover, handover_path, me.clone()));
         if let Some(r) = reconcile {
             me.reconcile(&r).await?;
             tokio::spawn(me.clone().keep_reconciling(r));
@@ -278,34 +364,73 @@ impl Enroller {
         self.pods.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Answers one request (`fd`: the namespace, for ADD).
-    pub async fn handle(&self, req: Request, fd: Option<OwnedFd>) -> Result<(), Error> {
+    /// Answers one request (`fd`: the namespace, for ADD) before `deadline`. The caller holds
+    /// the container's [`Enroller::exclusive`] guard.
+    pub async fn handle(
+        &self,
+        req: Request,
+        fd: Option<OwnedFd>,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), Error> {
         match req.command {
             Command::Add => {
                 let fd = fd.ok_or_else(|| Error::NoNamespace(req.container_id.clone()))?;
-                self.add(&req, fd).await
+                self.add(&req, fd, deadline).await
             }
+            // Only the container's own enrolment: a repeated DEL, or one for a container never
+            // added, finds nothing and succeeds.
             Command::Del => {
-                // A pod reconciliation enrolled is known by its name, not its container.
-                let name = workload_name(&req);
-                let id = match self.pods().contains_key(&req.container_id) {
-                    true => Some(req.container_id.clone()),
-                    false => (self.pods().iter())
-                        .find(|(_, p)| p.name == name)
-                        .map(|(id, _)| id.clone()),
-                };
-                if let Some(id) = id {
-                    self.del(&id);
-                }
+                self.del(&req.container_id);
                 Ok(())
             }
             Command::Check if self.pods().contains_key(&req.container_id) => Ok(()),
             Command::Check => Err(Error::NotEnrolled(req.container_id)),
+            Command::Status => Ok(()),
+            Command::Gc => {
+                self.gc(&req.valid);
+                Ok(())
+            }
         }
     }
 
-    /// Enrols the pod of `req` whose namespace is `fd`.
-    async fn add(&self, req: &Request, fd: OwnedFd) -> Result<(), Error> {
+    /// Waits (until `deadline`) for the right to change container `id`'s enrolment: ADD and
+    /// DEL of one container never interleave, and an ADD's reply is written (or the ADD rolled
+    /// back) before the next operation on it starts.
+    pub async fn exclusive(
+        &self,
+        id: &str,
+        deadline: tokio::time::Instant,
+    ) -> Result<Exclusive<'_>, Error> {
+        let lock = (self.busy.lock().unwrap_or_else(|e| e.into_inner()))
+            .entry(id.to_string())
+            .or_default()
+            .clone();
+        let waited = tokio::time::timeout_at(deadline, lock.clone().lock_owned()).await;
+        let mut one = Exclusive {
+            enroller: self,
+            id: id.to_string(),
+            lock,
+            guard: None,
+        };
+        match waited {
+            Ok(g) => {
+                one.guard = Some(g);
+                Ok(one)
+            }
+            Err(_) => Err(Error::TimedOut(format!(
+                "container {id}: another operation on it"
+            ))),
+        }
+    }
+
+    /// Enrols the pod of `req` whose namespace is `fd`; an enrolment that cannot complete
+    /// before `deadline` is undone.
+    async fn add(
+        &self,
+        req: &Request,
+        fd: OwnedFd,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), Error> {
         if self.pods().contains_key(&req.container_id) {
             return Ok(());
         }
@@ -313,7 +438,16 @@ impl Enroller {
             return Ok(());
         };
         // Its own snapshot (identity) before its first connect is captured.
-        self.reload.workloads_changed().await;
+        if tokio::time::timeout_at(deadline, self.reload.workloads_changed())
+            .await
+            .is_err()
+        {
+            self.views.remove(&prepared.name);
+            return Err(Error::TimedOut(format!(
+                "enrolling {} (its snapshot was not built in time)",
+                prepared.name
+            )));
+        }
         self.activate(prepared, true);
         if let Err(e) = self.sync_kernel() {
             self.del(&req.container_id);
@@ -321,6 +455,19 @@ impl Enroller {
         }
         self.save();
         Ok(())
+    }
+
+    /// CNI `GC`: un-enrols the plugin's enrolments whose container is not in `valid` (pods
+    /// reconciliation found are not the plugin's).
+    fn gc(&self, valid: &[String]) {
+        let stale: Vec<String> = (self.pods().iter())
+            .filter(|(id, p)| p.persist && !valid.contains(id))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in stale {
+            tracing::info!(container = %id, "GC: the runtime no longer has this container");
+            self.del(&id);
+        }
     }
 
     /// Opens the namespace of `fd` and binds its listeners (or takes `listeners`, handed over);
@@ -349,11 +496,14 @@ impl Enroller {
             })?,
         };
         let ns = Arc::new(ns);
-        let handle = self.views.add(Workload {
-            netns: name.clone(),
-            addresses: ns.addresses.clone(),
-            entry: None,
-        });
+        let (name, handle) = self.views.add(
+            Workload {
+                netns: name,
+                addresses: ns.addresses.clone(),
+                entry: None,
+            },
+            &req.container_id,
+        );
         Ok(Some(Prepared {
             req: req.clone(),
             name,
@@ -442,16 +592,70 @@ impl Enroller {
             .collect()
     }
 
-    /// Stops serving (the data path's listeners close, open connections finish) and releases
-    /// the pin directory's lock; the CNI socket's fd for the new daemon.
-    fn retire(&self) -> std::io::Result<OwnedFd> {
-        let cni = (self.cni_fd.lock().unwrap_or_else(|e| e.into_inner()).take())
-            .ok_or_else(|| std::io::Error::other("no CNI socket to hand over"))?;
-        self.serve.shutdown.cancel();
+    /// Stops changing enrolments for a handover: no new exchange is accepted (connects wait in
+    /// the socket's queue), the ones in flight finish (bounded by their deadline), no pass
+    /// reconciles. The permits are held until [`Enroller::resume`] or the retirement.
+    async fn pause(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        self.paused.send_replace(true);
+        let all = self.slots.acquire_many(MAX_EXCHANGES as u32);
+        match tokio::time::timeout(EXCHANGE_TIMEOUT * 2, all).await {
+            Ok(Ok(permits)) => Some(permits),
+            _ => {
+                self.paused.send_replace(false);
+                None
+            }
+        }
+    }
+
+    /// Whether a handover has paused enrolments.
+    fn is_paused(&self) -> bool {
+        *self.paused.borrow()
+    }
+
+    /// Releases the pin directory's lock (the new daemon takes it); a copy of the CNI socket's
+    /// fd to hand over. This daemon keeps serving until [`Enroller::retire`].
+    fn release(&self) -> std::io::Result<OwnedFd> {
+        let cni = (self
+            .cni_fd
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref())
+        .map(OwnedFd::try_clone)
+        .ok_or_else(|| std::io::Error::other("no CNI socket to hand over"))??;
         if let Some(lock) = &self.lock {
             drop(lock.lock().unwrap_or_else(|e| e.into_inner()).take());
         }
         Ok(cni)
+    }
+
+    /// The new daemon is ready: stop serving (the data path's listeners close, open
+    /// connections finish).
+    fn retire(&self) {
+        self.serve.shutdown.cancel();
+    }
+
+    /// The new daemon failed after taking the sockets: take the pin directory back (its lock
+    /// went with the failed process), make the kernel's state this daemon's again, serve again.
+    async fn resume(&self) -> Result<(), Error> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let lock = loop {
+            match crate::redirect::loader::PinLock::acquire(&self.pin_dir) {
+                Ok(l) => break l,
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    return Err(Error::Kernel(format!("taking the pin directory back: {e}")));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        if let Some(slot) = &self.lock {
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(lock);
+        }
+        self.sync_kernel()?;
+        // The failed daemon may have written its own VIPs: a reload writes this one's.
+        self.reload.workloads_changed().await;
+        self.save();
+        self.paused.send_replace(false);
+        Ok(())
     }
 
     /// Writes the enrolments for the next daemon (atomically; a failure is logged).
@@ -513,9 +717,23 @@ fn workload_name(req: &Request) -> String {
 
 // === the socket ===
 
-/// Binds the plugin's socket at `path`. A socket file nobody answers on (a previous daemon's)
-/// is replaced; one a live daemon answers on is refused.
+/// Binds the plugin's socket at `path`, owner-only (`0600`; the peer is checked too, see
+/// [`check_peer`]). A socket file nobody answers on (a previous daemon's) is replaced; one a
+/// live daemon answers on is refused.
 pub fn bind(path: &Path) -> Result<tokio::net::UnixListener, Error> {
+    if path.exists() && UnixStream::connect(path).is_ok() {
+        return Err(Error::Socket {
+            path: path.to_path_buf(),
+            reason: "another daemon is listening on it (stop it, or pass another --cni-socket)"
+                .into(),
+        });
+    }
+    bind_replacing(path)
+}
+
+/// Binds a socket at `path` (owner-only), replacing whatever file is there: after a handover
+/// the new daemon's handover socket takes the path from the old one's.
+pub fn bind_replacing(path: &Path) -> Result<tokio::net::UnixListener, Error> {
     let err = |reason: String| Error::Socket {
         path: path.to_path_buf(),
         reason,
@@ -523,27 +741,40 @@ pub fn bind(path: &Path) -> Result<tokio::net::UnixListener, Error> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
     }
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            return Err(err(
-                "another daemon is listening on it (stop it, or pass another --cni-socket)".into(),
-            ));
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(err(format!("removing the stale socket: {e}")));
         }
-        std::fs::remove_file(path).map_err(|e| err(format!("removing the stale socket: {e}")))?;
+        _ => {}
     }
-    tokio::net::UnixListener::bind(path).map_err(|e| err(e.to_string()))
+    let listener = tokio::net::UnixListener::bind(path).map_err(|e| err(e.to_string()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| err(format!("making it owner-only: {e}")))?;
+    Ok(listener)
 }
 
-/// Serves the plugin until `shutdown`: one blocking exchange per connection.
+/// Serves the plugin until `shutdown`: each connection one exchange, on its own task (at most
+/// [`MAX_CONNECTIONS`] open, [`MAX_EXCHANGES`] past their read).
 pub async fn serve(
     listener: tokio::net::UnixListener,
     enroller: Arc<Enroller>,
     shutdown: CancellationToken,
 ) {
-    let rt = tokio::runtime::Handle::current();
+    let mut paused = enroller.paused.subscribe();
+    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        // Paused by a handover: connects wait in the queue (the new daemon accepts them, or this
+        // one once the handover failed).
+        while *paused.borrow_and_update() {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = paused.changed() => {}
+            }
+        }
         let stream = tokio::select! {
             _ = shutdown.cancelled() => return,
+            _ = paused.changed() => continue,
             a = listener.accept() => match a {
                 Ok((s, _)) => s,
                 Err(e) => {
@@ -553,40 +784,103 @@ pub async fn serve(
                 }
             },
         };
-        let (enroller, rt) = (enroller.clone(), rt.clone());
-        tokio::task::spawn_blocking(move || {
-            if let Err(e) = exchange(stream, &enroller, &rt) {
+        let Ok(conn) = connections.clone().try_acquire_owned() else {
+            // Answered without waiting: the write goes to the socket's buffer or nowhere.
+            let _ = stream.try_write(&reply_line(&Err(Error::Busy(MAX_CONNECTIONS))));
+            tracing::warn!(
+                limit = MAX_CONNECTIONS,
+                "CNI socket: too many connections open; one refused"
+            );
+            continue;
+        };
+        let enroller = enroller.clone();
+        tokio::spawn(async move {
+            if let Err(e) = exchange(stream, &enroller).await {
                 tracing::warn!(error = %e, "CNI request failed");
             }
+            drop(conn);
         });
     }
 }
 
-/// Reads one request, has it handled and writes the reply.
-fn exchange(
-    stream: tokio::net::UnixStream,
-    enroller: &Enroller,
-    rt: &tokio::runtime::Handle,
-) -> Result<(), Error> {
-    let mut stream = stream.into_std().map_err(|e| Error::Read(e.to_string()))?;
-    let io = |e: std::io::Error| Error::Read(e.to_string());
-    stream.set_nonblocking(false).map_err(io)?;
-    stream
-        .set_read_timeout(Some(EXCHANGE_TIMEOUT))
-        .map_err(io)?;
-    stream
-        .set_write_timeout(Some(EXCHANGE_TIMEOUT))
-        .map_err(io)?;
-    let (line, fds) = read_message(&mut stream)?;
+/// Reads one request (within [`READ_TIMEOUT`]), has it handled before the plugin's deadline
+/// and writes the reply; an ADD whose reply cannot be written is rolled back, so the daemon
+/// never keeps an enrolment the plugin reported as failed.
+async fn exchange(stream: tokio::net::UnixStream, enroller: &Enroller) -> Result<(), Error> {
+    let accepted = tokio::time::Instant::now();
+    if let Err(e) = check_peer(&stream) {
+        let line = reply_line(&Err(e));
+        let _ = stream.try_write(&line);
+        return Err(Error::Read(
+            String::from_utf8_lossy(&line).trim().to_string(),
+        ));
+    }
+    let read = tokio::time::timeout(READ_TIMEOUT, read_message_async(&stream)).await;
+    let (line, fds) = read.map_err(|_| {
+        Error::Read(format!(
+            "no complete request within {}s",
+            READ_TIMEOUT.as_secs()
+        ))
+    })??;
     let fd = fds.into_iter().next();
-    let outcome = match serde_json::from_slice::<Request>(&line) {
-        Ok(req) => {
-            tracing::debug!(?req, "CNI request");
-            rt.block_on(enroller.handle(req, fd))
+    let req = match serde_json::from_slice::<Request>(&line) {
+        Ok(req) => req,
+        Err(e) => {
+            let e = Err(Error::Malformed(e.to_string()));
+            write_reply(&stream, &e, accepted + EXCHANGE_TIMEOUT).await;
+            return e;
         }
-        Err(e) => Err(Error::Malformed(e.to_string())),
     };
-    let reply = match &outcome {
+    tracing::debug!(?req, "CNI request");
+    let deadline = answer_by(&req, accepted);
+    let slot = tokio::time::timeout_at(deadline, enroller.slots.acquire()).await;
+    let Ok(Ok(_slot)) = slot else {
+        let e = Err(Error::Busy(MAX_EXCHANGES));
+        write_reply(&stream, &e, deadline + REPLY_MARGIN).await;
+        return e;
+    };
+    match enroller.exclusive(&req.container_id, deadline).await {
+        Ok(_one) => {
+            let outcome = enroller.handle(req.clone(), fd, deadline).await;
+            let sent = write_reply(&stream, &outcome, deadline + REPLY_MARGIN).await;
+            if outcome.is_ok() && req.command == Command::Add && !sent {
+                tracing::warn!(container = %req.container_id, "the plugin gave up before the reply; enrolment rolled back");
+                enroller.del(&req.container_id);
+            }
+            outcome
+        }
+        Err(e) => {
+            let e = Err(e);
+            write_reply(&stream, &e, deadline + REPLY_MARGIN).await;
+            e
+        }
+    }
+}
+
+/// When the answer must be ready: the plugin's deadline less [`REPLY_MARGIN`], and never later
+/// than [`EXCHANGE_TIMEOUT`] after accept.
+fn answer_by(req: &Request, accepted: tokio::time::Instant) -> tokio::time::Instant {
+    let latest = accepted + EXCHANGE_TIMEOUT - REPLY_MARGIN;
+    let Some(deadline) = req.deadline_ms else {
+        return latest;
+    };
+    let left = Duration::from_millis(deadline.saturating_sub(monotonic_ms()));
+    (tokio::time::Instant::now() + left)
+        .checked_sub(REPLY_MARGIN)
+        .unwrap_or(accepted)
+        .min(latest)
+}
+
+/// Milliseconds of `CLOCK_MONOTONIC`: one clock for the plugin and the daemon of a node.
+pub fn monotonic_ms() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| (t.tv_sec() as u64) * 1000 + (t.tv_nsec() as u64) / 1_000_000)
+        .unwrap_or(0)
+}
+
+/// The reply to `outcome`, as one line.
+fn reply_line(outcome: &Result<(), Error>) -> Vec<u8> {
+    let reply = match outcome {
         Ok(()) => Reply {
             ok: true,
             error: None,
@@ -596,8 +890,92 @@ fn exchange(
             error: Some(e.to_string()),
         },
     };
-    send_message(&mut stream, &reply, &[]).map_err(io)?;
-    outcome
+    let mut line = serde_json::to_vec(&reply).unwrap_or_default();
+    line.push(b'\n');
+    line
+}
+
+/// Writes the reply to `outcome` before `until`; whether it was written whole.
+async fn write_reply(
+    stream: &tokio::net::UnixStream,
+    outcome: &Result<(), Error>,
+    until: tokio::time::Instant,
+) -> bool {
+    let line = reply_line(outcome);
+    let write = async {
+        let mut at = 0;
+        while at < line.len() {
+            stream.writable().await?;
+            match stream.try_write(&line[at..]) {
+                Ok(n) => at += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    matches!(tokio::time::timeout_at(until, write).await, Ok(Ok(())))
+}
+
+/// Only root, or the daemon's own user, may talk to the daemon's sockets (`SO_PEERCRED`).
+pub fn check_peer(stream: &tokio::net::UnixStream) -> Result<(), Error> {
+    let cred = stream.peer_cred().map_err(|e| Error::Read(e.to_string()))?;
+    let own = nix::unistd::geteuid().as_raw();
+    if cred.uid() == 0 || cred.uid() == own {
+        return Ok(());
+    }
+    Err(Error::Peer(format!(
+        "uid {} (pid {}): not root",
+        cred.uid(),
+        cred.pid().map_or_else(|| "?".into(), |p| p.to_string())
+    )))
+}
+
+/// Reads one message like [`read_message`], without blocking a thread.
+async fn read_message_async(
+    stream: &tokio::net::UnixStream,
+) -> Result<(Vec<u8>, Vec<OwnedFd>), Error> {
+    let mut buf = Vec::new();
+    let mut fds = Vec::new();
+    while !buf.ends_with(b"\n") {
+        if buf.len() > MAX_REQUEST {
+            return Err(Error::Read(format!("message over {MAX_REQUEST} bytes")));
+        }
+        let (n, more) = stream
+            .async_io(tokio::io::Interest::READABLE, || {
+                let mut chunk = [0u8; 4096];
+                let (n, fds) = recv_once(stream.as_raw_fd(), &mut chunk)?;
+                buf.extend_from_slice(&chunk[..n]);
+                Ok((n, fds))
+            })
+            .await
+            .map_err(|e| Error::Read(e.to_string()))?;
+        fds.extend(more);
+        if n == 0 {
+            return Err(Error::Read("the peer closed before a full message".into()));
+        }
+    }
+    buf.pop();
+    Ok((buf, fds))
+}
+
+/// One `recvmsg` into `buf`: the bytes read and the descriptors that came with them.
+fn recv_once(fd: RawFd, buf: &mut [u8]) -> std::io::Result<(usize, Vec<OwnedFd>)> {
+    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)?;
+    let mut fds = Vec::new();
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            for raw in raw {
+                // SAFETY: the kernel just installed `raw` in this process for us; nothing
+                // else owns it.
+                #[expect(unsafe_code, reason = "SCM_RIGHTS yields raw descriptors")]
+                fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
+            }
+        }
+    }
+    Ok((msg.bytes, fds))
 }
 
 /// The most descriptors one message carries (a pod's namespace and its listeners).
@@ -607,30 +985,12 @@ const MAX_FDS: usize = 4;
 /// a message before the previous one was answered, so a read never takes the next one's bytes.
 pub fn read_message(stream: &mut UnixStream) -> Result<(Vec<u8>, Vec<OwnedFd>), Error> {
     let mut buf = vec![0u8; 8192];
-    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
-    let (n, fds) = {
-        let mut iov = [IoSliceMut::new(&mut buf)];
-        let msg = recvmsg::<()>(
-            stream.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        )
-        .map_err(|e| Error::Read(e.to_string()))?;
-        let mut fds = Vec::new();
-        for c in msg.cmsgs().map_err(|e| Error::Read(e.to_string()))? {
-            if let ControlMessageOwned::ScmRights(raw) = c {
-                for raw in raw {
-                    // SAFETY: the kernel just installed `raw` in this process for us; nothing
-                    // else owns it.
-                    #[expect(unsafe_code, reason = "SCM_RIGHTS yields raw descriptors")]
-                    fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
-                }
-            }
-        }
-        (msg.bytes, fds)
-    };
+    let (n, fds) =
+        recv_once(stream.as_raw_fd(), &mut buf).map_err(|e| Error::Read(e.to_string()))?;
     buf.truncate(n);
+    if n == 0 {
+        return Err(Error::Read("the peer closed before a full message".into()));
+    }
     while !buf.ends_with(b"\n") {
         if buf.len() > MAX_REQUEST {
             return Err(Error::Read(format!("message over {MAX_REQUEST} bytes")));
@@ -679,8 +1039,13 @@ pub fn request(
     fd: Option<&OwnedFd>,
 ) -> std::io::Result<Reply> {
     let raw: Vec<RawFd> = fd.iter().map(|f| f.as_raw_fd()).collect();
-    send_message(stream, req, &raw)?;
-    let (reply, _) = read_message(stream).map_err(std::io::Error::other)?;
+    // A daemon that refuses the peer answers before reading: its reply may be waiting even
+    // when the request could not be sent.
+    let sent = send_message(stream, req, &raw);
+    let (reply, _) = match read_message(stream) {
+        Ok(r) => r,
+        Err(e) => return Err(sent.err().unwrap_or_else(|| std::io::Error::other(e))),
+    };
     serde_json::from_slice(&reply).map_err(|e| {
         std::io::Error::other(format!(
             "unreadable reply {:?}: {e}",
@@ -713,12 +1078,9 @@ mod tests {
     #[test]
     fn workload_names_follow_kubernetes() {
         let req = |ns: &str, pod: &str| Request {
-            command: Command::Add,
-            container_id: "c0ffee".into(),
             pod_namespace: ns.into(),
             pod_name: pod.into(),
-            ips: Vec::new(),
-            netns: String::new(),
+            ..Request::new(Command::Add, "c0ffee")
         };
         assert_eq!(workload_name(&req("shop", "web-1")), "shop/web-1");
         assert_eq!(workload_name(&req("", "web-1")), "default/web-1");

@@ -149,13 +149,19 @@ impl Views {
     }
 
     /// Adds a workload enrolled while running; it reads the primary snapshot until the next
-    /// reload gives it its own. Returns its handle.
-    pub fn add(&self, workload: Workload) -> RegistryHandle {
+    /// reload gives it its own. A name another workload holds (a second sandbox of one pod)
+    /// gets `#<tiebreak>` appended, so each keeps its own handle. Returns the key it is known
+    /// by ([`Views::remove`]) and its handle.
+    pub fn add(&self, mut workload: Workload, tiebreak: &str) -> (String, RegistryHandle) {
         let handle = RegistryHandle::from_arc(self.primary.load());
         let mut all = self.locked();
-        all.retain(|(w, _)| w.netns != workload.netns);
+        if all.iter().any(|(w, _)| w.netns == workload.netns) {
+            workload.netns = format!("{}#{tiebreak}", workload.netns);
+            all.retain(|(w, _)| w.netns != workload.netns);
+        }
+        let key = workload.netns.clone();
         all.push((workload, handle.clone()));
-        handle
+        (key, handle)
     }
 
     /// Forgets the workload of `netns`.

@@ -633,12 +633,10 @@ fn a_host_network_namespace_is_never_enrolled() {
         let mut stream = std::os::unix::net::UnixStream::connect(&socket).expect("socket");
         let fd: std::os::fd::OwnedFd = std::fs::File::open("/proc/self/ns/net").unwrap().into();
         let req = Request {
-            command,
-            container_id: "hostnet".into(),
             pod_namespace: "shop".into(),
             pod_name: "on-the-host".into(),
-            ips: Vec::new(),
             netns: "/proc/self/ns/net".into(),
+            ..Request::new(command, "hostnet")
         };
         request(&mut stream, &req, Some(&fd)).expect("reply")
     };

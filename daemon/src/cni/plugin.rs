@@ -1,17 +1,21 @@
-//! The `drover-cni` chained plugin (CNI spec 1.0; it accepts 0.3.0 to 1.0.0 configurations):
+//! The `drover-cni` chained plugin (CNI spec 1.1; it accepts 0.3.0 to 1.1.0 configurations):
 //! `VERSION` lists the versions; `ADD` opens `CNI_NETNS`, hands it with the pod's name and the
 //! previous plugin's addresses to the daemon and passes `prevResult` through once the daemon has
-//! enrolled the pod; `DEL` tells the daemon (best effort) and always succeeds; `CHECK` asks the
-//! daemon whether the pod is enrolled.
+//! enrolled the pod; `DEL` tells the daemon (best effort) and always succeeds, whatever its input;
+//! `CHECK` asks the daemon whether the pod is enrolled; `STATUS` (1.1) fails with code 50 while
+//! the daemon cannot enrol pods; `GC` (1.1) hands the runtime's `cni.dev/valid-attachments` to
+//! the daemon, which un-enrols the plugin's other pods.
 //!
 //! Configuration keys beside the standard ones: `socket` (default
 //! [`super::DEFAULT_SOCKET`]) and `excludeNamespaces` (default `kube-system` and
 //! `drover-system`): pods of those namespaces pass through without the daemon.
 //!
 //! Invariants: every failure is a CNI error object on stdout (`code`, `msg`, `details`) with exit
-//! status 1; the plugin never waits longer than [`super::EXCHANGE_TIMEOUT`] for the daemon (per
-//! phase: connect, then the reply); a daemon that is unreachable fails `ADD` (fail-closed: the
-//! runtime retries) with code 11 ("try again later").
+//! status 1, codes as the spec numbers them; a configuration whose `cniVersion` is not one of
+//! [`VERSIONS`] is refused with code 1; the plugin never waits longer than
+//! [`super::EXCHANGE_TIMEOUT`] for the daemon, connect to reply, and tells the daemon its
+//! deadline (the daemon rolls back an enrolment it cannot answer in time); a daemon that is
+//! unreachable fails `ADD` (fail-closed: the runtime retries) with code 11 ("try again later").
 
 use std::{os::unix::net::UnixStream, path::PathBuf};
 
@@ -20,15 +24,19 @@ use serde_json::{Value, json};
 use super::{Command, EXCHANGE_TIMEOUT, Request};
 
 /// The versions this plugin speaks.
-pub const VERSIONS: [&str; 4] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0"];
+pub const VERSIONS: [&str; 5] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 /// Namespaces whose pods are never handed to the daemon, unless the configuration says otherwise.
 pub const DEFAULT_EXCLUDED: [&str; 2] = ["kube-system", "drover-system"];
 
-/// CNI error codes used (spec: 4 invalid network config, 7 invalid environment, 11 try again
-/// later, 999 for plugin-specific errors).
-const INVALID_CONFIG: u32 = 4;
-const INVALID_ENV: u32 = 7;
+/// CNI error codes used, as the spec numbers them.
+const INCOMPATIBLE_VERSION: u32 = 1;
+const INVALID_ENV: u32 = 4;
+const DECODE: u32 = 6;
+const INVALID_CONFIG: u32 = 7;
 const TRY_AGAIN: u32 = 11;
+/// CNI 1.1: the plugin cannot service ADD (`STATUS`).
+const NOT_AVAILABLE: u32 = 50;
+/// Above 100: the plugin's own.
 const PLUGIN_ERROR: u32 = 999;
 
 /// What the plugin prints and its exit status.
@@ -62,10 +70,21 @@ pub fn run(env: &dyn Fn(&str) -> Option<String>, stdin: &[u8]) -> Outcome {
         };
     }
     let result = match conf {
+        // DEL always succeeds (the runtime must be able to tear a pod down): with input it
+        // cannot read it still tells the daemon at the default socket, best effort.
+        None if command == "DEL" => {
+            del(super::DEFAULT_SOCKET, env);
+            Ok(None)
+        }
         None => Err(Failure {
-            code: INVALID_CONFIG,
+            code: DECODE,
             msg: "network configuration on stdin is not JSON".into(),
             details: String::from_utf8_lossy(stdin).chars().take(200).collect(),
+        }),
+        Some(_) if command != "DEL" && !VERSIONS.contains(&version.as_str()) => Err(Failure {
+            code: INCOMPATIBLE_VERSION,
+            msg: format!("incompatible CNI version {version:?}"),
+            details: format!("drover-cni supports {}", VERSIONS.join(", ")),
         }),
         Some(conf) => dispatch(&command, env, &conf),
     };
@@ -90,12 +109,31 @@ pub fn run(env: &dyn Fn(&str) -> Option<String>, stdin: &[u8]) -> Outcome {
     }
 }
 
-/// ADD, DEL, CHECK: what to print on success (`None`: nothing).
+/// DEL with whatever `env` says (best effort; it always succeeds): the daemon forgets pods
+/// that vanish on its own too.
+fn del(socket: &str, env: &dyn Fn(&str) -> Option<String>) {
+    let Some(container_id) = env("CNI_CONTAINERID").filter(|v| !v.is_empty()) else {
+        return;
+    };
+    let req = Request {
+        netns: env("CNI_NETNS").unwrap_or_default(),
+        ..Request::new(Command::Del, container_id)
+    };
+    if let Err(f) = ask(socket, req, None) {
+        eprintln!("drover-cni: DEL not delivered: {}: {}", f.msg, f.details);
+    }
+}
+
+/// ADD, DEL, CHECK, STATUS, GC: what to print on success (`None`: nothing).
 fn dispatch(
     command: &str,
     env: &dyn Fn(&str) -> Option<String>,
     conf: &Value,
 ) -> Result<Option<Value>, Failure> {
+    let socket = conf["socket"]
+        .as_str()
+        .unwrap_or(super::DEFAULT_SOCKET)
+        .to_string();
     let need = |name: &str| {
         env(name).filter(|v| !v.is_empty()).ok_or_else(|| Failure {
             code: INVALID_ENV,
@@ -107,14 +145,19 @@ fn dispatch(
         "ADD" => Command::Add,
         "DEL" => Command::Del,
         "CHECK" => Command::Check,
+        "STATUS" => return status(&socket).map(|()| None),
+        "GC" => return gc(&socket, conf).map(|()| None),
         other => {
             return Err(Failure {
                 code: INVALID_ENV,
                 msg: format!("unsupported CNI_COMMAND {other:?}"),
-                details: "expected ADD, DEL, CHECK or VERSION".into(),
+                details: "expected ADD, DEL, CHECK, STATUS, GC or VERSION".into(),
             });
         }
     };
+    if command == Command::Del && env("CNI_CONTAINERID").is_none_or(|v| v.is_empty()) {
+        return Ok(None);
+    }
     let container_id = need("CNI_CONTAINERID")?;
     let args = cni_args(&env("CNI_ARGS").unwrap_or_default());
     // As Kubernetes: a pod the runtime names no namespace for is in `default`.
@@ -124,24 +167,20 @@ fn dispatch(
     let excluded = excluded(conf);
     let prev = conf.get("prevResult").cloned();
     if excluded.contains(&pod_namespace) {
-        return Ok(prev.filter(|_| command == Command::Add));
+        // Passed through: ADD prints the previous result (or an empty one), the others nothing.
+        return Ok((command == Command::Add).then(|| prev.unwrap_or_else(|| json!({}))));
     }
     let netns = match command {
         Command::Del => env("CNI_NETNS").unwrap_or_default(),
         _ => need("CNI_NETNS")?,
     };
     let req = Request {
-        command: command.clone(),
-        container_id,
         pod_namespace,
         pod_name: args.get("K8S_POD_NAME").cloned().unwrap_or_default(),
         ips: prev.as_ref().map(addresses).unwrap_or_default(),
         netns: netns.clone(),
+        ..Request::new(command.clone(), container_id)
     };
-    let socket = conf["socket"]
-        .as_str()
-        .unwrap_or(super::DEFAULT_SOCKET)
-        .to_string();
     match command {
         Command::Add => {
             let prev = prev.ok_or_else(|| Failure {
@@ -156,13 +195,13 @@ fn dispatch(
                     details: e.to_string(),
                 })?
                 .into();
-            ask(&socket, &req, Some(&fd))?;
+            ask(&socket, req, Some(&fd))?;
             Ok(Some(prev))
         }
-        Command::Check => ask(&socket, &req, None).map(|()| None),
-        Command::Del => {
+        Command::Check => ask(&socket, req, None).map(|()| None),
+        _ => {
             // Best effort: the daemon forgets pods that vanish on its own too.
-            if let Err(f) = ask(&socket, &req, None) {
+            if let Err(f) = ask(&socket, req, None) {
                 eprintln!("drover-cni: DEL not delivered: {}: {}", f.msg, f.details);
             }
             Ok(None)
@@ -170,8 +209,33 @@ fn dispatch(
     }
 }
 
-/// One exchange with the daemon.
-fn ask(socket: &str, req: &Request, fd: Option<&std::os::fd::OwnedFd>) -> Result<(), Failure> {
+/// `STATUS`: whether the daemon answers (code 50 otherwise: the runtime reports the network
+/// not ready instead of failing every pod's ADD).
+fn status(socket: &str) -> Result<(), Failure> {
+    ask(socket, Request::new(Command::Status, ""), None).map_err(|f| Failure {
+        code: NOT_AVAILABLE,
+        ..f
+    })
+}
+
+/// `GC`: the containers of `cni.dev/valid-attachments` go to the daemon.
+fn gc(socket: &str, conf: &Value) -> Result<(), Failure> {
+    let valid = (conf["cni.dev/valid-attachments"].as_array().into_iter())
+        .flatten()
+        .filter_map(|a| a["containerID"].as_str().map(String::from))
+        .collect();
+    let req = Request {
+        valid,
+        ..Request::new(Command::Gc, "")
+    };
+    ask(socket, req, None)
+}
+
+/// One exchange with the daemon, all of it within [`EXCHANGE_TIMEOUT`] (the daemon is told the
+/// deadline).
+fn ask(socket: &str, mut req: Request, fd: Option<&std::os::fd::OwnedFd>) -> Result<(), Failure> {
+    let deadline = std::time::Instant::now() + EXCHANGE_TIMEOUT;
+    req.deadline_ms = Some(super::monotonic_ms() + EXCHANGE_TIMEOUT.as_millis() as u64);
     let unreachable = |e: std::io::Error| Failure {
         code: TRY_AGAIN,
         msg: format!(
@@ -179,8 +243,8 @@ fn ask(socket: &str, req: &Request, fd: Option<&std::os::fd::OwnedFd>) -> Result
         ),
         details: e.to_string(),
     };
-    let mut stream = connect(&PathBuf::from(socket)).map_err(unreachable)?;
-    let reply = super::request(&mut stream, req, fd).map_err(|e| Failure {
+    let mut stream = connect(&PathBuf::from(socket), deadline).map_err(unreachable)?;
+    let reply = super::request(&mut stream, &req, fd).map_err(|e| Failure {
         code: TRY_AGAIN,
         msg: format!(
             "the drover daemon at {socket} did not answer within {}s",
@@ -199,12 +263,36 @@ fn ask(socket: &str, req: &Request, fd: Option<&std::os::fd::OwnedFd>) -> Result
     }
 }
 
-/// A connection with both directions bounded by [`EXCHANGE_TIMEOUT`].
-fn connect(path: &std::path::Path) -> std::io::Result<UnixStream> {
-    let stream = UnixStream::connect(path)?;
-    stream.set_read_timeout(Some(EXCHANGE_TIMEOUT))?;
-    stream.set_write_timeout(Some(EXCHANGE_TIMEOUT))?;
-    Ok(stream)
+/// A connection made before `deadline` (a daemon whose accept queue is full makes a blocking
+/// connect wait without bound), both directions bounded by what is left.
+fn connect(path: &std::path::Path, deadline: std::time::Instant) -> std::io::Result<UnixStream> {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let addr = SockAddr::unix(path)?;
+    let socket = Socket::new(Domain::UNIX, Type::STREAM.cloexec(), None)?;
+    socket.set_nonblocking(true)?;
+    loop {
+        match socket.connect(&addr) {
+            Ok(()) => break,
+            // A full accept queue: a Unix socket says EAGAIN rather than EINPROGRESS.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "connect: the daemon's accept queue stayed full",
+                    ));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    socket.set_nonblocking(false)?;
+    let left = deadline
+        .saturating_duration_since(std::time::Instant::now())
+        .max(std::time::Duration::from_millis(1));
+    socket.set_read_timeout(Some(left))?;
+    socket.set_write_timeout(Some(left))?;
+    Ok(UnixStream::from(std::os::fd::OwnedFd::from(socket)))
 }
 
 /// `CNI_ARGS` (`K=V;K=V`).
@@ -269,15 +357,80 @@ mod tests {
     }
 
     #[test]
-    fn bad_config_and_environment_are_cni_errors() {
+    fn errors_carry_the_specs_codes() {
+        // 6: failed to decode content.
         let e = error(&run(&env(&[("CNI_COMMAND", "ADD")]), b"{not json"));
-        assert_eq!(e["code"], 4);
+        assert_eq!(e["code"], 6);
         assert!(e["details"].as_str().unwrap().contains("{not json"));
+        // 4: invalid necessary environment variables.
         let e = error(&run(&env(&[("CNI_COMMAND", "ADD")]), conf("").as_bytes()));
-        assert_eq!(e["code"], 7);
+        assert_eq!(e["code"], 4);
         assert_eq!(e["msg"], "CNI_CONTAINERID is not set");
         let e = error(&run(&env(&[("CNI_COMMAND", "RESET")]), conf("").as_bytes()));
+        assert_eq!(e["code"], 4);
         assert!(e["msg"].as_str().unwrap().contains("RESET"));
+        // 7: invalid network configuration (not chained after an interface plugin).
+        let vars = [
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "c1"),
+            ("CNI_NETNS", "/proc/self/ns/net"),
+        ];
+        let e = error(&run(
+            &env(&vars),
+            br#"{"cniVersion":"1.0.0","name":"n","type":"drover-cni"}"#,
+        ));
+        assert_eq!(e["code"], 7);
+        assert!(e["msg"].as_str().unwrap().contains("chained"), "{e}");
+        // 1: incompatible CNI version, for every command but VERSION and DEL.
+        for command in ["ADD", "CHECK", "STATUS", "GC"] {
+            let vars = [("CNI_COMMAND", command), ("CNI_CONTAINERID", "c1")];
+            let e = error(&run(
+                &env(&vars),
+                br#"{"cniVersion":"9.9.9","name":"n","type":"drover-cni"}"#,
+            ));
+            assert_eq!(e["code"], 1, "{command}: {e}");
+            assert_eq!(e["cniVersion"], "9.9.9");
+        }
+    }
+
+    #[test]
+    fn del_succeeds_whatever_its_input() {
+        let ok = Outcome {
+            stdout: String::new(),
+            status: 0,
+        };
+        let dir = std::env::temp_dir().join(format!("drover-cni-del-{}", std::process::id()));
+        let c = conf(&format!(
+            r#","socket":"{}""#,
+            dir.join("none.sock").display()
+        ));
+        for (vars, stdin) in [
+            (vec![("CNI_COMMAND", "DEL")], &b""[..]),
+            (
+                vec![("CNI_COMMAND", "DEL"), ("CNI_CONTAINERID", "c1")],
+                b"\x00garbage",
+            ),
+            (vec![("CNI_COMMAND", "DEL")], c.as_bytes()),
+            (
+                vec![("CNI_COMMAND", "DEL"), ("CNI_CONTAINERID", "c1")],
+                br#"{"cniVersion":"9.9.9","socket":"/nonexistent/drover.sock"}"#,
+            ),
+        ] {
+            assert_eq!(run(&env(&vars), stdin), ok, "{vars:?}");
+        }
+    }
+
+    #[test]
+    fn status_without_a_daemon_is_code_50() {
+        let dir = std::env::temp_dir().join(format!("drover-cni-status-{}", std::process::id()));
+        let c = format!(
+            r#"{{"cniVersion":"1.1.0","name":"n","type":"drover-cni","socket":"{}"}}"#,
+            dir.join("none.sock").display()
+        );
+        let e = error(&run(&env(&[("CNI_COMMAND", "STATUS")]), c.as_bytes()));
+        assert_eq!(e["code"], 50, "{e}");
+        let v = run(&env(&[("CNI_COMMAND", "VERSION")]), c.as_bytes());
+        assert!(v.stdout.contains("1.1.0"), "{v:?}");
     }
 
     #[test]
@@ -347,17 +500,20 @@ mod tests {
     }
 
     #[test]
-    fn unchained_add_is_refused() {
+    fn an_excluded_pods_add_without_a_previous_result_prints_a_result() {
         let vars = [
             ("CNI_COMMAND", "ADD"),
             ("CNI_CONTAINERID", "c1"),
             ("CNI_NETNS", "/proc/self/ns/net"),
+            ("CNI_ARGS", "K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=dns"),
         ];
-        let e = error(&run(
+        let out = run(
             &env(&vars),
-            br#"{"cniVersion":"1.0.0","name":"n","type":"drover-cni"}"#,
-        ));
-        assert!(e["msg"].as_str().unwrap().contains("chained"), "{e}");
+            br#"{"cniVersion":"1.1.0","name":"n","type":"drover-cni"}"#,
+        );
+        assert_eq!(out.status, 0, "{out:?}");
+        let v: Value = serde_json::from_str(&out.stdout).unwrap();
+        assert_eq!(v["cniVersion"], "1.1.0");
     }
 
     #[test]

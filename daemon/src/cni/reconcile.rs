@@ -75,12 +75,14 @@ impl Enroller {
                 continue;
             }
             let req = Request {
-                command: Command::Add,
-                container_id: format!("reconciled:{}/{}", pod.namespace, pod.name),
                 pod_namespace: pod.namespace.clone(),
                 pod_name: pod.name.clone(),
                 ips: pod.ips.clone(),
                 netns: path.display().to_string(),
+                ..Request::new(
+                    Command::Add,
+                    format!("reconciled:{}/{}", pod.namespace, pod.name),
+                )
             };
             let fd = std::fs::File::open(&path).map_err(|source| Error::Netns {
                 netns: req.netns.clone(),
@@ -128,6 +130,9 @@ impl Enroller {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(EVERY) => {}
+            }
+            if self.is_paused() {
+                continue;
             }
             if let Err(e) = self.reconcile(&r).await {
                 tracing::warn!(error = %e, "reconciling the node's pods failed");

@@ -1,0 +1,488 @@
+//! The node agent's CNI socket and handover under adversarial use, through the real kernel
+//! capture path: the real `drover-cni` binary is run with the CNI environment a runtime sets,
+//! against "pods" that are network namespaces this test creates (`ip netns add`), and each pod's
+//! connects to a service VIP (a loopback address inside the pod, so nothing leaves it if capture
+//! fails) must be captured or refused as the enrolment says. Needs root; under `CI` it fails
+//! rather than skips.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::SocketAddr,
+    os::unix::{fs::PermissionsExt, net::UnixStream, process::CommandExt},
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use drover_tests::{Daemon, Netns, PinDir, Proc, bin, require_privileged, unique_id, write_config};
+
+const VIP: &str = "127.77.0.61";
+
+/// A CNI socket directory, a pin directory and service `echo` at `VIP:80`, served at
+/// `127.0.0.1:7000` (each pod runs its own origin there: the proxy connects from the pod's
+/// namespace); the daemon is started by the test.
+struct Node {
+    dir: PathBuf,
+    socket: PathBuf,
+    pins: PinDir,
+    config: PathBuf,
+}
+
+impl Node {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!("drover-node-{}", unique_id()));
+        std::fs::create_dir_all(&dir).expect("node dir");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let port = 7000;
+        let config = write_config(&format!(
+            "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: echo, namespace: default}}
+spec:
+  hosts: [echo.default.svc]
+  addresses: [{VIP}]
+  ports: [{{number: 80, name: tcp, protocol: TCP, targetPort: {port}}}]
+  resolution: STATIC
+  endpoints: [{{address: 127.0.0.1}}]
+"
+        ));
+        Self {
+            socket: dir.join("cni.sock"),
+            dir,
+            pins: PinDir::new(),
+            config,
+        }
+    }
+
+    fn args(&self, extra: &[&str]) -> Vec<String> {
+        let mut a = drover_tests::args(&self.config, &self.pins, extra);
+        a.extend(["--cni-socket".into(), self.socket.display().to_string()]);
+        a
+    }
+
+    fn daemon(&self) -> Daemon {
+        Daemon::start(&self.args(&[])).expect("daemon starts")
+    }
+
+    /// The network configuration the runtime gives the plugin.
+    fn conf(&self, socket: &Path) -> String {
+        format!(
+            r#"{{"cniVersion":"1.1.0","name":"bed","type":"drover-cni","socket":"{}","prevResult":{{"cniVersion":"1.1.0","ips":[]}}}}"#,
+            socket.display()
+        )
+    }
+
+    /// Runs `drover-cni` for `command` on container `id` (pod `name` in `ns`); its output and
+    /// how long it took.
+    fn plugin(
+        &self,
+        command: &str,
+        id: &str,
+        ns: Option<&Netns>,
+        name: &str,
+    ) -> (Output, Duration) {
+        self.plugin_as(None, &self.socket, command, id, ns, name)
+    }
+
+    fn plugin_as(
+        &self,
+        uid: Option<u32>,
+        socket: &Path,
+        command: &str,
+        id: &str,
+        ns: Option<&Netns>,
+        name: &str,
+    ) -> (Output, Duration) {
+        let exe = match uid {
+            // A copy another user can run (the build tree may not be reachable to it).
+            Some(_) => {
+                let copy = self.dir.join("drover-cni");
+                if !copy.exists() {
+                    std::fs::copy(bin("drover-cni"), &copy).expect("copy plugin");
+                    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755))
+                        .expect("chmod");
+                }
+                copy
+            }
+            None => bin("drover-cni"),
+        };
+        let mut cmd = Command::new(exe);
+        cmd.env_clear()
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", id)
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", "/nonexistent")
+            .env(
+                "CNI_ARGS",
+                format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME={name}"),
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(ns) = ns {
+            cmd.env("CNI_NETNS", format!("/var/run/netns/{}", ns.name));
+        }
+        if let Some(uid) = uid {
+            cmd.uid(uid).gid(uid);
+        }
+        let started = Instant::now();
+        let mut child = cmd.spawn().expect("run drover-cni");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(self.conf(socket).as_bytes())
+            .expect("conf");
+        let out = child.wait_with_output().expect("drover-cni");
+        (out, started.elapsed())
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A pod: a network namespace of this test, with the service's origin inside it.
+struct Pod {
+    ns: Netns,
+    _origin: Proc,
+}
+
+impl std::ops::Deref for Pod {
+    type Target = Netns;
+    fn deref(&self) -> &Netns {
+        &self.ns
+    }
+}
+
+fn pod(tag: &str) -> Pod {
+    let ns = Netns::new(format!("drvpod{tag}{}", unique_id() % 100_000));
+    let origin = Proc::server(
+        Some(&ns),
+        "echo",
+        &[SocketAddr::from(([127, 0, 0, 1], 7000))],
+        "origin",
+    );
+    Pod {
+        ns,
+        _origin: origin,
+    }
+}
+
+/// Whether a connect from `ns` to the VIP is captured (the origin greets), within 3 s.
+fn captured(ns: &Netns) -> bool {
+    let addr: SocketAddr = format!("{VIP}:80").parse().expect("vip");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        if let Ok(c) = ns.connect(addr, None) {
+            let mut line = String::new();
+            let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+            if BufReader::new(c).read_line(&mut line).is_ok() && line.contains("hello from origin")
+            {
+                return true;
+            }
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Whether a connect from `ns` to the VIP is refused (not enrolled: nothing listens there).
+fn refused(ns: &Netns) -> bool {
+    let addr: SocketAddr = format!("{VIP}:80").parse().expect("vip");
+    ns.connect(addr, None).is_err()
+}
+
+/// Network namespaces the process `pid` holds open.
+fn netns_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .filter(|l| l.to_string_lossy().starts_with("net:["))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+fn assert_ok(what: &str, (out, took): &(Output, Duration)) {
+    assert!(out.status.success(), "{what}: {}", text(out));
+    assert!(
+        *took < Duration::from_secs(3),
+        "{what} took {took:?}: {}",
+        text(out)
+    );
+}
+
+#[test]
+fn a_repeated_or_unknown_del_never_blocks_and_the_next_pod_enrols() {
+    if !require_privileged() {
+        return;
+    }
+    let node = Node::new();
+    let daemon = node.daemon();
+    let (a, b) = (pod("a"), pod("b"));
+    assert_ok("ADD a", &node.plugin("ADD", "ca", Some(&a), "a"));
+    assert!(captured(&a), "{}", daemon.log());
+    assert_ok("DEL a", &node.plugin("DEL", "ca", Some(&a), "a"));
+    assert_ok("DEL a again", &node.plugin("DEL", "ca", Some(&a), "a"));
+    assert_ok(
+        "DEL of a container never added",
+        &node.plugin("DEL", "never", None, "x"),
+    );
+    assert_ok(
+        "DEL without a namespace",
+        &node.plugin("DEL", "ca", None, "a"),
+    );
+    assert!(refused(&a), "a is un-enrolled");
+    // Enrolment still works, at once.
+    assert_ok("ADD b", &node.plugin("ADD", "cb", Some(&b), "b"));
+    assert!(captured(&b), "{}", daemon.log());
+    assert_ok("CHECK b", &node.plugin("CHECK", "cb", Some(&b), "b"));
+    assert_ok("STATUS", &node.plugin("STATUS", "", None, ""));
+}
+
+#[test]
+fn concurrent_adds_of_one_container_enrol_it_once_and_two_sandboxes_of_one_pod_stay_apart() {
+    if !require_privileged() {
+        return;
+    }
+    let node = Node::new();
+    let daemon = node.daemon();
+    let pid = daemon.pid().expect("pid");
+    let before = netns_fds(pid);
+    let a = pod("a");
+    let outs: Vec<(Output, Duration)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..3)
+            .map(|_| s.spawn(|| node.plugin("ADD", "same", Some(&a), "a")))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("add"))
+            .collect()
+    });
+    for o in &outs {
+        assert!(o.0.status.success(), "{}", text(&o.0));
+    }
+    assert!(captured(&a));
+    assert_eq!(
+        daemon.log().matches("pod enrolled").count(),
+        1,
+        "one enrolment: {}",
+        daemon.log()
+    );
+    assert_ok("DEL", &node.plugin("DEL", "same", Some(&a), "a"));
+    assert!(refused(&a));
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while netns_fds(pid) != before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(netns_fds(pid), before, "no namespace fd leaked");
+
+    // Two sandboxes of one pod (the runtime recreated it before deleting the old one): deleting
+    // the old one leaves the new one captured and following reloads.
+    let (old, new) = (pod("old"), pod("new"));
+    assert_ok(
+        "ADD old",
+        &node.plugin("ADD", "sandbox-1", Some(&old), "web"),
+    );
+    assert_ok(
+        "ADD new",
+        &node.plugin("ADD", "sandbox-2", Some(&new), "web"),
+    );
+    assert_ok(
+        "DEL old",
+        &node.plugin("DEL", "sandbox-1", Some(&old), "web"),
+    );
+    assert!(refused(&old));
+    assert!(captured(&new), "{}", daemon.log());
+    // A reload that moves the service to another VIP: the new sandbox's snapshot follows (a
+    // frozen one would not know the new VIP and close the connection).
+    let yaml = std::fs::read_to_string(&node.config).expect("config");
+    let renamed = yaml.replace(VIP, "127.77.0.62");
+    drover_tests::replace_config(&node.config, &renamed);
+    let addr: SocketAddr = "127.77.0.62:80".parse().expect("vip");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut greeted = false;
+    while !greeted && Instant::now() < deadline {
+        if let Ok(c) = new.connect(addr, None) {
+            let mut line = String::new();
+            let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+            greeted = BufReader::new(c).read_line(&mut line).is_ok() && line.contains("origin");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        greeted,
+        "the remaining sandbox follows the reload: {}",
+        daemon.log()
+    );
+}
+
+#[test]
+fn slow_clients_cannot_hold_the_socket_and_an_add_the_plugin_gave_up_on_is_rolled_back() {
+    if !require_privileged() {
+        return;
+    }
+    let node = Node::new();
+    let daemon = node.daemon();
+    // 300 clients that send one byte and then nothing.
+    let slow: Vec<UnixStream> = (0..300)
+        .filter_map(|_| {
+            let mut s = UnixStream::connect(&node.socket).ok()?;
+            s.write_all(b"{").ok()?;
+            Some(s)
+        })
+        .collect();
+    assert!(slow.len() >= 250, "{} slow clients", slow.len());
+    let a = pod("a");
+    assert_ok(
+        "ADD among slow clients",
+        &node.plugin("ADD", "ca", Some(&a), "a"),
+    );
+    assert!(captured(&a));
+    // Each slow exchange ends within its read bound: the daemon closes it.
+    let mut probe = slow.into_iter().next().expect("one");
+    probe
+        .set_read_timeout(Some(Duration::from_secs(4)))
+        .expect("timeout");
+    let mut rest = Vec::new();
+    let started = Instant::now();
+    let _ = std::io::Read::read_to_end(&mut probe, &mut rest);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "a slow client held its exchange for {:?}",
+        started.elapsed()
+    );
+
+    // An ADD whose plugin is gone before the reply: rolled back, never enrolled.
+    use drover::cni::{Command, Request, monotonic_ms, send_message};
+    use std::os::fd::AsRawFd;
+    let add = |p: &Pod, id: &str, deadline_ms: Option<u64>| {
+        let f = std::fs::File::open(format!("/var/run/netns/{}", p.name)).expect("netns");
+        let mut s = UnixStream::connect(&node.socket).expect("connect");
+        let req = Request {
+            pod_namespace: "shop".into(),
+            pod_name: id.into(),
+            deadline_ms,
+            ..Request::new(Command::Add, id)
+        };
+        send_message(&mut s, &req, &[f.as_raw_fd()]).expect("send");
+        s
+    };
+    let b = pod("b");
+    let gone = add(&b, "cb", None);
+    let _ = gone.shutdown(std::net::Shutdown::Both);
+    drop(gone);
+    // And one whose deadline has already passed: refused, never enrolled.
+    let c = pod("c");
+    let mut late = add(&c, "cc", Some(monotonic_ms()));
+    late.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut reply = String::new();
+    BufReader::new(&mut late)
+        .read_line(&mut reply)
+        .expect("reply");
+    assert!(reply.contains(r#""ok":false"#), "{reply}");
+    assert!(
+        daemon.wait_log("enrolment rolled back", Duration::from_secs(5)),
+        "{}",
+        daemon.log()
+    );
+    assert!(refused(&b), "b was rolled back: {}", daemon.log());
+    assert!(refused(&c), "c was never enrolled: {}", daemon.log());
+    assert!(captured(&a), "a is still served");
+}
+
+#[test]
+fn the_daemons_sockets_are_owner_only_and_refuse_other_users() {
+    if !require_privileged() {
+        return;
+    }
+    let node = Node::new();
+    let daemon = node.daemon();
+    let handover = node.dir.join("handover.sock");
+    for s in [&node.socket, &handover] {
+        let mode = std::fs::metadata(s).expect("socket").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", s.display());
+    }
+    let a = pod("a");
+    // The mode keeps another user out.
+    let (out, _) = node.plugin_as(Some(65534), &node.socket, "ADD", "ca", Some(&a), "a");
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("ermission denied"), "{}", text(&out));
+    // Even where the mode would let it in, the peer check refuses it, on both sockets.
+    for s in [&node.socket, &handover] {
+        std::fs::set_permissions(s, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+    }
+    let (out, _) = node.plugin_as(Some(65534), &node.socket, "ADD", "ca", Some(&a), "a");
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("uid 65534"), "{}", text(&out));
+    assert!(refused(&a));
+    let _ = node.plugin_as(Some(65534), &handover, "ADD", "ca", Some(&a), "a");
+    assert!(
+        daemon.wait_log("handover refused", Duration::from_secs(3)),
+        "{}",
+        daemon.log()
+    );
+    // The daemon still serves, and root still enrols.
+    assert_ok("ADD as root", &node.plugin("ADD", "ca", Some(&a), "a"));
+    assert!(captured(&a));
+}
+
+#[test]
+fn a_failed_upgrade_leaves_the_old_daemon_serving() {
+    if !require_privileged() {
+        return;
+    }
+    let node = Node::new();
+    let old = node.daemon();
+    let a = pod("a");
+    assert_ok("ADD a", &node.plugin("ADD", "ca", Some(&a), "a"));
+    assert!(captured(&a));
+    // A new daemon that takes the handover and then fails its own start.
+    let failed = Daemon::start_within(
+        &node.args(&["--netns", "drover-no-such-netns"]),
+        Duration::from_secs(20),
+    );
+    let Err((code, log)) = failed else {
+        panic!("the new daemon must fail to start");
+    };
+    assert_eq!(code, Some(1), "{log}");
+    assert!(log.contains("took over from the running daemon"), "{log}");
+    assert!(
+        old.wait_log(
+            "serving again after the failed handover",
+            Duration::from_secs(10)
+        ),
+        "{}",
+        old.log()
+    );
+    // Pods stay captured and enrolment works.
+    assert!(captured(&a), "{}", old.log());
+    let b = pod("b");
+    assert_ok("ADD b", &node.plugin("ADD", "cb", Some(&b), "b"));
+    assert!(captured(&b), "{}", old.log());
+    // A good upgrade still takes over, and the old daemon retires only then.
+    let new = node.daemon();
+    assert!(
+        old.wait_log("the new daemon is ready; retired", Duration::from_secs(10)),
+        "{}",
+        old.log()
+    );
+    assert!(captured(&a) && captured(&b), "{}", new.log());
+    let c = pod("c");
+    assert_ok("ADD c", &node.plugin("ADD", "cc", Some(&c), "c"));
+    assert!(captured(&c), "{}", new.log());
+}
