@@ -257,6 +257,12 @@ enum Command {
         #[arg(long, default_value = drover_common::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
+    /// Mount bpffs at PATH unless it is mounted already (the DaemonSet's privileged init
+    /// container runs this, so that the agent needs no Bidirectional mount).
+    MountBpffs {
+        #[arg(default_value = "/sys/fs/bpf")]
+        path: PathBuf,
+    },
 }
 
 /// `/logging?level=` for the admin API: replaces the log filter through `handle`.
@@ -487,6 +493,20 @@ fn main() -> ExitCode {
             admin,
             json,
         } => status(&pin_dir, admin.0, json),
+        Command::MountBpffs { path } => match drover::redirect::loader::mount_bpffs(&path) {
+            Ok(true) => {
+                eprintln!("mounted bpffs at {}", path.display());
+                ExitCode::SUCCESS
+            }
+            Ok(false) => {
+                eprintln!("bpffs already mounted at {}", path.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Uninstall { pin_dir } => match drover::redirect::loader::uninstall(&pin_dir) {
             Ok(true) => {
                 eprintln!("removed {}", pin_dir.display());

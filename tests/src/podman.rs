@@ -241,7 +241,7 @@ impl Bed {
         ] {
             c.args(["--cap-add", cap]);
         }
-        c.args(["-v", "/sys/fs/bpf:/sys/fs/bpf:rshared"]);
+        c.args(["-v", "/sys/fs/bpf:/sys/fs/bpf:rslave"]);
         c.args(["-v", "/sys/fs/cgroup:/sys/fs/cgroup"]);
         c.args(["-v", "/proc:/host/proc:ro"]);
         c.args(["-v", "/run/netns:/run/netns:rslave"]);

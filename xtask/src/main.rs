@@ -11,6 +11,8 @@ use std::{
     process::Command,
 };
 
+mod podspec;
+
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
@@ -266,8 +268,9 @@ fn image(tag: &str) -> Result<()> {
     Ok(())
 }
 
-/// Validates `deploy/kubernetes/*.yaml` with `kubernetes-validate` (from PyPI, installed once
-/// under `target/kubernetes-validate`) against the Kubernetes 1.34 schemas, strictly.
+/// Validates `deploy/kubernetes/*.yaml` (and `uninstall/`) with `kubernetes-validate` (from
+/// PyPI, installed once under `target/kubernetes-validate`) against the Kubernetes 1.34 schemas,
+/// strictly, then with the Pod-spec rules a schema cannot express ([`podspec`]).
 fn validate_manifests() -> Result<()> {
     let dir = root().join("target/kubernetes-validate");
     if !dir.join("kubernetes_validate").exists() {
@@ -278,17 +281,35 @@ fn validate_manifests() -> Result<()> {
                 .arg("kubernetes-validate==1.37.0"),
         )?;
     }
-    let mut files: Vec<PathBuf> = std::fs::read_dir(root().join("deploy/kubernetes"))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-        .collect();
+    let mut files: Vec<PathBuf> = Vec::new();
+    for sub in ["deploy/kubernetes", "deploy/kubernetes/uninstall"] {
+        files.extend(
+            std::fs::read_dir(root().join(sub))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "yaml")),
+        );
+    }
     files.sort();
     status(
         Command::new("python3")
             .args(["-m", "kubernetes_validate", "--strict", "-k", "1.34.0"])
             .args(&files)
             .env("PYTHONPATH", &dir),
-    )
+    )?;
+    let mut problems = Vec::new();
+    for f in &files {
+        let text = std::fs::read_to_string(f)?;
+        let shown = f.strip_prefix(root()).unwrap_or(f).display().to_string();
+        problems.extend(podspec::check(&shown, &text).with_context(|| shown.clone())?);
+    }
+    for p in &problems {
+        println!("{p}");
+    }
+    if !problems.is_empty() {
+        bail!("{} Pod-spec problem(s) in the manifests", problems.len());
+    }
+    println!("xtask: Pod-spec rules hold for {} manifest(s)", files.len());
+    Ok(())
 }
 
 /// Runs the `config` fuzz target for `secs`, seeded with every YAML fixture; libFuzzer reports

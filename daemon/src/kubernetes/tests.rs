@@ -298,3 +298,31 @@ fn rbac_grants_every_watched_resource() {
         }
     }
 }
+
+#[test]
+fn the_daemonset_pins_where_the_daemon_and_uninstall_look() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/kubernetes/daemonset.yaml"
+    );
+    let text = std::fs::read_to_string(path).expect("daemonset.yaml");
+    let ds: serde_yaml::Value = serde_yaml::from_str(&text).expect("yaml");
+    let spec = &ds["spec"]["template"]["spec"];
+    let agent = &spec["containers"][0];
+    let args: Vec<&str> = (agent["args"].as_sequence().into_iter().flatten())
+        .filter_map(|a| a.as_str())
+        .collect();
+    // One default (`drover run`, `drover status`, `drover uninstall`): the manifest does not
+    // override it, or overrides it with the same directory.
+    for a in &args {
+        if let Some(dir) = a.strip_prefix("--pin-dir=") {
+            assert_eq!(dir, drover_common::DEFAULT_PIN_DIR);
+        }
+        assert_ne!(*a, "--pin-dir", "use --pin-dir=DIR");
+    }
+    // The bpffs mount holds the default pin directory.
+    let mounted = (agent["volumeMounts"].as_sequence().into_iter().flatten())
+        .filter_map(|m| m["mountPath"].as_str())
+        .any(|p| std::path::Path::new(drover_common::DEFAULT_PIN_DIR).starts_with(p));
+    assert!(mounted, "no mount holds {}", drover_common::DEFAULT_PIN_DIR);
+}

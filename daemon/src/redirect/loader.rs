@@ -653,19 +653,27 @@ pub fn check_cgroup(dir: &Path) -> Result<u64, Error> {
 }
 
 /// Mounts bpffs at `/sys/fs/bpf` if the pin directory lives there and nothing is mounted.
+/// Mounts bpffs at `path` unless it is one already; whether it mounted.
+pub fn mount_bpffs(path: &Path) -> Result<bool, Error> {
+    fs::create_dir_all(path)
+        .map_err(|e| Error::Bpffs(format!("cannot create {}: {e}", path.display())))?;
+    if fs_magic(path).map_err(|e| Error::Bpffs(e.to_string()))? == BPF_FS_MAGIC {
+        return Ok(false);
+    }
+    nix::mount::mount(
+        Some("bpf"),
+        path,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| Error::Bpffs(format!("mount bpffs at {}: {e}", path.display())))?;
+    Ok(true)
+}
+
 fn ensure_bpffs(pin_dir: &Path) -> Result<(), Error> {
     let base = Path::new("/sys/fs/bpf");
-    if pin_dir.starts_with(base)
-        && fs_magic(base).map_err(|e| Error::Bpffs(e.to_string()))? != BPF_FS_MAGIC
-    {
-        nix::mount::mount(
-            Some("bpf"),
-            base,
-            Some("bpf"),
-            nix::mount::MsFlags::empty(),
-            None::<&str>,
-        )
-        .map_err(|e| Error::Bpffs(format!("mount bpffs at {}: {e}", base.display())))?;
+    if pin_dir.starts_with(base) && mount_bpffs(base)? {
         tracing::info!("mounted bpffs at /sys/fs/bpf");
     }
     let mut probe = pin_dir.to_path_buf();
