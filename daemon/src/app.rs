@@ -105,6 +105,9 @@ pub struct ConfigRejected(pub reload::Error);
 /// a start that fails after attaching removes what it pinned, so a failed start leaves no capture
 /// behind (a restart's pre-existing pins are left as the previous daemon left them).
 pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
+    // Before the first wait on the API server: a SIGHUP during a long sync must not end the
+    // process (its default action); it is handled once the daemon serves.
+    let signals = Signals::install()?;
     let early = Early::start(&cfg).await?;
     prepare(&mut cfg)?;
     let mut sources = cfg.sources(early.api.clone());
@@ -177,7 +180,6 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
         start_cni(&cfg, enroller, (socket, fixed), (api, handed_pods)).await?;
     }
     let ready = early.stop_with(&shutdown);
-    let signals = Signals::install()?;
     rollback.0 = None;
     // What parsing the configuration freed goes back to the OS.
     crate::memory::trim();

@@ -107,6 +107,9 @@ pub struct Counters {
     pub watch_errors: AtomicU64,
     /// Complete relists (the first list included).
     pub relists: AtomicU64,
+    /// Istio kinds the API server serves but refuses to list (RBAC, a broken conversion
+    /// webhook), with the error: the daemon serves without them and keeps retrying.
+    pub unavailable: Mutex<std::collections::BTreeMap<&'static str, String>>,
 }
 
 #[derive(Default)]
@@ -283,7 +286,29 @@ impl Feed {
             }
         }
         self.inner.counters.relists.fetch_add(1, Ordering::Relaxed);
+        let was = (self.inner.counters.unavailable.lock())
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        if was.is_some() {
+            tracing::info!(
+                kind = name,
+                "kubernetes: this Istio kind can be listed again"
+            );
+        }
         self.mark_synced(name);
+    }
+
+    /// Istio kind `kind` failed before its first list: reported (log, `unavailable`) and no
+    /// longer awaited for readiness; its watcher keeps retrying.
+    pub(crate) fn unavailable(&self, kind: &'static str, error: String) {
+        let first = (self.inner.counters.unavailable.lock())
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(kind, error.clone())
+            .is_none();
+        if first {
+            tracing::warn!(kind, %error, "kubernetes: this Istio kind cannot be listed; serving without it and retrying");
+        }
+        self.mark_synced(kind);
     }
 
     /// Watcher (or discovery) `name` has listed once.

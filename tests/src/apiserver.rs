@@ -111,6 +111,8 @@ struct State {
     compacted: u64,
     /// Kinds served (the core ones always; Istio kinds once "installed").
     served: Vec<Kind>,
+    /// Resources (plurals) whose list and watch are refused with 403, as RBAC would.
+    forbidden: BTreeSet<&'static str>,
     changes: broadcast::Sender<Change>,
 }
 
@@ -146,6 +148,7 @@ impl ApiServer {
             log: Vec::new(),
             compacted: 0,
             served,
+            forbidden: BTreeSet::new(),
             changes: broadcast::channel(1 << 16).0,
         }));
         let mut server = Self {
@@ -185,6 +188,16 @@ impl ApiServer {
                 });
             }
         }));
+    }
+
+    /// Refuses (403) or again allows listing and watching `plural`, as RBAC would.
+    pub fn forbid(&self, plural: &'static str, forbidden: bool) {
+        let mut s = self.state.lock().expect("state");
+        if forbidden {
+            s.forbidden.insert(plural);
+        } else {
+            s.forbidden.remove(plural);
+        }
     }
 
     /// `http://127.0.0.1:PORT`.
@@ -423,6 +436,10 @@ fn route(
             let Some(kind) = s.served(group, version, plural) else {
                 return not_found(&path);
             };
+            if s.forbidden.contains(plural) {
+                let message = format!("{plural} is forbidden: cannot list resource {plural:?}");
+                return json_response(StatusCode::FORBIDDEN, &status(403, "Forbidden", &message));
+            }
             let ns = ns.map(str::to_string);
             if query.get("watch").is_some_and(|w| w == "true" || w == "1") {
                 let from = query

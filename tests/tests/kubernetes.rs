@@ -924,3 +924,63 @@ spec:
     assert!(daemon.log().contains("plaintext client refused"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn an_istio_kind_that_cannot_be_listed_does_not_keep_the_daemon_unready() {
+    if !require_privileged() {
+        return;
+    }
+    let t = Topology::new(2);
+    let _servers = echo_servers(&t);
+    let mut cluster = Cluster::new(
+        &[DESTINATION_RULE],
+        "shop",
+        "echo",
+        VIP,
+        ("tcp-echo", 80, 7000),
+    );
+    for (i, version) in ["v1", "v2"].iter().enumerate() {
+        cluster.add_pod(
+            &format!("ep{}", i + 1),
+            &[("app", "echo"), ("version", version)],
+            &Topology::ep4(i + 1).to_string(),
+        );
+    }
+    // RBAC refuses DestinationRules (403 on list and watch).
+    cluster.api.forbid("destinationrules", true);
+    let pins = PinDir::new();
+    let daemon = Daemon::start_within(
+        &kube_args(&cluster.api, &[t.client.name.as_str()], &pins.path),
+        Duration::from_secs(20),
+    )
+    .expect("ready without the refused kind");
+    assert!(
+        daemon.log().contains("this Istio kind cannot be listed"),
+        "{}",
+        daemon.log()
+    );
+    let kube = &daemon.clusters()["kubernetes"];
+    assert!(
+        kube["unavailable"]["DestinationRule"]
+            .as_str()
+            .is_some_and(|e| e.contains("403") || e.contains("orbidden")),
+        "{kube}"
+    );
+    converges(&t, &["ep1", "ep2"]);
+    // Once allowed, the kind is listed (the watcher retries with backoff) and applies.
+    cluster.api.apply(DESTINATION_RULE, istio(SUBSETS));
+    cluster.api.forbid("destinationrules", false);
+    assert!(
+        daemon.wait_log(
+            "this Istio kind can be listed again",
+            Duration::from_secs(45)
+        ),
+        "{}",
+        daemon.log()
+    );
+    assert!(
+        daemon.clusters()["kubernetes"]["unavailable"]
+            .as_object()
+            .is_some_and(|m| m.is_empty())
+    );
+}

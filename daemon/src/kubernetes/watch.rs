@@ -228,6 +228,10 @@ async fn watch<K: Watched>(
                     .watch_errors
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!(kind, api_server = %source, error = %e, "kubernetes watch failed; the current snapshot keeps serving, retrying with backoff");
+                // Core kinds gate readiness; an Istio kind that cannot be listed does not.
+                if !listed && ar.is_some() {
+                    feed.unavailable(kind, e.to_string());
+                }
             }
         }
     }
