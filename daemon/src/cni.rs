@@ -312,7 +312,10 @@ impl Enroller {
         let me = Arc::new(self);
         tokio::spawn(handover::serve(handover, handover_path, me.clone()));
         if let Some(r) = reconcile {
-            me.reconcile(&r).await?;
+            // A failed pass never stops the start: the next one tries again.
+            if let Err(e) = me.reconcile(&r).await {
+                tracing::warn!(error = %e, "reconciling the node's pods failed");
+            }
             tokio::spawn(me.clone().keep_reconciling(r));
         }
         tokio::spawn(serve(socket, me, shutdown));

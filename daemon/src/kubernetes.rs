@@ -446,6 +446,7 @@ impl Feed {
             .filter(|(_, p)| {
                 p.node.as_deref() == Some(node)
                     && !p.host_network
+                    && !p.opted_out
                     && !matches!(p.phase.as_deref(), Some("Succeeded" | "Failed"))
             })
             .map(|((ns, name), p)| NodePod {

@@ -161,7 +161,10 @@ pub async fn serve(mut listener: tokio::net::UnixListener, path: PathBuf, enroll
                 continue;
             }
         };
-        tracing::info!(pods, "handed over to the new daemon; serving until it is ready");
+        tracing::info!(
+            pods,
+            "handed over to the new daemon; serving until it is ready"
+        );
         if matches!(ready.await, Ok(true)) {
             enroller.retire();
             tracing::info!("the new daemon is ready; retired (draining, then waiting for SIGTERM)");

@@ -6,7 +6,9 @@
 //! Runs once before the daemon reports ready, then every [`EVERY`].
 //!
 //! Invariants: a namespace is opened once per pass however many processes share it; pods of the
-//! excluded namespaces and host-network pods are never touched; an enrolment the plugin made is
+//! excluded namespaces, host-network pods and pods that opt out (an Istio sidecar, or
+//! `istio.io/dataplane-mode: none`) are never touched; a pod that cannot be enrolled never keeps
+//! the others from being enrolled; an enrolment the plugin made is
 //! not removed before it is [`GRACE`] old (the kubelet writes a new pod's addresses to the API
 //! server only after the plugin's ADD). A pod enrolled here is removed by a pass, not by the
 //! plugin: runtimes tear a pod down with the network configuration it was set up with, which
@@ -84,12 +86,21 @@ impl Enroller {
                     format!("reconciled:{}/{}", pod.namespace, pod.name),
                 )
             };
-            let fd = std::fs::File::open(&path).map_err(|source| Error::Netns {
-                netns: req.netns.clone(),
-                source,
-            })?;
-            if let Some(p) = self.prepare(&req, fd.into(), None)? {
-                ready.push(p);
+            // Each pod alone: one that cannot be enrolled (its namespace already has a listener
+            // on the capture port, it vanished meanwhile) is logged and tried again on
+            // the next pass; the others are enrolled.
+            let prepared = std::fs::File::open(&path)
+                .map_err(|source| Error::Netns {
+                    netns: req.netns.clone(),
+                    source,
+                })
+                .and_then(|fd| self.prepare(&req, fd.into(), None));
+            match prepared {
+                Ok(Some(p)) => ready.push(p),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(pod = %format!("{}/{}", pod.namespace, pod.name), error = %e, "reconciling: pod not enrolled; trying again on the next pass");
+                }
             }
         }
         let found = ready.len();

@@ -40,7 +40,15 @@ pub struct PodInfo {
     pub host_network: bool,
     /// `metadata.uid` (the kubelet names the pod's cgroup after it).
     pub uid: Option<String>,
+    /// Not for the node agent to capture: it has an Istio sidecar (`sidecar.istio.io/status`)
+    /// or opts out as ambient mode's pods do (label `istio.io/dataplane-mode: none`).
+    pub opted_out: bool,
 }
+
+/// The annotation the sidecar injector writes on an injected pod.
+pub const SIDECAR_STATUS: &str = "sidecar.istio.io/status";
+/// The label by which a pod opts out of capture (ambient mode's, value `none`).
+pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
 
 /// A `ServiceEntry` derived from a `Service`, or why none is.
 #[derive(Debug, PartialEq)]
@@ -72,6 +80,11 @@ pub fn pod_info(pod: &Pod) -> PodInfo {
         phase: status.and_then(|s| s.phase.clone()),
         host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
         uid: pod.metadata.uid.clone(),
+        opted_out: (pod.metadata.annotations.as_ref())
+            .is_some_and(|a| a.contains_key(SIDECAR_STATUS))
+            || (pod.metadata.labels.as_ref())
+                .and_then(|l| l.get(DATAPLANE_MODE))
+                .is_some_and(|m| m == "none"),
     }
 }
 

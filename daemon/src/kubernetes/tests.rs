@@ -326,3 +326,51 @@ fn the_daemonset_pins_where_the_daemon_and_uninstall_look() {
         .any(|p| std::path::Path::new(drover_common::DEFAULT_PIN_DIR).starts_with(p));
     assert!(mounted, "no mount holds {}", drover_common::DEFAULT_PIN_DIR);
 }
+
+#[test]
+fn pods_with_a_sidecar_or_opted_out_are_not_the_node_agents() {
+    use k8s_openapi::api::core::v1::Pod;
+    let pod = |annotations: serde_json::Value, labels: serde_json::Value| -> PodInfo {
+        let p: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p", "namespace": "shop", "annotations": annotations, "labels": labels},
+            "spec": {"nodeName": "n1", "containers": []},
+            "status": {"podIP": "198.18.1.9"}
+        }))
+        .expect("pod");
+        convert::pod_info(&p)
+    };
+    let feed = Feed::new("cluster.local");
+    let cases = [
+        ("plain", pod(json!({}), json!({})), true),
+        (
+            "sidecar",
+            pod(json!({convert::SIDECAR_STATUS: "{}"}), json!({})),
+            false,
+        ),
+        (
+            "none",
+            pod(json!({}), json!({convert::DATAPLANE_MODE: "none"})),
+            false,
+        ),
+        (
+            "ambient",
+            pod(json!({}), json!({convert::DATAPLANE_MODE: "ambient"})),
+            true,
+        ),
+    ];
+    for (name, info, _) in &cases {
+        feed.applied(Object::Pod(("shop".into(), (*name).into()), info.clone()));
+    }
+    let on_node: Vec<String> = feed
+        .pods_on_node("n1")
+        .into_iter()
+        .map(|p| p.name)
+        .collect();
+    for (name, _, captured) in cases {
+        assert_eq!(
+            on_node.contains(&name.to_string()),
+            captured,
+            "{name}: {on_node:?}"
+        );
+    }
+}
