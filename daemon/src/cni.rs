@@ -9,10 +9,14 @@
 //! [`Request`] (the namespace fd attached to its first byte for ADD), the daemon answers a
 //! [`Reply`]. [`plugin`] is the plugin's side.
 //!
-//! Invariants: the daemon's own namespace (a `hostNetwork` pod) is never enrolled; an ADD for a
-//! container already enrolled answers OK without a second enrolment; the enrolled set in the
-//! kernel is always the start-time namespaces plus the live CNI pods; a reply is sent only once
-//! the enrolment is complete or has failed (and a failed one leaves nothing behind).
+//! Invariants: the daemon's own namespace (a `hostNetwork` pod) is never enrolled; enrolments are
+//! keyed by container id and one operation per container runs at a time, so an ADD for a
+//! container already enrolled answers OK without a second enrolment and a DEL (repeated, or for
+//! a container never added) only ever removes its own; the enrolled set in the kernel is always
+//! the start-time namespaces plus the live CNI pods; a reply is sent only once the enrolment is
+//! complete or has failed (and a failed one leaves nothing behind); an enrolment the plugin can
+//! no longer hear of (its deadline passed, or the reply could not be written) is rolled back;
+//! only root (or the daemon's own user) is served, on an owner-only socket.
 
 pub mod handover;
 pub mod install;
