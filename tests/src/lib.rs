@@ -682,6 +682,17 @@ pub fn probe(ns: Option<&Netns>, cgroup: Option<&Cgroup>, args: &[&str]) -> serd
     })
 }
 
+/// Network namespaces the process `pid` holds open (descriptors that name `net:[…]`).
+pub fn netns_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .filter(|l| l.to_string_lossy().starts_with("net:["))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 // === Daemon ===
 
 /// The real `drover` binary, started with `drover run ARGS`; its log is kept for assertions.

@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use drover_tests::{Daemon, PinDir, podman::Bed, require_privileged, write_config};
+use drover_tests::{Daemon, PinDir, netns_fds, podman::Bed, require_privileged, write_config};
 
 const VIP: &str = "127.77.0.60";
 
@@ -116,17 +116,6 @@ fn start_idle(bed: &Bed, name: &str, host: u8) {
         &["/bin/drover-testsrv", "echo", "--listen", &listen],
     );
     assert!(out.status.success(), "{}", text(&out));
-}
-
-/// Network namespaces the process `pid` holds open.
-fn netns_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| {
-            d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-                .filter(|l| l.to_string_lossy().starts_with("net:["))
-                .count()
-        })
-        .unwrap_or(0)
 }
 
 #[test]

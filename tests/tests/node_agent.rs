@@ -14,7 +14,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use drover_tests::{Daemon, Netns, PinDir, Proc, bin, require_privileged, unique_id, write_config};
+use drover_tests::{
+    Daemon, Netns, PinDir, Proc, bin, netns_fds, require_privileged, unique_id, write_config,
+};
 
 const VIP: &str = "127.77.0.61";
 
@@ -181,8 +183,16 @@ fn pod(tag: &str) -> Pod {
 
 /// Whether a connect from `ns` to the VIP is captured (the origin greets), within 3 s.
 fn captured(ns: &Netns) -> bool {
-    let addr: SocketAddr = format!("{VIP}:80").parse().expect("vip");
-    let deadline = Instant::now() + Duration::from_secs(3);
+    captured_at(
+        ns,
+        format!("{VIP}:80").parse().expect("vip"),
+        Duration::from_secs(3),
+    )
+}
+
+/// Whether a connect from `ns` to `addr` is captured (the origin greets), within `within`.
+fn captured_at(ns: &Netns, addr: SocketAddr, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
     loop {
         if let Ok(c) = ns.connect(addr, None) {
             let mut line = String::new();
@@ -203,17 +213,6 @@ fn captured(ns: &Netns) -> bool {
 fn refused(ns: &Netns) -> bool {
     let addr: SocketAddr = format!("{VIP}:80").parse().expect("vip");
     ns.connect(addr, None).is_err()
-}
-
-/// Network namespaces the process `pid` holds open.
-fn netns_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| {
-            d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-                .filter(|l| l.to_string_lossy().starts_with("net:["))
-                .count()
-        })
-        .unwrap_or(0)
 }
 
 fn assert_ok(what: &str, (out, took): &(Output, Duration)) {
@@ -313,16 +312,7 @@ fn concurrent_adds_of_one_container_enrol_it_once_and_two_sandboxes_of_one_pod_s
     let renamed = yaml.replace(VIP, "127.77.0.62");
     drover_tests::replace_config(&node.config, &renamed);
     let addr: SocketAddr = "127.77.0.62:80".parse().expect("vip");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut greeted = false;
-    while !greeted && Instant::now() < deadline {
-        if let Ok(c) = new.connect(addr, None) {
-            let mut line = String::new();
-            let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
-            greeted = BufReader::new(c).read_line(&mut line).is_ok() && line.contains("origin");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let greeted = captured_at(&new, addr, Duration::from_secs(5));
     assert!(
         greeted,
         "the remaining sandbox follows the reload: {}",
