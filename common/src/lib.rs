@@ -53,8 +53,13 @@ pub mod maps {
     pub const EP_FSTATS: &str = "EP_FSTATS";
     /// Kernel fast path: connect outcomes for outlier detection (ring buffer, not pinned).
     pub const FAST_EVENTS: &str = "FAST_EVENTS";
+    /// Kernel fast path: cluster id by a hash of the cluster's name (daemon-written), so that a
+    /// restarted daemon gives each cluster the id its held sockets carry.
+    pub const CLUSTER_IDS: &str = "CLUSTER_IDS";
+    /// Map operations that failed inside a program, per [`crate::kernel_errors`] kind (per-CPU).
+    pub const KERNEL_ERRORS: &str = "KERNEL_ERRORS";
     /// Every map, for pinning and cleanup.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 15] = [
         CONFIG,
         SVC_VIPS,
         SVC_CIDRS,
@@ -68,6 +73,8 @@ pub mod maps {
         FAST_ACTIVE,
         FAST_SOCKS,
         EP_FSTATS,
+        CLUSTER_IDS,
+        KERNEL_ERRORS,
     ];
 }
 
@@ -87,11 +94,27 @@ pub mod capacity {
     pub const FAST_SOCKS: u32 = 262_144;
     /// Bytes of the connect-outcome ring buffer.
     pub const FAST_EVENTS: u32 = 256 * 1024;
+    pub const CLUSTER_IDS: u32 = 65_536;
+}
+
+/// Indexes of `KERNEL_ERRORS`: what failed when a connect was failed closed (or, with
+/// `--fail-open`, left alone).
+pub mod kernel_errors {
+    /// The original destination could not be recorded (`ORIG_BY_COOKIE`).
+    pub const ORIG_RECORD: u32 = 0;
+    /// The fast path could not create its cluster's slot counter (`FAST_CLUSTERS` full).
+    pub const FAST_CLUSTER: u32 = 1;
+    /// The runtime config could not be read (`CONFIG`).
+    pub const CONFIG: u32 = 2;
+    pub const COUNT: u32 = 3;
+    /// Names by index, as `drover status` prints them.
+    pub const NAMES: [&str; COUNT as usize] = ["orig_record", "fast_cluster", "config"];
 }
 
 /// Bits of [`Config::flags`].
 pub mod flags {
-    /// Leave a captured connect alone when no listener exists in its network namespace.
+    /// Leave a captured connect alone when no listener exists in its network namespace, or
+    /// when a map operation fails (otherwise such a connect fails with `EPERM`).
     pub const FAIL_OPEN: u32 = 1 << 0;
 }
 

@@ -315,6 +315,17 @@ fn prepare(cfg: &mut RunConfig) -> anyhow::Result<()> {
         cfg.credentials.mesh = Some(issue_identity(mesh, &cfg.client.namespace)?);
     }
     raise_nofile();
+    // Before the first snapshot names a cluster: sockets the kernel balanced for a previous
+    // daemon hold their cluster's id, which must stay that cluster's.
+    if cfg.capture == CaptureMode::Ebpf {
+        match crate::redirect::loader::restore_cluster_ids(&cfg.pin_dir) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(clusters = n, "cluster ids restored from the pin directory"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cluster ids not restored: clusters may get new ids")
+            }
+        }
+    }
     Ok(())
 }
 

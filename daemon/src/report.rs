@@ -2,13 +2,14 @@
 //! by the daemon; `EP_KSTATS` and, for the kernel fast path, `EP_FSTATS`, written by the kernel)
 //! and named with the admin API's `/clusters`.
 //! Without a reachable admin API it still prints what the maps hold, with cluster ids for names.
+//! Also the kernel programs' failed map operations (`KERNEL_ERRORS`): connects failed closed.
 //!
 //! Invariants: read-only; never needs the daemon to be running (pinned maps outlive it).
 
 use std::{collections::BTreeMap, net::SocketAddr, path::Path, time::Duration};
 
-use aya::maps::{HashMap, Map, MapData, PerCpuHashMap};
-use drover_common::{EpDKey, EpDStats, EpKStats, EpKey, maps};
+use aya::maps::{HashMap, Map, MapData, PerCpuArray, PerCpuHashMap};
+use drover_common::{EpDKey, EpDStats, EpKStats, EpKey, kernel_errors, maps};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
@@ -43,6 +44,9 @@ pub struct Row {
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub rows: Vec<Row>,
+    /// Failed map operations in the kernel programs, by kind (CPUs summed; only non-zero
+    /// kinds): each failed a connect, or with `--fail-open` left it uncaptured.
+    pub kernel_errors: BTreeMap<&'static str, u64>,
     /// Why the admin API could not be used, if it could not.
     pub admin_error: Option<String>,
 }
@@ -83,7 +87,21 @@ pub async fn collect(pin_dir: &Path, admin: Option<SocketAddr>) -> Result<Report
         });
     }
     rows.sort_by_key(|r| (r.cluster_id, r.endpoint));
-    Ok(Report { rows, admin_error })
+    let mut errors = BTreeMap::new();
+    // Absent in a pin directory a daemon without the map left: nothing counted.
+    if let Ok(counts) = open::<PerCpuArray<MapData, u64>>(pin_dir, maps::KERNEL_ERRORS) {
+        for (i, name) in kernel_errors::NAMES.iter().enumerate() {
+            let n: u64 = counts.get(&(i as u32), 0).map_or(0, |v| v.iter().sum());
+            if n > 0 {
+                errors.insert(*name, n);
+            }
+        }
+    }
+    Ok(Report {
+        rows,
+        kernel_errors: errors,
+        admin_error,
+    })
 }
 
 /// The table, one line per endpoint of each cluster.
@@ -124,6 +142,15 @@ pub fn render(report: &Report, now_ns: u64) -> String {
     }
     if report.rows.is_empty() {
         out.push_str("(no endpoints published yet)\n");
+    }
+    if !report.kernel_errors.is_empty() {
+        let kinds: Vec<String> = (report.kernel_errors.iter())
+            .map(|(k, n)| format!("{k}={n}"))
+            .collect();
+        out.push_str(&format!(
+            "kernel errors (connects failed closed, or left alone with --fail-open): {}\n",
+            kinds.join(" ")
+        ));
     }
     out
 }
@@ -224,10 +251,15 @@ mod tests {
                     ..EpKStats::default()
                 }),
             }],
+            kernel_errors: BTreeMap::from([("fast_cluster", 2)]),
             admin_error: Some("admin API at 127.0.0.1:1: refused".into()),
         };
         let text = render(&report, 1_000_000_000);
         assert!(text.contains("showing ids"), "{text}");
+        assert!(
+            text.contains("failed closed") && text.contains("fast_cluster=2"),
+            "{text}"
+        );
         let line = text.lines().find(|l| l.starts_with("#3")).expect(&text);
         let cols: Vec<&str> = line.split_whitespace().collect();
         assert_eq!(cols[1], "127.0.0.1:8080");

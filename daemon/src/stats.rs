@@ -5,14 +5,16 @@
 //!
 //! Invariants: counters only grow; gauges are released by drop guards; the data path touches
 //! only atomics (the store's locks are taken when a registry is built or a connection opens, never
-//! per request); cluster ids are unique for the life of the process.
+//! per request); cluster ids are unique for the life of the process, and a name keeps its id
+//! across restarts once the ids are restored ([`Store::restore_ids`]) from the pinned
+//! `CLUSTER_IDS` (sockets balanced by the kernel hold their cluster's id beyond the daemon).
 
 use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{
         Arc, LazyLock, Mutex,
-        atomic::{AtomicU32, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
 };
 
@@ -22,12 +24,22 @@ use drover_common::{EpDKey, EpDStats};
 #[derive(Debug, Default)]
 pub struct Store {
     clusters: Mutex<HashMap<String, Arc<ClusterStats>>>,
-    next_id: AtomicU32,
+    ids: Mutex<Ids>,
     connections: Mutex<HashMap<SocketAddr, Arc<AtomicU64>>>,
     /// Inbound termination outcomes.
     pub inbound: InboundStats,
     /// Captured (downstream) connections: limits and timeouts.
     pub downstream: DownstreamStats,
+}
+
+/// Cluster ids by [`name_key`] of the cluster's name: restored ones, then those given since.
+#[derive(Debug, Default)]
+struct Ids {
+    by_key: HashMap<u64, u32>,
+    taken: std::collections::HashSet<u32>,
+    last: u32,
+    /// Given since the last [`Store::unsaved_ids`].
+    unsaved: Vec<(u64, u32)>,
 }
 
 /// Downstream connection counters, by Envoy's names (`downstream_*` of the HTTP connection
@@ -142,12 +154,35 @@ impl Store {
             .entry(name.to_string())
             .or_insert_with(|| {
                 Arc::new(ClusterStats {
-                    id: self.next_id.fetch_add(1, Ordering::Relaxed) + 1,
+                    id: self
+                        .ids
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .give(name),
                     name: name.to_string(),
                     ..ClusterStats::default()
                 })
             })
             .clone()
+    }
+
+    /// Takes the ids a previous daemon gave (`(name key, id)`), so that each cluster gets its
+    /// old id back; called before the first cluster is created (a key already given keeps
+    /// the id it has).
+    pub fn restore_ids(&self, saved: impl IntoIterator<Item = (u64, u32)>) {
+        let mut ids = self.ids.lock().unwrap_or_else(|e| e.into_inner());
+        for (key, id) in saved {
+            if id == 0 || ids.by_key.contains_key(&key) || !ids.taken.insert(id) {
+                continue;
+            }
+            ids.by_key.insert(key, id);
+            ids.last = ids.last.max(id);
+        }
+    }
+
+    /// The ids given since the last call, to be saved beside the kernel's state.
+    pub fn unsaved_ids(&self) -> Vec<(u64, u32)> {
+        std::mem::take(&mut self.ids.lock().unwrap_or_else(|e| e.into_inner()).unsaved)
     }
 
     /// The open-connection gauge of an upstream address.
@@ -162,6 +197,34 @@ impl Store {
         gauge.fetch_add(1, Ordering::Relaxed);
         Connection(gauge)
     }
+}
+
+// === impl Ids ===
+
+impl Ids {
+    /// The id of cluster `name`: its restored one, or the next free one.
+    fn give(&mut self, name: &str) -> u32 {
+        let key = name_key(name);
+        if let Some(id) = self.by_key.get(&key) {
+            return *id;
+        }
+        loop {
+            self.last = self.last.wrapping_add(1).max(1);
+            if self.taken.insert(self.last) {
+                break;
+            }
+        }
+        self.by_key.insert(key, self.last);
+        self.unsaved.push((key, self.last));
+        self.last
+    }
+}
+
+/// A cluster name's key in `CLUSTER_IDS`: 64-bit FNV-1a, the same in every build and process.
+pub fn name_key(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 // === impl ClusterStats ===
@@ -306,4 +369,39 @@ pub fn monotonic_ns() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restored_names_get_their_old_ids_and_new_names_fresh_ones_in_any_order() {
+        // A previous daemon gave `a` 1, `b` 2, `c` 7 (and saved them).
+        let saved = [("a", 1), ("b", 2), ("c", 7)].map(|(n, id)| (name_key(n), id));
+        let store = Store::default();
+        store.restore_ids(saved);
+        // This one meets its clusters in another order, and a new one first.
+        let d = store.cluster("d").id;
+        let c = store.cluster("c").id;
+        let a = store.cluster("a").id;
+        assert_eq!((c, a, store.cluster("b").id), (7, 1, 2));
+        assert!(
+            ![1, 2, 7].contains(&d),
+            "a new name never takes a saved id: {d}"
+        );
+        assert_eq!(store.cluster("d").id, d);
+        // Only the new id needs saving, once.
+        assert_eq!(store.unsaved_ids(), vec![(name_key("d"), d)]);
+        assert!(store.unsaved_ids().is_empty());
+    }
+
+    #[test]
+    fn a_saved_id_two_names_claim_goes_to_the_first() {
+        let store = Store::default();
+        store.restore_ids([(name_key("a"), 3), (name_key("b"), 3)]);
+        let (a, b) = (store.cluster("a").id, store.cluster("b").id);
+        assert_eq!(a, 3);
+        assert_ne!(b, 3);
+    }
 }

@@ -5,7 +5,9 @@
 //! `SVC_VIPS` → the kernel fast path (a VIP with a published table is balanced straight to an
 //! endpoint, see `fast`) → (fail-open) a listener exists → record the original destination →
 //! rewrite to the listener.
-//! Invariant: the destination is rewritten only after the original was recorded.
+//! Invariants: the destination is rewritten only after the original was recorded; a map
+//! operation that fails on the way fails the connect (`EPERM`), counted in `KERNEL_ERRORS`,
+//! unless the daemon runs with `--fail-open` (then the connect is left alone, counted too).
 
 use aya_ebpf::{
     EbpfContext,
@@ -21,12 +23,12 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use drover_common::{
     CIDR_FULL_PREFIX, CidrData, DROVER_MARK, LOOPBACK4_RAW, LOOPBACK6_RAW, OrigDst, VipKey, as_v4,
-    flags, orig_flags, v4_mapped,
+    flags, kernel_errors, orig_flags, v4_mapped,
 };
 
 use crate::{
     fast::{self, Verdict},
-    maps::{CONFIG, ENROLLED_NETNS, ORIG_BY_COOKIE, SVC_CIDRS, SVC_VIPS},
+    maps::{CONFIG, ENROLLED_NETNS, KERNEL_ERRORS, ORIG_BY_COOKIE, SVC_CIDRS, SVC_VIPS},
 };
 
 const ALLOW: i32 = 1;
@@ -63,24 +65,35 @@ pub fn drover_connect6_netns(ctx: SockAddrContext) -> i32 {
     verdict(try_connect(&ctx, true, Scope::Root))
 }
 
-/// The program's answer: only a fast-path refusal fails the connect.
+/// The program's answer: a fast-path refusal fails the connect, and so does a failed map
+/// operation (the [`kernel_errors`] kind in `Err`) unless the daemon asked to fail open.
 #[inline(always)]
-fn verdict(r: Result<Verdict, ()>) -> i32 {
+fn verdict(r: Result<Verdict, u32>) -> i32 {
     match r {
         Ok(Verdict::Refused) => DENY,
-        _ => ALLOW,
+        Ok(_) => ALLOW,
+        Err(kind) => {
+            if let Some(n) = KERNEL_ERRORS.get_ptr_mut(kind) {
+                // SAFETY: a per-CPU slot of this CPU; programs of one CPU do not interleave.
+                unsafe { *n += 1 };
+            }
+            let fail_open = CONFIG
+                .get(0)
+                .is_some_and(|c| c.flags & flags::FAIL_OPEN != 0);
+            if fail_open { ALLOW } else { DENY }
+        }
     }
 }
 
 /// `Proxy` when the connect was captured (or left alone), `Balanced`/`Refused` from the fast path.
 #[inline(always)]
-fn try_connect(ctx: &SockAddrContext, v6: bool, scope: Scope) -> Result<Verdict, ()> {
+fn try_connect(ctx: &SockAddrContext, v6: bool, scope: Scope) -> Result<Verdict, u32> {
     // SAFETY: `sock_addr` is the kernel-provided context pointer, valid for this program run.
     let sa = unsafe { &mut *ctx.sock_addr };
     if sa.protocol != IPPROTO_TCP {
         return Ok(Verdict::Proxy);
     }
-    let cfg = CONFIG.get(0).ok_or(())?;
+    let cfg = CONFIG.get(0).ok_or(kernel_errors::CONFIG)?;
     if cfg.ready == 0 {
         return Ok(Verdict::Proxy);
     }
@@ -145,7 +158,9 @@ fn try_connect(ctx: &SockAddrContext, v6: bool, scope: Scope) -> Result<Verdict,
 
     // SAFETY: helper valid for sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    ORIG_BY_COOKIE.insert(cookie, orig, 0).map_err(|_| ())?;
+    ORIG_BY_COOKIE
+        .insert(cookie, orig, 0)
+        .map_err(|_| kernel_errors::ORIG_RECORD)?;
 
     let proxy_port_be = (cfg.proxy_port.to_be()) as u32;
     if !v6 {

@@ -11,7 +11,8 @@
 //!   destination is rewritten, and released exactly once: by whoever deletes that record first
 //!   (the `sockops` close callback, or `cgroup/sock_release` as the catch-all);
 //! - a table with no endpoints, a full record map or an IPv6 endpoint for an IPv4 socket leave
-//!   the connect to the proxied path (nothing reserved).
+//!   the connect to the proxied path (nothing reserved); a cluster counter that cannot be
+//!   created is an error (the connect fails closed, see `connect`).
 
 use core::{
     intrinsics::{
@@ -30,7 +31,7 @@ use aya_ebpf::{
 use drover_common::{
     EpKey, FastCluster, FastEndpoint, FastEvent, FastSock, FastTable, OrigDst, VipKey, as_v4,
     fast::{self, lb},
-    orig_flags,
+    kernel_errors, orig_flags,
 };
 
 use crate::maps::{
@@ -61,7 +62,7 @@ pub fn try_balance(
     key: &VipKey,
     orig: &OrigDst,
     v6_socket: bool,
-) -> Result<Verdict, ()> {
+) -> Result<Verdict, u32> {
     let Some(table) = FAST_TABLES.get_ptr_mut(key) else {
         return Ok(Verdict::Proxy);
     };
@@ -167,9 +168,10 @@ fn mix(mut x: u64) -> u32 {
     x as u32
 }
 
-/// Takes a connection slot of `ep`'s cluster; `false` (and the overflow counted) at the cap.
+/// Takes a connection slot of `ep`'s cluster; `false` (and the overflow counted) at the cap;
+/// `Err` when the cluster's counter cannot be created (`FAST_CLUSTERS` full).
 #[inline(always)]
-fn reserve(ep: &FastEndpoint) -> Result<bool, ()> {
+fn reserve(ep: &FastEndpoint) -> Result<bool, u32> {
     let c = cluster(ep.cluster_id)?;
     // SAFETY: `c` points into a map value; its fields are naturally aligned u64s.
     let (active, overflow, total) = unsafe {
@@ -199,13 +201,15 @@ fn unreserve(cluster_id: u32) {
 
 /// The cluster's counters, created on first use.
 #[inline(always)]
-fn cluster(id: u32) -> Result<*mut FastCluster, ()> {
+fn cluster(id: u32) -> Result<*mut FastCluster, u32> {
     if let Some(c) = FAST_CLUSTERS.get_ptr_mut(id) {
         return Ok(c);
     }
     // BPF_NOEXIST: a concurrent connect may have created it; then that one is used.
     let _ = FAST_CLUSTERS.insert(id, FastCluster::default(), BPF_NOEXIST);
-    FAST_CLUSTERS.get_ptr_mut(id).ok_or(())
+    FAST_CLUSTERS
+        .get_ptr_mut(id)
+        .ok_or(kernel_errors::FAST_CLUSTER)
 }
 
 /// The open-connection counter of an endpoint, created on first use.

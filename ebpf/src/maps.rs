@@ -4,15 +4,16 @@
 use aya_ebpf::{
     btf_maps,
     macros::{btf_map, map},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, RingBuf, SockMap},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockMap},
 };
 use drover_common::{
     CidrData, Config, Enrolment, EpDKey, EpDStats, EpKStats, EpKey, FastCluster, FastSock,
     FastTable, OrigDst, TupleKey, VipKey, VipValue,
     capacity::{
-        self, ENROLLED, ORIG_BY_COOKIE as ORIG_BY_COOKIE_CAP, ORIG_BY_TUPLE as ORIG_BY_TUPLE_CAP,
-        SVC_CIDRS as SVC_CIDRS_CAP, SVC_VIPS as SVC_VIPS_CAP,
+        self, CLUSTER_IDS as CLUSTER_IDS_CAP, ENROLLED, ORIG_BY_COOKIE as ORIG_BY_COOKIE_CAP,
+        ORIG_BY_TUPLE as ORIG_BY_TUPLE_CAP, SVC_CIDRS as SVC_CIDRS_CAP, SVC_VIPS as SVC_VIPS_CAP,
     },
+    kernel_errors,
 };
 
 /// `BPF_F_NO_PREALLOC`: a replaced element is freed after an RCU grace period, never re-used
@@ -91,3 +92,13 @@ pub static EP_FSTATS: btf_maps::LruPerCpuHashMap<EpKey, EpKStats, { capacity::EP
 /// Connect outcomes of balanced sockets, for the daemon's outlier detection.
 #[map]
 pub static FAST_EVENTS: RingBuf = RingBuf::with_byte_size(capacity::FAST_EVENTS, 0);
+
+/// Cluster id by a hash of its name: written by the daemon only (declared here so that it is
+/// created and pinned with the others and outlives the daemon, like the ids in `FAST_SOCKS`).
+#[map]
+pub static CLUSTER_IDS: HashMap<u64, u32> = HashMap::pinned(CLUSTER_IDS_CAP, 0);
+
+/// Map operations that failed in a program, per [`kernel_errors`] kind (per-CPU counters, read
+/// by `drover status`).
+#[map]
+pub static KERNEL_ERRORS: PerCpuArray<u64> = PerCpuArray::pinned(kernel_errors::COUNT, 0);

@@ -1483,6 +1483,170 @@ fn fast_path_keeps_balancing_and_open_connections_while_the_daemon_restarts() {
     assert_eq!(cluster_stat(&daemon, "fastpath_cx_total"), 1 + 4 + 2);
 }
 
+/// Service `name` at `vip:80` → port 7000 of ep1 and ep2, at most `max` connections, balanced
+/// round robin (eligible for the kernel fast path).
+fn capped(name: &str, vip: &str, max: u32) -> String {
+    service_entry(name, &[vip], 80, 7000, &[Topology::ep4(1), Topology::ep4(2)])
+        + &format!(
+            "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: {name}, namespace: test}}
+spec:
+  host: {name}.test.svc
+  trafficPolicy: {{loadBalancer: {{simple: ROUND_ROBIN}}, connectionPool: {{tcp: {{maxConnections: {max}}}}}}}
+"
+        )
+}
+
+/// Statistic `stat` of the cluster of service `host` (`outbound|80||host`).
+fn stat_of(daemon: &Daemon, host: &str, stat: &str) -> u64 {
+    let c = daemon.clusters();
+    let name = format!("outbound|80||{host}");
+    let cluster = c["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["name"] == name.as_str())
+        .unwrap_or_else(|| panic!("no cluster {name}: {c}"));
+    cluster["stats"][stat].as_u64().unwrap()
+}
+
+#[test]
+fn fast_path_cluster_ids_survive_a_restart_so_held_slots_stay_with_their_cluster() {
+    if !require_privileged() {
+        return;
+    }
+    const VIP2: &str = "127.77.0.11";
+    let Prepared {
+        t,
+        servers: _servers,
+        pins,
+        cfg,
+    } = prepared(2, None);
+    std::fs::write(&cfg, capped("echo", VIP, 2)).unwrap();
+    let a = args(
+        &cfg,
+        &pins,
+        &["--netns", &t.client.name, "--fast-path", "auto"],
+    );
+    let mut daemon = Daemon::start(&a).unwrap();
+    let vip = sa(&format!("{VIP}:80"));
+    // Both of echo's slots held across the restart.
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let s = t.client.connect(vip, None).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            let mut line = String::new();
+            BufReader::new(s.try_clone().unwrap())
+                .read_line(&mut line)
+                .unwrap();
+            assert!(line.starts_with("hello from"), "{line}");
+            s
+        })
+        .collect();
+    assert_eq!(stat_of(&daemon, "echo.test.svc", "fastpath_cx_active"), 2);
+    assert_eq!(daemon.stop(), Some(0));
+    // The next daemon meets a new cluster first (a fresh counter would give it echo's id).
+    std::fs::write(&cfg, capped("alpha", VIP2, 2) + &capped("echo", VIP, 2)).unwrap();
+    let daemon = Daemon::start(&a).unwrap();
+    assert_eq!(
+        stat_of(&daemon, "echo.test.svc", "fastpath_cx_active"),
+        2,
+        "echo keeps its held slots\n{}",
+        daemon.log()
+    );
+    assert_eq!(stat_of(&daemon, "alpha.test.svc", "fastpath_cx_active"), 0);
+    let hold = |addr: &str| {
+        probe(
+            Some(&t.client),
+            None,
+            &["hold", addr, "--count", "4", "--hold-ms", "100"],
+        )
+    };
+    let r = hold(&format!("{VIP2}:80"));
+    assert_eq!(r["connected"], 2, "alpha has its own two slots: {r}");
+    let r = hold(&format!("{VIP}:80"));
+    assert_eq!(r["connected"], 0, "echo is still at its cap: {r}");
+    // Closing the held sockets releases echo's slots, not alpha's.
+    drop(held);
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while stat_of(&daemon, "echo.test.svc", "fastpath_cx_active") != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "echo's slots released"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(stat_of(&daemon, "alpha.test.svc", "fastpath_cx_active"), 0);
+    assert_eq!(hold(&format!("{VIP}:80"))["connected"], 2);
+}
+
+/// `drover status --json` of the daemon's pin directory (no admin API).
+fn status_of(pins: &PinDir) -> serde_json::Value {
+    let out = std::process::Command::new(drover_tests::bin("drover"))
+        .args(["status", "--json", "--pin-dir"])
+        .arg(&pins.path)
+        .output()
+        .expect("run drover status");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("status JSON")
+}
+
+#[test]
+fn a_full_kernel_map_fails_the_connect_closed_and_status_counts_it_unless_fail_open() {
+    if !require_privileged() {
+        return;
+    }
+    use aya::maps::{HashMap, Map, MapData};
+    for fail_open in [false, true] {
+        let mut extra = vec!["--fast-path", "auto"];
+        if fail_open {
+            extra.push("--fail-open");
+        }
+        let Captured {
+            t,
+            daemon,
+            _servers,
+            _pins,
+            ..
+        } = captured(2, Some(capped("echo", VIP, 10)), &extra);
+        // Fill FAST_CLUSTERS with other clusters' counters (value: a `FastCluster`, 24 bytes)
+        // before echo's first connect creates its own.
+        let data = MapData::from_pin(_pins.path.join("FAST_CLUSTERS")).unwrap();
+        let mut clusters: HashMap<MapData, u32, [u8; 24]> =
+            HashMap::try_from(Map::HashMap(data)).unwrap();
+        let mut filler = Vec::new();
+        for id in 1_000_000u32.. {
+            if clusters.insert(id, [0; 24], 0).is_err() {
+                break;
+            }
+            filler.push(id);
+        }
+        assert!(filler.len() >= 1000, "filled with {}", filler.len());
+        let vip = format!("{VIP}:80");
+        let r = probe(Some(&t.client), None, &["connect", &vip, "--send", "hi"]);
+        let expected = if fail_open {
+            // Left alone: it reached the VIP itself, where nothing listens.
+            "ConnectionRefused"
+        } else {
+            "PermissionDenied"
+        };
+        assert_eq!(r["kind"], expected, "fail_open={fail_open}: {r}");
+        let s = status_of(&_pins);
+        assert_eq!(s["kernel_errors"]["fast_cluster"], 1, "{s}");
+        // Room again: the next connect is balanced.
+        clusters.remove(&filler[0]).unwrap();
+        let r = probe(Some(&t.client), None, &["connect", &vip, "--send", "hi"]);
+        assert_eq!(r["echo"], "hi", "{r}\n{}", daemon.log());
+        assert_eq!(status_of(&_pins)["kernel_errors"]["fast_cluster"], 1);
+    }
+}
+
 #[test]
 fn fast_path_table_swaps_under_load_lose_no_connect() {
     if !require_privileged() {

@@ -88,6 +88,8 @@ pub struct Kernel {
     ep_dstats: Mutex<Mirror<EpDKey, EpDStats>>,
     fast_tables: Mutex<Mirror<VipKey, FastTable>>,
     fast_clusters: HashMap<MapData, u32, FastCluster>,
+    /// Cluster ids by name key (see [`crate::stats::name_key`]), for the next daemon.
+    cluster_ids: Mutex<HashMap<MapData, u64, u32>>,
     ep_fstats: PerCpuHashMap<MapData, EpKey, EpKStats>,
     /// Connect outcomes of balanced sockets (taken once by the fast-path runner).
     fast_events: Mutex<Option<RingBuf<MapData>>>,
@@ -178,6 +180,7 @@ impl Kernel {
             ep_dstats: Mutex::new(Mirror::new(take_map(&mut ebpf, maps::EP_DSTATS)?)),
             fast_tables: Mutex::new(Mirror::new(take_map(&mut ebpf, maps::FAST_TABLES)?)),
             fast_clusters: take_map(&mut ebpf, maps::FAST_CLUSTERS)?,
+            cluster_ids: Mutex::new(take_map(&mut ebpf, maps::CLUSTER_IDS)?),
             ep_fstats: take_map(&mut ebpf, maps::EP_FSTATS)?,
             fast_events: Mutex::new(Some(take_map(&mut ebpf, maps::FAST_EVENTS)?)),
             ebpf: Mutex::new(ebpf),
@@ -277,11 +280,32 @@ impl Kernel {
     }
 
     /// Makes the fast-path tables exactly `tables` (by VIP); only changed tables are written,
-    /// each in one map update.
+    /// each in one map update. The cluster ids given since the last call are saved first, so a
+    /// table never names an id a restarted daemon would give to another cluster.
     pub fn set_fast_tables(&self, tables: &[(SocketAddr, FastTable)]) -> Result<(), Error> {
+        self.save_cluster_ids();
         let wanted = tables.iter().map(|(a, t)| (vip_key(*a), *t));
         let mut map = self.fast_tables.lock().expect("fast_tables map lock");
         map.replace_all(wanted.collect(), maps::FAST_TABLES)
+    }
+
+    /// Saves the cluster ids given since the last save into `CLUSTER_IDS` (a full map is
+    /// logged: those clusters may get other ids after a restart).
+    fn save_cluster_ids(&self) {
+        let mut map = self.cluster_ids.lock().expect("cluster_ids map lock");
+        let mut failed = 0;
+        for (key, id) in crate::stats::store().unsaved_ids() {
+            if map.insert(key, id, 0).is_err() {
+                failed += 1;
+            }
+        }
+        if failed > 0 {
+            tracing::warn!(
+                clusters = failed,
+                capacity = drover_common::capacity::CLUSTER_IDS,
+                "CLUSTER_IDS is full: these clusters' ids are not kept across a restart"
+            );
+        }
     }
 
     /// The kernel's fast-path slot counters of cluster `id`, if it balanced any connect.
@@ -722,6 +746,26 @@ fn own_cgroup() -> Result<PathBuf, Error> {
             reason: "no cgroup v2 entry".into(),
         })?;
     Ok(root.join(rel.trim_start_matches('/')))
+}
+
+/// The cluster ids a previous daemon saved under `pin_dir` (none on a first start): read before
+/// the first snapshot is built, so that every cluster gets its old id back.
+pub fn restore_cluster_ids(pin_dir: &Path) -> Result<usize, Error> {
+    let path = pin_dir.join(maps::CLUSTER_IDS);
+    if !path.exists() {
+        return Ok(0);
+    }
+    let map_err = |source| Error::Map {
+        name: maps::CLUSTER_IDS,
+        source,
+    };
+    let data = MapData::from_pin(&path).map_err(map_err)?;
+    let map: HashMap<MapData, u64, u32> =
+        HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(map_err)?;
+    let saved: Vec<(u64, u32)> = map.iter().filter_map(Result::ok).collect();
+    let n = saved.len();
+    crate::stats::store().restore_ids(saved);
+    Ok(n)
 }
 
 /// Removes every pin (links detach, maps are freed once no program uses them); refused while a
