@@ -75,6 +75,8 @@ pub struct RunConfig {
     pub cni_install: Option<(PathBuf, PathBuf)>,
     /// The host's `/proc` (reconciling pods in Kubernetes mode).
     pub proc_dir: PathBuf,
+    /// How long a plugin-made enrolment may miss its Pod object (reconciliation).
+    pub cni_grace: std::time::Duration,
 }
 
 /// A running daemon.
@@ -640,6 +642,7 @@ async fn start_cni(
         feed,
         node: k.node_name.clone(),
         proc_dir: cfg.proc_dir.clone(),
+        grace: cfg.cni_grace,
         excluded: DEFAULT_EXCLUDED.iter().map(|s| s.to_string()).collect(),
     });
     enroller

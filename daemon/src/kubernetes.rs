@@ -95,6 +95,9 @@ struct Inner {
     synced: signal::Sender<HashSet<&'static str>>,
     /// Watchers whose first list is awaited before the feed counts as synced.
     expected: Mutex<HashSet<&'static str>>,
+    /// Watchers whose last outcome was an error (no event or relist since): what they hold may
+    /// be stale.
+    failing: Mutex<HashSet<&'static str>>,
     pub(crate) counters: Counters,
 }
 
@@ -107,6 +110,9 @@ pub struct Counters {
     pub watch_errors: AtomicU64,
     /// Complete relists (the first list included).
     pub relists: AtomicU64,
+    /// Pods of this node that a reconciliation pass could not enrol (each attempt; retried on
+    /// the next pass).
+    pub reconcile_failures: AtomicU64,
     /// Istio kinds the API server serves but refuses to list (RBAC, a broken conversion
     /// webhook), with the error: the daemon serves without them and keeps retrying.
     pub unavailable: Mutex<std::collections::BTreeMap<&'static str, String>>,
@@ -215,6 +221,7 @@ impl Feed {
                 changed: Notify::new(),
                 synced: signal::channel(HashSet::new()).0,
                 expected: Mutex::default(),
+                failing: Mutex::default(),
                 counters: Counters::default(),
             }),
         }
@@ -253,6 +260,26 @@ impl Feed {
             .clone();
         let synced = self.inner.synced.borrow();
         expected.iter().all(|n| synced.contains(n))
+    }
+
+    /// Whether watcher `name` has listed and not failed since its last event: what the feed holds
+    /// of its kind is as fresh as the API server's (absence is evidence).
+    pub fn is_fresh(&self, name: &'static str) -> bool {
+        let listed = self.inner.synced.borrow().contains(name);
+        let failing = (self.inner.failing.lock())
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(name);
+        listed && !failing
+    }
+
+    /// Records whether watcher `name`'s last outcome was an error.
+    pub(crate) fn set_failing(&self, name: &'static str, failing: bool) {
+        let mut set = self.inner.failing.lock().unwrap_or_else(|e| e.into_inner());
+        if failing {
+            set.insert(name);
+        } else {
+            set.remove(name);
+        }
     }
 
     /// Waits until every expected watcher has listed once.

@@ -148,6 +148,16 @@ struct RunArgs {
     /// --kubernetes and --cni-socket, the node's pods the plugin never reported are found there.
     #[arg(long, value_name = "DIR", default_value = "/proc")]
     proc_dir: PathBuf,
+    /// With --kubernetes and --cni-socket: how long (seconds) a pod the plugin enrolled may be
+    /// missing from a current Pod watch before reconciliation un-enrols it (the kubelet reports
+    /// a new pod's addresses only after the plugin's ADD).
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 120,
+        requires = "cni_socket"
+    )]
+    cni_grace: u64,
     /// Inbound clients when no `PeerAuthentication` resource sets a mode for the workload: STRICT
     /// (mTLS only), PERMISSIVE (plaintext passes through) or DISABLE (everything passes through).
     #[arg(long, value_enum, default_value = "strict")]
@@ -640,6 +650,7 @@ impl RunArgs {
             kubernetes,
             cni_install: self.cni_conf_dir.map(|conf| (self.cni_bin_dir, conf)),
             proc_dir: self.proc_dir,
+            cni_grace: std::time::Duration::from_secs(self.cni_grace),
             cni_socket: self.cni_socket,
         })
     }

@@ -476,3 +476,145 @@ fn a_failed_upgrade_leaves_the_old_daemon_serving() {
     assert_ok("ADD c", &node.plugin("ADD", "cc", Some(&c), "c"));
     assert!(captured(&c), "{}", new.log());
 }
+
+#[test]
+fn a_pod_missing_from_a_failing_pod_watch_stays_enrolled_until_the_watch_is_current_again() {
+    if !require_privileged() {
+        return;
+    }
+    use drover::cni::reconcile::EVERY;
+    use drover_tests::{
+        apiserver::{ApiServer, NODE, POD},
+        k8s::node,
+    };
+    let n = Node::new();
+    let api = ApiServer::start(&[]);
+    api.apply(NODE, node("node1", "region1", "zone1"));
+    let kubeconfig = n.dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    let kubeconfig = kubeconfig.display().to_string();
+    let daemon = Daemon::start(&n.args(&[
+        "--kubernetes",
+        "--kubeconfig",
+        &kubeconfig,
+        "--node-name",
+        "node1",
+        "--cni-grace",
+        "1",
+    ]))
+    .expect("daemon starts");
+    // The Pod watch fails from now on (its permission revoked, open watches cut).
+    api.forbid("pods", true);
+    api.drop_watches();
+    assert!(
+        daemon.wait_log(
+            "retrying with backoff kind=\"Pod\"",
+            Duration::from_secs(10)
+        ),
+        "{}",
+        daemon.log()
+    );
+    // A new pod: the plugin enrols it, but its Pod object never reaches the daemon's cache.
+    let a = pod("a");
+    assert_ok("ADD a", &n.plugin("ADD", "ca", Some(&a), "a"));
+    assert!(captured(&a), "{}", daemon.log());
+    // Passes well past the grace: absence from a failing watch is no evidence.
+    std::thread::sleep(EVERY * 2 + Duration::from_secs(1));
+    assert!(
+        !daemon.log().contains("pod un-enrolled"),
+        "{}",
+        daemon.log()
+    );
+    assert!(captured(&a), "still captured\n{}", daemon.log());
+    // Current again (the next Pod event arrives) and the pod is not there: removed.
+    api.forbid("pods", false);
+    let other = drover_tests::k8s::pod("shop", "other", &[], "default", "node2", "198.18.9.9");
+    api.apply(POD, other);
+    assert!(
+        daemon.wait_log("pod un-enrolled", EVERY * 2 + Duration::from_secs(10)),
+        "{}",
+        daemon.log()
+    );
+    assert!(refused(&a), "a is un-enrolled");
+}
+
+/// Gives `ns` the pod address `ip` (on its loopback device: nothing can leave through it).
+fn address(ns: &Netns, ip: &str) {
+    ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "lo"]);
+}
+
+#[test]
+fn a_pod_that_cannot_be_enrolled_is_counted_and_retried_while_the_others_are_enrolled() {
+    if !require_privileged() {
+        return;
+    }
+    use drover_tests::{
+        apiserver::{ApiServer, NODE, POD},
+        k8s::node,
+    };
+    let n = Node::new();
+    // Two pods that started before the daemon (found through /proc by their addresses); `b`
+    // already listens on the capture port, as a sidecar pod being migrated does.
+    let (a, b) = (pod("a"), pod("b"));
+    address(&a, "198.18.77.1");
+    address(&b, "198.18.77.2");
+    let blocker = Proc::server(
+        Some(&b),
+        "echo",
+        &[SocketAddr::from(([127, 0, 0, 1], 15001))],
+        "sidecar",
+    );
+    let api = ApiServer::start(&[]);
+    api.apply(NODE, node("node1", "region1", "zone1"));
+    for (name, ip) in [("a", "198.18.77.1"), ("b", "198.18.77.2")] {
+        let p = drover_tests::k8s::pod("shop", name, &[], "default", "node1", ip);
+        api.apply(POD, p);
+    }
+    let kubeconfig = n.dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    let kubeconfig = kubeconfig.display().to_string();
+    // The start does not fail on `b`: `a` is enrolled and the daemon serves.
+    let daemon = Daemon::start(&n.args(&[
+        "--kubernetes",
+        "--kubeconfig",
+        &kubeconfig,
+        "--node-name",
+        "node1",
+    ]))
+    .expect("daemon starts");
+    assert!(
+        daemon
+            .log()
+            .contains("reconciled: pods found through /proc enrolled pods=1"),
+        "{}",
+        daemon.log()
+    );
+    assert!(captured(&a), "{}", daemon.log());
+    assert!(!captured_at(
+        &b,
+        format!("{VIP}:80").parse().unwrap(),
+        Duration::from_millis(300)
+    ));
+    let failures = || {
+        daemon.clusters()["kubernetes"]["reconcile_failures"]
+            .as_u64()
+            .unwrap()
+    };
+    assert!(failures() >= 1, "{}", daemon.clusters());
+    assert!(
+        daemon
+            .admin_get("/stats/prometheus")
+            .contains("drover_kubernetes_reconcile_failures"),
+    );
+    // The port freed, the next pass enrols `b`.
+    drop(blocker);
+    assert!(
+        captured_at(
+            &b,
+            format!("{VIP}:80").parse().unwrap(),
+            drover::cni::reconcile::EVERY + Duration::from_secs(5)
+        ),
+        "{}",
+        daemon.log()
+    );
+}

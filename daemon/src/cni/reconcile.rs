@@ -10,7 +10,8 @@
 //! `istio.io/dataplane-mode: none`) are never touched; a pod that cannot be enrolled never keeps
 //! the others from being enrolled; an enrolment the plugin made is
 //! not removed before it is [`GRACE`] old (the kubelet writes a new pod's addresses to the API
-//! server only after the plugin's ADD). A pod enrolled here is removed by a pass, not by the
+//! server only after the plugin's ADD); an enrolment is removed only on evidence: the Pod watch
+//! is current (listed, not failing) and no pod of the node holds its addresses. A pod enrolled here is removed by a pass, not by the
 //! plugin: runtimes tear a pod down with the network configuration it was set up with, which
 //! did not chain the plugin.
 
@@ -27,7 +28,7 @@ use crate::{kubernetes::Feed, redirect::netns::NetNs};
 
 /// How often the node's pods are reconciled.
 pub const EVERY: Duration = Duration::from_secs(5);
-/// How old an enrolment must be before a missing Pod object removes it.
+/// How old an enrolment must be before a missing Pod object removes it (by default).
 pub const GRACE: Duration = Duration::from_secs(120);
 
 /// What a pass compares.
@@ -38,6 +39,8 @@ pub struct Reconcile {
     pub proc_dir: PathBuf,
     /// Namespaces never enrolled (the plugin's defaults).
     pub excluded: Vec<String>,
+    /// How old a plugin-made enrolment must be before a missing Pod removes it ([`GRACE`]).
+    pub grace: Duration,
 }
 
 impl Enroller {
@@ -47,7 +50,13 @@ impl Enroller {
             .filter(|p| !p.ips.is_empty() && !r.excluded.contains(&p.namespace))
             .collect();
         let live: HashSet<IpAddr> = pods.iter().flat_map(|p| p.ips.clone()).collect();
-        self.forget_gone(&live);
+        // A pod missing from a cache that may be stale (the Pod watch failed and has not
+        // recovered) is no evidence that it is gone: nothing is removed then.
+        if r.feed.is_fresh("Pod") {
+            self.forget_gone(&live, r.grace);
+        } else {
+            tracing::debug!("reconciling: the Pod watch is not current; no enrolment removed");
+        }
         let enrolled: HashSet<IpAddr> = self
             .pods()
             .values()
@@ -99,6 +108,8 @@ impl Enroller {
                 Ok(Some(p)) => ready.push(p),
                 Ok(None) => {}
                 Err(e) => {
+                    (r.feed.counters().reconcile_failures)
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::warn!(pod = %format!("{}/{}", pod.namespace, pod.name), error = %e, "reconciling: pod not enrolled; trying again on the next pass");
                 }
             }
@@ -119,12 +130,12 @@ impl Enroller {
     }
 
     /// Un-enrols the pods none of whose addresses a live pod has (the plugin's once older than
-    /// [`GRACE`]).
-    fn forget_gone(&self, live: &HashSet<IpAddr>) {
+    /// `grace`).
+    fn forget_gone(&self, live: &HashSet<IpAddr>, grace: Duration) {
         let gone: Vec<String> = self
             .pods()
             .iter()
-            .filter(|(_, p)| !p.persist || p.since.elapsed() > GRACE)
+            .filter(|(_, p)| !p.persist || p.since.elapsed() > grace)
             .filter(|(_, p)| !p.addresses.iter().any(|ip| live.contains(ip)))
             .map(|(id, _)| id.clone())
             .collect();

@@ -203,6 +203,14 @@ async fn watch<K: Watched>(
             _ = shutdown.cancelled() => return,
             e = events.next() => match e { Some(e) => e, None => return },
         };
+        // Fresh again once events flow or a relist completes (not while one is under way).
+        match &event {
+            Err(_) => feed.set_failing(kind, true),
+            Ok(Event::InitDone | Event::Apply(_) | Event::Delete(_)) => {
+                feed.set_failing(kind, false);
+            }
+            Ok(Event::Init | Event::InitApply(_)) => {}
+        }
         match event {
             Ok(Event::Init) => buffer.clear(),
             Ok(Event::InitApply(o)) => buffer.extend(o.reduce(kind, ar.as_ref())),
