@@ -256,7 +256,7 @@ impl Bed {
 }
 
 /// Builds `image` from scratch: the test binaries (stripped) and the libraries they load.
-fn build_image(dir: &Path, image: &str) {
+pub(crate) fn build_image(dir: &Path, image: &str) {
     build_image_of(
         &dir.join("rootfs"),
         image,

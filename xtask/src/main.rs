@@ -17,7 +17,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 /// Debian packages the project uses (tests, demo, bench).
-const APT_PACKAGES: [&str; 14] = [
+const APT_PACKAGES: [&str; 15] = [
     "protobuf-compiler",
     "iproute2",
     "iptables",
@@ -32,6 +32,8 @@ const APT_PACKAGES: [&str; 14] = [
     "buildah",
     "containernetworking-plugins",
     "runc",
+    // The kubelet's own runtime, driven over its CRI API by the containerd tests.
+    "containerd",
     "binutils",
     // A DNS server for the `resolution: DNS` tests.
     "dnsmasq-base",
