@@ -597,7 +597,7 @@ impl Prometheus {
     }
 }
 
-/// `drover_kubernetes_{rejected_objects,watch_errors,relists,reconcile_failures}`.
+/// `drover_kubernetes_{rejected_objects,watch_errors,relists,skipped_events,reconcile_failures}`.
 fn encode_kubernetes(
     c: &crate::kubernetes::Counters,
     encoder: &mut DescriptorEncoder<'_>,
@@ -617,6 +617,11 @@ fn encode_kubernetes(
             "drover_kubernetes_relists",
             "complete lists of a watched kind (the first included)",
             &c.relists,
+        ),
+        (
+            "drover_kubernetes_skipped_events",
+            "API events that changed nothing a snapshot reads (no rebuild)",
+            &c.skipped,
         ),
         (
             "drover_kubernetes_reconcile_failures",

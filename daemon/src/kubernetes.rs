@@ -113,6 +113,9 @@ pub struct Counters {
     /// Pods of this node that a reconciliation pass could not enrol (each attempt; retried on
     /// the next pass).
     pub reconcile_failures: AtomicU64,
+    /// Events that changed nothing a snapshot reads (a `Node` status heartbeat, a Pod status
+    /// field no rule uses): no rebuild.
+    pub skipped: AtomicU64,
     /// Istio kinds the API server serves but refuses to list (RBAC, a broken conversion
     /// webhook), with the error: the daemon serves without them and keeps retrying.
     pub unavailable: Mutex<std::collections::BTreeMap<&'static str, String>>,
@@ -299,17 +302,41 @@ impl Feed {
             match kind {
                 "Service" => s.services.clear(),
                 "EndpointSlice" => s.slices.clear(),
-                "Pod" => s.pods.clear(),
-                "Node" => s.nodes.clear(),
+                "Pod" | "Node" => {}
                 "Namespace" => s.namespaces.clear(),
                 k => s.istio.retain(|(kind, _), _| *kind != k),
             }
-            if matches!(kind, "Service" | "EndpointSlice" | "Pod" | "Node") {
+            // A relist of Services or slices re-derives everything; one of Pods or Nodes only
+            // what an object that changed (or went) was read by.
+            if matches!(kind, "Service" | "EndpointSlice") {
                 s.derived.clear();
                 s.pod_refs.clear();
             }
+            let (old_pods, old_nodes) = match kind {
+                "Pod" => (std::mem::take(&mut s.pods), NodeLocality::default()),
+                "Node" => (HashMap::new(), std::mem::take(&mut s.nodes)),
+                _ => (HashMap::new(), NodeLocality::default()),
+            };
             for o in objects {
-                s.apply(o);
+                s.store(o);
+            }
+            if kind == "Pod" {
+                let changed: Vec<Key> = (s.pods.keys())
+                    .filter(|k| !old_pods.contains_key(*k))
+                    .chain(
+                        old_pods
+                            .iter()
+                            .filter(|(k, v)| s.pods.get(*k) != Some(v))
+                            .map(|(k, _)| k),
+                    )
+                    .cloned()
+                    .collect();
+                for key in changed {
+                    s.invalidate_pod(&key);
+                }
+            }
+            if kind == "Node" && old_nodes != s.nodes {
+                s.derived.clear();
             }
         }
         self.inner.counters.relists.fetch_add(1, Ordering::Relaxed);
@@ -346,13 +373,14 @@ impl Feed {
         self.inner.changed.notify_one();
     }
 
-    /// An object was added or changed.
+    /// An object was added or changed: a reload, unless nothing a snapshot reads changed.
     pub(crate) fn applied(&self, object: Object) {
         // Nothing a snapshot holds depends on a namespace's labels: no reload for them.
-        let reload = !matches!(object, Object::Namespace(..));
-        self.state().apply(object);
-        if reload {
+        let reads = !matches!(object, Object::Namespace(..));
+        if self.state().apply(object) && reads {
             self.inner.changed.notify_one();
+        } else {
+            self.inner.counters.skipped.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -566,7 +594,26 @@ fn file_ids(set: &ConfigSet) -> HashSet<String> {
 // === impl State ===
 
 impl State {
-    fn apply(&mut self, object: Object) {
+    /// Stores `object`; false when it equals what is stored (for a Pod or Node: what the
+    /// daemon keeps of it), so nothing derived from it changes.
+    fn apply(&mut self, object: Object) -> bool {
+        match object {
+            Object::Pod(key, info) if self.pods.get(&key) == Some(&info) => false,
+            Object::Node(name, labels) if self.nodes.get(&name) == Some(&labels) => false,
+            object => {
+                match &object {
+                    Object::Pod(key, _) => self.invalidate_pod(key),
+                    // Every endpoint's locality may come from this node.
+                    Object::Node(..) => self.derived.clear(),
+                    _ => {}
+                }
+                self.store(object);
+                true
+            }
+        }
+    }
+
+    fn store(&mut self, object: Object) {
         match object {
             Object::Service(svc) => {
                 let key = key_of(&svc.metadata);
@@ -579,11 +626,9 @@ impl State {
                 self.invalidate_slice(old.as_ref());
             }
             Object::Pod(key, info) => {
-                self.invalidate_pod(&key);
                 self.pods.insert(key, info);
             }
             Object::Node(name, labels) => {
-                self.derived.clear();
                 self.nodes.insert(name, labels);
             }
             Object::Namespace(name, labels) => {

@@ -374,3 +374,51 @@ fn pods_with_a_sidecar_or_opted_out_are_not_the_node_agents() {
         );
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_node_heartbeat_or_an_unread_pod_change_rebuilds_nothing_and_is_counted() {
+    let feed = feed();
+    let zone = |z: &str| {
+        [(convert::REGION_LABEL, "r1"), (convert::ZONE_LABEL, z)]
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .into()
+    };
+    feed.applied(Object::Node("n1".into(), zone("z1")));
+    let pod = PodInfo {
+        node: Some("n1".into()),
+        ips: vec!["198.18.1.2".into()],
+        ..PodInfo::default()
+    };
+    feed.applied(Object::Pod(("shop".into(), "p1".into()), pod.clone()));
+    tokio::time::timeout(Duration::from_millis(1), feed.changed())
+        .await
+        .unwrap();
+    let derived = |feed: &Feed| feed.state().derived.len();
+    endpoints(&feed);
+    let before = derived(&feed);
+    assert!(before > 0);
+    let skipped = |feed: &Feed| feed.counters().skipped.load(Ordering::Relaxed);
+    assert_eq!(skipped(&feed), 0);
+    // A Node status heartbeat (same locality labels) and a Pod status change the daemon does
+    // not keep (same kept fields), as the watchers hand them over; a relist of both too.
+    feed.applied(Object::Node("n1".into(), zone("z1")));
+    feed.applied(Object::Pod(("shop".into(), "p1".into()), pod.clone()));
+    feed.relisted("Node", "Node", vec![Object::Node("n1".into(), zone("z1"))]);
+    assert_eq!(skipped(&feed), 2);
+    assert_eq!(derived(&feed), before, "nothing derived was dropped");
+    // (The relist's own notification is consumed.)
+    let _ = tokio::time::timeout(Duration::from_millis(1), feed.changed()).await;
+    feed.applied(Object::Node("n1".into(), zone("z1")));
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), feed.changed())
+            .await
+            .is_err(),
+        "no reload"
+    );
+    // A change a rule reads (the node's zone) does reload.
+    feed.applied(Object::Node("n1".into(), zone("z2")));
+    tokio::time::timeout(Duration::from_millis(1), feed.changed())
+        .await
+        .unwrap();
+    assert_eq!(skipped(&feed), 3);
+}
