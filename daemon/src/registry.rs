@@ -9,6 +9,7 @@
 mod build;
 pub mod explain;
 pub mod peer;
+pub mod relevance;
 pub mod resolve;
 pub mod route;
 
@@ -192,6 +193,56 @@ impl Registry {
     /// undefined subsets), located.
     pub fn warnings(&self) -> &[Problem] {
         &self.warnings
+    }
+
+    /// What the data path reads of this snapshot for its client, canonically ordered: its
+    /// services and captured addresses, each cluster with its effective policy and members, the
+    /// inbound mTLS, and which route matches hold for the client (`sourceLabels`,
+    /// `sourceNamespace`, visibility). Snapshots with equal fingerprints serve a connection
+    /// alike; the client itself is left out (see [`relevance`]).
+    pub fn fingerprint(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let mut vips: Vec<_> = self.by_vip.iter().collect();
+        vips.sort();
+        let mut hosts: Vec<_> = self.by_host.iter().collect();
+        hosts.sort();
+        let _ = writeln!(
+            out,
+            "{:?}\n{vips:?}\n{:?}\n{hosts:?}",
+            self.services, self.by_cidr
+        );
+        let _ = writeln!(out, "{:?}\n{:?}", self.inbound, self.warnings);
+        let mut clusters: Vec<_> = self.clusters.iter().collect();
+        clusters.sort_by(|a, b| a.0.cmp(b.0));
+        for (key, c) in clusters {
+            let members: Vec<_> = (c.members.iter())
+                .map(|m| (m.endpoint, m.addr, m.mesh))
+                .collect();
+            let _ = writeln!(out, "{key:?} {} {:?} {members:?}", c.name, c.policy);
+        }
+        let client = &self.client;
+        let holds = |labels: &BTreeMap<String, String>, ns: &Option<String>| {
+            resolve::selects(labels, &client.labels)
+                && ns.as_ref().is_none_or(|n| *n == client.namespace)
+        };
+        for svc in &self.services {
+            let vs = self.virtual_service_for(&svc.host);
+            let _ = write!(out, "{} → {:?}", svc.host, vs.map(|v| &v.source));
+            if let Some(v) = vs {
+                let http = (v.vs.http.iter()).flat_map(|r| &r.matches);
+                let http: Vec<bool> = http
+                    .map(|m| holds(&m.source_labels, &m.source_namespace))
+                    .collect();
+                let l4 = (v.vs.tcp.iter().chain(&v.vs.tls)).flat_map(|r| &r.matches);
+                let l4: Vec<bool> = l4
+                    .map(|m| holds(&m.source_labels, &m.source_namespace))
+                    .collect();
+                let _ = write!(out, " {http:?} {l4:?}");
+            }
+            out.push('\n');
+        }
+        out
     }
 
     /// The client this snapshot was resolved for.

@@ -27,7 +27,10 @@ use crate::{
     config::{self, source::ConfigSet},
     kubernetes::Feed,
     redirect::Kernel,
-    registry::{Client, Registry, RegistryHandle},
+    registry::{
+        Client, Registry, RegistryHandle,
+        relevance::{Class, Relevance},
+    },
     workload::{Source, Views, Workload},
 };
 
@@ -103,7 +106,8 @@ pub struct Sources {
     pub dns: Option<crate::dns::Dns>,
 }
 
-/// A loaded configuration: the primary snapshot and one per distinct workload identity.
+/// A loaded configuration: the primary snapshot and one per class of workload identities the
+/// configuration tells apart.
 pub struct Snapshots {
     pub primary: Registry,
     /// Snapshots of the identities that differ from the primary one.
@@ -185,30 +189,33 @@ pub fn snapshot(
 // === impl Loaded ===
 
 impl Loaded {
-    /// The snapshots of `sources.workloads`: one per identity that differs from the primary
-    /// one (a workload whose identity the configuration cannot serve gets the primary one, and
-    /// an error line).
+    /// The snapshots of `sources.workloads`: one per class of identities the configuration
+    /// tells apart from the primary one and from each other ([`Relevance`]; a workload whose
+    /// identity the configuration cannot serve gets the primary one, and an error line).
     pub fn resolve(self, sources: &Sources) -> Snapshots {
         let Loaded { primary, set } = self;
         let client = &sources.client;
-        // Distinct (client, service account) pairs with their snapshot in `extra`.
-        let mut seen: Vec<(Client, Option<(String, String)>)> = Vec::new();
+        let relevance = Relevance::of(&set);
+        let primary_class = (relevance.class(&set, client), None);
+        // Distinct (class, service account) pairs with their snapshot in `extra`.
+        let mut seen: HashMap<(Class, Option<(String, String)>), usize> = HashMap::new();
         let mut extra = Vec::new();
         let mut assignment = Vec::new();
         for w in &sources.workloads {
             let id = w.identity(client, &set, sources.api.as_ref());
             // A workload's own certificate only matters with a mesh CA.
             let sa = id.service_account.filter(|_| sources.issuer.is_some());
-            let key = (id.client, sa);
+            let class = (relevance.class(&set, &id.client), sa.clone());
             let netns = w.netns.clone();
-            if key.0 == *client && key.1.is_none() {
+            if class == primary_class {
                 assignment.push((netns, None, id.source));
-            } else if let Some(i) = seen.iter().position(|k| *k == key) {
-                assignment.push((netns, Some(i), id.source));
+            } else if let Some(i) = seen.get(&class) {
+                assignment.push((netns, Some(*i), id.source));
             } else {
-                match build_for(&set, &key, sources) {
+                // Built for this workload's own client: any of its class gets an equal one.
+                match build_for(&set, &(id.client, sa), sources) {
                     Ok(r) => {
-                        seen.push(key);
+                        seen.insert(class, extra.len());
                         extra.push(r);
                         assignment.push((netns, Some(extra.len() - 1), id.source));
                     }

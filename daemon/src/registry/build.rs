@@ -295,7 +295,11 @@ fn unique_names<T>(kind: &str, list: &[Resource<T>], problems: &mut Vec<Problem>
 
 /// The client as configured, with namespace and labels taken from its WorkloadEntry when one
 /// is named (labels given on the command line win).
-fn resolve_client(set: &ConfigSet, client: &Client, problems: &mut Vec<Problem>) -> Client {
+pub(super) fn resolve_client(
+    set: &ConfigSet,
+    client: &Client,
+    problems: &mut Vec<Problem>,
+) -> Client {
     let Some(id) = &client.workload else {
         return client.clone();
     };
