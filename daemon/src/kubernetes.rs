@@ -297,48 +297,7 @@ impl Feed {
 
     /// Replaces every object of watcher `name` (kind `kind`) with `objects`: a complete list.
     pub(crate) fn relisted(&self, name: &'static str, kind: &'static str, objects: Vec<Object>) {
-        {
-            let mut s = self.state();
-            match kind {
-                "Service" => s.services.clear(),
-                "EndpointSlice" => s.slices.clear(),
-                "Pod" | "Node" => {}
-                "Namespace" => s.namespaces.clear(),
-                k => s.istio.retain(|(kind, _), _| *kind != k),
-            }
-            // A relist of Services or slices re-derives everything; one of Pods or Nodes only
-            // what an object that changed (or went) was read by.
-            if matches!(kind, "Service" | "EndpointSlice") {
-                s.derived.clear();
-                s.pod_refs.clear();
-            }
-            let (old_pods, old_nodes) = match kind {
-                "Pod" => (std::mem::take(&mut s.pods), NodeLocality::default()),
-                "Node" => (HashMap::new(), std::mem::take(&mut s.nodes)),
-                _ => (HashMap::new(), NodeLocality::default()),
-            };
-            for o in objects {
-                s.store(o);
-            }
-            if kind == "Pod" {
-                let changed: Vec<Key> = (s.pods.keys())
-                    .filter(|k| !old_pods.contains_key(*k))
-                    .chain(
-                        old_pods
-                            .iter()
-                            .filter(|(k, v)| s.pods.get(*k) != Some(v))
-                            .map(|(k, _)| k),
-                    )
-                    .cloned()
-                    .collect();
-                for key in changed {
-                    s.invalidate_pod(&key);
-                }
-            }
-            if kind == "Node" && old_nodes != s.nodes {
-                s.derived.clear();
-            }
-        }
+        self.state().relist(kind, objects);
         self.inner.counters.relists.fetch_add(1, Ordering::Relaxed);
         let was = (self.inner.counters.unavailable.lock())
             .unwrap_or_else(|e| e.into_inner())
@@ -594,6 +553,49 @@ fn file_ids(set: &ConfigSet) -> HashSet<String> {
 // === impl State ===
 
 impl State {
+    /// Replaces every object of `kind` with `objects`. A relist of Services or slices
+    /// re-derives everything; one of Pods or Nodes only what read an object that changed, came
+    /// or went.
+    fn relist(&mut self, kind: &str, objects: Vec<Object>) {
+        match kind {
+            "Service" => self.services.clear(),
+            "EndpointSlice" => self.slices.clear(),
+            "Pod" | "Node" => {}
+            "Namespace" => self.namespaces.clear(),
+            k => self.istio.retain(|(kind, _), _| *kind != k),
+        }
+        if matches!(kind, "Service" | "EndpointSlice") {
+            self.derived.clear();
+            self.pod_refs.clear();
+        }
+        let old_pods = if kind == "Pod" {
+            std::mem::take(&mut self.pods)
+        } else {
+            HashMap::new()
+        };
+        let old_nodes = if kind == "Node" {
+            std::mem::take(&mut self.nodes)
+        } else {
+            NodeLocality::default()
+        };
+        for o in objects {
+            self.store(o);
+        }
+        if kind == "Pod" {
+            let came = (self.pods.keys()).filter(|k| !old_pods.contains_key(*k));
+            let changed = (old_pods.iter())
+                .filter(|(k, v)| self.pods.get(*k) != Some(v))
+                .map(|(k, _)| k);
+            let touched: Vec<Key> = came.chain(changed).cloned().collect();
+            for key in touched {
+                self.invalidate_pod(&key);
+            }
+        }
+        if kind == "Node" && old_nodes != self.nodes {
+            self.derived.clear();
+        }
+    }
+
     /// Stores `object`; false when it equals what is stored (for a Pod or Node: what the
     /// daemon keeps of it), so nothing derived from it changes.
     fn apply(&mut self, object: Object) -> bool {

@@ -1,8 +1,12 @@
 //! Kubernetes mode at scale: the test API server holds `--kube-services` Services (10 endpoints
-//! each, in EndpointSlices) over `--kube-pods` Pods; the daemon lists and watches everything.
-//! Measured: time from start to ready, the daemon's RSS once ready, and the time from an
-//! EndpointSlice change to the first connection routed by it (p50/p99 over `--kube-changes`
-//! changes of one probe service that flips between two live endpoints).
+//! each, in EndpointSlices, and a DestinationRule with two subsets in the Service's namespace)
+//! over `--kube-pods` Pods; the daemon lists and watches everything and serves, for each count
+//! of `--kube-identities`, that many workloads of distinct identities (a Pod each, in its own
+//! namespace with its own service account: a network namespace of the bench per workload).
+//! Measured per count: time from start to ready, the daemon's RSS once ready and after the
+//! changes, and the time from an EndpointSlice change to the first connection routed by it
+//! (p50/p99 over `--kube-changes` changes of one probe service that flips between two live
+//! endpoints).
 //!
 //! Only the probe service's endpoints are ever dialled (live echo servers in the topology's
 //! endpoint namespaces); the other endpoints' addresses (`198.19.0.0/16`) are never connected to.
@@ -14,9 +18,9 @@ use std::{
 };
 
 use drover_tests::{
-    Daemon, PinDir, Topology,
-    apiserver::{ApiServer, ENDPOINT_SLICE, ISTIO, NODE, POD, SERVICE},
-    k8s::{endpoint_slice, node, pod, service},
+    Daemon, Netns, PinDir, Topology,
+    apiserver::{ApiServer, DESTINATION_RULE, ENDPOINT_SLICE, ISTIO, NODE, POD, SERVICE},
+    k8s::{endpoint_slice, istio, node, pod, service},
 };
 
 /// The probe service's VIP (loopback inside the client namespace).
@@ -29,6 +33,18 @@ pub struct Scale {
     pub services: usize,
     pub pods: usize,
     pub changes: usize,
+    /// Distinct workload identities on the node, one measurement each.
+    pub identities: Vec<usize>,
+}
+
+/// One measurement.
+struct Row {
+    identities: usize,
+    ready: Duration,
+    rss_mib: u64,
+    rss_after_mib: u64,
+    p50: f64,
+    p99: f64,
 }
 
 /// The address of pod `p` (never dialled).
@@ -65,6 +81,18 @@ fn populate(api: &ApiServer, scale: &Scale) {
         api.apply(
             SERVICE,
             service(&ns, &name, &[&vip(s).to_string()], &[("tcp-web", 80, 7000)]),
+        );
+        api.apply(
+            DESTINATION_RULE,
+            istio(&format!(
+                "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: {name}, namespace: {ns}}}
+spec:
+  host: {name}
+  subsets: [{{name: v1, labels: {{version: v1}}}}, {{name: v2, labels: {{version: v2}}}}]
+"
+            )),
         );
         // Pods of the Service's namespace, spread so that each pod serves about
         // services × 10 / pods Services.
@@ -149,6 +177,84 @@ fn change_lags(api: &ApiServer, t: &Topology, changes: usize) -> Vec<f64> {
     lags
 }
 
+/// The workloads of `n` distinct identities: a network namespace each (holding its pod's
+/// address, never reached) and its Pod in namespace `ns-k` with service account `sa-k`.
+fn identities(api: &ApiServer, n: usize) -> Vec<Netns> {
+    (0..n)
+        .map(|k| {
+            let ns = Netns::new(format!("drvid{k}"));
+            let ip = format!("198.19.250.{}", k + 1);
+            ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "lo"]);
+            api.apply(
+                POD,
+                pod(
+                    &format!("ns-{k}"),
+                    &format!("id-{k}"),
+                    &[("app", "a"), ("version", "v1")],
+                    &format!("sa-{k}"),
+                    "node1",
+                    &ip,
+                ),
+            );
+            ns
+        })
+        .collect()
+}
+
+/// Starts a daemon serving the client and `ids` workloads, and measures it.
+fn measure(
+    api: &ApiServer,
+    t: &Topology,
+    kubeconfig: &std::path::Path,
+    (n, ids): (usize, &[Netns]),
+    scale: &Scale,
+    rss_kib: fn(u32) -> u64,
+) -> Row {
+    let pins = PinDir::new();
+    let mut args: Vec<String> = [
+        "--kubernetes",
+        "--kubeconfig",
+        &kubeconfig.display().to_string(),
+        "--node-name",
+        "node1",
+        "--netns",
+        &t.client.name,
+        "--pin-dir",
+        &pins.path.display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for ns in &ids[..n.saturating_sub(1)] {
+        args.extend(["--netns".to_string(), ns.name.clone()]);
+    }
+    let started = Instant::now();
+    let mut daemon = Daemon::start_within(&args, Duration::from_secs(600)).expect("drover starts");
+    let ready = started.elapsed();
+    let pid = daemon.pid().expect("pid");
+    std::thread::sleep(Duration::from_secs(3));
+    let rss = rss_kib(pid);
+    assert_eq!(
+        answer(t).as_deref(),
+        Some("ep1"),
+        "the probe service routes"
+    );
+    let lags = change_lags(api, t, scale.changes);
+    std::thread::sleep(Duration::from_secs(5));
+    let rss_after = rss_kib(pid);
+    daemon.stop();
+    // The probe service back where the next measurement expects it.
+    probe_slice(api, 1);
+    Row {
+        identities: n,
+        ready,
+        rss_mib: rss / 1024,
+        rss_after_mib: rss_after / 1024,
+        p50: percentile(&lags, 0.5),
+        p99: percentile(&lags, 0.99),
+    }
+}
+
 /// Runs the measurement; `t` has two endpoint namespaces with echo servers `ep1`, `ep2` on 7000.
 pub fn run(t: &Topology, scale: &Scale, rss_kib: fn(u32) -> u64) {
     let api = ApiServer::start(&ISTIO);
@@ -173,8 +279,11 @@ pub fn run(t: &Topology, scale: &Scale, rss_kib: fn(u32) -> u64) {
         service("bench", "probe", &[PROBE_VIP], &[("tcp-web", 80, 7000)]),
     );
     probe_slice(&api, 1);
+    // The client namespace is one identity; the others are workloads of their own.
+    let most = scale.identities.iter().copied().max().unwrap_or(1);
+    let ids = identities(&api, most.saturating_sub(1));
     println!(
-        "\nKubernetes mode: {} Services × {PER_SERVICE} endpoints over {} Pods in the test API server (filled in {:.1} s)",
+        "\nKubernetes mode: {} Services × {PER_SERVICE} endpoints (a DestinationRule with 2 subsets each) over {} Pods in the test API server (filled in {:.1} s)",
         scale.services,
         scale.pods,
         filled.elapsed().as_secs_f64()
@@ -183,67 +292,34 @@ pub fn run(t: &Topology, scale: &Scale, rss_kib: fn(u32) -> u64) {
     std::fs::create_dir_all(&dir).expect("dir");
     let kubeconfig = dir.join("kubeconfig");
     api.write_kubeconfig(&kubeconfig);
-    let pins = PinDir::new();
-    let args: Vec<String> = [
-        "--kubernetes",
-        "--kubeconfig",
-        &kubeconfig.display().to_string(),
-        "--node-name",
-        "node1",
-        "--netns",
-        &t.client.name,
-        "--pin-dir",
-        &pins.path.display().to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let started = Instant::now();
-    let mut daemon = Daemon::start_within(&args, Duration::from_secs(600)).expect("drover starts");
-    let ready = started.elapsed();
-    let pid = daemon.pid().expect("pid");
-    std::thread::sleep(Duration::from_secs(3));
-    let rss = rss_kib(pid);
-    assert_eq!(
-        answer(t).as_deref(),
-        Some("ep1"),
-        "the probe service routes"
-    );
-
-    let lags = change_lags(&api, t, scale.changes);
-    std::thread::sleep(Duration::from_secs(5));
-    let rss_after = rss_kib(pid);
     println!(
-        "{:<44} {:>12}",
-        "start → ready (listed, built, attached)",
-        format!("{:.1} s", ready.as_secs_f64())
+        "{:>10} {:>14} {:>14} {:>18} {:>12} {:>12}",
+        "identities", "start → ready", "RSS ready", "RSS after changes", "change p50", "change p99"
     );
+    for &n in &scale.identities {
+        let r = measure(&api, t, &kubeconfig, (n, &ids), scale, rss_kib);
+        println!(
+            "{:>10} {:>12.1} s {:>10} MiB {:>14} MiB {:>9.0} ms {:>9.0} ms",
+            r.identities,
+            r.ready.as_secs_f64(),
+            r.rss_mib,
+            r.rss_after_mib,
+            r.p50,
+            r.p99
+        );
+    }
     println!(
-        "{:<44} {:>12}",
-        "daemon RSS once ready",
-        format!("{} MiB", rss / 1024)
+        "(change: EndpointSlice change → first connection routed by it, {} changes)\nreproduce: cargo xtask bench -- --only kube --kube-services {} --kube-pods {} --kube-changes {} --kube-identities {}",
+        scale.changes,
+        scale.services,
+        scale.pods,
+        scale.changes,
+        scale
+            .identities
+            .iter()
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
     );
-    println!(
-        "{:<44} {:>12}",
-        "daemon RSS 5 s after the changes",
-        format!("{} MiB", rss_after / 1024)
-    );
-    println!(
-        "{:<44} {:>12}",
-        format!(
-            "EndpointSlice change → routed, p50 ({} changes)",
-            lags.len()
-        ),
-        format!("{:.0} ms", percentile(&lags, 0.5))
-    );
-    println!(
-        "{:<44} {:>12}",
-        "EndpointSlice change → routed, p99",
-        format!("{:.0} ms", percentile(&lags, 0.99))
-    );
-    println!(
-        "reproduce: cargo xtask bench -- --only kube --kube-services {} --kube-pods {} --kube-changes {}",
-        scale.services, scale.pods, scale.changes
-    );
-    daemon.stop();
+    let _ = std::fs::remove_dir_all(&dir);
 }

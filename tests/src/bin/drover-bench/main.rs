@@ -79,6 +79,9 @@ struct Args {
     /// EndpointSlice changes timed in the Kubernetes-mode measurement.
     #[arg(long, default_value = "100")]
     kube_changes: usize,
+    /// Distinct workload identities on the node, one Kubernetes-mode measurement each.
+    #[arg(long, value_delimiter = ',', default_value = "1,10,50")]
+    kube_identities: Vec<usize>,
     /// Pods started per chain in the drover-cni pod-start measurement.
     #[arg(long, default_value = "100")]
     cni_pods: usize,
@@ -206,6 +209,7 @@ fn main() {
             services: args.kube_services,
             pods: args.kube_pods,
             changes: args.kube_changes,
+            identities: args.kube_identities.clone(),
         };
         kube::run(&t, &scale, rss_kib);
     }
