@@ -196,7 +196,8 @@ impl Registry {
     }
 
     /// What the data path reads of this snapshot for its client, canonically ordered: its
-    /// services and captured addresses, each cluster with its effective policy and members, the
+    /// services and captured addresses, each cluster with its effective policy, members and
+    /// locality plan, the
     /// inbound mTLS, and which route matches hold for the client (`sourceLabels`,
     /// `sourceNamespace`, visibility). Snapshots with equal fingerprints serve a connection
     /// alike; the client itself is left out (see [`relevance`]).
@@ -219,7 +220,12 @@ impl Registry {
             let members: Vec<_> = (c.members.iter())
                 .map(|m| (m.endpoint, m.addr, m.mesh))
                 .collect();
-            let _ = writeln!(out, "{key:?} {} {:?} {members:?}", c.name, c.policy);
+            let plan = c.balancer.plan();
+            let _ = writeln!(
+                out,
+                "{key:?} {} {:?} {members:?} {plan:?}",
+                c.name, c.policy
+            );
         }
         let client = &self.client;
         let holds = |labels: &BTreeMap<String, String>, ns: &Option<String>| {

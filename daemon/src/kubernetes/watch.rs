@@ -117,14 +117,22 @@ pub async fn spawn(
     Ok(source)
 }
 
-/// What a watched kind keeps of its objects.
+/// What a watched kind keeps of its objects: only the fields the daemon reads (50 000 Pods and
+/// 100 000 endpoints must fit in a node agent).
 trait Watched: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static {
     fn reduce(self, kind: &'static str, ar: Option<&ApiResource>) -> Option<Object>;
 }
 
+/// The annotation `kubectl apply` keeps a whole copy of the object in; never read.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
 impl Watched for Service {
     fn reduce(mut self, _: &'static str, _: Option<&ApiResource>) -> Option<Object> {
         self.metadata.managed_fields = None;
+        self.status = None;
+        if let Some(a) = self.metadata.annotations.as_mut() {
+            a.remove(LAST_APPLIED);
+        }
         Some(Object::Service(Box::new(self)))
     }
 }
@@ -132,6 +140,12 @@ impl Watched for Service {
 impl Watched for EndpointSlice {
     fn reduce(mut self, _: &'static str, _: Option<&ApiResource>) -> Option<Object> {
         self.metadata.managed_fields = None;
+        // No endpoint field the derivation reads lives in the annotations or the hints.
+        self.metadata.annotations = None;
+        for ep in &mut self.endpoints {
+            ep.hints = None;
+            ep.deprecated_topology = None;
+        }
         Some(Object::Slice(Box::new(self)))
     }
 }

@@ -6,7 +6,8 @@
 //! service → root namespace, `workloadSelector` rules that apply only in their own namespace,
 //! `sourceNamespace`, and the PeerAuthentications of its namespace for inbound), its labels
 //! (`workloadSelector`, `sourceLabels`, PeerAuthentication `selector`, `failoverPriority`) and
-//! its locality. [`Relevance::of`] finds, once per configuration, the namespaces and label keys
+//! its locality (only where a rule balances by locality: `localityLbSetting`, or
+//! `outlierDetection`, which turns locality failover on). [`Relevance::of`] finds, once per configuration, the namespaces and label keys
 //! any of those can tell apart; [`Relevance::class`] maps a client onto them.
 //!
 //! Invariant: two clients of one class get equal snapshots from
@@ -30,6 +31,9 @@ use crate::config::{source::ConfigSet, validate::qualify};
 pub struct Relevance {
     namespaces: HashSet<String>,
     label_keys: BTreeSet<String>,
+    /// Some rule balances by locality (`localityLbSetting`, or `outlierDetection`, which
+    /// turns Istio's default locality failover on): the client's locality counts.
+    locality: bool,
 }
 
 /// What of a client a snapshot depends on (see the module doc).
@@ -105,7 +109,11 @@ impl Relevance {
                 .filter(|(k, _)| self.label_keys.contains(*k))
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
-            locality: client.locality.clone(),
+            locality: if self.locality {
+                client.locality.clone()
+            } else {
+                String::new()
+            },
             workload: client.workload.clone(),
         }
     }
@@ -144,6 +152,10 @@ impl Relevance {
                                 self.label_keys.extend(l.keys().cloned());
                             }
                             self.namespaces.insert(own.to_string());
+                        }
+                        ("outlierDetection" | "localityLbSetting", v) => {
+                            self.locality = true;
+                            self.walk(v, own);
                         }
                         ("failoverPriority", Value::Array(keys)) => {
                             for key in keys.iter().filter_map(Value::as_str) {
@@ -189,8 +201,8 @@ spec:
   ports: [{{number: 80, name: http, protocol: HTTP}}]
   resolution: STATIC
   endpoints:
-  - {{address: 127.0.0.2, labels: {{version: v1}}}}
-  - {{address: 127.0.0.3, labels: {{version: v2}}}}
+  - {{address: 127.0.0.2, labels: {{version: v1}}, locality: r1/z1}}
+  - {{address: 127.0.0.3, labels: {{version: v2}}, locality: r1/z2}}
 "
         )
     }
@@ -203,11 +215,12 @@ spec:
         /// `exportTo` and a `failoverPriority`.
         fn rule(hosts: Vec<String>)(
             i in 0..16usize, ns in 0..4usize, host in 0..8usize, selector in 0..3usize,
-            export in 0..4usize, lb in 0..3usize,
+            export in 0..4usize, lb in 0..3usize, outlier in 0..3usize,
         ) -> String {
             let host = &hosts[host % hosts.len()];
             let selector = ["", "workloadSelector: {matchLabels: {app: x}}", "workloadSelector: {matchLabels: {team: t1}}"][selector];
             let lb = ["ROUND_ROBIN", "RANDOM", "LEAST_REQUEST"][lb];
+            let outlier = ["", ", outlierDetection: {consecutive5xxErrors: 3}", ", outlierDetection: {consecutive5xxErrors: 3}, connectionPool: {tcp: {maxConnections: 9}}"][outlier];
             format!(
                 "---
 apiVersion: networking.istio.io/v1
@@ -217,7 +230,7 @@ spec:
   host: {host}
   {selector}
   {}
-  trafficPolicy: {{loadBalancer: {{simple: {lb}}}}}
+  trafficPolicy: {{loadBalancer: {{simple: {lb}}}{outlier}}}
   subsets:
   - {{name: v1, labels: {{version: v1}}}}
   - {{name: v2, labels: {{version: v2}}}}
@@ -271,7 +284,7 @@ spec:
     }
 
     prop_compose! {
-        fn client()(ns in 0..6usize, app in 0..4usize, team in 0..3usize, other in any::<bool>()) -> Client {
+        fn client()(ns in 0..6usize, app in 0..4usize, team in 0..3usize, other in any::<bool>(), locality in 0..3usize) -> Client {
             let mut labels = BTreeMap::new();
             if app < 3 {
                 labels.insert("app".to_string(), ["x", "y", "z"][app].to_string());
@@ -286,7 +299,7 @@ spec:
                 namespace: NAMESPACES[ns].to_string(),
                 labels,
                 workload: None,
-                locality: String::new(),
+                locality: ["", "r1/z1", "r1/z2"][locality].to_string(),
             }
         }
     }
