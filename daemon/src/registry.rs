@@ -126,6 +126,7 @@ pub struct Registry {
     by_cidr: Vec<CidrEntry>,
     by_host: HashMap<String, usize>,
     rules: Vec<RuleEntry>,
+    rules_by_ns: resolve::RulesByNamespace,
     virtual_services: Vec<VsEntry>,
     client: Client,
     /// The inbound mTLS of the client (its `PeerAuthentication`s composed).
@@ -411,7 +412,8 @@ impl Registry {
 
     /// The DestinationRule this snapshot's client uses for a service.
     pub fn rule_for(&self, svc: &Service) -> Option<resolve::MergedRule> {
-        resolve::rule_for(&self.rules, &self.client, &svc.host, &svc.namespace)
+        let rules = (&self.rules[..], &self.rules_by_ns);
+        resolve::rule_for(rules, &self.client, &svc.host, &svc.namespace)
     }
 }
 

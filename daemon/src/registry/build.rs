@@ -64,6 +64,7 @@ impl Registry {
             by_vip: services.by_vip,
             by_cidr: services.by_cidr,
             by_host: services.by_host,
+            rules_by_ns: resolve::by_namespace(&rules),
             rules,
             virtual_services,
             inbound: InboundMtls::resolve(&peers, client),
@@ -450,10 +451,13 @@ fn check_references(
     warnings: &mut Vec<Problem>,
 ) {
     for r in rules {
-        if !hosts
-            .keys()
-            .any(|h| resolve::host_match(&r.rule.host, h).is_some())
-        {
+        // An exact host is looked up; only a wildcard is matched against every host.
+        let known = hosts.contains_key(&r.rule.host)
+            || (r.rule.host.starts_with('*')
+                && hosts
+                    .keys()
+                    .any(|h| resolve::host_match(&r.rule.host, h).is_some()));
+        if !known {
             warnings.push(r.source.origin.problem(
                 "spec.host",
                 format!(
@@ -557,14 +561,12 @@ fn clusters(reg: &Registry, peers: &[PeerEntry]) -> HashMap<super::ClusterKey, B
     // Boxed and sized once: a cluster is a few KiB (its effective policy, every value with its
     // origin), so a table of clusters inline would carry that much per empty slot too, and
     // growing it by doubling would hold the old and the new table at once.
-    let count: usize = reg
-        .services
-        .iter()
-        .map(|svc| svc.ports.len() * (1 + reg.rule_for(svc).map_or(0, |r| r.subsets.len())))
+    let rules: Vec<_> = reg.services.iter().map(|svc| reg.rule_for(svc)).collect();
+    let count: usize = (reg.services.iter().zip(&rules))
+        .map(|(svc, r)| svc.ports.len() * (1 + r.as_ref().map_or(0, |r| r.subsets.len())))
         .sum();
     let mut out = HashMap::with_capacity(count);
-    for (s, svc) in reg.services.iter().enumerate() {
-        let rule = reg.rule_for(svc);
+    for ((s, svc), rule) in reg.services.iter().enumerate().zip(rules) {
         let subsets: Vec<Option<&policy::Subset>> = std::iter::once(None)
             .chain(
                 rule.iter()

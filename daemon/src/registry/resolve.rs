@@ -153,9 +153,22 @@ pub fn host_match(rule_host: &str, service_host: &str) -> Option<usize> {
     service_host.ends_with(suffix).then_some(suffix.len())
 }
 
+/// The DestinationRules of each namespace (indexes into the rule list, in its order): the
+/// lookup visits at most three namespaces, never every rule.
+pub type RulesByNamespace = std::collections::HashMap<String, Vec<usize>>;
+
+/// Indexes `rules` by namespace.
+pub fn by_namespace(rules: &[RuleEntry]) -> RulesByNamespace {
+    let mut index = RulesByNamespace::new();
+    for (i, r) in rules.iter().enumerate() {
+        index.entry(r.namespace.clone()).or_default().push(i);
+    }
+    index
+}
+
 /// The DestinationRule `client` uses for a service `host` declared in `service_ns`.
 pub fn rule_for(
-    rules: &[RuleEntry],
+    (rules, index): (&[RuleEntry], &RulesByNamespace),
     client: &Client,
     host: &str,
     service_ns: &str,
@@ -167,9 +180,9 @@ pub fn rule_for(
         }
     }
     for ns in order {
-        let candidates: Vec<(&RuleEntry, usize)> = rules
-            .iter()
-            .filter(|r| r.namespace == ns && r.rule.export_to.visible_to(&client.namespace))
+        let in_ns = index.get(ns).map_or(&[][..], Vec::as_slice);
+        let candidates: Vec<(&RuleEntry, usize)> = (in_ns.iter().map(|i| &rules[*i]))
+            .filter(|r| r.rule.export_to.visible_to(&client.namespace))
             // Selector rules only ever apply inside their own namespace.
             .filter(|r| r.rule.workload_selector.is_none() || ns == client.namespace)
             .filter_map(|r| host_match(&r.rule.host, host).map(|s| (r, s)))
