@@ -15,7 +15,11 @@ use std::{
 };
 
 use drover_tests::{
-    Daemon, Netns, PinDir, Proc, bin, netns_fds, require_privileged, unique_id, write_config,
+    Daemon, Netns, PinDir, Proc,
+    apiserver::{ApiServer, NODE, POD},
+    bin,
+    k8s::node,
+    netns_fds, require_privileged, unique_id, write_config,
 };
 
 const VIP: &str = "127.77.0.61";
@@ -64,6 +68,17 @@ spec:
 
     fn daemon(&self) -> Daemon {
         Daemon::start(&self.args(&[])).expect("daemon starts")
+    }
+
+    /// The daemon in Kubernetes mode (node `node1`) against `api`, with `extra` arguments.
+    fn kube_daemon(&self, api: &ApiServer, extra: &[&str]) -> Daemon {
+        let kubeconfig = self.dir.join("kubeconfig");
+        api.write_kubeconfig(&kubeconfig);
+        let kubeconfig = kubeconfig.display().to_string();
+        let mut args = vec!["--kubernetes", "--kubeconfig", &kubeconfig];
+        args.extend(["--node-name", "node1"]);
+        args.extend_from_slice(extra);
+        Daemon::start(&self.args(&args)).expect("daemon starts")
     }
 
     /// The network configuration the runtime gives the plugin.
@@ -483,26 +498,10 @@ fn a_pod_missing_from_a_failing_pod_watch_stays_enrolled_until_the_watch_is_curr
         return;
     }
     use drover::cni::reconcile::EVERY;
-    use drover_tests::{
-        apiserver::{ApiServer, NODE, POD},
-        k8s::node,
-    };
     let n = Node::new();
     let api = ApiServer::start(&[]);
     api.apply(NODE, node("node1", "region1", "zone1"));
-    let kubeconfig = n.dir.join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig);
-    let kubeconfig = kubeconfig.display().to_string();
-    let daemon = Daemon::start(&n.args(&[
-        "--kubernetes",
-        "--kubeconfig",
-        &kubeconfig,
-        "--node-name",
-        "node1",
-        "--cni-grace",
-        "1",
-    ]))
-    .expect("daemon starts");
+    let daemon = n.kube_daemon(&api, &["--cni-grace", "1"]);
     // The Pod watch fails from now on (its permission revoked, open watches cut).
     api.forbid("pods", true);
     api.drop_watches();
@@ -548,10 +547,6 @@ fn a_pod_that_cannot_be_enrolled_is_counted_and_retried_while_the_others_are_enr
     if !require_privileged() {
         return;
     }
-    use drover_tests::{
-        apiserver::{ApiServer, NODE, POD},
-        k8s::node,
-    };
     let n = Node::new();
     // Two pods that started before the daemon (found through /proc by their addresses); `b`
     // already listens on the capture port, as a sidecar pod being migrated does.
@@ -570,18 +565,8 @@ fn a_pod_that_cannot_be_enrolled_is_counted_and_retried_while_the_others_are_enr
         let p = drover_tests::k8s::pod("shop", name, &[], "default", "node1", ip);
         api.apply(POD, p);
     }
-    let kubeconfig = n.dir.join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig);
-    let kubeconfig = kubeconfig.display().to_string();
     // The start does not fail on `b`: `a` is enrolled and the daemon serves.
-    let daemon = Daemon::start(&n.args(&[
-        "--kubernetes",
-        "--kubeconfig",
-        &kubeconfig,
-        "--node-name",
-        "node1",
-    ]))
-    .expect("daemon starts");
+    let daemon = n.kube_daemon(&api, &[]);
     assert!(
         daemon
             .log()
