@@ -229,6 +229,11 @@ impl Loaded {
                 }
             }
         }
+        tracing::debug!(
+            workloads = assignment.len(),
+            own_snapshots = extra.len(),
+            "workload snapshots: one per class of identities the configuration tells apart"
+        );
         Snapshots {
             primary,
             extra,

@@ -621,6 +621,12 @@ fn service_port_renamed_from_tcp_to_http_switches_to_the_l7_path() {
     }
 }
 
+/// How many reloads gave the two workloads `own` snapshots besides the daemon's own one.
+fn snapshots(daemon: &Daemon, own: usize) -> usize {
+    let line = format!("workloads=2 own_snapshots={own}");
+    daemon.log().lines().filter(|l| l.ends_with(&line)).count()
+}
+
 #[test]
 fn each_client_pod_gets_its_own_source_labels_routes_and_workload_selector_rules() {
     if !require_privileged() {
@@ -679,9 +685,18 @@ spec:
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(daemon.log().contains("shop/client-a"), "identity logged");
+    // `sourceLabels: {role: …}` tells them apart: a snapshot each.
+    assert!(snapshots(&daemon, 2) > 0, "{}", daemon.log());
 
-    // A DestinationRule selecting role b redefines subset v1 for it alone.
+    // No rule reads `role` any more: the two pods share the daemon's own snapshot again.
+    let before = snapshots(&daemon, 0);
     cluster.api.apply(VIRTUAL_SERVICE, route_to("v1"));
+    let deadline = Instant::now() + PROPAGATION;
+    while snapshots(&daemon, 0) == before {
+        assert!(Instant::now() < deadline, "{}", daemon.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A DestinationRule selecting role b redefines subset v1 for it alone.
     cluster.api.apply(
         DESTINATION_RULE,
         istio(
