@@ -151,7 +151,8 @@ impl Admin {
         Ok(bound)
     }
 
-    /// Ready once serving, and in Kubernetes mode once every watcher has listed.
+    /// Ready once serving, and in Kubernetes mode once every watcher has listed; an Istio kind
+    /// the API server refuses to list does not keep it unready, and is named (one line each).
     fn ready(&self) -> Response<crate::proxy::Body> {
         match &self.api {
             Some(feed) if !feed.is_synced() => text(
@@ -159,7 +160,17 @@ impl Admin {
                 "NOT READY: kubernetes watchers not synced\n",
                 "text/plain",
             ),
-            _ => text(StatusCode::OK, "LIVE\n", "text/plain"),
+            Some(feed) => {
+                let mut body = String::from("LIVE\n");
+                let unavailable = (feed.counters().unavailable.lock())
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                for (kind, error) in unavailable {
+                    body.push_str(&format!("serving without {kind}: {error}\n"));
+                }
+                text(StatusCode::OK, &body, "text/plain")
+            }
+            None => text(StatusCode::OK, "LIVE\n", "text/plain"),
         }
     }
 

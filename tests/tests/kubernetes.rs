@@ -981,6 +981,11 @@ fn an_istio_kind_that_cannot_be_listed_does_not_keep_the_daemon_unready() {
             .is_some_and(|e| e.contains("403") || e.contains("orbidden")),
         "{kube}"
     );
+    let ready = daemon.admin_get("/ready");
+    assert!(
+        ready.starts_with("LIVE\nserving without DestinationRule: "),
+        "{ready}"
+    );
     converges(&t, &["ep1", "ep2"]);
     // Once allowed, the kind is listed (the watcher retries with backoff) and applies.
     cluster.api.apply(DESTINATION_RULE, istio(SUBSETS));
@@ -998,4 +1003,5 @@ fn an_istio_kind_that_cannot_be_listed_does_not_keep_the_daemon_unready() {
             .as_object()
             .is_some_and(|m| m.is_empty())
     );
+    assert_eq!(daemon.admin_get("/ready"), "LIVE\n");
 }

@@ -301,12 +301,7 @@ fn rbac_grants_every_watched_resource() {
 
 #[test]
 fn the_daemonset_pins_where_the_daemon_and_uninstall_look() {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../deploy/kubernetes/daemonset.yaml"
-    );
-    let text = std::fs::read_to_string(path).expect("daemonset.yaml");
-    let ds: serde_yaml::Value = serde_yaml::from_str(&text).expect("yaml");
+    let ds = manifest("daemonset.yaml");
     let spec = &ds["spec"]["template"]["spec"];
     let agent = &spec["containers"][0];
     let args: Vec<&str> = (agent["args"].as_sequence().into_iter().flatten())
@@ -325,6 +320,52 @@ fn the_daemonset_pins_where_the_daemon_and_uninstall_look() {
         .filter_map(|m| m["mountPath"].as_str())
         .any(|p| std::path::Path::new(drover_common::DEFAULT_PIN_DIR).starts_with(p));
     assert!(mounted, "no mount holds {}", drover_common::DEFAULT_PIN_DIR);
+}
+
+/// A manifest of `deploy/kubernetes/`, parsed.
+fn manifest(path: &str) -> serde_yaml::Value {
+    let path = format!("{}/../deploy/kubernetes/{path}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).expect("manifest");
+    serde_yaml::from_str(&text).expect("yaml")
+}
+
+#[test]
+fn the_daemonset_requests_the_measured_memory_probes_liveness_and_has_an_uninstall_job() {
+    let ds = manifest("daemonset.yaml");
+    let agent = &ds["spec"]["template"]["spec"]["containers"][0];
+    // The README's measured 0.9 GiB at 10 000 Services.
+    let memory = agent["resources"]["requests"]["memory"].as_str().unwrap();
+    let mib = match memory.split_at(memory.len() - 2) {
+        (n, "Gi") => n.parse::<u64>().unwrap() * 1024,
+        (n, "Mi") => n.parse::<u64>().unwrap(),
+        _ => panic!("memory request {memory}"),
+    };
+    assert!(mib >= 900, "requests {memory}");
+    assert!(
+        agent["resources"]["limits"]["memory"].is_null(),
+        "no memory limit"
+    );
+    // Liveness on a port the container declares.
+    let port = &agent["livenessProbe"]["tcpSocket"]["port"];
+    let declared = (agent["ports"].as_sequence().into_iter().flatten())
+        .any(|p| p["name"] == *port || p["containerPort"] == *port);
+    assert!(declared, "liveness port {port:?}");
+    // The removal Job unchains the plugin from the directories the agent chains it into.
+    let job = manifest("uninstall/cni-uninstall-job.yaml");
+    let args = |c: &serde_yaml::Value| -> Vec<String> {
+        (c["args"].as_sequence().into_iter().flatten())
+            .filter_map(|a| a.as_str().map(str::to_string))
+            .collect()
+    };
+    let job_args = args(&job["spec"]["template"]["spec"]["containers"][0]);
+    assert_eq!(job_args[..2], ["cni", "uninstall"]);
+    let dirs = ["--cni-bin-dir=", "--cni-conf-dir="];
+    for dir in args(agent)
+        .iter()
+        .filter(|a| dirs.iter().any(|d| a.starts_with(d)))
+    {
+        assert!(job_args.contains(dir), "{dir} not in {job_args:?}");
+    }
 }
 
 #[test]
