@@ -4,9 +4,9 @@
 //! of `--kube-identities`, that many workloads of distinct identities (a Pod each, in its own
 //! namespace with its own service account: a network namespace of the bench per workload).
 //! Measured per count: time from start to ready, the daemon's RSS once ready and after the
-//! changes, and the time from an EndpointSlice change to the first connection routed by it
+//! changes, the time from an EndpointSlice change to the first connection routed by it
 //! (p50/p99 over `--kube-changes` changes of one probe service that flips between two live
-//! endpoints).
+//! endpoints) and the daemon's CPU time per change.
 //!
 //! Only the probe service's endpoints are ever dialled (live echo servers in the topology's
 //! endpoint namespaces); the other endpoints' addresses (`198.19.0.0/16`) are never connected to.
@@ -45,6 +45,22 @@ struct Row {
     rss_after_mib: u64,
     p50: f64,
     p99: f64,
+    /// The daemon's CPU time (user + system) per change, over the change loop.
+    cpu_ms: f64,
+}
+
+/// User + system CPU time of process `pid` so far, in milliseconds (`/proc/PID/stat`).
+fn cpu_ms(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime and stime are 14th and 15th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let ticks: f64 = (rest.split_whitespace().skip(11).take(2))
+        .filter_map(|t| t.parse::<f64>().ok())
+        .sum();
+    // SAFETY: sysconf reads a constant.
+    #[expect(unsafe_code, reason = "sysconf(_SC_CLK_TCK)")]
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks * 1000.0 / hz
 }
 
 /// The address of pod `p` (never dialled).
@@ -239,7 +255,9 @@ fn measure(
         Some("ep1"),
         "the probe service routes"
     );
+    let cpu_before = cpu_ms(pid);
     let lags = change_lags(api, t, scale.changes);
+    let cpu = (cpu_ms(pid) - cpu_before) / scale.changes.max(1) as f64;
     std::thread::sleep(Duration::from_secs(5));
     let rss_after = rss_kib(pid);
     daemon.stop();
@@ -252,6 +270,7 @@ fn measure(
         rss_after_mib: rss_after / 1024,
         p50: percentile(&lags, 0.5),
         p99: percentile(&lags, 0.99),
+        cpu_ms: cpu,
     }
 }
 
@@ -293,19 +312,26 @@ pub fn run(t: &Topology, scale: &Scale, rss_kib: fn(u32) -> u64) {
     let kubeconfig = dir.join("kubeconfig");
     api.write_kubeconfig(&kubeconfig);
     println!(
-        "{:>10} {:>14} {:>14} {:>18} {:>12} {:>12}",
-        "identities", "start → ready", "RSS ready", "RSS after changes", "change p50", "change p99"
+        "{:>10} {:>14} {:>14} {:>18} {:>12} {:>12} {:>15}",
+        "identities",
+        "start → ready",
+        "RSS ready",
+        "RSS after changes",
+        "change p50",
+        "change p99",
+        "CPU per change"
     );
     for &n in &scale.identities {
         let r = measure(&api, t, &kubeconfig, (n, &ids), scale, rss_kib);
         println!(
-            "{:>10} {:>12.1} s {:>10} MiB {:>14} MiB {:>9.0} ms {:>9.0} ms",
+            "{:>10} {:>12.1} s {:>10} MiB {:>14} MiB {:>9.0} ms {:>9.0} ms {:>12.0} ms",
             r.identities,
             r.ready.as_secs_f64(),
             r.rss_mib,
             r.rss_after_mib,
             r.p50,
-            r.p99
+            r.p99,
+            r.cpu_ms
         );
     }
     println!(
