@@ -503,34 +503,16 @@ fn main() -> ExitCode {
             admin,
             json,
         } => status(&pin_dir, admin.0, json),
-        Command::MountBpffs { path } => match drover::redirect::loader::mount_bpffs(&path) {
-            Ok(true) => {
-                eprintln!("mounted bpffs at {}", path.display());
-                ExitCode::SUCCESS
-            }
-            Ok(false) => {
-                eprintln!("bpffs already mounted at {}", path.display());
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::FAILURE
-            }
-        },
-        Command::Uninstall { pin_dir } => match drover::redirect::loader::uninstall(&pin_dir) {
-            Ok(true) => {
-                eprintln!("removed {}", pin_dir.display());
-                ExitCode::SUCCESS
-            }
-            Ok(false) => {
-                eprintln!("nothing pinned at {}", pin_dir.display());
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::FAILURE
-            }
-        },
+        Command::MountBpffs { path } => said(
+            drover::redirect::loader::mount_bpffs(&path),
+            format!("mounted bpffs at {}", path.display()),
+            format!("bpffs already mounted at {}", path.display()),
+        ),
+        Command::Uninstall { pin_dir } => said(
+            drover::redirect::loader::uninstall(&pin_dir),
+            format!("removed {}", pin_dir.display()),
+            format!("nothing pinned at {}", pin_dir.display()),
+        ),
         Command::Run(args) => run(args, log_control),
     }
 }
@@ -816,6 +798,21 @@ impl From<ClientArgs> for Client {
 fn report(text: &str) -> ExitCode {
     print!("{text}");
     ExitCode::SUCCESS
+}
+
+/// The outcome of a one-shot command that either did something (`done`) or found nothing to do
+/// (`nothing`), printed on stderr.
+fn said<E: std::fmt::Display>(r: Result<bool, E>, done: String, nothing: String) -> ExitCode {
+    match r {
+        Ok(did) => {
+            eprintln!("{}", if did { done } else { nothing });
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn status(pin_dir: &std::path::Path, admin: Option<std::net::SocketAddr>, json: bool) -> ExitCode {

@@ -202,6 +202,7 @@ impl Registry {
     /// inbound mTLS, and which route matches hold for the client (`sourceLabels`,
     /// `sourceNamespace`, visibility). Snapshots with equal fingerprints serve a connection
     /// alike; the client itself is left out (see [`relevance`]).
+    #[cfg(test)]
     pub fn fingerprint(&self) -> String {
         use std::fmt::Write;
         let mut out = String::new();

@@ -195,7 +195,12 @@ impl Loaded {
     pub fn resolve(self, sources: &Sources) -> Snapshots {
         let Loaded { primary, set } = self;
         let client = &sources.client;
-        let relevance = Relevance::of(&set);
+        // Read once per load, and only when there are workloads to sort into classes.
+        let relevance = if sources.workloads.is_empty() {
+            Relevance::default()
+        } else {
+            Relevance::of(&set)
+        };
         let primary_class = (relevance.class(&set, client), None);
         // Distinct (class, service account) pairs with their snapshot in `extra`.
         let mut seen: HashMap<(Class, Option<(String, String)>), usize> = HashMap::new();

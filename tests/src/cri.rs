@@ -162,8 +162,8 @@ impl Containerd {
             assert!(Instant::now() < deadline, "containerd: {}", bed.log());
             std::thread::sleep(Duration::from_millis(100));
         }
-        for img in [&image, &pause] {
-            let archive = bed.dir.join("images").join(format!("{}.tar", img.len()));
+        for (i, img) in [&image, &pause].into_iter().enumerate() {
+            let archive = bed.dir.join("images").join(format!("{i}.tar"));
             let archive = archive.display().to_string();
             sh(&[
                 "podman",

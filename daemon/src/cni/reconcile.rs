@@ -23,8 +23,11 @@ use std::{
     time::Duration,
 };
 
-use super::{Command, Enroller, Error, Request};
-use crate::{kubernetes::Feed, redirect::netns::NetNs};
+use super::{Command, Enroller, Error, Prepared, Request};
+use crate::{
+    kubernetes::{Feed, NodePod},
+    redirect::netns::NetNs,
+};
 
 /// How often the node's pods are reconciled.
 pub const EVERY: Duration = Duration::from_secs(5);
@@ -77,42 +80,7 @@ impl Enroller {
             else {
                 continue;
             };
-            let process = path.parent().and_then(Path::parent);
-            let cgroup = process
-                .and_then(|p| std::fs::read_to_string(p.join("cgroup")).ok())
-                .unwrap_or_default();
-            if names_another_pod(&cgroup, pod.uid.as_deref()) {
-                tracing::warn!(pod = %format!("{}/{}", pod.namespace, pod.name), netns = %path.display(), "a namespace holds the pod's address but its process belongs to another pod; not enrolled");
-                continue;
-            }
-            let req = Request {
-                pod_namespace: pod.namespace.clone(),
-                pod_name: pod.name.clone(),
-                ips: pod.ips.clone(),
-                netns: path.display().to_string(),
-                ..Request::new(
-                    Command::Add,
-                    format!("reconciled:{}/{}", pod.namespace, pod.name),
-                )
-            };
-            // Each pod alone: one that cannot be enrolled (its namespace already has a listener
-            // on the capture port, it vanished meanwhile) is logged and tried again on
-            // the next pass; the others are enrolled.
-            let prepared = std::fs::File::open(&path)
-                .map_err(|source| Error::Netns {
-                    netns: req.netns.clone(),
-                    source,
-                })
-                .and_then(|fd| self.prepare(&req, fd.into(), None));
-            match prepared {
-                Ok(Some(p)) => ready.push(p),
-                Ok(None) => {}
-                Err(e) => {
-                    (r.feed.counters().reconcile_failures)
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    tracing::warn!(pod = %format!("{}/{}", pod.namespace, pod.name), error = %e, "reconciling: pod not enrolled; trying again on the next pass");
-                }
-            }
+            ready.extend(self.prepare_found(r, &path, pod));
         }
         let found = ready.len();
         if found > 0 {
@@ -127,6 +95,41 @@ impl Enroller {
             );
         }
         Ok(found)
+    }
+
+    /// Opens and prepares the namespace at `path` for `pod`, unless its process belongs to
+    /// another pod. Each pod alone: one that cannot be enrolled (its namespace already has a
+    /// listener on the capture port, it vanished meanwhile) is logged, counted and tried again
+    /// on the next pass.
+    fn prepare_found(&self, r: &Reconcile, path: &Path, pod: &NodePod) -> Option<Prepared> {
+        let name = format!("{}/{}", pod.namespace, pod.name);
+        let process = path.parent().and_then(Path::parent);
+        let cgroup = process
+            .and_then(|p| std::fs::read_to_string(p.join("cgroup")).ok())
+            .unwrap_or_default();
+        if names_another_pod(&cgroup, pod.uid.as_deref()) {
+            tracing::warn!(pod = %name, netns = %path.display(), "a namespace holds the pod's address but its process belongs to another pod; not enrolled");
+            return None;
+        }
+        let req = Request {
+            pod_namespace: pod.namespace.clone(),
+            pod_name: pod.name.clone(),
+            ips: pod.ips.clone(),
+            netns: path.display().to_string(),
+            ..Request::new(Command::Add, format!("reconciled:{name}"))
+        };
+        let prepared = std::fs::File::open(path)
+            .map_err(|source| Error::Netns {
+                netns: req.netns.clone(),
+                source,
+            })
+            .and_then(|fd| self.prepare(&req, fd.into(), None));
+        prepared.unwrap_or_else(|e| {
+            (r.feed.counters().reconcile_failures)
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(pod = %name, error = %e, "reconciling: pod not enrolled; trying again on the next pass");
+            None
+        })
     }
 
     /// Un-enrols the pods none of whose addresses a live pod has (the plugin's once older than

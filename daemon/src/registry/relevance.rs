@@ -64,11 +64,13 @@ impl Relevance {
             let host = qualify(&dr.spec.host, ns);
             // A rule for a service of another namespace is found first by its own
             // namespace's clients; one with a selector applies only there.
+            // (An exact host is looked up; only a wildcard is matched against every host.)
             let elsewhere = match declared.get(host.as_str()) {
                 Some(namespaces) => namespaces.iter().any(|n| *n != ns),
-                None => declared.iter().any(|(h, namespaces)| {
+                None if host.starts_with('*') => declared.iter().any(|(h, namespaces)| {
                     host_match(&host, h).is_some() && namespaces.iter().any(|n| *n != ns)
                 }),
+                None => false,
             };
             if elsewhere || dr.spec.workload_selector.is_some() {
                 r.namespaces.insert(ns.to_string());
