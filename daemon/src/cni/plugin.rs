@@ -119,9 +119,7 @@ fn del(socket: &str, env: &dyn Fn(&str) -> Option<String>) {
         netns: env("CNI_NETNS").unwrap_or_default(),
         ..Request::new(Command::Del, container_id)
     };
-    if let Err(f) = ask(socket, req, None) {
-        eprintln!("drover-cni: DEL not delivered: {}: {}", f.msg, f.details);
-    }
+    deliver_del(socket, req);
 }
 
 /// ADD, DEL, CHECK, STATUS, GC: what to print on success (`None`: nothing).
@@ -178,34 +176,42 @@ fn dispatch(
         pod_namespace,
         pod_name: args.get("K8S_POD_NAME").cloned().unwrap_or_default(),
         ips: prev.as_ref().map(addresses).unwrap_or_default(),
-        netns: netns.clone(),
+        netns,
         ..Request::new(command.clone(), container_id)
     };
     match command {
-        Command::Add => {
-            let prev = prev.ok_or_else(|| Failure {
-                code: INVALID_CONFIG,
-                msg: "drover-cni must be chained after the plugin that sets up the pod's interface (no prevResult)".into(),
-                details: String::new(),
-            })?;
-            let fd: std::os::fd::OwnedFd = std::fs::File::open(&netns)
-                .map_err(|e| Failure {
-                    code: PLUGIN_ERROR,
-                    msg: format!("cannot open the pod's network namespace {netns}"),
-                    details: e.to_string(),
-                })?
-                .into();
-            ask(&socket, req, Some(&fd))?;
-            Ok(Some(prev))
-        }
+        Command::Add => add(&socket, req, prev).map(Some),
         Command::Check => ask(&socket, req, None).map(|()| None),
         _ => {
-            // Best effort: the daemon forgets pods that vanish on its own too.
-            if let Err(f) = ask(&socket, req, None) {
-                eprintln!("drover-cni: DEL not delivered: {}: {}", f.msg, f.details);
-            }
+            deliver_del(&socket, req);
             Ok(None)
         }
+    }
+}
+
+/// `ADD`: the pod's namespace goes to the daemon, which enrols it before it answers; the
+/// previous result is what the plugin prints.
+fn add(socket: &str, req: Request, prev: Option<Value>) -> Result<Value, Failure> {
+    let prev = prev.ok_or_else(|| Failure {
+        code: INVALID_CONFIG,
+        msg: "drover-cni must be chained after the plugin that sets up the pod's interface (no prevResult)".into(),
+        details: String::new(),
+    })?;
+    let fd: std::os::fd::OwnedFd = std::fs::File::open(&req.netns)
+        .map_err(|e| Failure {
+            code: PLUGIN_ERROR,
+            msg: format!("cannot open the pod's network namespace {}", req.netns),
+            details: e.to_string(),
+        })?
+        .into();
+    ask(socket, req, Some(&fd))?;
+    Ok(prev)
+}
+
+/// Sends a `DEL`, best effort: the daemon forgets pods that vanish on its own too.
+fn deliver_del(socket: &str, req: Request) {
+    if let Err(f) = ask(socket, req, None) {
+        eprintln!("drover-cni: DEL not delivered: {}: {}", f.msg, f.details);
     }
 }
 
