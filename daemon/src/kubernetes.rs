@@ -139,6 +139,40 @@ struct State {
     derived: HashMap<Key, Derivation>,
     /// The Services whose slices name each pod (seen or not yet): its change invalidates them.
     pod_refs: HashMap<Key, HashSet<Key>>,
+    /// What changed since the feed was last rendered whole.
+    pending: Pending,
+}
+
+/// What changed since the feed was last rendered whole ([`Feed::documents`]).
+#[derive(Default)]
+struct Pending {
+    /// Something besides endpoint sets changed (a Service, a Node, an Istio object, a relist):
+    /// only a full build can tell what it affects.
+    full: bool,
+    /// Services whose endpoint sets may have changed (a slice or a pod they name changed).
+    services: HashSet<Key>,
+    /// Pods that came, changed or went (a workload's identity may be one of them).
+    pods: HashSet<Key>,
+}
+
+/// What changed in the feed since it was last rendered whole, for the reloader to apply.
+pub enum Changes {
+    /// Only a full build can tell.
+    Full,
+    /// Only endpoint sets changed: the new versions of the Services whose derivation changed,
+    /// and the pods that changed, with their addresses now (none once deleted).
+    Endpoints {
+        entries: Vec<Patch>,
+        pods: Vec<(Key, Vec<std::net::IpAddr>)>,
+    },
+}
+
+/// The new version of a Service's ServiceEntry.
+pub struct Patch {
+    /// `Service namespace/name`.
+    pub id: String,
+    key: Key,
+    entry: Arc<(crd::ObjectMeta, crd::ServiceEntrySpec)>,
 }
 
 /// What a Service derives to.
@@ -190,6 +224,18 @@ impl Body {
                 Ok(())
             }
             Body::Yaml(v) => set.add_document(origin, v.as_ref().clone()),
+        }
+    }
+}
+
+impl Patch {
+    /// The ServiceEntry as the loader would hold it.
+    pub fn resource(&self) -> Resource<crd::ServiceEntrySpec> {
+        let (meta, spec) = self.entry.as_ref().clone();
+        Resource {
+            origin: Origin::api("Service", &self.key.0, &self.key.1),
+            meta,
+            spec,
         }
     }
 }
@@ -349,6 +395,7 @@ impl Feed {
             let mut s = self.state();
             match kind {
                 "Service" => {
+                    s.pending.full = true;
                     s.derived.remove(&key);
                     s.services.remove(&key);
                 }
@@ -359,13 +406,18 @@ impl Feed {
                 "Pod" => {
                     s.invalidate_pod(&key);
                     s.pods.remove(&key);
+                    s.pending.pods.insert(key);
                 }
                 "Node" => {
+                    s.pending.full = true;
                     s.derived.clear();
                     s.nodes.remove(&key.1);
                 }
                 "Namespace" => drop(s.namespaces.remove(&key.1)),
-                k => drop(s.istio.remove(&(k, key))),
+                k => {
+                    s.pending.full = true;
+                    s.istio.remove(&(k, key));
+                }
             }
         }
         self.inner.changed.notify_one();
@@ -374,6 +426,64 @@ impl Feed {
     /// Every object rendered as an Istio resource, once per load (see [`Documents`]).
     pub fn documents(&self) -> Documents {
         self.state().documents(&self.inner.domain)
+    }
+
+    /// What changed since the feed was last rendered whole (or since the last call), as
+    /// istiod's incremental EDS push sees it: only endpoint sets, or more. Services whose
+    /// derivation came out equal to their last valid version are left out.
+    pub fn changes(&self) -> Changes {
+        let mut s = self.state();
+        let pending = std::mem::take(&mut s.pending);
+        if pending.full {
+            s.pending.full = true;
+            return Changes::Full;
+        }
+        let slices = std::mem::take(&mut s.slices);
+        let mut entries = Vec::new();
+        let mut full = false;
+        {
+            let by_service = slices_by_service(&slices);
+            for key in pending.services {
+                let id = format!("Service {}/{}", key.0, key.1);
+                match s.derive(&key, &by_service, &self.inner.domain) {
+                    Derivation::Entry(entry) => {
+                        let same = match s.last_good.get(&id) {
+                            Some(Body::Entry(last)) => *last == entry,
+                            _ => false,
+                        };
+                        if !same {
+                            entries.push(Patch { id, key, entry });
+                        }
+                    }
+                    // Captured no longer (or not yet): the set of services changes.
+                    Derivation::Skipped(_) => full = true,
+                }
+            }
+        }
+        s.slices = slices;
+        if full {
+            s.pending.full = true;
+            return Changes::Full;
+        }
+        let pods = (pending.pods.into_iter())
+            .map(|key| {
+                let ips = s.pods.get(&key).map_or_else(Vec::new, |p| {
+                    p.ips.iter().filter_map(|ip| ip.parse().ok()).collect()
+                });
+                (key, ips)
+            })
+            .collect();
+        Changes::Endpoints { entries, pods }
+    }
+
+    /// `patches` serve (applied without a full build): each is its Service's last valid
+    /// version.
+    pub fn patched(&self, patches: &[Patch]) {
+        let mut s = self.state();
+        for p in patches {
+            s.last_good
+                .insert(p.id.clone(), Body::Entry(p.entry.clone()));
+        }
     }
 
     /// Adds every object of `docs` to `set` (one whose kind, namespace and name a file also
@@ -557,6 +667,9 @@ impl State {
     /// re-derives everything; one of Pods or Nodes only what read an object that changed, came
     /// or went.
     fn relist(&mut self, kind: &str, objects: Vec<Object>) {
+        if !matches!(kind, "Pod" | "Node" | "Namespace") {
+            self.pending.full = true;
+        }
         match kind {
             "Service" => self.services.clear(),
             "EndpointSlice" => self.slices.clear(),
@@ -589,9 +702,11 @@ impl State {
             let touched: Vec<Key> = came.chain(changed).cloned().collect();
             for key in touched {
                 self.invalidate_pod(&key);
+                self.pending.pods.insert(key);
             }
         }
         if kind == "Node" && old_nodes != self.nodes {
+            self.pending.full = true;
             self.derived.clear();
         }
     }
@@ -604,10 +719,19 @@ impl State {
             Object::Node(name, labels) if self.nodes.get(&name) == Some(&labels) => false,
             object => {
                 match &object {
-                    Object::Pod(key, _) => self.invalidate_pod(key),
+                    Object::Pod(key, _) => {
+                        self.pending.pods.insert(key.clone());
+                        self.invalidate_pod(key);
+                    }
                     // Every endpoint's locality may come from this node.
                     Object::Node(..) => self.derived.clear(),
                     _ => {}
+                }
+                if matches!(
+                    object,
+                    Object::Service(..) | Object::Node(..) | Object::Istio(..)
+                ) {
+                    self.pending.full = true;
                 }
                 self.store(object);
                 true
@@ -647,8 +771,9 @@ impl State {
         let Some(slice) = slice else { return };
         let labels = slice.metadata.labels.as_ref();
         if let Some(svc) = labels.and_then(|l| l.get(convert::SERVICE_NAME_LABEL)) {
-            let ns = key_of(&slice.metadata).0;
-            self.derived.remove(&(ns, svc.clone()));
+            let key = (key_of(&slice.metadata).0, svc.clone());
+            self.derived.remove(&key);
+            self.pending.services.insert(key);
         }
     }
 
@@ -656,6 +781,7 @@ impl State {
     fn invalidate_pod(&mut self, key: &Key) {
         for svc in self.pod_refs.remove(key).into_iter().flatten() {
             self.derived.remove(&svc);
+            self.pending.services.insert(svc);
         }
     }
 
@@ -701,6 +827,7 @@ impl State {
     /// `Service namespace/name` (or are skipped, with the reason). Derivations are cached until
     /// their Service, one of its slices, a pod those name, or a node changes.
     fn documents(&mut self, domain: &str) -> Documents {
+        self.pending = Pending::default();
         let slices = std::mem::take(&mut self.slices);
         let keys: Vec<Key> = self.services.keys().cloned().collect();
         let mut docs = Vec::with_capacity(keys.len() + self.istio.len());

@@ -119,21 +119,33 @@ type ClusterKey = (usize, u16, Option<String>);
 
 /// An immutable, validated snapshot of all services and their policy, for one [`Client`].
 #[derive(Debug)]
+///
+/// What does not depend on the client is shared (`Arc`) with the snapshots it was derived from
+/// by [`Registry::patch`]: a change of one service's endpoints replaces that service and its
+/// clusters and shares every other one, with its live state.
 pub struct Registry {
-    services: Vec<Service>,
-    by_vip: HashMap<SocketAddr, (usize, usize)>,
+    services: Vec<Arc<Service>>,
+    by_vip: Arc<HashMap<SocketAddr, (usize, usize)>>,
     /// Captured ranges, longest prefix first: ((network, length), port, (service, port index)).
-    by_cidr: Vec<CidrEntry>,
-    by_host: HashMap<String, usize>,
-    rules: Vec<RuleEntry>,
-    rules_by_ns: resolve::RulesByNamespace,
-    virtual_services: Vec<VsEntry>,
+    by_cidr: Arc<Vec<CidrEntry>>,
+    by_host: Arc<HashMap<String, usize>>,
+    rules: Arc<Vec<RuleEntry>>,
+    rules_by_ns: Arc<resolve::RulesByNamespace>,
+    virtual_services: Arc<Vec<VsEntry>>,
     client: Client,
     /// The inbound mTLS of the client (its `PeerAuthentication`s composed).
     inbound: peer::InboundMtls,
-    clusters: HashMap<ClusterKey, Box<Cluster>>,
-    warnings: Vec<Problem>,
-    config: crate::config::source::ConfigSet,
+    /// Every valid PeerAuthentication (auto mTLS reads them per endpoint).
+    peers: Arc<Vec<peer::PeerEntry>>,
+    clusters: HashMap<ClusterKey, Arc<Cluster>>,
+    warnings: Arc<Vec<Problem>>,
+    config: Arc<crate::config::source::ConfigSet>,
+    /// ServiceEntries patched in since `config` was loaded (by id), newest version.
+    patched: Arc<
+        BTreeMap<String, crate::config::source::Resource<crate::config::crd::ServiceEntrySpec>>,
+    >,
+    /// What [`Registry::originate`] read TLS material with (patched clusters use it too).
+    credentials: Option<crate::tls::Credentials>,
 }
 
 /// A captured range: ((network, prefix length), port, (service index, port index)).
@@ -162,7 +174,7 @@ impl Default for Client {
 
 impl Registry {
     /// Every service, in configuration order.
-    pub fn services(&self) -> &[Service] {
+    pub fn services(&self) -> &[Arc<Service>] {
         &self.services
     }
 
@@ -277,7 +289,7 @@ impl Registry {
 
     /// A service by host name.
     pub fn service(&self, host: &str) -> Option<(usize, &Service)> {
-        self.by_host.get(host).map(|i| (*i, &self.services[*i]))
+        self.by_host.get(host).map(|i| (*i, &*self.services[*i]))
     }
 
     /// Every cluster of this snapshot (unordered).
@@ -295,6 +307,11 @@ impl Registry {
     pub fn inherit(&mut self, prev: &Registry) {
         for (key, c) in self.clusters.iter_mut() {
             let Some(old) = prev.clusters.get(key) else {
+                continue;
+            };
+            // Shared with `prev` (a patch left it alone), or already inherited by its other
+            // holder: its state is the live one.
+            let Some(c) = Arc::get_mut(c) else {
                 continue;
             };
             let same_policy = old.name == c.name
@@ -324,65 +341,12 @@ impl Registry {
     pub fn originate(&mut self, credentials: &crate::tls::Credentials) -> Result<(), Vec<Problem>> {
         let mut problems = std::collections::BTreeMap::new();
         for c in self.clusters.values_mut() {
-            let auto = c.policy.tls.value.is_none()
-                && credentials.mesh.is_some()
-                && c.members.iter().any(|m| m.mesh);
-            let (tls, from) = match (&c.policy.tls.value, &c.policy.tls.from) {
-                (Some(tls), Some(from)) => (tls, Some(from)),
-                _ if auto => (&*AUTO_MTLS, None),
-                _ => continue,
-            };
-            let protocol = self.services[c.service]
-                .ports
-                .iter()
-                .find(|p| p.number == c.port)
-                .and_then(|p| p.protocol.clone());
-            let (h2, http) = (
-                route::is_h2(protocol.as_deref()),
-                route::is_http(protocol.as_deref()),
-            );
-            let svc = &self.services[c.service];
-            let mesh = crate::tls::MeshTarget {
-                sni: format!(
-                    "outbound_.{}_.{}_.{}",
-                    c.port,
-                    c.subset.as_deref().unwrap_or(""),
-                    svc.host
-                ),
-                identities: credentials.mesh.as_ref().map_or_else(Vec::new, |m| {
-                    let mut ids: Vec<String> = svc
-                        .endpoints
-                        .iter()
-                        .filter(|e| !e.service_account.is_empty())
-                        .map(|e| {
-                            crate::mesh::spiffe_id(
-                                &m.trust_domain,
-                                &svc.namespace,
-                                &e.service_account,
-                            )
-                        })
-                        .collect();
-                    ids.sort();
-                    ids.dedup();
-                    ids
-                }),
-            };
-            match (
-                crate::tls::Origination::new(tls, h2, http, credentials, &mesh),
-                from,
-            ) {
-                (Ok(o), Some(_)) => c.tls = o.map(Arc::new),
-                (Ok(o), None) => c.auto_tls = o.map(Arc::new),
-                (Err(e), Some((rule, path))) => {
-                    let p = rule.origin.problem(path.clone(), e.to_string());
-                    problems.insert(p.to_string(), p);
-                }
-                // Auto mTLS with a mesh identity cannot fail on files; if it did, plaintext.
-                (Err(e), None) => {
-                    tracing::warn!(cluster = %c.name, error = %e, "auto mTLS unavailable")
-                }
+            // Fresh from the build: no other holder yet.
+            if let Some(c) = Arc::get_mut(c) {
+                originate(&self.services, c, credentials, &mut problems);
             }
         }
+        self.credentials = Some(credentials.clone());
         if problems.is_empty() {
             Ok(())
         } else {
@@ -400,8 +364,17 @@ impl Registry {
     }
 
     /// The configuration this snapshot was built from.
-    pub fn config(&self) -> &crate::config::source::ConfigSet {
-        &self.config
+    pub fn config(&self) -> std::borrow::Cow<'_, crate::config::source::ConfigSet> {
+        if self.patched.is_empty() {
+            return std::borrow::Cow::Borrowed(&self.config);
+        }
+        let mut set = (*self.config).clone();
+        for r in &mut set.service_entries {
+            if let Some(new) = self.patched.get(&r.origin.file.display().to_string()) {
+                *r = new.clone();
+            }
+        }
+        std::borrow::Cow::Owned(set)
     }
 
     /// The cluster `(service, port, subset)`, if it exists for this client.
@@ -413,8 +386,72 @@ impl Registry {
 
     /// The DestinationRule this snapshot's client uses for a service.
     pub fn rule_for(&self, svc: &Service) -> Option<resolve::MergedRule> {
-        let rules = (&self.rules[..], &self.rules_by_ns);
+        let rules = (&self.rules[..], &*self.rules_by_ns);
         resolve::rule_for(rules, &self.client, &svc.host, &svc.namespace)
+    }
+}
+
+/// Builds cluster `c`'s TLS origination (its `tls`, else auto mTLS) from `credentials`; a
+/// problem is recorded under the DestinationRule field that asked for it.
+fn originate(
+    services: &[Arc<Service>],
+    c: &mut Cluster,
+    credentials: &crate::tls::Credentials,
+    problems: &mut std::collections::BTreeMap<String, Problem>,
+) {
+    let auto = c.policy.tls.value.is_none()
+        && credentials.mesh.is_some()
+        && c.members.iter().any(|m| m.mesh);
+    let (tls, from) = match (&c.policy.tls.value, &c.policy.tls.from) {
+        (Some(tls), Some(from)) => (tls, Some(from)),
+        _ if auto => (&*AUTO_MTLS, None),
+        _ => return,
+    };
+    let protocol = services[c.service]
+        .ports
+        .iter()
+        .find(|p| p.number == c.port)
+        .and_then(|p| p.protocol.clone());
+    let (h2, http) = (
+        route::is_h2(protocol.as_deref()),
+        route::is_http(protocol.as_deref()),
+    );
+    let svc = &services[c.service];
+    let mesh = crate::tls::MeshTarget {
+        sni: format!(
+            "outbound_.{}_.{}_.{}",
+            c.port,
+            c.subset.as_deref().unwrap_or(""),
+            svc.host
+        ),
+        identities: credentials.mesh.as_ref().map_or_else(Vec::new, |m| {
+            let mut ids: Vec<String> = svc
+                .endpoints
+                .iter()
+                .filter(|e| !e.service_account.is_empty())
+                .map(|e| {
+                    crate::mesh::spiffe_id(&m.trust_domain, &svc.namespace, &e.service_account)
+                })
+                .collect();
+            ids.sort();
+            ids.dedup();
+            ids
+        }),
+    };
+    match (
+        crate::tls::Origination::new(tls, h2, http, credentials, &mesh),
+        from,
+    ) {
+        (Ok(o), Some(_)) => c.tls = o.map(Arc::new),
+        (Ok(o), None) => c.auto_tls = o.map(Arc::new),
+        (Err(e), Some((rule, path))) => {
+            let p = rule.origin.problem(path.clone(), e.to_string());
+            problems.insert(p.to_string(), p);
+        }
+        // Auto mTLS with a mesh identity cannot fail on files; if it did, plaintext.
+        (Err(e), None) => {
+            tracing::warn!(cluster = %c.name, error = %e, "auto mTLS unavailable")
+        }
     }
 }
 

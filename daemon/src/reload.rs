@@ -470,6 +470,8 @@ impl Reloader {
             };
             let first = Instant::now();
             let explicit = matches!(signal, Signal::Reload);
+            // Only the API's objects changed: their changes may apply without a build.
+            let mut api_only = matches!(signal, Signal::Api);
             note(&mut writing, &mut waiting, signal);
             // Coalesce the burst a single save produces, and wait (bounded) for writers to close.
             loop {
@@ -479,7 +481,10 @@ impl Reloader {
                     WRITER_WAIT.saturating_sub(first.elapsed()).max(SETTLE)
                 };
                 match tokio::time::timeout(wait, rx.recv()).await {
-                    Ok(Some(s)) => note(&mut writing, &mut waiting, s),
+                    Ok(Some(s)) => {
+                        api_only &= matches!(s, Signal::Api);
+                        note(&mut writing, &mut waiting, s)
+                    }
                     Ok(None) => return,
                     Err(_) => break,
                 }
@@ -495,7 +500,9 @@ impl Reloader {
             if explicit {
                 tracing::info!("SIGHUP: reloading the configuration");
             }
-            self.reload(first).await;
+            if !(api_only && self.apply_changes(first)) {
+                self.reload(first).await;
+            }
             for done in waiting.drain(..) {
                 let _ = done.send(());
             }
@@ -522,6 +529,75 @@ impl Reloader {
             }
         }
         *last = now;
+    }
+
+    /// Applies the API's changes to the installed snapshots without a build when only endpoint
+    /// sets changed (an EndpointSlice, a pod's readiness or labels) and no workload's identity
+    /// did: each distinct snapshot is patched ([`Registry::patch`]) and swapped in, sharing
+    /// every service and cluster the change does not touch. False when a full reload is needed.
+    fn apply_changes(&self, since: Instant) -> bool {
+        let Some(feed) = &self.sources.api else {
+            return false;
+        };
+        let crate::kubernetes::Changes::Endpoints { entries, pods } = feed.changes() else {
+            return false;
+        };
+        if self.identity_may_change(&pods) {
+            return false;
+        }
+        if entries.is_empty() {
+            return true;
+        }
+        let resources: Vec<_> = entries.iter().map(|p| p.resource()).collect();
+        // Every distinct installed snapshot, patched: all or none is swapped in.
+        let mut handles = vec![self.views.primary.clone()];
+        self.views.each(|_, h| handles.push(h.clone()));
+        let mut patched: Vec<(Arc<Registry>, Arc<Registry>)> = Vec::new();
+        for h in &handles {
+            let current = h.load();
+            if patched.iter().any(|(old, _)| Arc::ptr_eq(old, &current)) {
+                continue;
+            }
+            let Some(mut next) = current.patch(&resources) else {
+                return false;
+            };
+            next.inherit(&current);
+            patched.push((current, Arc::new(next)));
+        }
+        for h in &handles {
+            let current = h.load();
+            if let Some((_, next)) = patched.iter().find(|(old, _)| Arc::ptr_eq(old, &current)) {
+                h.store_arc(next.clone());
+            }
+        }
+        feed.patched(&entries);
+        if let Some(fast) = &self.fast {
+            fast.publish();
+        }
+        tracing::info!(
+            services = ?entries.iter().map(|p| p.id.as_str()).collect::<Vec<_>>(),
+            snapshots = patched.len(),
+            elapsed_ms = since.elapsed().as_secs_f64() * 1000.0,
+            "endpoints updated"
+        );
+        true
+    }
+
+    /// Whether one of `pods` (changed, with their addresses now) is, or may now be, an enrolled
+    /// workload's identity: its pod, or a pod holding one of its addresses.
+    fn identity_may_change(&self, pods: &[((String, String), Vec<std::net::IpAddr>)]) -> bool {
+        if pods.is_empty() {
+            return false;
+        }
+        let identities = self.identities.lock().unwrap_or_else(|e| e.into_inner());
+        let mut may = false;
+        self.views.each(|w, _| {
+            may |= pods.iter().any(|((ns, name), ips)| {
+                identities.get(&w.netns) == Some(&Source::Pod(format!("{ns}/{name}")))
+                    || ips.iter().any(|ip| w.addresses.contains(ip))
+            });
+        });
+        may
     }
 
     pub async fn reload(&self, since: Instant) {

@@ -463,3 +463,319 @@ async fn a_node_heartbeat_or_an_unread_pod_change_rebuilds_nothing_and_is_counte
         .unwrap();
     assert_eq!(skipped(&feed), 3);
 }
+
+/// The incremental path against full builds: random sequences of object events, applied to one
+/// feed whose snapshots are patched whenever its changes allow and rebuilt otherwise, must give
+/// after every step the snapshots a build from a fresh feed holding the same objects gives, for
+/// every client.
+mod incremental {
+    use proptest::{prelude::*, test_runner::TestRunner};
+
+    use super::*;
+    use crate::registry::{Client, Registry};
+
+    const NAMESPACES: [&str; 2] = ["a", "b"];
+    const PODS: usize = 6;
+
+    /// An object event of a small cluster: three Services (in namespaces a and b), two slices
+    /// each, six pods (in a), two nodes, a DestinationRule for the first Service.
+    #[derive(Clone, Debug)]
+    enum Event {
+        Service {
+            svc: usize,
+            ports: usize,
+        },
+        DeleteService(usize),
+        Slice {
+            svc: usize,
+            slice: usize,
+            pods: Vec<(usize, bool)>,
+        },
+        DeleteSlice {
+            svc: usize,
+            slice: usize,
+        },
+        Pod {
+            pod: usize,
+            version: usize,
+            node: usize,
+        },
+        DeletePod(usize),
+        Node {
+            node: usize,
+            zone: usize,
+        },
+        Rule {
+            lb: usize,
+        },
+        DeleteRule,
+    }
+
+    fn event() -> impl Strategy<Value = Event> {
+        prop_oneof![
+            1 => (0..3usize, 1..3usize).prop_map(|(svc, ports)| Event::Service { svc, ports }),
+            1 => (0..3usize).prop_map(Event::DeleteService),
+            6 => (0..3usize, 0..2usize, prop::collection::vec((0..PODS, any::<bool>()), 0..4))
+                .prop_map(|(svc, slice, pods)| Event::Slice { svc, slice, pods }),
+            1 => (0..3usize, 0..2usize).prop_map(|(svc, slice)| Event::DeleteSlice { svc, slice }),
+            4 => (0..PODS, 0..2usize, 0..2usize)
+                .prop_map(|(pod, version, node)| Event::Pod { pod, version, node }),
+            1 => (0..PODS).prop_map(Event::DeletePod),
+            1 => (0..2usize, 0..2usize).prop_map(|(node, zone)| Event::Node { node, zone }),
+            1 => (0..2usize).prop_map(|lb| Event::Rule { lb }),
+            1 => Just(Event::DeleteRule),
+        ]
+    }
+
+    fn key(ns: &str, name: String) -> Key {
+        (ns.to_string(), name)
+    }
+
+    fn pod_ip(pod: usize) -> String {
+        format!("198.18.{}.2", pod + 1)
+    }
+
+    /// Feeds `event` to `feed` as the watchers would.
+    fn apply(feed: &Feed, event: &Event) {
+        match event {
+            Event::Service { svc, ports } => {
+                let ports: Vec<_> = [
+                    json!({"name": "tcp", "port": 80}),
+                    json!({"name": "http", "port": 8080}),
+                ]
+                .into_iter()
+                .take(*ports)
+                .collect();
+                let value = json!({
+                    "metadata": {"name": format!("s{svc}"), "namespace": NAMESPACES[svc % 2]},
+                    "spec": {"clusterIP": format!("127.77.0.{}", 10 + svc), "ports": ports},
+                });
+                feed.applied(Object::Service(Box::new(
+                    serde_json::from_value(value).unwrap(),
+                )));
+            }
+            Event::DeleteService(svc) => {
+                feed.deleted("Service", key(NAMESPACES[svc % 2], format!("s{svc}")))
+            }
+            Event::Slice { svc, slice, pods } => {
+                let endpoints: Vec<_> = pods
+                    .iter()
+                    .map(|(p, ready)| {
+                        json!({"addresses": [pod_ip(*p)], "conditions": {"ready": ready},
+                               "targetRef": {"kind": "Pod", "name": format!("p{p}"), "namespace": "a"}})
+                    })
+                    .collect();
+                let value = json!({
+                    "metadata": {"name": format!("s{svc}-{slice}"), "namespace": NAMESPACES[svc % 2],
+                                 "labels": {"kubernetes.io/service-name": format!("s{svc}")}},
+                    "addressType": "IPv4",
+                    "endpoints": endpoints,
+                    "ports": [{"name": "tcp", "port": 7000}, {"name": "http", "port": 8080}],
+                });
+                feed.applied(Object::Slice(Box::new(
+                    serde_json::from_value(value).unwrap(),
+                )));
+            }
+            Event::DeleteSlice { svc, slice } => feed.deleted(
+                "EndpointSlice",
+                key(NAMESPACES[svc % 2], format!("s{svc}-{slice}")),
+            ),
+            Event::Pod { pod, version, node } => {
+                let info = PodInfo {
+                    labels: [("version".to_string(), format!("v{}", version + 1))].into(),
+                    service_account: format!("sa{version}"),
+                    node: Some(format!("n{node}")),
+                    ips: vec![pod_ip(*pod)],
+                    ..PodInfo::default()
+                };
+                feed.applied(Object::Pod(key("a", format!("p{pod}")), info));
+            }
+            Event::DeletePod(pod) => feed.deleted("Pod", key("a", format!("p{pod}"))),
+            Event::Node { node, zone } => {
+                let labels = [
+                    (convert::REGION_LABEL, "r1".to_string()),
+                    (convert::ZONE_LABEL, format!("z{zone}")),
+                ]
+                .map(|(k, v)| (k.to_string(), v));
+                feed.applied(Object::Node(format!("n{node}"), labels.into()));
+            }
+            Event::Rule { lb } => {
+                let simple = ["ROUND_ROBIN", "LEAST_REQUEST"][*lb];
+                feed.applied(Object::Istio(
+                    "DestinationRule",
+                    key("a", "r".into()),
+                    json!({
+                        "apiVersion": "networking.istio.io/v1",
+                        "kind": "DestinationRule",
+                        "metadata": {"name": "r", "namespace": "a"},
+                        "spec": {
+                            "host": "s0.a.svc.cluster.local",
+                            "trafficPolicy": {"loadBalancer": {"simple": simple}},
+                            "subsets": [{"name": "v1", "labels": {"version": "v1"}},
+                                        {"name": "v2", "labels": {"version": "v2"}}],
+                        },
+                    }),
+                ))
+            }
+            Event::DeleteRule => feed.deleted("DestinationRule", key("a", "r".into())),
+        }
+    }
+
+    /// The daemon's client and a workload's of namespace b with label version v1.
+    fn clients() -> [Client; 2] {
+        [
+            Client::default(),
+            Client {
+                namespace: "b".into(),
+                labels: [("version".to_string(), "v1".to_string())].into(),
+                ..Client::default()
+            },
+        ]
+    }
+
+    /// Full builds of `feed` for every client (TLS read, as the reloader does), or the error.
+    fn build(feed: &Feed) -> Result<Vec<Registry>, String> {
+        clients()
+            .iter()
+            .map(|c| {
+                let (mut r, _) =
+                    crate::reload::snapshot(&[], Some(feed), c).map_err(|e| e.to_string())?;
+                r.originate(&Default::default())
+                    .map_err(|e| format!("{e:?}"))?;
+                Ok(r)
+            })
+            .collect()
+    }
+
+    /// What a snapshot serves, and the ServiceEntries it says it was built from.
+    fn seen(r: &Registry) -> String {
+        let entries: Vec<_> = (r.config().service_entries.iter())
+            .map(|e| format!("{:?} {:?}", e.meta, e.spec))
+            .collect();
+        format!("{}\n{entries:?}", r.fingerprint())
+    }
+
+    /// Runs `events` and returns how many steps were patched rather than rebuilt.
+    fn run(events: &[Event]) -> Result<usize, TestCaseError> {
+        let feed = Feed::new("cluster.local");
+        let mut current = build(&feed);
+        let mut patched = 0;
+        for (step, event) in events.iter().enumerate() {
+            apply(&feed, event);
+            let patch = match (feed.changes(), &current) {
+                (Changes::Endpoints { entries, .. }, Ok(snapshots)) => {
+                    let resources: Vec<_> = entries.iter().map(Patch::resource).collect();
+                    let next: Option<Vec<Registry>> =
+                        snapshots.iter().map(|r| r.patch(&resources)).collect();
+                    next.inspect(|_| feed.patched(&entries))
+                }
+                _ => None,
+            };
+            match patch {
+                Some(next) => {
+                    patched += 1;
+                    current = Ok(next);
+                }
+                None => current = build(&feed),
+            }
+            // From scratch: a fresh feed that has seen the same objects.
+            let fresh = Feed::new("cluster.local");
+            for e in &events[..=step] {
+                apply(&fresh, e);
+            }
+            let want = build(&fresh).map(|rs| rs.iter().map(seen).collect::<Vec<_>>());
+            let got = (current
+                .as_ref()
+                .map(|rs| rs.iter().map(seen).collect::<Vec<_>>()))
+            .map_err(String::clone);
+            prop_assert_eq!(got, want, "after step {}: {:?}", step, event);
+        }
+        Ok(patched)
+    }
+
+    #[test]
+    fn incrementally_maintained_snapshots_equal_full_builds_after_every_event() {
+        let mut runner = TestRunner::new(ProptestConfig {
+            cases: 200,
+            ..ProptestConfig::default()
+        });
+        let total = std::cell::Cell::new(0);
+        runner
+            .run(&prop::collection::vec(event(), 1..30), |events| {
+                total.set(total.get() + run(&events)?);
+                Ok(())
+            })
+            .unwrap();
+        // The incremental path was taken (not only full builds compared with full builds).
+        assert!(total.get() > 500, "only {} patched steps", total.get());
+    }
+
+    #[test]
+    fn an_endpoint_change_is_patched_and_shares_every_other_service() {
+        let feed = Feed::new("cluster.local");
+        for e in [
+            Event::Service { svc: 0, ports: 1 },
+            Event::Service { svc: 1, ports: 1 },
+            Event::Pod {
+                pod: 0,
+                version: 0,
+                node: 0,
+            },
+            Event::Pod {
+                pod: 1,
+                version: 0,
+                node: 0,
+            },
+            Event::Pod {
+                pod: 2,
+                version: 1,
+                node: 0,
+            },
+            Event::Slice {
+                svc: 0,
+                slice: 0,
+                pods: vec![(0, true)],
+            },
+            Event::Slice {
+                svc: 1,
+                slice: 0,
+                pods: vec![(1, true)],
+            },
+        ] {
+            apply(&feed, &e);
+        }
+        let before = build(&feed).unwrap().remove(0);
+        apply(
+            &feed,
+            &Event::Slice {
+                svc: 0,
+                slice: 0,
+                pods: vec![(0, true), (2, true)],
+            },
+        );
+        let Changes::Endpoints { entries, .. } = feed.changes() else {
+            panic!("a slice change is an endpoint change");
+        };
+        assert_eq!(
+            entries.iter().map(|p| p.id.as_str()).collect::<Vec<_>>(),
+            ["Service a/s0"]
+        );
+        let resources: Vec<_> = entries.iter().map(Patch::resource).collect();
+        let after = before.patch(&resources).expect("patched");
+        let (i0, s0) = after.service("s0.a.svc.cluster.local").unwrap();
+        assert_eq!(s0.endpoints.len(), 2);
+        let (i1, _) = after.service("s1.b.svc.cluster.local").unwrap();
+        assert!(Arc::ptr_eq(&after.services()[i1], &before.services()[i1]));
+        assert!(!Arc::ptr_eq(&after.services()[i0], &before.services()[i0]));
+        assert!(std::ptr::eq(
+            after.cluster(i1, 80, None).unwrap(),
+            before.cluster(i1, 80, None).unwrap()
+        ));
+        // A Service change (a port more) is for a full build.
+        apply(&feed, &Event::Service { svc: 0, ports: 2 });
+        assert!(matches!(feed.changes(), Changes::Full));
+        // And so is the build's own rendering reset.
+        let _ = build(&feed);
+        assert!(matches!(feed.changes(), Changes::Endpoints { entries, .. } if entries.is_empty()));
+    }
+}

@@ -60,23 +60,129 @@ impl Registry {
             });
         }
         let mut registry = Registry {
-            services: services.list,
-            by_vip: services.by_vip,
-            by_cidr: services.by_cidr,
-            by_host: services.by_host,
-            rules_by_ns: resolve::by_namespace(&rules),
-            rules,
-            virtual_services,
+            services: services.list.into_iter().map(Arc::new).collect(),
+            by_vip: Arc::new(services.by_vip),
+            by_cidr: Arc::new(services.by_cidr),
+            by_host: Arc::new(services.by_host),
+            rules_by_ns: Arc::new(resolve::by_namespace(&rules)),
+            rules: Arc::new(rules),
+            virtual_services: Arc::new(virtual_services),
             inbound: InboundMtls::resolve(&peers, client),
+            peers: Arc::new(peers),
             client: client.clone(),
             clusters: HashMap::new(),
-            warnings,
-            config: set.clone(),
+            warnings: Arc::default(),
+            config: Arc::new(set.clone()),
+            patched: Arc::default(),
+            credentials: None,
         };
-        registry.clusters = clusters(&registry, &peers);
-        registry.warnings.extend(tcp_only_on_http(&registry));
-        registry.warnings.extend(uncaptured_hosts(&registry));
+        registry.clusters = clusters(&registry);
+        warnings.extend(tcp_only_on_http(&registry));
+        warnings.extend(uncaptured_hosts(&registry));
+        registry.warnings = Arc::new(warnings);
         Ok(registry)
+    }
+}
+
+impl Registry {
+    /// This snapshot with `changed` (new versions of ServiceEntries it holds) in place of their
+    /// previous versions, or `None` when only a full build can tell: anything but the endpoints
+    /// changed (metadata, hosts, addresses, ports, resolution, `exportTo`), the entry is new or
+    /// another entry has its host, it has problems or warnings (now or before), its endpoints
+    /// come from WorkloadEntries, or a patched cluster's TLS cannot be read. The changed
+    /// services' clusters are rebuilt as a build would build them (so the result equals a build
+    /// of the changed configuration); every other service and cluster is shared with `self`,
+    /// with its live state.
+    pub fn patch(&self, changed: &[Resource<ServiceEntrySpec>]) -> Option<Registry> {
+        let mut services = self.services.clone();
+        let mut patched = (*self.patched).clone();
+        let mut touched = Vec::new();
+        for r in changed {
+            let id = r.origin.file.display().to_string();
+            let old = patched.get(&id).or_else(|| {
+                (self.config.service_entries.iter()).find(|o| {
+                    o.meta.name == r.meta.name
+                        && o.namespace() == r.namespace()
+                        && o.origin.file == r.origin.file
+                })
+            })?;
+            let without_endpoints = |spec: &ServiceEntrySpec| ServiceEntrySpec {
+                endpoints: Vec::new(),
+                ..spec.clone()
+            };
+            if old.meta != r.meta
+                || without_endpoints(&old.spec) != without_endpoints(&r.spec)
+                || self
+                    .warnings
+                    .iter()
+                    .any(|w| w.location.file == *r.origin.file)
+            {
+                return None;
+            }
+            let (mut problems, mut warnings) = (Vec::new(), Vec::new());
+            let entry = validate::<_, policy::ServiceEntry>(r, &mut problems, &mut warnings)?;
+            if !(problems.is_empty() && warnings.is_empty())
+                || is_dns(entry.resolution)
+                || entry.workload_selector.is_some()
+            {
+                return None;
+            }
+            let proto = service_entry(entry, r.namespace(), &[]);
+            if (proto.vips.iter()).any(|v| proto.endpoints.iter().any(|e| e.address == *v)) {
+                return None;
+            }
+            for host in &r.spec.hosts {
+                let s = *self.by_host.get(host)?;
+                let svc = &services[s];
+                if svc.namespace != r.namespace() || svc.entry != r.meta.name {
+                    return None;
+                }
+                services[s] = Arc::new(Service {
+                    host: svc.host.clone(),
+                    namespace: svc.namespace.clone(),
+                    entry: svc.entry.clone(),
+                    source: svc.source.clone(),
+                    resolution: svc.resolution,
+                    location: svc.location,
+                    vips: svc.vips.clone(),
+                    cidrs: svc.cidrs.clone(),
+                    ports: proto.ports.clone(),
+                    endpoints: proto.endpoints.clone(),
+                });
+                touched.push(s);
+            }
+            patched.insert(id, r.clone());
+        }
+        let mut next = Registry {
+            services,
+            by_vip: self.by_vip.clone(),
+            by_cidr: self.by_cidr.clone(),
+            by_host: self.by_host.clone(),
+            rules: self.rules.clone(),
+            rules_by_ns: self.rules_by_ns.clone(),
+            virtual_services: self.virtual_services.clone(),
+            client: self.client.clone(),
+            inbound: self.inbound.clone(),
+            peers: self.peers.clone(),
+            clusters: self.clusters.clone(),
+            warnings: self.warnings.clone(),
+            config: self.config.clone(),
+            patched: Arc::new(patched),
+            credentials: self.credentials.clone(),
+        };
+        let mut tls_problems = std::collections::BTreeMap::new();
+        for s in touched {
+            let svc = &next.services[s];
+            let rule = next.rule_for(svc);
+            // Same ports and rule as before: the same keys, each replaced.
+            for (key, mut c) in service_clusters(&next, (s, svc), rule.as_ref()) {
+                if let (Some(credentials), Some(c)) = (&self.credentials, Arc::get_mut(&mut c)) {
+                    super::originate(&next.services, c, credentials, &mut tls_problems);
+                }
+                next.clusters.insert(key, c);
+            }
+        }
+        tls_problems.is_empty().then_some(next)
     }
 }
 
@@ -557,74 +663,83 @@ fn in_mesh(peers: &[PeerEntry], svc: &Service, endpoint: &Endpoint, port: u16) -
 
 /// Every cluster the client can reach: each service port's default cluster plus one per subset
 /// of the DestinationRule that applies to the client.
-fn clusters(reg: &Registry, peers: &[PeerEntry]) -> HashMap<super::ClusterKey, Box<Cluster>> {
-    // Boxed and sized once: a cluster is a few KiB (its effective policy, every value with its
-    // origin), so a table of clusters inline would carry that much per empty slot too, and
-    // growing it by doubling would hold the old and the new table at once.
+fn clusters(reg: &Registry) -> HashMap<super::ClusterKey, Arc<Cluster>> {
     let rules: Vec<_> = reg.services.iter().map(|svc| reg.rule_for(svc)).collect();
     let count: usize = (reg.services.iter().zip(&rules))
         .map(|(svc, r)| svc.ports.len() * (1 + r.as_ref().map_or(0, |r| r.subsets.len())))
         .sum();
     let mut out = HashMap::with_capacity(count);
     for ((s, svc), rule) in reg.services.iter().enumerate().zip(rules) {
-        let subsets: Vec<Option<&policy::Subset>> = std::iter::once(None)
-            .chain(
-                rule.iter()
-                    .flat_map(|r| r.subsets.iter().map(|(s, _)| Some(s))),
-            )
-            .collect();
-        for port in &svc.ports {
-            for subset in &subsets {
-                let name = subset.map(|s| s.name.as_str());
-                let Ok(policy) = resolve::effective(rule.as_ref(), &svc.host, port.number, name)
-                else {
-                    continue;
-                };
-                let selected = port.targets.iter().filter(|(i, _)| {
-                    subset
-                        .is_none_or(|sub| resolve::selects(&sub.labels, &svc.endpoints[*i].labels))
-                });
-                let members: Vec<&(usize, SocketAddr)> = selected.clone().collect();
-                let (balancer, keys) = balancer(&reg.client, svc, &members, &policy);
-                let cluster_name = format!(
-                    "outbound|{}|{}|{}",
-                    port.number,
-                    name.unwrap_or(""),
-                    svc.host
-                );
-                let stats = crate::stats::store().cluster(&cluster_name);
-                let members: Vec<Member> = selected
-                    .map(|&(endpoint, addr)| Member {
-                        endpoint,
-                        addr,
-                        stats: stats.endpoint(addr),
-                        mesh: in_mesh(peers, svc, &svc.endpoints[endpoint], addr.port()),
-                    })
-                    .collect();
-                out.insert(
-                    (s, port.number, name.map(str::to_string)),
-                    Box::new(Cluster {
-                        name: cluster_name,
-                        tls: None,
-                        auto_tls: None,
-                        service: s,
-                        port: port.number,
-                        subset: name.map(str::to_string),
-                        limits: Arc::new(crate::breakers::Limits::new(
-                            policy.connection_pool.value.as_ref(),
-                            policy.retry_budget.value.as_ref(),
-                            stats.clone(),
-                        )),
-                        stats,
-                        outlier: policy.outlier_detection.value.clone().map(|od| {
-                            Arc::new(crate::outlier::ClusterDetector::new(od, keys.len()))
-                        }),
-                        policy,
-                        members,
-                        balancer: Arc::new(balancer),
-                    }),
-                );
-            }
+        out.extend(service_clusters(reg, (s, svc), rule.as_ref()));
+    }
+    out
+}
+
+/// The clusters of service `s` (`svc`) under its DestinationRule `rule`: each port's default
+/// cluster and one per subset.
+fn service_clusters(
+    reg: &Registry,
+    (s, svc): (usize, &Service),
+    rule: Option<&resolve::MergedRule>,
+) -> Vec<(super::ClusterKey, Arc<Cluster>)> {
+    let subsets: Vec<Option<&policy::Subset>> = std::iter::once(None)
+        .chain(
+            rule.iter()
+                .flat_map(|r| r.subsets.iter().map(|(s, _)| Some(s))),
+        )
+        .collect();
+    let mut out = Vec::with_capacity(svc.ports.len() * subsets.len());
+    for port in &svc.ports {
+        for subset in &subsets {
+            let name = subset.map(|s| s.name.as_str());
+            let Ok(policy) = resolve::effective(rule, &svc.host, port.number, name) else {
+                continue;
+            };
+            let selected = port.targets.iter().filter(|(i, _)| {
+                subset.is_none_or(|sub| resolve::selects(&sub.labels, &svc.endpoints[*i].labels))
+            });
+            let members: Vec<&(usize, SocketAddr)> = selected.clone().collect();
+            let (balancer, keys) = balancer(&reg.client, svc, &members, &policy);
+            let cluster_name = format!(
+                "outbound|{}|{}|{}",
+                port.number,
+                name.unwrap_or(""),
+                svc.host
+            );
+            let stats = crate::stats::store().cluster(&cluster_name);
+            let members: Vec<Member> = selected
+                .map(|&(endpoint, addr)| Member {
+                    endpoint,
+                    addr,
+                    stats: stats.endpoint(addr),
+                    mesh: in_mesh(&reg.peers, svc, &svc.endpoints[endpoint], addr.port()),
+                })
+                .collect();
+            out.push((
+                (s, port.number, name.map(str::to_string)),
+                Arc::new(Cluster {
+                    name: cluster_name,
+                    tls: None,
+                    auto_tls: None,
+                    service: s,
+                    port: port.number,
+                    subset: name.map(str::to_string),
+                    limits: Arc::new(crate::breakers::Limits::new(
+                        policy.connection_pool.value.as_ref(),
+                        policy.retry_budget.value.as_ref(),
+                        stats.clone(),
+                    )),
+                    stats,
+                    outlier: policy
+                        .outlier_detection
+                        .value
+                        .clone()
+                        .map(|od| Arc::new(crate::outlier::ClusterDetector::new(od, keys.len()))),
+                    policy,
+                    members,
+                    balancer: Arc::new(balancer),
+                }),
+            ));
         }
     }
     out

@@ -266,7 +266,7 @@ impl Registry {
     /// specific host match (first in configuration order on a tie).
     pub fn virtual_service_for(&self, host: &str) -> Option<&VsEntry> {
         let mut best: Option<(&VsEntry, usize)> = None;
-        for vs in &self.virtual_services {
+        for vs in self.virtual_services.iter() {
             if !vs.vs.applies_to_mesh || !vs.vs.export_to.visible_to(&self.client.namespace) {
                 continue;
             }
