@@ -133,10 +133,10 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
     };
     let bindings = Bindings::bind(&cfg, handed_cni).await?;
     sources.workloads = bindings.workloads(&cfg);
-    let snapshots = loaded.resolve(&sources);
+    let mut snapshots = loaded.resolve(&sources);
     let vips = snapshots.vips();
     let cidrs = snapshots.cidrs();
-    let identities = snapshots.identities();
+    let known = snapshots.known();
     let views = snapshots.into_views(&sources.workloads);
     let (original, kernel) = attach(&cfg, &bindings.cookies, (&vips, &cidrs))?;
 
@@ -159,7 +159,7 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
     }
     let (reload, admin) = control(
         &cfg,
-        (sources, identities),
+        (sources, known),
         &views,
         &kernel,
         bindings.admin,
@@ -335,10 +335,7 @@ fn prepare(cfg: &mut RunConfig) -> anyhow::Result<()> {
 /// publisher (with eBPF capture) and, when bound, the admin API.
 fn control(
     cfg: &RunConfig,
-    (sources, identities): (
-        reload::Sources,
-        std::collections::HashMap<String, crate::workload::Source>,
-    ),
+    (sources, known): (reload::Sources, reload::Known),
     views: &Views,
     kernel: &Option<Arc<Kernel>>,
     admin: Option<AdminBinding>,
@@ -360,7 +357,7 @@ fn control(
         views: views.clone(),
         kernel: kernel.clone(),
         fast,
-        identities: std::sync::Mutex::new(identities),
+        known: std::sync::Mutex::new(known),
     }
     .spawn(cfg.watch, shutdown.clone())?;
     if let Some(dns) = &dns {

@@ -659,7 +659,7 @@ impl Enroller {
         }
         self.sync_kernel()?;
         // The failed daemon may have written its own VIPs: a reload writes this one's.
-        self.reload.workloads_changed().await;
+        self.reload.full_reload().await;
         self.save();
         self.paused.send_replace(false);
         Ok(())

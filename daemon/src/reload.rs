@@ -63,10 +63,33 @@ pub struct Reloader {
     pub kernel: Option<Arc<Kernel>>,
     /// The kernel fast path's publisher (with eBPF capture).
     pub fast: Option<Arc<crate::fastpath::run::FastPath>>,
-    /// Where each workload's identity came from at the last reload, by network namespace
-    /// (changes are logged).
-    pub identities: Mutex<HashMap<String, Source>>,
+    /// What the last reload learnt of the workloads (see [`Known`]).
+    pub known: Mutex<Known>,
 }
+
+/// What a reload learnt of the workloads, for the next one.
+#[derive(Default)]
+pub struct Known {
+    /// Where each workload's identity came from, by network namespace (changes are logged).
+    pub identities: HashMap<String, Source>,
+    /// How the configuration sorts identities into snapshots; `None` before the first load.
+    classes: Option<Classes>,
+}
+
+/// How a loaded configuration sorts identities into snapshots: a workload that joins with the
+/// class of a served snapshot is served by it, with no build.
+struct Classes {
+    set: Arc<ConfigSet>,
+    /// What the configuration reads of identities: computed by the load when it had workloads
+    /// to sort, else by the first join.
+    relevance: Option<Relevance>,
+    /// Each class served by a snapshot of its own, with a workload (network namespace) that
+    /// snapshot serves.
+    served: HashMap<ClassKey, String>,
+}
+
+/// A workload's class and, with a mesh CA, its service account (its own certificate).
+type ClassKey = (Class, Option<(String, String)>);
 
 /// Asks the running reloader for a reload (SIGHUP).
 #[derive(Clone)]
@@ -87,6 +110,8 @@ enum Signal {
     Api,
     /// The enrolled workloads changed; the sender hears when a reload has covered the change.
     Workloads(tokio::sync::oneshot::Sender<()>),
+    /// A full reload is wanted (the kernel's tables rewritten); the sender hears when it is done.
+    Full(tokio::sync::oneshot::Sender<()>),
 }
 
 /// What to load: the configuration paths, the API's objects (Kubernetes mode), the daemon's
@@ -115,6 +140,7 @@ pub struct Snapshots {
     /// For each workload (in [`Sources::workloads`] order): its network namespace, its snapshot
     /// in `extra` (`None`: the primary one) and where its identity came from.
     assignment: Vec<(String, Option<usize>, Source)>,
+    classes: Classes,
 }
 
 /// A validated configuration and its primary snapshot, before the workloads' snapshots.
@@ -196,23 +222,21 @@ impl Loaded {
         let Loaded { primary, set } = self;
         let client = &sources.client;
         // Read once per load, and only when there are workloads to sort into classes.
-        let relevance = if sources.workloads.is_empty() {
-            Relevance::default()
-        } else {
-            Relevance::of(&set)
-        };
-        let primary_class = (relevance.class(&set, client), None);
+        let relevance = (!sources.workloads.is_empty()).then(|| Relevance::of(&set));
+        let primary_class = relevance.as_ref().map(|r| (r.class(&set, client), None));
         // Distinct (class, service account) pairs with their snapshot in `extra`.
-        let mut seen: HashMap<(Class, Option<(String, String)>), usize> = HashMap::new();
+        let mut seen: HashMap<ClassKey, usize> = HashMap::new();
+        let mut served = HashMap::new();
         let mut extra = Vec::new();
         let mut assignment = Vec::new();
         for w in &sources.workloads {
             let id = w.identity(client, &set, sources.api.as_ref());
             // A workload's own certificate only matters with a mesh CA.
             let sa = id.service_account.filter(|_| sources.issuer.is_some());
+            let relevance = relevance.as_ref().expect("computed with workloads");
             let class = (relevance.class(&set, &id.client), sa.clone());
             let netns = w.netns.clone();
-            if class == primary_class {
+            if Some(&class) == primary_class.as_ref() {
                 assignment.push((netns, None, id.source));
             } else if let Some(i) = seen.get(&class) {
                 assignment.push((netns, Some(*i), id.source));
@@ -220,6 +244,7 @@ impl Loaded {
                 // Built for this workload's own client: any of its class gets an equal one.
                 match build_for(&set, &(id.client, sa), sources) {
                     Ok(r) => {
+                        served.insert(class.clone(), netns.clone());
                         seen.insert(class, extra.len());
                         extra.push(r);
                         assignment.push((netns, Some(extra.len() - 1), id.source));
@@ -243,6 +268,11 @@ impl Loaded {
             primary,
             extra,
             assignment,
+            classes: Classes {
+                set: Arc::new(set),
+                relevance,
+                served,
+            },
         }
     }
 }
@@ -300,6 +330,20 @@ impl Snapshots {
         (self.assignment.iter())
             .map(|(netns, _, s)| (netns.clone(), s.clone()))
             .collect()
+    }
+
+    /// What these snapshots tell the next reload (moved out: the snapshots are about to be
+    /// installed).
+    pub fn known(&mut self) -> Known {
+        let empty = Classes {
+            set: Arc::default(),
+            relevance: None,
+            served: HashMap::new(),
+        };
+        Known {
+            identities: self.identities(),
+            classes: Some(std::mem::replace(&mut self.classes, empty)),
+        }
     }
 
     /// Fresh views over these snapshots, for `workloads` (the order they were loaded for).
@@ -413,10 +457,18 @@ impl Trigger {
     }
 
     /// Reloads for a changed set of workloads and waits until the reload is done (whether it
-    /// was accepted or not); false when the reloader is gone.
+    /// was accepted or not); false when the reloader is gone. Workloads that join with the
+    /// class of a served snapshot get it without a build.
     pub async fn workloads_changed(&self) -> bool {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.0.send(Signal::Workloads(tx)).is_ok() && rx.await.is_ok()
+    }
+
+    /// Rebuilds everything and rewrites the kernel's tables, and waits until that is done;
+    /// false when the reloader is gone.
+    pub async fn full_reload(&self) -> bool {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.0.send(Signal::Full(tx)).is_ok() && rx.await.is_ok()
     }
 }
 
@@ -470,8 +522,10 @@ impl Reloader {
             };
             let first = Instant::now();
             let explicit = matches!(signal, Signal::Reload);
-            // Only the API's objects changed: their changes may apply without a build.
-            let mut api_only = matches!(signal, Signal::Api);
+            // What the burst is about: the API's objects and the enrolled workloads may change
+            // without a build.
+            let mut burst = Burst::default();
+            burst.note(&signal);
             note(&mut writing, &mut waiting, signal);
             // Coalesce the burst a single save produces, and wait (bounded) for writers to close.
             loop {
@@ -482,7 +536,7 @@ impl Reloader {
                 };
                 match tokio::time::timeout(wait, rx.recv()).await {
                     Ok(Some(s)) => {
-                        api_only &= matches!(s, Signal::Api);
+                        burst.note(&s);
                         note(&mut writing, &mut waiting, s)
                     }
                     Ok(None) => return,
@@ -500,7 +554,10 @@ impl Reloader {
             if explicit {
                 tracing::info!("SIGHUP: reloading the configuration");
             }
-            if !(api_only && self.apply_changes(first)) {
+            let applied = !burst.other
+                && (!burst.api || self.apply_changes(first))
+                && (!burst.workloads || self.join_workloads());
+            if !applied {
                 self.reload(first).await;
             }
             for done in waiting.drain(..) {
@@ -518,17 +575,65 @@ impl Reloader {
 
     /// Rebuilds and swaps the snapshot, or keeps the current one and logs why.
     /// Logs the workloads whose identity changed.
-    fn note_identities(&self, workloads: &[Workload], snapshots: &Snapshots) {
-        let mut last = self.identities.lock().unwrap_or_else(|e| e.into_inner());
-        let now = snapshots.identities();
+    fn note_identities(&self, workloads: &[Workload], snapshots: &mut Snapshots) {
+        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        let now = snapshots.known();
         for w in workloads {
-            if let Some(source) = now.get(&w.netns)
-                && last.get(&w.netns) != Some(source)
+            if let Some(source) = now.identities.get(&w.netns)
+                && known.identities.get(&w.netns) != Some(source)
             {
                 log_identity(w, source);
             }
         }
-        *last = now;
+        *known = now;
+    }
+
+    /// Serves the workloads enrolled since the last reload by the snapshots of their classes,
+    /// without a build, and forgets the ones that left. False when a newcomer's class has no
+    /// snapshot yet (a full reload builds it).
+    fn join_workloads(&self) -> bool {
+        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        let Known {
+            identities,
+            classes: Some(classes),
+        } = &mut *known
+        else {
+            return false;
+        };
+        let sources = &self.sources;
+        let set = &classes.set;
+        let relevance = (classes.relevance).get_or_insert_with(|| Relevance::of(set));
+        let primary = (relevance.class(set, &sources.client), None);
+        let mut handles = HashMap::new();
+        self.views.each(|w, h| {
+            handles.insert(w.netns.clone(), (w.clone(), h.clone()));
+        });
+        let mut joined = Vec::new();
+        for (netns, (w, handle)) in &handles {
+            if identities.contains_key(netns) {
+                continue;
+            }
+            let id = w.identity(&sources.client, set, sources.api.as_ref());
+            let sa = id.service_account.filter(|_| sources.issuer.is_some());
+            let class = (relevance.class(set, &id.client), sa);
+            let snapshot = if class == primary {
+                self.views.primary.load()
+            } else {
+                // Served by the workload its snapshot was built for, while that one stays.
+                match classes.served.get(&class).and_then(|n| handles.get(n)) {
+                    Some((_, served)) => served.load(),
+                    None => return false,
+                }
+            };
+            joined.push((w, handle, snapshot, id.source));
+        }
+        for (w, handle, snapshot, source) in joined {
+            handle.store_arc(snapshot);
+            log_identity(w, &source);
+            identities.insert(w.netns.clone(), source);
+        }
+        identities.retain(|netns, _| handles.contains_key(netns));
+        true
     }
 
     /// Applies the API's changes to the installed snapshots without a build when only endpoint
@@ -583,17 +688,23 @@ impl Reloader {
         true
     }
 
-    /// Whether one of `pods` (changed, with their addresses now) is, or may now be, an enrolled
-    /// workload's identity: its pod, or a pod holding one of its addresses.
+    /// Whether one of `pods` (changed, with their addresses now) is, or may now be, the identity
+    /// of a workload served since the last reload: its pod, or a pod holding one of its
+    /// addresses.
     fn identity_may_change(&self, pods: &[((String, String), Vec<std::net::IpAddr>)]) -> bool {
         if pods.is_empty() {
             return false;
         }
-        let identities = self.identities.lock().unwrap_or_else(|e| e.into_inner());
+        let known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        let identities = &known.identities;
         let mut may = false;
         self.views.each(|w, _| {
+            // A newcomer's identity is looked up when it joins.
+            let Some(source) = identities.get(&w.netns) else {
+                return;
+            };
             may |= pods.iter().any(|((ns, name), ips)| {
-                identities.get(&w.netns) == Some(&Source::Pod(format!("{ns}/{name}")))
+                *source == Source::Pod(format!("{ns}/{name}"))
                     || ips.iter().any(|ip| w.addresses.contains(ip))
             });
         });
@@ -606,13 +717,13 @@ impl Reloader {
         let workloads = sources.workloads.clone();
         let built = tokio::task::spawn_blocking(move || load(&sources)).await;
         match built {
-            Ok(Ok(snapshots)) => {
+            Ok(Ok(mut snapshots)) => {
                 for w in snapshots.primary.warnings() {
                     tracing::warn!("{w}");
                 }
                 let (vips, cidrs) = (snapshots.vips(), snapshots.cidrs());
                 let services = snapshots.primary.services().len();
-                self.note_identities(&workloads, &snapshots);
+                self.note_identities(&workloads, &mut snapshots);
                 snapshots.install(&self.views);
                 if let Some(kernel) = &self.kernel
                     && let Err(e) = kernel
@@ -644,6 +755,27 @@ impl Reloader {
     }
 }
 
+/// What the signals of one burst are about.
+#[derive(Default)]
+struct Burst {
+    /// The API's objects changed.
+    api: bool,
+    /// Workloads were enrolled or left.
+    workloads: bool,
+    /// Files, SIGHUP: only a full reload tells.
+    other: bool,
+}
+
+impl Burst {
+    fn note(&mut self, signal: &Signal) {
+        match signal {
+            Signal::Api => self.api = true,
+            Signal::Workloads(_) => self.workloads = true,
+            Signal::File { .. } | Signal::Reload | Signal::Full(_) => self.other = true,
+        }
+    }
+}
+
 /// Tracks which files a writer has changed and not yet closed, and who waits for the reload.
 fn note(
     writing: &mut HashSet<PathBuf>,
@@ -662,7 +794,7 @@ fn note(
                 writing.insert(path);
             }
         }
-        Signal::Workloads(done) => waiting.push(done),
+        Signal::Workloads(done) | Signal::Full(done) => waiting.push(done),
         Signal::Reload | Signal::Api => {}
     }
 }

@@ -167,11 +167,20 @@ fn services_and_endpoints_follow_the_api_server() {
     );
     converges(&t, &["ep1", "ep2"]);
 
-    // A pod that stops being ready (terminating) leaves the rotation.
+    // A pod that stops being ready (terminating) leaves the rotation: an endpoint change, which
+    // patches the served snapshot (no build, no reload of the configuration).
+    let reloads = |d: &Daemon| d.log().matches("configuration reloaded").count();
+    let before = reloads(&daemon);
     cluster.set_ready("ep2", false, true);
     converges(&t, &["ep1"]);
     cluster.set_ready("ep2", true, false);
     converges(&t, &["ep1", "ep2"]);
+    assert_eq!(reloads(&daemon), before, "{}", daemon.log());
+    assert!(
+        daemon.log().contains("endpoints updated"),
+        "{}",
+        daemon.log()
+    );
 
     // An EndpointSlice naming a pod the daemon has not seen yet: that endpoint waits for it.
     cluster.pods.push(drover_tests::k8s::TestPod {

@@ -603,3 +603,53 @@ fn a_pod_that_cannot_be_enrolled_is_counted_and_retried_while_the_others_are_enr
         daemon.log()
     );
 }
+
+#[test]
+fn a_pod_whose_identity_class_is_served_already_is_enrolled_without_a_build() {
+    if !require_privileged() {
+        return;
+    }
+    let n = Node::new();
+    // A rule only namespace `shop` sees: its pods are a class of their own, apart from the
+    // daemon's client (namespace `default`).
+    let mut yaml = std::fs::read_to_string(&n.config).expect("config");
+    yaml.push_str(
+        "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: echo, namespace: shop}
+spec:
+  host: echo.default.svc
+  exportTo: [.]
+  trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}
+",
+    );
+    drover_tests::replace_config(&n.config, &yaml);
+    let api = ApiServer::start(&[]);
+    api.apply(NODE, node("node1", "region1", "zone1"));
+    let daemon = n.kube_daemon(&api, &[]);
+    let reloads = || daemon.log().matches("configuration reloaded").count();
+    let enrol = |name: &str, ip: &str| {
+        let p = pod(name);
+        address(&p, ip);
+        api.apply(
+            POD,
+            drover_tests::k8s::pod("shop", name, &[("app", "web")], "default", "node1", ip),
+        );
+        assert_ok("ADD", &n.plugin("ADD", &format!("c{name}"), Some(&p), name));
+        assert!(captured(&p), "{name}: {}", daemon.log());
+        p
+    };
+    let before = reloads();
+    // The first pod of the class: its snapshot is built (one reload).
+    let _j1 = enrol("j1", "198.18.78.1");
+    assert_eq!(reloads(), before + 1, "{}", daemon.log());
+    // The second joins it: served by the same snapshot, with no build.
+    let _j2 = enrol("j2", "198.18.78.2");
+    assert_eq!(reloads(), before + 1, "{}", daemon.log());
+    assert!(
+        daemon.log().contains(r#"identity=Pod("shop/j2")"#),
+        "{}",
+        daemon.log()
+    );
+}

@@ -6,17 +6,25 @@
 //! Measured per count: time from start to ready, the daemon's RSS once ready and after the
 //! changes, the time from an EndpointSlice change to the first connection routed by it
 //! (p50/p99 over `--kube-changes` changes of one probe service that flips between two live
-//! endpoints) and the daemon's CPU time per change.
+//! endpoints), the daemon's CPU time per change, and the time `drover-cni ADD` takes to enrol a
+//! pod (p50/p99 over `--kube-adds` pods, each a network namespace of the bench with its Pod in
+//! the API server) while EndpointSlice changes of other Services stream in (one every 20 ms).
+//! Each `--kube-services` count is its own API server; the curves are plotted into
+//! `kube.md` beside the peers report.
 //!
 //! Only the probe service's endpoints are ever dialled (live echo servers in the topology's
 //! endpoint namespaces); the other endpoints' addresses (`198.19.0.0/16`) are never connected to.
 
 use std::{
-    io::Read,
+    io::{Read, Write},
     net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
+use crate::report::KubeRow;
 use drover_tests::{
     Daemon, Netns, PinDir, Topology,
     apiserver::{ApiServer, DESTINATION_RULE, ENDPOINT_SLICE, ISTIO, NODE, POD, SERVICE},
@@ -30,23 +38,23 @@ const PER_SERVICE: usize = 10;
 
 /// What to build and how often to change it.
 pub struct Scale {
-    pub services: usize,
-    pub pods: usize,
+    /// Service counts, one API server each.
+    pub services: Vec<usize>,
+    /// Pods in the API server (default: five per Service).
+    pub pods: Option<usize>,
     pub changes: usize,
     /// Distinct workload identities on the node, one measurement each.
     pub identities: Vec<usize>,
+    /// Pods enrolled through `drover-cni ADD` per measurement.
+    pub adds: usize,
+    /// Where `kube.md` and its plots go.
+    pub report_dir: PathBuf,
 }
 
-/// One measurement.
-struct Row {
-    identities: usize,
-    ready: Duration,
-    rss_mib: u64,
-    rss_after_mib: u64,
-    p50: f64,
-    p99: f64,
-    /// The daemon's CPU time (user + system) per change, over the change loop.
-    cpu_ms: f64,
+/// One API server's contents.
+struct Size {
+    services: usize,
+    pods: usize,
 }
 
 /// User + system CPU time of process `pid` so far, in milliseconds (`/proc/PID/stat`).
@@ -73,7 +81,7 @@ fn vip(s: usize) -> Ipv4Addr {
     Ipv4Addr::new(127, 78, (s / 256) as u8, (s % 256) as u8)
 }
 
-fn populate(api: &ApiServer, scale: &Scale) {
+fn populate(api: &ApiServer, scale: &Size) {
     api.apply(NODE, node("node1", "region1", "zone1"));
     for p in 0..scale.pods {
         let name = format!("pod-{p}");
@@ -110,23 +118,124 @@ spec:
 "
             )),
         );
-        // Pods of the Service's namespace, spread so that each pod serves about
-        // services × 10 / pods Services.
-        let ips: Vec<(String, String)> = (0..PER_SERVICE)
-            .map(|j| {
-                let p = ((s / 100 * PER_SERVICE + j) * 100 + s % 100) % scale.pods.max(1);
-                (pod_ip(p).to_string(), format!("pod-{p}"))
-            })
-            .collect();
-        let eps: Vec<_> = ips
-            .iter()
-            .map(|(ip, n)| (ip.as_str(), n.as_str(), true, false))
-            .collect();
-        api.apply(
-            ENDPOINT_SLICE,
-            endpoint_slice(&ns, &format!("{name}-1"), &name, &eps, &[("tcp-web", 7000)]),
-        );
+        service_slice(api, (s, scale.pods), None);
     }
+}
+
+/// The EndpointSlice of service `s` (of `pods` pods in all): its ten pods, all ready but
+/// `not_ready`. Pods of the Service's namespace, spread so that each pod serves about
+/// services × 10 / pods Services.
+fn service_slice(api: &ApiServer, (s, pods): (usize, usize), not_ready: Option<usize>) {
+    let ns = format!("ns-{}", s % 100);
+    let name = format!("svc-{s}");
+    let ips: Vec<(String, String)> = (0..PER_SERVICE)
+        .map(|j| {
+            let p = ((s / 100 * PER_SERVICE + j) * 100 + s % 100) % pods.max(1);
+            (pod_ip(p).to_string(), format!("pod-{p}"))
+        })
+        .collect();
+    let eps: Vec<_> = (ips.iter().enumerate())
+        .map(|(j, (ip, n))| (ip.as_str(), n.as_str(), not_ready != Some(j), false))
+        .collect();
+    api.apply(
+        ENDPOINT_SLICE,
+        endpoint_slice(&ns, &format!("{name}-1"), &name, &eps, &[("tcp-web", 7000)]),
+    );
+}
+
+/// Runs `drover-cni` for `command` on container `id` (pod `ns-k/add-k` in network namespace
+/// `netns`) against the daemon's `socket`.
+fn plugin(
+    socket: &Path,
+    command: &str,
+    (id, k): (&str, usize),
+    netns: &Netns,
+) -> std::process::Output {
+    let mut child = Command::new(drover_tests::bin("drover-cni"))
+        .env_clear()
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", id)
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/nonexistent")
+        .env("CNI_NETNS", format!("/var/run/netns/{}", netns.name))
+        .env(
+            "CNI_ARGS",
+            format!(
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE=ns-{};K8S_POD_NAME=add-{k}",
+                k % 100
+            ),
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run drover-cni");
+    let conf = format!(
+        r#"{{"cniVersion":"1.1.0","name":"bench","type":"drover-cni","socket":"{}","prevResult":{{"cniVersion":"1.1.0","ips":[]}}}}"#,
+        socket.display()
+    );
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(conf.as_bytes())
+        .expect("conf");
+    child.wait_with_output().expect("drover-cni")
+}
+
+/// Milliseconds each of `n` `drover-cni ADD`s took (a pod each: its Pod in the API server
+/// first, as the kubelet creates it before the sandbox), sorted, while one EndpointSlice of the
+/// size's other Services changes every 20 ms; the pods are removed (`DEL`) afterwards.
+fn cni_adds(api: &ApiServer, socket: &Path, n: usize, size: &Size) -> Vec<f64> {
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            // Bounded: at most one change per 20 ms, and no more than 10 000.
+            for c in 0..10_000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let s = (c * 7919) % size.services.max(1);
+                service_slice(api, (s, size.pods), Some(c % PER_SERVICE));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        let mut lags = Vec::new();
+        let mut pods = Vec::new();
+        for k in 0..n {
+            let ns = Netns::new(format!("drvadd{k}"));
+            let ip = format!("198.19.251.{}", k + 1);
+            ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "lo"]);
+            api.apply(
+                POD,
+                pod(
+                    &format!("ns-{}", k % 100),
+                    &format!("add-{k}"),
+                    &[("app", "a"), ("version", "v1")],
+                    "default",
+                    "node1",
+                    &ip,
+                ),
+            );
+            let id = format!("bench-add-{k}");
+            let started = Instant::now();
+            let out = plugin(socket, "ADD", (&id, k), &ns);
+            lags.push(started.elapsed().as_secs_f64() * 1000.0);
+            assert!(
+                out.status.success(),
+                "ADD {k}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            pods.push((id, k, ns));
+        }
+        stop.store(true, Ordering::Relaxed);
+        for (id, k, ns) in &pods {
+            plugin(socket, "DEL", (id, *k), ns);
+        }
+        lags.sort_by(|a, b| a.total_cmp(b));
+        lags
+    })
 }
 
 /// Points the probe service at endpoint `i` (1-based) of the topology.
@@ -219,14 +328,16 @@ fn identities(api: &ApiServer, n: usize) -> Vec<Netns> {
 
 /// Starts a daemon serving the client and `ids` workloads, and measures it.
 fn measure(
-    api: &ApiServer,
+    (api, size): (&ApiServer, &Size),
     t: &Topology,
-    kubeconfig: &std::path::Path,
+    dir: &Path,
     (n, ids): (usize, &[Netns]),
     scale: &Scale,
     rss_kib: fn(u32) -> u64,
-) -> Row {
+) -> KubeRow {
     let pins = PinDir::new();
+    let kubeconfig = dir.join("kubeconfig");
+    let socket = dir.join("cni.sock");
     let mut args: Vec<String> = [
         "--kubernetes",
         "--kubeconfig",
@@ -237,6 +348,8 @@ fn measure(
         &t.client.name,
         "--pin-dir",
         &pins.path.display().to_string(),
+        "--cni-socket",
+        &socket.display().to_string(),
     ]
     .iter()
     .map(|s| s.to_string())
@@ -260,25 +373,62 @@ fn measure(
     let cpu = (cpu_ms(pid) - cpu_before) / scale.changes.max(1) as f64;
     std::thread::sleep(Duration::from_secs(5));
     let rss_after = rss_kib(pid);
+    let adds = cni_adds(api, &socket, scale.adds, size);
     daemon.stop();
     // The probe service back where the next measurement expects it.
     probe_slice(api, 1);
-    Row {
+    KubeRow {
+        services: size.services,
         identities: n,
-        ready,
+        ready_s: ready.as_secs_f64(),
         rss_mib: rss / 1024,
         rss_after_mib: rss_after / 1024,
-        p50: percentile(&lags, 0.5),
-        p99: percentile(&lags, 0.99),
+        change: (percentile(&lags, 0.5), percentile(&lags, 0.99)),
         cpu_ms: cpu,
+        add: (percentile(&adds, 0.5), percentile(&adds, 0.99)),
     }
 }
 
-/// Runs the measurement; `t` has two endpoint namespaces with echo servers `ep1`, `ep2` on 7000.
+/// Runs the measurement for every size; `t` has two endpoint namespaces with echo servers
+/// `ep1`, `ep2` on 7000.
 pub fn run(t: &Topology, scale: &Scale, rss_kib: fn(u32) -> u64) {
+    let mut rows = Vec::new();
+    for &services in &scale.services {
+        let size = Size {
+            services,
+            pods: scale.pods.unwrap_or(services * 5),
+        };
+        rows.extend(run_size(t, &size, scale, rss_kib));
+    }
+    let command = format!(
+        "cargo xtask bench -- --only kube --kube-services {} --kube-changes {} --kube-identities {} --kube-adds {}",
+        list(&scale.services),
+        scale.changes,
+        list(&scale.identities),
+        scale.adds
+    );
+    println!(
+        "(change: EndpointSlice change → first connection routed by it, {} changes; ADD: drover-cni ADD → enrolled, {} pods, while changes stream in)\nreproduce: {command}",
+        scale.changes, scale.adds
+    );
+    match crate::report::kube(&scale.report_dir, &rows, &command) {
+        Ok(path) => println!("report: {}", path.display()),
+        Err(e) => println!("report not written: {e}"),
+    }
+}
+
+fn list(v: &[usize]) -> String {
+    v.iter()
+        .map(|n| n.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// One API server of `size`: every identity count measured against it.
+fn run_size(t: &Topology, size: &Size, scale: &Scale, rss_kib: fn(u32) -> u64) -> Vec<KubeRow> {
     let api = ApiServer::start(&ISTIO);
     let filled = Instant::now();
-    populate(&api, scale);
+    populate(&api, size);
     for (i, ip) in [(1, Topology::ep4(1)), (2, Topology::ep4(2))] {
         let IpAddr::V4(ip) = ip else { unreachable!() };
         api.apply(
@@ -303,49 +453,42 @@ pub fn run(t: &Topology, scale: &Scale, rss_kib: fn(u32) -> u64) {
     let ids = identities(&api, most.saturating_sub(1));
     println!(
         "\nKubernetes mode: {} Services × {PER_SERVICE} endpoints (a DestinationRule with 2 subsets each) over {} Pods in the test API server (filled in {:.1} s)",
-        scale.services,
-        scale.pods,
+        size.services,
+        size.pods,
         filled.elapsed().as_secs_f64()
     );
     let dir = std::env::temp_dir().join(format!("drover-bench-kube-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
-    let kubeconfig = dir.join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig);
+    api.write_kubeconfig(&dir.join("kubeconfig"));
     println!(
-        "{:>10} {:>14} {:>14} {:>18} {:>12} {:>12} {:>15}",
+        "{:>10} {:>14} {:>11} {:>14} {:>11} {:>11} {:>10} {:>9} {:>9}",
         "identities",
         "start → ready",
         "RSS ready",
-        "RSS after changes",
+        "RSS after chg",
         "change p50",
         "change p99",
-        "CPU per change"
+        "CPU/chg",
+        "ADD p50",
+        "ADD p99"
     );
+    let mut out = Vec::new();
     for &n in &scale.identities {
-        let r = measure(&api, t, &kubeconfig, (n, &ids), scale, rss_kib);
+        let r = measure((&api, size), t, &dir, (n, &ids), scale, rss_kib);
         println!(
-            "{:>10} {:>12.1} s {:>10} MiB {:>14} MiB {:>9.0} ms {:>9.0} ms {:>12.0} ms",
+            "{:>10} {:>12.1} s {:>7} MiB {:>10} MiB {:>8.0} ms {:>8.0} ms {:>7.0} ms {:>6.0} ms {:>6.0} ms",
             r.identities,
-            r.ready.as_secs_f64(),
+            r.ready_s,
             r.rss_mib,
             r.rss_after_mib,
-            r.p50,
-            r.p99,
-            r.cpu_ms
+            r.change.0,
+            r.change.1,
+            r.cpu_ms,
+            r.add.0,
+            r.add.1
         );
+        out.push(r);
     }
-    println!(
-        "(change: EndpointSlice change → first connection routed by it, {} changes)\nreproduce: cargo xtask bench -- --only kube --kube-services {} --kube-pods {} --kube-changes {} --kube-identities {}",
-        scale.changes,
-        scale.services,
-        scale.pods,
-        scale.changes,
-        scale
-            .identities
-            .iter()
-            .map(|n| n.to_string())
-            .collect::<Vec<_>>()
-            .join(",")
-    );
     let _ = std::fs::remove_dir_all(&dir);
+    out
 }

@@ -70,12 +70,17 @@ struct Args {
     /// Scenarios of the peers comparison (all by default), to rerun one figure quickly.
     #[arg(long, value_enum, value_delimiter = ',')]
     peer_scenarios: Vec<peers::Scenario>,
-    /// Services in the test API server of the Kubernetes-mode measurement (10 endpoints each).
-    #[arg(long, default_value = "10000")]
-    kube_services: usize,
-    /// Pods in the test API server of the Kubernetes-mode measurement.
-    #[arg(long, default_value = "50000")]
-    kube_pods: usize,
+    /// Services in the test API server of the Kubernetes-mode measurement (10 endpoints
+    /// each), one API server per count.
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+    kube_services: Vec<usize>,
+    /// Pods in the test API server of the Kubernetes-mode measurement (default: five per
+    /// Service).
+    #[arg(long)]
+    kube_pods: Option<usize>,
+    /// Pods enrolled through `drover-cni ADD` per Kubernetes-mode measurement.
+    #[arg(long, default_value = "40")]
+    kube_adds: usize,
     /// EndpointSlice changes timed in the Kubernetes-mode measurement.
     #[arg(long, default_value = "100")]
     kube_changes: usize,
@@ -206,10 +211,12 @@ fn main() {
         let t = Topology::new(2);
         let _echo = drover_tests::echo_servers(&t);
         let scale = kube::Scale {
-            services: args.kube_services,
+            services: args.kube_services.clone(),
             pods: args.kube_pods,
             changes: args.kube_changes,
             identities: args.kube_identities.clone(),
+            adds: args.kube_adds,
+            report_dir: args.report_dir.clone(),
         };
         kube::run(&t, &scale, rss_kib);
     }

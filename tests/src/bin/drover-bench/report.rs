@@ -426,3 +426,89 @@ fn chart(
     root.present()?;
     Ok(())
 }
+
+/// One Kubernetes-mode measurement: a size and an identity count.
+pub struct KubeRow {
+    pub services: usize,
+    pub identities: usize,
+    pub ready_s: f64,
+    pub rss_mib: u64,
+    pub rss_after_mib: u64,
+    /// EndpointSlice change → first connection routed by it: (p50, p99) ms.
+    pub change: (f64, f64),
+    /// The daemon's CPU time per change, ms.
+    pub cpu_ms: f64,
+    /// `drover-cni ADD` → enrolled while changes stream in: (p50, p99) ms.
+    pub add: (f64, f64),
+}
+
+/// Writes `kube.md` (the table) and one plot per quantity against the identities on the node,
+/// a line per Service count; returns the report's path.
+pub fn kube(dir: &Path, rows: &[KubeRow], command: &str) -> std::io::Result<std::path::PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "# Kubernetes mode at node scale\n\nOne run on this machine ({} CPUs). Each Service has \
+         10 endpoints and a DestinationRule with two subsets.\n\n| Services | identities | start → \
+         ready | RSS ready | RSS after changes | change p50 / p99 | CPU per change | CNI ADD p50 / \
+         p99 |\n|---|---|---|---|---|---|---|---|",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    for r in rows {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.1} s | {} MiB | {} MiB | {:.0} / {:.0} ms | {:.0} ms | {:.0} / {:.0} ms |",
+            r.services,
+            r.identities,
+            r.ready_s,
+            r.rss_mib,
+            r.rss_after_mib,
+            r.change.0,
+            r.change.1,
+            r.cpu_ms,
+            r.add.0,
+            r.add.1
+        );
+    }
+    let _ = writeln!(md);
+    let mut sizes: Vec<usize> = rows.iter().map(|r| r.services).collect();
+    sizes.dedup();
+    type Pick = fn(&KubeRow) -> f64;
+    let quantities: [(&str, &str, Pick); 4] = [
+        ("kube_rss", "RSS once ready, MiB", |r| r.rss_mib as f64),
+        (
+            "kube_change_p99",
+            "EndpointSlice change → routed, p99 ms",
+            |r| r.change.1,
+        ),
+        ("kube_add_p99", "CNI ADD → enrolled, p99 ms", |r| r.add.1),
+        ("kube_cpu", "CPU per change, ms", |r| r.cpu_ms),
+    ];
+    for (file, title, pick) in quantities {
+        let curves: Vec<Curve> = sizes
+            .iter()
+            .map(|&n| Curve {
+                // Leaked: a handful of labels for the life of the bench.
+                name: Box::leak(format!("{n} Services").into_boxed_str()),
+                points: (rows.iter().filter(|r| r.services == n))
+                    .map(|r| (r.identities as u32, pick(r), 0.0, 0))
+                    .collect(),
+            })
+            .collect();
+        let file = format!("{file}.svg");
+        line_chart(
+            &dir.join(&file),
+            title,
+            &curves,
+            1,
+            "identities on the node",
+        )
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let _ = writeln!(md, "![{title}]({file})\n");
+    }
+    let _ = writeln!(md, "Reproduce: `{command}`");
+    let path = dir.join("kube.md");
+    std::fs::write(&path, &md)?;
+    Ok(path)
+}
