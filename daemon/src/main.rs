@@ -699,7 +699,7 @@ fn explain_cmd(
         };
     }
     let registry = match drover::reload::snapshot(config, feed.as_ref(), &client) {
-        Ok((r, _)) => r,
+        Ok(r) => r,
         Err(e) => {
             eprintln!("{e}");
             return ExitCode::FAILURE;

@@ -363,6 +363,12 @@ impl Registry {
             .collect()
     }
 
+    /// The configuration this snapshot was built from, as loaded (before any
+    /// [`Registry::patch`]), shared.
+    pub fn shared_config(&self) -> Arc<crate::config::source::ConfigSet> {
+        self.config.clone()
+    }
+
     /// The configuration this snapshot was built from.
     pub fn config(&self) -> std::borrow::Cow<'_, crate::config::source::ConfigSet> {
         if self.patched.is_empty() {

@@ -143,10 +143,10 @@ pub struct Snapshots {
     classes: Classes,
 }
 
-/// A validated configuration and its primary snapshot, before the workloads' snapshots.
+/// A validated configuration's primary snapshot, before the workloads' snapshots (which share
+/// its configuration).
 pub struct Loaded {
     pub primary: Registry,
-    set: ConfigSet,
 }
 
 /// Loads and validates the configuration of `sources` into snapshots (see [`load_config`] and
@@ -171,13 +171,10 @@ pub fn load_config(sources: &Sources) -> Result<Loaded, Error> {
     if let Some(dns) = dns {
         dns.expand(&mut files);
     }
-    let (mut primary, set) = match api {
+    let mut primary = match api {
         Some(feed) => build_with_api(files, feed, client)?,
-        None => {
-            let r =
-                Registry::build(&files, client).map_err(|r| config::Error::Invalid(r.errors))?;
-            (r, files)
-        }
+        None => Registry::build_shared(Arc::new(files), client)
+            .map_err(|r| config::Error::Invalid(r.errors))?,
     };
     if primary.services().is_empty() && !sources.allow_empty && api.is_none() {
         return Err(Error::Empty {
@@ -191,24 +188,17 @@ pub fn load_config(sources: &Sources) -> Result<Loaded, Error> {
     primary
         .originate(credentials)
         .map_err(config::Error::Invalid)?;
-    Ok(Loaded { primary, set })
+    Ok(Loaded { primary })
 }
 
-/// The snapshot of the files at `paths` and the API's objects for `client`, and the
-/// configuration it was built from (TLS files are not read).
-pub fn snapshot(
-    paths: &[PathBuf],
-    api: Option<&Feed>,
-    client: &Client,
-) -> Result<(Registry, ConfigSet), Error> {
+/// The snapshot of the files at `paths` and the API's objects for `client` (TLS files are not
+/// read).
+pub fn snapshot(paths: &[PathBuf], api: Option<&Feed>, client: &Client) -> Result<Registry, Error> {
     let files = ConfigSet::load(paths)?;
     match api {
         Some(feed) => build_with_api(files, feed, client),
-        None => {
-            let r =
-                Registry::build(&files, client).map_err(|r| config::Error::Invalid(r.errors))?;
-            Ok((r, files))
-        }
+        None => Ok(Registry::build_shared(Arc::new(files), client)
+            .map_err(|r| config::Error::Invalid(r.errors))?),
     }
 }
 
@@ -219,7 +209,8 @@ impl Loaded {
     /// tells apart from the primary one and from each other ([`Relevance`]; a workload whose
     /// identity the configuration cannot serve gets the primary one, and an error line).
     pub fn resolve(self, sources: &Sources) -> Snapshots {
-        let Loaded { primary, set } = self;
+        let Loaded { primary } = self;
+        let set = primary.shared_config();
         let client = &sources.client;
         // Read once per load, and only when there are workloads to sort into classes.
         let relevance = (!sources.workloads.is_empty()).then(|| Relevance::of(&set));
@@ -269,7 +260,7 @@ impl Loaded {
             extra,
             assignment,
             classes: Classes {
-                set: Arc::new(set),
+                set,
                 relevance,
                 served,
             },
@@ -280,7 +271,7 @@ impl Loaded {
 /// The snapshot of `set` for a workload's client, TLS files read, originating `ISTIO_MUTUAL` with
 /// the workload's own identity when it has a service account (and the daemon a mesh CA).
 fn build_for(
-    set: &ConfigSet,
+    set: &Arc<ConfigSet>,
     (client, sa): &(Client, Option<(String, String)>),
     sources: &Sources,
 ) -> Result<Registry, Vec<config::Problem>> {
@@ -294,7 +285,7 @@ fn build_for(
             }
         }
     }
-    let mut r = Registry::build(set, client).map_err(|r| r.errors)?;
+    let mut r = Registry::build_shared(set.clone(), client).map_err(|r| r.errors)?;
     r.originate(&credentials)?;
     Ok(r)
 }
@@ -402,11 +393,7 @@ fn log_identity(w: &Workload, source: &Source) {
 /// The snapshot of the files and the API objects. API objects with problems are rejected alone
 /// (their last valid version, if any, takes their place) and the build is retried; problems in
 /// files refuse the whole configuration, as without the API.
-fn build_with_api(
-    files: ConfigSet,
-    feed: &Feed,
-    client: &Client,
-) -> Result<(Registry, ConfigSet), Error> {
+fn build_with_api(files: ConfigSet, feed: &Feed, client: &Client) -> Result<Registry, Error> {
     // Objects served in their last valid version, and objects left out (whose last valid
     // version does not fit either); each round moves at least one object, or ends.
     let mut rejected = HashSet::new();
@@ -416,10 +403,10 @@ fn build_with_api(
     for _ in 0..MAX_REJECTION_ROUNDS {
         let mut set = files.clone();
         problems.extend(feed.extend(&docs, &mut set, &mut rejected, &dropped));
-        let errors = match Registry::build(&set, client) {
+        let errors = match Registry::build_shared(Arc::new(set), client) {
             Ok(registry) => {
                 feed.accepted(&docs, &rejected, &problems);
-                return Ok((registry, set));
+                return Ok(registry);
             }
             Err(r) => r.errors,
         };

@@ -638,7 +638,7 @@ mod incremental {
         clients()
             .iter()
             .map(|c| {
-                let (mut r, _) =
+                let mut r =
                     crate::reload::snapshot(&[], Some(feed), c).map_err(|e| e.to_string())?;
                 r.originate(&Default::default())
                     .map_err(|e| format!("{e:?}"))?;

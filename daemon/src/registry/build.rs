@@ -36,6 +36,13 @@ pub struct Rejected {
 impl Registry {
     /// Validates `set` and builds the snapshot as seen by `client`, or returns every problem.
     pub fn build(set: &ConfigSet, client: &Client) -> Result<Registry, Rejected> {
+        Self::build_shared(Arc::new(set.clone()), client)
+    }
+
+    /// [`Registry::build`] of a configuration the snapshot keeps (shared with the other
+    /// snapshots built from it).
+    pub fn build_shared(shared: Arc<ConfigSet>, client: &Client) -> Result<Registry, Rejected> {
+        let set = &*shared;
         let mut problems = Vec::new();
         let mut warnings = set.warnings.clone();
         let client = &resolve_client(set, client, &mut problems);
@@ -72,7 +79,7 @@ impl Registry {
             client: client.clone(),
             clusters: HashMap::new(),
             warnings: Arc::default(),
-            config: Arc::new(set.clone()),
+            config: shared.clone(),
             patched: Arc::default(),
             credentials: None,
         };
