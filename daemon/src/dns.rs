@@ -231,28 +231,30 @@ fn expand(spec: &mut crd::ServiceEntrySpec, answers: &BTreeMap<String, Vec<IpAdd
             })
             .collect()
     } else {
-        std::mem::take(&mut spec.endpoints)
+        std::sync::Arc::unwrap_or_clone(std::mem::take(&mut spec.endpoints))
     };
     let first_only = spec.resolution == crd::Resolution::DnsRoundRobin;
-    spec.endpoints = templates
-        .into_iter()
-        .flat_map(|t| {
-            if t.address.parse::<IpAddr>().is_ok() {
-                return vec![t];
-            }
-            let found = answers.get(&t.address).cloned().unwrap_or_default();
-            let take = if first_only { 1 } else { found.len() };
-            found
-                .into_iter()
-                .take(take)
-                .map(|ip| crd::WorkloadEntrySpec {
-                    address: ip.to_string(),
-                    origin: Some(format!("DNS {}", t.address)),
-                    ..t.clone()
-                })
-                .collect()
-        })
-        .collect();
+    spec.endpoints = std::sync::Arc::new(
+        templates
+            .into_iter()
+            .flat_map(|t| {
+                if t.address.parse::<IpAddr>().is_ok() {
+                    return vec![t];
+                }
+                let found = answers.get(&t.address).cloned().unwrap_or_default();
+                let take = if first_only { 1 } else { found.len() };
+                found
+                    .into_iter()
+                    .take(take)
+                    .map(|ip| crd::WorkloadEntrySpec {
+                        address: ip.to_string(),
+                        origin: Some(format!("DNS {}", t.address)),
+                        ..t.clone()
+                    })
+                    .collect()
+            })
+            .collect(),
+    );
 }
 
 #[cfg(test)]

@@ -45,8 +45,10 @@ pub struct ServiceEntrySpec {
     pub location: Location,
     #[serde(default)]
     pub resolution: Resolution,
+    /// Shared: the loaded configuration, the API feed's cache and the snapshots' view of the
+    /// same entry hold one list.
     #[serde(default)]
-    pub endpoints: Vec<WorkloadEntrySpec>,
+    pub endpoints: std::sync::Arc<Vec<WorkloadEntrySpec>>,
     #[serde(default)]
     pub workload_selector: Option<WorkloadSelector>,
     #[serde(default)]

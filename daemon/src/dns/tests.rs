@@ -14,7 +14,8 @@ fn entry(resolution: crd::Resolution, endpoints: &[&str]) -> crd::ServiceEntrySp
                 weight: Some(3),
                 ..Default::default()
             })
-            .collect(),
+            .collect::<Vec<_>>()
+            .into(),
         ..Default::default()
     }
 }

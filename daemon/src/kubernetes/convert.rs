@@ -169,7 +169,7 @@ pub fn service_entry(
     if ports.is_empty() {
         return Derived::Skipped("no TCP port".into());
     }
-    let endpoints = slices
+    let endpoints: Vec<_> = slices
         .iter()
         .flat_map(|s| endpoints(s, &namespace, unnamed.as_deref(), pods, nodes))
         .collect();
@@ -196,7 +196,7 @@ pub fn service_entry(
         ports,
         location: crd::Location::MeshInternal,
         resolution: crd::Resolution::Static,
-        endpoints,
+        endpoints: endpoints.into(),
         workload_selector: None,
         export_to,
         subject_alt_names: Vec::new(),

@@ -114,7 +114,7 @@ impl Registry {
                 })
             })?;
             let without_endpoints = |spec: &ServiceEntrySpec| ServiceEntrySpec {
-                endpoints: Vec::new(),
+                endpoints: Arc::default(),
                 ..spec.clone()
             };
             if old.meta != r.meta
