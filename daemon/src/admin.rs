@@ -342,7 +342,10 @@ pub fn publish_endpoint_stats(
     });
 }
 
-/// Mirrors every endpoint of `snapshot` into `EP_DSTATS` (rows of other clusters removed).
+/// Mirrors every endpoint of `snapshot` into `EP_DSTATS` (rows of other clusters removed). A
+/// snapshot with more rows than the map holds mirrors those of the lowest cluster ids (logged
+/// once; the admin API's `/clusters` has every endpoint): a map that refuses inserts would have
+/// to be read back whole every second.
 fn publish(kernel: &Kernel, snapshot: &Registry) {
     let mut rows = Vec::new();
     for c in snapshot.clusters() {
@@ -353,6 +356,22 @@ fn publish(kernel: &Kernel, snapshot: &Registry) {
                     .row(c.stats.id, c.balancer.active(i) as u64, &health),
             );
         }
+    }
+    let capacity = drover_common::capacity::EP_DSTATS;
+    if rows.len() > capacity {
+        static TRUNCATED: std::sync::Once = std::sync::Once::new();
+        TRUNCATED.call_once(|| {
+            tracing::warn!(
+                rows = rows.len(),
+                capacity,
+                "more endpoints than EP_DSTATS holds: bpftool shows those of the lowest cluster ids, the admin API's /clusters shows all"
+            );
+        });
+        let order = |(k, _): &(drover_common::EpDKey, drover_common::EpDStats)| {
+            (k.cluster_id, k.addr, k.port_be, k.proto)
+        };
+        rows.select_nth_unstable_by_key(capacity, order);
+        rows.truncate(capacity);
     }
     if let Err(e) = kernel.publish_endpoint_stats(&rows) {
         tracing::warn!(error = %e, "cannot publish endpoint counters");

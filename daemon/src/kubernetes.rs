@@ -442,7 +442,7 @@ impl Feed {
         let mut entries = Vec::new();
         let mut full = false;
         {
-            let by_service = slices_by_service(&slices);
+            let by_service = slices_of(&slices, &pending.services);
             for key in pending.services {
                 let id = format!("Service {}/{}", key.0, key.1);
                 match s.derive(&key, &by_service, &self.inner.domain) {
@@ -858,6 +858,28 @@ impl State {
         }
         Documents { docs, skipped }
     }
+}
+
+/// The slices of the services `keys` (by (namespace, service name)): those of
+/// [`slices_by_service`], without indexing every slice when only a few services are wanted.
+fn slices_of<'s>(
+    slices: &'s BTreeMap<Key, EndpointSlice>,
+    keys: &HashSet<Key>,
+) -> HashMap<Key, Vec<&'s EndpointSlice>> {
+    if keys.len() > 16 {
+        return slices_by_service(slices);
+    }
+    let mut by: HashMap<Key, Vec<&EndpointSlice>> = HashMap::new();
+    for ((ns, _), slice) in slices {
+        let labels = slice.metadata.labels.as_ref();
+        let Some(svc) = labels.and_then(|l| l.get(convert::SERVICE_NAME_LABEL)) else {
+            continue;
+        };
+        if let Some(key) = keys.iter().find(|(n, s)| n == ns && s == svc) {
+            by.entry(key.clone()).or_default().push(slice);
+        }
+    }
+    by
 }
 
 /// The slices of each service, by (namespace, service name).

@@ -306,12 +306,12 @@ impl Registry {
     /// new ones warm up.
     pub fn inherit(&mut self, prev: &Registry) {
         for (key, c) in self.clusters.iter_mut() {
-            let Some(old) = prev.clusters.get(key) else {
-                continue;
-            };
             // Shared with `prev` (a patch left it alone), or already inherited by its other
             // holder: its state is the live one.
             let Some(c) = Arc::get_mut(c) else {
+                continue;
+            };
+            let Some(old) = prev.clusters.get(key) else {
                 continue;
             };
             let same_policy = old.name == c.name
