@@ -86,6 +86,8 @@ struct Classes {
     /// Each class served by a snapshot of its own, with a workload (network namespace) that
     /// snapshot serves.
     served: HashMap<ClassKey, String>,
+    /// The class of each workload served by its class's snapshot, by network namespace.
+    class_of: HashMap<String, ClassKey>,
 }
 
 /// A workload's class and, with a mesh CA, its service account (its own certificate).
@@ -218,6 +220,7 @@ impl Loaded {
         // Distinct (class, service account) pairs with their snapshot in `extra`.
         let mut seen: HashMap<ClassKey, usize> = HashMap::new();
         let mut served = HashMap::new();
+        let mut class_of = HashMap::new();
         let mut extra = Vec::new();
         let mut assignment = Vec::new();
         for w in &sources.workloads {
@@ -228,14 +231,17 @@ impl Loaded {
             let class = (relevance.class(&set, &id.client), sa.clone());
             let netns = w.netns.clone();
             if Some(&class) == primary_class.as_ref() {
+                class_of.insert(netns.clone(), class);
                 assignment.push((netns, None, id.source));
             } else if let Some(i) = seen.get(&class) {
+                class_of.insert(netns.clone(), class);
                 assignment.push((netns, Some(*i), id.source));
             } else {
                 // Built for this workload's own client: any of its class gets an equal one.
                 match build_for(&set, &(id.client, sa), sources) {
                     Ok(r) => {
                         served.insert(class.clone(), netns.clone());
+                        class_of.insert(netns.clone(), class.clone());
                         seen.insert(class, extra.len());
                         extra.push(r);
                         assignment.push((netns, Some(extra.len() - 1), id.source));
@@ -263,6 +269,7 @@ impl Loaded {
                 set,
                 relevance,
                 served,
+                class_of,
             },
         }
     }
@@ -330,6 +337,7 @@ impl Snapshots {
             set: Arc::default(),
             relevance: None,
             served: HashMap::new(),
+            class_of: HashMap::new(),
         };
         Known {
             identities: self.identities(),
@@ -543,7 +551,7 @@ impl Reloader {
             }
             let applied = !burst.other
                 && (!burst.api || self.apply_changes(first))
-                && (!burst.workloads || self.join_workloads());
+                && (!burst.workloads || self.join_workloads(&[]));
             if !applied {
                 self.reload(first).await;
             }
@@ -575,10 +583,11 @@ impl Reloader {
         *known = now;
     }
 
-    /// Serves the workloads enrolled since the last reload by the snapshots of their classes,
-    /// without a build, and forgets the ones that left. False when a newcomer's class has no
-    /// snapshot yet (a full reload builds it).
-    fn join_workloads(&self) -> bool {
+    /// Serves the workloads enrolled since the last reload, and those of `rejoin` (whose
+    /// identity may have changed), by the snapshots of their classes, without a build (one
+    /// whose class stayed keeps its snapshot); forgets the ones that left. False when a
+    /// workload's class has no snapshot to share (a full reload builds it).
+    fn join_workloads(&self, rejoin: &[String]) -> bool {
         let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
         let Known {
             identities,
@@ -587,9 +596,14 @@ impl Reloader {
         else {
             return false;
         };
+        let Classes {
+            set,
+            relevance,
+            served,
+            class_of,
+        } = classes;
         let sources = &self.sources;
-        let set = &classes.set;
-        let relevance = (classes.relevance).get_or_insert_with(|| Relevance::of(set));
+        let relevance = relevance.get_or_insert_with(|| Relevance::of(set));
         let primary = (relevance.class(set, &sources.client), None);
         let mut handles = HashMap::new();
         self.views.each(|w, h| {
@@ -597,36 +611,51 @@ impl Reloader {
         });
         let mut joined = Vec::new();
         for (netns, (w, handle)) in &handles {
-            if identities.contains_key(netns) {
+            let again = rejoin.contains(netns);
+            if identities.contains_key(netns) && !again {
                 continue;
             }
             let id = w.identity(&sources.client, set, sources.api.as_ref());
             let sa = id.service_account.filter(|_| sources.issuer.is_some());
             let class = (relevance.class(set, &id.client), sa);
+            if again && class_of.get(netns) == Some(&class) {
+                joined.push((w, None, id.source, class));
+                continue;
+            }
+            // Its snapshot no longer stands for a class it left.
+            served.retain(|_, n| n != netns);
             let snapshot = if class == primary {
                 self.views.primary.load()
             } else {
                 // Served by the workload its snapshot was built for, while that one stays.
-                match classes.served.get(&class).and_then(|n| handles.get(n)) {
+                match served.get(&class).and_then(|n| handles.get(n)) {
                     Some((_, served)) => served.load(),
                     None => return false,
                 }
             };
-            joined.push((w, handle, snapshot, id.source));
+            joined.push((w, Some((handle, snapshot)), id.source, class));
         }
-        for (w, handle, snapshot, source) in joined {
-            handle.store_arc(snapshot);
-            log_identity(w, &source);
+        for (w, swap, source, class) in joined {
+            if let Some((handle, snapshot)) = swap {
+                handle.store_arc(snapshot);
+            }
+            if identities.get(&w.netns) != Some(&source) {
+                log_identity(w, &source);
+            }
             identities.insert(w.netns.clone(), source);
+            class_of.insert(w.netns.clone(), class);
         }
         identities.retain(|netns, _| handles.contains_key(netns));
+        class_of.retain(|netns, _| handles.contains_key(netns));
+        served.retain(|_, netns| handles.contains_key(netns));
         true
     }
 
     /// Applies the API's changes to the installed snapshots without a build when only endpoint
-    /// sets changed (an EndpointSlice, a pod's readiness or labels) and no workload's identity
-    /// did: each distinct snapshot is patched ([`Registry::patch`]) and swapped in, sharing
-    /// every service and cluster the change does not touch. False when a full reload is needed.
+    /// sets changed (an EndpointSlice, a pod's readiness or labels): each distinct snapshot is
+    /// patched ([`Registry::patch`]) and swapped in, sharing every service and cluster the
+    /// change does not touch; workloads whose pod changed join again ([`Self::join_workloads`]).
+    /// False when a full reload is needed.
     fn apply_changes(&self, since: Instant) -> bool {
         let Some(feed) = &self.sources.api else {
             return false;
@@ -634,9 +663,17 @@ impl Reloader {
         let crate::kubernetes::Changes::Endpoints { entries, pods } = feed.changes() else {
             return false;
         };
-        if self.identity_may_change(&pods) {
+        // Workloads whose identity may have changed join again once the endpoints are in.
+        let rejoin = self.identities_touched(&pods);
+        self.patch_endpoints(&entries, since) && (rejoin.is_empty() || self.join_workloads(&rejoin))
+    }
+
+    /// Patches every distinct installed snapshot with `entries` and swaps them in (all or
+    /// none); false when one cannot be patched.
+    fn patch_endpoints(&self, entries: &[crate::kubernetes::Patch], since: Instant) -> bool {
+        let Some(feed) = &self.sources.api else {
             return false;
-        }
+        };
         if entries.is_empty() {
             return true;
         }
@@ -662,7 +699,7 @@ impl Reloader {
                 h.store_arc(next.clone());
             }
         }
-        feed.patched(&entries);
+        feed.patched(entries);
         if let Some(fast) = &self.fast {
             fast.publish();
         }
@@ -675,27 +712,30 @@ impl Reloader {
         true
     }
 
-    /// Whether one of `pods` (changed, with their addresses now) is, or may now be, the identity
-    /// of a workload served since the last reload: its pod, or a pod holding one of its
-    /// addresses.
-    fn identity_may_change(&self, pods: &[((String, String), Vec<std::net::IpAddr>)]) -> bool {
+    /// The workloads served since the last reload whose identity one of `pods` (changed, with
+    /// their addresses now) is or may now be: its pod, or a pod holding one of its addresses.
+    fn identities_touched(
+        &self,
+        pods: &[((String, String), Vec<std::net::IpAddr>)],
+    ) -> Vec<String> {
+        let mut touched = Vec::new();
         if pods.is_empty() {
-            return false;
+            return touched;
         }
         let known = self.known.lock().unwrap_or_else(|e| e.into_inner());
-        let identities = &known.identities;
-        let mut may = false;
         self.views.each(|w, _| {
             // A newcomer's identity is looked up when it joins.
-            let Some(source) = identities.get(&w.netns) else {
+            let Some(source) = known.identities.get(&w.netns) else {
                 return;
             };
-            may |= pods.iter().any(|((ns, name), ips)| {
+            if pods.iter().any(|((ns, name), ips)| {
                 *source == Source::Pod(format!("{ns}/{name}"))
                     || ips.iter().any(|ip| w.addresses.contains(ip))
-            });
+            }) {
+                touched.push(w.netns.clone());
+            }
         });
-        may
+        touched
     }
 
     pub async fn reload(&self, since: Instant) {

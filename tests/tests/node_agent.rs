@@ -645,11 +645,27 @@ spec:
     let _j1 = enrol("j1", "198.18.78.1");
     assert_eq!(reloads(), before + 1, "{}", daemon.log());
     // The second joins it: served by the same snapshot, with no build.
-    let _j2 = enrol("j2", "198.18.78.2");
+    let j2 = enrol("j2", "198.18.78.2");
     assert_eq!(reloads(), before + 1, "{}", daemon.log());
     assert!(
         daemon.log().contains(r#"identity=Pod("shop/j2")"#),
         "{}",
         daemon.log()
     );
+    // Its Pod changes in a way no rule reads (a label more): its identity is looked up again,
+    // its class stayed, nothing is built.
+    api.apply(
+        POD,
+        drover_tests::k8s::pod(
+            "shop",
+            "j2",
+            &[("app", "web"), ("team", "a")],
+            "default",
+            "node1",
+            "198.18.78.2",
+        ),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(captured(&j2), "{}", daemon.log());
+    assert_eq!(reloads(), before + 1, "{}", daemon.log());
 }
