@@ -36,6 +36,8 @@ use crate::{
 
 /// How long the watcher waits for more events before rebuilding.
 pub const SETTLE: Duration = Duration::from_millis(20);
+/// How long the API's events are coalesced at most (a cluster's churn never goes quiet).
+pub const API_SETTLE: Duration = Duration::from_millis(50);
 /// How long a reload waits for a file that was written to be closed by its writer.
 pub const WRITER_WAIT: Duration = Duration::from_secs(2);
 
@@ -523,7 +525,12 @@ impl Reloader {
             burst.note(&signal);
             note(&mut writing, &mut waiting, signal);
             // Coalesce the burst a single save produces, and wait (bounded) for writers to close.
+            // The API's events and enrolments need no such wait: an enrolment (a pod waiting to
+            // start) goes at once, and a stream of API events is cut every API_SETTLE.
             loop {
+                if !burst.other && (burst.workloads || first.elapsed() >= API_SETTLE) {
+                    break;
+                }
                 let wait = if writing.is_empty() {
                     SETTLE
                 } else {
