@@ -460,33 +460,11 @@ fn run_size(t: &Topology, size: &Size, scale: &Scale, rss_kib: fn(u32) -> u64) -
     let dir = std::env::temp_dir().join(format!("drover-bench-kube-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     api.write_kubeconfig(&dir.join("kubeconfig"));
-    println!(
-        "{:>10} {:>14} {:>11} {:>14} {:>11} {:>11} {:>10} {:>9} {:>9}",
-        "identities",
-        "start → ready",
-        "RSS ready",
-        "RSS after chg",
-        "change p50",
-        "change p99",
-        "CPU/chg",
-        "ADD p50",
-        "ADD p99"
-    );
+    println!("{}", KubeRow::HEADER);
     let mut out = Vec::new();
     for &n in &scale.identities {
         let r = measure((&api, size), t, &dir, (n, &ids), scale, rss_kib);
-        println!(
-            "{:>10} {:>12.1} s {:>7} MiB {:>10} MiB {:>8.0} ms {:>8.0} ms {:>7.0} ms {:>6.0} ms {:>6.0} ms",
-            r.identities,
-            r.ready_s,
-            r.rss_mib,
-            r.rss_after_mib,
-            r.change.0,
-            r.change.1,
-            r.cpu_ms,
-            r.add.0,
-            r.add.1
-        );
+        println!("{}", r.markdown());
         out.push(r);
     }
     let _ = std::fs::remove_dir_all(&dir);

@@ -442,6 +442,29 @@ pub struct KubeRow {
     pub add: (f64, f64),
 }
 
+impl KubeRow {
+    /// The table's head, as [`KubeRow::markdown`] fills it.
+    pub const HEADER: &str = "| Services | identities | start → ready | RSS ready | RSS after \
+         changes | change p50 / p99 | CPU per change | CNI ADD p50 / p99 |\n|---|---|---|---|---|---|---|---|";
+
+    /// The row of the table.
+    pub fn markdown(&self) -> String {
+        format!(
+            "| {} | {} | {:.1} s | {} MiB | {} MiB | {:.0} / {:.0} ms | {:.0} ms | {:.0} / {:.0} ms |",
+            self.services,
+            self.identities,
+            self.ready_s,
+            self.rss_mib,
+            self.rss_after_mib,
+            self.change.0,
+            self.change.1,
+            self.cpu_ms,
+            self.add.0,
+            self.add.1
+        )
+    }
+}
+
 /// Writes `kube.md` (the table) and one plot per quantity against the identities on the node,
 /// a line per Service count; returns the report's path.
 pub fn kube(dir: &Path, rows: &[KubeRow], command: &str) -> std::io::Result<std::path::PathBuf> {
@@ -450,26 +473,12 @@ pub fn kube(dir: &Path, rows: &[KubeRow], command: &str) -> std::io::Result<std:
     let _ = writeln!(
         md,
         "# Kubernetes mode at node scale\n\nOne run on this machine ({} CPUs). Each Service has \
-         10 endpoints and a DestinationRule with two subsets.\n\n| Services | identities | start → \
-         ready | RSS ready | RSS after changes | change p50 / p99 | CPU per change | CNI ADD p50 / \
-         p99 |\n|---|---|---|---|---|---|---|---|",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+         10 endpoints and a DestinationRule with two subsets.\n\n{}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        KubeRow::HEADER
     );
     for r in rows {
-        let _ = writeln!(
-            md,
-            "| {} | {} | {:.1} s | {} MiB | {} MiB | {:.0} / {:.0} ms | {:.0} ms | {:.0} / {:.0} ms |",
-            r.services,
-            r.identities,
-            r.ready_s,
-            r.rss_mib,
-            r.rss_after_mib,
-            r.change.0,
-            r.change.1,
-            r.cpu_ms,
-            r.add.0,
-            r.add.1
-        );
+        let _ = writeln!(md, "{}", r.markdown());
     }
     let _ = writeln!(md);
     let mut sizes: Vec<usize> = rows.iter().map(|r| r.services).collect();
