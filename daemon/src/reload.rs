@@ -3,7 +3,10 @@
 //!
 //! Invariants: a snapshot is replaced only by a fully validated one (an invalid change is logged
 //! with every located problem and the previous snapshot keeps serving); open connections keep the
-//! snapshot they were routed with; one change is one rebuild: bursts of file events are coalesced,
+//! snapshot they were routed with; a change of the API's endpoint sets patches the snapshots
+//! (only the services it names are rebuilt, see [`Registry::patch`]) and a workload joining with
+//! an identity class already served takes that class's snapshot, both equal to what a rebuild
+//! would give; any other change is one rebuild: bursts of file events are coalesced,
 //! the daemon's own reads of the files (inotify `OPEN`/`CLOSE_NOWRITE`) are not changes, and a file
 //! that was written to is read only once its writer closed it (bounded by [`WRITER_WAIT`]), so a
 //! writer that truncates and then writes is never seen half-way; a configuration with no service
@@ -575,8 +578,7 @@ impl Reloader {
         }
     }
 
-    /// Rebuilds and swaps the snapshot, or keeps the current one and logs why.
-    /// Logs the workloads whose identity changed.
+    /// Logs the workloads whose identity changed, and keeps what the load learnt of them.
     fn note_identities(&self, workloads: &[Workload], snapshots: &mut Snapshots) {
         let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
         let now = snapshots.known();
@@ -745,6 +747,7 @@ impl Reloader {
         touched
     }
 
+    /// Rebuilds and swaps the snapshots, or keeps the current ones and logs why.
     pub async fn reload(&self, since: Instant) {
         let mut sources = self.sources.clone();
         sources.workloads = self.views.workloads();
