@@ -153,6 +153,8 @@ struct Pending {
     full: bool,
     /// Services whose endpoint sets may have changed (a slice or a pod they name changed).
     services: HashSet<Key>,
+    /// DestinationRules that were applied (a new version, or a new rule).
+    rules: HashSet<Key>,
     /// Pods that came, changed or went (a workload's identity may be one of them).
     pods: HashSet<Key>,
 }
@@ -161,20 +163,22 @@ struct Pending {
 pub enum Changes {
     /// Only a full build can tell.
     Full,
-    /// Only endpoint sets changed: the new versions of the Services whose derivation changed,
-    /// and the pods that changed, with their addresses now (none once deleted).
-    Endpoints {
-        entries: Vec<Patch>,
+    /// Only endpoint sets and DestinationRules changed: the new versions of the Services whose
+    /// derivation changed and of the DestinationRules applied, and the pods that changed, with
+    /// their addresses now (none once deleted).
+    Patches {
+        patches: Vec<Patch>,
         pods: Vec<(Key, Vec<std::net::IpAddr>)>,
     },
 }
 
-/// The new version of a Service's ServiceEntry.
+/// The new version of an object: a Service's ServiceEntry or a DestinationRule.
 pub struct Patch {
-    /// `Service namespace/name`.
+    /// `Kind namespace/name`.
     pub id: String,
+    kind: &'static str,
     key: Key,
-    entry: Arc<(crd::ObjectMeta, crd::ServiceEntrySpec)>,
+    body: Body,
 }
 
 /// What a Service derives to.
@@ -231,14 +235,9 @@ impl Body {
 }
 
 impl Patch {
-    /// The ServiceEntry as the loader would hold it.
-    pub fn resource(&self) -> Resource<crd::ServiceEntrySpec> {
-        let (meta, spec) = self.entry.as_ref().clone();
-        Resource {
-            origin: Origin::api("Service", &self.key.0, &self.key.1),
-            meta,
-            spec,
-        }
+    /// Adds the object to `set` as the loader would hold it (or the parse problem).
+    pub fn add_to(&self, set: &mut ConfigSet) -> Result<(), Problem> {
+        (self.body).add_to(set, Origin::api(self.kind, &self.key.0, &self.key.1))
     }
 }
 
@@ -431,8 +430,8 @@ impl Feed {
     }
 
     /// What changed since the feed was last rendered whole (or since the last call), as
-    /// istiod's incremental EDS push sees it: only endpoint sets, or more. Services whose
-    /// derivation came out equal to their last valid version are left out.
+    /// istiod's incremental pushes see it: only endpoint sets and DestinationRules, or more.
+    /// Objects equal to their last valid version are left out.
     pub fn changes(&self) -> Changes {
         let mut s = self.state();
         let pending = std::mem::take(&mut s.pending);
@@ -454,7 +453,13 @@ impl Feed {
                             _ => false,
                         };
                         if !same {
-                            entries.push(Patch { id, key, entry });
+                            let body = Body::Entry(entry);
+                            entries.push(Patch {
+                                id,
+                                kind: "Service",
+                                key,
+                                body,
+                            });
                         }
                     }
                     // Captured no longer (or not yet): the set of services changes.
@@ -463,6 +468,23 @@ impl Feed {
             }
         }
         s.slices = slices;
+        for key in pending.rules {
+            let id = format!("DestinationRule {}/{}", key.0, key.1);
+            let Some(value) = s.istio.get(&("DestinationRule", key.clone())) else {
+                full = true;
+                continue;
+            };
+            let body = Body::Yaml(Arc::new(to_yaml(value.clone())));
+            if !s.last_good.get(&id).is_some_and(|last| last.same(&body)) {
+                let kind = "DestinationRule";
+                entries.push(Patch {
+                    id,
+                    kind,
+                    key,
+                    body,
+                });
+            }
+        }
         if full {
             s.pending.full = true;
             return Changes::Full;
@@ -475,7 +497,10 @@ impl Feed {
                 (key, ips)
             })
             .collect();
-        Changes::Endpoints { entries, pods }
+        Changes::Patches {
+            patches: entries,
+            pods,
+        }
     }
 
     /// `patches` serve (applied without a full build): each is its Service's last valid
@@ -483,8 +508,7 @@ impl Feed {
     pub fn patched(&self, patches: &[Patch]) {
         let mut s = self.state();
         for p in patches {
-            s.last_good
-                .insert(p.id.clone(), Body::Entry(p.entry.clone()));
+            s.last_good.insert(p.id.clone(), p.body.clone());
         }
     }
 
@@ -726,14 +750,15 @@ impl State {
                         self.invalidate_pod(key);
                     }
                     // Every endpoint's locality may come from this node.
-                    Object::Node(..) => self.derived.clear(),
+                    Object::Node(..) => {
+                        self.pending.full = true;
+                        self.derived.clear();
+                    }
+                    Object::Istio("DestinationRule", key, _) => {
+                        self.pending.rules.insert(key.clone());
+                    }
+                    Object::Service(..) | Object::Istio(..) => self.pending.full = true,
                     _ => {}
-                }
-                if matches!(
-                    object,
-                    Object::Service(..) | Object::Node(..) | Object::Istio(..)
-                ) {
-                    self.pending.full = true;
                 }
                 self.store(object);
                 true

@@ -27,7 +27,7 @@ pub use crate::config::{
 };
 use crate::{
     balance::Balancer,
-    config::{Problem, policy},
+    config::{Problem, policy, source::Resource},
 };
 pub use resolve::{Client, EffectivePolicy, RuleEntry, RuleRef};
 pub use route::{Decision, RouteError, Target};
@@ -140,12 +140,18 @@ pub struct Registry {
     clusters: HashMap<ClusterKey, Arc<Cluster>>,
     warnings: Arc<Vec<Problem>>,
     config: Arc<crate::config::source::ConfigSet>,
-    /// ServiceEntries patched in since `config` was loaded (by id), newest version.
-    patched: Arc<
-        BTreeMap<String, crate::config::source::Resource<crate::config::crd::ServiceEntrySpec>>,
-    >,
+    /// Objects patched in since `config` was loaded.
+    patched: Arc<Patched>,
     /// What [`Registry::originate`] read TLS material with (patched clusters use it too).
     credentials: Option<crate::tls::Credentials>,
+}
+
+/// The objects [`Registry::patch`] put in place of their loaded versions, by id (`Kind
+/// namespace/name`), newest version.
+#[derive(Clone, Debug, Default)]
+struct Patched {
+    entries: BTreeMap<String, Resource<crate::config::crd::ServiceEntrySpec>>,
+    rules: BTreeMap<String, Resource<crate::config::crd::DestinationRuleSpec>>,
 }
 
 /// A captured range: ((network, prefix length), port, (service index, port index)).
@@ -371,15 +377,20 @@ impl Registry {
 
     /// The configuration this snapshot was built from.
     pub fn config(&self) -> std::borrow::Cow<'_, crate::config::source::ConfigSet> {
-        if self.patched.is_empty() {
+        let Patched { entries, rules } = &*self.patched;
+        if entries.is_empty() && rules.is_empty() {
             return std::borrow::Cow::Borrowed(&self.config);
         }
-        let mut set = (*self.config).clone();
-        for r in &mut set.service_entries {
-            if let Some(new) = self.patched.get(&r.origin.file.display().to_string()) {
-                *r = new.clone();
+        fn overlay<T: Clone>(list: &mut [Resource<T>], patched: &BTreeMap<String, Resource<T>>) {
+            for r in list {
+                if let Some(new) = patched.get(&r.origin.file.display().to_string()) {
+                    *r = new.clone();
+                }
             }
         }
+        let mut set = (*self.config).clone();
+        overlay(&mut set.service_entries, entries);
+        overlay(&mut set.destination_rules, rules);
         std::borrow::Cow::Owned(set)
     }
 

@@ -669,24 +669,27 @@ impl Reloader {
         let Some(feed) = &self.sources.api else {
             return false;
         };
-        let crate::kubernetes::Changes::Endpoints { entries, pods } = feed.changes() else {
+        let crate::kubernetes::Changes::Patches { patches, pods } = feed.changes() else {
             return false;
         };
         // Workloads whose identity may have changed join again once the endpoints are in.
         let rejoin = self.identities_touched(&pods);
-        self.patch_endpoints(&entries, since) && (rejoin.is_empty() || self.join_workloads(&rejoin))
+        self.patch(&patches, since) && (rejoin.is_empty() || self.join_workloads(&rejoin))
     }
 
-    /// Patches every distinct installed snapshot with `entries` and swaps them in (all or
+    /// Patches every distinct installed snapshot with `patches` and swaps them in (all or
     /// none); false when one cannot be patched.
-    fn patch_endpoints(&self, entries: &[crate::kubernetes::Patch], since: Instant) -> bool {
+    fn patch(&self, patches: &[crate::kubernetes::Patch], since: Instant) -> bool {
         let Some(feed) = &self.sources.api else {
             return false;
         };
-        if entries.is_empty() {
+        if patches.is_empty() {
             return true;
         }
-        let resources: Vec<_> = entries.iter().map(|p| p.resource()).collect();
+        let mut changed = ConfigSet::default();
+        if patches.iter().any(|p| p.add_to(&mut changed).is_err()) || !changed.warnings.is_empty() {
+            return false;
+        }
         // Every distinct installed snapshot, patched: all or none is swapped in.
         let mut handles = vec![self.views.primary.clone()];
         self.views.each(|_, h| handles.push(h.clone()));
@@ -696,7 +699,7 @@ impl Reloader {
             if patched.iter().any(|(old, _)| Arc::ptr_eq(old, &current)) {
                 continue;
             }
-            let Some(mut next) = current.patch(&resources) else {
+            let Some(mut next) = current.patch(&changed) else {
                 return false;
             };
             next.inherit(&current);
@@ -708,15 +711,15 @@ impl Reloader {
                 h.store_arc(next.clone());
             }
         }
-        feed.patched(entries);
+        feed.patched(patches);
         if let Some(fast) = &self.fast {
             fast.publish();
         }
         tracing::info!(
-            services = ?entries.iter().map(|p| p.id.as_str()).collect::<Vec<_>>(),
+            objects = ?patches.iter().map(|p| p.id.as_str()).collect::<Vec<_>>(),
             snapshots = patched.len(),
             elapsed_ms = since.elapsed().as_secs_f64() * 1000.0,
-            "endpoints updated"
+            "snapshots patched"
         );
         true
     }

@@ -177,7 +177,7 @@ fn services_and_endpoints_follow_the_api_server() {
     converges(&t, &["ep1", "ep2"]);
     assert_eq!(reloads(&daemon), before, "{}", daemon.log());
     assert!(
-        daemon.log().contains("endpoints updated"),
+        daemon.log().contains("snapshots patched"),
         "{}",
         daemon.log()
     );
@@ -204,6 +204,37 @@ fn services_and_endpoints_follow_the_api_server() {
             &Topology::ep4(3).to_string(),
         ),
     );
+    converges(&t, &["ep1", "ep2", "ep3"]);
+
+    // A DestinationRule edit no route depends on patches the snapshot too: the cluster's
+    // balancer follows it, with no reload.
+    let rule = |simple: &str| {
+        istio(&format!(
+            "
+metadata: {{name: echo, namespace: shop}}
+spec:
+  host: echo.shop.svc.cluster.local
+  trafficPolicy: {{loadBalancer: {{simple: {simple}}}}}
+"
+        ))
+    };
+    let lb = |d: &Daemon| {
+        let clusters = &d.clusters()["clusters"];
+        drover_tests::named(clusters, "outbound|80||echo.shop.svc.cluster.local")["lb"].clone()
+    };
+    let until = |d: &Daemon, want: &str| {
+        let deadline = std::time::Instant::now() + PROPAGATION;
+        while lb(d) != want && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        lb(d)
+    };
+    cluster.api.apply(DESTINATION_RULE, rule("LEAST_REQUEST"));
+    assert_eq!(until(&daemon, "LEAST_REQUEST"), "LEAST_REQUEST");
+    let before = reloads(&daemon);
+    cluster.api.apply(DESTINATION_RULE, rule("RANDOM"));
+    assert_eq!(until(&daemon, "RANDOM"), "RANDOM", "{}", daemon.log());
+    assert_eq!(reloads(&daemon), before, "{}", daemon.log());
     converges(&t, &["ep1", "ep2", "ep3"]);
 
     // The Service deleted: its VIP is no longer captured (nothing listens on it in the client

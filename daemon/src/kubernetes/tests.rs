@@ -507,6 +507,7 @@ mod incremental {
         },
         Rule {
             lb: usize,
+            subsets: usize,
         },
         DeleteRule,
     }
@@ -522,7 +523,7 @@ mod incremental {
                 .prop_map(|(pod, version, node)| Event::Pod { pod, version, node }),
             1 => (0..PODS).prop_map(Event::DeletePod),
             1 => (0..2usize, 0..2usize).prop_map(|(node, zone)| Event::Node { node, zone }),
-            1 => (0..2usize).prop_map(|lb| Event::Rule { lb }),
+            3 => (0..3usize, 1..4usize).prop_map(|(lb, subsets)| Event::Rule { lb, subsets }),
             1 => Just(Event::DeleteRule),
         ]
     }
@@ -599,8 +600,11 @@ mod incremental {
                 .map(|(k, v)| (k.to_string(), v));
                 feed.applied(Object::Node(format!("n{node}"), labels.into()));
             }
-            Event::Rule { lb } => {
-                let simple = ["ROUND_ROBIN", "LEAST_REQUEST"][*lb];
+            Event::Rule { lb, subsets } => {
+                let simple = ["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM"][*lb];
+                let subsets: Vec<_> = (1..=*subsets)
+                    .map(|v| json!({"name": format!("v{v}"), "labels": {"version": format!("v{v}")}}))
+                    .collect();
                 feed.applied(Object::Istio(
                     "DestinationRule",
                     key("a", "r".into()),
@@ -611,8 +615,7 @@ mod incremental {
                         "spec": {
                             "host": "s0.a.svc.cluster.local",
                             "trafficPolicy": {"loadBalancer": {"simple": simple}},
-                            "subsets": [{"name": "v1", "labels": {"version": "v1"}},
-                                        {"name": "v2", "labels": {"version": "v2"}}],
+                            "subsets": subsets,
                         },
                     }),
                 ))
@@ -655,25 +658,36 @@ mod incremental {
         format!("{}\n{entries:?}", r.fingerprint())
     }
 
-    /// Runs `events` and returns how many steps were patched rather than rebuilt.
-    fn run(events: &[Event]) -> Result<usize, TestCaseError> {
+    /// `snapshots` patched with the feed's changes as the reloader patches them (and whether a
+    /// DestinationRule was among them), or `None` when a full build is needed.
+    fn patched(feed: &Feed, snapshots: &[Registry]) -> Option<(Vec<Registry>, bool)> {
+        let Changes::Patches { patches, .. } = feed.changes() else {
+            return None;
+        };
+        let mut changed = ConfigSet::default();
+        for p in &patches {
+            p.add_to(&mut changed).ok()?;
+        }
+        let next: Vec<Registry> = (snapshots.iter())
+            .map(|r| r.patch(&changed))
+            .collect::<Option<_>>()?;
+        feed.patched(&patches);
+        Some((next, !changed.destination_rules.is_empty()))
+    }
+
+    /// Runs `events` and returns how many steps were patched rather than rebuilt, and how many
+    /// of those patched a DestinationRule.
+    fn run(events: &[Event]) -> Result<(usize, usize), TestCaseError> {
         let feed = Feed::new("cluster.local");
         let mut current = build(&feed);
-        let mut patched = 0;
+        let (mut patches, mut rules) = (0, 0);
         for (step, event) in events.iter().enumerate() {
             apply(&feed, event);
-            let patch = match (feed.changes(), &current) {
-                (Changes::Endpoints { entries, .. }, Ok(snapshots)) => {
-                    let resources: Vec<_> = entries.iter().map(Patch::resource).collect();
-                    let next: Option<Vec<Registry>> =
-                        snapshots.iter().map(|r| r.patch(&resources)).collect();
-                    next.inspect(|_| feed.patched(&entries))
-                }
-                _ => None,
-            };
+            let patch = current.as_ref().ok().and_then(|s| patched(&feed, s));
             match patch {
-                Some(next) => {
-                    patched += 1;
+                Some((next, rule)) => {
+                    patches += 1;
+                    rules += usize::from(rule);
                     current = Ok(next);
                 }
                 None => current = build(&feed),
@@ -690,7 +704,7 @@ mod incremental {
             .map_err(String::clone);
             prop_assert_eq!(got, want, "after step {}: {:?}", step, event);
         }
-        Ok(patched)
+        Ok((patches, rules))
     }
 
     #[test]
@@ -699,15 +713,19 @@ mod incremental {
             cases: 200,
             ..ProptestConfig::default()
         });
-        let total = std::cell::Cell::new(0);
+        let total = std::cell::Cell::new((0, 0));
         runner
             .run(&prop::collection::vec(event(), 1..30), |events| {
-                total.set(total.get() + run(&events)?);
+                let (patches, rules) = run(&events)?;
+                let (p, r) = total.get();
+                total.set((p + patches, r + rules));
                 Ok(())
             })
             .unwrap();
-        // The incremental path was taken (not only full builds compared with full builds).
-        assert!(total.get() > 500, "only {} patched steps", total.get());
+        // The incremental paths were taken (not only full builds compared with full builds).
+        let (patches, rules) = total.get();
+        assert!(patches > 500, "only {patches} patched steps");
+        assert!(rules > 20, "only {rules} patched DestinationRules");
     }
 
     #[test]
@@ -753,15 +771,16 @@ mod incremental {
                 pods: vec![(0, true), (2, true)],
             },
         );
-        let Changes::Endpoints { entries, .. } = feed.changes() else {
+        let Changes::Patches { patches, .. } = feed.changes() else {
             panic!("a slice change is an endpoint change");
         };
         assert_eq!(
-            entries.iter().map(|p| p.id.as_str()).collect::<Vec<_>>(),
+            patches.iter().map(|p| p.id.as_str()).collect::<Vec<_>>(),
             ["Service a/s0"]
         );
-        let resources: Vec<_> = entries.iter().map(Patch::resource).collect();
-        let after = before.patch(&resources).expect("patched");
+        let mut changed = ConfigSet::default();
+        patches[0].add_to(&mut changed).unwrap();
+        let after = before.patch(&changed).expect("patched");
         let (i0, s0) = after.service("s0.a.svc.cluster.local").unwrap();
         assert_eq!(s0.endpoints.len(), 2);
         let (i1, _) = after.service("s1.b.svc.cluster.local").unwrap();
@@ -776,6 +795,43 @@ mod incremental {
         assert!(matches!(feed.changes(), Changes::Full));
         // And so is the build's own rendering reset.
         let _ = build(&feed);
-        assert!(matches!(feed.changes(), Changes::Endpoints { entries, .. } if entries.is_empty()));
+        assert!(matches!(feed.changes(), Changes::Patches { patches, .. } if patches.is_empty()));
+    }
+
+    #[test]
+    fn a_destination_rule_edit_is_patched() {
+        let feed = Feed::new("cluster.local");
+        for e in [
+            Event::Service { svc: 0, ports: 1 },
+            Event::Pod {
+                pod: 0,
+                version: 0,
+                node: 0,
+            },
+            Event::Slice {
+                svc: 0,
+                slice: 0,
+                pods: vec![(0, true)],
+            },
+            Event::Rule { lb: 0, subsets: 2 },
+        ] {
+            apply(&feed, &e);
+        }
+        let before = build(&feed).unwrap();
+        apply(&feed, &Event::Rule { lb: 1, subsets: 3 });
+        let (after, rule) = patched(&feed, &before).expect("patched");
+        assert!(rule);
+        let (i0, _) = after[0].service("s0.a.svc.cluster.local").unwrap();
+        let lb = |r: &Registry| {
+            format!(
+                "{:?}",
+                r.cluster(i0, 80, Some("v1"))
+                    .unwrap()
+                    .policy
+                    .load_balancer
+                    .value
+            )
+        };
+        assert_ne!(lb(&after[0]), lb(&before[0]));
     }
 }

@@ -22,7 +22,7 @@ use crate::{
         crd::{ServiceEntrySpec, WorkloadEntrySpec},
         policy,
         source::{ConfigSet, Resource},
-        validate::{Invalid, Validated, is_dns},
+        validate::{Invalid, Validated, is_dns, qualify},
     },
 };
 
@@ -84,7 +84,7 @@ impl Registry {
             credentials: None,
         };
         registry.clusters = clusters(&registry);
-        warnings.extend(tcp_only_on_http(&registry));
+        warnings.extend(tcp_only_on_http(&registry, registry.clusters.values()));
         warnings.extend(uncaptured_hosts(&registry));
         registry.warnings = Arc::new(warnings);
         Ok(registry)
@@ -92,76 +92,24 @@ impl Registry {
 }
 
 impl Registry {
-    /// This snapshot with `changed` (new versions of ServiceEntries it holds) in place of their
-    /// previous versions, or `None` when only a full build can tell: anything but the endpoints
-    /// changed (metadata, hosts, addresses, ports, resolution, `exportTo`), the entry is new or
-    /// another entry has its host, it has problems or warnings (now or before), its endpoints
-    /// come from WorkloadEntries, or a patched cluster's TLS cannot be read. The changed
-    /// services' clusters are rebuilt as a build would build them (so the result equals a build
-    /// of the changed configuration); every other service and cluster is shared with `self`,
-    /// with its live state.
-    pub fn patch(&self, changed: &[Resource<ServiceEntrySpec>]) -> Option<Registry> {
-        let mut services = self.services.clone();
-        let mut patched = (*self.patched).clone();
-        let mut touched = Vec::new();
-        for r in changed {
-            let id = r.origin.file.display().to_string();
-            let old = patched.get(&id).or_else(|| {
-                (self.config.service_entries.iter()).find(|o| {
-                    o.meta.name == r.meta.name
-                        && o.namespace() == r.namespace()
-                        && o.origin.file == r.origin.file
-                })
-            })?;
-            let without_endpoints = |spec: &ServiceEntrySpec| ServiceEntrySpec {
-                endpoints: Arc::default(),
-                ..spec.clone()
-            };
-            if old.meta != r.meta
-                || without_endpoints(&old.spec) != without_endpoints(&r.spec)
-                || self
-                    .warnings
-                    .iter()
-                    .any(|w| w.location.file == *r.origin.file)
-            {
-                return None;
-            }
-            let (mut problems, mut warnings) = (Vec::new(), Vec::new());
-            let entry = validate::<_, policy::ServiceEntry>(r, &mut problems, &mut warnings)?;
-            if !(problems.is_empty() && warnings.is_empty())
-                || is_dns(entry.resolution)
-                || entry.workload_selector.is_some()
-            {
-                return None;
-            }
-            let proto = service_entry(entry, r.namespace(), &[]);
-            if (proto.vips.iter()).any(|v| proto.endpoints.iter().any(|e| e.address == *v)) {
-                return None;
-            }
-            for host in &r.spec.hosts {
-                let s = *self.by_host.get(host)?;
-                let svc = &services[s];
-                if svc.namespace != r.namespace() || svc.entry != r.meta.name {
-                    return None;
-                }
-                services[s] = Arc::new(Service {
-                    host: svc.host.clone(),
-                    namespace: svc.namespace.clone(),
-                    entry: svc.entry.clone(),
-                    source: svc.source.clone(),
-                    resolution: svc.resolution,
-                    location: svc.location,
-                    vips: svc.vips.clone(),
-                    cidrs: svc.cidrs.clone(),
-                    ports: proto.ports.clone(),
-                    endpoints: proto.endpoints.clone(),
-                });
-                touched.push(s);
-            }
-            patched.insert(id, r.clone());
+    /// This snapshot with the objects of `changed` — new versions of ServiceEntries (endpoint
+    /// sets) and DestinationRules it holds — in place of their previous versions, or `None`
+    /// when only a full build can tell (see [`Registry::patch_entry`] and
+    /// [`Registry::patch_rule`]; anything else in `changed` too). The services and clusters
+    /// they touch are rebuilt as a build would build them, so the result equals a build of the
+    /// changed configuration; every other service and cluster is shared with `self`, with its
+    /// live state.
+    pub fn patch(&self, changed: &ConfigSet) -> Option<Registry> {
+        let others = !(changed.workload_entries.is_empty()
+            && changed.virtual_services.is_empty()
+            && changed.peer_authentications.is_empty()
+            && changed.skipped.is_empty()
+            && changed.warnings.is_empty());
+        if others {
+            return None;
         }
         let mut next = Registry {
-            services,
+            services: self.services.clone(),
             by_vip: self.by_vip.clone(),
             by_cidr: self.by_cidr.clone(),
             by_host: self.by_host.clone(),
@@ -174,14 +122,24 @@ impl Registry {
             clusters: self.clusters.clone(),
             warnings: self.warnings.clone(),
             config: self.config.clone(),
-            patched: Arc::new(patched),
+            patched: self.patched.clone(),
             credentials: self.credentials.clone(),
         };
+        let mut touched = std::collections::BTreeSet::new();
+        for r in &changed.service_entries {
+            touched.extend(next.patch_entry(r)?);
+        }
+        let mut ruled = std::collections::BTreeSet::new();
+        for r in &changed.destination_rules {
+            ruled.extend(next.patch_rule(r)?);
+        }
+        touched.extend(ruled.iter().copied());
+        // A rule's clusters may have other subsets now: each touched service's are replaced.
+        next.clusters.retain(|(s, _, _), _| !touched.contains(s));
         let mut tls_problems = std::collections::BTreeMap::new();
         for s in touched {
             let svc = &next.services[s];
             let rule = next.rule_for(svc);
-            // Same ports and rule as before: the same keys, each replaced.
             for (key, mut c) in service_clusters(&next, (s, svc), rule.as_ref()) {
                 if let (Some(credentials), Some(c)) = (&self.credentials, Arc::get_mut(&mut c)) {
                     super::originate(&next.services, c, credentials, &mut tls_problems);
@@ -189,7 +147,140 @@ impl Registry {
                 next.clusters.insert(key, c);
             }
         }
-        tls_problems.is_empty().then_some(next)
+        // A build finds no warning in a patched rule's clusters (there was none: patch_rule).
+        let ruled_clusters = (next.clusters.values()).filter(|c| ruled.contains(&c.service));
+        let warned = !tcp_only_on_http(&next, ruled_clusters).is_empty();
+        (tls_problems.is_empty() && !warned).then_some(next)
+    }
+
+    /// Puts ServiceEntry `r`, a new version of one this snapshot holds that differs in its
+    /// endpoints only, in place; the indices of its services. `None` when anything but the
+    /// endpoints changed (metadata, hosts, addresses, ports, resolution, `exportTo`), the entry
+    /// is new or another entry has its host, it has problems or warnings (now or before), or its
+    /// endpoints come from WorkloadEntries.
+    fn patch_entry(&mut self, r: &Resource<ServiceEntrySpec>) -> Option<Vec<usize>> {
+        let id = r.origin.file.display().to_string();
+        let old = self.patched.entries.get(&id).or_else(|| {
+            (self.config.service_entries.iter()).find(|o| {
+                o.meta.name == r.meta.name
+                    && o.namespace() == r.namespace()
+                    && o.origin.file == r.origin.file
+            })
+        })?;
+        let without_endpoints = |spec: &ServiceEntrySpec| ServiceEntrySpec {
+            endpoints: Arc::default(),
+            ..spec.clone()
+        };
+        if old.meta != r.meta
+            || without_endpoints(&old.spec) != without_endpoints(&r.spec)
+            || self
+                .warnings
+                .iter()
+                .any(|w| w.location.file == *r.origin.file)
+        {
+            return None;
+        }
+        let (mut problems, mut warnings) = (Vec::new(), Vec::new());
+        let entry = validate::<_, policy::ServiceEntry>(r, &mut problems, &mut warnings)?;
+        if !(problems.is_empty() && warnings.is_empty())
+            || is_dns(entry.resolution)
+            || entry.workload_selector.is_some()
+        {
+            return None;
+        }
+        let proto = service_entry(entry, r.namespace(), &[]);
+        if (proto.vips.iter()).any(|v| proto.endpoints.iter().any(|e| e.address == *v)) {
+            return None;
+        }
+        let mut touched = Vec::new();
+        for host in &r.spec.hosts {
+            let s = *self.by_host.get(host)?;
+            let svc = &self.services[s];
+            if svc.namespace != r.namespace() || svc.entry != r.meta.name {
+                return None;
+            }
+            self.services[s] = Arc::new(Service {
+                host: svc.host.clone(),
+                namespace: svc.namespace.clone(),
+                entry: svc.entry.clone(),
+                source: svc.source.clone(),
+                resolution: svc.resolution,
+                location: svc.location,
+                vips: svc.vips.clone(),
+                cidrs: svc.cidrs.clone(),
+                ports: proto.ports.clone(),
+                endpoints: proto.endpoints.clone(),
+            });
+            touched.push(s);
+        }
+        Arc::make_mut(&mut self.patched)
+            .entries
+            .insert(id, r.clone());
+        Some(touched)
+    }
+
+    /// Puts DestinationRule `r`, a new version of one this snapshot holds, in place; the
+    /// indices of the services its host names. `None` when the rule is new, it changed what
+    /// tells clients apart (host, `exportTo`, `workloadSelector`, locality settings, label keys:
+    /// the identity classes would change), it or its old version has problems or warnings, a
+    /// VirtualService routes to a service it names (its subsets are checked against them), or
+    /// its merge order changed.
+    fn patch_rule(
+        &mut self,
+        r: &Resource<crate::config::crd::DestinationRuleSpec>,
+    ) -> Option<Vec<usize>> {
+        let id = r.origin.file.display().to_string();
+        let old = self.patched.rules.get(&id).or_else(|| {
+            (self.config.destination_rules.iter()).find(|o| {
+                o.meta.name == r.meta.name
+                    && o.namespace() == r.namespace()
+                    && o.origin.file == r.origin.file
+            })
+        })?;
+        let (ns, old_ns) = (r.namespace(), old.namespace());
+        // Warnings located at a rule merged with this one (same host and namespace) could come
+        // or go with it.
+        let merged_warned = (self.rules.iter())
+            .filter(|e| e.namespace == ns && e.rule.host == qualify(&r.spec.host, ns))
+            .any(|e| (self.warnings.iter()).any(|w| w.location.file == *e.source.origin.file));
+        if merged_warned
+            || old_ns != ns
+            || old.age() != r.age()
+            || old.spec.host != r.spec.host
+            || old.spec.export_to != r.spec.export_to
+            || old.spec.workload_selector != r.spec.workload_selector
+            || super::relevance::Relevance::of_rule(&old.spec, ns)
+                != super::relevance::Relevance::of_rule(&r.spec, ns)
+            || self
+                .warnings
+                .iter()
+                .any(|w| w.location.file == *r.origin.file)
+        {
+            return None;
+        }
+        let (mut problems, mut warnings) = (Vec::new(), Vec::new());
+        let rule: policy::DestinationRule = validate(r, &mut problems, &mut warnings)?;
+        if !(problems.is_empty() && warnings.is_empty()) {
+            return None;
+        }
+        let at = self.rules.iter().position(|e| e.source.id == r.id())?;
+        let named: Vec<usize> = (self.services.iter().enumerate())
+            .filter(|(_, svc)| resolve::host_match(&rule.host, &svc.host).is_some())
+            .map(|(s, _)| s)
+            .collect();
+        let routed = self.virtual_services.iter().any(|vs| {
+            (vs.vs.http.iter().flat_map(|r| &r.destinations))
+                .chain(vs.vs.tcp.iter().flat_map(|r| &r.destinations))
+                .chain(vs.vs.tls.iter().flat_map(|r| &r.destinations))
+                .any(|d| named.iter().any(|s| self.services[*s].host == d.host))
+        });
+        if routed {
+            return None;
+        }
+        let entry = &mut Arc::make_mut(&mut self.rules)[at];
+        entry.rule = rule;
+        Arc::make_mut(&mut self.patched).rules.insert(id, r.clone());
+        Some(named)
     }
 }
 
@@ -218,9 +309,12 @@ fn uncaptured_hosts(reg: &Registry) -> Vec<Problem> {
 /// `proxyProtocol` and `tunnel` apply to TCP ports' connections only (Istio: a tunnel is for
 /// TCP and TLS routes; pooled HTTP upstream connections carry many clients' requests): one
 /// located warning per rule field that reaches an HTTP port.
-fn tcp_only_on_http(reg: &Registry) -> Vec<Problem> {
+fn tcp_only_on_http<'c>(
+    reg: &Registry,
+    clusters: impl Iterator<Item = &'c Arc<Cluster>>,
+) -> Vec<Problem> {
     let mut seen = std::collections::BTreeMap::new();
-    for c in reg.clusters.values() {
+    for c in clusters {
         let svc = &reg.services[c.service];
         let protocol = svc.ports.iter().find(|p| p.number == c.port);
         if !route::is_http(protocol.and_then(|p| p.protocol.as_deref())) {

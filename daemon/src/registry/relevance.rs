@@ -27,7 +27,7 @@ use super::{
 use crate::config::{source::ConfigSet, validate::qualify};
 
 /// The namespaces and label keys a configuration can tell apart.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq, Eq)]
 pub struct Relevance {
     namespaces: HashSet<String>,
     label_keys: BTreeSet<String>,
@@ -94,6 +94,16 @@ impl Relevance {
                 pa.namespace(),
             );
         }
+        r
+    }
+
+    /// What DestinationRule `spec` of namespace `ns` tells apart by itself, besides what its
+    /// host and `workloadSelector` do (see [`Relevance::of`]): a version with the same host,
+    /// selector and footprint leaves every class as it was.
+    pub(super) fn of_rule(spec: &crate::config::crd::DestinationRuleSpec, ns: &str) -> Self {
+        let mut r = Self::default();
+        r.export_to(&spec.export_to, ns);
+        r.walk(&serde_json::to_value(spec).unwrap_or(Value::Null), ns);
         r
     }
 
