@@ -5,9 +5,9 @@
 //! Istio kinds the API server serves) and writes what they see into a [`Feed`]; [`convert`] derives a
 //! `ServiceEntry` from each Service and its EndpointSlices; the reloader
 //! ([`crate::reload`]) renders the feed into a [`ConfigSet`] beside the files and builds one
-//! snapshot from both — or, when only endpoint sets changed since the feed was last rendered
-//! whole, takes just the changed Services' new ServiceEntries ([`Feed::changes`]) and patches the
-//! served snapshots with them.
+//! snapshot from both — or, when only endpoint sets and DestinationRules changed since the feed
+//! was last rendered whole, takes just the changed Services' new ServiceEntries and the new
+//! DestinationRules ([`Feed::changes`]) and patches the served snapshots with them.
 //!
 //! Invariants: every API object is validated on its own terms: one that is malformed or
 //! invalid is rejected alone (logged once per version with `Kind namespace/name: field: reason`

@@ -3,8 +3,8 @@
 //!
 //! Invariants: a snapshot is replaced only by a fully validated one (an invalid change is logged
 //! with every located problem and the previous snapshot keeps serving); open connections keep the
-//! snapshot they were routed with; a change of the API's endpoint sets patches the snapshots
-//! (only the services it names are rebuilt, see [`Registry::patch`]) and a workload joining with
+//! snapshot they were routed with; a change of the API's endpoint sets or a DestinationRule edit
+//! patches the snapshots (only the services it names are rebuilt, see [`Registry::patch`]) and a workload joining with
 //! an identity class already served takes that class's snapshot, both equal to what a rebuild
 //! would give; any other change is one rebuild: bursts of file events are coalesced,
 //! the daemon's own reads of the files (inotify `OPEN`/`CLOSE_NOWRITE`) are not changes, and a file
@@ -661,7 +661,8 @@ impl Reloader {
     }
 
     /// Applies the API's changes to the installed snapshots without a build when only endpoint
-    /// sets changed (an EndpointSlice, a pod's readiness or labels): each distinct snapshot is
+    /// sets (an EndpointSlice, a pod's readiness or labels) and DestinationRules changed: each
+    /// distinct snapshot is
     /// patched ([`Registry::patch`]) and swapped in, sharing every service and cluster the
     /// change does not touch; workloads whose pod changed join again ([`Self::join_workloads`]).
     /// False when a full reload is needed.

@@ -818,9 +818,14 @@ impl Daemon {
 
     /// Waits (bounded) until the log contains `needle`.
     pub fn wait_log(&self, needle: &str, within: Duration) -> bool {
+        self.wait_log_count(needle, 1, within)
+    }
+
+    /// Waits (bounded) until the log holds `needle` at least `count` times.
+    pub fn wait_log_count(&self, needle: &str, count: usize, within: Duration) -> bool {
         let deadline = Instant::now() + within;
         while Instant::now() < deadline {
-            if self.log().contains(needle) {
+            if self.log().matches(needle).count() >= count {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(20));

@@ -229,8 +229,15 @@ spec:
         }
         lb(d)
     };
+    // (A new rule is a full reload: its log line may follow the swap.)
+    let first = reloads(&daemon);
     cluster.api.apply(DESTINATION_RULE, rule("LEAST_REQUEST"));
     assert_eq!(until(&daemon, "LEAST_REQUEST"), "LEAST_REQUEST");
+    assert!(
+        daemon.wait_log_count("configuration reloaded", first + 1, PROPAGATION),
+        "{}",
+        daemon.log()
+    );
     let before = reloads(&daemon);
     cluster.api.apply(DESTINATION_RULE, rule("RANDOM"));
     assert_eq!(until(&daemon, "RANDOM"), "RANDOM", "{}", daemon.log());
