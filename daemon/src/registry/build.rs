@@ -134,8 +134,11 @@ impl Registry {
             ruled.extend(next.patch_rule(r)?);
         }
         touched.extend(ruled.iter().copied());
-        // A rule's clusters may have other subsets now: each touched service's are replaced.
-        next.clusters.retain(|(s, _, _), _| !touched.contains(s));
+        // A rule's clusters may have other subsets now: they are replaced (an entry's keep
+        // their keys, each overwritten below).
+        if !ruled.is_empty() {
+            next.clusters.retain(|(s, _, _), _| !ruled.contains(s));
+        }
         let mut tls_problems = std::collections::BTreeMap::new();
         for s in touched {
             let svc = &next.services[s];
@@ -148,8 +151,10 @@ impl Registry {
             }
         }
         // A build finds no warning in a patched rule's clusters (there was none: patch_rule).
-        let ruled_clusters = (next.clusters.values()).filter(|c| ruled.contains(&c.service));
-        let warned = !tcp_only_on_http(&next, ruled_clusters).is_empty();
+        let warned = !ruled.is_empty() && {
+            let ruled_clusters = (next.clusters.values()).filter(|c| ruled.contains(&c.service));
+            !tcp_only_on_http(&next, ruled_clusters).is_empty()
+        };
         (tls_problems.is_empty() && !warned).then_some(next)
     }
 

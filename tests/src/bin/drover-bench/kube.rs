@@ -8,7 +8,9 @@
 //! (p50/p99 over `--kube-changes` changes of one probe service that flips between two live
 //! endpoints), the daemon's CPU time per change, and the time `drover-cni ADD` takes to enrol a
 //! pod (p50/p99 over `--kube-adds` pods, each a network namespace of the bench with its Pod in
-//! the API server) while EndpointSlice changes of other Services stream in (one every 20 ms).
+//! the API server) while EndpointSlice changes of other Services stream in (one every 20 ms),
+//! and the time from a DestinationRule edit to its patched snapshots being swapped in (as the
+//! daemon logs it).
 //! Each `--kube-services` count is its own API server; the curves are plotted into
 //! `kube.md` beside the peers report.
 //!
@@ -374,6 +376,7 @@ fn measure(
     std::thread::sleep(Duration::from_secs(5));
     let rss_after = rss_kib(pid);
     let adds = cni_adds(api, &socket, scale.adds, size);
+    let rules = rule_edits(api, &daemon, scale.changes.min(40));
     daemon.stop();
     // The probe service back where the next measurement expects it.
     probe_slice(api, 1);
@@ -386,7 +389,53 @@ fn measure(
         change: (percentile(&lags, 0.5), percentile(&lags, 0.99)),
         cpu_ms: cpu,
         add: (percentile(&adds, 0.5), percentile(&adds, 0.99)),
+        rule: (percentile(&rules, 0.5), percentile(&rules, 0.99)),
     }
+}
+
+/// Milliseconds from each of `n` edits of Service `svc-0`'s DestinationRule (its load balancer
+/// flips) to the patched snapshots swapped in, as the daemon logs it (`elapsed_ms` of its
+/// `snapshots patched` line), sorted.
+fn rule_edits(api: &ApiServer, daemon: &Daemon, n: usize) -> Vec<f64> {
+    let id = "DestinationRule ns-0/svc-0";
+    let lines = |d: &Daemon| -> Vec<String> {
+        (d.log().lines())
+            .filter(|l| l.contains("snapshots patched") && l.contains(id))
+            .map(str::to_string)
+            .collect()
+    };
+    let before = lines(daemon).len();
+    for k in 0..n {
+        let simple = ["LEAST_REQUEST", "ROUND_ROBIN"][k % 2];
+        api.apply(
+            DESTINATION_RULE,
+            istio(&format!(
+                "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: svc-0, namespace: ns-0}}
+spec:
+  host: svc-0
+  trafficPolicy: {{loadBalancer: {{simple: {simple}}}}}
+  subsets: [{{name: v1, labels: {{version: v1}}}}, {{name: v2, labels: {{version: v2}}}}]
+"
+            )),
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while lines(daemon).len() < before + k + 1 {
+            assert!(
+                Instant::now() < deadline,
+                "DestinationRule edit {k} was not patched"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    let mut ms: Vec<f64> = lines(daemon)[before..]
+        .iter()
+        .filter_map(|l| l.split("elapsed_ms=").nth(1))
+        .filter_map(|v| v.split_whitespace().next()?.parse().ok())
+        .collect();
+    ms.sort_by(|a, b| a.total_cmp(b));
+    ms
 }
 
 /// Runs the measurement for every size; `t` has two endpoint namespaces with echo servers

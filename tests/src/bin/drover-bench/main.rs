@@ -172,13 +172,15 @@ fn main() {
         ]);
         d.extend(["--pin-dir".into(), pins.path.display().to_string()]);
     };
-    // SAFETY-free: access logs at info would dominate the measurement; keep the daemon at warn.
+    // SAFETY-free: access logs at info would dominate the measurement; keep the daemon at warn
+    // (with its start and its reloads, one line each, which the kube part reads).
     // SAFETY: single-threaded at this point; the variable is read by child processes only.
     #[expect(unsafe_code, reason = "set_var before any thread is spawned")]
     unsafe {
         std::env::set_var(
             "DROVER_TEST_LOG",
-            std::env::var("DROVER_BENCH_LOG").unwrap_or_else(|_| "warn,drover::app=info".into()),
+            std::env::var("DROVER_BENCH_LOG")
+                .unwrap_or_else(|_| "warn,drover::app=info,drover::reload=info".into()),
         );
     }
 

@@ -440,17 +440,21 @@ pub struct KubeRow {
     pub cpu_ms: f64,
     /// `drover-cni ADD` → enrolled while changes stream in: (p50, p99) ms.
     pub add: (f64, f64),
+    /// A DestinationRule edit → the patched snapshots swapped in, as the daemon logs it:
+    /// (p50, p99) ms.
+    pub rule: (f64, f64),
 }
 
 impl KubeRow {
     /// The table's head, as [`KubeRow::markdown`] fills it.
     pub const HEADER: &str = "| Services | identities | start → ready | RSS ready | RSS after \
-         changes | change p50 / p99 | CPU per change | CNI ADD p50 / p99 |\n|---|---|---|---|---|---|---|---|";
+         changes | change p50 / p99 | CPU per change | CNI ADD p50 / p99 | DR edit p50 / p99 \
+         |\n|---|---|---|---|---|---|---|---|---|";
 
     /// The row of the table.
     pub fn markdown(&self) -> String {
         format!(
-            "| {} | {} | {:.1} s | {} MiB | {} MiB | {:.0} / {:.0} ms | {:.0} ms | {:.0} / {:.0} ms |",
+            "| {} | {} | {:.1} s | {} MiB | {} MiB | {:.0} / {:.0} ms | {:.0} ms | {:.0} / {:.0} ms | {:.0} / {:.0} ms |",
             self.services,
             self.identities,
             self.ready_s,
@@ -460,7 +464,9 @@ impl KubeRow {
             self.change.1,
             self.cpu_ms,
             self.add.0,
-            self.add.1
+            self.add.1,
+            self.rule.0,
+            self.rule.1
         )
     }
 }
