@@ -158,6 +158,11 @@ impl Registry {
         (tls_problems.is_empty() && !warned).then_some(next)
     }
 
+    /// Whether the build found a warning located in the object of `origin`.
+    fn warned_at(&self, origin: &crate::config::source::Origin) -> bool {
+        (self.warnings.iter()).any(|w| w.location.file == *origin.file)
+    }
+
     /// Puts ServiceEntry `r`, a new version of one this snapshot holds that differs in its
     /// endpoints only, in place; the indices of its services. `None` when anything but the
     /// endpoints changed (metadata, hosts, addresses, ports, resolution, `exportTo`), the entry
@@ -165,32 +170,19 @@ impl Registry {
     /// endpoints come from WorkloadEntries.
     fn patch_entry(&mut self, r: &Resource<ServiceEntrySpec>) -> Option<Vec<usize>> {
         let id = r.origin.file.display().to_string();
-        let old = self.patched.entries.get(&id).or_else(|| {
-            (self.config.service_entries.iter()).find(|o| {
-                o.meta.name == r.meta.name
-                    && o.namespace() == r.namespace()
-                    && o.origin.file == r.origin.file
-            })
-        })?;
+        let old = served(&self.patched.entries, &self.config.service_entries, r)?;
         let without_endpoints = |spec: &ServiceEntrySpec| ServiceEntrySpec {
             endpoints: Arc::default(),
             ..spec.clone()
         };
         if old.meta != r.meta
             || without_endpoints(&old.spec) != without_endpoints(&r.spec)
-            || self
-                .warnings
-                .iter()
-                .any(|w| w.location.file == *r.origin.file)
+            || self.warned_at(&r.origin)
         {
             return None;
         }
-        let (mut problems, mut warnings) = (Vec::new(), Vec::new());
-        let entry = validate::<_, policy::ServiceEntry>(r, &mut problems, &mut warnings)?;
-        if !(problems.is_empty() && warnings.is_empty())
-            || is_dns(entry.resolution)
-            || entry.workload_selector.is_some()
-        {
+        let entry: policy::ServiceEntry = validate_clean(r)?;
+        if is_dns(entry.resolution) || entry.workload_selector.is_some() {
             return None;
         }
         let proto = service_entry(entry, r.namespace(), &[]);
@@ -235,13 +227,7 @@ impl Registry {
         r: &Resource<crate::config::crd::DestinationRuleSpec>,
     ) -> Option<Vec<usize>> {
         let id = r.origin.file.display().to_string();
-        let old = self.patched.rules.get(&id).or_else(|| {
-            (self.config.destination_rules.iter()).find(|o| {
-                o.meta.name == r.meta.name
-                    && o.namespace() == r.namespace()
-                    && o.origin.file == r.origin.file
-            })
-        })?;
+        let old = served(&self.patched.rules, &self.config.destination_rules, r)?;
         let (ns, old_ns) = (r.namespace(), old.namespace());
         // Warnings located at a rule merged with this one (same host and namespace) could come
         // or go with it.
@@ -256,18 +242,11 @@ impl Registry {
             || old.spec.workload_selector != r.spec.workload_selector
             || super::relevance::Relevance::of_rule(&old.spec, ns)
                 != super::relevance::Relevance::of_rule(&r.spec, ns)
-            || self
-                .warnings
-                .iter()
-                .any(|w| w.location.file == *r.origin.file)
+            || self.warned_at(&r.origin)
         {
             return None;
         }
-        let (mut problems, mut warnings) = (Vec::new(), Vec::new());
-        let rule: policy::DestinationRule = validate(r, &mut problems, &mut warnings)?;
-        if !(problems.is_empty() && warnings.is_empty()) {
-            return None;
-        }
+        let rule: policy::DestinationRule = validate_clean(r)?;
         let at = self.rules.iter().position(|e| e.source.id == r.id())?;
         let named: Vec<usize> = (self.services.iter().enumerate())
             .filter(|(_, svc)| resolve::host_match(&rule.host, &svc.host).is_some())
@@ -287,6 +266,36 @@ impl Registry {
         Arc::make_mut(&mut self.patched).rules.insert(id, r.clone());
         Some(named)
     }
+}
+
+/// `r` validated, when it has neither problems nor warnings (a patch leaves reporting them to
+/// a full build).
+fn validate_clean<'r, S, T>(r: &'r Resource<S>) -> Option<T>
+where
+    Validated<T>: TryFrom<&'r Resource<S>, Error = Invalid>,
+{
+    Validated::<T>::try_from(r)
+        .ok()
+        .filter(|v| v.warnings.is_empty())
+        .map(|v| v.value)
+}
+
+/// The version of `r` (its kind, namespace and name, from the same source) a snapshot serves:
+/// its last patch, else the one loaded.
+fn served<'a, T>(
+    patched: &'a std::collections::BTreeMap<String, Resource<T>>,
+    loaded: &'a [Resource<T>],
+    r: &Resource<T>,
+) -> Option<&'a Resource<T>> {
+    patched
+        .get(&r.origin.file.display().to_string())
+        .or_else(|| {
+            loaded.iter().find(|o| {
+                o.meta.name == r.meta.name
+                    && o.namespace() == r.namespace()
+                    && o.origin.file == r.origin.file
+            })
+        })
 }
 
 /// VirtualService hosts that no captured service answers to. Drover routes by the destination
