@@ -24,6 +24,11 @@ pub const DROVER_MARK: u32 = 0x4452;
 pub const PROXY_PORT: u16 = 15001;
 /// Port of the inbound mTLS termination listener in a namespace that hosts workloads.
 pub const INBOUND_PORT: u16 = 15006;
+/// Port of the HBONE (HTTP/2 `CONNECT` over mTLS) listener in every enrolled pod.
+pub const HBONE_PORT: u16 = 15008;
+/// Ports of Drover's own in a pod (admin, outbound, inbound, HBONE, Istio's agent and stats
+/// ports): never steered by an "every port" inbound entry.
+pub const RESERVED_PORTS: [u16; 7] = [15000, PROXY_PORT, INBOUND_PORT, HBONE_PORT, 15020, 15021, 15090];
 
 /// Map names, as they appear in the object and under the pin directory.
 pub mod maps {
@@ -40,7 +45,7 @@ pub mod maps {
     pub const EP_DSTATS: &str = "EP_DSTATS";
     /// Inbound steering (not pinned: they live as long as the daemon that fills them).
     pub const INBOUND_PORTS: &str = "INBOUND_PORTS";
-    pub const INBOUND_LISTENER: &str = "INBOUND_LISTENER";
+    pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
     /// Kernel fast path: endpoint tables by (VIP, port), written by the daemon.
     pub const FAST_TABLES: &str = "FAST_TABLES";
     /// Kernel fast path: connection slots in use per cluster (kernel-written).
@@ -156,6 +161,20 @@ pub struct VipKey {
     pub _pad: u8,
 }
 const _: () = assert!(core::mem::size_of::<VipKey>() == 20);
+
+/// Key of `INBOUND_PORTS` and `INBOUND_LISTENERS`: a workload address and a port whose inbound
+/// connections go to Drover's inbound listener for that address. Port 0 stands for every port
+/// but [`RESERVED_PORTS`]; `INBOUND_LISTENERS` keys always have port 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct InboundKey {
+    /// IPv6 or v4-mapped IPv4, network order.
+    pub addr: [u32; 4],
+    /// Port in host order.
+    pub port: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<InboundKey>() == 20);
 
 /// The data of a `SVC_CIDRS` key (an LPM trie key is a prefix length, then this): the port, then
 /// the address, so that a prefix covers the whole port and the address's leading bits. A range
@@ -476,6 +495,7 @@ mod pod {
     // field, and is valid for any bit pattern.
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::VipKey {}
+    unsafe impl aya::Pod for super::InboundKey {}
     unsafe impl aya::Pod for super::VipValue {}
     unsafe impl aya::Pod for super::CidrData {}
     unsafe impl aya::Pod for super::Enrolment {}

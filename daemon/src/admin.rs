@@ -620,6 +620,8 @@ impl Prometheus {
             ("tls_error", get(&inbound.tls_error)),
             ("silent", get(&inbound.silent)),
             ("forward_failed", get(&inbound.forward_failed)),
+            ("hbone", get(&inbound.hbone)),
+            ("bad_target", get(&inbound.bad_target)),
         ] {
             ConstGauge::new(n).encode(family.encode_family(&[("result", result)])?)?;
         }

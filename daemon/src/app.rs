@@ -51,6 +51,9 @@ pub struct RunConfig {
     pub mesh: Option<MeshConfig>,
     /// Terminate mesh mTLS for the workloads of this namespace (name) on these ports.
     pub inbound: Option<(String, Vec<u16>, crate::config::policy::MtlsMode)>,
+    /// Terminate inbound connections (every port) and HBONE for every enrolled namespace and
+    /// pod, with this default mode.
+    pub inbound_pods: Option<crate::config::policy::MtlsMode>,
     /// Lets `/logging?level=` change the log filter.
     pub log: Option<crate::admin::LogControl>,
     /// Request-header and idle timeouts of captured HTTP connections.
@@ -93,6 +96,8 @@ pub struct Bound {
     tracker: TaskTracker,
     drain_timeout: Duration,
     _kernel: Option<Arc<Kernel>>,
+    /// Inbound termination of the start-time namespaces (detached when dropped).
+    _inbound: Vec<crate::inbound::Attached>,
     /// Released early when a new daemon takes over (see [`crate::cni::handover`]).
     _lock: Arc<std::sync::Mutex<Option<PinLock>>>,
 }
@@ -154,8 +159,12 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
         mark: true,
     }
     .serve()?;
-    if let (Some(inbound), Some(kernel)) = (bindings.inbound, &kernel) {
-        inbound.serve(kernel, &views, &shutdown, &tracker)?;
+    let mut inbound = Vec::new();
+    if let Some(kernel) = &kernel {
+        for (name, listeners) in bindings.inbound {
+            let policy = views.for_netns(&name);
+            inbound.push(listeners.serve(kernel, policy, shutdown.child_token(), &tracker)?);
+        }
     }
     let (reload, admin) = control(
         &cfg,
@@ -172,6 +181,7 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
             overload: cfg.overload(),
             shutdown: shutdown.clone(),
             tracker: tracker.clone(),
+            inbound: cfg.inbound_pods,
         };
         let mut enroller =
             crate::cni::Enroller::new(kernel.clone(), views.clone(), reload.clone(), serve)?;
@@ -208,6 +218,7 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
         tracker,
         drain_timeout: cfg.drain_timeout,
         _kernel: kernel,
+        _inbound: inbound,
         _lock: shared_lock,
     })
 }
@@ -483,46 +494,21 @@ struct Bindings {
     /// Cookies of the enrolled network namespaces.
     cookies: Vec<u64>,
     listeners: Vec<(Arc<NetNs>, tokio::net::TcpListener)>,
-    inbound: Option<InboundBinding>,
+    /// Inbound termination, by namespace name (`--inbound-netns`, and with `--inbound-pods`
+    /// every enrolled namespace).
+    inbound: Vec<(String, crate::inbound::Listeners)>,
+    /// The `--inbound-netns` namespace (a workload of its own).
+    inbound_ns: Option<Arc<NetNs>>,
     admin: Option<AdminBinding>,
     /// The `drover-cni` plugin's socket.
     cni: Option<tokio::net::UnixListener>,
-}
-
-struct InboundBinding {
-    server: Arc<crate::inbound::Inbound>,
-    ns: Arc<NetNs>,
-    listener: tokio::net::TcpListener,
-    ports: Vec<u16>,
-}
-
-impl InboundBinding {
-    /// Steers the namespace's inbound ports to the listener and serves it, with the
-    /// `PeerAuthentication`s of the namespace's workload.
-    fn serve(
-        self,
-        kernel: &Kernel,
-        views: &Views,
-        shutdown: &CancellationToken,
-        tracker: &TaskTracker,
-    ) -> anyhow::Result<()> {
-        kernel.attach_inbound(&self.ns, &self.listener, &self.ports)?;
-        tracing::info!(netns = %self.ns.name, ports = ?self.ports, "inbound mTLS termination on 15006");
-        tokio::spawn(self.server.serve(
-            self.listener,
-            views.for_netns(&self.ns.name),
-            shutdown.clone(),
-            tracker.clone(),
-        ));
-        Ok(())
-    }
 }
 
 impl Bindings {
     /// The enrolled workload namespaces (not the daemon's own) and the inbound one, each once.
     fn workloads(&self, cfg: &RunConfig) -> Vec<Workload> {
         let mut out: Vec<Workload> = Vec::new();
-        let inbound = self.inbound.as_ref().map(|i| &i.ns);
+        let inbound = self.inbound_ns.as_ref();
         for ns in self.listeners.iter().map(|(ns, _)| ns).chain(inbound) {
             if ns.is_home || out.iter().any(|w| w.netns == ns.name) {
                 continue;
@@ -562,35 +548,7 @@ impl Bindings {
                 listeners.push((ns.clone(), l));
             }
         }
-        let inbound = match &cfg.inbound {
-            Some((name, ports, mode)) => {
-                let Some(identity) = cfg
-                    .credentials
-                    .mesh
-                    .as_ref()
-                    .filter(|_| cfg.capture == CaptureMode::Ebpf)
-                else {
-                    anyhow::bail!(
-                        "--inbound-netns needs eBPF capture and --mesh-ca (the workloads' identity)"
-                    );
-                };
-                let ns = Arc::new(open_netns(name, &NetNs::current()?)?);
-                let server = Arc::new(crate::inbound::Inbound::new(
-                    ns.clone(),
-                    identity.clone(),
-                    *mode,
-                ));
-                server.server_config()?;
-                let listener = server.bind()?;
-                Some(InboundBinding {
-                    server,
-                    ns,
-                    listener,
-                    ports: ports.clone(),
-                })
-            }
-            None => None,
-        };
+        let (inbound, inbound_ns) = bind_inbound(cfg, &listeners)?;
         // After a handover the previous daemon keeps its admin port until this one is ready:
         // it is taken once free.
         let handover = handed_cni.is_some();
@@ -618,10 +576,48 @@ impl Bindings {
             cookies,
             listeners,
             inbound,
+            inbound_ns,
             admin,
             cni,
         })
     }
+}
+
+/// The inbound listeners of `--inbound-netns` (its ports, the daemon's identity) and, with
+/// `--inbound-pods`, of every enrolled namespace of `listeners` (every port, each workload's
+/// own identity).
+fn bind_inbound(
+    cfg: &RunConfig,
+    listeners: &[(Arc<NetNs>, tokio::net::TcpListener)],
+) -> anyhow::Result<(Vec<(String, crate::inbound::Listeners)>, Option<Arc<NetNs>>)> {
+    use crate::inbound::Listeners;
+    let mut out = Vec::new();
+    let identity = (cfg.credentials.mesh.as_ref()).filter(|_| cfg.capture == CaptureMode::Ebpf);
+    let mut fixed_ns = None;
+    if let Some((name, ports, mode)) = &cfg.inbound {
+        let Some(identity) = identity else {
+            anyhow::bail!("--inbound-netns needs eBPF capture and --mesh-ca (the workloads' identity)");
+        };
+        let ns = Arc::new(open_netns(name, &NetNs::current()?)?);
+        let l = Listeners::bind(ns.clone(), Some(identity.clone()), *mode, ports.clone())?;
+        l.check_identity(identity)?;
+        out.push((ns.name.clone(), l));
+        fixed_ns = Some(ns);
+    }
+    if let Some(mode) = cfg.inbound_pods {
+        if identity.is_none() {
+            anyhow::bail!("--inbound-pods needs eBPF capture and --mesh-ca (the workloads' identity)");
+        }
+        let mut seen: Vec<String> = out.iter().map(|(n, _)| n.clone()).collect();
+        for (ns, _) in listeners {
+            if ns.is_home || seen.contains(&ns.name) {
+                continue;
+            }
+            seen.push(ns.name.clone());
+            out.push((ns.name.clone(), Listeners::bind(ns.clone(), None, mode, Vec::new())?));
+        }
+    }
+    Ok((out, fixed_ns))
 }
 
 /// Enrols pods through `drover-cni`: restores the previous daemon's pods, serves the plugin on

@@ -173,6 +173,9 @@ pub struct Serve {
     pub overload: Arc<proxy::downstream::Overload>,
     pub shutdown: CancellationToken,
     pub tracker: tokio_util::task::TaskTracker,
+    /// `--inbound-pods`: terminate every pod's inbound connections and HBONE, with this default
+    /// mode.
+    pub inbound: Option<crate::config::policy::MtlsMode>,
 }
 
 /// Enrols and un-enrols pods.
@@ -217,6 +220,8 @@ struct Enrolled {
     persist: bool,
     /// Copies of the namespace's fd and its listeners' fds, for a handover.
     fds: Vec<OwnedFd>,
+    /// Its inbound termination (`--inbound-pods`), detached when the pod goes.
+    _inbound: Option<crate::inbound::Attached>,
 }
 
 /// A pod's namespace opened and its listeners bound, not serving yet.
@@ -225,6 +230,7 @@ struct Prepared {
     name: String,
     ns: Arc<NetNs>,
     listeners: Vec<tokio::net::TcpListener>,
+    inbound: Option<crate::inbound::Listeners>,
     handle: crate::registry::RegistryHandle,
 }
 
@@ -503,6 +509,17 @@ impl Enroller {
             })?,
         };
         let ns = Arc::new(ns);
+        let inbound = match self.serve.inbound {
+            Some(mode) => Some(
+                crate::inbound::Listeners::bind(ns.clone(), None, mode, Vec::new()).map_err(
+                    |source| Error::Listen {
+                        netns: name.clone(),
+                        source,
+                    },
+                )?,
+            ),
+            None => None,
+        };
         let (name, handle) = self.views.add(
             Workload {
                 netns: name,
@@ -516,6 +533,7 @@ impl Enroller {
             name,
             ns,
             listeners,
+            inbound,
             handle,
         }))
     }
@@ -542,6 +560,11 @@ impl Enroller {
                 self.serve.tracker.clone(),
             ));
         }
+        let inbound = p.inbound.and_then(|l| {
+            l.serve(&self.kernel, p.handle.clone(), stop.clone(), &self.serve.tracker)
+                .inspect_err(|e| tracing::error!(pod = %p.name, error = %e, "the pod's inbound termination could not be attached"))
+                .ok()
+        });
         tracing::info!(pod = %p.name, container = %p.req.container_id, addresses = ?p.ns.addresses, "pod enrolled");
         let enrolled = Enrolled {
             name: p.name,
@@ -552,6 +575,7 @@ impl Enroller {
             since: std::time::Instant::now(),
             persist,
             fds: copies,
+            _inbound: inbound,
         };
         self.pods()
             .insert(enrolled.req.container_id.clone(), enrolled);

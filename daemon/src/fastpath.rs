@@ -92,8 +92,11 @@ fn cluster_eligible(c: &Cluster) -> Result<(), String> {
     {
         return Err("tls origination".into());
     }
-    if c.tls.is_some() || (c.auto_tls.is_some() && c.members.iter().any(|m| m.mesh)) {
-        return Err("auto mTLS to mesh endpoints".into());
+    if c.tls.is_some()
+        || c.hbone.is_some()
+        || (c.auto_tls.is_some() && c.members.iter().any(|m| m.mesh))
+    {
+        return Err("auto mTLS or HBONE to mesh endpoints".into());
     }
     if p.tunnel.value.is_some() {
         return Err("tunnel".into());

@@ -1,8 +1,10 @@
-//! Inbound termination on a node that hosts workloads: connections that the `sk_lookup` program
-//! steered to the inbound listener (15006, in the workloads' namespace) keep their original
-//! destination as local address. Mesh mTLS is terminated with the workloads' identity, the
-//! client certificate must chain to the mesh root and name an identity of the trust domain, and
-//! the plaintext goes to the workload. The mode of each connection is the workload's
+//! Inbound termination for a workload namespace (`--inbound-netns`, or every enrolled pod when
+//! the daemon has a mesh identity): connections that the `sk_lookup` program steered to the
+//! inbound listener (15006, in the workload's namespace) keep their original destination as
+//! local address. Mesh mTLS is terminated with the workload's identity (the daemon's for
+//! `--inbound-netns`, else the one its snapshot was built with), the client certificate must
+//! chain to the mesh root and name an identity of the trust domain, and the plaintext goes to the
+//! workload. HBONE (15008, [`crate::hbone`]) uses the same identity, checks and forwarding. The mode of each connection is the workload's
 //! `PeerAuthentication` for the destination port (see [`crate::registry::peer`]), read from the
 //! current snapshot, else `--peer-authentication`: STRICT refuses plaintext clients; PERMISSIVE
 //! passes a client that does not start with a TLS ClientHello (or stays silent for 100 ms, as
@@ -13,7 +15,9 @@
 //! server certificate is re-read when the identity file changes (renewal), never mid-handshake.
 
 use std::{
+    collections::HashMap,
     net::SocketAddr,
+    path::PathBuf,
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
@@ -27,7 +31,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    config::policy::MtlsMode, mesh::IdentityFiles, redirect::netns::NetNs, registry::RegistryHandle,
+    config::policy::MtlsMode,
+    mesh::IdentityFiles,
+    redirect::{Kernel, netns::NetNs},
+    registry::RegistryHandle,
 };
 
 /// Why an inbound connection was refused.
@@ -43,6 +50,10 @@ pub enum Error {
     ForeignIdentity(Vec<String>, String),
     #[error("server identity {path}: {reason}")]
     Identity { path: String, reason: String },
+    #[error("no mesh identity to present")]
+    NoIdentity,
+    #[error("HBONE target {0} is not this workload's address and port")]
+    BadTarget(String),
     #[error("forwarding to {addr}: {source}")]
     Forward {
         addr: SocketAddr,
@@ -53,11 +64,92 @@ pub enum Error {
 /// The inbound side of one namespace.
 pub struct Inbound {
     pub ns: Arc<NetNs>,
-    pub identity: IdentityFiles,
+    /// The identity presented: this one (`--inbound-netns`: the daemon's), else the workload
+    /// snapshot's.
+    fixed: Option<IdentityFiles>,
     /// The mode when no `PeerAuthentication` sets one (`--peer-authentication`).
     pub default_mode: MtlsMode,
-    /// (modification time of the certificate file, config built from it).
-    config: Mutex<Option<(SystemTime, Arc<ServerConfig>)>>,
+    /// By (certificate file, HBONE): the file's modification time and the config built from it.
+    configs: Mutex<HashMap<(PathBuf, bool), (SystemTime, Arc<ServerConfig>)>>,
+}
+
+/// The inbound listeners of one namespace (15006 and HBONE's 15008), bound and not serving yet.
+pub struct Listeners {
+    server: Arc<Inbound>,
+    inbound: TcpListener,
+    hbone: TcpListener,
+    /// The ports steered to 15006; empty: every port but Drover's own.
+    ports: Vec<u16>,
+}
+
+/// Inbound termination serving one namespace: while it lives, connections to the namespace's
+/// addresses are steered to it; dropping it stops both listeners and the steering.
+pub struct Attached {
+    kernel: Arc<Kernel>,
+    addresses: Vec<std::net::IpAddr>,
+    stop: CancellationToken,
+    _link: aya::programs::sk_lookup::SkLookupLink,
+}
+
+impl Listeners {
+    /// Binds the listeners in `ns` (see [`Inbound::new`] for `fixed` and `default_mode`).
+    pub fn bind(
+        ns: Arc<NetNs>,
+        fixed: Option<IdentityFiles>,
+        default_mode: MtlsMode,
+        ports: Vec<u16>,
+    ) -> std::io::Result<Self> {
+        let server = Arc::new(Inbound::new(ns, fixed, default_mode));
+        Ok(Self {
+            inbound: server.bind(drover_common::INBOUND_PORT)?,
+            hbone: server.bind(drover_common::HBONE_PORT)?,
+            server,
+            ports,
+        })
+    }
+
+    /// Fails when `identity`'s files cannot serve TLS (checked at start, naming the file).
+    pub fn check_identity(&self, identity: &IdentityFiles) -> Result<(), Error> {
+        self.server.server_config(identity, false).map(drop)
+    }
+
+    /// Steers the namespace's inbound connections to the listeners and serves them with the
+    /// snapshot `policy` (its `PeerAuthentication`s, its identity) until `stop` or the drop of
+    /// the returned guard.
+    pub fn serve(
+        self,
+        kernel: &Arc<Kernel>,
+        policy: RegistryHandle,
+        stop: CancellationToken,
+        tracker: &TaskTracker,
+    ) -> Result<Attached, crate::redirect::Error> {
+        let ns = self.server.ns.clone();
+        let link = kernel.attach_inbound(&ns)?;
+        kernel.steer_inbound(&ns.addresses, &self.inbound, &self.ports)?;
+        let attached = Attached {
+            kernel: kernel.clone(),
+            addresses: ns.addresses.clone(),
+            stop: stop.clone(),
+            _link: link,
+        };
+        tracing::info!(netns = %ns.name, addresses = ?ns.addresses, ports = ?self.ports, "inbound termination on 15006, HBONE on 15008");
+        tokio::spawn(crate::hbone::serve(
+            self.server.clone(),
+            self.hbone,
+            policy.clone(),
+            stop.clone(),
+            tracker.clone(),
+        ));
+        tokio::spawn(self.server.serve(self.inbound, policy, stop, tracker.clone()));
+        Ok(attached)
+    }
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self.kernel.unsteer_inbound(&self.addresses);
+    }
 }
 
 /// How an inbound connection was served.
@@ -88,42 +180,68 @@ const DETECTION: Duration = Duration::from_millis(100);
 // === impl Inbound ===
 
 impl Inbound {
-    pub fn new(ns: Arc<NetNs>, identity: IdentityFiles, default_mode: MtlsMode) -> Self {
+    pub fn new(ns: Arc<NetNs>, fixed: Option<IdentityFiles>, default_mode: MtlsMode) -> Self {
         Self {
             ns,
-            identity,
+            fixed,
             default_mode,
-            config: Mutex::new(None),
+            configs: Mutex::default(),
         }
     }
 
-    /// Binds `0.0.0.0:15006` inside the namespace.
-    pub fn bind(&self) -> std::io::Result<TcpListener> {
-        let addr = SocketAddr::from(([0, 0, 0, 0], drover_common::INBOUND_PORT));
-        let std = self.ns.enter(|| std::net::TcpListener::bind(addr))??;
+    /// Binds `0.0.0.0:port` inside the namespace (15006 inbound, 15008 HBONE).
+    pub fn bind(&self, port: u16) -> std::io::Result<TcpListener> {
+        let addr = SocketAddr::from(([0, 0, 0, 0], port));
+        let std = self.ns.enter(|| {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            // A daemon taking over from another binds beside it.
+            s.set_reuse_address(true)?;
+            s.set_reuse_port(true)?;
+            s.bind(&addr.into())?;
+            s.listen(1024)?;
+            Ok::<_, std::io::Error>(std::net::TcpListener::from(s))
+        })??;
         std.set_nonblocking(true)?;
         TcpListener::from_std(std)
     }
 
-    /// The TLS server configuration, rebuilt when the identity file changed (renewal); the
-    /// previous one stays when the new files cannot be used.
-    pub fn server_config(&self) -> Result<Arc<ServerConfig>, Error> {
-        let mtime = std::fs::metadata(&self.identity.cert)
+    /// The identity this namespace's workload presents.
+    pub fn identity(&self, policy: &RegistryHandle) -> Option<IdentityFiles> {
+        (self.fixed.clone()).or_else(|| policy.load().mesh_identity().cloned())
+    }
+
+    /// Whether `target` is an address of this namespace on a port that is not Drover's own.
+    pub fn serves(&self, target: SocketAddr) -> bool {
+        self.ns.addresses.contains(&target.ip())
+            && !drover_common::RESERVED_PORTS.contains(&target.port())
+    }
+
+    /// The TLS server configuration for `identity` (`hbone`: TLS 1.3 and ALPN `h2` only),
+    /// rebuilt when the certificate file changed (renewal); the previous one stays when the new
+    /// files cannot be used.
+    pub fn server_config(
+        &self,
+        identity: &IdentityFiles,
+        hbone: bool,
+    ) -> Result<Arc<ServerConfig>, Error> {
+        let mtime = std::fs::metadata(&identity.cert)
             .and_then(|m| m.modified())
             .ok();
-        let mut current = self.config.lock().unwrap_or_else(|e| e.into_inner());
-        if let (Some((at, c)), Some(m)) = (current.as_ref(), mtime)
+        let mut configs = self.configs.lock().unwrap_or_else(|e| e.into_inner());
+        let current = configs.get(&(identity.cert.clone(), hbone));
+        if let (Some((at, c)), Some(m)) = (current, mtime)
             && *at == m
         {
             return Ok(c.clone());
         }
-        match build_config(&self.identity) {
+        match build_config(identity, hbone) {
             Ok(c) => {
                 let c = Arc::new(c);
-                *current = Some((mtime.unwrap_or(SystemTime::UNIX_EPOCH), c.clone()));
+                let at = mtime.unwrap_or(SystemTime::UNIX_EPOCH);
+                configs.insert((identity.cert.clone(), hbone), (at, c.clone()));
                 Ok(c)
             }
-            Err(e) => match current.as_ref() {
+            Err(e) => match current {
                 Some((_, c)) => {
                     tracing::warn!(error = %e, "inbound identity unusable; keeping the previous one");
                     Ok(c.clone())
@@ -131,6 +249,89 @@ impl Inbound {
                 None => Err(e),
             },
         }
+    }
+
+    /// Terminates mutual TLS on `stream` with the workload's identity and returns the client's
+    /// identity (a SPIFFE id of the trust domain).
+    pub async fn accept_mtls(
+        &self,
+        stream: TcpStream,
+        policy: &RegistryHandle,
+        hbone: bool,
+    ) -> Result<(tokio_rustls::server::TlsStream<TcpStream>, String), Error> {
+        let identity = self.identity(policy).ok_or(Error::NoIdentity)?;
+        let config = self.server_config(&identity, hbone)?;
+        let tls = tokio::time::timeout(FIRST_BYTE, tokio_rustls::TlsAcceptor::from(config).accept(stream))
+            .await
+            .map_err(|_| Error::Silent(FIRST_BYTE))?
+            .map_err(Error::Tls)?;
+        let names = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(crate::tls::certificate_names)
+            .unwrap_or_default();
+        let domain = format!("spiffe://{}/", identity.trust_domain);
+        match names.iter().find(|n| n.starts_with(&domain)).cloned() {
+            Some(client) => Ok((tls, client)),
+            None => Err(Error::ForeignIdentity(names, identity.trust_domain)),
+        }
+    }
+
+    /// Counts and logs a connection (or HBONE stream) that was served.
+    pub fn served(
+        &self,
+        peer: SocketAddr,
+        target: SocketAddr,
+        start: tokio::time::Instant,
+        outcome: Result<String, Error>,
+        hbone: bool,
+    ) {
+        self.record(peer, target, start, outcome.map(|how| (how, hbone)));
+    }
+
+    /// Counts and logs a refused connection (or HBONE stream).
+    pub fn refused(
+        &self,
+        peer: SocketAddr,
+        target: Option<SocketAddr>,
+        start: tokio::time::Instant,
+        e: Error,
+    ) {
+        self.record(peer, target.unwrap_or(peer), start, Err(e));
+    }
+
+    fn record(
+        &self,
+        peer: SocketAddr,
+        target: SocketAddr,
+        start: tokio::time::Instant,
+        outcome: Result<(String, bool), Error>,
+    ) {
+        let s = &crate::stats::store().inbound;
+        let counter = match &outcome {
+            Ok((_, true)) => &s.hbone,
+            Ok((how, false)) if how.starts_with("mTLS") => &s.mtls,
+            Ok(_) => &s.plaintext_passed,
+            Err(Error::PlaintextRefused) => &s.plaintext_refused,
+            Err(Error::ForeignIdentity(..)) => &s.foreign_identity,
+            Err(Error::Silent(_)) => &s.silent,
+            Err(Error::Forward { .. }) => &s.forward_failed,
+            Err(Error::BadTarget(_)) => &s.bad_target,
+            Err(Error::Tls(_) | Error::Identity { .. } | Error::NoIdentity) => &s.tls_error,
+        };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        crate::access::Record {
+            netns: self.ns.name.clone(),
+            src: Some(peer),
+            dst: target,
+            start,
+            kind: crate::access::Kind::Inbound {
+                outcome: outcome.map(|(how, _)| how).map_err(|e| e.to_string()),
+            },
+        }
+        .emit();
     }
 
     /// Accepts until `shutdown`, one task per connection; `policy` is the snapshot of the
@@ -153,34 +354,14 @@ impl Inbound {
                     let policy = policy.clone();
                     tracker.spawn(async move {
                         let start = tokio::time::Instant::now();
-                        let target = stream.local_addr().ok();
-                        let mode = target
-                            .and_then(|t| policy.load().inbound_mtls().mode(t.port()))
+                        let target = stream.local_addr().unwrap_or(peer);
+                        let mode = policy
+                            .load()
+                            .inbound_mtls()
+                            .mode(target.port())
                             .unwrap_or(me.default_mode);
-                        let outcome = me.handle(stream, mode).await;
-                        let s = &crate::stats::store().inbound;
-                        let counter = match &outcome {
-                            Ok(Served::Mtls(_)) => &s.mtls,
-                            Ok(Served::Plaintext(_)) => &s.plaintext_passed,
-                            Err(Error::PlaintextRefused) => &s.plaintext_refused,
-                            Err(Error::ForeignIdentity(..)) => &s.foreign_identity,
-                            Err(Error::Silent(_)) => &s.silent,
-                            Err(Error::Forward { .. }) => &s.forward_failed,
-                            Err(Error::Tls(_) | Error::Identity { .. }) => &s.tls_error,
-                        };
-                        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        crate::access::Record {
-                            netns: me.ns.name.clone(),
-                            src: Some(peer),
-                            dst: target.unwrap_or(peer),
-                            start,
-                            kind: crate::access::Kind::Inbound {
-                                outcome: outcome
-                                    .map(|how| how.to_string())
-                                    .map_err(|e| e.to_string()),
-                            },
-                        }
-                        .emit();
+                        let outcome = me.handle(stream, mode, &policy).await;
+                        me.served(peer, target, start, outcome.map(|how| how.to_string()), false);
                     });
                 }
                 Err(e) => {
@@ -193,7 +374,12 @@ impl Inbound {
 
     /// Terminates (or, PERMISSIVE and DISABLE, passes) one connection in `mode` and relays it to
     /// its original destination; says how it was served.
-    async fn handle(&self, stream: TcpStream, mode: MtlsMode) -> Result<Served, Error> {
+    async fn handle(
+        &self,
+        stream: TcpStream,
+        mode: MtlsMode,
+        policy: &RegistryHandle,
+    ) -> Result<Served, Error> {
         let target = stream.local_addr().map_err(Error::Tls)?;
         let mut first = [0u8; 1];
         let wait = if mode == MtlsMode::Strict {
@@ -225,25 +411,7 @@ impl Inbound {
             .await;
             return Ok(Served::Plaintext(mode));
         }
-        let config = self.server_config()?;
-        let mut tls = tokio_rustls::TlsAcceptor::from(config)
-            .accept(stream)
-            .await
-            .map_err(Error::Tls)?;
-        let names = tls
-            .get_ref()
-            .1
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .map(crate::tls::certificate_names)
-            .unwrap_or_default();
-        let domain = format!("spiffe://{}/", self.identity.trust_domain);
-        let Some(client) = names.iter().find(|n| n.starts_with(&domain)).cloned() else {
-            return Err(Error::ForeignIdentity(
-                names,
-                self.identity.trust_domain.clone(),
-            ));
-        };
+        let (mut tls, client) = self.accept_mtls(stream, policy, false).await?;
         let mut upstream = self.forward(target).await?;
         let _ = crate::proxy::relay::bounded(
             &mut tls,
@@ -256,7 +424,7 @@ impl Inbound {
     }
 
     /// A connection to the workload, from inside its namespace.
-    async fn forward(&self, addr: SocketAddr) -> Result<TcpStream, Error> {
+    pub async fn forward(&self, addr: SocketAddr) -> Result<TcpStream, Error> {
         let s = crate::proxy::upstream::connect(
             &self.ns,
             addr,
@@ -272,12 +440,16 @@ impl Inbound {
     }
 }
 
+static TLS13: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+static TLS12_13: &[&rustls::SupportedProtocolVersion] =
+    &[&rustls::version::TLS12, &rustls::version::TLS13];
+
 /// A TLS record of type handshake (22) opens every ClientHello.
 fn is_client_hello(first: &[u8]) -> bool {
     first.first() == Some(&0x16)
 }
 
-fn build_config(identity: &IdentityFiles) -> Result<ServerConfig, Error> {
+fn build_config(identity: &IdentityFiles, hbone: bool) -> Result<ServerConfig, Error> {
     let err = |path: &std::path::Path, e: &dyn std::fmt::Display| Error::Identity {
         path: path.display().to_string(),
         reason: e.to_string(),
@@ -297,12 +469,17 @@ fn build_config(identity: &IdentityFiles) -> Result<ServerConfig, Error> {
         .build()
         .map_err(|e| err(&identity.root, &e))?;
     let mut config = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])
+        .with_protocol_versions(if hbone { TLS13 } else { TLS12_13 })
         .map_err(|e| err(&identity.cert, &e))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
         .map_err(|e| err(&identity.cert, &e))?;
-    // Whatever a mesh client offers (Istio's TCP and HTTP ALPN values, then plain ones).
+    // HBONE: HTTP/2 only. Otherwise whatever a mesh client offers (Istio's TCP and HTTP ALPN
+    // values, then plain ones).
+    if hbone {
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        return Ok(config);
+    }
     config.alpn_protocols = [
         "istio-peer-exchange",
         "istio-h2",

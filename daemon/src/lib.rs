@@ -57,6 +57,7 @@ pub mod cni;
 pub mod config;
 pub mod dns;
 pub mod fastpath;
+pub mod hbone;
 pub mod inbound;
 pub mod kubernetes;
 pub mod memory;

@@ -132,6 +132,12 @@ struct RunArgs {
     /// Workload port whose inbound connections are terminated (repeatable).
     #[arg(long = "inbound-port", requires = "inbound_netns")]
     inbound_ports: Vec<u16>,
+    /// Terminate inbound connections for every enrolled namespace and CNI pod (eBPF capture, a
+    /// mesh CA): every port but Drover's own is steered to 15006 in the pod (mTLS or plaintext
+    /// as its `PeerAuthentication` says), and HBONE is served on 15008, with the workload's own
+    /// identity.
+    #[arg(long, requires = "mesh_ca")]
+    inbound_pods: bool,
     /// Enrol pods as they start: serve the `drover-cni` plugin on this Unix socket (eBPF
     /// capture only; the plugin's default is /var/run/drover/cni.sock).
     #[arg(long, value_name = "PATH")]
@@ -612,6 +618,7 @@ impl RunArgs {
             inbound: self
                 .inbound_netns
                 .map(|n| (n, self.inbound_ports, self.peer_authentication)),
+            inbound_pods: self.inbound_pods.then_some(self.peer_authentication),
             mesh: self.mesh_ca.map(|ca_dir| app::MeshConfig {
                 ca_dir,
                 trust_domain: self.trust_domain,

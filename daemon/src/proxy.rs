@@ -258,6 +258,10 @@ impl Proxy {
             Target::Endpoint { index, addr } => {
                 let svc = &registry.services()[d.cluster.service];
                 log.endpoint = format!("{}@{addr}", svc.endpoints[index].name);
+                if let Some(h) = d.cluster.hbone_for(d.pick) {
+                    let peer = h.peers.get(&addr.ip()).map_or("-", String::as_str);
+                    log.endpoint += &format!(" HBONE {} -> {peer}", h.source.spiffe);
+                }
                 addr
             }
             Target::Passthrough(addr) => {
@@ -299,6 +303,9 @@ impl Proxy {
             Relayed::Direct(upstream::Stream::Tls(mut s)) => {
                 relay::bounded(client, &mut *s, idle, max).await?
             }
+            Relayed::Direct(upstream::Stream::Hbone(mut s)) => {
+                relay::bounded(client, &mut *s, idle, max).await?
+            }
             Relayed::Tunnel(mut io) => relay::bounded(client, &mut io, idle, max).await?,
         };
         match end {
@@ -309,7 +316,7 @@ impl Proxy {
     }
 
     /// How to dial the routed endpoint of `d`: the cluster's pool settings, its TLS (or auto
-    /// mTLS) and its PROXY protocol header for the connection `(src, orig)`.
+    /// mTLS, or HBONE) and its PROXY protocol header for the connection `(src, orig)`.
     fn dialer(
         &self,
         ns: &Arc<NetNs>,
@@ -324,6 +331,7 @@ impl Proxy {
             keepalive: pool.tcp_keepalive.clone(),
             proxy_header: (d.cluster.policy.proxy_protocol.value)
                 .map(|v| proxy_protocol::header(v, src, orig)),
+            hbone: (d.cluster.hbone_for(d.pick)).map(|h| (h.clone(), src)),
             tls: d
                 .cluster
                 .origination_for(d.pick)

@@ -91,6 +91,9 @@ pub struct Cluster {
     /// ISTIO_MUTUAL origination for the members marked [`Member::mesh`]; the others get
     /// plaintext. Set by [`Registry::originate`].
     pub auto_tls: Option<Arc<crate::tls::Origination>>,
+    /// HBONE to the members marked [`Member::hbone`] (with no `tls` in the effective policy and a
+    /// mesh identity): who we are and who each of them must be. Set by [`Registry::originate`].
+    pub hbone: Option<Arc<crate::hbone::Target>>,
 }
 
 /// One endpoint of a cluster.
@@ -105,6 +108,10 @@ pub struct Member {
     /// It has a mesh identity (`security.istio.io/tlsMode: istio`, as injected workloads are
     /// labelled) and no PeerAuthentication `DISABLE`s its port: auto mTLS applies to it.
     pub mesh: bool,
+    /// It is reached over HBONE (labelled or annotated `ambient.istio.io/redirection: enabled`,
+    /// as istio-cni marks the pods it enrolled, or `networking.istio.io/tunnel: http`); wins
+    /// over `mesh`.
+    pub hbone: bool,
 }
 
 /// A validated VirtualService with where it came from.
@@ -401,6 +408,11 @@ impl Registry {
             .map(|c| &**c)
     }
 
+    /// The mesh identity this snapshot's workload presents (`ISTIO_MUTUAL`, inbound, HBONE).
+    pub fn mesh_identity(&self) -> Option<&crate::mesh::IdentityFiles> {
+        self.credentials.as_ref()?.mesh.as_ref()
+    }
+
     /// The DestinationRule this snapshot's client uses for a service.
     pub fn rule_for(&self, svc: &Service) -> Option<resolve::MergedRule> {
         let rules = (&self.rules[..], &*self.rules_by_ns);
@@ -416,12 +428,29 @@ fn originate(
     credentials: &crate::tls::Credentials,
     problems: &mut std::collections::BTreeMap<String, Problem>,
 ) {
+    if let (None, Some(source)) = (&c.policy.tls.value, &credentials.mesh)
+        && c.members.iter().any(|m| m.hbone)
+    {
+        let svc = &services[c.service];
+        let peers = (c.members.iter().filter(|m| m.hbone))
+            .map(|m| {
+                let sa = &svc.endpoints[m.endpoint].service_account;
+                let sa = if sa.is_empty() { "default" } else { sa };
+                let id = crate::mesh::spiffe_id(&source.trust_domain, &svc.namespace, sa);
+                (m.addr.ip(), id)
+            })
+            .collect();
+        c.hbone = Some(Arc::new(crate::hbone::Target {
+            source: source.clone(),
+            peers,
+        }));
+    }
     let auto = c.policy.tls.value.is_none()
         && credentials.mesh.is_some()
-        && c.members.iter().any(|m| m.mesh);
+        && c.members.iter().any(|m| m.mesh && !m.hbone);
     let (tls, from) = match (&c.policy.tls.value, &c.policy.tls.from) {
         (Some(tls), Some(from)) => (tls, Some(from)),
-        _ if auto => (&*AUTO_MTLS, None),
+        _ if auto => (&*crate::tls::ISTIO_MUTUAL, None),
         _ => return,
     };
     let protocol = services[c.service]
@@ -471,20 +500,6 @@ fn originate(
         }
     }
 }
-
-/// The `tls` block auto mTLS stands for: ISTIO_MUTUAL with the mesh's own material.
-static AUTO_MTLS: std::sync::LazyLock<policy::ClientTls> =
-    std::sync::LazyLock::new(|| policy::ClientTls {
-        mode: policy::TlsMode::IstioMutual,
-        client_certificate: None,
-        private_key: None,
-        ca_certificates: None,
-        ca_crl: None,
-        credential_name: None,
-        subject_alt_names: Vec::new(),
-        sni: None,
-        insecure_skip_verify: false,
-    });
 
 // === impl RegistryHandle ===
 

@@ -71,6 +71,9 @@ pub struct InboundStats {
     pub tls_error: AtomicU64,
     pub silent: AtomicU64,
     pub forward_failed: AtomicU64,
+    /// HBONE tunnels served, and HBONE streams refused for their target.
+    pub hbone: AtomicU64,
+    pub bad_target: AtomicU64,
 }
 
 /// Counters of one cluster (Envoy's `cluster.<name>.*` statistics where one exists).

@@ -126,7 +126,9 @@ impl Origination {
                         (false, true) => &[b"istio-http/1.1", b"istio", b"http/1.1"],
                         (false, false) => &[b"istio-peer-exchange", b"istio"],
                     };
-                    let config = istio_config(tls, identity, mesh, alpn, &mut files)?;
+                    let versions = &[&rustls::version::TLS12, &rustls::version::TLS13];
+                    let config =
+                        istio_config(tls, identity, (mesh, versions), alpn, &mut files)?;
                     let sni = tls.sni.clone().or_else(|| Some(mesh.sni.clone()));
                     (Some(Arc::new(config)), sni, false)
                 }
@@ -288,10 +290,38 @@ fn server_verifier(
 /// `ISTIO_MUTUAL`: the workload identity as client certificate, the mesh root as the only trust
 /// anchor, and the server's certificate must name one of the expected identities
 /// (`subjectAltNames` replaces them; none at all → the chain only).
+/// The `tls` block auto mTLS and HBONE stand for: ISTIO_MUTUAL with the mesh's own material.
+pub static ISTIO_MUTUAL: std::sync::LazyLock<ClientTls> =
+    std::sync::LazyLock::new(|| ClientTls {
+        mode: TlsMode::IstioMutual,
+        client_certificate: None,
+        private_key: None,
+        ca_certificates: None,
+        ca_crl: None,
+        credential_name: None,
+        subject_alt_names: Vec::new(),
+        sni: None,
+        insecure_skip_verify: false,
+    });
+
+/// The client side of an HBONE connection: TLS 1.3, ALPN `h2`, presenting `identity` and
+/// requiring the server to present exactly `peer`.
+pub fn hbone_config(
+    identity: &crate::mesh::IdentityFiles,
+    peer: &str,
+) -> Result<ClientConfig, Error> {
+    let mesh = MeshTarget {
+        sni: String::new(),
+        identities: vec![peer.to_string()],
+    };
+    let versions: &[&'static rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+    istio_config(&ISTIO_MUTUAL, identity, (&mesh, versions), &[b"h2"], &mut Vec::new())
+}
+
 fn istio_config(
     tls: &ClientTls,
     identity: &crate::mesh::IdentityFiles,
-    mesh: &MeshTarget,
+    (mesh, versions): (&MeshTarget, &[&'static rustls::SupportedProtocolVersion]),
     alpn: &[&[u8]],
     files: &mut Vec<PathBuf>,
 ) -> Result<ClientConfig, Error> {
@@ -329,7 +359,7 @@ fn istio_config(
     };
     let (chain, key) = key_pair(&identity.cert, &identity.key, &provider)?;
     let mut config = ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])?
+        .with_protocol_versions(versions)?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(chain, key)?;

@@ -1,15 +1,19 @@
-//! `sk_lookup` in a namespace that hosts enrolled workloads: inbound TCP to a listed workload
-//! port is handed to Drover's inbound listener (15006) instead of the workload's socket, keeping
-//! the original destination address, so Drover can terminate mesh mTLS and forward plaintext.
+//! `sk_lookup` in every namespace that hosts enrolled workloads: inbound TCP to a workload
+//! address and a port listed for it (or to any port but Drover's own, for a pod enrolled whole)
+//! is handed to Drover's inbound listener for that address (15006, in the workload's namespace)
+//! instead of the workload's socket, keeping the original destination address, so Drover can
+//! terminate mesh mTLS and forward plaintext.
 //!
 //! Invariant: a connection whose source address equals its destination address is Drover's own
 //! forward connection to the workload (made from inside the namespace) and is never steered, so
-//! nothing loops.
+//! nothing loops; an address with no listener is never steered.
 
 use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext};
 use core::ptr::read_volatile;
 
-use crate::maps::{INBOUND_LISTENER, INBOUND_PORTS};
+use drover_common::{InboundKey, RESERVED_PORTS, v4_mapped};
+
+use crate::maps::{INBOUND_LISTENERS, INBOUND_PORTS};
 
 const SK_PASS: u32 = 1;
 const AF_INET: u32 = 2;
@@ -39,10 +43,6 @@ fn try_inbound(ctx: &SkLookupContext) -> Result<(), i32> {
     if protocol != IPPROTO_TCP {
         return Ok(());
     }
-    // SAFETY: plain lookup; the value is not kept.
-    if unsafe { INBOUND_PORTS.get(&(port as u16)) }.is_none() {
-        return Ok(());
-    }
     let own = if family == AF_INET {
         r4 == l4
     } else {
@@ -51,5 +51,21 @@ fn try_inbound(ctx: &SkLookupContext) -> Result<(), i32> {
     if own {
         return Ok(());
     }
-    INBOUND_LISTENER.redirect_sk_lookup(ctx, 0, 0)
+    let addr = if family == AF_INET { v4_mapped(l4) } else { l6 };
+    let port = port as u16;
+    let mut key = InboundKey {
+        addr,
+        port,
+        _pad: 0,
+    };
+    // SAFETY: plain lookups; the values are not kept.
+    let listed = unsafe { INBOUND_PORTS.get(&key) }.is_some() || {
+        key.port = 0;
+        !RESERVED_PORTS.contains(&port) && unsafe { INBOUND_PORTS.get(&key) }.is_some()
+    };
+    if !listed {
+        return Ok(());
+    }
+    key.port = 0;
+    INBOUND_LISTENERS.redirect_sk_lookup(ctx, key, 0)
 }

@@ -4,11 +4,11 @@
 use aya_ebpf::{
     btf_maps,
     macros::{btf_map, map},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockMap},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
 use drover_common::{
     CidrData, Config, Enrolment, EpDKey, EpDStats, EpKStats, EpKey, FastCluster, FastSock,
-    FastTable, OrigDst, TupleKey, VipKey, VipValue,
+    FastTable, InboundKey, OrigDst, TupleKey, VipKey, VipValue,
     capacity::{
         self, CLUSTER_IDS as CLUSTER_IDS_CAP, ENROLLED, ORIG_BY_COOKIE as ORIG_BY_COOKIE_CAP,
         ORIG_BY_TUPLE as ORIG_BY_TUPLE_CAP, SVC_CIDRS as SVC_CIDRS_CAP, SVC_VIPS as SVC_VIPS_CAP,
@@ -58,13 +58,15 @@ pub static EP_KSTATS: btf_maps::LruPerCpuHashMap<EpKey, EpKStats, { capacity::EP
 pub static EP_DSTATS: btf_maps::HashMap<EpDKey, EpDStats, { capacity::EP_DSTATS }> =
     btf_maps::HashMap::new();
 
-/// Workload ports (host order) whose inbound connections go to Drover (written by the daemon).
+/// (workload address, port) whose inbound connections go to Drover; port 0: every port but
+/// Drover's own (written by the daemon).
 #[map]
-pub static INBOUND_PORTS: HashMap<u16, u32> = HashMap::with_max_entries(1024, 0);
+pub static INBOUND_PORTS: HashMap<InboundKey, u32> = HashMap::with_max_entries(16384, 0);
 
-/// Index 0: Drover's inbound listener in the namespace the `sk_lookup` program is attached to.
+/// Drover's inbound listener for each workload address (key port 0), in that workload's
+/// namespace.
 #[map]
-pub static INBOUND_LISTENER: SockMap = SockMap::with_max_entries(1, 0);
+pub static INBOUND_LISTENERS: SockHash<InboundKey> = SockHash::with_max_entries(4096, 0);
 
 /// Fast-path endpoint tables by VIP, written whole by the daemon (see `drover_common::fast`).
 #[map]

@@ -65,8 +65,16 @@ pub type NodeLocality = HashMap<String, BTreeMap<String, String>>;
 pub fn pod_info(pod: &Pod) -> PodInfo {
     let spec = pod.spec.as_ref();
     let status = pod.status.as_ref();
+    let mut labels = pod.metadata.labels.clone().unwrap_or_default();
+    // istio-cni marks the pods it enrolled with this annotation, and istiod reaches them over
+    // HBONE: folded into the labels, where a WorkloadEntry carries it.
+    if let Some(v) = (pod.metadata.annotations.as_ref())
+        .and_then(|a| a.get(crate::hbone::REDIRECTION))
+    {
+        labels.insert(crate::hbone::REDIRECTION.into(), v.clone());
+    }
     PodInfo {
-        labels: pod.metadata.labels.clone().unwrap_or_default(),
+        labels,
         service_account: spec
             .and_then(|s| s.service_account_name.clone())
             .filter(|s| !s.is_empty())

@@ -89,8 +89,9 @@ pub struct Upstreams {
 
 /// (origination identity or 0, request host used for SNI/verification, settings).
 type PoolKey = (usize, Option<String>, Settings);
-/// A pool and the origination it keeps alive (so that its identity is not reused).
-type KeptPool = (Option<Arc<Origination>>, Pool);
+/// A pool and the origination (or HBONE target) it keeps alive (so that its identity is not
+/// reused).
+type KeptPool = (Option<Arc<dyn std::any::Any + Send + Sync>>, Pool);
 
 /// HTTP/1.1 connections in hyper-util's pool, or HTTP/2 connections in a stream-capped pool.
 #[derive(Clone)]
@@ -157,13 +158,29 @@ impl Upstreams {
         host: Option<&str>,
         settings: Settings,
     ) -> Pool {
+        self.pick_via(tls, None, host, settings)
+    }
+
+    /// [`Upstreams::pick`], or the pool through HBONE tunnels to `hbone`'s endpoints.
+    fn pick_via(
+        &self,
+        tls: Option<(&Arc<Origination>, &Arc<crate::stats::ClusterStats>)>,
+        hbone: Option<&Arc<crate::hbone::Target>>,
+        host: Option<&str>,
+        settings: Settings,
+    ) -> Pool {
         // Auto SNI only uses the host when no `sni` is configured; plaintext ignores it.
         let host = tls
             .filter(|(o, _)| o.sni.is_none())
             .and(host)
             .map(str::to_string);
+        let kept: Option<Arc<dyn std::any::Any + Send + Sync>> = match (tls, hbone) {
+            (Some((o, _)), _) => Some(o.clone()),
+            (None, Some(h)) => Some(h.clone()),
+            (None, None) => None,
+        };
         let key = (
-            tls.map_or(0, |(o, _)| Arc::as_ptr(o) as usize),
+            kept.as_ref().map_or(0, |k| Arc::as_ptr(k) as *const () as usize),
             host,
             settings,
         );
@@ -180,6 +197,7 @@ impl Upstreams {
             connect_timeout: settings.connect_timeout,
             keepalive: settings.keepalive.clone(),
             proxy_header: None,
+            hbone: hbone.map(|h| (h.clone(), None)),
             tls: tls.map(|(origination, stats)| TlsTarget {
                 origination: origination.clone(),
                 host: host.clone(),
@@ -197,7 +215,7 @@ impl Upstreams {
                 .set_host(false);
             Pool::H1(Arc::new(b.build(connector)), settings.streams.max_requests)
         };
-        pools.insert(key, (tls.map(|(o, _)| o.clone()), pool.clone()));
+        pools.insert(key, (kept, pool.clone()));
         pool
     }
 }
@@ -572,6 +590,8 @@ struct Forward {
     authority: String,
     /// Auto mTLS: the pool for members with a mesh identity (ISTIO_MUTUAL).
     auto_pool: Option<Pool>,
+    /// The pool for members reached over HBONE.
+    hbone_pool: Option<Pool>,
 }
 
 // === impl Exchange ===
@@ -1014,6 +1034,8 @@ impl Forward {
                 .auto_tls
                 .as_ref()
                 .map(|o| upstreams.pick(Some((o, &c.stats)), host, Settings::of(pool, h2))),
+            hbone_pool: (c.hbone.as_ref())
+                .map(|t| upstreams.pick_via(None, Some(t), host, Settings::of(pool, h2))),
             h2,
             connect_timeout: pool.connect_timeout,
             method: parts.method,
@@ -1028,9 +1050,12 @@ impl Forward {
         })
     }
 
-    /// The pool a try to member `pick` of `c` goes through: auto mTLS for a member with a mesh
-    /// identity (when the cluster has no `tls` of its own), else the cluster's.
+    /// The pool a try to member `pick` of `c` goes through: HBONE or auto mTLS for a member
+    /// reached so (when the cluster has no `tls` of its own), else the cluster's.
     fn pool_for(&self, c: &crate::registry::Cluster, pick: Option<usize>) -> &Pool {
+        if let (Some(hbone), Some(_)) = (&self.hbone_pool, c.hbone_for(pick)) {
+            return hbone;
+        }
         match (
             &self.auto_pool,
             c.tls.is_none() && c.origination_for(pick).is_some(),

@@ -46,12 +46,15 @@ pub enum Error {
     Address(String),
     #[error("tunnel CONNECT {target}: {reason}")]
     Tunnel { target: String, reason: String },
+    #[error(transparent)]
+    Hbone(Box<crate::hbone::Error>),
 }
 
-/// An upstream connection: plaintext, or TLS originated by Drover.
+/// An upstream connection: plaintext, TLS originated by Drover, or an HBONE tunnel.
 pub enum Stream {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    Hbone(Box<crate::hbone::Tunnel>),
 }
 
 /// How to dial the endpoints of one cluster.
@@ -67,6 +70,9 @@ pub struct Dialer {
     /// A PROXY protocol header to send first (before any TLS), as Envoy's upstream proxy
     /// protocol transport socket does.
     pub proxy_header: Option<Vec<u8>>,
+    /// Reach the endpoint through an HBONE tunnel instead (and the original client, for the
+    /// tunnel's `forwarded` header).
+    pub hbone: Option<(Arc<crate::hbone::Target>, Option<SocketAddr>)>,
 }
 
 /// What a TLS dial needs: the origination, the request host (auto SNI, HTTP only) and where to
@@ -84,6 +90,12 @@ impl Dialer {
     /// A connection to `addr`: connected, kept alive as configured, and TLS-wrapped when the
     /// cluster originates TLS (the handshake counted as `ssl.*`).
     pub async fn dial(&self, addr: SocketAddr) -> Result<Stream, Error> {
+        if let Some((target, src)) = &self.hbone {
+            return match crate::hbone::connect(self, target, addr, *src).await {
+                Ok(t) => Ok(Stream::Hbone(Box::new(t))),
+                Err(e) => Err(Error::Hbone(Box::new(e))),
+            };
+        }
         let mut tcp = connect(&self.ns, addr, self.connect_timeout, self.mark).await?;
         if let Some(k) = &self.keepalive {
             set_keepalive(&tcp, k);
@@ -146,11 +158,12 @@ pub async fn tunnel(
 // === impl Stream ===
 
 impl Stream {
-    /// The TCP socket underneath.
-    pub fn tcp(&self) -> &TcpStream {
+    /// The TCP socket underneath (an HBONE tunnel shares its connection: none of its own).
+    pub fn tcp(&self) -> Option<&TcpStream> {
         match self {
-            Stream::Plain(s) => s,
-            Stream::Tls(s) => s.get_ref().0,
+            Stream::Plain(s) => Some(s),
+            Stream::Tls(s) => Some(s.get_ref().0),
+            Stream::Hbone(_) => None,
         }
     }
 
@@ -169,6 +182,10 @@ macro_rules! with_stream {
                 $e
             }
             Stream::Tls(s) => {
+                let $io = Pin::new(&mut **s);
+                $e
+            }
+            Stream::Hbone(s) => {
                 let $io = Pin::new(&mut **s);
                 $e
             }
@@ -207,6 +224,7 @@ impl AsyncWrite for Stream {
         match self {
             Stream::Plain(s) => s.is_write_vectored(),
             Stream::Tls(s) => s.is_write_vectored(),
+            Stream::Hbone(s) => s.is_write_vectored(),
         }
     }
 
@@ -311,7 +329,11 @@ impl hyper::rt::Write for Tracked {
 impl hyper_util::client::legacy::connect::Connection for Tracked {
     fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
         let stream = self.io.inner();
-        let connected = stream.tcp().connected();
+        let connected = stream
+            .tcp()
+            .map_or_else(hyper_util::client::legacy::connect::Connected::new, |t| {
+                t.connected()
+            });
         let connected = if stream.negotiated_h2() {
             connected.negotiated_h2()
         } else {

@@ -10,7 +10,10 @@ use std::{
     collections::HashSet,
     fs::{self, File},
     net::{IpAddr, SocketAddr},
-    os::{fd::AsFd, unix::fs::MetadataExt},
+    os::{
+        fd::{AsFd, AsRawFd},
+        unix::fs::MetadataExt,
+    },
     path::{Path, PathBuf},
     sync::Mutex,
 };
@@ -28,7 +31,7 @@ use aya::{
 };
 use drover_common::{
     CidrData, Config, DROVER_MARK, Enrolment, EpDKey, EpDStats, EpKStats, EpKey, FastCluster,
-    FastTable, OrigDst, PROXY_PORT, TupleKey, VipKey, VipValue, flags, maps,
+    FastTable, InboundKey, OrigDst, PROXY_PORT, TupleKey, VipKey, VipValue, flags, maps,
 };
 use tokio::{io::unix::AsyncFd, net::TcpStream};
 
@@ -212,65 +215,91 @@ impl Kernel {
         self.attach_all(&own, &[UPSTREAM_PROGRAM], &format!("cg{}", meta.ino()))
     }
 
-    /// Inbound termination in `ns`: connections to `ports` go to `listener` (which must live in
-    /// `ns`). The steering lasts as long as this daemon (the link is not pinned: with no daemon,
-    /// inbound traffic reaches the workloads directly again).
+    /// Attaches the inbound `sk_lookup` program to `ns`: it stays attached while the returned
+    /// link lives (a pod's, until it leaves).
     pub fn attach_inbound(
         &self,
         ns: &crate::redirect::netns::NetNs,
-        listener: &tokio::net::TcpListener,
-        ports: &[u16],
-    ) -> Result<(), Error> {
+    ) -> Result<aya::programs::sk_lookup::SkLookupLink, Error> {
         let mut ebpf = self.ebpf.lock().expect("ebpf lock");
-        {
-            let mut map: aya::maps::SockMap<&mut MapData> = ebpf
-                .map_mut(maps::INBOUND_LISTENER)
-                .ok_or(Error::Map {
-                    name: maps::INBOUND_LISTENER,
-                    source: aya::maps::MapError::InvalidName {
-                        name: maps::INBOUND_LISTENER.into(),
-                    },
-                })?
-                .try_into()
-                .map_err(|source| Error::Map {
-                    name: maps::INBOUND_LISTENER,
-                    source,
-                })?;
-            map.set(0, listener, 0).map_err(|source| Error::Map {
-                name: maps::INBOUND_LISTENER,
-                source,
-            })?;
-        }
-        {
-            let mut map: HashMap<&mut MapData, u16, u32> = ebpf
-                .map_mut(maps::INBOUND_PORTS)
-                .ok_or(Error::Map {
-                    name: maps::INBOUND_PORTS,
-                    source: aya::maps::MapError::InvalidName {
-                        name: maps::INBOUND_PORTS.into(),
-                    },
-                })?
-                .try_into()
-                .map_err(|source| Error::Map {
-                    name: maps::INBOUND_PORTS,
-                    source,
-                })?;
-            for p in ports {
-                map.insert(p, 1, 0).map_err(|source| Error::Map {
-                    name: maps::INBOUND_PORTS,
-                    source,
-                })?;
-            }
-        }
         let name = INBOUND_PROGRAM;
         let prog: &mut aya::programs::SkLookup = ebpf
             .program_mut(name)
             .expect("program checked at load")
             .try_into()
             .map_err(|source| Error::Program { name, source })?;
-        prog.attach(ns.as_fd())
+        let id = prog
+            .attach(ns.as_fd())
             .map_err(|source| Error::Program { name, source })?;
+        prog.take_link(id)
+            .map_err(|source| Error::Program { name, source })
+    }
+
+    /// Steers inbound TCP to `addresses` — on `ports`, or on every port but Drover's own when
+    /// `ports` is empty — to `listener`, which lives in the namespace of those addresses (whose
+    /// `sk_lookup` program must be attached).
+    pub fn steer_inbound(
+        &self,
+        addresses: &[IpAddr],
+        listener: &tokio::net::TcpListener,
+        ports: &[u16],
+    ) -> Result<(), Error> {
+        let mut ebpf = self.ebpf.lock().expect("ebpf lock");
+        let map_err = |name: &'static str| move |source| Error::Map { name, source };
+        let missing = |name: &'static str| Error::Map {
+            name,
+            source: aya::maps::MapError::InvalidName { name: name.into() },
+        };
+        for ip in addresses {
+            let key = inbound_key(*ip, 0);
+            let mut listeners: aya::maps::SockHash<&mut MapData, InboundKey> = ebpf
+                .map_mut(maps::INBOUND_LISTENERS)
+                .ok_or_else(|| missing(maps::INBOUND_LISTENERS))?
+                .try_into()
+                .map_err(map_err(maps::INBOUND_LISTENERS))?;
+            listeners
+                .insert(key, listener.as_raw_fd(), 0)
+                .map_err(map_err(maps::INBOUND_LISTENERS))?;
+            let mut steered: HashMap<&mut MapData, InboundKey, u32> = ebpf
+                .map_mut(maps::INBOUND_PORTS)
+                .ok_or_else(|| missing(maps::INBOUND_PORTS))?
+                .try_into()
+                .map_err(map_err(maps::INBOUND_PORTS))?;
+            let ports: &[u16] = if ports.is_empty() { &[0] } else { ports };
+            for p in ports {
+                steered
+                    .insert(inbound_key(*ip, *p), 1, 0)
+                    .map_err(map_err(maps::INBOUND_PORTS))?;
+            }
+        }
         Ok(())
+    }
+
+    /// Stops steering inbound TCP to `addresses` (a pod that left).
+    pub fn unsteer_inbound(&self, addresses: &[IpAddr]) {
+        let mut ebpf = self.ebpf.lock().expect("ebpf lock");
+        let words: Vec<[u32; 4]> = (addresses.iter())
+            .map(|ip| inbound_key(*ip, 0).addr)
+            .collect();
+        if let Some(Ok(mut steered)) = ebpf
+            .map_mut(maps::INBOUND_PORTS)
+            .map(HashMap::<&mut MapData, InboundKey, u32>::try_from)
+        {
+            let gone: Vec<InboundKey> = (steered.keys().flatten())
+                .filter(|k| words.contains(&k.addr))
+                .collect();
+            for k in gone {
+                let _ = steered.remove(&k);
+            }
+        }
+        if let Some(Ok(mut listeners)) = ebpf
+            .map_mut(maps::INBOUND_LISTENERS)
+            .map(aya::maps::SockHash::<&mut MapData, InboundKey>::try_from)
+        {
+            for ip in addresses {
+                let _ = listeners.remove(&inbound_key(*ip, 0));
+            }
+        }
     }
 
     /// Makes `EP_DSTATS` hold exactly `rows` (the daemon is its only writer).
@@ -837,4 +866,13 @@ fn lock_owner(file: &File) -> Option<u32> {
 fn process_name(pid: u32) -> String {
     fs::read_to_string(format!("/proc/{pid}/comm"))
         .map_or_else(|_| "process".into(), |s| s.trim().to_string())
+}
+
+/// The inbound steering key of `ip` and `port` (0: every port).
+fn inbound_key(ip: IpAddr, port: u16) -> InboundKey {
+    InboundKey {
+        addr: addr_words(SocketAddr::new(ip, 0)),
+        port,
+        _pad: 0,
+    }
 }

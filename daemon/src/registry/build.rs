@@ -827,6 +827,7 @@ fn service_clusters(
                     endpoint,
                     addr,
                     stats: stats.endpoint(addr),
+                    hbone: crate::hbone::speaks_hbone(&svc.endpoints[endpoint].labels),
                     mesh: in_mesh(&reg.peers, svc, &svc.endpoints[endpoint], addr.port()),
                 })
                 .collect();
@@ -836,6 +837,7 @@ fn service_clusters(
                     name: cluster_name,
                     tls: None,
                     auto_tls: None,
+                    hbone: None,
                     service: s,
                     port: port.number,
                     subset: name.map(str::to_string),

@@ -476,9 +476,16 @@ impl Cluster {
         pick: Option<usize>,
     ) -> Option<&std::sync::Arc<crate::tls::Origination>> {
         self.tls.as_ref().or_else(|| {
-            pick.filter(|i| self.members.get(*i).is_some_and(|m| m.mesh))
+            pick.filter(|i| self.members.get(*i).is_some_and(|m| m.mesh && !m.hbone))
                 .and(self.auto_tls.as_ref())
         })
+    }
+
+    /// The HBONE tunnel to member `pick`, when it is reached over HBONE (and the cluster has no
+    /// `tls` of its own).
+    pub fn hbone_for(&self, pick: Option<usize>) -> Option<&std::sync::Arc<crate::hbone::Target>> {
+        pick.filter(|i| self.members.get(*i).is_some_and(|m| m.hbone))
+            .and(self.hbone.as_ref())
     }
 
     /// Where endpoint `i` of the balancer is: (endpoint index in the service, address).
