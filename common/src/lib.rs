@@ -28,7 +28,15 @@ pub const INBOUND_PORT: u16 = 15006;
 pub const HBONE_PORT: u16 = 15008;
 /// Ports of Drover's own in a pod (admin, outbound, inbound, HBONE, Istio's agent and stats
 /// ports): never steered by an "every port" inbound entry.
-pub const RESERVED_PORTS: [u16; 7] = [15000, PROXY_PORT, INBOUND_PORT, HBONE_PORT, 15020, 15021, 15090];
+pub const RESERVED_PORTS: [u16; 7] = [
+    15000,
+    PROXY_PORT,
+    INBOUND_PORT,
+    HBONE_PORT,
+    15020,
+    15021,
+    15090,
+];
 
 /// Map names, as they appear in the object and under the pin directory.
 pub mod maps {

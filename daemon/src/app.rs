@@ -496,7 +496,7 @@ struct Bindings {
     listeners: Vec<(Arc<NetNs>, tokio::net::TcpListener)>,
     /// Inbound termination, by namespace name (`--inbound-netns`, and with `--inbound-pods`
     /// every enrolled namespace).
-    inbound: Vec<(String, crate::inbound::Listeners)>,
+    inbound: InboundByNetns,
     /// The `--inbound-netns` namespace (a workload of its own).
     inbound_ns: Option<Arc<NetNs>>,
     admin: Option<AdminBinding>,
@@ -583,20 +583,25 @@ impl Bindings {
     }
 }
 
+/// Inbound listeners by namespace name.
+type InboundByNetns = Vec<(String, crate::inbound::Listeners)>;
+
 /// The inbound listeners of `--inbound-netns` (its ports, the daemon's identity) and, with
 /// `--inbound-pods`, of every enrolled namespace of `listeners` (every port, each workload's
 /// own identity).
 fn bind_inbound(
     cfg: &RunConfig,
     listeners: &[(Arc<NetNs>, tokio::net::TcpListener)],
-) -> anyhow::Result<(Vec<(String, crate::inbound::Listeners)>, Option<Arc<NetNs>>)> {
+) -> anyhow::Result<(InboundByNetns, Option<Arc<NetNs>>)> {
     use crate::inbound::Listeners;
     let mut out = Vec::new();
     let identity = (cfg.credentials.mesh.as_ref()).filter(|_| cfg.capture == CaptureMode::Ebpf);
     let mut fixed_ns = None;
     if let Some((name, ports, mode)) = &cfg.inbound {
         let Some(identity) = identity else {
-            anyhow::bail!("--inbound-netns needs eBPF capture and --mesh-ca (the workloads' identity)");
+            anyhow::bail!(
+                "--inbound-netns needs eBPF capture and --mesh-ca (the workloads' identity)"
+            );
         };
         let ns = Arc::new(open_netns(name, &NetNs::current()?)?);
         let l = Listeners::bind(ns.clone(), Some(identity.clone()), *mode, ports.clone())?;
@@ -606,7 +611,9 @@ fn bind_inbound(
     }
     if let Some(mode) = cfg.inbound_pods {
         if identity.is_none() {
-            anyhow::bail!("--inbound-pods needs eBPF capture and --mesh-ca (the workloads' identity)");
+            anyhow::bail!(
+                "--inbound-pods needs eBPF capture and --mesh-ca (the workloads' identity)"
+            );
         }
         let mut seen: Vec<String> = out.iter().map(|(n, _)| n.clone()).collect();
         for (ns, _) in listeners {
@@ -614,7 +621,10 @@ fn bind_inbound(
                 continue;
             }
             seen.push(ns.name.clone());
-            out.push((ns.name.clone(), Listeners::bind(ns.clone(), None, mode, Vec::new())?));
+            out.push((
+                ns.name.clone(),
+                Listeners::bind(ns.clone(), None, mode, Vec::new())?,
+            ));
         }
     }
     Ok((out, fixed_ns))

@@ -25,7 +25,7 @@ use std::{
         atomic::{AtomicUsize, Ordering},
     },
     task::{Context, Poll},
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -36,9 +36,7 @@ use rustls::ClientConfig;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{
-    inbound::Inbound, mesh::IdentityFiles, registry::RegistryHandle,
-};
+use crate::{inbound::Inbound, mesh::IdentityFiles, registry::RegistryHandle};
 
 /// Where HBONE listens in every pod.
 pub const PORT: u16 = drover_common::HBONE_PORT;
@@ -65,9 +63,15 @@ pub enum Error {
     #[error("HBONE client configuration: {0}")]
     Config(#[from] crate::tls::Error),
     #[error("HBONE to {addr}: HTTP/2: {source}")]
-    H2 { addr: SocketAddr, source: hyper::Error },
+    H2 {
+        addr: SocketAddr,
+        source: hyper::Error,
+    },
     #[error("HBONE CONNECT {target} answered {status}")]
-    Refused { target: SocketAddr, status: StatusCode },
+    Refused {
+        target: SocketAddr,
+        status: StatusCode,
+    },
     #[error("HBONE handshake with {addr} timed out after {timeout:?}")]
     Timeout { addr: SocketAddr, timeout: Duration },
 }
@@ -122,7 +126,7 @@ struct Conn {
 #[derive(Default)]
 struct Pool {
     conns: Mutex<HashMap<Key, Vec<Conn>>>,
-    configs: Mutex<HashMap<(std::path::PathBuf, String), (SystemTime, Arc<ClientConfig>)>>,
+    configs: crate::tls::ByFile<(std::path::PathBuf, String), ClientConfig>,
 }
 
 static POOL: LazyLock<Pool> = LazyLock::new(Pool::default);
@@ -188,7 +192,8 @@ fn connect_request(
     if let Some(src) = src {
         b = b.header("forwarded", format!("for={}", src.ip()));
     }
-    b.body(Empty::new()).expect("a CONNECT request is well formed")
+    b.body(Empty::new())
+        .expect("a CONNECT request is well formed")
 }
 
 /// A fresh W3C trace context (sampled off), as ztunnel sends with every tunnel.
@@ -233,9 +238,10 @@ impl Pool {
     ) -> Result<(SendRequest<Empty<Bytes>>, StreamSlot), Error> {
         let addr = key.addr;
         let config = self.config(source, &key.peer)?;
-        let tcp = crate::proxy::upstream::connect(&dialer.ns, addr, dialer.connect_timeout, dialer.mark)
-            .await
-            .map_err(|source| Error::Connect { addr, source })?;
+        let tcp =
+            crate::proxy::upstream::connect(&dialer.ns, addr, dialer.connect_timeout, dialer.mark)
+                .await
+                .map_err(|source| Error::Connect { addr, source })?;
         if let Some(k) = &dialer.keepalive {
             crate::proxy::upstream::set_keepalive(&tcp, k);
         }
@@ -276,19 +282,11 @@ impl Pool {
     /// The client configuration presenting `source` and requiring `peer`; rebuilt when the
     /// certificate file changed (renewal).
     fn config(&self, source: &IdentityFiles, peer: &str) -> Result<Arc<ClientConfig>, Error> {
-        let mtime = std::fs::metadata(&source.cert)
-            .and_then(|m| m.modified())
-            .unwrap_or(SystemTime::UNIX_EPOCH);
         let key = (source.cert.clone(), peer.to_string());
-        let mut configs = self.configs.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((at, c)) = configs.get(&key)
-            && *at == mtime
-        {
-            return Ok(c.clone());
-        }
-        let c = Arc::new(crate::tls::hbone_config(source, peer)?);
-        configs.insert(key, (mtime, c.clone()));
-        Ok(c)
+        let config = self
+            .configs
+            .get(key, &source.cert, || crate::tls::hbone_config(source, peer))?;
+        Ok(config)
     }
 }
 
@@ -369,7 +367,9 @@ async fn serve_connection(
     let client = Arc::new(client);
     let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
         let (inbound, client, tasks) = (inbound.clone(), client.clone(), tasks.clone());
-        async move { Ok::<_, std::convert::Infallible>(tunnel(inbound, req, &client, peer, &tasks).await) }
+        async move {
+            Ok::<_, std::convert::Infallible>(tunnel(inbound, req, &client, peer, &tasks).await)
+        }
     });
     let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())

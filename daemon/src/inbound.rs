@@ -14,13 +14,7 @@
 //! destination, so its source equals its destination and `sk_lookup` leaves it alone; the
 //! server certificate is re-read when the identity file changes (renewal), never mid-handshake.
 
-use std::{
-    collections::HashMap,
-    net::SocketAddr,
-    path::PathBuf,
-    sync::{Arc, Mutex},
-    time::{Duration, SystemTime},
-};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use rustls::{
     ServerConfig,
@@ -69,8 +63,8 @@ pub struct Inbound {
     fixed: Option<IdentityFiles>,
     /// The mode when no `PeerAuthentication` sets one (`--peer-authentication`).
     pub default_mode: MtlsMode,
-    /// By (certificate file, HBONE): the file's modification time and the config built from it.
-    configs: Mutex<HashMap<(PathBuf, bool), (SystemTime, Arc<ServerConfig>)>>,
+    /// By (certificate file, HBONE).
+    configs: crate::tls::ByFile<(PathBuf, bool), ServerConfig>,
 }
 
 /// The inbound listeners of one namespace (15006 and HBONE's 15008), bound and not serving yet.
@@ -140,7 +134,10 @@ impl Listeners {
             stop.clone(),
             tracker.clone(),
         ));
-        tokio::spawn(self.server.serve(self.inbound, policy, stop, tracker.clone()));
+        tokio::spawn(
+            self.server
+                .serve(self.inbound, policy, stop, tracker.clone()),
+        );
         Ok(attached)
     }
 }
@@ -185,7 +182,7 @@ impl Inbound {
             ns,
             fixed,
             default_mode,
-            configs: Mutex::default(),
+            configs: Default::default(),
         }
     }
 
@@ -224,31 +221,10 @@ impl Inbound {
         identity: &IdentityFiles,
         hbone: bool,
     ) -> Result<Arc<ServerConfig>, Error> {
-        let mtime = std::fs::metadata(&identity.cert)
-            .and_then(|m| m.modified())
-            .ok();
-        let mut configs = self.configs.lock().unwrap_or_else(|e| e.into_inner());
-        let current = configs.get(&(identity.cert.clone(), hbone));
-        if let (Some((at, c)), Some(m)) = (current, mtime)
-            && *at == m
-        {
-            return Ok(c.clone());
-        }
-        match build_config(identity, hbone) {
-            Ok(c) => {
-                let c = Arc::new(c);
-                let at = mtime.unwrap_or(SystemTime::UNIX_EPOCH);
-                configs.insert((identity.cert.clone(), hbone), (at, c.clone()));
-                Ok(c)
-            }
-            Err(e) => match current {
-                Some((_, c)) => {
-                    tracing::warn!(error = %e, "inbound identity unusable; keeping the previous one");
-                    Ok(c.clone())
-                }
-                None => Err(e),
-            },
-        }
+        self.configs
+            .get((identity.cert.clone(), hbone), &identity.cert, || {
+                build_config(identity, hbone)
+            })
     }
 
     /// Terminates mutual TLS on `stream` with the workload's identity and returns the client's
@@ -261,10 +237,13 @@ impl Inbound {
     ) -> Result<(tokio_rustls::server::TlsStream<TcpStream>, String), Error> {
         let identity = self.identity(policy).ok_or(Error::NoIdentity)?;
         let config = self.server_config(&identity, hbone)?;
-        let tls = tokio::time::timeout(FIRST_BYTE, tokio_rustls::TlsAcceptor::from(config).accept(stream))
-            .await
-            .map_err(|_| Error::Silent(FIRST_BYTE))?
-            .map_err(Error::Tls)?;
+        let tls = tokio::time::timeout(
+            FIRST_BYTE,
+            tokio_rustls::TlsAcceptor::from(config).accept(stream),
+        )
+        .await
+        .map_err(|_| Error::Silent(FIRST_BYTE))?
+        .map_err(Error::Tls)?;
         let names = tls
             .get_ref()
             .1
@@ -361,7 +340,13 @@ impl Inbound {
                             .mode(target.port())
                             .unwrap_or(me.default_mode);
                         let outcome = me.handle(stream, mode, &policy).await;
-                        me.served(peer, target, start, outcome.map(|how| how.to_string()), false);
+                        me.served(
+                            peer,
+                            target,
+                            start,
+                            outcome.map(|how| how.to_string()),
+                            false,
+                        );
                     });
                 }
                 Err(e) => {

@@ -127,8 +127,7 @@ impl Origination {
                         (false, false) => &[b"istio-peer-exchange", b"istio"],
                     };
                     let versions = &[&rustls::version::TLS12, &rustls::version::TLS13];
-                    let config =
-                        istio_config(tls, identity, (mesh, versions), alpn, &mut files)?;
+                    let config = istio_config(tls, identity, (mesh, versions), alpn, &mut files)?;
                     let sni = tls.sni.clone().or_else(|| Some(mesh.sni.clone()));
                     (Some(Arc::new(config)), sni, false)
                 }
@@ -290,19 +289,66 @@ fn server_verifier(
 /// `ISTIO_MUTUAL`: the workload identity as client certificate, the mesh root as the only trust
 /// anchor, and the server's certificate must name one of the expected identities
 /// (`subjectAltNames` replaces them; none at all → the chain only).
+/// Configurations built from a certificate file, by key: rebuilt when the file's modification
+/// time changed (a renewal); when the rebuild fails, the previous one stays (logged).
+pub struct ByFile<K, C> {
+    built: std::sync::Mutex<std::collections::HashMap<K, (std::time::SystemTime, Arc<C>)>>,
+}
+
+impl<K, C> Default for ByFile<K, C> {
+    fn default() -> Self {
+        Self {
+            built: Default::default(),
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq, C> ByFile<K, C> {
+    /// The configuration of `key`, built from `file` by `build` when new or changed.
+    pub fn get<E: fmt::Display>(
+        &self,
+        key: K,
+        file: &std::path::Path,
+        build: impl FnOnce() -> Result<C, E>,
+    ) -> Result<Arc<C>, E> {
+        let mtime = std::fs::metadata(file).and_then(|m| m.modified()).ok();
+        let mut built = self.built.lock().unwrap_or_else(|e| e.into_inner());
+        let current = built.get(&key);
+        if let (Some((at, c)), Some(m)) = (current, mtime)
+            && *at == m
+        {
+            return Ok(c.clone());
+        }
+        match build() {
+            Ok(c) => {
+                let c = Arc::new(c);
+                let at = mtime.unwrap_or(std::time::SystemTime::UNIX_EPOCH);
+                built.insert(key, (at, c.clone()));
+                Ok(c)
+            }
+            Err(e) => match current {
+                Some((_, c)) => {
+                    tracing::warn!(file = %file.display(), error = %e, "identity unusable; keeping the previous one");
+                    Ok(c.clone())
+                }
+                None => Err(e),
+            },
+        }
+    }
+}
+
 /// The `tls` block auto mTLS and HBONE stand for: ISTIO_MUTUAL with the mesh's own material.
-pub static ISTIO_MUTUAL: std::sync::LazyLock<ClientTls> =
-    std::sync::LazyLock::new(|| ClientTls {
-        mode: TlsMode::IstioMutual,
-        client_certificate: None,
-        private_key: None,
-        ca_certificates: None,
-        ca_crl: None,
-        credential_name: None,
-        subject_alt_names: Vec::new(),
-        sni: None,
-        insecure_skip_verify: false,
-    });
+pub static ISTIO_MUTUAL: std::sync::LazyLock<ClientTls> = std::sync::LazyLock::new(|| ClientTls {
+    mode: TlsMode::IstioMutual,
+    client_certificate: None,
+    private_key: None,
+    ca_certificates: None,
+    ca_crl: None,
+    credential_name: None,
+    subject_alt_names: Vec::new(),
+    sni: None,
+    insecure_skip_verify: false,
+});
 
 /// The client side of an HBONE connection: TLS 1.3, ALPN `h2`, presenting `identity` and
 /// requiring the server to present exactly `peer`.
@@ -315,7 +361,13 @@ pub fn hbone_config(
         identities: vec![peer.to_string()],
     };
     let versions: &[&'static rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
-    istio_config(&ISTIO_MUTUAL, identity, (&mesh, versions), &[b"h2"], &mut Vec::new())
+    istio_config(
+        &ISTIO_MUTUAL,
+        identity,
+        (&mesh, versions),
+        &[b"h2"],
+        &mut Vec::new(),
+    )
 }
 
 fn istio_config(

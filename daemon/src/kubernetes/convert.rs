@@ -68,8 +68,8 @@ pub fn pod_info(pod: &Pod) -> PodInfo {
     let mut labels = pod.metadata.labels.clone().unwrap_or_default();
     // istio-cni marks the pods it enrolled with this annotation, and istiod reaches them over
     // HBONE: folded into the labels, where a WorkloadEntry carries it.
-    if let Some(v) = (pod.metadata.annotations.as_ref())
-        .and_then(|a| a.get(crate::hbone::REDIRECTION))
+    if let Some(v) =
+        (pod.metadata.annotations.as_ref()).and_then(|a| a.get(crate::hbone::REDIRECTION))
     {
         labels.insert(crate::hbone::REDIRECTION.into(), v.clone());
     }

@@ -180,7 +180,8 @@ impl Upstreams {
             (None, None) => None,
         };
         let key = (
-            kept.as_ref().map_or(0, |k| Arc::as_ptr(k) as *const () as usize),
+            kept.as_ref()
+                .map_or(0, |k| Arc::as_ptr(k) as *const () as usize),
             host,
             settings,
         );

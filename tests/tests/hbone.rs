@@ -1,0 +1,289 @@
+//! Mesh mTLS between two nodes through the real capture path: two daemons, each enrolling one
+//! workload namespace with `--inbound-pods` (the client's, the server's), joined by a veth pair.
+//! Endpoints labelled `ambient.istio.io/redirection: enabled` are reached over HBONE (HTTP/2
+//! `CONNECT` over mutual TLS to port 15008), those labelled `security.istio.io/tlsMode: istio`
+//! with ISTIO_MUTUAL; the server node terminates both in the pod's namespace with the pod's
+//! identity and decides plaintext by its PeerAuthentication. Root needed; under `CI` the tests
+//! fail rather than skip.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::SocketAddr,
+    time::Duration,
+};
+
+use drover_tests::{Daemon, PinDir, Pki, Proc, Topology, probe, require_privileged, write_config};
+
+const VIP: &str = "127.77.0.10";
+const IMPOSTOR_VIP: &str = "127.77.0.11";
+const SIDECAR_VIP: &str = "127.77.0.12";
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/test/sa/client-sa";
+const SERVER_ID: &str = "spiffe://cluster.local/ns/test/sa/server-sa";
+
+/// `secure` (HBONE, TCP 80 → 7000 and HTTP 9080), `impostor` (HBONE, but expecting another
+/// service account from the same pod) and `sidecar` (ISTIO_MUTUAL to the same pod).
+fn config(ep: std::net::IpAddr) -> String {
+    let entry = |name: &str, vip: &str, sa: &str, label: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: {name}, namespace: test}}
+spec:
+  hosts: [{name}.test.svc]
+  addresses: [{vip}]
+  ports:
+  - {{number: 80, name: tcp, protocol: TCP, targetPort: 7000}}
+  - {{number: 9080, name: http, protocol: HTTP, targetPort: 9080}}
+  resolution: STATIC
+  endpoints: [{{address: {ep}, serviceAccount: {sa}, labels: {{{label}}}}}]
+---
+"
+        )
+    };
+    entry(
+        "secure",
+        VIP,
+        "server-sa",
+        "ambient.istio.io/redirection: enabled",
+    ) + &entry(
+        "impostor",
+        IMPOSTOR_VIP,
+        "other-sa",
+        "ambient.istio.io/redirection: enabled",
+    ) + &entry(
+        "sidecar",
+        SIDECAR_VIP,
+        "server-sa",
+        "security.istio.io/tlsMode: istio",
+    )
+}
+
+/// Two nodes of one mesh: the client namespace on node A, endpoint 1 (an echo server on 7000,
+/// an HTTP server on 9080) on node B.
+struct TwoNodes {
+    _pki: Pki,
+    mesh: String,
+    cfg: std::path::PathBuf,
+    t: Topology,
+    ep: std::net::IpAddr,
+    _servers: Vec<Proc>,
+}
+
+impl TwoNodes {
+    fn new() -> Self {
+        let pki = Pki::new();
+        let mesh = pki.dir.join("mesh").display().to_string();
+        let out = std::process::Command::new(drover_tests::bin("drover"))
+            .args(["ca", "init", "--dir", &mesh])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let t = Topology::new(1);
+        let ep = Topology::ep4(1);
+        let servers = vec![
+            Proc::server(
+                Some(&t.endpoints[0]),
+                "echo",
+                &[SocketAddr::new(ep, 7000)],
+                "ep1",
+            ),
+            Proc::server(
+                Some(&t.endpoints[0]),
+                "http",
+                &[SocketAddr::new(ep, 9080)],
+                "ep1",
+            ),
+        ];
+        Self {
+            cfg: write_config(&config(ep)),
+            _pki: pki,
+            mesh,
+            t,
+            ep,
+            _servers: servers,
+        }
+    }
+
+    /// A node enrolling `netns` as service account `sa`, inbound `mode` by default.
+    fn node(&self, netns: &str, sa: &str, mode: &str) -> (Daemon, PinDir) {
+        let pins = PinDir::new();
+        let args: Vec<String> = [
+            "--config",
+            &self.cfg.display().to_string(),
+            "--pin-dir",
+            &pins.path.display().to_string(),
+            "--mesh-ca",
+            &self.mesh,
+            "--client-namespace",
+            "test",
+            "--service-account",
+            sa,
+            "--netns",
+            netns,
+            "--inbound-pods",
+            "--peer-authentication",
+            mode,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        (Daemon::start(&args).expect("daemon starts"), pins)
+    }
+
+    fn client_node(&self) -> (Daemon, PinDir) {
+        self.node(&self.t.client.name, "client-sa", "strict")
+    }
+
+    fn server_node(&self, mode: &str) -> (Daemon, PinDir) {
+        self.node(&self.t.endpoints[0].name, "server-sa", mode)
+    }
+
+    /// A plaintext connection from the client namespace straight to the pod (not a service
+    /// address, so not captured) that speaks first: the greeting, or `None` when refused.
+    fn direct_plaintext(&self) -> Option<String> {
+        let c = self
+            .t
+            .client
+            .connect(SocketAddr::new(self.ep, 7000), None)
+            .unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        (&c).write_all(b"ping\n").unwrap();
+        let mut line = String::new();
+        match BufReader::new(c).read_line(&mut line) {
+            Ok(0) => None,
+            Ok(_) => Some(line),
+            Err(e) => {
+                assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+                None
+            }
+        }
+    }
+}
+
+#[test]
+fn pods_on_two_nodes_speak_hbone_with_both_identities_checked() {
+    if !require_privileged() {
+        return;
+    }
+    let bed = TwoNodes::new();
+    let (server, _server_pins) = bed.server_node("strict");
+    let (client, _client_pins) = bed.client_node();
+    let vip = |ip: &str, port: u16| -> SocketAddr { format!("{ip}:{port}").parse().unwrap() };
+
+    // TCP through both nodes: the workload sees the server node's forward connection from
+    // inside its namespace (source = its own address).
+    let line = bed.t.client.greeting(vip(VIP, 80)).expect("greeting");
+    assert!(line.starts_with("hello from ep1 peer="), "{line}");
+    let peer: SocketAddr = line.trim().rsplit("peer=").next().unwrap().parse().unwrap();
+    assert_eq!(peer.ip(), bed.ep, "{line}");
+    // Both ends name both identities.
+    assert!(
+        server.wait_log(&format!("HBONE from {CLIENT_ID}"), Duration::from_secs(3)),
+        "{}",
+        server.log()
+    );
+    assert!(
+        client.wait_log(
+            &format!("HBONE {CLIENT_ID} -> {SERVER_ID}"),
+            Duration::from_secs(3)
+        ),
+        "{}",
+        client.log()
+    );
+
+    // HTTP over HBONE: every request answered by the pod.
+    let r = probe(
+        Some(&bed.t.client),
+        None,
+        &["http", &format!("http://{VIP}:9080/"), "--count", "5"],
+    );
+    assert_eq!(r["status"]["200"], 5, "{r}");
+
+    // Several tunnels at once share one pooled connection to the pod's 15008.
+    let held: Vec<_> = (0..3)
+        .map(|_| {
+            let c = bed.t.client.connect(vip(VIP, 80), None).unwrap();
+            (&c).write_all(b"ping\n").unwrap();
+            let mut line = String::new();
+            let mut r = BufReader::new(c);
+            r.read_line(&mut line).unwrap();
+            assert!(line.starts_with("hello from ep1"), "{line}");
+            r
+        })
+        .collect();
+    let ss = bed
+        .t
+        .client
+        .command("ss")
+        .args(["-Htn", "state", "established"])
+        .output()
+        .unwrap();
+    let ss = String::from_utf8_lossy(&ss.stdout);
+    let to_hbone = ss
+        .lines()
+        .filter(|l| l.contains(&format!("{}:15008", bed.ep)))
+        .count();
+    assert_eq!(to_hbone, 1, "one pooled HBONE connection: {ss}");
+    drop(held);
+    // Counted as each tunnel ends: one TCP and the three held (the HTTP connection's tunnel
+    // stays pooled).
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    let tunnels = loop {
+        let n = server.clusters()["inbound"]["hbone"].as_u64().unwrap();
+        if n >= 4 || std::time::Instant::now() > deadline {
+            break n;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(tunnels, 4, "{}", server.clusters()["inbound"]);
+
+    // The destination must present the identity the client expects: a pod presenting
+    // server-sa where other-sa is expected is refused (no bytes reach it).
+    assert_eq!(bed.t.client.greeting(vip(IMPOSTOR_VIP, 80)), None);
+    assert!(
+        client.wait_log("other-sa", Duration::from_secs(3)),
+        "{}",
+        client.log()
+    );
+
+    // A sidecar-style client (ISTIO_MUTUAL on the application port) is terminated by the same
+    // pod's inbound side.
+    let line = bed
+        .t
+        .client
+        .greeting(vip(SIDECAR_VIP, 80))
+        .expect("greeting");
+    assert!(line.starts_with("hello from ep1"), "{line}");
+    assert!(
+        server.wait_log(&format!("mTLS from {CLIENT_ID}"), Duration::from_secs(3)),
+        "{}",
+        server.log()
+    );
+
+    // STRICT: a plaintext client straight to the pod is refused.
+    assert_eq!(bed.direct_plaintext(), None);
+    assert!(server.wait_log("plaintext client refused", Duration::from_secs(3)));
+    assert_eq!(server.clusters()["inbound"]["plaintext_refused"], 1);
+}
+
+#[test]
+fn permissive_accepts_plaintext_and_hbone_alike() {
+    if !require_privileged() {
+        return;
+    }
+    let bed = TwoNodes::new();
+    let (server, _server_pins) = bed.server_node("permissive");
+    let (_client, _client_pins) = bed.client_node();
+    let line = bed.direct_plaintext().expect("plaintext passes");
+    assert!(line.starts_with("hello from ep1"), "{line}");
+    let line = bed
+        .t
+        .client
+        .greeting(format!("{VIP}:80").parse().unwrap())
+        .expect("greeting");
+    assert!(line.starts_with("hello from ep1"), "{line}");
+    assert!(server.wait_log(&format!("HBONE from {CLIENT_ID}"), Duration::from_secs(3)));
+    let inbound = &server.clusters()["inbound"];
+    assert_eq!(inbound["plaintext_passed"], 1, "{inbound}");
+    assert_eq!(inbound["hbone"], 1, "{inbound}");
+}
