@@ -9,6 +9,7 @@
 #![expect(clippy::print_stdout, reason = "the bench reports on stdout")]
 
 mod cni;
+mod hbone;
 mod kube;
 mod peers;
 mod report;
@@ -107,6 +108,7 @@ enum Part {
     Kube,
     Cni,
     Sockmap,
+    Hbone,
 }
 
 struct Row {
@@ -224,6 +226,9 @@ fn main() {
     }
     if run(Part::Cni) {
         cni::run(args.cni_pods);
+    }
+    if run(Part::Hbone) {
+        hbone::run(&t, ep, (args.count, args.bytes, args.l4_rounds));
     }
     if run(Part::Sockmap) {
         sockmap::run(args.bytes.min(1 << 30), args.count, args.sockmap_rounds);
