@@ -266,22 +266,95 @@ fn pods_on_two_nodes_speak_hbone_with_both_identities_checked() {
     assert_eq!(server.clusters()["inbound"]["plaintext_refused"], 1);
 }
 
+/// A packet capture on the endpoint's side of the link between the nodes (`tcpdump`, packets
+/// delivered at once so that none is still buffered when it stops).
+struct Capture {
+    child: std::process::Child,
+    file: std::path::PathBuf,
+    stderr: BufReader<std::process::ChildStderr>,
+}
+
+impl Capture {
+    fn start(bed: &TwoNodes, dir: &std::path::Path) -> Self {
+        let file = dir.join("link.pcap");
+        let dev = format!("d{}b1", bed.t.id);
+        let mut child = bed.t.endpoints[0]
+            .command("tcpdump")
+            .args(["-i", &dev, "--immediate-mode", "-U", "-s", "0", "-w"])
+            .arg(&file)
+            .arg("tcp")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("tcpdump (cargo xtask setup installs it)");
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        stderr.read_line(&mut line).unwrap();
+        assert!(line.contains("listening on"), "tcpdump: {line}");
+        Self {
+            child,
+            file,
+            stderr,
+        }
+    }
+
+    /// Stops the capture: the raw capture file and tcpdump's reading of it.
+    fn stop(mut self) -> (Vec<u8>, String) {
+        std::thread::sleep(Duration::from_millis(200));
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        let _ = self.child.wait();
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut self.stderr, &mut rest);
+        assert!(rest.contains("packets captured"), "tcpdump: {rest}");
+        let raw = std::fs::read(&self.file).unwrap();
+        let read = std::process::Command::new("tcpdump")
+            .args(["-nn", "-r"])
+            .arg(&self.file)
+            .output()
+            .unwrap();
+        (raw, String::from_utf8_lossy(&read.stdout).into_owned())
+    }
+}
+
+/// Sends `payload` on a new connection from the client namespace to `addr` and reads the
+/// greeting.
+fn send(bed: &TwoNodes, addr: SocketAddr, payload: &str) -> String {
+    let c = bed.t.client.connect(addr, None).unwrap();
+    (&c).write_all(payload.as_bytes()).unwrap();
+    let mut line = String::new();
+    BufReader::new(c).read_line(&mut line).unwrap();
+    line
+}
+
 #[test]
-fn permissive_accepts_plaintext_and_hbone_alike() {
+fn permissive_accepts_plaintext_and_hbone_alike_and_only_plaintext_shows_on_the_wire() {
     if !require_privileged() {
         return;
     }
     let bed = TwoNodes::new();
     let (server, _server_pins) = bed.server_node("permissive");
     let (_client, _client_pins) = bed.client_node();
-    let line = bed.direct_plaintext().expect("plaintext passes");
+    let capture = Capture::start(&bed, &bed._pki.dir);
+    let hidden = format!("hbone-secret-{}\n", drover_tests::unique_id());
+    let shown = format!("plain-secret-{}\n", drover_tests::unique_id());
+    let line = send(&bed, format!("{VIP}:80").parse().unwrap(), &hidden);
     assert!(line.starts_with("hello from ep1"), "{line}");
-    let line = bed
-        .t
-        .client
-        .greeting(format!("{VIP}:80").parse().unwrap())
-        .expect("greeting");
+    let line = send(&bed, SocketAddr::new(bed.ep, 7000), &shown);
     assert!(line.starts_with("hello from ep1"), "{line}");
+    let (raw, read) = capture.stop();
+    let seen = |s: &str| raw.windows(s.len()).any(|w| w == s.as_bytes());
+    // The capture sees plaintext when there is some (the control), and the tunnel's bytes only
+    // as TLS records to and from 15008.
+    assert!(
+        seen(&shown),
+        "the plaintext client's bytes are on the wire: {read}"
+    );
+    assert!(!seen(&hidden), "the HBONE client's bytes never are");
+    assert!(read.contains(&format!("{}.15008", bed.ep)), "{read}");
+
     assert!(server.wait_log(&format!("HBONE from {CLIENT_ID}"), Duration::from_secs(3)));
     let inbound = &server.clusters()["inbound"];
     assert_eq!(inbound["plaintext_passed"], 1, "{inbound}");

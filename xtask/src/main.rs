@@ -17,7 +17,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 /// Debian packages the project uses (tests, demo, bench).
-const APT_PACKAGES: [&str; 15] = [
+const APT_PACKAGES: [&str; 16] = [
     "protobuf-compiler",
     "iproute2",
     "iptables",
@@ -37,6 +37,8 @@ const APT_PACKAGES: [&str; 15] = [
     "binutils",
     // A DNS server for the `resolution: DNS` tests.
     "dnsmasq-base",
+    // Packet captures: the HBONE test checks that nothing crosses the link in plaintext.
+    "tcpdump",
 ];
 /// What only the bench uses: the peers it compares with and their load tools.
 const BENCH_PACKAGES: [&str; 5] = ["wrk", "haproxy", "nginx-light", "iperf3", "nghttp2-client"];
