@@ -1,10 +1,16 @@
-//! Builds the kernel programs (`ebpf/`) with aya-build and leaves the object in `OUT_DIR/drover-ebpf`.
+//! Builds the kernel programs (`ebpf/`) with aya-build and leaves the object in `OUT_DIR/drover-ebpf`,
+//! and generates the client of Istio's CA API from `proto/istio_ca.proto`.
 //!
 //! `DROVER_SKIP_EBPF=1` writes an empty object instead (for `cargo check`/`clippy` on machines
 //! without the eBPF toolchain); a daemon built that way refuses `--capture ebpf` with a clear error.
 use std::{env, fs, path::PathBuf};
 
 fn main() -> anyhow::Result<()> {
+    // The client of Istio's CA API (`--ca-address`); needs `protoc` (`cargo xtask setup`).
+    println!("cargo:rerun-if-changed=proto/istio_ca.proto");
+    tonic_prost_build::configure()
+        .build_server(false)
+        .compile_protos(&["proto/istio_ca.proto"], &["proto"])?;
     println!("cargo:rerun-if-env-changed=DROVER_SKIP_EBPF");
     let out = PathBuf::from(env::var("OUT_DIR")?).join("drover-ebpf");
     if env::var("DROVER_SKIP_EBPF").is_ok_and(|v| v == "1") {

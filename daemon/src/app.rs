@@ -19,7 +19,7 @@ use crate::{
 /// `--mesh-ca` and friends.
 #[derive(Clone, Debug)]
 pub struct MeshConfig {
-    pub ca_dir: PathBuf,
+    pub authority: crate::mesh::Authority,
     pub trust_domain: String,
     pub service_account: String,
     pub identity_dir: PathBuf,
@@ -235,7 +235,7 @@ impl RunConfig {
             credentials: self.credentials.clone(),
             issuer: self.mesh.as_ref().map(|m| {
                 Arc::new(crate::mesh::Issuer::new(
-                    m.ca_dir.clone(),
+                    m.authority.clone(),
                     m.trust_domain.clone(),
                     m.identity_dir.clone(),
                 ))
@@ -464,13 +464,13 @@ fn issue_identity(
     mesh: &MeshConfig,
     namespace: &str,
 ) -> anyhow::Result<crate::mesh::IdentityFiles> {
-    let ca = crate::mesh::Ca::load(&mesh.ca_dir)?;
     let spiffe = crate::mesh::spiffe_id(&mesh.trust_domain, namespace, &mesh.service_account);
     let lifetime = crate::mesh::WORKLOAD_LIFETIME;
-    let files = ca.issue_into(&mesh.identity_dir, &spiffe, &mesh.trust_domain, lifetime)?;
+    let files =
+        (mesh.authority).issue_into(&mesh.identity_dir, &spiffe, &mesh.trust_domain, lifetime)?;
     tracing::info!(identity = %spiffe, cert = %files.cert.display(), "workload identity issued");
     tokio::spawn(crate::mesh::renew(
-        ca,
+        mesh.authority.clone(),
         mesh.identity_dir.clone(),
         files.clone(),
         lifetime,

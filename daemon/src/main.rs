@@ -114,8 +114,24 @@ struct RunArgs {
     credentials: Option<PathBuf>,
     /// Mesh CA directory (`drover ca init`): issue the enrolled workloads a SPIFFE identity for
     /// `ISTIO_MUTUAL` (24 h certificates renewed at half-life).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", conflicts_with = "ca_address")]
     mesh_ca: Option<PathBuf>,
+    /// Istio's CA API (`https://istiod.istio-system.svc:15012`): the workload certificates come
+    /// from there (`CreateCertificate`, the node's token, each pod's identity asked for), so the
+    /// pods join that mesh's trust domain. Needs --ca-root.
+    #[arg(long, value_name = "URL", requires = "ca_root")]
+    ca_address: Option<String>,
+    /// The mesh's root certificate (PEM; istiod's `istio-ca-root-cert` ConfigMap): verifies the
+    /// CA and every peer.
+    #[arg(long, value_name = "FILE")]
+    ca_root: Option<PathBuf>,
+    /// The Kubernetes token presented to the CA (a projected token with audience `istio-ca`).
+    #[arg(
+        long,
+        value_name = "FILE",
+        default_value = "/var/run/secrets/tokens/istio-token"
+    )]
+    ca_token: PathBuf,
     /// Trust domain of the mesh identities.
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
@@ -127,7 +143,7 @@ struct RunArgs {
     identity_dir: Option<PathBuf>,
     /// Terminate mesh mTLS for the workloads of this network namespace (an `ip netns` name or
     /// a path): inbound TCP to `--inbound-port`s is steered to drover by `sk_lookup`.
-    #[arg(long, value_name = "NETNS", requires = "mesh_ca")]
+    #[arg(long, value_name = "NETNS")]
     inbound_netns: Option<String>,
     /// Workload port whose inbound connections are terminated (repeatable).
     #[arg(long = "inbound-port", requires = "inbound_netns")]
@@ -136,7 +152,7 @@ struct RunArgs {
     /// mesh CA): every port but Drover's own is steered to 15006 in the pod (mTLS or plaintext
     /// as its `PeerAuthentication` says), and HBONE is served on 15008, with the workload's own
     /// identity.
-    #[arg(long, requires = "mesh_ca")]
+    #[arg(long)]
     inbound_pods: bool,
     /// Enrol pods as they start: serve the `drover-cni` plugin on this Unix socket (eBPF
     /// capture only; the plugin's default is /var/run/drover/cni.sock).
@@ -597,6 +613,17 @@ impl RunArgs {
                 None => netns.push(n),
             }
         }
+        let authority = match (self.mesh_ca, self.ca_address, self.ca_root) {
+            (Some(dir), _, _) => Some(drover::mesh::Authority::Local(dir)),
+            (None, Some(address), Some(root)) => Some(drover::mesh::Authority::Remote(
+                drover::mesh::remote::RemoteCa {
+                    address,
+                    root,
+                    token: self.ca_token,
+                },
+            )),
+            _ => None,
+        };
         Ok(app::RunConfig {
             config_paths: self.config,
             cgroups: self.cgroup,
@@ -619,8 +646,8 @@ impl RunArgs {
                 .inbound_netns
                 .map(|n| (n, self.inbound_ports, self.peer_authentication)),
             inbound_pods: self.inbound_pods.then_some(self.peer_authentication),
-            mesh: self.mesh_ca.map(|ca_dir| app::MeshConfig {
-                ca_dir,
+            mesh: authority.map(|authority| app::MeshConfig {
+                authority,
                 trust_domain: self.trust_domain,
                 service_account: self.service_account,
                 identity_dir: self.identity_dir.unwrap_or_else(|| {

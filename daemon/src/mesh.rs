@@ -36,6 +36,54 @@ pub enum Error {
     Issue(#[from] rcgen::Error),
     #[error("invalid SPIFFE identity {0:?} (expected spiffe://TRUST-DOMAIN/…)")]
     Spiffe(String),
+    #[error("CA {address}: {reason}")]
+    Remote { address: String, reason: String },
+}
+
+pub mod remote;
+
+/// Who signs the workload certificates: the local CA directory (`--mesh-ca`) or Istio's CA API
+/// (`--ca-address`).
+#[derive(Clone, Debug)]
+pub enum Authority {
+    Local(PathBuf),
+    Remote(remote::RemoteCa),
+}
+
+impl Authority {
+    /// Issues `spiffe` into `dir` (waiting for a remote CA on a thread of its own).
+    pub fn issue_into(
+        &self,
+        dir: &Path,
+        spiffe: &str,
+        trust_domain: &str,
+        lifetime: Duration,
+    ) -> Result<IdentityFiles, Error> {
+        match self {
+            Authority::Local(ca_dir) => {
+                Ca::load(ca_dir)?.issue_into(dir, spiffe, trust_domain, lifetime)
+            }
+            Authority::Remote(r) => r.issue_into_blocking(dir, spiffe, trust_domain, lifetime),
+        }
+    }
+
+    async fn reissue(
+        &self,
+        dir: &Path,
+        files: &IdentityFiles,
+        lifetime: Duration,
+    ) -> Result<(), Error> {
+        match self {
+            Authority::Local(ca_dir) => {
+                Ca::load(ca_dir)?.issue_into(dir, &files.spiffe, &files.trust_domain, lifetime)?
+            }
+            Authority::Remote(r) => {
+                r.issue_into(dir, &files.spiffe, &files.trust_domain, lifetime)
+                    .await?
+            }
+        };
+        Ok(())
+    }
 }
 
 /// A loaded mesh CA.
@@ -192,16 +240,16 @@ pub fn spiffe_id(trust_domain: &str, namespace: &str, service_account: &str) -> 
 /// workloads run as, under `dir/<namespace>/<service account>/`.
 #[derive(Debug)]
 pub struct Issuer {
-    pub ca_dir: PathBuf,
+    pub authority: Authority,
     pub trust_domain: String,
     pub dir: PathBuf,
     issued: std::sync::Mutex<std::collections::HashMap<(String, String), IdentityFiles>>,
 }
 
 impl Issuer {
-    pub fn new(ca_dir: PathBuf, trust_domain: String, dir: PathBuf) -> Self {
+    pub fn new(authority: Authority, trust_domain: String, dir: PathBuf) -> Self {
         Self {
-            ca_dir,
+            authority,
             trust_domain,
             dir,
             issued: Default::default(),
@@ -216,25 +264,34 @@ impl Issuer {
         if let Some(files) = issued.get(&key) {
             return Ok(files.clone());
         }
-        let ca = Ca::load(&self.ca_dir)?;
         let spiffe = spiffe_id(&self.trust_domain, namespace, sa);
         let dir = self.dir.join(namespace).join(sa);
-        let files = ca.issue_into(&dir, &spiffe, &self.trust_domain, WORKLOAD_LIFETIME)?;
+        let files =
+            (self.authority).issue_into(&dir, &spiffe, &self.trust_domain, WORKLOAD_LIFETIME)?;
         tracing::info!(identity = %spiffe, cert = %files.cert.display(), "workload identity issued");
-        tokio::spawn(renew(ca, dir, files.clone(), WORKLOAD_LIFETIME));
+        tokio::spawn(renew(
+            self.authority.clone(),
+            dir,
+            files.clone(),
+            WORKLOAD_LIFETIME,
+        ));
         issued.insert(key, files.clone());
         Ok(files)
     }
 }
 
-/// Keeps `files` fresh: re-issues at half of `lifetime`, forever (until the task is dropped).
-pub async fn renew(ca: Ca, dir: PathBuf, files: IdentityFiles, lifetime: Duration) {
+/// Keeps `files` fresh: re-issues at half of `lifetime` (a minute after a failure), forever
+/// (until the task is dropped). Open connections keep the certificate they were made with.
+pub async fn renew(authority: Authority, dir: PathBuf, files: IdentityFiles, lifetime: Duration) {
+    let mut wait = lifetime / 2;
     loop {
-        tokio::time::sleep(lifetime / 2).await;
-        match ca.issue_into(&dir, &files.spiffe, &files.trust_domain, lifetime) {
+        tokio::time::sleep(wait).await;
+        wait = lifetime / 2;
+        match authority.reissue(&dir, &files, lifetime).await {
             Ok(_) => tracing::info!(identity = %files.spiffe, "workload certificate renewed"),
             Err(e) => {
-                tracing::error!(error = %e, "workload certificate renewal failed; retrying in 60 s")
+                tracing::error!(error = %e, "workload certificate renewal failed; retrying in 60 s");
+                wait = Duration::from_secs(60).min(lifetime / 2);
             }
         }
     }
@@ -320,7 +377,8 @@ mod tests {
             .issue_into(&dir.join("id"), &id, "cluster.local", lifetime)
             .unwrap();
         let before = std::fs::read_to_string(&files.cert).unwrap();
-        let task = tokio::spawn(renew(ca, dir.join("id"), files.clone(), lifetime));
+        let authority = Authority::Local(dir.clone());
+        let task = tokio::spawn(renew(authority, dir.join("id"), files.clone(), lifetime));
         // Paused clock: nothing before half-life, a new certificate right after it.
         tokio::time::sleep(Duration::from_secs(1790)).await;
         assert_eq!(std::fs::read_to_string(&files.cert).unwrap(), before);

@@ -21,6 +21,7 @@ use std::{
 };
 
 pub mod apiserver;
+pub mod ca;
 pub mod cri;
 pub mod k8s;
 pub mod podman;

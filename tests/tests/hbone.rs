@@ -104,16 +104,27 @@ impl TwoNodes {
         }
     }
 
-    /// A node enrolling `netns` as service account `sa`, inbound `mode` by default.
+    /// A node enrolling `netns` as service account `sa`, inbound `mode` by default, issuing
+    /// identities with the mesh CA.
     fn node(&self, netns: &str, sa: &str, mode: &str) -> (Daemon, PinDir) {
+        self.node_with(netns, sa, mode, &["--mesh-ca", &self.mesh])
+            .expect("daemon starts")
+    }
+
+    /// [`TwoNodes::node`] with `authority` (the CA flags) instead of the mesh CA.
+    fn node_with(
+        &self,
+        netns: &str,
+        sa: &str,
+        mode: &str,
+        authority: &[&str],
+    ) -> Result<(Daemon, PinDir), String> {
         let pins = PinDir::new();
-        let args: Vec<String> = [
+        let mut args: Vec<String> = [
             "--config",
             &self.cfg.display().to_string(),
             "--pin-dir",
             &pins.path.display().to_string(),
-            "--mesh-ca",
-            &self.mesh,
             "--client-namespace",
             "test",
             "--service-account",
@@ -127,7 +138,11 @@ impl TwoNodes {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        (Daemon::start(&args).expect("daemon starts"), pins)
+        args.extend(authority.iter().map(|s| s.to_string()));
+        match Daemon::start(&args) {
+            Ok(d) => Ok((d, pins)),
+            Err((code, log)) => Err(format!("exit {code:?}: {log}")),
+        }
     }
 
     fn client_node(&self) -> (Daemon, PinDir) {
@@ -359,6 +374,73 @@ fn permissive_accepts_plaintext_and_hbone_alike_and_only_plaintext_shows_on_the_
     let inbound = &server.clusters()["inbound"];
     assert_eq!(inbound["plaintext_passed"], 1, "{inbound}");
     assert_eq!(inbound["hbone"], 1, "{inbound}");
+}
+
+#[test]
+fn nodes_take_their_pods_certificates_from_istios_ca_api() {
+    if !require_privileged() {
+        return;
+    }
+    let bed = TwoNodes::new();
+    let dir = bed._pki.dir.clone();
+    let out = std::process::Command::new(drover_tests::bin("drover"))
+        .args(["ca", "issue", "--dir", &bed.mesh, "--dns", "localhost"])
+        .args([
+            "--spiffe",
+            "spiffe://cluster.local/ns/istio-system/sa/istiod",
+            "--out",
+        ])
+        .arg(dir.join("istiod.pem"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let token = format!("node-token-{}", drover_tests::unique_id());
+    let ca = drover_tests::ca::TestCa::start(
+        std::path::Path::new(&bed.mesh),
+        (&dir.join("istiod.pem"), &dir.join("istiod-key.pem")),
+        &token,
+    );
+    let token_file = dir.join("istio-token");
+    std::fs::write(&token_file, &token).unwrap();
+    let address = format!("https://localhost:{}", ca.addr.port());
+    let root = format!("{}/root-cert.pem", bed.mesh);
+    let remote = [
+        "--ca-address",
+        address.as_str(),
+        "--ca-root",
+        root.as_str(),
+        "--ca-token",
+        token_file.to_str().unwrap(),
+    ];
+    let (server, _server_pins) = bed
+        .node_with(&bed.t.endpoints[0].name, "server-sa", "strict", &remote)
+        .unwrap();
+    let (_client, _client_pins) = bed
+        .node_with(&bed.t.client.name, "client-sa", "strict", &remote)
+        .unwrap();
+    // Each node asked the CA for its pod's identity, with its token.
+    let signed = ca.signed.lock().unwrap().clone();
+    assert!(signed.contains(&CLIENT_ID.to_string()), "{signed:?}");
+    assert!(signed.contains(&SERVER_ID.to_string()), "{signed:?}");
+    // And the pods talk over HBONE with those certificates.
+    let line = bed
+        .t
+        .client
+        .greeting(format!("{VIP}:80").parse().unwrap())
+        .expect("greeting");
+    assert!(line.starts_with("hello from ep1"), "{line}");
+    assert!(server.wait_log(&format!("HBONE from {CLIENT_ID}"), Duration::from_secs(3)));
+
+    // A node whose token the CA refuses does not start, naming the CA and its answer.
+    std::fs::write(&token_file, "stolen").unwrap();
+    let refused = bed
+        .node_with(&bed.t.endpoints[0].name, "server-sa", "strict", &remote)
+        .err()
+        .expect("refused");
+    assert!(
+        refused.contains(&format!("CA {address}")) && refused.contains("bad token"),
+        "{refused}"
+    );
 }
 
 // === interop with Envoy ===
