@@ -1,8 +1,8 @@
 //! A test stand-in for istiod's CA: `istio.v1.auth.IstioCertificateService/CreateCertificate`
 //! over gRPC and TLS on 127.0.0.1, signing with a mesh CA made by `drover ca init`. It accepts a
-//! request only with `authorization: Bearer <token>` and a CSR whose one URI SAN is the identity
-//! asked for (`ImpersonatedIdentity`, else none), answers the chain (certificate, root) and
-//! records every identity it signed.
+//! request only with `authorization: Bearer <token>` and a CSR with exactly one URI SAN, which
+//! must be the identity asked for when the request names one (`ImpersonatedIdentity`); it
+//! answers the chain (certificate, root) and records every identity it signed.
 
 use std::{
     net::SocketAddr,
@@ -38,6 +38,36 @@ impl TestCa {
     /// Serves on 127.0.0.1 with `server` (certificate, key: a name the clients dial), signing
     /// with the CA in `mesh_dir`, for clients presenting `token`.
     pub fn start(mesh_dir: &Path, server: (&Path, &Path), token: &str) -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        Self::start_on(listener, mesh_dir, server, token)
+    }
+
+    /// [`TestCa::start`] on 127.0.0.1 inside network namespace `netns` (for a client that runs
+    /// there), on `port`.
+    pub fn start_in(
+        netns: &crate::Netns,
+        port: u16,
+        mesh_dir: &Path,
+        server: (&Path, &Path),
+        token: &str,
+    ) -> Self {
+        let path = format!("/var/run/netns/{}", netns.name);
+        let listener = std::thread::spawn(move || {
+            let f = std::fs::File::open(&path).unwrap();
+            nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            std::net::TcpListener::bind(("127.0.0.1", port)).unwrap()
+        })
+        .join()
+        .unwrap();
+        Self::start_on(listener, mesh_dir, server, token)
+    }
+
+    fn start_on(
+        listener: std::net::TcpListener,
+        mesh_dir: &Path,
+        server: (&Path, &Path),
+        token: &str,
+    ) -> Self {
         let root_pem = std::fs::read_to_string(mesh_dir.join("root-cert.pem")).unwrap();
         let key = rcgen::KeyPair::from_pem(
             &std::fs::read_to_string(mesh_dir.join("root-key.pem")).unwrap(),
@@ -51,7 +81,6 @@ impl TestCa {
         };
         let signed = signer.signed.clone();
         let tls = server_tls(server);
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -186,12 +215,11 @@ impl api::istio_certificate_service_server::IstioCertificateService for Signer {
             return Err(tonic::Status::unauthenticated("bad token"));
         }
         let req = req.into_inner();
-        let asked = req
+        let impersonated = req
             .metadata
             .as_ref()
             .and_then(|m| m.fields.get("ImpersonatedIdentity"))
-            .and_then(|v| (v.kind.as_ref()).map(|api::value::Kind::StringValue(s)| s.clone()))
-            .ok_or_else(|| tonic::Status::invalid_argument("no ImpersonatedIdentity"))?;
+            .and_then(|v| (v.kind.as_ref()).map(|api::value::Kind::StringValue(s)| s.clone()));
         let mut csr = rcgen::CertificateSigningRequestParams::from_pem(&req.csr)
             .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
         let sans: Vec<String> = (csr.params.subject_alt_names.iter())
@@ -200,6 +228,7 @@ impl api::istio_certificate_service_server::IstioCertificateService for Signer {
                 other => format!("{other:?}"),
             })
             .collect();
+        let asked = impersonated.unwrap_or_else(|| sans.first().cloned().unwrap_or_default());
         if sans != [asked.clone()] {
             return Err(tonic::Status::permission_denied(format!(
                 "the CSR names {sans:?}, not {asked}"

@@ -636,3 +636,73 @@ fn a_host_network_namespace_is_never_enrolled() {
     assert!(!d.log().contains("pod enrolled"), "{}", d.log());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn with_inbound_pods_an_enrolled_pod_is_reached_over_hbone_and_refuses_plaintext() {
+    if !require_privileged() {
+        return;
+    }
+    let bed = Bed::new(251, None);
+    let pins = PinDir::new();
+    let mesh = bed.dir.join("mesh");
+    let out = std::process::Command::new(drover_tests::bin("drover"))
+        .args(["ca", "init", "--dir"])
+        .arg(&mesh)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    // The server pod is marked as istio-cni marks ambient pods: reached over HBONE.
+    let yaml = service(&bed).replace(
+        "endpoints: [{address: ",
+        "endpoints: [{labels: {ambient.istio.io/redirection: enabled}, address: ",
+    );
+    assert!(yaml.contains("ambient.istio.io/redirection"), "{yaml}");
+    let cfg = write_config(&yaml);
+    let mesh = mesh.display().to_string();
+    let args = drover_tests::args(
+        &cfg,
+        &pins,
+        &[
+            "--mesh-ca",
+            &mesh,
+            "--inbound-pods",
+            "--client-namespace",
+            "default",
+        ],
+    );
+    let d = start_daemon(&args, &bed, false);
+    start_server(&bed);
+    assert!(d.wait_log(
+        &format!("pod enrolled pod=default/{}", bed.pod("srv")),
+        Duration::from_secs(5)
+    ));
+    let id = "spiffe://cluster.local/ns/default/sa/default";
+    let out = first_connect(&bed, "cli", 11);
+    let printed = text(&out);
+    assert!(
+        out.status.success() && printed.contains("hello from srvpod"),
+        "{printed}\n{}",
+        d.log()
+    );
+    assert!(
+        d.wait_log(&format!("HBONE from {id}"), Duration::from_secs(3)),
+        "the server pod's inbound side served the tunnel: {}",
+        d.log()
+    );
+    // Plaintext straight to the pod (from the host, not captured) meets its inbound side,
+    // STRICT by default: refused.
+    let addr: std::net::SocketAddr = format!("{}10:7000", bed.prefix).parse().unwrap();
+    let c = drover_tests::dial(addr, None).expect("connect");
+    std::io::Write::write_all(&mut &c, b"ping\n").unwrap();
+    let mut line = String::new();
+    match std::io::BufRead::read_line(&mut std::io::BufReader::new(c), &mut line) {
+        Ok(n) => assert_eq!(n, 0, "refused: {line}"),
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+    }
+    assert!(d.wait_log("plaintext client refused", Duration::from_secs(3)));
+    bed.remove("srv");
+    assert!(d.wait_log(
+        &format!("pod un-enrolled pod=default/{}", bed.pod("srv")),
+        Duration::from_secs(5)
+    ));
+}

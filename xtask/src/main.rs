@@ -97,6 +97,9 @@ enum Cmd {
         #[arg(long)]
         tag: Option<String>,
     },
+    /// HBONE interop with ztunnel (not in CI: needs a ztunnel build in `ZTUNNEL_BIN`, e.g.
+    /// `../shared/tools/ztunnel`): Drover pod → ztunnel pod and back, certificates from one CA.
+    Interop,
     /// The reliability suite (not in CI): mixed HTTP/TCP/TLS load with endpoint churn, config
     /// rewrites, a SIGHUP and a restart; fails on failed requests or unbounded RSS/fd growth.
     Soak {
@@ -122,6 +125,21 @@ fn main() -> Result<()> {
             setup()?;
             cargo(&["build", "--release", "-p", "drover", "--bins"])?;
             image(&tag.unwrap_or_else(|| format!("localhost/drover:{}", env!("CARGO_PKG_VERSION"))))
+        }
+        Cmd::Interop => {
+            setup()?;
+            if std::env::var_os("ZTUNNEL_BIN").is_none() {
+                bail!("set ZTUNNEL_BIN to a ztunnel build (e.g. ../shared/tools/ztunnel)");
+            }
+            cargo(&["build", "--bins"])?;
+            status(
+                Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                    .args(["test", "-p", "drover-tests", "--test", "interop", "--"])
+                    .arg("--test-threads=1")
+                    .env("REQUIRE_PRIVILEGED", "1")
+                    .env("DROVER_INTEROP", "1")
+                    .current_dir(root()),
+            )
         }
         Cmd::Soak { minutes } => {
             setup()?;
