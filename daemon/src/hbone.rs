@@ -342,30 +342,20 @@ pub async fn serve(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    loop {
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            a = listener.accept() => a,
-        };
-        let (stream, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(error = %e, "HBONE accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    let tasks = tracker.clone();
+    crate::inbound::accept_each(listener, shutdown, "HBONE", |stream, peer| {
         // Tunnels carry small writes (a CONNECT's headers, then its first data): never delayed.
         let _ = stream.set_nodelay(true);
-        let (inbound, policy, tasks) = (inbound.clone(), policy.clone(), tracker.clone());
-        tracker.spawn(async move {
+        let (inbound, policy, tracker) = (inbound.clone(), policy.clone(), tracker.clone());
+        tasks.spawn(async move {
             let start = tokio::time::Instant::now();
             match inbound.accept_mtls(stream, &policy, true).await {
-                Ok((tls, client)) => serve_connection(inbound, tls, client, peer, tasks).await,
+                Ok((tls, client)) => serve_connection(inbound, tls, client, peer, tracker).await,
                 Err(e) => inbound.refused(peer, None, start, e),
             }
         });
-    }
+    })
+    .await
 }
 
 /// Serves the `CONNECT` streams of one authenticated connection from `client`.

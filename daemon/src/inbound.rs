@@ -322,39 +322,28 @@ impl Inbound {
         shutdown: CancellationToken,
         tracker: TaskTracker,
     ) {
-        loop {
-            let accepted = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                a = listener.accept() => a,
-            };
-            match accepted {
-                Ok((stream, peer)) => {
-                    let me = self.clone();
-                    let policy = policy.clone();
-                    tracker.spawn(async move {
-                        let start = tokio::time::Instant::now();
-                        let target = stream.local_addr().unwrap_or(peer);
-                        let mode = policy
-                            .load()
-                            .inbound_mtls()
-                            .mode(target.port())
-                            .unwrap_or(me.default_mode);
-                        let outcome = me.handle(stream, mode, &policy).await;
-                        me.served(
-                            peer,
-                            target,
-                            start,
-                            outcome.map(|how| how.to_string()),
-                            false,
-                        );
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "inbound accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
+        let tasks = tracker.clone();
+        accept_each(listener, shutdown, "inbound", |stream, peer| {
+            let (me, policy) = (self.clone(), policy.clone());
+            tasks.spawn(async move {
+                let start = tokio::time::Instant::now();
+                let target = stream.local_addr().unwrap_or(peer);
+                let mode = policy
+                    .load()
+                    .inbound_mtls()
+                    .mode(target.port())
+                    .unwrap_or(me.default_mode);
+                let outcome = me.handle(stream, mode, &policy).await;
+                me.served(
+                    peer,
+                    target,
+                    start,
+                    outcome.map(|how| how.to_string()),
+                    false,
+                );
+            });
+        })
+        .await
     }
 
     /// Terminates (or, PERMISSIVE and DISABLE, passes) one connection in `mode` and relays it to
@@ -422,6 +411,29 @@ impl Inbound {
             source: std::io::Error::other(e.to_string()),
         })?;
         Ok(s)
+    }
+}
+
+/// Calls `each` with every connection `listener` accepts, until `shutdown` (an accept error is
+/// logged as `what`'s and retried after 50 ms).
+pub async fn accept_each(
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    what: &str,
+    mut each: impl FnMut(TcpStream, SocketAddr),
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, peer)) => each(stream, peer),
+            Err(e) => {
+                tracing::warn!(error = %e, "{what} accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
     }
 }
 

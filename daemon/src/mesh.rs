@@ -211,8 +211,22 @@ impl Ca {
         trust_domain: &str,
         lifetime: Duration,
     ) -> Result<IdentityFiles, Error> {
-        std::fs::create_dir_all(dir).map_err(|e| file_err(dir, e))?;
         let (cert, key) = self.issue(spiffe, &[], lifetime)?;
+        IdentityFiles::write(dir, (spiffe, trust_domain), &self.root_pem, &key, &cert)
+    }
+}
+
+impl IdentityFiles {
+    /// Writes an identity into `dir` (`workload.pem`, `workload-key.pem` owner-only, and the
+    /// trust anchor as `root-cert.pem`), each file replaced atomically.
+    pub fn write(
+        dir: &Path,
+        (spiffe, trust_domain): (&str, &str),
+        root_pem: &str,
+        key_pem: &str,
+        cert_pem: &str,
+    ) -> Result<Self, Error> {
+        std::fs::create_dir_all(dir).map_err(|e| file_err(dir, e))?;
         let files = IdentityFiles {
             spiffe: spiffe.to_string(),
             trust_domain: trust_domain.to_string(),
@@ -220,9 +234,9 @@ impl Ca {
             key: dir.join("workload-key.pem"),
             root: dir.join(ROOT_CERT),
         };
-        write_atomic(&files.root, self.root_pem.as_bytes())?;
-        write_private(&files.key, &key)?;
-        write_atomic(&files.cert, cert.as_bytes())?;
+        write_atomic(&files.root, root_pem.as_bytes())?;
+        write_private(&files.key, key_pem)?;
+        write_atomic(&files.cert, cert_pem.as_bytes())?;
         Ok(files)
     }
 }

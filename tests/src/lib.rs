@@ -25,6 +25,7 @@ pub mod ca;
 pub mod cri;
 pub mod k8s;
 pub mod podman;
+pub mod ztunnel;
 
 /// The gRPC test service (`proto/echo.proto`).
 #[allow(clippy::all, clippy::pedantic, reason = "generated code")]

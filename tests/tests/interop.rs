@@ -11,7 +11,8 @@ use std::{
 };
 
 use drover_tests::{
-    Daemon, Netns, PinDir, Pki, Proc, Topology, require_privileged, sh, write_config,
+    Daemon, Netns, PinDir, Pki, Proc, Topology, require_privileged, write_config,
+    ztunnel::{self, Workload},
 };
 
 const VIP: &str = "127.77.0.10";
@@ -31,48 +32,6 @@ fn ztunnel_bin() -> Option<PathBuf> {
             None
         }
     }
-}
-
-/// A ztunnel in dedicated mode for workload `ns/name/sa`, running in `netns` from `cwd` (where
-/// its token is), with certificates from the CA at `ca` and workloads from `xds`.
-fn ztunnel(
-    bin: &Path,
-    netns: &Netns,
-    cwd: &Path,
-    workload: &str,
-    (ca, root, xds): (&str, &str, &Path),
-) -> Proc {
-    let log =
-        std::fs::File::create(cwd.join(format!("{}.log", workload.replace('/', "_")))).unwrap();
-    let child = netns
-        .command(bin)
-        .current_dir(cwd)
-        .env("XDS_ADDRESS", "")
-        .env("LOCAL_XDS_PATH", xds)
-        .env("CA_ADDRESS", ca)
-        .env("CA_ROOT_CA", root)
-        .env("PROXY_MODE", "dedicated")
-        .env("PROXY_WORKLOAD_INFO", workload)
-        .env("ZTUNNEL_WORKER_THREADS", "1")
-        .env("PACKET_MARK", "1337")
-        .env("ENABLE_ORIG_SRC", "false")
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .expect("start ztunnel");
-    let proc = Proc { child };
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while netns
-        .connect("127.0.0.1:15021".parse().unwrap(), None)
-        .is_err()
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "ztunnel {workload} not ready"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    proc
 }
 
 #[test]
@@ -137,42 +96,29 @@ fn drover_and_ztunnel_pods_reach_each_other_over_hbone() {
         "ep1",
     );
     let xds = dir.join("xds.yaml");
-    std::fs::write(
-        &xds,
-        format!(
-            "workloads:
-- uid: cluster1//v1/Pod/test/client
-  name: client
-  namespace: test
-  serviceAccount: client-sa
-  workloadIps: [{client}]
-  protocol: HBONE
-  trustDomain: cluster.local
-  node: a
-  network: \"\"
-  services: {{}}
-- uid: cluster1//v1/Pod/test/server
-  name: server
-  namespace: test
-  serviceAccount: server-sa
-  workloadIps: [{ep}]
-  protocol: HBONE
-  trustDomain: cluster.local
-  node: b
-  network: \"\"
-  services:
-    test/secure.test.svc.cluster.local: {{80: 7000}}
-services:
-- name: secure
-  namespace: test
-  hostname: secure.test.svc.cluster.local
-  vips: [\"/{VIP}\"]
-  ports: {{80: 7000}}
-",
-            client = Topology::client4(1)
-        ),
-    )
-    .unwrap();
+    let (client_w, server_w) = (
+        Workload {
+            namespace: "test",
+            name: "client",
+            service_account: "client-sa",
+            ip: Topology::client4(1),
+        },
+        Workload {
+            namespace: "test",
+            name: "server",
+            service_account: "server-sa",
+            ip: ep,
+        },
+    );
+    ztunnel::write_workloads(&xds, (&client_w, &server_w), ("secure", VIP, &[(80, 7000)]));
+    let env = [
+        ("CA_ADDRESS", address.as_str()),
+        ("CA_ROOT_CA", root.as_str()),
+    ];
+    let zt = |ns: &Netns, workload: &str| {
+        let log = dir.join(format!("{}.log", workload.replace('/', "_")));
+        ztunnel::start(&bin, ns, (&dir, Some(log)), (workload, &xds), &env)
+    };
     let cfg = write_config(&format!(
         "apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -210,13 +156,7 @@ spec:
     };
 
     // Drover pod → ztunnel pod.
-    let server = ztunnel(
-        &bin,
-        &t.endpoints[0],
-        &dir,
-        "test/server/server-sa",
-        (&address, &root, &xds),
-    );
+    let server = zt(&t.endpoints[0], "test/server/server-sa");
     let (client, client_pins) = node(&t.client.name, "client-sa");
     let line = t
         .client
@@ -241,23 +181,8 @@ spec:
 
     // ztunnel pod → Drover pod: ztunnel captures the VIP by iptables (its own sockets exempt).
     let (node_b, _pins_b) = node(&t.endpoints[0].name, "server-sa");
-    let _client_zt = ztunnel(
-        &bin,
-        &t.client,
-        &dir,
-        "test/client/client-sa",
-        (&address, &root, &xds),
-    );
-    let ns = t.client.name.clone();
-    let nat = |rule: &[&str]| {
-        let mut cmd = vec![
-            "ip", "netns", "exec", &ns, "iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp",
-        ];
-        cmd.extend(rule);
-        sh(&cmd);
-    };
-    nat(&["-m", "mark", "--mark", "1337", "-j", "RETURN"]);
-    nat(&["-d", VIP, "-j", "REDIRECT", "--to-ports", "15001"]);
+    let _client_zt = zt(&t.client, "test/client/client-sa");
+    ztunnel::capture(&t.client, VIP, "-A");
     let line = t
         .client
         .greeting(format!("{VIP}:80").parse().unwrap())

@@ -78,7 +78,6 @@ impl RemoteCa {
         trust_domain: &str,
         lifetime: Duration,
     ) -> Result<IdentityFiles, Error> {
-        std::fs::create_dir_all(dir).map_err(|e| err(dir, e))?;
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         let uri = rcgen::string::Ia5String::try_from(spiffe.to_string())
@@ -86,22 +85,18 @@ impl RemoteCa {
         params.subject_alt_names.push(SanType::URI(uri));
         let csr = params.serialize_request(&key)?.pem()?;
         let chain = self.create_certificate(csr, spiffe, lifetime).await?;
-        let root = std::fs::read(&self.root).map_err(|e| err(&self.root, e))?;
-        let files = IdentityFiles {
-            spiffe: spiffe.to_string(),
-            trust_domain: trust_domain.to_string(),
-            cert: dir.join("workload.pem"),
-            key: dir.join("workload-key.pem"),
-            root: dir.join(super::ROOT_CERT),
-        };
-        super::write_atomic(&files.root, &root)?;
-        super::write_private(&files.key, &key.serialize_pem())?;
+        let root = std::fs::read_to_string(&self.root).map_err(|e| err(&self.root, e))?;
         let pem: String = chain
             .iter()
             .map(|c| format!("{}\n", c.trim_end()))
             .collect();
-        super::write_atomic(&files.cert, pem.as_bytes())?;
-        Ok(files)
+        IdentityFiles::write(
+            dir,
+            (spiffe, trust_domain),
+            &root,
+            &key.serialize_pem(),
+            &pem,
+        )
     }
 
     /// One `CreateCertificate` call: the chain, workload certificate first.

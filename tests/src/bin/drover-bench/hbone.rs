@@ -132,124 +132,63 @@ impl Nodes {
     }
 }
 
-/// Two ztunnels in dedicated mode with the fake CA, from a local workload file: one in the
-/// client's namespace (capture by iptables REDIRECT of the VIP, its own sockets marked and
-/// exempt), one in the endpoint's (HBONE on 15008).
-struct Ztunnels {
+/// Two ztunnels in dedicated mode with the fake CA: one in the client's namespace (capturing
+/// the VIP), one in the endpoint's (HBONE on 15008).
+struct Ztunnels<'t> {
     _procs: Vec<Proc>,
-    client_ns: String,
+    client: &'t drover_tests::Netns,
 }
 
-impl Ztunnels {
-    fn start(bin: &std::path::Path, t: &Topology, ep: IpAddr, dir: &std::path::Path) -> Self {
-        let client_ip = Topology::client4(1);
+impl<'t> Ztunnels<'t> {
+    fn start(bin: &std::path::Path, t: &'t Topology, ep: IpAddr, dir: &std::path::Path) -> Self {
+        use drover_tests::ztunnel::{self, Workload};
         let xds = dir.join("ztunnel-xds.yaml");
-        std::fs::write(
+        let (client, server) = (
+            Workload {
+                namespace: "default",
+                name: "client",
+                service_account: "client",
+                ip: Topology::client4(1),
+            },
+            Workload {
+                namespace: "default",
+                name: "server",
+                service_account: "server",
+                ip: ep,
+            },
+        );
+        ztunnel::write_workloads(
             &xds,
-            format!(
-                "workloads:
-- uid: cluster1//v1/Pod/default/client
-  name: client
-  namespace: default
-  serviceAccount: client
-  workloadIps: [{client_ip}]
-  protocol: HBONE
-  node: a
-  network: \"\"
-  services: {{}}
-- uid: cluster1//v1/Pod/default/server
-  name: server
-  namespace: default
-  serviceAccount: server
-  workloadIps: [{ep}]
-  protocol: HBONE
-  node: b
-  network: \"\"
-  services:
-    default/bench.default.svc.cluster.local: {{7000: 7000, 7001: 7001}}
-services:
-- name: bench
-  namespace: default
-  hostname: bench.default.svc.cluster.local
-  vips: [\"/{VIP}\"]
-  ports: {{7000: 7000, 7001: 7001}}
-"
-            ),
-        )
-        .expect("ztunnel workloads");
-        let start = |ns: &drover_tests::Netns, workload: &str, extra: &[(&str, &str)]| {
-            let mut cmd = ns.command(bin);
-            cmd.env("FAKE_CA", "true")
-                .env("XDS_ADDRESS", "")
-                .env("LOCAL_XDS_PATH", &xds)
-                .env("PROXY_MODE", "dedicated")
-                .env("PROXY_WORKLOAD_INFO", workload)
-                .env("ZTUNNEL_WORKER_THREADS", "1")
-                .env("PACKET_MARK", "1337")
-                .env("RUST_LOG", "error")
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null());
-            for (k, v) in extra {
-                cmd.env(k, v);
-            }
-            Proc {
-                child: cmd.spawn().expect("start ztunnel"),
-            }
-        };
+            (&client, &server),
+            ("bench", VIP, &[(7000, 7000), (7001, 7001)]),
+        );
+        let fake = [("FAKE_CA", "true")];
         let procs = vec![
-            start(&t.client, "default/client/client", &[]),
-            start(
+            ztunnel::start(
+                bin,
+                &t.client,
+                (dir, None),
+                ("default/client/client", &xds),
+                &fake,
+            ),
+            ztunnel::start(
+                bin,
                 &t.endpoints[0],
-                "default/server/server",
-                &[("ENABLE_ORIG_SRC", "false")],
+                (dir, None),
+                ("default/server/server", &xds),
+                &fake,
             ),
         ];
-        let ns = t.client.name.clone();
-        let nat = |op: &str, rule: &[&str]| {
-            let mut cmd = vec![
-                "ip", "netns", "exec", &ns, "iptables", "-t", "nat", op, "OUTPUT", "-p", "tcp",
-            ];
-            cmd.extend(rule);
-            sh(&cmd);
-        };
-        nat("-A", &["-m", "mark", "--mark", "1337", "-j", "RETURN"]);
-        nat("-A", &["-d", VIP, "-j", "REDIRECT", "--to-ports", "15001"]);
-        // Ready: both answer on their readiness port.
-        for n in [&t.client, &t.endpoints[0]] {
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-            while n.connect("127.0.0.1:15021".parse().unwrap(), None).is_err() {
-                assert!(std::time::Instant::now() < deadline, "ztunnel not ready");
-                std::thread::sleep(std::time::Duration::from_millis(100));
-            }
-        }
+        ztunnel::capture(&t.client, VIP, "-A");
         Self {
             _procs: procs,
-            client_ns: ns,
+            client: &t.client,
         }
     }
 }
 
-impl Drop for Ztunnels {
+impl Drop for Ztunnels<'_> {
     fn drop(&mut self) {
-        for rule in [
-            vec!["-m", "mark", "--mark", "1337", "-j", "RETURN"],
-            vec!["-d", VIP, "-j", "REDIRECT", "--to-ports", "15001"],
-        ] {
-            let mut cmd = vec![
-                "ip",
-                "netns",
-                "exec",
-                &self.client_ns,
-                "iptables",
-                "-t",
-                "nat",
-                "-D",
-                "OUTPUT",
-                "-p",
-                "tcp",
-            ];
-            cmd.extend(rule);
-            sh(&cmd);
-        }
+        drover_tests::ztunnel::capture(self.client, VIP, "-D");
     }
 }
