@@ -187,6 +187,7 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
             crate::cni::Enroller::new(kernel.clone(), views.clone(), reload.clone(), serve)?;
         enroller.lock = Some(shared_lock.clone());
         enroller.pin_dir = cfg.pin_dir.clone();
+        enroller.api = early.api.clone();
         let api = early.api.clone();
         let fixed = bindings.cookies.clone();
         start_cni(&cfg, enroller, (socket, fixed), (api, handed_pods)).await?;

@@ -202,6 +202,8 @@ pub struct Enroller {
     paused: tokio::sync::watch::Sender<bool>,
     /// The pin directory (its lock is taken back when a new daemon fails after a handover).
     pub pin_dir: PathBuf,
+    /// Kubernetes mode: the Pods, so that a pod that opted out is not enrolled.
+    pub api: Option<crate::kubernetes::Feed>,
 }
 
 /// One enrolled pod.
@@ -277,6 +279,7 @@ impl Enroller {
             slots: Arc::new(tokio::sync::Semaphore::new(MAX_EXCHANGES)),
             paused: tokio::sync::watch::channel(false).0,
             pin_dir: PathBuf::new(),
+            api: None,
         })
     }
 
@@ -445,6 +448,12 @@ impl Enroller {
         deadline: tokio::time::Instant,
     ) -> Result<(), Error> {
         if self.pods().contains_key(&req.container_id) {
+            return Ok(());
+        }
+        // As ambient skips them: `istio.io/dataplane-mode: none`, or a sidecar of its own.
+        let pod = (self.api.as_ref()).and_then(|f| f.pod(&req.pod_namespace, &req.pod_name));
+        if pod.is_some_and(|p| p.opted_out) {
+            tracing::info!(pod = %workload_name(req), container = %req.container_id, "pod opted out (istio.io/dataplane-mode=none or a sidecar): not enrolled");
             return Ok(());
         }
         let Some(prepared) = self.prepare(req, fd, None)? else {

@@ -344,6 +344,7 @@ pub async fn serve(
 ) {
     let tasks = tracker.clone();
     crate::inbound::accept_each(listener, shutdown, "HBONE", |stream, peer| {
+        let peer = crate::inbound::canonical(peer);
         // Tunnels carry small writes (a CONNECT's headers, then its first data): never delayed.
         let _ = stream.set_nodelay(true);
         let (inbound, policy, tracker) = (inbound.clone(), policy.clone(), tracker.clone());

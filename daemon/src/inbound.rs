@@ -186,17 +186,27 @@ impl Inbound {
         }
     }
 
-    /// Binds `0.0.0.0:port` inside the namespace (15006 inbound, 15008 HBONE).
+    /// Binds `port` (15006 inbound, 15008 HBONE) inside the namespace: dual-stack `[::]`, so
+    /// that IPv6 connections are steered and served as IPv4 ones are (the `sk_lookup` program
+    /// can hand either family to a dual-stack socket), or `0.0.0.0` where the namespace has no
+    /// IPv6.
     pub fn bind(&self, port: u16) -> std::io::Result<TcpListener> {
-        let addr = SocketAddr::from(([0, 0, 0, 0], port));
-        let std = self.ns.enter(|| {
-            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        use socket2::{Domain, Socket, Type};
+        let listen = |domain: Domain, addr: SocketAddr| {
+            let s = Socket::new(domain, Type::STREAM, None)?;
+            if domain == Domain::IPV6 {
+                s.set_only_v6(false)?;
+            }
             // A daemon taking over from another binds beside it.
             s.set_reuse_address(true)?;
             s.set_reuse_port(true)?;
             s.bind(&addr.into())?;
             s.listen(1024)?;
             Ok::<_, std::io::Error>(std::net::TcpListener::from(s))
+        };
+        let std = self.ns.enter(|| {
+            listen(Domain::IPV6, SocketAddr::from(([0u16; 8], port)))
+                .or_else(|_| listen(Domain::IPV4, SocketAddr::from(([0, 0, 0, 0], port))))
         })??;
         std.set_nonblocking(true)?;
         TcpListener::from_std(std)
@@ -327,7 +337,10 @@ impl Inbound {
             let (me, policy) = (self.clone(), policy.clone());
             tasks.spawn(async move {
                 let start = tokio::time::Instant::now();
-                let target = stream.local_addr().unwrap_or(peer);
+                let (peer, target) = (
+                    canonical(peer),
+                    canonical(stream.local_addr().unwrap_or(peer)),
+                );
                 let mode = policy
                     .load()
                     .inbound_mtls()
@@ -354,7 +367,7 @@ impl Inbound {
         mode: MtlsMode,
         policy: &RegistryHandle,
     ) -> Result<Served, Error> {
-        let target = stream.local_addr().map_err(Error::Tls)?;
+        let target = canonical(stream.local_addr().map_err(Error::Tls)?);
         let mut first = [0u8; 1];
         let wait = if mode == MtlsMode::Strict {
             FIRST_BYTE
@@ -412,6 +425,11 @@ impl Inbound {
         })?;
         Ok(s)
     }
+}
+
+/// `addr` with an IPv4-mapped IPv6 address (an IPv4 connection on a dual-stack socket) as IPv4.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
 /// Calls `each` with every connection `listener` accepts, until `shutdown` (an accept error is

@@ -84,7 +84,10 @@ impl TwoNodes {
             Proc::server(
                 Some(&t.endpoints[0]),
                 "echo",
-                &[SocketAddr::new(ep, 7000)],
+                &[
+                    SocketAddr::new(ep, 7000),
+                    SocketAddr::new(Topology::ep6(1), 7000),
+                ],
                 "ep1",
             ),
             Proc::server(
@@ -153,14 +156,11 @@ impl TwoNodes {
         self.node(&self.t.endpoints[0].name, "server-sa", mode)
     }
 
-    /// A plaintext connection from the client namespace straight to the pod (not a service
-    /// address, so not captured) that speaks first: the greeting, or `None` when refused.
-    fn direct_plaintext(&self) -> Option<String> {
-        let c = self
-            .t
-            .client
-            .connect(SocketAddr::new(self.ep, 7000), None)
-            .unwrap();
+    /// A plaintext connection from the client namespace straight to the pod at `addr` (not a
+    /// service address, so not captured) that speaks first: the greeting, or `None` when
+    /// refused.
+    fn direct_plaintext(&self, addr: SocketAddr) -> Option<String> {
+        let c = self.t.client.connect(addr, None).unwrap();
         c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         (&c).write_all(b"ping\n").unwrap();
         let mut line = String::new();
@@ -275,10 +275,15 @@ fn pods_on_two_nodes_speak_hbone_with_both_identities_checked() {
         server.log()
     );
 
-    // STRICT: a plaintext client straight to the pod is refused.
-    assert_eq!(bed.direct_plaintext(), None);
+    // STRICT: a plaintext client straight to the pod is refused, on its IPv4 and its IPv6
+    // address alike (the workload listens on both).
+    assert_eq!(bed.direct_plaintext(SocketAddr::new(bed.ep, 7000)), None);
+    assert_eq!(
+        bed.direct_plaintext(SocketAddr::new(Topology::ep6(1), 7000)),
+        None
+    );
     assert!(server.wait_log("plaintext client refused", Duration::from_secs(3)));
-    assert_eq!(server.clusters()["inbound"]["plaintext_refused"], 1);
+    assert_eq!(server.clusters()["inbound"]["plaintext_refused"], 2);
 }
 
 /// A packet capture on the endpoint's side of the link between the nodes (`tcpdump`, packets

@@ -669,3 +669,35 @@ spec:
     assert!(captured(&j2), "{}", daemon.log());
     assert_eq!(reloads(), before + 1, "{}", daemon.log());
 }
+
+#[test]
+fn a_pod_that_opted_out_of_the_mesh_is_not_enrolled() {
+    if !require_privileged() {
+        return;
+    }
+    let n = Node::new();
+    let api = ApiServer::start(&[]);
+    api.apply(NODE, node("node1", "region1", "zone1"));
+    let daemon = n.kube_daemon(&api, &[]);
+    let add = |name: &str, ip: &str, labels: &[(&str, &str)]| {
+        let p = pod(name);
+        address(&p, ip);
+        api.apply(
+            POD,
+            drover_tests::k8s::pod("shop", name, labels, "default", "node1", ip),
+        );
+        assert_ok("ADD", &n.plugin("ADD", &format!("c{name}"), Some(&p), name));
+        p
+    };
+    // Ambient's opt-out label: the ADD succeeds and leaves the pod alone.
+    let out = add("o1", "198.18.79.1", &[("istio.io/dataplane-mode", "none")]);
+    assert!(!captured(&out), "{}", daemon.log());
+    assert!(
+        daemon.wait_log("pod opted out", Duration::from_secs(3)),
+        "{}",
+        daemon.log()
+    );
+    // Its neighbour without the label is enrolled.
+    let kept = add("o2", "198.18.79.2", &[("app", "web")]);
+    assert!(captured(&kept), "{}", daemon.log());
+}
