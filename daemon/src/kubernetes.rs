@@ -414,7 +414,12 @@ impl Feed {
                     s.derived.clear();
                     s.nodes.remove(&key.1);
                 }
-                "Namespace" => drop(s.namespaces.remove(&key.1)),
+                "Namespace" => {
+                    let was = convert::namespace_ambient(s.namespaces.remove(&key.1).as_ref());
+                    if was {
+                        s.namespace_moved(&key.1, false);
+                    }
+                }
                 k => {
                     s.pending.full = true;
                     s.istio.remove(&(k, key));
@@ -778,19 +783,38 @@ impl State {
                 let old = self.slices.insert(key_of(&slice.metadata), *slice);
                 self.invalidate_slice(old.as_ref());
             }
-            Object::Pod(key, info) => {
+            Object::Pod(key, mut info) => {
+                let ns = convert::namespace_ambient(self.namespaces.get(&key.0));
+                convert::mark_ambient(&mut info, ns);
                 self.pods.insert(key, info);
             }
             Object::Node(name, labels) => {
                 self.nodes.insert(name, labels);
             }
             Object::Namespace(name, labels) => {
-                self.namespaces.insert(name, labels);
+                let ambient = convert::namespace_ambient(Some(&labels));
+                let was = convert::namespace_ambient(self.namespaces.get(&name));
+                self.namespaces.insert(name.clone(), labels);
+                if ambient != was {
+                    self.namespace_moved(&name, ambient);
+                }
             }
             Object::Istio(kind, key, value) => {
                 self.istio.insert((kind, key), value);
             }
         }
+    }
+
+    /// Namespace `name` joined (or left) the mesh: its pods' HBONE markers follow, and every
+    /// endpoint is derived again (a rare event: a full rendering).
+    fn namespace_moved(&mut self, name: &str, ambient: bool) {
+        for ((ns, _), pod) in self.pods.iter_mut() {
+            if ns == name {
+                convert::mark_ambient(pod, ambient);
+            }
+        }
+        self.pending.full = true;
+        self.derived.clear();
     }
 
     /// Forgets the derivation of the Service `slice` belongs to.

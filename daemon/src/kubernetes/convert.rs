@@ -43,6 +43,30 @@ pub struct PodInfo {
     /// Not for the node agent to capture: it has an Istio sidecar (`sidecar.istio.io/status`)
     /// or opts out as ambient mode's pods do (label `istio.io/dataplane-mode: none`).
     pub opted_out: bool,
+    /// Its own say on the mesh: `Some(true)` with `istio.io/dataplane-mode: ambient` or the
+    /// `ambient.istio.io/redirection: enabled` annotation istio-cni writes, `Some(false)` with
+    /// `istio.io/dataplane-mode: none`, `None` when its namespace decides (see [`mark_ambient`]).
+    pub ambient: Option<bool>,
+}
+
+/// Puts the HBONE marker ([`crate::hbone::REDIRECTION`]) in the labels of a pod that is in the
+/// mesh — its own label or annotation says so, else its namespace is labelled
+/// `istio.io/dataplane-mode: ambient` — and takes it out of the others', as istiod picks the
+/// tunnel protocol. Endpoints carry their pod's labels, so the registry reads the marker there.
+pub fn mark_ambient(pod: &mut PodInfo, namespace_ambient: bool) {
+    if pod.ambient.unwrap_or(namespace_ambient) {
+        (pod.labels).insert(crate::hbone::REDIRECTION.into(), "enabled".into());
+    } else {
+        pod.labels.remove(crate::hbone::REDIRECTION);
+    }
+}
+
+/// Whether a namespace's labels put its pods in the mesh (`istio.io/dataplane-mode: ambient`).
+pub fn namespace_ambient(labels: Option<&BTreeMap<String, String>>) -> bool {
+    labels
+        .and_then(|l| l.get(DATAPLANE_MODE))
+        .map(String::as_str)
+        == Some("ambient")
 }
 
 /// The annotation the sidecar injector writes on an injected pod.
@@ -65,15 +89,17 @@ pub type NodeLocality = HashMap<String, BTreeMap<String, String>>;
 pub fn pod_info(pod: &Pod) -> PodInfo {
     let spec = pod.spec.as_ref();
     let status = pod.status.as_ref();
-    let mut labels = pod.metadata.labels.clone().unwrap_or_default();
-    // istio-cni marks the pods it enrolled with this annotation, and istiod reaches them over
-    // HBONE: folded into the labels, where a WorkloadEntry carries it.
-    if let Some(v) =
-        (pod.metadata.annotations.as_ref()).and_then(|a| a.get(crate::hbone::REDIRECTION))
-    {
-        labels.insert(crate::hbone::REDIRECTION.into(), v.clone());
-    }
+    let labels = pod.metadata.labels.clone().unwrap_or_default();
+    let redirected = (pod.metadata.annotations.as_ref())
+        .and_then(|a| a.get(crate::hbone::REDIRECTION))
+        .is_some_and(|v| v == "enabled");
+    let ambient = match labels.get(DATAPLANE_MODE).map(String::as_str) {
+        Some("none") => Some(false),
+        Some("ambient") => Some(true),
+        _ => redirected.then_some(true),
+    };
     PodInfo {
+        ambient,
         labels,
         service_account: spec
             .and_then(|s| s.service_account_name.clone())

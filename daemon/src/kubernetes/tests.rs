@@ -416,6 +416,47 @@ fn pods_with_a_sidecar_or_opted_out_are_not_the_node_agents() {
     }
 }
 
+#[test]
+fn pods_of_an_ambient_namespace_or_marked_themselves_carry_the_hbone_marker() {
+    use k8s_openapi::api::core::v1::Pod;
+    let pod = |annotations: serde_json::Value, labels: serde_json::Value| -> PodInfo {
+        let p: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p", "namespace": "shop", "annotations": annotations, "labels": labels},
+            "spec": {"nodeName": "n1", "containers": []},
+            "status": {"podIP": "198.18.1.9"}
+        }))
+        .expect("pod");
+        convert::pod_info(&p)
+    };
+    let feed = Feed::new("cluster.local");
+    let apply = |name: &str, info: &PodInfo| {
+        feed.applied(Object::Pod(("shop".into(), name.into()), info.clone()));
+    };
+    apply("plain", &pod(json!({}), json!({})));
+    apply(
+        "none",
+        &pod(json!({}), json!({convert::DATAPLANE_MODE: "none"})),
+    );
+    apply(
+        "cni",
+        &pod(json!({crate::hbone::REDIRECTION: "enabled"}), json!({})),
+    );
+    let marked = |name: &str| {
+        let p = feed.pod("shop", name).expect("pod");
+        crate::hbone::speaks_hbone(&p.labels)
+    };
+    // Only the pod istio-cni marked, while the namespace is not in the mesh.
+    assert!(!marked("plain") && !marked("none") && marked("cni"));
+    let ambient = [(convert::DATAPLANE_MODE.to_string(), "ambient".to_string())];
+    feed.applied(Object::Namespace("shop".into(), ambient.into()));
+    // The namespace joins: its pods follow, except the one that opted out.
+    assert!(marked("plain") && !marked("none") && marked("cni"));
+    apply("later", &pod(json!({}), json!({})));
+    assert!(marked("later"));
+    feed.applied(Object::Namespace("shop".into(), BTreeMap::new()));
+    assert!(!marked("plain") && !marked("later") && marked("cni"));
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_node_heartbeat_or_an_unread_pod_change_rebuilds_nothing_and_is_counted() {
     let feed = feed();
