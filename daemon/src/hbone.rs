@@ -333,8 +333,8 @@ impl AsyncWrite for Tunnel {
 // === server ===
 
 /// Serves HBONE on `listener` (15008 in the pod's namespace) until `shutdown`: one task per
-/// connection, one per tunnel. `policy` is the pod's snapshot (its identity), `addresses` the
-/// pod's own.
+/// connection, one per tunnel. `policy` is the pod's snapshot (its identity); `inbound` knows the
+/// pod's addresses (the only targets served).
 pub async fn serve(
     inbound: Arc<Inbound>,
     listener: tokio::net::TcpListener,
