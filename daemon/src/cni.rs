@@ -518,7 +518,7 @@ impl Enroller {
             })?,
         };
         let ns = Arc::new(ns);
-        let inbound = match self.serve.inbound {
+        let inbound = match self.serve.inbound.filter(|_| self.in_mesh(req)) {
             Some(mode) => Some(
                 crate::inbound::Listeners::bind(ns.clone(), None, mode, Vec::new()).map_err(
                     |source| Error::Listen {
@@ -545,6 +545,22 @@ impl Enroller {
             inbound,
             handle,
         }))
+    }
+
+    /// Whether the pod of `req` gets an inbound side: in Kubernetes mode only a pod in the mesh
+    /// (marked for HBONE, as its peers see it: its own label or annotation, else its namespace's
+    /// label), so that no peer sends plaintext to a pod that would refuse it; every pod without
+    /// the API.
+    fn in_mesh(&self, req: &Request) -> bool {
+        let Some(api) = &self.api else {
+            return true;
+        };
+        match api.pod(&req.pod_namespace, &req.pod_name) {
+            Some(pod) => crate::hbone::speaks_hbone(&pod.labels),
+            None => crate::kubernetes::convert::namespace_ambient(
+                api.namespace_labels(&req.pod_namespace).as_ref(),
+            ),
+        }
     }
 
     /// Serves a prepared pod's listeners and records it (`persist`: in the state file too).

@@ -701,3 +701,44 @@ fn a_pod_that_opted_out_of_the_mesh_is_not_enrolled() {
     let kept = add("o2", "198.18.79.2", &[("app", "web")]);
     assert!(captured(&kept), "{}", daemon.log());
 }
+
+#[test]
+fn with_inbound_pods_only_the_pods_in_the_mesh_get_an_inbound_side() {
+    if !require_privileged() {
+        return;
+    }
+    let n = Node::new();
+    let mesh = n.dir.join("mesh");
+    let out = std::process::Command::new(bin("drover"))
+        .args(["ca", "init", "--dir"])
+        .arg(&mesh)
+        .output()
+        .expect("ca init");
+    assert!(out.status.success(), "{out:?}");
+    let api = ApiServer::start(&[]);
+    api.apply(NODE, node("node1", "region1", "zone1"));
+    let mesh = mesh.display().to_string();
+    let daemon = n.kube_daemon(&api, &["--mesh-ca", &mesh, "--inbound-pods"]);
+    let add = |name: &str, ip: &str, labels: &[(&str, &str)]| {
+        let p = pod(name);
+        address(&p, ip);
+        api.apply(
+            POD,
+            drover_tests::k8s::pod("shop", name, labels, "default", "node1", ip),
+        );
+        assert_ok("ADD", &n.plugin("ADD", &format!("c{name}"), Some(&p), name));
+        assert!(captured(&p), "{name}: {}", daemon.log());
+        p
+    };
+    // Its peers reach a pod in the mesh over HBONE: it serves 15008. One outside the mesh is
+    // reached in plaintext, so it gets no inbound side that would refuse that.
+    let hbone = |p: &Netns| p.connect("127.0.0.1:15008".parse().unwrap(), None).is_ok();
+    let in_mesh = add(
+        "m1",
+        "198.18.80.1",
+        &[("istio.io/dataplane-mode", "ambient")],
+    );
+    assert!(hbone(&in_mesh), "{}", daemon.log());
+    let outside = add("m2", "198.18.80.2", &[]);
+    assert!(!hbone(&outside), "{}", daemon.log());
+}
