@@ -58,6 +58,8 @@ const READ_TIMEOUT: Duration = Duration::from_secs(1);
 /// What the daemon keeps of the plugin's deadline for the reply to reach it: an enrolment not
 /// complete by `deadline - REPLY_MARGIN` is rolled back and answered as failed.
 const REPLY_MARGIN: Duration = Duration::from_millis(500);
+/// How long an ADD waits for the API feed to deliver the pod's Pod (Kubernetes mode).
+const POD_WAIT: Duration = Duration::from_secs(1);
 /// Requests handled at once (past their read); a request beyond waits for a slot until its
 /// deadline.
 const MAX_EXCHANGES: usize = 64;
@@ -451,7 +453,7 @@ impl Enroller {
             return Ok(());
         }
         // As ambient skips them: `istio.io/dataplane-mode: none`, or a sidecar of its own.
-        let pod = (self.api.as_ref()).and_then(|f| f.pod(&req.pod_namespace, &req.pod_name));
+        let pod = self.known_pod(req, deadline).await;
         if pod.is_some_and(|p| p.opted_out) {
             tracing::info!(pod = %workload_name(req), container = %req.container_id, "pod opted out (istio.io/dataplane-mode=none or a sidecar): not enrolled");
             return Ok(());
@@ -545,6 +547,26 @@ impl Enroller {
             inbound,
             handle,
         }))
+    }
+
+    /// The Pod of `req` as the API feed knows it, waiting (at most [`POD_WAIT`], and never past
+    /// the reply's deadline) when the watch has not delivered it yet: the kubelet creates the
+    /// Pod before the sandbox, but the daemon's watch may be a few milliseconds behind, and the
+    /// pod's identity, mesh membership and opt-out all come from it. `None` without the API.
+    async fn known_pod(
+        &self,
+        req: &Request,
+        deadline: tokio::time::Instant,
+    ) -> Option<crate::kubernetes::convert::PodInfo> {
+        let api = self.api.as_ref()?;
+        let until = (tokio::time::Instant::now() + POD_WAIT).min(deadline - REPLY_MARGIN);
+        loop {
+            let pod = api.pod(&req.pod_namespace, &req.pod_name);
+            if pod.is_some() || tokio::time::Instant::now() >= until {
+                return pod;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Whether the pod of `req` gets an inbound side: in Kubernetes mode only a pod in the mesh

@@ -81,6 +81,22 @@ spec:
         Daemon::start(&self.args(&args)).expect("daemon starts")
     }
 
+    /// Pod `name` of namespace `shop` at `ip` with `labels`: its Pod in `api` (on `node1`),
+    /// then its `drover-cni ADD` (asserted to succeed).
+    fn add_pod(&self, api: &ApiServer, name: &str, ip: &str, labels: &[(&str, &str)]) -> Pod {
+        let p = pod(name);
+        address(&p, ip);
+        api.apply(
+            POD,
+            drover_tests::k8s::pod("shop", name, labels, "default", "node1", ip),
+        );
+        assert_ok(
+            "ADD",
+            &self.plugin("ADD", &format!("c{name}"), Some(&p), name),
+        );
+        p
+    }
+
     /// The network configuration the runtime gives the plugin.
     fn conf(&self, socket: &Path) -> String {
         format!(
@@ -679,16 +695,7 @@ fn a_pod_that_opted_out_of_the_mesh_is_not_enrolled() {
     let api = ApiServer::start(&[]);
     api.apply(NODE, node("node1", "region1", "zone1"));
     let daemon = n.kube_daemon(&api, &[]);
-    let add = |name: &str, ip: &str, labels: &[(&str, &str)]| {
-        let p = pod(name);
-        address(&p, ip);
-        api.apply(
-            POD,
-            drover_tests::k8s::pod("shop", name, labels, "default", "node1", ip),
-        );
-        assert_ok("ADD", &n.plugin("ADD", &format!("c{name}"), Some(&p), name));
-        p
-    };
+    let add = |name: &str, ip: &str, labels: &[(&str, &str)]| n.add_pod(&api, name, ip, labels);
     // Ambient's opt-out label: the ADD succeeds and leaves the pod alone.
     let out = add("o1", "198.18.79.1", &[("istio.io/dataplane-mode", "none")]);
     assert!(!captured(&out), "{}", daemon.log());
@@ -720,13 +727,7 @@ fn with_inbound_pods_only_the_pods_in_the_mesh_get_an_inbound_side() {
     let mesh = mesh.display().to_string();
     let daemon = n.kube_daemon(&api, &["--mesh-ca", &mesh, "--inbound-pods"]);
     let add = |name: &str, ip: &str, labels: &[(&str, &str)]| {
-        let p = pod(name);
-        address(&p, ip);
-        api.apply(
-            POD,
-            drover_tests::k8s::pod("shop", name, labels, "default", "node1", ip),
-        );
-        assert_ok("ADD", &n.plugin("ADD", &format!("c{name}"), Some(&p), name));
+        let p = n.add_pod(&api, name, ip, labels);
         assert!(captured(&p), "{name}: {}", daemon.log());
         p
     };

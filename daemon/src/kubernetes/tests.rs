@@ -368,34 +368,37 @@ fn the_daemonset_requests_the_measured_memory_probes_liveness_and_has_an_uninsta
     }
 }
 
+/// What the feed keeps of a Pod of namespace `shop` on node `n1` with these annotations and
+/// labels.
+fn shop_pod(annotations: serde_json::Value, labels: serde_json::Value) -> PodInfo {
+    use k8s_openapi::api::core::v1::Pod;
+    let p: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "p", "namespace": "shop", "annotations": annotations, "labels": labels},
+        "spec": {"nodeName": "n1", "containers": []},
+        "status": {"podIP": "198.18.1.9"}
+    }))
+    .expect("pod");
+    convert::pod_info(&p)
+}
+
 #[test]
 fn pods_with_a_sidecar_or_opted_out_are_not_the_node_agents() {
-    use k8s_openapi::api::core::v1::Pod;
-    let pod = |annotations: serde_json::Value, labels: serde_json::Value| -> PodInfo {
-        let p: Pod = serde_json::from_value(json!({
-            "metadata": {"name": "p", "namespace": "shop", "annotations": annotations, "labels": labels},
-            "spec": {"nodeName": "n1", "containers": []},
-            "status": {"podIP": "198.18.1.9"}
-        }))
-        .expect("pod");
-        convert::pod_info(&p)
-    };
     let feed = Feed::new("cluster.local");
     let cases = [
-        ("plain", pod(json!({}), json!({})), true),
+        ("plain", shop_pod(json!({}), json!({})), true),
         (
             "sidecar",
-            pod(json!({convert::SIDECAR_STATUS: "{}"}), json!({})),
+            shop_pod(json!({convert::SIDECAR_STATUS: "{}"}), json!({})),
             false,
         ),
         (
             "none",
-            pod(json!({}), json!({convert::DATAPLANE_MODE: "none"})),
+            shop_pod(json!({}), json!({convert::DATAPLANE_MODE: "none"})),
             false,
         ),
         (
             "ambient",
-            pod(json!({}), json!({convert::DATAPLANE_MODE: "ambient"})),
+            shop_pod(json!({}), json!({convert::DATAPLANE_MODE: "ambient"})),
             true,
         ),
     ];
@@ -418,28 +421,18 @@ fn pods_with_a_sidecar_or_opted_out_are_not_the_node_agents() {
 
 #[test]
 fn pods_of_an_ambient_namespace_or_marked_themselves_carry_the_hbone_marker() {
-    use k8s_openapi::api::core::v1::Pod;
-    let pod = |annotations: serde_json::Value, labels: serde_json::Value| -> PodInfo {
-        let p: Pod = serde_json::from_value(json!({
-            "metadata": {"name": "p", "namespace": "shop", "annotations": annotations, "labels": labels},
-            "spec": {"nodeName": "n1", "containers": []},
-            "status": {"podIP": "198.18.1.9"}
-        }))
-        .expect("pod");
-        convert::pod_info(&p)
-    };
     let feed = Feed::new("cluster.local");
     let apply = |name: &str, info: &PodInfo| {
         feed.applied(Object::Pod(("shop".into(), name.into()), info.clone()));
     };
-    apply("plain", &pod(json!({}), json!({})));
+    apply("plain", &shop_pod(json!({}), json!({})));
     apply(
         "none",
-        &pod(json!({}), json!({convert::DATAPLANE_MODE: "none"})),
+        &shop_pod(json!({}), json!({convert::DATAPLANE_MODE: "none"})),
     );
     apply(
         "cni",
-        &pod(json!({crate::hbone::REDIRECTION: "enabled"}), json!({})),
+        &shop_pod(json!({crate::hbone::REDIRECTION: "enabled"}), json!({})),
     );
     let marked = |name: &str| {
         let p = feed.pod("shop", name).expect("pod");
@@ -451,7 +444,7 @@ fn pods_of_an_ambient_namespace_or_marked_themselves_carry_the_hbone_marker() {
     feed.applied(Object::Namespace("shop".into(), ambient.into()));
     // The namespace joins: its pods follow, except the one that opted out.
     assert!(marked("plain") && !marked("none") && marked("cni"));
-    apply("later", &pod(json!({}), json!({})));
+    apply("later", &shop_pod(json!({}), json!({})));
     assert!(marked("later"));
     feed.applied(Object::Namespace("shop".into(), BTreeMap::new()));
     assert!(!marked("plain") && !marked("later") && marked("cni"));
