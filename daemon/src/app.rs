@@ -159,13 +159,7 @@ pub async fn build(mut cfg: RunConfig) -> anyhow::Result<Bound> {
         mark: true,
     }
     .serve()?;
-    let mut inbound = Vec::new();
-    if let Some(kernel) = &kernel {
-        for (name, listeners) in bindings.inbound {
-            let policy = views.for_netns(&name);
-            inbound.push(listeners.serve(kernel, policy, shutdown.child_token(), &tracker)?);
-        }
-    }
+    let inbound = serve_inbound(bindings.inbound, &kernel, &views, (&shutdown, &tracker))?;
     let (reload, admin) = control(
         &cfg,
         (sources, known),
@@ -582,6 +576,25 @@ impl Bindings {
             cni,
         })
     }
+}
+
+/// Steers and serves the start-time namespaces' inbound listeners, each with its namespace's
+/// snapshot; the guards detach them when dropped (nothing without eBPF capture).
+fn serve_inbound(
+    bound: InboundByNetns,
+    kernel: &Option<Arc<Kernel>>,
+    views: &Views,
+    (shutdown, tracker): (&CancellationToken, &TaskTracker),
+) -> anyhow::Result<Vec<crate::inbound::Attached>> {
+    let Some(kernel) = kernel else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::with_capacity(bound.len());
+    for (name, listeners) in bound {
+        let policy = views.for_netns(&name);
+        out.push(listeners.serve(kernel, policy, shutdown.child_token(), tracker)?);
+    }
+    Ok(out)
 }
 
 /// Inbound listeners by namespace name.

@@ -539,6 +539,25 @@ fn main() -> ExitCode {
     }
 }
 
+/// Who signs the workloads' certificates: the local CA (`--mesh-ca`), istiod's CA API
+/// (`--ca-address` with `--ca-root`), or nobody.
+fn mesh_authority(
+    ca_dir: Option<PathBuf>,
+    (address, root): (Option<String>, Option<PathBuf>),
+    token: PathBuf,
+) -> Option<drover::mesh::Authority> {
+    use drover::mesh::{Authority, remote::RemoteCa};
+    match (ca_dir, address, root) {
+        (Some(dir), _, _) => Some(Authority::Local(dir)),
+        (None, Some(address), Some(root)) => Some(Authority::Remote(RemoteCa {
+            address,
+            root,
+            token,
+        })),
+        _ => None,
+    }
+}
+
 /// `drover run`: the daemon until SIGTERM/SIGINT/SIGQUIT drains it. With one worker, everything
 /// runs on one thread (tokio's current-thread scheduler: no work-stealing queues, no cross-thread
 /// wake-ups); otherwise on a multi-threaded runtime with `--workers` threads (0: one per CPU).
@@ -613,17 +632,8 @@ impl RunArgs {
                 None => netns.push(n),
             }
         }
-        let authority = match (self.mesh_ca, self.ca_address, self.ca_root) {
-            (Some(dir), _, _) => Some(drover::mesh::Authority::Local(dir)),
-            (None, Some(address), Some(root)) => Some(drover::mesh::Authority::Remote(
-                drover::mesh::remote::RemoteCa {
-                    address,
-                    root,
-                    token: self.ca_token,
-                },
-            )),
-            _ => None,
-        };
+        let authority =
+            mesh_authority(self.mesh_ca, (self.ca_address, self.ca_root), self.ca_token);
         Ok(app::RunConfig {
             config_paths: self.config,
             cgroups: self.cgroup,

@@ -257,11 +257,7 @@ impl Proxy {
         let addr = match d.target {
             Target::Endpoint { index, addr } => {
                 let svc = &registry.services()[d.cluster.service];
-                log.endpoint = format!("{}@{addr}", svc.endpoints[index].name);
-                if let Some(h) = d.cluster.hbone_for(d.pick) {
-                    let peer = h.peers.get(&addr.ip()).map_or("-", String::as_str);
-                    log.endpoint += &format!(" HBONE {} -> {peer}", h.source.spiffe);
-                }
+                log.endpoint = endpoint_label(&svc.endpoints[index].name, addr, &d);
                 addr
             }
             Target::Passthrough(addr) => {
@@ -342,6 +338,18 @@ impl Proxy {
                     stats: d.cluster.stats.clone(),
                 }),
         }
+    }
+}
+
+/// How the access log names the routed endpoint: `name@addr`, and for an HBONE tunnel the two
+/// identities (ours, the one the endpoint must present).
+fn endpoint_label(name: &str, addr: SocketAddr, d: &crate::registry::Decision<'_>) -> String {
+    match d.cluster.hbone_for(d.pick) {
+        Some(h) => {
+            let peer = h.peers.get(&addr.ip()).map_or("-", String::as_str);
+            format!("{name}@{addr} HBONE {} -> {peer}", h.source.spiffe)
+        }
+        None => format!("{name}@{addr}"),
     }
 }
 
