@@ -537,6 +537,9 @@ fn config_dump(snapshot: &Registry) -> serde_json::Value {
     for r in &set.peer_authentications {
         add("PeerAuthentication", &r.origin, &r.meta, to_json(&r.spec));
     }
+    for r in &set.authorization_policies {
+        add("AuthorizationPolicy", &r.origin, &r.meta, to_json(&r.spec));
+    }
     let client = snapshot.client();
     let inbound = snapshot.inbound_mtls();
     serde_json::json!({

@@ -688,6 +688,9 @@ fn file_ids(set: &ConfigSet) -> HashSet<String> {
     for r in &set.peer_authentications {
         add("PeerAuthentication", r.namespace(), &r.meta.name);
     }
+    for r in &set.authorization_policies {
+        add("AuthorizationPolicy", r.namespace(), &r.meta.name);
+    }
     ids
 }
 

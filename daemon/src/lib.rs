@@ -51,6 +51,7 @@
 pub mod access;
 pub mod admin;
 pub mod app;
+pub mod authz;
 pub mod balance;
 pub mod breakers;
 pub mod cni;

@@ -144,6 +144,8 @@ pub struct Registry {
     inbound: peer::InboundMtls,
     /// Every valid PeerAuthentication (auto mTLS reads them per endpoint).
     peers: Arc<Vec<peer::PeerEntry>>,
+    /// Every valid AuthorizationPolicy, oldest first (each inbound side picks its own).
+    authorization: Arc<Vec<Arc<crate::authz::PolicyEntry>>>,
     clusters: HashMap<ClusterKey, Arc<Cluster>>,
     warnings: Arc<Vec<Problem>>,
     config: Arc<crate::config::source::ConfigSet>,
@@ -286,6 +288,27 @@ impl Registry {
     /// The client's inbound mTLS (its `PeerAuthentication`s composed).
     pub fn inbound_mtls(&self) -> &peer::InboundMtls {
         &self.inbound
+    }
+
+    /// Every valid AuthorizationPolicy, oldest first.
+    pub fn authorization_policies(&self) -> &[Arc<crate::authz::PolicyEntry>] {
+        &self.authorization
+    }
+
+    /// The AuthorizationPolicies that apply to the inbound side of this snapshot's client at
+    /// `addresses` (`targetRefs` apply where one of them is an endpoint of the Service).
+    pub fn authorizer(&self, addresses: &[std::net::IpAddr]) -> crate::authz::Authorizer {
+        crate::authz::Authorizer::for_workload(
+            &self.authorization,
+            &self.client.namespace,
+            &self.client.labels,
+            |host| {
+                (self.by_host.get(host)).is_some_and(|&s| {
+                    (self.services[s].endpoints.iter())
+                        .any(|e| addresses.contains(&e.address))
+                })
+            },
+        )
     }
 
     /// Every validated DestinationRule.

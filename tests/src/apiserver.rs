@@ -60,13 +60,21 @@ pub const PEER_AUTHENTICATION: Kind = Kind {
     kind: "PeerAuthentication",
     namespaced: true,
 };
+pub const AUTHORIZATION_POLICY: Kind = Kind {
+    group: "security.istio.io",
+    version: "v1",
+    plural: "authorizationpolicies",
+    kind: "AuthorizationPolicy",
+    namespaced: true,
+};
 /// Every Istio kind this server can serve.
-pub const ISTIO: [Kind; 5] = [
+pub const ISTIO: [Kind; 6] = [
     DESTINATION_RULE,
     VIRTUAL_SERVICE,
     SERVICE_ENTRY,
     WORKLOAD_ENTRY,
     PEER_AUTHENTICATION,
+    AUTHORIZATION_POLICY,
 ];
 
 const fn core(plural: &'static str, kind: &'static str, namespaced: bool) -> Kind {

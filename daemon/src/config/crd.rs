@@ -1,6 +1,6 @@
 //! Serde mirror of the `networking.istio.io` resources Drover reads, in `v1`, `v1beta1` and
 //! `v1alpha3` (identical shapes for these kinds), and of `security.istio.io`'s
-//! `PeerAuthentication` (`v1`, `v1beta1`). Field names follow the CRDs (camelCase); values
+//! `PeerAuthentication` and `AuthorizationPolicy` (`v1`, `v1beta1`). Field names follow the CRDs (camelCase); values
 //! are kept as the user wrote them and checked later by [`super::validate`], so that every check
 //! can name its field: integers are wide (a negative count is a located range error, not a type
 //! error), durations are strings, and nested blocks Drover does not enforce are kept opaque.
@@ -159,6 +159,132 @@ pub struct PeerAuthenticationSpec {
     /// Workload port → mode. Keys are numbers in YAML and strings in the API's JSON.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub port_level_mtls: BTreeMap<MapKey, MutualTls>,
+}
+
+/// `AuthorizationPolicy.spec` (`security.istio.io` `v1`, `v1beta1`).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthorizationPolicySpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<MatchLabels>,
+    /// Deprecated single form of `targetRefs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_ref: Option<PolicyTargetRef>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub target_refs: Vec<PolicyTargetRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+    /// `CUSTOM`'s external authorizer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<serde_json::Value>,
+    /// Absent and `[]` differ: an ALLOW policy without rules matches nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rules: Option<Vec<Option<AuthorizationRule>>>,
+}
+
+/// `PolicyTargetReference`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyTargetRef {
+    #[serde(default)]
+    pub group: String,
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+/// `AuthorizationPolicy.Rule`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthorizationRule {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<Vec<Option<RuleFrom>>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<Vec<Option<RuleTo>>>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub when: Vec<Option<Condition>>,
+}
+
+/// `Rule.From`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub struct RuleFrom {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<Source>,
+}
+
+/// `Rule.To`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub struct RuleTo {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation: Option<Operation>,
+}
+
+/// `AuthorizationPolicy` `Source`: every list is ORed inside, the lists are ANDed.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Source {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub principals: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_principals: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_principals: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_request_principals: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespaces: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_namespaces: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_accounts: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_service_accounts: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_blocks: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_ip_blocks: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_ip_blocks: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_remote_ip_blocks: Option<Vec<String>>,
+}
+
+/// `AuthorizationPolicy` `Operation`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Operation {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hosts: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_hosts: Option<Vec<String>>,
+    /// Strings in the API (`"8080"`); numbers are accepted too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<Vec<MapKey>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_ports: Option<Vec<MapKey>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub methods: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_methods: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paths: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_paths: Option<Vec<String>>,
+}
+
+/// `AuthorizationPolicy` `Condition` (`when`).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    #[serde(default)]
+    pub key: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_values: Vec<String>,
 }
 
 /// `PeerAuthentication.MutualTLS`.

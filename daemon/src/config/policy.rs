@@ -1,5 +1,5 @@
 //! Validated policy: what a `DestinationRule`, `VirtualService`, `ServiceEntry`,
-//! `WorkloadEntry` or `PeerAuthentication` means once checked, with Istio's defaults applied inside every block that is
+//! `WorkloadEntry`, `PeerAuthentication` or `AuthorizationPolicy` means once checked, with Istio's defaults applied inside every block that is
 //! present. Built only by [`super::validate`].
 //!
 //! Invariant: a block is `None` exactly when the user did not write it. Presence is meaningful
@@ -62,6 +62,115 @@ pub struct PeerAuthentication {
     pub mode: Option<MtlsMode>,
     /// `portLevelMtls`: workload port → mode (`None` inherits the policy's own mode).
     pub ports: BTreeMap<u16, Option<MtlsMode>>,
+}
+
+/// A validated `AuthorizationPolicy` (evaluated by [`crate::authz`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AuthorizationPolicy {
+    /// `selector.matchLabels`; `None`: the whole namespace (every namespace, in the root one).
+    pub selector: Option<BTreeMap<String, String>>,
+    /// `targetRefs` to Services, as fully qualified hosts: the policy applies to their
+    /// endpoints (instead of selecting by labels).
+    pub targets: Vec<String>,
+    pub action: AuthzAction,
+    /// An ALLOW policy without rules matches nothing (it denies all).
+    pub rules: Vec<AuthzRule>,
+}
+
+/// `AuthorizationPolicy.action` (CUSTOM is refused: no external authorizer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum AuthzAction {
+    Allow,
+    Deny,
+    Audit,
+}
+
+impl std::fmt::Display for AuthzAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AuthzAction::Allow => "ALLOW",
+            AuthzAction::Deny => "DENY",
+            AuthzAction::Audit => "AUDIT",
+        })
+    }
+}
+
+/// One rule: some `from` group matches (none written: any), some `to` group matches, and every
+/// `when` condition holds. Each group's matchers must all hold.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AuthzRule {
+    pub from: Vec<Vec<AttrMatch>>,
+    pub to: Vec<Vec<AttrMatch>>,
+    pub when: Vec<AttrMatch>,
+}
+
+/// One field of a rule: the attribute matches one of `values` (`negated`: none of them).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AttrMatch {
+    pub attr: Attr,
+    pub values: Vec<AuthzValue>,
+    pub negated: bool,
+    /// The field it was written as (`rules[0].from[0].source.principals`), for `explain`.
+    pub field: String,
+}
+
+/// What a request or connection is matched on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Attr {
+    /// The peer's SPIFFE id without `spiffe://` (mTLS and HBONE peers only).
+    Principal,
+    /// The namespace in the peer's identity.
+    Namespace,
+    /// `namespace/serviceaccount` of the peer's identity.
+    ServiceAccount,
+    SourceIp,
+    /// The original client (`forwarded`/`x-forwarded-for`), else the peer.
+    RemoteIp,
+    DestinationIp,
+    DestinationPort,
+    /// The server name the client's TLS handshake asked for.
+    Sni,
+    // HTTP only:
+    Host,
+    Method,
+    Path,
+    /// A request header (lowercase name).
+    Header(String),
+}
+
+impl Attr {
+    /// Whether the attribute exists only in HTTP requests.
+    pub fn is_http(&self) -> bool {
+        matches!(
+            self,
+            Attr::Host | Attr::Method | Attr::Path | Attr::Header(_)
+        )
+    }
+}
+
+/// A value of an [`AttrMatch`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AuthzValue {
+    Exact(String),
+    /// `abc*`.
+    Prefix(String),
+    /// `*abc`.
+    Suffix(String),
+    /// `*`: present and not empty.
+    Present,
+    /// An address or CIDR.
+    Net(IpAddr, u8),
+    Port(u16),
+    /// A path template's segments (`{*}`: one segment, `{**}`: the rest).
+    Template(Vec<Segment>),
+}
+
+/// A segment of a path template.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Segment {
+    Literal(String),
+    One,
+    Rest,
 }
 
 /// A validated `ServiceEntry`. One with a DNS resolution (not built yet) is kept as written

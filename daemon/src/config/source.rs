@@ -30,7 +30,7 @@ const KNOWN_UNUSED: [&str; 5] = [
 /// API versions of `security.istio.io` that Drover accepts.
 pub const SECURITY_VERSIONS: [&str; 2] = ["v1", "v1beta1"];
 /// `security.istio.io` kinds that exist but that this version of Drover does not act on yet.
-const SECURITY_UNUSED: [&str; 2] = ["AuthorizationPolicy", "RequestAuthentication"];
+const SECURITY_UNUSED: [&str; 1] = ["RequestAuthentication"];
 
 /// Where a resource came from; turns field paths into located [`Problem`]s.
 #[derive(Clone, Debug)]
@@ -56,6 +56,7 @@ pub struct ConfigSet {
     pub destination_rules: Vec<Resource<crd::DestinationRuleSpec>>,
     pub virtual_services: Vec<Resource<crd::VirtualServiceSpec>>,
     pub peer_authentications: Vec<Resource<crd::PeerAuthenticationSpec>>,
+    pub authorization_policies: Vec<Resource<crd::AuthorizationPolicySpec>>,
     /// Documents of other kinds, with where they are and what they are.
     pub skipped: Vec<(Location, String)>,
     /// Non-fatal findings (unknown fields), located.
@@ -327,8 +328,8 @@ impl ConfigSet {
 }
 
 impl ConfigSet {
-    /// Adds a `security.istio.io` resource: `PeerAuthentication` is read, the other kinds are
-    /// skipped (not enforced yet).
+    /// Adds a `security.istio.io` resource: `PeerAuthentication` and `AuthorizationPolicy` are
+    /// read, `RequestAuthentication` is skipped (no JWT validation).
     fn add_security(
         &mut self,
         origin: Origin,
@@ -349,6 +350,11 @@ impl ConfigSet {
             "PeerAuthentication" => {
                 let (meta, spec) = parse_typed(&origin, value, &mut self.warnings)?;
                 self.peer_authentications
+                    .push(Resource { origin, meta, spec });
+            }
+            "AuthorizationPolicy" => {
+                let (meta, spec) = parse_typed(&origin, value, &mut self.warnings)?;
+                self.authorization_policies
                     .push(Resource { origin, meta, spec });
             }
             k if SECURITY_UNUSED.contains(&k) => {

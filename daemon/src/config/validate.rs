@@ -435,6 +435,7 @@ pub fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
 }
 
 mod destination_rule;
+mod authorization_policy;
 pub mod peer_authentication;
 mod service_entry;
 pub use service_entry::is_dns;

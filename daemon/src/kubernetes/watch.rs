@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use super::{DISCOVERY_RECHECK, Error, Feed, Object, Settings, convert, key_of};
 
 /// The Istio kinds Drover reads: (API group, kind, resource).
-const ISTIO_KINDS: [(&str, &str, &str); 5] = [
+const ISTIO_KINDS: [(&str, &str, &str); 6] = [
     ("networking.istio.io", "ServiceEntry", "serviceentries"),
     ("networking.istio.io", "WorkloadEntry", "workloadentries"),
     ("networking.istio.io", "DestinationRule", "destinationrules"),
@@ -35,6 +35,11 @@ const ISTIO_KINDS: [(&str, &str, &str); 5] = [
         "security.istio.io",
         "PeerAuthentication",
         "peerauthentications",
+    ),
+    (
+        "security.istio.io",
+        "AuthorizationPolicy",
+        "authorizationpolicies",
     ),
 ];
 

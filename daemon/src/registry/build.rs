@@ -55,10 +55,16 @@ impl Registry {
             &set.peer_authentications,
             &mut problems,
         );
+        unique_names(
+            "AuthorizationPolicy",
+            &set.authorization_policies,
+            &mut problems,
+        );
         let services = services(set, client, &mut problems, &mut warnings);
         let rules = destination_rules(set, &mut problems, &mut warnings);
         let virtual_services = virtual_services(set, &mut problems, &mut warnings);
         let peers = peer_authentications(set, &mut problems, &mut warnings);
+        let authorization = authorization_policies(set, &mut problems, &mut warnings);
         check_references(&rules, &virtual_services, &services.by_host, &mut warnings);
         if !problems.is_empty() {
             return Err(Rejected {
@@ -76,6 +82,7 @@ impl Registry {
             virtual_services: Arc::new(virtual_services),
             inbound: InboundMtls::resolve(&peers, client),
             peers: Arc::new(peers),
+            authorization: Arc::new(authorization),
             client: client.clone(),
             clusters: HashMap::new(),
             warnings: Arc::default(),
@@ -103,6 +110,7 @@ impl Registry {
         let others = !(changed.workload_entries.is_empty()
             && changed.virtual_services.is_empty()
             && changed.peer_authentications.is_empty()
+            && changed.authorization_policies.is_empty()
             && changed.skipped.is_empty()
             && changed.warnings.is_empty());
         if others {
@@ -119,6 +127,7 @@ impl Registry {
             client: self.client.clone(),
             inbound: self.inbound.clone(),
             peers: self.peers.clone(),
+            authorization: self.authorization.clone(),
             clusters: self.clusters.clone(),
             warnings: self.warnings.clone(),
             config: self.config.clone(),
@@ -626,6 +635,30 @@ fn peer_authentications(
             })
         })
         .collect()
+}
+
+/// The valid AuthorizationPolicies, oldest first (creation time, then name), as Istio orders
+/// them.
+fn authorization_policies(
+    set: &ConfigSet,
+    problems: &mut Vec<Problem>,
+    warnings: &mut Vec<Problem>,
+) -> Vec<Arc<crate::authz::PolicyEntry>> {
+    let mut out: Vec<_> = (set.authorization_policies.iter())
+        .filter_map(|r| {
+            let policy = validate(r, problems, warnings)?;
+            Some((
+                r.age(),
+                Arc::new(crate::authz::PolicyEntry {
+                    policy,
+                    id: r.id().into(),
+                    namespace: r.namespace().to_string(),
+                }),
+            ))
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out.into_iter().map(|(_, e)| e).collect()
 }
 
 fn virtual_services(

@@ -86,6 +86,14 @@ impl Relevance {
         for se in &set.service_entries {
             r.export_to(&se.spec.export_to, se.namespace());
         }
+        for ap in &set.authorization_policies {
+            // Policies of its namespace (selected by labels) apply to its workloads.
+            r.namespaces.insert(ap.namespace().to_string());
+            r.walk(
+                &serde_json::to_value(&ap.spec).unwrap_or(Value::Null),
+                ap.namespace(),
+            );
+        }
         for pa in &set.peer_authentications {
             // Namespace-wide (or selected) inbound policy of the workloads of its namespace.
             r.namespaces.insert(pa.namespace().to_string());
