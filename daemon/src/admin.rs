@@ -625,8 +625,31 @@ impl Prometheus {
             ("forward_failed", get(&inbound.forward_failed)),
             ("hbone", get(&inbound.hbone)),
             ("bad_target", get(&inbound.bad_target)),
+            ("denied", get(&inbound.denied)),
         ] {
             ConstGauge::new(n).encode(family.encode_family(&[("result", result)])?)?;
+        }
+        drop(family);
+        let store = crate::stats::store();
+        for (name, help, counts) in [
+            (
+                "drover_authz_denials",
+                "connections closed and requests answered 403 by AuthorizationPolicy, by policy (\"\": no ALLOW policy matched)",
+                &store.authz_denials,
+            ),
+            (
+                "drover_authz_audits",
+                "matches of AUDIT AuthorizationPolicies, by policy",
+                &store.authz_audits,
+            ),
+        ] {
+            let mut family =
+                encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            let counts = counts.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            for (policy, n) in counts {
+                ConstCounter::new(n)
+                    .encode(family.encode_family(&[("policy", policy.as_str())])?)?;
+            }
         }
         Ok(())
     }

@@ -351,7 +351,14 @@ pub async fn serve(
         tasks.spawn(async move {
             let start = tokio::time::Instant::now();
             match inbound.accept_mtls(stream, &policy, true).await {
-                Ok((tls, client)) => serve_connection(inbound, tls, client, peer, tracker).await,
+                Ok((tls, client)) => {
+                    let peer = crate::inbound::Peer {
+                        identity: Some(client),
+                        sni: tls.get_ref().1.server_name().map(str::to_string),
+                        ..crate::inbound::Peer::plaintext(peer)
+                    };
+                    serve_connection(inbound, tls, peer, policy, tracker).await
+                }
                 Err(e) => inbound.refused(peer, None, start, e),
             }
         });
@@ -359,19 +366,21 @@ pub async fn serve(
     .await
 }
 
-/// Serves the `CONNECT` streams of one authenticated connection from `client`.
+/// Serves the `CONNECT` streams of one authenticated connection from `peer`.
 async fn serve_connection(
     inbound: Arc<Inbound>,
     tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
-    client: String,
-    peer: SocketAddr,
+    peer: crate::inbound::Peer,
+    policy: RegistryHandle,
     tasks: TaskTracker,
 ) {
-    let client = Arc::new(client);
+    let addr = peer.addr;
+    let peer = Arc::new(peer);
     let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-        let (inbound, client, tasks) = (inbound.clone(), client.clone(), tasks.clone());
+        let (inbound, peer, policy, tasks) =
+            (inbound.clone(), peer.clone(), policy.clone(), tasks.clone());
         async move {
-            Ok::<_, std::convert::Infallible>(tunnel(inbound, req, &client, peer, &tasks).await)
+            Ok::<_, std::convert::Infallible>(tunnel(inbound, req, &peer, policy, &tasks).await)
         }
     });
     let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -384,7 +393,7 @@ async fn serve_connection(
         .serve_connection(TokioIo::new(tls), service)
         .await;
     if let Err(e) = served {
-        tracing::debug!(%peer, error = %e, "HBONE connection ended");
+        tracing::debug!(peer = %addr, error = %e, "HBONE connection ended");
     }
 }
 
@@ -392,10 +401,11 @@ async fn serve_connection(
 async fn tunnel(
     inbound: Arc<Inbound>,
     req: Request<hyper::body::Incoming>,
-    client: &str,
-    peer: SocketAddr,
+    from: &crate::inbound::Peer,
+    policy: RegistryHandle,
     tasks: &TaskTracker,
 ) -> Response<Empty<Bytes>> {
+    let peer = from.addr;
     let start = tokio::time::Instant::now();
     let answer = |status: StatusCode| {
         let mut r = Response::new(Empty::new());
@@ -421,16 +431,24 @@ async fn tunnel(
             return answer(StatusCode::SERVICE_UNAVAILABLE);
         }
     };
-    let how = format!("HBONE from {client}");
-    let (inbound, mut upstream) = (inbound.clone(), upstream);
+    // The original client, as the source node names it (`forwarded: for=<ip>`).
+    let remote = (req.headers().get("forwarded"))
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').find_map(|p| p.trim().strip_prefix("for=")))
+        .and_then(|ip| ip.trim_matches('"').trim_matches(['[', ']']).parse().ok())
+        .unwrap_or(peer.ip());
+    let from = crate::inbound::Peer {
+        remote,
+        ..from.clone()
+    };
+    let how = format!("HBONE from {}", from.identity.as_deref().unwrap_or_default());
+    let inbound = inbound.clone();
     tasks.spawn(async move {
         let outcome = match hyper::upgrade::on(req).await {
-            Ok(up) => {
-                let mut up = TokioIo::new(up);
-                let idle = crate::config::policy::ConnectionPool::istio_defaults().tcp_idle_timeout;
-                let _ = crate::proxy::relay::bounded(&mut up, &mut upstream, idle, None).await;
-                Ok(how)
-            }
+            Ok(up) => inbound
+                .deliver(TokioIo::new(up), target, &from, &policy, Some(upstream))
+                .await
+                .map(|()| how),
             Err(e) => Err(crate::inbound::Error::Tls(io::Error::other(e))),
         };
         inbound.served(peer, target, start, outcome, true);

@@ -24,6 +24,9 @@ use rustls::{
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+mod authorize;
+pub use authorize::{DENIED_BODY, Peer, set_path_normalization};
+
 use crate::{
     config::policy::MtlsMode,
     mesh::IdentityFiles,
@@ -46,6 +49,8 @@ pub enum Error {
     Identity { path: String, reason: String },
     #[error("no mesh identity to present")]
     NoIdentity,
+    #[error("{0}")]
+    Denied(String),
     #[error("HBONE target {0} is not this workload's address and port")]
     BadTarget(String),
     #[error("forwarding to {addr}: {source}")]
@@ -65,6 +70,8 @@ pub struct Inbound {
     pub default_mode: MtlsMode,
     /// By (certificate file, HBONE).
     configs: crate::tls::ByFile<(PathBuf, bool), ServerConfig>,
+    /// The AuthorizationPolicies of the workload, for the snapshot they were picked from.
+    authz: std::sync::Mutex<Option<(Arc<crate::registry::Registry>, Arc<crate::authz::Authorizer>)>>,
 }
 
 /// The inbound listeners of one namespace (15006 and HBONE's 15008), bound and not serving yet.
@@ -183,6 +190,7 @@ impl Inbound {
             fixed,
             default_mode,
             configs: Default::default(),
+            authz: Default::default(),
         }
     }
 
@@ -308,6 +316,7 @@ impl Inbound {
             Err(Error::Silent(_)) => &s.silent,
             Err(Error::Forward { .. }) => &s.forward_failed,
             Err(Error::BadTarget(_)) => &s.bad_target,
+            Err(Error::Denied(_)) => &s.denied,
             Err(Error::Tls(_) | Error::Identity { .. } | Error::NoIdentity) => &s.tls_error,
         };
         counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -383,30 +392,22 @@ impl Inbound {
                 Err(_) => return Err(Error::Silent(FIRST_BYTE)),
             },
         };
+        let peer = canonical(stream.peer_addr().map_err(Error::Tls)?);
         if !tls {
             if mode == MtlsMode::Strict {
                 return Err(Error::PlaintextRefused);
             }
-            let mut client = stream;
-            let mut upstream = self.forward(target).await?;
-            let _ = crate::proxy::relay::bounded(
-                &mut client,
-                &mut upstream,
-                crate::config::policy::ConnectionPool::istio_defaults().tcp_idle_timeout,
-                None,
-            )
-            .await;
+            self.deliver(stream, target, &Peer::plaintext(peer), policy, None)
+                .await?;
             return Ok(Served::Plaintext(mode));
         }
-        let (mut tls, client) = self.accept_mtls(stream, policy, false).await?;
-        let mut upstream = self.forward(target).await?;
-        let _ = crate::proxy::relay::bounded(
-            &mut tls,
-            &mut upstream,
-            crate::config::policy::ConnectionPool::istio_defaults().tcp_idle_timeout,
-            None,
-        )
-        .await;
+        let (tls, client) = self.accept_mtls(stream, policy, false).await?;
+        let peer = Peer {
+            identity: Some(client.clone()),
+            sni: tls.get_ref().1.server_name().map(str::to_string),
+            ..Peer::plaintext(peer)
+        };
+        self.deliver(tls, target, &peer, policy, None).await?;
         Ok(Served::Mtls(client))
     }
 

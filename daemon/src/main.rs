@@ -184,6 +184,11 @@ struct RunArgs {
     /// (mTLS only), PERMISSIVE (plaintext passes through) or DISABLE (everything passes through).
     #[arg(long, value_enum, default_value = "strict")]
     peer_authentication: drover::config::policy::MtlsMode,
+    /// How inbound request paths are normalized before AuthorizationPolicies match them (and as
+    /// the workload then receives them): Istio's mesh-wide `pathNormalization` (default BASE:
+    /// RFC 3986 dot segments removed, escaped unreserved characters decoded).
+    #[arg(long, value_enum, default_value = "base")]
+    path_normalization: drover::authz::PathNormalization,
     /// Close a captured HTTP connection whose request headers are not complete this long after
     /// accept (first request) or after the request's first byte; counted as
     /// `downstream_rq_header_timeout`.
@@ -634,6 +639,7 @@ impl RunArgs {
         }
         let authority =
             mesh_authority(self.mesh_ca, (self.ca_address, self.ca_root), self.ca_token);
+        drover::inbound::set_path_normalization(self.path_normalization);
         Ok(app::RunConfig {
             config_paths: self.config,
             cgroups: self.cgroup,

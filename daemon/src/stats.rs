@@ -30,6 +30,24 @@ pub struct Store {
     pub inbound: InboundStats,
     /// Captured (downstream) connections: limits and timeouts.
     pub downstream: DownstreamStats,
+    /// AuthorizationPolicy denials by policy (`""`: no ALLOW policy matched), and AUDIT
+    /// matches by policy.
+    pub authz_denials: Mutex<std::collections::BTreeMap<String, u64>>,
+    pub authz_audits: Mutex<std::collections::BTreeMap<String, u64>>,
+}
+
+impl Store {
+    /// Counts a denial by `policy` (`None`: no ALLOW policy matched).
+    pub fn authz_denied(&self, policy: Option<&str>) {
+        let mut m = self.authz_denials.lock().unwrap_or_else(|p| p.into_inner());
+        *m.entry(policy.unwrap_or_default().to_string()).or_default() += 1;
+    }
+
+    /// Counts a match of AUDIT policy `policy`.
+    pub fn authz_audited(&self, policy: &str) {
+        let mut m = self.authz_audits.lock().unwrap_or_else(|p| p.into_inner());
+        *m.entry(policy.to_string()).or_default() += 1;
+    }
 }
 
 /// Cluster ids by [`name_key`] of the cluster's name: restored ones, then those given since.
@@ -74,6 +92,8 @@ pub struct InboundStats {
     /// HBONE tunnels served, and HBONE streams refused for their target.
     pub hbone: AtomicU64,
     pub bad_target: AtomicU64,
+    /// Closed by an AuthorizationPolicy (non-HTTP connections; HTTP requests get 403).
+    pub denied: AtomicU64,
 }
 
 /// Counters of one cluster (Envoy's `cluster.<name>.*` statistics where one exists).
