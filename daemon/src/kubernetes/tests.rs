@@ -115,6 +115,45 @@ fn invalid_and_malformed_objects_are_rejected_alone_and_keep_their_last_valid_ve
 }
 
 #[test]
+fn an_invalid_authorization_policy_is_rejected_alone_and_its_last_valid_version_enforces() {
+    let feed = feed();
+    let policy = |name: &str, spec: serde_json::Value| {
+        Object::Istio(
+            "AuthorizationPolicy",
+            ("shop".into(), name.into()),
+            json!({
+                "apiVersion": "security.istio.io/v1",
+                "kind": "AuthorizationPolicy",
+                "metadata": {"name": name, "namespace": "shop"},
+                "spec": spec,
+            }),
+        )
+    };
+    let applied = |feed: &Feed| -> Vec<(String, Vec<usize>)> {
+        let snapshot = load(&sources(feed)).expect("loads").primary;
+        (snapshot.authorization_policies().iter())
+            .map(|e| {
+                let ports = (e.policy.rules.iter())
+                    .flat_map(|r| r.to.iter().flatten())
+                    .map(|m| m.values.len())
+                    .collect();
+                (e.id.to_string(), ports)
+            })
+            .collect()
+    };
+    feed.applied(policy("a", json!({"rules": [{"to": [{"operation": {"ports": ["80"]}}]}]})));
+    feed.applied(policy("b", json!({"action": "DENY", "rules": [{}]})));
+    assert_eq!(applied(&feed), [("shop/a".into(), vec![1]), ("shop/b".into(), vec![])]);
+    // A CUSTOM version of `a` is refused; `a` keeps its last valid version, `b` is untouched.
+    feed.applied(policy("a", json!({"action": "CUSTOM", "provider": {"name": "x"}, "rules": [{}]})));
+    assert_eq!(applied(&feed), [("shop/a".into(), vec![1]), ("shop/b".into(), vec![])]);
+    assert_eq!(feed.counters().rejected.load(Ordering::Relaxed), 1);
+    // A valid edit applies.
+    feed.applied(policy("a", json!({"rules": [{"to": [{"operation": {"ports": ["80", "81"]}}]}]})));
+    assert_eq!(applied(&feed), [("shop/a".into(), vec![2]), ("shop/b".into(), vec![])]);
+}
+
+#[test]
 fn an_object_invalid_from_the_start_is_left_out_and_the_rest_serves() {
     let feed = feed();
     feed.applied(rule(json!({"host": "echo.shop.svc.cluster.local",

@@ -19,7 +19,7 @@ use Expect::{Clean, Error, Valid, Warn};
 fn doc(kind: &str, spec: &str) -> String {
     let spec: String = spec.lines().map(|l| format!("  {l}\n")).collect();
     let group = match kind {
-        "PeerAuthentication" => "security.istio.io",
+        "PeerAuthentication" | "AuthorizationPolicy" => "security.istio.io",
         _ => "networking.istio.io",
     };
     format!(
@@ -43,6 +43,14 @@ pub(in crate::config) fn check(kind: &str, spec: &str) -> (Vec<String>, Vec<Stri
         }
         "PeerAuthentication" => {
             match Validated::<policy::PeerAuthentication>::try_from(&set.peer_authentications[0]) {
+                Ok(v) => (Vec::new(), v.warnings),
+                Err(i) => (i.errors, i.warnings),
+            }
+        }
+        "AuthorizationPolicy" => {
+            match Validated::<policy::AuthorizationPolicy>::try_from(
+                &set.authorization_policies[0],
+            ) {
                 Ok(v) => (Vec::new(), v.warnings),
                 Err(i) => (i.errors, i.warnings),
             }
@@ -981,6 +989,64 @@ fn peer_authentication_rules() {
 }
 
 #[test]
+fn authorization_policy_rules() {
+    run(
+        "AuthorizationPolicy",
+        &[
+            ("allow nothing", "{}", Clean),
+            ("allow all", "rules: [{}]", Clean),
+            (
+                "every L4 and L7 form",
+                "selector: {matchLabels: {app: web}}
+action: ALLOW
+rules:
+- from:
+  - source: {principals: [cluster.local/ns/a/sa/b, '*/sa/c'], notPrincipals: ['*'], namespaces: [a], notNamespaces: [b], ipBlocks: [198.18.0.0/16], notIpBlocks: [198.18.0.1], remoteIpBlocks: ['::1'], notRemoteIpBlocks: [fd00::/8]}
+  - source: {serviceAccounts: [a/b], notServiceAccounts: [a/c]}
+  to:
+  - operation: {hosts: [web.a.svc], notHosts: ['*.evil'], ports: ['80', 81], notPorts: ['82'], methods: [GET], notMethods: [DELETE], paths: ['/api/*', '/v/{*}/x/{**}'], notPaths: [/admin]}
+  when:
+  - {key: 'request.headers[x-team]', values: [blue], notValues: [red]}
+  - {key: source.ip, values: [198.18.0.0/16]}
+  - {key: remote.ip, values: [198.18.0.1]}
+  - {key: source.namespace, values: [a]}
+  - {key: source.principal, values: ['*']}
+  - {key: source.serviceAccount, values: [a/b]}
+  - {key: destination.ip, values: [198.18.0.2]}
+  - {key: destination.port, values: ['80']}
+  - {key: connection.sni, values: ['*.svc']}",
+                Clean,
+            ),
+            ("deny needs rules", "action: DENY", Error("spec.action: DENY action without `rules`")),
+            ("custom", "action: CUSTOM\nprovider: {name: ext}\nrules: [{}]", Error("spec.action: CUSTOM needs an external authorizer")),
+            ("provider without custom", "provider: {name: ext}\nrules: [{}]", Error("spec.provider: `provider` must not be with non CUSTOM")),
+            ("unknown action", "action: LOG", Error("spec.action: unknown action")),
+            ("selector and targetRefs", "selector: {matchLabels: {a: b}}\ntargetRefs: [{kind: Service, group: '', name: web}]", Error("only one of targetRefs or workloadSelector")),
+            ("gateway target", "targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: gw}]", Error("spec.targetRefs[0].kind: target gateway.networking.k8s.io/Gateway is not enforced")),
+            ("cross-namespace target", "targetRefs: [{kind: Service, group: '', name: web, namespace: other}]", Error("spec.targetRefs[0].namespace: cross namespace")),
+            ("wildcard selector", "selector: {matchLabels: {app: '*'}}", Error("wildcard is not supported in selector")),
+            ("empty from", "rules: [{from: []}]", Error("spec.rules[0].from: `from` must not be empty")),
+            ("empty source", "rules: [{from: [{source: {}}]}]", Error("spec.rules[0].from[0].source: `from.source` must not be empty")),
+            ("null source", "rules: [{from: [{}]}]", Error("spec.rules[0].from[0]: `from.source` must not be null")),
+            ("empty operation", "rules: [{to: [{operation: {}}]}]", Error("spec.rules[0].to[0].operation: `to.operation` must not be empty")),
+            ("empty value", "rules: [{from: [{source: {principals: ['']}}]}]", Error("spec.rules[0].from[0].source.principals[0]: empty value")),
+            ("bad ip block", "rules: [{from: [{source: {ipBlocks: [10.0.0.0/33]}}]}]", Error("spec.rules[0].from[0].source.ipBlocks[0]: \"10.0.0.0/33\" is not an IP address")),
+            ("bad port", "rules: [{to: [{operation: {ports: ['0']}}]}]", Error("spec.rules[0].to[0].operation.ports[0]: port \"0\"")),
+            ("bad template", "rules: [{to: [{operation: {paths: ['/{**}/x']}}]}]", Error("must be the last segment")),
+            ("accounts with principals", "rules: [{from: [{source: {serviceAccounts: [a/b], principals: [x]}}]}]", Error("cannot set serviceAccounts with namespaces or principals")),
+            ("bad account", "rules: [{from: [{source: {serviceAccounts: [ab]}}]}]", Error("is not a service account as namespace/name")),
+            ("request principals need JWT", "rules: [{from: [{source: {requestPrincipals: ['*']}}]}]", Error("spec.rules[0].from[0].source.requestPrincipals: needs RequestAuthentication")),
+            ("jwt claims need JWT", "rules: [{when: [{key: 'request.auth.claims[iss]', values: [x]}]}]", Error("spec.rules[0].when[0].key: request.auth.claims[iss]: needs RequestAuthentication")),
+            ("unknown key", "rules: [{when: [{key: source.color, values: [x]}]}]", Error("unknown attribute \"source.color\"")),
+            ("key without values", "rules: [{when: [{key: source.ip}]}]", Error("at least one of `values` or `notValues`")),
+            ("destination labels", "rules: [{when: [{key: 'destination.labels[app]', values: [x]}]}]", Error("replaced by the workload selector")),
+            ("bad when ip", "rules: [{when: [{key: destination.ip, values: [nope]}]}]", Error("spec.rules[0].when[0].values[0]")),
+            ("http-only deny", "action: DENY\nrules: [{to: [{operation: {methods: [POST]}}]}]", Warn("denies all traffic to TCP ports")),
+        ],
+    );
+}
+
+#[test]
 fn peer_authentication_reads_json_port_keys_and_warns_on_root_selectors() {
     let text = "apiVersion: security.istio.io/v1beta1
 kind: PeerAuthentication
@@ -1008,8 +1074,8 @@ fn other_security_kinds_are_skipped_and_unknown_modes_rejected() {
     set.add_text(
         std::sync::Arc::new("s.yaml".into()),
         "apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: deny, namespace: foo}
+kind: RequestAuthentication
+metadata: {name: jwt, namespace: foo}
 spec: {}
 ---
 apiVersion: security.istio.io/v1
@@ -1021,7 +1087,7 @@ spec:
         &mut problems,
     );
     assert_eq!(set.skipped.len(), 1);
-    assert_eq!(set.skipped[0].1, "AuthorizationPolicy");
+    assert_eq!(set.skipped[0].1, "RequestAuthentication");
     assert_eq!(problems.len(), 1, "{problems:?}");
     let p = problems[0].to_string();
     assert!(p.contains("s.yaml:10") && p.contains("STRICTEST"), "{p}");
