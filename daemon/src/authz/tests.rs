@@ -243,6 +243,12 @@ spec:
     assert!(web.check(&tcp(FRONT, "198.18.0.1", 80)).allowed);
     let db = Authorizer::for_workload(&e, "shop", &BTreeMap::new(), |_| false);
     assert!(db.is_empty());
+    // The deprecated single `targetRef` reads the same.
+    let single = entries(&yaml.replace(
+        "targetRefs: [{kind: Service, group: '', name: web}]",
+        "targetRef: {kind: Service, group: '', name: web}",
+    ));
+    assert_eq!(single[0].policy.targets, ["web.shop.svc.cluster.local"]);
 }
 
 #[test]
@@ -268,4 +274,65 @@ fn principals_match_istio_wildcards() {
     assert!(value_matches(&Attr::Principal, &AuthzValue::Suffix("/sa/front".into()), &a));
     assert!(value_matches(&Attr::Principal, &AuthzValue::Prefix("cluster.local/".into()), &a));
     assert!(!value_matches(&Attr::Principal, &AuthzValue::Present, &tcp(None, "198.18.0.1", 80)));
+}
+
+#[test]
+fn negated_forms_remote_addresses_sni_and_service_accounts_decide() {
+    let a = authorizer(
+        "
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: l4, namespace: shop}
+spec:
+  rules:
+  - from:
+    - source: {notPrincipals: ['*/sa/other'], notNamespaces: [evil], remoteIpBlocks: [198.18.0.0/24], notRemoteIpBlocks: [198.18.0.7]}
+    when:
+    - {key: connection.sni, values: ['*.shop.svc']}
+    - {key: destination.ip, values: [198.18.0.2]}
+    - {key: source.namespace, values: [shop]}
+  - from: [{source: {serviceAccounts: [shop/other], notServiceAccounts: [shop/front]}}]
+    to: [{operation: {ports: ['9']}}]
+    when: [{key: remote.ip, notValues: [198.18.0.0/24]}, {key: source.serviceAccount, values: [shop/other]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: l7, namespace: shop}
+spec:
+  action: DENY
+  rules:
+  - to: [{operation: {ports: ['8080'], notHosts: ['web.shop.svc.cluster.local'], notMethods: [GET], notPaths: ['/ok']}}]
+",
+        "shop",
+        &[],
+    );
+    let sni = |mut a: Attributes<'static>, s: &'static str, remote: &str| {
+        a.sni = Some(s);
+        a.remote = remote.parse().unwrap();
+        a
+    };
+    let front = sni(tcp(FRONT, "198.18.0.1", 80), "web.shop.svc", "198.18.0.1");
+    assert_eq!(a.check(&front).policy, Some(("shop/l4".into(), 0)));
+    // Each negated or added condition alone turns rule 0 off.
+    assert!(!a.check(&sni(tcp(OTHER, "198.18.0.1", 80), "web.shop.svc", "198.18.0.1")).allowed);
+    assert!(!a.check(&sni(tcp(FRONT, "198.18.0.1", 80), "web.shop.svc", "198.18.0.7")).allowed);
+    assert!(!a.check(&sni(tcp(FRONT, "198.18.0.1", 80), "web.shop.svc", "198.18.1.1")).allowed);
+    assert!(!a.check(&sni(tcp(FRONT, "198.18.0.1", 80), "db.other.svc", "198.18.0.1")).allowed);
+    assert!(!a.check(&sni(tcp(EVIL, "198.18.0.1", 80), "web.shop.svc", "198.18.0.1")).allowed);
+    // Rule 1: by service account, from a remote address outside 198.18.0.0/24.
+    let other = sni(tcp(OTHER, "198.18.0.1", 9), "x", "198.18.5.5");
+    assert_eq!(a.check(&other).policy, Some(("shop/l4".into(), 1)));
+    assert!(!a.check(&sni(tcp(OTHER, "198.18.0.1", 9), "x", "198.18.0.5")).allowed);
+    assert!(!a.check(&sni(tcp(FRONT, "198.18.0.1", 9), "x", "198.18.5.5")).allowed);
+    // The DENY's not* forms: other host, method and path together deny; any one spared.
+    let h = hyper::HeaderMap::new();
+    let on_8080 = sni(tcp(FRONT, "198.18.0.1", 8080), "web.shop.svc", "198.18.0.1");
+    let http = |host: &'static str, method, path| Attributes {
+        http: Some(Http { host, method, path, headers: &h }),
+        ..on_8080.clone()
+    };
+    assert!(!a.check(&http("evil.example", "POST", "/x")).allowed);
+    assert!(a.check(&http("web.shop.svc.cluster.local", "POST", "/x")).allowed);
+    assert!(a.check(&http("evil.example", "GET", "/x")).allowed);
+    assert!(a.check(&http("evil.example", "POST", "/ok")).allowed);
 }

@@ -622,6 +622,96 @@ const TABLE: &[(&str, How)] = &[
             "tests/tests/tls.rs::peer_authentication_resources_set_the_inbound_mode_per_port_and_follow_edits",
         ),
     ),
+    // AuthorizationPolicy.
+    (
+        "AuthorizationPolicy.selector",
+        Enforced("daemon/src/authz/tests.rs::allow_by_principal_admits_only_that_peer_and_no_plaintext"),
+    ),
+    (
+        "AuthorizationPolicy.targetRef",
+        Enforced("daemon/src/authz/tests.rs::target_refs_apply_to_the_services_endpoints_only"),
+    ),
+    (
+        "AuthorizationPolicy.targetRefs",
+        Enforced("daemon/src/authz/tests.rs::target_refs_apply_to_the_services_endpoints_only"),
+    ),
+    (
+        "AuthorizationPolicy.action",
+        Enforced("tests/tests/authz.rs::authorization_policies_decide_per_peer_port_and_request_on_the_pods_inbound_side"),
+    ),
+    (
+        "AuthorizationPolicy.rules",
+        Enforced("tests/tests/authz.rs::authorization_policies_decide_per_peer_port_and_request_on_the_pods_inbound_side"),
+    ),
+    (
+        "AuthorizationPolicy.rules[].from[].source.notPrincipals",
+        Enforced("daemon/src/authz/tests.rs::negated_forms_remote_addresses_sni_and_service_accounts_decide"),
+    ),
+    (
+        "AuthorizationPolicy.rules[].from[].source.notNamespaces",
+        Enforced("daemon/src/authz/tests.rs::negated_forms_remote_addresses_sni_and_service_accounts_decide"),
+    ),
+    (
+        "AuthorizationPolicy.rules[].from[].source.serviceAccounts",
+        Enforced("daemon/src/authz/tests.rs::negated_forms_remote_addresses_sni_and_service_accounts_decide"),
+    ),
+    (
+        "AuthorizationPolicy.rules[].from[].source.notServiceAccounts",
+        Enforced("daemon/src/authz/tests.rs::negated_forms_remote_addresses_sni_and_service_accounts_decide"),
+    ),
+    (
+        "AuthorizationPolicy.rules[].from[].source.notIpBlocks",
+        Enforced("daemon/src/authz/tests.rs::ports_ip_blocks_and_when_conditions"),
+    ),
+    (
+        "AuthorizationPolicy.rules[].from[].source.remoteIpBlocks",
+        Enforced("daemon/src/authz/tests.rs::negated_forms_remote_addresses_sni_and_service_accounts_decide"),
+    ),
+    (
+        "AuthorizationPolicy.rules[].from[].source.notRemoteIpBlocks",
+        Enforced("daemon/src/authz/tests.rs::negated_forms_remote_addresses_sni_and_service_accounts_decide"),
+    ),
+    (
+        "AuthorizationPolicy.rules[].to[].operation.hosts",
+        Enforced("daemon/src/authz/tests.rs::http_rules_match_method_path_host_and_headers"),
+    ),
+    (
+        "AuthorizationPolicy.rules[].to[].operation.notHosts",
+        Enforced("daemon/src/authz/tests.rs::negated_forms_remote_addresses_sni_and_service_accounts_decide"),
+    ),
+    (
+        "AuthorizationPolicy.rules[].to[].operation.notMethods",
+        Enforced("daemon/src/authz/tests.rs::negated_forms_remote_addresses_sni_and_service_accounts_decide"),
+    ),
+    (
+        "AuthorizationPolicy.rules[].to[].operation.notPaths",
+        Enforced("daemon/src/authz/tests.rs::negated_forms_remote_addresses_sni_and_service_accounts_decide"),
+    ),
+    (
+        "AuthorizationPolicy.rules[].when",
+        Enforced("daemon/src/authz/tests.rs::ports_ip_blocks_and_when_conditions"),
+    ),
+    (
+        "AuthorizationPolicy.provider",
+        Rejected {
+            spec: "action: CUSTOM\nprovider: {name: ext-authz}\nrules: [{}]",
+            error: "spec.action",
+        },
+    ),
+    (
+        "AuthorizationPolicy.rules[].from[].source.requestPrincipals",
+        Rejected {
+            spec: "rules: [{from: [{source: {requestPrincipals: ['*']}}]}]",
+            error: "requestPrincipals",
+        },
+    ),
+    (
+        "AuthorizationPolicy.rules[].from[].source.notRequestPrincipals",
+        Rejected {
+            spec: "rules: [{from: [{source: {notRequestPrincipals: ['*']}}]}]",
+            error: "notRequestPrincipals",
+        },
+    ),
 ];
 
 /// Every field of the mirror, by kind, with shared blocks folded onto one spelling.
@@ -638,6 +728,10 @@ fn mirror_fields() -> BTreeSet<String> {
         (
             "PeerAuthentication",
             trace::fields::<crd::PeerAuthenticationSpec>(),
+        ),
+        (
+            "AuthorizationPolicy",
+            trace::fields::<crd::AuthorizationPolicySpec>(),
         ),
     ];
     let mut out = BTreeSet::new();
