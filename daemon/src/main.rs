@@ -255,12 +255,31 @@ enum Command {
         /// rules apply), with --kubernetes.
         #[arg(long, value_name = "NAMESPACE/POD", requires = "kubernetes")]
         workload: Option<String>,
-        /// Service host (FQDN, or a short name qualified with the client namespace).
+        /// Service host (FQDN, or a short name qualified with the client namespace). Without
+        /// it, the workload's inbound side is explained: the AuthorizationPolicies that apply
+        /// to it, and with --from (or --source-ip) and --port the decision for that peer.
         #[arg(long)]
-        host: String,
-        /// Service port (required when the service has several).
+        host: Option<String>,
+        /// Service port (required when the service has several); without --host, the
+        /// workload port a peer connects to.
         #[arg(long)]
         port: Option<u16>,
+        /// Without --host: the peer, `namespace/serviceaccount` (its SPIFFE id in the trust
+        /// domain), or `plaintext`.
+        #[arg(long, value_name = "NAMESPACE/SA", conflicts_with = "host")]
+        from: Option<String>,
+        /// Without --host: the peer's address (ipBlocks; default 0.0.0.0).
+        #[arg(long, conflicts_with = "host")]
+        source_ip: Option<std::net::IpAddr>,
+        /// Without --host: an HTTP request's method (with --path; else a TCP connection).
+        #[arg(long, requires = "path", conflicts_with = "host")]
+        method: Option<String>,
+        /// Without --host: an HTTP request's path (normalized as --path-normalization BASE).
+        #[arg(long, conflicts_with = "host")]
+        path: Option<String>,
+        /// Trust domain of --from identities.
+        #[arg(long, default_value = "cluster.local", conflicts_with = "host")]
+        trust_domain: String,
         /// Subset, as a VirtualService route would name it.
         #[arg(long)]
         subset: Option<String>,
@@ -507,6 +526,11 @@ fn main() -> ExitCode {
             workload,
             host,
             port,
+            from,
+            source_ip,
+            method,
+            path,
+            trust_domain,
             subset,
             client,
         } => {
@@ -515,13 +539,19 @@ fn main() -> ExitCode {
                 node_name: String::new(),
                 cluster_domain,
             });
-            explain_cmd(
-                &config,
-                api,
-                workload.as_deref(),
-                client.into(),
-                (&host, port, subset.as_deref()),
-            )
+            let what = match &host {
+                Some(host) => Explained::Destination(host, port, subset.as_deref()),
+                None => Explained::Inbound(InboundProbe {
+                    from: from.map(|f| match f.split_once('/') {
+                        Some((ns, sa)) => format!("{trust_domain}/ns/{ns}/sa/{sa}"),
+                        None => f,
+                    }),
+                    source: source_ip,
+                    port,
+                    request: method.zip(path),
+                }),
+            };
+            explain_cmd(&config, api, workload.as_deref(), client.into(), what)
         }
         Command::Ca { command } => ca(command),
         Command::Cni { command } => cni(command),
@@ -704,12 +734,60 @@ fn chain(e: &anyhow::Error) -> String {
 
 /// `drover explain`: the effective policy of one destination, for the configured client or (in
 /// Kubernetes mode) for a pod. TLS files are not read (they may live on another host).
+/// What `drover explain` explains.
+enum Explained<'a> {
+    /// The client's policy for a destination `(host, port, subset)`.
+    Destination(&'a str, Option<u16>, Option<&'a str>),
+    /// The workload's inbound side: its AuthorizationPolicies, and a decision.
+    Inbound(InboundProbe),
+}
+
+/// A connection or request to check against a workload's AuthorizationPolicies.
+struct InboundProbe {
+    /// The peer's principal (`<trust domain>/ns/<ns>/sa/<sa>`), `plaintext` or none.
+    from: Option<String>,
+    source: Option<std::net::IpAddr>,
+    port: Option<u16>,
+    /// (method, path).
+    request: Option<(String, String)>,
+}
+
+impl InboundProbe {
+    /// The decision this probe asks for (none without a peer or a port), on `registry`'s
+    /// workload at `addresses`.
+    fn explain(&self, registry: &drover::registry::Registry, addresses: &[std::net::IpAddr]) -> String {
+        let source = self.source.unwrap_or([0, 0, 0, 0].into());
+        let destination = std::net::SocketAddr::new(
+            addresses.first().copied().unwrap_or([0, 0, 0, 0].into()),
+            self.port.unwrap_or_default(),
+        );
+        let headers = hyper::HeaderMap::new();
+        let path = (self.request.as_ref())
+            .map(|(_, p)| drover::authz::PathNormalization::Base.apply(p.split('?').next().unwrap_or_default()));
+        let probe = drover::authz::Attributes {
+            principal: self.from.as_deref().filter(|f| *f != "plaintext"),
+            source,
+            remote: source,
+            destination,
+            sni: None,
+            http: (self.request.as_ref()).zip(path.as_deref()).map(|((m, _), path)| drover::authz::Http {
+                host: "",
+                method: m,
+                path,
+                headers: &headers,
+            }),
+        };
+        let asked = (self.from.is_some() || self.source.is_some()) && self.port.is_some();
+        explain::authorization(registry, addresses, asked.then_some(&probe))
+    }
+}
+
 fn explain_cmd(
     config: &[PathBuf],
     api: Option<drover::kubernetes::Settings>,
     workload: Option<&str>,
     mut client: Client,
-    (host, port, subset): (&str, Option<u16>, Option<&str>),
+    what: Explained<'_>,
 ) -> ExitCode {
     let feed = match api {
         None => None,
@@ -722,6 +800,7 @@ fn explain_cmd(
         },
     };
     let mut heading = String::new();
+    let mut addresses: Vec<std::net::IpAddr> = Vec::new();
     if let (Some(id), Some(feed)) = (workload, &feed) {
         let pod = id
             .split_once('/')
@@ -740,6 +819,7 @@ fn explain_cmd(
             pod.ips.join(", "),
             ns_labels.join(",")
         );
+        addresses = pod.ips.iter().filter_map(|ip| ip.parse().ok()).collect();
         let (labels, locality) = feed.pod_placement(&pod);
         client = Client {
             namespace: ns.to_string(),
@@ -753,6 +833,12 @@ fn explain_cmd(
         Err(e) => {
             eprintln!("{e}");
             return ExitCode::FAILURE;
+        }
+    };
+    let (host, port, subset) = match what {
+        Explained::Destination(host, port, subset) => (host, port, subset),
+        Explained::Inbound(probe) => {
+            return report(&(heading + &probe.explain(&registry, &addresses)));
         }
     };
     match explain::explain(&registry, host, port, subset) {

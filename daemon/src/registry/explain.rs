@@ -722,3 +722,73 @@ fn http_route_actions(r: &crate::config::policy::HttpRoute) -> Vec<String> {
     }
     out
 }
+
+/// The AuthorizationPolicies that apply to the inbound side of the registry's client at
+/// `addresses`, and with `probe` the decision for that connection or request and the rule
+/// (with its fields) that made it.
+pub fn authorization(
+    reg: &Registry,
+    addresses: &[std::net::IpAddr],
+    probe: Option<&crate::authz::Attributes<'_>>,
+) -> String {
+    use crate::config::policy::AuthzAction;
+    let authz = reg.authorizer(addresses);
+    let mut o = String::new();
+    let n = authz.policies().count();
+    let _ = writeln!(o, "policies   {n} apply to this workload (DENY, ALLOW, AUDIT; oldest first)");
+    for e in authz.policies() {
+        let p = &e.policy;
+        let scope = if !p.targets.is_empty() {
+            format!("targetRefs Service {}", p.targets.join(", "))
+        } else {
+            match &p.selector {
+                Some(s) if !s.is_empty() => {
+                    let labels: Vec<String> = s.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    format!("selector {}", labels.join(","))
+                }
+                _ if e.namespace == super::resolve::ROOT_NAMESPACE => "mesh-wide".to_string(),
+                _ => format!("namespace {}", e.namespace),
+            }
+        };
+        let rules = match (p.action, p.rules.len()) {
+            (AuthzAction::Allow, 0) => "no rules: matches nothing".to_string(),
+            (_, r) => format!("{r} rule(s)"),
+        };
+        let _ = writeln!(o, "  {:<5}  {:<32} {scope}; {rules}", p.action.to_string(), e.id);
+    }
+    if authz.is_empty() {
+        let _ = writeln!(o, "  (none: every connection is allowed)");
+    }
+    let Some(probe) = probe else {
+        return o;
+    };
+    let what = match &probe.http {
+        Some(h) => format!("{} {} (HTTP, host {:?})", h.method, h.path, h.host),
+        None => "a TCP connection (HTTP-only attributes do not apply)".to_string(),
+    };
+    let _ = writeln!(
+        o,
+        "request    {what} from {} (address {}) to {}",
+        probe.principal.unwrap_or("a plaintext peer (no principal)"),
+        probe.source,
+        probe.destination
+    );
+    let d = authz.check(probe);
+    let _ = writeln!(o, "decision   {}", if d.allowed { "ALLOW" } else { "DENY" });
+    let _ = writeln!(o, "because    {}", d.reason());
+    if let Some((id, i)) = &d.policy
+        && let Some(rule) = (authz.policies().find(|e| e.id == *id)).and_then(|e| e.policy.rules.get(*i))
+    {
+        let fields: Vec<&str> = (rule.from.iter().flatten())
+            .chain(rule.to.iter().flatten())
+            .chain(&rule.when)
+            .map(|m| m.field.as_str())
+            .collect();
+        let fields = if fields.is_empty() { "{} (matches everything)".to_string() } else { fields.join(", ") };
+        let _ = writeln!(o, "rule       {fields}");
+    }
+    for a in &d.audited {
+        let _ = writeln!(o, "audit      AUDIT policy {a} matched (logged, decides nothing)");
+    }
+    o
+}
