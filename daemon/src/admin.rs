@@ -629,7 +629,6 @@ impl Prometheus {
         ] {
             ConstGauge::new(n).encode(family.encode_family(&[("result", result)])?)?;
         }
-        drop(family);
         let store = crate::stats::store();
         for (name, help, counts) in [
             (
@@ -643,8 +642,7 @@ impl Prometheus {
                 &store.authz_audits,
             ),
         ] {
-            let mut family =
-                encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
             let counts = counts.lock().unwrap_or_else(|p| p.into_inner()).clone();
             for (policy, n) in counts {
                 ConstCounter::new(n)

@@ -157,9 +157,7 @@ impl Authorizer {
             })
         };
         let audited = (self.audit.iter())
-            .filter(|e| {
-                (e.policy.rules.iter()).any(|r| rule_matches(r, AuthzAction::Audit, attrs))
-            })
+            .filter(|e| (e.policy.rules.iter()).any(|r| rule_matches(r, AuthzAction::Audit, attrs)))
             .map(|e| e.id.clone())
             .collect();
         if let Some(hit) = first(&self.deny) {
@@ -199,9 +197,8 @@ fn rule_matches(rule: &AuthzRule, action: AuthzAction, attrs: &Attributes<'_>) -
     }
     // On TCP, an HTTP-only matcher (of a DENY or AUDIT rule) is left out: it holds.
     let holds = |m: &AttrMatch| (tcp && m.attr.is_http()) || m.matches(attrs);
-    let group = |groups: &[Vec<AttrMatch>]| {
-        groups.is_empty() || groups.iter().any(|g| g.iter().all(holds))
-    };
+    let group =
+        |groups: &[Vec<AttrMatch>]| groups.is_empty() || groups.iter().any(|g| g.iter().all(holds));
     group(&rule.from) && group(&rule.to) && rule.when.iter().all(holds)
 }
 
@@ -210,7 +207,10 @@ fn rule_matches(rule: &AuthzRule, action: AuthzAction, attrs: &Attributes<'_>) -
 impl AttrMatch {
     /// Whether the attribute matches one of the values (`negated`: none of them).
     pub fn matches(&self, attrs: &Attributes<'_>) -> bool {
-        let any = self.values.iter().any(|p| value_matches(&self.attr, p, attrs));
+        let any = self
+            .values
+            .iter()
+            .any(|p| value_matches(&self.attr, p, attrs));
         any != self.negated
     }
 }
@@ -223,10 +223,9 @@ fn value_matches(attr: &Attr, p: &AuthzValue, a: &Attributes<'_>) -> bool {
             .principal
             .and_then(|v| identity_parts(v).map(|(ns, _)| ns))
             .is_some_and(|v| text(p, v)),
-        Attr::ServiceAccount => a
-            .principal
-            .and_then(identity_parts)
-            .is_some_and(|(ns, sa)| matches!(p, AuthzValue::Exact(e) if e.split_once('/') == Some((ns, sa)))),
+        Attr::ServiceAccount => a.principal.and_then(identity_parts).is_some_and(
+            |(ns, sa)| matches!(p, AuthzValue::Exact(e) if e.split_once('/') == Some((ns, sa))),
+        ),
         Attr::SourceIp => net(p, a.source),
         Attr::RemoteIp => net(p, a.remote),
         Attr::DestinationIp => net(p, a.destination.ip()),

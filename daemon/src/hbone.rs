@@ -441,7 +441,10 @@ async fn tunnel(
         remote,
         ..from.clone()
     };
-    let how = format!("HBONE from {}", from.identity.as_deref().unwrap_or_default());
+    let how = format!(
+        "HBONE from {}",
+        from.identity.as_deref().unwrap_or_default()
+    );
     let inbound = inbound.clone();
     tasks.spawn(async move {
         let outcome = match hyper::upgrade::on(req).await {

@@ -755,27 +755,34 @@ struct InboundProbe {
 impl InboundProbe {
     /// The decision this probe asks for (none without a peer or a port), on `registry`'s
     /// workload at `addresses`.
-    fn explain(&self, registry: &drover::registry::Registry, addresses: &[std::net::IpAddr]) -> String {
+    fn explain(
+        &self,
+        registry: &drover::registry::Registry,
+        addresses: &[std::net::IpAddr],
+    ) -> String {
         let source = self.source.unwrap_or([0, 0, 0, 0].into());
         let destination = std::net::SocketAddr::new(
             addresses.first().copied().unwrap_or([0, 0, 0, 0].into()),
             self.port.unwrap_or_default(),
         );
         let headers = hyper::HeaderMap::new();
-        let path = (self.request.as_ref())
-            .map(|(_, p)| drover::authz::PathNormalization::Base.apply(p.split('?').next().unwrap_or_default()));
+        let path = (self.request.as_ref()).map(|(_, p)| {
+            drover::authz::PathNormalization::Base.apply(p.split('?').next().unwrap_or_default())
+        });
         let probe = drover::authz::Attributes {
             principal: self.from.as_deref().filter(|f| *f != "plaintext"),
             source,
             remote: source,
             destination,
             sni: None,
-            http: (self.request.as_ref()).zip(path.as_deref()).map(|((m, _), path)| drover::authz::Http {
-                host: "",
-                method: m,
-                path,
-                headers: &headers,
-            }),
+            http: (self.request.as_ref())
+                .zip(path.as_deref())
+                .map(|((m, _), path)| drover::authz::Http {
+                    host: "",
+                    method: m,
+                    path,
+                    headers: &headers,
+                }),
         };
         let asked = (self.from.is_some() || self.source.is_some()) && self.port.is_some();
         explain::authorization(registry, addresses, asked.then_some(&probe))

@@ -304,8 +304,7 @@ impl Registry {
             &self.client.labels,
             |host| {
                 (self.by_host.get(host)).is_some_and(|&s| {
-                    (self.services[s].endpoints.iter())
-                        .any(|e| addresses.contains(&e.address))
+                    (self.services[s].endpoints.iter()).any(|e| addresses.contains(&e.address))
                 })
             },
         )

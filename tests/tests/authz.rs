@@ -177,7 +177,14 @@ fn authorization_policies_decide_per_peer_port_and_request_on_the_pods_inbound_s
     assert!(!greets(&t.client, vip(81)));
     // DENY by namespace wins over the ALLOW rule that admits evil on 7000.
     assert!(!greets(&evil_ns, vip(80)));
-    assert!(server.wait_log("denied by DENY policy istio-system/deny-evil rule 0", Duration::from_secs(3)), "{}", server.log());
+    assert!(
+        server.wait_log(
+            "denied by DENY policy istio-system/deny-evil rule 0",
+            Duration::from_secs(3)
+        ),
+        "{}",
+        server.log()
+    );
     assert_eq!(denials(&server, "istio-system/deny-evil"), 1);
     // ipBlocks with ports: evil's node (198.19.0.0/16) reaches 7001; AUDIT logs it, allowed.
     assert!(greets(&evil_ns, vip(81)));
@@ -194,29 +201,43 @@ fn authorization_policies_decide_per_peer_port_and_request_on_the_pods_inbound_s
         probe(
             Some(&t.client),
             None,
-            &["http", &format!("http://{VIP}:9080{path}"), "--method", method],
+            &[
+                "http",
+                &format!("http://{VIP}:9080{path}"),
+                "--method",
+                method,
+            ],
         )
     };
     assert_eq!(http("GET", "/api/x")["status"]["200"], 1);
     // A dot segment is normalized before matching: /api/../admin is /admin.
-    for (method, path) in [("POST", "/api/x"), ("GET", "/admin"), ("GET", "/api/../admin")] {
+    for (method, path) in [
+        ("POST", "/api/x"),
+        ("GET", "/admin"),
+        ("GET", "/api/../admin"),
+    ] {
         let r = http(method, path);
         assert_eq!(r["status"]["403"], 1, "{method} {path}: {r}");
         assert_eq!(r["first"], "RBAC: access denied", "{r}");
     }
-    assert_eq!(denials(&server, ""), 3 + 2, "{}", server.admin_get("/stats/prometheus"));
+    assert_eq!(
+        denials(&server, ""),
+        3 + 2,
+        "{}",
+        server.admin_get("/stats/prometheus")
+    );
 
     // A policy edit applies to new connections within a second (file watch).
     std::fs::write(&cfg, config(ep, &format!("{POLICIES}{LOCKDOWN}"))).unwrap();
     let took = within(Duration::from_secs(1), || !greets(&t.client, vip(80)));
-    assert!(took.is_some(), "lockdown not applied within 1 s: {}", server.log());
+    assert!(
+        took.is_some(),
+        "lockdown not applied within 1 s: {}",
+        server.log()
+    );
 
     // An invalid policy is refused, located; the last valid policies keep enforcing.
-    std::fs::write(
-        &cfg,
-        config(ep, &format!("{POLICIES}{LOCKDOWN}{INVALID}")),
-    )
-    .unwrap();
+    std::fs::write(&cfg, config(ep, &format!("{POLICIES}{LOCKDOWN}{INVALID}"))).unwrap();
     assert!(
         server.wait_log("spec.action", Duration::from_secs(3)),
         "{}",

@@ -150,22 +150,79 @@ fn explain_lists_a_workloads_authorization_policies_and_the_rule_that_decides() 
         "selector app=reviews; 2 rule(s)",
         "AUDIT  demo/audit-writes",
     ] {
-        assert!(out.contains(expected), "missing {expected:?}\n--- got:\n{out}");
+        assert!(
+            out.contains(expected),
+            "missing {expected:?}\n--- got:\n{out}"
+        );
     }
-    let out = explain(&["--from", "demo/productpage", "--port", "9080", "--method", "POST", "--path", "/api/x"]);
+    let out = explain(&[
+        "--from",
+        "demo/productpage",
+        "--port",
+        "9080",
+        "--method",
+        "POST",
+        "--path",
+        "/api/x",
+    ]);
     assert!(out.contains("decision   ALLOW\nbecause    allowed by ALLOW policy demo/reviews rule 0\nrule       rules[0].from[0].source.principals"), "{out}");
-    assert!(out.contains("audit      AUDIT policy demo/audit-writes matched"), "{out}");
-    let out = explain(&["--from", "demo/ratings", "--port", "9080", "--method", "POST", "--path", "/api/x"]);
-    assert!(out.contains("decision   DENY\nbecause    denied: ALLOW policies apply and none matched"), "{out}");
-    let out = explain(&["--from", "demo/ratings", "--port", "9080", "--method", "GET", "--path", "/api/./x"]);
-    assert!(out.contains("because    allowed by ALLOW policy demo/reviews rule 1"), "{out}");
-    let out = explain(&["--from", "legacy/app", "--port", "9080", "--method", "GET", "--path", "/api/x"]);
+    assert!(
+        out.contains("audit      AUDIT policy demo/audit-writes matched"),
+        "{out}"
+    );
+    let out = explain(&[
+        "--from",
+        "demo/ratings",
+        "--port",
+        "9080",
+        "--method",
+        "POST",
+        "--path",
+        "/api/x",
+    ]);
+    assert!(
+        out.contains("decision   DENY\nbecause    denied: ALLOW policies apply and none matched"),
+        "{out}"
+    );
+    let out = explain(&[
+        "--from",
+        "demo/ratings",
+        "--port",
+        "9080",
+        "--method",
+        "GET",
+        "--path",
+        "/api/./x",
+    ]);
+    assert!(
+        out.contains("because    allowed by ALLOW policy demo/reviews rule 1"),
+        "{out}"
+    );
+    let out = explain(&[
+        "--from",
+        "legacy/app",
+        "--port",
+        "9080",
+        "--method",
+        "GET",
+        "--path",
+        "/api/x",
+    ]);
     assert!(out.contains("because    denied by DENY policy istio-system/deny-legacy rule 0\nrule       rules[0].from[0].source.namespaces"), "{out}");
     // A TCP connection: the HTTP rule cannot allow it.
     let out = explain(&["--from", "demo/ratings", "--port", "9080"]);
-    assert!(out.contains("a TCP connection") && out.contains("decision   DENY"), "{out}");
+    assert!(
+        out.contains("a TCP connection") && out.contains("decision   DENY"),
+        "{out}"
+    );
     // Another workload of the namespace: only the mesh-wide DENY.
-    let (code, out, _) = drover(&["explain", "--config", "fixtures/authorization.yaml", "--client-namespace", "demo"]);
+    let (code, out, _) = drover(&[
+        "explain",
+        "--config",
+        "fixtures/authorization.yaml",
+        "--client-namespace",
+        "demo",
+    ]);
     assert_eq!(code, 0);
     assert!(out.contains("policies   1 apply"), "{out}");
 }

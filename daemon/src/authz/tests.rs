@@ -105,7 +105,10 @@ spec:
     let d = a.check(&tcp(EVIL, "198.18.0.1", 80));
     assert!(!d.allowed);
     assert_eq!(d.policy, Some(("istio-system/no-evil".into(), 0)));
-    assert_eq!(d.reason(), "denied by DENY policy istio-system/no-evil rule 0");
+    assert_eq!(
+        d.reason(),
+        "denied by DENY policy istio-system/no-evil rule 0"
+    );
     let nothing = authorizer(
         "
 apiVersion: security.istio.io/v1
@@ -173,10 +176,22 @@ spec:
     assert!(!a.check(&request(&base, "GET", "/admin", &h)).allowed);
     let mut blue = hyper::HeaderMap::new();
     blue.insert("x-team", "blue".parse().unwrap());
-    assert!(a.check(&request(&base, "PUT", "/items/7/price", &blue)).allowed);
-    assert!(!a.check(&request(&base, "PUT", "/items/7/price", &h)).allowed);
-    assert!(!a.check(&request(&base, "PUT", "/items/7/8/price", &blue)).allowed);
-    assert!(a.check(&request(&base, "PUT", "/files/a/b/c", &blue)).allowed);
+    assert!(
+        a.check(&request(&base, "PUT", "/items/7/price", &blue))
+            .allowed
+    );
+    assert!(
+        !a.check(&request(&base, "PUT", "/items/7/price", &h))
+            .allowed
+    );
+    assert!(
+        !a.check(&request(&base, "PUT", "/items/7/8/price", &blue))
+            .allowed
+    );
+    assert!(
+        a.check(&request(&base, "PUT", "/files/a/b/c", &blue))
+            .allowed
+    );
     // TCP: ALLOW rules with HTTP fields cannot match.
     assert!(a.reads_http());
     assert!(!a.check(&base).allowed);
@@ -201,7 +216,10 @@ spec:
     let h = hyper::HeaderMap::new();
     assert!(a.check(&request(&base, "GET", "/", &h)).allowed);
     assert!(!a.check(&request(&base, "POST", "/", &h)).allowed);
-    assert!(!a.check(&base).allowed, "TCP: the rule matches without its methods");
+    assert!(
+        !a.check(&base).allowed,
+        "TCP: the rule matches without its methods"
+    );
 }
 
 #[test]
@@ -268,12 +286,28 @@ fn path_normalization_options() {
 fn principals_match_istio_wildcards() {
     let p = |v: &str| crate::config::policy::AuthzValue::Exact(v.into());
     let a = tcp(FRONT, "198.18.0.1", 80);
-    assert!(value_matches(&Attr::Principal, &p("cluster.local/ns/shop/sa/front"), &a));
+    assert!(value_matches(
+        &Attr::Principal,
+        &p("cluster.local/ns/shop/sa/front"),
+        &a
+    ));
     assert!(value_matches(&Attr::Namespace, &p("shop"), &a));
     assert!(value_matches(&Attr::ServiceAccount, &p("shop/front"), &a));
-    assert!(value_matches(&Attr::Principal, &AuthzValue::Suffix("/sa/front".into()), &a));
-    assert!(value_matches(&Attr::Principal, &AuthzValue::Prefix("cluster.local/".into()), &a));
-    assert!(!value_matches(&Attr::Principal, &AuthzValue::Present, &tcp(None, "198.18.0.1", 80)));
+    assert!(value_matches(
+        &Attr::Principal,
+        &AuthzValue::Suffix("/sa/front".into()),
+        &a
+    ));
+    assert!(value_matches(
+        &Attr::Principal,
+        &AuthzValue::Prefix("cluster.local/".into()),
+        &a
+    ));
+    assert!(!value_matches(
+        &Attr::Principal,
+        &AuthzValue::Present,
+        &tcp(None, "198.18.0.1", 80)
+    ));
 }
 
 #[test]
@@ -314,25 +348,74 @@ spec:
     let front = sni(tcp(FRONT, "198.18.0.1", 80), "web.shop.svc", "198.18.0.1");
     assert_eq!(a.check(&front).policy, Some(("shop/l4".into(), 0)));
     // Each negated or added condition alone turns rule 0 off.
-    assert!(!a.check(&sni(tcp(OTHER, "198.18.0.1", 80), "web.shop.svc", "198.18.0.1")).allowed);
-    assert!(!a.check(&sni(tcp(FRONT, "198.18.0.1", 80), "web.shop.svc", "198.18.0.7")).allowed);
-    assert!(!a.check(&sni(tcp(FRONT, "198.18.0.1", 80), "web.shop.svc", "198.18.1.1")).allowed);
-    assert!(!a.check(&sni(tcp(FRONT, "198.18.0.1", 80), "db.other.svc", "198.18.0.1")).allowed);
-    assert!(!a.check(&sni(tcp(EVIL, "198.18.0.1", 80), "web.shop.svc", "198.18.0.1")).allowed);
+    assert!(
+        !a.check(&sni(
+            tcp(OTHER, "198.18.0.1", 80),
+            "web.shop.svc",
+            "198.18.0.1"
+        ))
+        .allowed
+    );
+    assert!(
+        !a.check(&sni(
+            tcp(FRONT, "198.18.0.1", 80),
+            "web.shop.svc",
+            "198.18.0.7"
+        ))
+        .allowed
+    );
+    assert!(
+        !a.check(&sni(
+            tcp(FRONT, "198.18.0.1", 80),
+            "web.shop.svc",
+            "198.18.1.1"
+        ))
+        .allowed
+    );
+    assert!(
+        !a.check(&sni(
+            tcp(FRONT, "198.18.0.1", 80),
+            "db.other.svc",
+            "198.18.0.1"
+        ))
+        .allowed
+    );
+    assert!(
+        !a.check(&sni(
+            tcp(EVIL, "198.18.0.1", 80),
+            "web.shop.svc",
+            "198.18.0.1"
+        ))
+        .allowed
+    );
     // Rule 1: by service account, from a remote address outside 198.18.0.0/24.
     let other = sni(tcp(OTHER, "198.18.0.1", 9), "x", "198.18.5.5");
     assert_eq!(a.check(&other).policy, Some(("shop/l4".into(), 1)));
-    assert!(!a.check(&sni(tcp(OTHER, "198.18.0.1", 9), "x", "198.18.0.5")).allowed);
-    assert!(!a.check(&sni(tcp(FRONT, "198.18.0.1", 9), "x", "198.18.5.5")).allowed);
+    assert!(
+        !a.check(&sni(tcp(OTHER, "198.18.0.1", 9), "x", "198.18.0.5"))
+            .allowed
+    );
+    assert!(
+        !a.check(&sni(tcp(FRONT, "198.18.0.1", 9), "x", "198.18.5.5"))
+            .allowed
+    );
     // The DENY's not* forms: other host, method and path together deny; any one spared.
     let h = hyper::HeaderMap::new();
     let on_8080 = sni(tcp(FRONT, "198.18.0.1", 8080), "web.shop.svc", "198.18.0.1");
     let http = |host: &'static str, method, path| Attributes {
-        http: Some(Http { host, method, path, headers: &h }),
+        http: Some(Http {
+            host,
+            method,
+            path,
+            headers: &h,
+        }),
         ..on_8080.clone()
     };
     assert!(!a.check(&http("evil.example", "POST", "/x")).allowed);
-    assert!(a.check(&http("web.shop.svc.cluster.local", "POST", "/x")).allowed);
+    assert!(
+        a.check(&http("web.shop.svc.cluster.local", "POST", "/x"))
+            .allowed
+    );
     assert!(a.check(&http("evil.example", "GET", "/x")).allowed);
     assert!(a.check(&http("evil.example", "POST", "/ok")).allowed);
 }

@@ -625,7 +625,9 @@ const TABLE: &[(&str, How)] = &[
     // AuthorizationPolicy.
     (
         "AuthorizationPolicy.selector",
-        Enforced("daemon/src/authz/tests.rs::allow_by_principal_admits_only_that_peer_and_no_plaintext"),
+        Enforced(
+            "daemon/src/authz/tests.rs::allow_by_principal_admits_only_that_peer_and_no_plaintext",
+        ),
     ),
     (
         "AuthorizationPolicy.targetRef",
@@ -637,27 +639,39 @@ const TABLE: &[(&str, How)] = &[
     ),
     (
         "AuthorizationPolicy.action",
-        Enforced("tests/tests/authz.rs::authorization_policies_decide_per_peer_port_and_request_on_the_pods_inbound_side"),
+        Enforced(
+            "tests/tests/authz.rs::authorization_policies_decide_per_peer_port_and_request_on_the_pods_inbound_side",
+        ),
     ),
     (
         "AuthorizationPolicy.rules",
-        Enforced("tests/tests/authz.rs::authorization_policies_decide_per_peer_port_and_request_on_the_pods_inbound_side"),
+        Enforced(
+            "tests/tests/authz.rs::authorization_policies_decide_per_peer_port_and_request_on_the_pods_inbound_side",
+        ),
     ),
     (
         "AuthorizationPolicy.rules[].from[].source.notPrincipals",
-        Enforced("daemon/src/authz/tests.rs::negated_forms_remote_addresses_sni_and_service_accounts_decide"),
+        Enforced(
+            "daemon/src/authz/tests.rs::negated_forms_remote_addresses_sni_and_service_accounts_decide",
+        ),
     ),
     (
         "AuthorizationPolicy.rules[].from[].source.notNamespaces",
-        Enforced("daemon/src/authz/tests.rs::negated_forms_remote_addresses_sni_and_service_accounts_decide"),
+        Enforced(
+            "daemon/src/authz/tests.rs::negated_forms_remote_addresses_sni_and_service_accounts_decide",
+        ),
     ),
     (
         "AuthorizationPolicy.rules[].from[].source.serviceAccounts",
-        Enforced("daemon/src/authz/tests.rs::negated_forms_remote_addresses_sni_and_service_accounts_decide"),
+        Enforced(
+            "daemon/src/authz/tests.rs::negated_forms_remote_addresses_sni_and_service_accounts_decide",
+        ),
     ),
     (
         "AuthorizationPolicy.rules[].from[].source.notServiceAccounts",
-        Enforced("daemon/src/authz/tests.rs::negated_forms_remote_addresses_sni_and_service_accounts_decide"),
+        Enforced(
+            "daemon/src/authz/tests.rs::negated_forms_remote_addresses_sni_and_service_accounts_decide",
+        ),
     ),
     (
         "AuthorizationPolicy.rules[].from[].source.notIpBlocks",
@@ -665,11 +679,15 @@ const TABLE: &[(&str, How)] = &[
     ),
     (
         "AuthorizationPolicy.rules[].from[].source.remoteIpBlocks",
-        Enforced("daemon/src/authz/tests.rs::negated_forms_remote_addresses_sni_and_service_accounts_decide"),
+        Enforced(
+            "daemon/src/authz/tests.rs::negated_forms_remote_addresses_sni_and_service_accounts_decide",
+        ),
     ),
     (
         "AuthorizationPolicy.rules[].from[].source.notRemoteIpBlocks",
-        Enforced("daemon/src/authz/tests.rs::negated_forms_remote_addresses_sni_and_service_accounts_decide"),
+        Enforced(
+            "daemon/src/authz/tests.rs::negated_forms_remote_addresses_sni_and_service_accounts_decide",
+        ),
     ),
     (
         "AuthorizationPolicy.rules[].to[].operation.hosts",
@@ -677,15 +695,21 @@ const TABLE: &[(&str, How)] = &[
     ),
     (
         "AuthorizationPolicy.rules[].to[].operation.notHosts",
-        Enforced("daemon/src/authz/tests.rs::negated_forms_remote_addresses_sni_and_service_accounts_decide"),
+        Enforced(
+            "daemon/src/authz/tests.rs::negated_forms_remote_addresses_sni_and_service_accounts_decide",
+        ),
     ),
     (
         "AuthorizationPolicy.rules[].to[].operation.notMethods",
-        Enforced("daemon/src/authz/tests.rs::negated_forms_remote_addresses_sni_and_service_accounts_decide"),
+        Enforced(
+            "daemon/src/authz/tests.rs::negated_forms_remote_addresses_sni_and_service_accounts_decide",
+        ),
     ),
     (
         "AuthorizationPolicy.rules[].to[].operation.notPaths",
-        Enforced("daemon/src/authz/tests.rs::negated_forms_remote_addresses_sni_and_service_accounts_decide"),
+        Enforced(
+            "daemon/src/authz/tests.rs::negated_forms_remote_addresses_sni_and_service_accounts_decide",
+        ),
     ),
     (
         "AuthorizationPolicy.rules[].when",

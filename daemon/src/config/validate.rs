@@ -434,8 +434,8 @@ pub fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
     (len <= max).then_some((addr, len))
 }
 
-mod destination_rule;
 mod authorization_policy;
+mod destination_rule;
 pub mod peer_authentication;
 mod service_entry;
 pub use service_entry::is_dns;

@@ -269,14 +269,26 @@ struct LogContext {
     netns: String,
 }
 
-fn audit(ctx: &LogContext, d: &Decision, peer: &Peer, target: SocketAddr, req: Option<(&str, &str)>) {
+fn audit(
+    ctx: &LogContext,
+    d: &Decision,
+    peer: &Peer,
+    target: SocketAddr,
+    req: Option<(&str, &str)>,
+) {
     for policy in &d.audited {
         crate::stats::store().authz_audited(policy);
         tracing::info!(netns = %ctx.netns, %policy, peer = %peer.addr, identity = ?peer.identity, %target, request = ?req, allowed = d.allowed, "AUDIT policy matched");
     }
 }
 
-fn deny(ctx: &LogContext, d: &Decision, peer: &Peer, target: SocketAddr, req: Option<(&str, &str)>) {
+fn deny(
+    ctx: &LogContext,
+    d: &Decision,
+    peer: &Peer,
+    target: SocketAddr,
+    req: Option<(&str, &str)>,
+) {
     audit(ctx, d, peer, target, req);
     let policy = d.policy.as_ref().map(|(p, _)| &**p);
     crate::stats::store().authz_denied(policy);
@@ -348,7 +360,10 @@ impl Shared {
             Ok(resp) => resp.map(|b| b.boxed()),
             Err(e) => {
                 tracing::debug!(target = %self.target, error = %e, "inbound request to the workload failed");
-                status(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error or disconnect/reset before headers")
+                status(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "upstream connect error or disconnect/reset before headers",
+                )
             }
         }
     }
@@ -360,7 +375,11 @@ fn denied() -> Response<Body> {
 }
 
 fn status(code: StatusCode, body: &'static str) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())).map_err(|n| match n {}).boxed());
+    let mut r = Response::new(
+        Full::new(Bytes::from_static(body.as_bytes()))
+            .map_err(|n| match n {})
+            .boxed(),
+    );
     *r.status_mut() = code;
     r.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
@@ -377,7 +396,10 @@ async fn sniff<S: AsyncRead + Unpin>(mut client: S) -> (Prefixed<S>, Protocol) {
     loop {
         let protocol = classify(&buf);
         if protocol.is_some() {
-            return (Prefixed::new(buf, client), protocol.unwrap_or(Protocol::Other));
+            return (
+                Prefixed::new(buf, client),
+                protocol.unwrap_or(Protocol::Other),
+            );
         }
         let mut chunk = [0u8; 32];
         match tokio::time::timeout_at(deadline, client.read(&mut chunk)).await {
@@ -475,7 +497,9 @@ mod tests {
     #[tokio::test]
     async fn sniffed_bytes_are_replayed() {
         let (mut a, b) = tokio::io::duplex(64);
-        tokio::io::AsyncWriteExt::write_all(&mut a, b"GET /x HTTP/1.1\r\n").await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut a, b"GET /x HTTP/1.1\r\n")
+            .await
+            .unwrap();
         let (mut p, proto) = sniff(b).await;
         assert_eq!(proto, Protocol::Http1);
         let mut out = vec![0u8; 17];

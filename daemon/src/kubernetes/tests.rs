@@ -141,16 +141,34 @@ fn an_invalid_authorization_policy_is_rejected_alone_and_its_last_valid_version_
             })
             .collect()
     };
-    feed.applied(policy("a", json!({"rules": [{"to": [{"operation": {"ports": ["80"]}}]}]})));
+    feed.applied(policy(
+        "a",
+        json!({"rules": [{"to": [{"operation": {"ports": ["80"]}}]}]}),
+    ));
     feed.applied(policy("b", json!({"action": "DENY", "rules": [{}]})));
-    assert_eq!(applied(&feed), [("shop/a".into(), vec![1]), ("shop/b".into(), vec![])]);
+    assert_eq!(
+        applied(&feed),
+        [("shop/a".into(), vec![1]), ("shop/b".into(), vec![])]
+    );
     // A CUSTOM version of `a` is refused; `a` keeps its last valid version, `b` is untouched.
-    feed.applied(policy("a", json!({"action": "CUSTOM", "provider": {"name": "x"}, "rules": [{}]})));
-    assert_eq!(applied(&feed), [("shop/a".into(), vec![1]), ("shop/b".into(), vec![])]);
+    feed.applied(policy(
+        "a",
+        json!({"action": "CUSTOM", "provider": {"name": "x"}, "rules": [{}]}),
+    ));
+    assert_eq!(
+        applied(&feed),
+        [("shop/a".into(), vec![1]), ("shop/b".into(), vec![])]
+    );
     assert_eq!(feed.counters().rejected.load(Ordering::Relaxed), 1);
     // A valid edit applies.
-    feed.applied(policy("a", json!({"rules": [{"to": [{"operation": {"ports": ["80", "81"]}}]}]})));
-    assert_eq!(applied(&feed), [("shop/a".into(), vec![2]), ("shop/b".into(), vec![])]);
+    feed.applied(policy(
+        "a",
+        json!({"rules": [{"to": [{"operation": {"ports": ["80", "81"]}}]}]}),
+    ));
+    assert_eq!(
+        applied(&feed),
+        [("shop/a".into(), vec![2]), ("shop/b".into(), vec![])]
+    );
 }
 
 #[test]

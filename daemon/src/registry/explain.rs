@@ -735,7 +735,10 @@ pub fn authorization(
     let authz = reg.authorizer(addresses);
     let mut o = String::new();
     let n = authz.policies().count();
-    let _ = writeln!(o, "policies   {n} apply to this workload (DENY, ALLOW, AUDIT; oldest first)");
+    let _ = writeln!(
+        o,
+        "policies   {n} apply to this workload (DENY, ALLOW, AUDIT; oldest first)"
+    );
     for e in authz.policies() {
         let p = &e.policy;
         let scope = if !p.targets.is_empty() {
@@ -754,7 +757,12 @@ pub fn authorization(
             (AuthzAction::Allow, 0) => "no rules: matches nothing".to_string(),
             (_, r) => format!("{r} rule(s)"),
         };
-        let _ = writeln!(o, "  {:<5}  {:<32} {scope}; {rules}", p.action.to_string(), e.id);
+        let _ = writeln!(
+            o,
+            "  {:<5}  {:<32} {scope}; {rules}",
+            p.action.to_string(),
+            e.id
+        );
     }
     if authz.is_empty() {
         let _ = writeln!(o, "  (none: every connection is allowed)");
@@ -777,18 +785,26 @@ pub fn authorization(
     let _ = writeln!(o, "decision   {}", if d.allowed { "ALLOW" } else { "DENY" });
     let _ = writeln!(o, "because    {}", d.reason());
     if let Some((id, i)) = &d.policy
-        && let Some(rule) = (authz.policies().find(|e| e.id == *id)).and_then(|e| e.policy.rules.get(*i))
+        && let Some(rule) =
+            (authz.policies().find(|e| e.id == *id)).and_then(|e| e.policy.rules.get(*i))
     {
         let fields: Vec<&str> = (rule.from.iter().flatten())
             .chain(rule.to.iter().flatten())
             .chain(&rule.when)
             .map(|m| m.field.as_str())
             .collect();
-        let fields = if fields.is_empty() { "{} (matches everything)".to_string() } else { fields.join(", ") };
+        let fields = if fields.is_empty() {
+            "{} (matches everything)".to_string()
+        } else {
+            fields.join(", ")
+        };
         let _ = writeln!(o, "rule       {fields}");
     }
     for a in &d.audited {
-        let _ = writeln!(o, "audit      AUDIT policy {a} matched (logged, decides nothing)");
+        let _ = writeln!(
+            o,
+            "audit      AUDIT policy {a} matched (logged, decides nothing)"
+        );
     }
     o
 }

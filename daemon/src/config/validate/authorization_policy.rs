@@ -11,9 +11,7 @@ use crate::config::{
     policy::{Attr, AttrMatch, AuthzAction, AuthzRule, AuthzValue, Segment},
 };
 
-impl TryFrom<&Resource<crd::AuthorizationPolicySpec>>
-    for Validated<policy::AuthorizationPolicy>
-{
+impl TryFrom<&Resource<crd::AuthorizationPolicySpec>> for Validated<policy::AuthorizationPolicy> {
     type Error = Invalid;
 
     fn try_from(res: &Resource<crd::AuthorizationPolicySpec>) -> Result<Self, Invalid> {
@@ -48,13 +46,18 @@ impl Checker<'_> {
         }
         .into_iter()
         .chain(
-            (spec.target_refs.iter().enumerate()).map(|(i, r)| (format!("spec.targetRefs[{i}]"), r)),
+            (spec.target_refs.iter().enumerate())
+                .map(|(i, r)| (format!("spec.targetRefs[{i}]"), r)),
         )
         .collect();
-        if [selector.is_some(), spec.target_ref.is_some(), !spec.target_refs.is_empty()]
-            .iter()
-            .filter(|b| **b)
-            .count()
+        if [
+            selector.is_some(),
+            spec.target_ref.is_some(),
+            !spec.target_refs.is_empty(),
+        ]
+        .iter()
+        .filter(|b| **b)
+        .count()
             > 1
         {
             self.err(
@@ -203,7 +206,10 @@ impl Checker<'_> {
             ("remoteIpBlocks", &s.remote_ip_blocks),
             ("notRemoteIpBlocks", &s.not_remote_ip_blocks),
         ];
-        if lists.iter().all(|(_, l)| l.as_ref().is_none_or(Vec::is_empty)) {
+        if lists
+            .iter()
+            .all(|(_, l)| l.as_ref().is_none_or(Vec::is_empty))
+        {
             self.err(field, "`from.source` must not be empty");
         }
         let named = |l: &Option<Vec<String>>| l.as_ref().is_some_and(|l| !l.is_empty());
@@ -264,7 +270,10 @@ impl Checker<'_> {
             ("paths", Attr::Path, op.paths.clone()),
             ("notPaths", Attr::Path, op.not_paths.clone()),
         ];
-        if lists.iter().all(|(_, _, l)| l.as_ref().is_none_or(Vec::is_empty)) {
+        if lists
+            .iter()
+            .all(|(_, _, l)| l.as_ref().is_none_or(Vec::is_empty))
+        {
             self.err(field, "`to.operation` must not be empty");
         }
         let mut out = Vec::new();
@@ -304,9 +313,13 @@ impl Checker<'_> {
             "connection.sni" => Attr::Sni,
             k if k.starts_with("request.headers[") && k.ends_with(']') => {
                 let name = &k["request.headers[".len()..k.len() - 1];
-                if name.is_empty() || hyper::header::HeaderName::from_bytes(name.as_bytes()).is_err()
+                if name.is_empty()
+                    || hyper::header::HeaderName::from_bytes(name.as_bytes()).is_err()
                 {
-                    self.err(format!("{field}.key"), format!("{name:?} is not a header name"));
+                    self.err(
+                        format!("{field}.key"),
+                        format!("{name:?} is not a header name"),
+                    );
                     return Vec::new();
                 }
                 Attr::Header(name.to_ascii_lowercase())
@@ -343,9 +356,17 @@ impl Checker<'_> {
         };
         // Both lists: one of `values` and none of `notValues` (two matchers, ANDed).
         let mut out = Vec::new();
-        for (list, negated, name) in [(&c.values, false, "values"), (&c.not_values, true, "notValues")] {
+        for (list, negated, name) in [
+            (&c.values, false, "values"),
+            (&c.not_values, true, "notValues"),
+        ] {
             if !list.is_empty() {
-                out.extend(self.attr_match(&format!("{field}.{name}"), attr.clone(), list, negated));
+                out.extend(self.attr_match(
+                    &format!("{field}.{name}"),
+                    attr.clone(),
+                    list,
+                    negated,
+                ));
             }
         }
         out
@@ -384,9 +405,7 @@ impl Checker<'_> {
                     {
                         Ok(AuthzValue::Exact(v.clone()))
                     }
-                    _ => Err(format!(
-                        "{v:?} is not a service account as namespace/name"
-                    )),
+                    _ => Err(format!("{v:?} is not a service account as namespace/name")),
                 },
                 Attr::Path => path_pattern(v),
                 Attr::Host => Ok(string_pattern(&v.to_ascii_lowercase())),

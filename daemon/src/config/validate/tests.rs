@@ -48,9 +48,8 @@ pub(in crate::config) fn check(kind: &str, spec: &str) -> (Vec<String>, Vec<Stri
             }
         }
         "AuthorizationPolicy" => {
-            match Validated::<policy::AuthorizationPolicy>::try_from(
-                &set.authorization_policies[0],
-            ) {
+            match Validated::<policy::AuthorizationPolicy>::try_from(&set.authorization_policies[0])
+            {
                 Ok(v) => (Vec::new(), v.warnings),
                 Err(i) => (i.errors, i.warnings),
             }
