@@ -149,6 +149,7 @@ impl Authorizer {
     /// Istio's decision for `attrs` (an HTTP request when `attrs.http` is set, else a
     /// connection checked as TCP).
     pub fn check(&self, attrs: &Attributes<'_>) -> Decision {
+        let attrs = &Ctx::new(attrs);
         let first = |list: &[Arc<PolicyEntry>]| {
             list.iter().find_map(|e| {
                 (e.policy.rules.iter())
@@ -184,8 +185,8 @@ impl Authorizer {
 }
 
 /// Whether `rule` of a policy with `action` matches (see the module doc for TCP).
-fn rule_matches(rule: &AuthzRule, action: AuthzAction, attrs: &Attributes<'_>) -> bool {
-    let tcp = attrs.http.is_none();
+fn rule_matches(rule: &AuthzRule, action: AuthzAction, attrs: &Ctx<'_, '_>) -> bool {
+    let tcp = attrs.a.http.is_none();
     if tcp && action == AuthzAction::Allow {
         let http = (rule.from.iter().flatten())
             .chain(rule.to.iter().flatten())
@@ -202,11 +203,27 @@ fn rule_matches(rule: &AuthzRule, action: AuthzAction, attrs: &Attributes<'_>) -
     group(&rule.from) && group(&rule.to) && rule.when.iter().all(holds)
 }
 
+/// The attributes of one check, with the peer identity's parts split once.
+struct Ctx<'c, 'a> {
+    a: &'c Attributes<'a>,
+    /// (namespace, service account) of the principal.
+    parts: Option<(&'a str, &'a str)>,
+}
+
+impl<'c, 'a> Ctx<'c, 'a> {
+    fn new(a: &'c Attributes<'a>) -> Self {
+        Self {
+            a,
+            parts: a.principal.and_then(identity_parts),
+        }
+    }
+}
+
 // === impl AttrMatch ===
 
 impl AttrMatch {
     /// Whether the attribute matches one of the values (`negated`: none of them).
-    pub fn matches(&self, attrs: &Attributes<'_>) -> bool {
+    fn matches(&self, attrs: &Ctx<'_, '_>) -> bool {
         let any = self
             .values
             .iter()
@@ -215,15 +232,13 @@ impl AttrMatch {
     }
 }
 
-fn value_matches(attr: &Attr, p: &AuthzValue, a: &Attributes<'_>) -> bool {
+fn value_matches(attr: &Attr, p: &AuthzValue, c: &Ctx<'_, '_>) -> bool {
+    let a = c.a;
     let http = a.http.as_ref();
     match attr {
         Attr::Principal => a.principal.is_some_and(|v| text(p, v)),
-        Attr::Namespace => a
-            .principal
-            .and_then(|v| identity_parts(v).map(|(ns, _)| ns))
-            .is_some_and(|v| text(p, v)),
-        Attr::ServiceAccount => a.principal.and_then(identity_parts).is_some_and(
+        Attr::Namespace => c.parts.is_some_and(|(ns, _)| text(p, ns)),
+        Attr::ServiceAccount => c.parts.is_some_and(
             |(ns, sa)| matches!(p, AuthzValue::Exact(e) if e.split_once('/') == Some((ns, sa))),
         ),
         Attr::SourceIp => net(p, a.source),

@@ -71,12 +71,7 @@ pub struct Inbound {
     /// By (certificate file, HBONE).
     configs: crate::tls::ByFile<(PathBuf, bool), ServerConfig>,
     /// The AuthorizationPolicies of the workload, for the snapshot they were picked from.
-    authz: std::sync::Mutex<
-        Option<(
-            Arc<crate::registry::Registry>,
-            Arc<crate::authz::Authorizer>,
-        )>,
-    >,
+    authz: std::sync::Mutex<Option<(Arc<crate::registry::Registry>, Arc<authorize::Policies>)>>,
 }
 
 /// The inbound listeners of one namespace (15006 and HBONE's 15008), bound and not serving yet.

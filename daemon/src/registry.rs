@@ -310,6 +310,38 @@ impl Registry {
         )
     }
 
+    /// The workload ports at `addresses` that a service port declares, and whether they speak
+    /// HTTP: by the port's `protocol`, else by its name's prefix (`http`, `http2`, `grpc`…
+    /// against `tcp`, `tls`, `mongo`…), as Istio reads ports. Ports left out are sniffed.
+    pub fn declared_http(
+        &self,
+        addresses: &[std::net::IpAddr],
+    ) -> std::collections::HashMap<u16, bool> {
+        let mut out = std::collections::HashMap::new();
+        for svc in &self.services {
+            for port in &svc.ports {
+                let http = match port.protocol.as_deref() {
+                    Some(p) => Some(route::is_http(Some(p))),
+                    None => {
+                        let prefix = port.name.split('-').next().unwrap_or_default();
+                        match prefix.to_ascii_lowercase().as_str() {
+                            "http" | "http2" | "grpc" | "grpc-web" => Some(true),
+                            "tcp" | "tls" | "https" | "mongo" | "redis" | "mysql" => Some(false),
+                            _ => None,
+                        }
+                    }
+                };
+                let Some(http) = http else { continue };
+                for (_, addr) in &port.targets {
+                    if addresses.contains(&addr.ip()) {
+                        out.insert(addr.port(), http);
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// Every validated DestinationRule.
     pub fn rules(&self) -> &[RuleEntry] {
         &self.rules

@@ -285,7 +285,9 @@ fn path_normalization_options() {
 #[test]
 fn principals_match_istio_wildcards() {
     let p = |v: &str| crate::config::policy::AuthzValue::Exact(v.into());
-    let a = tcp(FRONT, "198.18.0.1", 80);
+    let front = tcp(FRONT, "198.18.0.1", 80);
+    let a = Ctx::new(&front);
+    let plaintext = tcp(None, "198.18.0.1", 80);
     assert!(value_matches(
         &Attr::Principal,
         &p("cluster.local/ns/shop/sa/front"),
@@ -306,7 +308,7 @@ fn principals_match_istio_wildcards() {
     assert!(!value_matches(
         &Attr::Principal,
         &AuthzValue::Present,
-        &tcp(None, "198.18.0.1", 80)
+        &Ctx::new(&plaintext)
     ));
 }
 
@@ -418,4 +420,37 @@ spec:
     );
     assert!(a.check(&http("evil.example", "GET", "/x")).allowed);
     assert!(a.check(&http("evil.example", "POST", "/ok")).allowed);
+}
+
+#[test]
+fn declared_ports_say_which_workload_ports_speak_http() {
+    let set = ConfigSet::parse_ok(
+        "se.yaml",
+        "
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: web, namespace: shop}
+spec:
+  hosts: [web.shop.svc]
+  addresses: [127.77.0.10]
+  ports:
+  - {number: 80, name: tcp-echo, targetPort: 7000}
+  - {number: 81, name: web, protocol: HTTP, targetPort: 9080}
+  - {number: 82, name: anything, targetPort: 9090}
+  - {number: 83, name: grpc-api, targetPort: 9091}
+  resolution: STATIC
+  endpoints: [{address: 198.18.0.2}]
+",
+    );
+    let reg = crate::registry::Registry::build(&set, &Default::default()).unwrap();
+    let ep: IpAddr = "198.18.0.2".parse().unwrap();
+    let declared = reg.declared_http(&[ep]);
+    assert_eq!(declared.get(&7000), Some(&false));
+    assert_eq!(declared.get(&9080), Some(&true));
+    assert_eq!(declared.get(&9091), Some(&true));
+    assert_eq!(declared.get(&9090), None, "undeclared: sniffed");
+    assert!(
+        reg.declared_http(&["198.18.0.3".parse().unwrap()])
+            .is_empty()
+    );
 }

@@ -85,6 +85,13 @@ impl Peer {
     }
 }
 
+/// The AuthorizationPolicies of a workload, and what its declared ports speak.
+pub(super) struct Policies {
+    authz: Arc<Authorizer>,
+    /// Workload port → HTTP (true) or not (see [`crate::registry::Registry::declared_http`]).
+    declared: std::collections::HashMap<u16, bool>,
+}
+
 /// What the first bytes of a connection say.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Protocol {
@@ -98,7 +105,7 @@ enum Protocol {
 impl Inbound {
     /// The policies that apply to this workload in the current snapshot (recomputed once per
     /// snapshot).
-    pub fn authorizer(&self, policy: &RegistryHandle) -> Arc<Authorizer> {
+    pub(super) fn policies(&self, policy: &RegistryHandle) -> Arc<Policies> {
         let snapshot = policy.load();
         let mut cached = self.authz.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((s, a)) = &*cached
@@ -106,7 +113,13 @@ impl Inbound {
         {
             return a.clone();
         }
-        let a = Arc::new(snapshot.authorizer(&self.ns.addresses));
+        let authz = Arc::new(snapshot.authorizer(&self.ns.addresses));
+        let declared = if authz.is_empty() {
+            Default::default()
+        } else {
+            snapshot.declared_http(&self.ns.addresses)
+        };
+        let a = Arc::new(Policies { authz, declared });
         *cached = Some((snapshot, a.clone()));
         a
     }
@@ -125,7 +138,8 @@ impl Inbound {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let authz = self.authorizer(policy);
+        let policies = self.policies(policy);
+        let authz = policies.authz.clone();
         if authz.is_empty() {
             return self.relay(client, target, upstream).await;
         }
@@ -135,7 +149,12 @@ impl Inbound {
             self.audit(&decision, peer, target, None);
             return self.relay(client, target, upstream).await;
         }
-        let (client, protocol) = sniff(client).await;
+        // A port a service declares TCP is checked as TCP; HTTP or undeclared ports are
+        // sniffed (HTTP/1.1 or HTTP/2; an undeclared one may be anything).
+        let (client, protocol) = match policies.declared.get(&target.port()) {
+            Some(false) => (Prefixed::new(Vec::new(), client), Protocol::Other),
+            _ => sniff(client).await,
+        };
         match protocol {
             Protocol::Other if decision.allowed => {
                 self.audit(&decision, peer, target, None);

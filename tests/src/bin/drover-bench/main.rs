@@ -8,6 +8,7 @@
 //! memory, cost growth), written to `--report-dir` with plots ([`peers`]).
 #![expect(clippy::print_stdout, reason = "the bench reports on stdout")]
 
+mod authz;
 mod cni;
 mod hbone;
 mod kube;
@@ -109,6 +110,7 @@ enum Part {
     Cni,
     Sockmap,
     Hbone,
+    Authz,
 }
 
 struct Row {
@@ -229,6 +231,9 @@ fn main() {
     }
     if run(Part::Hbone) {
         hbone::run(&t, ep, (args.count, args.bytes, args.l4_rounds));
+    }
+    if run(Part::Authz) {
+        authz::run(&t, ep, (args.count / 10).max(200), args.l4_rounds);
     }
     if run(Part::Sockmap) {
         sockmap::run(args.bytes.min(1 << 30), args.count, args.sockmap_rounds);
