@@ -12,8 +12,8 @@ use std::{
 use drover_tests::{
     Daemon, Mesh, MeshBuilder, Netns, PinDir, Proc, Topology,
     apiserver::{
-        ApiServer, DESTINATION_RULE, ISTIO, Kind, NAMESPACE, PEER_AUTHENTICATION, POD,
-        VIRTUAL_SERVICE,
+        AUTHORIZATION_POLICY, ApiServer, DESTINATION_RULE, ISTIO, Kind, NAMESPACE,
+        PEER_AUTHENTICATION, POD, VIRTUAL_SERVICE,
     },
     echo_servers,
     k8s::{Cluster, istio, namespace, pod},
@@ -925,42 +925,86 @@ spec:
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A daemon in Kubernetes mode terminating inbound (PERMISSIVE) for pod shop/ep1 (app=echo,
+/// the endpoint namespace of a one-endpoint topology) on port 7000, with a mesh CA.
+struct InboundPod {
+    t: Topology,
+    cluster: Cluster,
+    daemon: Daemon,
+    _servers: Vec<drover_tests::Proc>,
+    _pins: PinDir,
+    dir: std::path::PathBuf,
+}
+
+impl InboundPod {
+    fn start() -> Self {
+        let dir = std::env::temp_dir().join(format!("drover-kube-inbound-{}", unique_id()));
+        let mesh = dir.join("mesh").display().to_string();
+        let out = std::process::Command::new(drover_tests::bin("drover"))
+            .args(["ca", "init", "--dir", &mesh])
+            .output()
+            .expect("drover ca init");
+        assert!(out.status.success());
+        let t = Topology::new(1);
+        let servers = echo_servers(&t);
+        let mut cluster = Cluster::new(&ISTIO, "shop", "echo", VIP, ("tcp-echo", 80, 7000));
+        // The inbound namespace holds pod shop/ep1 (app=echo): its identity comes from the Pod.
+        cluster.add_pod("ep1", &[("app", "echo")], &Topology::ep4(1).to_string());
+        let pins = PinDir::new();
+        let mut args = kube_args(&cluster.api, &[], &pins.path);
+        args.extend(
+            [
+                "--mesh-ca",
+                &mesh,
+                "--inbound-netns",
+                &t.endpoints[0].name,
+                "--inbound-port",
+                "7000",
+                "--peer-authentication",
+                "permissive",
+            ]
+            .map(String::from),
+        );
+        let daemon = Daemon::start(&args).expect("daemon starts");
+        Self {
+            t,
+            cluster,
+            daemon,
+            _servers: servers,
+            _pins: pins,
+            dir,
+        }
+    }
+
+    /// Whether a plaintext client from the client namespace gets the workload's greeting.
+    fn passes(&self) -> bool {
+        let workload = std::net::SocketAddr::new(Topology::ep4(1), 7000);
+        self.t.client.greeting(workload).is_some()
+    }
+
+    /// Waits (bounded) until [`InboundPod::passes`] is `want`.
+    fn until(&self, want: bool, what: &str) {
+        let deadline = Instant::now() + PROPAGATION;
+        while self.passes() != want {
+            assert!(Instant::now() < deadline, "{what}\n{}", self.daemon.log());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for InboundPod {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 #[test]
 fn peer_authentication_from_the_api_server_applies_to_the_inbound_pods_labels() {
     if !require_privileged() {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("drover-kube-peer-{}", unique_id()));
-    let mesh = dir.join("mesh").display().to_string();
-    let out = std::process::Command::new(drover_tests::bin("drover"))
-        .args(["ca", "init", "--dir", &mesh])
-        .output()
-        .expect("drover ca init");
-    assert!(out.status.success());
-    let t = Topology::new(1);
-    let _servers = echo_servers(&t);
-    let mut cluster = Cluster::new(&ISTIO, "shop", "echo", VIP, ("tcp-echo", 80, 7000));
-    // The inbound namespace holds pod shop/ep1 (app=echo): its identity comes from the Pod.
-    cluster.add_pod("ep1", &[("app", "echo")], &Topology::ep4(1).to_string());
-    let pins = PinDir::new();
-    let mut args = kube_args(&cluster.api, &[], &pins.path);
-    args.extend(
-        [
-            "--mesh-ca",
-            &mesh,
-            "--inbound-netns",
-            &t.endpoints[0].name,
-            "--inbound-port",
-            "7000",
-            "--peer-authentication",
-            "permissive",
-        ]
-        .map(String::from),
-    );
-    let daemon = Daemon::start(&args).expect("daemon starts");
-    let workload = std::net::SocketAddr::new(Topology::ep4(1), 7000);
-    let passes = || t.client.greeting(workload).is_some();
-    assert!(passes(), "no policy: the daemon's PERMISSIVE");
+    let pod = InboundPod::start();
+    assert!(pod.passes(), "no policy: the daemon's PERMISSIVE");
     let policy = |app: &str| {
         istio(&format!(
             "
@@ -971,20 +1015,66 @@ spec:
 "
         ))
     };
-    let until = |want: bool, what: &str| {
-        let deadline = Instant::now() + PROPAGATION;
-        while passes() != want {
-            assert!(Instant::now() < deadline, "{what}\n{}", daemon.log());
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    };
     // A policy selecting the pod's labels makes it STRICT; one selecting other labels does not.
-    cluster.api.apply(PEER_AUTHENTICATION, policy("echo"));
-    until(false, "STRICT selecting app=echo refuses plaintext");
-    cluster.api.apply(PEER_AUTHENTICATION, policy("other"));
-    until(true, "a selector that misses the pod leaves it PERMISSIVE");
-    assert!(daemon.log().contains("plaintext client refused"));
-    let _ = std::fs::remove_dir_all(&dir);
+    pod.cluster.api.apply(PEER_AUTHENTICATION, policy("echo"));
+    pod.until(false, "STRICT selecting app=echo refuses plaintext");
+    pod.cluster.api.apply(PEER_AUTHENTICATION, policy("other"));
+    pod.until(true, "a selector that misses the pod leaves it PERMISSIVE");
+    assert!(pod.daemon.log().contains("plaintext client refused"));
+}
+
+#[test]
+fn authorization_policy_from_the_api_server_applies_to_the_inbound_pod_and_an_invalid_one_is_rejected_alone()
+ {
+    if !require_privileged() {
+        return;
+    }
+    let pod = InboundPod::start();
+    assert!(pod.passes(), "no policy");
+    let apply = |app: &str, action: &str| {
+        let provider = if action == "CUSTOM" {
+            "  provider: {name: ext-authz}\n"
+        } else {
+            ""
+        };
+        pod.cluster.api.apply(
+            AUTHORIZATION_POLICY,
+            istio(&format!(
+                "
+metadata: {{name: echo-guard, namespace: shop}}
+spec:
+  selector: {{matchLabels: {{app: {app}}}}}
+  action: {action}
+{provider}  rules:
+  - from: [{{source: {{ipBlocks: [198.18.1.0/24]}}}}]
+    to: [{{operation: {{ports: ['7000']}}}}]
+"
+            )),
+        )
+    };
+    // A DENY of the client's addresses selecting the pod closes its connections.
+    apply("echo", "DENY");
+    pod.until(false, "DENY by ipBlocks from the API server");
+    // A CUSTOM version is rejected alone: the last valid version keeps enforcing.
+    apply("echo", "CUSTOM");
+    let deadline = Instant::now() + PROPAGATION;
+    while !pod
+        .daemon
+        .log()
+        .contains("CUSTOM needs an external authorizer")
+    {
+        assert!(Instant::now() < deadline, "{}", pod.daemon.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!pod.passes(), "the last valid DENY keeps enforcing");
+    // A valid version selecting other labels lets the client through again.
+    apply("other", "DENY");
+    pod.until(true, "a selector that misses the pod");
+    assert!(
+        pod.daemon
+            .log()
+            .contains("denied by DENY policy shop/echo-guard rule 0")
+    );
 }
 
 #[test]
