@@ -1012,6 +1012,17 @@ impl Pki {
         Self { dir, ca, client_ca }
     }
 
+    /// A mesh CA made by `drover ca init` in `<dir>/mesh`; its directory (for `--mesh-ca`).
+    pub fn mesh_ca(&self) -> String {
+        let mesh = self.dir.join("mesh").display().to_string();
+        let out = Command::new(bin("drover"))
+            .args(["ca", "init", "--dir", &mesh])
+            .output()
+            .expect("run drover ca init");
+        assert!(out.status.success(), "drover ca init: {out:?}");
+        mesh
+    }
+
     fn authority(name: &str) -> rcgen::CertifiedIssuer<'static, rcgen::KeyPair> {
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);

@@ -72,12 +72,7 @@ struct TwoNodes {
 impl TwoNodes {
     fn new() -> Self {
         let pki = Pki::new();
-        let mesh = pki.dir.join("mesh").display().to_string();
-        let out = std::process::Command::new(drover_tests::bin("drover"))
-            .args(["ca", "init", "--dir", &mesh])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
+        let mesh = pki.mesh_ca();
         let t = Topology::new(1);
         let ep = Topology::ep4(1);
         let servers = vec![

@@ -933,18 +933,13 @@ struct InboundPod {
     daemon: Daemon,
     _servers: Vec<drover_tests::Proc>,
     _pins: PinDir,
-    dir: std::path::PathBuf,
+    _pki: drover_tests::Pki,
 }
 
 impl InboundPod {
     fn start() -> Self {
-        let dir = std::env::temp_dir().join(format!("drover-kube-inbound-{}", unique_id()));
-        let mesh = dir.join("mesh").display().to_string();
-        let out = std::process::Command::new(drover_tests::bin("drover"))
-            .args(["ca", "init", "--dir", &mesh])
-            .output()
-            .expect("drover ca init");
-        assert!(out.status.success());
+        let pki = drover_tests::Pki::new();
+        let mesh = pki.mesh_ca();
         let t = Topology::new(1);
         let servers = echo_servers(&t);
         let mut cluster = Cluster::new(&ISTIO, "shop", "echo", VIP, ("tcp-echo", 80, 7000));
@@ -972,7 +967,7 @@ impl InboundPod {
             daemon,
             _servers: servers,
             _pins: pins,
-            dir,
+            _pki: pki,
         }
     }
 
@@ -989,12 +984,6 @@ impl InboundPod {
             assert!(Instant::now() < deadline, "{what}\n{}", self.daemon.log());
             std::thread::sleep(Duration::from_millis(200));
         }
-    }
-}
-
-impl Drop for InboundPod {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

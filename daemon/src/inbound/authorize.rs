@@ -365,6 +365,10 @@ impl Shared {
             return denied();
         }
         audit(&self.inbound, &decision, &self.peer, self.target, what);
+        // An HTTP/1.1 `Upgrade` (WebSocket): once the workload switches protocols, both sides'
+        // upgraded connections are bridged.
+        let client_upgrade = (req.headers().contains_key(hyper::header::UPGRADE))
+            .then(|| hyper::upgrade::on(&mut req));
         let sent = match &self.sender {
             Sender::H1(s) => {
                 let mut s = s.lock().await;
@@ -376,7 +380,20 @@ impl Shared {
             Sender::H2(s) => s.clone().send_request(req).await,
         };
         match sent {
-            Ok(resp) => resp.map(|b| b.boxed()),
+            Ok(mut resp) => {
+                if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                    && let Some(client) = client_upgrade
+                {
+                    let workload = hyper::upgrade::on(&mut resp);
+                    tokio::spawn(async move {
+                        if let (Ok(a), Ok(b)) = (client.await, workload.await) {
+                            let (mut a, mut b) = (TokioIo::new(a), TokioIo::new(b));
+                            let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                        }
+                    });
+                }
+                resp.map(|b| b.boxed())
+            }
             Err(e) => {
                 tracing::debug!(target = %self.target, error = %e, "inbound request to the workload failed");
                 status(

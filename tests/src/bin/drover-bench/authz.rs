@@ -11,9 +11,9 @@
 
 use std::{net::IpAddr, time::Instant};
 
-use drover_tests::{Daemon, PinDir, Proc, Topology, probe, sh, write_config};
+use drover_tests::{Proc, Topology, probe, write_config};
 
-use super::{VIP, cpu_ns};
+use super::{VIP, cpu_ns, hbone::mesh_node};
 
 /// `n` policies in namespace `test` selecting every pod of it: DENY policies for other
 /// namespaces, then ALLOW policies for other principals, the last one allowing `client`
@@ -148,31 +148,8 @@ fn through_nodes(t: &Topology, ep: IpAddr, mesh: &str, extra: &str, count: u32) 
     let cfg = write_config(&format!(
         "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: web, namespace: test}}\nspec:\n  hosts: [web.test.svc]\n  addresses: [{VIP}]\n  ports: [{{number: 7000, name: tcp-rr}}, {{number: 9080, name: http}}]\n  resolution: STATIC\n  endpoints: [{{address: {ep}, serviceAccount: server, labels: {{ambient.istio.io/redirection: enabled}}}}]\n{extra}"
     ));
-    let node = |netns: &str, sa: &str, inbound: bool| {
-        let pins = PinDir::new();
-        let mut a = drover_tests::args(
-            &cfg,
-            &pins,
-            &[
-                "--netns",
-                netns,
-                "--workers",
-                "1",
-                "--mesh-ca",
-                mesh,
-                "--client-namespace",
-                "test",
-                "--service-account",
-                sa,
-            ],
-        );
-        if inbound {
-            a.push("--inbound-pods".into());
-        }
-        (Daemon::start(&a).expect("drover starts"), pins)
-    };
-    let (server, _p1) = node(&t.endpoints[0].name, "server", true);
-    let (_client, _p2) = node(&t.client.name, "client", false);
+    let (server, _p1) = mesh_node(&cfg, mesh, &t.endpoints[0].name, "server", true);
+    let (_client, _p2) = mesh_node(&cfg, mesh, &t.client.name, "client", false);
     let pid = server.pid().expect("pid");
     // Warm: the pooled HBONE connection and the first snapshot's policy selection.
     probe(
@@ -209,14 +186,7 @@ fn through_nodes(t: &Topology, ep: IpAddr, mesh: &str, extra: &str, count: u32) 
 pub fn run(t: &Topology, ep: IpAddr, count: u32, rounds: usize) {
     decisions();
     let dir = drover_tests::Pki::new();
-    let mesh = dir.dir.join("mesh").display().to_string();
-    sh(&[
-        drover_tests::bin("drover").to_str().unwrap(),
-        "ca",
-        "init",
-        "--dir",
-        &mesh,
-    ]);
+    let mesh = dir.mesh_ca();
     let _http = Proc::server(
         Some(&t.endpoints[0]),
         "http",

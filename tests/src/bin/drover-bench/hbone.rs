@@ -6,7 +6,7 @@
 
 use std::net::IpAddr;
 
-use drover_tests::{Daemon, PinDir, Proc, Topology, sh, write_config};
+use drover_tests::{Daemon, PinDir, Proc, Topology, write_config};
 
 use super::{Row, VIP, measure};
 
@@ -16,14 +16,7 @@ const PATHS: [&str; 4] = ["direct", "drover-plain", "drover-hbone", "ztunnel-hbo
 /// Runs `rounds` interleaved rounds of `count` round trips and `bytes` of bulk per path.
 pub fn run(t: &Topology, ep: IpAddr, (count, bytes, rounds): (u32, u64, usize)) {
     let dir = drover_tests::Pki::new();
-    let mesh = dir.dir.join("mesh").display().to_string();
-    sh(&[
-        drover_tests::bin("drover").to_str().unwrap(),
-        "ca",
-        "init",
-        "--dir",
-        &mesh,
-    ]);
+    let mesh = dir.mesh_ca();
     let ztunnel = std::env::var_os("ZTUNNEL_BIN").map(std::path::PathBuf::from);
     let paths: Vec<&str> = (PATHS.iter().copied())
         .filter(|p| *p != "ztunnel-hbone" || ztunnel.is_some())
@@ -101,35 +94,44 @@ impl Nodes {
         let cfg = write_config(&format!(
             "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: bench, namespace: test}}\nspec:\n  hosts: [bench.test.svc]\n  addresses: [{VIP}]\n  ports: [{{number: 7000, name: tcp-rr}}, {{number: 7001, name: tcp-bulk}}]\n  resolution: STATIC\n  endpoints: [{{address: {ep}, serviceAccount: server{label}}}]\n"
         ));
-        let node = |netns: &str, sa: &str, inbound: bool| {
-            let pins = PinDir::new();
-            let mut a = drover_tests::args(
-                &cfg,
-                &pins,
-                &[
-                    "--netns",
-                    netns,
-                    "--workers",
-                    "1",
-                    "--mesh-ca",
-                    mesh,
-                    "--client-namespace",
-                    "test",
-                    "--service-account",
-                    sa,
-                ],
-            );
-            if inbound {
-                a.push("--inbound-pods".into());
-            }
-            (Daemon::start(&a).expect("drover starts"), pins)
-        };
-        let mut daemons = vec![node(&t.client.name, "client", false)];
+        let mut daemons = vec![mesh_node(&cfg, mesh, &t.client.name, "client", false)];
         if hbone {
-            daemons.push(node(&t.endpoints[0].name, "server", true));
+            daemons.push(mesh_node(&cfg, mesh, &t.endpoints[0].name, "server", true));
         }
         Self { _daemons: daemons }
     }
+}
+
+/// A Drover node of namespace `test` (one worker, identities from `mesh`) capturing `netns` as
+/// service account `sa`; with `inbound`, terminating its inbound side too (`--inbound-pods`).
+pub fn mesh_node(
+    cfg: &std::path::Path,
+    mesh: &str,
+    netns: &str,
+    sa: &str,
+    inbound: bool,
+) -> (Daemon, PinDir) {
+    let pins = PinDir::new();
+    let mut a = drover_tests::args(
+        cfg,
+        &pins,
+        &[
+            "--netns",
+            netns,
+            "--workers",
+            "1",
+            "--mesh-ca",
+            mesh,
+            "--client-namespace",
+            "test",
+            "--service-account",
+            sa,
+        ],
+    );
+    if inbound {
+        a.push("--inbound-pods".into());
+    }
+    (Daemon::start(&a).expect("drover starts"), pins)
 }
 
 /// Two ztunnels in dedicated mode with the fake CA: one in the client's namespace (capturing
