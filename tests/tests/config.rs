@@ -250,6 +250,7 @@ fn explain_names_the_source_of_every_value() {
         "balancer   LEAST_REQUEST (Istio default)",
         "endpoints  1\n  reviews-v2 198.18.2.2:9080",
         "routes     VirtualService demo/reviews-traffic-split",
+        "retries 2 on connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes [503]",
         "loadBalancer  not configured: LEAST_REQUEST",
         "outlierDetection  not configured: no outlier detection",
     ] {

@@ -846,11 +846,19 @@ fn retry_on_per_try_timeout_and_route_timeout() {
         return;
     }
     let url = format!("{URL}/");
-    // `retryOn: 5xx` retries an endpoint's 503 on the other endpoint; Istio's default does not.
+    // An endpoint's 503 is retried on the other endpoint by Istio's default policy (no
+    // `retries`: `retriable_status_codes: [503]`), by `retries` without `retryOn` (which keeps
+    // the default conditions), and by `retryOn: 5xx` or `gateway-error`; a `retryOn` that lists
+    // neither does not retry it.
     for (extra, retries) in [
+        ("", true),
+        ("    retries: {attempts: 2}\n", true),
         ("    retries: {attempts: 2, retryOn: 5xx}\n", true),
         ("    retries: {attempts: 2, retryOn: gateway-error}\n", true),
-        ("", false),
+        (
+            "    retries: {attempts: 2, retryOn: connect-failure}\n",
+            false,
+        ),
     ] {
         let m = routed(&[&["--status", "503"], &[]], extra);
         let r = m.http(&[&url, "--count", "10", "--concurrency", "1"]);

@@ -661,13 +661,24 @@ pub struct RetryOn {
 }
 
 /// Istio's retry policy for a route without `retries` (2 retries on
-/// `connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes`).
+/// `connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes`, with
+/// [`DEFAULT_RETRIABLE_STATUS_CODES`]), and its conditions for `retries` without `retryOn`.
 pub const DEFAULT_RETRY_ON: &str =
     "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes";
+/// The `retriable_status_codes` of istiod's default retry policy (kept when `retries` sets no
+/// `retryOn`; a `retryOn` replaces them with the codes it lists).
+pub const DEFAULT_RETRIABLE_STATUS_CODES: [u16; 1] = [503];
 
 // === impl RetryOn ===
 
 impl RetryOn {
+    /// istiod's default conditions: [`DEFAULT_RETRY_ON`] with [`DEFAULT_RETRIABLE_STATUS_CODES`].
+    pub fn istio_default() -> Self {
+        let mut on = Self::parse(DEFAULT_RETRY_ON).unwrap_or_default();
+        on.status_codes = DEFAULT_RETRIABLE_STATUS_CODES.to_vec();
+        on
+    }
+
     /// Parses a comma-separated `retryOn` list; the error names the first token that is neither an
     /// Envoy retry condition nor an HTTP status code. `retriable-headers`,
     /// `envoy-ratelimited`, `http3-post-connect-failure` and `reset-before-request` are accepted
@@ -741,7 +752,7 @@ impl Retries {
         Self {
             attempts: 2,
             per_try_timeout: None,
-            retry_on: RetryOn::parse(DEFAULT_RETRY_ON).unwrap_or_default(),
+            retry_on: RetryOn::istio_default(),
             backoff: None,
             ignore_previous_hosts: true,
         }

@@ -90,6 +90,8 @@ pub(super) struct Policies {
     authz: Arc<Authorizer>,
     /// Workload port → HTTP (true) or not (see [`crate::registry::Registry::declared_http`]).
     declared: std::collections::HashMap<u16, bool>,
+    /// Some applying rule reads an HTTP-only attribute.
+    reads_http: bool,
 }
 
 /// What the first bytes of a connection say.
@@ -119,7 +121,12 @@ impl Inbound {
         } else {
             snapshot.declared_http(&self.ns.addresses)
         };
-        let a = Arc::new(Policies { authz, declared });
+        let reads_http = authz.reads_http();
+        let a = Arc::new(Policies {
+            authz,
+            declared,
+            reads_http,
+        });
         *cached = Some((snapshot, a.clone()));
         a
     }
@@ -145,7 +152,7 @@ impl Inbound {
         }
         let attrs = peer.attributes(target);
         let decision = authz.check(&attrs);
-        if decision.allowed && !authz.reads_http() {
+        if decision.allowed && !policies.reads_http {
             self.audit(&decision, peer, target, None);
             return self.relay(client, target, upstream).await;
         }

@@ -60,7 +60,7 @@ pub fn backoff(n: u32, unit: f64, base: Option<Duration>) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::policy::{DEFAULT_RETRY_ON, RetryOn};
+    use crate::config::policy::RetryOn;
 
     fn on(s: &str) -> RetryOn {
         RetryOn::parse(s).unwrap()
@@ -71,11 +71,12 @@ mod tests {
     }
 
     #[test]
-    fn istio_default_retries_connect_failures_refused_streams_and_grpc_unavailable_only() {
-        let d = on(DEFAULT_RETRY_ON);
+    fn istio_default_retries_connect_failures_refused_streams_503_and_grpc_unavailable_only() {
+        let d = RetryOn::istio_default();
         assert!(retriable(&d, Outcome::ConnectFailure));
         assert!(retriable(&d, Outcome::RefusedStream));
-        for s in [500, 502, 503, 504, 409, 200] {
+        assert!(retriable(&d, status(503)), "retriable_status_codes [503]");
+        for s in [500, 502, 504, 409, 200] {
             assert!(!retriable(&d, status(s)), "{s}");
         }
         assert!(!retriable(&d, Outcome::Reset));

@@ -626,7 +626,7 @@ pub fn dur(d: Duration) -> String {
 /// An HTTP route's retries and timeout as they apply.
 fn http_route_policy(r: &crate::config::policy::HttpRoute) -> String {
     let retries = match &r.retries {
-        None => "retries 2 on connect-failure,refused-stream,unavailable,cancelled (Istio default)"
+        None => "retries 2 on connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes [503], to another endpoint unless the balancer hashes (Istio default)"
             .to_string(),
         Some(rt) if rt.attempts == 0 => "retries off".to_string(),
         Some(rt) => format!(

@@ -198,11 +198,10 @@ impl Checker<'_> {
                 rt.per_try_timeout.as_ref(),
                 false,
             ),
-            retry_on: match policy::RetryOn::parse(
-                rt.retry_on.as_deref().unwrap_or(policy::DEFAULT_RETRY_ON),
-            ) {
-                Ok(on) => on,
-                Err(e) => {
+            retry_on: match rt.retry_on.as_deref().map(policy::RetryOn::parse) {
+                None => policy::RetryOn::istio_default(),
+                Some(Ok(on)) => on,
+                Some(Err(e)) => {
                     self.err(format!("{rp}.retryOn"), e);
                     policy::RetryOn::default()
                 }
