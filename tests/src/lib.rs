@@ -23,6 +23,7 @@ use std::{
 pub mod apiserver;
 pub mod ca;
 pub mod cri;
+pub mod envoy;
 pub mod k8s;
 pub mod podman;
 pub mod ztunnel;

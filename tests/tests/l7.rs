@@ -1524,3 +1524,108 @@ fn mirrors_copy_requests_to_their_subset_and_the_client_sees_only_the_route() {
     assert_eq!(requests("v3"), 0, "percentage 0 mirrors nothing");
     assert_eq!(requests("v1"), 20);
 }
+
+#[test]
+fn envoy_with_istios_default_retry_policy_also_hides_a_503_endpoint() {
+    if !require_privileged() {
+        return;
+    }
+    // The reference for Drover's default (`retry_on_per_try_timeout_and_route_timeout`): Envoy
+    // 1.40 given the route retry policy istiod writes for a route without `retries`, with one
+    // endpoint answering 503 and one 200, round robin.
+    let Some(bin) = drover_tests::envoy::bin() else {
+        return;
+    };
+    let t = Topology::new(2);
+    let _servers: Vec<_> = [
+        ("reviews-v1", &["--status", "503"][..]),
+        ("reviews-v2", &[][..]),
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, (name, extra))| {
+        let addr = std::net::SocketAddr::new(Topology::ep4(i + 1), 9080);
+        drover_tests::Proc::server_with(Some(&t.endpoints[i]), "http", &[addr], name, extra)
+    })
+    .collect();
+    let config = format!(
+        "admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 15124}}}}}}
+static_resources:
+  listeners:
+  - address: {{socket_address: {{address: 127.0.0.1, port_value: 15123}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          '@type': type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: outbound
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{'@type': type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+          route_config:
+            virtual_hosts:
+            - name: reviews
+              domains: ['*']
+              routes:
+              - match: {{prefix: /}}
+                route:
+                  cluster: reviews
+                  retry_policy:
+                    retry_on: connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes
+                    num_retries: 2
+                    retriable_status_codes: [503]
+                    host_selection_retry_max_attempts: 5
+                    retry_host_predicate:
+                    - name: envoy.retry_host_predicates.previous_hosts
+                      typed_config: {{'@type': type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate}}
+  clusters:
+  - name: reviews
+    type: STATIC
+    lb_policy: ROUND_ROBIN
+    load_assignment:
+      cluster_name: reviews
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{socket_address: {{address: {}, port_value: 9080}}}}}}
+        - endpoint: {{address: {{socket_address: {{address: {}, port_value: 9080}}}}}}
+",
+        Topology::ep4(1),
+        Topology::ep4(2)
+    );
+    let dir = drover_tests::Pki::new();
+    let envoy = drover_tests::envoy::Envoy::start(&bin, &t.client, &dir.dir, "retry", &config);
+    envoy.wait_listening(&t.client, "127.0.0.1:15123".parse().unwrap());
+    let r = probe(
+        Some(&t.client),
+        None,
+        &[
+            "http",
+            "http://127.0.0.1:15123/",
+            "--count",
+            "10",
+            "--concurrency",
+            "1",
+        ],
+    );
+    assert_eq!(r["status"]["200"], 10, "{r}\n{}", envoy.log());
+    let stats = t
+        .client
+        .command("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "5",
+            "http://127.0.0.1:15124/stats?filter=cluster.reviews.upstream_rq_retry",
+        ])
+        .output()
+        .expect("curl envoy admin");
+    let stats = String::from_utf8_lossy(&stats.stdout);
+    let retries: u64 = (stats.lines())
+        .find_map(|l| l.strip_prefix("cluster.reviews.upstream_rq_retry: "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(
+        retries >= 4,
+        "about every other request met the 503 endpoint: {stats}"
+    );
+}
