@@ -158,6 +158,30 @@ impl Netns {
     }
     /// A plaintext client from this namespace to `addr` that speaks first (`ping`): the line it
     /// gets back, or `None` when the server side closed or reset it unread.
+    /// Sends `GET path` with `Upgrade: echo` to `addr` (the test HTTP server switches
+    /// protocols and echoes) and checks that the 101 arrives and raw bytes come back through.
+    pub fn check_upgrade_bridged(&self, addr: SocketAddr, path: &str) {
+        use std::io::{BufRead, Read, Write};
+        let mut conn = self.connect(addr, None).expect("connect");
+        conn.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: web\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n"
+        );
+        conn.write_all(request.as_bytes()).unwrap();
+        let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        assert!(line.starts_with("HTTP/1.1 101"), "{line}");
+        while reader.read_line(&mut line).unwrap() > 2 {
+            line.clear();
+        }
+        conn.write_all(b"raw bytes after the upgrade").unwrap();
+        let mut buf = [0u8; 27];
+        reader.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"raw bytes after the upgrade");
+    }
+
     pub fn greeting(&self, addr: SocketAddr) -> Option<String> {
         use std::io::{BufRead, Write};
         let mut c = self.connect(addr, None).expect("connect");

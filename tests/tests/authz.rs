@@ -223,26 +223,7 @@ fn authorization_policies_decide_per_peer_port_and_request_on_the_pods_inbound_s
     );
 
     // An allowed HTTP/1.1 upgrade is bridged through the checked HTTP path.
-    {
-        use std::io::{BufRead, BufReader, Read, Write};
-        let mut conn = t.client.connect(vip(9080), None).expect("connect");
-        conn.write_all(
-            b"GET /api/ws HTTP/1.1\r\nHost: web\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n",
-        )
-        .unwrap();
-        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut reader = BufReader::new(conn.try_clone().unwrap());
-        let mut line = String::new();
-        reader.read_line(&mut line).unwrap();
-        assert!(line.starts_with("HTTP/1.1 101"), "{line}");
-        while reader.read_line(&mut line).unwrap() > 2 {
-            line.clear();
-        }
-        conn.write_all(b"raw bytes after the upgrade").unwrap();
-        let mut buf = [0u8; 27];
-        reader.read_exact(&mut buf).unwrap();
-        assert_eq!(&buf, b"raw bytes after the upgrade");
-    }
+    t.client.check_upgrade_bridged(vip(9080), "/api/ws");
 
     // A policy edit applies to new connections within a second (file watch).
     std::fs::write(&cfg, config(ep, &format!("{POLICIES}{LOCKDOWN}"))).unwrap();

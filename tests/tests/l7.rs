@@ -386,28 +386,9 @@ fn http_upgrade_is_bridged() {
     if !require_privileged() {
         return;
     }
-    use std::io::{BufRead, BufReader, Read, Write};
     let m = mesh(1, &[], &reviews_service(1, "HTTP"));
-    let mut conn =
-        m.t.client
-            .connect("127.77.0.10:9080".parse().unwrap(), None)
-            .expect("captured connect");
-    conn.write_all(
-        b"GET /ws HTTP/1.1\r\nHost: reviews\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n",
-    )
-    .unwrap();
-    let mut reader = BufReader::new(conn.try_clone().unwrap());
-    let mut status = String::new();
-    reader.read_line(&mut status).unwrap();
-    assert!(status.starts_with("HTTP/1.1 101"), "{status}");
-    let mut line = String::new();
-    while reader.read_line(&mut line).unwrap() > 2 {
-        line.clear();
-    }
-    conn.write_all(b"raw bytes after the upgrade").unwrap();
-    let mut buf = [0u8; 27];
-    reader.read_exact(&mut buf).unwrap();
-    assert_eq!(&buf, b"raw bytes after the upgrade");
+    m.t.client
+        .check_upgrade_bridged("127.77.0.10:9080".parse().unwrap(), "/ws");
 }
 
 #[test]
