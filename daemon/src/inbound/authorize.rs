@@ -282,7 +282,10 @@ impl Inbound {
     }
 
     fn audit(&self, d: &Decision, peer: &Peer, target: SocketAddr, req: Option<(&str, &str)>) {
-        audit(&self.log_context(), d, peer, target, req);
+        // The common case (no AUDIT policy matched) builds nothing.
+        if !d.audited.is_empty() {
+            audit(&self.log_context(), d, peer, target, req);
+        }
     }
 
     fn deny(&self, d: &Decision, peer: &Peer, target: SocketAddr, req: Option<(&str, &str)>) {

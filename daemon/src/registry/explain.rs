@@ -731,42 +731,9 @@ pub fn authorization(
     addresses: &[std::net::IpAddr],
     probe: Option<&crate::authz::Attributes<'_>>,
 ) -> String {
-    use crate::config::policy::AuthzAction;
     let authz = reg.authorizer(addresses);
     let mut o = String::new();
-    let n = authz.policies().count();
-    let _ = writeln!(
-        o,
-        "policies   {n} apply to this workload (DENY, ALLOW, AUDIT; oldest first)"
-    );
-    for e in authz.policies() {
-        let p = &e.policy;
-        let scope = if !p.targets.is_empty() {
-            format!("targetRefs Service {}", p.targets.join(", "))
-        } else {
-            match &p.selector {
-                Some(s) if !s.is_empty() => {
-                    let labels: Vec<String> = s.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                    format!("selector {}", labels.join(","))
-                }
-                _ if e.namespace == super::resolve::ROOT_NAMESPACE => "mesh-wide".to_string(),
-                _ => format!("namespace {}", e.namespace),
-            }
-        };
-        let rules = match (p.action, p.rules.len()) {
-            (AuthzAction::Allow, 0) => "no rules: matches nothing".to_string(),
-            (_, r) => format!("{r} rule(s)"),
-        };
-        let _ = writeln!(
-            o,
-            "  {:<5}  {:<32} {scope}; {rules}",
-            p.action.to_string(),
-            e.id
-        );
-    }
-    if authz.is_empty() {
-        let _ = writeln!(o, "  (none: every connection is allowed)");
-    }
+    policy_lines(&mut o, &authz);
     let Some(probe) = probe else {
         return o;
     };
@@ -807,4 +774,42 @@ pub fn authorization(
         );
     }
     o
+}
+
+/// One line per AuthorizationPolicy that applies: action, name, scope and rule count.
+fn policy_lines(o: &mut String, authz: &crate::authz::Authorizer) {
+    use crate::config::policy::AuthzAction;
+    let n = authz.policies().count();
+    let _ = writeln!(
+        *o,
+        "policies   {n} apply to this workload (DENY, ALLOW, AUDIT; oldest first)"
+    );
+    for e in authz.policies() {
+        let p = &e.policy;
+        let scope = if !p.targets.is_empty() {
+            format!("targetRefs Service {}", p.targets.join(", "))
+        } else {
+            match &p.selector {
+                Some(s) if !s.is_empty() => {
+                    let labels: Vec<String> = s.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    format!("selector {}", labels.join(","))
+                }
+                _ if e.namespace == super::resolve::ROOT_NAMESPACE => "mesh-wide".to_string(),
+                _ => format!("namespace {}", e.namespace),
+            }
+        };
+        let rules = match (p.action, p.rules.len()) {
+            (AuthzAction::Allow, 0) => "no rules: matches nothing".to_string(),
+            (_, r) => format!("{r} rule(s)"),
+        };
+        let _ = writeln!(
+            *o,
+            "  {:<5}  {:<32} {scope}; {rules}",
+            p.action.to_string(),
+            e.id
+        );
+    }
+    if authz.is_empty() {
+        let _ = writeln!(*o, "  (none: every connection is allowed)");
+    }
 }

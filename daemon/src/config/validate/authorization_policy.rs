@@ -28,6 +28,22 @@ impl Checker<'_> {
         &mut self,
         spec: &crd::AuthorizationPolicySpec,
     ) -> policy::AuthorizationPolicy {
+        let (selector, targets) = self.authz_scope(spec);
+        let action = self.authz_action(spec);
+        let rules = self.authz_rules(spec, action);
+        policy::AuthorizationPolicy {
+            selector,
+            targets,
+            action,
+            rules,
+        }
+    }
+
+    /// `selector` (no wildcards) or `targetRefs`/`targetRef` (Services), one kind only.
+    fn authz_scope(
+        &mut self,
+        spec: &crd::AuthorizationPolicySpec,
+    ) -> (Option<BTreeMap<String, String>>, Vec<String>) {
         let selector = spec.selector.as_ref().map(|s| {
             self.labels("spec.selector.matchLabels", &s.match_labels);
             for (k, v) in &s.match_labels {
@@ -40,36 +56,32 @@ impl Checker<'_> {
             }
             s.match_labels.clone()
         });
-        let refs: Vec<(String, &PolicyTargetRef)> = match &spec.target_ref {
-            Some(r) => vec![("spec.targetRef".to_string(), r)],
-            None => Vec::new(),
-        }
-        .into_iter()
-        .chain(
-            (spec.target_refs.iter().enumerate())
-                .map(|(i, r)| (format!("spec.targetRefs[{i}]"), r)),
-        )
-        .collect();
-        if [
+        let kinds = [
             selector.is_some(),
             spec.target_ref.is_some(),
             !spec.target_refs.is_empty(),
-        ]
-        .iter()
-        .filter(|b| **b)
-        .count()
-            > 1
-        {
+        ];
+        if kinds.iter().filter(|b| **b).count() > 1 {
             self.err(
                 "spec.targetRefs",
                 "only one of targetRefs or workloadSelector can be set",
             );
         }
+        let single = (spec.target_ref.iter()).map(|r| ("spec.targetRef".to_string(), r));
+        let listed = (spec.target_refs.iter().enumerate())
+            .map(|(i, r)| (format!("spec.targetRefs[{i}]"), r));
+        let refs: Vec<(String, &PolicyTargetRef)> = single.chain(listed).collect();
         let targets = refs
             .iter()
             .filter_map(|(field, r)| self.target(field, r))
             .collect();
-        let action = match spec.action.as_deref().unwrap_or("ALLOW") {
+        (selector, targets)
+    }
+
+    /// `action` (CUSTOM refused) and the `provider` and `rules` it requires or forbids.
+    fn authz_action(&mut self, spec: &crd::AuthorizationPolicySpec) -> AuthzAction {
+        let written = spec.action.as_deref().unwrap_or("ALLOW");
+        let action = match written {
             "ALLOW" => AuthzAction::Allow,
             "DENY" => AuthzAction::Deny,
             "AUDIT" => AuthzAction::Audit,
@@ -88,13 +100,10 @@ impl Checker<'_> {
                 AuthzAction::Allow
             }
         };
-        if spec.provider.is_some() && spec.action.as_deref() != Some("CUSTOM") {
+        if spec.provider.is_some() && written != "CUSTOM" {
             self.err(
                 "spec.provider",
-                format!(
-                    "`provider` must not be with non CUSTOM action, found {}",
-                    spec.action.as_deref().unwrap_or("ALLOW")
-                ),
+                format!("`provider` must not be with non CUSTOM action, found {written}"),
             );
         }
         if action == AuthzAction::Deny && spec.rules.is_none() {
@@ -103,29 +112,32 @@ impl Checker<'_> {
                 "DENY action without `rules` is meaningless as it will never be triggered; add an empty rule `{}` to match every request",
             );
         }
+        action
+    }
+
+    /// Every rule, with Istio's warning for a DENY rule of HTTP attributes only.
+    fn authz_rules(
+        &mut self,
+        spec: &crd::AuthorizationPolicySpec,
+        action: AuthzAction,
+    ) -> Vec<AuthzRule> {
         let mut rules = Vec::new();
         for (i, rule) in spec.rules.iter().flatten().enumerate() {
             let field = format!("spec.rules[{i}]");
-            match rule {
-                None => self.err(field, "`rule` must not be null"),
-                Some(r) => {
-                    let rule = self.authz_rule(&field, r);
-                    if action == AuthzAction::Deny && only_http(&rule) {
-                        self.warn(
-                            field,
-                            "this DENY rule uses only HTTP attributes: it denies all traffic to TCP ports under its scope (as in Istio); name the ports explicitly",
-                        );
-                    }
-                    rules.push(rule);
-                }
+            let Some(r) = rule else {
+                self.err(field, "`rule` must not be null");
+                continue;
+            };
+            let rule = self.authz_rule(&field, r);
+            if action == AuthzAction::Deny && only_http(&rule) {
+                self.warn(
+                    field,
+                    "this DENY rule uses only HTTP attributes: it denies all traffic to TCP ports under its scope (as in Istio); name the ports explicitly",
+                );
             }
+            rules.push(rule);
         }
-        policy::AuthorizationPolicy {
-            selector,
-            targets,
-            action,
-            rules,
-        }
+        rules
     }
 
     /// A `targetRef`: a Service of the policy's namespace, as its host.
@@ -302,55 +314,10 @@ impl Checker<'_> {
             );
             return Vec::new();
         }
-        let attr = match key {
-            "source.ip" => Attr::SourceIp,
-            "remote.ip" => Attr::RemoteIp,
-            "source.namespace" => Attr::Namespace,
-            "source.principal" => Attr::Principal,
-            "source.serviceAccount" => Attr::ServiceAccount,
-            "destination.ip" => Attr::DestinationIp,
-            "destination.port" => Attr::DestinationPort,
-            "connection.sni" => Attr::Sni,
-            k if k.starts_with("request.headers[") && k.ends_with(']') => {
-                let name = &k["request.headers[".len()..k.len() - 1];
-                if name.is_empty()
-                    || hyper::header::HeaderName::from_bytes(name.as_bytes()).is_err()
-                {
-                    self.err(
-                        format!("{field}.key"),
-                        format!("{name:?} is not a header name"),
-                    );
-                    return Vec::new();
-                }
-                Attr::Header(name.to_ascii_lowercase())
-            }
-            k if k.starts_with("request.auth.") => {
-                self.err(format!("{field}.key"), format!("{k}: {NO_JWT}"));
-                return Vec::new();
-            }
-            k if k.starts_with("experimental.") => {
-                self.err(
-                    format!("{field}.key"),
-                    format!("{k}: experimental Envoy filter metadata does not exist in Drover"),
-                );
-                return Vec::new();
-            }
-            "destination.namespace" | "destination.user" => {
-                self.err(
-                    format!("{field}.key"),
-                    format!("attribute {key} is replaced by the metadata.namespace"),
-                );
-                return Vec::new();
-            }
-            k if k.starts_with("destination.labels") => {
-                self.err(
-                    format!("{field}.key"),
-                    format!("attribute {key} is replaced by the workload selector"),
-                );
-                return Vec::new();
-            }
-            k => {
-                self.err(format!("{field}.key"), format!("unknown attribute {k:?}"));
+        let attr = match condition_attr(key) {
+            Ok(attr) => attr,
+            Err(e) => {
+                self.err(format!("{field}.key"), e);
                 return Vec::new();
             }
         };
@@ -426,6 +393,44 @@ impl Checker<'_> {
             field: field.trim_start_matches("spec.").to_string(),
         })
     }
+}
+
+/// The attribute a `when` key names, or why it cannot be enforced.
+fn condition_attr(key: &str) -> Result<Attr, String> {
+    Ok(match key {
+        "source.ip" => Attr::SourceIp,
+        "remote.ip" => Attr::RemoteIp,
+        "source.namespace" => Attr::Namespace,
+        "source.principal" => Attr::Principal,
+        "source.serviceAccount" => Attr::ServiceAccount,
+        "destination.ip" => Attr::DestinationIp,
+        "destination.port" => Attr::DestinationPort,
+        "connection.sni" => Attr::Sni,
+        k if k.starts_with("request.headers[") && k.ends_with(']') => {
+            let name = &k["request.headers[".len()..k.len() - 1];
+            if name.is_empty() || hyper::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                return Err(format!("{name:?} is not a header name"));
+            }
+            Attr::Header(name.to_ascii_lowercase())
+        }
+        k if k.starts_with("request.auth.") => return Err(format!("{k}: {NO_JWT}")),
+        k if k.starts_with("experimental.") => {
+            return Err(format!(
+                "{k}: experimental Envoy filter metadata does not exist in Drover"
+            ));
+        }
+        "destination.namespace" | "destination.user" => {
+            return Err(format!(
+                "attribute {key} is replaced by the metadata.namespace"
+            ));
+        }
+        k if k.starts_with("destination.labels") => {
+            return Err(format!(
+                "attribute {key} is replaced by the workload selector"
+            ));
+        }
+        k => return Err(format!("unknown attribute {k:?}")),
+    })
 }
 
 /// Istio's string match: `*` alone is presence, a leading or trailing `*` a suffix or prefix.
