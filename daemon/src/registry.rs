@@ -7,6 +7,7 @@
 //! reads the current one through [`RegistryHandle`] and never sees a half-applied change.
 
 mod build;
+pub mod mesh_routes;
 pub mod explain;
 pub mod peer;
 pub mod relevance;
@@ -120,6 +121,11 @@ pub struct VsEntry {
     pub vs: policy::VirtualService,
     pub source: RuleRef,
     pub namespace: String,
+    /// (creation time, `namespace/name`): when a VirtualService and Gateway API routes bind
+    /// the same host, the older applies (as Istio orders them).
+    pub age: (String, String),
+    /// Set for the routes of the Gateway API bound to this host.
+    pub gateway: Option<mesh_routes::GatewayBinding>,
 }
 
 type ClusterKey = (usize, u16, Option<String>);

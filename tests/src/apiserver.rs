@@ -67,15 +67,33 @@ pub const AUTHORIZATION_POLICY: Kind = Kind {
     kind: "AuthorizationPolicy",
     namespaced: true,
 };
-/// Every Istio kind this server can serve.
-pub const ISTIO: [Kind; 6] = [
+pub const HTTP_ROUTE: Kind = gateway("v1", "httproutes", "HTTPRoute");
+pub const GRPC_ROUTE: Kind = gateway("v1", "grpcroutes", "GRPCRoute");
+pub const TCP_ROUTE: Kind = gateway("v1alpha2", "tcproutes", "TCPRoute");
+pub const REFERENCE_GRANT: Kind = gateway("v1beta1", "referencegrants", "ReferenceGrant");
+/// Every custom kind (Istio's, the Gateway API's mesh routes) this server can serve.
+pub const ISTIO: [Kind; 10] = [
     DESTINATION_RULE,
     VIRTUAL_SERVICE,
     SERVICE_ENTRY,
     WORKLOAD_ENTRY,
     PEER_AUTHENTICATION,
     AUTHORIZATION_POLICY,
+    HTTP_ROUTE,
+    GRPC_ROUTE,
+    TCP_ROUTE,
+    REFERENCE_GRANT,
 ];
+
+const fn gateway(version: &'static str, plural: &'static str, kind: &'static str) -> Kind {
+    Kind {
+        group: "gateway.networking.k8s.io",
+        version,
+        plural,
+        kind,
+        namespaced: true,
+    }
+}
 
 const fn core(plural: &'static str, kind: &'static str, namespaced: bool) -> Kind {
     Kind {

@@ -5,12 +5,16 @@
 //! can name its field: integers are wide (a negative count is a located range error, not a type
 //! error), durations are strings, and nested blocks Drover does not enforce are kept opaque.
 //!
+//! The Gateway API kinds live in [`gateway`].
+//!
 //! Invariant: every type here round-trips through serde unchanged (absent stays absent); the one
 //! field that is written but never read is a derived endpoint's `origin`.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+
+pub mod gateway;
 
 /// Kubernetes object metadata (the parts Drover uses).
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]

@@ -466,6 +466,9 @@ pub struct VirtualService {
 pub struct HttpRoute {
     pub index: usize,
     pub name: Option<String>,
+    /// Where a route that is not a VirtualService's `http[i]` came from (a Gateway API rule:
+    /// `HTTPRoute ns/name rules[i]`), for logs and `explain`.
+    pub label: Option<String>,
     /// ORed; empty = matches everything.
     pub matches: Vec<HttpMatch>,
     pub destinations: Vec<WeightedDestination>,
@@ -518,6 +521,8 @@ pub struct HeaderOps {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rewrite {
     pub uri: Option<String>,
+    /// `uri` replaces the whole path whatever the match (Gateway API `ReplaceFullPath`).
+    pub full_path: bool,
     pub authority: Option<String>,
     pub uri_regex: Option<RegexRewrite>,
 }
@@ -542,6 +547,9 @@ pub struct Redirect {
     pub port: Option<RedirectPort>,
     /// `redirectCode`, 301 by default.
     pub code: StatusCode,
+    /// `uri` replaces only the prefix the route matched (Gateway API `ReplacePrefixMatch`),
+    /// not the whole path.
+    pub replace_prefix: bool,
 }
 
 /// `redirect.port` / `redirect.derivePort`.
@@ -599,6 +607,10 @@ pub enum StringMatch {
     Prefix(String),
     /// RE2 syntax, matched against the whole value.
     Regex(Pattern),
+    /// A path prefix by whole segments (Gateway API `PathPrefix`, Envoy's
+    /// `path_separated_prefix`): `/foo` matches `/foo`, `/foo/` and `/foo/bar`, not `/foobar`.
+    /// Stored without a trailing `/` (except `/` itself, which matches every path).
+    PathPrefix(String),
 }
 
 /// A compiled, anchored regular expression; equal when the source text is.
@@ -621,6 +633,9 @@ pub struct WeightedDestination {
     pub index: usize,
     /// The destination's own `headers` (applied after the route's).
     pub headers: HeaderRules,
+    /// Why a Gateway API backend cannot be used (unknown kind or Service, a cross-namespace
+    /// reference without a ReferenceGrant): requests sent its way get 500, as the spec says.
+    pub invalid: Option<String>,
 }
 
 /// `retries`.
@@ -763,9 +778,71 @@ impl Retries {
 #[derive(Clone, Debug, PartialEq)]
 pub struct L4Route {
     pub index: usize,
+    /// Where a route that is not a VirtualService's `tcp[i]`/`tls[i]` came from (`TCPRoute
+    /// ns/name rules[i]`).
+    pub label: Option<String>,
     /// ORed; empty = matches everything.
     pub matches: Vec<L4Match>,
     pub destinations: Vec<WeightedDestination>,
+}
+
+/// A validated Gateway API mesh route (`HTTPRoute`, `GRPCRoute` or `TCPRoute`), in the route
+/// model VirtualServices use: one [`HttpRoute`] per rule match (so that matches can be ordered
+/// by the spec's precedence across routes), or one [`L4Route`] per TCP rule. It is bound to
+/// its parents' hosts, merged with the other routes of the same parent and checked against
+/// ReferenceGrants when the registry is built.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MeshRoute {
+    pub kind: RouteKind,
+    /// The mesh parents (`Gateway` parents are skipped with a note).
+    pub parents: Vec<MeshParent>,
+    pub http: Vec<HttpRoute>,
+    pub tcp: Vec<L4Route>,
+    /// Backends (and mirrors) in another namespace, which need a ReferenceGrant there:
+    /// (qualified host, namespace, Service name).
+    pub foreign: Vec<(String, String, String)>,
+}
+
+/// The three mesh route kinds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum RouteKind {
+    Http,
+    Grpc,
+    Tcp,
+}
+
+/// A `parentRefs[]` entry that binds a route to the mesh.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MeshParent {
+    /// `Service` (core) or Istio's `ServiceEntry`.
+    pub service_entry: bool,
+    pub namespace: String,
+    pub name: String,
+    /// Only this port of the parent.
+    pub port: Option<u16>,
+    /// `spec.parentRefs[i]`.
+    pub field: String,
+}
+
+/// A validated `ReferenceGrant`: which routes (kind, namespace) may name which Services of the
+/// grant's namespace (`None`: all of them).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReferenceGrant {
+    pub from: Vec<(RouteKind, String)>,
+    pub to: Vec<Option<String>>,
+}
+
+// === impl RouteKind ===
+
+impl RouteKind {
+    /// The kind's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            RouteKind::Http => "HTTPRoute",
+            RouteKind::Grpc => "GRPCRoute",
+            RouteKind::Tcp => "TCPRoute",
+        }
+    }
 }
 
 /// `tcp[].match[]` / `tls[].match[]`.
@@ -867,6 +944,12 @@ impl StringMatch {
                 .is_some_and(|v| v.eq_ignore_ascii_case(p)),
             StringMatch::Prefix(p) => value.starts_with(p.as_str()),
             StringMatch::Regex(r) => r.is_match(value),
+            StringMatch::PathPrefix(p) => {
+                p == "/"
+                    || value.strip_prefix(p.as_str()).is_some_and(|rest| {
+                        rest.is_empty() || rest.starts_with('/')
+                    })
+            }
         }
     }
 }

@@ -32,6 +32,15 @@ pub const SECURITY_VERSIONS: [&str; 2] = ["v1", "v1beta1"];
 /// `security.istio.io` kinds that exist but that this version of Drover does not act on yet.
 const SECURITY_UNUSED: [&str; 1] = ["RequestAuthentication"];
 
+/// API versions of `gateway.networking.k8s.io` that Drover accepts, by kind (`TCPRoute` is in
+/// the experimental channel only).
+const GATEWAY_VERSIONS: [(&str, &[&str]); 4] = [
+    ("HTTPRoute", &["v1", "v1beta1"]),
+    ("GRPCRoute", &["v1", "v1alpha2"]),
+    ("TCPRoute", &["v1alpha2"]),
+    ("ReferenceGrant", &["v1beta1", "v1alpha2"]),
+];
+
 /// Where a resource came from; turns field paths into located [`Problem`]s.
 #[derive(Clone, Debug)]
 pub struct Origin {
@@ -57,6 +66,10 @@ pub struct ConfigSet {
     pub virtual_services: Vec<Resource<crd::VirtualServiceSpec>>,
     pub peer_authentications: Vec<Resource<crd::PeerAuthenticationSpec>>,
     pub authorization_policies: Vec<Resource<crd::AuthorizationPolicySpec>>,
+    pub http_routes: Vec<Resource<crd::gateway::HttpRouteSpec>>,
+    pub grpc_routes: Vec<Resource<crd::gateway::GrpcRouteSpec>>,
+    pub tcp_routes: Vec<Resource<crd::gateway::TcpRouteSpec>>,
+    pub reference_grants: Vec<Resource<crd::gateway::ReferenceGrantSpec>>,
     /// Documents of other kinds, with where they are and what they are.
     pub skipped: Vec<(Location, String)>,
     /// Non-fatal findings (unknown fields), located.
@@ -282,6 +295,9 @@ impl ConfigSet {
         if group == "security.istio.io" {
             return self.add_security(origin, value, &kind, &api_version);
         }
+        if group == "gateway.networking.k8s.io" {
+            return self.add_gateway(origin, value, &kind, version);
+        }
         if group != "networking.istio.io" {
             let at = origin.problem("kind", "");
             tracing::info!(location = %at.location, kind = %kind, api_version = %api_version, "skipping resource of a kind drover does not use");
@@ -366,6 +382,55 @@ impl ConfigSet {
                 return Err(
                     origin.problem("kind", format!("unknown security.istio.io kind {kind:?}"))
                 );
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ConfigSet {
+    /// Adds a `gateway.networking.k8s.io` resource: the mesh route kinds and `ReferenceGrant`
+    /// are read; `Gateway`, `GatewayClass` and the other kinds are skipped (Drover is not an
+    /// ingress), as is an unknown kind of the group.
+    fn add_gateway(
+        &mut self,
+        origin: Origin,
+        value: serde_yaml::Value,
+        kind: &str,
+        version: &str,
+    ) -> Result<(), Problem> {
+        let Some((_, versions)) = GATEWAY_VERSIONS.iter().find(|(k, _)| *k == kind) else {
+            let at = origin.problem("kind", "");
+            tracing::info!(location = %at.location, kind, "skipping Gateway API resource: drover reads only the mesh routes (HTTPRoute, GRPCRoute, TCPRoute) and ReferenceGrant");
+            self.skipped.push((at.location, kind.to_string()));
+            return Ok(());
+        };
+        if !versions.contains(&version) {
+            return Err(origin.problem(
+                "apiVersion",
+                format!(
+                    "unsupported version {version:?} of {kind} (expected gateway.networking.k8s.io/{})",
+                    versions.join(" or ")
+                ),
+            ));
+        }
+        let warnings = &mut self.warnings;
+        match kind {
+            "HTTPRoute" => {
+                let (meta, spec) = parse_typed(&origin, value, warnings)?;
+                self.http_routes.push(Resource { origin, meta, spec });
+            }
+            "GRPCRoute" => {
+                let (meta, spec) = parse_typed(&origin, value, warnings)?;
+                self.grpc_routes.push(Resource { origin, meta, spec });
+            }
+            "TCPRoute" => {
+                let (meta, spec) = parse_typed(&origin, value, warnings)?;
+                self.tcp_routes.push(Resource { origin, meta, spec });
+            }
+            _ => {
+                let (meta, spec) = parse_typed(&origin, value, warnings)?;
+                self.reference_grants.push(Resource { origin, meta, spec });
             }
         }
         Ok(())

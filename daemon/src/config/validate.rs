@@ -436,6 +436,7 @@ pub fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
 
 mod authorization_policy;
 mod destination_rule;
+mod gateway_route;
 pub mod peer_authentication;
 mod service_entry;
 pub use service_entry::is_dns;

@@ -25,8 +25,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::{DISCOVERY_RECHECK, Error, Feed, Object, Settings, convert, key_of};
 
-/// The Istio kinds Drover reads: (API group, kind, resource).
-const ISTIO_KINDS: [(&str, &str, &str); 6] = [
+/// The custom kinds Drover reads (Istio's and the Gateway API's mesh routes): (API group,
+/// kind, resource).
+const ISTIO_KINDS: [(&str, &str, &str); 10] = [
     ("networking.istio.io", "ServiceEntry", "serviceentries"),
     ("networking.istio.io", "WorkloadEntry", "workloadentries"),
     ("networking.istio.io", "DestinationRule", "destinationrules"),
@@ -41,6 +42,10 @@ const ISTIO_KINDS: [(&str, &str, &str); 6] = [
         "AuthorizationPolicy",
         "authorizationpolicies",
     ),
+    ("gateway.networking.k8s.io", "HTTPRoute", "httproutes"),
+    ("gateway.networking.k8s.io", "GRPCRoute", "grpcroutes"),
+    ("gateway.networking.k8s.io", "TCPRoute", "tcproutes"),
+    ("gateway.networking.k8s.io", "ReferenceGrant", "referencegrants"),
 ];
 
 /// Every (API group, resource) the watchers list and watch: what the daemon's RBAC role must
@@ -271,7 +276,11 @@ async fn discover(client: Client, feed: Feed, shutdown: CancellationToken, sourc
     let mut first = true;
     loop {
         match Discovery::new(client.clone())
-            .filter(&["networking.istio.io", "security.istio.io"])
+            .filter(&[
+                "networking.istio.io",
+                "security.istio.io",
+                "gateway.networking.k8s.io",
+            ])
             .run()
             .await
         {

@@ -52,9 +52,11 @@ pub fn rewrite_path(path_and_query: &str, matched: Option<&StringMatch>, r: &Rew
         re.replace_all(path)
     } else if let Some(uri) = &r.uri {
         match matched {
+            _ if r.full_path => uri.clone(),
             Some(StringMatch::Prefix(p)) if path.len() >= p.len() => {
                 format!("{uri}{}", &path[p.len()..])
             }
+            Some(StringMatch::PathPrefix(p)) => replace_segment_prefix(path, p, uri),
             Some(StringMatch::Prefix(_) | StringMatch::Exact(_) | StringMatch::Regex(_)) => {
                 uri.clone()
             }
@@ -69,8 +71,32 @@ pub fn rewrite_path(path_and_query: &str, matched: Option<&StringMatch>, r: &Rew
     }
 }
 
-/// The `Location` of a redirect: each part the redirect names replaces the request's.
-pub fn location(r: &Redirect, scheme: &str, authority: &str, path_and_query: &str) -> String {
+/// `path` with the segment prefix `prefix` (a Gateway API `PathPrefix` match) replaced by
+/// `with`, as `ReplacePrefixMatch` does: the rest keeps its own leading `/`, one `/` is dropped
+/// where both sides bring one, and an empty result is `/`.
+fn replace_segment_prefix(path: &str, prefix: &str, with: &str) -> String {
+    let rest = match prefix {
+        "/" => path,
+        p => path.strip_prefix(p).unwrap_or(path),
+    };
+    let out = match (with.ends_with('/'), rest.starts_with('/')) {
+        (true, true) => format!("{with}{}", &rest[1..]),
+        (false, false) if !rest.is_empty() => format!("{with}/{rest}"),
+        _ => format!("{with}{rest}"),
+    };
+    if out.is_empty() { "/".to_string() } else { out }
+}
+
+/// The `Location` of a redirect: each part the redirect names replaces the request's; with
+/// `replace_prefix`, `uri` replaces only the prefix `matched` matched (the path, with its
+/// query).
+pub fn location(
+    r: &Redirect,
+    matched: Option<&StringMatch>,
+    scheme: &str,
+    authority: &str,
+    path_and_query: &str,
+) -> String {
     let old_scheme = scheme;
     let scheme = r.scheme.as_deref().unwrap_or(scheme);
     let request_port = split_authority(authority).1;
@@ -94,6 +120,16 @@ pub fn location(r: &Redirect, scheme: &str, authority: &str, path_and_query: &st
     // Istio: `uri` replaces the whole path whatever the match; the request's query stays unless
     // `uri` carries its own (Envoy's `path_redirect`).
     let path = match (&r.uri, path_and_query.split_once('?')) {
+        (Some(uri), _) if r.replace_prefix => rewrite_path(
+            path_and_query,
+            matched,
+            &Rewrite {
+                uri: Some(uri.clone()),
+                full_path: false,
+                authority: None,
+                uri_regex: None,
+            },
+        ),
         (Some(uri), Some((_, q))) if !uri.contains('?') => format!("{uri}?{q}"),
         (Some(uri), _) => uri.clone(),
         (None, _) => path_and_query.to_string(),

@@ -703,7 +703,8 @@ impl Exchange {
             LocalReply::Redirect(r) => {
                 let scheme = parts.uri.scheme_str().unwrap_or("http");
                 let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-                let location = actions::location(r, scheme, &self.authority, path);
+                let matched = routed.decision.http_match.and_then(|m| m.uri.as_ref());
+                let location = actions::location(r, matched, scheme, &self.authority, path);
                 let mut resp = Response::new(Body::default());
                 *resp.status_mut() = r.code;
                 if let Ok(v) = HeaderValue::from_str(&location) {

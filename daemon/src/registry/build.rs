@@ -62,7 +62,20 @@ impl Registry {
         );
         let services = services(set, client, &mut problems, &mut warnings);
         let rules = destination_rules(set, &mut problems, &mut warnings);
-        let virtual_services = virtual_services(set, &mut problems, &mut warnings);
+        let mut virtual_services = virtual_services(set, &mut problems, &mut warnings);
+        unique_names("HTTPRoute", &set.http_routes, &mut problems);
+        unique_names("GRPCRoute", &set.grpc_routes, &mut problems);
+        unique_names("TCPRoute", &set.tcp_routes, &mut problems);
+        unique_names("ReferenceGrant", &set.reference_grants, &mut problems);
+        let known = |h: &str| services.by_host.contains_key(h);
+        let routes = super::mesh_routes::bind(
+            set,
+            &known,
+            &virtual_services,
+            &mut problems,
+            &mut warnings,
+        );
+        virtual_services.extend(routes);
         let peers = peer_authentications(set, &mut problems, &mut warnings);
         let authorization = authorization_policies(set, &mut problems, &mut warnings);
         check_references(&rules, &virtual_services, &services.by_host, &mut warnings);
@@ -109,6 +122,10 @@ impl Registry {
     pub fn patch(&self, changed: &ConfigSet) -> Option<Registry> {
         let others = !(changed.workload_entries.is_empty()
             && changed.virtual_services.is_empty()
+            && changed.http_routes.is_empty()
+            && changed.grpc_routes.is_empty()
+            && changed.tcp_routes.is_empty()
+            && changed.reference_grants.is_empty()
             && changed.peer_authentications.is_empty()
             && changed.authorization_policies.is_empty()
             && changed.skipped.is_empty()
@@ -576,7 +593,7 @@ fn exported_to(export_to: &[String], own: &str, client: &str) -> bool {
 }
 
 /// Validates one resource, moving its warnings and errors into the build's lists.
-fn validate<'r, S, T>(
+pub(super) fn validate<'r, S, T>(
     r: &'r Resource<S>,
     problems: &mut Vec<Problem>,
     warnings: &mut Vec<Problem>,
@@ -692,6 +709,8 @@ fn virtual_services(
                 origin: r.origin.clone(),
             },
             namespace: r.namespace().to_string(),
+            age: (r.age().0, r.id()),
+            gateway: None,
         });
     }
     out

@@ -73,6 +73,9 @@ pub enum RouteError {
     UnknownDestination { host: String, port: u16 },
     #[error("no healthy upstream in {cluster}")]
     NoEndpoint { cluster: String },
+    /// A Gateway API backend that cannot be used (the spec answers 500).
+    #[error("backend {host} cannot be used: {reason}")]
+    InvalidBackend { host: String, reason: String },
 }
 
 // === impl RouteError ===
@@ -82,9 +85,9 @@ impl RouteError {
     pub fn response_flag(&self) -> ResponseFlag {
         match self {
             RouteError::NotCaptured(_) | RouteError::NoRouteMatched { .. } => ResponseFlag::NoRoute,
-            RouteError::UnknownSubset(_) | RouteError::UnknownDestination { .. } => {
-                ResponseFlag::NoClusterFound
-            }
+            RouteError::UnknownSubset(_)
+            | RouteError::UnknownDestination { .. }
+            | RouteError::InvalidBackend { .. } => ResponseFlag::NoClusterFound,
             RouteError::NoEndpoint { .. } => ResponseFlag::NoHealthyUpstream,
         }
     }
@@ -93,6 +96,7 @@ impl RouteError {
     pub fn http_status(&self) -> u16 {
         match self {
             RouteError::NotCaptured(_) | RouteError::NoRouteMatched { .. } => 404,
+            RouteError::InvalidBackend { .. } => 500,
             _ => 503,
         }
     }
@@ -263,8 +267,16 @@ impl Registry {
     }
 
     /// The VirtualService that applies to `host` for this client: visible, bound to `mesh`, most
-    /// specific host match (first in configuration order on a tie).
+    /// specific host match; on a tie a Gateway API consumer route (one of the client's
+    /// namespace) wins, then between Gateway API routes and a VirtualService the older (as
+    /// Istio orders them), else the first in configuration order.
     pub fn virtual_service_for(&self, host: &str) -> Option<&VsEntry> {
+        let consumer = |v: &VsEntry| v.gateway.as_ref().is_some_and(|g| g.consumer);
+        let wins = |a: &VsEntry, b: &VsEntry| match (consumer(a), consumer(b)) {
+            (true, false) => true,
+            (false, true) => false,
+            _ => (a.gateway.is_some() != b.gateway.is_some()) && a.age < b.age,
+        };
         let mut best: Option<(&VsEntry, usize)> = None;
         for vs in self.virtual_services.iter() {
             if !vs.vs.applies_to_mesh || !vs.vs.export_to.visible_to(&self.client.namespace) {
@@ -277,7 +289,7 @@ impl Registry {
                 .filter_map(|h| resolve::host_match(h, host))
                 .max();
             if let Some(score) = score
-                && best.is_none_or(|(_, b)| score > b)
+                && best.is_none_or(|(b, s)| score > s || (score == s && wins(vs, b)))
             {
                 best = Some((vs, score));
             }
@@ -303,6 +315,12 @@ impl Registry {
         d: &WeightedDestination,
         arrival: u16,
     ) -> Result<&Cluster, RouteError> {
+        if let Some(reason) = &d.invalid {
+            return Err(RouteError::InvalidBackend {
+                host: d.host.clone(),
+                reason: reason.clone(),
+            });
+        }
         let unknown = |port| RouteError::UnknownDestination {
             host: d.host.clone(),
             port,
@@ -349,7 +367,8 @@ impl Registry {
                         }
                 });
                 if r.matches.is_empty() || matched.is_some() {
-                    let name = format!("{} http[{}]", vs.source.id, r.index);
+                    let name = (r.label.clone())
+                        .unwrap_or_else(|| format!("{} http[{}]", vs.source.id, r.index));
                     if r.local.is_some() {
                         return Routed::Local(name, r, matched);
                     }
@@ -386,7 +405,11 @@ impl Registry {
         }
         match self.tcp_route(vs, port, dst) {
             Some(r) => match weighted(&r.destinations) {
-                Some(d) => Routed::To(d, format!("{} tcp[{}]", vs.source.id, r.index), None, None),
+                Some(d) => {
+                    let name = (r.label.clone())
+                        .unwrap_or_else(|| format!("{} tcp[{}]", vs.source.id, r.index));
+                    Routed::To(d, name, None, None)
+                }
                 None => Routed::Default,
             },
             None => Routed::Default,

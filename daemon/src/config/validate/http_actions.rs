@@ -81,7 +81,7 @@ impl Checker<'_> {
 
     /// A header name that may be modified: a valid token, not a pseudo-header and not `host`
     /// (Envoy refuses both; `rewrite.authority` changes the host).
-    fn header_name(&mut self, path: &str, name: &str) -> Option<HeaderName> {
+    pub(super) fn header_name(&mut self, path: &str, name: &str) -> Option<HeaderName> {
         if name.starts_with(':') || name.eq_ignore_ascii_case("host") {
             self.err(
                 path,
@@ -128,6 +128,7 @@ impl Checker<'_> {
             });
         policy::Rewrite {
             uri: r.uri.clone(),
+            full_path: false,
             authority: r.authority.clone().filter(|a| !a.is_empty()),
             uri_regex,
         }
@@ -211,6 +212,7 @@ impl Checker<'_> {
             scheme: r.scheme.clone(),
             port,
             code,
+            replace_prefix: false,
         }
     }
 

@@ -93,6 +93,7 @@ impl Checker<'_> {
         policy::HttpRoute {
             index,
             name: r.name.clone(),
+            label: None,
             matches,
             destinations,
             timeout: self
@@ -384,6 +385,7 @@ impl Checker<'_> {
             .collect();
         policy::L4Route {
             index,
+            label: None,
             matches: out,
             destinations: self.destinations(path, &weights),
         }
@@ -427,6 +429,7 @@ impl Checker<'_> {
             weight: 0,
             index: i,
             headers: policy::HeaderRules::default(),
+            invalid: None,
         })
     }
 

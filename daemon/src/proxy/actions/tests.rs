@@ -91,7 +91,7 @@ fn redirect_location_replaces_only_what_it_names() {
         None,
     );
     assert_eq!(
-        location(&r, "http", "ratings:9080", "/v1/getProductRatings?id=1"),
+        location(&r, None, "http", "ratings:9080", "/v1/getProductRatings?id=1"),
         "http://newratings.default.svc/v1/bookRatings?id=1",
         "the authority replaces host and port"
     );
@@ -103,23 +103,23 @@ fn redirect_location_replaces_only_what_it_names() {
         ("shop.example:9080", "https://shop.example:9080/cart"),
         ("shop.example:443", "https://shop.example:443/cart"),
     ] {
-        assert_eq!(location(&r, "http", host, "/cart"), want);
+        assert_eq!(location(&r, None, "http", host, "/cart"), want);
     }
     let mut r = redirect(Some("/x?y=1"), None, None);
     r.port = Some(RedirectPort::Fixed(8443));
     assert_eq!(
-        location(&r, "http", "a.b", "/old?q=2"),
+        location(&r, None, "http", "a.b", "/old?q=2"),
         "http://a.b:8443/x?y=1",
         "a query in uri replaces the request's"
     );
     r.port = Some(RedirectPort::FromRequest);
-    assert_eq!(location(&r, "http", "a.b:81", "/"), "http://a.b:81/x?y=1");
+    assert_eq!(location(&r, None, "http", "a.b:81", "/"), "http://a.b:81/x?y=1");
     r.port = Some(RedirectPort::ProtocolDefault);
-    assert_eq!(location(&r, "http", "a.b:81", "/"), "http://a.b/x?y=1");
+    assert_eq!(location(&r, None, "http", "a.b:81", "/"), "http://a.b/x?y=1");
     // IPv6 literal authorities keep their brackets.
     let r = redirect(Some("/z"), None, None);
     assert_eq!(
-        location(&r, "http", "[::1]:8080", "/"),
+        location(&r, None, "http", "[::1]:8080", "/"),
         "http://[::1]:8080/z"
     );
 }
