@@ -253,3 +253,6 @@ fn precedence(r: &HttpRoute) -> Precedence {
         Reverse(m.query_params.len()),
     )
 }
+
+#[cfg(test)]
+mod tests;

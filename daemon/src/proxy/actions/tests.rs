@@ -45,6 +45,7 @@ fn header_operations_remove_then_set_then_add() {
 fn rewrite(uri: Option<&str>, regex: Option<(&str, &str)>) -> Rewrite {
     Rewrite {
         uri: uri.map(str::to_string),
+        full_path: false,
         authority: None,
         uri_regex: regex.map(|(p, w)| RegexRewrite::new(p, w).unwrap()),
     }
@@ -80,7 +81,41 @@ fn redirect(uri: Option<&str>, authority: Option<&str>, scheme: Option<&str>) ->
         scheme: scheme.map(str::to_string),
         port: None,
         code: StatusCode::MOVED_PERMANENTLY,
+        replace_prefix: false,
     }
+}
+
+#[test]
+fn gateway_api_path_modifiers_replace_whole_segments_or_the_full_path() {
+    // The Gateway API mesh conformance case MeshHTTPRouteRewritePath
+    // (conformance/tests/mesh/httproute-rewrite-path.go).
+    let prefix = |p: &str| StringMatch::PathPrefix(p.into());
+    let cases = [
+        ("/prefix/one", "/one", "/prefix/one/two", "/one/two"),
+        ("/strip-prefix", "/", "/strip-prefix/three", "/three"),
+        ("/strip-prefix", "/", "/strip-prefix", "/"),
+        ("/prefix/rewrite-path-and-modify-headers", "/prefix", "/prefix/rewrite-path-and-modify-headers/one", "/prefix/one"),
+        ("/", "/new", "/a/b?q=1", "/new/a/b?q=1"),
+        ("/a", "/b/", "/a/c", "/b/c"),
+    ];
+    for (matched, with, path, want) in cases {
+        let r = rewrite(Some(with), None);
+        assert_eq!(rewrite_path(path, Some(&prefix(matched)), &r), want, "{matched} → {with} on {path}");
+    }
+    let full = Rewrite {
+        full_path: true,
+        ..rewrite(Some("/one"), None)
+    };
+    assert_eq!(rewrite_path("/full/one/two?x=1", Some(&prefix("/full")), &full), "/one?x=1");
+    // A redirect's ReplacePrefixMatch.
+    let r = Redirect {
+        replace_prefix: true,
+        ..redirect(Some("/new"), None, None)
+    };
+    assert_eq!(
+        location(&r, Some(&prefix("/old")), "http", "echo", "/old/x?y=1"),
+        "http://echo/new/x?y=1"
+    );
 }
 
 #[test]
