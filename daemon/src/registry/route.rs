@@ -356,6 +356,12 @@ impl Registry {
             resolve::selects(labels, &client.labels)
                 && ns.as_ref().is_none_or(|n| *n == client.namespace)
         };
+        // Gateway API routes bound to other ports of the service leave this one to the
+        // service's own routing (a parentRef `port` limits the route to that port).
+        let bound_here = |r: &policy::HttpRoute| r.matches.iter().any(|m| m.port.is_none_or(|p| p == port));
+        if vs.gateway.is_some() && !vs.vs.http.iter().any(bound_here) && vs.vs.tcp.is_empty() {
+            return Routed::Default;
+        }
         if is_http(protocol) {
             for r in &vs.vs.http {
                 let matched = r.matches.iter().find(|m| {
