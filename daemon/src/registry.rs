@@ -7,8 +7,8 @@
 //! reads the current one through [`RegistryHandle`] and never sees a half-applied change.
 
 mod build;
-pub mod mesh_routes;
 pub mod explain;
+pub mod mesh_routes;
 pub mod peer;
 pub mod relevance;
 pub mod resolve;

@@ -171,7 +171,11 @@ spec:
     let mut m = mesh(&routes, consumer);
     let url = format!("http://{ECHO_V1}/");
     let r = get(&m, &url, &[]);
-    assert_eq!(response_header(&r, "x-header-set"), Some("set"), "consumer client: {r}");
+    assert_eq!(
+        response_header(&r, "x-header-set"),
+        Some("set"),
+        "consumer client: {r}"
+    );
     assert_eq!(backend(&r), "echo-v1", "{r}");
     // The same request from the producer's namespace is not modified.
     m.daemon.stop();
@@ -183,7 +187,11 @@ spec:
     m.daemon = Daemon::start(&args).expect("daemon restarts");
     let r = get(&m, &url, &[]);
     assert_eq!((status(&r), backend(&r)), (200, "echo-v1"), "{r}");
-    assert_eq!(response_header(&r, "x-header-set"), None, "producer client: {r}");
+    assert_eq!(
+        response_header(&r, "x-header-set"),
+        None,
+        "producer client: {r}"
+    );
 }
 
 /// `MeshBasic` (mesh-basic.go), `MeshHTTPRouteSimpleSameNamespace`
@@ -202,7 +210,10 @@ fn mesh_routes_split_rewrite_redirect_and_match_on_a_live_daemon() {
     // MeshBasic: no route, both versions answer.
     let r = m.http(&[&format!("{echo}/"), "--count", "40"]);
     assert_eq!(r["status"]["200"], 40, "{r}");
-    assert!(r["served"]["echo-v1"].as_u64() > Some(0) && r["served"]["echo-v2"].as_u64() > Some(0), "{r}");
+    assert!(
+        r["served"]["echo-v1"].as_u64() > Some(0) && r["served"]["echo-v2"].as_u64() > Some(0),
+        "{r}"
+    );
 
     let apply = |routes: &str, probe: &str, want: &str| {
         replace_config(&m.cfg, &format!("{}{routes}", services()));
@@ -212,13 +223,21 @@ fn mesh_routes_split_rewrite_redirect_and_match_on_a_live_daemon() {
             if backend(&r) == want {
                 break;
             }
-            assert!(std::time::Instant::now() < deadline, "reload not applied: {r}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "reload not applied: {r}"
+            );
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
     };
     // MeshHTTPRouteSimpleSameNamespace: every request to echo goes to echo-v1.
     apply(
-        &route("mesh-simple", "echo", None, "  - backendRefs: [{name: echo-v1, port: 80}]\n"),
+        &route(
+            "mesh-simple",
+            "echo",
+            None,
+            "  - backendRefs: [{name: echo-v1, port: 80}]\n",
+        ),
         "/",
         "echo-v1",
     );
@@ -246,7 +265,13 @@ fn mesh_routes_split_rewrite_redirect_and_match_on_a_live_daemon() {
     // No rule matches: 404.
     assert_eq!(status(&get(&m, &format!("{echo}/other"), &[])), 404);
     let n = 500;
-    let r = m.http(&[&format!("{echo}/weighted/x"), "--count", &n.to_string(), "--concurrency", "4"]);
+    let r = m.http(&[
+        &format!("{echo}/weighted/x"),
+        "--count",
+        &n.to_string(),
+        "--concurrency",
+        "4",
+    ]);
     let v1 = r["served"]["echo-v1"].as_u64().unwrap_or(0) as f64 / n as f64;
     // Binomial sd for p=0.7, n=500 is 0.02; ±0.08 is four of them.
     assert!((0.62..=0.78).contains(&v1), "echo-v1 share {v1}: {r}");
@@ -299,35 +324,76 @@ fn mesh_routes_split_rewrite_redirect_and_match_on_a_live_daemon() {
     let r = get(
         &m,
         &format!("{echo}/full/rewrite-path-and-modify-headers/test"),
-        &["X-Header-Remove: remove-val", "X-Header-Add-Append: append-val-1", "X-Header-Set: set-val"],
+        &[
+            "X-Header-Remove: remove-val",
+            "X-Header-Add-Append: append-val-1",
+            "X-Header-Set: set-val",
+        ],
     );
     assert_eq!(r["first"]["path"], "/test", "{r}");
-    assert_eq!(request_header(&r, "x-header-add"), Some("header-val-1"), "{r}");
-    assert_eq!(request_header(&r, "x-header-add-append"), Some("append-val-1, header-val-2"), "{r}");
-    assert_eq!(request_header(&r, "x-header-set"), Some("set-overwrites-values"), "{r}");
+    assert_eq!(
+        request_header(&r, "x-header-add"),
+        Some("header-val-1"),
+        "{r}"
+    );
+    assert_eq!(
+        request_header(&r, "x-header-add-append"),
+        Some("append-val-1, header-val-2"),
+        "{r}"
+    );
+    assert_eq!(
+        request_header(&r, "x-header-set"),
+        Some("set-overwrites-values"),
+        "{r}"
+    );
     assert_eq!(request_header(&r, "x-header-remove"), None, "{r}");
     // Redirects: the spec's default is 302; the port is replaced, the host kept unless named.
     for (p, code, location) in [
         ("/port", 302, format!("http://{ECHO}:8083/port")),
-        ("/port-and-status", 301, format!("http://{ECHO}:8083/port-and-status")),
-        ("/port-and-host-and-status", 302, "http://example.org:8083/port-and-host-and-status".to_string()),
+        (
+            "/port-and-status",
+            301,
+            format!("http://{ECHO}:8083/port-and-status"),
+        ),
+        (
+            "/port-and-host-and-status",
+            302,
+            "http://example.org:8083/port-and-host-and-status".to_string(),
+        ),
     ] {
         let r = get(&m, &format!("{echo}{p}"), &[]);
         assert_eq!(status(&r), code, "{p}: {r}");
-        assert_eq!(response_header(&r, "location"), Some(location.as_str()), "{p}: {r}");
+        assert_eq!(
+            response_header(&r, "location"),
+            Some(location.as_str()),
+            "{p}: {r}"
+        );
     }
     // Query parameters choose the backend; none matching is a 404.
-    assert_eq!(backend(&get(&m, &format!("{echo}/q?animal=whale"), &[])), "echo-v1");
-    assert_eq!(backend(&get(&m, &format!("{echo}/q?animal=dolphin"), &[])), "echo-v2");
-    assert_eq!(status(&get(&m, &format!("{echo}/q?animal=shark"), &[])), 404);
+    assert_eq!(
+        backend(&get(&m, &format!("{echo}/q?animal=whale"), &[])),
+        "echo-v1"
+    );
+    assert_eq!(
+        backend(&get(&m, &format!("{echo}/q?animal=dolphin"), &[])),
+        "echo-v2"
+    );
+    assert_eq!(
+        status(&get(&m, &format!("{echo}/q?animal=shark"), &[])),
+        404
+    );
     // The route is bound to port 80 only: 8080 keeps the Service's own balancing.
-    let r = m.http(&[&format!("http://{ECHO}:8080/prefix/one/two"), "--count", "20"]);
+    let r = m.http(&[
+        &format!("http://{ECHO}:8080/prefix/one/two"),
+        "--count",
+        "20",
+    ]);
     assert_eq!(r["first"]["path"], "/prefix/one/two", "{r}");
     // An access log line names the rule.
     assert!(
-        m.daemon
-            .log()
-            .contains(&format!("HTTPRoute {NS}/mesh-rewrite-redirect-query rules[0]")),
+        m.daemon.log().contains(&format!(
+            "HTTPRoute {NS}/mesh-rewrite-redirect-query rules[0]"
+        )),
         "the access log names the route rule"
     );
 }

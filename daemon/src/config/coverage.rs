@@ -736,6 +736,267 @@ const TABLE: &[(&str, How)] = &[
             error: "notRequestPrincipals",
         },
     ),
+    // Gateway API mesh routes.
+    (
+        "HTTPRoute.parentRefs",
+        Enforced(
+            "tests/tests/gateway.rs::mesh_ports_and_frontend_bind_the_service_address_and_port",
+        ),
+    ),
+    (
+        "HTTPRoute.parentRefs[].namespace",
+        Enforced("tests/tests/gateway.rs::mesh_consumer_route_applies_to_its_namespace_only"),
+    ),
+    (
+        "HTTPRoute.parentRefs[].port",
+        Enforced(
+            "tests/tests/gateway.rs::mesh_ports_and_frontend_bind_the_service_address_and_port",
+        ),
+    ),
+    (
+        "HTTPRoute.parentRefs[].sectionName",
+        Warned {
+            spec: "parentRefs: [{group: '', kind: Service, name: a, sectionName: http}]\nrules: [{backendRefs: [{name: a, port: 80}]}]",
+            warning: "sectionName",
+        },
+    ),
+    (
+        "HTTPRoute.hostnames",
+        Warned {
+            spec: "parentRefs: [{group: '', kind: Service, name: a}]\nhostnames: [a.example]\nrules: [{backendRefs: [{name: a, port: 80}]}]",
+            warning: "hostnames",
+        },
+    ),
+    (
+        "HTTPRoute.rules[].name",
+        Inert("a label in logs and explain; it changes no routing"),
+    ),
+    (
+        "HTTPRoute.rules[].sessionPersistence",
+        Warned {
+            spec: "rules: [{sessionPersistence: {sessionName: s}, backendRefs: [{name: a, port: 80}]}]",
+            warning: "sessionPersistence",
+        },
+    ),
+    (
+        "HTTPRoute.rules[].backendRefs",
+        Enforced(
+            "tests/tests/gateway.rs::mesh_routes_split_rewrite_redirect_and_match_on_a_live_daemon",
+        ),
+    ),
+    (
+        "HTTPRoute.rules[].backendRefs[].namespace",
+        Enforced(
+            "daemon/src/registry/mesh_routes/tests.rs::a_reference_grant_opens_a_backend_in_another_namespace",
+        ),
+    ),
+    (
+        "HTTPRoute.rules[].backendRefs[].weight",
+        Enforced(
+            "tests/tests/gateway.rs::mesh_routes_split_rewrite_redirect_and_match_on_a_live_daemon",
+        ),
+    ),
+    (
+        "HTTPRoute.rules[].backendRefs[].filters",
+        Enforced(
+            "daemon/src/registry/mesh_routes/tests.rs::grpc_methods_timeouts_retries_mirrors_backend_filters_and_tcp_routes",
+        ),
+    ),
+    (
+        "HTTPRoute.rules[].filters",
+        Enforced(
+            "tests/tests/gateway.rs::mesh_routes_split_rewrite_redirect_and_match_on_a_live_daemon",
+        ),
+    ),
+    (
+        "HTTPRoute.rules[].filters[].requestMirror",
+        Enforced(
+            "daemon/src/registry/mesh_routes/tests.rs::grpc_methods_timeouts_retries_mirrors_backend_filters_and_tcp_routes",
+        ),
+    ),
+    (
+        "HTTPRoute.rules[].filters[].extensionRef",
+        Rejected {
+            spec: "rules: [{filters: [{type: ExtensionRef}], backendRefs: [{name: a, port: 80}]}]",
+            error: "filters[0].type",
+        },
+    ),
+    (
+        "HTTPRoute.rules[].filters[].cors",
+        Rejected {
+            spec: "rules: [{filters: [{type: CORS}], backendRefs: [{name: a, port: 80}]}]",
+            error: "filters[0].type",
+        },
+    ),
+    (
+        "HTTPRoute.rules[].filters[].externalAuth",
+        Rejected {
+            spec: "rules: [{filters: [{type: ExternalAuth}], backendRefs: [{name: a, port: 80}]}]",
+            error: "filters[0].type",
+        },
+    ),
+    (
+        "HTTPRoute.rules[].matches",
+        Enforced(
+            "tests/tests/gateway.rs::mesh_routes_split_rewrite_redirect_and_match_on_a_live_daemon",
+        ),
+    ),
+    (
+        "GRPCRoute.parentRefs",
+        Enforced(
+            "daemon/src/registry/mesh_routes/tests.rs::grpc_methods_timeouts_retries_mirrors_backend_filters_and_tcp_routes",
+        ),
+    ),
+    (
+        "GRPCRoute.parentRefs[].namespace",
+        Enforced("tests/tests/gateway.rs::mesh_consumer_route_applies_to_its_namespace_only"),
+    ),
+    (
+        "GRPCRoute.parentRefs[].port",
+        Enforced(
+            "tests/tests/gateway.rs::mesh_ports_and_frontend_bind_the_service_address_and_port",
+        ),
+    ),
+    (
+        "GRPCRoute.parentRefs[].sectionName",
+        Warned {
+            spec: "parentRefs: [{group: '', kind: Service, name: a, sectionName: http}]\nrules: [{backendRefs: [{name: a, port: 80}]}]",
+            warning: "sectionName",
+        },
+    ),
+    (
+        "GRPCRoute.hostnames",
+        Warned {
+            spec: "parentRefs: [{group: '', kind: Service, name: a}]\nhostnames: [a.example]\nrules: [{backendRefs: [{name: a, port: 80}]}]",
+            warning: "hostnames",
+        },
+    ),
+    (
+        "GRPCRoute.rules[].name",
+        Inert("a label in logs and explain; it changes no routing"),
+    ),
+    (
+        "GRPCRoute.rules[].sessionPersistence",
+        Warned {
+            spec: "rules: [{sessionPersistence: {sessionName: s}, backendRefs: [{name: a, port: 80}]}]",
+            warning: "sessionPersistence",
+        },
+    ),
+    (
+        "GRPCRoute.rules[].backendRefs",
+        Enforced(
+            "daemon/src/registry/mesh_routes/tests.rs::grpc_methods_timeouts_retries_mirrors_backend_filters_and_tcp_routes",
+        ),
+    ),
+    (
+        "GRPCRoute.rules[].backendRefs[].namespace",
+        Enforced(
+            "daemon/src/registry/mesh_routes/tests.rs::a_reference_grant_opens_a_backend_in_another_namespace",
+        ),
+    ),
+    (
+        "GRPCRoute.rules[].backendRefs[].weight",
+        Enforced(
+            "daemon/src/registry/mesh_routes/tests.rs::zero_weights_no_backends_and_unknown_services_answer_500",
+        ),
+    ),
+    (
+        "GRPCRoute.rules[].backendRefs[].filters",
+        Enforced(
+            "daemon/src/registry/mesh_routes/tests.rs::grpc_methods_timeouts_retries_mirrors_backend_filters_and_tcp_routes",
+        ),
+    ),
+    (
+        "GRPCRoute.rules[].filters",
+        Enforced(
+            "daemon/src/registry/mesh_routes/tests.rs::grpc_methods_timeouts_retries_mirrors_backend_filters_and_tcp_routes",
+        ),
+    ),
+    (
+        "GRPCRoute.rules[].filters[].requestMirror",
+        Enforced(
+            "daemon/src/registry/mesh_routes/tests.rs::grpc_methods_timeouts_retries_mirrors_backend_filters_and_tcp_routes",
+        ),
+    ),
+    (
+        "GRPCRoute.rules[].filters[].extensionRef",
+        Rejected {
+            spec: "rules: [{filters: [{type: ExtensionRef}], backendRefs: [{name: a, port: 80}]}]",
+            error: "filters[0].type",
+        },
+    ),
+    (
+        "GRPCRoute.rules[].filters[].cors",
+        Rejected {
+            spec: "rules: [{filters: [{type: CORS}], backendRefs: [{name: a, port: 80}]}]",
+            error: "filters[0].type",
+        },
+    ),
+    (
+        "GRPCRoute.rules[].filters[].externalAuth",
+        Rejected {
+            spec: "rules: [{filters: [{type: ExternalAuth}], backendRefs: [{name: a, port: 80}]}]",
+            error: "filters[0].type",
+        },
+    ),
+    (
+        "GRPCRoute.rules[].matches",
+        Enforced(
+            "daemon/src/registry/mesh_routes/tests.rs::grpc_methods_timeouts_retries_mirrors_backend_filters_and_tcp_routes",
+        ),
+    ),
+    (
+        "HTTPRoute.rules[].matches[].method",
+        Enforced(
+            "daemon/src/registry/mesh_routes/tests.rs::precedence_orders_matches_across_routes_as_the_spec_says",
+        ),
+    ),
+    (
+        "HTTPRoute.rules[].matches[].headers",
+        Enforced(
+            "daemon/src/registry/mesh_routes/tests.rs::precedence_orders_matches_across_routes_as_the_spec_says",
+        ),
+    ),
+    (
+        "HTTPRoute.rules[].filters[].responseHeaderModifier",
+        Enforced(
+            "tests/tests/gateway.rs::mesh_ports_and_frontend_bind_the_service_address_and_port",
+        ),
+    ),
+    (
+        "HTTPRoute.rules[].timeouts",
+        Enforced(
+            "daemon/src/registry/mesh_routes/tests.rs::grpc_methods_timeouts_retries_mirrors_backend_filters_and_tcp_routes",
+        ),
+    ),
+    (
+        "HTTPRoute.rules[].retry",
+        Enforced(
+            "daemon/src/registry/mesh_routes/tests.rs::grpc_methods_timeouts_retries_mirrors_backend_filters_and_tcp_routes",
+        ),
+    ),
+    (
+        "TCPRoute.parentRefs",
+        Enforced(
+            "daemon/src/registry/mesh_routes/tests.rs::grpc_methods_timeouts_retries_mirrors_backend_filters_and_tcp_routes",
+        ),
+    ),
+    (
+        "TCPRoute.rules",
+        Enforced(
+            "daemon/src/registry/mesh_routes/tests.rs::grpc_methods_timeouts_retries_mirrors_backend_filters_and_tcp_routes",
+        ),
+    ),
+    (
+        "TCPRoute.rules[].name",
+        Inert("a label in logs and explain; it changes no routing"),
+    ),
+    (
+        "ReferenceGrant",
+        Enforced(
+            "daemon/src/registry/mesh_routes/tests.rs::a_reference_grant_opens_a_backend_in_another_namespace",
+        ),
+    ),
 ];
 
 /// Every field of the mirror, by kind, with shared blocks folded onto one spelling.
@@ -756,6 +1017,13 @@ fn mirror_fields() -> BTreeSet<String> {
         (
             "AuthorizationPolicy",
             trace::fields::<crd::AuthorizationPolicySpec>(),
+        ),
+        ("HTTPRoute", trace::fields::<crd::gateway::HttpRouteSpec>()),
+        ("GRPCRoute", trace::fields::<crd::gateway::GrpcRouteSpec>()),
+        ("TCPRoute", trace::fields::<crd::gateway::TcpRouteSpec>()),
+        (
+            "ReferenceGrant",
+            trace::fields::<crd::gateway::ReferenceGrantSpec>(),
         ),
     ];
     let mut out = BTreeSet::new();

@@ -946,9 +946,9 @@ impl StringMatch {
             StringMatch::Regex(r) => r.is_match(value),
             StringMatch::PathPrefix(p) => {
                 p == "/"
-                    || value.strip_prefix(p.as_str()).is_some_and(|rest| {
-                        rest.is_empty() || rest.starts_with('/')
-                    })
+                    || value
+                        .strip_prefix(p.as_str())
+                        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
             }
         }
     }

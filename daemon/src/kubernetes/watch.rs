@@ -45,7 +45,11 @@ const ISTIO_KINDS: [(&str, &str, &str); 10] = [
     ("gateway.networking.k8s.io", "HTTPRoute", "httproutes"),
     ("gateway.networking.k8s.io", "GRPCRoute", "grpcroutes"),
     ("gateway.networking.k8s.io", "TCPRoute", "tcproutes"),
-    ("gateway.networking.k8s.io", "ReferenceGrant", "referencegrants"),
+    (
+        "gateway.networking.k8s.io",
+        "ReferenceGrant",
+        "referencegrants",
+    ),
 ];
 
 /// Every (API group, resource) the watchers list and watch: what the daemon's RBAC role must

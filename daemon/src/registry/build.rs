@@ -68,13 +68,8 @@ impl Registry {
         unique_names("TCPRoute", &set.tcp_routes, &mut problems);
         unique_names("ReferenceGrant", &set.reference_grants, &mut problems);
         let known = |h: &str| services.by_host.contains_key(h);
-        let routes = super::mesh_routes::bind(
-            set,
-            &known,
-            &virtual_services,
-            &mut problems,
-            &mut warnings,
-        );
+        let routes =
+            super::mesh_routes::bind(set, &known, &virtual_services, &mut problems, &mut warnings);
         virtual_services.extend(routes);
         let peers = peer_authentications(set, &mut problems, &mut warnings);
         let authorization = authorization_policies(set, &mut problems, &mut warnings);

@@ -299,14 +299,24 @@ fn routes(o: &mut String, reg: &Registry, svc: &super::Service, port: &super::Se
         return;
     };
     {
-        let _ = writeln!(o, "routes     VirtualService {}", vs.source.id);
+        let _ = match &vs.gateway {
+            // Gateway API routes: each rule below names its route; matches are in precedence
+            // order across the routes.
+            Some(g) => writeln!(
+                o,
+                "routes     {} ({} Gateway API routes, ordered by the spec's precedence)",
+                vs.source.id,
+                if g.consumer { "consumer" } else { "producer" }
+            ),
+            None => writeln!(o, "routes     VirtualService {}", vs.source.id),
+        };
         let routes = if is_http(port.protocol.as_deref()) {
             vs.vs
                 .http
                 .iter()
                 .map(|r| {
                     (
-                        format!("http[{}]", r.index),
+                        (r.label.clone()).unwrap_or_else(|| format!("http[{}]", r.index)),
                         r.matches.is_empty(),
                         &r.destinations,
                         Some(http_route_policy(r)),
@@ -322,7 +332,7 @@ fn routes(o: &mut String, reg: &Registry, svc: &super::Service, port: &super::Se
                 .map(|r| (format!("tls[{}]", r.index), false, &r.destinations, None));
             let tcp = vs.vs.tcp.iter().map(|r| {
                 (
-                    format!("tcp[{}]", r.index),
+                    (r.label.clone()).unwrap_or_else(|| format!("tcp[{}]", r.index)),
                     r.matches.is_empty(),
                     &r.destinations,
                     None,

@@ -41,7 +41,17 @@ struct Bound {
 /// first: exact path, then regular expression, then the longest prefix; then a method, more
 /// headers, more query parameters; then the oldest route, its `namespace/name`, the rule and
 /// match order.
-type Precedence = (u8, Reverse<usize>, Reverse<bool>, Reverse<usize>, Reverse<usize>);
+type Precedence = (
+    u8,
+    Reverse<usize>,
+    Reverse<bool>,
+    Reverse<usize>,
+    Reverse<usize>,
+);
+
+/// Where a route stands among its parent's: its precedence, then the route's age, the rule and
+/// the match.
+type Order = (Precedence, (String, String), usize, usize);
 
 /// The entries for every mesh route of `set`, and the notes on what they override.
 pub(super) fn bind(
@@ -87,7 +97,11 @@ pub(super) fn bind(
                     p.field.clone(),
                     format!(
                         "{} {}/{} is not a known service: the route applies to nothing",
-                        if p.service_entry { "ServiceEntry" } else { "Service" },
+                        if p.service_entry {
+                            "ServiceEntry"
+                        } else {
+                            "Service"
+                        },
                         p.namespace,
                         p.name
                     ),
@@ -96,13 +110,15 @@ pub(super) fn bind(
             }
             let consumer = (p.namespace != b.namespace).then(|| b.namespace.clone());
             for host in hosts.into_iter().filter(|h| known(h)) {
-                let g = groups.entry((host, consumer.clone())).or_insert_with(|| Group {
-                    namespace: consumer.clone().unwrap_or_else(|| p.namespace.clone()),
-                    first: b,
-                    routes: Vec::new(),
-                    http: Vec::new(),
-                    tcp: Vec::new(),
-                });
+                let g = groups
+                    .entry((host, consumer.clone()))
+                    .or_insert_with(|| Group {
+                        namespace: consumer.clone().unwrap_or_else(|| p.namespace.clone()),
+                        first: b,
+                        routes: Vec::new(),
+                        http: Vec::new(),
+                        tcp: Vec::new(),
+                    });
                 let kind = format!("{} {}", b.route.kind.name(), b.id);
                 if !g.routes.contains(&kind) {
                     g.routes.push(kind);
@@ -116,7 +132,8 @@ pub(super) fn bind(
                     for (d, _) in &mut r.mirrors {
                         grant_check(std::slice::from_mut(d), b, &grants, known);
                     }
-                    g.http.push(((precedence(&r), b.age.clone(), r.index, i), r));
+                    g.http
+                        .push(((precedence(&r), b.age.clone(), r.index, i), r));
                 }
                 for r in &b.route.tcp {
                     let mut r = r.clone();
@@ -163,11 +180,17 @@ pub(super) fn bind(
         .collect();
     for e in &entries {
         let host = &e.vs.hosts[0];
-        for vs in virtual_services.iter().filter(|v| v.vs.hosts.contains(host)) {
+        for vs in virtual_services
+            .iter()
+            .filter(|v| v.vs.hosts.contains(host))
+        {
             let (winner, why) = match e.gateway.as_ref().is_some_and(|g| g.consumer) {
                 true => (
                     e.source.id.as_str(),
-                    format!("for clients in namespace {}: a consumer route wins", e.namespace),
+                    format!(
+                        "for clients in namespace {}: a consumer route wins",
+                        e.namespace
+                    ),
                 ),
                 false if e.age < vs.age => (e.source.id.as_str(), "the older one wins".into()),
                 false => (vs.source.id.as_str(), "the older one wins".into()),
@@ -189,7 +212,7 @@ struct Group<'a> {
     namespace: String,
     first: &'a Bound,
     routes: Vec<String>,
-    http: Vec<((Precedence, (String, String), usize, usize), HttpRoute)>,
+    http: Vec<(Order, HttpRoute)>,
     tcp: Vec<policy::L4Route>,
 }
 
@@ -216,7 +239,9 @@ fn grant_check(
         if let Some((_, ns, name)) = b.route.foreign.iter().find(|f| f.0 == d.host) {
             let granted = grants.iter().any(|(gns, g)| {
                 gns == ns
-                    && g.from.iter().any(|(k, from)| *k == b.route.kind && *from == b.namespace)
+                    && g.from
+                        .iter()
+                        .any(|(k, from)| *k == b.route.kind && *from == b.namespace)
                     && g.to.iter().any(|t| t.as_ref().is_none_or(|t| t == name))
             });
             if !granted {

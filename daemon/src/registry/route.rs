@@ -358,7 +358,8 @@ impl Registry {
         };
         // Gateway API routes bound to other ports of the service leave this one to the
         // service's own routing (a parentRef `port` limits the route to that port).
-        let bound_here = |r: &policy::HttpRoute| r.matches.iter().any(|m| m.port.is_none_or(|p| p == port));
+        let bound_here =
+            |r: &policy::HttpRoute| r.matches.iter().any(|m| m.port.is_none_or(|p| p == port));
         if vs.gateway.is_some() && !vs.vs.http.iter().any(bound_here) && vs.vs.tcp.is_empty() {
             return Routed::Default;
         }

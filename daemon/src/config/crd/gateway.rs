@@ -162,12 +162,42 @@ pub struct HeaderValue {
     pub value: String,
 }
 
+/// A mirror's `backendRef`: an object reference, without weight or filters.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub struct BackendObjectRef {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<i64>,
+}
+
+// === impl BackendRef ===
+
+impl BackendRef {
+    /// The object this backend names.
+    pub fn object(&self) -> BackendObjectRef {
+        BackendObjectRef {
+            group: self.group.clone(),
+            kind: self.kind.clone(),
+            name: self.name.clone(),
+            namespace: self.namespace.clone(),
+            port: self.port,
+        }
+    }
+}
+
 /// `RequestMirror`: `percent` or `fraction` (not both); neither mirrors everything.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct RequestMirror {
     #[serde(default)]
-    pub backend_ref: BackendRef,
+    pub backend_ref: BackendObjectRef,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub percent: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

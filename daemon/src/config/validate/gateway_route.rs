@@ -217,7 +217,10 @@ impl Checker<'_> {
             let port = p.port.and_then(|n| self.port(&format!("{field}.port"), n));
             out.parents.push(policy::MeshParent {
                 service_entry,
-                namespace: p.namespace.clone().unwrap_or_else(|| self.namespace.clone()),
+                namespace: p
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| self.namespace.clone()),
                 name: p.name.clone(),
                 port,
                 field,
@@ -415,8 +418,8 @@ impl Checker<'_> {
 
     /// `ReplacePrefixMatch` is defined only over a `PathPrefix` match.
     fn prefix_only(&mut self, path: &str, matches: &[policy::HttpMatch]) {
-        let all_prefix = (matches.iter())
-            .all(|m| matches!(m.uri, Some(policy::StringMatch::PathPrefix(_))));
+        let all_prefix =
+            (matches.iter()).all(|m| matches!(m.uri, Some(policy::StringMatch::PathPrefix(_))));
         if !all_prefix {
             self.err(
                 path,
@@ -457,7 +460,10 @@ impl Checker<'_> {
             && s != "http"
             && s != "https"
         {
-            self.err(format!("{rp}.scheme"), format!("{s:?} is not http or https"));
+            self.err(
+                format!("{rp}.scheme"),
+                format!("{s:?} is not http or https"),
+            );
         }
         if let Some(h) = &r.hostname
             && let Err(e) = check_host(h)
@@ -465,7 +471,9 @@ impl Checker<'_> {
             self.err(format!("{rp}.hostname"), e);
         }
         let code = match r.status_code.unwrap_or(302) {
-            c @ (301 | 302 | 303 | 307 | 308) => StatusCode::from_u16(c as u16).unwrap_or(StatusCode::FOUND),
+            c @ (301 | 302 | 303 | 307 | 308) => {
+                StatusCode::from_u16(c as u16).unwrap_or(StatusCode::FOUND)
+            }
             c => {
                 self.err(
                     format!("{rp}.statusCode"),
@@ -533,7 +541,11 @@ impl Checker<'_> {
     ) {
         let tp = format!("{path}.timeouts");
         let t = r.timeouts.as_ref();
-        let request = self.duration(&format!("{tp}.request"), t.and_then(|t| t.request.as_ref()), true);
+        let request = self.duration(
+            &format!("{tp}.request"),
+            t.and_then(|t| t.request.as_ref()),
+            true,
+        );
         let backend = self.duration(
             &format!("{tp}.backendRequest"),
             t.and_then(|t| t.backend_request.as_ref()),
@@ -589,7 +601,10 @@ impl Checker<'_> {
         let value = p.value.unwrap_or_else(|| "/".to_string());
         let kind = p.kind.as_deref().unwrap_or("PathPrefix");
         if kind != "RegularExpression" && !value.starts_with('/') {
-            self.err(format!("{path}.path.value"), format!("{value:?} must start with /"));
+            self.err(
+                format!("{path}.path.value"),
+                format!("{value:?} must start with /"),
+            );
         }
         out.uri = match kind {
             "Exact" => Some(policy::StringMatch::Exact(value)),
@@ -608,7 +623,8 @@ impl Checker<'_> {
             }
         };
         out.headers = self.value_matches(&format!("{path}.headers"), &m.headers, true);
-        out.query_params = self.value_matches(&format!("{path}.queryParams"), &m.query_params, false);
+        out.query_params =
+            self.value_matches(&format!("{path}.queryParams"), &m.query_params, false);
         if let Some(method) = &m.method {
             if METHODS.contains(&method.as_str()) {
                 out.method = Some(policy::StringMatch::Exact(method.clone()));
@@ -642,21 +658,26 @@ impl Checker<'_> {
                     if let Some(v) = v
                         && (v.is_empty() || v.contains('/'))
                     {
-                        self.err(format!("{mp}.{field}"), format!("{v:?} is not a gRPC {field} name"));
+                        self.err(
+                            format!("{mp}.{field}"),
+                            format!("{v:?} is not a gRPC {field} name"),
+                        );
                     }
                 }
                 match (service, name) {
                     (Some(s), Some(n)) => Some(policy::StringMatch::Exact(format!("/{s}/{n}"))),
                     (Some(s), None) => Some(policy::StringMatch::Prefix(format!("/{s}/"))),
-                    (None, Some(n)) => {
-                        self.pattern(&mp, &format!("/[^/]+/{}", regex::escape(n)))
-                    }
+                    (None, Some(n)) => self.pattern(&mp, &format!("/[^/]+/{}", regex::escape(n))),
                     (None, None) => None,
                 }
             }
             "RegularExpression" => self.pattern(
                 &mp,
-                &format!("/{}/{}", service.unwrap_or("[^/]+"), name.unwrap_or("[^/]+")),
+                &format!(
+                    "/{}/{}",
+                    service.unwrap_or("[^/]+"),
+                    name.unwrap_or("[^/]+")
+                ),
             ),
             other => {
                 self.err(
@@ -729,7 +750,7 @@ impl Checker<'_> {
         (list.iter().enumerate())
             .filter_map(|(i, b)| {
                 let bp = format!("{path}.backendRefs[{i}]");
-                let mut d = self.backend(&bp, i, b, foreign)?;
+                let mut d = self.backend(&bp, i, &b.object(), foreign)?;
                 d.weight = match b.weight {
                     None => 1,
                     Some(w) if (0..=MAX_WEIGHT).contains(&w) => w as u32,
@@ -763,14 +784,17 @@ impl Checker<'_> {
         &mut self,
         bp: &str,
         index: usize,
-        b: &gw::BackendRef,
+        b: &gw::BackendObjectRef,
         foreign: &mut Vec<(String, String, String)>,
     ) -> Option<policy::WeightedDestination> {
         if b.name.is_empty() {
             self.err(format!("{bp}.name"), "name is required");
             return None;
         }
-        let namespace = b.namespace.clone().unwrap_or_else(|| self.namespace.clone());
+        let namespace = b
+            .namespace
+            .clone()
+            .unwrap_or_else(|| self.namespace.clone());
         let host = format!("{}.{namespace}.{CLUSTER_DOMAIN}", b.name);
         let group = b.group.as_deref().unwrap_or("");
         let kind = b.kind.as_deref().unwrap_or("Service");
@@ -787,7 +811,10 @@ impl Checker<'_> {
         let port = match b.port {
             Some(n) => self.port(&format!("{bp}.port"), n),
             None if invalid.is_none() => {
-                self.err(format!("{bp}.port"), "port is required for a Service backend");
+                self.err(
+                    format!("{bp}.port"),
+                    "port is required for a Service backend",
+                );
                 None
             }
             None => None,

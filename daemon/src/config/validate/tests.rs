@@ -19,16 +19,27 @@ use Expect::{Clean, Error, Valid, Warn};
 fn doc(kind: &str, spec: &str) -> String {
     let spec: String = spec.lines().map(|l| format!("  {l}\n")).collect();
     let group = match kind {
-        "PeerAuthentication" | "AuthorizationPolicy" => "security.istio.io",
-        _ => "networking.istio.io",
+        "PeerAuthentication" | "AuthorizationPolicy" => "security.istio.io/v1",
+        "HTTPRoute" | "GRPCRoute" => "gateway.networking.k8s.io/v1",
+        "TCPRoute" => "gateway.networking.k8s.io/v1alpha2",
+        "ReferenceGrant" => "gateway.networking.k8s.io/v1beta1",
+        _ => "networking.istio.io/v1",
     };
     format!(
-        "apiVersion: {group}/v1\nkind: {kind}\nmetadata: {{name: t, namespace: ns1}}\nspec:\n{spec}"
+        "apiVersion: {group}\nkind: {kind}\nmetadata: {{name: t, namespace: ns1}}\nspec:\n{spec}"
     )
 }
 
 fn load(kind: &str, spec: &str) -> ConfigSet {
     ConfigSet::parse_ok("t.yaml", &doc(kind, spec))
+}
+
+/// A validation outcome as (errors, warnings).
+fn split<T>(r: Result<Validated<T>, Invalid>) -> (Vec<Problem>, Vec<Problem>) {
+    match r {
+        Ok(v) => (Vec::new(), v.warnings),
+        Err(i) => (i.errors, i.warnings),
+    }
 }
 
 /// (errors, warnings) as `field: message` strings, each checked to carry a line number.
@@ -66,6 +77,16 @@ pub(in crate::config) fn check(kind: &str, spec: &str) -> (Vec<String>, Vec<Stri
                 Err(i) => (i.errors, i.warnings),
             }
         }
+        "HTTPRoute" => split(Validated::<policy::MeshRoute>::try_from(
+            &set.http_routes[0],
+        )),
+        "GRPCRoute" => split(Validated::<policy::MeshRoute>::try_from(
+            &set.grpc_routes[0],
+        )),
+        "TCPRoute" => split(Validated::<policy::MeshRoute>::try_from(&set.tcp_routes[0])),
+        "ReferenceGrant" => split(Validated::<policy::ReferenceGrant>::try_from(
+            &set.reference_grants[0],
+        )),
         _ => match Validated::<policy::VirtualService>::try_from(&set.virtual_services[0]) {
             Ok(v) => (Vec::new(), v.warnings),
             Err(i) => (i.errors, i.warnings),

@@ -94,19 +94,31 @@ fn gateway_api_path_modifiers_replace_whole_segments_or_the_full_path() {
         ("/prefix/one", "/one", "/prefix/one/two", "/one/two"),
         ("/strip-prefix", "/", "/strip-prefix/three", "/three"),
         ("/strip-prefix", "/", "/strip-prefix", "/"),
-        ("/prefix/rewrite-path-and-modify-headers", "/prefix", "/prefix/rewrite-path-and-modify-headers/one", "/prefix/one"),
+        (
+            "/prefix/rewrite-path-and-modify-headers",
+            "/prefix",
+            "/prefix/rewrite-path-and-modify-headers/one",
+            "/prefix/one",
+        ),
         ("/", "/new", "/a/b?q=1", "/new/a/b?q=1"),
         ("/a", "/b/", "/a/c", "/b/c"),
     ];
     for (matched, with, path, want) in cases {
         let r = rewrite(Some(with), None);
-        assert_eq!(rewrite_path(path, Some(&prefix(matched)), &r), want, "{matched} → {with} on {path}");
+        assert_eq!(
+            rewrite_path(path, Some(&prefix(matched)), &r),
+            want,
+            "{matched} → {with} on {path}"
+        );
     }
     let full = Rewrite {
         full_path: true,
         ..rewrite(Some("/one"), None)
     };
-    assert_eq!(rewrite_path("/full/one/two?x=1", Some(&prefix("/full")), &full), "/one?x=1");
+    assert_eq!(
+        rewrite_path("/full/one/two?x=1", Some(&prefix("/full")), &full),
+        "/one?x=1"
+    );
     // A redirect's ReplacePrefixMatch.
     let r = Redirect {
         replace_prefix: true,
@@ -126,7 +138,13 @@ fn redirect_location_replaces_only_what_it_names() {
         None,
     );
     assert_eq!(
-        location(&r, None, "http", "ratings:9080", "/v1/getProductRatings?id=1"),
+        location(
+            &r,
+            None,
+            "http",
+            "ratings:9080",
+            "/v1/getProductRatings?id=1"
+        ),
         "http://newratings.default.svc/v1/bookRatings?id=1",
         "the authority replaces host and port"
     );
@@ -148,9 +166,15 @@ fn redirect_location_replaces_only_what_it_names() {
         "a query in uri replaces the request's"
     );
     r.port = Some(RedirectPort::FromRequest);
-    assert_eq!(location(&r, None, "http", "a.b:81", "/"), "http://a.b:81/x?y=1");
+    assert_eq!(
+        location(&r, None, "http", "a.b:81", "/"),
+        "http://a.b:81/x?y=1"
+    );
     r.port = Some(RedirectPort::ProtocolDefault);
-    assert_eq!(location(&r, None, "http", "a.b:81", "/"), "http://a.b/x?y=1");
+    assert_eq!(
+        location(&r, None, "http", "a.b:81", "/"),
+        "http://a.b/x?y=1"
+    );
     // IPv6 literal authorities keep their brackets.
     let r = redirect(Some("/z"), None, None);
     assert_eq!(

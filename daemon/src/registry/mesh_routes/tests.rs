@@ -17,7 +17,11 @@ const VIP: &str = "127.77.0.10:80";
 /// and `yaml`; the snapshot of a client in `namespace`.
 fn registry_for(namespace: &str, yaml: &str) -> Result<Registry, Vec<String>> {
     let mut text = two_endpoint_service("web.default.svc.cluster.local", VIP, ("http", "HTTP"), 80);
-    for (name, ns, ip) in [("v1", "default", "127.0.0.4"), ("v2", "default", "127.0.0.5"), ("api", "prod", "127.0.0.6")] {
+    for (name, ns, ip) in [
+        ("v1", "default", "127.0.0.4"),
+        ("v2", "default", "127.0.0.5"),
+        ("api", "prod", "127.0.0.6"),
+    ] {
         text.push_str(&format!(
             "---
 apiVersion: networking.istio.io/v1
@@ -63,9 +67,19 @@ spec:
 }
 
 /// The host, route label and status-less outcome of `GET path` with `headers`.
-fn route(reg: &Registry, method: &str, path: &str, headers: &[(&'static str, &str)]) -> Result<(String, String), RouteError> {
+fn route(
+    reg: &Registry,
+    method: &str,
+    path: &str,
+    headers: &[(&'static str, &str)],
+) -> Result<(String, String), RouteError> {
     let headers: hyper::HeaderMap = (headers.iter())
-        .map(|(k, v)| (hyper::header::HeaderName::from_static(k), v.parse().unwrap()))
+        .map(|(k, v)| {
+            (
+                hyper::header::HeaderName::from_static(k),
+                v.parse().unwrap(),
+            )
+        })
         .collect();
     let req = Request {
         method,
@@ -85,7 +99,9 @@ fn route(reg: &Registry, method: &str, path: &str, headers: &[(&'static str, &st
 }
 
 fn host(reg: &Registry, path: &str) -> String {
-    route(reg, "GET", path, &[]).map(|r| r.0).unwrap_or_else(|e| format!("error {}", e.http_status()))
+    route(reg, "GET", path, &[])
+        .map(|r| r.0)
+        .unwrap_or_else(|e| format!("error {}", e.http_status()))
 }
 
 #[test]
@@ -108,6 +124,8 @@ fn precedence_orders_matches_across_routes_as_the_spec_says() {
     backendRefs: [{name: v2, port: 80}]
   - matches: [{path: {value: /api}, method: POST}]
     backendRefs: [{name: api, namespace: prod, port: 80}]
+  - matches: [{path: {value: /api}, headers: [{name: X-Canary, value: 'yes'}]}]
+    backendRefs: [{name: v2, port: 80}]
 ",
     );
     let reg = registry(&yaml);
@@ -119,7 +137,15 @@ fn precedence_orders_matches_across_routes_as_the_spec_says() {
     // POST /api prefers the method match; its cross-namespace backend has no grant: 500.
     let post = route(&reg, "POST", "/api/x", &[]).unwrap_err();
     assert_eq!(post.http_status(), 500, "{post}");
-    assert!(post.to_string().contains("no ReferenceGrant in namespace prod"), "{post}");
+    assert!(
+        post.to_string()
+            .contains("no ReferenceGrant in namespace prod"),
+        "{post}"
+    );
+    // A header match (names case-insensitive) beats the bare prefix of the older route.
+    let canary = route(&reg, "GET", "/api/x", &[("x-canary", "yes")]).unwrap();
+    assert_eq!(canary.0, "v2.default.svc.cluster.local");
+    assert_eq!(host(&reg, "/api/x"), "v1.default.svc.cluster.local");
     let (_, label) = route(&reg, "GET", "/api/v2", &[]).unwrap();
     assert_eq!(label, "HTTPRoute default/new rules[0]");
 }
@@ -147,8 +173,17 @@ spec:
     let granted = registry(&(route_yaml.clone() + &grant("HTTPRoute", "api")));
     assert_eq!(host(&granted, "/"), "api.prod.svc.cluster.local");
     // A grant for another kind or another Service does not count.
-    assert_eq!(host(&registry(&(route_yaml.clone() + &grant("GRPCRoute", "api"))), "/"), "error 500");
-    assert_eq!(host(&registry(&(route_yaml + &grant("HTTPRoute", "other"))), "/"), "error 500");
+    assert_eq!(
+        host(
+            &registry(&(route_yaml.clone() + &grant("GRPCRoute", "api"))),
+            "/"
+        ),
+        "error 500"
+    );
+    assert_eq!(
+        host(&registry(&(route_yaml + &grant("HTTPRoute", "other"))), "/"),
+        "error 500"
+    );
 }
 
 #[test]
@@ -184,7 +219,8 @@ fn zero_weights_no_backends_and_unknown_services_answer_500() {
 }
 
 fn req_get(path: &'static str) -> Request<'static> {
-    static EMPTY: std::sync::LazyLock<hyper::HeaderMap> = std::sync::LazyLock::new(hyper::HeaderMap::new);
+    static EMPTY: std::sync::LazyLock<hyper::HeaderMap> =
+        std::sync::LazyLock::new(hyper::HeaderMap::new);
     Request {
         method: "GET",
         scheme: "http",
@@ -198,9 +234,17 @@ fn req_get(path: &'static str) -> Request<'static> {
 
 #[test]
 fn a_consumer_route_applies_to_its_namespace_only_and_wins_there() {
-    let yaml = http_route("producer", "default", "2024-01-01T00:00:00Z", "  - backendRefs: [{name: v1, port: 80}]\n")
-        + &http_route("consumer", "shop", "2025-01-01T00:00:00Z", "  - backendRefs: [{name: v2, namespace: default, port: 80}]\n")
-        + "apiVersion: gateway.networking.k8s.io/v1beta1
+    let yaml = http_route(
+        "producer",
+        "default",
+        "2024-01-01T00:00:00Z",
+        "  - backendRefs: [{name: v1, port: 80}]\n",
+    ) + &http_route(
+        "consumer",
+        "shop",
+        "2025-01-01T00:00:00Z",
+        "  - backendRefs: [{name: v2, namespace: default, port: 80}]\n",
+    ) + "apiVersion: gateway.networking.k8s.io/v1beta1
 kind: ReferenceGrant
 metadata: {name: shop, namespace: default}
 spec:
@@ -211,7 +255,11 @@ spec:
     assert_eq!(host(&in_shop, "/"), "v2.default.svc.cluster.local");
     for ns in ["default", "other"] {
         let reg = registry_for(ns, &yaml).unwrap();
-        assert_eq!(host(&reg, "/"), "v1.default.svc.cluster.local", "client in {ns}");
+        assert_eq!(
+            host(&reg, "/"),
+            "v1.default.svc.cluster.local",
+            "client in {ns}"
+        );
     }
 }
 
@@ -229,13 +277,21 @@ spec:
 "
         )
     };
-    let route_yaml = http_route("r", "default", "2024-06-01T00:00:00Z", "  - backendRefs: [{name: v1, port: 80}]\n");
+    let route_yaml = http_route(
+        "r",
+        "default",
+        "2024-06-01T00:00:00Z",
+        "  - backendRefs: [{name: v1, port: 80}]\n",
+    );
     let older_vs = registry(&(vs("2024-01-01T00:00:00Z") + &route_yaml));
     assert_eq!(host(&older_vs, "/"), "api.prod.svc.cluster.local");
     let newer_vs = registry(&(vs("2025-01-01T00:00:00Z") + &route_yaml));
     assert_eq!(host(&newer_vs, "/"), "v1.default.svc.cluster.local");
     assert!(
-        newer_vs.warnings().iter().any(|w| w.message.contains("both route host")),
+        newer_vs
+            .warnings()
+            .iter()
+            .any(|w| w.message.contains("both route host")),
         "{:?}",
         newer_vs.warnings()
     );
@@ -266,4 +322,107 @@ fn invalid_routes_are_rejected_with_located_fields() {
         assert!(errors.contains(needle), "missing {needle:?} in\n{errors}");
     }
     assert!(errors.contains("routes.yaml:"), "located: {errors}");
+}
+
+#[test]
+fn grpc_methods_timeouts_retries_mirrors_backend_filters_and_tcp_routes() {
+    let yaml = "apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: g, namespace: default}
+spec:
+  parentRefs: [{group: '', kind: Service, name: web}]
+  rules:
+  - matches: [{method: {service: pkg.Echo, method: Say}}]
+    backendRefs: [{name: v2, port: 80}]
+  - matches: [{method: {service: pkg.Echo}, headers: [{name: x-env, value: canary}]}]
+    filters: [{type: RequestMirror, requestMirror: {backendRef: {name: v1, port: 80}, fraction: {numerator: 1, denominator: 4}}}]
+    backendRefs:
+    - name: v2
+      port: 80
+      filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-backend, value: v2}]}}]
+  - matches: [{method: {type: RegularExpression, method: 'Get.*'}}]
+    backendRefs: [{name: v1, port: 80}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: h, namespace: default}
+spec:
+  parentRefs: [{group: '', kind: Service, name: v1}]
+  rules:
+  - timeouts: {request: 3s, backendRequest: 1s}
+    retry: {attempts: 4, codes: [502, 503], backoff: 100ms}
+    backendRefs: [{name: v1, port: 80}]
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TCPRoute
+metadata: {name: t, namespace: default}
+spec:
+  parentRefs: [{group: '', kind: Service, name: v2, port: 80}]
+  rules: [{backendRefs: [{name: v1, port: 80, weight: 1}]}]
+";
+    let reg = registry(yaml);
+    let grpc = |path: &'static str, headers: &[(&'static str, &str)]| {
+        route(&reg, "POST", path, headers).map(|r| r.0)
+    };
+    assert_eq!(
+        grpc("/pkg.Echo/Say", &[]).unwrap(),
+        "v2.default.svc.cluster.local"
+    );
+    // The service-only match needs its header; without it the regex rule or nothing applies.
+    assert_eq!(
+        grpc("/pkg.Echo/Other", &[("x-env", "canary")]).unwrap(),
+        "v2.default.svc.cluster.local"
+    );
+    assert_eq!(grpc("/pkg.Echo/Other", &[]).unwrap_err().http_status(), 404);
+    assert_eq!(
+        grpc("/pkg.Other/GetThing", &[]).unwrap(),
+        "v1.default.svc.cluster.local"
+    );
+    let mut headers = hyper::HeaderMap::new();
+    headers.insert("x-env", "canary".parse().unwrap());
+    let req = Request {
+        method: "POST",
+        scheme: "http",
+        authority: "web",
+        path: "/pkg.Echo/Other",
+        query: None,
+        headers: &headers,
+        connection: "-",
+    };
+    let d = reg.route_request(VIP.parse().unwrap(), None, &req).unwrap();
+    let r = d.http_route.unwrap();
+    assert_eq!(r.mirrors.len(), 1);
+    assert_eq!(
+        (r.mirrors[0].0.host.as_str(), r.mirrors[0].1),
+        ("v1.default.svc.cluster.local", 25.0)
+    );
+    let dest = d.destination.unwrap();
+    assert_eq!(dest.headers.request.set[0].0.as_str(), "x-backend");
+    // The HTTPRoute on v1 (no VIP: looked up through its entry).
+    let entry = reg
+        .virtual_service_for("v1.default.svc.cluster.local")
+        .unwrap();
+    let h = &entry.vs.http[0];
+    assert_eq!(h.timeout, Some(std::time::Duration::from_secs(3)));
+    let retries = h.retries.as_ref().unwrap();
+    assert_eq!(retries.attempts, 4);
+    assert_eq!(retries.retry_on.status_codes, [502, 503]);
+    assert_eq!(
+        retries.per_try_timeout,
+        Some(std::time::Duration::from_secs(1))
+    );
+    assert_eq!(retries.backoff, Some(std::time::Duration::from_millis(100)));
+    // The TCPRoute on v2's port 80.
+    let tcp = reg
+        .virtual_service_for("v2.default.svc.cluster.local")
+        .unwrap();
+    assert_eq!(
+        tcp.vs.tcp[0].destinations[0].host,
+        "v1.default.svc.cluster.local"
+    );
+    assert_eq!(tcp.vs.tcp[0].matches[0].port, Some(80));
+    assert_eq!(
+        tcp.vs.tcp[0].label.as_deref(),
+        Some("TCPRoute default/t rules[0]")
+    );
 }
