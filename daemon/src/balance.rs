@@ -190,6 +190,22 @@ impl Balancer {
         self.name
     }
 
+    /// The number of slots (ring points or Maglev entries) of a consistent-hash balancer,
+    /// over all its locality groups.
+    pub fn hash_slots(&self) -> Option<usize> {
+        let pickers: Vec<&Picker> = match &self.layout {
+            Layout::Flat(p) => vec![p],
+            Layout::Tiered { levels, .. } => levels.iter().flatten().map(|(_, p)| p).collect(),
+        };
+        pickers
+            .iter()
+            .map(|p| match &p.kind {
+                Kind::Hash(t) => Some(t.slots()),
+                _ => None,
+            })
+            .sum()
+    }
+
     /// The locality plan, when locality changes anything for this cluster.
     pub fn plan(&self) -> Option<&Plan> {
         match &self.layout {

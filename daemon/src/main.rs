@@ -271,12 +271,17 @@ enum Command {
         /// Without --host: the peer's address (ipBlocks; default 0.0.0.0).
         #[arg(long, conflicts_with = "host")]
         source_ip: Option<std::net::IpAddr>,
-        /// Without --host: an HTTP request's method (with --path; else a TCP connection).
-        #[arg(long, requires = "path", conflicts_with = "host")]
+        /// An HTTP request's method (with --path): with --host, the route it takes; without,
+        /// the authorization decision (else for a TCP connection).
+        #[arg(long, requires = "path")]
         method: Option<String>,
-        /// Without --host: an HTTP request's path (normalized as --path-normalization BASE).
-        #[arg(long, conflicts_with = "host")]
+        /// An HTTP request's path, with its query (without --host: normalized as
+        /// --path-normalization BASE).
+        #[arg(long)]
         path: Option<String>,
+        /// With --host and --path: a request header, `name: value` (repeatable).
+        #[arg(long, requires = "path")]
+        header: Vec<String>,
         /// Trust domain of --from identities.
         #[arg(long, default_value = "cluster.local", conflicts_with = "host")]
         trust_domain: String,
@@ -530,6 +535,7 @@ fn main() -> ExitCode {
             source_ip,
             method,
             path,
+            header,
             trust_domain,
             subset,
             client,
@@ -540,7 +546,12 @@ fn main() -> ExitCode {
                 cluster_domain,
             });
             let what = match &host {
-                Some(host) => Explained::Destination(host, port, subset.as_deref()),
+                Some(host) => Explained::Destination(
+                    host,
+                    port,
+                    subset.as_deref(),
+                    path.map(|p| (method.unwrap_or_else(|| "GET".into()), p, header)),
+                ),
                 None => Explained::Inbound(InboundProbe {
                     from: from.map(|f| match f.split_once('/') {
                         Some((ns, sa)) => format!("{trust_domain}/ns/{ns}/sa/{sa}"),
@@ -736,8 +747,14 @@ fn chain(e: &anyhow::Error) -> String {
 /// Kubernetes mode) for a pod. TLS files are not read (they may live on another host).
 /// What `drover explain` explains.
 enum Explained<'a> {
-    /// The client's policy for a destination `(host, port, subset)`.
-    Destination(&'a str, Option<u16>, Option<&'a str>),
+    /// The client's policy for a destination `(host, port, subset)`, and the route of a
+    /// request (method, path, headers) to it.
+    Destination(
+        &'a str,
+        Option<u16>,
+        Option<&'a str>,
+        Option<(String, String, Vec<String>)>,
+    ),
     /// The workload's inbound side: its AuthorizationPolicies, and a decision.
     Inbound(InboundProbe),
 }
@@ -842,13 +859,32 @@ fn explain_cmd(
             return ExitCode::FAILURE;
         }
     };
-    let (host, port, subset) = match what {
-        Explained::Destination(host, port, subset) => (host, port, subset),
+    let (host, port, subset, request) = match what {
+        Explained::Destination(host, port, subset, request) => (host, port, subset, request),
         Explained::Inbound(probe) => {
             return report(&(heading + &probe.explain(&registry, &addresses)));
         }
     };
-    match explain::explain(&registry, host, port, subset) {
+    let text = explain::explain(&registry, host, port, subset).and_then(|text| {
+        let Some((method, path, headers)) = &request else {
+            return Ok(text);
+        };
+        let headers: hyper::HeaderMap = (headers.iter())
+            .filter_map(|h| {
+                let (k, v) = h.split_once(':')?;
+                Some((
+                    k.trim()
+                        .to_ascii_lowercase()
+                        .parse::<hyper::header::HeaderName>()
+                        .ok()?,
+                    v.trim().parse().ok()?,
+                ))
+            })
+            .collect();
+        let routed = explain::request(&registry, host, port, method, path, &headers)?;
+        Ok(text + &routed)
+    });
+    match text {
         Ok(text) => report(&(heading + &text)),
         Err(e) => {
             eprintln!("error: {e}");

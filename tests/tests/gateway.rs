@@ -15,7 +15,8 @@ const ECHO: &str = "127.77.0.10";
 const ECHO_V1: &str = "127.77.0.11";
 const ECHO_V2: &str = "127.77.0.12";
 
-/// The suite's three Services, each with ports 80 and 8080 (both to the servers' 7080).
+/// The suite's three Services, each with HTTP ports 80 and 8080 (both to the servers' 7080) and
+/// gRPC port 7070.
 fn services() -> String {
     let mut out = String::new();
     for (name, vip, eps) in [
@@ -38,6 +39,7 @@ spec:
   ports:
   - {{number: 80, name: http, protocol: HTTP, targetPort: 7080}}
   - {{number: 8080, name: http-alt, protocol: HTTP, targetPort: 7080}}
+  - {{number: 7070, name: grpc, protocol: GRPC, targetPort: 7070}}
   location: MESH_INTERNAL
   resolution: STATIC
   endpoints: [{}]
@@ -53,6 +55,8 @@ fn mesh(routes: &str, client_ns: &str) -> Mesh {
     MeshBuilder::new(2)
         .server(1, "http", &[7080], "echo-v1", &[])
         .server(2, "http", &[7080], "echo-v2", &[])
+        .server(1, "grpc", &[7070], "echo-v1", &[])
+        .server(2, "grpc", &[7070], "echo-v2", &[])
         .yaml(format!("{}---\n{routes}", services()))
         .args(&["--client-namespace", client_ns])
         .start()
@@ -103,9 +107,24 @@ spec:
     )
 }
 
-/// `MeshPorts` (conformance/tests/mesh/mesh-ports.go) and `MeshFrontendHostname`
-/// (mesh-frontend-hostname.go): a parentRef port limits the route to that port; the route
-/// binds the Service's address, not the Host header.
+/// Replaces the routes of the running daemon with `routes`, waits (10 s at most) for the
+/// reload, and checks that a request to `echo` + `probe` reaches `want`.
+fn apply(m: &Mesh, routes: &str, probe: &str, want: &str) {
+    const RELOADED: &str = "configuration reloaded";
+    let before = m.daemon.log().matches(RELOADED).count();
+    replace_config(&m.cfg, &format!("{}{routes}", services()));
+    assert!(
+        m.daemon
+            .wait_log_count(RELOADED, before + 1, std::time::Duration::from_secs(10)),
+        "reload not applied"
+    );
+    let r = get(m, &format!("http://{ECHO}{probe}"), &[]);
+    assert_eq!(backend(&r), want, "{probe}: {r}");
+}
+
+/// `MeshPorts` (conformance/tests/mesh/mesh-ports.go), `MeshFrontend` (mesh-frontend.go) and
+/// `MeshFrontendHostname` (mesh-frontend-hostname.go): a parentRef port limits the route to
+/// that port; the route binds the Service's address, not the Host header.
 #[test]
 fn mesh_ports_and_frontend_bind_the_service_address_and_port() {
     if !require_privileged() {
@@ -135,6 +154,9 @@ fn mesh_ports_and_frontend_bind_the_service_address_and_port() {
         assert_eq!(response_header(&r, "x-header-set"), Some("v2"), "{r}");
         assert_eq!(backend(&r), "echo-v2", "{r}");
     }
+    // MeshFrontend: each Service's route stays on its own address.
+    let r = get(&m, &format!("http://{ECHO_V1}/"), &[]);
+    assert_ne!(response_header(&r, "x-header-set"), Some("v2"), "{r}");
     // MeshFrontendHostname: sent to echo-v2 with Host echo-v1 → echo-v2's route applies.
     let r = get(&m, &format!("http://{ECHO_V2}/"), &["host: echo-v1"]);
     assert_eq!(response_header(&r, "x-header-set"), Some("v2"), "{r}");
@@ -215,21 +237,7 @@ fn mesh_routes_split_rewrite_redirect_and_match_on_a_live_daemon() {
         "{r}"
     );
 
-    let apply = |routes: &str, probe: &str, want: &str| {
-        replace_config(&m.cfg, &format!("{}{routes}", services()));
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            let r = get(&m, &format!("{echo}{probe}"), &[]);
-            if backend(&r) == want {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "reload not applied: {r}"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-    };
+    let apply = |routes: &str, probe: &str, want: &str| apply(&m, routes, probe, want);
     // MeshHTTPRouteSimpleSameNamespace: every request to echo goes to echo-v1.
     apply(
         &route(
@@ -283,7 +291,12 @@ fn mesh_routes_split_rewrite_redirect_and_match_on_a_live_daemon() {
             "echo",
             Some(80),
             "  - matches: [{path: {value: /prefix/one}}]
-    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /one}}}]
+    filters:
+    - {type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /one}}}
+    - {type: ResponseHeaderModifier, responseHeaderModifier: {remove: [content-type]}}
+    backendRefs: [{name: echo-v1, port: 80}]
+  - matches: [{path: {value: /rewrite-host}}]
+    filters: [{type: URLRewrite, urlRewrite: {hostname: four.example.org}}]
     backendRefs: [{name: echo-v1, port: 80}]
   - matches: [{path: {value: /strip-prefix}}]
     filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /}}}]
@@ -318,6 +331,11 @@ fn mesh_routes_split_rewrite_redirect_and_match_on_a_live_daemon() {
     );
     let path = |p: &str| get(&m, &format!("{echo}{p}"), &[])["first"]["path"].clone();
     assert_eq!(path("/prefix/one/two"), "/one/two");
+    // The response header the rule removes, and a rewritten host.
+    let r = get(&m, &format!("{echo}/prefix/one/two"), &[]);
+    assert_eq!(response_header(&r, "content-type"), None, "{r}");
+    let r = get(&m, &format!("{echo}/rewrite-host"), &[]);
+    assert_eq!(r["first"]["authority"], "four.example.org", "{r}");
     assert_eq!(path("/strip-prefix/three"), "/three");
     assert_eq!(path("/strip-prefix"), "/");
     assert_eq!(path("/full/one/two"), "/one");
@@ -396,4 +414,506 @@ fn mesh_routes_split_rewrite_redirect_and_match_on_a_live_daemon() {
         )),
         "the access log names the route rule"
     );
+}
+
+/// The response of `GET echo` + `path` with request `headers`.
+fn echo_get(m: &Mesh, path: &str, headers: &[&str]) -> Value {
+    get(m, &format!("http://{ECHO}{path}"), headers)
+}
+
+/// A rule on `path` (PathPrefix) with `filters` and `backends` (YAML flow lists).
+fn rule(path: &str, filters: &str, backends: &str) -> String {
+    format!(
+        "  - matches: [{{path: {{type: PathPrefix, value: {path}}}}}]
+    filters: {filters}
+    backendRefs: {backends}
+"
+    )
+}
+
+/// The header modifiers of `MeshHTTPRouteRequestHeaderModifier`, as a rule filter or (for
+/// `MeshHTTPRouteBackendRequestHeaderModifier`) on the backend.
+fn header_modifier_rules(on_backend: bool) -> String {
+    let cases = [
+        (
+            "/set",
+            "{set: [{name: X-Header-Set, value: set-overwrites-values}]}",
+        ),
+        (
+            "/add",
+            "{add: [{name: X-Header-Add, value: add-appends-values}]}",
+        ),
+        ("/remove", "{remove: [X-Header-Remove]}"),
+        (
+            "/multiple",
+            "{set: [{name: X-Header-Set-1, value: header-set-1}, {name: X-Header-Set-2, value: header-set-2}], add: [{name: X-Header-Add-1, value: header-add-1}, {name: X-Header-Add-2, value: header-add-2}, {name: X-Header-Add-3, value: header-add-3}], remove: [X-Header-Remove-1, X-Header-Remove-2]}",
+        ),
+        (
+            "/case-insensitivity",
+            "{set: [{name: X-Header-Set, value: header-set}], add: [{name: X-Header-Add, value: header-add}], remove: [X-Header-Remove]}",
+        ),
+    ];
+    cases
+        .iter()
+        .map(|(path, m)| {
+            let filter = format!("[{{type: RequestHeaderModifier, requestHeaderModifier: {m}}}]");
+            match on_backend {
+                false => rule(path, &filter, "[{name: echo-v1, port: 80}]"),
+                true => rule(
+                    path,
+                    "[]",
+                    &format!("[{{name: echo-v1, port: 80, filters: {filter}}}]"),
+                ),
+            }
+        })
+        .collect()
+}
+
+/// `MeshHTTPRouteMatching` (conformance/tests/mesh/httproute-matching.go),
+/// `MeshHTTPRouteRequestHeaderModifier` and `MeshHTTPRouteBackendRequestHeaderModifier`
+/// (httproute-request-header-modifier.go), `MeshHTTPRouteRedirectHostAndStatus`
+/// (httproute-redirect-host-and-status.go, with the 303/307/308 variants of
+/// httproute-30x-redirect-host-and-status.go and httproute-additional-redirect-host-and-status.go),
+/// `MeshHTTPRoute303Redirect`, `…307Redirect`, `…308Redirect` (httproute-30x-redirect.go),
+/// `MeshHTTPRouteRedirectPath`
+/// (httproute-redirect-path.go), `MeshHTTPRouteSchemeRedirect` (httproute-redirect-scheme.go)
+/// and `MeshHTTPRouteNamedRule` (httproute-named-rule.go), each applied to `echo` in turn on a
+/// live daemon.
+#[test]
+fn mesh_matching_header_modifiers_redirects_and_named_rules() {
+    if !require_privileged() {
+        return;
+    }
+    let m = mesh("", NS);
+    // MeshHTTPRouteMatching.
+    apply(
+        &m,
+        &route(
+            "mesh-matching",
+            "echo",
+            Some(80),
+            "  - matches: [{path: {type: PathPrefix, value: /}}, {headers: [{name: version, value: one}]}]
+    backendRefs: [{name: echo-v1, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /v2}}, {headers: [{name: version, value: two}]}]
+    backendRefs: [{name: echo-v2, port: 80}]
+",
+        ),
+        "/v2",
+        "echo-v2",
+    );
+    let none: &[&str] = &[];
+    for (path, headers, want) in [
+        ("/", none, "echo-v1"),
+        ("/example", none, "echo-v1"),
+        ("/", &["version: one"], "echo-v1"),
+        ("/v2", none, "echo-v2"),
+        ("/v2/example", none, "echo-v2"),
+        ("/", &["version: two"], "echo-v2"),
+        ("/v2/", none, "echo-v2"),
+        // Not a path segment prefix, so not /v2.
+        ("/v2example", none, "echo-v1"),
+        ("/foo/v2/example", none, "echo-v1"),
+    ] {
+        let r = echo_get(&m, path, headers);
+        assert_eq!(backend(&r), want, "{path} {headers:?}: {r}");
+    }
+
+    // MeshHTTPRouteRequestHeaderModifier, then the same modifiers on the backend.
+    for on_backend in [false, true] {
+        let name = match on_backend {
+            true => "mesh-backend-header-modifier",
+            false => "mesh-header-modifier",
+        };
+        let routes = route(name, "echo", Some(80), &header_modifier_rules(on_backend));
+        apply(&m, &routes, "/set", "echo-v1");
+        let seen = |path: &str, headers: &[&str]| {
+            echo_get(&m, path, headers)["first"]["header_values"].clone()
+        };
+        let h = seen("/set", &["Some-Other-Header: val"]);
+        assert_eq!(h["some-other-header"], "val", "{h}");
+        assert_eq!(h["x-header-set"], "set-overwrites-values", "{h}");
+        let h = seen(
+            "/set",
+            &["Some-Other-Header: val", "X-Header-Set: some-other-value"],
+        );
+        assert_eq!(h["x-header-set"], "set-overwrites-values", "{h}");
+        let h = seen("/add", &["Some-Other-Header: val"]);
+        assert_eq!(h["x-header-add"], "add-appends-values", "{h}");
+        let h = seen(
+            "/add",
+            &["Some-Other-Header: val", "X-Header-Add: some-other-value"],
+        );
+        assert_eq!(
+            h["x-header-add"], "some-other-value, add-appends-values",
+            "{h}"
+        );
+        let h = seen("/remove", &["X-Header-Remove: val"]);
+        assert!(h.get("x-header-remove").is_none(), "{h}");
+        let h = seen(
+            "/multiple",
+            &[
+                "X-Header-Set-2: set-val-2",
+                "X-Header-Add-2: add-val-2",
+                "X-Header-Remove-2: remove-val-2",
+                "Another-Header: another-header-val",
+            ],
+        );
+        for (k, v) in [
+            ("x-header-set-1", "header-set-1"),
+            ("x-header-set-2", "header-set-2"),
+            ("x-header-add-1", "header-add-1"),
+            ("x-header-add-2", "add-val-2, header-add-2"),
+            ("x-header-add-3", "header-add-3"),
+            ("another-header", "another-header-val"),
+        ] {
+            assert_eq!(h[k], v, "{k}: {h}");
+        }
+        assert!(h.get("x-header-remove-1").is_none(), "{h}");
+        assert!(h.get("x-header-remove-2").is_none(), "{h}");
+        let h = seen(
+            "/case-insensitivity",
+            &[
+                "x-header-set: original-val-set",
+                "x-header-add: original-val-add",
+                "x-header-remove: original-val-remove",
+                "Another-Header: another-header-val",
+            ],
+        );
+        assert_eq!(h["x-header-set"], "header-set", "{h}");
+        assert_eq!(h["x-header-add"], "original-val-add, header-add", "{h}");
+        assert!(h.get("x-header-remove").is_none(), "{h}");
+    }
+
+    // MeshHTTPRouteRedirectHostAndStatus (and the 303/307/308 cases), MeshHTTPRouteRedirectPath,
+    // MeshHTTPRouteSchemeRedirect: one route, each case on its own prefix.
+    let redirect = |path: &str, r: &str| {
+        rule(
+            path,
+            &format!("[{{type: RequestRedirect, requestRedirect: {r}}}]"),
+            "[]",
+        )
+    };
+    let prefix = "path: {type: ReplacePrefixMatch, replacePrefixMatch: /replacement-prefix}";
+    let full = "path: {type: ReplaceFullPath, replaceFullPath: /replacement-full}";
+    let routes = [
+        redirect("/hostname-redirect", "{hostname: example.org}"),
+        redirect(
+            "/host-and-status",
+            "{hostname: example.org, statusCode: 301}",
+        ),
+        redirect(
+            "/host-and-see-other",
+            "{hostname: example.org, statusCode: 303}",
+        ),
+        redirect(
+            "/host-and-temporary",
+            "{hostname: example.org, statusCode: 307}",
+        ),
+        redirect(
+            "/host-and-permanent",
+            "{hostname: example.org, statusCode: 308}",
+        ),
+        redirect(
+            "/host-and-status-temporary",
+            "{hostname: example.org, statusCode: 307}",
+        ),
+        redirect(
+            "/host-and-status-permanent",
+            "{hostname: example.org, statusCode: 308}",
+        ),
+        // The 303/307/308 cases each redirect `/redirect` with their code; one path each here.
+        redirect("/redirect-303", "{statusCode: 303}"),
+        redirect("/redirect-307", "{statusCode: 307}"),
+        redirect("/redirect-308", "{statusCode: 308}"),
+        redirect("/original-prefix", &format!("{{{prefix}}}")),
+        redirect(
+            "/full",
+            "{path: {type: ReplaceFullPath, replaceFullPath: /full-path-replacement}}",
+        ),
+        redirect(
+            "/path-and-host",
+            &format!("{{hostname: example.org, {prefix}}}"),
+        ),
+        redirect(
+            "/path-and-status",
+            &format!("{{statusCode: 301, {prefix}}}"),
+        ),
+        redirect(
+            "/full-path-and-host",
+            &format!("{{hostname: example.org, {full}}}"),
+        ),
+        redirect(
+            "/full-path-and-status",
+            &format!("{{statusCode: 301, {full}}}"),
+        ),
+        redirect("/scheme", "{scheme: https}"),
+        redirect("/scheme-and-host", "{scheme: https, hostname: example.org}"),
+        redirect("/scheme-and-status", "{scheme: https, statusCode: 301}"),
+        redirect(
+            "/scheme-and-host-and-status",
+            "{scheme: https, hostname: example.org, statusCode: 302}",
+        ),
+        rule("/backend", "[]", "[{name: echo-v2, port: 80}]"),
+    ]
+    .concat();
+    apply(
+        &m,
+        &route("mesh-redirects", "echo", Some(80), &routes),
+        "/backend",
+        "echo-v2",
+    );
+    let here = format!("http://{ECHO}");
+    let example = "http://example.org";
+    for (path, code, location) in [
+        (
+            "/hostname-redirect",
+            302,
+            format!("{example}/hostname-redirect"),
+        ),
+        (
+            "/host-and-status",
+            301,
+            format!("{example}/host-and-status"),
+        ),
+        (
+            "/host-and-see-other",
+            303,
+            format!("{example}/host-and-see-other"),
+        ),
+        (
+            "/host-and-temporary",
+            307,
+            format!("{example}/host-and-temporary"),
+        ),
+        (
+            "/host-and-permanent",
+            308,
+            format!("{example}/host-and-permanent"),
+        ),
+        (
+            "/host-and-status-temporary",
+            307,
+            format!("{example}/host-and-status-temporary"),
+        ),
+        (
+            "/host-and-status-permanent",
+            308,
+            format!("{example}/host-and-status-permanent"),
+        ),
+        ("/redirect-303", 303, format!("{here}/redirect-303")),
+        ("/redirect-307", 307, format!("{here}/redirect-307")),
+        ("/redirect-308", 308, format!("{here}/redirect-308")),
+        (
+            "/original-prefix/lemon",
+            302,
+            format!("{here}/replacement-prefix/lemon"),
+        ),
+        (
+            "/full/path/original",
+            302,
+            format!("{here}/full-path-replacement"),
+        ),
+        (
+            "/path-and-host",
+            302,
+            format!("{example}/replacement-prefix"),
+        ),
+        (
+            "/path-and-status",
+            301,
+            format!("{here}/replacement-prefix"),
+        ),
+        (
+            "/full-path-and-host",
+            302,
+            format!("{example}/replacement-full"),
+        ),
+        (
+            "/full-path-and-status",
+            301,
+            format!("{here}/replacement-full"),
+        ),
+        ("/scheme", 302, format!("https://{ECHO}/scheme")),
+        (
+            "/scheme-and-host",
+            302,
+            "https://example.org/scheme-and-host".into(),
+        ),
+        (
+            "/scheme-and-status",
+            301,
+            format!("https://{ECHO}/scheme-and-status"),
+        ),
+        (
+            "/scheme-and-host-and-status",
+            302,
+            "https://example.org/scheme-and-host-and-status".into(),
+        ),
+    ] {
+        let r = echo_get(&m, path, &[]);
+        assert_eq!(status(&r), code, "{path}: {r}");
+        assert_eq!(
+            response_header(&r, "location"),
+            Some(location.as_str()),
+            "{path}: {r}"
+        );
+    }
+
+    // MeshHTTPRouteNamedRule: a rule's name changes nothing but the label.
+    apply(
+        &m,
+        &route(
+            "mesh-named-rules",
+            "echo",
+            Some(80),
+            "  - name: named-rule
+    matches: [{path: {type: PathPrefix, value: /named}}]
+    backendRefs: [{name: echo-v1, port: 8080}]
+  - matches: [{path: {type: PathPrefix, value: /unnamed}}]
+    backendRefs: [{name: echo-v2, port: 8080}]
+",
+        ),
+        "/unnamed",
+        "echo-v2",
+    );
+    assert_eq!(backend(&echo_get(&m, "/named", &[])), "echo-v1");
+    assert!(
+        m.daemon.wait_log(
+            &format!("HTTPRoute {NS}/mesh-named-rules rules[0] (named-rule)"),
+            std::time::Duration::from_secs(2)
+        ),
+        "the access log names the named rule"
+    );
+}
+
+/// One gRPC probe call to `echo`'s gRPC port.
+fn grpc(m: &Mesh, args: &[&str]) -> Value {
+    let url = format!("http://{ECHO}:7070");
+    let mut a = vec!["grpc", url.as_str()];
+    a.extend_from_slice(args);
+    drover_tests::probe(Some(&m.t.client), None, &a)
+}
+
+/// A GRPCRoute `name` on `echo`'s gRPC port with `rules` (YAML list, indented two spaces).
+fn grpc_route(name: &str, rules: &str) -> String {
+    format!(
+        "---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {{name: {name}, namespace: {NS}}}
+spec:
+  parentRefs: [{{group: '', kind: Service, name: echo, port: 7070}}]
+  rules:
+{rules}"
+    )
+}
+
+/// `MeshGRPCRouteWeight` (conformance/tests/mesh/grpcroute-weight.go),
+/// `MeshGRPCRouteRequestHeaderModifier` (grpcroute-request-header-modifier.go) and
+/// `MeshGRPCRouteRequestMirror` (grpcroute-request-mirror.go), with this repository's gRPC echo
+/// service (`drover.test.Echo/Unary`) in place of the suite's.
+#[test]
+fn mesh_grpc_routes_weight_header_modifier_and_mirror() {
+    if !require_privileged() {
+        return;
+    }
+    let m = mesh(
+        &grpc_route(
+            "mesh-grpc-weighted-backends",
+            "  - backendRefs: [{name: echo-v1, port: 7070, weight: 70}, {name: echo-v2, port: 7070, weight: 30}]\n",
+        ),
+        NS,
+    );
+    // 500 calls; binomial sd for p=0.7 is 0.02, ±0.07 is 3.5 of them.
+    let r = grpc(&m, &["--count", "500"]);
+    let v1 = r["servers"]["echo-v1"].as_u64().unwrap_or(0) as f64 / 500.0;
+    assert!((0.63..=0.77).contains(&v1), "echo-v1 share {v1}: {r}");
+
+    // Header modifiers: of three rules with the same match only the first applies (set).
+    let modifier = |filter: &str| {
+        format!(
+            "  - matches: [{{method: {{service: drover.test.Echo, method: Unary}}}}]
+    filters: [{{type: RequestHeaderModifier, requestHeaderModifier: {filter}}}]
+    backendRefs: [{{name: echo-v1, port: 7070}}]
+"
+        )
+    };
+    let rules = [
+        modifier("{set: [{name: X-Header-Set, value: set-overwrites-values}]}"),
+        modifier("{add: [{name: X-Header-Add, value: add-appends-values}]}"),
+        modifier("{remove: [X-Header-Remove]}"),
+    ]
+    .concat();
+    let config = format!(
+        "{}{}",
+        services(),
+        grpc_route("grpc-header-modifier", &rules)
+    );
+    replace_config(&m.cfg, &config);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let headers = [
+        "--call",
+        "headers",
+        "--header",
+        "X-Header-Set: some-other-value",
+        "--header",
+        "X-Header-Remove: val",
+    ];
+    let seen = loop {
+        let r = grpc(&m, &headers);
+        if r["headers"]["x-header-set"] == "set-overwrites-values" {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reload not applied: {r}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(seen["server"], "echo-v1", "{seen}");
+    assert!(seen["headers"].get("x-header-add").is_none(), "{seen}");
+    assert_eq!(seen["headers"]["x-header-remove"], "val", "{seen}");
+
+    // Mirror: calls with x-mirror-only go to echo-v1, and a copy of each to echo-v2.
+    let rules = "  - matches: [{headers: [{name: x-mirror-only, value: 'true'}]}]
+    filters: [{type: RequestMirror, requestMirror: {backendRef: {name: echo-v2, port: 7070}}}]
+    backendRefs: [{name: echo-v1, port: 7070}]
+";
+    let config = format!(
+        "{}{}",
+        services(),
+        grpc_route("mesh-grpc-request-mirror", rules)
+    );
+    replace_config(&m.cfg, &config);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    // Once the new route is in, a call without the header matches no rule and fails.
+    while grpc(&m, &["--count", "1"])["error"].is_null() {
+        assert!(std::time::Instant::now() < deadline, "reload not applied");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let mirrored = || -> u64 {
+        let c = m.daemon.clusters();
+        (c["clusters"].as_array().unwrap().iter())
+            .filter(|c| {
+                (c["name"].as_str()).is_some_and(|n| n.starts_with("outbound|7070||echo-v2."))
+            })
+            .flat_map(|c| c["endpoints"].as_array().cloned().unwrap_or_default())
+            .map(|e| e["rq_total"].as_u64().unwrap_or(0))
+            .sum()
+    };
+    let before = mirrored();
+    let r = grpc(&m, &["--count", "10", "--header", "x-mirror-only: true"]);
+    assert_eq!(
+        r["servers"]["echo-v1"], 10,
+        "the client sees echo-v1 only: {r}"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while mirrored() < before + 10 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "mirror copies: {} of 10",
+            mirrored() - before
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }

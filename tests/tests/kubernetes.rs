@@ -601,6 +601,85 @@ fn walkthrough_scenario2_from_kubernetes_objects_least_conn_avoids_the_slow_pod(
     assert!(slow < 0.15, "least request avoids the slow pod: {slow}");
 }
 
+/// The walkthrough's scenario `k` written with the Gateway API (`fixtures/gamma/`): `reviews`
+/// as in [`scenario`] plus a Service per version (`reviews-vN` at `127.77.0.1N`, selecting pod
+/// `reviews-vN`); endpoint i answers after `delays_ms[i]`.
+fn gamma_scenario(k: u32, delays_ms: &[u64]) -> (Cluster, Mesh) {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/gamma");
+    let yaml = std::fs::read_to_string(format!("{dir}/walkthrough-scenario{k}.yaml")).unwrap();
+    let (cluster, m) = reviews_mesh(&delays(delays_ms), &yaml);
+    for (i, pod) in cluster.pods.iter().enumerate() {
+        let name = format!("reviews-v{}", i + 1);
+        let vip = format!("127.77.0.1{}", i + 1);
+        cluster.api.apply(
+            drover_tests::apiserver::SERVICE,
+            drover_tests::k8s::service("demo", &name, &[&vip], &[("http", 9080, 9080)]),
+        );
+        cluster.api.apply(
+            drover_tests::apiserver::ENDPOINT_SLICE,
+            drover_tests::k8s::endpoint_slice(
+                "demo",
+                &format!("{name}-slice"),
+                &name,
+                &[(pod.ip.as_str(), pod.name.as_str(), true, false)],
+                &[("http", 9080)],
+            ),
+        );
+    }
+    (cluster, m)
+}
+
+#[test]
+fn walkthrough_scenario1_as_gateway_api_routes_splits_50_50_between_version_services() {
+    if !require_privileged() {
+        return;
+    }
+    let (_cluster, m) = gamma_scenario(1, &[0, 0, 0]);
+    // The route's backends are Services created after the daemon started: wait for them.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while m.http(&[&format!("{REVIEWS}/"), "--count", "4"])["status"]["200"] != 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the version Services never resolved"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let n = 1000;
+    let r = all_ok(&m, "/reviews/1", n, 4);
+    let v1 = share(&r, "reviews-v1", n);
+    // Binomial sd for p=0.5, n=1000 is 0.016; ±0.06 is more than 3.5 sd.
+    assert!((0.44..=0.56).contains(&v1), "v1 share {v1}: {r}");
+    assert_eq!(share(&r, "reviews-v3", n), 0.0, "v3 is in no route: {r}");
+    let log = m.daemon.log();
+    assert!(
+        log.contains("cluster=outbound|9080||reviews-v1.demo.svc.cluster.local"),
+        "the access log names the backend Service's cluster"
+    );
+    assert!(
+        log.contains("HTTPRoute demo/reviews-traffic-split rules[0]"),
+        "and the rule"
+    );
+}
+
+#[test]
+fn walkthrough_scenario2_as_gateway_api_routes_least_conn_avoids_the_slow_pod() {
+    if !require_privileged() {
+        return;
+    }
+    let (_cluster, m) = gamma_scenario(2, &[150, 0, 0]);
+    let n = 300;
+    let r = all_ok(&m, "/", n, 8);
+    let slow = share(&r, "reviews-v1", n);
+    assert!(slow < 0.15, "least request avoids the slow pod: {slow}");
+    assert!(
+        m.daemon.wait_log(
+            "HTTPRoute demo/reviews rules[0]",
+            std::time::Duration::from_secs(2)
+        ),
+        "the route applied"
+    );
+}
+
 #[test]
 fn walkthrough_scenario3_from_kubernetes_objects_overflows_with_503() {
     if !require_privileged() {

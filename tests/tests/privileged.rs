@@ -971,6 +971,54 @@ fn tcp_keepalive_and_idle_timeout_apply_to_proxied_connections() {
 }
 
 #[test]
+fn tcp_keepalive_time_interval_and_probes_close_a_dead_upstream() {
+    if !require_privileged() {
+        return;
+    }
+    // 1 s idle, then 2 probes 1 s apart: an upstream that stops answering is given up after
+    // about 3 s, and the client's connection closes with it. With any of the three fields
+    // ignored (the kernel's 7200 s, 75 s and 9 probes) nothing happens for at least 10 s.
+    let yaml = echo_with_policy(
+        "connectionPool: {tcp: {tcpKeepalive: {time: 1s, interval: 1s, probes: 2}}}",
+    );
+    let Captured {
+        t,
+        daemon: _daemon,
+        _servers,
+        _pins,
+        ..
+    } = captured(1, Some(yaml), &[]);
+    let conn = t.client.connect(sa(&format!("{VIP}:80")), None).unwrap();
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.starts_with("hello from ep1"), "{line}");
+    // The endpoint vanishes: its side of the link goes down, nothing answers the probes.
+    t.endpoints[0].ip(&["link", "set", &format!("d{}b1", t.id), "down"]);
+    let started = std::time::Instant::now();
+    conn.set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut buf = [0u8; 8];
+    match reader.read(&mut buf) {
+        Ok(0) => {}
+        Ok(n) => panic!("{n} unexpected bytes"),
+        Err(e) => assert!(
+            !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "still open after {:?}: {e}",
+            started.elapsed()
+        ),
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1800) && waited < Duration::from_secs(8),
+        "closed after {waited:?}"
+    );
+}
+
+#[test]
 fn endpoint_counters_reach_the_pinned_map_without_the_admin_api() {
     if !require_privileged() {
         return;

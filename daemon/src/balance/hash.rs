@@ -39,6 +39,14 @@ impl HashTable {
         HashTable::Ring(points)
     }
 
+    /// Ring points or table entries.
+    pub fn slots(&self) -> usize {
+        match self {
+            HashTable::Ring(points) => points.len(),
+            HashTable::Maglev(table) => table.len(),
+        }
+    }
+
     /// A Maglev table of `size` slots (a prime), filled by each endpoint's permutation with
     /// turns in proportion to its weight.
     pub fn maglev(keys: &[String], weights: &[u32], size: u64) -> Self {

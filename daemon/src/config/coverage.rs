@@ -82,19 +82,19 @@ const TABLE: &[(&str, How)] = &[
     (
         "DestinationRule.trafficPolicy.loadBalancer.consistentHash.maglev",
         Enforced(
-            "daemon/src/balance/tests.rs::removing_one_of_n_endpoints_remaps_about_one_nth_of_keys",
+            "daemon/src/registry/build.rs::consistent_hash_table_sizes_come_from_ring_hash_minimum_ring_size_and_maglev",
         ),
     ),
     (
         "DestinationRule.trafficPolicy.loadBalancer.consistentHash.ringHash",
         Enforced(
-            "daemon/src/balance/tests.rs::removing_one_of_n_endpoints_remaps_about_one_nth_of_keys",
+            "daemon/src/registry/build.rs::consistent_hash_table_sizes_come_from_ring_hash_minimum_ring_size_and_maglev",
         ),
     ),
     (
         "DestinationRule.trafficPolicy.loadBalancer.consistentHash.minimumRingSize",
         Enforced(
-            "daemon/src/balance/tests.rs::removing_one_of_n_endpoints_remaps_about_one_nth_of_keys",
+            "daemon/src/registry/build.rs::consistent_hash_table_sizes_come_from_ring_hash_minimum_ring_size_and_maglev",
         ),
     ),
     (
@@ -131,7 +131,9 @@ const TABLE: &[(&str, How)] = &[
     ),
     (
         "DestinationRule.trafficPolicy.loadBalancer.warmupDurationSecs",
-        Enforced("daemon/src/config/validate/tests.rs::destination_rule_rules"),
+        Enforced(
+            "daemon/src/registry/build.rs::warmup_duration_secs_starts_endpoints_below_full_weight",
+        ),
     ),
     (
         "DestinationRule.trafficPolicy.loadBalancer.zoneAwareLbSetting",
@@ -154,7 +156,7 @@ const TABLE: &[(&str, How)] = &[
     (
         "DestinationRule.trafficPolicy.connectionPool.tcp.tcpKeepalive",
         Enforced(
-            "tests/tests/privileged.rs::tcp_keepalive_and_idle_timeout_apply_to_proxied_connections",
+            "tests/tests/privileged.rs::tcp_keepalive_time_interval_and_probes_close_a_dead_upstream",
         ),
     ),
     (
@@ -396,7 +398,9 @@ const TABLE: &[(&str, How)] = &[
     ),
     (
         "VirtualService.http[].corsPolicy.allowOrigin",
-        Enforced("daemon/src/config/validate/tests.rs::virtual_service_rules"),
+        Enforced(
+            "daemon/src/proxy/actions/tests.rs::a_routes_deprecated_allow_origin_list_admits_exactly_those_origins",
+        ),
     ),
     (
         "VirtualService.http[].delegate",
@@ -594,7 +598,9 @@ const TABLE: &[(&str, How)] = &[
     ),
     (
         "WorkloadEntry.weight",
-        Enforced("daemon/src/registry/build.rs::round_robin_alternates_endpoints"),
+        Enforced(
+            "daemon/src/registry/build.rs::workload_entry_weights_shape_round_robin_and_random_picks",
+        ),
     ),
     (
         "WorkloadEntry.locality",
@@ -748,12 +754,6 @@ const TABLE: &[(&str, How)] = &[
         Enforced("tests/tests/gateway.rs::mesh_consumer_route_applies_to_its_namespace_only"),
     ),
     (
-        "HTTPRoute.parentRefs[].port",
-        Enforced(
-            "tests/tests/gateway.rs::mesh_ports_and_frontend_bind_the_service_address_and_port",
-        ),
-    ),
-    (
         "HTTPRoute.parentRefs[].sectionName",
         Warned {
             spec: "parentRefs: [{group: '', kind: Service, name: a, sectionName: http}]\nrules: [{backendRefs: [{name: a, port: 80}]}]",
@@ -785,6 +785,18 @@ const TABLE: &[(&str, How)] = &[
         ),
     ),
     (
+        "HTTPRoute.rules[].backendRefs[].group",
+        Enforced(
+            "daemon/src/registry/mesh_routes/tests.rs::zero_weights_no_backends_and_unknown_services_answer_500",
+        ),
+    ),
+    (
+        "HTTPRoute.rules[].backendRefs[].kind",
+        Enforced(
+            "daemon/src/registry/mesh_routes/tests.rs::zero_weights_no_backends_and_unknown_services_answer_500",
+        ),
+    ),
+    (
         "HTTPRoute.rules[].backendRefs[].namespace",
         Enforced(
             "daemon/src/registry/mesh_routes/tests.rs::a_reference_grant_opens_a_backend_in_another_namespace",
@@ -798,6 +810,19 @@ const TABLE: &[(&str, How)] = &[
     ),
     (
         "HTTPRoute.rules[].backendRefs[].filters",
+        Warned {
+            spec: "rules: [{backendRefs: [{name: a, port: 80, filters: [{type: RequestMirror, requestMirror: {backendRef: {name: b, port: 80}}}]}]}]",
+            warning: "filters",
+        },
+    ),
+    (
+        "HTTPRoute.rules[].backendRefs[].filters[].requestHeaderModifier",
+        Enforced(
+            "tests/tests/gateway.rs::mesh_matching_header_modifiers_redirects_and_named_rules",
+        ),
+    ),
+    (
+        "HTTPRoute.rules[].backendRefs[].filters[].responseHeaderModifier",
         Enforced(
             "daemon/src/registry/mesh_routes/tests.rs::grpc_methods_timeouts_retries_mirrors_backend_filters_and_tcp_routes",
         ),
@@ -809,9 +834,39 @@ const TABLE: &[(&str, How)] = &[
         ),
     ),
     (
+        "HTTPRoute.rules[].filters[].requestHeaderModifier",
+        Enforced(
+            "tests/tests/gateway.rs::mesh_matching_header_modifiers_redirects_and_named_rules",
+        ),
+    ),
+    (
+        "HTTPRoute.rules[].filters[].responseHeaderModifier",
+        Enforced(
+            "tests/tests/gateway.rs::mesh_routes_split_rewrite_redirect_and_match_on_a_live_daemon",
+        ),
+    ),
+    (
         "HTTPRoute.rules[].filters[].requestMirror",
         Enforced(
             "daemon/src/registry/mesh_routes/tests.rs::grpc_methods_timeouts_retries_mirrors_backend_filters_and_tcp_routes",
+        ),
+    ),
+    (
+        "HTTPRoute.rules[].filters[].requestRedirect",
+        Enforced(
+            "tests/tests/gateway.rs::mesh_matching_header_modifiers_redirects_and_named_rules",
+        ),
+    ),
+    (
+        "HTTPRoute.rules[].filters[].requestRedirect.port",
+        Enforced(
+            "tests/tests/gateway.rs::mesh_routes_split_rewrite_redirect_and_match_on_a_live_daemon",
+        ),
+    ),
+    (
+        "HTTPRoute.rules[].filters[].urlRewrite",
+        Enforced(
+            "tests/tests/gateway.rs::mesh_routes_split_rewrite_redirect_and_match_on_a_live_daemon",
         ),
     ),
     (
@@ -838,23 +893,17 @@ const TABLE: &[(&str, How)] = &[
     (
         "HTTPRoute.rules[].matches",
         Enforced(
-            "tests/tests/gateway.rs::mesh_routes_split_rewrite_redirect_and_match_on_a_live_daemon",
+            "tests/tests/gateway.rs::mesh_matching_header_modifiers_redirects_and_named_rules",
         ),
     ),
     (
         "GRPCRoute.parentRefs",
-        Enforced(
-            "daemon/src/registry/mesh_routes/tests.rs::grpc_methods_timeouts_retries_mirrors_backend_filters_and_tcp_routes",
-        ),
+        Enforced("tests/tests/gateway.rs::mesh_grpc_routes_weight_header_modifier_and_mirror"),
     ),
     (
         "GRPCRoute.parentRefs[].namespace",
-        Enforced("tests/tests/gateway.rs::mesh_consumer_route_applies_to_its_namespace_only"),
-    ),
-    (
-        "GRPCRoute.parentRefs[].port",
         Enforced(
-            "tests/tests/gateway.rs::mesh_ports_and_frontend_bind_the_service_address_and_port",
+            "daemon/src/registry/mesh_routes/tests.rs::grpc_methods_timeouts_retries_mirrors_backend_filters_and_tcp_routes",
         ),
     ),
     (
@@ -889,25 +938,56 @@ const TABLE: &[(&str, How)] = &[
         ),
     ),
     (
+        "GRPCRoute.rules[].backendRefs[].group",
+        Enforced(
+            "daemon/src/registry/mesh_routes/tests.rs::grpc_methods_timeouts_retries_mirrors_backend_filters_and_tcp_routes",
+        ),
+    ),
+    (
+        "GRPCRoute.rules[].backendRefs[].kind",
+        Enforced(
+            "daemon/src/registry/mesh_routes/tests.rs::grpc_methods_timeouts_retries_mirrors_backend_filters_and_tcp_routes",
+        ),
+    ),
+    (
         "GRPCRoute.rules[].backendRefs[].namespace",
         Enforced(
-            "daemon/src/registry/mesh_routes/tests.rs::a_reference_grant_opens_a_backend_in_another_namespace",
+            "daemon/src/registry/mesh_routes/tests.rs::grpc_methods_timeouts_retries_mirrors_backend_filters_and_tcp_routes",
         ),
     ),
     (
         "GRPCRoute.rules[].backendRefs[].weight",
-        Enforced(
-            "daemon/src/registry/mesh_routes/tests.rs::zero_weights_no_backends_and_unknown_services_answer_500",
-        ),
+        Enforced("tests/tests/gateway.rs::mesh_grpc_routes_weight_header_modifier_and_mirror"),
     ),
     (
         "GRPCRoute.rules[].backendRefs[].filters",
+        Warned {
+            spec: "rules: [{backendRefs: [{name: a, port: 80, filters: [{type: RequestMirror, requestMirror: {backendRef: {name: b, port: 80}}}]}]}]",
+            warning: "filters",
+        },
+    ),
+    (
+        "GRPCRoute.rules[].backendRefs[].filters[].requestHeaderModifier",
+        Enforced(
+            "daemon/src/registry/mesh_routes/tests.rs::grpc_methods_timeouts_retries_mirrors_backend_filters_and_tcp_routes",
+        ),
+    ),
+    (
+        "GRPCRoute.rules[].backendRefs[].filters[].responseHeaderModifier",
         Enforced(
             "daemon/src/registry/mesh_routes/tests.rs::grpc_methods_timeouts_retries_mirrors_backend_filters_and_tcp_routes",
         ),
     ),
     (
         "GRPCRoute.rules[].filters",
+        Enforced("tests/tests/gateway.rs::mesh_grpc_routes_weight_header_modifier_and_mirror"),
+    ),
+    (
+        "GRPCRoute.rules[].filters[].requestHeaderModifier",
+        Enforced("tests/tests/gateway.rs::mesh_grpc_routes_weight_header_modifier_and_mirror"),
+    ),
+    (
+        "GRPCRoute.rules[].filters[].responseHeaderModifier",
         Enforced(
             "daemon/src/registry/mesh_routes/tests.rs::grpc_methods_timeouts_retries_mirrors_backend_filters_and_tcp_routes",
         ),
@@ -917,6 +997,20 @@ const TABLE: &[(&str, How)] = &[
         Enforced(
             "daemon/src/registry/mesh_routes/tests.rs::grpc_methods_timeouts_retries_mirrors_backend_filters_and_tcp_routes",
         ),
+    ),
+    (
+        "GRPCRoute.rules[].filters[].requestRedirect",
+        Rejected {
+            spec: "rules: [{filters: [{type: RequestRedirect, requestRedirect: {hostname: b.example}}], backendRefs: [{name: a, port: 80}]}]",
+            error: "filters[0].type",
+        },
+    ),
+    (
+        "GRPCRoute.rules[].filters[].urlRewrite",
+        Rejected {
+            spec: "rules: [{filters: [{type: URLRewrite, urlRewrite: {hostname: b.example}}], backendRefs: [{name: a, port: 80}]}]",
+            error: "filters[0].type",
+        },
     ),
     (
         "GRPCRoute.rules[].filters[].extensionRef",
@@ -952,15 +1046,9 @@ const TABLE: &[(&str, How)] = &[
         ),
     ),
     (
-        "HTTPRoute.rules[].matches[].headers",
+        "HTTPRoute.rules[].matches[].queryParams",
         Enforced(
-            "daemon/src/registry/mesh_routes/tests.rs::precedence_orders_matches_across_routes_as_the_spec_says",
-        ),
-    ),
-    (
-        "HTTPRoute.rules[].filters[].responseHeaderModifier",
-        Enforced(
-            "tests/tests/gateway.rs::mesh_ports_and_frontend_bind_the_service_address_and_port",
+            "tests/tests/gateway.rs::mesh_routes_split_rewrite_redirect_and_match_on_a_live_daemon",
         ),
     ),
     (
@@ -980,6 +1068,13 @@ const TABLE: &[(&str, How)] = &[
         Enforced(
             "daemon/src/registry/mesh_routes/tests.rs::grpc_methods_timeouts_retries_mirrors_backend_filters_and_tcp_routes",
         ),
+    ),
+    (
+        "TCPRoute.parentRefs[].sectionName",
+        Warned {
+            spec: "parentRefs: [{group: '', kind: Service, name: a, sectionName: tcp}]\nrules: [{backendRefs: [{name: a, port: 80}]}]",
+            warning: "sectionName",
+        },
     ),
     (
         "TCPRoute.rules",
@@ -1060,6 +1155,112 @@ fn entry(field: &str) -> Option<&'static (&'static str, How)> {
         .max_by_key(|(p, _)| p.len())
 }
 
+/// The name a test that sets `field` must mention: its last segment (`consistentHash.maglev`
+/// → `maglev`), or for an entry of a map (`labels.*`) the map's.
+fn field_name(field: &str) -> String {
+    let field = field.strip_suffix(".*").unwrap_or(field);
+    let last = field.rsplit('.').next().unwrap_or(field);
+    last.trim_end_matches("[]").to_string()
+}
+
+/// `httpErrorCodes` → `http_error_codes`: how a unit test over the validated policy names it.
+fn snake_case(name: &str) -> String {
+    let mut out = String::new();
+    for c in name.chars() {
+        if c.is_ascii_uppercase() {
+            out.push('_');
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The body of `fn function` in `text` (up to the closing brace at its indentation).
+fn body<'t>(text: &'t str, function: &str) -> Option<&'t str> {
+    let start = text.find(&format!("fn {function}("))?;
+    let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+    let indent = &text[line_start..start];
+    let indent = &indent[..indent.len() - indent.trim_start().len()];
+    let close = format!("\n{indent}}}\n");
+    let end = (text[start..].find(&close)).map_or(text.len(), |e| start + e + close.len());
+    Some(&text[start..end])
+}
+
+/// The definition of `const name` in `text` (up to its `;` at the end of a line).
+fn constant<'t>(text: &'t str, name: &str) -> Option<&'t str> {
+    let start = text.find(&format!("const {name}:"))?;
+    let end = (text[start..].find(";\n")).map_or(text.len(), |e| start + e);
+    Some(&text[start..end])
+}
+
+/// Files whose helpers tests build their configuration with.
+const HELPERS: [&str; 2] = ["tests/src/lib.rs", "daemon/src/testing.rs"];
+
+/// What a test is made of: its body, the bodies of the functions it calls (in its file or the
+/// shared helpers, two levels deep), and the fixture files they name (`….yaml` under
+/// `tests/fixtures`).
+fn test_source(root: &std::path::Path, text: &str, function: &str) -> Option<String> {
+    let mut out = body(text, function)?.to_string();
+    let helpers: Vec<String> = (HELPERS.iter())
+        .map(|h| std::fs::read_to_string(root.join(h)).unwrap_or_default())
+        .collect();
+    let mut seen = BTreeSet::from([function.to_string()]);
+    for _ in 0..2 {
+        let called: Vec<String> = (out
+            .split(|c: char| !(c.is_alphanumeric() || c == '_' || c == '(')))
+        .filter_map(|t| t.strip_suffix('('))
+        .map(str::to_string)
+        .filter(|name| !name.is_empty() && !seen.contains(name))
+        .collect();
+        let constants: Vec<String> = (out.split(|c: char| !(c.is_alphanumeric() || c == '_')))
+            .filter(|t| {
+                t.len() > 1
+                    && (t.chars()).all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+            })
+            .map(str::to_string)
+            .filter(|name| !seen.contains(name))
+            .collect();
+        for name in called {
+            let found = std::iter::once(text)
+                .chain(helpers.iter().map(String::as_str))
+                .find_map(|t| body(t, &name));
+            if let Some(b) = found {
+                out.push_str(b);
+            }
+            seen.insert(name);
+        }
+        for name in constants {
+            let found = std::iter::once(text)
+                .chain(helpers.iter().map(String::as_str))
+                .find_map(|t| constant(t, &name));
+            if let Some(c) = found {
+                out.push_str(c);
+            }
+            seen.insert(name);
+        }
+    }
+    let named: BTreeSet<String> = (out.split(|c: char| c == '"' || c == '/' || c.is_whitespace()))
+        .filter(|s| s.ends_with(".yaml"))
+        .map(str::to_string)
+        .collect();
+    let fixtures = root.join("tests/fixtures");
+    let mut dirs = vec![fixtures];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().to_string();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if named.contains(&name) {
+                out.push_str(&std::fs::read_to_string(&path).unwrap_or_default());
+            }
+        }
+    }
+    Some(out)
+}
+
 #[test]
 fn every_field_of_the_mirror_is_enforced_warned_or_inert() {
     let fields = mirror_fields();
@@ -1077,8 +1278,18 @@ fn every_field_of_the_mirror_is_enforced_warned_or_inert() {
             Enforced(test) => {
                 let (file, function) = test.split_once("::").expect("file::function");
                 let text = std::fs::read_to_string(root.join(file)).unwrap_or_default();
-                if !text.contains(&format!("fn {function}(")) {
-                    problems.push(format!("{f}: no test {function} in {file}"));
+                let name = field_name(f);
+                match test_source(&root, &text, function) {
+                    None => problems.push(format!("{f}: no test {function} in {file}")),
+                    Some(source)
+                        if !source.contains(&name) && !source.contains(&snake_case(&name)) =>
+                    {
+                        problems.push(format!(
+                            "{f}: test {function} ({file}) never sets {name:?}: neither its body, the functions and constants it uses nor the fixtures they name mention it (nor the validated policy's {:?})",
+                            snake_case(&name)
+                        ))
+                    }
+                    Some(_) => {}
                 }
             }
             Warned { spec, warning } => {

@@ -1161,6 +1161,132 @@ spec: {address: 198.18.3.2, labels: {app: reviews}}
     }
 
     #[test]
+    fn workload_entry_weights_shape_round_robin_and_random_picks() {
+        // Two WorkloadEntries weighing 1 and 3: a quarter and three quarters of the picks,
+        // exactly for round robin's weighted schedule, about for RANDOM.
+        let yaml = |simple: &str| {
+            format!(
+                "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: web, namespace: demo}}
+spec:
+  hosts: [web.demo.svc.cluster.local]
+  addresses: [127.77.0.10]
+  ports: [{{number: 80, name: tcp, protocol: TCP}}]
+  resolution: STATIC
+  workloadSelector: {{labels: {{app: web}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: light, namespace: demo}}
+spec: {{address: 127.0.0.2, labels: {{app: web}}, weight: 1}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: heavy, namespace: demo}}
+spec: {{address: 127.0.0.3, labels: {{app: web}}, weight: 3}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: web, namespace: demo}}
+spec:
+  host: web.demo.svc.cluster.local
+  trafficPolicy: {{loadBalancer: {{simple: {simple}}}}}
+"
+            )
+        };
+        let vip: SocketAddr = "127.77.0.10:80".parse().unwrap();
+        let heavy_share = |simple: &str, n: usize| {
+            let r = build(&yaml(simple)).unwrap();
+            let heavy = (0..n)
+                .filter(|_| match r.route(vip, None).unwrap().target {
+                    Target::Endpoint { addr, .. } => addr.ip().to_string() == "127.0.0.3",
+                    other => panic!("{other:?}"),
+                })
+                .count();
+            heavy as f64 / n as f64
+        };
+        assert_eq!(heavy_share("ROUND_ROBIN", 400), 0.75);
+        // Binomial sd for p=0.75, n=4000 is 0.007; ±0.04 is more than five of them.
+        let random = heavy_share("RANDOM", 4000);
+        assert!((0.71..=0.79).contains(&random), "{random}");
+    }
+
+    /// `reviews` (endpoints .2 and .3) with this `loadBalancer` (flow YAML).
+    fn balanced(lb: &str) -> Registry {
+        build(&format!(
+            "{REVIEWS}---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: lb, namespace: demo}}\nspec:\n  host: reviews\n  trafficPolicy: {{loadBalancer: {lb}}}\n"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn consistent_hash_table_sizes_come_from_ring_hash_minimum_ring_size_and_maglev() {
+        let vip: SocketAddr = "127.77.0.10:9080".parse().unwrap();
+        let share_of_first = |r: &Registry, n: usize| {
+            let first = (0..n)
+                .filter(|k| {
+                    let mut headers = hyper::HeaderMap::new();
+                    headers.insert("x-user", k.to_string().parse().unwrap());
+                    let req = route::Request {
+                        method: "GET",
+                        scheme: "http",
+                        authority: "reviews",
+                        path: "/",
+                        query: None,
+                        headers: &headers,
+                        connection: "-",
+                    };
+                    let d = r.route_request(vip, None, &req).unwrap();
+                    matches!(d.target, Target::Endpoint { index: 0, .. })
+                })
+                .count();
+            first as f64 / n as f64
+        };
+        let slots = |r: &Registry| {
+            let d = r.route(vip, None).unwrap();
+            d.cluster.balancer.hash_slots()
+        };
+        // A 7-entry Maglev table over two endpoints: one owns 3 entries, the other 4, so a
+        // key space splits 3:4, not evenly as it does with the 65537-entry default.
+        let maglev = balanced("{consistentHash: {httpHeaderName: x-user, maglev: {tableSize: 7}}}");
+        assert_eq!(slots(&maglev), Some(7));
+        let s = share_of_first(&maglev, 4000);
+        assert!(
+            (s - 3.0 / 7.0).abs() < 0.04 || (s - 4.0 / 7.0).abs() < 0.04,
+            "{s}"
+        );
+        let large =
+            balanced("{consistentHash: {httpHeaderName: x-user, maglev: {tableSize: 65537}}}");
+        assert_eq!(slots(&large), Some(65537));
+        assert!((share_of_first(&large, 4000) - 0.5).abs() < 0.04);
+        // Without a table: Istio's default ring of 1024 points.
+        let default = balanced("{consistentHash: {httpHeaderName: x-user}}");
+        assert_eq!(slots(&default), Some(1024));
+        // Ring hash: the ring has the minimum size asked for (both spellings).
+        let ring =
+            balanced("{consistentHash: {httpHeaderName: x-user, ringHash: {minimumRingSize: 64}}}");
+        assert_eq!(slots(&ring), Some(64));
+        let old = balanced("{consistentHash: {httpHeaderName: x-user, minimumRingSize: 32}}");
+        assert_eq!(slots(&old), Some(32));
+        // Every key keeps its endpoint: the table is what routing reads.
+        assert_eq!(share_of_first(&ring, 500), share_of_first(&ring, 500));
+    }
+
+    #[test]
+    fn warmup_duration_secs_starts_endpoints_below_full_weight() {
+        let vip: SocketAddr = "127.77.0.10:9080".parse().unwrap();
+        let warming = |lb: &str| {
+            let r = balanced(lb);
+            let d = r.route(vip, None).unwrap();
+            d.cluster.balancer.warmup_percent(0)
+        };
+        // As in Envoy, the endpoints a cluster starts with warm up too.
+        assert!(warming("{simple: ROUND_ROBIN, warmupDurationSecs: 60s}") < 100.0);
+        assert_eq!(warming("{simple: ROUND_ROBIN}"), 100.0);
+    }
+
+    #[test]
     fn resolution_none_passes_through_with_target_port() {
         let r = build(
             "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: x}\nspec:\n  hosts: [x.example]\n  addresses: [127.77.0.9]\n  ports: [{number: 80, name: tcp, targetPort: 8080}]\n",

@@ -55,6 +55,99 @@ pub fn explain(
     Ok(o)
 }
 
+/// Which route a request (`method`, path with its query, `headers`) to `host` takes, and why:
+/// the route and the match that held, then where it goes or what the proxy answers.
+pub fn request(
+    reg: &Registry,
+    host: &str,
+    port: Option<u16>,
+    method: &str,
+    path_and_query: &str,
+    headers: &hyper::HeaderMap,
+) -> Result<String, Error> {
+    let (_, svc, port) = locate(reg, host, port)?;
+    let mut o = format!("request    {method} {path_and_query}");
+    let Some(vip) = svc.vips.first() else {
+        let _ = writeln!(
+            o,
+            ": the service has no VIP, so no request reaches its routes"
+        );
+        return Ok(o);
+    };
+    let (path, query) = match path_and_query.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (path_and_query, None),
+    };
+    let req = super::route::Request {
+        method,
+        scheme: "http",
+        authority: host,
+        path,
+        query,
+        headers,
+        connection: "-",
+    };
+    match reg.route_request(std::net::SocketAddr::new(*vip, port.number), None, &req) {
+        Err(e) => {
+            let _ = writeln!(o, " → {} ({}): {e}", e.http_status(), e.response_flag());
+        }
+        Ok(d) => {
+            match &d.route {
+                Some(name) => {
+                    let _ = write!(o, " → {name}");
+                }
+                None => o.push_str(" → no route: the service's default cluster"),
+            }
+            if let Some(m) = d.http_match {
+                let _ = write!(o, " (matched {})", describe_match(m));
+            }
+            let _ = match (d.http_route.and_then(|r| r.local.as_ref()), d.destination) {
+                (Some(policy::LocalReply::Redirect(r)), _) => {
+                    writeln!(o, " → answered by the proxy: redirect {}", r.code.as_u16())
+                }
+                (Some(policy::LocalReply::Direct { status, .. }), _) => {
+                    writeln!(o, " → answered by the proxy: {}", status.as_u16())
+                }
+                (None, _) => writeln!(o, " → cluster {}", d.cluster.name),
+            };
+        }
+    }
+    Ok(o)
+}
+
+/// A match's conditions in words.
+fn describe_match(m: &policy::HttpMatch) -> String {
+    let sm = |s: &policy::StringMatch| match s {
+        policy::StringMatch::Exact(v) => format!("exact {v}"),
+        policy::StringMatch::Prefix(v) => format!("prefix {v}"),
+        policy::StringMatch::PathPrefix(v) => format!("path prefix {v}"),
+        policy::StringMatch::Regex(r) => format!("regex {}", r.as_str()),
+    };
+    let mut parts = Vec::new();
+    if let Some(u) = &m.uri {
+        parts.push(format!("path {}", sm(u)));
+    }
+    if let Some(v) = &m.method {
+        parts.push(format!("method {}", sm(v)));
+    }
+    for (kind, list) in [("header", &m.headers), ("query", &m.query_params)] {
+        for (name, v) in list {
+            parts.push(match v {
+                Some(v) => format!("{kind} {name} {}", sm(v)),
+                None => format!("{kind} {name} present"),
+            });
+        }
+    }
+    if let Some(p) = m.port {
+        parts.push(format!("port {p}"));
+    }
+    if parts.is_empty() {
+        "every request".to_string()
+    } else {
+        parts.join(", ")
+    }
+}
+
 /// Which data path a connection to each VIP of the port takes: the kernel fast path (when the
 /// daemon runs with `--fast-path auto`), or the proxy, and why.
 fn path(o: &mut String, reg: &Registry, svc: &super::Service, port: &super::ServicePort) {

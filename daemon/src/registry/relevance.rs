@@ -4,7 +4,8 @@
 //!
 //! A client is read by: its namespace (`exportTo`, the DestinationRule lookup order client →
 //! service → root namespace, `workloadSelector` rules that apply only in their own namespace,
-//! `sourceNamespace`, and the PeerAuthentications of its namespace for inbound), its labels
+//! `sourceNamespace`, Gateway API consumer routes, and the PeerAuthentications of its namespace
+//! for inbound), its labels
 //! (`workloadSelector`, `sourceLabels`, PeerAuthentication `selector`, `failoverPriority`) and
 //! its locality (only where a rule balances by locality: `localityLbSetting`, or
 //! `outlierDetection`, which turns locality failover on). [`Relevance::of`] finds, once per configuration, the namespaces and label keys
@@ -85,6 +86,30 @@ impl Relevance {
         }
         for se in &set.service_entries {
             r.export_to(&se.spec.export_to, se.namespace());
+        }
+        // A Gateway API route of another namespace than its parent's (a consumer route)
+        // applies to its own namespace's clients only.
+        let parents = (set
+            .http_routes
+            .iter()
+            .map(|r| (r.namespace(), &r.spec.parent_refs)))
+        .chain(
+            set.grpc_routes
+                .iter()
+                .map(|r| (r.namespace(), &r.spec.parent_refs)),
+        )
+        .chain(
+            set.tcp_routes
+                .iter()
+                .map(|r| (r.namespace(), &r.spec.parent_refs)),
+        );
+        for (ns, refs) in parents {
+            if refs
+                .iter()
+                .any(|p| p.namespace.as_deref().is_some_and(|n| n != ns))
+            {
+                r.namespaces.insert(ns.to_string());
+            }
         }
         for ap in &set.authorization_policies {
             // Policies of its namespace (selected by labels) apply to its workloads.

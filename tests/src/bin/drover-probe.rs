@@ -113,6 +113,9 @@ enum Cmd {
         /// Calls (unary), or messages per call (streams).
         #[arg(long, default_value = "1")]
         count: u32,
+        /// `name: value` request metadata on every unary call (repeatable).
+        #[arg(long)]
+        header: Vec<String>,
         /// `load` only: unary calls in flight on the channel.
         #[arg(long, default_value = "16")]
         concurrency: u32,
@@ -179,11 +182,12 @@ fn main() {
             url,
             call,
             count,
+            header,
             concurrency,
             secs,
         } => match call {
             grpc::Call::Load => grpc::load(url, concurrency, secs),
-            _ => grpc::run(url, call, count),
+            _ => grpc::run(url, call, count, &header),
         },
     };
     let out = out
@@ -587,6 +591,9 @@ mod grpc {
         Chat,
         /// A unary call the server answers with UNAVAILABLE.
         Fail,
+        /// One unary call whose reply carries the request metadata the server saw
+        /// (`headers`).
+        Headers,
         /// Unary calls for `--secs`, `--concurrency` in flight on one channel: calls/s and
         /// latency percentiles.
         Load,
@@ -640,13 +647,15 @@ mod grpc {
         })
     }
 
-    pub fn run(url: String, call: Call, count: u32) -> std::io::Result<Value> {
+    pub fn run(url: String, call: Call, count: u32, headers: &[String]) -> std::io::Result<Value> {
+        let headers = headers.to_vec();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         rt.block_on(async move {
             let outcome =
-                tokio::time::timeout(Duration::from_secs(20), calls(url, call, count)).await;
+                tokio::time::timeout(Duration::from_secs(20), calls(url, call, count, headers))
+                    .await;
             Ok(match outcome {
                 Ok(Ok(v)) => v,
                 Ok(Err(e)) => json!({ "error": e.to_string() }),
@@ -659,7 +668,25 @@ mod grpc {
         url: String,
         call: Call,
         count: u32,
+        headers: Vec<String>,
     ) -> Result<Value, Box<dyn std::error::Error + Send + Sync>> {
+        // A unary request with the `--header` metadata.
+        let request = |m: Msg| {
+            let mut r = tonic::Request::new(m);
+            for h in &headers {
+                if let Some((k, v)) = h.split_once(':')
+                    && let (Ok(k), Ok(v)) = (
+                        k.trim()
+                            .to_ascii_lowercase()
+                            .parse::<tonic::metadata::MetadataKey<_>>(),
+                        v.trim().parse(),
+                    )
+                {
+                    r.metadata_mut().append(k, v);
+                }
+            }
+            r
+        };
         let mut client = EchoClient::connect(url).await?;
         let mut servers: BTreeMap<String, u32> = BTreeMap::new();
         let mut messages = 0u32;
@@ -672,7 +699,7 @@ mod grpc {
             // `load` is served by [`load`]; counted calls here.
             Call::Unary | Call::Load => {
                 for i in 0..count {
-                    let r = client.unary(msg(i)).await?.into_inner();
+                    let r = client.unary(request(msg(i))).await?.into_inner();
                     *servers.entry(r.server).or_default() += 1;
                     messages += 1;
                 }
@@ -692,6 +719,13 @@ mod grpc {
                     *servers.entry(m.server).or_default() += 1;
                     messages += 1;
                 }
+            }
+            Call::Headers => {
+                let mut m = msg(0);
+                m.text = "headers".into();
+                let r = client.unary(request(m)).await?.into_inner();
+                let seen: Value = serde_json::from_str(&r.text).unwrap_or(Value::Null);
+                return Ok(json!({ "server": r.server, "headers": seen }));
             }
             Call::Fail => {
                 let mut m = msg(0);

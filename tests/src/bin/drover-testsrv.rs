@@ -359,7 +359,24 @@ mod grpc {
     #[tonic::async_trait]
     impl Echo for EchoService {
         async fn unary(&self, req: Request<Msg>) -> Result<Response<Msg>, Status> {
+            // Text "headers": the reply's text is the request's metadata, as a JSON object
+            // (values of a repeated key joined with ",").
+            let metadata = req.metadata().clone().into_headers();
             let m = req.into_inner();
+            if m.text == "headers" {
+                let mut seen = serde_json::Map::new();
+                for k in metadata.keys() {
+                    let all: Vec<&str> = (metadata.get_all(k).iter())
+                        .map(|v| v.to_str().unwrap_or("?"))
+                        .collect();
+                    seen.insert(k.to_string(), all.join(",").into());
+                }
+                return Ok(Response::new(Msg {
+                    text: serde_json::Value::Object(seen).to_string(),
+                    server: self.name.to_string(),
+                    ..m
+                }));
+            }
             if m.text == "fail" {
                 return Err(Status::unavailable("asked to fail"));
             }

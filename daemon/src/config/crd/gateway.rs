@@ -337,7 +337,41 @@ pub struct TcpRouteRule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub backend_refs: Vec<BackendRef>,
+    pub backend_refs: Vec<TcpBackendRef>,
+}
+
+/// A TCPRoute's `backendRefs[]`: an object reference with a weight, no filters.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub struct TcpBackendRef {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<i64>,
+}
+
+// === impl TcpBackendRef ===
+
+impl TcpBackendRef {
+    /// As the HTTP routes' backend reference (no filters).
+    pub fn backend(&self) -> BackendRef {
+        BackendRef {
+            group: self.group.clone(),
+            kind: self.kind.clone(),
+            name: self.name.clone(),
+            namespace: self.namespace.clone(),
+            port: self.port,
+            weight: self.weight,
+            filters: Vec::new(),
+        }
+    }
 }
 
 /// `ReferenceGrant.spec`: routes of `from` may name the objects of `to` in the grant's

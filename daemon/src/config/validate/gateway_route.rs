@@ -154,7 +154,9 @@ impl Checker<'_> {
                     "unreachable: a TCPRoute rule has no matches, so rules[0] takes every connection",
                 );
             }
-            let destinations = self.backends(&path, &r.backend_refs, &mut out.foreign);
+            let backends: Vec<gw::BackendRef> =
+                r.backend_refs.iter().map(|b| b.backend()).collect();
+            let destinations = self.backends(&path, &backends, &mut out.foreign);
             out.tcp.push(policy::L4Route {
                 index: i,
                 label: Some(label(policy::RouteKind::Tcp, id, i, r.name.as_deref())),

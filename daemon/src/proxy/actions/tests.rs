@@ -266,3 +266,55 @@ fn mirrored_requests_name_a_shadow_host() {
     );
     assert_eq!(shadow_authority("reviews"), "reviews-shadow");
 }
+
+#[test]
+fn a_routes_deprecated_allow_origin_list_admits_exactly_those_origins() {
+    // Through a built snapshot: the route the request takes carries the policy the proxy
+    // applies.
+    let service = crate::testing::two_endpoint_service(
+        "web.default.svc",
+        "127.77.0.10:80",
+        ("http", "HTTP"),
+        80,
+    );
+    let vs = crate::testing::virtual_service(
+        "  - corsPolicy: {allowOrigin: [https://app.example], allowMethods: [GET]}
+    route: [{destination: {host: web.default.svc}}]
+",
+    );
+    let reg = crate::testing::registry(&format!("{service}{vs}"));
+    let headers = request(&[
+        ("origin", "https://app.example"),
+        ("access-control-request-method", "GET"),
+    ]);
+    let req = crate::registry::route::Request {
+        method: "OPTIONS",
+        scheme: "http",
+        authority: "web.default.svc",
+        path: "/",
+        query: None,
+        headers: &headers,
+        connection: "-",
+    };
+    let d = reg
+        .route_request("127.77.0.10:80".parse().unwrap(), None, &req)
+        .unwrap();
+    let c = d
+        .http_route
+        .and_then(|r| r.cors.as_ref())
+        .expect("the route's CORS policy");
+    let CorsVerdict::Preflight(h) = cors(c, &Method::OPTIONS, &headers) else {
+        panic!("a preflight from the listed origin is answered");
+    };
+    assert_eq!(h["access-control-allow-origin"], "https://app.example");
+    assert_eq!(h["access-control-allow-methods"], "GET");
+    // Exact: a longer origin with the same start is not allowed.
+    let near = request(&[
+        ("origin", "https://app.example.evil"),
+        ("access-control-request-method", "GET"),
+    ]);
+    assert_eq!(
+        cors(c, &Method::OPTIONS, &near),
+        CorsVerdict::Forward(HeaderMap::new())
+    );
+}

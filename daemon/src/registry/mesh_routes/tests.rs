@@ -98,6 +98,19 @@ fn route(
     Ok((host, d.route.unwrap_or_default()))
 }
 
+/// Header operations as `set name=value`, `add name=value`, `remove name`.
+fn ops(o: &crate::config::policy::HeaderOps) -> Vec<String> {
+    let pairs = |verb: &str, l: &[(hyper::header::HeaderName, hyper::header::HeaderValue)]| {
+        (l.iter())
+            .map(|(n, v)| format!("{verb} {n}={}", v.to_str().unwrap()))
+            .collect::<Vec<_>>()
+    };
+    let mut out = pairs("set", &o.set);
+    out.extend(pairs("add", &o.add));
+    out.extend(o.remove.iter().map(|n| format!("remove {n}")));
+    out
+}
+
 fn host(reg: &Registry, path: &str) -> String {
     route(reg, "GET", path, &[])
         .map(|r| r.0)
@@ -199,6 +212,10 @@ fn zero_weights_no_backends_and_unknown_services_answer_500() {
     backendRefs: [{name: nope, port: 80}]
   - matches: [{path: {value: /split}}]
     backendRefs: [{name: v1, port: 80, weight: 0}, {name: v2, port: 80, weight: 5}]
+  - matches: [{path: {value: /kind}}]
+    backendRefs: [{group: multicluster.x-k8s.io, kind: ServiceImport, name: v1, port: 80}]
+  - matches: [{path: {value: /explicit}}]
+    backendRefs: [{group: '', kind: Service, name: v2, port: 80}]
 ",
     ));
     for p in ["/zero", "/none"] {
@@ -211,6 +228,10 @@ fn zero_weights_no_backends_and_unknown_services_answer_500() {
         );
     }
     assert_eq!(host(&reg, "/unknown"), "error 500");
+    // Another kind of backend (a multi-cluster ServiceImport): 500; an explicit core Service:
+    // routed.
+    assert_eq!(host(&reg, "/kind"), "error 500");
+    assert_eq!(host(&reg, "/explicit"), "v2.default.svc.cluster.local");
     for _ in 0..50 {
         assert_eq!(host(&reg, "/split"), "v2.default.svc.cluster.local");
     }
@@ -330,16 +351,25 @@ fn grpc_methods_timeouts_retries_mirrors_backend_filters_and_tcp_routes() {
 kind: GRPCRoute
 metadata: {name: g, namespace: default}
 spec:
-  parentRefs: [{group: '', kind: Service, name: web}]
+  parentRefs: [{group: '', kind: Service, name: web, namespace: default}]
   rules:
   - matches: [{method: {service: pkg.Echo, method: Say}}]
-    backendRefs: [{name: v2, port: 80}]
+    filters:
+    - type: ResponseHeaderModifier
+      responseHeaderModifier: {set: [{name: x-set, value: one}], add: [{name: x-add, value: two}], remove: [x-gone]}
+    backendRefs: [{group: '', kind: Service, name: v2, namespace: default, port: 80}]
   - matches: [{method: {service: pkg.Echo}, headers: [{name: x-env, value: canary}]}]
-    filters: [{type: RequestMirror, requestMirror: {backendRef: {name: v1, port: 80}, fraction: {numerator: 1, denominator: 4}}}]
+    filters:
+    - {type: RequestMirror, requestMirror: {backendRef: {group: '', kind: Service, name: v1, port: 80}, fraction: {numerator: 1, denominator: 4}}}
+    - {type: RequestMirror, requestMirror: {backendRef: {name: api, namespace: prod, port: 80}, percent: 50}}
     backendRefs:
     - name: v2
       port: 80
-      filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-backend, value: v2}]}}]
+      filters:
+      - type: RequestHeaderModifier
+        requestHeaderModifier: {set: [{name: x-backend, value: v2}], add: [{name: x-more, value: m}], remove: [x-secret]}
+      - type: ResponseHeaderModifier
+        responseHeaderModifier: {set: [{name: x-from, value: v2}], add: [{name: x-also, value: a}], remove: [server]}
   - matches: [{method: {type: RegularExpression, method: 'Get.*'}}]
     backendRefs: [{name: v1, port: 80}]
 ---
@@ -351,14 +381,22 @@ spec:
   rules:
   - timeouts: {request: 3s, backendRequest: 1s}
     retry: {attempts: 4, codes: [502, 503], backoff: 100ms}
-    backendRefs: [{name: v1, port: 80}]
+    filters:
+    - {type: RequestMirror, requestMirror: {backendRef: {name: v2, port: 80}, percent: 10}}
+    - {type: RequestMirror, requestMirror: {backendRef: {name: v2, port: 80}, fraction: {numerator: 1, denominator: 1000}}}
+    backendRefs:
+    - name: v1
+      port: 80
+      filters:
+      - type: ResponseHeaderModifier
+        responseHeaderModifier: {set: [{name: x-v1, value: 'yes'}], add: [{name: x-v1-add, value: a}], remove: [x-v1-gone]}
 ---
 apiVersion: gateway.networking.k8s.io/v1alpha2
 kind: TCPRoute
 metadata: {name: t, namespace: default}
 spec:
-  parentRefs: [{group: '', kind: Service, name: v2, port: 80}]
-  rules: [{backendRefs: [{name: v1, port: 80, weight: 1}]}]
+  parentRefs: [{group: '', kind: Service, name: v2, namespace: default, port: 80}]
+  rules: [{backendRefs: [{group: '', kind: Service, name: v1, namespace: default, port: 80, weight: 1}]}]
 ";
     let reg = registry(yaml);
     let grpc = |path: &'static str, headers: &[(&'static str, &str)]| {
@@ -391,13 +429,35 @@ spec:
     };
     let d = reg.route_request(VIP.parse().unwrap(), None, &req).unwrap();
     let r = d.http_route.unwrap();
-    assert_eq!(r.mirrors.len(), 1);
+    let mirrors: Vec<_> = (r.mirrors.iter())
+        .map(|(d, p)| (d.host.as_str(), *p, d.invalid.is_some()))
+        .collect();
+    // The second mirror names another namespace without a grant: kept, marked unusable.
     assert_eq!(
-        (r.mirrors[0].0.host.as_str(), r.mirrors[0].1),
-        ("v1.default.svc.cluster.local", 25.0)
+        mirrors,
+        [
+            ("v1.default.svc.cluster.local", 25.0, false),
+            ("api.prod.svc.cluster.local", 50.0, true)
+        ]
     );
     let dest = d.destination.unwrap();
-    assert_eq!(dest.headers.request.set[0].0.as_str(), "x-backend");
+    assert_eq!(
+        ops(&dest.headers.request),
+        ["set x-backend=v2", "add x-more=m", "remove x-secret"]
+    );
+    assert_eq!(
+        ops(&dest.headers.response),
+        ["set x-from=v2", "add x-also=a", "remove server"]
+    );
+    let say = Request {
+        path: "/pkg.Echo/Say",
+        ..req
+    };
+    let say = reg.route_request(VIP.parse().unwrap(), None, &say).unwrap();
+    assert_eq!(
+        ops(&say.http_route.unwrap().headers.response),
+        ["set x-set=one", "add x-add=two", "remove x-gone"]
+    );
     // The HTTPRoute on v1 (no VIP: looked up through its entry).
     let entry = reg
         .virtual_service_for("v1.default.svc.cluster.local")
@@ -412,6 +472,15 @@ spec:
         Some(std::time::Duration::from_secs(1))
     );
     assert_eq!(retries.backoff, Some(std::time::Duration::from_millis(100)));
+    assert_eq!(
+        (h.mirrors[0].0.host.as_str(), h.mirrors[0].1),
+        ("v2.default.svc.cluster.local", 10.0)
+    );
+    assert_eq!(h.mirrors[1].1, 0.1);
+    assert_eq!(
+        ops(&h.destinations[0].headers.response),
+        ["set x-v1=yes", "add x-v1-add=a", "remove x-v1-gone"]
+    );
     // The TCPRoute on v2's port 80.
     let tcp = reg
         .virtual_service_for("v2.default.svc.cluster.local")
