@@ -758,6 +758,23 @@ fn gateway_errors_eject_on_their_own_counter_and_500_only_counts_as_5xx() {
 }
 
 #[test]
+fn listed_outlier_error_codes_eject_on_those_codes_only() {
+    if !require_privileged() {
+        return;
+    }
+    // The listed codes replace the 5xx rule: 418 counts as an error, 500 no longer does.
+    let policy = "outlierDetection: {outlierDetectionHttpErrorCodes: [418], consecutive5xxErrors: 2, interval: 30s, baseEjectionTime: 30s, maxEjectionPercent: 100}";
+    let m = failing(&[418, 500, 200], policy);
+    let r = m.http(&[&format!("{URL}/"), "--count", "30", "--concurrency", "1"]);
+    assert_eq!(r["errors"], 0, "{r}");
+    let eps = whole_cluster(&m)["endpoints"].clone();
+    let (v1, v2) = (named(&eps, "reviews-v1"), named(&eps, "reviews-v2"));
+    assert_eq!(v1["health"], "ejected", "418 is listed: {v1}");
+    assert_eq!(v2["health"], "healthy", "500 is not listed: {v2}");
+    assert_eq!(v2["rq_5xx"], v2["rq_total"], "{v2}");
+}
+
+#[test]
 fn default_retries_hide_a_refusing_endpoint_which_is_still_ejected() {
     if !require_privileged() {
         return;

@@ -1019,6 +1019,54 @@ fn tcp_keepalive_time_interval_and_probes_close_a_dead_upstream() {
 }
 
 #[test]
+fn max_connection_duration_closes_a_busy_proxied_connection() {
+    if !require_privileged() {
+        return;
+    }
+    // Bytes every 100 ms keep the connection busy; after 1 s it is closed all the same.
+    let yaml = echo_with_policy("connectionPool: {tcp: {maxConnectionDuration: 1s}}");
+    let Captured {
+        t,
+        daemon,
+        _servers,
+        _pins,
+        ..
+    } = captured(1, Some(yaml), &[]);
+    let mut conn = t.client.connect(sa(&format!("{VIP}:80")), None).unwrap();
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.starts_with("hello from ep1"), "{line}");
+    let started = std::time::Instant::now();
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut echoed = 0;
+    let closed = loop {
+        if started.elapsed() > Duration::from_secs(5) {
+            break None;
+        }
+        if conn.write_all(b"x").is_err() {
+            break Some(started.elapsed());
+        }
+        let mut b = [0u8; 1];
+        match reader.read(&mut b) {
+            Ok(1) => echoed += 1,
+            _ => break Some(started.elapsed()),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let closed = closed.expect("still open after 5 s");
+    assert!(
+        closed >= Duration::from_millis(800) && closed < Duration::from_secs(3),
+        "closed after {closed:?}"
+    );
+    assert!(echoed >= 5, "busy until then: {echoed} echoes");
+    assert!(
+        daemon.wait_log("maxConnectionDuration", Duration::from_secs(2)),
+        "logged with its cause"
+    );
+}
+
+#[test]
 fn endpoint_counters_reach_the_pinned_map_without_the_admin_api() {
     if !require_privileged() {
         return;

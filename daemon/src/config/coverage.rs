@@ -168,7 +168,7 @@ const TABLE: &[(&str, How)] = &[
     (
         "DestinationRule.trafficPolicy.connectionPool.tcp.maxConnectionDuration",
         Enforced(
-            "daemon/src/proxy/relay.rs::max_duration_closes_a_busy_connection_and_zero_idle_disables",
+            "tests/tests/privileged.rs::max_connection_duration_closes_a_busy_proxied_connection",
         ),
     ),
     (
@@ -255,7 +255,7 @@ const TABLE: &[(&str, How)] = &[
     ),
     (
         "DestinationRule.trafficPolicy.outlierDetection.outlierDetectionHttpErrorCodes",
-        Enforced("daemon/src/outlier/tests.rs::listed_error_codes_replace_the_5xx_rule"),
+        Enforced("tests/tests/l7.rs::listed_outlier_error_codes_eject_on_those_codes_only"),
     ),
     // tls.
     (
@@ -478,7 +478,7 @@ const TABLE: &[(&str, How)] = &[
     (
         "VirtualService.http[].redirect.derivePort",
         Enforced(
-            "daemon/src/proxy/actions/tests.rs::redirect_location_replaces_only_what_it_names",
+            "daemon/src/proxy/actions/tests.rs::redirects_direct_responses_and_origin_patterns_from_built_routes",
         ),
     ),
     (
@@ -504,10 +504,6 @@ const TABLE: &[(&str, How)] = &[
         Enforced(
             "tests/tests/privileged.rs::hot_reload_swaps_valid_config_and_keeps_serving_on_invalid",
         ),
-    ),
-    (
-        "VirtualService.tcp[].match",
-        Enforced("daemon/src/registry/route.rs::subnets_and_query_params"),
     ),
     (
         "VirtualService.tcp[].match[].gateways",
@@ -584,7 +580,9 @@ const TABLE: &[(&str, How)] = &[
     ),
     (
         "WorkloadEntry.address",
-        Enforced("tests/tests/l7.rs::walkthrough_scenario1_splits_50_50_across_subsets"),
+        Enforced(
+            "daemon/src/registry/build.rs::workload_entry_weights_shape_round_robin_and_random_picks",
+        ),
     ),
     (
         "WorkloadEntry.labels",
@@ -741,6 +739,115 @@ const TABLE: &[(&str, How)] = &[
             spec: "rules: [{from: [{source: {notRequestPrincipals: ['*']}}]}]",
             error: "notRequestPrincipals",
         },
+    ),
+    (
+        "DestinationRule.trafficPolicy.loadBalancer.consistentHash.httpCookie.attributes",
+        Enforced(
+            "daemon/src/registry/route.rs::a_missing_cookie_with_ttl_is_generated_and_then_sticks",
+        ),
+    ),
+    (
+        "VirtualService.http[].redirect.scheme",
+        Enforced(
+            "daemon/src/proxy/actions/tests.rs::redirects_direct_responses_and_origin_patterns_from_built_routes",
+        ),
+    ),
+    (
+        "VirtualService.http[].directResponse.body.bytes",
+        Enforced(
+            "daemon/src/proxy/actions/tests.rs::redirects_direct_responses_and_origin_patterns_from_built_routes",
+        ),
+    ),
+    (
+        "VirtualService.http[].corsPolicy.allowOrigins[].regex",
+        Enforced(
+            "daemon/src/proxy/actions/tests.rs::redirects_direct_responses_and_origin_patterns_from_built_routes",
+        ),
+    ),
+    // Routes that hold for some sources, destinations, ports and paths only.
+    (
+        "VirtualService.http[].match[].ignoreUriCase",
+        Enforced(
+            "daemon/src/registry/route.rs::routes_decide_on_source_labels_and_namespace_destination_subnet_port_and_path_case",
+        ),
+    ),
+    (
+        "VirtualService.http[].match[].sourceLabels",
+        Enforced(
+            "daemon/src/registry/route.rs::routes_decide_on_source_labels_and_namespace_destination_subnet_port_and_path_case",
+        ),
+    ),
+    (
+        "VirtualService.http[].match[].sourceNamespace",
+        Enforced(
+            "daemon/src/registry/route.rs::routes_decide_on_source_labels_and_namespace_destination_subnet_port_and_path_case",
+        ),
+    ),
+    (
+        "VirtualService.http[].mirror.port",
+        Enforced(
+            "daemon/src/registry/route.rs::routes_decide_on_source_labels_and_namespace_destination_subnet_port_and_path_case",
+        ),
+    ),
+    (
+        "VirtualService.http[].mirrors[].destination.port",
+        Enforced(
+            "daemon/src/registry/route.rs::routes_decide_on_source_labels_and_namespace_destination_subnet_port_and_path_case",
+        ),
+    ),
+    (
+        "VirtualService.http[].route[].destination.port",
+        Enforced(
+            "daemon/src/registry/route.rs::routes_decide_on_source_labels_and_namespace_destination_subnet_port_and_path_case",
+        ),
+    ),
+    (
+        "VirtualService.tcp[].match[].destinationSubnets",
+        Enforced(
+            "daemon/src/registry/route.rs::routes_decide_on_source_labels_and_namespace_destination_subnet_port_and_path_case",
+        ),
+    ),
+    (
+        "VirtualService.tcp[].match[].port",
+        Enforced(
+            "daemon/src/registry/route.rs::routes_decide_on_source_labels_and_namespace_destination_subnet_port_and_path_case",
+        ),
+    ),
+    (
+        "VirtualService.tcp[].match[].sourceLabels",
+        Enforced(
+            "daemon/src/registry/route.rs::routes_decide_on_source_labels_and_namespace_destination_subnet_port_and_path_case",
+        ),
+    ),
+    (
+        "VirtualService.tcp[].match[].sourceNamespace",
+        Enforced(
+            "daemon/src/registry/route.rs::routes_decide_on_source_labels_and_namespace_destination_subnet_port_and_path_case",
+        ),
+    ),
+    (
+        "VirtualService.tls[].match[].destinationSubnets",
+        Enforced(
+            "daemon/src/registry/route.rs::routes_decide_on_source_labels_and_namespace_destination_subnet_port_and_path_case",
+        ),
+    ),
+    (
+        "VirtualService.tls[].match[].sourceLabels",
+        Enforced(
+            "daemon/src/registry/route.rs::routes_decide_on_source_labels_and_namespace_destination_subnet_port_and_path_case",
+        ),
+    ),
+    (
+        "VirtualService.tls[].match[].sourceNamespace",
+        Enforced(
+            "daemon/src/registry/route.rs::routes_decide_on_source_labels_and_namespace_destination_subnet_port_and_path_case",
+        ),
+    ),
+    (
+        "VirtualService.tls[].route[].weight",
+        Enforced(
+            "daemon/src/registry/route.rs::routes_decide_on_source_labels_and_namespace_destination_subnet_port_and_path_case",
+        ),
     ),
     // Gateway API mesh routes.
     (

@@ -902,13 +902,15 @@ spec:
 
     #[test]
     fn a_missing_cookie_with_ttl_is_generated_and_then_sticks() {
-        let reg = hashing("httpCookie: {name: sticky, ttl: 60s, path: /}");
+        let reg = hashing(
+            "httpCookie: {name: sticky, ttl: 60s, path: /, attributes: [{name: SameSite, value: Strict}, {name: Secure}]}",
+        );
         let none = headers(&[]);
         let d = get(&reg, &none);
         let set = d.set_cookie.expect("a cookie is generated");
         assert!(
             set.starts_with("sticky=\"")
-                && set.contains("; Max-Age=60; Path=/")
+                && set.contains("; Max-Age=60; Path=/; SameSite=Strict; Secure")
                 && set.ends_with("; HttpOnly"),
             "{set}"
         );
@@ -962,6 +964,191 @@ spec:
         assert!((0..200).all(|_| d.cluster.repick(&[0], true) == Some(1)));
         // Random over two: about half the retries go back to the endpoint that failed.
         assert!((60..140).contains(&back), "{back}");
+    }
+
+    /// Services `web` (HTTP), `multi` (HTTP on 80 and 8080, no VIP), `db` (TCP on 5432 and
+    /// 5433) and `tls2` (TLS), the last two with a VIP in 127.77/16 and one in 127.78/16, and
+    /// VirtualServices whose routes hold only for some sources, destinations, ports and paths.
+    const SOURCES: &str = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: multi, namespace: default}
+spec:
+  hosts: [multi.default.svc]
+  ports: [{number: 80, name: http, protocol: HTTP}, {number: 8080, name: http-alt, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 127.0.0.2}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db, namespace: default}
+spec:
+  hosts: [db.default.svc]
+  addresses: [127.77.0.14, 127.78.0.14]
+  ports: [{number: 5432, name: tcp, protocol: TCP}, {number: 5433, name: tcp-alt, protocol: TCP}]
+  resolution: STATIC
+  endpoints: [{address: 127.0.0.3}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: tls2, namespace: default}
+spec:
+  hosts: [tls2.default.svc]
+  addresses: [127.77.0.15, 127.78.0.15]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  resolution: STATIC
+  endpoints: [{address: 127.0.0.4}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: default}
+spec:
+  hosts: [web.default.svc]
+  http:
+  - match: [{uri: {exact: /CASE}, ignoreUriCase: true}]
+    route: [{destination: {host: multi.default.svc, port: {number: 8080}}}]
+    mirror: {host: multi.default.svc, port: {number: 80}}
+  - match: [{sourceLabels: {app: canary}}]
+    route: [{destination: {host: multi.default.svc, port: {number: 80}}}]
+    mirrors: [{destination: {host: multi.default.svc, port: {number: 8080}}}]
+  - match: [{sourceNamespace: shop}]
+    route: [{destination: {host: multi.default.svc, port: {number: 8080}}}]
+  - route: [{destination: {host: web.default.svc}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: db, namespace: default}
+spec:
+  hosts: [db.default.svc]
+  tcp:
+  - match: [{destinationSubnets: [127.78.0.0/16]}]
+    route: [{destination: {host: multi.default.svc, port: {number: 8080}}}]
+  - match: [{port: 5433}]
+    route: [{destination: {host: multi.default.svc, port: {number: 80}}}]
+  - match: [{sourceLabels: {app: canary}}]
+    route: [{destination: {host: multi.default.svc, port: {number: 80}}}]
+  - match: [{sourceNamespace: shop}]
+    route: [{destination: {host: multi.default.svc, port: {number: 80}}}]
+  - route: [{destination: {host: db.default.svc, port: {number: 5432}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: tls2, namespace: default}
+spec:
+  hosts: [tls2.default.svc]
+  tls:
+  - match: [{sniHosts: [a.test], destinationSubnets: [127.78.0.0/16]}]
+    route: [{destination: {host: multi.default.svc, port: {number: 80}}}]
+  - match: [{sniHosts: [a.test], sourceLabels: {app: canary}}]
+    route: [{destination: {host: multi.default.svc, port: {number: 80}}}]
+  - match: [{sniHosts: [a.test], sourceNamespace: shop}]
+    route: [{destination: {host: multi.default.svc, port: {number: 80}}}]
+  - match: [{sniHosts: [w.test]}]
+    route:
+    - {destination: {host: multi.default.svc, port: {number: 80}}, weight: 0}
+    - {destination: {host: multi.default.svc, port: {number: 8080}}, weight: 100}
+  tcp:
+  - route: [{destination: {host: tls2.default.svc}}]
+";
+
+    #[test]
+    fn routes_decide_on_source_labels_and_namespace_destination_subnet_port_and_path_case() {
+        let web = two_endpoint_service("web.default.svc", VIP, ("http", "HTTP"), 80);
+        let set =
+            crate::config::source::ConfigSet::parse_ok("t.yaml", &format!("{web}---\n{SOURCES}"));
+        let snapshot = |ns: &str, canary: bool| {
+            let client = crate::registry::resolve::Client {
+                namespace: ns.into(),
+                labels: match canary {
+                    true => [("app".to_string(), "canary".to_string())].into(),
+                    false => Default::default(),
+                },
+                ..Default::default()
+            };
+            Registry::build(&set, &client).unwrap()
+        };
+        let (plain, canary, shop) = (
+            snapshot("default", false),
+            snapshot("default", true),
+            snapshot("shop", false),
+        );
+        // HTTP: the route, the destination port's cluster and the mirror's port.
+        let none = headers(&[]);
+        let http = |reg: &Registry, path: &'static str| {
+            let d = reg
+                .route_request(
+                    VIP.parse().unwrap(),
+                    None,
+                    &request("GET", path, None, &none),
+                )
+                .unwrap();
+            let mirror = (d.http_route.and_then(|r| r.mirrors.first())).and_then(|(m, _)| m.port);
+            (d.route.unwrap_or_default(), d.cluster.port, mirror)
+        };
+        assert_eq!(
+            http(&plain, "/case"),
+            ("default/web http[0]".into(), 8080, Some(80))
+        );
+        assert_eq!(
+            http(&plain, "/Case"),
+            ("default/web http[0]".into(), 8080, Some(80))
+        );
+        assert_eq!(
+            http(&canary, "/x"),
+            ("default/web http[1]".into(), 80, Some(8080))
+        );
+        assert_eq!(
+            http(&shop, "/x"),
+            ("default/web http[2]".into(), 8080, None)
+        );
+        assert_eq!(http(&plain, "/x"), ("default/web http[3]".into(), 80, None));
+        // TCP: the destination subnet, the port, then the source.
+        let tcp = |reg: &Registry, addr: &str| {
+            let d = reg.route(addr.parse().unwrap(), None).unwrap();
+            (d.route.unwrap_or_default(), d.cluster.port)
+        };
+        assert_eq!(
+            tcp(&plain, "127.78.0.14:5432"),
+            ("default/db tcp[0]".into(), 8080)
+        );
+        assert_eq!(
+            tcp(&plain, "127.77.0.14:5433"),
+            ("default/db tcp[1]".into(), 80)
+        );
+        assert_eq!(tcp(&canary, "127.77.0.14:5432").0, "default/db tcp[2]");
+        assert_eq!(tcp(&shop, "127.77.0.14:5432").0, "default/db tcp[3]");
+        assert_eq!(
+            tcp(&plain, "127.77.0.14:5432"),
+            ("default/db tcp[4]".into(), 5432)
+        );
+        // TLS: the same conditions after the server name, and the route's weights.
+        let tls = |reg: &Registry, addr: &str, sni: &str| {
+            let d = reg
+                .route_tls(addr.parse().unwrap(), None, Some(sni))
+                .unwrap();
+            (d.route.unwrap_or_default(), d.cluster.port)
+        };
+        assert_eq!(
+            tls(&plain, "127.78.0.15:443", "a.test").0,
+            "default/tls2 tls[0]"
+        );
+        assert_eq!(
+            tls(&canary, "127.77.0.15:443", "a.test").0,
+            "default/tls2 tls[1]"
+        );
+        assert_eq!(
+            tls(&shop, "127.77.0.15:443", "a.test").0,
+            "default/tls2 tls[2]"
+        );
+        assert_eq!(
+            tls(&plain, "127.77.0.15:443", "a.test").0,
+            "default/tls2 tcp[0]"
+        );
+        for _ in 0..20 {
+            assert_eq!(
+                tls(&plain, "127.77.0.15:443", "w.test"),
+                ("default/tls2 tls[3]".into(), 8080)
+            );
+        }
     }
 
     #[test]

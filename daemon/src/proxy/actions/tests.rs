@@ -6,7 +6,7 @@ use hyper::{
 };
 
 use super::*;
-use crate::config::policy::RegexRewrite;
+use crate::config::policy::{LocalReply, RegexRewrite};
 use hyper::Method;
 
 fn name(s: &'static str) -> HeaderName {
@@ -315,6 +315,85 @@ fn a_routes_deprecated_allow_origin_list_admits_exactly_those_origins() {
     ]);
     assert_eq!(
         cors(c, &Method::OPTIONS, &near),
+        CorsVerdict::Forward(HeaderMap::new())
+    );
+}
+
+#[test]
+fn redirects_direct_responses_and_origin_patterns_from_built_routes() {
+    let service = crate::testing::two_endpoint_service(
+        "web.default.svc",
+        "127.77.0.10:80",
+        ("http", "HTTP"),
+        80,
+    );
+    let vs = crate::testing::virtual_service(
+        "  - match: [{uri: {prefix: /redir}}]
+    redirect: {uri: /new, scheme: https, derivePort: FROM_PROTOCOL_DEFAULT, redirectCode: 302}
+  - match: [{uri: {exact: /bytes}}]
+    directResponse: {status: 200, body: {bytes: aGVsbG8=}}
+  - match: [{uri: {prefix: /cors}}]
+    corsPolicy: {allowOrigins: [{regex: 'https://[a-z]+[.]example'}], allowMethods: [GET]}
+    route: [{destination: {host: web.default.svc}}]
+",
+    );
+    let reg = crate::testing::registry(&format!("{service}{vs}"));
+    let route = |path: &'static str, headers: &HeaderMap| {
+        let req = crate::registry::route::Request {
+            method: "OPTIONS",
+            scheme: "http",
+            authority: "web.default.svc:8080",
+            path,
+            query: None,
+            headers,
+            connection: "-",
+        };
+        let d = reg
+            .route_request("127.77.0.10:80".parse().unwrap(), None, &req)
+            .unwrap();
+        (
+            d.http_route.unwrap(),
+            d.http_match.and_then(|m| m.uri.as_ref()),
+        )
+    };
+    let none = HeaderMap::new();
+    // The scheme changes and the port is the new scheme's default (not written).
+    let (r, matched) = route("/redir/x", &none);
+    let Some(LocalReply::Redirect(redirect)) = &r.local else {
+        panic!("{r:?}");
+    };
+    assert_eq!(redirect.code, StatusCode::FOUND);
+    assert_eq!(
+        location(
+            redirect,
+            matched,
+            "http",
+            "web.default.svc:8080",
+            "/redir/x?q=1"
+        ),
+        "https://web.default.svc/new?q=1"
+    );
+    // A body given as base64 bytes.
+    let (r, _) = route("/bytes", &none);
+    assert_eq!(
+        r.local,
+        Some(LocalReply::Direct {
+            status: StatusCode::OK,
+            body: b"hello".to_vec()
+        })
+    );
+    // An origin pattern: the whole origin must match.
+    let preflight = |origin: &'static str| {
+        request(&[("origin", origin), ("access-control-request-method", "GET")])
+    };
+    let (r, _) = route("/cors", &none);
+    let c = r.cors.as_ref().unwrap();
+    assert!(matches!(
+        cors(c, &Method::OPTIONS, &preflight("https://app.example")),
+        CorsVerdict::Preflight(_)
+    ));
+    assert_eq!(
+        cors(c, &Method::OPTIONS, &preflight("https://app.example.evil")),
         CorsVerdict::Forward(HeaderMap::new())
     );
 }
