@@ -481,18 +481,26 @@ fn route(
     }
 }
 
+/// One entry per group with every version it serves, the most stable preferred (`v1`, then
+/// betas, then alphas), as a real API server lists them.
 fn group_list(s: &State) -> Value {
-    let groups: BTreeSet<(&str, &str)> = s
-        .served
-        .iter()
-        .filter(|k| !k.group.is_empty())
-        .map(|k| (k.group, k.version))
-        .collect();
+    let mut groups: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    for k in s.served.iter().filter(|k| !k.group.is_empty()) {
+        groups.entry(k.group).or_default().insert(k.version);
+    }
+    let stability = |v: &str| match (v.contains("alpha"), v.contains("beta")) {
+        (true, _) => 2,
+        (_, true) => 1,
+        _ => 0,
+    };
     let groups: Vec<Value> = groups
         .into_iter()
-        .map(|(g, v)| {
-            let gv = json!({"groupVersion": format!("{g}/{v}"), "version": v});
-            json!({"name": g, "versions": [gv.clone()], "preferredVersion": gv})
+        .map(|(g, versions)| {
+            let mut versions: Vec<&str> = versions.into_iter().collect();
+            versions.sort_by_key(|v| stability(v));
+            let gv = |v: &str| json!({"groupVersion": format!("{g}/{v}"), "version": v});
+            let all: Vec<Value> = versions.iter().map(|v| gv(v)).collect();
+            json!({"name": g, "versions": all, "preferredVersion": gv(versions[0])})
         })
         .collect();
     json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})

@@ -121,7 +121,7 @@ fn gateway_api_routes_are_explained_per_request_and_bad_ones_located() {
     for expected in [
         "routes     HTTPRoute demo/reviews (producer Gateway API routes, ordered by the spec's precedence)",
         "  HTTPRoute demo/reviews rules[1] (with match) → reviews-v1.demo.svc.cluster.local port 9080 weight 90; reviews-v2.demo.svc.cluster.local port 9080 weight 10",
-        "request    GET /v2/ratings → HTTPRoute demo/reviews rules[0] (matched path path prefix /v2, port 9080) → cluster outbound|9080||reviews-v2.demo.svc.cluster.local",
+        "request    GET /v2/ratings → HTTPRoute demo/reviews rules[0] (matched path segment prefix /v2, port 9080) → cluster outbound|9080||reviews-v2.demo.svc.cluster.local",
     ] {
         assert!(
             out.contains(expected),
@@ -130,7 +130,7 @@ fn gateway_api_routes_are_explained_per_request_and_bad_ones_located() {
     }
     // Not a segment of /v2: the catch-all rule.
     let out = explain("/v2x");
-    assert!(out.contains("request    GET /v2x → HTTPRoute demo/reviews rules[1] (matched path path prefix /, port 9080)"), "{out}");
+    assert!(out.contains("request    GET /v2x → HTTPRoute demo/reviews rules[1] (matched path segment prefix /, port 9080)"), "{out}");
 
     let (code, _, err) = drover(&[
         "validate",
@@ -141,19 +141,19 @@ fn gateway_api_routes_are_explained_per_request_and_bad_ones_located() {
     let f = "fixtures/invalid/bad-routes.yaml";
     for expected in [
         format!(
-            "error: {f}:11:7: spec.rules[0].filters[0].urlRewrite.path: ReplacePrefixMatch needs every match of the rule to be a PathPrefix path match"
+            "error: {f}:11:20: spec.rules[0].filters[0].urlRewrite.path: ReplacePrefixMatch needs every match of the rule to be a PathPrefix path match"
         ),
         format!(
-            "error: {f}:13:24: spec.rules[1].matches[0].path.type: \"Prefix\" is not Exact, PathPrefix or RegularExpression"
+            "error: {f}:13:23: spec.rules[1].matches[0].path.type: \"Prefix\" is not Exact, PathPrefix or RegularExpression"
         ),
         format!(
             "error: {f}:14:20: spec.rules[1].backendRefs[0].port: port is required for a Service backend"
         ),
         format!(
-            "error: {f}:17:7: spec.rules[2].filters[0].requestRedirect.statusCode: 305 is not one of 301, 302, 303, 307, 308"
+            "error: {f}:17:25: spec.rules[2].filters[0].requestRedirect.statusCode: 305 is not one of 301, 302, 303, 307, 308"
         ),
         format!(
-            "error: {f}:19:14: apiVersion: unsupported version \"v1alpha2\" of HTTPRoute (expected gateway.networking.k8s.io/v1 or v1beta1)"
+            "error: {f}:19:1: apiVersion: unsupported version \"v1alpha2\" of HTTPRoute (expected gateway.networking.k8s.io/v1 or v1beta1)"
         ),
     ] {
         assert!(

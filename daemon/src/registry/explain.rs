@@ -120,7 +120,7 @@ fn describe_match(m: &policy::HttpMatch) -> String {
     let sm = |s: &policy::StringMatch| match s {
         policy::StringMatch::Exact(v) => format!("exact {v}"),
         policy::StringMatch::Prefix(v) => format!("prefix {v}"),
-        policy::StringMatch::PathPrefix(v) => format!("path prefix {v}"),
+        policy::StringMatch::PathPrefix(v) => format!("segment prefix {v}"),
         policy::StringMatch::Regex(r) => format!("regex {}", r.as_str()),
     };
     let mut parts = Vec::new();
