@@ -41,6 +41,19 @@ spec:
         )
 }
 
+/// A captured connection to `VIP:80` from the client namespace, greeted by `ep1`: the stream and
+/// a reader on it.
+fn greeted_by_ep1(t: &Topology) -> (std::net::TcpStream, BufReader<std::net::TcpStream>) {
+    let conn = (t.client)
+        .connect(sa(&format!("{VIP}:80")), None)
+        .expect("captured connect");
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.starts_with("hello from ep1"), "{line}");
+    (conn, reader)
+}
+
 fn greeting_of(v: &serde_json::Value) -> &str {
     v["greeting"]
         .as_str()
@@ -417,14 +430,7 @@ fn sigterm_drains_open_connections_then_closes_them() {
         _pins,
         ..
     } = captured(1, None, &["--drain-timeout", "2"]);
-    let mut conn = t
-        .client
-        .connect(sa(&format!("{VIP}:80")), None)
-        .expect("captured connect");
-    let mut reader = BufReader::new(conn.try_clone().unwrap());
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
-    assert!(line.starts_with("hello from ep1"), "{line}");
+    let (mut conn, mut reader) = greeted_by_ep1(&t);
 
     daemon.terminate();
     assert!(daemon.wait_log("SIGTERM: draining", Duration::from_secs(3)));
@@ -938,11 +944,7 @@ fn tcp_keepalive_and_idle_timeout_apply_to_proxied_connections() {
         _pins,
         ..
     } = captured(1, Some(yaml), &[]);
-    let conn = t.client.connect(sa(&format!("{VIP}:80")), None).unwrap();
-    let mut reader = BufReader::new(conn.try_clone().unwrap());
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
-    assert!(line.starts_with("hello from ep1"), "{line}");
+    let (conn, mut reader) = greeted_by_ep1(&t);
     // The daemon's upstream socket (in the client namespace, towards the endpoint) has the
     // keepalive timer armed with `time`.
     let ss = t
@@ -988,11 +990,7 @@ fn tcp_keepalive_time_interval_and_probes_close_a_dead_upstream() {
         _pins,
         ..
     } = captured(1, Some(yaml), &[]);
-    let conn = t.client.connect(sa(&format!("{VIP}:80")), None).unwrap();
-    let mut reader = BufReader::new(conn.try_clone().unwrap());
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
-    assert!(line.starts_with("hello from ep1"), "{line}");
+    let (conn, mut reader) = greeted_by_ep1(&t);
     // The endpoint vanishes: its side of the link goes down, nothing answers the probes.
     t.endpoints[0].ip(&["link", "set", &format!("d{}b1", t.id), "down"]);
     let started = std::time::Instant::now();
@@ -1032,11 +1030,7 @@ fn max_connection_duration_closes_a_busy_proxied_connection() {
         _pins,
         ..
     } = captured(1, Some(yaml), &[]);
-    let mut conn = t.client.connect(sa(&format!("{VIP}:80")), None).unwrap();
-    let mut reader = BufReader::new(conn.try_clone().unwrap());
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
-    assert!(line.starts_with("hello from ep1"), "{line}");
+    let (mut conn, mut reader) = greeted_by_ep1(&t);
     let started = std::time::Instant::now();
     conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut echoed = 0;
