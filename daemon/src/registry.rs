@@ -1,6 +1,7 @@
 //! The service registry: `ServiceEntry` and `WorkloadEntry` resources turned into services,
 //! ports and endpoints, indexed by the (VIP, port) that capture hands the proxy, together with the
-//! `DestinationRule`s and `VirtualService`s that shape them, resolved for the daemon's client into
+//! `DestinationRule`s and `VirtualService`s (and the Gateway API routes, bound into the same
+//! route model by [`mesh_routes`]) that shape them, resolved for the daemon's client into
 //! clusters `(host, port, subset)` that each carry their endpoints and effective policy.
 //!
 //! A [`Registry`] is an immutable snapshot, validated as a whole when it is built; the proxy

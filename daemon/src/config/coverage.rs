@@ -1,7 +1,11 @@
 //! Field coverage of the CRD mirror: every field Drover parses is either enforced — and names
 //! a test that exercises it — or gives a located warning saying it is not enforced when set, or
-//! is inert in Envoy too (a name). The field list comes from the mirror itself
+//! is refused, or is inert in Envoy too (a name). The field list comes from the mirror itself
 //! ([`trace::fields`]), so adding a field to [`super::crd`] without deciding which fails here.
+//! A name is not enough: the named test's source (its body, the functions and constants of its
+//! file or the shared test helpers it uses, the fixtures they name) must mention the field (in
+//! the CRD's spelling, or the validated policy's for unit tests over it), so a test that never
+//! sets the field cannot stand for it.
 
 mod trace;
 

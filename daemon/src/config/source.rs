@@ -1,8 +1,10 @@
-//! Loads Istio resources from YAML files and directories (multi-document, recursive, sorted).
+//! Loads Istio and Gateway API resources from YAML files and directories (multi-document,
+//! recursive, sorted).
 //!
-//! Kinds Drover uses are parsed into [`crd`] types; other Kubernetes and Istio kinds are skipped
-//! with an info line; a document that is not a resource, an unknown `networking.istio.io` kind
-//! or version, and malformed YAML are problems. Fields the CRD mirror does not know become
+//! Kinds Drover uses are parsed into [`crd`] types; other Kubernetes, Istio and Gateway API kinds
+//! are skipped with an info line; a document that is not a resource, an unknown
+//! `networking.istio.io` kind or version, a version of a Gateway API kind Drover does not read,
+//! and malformed YAML are problems. Fields the CRD mirror does not know become
 //! warnings naming the field. All problems of all files are collected, so a user sees every
 //! mistake at once.
 

@@ -1,11 +1,13 @@
 //! Istio's validation rules for `DestinationRule`, `VirtualService`, `ServiceEntry`,
-//! `WorkloadEntry` and `PeerAuthentication`, turning [`crd`] mirrors into [`policy`] types. Every check names the field
-//! path and reports the position of the YAML node through the resource's [`Origin`]; all
-//! problems of a resource are collected, not only the first. Warnings (deprecated, ignored or
-//! not yet built fields) do not stop a resource from loading. Each resource's rules live in
-//! their own file (`destination_rule.rs`, `virtual_service.rs`, `service_entry.rs`,
-//! `peer_authentication.rs`); this one
-//! holds the checker, the scalar rules they share and the free helpers.
+//! `WorkloadEntry`, `PeerAuthentication` and `AuthorizationPolicy`, and the Gateway API's for its
+//! mesh routes and `ReferenceGrant`, turning [`crd`] mirrors into [`policy`] types. Every check
+//! names the field path and reports the position of the YAML node through the resource's
+//! [`Origin`]; all problems of a resource are collected, not only the first. Warnings
+//! (deprecated, ignored or not yet built fields) do not stop a resource from loading. Each
+//! resource's rules live in their own file (`destination_rule.rs`, `virtual_service.rs`,
+//! `service_entry.rs`, `peer_authentication.rs`, `authorization_policy.rs`,
+//! `gateway_route.rs`); this one holds the checker, the scalar rules they share and the free
+//! helpers.
 //!
 //! Invariant: this module never panics on any input that deserialized into the [`crd`] types.
 

@@ -1,5 +1,6 @@
 //! Routing: captured (VIP, port) → service → VirtualService route (first match wins, weighted
-//! destination) → cluster `(host, port, subset)` → endpoint.
+//! destination; Gateway API routes arrive here already ordered by their precedence) → cluster
+//! `(host, port, subset)` → endpoint.
 //!
 //! HTTP ports are routed per request ([`Registry::route_request`]): every `HTTPMatchRequest`
 //! condition is evaluated and hash keys come from the request. Other ports are routed once per
