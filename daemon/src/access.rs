@@ -40,6 +40,10 @@ pub enum Kind {
         route: String,
         endpoint: String,
         flags: Vec<ResponseFlag>,
+        /// `x-request-id` as forwarded (the client's, or generated).
+        request_id: String,
+        /// The W3C / B3 trace id the request carries upstream.
+        trace_id: String,
     },
     /// An inbound (15006) connection: how it was served, or why it was refused.
     Inbound { outcome: Result<String, String> },
@@ -96,11 +100,14 @@ impl Record {
                 route,
                 endpoint,
                 flags,
+                request_id,
+                trace_id,
             } => tracing::info!(
                 target: "drover::access",
                 netns = %netns, src = ?src, dst = %dst, method = %method, path = %path,
                 authority = %authority, status, cluster = %cluster, route = %route,
-                endpoint = %endpoint, duration_ms, flag = %render(flags), "http"
+                endpoint = %endpoint, duration_ms, flag = %render(flags),
+                request_id = %request_id, trace_id = %trace_id, "http"
             ),
             Kind::Inbound { outcome: Ok(how) } => tracing::info!(
                 target: "drover::access", netns = %netns, src = %peer(src), dst = ?Some(dst),

@@ -73,4 +73,5 @@ pub mod stats;
 #[doc(hidden)]
 pub mod testing;
 pub mod tls;
+pub mod trace;
 pub mod workload;

@@ -189,6 +189,11 @@ struct RunArgs {
     /// RFC 3986 dot segments removed, escaped unreserved characters decoded).
     #[arg(long, value_enum, default_value = "base")]
     path_normalization: drover::authz::PathNormalization,
+    /// Percentage of new traces (requests that arrive without a trace context) sampled, as
+    /// Istio's `meshConfig.defaultConfig.tracing.sampling` (default 1); a client's own
+    /// decision is always kept.
+    #[arg(long, default_value = "1", value_name = "PERCENT", value_parser = parse_percent)]
+    trace_sampling: f64,
     /// Close a captured HTTP connection whose request headers are not complete this long after
     /// accept (first request) or after the request's first byte; counted as
     /// `downstream_rq_header_timeout`.
@@ -487,6 +492,14 @@ fn ca(command: CaCommand) -> ExitCode {
 #[derive(Clone, Copy)]
 struct Admin(Option<std::net::SocketAddr>);
 
+/// A percentage in 0..=100.
+fn parse_percent(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(p) if (0.0..=100.0).contains(&p) => Ok(p),
+        _ => Err(format!("{s:?} is not a percentage between 0 and 100")),
+    }
+}
+
 fn parse_admin(s: &str) -> Result<Admin, String> {
     if s == "off" {
         return Ok(Admin(None));
@@ -681,6 +694,7 @@ impl RunArgs {
         let authority =
             mesh_authority(self.mesh_ca, (self.ca_address, self.ca_root), self.ca_token);
         drover::inbound::set_path_normalization(self.path_normalization);
+        drover::trace::set_sampling(self.trace_sampling);
         Ok(app::RunConfig {
             config_paths: self.config,
             cgroups: self.cgroup,

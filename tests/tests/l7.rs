@@ -1627,3 +1627,67 @@ static_resources:
         "about every other request met the 503 endpoint: {stats}"
     );
 }
+
+#[test]
+fn request_ids_and_trace_context_are_generated_or_continued_upstream() {
+    if !require_privileged() {
+        return;
+    }
+    let m = mesh_with(
+        1,
+        &[],
+        &reviews_service(1, "HTTP"),
+        &["--trace-sampling", "100"],
+    );
+    let seen = |headers: &[&str]| {
+        let mut args = vec![format!("{URL}/")];
+        for h in headers {
+            args.extend(["--header".to_string(), h.to_string()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        m.http(&args)["first"]["header_values"].clone()
+    };
+    // Nothing from the client: a UUID v4 request id, a new sampled trace in both formats.
+    let h = seen(&[]);
+    let id = h["x-request-id"].as_str().unwrap_or_default().to_string();
+    assert_eq!(id.len(), 36, "{h}");
+    assert_eq!(&id[14..15], "4", "a version 4 UUID: {h}");
+    let tp: Vec<&str> = h["traceparent"]
+        .as_str()
+        .unwrap_or_default()
+        .split('-')
+        .collect();
+    assert_eq!((tp.len(), tp[0], tp[3]), (4, "00", "01"), "{h}");
+    assert_eq!(h["x-b3-traceid"], tp[1], "{h}");
+    assert_eq!(h["x-b3-spanid"], tp[2], "{h}");
+    assert_eq!(h["x-b3-sampled"], "1", "{h}");
+    assert_ne!(
+        seen(&[])["x-request-id"],
+        id.as_str(),
+        "a new id per request"
+    );
+    assert!(
+        m.daemon.wait_log(
+            &format!("request_id={id} trace_id={}", tp[1]),
+            std::time::Duration::from_secs(2)
+        ),
+        "the access log carries both"
+    );
+    // The client's ids: kept; its trace continued with a new span and its decision.
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let h = seen(&[
+        "x-request-id: client-id-1",
+        &format!("traceparent: 00-{trace}-00f067aa0ba902b7-00"),
+        "tracestate: vendor=x",
+    ]);
+    assert_eq!(h["x-request-id"], "client-id-1", "{h}");
+    let tp: Vec<&str> = h["traceparent"]
+        .as_str()
+        .unwrap_or_default()
+        .split('-')
+        .collect();
+    assert_eq!((tp[1], tp[3]), (trace, "00"), "{h}");
+    assert_ne!(tp[2], "00f067aa0ba902b7", "this hop's own span: {h}");
+    assert_eq!(h["tracestate"], "vendor=x", "{h}");
+    assert!(h.get("x-b3-traceid").is_none(), "{h}");
+}

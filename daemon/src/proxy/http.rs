@@ -564,6 +564,8 @@ struct Exchange {
     path: String,
     /// The URI's authority, else the `Host` header.
     authority: String,
+    /// The request id and trace context this hop forwards.
+    trace: crate::trace::Context,
 }
 
 /// A routed request: the routing decision (in the snapshot it was made by), the names the
@@ -618,6 +620,11 @@ impl Exchange {
             method: parts.method.clone(),
             path: parts.uri.path().to_string(),
             authority,
+            trace: crate::trace::Context::from_request(
+                &parts.headers,
+                crate::trace::sampling(),
+                crate::trace::Dice::roll(),
+            ),
         }
     }
 
@@ -656,6 +663,8 @@ impl Exchange {
                 route: route.to_string(),
                 endpoint: endpoint.to_string(),
                 flags,
+                request_id: self.trace.request_id.clone(),
+                trace_id: self.trace.trace_id.clone(),
             },
         }
     }
@@ -1006,6 +1015,8 @@ impl Forward {
                 parts.headers.remove(header::HOST);
             }
         }
+        // The request id and trace context first: a route's header rules may still override them.
+        exchange.trace.write(&mut parts.headers);
         for rules in routed.header_rules() {
             actions::apply(&rules.request, &mut parts.headers);
         }
