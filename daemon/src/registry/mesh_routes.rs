@@ -61,6 +61,64 @@ pub(super) fn bind(
     problems: &mut Vec<Problem>,
     warnings: &mut Vec<Problem>,
 ) -> Vec<VsEntry> {
+    let routes = validated_routes(set, problems, warnings);
+    let grants: Vec<(String, ReferenceGrant)> = (set.reference_grants.iter())
+        .filter_map(|g| {
+            let v = validate::<_, ReferenceGrant>(g, problems, warnings)?;
+            Some((g.namespace().to_string(), v))
+        })
+        .collect();
+    // (host, consumer namespace) → the entry being merged.
+    let mut groups: BTreeMap<(String, Option<String>), Group<'_>> = BTreeMap::new();
+    for b in &routes {
+        for p in &b.route.parents {
+            let hosts: Vec<String> = (parent_hosts(set, p).into_iter())
+                .filter(|h| known(h))
+                .collect();
+            if hosts.is_empty() {
+                warnings.push(b.origin.problem(
+                    p.field.clone(),
+                    format!(
+                        "{} {}/{} is not a known service: the route applies to nothing",
+                        if p.service_entry {
+                            "ServiceEntry"
+                        } else {
+                            "Service"
+                        },
+                        p.namespace,
+                        p.name
+                    ),
+                ));
+                continue;
+            }
+            let consumer = (p.namespace != b.namespace).then(|| b.namespace.clone());
+            for host in hosts {
+                let g = groups
+                    .entry((host, consumer.clone()))
+                    .or_insert_with(|| Group {
+                        namespace: consumer.clone().unwrap_or_else(|| p.namespace.clone()),
+                        first: b,
+                        routes: Vec::new(),
+                        http: Vec::new(),
+                        tcp: Vec::new(),
+                    });
+                g.add(b, p.port, &grants, known);
+            }
+        }
+    }
+    let entries: Vec<VsEntry> = (groups.into_iter())
+        .map(|((host, consumer), g)| g.entry(host, consumer))
+        .collect();
+    warn_overlaps(&entries, virtual_services, warnings);
+    entries
+}
+
+/// Every valid mesh route of `set`, oldest first.
+fn validated_routes(
+    set: &ConfigSet,
+    problems: &mut Vec<Problem>,
+    warnings: &mut Vec<Problem>,
+) -> Vec<Bound> {
     let mut routes: Vec<Bound> = Vec::new();
     macro_rules! collect {
         ($list:expr) => {
@@ -81,109 +139,15 @@ pub(super) fn bind(
     collect!(&set.grpc_routes);
     collect!(&set.tcp_routes);
     routes.sort_by(|a, b| a.age.cmp(&b.age));
-    let grants: Vec<(String, ReferenceGrant)> = (set.reference_grants.iter())
-        .filter_map(|g| {
-            let v = validate::<_, ReferenceGrant>(g, problems, warnings)?;
-            Some((g.namespace().to_string(), v))
-        })
-        .collect();
-    // (host, consumer namespace) → the entry being merged.
-    let mut groups: BTreeMap<(String, Option<String>), Group<'_>> = BTreeMap::new();
-    for b in &routes {
-        for p in &b.route.parents {
-            let hosts = parent_hosts(set, p);
-            if hosts.is_empty() || !hosts.iter().any(|h| known(h)) {
-                warnings.push(b.origin.problem(
-                    p.field.clone(),
-                    format!(
-                        "{} {}/{} is not a known service: the route applies to nothing",
-                        if p.service_entry {
-                            "ServiceEntry"
-                        } else {
-                            "Service"
-                        },
-                        p.namespace,
-                        p.name
-                    ),
-                ));
-                continue;
-            }
-            let consumer = (p.namespace != b.namespace).then(|| b.namespace.clone());
-            for host in hosts.into_iter().filter(|h| known(h)) {
-                let g = groups
-                    .entry((host, consumer.clone()))
-                    .or_insert_with(|| Group {
-                        namespace: consumer.clone().unwrap_or_else(|| p.namespace.clone()),
-                        first: b,
-                        routes: Vec::new(),
-                        http: Vec::new(),
-                        tcp: Vec::new(),
-                    });
-                let kind = format!("{} {}", b.route.kind.name(), b.id);
-                if !g.routes.contains(&kind) {
-                    g.routes.push(kind);
-                }
-                for (i, r) in b.route.http.iter().enumerate() {
-                    let mut r = r.clone();
-                    for m in &mut r.matches {
-                        m.port = p.port;
-                    }
-                    grant_check(&mut r.destinations, b, &grants, known);
-                    for (d, _) in &mut r.mirrors {
-                        grant_check(std::slice::from_mut(d), b, &grants, known);
-                    }
-                    g.http
-                        .push(((precedence(&r), b.age.clone(), r.index, i), r));
-                }
-                for r in &b.route.tcp {
-                    let mut r = r.clone();
-                    if let Some(port) = p.port {
-                        r.matches = vec![policy::L4Match {
-                            port: Some(port),
-                            ..Default::default()
-                        }];
-                    }
-                    grant_check(&mut r.destinations, b, &grants, known);
-                    g.tcp.push(r);
-                }
-            }
-        }
-    }
-    let entries: Vec<VsEntry> = groups
-        .into_iter()
-        .map(|((host, consumer), mut g)| {
-            g.http.sort_by(|a, b| a.0.cmp(&b.0));
-            VsEntry {
-                vs: policy::VirtualService {
-                    hosts: vec![host],
-                    applies_to_mesh: true,
-                    http: g.http.into_iter().map(|(_, r)| r).collect(),
-                    tcp: g.tcp,
-                    tls: Vec::new(),
-                    export_to: match &consumer {
-                        Some(ns) => ExportTo::Namespaces(vec![ns.clone()]),
-                        None => ExportTo::All,
-                    },
-                },
-                source: RuleRef {
-                    id: g.routes.join(", "),
-                    origin: g.first.origin.clone(),
-                },
-                namespace: g.namespace,
-                age: g.first.age.clone(),
-                gateway: Some(GatewayBinding {
-                    routes: g.routes,
-                    consumer: consumer.is_some(),
-                }),
-            }
-        })
-        .collect();
-    for e in &entries {
+    routes
+}
+
+/// A located warning for each VirtualService that routes the host of a Gateway API entry,
+/// naming the one Istio would apply.
+fn warn_overlaps(entries: &[VsEntry], virtual_services: &[VsEntry], warnings: &mut Vec<Problem>) {
+    for e in entries {
         let host = &e.vs.hosts[0];
-        for vs in virtual_services
-            .iter()
-            .filter(|v| v.vs.hosts.contains(host))
-        {
+        for vs in (virtual_services.iter()).filter(|v| v.vs.hosts.contains(host)) {
             let (winner, why) = match e.gateway.as_ref().is_some_and(|g| g.consumer) {
                 true => (
                     e.source.id.as_str(),
@@ -204,7 +168,6 @@ pub(super) fn bind(
             ));
         }
     }
-    entries
 }
 
 /// An entry under construction.
@@ -214,6 +177,77 @@ struct Group<'a> {
     routes: Vec<String>,
     http: Vec<(Order, HttpRoute)>,
     tcp: Vec<policy::L4Route>,
+}
+
+// === impl Group ===
+
+impl Group<'_> {
+    /// Adds route `b`'s rules, bound to the parent's `port` (all ports when `None`), with their
+    /// unusable backends marked.
+    fn add(
+        &mut self,
+        b: &Bound,
+        port: Option<u16>,
+        grants: &[(String, ReferenceGrant)],
+        known: &dyn Fn(&str) -> bool,
+    ) {
+        let kind = format!("{} {}", b.route.kind.name(), b.id);
+        if !self.routes.contains(&kind) {
+            self.routes.push(kind);
+        }
+        for (i, r) in b.route.http.iter().enumerate() {
+            let mut r = r.clone();
+            for m in &mut r.matches {
+                m.port = port;
+            }
+            grant_check(&mut r.destinations, b, grants, known);
+            for (d, _) in &mut r.mirrors {
+                grant_check(std::slice::from_mut(d), b, grants, known);
+            }
+            self.http
+                .push(((precedence(&r), b.age.clone(), r.index, i), r));
+        }
+        for r in &b.route.tcp {
+            let mut r = r.clone();
+            if let Some(port) = port {
+                r.matches = vec![policy::L4Match {
+                    port: Some(port),
+                    ..Default::default()
+                }];
+            }
+            grant_check(&mut r.destinations, b, grants, known);
+            self.tcp.push(r);
+        }
+    }
+
+    /// The finished entry for `host`: HTTP rules in precedence order, visible to every
+    /// namespace (producer) or only to the consumer's.
+    fn entry(mut self, host: String, consumer: Option<String>) -> VsEntry {
+        self.http.sort_by(|a, b| a.0.cmp(&b.0));
+        VsEntry {
+            vs: policy::VirtualService {
+                hosts: vec![host],
+                applies_to_mesh: true,
+                http: self.http.into_iter().map(|(_, r)| r).collect(),
+                tcp: self.tcp,
+                tls: Vec::new(),
+                export_to: match &consumer {
+                    Some(ns) => ExportTo::Namespaces(vec![ns.clone()]),
+                    None => ExportTo::All,
+                },
+            },
+            source: RuleRef {
+                id: self.routes.join(", "),
+                origin: self.first.origin.clone(),
+            },
+            namespace: self.namespace,
+            age: self.first.age.clone(),
+            gateway: Some(GatewayBinding {
+                routes: self.routes,
+                consumer: consumer.is_some(),
+            }),
+        }
+    }
 }
 
 /// The hosts a parent stands for: a Service's name in its namespace, a ServiceEntry's hosts.

@@ -344,58 +344,14 @@ impl Checker<'_> {
             },
             "URLRewrite" => match &f.url_rewrite {
                 Some(r) => {
-                    let rp = format!("{fp}.urlRewrite");
-                    let (uri, full_path) = match &r.path {
-                        None => (None, false),
-                        Some(p) => {
-                            let (uri, prefix) = self.path_modifier(&format!("{rp}.path"), p);
-                            if prefix {
-                                self.prefix_only(&format!("{rp}.path"), matches);
-                            }
-                            (uri, !prefix)
-                        }
-                    };
-                    if let Some(h) = &r.hostname
-                        && let Err(e) = check_host(h)
-                    {
-                        self.err(format!("{rp}.hostname"), e);
-                    }
-                    route.rewrite = Some(policy::Rewrite {
-                        uri,
-                        full_path,
-                        authority: r.hostname.clone(),
-                        uri_regex: None,
-                    });
+                    route.rewrite = Some(self.url_rewrite(&format!("{fp}.urlRewrite"), r, matches));
                 }
                 None => missing(self, "urlRewrite"),
             },
             "RequestMirror" => match &f.request_mirror {
                 Some(m) => {
                     let mp = format!("{fp}.requestMirror");
-                    let percent = match (m.percent, &m.fraction) {
-                        (Some(_), Some(_)) => {
-                            self.err(mp.clone(), "percent and fraction cannot both be set");
-                            100.0
-                        }
-                        (Some(p), None) if (0..=100).contains(&p) => p as f64,
-                        (Some(p), None) => {
-                            self.err(format!("{mp}.percent"), format!("{p} is not in 0-100"));
-                            100.0
-                        }
-                        (None, Some(fr)) => {
-                            let d = fr.denominator.unwrap_or(100);
-                            if d < 1 || fr.numerator < 0 || fr.numerator > d {
-                                self.err(
-                                    format!("{mp}.fraction"),
-                                    "needs 0 <= numerator <= denominator and denominator >= 1",
-                                );
-                                100.0
-                            } else {
-                                fr.numerator as f64 * 100.0 / d as f64
-                            }
-                        }
-                        (None, None) => 100.0,
-                    };
+                    let percent = self.mirror_percent(&mp, m);
                     let bp = format!("{mp}.backendRef");
                     if let Some(d) = self.backend(&bp, 0, &m.backend_ref, foreign) {
                         route.mirrors.push((d, percent));
@@ -415,6 +371,64 @@ impl Checker<'_> {
                 format!("{fp}.type"),
                 format!("unknown filter type {other:?}"),
             ),
+        }
+    }
+
+    /// `URLRewrite`: the path (full, or the matched prefix) and the host.
+    fn url_rewrite(
+        &mut self,
+        rp: &str,
+        r: &gw::UrlRewrite,
+        matches: &[policy::HttpMatch],
+    ) -> policy::Rewrite {
+        let (uri, full_path) = match &r.path {
+            None => (None, false),
+            Some(p) => {
+                let (uri, prefix) = self.path_modifier(&format!("{rp}.path"), p);
+                if prefix {
+                    self.prefix_only(&format!("{rp}.path"), matches);
+                }
+                (uri, !prefix)
+            }
+        };
+        if let Some(h) = &r.hostname
+            && let Err(e) = check_host(h)
+        {
+            self.err(format!("{rp}.hostname"), e);
+        }
+        policy::Rewrite {
+            uri,
+            full_path,
+            authority: r.hostname.clone(),
+            uri_regex: None,
+        }
+    }
+
+    /// A mirror's share of requests, in percent: `percent`, or `fraction`, else all.
+    fn mirror_percent(&mut self, mp: &str, m: &gw::RequestMirror) -> f64 {
+        match (m.percent, &m.fraction) {
+            (Some(_), Some(_)) => {
+                self.err(mp, "percent and fraction cannot both be set");
+                100.0
+            }
+            (Some(p), None) if (0..=100).contains(&p) => p as f64,
+            (Some(p), None) => {
+                self.err(format!("{mp}.percent"), format!("{p} is not in 0-100"));
+                100.0
+            }
+            (None, Some(fr)) => {
+                let d = fr.denominator.unwrap_or(100);
+                if d < 1 || fr.numerator < 0 || fr.numerator > d {
+                    self.err(
+                        format!("{mp}.fraction"),
+                        "needs 0 <= numerator <= denominator and denominator >= 1",
+                    );
+                    100.0
+                } else {
+                    fr.numerator as f64 * 100.0 / d as f64
+                }
+            }
+            (None, None) => 100.0,
         }
     }
 
