@@ -576,6 +576,7 @@ struct Prometheus(
 impl Collector for Prometheus {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         self.encode_inbound(&mut encoder)?;
+        crate::telemetry::metrics().encode(&mut encoder)?;
         encode_downstream(&mut encoder)?;
         if let Some(feed) = &self.1 {
             encode_kubernetes(feed.counters(), &mut encoder)?;

@@ -73,5 +73,6 @@ pub mod stats;
 #[doc(hidden)]
 pub mod testing;
 pub mod tls;
+pub mod telemetry;
 pub mod trace;
 pub mod workload;

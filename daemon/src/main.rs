@@ -194,6 +194,10 @@ struct RunArgs {
     /// decision is always kept.
     #[arg(long, default_value = "1", value_name = "PERCENT", value_parser = parse_percent)]
     trace_sampling: f64,
+    /// Label sets each Istio standard metric keeps; past it, new ones are folded into one
+    /// whose peers are `unknown` (counted as `drover_metrics_folded_total`).
+    #[arg(long, default_value_t = drover::telemetry::DEFAULT_MAX_SERIES, value_name = "N")]
+    metrics_max_series: usize,
     /// Close a captured HTTP connection whose request headers are not complete this long after
     /// accept (first request) or after the request's first byte; counted as
     /// `downstream_rq_header_timeout`.
@@ -695,6 +699,8 @@ impl RunArgs {
             mesh_authority(self.mesh_ca, (self.ca_address, self.ca_root), self.ca_token);
         drover::inbound::set_path_normalization(self.path_normalization);
         drover::trace::set_sampling(self.trace_sampling);
+        drover::telemetry::metrics().set_max_series(self.metrics_max_series);
+        drover::telemetry::set_trust_domain(&self.trust_domain);
         Ok(app::RunConfig {
             config_paths: self.config,
             cgroups: self.cgroup,

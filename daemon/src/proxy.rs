@@ -201,11 +201,31 @@ impl Proxy {
             cluster,
             endpoint,
             route,
+            edge,
         } = log;
         let (bytes, flags, reason) = match &result {
             Ok(bytes) => (Some(*bytes), Vec::new(), None),
             Err(e) => (None, vec![e.response_flag()], Some(e.to_string())),
         };
+        let edge = edge.unwrap_or_else(|| {
+            crate::telemetry::outbound(&crate::telemetry::source(&ns.name), None, None)
+        });
+        let (sent, received) = bytes.unwrap_or_default();
+        crate::telemetry::metrics().tcp(
+            &edge,
+            &crate::telemetry::Tcp {
+                opened: 1,
+                closed: 1,
+                // Istio's sent bytes go to the client (the response), received come from it.
+                sent: received,
+                received: sent,
+                flags: if flags.is_empty() {
+                    String::new()
+                } else {
+                    crate::access::render(&flags)
+                },
+            },
+        );
         crate::access::Record {
             netns: ns.name.clone(),
             src,
@@ -265,6 +285,19 @@ impl Proxy {
                 addr
             }
         };
+        let svc = &registry.services()[d.cluster.service];
+        let endpoint = match d.target {
+            Target::Endpoint { index, .. } => {
+                Some((index, d.cluster.proves_identity(&svc.endpoints[index])))
+            }
+            Target::Passthrough(_) => None,
+        };
+        let source = crate::telemetry::source(&ns.name);
+        log.edge = Some(crate::telemetry::outbound(
+            &source,
+            Some(svc.telemetry()),
+            endpoint,
+        ));
         // Circuit breaker: a connection slot, or the connection is closed at once (UO), as
         // Envoy's TCP proxy does.
         let _slot = d
@@ -365,6 +398,8 @@ struct AccessLog {
     cluster: String,
     endpoint: String,
     route: String,
+    /// Who talked to whom, for the standard metrics (`None`: not routed).
+    edge: Option<crate::telemetry::Edge>,
 }
 
 impl Default for AccessLog {
@@ -374,6 +409,7 @@ impl Default for AccessLog {
             cluster: "-".into(),
             endpoint: "-".into(),
             route: "-".into(),
+            edge: None,
         }
     }
 }

@@ -33,6 +33,7 @@ use crate::{
 };
 pub use resolve::{Client, EffectivePolicy, RuleEntry, RuleRef};
 pub use route::{Decision, RouteError, Target};
+pub use build::TLS_MODE_LABEL;
 
 /// A service: one host of a `ServiceEntry`.
 #[derive(Debug)]
@@ -52,6 +53,17 @@ pub struct Service {
     pub cidrs: Vec<(IpAddr, u8)>,
     pub ports: Vec<ServicePort>,
     pub endpoints: Vec<Endpoint>,
+    /// Its and its endpoints' labels in the standard metrics, on first use.
+    pub telemetry: std::sync::OnceLock<crate::telemetry::Destinations>,
+}
+
+impl Service {
+    /// Its and its endpoints' labels in the standard metrics.
+    pub fn telemetry(&self) -> &crate::telemetry::Destinations {
+        self.telemetry.get_or_init(|| {
+            crate::telemetry::Destinations::new(&self.host, &self.namespace, &self.endpoints)
+        })
+    }
 }
 
 /// A port of a service, with its per-port endpoint addresses.
@@ -160,6 +172,8 @@ pub struct Registry {
     patched: Arc<Patched>,
     /// What [`Registry::originate`] read TLS material with (patched clusters use it too).
     credentials: Option<crate::tls::Credentials>,
+    /// (service, endpoint) by endpoint address, the first service listing it; on first use.
+    by_address: std::sync::OnceLock<HashMap<IpAddr, (usize, usize)>>,
 }
 
 /// The objects [`Registry::patch`] put in place of their loaded versions, by id (`Kind
@@ -285,6 +299,26 @@ impl Registry {
             out.push('\n');
         }
         out
+    }
+
+    /// The workload at `ip` (an endpoint of some service) and the first service it backs, as the
+    /// standard metrics name them.
+    pub fn workload_at(
+        &self,
+        ip: IpAddr,
+    ) -> Option<(&crate::telemetry::Destinations, &crate::telemetry::Workload)> {
+        let index = self.by_address.get_or_init(|| {
+            let mut m = HashMap::new();
+            for (s, svc) in self.services.iter().enumerate() {
+                for (e, ep) in svc.endpoints.iter().enumerate() {
+                    m.entry(ep.address).or_insert((s, e));
+                }
+            }
+            m
+        });
+        let &(s, e) = index.get(&ip)?;
+        let d = self.services[s].telemetry();
+        Some((d, d.endpoints.get(e)?))
     }
 
     /// The client this snapshot was resolved for.

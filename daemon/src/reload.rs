@@ -217,6 +217,7 @@ impl Loaded {
     /// identity the configuration cannot serve gets the primary one, and an error line).
     pub fn resolve(self, sources: &Sources) -> Snapshots {
         let Loaded { primary } = self;
+        crate::telemetry::set_source("", crate::telemetry::client_workload(primary.client()));
         let set = primary.shared_config();
         let client = &sources.client;
         // Read once per load, and only when there are workloads to sort into classes.
@@ -231,7 +232,8 @@ impl Loaded {
         for w in &sources.workloads {
             let id = w.identity(client, &set, sources.api.as_ref());
             // A workload's own certificate only matters with a mesh CA.
-            let sa = id.service_account.filter(|_| sources.issuer.is_some());
+            let sa = id.service_account.clone().filter(|_| sources.issuer.is_some());
+            crate::telemetry::set_source(&w.netns, id.telemetry(sa.as_ref()));
             let relevance = relevance.as_ref().expect("computed with workloads");
             let class = (relevance.class(&set, &id.client), sa.clone());
             let netns = w.netns.clone();
@@ -625,7 +627,8 @@ impl Reloader {
                 continue;
             }
             let id = w.identity(&sources.client, set, sources.api.as_ref());
-            let sa = id.service_account.filter(|_| sources.issuer.is_some());
+            let sa = id.service_account.clone().filter(|_| sources.issuer.is_some());
+            crate::telemetry::set_source(&w.netns, id.telemetry(sa.as_ref()));
             let class = (relevance.class(set, &id.client), sa);
             if again && class_of.get(netns) == Some(&class) {
                 joined.push((w, None, id.source, class));

@@ -61,6 +61,17 @@ pub struct Identity {
     pub client: Client,
     pub service_account: Option<(String, String)>,
     pub source: Source,
+    /// How the standard metrics name it (its principal added once its certificate is known).
+    pub peer: crate::telemetry::Peer,
+}
+
+impl Identity {
+    /// Its labels in the standard metrics, with the principal of `service_account` (the one
+    /// its mesh certificate names) when it has one.
+    pub fn telemetry(&self, service_account: Option<&(String, String)>) -> crate::telemetry::Workload {
+        let principal = service_account.map(|(ns, sa)| crate::telemetry::principal(ns, sa));
+        crate::telemetry::Workload::new(self.peer.clone(), principal)
+    }
 }
 
 impl Workload {
@@ -72,6 +83,15 @@ impl Workload {
                 .filter(|we| !we.spec.service_account.is_empty())
                 .map(|we| (we.namespace().to_string(), we.spec.service_account.clone()));
             Identity {
+                peer: match we {
+                    Some(we) => crate::telemetry::Peer::new(
+                        Some(&we.meta.name),
+                        we.namespace(),
+                        &we.spec.labels,
+                        None,
+                    ),
+                    None => crate::telemetry::Peer::new(None, &flags.namespace, &flags.labels, None),
+                },
                 client: Client {
                     workload: Some(id.clone()),
                     ..flags.clone()
@@ -88,6 +108,7 @@ impl Workload {
         {
             let (labels, locality) = feed.pod_placement(&pod);
             return Identity {
+                peer: crate::telemetry::Peer::new(Some(&pod.workload), &ns, &labels, None),
                 service_account: Some((ns.clone(), pod.service_account)),
                 source: Source::Pod(format!("{ns}/{name}")),
                 client: Client {
@@ -107,6 +128,7 @@ impl Workload {
         match entry {
             Some(we) => from_entry(we.id()),
             None => Identity {
+                peer: crate::telemetry::Peer::new(None, &flags.namespace, &flags.labels, None),
                 client: flags.clone(),
                 service_account: None,
                 source: Source::Flags,
@@ -166,6 +188,7 @@ impl Views {
 
     /// Forgets the workload of `netns`.
     pub fn remove(&self, netns: &str) {
+        crate::telemetry::forget_source(netns);
         self.locked().retain(|(w, _)| w.netns != netns);
     }
 

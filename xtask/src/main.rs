@@ -17,7 +17,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 /// Debian packages the project uses (tests, demo, bench).
-const APT_PACKAGES: [&str; 16] = [
+const APT_PACKAGES: [&str; 17] = [
     "protobuf-compiler",
     "iproute2",
     "iptables",
@@ -39,6 +39,9 @@ const APT_PACKAGES: [&str; 16] = [
     "dnsmasq-base",
     // Packet captures: the HBONE test checks that nothing crosses the link in plaintext.
     "tcpdump",
+    // The telemetry tests: Prometheus scrapes the daemon and answers Kiali's and the Istio
+    // dashboards' queries.
+    "prometheus",
 ];
 /// What only the bench uses: the peers it compares with and their load tools.
 const BENCH_PACKAGES: [&str; 5] = ["wrk", "haproxy", "nginx-light", "iperf3", "nghttp2-client"];

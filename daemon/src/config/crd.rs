@@ -7,8 +7,8 @@
 //!
 //! The Gateway API kinds live in [`gateway`].
 //!
-//! Invariant: every type here round-trips through serde unchanged (absent stays absent); the one
-//! field that is written but never read is a derived endpoint's `origin`.
+//! Invariant: every type here round-trips through serde unchanged (absent stays absent); the
+//! fields that are never read from YAML are a derived endpoint's `origin` and `workloadName`.
 
 use std::collections::BTreeMap;
 
@@ -130,6 +130,10 @@ pub struct WorkloadEntrySpec {
     /// EndpointSlice ns/name`): set by the conversion and shown by `/config_dump`, never read.
     #[serde(skip_deserializing, skip_serializing_if = "Option::is_none")]
     pub origin: Option<String>,
+    /// The workload of that endpoint's pod, as telemetry names it: set by the conversion,
+    /// never read from YAML.
+    #[serde(skip)]
+    pub workload_name: Option<String>,
 }
 
 /// An Istio duration as written (`100ms`, `1.5s`, `1m`, `1h30m`); parsed by validation.

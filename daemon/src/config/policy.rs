@@ -217,6 +217,9 @@ pub struct Endpoint {
     pub service_account: String,
     /// `Pod ns/name via EndpointSlice ns/name` for an endpoint from the Kubernetes API.
     pub origin: Option<String>,
+    /// The workload telemetry names it by: its pod's (Deployment, …) or its WorkloadEntry's
+    /// name; `None` for an endpoint inline in a ServiceEntry.
+    pub workload: Option<String>,
 }
 
 /// Where a resource is visible.

@@ -145,6 +145,72 @@ impl Inbound {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let result = self.authorized(client, target, peer, policy, upstream).await;
+        self.measure(peer, target, policy, &result);
+        result.map(|_| ())
+    }
+
+    /// Counts a served or refused connection in the standard TCP metrics
+    /// (`reporter="destination"`): its client named by its address (a known endpoint) and
+    /// certificate, this workload as the destination.
+    fn measure(
+        &self,
+        peer: &Peer,
+        target: SocketAddr,
+        policy: &RegistryHandle,
+        result: &Result<(u64, u64), Error>,
+    ) {
+        use crate::telemetry::{Edge, Peer as Labels, Reporter, Security, Tcp};
+        let snapshot = policy.load();
+        let mtls = peer.identity.is_some();
+        let known = snapshot.workload_at(peer.remote).map(|(_, w)| w.peer(false).clone());
+        let source = match (&peer.identity, known) {
+            (Some(id), Some(w)) => Arc::new(w.with_principal(id.clone())),
+            (Some(id), None) => Arc::new(Labels::unknown().with_principal(id.clone())),
+            (None, Some(w)) => w,
+            (None, None) => crate::telemetry::unknown_peer(),
+        };
+        let me = crate::telemetry::source(&self.ns.name);
+        let service = (snapshot.workload_at(target.ip()))
+            .map_or_else(crate::telemetry::unknown_service, |(d, _)| d.service.clone());
+        let edge = Edge {
+            reporter: Reporter::Destination,
+            source,
+            destination: me.peer(mtls).clone(),
+            service,
+            security: if mtls { Security::MutualTls } else { Security::None },
+        };
+        let (up, down) = result.as_ref().copied().unwrap_or_default();
+        // A denial is no upstream failure (Envoy's RBAC filter sets no flag); a workload that
+        // could not be reached is `UF`.
+        let flags = match result {
+            Err(Error::Forward { .. }) => "UF".to_string(),
+            _ => String::new(),
+        };
+        crate::telemetry::metrics().tcp(
+            &edge,
+            &Tcp {
+                opened: 1,
+                closed: 1,
+                sent: down,
+                received: up,
+                flags,
+            },
+        );
+    }
+
+    /// [`Self::deliver`] up to the end of the connection: bytes from and to the client.
+    async fn authorized<S>(
+        &self,
+        client: S,
+        target: SocketAddr,
+        peer: &Peer,
+        policy: &RegistryHandle,
+        upstream: Option<TcpStream>,
+    ) -> Result<(u64, u64), Error>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let policies = self.policies(policy);
         let authz = policies.authz.clone();
         if authz.is_empty() {
@@ -176,6 +242,7 @@ impl Inbound {
                 let h2 = protocol == Protocol::Http2;
                 self.serve_http(client, h2, target, peer, authz, upstream)
                     .await
+                    .map(|()| (0, 0))
             }
         }
     }
@@ -197,19 +264,22 @@ impl Inbound {
         mut client: S,
         target: SocketAddr,
         upstream: Option<TcpStream>,
-    ) -> Result<(), Error>
+    ) -> Result<(u64, u64), Error>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let mut upstream = self.upstream(target, upstream).await?;
-        let _ = crate::proxy::relay::bounded(
+        let end = crate::proxy::relay::bounded(
             &mut client,
             &mut upstream,
             crate::config::policy::ConnectionPool::istio_defaults().tcp_idle_timeout,
             None,
         )
         .await;
-        Ok(())
+        Ok(match end {
+            Ok(crate::proxy::relay::End::Closed(up, down)) => (up, down),
+            _ => (0, 0),
+        })
     }
 
     /// Serves HTTP on `client`: each request checked, the allowed ones sent to the workload.

@@ -47,6 +47,8 @@ pub struct PodInfo {
     /// `ambient.istio.io/redirection: enabled` annotation istio-cni writes, `Some(false)` with
     /// `istio.io/dataplane-mode: none`, `None` when its namespace decides (see [`mark_ambient`]).
     pub ambient: Option<bool>,
+    /// Its workload as Istio's telemetry names it ([`crate::telemetry::workload_name`]).
+    pub workload: String,
 }
 
 /// Puts the HBONE marker ([`crate::hbone::REDIRECTION`]) in the labels of a pod that is in the
@@ -98,7 +100,16 @@ pub fn pod_info(pod: &Pod) -> PodInfo {
         Some("ambient") => Some(true),
         _ => redirected.then_some(true),
     };
+    let controller = (pod.metadata.owner_references.iter().flatten())
+        .find(|o| o.controller == Some(true))
+        .map(|o| (o.kind.as_str(), o.name.as_str()));
+    let workload = crate::telemetry::workload_name(
+        pod.metadata.name.as_deref().unwrap_or_default(),
+        controller,
+        &labels,
+    );
     PodInfo {
+        workload,
         ambient,
         labels,
         service_account: spec
@@ -332,6 +343,7 @@ fn endpoints(
                 weight: None,
                 service_account: pod.map(|p| p.service_account.clone()).unwrap_or_default(),
                 origin: Some(origin.clone()),
+                workload_name: pod.map(|p| p.workload.clone()),
             });
         }
     }

@@ -566,6 +566,12 @@ struct Exchange {
     authority: String,
     /// The request id and trace context this hop forwards.
     trace: crate::trace::Context,
+    /// The workload that sent it, as the standard metrics name it.
+    source: crate::telemetry::Workload,
+    /// `application/grpc*` (reported as `request_protocol="grpc"`).
+    grpc: bool,
+    /// Its headers' size plus its declared body length (`istio_request_bytes`).
+    request_bytes: u64,
 }
 
 /// A routed request: the routing decision (in the snapshot it was made by), the names the
@@ -625,19 +631,59 @@ impl Exchange {
                 crate::trace::sampling(),
                 crate::trace::Dice::roll(),
             ),
+            source: crate::telemetry::source(&ns.name),
+            grpc: is_grpc(&parts.headers),
+            request_bytes: header_bytes(&parts.headers)
+                + (parts.headers.get(header::CONTENT_LENGTH))
+                    .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                    .unwrap_or(0),
         }
     }
 
-    /// Writes this request's access-log line, when the access log is on.
-    fn log(
+    /// Counts a request answered here in the standard metrics and writes its access-log line,
+    /// when the access log is on.
+    fn log(&self, status: u16, names: (&str, &str), to: To<'_>, flags: Vec<ResponseFlag>) {
+        let grpc_status = (self.grpc && status != 200).then(|| grpc_status_for(status));
+        crate::telemetry::metrics().http(&self.edge(to), &self.measured(status, &flags, 0, grpc_status));
+        if access::enabled() {
+            self.record(status, names, to, flags).emit();
+        }
+    }
+
+    /// Who talked to whom, as the standard metrics name them (`reporter="source"`).
+    fn edge(&self, to: To<'_>) -> crate::telemetry::Edge {
+        let (service, endpoint) = match to {
+            To::Nowhere => (None, None),
+            To::Service(d) => (Some(d), None),
+            To::Endpoint(n) => (Some(n.service), n.index.map(|i| (i, n.mtls))),
+        };
+        crate::telemetry::outbound(&self.source, service, endpoint)
+    }
+
+    /// This request's outcome for the standard metrics.
+    fn measured(
         &self,
         status: u16,
-        names: (&str, &str),
-        endpoint: impl std::fmt::Display,
-        flags: Vec<ResponseFlag>,
-    ) {
-        if access::enabled() {
-            self.record(status, names, endpoint, flags).emit();
+        flags: &[ResponseFlag],
+        response_bytes: u64,
+        grpc_status: Option<u32>,
+    ) -> crate::telemetry::Request {
+        crate::telemetry::Request {
+            protocol: if self.grpc {
+                crate::telemetry::Protocol::Grpc
+            } else {
+                crate::telemetry::Protocol::Http
+            },
+            code: status,
+            grpc_status,
+            flags: if flags.is_empty() {
+                String::new()
+            } else {
+                access::render(flags)
+            },
+            duration: self.start.elapsed(),
+            request_bytes: self.request_bytes,
+            response_bytes,
         }
     }
 
@@ -646,7 +692,7 @@ impl Exchange {
         &self,
         status: u16,
         (cluster, route): (&str, &str),
-        endpoint: impl std::fmt::Display,
+        endpoint: To<'_>,
         flags: Vec<ResponseFlag>,
     ) -> access::Record {
         access::Record {
@@ -701,7 +747,7 @@ impl Exchange {
     fn preflight(&self, routed: &Routed<'_>, headers: HeaderMap) -> Response<Body> {
         let mut resp = Response::new(Body::default());
         *resp.headers_mut() = headers;
-        self.log(200, ("-", &routed.route_name), "-", Vec::new());
+        self.log(200, ("-", &routed.route_name), routed.service(), Vec::new());
         resp
     }
 
@@ -742,7 +788,7 @@ impl Exchange {
         self.log(
             resp.status().as_u16(),
             ("-", &routed.route_name),
-            "-",
+            routed.service(),
             Vec::new(),
         );
         resp
@@ -788,7 +834,12 @@ impl Exchange {
             actions::apply(&route.headers.response, resp.headers_mut());
         }
         routed.add_cors(resp.headers_mut());
-        self.log(resp.status().as_u16(), routed.names(), "-", flags.clone());
+        self.log(
+            resp.status().as_u16(),
+            routed.names(),
+            routed.service(),
+            flags.clone(),
+        );
         Some(resp)
     }
 
@@ -796,7 +847,7 @@ impl Exchange {
     fn unrouted(&self, e: &RouteError) -> Response<Body> {
         let reply = route_failure(e);
         let status = reply.status().as_u16();
-        self.log(status, ("-", "-"), "-", vec![e.response_flag()]);
+        self.log(status, ("-", "-"), To::Nowhere, vec![e.response_flag()]);
         reply
     }
 
@@ -817,7 +868,7 @@ impl Exchange {
     fn refused(&self, routed: &Routed<'_>, e: &crate::breakers::Error) -> Response<Body> {
         tracing::debug!(reason = %e, cluster = %routed.decision.cluster.name, "circuit breaker");
         let (flag, reply) = breaker_reply(e);
-        self.log(503, routed.names(), routed.first.1, vec![flag]);
+        self.log(503, routed.names(), To::Endpoint(routed.first.1), vec![flag]);
         reply
     }
 
@@ -836,7 +887,12 @@ impl Exchange {
             Err(e) => {
                 let (status, flag, body) = e.reply();
                 flags.insert(0, flag);
-                self.log(status.as_u16(), routed.names(), endpoint, flags.clone());
+                self.log(
+                    status.as_u16(),
+                    routed.names(),
+                    To::Endpoint(endpoint),
+                    flags.clone(),
+                );
                 return local(status, body, &flags);
             }
         };
@@ -855,8 +911,16 @@ impl Exchange {
         {
             parts.headers.append(header::SET_COOKIE, v);
         }
-        let line = access::enabled()
-            .then(|| self.record(parts.status.as_u16(), routed.names(), endpoint, flags));
+        let status = parts.status.as_u16();
+        let to = To::Endpoint(endpoint);
+        let grpc_status = (parts.headers.get("grpc-status"))
+            .and_then(|v| v.to_str().ok()?.parse().ok());
+        let measure = Measure {
+            edge: self.edge(to),
+            request: self.measured(status, &flags, header_bytes(&parts.headers), grpc_status),
+            start: self.start,
+        };
+        let line = access::enabled().then(|| self.record(status, routed.names(), to, flags));
         let body = body.map_frame(move |f| {
             let _held = (&admission, &stream);
             f
@@ -864,6 +928,7 @@ impl Exchange {
         let logged = Logged {
             body,
             line,
+            measure,
             cut: None,
             ended: false,
             _active: active,
@@ -949,6 +1014,11 @@ impl<'s> Routed<'s> {
     /// (cluster, route) as the access log names them.
     fn names(&self) -> (&str, &str) {
         (&self.decision.cluster.name, &self.route_name)
+    }
+
+    /// The routed service, for replies made here (no endpoint).
+    fn service(&self) -> To<'s> {
+        To::Service(self.snapshot.services()[self.decision.cluster.service].telemetry())
     }
 
     /// Tries: the first to the routed endpoint, retries (the route's `retries`, else Istio's
@@ -1245,14 +1315,77 @@ fn describe<'s>(
     c: &crate::registry::Cluster,
     target: Target,
 ) -> (SocketAddr, Named<'s>) {
+    let svc = &snapshot.services()[c.service];
+    let service = svc.telemetry();
     match target {
         Target::Endpoint { index, addr } => {
-            let svc = &snapshot.services()[c.service];
-            let name = Some(svc.endpoints[index].name.as_str());
-            (addr, Named { name, addr })
+            let ep = &svc.endpoints[index];
+            let named = Named {
+                name: Some(ep.name.as_str()),
+                addr,
+                service,
+                index: Some(index),
+                mtls: c.proves_identity(ep),
+            };
+            (addr, named)
         }
-        Target::Passthrough(addr) => (addr, Named { name: None, addr }),
+        Target::Passthrough(addr) => {
+            let named = Named {
+                name: None,
+                addr,
+                service,
+                index: None,
+                mtls: false,
+            };
+            (addr, named)
+        }
     }
+}
+
+/// Where a request went, as its access-log line and the standard metrics name it.
+#[derive(Clone, Copy)]
+enum To<'s> {
+    /// Not routed.
+    Nowhere,
+    /// Answered here for a routed service.
+    Service(&'s crate::telemetry::Destinations),
+    /// Sent to an endpoint.
+    Endpoint(Named<'s>),
+}
+
+impl std::fmt::Display for To<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            To::Endpoint(n) => n.fmt(f),
+            _ => f.write_str("-"),
+        }
+    }
+}
+
+/// The wire size of `headers` as HTTP/1.1 writes them (`name: value\r\n`).
+fn header_bytes(headers: &HeaderMap) -> u64 {
+    (headers.iter())
+        .map(|(n, v)| (n.as_str().len() + v.len() + 4) as u64)
+        .sum()
+}
+
+/// The gRPC status of an HTTP status, as gRPC maps them (404 `UNIMPLEMENTED`, 429 and 502–504
+/// `UNAVAILABLE`, …; `UNKNOWN` otherwise).
+fn grpc_status_for(status: u16) -> u32 {
+    match status {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502 | 503 | 504 => 14,
+        _ => 2,
+    }
+}
+
+/// A gRPC request or response (`content-type: application/grpc…`).
+fn is_grpc(headers: &HeaderMap) -> bool {
+    (headers.get(header::CONTENT_TYPE))
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
 /// An endpoint as the access log names it (`name@addr`, or `passthrough@addr`), formatted only
@@ -1261,6 +1394,12 @@ fn describe<'s>(
 struct Named<'s> {
     name: Option<&'s str>,
     addr: SocketAddr,
+    /// Its service's and its own labels in the standard metrics.
+    service: &'s crate::telemetry::Destinations,
+    /// Its index in the service's endpoints (`None`: passthrough).
+    index: Option<usize>,
+    /// The connection to it proves both identities.
+    mtls: bool,
 }
 
 impl std::fmt::Display for Named<'_> {
@@ -1362,6 +1501,8 @@ struct Logged<B: hyper::body::Body> {
     body: B,
     /// `None` when the access log is off.
     line: Option<access::Record>,
+    /// The request in the standard metrics, counted when the body ends.
+    measure: Measure,
     cut: Option<ResponseFlag>,
     ended: bool,
     _active: downstream::Active,
@@ -1391,7 +1532,20 @@ where
                     ResponseFlag::UpstreamConnectionTermination
                 });
             }
-            std::task::Poll::Ready(Some(Ok(_))) if self.body.is_end_stream() => self.ended = true,
+            std::task::Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.measure.request.response_bytes += data.len() as u64;
+                } else if let Some(trailers) = frame.trailers_ref() {
+                    self.measure.request.response_bytes += header_bytes(trailers);
+                    if let Some(status) = trailers.get("grpc-status") {
+                        self.measure.request.grpc_status =
+                            status.to_str().ok().and_then(|s| s.parse().ok());
+                    }
+                }
+                if self.body.is_end_stream() {
+                    self.ended = true;
+                }
+            }
             _ => {}
         }
         polled
@@ -1414,12 +1568,26 @@ impl<B: hyper::body::Body> Drop for Logged<B> {
             (None, false) => Some(ResponseFlag::DownstreamConnectionTermination),
             (None, true) => None,
         };
+        let m = &mut self.measure;
+        m.request.duration = m.start.elapsed();
+        if let Some(flag) = cut {
+            let sep = if m.request.flags.is_empty() { "" } else { "," };
+            m.request.flags = format!("{}{sep}{}", m.request.flags, flag.code());
+        }
+        crate::telemetry::metrics().http(&m.edge, &m.request);
         let Some(line) = &mut self.line else { return };
         if let access::Kind::Http { flags, .. } = &mut line.kind {
             flags.extend(cut);
         }
         line.emit();
     }
+}
+
+/// A proxied request's standard-metric labels and outcome, completed as its body passes.
+struct Measure {
+    edge: crate::telemetry::Edge,
+    request: crate::telemetry::Request,
+    start: Instant,
 }
 
 /// Istio's retry policy for routes that set none.

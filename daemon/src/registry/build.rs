@@ -97,6 +97,7 @@ impl Registry {
             config: shared.clone(),
             patched: Arc::default(),
             credentials: None,
+            by_address: Default::default(),
         };
         registry.clusters = clusters(&registry);
         warnings.extend(tcp_only_on_http(&registry, registry.clusters.values()));
@@ -145,6 +146,7 @@ impl Registry {
             config: self.config.clone(),
             patched: self.patched.clone(),
             credentials: self.credentials.clone(),
+            by_address: Default::default(),
         };
         let mut touched = std::collections::BTreeSet::new();
         for r in &changed.service_entries {
@@ -228,6 +230,7 @@ impl Registry {
                 cidrs: svc.cidrs.clone(),
                 ports: proto.ports.clone(),
                 endpoints: proto.endpoints.clone(),
+                telemetry: Default::default(),
             });
             touched.push(s);
         }
@@ -516,6 +519,7 @@ impl Services {
             cidrs: proto.cidrs.clone(),
             ports: proto.ports.clone(),
             endpoints: proto.endpoints.clone(),
+                telemetry: Default::default(),
         });
     }
 }

@@ -32,7 +32,10 @@ impl TryFrom<&Resource<crd::WorkloadEntrySpec>> for Validated<policy::Endpoint> 
     fn try_from(res: &Resource<crd::WorkloadEntrySpec>) -> Result<Self, Invalid> {
         let mut c = Checker::new(res);
         match c.endpoint("spec", &res.meta.name, &res.spec) {
-            Some(value) => c.finish(value),
+            Some(value) => c.finish(policy::Endpoint {
+                workload: Some(res.meta.name.clone()),
+                ..value
+            }),
             None => Err(c.invalid()),
         }
     }
@@ -219,6 +222,7 @@ impl Checker<'_> {
             locality: spec.locality.clone(),
             service_account: spec.service_account.clone(),
             origin: spec.origin.clone(),
+            workload: spec.workload_name.clone(),
         })
     }
 }

@@ -1,0 +1,760 @@
+//! Istio's standard metrics (`istio_requests_total`, `istio_request_duration_milliseconds`,
+//! `istio_request_bytes`, `istio_response_bytes`, `istio_tcp_*`), with Istio's names, types,
+//! buckets and label set, so that Kiali's graph and the Istio dashboards read a Drover mesh as
+//! they read a sidecar mesh.
+//!
+//! Who the peers are is worked out once, when a snapshot is built ([`Peer`], [`ServiceName`]):
+//! a pod's workload is named as Istio names it (its controller through ReplicaSet to Deployment,
+//! Job to CronJob, else the pod; [`workload_name`]), `app`/`version` and the canonical service
+//! and revision come from its labels with Istio's fallbacks. The data path only hands the
+//! shared peers and the request's outcome to [`Metrics::http`] / [`Metrics::tcp`].
+//!
+//! Invariants: a series is keyed by its label values (two snapshots naming the same peers add
+//! to the same series); the number of series never exceeds the configured limit
+//! (`--metrics-max-series`): past it, a new label set is folded into one whose peers and
+//! service are `unknown` and the fold is counted (`drover_metrics_folded_total`), so that no
+//! client-controlled value (a `Host`, an address) grows memory without bound; counters only grow.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    hash::Hash,
+    sync::{
+        Arc, LazyLock, Mutex, OnceLock,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric as _, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+
+#[cfg(test)]
+mod tests;
+
+/// The value Istio writes for a label it cannot fill.
+pub const UNKNOWN: &str = "unknown";
+/// The cluster id Istio reports when none is configured.
+pub const DEFAULT_CLUSTER: &str = "Kubernetes";
+/// Series kept before new label sets are folded (`--metrics-max-series`).
+pub const DEFAULT_MAX_SERIES: usize = 10_000;
+
+/// Envoy's default histogram buckets, which Istio's duration and size histograms use
+/// (milliseconds for durations, bytes for sizes).
+pub const BUCKETS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+    30000.0, 60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+
+static TRUST_DOMAIN: OnceLock<String> = OnceLock::new();
+
+/// Sets the trust domain principals are written in (once, at start).
+pub fn set_trust_domain(domain: &str) {
+    let _ = TRUST_DOMAIN.set(domain.to_string());
+}
+
+/// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
+pub fn principal(namespace: &str, service_account: &str) -> String {
+    let domain = TRUST_DOMAIN.get().map_or("cluster.local", String::as_str);
+    format!("spiffe://{domain}/ns/{namespace}/sa/{service_account}")
+}
+
+/// One side of a connection or request, as the `source_*` / `destination_*` labels name it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Peer {
+    pub workload: String,
+    pub namespace: String,
+    /// The SPIFFE identity its certificate carries (`unknown` without mTLS).
+    pub principal: String,
+    pub app: String,
+    pub version: String,
+    pub canonical_service: String,
+    pub canonical_revision: String,
+    pub cluster: String,
+}
+
+/// A workload's labels as a peer that proved its identity (mTLS) and as one that did not.
+#[derive(Clone, Debug)]
+pub struct Workload {
+    plain: Arc<Peer>,
+    mtls: Arc<Peer>,
+}
+
+/// A service's labels and those of its endpoints (by index into the service's endpoints),
+/// worked out on first use.
+#[derive(Clone, Debug)]
+pub struct Destinations {
+    pub service: Arc<ServiceName>,
+    pub endpoints: Vec<Workload>,
+}
+
+/// The `destination_service*` labels.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceName {
+    /// The host (`reviews.default.svc.cluster.local`), or `address:port` for passthrough.
+    pub host: String,
+    pub name: String,
+    pub namespace: String,
+}
+
+/// Who reports a series: the client's side (outbound) or the server's (inbound).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reporter {
+    Source,
+    Destination,
+}
+
+/// `connection_security_policy`: what the reporting side knows of the connection's security
+/// (the source side reports `unknown`, as Istio's does).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Security {
+    Unknown,
+    MutualTls,
+    None,
+}
+
+/// `request_protocol`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Http,
+    Grpc,
+    Tcp,
+}
+
+/// Who talked to whom: the labels every standard metric carries.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Edge {
+    pub reporter: Reporter,
+    pub source: Arc<Peer>,
+    pub destination: Arc<Peer>,
+    pub service: Arc<ServiceName>,
+    pub security: Security,
+}
+
+/// One finished HTTP request.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub protocol: Protocol,
+    pub code: u16,
+    /// `grpc-status` of a gRPC response.
+    pub grpc_status: Option<u32>,
+    /// Envoy's response flags as rendered (`-` for none).
+    pub flags: String,
+    pub duration: Duration,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+}
+
+/// One TCP connection's contribution: opened, bytes since the last report, closed.
+#[derive(Clone, Debug, Default)]
+pub struct Tcp {
+    pub opened: u64,
+    pub closed: u64,
+    pub sent: u64,
+    pub received: u64,
+    pub flags: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct HttpKey {
+    edge: Edge,
+    protocol: Protocol,
+    code: u16,
+    grpc_status: Option<u32>,
+    flags: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct TcpKey {
+    edge: Edge,
+    flags: String,
+}
+
+/// A histogram with [`BUCKETS`] (plus `+Inf`).
+#[derive(Debug, Default)]
+struct Histogram {
+    buckets: [AtomicU64; BUCKETS.len() + 1],
+    /// Sum in thousandths of the unit (µs for durations, mB for sizes), so that it stays an
+    /// atomic integer.
+    sum_milli: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct HttpSeries {
+    requests: AtomicU64,
+    duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+}
+
+#[derive(Debug, Default)]
+struct TcpSeries {
+    opened: AtomicU64,
+    closed: AtomicU64,
+    sent: AtomicU64,
+    received: AtomicU64,
+}
+
+/// Every standard-metric series of this process.
+#[derive(Debug)]
+pub struct Metrics {
+    http: Mutex<HashMap<HttpKey, Arc<HttpSeries>>>,
+    tcp: Mutex<HashMap<TcpKey, Arc<TcpSeries>>>,
+    max_series: AtomicUsize,
+    /// Label sets folded into `unknown` peers because the limit was reached.
+    folded: AtomicU64,
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics::new(DEFAULT_MAX_SERIES));
+
+/// The process's standard metrics.
+pub fn metrics() -> &'static Metrics {
+    &METRICS
+}
+
+/// The labels of each enrolled network namespace's workload, by netns name (`""`: the
+/// daemon's `--client-*` identity, for every namespace not listed).
+static SOURCES: LazyLock<std::sync::RwLock<HashMap<String, Workload>>> =
+    LazyLock::new(Default::default);
+
+/// Names the workload of network namespace `netns` (`""`: the daemon's own client).
+pub fn set_source(netns: &str, w: Workload) {
+    let mut m = SOURCES.write().unwrap_or_else(|p| p.into_inner());
+    m.insert(netns.to_string(), w);
+}
+
+/// Forgets the workload of a namespace that left.
+pub fn forget_source(netns: &str) {
+    let mut m = SOURCES.write().unwrap_or_else(|p| p.into_inner());
+    m.remove(netns);
+}
+
+/// The workload that opens the connections captured in `netns`.
+pub fn source(netns: &str) -> Workload {
+    let m = SOURCES.read().unwrap_or_else(|p| p.into_inner());
+    m.get(netns)
+        .or_else(|| m.get(""))
+        .cloned()
+        .unwrap_or_else(Workload::unknown)
+}
+
+/// The labels of the daemon's `--client-*` identity (named by its WorkloadEntry, if any).
+pub fn client_workload(client: &crate::registry::Client) -> Workload {
+    let name = (client.workload.as_deref()).map(|id| id.rsplit('/').next().unwrap_or(id));
+    Workload::new(
+        Peer::new(name, &client.namespace, &client.labels, None),
+        None,
+    )
+}
+
+/// The shared `unknown` peer.
+pub fn unknown_peer() -> Arc<Peer> {
+    static P: LazyLock<Arc<Peer>> = LazyLock::new(|| Arc::new(Peer::unknown()));
+    P.clone()
+}
+
+/// The shared `unknown` service.
+pub fn unknown_service() -> Arc<ServiceName> {
+    static S: LazyLock<Arc<ServiceName>> = LazyLock::new(|| {
+        Arc::new(ServiceName {
+            host: UNKNOWN.into(),
+            name: UNKNOWN.into(),
+            namespace: UNKNOWN.into(),
+        })
+    });
+    S.clone()
+}
+
+/// The name Istio gives a pod's workload: its controller's, with a ReplicaSet named
+/// `<deployment>-<pod-template-hash>` read as its Deployment and a Job named
+/// `<cronjob>-<8 to 10 digits>` as its CronJob; the pod's own name when it has no controller.
+pub fn workload_name(
+    pod: &str,
+    controller: Option<(&str, &str)>,
+    labels: &BTreeMap<String, String>,
+) -> String {
+    let Some((kind, name)) = controller else {
+        return pod.to_string();
+    };
+    match kind {
+        "ReplicaSet" => labels
+            .get("pod-template-hash")
+            .and_then(|hash| name.strip_suffix(hash.as_str()))
+            .and_then(|n| n.strip_suffix('-'))
+            .filter(|n| !n.is_empty())
+            .unwrap_or(name)
+            .to_string(),
+        "Job" => match name.rsplit_once('-') {
+            Some((cron, stamp))
+                if !cron.is_empty()
+                    && (8..=10).contains(&stamp.len())
+                    && stamp.bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                cron.to_string()
+            }
+            _ => name.to_string(),
+        },
+        _ => name.to_string(),
+    }
+}
+
+// === impl Peer ===
+
+impl Peer {
+    /// Every label `unknown`.
+    pub fn unknown() -> Self {
+        Self {
+            workload: UNKNOWN.into(),
+            namespace: UNKNOWN.into(),
+            principal: UNKNOWN.into(),
+            app: UNKNOWN.into(),
+            version: UNKNOWN.into(),
+            canonical_service: UNKNOWN.into(),
+            canonical_revision: UNKNOWN.into(),
+            cluster: UNKNOWN.into(),
+        }
+    }
+
+    /// A workload `workload` (unknown: `None`) in `namespace` with `labels`; `principal` its
+    /// SPIFFE identity when the connection proves it. `app` is the `app` label (else
+    /// `app.kubernetes.io/name`), `version` the `version` label (else
+    /// `app.kubernetes.io/version`); the canonical service is `service.istio.io/canonical-name`,
+    /// else `app.kubernetes.io/name`, else `app`, else the workload, and its revision
+    /// `service.istio.io/canonical-revision`, else `app.kubernetes.io/version`, else `version`,
+    /// else `latest` (Istio's rules).
+    pub fn new(
+        workload: Option<&str>,
+        namespace: &str,
+        labels: &BTreeMap<String, String>,
+        principal: Option<String>,
+    ) -> Self {
+        let first = |keys: &[&str]| {
+            keys.iter()
+                .find_map(|k| labels.get(*k))
+                .filter(|v| !v.is_empty())
+                .cloned()
+        };
+        let workload = workload
+            .filter(|w| !w.is_empty())
+            .unwrap_or(UNKNOWN)
+            .to_string();
+        let canonical_service = first(&[
+            "service.istio.io/canonical-name",
+            "app.kubernetes.io/name",
+            "app",
+        ])
+        .unwrap_or_else(|| workload.clone());
+        Self {
+            app: first(&["app", "app.kubernetes.io/name"]).unwrap_or_else(|| UNKNOWN.into()),
+            version: first(&["version", "app.kubernetes.io/version"])
+                .unwrap_or_else(|| UNKNOWN.into()),
+            canonical_revision: first(&[
+                "service.istio.io/canonical-revision",
+                "app.kubernetes.io/version",
+                "version",
+            ])
+            .unwrap_or_else(|| "latest".into()),
+            canonical_service,
+            workload,
+            namespace: if namespace.is_empty() {
+                UNKNOWN.into()
+            } else {
+                namespace.to_string()
+            },
+            principal: principal.unwrap_or_else(|| UNKNOWN.into()),
+            cluster: DEFAULT_CLUSTER.into(),
+        }
+    }
+
+    /// The same peer with `principal`.
+    pub fn with_principal(&self, principal: String) -> Self {
+        Self {
+            principal,
+            ..self.clone()
+        }
+    }
+}
+
+// === impl Workload ===
+
+impl Workload {
+    /// `peer`, whose certificate (when it shows one) names `principal`.
+    pub fn new(peer: Peer, principal: Option<String>) -> Self {
+        let mtls = match principal {
+            Some(p) => Arc::new(peer.with_principal(p)),
+            None => Arc::new(peer.clone()),
+        };
+        Self {
+            plain: Arc::new(peer),
+            mtls,
+        }
+    }
+
+    /// Nobody known.
+    pub fn unknown() -> Self {
+        Self {
+            plain: unknown_peer(),
+            mtls: unknown_peer(),
+        }
+    }
+
+    /// The labels for a connection that proved the identity (`mtls`) or did not.
+    pub fn peer(&self, mtls: bool) -> &Arc<Peer> {
+        if mtls { &self.mtls } else { &self.plain }
+    }
+}
+
+// === impl Destinations ===
+
+impl Destinations {
+    /// The labels of service `host` in `namespace` and of its `endpoints`: an endpoint's
+    /// workload is its pod's (or its WorkloadEntry's name), in the service's namespace, its
+    /// principal from its service account.
+    pub fn new(
+        host: &str,
+        namespace: &str,
+        endpoints: &[crate::config::policy::Endpoint],
+    ) -> Self {
+        Self {
+            service: Arc::new(ServiceName::new(host, namespace)),
+            endpoints: endpoints
+                .iter()
+                .map(|e| {
+                    let peer = Peer::new(e.workload.as_deref(), namespace, &e.labels, None);
+                    let principal = (!e.service_account.is_empty())
+                        .then(|| principal(namespace, &e.service_account));
+                    Workload::new(peer, principal)
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The `reporter="source"` edge of a connection or request from `source` to `service`, at its
+/// endpoint `(index, whether the connection proves both identities)` when one was picked.
+pub fn outbound(
+    source: &Workload,
+    service: Option<&Destinations>,
+    endpoint: Option<(usize, bool)>,
+) -> Edge {
+    let mtls = endpoint.is_some_and(|(_, m)| m);
+    let destination = endpoint
+        .and_then(|(i, _)| service?.endpoints.get(i))
+        .map_or_else(unknown_peer, |w| w.peer(mtls).clone());
+    Edge {
+        reporter: Reporter::Source,
+        source: source.peer(mtls).clone(),
+        destination,
+        service: service.map_or_else(unknown_service, |d| d.service.clone()),
+        security: Security::Unknown,
+    }
+}
+
+// === impl ServiceName ===
+
+impl ServiceName {
+    /// The labels of service `host` in `namespace`: a Kubernetes host
+    /// (`<name>.<namespace>.svc.<domain>`) is named by its first label, any other by the host.
+    pub fn new(host: &str, namespace: &str) -> Self {
+        let name = match host.split_once('.') {
+            Some((name, rest)) if rest.starts_with(&format!("{namespace}.svc.")) => name,
+            _ => host,
+        };
+        Self {
+            host: host.to_string(),
+            name: name.to_string(),
+            namespace: namespace.to_string(),
+        }
+    }
+
+    /// A destination no service names (Istio's `PassthroughCluster`): `host` is the authority
+    /// or `address:port`.
+    pub fn passthrough(host: String) -> Self {
+        Self {
+            host,
+            name: "PassthroughCluster".into(),
+            namespace: UNKNOWN.into(),
+        }
+    }
+}
+
+// === impl Histogram ===
+
+impl Histogram {
+    fn observe(&self, v: f64) {
+        let i = BUCKETS.partition_point(|b| *b < v);
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_milli
+            .fetch_add((v * 1000.0) as u64, Ordering::Relaxed);
+    }
+
+    /// `(sum, count, buckets)` as the encoder takes them (per bucket, not cumulative).
+    fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
+        let counts: Vec<u64> = (self.buckets.iter())
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        let bounds = BUCKETS.iter().copied().chain([f64::INFINITY]);
+        let sum = self.sum_milli.load(Ordering::Relaxed) as f64 / 1000.0;
+        (sum, counts.iter().sum(), bounds.zip(counts).collect())
+    }
+}
+
+// === impl Metrics ===
+
+impl Metrics {
+    /// An empty store that keeps at most `max_series` series of each kind.
+    pub fn new(max_series: usize) -> Self {
+        Self {
+            http: Mutex::default(),
+            tcp: Mutex::default(),
+            max_series: AtomicUsize::new(max_series),
+            folded: AtomicU64::new(0),
+        }
+    }
+
+    /// Sets the series limit (`--metrics-max-series`).
+    pub fn set_max_series(&self, max: usize) {
+        self.max_series.store(max.max(1), Ordering::Relaxed);
+    }
+
+    /// Counts one finished request.
+    pub fn http(&self, edge: &Edge, r: &Request) {
+        let key = HttpKey {
+            edge: edge.clone(),
+            protocol: r.protocol,
+            code: r.code,
+            grpc_status: r.grpc_status,
+            flags: r.flags.clone(),
+        };
+        let series = self.series(&self.http, key, |k| HttpKey {
+            edge: folded(&k.edge),
+            ..k
+        });
+        series.requests.fetch_add(1, Ordering::Relaxed);
+        series
+            .duration
+            .observe(r.duration.as_secs_f64() * 1000.0);
+        series.request_bytes.observe(r.request_bytes as f64);
+        series.response_bytes.observe(r.response_bytes as f64);
+    }
+
+    /// Adds one TCP connection's counts.
+    pub fn tcp(&self, edge: &Edge, t: &Tcp) {
+        let key = TcpKey {
+            edge: edge.clone(),
+            flags: t.flags.clone(),
+        };
+        let series = self.series(&self.tcp, key, |k| TcpKey {
+            edge: folded(&k.edge),
+            ..k
+        });
+        for (counter, n) in [
+            (&series.opened, t.opened),
+            (&series.closed, t.closed),
+            (&series.sent, t.sent),
+            (&series.received, t.received),
+        ] {
+            if n > 0 {
+                counter.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Label sets folded so far.
+    pub fn folded(&self) -> u64 {
+        self.folded.load(Ordering::Relaxed)
+    }
+
+    /// Series kept (HTTP, TCP).
+    pub fn series_count(&self) -> (usize, usize) {
+        (locked(&self.http).len(), locked(&self.tcp).len())
+    }
+
+    /// The series of `key`, created when there is room, else the series of `fold(key)`.
+    fn series<K: Hash + Eq + Clone, S: Default>(
+        &self,
+        map: &Mutex<HashMap<K, Arc<S>>>,
+        key: K,
+        fold: impl FnOnce(K) -> K,
+    ) -> Arc<S> {
+        let mut map = locked(map);
+        if let Some(s) = map.get(&key) {
+            return s.clone();
+        }
+        let key = if map.len() >= self.max_series.load(Ordering::Relaxed) {
+            self.folded.fetch_add(1, Ordering::Relaxed);
+            fold(key)
+        } else {
+            key
+        };
+        map.entry(key).or_default().clone()
+    }
+
+    /// Writes every family in Prometheus text through `encoder`.
+    pub fn encode(&self, encoder: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let http: Vec<_> = (locked(&self.http).iter())
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let tcp: Vec<_> = (locked(&self.tcp).iter())
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let http_labels: Vec<_> = http.iter().map(|(k, _)| labels_http(k)).collect();
+        let tcp_labels: Vec<_> = tcp.iter().map(|(k, _)| labels_tcp(k)).collect();
+
+        let mut family = encoder.encode_descriptor(
+            "istio_requests",
+            "Requests, by source and destination workload (Istio standard metric)",
+            None,
+            MetricType::Counter,
+        )?;
+        for ((_, s), labels) in http.iter().zip(&http_labels) {
+            let v = s.requests.load(Ordering::Relaxed);
+            prometheus_client::metrics::counter::ConstCounter::new(v)
+                .encode(family.encode_family(labels)?)?;
+        }
+        type Pick = fn(&HttpSeries) -> &Histogram;
+        let histograms: [(&str, &str, Pick); 3] = [
+            (
+                "istio_request_duration_milliseconds",
+                "Request duration in milliseconds (Istio standard metric)",
+                |s| &s.duration,
+            ),
+            (
+                "istio_request_bytes",
+                "Request size (headers and body) in bytes (Istio standard metric)",
+                |s| &s.request_bytes,
+            ),
+            (
+                "istio_response_bytes",
+                "Response size (headers and body) in bytes (Istio standard metric)",
+                |s| &s.response_bytes,
+            ),
+        ];
+        for (name, help, pick) in histograms {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
+            for ((_, s), labels) in http.iter().zip(&http_labels) {
+                let (sum, count, buckets) = pick(s).snapshot();
+                family.encode_family(labels)?.encode_histogram::<NoLabelSet>(
+                    sum,
+                    count,
+                    &buckets,
+                    None,
+                )?;
+            }
+        }
+        type TcpPick = fn(&TcpSeries) -> &AtomicU64;
+        let counters: [(&str, &str, TcpPick); 4] = [
+            (
+                "istio_tcp_sent_bytes",
+                "Bytes sent to the client of a TCP connection (Istio standard metric)",
+                |s| &s.sent,
+            ),
+            (
+                "istio_tcp_received_bytes",
+                "Bytes received from the client of a TCP connection (Istio standard metric)",
+                |s| &s.received,
+            ),
+            (
+                "istio_tcp_connections_opened",
+                "TCP connections opened (Istio standard metric)",
+                |s| &s.opened,
+            ),
+            (
+                "istio_tcp_connections_closed",
+                "TCP connections closed (Istio standard metric)",
+                |s| &s.closed,
+            ),
+        ];
+        for (name, help, pick) in counters {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for ((_, s), labels) in tcp.iter().zip(&tcp_labels) {
+                let v = pick(s).load(Ordering::Relaxed);
+                prometheus_client::metrics::counter::ConstCounter::new(v)
+                    .encode(family.encode_family(labels)?)?;
+            }
+        }
+        let family = encoder.encode_descriptor(
+            "drover_metrics_folded",
+            "label sets folded into unknown peers because --metrics-max-series was reached",
+            None,
+            MetricType::Counter,
+        )?;
+        prometheus_client::metrics::counter::ConstCounter::new(self.folded()).encode(family)?;
+        Ok(())
+    }
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// `edge` with its peers and service unknown.
+fn folded(edge: &Edge) -> Edge {
+    Edge {
+        source: unknown_peer(),
+        destination: unknown_peer(),
+        service: unknown_service(),
+        ..edge.clone()
+    }
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+/// The label set of an edge and its outcome, in Istio's order.
+fn labels(edge: &Edge, protocol: &str, code: String, grpc: String, flags: &str) -> Labels {
+    let (s, d, svc) = (&*edge.source, &*edge.destination, &*edge.service);
+    vec![
+        (
+            "reporter",
+            match edge.reporter {
+                Reporter::Source => "source",
+                Reporter::Destination => "destination",
+            }
+            .into(),
+        ),
+        ("source_workload", s.workload.clone()),
+        ("source_canonical_service", s.canonical_service.clone()),
+        ("source_canonical_revision", s.canonical_revision.clone()),
+        ("source_workload_namespace", s.namespace.clone()),
+        ("source_principal", s.principal.clone()),
+        ("source_app", s.app.clone()),
+        ("source_version", s.version.clone()),
+        ("source_cluster", s.cluster.clone()),
+        ("destination_workload", d.workload.clone()),
+        ("destination_workload_namespace", d.namespace.clone()),
+        ("destination_principal", d.principal.clone()),
+        ("destination_app", d.app.clone()),
+        ("destination_version", d.version.clone()),
+        ("destination_service", svc.host.clone()),
+        ("destination_canonical_service", d.canonical_service.clone()),
+        ("destination_canonical_revision", d.canonical_revision.clone()),
+        ("destination_service_name", svc.name.clone()),
+        ("destination_service_namespace", svc.namespace.clone()),
+        ("destination_cluster", d.cluster.clone()),
+        ("request_protocol", protocol.into()),
+        ("response_code", code),
+        ("grpc_response_status", grpc),
+        ("response_flags", if flags.is_empty() { "-" } else { flags }.into()),
+        (
+            "connection_security_policy",
+            match edge.security {
+                Security::Unknown => UNKNOWN,
+                Security::MutualTls => "mutual_tls",
+                Security::None => "none",
+            }
+            .into(),
+        ),
+    ]
+}
+
+fn labels_http(k: &HttpKey) -> Labels {
+    let protocol = match k.protocol {
+        Protocol::Grpc => "grpc",
+        _ => "http",
+    };
+    let grpc = k.grpc_status.map(|g| g.to_string()).unwrap_or_default();
+    labels(&k.edge, protocol, k.code.to_string(), grpc, &k.flags)
+}
+
+fn labels_tcp(k: &TcpKey) -> Labels {
+    labels(&k.edge, "tcp", "0".into(), String::new(), &k.flags)
+}
