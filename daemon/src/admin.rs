@@ -234,7 +234,9 @@ impl Admin {
                 )));
                 let mut out = String::new();
                 match prometheus_client::encoding::text::encode(&mut out, &reg) {
-                    Ok(()) => text(StatusCode::OK, &out, "text/plain; version=0.0.4"),
+                    // The encoder writes OpenMetrics (`# EOF`, `unknown` types), which the
+                    // 0.0.4 text parser of Prometheus refuses: say so.
+                    Ok(()) => text(StatusCode::OK, &out, OPENMETRICS),
                     Err(e) => text(
                         StatusCode::INTERNAL_SERVER_ERROR,
                         &e.to_string(),
@@ -715,6 +717,9 @@ fn encode_downstream(encoder: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt
     }
     Ok(())
 }
+
+/// The content type of `/stats/prometheus`.
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 fn text(
     status: StatusCode,

@@ -70,9 +70,9 @@ pub mod registry;
 pub mod reload;
 pub mod report;
 pub mod stats;
+pub mod telemetry;
 #[doc(hidden)]
 pub mod testing;
 pub mod tls;
-pub mod telemetry;
 pub mod trace;
 pub mod workload;

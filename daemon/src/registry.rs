@@ -31,9 +31,9 @@ use crate::{
     balance::Balancer,
     config::{Problem, policy, source::Resource},
 };
+pub use build::TLS_MODE_LABEL;
 pub use resolve::{Client, EffectivePolicy, RuleEntry, RuleRef};
 pub use route::{Decision, RouteError, Target};
-pub use build::TLS_MODE_LABEL;
 
 /// A service: one host of a `ServiceEntry`.
 #[derive(Debug)]
@@ -172,8 +172,8 @@ pub struct Registry {
     patched: Arc<Patched>,
     /// What [`Registry::originate`] read TLS material with (patched clusters use it too).
     credentials: Option<crate::tls::Credentials>,
-    /// (service, endpoint) by endpoint address, the first service listing it; on first use.
-    by_address: std::sync::OnceLock<HashMap<IpAddr, (usize, usize)>>,
+    /// Workloads by address (see [`Registry::workload_at`]); on first use.
+    by_address: std::sync::OnceLock<HashMap<IpAddr, WorkloadAt>>,
 }
 
 /// The objects [`Registry::patch`] put in place of their loaded versions, by id (`Kind
@@ -183,6 +183,12 @@ struct Patched {
     entries: BTreeMap<String, Resource<crate::config::crd::ServiceEntrySpec>>,
     rules: BTreeMap<String, Resource<crate::config::crd::DestinationRuleSpec>>,
 }
+
+/// A workload's first service and its labels in the standard metrics.
+type WorkloadAt = (
+    Option<Arc<crate::telemetry::ServiceName>>,
+    crate::telemetry::Workload,
+);
 
 /// A captured range: ((network, prefix length), port, (service index, port index)).
 type CidrEntry = ((IpAddr, u8), u16, (usize, usize));
@@ -301,24 +307,34 @@ impl Registry {
         out
     }
 
-    /// The workload at `ip` (an endpoint of some service) and the first service it backs, as the
-    /// standard metrics name them.
-    pub fn workload_at(
-        &self,
-        ip: IpAddr,
-    ) -> Option<(&crate::telemetry::Destinations, &crate::telemetry::Workload)> {
+    /// The workload at `ip` as the standard metrics name it (an endpoint of some service, else
+    /// a WorkloadEntry of the configuration), and the first service it backs.
+    pub fn workload_at(&self, ip: IpAddr) -> Option<&WorkloadAt> {
         let index = self.by_address.get_or_init(|| {
             let mut m = HashMap::new();
-            for (s, svc) in self.services.iter().enumerate() {
-                for (e, ep) in svc.endpoints.iter().enumerate() {
-                    m.entry(ep.address).or_insert((s, e));
+            for svc in &self.services {
+                let d = svc.telemetry();
+                for (ep, w) in svc.endpoints.iter().zip(&d.endpoints) {
+                    m.entry(ep.address)
+                        .or_insert_with(|| (Some(d.service.clone()), w.clone()));
                 }
+            }
+            for we in &self.config.workload_entries {
+                let Ok(address) = we.spec.address.parse::<IpAddr>() else {
+                    continue;
+                };
+                m.entry(address).or_insert_with(|| {
+                    let ns = we.namespace();
+                    let peer =
+                        crate::telemetry::Peer::new(Some(&we.meta.name), ns, &we.spec.labels, None);
+                    let principal = (!we.spec.service_account.is_empty())
+                        .then(|| crate::telemetry::principal(ns, &we.spec.service_account));
+                    (None, crate::telemetry::Workload::new(peer, principal))
+                });
             }
             m
         });
-        let &(s, e) = index.get(&ip)?;
-        let d = self.services[s].telemetry();
-        Some((d, d.endpoints.get(e)?))
+        index.get(&ip)
     }
 
     /// The client this snapshot was resolved for.

@@ -232,7 +232,10 @@ impl Loaded {
         for w in &sources.workloads {
             let id = w.identity(client, &set, sources.api.as_ref());
             // A workload's own certificate only matters with a mesh CA.
-            let sa = id.service_account.clone().filter(|_| sources.issuer.is_some());
+            let sa = id
+                .service_account
+                .clone()
+                .filter(|_| sources.issuer.is_some());
             crate::telemetry::set_source(&w.netns, id.telemetry(sa.as_ref()));
             let relevance = relevance.as_ref().expect("computed with workloads");
             let class = (relevance.class(&set, &id.client), sa.clone());
@@ -627,7 +630,10 @@ impl Reloader {
                 continue;
             }
             let id = w.identity(&sources.client, set, sources.api.as_ref());
-            let sa = id.service_account.clone().filter(|_| sources.issuer.is_some());
+            let sa = id
+                .service_account
+                .clone()
+                .filter(|_| sources.issuer.is_some());
             crate::telemetry::set_source(&w.netns, id.telemetry(sa.as_ref()));
             let class = (relevance.class(set, &id.client), sa);
             if again && class_of.get(netns) == Some(&class) {

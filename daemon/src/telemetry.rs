@@ -41,8 +41,8 @@ pub const DEFAULT_MAX_SERIES: usize = 10_000;
 /// Envoy's default histogram buckets, which Istio's duration and size histograms use
 /// (milliseconds for durations, bytes for sizes).
 pub const BUCKETS: [f64; 19] = [
-    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
-    30000.0, 60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
 ];
 
 static TRUST_DOMAIN: OnceLock<String> = OnceLock::new();
@@ -365,6 +365,20 @@ impl Peer {
         }
     }
 
+    /// A peer known only by its certificate's SPIFFE id: the principal and the namespace it
+    /// names (`spiffe://<domain>/ns/<namespace>/sa/<account>`).
+    pub fn from_principal(principal: &str) -> Self {
+        let namespace = principal
+            .split_once("/ns/")
+            .and_then(|(_, rest)| rest.split_once("/sa/"))
+            .map(|(ns, _)| ns.to_string());
+        Self {
+            namespace: namespace.unwrap_or_else(|| UNKNOWN.into()),
+            principal: principal.to_string(),
+            ..Self::unknown()
+        }
+    }
+
     /// The same peer with `principal`.
     pub fn with_principal(&self, principal: String) -> Self {
         Self {
@@ -409,11 +423,7 @@ impl Destinations {
     /// The labels of service `host` in `namespace` and of its `endpoints`: an endpoint's
     /// workload is its pod's (or its WorkloadEntry's name), in the service's namespace, its
     /// principal from its service account.
-    pub fn new(
-        host: &str,
-        namespace: &str,
-        endpoints: &[crate::config::policy::Endpoint],
-    ) -> Self {
+    pub fn new(host: &str, namespace: &str, endpoints: &[crate::config::policy::Endpoint]) -> Self {
         Self {
             service: Arc::new(ServiceName::new(host, namespace)),
             endpoints: endpoints
@@ -530,9 +540,7 @@ impl Metrics {
             ..k
         });
         series.requests.fetch_add(1, Ordering::Relaxed);
-        series
-            .duration
-            .observe(r.duration.as_secs_f64() * 1000.0);
+        series.duration.observe(r.duration.as_secs_f64() * 1000.0);
         series.request_bytes.observe(r.request_bytes as f64);
         series.response_bytes.observe(r.response_bytes as f64);
     }
@@ -633,12 +641,9 @@ impl Metrics {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
             for ((_, s), labels) in http.iter().zip(&http_labels) {
                 let (sum, count, buckets) = pick(s).snapshot();
-                family.encode_family(labels)?.encode_histogram::<NoLabelSet>(
-                    sum,
-                    count,
-                    &buckets,
-                    None,
-                )?;
+                family
+                    .encode_family(labels)?
+                    .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
             }
         }
         type TcpPick = fn(&TcpSeries) -> &AtomicU64;
@@ -726,14 +731,20 @@ fn labels(edge: &Edge, protocol: &str, code: String, grpc: String, flags: &str) 
         ("destination_version", d.version.clone()),
         ("destination_service", svc.host.clone()),
         ("destination_canonical_service", d.canonical_service.clone()),
-        ("destination_canonical_revision", d.canonical_revision.clone()),
+        (
+            "destination_canonical_revision",
+            d.canonical_revision.clone(),
+        ),
         ("destination_service_name", svc.name.clone()),
         ("destination_service_namespace", svc.namespace.clone()),
         ("destination_cluster", d.cluster.clone()),
         ("request_protocol", protocol.into()),
         ("response_code", code),
         ("grpc_response_status", grpc),
-        ("response_flags", if flags.is_empty() { "-" } else { flags }.into()),
+        (
+            "response_flags",
+            if flags.is_empty() { "-" } else { flags }.into(),
+        ),
         (
             "connection_security_policy",
             match edge.security {

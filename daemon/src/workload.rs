@@ -68,7 +68,10 @@ pub struct Identity {
 impl Identity {
     /// Its labels in the standard metrics, with the principal of `service_account` (the one
     /// its mesh certificate names) when it has one.
-    pub fn telemetry(&self, service_account: Option<&(String, String)>) -> crate::telemetry::Workload {
+    pub fn telemetry(
+        &self,
+        service_account: Option<&(String, String)>,
+    ) -> crate::telemetry::Workload {
         let principal = service_account.map(|(ns, sa)| crate::telemetry::principal(ns, sa));
         crate::telemetry::Workload::new(self.peer.clone(), principal)
     }
@@ -90,7 +93,9 @@ impl Workload {
                         &we.spec.labels,
                         None,
                     ),
-                    None => crate::telemetry::Peer::new(None, &flags.namespace, &flags.labels, None),
+                    None => {
+                        crate::telemetry::Peer::new(None, &flags.namespace, &flags.labels, None)
+                    }
                 },
                 client: Client {
                     workload: Some(id.clone()),

@@ -26,6 +26,7 @@ pub mod cri;
 pub mod envoy;
 pub mod k8s;
 pub mod podman;
+pub mod prometheus;
 pub mod ztunnel;
 
 /// The gRPC test service (`proto/echo.proto`).

@@ -145,7 +145,9 @@ impl Inbound {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let result = self.authorized(client, target, peer, policy, upstream).await;
+        let result = self
+            .authorized(client, target, peer, policy, upstream)
+            .await;
         self.measure(peer, target, policy, &result);
         result.map(|_| ())
     }
@@ -163,22 +165,27 @@ impl Inbound {
         use crate::telemetry::{Edge, Peer as Labels, Reporter, Security, Tcp};
         let snapshot = policy.load();
         let mtls = peer.identity.is_some();
-        let known = snapshot.workload_at(peer.remote).map(|(_, w)| w.peer(false).clone());
+        let known = (snapshot.workload_at(peer.remote)).map(|(_, w)| w.peer(false).clone());
         let source = match (&peer.identity, known) {
             (Some(id), Some(w)) => Arc::new(w.with_principal(id.clone())),
-            (Some(id), None) => Arc::new(Labels::unknown().with_principal(id.clone())),
+            (Some(id), None) => Arc::new(Labels::from_principal(id)),
             (None, Some(w)) => w,
             (None, None) => crate::telemetry::unknown_peer(),
         };
         let me = crate::telemetry::source(&self.ns.name);
         let service = (snapshot.workload_at(target.ip()))
-            .map_or_else(crate::telemetry::unknown_service, |(d, _)| d.service.clone());
+            .and_then(|(s, _)| s.clone())
+            .unwrap_or_else(crate::telemetry::unknown_service);
         let edge = Edge {
             reporter: Reporter::Destination,
             source,
             destination: me.peer(mtls).clone(),
             service,
-            security: if mtls { Security::MutualTls } else { Security::None },
+            security: if mtls {
+                Security::MutualTls
+            } else {
+                Security::None
+            },
         };
         let (up, down) = result.as_ref().copied().unwrap_or_default();
         // A denial is no upstream failure (Envoy's RBAC filter sets no flag); a workload that

@@ -644,7 +644,10 @@ impl Exchange {
     /// when the access log is on.
     fn log(&self, status: u16, names: (&str, &str), to: To<'_>, flags: Vec<ResponseFlag>) {
         let grpc_status = (self.grpc && status != 200).then(|| grpc_status_for(status));
-        crate::telemetry::metrics().http(&self.edge(to), &self.measured(status, &flags, 0, grpc_status));
+        crate::telemetry::metrics().http(
+            &self.edge(to),
+            &self.measured(status, &flags, 0, grpc_status),
+        );
         if access::enabled() {
             self.record(status, names, to, flags).emit();
         }
@@ -868,7 +871,12 @@ impl Exchange {
     fn refused(&self, routed: &Routed<'_>, e: &crate::breakers::Error) -> Response<Body> {
         tracing::debug!(reason = %e, cluster = %routed.decision.cluster.name, "circuit breaker");
         let (flag, reply) = breaker_reply(e);
-        self.log(503, routed.names(), To::Endpoint(routed.first.1), vec![flag]);
+        self.log(
+            503,
+            routed.names(),
+            To::Endpoint(routed.first.1),
+            vec![flag],
+        );
         reply
     }
 
@@ -913,8 +921,8 @@ impl Exchange {
         }
         let status = parts.status.as_u16();
         let to = To::Endpoint(endpoint);
-        let grpc_status = (parts.headers.get("grpc-status"))
-            .and_then(|v| v.to_str().ok()?.parse().ok());
+        let grpc_status =
+            (parts.headers.get("grpc-status")).and_then(|v| v.to_str().ok()?.parse().ok());
         let measure = Measure {
             edge: self.edge(to),
             request: self.measured(status, &flags, header_bytes(&parts.headers), grpc_status),

@@ -519,7 +519,7 @@ impl Services {
             cidrs: proto.cidrs.clone(),
             ports: proto.ports.clone(),
             endpoints: proto.endpoints.clone(),
-                telemetry: Default::default(),
+            telemetry: Default::default(),
         });
     }
 }

@@ -477,7 +477,8 @@ impl Cluster {
     /// Whether a connection to `ep` is mutual TLS with mesh identities (the peer's principal is
     /// then known): `ISTIO_MUTUAL`, or auto mTLS / HBONE to a workload in the mesh.
     pub fn proves_identity(&self, ep: &crate::config::policy::Endpoint) -> bool {
-        let istio_mutual = (self.tls.as_ref()).is_some_and(|t| t.mode == policy::TlsMode::IstioMutual);
+        let istio_mutual =
+            (self.tls.as_ref()).is_some_and(|t| t.mode == policy::TlsMode::IstioMutual);
         let in_mesh = ep.labels.get(super::TLS_MODE_LABEL).map(String::as_str) == Some("istio");
         let hbone = self.hbone.is_some() && crate::hbone::speaks_hbone(&ep.labels);
         istio_mutual || (self.auto_tls.is_some() && in_mesh) || hbone

@@ -87,7 +87,12 @@ fn workloads_are_named_by_their_controller_as_istio_names_them() {
             "backup",
         ),
         // A Job whose suffix is not a CronJob's schedule stamp is its own workload.
-        ("migrate-1-xyz", Some(("Job", "migrate-1")), &none, "migrate-1"),
+        (
+            "migrate-1-xyz",
+            Some(("Job", "migrate-1")),
+            &none,
+            "migrate-1",
+        ),
         ("lonely", None, &none, "lonely"),
     ] {
         assert_eq!(workload_name(pod, controller, labels), want, "{pod}");
@@ -130,7 +135,11 @@ fn app_version_and_canonical_labels_fall_back_as_istio_does() {
         None,
     );
     assert_eq!(
-        (k8s.app.as_str(), k8s.version.as_str(), k8s.canonical_revision.as_str()),
+        (
+            k8s.app.as_str(),
+            k8s.version.as_str(),
+            k8s.canonical_revision.as_str()
+        ),
         ("shop", "2.1", "2.1")
     );
     let bare = Peer::new(Some("job-x"), "", &BTreeMap::new(), None);
@@ -143,7 +152,14 @@ fn app_version_and_canonical_labels_fall_back_as_istio_does() {
             bare.namespace.as_str(),
             bare.principal.as_str(),
         ),
-        ("unknown", "unknown", "job-x", "latest", "unknown", "unknown")
+        (
+            "unknown", "unknown", "job-x", "latest", "unknown", "unknown"
+        )
+    );
+    let stranger = Peer::from_principal("spiffe://cluster.local/ns/shop/sa/cart");
+    assert_eq!(
+        (stranger.namespace.as_str(), stranger.workload.as_str()),
+        ("shop", "unknown")
     );
     let svc = ServiceName::new("reviews.bookinfo.svc.cluster.local", "bookinfo");
     assert_eq!(svc.name, "reviews");
@@ -179,14 +195,30 @@ fn requests_are_counted_per_label_set_with_istio_histograms() {
     m.http(&again, &request(200, 30));
     let out = text(&m);
     let ok = "reporter=\"source\",source_workload=\"productpage-v1\",source_canonical_service=\"productpage\",source_canonical_revision=\"v1\",source_workload_namespace=\"bookinfo\",source_principal=\"unknown\",source_app=\"productpage\",source_version=\"v1\",source_cluster=\"Kubernetes\",destination_workload=\"reviews-v2\",destination_workload_namespace=\"bookinfo\",destination_principal=\"unknown\",destination_app=\"reviews\",destination_version=\"v2\",destination_service=\"reviews.bookinfo.svc.cluster.local\",destination_canonical_service=\"reviews\",destination_canonical_revision=\"v2\",destination_service_name=\"reviews\",destination_service_namespace=\"bookinfo\",destination_cluster=\"Kubernetes\",request_protocol=\"http\",response_code=\"200\",grpc_response_status=\"\",response_flags=\"-\",connection_security_policy=\"unknown\"";
-    assert!(out.contains(&format!("istio_requests_total{{{ok}}} 4\n")), "{out}");
+    assert!(
+        out.contains(&format!("istio_requests_total{{{ok}}} 4\n")),
+        "{out}"
+    );
     assert!(out.contains("response_code=\"503\",grpc_response_status=\"\",response_flags=\"UO\""));
     // 7 ms ×3 in le=10; 30 ms in le=50; sum 51.
-    assert!(out.contains(&format!("istio_request_duration_milliseconds_bucket{{le=\"5.0\",{ok}}} 0\n")), "{out}");
-    assert!(out.contains(&format!("istio_request_duration_milliseconds_bucket{{le=\"10.0\",{ok}}} 3\n")));
-    assert!(out.contains(&format!("istio_request_duration_milliseconds_bucket{{le=\"50.0\",{ok}}} 4\n")));
-    assert!(out.contains(&format!("istio_request_duration_milliseconds_sum{{{ok}}} 51.0\n")));
-    assert!(out.contains(&format!("istio_response_bytes_bucket{{le=\"5000.0\",{ok}}} 4\n")));
+    assert!(
+        out.contains(&format!(
+            "istio_request_duration_milliseconds_bucket{{le=\"5.0\",{ok}}} 0\n"
+        )),
+        "{out}"
+    );
+    assert!(out.contains(&format!(
+        "istio_request_duration_milliseconds_bucket{{le=\"10.0\",{ok}}} 3\n"
+    )));
+    assert!(out.contains(&format!(
+        "istio_request_duration_milliseconds_bucket{{le=\"50.0\",{ok}}} 4\n"
+    )));
+    assert!(out.contains(&format!(
+        "istio_request_duration_milliseconds_sum{{{ok}}} 51.0\n"
+    )));
+    assert!(out.contains(&format!(
+        "istio_response_bytes_bucket{{le=\"5000.0\",{ok}}} 4\n"
+    )));
     assert!(out.contains(&format!("istio_request_bytes_sum{{{ok}}} 480.0\n")));
     assert!(out.contains("# TYPE istio_request_duration_milliseconds histogram"));
 }
@@ -228,7 +260,9 @@ fn tcp_connections_add_up_per_edge() {
     assert!(closed.ends_with(" 2"), "{closed}");
     assert!(closed.contains("reporter=\"destination\""));
     assert!(closed.contains("connection_security_policy=\"mutual_tls\""));
-    assert!(closed.contains("source_principal=\"spiffe://cluster.local/ns/bookinfo/sa/productpage\""));
+    assert!(
+        closed.contains("source_principal=\"spiffe://cluster.local/ns/bookinfo/sa/productpage\"")
+    );
     assert!(closed.contains("request_protocol=\"tcp\""));
 }
 
@@ -237,7 +271,10 @@ fn a_hundred_thousand_source_addresses_fold_into_unknown_within_the_limit() {
     let max = 1000;
     let m = Arc::new(Metrics::new(max));
     let dst = Arc::new(reviews_v2());
-    let service = Arc::new(ServiceName::new("reviews.bookinfo.svc.cluster.local", "bookinfo"));
+    let service = Arc::new(ServiceName::new(
+        "reviews.bookinfo.svc.cluster.local",
+        "bookinfo",
+    ));
     let n = 100_000u32;
     for i in 0..n {
         // A client nobody knows, named by its address (as a workload without identity is).
@@ -260,18 +297,27 @@ fn a_hundred_thousand_source_addresses_fold_into_unknown_within_the_limit() {
         );
     }
     let (http, tcp) = m.series_count();
-    assert_eq!((http, tcp), (max + 1, max + 1), "the limit plus the folded series");
+    assert_eq!(
+        (http, tcp),
+        (max + 1, max + 1),
+        "the limit plus the folded series"
+    );
     assert_eq!(m.folded(), 2 * u64::from(n - max as u32));
     let out = text(&m);
     // Nothing is lost: the folded series carries the rest of the requests.
     let folded = out
         .lines()
-        .find(|l| l.starts_with("istio_requests_total{") && l.contains("source_workload=\"unknown\""))
+        .find(|l| {
+            l.starts_with("istio_requests_total{") && l.contains("source_workload=\"unknown\"")
+        })
         .unwrap_or_else(|| panic!("{out}"));
     assert!(
         folded.ends_with(&format!(" {}", n - max as u32)),
         "{folded}"
     );
     assert!(folded.contains("destination_workload=\"unknown\""));
-    assert!(out.contains(&format!("drover_metrics_folded_total {}", 2 * (n - max as u32))));
+    assert!(out.contains(&format!(
+        "drover_metrics_folded_total {}",
+        2 * (n - max as u32)
+    )));
 }

@@ -1,0 +1,305 @@
+//! Istio's standard metrics as their real consumer reads them: Debian's Prometheus scrapes two
+//! daemons (a client node capturing `productpage-v1`'s namespace, a server node terminating
+//! mTLS for `db-v1`) and answers the queries Kiali's graph and the Istio dashboards make, after
+//! a known traffic mix through the kernel capture path: 200s from `reviews-v1`, 503s from
+//! `reviews-v2`, and TCP connections to `db` over ISTIO_MUTUAL.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::SocketAddr,
+    time::Duration,
+};
+
+use drover_tests::{
+    Daemon, PinDir, Pki, Proc, Topology, VIP, probe, prometheus::Prometheus, require_privileged,
+    write_config,
+};
+
+const DB_VIP: &str = "127.77.0.20";
+
+/// productpage-v1 (the client namespace), reviews-v1/v2 (HTTP, ep1/ep2), db-v1 (TCP, ep3).
+fn bookinfo(t: &Topology) -> String {
+    // The client's address facing db's node: as a pod's one IP, it names the workload on
+    // both sides (the server node sees connections come from it).
+    let (client, r1, r2, db) = (
+        Topology::client4(3),
+        Topology::ep4(1),
+        Topology::ep4(2),
+        Topology::ep4(3),
+    );
+    let _ = t;
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: reviews, namespace: demo}}
+spec:
+  hosts: [reviews.demo.svc.cluster.local]
+  addresses: [{VIP}]
+  ports: [{{number: 9080, name: http, protocol: HTTP}}]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  workloadSelector: {{labels: {{app: reviews}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: reviews-v1, namespace: demo}}
+spec: {{address: {r1}, serviceAccount: bookinfo-reviews, labels: {{app: reviews, version: v1}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: reviews-v2, namespace: demo}}
+spec: {{address: {r2}, serviceAccount: bookinfo-reviews, labels: {{app: reviews, version: v2}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: productpage-v1, namespace: demo}}
+spec: {{address: {client}, serviceAccount: bookinfo-productpage, labels: {{app: productpage, version: v1}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: reviews, namespace: demo}}
+spec:
+  host: reviews.demo.svc.cluster.local
+  subsets:
+  - {{name: v1, labels: {{version: v1}}}}
+  - {{name: v2, labels: {{version: v2}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: reviews, namespace: demo}}
+spec:
+  hosts: [reviews.demo.svc.cluster.local]
+  http:
+  - match: [{{headers: {{x-version: {{exact: v2}}}}}}]
+    route: [{{destination: {{host: reviews.demo.svc.cluster.local, subset: v2}}}}]
+    retries: {{attempts: 0}}
+  - route: [{{destination: {{host: reviews.demo.svc.cluster.local, subset: v1}}}}]
+    retries: {{attempts: 0}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: db, namespace: demo}}
+spec:
+  hosts: [db.demo.svc.cluster.local]
+  addresses: [{DB_VIP}]
+  ports: [{{number: 80, name: tcp, protocol: TCP, targetPort: 7000}}]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  workloadSelector: {{labels: {{app: db}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: db-v1, namespace: demo}}
+spec: {{address: {db}, serviceAccount: db, labels: {{app: db, version: v1}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: db, namespace: demo}}
+spec:
+  host: db.demo.svc.cluster.local
+  trafficPolicy: {{tls: {{mode: ISTIO_MUTUAL}}}}
+"
+    )
+}
+
+fn daemon(cfg: &std::path::Path, mesh: &str, args: &[&str]) -> (Daemon, PinDir) {
+    let pins = PinDir::new();
+    let mut a: Vec<String> = vec![
+        "--config".into(),
+        cfg.display().to_string(),
+        "--pin-dir".into(),
+        pins.path.display().to_string(),
+        "--mesh-ca".into(),
+        mesh.into(),
+    ];
+    a.extend(args.iter().map(|s| s.to_string()));
+    (Daemon::start(&a).expect("daemon starts"), pins)
+}
+
+/// The one value of a single-series answer.
+fn value(samples: &[drover_tests::prometheus::Sample]) -> f64 {
+    assert_eq!(samples.len(), 1, "{samples:?}");
+    samples[0].value
+}
+
+#[test]
+fn kiali_and_istio_dashboard_queries_see_each_workload_pair_with_its_counts() {
+    if !require_privileged() {
+        return;
+    }
+    let pki = Pki::new();
+    let mesh = pki.mesh_ca();
+    let t = Topology::new(3);
+    let _servers = [
+        Proc::server_with(
+            Some(&t.endpoints[0]),
+            "http",
+            &[SocketAddr::new(Topology::ep4(1), 9080)],
+            "reviews-v1",
+            &[],
+        ),
+        Proc::server_with(
+            Some(&t.endpoints[1]),
+            "http",
+            &[SocketAddr::new(Topology::ep4(2), 9080)],
+            "reviews-v2",
+            &["--status", "503"],
+        ),
+        Proc::server(
+            Some(&t.endpoints[2]),
+            "echo",
+            &[SocketAddr::new(Topology::ep4(3), 7000)],
+            "db-v1",
+        ),
+    ];
+    let cfg = write_config(&bookinfo(&t));
+    let (client, _client_pins) = daemon(&cfg, &mesh, &["--netns", &t.client.name]);
+    let (server, _server_pins) = daemon(
+        &cfg,
+        &mesh,
+        &[
+            "--inbound-netns",
+            &t.endpoints[2].name,
+            "--inbound-port",
+            "7000",
+            "--client-workload",
+            "demo/db-v1",
+            "--client-namespace",
+            "demo",
+            "--service-account",
+            "db",
+        ],
+    );
+    let prom = Prometheus::scraping(&[client.admin.unwrap(), server.admin.unwrap()]);
+
+    // The traffic mix: 12 × 200 from v1, 8 × 503 from v2, 5 TCP connections over mTLS.
+    let url = format!("http://{VIP}:9080/");
+    let ok = probe(Some(&t.client), None, &["http", &url, "--count", "12"]);
+    assert_eq!(ok["status"]["200"], 12, "{ok}");
+    let failed = probe(
+        Some(&t.client),
+        None,
+        &["http", &url, "--count", "8", "--header", "x-version: v2"],
+    );
+    assert_eq!(failed["status"]["503"], 8, "{failed}");
+    for _ in 0..5 {
+        let c = t
+            .client
+            .connect(format!("{DB_VIP}:80").parse().unwrap(), None)
+            .unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut r = BufReader::new(&c);
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        assert!(
+            line.starts_with("hello from db-v1"),
+            "{line}\n{}\n{}",
+            client.log(),
+            server.log()
+        );
+        (&c).write_all(b"ping\n").unwrap();
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        c.shutdown(std::net::Shutdown::Both).unwrap();
+    }
+
+    // Kiali's workload graph reads `istio_requests_total{reporter="source"}` of a namespace,
+    // grouped by both workloads and the response (kiali/kiali, business/graph telemetry
+    // istio appender: `sum(rate(istio_requests_total{reporter="source",
+    // source_workload_namespace="demo"} [..])) by (source_workload_namespace, source_workload,
+    // source_canonical_service, source_canonical_revision, destination_service_namespace,
+    // destination_service, destination_workload_namespace, destination_workload,
+    // destination_canonical_service, destination_canonical_revision, request_protocol,
+    // response_code, grpc_response_status, response_flags)`). Totals rather than rates, so
+    // that the values are exact.
+    let by = "source_workload_namespace,source_workload,source_canonical_service,\
+              source_canonical_revision,destination_service_namespace,destination_service,\
+              destination_workload_namespace,destination_workload,destination_canonical_service,\
+              destination_canonical_revision,request_protocol,response_code,grpc_response_status,\
+              response_flags";
+    let graph = format!(
+        "sum(istio_requests_total{{reporter=\"source\",source_workload_namespace=\"demo\"}}) by ({by})"
+    );
+    let edges = prom.query_until(&graph, Duration::from_secs(20), |s| {
+        s.iter().map(|s| s.value).sum::<f64>() >= 20.0
+    });
+    assert!(prom.targets_up(), "{}", prom.targets());
+    let edge = |workload: &str, code: &str| {
+        edges
+            .iter()
+            .find(|s| {
+                s.labels["destination_workload"] == workload && s.labels["response_code"] == code
+            })
+            .unwrap_or_else(|| panic!("{workload} {code} in {edges:?}"))
+            .clone()
+    };
+    let v1 = edge("reviews-v1", "200");
+    assert_eq!(v1.value, 12.0);
+    for (label, want) in [
+        ("source_workload", "productpage-v1"),
+        ("source_canonical_service", "productpage"),
+        ("source_canonical_revision", "v1"),
+        ("destination_service", "reviews.demo.svc.cluster.local"),
+        ("destination_service_namespace", "demo"),
+        ("destination_canonical_service", "reviews"),
+        ("destination_canonical_revision", "v1"),
+        ("request_protocol", "http"),
+        ("response_flags", "-"),
+    ] {
+        assert_eq!(v1.labels[label], want, "{label}: {v1:?}");
+    }
+    assert_eq!(edge("reviews-v2", "503").value, 8.0);
+    assert_eq!(edges.len(), 2, "no other edge: {edges:?}");
+
+    // Kiali's TCP edges read `istio_tcp_sent_bytes_total` from the destination for sources it
+    // knows; the Istio TCP panels read `istio_tcp_received_bytes_total` and the connection
+    // counts by `connection_security_policy`.
+    let opened = prom.query_until(
+        "sum(istio_tcp_connections_opened_total{reporter=\"destination\",destination_workload=\"db-v1\"}) by (source_workload,source_principal,destination_service,connection_security_policy)",
+        Duration::from_secs(20),
+        |s| s.first().is_some_and(|s| s.value >= 5.0),
+    );
+    assert_eq!(value(&opened), 5.0, "{opened:?}");
+    let db = &opened[0].labels;
+    assert_eq!(db["source_workload"], "productpage-v1", "{db:?}");
+    assert_eq!(
+        db["source_principal"],
+        "spiffe://cluster.local/ns/demo/sa/bookinfo-productpage"
+    );
+    assert_eq!(db["destination_service"], "db.demo.svc.cluster.local");
+    assert_eq!(db["connection_security_policy"], "mutual_tls");
+    let received = prom.query(
+        "sum(istio_tcp_received_bytes_total{reporter=\"destination\",destination_workload=\"db-v1\"})",
+    );
+    assert_eq!(value(&received), 25.0, "5 × \"ping\\n\"");
+    let sent_by_source = prom.query_until(
+        "sum(istio_tcp_received_bytes_total{reporter=\"source\",destination_workload=\"db-v1\"})",
+        Duration::from_secs(10),
+        |s| s.first().is_some_and(|s| s.value >= 25.0),
+    );
+    assert_eq!(
+        value(&sent_by_source),
+        25.0,
+        "the client side counts the same bytes"
+    );
+
+    // The Istio service dashboard: request volume, success rate (non-5xx) and latency of a
+    // service (istio/istio, manifests/addons/dashboards/istio-service-dashboard: `sum(irate(
+    // istio_requests_total{reporter=~"$qrep",destination_service=~"$service"}[5m]))`, the same
+    // with `response_code!~"5.*"` over it, `histogram_quantile(0.50, sum(irate(
+    // istio_request_duration_milliseconds_bucket{…}[1m])) by (le))`), on totals.
+    let svc = "reporter=\"source\",destination_service=~\"reviews.demo.svc.cluster.local\"";
+    let volume = prom.query(&format!("sum(istio_requests_total{{{svc}}})"));
+    assert_eq!(value(&volume), 20.0);
+    let success = prom.query(&format!(
+        "sum(istio_requests_total{{{svc},response_code!~\"5.*\"}}) / sum(istio_requests_total{{{svc}}})"
+    ));
+    assert!((value(&success) - 0.6).abs() < 1e-9, "{success:?}");
+    let p50 = prom.query(&format!(
+        "histogram_quantile(0.50, sum(istio_request_duration_milliseconds_bucket{{{svc}}}) by (le))"
+    ));
+    let p50 = value(&p50);
+    assert!(p50 > 0.0 && p50 <= 1000.0, "p50 {p50} ms");
+    let sizes = prom.query(&format!("sum(istio_response_bytes_count{{{svc}}})"));
+    assert_eq!(value(&sizes), 20.0);
+}
