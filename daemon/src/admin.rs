@@ -578,7 +578,8 @@ struct Prometheus(
 impl Collector for Prometheus {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         self.encode_inbound(&mut encoder)?;
-        crate::telemetry::metrics().encode(&mut encoder)?;
+        let kernel = self.2.as_deref().map(|k| kernel_tcp(&self.0, k));
+        crate::telemetry::metrics().encode(&mut encoder, &kernel.unwrap_or_default())?;
         encode_downstream(&mut encoder)?;
         if let Some(feed) = &self.1 {
             encode_kubernetes(feed.counters(), &mut encoder)?;
@@ -654,6 +655,40 @@ impl Prometheus {
         }
         Ok(())
     }
+}
+
+/// The connections the kernel balanced in `connect()` (no proxy hop), from its per-endpoint
+/// counters, as standard TCP metrics of the daemon's client: one per endpoint address of each
+/// service (`istio_tcp_sent_bytes` is what the endpoint sent).
+fn kernel_tcp(
+    snapshot: &Registry,
+    kernel: &Kernel,
+) -> Vec<(crate::telemetry::Edge, crate::telemetry::Tcp)> {
+    let source = crate::telemetry::source("");
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for c in snapshot.clusters() {
+        let svc = &snapshot.services()[c.service];
+        for m in &c.members {
+            if !seen.insert(m.addr) {
+                continue;
+            }
+            let Some(k) = kernel.fast_endpoint(m.addr).filter(|k| k.established > 0) else {
+                continue;
+            };
+            let at = Some((m.endpoint, false));
+            let edge = crate::telemetry::outbound(&source, Some(svc.telemetry()), at);
+            let tcp = crate::telemetry::Tcp {
+                opened: k.established,
+                closed: k.closed,
+                sent: k.bytes_received,
+                received: k.bytes_acked,
+                flags: String::new(),
+            };
+            out.push((edge, tcp));
+        }
+    }
+    out
 }
 
 /// `drover_kubernetes_{rejected_objects,watch_errors,relists,skipped_events,reconcile_failures}`.

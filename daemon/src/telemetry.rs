@@ -508,6 +508,34 @@ impl Histogram {
     }
 }
 
+// === impl TcpSeries ===
+
+impl TcpSeries {
+    fn add(&self, t: &Tcp) {
+        for (counter, n) in [
+            (&self.opened, t.opened),
+            (&self.closed, t.closed),
+            (&self.sent, t.sent),
+            (&self.received, t.received),
+        ] {
+            if n > 0 {
+                counter.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn counts(&self) -> Tcp {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Tcp {
+            opened: get(&self.opened),
+            closed: get(&self.closed),
+            sent: get(&self.sent),
+            received: get(&self.received),
+            flags: String::new(),
+        }
+    }
+}
+
 // === impl Metrics ===
 
 impl Metrics {
@@ -555,16 +583,7 @@ impl Metrics {
             edge: folded(&k.edge),
             ..k
         });
-        for (counter, n) in [
-            (&series.opened, t.opened),
-            (&series.closed, t.closed),
-            (&series.sent, t.sent),
-            (&series.received, t.received),
-        ] {
-            if n > 0 {
-                counter.fetch_add(n, Ordering::Relaxed);
-            }
-        }
+        series.add(t);
     }
 
     /// Label sets folded so far.
@@ -597,14 +616,40 @@ impl Metrics {
         map.entry(key).or_default().clone()
     }
 
-    /// Writes every family in Prometheus text through `encoder`.
-    pub fn encode(&self, encoder: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+    /// Writes every family in Prometheus text through `encoder`, with `kernel` (connections
+    /// the kernel balanced itself, read from its counters at this scrape) added to the TCP
+    /// series.
+    pub fn encode(
+        &self,
+        encoder: &mut DescriptorEncoder<'_>,
+        kernel: &[(Edge, Tcp)],
+    ) -> Result<(), std::fmt::Error> {
         let http: Vec<_> = (locked(&self.http).iter())
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        let tcp: Vec<_> = (locked(&self.tcp).iter())
+        let mut tcp: Vec<_> = (locked(&self.tcp).iter())
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
+        for (edge, t) in kernel {
+            let key = TcpKey {
+                edge: edge.clone(),
+                flags: t.flags.clone(),
+            };
+            let series = match tcp.iter().position(|(k, _)| *k == key) {
+                Some(i) => {
+                    // A copy: what the kernel adds is not kept between scrapes.
+                    let s = Arc::new(TcpSeries::default());
+                    s.add(&tcp[i].1.counts());
+                    tcp[i].1 = s;
+                    tcp[i].1.clone()
+                }
+                None => {
+                    tcp.push((key, Arc::default()));
+                    tcp[tcp.len() - 1].1.clone()
+                }
+            };
+            series.add(t);
+        }
         let http_labels: Vec<_> = http.iter().map(|(k, _)| labels_http(k)).collect();
         let tcp_labels: Vec<_> = tcp.iter().map(|(k, _)| labels_tcp(k)).collect();
 

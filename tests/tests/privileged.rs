@@ -1409,6 +1409,21 @@ fn fast_path_balances_in_connect_without_the_proxy_and_keeps_the_vip_as_peer() {
         ),
         "{prom}"
     );
+    // The same connections in Istio's standard TCP metrics, from the kernel's counters.
+    let total = |family: &str| -> u64 {
+        (prom.lines())
+            .filter(|l| l.starts_with(&format!("{family}{{")))
+            .filter(|l| l.contains("destination_service=\"echo.test.svc\""))
+            .filter(|l| l.contains("reporter=\"source\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    assert_eq!(total("istio_tcp_connections_opened_total"), 7, "{prom}");
+    assert_eq!(total("istio_tcp_connections_closed_total"), 7, "{prom}");
+    assert!(
+        total("istio_tcp_received_bytes_total") >= 2,
+        "the client's \"hi\": {prom}"
+    );
 }
 
 #[test]

@@ -43,7 +43,7 @@ struct Collect(Arc<Metrics>);
 
 impl prometheus_client::collector::Collector for Collect {
     fn encode(&self, mut e: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-        self.0.encode(&mut e)
+        self.0.encode(&mut e, &[])
     }
 }
 
