@@ -198,6 +198,13 @@ struct RunArgs {
     /// whose peers are `unknown` (counted as `drover_metrics_folded_total`).
     #[arg(long, default_value_t = drover::telemetry::DEFAULT_MAX_SERIES, value_name = "N")]
     metrics_max_series: usize,
+    /// Export sampled spans over OTLP to this collector (`http://HOST:4317` for gRPC, the full
+    /// `http://HOST:4318/v1/traces` URL for HTTP); none: spans are not exported.
+    #[arg(long, value_name = "URL")]
+    otlp_endpoint: Option<String>,
+    /// How spans reach `--otlp-endpoint`.
+    #[arg(long, value_enum, default_value = "grpc")]
+    otlp_protocol: drover::trace::export::Protocol,
     /// Close a captured HTTP connection whose request headers are not complete this long after
     /// accept (first request) or after the request's first byte; counted as
     /// `downstream_rq_header_timeout`.
@@ -626,6 +633,7 @@ fn mesh_authority(
 /// wake-ups); otherwise on a multi-threaded runtime with `--workers` threads (0: one per CPU).
 fn run(a: RunArgs, log: Option<drover::admin::LogControl>) -> ExitCode {
     let workers = a.workers;
+    let otlp = (a.otlp_endpoint.clone()).map(|e| (e, a.otlp_protocol));
     let cfg = match a.into_config(log) {
         Ok(cfg) => cfg,
         Err(e) => {
@@ -648,6 +656,9 @@ fn run(a: RunArgs, log: Option<drover::admin::LogControl>) -> ExitCode {
         }
     };
     let result = rt.block_on(async {
+        if let Some((endpoint, protocol)) = otlp {
+            drover::trace::export::start(&endpoint, protocol)?;
+        }
         let bound = app::build(cfg).await?;
         bound.wait_termination().await
     });

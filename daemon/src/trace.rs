@@ -11,6 +11,8 @@
 
 use hyper::{HeaderMap, header::HeaderValue};
 
+pub mod export;
+
 /// `x-request-id`.
 pub const REQUEST_ID: &str = "x-request-id";
 /// Istio's default sampling percentage.

@@ -25,6 +25,7 @@ pub mod ca;
 pub mod cri;
 pub mod envoy;
 pub mod k8s;
+pub mod otlp;
 pub mod podman;
 pub mod prometheus;
 pub mod ztunnel;

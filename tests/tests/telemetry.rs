@@ -303,3 +303,170 @@ fn kiali_and_istio_dashboard_queries_see_each_workload_pair_with_its_counts() {
     let sizes = prom.query(&format!("sum(istio_response_bytes_count{{{svc}}})"));
     assert_eq!(value(&sizes), 20.0);
 }
+
+/// productpage (the client namespace) → front (ep1, captured too, forwarding to back) → back.
+/// The endpoint namespaces reach only the client's, so back listens there, on the address
+/// facing ep1; productpage is named by the client's other address (listed first, so that the
+/// client namespace is productpage).
+fn two_hops() -> String {
+    let (client, front, back) = (Topology::client4(2), Topology::ep4(1), Topology::client4(1));
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: front, namespace: demo}}
+spec:
+  hosts: [front.demo.svc.cluster.local]
+  addresses: [{VIP}]
+  ports: [{{number: 9080, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  workloadSelector: {{labels: {{app: front}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: back, namespace: demo}}
+spec:
+  hosts: [back.demo.svc.cluster.local]
+  addresses: [{BACK_VIP}]
+  ports: [{{number: 9080, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  workloadSelector: {{labels: {{app: back}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: productpage-v1, namespace: demo}}
+spec: {{address: {client}, labels: {{app: productpage, version: v1}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: front-v1, namespace: demo}}
+spec: {{address: {front}, labels: {{app: front, version: v1}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: back-v1, namespace: demo}}
+spec: {{address: {back}, labels: {{app: back, version: v1}}}}
+"
+    )
+}
+
+const BACK_VIP: &str = "127.77.0.30";
+
+#[test]
+fn a_request_through_two_drover_hops_is_one_trace_exported_over_otlp_grpc_and_http() {
+    if !require_privileged() {
+        return;
+    }
+    let t = Topology::new(2);
+    let _servers = [
+        Proc::server_with(
+            Some(&t.endpoints[0]),
+            "http",
+            &[SocketAddr::new(Topology::ep4(1), 9080)],
+            "front",
+            &["--forward", &format!("http://{BACK_VIP}:9080/")],
+        ),
+        Proc::server(
+            Some(&t.client),
+            "http",
+            &[SocketAddr::new(Topology::client4(1), 9080)],
+            "back",
+        ),
+    ];
+    let cfg = write_config(&two_hops());
+    let otlp = drover_tests::otlp::Receiver::start();
+    let url = format!("http://{VIP}:9080/");
+    let args = |endpoint: String, protocol: &str| -> Vec<String> {
+        [
+            "--config",
+            &cfg.display().to_string(),
+            "--netns",
+            &t.client.name,
+            "--netns",
+            &t.endpoints[0].name,
+            "--trace-sampling",
+            "100",
+            "--otlp-endpoint",
+            &endpoint,
+            "--otlp-protocol",
+            protocol,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let pins = PinDir::new();
+    let with_pins = |mut a: Vec<String>| {
+        a.extend(["--pin-dir".to_string(), pins.path.display().to_string()]);
+        a
+    };
+    let daemon = Daemon::start(&with_pins(args(format!("http://{}", otlp.grpc), "grpc")))
+        .expect("daemon starts");
+
+    // A new trace: two CLIENT spans, the second hop's parented on the first.
+    let r = probe(Some(&t.client), None, &["http", &url]);
+    assert_eq!(r["status"]["200"], 1, "{r}\n{}", daemon.log());
+    let spans = otlp.wait(2, Duration::from_secs(10));
+    assert_eq!(spans.len(), 2, "{spans:#?}\n{}", daemon.log());
+    let first = spans
+        .iter()
+        .find(|s| s.name == "front.demo.svc.cluster.local:9080/*")
+        .unwrap_or_else(|| panic!("{spans:#?}"));
+    let second = spans
+        .iter()
+        .find(|s| s.name == "back.demo.svc.cluster.local:9080/*")
+        .unwrap_or_else(|| panic!("{spans:#?}"));
+    assert_eq!(first.trace_id, second.trace_id, "one trace");
+    assert_eq!(second.parent_span_id, first.span_id, "parent and child");
+    assert_eq!(first.parent_span_id, "", "the root");
+    assert_eq!((first.kind, second.kind), (3, 3), "CLIENT spans");
+    assert_eq!(first.service, "productpage.demo");
+    assert_eq!(second.service, "front.demo");
+    for (key, want) in [
+        ("http.status_code", "200"),
+        ("http.method", "GET"),
+        ("response_flags", "-"),
+        (
+            "upstream_cluster",
+            "outbound|9080||front.demo.svc.cluster.local",
+        ),
+        ("peer.workload", "front-v1"),
+        ("peer.namespace", "demo"),
+        ("istio.canonical_service", "productpage"),
+    ] {
+        assert_eq!(first.attributes[key], want, "{key}: {first:#?}");
+    }
+    assert_eq!(
+        first.attributes["guid:x-request-id"], second.attributes["guid:x-request-id"],
+        "the request id the application passed on"
+    );
+
+    // An incoming `traceparent` is honoured: its trace, its span as the first hop's parent.
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let parent = "00f067aa0ba902b7";
+    let traceparent = format!("traceparent: 00-{trace}-{parent}-01");
+    let r = probe(
+        Some(&t.client),
+        None,
+        &["http", &url, "--header", &traceparent],
+    );
+    assert_eq!(r["status"]["200"], 1, "{r}");
+    let spans = otlp.wait(4, Duration::from_secs(10));
+    let continued: Vec<_> = spans.iter().filter(|s| s.trace_id == trace).collect();
+    assert_eq!(continued.len(), 2, "{spans:#?}");
+    assert!(
+        continued.iter().any(|s| s.parent_span_id == parent),
+        "{continued:#?}"
+    );
+    drop(daemon);
+
+    // The same over OTLP/HTTP.
+    let daemon = Daemon::start(&with_pins(args(
+        format!("http://{}/v1/traces", otlp.http),
+        "http",
+    )))
+    .expect("daemon starts");
+    let r = probe(Some(&t.client), None, &["http", &url]);
+    assert_eq!(r["status"]["200"], 1, "{r}");
+    let spans = otlp.wait(6, Duration::from_secs(10));
+    assert_eq!(spans.len(), 6, "{spans:#?}\n{}", daemon.log());
+}

@@ -644,10 +644,11 @@ impl Exchange {
     /// when the access log is on.
     fn log(&self, status: u16, names: (&str, &str), to: To<'_>, flags: Vec<ResponseFlag>) {
         let grpc_status = (self.grpc && status != 200).then(|| grpc_status_for(status));
-        crate::telemetry::metrics().http(
-            &self.edge(to),
-            &self.measured(status, &flags, 0, grpc_status),
-        );
+        let (edge, measured) = (self.edge(to), self.measured(status, &flags, 0, grpc_status));
+        if let Some(span) = self.span(names.0, to, &edge) {
+            span.finish(&measured);
+        }
+        crate::telemetry::metrics().http(&edge, &measured);
         if access::enabled() {
             self.record(status, names, to, flags).emit();
         }
@@ -661,6 +662,51 @@ impl Exchange {
             To::Endpoint(n) => (Some(n.service), n.index.map(|i| (i, n.mtls))),
         };
         crate::telemetry::outbound(&self.source, service, endpoint)
+    }
+
+    /// The span of this request, when it is sampled and spans are exported: all it says but
+    /// the outcome.
+    fn span(&self, cluster: &str, to: To<'_>, edge: &crate::telemetry::Edge) -> Option<Box<Span>> {
+        if !self.trace.sampled || !crate::trace::export::enabled() {
+            return None;
+        }
+        use opentelemetry::KeyValue;
+        let port = self.peers.1.port();
+        let name = match to {
+            To::Nowhere => format!("{}/*", self.authority),
+            To::Service(d) => format!("{}:{port}/*", d.service.host),
+            To::Endpoint(n) => format!("{}:{port}/*", n.service.service.host),
+        };
+        let (me, peer) = (&edge.source, &edge.destination);
+        let mut attributes = vec![
+            KeyValue::new("component", "proxy"),
+            KeyValue::new("http.method", self.method.to_string()),
+            KeyValue::new(
+                "http.url",
+                format!("http://{}{}", self.authority, self.path),
+            ),
+            KeyValue::new("guid:x-request-id", self.trace.request_id.clone()),
+            KeyValue::new("upstream_cluster", cluster.to_string()),
+            KeyValue::new("upstream_cluster.name", cluster.to_string()),
+            KeyValue::new("downstream_cluster", "-"),
+            KeyValue::new("istio.canonical_service", me.canonical_service.clone()),
+            KeyValue::new("istio.canonical_revision", me.canonical_revision.clone()),
+            KeyValue::new("istio.namespace", me.namespace.clone()),
+            KeyValue::new("peer.workload", peer.workload.clone()),
+            KeyValue::new("peer.namespace", peer.namespace.clone()),
+        ];
+        if let Some(src) = self.peers.0 {
+            attributes.push(KeyValue::new("peer.address", src.ip().to_string()));
+        }
+        if let To::Endpoint(n) = to {
+            attributes.push(KeyValue::new("upstream_address", n.addr.to_string()));
+        }
+        Some(Box::new(Span {
+            trace: self.trace.clone(),
+            name,
+            service: format!("{}.{}", me.canonical_service, me.namespace),
+            attributes,
+        }))
     }
 
     /// This request's outcome for the standard metrics.
@@ -923,8 +969,10 @@ impl Exchange {
         let to = To::Endpoint(endpoint);
         let grpc_status =
             (parts.headers.get("grpc-status")).and_then(|v| v.to_str().ok()?.parse().ok());
+        let edge = self.edge(to);
         let measure = Measure {
-            edge: self.edge(to),
+            span: self.span(routed.names().0, to, &edge),
+            edge,
             request: self.measured(status, &flags, header_bytes(&parts.headers), grpc_status),
             start: self.start,
         };
@@ -1582,6 +1630,9 @@ impl<B: hyper::body::Body> Drop for Logged<B> {
             let sep = if m.request.flags.is_empty() { "" } else { "," };
             m.request.flags = format!("{}{sep}{}", m.request.flags, flag.code());
         }
+        if let Some(span) = m.span.take() {
+            span.finish(&m.request);
+        }
         crate::telemetry::metrics().http(&m.edge, &m.request);
         let Some(line) = &mut self.line else { return };
         if let access::Kind::Http { flags, .. } = &mut line.kind {
@@ -1596,6 +1647,45 @@ struct Measure {
     edge: crate::telemetry::Edge,
     request: crate::telemetry::Request,
     start: Instant,
+    /// Its span, when sampled and exported.
+    span: Option<Box<Span>>,
+}
+
+/// A sampled request's span before its outcome is known.
+struct Span {
+    trace: crate::trace::Context,
+    name: String,
+    /// The source workload as `<canonical service>.<namespace>`.
+    service: String,
+    attributes: Vec<opentelemetry::KeyValue>,
+}
+
+impl Span {
+    /// Ends the span with `r`'s outcome and hands it to the exporter.
+    fn finish(mut self, r: &crate::telemetry::Request) {
+        use opentelemetry::KeyValue;
+        let end = std::time::SystemTime::now();
+        let flags = if r.flags.is_empty() { "-" } else { &r.flags };
+        self.attributes.extend([
+            KeyValue::new("http.status_code", i64::from(r.code)),
+            KeyValue::new("response_flags", flags.to_string()),
+            KeyValue::new("request_size", r.request_bytes as i64),
+            KeyValue::new("response_size", r.response_bytes as i64),
+        ]);
+        let error = r.code >= 500 || r.code == 0;
+        if error {
+            self.attributes.push(KeyValue::new("error", "true"));
+        }
+        crate::trace::export::record(crate::trace::export::Finished {
+            trace: &self.trace,
+            name: self.name,
+            start: end.checked_sub(r.duration).unwrap_or(end),
+            end,
+            service: self.service,
+            attributes: self.attributes,
+            error,
+        });
+    }
 }
 
 /// Istio's retry policy for routes that set none.

@@ -53,6 +53,44 @@ struct Args {
     /// Require client certificates issued by this CA (PEM).
     #[arg(long, requires = "tls_cert")]
     tls_client_ca: Option<std::path::PathBuf>,
+    /// `http` mode: answer each request by calling this URL, passing on the request id and
+    /// trace headers as Istio asks applications to, and returning its status.
+    #[arg(long)]
+    forward: Option<String>,
+}
+
+/// `--forward`.
+static FORWARD: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// The headers an application propagates for Istio's tracing.
+const TRACE_HEADERS: [&str; 8] = [
+    "x-request-id",
+    "traceparent",
+    "tracestate",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+    "x-b3-flags",
+];
+
+/// Calls `url` with `headers`' trace headers; its status (502 when it cannot be reached).
+async fn forward(url: &str, headers: &hyper::HeaderMap) -> u16 {
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .build_http::<http_body_util::Empty<Bytes>>();
+    let mut req = Request::get(url);
+    for name in TRACE_HEADERS {
+        if let Some(v) = headers.get(name) {
+            req = req.header(name, v);
+        }
+    }
+    let Ok(req) = req.body(http_body_util::Empty::new()) else {
+        return 502;
+    };
+    match client.request(req).await {
+        Ok(resp) => resp.status().as_u16(),
+        Err(_) => 502,
+    }
 }
 
 /// The server side of TLS, when asked for.
@@ -99,6 +137,9 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> S
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(url) = &args.forward {
+        let _ = FORWARD.set(url.clone());
+    }
     let name: Arc<str> = args.name.clone().into();
     for addr in &args.listen {
         let listener = TcpListener::bind(addr).await?;
@@ -269,7 +310,12 @@ async fn handle(
                     headers.join(","),
                     serde_json::Value::Object(values)
                 );
+                let trace = req.headers().clone();
                 async move {
+                    let status = match FORWARD.get() {
+                        Some(url) => forward(url, &trace).await,
+                        None => status,
+                    };
                     if let Some(on) = upgrade {
                         tokio::spawn(async move {
                             if let Ok(up) = on.await {
