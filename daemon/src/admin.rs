@@ -664,7 +664,7 @@ fn kernel_tcp(
     snapshot: &Registry,
     kernel: &Kernel,
 ) -> Vec<(crate::telemetry::Edge, crate::telemetry::Tcp)> {
-    let source = crate::telemetry::source("");
+    let source = crate::telemetry::source("").workload;
     let mut seen = std::collections::HashSet::new();
     let mut out = Vec::new();
     for c in snapshot.clusters() {
@@ -684,6 +684,7 @@ fn kernel_tcp(
                 sent: k.bytes_received,
                 received: k.bytes_acked,
                 flags: String::new(),
+                overrides: None,
             };
             out.push((edge, tcp));
         }

@@ -207,10 +207,19 @@ impl Proxy {
             Ok(bytes) => (Some(*bytes), Vec::new(), None),
             Err(e) => (None, vec![e.response_flag()], Some(e.to_string())),
         };
-        let edge = edge.unwrap_or_else(|| {
-            crate::telemetry::outbound(&crate::telemetry::source(&ns.name), None, None)
-        });
+        let source = crate::telemetry::source(&ns.name);
+        let edge = edge.unwrap_or_else(|| crate::telemetry::outbound(&source.workload, None, None));
         let (sent, received) = bytes.unwrap_or_default();
+        let rendered = if flags.is_empty() {
+            String::new()
+        } else {
+            crate::access::render(&flags)
+        };
+        let attributes = crate::telemetry::settings::Attributes {
+            host: &host,
+            flags: &rendered,
+            ..Default::default()
+        };
         crate::telemetry::metrics().tcp(
             &edge,
             &crate::telemetry::Tcp {
@@ -219,13 +228,16 @@ impl Proxy {
                 // Istio's sent bytes go to the client (the response), received come from it.
                 sent: received,
                 received: sent,
-                flags: if flags.is_empty() {
-                    String::new()
-                } else {
-                    crate::access::render(&flags)
-                },
+                overrides: source.settings.overrides(true, &attributes),
+                flags: rendered.clone(),
             },
         );
+        if !source.settings.logs(&attributes) {
+            if result.is_err() {
+                let _ = client.shutdown().await;
+            }
+            return;
+        }
         crate::access::Record {
             netns: ns.name.clone(),
             src,
@@ -294,7 +306,7 @@ impl Proxy {
         };
         let source = crate::telemetry::source(&ns.name);
         log.edge = Some(crate::telemetry::outbound(
-            &source,
+            &source.workload,
             Some(svc.telemetry()),
             endpoint,
         ));

@@ -172,6 +172,8 @@ pub struct Registry {
     patched: Arc<Patched>,
     /// What [`Registry::originate`] read TLS material with (patched clusters use it too).
     credentials: Option<crate::tls::Credentials>,
+    /// Every valid Telemetry resource, oldest first.
+    telemetry: Arc<Vec<crate::telemetry::settings::Entry>>,
     /// Workloads by address (see [`Registry::workload_at`]); on first use.
     by_address: std::sync::OnceLock<HashMap<IpAddr, WorkloadAt>>,
 }
@@ -335,6 +337,20 @@ impl Registry {
             m
         });
         index.get(&ip)
+    }
+
+    /// What the Telemetry resources say for a workload in `namespace` with `labels`.
+    pub fn telemetry_for(
+        &self,
+        namespace: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> crate::telemetry::Settings {
+        crate::telemetry::Settings::resolve(
+            &self.telemetry,
+            crate::config::validate::peer_authentication::ROOT_NAMESPACE,
+            namespace,
+            labels,
+        )
     }
 
     /// The client this snapshot was resolved for.

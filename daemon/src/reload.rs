@@ -217,7 +217,7 @@ impl Loaded {
     /// identity the configuration cannot serve gets the primary one, and an error line).
     pub fn resolve(self, sources: &Sources) -> Snapshots {
         let Loaded { primary } = self;
-        crate::telemetry::set_source("", crate::telemetry::client_workload(primary.client()));
+        crate::telemetry::set_source("", crate::telemetry::client_source(&primary));
         let set = primary.shared_config();
         let client = &sources.client;
         // Read once per load, and only when there are workloads to sort into classes.
@@ -236,7 +236,7 @@ impl Loaded {
                 .service_account
                 .clone()
                 .filter(|_| sources.issuer.is_some());
-            crate::telemetry::set_source(&w.netns, id.telemetry(sa.as_ref()));
+            crate::telemetry::set_source(&w.netns, id.telemetry(sa.as_ref(), &primary));
             let relevance = relevance.as_ref().expect("computed with workloads");
             let class = (relevance.class(&set, &id.client), sa.clone());
             let netns = w.netns.clone();
@@ -634,7 +634,10 @@ impl Reloader {
                 .service_account
                 .clone()
                 .filter(|_| sources.issuer.is_some());
-            crate::telemetry::set_source(&w.netns, id.telemetry(sa.as_ref()));
+            crate::telemetry::set_source(
+                &w.netns,
+                id.telemetry(sa.as_ref(), &self.views.primary.load()),
+            );
             let class = (relevance.class(set, &id.client), sa);
             if again && class_of.get(netns) == Some(&class) {
                 joined.push((w, None, id.source, class));

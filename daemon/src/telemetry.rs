@@ -16,6 +16,7 @@
 //! client-controlled value (a `Host`, an address) grows memory without bound; counters only grow.
 
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, HashMap},
     hash::Hash,
     sync::{
@@ -26,10 +27,15 @@ use std::{
 };
 
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric as _, NoLabelSet};
-use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::{MetricType, counter::ConstCounter};
 
+use crate::config::policy::StandardMetric;
+
+pub mod settings;
 #[cfg(test)]
 mod tests;
+
+pub use settings::Settings;
 
 /// The value Istio writes for a label it cannot fill.
 pub const UNKNOWN: &str = "unknown";
@@ -142,6 +148,8 @@ pub struct Request {
     pub duration: Duration,
     pub request_bytes: u64,
     pub response_bytes: u64,
+    /// What the workload's metric overrides do to this request's series.
+    pub overrides: Option<Arc<settings::Overrides>>,
 }
 
 /// One TCP connection's contribution: opened, bytes since the last report, closed.
@@ -152,6 +160,8 @@ pub struct Tcp {
     pub sent: u64,
     pub received: u64,
     pub flags: String,
+    /// What the workload's metric overrides do to this connection's series.
+    pub overrides: Option<Arc<settings::Overrides>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -161,12 +171,14 @@ struct HttpKey {
     code: u16,
     grpc_status: Option<u32>,
     flags: String,
+    overrides: Option<Arc<settings::Overrides>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct TcpKey {
     edge: Edge,
     flags: String,
+    overrides: Option<Arc<settings::Overrides>>,
 }
 
 /// A histogram with [`BUCKETS`] (plus `+Inf`).
@@ -211,13 +223,21 @@ pub fn metrics() -> &'static Metrics {
     &METRICS
 }
 
-/// The labels of each enrolled network namespace's workload, by netns name (`""`: the
-/// daemon's `--client-*` identity, for every namespace not listed).
-static SOURCES: LazyLock<std::sync::RwLock<HashMap<String, Workload>>> =
+/// The workload of an enrolled network namespace: its labels as a peer and what the Telemetry
+/// resources say for it.
+#[derive(Clone, Debug)]
+pub struct Source {
+    pub workload: Workload,
+    pub settings: Arc<Settings>,
+}
+
+/// Each enrolled network namespace's workload, by netns name (`""`: the daemon's `--client-*`
+/// identity, for every namespace not listed).
+static SOURCES: LazyLock<std::sync::RwLock<HashMap<String, Source>>> =
     LazyLock::new(Default::default);
 
 /// Names the workload of network namespace `netns` (`""`: the daemon's own client).
-pub fn set_source(netns: &str, w: Workload) {
+pub fn set_source(netns: &str, w: Source) {
     let mut m = SOURCES.write().unwrap_or_else(|p| p.into_inner());
     m.insert(netns.to_string(), w);
 }
@@ -229,21 +249,28 @@ pub fn forget_source(netns: &str) {
 }
 
 /// The workload that opens the connections captured in `netns`.
-pub fn source(netns: &str) -> Workload {
+pub fn source(netns: &str) -> Source {
     let m = SOURCES.read().unwrap_or_else(|p| p.into_inner());
     m.get(netns)
         .or_else(|| m.get(""))
         .cloned()
-        .unwrap_or_else(Workload::unknown)
+        .unwrap_or_else(|| Source {
+            workload: Workload::unknown(),
+            settings: Arc::default(),
+        })
 }
 
-/// The labels of the daemon's `--client-*` identity (named by its WorkloadEntry, if any).
-pub fn client_workload(client: &crate::registry::Client) -> Workload {
+/// The daemon's `--client-*` identity (named by its WorkloadEntry, if any) in `snapshot`.
+pub fn client_source(snapshot: &crate::registry::Registry) -> Source {
+    let client = snapshot.client();
     let name = (client.workload.as_deref()).map(|id| id.rsplit('/').next().unwrap_or(id));
-    Workload::new(
-        Peer::new(name, &client.namespace, &client.labels, None),
-        None,
-    )
+    Source {
+        workload: Workload::new(
+            Peer::new(name, &client.namespace, &client.labels, None),
+            None,
+        ),
+        settings: Arc::new(snapshot.telemetry_for(&client.namespace, &client.labels)),
+    }
 }
 
 /// The shared `unknown` peer.
@@ -532,6 +559,7 @@ impl TcpSeries {
             sent: get(&self.sent),
             received: get(&self.received),
             flags: String::new(),
+            overrides: None,
         }
     }
 }
@@ -562,6 +590,7 @@ impl Metrics {
             code: r.code,
             grpc_status: r.grpc_status,
             flags: r.flags.clone(),
+            overrides: r.overrides.clone(),
         };
         let series = self.series(&self.http, key, |k| HttpKey {
             edge: folded(&k.edge),
@@ -578,6 +607,7 @@ impl Metrics {
         let key = TcpKey {
             edge: edge.clone(),
             flags: t.flags.clone(),
+            overrides: t.overrides.clone(),
         };
         let series = self.series(&self.tcp, key, |k| TcpKey {
             edge: folded(&k.edge),
@@ -618,40 +648,30 @@ impl Metrics {
 
     /// Writes every family in Prometheus text through `encoder`, with `kernel` (connections
     /// the kernel balanced itself, read from its counters at this scrape) added to the TCP
-    /// series.
+    /// series. Series whose labels a metric override made equal are summed; a family an
+    /// override disabled is left out.
     pub fn encode(
         &self,
         encoder: &mut DescriptorEncoder<'_>,
         kernel: &[(Edge, Tcp)],
     ) -> Result<(), std::fmt::Error> {
+        use StandardMetric as M;
         let http: Vec<_> = (locked(&self.http).iter())
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        let mut tcp: Vec<_> = (locked(&self.tcp).iter())
-            .map(|(k, v)| (k.clone(), v.clone()))
+        let mut tcp: Vec<(TcpKey, Tcp)> = (locked(&self.tcp).iter())
+            .map(|(k, v)| (k.clone(), v.counts()))
             .collect();
         for (edge, t) in kernel {
-            let key = TcpKey {
-                edge: edge.clone(),
-                flags: t.flags.clone(),
-            };
-            let series = match tcp.iter().position(|(k, _)| *k == key) {
-                Some(i) => {
-                    // A copy: what the kernel adds is not kept between scrapes.
-                    let s = Arc::new(TcpSeries::default());
-                    s.add(&tcp[i].1.counts());
-                    tcp[i].1 = s;
-                    tcp[i].1.clone()
-                }
-                None => {
-                    tcp.push((key, Arc::default()));
-                    tcp[tcp.len() - 1].1.clone()
-                }
-            };
-            series.add(t);
+            tcp.push((
+                TcpKey {
+                    edge: edge.clone(),
+                    flags: t.flags.clone(),
+                    overrides: None,
+                },
+                t.clone(),
+            ));
         }
-        let http_labels: Vec<_> = http.iter().map(|(k, _)| labels_http(k)).collect();
-        let tcp_labels: Vec<_> = tcp.iter().map(|(k, _)| labels_tcp(k)).collect();
 
         let mut family = encoder.encode_descriptor(
             "istio_requests",
@@ -659,67 +679,89 @@ impl Metrics {
             None,
             MetricType::Counter,
         )?;
-        for ((_, s), labels) in http.iter().zip(&http_labels) {
-            let v = s.requests.load(Ordering::Relaxed);
-            prometheus_client::metrics::counter::ConstCounter::new(v)
-                .encode(family.encode_family(labels)?)?;
+        let counts = sum(&http, M::RequestCount, labels_http, |s| {
+            s.requests.load(Ordering::Relaxed)
+        });
+        for (labels, v) in &counts {
+            ConstCounter::new(*v).encode(family.encode_family(labels)?)?;
         }
         type Pick = fn(&HttpSeries) -> &Histogram;
-        let histograms: [(&str, &str, Pick); 3] = [
+        let histograms: [(&str, &str, M, Pick); 3] = [
             (
                 "istio_request_duration_milliseconds",
                 "Request duration in milliseconds (Istio standard metric)",
+                M::RequestDuration,
                 |s| &s.duration,
             ),
             (
                 "istio_request_bytes",
                 "Request size (headers and body) in bytes (Istio standard metric)",
+                M::RequestSize,
                 |s| &s.request_bytes,
             ),
             (
                 "istio_response_bytes",
                 "Response size (headers and body) in bytes (Istio standard metric)",
+                M::ResponseSize,
                 |s| &s.response_bytes,
             ),
         ];
-        for (name, help, pick) in histograms {
+        for (name, help, metric, pick) in histograms {
+            let mut merged: BTreeMap<Labels, (f64, Vec<(f64, u64)>)> = BTreeMap::new();
+            for (k, s) in &http {
+                let Some(labels) = labels_http(k, metric) else {
+                    continue;
+                };
+                let (sum, _, buckets) = pick(s).snapshot();
+                let e = merged.entry(labels).or_insert_with(|| (0.0, Vec::new()));
+                e.0 += sum;
+                if e.1.is_empty() {
+                    e.1 = buckets;
+                } else {
+                    for (acc, (_, n)) in e.1.iter_mut().zip(buckets) {
+                        acc.1 += n;
+                    }
+                }
+            }
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
-            for ((_, s), labels) in http.iter().zip(&http_labels) {
-                let (sum, count, buckets) = pick(s).snapshot();
+            for (labels, (sum, buckets)) in &merged {
+                let count = buckets.iter().map(|(_, n)| n).sum();
                 family
                     .encode_family(labels)?
-                    .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+                    .encode_histogram::<NoLabelSet>(*sum, count, buckets, None)?;
             }
         }
-        type TcpPick = fn(&TcpSeries) -> &AtomicU64;
-        let counters: [(&str, &str, TcpPick); 4] = [
+        type TcpPick = fn(&Tcp) -> u64;
+        let counters: [(&str, &str, M, TcpPick); 4] = [
             (
                 "istio_tcp_sent_bytes",
                 "Bytes sent to the client of a TCP connection (Istio standard metric)",
-                |s| &s.sent,
+                M::TcpSentBytes,
+                |t| t.sent,
             ),
             (
                 "istio_tcp_received_bytes",
                 "Bytes received from the client of a TCP connection (Istio standard metric)",
-                |s| &s.received,
+                M::TcpReceivedBytes,
+                |t| t.received,
             ),
             (
                 "istio_tcp_connections_opened",
                 "TCP connections opened (Istio standard metric)",
-                |s| &s.opened,
+                M::TcpOpenedConnections,
+                |t| t.opened,
             ),
             (
                 "istio_tcp_connections_closed",
                 "TCP connections closed (Istio standard metric)",
-                |s| &s.closed,
+                M::TcpClosedConnections,
+                |t| t.closed,
             ),
         ];
-        for (name, help, pick) in counters {
+        for (name, help, metric, pick) in counters {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-            for ((_, s), labels) in tcp.iter().zip(&tcp_labels) {
-                let v = pick(s).load(Ordering::Relaxed);
-                prometheus_client::metrics::counter::ConstCounter::new(v)
-                    .encode(family.encode_family(labels)?)?;
+            for (labels, v) in &sum(&tcp, metric, labels_tcp, pick) {
+                ConstCounter::new(*v).encode(family.encode_family(labels)?)?;
             }
         }
         let family = encoder.encode_descriptor(
@@ -728,9 +770,25 @@ impl Metrics {
             None,
             MetricType::Counter,
         )?;
-        prometheus_client::metrics::counter::ConstCounter::new(self.folded()).encode(family)?;
+        ConstCounter::new(self.folded()).encode(family)?;
         Ok(())
     }
+}
+
+/// `metric`'s value per label set over `series` (summed where overrides made labels equal).
+fn sum<K, S>(
+    series: &[(K, S)],
+    metric: StandardMetric,
+    labels: fn(&K, StandardMetric) -> Option<Labels>,
+    value: impl Fn(&S) -> u64,
+) -> BTreeMap<Labels, u64> {
+    let mut out = BTreeMap::new();
+    for (k, s) in series {
+        if let Some(l) = labels(k, metric) {
+            *out.entry(l).or_default() += value(s);
+        }
+    }
+    out
 }
 
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -747,12 +805,12 @@ fn folded(edge: &Edge) -> Edge {
     }
 }
 
-type Labels = Vec<(&'static str, String)>;
+type Labels = Vec<(Cow<'static, str>, String)>;
 
 /// The label set of an edge and its outcome, in Istio's order.
 fn labels(edge: &Edge, protocol: &str, code: String, grpc: String, flags: &str) -> Labels {
     let (s, d, svc) = (&*edge.source, &*edge.destination, &*edge.service);
-    vec![
+    let list: [(&'static str, String); 25] = [
         (
             "reporter",
             match edge.reporter {
@@ -799,18 +857,47 @@ fn labels(edge: &Edge, protocol: &str, code: String, grpc: String, flags: &str) 
             }
             .into(),
         ),
-    ]
+    ];
+    list.into_iter()
+        .map(|(k, v)| (Cow::Borrowed(k), v))
+        .collect()
 }
 
-fn labels_http(k: &HttpKey) -> Labels {
+/// `labels` as the overrides of `metric` leave them: `None` when they disable it.
+fn overridden(
+    mut labels: Labels,
+    overrides: Option<&settings::Overrides>,
+    metric: StandardMetric,
+) -> Option<Labels> {
+    let Some(o) = overrides.and_then(|o| o.get(&metric)) else {
+        return Some(labels);
+    };
+    if o.disabled {
+        return None;
+    }
+    for (tag, value) in &o.tags {
+        let at = labels.iter().position(|(k, _)| k == tag);
+        match (at, value) {
+            (Some(i), None) => drop(labels.remove(i)),
+            (Some(i), Some(v)) => labels[i].1 = v.clone(),
+            (None, Some(v)) => labels.push((Cow::Owned(tag.clone()), v.clone())),
+            (None, None) => {}
+        }
+    }
+    Some(labels)
+}
+
+fn labels_http(k: &HttpKey, metric: StandardMetric) -> Option<Labels> {
     let protocol = match k.protocol {
         Protocol::Grpc => "grpc",
         _ => "http",
     };
     let grpc = k.grpc_status.map(|g| g.to_string()).unwrap_or_default();
-    labels(&k.edge, protocol, k.code.to_string(), grpc, &k.flags)
+    let all = labels(&k.edge, protocol, k.code.to_string(), grpc, &k.flags);
+    overridden(all, k.overrides.as_deref(), metric)
 }
 
-fn labels_tcp(k: &TcpKey) -> Labels {
-    labels(&k.edge, "tcp", "0".into(), String::new(), &k.flags)
+fn labels_tcp(k: &TcpKey, metric: StandardMetric) -> Option<Labels> {
+    let all = labels(&k.edge, "tcp", "0".into(), String::new(), &k.flags);
+    overridden(all, k.overrides.as_deref(), metric)
 }

@@ -67,13 +67,28 @@ pub struct Identity {
 
 impl Identity {
     /// Its labels in the standard metrics, with the principal of `service_account` (the one
-    /// its mesh certificate names) when it has one.
+    /// its mesh certificate names) when it has one, and what the Telemetry resources of
+    /// `snapshot` say for it.
     pub fn telemetry(
         &self,
         service_account: Option<&(String, String)>,
-    ) -> crate::telemetry::Workload {
+        snapshot: &crate::registry::Registry,
+    ) -> crate::telemetry::Source {
         let principal = service_account.map(|(ns, sa)| crate::telemetry::principal(ns, sa));
-        crate::telemetry::Workload::new(self.peer.clone(), principal)
+        let mut labels = self.client.labels.clone();
+        let mut namespace = self.client.namespace.clone();
+        if let Source::WorkloadEntry(id) = &self.source
+            && let Some(we) =
+                (snapshot.shared_config().workload_entries.iter()).find(|we| &we.id() == id)
+        {
+            labels = we.spec.labels.clone();
+            labels.extend(self.client.labels.clone());
+            namespace = we.namespace().to_string();
+        }
+        crate::telemetry::Source {
+            workload: crate::telemetry::Workload::new(self.peer.clone(), principal),
+            settings: std::sync::Arc::new(snapshot.telemetry_for(&namespace, &labels)),
+        }
     }
 }
 

@@ -470,3 +470,132 @@ fn a_request_through_two_drover_hops_is_one_trace_exported_over_otlp_grpc_and_ht
     let spans = otlp.wait(6, Duration::from_secs(10));
     assert_eq!(spans.len(), 6, "{spans:#?}\n{}", daemon.log());
 }
+
+/// The mesh's Telemetry (root namespace): every new trace sampled and tagged, access-log lines
+/// for failures only, and Istio's standard metrics without the duration histogram and without
+/// `response_flags` on the request count.
+const MESH_TELEMETRY: &str = "---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: mesh-default, namespace: istio-system}
+spec:
+  tracing:
+  - randomSamplingPercentage: 100
+    customTags:
+      team: {literal: {value: checkout}}
+      tenant: {header: {name: x-tenant, defaultValue: none}}
+      region: {environment: {name: DROVER_TEST_UNSET_REGION, defaultValue: local}}
+  metrics:
+  - overrides:
+    - match: {metric: REQUEST_DURATION}
+      disabled: true
+    - match: {metric: REQUEST_COUNT, mode: CLIENT}
+      tagOverrides:
+        response_flags: {operation: REMOVE}
+        request_host: {value: request.host}
+  accessLogging:
+  - filter: {expression: 'response.code >= 500'}
+";
+
+#[test]
+fn a_telemetry_resource_samples_tags_filters_the_log_and_overrides_metrics() {
+    if !require_privileged() {
+        return;
+    }
+    let t = Topology::new(2);
+    let _servers = [
+        Proc::server(
+            Some(&t.endpoints[0]),
+            "http",
+            &[SocketAddr::new(Topology::ep4(1), 9080)],
+            "front-ok",
+        ),
+        Proc::server_with(
+            Some(&t.endpoints[1]),
+            "http",
+            &[SocketAddr::new(Topology::ep4(2), 9080)],
+            "front-failing",
+            &["--status", "503"],
+        ),
+    ];
+    // Both endpoints behind `front`, round robin, no retries: alternately 200 and 503.
+    let yaml = two_hops()
+        + "---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: front-v2, namespace: demo}
+spec: {address: 198.18.2.2, labels: {app: front, version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: front, namespace: demo}
+spec:
+  hosts: [front.demo.svc.cluster.local]
+  http: [{route: [{destination: {host: front.demo.svc.cluster.local}}], retries: {attempts: 0}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: front, namespace: demo}
+spec: {host: front.demo.svc.cluster.local, trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}}
+" + MESH_TELEMETRY;
+    assert_eq!(Topology::ep4(2).to_string(), "198.18.2.2");
+    let cfg = write_config(&yaml);
+    let otlp = drover_tests::otlp::Receiver::start();
+    let pins = PinDir::new();
+    let daemon = Daemon::start(&[
+        "--config".to_string(),
+        cfg.display().to_string(),
+        "--pin-dir".into(),
+        pins.path.display().to_string(),
+        "--netns".into(),
+        t.client.name.clone(),
+        "--otlp-endpoint".into(),
+        format!("http://{}", otlp.grpc),
+    ])
+    .expect("daemon starts");
+    let url = format!("http://{VIP}:9080/");
+    let r = probe(
+        Some(&t.client),
+        None,
+        &["http", &url, "--count", "6", "--header", "x-tenant: acme"],
+    );
+    assert_eq!(r["status"]["200"], 3, "{r}");
+    assert_eq!(r["status"]["503"], 3, "{r}");
+
+    // Sampled at the Telemetry's 100 % (the flag's default is 1 %), with its custom tags.
+    let spans = otlp.wait(6, Duration::from_secs(10));
+    assert_eq!(spans.len(), 6, "{spans:#?}");
+    for s in &spans {
+        assert_eq!(s.attributes["team"], "checkout", "{s:#?}");
+        assert_eq!(s.attributes["tenant"], "acme", "{s:#?}");
+        assert_eq!(s.attributes["region"], "local", "{s:#?}");
+    }
+
+    // Access-log lines for the failures only.
+    assert!(daemon.wait_log_count("status=503", 3, Duration::from_secs(3)));
+    assert!(
+        !daemon.log().contains("status=200"),
+        "the filter keeps 2xx out: {}",
+        daemon.log()
+    );
+
+    // The request count without response_flags and with the host; no duration histogram.
+    let prom = daemon.admin_get("/stats/prometheus");
+    let counts: Vec<&str> = (prom.lines())
+        .filter(|l| l.starts_with("istio_requests_total{"))
+        .collect();
+    assert_eq!(counts.len(), 2, "{counts:#?}");
+    for l in &counts {
+        assert!(!l.contains("response_flags="), "{l}");
+        assert!(l.contains("request_host=\"127.77.0.10:9080\""), "{l}");
+        assert!(l.ends_with(" 3"), "{l}");
+    }
+    assert!(
+        !prom.contains("istio_request_duration_milliseconds_bucket{"),
+        "{prom}"
+    );
+    assert!(
+        prom.contains("istio_response_bytes_bucket{"),
+        "other families stay"
+    );
+}

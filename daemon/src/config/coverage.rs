@@ -1203,6 +1203,138 @@ const TABLE: &[(&str, How)] = &[
             "daemon/src/registry/mesh_routes/tests.rs::a_reference_grant_opens_a_backend_in_another_namespace",
         ),
     ),
+    // Telemetry.
+    (
+        "Telemetry.selector",
+        Enforced(
+            "daemon/src/telemetry/tests.rs::telemetry_composes_mesh_then_namespace_then_workload",
+        ),
+    ),
+    (
+        "Telemetry.targetRef",
+        Warned {
+            spec: "targetRef: {kind: Gateway, group: gateway.networking.k8s.io, name: gw}",
+            warning: "spec.targetRef",
+        },
+    ),
+    (
+        "Telemetry.targetRefs",
+        Warned {
+            spec: "targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: gw}]",
+            warning: "spec.targetRefs",
+        },
+    ),
+    (
+        "Telemetry.tracing[].randomSamplingPercentage",
+        Enforced(
+            "tests/tests/telemetry.rs::a_telemetry_resource_samples_tags_filters_the_log_and_overrides_metrics",
+        ),
+    ),
+    (
+        "Telemetry.tracing[].customTags",
+        Enforced(
+            "tests/tests/telemetry.rs::a_telemetry_resource_samples_tags_filters_the_log_and_overrides_metrics",
+        ),
+    ),
+    (
+        "Telemetry.tracing[].disableSpanReporting",
+        Enforced(
+            "daemon/src/telemetry/tests.rs::telemetry_composes_mesh_then_namespace_then_workload",
+        ),
+    ),
+    (
+        "Telemetry.tracing[].match.mode",
+        Warned {
+            spec: "tracing: [{match: {mode: SERVER}}]",
+            warning: "spec.tracing[0].match.mode",
+        },
+    ),
+    (
+        "Telemetry.tracing[].providers",
+        Warned {
+            spec: "tracing: [{providers: [{name: zipkin}]}]",
+            warning: "spec.tracing[0].providers[0].name",
+        },
+    ),
+    (
+        "Telemetry.tracing[].useRequestIdForTraceSampling",
+        Warned {
+            spec: "tracing: [{useRequestIdForTraceSampling: true}]",
+            warning: "spec.tracing[0].useRequestIdForTraceSampling",
+        },
+    ),
+    (
+        "Telemetry.tracing[].enableIstioTags",
+        Warned {
+            spec: "tracing: [{enableIstioTags: true}]",
+            warning: "spec.tracing[0].enableIstioTags",
+        },
+    ),
+    (
+        "Telemetry.metrics[].providers",
+        Warned {
+            spec: "metrics: [{providers: [{name: stackdriver}]}]",
+            warning: "spec.metrics[0].providers[0].name",
+        },
+    ),
+    (
+        "Telemetry.metrics[].reportingInterval",
+        Warned {
+            spec: "metrics: [{reportingInterval: 5s}]",
+            warning: "spec.metrics[0].reportingInterval",
+        },
+    ),
+    (
+        "Telemetry.metrics[].overrides",
+        Enforced(
+            "tests/tests/telemetry.rs::a_telemetry_resource_samples_tags_filters_the_log_and_overrides_metrics",
+        ),
+    ),
+    (
+        "Telemetry.metrics[].overrides[].match.mode",
+        Enforced(
+            "daemon/src/telemetry/tests.rs::metric_overrides_disable_families_remove_tags_and_upsert_values",
+        ),
+    ),
+    (
+        "Telemetry.metrics[].overrides[].tagOverrides",
+        Enforced(
+            "daemon/src/telemetry/tests.rs::metric_overrides_disable_families_remove_tags_and_upsert_values",
+        ),
+    ),
+    (
+        "Telemetry.metrics[].overrides[].match.customMetric",
+        Warned {
+            spec: "metrics: [{overrides: [{match: {customMetric: my_metric}}]}]",
+            warning: "spec.metrics[0].overrides[0].match.customMetric",
+        },
+    ),
+    (
+        "Telemetry.accessLogging[].disabled",
+        Enforced(
+            "daemon/src/telemetry/tests.rs::telemetry_composes_mesh_then_namespace_then_workload",
+        ),
+    ),
+    (
+        "Telemetry.accessLogging[].filter",
+        Enforced(
+            "tests/tests/telemetry.rs::a_telemetry_resource_samples_tags_filters_the_log_and_overrides_metrics",
+        ),
+    ),
+    (
+        "Telemetry.accessLogging[].match.mode",
+        Warned {
+            spec: "accessLogging: [{match: {mode: SERVER}}]",
+            warning: "spec.accessLogging[0].match.mode",
+        },
+    ),
+    (
+        "Telemetry.accessLogging[].providers",
+        Warned {
+            spec: "accessLogging: [{providers: [{name: otel}]}]",
+            warning: "spec.accessLogging[0].providers[0].name",
+        },
+    ),
 ];
 
 /// Every field of the mirror, by kind, with shared blocks folded onto one spelling.
@@ -1230,6 +1362,10 @@ fn mirror_fields() -> BTreeSet<String> {
         (
             "ReferenceGrant",
             trace::fields::<crd::gateway::ReferenceGrantSpec>(),
+        ),
+        (
+            "Telemetry",
+            trace::fields::<crd::telemetry::TelemetrySpec>(),
         ),
     ];
     let mut out = BTreeSet::new();

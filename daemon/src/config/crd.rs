@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 pub mod gateway;
+pub mod telemetry;
 
 /// Kubernetes object metadata (the parts Drover uses).
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]

@@ -1041,3 +1041,94 @@ impl OutlierDetection {
         self.base_ejection_time.max(Duration::from_secs(300))
     }
 }
+
+/// A validated `Telemetry`: what it sets for the workloads it applies to (`None`: inherited
+/// from the less specific level).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Telemetry {
+    /// `None`: the whole namespace (the whole mesh in the root namespace).
+    pub selector: Option<BTreeMap<String, String>>,
+    pub tracing: TelemetryTracing,
+    /// `metrics[].overrides[]`, in order.
+    pub metric_overrides: Vec<MetricOverride>,
+    pub access_logging: AccessLogging,
+}
+
+/// `tracing[]` for the client side (Drover's outbound spans).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TelemetryTracing {
+    pub random_sampling_percentage: Option<f64>,
+    pub disable_span_reporting: Option<bool>,
+    pub custom_tags: BTreeMap<String, CustomTag>,
+}
+
+/// Where a custom span tag's value comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CustomTag {
+    Literal(String),
+    Environment { name: String, default: String },
+    Header { name: String, default: String },
+}
+
+/// One of Istio's standard metrics, as `overrides[].match.metric` names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum StandardMetric {
+    RequestCount,
+    RequestDuration,
+    RequestSize,
+    ResponseSize,
+    TcpOpenedConnections,
+    TcpClosedConnections,
+    TcpSentBytes,
+    TcpReceivedBytes,
+    GrpcRequestMessages,
+    GrpcResponseMessages,
+}
+
+/// `metrics[].overrides[]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MetricOverride {
+    /// `None`: every metric (`ALL_METRICS`).
+    pub metric: Option<StandardMetric>,
+    /// Applies to `reporter="source"` (CLIENT) and/or `reporter="destination"` (SERVER).
+    pub client: bool,
+    pub server: bool,
+    pub disabled: Option<bool>,
+    /// Tag → what to do with it, in name order.
+    pub tag_overrides: Vec<(String, TagOverride)>,
+}
+
+/// `tagOverrides.<tag>`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TagOverride {
+    Remove,
+    /// Set (or add) the tag to the value of a CEL expression over the request.
+    Upsert(Expression),
+}
+
+/// `accessLogging[]`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AccessLogging {
+    pub disabled: Option<bool>,
+    /// Lines are written only for requests and connections it holds for.
+    pub filter: Option<Expression>,
+}
+
+/// A compiled CEL expression with its source (compared by source).
+#[derive(Clone)]
+pub struct Expression {
+    pub source: String,
+    pub program: std::sync::Arc<cel::Program>,
+}
+
+impl std::fmt::Debug for Expression {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Expression({:?})", self.source)
+    }
+}
+
+impl PartialEq for Expression {
+    fn eq(&self, other: &Self) -> bool {
+        self.source == other.source
+    }
+}

@@ -31,6 +31,8 @@ const KNOWN_UNUSED: [&str; 5] = [
 
 /// API versions of `security.istio.io` that Drover accepts.
 pub const SECURITY_VERSIONS: [&str; 2] = ["v1", "v1beta1"];
+/// The `telemetry.istio.io` versions accepted (identical shapes).
+pub const TELEMETRY_VERSIONS: [&str; 2] = ["v1", "v1alpha1"];
 /// `security.istio.io` kinds that exist but that this version of Drover does not act on yet.
 const SECURITY_UNUSED: [&str; 1] = ["RequestAuthentication"];
 
@@ -72,6 +74,7 @@ pub struct ConfigSet {
     pub grpc_routes: Vec<Resource<crd::gateway::GrpcRouteSpec>>,
     pub tcp_routes: Vec<Resource<crd::gateway::TcpRouteSpec>>,
     pub reference_grants: Vec<Resource<crd::gateway::ReferenceGrantSpec>>,
+    pub telemetries: Vec<Resource<crd::telemetry::TelemetrySpec>>,
     /// Documents of other kinds, with where they are and what they are.
     pub skipped: Vec<(Location, String)>,
     /// Non-fatal findings (unknown fields), located.
@@ -299,6 +302,17 @@ impl ConfigSet {
         }
         if group == "gateway.networking.k8s.io" {
             return self.add_gateway(origin, value, &kind, version);
+        }
+        if group == "telemetry.istio.io" {
+            if !TELEMETRY_VERSIONS.contains(&version) || kind != "Telemetry" {
+                return Err(origin.problem(
+                    "apiVersion",
+                    format!("unsupported {kind} {api_version:?} (expected telemetry.istio.io/v1 or v1alpha1 Telemetry)"),
+                ));
+            }
+            let (meta, spec) = parse_typed(&origin, value, &mut self.warnings)?;
+            self.telemetries.push(Resource { origin, meta, spec });
+            return Ok(());
         }
         if group != "networking.istio.io" {
             let at = origin.problem("kind", "");

@@ -441,6 +441,7 @@ mod destination_rule;
 mod gateway_route;
 pub mod peer_authentication;
 mod service_entry;
+mod telemetry;
 pub use service_entry::is_dns;
 mod http_actions;
 mod virtual_service;

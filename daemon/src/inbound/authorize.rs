@@ -179,7 +179,7 @@ impl Inbound {
         let edge = Edge {
             reporter: Reporter::Destination,
             source,
-            destination: me.peer(mtls).clone(),
+            destination: me.workload.peer(mtls).clone(),
             service,
             security: if mtls {
                 Security::MutualTls
@@ -194,6 +194,12 @@ impl Inbound {
             Err(Error::Forward { .. }) => "UF".to_string(),
             _ => String::new(),
         };
+        let attributes = crate::telemetry::settings::Attributes {
+            flags: &flags,
+            mtls,
+            ..Default::default()
+        };
+        let overrides = me.settings.overrides(false, &attributes);
         crate::telemetry::metrics().tcp(
             &edge,
             &Tcp {
@@ -202,6 +208,7 @@ impl Inbound {
                 sent: down,
                 received: up,
                 flags,
+                overrides,
             },
         );
     }

@@ -566,8 +566,13 @@ struct Exchange {
     authority: String,
     /// The request id and trace context this hop forwards.
     trace: crate::trace::Context,
-    /// The workload that sent it, as the standard metrics name it.
-    source: crate::telemetry::Workload,
+    /// The workload that sent it, as the standard metrics name it, and its Telemetry settings.
+    source: crate::telemetry::Source,
+    /// The request's headers, kept only when the workload's Telemetry has expressions that
+    /// may read them (metric overrides, an access-log filter).
+    headers: Option<HeaderMap>,
+    /// Its span's custom tags (`tracing[].customTags`), when it is sampled and exported.
+    tags: Vec<opentelemetry::KeyValue>,
     /// `application/grpc*` (reported as `request_protocol="grpc"`).
     grpc: bool,
     /// Its headers' size plus its declared body length (`istio_request_bytes`).
@@ -619,6 +624,19 @@ impl Exchange {
                     .map(str::to_string)
             })
             .unwrap_or_default();
+        let source = crate::telemetry::source(&ns.name);
+        let settings = &source.settings;
+        let trace = crate::trace::Context::from_request(
+            &parts.headers,
+            settings.sampling.unwrap_or_else(crate::trace::sampling),
+            crate::trace::Dice::roll(),
+        );
+        let exported = trace.sampled && !settings.disable_spans && crate::trace::export::enabled();
+        let tags = match exported {
+            true => custom_tags(&settings.custom_tags, &parts.headers),
+            false => Vec::new(),
+        };
+        let reads = !settings.overrides.is_empty() || settings.access_log_filter.is_some();
         Self {
             start: Instant::now(),
             netns: ns.name.clone(),
@@ -626,12 +644,10 @@ impl Exchange {
             method: parts.method.clone(),
             path: parts.uri.path().to_string(),
             authority,
-            trace: crate::trace::Context::from_request(
-                &parts.headers,
-                crate::trace::sampling(),
-                crate::trace::Dice::roll(),
-            ),
-            source: crate::telemetry::source(&ns.name),
+            trace,
+            headers: reads.then(|| parts.headers.clone()),
+            tags,
+            source,
             grpc: is_grpc(&parts.headers),
             request_bytes: header_bytes(&parts.headers)
                 + (parts.headers.get(header::CONTENT_LENGTH))
@@ -649,7 +665,7 @@ impl Exchange {
             span.finish(&measured);
         }
         crate::telemetry::metrics().http(&edge, &measured);
-        if access::enabled() {
+        if access::enabled() && self.logs(status, &measured.flags) {
             self.record(status, names, to, flags).emit();
         }
     }
@@ -661,13 +677,38 @@ impl Exchange {
             To::Service(d) => (Some(d), None),
             To::Endpoint(n) => (Some(n.service), n.index.map(|i| (i, n.mtls))),
         };
-        crate::telemetry::outbound(&self.source, service, endpoint)
+        crate::telemetry::outbound(&self.source.workload, service, endpoint)
+    }
+
+    /// What the workload's Telemetry expressions see of this request with `status`.
+    fn attributes<'a>(
+        &'a self,
+        status: u16,
+        flags: &'a str,
+    ) -> crate::telemetry::settings::Attributes<'a> {
+        crate::telemetry::settings::Attributes {
+            method: self.method.as_str(),
+            host: &self.authority,
+            path: &self.path,
+            headers: self.headers.as_ref(),
+            code: status,
+            flags,
+            mtls: false,
+        }
+    }
+
+    /// Whether the workload's Telemetry lets this request's access-log line be written.
+    fn logs(&self, status: u16, flags: &str) -> bool {
+        self.source.settings.logs(&self.attributes(status, flags))
     }
 
     /// The span of this request, when it is sampled and spans are exported: all it says but
     /// the outcome.
     fn span(&self, cluster: &str, to: To<'_>, edge: &crate::telemetry::Edge) -> Option<Box<Span>> {
-        if !self.trace.sampled || !crate::trace::export::enabled() {
+        if !self.trace.sampled
+            || self.source.settings.disable_spans
+            || !crate::trace::export::enabled()
+        {
             return None;
         }
         use opentelemetry::KeyValue;
@@ -701,6 +742,7 @@ impl Exchange {
         if let To::Endpoint(n) = to {
             attributes.push(KeyValue::new("upstream_address", n.addr.to_string()));
         }
+        attributes.extend(self.tags.iter().cloned());
         Some(Box::new(Span {
             trace: self.trace.clone(),
             name,
@@ -717,6 +759,12 @@ impl Exchange {
         response_bytes: u64,
         grpc_status: Option<u32>,
     ) -> crate::telemetry::Request {
+        let flags = if flags.is_empty() {
+            String::new()
+        } else {
+            access::render(flags)
+        };
+        let overrides = (self.source.settings).overrides(true, &self.attributes(status, &flags));
         crate::telemetry::Request {
             protocol: if self.grpc {
                 crate::telemetry::Protocol::Grpc
@@ -725,14 +773,11 @@ impl Exchange {
             },
             code: status,
             grpc_status,
-            flags: if flags.is_empty() {
-                String::new()
-            } else {
-                access::render(flags)
-            },
+            flags,
             duration: self.start.elapsed(),
             request_bytes: self.request_bytes,
             response_bytes,
+            overrides,
         }
     }
 
@@ -976,7 +1021,8 @@ impl Exchange {
             request: self.measured(status, &flags, header_bytes(&parts.headers), grpc_status),
             start: self.start,
         };
-        let line = access::enabled().then(|| self.record(status, routed.names(), to, flags));
+        let logs = access::enabled() && self.logs(status, &measure.request.flags);
+        let line = logs.then(|| self.record(status, routed.names(), to, flags));
         let body = body.map_frame(move |f| {
             let _held = (&admission, &stream);
             f
@@ -1416,6 +1462,29 @@ impl std::fmt::Display for To<'_> {
             _ => f.write_str("-"),
         }
     }
+}
+
+/// The values of a span's custom tags for a request with `headers` (literal, environment
+/// variable, or request header, each with its default).
+fn custom_tags(
+    tags: &std::collections::BTreeMap<String, crate::config::policy::CustomTag>,
+    headers: &HeaderMap,
+) -> Vec<opentelemetry::KeyValue> {
+    use crate::config::policy::CustomTag;
+    (tags.iter())
+        .map(|(name, tag)| {
+            let value = match tag {
+                CustomTag::Literal(v) => v.clone(),
+                CustomTag::Environment { name, default } => {
+                    std::env::var(name).unwrap_or_else(|_| default.clone())
+                }
+                CustomTag::Header { name, default } => (headers.get(name.as_str()))
+                    .and_then(|v| v.to_str().ok())
+                    .map_or_else(|| default.clone(), str::to_string),
+            };
+            opentelemetry::KeyValue::new(name.clone(), value)
+        })
+        .collect()
 }
 
 /// The wire size of `headers` as HTTP/1.1 writes them (`name: value\r\n`).

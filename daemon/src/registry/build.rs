@@ -73,6 +73,8 @@ impl Registry {
         virtual_services.extend(routes);
         let peers = peer_authentications(set, &mut problems, &mut warnings);
         let authorization = authorization_policies(set, &mut problems, &mut warnings);
+        unique_names("Telemetry", &set.telemetries, &mut problems);
+        let telemetry = telemetries(set, &mut problems, &mut warnings);
         check_references(&rules, &virtual_services, &services.by_host, &mut warnings);
         if !problems.is_empty() {
             return Err(Rejected {
@@ -98,6 +100,7 @@ impl Registry {
             patched: Arc::default(),
             credentials: None,
             by_address: Default::default(),
+            telemetry: Arc::new(telemetry),
         };
         registry.clusters = clusters(&registry);
         warnings.extend(tcp_only_on_http(&registry, registry.clusters.values()));
@@ -122,6 +125,7 @@ impl Registry {
             && changed.grpc_routes.is_empty()
             && changed.tcp_routes.is_empty()
             && changed.reference_grants.is_empty()
+            && changed.telemetries.is_empty()
             && changed.peer_authentications.is_empty()
             && changed.authorization_policies.is_empty()
             && changed.skipped.is_empty()
@@ -147,6 +151,7 @@ impl Registry {
             patched: self.patched.clone(),
             credentials: self.credentials.clone(),
             by_address: Default::default(),
+            telemetry: self.telemetry.clone(),
         };
         let mut touched = std::collections::BTreeSet::new();
         for r in &changed.service_entries {
@@ -651,6 +656,26 @@ fn peer_authentications(
             })
         })
         .collect()
+}
+
+/// The valid Telemetry resources, oldest first (creation time, then name).
+fn telemetries(
+    set: &ConfigSet,
+    problems: &mut Vec<Problem>,
+    warnings: &mut Vec<Problem>,
+) -> Vec<crate::telemetry::settings::Entry> {
+    let mut out: Vec<_> = (set.telemetries.iter())
+        .filter_map(|r| {
+            Some(crate::telemetry::settings::Entry {
+                policy: validate(r, problems, warnings)?,
+                namespace: r.namespace().to_string(),
+                id: r.id(),
+                age: r.age(),
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.age.cmp(&b.age));
+    out
 }
 
 /// The valid AuthorizationPolicies, oldest first (creation time, then name), as Istio orders

@@ -35,6 +35,7 @@ fn request(code: u16, ms: u64) -> Request {
         duration: Duration::from_millis(ms),
         request_bytes: 120,
         response_bytes: 3000,
+        overrides: None,
     }
 }
 
@@ -243,6 +244,7 @@ fn tcp_connections_add_up_per_edge() {
                 sent: 100,
                 received: 7,
                 flags: String::new(),
+                overrides: None,
             },
         );
     }
@@ -320,4 +322,139 @@ fn a_hundred_thousand_source_addresses_fold_into_unknown_within_the_limit() {
         "drover_metrics_folded_total {}",
         2 * (n - max as u32)
     )));
+}
+
+fn telemetry(namespace: &str, yaml: &str) -> settings::Entry {
+    let doc = format!(
+        "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {{name: t-{namespace}, namespace: {namespace}}}\nspec:\n{}",
+        yaml.lines().map(|l| format!("  {l}\n")).collect::<String>()
+    );
+    let set = crate::config::source::ConfigSet::parse_ok("t.yaml", &doc);
+    let r = &set.telemetries[0];
+    let v = crate::config::validate::Validated::<crate::config::policy::Telemetry>::try_from(r)
+        .unwrap_or_else(|e| panic!("{yaml}: {:?}", e.errors));
+    settings::Entry {
+        policy: v.value,
+        namespace: namespace.into(),
+        id: r.id(),
+        age: r.age(),
+    }
+}
+
+#[test]
+fn telemetry_composes_mesh_then_namespace_then_workload() {
+    let entries = vec![
+        telemetry(
+            "istio-system",
+            "tracing: [{randomSamplingPercentage: 10, customTags: {team: {literal: {value: mesh}}}}]\naccessLogging: [{disabled: true}]",
+        ),
+        telemetry(
+            "shop",
+            "tracing: [{randomSamplingPercentage: 50, customTags: {cart: {header: {name: X-Cart, defaultValue: none}}}}]",
+        ),
+        telemetry(
+            "shop",
+            "selector: {matchLabels: {app: cart}}\ntracing: [{disableSpanReporting: true}]\naccessLogging: [{filter: {expression: 'response.code >= 500'}}]",
+        ),
+    ];
+    let cart = labels(&[("app", "cart")]);
+    let s = Settings::resolve(&entries, "istio-system", "shop", &cart);
+    assert_eq!(s.sampling, Some(50.0), "the namespace overrides the mesh");
+    assert!(s.disable_spans, "the workload's own");
+    assert_eq!(s.custom_tags.len(), 2, "custom tags merge: {s:?}");
+    assert_eq!(s.access_log_disabled, Some(true), "inherited from the mesh");
+    // A filter does not re-enable a log the mesh disabled, as Istio's `disabled` wins.
+    let failed = settings::Attributes {
+        code: 503,
+        ..Default::default()
+    };
+    assert!(!s.logs(&failed));
+    let web = Settings::resolve(&entries, "istio-system", "shop", &labels(&[("app", "web")]));
+    assert!(!web.disable_spans, "the selector picks only cart");
+    let other = Settings::resolve(&entries, "istio-system", "bank", &cart);
+    assert_eq!(
+        other.sampling,
+        Some(10.0),
+        "only the mesh applies elsewhere"
+    );
+    let none = Settings::resolve(&[], "istio-system", "shop", &cart);
+    assert!(none.logs(&failed) && none.overrides(true, &failed).is_none());
+
+    let filtered = Settings::resolve(
+        &[telemetry(
+            "shop",
+            "accessLogging: [{filter: {expression: 'response.code >= 500 || request.headers[\"x-debug\"] == \"1\"'}}]",
+        )],
+        "istio-system",
+        "shop",
+        &cart,
+    );
+    let ok = settings::Attributes {
+        code: 200,
+        ..Default::default()
+    };
+    assert!(filtered.logs(&failed) && !filtered.logs(&ok));
+    let mut h = hyper::HeaderMap::new();
+    h.insert("x-debug", "1".parse().unwrap());
+    let debug = settings::Attributes {
+        code: 200,
+        headers: Some(&h),
+        ..Default::default()
+    };
+    assert!(filtered.logs(&debug), "headers are readable");
+}
+
+#[test]
+fn metric_overrides_disable_families_remove_tags_and_upsert_values() {
+    let s = Settings::resolve(
+        &[telemetry(
+            "istio-system",
+            "metrics:\n- overrides:\n  - match: {metric: REQUEST_DURATION}\n    disabled: true\n  - match: {metric: REQUEST_COUNT, mode: CLIENT}\n    tagOverrides:\n      response_flags: {operation: REMOVE}\n      request_host: {value: request.host}\n  - match: {mode: SERVER}\n    tagOverrides: {source_principal: {operation: REMOVE}}",
+        )],
+        "istio-system",
+        "shop",
+        &BTreeMap::new(),
+    );
+    let m = Arc::new(Metrics::new(100));
+    let e = edge(
+        productpage(),
+        ServiceName::new("reviews.bookinfo.svc.cluster.local", "bookinfo"),
+    );
+    for (host, flags) in [("a.example", ""), ("a.example", "UO"), ("b.example", "")] {
+        let a = settings::Attributes {
+            host,
+            code: 200,
+            ..Default::default()
+        };
+        m.http(
+            &e,
+            &Request {
+                flags: flags.into(),
+                overrides: s.overrides(true, &a),
+                ..request(200, 3)
+            },
+        );
+    }
+    let out = text(&m);
+    assert!(
+        !out.contains("istio_request_duration_milliseconds_bucket"),
+        "disabled: {out}"
+    );
+    let counts: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("istio_requests_total{"))
+        .collect();
+    assert_eq!(counts.len(), 2, "two hosts, flags removed: {counts:#?}");
+    assert!(counts.iter().all(|l| !l.contains("response_flags")));
+    let a = counts
+        .iter()
+        .find(|l| l.contains("request_host=\"a.example\""))
+        .unwrap();
+    assert!(
+        a.ends_with(" 2"),
+        "the UO request merged into its host's series: {a}"
+    );
+    // The size histograms keep every tag (the overrides named other metrics).
+    assert!(out.contains("istio_request_bytes_bucket{le=\"0.5\",reporter=\"source\""));
+    assert!(out.contains("response_flags=\"UO\""));
 }

@@ -23,6 +23,7 @@ fn doc(kind: &str, spec: &str) -> String {
         "HTTPRoute" | "GRPCRoute" => "gateway.networking.k8s.io/v1",
         "TCPRoute" => "gateway.networking.k8s.io/v1alpha2",
         "ReferenceGrant" => "gateway.networking.k8s.io/v1beta1",
+        "Telemetry" => "telemetry.istio.io/v1",
         _ => "networking.istio.io/v1",
     };
     format!(
@@ -86,6 +87,9 @@ pub(in crate::config) fn check(kind: &str, spec: &str) -> (Vec<String>, Vec<Stri
         "TCPRoute" => split(Validated::<policy::MeshRoute>::try_from(&set.tcp_routes[0])),
         "ReferenceGrant" => split(Validated::<policy::ReferenceGrant>::try_from(
             &set.reference_grants[0],
+        )),
+        "Telemetry" => split(Validated::<policy::Telemetry>::try_from(
+            &set.telemetries[0],
         )),
         _ => match Validated::<policy::VirtualService>::try_from(&set.virtual_services[0]) {
             Ok(v) => (Vec::new(), v.warnings),
@@ -1111,4 +1115,100 @@ spec:
     assert_eq!(problems.len(), 1, "{problems:?}");
     let p = problems[0].to_string();
     assert!(p.contains("s.yaml:10") && p.contains("STRICTEST"), "{p}");
+}
+
+#[test]
+fn telemetry_rules() {
+    run(
+        "Telemetry",
+        &[
+            (
+                "everything Drover applies",
+                "selector: {matchLabels: {app: cart}}\ntracing: [{randomSamplingPercentage: 25, disableSpanReporting: false, customTags: {a: {literal: {value: x}}, b: {environment: {name: HOME}}, c: {header: {name: x-c}}}}]\nmetrics: [{providers: [{name: prometheus}], overrides: [{match: {metric: REQUEST_COUNT, mode: CLIENT}, disabled: false, tagOverrides: {response_flags: {operation: REMOVE}, host: {value: request.host}}}]}]\naccessLogging: [{providers: [{name: envoy}], disabled: false, filter: {expression: 'response.code >= 400'}}]",
+                Clean,
+            ),
+            (
+                "sampling above 100",
+                "tracing: [{randomSamplingPercentage: 101}]",
+                Error("spec.tracing[0].randomSamplingPercentage: 101 is not a percentage"),
+            ),
+            (
+                "a tag with two sources",
+                "tracing: [{customTags: {a: {literal: {value: x}, header: {name: y}}}}]",
+                Error("spec.tracing[0].customTags.a: a custom tag needs exactly one"),
+            ),
+            (
+                "unknown metric",
+                "metrics: [{overrides: [{match: {metric: REQUESTS}}]}]",
+                Error("spec.metrics[0].overrides[0].match.metric: unknown metric"),
+            ),
+            (
+                "unknown mode",
+                "metrics: [{overrides: [{match: {mode: BOTH}}]}]",
+                Error("spec.metrics[0].overrides[0].match.mode: unknown mode"),
+            ),
+            (
+                "unknown operation",
+                "metrics: [{overrides: [{tagOverrides: {a: {operation: DROP}}}]}]",
+                Error("spec.metrics[0].overrides[0].tagOverrides.a.operation: unknown operation"),
+            ),
+            (
+                "upsert without a value",
+                "metrics: [{overrides: [{tagOverrides: {a: {operation: UPSERT}}}]}]",
+                Error("spec.metrics[0].overrides[0].tagOverrides.a.value: UPSERT needs a value"),
+            ),
+            (
+                "a filter that is not CEL",
+                "accessLogging: [{filter: {expression: 'response.code >='}}]",
+                Error(
+                    "spec.accessLogging[0].filter.expression: \"response.code >=\" is not a CEL expression",
+                ),
+            ),
+            (
+                "a tracing provider",
+                "tracing: [{providers: [{name: zipkin}]}]",
+                Warn("spec.tracing[0].providers[0].name: provider \"zipkin\""),
+            ),
+            (
+                "another metrics provider",
+                "metrics: [{providers: [{name: stackdriver}]}]",
+                Warn("spec.metrics[0].providers[0].name"),
+            ),
+            (
+                "another access-log provider",
+                "accessLogging: [{providers: [{name: otel}]}]",
+                Warn("spec.accessLogging[0].providers[0].name"),
+            ),
+            (
+                "reporting interval",
+                "metrics: [{reportingInterval: 5s}]",
+                Warn("spec.metrics[0].reportingInterval"),
+            ),
+            (
+                "custom metric",
+                "metrics: [{overrides: [{match: {customMetric: my_metric}}]}]",
+                Warn("spec.metrics[0].overrides[0].match.customMetric"),
+            ),
+            (
+                "server spans",
+                "tracing: [{match: {mode: SERVER}}]",
+                Warn("spec.tracing[0].match.mode: SERVER spans are not reported"),
+            ),
+            (
+                "server access logs",
+                "accessLogging: [{match: {mode: SERVER}}]",
+                Warn("spec.accessLogging[0].match.mode"),
+            ),
+            (
+                "request-id sampling",
+                "tracing: [{useRequestIdForTraceSampling: true, enableIstioTags: true}]",
+                Warn("spec.tracing[0].useRequestIdForTraceSampling"),
+            ),
+            (
+                "target refs",
+                "targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: gw}]",
+                Warn("spec.targetRefs: targetRefs is accepted but not enforced"),
+            ),
+        ],
+    );
 }
