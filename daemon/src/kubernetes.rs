@@ -691,6 +691,9 @@ fn file_ids(set: &ConfigSet) -> HashSet<String> {
     for r in &set.authorization_policies {
         add("AuthorizationPolicy", r.namespace(), &r.meta.name);
     }
+    for r in &set.telemetries {
+        add("Telemetry", r.namespace(), &r.meta.name);
+    }
     ids
 }
 

@@ -71,8 +71,15 @@ pub const HTTP_ROUTE: Kind = gateway("v1", "httproutes", "HTTPRoute");
 pub const GRPC_ROUTE: Kind = gateway("v1", "grpcroutes", "GRPCRoute");
 pub const TCP_ROUTE: Kind = gateway("v1alpha2", "tcproutes", "TCPRoute");
 pub const REFERENCE_GRANT: Kind = gateway("v1beta1", "referencegrants", "ReferenceGrant");
+pub const TELEMETRY: Kind = Kind {
+    group: "telemetry.istio.io",
+    version: "v1",
+    plural: "telemetries",
+    kind: "Telemetry",
+    namespaced: true,
+};
 /// Every custom kind (Istio's, the Gateway API's mesh routes) this server can serve.
-pub const ISTIO: [Kind; 10] = [
+pub const ISTIO: [Kind; 11] = [
     DESTINATION_RULE,
     VIRTUAL_SERVICE,
     SERVICE_ENTRY,
@@ -83,6 +90,7 @@ pub const ISTIO: [Kind; 10] = [
     GRPC_ROUTE,
     TCP_ROUTE,
     REFERENCE_GRANT,
+    TELEMETRY,
 ];
 
 const fn gateway(version: &'static str, plural: &'static str, kind: &'static str) -> Kind {

@@ -1210,3 +1210,61 @@ fn an_istio_kind_that_cannot_be_listed_does_not_keep_the_daemon_unready() {
     );
     assert_eq!(daemon.admin_get("/ready"), "LIVE\n");
 }
+
+#[test]
+fn standard_metrics_name_pod_workloads_by_controller_and_a_telemetry_object_turns_the_log_off() {
+    if !require_privileged() {
+        return;
+    }
+    // The mesh-wide Telemetry, from the API server: no access log.
+    let telemetry = "apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: mesh-default, namespace: istio-system}
+spec:
+  accessLogging: [{disabled: true}]
+";
+    let (cluster, m) = reviews_mesh(&delays(&[0, 0]), telemetry);
+    // reviews-v1 belongs to a Deployment `reviews-app` (through its ReplicaSet), as Istio
+    // names workloads; reviews-v2 has no controller and keeps its pod name.
+    let mut pod = drover_tests::k8s::pod(
+        "demo",
+        "reviews-v1",
+        &[
+            ("app", "reviews"),
+            ("version", "v1"),
+            ("pod-template-hash", "7f4669bdd9"),
+        ],
+        "default",
+        "node1",
+        &Topology::ep4(1).to_string(),
+    );
+    pod["metadata"]["ownerReferences"] = serde_json::json!([{
+        "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "reviews-app-7f4669bdd9",
+        "uid": "rs-1", "controller": true
+    }]);
+    cluster.api.apply(drover_tests::apiserver::POD, pod);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let r = m.http(&[&format!("{REVIEWS}/"), "--count", "4"]);
+        assert_eq!(r["status"]["200"], 4, "{r}");
+        let prom = m.daemon.admin_get("/stats/prometheus");
+        if prom.contains("destination_workload=\"reviews-app\"") {
+            assert!(
+                prom.contains("destination_workload=\"reviews-v2\""),
+                "{prom}"
+            );
+            assert!(prom.contains("destination_service=\"reviews.demo.svc.cluster.local\""));
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the owner never named the workload: {prom}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(
+        !m.daemon.log().contains("drover::access"),
+        "the Telemetry object turned the access log off: {}",
+        m.daemon.log()
+    );
+}

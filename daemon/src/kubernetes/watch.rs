@@ -27,7 +27,7 @@ use super::{DISCOVERY_RECHECK, Error, Feed, Object, Settings, convert, key_of};
 
 /// The custom kinds Drover reads (Istio's and the Gateway API's mesh routes): (API group,
 /// kind, resource).
-const ISTIO_KINDS: [(&str, &str, &str); 10] = [
+const ISTIO_KINDS: [(&str, &str, &str); 11] = [
     ("networking.istio.io", "ServiceEntry", "serviceentries"),
     ("networking.istio.io", "WorkloadEntry", "workloadentries"),
     ("networking.istio.io", "DestinationRule", "destinationrules"),
@@ -50,6 +50,7 @@ const ISTIO_KINDS: [(&str, &str, &str); 10] = [
         "ReferenceGrant",
         "referencegrants",
     ),
+    ("telemetry.istio.io", "Telemetry", "telemetries"),
 ];
 
 /// Every (API group, resource) the watchers list and watch: what the daemon's RBAC role must
@@ -284,6 +285,7 @@ async fn discover(client: Client, feed: Feed, shutdown: CancellationToken, sourc
                 "networking.istio.io",
                 "security.istio.io",
                 "gateway.networking.k8s.io",
+                "telemetry.istio.io",
             ])
             .run()
             .await
