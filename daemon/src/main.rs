@@ -198,6 +198,9 @@ struct RunArgs {
     /// whose peers are `unknown` (counted as `drover_metrics_folded_total`).
     #[arg(long, default_value_t = drover::telemetry::DEFAULT_MAX_SERIES, value_name = "N")]
     metrics_max_series: usize,
+    /// Do not record Istio's standard metrics (`istio_*`); Envoy's cluster counters stay.
+    #[arg(long)]
+    no_standard_metrics: bool,
     /// Export sampled spans over OTLP to this collector (`http://HOST:4317` for gRPC, the full
     /// `http://HOST:4318/v1/traces` URL for HTTP); none: spans are not exported.
     #[arg(long, value_name = "URL")]
@@ -711,6 +714,7 @@ impl RunArgs {
         drover::inbound::set_path_normalization(self.path_normalization);
         drover::trace::set_sampling(self.trace_sampling);
         drover::telemetry::metrics().set_max_series(self.metrics_max_series);
+        drover::telemetry::set_enabled(!self.no_standard_metrics);
         drover::telemetry::set_trust_domain(&self.trust_domain);
         Ok(app::RunConfig {
             config_paths: self.config,

@@ -218,6 +218,14 @@ pub struct Metrics {
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics::new(DEFAULT_MAX_SERIES));
 
+/// Whether the standard metrics are recorded (`--no-standard-metrics` turns them off).
+static ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Turns the standard metrics on or off (at start).
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, Ordering::Relaxed);
+}
+
 /// The process's standard metrics.
 pub fn metrics() -> &'static Metrics {
     &METRICS
@@ -584,6 +592,9 @@ impl Metrics {
 
     /// Counts one finished request.
     pub fn http(&self, edge: &Edge, r: &Request) {
+        if !ENABLED.load(Ordering::Relaxed) {
+            return;
+        }
         let key = HttpKey {
             edge: edge.clone(),
             protocol: r.protocol,
@@ -604,6 +615,9 @@ impl Metrics {
 
     /// Adds one TCP connection's counts.
     pub fn tcp(&self, edge: &Edge, t: &Tcp) {
+        if !ENABLED.load(Ordering::Relaxed) {
+            return;
+        }
         let key = TcpKey {
             edge: edge.clone(),
             flags: t.flags.clone(),

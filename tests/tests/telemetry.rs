@@ -224,6 +224,20 @@ fn kiali_and_istio_dashboard_queries_see_each_workload_pair_with_its_counts() {
         s.iter().map(|s| s.value).sum::<f64>() >= 20.0
     });
     assert!(prom.targets_up(), "{}", prom.targets());
+    // What the README shows (`--nocapture`).
+    #[expect(clippy::print_stdout, reason = "the README quotes this answer")]
+    for e in &edges {
+        let l = |k: &str| e.labels[k].as_str().unwrap_or_default().to_string();
+        println!(
+            "{} -> {} ({}) code={} flags={} value={}",
+            l("source_workload"),
+            l("destination_workload"),
+            l("destination_service"),
+            l("response_code"),
+            l("response_flags"),
+            e.value
+        );
+    }
     let edge = |workload: &str, code: &str| {
         edges
             .iter()

@@ -57,7 +57,7 @@ fn policies(n: usize, http: bool) -> String {
 }
 
 /// Nanoseconds per call of `f`, median of 5 runs of `iters` calls.
-fn per_call(iters: u32, mut f: impl FnMut() -> bool) -> f64 {
+pub fn per_call(iters: u32, mut f: impl FnMut() -> bool) -> f64 {
     let mut runs: Vec<f64> = (0..5)
         .map(|_| {
             let start = Instant::now();

@@ -15,6 +15,7 @@ mod kube;
 mod peers;
 mod report;
 mod sockmap;
+mod telemetry;
 
 use std::net::SocketAddr;
 
@@ -111,6 +112,7 @@ enum Part {
     Sockmap,
     Hbone,
     Authz,
+    Telemetry,
 }
 
 struct Row {
@@ -231,6 +233,9 @@ fn main() {
     }
     if run(Part::Hbone) {
         hbone::run(&t, ep, (args.count, args.bytes, args.l4_rounds));
+    }
+    if run(Part::Telemetry) {
+        telemetry::run(&t, ep, args.count.min(20_000), args.l4_rounds);
     }
     if run(Part::Authz) {
         authz::run(&t, ep, (args.count / 10).max(200), args.l4_rounds);
