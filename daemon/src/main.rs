@@ -201,6 +201,10 @@ struct RunArgs {
     /// Do not record Istio's standard metrics (`istio_*`); Envoy's cluster counters stay.
     #[arg(long)]
     no_standard_metrics: bool,
+    /// How HTTP and TCP access-log lines are written: Drover's fields, or Istio's default text
+    /// format (`[%START_TIME%] "%REQ(:METHOD)% …" … %ROUTE_NAME%`).
+    #[arg(long, value_enum, default_value = "drover")]
+    access_log_format: drover::access::Format,
     /// Export sampled spans over OTLP to this collector (`http://HOST:4317` for gRPC, the full
     /// `http://HOST:4318/v1/traces` URL for HTTP); none: spans are not exported.
     #[arg(long, value_name = "URL")]
@@ -715,6 +719,7 @@ impl RunArgs {
         drover::trace::set_sampling(self.trace_sampling);
         drover::telemetry::metrics().set_max_series(self.metrics_max_series);
         drover::telemetry::set_enabled(!self.no_standard_metrics);
+        drover::access::set_format(self.access_log_format);
         drover::telemetry::set_trust_domain(&self.trust_domain);
         Ok(app::RunConfig {
             config_paths: self.config,

@@ -104,15 +104,9 @@ spec:
 
 fn daemon(cfg: &std::path::Path, mesh: &str, args: &[&str]) -> (Daemon, PinDir) {
     let pins = PinDir::new();
-    let mut a: Vec<String> = vec![
-        "--config".into(),
-        cfg.display().to_string(),
-        "--pin-dir".into(),
-        pins.path.display().to_string(),
-        "--mesh-ca".into(),
-        mesh.into(),
-    ];
-    a.extend(args.iter().map(|s| s.to_string()));
+    let mut extra = vec!["--mesh-ca", mesh];
+    extra.extend(args);
+    let a = drover_tests::args(cfg, &pins, &extra);
     (Daemon::start(&a).expect("daemon starts"), pins)
 }
 
@@ -556,17 +550,13 @@ spec: {host: front.demo.svc.cluster.local, trafficPolicy: {loadBalancer: {simple
     let cfg = write_config(&yaml);
     let otlp = drover_tests::otlp::Receiver::start();
     let pins = PinDir::new();
-    let daemon = Daemon::start(&[
-        "--config".to_string(),
-        cfg.display().to_string(),
-        "--pin-dir".into(),
-        pins.path.display().to_string(),
-        "--netns".into(),
-        t.client.name.clone(),
-        "--otlp-endpoint".into(),
-        format!("http://{}", otlp.grpc),
-    ])
-    .expect("daemon starts");
+    let endpoint = format!("http://{}", otlp.grpc);
+    let a = drover_tests::args(
+        &cfg,
+        &pins,
+        &["--netns", &t.client.name, "--otlp-endpoint", &endpoint],
+    );
+    let daemon = Daemon::start(&a).expect("daemon starts");
     let url = format!("http://{VIP}:9080/");
     let r = probe(
         Some(&t.client),
@@ -612,4 +602,59 @@ spec: {host: front.demo.svc.cluster.local, trafficPolicy: {loadBalancer: {simple
         prom.contains("istio_response_bytes_bucket{"),
         "other families stay"
     );
+}
+
+#[test]
+fn access_log_lines_can_be_written_in_istios_default_text_format() {
+    if !require_privileged() {
+        return;
+    }
+    let t = Topology::new(1);
+    let _front = Proc::server(
+        Some(&t.endpoints[0]),
+        "http",
+        &[SocketAddr::new(Topology::ep4(1), 9080)],
+        "front",
+    );
+    let cfg = write_config(&two_hops());
+    let pins = PinDir::new();
+    let a = drover_tests::args(
+        &cfg,
+        &pins,
+        &["--netns", &t.client.name, "--access-log-format", "istio"],
+    );
+    let daemon = Daemon::start(&a).expect("daemon starts");
+    let url = format!("http://{VIP}:9080/items");
+    let r = probe(
+        Some(&t.client),
+        None,
+        &[
+            "http",
+            &url,
+            "--header",
+            "user-agent: shop-ui/2.1",
+            "--header",
+            "x-request-id: req-42",
+            "--header",
+            "x-forwarded-for: 203.0.113.9",
+        ],
+    );
+    assert_eq!(r["status"]["200"], 1, "{r}");
+    let body = r["first_headers"]["content-length"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    // Envoy's fields in Istio's order: method, path, protocol, code, flags, details, bytes in
+    // and out, the client's headers, authority, endpoint, cluster, addresses, route.
+    let want = format!("\"GET /items HTTP/1.1\" 200 - via_upstream - \"-\" 0 {body} ");
+    assert!(
+        daemon.wait_log(&want, Duration::from_secs(3)),
+        "{want}\n{}",
+        daemon.log()
+    );
+    let log = daemon.log();
+    let line = log.lines().find(|l| l.contains(&want)).unwrap_or_default();
+    let part = "\"203.0.113.9\" \"shop-ui/2.1\" \"req-42\" \"127.77.0.10:9080\" \"198.18.1.2:9080\" outbound|9080||front.demo.svc.cluster.local - 127.77.0.10:9080 198.18.1.1:";
+    assert!(line.contains(part), "{part}\n{line}");
+    assert!(line.contains("Z] \"GET"), "an RFC 3339 start time: {line}");
 }

@@ -573,6 +573,8 @@ struct Exchange {
     headers: Option<HeaderMap>,
     /// Its span's custom tags (`tracing[].customTags`), when it is sampled and exported.
     tags: Vec<opentelemetry::KeyValue>,
+    /// What Istio's access-log format adds (`--access-log-format istio` only).
+    envoy: Option<Box<access::Envoy>>,
     /// `application/grpc*` (reported as `request_protocol="grpc"`).
     grpc: bool,
     /// Its headers' size plus its declared body length (`istio_request_bytes`).
@@ -647,6 +649,25 @@ impl Exchange {
             trace,
             headers: reads.then(|| parts.headers.clone()),
             tags,
+            envoy: (access::format() == access::Format::Istio).then(|| {
+                let text = |name: &str| {
+                    let v = parts.headers.get(name)?.to_str().ok()?;
+                    Some(v.to_string())
+                };
+                Box::new(access::Envoy {
+                    protocol: match parts.version {
+                        Version::HTTP_2 => "HTTP/2",
+                        Version::HTTP_10 => "HTTP/1.0",
+                        _ => "HTTP/1.1",
+                    },
+                    user_agent: text("user-agent"),
+                    forwarded_for: text("x-forwarded-for"),
+                    body_received: (parts.headers.get(header::CONTENT_LENGTH))
+                        .and_then(|v| v.to_str().ok()?.parse().ok())
+                        .unwrap_or(0),
+                    ..Default::default()
+                })
+            }),
             source,
             grpc: is_grpc(&parts.headers),
             request_bytes: header_bytes(&parts.headers)
@@ -805,6 +826,7 @@ impl Exchange {
                 flags,
                 request_id: self.trace.request_id.clone(),
                 trace_id: self.trace.trace_id.clone(),
+                envoy: self.envoy.clone(),
             },
         }
     }
@@ -1022,7 +1044,13 @@ impl Exchange {
             start: self.start,
         };
         let logs = access::enabled() && self.logs(status, &measure.request.flags);
-        let line = logs.then(|| self.record(status, routed.names(), to, flags));
+        let line = logs.then(|| {
+            let mut line = self.record(status, routed.names(), to, flags);
+            if let access::Kind::Http { envoy: Some(e), .. } = &mut line.kind {
+                e.via_upstream = true;
+            }
+            line
+        });
         let body = body.map_frame(move |f| {
             let _held = (&admission, &stream);
             f
@@ -1660,6 +1688,11 @@ where
             std::task::Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     self.measure.request.response_bytes += data.len() as u64;
+                    if let Some(access::Kind::Http { envoy: Some(e), .. }) =
+                        self.line.as_mut().map(|l| &mut l.kind)
+                    {
+                        e.body_sent += data.len() as u64;
+                    }
                 } else if let Some(trailers) = frame.trailers_ref() {
                     self.measure.request.response_bytes += header_bytes(trailers);
                     if let Some(status) = trailers.get("grpc-status") {
