@@ -194,7 +194,7 @@ impl Proxy {
             .await;
             return;
         }
-        let mut log = AccessLog::default();
+        let mut log = AccessLog::new(crate::telemetry::source(&ns.name));
         let result = Box::pin(self.relay(&ns, (src, orig), &mut client, &mut log)).await;
         let AccessLog {
             host,
@@ -202,43 +202,14 @@ impl Proxy {
             endpoint,
             route,
             edge,
+            source,
         } = log;
         let (bytes, flags, reason) = match &result {
             Ok(bytes) => (Some(*bytes), Vec::new(), None),
             Err(e) => (None, vec![e.response_flag()], Some(e.to_string())),
         };
-        let source = crate::telemetry::source(&ns.name);
-        let edge = edge.unwrap_or_else(|| crate::telemetry::outbound(&source.workload, None, None));
-        let (sent, received) = bytes.unwrap_or_default();
-        let rendered = if flags.is_empty() {
-            String::new()
-        } else {
-            crate::access::render(&flags)
-        };
-        let attributes = crate::telemetry::settings::Attributes {
-            host: &host,
-            flags: &rendered,
-            ..Default::default()
-        };
-        crate::telemetry::metrics().tcp(
-            &edge,
-            &crate::telemetry::Tcp {
-                opened: 1,
-                closed: 1,
-                // Istio's sent bytes go to the client (the response), received come from it.
-                sent: received,
-                received: sent,
-                overrides: source.settings.overrides(true, &attributes),
-                flags: rendered.clone(),
-            },
-        );
-        if !source.settings.logs(&attributes) {
-            if result.is_err() {
-                let _ = client.shutdown().await;
-            }
-            return;
-        }
-        crate::access::Record {
+        let logs = measure_tcp(&source, edge, &host, bytes, &flags);
+        let record = crate::access::Record {
             netns: ns.name.clone(),
             src,
             dst: orig,
@@ -252,8 +223,10 @@ impl Proxy {
                 flags,
                 reason,
             },
+        };
+        if logs {
+            record.emit();
         }
-        .emit();
         if result.is_err() {
             let _ = client.shutdown().await;
         }
@@ -304,9 +277,8 @@ impl Proxy {
             }
             Target::Passthrough(_) => None,
         };
-        let source = crate::telemetry::source(&ns.name);
         log.edge = Some(crate::telemetry::outbound(
-            &source.workload,
+            &log.source.workload,
             Some(svc.telemetry()),
             endpoint,
         ));
@@ -412,18 +384,58 @@ struct AccessLog {
     route: String,
     /// Who talked to whom, for the standard metrics (`None`: not routed).
     edge: Option<crate::telemetry::Edge>,
+    /// The captured workload and its Telemetry settings.
+    source: crate::telemetry::Source,
 }
 
-impl Default for AccessLog {
-    fn default() -> Self {
+impl AccessLog {
+    fn new(source: crate::telemetry::Source) -> Self {
         Self {
             host: "-".into(),
             cluster: "-".into(),
             endpoint: "-".into(),
             route: "-".into(),
             edge: None,
+            source,
         }
     }
+}
+
+/// Counts a relayed connection (`bytes`: to upstream, back from it) in the standard TCP
+/// metrics of `source` (`edge`: who it reached, `None` when it was not routed); whether the
+/// workload's Telemetry lets its access-log line be written.
+fn measure_tcp(
+    source: &crate::telemetry::Source,
+    edge: Option<crate::telemetry::Edge>,
+    host: &str,
+    bytes: Option<(u64, u64)>,
+    flags: &[crate::access::ResponseFlag],
+) -> bool {
+    let edge = edge.unwrap_or_else(|| crate::telemetry::outbound(&source.workload, None, None));
+    let (sent, received) = bytes.unwrap_or_default();
+    let rendered = if flags.is_empty() {
+        String::new()
+    } else {
+        crate::access::render(flags)
+    };
+    let attributes = crate::telemetry::settings::Attributes {
+        host,
+        flags: &rendered,
+        ..Default::default()
+    };
+    crate::telemetry::metrics().tcp(
+        &edge,
+        &crate::telemetry::Tcp {
+            opened: 1,
+            closed: 1,
+            // Istio's sent bytes go to the client (the response), received come from it.
+            sent: received,
+            received: sent,
+            overrides: source.settings.overrides(true, &attributes),
+            flags: rendered.clone(),
+        },
+    );
+    source.settings.logs(&attributes)
 }
 
 /// Binds the capture listeners (`127.0.0.1:15001` and, where IPv6 is up, `[::1]:15001`) in `ns`.
