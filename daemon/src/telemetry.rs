@@ -572,6 +572,117 @@ impl TcpSeries {
     }
 }
 
+// === impl Request ===
+
+impl Request {
+    /// Adds a response frame that passed: its data to the response bytes, trailers too (and
+    /// their `grpc-status`).
+    pub fn count(&mut self, frame: &hyper::body::Frame<bytes::Bytes>) {
+        if let Some(data) = frame.data_ref() {
+            self.response_bytes += data.len() as u64;
+        } else if let Some(trailers) = frame.trailers_ref() {
+            self.response_bytes += header_bytes(trailers);
+            if let Some(status) = trailers.get("grpc-status") {
+                self.grpc_status = status.to_str().ok().and_then(|s| s.parse().ok());
+            }
+        }
+    }
+}
+
+/// A response body that counts its request in the standard metrics once it ends or is
+/// dropped (with the bytes and gRPC status that passed, and the time until then).
+pub struct Metered<B> {
+    body: B,
+    edge: Edge,
+    request: Request,
+    start: std::time::Instant,
+}
+
+impl<B> Metered<B> {
+    /// `body`, whose request started at `start`, counted as `request` on `edge`.
+    pub fn new(body: B, edge: Edge, request: Request, start: std::time::Instant) -> Self {
+        Self {
+            body,
+            edge,
+            request,
+            start,
+        }
+    }
+}
+
+impl<B> hyper::body::Body for Metered<B>
+where
+    B: hyper::body::Body<Data = bytes::Bytes> + Unpin,
+{
+    type Data = bytes::Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, B::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled {
+            self.request.count(frame);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl<B> Drop for Metered<B> {
+    fn drop(&mut self) {
+        self.request.duration = self.start.elapsed();
+        metrics().http(&self.edge, &self.request);
+    }
+}
+
+/// The wire size of `headers` as HTTP/1.1 writes them (`name: value\r\n`).
+pub fn header_bytes(headers: &hyper::HeaderMap) -> u64 {
+    (headers.iter())
+        .map(|(n, v)| (n.as_str().len() + v.len() + 4) as u64)
+        .sum()
+}
+
+/// `istio_request_bytes` of a request: its headers' size plus its declared body length.
+pub fn request_bytes(headers: &hyper::HeaderMap) -> u64 {
+    header_bytes(headers)
+        + (headers.get(hyper::header::CONTENT_LENGTH))
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+            .unwrap_or(0)
+}
+
+/// The gRPC status of an HTTP status, as gRPC maps them (404 `UNIMPLEMENTED`, 429 and 502–504
+/// `UNAVAILABLE`, …; `UNKNOWN` otherwise).
+pub fn grpc_status_for(status: u16) -> u32 {
+    match status {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502 | 503 | 504 => 14,
+        _ => 2,
+    }
+}
+
+/// A gRPC request or response (`content-type: application/grpc…`).
+pub fn is_grpc(headers: &hyper::HeaderMap) -> bool {
+    (headers.get(hyper::header::CONTENT_TYPE))
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// Whether the standard metrics are recorded.
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
 // === impl Metrics ===
 
 impl Metrics {

@@ -2,7 +2,8 @@
 //! daemons (a client node capturing `productpage-v1`'s namespace, a server node terminating
 //! mTLS for `db-v1`) and answers the queries Kiali's graph and the Istio dashboards make, after
 //! a known traffic mix through the kernel capture path: 200s from `reviews-v1`, 503s from
-//! `reviews-v2`, and TCP connections to `db` over ISTIO_MUTUAL.
+//! `reviews-v2`, and TCP connections and HTTP requests to `db` over ISTIO_MUTUAL (the server
+//! node counts those with `reporter="destination"`).
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -17,7 +18,8 @@ use drover_tests::{
 
 const DB_VIP: &str = "127.77.0.20";
 
-/// productpage-v1 (the client namespace), reviews-v1/v2 (HTTP, ep1/ep2), db-v1 (TCP, ep3).
+/// productpage-v1 (the client namespace), reviews-v1/v2 (HTTP, ep1/ep2), db-v1 (TCP and an
+/// HTTP API, ep3).
 fn bookinfo(t: &Topology) -> String {
     // The client's address facing db's node: as a pod's one IP, it names the workload on
     // both sides (the server node sees connections come from it).
@@ -82,7 +84,9 @@ metadata: {{name: db, namespace: demo}}
 spec:
   hosts: [db.demo.svc.cluster.local]
   addresses: [{DB_VIP}]
-  ports: [{{number: 80, name: tcp, protocol: TCP, targetPort: 7000}}]
+  ports:
+  - {{number: 80, name: tcp, protocol: TCP, targetPort: 7000}}
+  - {{number: 8080, name: http-api, protocol: HTTP, targetPort: 9080}}
   location: MESH_INTERNAL
   resolution: STATIC
   workloadSelector: {{labels: {{app: db}}}}
@@ -145,6 +149,13 @@ fn kiali_and_istio_dashboard_queries_see_each_workload_pair_with_its_counts() {
             &[SocketAddr::new(Topology::ep4(3), 7000)],
             "db-v1",
         ),
+        Proc::server_with(
+            Some(&t.endpoints[2]),
+            "http",
+            &[SocketAddr::new(Topology::ep4(3), 9080)],
+            "db-v1",
+            &[],
+        ),
     ];
     let cfg = write_config(&bookinfo(&t));
     let (client, _client_pins) = daemon(&cfg, &mesh, &["--netns", &t.client.name]);
@@ -156,6 +167,8 @@ fn kiali_and_istio_dashboard_queries_see_each_workload_pair_with_its_counts() {
             &t.endpoints[2].name,
             "--inbound-port",
             "7000",
+            "--inbound-port",
+            "9080",
             "--client-workload",
             "demo/db-v1",
             "--client-namespace",
@@ -166,7 +179,8 @@ fn kiali_and_istio_dashboard_queries_see_each_workload_pair_with_its_counts() {
     );
     let prom = Prometheus::scraping(&[client.admin.unwrap(), server.admin.unwrap()]);
 
-    // The traffic mix: 12 × 200 from v1, 8 × 503 from v2, 5 TCP connections over mTLS.
+    // The traffic mix: 12 × 200 from v1, 8 × 503 from v2, 5 TCP connections and 6 HTTP
+    // requests to db over mTLS.
     let url = format!("http://{VIP}:9080/");
     let ok = probe(Some(&t.client), None, &["http", &url, "--count", "12"]);
     assert_eq!(ok["status"]["200"], 12, "{ok}");
@@ -196,6 +210,12 @@ fn kiali_and_istio_dashboard_queries_see_each_workload_pair_with_its_counts() {
         r.read_line(&mut line).unwrap();
         c.shutdown(std::net::Shutdown::Both).unwrap();
     }
+    let api = probe(
+        Some(&t.client),
+        None,
+        &["http", &format!("http://{DB_VIP}:8080/"), "--count", "6"],
+    );
+    assert_eq!(api["status"]["200"], 6, "{api}");
 
     // Kiali's workload graph reads `istio_requests_total{reporter="source"}` of a namespace,
     // grouped by both workloads and the response (kiali/kiali, business/graph telemetry
@@ -215,7 +235,7 @@ fn kiali_and_istio_dashboard_queries_see_each_workload_pair_with_its_counts() {
         "sum(istio_requests_total{{reporter=\"source\",source_workload_namespace=\"demo\"}}) by ({by})"
     );
     let edges = prom.query_until(&graph, Duration::from_secs(20), |s| {
-        s.iter().map(|s| s.value).sum::<f64>() >= 20.0
+        s.iter().map(|s| s.value).sum::<f64>() >= 26.0
     });
     assert!(prom.targets_up(), "{}", prom.targets());
     // What the README shows (`--nocapture`).
@@ -257,7 +277,42 @@ fn kiali_and_istio_dashboard_queries_see_each_workload_pair_with_its_counts() {
         assert_eq!(v1.labels[label], want, "{label}: {v1:?}");
     }
     assert_eq!(edge("reviews-v2", "503").value, 8.0);
-    assert_eq!(edges.len(), 2, "no other edge: {edges:?}");
+    assert_eq!(edge("db-v1", "200").value, 6.0);
+    assert_eq!(edges.len(), 3, "no other edge: {edges:?}");
+
+    // The same requests as the server node reports them (Kiali reads the destination side for
+    // edges from outside the mesh and for mTLS badges; the Istio workload dashboard's inbound
+    // panels read `reporter="destination"` by `source_workload` and
+    // `connection_security_policy`).
+    let inbound = prom.query_until(
+        "sum(istio_requests_total{reporter=\"destination\",destination_workload=\"db-v1\"}) by (source_workload,source_principal,destination_service,destination_canonical_revision,connection_security_policy,request_protocol,response_code,response_flags)",
+        Duration::from_secs(20),
+        |s| s.first().is_some_and(|s| s.value >= 6.0),
+    );
+    assert_eq!(value(&inbound), 6.0, "{inbound:?}");
+    for (label, want) in [
+        ("source_workload", "productpage-v1"),
+        (
+            "source_principal",
+            "spiffe://cluster.local/ns/demo/sa/bookinfo-productpage",
+        ),
+        ("destination_service", "db.demo.svc.cluster.local"),
+        ("destination_canonical_revision", "v1"),
+        ("connection_security_policy", "mutual_tls"),
+        ("request_protocol", "http"),
+        ("response_code", "200"),
+        ("response_flags", "-"),
+    ] {
+        assert_eq!(inbound[0].labels[label], want, "{label}: {inbound:?}");
+    }
+    let sizes =
+        prom.query("sum(istio_response_bytes_sum{destination_workload=\"db-v1\"}) by (reporter)");
+    assert_eq!(
+        sizes.len(),
+        2,
+        "both sides count the response bytes: {sizes:?}"
+    );
+    assert!(sizes.iter().all(|s| s.value > 0.0), "{sizes:?}");
 
     // Kiali's TCP edges read `istio_tcp_sent_bytes_total` from the destination for sources it
     // knows; the Istio TCP panels read `istio_tcp_received_bytes_total` and the connection

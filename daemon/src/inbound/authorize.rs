@@ -5,7 +5,9 @@
 //! request by request — each checked with its host, method, normalized path and headers, a
 //! denied one answered `403` with `RBAC: access denied` as Envoy answers, an allowed one sent to
 //! the workload on one upstream connection; any other protocol gets the connection-level
-//! decision (denied: closed).
+//! decision (denied: closed). A port a service declares HTTP is also served request by request
+//! while the standard metrics are on, so that each request is counted with
+//! `reporter="destination"` as a sidecar counts it (other connections are counted as TCP).
 //!
 //! Invariants: a request reaches the workload only after an allowing decision for it; the
 //! workload receives the path the policies saw (normalized); every denial is counted per policy
@@ -94,6 +96,35 @@ pub(super) struct Policies {
     reads_http: bool,
 }
 
+/// How a delivered connection was served.
+#[derive(Clone, Copy, Debug)]
+enum Served {
+    /// Relayed as bytes: (from the client, to the client).
+    Tcp(u64, u64),
+    /// Served request by request (each counted on its own).
+    Http,
+}
+
+/// The standard-metric labels of one inbound HTTP connection's requests, and what the
+/// workload's Telemetry overrides read.
+struct Meter {
+    edge: crate::telemetry::Edge,
+    settings: Arc<crate::telemetry::Settings>,
+    mtls: bool,
+}
+
+/// What Istio's request metrics need of a request before it is sent on.
+struct Begun {
+    start: std::time::Instant,
+    grpc: bool,
+    request_bytes: u64,
+    method: hyper::Method,
+    host: String,
+    path: String,
+    /// Kept only when the workload's metric overrides have expressions that may read them.
+    headers: Option<hyper::HeaderMap>,
+}
+
 /// What the first bytes of a connection say.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Protocol {
@@ -116,11 +147,7 @@ impl Inbound {
             return a.clone();
         }
         let authz = Arc::new(snapshot.authorizer(&self.ns.addresses));
-        let declared = if authz.is_empty() {
-            Default::default()
-        } else {
-            snapshot.declared_http(&self.ns.addresses)
-        };
+        let declared = snapshot.declared_http(&self.ns.addresses);
         let reads_http = authz.reads_http();
         let a = Arc::new(Policies {
             authz,
@@ -148,21 +175,22 @@ impl Inbound {
         let result = self
             .authorized(client, target, peer, policy, upstream)
             .await;
-        self.measure(peer, target, policy, &result);
+        if !matches!(result, Ok(Served::Http)) {
+            self.measure(peer, target, policy, &result);
+        }
         result.map(|_| ())
     }
 
-    /// Counts a served or refused connection in the standard TCP metrics
-    /// (`reporter="destination"`): its client named by its address (a known endpoint) and
-    /// certificate, this workload as the destination.
-    fn measure(
+    /// Who talked to whom (`reporter="destination"`): the client named by its address (a known
+    /// endpoint) and certificate, this workload as the destination; and this workload's
+    /// Telemetry settings.
+    fn edge(
         &self,
         peer: &Peer,
         target: SocketAddr,
         policy: &RegistryHandle,
-        result: &Result<(u64, u64), Error>,
-    ) {
-        use crate::telemetry::{Edge, Peer as Labels, Reporter, Security, Tcp};
+    ) -> (crate::telemetry::Edge, crate::telemetry::Source) {
+        use crate::telemetry::{Edge, Peer as Labels, Reporter, Security};
         let snapshot = policy.load();
         let mtls = peer.identity.is_some();
         let known = (snapshot.workload_at(peer.remote)).map(|(_, w)| w.peer(false).clone());
@@ -187,7 +215,22 @@ impl Inbound {
                 Security::None
             },
         };
-        let (up, down) = result.as_ref().copied().unwrap_or_default();
+        (edge, me)
+    }
+
+    /// Counts a relayed or refused connection in the standard TCP metrics.
+    fn measure(
+        &self,
+        peer: &Peer,
+        target: SocketAddr,
+        policy: &RegistryHandle,
+        result: &Result<Served, Error>,
+    ) {
+        let (edge, me) = self.edge(peer, target, policy);
+        let (up, down) = match result {
+            Ok(Served::Tcp(up, down)) => (*up, *down),
+            _ => (0, 0),
+        };
         // A denial is no upstream failure (Envoy's RBAC filter sets no flag); a workload that
         // could not be reached is `UF`.
         let flags = match result {
@@ -196,13 +239,13 @@ impl Inbound {
         };
         let attributes = crate::telemetry::settings::Attributes {
             flags: &flags,
-            mtls,
+            mtls: peer.identity.is_some(),
             ..Default::default()
         };
         let overrides = me.settings.overrides(false, &attributes);
         crate::telemetry::metrics().tcp(
             &edge,
-            &Tcp {
+            &crate::telemetry::Tcp {
                 opened: 1,
                 closed: 1,
                 sent: down,
@@ -221,18 +264,21 @@ impl Inbound {
         peer: &Peer,
         policy: &RegistryHandle,
         upstream: Option<TcpStream>,
-    ) -> Result<(u64, u64), Error>
+    ) -> Result<Served, Error>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let policies = self.policies(policy);
         let authz = policies.authz.clone();
-        if authz.is_empty() {
+        // Requests to a port declared HTTP are counted one by one.
+        let metered =
+            crate::telemetry::enabled() && policies.declared.get(&target.port()) == Some(&true);
+        if authz.is_empty() && !metered {
             return self.relay(client, target, upstream).await;
         }
         let attrs = peer.attributes(target);
         let decision = authz.check(&attrs);
-        if decision.allowed && !policies.reads_http {
+        if decision.allowed && !policies.reads_http && !metered {
             self.audit(&decision, peer, target, None);
             return self.relay(client, target, upstream).await;
         }
@@ -254,9 +300,17 @@ impl Inbound {
             }
             Protocol::Http1 | Protocol::Http2 => {
                 let h2 = protocol == Protocol::Http2;
-                self.serve_http(client, h2, target, peer, authz, upstream)
+                let meter = metered.then(|| {
+                    let (edge, me) = self.edge(peer, target, policy);
+                    Meter {
+                        edge,
+                        settings: me.settings,
+                        mtls: peer.identity.is_some(),
+                    }
+                });
+                self.serve_http(client, h2, target, peer, authz, upstream, meter)
                     .await
-                    .map(|()| (0, 0))
+                    .map(|()| Served::Http)
             }
         }
     }
@@ -278,7 +332,7 @@ impl Inbound {
         mut client: S,
         target: SocketAddr,
         upstream: Option<TcpStream>,
-    ) -> Result<(u64, u64), Error>
+    ) -> Result<Served, Error>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -291,12 +345,17 @@ impl Inbound {
         )
         .await;
         Ok(match end {
-            Ok(crate::proxy::relay::End::Closed(up, down)) => (up, down),
-            _ => (0, 0),
+            Ok(crate::proxy::relay::End::Closed(up, down)) => Served::Tcp(up, down),
+            _ => Served::Tcp(0, 0),
         })
     }
 
-    /// Serves HTTP on `client`: each request checked, the allowed ones sent to the workload.
+    /// Serves HTTP on `client`: each request checked, the allowed ones sent to the workload;
+    /// each counted on `meter`'s edge when there is one.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one connection's parts, passed once"
+    )]
     async fn serve_http<S>(
         &self,
         client: S,
@@ -305,6 +364,7 @@ impl Inbound {
         peer: &Peer,
         authz: Arc<Authorizer>,
         upstream: Option<TcpStream>,
+        meter: Option<Meter>,
     ) -> Result<(), Error>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -335,6 +395,7 @@ impl Inbound {
             peer: peer.clone(),
             target,
             inbound: self.log_context(),
+            meter,
         });
         let service = hyper::service::service_fn(move |req| {
             let shared = shared.clone();
@@ -421,12 +482,24 @@ struct Shared {
     peer: Peer,
     target: SocketAddr,
     inbound: LogContext,
+    meter: Option<Meter>,
 }
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
 impl Shared {
-    async fn request(&self, mut req: Request<Incoming>) -> Response<Body> {
+    /// Answers one request, counted in the standard metrics when the connection is metered.
+    async fn request(&self, req: Request<Incoming>) -> Response<Body> {
+        let Some(meter) = &self.meter else {
+            return self.answer(req).await.0;
+        };
+        let begun = meter.begin(&req);
+        let (resp, flags) = self.answer(req).await;
+        meter.finish(begun, resp, flags)
+    }
+
+    /// The workload's (or this proxy's) answer to one request, and its response flags.
+    async fn answer(&self, mut req: Request<Incoming>) -> (Response<Body>, &'static str) {
         let path = normalization().apply(req.uri().path());
         if path != req.uri().path() {
             let mut parts = req.uri().clone().into_parts();
@@ -443,7 +516,13 @@ impl Shared {
             .or_else(|| req.headers().get(hyper::header::HOST)?.to_str().ok())
             .unwrap_or_default()
             .to_string();
-        let decision = {
+        let decision = if self.authz.is_empty() {
+            Decision {
+                allowed: true,
+                policy: None,
+                audited: Vec::new(),
+            }
+        } else {
             let mut attrs = self.peer.attributes(self.target);
             attrs.http = Some(Http {
                 host: &host,
@@ -456,7 +535,7 @@ impl Shared {
         let what = Some((req.method().as_str(), path.as_str()));
         if !decision.allowed {
             deny(&self.inbound, &decision, &self.peer, self.target, what);
-            return denied();
+            return (denied(), "");
         }
         audit(&self.inbound, &decision, &self.peer, self.target, what);
         // An HTTP/1.1 `Upgrade` (WebSocket): once the workload switches protocols, both sides'
@@ -486,16 +565,75 @@ impl Shared {
                         }
                     });
                 }
-                resp.map(|b| b.boxed())
+                (resp.map(|b| b.boxed()), "")
             }
             Err(e) => {
                 tracing::debug!(target = %self.target, error = %e, "inbound request to the workload failed");
-                status(
+                let reply = status(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "upstream connect error or disconnect/reset before headers",
-                )
+                );
+                (reply, "UC")
             }
         }
+    }
+}
+
+// === impl Meter ===
+
+impl Meter {
+    /// What the request's metrics need before it is sent on.
+    fn begin(&self, req: &Request<Incoming>) -> Begun {
+        let headers = req.headers();
+        Begun {
+            start: std::time::Instant::now(),
+            grpc: crate::telemetry::is_grpc(headers),
+            request_bytes: crate::telemetry::request_bytes(headers),
+            method: req.method().clone(),
+            host: (req.uri().authority().map(|a| a.as_str()))
+                .or_else(|| headers.get(hyper::header::HOST)?.to_str().ok())
+                .unwrap_or_default()
+                .to_string(),
+            path: req.uri().path().to_string(),
+            headers: (!self.settings.overrides.is_empty()).then(|| headers.clone()),
+        }
+    }
+
+    /// `resp`, counted on this edge when its body ends.
+    fn finish(&self, b: Begun, resp: Response<Body>, flags: &str) -> Response<Body> {
+        use crate::telemetry::{Metered, Protocol, grpc_status_for};
+        let code = resp.status().as_u16();
+        let grpc_status = match b.grpc {
+            true => (resp.headers().get("grpc-status"))
+                .and_then(|v| v.to_str().ok()?.parse().ok())
+                .or_else(|| (code != 200).then(|| grpc_status_for(code))),
+            false => None,
+        };
+        let attributes = crate::telemetry::settings::Attributes {
+            method: b.method.as_str(),
+            host: &b.host,
+            path: &b.path,
+            headers: b.headers.as_ref(),
+            code,
+            flags,
+            mtls: self.mtls,
+        };
+        let request = crate::telemetry::Request {
+            protocol: if b.grpc {
+                Protocol::Grpc
+            } else {
+                Protocol::Http
+            },
+            code,
+            grpc_status,
+            flags: flags.to_string(),
+            duration: Duration::ZERO,
+            request_bytes: b.request_bytes,
+            response_bytes: crate::telemetry::header_bytes(resp.headers()),
+            overrides: self.settings.overrides(false, &attributes),
+        };
+        let edge = self.edge.clone();
+        resp.map(|body| Metered::new(body, edge, request, b.start).boxed())
     }
 }
 

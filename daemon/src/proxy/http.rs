@@ -669,18 +669,16 @@ impl Exchange {
                 })
             }),
             source,
-            grpc: is_grpc(&parts.headers),
-            request_bytes: header_bytes(&parts.headers)
-                + (parts.headers.get(header::CONTENT_LENGTH))
-                    .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-                    .unwrap_or(0),
+            grpc: crate::telemetry::is_grpc(&parts.headers),
+            request_bytes: crate::telemetry::request_bytes(&parts.headers),
         }
     }
 
     /// Counts a request answered here in the standard metrics and writes its access-log line,
     /// when the access log is on.
     fn log(&self, status: u16, names: (&str, &str), to: To<'_>, flags: Vec<ResponseFlag>) {
-        let grpc_status = (self.grpc && status != 200).then(|| grpc_status_for(status));
+        let grpc_status =
+            (self.grpc && status != 200).then(|| crate::telemetry::grpc_status_for(status));
         let (edge, measured) = (self.edge(to), self.measured(status, &flags, 0, grpc_status));
         if let Some(span) = self.span(names.0, to, &edge) {
             span.finish(&measured);
@@ -1040,7 +1038,12 @@ impl Exchange {
         let measure = Measure {
             span: self.span(routed.names().0, to, &edge),
             edge,
-            request: self.measured(status, &flags, header_bytes(&parts.headers), grpc_status),
+            request: self.measured(
+                status,
+                &flags,
+                crate::telemetry::header_bytes(&parts.headers),
+                grpc_status,
+            ),
             start: self.start,
         };
         let logs = access::enabled() && self.logs(status, &measure.request.flags);
@@ -1515,32 +1518,6 @@ fn custom_tags(
         .collect()
 }
 
-/// The wire size of `headers` as HTTP/1.1 writes them (`name: value\r\n`).
-fn header_bytes(headers: &HeaderMap) -> u64 {
-    (headers.iter())
-        .map(|(n, v)| (n.as_str().len() + v.len() + 4) as u64)
-        .sum()
-}
-
-/// The gRPC status of an HTTP status, as gRPC maps them (404 `UNIMPLEMENTED`, 429 and 502–504
-/// `UNAVAILABLE`, …; `UNKNOWN` otherwise).
-fn grpc_status_for(status: u16) -> u32 {
-    match status {
-        400 => 13,
-        401 => 16,
-        403 => 7,
-        404 => 12,
-        429 | 502 | 503 | 504 => 14,
-        _ => 2,
-    }
-}
-
-/// A gRPC request or response (`content-type: application/grpc…`).
-fn is_grpc(headers: &HeaderMap) -> bool {
-    (headers.get(header::CONTENT_TYPE))
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
-}
-
 /// An endpoint as the access log names it (`name@addr`, or `passthrough@addr`), formatted only
 /// when a line is written.
 #[derive(Clone, Copy)]
@@ -1686,19 +1663,12 @@ where
                 });
             }
             std::task::Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    self.measure.request.response_bytes += data.len() as u64;
-                    if let Some(access::Kind::Http { envoy: Some(e), .. }) =
+                self.measure.request.count(frame);
+                if let Some(data) = frame.data_ref()
+                    && let Some(access::Kind::Http { envoy: Some(e), .. }) =
                         self.line.as_mut().map(|l| &mut l.kind)
-                    {
-                        e.body_sent += data.len() as u64;
-                    }
-                } else if let Some(trailers) = frame.trailers_ref() {
-                    self.measure.request.response_bytes += header_bytes(trailers);
-                    if let Some(status) = trailers.get("grpc-status") {
-                        self.measure.request.grpc_status =
-                            status.to_str().ok().and_then(|s| s.parse().ok());
-                    }
+                {
+                    e.body_sent += data.len() as u64;
                 }
                 if self.body.is_end_stream() {
                     self.ended = true;
