@@ -249,16 +249,42 @@ impl Checker<'_> {
     /// `expr` compiled as CEL, or a located error.
     fn expression(&mut self, field: &str, expr: &str) -> Option<policy::Expression> {
         match cel::Program::compile(expr) {
-            Ok(p) => Some(policy::Expression {
-                source: expr.to_string(),
-                program: std::sync::Arc::new(p),
-            }),
+            Ok(p) => {
+                self.attributes_read(field, expr, &p);
+                Some(policy::Expression {
+                    source: expr.to_string(),
+                    program: std::sync::Arc::new(p),
+                })
+            }
             Err(e) => {
                 let first = e.to_string();
                 let first = first.lines().next().unwrap_or_default().to_string();
                 self.err(field, format!("{expr:?} is not a CEL expression: {first}"));
                 None
             }
+        }
+    }
+
+    /// Warns about what `expr` reads that drover does not provide: a variable other than
+    /// `request`, `response` and `connection` (Envoy's other attributes), `duration()` and
+    /// `timestamp()`. Such an expression fails when evaluated: a filter then matches nothing
+    /// and a tag is left out.
+    fn attributes_read(&mut self, field: &str, expr: &str, p: &cel::Program) {
+        let refs = p.references();
+        let mut unknown: Vec<&str> = (refs.variables().into_iter())
+            .filter(|v| !["request", "response", "connection"].contains(v))
+            .collect();
+        unknown.extend(
+            ["duration", "timestamp"]
+                .into_iter()
+                .filter(|f| refs.has_function(f)),
+        );
+        if !unknown.is_empty() {
+            unknown.sort_unstable();
+            self.warn(
+                field.to_string(),
+                format!("{expr:?} reads {unknown:?}, which drover does not provide (it reads request.method, request.host, request.url_path, request.headers, response.code, response.flags and connection.mtls): the expression fails when evaluated"),
+            );
         }
     }
 

@@ -1165,6 +1165,13 @@ fn telemetry_rules() {
                 ),
             ),
             (
+                "a filter reading what drover does not provide",
+                "accessLogging: [{filter: {expression: 'response.duration > duration(\"1s\") || upstream.port == 80'}}]",
+                Warn(
+                    "spec.accessLogging[0].filter.expression: \"response.duration > duration(\\\"1s\\\") || upstream.port == 80\" reads [\"duration\", \"upstream\"], which drover does not provide",
+                ),
+            ),
+            (
                 "a tracing provider",
                 "tracing: [{providers: [{name: zipkin}]}]",
                 Warn("spec.tracing[0].providers[0].name: provider \"zipkin\""),
