@@ -202,13 +202,14 @@ impl Proxy {
             endpoint,
             route,
             edge,
+            open,
             source,
         } = log;
         let (bytes, flags, reason) = match &result {
             Ok(bytes) => (Some(*bytes), Vec::new(), None),
             Err(e) => (None, vec![e.response_flag()], Some(e.to_string())),
         };
-        let logs = measure_tcp(&source, edge, &host, bytes, &flags);
+        let logs = measure_tcp(&source, (edge, open), &host, bytes, &flags);
         let record = crate::access::Record {
             netns: ns.name.clone(),
             src,
@@ -309,17 +310,28 @@ impl Proxy {
         drop(registry);
         let _counted = crate::stats::store().connection(addr);
         let (idle, max) = (pool.tcp_idle_timeout, pool.max_connection_duration);
-        let end = match upstream? {
+        let upstream = upstream?;
+        // Counted opened now, its bytes as they move (every reporting interval).
+        let every = log.source.settings.reporting_interval();
+        let conn = log
+            .open
+            .insert(log.source.tcp_connection(log.edge.clone(), &log.host));
+        let mut sink = |up, down| conn.moved(up, down);
+        let report = Some(relay::Report {
+            every,
+            sink: &mut sink,
+        });
+        let end = match upstream {
             Relayed::Direct(upstream::Stream::Plain(s)) => {
-                relay::bounded_tcp(client, &s, idle, max).await?
+                relay::bounded_tcp(client, &s, idle, max, report).await?
             }
             Relayed::Direct(upstream::Stream::Tls(mut s)) => {
-                relay::bounded(client, &mut *s, idle, max).await?
+                relay::bounded(client, &mut *s, idle, max, report).await?
             }
             Relayed::Direct(upstream::Stream::Hbone(mut s)) => {
-                relay::bounded(client, &mut *s, idle, max).await?
+                relay::bounded(client, &mut *s, idle, max, report).await?
             }
-            Relayed::Tunnel(mut io) => relay::bounded(client, &mut io, idle, max).await?,
+            Relayed::Tunnel(mut io) => relay::bounded(client, &mut io, idle, max, report).await?,
         };
         match end {
             relay::End::Closed(up, down) => Ok((up, down)),
@@ -384,6 +396,8 @@ struct AccessLog {
     route: String,
     /// Who talked to whom, for the standard metrics (`None`: not routed).
     edge: Option<crate::telemetry::Edge>,
+    /// Its standard metrics since the relay started (`None`: it did not).
+    open: Option<crate::telemetry::Connection>,
     /// The captured workload and its Telemetry settings.
     source: crate::telemetry::Source,
 }
@@ -396,6 +410,7 @@ impl AccessLog {
             endpoint: "-".into(),
             route: "-".into(),
             edge: None,
+            open: None,
             source,
         }
     }
@@ -406,12 +421,14 @@ impl AccessLog {
 /// workload's Telemetry lets its access-log line be written.
 fn measure_tcp(
     source: &crate::telemetry::Source,
-    edge: Option<crate::telemetry::Edge>,
+    (edge, open): (
+        Option<crate::telemetry::Edge>,
+        Option<crate::telemetry::Connection>,
+    ),
     host: &str,
     bytes: Option<(u64, u64)>,
     flags: &[crate::access::ResponseFlag],
 ) -> bool {
-    let edge = edge.unwrap_or_else(|| crate::telemetry::outbound(&source.workload, None, None));
     let (sent, received) = bytes.unwrap_or_default();
     let rendered = if flags.is_empty() {
         String::new()
@@ -423,18 +440,22 @@ fn measure_tcp(
         flags: &rendered,
         ..Default::default()
     };
-    crate::telemetry::metrics().tcp(
-        &edge,
-        &crate::telemetry::Tcp {
-            opened: 1,
-            closed: 1,
-            // Istio's sent bytes go to the client (the response), received come from it.
-            sent: received,
-            received: sent,
-            overrides: source.settings.overrides(true, &attributes),
-            flags: rendered.clone(),
-        },
-    );
+    let overrides = source.settings.overrides(true, &attributes);
+    // Istio's received bytes come from the client, its sent bytes go to it (the response).
+    match open {
+        Some(conn) => conn.close_flagged((sent, received), rendered.clone(), overrides),
+        None => crate::telemetry::metrics().tcp(
+            &edge.unwrap_or_else(|| crate::telemetry::outbound(&source.workload, None, None)),
+            &crate::telemetry::Tcp {
+                opened: 1,
+                closed: 1,
+                sent: received,
+                received: sent,
+                overrides,
+                flags: rendered.clone(),
+            },
+        ),
+    }
     source.settings.logs(&attributes)
 }
 

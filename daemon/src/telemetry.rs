@@ -268,6 +268,19 @@ pub fn source(netns: &str) -> Source {
         })
 }
 
+impl Source {
+    /// A relayed connection of this workload to `edge` (`None`: not routed) to `host`,
+    /// counted opened.
+    pub fn tcp_connection(&self, edge: Option<Edge>, host: &str) -> Connection {
+        let edge = edge.unwrap_or_else(|| outbound(&self.workload, None, None));
+        let attributes = settings::Attributes {
+            host,
+            ..Default::default()
+        };
+        Connection::open(edge, self.settings.overrides(true, &attributes))
+    }
+}
+
 /// The daemon's `--client-*` identity (named by its WorkloadEntry, if any) in `snapshot`.
 pub fn client_source(snapshot: &crate::registry::Registry) -> Source {
     let client = snapshot.client();
@@ -569,6 +582,73 @@ impl TcpSeries {
             flags: String::new(),
             overrides: None,
         }
+    }
+}
+
+// === impl Connection ===
+
+/// One relayed TCP connection's standard metrics while it runs, reported as Istio's proxies
+/// report them: opened when the relay starts, its bytes every reporting interval and at close,
+/// closed at close. Each byte is counted once.
+pub struct Connection {
+    edge: Edge,
+    overrides: Option<Arc<settings::Overrides>>,
+    /// Reported so far: (received from the client, sent to it).
+    reported: (u64, u64),
+}
+
+impl Connection {
+    /// Counts a connection opened on `edge`.
+    pub fn open(edge: Edge, overrides: Option<Arc<settings::Overrides>>) -> Self {
+        let opened = Tcp {
+            opened: 1,
+            overrides: overrides.clone(),
+            ..Default::default()
+        };
+        metrics().tcp(&edge, &opened);
+        Self {
+            edge,
+            overrides,
+            reported: (0, 0),
+        }
+    }
+
+    /// Adds the bytes moved since the last report (from the client, to it).
+    pub fn moved(&mut self, received: u64, sent: u64) {
+        let t = Tcp {
+            received,
+            sent,
+            overrides: self.overrides.clone(),
+            ..Default::default()
+        };
+        metrics().tcp(&self.edge, &t);
+        self.reported.0 += received;
+        self.reported.1 += sent;
+    }
+
+    /// Counts it closed, adding what of its `total` bytes (from the client, to it) was not
+    /// reported yet.
+    pub fn close(self, total: (u64, u64)) {
+        let overrides = self.overrides.clone();
+        self.close_flagged(total, String::new(), overrides);
+    }
+
+    /// [`Self::close`] with response flags, and the overrides a series with them gets.
+    pub fn close_flagged(
+        self,
+        total: (u64, u64),
+        flags: String,
+        overrides: Option<Arc<settings::Overrides>>,
+    ) {
+        let t = Tcp {
+            closed: 1,
+            received: total.0.saturating_sub(self.reported.0),
+            sent: total.1.saturating_sub(self.reported.1),
+            flags,
+            overrides,
+            ..Default::default()
+        };
+        metrics().tcp(&self.edge, &t);
     }
 }
 

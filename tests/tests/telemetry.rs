@@ -367,6 +367,97 @@ fn kiali_and_istio_dashboard_queries_see_each_workload_pair_with_its_counts() {
     assert_eq!(value(&sizes), 20.0);
 }
 
+#[test]
+fn a_long_tcp_connection_is_reported_every_reporting_interval_while_it_runs() {
+    if !require_privileged() {
+        return;
+    }
+    let pki = Pki::new();
+    let mesh = pki.mesh_ca();
+    let t = Topology::new(3);
+    let _db = Proc::server(
+        Some(&t.endpoints[2]),
+        "echo",
+        &[SocketAddr::new(Topology::ep4(3), 7000)],
+        "db-v1",
+    );
+    // Reported every second instead of Istio's 5 s default, mesh-wide.
+    let interval = "---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: mesh-default, namespace: istio-system}
+spec:
+  metrics: [{reportingInterval: 1s}]
+";
+    let cfg = write_config(&format!("{}{interval}", bookinfo(&t)));
+    let (client, _client_pins) = daemon(&cfg, &mesh, &["--netns", &t.client.name]);
+    let (server, _server_pins) = daemon(
+        &cfg,
+        &mesh,
+        &[
+            "--inbound-netns",
+            &t.endpoints[2].name,
+            "--inbound-port",
+            "7000",
+            "--client-workload",
+            "demo/db-v1",
+            "--client-namespace",
+            "demo",
+            "--service-account",
+            "db",
+        ],
+    );
+    let prom = Prometheus::scraping(&[client.admin.unwrap(), server.admin.unwrap()]);
+    let c = t
+        .client
+        .connect(format!("{DB_VIP}:80").parse().unwrap(), None)
+        .unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut r = BufReader::new(&c);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert!(line.starts_with("hello from db-v1"), "{line}");
+    (&c).write_all(b"ping\n").unwrap();
+    line.clear();
+    r.read_line(&mut line).unwrap();
+
+    // Still open: both sides have counted it opened and its 5 bytes, neither closed it.
+    let by_reporter =
+        |metric: &str| format!("sum({metric}{{destination_workload=\"db-v1\"}}) by (reporter)");
+    let both = |want: f64| {
+        move |s: &[drover_tests::prometheus::Sample]| {
+            s.len() == 2 && s.iter().all(|s| s.value == want)
+        }
+    };
+    let received = prom.query_until(
+        &by_reporter("istio_tcp_received_bytes_total"),
+        Duration::from_secs(20),
+        both(5.0),
+    );
+    assert!(
+        both(5.0)(&received),
+        "{received:?}\n{}\n{}",
+        client.log(),
+        server.log()
+    );
+    let opened = prom.query(&by_reporter("istio_tcp_connections_opened_total"));
+    assert!(both(1.0)(&opened), "{opened:?}");
+    let closed = prom.query(&by_reporter("istio_tcp_connections_closed_total"));
+    assert!(both(0.0)(&closed), "not closed yet: {closed:?}");
+
+    // Closed: counted closed once per side, each byte still counted once.
+    c.shutdown(std::net::Shutdown::Both).unwrap();
+    drop(r);
+    let closed = prom.query_until(
+        &by_reporter("istio_tcp_connections_closed_total"),
+        Duration::from_secs(20),
+        both(1.0),
+    );
+    assert!(both(1.0)(&closed), "{closed:?}");
+    let received = prom.query(&by_reporter("istio_tcp_received_bytes_total"));
+    assert!(both(5.0)(&received), "{received:?}");
+}
+
 /// productpage (the client namespace) → front (ep1, captured too, forwarding to back) → back.
 /// The endpoint namespaces reach only the client's, so back listens there, on the address
 /// facing ep1; productpage is named by the client's other address (listed first, so that the

@@ -1279,10 +1279,9 @@ const TABLE: &[(&str, How)] = &[
     ),
     (
         "Telemetry.metrics[].reportingInterval",
-        Warned {
-            spec: "metrics: [{reportingInterval: 5s}]",
-            warning: "spec.metrics[0].reportingInterval",
-        },
+        Enforced(
+            "tests/tests/telemetry.rs::a_long_tcp_connection_is_reported_every_reporting_interval_while_it_runs",
+        ),
     ),
     (
         "Telemetry.metrics[].overrides",

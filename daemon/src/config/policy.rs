@@ -1051,6 +1051,8 @@ pub struct Telemetry {
     pub tracing: TelemetryTracing,
     /// `metrics[].overrides[]`, in order.
     pub metric_overrides: Vec<MetricOverride>,
+    /// `metrics[].reportingInterval`: how often a running TCP connection's bytes are reported.
+    pub reporting_interval: Option<std::time::Duration>,
     pub access_logging: AccessLogging,
 }
 

@@ -97,10 +97,12 @@ pub(super) struct Policies {
 }
 
 /// How a delivered connection was served.
-#[derive(Clone, Copy, Debug)]
 enum Served {
-    /// Relayed as bytes: (from the client, to the client).
-    Tcp(u64, u64),
+    /// Relayed as bytes: (from the client, to the client), counted in `conn` as they moved.
+    Tcp {
+        bytes: (u64, u64),
+        conn: crate::telemetry::Connection,
+    },
     /// Served request by request (each counted on its own).
     Http,
 }
@@ -172,13 +174,20 @@ impl Inbound {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let result = self
+        match self
             .authorized(client, target, peer, policy, upstream)
-            .await;
-        if !matches!(result, Ok(Served::Http)) {
-            self.measure(peer, target, policy, &result);
+            .await
+        {
+            Ok(Served::Http) => Ok(()),
+            Ok(Served::Tcp { bytes, conn }) => {
+                conn.close(bytes);
+                Ok(())
+            }
+            Err(e) => {
+                self.measure_refused(peer, target, policy, &e);
+                Err(e)
+            }
         }
-        result.map(|_| ())
     }
 
     /// Who talked to whom (`reporter="destination"`): the client named by its address (a known
@@ -218,23 +227,14 @@ impl Inbound {
         (edge, me)
     }
 
-    /// Counts a relayed or refused connection in the standard TCP metrics.
-    fn measure(
-        &self,
-        peer: &Peer,
-        target: SocketAddr,
-        policy: &RegistryHandle,
-        result: &Result<Served, Error>,
-    ) {
+    /// Counts a connection that was refused or could not reach the workload in the standard
+    /// TCP metrics (opened and closed at once).
+    fn measure_refused(&self, peer: &Peer, target: SocketAddr, policy: &RegistryHandle, e: &Error) {
         let (edge, me) = self.edge(peer, target, policy);
-        let (up, down) = match result {
-            Ok(Served::Tcp(up, down)) => (*up, *down),
-            _ => (0, 0),
-        };
         // A denial is no upstream failure (Envoy's RBAC filter sets no flag); a workload that
         // could not be reached is `UF`.
-        let flags = match result {
-            Err(Error::Forward { .. }) => "UF".to_string(),
+        let flags = match e {
+            Error::Forward { .. } => "UF".to_string(),
             _ => String::new(),
         };
         let attributes = crate::telemetry::settings::Attributes {
@@ -248,10 +248,9 @@ impl Inbound {
             &crate::telemetry::Tcp {
                 opened: 1,
                 closed: 1,
-                sent: down,
-                received: up,
                 flags,
                 overrides,
+                ..Default::default()
             },
         );
     }
@@ -274,13 +273,13 @@ impl Inbound {
         let metered =
             crate::telemetry::enabled() && policies.declared.get(&target.port()) == Some(&true);
         if authz.is_empty() && !metered {
-            return self.relay(client, target, upstream).await;
+            return self.relay(client, target, peer, policy, upstream).await;
         }
         let attrs = peer.attributes(target);
         let decision = authz.check(&attrs);
         if decision.allowed && !policies.reads_http && !metered {
             self.audit(&decision, peer, target, None);
-            return self.relay(client, target, upstream).await;
+            return self.relay(client, target, peer, policy, upstream).await;
         }
         // A port a service declares TCP is checked as TCP; HTTP or undeclared ports are
         // sniffed (HTTP/1.1 or HTTP/2; an undeclared one may be anything).
@@ -291,7 +290,7 @@ impl Inbound {
         match protocol {
             Protocol::Other if decision.allowed => {
                 self.audit(&decision, peer, target, None);
-                self.relay(client, target, upstream).await
+                self.relay(client, target, peer, policy, upstream).await
             }
             Protocol::Other => {
                 let reason = decision.reason();
@@ -327,27 +326,43 @@ impl Inbound {
         }
     }
 
+    /// Relays `client` to the workload, counted in the standard TCP metrics as it runs.
     async fn relay<S>(
         &self,
         mut client: S,
         target: SocketAddr,
+        peer: &Peer,
+        policy: &RegistryHandle,
         upstream: Option<TcpStream>,
     ) -> Result<Served, Error>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let mut upstream = self.upstream(target, upstream).await?;
+        let (edge, me) = self.edge(peer, target, policy);
+        let attributes = crate::telemetry::settings::Attributes {
+            mtls: peer.identity.is_some(),
+            ..Default::default()
+        };
+        let overrides = me.settings.overrides(false, &attributes);
+        let mut conn = crate::telemetry::Connection::open(edge, overrides);
+        let mut sink = |up, down| conn.moved(up, down);
         let end = crate::proxy::relay::bounded(
             &mut client,
             &mut upstream,
             crate::config::policy::ConnectionPool::istio_defaults().tcp_idle_timeout,
             None,
+            Some(crate::proxy::relay::Report {
+                every: me.settings.reporting_interval(),
+                sink: &mut sink,
+            }),
         )
         .await;
-        Ok(match end {
-            Ok(crate::proxy::relay::End::Closed(up, down)) => Served::Tcp(up, down),
-            _ => Served::Tcp(0, 0),
-        })
+        let bytes = match end {
+            Ok(crate::proxy::relay::End::Closed(up, down)) => (up, down),
+            _ => (0, 0),
+        };
+        Ok(Served::Tcp { bytes, conn })
     }
 
     /// Serves HTTP on `client`: each request checked, the allowed ones sent to the workload;

@@ -8,7 +8,8 @@
 //! Invariants: driven by tokio time only (unit-tested with a paused clock); whichever bound ends
 //! the relay is reported, and both streams are simply dropped by the caller (closed); an idle
 //! connection holds no copy buffer and no pipe (see `Pump` and `splice::Pump`); the byte counts
-//! are what was written to the other side.
+//! are what was written to the other side; a [`Report`] hears of them while the relay runs,
+//! each byte once.
 
 use std::{
     io,
@@ -35,6 +36,15 @@ pub enum End {
     Closed(u64, u64),
     IdleTimeout(Duration),
     MaxDuration(Duration),
+}
+
+/// Periodic reports of the bytes a running relay moved (Istio's proxies report TCP metrics
+/// every `reportingInterval`, not only when the connection closes).
+pub struct Report<'a> {
+    pub every: Duration,
+    /// Called with the bytes moved (to upstream, back) since its previous call; not called
+    /// when none moved.
+    pub sink: &'a mut (dyn FnMut(u64, u64) + Send),
 }
 
 /// Bytes moved per read at most; a buffer exists only while its direction has data in flight.
@@ -119,16 +129,17 @@ pub async fn bounded<A, B>(
     upstream: &mut B,
     idle: Duration,
     max: Option<Duration>,
+    report: Option<Report<'_>>,
 ) -> io::Result<End>
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
     let (mut up, mut down) = (Pump::default(), Pump::default());
-    within_bounds(idle, max, |cx, stamp| {
+    within_bounds(idle, max, report, |cx, stamp| {
         let a = up.poll(cx, Pin::new(&mut *client), Pin::new(&mut *upstream), stamp);
         let b = down.poll(cx, Pin::new(&mut *upstream), Pin::new(&mut *client), stamp);
-        both(a, b)
+        (both(a, b), (up.moved, down.moved))
     })
     .await
 }
@@ -139,12 +150,13 @@ pub async fn bounded_tcp(
     upstream: &TcpStream,
     idle: Duration,
     max: Option<Duration>,
+    report: Option<Report<'_>>,
 ) -> io::Result<End> {
     let (mut up, mut down) = (splice::Pump::default(), splice::Pump::default());
-    within_bounds(idle, max, |cx, stamp| {
+    within_bounds(idle, max, report, |cx, stamp| {
         let a = up.poll(cx, client, upstream, stamp);
         let b = down.poll(cx, upstream, client, stamp);
-        both(a, b)
+        (both(a, b), (up.moved(), down.moved()))
     })
     .await
 }
@@ -158,17 +170,47 @@ fn both(a: Poll<io::Result<u64>>, b: Poll<io::Result<u64>>) -> Poll<io::Result<(
     }
 }
 
+/// What one poll of a relay says: its end (once both directions are done) and the bytes moved
+/// so far each way.
+type Polled = (Poll<io::Result<(u64, u64)>>, (u64, u64));
+
 /// Drives `relay` (both directions; it calls the stamp on every input) until it ends or a
-/// bound does.
+/// bound does, reporting its bytes to `report` as they move.
 async fn within_bounds(
     idle: Duration,
     max: Option<Duration>,
-    mut relay: impl FnMut(&mut Context<'_>, &dyn Fn()) -> Poll<io::Result<(u64, u64)>>,
+    report: Option<Report<'_>>,
+    mut relay: impl FnMut(&mut Context<'_>, &dyn Fn()) -> Polled,
 ) -> io::Result<End> {
     let base = Instant::now();
     let last_ms = AtomicU64::new(0);
     let stamp = || last_ms.store(base.elapsed().as_millis() as u64, Ordering::Relaxed);
-    let copy = std::future::poll_fn(|cx| relay(cx, &stamp));
+    let moved = [AtomicU64::new(0), AtomicU64::new(0)];
+    let copy = std::future::poll_fn(|cx| {
+        let (polled, (up, down)) = relay(cx, &stamp);
+        moved[0].store(up, Ordering::Relaxed);
+        moved[1].store(down, Ordering::Relaxed);
+        polled
+    });
+    let reporting = async {
+        let Some(Report { every, sink }) = report else {
+            return std::future::pending::<std::convert::Infallible>().await;
+        };
+        let mut reported = (0, 0);
+        let mut tick = tokio::time::interval_at(Instant::now() + every, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let now = (
+                moved[0].load(Ordering::Relaxed),
+                moved[1].load(Ordering::Relaxed),
+            );
+            if now != reported {
+                sink(now.0 - reported.0, now.1 - reported.1);
+                reported = now;
+            }
+        }
+    };
     let idle_watch = async {
         if idle.is_zero() {
             return std::future::pending().await;
@@ -191,6 +233,7 @@ async fn within_bounds(
         r = copy => r.map(|(up, down)| End::Closed(up, down)),
         _ = idle_watch => Ok(End::IdleTimeout(idle)),
         _ = deadline => Ok(End::MaxDuration(max.unwrap_or_default())),
+        never = reporting => match never {},
     }
 }
 
@@ -207,7 +250,14 @@ mod tests {
         let (mut app, mut client) = duplex(64);
         let (mut upstream, mut server) = duplex(64);
         let relay = tokio::spawn(async move {
-            bounded(&mut client, &mut upstream, Duration::from_secs(10), None).await
+            bounded(
+                &mut client,
+                &mut upstream,
+                Duration::from_secs(10),
+                None,
+                None,
+            )
+            .await
         });
         // Traffic at t=6 s moves the idle deadline to t=16 s.
         tokio::time::sleep(Duration::from_secs(6)).await;
@@ -236,6 +286,7 @@ mod tests {
                 &mut upstream,
                 Duration::ZERO,
                 Some(Duration::from_secs(30)),
+                None,
             )
             .await
         });
@@ -254,11 +305,61 @@ mod tests {
     }
 
     #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_running_relay_reports_new_bytes_every_interval_each_byte_once() {
+        let (mut app, mut client) = duplex(64);
+        let (mut upstream, mut server) = duplex(64);
+        let reports = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = reports.clone();
+        let relay = tokio::spawn(async move {
+            let mut sink = |up, down| seen.lock().unwrap().push((up, down));
+            let report = Report {
+                every: Duration::from_secs(5),
+                sink: &mut sink,
+            };
+            bounded(
+                &mut client,
+                &mut upstream,
+                Duration::ZERO,
+                None,
+                Some(report),
+            )
+            .await
+        });
+        let mut buf = [0u8; 4];
+        app.write_all(b"ping").await.unwrap();
+        server.read_exact(&mut buf).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert!(
+            reports.lock().unwrap().is_empty(),
+            "nothing before the first interval"
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(*reports.lock().unwrap(), [(4, 0)]);
+        // An interval without traffic reports nothing; the next bytes are reported alone.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        server.write_all(b"pong!").await.unwrap();
+        let mut back = [0u8; 5];
+        app.read_exact(&mut back).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(*reports.lock().unwrap(), [(4, 0), (0, 5)]);
+        app.shutdown().await.unwrap();
+        server.shutdown().await.unwrap();
+        assert_eq!(relay.await.unwrap().unwrap(), End::Closed(4, 5));
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
     async fn closing_both_sides_reports_bytes() {
         let (mut app, mut client) = duplex(64);
         let (mut upstream, mut server) = duplex(64);
         let relay = tokio::spawn(async move {
-            bounded(&mut client, &mut upstream, Duration::from_secs(3600), None).await
+            bounded(
+                &mut client,
+                &mut upstream,
+                Duration::from_secs(3600),
+                None,
+                None,
+            )
+            .await
         });
         app.write_all(b"hello").await.unwrap();
         app.shutdown().await.unwrap();
@@ -282,7 +383,14 @@ mod tests {
         let (mut upstream, server) = duplex(64);
         let data: Vec<u8> = (0..300 * 1024).map(|i| (i % 251) as u8).collect();
         let relay = tokio::spawn(async move {
-            bounded(&mut client, &mut upstream, Duration::from_secs(60), None).await
+            bounded(
+                &mut client,
+                &mut upstream,
+                Duration::from_secs(60),
+                None,
+                None,
+            )
+            .await
         });
         let (d1, d2) = (data.clone(), data.clone());
         let (mut app_r, mut app_w) = tokio::io::split(app);

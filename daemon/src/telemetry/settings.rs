@@ -34,6 +34,9 @@ pub struct Settings {
     pub access_log_disabled: Option<bool>,
     pub access_log_filter: Option<Expression>,
     pub overrides: Vec<policy::MetricOverride>,
+    /// How often a running TCP connection's bytes are reported (`None`:
+    /// [`DEFAULT_REPORTING_INTERVAL`]).
+    pub reporting_interval: Option<std::time::Duration>,
     /// The resources applied, in order (for `drover explain` and logs).
     pub applied: Vec<String>,
 }
@@ -60,6 +63,9 @@ pub struct FamilyOverride {
 
 /// Per standard metric, what the overrides do to one series.
 pub type Overrides = BTreeMap<StandardMetric, FamilyOverride>;
+
+/// How often Istio's proxies report a running TCP connection's metrics by default.
+pub const DEFAULT_REPORTING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
 // === impl Settings ===
 
@@ -105,7 +111,14 @@ impl Settings {
             self.access_log_filter = t.access_logging.filter.clone();
         }
         self.overrides.extend(t.metric_overrides.iter().cloned());
+        self.reporting_interval = t.reporting_interval.or(self.reporting_interval);
         self.applied.push(e.id.clone());
+    }
+
+    /// How often a running TCP connection's bytes are reported.
+    pub fn reporting_interval(&self) -> std::time::Duration {
+        self.reporting_interval
+            .unwrap_or(DEFAULT_REPORTING_INTERVAL)
     }
 
     /// Whether an access-log line is written for a request or connection like `a`.

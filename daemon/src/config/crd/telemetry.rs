@@ -98,7 +98,7 @@ pub struct Metrics {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub overrides: Vec<MetricsOverride>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reporting_interval: Option<String>,
+    pub reporting_interval: Option<crate::config::crd::Duration>,
 }
 
 /// `metrics[].overrides[]`.

@@ -73,11 +73,9 @@ impl Checker<'_> {
         for (i, m) in spec.metrics.iter().enumerate() {
             let at = format!("spec.metrics[{i}]");
             self.providers(&format!("{at}.providers"), &m.providers, "prometheus");
-            if m.reporting_interval.is_some() {
-                self.warn(
-                    format!("{at}.reportingInterval"),
-                    "reportingInterval is accepted but not enforced by drover: metrics are read at each scrape",
-                );
+            let interval = m.reporting_interval.as_ref();
+            if let Some(d) = self.duration(&format!("{at}.reportingInterval"), interval, false) {
+                out.reporting_interval = Some(d);
             }
             for (j, o) in m.overrides.iter().enumerate() {
                 if let Some(o) = self.metric_override(&format!("{at}.overrides[{j}]"), o) {

@@ -1124,7 +1124,7 @@ fn telemetry_rules() {
         &[
             (
                 "everything Drover applies",
-                "selector: {matchLabels: {app: cart}}\ntracing: [{randomSamplingPercentage: 25, disableSpanReporting: false, customTags: {a: {literal: {value: x}}, b: {environment: {name: HOME}}, c: {header: {name: x-c}}}}]\nmetrics: [{providers: [{name: prometheus}], overrides: [{match: {metric: REQUEST_COUNT, mode: CLIENT}, disabled: false, tagOverrides: {response_flags: {operation: REMOVE}, host: {value: request.host}}}]}]\naccessLogging: [{providers: [{name: envoy}], disabled: false, filter: {expression: 'response.code >= 400'}}]",
+                "selector: {matchLabels: {app: cart}}\ntracing: [{randomSamplingPercentage: 25, disableSpanReporting: false, customTags: {a: {literal: {value: x}}, b: {environment: {name: HOME}}, c: {header: {name: x-c}}}}]\nmetrics: [{providers: [{name: prometheus}], reportingInterval: 1s, overrides: [{match: {metric: REQUEST_COUNT, mode: CLIENT}, disabled: false, tagOverrides: {response_flags: {operation: REMOVE}, host: {value: request.host}}}]}]\naccessLogging: [{providers: [{name: envoy}], disabled: false, filter: {expression: 'response.code >= 400'}}]",
                 Clean,
             ),
             (
@@ -1187,9 +1187,9 @@ fn telemetry_rules() {
                 Warn("spec.accessLogging[0].providers[0].name"),
             ),
             (
-                "reporting interval",
-                "metrics: [{reportingInterval: 5s}]",
-                Warn("spec.metrics[0].reportingInterval"),
+                "a reporting interval that is no duration",
+                "metrics: [{reportingInterval: often}]",
+                Error("spec.metrics[0].reportingInterval"),
             ),
             (
                 "custom metric",

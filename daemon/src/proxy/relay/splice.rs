@@ -64,6 +64,11 @@ pub struct Pump {
 }
 
 impl Pump {
+    /// Bytes written to the other side so far.
+    pub fn moved(&self) -> u64 {
+        self.moved
+    }
+
     /// Moves bytes from `from` to `to` until `from` ends (then shuts `to`'s write half down);
     /// calls `stamp` on input.
     pub fn poll(
@@ -206,7 +211,7 @@ mod tests {
         let (mut app, client) = pair().await;
         let (upstream, mut server) = pair().await;
         let relay = tokio::spawn(async move {
-            bounded_tcp(&client, &upstream, Duration::from_secs(60), None).await
+            bounded_tcp(&client, &upstream, Duration::from_secs(60), None, None).await
         });
         const UP: usize = 48 << 20;
         const DOWN: usize = 17 << 20 | 12345;
@@ -248,7 +253,7 @@ mod tests {
         let (mut app, client) = pair().await;
         let (upstream, mut server) = pair().await;
         let relay = tokio::spawn(async move {
-            bounded_tcp(&client, &upstream, Duration::from_secs(10), None).await
+            bounded_tcp(&client, &upstream, Duration::from_secs(10), None, None).await
         });
         tokio::time::sleep(Duration::from_secs(6)).await;
         app.write_all(b"ping").await.unwrap();
@@ -277,7 +282,7 @@ mod tests {
         let (mut app, client) = pair().await;
         let (upstream, server) = pair().await;
         let relay = tokio::spawn(async move {
-            bounded_tcp(&client, &upstream, Duration::from_secs(60), None).await
+            bounded_tcp(&client, &upstream, Duration::from_secs(60), None, None).await
         });
         // RST: linger 0 then close.
         socket2::SockRef::from(&server)

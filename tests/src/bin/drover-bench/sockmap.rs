@@ -166,7 +166,7 @@ fn splice(a: TcpStream, b: TcpStream) {
         b.set_nonblocking(true).expect("nonblocking");
         let a = tokio::net::TcpStream::from_std(a).expect("tokio stream");
         let b = tokio::net::TcpStream::from_std(b).expect("tokio stream");
-        let _ = drover::proxy::relay::bounded_tcp(&a, &b, Duration::ZERO, None).await;
+        let _ = drover::proxy::relay::bounded_tcp(&a, &b, Duration::ZERO, None, None).await;
     });
 }
 
