@@ -589,10 +589,14 @@ impl TcpSeries {
 
 /// One relayed TCP connection's standard metrics while it runs, reported as Istio's proxies
 /// report them: opened when the relay starts, its bytes every reporting interval and at close,
-/// closed at close. Each byte is counted once.
+/// closed at close. Each byte is counted once; its series is looked up once (a close with
+/// response flags goes to the series with them).
 pub struct Connection {
+    metrics: &'static Metrics,
     edge: Edge,
     overrides: Option<Arc<settings::Overrides>>,
+    /// Its series without response flags (`None`: metrics are off).
+    series: Option<Arc<TcpSeries>>,
     /// Reported so far: (received from the client, sent to it).
     reported: (u64, u64),
 }
@@ -600,28 +604,37 @@ pub struct Connection {
 impl Connection {
     /// Counts a connection opened on `edge`.
     pub fn open(edge: Edge, overrides: Option<Arc<settings::Overrides>>) -> Self {
-        let opened = Tcp {
-            opened: 1,
-            overrides: overrides.clone(),
-            ..Default::default()
-        };
-        metrics().tcp(&edge, &opened);
+        Self::open_in(metrics(), edge, overrides)
+    }
+
+    /// [`Self::open`] in the store `metrics`.
+    fn open_in(
+        metrics: &'static Metrics,
+        edge: Edge,
+        overrides: Option<Arc<settings::Overrides>>,
+    ) -> Self {
+        let series = metrics.tcp_series(&edge, "", &overrides);
+        if let Some(s) = &series {
+            s.opened.fetch_add(1, Ordering::Relaxed);
+        }
         Self {
+            metrics,
             edge,
             overrides,
+            series,
             reported: (0, 0),
         }
     }
 
     /// Adds the bytes moved since the last report (from the client, to it).
     pub fn moved(&mut self, received: u64, sent: u64) {
-        let t = Tcp {
-            received,
-            sent,
-            overrides: self.overrides.clone(),
-            ..Default::default()
-        };
-        metrics().tcp(&self.edge, &t);
+        if let Some(s) = &self.series {
+            s.add(&Tcp {
+                received,
+                sent,
+                ..Default::default()
+            });
+        }
         self.reported.0 += received;
         self.reported.1 += sent;
     }
@@ -648,7 +661,10 @@ impl Connection {
             overrides,
             ..Default::default()
         };
-        metrics().tcp(&self.edge, &t);
+        match &self.series {
+            Some(s) if t.flags.is_empty() && t.overrides == self.overrides => s.add(&t),
+            _ => self.metrics.tcp(&self.edge, &t),
+        }
     }
 }
 
@@ -806,19 +822,30 @@ impl Metrics {
 
     /// Adds one TCP connection's counts.
     pub fn tcp(&self, edge: &Edge, t: &Tcp) {
+        if let Some(series) = self.tcp_series(edge, &t.flags, &t.overrides) {
+            series.add(t);
+        }
+    }
+
+    /// The TCP series of `edge` with `flags` and `overrides` (`None`: metrics are off).
+    fn tcp_series(
+        &self,
+        edge: &Edge,
+        flags: &str,
+        overrides: &Option<Arc<settings::Overrides>>,
+    ) -> Option<Arc<TcpSeries>> {
         if !ENABLED.load(Ordering::Relaxed) {
-            return;
+            return None;
         }
         let key = TcpKey {
             edge: edge.clone(),
-            flags: t.flags.clone(),
-            overrides: t.overrides.clone(),
+            flags: flags.to_string(),
+            overrides: overrides.clone(),
         };
-        let series = self.series(&self.tcp, key, |k| TcpKey {
+        Some(self.series(&self.tcp, key, |k| TcpKey {
             edge: folded(&k.edge),
             ..k
-        });
-        series.add(t);
+        }))
     }
 
     /// Label sets folded so far.

@@ -269,6 +269,47 @@ fn tcp_connections_add_up_per_edge() {
 }
 
 #[test]
+fn a_running_connection_is_opened_then_reported_then_closed_each_byte_once() {
+    let m: &'static Arc<Metrics> = Box::leak(Box::new(Arc::new(Metrics::new(100))));
+    let e = edge(
+        productpage(),
+        ServiceName::new("db.bookinfo.svc.cluster.local", "bookinfo"),
+    );
+    let sum = |name: &str| -> u64 {
+        (text(m).lines())
+            .filter(|l| l.starts_with(name))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum()
+    };
+    let mut c = Connection::open_in(m, e.clone(), None);
+    assert_eq!(
+        sum("istio_tcp_connections_opened_total{"),
+        1,
+        "opened at once"
+    );
+    c.moved(5, 0);
+    c.moved(0, 12);
+    assert_eq!(sum("istio_tcp_received_bytes_total{"), 5);
+    assert_eq!(sum("istio_tcp_sent_bytes_total{"), 12);
+    assert_eq!(sum("istio_tcp_connections_closed_total{"), 0, "still open");
+    c.close((9, 12));
+    assert_eq!(
+        sum("istio_tcp_received_bytes_total{"),
+        9,
+        "only the 4 not reported yet"
+    );
+    assert_eq!(sum("istio_tcp_sent_bytes_total{"), 12);
+    assert_eq!(sum("istio_tcp_connections_closed_total{"), 1);
+    assert_eq!(m.series_count().1, 1, "one series");
+
+    // Closed with response flags: in the series with them.
+    let c = Connection::open_in(m, e, None);
+    c.close_flagged((0, 0), "UC".into(), None);
+    assert_eq!(sum("istio_tcp_connections_closed_total{"), 2);
+    assert_eq!(m.series_count().1, 2);
+}
+
+#[test]
 fn a_hundred_thousand_source_addresses_fold_into_unknown_within_the_limit() {
     let max = 1000;
     let m = Arc::new(Metrics::new(max));

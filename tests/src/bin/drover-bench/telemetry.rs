@@ -42,13 +42,14 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// The recording alone, in process: one request (or connection) into the standard metrics with
-/// a realistic label set, in a store already holding `series` series.
+/// The recording alone, in process: one request (or connection: opened, then closed with its
+/// bytes) into the standard metrics with a realistic label set, in a store already holding
+/// `series` series.
 fn in_process() {
     use std::{sync::Arc, time::Duration};
 
     use drover::telemetry::{
-        Edge, Metrics, Peer, Protocol, Reporter, Request, Security, ServiceName, Tcp,
+        Connection, Edge, Metrics, Peer, Protocol, Reporter, Request, Security, ServiceName, Tcp,
     };
     let labels = |app: &str, v: &str| {
         [("app", app), ("version", v)]
@@ -90,14 +91,9 @@ fn in_process() {
     );
     for series in [1usize, 1_000, 10_000] {
         let m = Metrics::new(series + 10);
-        for i in 0..series {
-            m.http(&edge(i), &request);
-        }
-        let e = edge(0);
-        let rq = super::authz::per_call(200_000, || {
-            m.http(&e, &request);
-            true
-        });
+        // Connections go to the process's store, as in the daemon.
+        let global = drover::telemetry::metrics();
+        global.set_max_series(series + 10);
         let tcp = Tcp {
             opened: 1,
             closed: 1,
@@ -105,8 +101,17 @@ fn in_process() {
             received: 80,
             ..Tcp::default()
         };
+        for i in 0..series {
+            m.http(&edge(i), &request);
+            global.tcp(&edge(i), &tcp);
+        }
+        let e = edge(0);
+        let rq = super::authz::per_call(200_000, || {
+            m.http(&e, &request);
+            true
+        });
         let cx = super::authz::per_call(200_000, || {
-            m.tcp(&e, &tcp);
+            Connection::open(e.clone(), None).close((80, 120));
             true
         });
         println!("{series:>16} {rq:>16.0} {cx:>18.0}");
