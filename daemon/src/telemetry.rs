@@ -209,12 +209,17 @@ struct TcpSeries {
 /// Every standard-metric series of this process.
 #[derive(Debug)]
 pub struct Metrics {
-    http: Mutex<HashMap<HttpKey, Arc<HttpSeries>>>,
-    tcp: Mutex<HashMap<TcpKey, Arc<TcpSeries>>>,
+    http: Mutex<Series<HttpKey, HttpSeries>>,
+    tcp: Mutex<Series<TcpKey, TcpSeries>>,
     max_series: AtomicUsize,
     /// Label sets folded into `unknown` peers because the limit was reached.
     folded: AtomicU64,
 }
+
+/// Series by label set. Keys are hashed with foldhash, seeded per process: a label set is a
+/// dozen strings, which SipHash made the larger part of recording one; the series limit
+/// bounds what a client could make collide.
+type Series<K, S> = HashMap<K, Arc<S>, foldhash::fast::RandomState>;
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics::new(DEFAULT_MAX_SERIES));
 
@@ -861,7 +866,7 @@ impl Metrics {
     /// The series of `key`, created when there is room, else the series of `fold(key)`.
     fn series<K: Hash + Eq + Clone, S: Default>(
         &self,
-        map: &Mutex<HashMap<K, Arc<S>>>,
+        map: &Mutex<Series<K, S>>,
         key: K,
         fold: impl FnOnce(K) -> K,
     ) -> Arc<S> {
