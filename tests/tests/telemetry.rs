@@ -21,6 +21,11 @@ const DB_VIP: &str = "127.77.0.20";
 /// productpage-v1 (the client namespace), reviews-v1/v2 (HTTP, ep1/ep2), db-v1 (TCP and an
 /// HTTP API, ep3).
 fn bookinfo(t: &Topology) -> String {
+    bookinfo_with(t, "ISTIO_MUTUAL")
+}
+
+/// [`bookinfo`] with `db_tls` as db's TLS mode.
+fn bookinfo_with(t: &Topology, db_tls: &str) -> String {
     // The client's address facing db's node: as a pod's one IP, it names the workload on
     // both sides (the server node sees connections come from it).
     let (client, r1, r2, db) = (
@@ -101,7 +106,7 @@ kind: DestinationRule
 metadata: {{name: db, namespace: demo}}
 spec:
   host: db.demo.svc.cluster.local
-  trafficPolicy: {{tls: {{mode: ISTIO_MUTUAL}}}}
+  trafficPolicy: {{tls: {{mode: {db_tls}}}}}
 "
     )
 }
@@ -181,35 +186,11 @@ fn kiali_and_istio_dashboard_queries_see_each_workload_pair_with_its_counts() {
 
     // The traffic mix: 12 × 200 from v1, 8 × 503 from v2, 5 TCP connections and 6 HTTP
     // requests to db over mTLS.
-    let url = format!("http://{VIP}:9080/");
-    let ok = probe(Some(&t.client), None, &["http", &url, "--count", "12"]);
-    assert_eq!(ok["status"]["200"], 12, "{ok}");
-    let failed = probe(
-        Some(&t.client),
-        None,
-        &["http", &url, "--count", "8", "--header", "x-version: v2"],
+    traffic_mix(
+        &t.client,
+        &format!("http://{VIP}:9080/"),
+        format!("{DB_VIP}:80").parse().unwrap(),
     );
-    assert_eq!(failed["status"]["503"], 8, "{failed}");
-    for _ in 0..5 {
-        let c = t
-            .client
-            .connect(format!("{DB_VIP}:80").parse().unwrap(), None)
-            .unwrap();
-        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut r = BufReader::new(&c);
-        let mut line = String::new();
-        r.read_line(&mut line).unwrap();
-        assert!(
-            line.starts_with("hello from db-v1"),
-            "{line}\n{}\n{}",
-            client.log(),
-            server.log()
-        );
-        (&c).write_all(b"ping\n").unwrap();
-        line.clear();
-        r.read_line(&mut line).unwrap();
-        c.shutdown(std::net::Shutdown::Both).unwrap();
-    }
     let api = probe(
         Some(&t.client),
         None,
@@ -365,6 +346,219 @@ fn kiali_and_istio_dashboard_queries_see_each_workload_pair_with_its_counts() {
     assert!(p50 > 0.0 && p50 <= 1000.0, "p50 {p50} ms");
     let sizes = prom.query(&format!("sum(istio_response_bytes_count{{{svc}}})"));
     assert_eq!(value(&sizes), 20.0);
+}
+
+/// Sends the traffic mix of these tests through `ns`: 12 requests to `http` (routed to v1), 8
+/// with `x-version: v2` (routed to v2, which answers 503), and 5 connections to `tcp` that read
+/// db's greeting, send `ping\n` and read its echo.
+fn traffic_mix(ns: &drover_tests::Netns, http: &str, tcp: SocketAddr) {
+    let ok = probe(Some(ns), None, &["http", http, "--count", "12"]);
+    assert_eq!(ok["status"]["200"], 12, "{ok}");
+    let failed = probe(
+        Some(ns),
+        None,
+        &["http", http, "--count", "8", "--header", "x-version: v2"],
+    );
+    assert_eq!(failed["status"]["503"], 8, "{failed}");
+    for _ in 0..5 {
+        let c = ns.connect(tcp, None).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut r = BufReader::new(&c);
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        assert!(line.starts_with("hello from db-v1"), "{line}");
+        (&c).write_all(b"ping\n").unwrap();
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        c.shutdown(std::net::Shutdown::Both).unwrap();
+    }
+}
+
+/// Envoy 1.40 as the client's sidecar would be configured for the same routes: `x-version: v2`
+/// to reviews-v2, the rest to reviews-v1, db by TCP proxy; admin on 15124.
+fn sidecar_envoy() -> String {
+    let cluster = |name: &str, addr: std::net::IpAddr, port: u16| {
+        format!(
+            "  - name: {name}
+    type: STATIC
+    load_assignment:
+      cluster_name: {name}
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {addr}, port_value: {port}}}}}}}}}]}}]
+"
+        )
+    };
+    format!(
+        "admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 15124}}}}}}
+static_resources:
+  listeners:
+  - address: {{socket_address: {{address: 127.0.0.1, port_value: 15123}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          '@type': type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: outbound
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{'@type': type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+          route_config:
+            virtual_hosts:
+            - name: reviews
+              domains: ['*']
+              routes:
+              - match: {{prefix: /, headers: [{{name: x-version, string_match: {{exact: v2}}}}]}}
+                route: {{cluster: reviews-v2}}
+              - match: {{prefix: /}}
+                route: {{cluster: reviews-v1}}
+  - address: {{socket_address: {{address: 127.0.0.1, port_value: 15125}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          '@type': type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: db
+          cluster: db
+  clusters:
+{}{}{}",
+        cluster("reviews-v1", Topology::ep4(1), 9080),
+        cluster("reviews-v2", Topology::ep4(2), 9080),
+        cluster("db", Topology::ep4(3), 7000),
+    )
+}
+
+#[test]
+fn the_standard_metrics_count_what_an_envoy_sidecar_counts_for_the_same_traffic() {
+    if !require_privileged() {
+        return;
+    }
+    // The goal's reference: Kiali's edges and rates within 2 % of a sidecar mesh's. Istio's
+    // stats filter is not in upstream Envoy, so the sidecar's counts are read from the
+    // counters it derives them from: per-cluster requests by code, connections and bytes.
+    let Some(bin) = drover_tests::envoy::bin() else {
+        return;
+    };
+    let t = Topology::new(3);
+    let _servers = [
+        Proc::server_with(
+            Some(&t.endpoints[0]),
+            "http",
+            &[SocketAddr::new(Topology::ep4(1), 9080)],
+            "reviews-v1",
+            &[],
+        ),
+        Proc::server_with(
+            Some(&t.endpoints[1]),
+            "http",
+            &[SocketAddr::new(Topology::ep4(2), 9080)],
+            "reviews-v2",
+            &["--status", "503"],
+        ),
+        Proc::server(
+            Some(&t.endpoints[2]),
+            "echo",
+            &[SocketAddr::new(Topology::ep4(3), 7000)],
+            "db-v1",
+        ),
+    ];
+    // The sidecar first, alone in the client namespace.
+    let dir = Pki::new();
+    let envoy =
+        drover_tests::envoy::Envoy::start(&bin, &t.client, &dir.dir, "sidecar", &sidecar_envoy());
+    // Its HTTP listener (a connection to the TCP one would reach db and be counted).
+    envoy.wait_listening(&t.client, "127.0.0.1:15123".parse().unwrap());
+    traffic_mix(
+        &t.client,
+        "http://127.0.0.1:15123/",
+        "127.0.0.1:15125".parse().unwrap(),
+    );
+    let stats = t
+        .client
+        .command("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "5",
+            "http://127.0.0.1:15124/stats?filter=^cluster\\.",
+        ])
+        .output()
+        .expect("curl envoy admin");
+    let stats = String::from_utf8_lossy(&stats.stdout).to_string();
+    drop(envoy);
+    let envoy_stat = |name: &str| -> f64 {
+        (stats.lines())
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} in {stats}"))
+    };
+
+    // Then Drover, capturing the same namespace, for the same traffic.
+    let pins = PinDir::new();
+    let cfg = write_config(&bookinfo_with(&t, "DISABLE"));
+    let a = drover_tests::args(&cfg, &pins, &["--netns", &t.client.name]);
+    let drover = Daemon::start(&a).expect("daemon starts");
+    let prom = Prometheus::scraping(&[drover.admin.unwrap()]);
+    traffic_mix(
+        &t.client,
+        &format!("http://{VIP}:9080/"),
+        format!("{DB_VIP}:80").parse().unwrap(),
+    );
+    let requests = prom.query_until(
+        "sum(istio_requests_total{reporter=\"source\"}) by (destination_workload,response_code)",
+        Duration::from_secs(20),
+        |s| s.iter().map(|s| s.value).sum::<f64>() >= 20.0,
+    );
+    let drover_requests = |workload: &str, code: &str| -> f64 {
+        (requests.iter())
+            .find(|s| {
+                s.labels["destination_workload"] == workload && s.labels["response_code"] == code
+            })
+            .map_or(0.0, |s| s.value)
+    };
+    let tcp = |metric: &str| -> f64 {
+        let q = format!("sum({metric}{{reporter=\"source\",destination_workload=\"db-v1\"}})");
+        let got = prom.query_until(&q, Duration::from_secs(20), |s| {
+            s.first().is_some_and(|s| s.value > 0.0)
+        });
+        value(&got)
+    };
+    let pairs = [
+        (
+            "reviews-v1 200",
+            drover_requests("reviews-v1", "200"),
+            envoy_stat("cluster.reviews-v1.upstream_rq_200"),
+        ),
+        (
+            "reviews-v2 503",
+            drover_requests("reviews-v2", "503"),
+            envoy_stat("cluster.reviews-v2.upstream_rq_503"),
+        ),
+        (
+            "db connections",
+            tcp("istio_tcp_connections_opened_total"),
+            envoy_stat("cluster.db.upstream_cx_total"),
+        ),
+        (
+            "db bytes from the client",
+            tcp("istio_tcp_received_bytes_total"),
+            envoy_stat("cluster.db.upstream_cx_tx_bytes_total"),
+        ),
+        (
+            "db bytes to the client",
+            tcp("istio_tcp_sent_bytes_total"),
+            envoy_stat("cluster.db.upstream_cx_rx_bytes_total"),
+        ),
+    ];
+    #[expect(clippy::print_stdout, reason = "the closing note quotes this table")]
+    for (what, ours, envoy) in &pairs {
+        println!("{what:>28}: drover {ours} envoy {envoy}");
+    }
+    for (what, ours, envoy) in pairs {
+        assert!(envoy > 0.0, "{what}: envoy counted nothing\n{stats}");
+        assert!(
+            (ours - envoy).abs() <= 0.02 * envoy,
+            "{what}: drover {ours}, envoy {envoy}\n{requests:?}\n{stats}"
+        );
+    }
 }
 
 #[test]
