@@ -119,6 +119,44 @@ fn daemon(cfg: &std::path::Path, mesh: &str, args: &[&str]) -> (Daemon, PinDir) 
     (Daemon::start(&a).expect("daemon starts"), pins)
 }
 
+/// reviews-v1 (ep1), reviews-v2 answering 503 (ep2), db-v1's echo (7000) and HTTP API (9080).
+fn servers(t: &Topology) -> Vec<Proc> {
+    let http = |i: usize, name: &str, extra: &[&str]| {
+        let addr = SocketAddr::new(Topology::ep4(i + 1), 9080);
+        Proc::server_with(Some(&t.endpoints[i]), "http", &[addr], name, extra)
+    };
+    vec![
+        http(0, "reviews-v1", &[]),
+        http(1, "reviews-v2", &["--status", "503"]),
+        Proc::server(
+            Some(&t.endpoints[2]),
+            "echo",
+            &[SocketAddr::new(Topology::ep4(3), 7000)],
+            "db-v1",
+        ),
+        http(2, "db-v1", &[]),
+    ]
+}
+
+/// The node of db-v1: terminates mTLS for its namespace, ports 7000 and 9080.
+fn db_node(t: &Topology, cfg: &std::path::Path, mesh: &str) -> (Daemon, PinDir) {
+    let args = [
+        "--inbound-netns",
+        &t.endpoints[2].name,
+        "--inbound-port",
+        "7000",
+        "--inbound-port",
+        "9080",
+        "--client-workload",
+        "demo/db-v1",
+        "--client-namespace",
+        "demo",
+        "--service-account",
+        "db",
+    ];
+    daemon(cfg, mesh, &args)
+}
+
 /// The one value of a single-series answer.
 fn value(samples: &[drover_tests::prometheus::Sample]) -> f64 {
     assert_eq!(samples.len(), 1, "{samples:?}");
@@ -133,55 +171,10 @@ fn kiali_and_istio_dashboard_queries_see_each_workload_pair_with_its_counts() {
     let pki = Pki::new();
     let mesh = pki.mesh_ca();
     let t = Topology::new(3);
-    let _servers = [
-        Proc::server_with(
-            Some(&t.endpoints[0]),
-            "http",
-            &[SocketAddr::new(Topology::ep4(1), 9080)],
-            "reviews-v1",
-            &[],
-        ),
-        Proc::server_with(
-            Some(&t.endpoints[1]),
-            "http",
-            &[SocketAddr::new(Topology::ep4(2), 9080)],
-            "reviews-v2",
-            &["--status", "503"],
-        ),
-        Proc::server(
-            Some(&t.endpoints[2]),
-            "echo",
-            &[SocketAddr::new(Topology::ep4(3), 7000)],
-            "db-v1",
-        ),
-        Proc::server_with(
-            Some(&t.endpoints[2]),
-            "http",
-            &[SocketAddr::new(Topology::ep4(3), 9080)],
-            "db-v1",
-            &[],
-        ),
-    ];
+    let _servers = servers(&t);
     let cfg = write_config(&bookinfo(&t));
     let (client, _client_pins) = daemon(&cfg, &mesh, &["--netns", &t.client.name]);
-    let (server, _server_pins) = daemon(
-        &cfg,
-        &mesh,
-        &[
-            "--inbound-netns",
-            &t.endpoints[2].name,
-            "--inbound-port",
-            "7000",
-            "--inbound-port",
-            "9080",
-            "--client-workload",
-            "demo/db-v1",
-            "--client-namespace",
-            "demo",
-            "--service-account",
-            "db",
-        ],
-    );
+    let (server, _server_pins) = db_node(&t, &cfg, &mesh);
     let prom = Prometheus::scraping(&[client.admin.unwrap(), server.admin.unwrap()]);
 
     // The traffic mix: 12 × 200 from v1, 8 × 503 from v2, 5 TCP connections and 6 HTTP
@@ -438,28 +431,7 @@ fn the_standard_metrics_count_what_an_envoy_sidecar_counts_for_the_same_traffic(
         return;
     };
     let t = Topology::new(3);
-    let _servers = [
-        Proc::server_with(
-            Some(&t.endpoints[0]),
-            "http",
-            &[SocketAddr::new(Topology::ep4(1), 9080)],
-            "reviews-v1",
-            &[],
-        ),
-        Proc::server_with(
-            Some(&t.endpoints[1]),
-            "http",
-            &[SocketAddr::new(Topology::ep4(2), 9080)],
-            "reviews-v2",
-            &["--status", "503"],
-        ),
-        Proc::server(
-            Some(&t.endpoints[2]),
-            "echo",
-            &[SocketAddr::new(Topology::ep4(3), 7000)],
-            "db-v1",
-        ),
-    ];
+    let _servers = servers(&t);
     // The sidecar first, alone in the client namespace.
     let dir = Pki::new();
     let envoy =
@@ -569,12 +541,7 @@ fn a_long_tcp_connection_is_reported_every_reporting_interval_while_it_runs() {
     let pki = Pki::new();
     let mesh = pki.mesh_ca();
     let t = Topology::new(3);
-    let _db = Proc::server(
-        Some(&t.endpoints[2]),
-        "echo",
-        &[SocketAddr::new(Topology::ep4(3), 7000)],
-        "db-v1",
-    );
+    let _servers = servers(&t);
     // Reported every second instead of Istio's 5 s default, mesh-wide.
     let interval = "---
 apiVersion: telemetry.istio.io/v1
@@ -585,22 +552,7 @@ spec:
 ";
     let cfg = write_config(&format!("{}{interval}", bookinfo(&t)));
     let (client, _client_pins) = daemon(&cfg, &mesh, &["--netns", &t.client.name]);
-    let (server, _server_pins) = daemon(
-        &cfg,
-        &mesh,
-        &[
-            "--inbound-netns",
-            &t.endpoints[2].name,
-            "--inbound-port",
-            "7000",
-            "--client-workload",
-            "demo/db-v1",
-            "--client-namespace",
-            "demo",
-            "--service-account",
-            "db",
-        ],
-    );
+    let (server, _server_pins) = db_node(&t, &cfg, &mesh);
     let prom = Prometheus::scraping(&[client.admin.unwrap(), server.admin.unwrap()]);
     let c = t
         .client
