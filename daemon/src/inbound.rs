@@ -25,7 +25,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 mod authorize;
-pub use authorize::{DENIED_BODY, Peer, set_path_normalization};
+pub use authorize::{DENIED_BODY, Peer, set_http_metrics, set_path_normalization};
 
 use crate::{
     config::policy::MtlsMode,

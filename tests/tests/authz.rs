@@ -121,6 +121,17 @@ fn denials(d: &Daemon, policy: &str) -> u64 {
         .map_or(0, |n| n.trim().parse().unwrap())
 }
 
+/// `istio_requests_total{reporter="destination"}` with `code` on `d`, summed over its series.
+fn destination_requests(d: &Daemon, code: &str) -> u64 {
+    let metrics = d.admin_get("/stats/prometheus");
+    let code = format!("response_code=\"{code}\"");
+    (metrics.lines())
+        .filter(|l| l.starts_with("istio_requests_total{") && l.contains(&code))
+        .filter(|l| l.contains("reporter=\"destination\""))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
 /// Waits (bounded by `within`) until `check` holds; how long it took.
 fn within(within: Duration, check: impl Fn() -> bool) -> Option<Duration> {
     let start = std::time::Instant::now();
@@ -221,6 +232,10 @@ fn authorization_policies_decide_per_peer_port_and_request_on_the_pods_inbound_s
         "{}",
         server.admin_get("/stats/prometheus")
     );
+    // The requests checked here are counted at the destination as a sidecar counts them:
+    // denials as 403.
+    assert_eq!(destination_requests(&server, "403"), 3);
+    assert!(destination_requests(&server, "200") >= 1);
 
     // An allowed HTTP/1.1 upgrade is bridged through the checked HTTP path.
     t.client.check_upgrade_bridged(vip(9080), "/api/ws");

@@ -138,9 +138,11 @@ fn servers(t: &Topology) -> Vec<Proc> {
     ]
 }
 
-/// The node of db-v1: terminates mTLS for its namespace, ports 7000 and 9080.
+/// The node of db-v1: terminates mTLS for its namespace, ports 7000 and 9080 (whose requests it
+/// counts one by one).
 fn db_node(t: &Topology, cfg: &std::path::Path, mesh: &str) -> (Daemon, PinDir) {
     let args = [
+        "--inbound-http-metrics",
         "--inbound-netns",
         &t.endpoints[2].name,
         "--inbound-port",

@@ -5,9 +5,10 @@
 //! request by request — each checked with its host, method, normalized path and headers, a
 //! denied one answered `403` with `RBAC: access denied` as Envoy answers, an allowed one sent to
 //! the workload on one upstream connection; any other protocol gets the connection-level
-//! decision (denied: closed). A port a service declares HTTP is also served request by request
-//! while the standard metrics are on, so that each request is counted with
-//! `reporter="destination"` as a sidecar counts it (other connections are counted as TCP).
+//! decision (denied: closed). With `--inbound-http-metrics`, a port a service declares HTTP is
+//! also served request by request, so that each request is counted with
+//! `reporter="destination"` as a sidecar counts it. Every request served here is counted; the
+//! other connections are counted as TCP.
 //!
 //! Invariants: a request reaches the workload only after an allowing decision for it; the
 //! workload receives the path the policies saw (normalized); every denial is counted per policy
@@ -62,6 +63,14 @@ pub fn set_path_normalization(n: PathNormalization) {
 
 fn normalization() -> PathNormalization {
     NORMALIZATION.get().copied().unwrap_or_default()
+}
+
+static HTTP_METRICS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Serves ports declared HTTP request by request for the standard metrics
+/// (`--inbound-http-metrics`; at start).
+pub fn set_http_metrics(on: bool) {
+    HTTP_METRICS.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
 impl Peer {
@@ -269,9 +278,11 @@ impl Inbound {
     {
         let policies = self.policies(policy);
         let authz = policies.authz.clone();
-        // Requests to a port declared HTTP are counted one by one.
-        let metered =
-            crate::telemetry::enabled() && policies.declared.get(&target.port()) == Some(&true);
+        // With `--inbound-http-metrics`, requests to a port declared HTTP are served (and
+        // counted) one by one.
+        let metered = HTTP_METRICS.load(std::sync::atomic::Ordering::Relaxed)
+            && crate::telemetry::enabled()
+            && policies.declared.get(&target.port()) == Some(&true);
         if authz.is_empty() && !metered {
             return self.relay(client, target, peer, policy, upstream).await;
         }
@@ -299,7 +310,7 @@ impl Inbound {
             }
             Protocol::Http1 | Protocol::Http2 => {
                 let h2 = protocol == Protocol::Http2;
-                let meter = metered.then(|| {
+                let meter = crate::telemetry::enabled().then(|| {
                     let (edge, me) = self.edge(peer, target, policy);
                     Meter {
                         edge,

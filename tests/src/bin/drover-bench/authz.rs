@@ -7,7 +7,8 @@
 //! 2. Through the kernel path, two nodes over HBONE: the server node's CPU per new connection
 //!    (TCP connect + round trip + close) and per HTTP/1.1 request (keep-alive), with no policy,
 //!    20 L4 policies, and 20 policies with HTTP rules (each request parsed and checked on the
-//!    inbound side).
+//!    inbound side); and with no policy but `--inbound-http-metrics` (each request parsed and
+//!    counted with `reporter="destination"`).
 
 use std::{net::IpAddr, time::Instant};
 
@@ -144,12 +145,18 @@ struct Cost {
     request_p50: f64,
 }
 
-fn through_nodes(t: &Topology, ep: IpAddr, mesh: &str, extra: &str, count: u32) -> Cost {
+fn through_nodes(
+    t: &Topology,
+    ep: IpAddr,
+    mesh: &str,
+    (extra, flags): (&str, &[&str]),
+    count: u32,
+) -> Cost {
     let cfg = write_config(&format!(
         "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: web, namespace: test}}\nspec:\n  hosts: [web.test.svc]\n  addresses: [{VIP}]\n  ports: [{{number: 7000, name: tcp-rr}}, {{number: 9080, name: http}}]\n  resolution: STATIC\n  endpoints: [{{address: {ep}, serviceAccount: server, labels: {{ambient.istio.io/redirection: enabled}}}}]\n{extra}"
     ));
-    let (server, _p1) = mesh_node(&cfg, mesh, &t.endpoints[0].name, "server", true);
-    let (_client, _p2) = mesh_node(&cfg, mesh, &t.client.name, "client", false);
+    let (server, _p1) = mesh_node(&cfg, mesh, &t.endpoints[0].name, "server", Some(flags));
+    let (_client, _p2) = mesh_node(&cfg, mesh, &t.client.name, "client", None);
     let pid = server.pid().expect("pid");
     // Warm: the pooled HBONE connection and the first snapshot's policy selection.
     probe(
@@ -193,16 +200,19 @@ pub fn run(t: &Topology, ep: IpAddr, count: u32, rounds: usize) {
         &[std::net::SocketAddr::new(ep, 9080)],
         "ep1",
     );
+    let metered: &[&str] = &["--inbound-http-metrics"];
     let cases = [
-        ("no policy", String::new()),
-        ("20 L4 policies", policies(20, false)),
-        ("20 policies, HTTP rules", policies(20, true)),
+        ("no policy", String::new(), &[][..]),
+        ("20 L4 policies", policies(20, false), &[]),
+        ("20 policies, HTTP rules", policies(20, true), &[]),
+        ("no policy, HTTP metrics", String::new(), metered),
     ];
     let mut rows: Vec<Vec<Cost>> = cases.iter().map(|_| Vec::new()).collect();
     for round in 0..rounds {
         for k in 0..cases.len() {
             let i = (round + k) % cases.len();
-            rows[i].push(through_nodes(t, ep, &mesh, &cases[i].1, count));
+            let case = (cases[i].1.as_str(), cases[i].2);
+            rows[i].push(through_nodes(t, ep, &mesh, case, count));
         }
     }
     let median = |v: &[Cost], pick: &dyn Fn(&Cost) -> f64| {
@@ -222,7 +232,7 @@ pub fn run(t: &Topology, ep: IpAddr, count: u32, rounds: usize) {
         median(&rows[0], &|c| c.conn_us),
         median(&rows[0], &|c| c.request_us),
     );
-    for (i, (name, _)) in cases.iter().enumerate() {
+    for (i, (name, _, _)) in cases.iter().enumerate() {
         let (c, r) = (
             median(&rows[i], &|c| c.conn_us),
             median(&rows[i], &|c| c.request_us),

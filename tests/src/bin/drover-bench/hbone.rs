@@ -94,22 +94,29 @@ impl Nodes {
         let cfg = write_config(&format!(
             "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: bench, namespace: test}}\nspec:\n  hosts: [bench.test.svc]\n  addresses: [{VIP}]\n  ports: [{{number: 7000, name: tcp-rr}}, {{number: 7001, name: tcp-bulk}}]\n  resolution: STATIC\n  endpoints: [{{address: {ep}, serviceAccount: server{label}}}]\n"
         ));
-        let mut daemons = vec![mesh_node(&cfg, mesh, &t.client.name, "client", false)];
+        let mut daemons = vec![mesh_node(&cfg, mesh, &t.client.name, "client", None)];
         if hbone {
-            daemons.push(mesh_node(&cfg, mesh, &t.endpoints[0].name, "server", true));
+            daemons.push(mesh_node(
+                &cfg,
+                mesh,
+                &t.endpoints[0].name,
+                "server",
+                Some(&[]),
+            ));
         }
         Self { _daemons: daemons }
     }
 }
 
 /// A Drover node of namespace `test` (one worker, identities from `mesh`) capturing `netns` as
-/// service account `sa`; with `inbound`, terminating its inbound side too (`--inbound-pods`).
+/// service account `sa`; with `inbound`, terminating its inbound side too (`--inbound-pods`,
+/// and these flags).
 pub fn mesh_node(
     cfg: &std::path::Path,
     mesh: &str,
     netns: &str,
     sa: &str,
-    inbound: bool,
+    inbound: Option<&[&str]>,
 ) -> (Daemon, PinDir) {
     let pins = PinDir::new();
     let mut a = drover_tests::args(
@@ -128,8 +135,9 @@ pub fn mesh_node(
             sa,
         ],
     );
-    if inbound {
+    if let Some(flags) = inbound {
         a.push("--inbound-pods".into());
+        a.extend(flags.iter().map(|f| f.to_string()));
     }
     (Daemon::start(&a).expect("drover starts"), pins)
 }
