@@ -309,7 +309,6 @@ impl Proxy {
         }
         drop(registry);
         let _counted = crate::stats::store().connection(addr);
-        let (idle, max) = (pool.tcp_idle_timeout, pool.max_connection_duration);
         let upstream = upstream?;
         // Counted opened now, its bytes as they move (every reporting interval).
         let every = log.source.settings.reporting_interval();
@@ -317,27 +316,11 @@ impl Proxy {
             .open
             .insert(log.source.tcp_connection(log.edge.clone(), &log.host));
         let mut sink = |up, down| conn.moved(up, down);
-        let report = Some(relay::Report {
+        let report = relay::Report {
             every,
             sink: &mut sink,
-        });
-        let end = match upstream {
-            Relayed::Direct(upstream::Stream::Plain(s)) => {
-                relay::bounded_tcp(client, &s, idle, max, report).await?
-            }
-            Relayed::Direct(upstream::Stream::Tls(mut s)) => {
-                relay::bounded(client, &mut *s, idle, max, report).await?
-            }
-            Relayed::Direct(upstream::Stream::Hbone(mut s)) => {
-                relay::bounded(client, &mut *s, idle, max, report).await?
-            }
-            Relayed::Tunnel(mut io) => relay::bounded(client, &mut io, idle, max, report).await?,
         };
-        match end {
-            relay::End::Closed(up, down) => Ok((up, down)),
-            relay::End::IdleTimeout(d) => Err(Error::IdleTimeout(d)),
-            relay::End::MaxDuration(d) => Err(Error::MaxDuration(d)),
-        }
+        upstream.relay(client, &pool, report).await
     }
 
     /// How to dial the routed endpoint of `d`: the cluster's pool settings, its TLS (or auto
@@ -386,6 +369,40 @@ fn endpoint_label(name: &str, addr: SocketAddr, d: &crate::registry::Decision<'_
 enum Relayed {
     Direct(upstream::Stream),
     Tunnel(hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>),
+}
+
+impl Relayed {
+    /// Relays `client` to this upstream within the pool's bounds, reporting the bytes as they
+    /// move: (to upstream, back) once both sides closed.
+    async fn relay(
+        self,
+        client: &mut TcpStream,
+        pool: &ConnectionPool,
+        report: relay::Report<'_>,
+    ) -> Result<(u64, u64), Error> {
+        let (idle, max, report) = (
+            pool.tcp_idle_timeout,
+            pool.max_connection_duration,
+            Some(report),
+        );
+        let end = match self {
+            Relayed::Direct(upstream::Stream::Plain(s)) => {
+                relay::bounded_tcp(client, &s, idle, max, report).await?
+            }
+            Relayed::Direct(upstream::Stream::Tls(mut s)) => {
+                relay::bounded(client, &mut *s, idle, max, report).await?
+            }
+            Relayed::Direct(upstream::Stream::Hbone(mut s)) => {
+                relay::bounded(client, &mut *s, idle, max, report).await?
+            }
+            Relayed::Tunnel(mut io) => relay::bounded(client, &mut io, idle, max, report).await?,
+        };
+        match end {
+            relay::End::Closed(up, down) => Ok((up, down)),
+            relay::End::IdleTimeout(d) => Err(Error::IdleTimeout(d)),
+            relay::End::MaxDuration(d) => Err(Error::MaxDuration(d)),
+        }
+    }
 }
 
 /// What the access log line says about a connection.
